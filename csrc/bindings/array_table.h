@@ -1,0 +1,161 @@
+// Turns aligned Python lists of NumPy arrays (one list per role: params, grads, states...)
+// into the pointer table the CPU kernels walk, checking everything first so that a bad
+// call raises before any memory is touched. Done here, in C++, rather than in Python
+// because a step over a thousand tensors must not pay microseconds per array.
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <algorithm>
+#include <string>
+#include <vector>
+#include "cpu/optim_kernels.h"
+
+namespace fastopt {
+namespace bindings {
+
+namespace py = pybind11;
+
+struct RoleSpec {
+  const char* name;  // the Python argument name, used in error messages
+  py::handle list;   // a list of arrays, or None when the call does not use this role
+  bool written;      // written arrays must be writeable and may not overlap anything
+};
+
+class ArrayTable {
+ public:
+  // roles[0] (the params) fixes the list length, shapes and dtype the others must match.
+  // `listed` says whether the user passed lists (messages then say "grads[3]").
+  ArrayTable(std::initializer_list<RoleSpec> roles, bool listed) : listed_(listed) {
+    const RoleSpec& ref = *roles.begin();
+    const py::list ref_list = py::reinterpret_borrow<py::list>(ref.list);
+    const size_t n = ref_list.size();
+    offsets_.assign(n + 1, 0);
+    int r = 0;
+    for (const RoleSpec& role : roles) {
+      if (!role.list.is_none()) collect_role(role, r, ref, ref_list, n);
+      ++r;
+    }
+    check_no_overlap();
+  }
+
+  cpu::TensorTable table() const {
+    cpu::TensorTable t;
+    t.num_tensors = static_cast<int>(offsets_.size() - 1);
+    t.offsets = offsets_.data();
+    for (int r = 0; r < cpu::kMaxRoles; ++r)
+      t.ptrs[r] = ptrs_[r].empty() ? nullptr : ptrs_[r].data();
+    return t;
+  }
+  cpu::DType dtype() const { return dtype_; }
+  int64_t total() const { return offsets_.back(); }
+
+ private:
+  struct Span {
+    uintptr_t begin, end;
+    const char* role;
+    size_t index;
+    bool written;
+  };
+
+  std::string where(const char* role, size_t i) const {
+    return listed_ ? std::string(role) + "[" + std::to_string(i) + "]" : std::string(role);
+  }
+
+  static std::string shape_str(const py::detail::PyArray_Proxy* a) {
+    std::string s = "(";
+    for (int d = 0; d < a->nd; ++d) s += std::to_string(a->dimensions[d]) + (a->nd == 1 ? "," : d + 1 < a->nd ? ", " : "");
+    return s + ")";
+  }
+
+  void collect_role(const RoleSpec& role, int r, const RoleSpec& ref, const py::list& ref_list,
+                    size_t n) {
+    using py::detail::npy_api;
+    if (!py::isinstance<py::list>(role.list))
+      throw py::type_error(std::string(role.name) + ": expected a list of arrays");
+    const py::list list = py::reinterpret_borrow<py::list>(role.list);
+    if (list.size() != n)
+      throw py::value_error(std::string(role.name) + ": expected " + std::to_string(n) +
+                            " arrays (one per entry of " + ref.name + "), got " +
+                            std::to_string(list.size()));
+    ptrs_[r].resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      PyObject* obj = PyList_GET_ITEM(list.ptr(), i);
+      if (!py::isinstance<py::array>(obj))
+        throw py::type_error(where(role.name, i) + ": expected a numpy.ndarray, got " +
+                             std::string(Py_TYPE(obj)->tp_name));
+      const auto* a = py::detail::array_proxy(obj);
+      const auto* descr = py::detail::array_descriptor_proxy(a->descr);
+      cpu::DType dt;
+      if (descr->type_num == npy_api::NPY_FLOAT_) dt = cpu::DType::f32;
+      else if (descr->type_num == npy_api::NPY_DOUBLE_) dt = cpu::DType::f64;
+      else
+        throw py::type_error(where(role.name, i) + ": dtype " +
+                             py::str(py::handle(a->descr)).cast<std::string>() +
+                             " is not supported (float32 or float64)");
+      if (descr->byteorder == '>')
+        throw py::type_error(where(role.name, i) + ": big-endian arrays are not supported");
+      if (r == 0 && i == 0) dtype_ = dt;
+      else if (dt != dtype_)
+        throw py::type_error(where(role.name, i) + ": dtype " +
+                             std::string(dt == cpu::DType::f32 ? "float32" : "float64") +
+                             " differs from " + where(ref.name, 0) + "'s " +
+                             (dtype_ == cpu::DType::f32 ? "float32" : "float64") +
+                             " (all arrays of one call share a dtype)");
+      int64_t size = 1;
+      for (int d = 0; d < a->nd; ++d) size *= a->dimensions[d];
+      if (r == 0) {
+        offsets_[i + 1] = offsets_[i] + size;
+      } else {
+        const auto* p = py::detail::array_proxy(PyList_GET_ITEM(ref_list.ptr(), i));
+        bool same = p->nd == a->nd;
+        for (int d = 0; same && d < a->nd; ++d) same = p->dimensions[d] == a->dimensions[d];
+        if (!same)
+          throw py::value_error(where(role.name, i) + ": shape " + shape_str(a) +
+                                " does not match " + where(ref.name, i) + "'s shape " +
+                                shape_str(p));
+      }
+      if (size == 0) continue;  // nothing is read or written
+      if (!(a->flags & npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+        throw py::value_error(where(role.name, i) +
+                              ": must be C-contiguous (use numpy.ascontiguousarray, and "
+                              "step the contiguous array you keep)");
+      if (!(a->flags & npy_api::NPY_ARRAY_ALIGNED_))
+        throw py::value_error(where(role.name, i) + ": data is not aligned to its dtype");
+      if (role.written && !(a->flags & npy_api::NPY_ARRAY_WRITEABLE_))
+        throw py::value_error(where(role.name, i) + ": is read-only but is updated in place");
+      ptrs_[r][i] = a->data;
+      const uintptr_t begin = reinterpret_cast<uintptr_t>(a->data);
+      spans_.push_back({begin, begin + uintptr_t(size) * (dt == cpu::DType::f32 ? 4u : 8u), role.name,
+                        i, role.written});
+    }
+  }
+
+  // No written array may share memory with any other array of the call (read-only inputs
+  // may alias each other). Sorted sweep: O(n log n) for thousands of tensors.
+  void check_no_overlap() {
+    std::sort(spans_.begin(), spans_.end(),
+              [](const Span& a, const Span& b) { return a.begin < b.begin; });
+    const Span* reach_any = nullptr;      // earlier span reaching furthest
+    const Span* reach_written = nullptr;  // earlier written span reaching furthest
+    for (const Span& s : spans_) {
+      const Span* hit = nullptr;
+      if (reach_written && s.begin < reach_written->end) hit = reach_written;
+      else if (s.written && reach_any && s.begin < reach_any->end) hit = reach_any;
+      if (hit)
+        throw py::value_error(where(s.role, s.index) + " overlaps " +
+                              where(hit->role, hit->index) +
+                              " in memory; arrays updated in place must not alias");
+      if (!reach_any || s.end > reach_any->end) reach_any = &s;
+      if (s.written && (!reach_written || s.end > reach_written->end)) reach_written = &s;
+    }
+  }
+
+  bool listed_;
+  cpu::DType dtype_ = cpu::DType::f32;
+  std::vector<int64_t> offsets_;
+  std::vector<void*> ptrs_[cpu::kMaxRoles];
+  std::vector<Span> spans_;
+};
+
+}  // namespace bindings
+}  // namespace fastopt

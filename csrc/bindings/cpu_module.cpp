@@ -1,0 +1,139 @@
+// fastopt._cpu: thin pybind11 bindings of the CPU kernels. Each step function receives
+// aligned lists of NumPy arrays (hyper-parameters already validated in Python), checks
+// and unpacks them (array_table.h), releases the GIL and runs one multi-tensor call.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <stdexcept>
+#include "bindings/array_table.h"
+#include "build_info.h"
+#include "cpu/dispatch.h"
+
+namespace py = pybind11;
+using fastopt::bindings::ArrayTable;
+namespace cpu = fastopt::cpu;
+
+namespace {
+
+// The list for an optional state role: None when the options do not use it; an error when
+// they do and the caller gave none.
+py::object used_if(bool used, const py::object& list, const char* name) {
+  if (!used) return py::none();
+  if (list.is_none())
+    throw py::value_error(std::string(name) + ": required by the chosen options, got None");
+  return list;
+}
+
+template <class Fn>
+void run_released(Fn&& fn) {
+  py::gil_scoped_release release;
+  fn();
+}
+
+void sgd(py::list params, py::list grads, py::object momentum_buffers, bool listed,
+         double lr, double momentum, double dampening, double weight_decay, double l1,
+         bool nesterov, bool maximize, int64_t step) {
+  // The momentum buffer is only written at the first step, so it is not read then.
+  ArrayTable arrays({{"params", params, true},
+                     {"grads", grads, false},
+                     {"momentum_buffers", used_if(momentum != 0.0, momentum_buffers, "momentum_buffers"), true}},
+                    listed);
+  const fastopt::SgdHyper h{lr, momentum, dampening, weight_decay, l1, nesterov, maximize};
+  run_released([&] { cpu::sgd(arrays.table(), arrays.dtype(), h, step); });
+}
+
+void adagrad(py::list params, py::list grads, py::list state_sums, bool listed, double lr,
+             double lr_decay, double weight_decay, double eps, double l1, bool maximize,
+             int64_t step) {
+  ArrayTable arrays({{"params", params, true},
+                     {"grads", grads, false},
+                     {"state_sums", state_sums, true}},
+                    listed);
+  const fastopt::AdagradHyper h{lr, lr_decay, weight_decay, eps, l1, maximize};
+  run_released([&] { cpu::adagrad(arrays.table(), arrays.dtype(), h, step); });
+}
+
+void rmsprop(py::list params, py::list grads, py::list square_avgs, py::object momentum_buffers,
+             py::object grad_avgs, bool listed, double lr, double alpha, double eps,
+             double weight_decay, double momentum, double l1, bool centered, bool maximize) {
+  ArrayTable arrays({{"params", params, true},
+                     {"grads", grads, false},
+                     {"square_avgs", square_avgs, true},
+                     {"momentum_buffers", used_if(momentum != 0.0, momentum_buffers, "momentum_buffers"), true},
+                     {"grad_avgs", used_if(centered, grad_avgs, "grad_avgs"), true}},
+                    listed);
+  const fastopt::RmspropHyper h{lr, alpha, eps, weight_decay, momentum, l1, centered, maximize};
+  run_released([&] { cpu::rmsprop(arrays.table(), arrays.dtype(), h); });
+}
+
+void adam(py::list params, py::list grads, py::list exp_avgs, py::list exp_avg_sqs,
+          py::object max_exp_avg_sqs, bool listed, double lr, double beta1, double beta2,
+          double eps, double weight_decay, double l1, bool decoupled_weight_decay,
+          bool amsgrad, bool maximize, int64_t step) {
+  ArrayTable arrays({{"params", params, true},
+                     {"grads", grads, false},
+                     {"exp_avgs", exp_avgs, true},
+                     {"exp_avg_sqs", exp_avg_sqs, true},
+                     {"max_exp_avg_sqs", used_if(amsgrad, max_exp_avg_sqs, "max_exp_avg_sqs"), true}},
+                    listed);
+  const fastopt::AdamHyper h{lr, beta1, beta2, eps, weight_decay, l1, decoupled_weight_decay,
+                             amsgrad, maximize};
+  run_released([&] { cpu::adam(arrays.table(), arrays.dtype(), h, step); });
+}
+
+void add_inplace(py::array dst, py::array src) {
+  ArrayTable arrays({{"dst", py::list(py::make_tuple(dst)), true},
+                     {"src", py::list(py::make_tuple(src)), false}},
+                    false);
+  run_released([&] { cpu::add_inplace(arrays.table(), arrays.dtype()); });
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = FASTOPT_VERSION;
+  d["compiler"] = FASTOPT_CXX_COMPILER;
+#ifdef FASTOPT_OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["cpu_paths"] = py::make_tuple("scalar", "avx2");
+  d["cpu_has_avx2_fma"] = cpu::cpu_has_avx2();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "fastopt CPU kernels (scalar and AVX2 paths, OpenMP threads)";
+  using py::arg;
+  m.def("sgd", &sgd, arg("params"), arg("grads"), arg("momentum_buffers"), arg("listed"),
+        arg("lr"), arg("momentum"), arg("dampening"), arg("weight_decay"), arg("l1"),
+        arg("nesterov"), arg("maximize"), arg("step"));
+  m.def("adagrad", &adagrad, arg("params"), arg("grads"), arg("state_sums"), arg("listed"),
+        arg("lr"), arg("lr_decay"), arg("weight_decay"), arg("eps"), arg("l1"),
+        arg("maximize"), arg("step"));
+  m.def("rmsprop", &rmsprop, arg("params"), arg("grads"), arg("square_avgs"),
+        arg("momentum_buffers"), arg("grad_avgs"), arg("listed"), arg("lr"), arg("alpha"),
+        arg("eps"), arg("weight_decay"), arg("momentum"), arg("l1"), arg("centered"),
+        arg("maximize"));
+  m.def("adam", &adam, arg("params"), arg("grads"), arg("exp_avgs"), arg("exp_avg_sqs"),
+        arg("max_exp_avg_sqs"), arg("listed"), arg("lr"), arg("beta1"), arg("beta2"),
+        arg("eps"), arg("weight_decay"), arg("l1"), arg("decoupled_weight_decay"),
+        arg("amsgrad"), arg("maximize"), arg("step"));
+  m.def("add_inplace", &add_inplace, arg("dst"), arg("src"),
+        "dst += src with all threads: the bandwidth ceiling of the benchmark");
+  m.def("set_cpu_path", [](const std::string& name) {
+    try {
+      cpu::set_isa(name);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(std::string("path: ") + e.what());
+    }
+  }, arg("path"));
+  m.def("get_cpu_path", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("n: number of threads must be >= 1, got " + std::to_string(n));
+    cpu::set_num_threads(n);
+  }, arg("n"));
+  m.def("get_num_threads", &cpu::num_threads);
+  m.def("build_info", &build_info);
+}

@@ -1,0 +1,83 @@
+#include "cpu/dispatch.h"
+#include <atomic>
+#include <stdexcept>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fastopt {
+namespace cpu {
+namespace {
+
+std::atomic<int> g_num_threads{0};  // 0 = not yet initialised
+
+Isa best_isa() { return cpu_has_avx2() ? Isa::avx2 : Isa::scalar; }
+
+std::atomic<Isa> g_isa{best_isa()};
+
+}  // namespace
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+Isa active_isa() { return g_isa.load(std::memory_order_relaxed); }
+
+const char* isa_name(Isa isa) { return isa == Isa::avx2 ? "avx2" : "scalar"; }
+
+void set_isa(const std::string& name) {
+  if (name == "auto") {
+    g_isa = best_isa();
+  } else if (name == "scalar") {
+    g_isa = Isa::scalar;
+  } else if (name == "avx2") {
+    if (!cpu_has_avx2()) throw std::invalid_argument("this CPU does not support AVX2+FMA");
+    g_isa = Isa::avx2;
+  } else {
+    throw std::invalid_argument("unknown CPU path '" + name + "' (scalar, avx2 or auto)");
+  }
+}
+
+int num_threads() {
+  int n = g_num_threads.load(std::memory_order_relaxed);
+  if (n > 0) return n;
+#ifdef _OPENMP
+  n = omp_get_max_threads();
+#else
+  n = 1;
+#endif
+  g_num_threads = n;
+  return n;
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
+  g_num_threads = n;
+}
+
+#define FASTOPT_DISPATCH(fn, ...)                   \
+  t.num_threads = num_threads();                    \
+  if (active_isa() == Isa::avx2) isa_avx2::fn(__VA_ARGS__); \
+  else isa_scalar::fn(__VA_ARGS__);
+
+void sgd(TensorTable t, DType d, const SgdHyper& h, int64_t step) {
+  FASTOPT_DISPATCH(sgd, t, d, h, step)
+}
+void adagrad(TensorTable t, DType d, const AdagradHyper& h, int64_t step) {
+  FASTOPT_DISPATCH(adagrad, t, d, h, step)
+}
+void rmsprop(TensorTable t, DType d, const RmspropHyper& h) {
+  FASTOPT_DISPATCH(rmsprop, t, d, h)
+}
+void adam(TensorTable t, DType d, const AdamHyper& h, int64_t step) {
+  FASTOPT_DISPATCH(adam, t, d, h, step)
+}
+void add_inplace(TensorTable t, DType d) { FASTOPT_DISPATCH(add_inplace, t, d) }
+
+}  // namespace cpu
+}  // namespace fastopt

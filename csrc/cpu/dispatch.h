@@ -1,0 +1,29 @@
+// Run-time choice of the CPU code path and thread count.
+#pragma once
+#include <string>
+#include "cpu/optim_kernels.h"
+
+namespace fastopt {
+namespace cpu {
+
+enum class Isa { scalar, avx2 };
+
+bool cpu_has_avx2();            // AVX2 and FMA, as reported by the CPU
+Isa active_isa();
+// "scalar", "avx2" or "auto" (the best the CPU supports); throws std::invalid_argument if
+// the CPU cannot run the requested path. (The Python package applies FASTOPT_CPU at import.)
+void set_isa(const std::string& name);
+const char* isa_name(Isa isa);
+
+int num_threads();              // defaults to OpenMP's (OMP_NUM_THREADS, else all cores)
+void set_num_threads(int n);
+
+// The kernels of the active ISA, with the thread count filled into the table.
+void sgd(TensorTable t, DType, const SgdHyper&, int64_t step);
+void adagrad(TensorTable t, DType, const AdagradHyper&, int64_t step);
+void rmsprop(TensorTable t, DType, const RmspropHyper&);
+void adam(TensorTable t, DType, const AdamHyper&, int64_t step);
+void add_inplace(TensorTable t, DType);
+
+}  // namespace cpu
+}  // namespace fastopt

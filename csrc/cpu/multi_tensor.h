@@ -1,0 +1,99 @@
+// The CPU multi-tensor driver: one call walks every element of a list of tensors (each
+// role -- param, grad, state -- a list of equally-sized contiguous arrays), split into one
+// contiguous share per thread. Elementwise kernels make the result independent of the
+// thread count (bit-identical for 1 and N threads).
+#pragma once
+#include <cstdint>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "common/platform.h"
+
+namespace fastopt {
+namespace cpu {
+
+constexpr int kMaxRoles = 5;
+
+// Pointers of n tensors per role and the prefix sums of their sizes (offsets[n] = total).
+// Built by the bindings; it owns nothing.
+struct TensorTable {
+  int num_tensors = 0;
+  const int64_t* offsets = nullptr;     // n + 1 entries
+  void* const* ptrs[kMaxRoles] = {};    // ptrs[role][i]; null role = not used by the call
+  int num_threads = 1;
+};
+
+}  // namespace cpu
+}  // namespace fastopt
+
+FASTOPT_ISA_BEGIN
+
+// Below this many elements one thread is faster than waking the others.
+constexpr int64_t kParallelMinElements = 1 << 15;
+
+// Lane types: L::value is float/double or a vector of them; L::width its element count.
+template <class T> struct ScalarLane {
+  using value = T;
+  static constexpr int width = 1;
+  static T load(const T* p) { return *p; }
+  static void store(T* p, T x) { *p = x; }
+};
+template <class V, class T, int W> struct VectorLane {
+  using value = V;
+  static constexpr int width = W;
+  static V load(const T* p) { return V::load(p); }
+  static void store(T* p, V x) { x.store(p); }
+};
+
+// Apply kernel k to elements [lo, hi) of tensor i: vector body unrolled twice, then
+// single vectors, then the scalar tail (same formula, T = element type).
+template <class Wide, class T, class Kernel>
+inline void apply_range(const Kernel& k, int i, int64_t lo, int64_t hi) {
+  constexpr int W = Wide::width;
+  int64_t j = lo;
+  if (W > 1) {
+    for (; j + 2 * W <= hi; j += 2 * W) {
+      k(Wide{}, i, j);
+      k(Wide{}, i, j + W);
+    }
+    for (; j + W <= hi; j += W) k(Wide{}, i, j);
+  }
+  for (; j < hi; ++j) k(ScalarLane<T>{}, i, j);
+}
+
+// Index of the tensor holding global element `pos` (last i with offsets[i] <= pos).
+inline int tensor_of(const int64_t* offsets, int n, int64_t pos) {
+  int lo = 0, hi = n;  // invariant: offsets[lo] <= pos, answer < hi
+  while (hi - lo > 1) {
+    const int mid = lo + (hi - lo) / 2;
+    if (offsets[mid] <= pos) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+template <class Wide, class T, class Kernel>
+void run_multi_tensor(const cpu::TensorTable& t, const Kernel& k) {
+  const int64_t total = t.offsets[t.num_tensors];
+  if (total == 0) return;
+  const int threads = total >= kParallelMinElements ? t.num_threads : 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int tid = 0, nt = 1;
+#endif
+    // Shares are multiples of 64 elements so threads never split a cache line.
+    const int64_t share = ((total + nt - 1) / nt + 63) / 64 * 64;
+    const int64_t begin = tid * share < total ? tid * share : total;
+    const int64_t end = begin + share < total ? begin + share : total;
+    int64_t pos = begin;
+    for (int i = tensor_of(t.offsets, t.num_tensors, pos); pos < end; ++i) {
+      const int64_t stop = t.offsets[i + 1] < end ? t.offsets[i + 1] : end;
+      apply_range<Wide, T>(k, i, pos - t.offsets[i], stop - t.offsets[i]);
+      pos = stop;
+    }
+  }
+}
+
+FASTOPT_ISA_END

@@ -1,0 +1,155 @@
+// CPU optimizer steps: SGD, Adagrad, RMSprop, Adam/AdamW over lists of tensors, one pass
+// over memory (each param, grad and state element read once, state and param written once):
+//   SGD-momentum 16 B/elem (fp32), Adagrad 20, RMSprop 20 (+8 per momentum/centered buffer),
+//   Adam 28 (+8 amsgrad). Formulas: common/optim_formulas.h.
+// Compiled once per ISA: FASTOPT_ISA_isa_avx2 gets the 8-float / 4-double vector body,
+// FASTOPT_ISA_isa_scalar the plain loop (which the compiler may still vectorize with SSE2).
+#include "cpu/optim_kernels.h"
+#include "common/optim_formulas.h"
+#include "cpu/multi_tensor.h"
+#ifdef FASTOPT_ISA_isa_avx2
+#include "cpu/vec_avx2.h"
+#endif
+
+FASTOPT_ISA_BEGIN
+using cpu::TensorTable;
+using cpu::DType;
+
+#ifdef FASTOPT_ISA_isa_avx2
+template <class T> struct WideLane;
+template <> struct WideLane<float> : VectorLane<F32x8, float, 8> {};
+template <> struct WideLane<double> : VectorLane<F64x4, double, 4> {};
+#else
+template <class T> struct WideLane : ScalarLane<T> {};
+#endif
+
+template <class T> T* const* role(const TensorTable& t, int r) {
+  return reinterpret_cast<T* const*>(t.ptrs[r]);
+}
+
+// One functor per optimizer: load the lanes a role list holds, apply the formula, store.
+template <class T> struct SgdKernel {
+  SgdCoeffs<T> c;
+  T* const* param; T* const* grad; T* const* momentum;
+  template <class L> void operator()(L, int i, int64_t j) const {
+    using V = typename L::value;
+    V p = L::load(param[i] + j), buf = V(T(0));
+    if (c.has_momentum && !c.first_step) buf = L::load(momentum[i] + j);
+    sgd_update(p, L::load(grad[i] + j), buf, c);
+    L::store(param[i] + j, p);
+    if (c.has_momentum) L::store(momentum[i] + j, buf);
+  }
+};
+
+template <class T> struct AdagradKernel {
+  AdagradCoeffs<T> c;
+  T* const* param; T* const* grad; T* const* sum;
+  template <class L> void operator()(L, int i, int64_t j) const {
+    using V = typename L::value;
+    V p = L::load(param[i] + j), s = L::load(sum[i] + j);
+    adagrad_update(p, L::load(grad[i] + j), s, c);
+    L::store(param[i] + j, p);
+    L::store(sum[i] + j, s);
+  }
+};
+
+template <class T> struct RmspropKernel {
+  RmspropCoeffs<T> c;
+  T* const* param; T* const* grad; T* const* square_avg; T* const* momentum;
+  T* const* grad_avg;
+  template <class L> void operator()(L, int i, int64_t j) const {
+    using V = typename L::value;
+    V p = L::load(param[i] + j), v = L::load(square_avg[i] + j), buf = V(T(0)),
+      gavg = V(T(0));
+    if (c.has_momentum) buf = L::load(momentum[i] + j);
+    if (c.centered) gavg = L::load(grad_avg[i] + j);
+    rmsprop_update(p, L::load(grad[i] + j), v, buf, gavg, c);
+    L::store(param[i] + j, p);
+    L::store(square_avg[i] + j, v);
+    if (c.has_momentum) L::store(momentum[i] + j, buf);
+    if (c.centered) L::store(grad_avg[i] + j, gavg);
+  }
+};
+
+template <class T> struct AdamKernel {
+  AdamCoeffs<T> c;
+  T* const* param; T* const* grad; T* const* exp_avg; T* const* exp_avg_sq;
+  T* const* max_exp_avg_sq;
+  template <class L> void operator()(L, int i, int64_t j) const {
+    using V = typename L::value;
+    V p = L::load(param[i] + j), m = L::load(exp_avg[i] + j), v = L::load(exp_avg_sq[i] + j);
+    V vmax = c.amsgrad ? L::load(max_exp_avg_sq[i] + j) : v;
+    adam_update(p, L::load(grad[i] + j), m, v, vmax, c);
+    L::store(param[i] + j, p);
+    L::store(exp_avg[i] + j, m);
+    L::store(exp_avg_sq[i] + j, v);
+    if (c.amsgrad) L::store(max_exp_avg_sq[i] + j, vmax);
+  }
+};
+
+// dst += src: the bandwidth ceiling the benchmark compares against (12 B/elem fp32).
+template <class T> struct AddKernel {
+  T* const* dst; T* const* src;
+  template <class L> void operator()(L, int i, int64_t j) const {
+    L::store(dst[i] + j, L::load(dst[i] + j) + L::load(src[i] + j));
+  }
+};
+
+template <class T> void run_sgd(const TensorTable& t, const SgdHyper& h, int64_t step) {
+  SgdKernel<T> k{sgd_coeffs<T>(h, step), role<T>(t, cpu::kSgdParam), role<T>(t, cpu::kSgdGrad),
+                 role<T>(t, cpu::kSgdMomentum)};
+  run_multi_tensor<WideLane<T>, T>(t, k);
+}
+template <class T> void run_adagrad(const TensorTable& t, const AdagradHyper& h, int64_t step) {
+  AdagradKernel<T> k{adagrad_coeffs<T>(h, step), role<T>(t, cpu::kAdagradParam),
+                     role<T>(t, cpu::kAdagradGrad), role<T>(t, cpu::kAdagradSum)};
+  run_multi_tensor<WideLane<T>, T>(t, k);
+}
+template <class T> void run_rmsprop(const TensorTable& t, const RmspropHyper& h) {
+  RmspropKernel<T> k{rmsprop_coeffs<T>(h), role<T>(t, cpu::kRmsParam), role<T>(t, cpu::kRmsGrad),
+                     role<T>(t, cpu::kRmsSquareAvg), role<T>(t, cpu::kRmsMomentum),
+                     role<T>(t, cpu::kRmsGradAvg)};
+  run_multi_tensor<WideLane<T>, T>(t, k);
+}
+template <class T> void run_adam(const TensorTable& t, const AdamHyper& h, int64_t step) {
+  AdamKernel<T> k{adam_coeffs<T>(h, step), role<T>(t, cpu::kAdamParam), role<T>(t, cpu::kAdamGrad),
+                  role<T>(t, cpu::kAdamExpAvg), role<T>(t, cpu::kAdamExpAvgSq),
+                  role<T>(t, cpu::kAdamMaxExpAvgSq)};
+  run_multi_tensor<WideLane<T>, T>(t, k);
+}
+template <class T> void run_add(const TensorTable& t) {
+  run_multi_tensor<WideLane<T>, T>(t, AddKernel<T>{role<T>(t, cpu::kAddDst), role<T>(t, cpu::kAddSrc)});
+}
+
+#define FASTOPT_BY_DTYPE(dtype, fn, ...) \
+  ((dtype) == DType::f32 ? fn<float>(__VA_ARGS__) : fn<double>(__VA_ARGS__))
+
+FASTOPT_ISA_END
+
+// Entry points, one set per ISA (declared in cpu/optim_kernels.h).
+namespace fastopt {
+namespace cpu {
+namespace FASTOPT_ISA {
+using fastopt::FASTOPT_ISA::run_sgd;
+using fastopt::FASTOPT_ISA::run_adagrad;
+using fastopt::FASTOPT_ISA::run_rmsprop;
+using fastopt::FASTOPT_ISA::run_adam;
+using fastopt::FASTOPT_ISA::run_add;
+
+void sgd(const TensorTable& t, DType d, const SgdHyper& h, int64_t step) {
+  FASTOPT_BY_DTYPE(d, run_sgd, t, h, step);
+}
+void adagrad(const TensorTable& t, DType d, const AdagradHyper& h, int64_t step) {
+  FASTOPT_BY_DTYPE(d, run_adagrad, t, h, step);
+}
+void rmsprop(const TensorTable& t, DType d, const RmspropHyper& h) {
+  FASTOPT_BY_DTYPE(d, run_rmsprop, t, h);
+}
+void adam(const TensorTable& t, DType d, const AdamHyper& h, int64_t step) {
+  FASTOPT_BY_DTYPE(d, run_adam, t, h, step);
+}
+void add_inplace(const TensorTable& t, DType d) { FASTOPT_BY_DTYPE(d, run_add, t); }
+
+}  // namespace FASTOPT_ISA
+}  // namespace cpu
+}  // namespace fastopt

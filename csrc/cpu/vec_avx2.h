@@ -1,0 +1,51 @@
+// AVX2 vector types (8 floats, 4 doubles) with the operators and math helpers the formulas
+// in common/ use, so that the same formula text compiles to the vector body. Every
+// operation is the IEEE operation of the scalar code lane by lane (no FMA contraction),
+// so the AVX2 path gives bit-identical results to the scalar path.
+#pragma once
+#include <immintrin.h>
+#include "common/platform.h"
+
+FASTOPT_ISA_BEGIN
+
+struct F32x8 {
+  __m256 v;
+  F32x8() = default;
+  F32x8(__m256 x) : v(x) {}
+  F32x8(float s) : v(_mm256_set1_ps(s)) {}  // broadcast: lets formulas write T(coefficient)
+  static F32x8 load(const float* p) { return _mm256_loadu_ps(p); }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+};
+struct F64x4 {
+  __m256d v;
+  F64x4() = default;
+  F64x4(__m256d x) : v(x) {}
+  F64x4(double s) : v(_mm256_set1_pd(s)) {}
+  static F64x4 load(const double* p) { return _mm256_loadu_pd(p); }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+};
+
+#define FASTOPT_VEC_OPS(V, sfx)                                                            \
+  inline V operator+(V a, V b) { return _mm256_add_##sfx(a.v, b.v); }                      \
+  inline V operator-(V a, V b) { return _mm256_sub_##sfx(a.v, b.v); }                      \
+  inline V operator*(V a, V b) { return _mm256_mul_##sfx(a.v, b.v); }                      \
+  inline V operator/(V a, V b) { return _mm256_div_##sfx(a.v, b.v); }                      \
+  inline V operator-(V a) { return _mm256_xor_##sfx(a.v, _mm256_set1_##sfx(-0.0)); }       \
+  inline V vsqrt(V a) { return _mm256_sqrt_##sfx(a.v); }                                   \
+  inline V vabs(V a) { return _mm256_andnot_##sfx(_mm256_set1_##sfx(-0.0), a.v); }         \
+  inline V vcopysign(V mag, V sgn) {                                                       \
+    const auto sign_bit = _mm256_set1_##sfx(-0.0);                                         \
+    return _mm256_or_##sfx(_mm256_andnot_##sfx(sign_bit, mag.v),                           \
+                           _mm256_and_##sfx(sign_bit, sgn.v));                             \
+  }                                                                                        \
+  /* a where a > b or a is NaN, else b: exactly the scalar vmax_nan */                     \
+  inline V vmax_nan(V a, V b) {                                                            \
+    const auto take_a = _mm256_or_##sfx(_mm256_cmp_##sfx(a.v, b.v, _CMP_GT_OQ),            \
+                                        _mm256_cmp_##sfx(a.v, a.v, _CMP_UNORD_Q));         \
+    return _mm256_blendv_##sfx(b.v, a.v, take_a);                                          \
+  }
+FASTOPT_VEC_OPS(F32x8, ps)
+FASTOPT_VEC_OPS(F64x4, pd)
+#undef FASTOPT_VEC_OPS
+
+FASTOPT_ISA_END

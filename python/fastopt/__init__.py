@@ -1,0 +1,16 @@
+"""fastopt: fused CPU (AVX2) and CUDA kernels for optimizer steps, with torch.optim semantics."""
+from . import reference, schedules
+from ._runtime import (cuda_available, get_cpu_path, get_num_threads, info, set_cpu_path,
+                       set_num_threads)
+from .functional import adagrad_, adam_, adamw_, rmsprop_, sgd_
+from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+
+__version__ = info()["version"]
+
+__all__ = [
+    "sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_",
+    "Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW",
+    "schedules", "reference",
+    "set_num_threads", "get_num_threads", "set_cpu_path", "get_cpu_path",
+    "cuda_available", "info", "__version__",
+]

@@ -1,0 +1,42 @@
+"""``python -m fastopt info``: what this build is and what it will run on."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def _print_info(as_json: bool) -> None:
+    from . import info
+
+    facts = info()
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return
+    cuda = facts.pop("cuda")
+    width = max(len(k) for k in facts)
+    print("fastopt")
+    for key, value in facts.items():
+        print(f"  {key:<{width}}  {value}")
+    if cuda["usable"]:
+        print(f"  {'cuda':<{width}}  usable: {', '.join(cuda['devices'])} "
+              f"(runtime {cuda['runtime_version']}, driver {cuda['driver_version']})")
+    else:
+        built = "built" if cuda["built"] else "not built"
+        print(f"  {'cuda':<{width}}  {built}, not usable: {cuda['reason']}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastopt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="version, build options, CPU features, threads, CUDA")
+    p_info.add_argument("--json", action="store_true", help="print as JSON")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        _print_info(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
