@@ -28,9 +28,11 @@ template <class T> T* const* role(const TensorTable& t, int r) {
 }
 
 // One functor per optimizer: load the lanes a role list holds, apply the formula, store.
+// anchor(i) is the pointer whose alignment the vector body follows (the param's).
 template <class T> struct SgdKernel {
   SgdCoeffs<T> c;
   T* const* param; T* const* grad; T* const* momentum;
+  const T* anchor(int i) const { return param[i]; }
   template <class L> void operator()(L, int i, int64_t j) const {
     using V = typename L::value;
     V p = L::load(param[i] + j), buf = V(T(0));
@@ -44,6 +46,7 @@ template <class T> struct SgdKernel {
 template <class T> struct AdagradKernel {
   AdagradCoeffs<T> c;
   T* const* param; T* const* grad; T* const* sum;
+  const T* anchor(int i) const { return param[i]; }
   template <class L> void operator()(L, int i, int64_t j) const {
     using V = typename L::value;
     V p = L::load(param[i] + j), s = L::load(sum[i] + j);
@@ -57,6 +60,7 @@ template <class T> struct RmspropKernel {
   RmspropCoeffs<T> c;
   T* const* param; T* const* grad; T* const* square_avg; T* const* momentum;
   T* const* grad_avg;
+  const T* anchor(int i) const { return param[i]; }
   template <class L> void operator()(L, int i, int64_t j) const {
     using V = typename L::value;
     V p = L::load(param[i] + j), v = L::load(square_avg[i] + j), buf = V(T(0)),
@@ -75,6 +79,7 @@ template <class T> struct AdamKernel {
   AdamCoeffs<T> c;
   T* const* param; T* const* grad; T* const* exp_avg; T* const* exp_avg_sq;
   T* const* max_exp_avg_sq;
+  const T* anchor(int i) const { return param[i]; }
   template <class L> void operator()(L, int i, int64_t j) const {
     using V = typename L::value;
     V p = L::load(param[i] + j), m = L::load(exp_avg[i] + j), v = L::load(exp_avg_sq[i] + j);
@@ -90,6 +95,7 @@ template <class T> struct AdamKernel {
 // dst += src: the bandwidth ceiling the benchmark compares against (12 B/elem fp32).
 template <class T> struct AddKernel {
   T* const* dst; T* const* src;
+  const T* anchor(int i) const { return dst[i]; }
   template <class L> void operator()(L, int i, int64_t j) const {
     L::store(dst[i] + j, L::load(dst[i] + j) + L::load(src[i] + j));
   }

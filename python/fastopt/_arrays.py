@@ -42,6 +42,11 @@ def _to_host_array(name: str, a: Any) -> Any:
     return a  # NumPy subclasses pass; anything else gets the C++ TypeError naming it
 
 
+def _all_ndarrays(items: List[Any]) -> bool:
+    # map/set run in C: ~20 ns per array, against ~150 for a Python loop.
+    return not items or set(map(type, items)) == {np.ndarray}
+
+
 def as_list(name: str, value: Any, listed: bool, n: int) -> List[Any]:
     """``value`` as a list aligned with the params (``listed``: params was a list)."""
     if listed:
@@ -49,9 +54,8 @@ def as_list(name: str, value: Any, listed: bool, n: int) -> List[Any]:
             raise TypeError(f"{name}: params is a list, so {name} must be a list of {n} arrays, "
                             f"got {type(value).__name__}")
         items = list(value)
-        for i, a in enumerate(items):
-            if type(a) is not np.ndarray:
-                items[i] = _to_host_array(f"{name}[{i}]", a)
+        if not _all_ndarrays(items):
+            items = [_to_host_array(f"{name}[{i}]", a) for i, a in enumerate(items)]
         return items
     if isinstance(value, (list, tuple)):
         raise TypeError(f"{name}: params is a single array, so {name} must be one array, got a "
