@@ -27,12 +27,13 @@ class ArrayTable {
   // `listed` says whether the user passed lists (messages then say "grads[3]").
   ArrayTable(std::initializer_list<RoleSpec> roles, bool listed) : listed_(listed) {
     const RoleSpec& ref = *roles.begin();
-    const py::list ref_list = py::reinterpret_borrow<py::list>(ref.list);
-    const size_t n = ref_list.size();
+    if (!py::isinstance<py::list>(ref.list))
+      throw py::type_error(std::string(ref.name) + ": expected a list of arrays");
+    const size_t n = py::len(ref.list);
     offsets_.assign(n + 1, 0);
     int r = 0;
     for (const RoleSpec& role : roles) {
-      if (!role.list.is_none()) collect_role(role, r, ref, ref_list, n);
+      if (!role.list.is_none()) collect_role(role, r, ref, n);
       ++r;
     }
     check_no_overlap();
@@ -48,6 +49,12 @@ class ArrayTable {
   }
   cpu::DType dtype() const { return dtype_; }
   int64_t total() const { return offsets_.back(); }
+
+  // The Python callable (name, obj) -> ndarray used for arrays that are not NumPy's.
+  static py::object& array_adapter() {
+    static py::object* adapter = new py::object();  // never destroyed: no Python at exit
+    return *adapter;
+  }
 
  private:
   struct Span {
@@ -67,8 +74,7 @@ class ArrayTable {
     return s + ")";
   }
 
-  void collect_role(const RoleSpec& role, int r, const RoleSpec& ref, const py::list& ref_list,
-                    size_t n) {
+  void collect_role(const RoleSpec& role, int r, const RoleSpec& ref, size_t n) {
     using py::detail::npy_api;
     if (!py::isinstance<py::list>(role.list))
       throw py::type_error(std::string(role.name) + ": expected a list of arrays");
@@ -80,9 +86,7 @@ class ArrayTable {
     ptrs_[r].resize(n);
     for (size_t i = 0; i < n; ++i) {
       PyObject* obj = PyList_GET_ITEM(list.ptr(), i);
-      if (!py::isinstance<py::array>(obj))
-        throw py::type_error(where(role.name, i) + ": expected a numpy.ndarray, got " +
-                             std::string(Py_TYPE(obj)->tp_name));
+      if (!py::isinstance<py::array>(obj)) obj = adapt(where(role.name, i), obj);
       const auto* a = py::detail::array_proxy(obj);
       const auto* descr = py::detail::array_descriptor_proxy(a->descr);
       cpu::DType dt;
@@ -104,9 +108,10 @@ class ArrayTable {
       int64_t size = 1;
       for (int d = 0; d < a->nd; ++d) size *= a->dimensions[d];
       if (r == 0) {
+        ref_arrays_.push_back(obj);
         offsets_[i + 1] = offsets_[i] + size;
       } else {
-        const auto* p = py::detail::array_proxy(PyList_GET_ITEM(ref_list.ptr(), i));
+        const auto* p = py::detail::array_proxy(ref_arrays_[i]);
         bool same = p->nd == a->nd;
         for (int d = 0; same && d < a->nd; ++d) same = p->dimensions[d] == a->dimensions[d];
         if (!same)
@@ -150,6 +155,21 @@ class ArrayTable {
     }
   }
 
+  // Foreign arrays (PyTorch CPU tensors...) go through the Python adapter set by
+  // set_array_adapter (fastopt._arrays.to_host_array), which returns a NumPy view of the
+  // same memory or raises naming the argument. The view is kept alive with the table.
+  PyObject* adapt(const std::string& name, PyObject* obj) {
+    if (!array_adapter())
+      throw py::type_error(name + ": expected a numpy.ndarray, got " + Py_TYPE(obj)->tp_name);
+    py::object view = array_adapter()(name, py::handle(obj));
+    if (!py::isinstance<py::array>(view))
+      throw py::type_error(name + ": expected a numpy.ndarray, got " + Py_TYPE(obj)->tp_name);
+    adapted_.push_back(view);
+    return view.ptr();
+  }
+
+  std::vector<py::object> adapted_;
+  std::vector<PyObject*> ref_arrays_;  // the params, as NumPy arrays
   bool listed_;
   cpu::DType dtype_ = cpu::DType::f32;
   std::vector<int64_t> offsets_;

@@ -1,6 +1,7 @@
 // CPU optimizer steps: SGD, Adagrad, RMSprop, Adam/AdamW over lists of tensors, one pass
 // over memory (each param, grad and state element read once, state and param written once):
-//   SGD-momentum 16 B/elem (fp32), Adagrad 20, RMSprop 20 (+8 per momentum/centered buffer),
+//   SGD-momentum 20 B/elem (fp32; 12 without momentum), Adagrad 20, RMSprop 20 (+8 per
+//   momentum or centered buffer),
 //   Adam 28 (+8 amsgrad). Formulas: common/optim_formulas.h.
 // Compiled once per ISA: FASTOPT_ISA_isa_avx2 gets the 8-float / 4-double vector body,
 // FASTOPT_ISA_isa_scalar the plain loop (which the compiler may still vectorize with SSE2).

@@ -1,4 +1,5 @@
-"""``python -m fastopt info``: what this build is and what it will run on."""
+"""``python -m fastopt bench|info``: the benchmark against peers and the ceiling, and what
+this build is and what it will run on."""
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="version, build options, CPU features, threads, CUDA")
     p_info.add_argument("--json", action="store_true", help="print as JSON")
+    p_bench = sub.add_parser("bench", help="fastopt vs its peers and the bandwidth ceiling")
+    p_bench.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    p_bench.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    p_bench.add_argument("--only", metavar="NAME[,NAME]",
+                         help="only these optimizers (adamw, sgd, adagrad, rmsprop)")
+    p_bench.add_argument("--json", metavar="PATH", help="write every figure and the machine")
+    p_bench.add_argument("--plot", metavar="PATH", help="PNG bar chart (needs matplotlib)")
+    p_bench.add_argument("--progress", action="store_true",
+                         help="progress on stderr even when it is not a terminal")
     args = parser.parse_args(argv)
     if args.command == "info":
         _print_info(args.json)
-    return 0
+        return 0
+    from . import bench
+
+    return bench.run(args)
 
 
 if __name__ == "__main__":

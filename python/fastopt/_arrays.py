@@ -28,10 +28,9 @@ def _cuda_unavailable(name: str) -> TypeError:
     )
 
 
-def _to_host_array(name: str, a: Any) -> Any:
-    """A NumPy view of ``a`` sharing its memory, or ``a`` itself for the C++ checks."""
-    if type(a) is np.ndarray:
-        return a
+def to_host_array(name: str, a: Any) -> Any:
+    """A NumPy view of ``a`` sharing its memory; called by the C++ binding for any list
+    element that is not an ndarray. ``name`` is the argument, e.g. "grads[3]"."""
     if hasattr(a, "__cuda_array_interface__"):
         raise _cuda_unavailable(name)
     mod = type(a).__module__
@@ -39,36 +38,30 @@ def _to_host_array(name: str, a: Any) -> Any:
         if a.device.type != "cpu":
             raise _cuda_unavailable(name)
         return a.detach().numpy()  # shares memory; writes land in the tensor
-    return a  # NumPy subclasses pass; anything else gets the C++ TypeError naming it
+    raise TypeError(f"{name}: expected a NumPy array or a PyTorch CPU tensor, got "
+                    f"{type(a).__name__}")
 
 
-def _all_ndarrays(items: List[Any]) -> bool:
-    # map/set run in C: ~20 ns per array, against ~150 for a Python loop.
-    return not items or set(map(type, items)) == {np.ndarray}
-
-
-def as_list(name: str, value: Any, listed: bool, n: int) -> List[Any]:
-    """``value`` as a list aligned with the params (``listed``: params was a list)."""
+def as_list(name: str, value: Any, listed: bool) -> List[Any]:
+    """``value`` as a list aligned with the params (``listed``: params was a list).
+    Elements that are not ndarrays are converted by the C++ binding through
+    ``to_host_array`` only when met, so NumPy lists pay nothing here."""
     if listed:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{name}: params is a list, so {name} must be a list of {n} arrays, "
+            raise TypeError(f"{name}: params is a list, so {name} must be a list of arrays, "
                             f"got {type(value).__name__}")
-        items = list(value)
-        if not _all_ndarrays(items):
-            items = [_to_host_array(f"{name}[{i}]", a) for i, a in enumerate(items)]
-        return items
+        return value if type(value) is list else list(value)
     if isinstance(value, (list, tuple)):
         raise TypeError(f"{name}: params is a single array, so {name} must be one array, got a "
                         f"{type(value).__name__}")
-    return [_to_host_array(name, value)]
+    return [value]
 
 
 def prepare(params: ArrayOrList, **others: Optional[ArrayOrList]) -> Tuple[bool, List[Any], Dict[str, Optional[List[Any]]]]:
     """Normalise the arrays of one call: (listed, params list, {role: list or None})."""
     listed = isinstance(params, (list, tuple))
-    plist = as_list("params", params, listed, 0)
-    n = len(plist)
-    lists = {k: (None if v is None else as_list(k, v, listed, n)) for k, v in others.items()}
+    plist = as_list("params", params, listed)
+    lists = {k: (None if v is None else as_list(k, v, listed)) for k, v in others.items()}
     return listed, plist, lists
 
 

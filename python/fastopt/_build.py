@@ -28,6 +28,15 @@ def _apply_cpu_env() -> None:
 _apply_cpu_env()
 
 
+def _install_array_adapter() -> None:
+    from ._arrays import to_host_array
+
+    _cpu.set_array_adapter(to_host_array)
+
+
+_install_array_adapter()
+
+
 def cuda_status() -> Dict[str, Any]:
     if _cuda is None:
         return {"usable": False, "built": False,

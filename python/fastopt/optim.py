@@ -36,7 +36,9 @@ class Optimizer:
         # one the options leave unused (e.g. momentum_buffers without momentum).
         self._state_args = state_args
         self._listed = isinstance(params, (list, tuple))
-        self.params: List[Any] = _arrays.as_list("params", params, self._listed, 0)
+        self.params: List[Any] = [
+            a if type(a) is np.ndarray else _arrays.to_host_array(f"params[{i}]", a)
+            for i, a in enumerate(_arrays.as_list("params", params, self._listed))]
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}")
         self.schedule = schedule
