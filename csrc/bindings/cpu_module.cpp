@@ -80,6 +80,23 @@ void adam(py::list params, py::list grads, py::list exp_avgs, py::list exp_avg_s
   run_released([&] { cpu::adam(arrays.table(), arrays.dtype(), h, step); });
 }
 
+void sophia(py::list params, py::list grads, py::list exp_avgs, py::list hessian_diags,
+            bool listed, double lr, double beta1, double rho, double weight_decay, double eps,
+            double l1, bool maximize) {
+  ArrayTable arrays({{"params", params, true},
+                     {"grads", grads, false},
+                     {"exp_avgs", exp_avgs, true},
+                     {"hessian_diags", hessian_diags, false}},
+                    listed);
+  const fastopt::SophiaHyper h{lr, beta1, rho, weight_decay, eps, l1, maximize};
+  run_released([&] { cpu::sophia(arrays.table(), arrays.dtype(), h); });
+}
+
+void ema(py::list averages, py::list samples, bool listed, double beta) {
+  ArrayTable arrays({{"averages", averages, true}, {"samples", samples, false}}, listed);
+  run_released([&] { cpu::ema(arrays.table(), arrays.dtype(), beta); });
+}
+
 void add_inplace(py::array dst, py::array src) {
   ArrayTable arrays({{"dst", py::list(py::make_tuple(dst)), true},
                      {"src", py::list(py::make_tuple(src)), false}},
@@ -120,6 +137,10 @@ PYBIND11_MODULE(_cpu, m) {
         arg("max_exp_avg_sqs"), arg("listed"), arg("lr"), arg("beta1"), arg("beta2"),
         arg("eps"), arg("weight_decay"), arg("l1"), arg("decoupled_weight_decay"),
         arg("amsgrad"), arg("maximize"), arg("step"));
+  m.def("sophia", &sophia, arg("params"), arg("grads"), arg("exp_avgs"), arg("hessian_diags"),
+        arg("listed"), arg("lr"), arg("beta1"), arg("rho"), arg("weight_decay"), arg("eps"),
+        arg("l1"), arg("maximize"));
+  m.def("ema", &ema, arg("averages"), arg("samples"), arg("listed"), arg("beta"));
   m.def("add_inplace", &add_inplace, arg("dst"), arg("src"),
         "dst += src with all threads: the bandwidth ceiling of the benchmark");
   m.def("set_cpu_path", [](const std::string& name) {

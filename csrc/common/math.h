@@ -18,6 +18,14 @@ FASTOPT_HD double vcopysign(double mag, double sgn) { return copysign(mag, sgn);
 template <class T>
 FASTOPT_HD T vmax_nan(T a, T b) { return (a > b || a != a) ? a : b; }
 
+// min that propagates NaN from either side, like numpy.minimum.
+template <class T>
+FASTOPT_HD T vmin_nan(T a, T b) { return (a < b || a != a) ? a : b; }
+
+// sign(x) as numpy.sign: -1, 0 or 1, NaN for NaN (0 and NaN come back as they are).
+template <class T>
+FASTOPT_HD T vsign(T x) { return x > T(0) ? T(1) : x < T(0) ? T(-1) : x; }
+
 // Proximal step of the L1 penalty: sign(p) * max(|p| - t, 0). NaN stays NaN.
 template <class T>
 FASTOPT_HD T soft_threshold(T p, T t) { return vcopysign(vmax_nan(vabs(p) - t, T(0)), p); }

@@ -122,4 +122,30 @@ FASTOPT_HD void adam_update(T& p, T g, T& m, T& v, T& vmax, const AdamCoeffs<S>&
   if (c.has_l1) p = soft_threshold(p, T(c.l1_threshold));
 }
 
+// ---- Sophia (clipped diagonal Newton) ------------------------------------------------------
+// g <- -g if maximize; m <- b1*m + (1-b1)*g; p <- p*(1 - lr*wd);
+// p <- p - lr * sign(m) * min(|m| / max(rho*h, eps), 1). h is the caller's EMA of a
+// Hessian-diagonal estimate (ema_update below), read only; then the L1 step (lr*l1).
+template <class S>
+inline SophiaCoeffs<S> sophia_coeffs(const SophiaHyper& h) {
+  return {S(h.lr), S(h.beta1), S(1.0 - h.beta1), S(h.rho), S(h.eps),
+          S(1.0 - h.lr * h.weight_decay), S(h.lr * h.l1), h.maximize, h.weight_decay != 0.0,
+          h.l1 != 0.0};
+}
+
+template <class T, class S>
+FASTOPT_HD void sophia_update(T& p, T g, T& m, T h, const SophiaCoeffs<S>& c) {
+  if (c.maximize) g = -g;
+  m = T(c.beta1) * m + T(c.one_minus_beta1) * g;
+  if (c.has_weight_decay) p = p * T(c.decay_factor);
+  const T ratio = vmin_nan(vabs(m) / vmax_nan(T(c.rho) * h, T(c.eps)), T(1));
+  p = p - T(c.lr) * (vsign(m) * ratio);
+  if (c.has_l1) p = soft_threshold(p, T(c.l1_threshold));
+}
+
+template <class T, class S>
+FASTOPT_HD void ema_update(T& x, T y, const EmaCoeffs<S>& c) {
+  x = T(c.beta) * x + T(c.one_minus_beta) * y;
+}
+
 FASTOPT_ISA_END

@@ -44,4 +44,18 @@ template <class S> struct AdamCoeffs {
   bool amsgrad, maximize, coupled_weight_decay, decoupled_weight_decay, has_l1;
 };
 
+struct SophiaHyper {
+  double lr, beta1, rho, weight_decay, eps, l1;
+  bool maximize;
+};
+template <class S> struct SophiaCoeffs {
+  S lr, beta1, one_minus_beta1, rho, eps, decay_factor, l1_threshold;
+  bool maximize, has_weight_decay, has_l1;
+};
+
+// Exponential moving average x <- beta*x + (1-beta)*y (Sophia's Hessian-diagonal EMA).
+template <class S> struct EmaCoeffs {
+  S beta, one_minus_beta;
+};
+
 }  // namespace fastopt

@@ -77,6 +77,8 @@ void rmsprop(TensorTable t, DType d, const RmspropHyper& h) {
 void adam(TensorTable t, DType d, const AdamHyper& h, int64_t step) {
   FASTOPT_DISPATCH(adam, t, d, h, step)
 }
+void sophia(TensorTable t, DType d, const SophiaHyper& h) { FASTOPT_DISPATCH(sophia, t, d, h) }
+void ema(TensorTable t, DType d, double beta) { FASTOPT_DISPATCH(ema, t, d, beta) }
 void add_inplace(TensorTable t, DType d) { FASTOPT_DISPATCH(add_inplace, t, d) }
 
 }  // namespace cpu

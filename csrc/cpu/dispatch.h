@@ -23,6 +23,8 @@ void sgd(TensorTable t, DType, const SgdHyper&, int64_t step);
 void adagrad(TensorTable t, DType, const AdagradHyper&, int64_t step);
 void rmsprop(TensorTable t, DType, const RmspropHyper&);
 void adam(TensorTable t, DType, const AdamHyper&, int64_t step);
+void sophia(TensorTable t, DType, const SophiaHyper&);
+void ema(TensorTable t, DType, double beta);
 void add_inplace(TensorTable t, DType);
 
 }  // namespace cpu

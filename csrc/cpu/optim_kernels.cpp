@@ -2,7 +2,7 @@
 // over memory (each param, grad and state element read once, state and param written once):
 //   SGD-momentum 20 B/elem (fp32; 12 without momentum), Adagrad 20, RMSprop 20 (+8 per
 //   momentum or centered buffer),
-//   Adam 28 (+8 amsgrad). Formulas: common/optim_formulas.h.
+//   Adam 28 (+8 amsgrad), Sophia 24, EMA 12. Formulas: common/optim_formulas.h.
 // Compiled once per ISA: FASTOPT_ISA_isa_avx2 gets the 8-float / 4-double vector body,
 // FASTOPT_ISA_isa_scalar the plain loop (which the compiler may still vectorize with SSE2).
 #include "cpu/optim_kernels.h"
@@ -93,6 +93,31 @@ template <class T> struct AdamKernel {
   }
 };
 
+template <class T> struct SophiaKernel {
+  SophiaCoeffs<T> c;
+  T* const* param; T* const* grad; T* const* exp_avg; T* const* hessian;
+  const T* anchor(int i) const { return param[i]; }
+  template <class L> void operator()(L, int i, int64_t j) const {
+    using V = typename L::value;
+    V p = L::load(param[i] + j), m = L::load(exp_avg[i] + j);
+    sophia_update(p, L::load(grad[i] + j), m, L::load(hessian[i] + j), c);
+    L::store(param[i] + j, p);
+    L::store(exp_avg[i] + j, m);
+  }
+};
+
+template <class T> struct EmaKernel {
+  EmaCoeffs<T> c;
+  T* const* average; T* const* sample;
+  const T* anchor(int i) const { return average[i]; }
+  template <class L> void operator()(L, int i, int64_t j) const {
+    using V = typename L::value;
+    V x = L::load(average[i] + j);
+    ema_update(x, L::load(sample[i] + j), c);
+    L::store(average[i] + j, x);
+  }
+};
+
 // dst += src: the bandwidth ceiling the benchmark compares against (12 B/elem fp32).
 template <class T> struct AddKernel {
   T* const* dst; T* const* src;
@@ -124,6 +149,17 @@ template <class T> void run_adam(const TensorTable& t, const AdamHyper& h, int64
                   role<T>(t, cpu::kAdamMaxExpAvgSq)};
   run_multi_tensor<WideLane<T>, T>(t, k);
 }
+template <class T> void run_sophia(const TensorTable& t, const SophiaHyper& h) {
+  SophiaKernel<T> k{sophia_coeffs<T>(h), role<T>(t, cpu::kSophiaParam),
+                    role<T>(t, cpu::kSophiaGrad), role<T>(t, cpu::kSophiaExpAvg),
+                    role<T>(t, cpu::kSophiaHessian)};
+  run_multi_tensor<WideLane<T>, T>(t, k);
+}
+template <class T> void run_ema(const TensorTable& t, double beta) {
+  EmaKernel<T> k{{T(beta), T(1.0 - beta)}, role<T>(t, cpu::kEmaAverage),
+                 role<T>(t, cpu::kEmaSample)};
+  run_multi_tensor<WideLane<T>, T>(t, k);
+}
 template <class T> void run_add(const TensorTable& t) {
   run_multi_tensor<WideLane<T>, T>(t, AddKernel<T>{role<T>(t, cpu::kAddDst), role<T>(t, cpu::kAddSrc)});
 }
@@ -142,6 +178,8 @@ using fastopt::FASTOPT_ISA::run_adagrad;
 using fastopt::FASTOPT_ISA::run_rmsprop;
 using fastopt::FASTOPT_ISA::run_adam;
 using fastopt::FASTOPT_ISA::run_add;
+using fastopt::FASTOPT_ISA::run_ema;
+using fastopt::FASTOPT_ISA::run_sophia;
 
 void sgd(const TensorTable& t, DType d, const SgdHyper& h, int64_t step) {
   FASTOPT_BY_DTYPE(d, run_sgd, t, h, step);
@@ -155,6 +193,10 @@ void rmsprop(const TensorTable& t, DType d, const RmspropHyper& h) {
 void adam(const TensorTable& t, DType d, const AdamHyper& h, int64_t step) {
   FASTOPT_BY_DTYPE(d, run_adam, t, h, step);
 }
+void sophia(const TensorTable& t, DType d, const SophiaHyper& h) {
+  FASTOPT_BY_DTYPE(d, run_sophia, t, h);
+}
+void ema(const TensorTable& t, DType d, double beta) { FASTOPT_BY_DTYPE(d, run_ema, t, beta); }
 void add_inplace(const TensorTable& t, DType d) { FASTOPT_BY_DTYPE(d, run_add, t); }
 
 }  // namespace FASTOPT_ISA

@@ -15,6 +15,8 @@ enum SgdRole { kSgdParam, kSgdGrad, kSgdMomentum };
 enum AdagradRole { kAdagradParam, kAdagradGrad, kAdagradSum };
 enum RmspropRole { kRmsParam, kRmsGrad, kRmsSquareAvg, kRmsMomentum, kRmsGradAvg };
 enum AdamRole { kAdamParam, kAdamGrad, kAdamExpAvg, kAdamExpAvgSq, kAdamMaxExpAvgSq };
+enum SophiaRole { kSophiaParam, kSophiaGrad, kSophiaExpAvg, kSophiaHessian };
+enum EmaRole { kEmaAverage, kEmaSample };
 enum AddRole { kAddDst, kAddSrc };
 
 #define FASTOPT_DECLARE_CPU_KERNELS(isa)                                            \
@@ -23,6 +25,8 @@ enum AddRole { kAddDst, kAddSrc };
   void adagrad(const TensorTable&, DType, const AdagradHyper&, int64_t step);       \
   void rmsprop(const TensorTable&, DType, const RmspropHyper&);                     \
   void adam(const TensorTable&, DType, const AdamHyper&, int64_t step);             \
+  void sophia(const TensorTable&, DType, const SophiaHyper&);                       \
+  void ema(const TensorTable&, DType, double beta);                                 \
   void add_inplace(const TensorTable&, DType);                                      \
   }
 FASTOPT_DECLARE_CPU_KERNELS(isa_scalar)

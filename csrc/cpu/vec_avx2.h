@@ -43,6 +43,20 @@ struct F64x4 {
     const auto take_a = _mm256_or_##sfx(_mm256_cmp_##sfx(a.v, b.v, _CMP_GT_OQ),            \
                                         _mm256_cmp_##sfx(a.v, a.v, _CMP_UNORD_Q));         \
     return _mm256_blendv_##sfx(b.v, a.v, take_a);                                          \
+  }                                                                                        \
+  /* a where a < b or a is NaN, else b: exactly the scalar vmin_nan */                     \
+  inline V vmin_nan(V a, V b) {                                                            \
+    const auto take_a = _mm256_or_##sfx(_mm256_cmp_##sfx(a.v, b.v, _CMP_LT_OQ),            \
+                                        _mm256_cmp_##sfx(a.v, a.v, _CMP_UNORD_Q));         \
+    return _mm256_blendv_##sfx(b.v, a.v, take_a);                                          \
+  }                                                                                        \
+  /* 1 where x > 0, -1 where x < 0, else x itself (0 or NaN): the scalar vsign */          \
+  inline V vsign(V x) {                                                                    \
+    const auto zero = _mm256_setzero_##sfx();                                              \
+    const auto pos = _mm256_cmp_##sfx(x.v, zero, _CMP_GT_OQ);                              \
+    const auto neg = _mm256_cmp_##sfx(x.v, zero, _CMP_LT_OQ);                              \
+    const auto r = _mm256_blendv_##sfx(x.v, _mm256_set1_##sfx(1.0), pos);                  \
+    return _mm256_blendv_##sfx(r, _mm256_set1_##sfx(-1.0), neg);                           \
   }
 FASTOPT_VEC_OPS(F32x8, ps)
 FASTOPT_VEC_OPS(F64x4, pd)

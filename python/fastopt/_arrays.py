@@ -37,7 +37,11 @@ def to_host_array(name: str, a: Any) -> Any:
     if mod.startswith("torch"):
         if a.device.type != "cpu":
             raise _cuda_unavailable(name)
-        return a.detach().numpy()  # shares memory; writes land in the tensor
+        try:
+            return a.detach().numpy()  # shares memory; writes land in the tensor
+        except (TypeError, RuntimeError) as exc:  # e.g. bfloat16 has no NumPy view
+            raise TypeError(f"{name}: {a.dtype} tensor is not supported on the CPU "
+                            f"(float32 or float64): {exc}") from None
     raise TypeError(f"{name}: expected a NumPy array or a PyTorch CPU tensor, got "
                     f"{type(a).__name__}")
 

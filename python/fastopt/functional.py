@@ -16,7 +16,7 @@ from . import _arrays
 from ._arrays import ArrayOrList, flag, real, step_count
 from ._build import _cpu
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "ema_"]
 
 
 def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: Optional[ArrayOrList] = None,
@@ -146,3 +146,36 @@ def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
     adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr, beta1=beta1,
           beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
           amsgrad=amsgrad, maximize=maximize, l1=l1)
+
+
+def sophia_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
+            hessian_diags: ArrayOrList, *, lr: float, beta1: float = 0.965, rho: float = 0.04,
+            weight_decay: float = 0.1, eps: float = 1e-15, maximize: bool = False,
+            l1: float = 0.0) -> None:
+    """Sophia (clipped diagonal Newton, Liu et al. 2023), fused in one pass.
+
+    g <- -g if maximize; m <- beta1*m + (1-beta1)*g; p <- p*(1 - lr*weight_decay);
+    p <- p - lr * sign(m) * min(|m| / max(rho*h, eps), 1), with h = ``hessian_diags``
+    (read only: the caller's EMA of a Hessian-diagonal estimate, see ``ema_`` and
+    ``fastopt.Sophia.update_hessian``). A negative or zero h gives the clipped sign step.
+    """
+    lr = real("lr", lr, lo=0.0)
+    beta1 = real("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
+    rho = real("rho", rho, lo=0.0, lo_open=True)
+    weight_decay = real("weight_decay", weight_decay, lo=0.0)
+    eps = real("eps", eps, lo=0.0, lo_open=True)
+    maximize = flag("maximize", maximize)
+    l1 = real("l1", l1, lo=0.0)
+    listed, p, lists = _arrays.prepare(params, grads=grads, exp_avgs=exp_avgs,
+                                       hessian_diags=hessian_diags)
+    _cpu.sophia(p, lists["grads"], lists["exp_avgs"], lists["hessian_diags"], listed, lr=lr,
+                beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, l1=l1,
+                maximize=maximize)
+
+
+def ema_(averages: ArrayOrList, samples: ArrayOrList, *, beta: float) -> None:
+    """Exponential moving average in place: average <- beta*average + (1-beta)*sample."""
+    beta = real("beta", beta, lo=0.0, hi=1.0)
+    listed = isinstance(averages, (list, tuple))
+    avg = _arrays.as_list("averages", averages, listed)
+    _cpu.ema(avg, _arrays.as_list("samples", samples, listed), listed, beta=beta)

@@ -18,7 +18,7 @@ import numpy as np
 from . import _arrays, functional
 from ._arrays import ArrayOrList
 
-__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Sophia"]
 
 Schedule = Callable[[int, float], float]
 
@@ -80,8 +80,10 @@ class Optimizer:
     def _validate_hyper(self, hyper: Dict[str, Any]) -> None:
         # The functional step is the single place hyper-parameters are checked: a call on
         # zero-size arrays validates them without touching anything.
+        # State this optimizer does not have is passed as None, so hyper-parameters that
+        # need it (e.g. amsgrad=True loaded into an optimizer built without) are rejected.
         empty = np.empty(0, dtype=np.float32)
-        states = [empty] * len(self._state_args)
+        states = [None if name is None else empty for name in self._state_args]
         kwargs = dict(hyper, lr=self._lr)
         if self._takes_step:
             kwargs["step"] = 1
@@ -244,3 +246,24 @@ class AdamW(Adam):
         super().__init__(params, lr, beta1=beta1, beta2=beta2, eps=eps,
                          weight_decay=weight_decay, decoupled_weight_decay=True,
                          amsgrad=amsgrad, maximize=maximize, l1=l1, schedule=schedule)
+
+
+class Sophia(Optimizer):
+    """Sophia: see ``fastopt.sophia_``. ``update_hessian(estimate)`` folds a Hessian-diagonal
+    estimate (Hutchinson, Gauss-Newton-Bartlett: the caller's) into the EMA the steps use;
+    it starts at zero, so the first steps are clipped sign steps until it is updated."""
+
+    _step_fn = staticmethod(functional.sophia_)
+    _takes_step = False
+
+    def __init__(self, params: ArrayOrList, lr: float = 1e-4, *, beta1: float = 0.965,
+                 rho: float = 0.04, weight_decay: float = 0.1, eps: float = 1e-15,
+                 maximize: bool = False, l1: float = 0.0, schedule: Optional[Schedule] = None):
+        hyper = dict(beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps,
+                     maximize=maximize, l1=l1)
+        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper,
+                         state_args=["exp_avgs", "hessian_diags"])
+
+    def update_hessian(self, estimate: ArrayOrList, beta2: float = 0.99) -> None:
+        """hessian_diag <- beta2*hessian_diag + (1-beta2)*estimate (shaped like params)."""
+        functional.ema_(self._arg("hessian_diags"), estimate, beta=beta2)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["soft_threshold", "sgd", "adagrad", "rmsprop", "adam"]
+__all__ = ["soft_threshold", "sgd", "adagrad", "rmsprop", "adam", "sophia", "ema"]
 
 
 def soft_threshold(p: np.ndarray, threshold: float) -> None:
@@ -97,3 +97,20 @@ def adam(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarr
     p -= (lr / bias_correction1) * (exp_avg / denom)
     if l1 != 0.0:
         soft_threshold(p, lr * l1)
+
+
+def sophia(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, hessian_diag: np.ndarray, *,
+           lr: float, beta1: float = 0.965, rho: float = 0.04, weight_decay: float = 0.1,
+           eps: float = 1e-15, maximize: bool = False, l1: float = 0.0) -> None:
+    g = -g if maximize else g
+    exp_avg[...] = beta1 * exp_avg + (1.0 - beta1) * g
+    p *= 1.0 - lr * weight_decay
+    ratio = np.minimum(np.abs(exp_avg) / np.maximum(rho * hessian_diag, eps), 1.0)
+    p -= lr * (np.sign(exp_avg) * ratio)
+    if l1 != 0.0:
+        soft_threshold(p, lr * l1)
+
+
+def ema(average: np.ndarray, sample: np.ndarray, *, beta: float) -> None:
+    """average <- beta*average + (1-beta)*sample (Sophia's Hessian-diagonal EMA)."""
+    average[...] = beta * average + (1.0 - beta) * sample

@@ -7,6 +7,7 @@ of the step about to be taken (0 for the first step) and ``base_lr`` the optimiz
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 from ._arrays import real
@@ -15,9 +16,11 @@ __all__ = ["Schedule", "Constant", "StepDecay", "InverseTime", "Cosine", "Linear
 
 
 def _count(name: str, value: int, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer >= {lo}, got {type(value).__name__}")
+    if value < lo:
         raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
-    return value
+    return int(value)
 
 
 class Schedule:

@@ -1,0 +1,35 @@
+"""Sizes past 2**31 elements: 64-bit indexing end to end (binding sizes, thread shares,
+tensor offsets, kernel loops). Needs ~9 GB of RAM: the gradient is an untouched zero
+array, whose pages all map the kernel's shared zero page, so only the params cost memory.
+"""
+import numpy as np
+import pytest
+
+import fastopt
+
+N = 2**31 + 37  # past int32, and not a multiple of any vector width
+
+
+def _enough_memory(nbytes: int) -> bool:
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable", 0) > nbytes * 1.3
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _enough_memory(N * 4), reason="needs ~9 GB of free memory")
+def test_sgd_weight_decay_past_2_pow_31_elements():
+    params = np.full(N, 1.0, dtype=np.float32)
+    grads = np.zeros(N, dtype=np.float32)  # never written: costs no memory
+    small = np.full(5, 2.0, dtype=np.float32)
+    # g = 0 + wd*p, p <- p - lr*g: every element becomes 1 - lr*wd, whatever its index
+    fastopt.sgd_([small, params], [np.zeros(5, np.float32), grads], lr=0.5, weight_decay=0.5)
+    expect = np.float32(1.0) - np.float32(0.5) * (np.float32(0.5) * np.float32(1.0))
+    for lo, hi in [(0, 64), (2**31 - 64, 2**31 + 64), (N - 64, N)]:
+        np.testing.assert_array_equal(params[lo:hi], expect)
+    np.testing.assert_array_equal(small, np.float32(2.0) - np.float32(0.5) * np.float32(1.0))
+    # every element was written: all of them now hold the same value
+    assert int(np.count_nonzero(params != expect)) == 0
