@@ -97,6 +97,35 @@ void ema(py::list averages, py::list samples, bool listed, double beta) {
   run_released([&] { cpu::ema(arrays.table(), arrays.dtype(), beta); });
 }
 
+// Batched Cholesky: arrays validated in fastopt/newton.py (contiguous, one dtype, shapes
+// (batch, n, n) and (batch, n)). Returns the mask of systems that solved.
+cpu::DType float_dtype(const py::array& a) {
+  return a.dtype().is(py::dtype::of<float>()) ? cpu::DType::f32 : cpu::DType::f64;
+}
+
+py::array_t<bool> newton_solve(py::array hessians, py::array grads, py::array out,
+                               int64_t batch, int64_t n, double damping) {
+  py::array_t<bool> solved(batch);
+  const cpu::DType dt = float_dtype(hessians);
+  const void* H = hessians.data();
+  const void* g = grads.data();
+  void* d = out.mutable_data();
+  bool* ok = solved.mutable_data();
+  run_released([&] { cpu::newton_solve(dt, H, g, d, ok, batch, n, damping); });
+  return solved;
+}
+
+void newton_apply(py::array params, py::array steps, py::object use, int64_t batch, int64_t n,
+                  double lr) {
+  const cpu::DType dt = float_dtype(params);
+  void* p = params.mutable_data();
+  const void* d = steps.data();
+  py::array_t<bool, py::array::c_style | py::array::forcecast> mask_array;
+  if (!use.is_none()) mask_array = use;
+  const bool* mask = use.is_none() ? nullptr : mask_array.data();
+  run_released([&] { cpu::newton_apply(dt, p, d, mask, batch, n, lr); });
+}
+
 void add_inplace(py::array dst, py::array src) {
   ArrayTable arrays({{"dst", py::list(py::make_tuple(dst)), true},
                      {"src", py::list(py::make_tuple(src)), false}},
@@ -141,6 +170,10 @@ PYBIND11_MODULE(_cpu, m) {
         arg("listed"), arg("lr"), arg("beta1"), arg("rho"), arg("weight_decay"), arg("eps"),
         arg("l1"), arg("maximize"));
   m.def("ema", &ema, arg("averages"), arg("samples"), arg("listed"), arg("beta"));
+  m.def("newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("out"), arg("batch"),
+        arg("n"), arg("damping"));
+  m.def("newton_apply", &newton_apply, arg("params"), arg("steps"), arg("use"), arg("batch"),
+        arg("n"), arg("lr"));
   m.def("add_inplace", &add_inplace, arg("dst"), arg("src"),
         "dst += src with all threads: the bandwidth ceiling of the benchmark");
   m.def("set_cpu_path", [](const std::string& name) {

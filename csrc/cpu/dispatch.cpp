@@ -81,5 +81,16 @@ void sophia(TensorTable t, DType d, const SophiaHyper& h) { FASTOPT_DISPATCH(sop
 void ema(TensorTable t, DType d, double beta) { FASTOPT_DISPATCH(ema, t, d, beta) }
 void add_inplace(TensorTable t, DType d) { FASTOPT_DISPATCH(add_inplace, t, d) }
 
+void newton_solve(DType dt, const void* H, const void* g, void* d, bool* solved, int64_t batch,
+                  int64_t n, double damping) {
+  if (active_isa() == Isa::avx2) isa_avx2::newton_solve(dt, H, g, d, solved, batch, n, damping, num_threads());
+  else isa_scalar::newton_solve(dt, H, g, d, solved, batch, n, damping, num_threads());
+}
+void newton_apply(DType dt, void* p, const void* d, const bool* use, int64_t batch, int64_t n,
+                  double lr) {
+  if (active_isa() == Isa::avx2) isa_avx2::newton_apply(dt, p, d, use, batch, n, lr, num_threads());
+  else isa_scalar::newton_apply(dt, p, d, use, batch, n, lr, num_threads());
+}
+
 }  // namespace cpu
 }  // namespace fastopt

@@ -1,6 +1,7 @@
 // Run-time choice of the CPU code path and thread count.
 #pragma once
 #include <string>
+#include "cpu/newton_kernels.h"
 #include "cpu/optim_kernels.h"
 
 namespace fastopt {
@@ -26,6 +27,12 @@ void adam(TensorTable t, DType, const AdamHyper&, int64_t step);
 void sophia(TensorTable t, DType, const SophiaHyper&);
 void ema(TensorTable t, DType, double beta);
 void add_inplace(TensorTable t, DType);
+
+// Batched damped Cholesky solve and Newton update (see newton_kernels.h).
+void newton_solve(DType, const void* H, const void* g, void* d, bool* solved, int64_t batch,
+                  int64_t n, double damping);
+void newton_apply(DType, void* p, const void* d, const bool* use, int64_t batch, int64_t n,
+                  double lr);
 
 }  // namespace cpu
 }  // namespace fastopt

@@ -8,6 +8,7 @@
 #include <omp.h>
 #endif
 #include "common/platform.h"
+#include "cpu/lanes.h"
 
 namespace fastopt {
 namespace cpu {
@@ -30,20 +31,6 @@ FASTOPT_ISA_BEGIN
 
 // Below this many elements one thread is faster than waking the others.
 constexpr int64_t kParallelMinElements = 1 << 15;
-
-// Lane types: L::value is float/double or a vector of them; L::width its element count.
-template <class T> struct ScalarLane {
-  using value = T;
-  static constexpr int width = 1;
-  static T load(const T* p) { return *p; }
-  static void store(T* p, T x) { *p = x; }
-};
-template <class V, class T, int W> struct VectorLane {
-  using value = V;
-  static constexpr int width = W;
-  static V load(const T* p) { return V::load(p); }
-  static void store(T* p, V x) { x.store(p); }
-};
 
 // Apply kernel k to elements [lo, hi) of tensor i: scalar steps until the param pointer
 // is 32-byte aligned (NumPy's large arrays start 16 bytes into a page, and vectors that

@@ -8,21 +8,10 @@
 #include "cpu/optim_kernels.h"
 #include "common/optim_formulas.h"
 #include "cpu/multi_tensor.h"
-#ifdef FASTOPT_ISA_isa_avx2
-#include "cpu/vec_avx2.h"
-#endif
 
 FASTOPT_ISA_BEGIN
 using cpu::TensorTable;
 using cpu::DType;
-
-#ifdef FASTOPT_ISA_isa_avx2
-template <class T> struct WideLane;
-template <> struct WideLane<float> : VectorLane<F32x8, float, 8> {};
-template <> struct WideLane<double> : VectorLane<F64x4, double, 4> {};
-#else
-template <class T> struct WideLane : ScalarLane<T> {};
-#endif
 
 template <class T> T* const* role(const TensorTable& t, int r) {
   return reinterpret_cast<T* const*>(t.ptrs[r]);

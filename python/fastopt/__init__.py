@@ -3,12 +3,14 @@ from . import reference, schedules
 from ._runtime import (cuda_available, get_cpu_path, get_num_threads, info, set_cpu_path,
                        set_num_threads)
 from .functional import adagrad_, adam_, adamw_, ema_, rmsprop_, sgd_, sophia_
+from .newton import NotPositiveDefiniteError, cholesky_solve, newton_
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, Sophia
 
 __version__ = info()["version"]
 
 __all__ = [
     "sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "ema_",
+    "newton_", "cholesky_solve", "NotPositiveDefiniteError",
     "Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Sophia",
     "schedules", "reference",
     "set_num_threads", "get_num_threads", "set_cpu_path", "get_cpu_path",

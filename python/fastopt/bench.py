@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _runtime, functional, optim, reference
+from .newton import cholesky_solve, newton_
 from ._build import _cpu
 
 # GPT-2 small (124M parameters, 148 tensors): wte, wpe, 12 x (ln_1 w,b, c_attn w,b,
@@ -67,7 +68,15 @@ OPTIMIZERS = {
     "rmsprop": OptimizerCase("rmsprop", 20, ["square_avgs"], optim.RMSprop, reference.rmsprop,
                          dict(lr=1e-2), dict(lr=1e-2), "RMSprop", dict(lr=1e-2), ("foreach",),
                          takes_step=False),
+    # torch has no Sophia: the NumPy reference is its peer. (The Hessian EMA stays zero, so
+    # every step is the clipped sign step; the memory traffic is the same.)
+    "sophia": OptimizerCase("sophia", 24, ["exp_avgs", "hessian_diags"], optim.Sophia,
+                            reference.sophia, dict(lr=1e-3), dict(lr=1e-3), "", {}, (),
+                            takes_step=False),
 }
+
+# Batched Newton: (n, systems) per case; the quick run uses a quarter of the systems.
+NEWTON_CASES = [(8, 65536), (32, 16384), (64, 4096)]
 
 
 @dataclass
@@ -178,6 +187,8 @@ class CpuBench:
         return row
 
     def add_torch_peers(self, spec: OptimizerCase, params, grads, fns, row: Row) -> None:
+        if not spec.torch_modes:
+            return
         if self.torch is None:
             row.notes["torch"] = "not installed"
             return
@@ -194,6 +205,34 @@ class CpuBench:
                 row.notes[f"torch-{mode}"] = f"unavailable ({type(exc).__name__})"
                 continue
             fns[f"torch-{mode}"] = topt.step
+
+    def newton_case(self, n: int, systems: int) -> Row:
+        """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
+        if self.quick:
+            systems //= 4
+        row = Row(f"newton n={n} x{systems}", "cpu", 4 * (n * n + 3 * n), systems, 1)
+        A = self.rng.standard_normal((systems, n, n), dtype=np.float32)
+        H = A @ np.swapaxes(A, -1, -2) / n + np.eye(n, dtype=np.float32)
+        g = self.rng.standard_normal((systems, n), dtype=np.float32)
+        p = self.rng.standard_normal((systems, n), dtype=np.float32)
+        want = np.linalg.solve(H.astype(np.float64), g.astype(np.float64)[..., None])[..., 0]
+        got = cholesky_solve(H, g)
+        err = float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
+        if not err < 1e-3:
+            row.check = f"FAIL: relative error {err:.3g} against numpy.linalg.solve (float64)"
+            return row
+        fns: Dict[str, Callable[[], None]] = {"fastopt": lambda: newton_(p, g, H, lr=1e-3)}
+        fns["numpy.linalg.solve"] = lambda: np.linalg.solve(H, g[..., None])
+        if self.torch is not None:
+            torch = self.torch
+            tH, tg = torch.from_numpy(H), torch.from_numpy(g)[..., None]
+            fns["torch.linalg.solve"] = lambda: torch.linalg.solve(tH, tg)
+            fns["torch cholesky+solve"] = lambda: torch.cholesky_solve(
+                tg, torch.linalg.cholesky(tH))
+        else:
+            row.notes["torch"] = "not installed"
+        row.times_ms = _median_times(fns, self.repeats)
+        return row
 
     def check(self, spec: OptimizerCase, params, grads) -> Optional[str]:
         """Three steps of fastopt against the float64 reference on the first tensors."""
@@ -279,9 +318,10 @@ def _plot(rows: List[Row], ceiling_gbs: float, path: str) -> None:
 def run(argv_options: Any) -> int:
     """Entry point of ``python -m fastopt bench`` (options parsed in __main__)."""
     only = set(argv_options.only.split(",")) if argv_options.only else None
-    unknown = (only or set()) - set(OPTIMIZERS)
+    known = set(OPTIMIZERS) | {"newton"}
+    unknown = (only or set()) - known
     if unknown:
-        print(f"--only: unknown case(s) {sorted(unknown)}; known: {sorted(OPTIMIZERS)}",
+        print(f"--only: unknown case(s) {sorted(unknown)}; known: {sorted(known)}",
               file=sys.stderr)
         return 2
     show = sys.stderr.isatty() or argv_options.progress
@@ -306,10 +346,16 @@ def run(argv_options: Any) -> int:
         ceiling = bench.ceiling()
         result["ceiling_cpu"] = ceiling
         names = [n for n in OPTIMIZERS if only is None or n in only]
-        cases = [(OPTIMIZERS[n], lay, shapes) for n in names for lay, shapes in bench.layouts()]
-        for k, (spec, lay, shapes) in enumerate(cases):
-            progress(f"{k + 1}/{len(cases)} {spec.name} {lay}")
-            rows.append(bench.optimizer_case(spec, lay, shapes))
+        cases: List[Tuple[str, Callable[[], Row]]] = [
+            (f"{n} {lay}", lambda s=OPTIMIZERS[n], lay=lay, shapes=shapes:
+             bench.optimizer_case(s, lay, shapes))
+            for n in names for lay, shapes in bench.layouts()]
+        if only is None or "newton" in only:
+            cases += [(f"newton n={n}", lambda n=n, b=b: bench.newton_case(n, b))
+                      for n, b in NEWTON_CASES]
+        for k, (label, case) in enumerate(cases):
+            progress(f"{k + 1}/{len(cases)} {label}")
+            rows.append(case())
         progress("done")
         if show:
             print(file=sys.stderr)

@@ -12,7 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["soft_threshold", "sgd", "adagrad", "rmsprop", "adam", "sophia", "ema"]
+__all__ = ["soft_threshold", "sgd", "adagrad", "rmsprop", "adam", "sophia", "ema",
+           "damped_newton_step"]
 
 
 def soft_threshold(p: np.ndarray, threshold: float) -> None:
@@ -114,3 +115,20 @@ def sophia(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, hessian_diag: np.n
 def ema(average: np.ndarray, sample: np.ndarray, *, beta: float) -> None:
     """average <- beta*average + (1-beta)*sample (Sophia's Hessian-diagonal EMA)."""
     average[...] = beta * average + (1.0 - beta) * sample
+
+
+def damped_newton_step(p: np.ndarray, g: np.ndarray, H: np.ndarray, *, lr: float = 1.0,
+                       damping: float = 0.0) -> np.ndarray:
+    """p <- p - lr * (H + damping*I)^-1 g per system (leading indices); H symmetric, only
+    its lower triangle is used. Returns the mask of systems that are positive definite;
+    the others are left unchanged."""
+    n = g.shape[-1]
+    lower = np.tril(H)
+    sym = lower + np.swapaxes(np.tril(H, -1), -1, -2) + damping * np.eye(n)
+    eig_min = np.linalg.eigvalsh(sym)[..., 0] if n else np.ones(g.shape[:-1])
+    ok = eig_min > 0
+    d = np.zeros_like(g)
+    if ok.any():
+        d[ok] = np.linalg.solve(sym[ok], g[ok][..., None])[..., 0]
+    p -= lr * d
+    return ok

@@ -1,0 +1,118 @@
+"""Second order: batched damped Newton by Cholesky.
+
+Every leading index of the arrays is one independent problem: params and grads have
+shape (..., n), hessians (..., n, n). Only the lower triangle of each Hessian is read and
+the Hessians are never written. float32 systems are factored and solved in float32
+(accumulating in float32); float64 in float64.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _arrays
+from ._arrays import real
+from ._build import _cpu
+
+__all__ = ["NotPositiveDefiniteError", "newton_", "cholesky_solve"]
+
+
+class NotPositiveDefiniteError(ValueError):
+    """(H + damping*I) is not positive definite for the systems in ``.indices`` (batch
+    indices, as tuples over the leading dimensions)."""
+
+    def __init__(self, indices: list, total: int):
+        self.indices = indices
+        shown = ", ".join(map(str, indices[:10])) + (" ..." if len(indices) > 10 else "")
+        super().__init__(f"hessians: {len(indices)} of {total} systems are not positive "
+                         f"definite (add damping, or on_failure='skip'): {shown}")
+
+
+def _host(name: str, a: Any) -> np.ndarray:
+    return a if type(a) is np.ndarray else _arrays.to_host_array(name, a)
+
+
+def _check_systems(hessians: Any, grads: Any, params: Optional[Any] = None
+                   ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], int, int]:
+    """Validate shapes, dtypes, layout and aliasing; return the arrays, batch and n."""
+    H = _host("hessians", hessians)
+    g = _host("grads", grads)
+    p = None if params is None else _host("params", params)
+    named = [("hessians", H), ("grads", g)] + ([] if p is None else [("params", p)])
+    for name, a in named:
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__}")
+        if a.dtype not in (np.float32, np.float64) or not a.dtype.isnative:
+            raise TypeError(f"{name}: dtype {a.dtype} is not supported (float32 or float64)")
+        if a.dtype != H.dtype:
+            raise TypeError(f"{name}: dtype {a.dtype} differs from hessians' {H.dtype}")
+    if g.ndim < 1:
+        raise ValueError("grads: expected shape (..., n), got a 0-d array")
+    n = g.shape[-1]
+    if n < 1:
+        raise ValueError(f"grads: n = grads.shape[-1] must be >= 1, got shape {g.shape}")
+    if H.shape != g.shape + (n,):
+        raise ValueError(f"hessians: expected shape {g.shape + (n,)} for grads of shape "
+                         f"{g.shape}, got {H.shape}")
+    if p is not None and p.shape != g.shape:
+        raise ValueError(f"params: shape {p.shape} does not match grads' {g.shape}")
+    for name, a in named:
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name}: must be C-contiguous")
+    if p is not None:
+        if not p.flags.writeable:
+            raise ValueError("params: is read-only but is updated in place")
+        for name, a in named[:2]:
+            if p.size and a.size and np.may_share_memory(p, a):
+                raise ValueError(f"params: overlaps {name} in memory")
+    batch = g.size // n
+    return H, g, p, batch, n
+
+
+def _failed_indices(solved: np.ndarray, batch_shape: Tuple[int, ...]) -> list:
+    return [tuple(int(i) for i in np.unravel_index(k, batch_shape))
+            for k in np.flatnonzero(~solved)]
+
+
+def cholesky_solve(hessians: Any, grads: Any, *, damping: float = 0.0) -> np.ndarray:
+    """d = (H + damping*I)^-1 g for every system, by Cholesky; a new array shaped like
+    grads. Raises ``NotPositiveDefiniteError`` naming the systems that failed."""
+    damping = real("damping", damping, lo=0.0)
+    H, g, _, batch, n = _check_systems(hessians, grads)
+    d = np.empty_like(g)
+    if batch == 0:
+        return d
+    solved = _cpu.newton_solve(H, g, d, batch, n, damping)
+    if not solved.all():
+        raise NotPositiveDefiniteError(_failed_indices(solved, g.shape[:-1]), batch)
+    return d
+
+
+def newton_(params: Any, grads: Any, hessians: Any, *, lr: float = 1.0, damping: float = 0.0,
+            on_failure: str = "raise") -> Optional[np.ndarray]:
+    """Damped Newton step in place: solve (H + damping*I) d = g by Cholesky, p <- p - lr*d.
+
+    params, grads (..., n) and hessians (..., n, n): one independent system per leading
+    index; only the lower triangle of H is read. If a system is not positive definite:
+    ``on_failure="raise"`` raises ``NotPositiveDefiniteError`` (listing the batch indices)
+    and changes no parameter at all; ``"skip"`` updates the systems that solved, leaves the
+    others untouched and returns the boolean mask (shape ``params.shape[:-1]``) of solved
+    systems. Returns None with "raise".
+    """
+    lr = real("lr", lr, lo=0.0)
+    damping = real("damping", damping, lo=0.0)
+    if on_failure not in ("raise", "skip"):
+        raise ValueError(f"on_failure: expected 'raise' or 'skip', got {on_failure!r}")
+    H, g, p, batch, n = _check_systems(hessians, grads, params)
+    if batch == 0:
+        return None if on_failure == "raise" else np.ones(g.shape[:-1], dtype=bool)
+    d = np.empty_like(g)
+    solved = _cpu.newton_solve(H, g, d, batch, n, damping)
+    if on_failure == "raise":
+        if not solved.all():
+            raise NotPositiveDefiniteError(_failed_indices(solved, g.shape[:-1]), batch)
+        _cpu.newton_apply(p, d, None, batch, n, lr)
+        return None
+    _cpu.newton_apply(p, d, solved, batch, n, lr)
+    return solved.reshape(g.shape[:-1])
