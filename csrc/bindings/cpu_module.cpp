@@ -126,6 +126,63 @@ void newton_apply(py::array params, py::array steps, py::object use, int64_t bat
   run_released([&] { cpu::newton_apply(dt, p, d, mask, batch, n, lr); });
 }
 
+// Quantization: arrays validated and allocated in fastopt/quant.py (contiguous, dtypes
+// checked); `in_type` is 0 float32, 1 float16, 2 bfloat16. Functions reading floats
+// return the first non-finite element's flat index, or -1.
+cpu::InType in_type(int code) { return static_cast<cpu::InType>(code); }
+
+int64_t quantize_affine(py::array x, int in, py::array q, bool unsigned_q, int64_t channels,
+                        int64_t inner, py::array_t<float> scales, py::array_t<float> zps) {
+  const cpu::ChannelLayout L{int64_t(x.size()), channels, inner};
+  int64_t bad = -1;
+  const void* xp = x.data();
+  void* qp = q.mutable_data();
+  const float *s = scales.data(), *z = zps.data();
+  run_released([&] { cpu::quantize_affine(in_type(in), xp, qp, unsigned_q, L, s, z, &bad); });
+  return bad;
+}
+
+void dequantize_affine(py::array q, bool unsigned_q, py::array x, int64_t channels,
+                       int64_t inner, py::array_t<float> scales, py::array_t<float> zps) {
+  const cpu::ChannelLayout L{int64_t(q.size()), channels, inner};
+  const void* qp = q.data();
+  float* xp = static_cast<float*>(x.mutable_data());
+  const float *s = scales.data(), *z = zps.data();
+  run_released([&] { cpu::dequantize_affine(qp, unsigned_q, xp, L, s, z); });
+}
+
+int64_t minmax(py::array x, int in, int64_t channels, int64_t inner, py::array mins,
+               py::array maxs) {
+  const cpu::ChannelLayout L{int64_t(x.size()), channels, inner};
+  int64_t bad = -1;
+  const void* xp = x.data();
+  float* mn = static_cast<float*>(mins.mutable_data());
+  float* mx = static_cast<float*>(maxs.mutable_data());
+  run_released([&] { cpu::minmax(in_type(in), xp, L, mn, mx, &bad); });
+  return bad;
+}
+
+int64_t quantize_blockwise(py::array x, int in, py::array q, py::array absmax, int64_t block,
+                           bool stochastic, uint64_t seed) {
+  int64_t bad = -1;
+  const int64_t n = int64_t(x.size());
+  const void* xp = x.data();
+  int8_t* qp = static_cast<int8_t*>(q.mutable_data());
+  float* ap = static_cast<float*>(absmax.mutable_data());
+  run_released([&] {
+    cpu::quantize_blockwise(in_type(in), xp, qp, ap, n, block, stochastic, seed, &bad);
+  });
+  return bad;
+}
+
+void dequantize_blockwise(py::array q, py::array absmax, py::array x, int64_t block) {
+  const int64_t n = int64_t(q.size());
+  const int8_t* qp = static_cast<const int8_t*>(q.data());
+  const float* ap = static_cast<const float*>(absmax.data());
+  float* xp = static_cast<float*>(x.mutable_data());
+  run_released([&] { cpu::dequantize_blockwise(qp, ap, xp, n, block); });
+}
+
 void add_inplace(py::array dst, py::array src) {
   ArrayTable arrays({{"dst", py::list(py::make_tuple(dst)), true},
                      {"src", py::list(py::make_tuple(src)), false}},
@@ -174,6 +231,16 @@ PYBIND11_MODULE(_cpu, m) {
         arg("n"), arg("damping"));
   m.def("newton_apply", &newton_apply, arg("params"), arg("steps"), arg("use"), arg("batch"),
         arg("n"), arg("lr"));
+  m.def("quantize_affine", &quantize_affine, arg("x"), arg("in_type"), arg("q"),
+        arg("unsigned_q"), arg("channels"), arg("inner"), arg("scales"), arg("zero_points"));
+  m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("unsigned_q"), arg("x"),
+        arg("channels"), arg("inner"), arg("scales"), arg("zero_points"));
+  m.def("minmax", &minmax, arg("x"), arg("in_type"), arg("channels"), arg("inner"),
+        arg("mins"), arg("maxs"));
+  m.def("quantize_blockwise", &quantize_blockwise, arg("x"), arg("in_type"), arg("q"),
+        arg("absmax"), arg("block"), arg("stochastic"), arg("seed"));
+  m.def("dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("x"),
+        arg("block"));
   m.def("add_inplace", &add_inplace, arg("dst"), arg("src"),
         "dst += src with all threads: the bandwidth ceiling of the benchmark");
   m.def("set_cpu_path", [](const std::string& name) {

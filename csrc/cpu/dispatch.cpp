@@ -20,7 +20,8 @@ std::atomic<Isa> g_isa{best_isa()};
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif
@@ -90,6 +91,38 @@ void newton_apply(DType dt, void* p, const void* d, const bool* use, int64_t bat
                   double lr) {
   if (active_isa() == Isa::avx2) isa_avx2::newton_apply(dt, p, d, use, batch, n, lr, num_threads());
   else isa_scalar::newton_apply(dt, p, d, use, batch, n, lr, num_threads());
+}
+
+}  // namespace cpu
+}  // namespace fastopt
+
+namespace fastopt {
+namespace cpu {
+
+#define FASTOPT_QUANT_DISPATCH(fn, ...)                                   \
+  if (active_isa() == Isa::avx2) isa_avx2::fn(__VA_ARGS__, num_threads()); \
+  else isa_scalar::fn(__VA_ARGS__, num_threads());
+
+void quantize_affine(InType in, const void* x, void* q, bool unsigned_q, ChannelLayout L,
+                     const float* scales, const float* zero_points, int64_t* first_bad) {
+  FASTOPT_QUANT_DISPATCH(quantize_affine, in, x, q, unsigned_q, L, scales, zero_points, first_bad)
+}
+void dequantize_affine(const void* q, bool unsigned_q, float* x, ChannelLayout L,
+                       const float* scales, const float* zero_points) {
+  FASTOPT_QUANT_DISPATCH(dequantize_affine, q, unsigned_q, x, L, scales, zero_points)
+}
+void minmax(InType in, const void* x, ChannelLayout L, float* mins, float* maxs,
+            int64_t* first_bad) {
+  FASTOPT_QUANT_DISPATCH(minmax, in, x, L, mins, maxs, first_bad)
+}
+void quantize_blockwise(InType in, const void* x, int8_t* q, float* absmax, int64_t n,
+                        int64_t block, bool stochastic, uint64_t seed, int64_t* first_bad) {
+  FASTOPT_QUANT_DISPATCH(quantize_blockwise, in, x, q, absmax, n, block, stochastic, seed,
+                         first_bad)
+}
+void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+                          int64_t block) {
+  FASTOPT_QUANT_DISPATCH(dequantize_blockwise, q, absmax, x, n, block)
 }
 
 }  // namespace cpu

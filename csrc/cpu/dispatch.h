@@ -3,13 +3,14 @@
 #include <string>
 #include "cpu/newton_kernels.h"
 #include "cpu/optim_kernels.h"
+#include "cpu/quant_kernels.h"
 
 namespace fastopt {
 namespace cpu {
 
 enum class Isa { scalar, avx2 };
 
-bool cpu_has_avx2();            // AVX2 and FMA, as reported by the CPU
+bool cpu_has_avx2();            // AVX2, FMA and F16C, as reported by the CPU
 Isa active_isa();
 // "scalar", "avx2" or "auto" (the best the CPU supports); throws std::invalid_argument if
 // the CPU cannot run the requested path. (The Python package applies FASTOPT_CPU at import.)
@@ -33,6 +34,17 @@ void newton_solve(DType, const void* H, const void* g, void* d, bool* solved, in
                   int64_t n, double damping);
 void newton_apply(DType, void* p, const void* d, const bool* use, int64_t batch, int64_t n,
                   double lr);
+
+// int8 quantization (see quant_kernels.h).
+void quantize_affine(InType, const void* x, void* q, bool unsigned_q, ChannelLayout,
+                     const float* scales, const float* zero_points, int64_t* first_bad);
+void dequantize_affine(const void* q, bool unsigned_q, float* x, ChannelLayout,
+                       const float* scales, const float* zero_points);
+void minmax(InType, const void* x, ChannelLayout, float* mins, float* maxs, int64_t* first_bad);
+void quantize_blockwise(InType, const void* x, int8_t* q, float* absmax, int64_t n,
+                        int64_t block, bool stochastic, uint64_t seed, int64_t* first_bad);
+void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+                          int64_t block);
 
 }  // namespace cpu
 }  // namespace fastopt

@@ -37,7 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_bench.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     p_bench.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     p_bench.add_argument("--only", metavar="NAME[,NAME]",
-                         help="only these cases (adamw, sgd, adagrad, rmsprop, sophia, newton)")
+                         help="only these cases (adamw, sgd, adagrad, rmsprop, sophia, quant, newton)")
     p_bench.add_argument("--json", metavar="PATH", help="write every figure and the machine")
     p_bench.add_argument("--plot", metavar="PATH", help="PNG bar chart (needs matplotlib)")
     p_bench.add_argument("--progress", action="store_true",

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _runtime, functional, optim, reference
+from . import _runtime, optim, quant, reference
 from .newton import cholesky_solve, newton_
 from ._build import _cpu
 
@@ -73,6 +73,14 @@ OPTIMIZERS = {
     "sophia": OptimizerCase("sophia", 24, ["exp_avgs", "hessian_diags"], optim.Sophia,
                             reference.sophia, dict(lr=1e-3), dict(lr=1e-3), "", {}, (),
                             takes_step=False),
+}
+
+# int8 quantization cases: name -> bytes per element counted (each operand once).
+QUANT_CASES = {
+    "blockwise-256 quantize": 5,      # read 4 B, write 1 B (+4 B per 256-element block)
+    "blockwise-256 dequantize": 5,    # read 1 B, write 4 B
+    "per-tensor quantize": 5,         # given scale and zero point
+    "dynamic per-tensor quantize": 9,  # min/max pass (4 B) + quantize pass (4 B + 1 B)
 }
 
 # Batched Newton: (n, systems) per case; the quick run uses a quarter of the systems.
@@ -234,6 +242,74 @@ class CpuBench:
         row.times_ms = _median_times(fns, self.repeats)
         return row
 
+    def quant_case(self, name: str) -> Row:
+        """float32 input; fastopt is timed through its public API (output allocation
+        included, as for every peer). Results must equal the reference bit for bit."""
+        n = 1 << (22 if self.quick else 25)
+        row = Row(f"int8 {name}", "cpu", QUANT_CASES[name], n, 1)
+        x = self.rng.standard_normal(n, dtype=np.float32)
+        torch = self.torch
+        tx = torch.from_numpy(x) if torch is not None else None
+        fns: Dict[str, Callable[[], Any]] = {}
+        if name == "blockwise-256 quantize":
+            got, want = quant.quantize_blockwise(x), reference.quantize_blockwise(x)
+            fns["fastopt"] = lambda: quant.quantize_blockwise(x)
+            fns["numpy"] = lambda: reference.quantize_blockwise(x)
+            if torch is not None:
+                def torch_eager():
+                    blocks = tx.view(-1, 256)
+                    absmax = blocks.abs().amax(dim=1)
+                    scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+                    return torch.round(blocks * scale[:, None]).to(torch.int8), absmax
+                fns["torch eager"] = torch_eager
+        elif name == "blockwise-256 dequantize":
+            q, absmax = quant.quantize_blockwise(x)
+            got = quant.dequantize_blockwise(q, absmax)
+            want = reference.dequantize_blockwise(q, absmax)
+            fns["fastopt"] = lambda: quant.dequantize_blockwise(q, absmax)
+            fns["numpy"] = lambda: reference.dequantize_blockwise(q, absmax)
+            if torch is not None:
+                tq, ta = torch.from_numpy(q).view(-1, 256), torch.from_numpy(absmax)
+                fns["torch eager"] = lambda: tq.to(torch.float32) * (ta / 127.0)[:, None]
+        else:
+            dynamic = name.startswith("dynamic")
+            scale, zp = quant.choose_qparams(x, symmetric=False)
+            if dynamic:
+                def fastopt_fn():
+                    s, z = quant.choose_qparams(x, symmetric=False)
+                    return quant.quantize_per_tensor(x, s, z)
+            else:
+                def fastopt_fn():
+                    return quant.quantize_per_tensor(x, scale, zp)
+            got = fastopt_fn()
+            want = reference.quantize_affine(x, scale, zp, -128, 127).astype(np.int8)
+            fns["fastopt"] = fastopt_fn
+
+            def numpy_fn():
+                lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+                s = np.float32((hi - lo) / 255.0) if dynamic else scale
+                z = int(-128 - round(lo / s)) if dynamic else zp
+                return reference.quantize_affine(x, s, z, -128, 127).astype(np.int8)
+            fns["numpy"] = numpy_fn
+            if torch is not None:
+                import warnings
+                warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+                if dynamic:
+                    fns["torch.quantize_per_tensor_dynamic"] = \
+                        lambda: torch.quantize_per_tensor_dynamic(tx, torch.qint8, False)
+                else:
+                    fns["torch.quantize_per_tensor"] = \
+                        lambda: torch.quantize_per_tensor(tx, scale, zp, torch.qint8)
+        if torch is None:
+            row.notes["torch"] = "not installed"
+        same = all(np.array_equal(a, b) for a, b in zip(
+            got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)))
+        if not same:
+            row.check = "FAIL: differs from the float32 reference"
+            return row
+        row.times_ms = _median_times(fns, self.repeats)
+        return row
+
     def check(self, spec: OptimizerCase, params, grads) -> Optional[str]:
         """Three steps of fastopt against the float64 reference on the first tensors."""
         sample = list(range(min(3, len(params))))
@@ -318,7 +394,7 @@ def _plot(rows: List[Row], ceiling_gbs: float, path: str) -> None:
 def run(argv_options: Any) -> int:
     """Entry point of ``python -m fastopt bench`` (options parsed in __main__)."""
     only = set(argv_options.only.split(",")) if argv_options.only else None
-    known = set(OPTIMIZERS) | {"newton"}
+    known = set(OPTIMIZERS) | {"newton", "quant"}
     unknown = (only or set()) - known
     if unknown:
         print(f"--only: unknown case(s) {sorted(unknown)}; known: {sorted(known)}",
@@ -350,6 +426,8 @@ def run(argv_options: Any) -> int:
             (f"{n} {lay}", lambda s=OPTIMIZERS[n], lay=lay, shapes=shapes:
              bench.optimizer_case(s, lay, shapes))
             for n in names for lay, shapes in bench.layouts()]
+        if only is None or "quant" in only:
+            cases += [(f"int8 {q}", lambda q=q: bench.quant_case(q)) for q in QUANT_CASES]
         if only is None or "newton" in only:
             cases += [(f"newton n={n}", lambda n=n, b=b: bench.newton_case(n, b))
                       for n, b in NEWTON_CASES]

@@ -13,7 +13,8 @@ from typing import Optional
 import numpy as np
 
 __all__ = ["soft_threshold", "sgd", "adagrad", "rmsprop", "adam", "sophia", "ema",
-           "damped_newton_step"]
+           "damped_newton_step", "quantize_affine", "dequantize_affine",
+           "quantize_blockwise", "dequantize_blockwise", "uniform24"]
 
 
 def soft_threshold(p: np.ndarray, threshold: float) -> None:
@@ -132,3 +133,87 @@ def damped_newton_step(p: np.ndarray, g: np.ndarray, H: np.ndarray, *, lr: float
         d[ok] = np.linalg.solve(sym[ok], g[ok][..., None])[..., 0]
     p -= lr * d
     return ok
+
+
+# ---- int8 quantization -----------------------------------------------------------------
+# Unlike the optimizers, these follow the kernels' float32 arithmetic operation by operation
+# (common/quant.h), so that results are exact: a float64 rint would round differently at
+# ties of the float32 quotient.
+
+def quantize_affine(x: np.ndarray, scale, zero_point, qmin: int, qmax: int,
+                    axis: Optional[int] = None) -> np.ndarray:
+    """q = clamp(rint(x / scale) + zero_point, qmin, qmax) in float32; per channel along
+    ``axis`` when scale/zero_point are 1-D. Returns float32 values (cast to the q dtype)."""
+    f32 = np.float32
+    x = np.asarray(x).astype(f32)
+    s = np.asarray(scale, dtype=f32)
+    z = np.asarray(zero_point).astype(f32)
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    return np.clip(np.rint(x / s) + z, f32(qmin), f32(qmax))
+
+
+def dequantize_affine(q: np.ndarray, scale, zero_point, axis: Optional[int] = None) -> np.ndarray:
+    f32 = np.float32
+    s = np.asarray(scale, dtype=f32)
+    z = np.asarray(zero_point).astype(f32)
+    if axis is not None:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    return (q.astype(f32) - z) * s
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def uniform24(seed: int, index: np.ndarray) -> np.ndarray:
+    """The counter-based uniform in [0, 1) of stochastic rounding (float32, 24 bits)."""
+    seed = int(seed)
+    key = _mix32(np.array([(seed & 0xFFFFFFFF)], dtype=np.uint64).astype(np.uint32)
+                 ^ _mix32(np.array([((seed >> 32) + 0x9E3779B9) & 0xFFFFFFFF], dtype=np.uint64)))
+    index = np.asarray(index, dtype=np.uint64)
+    lo = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    hi = (index >> np.uint64(32)).astype(np.uint32)
+    h = _mix32(lo ^ _mix32(hi ^ key))
+    return (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+
+
+def quantize_blockwise(x: np.ndarray, block_size: int = 256, *, rounding: str = "nearest",
+                       seed: int = 0):
+    """(q int8 shaped like x, absmax float32 per block) over consecutive blocks of the
+    flattened x: f = 127/absmax (0 for an all-zero block), q = rint(x*f), or
+    floor(x*f + uniform24(seed, index)) when stochastic, clamped to [-127, 127]."""
+    f32 = np.float32
+    flat = np.asarray(x).astype(f32).reshape(-1)
+    n = flat.size
+    blocks = -(-n // block_size)
+    padded = np.zeros(blocks * block_size, dtype=f32)
+    padded[:n] = flat
+    absmax = np.abs(padded.reshape(blocks, block_size)).max(axis=1) if blocks else \
+        np.zeros(0, f32)
+    with np.errstate(divide="ignore"):
+        factor = np.where(absmax > 0, f32(127) / absmax, f32(0)).astype(f32)
+    v = flat * np.repeat(factor, block_size)[:n]
+    if rounding == "stochastic":
+        q = np.floor(v + uniform24(seed, np.arange(n, dtype=np.uint64)))
+    else:
+        q = np.rint(v)
+    q = np.clip(q, f32(-127), f32(127)).astype(np.int8).reshape(np.shape(x))
+    return q, absmax.astype(f32)
+
+
+def dequantize_blockwise(q: np.ndarray, absmax: np.ndarray, block_size: int = 256) -> np.ndarray:
+    f32 = np.float32
+    scale = (absmax.astype(f32) / f32(127)).astype(f32)
+    flat = q.reshape(-1).astype(f32) * np.repeat(scale, block_size)[:q.size]
+    return flat.reshape(q.shape)

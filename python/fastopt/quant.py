@@ -1,0 +1,332 @@
+"""int8 quantization: per tensor, per channel and blockwise; affine and symmetric; round
+half to even or stochastic rounding.
+
+Inputs are float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` for NumPy) NumPy arrays
+or PyTorch CPU tensors; outputs come back as the input's kind of array, or go into
+``out=``. All arithmetic is float32 and follows ``fastopt.reference`` (same float32
+operations: results are exact, not approximate). Non-finite input raises ``ValueError``
+naming the first bad element, and nothing is written to caller-provided outputs.
+
+Per-tensor and per-channel quantization divide by the scale, q = clamp(rint(x / scale)
++ zero_point, qmin, qmax), as the formula says; torch's CPU path multiplies by a rounded
+reciprocal instead, so on inputs lying exactly on a rounding tie of x/scale the two can
+differ by one (torch's own CUDA path divides, like fastopt).
+"""
+from __future__ import annotations
+
+import numbers
+import secrets
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from ._arrays import real
+from ._build import _cpu
+
+__all__ = ["quantize_per_tensor", "quantize_per_channel", "dequantize", "choose_qparams",
+           "quantize_blockwise", "dequantize_blockwise"]
+
+QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
+_IN_TYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+class _Kind:
+    """Remembers whether the caller gave a torch tensor, to hand results back alike."""
+
+    def __init__(self, obj: Any):
+        self.torch = type(obj).__module__.startswith("torch")
+
+    def wrap(self, a: np.ndarray) -> Any:
+        if not self.torch:
+            return a
+        import torch
+
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+
+
+def _host(name: str, x: Any) -> Tuple[np.ndarray, _Kind]:
+    kind = _Kind(x)
+    if kind.torch:
+        import torch
+
+        if x.device.type != "cpu":
+            raise TypeError(f"{name}: is a CUDA tensor, but the CUDA kernels are not built yet")
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.detach().contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16), kind
+        return x.detach().numpy(), kind
+    if hasattr(x, "__cuda_array_interface__"):
+        raise TypeError(f"{name}: is a CUDA array, but the CUDA kernels are not built yet")
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array or a PyTorch CPU tensor, got "
+                        f"{type(x).__name__}")
+    return x, kind
+
+
+def _float_input(name: str, x: Any) -> Tuple[np.ndarray, int, _Kind]:
+    a, kind = _host(name, x)
+    if a.dtype.name not in _IN_TYPES:
+        raise TypeError(f"{name}: dtype {a.dtype} is not supported (float32, float16, bfloat16)")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    return a, _IN_TYPES[a.dtype.name], kind
+
+
+def _qdtype(dtype: Any) -> Tuple[np.dtype, int, int]:
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in QRANGE:
+        raise ValueError(f"dtype: expected 'int8' or 'uint8', got {dtype!r}")
+    return np.dtype(name), *QRANGE[name]
+
+
+def _zero_point(name: str, z: Any, qmin: int, qmax: int) -> int:
+    if isinstance(z, (bool, np.bool_)) or not isinstance(z, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(z).__name__}")
+    if not qmin <= int(z) <= qmax:
+        raise ValueError(f"{name}: {int(z)} is outside the dtype's range [{qmin}, {qmax}]")
+    return int(z)
+
+
+def _scale(name: str, s: Any) -> float:
+    return real(name, s, lo=0.0, lo_open=True)
+
+
+def _axis(axis: Any, ndim: int) -> int:
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis: expected an integer, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis: {axis} is out of range for an array with {ndim} dimensions")
+    return int(axis) % ndim
+
+
+def _channel_params(scales: Any, zero_points: Any, channels: int, qmin: int, qmax: int
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scales, dtype=np.float64)
+    z = np.asarray(zero_points)
+    if s.shape != (channels,):
+        raise ValueError(f"scales: expected shape ({channels},), got {s.shape}")
+    if z.shape != (channels,):
+        raise ValueError(f"zero_points: expected shape ({channels},), got {z.shape}")
+    if not (np.all(np.isfinite(s)) and np.all(s > 0)):
+        raise ValueError("scales: every scale must be finite and > 0")
+    if not np.issubdtype(z.dtype, np.integer):
+        raise TypeError(f"zero_points: expected integers, got dtype {z.dtype}")
+    if z.size and (z.min() < qmin or z.max() > qmax):
+        raise ValueError(f"zero_points: outside the dtype's range [{qmin}, {qmax}]")
+    return s.astype(np.float32), z.astype(np.float32)
+
+
+def _layout(shape: Tuple[int, ...], axis: Optional[int]) -> Tuple[int, int]:
+    """(channels, inner) of the (outer, channels, inner) view."""
+    if axis is None:
+        return 1, max(1, int(np.prod(shape, dtype=np.int64)))
+    return shape[axis], max(1, int(np.prod(shape[axis + 1:], dtype=np.int64)))
+
+
+def _raise_nonfinite(name: str, shape: Tuple[int, ...], flat: int) -> None:
+    where = np.unravel_index(flat, shape) if shape else ()
+    raise ValueError(f"{name}: non-finite value at index {tuple(int(i) for i in where)} "
+                     f"(flat {flat}); nothing was written")
+
+
+def _check_out(out: Optional[np.ndarray], shape: Tuple[int, ...], dtype: np.dtype, name: str,
+               *others: np.ndarray) -> None:
+    if out is None:
+        return
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array, got {type(out).__name__}")
+    if out.shape != shape or out.dtype != dtype:
+        raise ValueError(f"{name}: expected shape {shape} and dtype {dtype}, got "
+                         f"{out.shape} {out.dtype}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{name}: must be C-contiguous and writeable")
+    for o in others:
+        if out.size and o.size and np.may_share_memory(out, o):
+            raise ValueError(f"{name}: overlaps an input in memory")
+
+
+def _quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: Optional[int],
+                     qdt: np.dtype, out: Optional[np.ndarray]) -> Any:
+    a, in_type, kind = _float_input("x", x)
+    _check_out(out, a.shape, qdt, "out", a)
+    channels, inner = _layout(a.shape, axis)
+    target = np.empty(a.shape, dtype=qdt)  # caller's out only receives a clean result
+    if a.size:
+        bad = _cpu.quantize_affine(a, in_type, target, qdt == np.uint8, channels, inner,
+                                   scales, zps)
+        if bad >= 0:
+            _raise_nonfinite("x", a.shape, bad)
+    if out is not None:
+        np.copyto(out, target)
+        return out
+    return kind.wrap(target)
+
+
+def quantize_per_tensor(x: Any, scale: float, zero_point: int, dtype: str = "int8", *,
+                        out: Optional[np.ndarray] = None) -> Any:
+    """q = clamp(rint(x / scale) + zero_point, qmin, qmax), round half to even, as
+    ``torch.quantize_per_tensor(...).int_repr()``; int8 [-128, 127] or uint8 [0, 255]."""
+    qdt, qmin, qmax = _qdtype(dtype)
+    s = np.array([_scale("scale", scale)], dtype=np.float32)
+    z = np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32)
+    return _quantize_affine(x, s, z, None, qdt, out)
+
+
+def quantize_per_channel(x: Any, scales: Any, zero_points: Any, axis: int,
+                         dtype: str = "int8", *, out: Optional[np.ndarray] = None) -> Any:
+    """Per-channel affine quantization along ``axis``: channel c uses scales[c] and
+    zero_points[c]; as ``torch.quantize_per_channel(...).int_repr()``."""
+    qdt, qmin, qmax = _qdtype(dtype)
+    a, _, _ = _float_input("x", x)
+    ax = _axis(axis, a.ndim)
+    s, z = _channel_params(scales, zero_points, a.shape[ax], qmin, qmax)
+    return _quantize_affine(x, s, z, ax, qdt, out)
+
+
+def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
+               axis: Optional[int] = None, out_dtype: str = "float32", *,
+               out: Optional[np.ndarray] = None) -> Any:
+    """x = (q - zero_point) * scale in float32; per channel along ``axis`` when given
+    (scale and zero_point then 1-D)."""
+    a, kind = _host("q", q)
+    if a.dtype not in (np.int8, np.uint8):
+        raise TypeError(f"q: dtype {a.dtype} is not supported (int8 or uint8)")
+    if not a.flags.c_contiguous:
+        raise ValueError("q: must be C-contiguous")
+    if out_dtype not in ("float32", np.float32):
+        raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
+    _, qmin, qmax = _qdtype(a.dtype.name)
+    if axis is None:
+        s = np.array([_scale("scale", scale)], dtype=np.float32)
+        z = np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32)
+    else:
+        axis = _axis(axis, a.ndim)
+        s, z = _channel_params(scale, zero_point, a.shape[axis], qmin, qmax)
+    _check_out(out, a.shape, np.dtype(np.float32), "out", a)
+    target = out if out is not None else np.empty(a.shape, dtype=np.float32)
+    if a.size:
+        channels, inner = _layout(a.shape, axis)
+        _cpu.dequantize_affine(a, a.dtype == np.uint8, target, channels, inner, s, z)
+    return target if out is not None else kind.wrap(target)
+
+
+def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None,
+                   dtype: str = "int8") -> Tuple[Any, Any]:
+    """Min/max observer: (scale, zero_point) per tensor (float, int) or per channel along
+    ``axis`` (float32 and int32 arrays), as torch's MinMaxObserver.
+
+    affine: lo = min(min x, 0), hi = max(max x, 0); scale = (hi - lo) / (qmax - qmin);
+    zero_point = clamp(qmin - rint(lo / scale), qmin, qmax).
+    symmetric: the restricted range [-127, 127]: scale = max(|lo|, hi) / 127 and zero_point
+    0 (int8) or 128 (uint8). Scale is never below float32 eps (all-zero input: eps), so
+    never 0. A channel with no elements gives scale eps, zero_point as for 0.
+    """
+    qdt, qmin, qmax = _qdtype(dtype)
+    a, in_type, _ = _float_input("x", x)
+    if not isinstance(symmetric, (bool, np.bool_)):
+        raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
+    if axis is not None:
+        axis = _axis(axis, a.ndim)
+    channels, inner = _layout(a.shape, axis)
+    mins = np.full(channels, np.inf, dtype=np.float32)
+    maxs = np.full(channels, -np.inf, dtype=np.float32)
+    if a.size:
+        bad = _cpu.minmax(a, in_type, channels, inner, mins, maxs)
+        if bad >= 0:
+            _raise_nonfinite("x", a.shape, bad)
+    scale, zp = _qparams_from_minmax(mins, maxs, bool(symmetric), qmin, qmax, qdt)
+    if axis is None:
+        return float(scale[0]), int(zp[0])
+    return scale, zp
+
+
+def _qparams_from_minmax(mins: np.ndarray, maxs: np.ndarray, symmetric: bool, qmin: int,
+                         qmax: int, qdt: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
+    f32 = np.float32
+    lo = np.minimum(mins, f32(0))
+    hi = np.maximum(maxs, f32(0))
+    eps = np.finfo(np.float32).eps
+    if symmetric:
+        scale = np.maximum(np.maximum(-lo, hi) / f32(127), f32(eps)).astype(np.float32)
+        zp = np.full(mins.shape, 0 if qdt == np.int8 else 128, dtype=np.int32)
+        return scale, zp
+    scale = np.maximum((hi - lo) / f32(qmax - qmin), f32(eps)).astype(np.float32)
+    zp = np.clip(qmin - np.rint(lo / scale).astype(np.int64), qmin, qmax).astype(np.int32)
+    return scale, zp
+
+
+def _block_size(block_size: Any) -> int:
+    if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, numbers.Integral):
+        raise TypeError(f"block_size: expected a positive integer, got {type(block_size).__name__}")
+    if block_size <= 0:
+        raise ValueError(f"block_size: must be > 0, got {block_size}")
+    return int(block_size)
+
+
+def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "nearest",
+                       seed: Optional[int] = None,
+                       out: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[Any, Any]:
+    """(q, absmax): over consecutive blocks of ``block_size`` elements of the flattened x
+    (the last block may be partial), absmax = max |x| (float32, one per block) and
+    q = rint(x * (127 / absmax)) in [-127, 127] (int8, shaped like x); an all-zero block
+    gives absmax 0 and q 0. ``rounding="stochastic"`` uses floor(x * 127/absmax + u) with
+    u uniform in [0, 1) from a counter-based generator keyed by ``seed`` and the element
+    index: unbiased, reproducible from ``seed`` (None draws a fresh one), identical on CPU
+    and GPU. ``out=(q, absmax)`` receives the result only if every input is finite.
+    """
+    block = _block_size(block_size)
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
+    if seed is None:
+        seed = secrets.randbits(64)
+    elif isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) \
+            or not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
+    a, in_type, kind = _float_input("x", x)
+    blocks = -(-a.size // block)
+    if out is not None:
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError("out: expected a tuple (q, absmax)")
+        _check_out(out[0], a.shape, np.dtype(np.int8), "out[0]", a)
+        _check_out(out[1], (blocks,), np.dtype(np.float32), "out[1]", a, out[0])
+    q = np.empty(a.shape, dtype=np.int8)
+    absmax = np.empty(blocks, dtype=np.float32)
+    if a.size:
+        bad = _cpu.quantize_blockwise(a, in_type, q, absmax, block, rounding == "stochastic",
+                                      int(seed))
+        if bad >= 0:
+            _raise_nonfinite("x", a.shape, bad)
+    if out is not None:
+        np.copyto(out[0], q)
+        np.copyto(out[1], absmax)
+        return out
+    return kind.wrap(q), kind.wrap(absmax)
+
+
+def dequantize_blockwise(q: Any, absmax: Any, block_size: int = 256,
+                         out_dtype: str = "float32", *,
+                         out: Optional[np.ndarray] = None) -> Any:
+    """x = q * (absmax / 127) per block of ``block_size`` consecutive elements, float32."""
+    block = _block_size(block_size)
+    qa, kind = _host("q", q)
+    am, _ = _host("absmax", absmax)
+    if qa.dtype != np.int8:
+        raise TypeError(f"q: dtype {qa.dtype} is not supported (int8)")
+    if am.dtype != np.float32:
+        raise TypeError(f"absmax: dtype {am.dtype} is not supported (float32)")
+    blocks = -(-qa.size // block)
+    if am.shape != (blocks,):
+        raise ValueError(f"absmax: expected shape ({blocks},) for {qa.size} elements in blocks "
+                         f"of {block}, got {am.shape}")
+    if not qa.flags.c_contiguous or not am.flags.c_contiguous:
+        raise ValueError("q, absmax: must be C-contiguous")
+    if out_dtype not in ("float32", np.float32):
+        raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
+    _check_out(out, qa.shape, np.dtype(np.float32), "out", qa, am)
+    target = out if out is not None else np.empty(qa.shape, dtype=np.float32)
+    if qa.size:
+        _cpu.dequantize_blockwise(qa, am, target, block)
+    return target if out is not None else kind.wrap(target)
