@@ -410,57 +410,6 @@ def assert_close(got: Sequence[Any], want: Sequence[np.ndarray], dtype, what: st
             f"got {g[worst]!r}, want {w[worst]!r}, err {err[worst]:.3g} > {bound[worst]:.3g}")
 
 
-def snapshot(self) -> Dict[str, List[np.ndarray]]:
-        out = {"params": [np.array(p, copy=True) for p in self.params]}
-        out.update({k: [np.array(a, copy=True) for a in v] for k, v in self.state.items()})
-        return out
-
-
-def _flat(arrays: Sequence[Any]) -> np.ndarray:
-    parts = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
-    return np.concatenate(parts) if parts else np.zeros(0)
-
-
-def assert_close(got: Sequence[Any], want: Sequence[np.ndarray], dtype, what: str,
-                 tol: Optional[float] = None) -> None:
-    """Elementwise |got - want| <= tol*|want| + tol*scale (scale = max(1, max |want| over the
-    role)),
-    no NaN in got unless want has NaN there. Every element is compared, so an element
-    fastopt left untouched (or wrote twice, or wrote to the wrong place) fails."""
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert np.shape(g) == np.shape(w), f"{what}: shape {np.shape(g)} != {np.shape(w)}"
-    g, w = _flat(got), _flat(want)
-    if w.size == 0:
-        return
-    nan_g, nan_w = np.isnan(g), np.isnan(w)
-    if (nan_g != nan_w).any():
-        idx = np.flatnonzero(nan_g != nan_w)[:5]
-        raise AssertionError(f"{what}: NaN mismatch at flat indices {idx.tolist()}: "
-                             f"got {g[idx].tolist()}, want {w[idx].tolist()}")
-    tol = TOL[np.dtype(dtype)] if tol is None else tol
-    inf_w = np.isinf(w)
-    if (g[inf_w] != w[inf_w]).any() or np.isinf(g[~inf_w]).any():
-        idx = np.flatnonzero((np.isinf(g) | inf_w) & (g != w))[:5]
-        raise AssertionError(f"{what}: infinities differ at flat indices {idx.tolist()}: "
-                             f"got {g[idx].tolist()}, want {w[idx].tolist()}")
-    ok = ~nan_w & ~inf_w
-    # The operands of every formula are O(1) (standard normal params and gradients), so
-    # cancellation leaves absolute errors of tol * max(operands): at least tol * 1, and
-    # tol * max |want| where a role holds larger values (momentum buffers of RMSprop ~10).
-    scale = max(float(np.max(np.abs(w[ok]), initial=0.0)), 1.0)
-    with np.errstate(invalid="ignore", over="ignore"):
-        err = np.where(ok, np.abs(g - w), 0.0)
-        bound = tol * (np.abs(w) + scale)
-    bad = ok & ~(err <= bound)
-    if bad.any():
-        idx = np.flatnonzero(bad)
-        worst = idx[np.argmax(err[idx] / np.maximum(bound[idx], 1e-300))]
-        raise AssertionError(
-            f"{what}: {idx.size} of {w.size} elements differ beyond tol {tol:g} "
-            f"(scale {scale:.3g}); first flat indices {idx[:8].tolist()}; worst at {worst}: "
-            f"got {g[worst]!r}, want {w[worst]!r}, err {err[worst]:.3g} > {bound[worst]:.3g}")
-
 
 def assert_unchanged(before: Dict[str, List[np.ndarray]], after: Dict[str, List[Any]]) -> None:
     for name, arrays in before.items():

@@ -140,30 +140,30 @@ def damped_newton_step(p: np.ndarray, g: np.ndarray, H: np.ndarray, *, lr: float
 # (common/quant.h), so that results are exact: a float64 rint would round differently at
 # ties of the float32 quotient.
 
+def _broadcast_qparams(scale, zero_point, ndim: int, axis: Optional[int]):
+    """float32 scale and zero point, shaped to broadcast along ``axis`` when per channel."""
+    s = np.asarray(scale, dtype=np.float32)
+    z = np.asarray(zero_point).astype(np.float32)
+    if axis is not None:
+        shape = [1] * ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    return s, z
+
+
 def quantize_affine(x: np.ndarray, scale, zero_point, qmin: int, qmax: int,
                     axis: Optional[int] = None) -> np.ndarray:
     """q = clamp(rint(x / scale) + zero_point, qmin, qmax) in float32; per channel along
     ``axis`` when scale/zero_point are 1-D. Returns float32 values (cast to the q dtype)."""
     f32 = np.float32
     x = np.asarray(x).astype(f32)
-    s = np.asarray(scale, dtype=f32)
-    z = np.asarray(zero_point).astype(f32)
-    if axis is not None:
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        s, z = s.reshape(shape), z.reshape(shape)
+    s, z = _broadcast_qparams(scale, zero_point, x.ndim, axis)
     return np.clip(np.rint(x / s) + z, f32(qmin), f32(qmax))
 
 
 def dequantize_affine(q: np.ndarray, scale, zero_point, axis: Optional[int] = None) -> np.ndarray:
-    f32 = np.float32
-    s = np.asarray(scale, dtype=f32)
-    z = np.asarray(zero_point).astype(f32)
-    if axis is not None:
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        s, z = s.reshape(shape), z.reshape(shape)
-    return (q.astype(f32) - z) * s
+    s, z = _broadcast_qparams(scale, zero_point, q.ndim, axis)
+    return (q.astype(np.float32) - z) * s
 
 
 def _mix32(x: np.ndarray) -> np.ndarray:
