@@ -4,9 +4,11 @@
 //
 //   affine:     q = clamp(rint(x / scale) + zero_point, qmin, qmax)    (round half to even)
 //               x = (q - zero_point) * scale
-//   blockwise:  absmax = max |x| over the block; f = absmax > 0 ? 127 / absmax : 0
-//               q = rint(x * f)  or, stochastic, floor(x * f + u), u in [0, 1), clamped to
-//               [-127, 127];  x = q * (absmax / 127)
+//   blockwise:  absmax = max |x| over the block; s = 2^64 if absmax < 2^-64 else 1
+//               (an exact rescaling that keeps 127/absmax finite for tiny blocks);
+//               f = absmax > 0 ? 127 / (absmax * s) : 0;  v = (x * s) * f;
+//               q = rint(v) or, stochastic, floor(v) + (u < v - floor(v)), u in [0, 1),
+//               clamped to [-127, 127];  x = q * (absmax / 127)
 //   stochastic: u = 24-bit uniform from a counter-based hash of (seed, element index), so
 //               CPU and GPU agree for the same seed.
 #pragma once
@@ -30,12 +32,17 @@ FASTOPT_HD float dequantize_affine(float q, float scale, float zero_point) {
   return (q - zero_point) * scale;
 }
 
-FASTOPT_HD float blockwise_factor(float absmax) { return absmax > 0.0f ? 127.0f / absmax : 0.0f; }
-FASTOPT_HD float blockwise_nearest(float x, float factor) {
-  return vclamp(vrint(x * factor), -127.0f, 127.0f);
+FASTOPT_HD float blockwise_prescale(float absmax) { return absmax < 0x1p-64f ? 0x1p64f : 1.0f; }
+FASTOPT_HD float blockwise_factor(float absmax, float prescale) {
+  return absmax > 0.0f ? 127.0f / (absmax * prescale) : 0.0f;
 }
-FASTOPT_HD float blockwise_stochastic(float x, float factor, float u) {
-  return vclamp(vfloor(x * factor + u), -127.0f, 127.0f);
+FASTOPT_HD float blockwise_nearest(float v) { return vclamp(vrint(v), -127.0f, 127.0f); }
+// Rounds up with probability frac(v): unbiased, and exact values stay exact (computing
+// floor(v + u) instead would round v + u up to the next integer when u is within half an
+// ulp of 1).
+FASTOPT_HD float blockwise_stochastic(float v, float u) {
+  const float down = vfloor(v);
+  return vclamp(down + (u < v - down ? 1.0f : 0.0f), -127.0f, 127.0f);
 }
 FASTOPT_HD float blockwise_scale(float absmax) { return absmax / 127.0f; }
 

@@ -301,26 +301,25 @@ int64_t quantize_block(const typename Load::storage* x, int8_t* q, float* absmax
   }
   if (bad) return first_nonfinite<Load>(x, b0, b1);
   *absmax_out = amax;
-  const float factor = blockwise_factor(amax);
+  const float pre = blockwise_prescale(amax), factor = blockwise_factor(amax, pre);
   e = b0;
   if (stochastic) {
     for (; e < b1; ++e)
-      q[e] = int8_t(int(blockwise_stochastic(Load::one(x + e), factor, uniform24(key, uint64_t(e)))));
+      q[e] = int8_t(int(blockwise_stochastic((Load::one(x + e) * pre) * factor,
+                                             uniform24(key, uint64_t(e)))));
     return -1;
   }
 #ifdef FASTOPT_ISA_isa_avx2
   // blockwise_nearest without the explicit rint and clamp: the conversion rounds half to
-  // even (the default MXCSR mode), and |x * factor| <= 127 * (1 + 2^-23) < 127.5 always,
-  // so the clamp to [-127, 127] can never bind. Same results as the scalar formula.
-  const __m256 vf = _mm256_set1_ps(factor);
-  for (; e + 32 <= b1; e += 32) {
-    store_bytes32(q + e, _mm256_mul_ps(Load::eight(x + e), vf),
-                  _mm256_mul_ps(Load::eight(x + e + 8), vf),
-                  _mm256_mul_ps(Load::eight(x + e + 16), vf),
-                  _mm256_mul_ps(Load::eight(x + e + 24), vf), false);
-  }
+  // even (the default MXCSR mode), and |(x * pre) * factor| <= 127 * (1 + 2^-22) < 127.5
+  // (the prescale keeps the factor finite), so the clamp to [-127, 127] can never bind.
+  // Same results as the scalar formula.
+  const __m256 vf = _mm256_set1_ps(factor), vpre = _mm256_set1_ps(pre);
+  auto scaled = [&](int64_t at) { return _mm256_mul_ps(_mm256_mul_ps(Load::eight(x + at), vpre), vf); };
+  for (; e + 32 <= b1; e += 32)
+    store_bytes32(q + e, scaled(e), scaled(e + 8), scaled(e + 16), scaled(e + 24), false);
 #endif
-  for (; e < b1; ++e) q[e] = int8_t(int(blockwise_nearest(Load::one(x + e), factor)));
+  for (; e < b1; ++e) q[e] = int8_t(int(blockwise_nearest((Load::one(x + e) * pre) * factor)));
   return -1;
 }
 

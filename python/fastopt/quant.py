@@ -91,7 +91,12 @@ def _zero_point(name: str, z: Any, qmin: int, qmax: int) -> int:
 
 
 def _scale(name: str, s: Any) -> float:
-    return real(name, s, lo=0.0, lo_open=True)
+    v = real(name, s, lo=0.0, lo_open=True)
+    with np.errstate(over="ignore", under="ignore"):
+        v32 = np.float32(v)
+    if not 0.0 < v32 < np.inf:
+        raise ValueError(f"{name}: {v} is not representable as a positive finite float32")
+    return v
 
 
 def _axis(axis: Any, ndim: int) -> int:
@@ -110,8 +115,10 @@ def _channel_params(scales: Any, zero_points: Any, channels: int, qmin: int, qma
         raise ValueError(f"scales: expected shape ({channels},), got {s.shape}")
     if z.shape != (channels,):
         raise ValueError(f"zero_points: expected shape ({channels},), got {z.shape}")
-    if not (np.all(np.isfinite(s)) and np.all(s > 0)):
-        raise ValueError("scales: every scale must be finite and > 0")
+    with np.errstate(over="ignore", under="ignore"):
+        s32 = s.astype(np.float32)
+    if not (np.all(np.isfinite(s32)) and np.all(s32 > 0)):
+        raise ValueError("scales: every scale must be finite and > 0, as a float32 too")
     if not np.issubdtype(z.dtype, np.integer):
         raise TypeError(f"zero_points: expected integers, got dtype {z.dtype}")
     if z.size and (z.min() < qmin or z.max() > qmax):
@@ -272,10 +279,12 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
     """(q, absmax): over consecutive blocks of ``block_size`` elements of the flattened x
     (the last block may be partial), absmax = max |x| (float32, one per block) and
     q = rint(x * (127 / absmax)) in [-127, 127] (int8, shaped like x); an all-zero block
-    gives absmax 0 and q 0. ``rounding="stochastic"`` uses floor(x * 127/absmax + u) with
-    u uniform in [0, 1) from a counter-based generator keyed by ``seed`` and the element
-    index: unbiased, reproducible from ``seed`` (None draws a fresh one), identical on CPU
-    and GPU. ``out=(q, absmax)`` receives the result only if every input is finite.
+    gives absmax 0 and q 0. ``rounding="stochastic"`` rounds v = x * 127/absmax up with
+    probability frac(v) (floor(v) + (u < v - floor(v))), u uniform in [0, 1) from a
+    counter-based generator keyed by ``seed`` and the element index: unbiased, exact values
+    stay exact, reproducible from ``seed`` (None draws a fresh one), identical on CPU and
+    GPU. Blocks with absmax < 2^-64 are rescaled by 2^64 first (exact) so that 127/absmax
+    stays finite. ``out=(q, absmax)`` receives the result only if every input is finite.
     """
     block = _block_size(block_size)
     if rounding not in ("nearest", "stochastic"):

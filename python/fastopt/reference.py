@@ -191,8 +191,9 @@ def uniform24(seed: int, index: np.ndarray) -> np.ndarray:
 def quantize_blockwise(x: np.ndarray, block_size: int = 256, *, rounding: str = "nearest",
                        seed: int = 0):
     """(q int8 shaped like x, absmax float32 per block) over consecutive blocks of the
-    flattened x: f = 127/absmax (0 for an all-zero block), q = rint(x*f), or
-    floor(x*f + uniform24(seed, index)) when stochastic, clamped to [-127, 127]."""
+    flattened x: s = 2^64 for tiny blocks (absmax < 2^-64) else 1, f = 127/(absmax*s) (0 for
+    an all-zero block), v = (x*s)*f; q = rint(v), or floor(v) + (u < v - floor(v)) with
+    u = uniform24(seed, index) when stochastic; clamped to [-127, 127]."""
     f32 = np.float32
     flat = np.asarray(x).astype(f32).reshape(-1)
     n = flat.size
@@ -201,11 +202,14 @@ def quantize_blockwise(x: np.ndarray, block_size: int = 256, *, rounding: str = 
     padded[:n] = flat
     absmax = np.abs(padded.reshape(blocks, block_size)).max(axis=1) if blocks else \
         np.zeros(0, f32)
+    pre = np.where(absmax < f32(2.0 ** -64), f32(2.0 ** 64), f32(1)).astype(f32)
     with np.errstate(divide="ignore"):
-        factor = np.where(absmax > 0, f32(127) / absmax, f32(0)).astype(f32)
-    v = flat * np.repeat(factor, block_size)[:n]
+        factor = np.where(absmax > 0, f32(127) / (absmax * pre), f32(0)).astype(f32)
+    v = (flat * np.repeat(pre, block_size)[:n]) * np.repeat(factor, block_size)[:n]
     if rounding == "stochastic":
-        q = np.floor(v + uniform24(seed, np.arange(n, dtype=np.uint64)))
+        down = np.floor(v)
+        u = uniform24(seed, np.arange(n, dtype=np.uint64))
+        q = down + (u < v - down).astype(f32)
     else:
         q = np.rint(v)
     q = np.clip(q, f32(-127), f32(127)).astype(np.int8).reshape(np.shape(x))
