@@ -6,6 +6,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <algorithm>
+#include <utility>
 #include <string>
 #include <vector>
 #include "cpu/optim_kernels.h"
@@ -31,6 +32,7 @@ class ArrayTable {
       throw py::type_error(std::string(ref.name) + ": expected a list of arrays");
     const size_t n = py::len(ref.list);
     offsets_.assign(n + 1, 0);
+    spans_.reserve(n * roles.size());
     int r = 0;
     for (const RoleSpec& role : roles) {
       if (!role.list.is_none()) collect_role(role, r, ref, n);
@@ -136,13 +138,32 @@ class ArrayTable {
   }
 
   // No written array may share memory with any other array of the call (read-only inputs
-  // may alias each other). Sorted sweep: O(n log n) for thousands of tensors.
+  // may alias each other). A sweep over the spans in address order. Sorting is what costs
+  // (thousands of arrays per step), so it works on 16-byte keys, and when each role's
+  // arrays already lie in increasing address order (the usual result of allocating a list
+  // of arrays in a loop) it merges those runs instead of sorting.
   void check_no_overlap() {
-    std::sort(spans_.begin(), spans_.end(),
-              [](const Span& a, const Span& b) { return a.begin < b.begin; });
+    using Key = std::pair<uintptr_t, uint32_t>;  // (begin, index into spans_)
+    std::vector<Key> keys(spans_.size());
+    std::vector<size_t> run_starts{0};
+    bool runs_sorted = true;
+    for (size_t k = 0; k < spans_.size(); ++k) {
+      keys[k] = {spans_[k].begin, uint32_t(k)};
+      if (k > 0 && spans_[k].role != spans_[k - 1].role) run_starts.push_back(k);
+      else if (k > 0 && spans_[k].begin < spans_[k - 1].begin) runs_sorted = false;
+    }
+    if (runs_sorted) {
+      for (size_t r = 1; r < run_starts.size(); ++r) {
+        const size_t end = r + 1 < run_starts.size() ? run_starts[r + 1] : keys.size();
+        std::inplace_merge(keys.begin(), keys.begin() + run_starts[r], keys.begin() + end);
+      }
+    } else {
+      std::sort(keys.begin(), keys.end());
+    }
     const Span* reach_any = nullptr;      // earlier span reaching furthest
     const Span* reach_written = nullptr;  // earlier written span reaching furthest
-    for (const Span& s : spans_) {
+    for (const Key& key : keys) {
+      const Span& s = spans_[key.second];
       const Span* hit = nullptr;
       if (reach_written && s.begin < reach_written->end) hit = reach_written;
       else if (s.written && reach_any && s.begin < reach_any->end) hit = reach_any;
