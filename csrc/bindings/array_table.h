@@ -33,6 +33,7 @@ class ArrayTable {
     const size_t n = py::len(ref.list);
     offsets_.assign(n + 1, 0);
     spans_.reserve(n * roles.size());
+    keep_.reserve(n * roles.size());
     int r = 0;
     for (const RoleSpec& role : roles) {
       if (!role.list.is_none()) collect_role(role, r, ref, n);
@@ -131,6 +132,9 @@ class ArrayTable {
       if (role.written && !(a->flags & npy_api::NPY_ARRAY_WRITEABLE_))
         throw py::value_error(where(role.name, i) + ": is read-only but is updated in place");
       ptrs_[r][i] = a->data;
+      // The kernel runs with the GIL released: hold every array it touches, so that
+      // another thread emptying the caller's list cannot free one under it.
+      keep_.push_back(py::reinterpret_borrow<py::object>(obj));
       const uintptr_t begin = reinterpret_cast<uintptr_t>(a->data);
       spans_.push_back({begin, begin + uintptr_t(size) * (dt == cpu::DType::f32 ? 4u : 8u), role.name,
                         i, role.written});
@@ -190,6 +194,7 @@ class ArrayTable {
   }
 
   std::vector<py::object> adapted_;
+  std::vector<py::object> keep_;
   std::vector<PyObject*> ref_arrays_;  // the params, as NumPy arrays
   bool listed_;
   cpu::DType dtype_ = cpu::DType::f32;

@@ -251,9 +251,11 @@ PYBIND11_MODULE(_cpu, m) {
     }
   }, arg("path"));
   m.def("get_cpu_path", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("n: number of threads must be >= 1, got " + std::to_string(n));
-    cpu::set_num_threads(n);
+  m.def("set_num_threads", [](int64_t n) {
+    if (n < 1 || n > cpu::max_threads())
+      throw py::value_error("n: number of threads must be in [1, " +
+                            std::to_string(cpu::max_threads()) + "], got " + std::to_string(n));
+    cpu::set_num_threads(int(n));
   }, arg("n"));
   m.def("get_num_threads", &cpu::num_threads);
   m.def("build_info", &build_info);

@@ -1,6 +1,7 @@
 #include "cpu/dispatch.h"
 #include <atomic>
 #include <stdexcept>
+#include <string>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -56,8 +57,18 @@ int num_threads() {
   return n;
 }
 
+int max_threads() {
+#ifdef _OPENMP
+  return 64 * omp_get_num_procs();
+#else
+  return 1;
+#endif
+}
+
 void set_num_threads(int n) {
-  if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
+  if (n < 1 || n > max_threads())
+    throw std::invalid_argument("number of threads must be in [1, " +
+                                std::to_string(max_threads()) + "], got " + std::to_string(n));
   g_num_threads = n;
 }
 

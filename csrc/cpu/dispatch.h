@@ -18,7 +18,8 @@ void set_isa(const std::string& name);
 const char* isa_name(Isa isa);
 
 int num_threads();              // defaults to OpenMP's (OMP_NUM_THREADS, else all cores)
-void set_num_threads(int n);
+int max_threads();              // 64 per core: more is a mistake (libgomp would abort)
+void set_num_threads(int n);    // throws std::invalid_argument outside [1, max_threads()]
 
 // The kernels of the active ISA, with the thread count filled into the table.
 void sgd(TensorTable t, DType, const SgdHyper&, int64_t step);

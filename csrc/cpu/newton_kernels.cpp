@@ -100,14 +100,25 @@ template <class T>
 void solve_batch_t(const T* H, const T* g, T* d, bool* solved, int64_t batch, int64_t n,
                    double damping, int threads) {
   const bool over_batch = batch >= threads || threads == 1;
-#pragma omp parallel num_threads(threads) if (threads > 1 && over_batch)
+  const int teams = over_batch ? threads : 1;
+  // Scratch per thread (the damped factor, and the transposed panel of a blocked
+  // factorisation), allocated here: std::bad_alloc must not be thrown inside an OpenMP
+  // region (it would terminate the process instead of reaching Python as MemoryError).
+  const size_t factor_size = size_t(n) * size_t(n);
+  const size_t panel_size = n > kCholeskyBlock ? size_t(kCholeskyBlock) * size_t(n) : 1;
+  std::unique_ptr<T[]> scratch(new T[size_t(teams) * (factor_size + panel_size)]);
+#pragma omp parallel num_threads(teams) if (teams > 1)
   {
-    std::unique_ptr<T[]> A(new T[size_t(n * n)]);
-    std::unique_ptr<T[]> PT(new T[size_t(n > kCholeskyBlock ? kCholeskyBlock * n : 1)]);
+#ifdef _OPENMP
+    T* A = scratch.get() + size_t(omp_get_thread_num()) * (factor_size + panel_size);
+#else
+    T* A = scratch.get();
+#endif
+    T* PT = A + factor_size;
 #pragma omp for schedule(dynamic, 8)
     for (int64_t b = 0; b < batch; ++b) {
-      solved[b] = solve_one(H + b * n * n, g + b * n, d + b * n, A.get(), PT.get(), n,
-                            T(damping), !over_batch && n >= 2 * kCholeskyBlock ? threads : 1);
+      solved[b] = solve_one(H + b * n * n, g + b * n, d + b * n, A, PT, n, T(damping),
+                            !over_batch && n >= 2 * kCholeskyBlock ? threads : 1);
     }
   }
 }

@@ -143,7 +143,10 @@ int64_t quantize_affine_range(const typename Load::storage* x, uint8_t* q, bool 
 #endif
     for (; e < end; ++e) {
       const float xv = Load::one(x + e);
-      if (!is_finite(xv)) bad = min_bad(bad, e);
+      if (!is_finite(xv)) {  // the call fails; nothing to convert
+        bad = min_bad(bad, e);
+        continue;
+      }
       const float r = quantize_affine(xv, scale, zp, qmin, qmax);
       q[e] = unsigned_q ? uint8_t(int(r)) : uint8_t(int8_t(int(r)));
     }
@@ -327,7 +330,7 @@ template <class Load>
 int64_t quantize_blockwise_t(const void* x, int8_t* q, float* absmax, int64_t n, int64_t block,
                              bool stochastic, uint64_t seed, int threads) {
   const auto* in = static_cast<const typename Load::storage*>(x);
-  const int64_t blocks = (n + block - 1) / block;
+  const int64_t blocks = n / block + (n % block != 0);
   const uint32_t key = seed_key(seed);
   return parallel_chunks(blocks, blocks_per_chunk(block), threads, [&](int64_t blo, int64_t bhi) {
     int64_t bad = -1;
@@ -410,7 +413,7 @@ void quantize_blockwise(InType in, const void* x, int8_t* q, float* absmax, int6
 
 void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
                           int64_t block, int threads) {
-  const int64_t blocks = (n + block - 1) / block;
+  const int64_t blocks = n / block + (n % block != 0);
   impl::parallel_chunks(blocks, impl::blocks_per_chunk(block), threads, [&](int64_t blo, int64_t bhi) {
     impl::dequantize_blockwise_range(q, absmax, x, block, n, blo, bhi);
     return int64_t(-1);

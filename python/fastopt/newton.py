@@ -60,6 +60,8 @@ def _check_systems(hessians: Any, grads: Any, params: Optional[Any] = None
     for name, a in named:
         if not a.flags.c_contiguous:
             raise ValueError(f"{name}: must be C-contiguous")
+        if not a.flags.aligned:
+            raise ValueError(f"{name}: data is not aligned to its dtype")
     if p is not None:
         if not p.flags.writeable:
             raise ValueError("params: is read-only but is updated in place")

@@ -68,11 +68,18 @@ def _host(name: str, x: Any) -> Tuple[np.ndarray, _Kind]:
 
 def _float_input(name: str, x: Any) -> Tuple[np.ndarray, int, _Kind]:
     a, kind = _host(name, x)
-    if a.dtype.name not in _IN_TYPES:
-        raise TypeError(f"{name}: dtype {a.dtype} is not supported (float32, float16, bfloat16)")
+    if a.dtype.name not in _IN_TYPES or not a.dtype.isnative:
+        raise TypeError(f"{name}: dtype {a.dtype} is not supported (float32, float16, bfloat16 "
+                        f"in native byte order)")
+    _check_layout(name, a)
+    return a, _IN_TYPES[a.dtype.name], kind
+
+
+def _check_layout(name: str, a: np.ndarray) -> None:
     if not a.flags.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous")
-    return a, _IN_TYPES[a.dtype.name], kind
+    if not a.flags.aligned:
+        raise ValueError(f"{name}: data is not aligned to its dtype")
 
 
 def _qdtype(dtype: Any) -> Tuple[np.dtype, int, int]:
@@ -148,8 +155,9 @@ def _check_out(out: Optional[np.ndarray], shape: Tuple[int, ...], dtype: np.dtyp
     if out.shape != shape or out.dtype != dtype:
         raise ValueError(f"{name}: expected shape {shape} and dtype {dtype}, got "
                          f"{out.shape} {out.dtype}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError(f"{name}: must be C-contiguous and writeable")
+    if not out.flags.writeable:
+        raise ValueError(f"{name}: must be writeable")
+    _check_layout(name, out)
     for o in others:
         if out.size and o.size and np.may_share_memory(out, o):
             raise ValueError(f"{name}: overlaps an input in memory")
@@ -201,8 +209,7 @@ def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
     a, kind = _host("q", q)
     if a.dtype not in (np.int8, np.uint8):
         raise TypeError(f"q: dtype {a.dtype} is not supported (int8 or uint8)")
-    if not a.flags.c_contiguous:
-        raise ValueError("q: must be C-contiguous")
+    _check_layout("q", a)
     if out_dtype not in ("float32", np.float32):
         raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
     _, qmin, qmax = _qdtype(a.dtype.name)
@@ -304,8 +311,8 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
     q = np.empty(a.shape, dtype=np.int8)
     absmax = np.empty(blocks, dtype=np.float32)
     if a.size:
-        bad = _cpu.quantize_blockwise(a, in_type, q, absmax, block, rounding == "stochastic",
-                                      int(seed))
+        bad = _cpu.quantize_blockwise(a, in_type, q, absmax, min(block, a.size),
+                                      rounding == "stochastic", int(seed))
         if bad >= 0:
             _raise_nonfinite("x", a.shape, bad)
     if out is not None:
@@ -324,18 +331,18 @@ def dequantize_blockwise(q: Any, absmax: Any, block_size: int = 256,
     am, _ = _host("absmax", absmax)
     if qa.dtype != np.int8:
         raise TypeError(f"q: dtype {qa.dtype} is not supported (int8)")
-    if am.dtype != np.float32:
-        raise TypeError(f"absmax: dtype {am.dtype} is not supported (float32)")
+    if am.dtype != np.float32 or not am.dtype.isnative:
+        raise TypeError(f"absmax: dtype {am.dtype} is not supported (native float32)")
     blocks = -(-qa.size // block)
     if am.shape != (blocks,):
         raise ValueError(f"absmax: expected shape ({blocks},) for {qa.size} elements in blocks "
                          f"of {block}, got {am.shape}")
-    if not qa.flags.c_contiguous or not am.flags.c_contiguous:
-        raise ValueError("q, absmax: must be C-contiguous")
+    _check_layout("q", qa)
+    _check_layout("absmax", am)
     if out_dtype not in ("float32", np.float32):
         raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
     _check_out(out, qa.shape, np.dtype(np.float32), "out", qa, am)
     target = out if out is not None else np.empty(qa.shape, dtype=np.float32)
     if qa.size:
-        _cpu.dequantize_blockwise(qa, am, target, block)
+        _cpu.dequantize_blockwise(qa, am, target, min(block, qa.size))
     return target if out is not None else kind.wrap(target)
