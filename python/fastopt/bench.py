@@ -443,9 +443,13 @@ def run(argv_options: Any) -> int:
         print(f"ceiling (in-place a += b, {ceiling['elements']} float32, all threads): "
               f"{ceiling['gbs']:.1f} GB/s")
         print(_format_table(rows, ceiling["gbs"]))
+        missing: Dict[Tuple[str, str], List[str]] = {}
         for r in rows:
             for peer, why in r.notes.items():
-                print(f"  {r.case}: {peer} {why}")
+                missing.setdefault((peer, why), []).append(r.case)
+        for (peer, why), cases_hit in missing.items():
+            where = "every case" if len(cases_hit) == len(rows) else ", ".join(cases_hit)
+            print(f"  {peer}: {why} ({where})")
         result["cases"] = [
             dict(case=r.case, device=r.device, bytes_per_element=r.bytes_per_element,
                  elements=r.elements, tensors=r.tensors, check=r.check, times_ms=r.times_ms,
