@@ -88,8 +88,13 @@ class ArrayTable {
                             std::to_string(list.size()));
     ptrs_[r].resize(n);
     for (size_t i = 0; i < n; ++i) {
-      PyObject* obj = PyList_GET_ITEM(list.ptr(), i);
-      if (!py::isinstance<py::array>(obj)) obj = adapt(where(role.name, i), obj);
+      // The kernel runs with the GIL released: hold every array it touches, so that
+      // another thread emptying the caller's list cannot free one under it.
+      PyObject* item = PyList_GET_ITEM(list.ptr(), i);
+      keep_.push_back(py::isinstance<py::array>(item)
+                          ? py::reinterpret_borrow<py::object>(item)
+                          : adapt(where(role.name, i), item));
+      PyObject* obj = keep_.back().ptr();
       const auto* a = py::detail::array_proxy(obj);
       const auto* descr = py::detail::array_descriptor_proxy(a->descr);
       cpu::DType dt;
@@ -132,9 +137,6 @@ class ArrayTable {
       if (role.written && !(a->flags & npy_api::NPY_ARRAY_WRITEABLE_))
         throw py::value_error(where(role.name, i) + ": is read-only but is updated in place");
       ptrs_[r][i] = a->data;
-      // The kernel runs with the GIL released: hold every array it touches, so that
-      // another thread emptying the caller's list cannot free one under it.
-      keep_.push_back(py::reinterpret_borrow<py::object>(obj));
       const uintptr_t begin = reinterpret_cast<uintptr_t>(a->data);
       spans_.push_back({begin, begin + uintptr_t(size) * (dt == cpu::DType::f32 ? 4u : 8u), role.name,
                         i, role.written});
@@ -182,19 +184,17 @@ class ArrayTable {
 
   // Foreign arrays (PyTorch CPU tensors...) go through the Python adapter set by
   // set_array_adapter (fastopt._arrays.to_host_array), which returns a NumPy view of the
-  // same memory or raises naming the argument. The view is kept alive with the table.
-  PyObject* adapt(const std::string& name, PyObject* obj) {
+  // same memory or raises naming the argument.
+  py::object adapt(const std::string& name, PyObject* obj) {
     if (!array_adapter())
       throw py::type_error(name + ": expected a numpy.ndarray, got " + Py_TYPE(obj)->tp_name);
     py::object view = array_adapter()(name, py::handle(obj));
     if (!py::isinstance<py::array>(view))
       throw py::type_error(name + ": expected a numpy.ndarray, got " + Py_TYPE(obj)->tp_name);
-    adapted_.push_back(view);
-    return view.ptr();
+    return view;
   }
 
-  std::vector<py::object> adapted_;
-  std::vector<py::object> keep_;
+  std::vector<py::object> keep_;  // every array of the call, views of foreign ones included
   std::vector<PyObject*> ref_arrays_;  // the params, as NumPy arrays
   bool listed_;
   cpu::DType dtype_ = cpu::DType::f32;

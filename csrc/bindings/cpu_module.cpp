@@ -252,10 +252,11 @@ PYBIND11_MODULE(_cpu, m) {
   }, arg("path"));
   m.def("get_cpu_path", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
   m.def("set_num_threads", [](int64_t n) {
-    if (n < 1 || n > cpu::max_threads())
-      throw py::value_error("n: number of threads must be in [1, " +
-                            std::to_string(cpu::max_threads()) + "], got " + std::to_string(n));
-    cpu::set_num_threads(int(n));
+    try {
+      cpu::set_num_threads(n);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(std::string("n: ") + e.what());
+    }
   }, arg("n"));
   m.def("get_num_threads", &cpu::num_threads);
   m.def("build_info", &build_info);

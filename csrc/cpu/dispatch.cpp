@@ -57,25 +57,26 @@ int num_threads() {
   return n;
 }
 
-int max_threads() {
+void set_num_threads(int64_t n) {
 #ifdef _OPENMP
-  return 64 * omp_get_num_procs();
+  const int64_t most = 64 * int64_t(omp_get_num_procs());  // more is a mistake: libgomp aborts
 #else
-  return 1;
+  const int64_t most = 1;
 #endif
+  if (n < 1 || n > most)
+    throw std::invalid_argument("number of threads must be in [1, " + std::to_string(most) +
+                                "], got " + std::to_string(n));
+  g_num_threads = int(n);
 }
 
-void set_num_threads(int n) {
-  if (n < 1 || n > max_threads())
-    throw std::invalid_argument("number of threads must be in [1, " +
-                                std::to_string(max_threads()) + "], got " + std::to_string(n));
-  g_num_threads = n;
-}
+// Calls fn of the active ISA.
+#define FASTOPT_ISA_CALL(fn, ...) \
+  (active_isa() == Isa::avx2 ? isa_avx2::fn(__VA_ARGS__) : isa_scalar::fn(__VA_ARGS__))
 
-#define FASTOPT_DISPATCH(fn, ...)                   \
-  t.num_threads = num_threads();                    \
-  if (active_isa() == Isa::avx2) isa_avx2::fn(__VA_ARGS__); \
-  else isa_scalar::fn(__VA_ARGS__);
+// Optimizer kernels take the thread count in their table.
+#define FASTOPT_DISPATCH(fn, ...)  \
+  t.num_threads = num_threads();   \
+  FASTOPT_ISA_CALL(fn, __VA_ARGS__);
 
 void sgd(TensorTable t, DType d, const SgdHyper& h, int64_t step) {
   FASTOPT_DISPATCH(sgd, t, d, h, step)
@@ -95,45 +96,34 @@ void add_inplace(TensorTable t, DType d) { FASTOPT_DISPATCH(add_inplace, t, d) }
 
 void newton_solve(DType dt, const void* H, const void* g, void* d, bool* solved, int64_t batch,
                   int64_t n, double damping) {
-  if (active_isa() == Isa::avx2) isa_avx2::newton_solve(dt, H, g, d, solved, batch, n, damping, num_threads());
-  else isa_scalar::newton_solve(dt, H, g, d, solved, batch, n, damping, num_threads());
+  FASTOPT_ISA_CALL(newton_solve, dt, H, g, d, solved, batch, n, damping, num_threads());
 }
 void newton_apply(DType dt, void* p, const void* d, const bool* use, int64_t batch, int64_t n,
                   double lr) {
-  if (active_isa() == Isa::avx2) isa_avx2::newton_apply(dt, p, d, use, batch, n, lr, num_threads());
-  else isa_scalar::newton_apply(dt, p, d, use, batch, n, lr, num_threads());
+  FASTOPT_ISA_CALL(newton_apply, dt, p, d, use, batch, n, lr, num_threads());
 }
-
-}  // namespace cpu
-}  // namespace fastopt
-
-namespace fastopt {
-namespace cpu {
-
-#define FASTOPT_QUANT_DISPATCH(fn, ...)                                   \
-  if (active_isa() == Isa::avx2) isa_avx2::fn(__VA_ARGS__, num_threads()); \
-  else isa_scalar::fn(__VA_ARGS__, num_threads());
 
 void quantize_affine(InType in, const void* x, void* q, bool unsigned_q, ChannelLayout L,
                      const float* scales, const float* zero_points, int64_t* first_bad) {
-  FASTOPT_QUANT_DISPATCH(quantize_affine, in, x, q, unsigned_q, L, scales, zero_points, first_bad)
+  FASTOPT_ISA_CALL(quantize_affine, in, x, q, unsigned_q, L, scales, zero_points, first_bad,
+                   num_threads());
 }
 void dequantize_affine(const void* q, bool unsigned_q, float* x, ChannelLayout L,
                        const float* scales, const float* zero_points) {
-  FASTOPT_QUANT_DISPATCH(dequantize_affine, q, unsigned_q, x, L, scales, zero_points)
+  FASTOPT_ISA_CALL(dequantize_affine, q, unsigned_q, x, L, scales, zero_points, num_threads());
 }
 void minmax(InType in, const void* x, ChannelLayout L, float* mins, float* maxs,
             int64_t* first_bad) {
-  FASTOPT_QUANT_DISPATCH(minmax, in, x, L, mins, maxs, first_bad)
+  FASTOPT_ISA_CALL(minmax, in, x, L, mins, maxs, first_bad, num_threads());
 }
 void quantize_blockwise(InType in, const void* x, int8_t* q, float* absmax, int64_t n,
                         int64_t block, bool stochastic, uint64_t seed, int64_t* first_bad) {
-  FASTOPT_QUANT_DISPATCH(quantize_blockwise, in, x, q, absmax, n, block, stochastic, seed,
-                         first_bad)
+  FASTOPT_ISA_CALL(quantize_blockwise, in, x, q, absmax, n, block, stochastic, seed, first_bad,
+                   num_threads());
 }
 void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
                           int64_t block) {
-  FASTOPT_QUANT_DISPATCH(dequantize_blockwise, q, absmax, x, n, block)
+  FASTOPT_ISA_CALL(dequantize_blockwise, q, absmax, x, n, block, num_threads());
 }
 
 }  // namespace cpu

@@ -18,8 +18,8 @@ void set_isa(const std::string& name);
 const char* isa_name(Isa isa);
 
 int num_threads();              // defaults to OpenMP's (OMP_NUM_THREADS, else all cores)
-int max_threads();              // 64 per core: more is a mistake (libgomp would abort)
-void set_num_threads(int n);    // throws std::invalid_argument outside [1, max_threads()]
+// Throws std::invalid_argument outside [1, 64 per core] (libgomp aborts on absurd counts).
+void set_num_threads(int64_t n);
 
 // The kernels of the active ISA, with the thread count filled into the table.
 void sgd(TensorTable t, DType, const SgdHyper&, int64_t step);

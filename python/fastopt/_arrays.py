@@ -46,6 +46,11 @@ def to_host_array(name: str, a: Any) -> Any:
                     f"{type(a).__name__}")
 
 
+def host_array(name: str, a: Any) -> Any:
+    """``a`` itself if it is a NumPy array, else its NumPy view (``to_host_array``)."""
+    return a if isinstance(a, np.ndarray) else to_host_array(name, a)
+
+
 def as_list(name: str, value: Any, listed: bool) -> List[Any]:
     """``value`` as a list aligned with the params (``listed``: params was a list).
     Elements that are not ndarrays are converted by the C++ binding through

@@ -406,14 +406,14 @@ def run(argv_options: Any) -> int:
         if show:
             print(f"\r\033[K[bench] {msg}", end="", file=sys.stderr, flush=True)
 
-    from ._build import cuda_status
+    from ._build import cuda_status, cuda_unavailable_reason
 
     cuda = cuda_status()
     devices = ["cpu", "cuda"] if argv_options.device == "all" else [argv_options.device]
     rows: List[Row] = []
     result: Dict[str, Any] = {"machine": _machine(cuda), "quick": argv_options.quick}
     if "cuda" in devices:
-        why = cuda["reason"] if not cuda["usable"] else "the CUDA kernels are not built yet"
+        why = cuda_unavailable_reason()
         print(f"cuda: skipped ({why})")
         result["cuda_skipped"] = why
     if "cpu" in devices:

@@ -11,8 +11,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from . import _arrays
-from ._arrays import real
+from ._arrays import host_array, real
 from ._build import _cpu
 
 __all__ = ["NotPositiveDefiniteError", "newton_", "cholesky_solve"]
@@ -29,20 +28,14 @@ class NotPositiveDefiniteError(ValueError):
                          f"definite (add damping, or on_failure='skip'): {shown}")
 
 
-def _host(name: str, a: Any) -> np.ndarray:
-    return a if type(a) is np.ndarray else _arrays.to_host_array(name, a)
-
-
 def _check_systems(hessians: Any, grads: Any, params: Optional[Any] = None
                    ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], int, int]:
     """Validate shapes, dtypes, layout and aliasing; return the arrays, batch and n."""
-    H = _host("hessians", hessians)
-    g = _host("grads", grads)
-    p = None if params is None else _host("params", params)
+    H = host_array("hessians", hessians)
+    g = host_array("grads", grads)
+    p = None if params is None else host_array("params", params)
     named = [("hessians", H), ("grads", g)] + ([] if p is None else [("params", p)])
     for name, a in named:
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__}")
         if a.dtype not in (np.float32, np.float64) or not a.dtype.isnative:
             raise TypeError(f"{name}: dtype {a.dtype} is not supported (float32 or float64)")
         if a.dtype != H.dtype:

@@ -37,7 +37,7 @@ class Optimizer:
         self._state_args = state_args
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
-            a if type(a) is np.ndarray else _arrays.to_host_array(f"params[{i}]", a)
+            _arrays.host_array(f"params[{i}]", a)
             for i, a in enumerate(_arrays.as_list("params", params, self._listed))]
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}")

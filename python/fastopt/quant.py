@@ -20,7 +20,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from ._arrays import real
+from ._arrays import host_array, real
 from ._build import _cpu
 
 __all__ = ["quantize_per_tensor", "quantize_per_channel", "dequantize", "choose_qparams",
@@ -48,22 +48,14 @@ class _Kind:
 
 def _host(name: str, x: Any) -> Tuple[np.ndarray, _Kind]:
     kind = _Kind(x)
-    if kind.torch:
+    if kind.torch and x.device.type == "cpu":
         import torch
 
-        if x.device.type != "cpu":
-            raise TypeError(f"{name}: is a CUDA tensor, but the CUDA kernels are not built yet")
-        if x.dtype == torch.bfloat16:
+        if x.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits through ml_dtypes
             import ml_dtypes
 
             return x.detach().contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16), kind
-        return x.detach().numpy(), kind
-    if hasattr(x, "__cuda_array_interface__"):
-        raise TypeError(f"{name}: is a CUDA array, but the CUDA kernels are not built yet")
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name}: expected a NumPy array or a PyTorch CPU tensor, got "
-                        f"{type(x).__name__}")
-    return x, kind
+    return host_array(name, x), kind
 
 
 def _float_input(name: str, x: Any) -> Tuple[np.ndarray, int, _Kind]:
