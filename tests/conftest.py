@@ -53,6 +53,7 @@ STEPS = 20
 def pytest_configure(config):
     # Also declared in pyproject.toml; repeated so the suite runs from any directory.
     config.addinivalue_line("markers", "slow: long-running (large allocations)")
+    config.addinivalue_line("markers", "cuda: needs a usable CUDA GPU (skipped otherwise)")
 
 
 @contextlib.contextmanager

@@ -5,10 +5,9 @@
 #pragma once
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-#include <algorithm>
-#include <utility>
 #include <string>
 #include <vector>
+#include "bindings/overlap.h"
 #include "cpu/optim_kernels.h"
 
 namespace fastopt {
@@ -39,7 +38,7 @@ class ArrayTable {
       if (!role.list.is_none()) collect_role(role, r, ref, n);
       ++r;
     }
-    check_no_overlap();
+    check_no_overlap(spans_, [this](const char* role, size_t i) { return where(role, i); });
   }
 
   cpu::TensorTable table() const {
@@ -60,13 +59,6 @@ class ArrayTable {
   }
 
  private:
-  struct Span {
-    uintptr_t begin, end;
-    const char* role;
-    size_t index;
-    bool written;
-  };
-
   std::string where(const char* role, size_t i) const {
     return listed_ ? std::string(role) + "[" + std::to_string(i) + "]" : std::string(role);
   }
@@ -140,45 +132,6 @@ class ArrayTable {
       const uintptr_t begin = reinterpret_cast<uintptr_t>(a->data);
       spans_.push_back({begin, begin + uintptr_t(size) * (dt == cpu::DType::f32 ? 4u : 8u), role.name,
                         i, role.written});
-    }
-  }
-
-  // No written array may share memory with any other array of the call (read-only inputs
-  // may alias each other). A sweep over the spans in address order. Sorting is what costs
-  // (thousands of arrays per step), so it works on 16-byte keys, and when each role's
-  // arrays already lie in increasing address order (the usual result of allocating a list
-  // of arrays in a loop) it merges those runs instead of sorting.
-  void check_no_overlap() {
-    using Key = std::pair<uintptr_t, uint32_t>;  // (begin, index into spans_)
-    std::vector<Key> keys(spans_.size());
-    std::vector<size_t> run_starts{0};
-    bool runs_sorted = true;
-    for (size_t k = 0; k < spans_.size(); ++k) {
-      keys[k] = {spans_[k].begin, uint32_t(k)};
-      if (k > 0 && spans_[k].role != spans_[k - 1].role) run_starts.push_back(k);
-      else if (k > 0 && spans_[k].begin < spans_[k - 1].begin) runs_sorted = false;
-    }
-    if (runs_sorted) {
-      for (size_t r = 1; r < run_starts.size(); ++r) {
-        const size_t end = r + 1 < run_starts.size() ? run_starts[r + 1] : keys.size();
-        std::inplace_merge(keys.begin(), keys.begin() + run_starts[r], keys.begin() + end);
-      }
-    } else {
-      std::sort(keys.begin(), keys.end());
-    }
-    const Span* reach_any = nullptr;      // earlier span reaching furthest
-    const Span* reach_written = nullptr;  // earlier written span reaching furthest
-    for (const Key& key : keys) {
-      const Span& s = spans_[key.second];
-      const Span* hit = nullptr;
-      if (reach_written && s.begin < reach_written->end) hit = reach_written;
-      else if (s.written && reach_any && s.begin < reach_any->end) hit = reach_any;
-      if (hit)
-        throw py::value_error(where(s.role, s.index) + " overlaps " +
-                              where(hit->role, hit->index) +
-                              " in memory; arrays updated in place must not alias");
-      if (!reach_any || s.end > reach_any->end) reach_any = &s;
-      if (s.written && (!reach_written || s.end > reach_written->end)) reach_written = &s;
     }
   }
 

@@ -7,6 +7,17 @@
 
 namespace fastopt {
 
+// Roles: the index of each array list of a call in the multi-tensor tables (CPU
+// TensorTable::ptrs, CUDA LaunchTable::ptrs); unused optional roles are null.
+enum SgdRole { kSgdParam, kSgdGrad, kSgdMomentum };
+enum AdagradRole { kAdagradParam, kAdagradGrad, kAdagradSum };
+enum RmspropRole { kRmsParam, kRmsGrad, kRmsSquareAvg, kRmsMomentum, kRmsGradAvg };
+enum AdamRole { kAdamParam, kAdamGrad, kAdamExpAvg, kAdamExpAvgSq, kAdamMaxExpAvgSq };
+enum SophiaRole { kSophiaParam, kSophiaGrad, kSophiaExpAvg, kSophiaHessian };
+enum EmaRole { kEmaAverage, kEmaSample };
+enum AddRole { kAddDst, kAddSrc };
+constexpr int kMaxRoles = 5;
+
 struct SgdHyper {
   double lr, momentum, dampening, weight_decay, l1;
   bool nesterov, maximize;

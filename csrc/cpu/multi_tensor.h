@@ -7,13 +7,14 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "common/optim_params.h"
 #include "common/platform.h"
 #include "cpu/lanes.h"
 
 namespace fastopt {
 namespace cpu {
 
-constexpr int kMaxRoles = 5;
+using fastopt::kMaxRoles;
 
 // Pointers of n tensors per role and the prefix sums of their sizes (offsets[n] = total).
 // Built by the bindings; it owns nothing.

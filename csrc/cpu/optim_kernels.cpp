@@ -117,40 +117,40 @@ template <class T> struct AddKernel {
 };
 
 template <class T> void run_sgd(const TensorTable& t, const SgdHyper& h, int64_t step) {
-  SgdKernel<T> k{sgd_coeffs<T>(h, step), role<T>(t, cpu::kSgdParam), role<T>(t, cpu::kSgdGrad),
-                 role<T>(t, cpu::kSgdMomentum)};
+  SgdKernel<T> k{sgd_coeffs<T>(h, step), role<T>(t, kSgdParam), role<T>(t, kSgdGrad),
+                 role<T>(t, kSgdMomentum)};
   run_multi_tensor<WideLane<T>, T>(t, k);
 }
 template <class T> void run_adagrad(const TensorTable& t, const AdagradHyper& h, int64_t step) {
-  AdagradKernel<T> k{adagrad_coeffs<T>(h, step), role<T>(t, cpu::kAdagradParam),
-                     role<T>(t, cpu::kAdagradGrad), role<T>(t, cpu::kAdagradSum)};
+  AdagradKernel<T> k{adagrad_coeffs<T>(h, step), role<T>(t, kAdagradParam),
+                     role<T>(t, kAdagradGrad), role<T>(t, kAdagradSum)};
   run_multi_tensor<WideLane<T>, T>(t, k);
 }
 template <class T> void run_rmsprop(const TensorTable& t, const RmspropHyper& h) {
-  RmspropKernel<T> k{rmsprop_coeffs<T>(h), role<T>(t, cpu::kRmsParam), role<T>(t, cpu::kRmsGrad),
-                     role<T>(t, cpu::kRmsSquareAvg), role<T>(t, cpu::kRmsMomentum),
-                     role<T>(t, cpu::kRmsGradAvg)};
+  RmspropKernel<T> k{rmsprop_coeffs<T>(h), role<T>(t, kRmsParam), role<T>(t, kRmsGrad),
+                     role<T>(t, kRmsSquareAvg), role<T>(t, kRmsMomentum),
+                     role<T>(t, kRmsGradAvg)};
   run_multi_tensor<WideLane<T>, T>(t, k);
 }
 template <class T> void run_adam(const TensorTable& t, const AdamHyper& h, int64_t step) {
-  AdamKernel<T> k{adam_coeffs<T>(h, step), role<T>(t, cpu::kAdamParam), role<T>(t, cpu::kAdamGrad),
-                  role<T>(t, cpu::kAdamExpAvg), role<T>(t, cpu::kAdamExpAvgSq),
-                  role<T>(t, cpu::kAdamMaxExpAvgSq)};
+  AdamKernel<T> k{adam_coeffs<T>(h, step), role<T>(t, kAdamParam), role<T>(t, kAdamGrad),
+                  role<T>(t, kAdamExpAvg), role<T>(t, kAdamExpAvgSq),
+                  role<T>(t, kAdamMaxExpAvgSq)};
   run_multi_tensor<WideLane<T>, T>(t, k);
 }
 template <class T> void run_sophia(const TensorTable& t, const SophiaHyper& h) {
-  SophiaKernel<T> k{sophia_coeffs<T>(h), role<T>(t, cpu::kSophiaParam),
-                    role<T>(t, cpu::kSophiaGrad), role<T>(t, cpu::kSophiaExpAvg),
-                    role<T>(t, cpu::kSophiaHessian)};
+  SophiaKernel<T> k{sophia_coeffs<T>(h), role<T>(t, kSophiaParam),
+                    role<T>(t, kSophiaGrad), role<T>(t, kSophiaExpAvg),
+                    role<T>(t, kSophiaHessian)};
   run_multi_tensor<WideLane<T>, T>(t, k);
 }
 template <class T> void run_ema(const TensorTable& t, double beta) {
-  EmaKernel<T> k{{T(beta), T(1.0 - beta)}, role<T>(t, cpu::kEmaAverage),
-                 role<T>(t, cpu::kEmaSample)};
+  EmaKernel<T> k{{T(beta), T(1.0 - beta)}, role<T>(t, kEmaAverage),
+                 role<T>(t, kEmaSample)};
   run_multi_tensor<WideLane<T>, T>(t, k);
 }
 template <class T> void run_add(const TensorTable& t) {
-  run_multi_tensor<WideLane<T>, T>(t, AddKernel<T>{role<T>(t, cpu::kAddDst), role<T>(t, cpu::kAddSrc)});
+  run_multi_tensor<WideLane<T>, T>(t, AddKernel<T>{role<T>(t, kAddDst), role<T>(t, kAddSrc)});
 }
 
 #define FASTOPT_BY_DTYPE(dtype, fn, ...) \

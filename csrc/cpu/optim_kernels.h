@@ -10,15 +10,6 @@ namespace cpu {
 
 enum class DType { f32, f64 };
 
-// Roles in TensorTable::ptrs, per optimizer (unused optional roles are null).
-enum SgdRole { kSgdParam, kSgdGrad, kSgdMomentum };
-enum AdagradRole { kAdagradParam, kAdagradGrad, kAdagradSum };
-enum RmspropRole { kRmsParam, kRmsGrad, kRmsSquareAvg, kRmsMomentum, kRmsGradAvg };
-enum AdamRole { kAdamParam, kAdamGrad, kAdamExpAvg, kAdamExpAvgSq, kAdamMaxExpAvgSq };
-enum SophiaRole { kSophiaParam, kSophiaGrad, kSophiaExpAvg, kSophiaHessian };
-enum EmaRole { kEmaAverage, kEmaSample };
-enum AddRole { kAddDst, kAddSrc };
-
 #define FASTOPT_DECLARE_CPU_KERNELS(isa)                                            \
   namespace isa {                                                                   \
   void sgd(const TensorTable&, DType, const SgdHyper&, int64_t step);               \

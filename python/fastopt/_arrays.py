@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -19,36 +20,196 @@ import numpy as np
 ArrayOrList = Any  # an array, or a list/tuple of arrays
 
 
-def _cuda_unavailable(name: str) -> TypeError:
+def _not_a_host_array(name: str) -> TypeError:
     from . import _build
 
-    return TypeError(
-        f"{name}: is a CUDA array, but {_build.cuda_unavailable_reason()}; "
-        "pass NumPy arrays (or CPU tensors) to run on the CPU"
-    )
+    why = _build.cuda_unavailable_reason()
+    if not why:
+        return TypeError(f"{name}: is a CUDA array, but the params are host arrays; all arrays "
+                         "of one call must be on the same device")
+    return TypeError(f"{name}: is a CUDA array, but {why}; "
+                     "pass NumPy arrays (or CPU tensors) to run on the CPU")
 
 
 def to_host_array(name: str, a: Any) -> Any:
     """A NumPy view of ``a`` sharing its memory; called by the C++ binding for any list
     element that is not an ndarray. ``name`` is the argument, e.g. "grads[3]"."""
-    if hasattr(a, "__cuda_array_interface__"):
-        raise _cuda_unavailable(name)
-    mod = type(a).__module__
-    if mod.startswith("torch"):
+    if _is_torch(a):
         if a.device.type != "cpu":
-            raise _cuda_unavailable(name)
+            raise _not_a_host_array(name)
         try:
             return a.detach().numpy()  # shares memory; writes land in the tensor
         except (TypeError, RuntimeError) as exc:  # e.g. bfloat16 has no NumPy view
             raise TypeError(f"{name}: {a.dtype} tensor is not supported on the CPU "
                             f"(float32 or float64): {exc}") from None
+    if on_device(a):
+        raise _not_a_host_array(name)
     raise TypeError(f"{name}: expected a NumPy array or a PyTorch CPU tensor, got "
                     f"{type(a).__name__}")
+
+
+# ---- CUDA arrays --------------------------------------------------------------------------
+
+_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
+
+
+def _is_torch(a: Any) -> bool:
+    return type(a).__module__.startswith("torch")
+
+
+def _is_cupy(a: Any) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def on_device(a: Any) -> bool:
+    """Whether ``a`` is a CUDA array: a PyTorch CUDA tensor, or an object exposing
+    ``__cuda_array_interface__`` (CuPy, Numba) or DLPack with a CUDA device."""
+    if isinstance(a, np.ndarray):
+        return False
+    if _is_torch(a):
+        return bool(getattr(a, "is_cuda", False))
+    if hasattr(type(a), "__cuda_array_interface__") or "__cuda_array_interface__" in getattr(a, "__dict__", ()):
+        return True
+    dlpack_device = getattr(a, "__dlpack_device__", None)
+    if dlpack_device is not None:
+        try:
+            return int(dlpack_device()[0]) in _DLPACK_CUDA
+        except Exception:  # a producer that cannot say: not ours to run
+            return False
+    return False
+
+
+_torch_registered = False
+
+
+def _register_torch(cuda_module: Any) -> None:
+    """Tell the CUDA binding torch.Tensor and its dtypes (fastopt never imports torch)."""
+    global _torch_registered
+    import torch
+
+    cuda_module.set_torch_types(torch.Tensor, torch.float32, torch.float64, torch.float16,
+                                torch.bfloat16)
+    _torch_registered = True
+
+
+def stream_handle(stream: Any, first: Any) -> int:
+    """The CUDA stream a call runs on, as an integer handle: ``stream`` if given (an int, a
+    CuPy stream, a PyTorch stream, or anything with ``cuda_stream`` / ``ptr``), else the
+    current stream of the library that produced ``first`` (PyTorch's or CuPy's), else the
+    stream a ``__cuda_array_interface__`` names, else 0 (the default stream)."""
+    if stream is not None:
+        if isinstance(stream, bool):
+            raise TypeError("stream: expected an int handle or a CuPy/PyTorch stream, got bool")
+        if isinstance(stream, numbers.Integral):
+            if int(stream) < 0:
+                raise ValueError(f"stream: must be a handle >= 0, got {int(stream)}")
+            return int(stream)
+        for attr in ("cuda_stream", "ptr"):
+            handle = getattr(stream, attr, None)
+            if isinstance(handle, numbers.Integral) and not isinstance(handle, bool):
+                return int(handle)
+        raise TypeError("stream: expected an int handle or a CuPy/PyTorch stream, got "
+                        f"{type(stream).__name__}")
+    if _is_torch(first):
+        import torch
+
+        return int(torch.cuda.current_stream(first.device).cuda_stream)
+    if _is_cupy(first):
+        import cupy
+
+        with first.device:
+            return int(cupy.cuda.get_current_stream().ptr)
+    cai = getattr(first, "__cuda_array_interface__", None)
+    if isinstance(cai, dict) and cai.get("stream") is not None:
+        return int(cai["stream"])
+    return 0
+
+
+def backend(plist: List[Any], stream: Any, plan: Any = None) -> Tuple[Any, Dict[str, Any]]:
+    """The compiled module that runs a call whose params are ``plist`` (by where
+    ``plist[0]`` lives) and the extra arguments it takes."""
+    from . import _build
+
+    first = plist[0] if plist else None
+    if first is None or not on_device(first):
+        if stream is not None:
+            raise ValueError("stream: only applies to CUDA arrays; these params are host arrays")
+        return _build._cpu, {}
+    why = _build.cuda_unavailable_reason()
+    if why:
+        raise TypeError(f"params: is a CUDA array, but {why}")
+    if not _torch_registered and "torch" in sys.modules:
+        _register_torch(_build._cuda)
+    return _build._cuda, {"stream": stream_handle(stream, first), "plan": plan}
 
 
 def host_array(name: str, a: Any) -> Any:
     """``a`` itself if it is a NumPy array, else its NumPy view (``to_host_array``)."""
     return a if isinstance(a, np.ndarray) else to_host_array(name, a)
+
+
+def param_array(name: str, a: Any) -> Any:
+    """How an optimizer class holds a param: CUDA arrays as given, host arrays as NumPy."""
+    return a if on_device(a) else host_array(name, a)
+
+
+# ---- state arrays of the optimizer classes: the params' library and device -----------------
+
+def state_like(name: str, a: Any) -> Any:
+    """A zeroed C-contiguous state array shaped like param ``a``, from the same library on
+    the same device: float32 for float16/bfloat16 params (the kernels' state type), else
+    ``a``'s dtype. Device params must be PyTorch tensors or CuPy arrays."""
+    if isinstance(a, np.ndarray):
+        return np.zeros(a.shape, a.dtype)
+    if _is_torch(a):
+        import torch
+
+        dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+        return torch.zeros(tuple(a.shape), dtype=dtype, device=a.device)
+    if _is_cupy(a):
+        import cupy
+
+        dtype = np.float32 if a.dtype == np.float16 else a.dtype
+        with a.device:
+            return cupy.zeros(a.shape, dtype)
+    raise TypeError(f"{name}: the optimizer classes allocate state with PyTorch or CuPy; "
+                    f"{type(a).__name__} arrays can be stepped with the functional API")
+
+
+def fill(a: Any, value: float) -> None:
+    if _is_torch(a):
+        a.fill_(value)
+    else:
+        a.fill(value)
+
+
+def clone(a: Any) -> Any:
+    return a.clone() if _is_torch(a) else a.copy()
+
+
+def dtype_name(a: Any) -> str:
+    """"float32", ... for NumPy, CuPy and PyTorch arrays alike."""
+    if _is_torch(a):
+        return str(a.dtype).replace("torch.", "")
+    return np.dtype(a.dtype).name
+
+
+def copy_into(dst: Any, src: Any) -> None:
+    """dst[...] = src across libraries (NumPy source into a device array included)."""
+    if isinstance(dst, np.ndarray):
+        if _is_torch(src):
+            src = src.detach().cpu().numpy()
+        elif _is_cupy(src):
+            src = src.get()
+        np.copyto(dst, np.asarray(src))
+    elif _is_torch(dst):
+        import torch
+
+        dst.copy_(src if isinstance(src, torch.Tensor) else torch.as_tensor(np.asarray(src)))
+    else:
+        import cupy
+
+        cupy.copyto(dst, src if _is_cupy(src) else cupy.asarray(src))
 
 
 def as_list(name: str, value: Any, listed: bool) -> List[Any]:

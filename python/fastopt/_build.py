@@ -1,6 +1,7 @@
 """The compiled modules: fastopt._cpu always, fastopt._cuda when it was built."""
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any, Dict, Optional
@@ -37,7 +38,8 @@ def _install_array_adapter() -> None:
 _install_array_adapter()
 
 
-def cuda_status() -> Dict[str, Any]:
+@functools.lru_cache(maxsize=None)
+def _cuda_status() -> Dict[str, Any]:
     if _cuda is None:
         return {"usable": False, "built": False,
                 "reason": "fastopt was built without CUDA (no CUDA compiler at build time, "
@@ -50,8 +52,13 @@ def cuda_status() -> Dict[str, Any]:
     return status
 
 
+def cuda_status() -> Dict[str, Any]:
+    """Whether fastopt._cuda is built and sees a GPU, and if not, why (queried once: the
+    step functions consult it on every call)."""
+    return dict(_cuda_status())
+
+
 def cuda_unavailable_reason() -> str:
-    status = cuda_status()
-    if status["usable"]:
-        return "the CUDA kernels are not part of this build yet"
-    return f"CUDA is not usable: {status['reason']}"
+    """Why CUDA cannot be used ("" when it can)."""
+    status = _cuda_status()
+    return "" if status["usable"] else f"CUDA is not usable: {status['reason']}"

@@ -7,14 +7,22 @@ processes a whole list in one C++ call with the GIL released. ``step`` is the 1-
 step count. Every optimizer takes ``l1``: after the step, the proximal soft-threshold
 p <- sign(p) * max(|p| - lr*l1, 0). Bad input raises TypeError/ValueError naming the
 argument before anything is written; zero-size arrays are a no-op.
+
+CUDA arrays (PyTorch CUDA tensors, CuPy arrays, anything with ``__cuda_array_interface__``
+or CUDA DLPack) run the CUDA kernels, chosen by where ``params`` lives: a whole list in
+one kernel launch (one per 384 tensors), queued on ``stream`` -- an int handle or a
+CuPy/PyTorch stream -- or by default on the current stream of the library that made the
+params (PyTorch's or CuPy's); nothing synchronises. On the GPU, params and grads may also
+be float16 or bfloat16; their state is then float32 and the math runs in float32.
+float32/float64 results are bit-identical to the CPU kernels. ``_plan`` is internal: the
+optimizer classes pass their cached ``fastopt._cuda.Plan``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from . import _arrays
 from ._arrays import ArrayOrList, flag, real, step_count
-from ._build import _cpu
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "ema_"]
 
@@ -22,7 +30,7 @@ __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "ema_"]
 def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: Optional[ArrayOrList] = None,
          *, lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
          weight_decay: float = 0.0, maximize: bool = False, step: int = 1,
-         l1: float = 0.0) -> None:
+         l1: float = 0.0, stream: Any = None, _plan: Any = None) -> None:
     """SGD with momentum, dampening and Nesterov, as ``torch.optim.SGD``.
 
     g <- -g if maximize; g <- g + weight_decay*p;
@@ -44,14 +52,16 @@ def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: Optional[Arr
         raise ValueError("momentum_buffers: required when momentum > 0")
     listed, p, lists = _arrays.prepare(
         params, grads=grads, momentum_buffers=momentum_buffers if momentum > 0.0 else None)
-    _cpu.sgd(p, lists["grads"], lists["momentum_buffers"], listed, lr=lr, momentum=momentum,
+    kernels, extra = _arrays.backend(p, stream, _plan)
+    kernels.sgd(p, lists["grads"], lists["momentum_buffers"], listed, lr=lr, momentum=momentum,
              dampening=dampening, weight_decay=weight_decay, l1=l1, nesterov=nesterov,
-             maximize=maximize, step=step)
+             maximize=maximize, step=step, **extra)
 
 
 def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *, step: int,
              lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-             eps: float = 1e-10, maximize: bool = False, l1: float = 0.0) -> None:
+             eps: float = 1e-10, maximize: bool = False, l1: float = 0.0,
+             stream: Any = None, _plan: Any = None) -> None:
     """Adagrad, as ``torch.optim.Adagrad``.
 
     clr = lr / (1 + (step-1)*lr_decay); g <- -g if maximize; g <- g + weight_decay*p;
@@ -65,15 +75,17 @@ def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *
     step = step_count(step)
     l1 = real("l1", l1, lo=0.0)
     listed, p, lists = _arrays.prepare(params, grads=grads, state_sums=state_sums)
-    _cpu.adagrad(p, lists["grads"], lists["state_sums"], listed, lr=lr, lr_decay=lr_decay,
-                 weight_decay=weight_decay, eps=eps, l1=l1, maximize=maximize, step=step)
+    kernels, extra = _arrays.backend(p, stream, _plan)
+    kernels.adagrad(p, lists["grads"], lists["state_sums"], listed, lr=lr, lr_decay=lr_decay,
+                 weight_decay=weight_decay, eps=eps, l1=l1, maximize=maximize, step=step, **extra)
 
 
 def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
              momentum_buffers: Optional[ArrayOrList] = None,
              grad_avgs: Optional[ArrayOrList] = None, *, lr: float = 1e-2, alpha: float = 0.99,
              eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
-             centered: bool = False, maximize: bool = False, l1: float = 0.0) -> None:
+             centered: bool = False, maximize: bool = False, l1: float = 0.0,
+             stream: Any = None, _plan: Any = None) -> None:
     """RMSprop, as ``torch.optim.RMSprop``.
 
     g <- -g if maximize; g <- g + weight_decay*p; v <- alpha*v + (1-alpha)*g^2;
@@ -98,17 +110,19 @@ def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
         params, grads=grads, square_avgs=square_avgs,
         momentum_buffers=momentum_buffers if momentum > 0.0 else None,
         grad_avgs=grad_avgs if centered else None)
-    _cpu.rmsprop(p, lists["grads"], lists["square_avgs"], lists["momentum_buffers"],
+    kernels, extra = _arrays.backend(p, stream, _plan)
+    kernels.rmsprop(p, lists["grads"], lists["square_avgs"], lists["momentum_buffers"],
                  lists["grad_avgs"], listed, lr=lr, alpha=alpha, eps=eps,
                  weight_decay=weight_decay, momentum=momentum, l1=l1, centered=centered,
-                 maximize=maximize)
+                 maximize=maximize, **extra)
 
 
 def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
           exp_avg_sqs: ArrayOrList, max_exp_avg_sqs: Optional[ArrayOrList] = None, *,
           step: int, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
           eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-          amsgrad: bool = False, maximize: bool = False, l1: float = 0.0) -> None:
+          amsgrad: bool = False, maximize: bool = False, l1: float = 0.0,
+          stream: Any = None, _plan: Any = None) -> None:
     """Adam / AdamW, as ``torch.optim.Adam`` / ``AdamW``.
 
     g <- -g if maximize; decoupled: p <- p*(1 - lr*weight_decay), else g <- g + weight_decay*p;
@@ -131,27 +145,29 @@ def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
     listed, p, lists = _arrays.prepare(
         params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
         max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else None)
-    _cpu.adam(p, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
+    kernels, extra = _arrays.backend(p, stream, _plan)
+    kernels.adam(p, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
               lists["max_exp_avg_sqs"], listed, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
               weight_decay=weight_decay, l1=l1, decoupled_weight_decay=decoupled_weight_decay,
-              amsgrad=amsgrad, maximize=maximize, step=step)
+              amsgrad=amsgrad, maximize=maximize, step=step, **extra)
 
 
 def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            exp_avg_sqs: ArrayOrList, max_exp_avg_sqs: Optional[ArrayOrList] = None, *,
            step: int, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
            eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
-           maximize: bool = False, l1: float = 0.0) -> None:
+           maximize: bool = False, l1: float = 0.0, stream: Any = None,
+           _plan: Any = None) -> None:
     """AdamW, as ``torch.optim.AdamW``: ``adam_`` with decoupled weight decay (default 1e-2)."""
     adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr, beta1=beta1,
           beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
-          amsgrad=amsgrad, maximize=maximize, l1=l1)
+          amsgrad=amsgrad, maximize=maximize, l1=l1, stream=stream, _plan=_plan)
 
 
 def sophia_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
             hessian_diags: ArrayOrList, *, lr: float, beta1: float = 0.965, rho: float = 0.04,
             weight_decay: float = 0.1, eps: float = 1e-15, maximize: bool = False,
-            l1: float = 0.0) -> None:
+            l1: float = 0.0, stream: Any = None, _plan: Any = None) -> None:
     """Sophia (clipped diagonal Newton, Liu et al. 2023), fused in one pass.
 
     g <- -g if maximize; m <- beta1*m + (1-beta1)*g; p <- p*(1 - lr*weight_decay);
@@ -168,14 +184,17 @@ def sophia_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
     l1 = real("l1", l1, lo=0.0)
     listed, p, lists = _arrays.prepare(params, grads=grads, exp_avgs=exp_avgs,
                                        hessian_diags=hessian_diags)
-    _cpu.sophia(p, lists["grads"], lists["exp_avgs"], lists["hessian_diags"], listed, lr=lr,
+    kernels, extra = _arrays.backend(p, stream, _plan)
+    kernels.sophia(p, lists["grads"], lists["exp_avgs"], lists["hessian_diags"], listed, lr=lr,
                 beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, l1=l1,
-                maximize=maximize)
+                maximize=maximize, **extra)
 
 
-def ema_(averages: ArrayOrList, samples: ArrayOrList, *, beta: float) -> None:
+def ema_(averages: ArrayOrList, samples: ArrayOrList, *, beta: float, stream: Any = None,
+         _plan: Any = None) -> None:
     """Exponential moving average in place: average <- beta*average + (1-beta)*sample."""
     beta = real("beta", beta, lo=0.0, hi=1.0)
     listed = isinstance(averages, (list, tuple))
     avg = _arrays.as_list("averages", averages, listed)
-    _cpu.ema(avg, _arrays.as_list("samples", samples, listed), listed, beta=beta)
+    kernels, extra = _arrays.backend(avg, stream, _plan)
+    kernels.ema(avg, _arrays.as_list("samples", samples, listed), listed, beta=beta, **extra)

@@ -1,7 +1,9 @@
 """Stateful optimizers over the functional steps: they own their state arrays.
 
-``opt = fastopt.Adam(params, lr=1e-3)`` takes one array or a list of arrays (NumPy, or
-PyTorch CPU tensors, updated in place), allocates zeroed state like each param, and
+``opt = fastopt.Adam(params, lr=1e-3)`` takes one array or a list of arrays (NumPy or
+PyTorch CPU tensors; PyTorch CUDA tensors or CuPy arrays for the GPU; updated in place),
+allocates zeroed state like each param (same library and device; float32 for 16-bit
+params), and
 ``opt.step(grads)`` (grads shaped like params) runs one fused multi-tensor step in one
 C++ call. ``lr`` is settable; ``schedule=`` (see ``fastopt.schedules``) maps the step
 index and ``lr`` to the rate used. ``state_dict()`` / ``load_state_dict()`` round-trip
@@ -15,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from . import _arrays, functional
+from . import _arrays, _build, functional
 from ._arrays import ArrayOrList
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Sophia"]
@@ -37,8 +39,12 @@ class Optimizer:
         self._state_args = state_args
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
-            _arrays.host_array(f"params[{i}]", a)
+            _arrays.param_array(f"params[{i}]", a)
             for i, a in enumerate(_arrays.as_list("params", params, self._listed))]
+        # On the GPU the checked launch tables are kept between steps (see
+        # fastopt._cuda.Plan): a step re-reads only arrays that changed (new grads).
+        on_device = bool(self.params) and _arrays.on_device(self.params[0])
+        self._plan = _build._cuda.Plan() if on_device and _build._cuda is not None else None
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}")
         self.schedule = schedule
@@ -46,8 +52,8 @@ class Optimizer:
         self.lr = lr
         self._validate_hyper(self._hyper)
         self._initial = dict(initial_state or {})
-        self.state: Dict[str, List[np.ndarray]] = {
-            name: [np.zeros_like(p, order="C") for p in self.params]
+        self.state: Dict[str, List[Any]] = {
+            name: [_arrays.state_like(f"params[{i}]", p) for i, p in enumerate(self.params)]
             for name in state_args if name is not None}
         self.zero_state()
 
@@ -90,8 +96,9 @@ class Optimizer:
         type(self)._step_fn(empty, empty, *states, **kwargs)
 
     # -- stepping --------------------------------------------------------------------------
-    def step(self, grads: ArrayOrList) -> None:
-        """One step with ``grads`` (an array, or a list aligned with params)."""
+    def step(self, grads: ArrayOrList, *, stream: Any = None) -> None:
+        """One step with ``grads`` (an array, or a list aligned with params). On the GPU it
+        is queued on ``stream`` (default: the params' library's current stream)."""
         t = self._step + 1
         lr = self.current_lr()
         states = [self._arg(name) for name in self._state_args]
@@ -99,7 +106,7 @@ class Optimizer:
         kwargs = dict(self._hyper, lr=lr)
         if self._takes_step:
             kwargs["step"] = t
-        type(self)._step_fn(params, grads, *states, **kwargs)
+        type(self)._step_fn(params, grads, *states, **kwargs, stream=stream, _plan=self._plan)
         self._step = t
 
     def _arg(self, name: Optional[str]) -> Any:
@@ -111,7 +118,7 @@ class Optimizer:
         """Reset every state array to its initial value and the step count to 0."""
         for name, arrays in self.state.items():
             for a in arrays:
-                a.fill(self._initial.get(name, 0.0))
+                _arrays.fill(a, self._initial.get(name, 0.0))
         self._step = 0
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -122,7 +129,8 @@ class Optimizer:
             "step": self._step,
             "lr": self._lr,
             "hyper": copy.deepcopy(self._hyper),
-            "state": {name: [a.copy() for a in arrays] for name, arrays in self.state.items()},
+            "state": {name: [_arrays.clone(a) for a in arrays]
+                      for name, arrays in self.state.items()},
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -154,13 +162,15 @@ class Optimizer:
                 raise ValueError(f"state_dict['state'][{name!r}]: expected {len(arrays)} arrays, "
                                  f"got {len(saved)}")
             for i, (own, s) in enumerate(zip(arrays, saved)):
-                s = np.asarray(s)
-                if s.shape != own.shape or s.dtype != own.dtype:
+                if not hasattr(s, "shape"):
+                    s = np.asarray(s)
+                if tuple(s.shape) != tuple(own.shape) or _arrays.dtype_name(s) != _arrays.dtype_name(own):
                     raise ValueError(f"state_dict['state'][{name!r}][{i}]: expected shape "
-                                     f"{own.shape} {own.dtype}, got {s.shape} {s.dtype}")
+                                     f"{tuple(own.shape)} {_arrays.dtype_name(own)}, got "
+                                     f"{tuple(s.shape)} {_arrays.dtype_name(s)}")
         for name, arrays in self.state.items():
             for own, s in zip(arrays, state[name]):
-                np.copyto(own, s)
+                _arrays.copy_into(own, s)
         self._step = int(step)
         self._lr = lr
         self._hyper = hyper
@@ -263,7 +273,11 @@ class Sophia(Optimizer):
                      maximize=maximize, l1=l1)
         super().__init__(params, lr=lr, schedule=schedule, hyper=hyper,
                          state_args=["exp_avgs", "hessian_diags"])
+        self._ema_plan = None if self._plan is None else _build._cuda.Plan()
 
-    def update_hessian(self, estimate: ArrayOrList, beta2: float = 0.99) -> None:
-        """hessian_diag <- beta2*hessian_diag + (1-beta2)*estimate (shaped like params)."""
-        functional.ema_(self._arg("hessian_diags"), estimate, beta=beta2)
+    def update_hessian(self, estimate: ArrayOrList, beta2: float = 0.99, *,
+                       stream: Any = None) -> None:
+        """hessian_diag <- beta2*hessian_diag + (1-beta2)*estimate (shaped like params;
+        float32 for 16-bit params, like the state)."""
+        functional.ema_(self._arg("hessian_diags"), estimate, beta=beta2, stream=stream,
+                        _plan=self._ema_plan)

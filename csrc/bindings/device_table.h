@@ -1,0 +1,504 @@
+// Turns aligned Python lists of CUDA arrays (PyTorch CUDA tensors, CuPy arrays, anything
+// with __cuda_array_interface__ or DLPack) into the launch tables of csrc/cuda, checking
+// every array before anything is launched: dtype, device, shape, contiguity, writability,
+// alignment and aliasing, with errors naming the argument ("grads[3]: ...").
+//
+// A DevicePlan can be kept between calls (the optimizer classes keep one): a call then
+// compares each list element with the object it saw last time and re-reads only what can
+// have changed, so a step over N unchanged arrays does no per-array parsing (PyTorch
+// tensors still get their data pointer re-read: `t.data = ...` can move them). New grads
+// each step cost one parse each; new params or state rebuild the plan.
+#pragma once
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+#include "bindings/overlap.h"
+#include "cuda/launch_table.h"
+
+namespace fastopt {
+namespace bindings {
+
+namespace py = pybind11;
+using cuda::DType;
+
+// Which element type a role's arrays must have: the params' own (params, grads, EMA
+// samples) or the state type (float32 for 16-bit params).
+enum class RoleKind { param, grad, state };
+
+struct DeviceRoleSpec {
+  const char* name;  // the Python argument name, used in error messages
+  py::handle list;   // a list of arrays, or None when the call does not use this role
+  RoleKind kind;
+  bool written;      // written arrays must be writeable and may not overlap anything
+};
+
+// Where an array sits in the call, for messages: "grads[3]" (or "grads" for a single array).
+struct Where {
+  const char* role;
+  size_t index;
+  bool listed;
+  std::string str() const {
+    return listed ? std::string(role) + "[" + std::to_string(index) + "]" : std::string(role);
+  }
+};
+
+inline const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::f32: return "float32";
+    case DType::f64: return "float64";
+    case DType::f16: return "float16";
+    case DType::bf16: return "bfloat16";
+  }
+  return "?";
+}
+
+// What the kernels need to know about one array.
+struct DeviceArray {
+  uintptr_t ptr = 0;
+  std::vector<int64_t> shape;
+  int64_t size = 1;
+  DType dtype = DType::f32;
+  int device = -1;          // -1: unknown (an empty array without memory)
+  bool contiguous = true;
+  bool readonly = false;
+  bool torch = false;       // a PyTorch tensor: its data pointer can move (t.data = ...)
+};
+
+// PyTorch's Tensor type and dtypes, registered by fastopt._arrays when a tensor is first
+// met (fastopt never imports torch itself). Tensors are read through data_ptr() & co.,
+// not __cuda_array_interface__, which refuses tensors that require grad (parameters).
+struct TorchTypes {
+  py::object tensor;
+  py::object dtypes[4];  // in DType order
+};
+inline TorchTypes*& torch_types() {
+  static TorchTypes* types = nullptr;  // never destroyed: no Python at exit
+  return types;
+}
+
+// ---- describing one array ------------------------------------------------------------------
+namespace dlpack {  // the DLPack ABI (dlpack.h, unversioned capsule "dltensor")
+struct Device { int32_t device_type, device_id; };
+struct DataType { uint8_t code, bits; uint16_t lanes; };
+struct Tensor {
+  void* data;
+  Device device;
+  int32_t ndim;
+  DataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+struct ManagedTensor {
+  Tensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(ManagedTensor*);
+};
+constexpr int kCPU = 1, kCUDA = 2, kCUDAHost = 3, kCUDAManaged = 13;
+constexpr uint8_t kFloat = 2, kBfloat = 4;
+}  // namespace dlpack
+
+[[noreturn]] inline void host_array_error(const Where& w, const std::string& what) {
+  throw py::type_error(w.str() + ": is " + what +
+                       ", but the params are CUDA arrays; all arrays of one call must be on "
+                       "the same device");
+}
+
+inline DType dtype_from_bits(const Where& w, bool bfloat, int bits, const std::string& shown) {
+  if (!bfloat && bits == 32) return DType::f32;
+  if (!bfloat && bits == 64) return DType::f64;
+  if (!bfloat && bits == 16) return DType::f16;
+  if (bfloat && bits == 16) return DType::bf16;
+  throw py::type_error(w.str() + ": dtype " + shown +
+                       " is not supported (float32, float64, float16 or bfloat16)");
+}
+
+// C-contiguity from element strides (dimensions of extent 1 may have any stride).
+inline bool c_contiguous(const std::vector<int64_t>& shape, const int64_t* strides) {
+  int64_t expected = 1;
+  for (size_t d = shape.size(); d-- > 0;) {
+    if (shape[d] != 1 && strides[d] != expected) return false;
+    expected *= shape[d];
+  }
+  return true;
+}
+
+inline void read_shape(DeviceArray& a, py::handle tuple) {
+  const py::tuple t = py::reinterpret_borrow<py::tuple>(tuple);
+  a.shape.resize(t.size());
+  a.size = 1;
+  for (size_t d = 0; d < t.size(); ++d) {
+    a.shape[d] = t[d].cast<int64_t>();
+    a.size *= a.shape[d];
+  }
+}
+
+inline void describe_torch(DeviceArray& a, py::handle obj, const Where& w) {
+  const TorchTypes& tt = *torch_types();
+  if (!obj.attr("is_cuda").cast<bool>())
+    host_array_error(w, "a " + py::str(obj.attr("device")).cast<std::string>() + " tensor");
+  const py::object dt = obj.attr("dtype");
+  int k = 0;
+  while (k < 4 && !dt.is(tt.dtypes[k])) ++k;
+  if (k == 4)
+    throw py::type_error(w.str() + ": dtype " + py::str(dt).cast<std::string>() +
+                         " is not supported (float32, float64, float16 or bfloat16)");
+  a.dtype = static_cast<DType>(k);
+  read_shape(a, obj.attr("shape"));
+  a.contiguous = obj.attr("is_contiguous")().cast<bool>();
+  a.device = obj.attr("get_device")().cast<int>();
+  a.ptr = obj.attr("data_ptr")().cast<uintptr_t>();
+  a.torch = true;
+}
+
+// The device holding ptr, or an error if it is not device memory.
+inline int device_of_pointer(uintptr_t ptr, const Where& w) {
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<void*>(ptr));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw py::value_error(w.str() + ": cannot query its pointer: " + cudaGetErrorString(err));
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    host_array_error(w, "in host memory (its __cuda_array_interface__ pointer is not device memory)");
+  return attr.device;
+}
+
+inline void describe_cai(DeviceArray& a, const py::dict& cai, const Where& w) {
+  read_shape(a, cai["shape"]);
+  const std::string typestr = cai["typestr"].cast<std::string>();
+  if (typestr.size() < 3 || (typestr[0] != '<' && typestr[0] != '=' && typestr[0] != '|') ||
+      typestr[1] != 'f')
+    throw py::type_error(w.str() + ": dtype " + typestr +
+                         " is not supported (float32, float64 or float16; bfloat16 through "
+                         "PyTorch or DLPack)");
+  a.dtype = dtype_from_bits(w, false, 8 * std::stoi(typestr.substr(2)), typestr);
+  const py::tuple data = cai["data"];
+  a.ptr = data[0].cast<uintptr_t>();
+  a.readonly = data[1].cast<bool>();
+  if (cai.contains("mask") && !cai["mask"].is_none())
+    throw py::type_error(w.str() + ": masked arrays are not supported");
+  if (cai.contains("strides") && !cai["strides"].is_none()) {
+    const py::tuple st = cai["strides"];
+    std::vector<int64_t> strides(st.size());
+    const int64_t item = cuda::element_size(a.dtype);
+    bool whole = strides.size() == a.shape.size();
+    for (size_t d = 0; whole && d < st.size(); ++d) {
+      const int64_t bytes = st[d].cast<int64_t>();
+      whole = bytes % item == 0;
+      strides[d] = bytes / item;
+    }
+    a.contiguous = whole && c_contiguous(a.shape, strides.data());
+  }
+  if (a.size > 0) a.device = device_of_pointer(a.ptr, w);
+}
+
+inline void describe_dlpack(DeviceArray& a, py::handle obj, const Where& w, intptr_t stream) {
+  const py::tuple dev = obj.attr("__dlpack_device__")();
+  const int type = dev[0].cast<int>();
+  if (type != dlpack::kCUDA && type != dlpack::kCUDAManaged)
+    host_array_error(w, "a DLPack array on device type " + std::to_string(type));
+  // The consumer names the stream it will use (1 = the legacy default stream).
+  const py::object capsule = obj.attr("__dlpack__")(py::arg("stream") = stream ? stream : 1);
+  auto* managed = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+  if (!managed) {
+    PyErr_Clear();
+    throw py::type_error(w.str() + ": __dlpack__ did not return a \"dltensor\" capsule");
+  }
+  const dlpack::Tensor& t = managed->dl_tensor;
+  if (t.dtype.lanes != 1 || (t.dtype.code != dlpack::kFloat && t.dtype.code != dlpack::kBfloat))
+    throw py::type_error(w.str() + ": DLPack dtype code " + std::to_string(t.dtype.code) +
+                         " is not supported (float32, float64, float16 or bfloat16)");
+  a.dtype = dtype_from_bits(w, t.dtype.code == dlpack::kBfloat, t.dtype.bits,
+                            "with " + std::to_string(t.dtype.bits) + " bits");
+  a.shape.assign(t.shape, t.shape + t.ndim);
+  a.size = 1;
+  for (int64_t e : a.shape) a.size *= e;
+  a.contiguous = t.strides == nullptr || c_contiguous(a.shape, t.strides);
+  a.ptr = reinterpret_cast<uintptr_t>(t.data) + t.byte_offset;
+  a.device = t.device.device_id;
+  // The capsule is released here; the memory stays owned by `obj`, which the plan holds.
+}
+
+inline DeviceArray describe(py::handle obj, const Where& w, intptr_t stream) {
+  DeviceArray a;
+  const TorchTypes* tt = torch_types();
+  if (tt && PyObject_IsInstance(obj.ptr(), tt->tensor.ptr()) == 1) {
+    describe_torch(a, obj, w);
+    return a;
+  }
+  py::object cai;
+  try {
+    cai = py::getattr(obj, "__cuda_array_interface__", py::none());
+  } catch (py::error_already_set& e) {
+    throw py::type_error(w.str() + ": its __cuda_array_interface__ failed: " + e.what());
+  }
+  if (!cai.is_none()) {
+    describe_cai(a, cai, w);
+    return a;
+  }
+  if (py::hasattr(obj, "__dlpack_device__")) {
+    describe_dlpack(a, obj, w, stream);
+    return a;
+  }
+  if (py::hasattr(obj, "__array_interface__"))
+    host_array_error(w, std::string("a host array (") + Py_TYPE(obj.ptr())->tp_name + ")");
+  throw py::type_error(w.str() + ": expected a CUDA array (a PyTorch CUDA tensor, a CuPy array, "
+                       "or an object with __cuda_array_interface__ or DLPack), got " +
+                       Py_TYPE(obj.ptr())->tp_name);
+}
+
+// ---- the plan ------------------------------------------------------------------------------
+class DevicePlan {
+ public:
+  // Checks the call's arrays and makes tables() describe them; on error raises and leaves
+  // the plan as it was. `stream` is passed to DLPack producers.
+  void update(std::initializer_list<DeviceRoleSpec> roles, bool listed, intptr_t stream) {
+    if (!same_structure(roles)) {
+      build(roles, listed, stream);
+      return;
+    }
+    // Elements that are not the objects seen last time (or tensors whose memory moved).
+    std::vector<std::pair<int, size_t>> changed;
+    bool rebuild = false;
+    int r = 0;
+    for (const DeviceRoleSpec& role : roles) {
+      if (!role.list.is_none()) {
+        PyObject* list = role.list.ptr();
+        std::vector<Entry>& entries = entries_[r];
+        for (size_t i = 0; i < entries.size(); ++i) {
+          PyObject* item = PyList_GET_ITEM(list, i);
+          const Entry& e = entries[i];
+          if (item == e.obj.ptr() &&
+              (!e.torch || py::handle(item).attr("data_ptr")().cast<uintptr_t>() == e.ptr))
+            continue;
+          if (r == 0 || role.written) rebuild = true;
+          changed.emplace_back(r, i);
+        }
+      }
+      ++r;
+    }
+    if (rebuild) build(roles, listed, stream);
+    else if (!changed.empty()) refresh_inputs(roles, changed, listed, stream);
+  }
+
+  const cuda::LaunchTables& tables() const { return tables_; }
+  DType dtype() const { return dtype_; }
+  int device() const { return device_; }
+  size_t num_tensors() const { return sizes_.size(); }
+
+ private:
+  struct Entry {
+    py::object obj;  // held: the memory must outlive the kernels queued on it
+    uintptr_t ptr = 0;
+    bool torch = false;
+  };
+
+  bool same_structure(std::initializer_list<DeviceRoleSpec> roles) const {
+    if (!built_ || roles.size() != num_roles_) return false;
+    int r = 0;
+    for (const DeviceRoleSpec& role : roles) {
+      const bool used = !role.list.is_none();
+      if (used != used_[r]) return false;
+      if (used && (!PyList_Check(role.list.ptr()) ||
+                   size_t(PyList_GET_SIZE(role.list.ptr())) != sizes_.size()))
+        return false;
+      ++r;
+    }
+    return true;
+  }
+
+  DType expected_dtype(RoleKind kind) const {
+    return kind == RoleKind::state ? cuda::state_dtype(dtype_) : dtype_;
+  }
+
+  // Describes the array and checks it against the params (index i of role `role`).
+  DeviceArray checked(py::handle obj, const DeviceRoleSpec& role, int r, size_t i, bool listed,
+                      intptr_t stream, bool* first) {
+    const Where w{role.name, i, listed};
+    DeviceArray a = describe(obj, w, stream);
+    if (*first) {
+      // params[0] fixes the call's dtype; the device is the first one seen.
+      dtype_ = a.dtype;
+      *first = false;
+    } else if (a.dtype != expected_dtype(role.kind)) {
+      throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) + " differs from the " +
+                           (role.kind == RoleKind::state ? "state type " : "params' ") +
+                           dtype_name(expected_dtype(role.kind)) +
+                           (role.kind == RoleKind::state && dtype_ != cuda::state_dtype(dtype_)
+                                ? " (state of 16-bit params is float32)"
+                                : "") +
+                           " (all arrays of one call share a dtype)");
+    }
+    if (a.device >= 0) {
+      if (device_ < 0) device_ = a.device;
+      else if (a.device != device_)
+        throw py::value_error(w.str() + ": is on CUDA device " + std::to_string(a.device) +
+                              " but the call's other arrays are on device " +
+                              std::to_string(device_));
+    }
+    if (r == 0) return a;
+    if (a.shape != shapes_[i])
+      throw py::value_error(w.str() + ": shape " + shape_str(a.shape) + " does not match " +
+                            Where{"params", i, listed}.str() + "'s shape " + shape_str(shapes_[i]));
+    check_layout(a, role, w);
+    return a;
+  }
+
+  static void check_layout(const DeviceArray& a, const DeviceRoleSpec& role, const Where& w) {
+    if (a.size == 0) return;
+    if (!a.contiguous)
+      throw py::value_error(w.str() + ": must be C-contiguous (make it contiguous and step the "
+                            "contiguous array you keep)");
+    if (a.ptr % cuda::element_size(a.dtype) != 0)
+      throw py::value_error(w.str() + ": data is not aligned to its dtype");
+    if (role.written && a.readonly)
+      throw py::value_error(w.str() + ": is read-only but is updated in place");
+  }
+
+  static std::string shape_str(const std::vector<int64_t>& s) {
+    std::string out = "(";
+    for (size_t d = 0; d < s.size(); ++d)
+      out += std::to_string(s[d]) + (s.size() == 1 ? "," : d + 1 < s.size() ? ", " : "");
+    return out + ")";
+  }
+
+  // Everything from scratch: describe and check every array, the aliasing sweep, tables.
+  void build(std::initializer_list<DeviceRoleSpec> roles, bool listed, intptr_t stream) {
+    DevicePlan next;
+    next.num_roles_ = roles.size();
+    const DeviceRoleSpec& ref = *roles.begin();
+    if (!PyList_Check(ref.list.ptr()))
+      throw py::type_error(std::string(ref.name) + ": expected a list of arrays");
+    const size_t n = size_t(PyList_GET_SIZE(ref.list.ptr()));
+    std::vector<Span> spans;
+    bool first = true;
+    int r = 0;
+    for (const DeviceRoleSpec& role : roles) {
+      next.used_[r] = !role.list.is_none();
+      next.kind_[r] = role.kind;
+      if (next.used_[r]) {
+        if (!PyList_Check(role.list.ptr()))
+          throw py::type_error(std::string(role.name) + ": expected a list of arrays");
+        const size_t len = size_t(PyList_GET_SIZE(role.list.ptr()));
+        if (len != n)
+          throw py::value_error(std::string(role.name) + ": expected " + std::to_string(n) +
+                                " arrays (one per entry of " + ref.name + "), got " +
+                                std::to_string(len));
+        next.entries_[r].resize(n);
+        for (size_t i = 0; i < n; ++i) {
+          py::handle item = PyList_GET_ITEM(role.list.ptr(), i);
+          const DeviceArray a = next.checked(item, role, r, i, listed, stream, &first);
+          if (r == 0) {
+            check_layout(a, role, Where{role.name, i, listed});
+            next.shapes_.push_back(a.shape);
+            next.sizes_.push_back(a.size);
+          }
+          next.entries_[r][i] = {py::reinterpret_borrow<py::object>(item), a.ptr, a.torch};
+          if (a.size > 0) {
+            const uintptr_t bytes = uintptr_t(a.size) * cuda::element_size(a.dtype);
+            spans.push_back({a.ptr, a.ptr + bytes, role.name, i, role.written});
+          }
+        }
+      }
+      ++r;
+    }
+    check_no_overlap(spans, [listed](const char* role, size_t i) { return Where{role, i, listed}.str(); });
+    for (const Span& s : spans)
+      if (s.written) next.written_.push_back(s);
+    std::sort(next.written_.begin(), next.written_.end(),
+              [](const Span& a, const Span& b) { return a.begin < b.begin; });
+    next.make_tables();
+    next.built_ = true;
+    *this = std::move(next);
+  }
+
+  // Only read-only inputs (grads, samples) changed: check the new ones against the params
+  // and against the written arrays, then patch their pointers into the tables.
+  void refresh_inputs(std::initializer_list<DeviceRoleSpec> roles,
+                      const std::vector<std::pair<int, size_t>>& changed, bool listed,
+                      intptr_t stream) {
+    std::vector<Entry> fresh;
+    fresh.reserve(changed.size());
+    bool first = false;
+    for (const auto& [r, i] : changed) {
+      const DeviceRoleSpec& role = roles.begin()[r];
+      py::handle item = PyList_GET_ITEM(role.list.ptr(), i);
+      const DeviceArray a = checked(item, role, r, i, listed, stream, &first);
+      if (a.size > 0) {
+        const uintptr_t end = a.ptr + uintptr_t(a.size) * cuda::element_size(a.dtype);
+        // written_ is sorted and disjoint: the first span ending after a.ptr is the only
+        // candidate for an overlap.
+        auto it = std::lower_bound(written_.begin(), written_.end(), a.ptr,
+                                   [](const Span& s, uintptr_t p) { return s.end <= p; });
+        if (it != written_.end() && it->begin < end)
+          throw py::value_error(Where{role.name, i, listed}.str() + " overlaps " +
+                                Where{it->role, it->index, listed}.str() +
+                                " in memory; arrays updated in place must not alias");
+      }
+      fresh.push_back({py::reinterpret_borrow<py::object>(item), a.ptr, a.torch});
+    }
+    for (size_t k = 0; k < changed.size(); ++k) {
+      const auto [r, i] = changed[k];
+      entries_[r][i] = std::move(fresh[k]);
+      const auto [t, slot] = slots_[i];
+      if (t >= 0) {
+        tables_[t].ptrs[r][slot] = reinterpret_cast<void*>(entries_[r][i].ptr);
+        tables_[t].vector_ok[slot] = vector_ok(i);
+      }
+    }
+  }
+
+  bool vector_ok(size_t i) const {
+    for (int r = 0; r < kMaxRoles; ++r) {
+      if (!used_[r]) continue;
+      const DType d = expected_dtype(kind_[r]);
+      if (entries_[r][i].ptr % cuda::vector_alignment(cuda::element_size(d)) != 0) return false;
+    }
+    return true;
+  }
+
+  void make_tables() {
+    tables_.clear();
+    slots_.assign(sizes_.size(), {-1, -1});
+    for (size_t i = 0; i < sizes_.size(); ++i) {
+      if (sizes_[i] == 0) continue;  // nothing to do: no blocks
+      if (tables_.empty() || tables_.back().num_tensors == cuda::kLaunchTensors ||
+          tables_.back().block_start[tables_.back().num_tensors] + blocks_of(sizes_[i]) > kMaxBlocks) {
+        tables_.emplace_back();
+        tables_.back().block_start[0] = 0;
+      }
+      cuda::LaunchTable& t = tables_.back();
+      const int k = t.num_tensors++;
+      t.size[k] = sizes_[i];
+      t.block_start[k + 1] = t.block_start[k] + blocks_of(sizes_[i]);
+      for (int q = 0; q < kMaxRoles; ++q)
+        t.ptrs[q][k] = used_[q] ? reinterpret_cast<void*>(entries_[q][i].ptr) : nullptr;
+      slots_[i] = {int(tables_.size() - 1), k};
+    }
+    for (size_t i = 0; i < sizes_.size(); ++i)
+      if (slots_[i].first >= 0) tables_[slots_[i].first].vector_ok[slots_[i].second] = vector_ok(i);
+  }
+
+  static int64_t blocks_of(int64_t size) { return (size + cuda::kChunk - 1) / cuda::kChunk; }
+  static constexpr int64_t kMaxBlocks = (int64_t(1) << 31) - 1;  // grid x limit
+
+  bool built_ = false;
+  size_t num_roles_ = 0;
+  bool used_[kMaxRoles] = {};
+  RoleKind kind_[kMaxRoles] = {};
+  std::vector<Entry> entries_[kMaxRoles];
+  std::vector<std::vector<int64_t>> shapes_;  // of the params
+  std::vector<int64_t> sizes_;
+  std::vector<Span> written_;                  // sorted by address, disjoint
+  std::vector<std::pair<int, int>> slots_;     // tensor -> (table, index), -1 when empty
+  cuda::LaunchTables tables_;
+  DType dtype_ = DType::f32;
+  int device_ = -1;
+};
+
+}  // namespace bindings
+}  // namespace fastopt

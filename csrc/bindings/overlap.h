@@ -1,0 +1,62 @@
+// The aliasing check shared by the host and device array tables: no array a call writes
+// may share memory with any other array of the call (read-only inputs may alias each
+// other). A sweep over the arrays' byte spans in address order.
+#pragma once
+#include <pybind11/pybind11.h>
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fastopt {
+namespace bindings {
+
+struct Span {
+  uintptr_t begin, end;
+  const char* role;
+  size_t index;
+  bool written;
+};
+
+// Raises ValueError naming both arrays ("grads[2] overlaps params[0]") via where(role, i).
+// Sorting is what costs (thousands of arrays per step), so it works on 16-byte keys, and
+// when each role's spans already lie in increasing address order (the usual result of
+// allocating a list of arrays in a loop) it merges those runs instead of sorting.
+template <class Where>
+void check_no_overlap(const std::vector<Span>& spans, const Where& where) {
+  using Key = std::pair<uintptr_t, uint32_t>;  // (begin, index into spans)
+  std::vector<Key> keys(spans.size());
+  std::vector<size_t> run_starts{0};
+  bool runs_sorted = true;
+  for (size_t k = 0; k < spans.size(); ++k) {
+    keys[k] = {spans[k].begin, uint32_t(k)};
+    if (k > 0 && spans[k].role != spans[k - 1].role) run_starts.push_back(k);
+    else if (k > 0 && spans[k].begin < spans[k - 1].begin) runs_sorted = false;
+  }
+  if (runs_sorted) {
+    for (size_t r = 1; r < run_starts.size(); ++r) {
+      const size_t end = r + 1 < run_starts.size() ? run_starts[r + 1] : keys.size();
+      std::inplace_merge(keys.begin(), keys.begin() + run_starts[r], keys.begin() + end);
+    }
+  } else {
+    std::sort(keys.begin(), keys.end());
+  }
+  const Span* reach_any = nullptr;      // earlier span reaching furthest
+  const Span* reach_written = nullptr;  // earlier written span reaching furthest
+  for (const Key& key : keys) {
+    const Span& s = spans[key.second];
+    const Span* hit = nullptr;
+    if (reach_written && s.begin < reach_written->end) hit = reach_written;
+    else if (s.written && reach_any && s.begin < reach_any->end) hit = reach_any;
+    if (hit)
+      throw pybind11::value_error(where(s.role, s.index) + " overlaps " +
+                                  where(hit->role, hit->index) +
+                                  " in memory; arrays updated in place must not alias");
+    if (!reach_any || s.end > reach_any->end) reach_any = &s;
+    if (s.written && (!reach_written || s.end > reach_written->end)) reach_written = &s;
+  }
+}
+
+}  // namespace bindings
+}  // namespace fastopt

@@ -1,0 +1,47 @@
+// The multi-tensor launch table: everything one launch of an elementwise optimizer kernel
+// needs to find its data. Each block processes kChunk consecutive elements of one tensor;
+// block_start is the prefix sum of blocks per tensor, so a block finds its tensor with a
+// block-uniform binary search. The table travels as the kernel's argument
+// (__grid_constant__; CUDA 12.1+ allows 32 KB of parameters), so a step needs no
+// host-to-device copy and no device buffer whose lifetime would be tied to a stream.
+// A call over more than kLaunchTensors tensors uses one launch per kLaunchTensors.
+// Plain C++: the bindings build tables, csrc/cuda/*.cu launch them.
+#pragma once
+#include <cstdint>
+#include <vector>
+#include "common/optim_params.h"
+
+namespace fastopt {
+namespace cuda {
+
+// Element type of params and grads. State is float32 for float16/bfloat16 params (the
+// math runs in float32 registers) and the params' type otherwise.
+enum class DType { f32, f64, f16, bf16 };
+
+constexpr int kBlockThreads = 256;
+constexpr int kVectorWidth = 4;        // elements per thread access: 16 B of float32
+constexpr int64_t kChunk = 16384;      // elements per block
+constexpr int kLaunchTensors = 384;    // tensors per launch (the table is ~22 KB)
+
+struct LaunchTable {
+  int32_t num_tensors = 0;
+  uint8_t vector_ok[kLaunchTensors];   // every pointer of the tensor allows vector access
+  int64_t block_start[kLaunchTensors + 1];
+  int64_t size[kLaunchTensors];        // elements
+  void* ptrs[kMaxRoles][kLaunchTensors];
+};
+static_assert(sizeof(LaunchTable) <= 32000, "a kernel argument holds at most 32764 bytes");
+
+using LaunchTables = std::vector<LaunchTable>;
+
+inline int element_size(DType d) { return d == DType::f64 ? 8 : d == DType::f32 ? 4 : 2; }
+// The state arrays' type for params of type d.
+inline DType state_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
+// Alignment a pointer to elements of `bytes` each needs for the vector path (loads and
+// stores of kVectorWidth elements, 16 B at most per access).
+inline uintptr_t vector_alignment(int bytes) {
+  return bytes * kVectorWidth < 16 ? uintptr_t(bytes) * kVectorWidth : 16;
+}
+
+}  // namespace cuda
+}  // namespace fastopt
