@@ -7,7 +7,9 @@
 // compares each list element with the object it saw last time and re-reads only what can
 // have changed, so a step over N unchanged arrays does no per-array parsing (PyTorch
 // tensors still get their data pointer re-read: `t.data = ...` can move them). New grads
-// each step cost one parse each; new params or state rebuild the plan.
+// each step cost one parse each; new params or state rebuild the plan. The state arrays are
+// taken to be the optimizer's own: replacing the storage of one of them in place
+// (`t.data = ...`) is not seen.
 #pragma once
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
@@ -136,21 +138,32 @@ inline void read_shape(DeviceArray& a, py::handle tuple) {
   }
 }
 
+// Attribute names as interned strings, created once (pybind's attr("name") would build a
+// new string on every access; a step over a thousand tensors makes thousands of these).
+inline py::handle interned(const char* name) {
+  return PyUnicode_InternFromString(name);  // leaked on purpose: one per call site
+}
+#define FASTOPT_ATTR(obj, name) (obj).attr([] { static py::handle n = interned(name); return n; }())
+
+inline uintptr_t torch_data_ptr(py::handle obj) {
+  return FASTOPT_ATTR(obj, "data_ptr")().cast<uintptr_t>();
+}
+
 inline void describe_torch(DeviceArray& a, py::handle obj, const Where& w) {
   const TorchTypes& tt = *torch_types();
-  if (!obj.attr("is_cuda").cast<bool>())
+  a.device = FASTOPT_ATTR(obj, "get_device")().cast<int>();  // -1 for CPU tensors
+  if (a.device < 0)
     host_array_error(w, "a " + py::str(obj.attr("device")).cast<std::string>() + " tensor");
-  const py::object dt = obj.attr("dtype");
+  const py::object dt = FASTOPT_ATTR(obj, "dtype");
   int k = 0;
   while (k < 4 && !dt.is(tt.dtypes[k])) ++k;
   if (k == 4)
     throw py::type_error(w.str() + ": dtype " + py::str(dt).cast<std::string>() +
                          " is not supported (float32, float64, float16 or bfloat16)");
   a.dtype = static_cast<DType>(k);
-  read_shape(a, obj.attr("shape"));
-  a.contiguous = obj.attr("is_contiguous")().cast<bool>();
-  a.device = obj.attr("get_device")().cast<int>();
-  a.ptr = obj.attr("data_ptr")().cast<uintptr_t>();
+  read_shape(a, FASTOPT_ATTR(obj, "shape"));
+  a.contiguous = FASTOPT_ATTR(obj, "is_contiguous")().cast<bool>();
+  a.ptr = torch_data_ptr(obj);
   a.torch = true;
 }
 
@@ -272,8 +285,10 @@ class DevicePlan {
         for (size_t i = 0; i < entries.size(); ++i) {
           PyObject* item = PyList_GET_ITEM(list, i);
           const Entry& e = entries[i];
+          // The state arrays are the optimizer's own: only the caller's arrays (params,
+          // grads) can have had their storage replaced.
           if (item == e.obj.ptr() &&
-              (!e.torch || py::handle(item).attr("data_ptr")().cast<uintptr_t>() == e.ptr))
+              (!e.torch || role.kind == RoleKind::state || torch_data_ptr(item) == e.ptr))
             continue;
           if (r == 0 || role.written) rebuild = true;
           changed.emplace_back(r, i);
