@@ -4,16 +4,19 @@
 // given stream without synchronising. It imports on machines without a GPU or driver;
 // device_status() then says why CUDA is not usable.
 #include <cuda_runtime.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <string>
 #include "bindings/device_table.h"
 #include "cuda/device_info.h"
 #include "cuda/optim_kernels.h"
+#include "cuda/quant_kernels.h"
 #include "cuda_build_info.h"
 
 namespace py = pybind11;
 namespace cuda = fastopt::cuda;
+using fastopt::bindings::DeviceArray;
 using fastopt::bindings::DevicePlan;
 using fastopt::bindings::RoleKind;
 
@@ -157,6 +160,156 @@ void ema(py::list averages, py::list samples, bool listed, double beta, intptr_t
       [&](const cuda::LaunchTables& t, cuda::DType d, cudaStream_t s) { cuda::ema(t, d, beta, s); });
 }
 
+// ---- quantization: dtypes, shapes and out= are checked in fastopt/quant.py -------------
+
+using HostFloats = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// One argument of a quantization call, checked for layout.
+DeviceArray quant_arg(py::handle obj, const char* name, intptr_t stream, bool written) {
+  const fastopt::bindings::Where w{name, 0, false};
+  DeviceArray a = fastopt::bindings::describe(obj, w, stream);
+  fastopt::bindings::check_layout(a, w, written);
+  return a;
+}
+
+// The call's device (all arrays on one), its stream checked against it; outputs may not
+// overlap anything.
+int quant_device(std::initializer_list<std::pair<const char*, const DeviceArray*>> args,
+                 size_t num_written, intptr_t stream) {
+  int device = -1;
+  std::vector<fastopt::bindings::Span> spans;
+  size_t k = 0;
+  for (const auto& [name, a] : args) {
+    if (a->device >= 0 && device >= 0 && a->device != device)
+      throw py::value_error(std::string(name) + ": is on CUDA device " + std::to_string(a->device) +
+                            " but the other arrays are on device " + std::to_string(device));
+    if (a->device >= 0) device = a->device;
+    if (a->size > 0)
+      spans.push_back({a->ptr, a->ptr + uintptr_t(a->size) * cuda::element_size(a->dtype), name, 0,
+                       k < num_written});
+    ++k;
+  }
+  fastopt::bindings::check_no_overlap(spans, [](const char* role, size_t) { return std::string(role); });
+  check_stream_device(stream, device);
+  return device;
+}
+
+// Device memory for one call (the first-bad index, per-channel parameters), freed in
+// stream order after the kernels that use it.
+class Scratch {
+ public:
+  Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
+    DeviceGuard::check(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync");
+  }
+  ~Scratch() { cudaFreeAsync(ptr_, stream_); }
+  template <class T> T* at(size_t byte_offset) const {
+    return reinterpret_cast<T*>(static_cast<char*>(ptr_) + byte_offset);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+// Uploads first_bad = ~0 and the per-channel scales and zero points (float32).
+void upload(const Scratch& scratch, const HostFloats& scales,
+            const HostFloats& zero_points, size_t channels, cudaStream_t s) {
+  DeviceGuard::check(cudaMemsetAsync(scratch.at<void>(0), 0xff, 8, s), "cudaMemsetAsync");
+  DeviceGuard::check(cudaMemcpyAsync(scratch.at<void>(8), scales.data(), 4 * channels,
+                                     cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
+  DeviceGuard::check(cudaMemcpyAsync(scratch.at<void>(8 + 4 * channels), zero_points.data(),
+                                     4 * channels, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
+}
+
+// Waits for the stream (the GIL released) and returns the first non-finite index, or -1.
+int64_t first_bad(const Scratch& scratch, cudaStream_t s) {
+  unsigned long long bad = 0;
+  DeviceGuard::check(cudaMemcpyAsync(&bad, scratch.at<void>(0), 8, cudaMemcpyDeviceToHost, s),
+                     "cudaMemcpyAsync");
+  {
+    py::gil_scoped_release release;
+    DeviceGuard::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+  }
+  return bad == ~0ull ? -1 : static_cast<int64_t>(bad);
+}
+
+int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_t block,
+                           bool stochastic, uint64_t seed, intptr_t stream) {
+  const DeviceArray ax = quant_arg(x, "x", stream, false), aq = quant_arg(q, "q", stream, true),
+                    am = quant_arg(absmax, "absmax", stream, true);
+  DeviceGuard guard(quant_device({{"q", &aq}, {"absmax", &am}, {"x", &ax}}, 2, stream));
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  Scratch scratch(8, s);
+  DeviceGuard::check(cudaMemsetAsync(scratch.at<void>(0), 0xff, 8, s), "cudaMemsetAsync");
+  cuda::quantize_blockwise(ax.dtype, reinterpret_cast<const void*>(ax.ptr),
+                           reinterpret_cast<int8_t*>(aq.ptr), reinterpret_cast<float*>(am.ptr),
+                           ax.size, block, stochastic, seed, scratch.at<unsigned long long>(0), s);
+  return first_bad(scratch, s);
+}
+
+void dequantize_blockwise(py::object q, py::object absmax, py::object x, int64_t block,
+                          intptr_t stream) {
+  const DeviceArray aq = quant_arg(q, "q", stream, false),
+                    am = quant_arg(absmax, "absmax", stream, false),
+                    ax = quant_arg(x, "out", stream, true);
+  DeviceGuard guard(quant_device({{"out", &ax}, {"q", &aq}, {"absmax", &am}}, 1, stream));
+  cuda::dequantize_blockwise(reinterpret_cast<const int8_t*>(aq.ptr),
+                             reinterpret_cast<const float*>(am.ptr), reinterpret_cast<float*>(ax.ptr),
+                             aq.size, block, reinterpret_cast<cudaStream_t>(stream));
+}
+
+int64_t quantize_affine(py::object x, py::object q, bool unsigned_q, int64_t channels,
+                        int64_t inner, HostFloats scales,
+                        HostFloats zero_points,
+                        intptr_t stream) {
+  const DeviceArray ax = quant_arg(x, "x", stream, false), aq = quant_arg(q, "q", stream, true);
+  DeviceGuard guard(quant_device({{"q", &aq}, {"x", &ax}}, 1, stream));
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const size_t c = size_t(channels);
+  Scratch scratch(8 + 8 * c, s);
+  upload(scratch, scales, zero_points, c, s);
+  cuda::quantize_affine(ax.dtype, reinterpret_cast<const void*>(ax.ptr), reinterpret_cast<void*>(aq.ptr),
+                        unsigned_q, ax.size, channels, inner, scratch.at<float>(8),
+                        scratch.at<float>(8 + 4 * c), scratch.at<unsigned long long>(0), s);
+  return first_bad(scratch, s);
+}
+
+void dequantize_affine(py::object q, bool unsigned_q, py::object x, int64_t channels,
+                       int64_t inner, HostFloats scales,
+                       HostFloats zero_points,
+                       intptr_t stream) {
+  const DeviceArray aq = quant_arg(q, "q", stream, false), ax = quant_arg(x, "out", stream, true);
+  DeviceGuard guard(quant_device({{"out", &ax}, {"q", &aq}}, 1, stream));
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const size_t c = size_t(channels);
+  Scratch scratch(8 + 8 * c, s);
+  upload(scratch, scales, zero_points, c, s);
+  cuda::dequantize_affine(reinterpret_cast<const void*>(aq.ptr), unsigned_q,
+                          reinterpret_cast<float*>(ax.ptr), aq.size, channels, inner,
+                          scratch.at<float>(8), scratch.at<float>(8 + 4 * c), s);
+}
+
+// dst <- src (same size in bytes), device to device on the stream.
+void copy(py::object dst, py::object src, intptr_t stream) {
+  const DeviceArray ad = quant_arg(dst, "out", stream, true), as = quant_arg(src, "src", stream, false);
+  DeviceGuard guard(quant_device({{"out", &ad}, {"src", &as}}, 1, stream));
+  const size_t bytes = size_t(ad.size) * cuda::element_size(ad.dtype);
+  if (bytes != size_t(as.size) * cuda::element_size(as.dtype))
+    throw py::value_error("out: size differs from the result's");
+  if (bytes)
+    DeviceGuard::check(cudaMemcpyAsync(reinterpret_cast<void*>(ad.ptr), reinterpret_cast<const void*>(as.ptr),
+                                       bytes, cudaMemcpyDeviceToDevice,
+                                       reinterpret_cast<cudaStream_t>(stream)), "cudaMemcpyAsync");
+}
+
+// (dtype name, shape, device) of a CUDA array, for the checks in Python.
+py::tuple describe(py::object obj, const char* name, intptr_t stream) {
+  const DeviceArray a = fastopt::bindings::describe(obj, {name, 0, false}, stream);
+  py::tuple shape(a.shape.size());
+  for (size_t d = 0; d < a.shape.size(); ++d) shape[d] = py::int_(a.shape[d]);
+  return py::make_tuple(fastopt::bindings::dtype_name(a.dtype), shape, a.device);
+}
+
 py::dict device_status() {
   const cuda::DeviceStatus s = cuda::device_status();
   py::dict d;
@@ -203,14 +356,28 @@ PYBIND11_MODULE(_cuda, m) {
         arg("l1"), arg("maximize"), arg("stream"), plan);
   m.def("ema", &ema, arg("averages"), arg("samples"), arg("listed"), arg("beta"), arg("stream"),
         plan);
-  m.def("set_torch_types", [](py::object tensor, py::object f32, py::object f64, py::object f16,
-                              py::object bf16) {
-    auto* t = fastopt::bindings::torch_types();
-    if (!t) t = fastopt::bindings::torch_types() = new fastopt::bindings::TorchTypes();
+  m.def("quantize_blockwise", &quantize_blockwise, arg("x"), arg("q"), arg("absmax"),
+        arg("block"), arg("stochastic"), arg("seed"), arg("stream"),
+        "Returns the first non-finite index of x, or -1 (waits for the stream)");
+  m.def("dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("x"),
+        arg("block"), arg("stream"));
+  m.def("quantize_affine", &quantize_affine, arg("x"), arg("q"), arg("unsigned_q"),
+        arg("channels"), arg("inner"), arg("scales"), arg("zero_points"), arg("stream"),
+        "Returns the first non-finite index of x, or -1 (waits for the stream)");
+  m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("unsigned_q"), arg("x"),
+        arg("channels"), arg("inner"), arg("scales"), arg("zero_points"), arg("stream"));
+  m.def("copy", &copy, arg("dst"), arg("src"), arg("stream"));
+  m.def("describe", &describe, arg("obj"), arg("name"), arg("stream") = 0,
+        "(dtype, shape, device) of a CUDA array; raises naming `name` if it is not one");
+  m.def("set_torch_types", [](py::object tensor, py::tuple dtypes) {
+    if (dtypes.size() != cuda::kNumDTypes) throw py::value_error("dtypes: expected 6 dtypes");
+    auto*& t = fastopt::bindings::torch_types();
+    if (!t) t = new fastopt::bindings::TorchTypes();
     t->tensor = tensor;
-    t->dtypes[0] = f32; t->dtypes[1] = f64; t->dtypes[2] = f16; t->dtypes[3] = bf16;
-  }, arg("tensor"), arg("float32"), arg("float64"), arg("float16"), arg("bfloat16"),
-     "Registers torch.Tensor and its float dtypes (called by fastopt when torch is in use)");
+    for (int k = 0; k < cuda::kNumDTypes; ++k) t->dtypes[k] = dtypes[k];
+  }, arg("tensor"), arg("dtypes"),
+     "Registers torch.Tensor and its dtypes float32, float64, float16, bfloat16, int8, "
+     "uint8 (called by fastopt when torch is in use)");
   m.def("device_status", &device_status,
         "Whether a CUDA device is usable, and if not, why (runtime linked statically).");
 }

@@ -53,6 +53,8 @@ inline const char* dtype_name(DType d) {
     case DType::f64: return "float64";
     case DType::f16: return "float16";
     case DType::bf16: return "bfloat16";
+    case DType::i8: return "int8";
+    case DType::u8: return "uint8";
   }
   return "?";
 }
@@ -74,7 +76,7 @@ struct DeviceArray {
 // not __cuda_array_interface__, which refuses tensors that require grad (parameters).
 struct TorchTypes {
   py::object tensor;
-  py::object dtypes[4];  // in DType order
+  py::object dtypes[cuda::kNumDTypes];  // in DType order
 };
 inline TorchTypes*& torch_types() {
   static TorchTypes* types = nullptr;  // never destroyed: no Python at exit
@@ -109,13 +111,17 @@ constexpr uint8_t kFloat = 2, kBfloat = 4;
                        "the same device");
 }
 
-inline DType dtype_from_bits(const Where& w, bool bfloat, int bits, const std::string& shown) {
-  if (!bfloat && bits == 32) return DType::f32;
-  if (!bfloat && bits == 64) return DType::f64;
-  if (!bfloat && bits == 16) return DType::f16;
-  if (bfloat && bits == 16) return DType::bf16;
-  throw py::type_error(w.str() + ": dtype " + shown +
-                       " is not supported (float32, float64, float16 or bfloat16)");
+constexpr const char* kSupported = " is not supported (float32, float64, float16, bfloat16, int8 or uint8)";
+
+// kind: 'f' float, 'b' bfloat, 'i' signed, 'u' unsigned integer.
+inline DType dtype_from_bits(const Where& w, char kind, int bits, const std::string& shown) {
+  if (kind == 'f' && bits == 32) return DType::f32;
+  if (kind == 'f' && bits == 64) return DType::f64;
+  if (kind == 'f' && bits == 16) return DType::f16;
+  if (kind == 'b' && bits == 16) return DType::bf16;
+  if (kind == 'i' && bits == 8) return DType::i8;
+  if (kind == 'u' && bits == 8) return DType::u8;
+  throw py::type_error(w.str() + ": dtype " + shown + kSupported);
 }
 
 // C-contiguity from element strides (dimensions of extent 1 may have any stride).
@@ -156,10 +162,9 @@ inline void describe_torch(DeviceArray& a, py::handle obj, const Where& w) {
     host_array_error(w, "a " + py::str(obj.attr("device")).cast<std::string>() + " tensor");
   const py::object dt = FASTOPT_ATTR(obj, "dtype");
   int k = 0;
-  while (k < 4 && !dt.is(tt.dtypes[k])) ++k;
-  if (k == 4)
-    throw py::type_error(w.str() + ": dtype " + py::str(dt).cast<std::string>() +
-                         " is not supported (float32, float64, float16 or bfloat16)");
+  while (k < cuda::kNumDTypes && !dt.is(tt.dtypes[k])) ++k;
+  if (k == cuda::kNumDTypes)
+    throw py::type_error(w.str() + ": dtype " + py::str(dt).cast<std::string>() + kSupported);
   a.dtype = static_cast<DType>(k);
   read_shape(a, FASTOPT_ATTR(obj, "shape"));
   a.contiguous = FASTOPT_ATTR(obj, "is_contiguous")().cast<bool>();
@@ -184,11 +189,11 @@ inline void describe_cai(DeviceArray& a, const py::dict& cai, const Where& w) {
   read_shape(a, cai["shape"]);
   const std::string typestr = cai["typestr"].cast<std::string>();
   if (typestr.size() < 3 || (typestr[0] != '<' && typestr[0] != '=' && typestr[0] != '|') ||
-      typestr[1] != 'f')
-    throw py::type_error(w.str() + ": dtype " + typestr +
-                         " is not supported (float32, float64 or float16; bfloat16 through "
-                         "PyTorch or DLPack)");
-  a.dtype = dtype_from_bits(w, false, 8 * std::stoi(typestr.substr(2)), typestr);
+      (typestr[1] != 'f' && typestr[1] != 'i' && typestr[1] != 'u') ||
+      typestr.find_first_not_of("0123456789", 2) != std::string::npos)
+    throw py::type_error(w.str() + ": dtype " + typestr + kSupported +
+                         " (bfloat16 through PyTorch or DLPack)");
+  a.dtype = dtype_from_bits(w, typestr[1], 8 * std::stoi(typestr.substr(2)), typestr);
   const py::tuple data = cai["data"];
   a.ptr = data[0].cast<uintptr_t>();
   a.readonly = data[1].cast<bool>();
@@ -222,11 +227,12 @@ inline void describe_dlpack(DeviceArray& a, py::handle obj, const Where& w, intp
     throw py::type_error(w.str() + ": __dlpack__ did not return a \"dltensor\" capsule");
   }
   const dlpack::Tensor& t = managed->dl_tensor;
-  if (t.dtype.lanes != 1 || (t.dtype.code != dlpack::kFloat && t.dtype.code != dlpack::kBfloat))
-    throw py::type_error(w.str() + ": DLPack dtype code " + std::to_string(t.dtype.code) +
-                         " is not supported (float32, float64, float16 or bfloat16)");
-  a.dtype = dtype_from_bits(w, t.dtype.code == dlpack::kBfloat, t.dtype.bits,
-                            "with " + std::to_string(t.dtype.bits) + " bits");
+  static const char kinds[] = {'i', 'u', 'f', '?', 'b'};  // DLPack type codes 0..4
+  if (t.dtype.lanes != 1 || t.dtype.code > dlpack::kBfloat)
+    throw py::type_error(w.str() + ": DLPack dtype code " + std::to_string(t.dtype.code) + kSupported);
+  a.dtype = dtype_from_bits(w, kinds[t.dtype.code], t.dtype.bits,
+                            "code " + std::to_string(t.dtype.code) + " with " +
+                            std::to_string(t.dtype.bits) + " bits");
   a.shape.assign(t.shape, t.shape + t.ndim);
   a.size = 1;
   for (int64_t e : a.shape) a.size *= e;
@@ -262,6 +268,18 @@ inline DeviceArray describe(py::handle obj, const Where& w, intptr_t stream) {
   throw py::type_error(w.str() + ": expected a CUDA array (a PyTorch CUDA tensor, a CuPy array, "
                        "or an object with __cuda_array_interface__ or DLPack), got " +
                        Py_TYPE(obj.ptr())->tp_name);
+}
+
+// Contiguous, aligned to its dtype, and writeable if `written` (zero-size arrays pass).
+inline void check_layout(const DeviceArray& a, const Where& w, bool written) {
+  if (a.size == 0) return;
+  if (!a.contiguous)
+    throw py::value_error(w.str() + ": must be C-contiguous (make it contiguous and step the "
+                          "contiguous array you keep)");
+  if (a.ptr % cuda::element_size(a.dtype) != 0)
+    throw py::value_error(w.str() + ": data is not aligned to its dtype");
+  if (written && a.readonly)
+    throw py::value_error(w.str() + ": is read-only but is updated in place");
 }
 
 // ---- the plan ------------------------------------------------------------------------------
@@ -337,6 +355,9 @@ class DevicePlan {
     DeviceArray a = describe(obj, w, stream);
     if (*first) {
       // params[0] fixes the call's dtype; the device is the first one seen.
+      if (!cuda::is_float(a.dtype))
+        throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) +
+                             " is not supported (float32, float64, float16 or bfloat16)");
       dtype_ = a.dtype;
       *first = false;
     } else if (a.dtype != expected_dtype(role.kind)) {
@@ -359,19 +380,8 @@ class DevicePlan {
     if (a.shape != shapes_[i])
       throw py::value_error(w.str() + ": shape " + shape_str(a.shape) + " does not match " +
                             Where{"params", i, listed}.str() + "'s shape " + shape_str(shapes_[i]));
-    check_layout(a, role, w);
+    check_layout(a, w, role.written);
     return a;
-  }
-
-  static void check_layout(const DeviceArray& a, const DeviceRoleSpec& role, const Where& w) {
-    if (a.size == 0) return;
-    if (!a.contiguous)
-      throw py::value_error(w.str() + ": must be C-contiguous (make it contiguous and step the "
-                            "contiguous array you keep)");
-    if (a.ptr % cuda::element_size(a.dtype) != 0)
-      throw py::value_error(w.str() + ": data is not aligned to its dtype");
-    if (role.written && a.readonly)
-      throw py::value_error(w.str() + ": is read-only but is updated in place");
   }
 
   static std::string shape_str(const std::vector<int64_t>& s) {
@@ -408,7 +418,7 @@ class DevicePlan {
           py::handle item = PyList_GET_ITEM(role.list.ptr(), i);
           const DeviceArray a = next.checked(item, role, r, i, listed, stream, &first);
           if (r == 0) {
-            check_layout(a, role, Where{role.name, i, listed});
+            check_layout(a, Where{role.name, i, listed}, role.written);
             next.shapes_.push_back(a.shape);
             next.sizes_.push_back(a.size);
           }

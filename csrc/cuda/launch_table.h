@@ -14,9 +14,12 @@
 namespace fastopt {
 namespace cuda {
 
-// Element type of params and grads. State is float32 for float16/bfloat16 params (the
-// math runs in float32 registers) and the params' type otherwise.
-enum class DType { f32, f64, f16, bf16 };
+// Element types of device arrays. Optimizer params and grads are one of the four float
+// types; their state is float32 for float16/bfloat16 params (the math runs in float32
+// registers) and the params' type otherwise. int8/uint8 are quantized data.
+enum class DType { f32, f64, f16, bf16, i8, u8 };
+constexpr int kNumDTypes = 6;
+inline bool is_float(DType d) { return d != DType::i8 && d != DType::u8; }
 
 constexpr int kBlockThreads = 256;
 constexpr int kVectorWidth = 4;        // elements per thread access: 16 B of float32
@@ -34,7 +37,9 @@ static_assert(sizeof(LaunchTable) <= 32000, "a kernel argument holds at most 327
 
 using LaunchTables = std::vector<LaunchTable>;
 
-inline int element_size(DType d) { return d == DType::f64 ? 8 : d == DType::f32 ? 4 : 2; }
+inline int element_size(DType d) {
+  return d == DType::f64 ? 8 : d == DType::f32 ? 4 : is_float(d) ? 2 : 1;
+}
 // The state arrays' type for params of type d.
 inline DType state_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
 // Alignment a pointer to elements of `bytes` each needs for the vector path (loads and

@@ -111,7 +111,15 @@ multi_tensor_kernel(const __grid_constant__ LaunchTable table, const Op op) {
   }
 }
 
-// Launches the kernel once per table on `stream`; a launch error is raised naming the kernel.
+// Raises the error of the launch just made, if any, naming the kernel.
+inline void check_launch(const char* name) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fastopt: CUDA kernel ") + name + " failed: " +
+                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+// Launches the kernel once per table on `stream`.
 template <class Op>
 void launch_multi_tensor(const char* name, const LaunchTables& tables, const Op& op,
                          cudaStream_t stream) {
@@ -119,10 +127,7 @@ void launch_multi_tensor(const char* name, const LaunchTables& tables, const Op&
     const int64_t blocks = t.block_start[t.num_tensors];
     if (blocks == 0) continue;
     multi_tensor_kernel<Op><<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(t, op);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess)
-      throw std::runtime_error(std::string("fastopt: CUDA kernel ") + name + " failed: " +
-                               cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+    check_launch(name);
   }
 }
 

@@ -87,8 +87,8 @@ def _register_torch(cuda_module: Any) -> None:
     global _torch_registered
     import torch
 
-    cuda_module.set_torch_types(torch.Tensor, torch.float32, torch.float64, torch.float16,
-                                torch.bfloat16)
+    cuda_module.set_torch_types(torch.Tensor, (torch.float32, torch.float64, torch.float16,
+                                               torch.bfloat16, torch.int8, torch.uint8))
     _torch_registered = True
 
 
@@ -174,6 +174,22 @@ def state_like(name: str, a: Any) -> Any:
             return cupy.zeros(a.shape, dtype)
     raise TypeError(f"{name}: the optimizer classes allocate state with PyTorch or CuPy; "
                     f"{type(a).__name__} arrays can be stepped with the functional API")
+
+
+def device_empty(like: Any, shape: Tuple[int, ...], dtype: str) -> Any:
+    """An uninitialised C-contiguous CUDA array of ``dtype`` ("int8", "float32", ...) from
+    ``like``'s library (PyTorch or CuPy) on its device."""
+    if _is_torch(like):
+        import torch
+
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
+    if _is_cupy(like):
+        import cupy
+
+        with like.device:
+            return cupy.empty(shape, dtype)
+    raise TypeError(f"{type(like).__name__}: fastopt allocates results with PyTorch or CuPy; "
+                    "pass out= for other CUDA arrays")
 
 
 def fill(a: Any, value: float) -> None:

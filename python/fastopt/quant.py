@@ -2,8 +2,11 @@
 half to even or stochastic rounding.
 
 Inputs are float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` for NumPy) NumPy arrays
-or PyTorch CPU tensors; outputs come back as the input's kind of array, or go into
-``out=``. All arithmetic is float32 and follows ``fastopt.reference`` (same float32
+or PyTorch CPU tensors, or CUDA arrays (PyTorch CUDA tensors, CuPy arrays; run by the CUDA
+kernels on ``stream=``, default the library's current stream, with results identical to
+the CPU's); outputs come back as the input's kind of array, or go into ``out=``. On the
+GPU the quantizing functions wait for their stream once, to report non-finite input;
+``choose_qparams`` is CPU-only so far. All arithmetic is float32 and follows ``fastopt.reference`` (same float32
 operations: results are exact, not approximate). Non-finite input raises ``ValueError``
 naming the first bad element, and nothing is written to caller-provided outputs.
 
@@ -20,6 +23,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
+from . import _arrays
 from ._arrays import host_array, real
 from ._build import _cpu
 
@@ -155,8 +159,57 @@ def _check_out(out: Optional[np.ndarray], shape: Tuple[int, ...], dtype: np.dtyp
             raise ValueError(f"{name}: overlaps an input in memory")
 
 
+# ---- CUDA arrays: checked here, run by fastopt._cuda ---------------------------------------
+
+def _cuda_call(x: Any, stream: Any) -> Tuple[Any, int]:
+    """(fastopt._cuda, stream handle) for a call on CUDA array ``x``."""
+    kernels, extra = _arrays.backend([x], stream)
+    return kernels, extra["stream"]
+
+
+def _device_input(cuda: Any, name: str, x: Any, allowed: Tuple[str, ...]) -> Tuple[str, Tuple[int, ...]]:
+    dtype, shape, _ = cuda.describe(x, name)
+    if dtype not in allowed:
+        raise TypeError(f"{name}: dtype {dtype} is not supported ({', '.join(allowed)})")
+    return dtype, tuple(shape)
+
+
+def _device_output(cuda: Any, name: str, out: Any, like: Any, shape: Tuple[int, ...],
+                   dtype: str) -> Any:
+    """``out`` checked against (shape, dtype), or a new array like ``like``'s library."""
+    if out is None:
+        return _arrays.device_empty(like, shape, dtype)
+    got_dtype, got_shape, _ = cuda.describe(out, name)
+    if tuple(got_shape) != shape or got_dtype != dtype:
+        raise ValueError(f"{name}: expected shape {shape} and dtype {dtype}, got "
+                         f"{tuple(got_shape)} {got_dtype}")
+    return out
+
+
+def _device_quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: Optional[int],
+                            qdt: np.dtype, out: Any, stream: Any) -> Any:
+    cuda, handle = _cuda_call(x, stream)
+    _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
+    if axis is not None and scales.shape != (shape[axis],):
+        raise ValueError(f"scales: expected shape ({shape[axis]},), got {scales.shape}")
+    _device_output(cuda, "out", out, x, shape, qdt.name)
+    target = _arrays.device_empty(x, shape, qdt.name)  # out only receives a clean result
+    channels, inner = _layout(shape, axis)
+    if int(np.prod(shape, dtype=np.int64)):
+        bad = cuda.quantize_affine(x, target, qdt == np.uint8, channels, inner, scales, zps,
+                                   handle)
+        if bad >= 0:
+            _raise_nonfinite("x", shape, bad)
+    if out is None:
+        return target
+    cuda.copy(out, target, handle)
+    return out
+
+
 def _quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: Optional[int],
-                     qdt: np.dtype, out: Optional[np.ndarray]) -> Any:
+                     qdt: np.dtype, out: Optional[np.ndarray], stream: Any = None) -> Any:
+    if _arrays.on_device(x):
+        return _device_quantize_affine(x, scales, zps, axis, qdt, out, stream)
     a, in_type, kind = _float_input("x", x)
     _check_out(out, a.shape, qdt, "out", a)
     channels, inner = _layout(a.shape, axis)
@@ -173,31 +226,34 @@ def _quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: Optional
 
 
 def quantize_per_tensor(x: Any, scale: float, zero_point: int, dtype: str = "int8", *,
-                        out: Optional[np.ndarray] = None) -> Any:
+                        out: Optional[Any] = None, stream: Any = None) -> Any:
     """q = clamp(rint(x / scale) + zero_point, qmin, qmax), round half to even, as
     ``torch.quantize_per_tensor(...).int_repr()``; int8 [-128, 127] or uint8 [0, 255]."""
     qdt, qmin, qmax = _qdtype(dtype)
     s = np.array([_scale("scale", scale)], dtype=np.float32)
     z = np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32)
-    return _quantize_affine(x, s, z, None, qdt, out)
+    return _quantize_affine(x, s, z, None, qdt, out, stream)
 
 
 def quantize_per_channel(x: Any, scales: Any, zero_points: Any, axis: int,
-                         dtype: str = "int8", *, out: Optional[np.ndarray] = None) -> Any:
+                         dtype: str = "int8", *, out: Optional[Any] = None,
+                         stream: Any = None) -> Any:
     """Per-channel affine quantization along ``axis``: channel c uses scales[c] and
     zero_points[c]; as ``torch.quantize_per_channel(...).int_repr()``."""
     qdt, qmin, qmax = _qdtype(dtype)
-    a, _, _ = _float_input("x", x)
-    ax = _axis(axis, a.ndim)
-    s, z = _channel_params(scales, zero_points, a.shape[ax], qmin, qmax)
-    return _quantize_affine(x, s, z, ax, qdt, out)
+    shape = tuple(x.shape) if _arrays.on_device(x) else _float_input("x", x)[0].shape
+    ax = _axis(axis, len(shape))
+    s, z = _channel_params(scales, zero_points, shape[ax], qmin, qmax)
+    return _quantize_affine(x, s, z, ax, qdt, out, stream)
 
 
 def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
                axis: Optional[int] = None, out_dtype: str = "float32", *,
-               out: Optional[np.ndarray] = None) -> Any:
+               out: Optional[Any] = None, stream: Any = None) -> Any:
     """x = (q - zero_point) * scale in float32; per channel along ``axis`` when given
     (scale and zero_point then 1-D)."""
+    if _arrays.on_device(q):
+        return _device_dequantize(q, scale, zero_point, axis, out_dtype, out, stream)
     a, kind = _host("q", q)
     if a.dtype not in (np.int8, np.uint8):
         raise TypeError(f"q: dtype {a.dtype} is not supported (int8 or uint8)")
@@ -219,6 +275,26 @@ def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
     return target if out is not None else kind.wrap(target)
 
 
+def _device_dequantize(q: Any, scale: Any, zero_point: Any, axis: Optional[int], out_dtype: str,
+                       out: Any, stream: Any) -> Any:
+    cuda, handle = _cuda_call(q, stream)
+    qname, shape = _device_input(cuda, "q", q, ("int8", "uint8"))
+    if out_dtype not in ("float32", np.float32):
+        raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
+    _, qmin, qmax = _qdtype(qname)
+    if axis is None:
+        s = np.array([_scale("scale", scale)], dtype=np.float32)
+        z = np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32)
+    else:
+        axis = _axis(axis, len(shape))
+        s, z = _channel_params(scale, zero_point, shape[axis], qmin, qmax)
+    target = _device_output(cuda, "out", out, q, shape, "float32")
+    if int(np.prod(shape, dtype=np.int64)):
+        channels, inner = _layout(shape, axis)
+        cuda.dequantize_affine(q, qname == "uint8", target, channels, inner, s, z, handle)
+    return target
+
+
 def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None,
                    dtype: str = "int8") -> Tuple[Any, Any]:
     """Min/max observer: (scale, zero_point) per tensor (float, int) or per channel along
@@ -231,6 +307,9 @@ def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None
     never 0. A channel with no elements gives scale eps, zero_point as for 0.
     """
     qdt, qmin, qmax = _qdtype(dtype)
+    if _arrays.on_device(x):
+        raise TypeError("x: choose_qparams runs on the CPU only so far; pass a host copy "
+                        "(its min/max observer reads the data once)")
     a, in_type, _ = _float_input("x", x)
     if not isinstance(symmetric, (bool, np.bool_)):
         raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
@@ -273,8 +352,8 @@ def _block_size(block_size: Any) -> int:
 
 
 def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "nearest",
-                       seed: Optional[int] = None,
-                       out: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[Any, Any]:
+                       seed: Optional[int] = None, out: Optional[Tuple[Any, Any]] = None,
+                       stream: Any = None) -> Tuple[Any, Any]:
     """(q, absmax): over consecutive blocks of ``block_size`` elements of the flattened x
     (the last block may be partial), absmax = max |x| (float32, one per block) and
     q = rint(x * (127 / absmax)) in [-127, 127] (int8, shaped like x); an all-zero block
@@ -293,11 +372,14 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
     elif isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) \
             or not 0 <= int(seed) < 2**64:
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
+    if out is not None and (not isinstance(out, tuple) or len(out) != 2):
+        raise TypeError("out: expected a tuple (q, absmax)")
+    if _arrays.on_device(x):
+        return _device_quantize_blockwise(x, block, rounding == "stochastic", int(seed), out,
+                                          stream)
     a, in_type, kind = _float_input("x", x)
     blocks = -(-a.size // block)
     if out is not None:
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise TypeError("out: expected a tuple (q, absmax)")
         _check_out(out[0], a.shape, np.dtype(np.int8), "out[0]", a)
         _check_out(out[1], (blocks,), np.dtype(np.float32), "out[1]", a, out[0])
     q = np.empty(a.shape, dtype=np.int8)
@@ -314,11 +396,53 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
     return kind.wrap(q), kind.wrap(absmax)
 
 
+def _device_quantize_blockwise(x: Any, block: int, stochastic: bool, seed: int,
+                               out: Optional[Tuple[Any, Any]], stream: Any) -> Tuple[Any, Any]:
+    cuda, handle = _cuda_call(x, stream)
+    _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
+    n = int(np.prod(shape, dtype=np.int64))
+    blocks = -(-n // block)
+    if out is not None:
+        _device_output(cuda, "out[0]", out[0], x, shape, "int8")
+        _device_output(cuda, "out[1]", out[1], x, (blocks,), "float32")
+    q = _arrays.device_empty(x, shape, "int8")  # out only receives a clean result
+    absmax = _arrays.device_empty(x, (blocks,), "float32")
+    if n:
+        bad = cuda.quantize_blockwise(x, q, absmax, min(block, n), stochastic, seed, handle)
+        if bad >= 0:
+            _raise_nonfinite("x", shape, bad)
+    if out is None:
+        return q, absmax
+    cuda.copy(out[0], q, handle)
+    cuda.copy(out[1], absmax, handle)
+    return out
+
+
+def _device_dequantize_blockwise(q: Any, absmax: Any, block: int, out_dtype: str, out: Any,
+                                 stream: Any) -> Any:
+    cuda, handle = _cuda_call(q, stream)
+    _, shape = _device_input(cuda, "q", q, ("int8",))
+    _, am_shape = _device_input(cuda, "absmax", absmax, ("float32",))
+    n = int(np.prod(shape, dtype=np.int64))
+    blocks = -(-n // block)
+    if am_shape != (blocks,):
+        raise ValueError(f"absmax: expected shape ({blocks},) for {n} elements in blocks "
+                         f"of {block}, got {am_shape}")
+    if out_dtype not in ("float32", np.float32):
+        raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
+    target = _device_output(cuda, "out", out, q, shape, "float32")
+    if n:
+        cuda.dequantize_blockwise(q, absmax, target, min(block, n), handle)
+    return target
+
+
 def dequantize_blockwise(q: Any, absmax: Any, block_size: int = 256,
-                         out_dtype: str = "float32", *,
-                         out: Optional[np.ndarray] = None) -> Any:
+                         out_dtype: str = "float32", *, out: Optional[Any] = None,
+                         stream: Any = None) -> Any:
     """x = q * (absmax / 127) per block of ``block_size`` consecutive elements, float32."""
     block = _block_size(block_size)
+    if _arrays.on_device(q):
+        return _device_dequantize_blockwise(q, absmax, block, out_dtype, out, stream)
     qa, kind = _host("q", q)
     am, _ = _host("absmax", absmax)
     if qa.dtype != np.int8:

@@ -1,0 +1,214 @@
+// CUDA int8 quantization: blockwise (absmax per block of consecutive elements; read 4 B
+// (2 B for 16-bit input), write 1 B per element + 4 B per block) and affine per tensor or
+// per channel, and their inverses. The formulas are common/quant.h, the ones the CPU
+// kernels use, so results agree bit for bit (stochastic rounding included: the uniform
+// comes from a counter-based hash of (seed, element index)).
+//
+// Blockwise layout: a group of threads per quant block -- one warp for blocks up to
+// kWarpBlockMax elements, the whole thread block for larger ones -- reduces the absmax
+// with shuffles, then quantizes the (cached) block. Lanes stride by the group size, so
+// every access is coalesced.
+#include <climits>
+#include "common/quant.h"
+#include "cuda/multi_tensor.cuh"
+#include "cuda/quant_kernels.h"
+
+FASTOPT_ISA_BEGIN
+namespace {
+
+using cuda::check_launch;
+using cuda::to_math;
+
+constexpr int kThreads = 256;
+constexpr int64_t kWarpBlockMax = 4096;
+constexpr int64_t kMaxGrid = int64_t(1) << 20;  // grid-stride beyond this many thread blocks
+
+unsigned grid_for(int64_t work_items, int64_t per_block) {
+  const int64_t blocks = (work_items + per_block - 1) / per_block;
+  return unsigned(blocks < 1 ? 1 : blocks < kMaxGrid ? blocks : kMaxGrid);
+}
+
+// Max over the kGroup threads of a group (a warp, or all kThreads of the block).
+template <int kGroup>
+__device__ float group_max(float v, float* shared) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  if constexpr (kGroup == 32) {
+    return v;
+  } else {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // the previous block's reads of `shared` are done
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < kGroup / 32 ? shared[lane] : 0.0f;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+      v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+  }
+}
+
+template <int kGroup, class In>
+__global__ void __launch_bounds__(kThreads)
+quantize_blockwise_kernel(const In* __restrict__ x, int8_t* __restrict__ q,
+                          float* __restrict__ absmax, int64_t n, int64_t block,
+                          bool stochastic, uint32_t key, unsigned long long* first_bad) {
+  __shared__ float shared[kThreads / 32];
+  constexpr int kGroups = kThreads / kGroup;
+  const int lane = threadIdx.x % kGroup;
+  const int64_t blocks = (n + block - 1) / block;
+  // b is uniform over a group, so a group's shuffles and barriers see all its threads.
+  for (int64_t b = int64_t(blockIdx.x) * kGroups + threadIdx.x / kGroup; b < blocks;
+       b += int64_t(gridDim.x) * kGroups) {
+    const int64_t begin = b * block, end = begin + block < n ? begin + block : n;
+    float m = 0.0f;
+    int64_t bad = LLONG_MAX;
+    for (int64_t e = begin + lane; e < end; e += kGroup) {
+      const float v = to_math(x[e]);
+      if (!is_finite(v) && e < bad) bad = e;
+      m = fmaxf(m, fabsf(v));
+    }
+    if (bad != LLONG_MAX) atomicMin(first_bad, static_cast<unsigned long long>(bad));
+    m = group_max<kGroup>(m, shared);
+    const float pre = blockwise_prescale(m), factor = blockwise_factor(m, pre);
+    for (int64_t e = begin + lane; e < end; e += kGroup) {
+      const float v = (to_math(x[e]) * pre) * factor;
+      const float r = stochastic ? blockwise_stochastic(v, uniform24(key, uint64_t(e)))
+                                 : blockwise_nearest(v);
+      q[e] = static_cast<int8_t>(static_cast<int>(r));
+    }
+    if (lane == 0) absmax[b] = m;
+  }
+}
+
+template <int kGroup>
+__global__ void __launch_bounds__(kThreads)
+dequantize_blockwise_kernel(const int8_t* __restrict__ q, const float* __restrict__ absmax,
+                            float* __restrict__ x, int64_t n, int64_t block) {
+  constexpr int kGroups = kThreads / kGroup;
+  const int lane = threadIdx.x % kGroup;
+  const int64_t blocks = (n + block - 1) / block;
+  for (int64_t b = int64_t(blockIdx.x) * kGroups + threadIdx.x / kGroup; b < blocks;
+       b += int64_t(gridDim.x) * kGroups) {
+    const int64_t begin = b * block, end = begin + block < n ? begin + block : n;
+    const float scale = blockwise_scale(absmax[b]);
+    for (int64_t e = begin + lane; e < end; e += kGroup) x[e] = float(q[e]) * scale;
+  }
+}
+
+template <class In, class Q>
+__global__ void __launch_bounds__(kThreads)
+quantize_affine_kernel(const In* __restrict__ x, Q* __restrict__ q, int64_t n, int64_t channels,
+                       int64_t inner, const float* __restrict__ scales,
+                       const float* __restrict__ zero_points, float qmin, float qmax,
+                       unsigned long long* first_bad) {
+  int64_t bad = LLONG_MAX;
+  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * kThreads) {
+    const int64_t c = channels == 1 ? 0 : (e / inner) % channels;
+    const float v = to_math(x[e]);
+    if (!is_finite(v) && e < bad) bad = e;
+    q[e] = static_cast<Q>(static_cast<int>(quantize_affine(v, scales[c], zero_points[c], qmin, qmax)));
+  }
+  if (bad != LLONG_MAX) atomicMin(first_bad, static_cast<unsigned long long>(bad));
+}
+
+template <class Q>
+__global__ void __launch_bounds__(kThreads)
+dequantize_affine_kernel(const Q* __restrict__ q, float* __restrict__ x, int64_t n,
+                         int64_t channels, int64_t inner, const float* __restrict__ scales,
+                         const float* __restrict__ zero_points) {
+  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * kThreads) {
+    const int64_t c = channels == 1 ? 0 : (e / inner) % channels;
+    x[e] = dequantize_affine(float(q[e]), scales[c], zero_points[c]);
+  }
+}
+
+template <class In>
+void launch_quantize_blockwise(const void* x, int8_t* q, float* absmax, int64_t n, int64_t block,
+                               bool stochastic, uint64_t seed, unsigned long long* first_bad,
+                               cudaStream_t s) {
+  const In* in = static_cast<const In*>(x);
+  const int64_t blocks = (n + block - 1) / block;
+  const uint32_t key = seed_key(seed);
+  if (block <= kWarpBlockMax)
+    quantize_blockwise_kernel<32, In><<<grid_for(blocks, kThreads / 32), kThreads, 0, s>>>(
+        in, q, absmax, n, block, stochastic, key, first_bad);
+  else
+    quantize_blockwise_kernel<kThreads, In><<<grid_for(blocks, 1), kThreads, 0, s>>>(
+        in, q, absmax, n, block, stochastic, key, first_bad);
+  check_launch("quantize_blockwise");
+}
+
+template <class In>
+void launch_quantize_affine(const void* x, void* q, bool unsigned_q, int64_t n, int64_t channels,
+                            int64_t inner, const float* scales, const float* zps,
+                            unsigned long long* first_bad, cudaStream_t s) {
+  const In* in = static_cast<const In*>(x);
+  const unsigned grid = grid_for(n, kThreads);
+  if (unsigned_q)
+    quantize_affine_kernel<In, uint8_t><<<grid, kThreads, 0, s>>>(
+        in, static_cast<uint8_t*>(q), n, channels, inner, scales, zps, 0.0f, 255.0f, first_bad);
+  else
+    quantize_affine_kernel<In, int8_t><<<grid, kThreads, 0, s>>>(
+        in, static_cast<int8_t*>(q), n, channels, inner, scales, zps, -128.0f, 127.0f, first_bad);
+  check_launch("quantize_affine");
+}
+
+// Calls fn<In> for the float input type.
+#define FASTOPT_BY_INPUT(in, fn, ...)                                        \
+  switch (in) {                                                              \
+    case cuda::DType::f16: fn<__half>(__VA_ARGS__); break;                   \
+    case cuda::DType::bf16: fn<__nv_bfloat16>(__VA_ARGS__); break;           \
+    default: fn<float>(__VA_ARGS__); break;                                  \
+  }
+
+}  // namespace
+FASTOPT_ISA_END
+
+namespace fastopt {
+namespace cuda {
+
+void quantize_blockwise(DType in, const void* x, int8_t* q, float* absmax, int64_t n,
+                        int64_t block, bool stochastic, uint64_t seed,
+                        unsigned long long* first_bad, cudaStream_t s) {
+  FASTOPT_BY_INPUT(in, launch_quantize_blockwise, x, q, absmax, n, block, stochastic, seed,
+                   first_bad, s);
+}
+
+void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+                          int64_t block, cudaStream_t s) {
+  const int64_t blocks = (n + block - 1) / block;
+  if (block <= kWarpBlockMax)
+    dequantize_blockwise_kernel<32><<<grid_for(blocks, kThreads / 32), kThreads, 0, s>>>(
+        q, absmax, x, n, block);
+  else
+    dequantize_blockwise_kernel<kThreads><<<grid_for(blocks, 1), kThreads, 0, s>>>(
+        q, absmax, x, n, block);
+  check_launch("dequantize_blockwise");
+}
+
+void quantize_affine(DType in, const void* x, void* q, bool unsigned_q, int64_t n,
+                     int64_t channels, int64_t inner, const float* scales,
+                     const float* zero_points, unsigned long long* first_bad, cudaStream_t s) {
+  FASTOPT_BY_INPUT(in, launch_quantize_affine, x, q, unsigned_q, n, channels, inner, scales,
+                   zero_points, first_bad, s);
+}
+
+void dequantize_affine(const void* q, bool unsigned_q, float* x, int64_t n, int64_t channels,
+                       int64_t inner, const float* scales, const float* zero_points,
+                       cudaStream_t s) {
+  const unsigned grid = grid_for(n, kThreads);
+  if (unsigned_q)
+    dequantize_affine_kernel<uint8_t><<<grid, kThreads, 0, s>>>(
+        static_cast<const uint8_t*>(q), x, n, channels, inner, scales, zero_points);
+  else
+    dequantize_affine_kernel<int8_t><<<grid, kThreads, 0, s>>>(
+        static_cast<const int8_t*>(q), x, n, channels, inner, scales, zero_points);
+  check_launch("dequantize_affine");
+}
+
+}  // namespace cuda
+}  // namespace fastopt

@@ -1,0 +1,30 @@
+// Entry points of the CUDA int8 quantization kernels (quant_kernels.cu): the formulas of
+// common/quant.h, so results equal the CPU kernels bit for bit (nearest and stochastic).
+// Inputs float32, float16 or bfloat16 (`in`); all pointers are device memory. Kernels that
+// read floats atomically lower *first_bad (initialised to ~0ull by the caller) to the
+// index of a non-finite element, the first such index per lane.
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+#include "cuda/launch_table.h"
+
+namespace fastopt {
+namespace cuda {
+
+// Blocks of `block` consecutive elements: absmax per block and q = rint(x * 127/absmax).
+void quantize_blockwise(DType in, const void* x, int8_t* q, float* absmax, int64_t n,
+                        int64_t block, bool stochastic, uint64_t seed,
+                        unsigned long long* first_bad, cudaStream_t stream);
+void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+                          int64_t block, cudaStream_t stream);
+// Affine, element e in channel (e / inner) % channels (per tensor: channels = 1).
+void quantize_affine(DType in, const void* x, void* q, bool unsigned_q, int64_t n,
+                     int64_t channels, int64_t inner, const float* scales,
+                     const float* zero_points, unsigned long long* first_bad,
+                     cudaStream_t stream);
+void dequantize_affine(const void* q, bool unsigned_q, float* x, int64_t n, int64_t channels,
+                       int64_t inner, const float* scales, const float* zero_points,
+                       cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastopt
