@@ -167,6 +167,11 @@ def _cuda_call(x: Any, stream: Any) -> Tuple[Any, int]:
     return kernels, extra["stream"]
 
 
+def _host_only(stream: Any) -> None:
+    if stream is not None:
+        raise ValueError("stream: only applies to CUDA arrays; this input is a host array")
+
+
 def _device_input(cuda: Any, name: str, x: Any, allowed: Tuple[str, ...]) -> Tuple[str, Tuple[int, ...]]:
     dtype, shape, _ = cuda.describe(x, name)
     if dtype not in allowed:
@@ -210,6 +215,7 @@ def _quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: Optional
                      qdt: np.dtype, out: Optional[np.ndarray], stream: Any = None) -> Any:
     if _arrays.on_device(x):
         return _device_quantize_affine(x, scales, zps, axis, qdt, out, stream)
+    _host_only(stream)
     a, in_type, kind = _float_input("x", x)
     _check_out(out, a.shape, qdt, "out", a)
     channels, inner = _layout(a.shape, axis)
@@ -254,6 +260,7 @@ def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
     (scale and zero_point then 1-D)."""
     if _arrays.on_device(q):
         return _device_dequantize(q, scale, zero_point, axis, out_dtype, out, stream)
+    _host_only(stream)
     a, kind = _host("q", q)
     if a.dtype not in (np.int8, np.uint8):
         raise TypeError(f"q: dtype {a.dtype} is not supported (int8 or uint8)")
@@ -377,6 +384,7 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
     if _arrays.on_device(x):
         return _device_quantize_blockwise(x, block, rounding == "stochastic", int(seed), out,
                                           stream)
+    _host_only(stream)
     a, in_type, kind = _float_input("x", x)
     blocks = -(-a.size // block)
     if out is not None:
@@ -443,6 +451,7 @@ def dequantize_blockwise(q: Any, absmax: Any, block_size: int = 256,
     block = _block_size(block_size)
     if _arrays.on_device(q):
         return _device_dequantize_blockwise(q, absmax, block, out_dtype, out, stream)
+    _host_only(stream)
     qa, kind = _host("q", q)
     am, _ = _host("absmax", absmax)
     if qa.dtype != np.int8:
