@@ -10,6 +10,7 @@
 #include <string>
 #include "bindings/device_table.h"
 #include "cuda/device_info.h"
+#include "cuda/newton_kernels.h"
 #include "cuda/optim_kernels.h"
 #include "cuda/quant_kernels.h"
 #include "cuda_build_info.h"
@@ -160,12 +161,13 @@ void ema(py::list averages, py::list samples, bool listed, double beta, intptr_t
       [&](const cuda::LaunchTables& t, cuda::DType d, cudaStream_t s) { cuda::ema(t, d, beta, s); });
 }
 
-// ---- quantization: dtypes, shapes and out= are checked in fastopt/quant.py -------------
+// ---- quantization and Newton: dtypes, shapes and out= are checked in fastopt/quant.py and
+// fastopt/newton.py; here the layout, devices and aliasing ------------------------------
 
 using HostFloats = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
-// One argument of a quantization call, checked for layout.
-DeviceArray quant_arg(py::handle obj, const char* name, intptr_t stream, bool written) {
+// One array argument of a call, checked for layout.
+DeviceArray call_arg(py::handle obj, const char* name, intptr_t stream, bool written) {
   const fastopt::bindings::Where w{name, 0, false};
   DeviceArray a = fastopt::bindings::describe(obj, w, stream);
   fastopt::bindings::check_layout(a, w, written);
@@ -174,7 +176,7 @@ DeviceArray quant_arg(py::handle obj, const char* name, intptr_t stream, bool wr
 
 // The call's device (all arrays on one), its stream checked against it; outputs may not
 // overlap anything.
-int quant_device(std::initializer_list<std::pair<const char*, const DeviceArray*>> args,
+int call_device(std::initializer_list<std::pair<const char*, const DeviceArray*>> args,
                  size_t num_written, intptr_t stream) {
   int device = -1;
   std::vector<fastopt::bindings::Span> spans;
@@ -194,14 +196,16 @@ int quant_device(std::initializer_list<std::pair<const char*, const DeviceArray*
   return device;
 }
 
-// Device memory for one call (the first-bad index, per-channel parameters), freed in
-// stream order after the kernels that use it.
+// Device memory for one call (the first-bad index, per-channel parameters, a factor),
+// freed in stream order after the kernels that use it.
 class Scratch {
  public:
   Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    DeviceGuard::check(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync");
+    if (bytes) DeviceGuard::check(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync");
   }
-  ~Scratch() { cudaFreeAsync(ptr_, stream_); }
+  ~Scratch() {
+    if (ptr_) cudaFreeAsync(ptr_, stream_);
+  }
   template <class T> T* at(size_t byte_offset) const {
     return reinterpret_cast<T*>(static_cast<char*>(ptr_) + byte_offset);
   }
@@ -235,9 +239,9 @@ int64_t first_bad(const Scratch& scratch, cudaStream_t s) {
 
 int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_t block,
                            bool stochastic, uint64_t seed, intptr_t stream) {
-  const DeviceArray ax = quant_arg(x, "x", stream, false), aq = quant_arg(q, "q", stream, true),
-                    am = quant_arg(absmax, "absmax", stream, true);
-  DeviceGuard guard(quant_device({{"q", &aq}, {"absmax", &am}, {"x", &ax}}, 2, stream));
+  const DeviceArray ax = call_arg(x, "x", stream, false), aq = call_arg(q, "q", stream, true),
+                    am = call_arg(absmax, "absmax", stream, true);
+  DeviceGuard guard(call_device({{"q", &aq}, {"absmax", &am}, {"x", &ax}}, 2, stream));
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   Scratch scratch(8, s);
   DeviceGuard::check(cudaMemsetAsync(scratch.at<void>(0), 0xff, 8, s), "cudaMemsetAsync");
@@ -249,10 +253,10 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
 
 void dequantize_blockwise(py::object q, py::object absmax, py::object x, int64_t block,
                           intptr_t stream) {
-  const DeviceArray aq = quant_arg(q, "q", stream, false),
-                    am = quant_arg(absmax, "absmax", stream, false),
-                    ax = quant_arg(x, "out", stream, true);
-  DeviceGuard guard(quant_device({{"out", &ax}, {"q", &aq}, {"absmax", &am}}, 1, stream));
+  const DeviceArray aq = call_arg(q, "q", stream, false),
+                    am = call_arg(absmax, "absmax", stream, false),
+                    ax = call_arg(x, "out", stream, true);
+  DeviceGuard guard(call_device({{"out", &ax}, {"q", &aq}, {"absmax", &am}}, 1, stream));
   cuda::dequantize_blockwise(reinterpret_cast<const int8_t*>(aq.ptr),
                              reinterpret_cast<const float*>(am.ptr), reinterpret_cast<float*>(ax.ptr),
                              aq.size, block, reinterpret_cast<cudaStream_t>(stream));
@@ -262,8 +266,8 @@ int64_t quantize_affine(py::object x, py::object q, bool unsigned_q, int64_t cha
                         int64_t inner, HostFloats scales,
                         HostFloats zero_points,
                         intptr_t stream) {
-  const DeviceArray ax = quant_arg(x, "x", stream, false), aq = quant_arg(q, "q", stream, true);
-  DeviceGuard guard(quant_device({{"q", &aq}, {"x", &ax}}, 1, stream));
+  const DeviceArray ax = call_arg(x, "x", stream, false), aq = call_arg(q, "q", stream, true);
+  DeviceGuard guard(call_device({{"q", &aq}, {"x", &ax}}, 1, stream));
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   const size_t c = size_t(channels);
   Scratch scratch(8 + 8 * c, s);
@@ -278,8 +282,8 @@ void dequantize_affine(py::object q, bool unsigned_q, py::object x, int64_t chan
                        int64_t inner, HostFloats scales,
                        HostFloats zero_points,
                        intptr_t stream) {
-  const DeviceArray aq = quant_arg(q, "q", stream, false), ax = quant_arg(x, "out", stream, true);
-  DeviceGuard guard(quant_device({{"out", &ax}, {"q", &aq}}, 1, stream));
+  const DeviceArray aq = call_arg(q, "q", stream, false), ax = call_arg(x, "out", stream, true);
+  DeviceGuard guard(call_device({{"out", &ax}, {"q", &aq}}, 1, stream));
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   const size_t c = size_t(channels);
   Scratch scratch(8 + 8 * c, s);
@@ -289,10 +293,37 @@ void dequantize_affine(py::object q, bool unsigned_q, py::object x, int64_t chan
                           scratch.at<float>(8), scratch.at<float>(8 + 4 * c), s);
 }
 
+// Batched damped Newton, phase 1: d and the solved flags (uint8) of every system.
+void newton_solve(py::object hessians, py::object grads, py::object d, py::object solved,
+                  int64_t batch, int64_t n, double damping, intptr_t stream) {
+  const DeviceArray ah = call_arg(hessians, "hessians", stream, false),
+                    ag = call_arg(grads, "grads", stream, false),
+                    ad = call_arg(d, "d", stream, true), as = call_arg(solved, "solved", stream, true);
+  DeviceGuard guard(call_device({{"d", &ad}, {"solved", &as}, {"hessians", &ah}, {"grads", &ag}}, 2, stream));
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  Scratch scratch(size_t(cuda::newton_scratch_elements(batch, n)) * cuda::element_size(ah.dtype), s);
+  cuda::newton_solve(ah.dtype, reinterpret_cast<const void*>(ah.ptr), reinterpret_cast<const void*>(ag.ptr),
+                     reinterpret_cast<void*>(ad.ptr), reinterpret_cast<uint8_t*>(as.ptr), batch, n,
+                     damping, scratch.at<void>(0), s);
+}
+
+// Phase 2: p <- p - lr*d for the systems with use[b] (all when use is None).
+void newton_apply(py::object params, py::object d, py::object use, int64_t batch, int64_t n,
+                  double lr, intptr_t stream) {
+  const DeviceArray ap = call_arg(params, "params", stream, true), ad = call_arg(d, "d", stream, false);
+  DeviceArray au;
+  if (!use.is_none()) au = call_arg(use, "use", stream, false);
+  DeviceGuard guard(use.is_none() ? call_device({{"params", &ap}, {"d", &ad}}, 1, stream)
+                                  : call_device({{"params", &ap}, {"d", &ad}, {"use", &au}}, 1, stream));
+  cuda::newton_apply(ap.dtype, reinterpret_cast<void*>(ap.ptr), reinterpret_cast<const void*>(ad.ptr),
+                     use.is_none() ? nullptr : reinterpret_cast<const uint8_t*>(au.ptr), batch, n, lr,
+                     reinterpret_cast<cudaStream_t>(stream));
+}
+
 // dst <- src (same size in bytes), device to device on the stream.
 void copy(py::object dst, py::object src, intptr_t stream) {
-  const DeviceArray ad = quant_arg(dst, "out", stream, true), as = quant_arg(src, "src", stream, false);
-  DeviceGuard guard(quant_device({{"out", &ad}, {"src", &as}}, 1, stream));
+  const DeviceArray ad = call_arg(dst, "out", stream, true), as = call_arg(src, "src", stream, false);
+  DeviceGuard guard(call_device({{"out", &ad}, {"src", &as}}, 1, stream));
   const size_t bytes = size_t(ad.size) * cuda::element_size(ad.dtype);
   if (bytes != size_t(as.size) * cuda::element_size(as.dtype))
     throw py::value_error("out: size differs from the result's");
@@ -300,6 +331,28 @@ void copy(py::object dst, py::object src, intptr_t stream) {
     DeviceGuard::check(cudaMemcpyAsync(reinterpret_cast<void*>(ad.ptr), reinterpret_cast<const void*>(as.ptr),
                                        bytes, cudaMemcpyDeviceToDevice,
                                        reinterpret_cast<cudaStream_t>(stream)), "cudaMemcpyAsync");
+}
+
+// Checks that `written` arrays are laid out for writing and overlap nothing, all arrays on
+// one device (before a call that will write them, e.g. out=).
+void check_arrays(std::vector<std::pair<std::string, py::object>> written,
+                  std::vector<std::pair<std::string, py::object>> read, intptr_t stream) {
+  std::vector<DeviceArray> arrays;
+  std::vector<fastopt::bindings::Span> spans;
+  int device = -1;
+  auto add = [&](const std::pair<std::string, py::object>& named, bool is_written) {
+    const DeviceArray a = call_arg(named.second, named.first.c_str(), stream, is_written);
+    if (a.device >= 0 && device >= 0 && a.device != device)
+      throw py::value_error(named.first + ": is on CUDA device " + std::to_string(a.device) +
+                            " but the other arrays are on device " + std::to_string(device));
+    if (a.device >= 0) device = a.device;
+    if (a.size > 0)
+      spans.push_back({a.ptr, a.ptr + uintptr_t(a.size) * cuda::element_size(a.dtype),
+                       named.first.c_str(), 0, is_written});
+  };
+  for (const auto& w : written) add(w, true);
+  for (const auto& r : read) add(r, false);
+  fastopt::bindings::check_no_overlap(spans, [](const char* role, size_t) { return std::string(role); });
 }
 
 // (dtype name, shape, device) of a CUDA array, for the checks in Python.
@@ -366,6 +419,12 @@ PYBIND11_MODULE(_cuda, m) {
         "Returns the first non-finite index of x, or -1 (waits for the stream)");
   m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("unsigned_q"), arg("x"),
         arg("channels"), arg("inner"), arg("scales"), arg("zero_points"), arg("stream"));
+  m.def("newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("d"), arg("solved"),
+        arg("batch"), arg("n"), arg("damping"), arg("stream"));
+  m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use"), arg("batch"),
+        arg("n"), arg("lr"), arg("stream"));
+  m.def("check_arrays", &check_arrays, arg("written"), arg("read"), arg("stream"),
+        "Layout, device and aliasing checks of (name, array) pairs before writing `written`");
   m.def("copy", &copy, arg("dst"), arg("src"), arg("stream"));
   m.def("describe", &describe, arg("obj"), arg("name"), arg("stream") = 0,
         "(dtype, shape, device) of a CUDA array; raises naming `name` if it is not one");

@@ -107,8 +107,8 @@ constexpr uint8_t kFloat = 2, kBfloat = 4;
 
 [[noreturn]] inline void host_array_error(const Where& w, const std::string& what) {
   throw py::type_error(w.str() + ": is " + what +
-                       ", but the params are CUDA arrays; all arrays of one call must be on "
-                       "the same device");
+                       ", but this call runs on CUDA arrays; all arrays of one call must be "
+                       "on the same device");
 }
 
 constexpr const char* kSupported = " is not supported (float32, float64, float16, bfloat16, int8 or uint8)";
@@ -274,8 +274,7 @@ inline DeviceArray describe(py::handle obj, const Where& w, intptr_t stream) {
 inline void check_layout(const DeviceArray& a, const Where& w, bool written) {
   if (a.size == 0) return;
   if (!a.contiguous)
-    throw py::value_error(w.str() + ": must be C-contiguous (make it contiguous and step the "
-                          "contiguous array you keep)");
+    throw py::value_error(w.str() + ": must be C-contiguous");
   if (a.ptr % cuda::element_size(a.dtype) != 0)
     throw py::value_error(w.str() + ": data is not aligned to its dtype");
   if (written && a.readonly)

@@ -125,19 +125,20 @@ def stream_handle(stream: Any, first: Any) -> int:
     return 0
 
 
-def backend(plist: List[Any], stream: Any, plan: Any = None) -> Tuple[Any, Dict[str, Any]]:
-    """The compiled module that runs a call whose params are ``plist`` (by where
+def backend(plist: List[Any], stream: Any, plan: Any = None,
+            name: str = "params") -> Tuple[Any, Dict[str, Any]]:
+    """The compiled module that runs a call whose ``name`` argument is ``plist`` (by where
     ``plist[0]`` lives) and the extra arguments it takes."""
     from . import _build
 
     first = plist[0] if plist else None
     if first is None or not on_device(first):
         if stream is not None:
-            raise ValueError("stream: only applies to CUDA arrays; these params are host arrays")
+            raise ValueError(f"stream: only applies to CUDA arrays; {name} is a host array")
         return _build._cpu, {}
     why = _build.cuda_unavailable_reason()
     if why:
-        raise TypeError(f"params: is a CUDA array, but {why}")
+        raise TypeError(f"{name}: is a CUDA array, but {why}")
     if not _torch_registered and "torch" in sys.modules:
         _register_torch(_build._cuda)
     return _build._cuda, {"stream": stream_handle(stream, first), "plan": plan}
@@ -176,20 +177,52 @@ def state_like(name: str, a: Any) -> Any:
                     f"{type(a).__name__} arrays can be stepped with the functional API")
 
 
-def device_empty(like: Any, shape: Tuple[int, ...], dtype: str) -> Any:
+def device_empty(like: Any, shape: Tuple[int, ...], dtype: str, stream: int) -> Any:
     """An uninitialised C-contiguous CUDA array of ``dtype`` ("int8", "float32", ...) from
-    ``like``'s library (PyTorch or CuPy) on its device."""
+    ``like``'s library (PyTorch or CuPy) on its device, allocated on ``stream`` (the one
+    the call runs on): the library's caching allocator may then reuse its memory only
+    after the work queued there."""
+    current = stream == stream_handle(None, like)
     if _is_torch(like):
         import torch
 
-        return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
+        make = lambda: torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)  # noqa: E731
+        if current:
+            return make()
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=like.device)):
+            return make()
     if _is_cupy(like):
         import cupy
 
         with like.device:
-            return cupy.empty(shape, dtype)
+            if current:
+                return cupy.empty(shape, dtype)
+            with cupy.cuda.ExternalStream(stream):
+                return cupy.empty(shape, dtype)
     raise TypeError(f"{type(like).__name__}: fastopt allocates results with PyTorch or CuPy; "
                     "pass out= for other CUDA arrays")
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """A host copy of a PyTorch or CuPy CUDA array (waits for its stream)."""
+    if _is_torch(a):
+        return a.detach().cpu().numpy()
+    return a.get()
+
+
+def device_bool(mask: Any, shape: Tuple[int, ...], fill: bool = False) -> Any:
+    """A uint8 CUDA mask as the library's boolean array of ``shape`` (all True for an
+    empty batch when ``fill``)."""
+    if _is_torch(mask):
+        import torch
+
+        if fill:
+            return torch.ones(shape, dtype=torch.bool, device=mask.device)
+        return mask.bool().reshape(shape)
+    import cupy
+
+    with mask.device:
+        return cupy.ones(shape, dtype=bool) if fill else mask.astype(bool).reshape(shape)
 
 
 def fill(a: Any, value: float) -> None:

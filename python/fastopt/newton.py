@@ -4,6 +4,13 @@ Every leading index of the arrays is one independent problem: params and grads h
 shape (..., n), hessians (..., n, n). Only the lower triangle of each Hessian is read and
 the Hessians are never written. float32 systems are factored and solved in float32
 (accumulating in float32); float64 in float64.
+
+CUDA arrays (PyTorch CUDA tensors, CuPy arrays) run on the GPU, on ``stream=`` (default:
+the library's current stream): for n <= 64 one warp per system with the matrix in shared
+memory, in the CPU's order of operations (the same results, bit for bit); for larger n
+one thread block per system. ``cholesky_solve`` and ``on_failure="raise"`` wait for the
+stream once, to learn which systems solved; ``"skip"`` does not wait and returns the
+mask as a device array.
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from . import _arrays
 from ._arrays import host_array, real
 from ._build import _cpu
 
@@ -65,15 +73,59 @@ def _check_systems(hessians: Any, grads: Any, params: Optional[Any] = None
     return H, g, p, batch, n
 
 
+def _device_systems(cuda: Any, hessians: Any, grads: Any, params: Optional[Any] = None
+                    ) -> Tuple[str, Tuple[int, ...], int, int]:
+    """The checks of _check_systems for CUDA arrays (layout, devices and aliasing are
+    checked by the binding): (dtype, grads' shape, batch, n)."""
+    named = [("hessians", hessians), ("grads", grads)] + ([] if params is None else [("params", params)])
+    info = {name: cuda.describe(a, name) for name, a in named}
+    for name, (dtype, _, _) in info.items():
+        if dtype not in ("float32", "float64"):
+            raise TypeError(f"{name}: dtype {dtype} is not supported (float32 or float64)")
+        if dtype != info["hessians"][0]:
+            raise TypeError(f"{name}: dtype {dtype} differs from hessians' {info['hessians'][0]}")
+    gshape, hshape = tuple(info["grads"][1]), tuple(info["hessians"][1])
+    if len(gshape) < 1:
+        raise ValueError("grads: expected shape (..., n), got a 0-d array")
+    n = gshape[-1]
+    if n < 1:
+        raise ValueError(f"grads: n = grads.shape[-1] must be >= 1, got shape {gshape}")
+    if hshape != gshape + (n,):
+        raise ValueError(f"hessians: expected shape {gshape + (n,)} for grads of shape "
+                         f"{gshape}, got {hshape}")
+    if params is not None and tuple(info["params"][1]) != gshape:
+        raise ValueError(f"params: shape {tuple(info['params'][1])} does not match grads' {gshape}")
+    return info["hessians"][0], gshape, int(np.prod(gshape, dtype=np.int64)) // n, n
+
+
+def _device_solve(cuda: Any, handle: int, hessians: Any, grads: Any, dtype: str,
+                  gshape: Tuple[int, ...], batch: int, n: int, damping: float) -> Tuple[Any, Any]:
+    """Phase 1 on the GPU: (d, solved as uint8 of shape (batch,))."""
+    d = _arrays.device_empty(grads, gshape, dtype, handle)
+    solved = _arrays.device_empty(grads, (batch,), "uint8", handle)
+    cuda.newton_solve(hessians, grads, d, solved, batch, n, damping, handle)
+    return d, solved
+
+
 def _failed_indices(solved: np.ndarray, batch_shape: Tuple[int, ...]) -> list:
     return [tuple(int(i) for i in np.unravel_index(k, batch_shape))
             for k in np.flatnonzero(~solved)]
 
 
-def cholesky_solve(hessians: Any, grads: Any, *, damping: float = 0.0) -> np.ndarray:
+def cholesky_solve(hessians: Any, grads: Any, *, damping: float = 0.0,
+                   stream: Any = None) -> Any:
     """d = (H + damping*I)^-1 g for every system, by Cholesky; a new array shaped like
     grads. Raises ``NotPositiveDefiniteError`` naming the systems that failed."""
     damping = real("damping", damping, lo=0.0)
+    kernels, extra = _arrays.backend([hessians], stream, name="hessians")
+    if kernels is not _cpu:
+        dtype, gshape, batch, n = _device_systems(kernels, hessians, grads)
+        d, solved = _device_solve(kernels, extra["stream"], hessians, grads, dtype, gshape,
+                                  batch, n, damping)
+        ok = _arrays.to_numpy(solved).astype(bool)
+        if not ok.all():
+            raise NotPositiveDefiniteError(_failed_indices(ok, gshape[:-1]), batch)
+        return d
     H, g, _, batch, n = _check_systems(hessians, grads)
     d = np.empty_like(g)
     if batch == 0:
@@ -85,7 +137,7 @@ def cholesky_solve(hessians: Any, grads: Any, *, damping: float = 0.0) -> np.nda
 
 
 def newton_(params: Any, grads: Any, hessians: Any, *, lr: float = 1.0, damping: float = 0.0,
-            on_failure: str = "raise") -> Optional[np.ndarray]:
+            on_failure: str = "raise", stream: Any = None) -> Optional[Any]:
     """Damped Newton step in place: solve (H + damping*I) d = g by Cholesky, p <- p - lr*d.
 
     params, grads (..., n) and hessians (..., n, n): one independent system per leading
@@ -99,6 +151,10 @@ def newton_(params: Any, grads: Any, hessians: Any, *, lr: float = 1.0, damping:
     damping = real("damping", damping, lo=0.0)
     if on_failure not in ("raise", "skip"):
         raise ValueError(f"on_failure: expected 'raise' or 'skip', got {on_failure!r}")
+    kernels, extra = _arrays.backend([params], stream)
+    if kernels is not _cpu:
+        return _device_newton(kernels, extra["stream"], params, grads, hessians, lr, damping,
+                              on_failure)
     H, g, p, batch, n = _check_systems(hessians, grads, params)
     if batch == 0:
         return None if on_failure == "raise" else np.ones(g.shape[:-1], dtype=bool)
@@ -111,3 +167,20 @@ def newton_(params: Any, grads: Any, hessians: Any, *, lr: float = 1.0, damping:
         return None
     _cpu.newton_apply(p, d, solved, batch, n, lr)
     return solved.reshape(g.shape[:-1])
+
+
+def _device_newton(cuda: Any, handle: int, params: Any, grads: Any, hessians: Any, lr: float,
+                   damping: float, on_failure: str) -> Optional[Any]:
+    dtype, gshape, batch, n = _device_systems(cuda, hessians, grads, params)
+    if batch == 0:
+        return None if on_failure == "raise" else _arrays.device_bool(
+            _arrays.device_empty(grads, (0,), "uint8", handle), gshape[:-1], fill=True)
+    d, solved = _device_solve(cuda, handle, hessians, grads, dtype, gshape, batch, n, damping)
+    if on_failure == "raise":
+        ok = _arrays.to_numpy(solved).astype(bool)
+        if not ok.all():
+            raise NotPositiveDefiniteError(_failed_indices(ok, gshape[:-1]), batch)
+        cuda.newton_apply(params, d, None, batch, n, lr, handle)
+        return None
+    cuda.newton_apply(params, d, solved, batch, n, lr, handle)
+    return _arrays.device_bool(solved, gshape[:-1])

@@ -161,9 +161,9 @@ def _check_out(out: Optional[np.ndarray], shape: Tuple[int, ...], dtype: np.dtyp
 
 # ---- CUDA arrays: checked here, run by fastopt._cuda ---------------------------------------
 
-def _cuda_call(x: Any, stream: Any) -> Tuple[Any, int]:
-    """(fastopt._cuda, stream handle) for a call on CUDA array ``x``."""
-    kernels, extra = _arrays.backend([x], stream)
+def _cuda_call(name: str, x: Any, stream: Any) -> Tuple[Any, int]:
+    """(fastopt._cuda, stream handle) for a call on CUDA array ``x`` (argument ``name``)."""
+    kernels, extra = _arrays.backend([x], stream, name=name)
     return kernels, extra["stream"]
 
 
@@ -179,11 +179,11 @@ def _device_input(cuda: Any, name: str, x: Any, allowed: Tuple[str, ...]) -> Tup
     return dtype, tuple(shape)
 
 
-def _device_output(cuda: Any, name: str, out: Any, like: Any, shape: Tuple[int, ...],
-                   dtype: str) -> Any:
+def _device_output(cuda: Any, handle: int, name: str, out: Any, like: Any,
+                   shape: Tuple[int, ...], dtype: str) -> Any:
     """``out`` checked against (shape, dtype), or a new array like ``like``'s library."""
     if out is None:
-        return _arrays.device_empty(like, shape, dtype)
+        return _arrays.device_empty(like, shape, dtype, handle)
     got_dtype, got_shape, _ = cuda.describe(out, name)
     if tuple(got_shape) != shape or got_dtype != dtype:
         raise ValueError(f"{name}: expected shape {shape} and dtype {dtype}, got "
@@ -193,12 +193,14 @@ def _device_output(cuda: Any, name: str, out: Any, like: Any, shape: Tuple[int, 
 
 def _device_quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: Optional[int],
                             qdt: np.dtype, out: Any, stream: Any) -> Any:
-    cuda, handle = _cuda_call(x, stream)
+    cuda, handle = _cuda_call("x", x, stream)
     _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
     if axis is not None and scales.shape != (shape[axis],):
         raise ValueError(f"scales: expected shape ({shape[axis]},), got {scales.shape}")
-    _device_output(cuda, "out", out, x, shape, qdt.name)
-    target = _arrays.device_empty(x, shape, qdt.name)  # out only receives a clean result
+    if out is not None:
+        _device_output(cuda, handle, "out", out, x, shape, qdt.name)
+        cuda.check_arrays([("out", out)], [("x", x)], handle)
+    target = _arrays.device_empty(x, shape, qdt.name, handle)  # out gets only a clean result
     channels, inner = _layout(shape, axis)
     if int(np.prod(shape, dtype=np.int64)):
         bad = cuda.quantize_affine(x, target, qdt == np.uint8, channels, inner, scales, zps,
@@ -284,7 +286,7 @@ def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
 
 def _device_dequantize(q: Any, scale: Any, zero_point: Any, axis: Optional[int], out_dtype: str,
                        out: Any, stream: Any) -> Any:
-    cuda, handle = _cuda_call(q, stream)
+    cuda, handle = _cuda_call("q", q, stream)
     qname, shape = _device_input(cuda, "q", q, ("int8", "uint8"))
     if out_dtype not in ("float32", np.float32):
         raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
@@ -295,7 +297,7 @@ def _device_dequantize(q: Any, scale: Any, zero_point: Any, axis: Optional[int],
     else:
         axis = _axis(axis, len(shape))
         s, z = _channel_params(scale, zero_point, shape[axis], qmin, qmax)
-    target = _device_output(cuda, "out", out, q, shape, "float32")
+    target = _device_output(cuda, handle, "out", out, q, shape, "float32")
     if int(np.prod(shape, dtype=np.int64)):
         channels, inner = _layout(shape, axis)
         cuda.dequantize_affine(q, qname == "uint8", target, channels, inner, s, z, handle)
@@ -406,15 +408,16 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
 
 def _device_quantize_blockwise(x: Any, block: int, stochastic: bool, seed: int,
                                out: Optional[Tuple[Any, Any]], stream: Any) -> Tuple[Any, Any]:
-    cuda, handle = _cuda_call(x, stream)
+    cuda, handle = _cuda_call("x", x, stream)
     _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
     n = int(np.prod(shape, dtype=np.int64))
     blocks = -(-n // block)
     if out is not None:
-        _device_output(cuda, "out[0]", out[0], x, shape, "int8")
-        _device_output(cuda, "out[1]", out[1], x, (blocks,), "float32")
-    q = _arrays.device_empty(x, shape, "int8")  # out only receives a clean result
-    absmax = _arrays.device_empty(x, (blocks,), "float32")
+        _device_output(cuda, handle, "out[0]", out[0], x, shape, "int8")
+        _device_output(cuda, handle, "out[1]", out[1], x, (blocks,), "float32")
+        cuda.check_arrays([("out[0]", out[0]), ("out[1]", out[1])], [("x", x)], handle)
+    q = _arrays.device_empty(x, shape, "int8", handle)  # out gets only a clean result
+    absmax = _arrays.device_empty(x, (blocks,), "float32", handle)
     if n:
         bad = cuda.quantize_blockwise(x, q, absmax, min(block, n), stochastic, seed, handle)
         if bad >= 0:
@@ -428,7 +431,7 @@ def _device_quantize_blockwise(x: Any, block: int, stochastic: bool, seed: int,
 
 def _device_dequantize_blockwise(q: Any, absmax: Any, block: int, out_dtype: str, out: Any,
                                  stream: Any) -> Any:
-    cuda, handle = _cuda_call(q, stream)
+    cuda, handle = _cuda_call("q", q, stream)
     _, shape = _device_input(cuda, "q", q, ("int8",))
     _, am_shape = _device_input(cuda, "absmax", absmax, ("float32",))
     n = int(np.prod(shape, dtype=np.int64))
@@ -438,7 +441,7 @@ def _device_dequantize_blockwise(q: Any, absmax: Any, block: int, out_dtype: str
                          f"of {block}, got {am_shape}")
     if out_dtype not in ("float32", np.float32):
         raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
-    target = _device_output(cuda, "out", out, q, shape, "float32")
+    target = _device_output(cuda, handle, "out", out, q, shape, "float32")
     if n:
         cuda.dequantize_blockwise(q, absmax, target, min(block, n), handle)
     return target
