@@ -23,13 +23,40 @@ using fastopt::bindings::RoleKind;
 
 namespace {
 
-// Makes the arrays' device current for the launch and restores the caller's afterwards.
+// Whether the calling thread has a current CUDA context (driver API, reached through the
+// runtime: the module does not link libcuda).
+bool thread_has_context() {
+  using GetCurrent = int (*)(void** context);  // CUresult cuCtxGetCurrent(CUcontext*)
+  static GetCurrent get_current = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<GetCurrent>(fn);
+  }();
+  void* context = nullptr;
+  return get_current && get_current(&context) == 0 && context != nullptr;
+}
+
+// Makes the arrays' device current for the launch and restores the caller's afterwards --
+// only if the caller had one: a thread without a context would otherwise get device 0's
+// primary context created (hundreds of MB) just by restoring "device 0".
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
-    if (device < 0 || cudaGetDevice(&previous_) != cudaSuccess || previous_ == device) return;
+    if (device < 0) return;
+    const bool had_context = thread_has_context();
+    if (cudaGetDevice(&previous_) != cudaSuccess) {
+      cudaGetLastError();
+      previous_ = -1;
+    }
+    if (previous_ == device) return;
     check(cudaSetDevice(device), "cudaSetDevice");
-    restore_ = true;
+    restore_ = had_context && previous_ >= 0;
   }
   ~DeviceGuard() {
     if (restore_) cudaSetDevice(previous_);

@@ -134,8 +134,8 @@ inline bool c_contiguous(const std::vector<int64_t>& shape, const int64_t* strid
   return true;
 }
 
-inline void read_shape(DeviceArray& a, py::handle tuple) {
-  const py::tuple t = py::reinterpret_borrow<py::tuple>(tuple);
+inline void read_shape(DeviceArray& a, py::handle shape) {
+  const py::tuple t(py::reinterpret_borrow<py::object>(shape));  // torch.Size, tuple or list
   a.shape.resize(t.size());
   a.size = 1;
   for (size_t d = 0; d < t.size(); ++d) {
@@ -153,6 +153,12 @@ inline py::handle interned(const char* name) {
 
 inline uintptr_t torch_data_ptr(py::handle obj) {
   return FASTOPT_ATTR(obj, "data_ptr")().cast<uintptr_t>();
+}
+
+// A tensor seen before still has its memory: `t.data = ...` or resize_() can move or
+// shrink it under the same object.
+inline bool torch_unchanged(py::handle obj, uintptr_t ptr, int64_t size) {
+  return torch_data_ptr(obj) == ptr && FASTOPT_ATTR(obj, "numel")().cast<int64_t>() == size;
 }
 
 inline void describe_torch(DeviceArray& a, py::handle obj, const Where& w) {
@@ -245,26 +251,32 @@ inline void describe_dlpack(DeviceArray& a, py::handle obj, const Where& w, intp
 inline DeviceArray describe(py::handle obj, const Where& w, intptr_t stream) {
   DeviceArray a;
   const TorchTypes* tt = torch_types();
-  if (tt && PyObject_IsInstance(obj.ptr(), tt->tensor.ptr()) == 1) {
+  const int is_tensor = tt ? PyObject_IsInstance(obj.ptr(), tt->tensor.ptr()) : 0;
+  if (is_tensor < 0) throw py::error_already_set();
+  if (is_tensor) {
     describe_torch(a, obj, w);
     return a;
   }
-  py::object cai;
-  try {
-    cai = py::getattr(obj, "__cuda_array_interface__", py::none());
-  } catch (py::error_already_set& e) {
-    throw py::type_error(w.str() + ": its __cuda_array_interface__ failed: " + e.what());
+  // Only a missing attribute means "no interface": an interface that raises is an error.
+  PyObject* raw = PyObject_GetAttrString(obj.ptr(), "__cuda_array_interface__");
+  if (!raw) {
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+      py::error_already_set e;
+      throw py::type_error(w.str() + ": its __cuda_array_interface__ failed: " + e.what());
+    }
+    PyErr_Clear();
   }
+  const py::object cai = raw ? py::reinterpret_steal<py::object>(raw) : py::object(py::none());
   if (!cai.is_none()) {
     describe_cai(a, cai, w);
     return a;
   }
+  if (py::hasattr(obj, "__array_interface__"))  // NumPy (which has DLPack too)
+    host_array_error(w, std::string("a host array (") + Py_TYPE(obj.ptr())->tp_name + ")");
   if (py::hasattr(obj, "__dlpack_device__")) {
     describe_dlpack(a, obj, w, stream);
     return a;
   }
-  if (py::hasattr(obj, "__array_interface__"))
-    host_array_error(w, std::string("a host array (") + Py_TYPE(obj.ptr())->tp_name + ")");
   throw py::type_error(w.str() + ": expected a CUDA array (a PyTorch CUDA tensor, a CuPy array, "
                        "or an object with __cuda_array_interface__ or DLPack), got " +
                        Py_TYPE(obj.ptr())->tp_name);
@@ -304,8 +316,8 @@ class DevicePlan {
           const Entry& e = entries[i];
           // The state arrays are the optimizer's own: only the caller's arrays (params,
           // grads) can have had their storage replaced.
-          if (item == e.obj.ptr() &&
-              (!e.torch || role.kind == RoleKind::state || torch_data_ptr(item) == e.ptr))
+          if (e.is(item) &&
+              (!e.torch || role.kind == RoleKind::state || torch_unchanged(item, e.ptr, e.size)))
             continue;
           if (r == 0 || role.written) rebuild = true;
           changed.emplace_back(r, i);
@@ -323,10 +335,43 @@ class DevicePlan {
   size_t num_tensors() const { return sizes_.size(); }
 
  private:
+  // What the plan remembers of one array: the object (written arrays: held, they are the
+  // caller's params or the optimizer's own state) or a weak reference to it (read-only
+  // inputs: holding last step's grads would keep a whole gradient copy alive through the
+  // next forward and backward), its data pointer and element count.
   struct Entry {
-    py::object obj;  // held: the memory must outlive the kernels queued on it
+    py::object ref;       // the object, a weakref to it, or None (no weakref support)
+    bool weak = false;
     uintptr_t ptr = 0;
+    int64_t size = 0;
     bool torch = false;
+
+    static Entry make(py::handle obj, bool written, const DeviceArray& a) {
+      Entry e{py::none(), !written, a.ptr, a.size, a.torch};
+      if (written) {
+        e.ref = py::reinterpret_borrow<py::object>(obj);
+      } else {
+        PyObject* w = PyWeakref_NewRef(obj.ptr(), nullptr);
+        if (w) e.ref = py::reinterpret_steal<py::object>(w);
+        else PyErr_Clear();  // not weak-referenceable: described again on every call
+      }
+      return e;
+    }
+    // Whether `item` is the object remembered (alive, so its identity is unambiguous).
+    bool is(PyObject* item) const {
+      if (!weak) return item == ref.ptr();
+      if (ref.is_none()) return false;
+#if PY_VERSION_HEX >= 0x030D0000
+      PyObject* obj = nullptr;
+      const int alive = PyWeakref_GetRef(ref.ptr(), &obj);
+      if (alive < 0) PyErr_Clear();
+      if (alive <= 0) return false;
+      Py_DECREF(obj);  // only the identity is compared
+      return item == obj;
+#else
+      return item == PyWeakref_GetObject(ref.ptr());  // borrowed; None once dead
+#endif
+    }
   };
 
   bool same_structure(std::initializer_list<DeviceRoleSpec> roles) const {
@@ -363,10 +408,9 @@ class DevicePlan {
       throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) + " differs from the " +
                            (role.kind == RoleKind::state ? "state type " : "params' ") +
                            dtype_name(expected_dtype(role.kind)) +
-                           (role.kind == RoleKind::state && dtype_ != cuda::state_dtype(dtype_)
-                                ? " (state of 16-bit params is float32)"
-                                : "") +
-                           " (all arrays of one call share a dtype)");
+                           (role.kind == RoleKind::state
+                                ? " (state is float32 for 16-bit params, else the params' dtype)"
+                                : " (all arrays of one call share a dtype)"));
     }
     if (a.device >= 0) {
       if (device_ < 0) device_ = a.device;
@@ -421,7 +465,7 @@ class DevicePlan {
             next.shapes_.push_back(a.shape);
             next.sizes_.push_back(a.size);
           }
-          next.entries_[r][i] = {py::reinterpret_borrow<py::object>(item), a.ptr, a.torch};
+          next.entries_[r][i] = Entry::make(item, role.written, a);
           if (a.size > 0) {
             const uintptr_t bytes = uintptr_t(a.size) * cuda::element_size(a.dtype);
             spans.push_back({a.ptr, a.ptr + bytes, role.name, i, role.written});
@@ -463,7 +507,7 @@ class DevicePlan {
                                 Where{it->role, it->index, listed}.str() +
                                 " in memory; arrays updated in place must not alias");
       }
-      fresh.push_back({py::reinterpret_borrow<py::object>(item), a.ptr, a.torch});
+      fresh.push_back(Entry::make(item, role.written, a));
     }
     for (size_t k = 0; k < changed.size(); ++k) {
       const auto [r, i] = changed[k];

@@ -23,7 +23,7 @@ inline bool is_float(DType d) { return d != DType::i8 && d != DType::u8; }
 
 constexpr int kBlockThreads = 256;
 constexpr int kVectorWidth = 4;        // elements per thread access: 16 B of float32
-constexpr int64_t kChunk = 16384;      // elements per block
+constexpr int64_t kChunk = 4096;       // elements per block (a 1M tensor: 256 blocks)
 constexpr int kLaunchTensors = 384;    // tensors per launch (the table is ~22 KB)
 
 struct LaunchTable {

@@ -119,6 +119,7 @@ void by_dtype(cuda::DType d, Args&&... args) {
     case cuda::DType::f64: Fn<double, double>::run(args...); break;
     case cuda::DType::f16: Fn<__half, float>::run(args...); break;
     case cuda::DType::bf16: Fn<__nv_bfloat16, float>::run(args...); break;
+    default: throw std::invalid_argument("fastopt: optimizer params must be float arrays");
   }
 }
 

@@ -131,8 +131,10 @@ def backend(plist: List[Any], stream: Any, plan: Any = None,
     ``plist[0]`` lives) and the extra arguments it takes."""
     from . import _build
 
-    first = plist[0] if plist else None
-    if first is None or not on_device(first):
+    if not plist:  # nothing to do, wherever it would run
+        return _build._cpu, {}
+    first = plist[0]
+    if not on_device(first):
         if stream is not None:
             raise ValueError(f"stream: only applies to CUDA arrays; {name} is a host array")
         return _build._cpu, {}

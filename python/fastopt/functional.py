@@ -3,7 +3,7 @@
 Every function takes one array or aligned lists of arrays per argument (``params[i]``,
 ``grads[i]`` and each state list's ``[i]`` have one shape and all arrays share one dtype,
 float32 or float64), updates params and state in place with one pass over memory, and
-processes a whole list in one C++ call with the GIL released. ``step`` is the 1-based
+processes a whole list in one C++ call (on the CPU with the GIL released). ``step`` is the 1-based
 step count. Every optimizer takes ``l1``: after the step, the proximal soft-threshold
 p <- sign(p) * max(|p| - lr*l1, 0). Bad input raises TypeError/ValueError naming the
 argument before anything is written; zero-size arrays are a no-op.
@@ -14,7 +14,10 @@ one kernel launch (one per 384 tensors), queued on ``stream`` -- an int handle o
 CuPy/PyTorch stream -- or by default on the current stream of the library that made the
 params (PyTorch's or CuPy's); nothing synchronises. On the GPU, params and grads may also
 be float16 or bfloat16; their state is then float32 and the math runs in float32.
-float32/float64 results are bit-identical to the CPU kernels. ``_plan`` is internal: the
+float32/float64 results are bit-identical to the CPU kernels. The kernel is ordered after
+the work already queued on its stream only: arrays produced on another stream must be
+ready there (as for any CUDA library call; a ``__cuda_array_interface__`` ``stream``
+entry or a DLPack producer's stream is not waited on). ``_plan`` is internal: the
 optimizer classes pass their cached ``fastopt._cuda.Plan``.
 """
 from __future__ import annotations
