@@ -1,9 +1,21 @@
-"""`python -m fastopt bench` runs end to end and writes a well-formed JSON report."""
+"""`python -m fastopt bench` runs end to end and writes a well-formed JSON report.
+
+The GPU half runs for real only where CUDA is usable (the `cuda` test); elsewhere its whole
+pipeline -- check against the CPU kernels, event timing, peers, table, JSON, plot -- runs on
+a stand-in device (PyTorch CPU tensors behind the same DeviceArrays interface)."""
+import argparse
 import json
+import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+import fastopt
+from fastopt import _build, bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("only", ["adamw", "quant,newton"])
@@ -26,11 +38,12 @@ def test_bench_quick_writes_json_with_passing_checks(tmp_path, only):
     for case in cases:
         assert case["check"] == "ok", case
         assert case["times_ms"]["fastopt"] > 0
-        assert "numpy" in case["times_ms"] or "numpy.linalg.solve" in case["times_ms"]
         assert case["pct_of_ceiling"]["fastopt"] > 0
-        assert case["speedup_vs_best_peer"] > 0
         assert case["case"] in proc.stdout  # the table shows every case
-    names = " ".join(c["case"] for c in cases)
+        if case["device"] == "cpu":
+            assert "numpy" in case["times_ms"] or "numpy.linalg.solve" in case["times_ms"]
+            assert case["speedup_vs_best_peer"] > 0
+    names = " ".join(c["case"] for c in cases if c["device"] == "cpu")
     for part in only.split(","):
         assert part.replace("quant", "int8") in names
     if not machine["cuda"]["usable"]:  # --device all: the GPU half says why it did not run
@@ -42,3 +55,226 @@ def test_bench_rejects_unknown_case(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "adamx" in proc.stderr
+
+
+# ---- the GPU half ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(fastopt.cuda_available(), reason="the message of a machine without a usable GPU")
+def test_bench_cuda_is_skipped_with_its_reason_without_a_gpu(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastopt", "bench", "--quick", "--device", "cuda", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cuda: skipped (" in proc.stdout
+    report = json.loads(out.read_text())
+    why = report["cuda_skipped"]
+    assert why and why in proc.stdout
+    if not report["machine"]["cuda"]["usable"]:
+        assert why == _build.cuda_unavailable_reason()
+    assert "ceiling_cuda" not in report and not report.get("cases")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not fastopt.cuda_available(), reason="needs a usable CUDA GPU")
+def test_bench_gpu_rows_pass_their_checks(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastopt", "bench", "--quick", "--device", "cuda", "--only",
+         "adamw,sgd", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    if "cuda_skipped" in report:
+        pytest.skip(f"no GPU array library: {report['cuda_skipped']}")
+    assert report["ceiling_cuda"]["gbs"] > 0 and report["ceiling_cuda"]["bytes_per_element"] == 8
+    assert report["gpu"]["device"] != "unknown"
+    rows = [c for c in report["cases"] if c["device"] == "cuda"]
+    names = {c["case"].split()[0] for c in rows}
+    assert names == {"adamw", "sgd"}, rows
+    assert any(c["case"].endswith("1000x4096") for c in rows)
+    for case in rows:
+        assert case["check"] == "ok", case
+        assert "bit_identical_to_cpu" in case
+        assert case["times_ms"]["fastopt"] > 0 and case["pct_of_ceiling"]["fastopt"] > 0
+        assert case["case"] in proc.stdout
+
+
+# A stand-in device: the GPU half on PyTorch CPU tensors, small sizes.
+@pytest.fixture
+def stand_in_gpu(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(_build, "cuda_unavailable_reason", lambda: "")
+    monkeypatch.setattr(bench, "_device_arrays", lambda: (bench.TorchArrays(torch, "cpu"), ""))
+    monkeypatch.setattr(bench.GpuBench, "big_log2", lambda self: 12)
+    layouts = bench.GpuBench.layouts
+    monkeypatch.setattr(bench.GpuBench, "layouts",
+                        lambda self: [(lay, shapes[:20]) for lay, shapes in layouts(self)])
+    return torch
+
+
+def _run_in_process(tmp_path, only="adamw", plot=False):
+    out = tmp_path / "bench.json"
+    args = argparse.Namespace(only=only, device="cuda", quick=True, json=str(out),
+                              plot=str(tmp_path / "bench.png") if plot else None, progress=False)
+    rc = bench.run(args)
+    return rc, json.loads(out.read_text())
+
+
+def test_gpu_half_on_a_stand_in_device(tmp_path, stand_in_gpu, capsys):
+    rc, report = _run_in_process(tmp_path, plot=True)
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    assert "cuda: skipped" not in stdout and "GPU:" in stdout
+    ceiling = report["ceiling_cuda"]
+    assert ceiling["gbs"] > 0 and ceiling["bytes_per_element"] == 8
+    for key in ["device", "driver_version", "runtime_version", "arrays", "torch", "cupy"]:
+        assert key in report["gpu"]
+    rows = report["cases"]
+    assert [r["case"] for r in rows] == ["adamw 1x2^12", "adamw 1000x4096"]
+    for r in rows:
+        assert r["device"] == "cuda" and r["check"] == "ok", r
+        assert r["bit_identical_to_cpu"] is True
+        assert {"fastopt", "torch-fused", "torch-foreach"} <= set(r["times_ms"])
+        assert r["speedup_vs_best_peer"] > 0
+        assert r["target"]["target"] and isinstance(r["target"]["met"], bool)
+        assert r["case"] in stdout
+    assert "parity: 2 of 2" in stdout and "targets" in stdout
+    if bench._import_cupy() is None:
+        assert rows[0]["notes"]["cupy"] == "not installed"
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def _skew(monkeypatch, how):
+    """Makes every host copy of a (stand-in) device array differ from the array."""
+    copy = bench._host_copy
+    monkeypatch.setattr(bench, "_host_copy",
+                        lambda a: copy(a) if isinstance(a, np.ndarray) else how(copy(a)))
+
+
+def test_gpu_case_differing_from_the_cpu_kernels_fails_without_a_time(tmp_path, stand_in_gpu,
+                                                                       monkeypatch, capsys):
+    _skew(monkeypatch, lambda a: a + np.float32(1e-2))
+    rc, report = _run_in_process(tmp_path, only="sgd")
+    stdout = capsys.readouterr().out
+    assert rc == 1
+    for r in report["cases"]:
+        assert r["check"].startswith("FAIL: differs from fastopt's CPU kernels"), r
+        assert r["times_ms"] == {}
+        assert r["case"] in stdout
+    assert "FAIL" in stdout
+
+
+def test_gpu_case_within_tolerance_says_it_is_not_bit_identical(tmp_path, stand_in_gpu,
+                                                                monkeypatch, capsys):
+    _skew(monkeypatch, lambda a: np.nextafter(a, np.float32(np.inf)))
+    rc, report = _run_in_process(tmp_path, only="rmsprop")
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    for r in report["cases"]:
+        assert r["check"] == "ok" and r["bit_identical_to_cpu"] is False, r
+        assert any("not bit-identical" in m for m in r["remarks"])
+    assert "parity: 0 of 2" in stdout
+
+
+def test_gpu_case_that_raises_becomes_an_error_row(tmp_path, stand_in_gpu, monkeypatch, capsys):
+    def boom(self, spec, *args):
+        if spec.name == "adamw":
+            raise RuntimeError("boom")
+    monkeypatch.setattr(bench.GpuBench, "add_cupy_peer", boom)
+    rc, report = _run_in_process(tmp_path, only="adamw,sophia")
+    capsys.readouterr()
+    assert rc == 1
+    checks = {r["case"]: r["check"] for r in report["cases"]}
+    assert checks["adamw 1x2^12"] == "ERROR: RuntimeError: boom"
+    assert checks["sophia 1x2^12"] == "ok"  # the other cases still ran
+
+
+def test_gpu_one_tensor_layout_is_sized_to_free_memory():
+    torch = pytest.importorskip("torch")
+
+    class TwoGiB(bench.TorchArrays):
+        def free_bytes(self):
+            return 2 << 30
+
+    gpu = bench.GpuBench(False, lambda msg: None, TwoGiB(torch, "cpu"))
+    layouts = gpu.layouts()
+    # 16 float32 arrays of 2^k elements in 90% of 2 GiB: k = 24
+    assert layouts[0] == ("1x2^24 (sized down)", [(1 << 24,)])
+    assert "sized down from 2^28" in gpu.sized_down["1x2^24 (sized down)"]
+    assert gpu.kinds["1x2^24 (sized down)"] == "one"
+    assert [lay for lay, _ in layouts] == ["1x2^24 (sized down)", "gpt2-small", "1000x4096"]
+    assert len(layouts[1][1]) == 148
+    assert bench.GPU_TARGETS[("adamw", gpu.kinds["1000x4096"])].kind == "ms"
+
+
+class FakeCupy:
+    """Just enough of CuPy, on NumPy, to run the bench's CuPy code on the host: arrays are
+    NumPy arrays and an ElementwiseKernel evaluates its operation with NumPy."""
+
+    @staticmethod
+    def asarray(a):
+        return np.array(a)
+
+    @staticmethod
+    def zeros_like(a):
+        return np.zeros_like(a)
+
+    class ElementwiseKernel:
+        def __init__(self, in_params, out_params, operation, name):
+            self.ins = [p.split()[-1] for p in in_params.split(",")]
+            self.outs = [p.split()[-1] for p in out_params.split(",")]
+            self.statements = [s.strip().replace("1.0f", "np.float32(1.0)")
+                               for s in operation.split(";") if s.strip()]
+
+        def __call__(self, *args):
+            env = dict(zip(self.ins + self.outs, args), sqrt=np.sqrt, np=np)
+            for statement in self.statements:
+                name, expr = statement.split("=", 1)
+                env[name.strip()] = eval(expr, {}, env)
+            for name, out in zip(self.outs, args[len(self.ins):]):
+                out[...] = env[name]
+
+
+@pytest.mark.parametrize("name", sorted(bench.CUPY_KERNELS))
+def test_cupy_peer_kernel_computes_the_same_step(name):
+    spec = bench.OPTIMIZERS[name]
+    rng = np.random.default_rng(1)
+    shapes = [(7,), (33, 5)]
+    params = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    grads = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    peer_params = [p.copy() for p in params]
+    step = bench._cupy_elementwise_step(FakeCupy, spec, peer_params, grads)
+    opt = spec.fastopt_class(params, **spec.hyper)
+    for _ in range(3):
+        step()
+        opt.step(grads)
+    for got, want in zip(peer_params, opt.params):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fastopt_on_cupy_arrays_is_checked_and_timed_apart_from_the_peers():
+    torch = pytest.importorskip("torch")
+    gpu = bench.GpuBench(True, lambda msg: None, bench.TorchArrays(torch, "cpu"))
+    gpu.cupy = FakeCupy
+    spec = bench.OPTIMIZERS["adamw"]
+    rng = np.random.default_rng(2)
+    params = [rng.standard_normal(64, dtype=np.float32) for _ in range(3)]
+    grads = [rng.standard_normal(64, dtype=np.float32) for _ in range(3)]
+    fns, row = {"fastopt": lambda: None}, bench.Row("adamw x", "cuda", 28, 192, 3)
+    assert gpu.add_fastopt_on_cupy(spec, params, grads, fns, row) is None
+    assert "fastopt-cupy" in fns and not row.remarks
+    fns["fastopt-cupy"]()
+    row.times_ms = {"fastopt": 1.0, "fastopt-cupy": 0.5, "torch-fused": 2.0}
+    assert row.speedup_vs_best_peer() == 2.0  # fastopt-cupy is not a peer
+
+
+# ---- bench/gpu_check.sh ---------------------------------------------------------------------
+
+def test_gpu_check_script_parses():
+    script = ROOT / "bench" / "gpu_check.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    helper = ROOT / "bench" / "sanitize_small.py"
+    compile(helper.read_text(), str(helper), "exec")

@@ -10,18 +10,10 @@
 
 namespace py = pybind11;
 using fastopt::bindings::ArrayTable;
+using fastopt::bindings::used_if;
 namespace cpu = fastopt::cpu;
 
 namespace {
-
-// The list for an optional state role: None when the options do not use it; an error when
-// they do and the caller gave none.
-py::object used_if(bool used, const py::object& list, const char* name) {
-  if (!used) return py::none();
-  if (list.is_none())
-    throw py::value_error(std::string(name) + ": required by the chosen options, got None");
-  return list;
-}
 
 template <class Fn>
 void run_released(Fn&& fn) {

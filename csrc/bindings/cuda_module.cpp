@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 #include <string>
 #include "bindings/device_table.h"
+#include "bindings/overlap.h"
 #include "cuda/device_info.h"
 #include "cuda/newton_kernels.h"
 #include "cuda/optim_kernels.h"
@@ -20,6 +21,7 @@ namespace cuda = fastopt::cuda;
 using fastopt::bindings::DeviceArray;
 using fastopt::bindings::DevicePlan;
 using fastopt::bindings::RoleKind;
+using fastopt::bindings::used_if;
 
 namespace {
 
@@ -88,13 +90,6 @@ void check_stream_device(intptr_t stream, int device) {
   if (stream_device != device)
     throw py::value_error("stream: belongs to CUDA device " + std::to_string(stream_device) +
                           " but the arrays are on device " + std::to_string(device));
-}
-
-py::object used_if(bool used, const py::object& list, const char* name) {
-  if (!used) return py::none();
-  if (list.is_none())
-    throw py::value_error(std::string(name) + ": required by the chosen options, got None");
-  return list;
 }
 
 // Tables the arrays (in `cached` when given, else in a plan for this call only), then
@@ -242,15 +237,24 @@ class Scratch {
   cudaStream_t stream_;
 };
 
-// Uploads first_bad = ~0 and the per-channel scales and zero points (float32).
-void upload(const Scratch& scratch, const HostFloats& scales,
-            const HostFloats& zero_points, size_t channels, cudaStream_t s) {
-  DeviceGuard::check(cudaMemsetAsync(scratch.at<void>(0), 0xff, 8, s), "cudaMemsetAsync");
-  DeviceGuard::check(cudaMemcpyAsync(scratch.at<void>(8), scales.data(), 4 * channels,
-                                     cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-  DeviceGuard::check(cudaMemcpyAsync(scratch.at<void>(8 + 4 * channels), zero_points.data(),
-                                     4 * channels, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-}
+// Scratch holding first_bad = ~0 and the per-channel scales and zero points (float32).
+class AffineScratch : public Scratch {
+ public:
+  AffineScratch(const HostFloats& scales, const HostFloats& zero_points, size_t channels,
+                cudaStream_t s)
+      : Scratch(8 + 8 * channels, s), channels_(channels) {
+    DeviceGuard::check(cudaMemsetAsync(at<void>(0), 0xff, 8, s), "cudaMemsetAsync");
+    DeviceGuard::check(cudaMemcpyAsync(this->scales(), scales.data(), 4 * channels,
+                                       cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
+    DeviceGuard::check(cudaMemcpyAsync(this->zero_points(), zero_points.data(), 4 * channels,
+                                       cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
+  }
+  float* scales() const { return at<float>(8); }
+  float* zero_points() const { return at<float>(8 + 4 * channels_); }
+
+ private:
+  size_t channels_;
+};
 
 // Waits for the stream (the GIL released) and returns the first non-finite index, or -1.
 int64_t first_bad(const Scratch& scratch, cudaStream_t s) {
@@ -296,12 +300,10 @@ int64_t quantize_affine(py::object x, py::object q, bool unsigned_q, int64_t cha
   const DeviceArray ax = call_arg(x, "x", stream, false), aq = call_arg(q, "q", stream, true);
   DeviceGuard guard(call_device({{"q", &aq}, {"x", &ax}}, 1, stream));
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const size_t c = size_t(channels);
-  Scratch scratch(8 + 8 * c, s);
-  upload(scratch, scales, zero_points, c, s);
+  const AffineScratch scratch(scales, zero_points, size_t(channels), s);
   cuda::quantize_affine(ax.dtype, reinterpret_cast<const void*>(ax.ptr), reinterpret_cast<void*>(aq.ptr),
-                        unsigned_q, ax.size, channels, inner, scratch.at<float>(8),
-                        scratch.at<float>(8 + 4 * c), scratch.at<unsigned long long>(0), s);
+                        unsigned_q, ax.size, channels, inner, scratch.scales(),
+                        scratch.zero_points(), scratch.at<unsigned long long>(0), s);
   return first_bad(scratch, s);
 }
 
@@ -312,15 +314,13 @@ void dequantize_affine(py::object q, bool unsigned_q, py::object x, int64_t chan
   const DeviceArray aq = call_arg(q, "q", stream, false), ax = call_arg(x, "out", stream, true);
   DeviceGuard guard(call_device({{"out", &ax}, {"q", &aq}}, 1, stream));
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const size_t c = size_t(channels);
-  Scratch scratch(8 + 8 * c, s);
-  upload(scratch, scales, zero_points, c, s);
+  const AffineScratch scratch(scales, zero_points, size_t(channels), s);
   cuda::dequantize_affine(reinterpret_cast<const void*>(aq.ptr), unsigned_q,
                           reinterpret_cast<float*>(ax.ptr), aq.size, channels, inner,
-                          scratch.at<float>(8), scratch.at<float>(8 + 4 * c), s);
+                          scratch.scales(), scratch.zero_points(), s);
 }
 
-// Batched damped Newton, phase 1: d and the solved flags (uint8) of every system.
+// Batched damped Newton, phase 1: d and the solved flags (a bool array) of every system.
 void newton_solve(py::object hessians, py::object grads, py::object d, py::object solved,
                   int64_t batch, int64_t n, double damping, intptr_t stream) {
   const DeviceArray ah = call_arg(hessians, "hessians", stream, false),
@@ -456,14 +456,19 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("describe", &describe, arg("obj"), arg("name"), arg("stream") = 0,
         "(dtype, shape, device) of a CUDA array; raises naming `name` if it is not one");
   m.def("set_torch_types", [](py::object tensor, py::tuple dtypes) {
-    if (dtypes.size() != cuda::kNumDTypes) throw py::value_error("dtypes: expected 6 dtypes");
+    if (dtypes.size() != cuda::kNumDTypes) throw py::value_error("dtypes: expected 7 dtypes");
     auto*& t = fastopt::bindings::torch_types();
     if (!t) t = new fastopt::bindings::TorchTypes();
     t->tensor = tensor;
     for (int k = 0; k < cuda::kNumDTypes; ++k) t->dtypes[k] = dtypes[k];
   }, arg("tensor"), arg("dtypes"),
      "Registers torch.Tensor and its dtypes float32, float64, float16, bfloat16, int8, "
-     "uint8 (called by fastopt when torch is in use)");
+     "uint8, bool (called by fastopt when torch is in use)");
+  m.def("synchronize", [](intptr_t stream) {
+    py::gil_scoped_release release;
+    DeviceGuard::check(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)),
+                       "cudaStreamSynchronize");
+  }, arg("stream"), "Waits for the work queued on a stream (the GIL released)");
   m.def("device_status", &device_status,
         "Whether a CUDA device is usable, and if not, why (runtime linked statically).");
 }

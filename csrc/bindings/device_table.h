@@ -55,6 +55,7 @@ inline const char* dtype_name(DType d) {
     case DType::bf16: return "bfloat16";
     case DType::i8: return "int8";
     case DType::u8: return "uint8";
+    case DType::b8: return "bool";
   }
   return "?";
 }
@@ -111,14 +112,16 @@ constexpr uint8_t kFloat = 2, kBfloat = 4;
                        "on the same device");
 }
 
-constexpr const char* kSupported = " is not supported (float32, float64, float16, bfloat16, int8 or uint8)";
+constexpr const char* kSupported =
+    " is not supported (float32, float64, float16, bfloat16, int8, uint8 or bool)";
 
-// kind: 'f' float, 'b' bfloat, 'i' signed, 'u' unsigned integer.
+// kind: 'f' float, 'B' bfloat, 'i' signed, 'u' unsigned integer, 'b' bool.
 inline DType dtype_from_bits(const Where& w, char kind, int bits, const std::string& shown) {
   if (kind == 'f' && bits == 32) return DType::f32;
   if (kind == 'f' && bits == 64) return DType::f64;
   if (kind == 'f' && bits == 16) return DType::f16;
-  if (kind == 'b' && bits == 16) return DType::bf16;
+  if (kind == 'B' && bits == 16) return DType::bf16;
+  if (kind == 'b' && bits == 8) return DType::b8;
   if (kind == 'i' && bits == 8) return DType::i8;
   if (kind == 'u' && bits == 8) return DType::u8;
   throw py::type_error(w.str() + ": dtype " + shown + kSupported);
@@ -195,7 +198,7 @@ inline void describe_cai(DeviceArray& a, const py::dict& cai, const Where& w) {
   read_shape(a, cai["shape"]);
   const std::string typestr = cai["typestr"].cast<std::string>();
   if (typestr.size() < 3 || (typestr[0] != '<' && typestr[0] != '=' && typestr[0] != '|') ||
-      (typestr[1] != 'f' && typestr[1] != 'i' && typestr[1] != 'u') ||
+      (typestr[1] != 'f' && typestr[1] != 'i' && typestr[1] != 'u' && typestr[1] != 'b') ||
       typestr.find_first_not_of("0123456789", 2) != std::string::npos)
     throw py::type_error(w.str() + ": dtype " + typestr + kSupported +
                          " (bfloat16 through PyTorch or DLPack)");
@@ -233,8 +236,8 @@ inline void describe_dlpack(DeviceArray& a, py::handle obj, const Where& w, intp
     throw py::type_error(w.str() + ": __dlpack__ did not return a \"dltensor\" capsule");
   }
   const dlpack::Tensor& t = managed->dl_tensor;
-  static const char kinds[] = {'i', 'u', 'f', '?', 'b'};  // DLPack type codes 0..4
-  if (t.dtype.lanes != 1 || t.dtype.code > dlpack::kBfloat)
+  static const char kinds[] = {'i', 'u', 'f', '?', 'B', '?', 'b'};  // DLPack type codes 0..6
+  if (t.dtype.lanes != 1 || t.dtype.code > 6)
     throw py::type_error(w.str() + ": DLPack dtype code " + std::to_string(t.dtype.code) + kSupported);
   a.dtype = dtype_from_bits(w, kinds[t.dtype.code], t.dtype.bits,
                             "code " + std::to_string(t.dtype.code) + " with " +

@@ -1,6 +1,6 @@
-// The aliasing check shared by the host and device array tables: no array a call writes
-// may share memory with any other array of the call (read-only inputs may alias each
-// other). A sweep over the arrays' byte spans in address order.
+// Argument checks shared by the host and device bindings. The aliasing check: no array a
+// call writes may share memory with any other array of the call (read-only inputs may
+// alias each other), a sweep over the arrays' byte spans in address order.
 #pragma once
 #include <pybind11/pybind11.h>
 #include <algorithm>
@@ -56,6 +56,15 @@ void check_no_overlap(const std::vector<Span>& spans, const Where& where) {
     if (!reach_any || s.end > reach_any->end) reach_any = &s;
     if (s.written && (!reach_written || s.end > reach_written->end)) reach_written = &s;
   }
+}
+
+// The list for an optional state role: None when the options do not use it; an error when
+// they do and the caller gave none.
+inline pybind11::object used_if(bool used, const pybind11::object& list, const char* name) {
+  if (!used) return pybind11::none();
+  if (list.is_none())
+    throw pybind11::value_error(std::string(name) + ": required by the chosen options, got None");
+  return list;
 }
 
 }  // namespace bindings

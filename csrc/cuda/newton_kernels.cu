@@ -117,6 +117,7 @@ void solve(const void* H, const void* g, void* d, uint8_t* solved, int64_t batch
   const T* h = static_cast<const T*>(H);
   const T* gg = static_cast<const T*>(g);
   T* dd = static_cast<T*>(d);
+  if (batch == 0) return;
   if (n <= cuda::kNewtonWarpMaxN) {
     const int64_t bytes = n * n * int64_t(sizeof(T));
     const int64_t fit = kSharedBudget / bytes;
@@ -133,6 +134,7 @@ void solve(const void* H, const void* g, void* d, uint8_t* solved, int64_t batch
 template <class T>
 void apply(void* p, const void* d, const uint8_t* use, int64_t batch, int64_t n, double lr,
            cudaStream_t s) {
+  if (batch == 0) return;
   newton_apply_kernel<T><<<grid_for(batch * n, 256), 256, 0, s>>>(
       static_cast<T*>(p), static_cast<const T*>(d), use, batch, n, T(lr));
   check_launch("newton_apply");

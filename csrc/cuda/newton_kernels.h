@@ -14,7 +14,8 @@ constexpr int64_t kNewtonWarpMaxN = 64;
 // Elements of scratch newton_solve needs (0 when n <= kNewtonWarpMaxN).
 int64_t newton_scratch_elements(int64_t batch, int64_t n);
 
-// d = (H + damping*I)^-1 g per system; solved[b] = 1 or 0. H is read, never written.
+// d = (H + damping*I)^-1 g per system; solved[b] = 1 or 0 (a bool array). H is read,
+// never written.
 void newton_solve(DType dtype, const void* H, const void* g, void* d, uint8_t* solved,
                   int64_t batch, int64_t n, double damping, void* scratch, cudaStream_t stream);
 // p <- p - lr*d for the systems with use[b] != 0 (all of them when use is null).

@@ -49,19 +49,27 @@ __device__ float group_max(float v, float* shared) {
   }
 }
 
+// Calls body(b, begin, end, lane) for each quant block b = [begin, end) of this thread's
+// group; b is uniform over a group, so a group's shuffles and barriers see all its threads.
+template <int kGroup, class Body>
+__device__ __forceinline__ void for_each_quant_block(int64_t n, int64_t block, Body&& body) {
+  constexpr int kGroups = kThreads / kGroup;
+  const int lane = threadIdx.x % kGroup;
+  const int64_t blocks = (n + block - 1) / block;
+  for (int64_t b = int64_t(blockIdx.x) * kGroups + threadIdx.x / kGroup; b < blocks;
+       b += int64_t(gridDim.x) * kGroups) {
+    const int64_t begin = b * block;
+    body(b, begin, begin + block < n ? begin + block : n, lane);
+  }
+}
+
 template <int kGroup, class In>
 __global__ void __launch_bounds__(kThreads)
 quantize_blockwise_kernel(const In* __restrict__ x, int8_t* __restrict__ q,
                           float* __restrict__ absmax, int64_t n, int64_t block,
                           bool stochastic, uint32_t key, unsigned long long* first_bad) {
   __shared__ float shared[kThreads / 32];
-  constexpr int kGroups = kThreads / kGroup;
-  const int lane = threadIdx.x % kGroup;
-  const int64_t blocks = (n + block - 1) / block;
-  // b is uniform over a group, so a group's shuffles and barriers see all its threads.
-  for (int64_t b = int64_t(blockIdx.x) * kGroups + threadIdx.x / kGroup; b < blocks;
-       b += int64_t(gridDim.x) * kGroups) {
-    const int64_t begin = b * block, end = begin + block < n ? begin + block : n;
+  for_each_quant_block<kGroup>(n, block, [&](int64_t b, int64_t begin, int64_t end, int lane) {
     float m = 0.0f;
     int64_t bad = LLONG_MAX;
     for (int64_t e = begin + lane; e < end; e += kGroup) {
@@ -79,22 +87,17 @@ quantize_blockwise_kernel(const In* __restrict__ x, int8_t* __restrict__ q,
       q[e] = static_cast<int8_t>(static_cast<int>(r));
     }
     if (lane == 0) absmax[b] = m;
-  }
+  });
 }
 
 template <int kGroup>
 __global__ void __launch_bounds__(kThreads)
 dequantize_blockwise_kernel(const int8_t* __restrict__ q, const float* __restrict__ absmax,
                             float* __restrict__ x, int64_t n, int64_t block) {
-  constexpr int kGroups = kThreads / kGroup;
-  const int lane = threadIdx.x % kGroup;
-  const int64_t blocks = (n + block - 1) / block;
-  for (int64_t b = int64_t(blockIdx.x) * kGroups + threadIdx.x / kGroup; b < blocks;
-       b += int64_t(gridDim.x) * kGroups) {
-    const int64_t begin = b * block, end = begin + block < n ? begin + block : n;
+  for_each_quant_block<kGroup>(n, block, [&](int64_t b, int64_t begin, int64_t end, int lane) {
     const float scale = blockwise_scale(absmax[b]);
     for (int64_t e = begin + lane; e < end; e += kGroup) x[e] = float(q[e]) * scale;
-  }
+  });
 }
 
 template <class In, class Q>

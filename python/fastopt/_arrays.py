@@ -25,8 +25,8 @@ def _not_a_host_array(name: str) -> TypeError:
 
     why = _build.cuda_unavailable_reason()
     if not why:
-        return TypeError(f"{name}: is a CUDA array, but the params are host arrays; all arrays "
-                         "of one call must be on the same device")
+        return TypeError(f"{name}: is a CUDA array, but this call's other arrays are host "
+                         "arrays; all arrays of one call must be on the same device")
     return TypeError(f"{name}: is a CUDA array, but {why}; "
                      "pass NumPy arrays (or CPU tensors) to run on the CPU")
 
@@ -88,7 +88,8 @@ def _register_torch(cuda_module: Any) -> None:
     import torch
 
     cuda_module.set_torch_types(torch.Tensor, (torch.float32, torch.float64, torch.float16,
-                                               torch.bfloat16, torch.int8, torch.uint8))
+                                               torch.bfloat16, torch.int8, torch.uint8,
+                                               torch.bool))
     _torch_registered = True
 
 
@@ -206,25 +207,11 @@ def device_empty(like: Any, shape: Tuple[int, ...], dtype: str, stream: int) -> 
 
 
 def to_numpy(a: Any) -> np.ndarray:
-    """A host copy of a PyTorch or CuPy CUDA array (waits for its stream)."""
+    """A host copy of a PyTorch or CuPy CUDA array (queued on the library's current stream:
+    wait for the stream that wrote ``a`` first)."""
     if _is_torch(a):
         return a.detach().cpu().numpy()
     return a.get()
-
-
-def device_bool(mask: Any, shape: Tuple[int, ...], fill: bool = False) -> Any:
-    """A uint8 CUDA mask as the library's boolean array of ``shape`` (all True for an
-    empty batch when ``fill``)."""
-    if _is_torch(mask):
-        import torch
-
-        if fill:
-            return torch.ones(shape, dtype=torch.bool, device=mask.device)
-        return mask.bool().reshape(shape)
-    import cupy
-
-    with mask.device:
-        return cupy.ones(shape, dtype=bool) if fill else mask.astype(bool).reshape(shape)
 
 
 def fill(a: Any, value: float) -> None:

@@ -10,21 +10,31 @@ drift of a shared machine hits all of them alike. Achieved bandwidth counts the 
 that must move (each operand read once, each output written once) and is given as a
 percentage of the ceiling measured in the same run: an in-place ``a += b`` over a large
 array with all threads (fastopt's own multithreaded AVX2 loop).
+
+On the GPU (``--device cuda|all`` when CUDA is usable) the same optimizer cases run on
+device arrays made with PyTorch (or CuPy without a CUDA build of torch), are checked
+against fastopt's CPU kernels (float32 results are meant to be bit-identical) and are
+timed with CUDA events over blocks of calls; the peers are ``torch.optim`` fused /
+foreach and a hand-written CuPy ``ElementwiseKernel`` called once per tensor, and the
+ceiling is a large device-to-device copy (read + write).
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _runtime, optim, quant, reference
+from . import _arrays, _runtime, optim, quant, reference
 from .newton import cholesky_solve, newton_
 from ._build import _cpu
 
@@ -50,24 +60,28 @@ class OptimizerCase:
     reference_hyper: Dict[str, Any]
     torch_name: str
     torch_hyper: Dict[str, Any]
-    torch_modes: Sequence[str]        # "fused", "foreach"
+    torch_modes: Sequence[str]        # "fused", "foreach" (CPU)
     takes_step: bool = True
+    cuda_torch_modes: Sequence[str] = ()  # the torch.optim modes torch has on CUDA
 
 
 OPTIMIZERS = {
     "adamw": OptimizerCase("adamw", 28, ["exp_avgs", "exp_avg_sqs"], optim.AdamW, reference.adam,
                        dict(lr=1e-3, weight_decay=1e-2),
                        dict(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True),
-                       "AdamW", dict(lr=1e-3, weight_decay=1e-2), ("fused", "foreach")),
+                       "AdamW", dict(lr=1e-3, weight_decay=1e-2), ("fused", "foreach"),
+                       cuda_torch_modes=("fused", "foreach")),
     "sgd": OptimizerCase("sgd", 20, ["momentum_buffers"], optim.SGD, reference.sgd,
                      dict(lr=1e-2, momentum=0.9), dict(lr=1e-2, momentum=0.9),
-                     "SGD", dict(lr=1e-2, momentum=0.9), ("fused", "foreach")),
+                     "SGD", dict(lr=1e-2, momentum=0.9), ("fused", "foreach"),
+                     cuda_torch_modes=("fused", "foreach")),
+    # torch's fused Adagrad is CPU only.
     "adagrad": OptimizerCase("adagrad", 20, ["state_sums"], optim.Adagrad, reference.adagrad,
                          dict(lr=1e-2), dict(lr=1e-2), "Adagrad", dict(lr=1e-2),
-                         ("fused", "foreach")),
+                         ("fused", "foreach"), cuda_torch_modes=("foreach",)),
     "rmsprop": OptimizerCase("rmsprop", 20, ["square_avgs"], optim.RMSprop, reference.rmsprop,
                          dict(lr=1e-2), dict(lr=1e-2), "RMSprop", dict(lr=1e-2), ("foreach",),
-                         takes_step=False),
+                         takes_step=False, cuda_torch_modes=("foreach",)),
     # torch has no Sophia: the NumPy reference is its peer. (The Hessian EMA stays zero, so
     # every step is the clipped sign step; the memory traffic is the same.)
     "sophia": OptimizerCase("sophia", 24, ["exp_avgs", "hessian_diags"], optim.Sophia,
@@ -94,42 +108,89 @@ class Row:
     bytes_per_element: int
     elements: int
     tensors: int
-    check: str = "ok"                               # "ok" or "FAIL: ..."
+    check: str = "ok"                               # "ok", "FAIL: ..." or "ERROR: ..."
     times_ms: Dict[str, float] = field(default_factory=dict)
     notes: Dict[str, str] = field(default_factory=dict)  # peer -> why it did not run
+    remarks: List[str] = field(default_factory=list)     # about the row itself (sizing, parity)
+    bit_identical: Optional[bool] = None            # GPU rows: equal to the CPU kernels' result
+    target: Optional["Target"] = None               # GPU rows: the issue's target, if any
 
     def pct_of_ceiling(self, impl: str, ceiling_gbs: float) -> float:
         gbs = self.bytes_per_element * self.elements / (self.times_ms[impl] * 1e-3) / 1e9
         return 100.0 * gbs / ceiling_gbs
 
     def speedup_vs_best_peer(self) -> Optional[float]:
-        peers = [t for k, t in self.times_ms.items() if k != "fastopt"]
+        peers = [t for k, t in self.times_ms.items() if not k.startswith("fastopt")]
         if "fastopt" not in self.times_ms or not peers:
             return None
         return min(peers) / self.times_ms["fastopt"]
 
 
+# ---- timing ---------------------------------------------------------------------------------
+
+class WallClock:
+    """Host timing, each call on its own: CPU kernels have finished when they return."""
+
+    def warm(self, fn: Callable[[], Any]) -> float:
+        """Seconds of one call (the first: page faults, lazy state, thread pool start)."""
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def block(self, fn: Callable[[], Any], n: int) -> List[float]:
+        """Seconds of each of n calls."""
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return samples
+
+
+class EventClock:
+    """Device timing: a block of n asynchronous calls between two events recorded on the
+    arrays' stream, as one sample of (elapsed / n). Host-side launch cost is included
+    wherever the GPU has to wait for it (small tensors), as a user would see it."""
+
+    def __init__(self, arrays: "DeviceArrays"):
+        self.arrays = arrays
+
+    def warm(self, fn: Callable[[], Any]) -> float:
+        fn()  # first call: lazy state, kernel compilation (CuPy), plan building
+        self.arrays.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        self.arrays.synchronize()
+        return time.perf_counter() - t0
+
+    def block(self, fn: Callable[[], Any], n: int) -> List[float]:
+        self.arrays.synchronize()
+        start, end = self.arrays.event(), self.arrays.event()
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return [self.arrays.elapsed_ms(start, end) * 1e-3 / n]
+
+
 def _median_times(fns: Dict[str, Callable[[], None]], repeats: int, rounds: int = 3,
-                  budget_s: float = 4.0) -> Dict[str, float]:
+                  budget_s: float = 4.0, clock: Any = WallClock()) -> Dict[str, float]:
     """Median ms per call. Each implementation runs in blocks, alternating between
     implementations for `rounds` rounds; a short pause between blocks lets the previous
     library's spinning worker threads go to sleep before the next is timed. A slow
     implementation gets fewer repeats (at least `rounds`) so that it spends about
-    `budget_s` seconds."""
+    `budget_s` seconds. `clock` gives one sample per call (WallClock) or one per block
+    (EventClock)."""
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     per_round: Dict[str, int] = {}
     for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()  # warm-up: page faults, lazy state allocation, thread pool start
-        once = time.perf_counter() - t0
+        once = clock.warm(fn)
         per_round[name] = max(1, min(math.ceil(repeats / rounds), int(budget_s / rounds / max(once, 1e-9))))
     for _ in range(rounds):
         for name, fn in fns.items():
             time.sleep(0.02)
-            for _ in range(per_round[name]):
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - t0)
+            samples[name] += clock.block(fn, per_round[name])
     return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
 
 
@@ -139,6 +200,39 @@ def _import_torch():
         return torch
     except Exception:  # not installed, or broken install: reported as "not installed"
         return None
+
+
+def _import_cupy():
+    try:
+        import cupy  # noqa: F401
+        return cupy
+    except Exception:  # not installed, or no usable CUDA for it: "not installed"
+        return None
+
+
+def _add_torch_peers(torch: Any, spec: OptimizerCase, modes: Sequence[str],
+                     make_params: Callable[[], List[Any]], make_grads: Callable[[], List[Any]],
+                     fns, row: Row) -> None:
+    """torch.optim in each mode on its own copy of the params (``make_params()``), stepped
+    with ``p.grad`` set once to ``make_grads()`` (torch tensors, read only)."""
+    if not modes:
+        return
+    if torch is None:
+        row.notes["torch"] = "not installed"
+        return
+    grads = make_grads()
+    for mode in modes:
+        tparams = make_params()
+        for tp, g in zip(tparams, grads):
+            tp.grad = g
+        try:
+            topt = getattr(torch.optim, spec.torch_name)(tparams, **spec.torch_hyper,
+                                                         **{mode: True})
+            topt.step()
+        except Exception as exc:  # a torch build without this mode
+            row.notes[f"torch-{mode}"] = f"unavailable ({type(exc).__name__})"
+            continue
+        fns[f"torch-{mode}"] = topt.step
 
 
 class CpuBench:
@@ -195,24 +289,10 @@ class CpuBench:
         return row
 
     def add_torch_peers(self, spec: OptimizerCase, params, grads, fns, row: Row) -> None:
-        if not spec.torch_modes:
-            return
-        if self.torch is None:
-            row.notes["torch"] = "not installed"
-            return
         torch = self.torch
-        for mode in spec.torch_modes:
-            tparams = [torch.from_numpy(p.copy()) for p in params]
-            for tp, g in zip(tparams, grads):
-                tp.grad = torch.from_numpy(g)
-            try:
-                topt = getattr(torch.optim, spec.torch_name)(tparams, **spec.torch_hyper,
-                                                             **{mode: True})
-                topt.step()
-            except Exception as exc:  # a torch build without this mode
-                row.notes[f"torch-{mode}"] = f"unavailable ({type(exc).__name__})"
-                continue
-            fns[f"torch-{mode}"] = topt.step
+        _add_torch_peers(torch, spec, spec.torch_modes,
+                         lambda: [torch.from_numpy(p.copy()) for p in params],
+                         lambda: [torch.from_numpy(g) for g in grads], fns, row)
 
     def newton_case(self, n: int, systems: int) -> Row:
         """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
@@ -333,6 +413,442 @@ class CpuBench:
         return None
 
 
+# ---- the GPU ---------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """An issue's target for a GPU row: fastopt at least `value`% of the ceiling ("pct") or
+    at most `value` ms per step ("ms"); `torch_figure` is what the issue measured for torch."""
+    kind: str
+    value: float
+    torch_figure: str = ""
+
+    def describe(self) -> str:
+        return (f">= {self.value:g}% of the ceiling" if self.kind == "pct"
+                else f"<= {self.value:g} ms per step")
+
+    def achieved(self, row: Row, ceiling_gbs: float) -> str:
+        if self.kind == "pct":
+            return f"{row.pct_of_ceiling('fastopt', ceiling_gbs):.0f}% of the ceiling"
+        return f"{row.times_ms['fastopt']:.3f} ms per step"
+
+    def met(self, row: Row, ceiling_gbs: float) -> bool:
+        if self.kind == "pct":
+            return row.pct_of_ceiling("fastopt", ceiling_gbs) >= self.value
+        return row.times_ms["fastopt"] <= self.value
+
+
+# The issues' GPU targets (stated for the full sizes), by optimizer and layout kind: "one"
+# large tensor (2^28), "gpt2-small" (148 tensors), "many" (1000 x 4096, through the class).
+GPU_TARGETS = {
+    ("adamw", "one"): Target("pct", 95, "torch fused 88%"),
+    ("adamw", "gpt2-small"): Target("pct", 90, "torch fused 60%"),
+    ("adamw", "many"): Target("ms", 0.2, "torch fused 4.3 ms"),
+    ("sgd", "one"): Target("pct", 95),
+    ("sgd", "gpt2-small"): Target("pct", 95),
+    ("rmsprop", "one"): Target("pct", 90),
+    ("rmsprop", "gpt2-small"): Target("pct", 90),
+    ("adagrad", "one"): Target("pct", 90),
+    ("adagrad", "gpt2-small"): Target("pct", 90),
+}
+
+# What a CuPy user writes: one ElementwiseKernel (float32 scalars), called once per tensor;
+# (in_params, out_params, operation, name). SGD is the momentum step past the first.
+CUPY_KERNELS = {
+    "adamw": ("T g, float32 lr, float32 beta1, float32 beta2, float32 eps, float32 wd, "
+              "float32 step_size, float32 bc2_sqrt",
+              "T p, T m, T v",
+              "p = p * (1.0f - lr * wd);"
+              "m = beta1 * m + (1.0f - beta1) * g;"
+              "v = beta2 * v + (1.0f - beta2) * g * g;"
+              "p = p - step_size * m / (sqrt(v) / bc2_sqrt + eps);",
+              "fastopt_bench_adamw"),
+    "sgd": ("T g, float32 lr, float32 momentum", "T p, T buf",
+            "buf = momentum * buf + g; p = p - lr * buf;", "fastopt_bench_sgd_momentum"),
+}
+
+
+def _cupy_elementwise_step(cupy: Any, spec: OptimizerCase, params: List[Any],
+                           grads: List[Any]) -> Callable[[], None]:
+    """One optimizer step over CuPy arrays: the CUPY_KERNELS kernel once per tensor, with
+    its own zeroed state and step count."""
+    kernel = cupy.ElementwiseKernel(*CUPY_KERNELS[spec.name])
+    states = [[cupy.zeros_like(p) for p in params] for _ in spec.states]
+    hyper, f32, t = spec.hyper, np.float32, [0]
+    if spec.name == "adamw":
+        lr, wd = hyper["lr"], hyper["weight_decay"]
+        b1, b2, eps = hyper.get("beta1", 0.9), hyper.get("beta2", 0.999), hyper.get("eps", 1e-8)
+
+        def step() -> None:
+            t[0] += 1
+            args = (f32(lr), f32(b1), f32(b2), f32(eps), f32(wd), f32(lr / (1 - b1 ** t[0])),
+                    f32(math.sqrt(1 - b2 ** t[0])))
+            for p, g, m, v in zip(params, grads, *states):
+                kernel(g, *args, p, m, v)
+    else:
+        args = (f32(hyper["lr"]), f32(hyper["momentum"]))
+
+        def step() -> None:
+            for p, g, buf in zip(params, grads, *states):
+                kernel(g, *args, p, buf)
+    return step
+
+
+class _HostEvent:
+    """Stands in for a CUDA event when the "device" is the host (the tests' stand-in GPU)."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_HostEvent") -> float:
+        return (end.t - self.t) * 1e3
+
+
+class DeviceArrays:
+    """The library the GPU bench allocates float32 arrays with, on one device: random and
+    empty arrays, host <-> device copies, a device-to-device copy (the ceiling), events and
+    free memory."""
+    name = ""
+    version = ""
+    on_gpu = True
+
+    def release(self) -> None:
+        """Return cached blocks to the device (between cases)."""
+
+
+class TorchArrays(DeviceArrays):
+    """PyTorch tensors on `device` ("cuda"; "cpu" only as the tests' stand-in GPU)."""
+    name = "torch"
+
+    def __init__(self, torch: Any, device: str = "cuda"):
+        self.torch = torch
+        self.device = torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
+        self.version = torch.__version__
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(0)
+
+    def standard_normal(self, shape: Tuple[int, ...]) -> Any:
+        return self.torch.randn(tuple(shape), generator=self.generator, dtype=self.torch.float32,
+                                device=self.device)
+
+    def empty(self, n: int) -> Any:
+        return self.torch.empty(n, dtype=self.torch.float32, device=self.device)
+
+    def from_numpy(self, a: np.ndarray) -> Any:
+        return self.torch.from_numpy(a).to(self.device, copy=True)
+
+    def copy(self, dst: Any, src: Any) -> None:
+        dst.copy_(src)
+
+    def synchronize(self) -> None:
+        if self.on_gpu:
+            self.torch.cuda.synchronize(self.device)
+
+    def event(self) -> Any:
+        return self.torch.cuda.Event(enable_timing=True) if self.on_gpu else _HostEvent()
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        return float(start.elapsed_time(end))
+
+    def free_bytes(self) -> int:
+        if self.on_gpu:
+            return int(self.torch.cuda.mem_get_info(self.device)[0])
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+    def release(self) -> None:
+        if self.on_gpu:
+            self.torch.cuda.empty_cache()
+
+
+class CupyArrays(DeviceArrays):
+    """CuPy arrays on the current device (when torch has no CUDA)."""
+    name = "cupy"
+
+    def __init__(self, cupy: Any):
+        self.cupy = cupy
+        self.version = cupy.__version__
+        self.random = cupy.random.RandomState(0)
+
+    def standard_normal(self, shape: Tuple[int, ...]) -> Any:
+        return self.random.standard_normal(tuple(shape), dtype=np.float32)
+
+    def empty(self, n: int) -> Any:
+        return self.cupy.empty(n, dtype=np.float32)
+
+    def from_numpy(self, a: np.ndarray) -> Any:
+        return self.cupy.asarray(a)
+
+    def copy(self, dst: Any, src: Any) -> None:
+        dst.data.copy_from_device_async(src.data, src.nbytes)  # cudaMemcpyAsync, as torch
+
+    def synchronize(self) -> None:
+        self.cupy.cuda.Device().synchronize()
+
+    def event(self) -> Any:
+        return self.cupy.cuda.Event()
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        return float(self.cupy.cuda.get_elapsed_time(start, end))
+
+    def free_bytes(self) -> int:
+        return int(self.cupy.cuda.runtime.memGetInfo()[0])
+
+    def release(self) -> None:
+        self.cupy.get_default_memory_pool().free_all_blocks()
+
+
+def _device_arrays() -> Tuple[Optional[DeviceArrays], str]:
+    """PyTorch if it has CUDA, else CuPy; or None and why neither can be used."""
+    torch = _import_torch()
+    if torch is not None and torch.cuda.is_available():
+        return TorchArrays(torch), ""
+    cupy = _import_cupy()
+    if cupy is not None:
+        try:
+            cupy.cuda.runtime.getDeviceCount()
+            return CupyArrays(cupy), ""
+        except Exception as exc:
+            return None, f"CuPy {cupy.__version__} cannot use the GPU ({type(exc).__name__}: {exc})"
+    have = "PyTorch without CUDA" if torch is not None else "no PyTorch"
+    return None, (f"no library to allocate GPU arrays with ({have}, no CuPy): install CuPy "
+                  "(pip install fastopt[cuda]) or a CUDA build of PyTorch")
+
+
+def _host_copy(a: Any) -> np.ndarray:
+    """A NumPy copy of a NumPy array, PyTorch tensor or CuPy array."""
+    if isinstance(a, np.ndarray):
+        return a.copy()
+    if _arrays._is_torch(a):
+        t = a.detach()
+        return t.numpy().copy() if t.device.type == "cpu" else t.cpu().numpy()
+    return a.get()
+
+
+class GpuBench:
+    """The optimizer cases of CpuBench on device arrays, in the same rows: each case is
+    checked against fastopt's CPU kernels, then fastopt (through the classes, one C++ call
+    per step) and its peers are timed with device events. The ceiling is a device-to-device
+    copy counted as read + write."""
+
+    # Device arrays of a layout's size the heaviest case (AdamW) holds at once: fastopt's
+    # params, grads and 2 states (4); torch fused and foreach, params and 2 states each
+    # (6, grads shared) and a foreach temporary (1); CuPy's own params, grads and 2 states
+    # (4); 1 to spare.
+    ARRAYS_AT_ONCE = 16
+    CHECK_STEPS = 2
+    TOLERANCE = 1e-6  # if not bit-identical: max |diff| / (1 + max |value|) per array
+
+    def __init__(self, quick: bool, progress: Callable[[str], None], arrays: DeviceArrays):
+        self.quick = quick
+        self.progress = progress
+        self.arrays = arrays
+        self.clock = EventClock(arrays)
+        self.torch = _import_torch()
+        self.cupy, self.cupy_why = None, "not installed"
+        cupy = _import_cupy() if arrays.on_gpu else None
+        if cupy is not None:
+            try:
+                cupy.cuda.runtime.getDeviceCount()
+                self.cupy = cupy
+            except Exception as exc:
+                self.cupy_why = f"unavailable ({type(exc).__name__}: {exc})"[:160]
+        self.repeats, self.rounds = (30, 3) if quick else (100, 5)  # blocks of 10 / 20 calls
+        self.sized_down: Dict[str, str] = {}   # layout -> why it is smaller than asked
+        self.kinds: Dict[str, str] = {}        # layout -> its kind in GPU_TARGETS
+
+    def big_log2(self) -> int:
+        return 24 if self.quick else 28
+
+    def release(self) -> None:
+        gc.collect()
+        self.arrays.release()
+        if self.cupy is not None:
+            self.cupy.get_default_memory_pool().free_all_blocks()
+
+    def fit_log2(self, log2: int, arrays_at_once: int) -> Tuple[int, str]:
+        """The largest k <= log2 such that arrays_at_once float32 arrays of 2^k elements fit
+        in 90% of the free device memory, and why it is smaller than log2 (or "")."""
+        self.release()
+        free = self.arrays.free_bytes()
+        k = log2
+        while k > 16 and arrays_at_once * 4 * (1 << k) > 0.9 * free:
+            k -= 1
+        if k == log2:
+            return k, ""
+        need = arrays_at_once * 4 * (1 << log2)
+        return k, (f"sized down from 2^{log2}: {free / 2**30:.1f} GiB free, 2^{log2} needs "
+                   f"{need / 2**30:.1f} GiB")
+
+    # -- the ceiling ------------------------------------------------------------------
+    def ceiling(self) -> Dict[str, Any]:
+        k, why = self.fit_log2(self.big_log2(), 3)
+        n = 1 << k
+        src, dst = self.arrays.standard_normal((n,)), self.arrays.empty(n)
+        ms = _median_times({"copy": lambda: self.arrays.copy(dst, src)}, self.repeats * 2,
+                           self.rounds, clock=self.clock)["copy"]
+        out = {"elements": n, "bytes_per_element": 8, "ms": ms, "gbs": 8 * n / (ms * 1e-3) / 1e9,
+               "what": f"device-to-device copy ({self.arrays.name})"}
+        if why:
+            out["sized_down"] = why
+        return out
+
+    # -- optimizer cases ----------------------------------------------------------------
+    def layouts(self) -> List[Tuple[str, List[Tuple[int, ...]]]]:
+        big = self.big_log2()
+        k, why = self.fit_log2(big, self.ARRAYS_AT_ONCE)
+        one = f"1x2^{k}" + (" (sized down)" if why else "")
+        self.kinds = {one: "one", "gpt2-small": "gpt2-small", "1000x4096": "many"}
+        self.sized_down = {one: why} if why else {}
+        layouts = [(one, [(1 << k,)])]
+        if not self.quick:
+            layouts.append(("gpt2-small", gpt2_small_shapes()))
+        return layouts + [("1000x4096", [(4096,)] * 1000)]
+
+    def optimizer_case(self, spec: OptimizerCase, layout: str, shapes: List[Tuple[int, ...]]) -> Row:
+        self.release()
+        elements = sum(int(np.prod(s)) for s in shapes)
+        row = Row(f"{spec.name} {layout}", "cuda", spec.bytes_per_element, elements, len(shapes))
+        if layout in self.sized_down:
+            row.remarks.append(self.sized_down[layout])
+        row.target = GPU_TARGETS.get((spec.name, self.kinds.get(layout, "")))
+        params = [self.arrays.standard_normal(s) for s in shapes]
+        grads = [self.arrays.standard_normal(s) for s in shapes]
+        host_params = [_host_copy(p) for p in params]
+        host_grads = [_host_copy(g) for g in grads]
+        opt = spec.fastopt_class(params, **spec.hyper)
+        failure, remark = self.check(spec, opt, grads, host_params, host_grads)
+        row.bit_identical = not remark
+        if failure:
+            row.check = f"FAIL: {failure}"
+            return row
+        if remark:
+            row.remarks.append(remark)
+        fns: Dict[str, Callable[[], None]] = {"fastopt": lambda: opt.step(grads)}
+        self.add_torch_peers(spec, host_params, grads, fns, row)
+        self.add_cupy_peer(spec, host_params, host_grads, fns, row)
+        if self.kinds.get(layout) == "many":
+            failure = self.add_fastopt_on_cupy(spec, host_params, host_grads, fns, row)
+            if failure:
+                row.check = f"FAIL: fastopt on CuPy arrays {failure}"
+                return row
+        del host_params, host_grads
+        row.times_ms = _median_times(fns, self.repeats, self.rounds, clock=self.clock)
+        return row
+
+    def add_torch_peers(self, spec: OptimizerCase, host_params, grads, fns, row: Row) -> None:
+        """torch.optim on torch tensors of the arrays' device (grads shared with fastopt)."""
+        if spec.cuda_torch_modes and self.torch is not None and self.arrays.name != "torch":
+            row.notes["torch"] = f"no CUDA in this build ({self.torch.__version__})"
+            return
+        arrays = self.arrays
+        _add_torch_peers(self.torch, spec, spec.cuda_torch_modes,
+                         lambda: [arrays.from_numpy(p) for p in host_params], lambda: grads,
+                         fns, row)
+
+    def add_cupy_peer(self, spec: OptimizerCase, host_params, host_grads, fns, row: Row) -> None:
+        if spec.name not in CUPY_KERNELS:
+            return
+        cupy = self.cupy
+        if cupy is None:
+            row.notes["cupy"] = self.cupy_why
+            return
+        try:
+            step = _cupy_elementwise_step(cupy, spec, [cupy.asarray(p) for p in host_params],
+                                          [cupy.asarray(g) for g in host_grads])
+            step()
+        except Exception as exc:  # e.g. no NVRTC to compile the kernel
+            row.notes["cupy-elementwise"] = f"unavailable ({type(exc).__name__}: {exc})"[:160]
+            return
+        fns["cupy-elementwise"] = step
+
+    def add_fastopt_on_cupy(self, spec: OptimizerCase, host_params, host_grads, fns,
+                            row: Row) -> Optional[str]:
+        """fastopt once more on CuPy arrays ("fastopt-cupy", not a peer) where the arrays are
+        torch tensors: with many small tensors a step's host cost depends on the library
+        (a torch tensor's data pointer is re-read every step). Checked like "fastopt";
+        returns why the check failed, if it did."""
+        cupy = self.cupy
+        if cupy is None or self.arrays.name == "cupy":
+            return None
+        try:
+            params = [cupy.asarray(p) for p in host_params]
+            grads = [cupy.asarray(g) for g in host_grads]
+        except Exception as exc:
+            row.notes["fastopt-cupy"] = f"unavailable ({type(exc).__name__}: {exc})"[:160]
+            return None
+        opt = spec.fastopt_class(params, **spec.hyper)
+        failure, remark = self.check(spec, opt, grads, host_params, host_grads)
+        if failure:
+            return failure
+        if remark:
+            row.remarks.append(f"fastopt-cupy: {remark}")
+        fns["fastopt-cupy"] = lambda: opt.step(grads)
+        return None
+
+    def check(self, spec: OptimizerCase, opt: Any, grads, host_params,
+              host_grads) -> Tuple[Optional[str], str]:
+        """CHECK_STEPS steps of `opt` (on the device) and of fastopt's CPU kernels from the
+        same start; every param and state element compared. Returns (why it fails, or None;
+        a remark if the results are not bit-identical, else "")."""
+        cpu = spec.fastopt_class([p.copy() for p in host_params], **spec.hyper)
+        for _ in range(self.CHECK_STEPS):
+            opt.step(grads)
+            cpu.step(host_grads)
+        self.arrays.synchronize()
+        worst, where = 0.0, ""
+        roles = [("params", opt.params, cpu.params)] + [
+            (name, opt.state[name], cpu.state[name]) for name in cpu.state]
+        for role, got_list, want_list in roles:
+            for i, (device_array, want) in enumerate(zip(got_list, want_list)):
+                got = _host_copy(device_array)
+                if np.array_equal(got, want):
+                    continue
+                err = float(np.max(np.abs(got.astype(np.float64) - want), initial=0.0)) / (
+                    1.0 + float(np.max(np.abs(want), initial=0.0)))
+                if not math.isfinite(err):
+                    return (f"{role}[{i}] differs from fastopt's CPU kernels after "
+                            f"{self.CHECK_STEPS} steps (non-finite values)"), "non-finite"
+                if err > worst:
+                    worst, where = err, f"{role}[{i}]"
+        if not where:
+            return None, ""
+        remark = (f"not bit-identical to the CPU kernels: max |diff| {worst:.2g} x "
+                  f"(1 + max |value|) at {where}")
+        if worst > self.TOLERANCE:
+            return (f"differs from fastopt's CPU kernels after {self.CHECK_STEPS} steps: "
+                    f"{where} max |diff| {worst:.3g} x (1 + max |value|)"), remark
+        return None, f"{remark}, within {self.TOLERANCE:g}"
+
+
+def _cuda_version(v: Any) -> str:
+    """13000 -> "13.0" (CUDA's encoding: 1000 * major + 10 * minor)."""
+    if isinstance(v, int) and v > 0:
+        return f"{v // 1000}.{(v % 1000) // 10}"
+    return str(v)
+
+
+def _gpu_facts(cuda: Dict[str, Any], bench: GpuBench) -> Dict[str, Any]:
+    devices = list(cuda.get("devices") or []) or ["unknown"]
+    torch, cupy = bench.torch, bench.cupy
+    torch_version = "not installed"
+    if torch is not None:
+        torch_cuda = getattr(torch.version, "cuda", None)
+        torch_version = torch.__version__ + (f" (CUDA {torch_cuda})" if torch_cuda else " (no CUDA)")
+    return {"device": devices[0], "devices": devices,
+            "driver_version": _cuda_version(cuda.get("driver_version")),
+            "runtime_version": _cuda_version(cuda.get("runtime_version")),
+            "architectures": cuda.get("architectures"),
+            "arrays": f"{bench.arrays.name} {bench.arrays.version}",
+            "torch": torch_version,
+            "cupy": cupy.__version__ if cupy is not None else "not installed"}
+
+
+# ---- running and reporting ---------------------------------------------------------------
+
 def _machine(cuda: Dict[str, Any]) -> Dict[str, Any]:
     facts = _runtime.info()
     torch = _import_torch()
@@ -341,6 +857,32 @@ def _machine(cuda: Dict[str, Any]) -> Dict[str, Any]:
     facts["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
     facts["cuda"] = cuda
     return facts
+
+
+def _optimizer_cases(bench: Any, names: List[str]) -> List[Tuple[str, Callable[[], Row]]]:
+    layouts = bench.layouts()
+    return [(f"{n} {lay}", lambda s=OPTIMIZERS[n], lay=lay, shapes=shapes:
+             bench.optimizer_case(s, lay, shapes))
+            for n in names for lay, shapes in layouts]
+
+
+def _run_cases(cases: List[Tuple[str, Callable[[], Row]]], device: str,
+               progress: Callable[[str], None], show: bool, prefix: str = "") -> List[Row]:
+    """Runs every case; one that raises becomes an ERROR row (traceback on stderr) so that
+    the others still run."""
+    rows: List[Row] = []
+    for k, (label, case) in enumerate(cases):
+        progress(f"{prefix}{k + 1}/{len(cases)} {label}")
+        try:
+            rows.append(case())
+        except Exception as exc:
+            traceback.print_exc()
+            first = (str(exc).splitlines() or [""])[0][:200]
+            rows.append(Row(label, device, 0, 0, 0, check=f"ERROR: {type(exc).__name__}: {first}"))
+    progress("done")
+    if show:
+        print(file=sys.stderr)
+    return rows
 
 
 def _format_table(rows: List[Row], ceiling_gbs: float) -> str:
@@ -356,7 +898,7 @@ def _format_table(rows: List[Row], ceiling_gbs: float) -> str:
         if r.check != "ok":
             lines.append([r.case, str(r.bytes_per_element), r.check])
             continue
-        peers = {k: t for k, t in r.times_ms.items() if k != "fastopt"}
+        peers = {k: t for k, t in r.times_ms.items() if not k.startswith("fastopt")}
         best = min(peers, key=peers.get) if peers else None
         sp = r.speedup_vs_best_peer()
         lines.append([r.case, str(r.bytes_per_element),
@@ -368,27 +910,106 @@ def _format_table(rows: List[Row], ceiling_gbs: float) -> str:
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(l)) for l in lines)
 
 
-def _plot(rows: List[Row], ceiling_gbs: float, path: str) -> None:
+def _print_rows(rows: List[Row], ceiling_gbs: float) -> None:
+    """The table, then one line per missing peer and one per remark on a row."""
+    print(_format_table(rows, ceiling_gbs))
+    missing: Dict[Tuple[str, str], List[str]] = {}
+    for r in rows:
+        for peer, why in r.notes.items():
+            missing.setdefault((peer, why), []).append(r.case)
+    for (peer, why), cases_hit in missing.items():
+        where = "every case" if len(cases_hit) == len(rows) else ", ".join(cases_hit)
+        print(f"  {peer}: {why} ({where})")
+    for r in rows:
+        for remark in r.remarks:
+            print(f"  {r.case}: {remark}")
+
+
+def _print_gpu_summary(rows: List[Row], ceiling_gbs: float, quick: bool) -> None:
+    """Parity with the CPU kernels, and each issue target against what was measured."""
+    checked = [r for r in rows if r.bit_identical is not None]
+    if checked:
+        same = sum(bool(r.bit_identical) for r in checked)
+        print(f"parity: {same} of {len(checked)} checked cases bit-identical to fastopt's CPU "
+              f"kernels ({GpuBench.CHECK_STEPS} steps, every param and state element)")
+    hit = [r for r in rows if r.target is not None and r.check == "ok" and "fastopt" in r.times_ms]
+    if not hit:
+        return
+    print("targets (the issues'; stated for the full sizes"
+          + (": this --quick run is only indicative)" if quick else ")"))
+    for r in hit:
+        t = r.target
+        assert t is not None
+        issue = f"; the issue measured {t.torch_figure}" if t.torch_figure else ""
+        print(f"  {r.case}: fastopt {t.achieved(r, ceiling_gbs)}, target {t.describe()}{issue}: "
+              f"{'met' if t.met(r, ceiling_gbs) else 'NOT MET'}")
+
+
+def _row_json(r: Row, ceiling_gbs: float) -> Dict[str, Any]:
+    d: Dict[str, Any] = dict(
+        case=r.case, device=r.device, bytes_per_element=r.bytes_per_element,
+        elements=r.elements, tensors=r.tensors, check=r.check, times_ms=r.times_ms,
+        pct_of_ceiling={k: r.pct_of_ceiling(k, ceiling_gbs) for k in r.times_ms},
+        speedup_vs_best_peer=r.speedup_vs_best_peer(), notes=r.notes)
+    if r.remarks:
+        d["remarks"] = r.remarks
+    if r.bit_identical is not None:
+        d["bit_identical_to_cpu"] = r.bit_identical
+    if r.target is not None and r.check == "ok" and "fastopt" in r.times_ms:
+        d["target"] = {"target": r.target.describe(), "achieved": r.target.achieved(r, ceiling_gbs),
+                       "met": r.target.met(r, ceiling_gbs), "issue_torch": r.target.torch_figure}
+    return d
+
+
+def _plot(panels: List[Tuple[str, List[Row], float]], path: str) -> None:
+    """One bar chart per device: % of that device's ceiling per case and implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.check == "ok"]
-    impls = sorted({k for r in ok for k in r.times_ms}, key=lambda k: (k != "fastopt", k))
-    width = 0.8 / max(1, len(impls))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ok)), 4))
-    for j, impl in enumerate(impls):
-        xs = [i + j * width for i, r in enumerate(ok) if impl in r.times_ms]
-        ys = [r.pct_of_ceiling(impl, ceiling_gbs) for r in ok if impl in r.times_ms]
-        ax.bar(xs, ys, width, label=impl)
-    ax.axhline(100, color="k", lw=0.8, ls="--")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ok))])
-    ax.set_xticklabels([r.case for r in ok], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("% of bandwidth ceiling")
-    ax.legend(fontsize=8)
+    panels = [(title, [r for r in rows if r.check == "ok"], c) for title, rows, c in panels]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        raise ValueError("no row passed its check")
+    widest = max(len(ok) for _, ok, _ in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * widest), 4 * len(panels)),
+                             squeeze=False)
+    for ax, (title, ok, ceiling_gbs) in zip(axes[:, 0], panels):
+        impls = sorted({k for r in ok for k in r.times_ms}, key=lambda k: (k != "fastopt", k))
+        width = 0.8 / max(1, len(impls))
+        for j, impl in enumerate(impls):
+            xs = [i + j * width for i, r in enumerate(ok) if impl in r.times_ms]
+            ys = [r.pct_of_ceiling(impl, ceiling_gbs) for r in ok if impl in r.times_ms]
+            ax.bar(xs, ys, width, label=impl)
+        ax.axhline(100, color="k", lw=0.8, ls="--")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ok))])
+        ax.set_xticklabels([r.case for r in ok], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("% of bandwidth ceiling")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _run_gpu(arrays: DeviceArrays, names: List[str], quick: bool, progress: Callable[[str], None],
+             show: bool, cuda: Dict[str, Any], result: Dict[str, Any]) -> Tuple[List[Row], float]:
+    bench = GpuBench(quick, progress, arrays)
+    progress("cuda ceiling")
+    ceiling = bench.ceiling()
+    result["ceiling_cuda"] = ceiling
+    gpu = result["gpu"] = _gpu_facts(cuda, bench)
+    rows = _run_cases(_optimizer_cases(bench, names), "cuda", progress, show, prefix="cuda ")
+    print(f"GPU: {gpu['device']}, driver {gpu['driver_version']}, runtime "
+          f"{gpu['runtime_version']}; arrays: {gpu['arrays']}; torch {gpu['torch']}, "
+          f"cupy {gpu['cupy']}")
+    sized = f" ({ceiling['sized_down']})" if "sized_down" in ceiling else ""
+    print(f"ceiling (device-to-device copy, {ceiling['elements']} float32, read + write): "
+          f"{ceiling['gbs']:.1f} GB/s{sized}")
+    _print_rows(rows, ceiling["gbs"])
+    _print_gpu_summary(rows, ceiling["gbs"], quick)
+    return rows, ceiling["gbs"]
 
 
 def run(argv_options: Any) -> int:
@@ -410,58 +1031,67 @@ def run(argv_options: Any) -> int:
 
     cuda = cuda_status()
     devices = ["cpu", "cuda"] if argv_options.device == "all" else [argv_options.device]
+    names = [n for n in OPTIMIZERS if only is None or n in only]
     rows: List[Row] = []
+    panels: List[Tuple[str, List[Row], float]] = []
     result: Dict[str, Any] = {"machine": _machine(cuda), "quick": argv_options.quick}
+    gpu_arrays: Optional[DeviceArrays] = None
     if "cuda" in devices:
         why = cuda_unavailable_reason()
-        print(f"cuda: skipped ({why})")
-        result["cuda_skipped"] = why
+        if not why and not names:
+            why = "no selected case runs on the GPU (quant and newton are CPU-only)"
+        if not why:
+            gpu_arrays, why = _device_arrays()
+        if why:
+            print(f"cuda: skipped ({why})")
+            result["cuda_skipped"] = why
     if "cpu" in devices:
         bench = CpuBench(argv_options.quick, progress)
         progress("ceiling")
         ceiling = bench.ceiling()
         result["ceiling_cpu"] = ceiling
-        names = [n for n in OPTIMIZERS if only is None or n in only]
-        cases: List[Tuple[str, Callable[[], Row]]] = [
-            (f"{n} {lay}", lambda s=OPTIMIZERS[n], lay=lay, shapes=shapes:
-             bench.optimizer_case(s, lay, shapes))
-            for n in names for lay, shapes in bench.layouts()]
+        cases = _optimizer_cases(bench, names)
         if only is None or "quant" in only:
             cases += [(f"int8 {q}", lambda q=q: bench.quant_case(q)) for q in QUANT_CASES]
         if only is None or "newton" in only:
             cases += [(f"newton n={n}", lambda n=n, b=b: bench.newton_case(n, b))
                       for n, b in NEWTON_CASES]
-        for k, (label, case) in enumerate(cases):
-            progress(f"{k + 1}/{len(cases)} {label}")
-            rows.append(case())
-        progress("done")
-        if show:
-            print(file=sys.stderr)
+        cpu_rows = _run_cases(cases, "cpu", progress, show)
         m = result["machine"]
         print(f"CPU: {m['cpu_model']}, {m['num_threads']} threads, path {m['cpu_path']}; "
               f"numpy {m['numpy']}, torch {m['torch']}")
         print(f"ceiling (in-place a += b, {ceiling['elements']} float32, all threads): "
               f"{ceiling['gbs']:.1f} GB/s")
-        print(_format_table(rows, ceiling["gbs"]))
-        missing: Dict[Tuple[str, str], List[str]] = {}
-        for r in rows:
-            for peer, why in r.notes.items():
-                missing.setdefault((peer, why), []).append(r.case)
-        for (peer, why), cases_hit in missing.items():
-            where = "every case" if len(cases_hit) == len(rows) else ", ".join(cases_hit)
-            print(f"  {peer}: {why} ({where})")
-        result["cases"] = [
-            dict(case=r.case, device=r.device, bytes_per_element=r.bytes_per_element,
-                 elements=r.elements, tensors=r.tensors, check=r.check, times_ms=r.times_ms,
-                 pct_of_ceiling={k: r.pct_of_ceiling(k, ceiling["gbs"]) for k in r.times_ms},
-                 speedup_vs_best_peer=r.speedup_vs_best_peer(), notes=r.notes)
-            for r in rows]
-        if argv_options.plot:
-            try:
-                _plot(rows, ceiling["gbs"], argv_options.plot)
-                print(f"plot: {argv_options.plot}")
-            except ImportError:
-                print("plot: skipped (matplotlib not installed: pip install fastopt[bench])")
+        _print_rows(cpu_rows, ceiling["gbs"])
+        result["cases"] = [_row_json(r, ceiling["gbs"]) for r in cpu_rows]
+        rows += cpu_rows
+        panels.append((f"CPU: {m['cpu_model']}, {m['num_threads']} threads; ceiling "
+                       f"{ceiling['gbs']:.1f} GB/s (in-place a += b)", cpu_rows, ceiling["gbs"]))
+    if gpu_arrays is not None:
+        if "cpu" in devices:
+            print()
+        try:
+            gpu_rows, gpu_gbs = _run_gpu(gpu_arrays, names, argv_options.quick, progress, show,
+                                         cuda, result)
+        except Exception as exc:  # the ceiling or the setup: no GPU row can be trusted
+            traceback.print_exc()
+            why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            print(f"cuda: ERROR ({why})")
+            result["cuda_error"] = why
+            rows.append(Row("cuda", "cuda", 0, 0, 0, check=f"ERROR: {why}"))
+        else:
+            result.setdefault("cases", []).extend(_row_json(r, gpu_gbs) for r in gpu_rows)
+            rows += gpu_rows
+            panels.append((f"GPU: {result['gpu']['device']}; ceiling {gpu_gbs:.0f} GB/s "
+                           "(device-to-device copy)", gpu_rows, gpu_gbs))
+    if argv_options.plot and panels:
+        try:
+            _plot(panels, argv_options.plot)
+            print(f"plot: {argv_options.plot}")
+        except ImportError:
+            print("plot: skipped (matplotlib not installed: pip install fastopt[bench])")
+        except ValueError as exc:
+            print(f"plot: skipped ({exc})")
     if argv_options.json:
         with open(argv_options.json, "w") as f:
             json.dump(result, f, indent=2, default=str)

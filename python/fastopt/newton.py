@@ -10,7 +10,7 @@ the library's current stream): for n <= 64 one warp per system with the matrix i
 memory, in the CPU's order of operations (the same results, bit for bit); for larger n
 one thread block per system. ``cholesky_solve`` and ``on_failure="raise"`` wait for the
 stream once, to learn which systems solved; ``"skip"`` does not wait and returns the
-mask as a device array.
+mask as a device bool array (written on that stream).
 """
 from __future__ import annotations
 
@@ -100,11 +100,18 @@ def _device_systems(cuda: Any, hessians: Any, grads: Any, params: Optional[Any] 
 
 def _device_solve(cuda: Any, handle: int, hessians: Any, grads: Any, dtype: str,
                   gshape: Tuple[int, ...], batch: int, n: int, damping: float) -> Tuple[Any, Any]:
-    """Phase 1 on the GPU: (d, solved as uint8 of shape (batch,))."""
+    """Phase 1 on the GPU: (d, solved: a bool array shaped like the batch)."""
     d = _arrays.device_empty(grads, gshape, dtype, handle)
-    solved = _arrays.device_empty(grads, (batch,), "uint8", handle)
-    cuda.newton_solve(hessians, grads, d, solved, batch, n, damping, handle)
+    solved = _arrays.device_empty(grads, gshape[:-1], "bool", handle)
+    if batch:
+        cuda.newton_solve(hessians, grads, d, solved, batch, n, damping, handle)
     return d, solved
+
+
+def _solved_on_host(cuda: Any, handle: int, solved: Any) -> np.ndarray:
+    """The solved flags, flattened, on the host (waits for the call's stream)."""
+    cuda.synchronize(handle)
+    return _arrays.to_numpy(solved).reshape(-1)
 
 
 def _failed_indices(solved: np.ndarray, batch_shape: Tuple[int, ...]) -> list:
@@ -122,7 +129,7 @@ def cholesky_solve(hessians: Any, grads: Any, *, damping: float = 0.0,
         dtype, gshape, batch, n = _device_systems(kernels, hessians, grads)
         d, solved = _device_solve(kernels, extra["stream"], hessians, grads, dtype, gshape,
                                   batch, n, damping)
-        ok = _arrays.to_numpy(solved).astype(bool)
+        ok = _solved_on_host(kernels, extra["stream"], solved)
         if not ok.all():
             raise NotPositiveDefiniteError(_failed_indices(ok, gshape[:-1]), batch)
         return d
@@ -172,15 +179,15 @@ def newton_(params: Any, grads: Any, hessians: Any, *, lr: float = 1.0, damping:
 def _device_newton(cuda: Any, handle: int, params: Any, grads: Any, hessians: Any, lr: float,
                    damping: float, on_failure: str) -> Optional[Any]:
     dtype, gshape, batch, n = _device_systems(cuda, hessians, grads, params)
-    if batch == 0:
-        return None if on_failure == "raise" else _arrays.device_bool(
-            _arrays.device_empty(grads, (0,), "uint8", handle), gshape[:-1], fill=True)
+    cuda.check_arrays([("params", params)], [("grads", grads), ("hessians", hessians)], handle)
     d, solved = _device_solve(cuda, handle, hessians, grads, dtype, gshape, batch, n, damping)
+    if batch == 0:
+        return None if on_failure == "raise" else solved
     if on_failure == "raise":
-        ok = _arrays.to_numpy(solved).astype(bool)
+        ok = _solved_on_host(cuda, handle, solved)
         if not ok.all():
             raise NotPositiveDefiniteError(_failed_indices(ok, gshape[:-1]), batch)
         cuda.newton_apply(params, d, None, batch, n, lr, handle)
         return None
     cuda.newton_apply(params, d, solved, batch, n, lr, handle)
-    return _arrays.device_bool(solved, gshape[:-1])
+    return solved
