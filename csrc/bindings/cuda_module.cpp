@@ -7,6 +7,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <algorithm>
+#include <cstring>
 #include <string>
 #include "bindings/device_table.h"
 #include "bindings/overlap.h"
@@ -320,6 +322,36 @@ void dequantize_affine(py::object q, bool unsigned_q, py::object x, int64_t chan
                           scratch.scales(), scratch.zero_points(), s);
 }
 
+// Min/max observer: (first non-finite index or -1, mins, maxs) per channel of the finite
+// elements (+inf / -inf for a channel without any), waiting for the stream.
+py::tuple minmax(py::object x, int64_t channels, int64_t inner, intptr_t stream) {
+  const DeviceArray ax = call_arg(x, "x", stream, false);
+  DeviceGuard guard(call_device({{"x", &ax}}, 0, stream));
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const size_t c = size_t(channels);
+  const uint32_t inf_bits = 0x7f800000u, minus_inf_bits = 0xff800000u;
+  std::vector<uint32_t> keys(2 * c);
+  std::fill(keys.begin(), keys.begin() + c, cuda::float_key(inf_bits));
+  std::fill(keys.begin() + c, keys.end(), cuda::float_key(minus_inf_bits));
+  Scratch scratch(8 + 8 * c, s);
+  DeviceGuard::check(cudaMemsetAsync(scratch.at<void>(0), 0xff, 8, s), "cudaMemsetAsync");
+  DeviceGuard::check(cudaMemcpyAsync(scratch.at<void>(8), keys.data(), 8 * c,
+                                     cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
+  cuda::minmax(ax.dtype, reinterpret_cast<const void*>(ax.ptr), ax.size, channels, inner,
+               scratch.at<uint32_t>(8), scratch.at<uint32_t>(8 + 4 * c),
+               scratch.at<unsigned long long>(0), s);
+  DeviceGuard::check(cudaMemcpyAsync(keys.data(), scratch.at<void>(8), 8 * c,
+                                     cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
+  const int64_t bad = first_bad(scratch, s);  // waits for the stream
+  py::array_t<float> mins(channels), maxs(channels);
+  for (size_t k = 0; k < c; ++k) {
+    const uint32_t lo = cuda::key_float_bits(keys[k]), hi = cuda::key_float_bits(keys[c + k]);
+    std::memcpy(mins.mutable_data() + k, &lo, 4);
+    std::memcpy(maxs.mutable_data() + k, &hi, 4);
+  }
+  return py::make_tuple(bad, mins, maxs);
+}
+
 // Batched damped Newton, phase 1: d and the solved flags (a bool array) of every system.
 void newton_solve(py::object hessians, py::object grads, py::object d, py::object solved,
                   int64_t batch, int64_t n, double damping, intptr_t stream) {
@@ -446,6 +478,8 @@ PYBIND11_MODULE(_cuda, m) {
         "Returns the first non-finite index of x, or -1 (waits for the stream)");
   m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("unsigned_q"), arg("x"),
         arg("channels"), arg("inner"), arg("scales"), arg("zero_points"), arg("stream"));
+  m.def("minmax", &minmax, arg("x"), arg("channels"), arg("inner"), arg("stream"),
+        "(first non-finite index or -1, mins, maxs) per channel; waits for the stream");
   m.def("newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("d"), arg("solved"),
         arg("batch"), arg("n"), arg("damping"), arg("stream"));
   m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use"), arg("batch"),

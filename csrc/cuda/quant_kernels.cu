@@ -129,6 +129,75 @@ dequantize_affine_kernel(const Q* __restrict__ q, float* __restrict__ x, int64_t
   }
 }
 
+__device__ __forceinline__ uint32_t device_float_key(float v) {
+  const uint32_t bits = __float_as_uint(v);
+  return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+}
+
+// Per-channel min/max of the finite elements. Lanes of a warp read 32 consecutive
+// elements; with one channel every thread keeps its min/max across the grid-stride loop
+// (one atomic pair per warp at the end); otherwise a warp whose 32 elements share a
+// channel reduces them first, and a warp straddling channels updates per element.
+template <class In>
+__global__ void __launch_bounds__(kThreads)
+minmax_kernel(const In* __restrict__ x, int64_t n, int64_t channels, int64_t inner,
+              uint32_t* min_keys, uint32_t* max_keys, unsigned long long* first_bad) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * (kThreads / 32);
+  int64_t bad = LLONG_MAX;
+  float run_min = INFINITY, run_max = -INFINITY;  // the single-channel case
+  auto warp_reduce = [](float& mn, float& mx) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, offset));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+    }
+  };
+  for (int64_t base = (int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32) * 32; base < n;
+       base += warps * 32) {
+    const int64_t e = base + lane;
+    const bool in = e < n;
+    const float v = in ? to_math(x[e]) : 0.0f;
+    const bool finite = in && is_finite(v);
+    if (in && !finite && e < bad) bad = e;
+    float mn = finite ? v : INFINITY, mx = finite ? v : -INFINITY;
+    if (channels == 1) {
+      run_min = fminf(run_min, mn);
+      run_max = fmaxf(run_max, mx);
+      continue;
+    }
+    const int64_t c = ((in ? e : base) / inner) % channels;
+    const int64_t c0 = __shfl_sync(0xffffffffu, c, 0);
+    if (__all_sync(0xffffffffu, c == c0)) {
+      warp_reduce(mn, mx);
+      if (lane == 0 && mn <= mx) {
+        atomicMin(min_keys + c0, device_float_key(mn));
+        atomicMax(max_keys + c0, device_float_key(mx));
+      }
+    } else if (finite) {
+      atomicMin(min_keys + c, device_float_key(v));
+      atomicMax(max_keys + c, device_float_key(v));
+    }
+  }
+  if (channels == 1) {
+    warp_reduce(run_min, run_max);
+    if (lane == 0 && run_min <= run_max) {
+      atomicMin(min_keys, device_float_key(run_min));
+      atomicMax(max_keys, device_float_key(run_max));
+    }
+  }
+  if (bad != LLONG_MAX) atomicMin(first_bad, static_cast<unsigned long long>(bad));
+}
+
+template <class In>
+void launch_minmax(const void* x, int64_t n, int64_t channels, int64_t inner,
+                   uint32_t* min_keys, uint32_t* max_keys, unsigned long long* first_bad,
+                   cudaStream_t s) {
+  minmax_kernel<In><<<grid_for(n, kThreads), kThreads, 0, s>>>(
+      static_cast<const In*>(x), n, channels, inner, min_keys, max_keys, first_bad);
+  check_launch("minmax");
+}
+
 template <class In>
 void launch_quantize_blockwise(const void* x, int8_t* q, float* absmax, int64_t n, int64_t block,
                                bool stochastic, uint64_t seed, unsigned long long* first_bad,
@@ -198,6 +267,12 @@ void quantize_affine(DType in, const void* x, void* q, bool unsigned_q, int64_t 
                      const float* zero_points, unsigned long long* first_bad, cudaStream_t s) {
   FASTOPT_BY_INPUT(in, launch_quantize_affine, x, q, unsigned_q, n, channels, inner, scales,
                    zero_points, first_bad, s);
+}
+
+void minmax(DType in, const void* x, int64_t n, int64_t channels, int64_t inner,
+            uint32_t* min_keys, uint32_t* max_keys, unsigned long long* first_bad,
+            cudaStream_t s) {
+  FASTOPT_BY_INPUT(in, launch_minmax, x, n, channels, inner, min_keys, max_keys, first_bad, s);
 }
 
 void dequantize_affine(const void* q, bool unsigned_q, float* x, int64_t n, int64_t channels,

@@ -25,6 +25,16 @@ void quantize_affine(DType in, const void* x, void* q, bool unsigned_q, int64_t 
 void dequantize_affine(const void* q, bool unsigned_q, float* x, int64_t n, int64_t channels,
                        int64_t inner, const float* scales, const float* zero_points,
                        cudaStream_t stream);
+// Min and max of the finite elements per channel, as order-preserving uint32 keys (see
+// float_key): min_keys / max_keys start at float_key(+inf) / float_key(-inf).
+void minmax(DType in, const void* x, int64_t n, int64_t channels, int64_t inner,
+            uint32_t* min_keys, uint32_t* max_keys, unsigned long long* first_bad,
+            cudaStream_t stream);
+
+// Unsigned keys ordered like the floats they encode (-0 below +0), so that integer
+// atomicMin/atomicMax compute float min/max.
+inline uint32_t float_key(uint32_t bits) { return bits & 0x80000000u ? ~bits : bits | 0x80000000u; }
+inline uint32_t key_float_bits(uint32_t key) { return key & 0x80000000u ? key & 0x7fffffffu : ~key; }
 
 }  // namespace cuda
 }  // namespace fastopt

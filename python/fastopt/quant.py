@@ -5,8 +5,8 @@ Inputs are float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` for NumPy) NumPy
 or PyTorch CPU tensors, or CUDA arrays (PyTorch CUDA tensors, CuPy arrays; run by the CUDA
 kernels on ``stream=``, default the library's current stream, with results identical to
 the CPU's); outputs come back as the input's kind of array, or go into ``out=``. On the
-GPU the quantizing functions wait for their stream once, to report non-finite input;
-``choose_qparams`` is CPU-only so far. All arithmetic is float32 and follows ``fastopt.reference`` (same float32
+GPU the quantizing functions and ``choose_qparams`` wait for their stream once, to report
+non-finite input (and, for the observer, to return its host-side results). All arithmetic is float32 and follows ``fastopt.reference`` (same float32
 operations: results are exact, not approximate). Non-finite input raises ``ValueError``
 naming the first bad element, and nothing is written to caller-provided outputs.
 
@@ -305,7 +305,7 @@ def _device_dequantize(q: Any, scale: Any, zero_point: Any, axis: Optional[int],
 
 
 def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None,
-                   dtype: str = "int8") -> Tuple[Any, Any]:
+                   dtype: str = "int8", stream: Any = None) -> Tuple[Any, Any]:
     """Min/max observer: (scale, zero_point) per tensor (float, int) or per channel along
     ``axis`` (float32 and int32 arrays), as torch's MinMaxObserver.
 
@@ -313,24 +313,31 @@ def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None
     zero_point = clamp(qmin - rint(lo / scale), qmin, qmax).
     symmetric: the restricted range [-127, 127]: scale = max(|lo|, hi) / 127 and zero_point
     0 (int8) or 128 (uint8). Scale is never below float32 eps (all-zero input: eps), so
-    never 0. A channel with no elements gives scale eps, zero_point as for 0.
+    never 0. A channel with no elements gives scale eps, zero_point as for 0. For a CUDA
+    array the min/max pass runs on the GPU and the (small) results come back as NumPy.
     """
     qdt, qmin, qmax = _qdtype(dtype)
-    if _arrays.on_device(x):
-        raise TypeError("x: choose_qparams runs on the CPU only so far; pass a host copy "
-                        "(its min/max observer reads the data once)")
-    a, in_type, _ = _float_input("x", x)
     if not isinstance(symmetric, (bool, np.bool_)):
         raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
+    if _arrays.on_device(x):
+        cuda, handle = _cuda_call("x", x, stream)
+        _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
+    else:
+        _host_only(stream)
+        a, in_type, _ = _float_input("x", x)
+        shape = a.shape
     if axis is not None:
-        axis = _axis(axis, a.ndim)
-    channels, inner = _layout(a.shape, axis)
+        axis = _axis(axis, len(shape))
+    channels, inner = _layout(shape, axis)
     mins = np.full(channels, np.inf, dtype=np.float32)
     maxs = np.full(channels, -np.inf, dtype=np.float32)
-    if a.size:
-        bad = _cpu.minmax(a, in_type, channels, inner, mins, maxs)
+    if int(np.prod(shape, dtype=np.int64)):
+        if _arrays.on_device(x):
+            bad, mins, maxs = cuda.minmax(x, channels, inner, handle)
+        else:
+            bad = _cpu.minmax(a, in_type, channels, inner, mins, maxs)
         if bad >= 0:
-            _raise_nonfinite("x", a.shape, bad)
+            _raise_nonfinite("x", shape, bad)
     scale, zp = _qparams_from_minmax(mins, maxs, bool(symmetric), qmin, qmax, qdt)
     if axis is None:
         return float(scale[0]), int(zp[0])
