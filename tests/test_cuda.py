@@ -10,7 +10,6 @@ once per array library. The tests at the end need no GPU.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -21,12 +20,7 @@ from fastopt import _arrays, _build, reference
 
 from conftest import (DTYPES, OPTIMIZERS, STEPS, Opt, Problem, assert_close, normal_nonzero,
                       opts_id)
-
-try:
-    import ml_dtypes
-    BF16: Optional[np.dtype] = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # bfloat16 cases skip
-    BF16 = None
+from cuda_libs import BF16, FakeCudaArray, lib_fixture, open_lib
 
 DTYPE_IDS = ["f32", "f64"]
 F16 = np.dtype(np.float16)
@@ -34,7 +28,6 @@ F16 = np.dtype(np.float16)
 # and (2, 8195): two blocks of the kernel's 16384-element chunks, the second a ragged 6.
 SHAPES = [(7,), (1,), (0,), (4097,), (33, 3), (2, 0, 3), (2, 8195)]
 LAUNCH_TENSORS = 384  # tensors per kernel launch (csrc/cuda/launch_table.h)
-SPIN_CYCLES = 200_000_000  # ~0.1 s of GPU clock: far longer than queuing a step takes
 
 # Sophia in the shape of conftest's table. Its Hessian EMA is read only and held positive
 # here, so sign(m) * min(|m| / (rho*h), 1) stays continuous where m crosses zero and the
@@ -58,138 +51,7 @@ def cases(which: str) -> List[Any]:
             for opt in GPU_OPTIMIZERS.values() for opts in getattr(opt, which)]
 
 
-# ---- the array libraries ------------------------------------------------------------------
-
-class TorchLib:
-    """PyTorch CUDA tensors: NumPy data in and out, streams, device facts."""
-
-    name = "torch"
-
-    def __init__(self, torch):
-        self.torch = torch
-        self.dtypes = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
-                       np.dtype(np.float64): torch.float64}
-
-    @staticmethod
-    def open() -> "TorchLib":
-        torch = pytest.importorskip("torch")
-        if not torch.cuda.is_available():
-            pytest.skip(f"torch {torch.__version__} has no usable CUDA")
-        return TorchLib(torch)
-
-    def device(self, a: np.ndarray, device: int = 0):
-        """A CUDA copy of ``a`` (bfloat16 arrives as ml_dtypes.bfloat16)."""
-        a = np.ascontiguousarray(a)
-        if BF16 is not None and a.dtype == BF16:
-            bits = self.torch.from_numpy(a.view(np.int16)).to(f"cuda:{device}")
-            return bits.view(self.torch.bfloat16)
-        return self.torch.from_numpy(a).to(f"cuda:{device}")
-
-    def host(self, t) -> np.ndarray:
-        """A NumPy copy of ``t`` once all queued work is done."""
-        self.torch.cuda.synchronize()
-        t = t.detach().cpu()
-        if t.dtype == self.torch.bfloat16:
-            return t.view(self.torch.int16).numpy().view(BF16)
-        return t.numpy()
-
-    def full(self, n: int, value: float, dtype):
-        return self.torch.full((n,), value, dtype=self.dtypes[np.dtype(dtype)], device="cuda")
-
-    def copy(self, dst, src) -> None:
-        dst.copy_(src)  # on the current stream
-
-    def ptr(self, t) -> int:
-        return t.data_ptr()
-
-    def is_array(self, x) -> bool:
-        return isinstance(x, self.torch.Tensor) and x.is_cuda
-
-    def new_stream(self):
-        return self.torch.cuda.Stream()  # non-blocking: no implicit sync with stream 0
-
-    def handle(self, stream) -> int:
-        return stream.cuda_stream
-
-    def current(self, stream):
-        return self.torch.cuda.stream(stream)
-
-    def busy(self) -> None:
-        """Queue ~0.1 s of spinning on the current stream."""
-        self.torch.cuda._sleep(SPIN_CYCLES)
-
-    def free_memory(self) -> int:
-        return self.torch.cuda.mem_get_info()[0]
-
-    def device_count(self) -> int:
-        return self.torch.cuda.device_count()
-
-
-class CupyLib:
-    """CuPy arrays: NumPy data in and out, streams, device facts."""
-
-    name = "cupy"
-    _SPIN = r"""
-    extern "C" __global__ void fastopt_test_spin(long long cycles) {
-        const long long start = clock64();
-        while (clock64() - start < cycles) {}
-    }"""
-
-    def __init__(self, cupy):
-        self.cupy = cupy
-        self._spin = cupy.RawKernel(self._SPIN, "fastopt_test_spin")
-
-    @staticmethod
-    def open() -> "CupyLib":
-        return CupyLib(pytest.importorskip("cupy"))
-
-    def device(self, a: np.ndarray, device: int = 0):
-        if BF16 is not None and a.dtype == BF16:
-            raise AssertionError("CuPy has no bfloat16: the fixtures pair it with torch only")
-        with self.cupy.cuda.Device(device):
-            return self.cupy.asarray(np.ascontiguousarray(a))
-
-    def host(self, a) -> np.ndarray:
-        a.device.synchronize()
-        return self.cupy.asnumpy(a)
-
-    def full(self, n: int, value: float, dtype):
-        return self.cupy.full(n, value, dtype=dtype)
-
-    def copy(self, dst, src) -> None:
-        self.cupy.copyto(dst, src)  # on the current stream
-
-    def ptr(self, a) -> int:
-        return a.data.ptr
-
-    def is_array(self, x) -> bool:
-        return isinstance(x, self.cupy.ndarray)
-
-    def new_stream(self):
-        return self.cupy.cuda.Stream(non_blocking=True)  # no implicit sync with stream 0
-
-    def handle(self, stream) -> int:
-        return stream.ptr
-
-    def current(self, stream):
-        return stream  # a CuPy stream is the context manager making it current
-
-    def busy(self) -> None:
-        self._spin((1,), (1,), (np.int64(SPIN_CYCLES),))  # on the current stream
-
-    def free_memory(self) -> int:
-        return self.cupy.cuda.runtime.memGetInfo()[0]
-
-    def device_count(self) -> int:
-        return self.cupy.cuda.runtime.getDeviceCount()
-
-
-@functools.lru_cache(maxsize=None)
-def _open(name: str):
-    if not fastopt.cuda_available():
-        pytest.skip(_build.cuda_unavailable_reason())
-    return {"torch": TorchLib, "cupy": CupyLib}[name].open()
-
+# ---- the array libraries (the adapters are in cuda_libs.py) -------------------------------
 
 def _dtype(name: str) -> np.dtype:
     if name == "bfloat16":
@@ -205,20 +67,13 @@ def _lib_fixture(*combos):
                             for c in combos])
     def fixture(request):
         name, dtype = request.param
-        return _open(name), _dtype(dtype)
+        return open_lib(name), _dtype(dtype)
     return fixture
 
 
-@pytest.fixture(params=[pytest.param(n, marks=pytest.mark.cuda) for n in ["cupy", "torch"]])
-def lib(request):
-    """The array library of a GPU test (skips without CUDA or the library)."""
-    return _open(request.param)
-
-
-@pytest.fixture(params=[pytest.param("torch", marks=pytest.mark.cuda)])
-def torch_lib(request):
-    """PyTorch alone, for behaviour only tensors have (``p.data = ...``)."""
-    return _open(request.param)
+lib = lib_fixture(doc="The array library of a GPU test (skips without CUDA or the library).")
+torch_lib = lib_fixture(["torch"], doc="PyTorch alone, for behaviour only tensors have "
+                                       "(``p.data = ...``).")
 
 
 # 16-bit params: CuPy has float16, PyTorch float16 and bfloat16.
@@ -254,11 +109,11 @@ def assert_same_optimizer(lib, gpu: fastopt.Optimizer, cpu: fastopt.Optimizer,
     rounded to ``param_dtype`` when the GPU's are 16-bit)."""
     for i, (d, c) in enumerate(zip(gpu.params, cpu.params)):
         want = c if param_dtype is None else c.astype(param_dtype)
-        assert_identical(lib.host(d), want, f"params[{i}] {what}")
+        assert_identical(lib.to_host(d, sync=True), want, f"params[{i}] {what}")
     assert gpu.state.keys() == cpu.state.keys()
     for name in cpu.state:
         for i, (d, c) in enumerate(zip(gpu.state[name], cpu.state[name])):
-            assert_identical(lib.host(d), c, f"{name}[{i}] {what}")
+            assert_identical(lib.to_host(d, sync=True), c, f"{name}[{i}] {what}")
 
 
 class DeviceProblem:
@@ -270,7 +125,7 @@ class DeviceProblem:
     def __init__(self, lib, pr: Problem, make: Optional[Callable] = None,
                  param_dtype: Optional[np.dtype] = None):
         self.lib, self.pr, self.param_dtype = lib, pr, param_dtype
-        make = make or (lambda values, role, i: lib.device(values))
+        make = make or (lambda values, role, i: lib.to_device(values))
         self.params = [make(p if param_dtype is None else p.astype(param_dtype), 0, i)
                        for i, p in enumerate(pr.params)]
         self.state = {name: [make(a, role, i) for i, a in enumerate(arrays)]
@@ -286,8 +141,8 @@ class DeviceProblem:
         pr.opt.fn(*args, **kwargs)
 
     def host(self) -> Dict[str, List[np.ndarray]]:
-        out = {"params": [self.lib.host(p) for p in self.params]}
-        out.update({k: [self.lib.host(a) for a in v] for k, v in self.state.items()})
+        out = {"params": [self.lib.to_host(p, sync=True) for p in self.params]}
+        out.update({k: [self.lib.to_host(a, sync=True) for a in v] for k, v in self.state.items()})
         return out
 
     def assert_matches(self, what: str) -> None:
@@ -332,12 +187,12 @@ def test_trajectory_bit_identical_to_cpu(lib, opt, opts, dtype, rng):
     dev = DeviceProblem(lib, pr)
     for _ in range(STEPS):
         grads = pr.draw_grads(rng)
-        dgrads = [lib.device(g) for g in grads]
+        dgrads = [lib.to_device(g) for g in grads]
         dev.step(dgrads)
         pr.step(grads)
         dev.assert_matches(f"after step {pr.t}")
         for i, (d, g) in enumerate(zip(dgrads, grads)):
-            assert_identical(lib.host(d), g, f"grads[{i}] (read only)")
+            assert_identical(lib.to_host(d, sync=True), g, f"grads[{i}] (read only)")
     dev.assert_close_to_reference()
 
 
@@ -357,7 +212,7 @@ def test_16bit_params_match_float32_cpu_emulation(half, opt, opts, rng):
     dev = DeviceProblem(lib, pr, param_dtype=dtype)
     for _ in range(STEPS):
         grads = [g.astype(dtype) for g in pr.draw_grads(rng)]
-        dev.step([lib.device(g) for g in grads])
+        dev.step([lib.to_device(g) for g in grads])
         pr.step([g.astype(np.float32) for g in grads])
         round_params()
         dev.assert_matches(f"after step {pr.t}")
@@ -370,22 +225,24 @@ def test_ema_matches_cpu_and_reference(lib_dtype, rng):
     lib, dtype = lib_dtype
     is16 = dtype.itemsize == 2
     avg = [normal_nonzero(rng, s).astype(dtype) for s in SHAPES]
-    dev = [lib.device(a) for a in avg]
+    dev = [lib.to_device(a) for a in avg]
     cpu = [a.astype(np.float32) if is16 else a.copy() for a in avg]
     ref = [a.astype(np.float64) for a in avg]
     for t in range(STEPS):
         beta = [0.9, 0.99, 0.0, 1.0, 0.5][t % 5]
         samples = [normal_nonzero(rng, s).astype(dtype) for s in SHAPES]
-        fastopt.ema_(dev, [lib.device(x) for x in samples], beta=beta)
+        fastopt.ema_(dev, [lib.to_device(x) for x in samples], beta=beta)
         fastopt.ema_(cpu, [x.astype(c.dtype) for x, c in zip(samples, cpu)], beta=beta)
         for c, r, x in zip(cpu, ref, samples):
             if is16:
                 c[...] = c.astype(dtype)
             reference.ema(r, x.astype(np.float64), beta=beta)
         for i, (d, c) in enumerate(zip(dev, cpu)):
-            assert_identical(lib.host(d), c.astype(dtype), f"averages[{i}] after step {t + 1}")
+            assert_identical(lib.to_host(d, sync=True), c.astype(dtype),
+                             f"averages[{i}] after step {t + 1}")
     if not is16:
-        assert_close([lib.host(d) for d in dev], ref, dtype, "GPU EMA against the reference")
+        assert_close([lib.to_host(d, sync=True) for d in dev], ref, dtype,
+                     "GPU EMA against the reference")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -402,7 +259,7 @@ def test_first_step_writes_every_element(lib, opt, opts, dtype, rng):
     dev = DeviceProblem(lib, pr)
     before = pr.snapshot()
     grads = pr.draw_grads(rng)
-    dev.step([lib.device(g) for g in grads])
+    dev.step([lib.to_device(g) for g in grads])
     pr.step(grads)
     want = {"params": pr.ref_params, **pr.ref_state}
     for role, arrays in dev.host().items():
@@ -432,7 +289,7 @@ def test_misaligned_slices_match_cpu(lib, opt, opts, dtype, rng):
         n = values.size
         buf = np.full(off + n + 5, np.nan, values.dtype)
         buf[off:off + n] = values.ravel()
-        dbuf = lib.device(buf)
+        dbuf = lib.to_device(buf)
         view = dbuf[off:off + n].reshape(values.shape)
         if n:
             assert (lib.ptr(view) % 16 == 0) == aligned, "the test's alignment assumption"
@@ -447,7 +304,7 @@ def test_misaligned_slices_match_cpu(lib, opt, opts, dtype, rng):
         pr.step(grads)
         dev.assert_matches(f"after step {pr.t}")
     for dbuf, off, n in buffers:
-        buf = lib.host(dbuf)
+        buf = lib.to_host(dbuf, sync=True)
         assert np.isnan(buf[:off]).all() and np.isnan(buf[off + n:]).all(), "padding written"
 
 
@@ -467,14 +324,14 @@ def test_runs_on_the_requested_stream(lib, how, rng):
     if how == "class":
         o = opt.cls(dev.params, **opt.hyper(opts))
         dev.state = o.state  # the class's own (zeroed) state replaces the copies
-    side = lib.new_stream()
-    dgrads = [lib.device(np.zeros(s, np.float32)) for s in SHAPES]
+    side = lib.side_stream()
+    dgrads = [lib.to_device(np.zeros(s, np.float32)) for s in SHAPES]
     for _ in range(3):
         grads = pr.draw_grads(rng)
-        src = [lib.device(g) for g in grads]
-        lib.host(src[0])  # synchronizes: src is ready before the side stream reads it
+        src = [lib.to_device(g) for g in grads]
+        lib.to_host(src[0], sync=True)  # synchronizes: src is ready before the side stream reads it
         with lib.current(side):
-            lib.busy()
+            lib.spin()
             for d, s in zip(dgrads, src):
                 lib.copy(d, s)
             if how == "current-stream":
@@ -512,11 +369,11 @@ def test_one_launch_per_384_tensors(lib, count, launches, rng):
         sizes = rng.integers(1, 300, count)
         shapes = [(int(n),) if k % 4 else (int(n), 3) for k, n in enumerate(sizes)]
     p0 = [normal_nonzero(rng, s).astype(np.float32) for s in shapes]
-    gpu = fastopt.AdamW([lib.device(p) for p in p0], lr=0.01, amsgrad=True)
+    gpu = fastopt.AdamW([lib.to_device(p) for p in p0], lr=0.01, amsgrad=True)
     cpu = fastopt.AdamW([p.copy() for p in p0], lr=0.01, amsgrad=True)
     for _ in range(2):
         grads = [normal_nonzero(rng, s).astype(np.float32) for s in shapes]
-        gpu.step([lib.device(g) for g in grads])
+        gpu.step([lib.to_device(g) for g in grads])
         cpu.step(grads)
     assert gpu._plan.num_tensors == len(shapes)
     assert gpu._plan.launches == launches
@@ -539,7 +396,7 @@ def test_class_matches_cpu_class(lib, opt, opts, mode, rng):
         return arrays if listed else arrays[0]
 
     p0 = [normal_nonzero(rng, s).astype(np.float32) for s in shapes]
-    dparams = [lib.device(p) for p in p0]
+    dparams = [lib.to_device(p) for p in p0]
     gpu = opt.cls(pack(dparams), **opt.hyper(opts))
     cpu = opt.cls(pack([p.copy() for p in p0]), **opt.hyper(opts))
     assert gpu.params[0] is dparams[0], "the class must update the caller's arrays"
@@ -547,7 +404,7 @@ def test_class_matches_cpu_class(lib, opt, opts, mode, rng):
         for a, p in zip(arrays, dparams):
             assert lib.is_array(a) and _arrays.dtype_name(a) == "float32", name
             assert tuple(a.shape) == tuple(p.shape), name
-    reused = [lib.device(np.zeros(s, np.float32)) for s in shapes]
+    reused = [lib.to_device(np.zeros(s, np.float32)) for s in shapes]
     for t in range(STEPS):
         if t == STEPS // 2:
             gpu.lr = cpu.lr = cpu.lr * 0.5
@@ -555,11 +412,11 @@ def test_class_matches_cpu_class(lib, opt, opts, mode, rng):
         est = hessian_estimates(rng, shapes)
         if mode == "reused-grads":
             for d, g in zip(reused, grads):
-                lib.copy(d, lib.device(g))
+                lib.copy(d, lib.to_device(g))
             dgrads = reused
         else:
-            dgrads = [lib.device(g) for g in grads]
-        class_step(gpu, pack(dgrads), pack([lib.device(e) for e in est]))
+            dgrads = [lib.to_device(g) for g in grads]
+        class_step(gpu, pack(dgrads), pack([lib.to_device(e) for e in est]))
         class_step(cpu, pack(grads), pack(est))
         assert_same_optimizer(lib, gpu, cpu, f"after step {t + 1}")
 
@@ -570,7 +427,7 @@ def test_class_with_16bit_params_keeps_float32_state(half, opt, opts, rng):
     # the float32 CPU class's with the params rounded to the 16-bit type after every step.
     lib, dtype = half
     p16 = [normal_nonzero(rng, s).astype(dtype) for s in SHAPES]
-    gpu = opt.cls([lib.device(p) for p in p16], **opt.hyper(opts))
+    gpu = opt.cls([lib.to_device(p) for p in p16], **opt.hyper(opts))
     cpu = opt.cls([p.astype(np.float32) for p in p16], **opt.hyper(opts))
     for name, arrays in gpu.state.items():
         for a, p in zip(arrays, p16):
@@ -579,7 +436,7 @@ def test_class_with_16bit_params_keeps_float32_state(half, opt, opts, rng):
     for t in range(10):
         g16 = [normal_nonzero(rng, s).astype(dtype) for s in SHAPES]
         est = hessian_estimates(rng, SHAPES)
-        class_step(gpu, [lib.device(g) for g in g16], [lib.device(e) for e in est])
+        class_step(gpu, [lib.to_device(g) for g in g16], [lib.to_device(e) for e in est])
         class_step(cpu, [g.astype(np.float32) for g in g16], est)
         for p in cpu.params:
             p[...] = p.astype(dtype)
@@ -592,22 +449,22 @@ def test_torch_param_data_swap_is_picked_up(torch_lib, rng):
     lib, torch = torch_lib, torch_lib.torch
     shapes = [(33,), (4097,), (5, 7)]
     p0 = [normal_nonzero(rng, s).astype(np.float32) for s in shapes]
-    params = [torch.nn.Parameter(lib.device(p)) for p in p0]
+    params = [torch.nn.Parameter(lib.to_device(p)) for p in p0]
     gpu = fastopt.Adam(params, lr=0.01, amsgrad=True)
     cpu = fastopt.Adam([p.copy() for p in p0], lr=0.01, amsgrad=True)
     old = None
     for t in range(6):
         if t == 3:
             old = params[1].data
-            old_values = lib.host(old)
+            old_values = lib.to_host(old, sync=True)
             new = normal_nonzero(rng, shapes[1]).astype(np.float32)
-            params[1].data = lib.device(new)
+            params[1].data = lib.to_device(new)
             cpu.params[1][...] = new
         grads = [normal_nonzero(rng, s).astype(np.float32) for s in shapes]
-        gpu.step([lib.device(g) for g in grads])
+        gpu.step([lib.to_device(g) for g in grads])
         cpu.step(grads)
         assert_same_optimizer(lib, gpu, cpu, f"after step {t + 1}")
-    assert_identical(lib.host(old), old_values, "the params' old memory")
+    assert_identical(lib.to_host(old, sync=True), old_values, "the params' old memory")
 
 
 @pytest.mark.parametrize("source", ["device", "numpy"])
@@ -624,34 +481,35 @@ def test_state_dict_round_trip_on_device(lib, opt, opts, source, rng):
 
     def run(o, steps):
         for t in steps:
-            class_step(o, [lib.device(g) for g in grads[t]], [lib.device(e) for e in est[t]])
+            class_step(o, [lib.to_device(g) for g in grads[t]], [lib.to_device(e) for e in est[t]])
 
-    o = opt.cls([lib.device(p) for p in p0], **hyper)
+    o = opt.cls([lib.to_device(p) for p in p0], **hyper)
     run(o, range(k))
     sd = o.state_dict()
-    params_k = [lib.host(p) for p in o.params]
+    params_k = [lib.to_host(p, sync=True) for p in o.params]
     for name, arrays in sd["state"].items():
         for a, own in zip(arrays, o.state[name]):
             assert lib.is_array(a), f"state_dict()['state'][{name!r}]: not a {lib.name} array"
             empty = 0 in tuple(a.shape)
             assert empty or lib.ptr(a) != lib.ptr(own), "state_dict() must copy"
-    saved = {name: [lib.host(a) for a in arrays] for name, arrays in sd["state"].items()}
+    saved = {name: [lib.to_host(a, sync=True) for a in arrays]
+             for name, arrays in sd["state"].items()}
     run(o, range(k, k + n))
     for name, arrays in sd["state"].items():  # untouched by the later steps
         for i, (a, s) in enumerate(zip(arrays, saved[name])):
-            assert_identical(lib.host(a), s, f"saved {name}[{i}]")
+            assert_identical(lib.to_host(a, sync=True), s, f"saved {name}[{i}]")
     if source == "numpy":
         sd = dict(sd, state=saved)
 
-    o2 = opt.cls([lib.device(p) for p in params_k], **dict(hyper, lr=hyper["lr"] * 7))
+    o2 = opt.cls([lib.to_device(p) for p in params_k], **dict(hyper, lr=hyper["lr"] * 7))
     o2.load_state_dict(sd)
     assert o2.step_count == k and o2.lr == hyper["lr"]
     run(o2, range(k, k + n))
     for i, (a, b) in enumerate(zip(o2.params, o.params)):
-        assert_identical(lib.host(a), lib.host(b), f"params[{i}]")
+        assert_identical(lib.to_host(a, sync=True), lib.to_host(b, sync=True), f"params[{i}]")
     for name in o.state:
         for i, (a, b) in enumerate(zip(o2.state[name], o.state[name])):
-            assert_identical(lib.host(a), lib.host(b), f"{name}[{i}]")
+            assert_identical(lib.to_host(a, sync=True), lib.to_host(b, sync=True), f"{name}[{i}]")
 
 
 # ---- bad input ---------------------------------------------------------------------------
@@ -669,23 +527,23 @@ class DeviceCall:
         opt = OPTIMIZERS["adam"]
         pr = Problem(opt, opt.representative[-1], BAD_SHAPES, np.float32, rng)
         assert pr.args == self.ROLES[2:]
-        self.lists = {"params": [lib.device(p) for p in pr.params],
-                      "grads": [lib.device(g) for g in pr.draw_grads(rng)],
-                      **{k: [lib.device(a) for a in v] for k, v in pr.state.items()}}
+        self.lists = {"params": [lib.to_device(p) for p in pr.params],
+                      "grads": [lib.to_device(g) for g in pr.draw_grads(rng)],
+                      **{k: [lib.to_device(a) for a in v] for k, v in pr.state.items()}}
         self.kwargs = dict(pr.hyper, step=1)
 
     def __getitem__(self, role: str) -> List[Any]:
         return self.lists[role]
 
     def values(self, role: str, i: int) -> np.ndarray:
-        return self.lib.host(self.lists[role][i])
+        return self.lib.to_host(self.lists[role][i], sync=True)
 
     def all_on_host(self) -> None:
         for arrays in self.lists.values():
-            arrays[:] = [self.lib.host(a) for a in arrays]
+            arrays[:] = [self.lib.to_host(a, sync=True) for a in arrays]
 
     def snapshot(self) -> List[np.ndarray]:
-        return [self.lib.host(a) if self.lib.is_array(a) else np.array(a, copy=True)
+        return [self.lib.to_host(a, sync=True) if self.lib.is_array(a) else np.array(a, copy=True)
                 for arrays in self.lists.values() for a in arrays]
 
     def run(self, **overrides) -> None:
@@ -695,17 +553,17 @@ class DeviceCall:
 def _on_second_device(c: DeviceCall, lib) -> None:
     if lib.device_count() < 2:
         pytest.skip("needs two GPUs")
-    c["grads"][1] = lib.device(c.values("grads", 1), device=1)
+    c["grads"][1] = lib.to_device(c.values("grads", 1), device=1)
 
 
 def _overlapping_params(c: DeviceCall, lib) -> None:
     # params[0] and params[2] are slices of one buffer sharing one element
-    buf = lib.device(np.concatenate([c.values("params", 0), c.values("params", 2)[1:]]))
+    buf = lib.to_device(np.concatenate([c.values("params", 0), c.values("params", 2)[1:]]))
     c["params"][0], c["params"][2] = buf[0:5], buf[4:11]
 
 
 def _transposed(c: DeviceCall, lib, role: str) -> None:
-    c[role][1] = lib.device(np.ascontiguousarray(c.values(role, 1).T)).T
+    c[role][1] = lib.to_device(np.ascontiguousarray(c.values(role, 1).T)).T
 
 
 def _cuda_grad_host_rest(c: DeviceCall, lib) -> None:
@@ -716,7 +574,7 @@ def _cuda_grad_host_rest(c: DeviceCall, lib) -> None:
 
 def _stream_with_host_arrays(c: DeviceCall, lib) -> Dict[str, Any]:
     c.all_on_host()
-    return dict(stream=lib.new_stream())
+    return dict(stream=lib.side_stream())
 
 
 # (id, corrupt(call, lib) -> keyword overrides or None, exception, message pattern)
@@ -727,20 +585,20 @@ BAD_CASES = [
      TypeError, r"exp_avg_sqs\[2\]: is .*the params are CUDA arrays"),
     ("cuda-grad-host-params", _cuda_grad_host_rest, TypeError, r"grads\[1\]: is a CUDA array"),
     ("params-dtype", lambda c, lib: c["params"].__setitem__(
-        1, lib.device(c.values("params", 1).astype(np.float64))),
+        1, lib.to_device(c.values("params", 1).astype(np.float64))),
      TypeError, r"params\[1\]: dtype float64"),
     ("grad-dtype", lambda c, lib: c["grads"].__setitem__(
-        1, lib.device(c.values("grads", 1).astype(np.float16))),
+        1, lib.to_device(c.values("grads", 1).astype(np.float16))),
      TypeError, r"grads\[1\]: dtype float16"),
     ("state-dtype", lambda c, lib: c["exp_avgs"].__setitem__(
-        1, lib.device(c.values("exp_avgs", 1).astype(np.float64))),
+        1, lib.to_device(c.values("exp_avgs", 1).astype(np.float64))),
      TypeError, r"exp_avgs\[1\]: dtype float64"),
     ("grad-int32", lambda c, lib: c["grads"].__setitem__(
-        1, lib.device(np.zeros((3, 4), np.int32))), TypeError, r"grads\[1\]: dtype"),
+        1, lib.to_device(np.zeros((3, 4), np.int32))), TypeError, r"grads\[1\]: dtype"),
     ("grad-int8", lambda c, lib: c["grads"].__setitem__(  # a device dtype of quantization
-        1, lib.device(np.zeros((3, 4), np.int8))), TypeError, r"grads\[1\]: dtype"),
+        1, lib.to_device(np.zeros((3, 4), np.int8))), TypeError, r"grads\[1\]: dtype"),
     ("grad-shape", lambda c, lib: c["grads"].__setitem__(
-        1, lib.device(c.values("grads", 1).reshape(4, 3))), ValueError, r"grads\[1\]: shape"),
+        1, lib.to_device(c.values("grads", 1).reshape(4, 3))), ValueError, r"grads\[1\]: shape"),
     ("state-list-length", lambda c, lib: c["exp_avgs"].__delitem__(2),
      ValueError, r"exp_avgs: expected 3 arrays"),
     ("grad-transposed", lambda c, lib: _transposed(c, lib, "grads"),
@@ -779,9 +637,9 @@ def test_zero_size_arrays_are_a_no_op(lib, opt, opts, rng):
     shapes = [(0,), (2, 0, 3)]
     pr = Problem(opt, opts, shapes, np.float32, rng)
     dev = DeviceProblem(lib, pr)
-    grads = [lib.device(np.zeros(s, np.float32)) for s in shapes]
+    grads = [lib.to_device(np.zeros(s, np.float32)) for s in shapes]
     dev.step(grads)
-    dev.step(grads, stream=lib.new_stream())
+    dev.step(grads, stream=lib.side_stream())
     states = [None if n is None else dev.state[n][0] for n in pr.args]
     kwargs = dict(pr.hyper, **({"step": 1} if opt.takes_step else {}))
     opt.fn(dev.params[0], grads[0], *states, **kwargs)
@@ -801,34 +659,25 @@ def test_float16_sgd_past_2_pow_31_elements(lib, rng):
         pytest.skip("needs ~9 GiB of free GPU memory")
     lr, f32 = 0.25, np.float32
     p, g = lib.full(n, 1.0, np.float16), lib.full(n, 0.5, np.float16)
-    small_p = lib.device(np.full(5, 2.0, np.float16))
-    small_g = lib.device(np.full(5, 1.0, np.float16))
+    small_p = lib.to_device(np.full(5, 2.0, np.float16))
+    small_g = lib.to_device(np.full(5, 1.0, np.float16))
     probes = []
     for lo, hi in [(0, 64), (2**31 - 64, 2**31 + 64), (n - 64, n)]:
         pv, gv = (rng.standard_normal(hi - lo).astype(np.float16) for _ in range(2))
-        lib.copy(p[lo:hi], lib.device(pv))
-        lib.copy(g[lo:hi], lib.device(gv))
+        lib.copy(p[lo:hi], lib.to_device(pv))
+        lib.copy(g[lo:hi], lib.to_device(gv))
         probes.append((lo, hi, pv, gv))
     fastopt.sgd_([small_p, p], [small_g, g], lr=lr)
     for lo, hi, pv, gv in probes:
         want = (pv.astype(f32) - f32(lr) * gv.astype(f32)).astype(np.float16)
-        assert_identical(lib.host(p[lo:hi]), want, f"params[{lo}:{hi}]")
-        lib.copy(p[lo:hi], lib.device(np.full(hi - lo, 0.875, np.float16)))
+        assert_identical(lib.to_host(p[lo:hi], sync=True), want, f"params[{lo}:{hi}]")
+        lib.copy(p[lo:hi], lib.to_device(np.full(hi - lo, 0.875, np.float16)))
     assert float(p.min()) == float(p.max()) == 0.875, "elements outside the probes"
-    assert_identical(lib.host(small_p), np.full(5, 1.75, np.float16), "the small params")
+    assert_identical(lib.to_host(small_p, sync=True), np.full(5, 1.75, np.float16),
+                     "the small params")
 
 
 # ---- without a GPU ------------------------------------------------------------------------
-
-class FakeCudaArray:
-    """Claims to be a CUDA array through ``__cuda_array_interface__``; must be refused before
-    its (bogus) pointer is used."""
-
-    def __init__(self, shape):
-        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": "<f4",
-                                         "data": (0xDEAD0000, False), "strides": None,
-                                         "version": 3}
-
 
 class DLPackOnly:
     def __init__(self, device_type: int):
@@ -852,7 +701,7 @@ def _host_call_args(opt, opts, params, shapes):
                                       for o in GPU_OPTIMIZERS.values()]
                          + [pytest.param("ema", None, id="ema")])
 def test_cuda_params_without_usable_cuda_raise_type_error(opt, opts):
-    fake = [FakeCudaArray((4,))]
+    fake = [FakeCudaArray((4,), on_instance=True)]
     with pytest.raises(TypeError, match=r"params: is a CUDA array, but CUDA is not usable"):
         if opt == "ema":
             fastopt.ema_(fake, [np.ones(4, np.float32)], beta=0.9)
@@ -869,7 +718,7 @@ def test_cuda_grad_with_host_params_raises_type_error_naming_it():
     shapes = [(4,), (3,)]
     params = [np.full(s, 0.5, np.float32) for s in shapes]
     args, kwargs = _host_call_args(opt, opts, params, shapes)
-    args[1][1] = FakeCudaArray((3,))
+    args[1][1] = FakeCudaArray((3,), on_instance=True)
     with pytest.raises(TypeError, match=r"grads\[1\]: is a CUDA array"):
         opt.fn(*args, **kwargs)
     for p in params:
@@ -897,7 +746,7 @@ def test_plan_starts_empty():
 
 def test_on_device_tells_host_from_cuda_arrays():
     assert not _arrays.on_device(np.zeros(3, np.float32))
-    assert _arrays.on_device(FakeCudaArray((3,)))
+    assert _arrays.on_device(FakeCudaArray((3,), on_instance=True))
     assert _arrays.on_device(DLPackOnly(2))      # kDLCUDA
     assert not _arrays.on_device(DLPackOnly(1))  # kDLCPU
     torch = pytest.importorskip("torch")

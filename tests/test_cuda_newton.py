@@ -27,10 +27,9 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _build
 
 from conftest import DTYPES
-from test_cuda_quant import CupyLib, FakeCudaArray, TorchLib
+from cuda_libs import FakeCudaArray, lib_fixture
 from test_newton import assert_close, solve64, spd
 from test_quant import assert_bits
 
@@ -48,13 +47,7 @@ def shape_id(shape: Tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 
 
-@pytest.fixture(scope="session",
-                params=[pytest.param(n, marks=pytest.mark.cuda) for n in ["cupy", "torch"]])
-def lib(request):
-    """The array library of a GPU test (skips without usable CUDA or the library)."""
-    if not fastopt.cuda_available():
-        pytest.skip(_build.cuda_unavailable_reason())
-    return {"cupy": CupyLib, "torch": TorchLib}[request.param].open()
+lib = lib_fixture(scope="session")  # the adapters are in cuda_libs.py
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -86,7 +79,7 @@ def dtype_name(dtype) -> str:
 def check_unchanged(lib, pairs, what="") -> None:
     """Each device array of (device array, host original) pairs still has its bits."""
     for k, (dev, host) in enumerate(pairs):
-        assert_bits(lib.get(dev), host, f"{what} array #{k} was modified")
+        assert_bits(lib.to_host(dev), host, f"{what} array #{k} was modified")
 
 
 # A batch of 8 systems of which the flat indices 1 (indefinite: H - 5I), 4 (a negative
@@ -111,27 +104,27 @@ def failing_system(rng, batch_shape, n, dtype):
 @pytest.mark.parametrize("n", SMALL_N)
 def test_small_systems_match_cpu_bit_for_bit(lib, n, batch_shape, dtype, rng):
     H, g, p = system(rng, batch_shape, n, dtype)
-    Hd, gd = lib.put(H), lib.put(g)
+    Hd, gd = lib.to_device(H), lib.to_device(g)
     name = dtype_name(dtype)
     for damping in (0.0, 0.25):
         what = f"cholesky_solve damping={damping}"
         d = fastopt.cholesky_solve(Hd, gd, damping=damping)
         lib.assert_result(d, gd, name, g.shape)
-        got = lib.get(d)
+        got = lib.to_host(d)
         assert_bits(got, fastopt.cholesky_solve(H, g, damping=damping), f"{what} (GPU vs CPU)")
         assert_close(got, solve64(H, g, damping), dtype)
     for lr, damping in ((1.0, 0.0), (0.7, 0.1)):
         what = f"newton_ lr={lr} damping={damping}"
         want, _ = cpu_newton(p, g, H, lr=lr, damping=damping)
-        pd = lib.put(p)
+        pd = lib.to_device(p)
         assert fastopt.newton_(pd, gd, Hd, lr=lr, damping=damping) is None
-        assert_bits(lib.get(pd), want, f"{what} raise (GPU vs CPU)")
-        pd = lib.put(p)
+        assert_bits(lib.to_host(pd), want, f"{what} raise (GPU vs CPU)")
+        pd = lib.to_device(p)
         mask = fastopt.newton_(pd, gd, Hd, lr=lr, damping=damping, on_failure="skip")
         lib.assert_result(mask, pd, "bool", batch_shape)
-        assert lib.get(mask).all()
-        assert_bits(lib.get(pd), want, f"{what} skip (GPU vs CPU)")
-        assert_close(lib.get(pd), newton64(p, g, H, lr, damping), dtype)
+        assert lib.to_host(mask).all()
+        assert_bits(lib.to_host(pd), want, f"{what} skip (GPU vs CPU)")
+        assert_close(lib.to_host(pd), newton64(p, g, H, lr, damping), dtype)
     check_unchanged(lib, [(Hd, H), (gd, g)], "input")
 
 
@@ -141,21 +134,21 @@ def test_small_systems_match_cpu_bit_for_bit(lib, n, batch_shape, dtype, rng):
 @pytest.mark.parametrize("n,batch", LARGE_CASES)
 def test_large_systems_match_numpy(lib, n, batch, dtype, rng):
     H, g, p = system(rng, (batch,), n, dtype)
-    Hd, gd = lib.put(H), lib.put(g)
+    Hd, gd = lib.to_device(H), lib.to_device(g)
     for damping in (0.0, 0.3):
         d = fastopt.cholesky_solve(Hd, gd, damping=damping)
         lib.assert_result(d, gd, dtype_name(dtype), g.shape)
-        assert_close(lib.get(d), solve64(H, g, damping), dtype)
+        assert_close(lib.to_host(d), solve64(H, g, damping), dtype)
     for lr, damping in ((1.0, 0.0), (0.7, 0.1)):
         want = newton64(p, g, H, lr, damping)
-        pd = lib.put(p)
+        pd = lib.to_device(p)
         assert fastopt.newton_(pd, gd, Hd, lr=lr, damping=damping) is None
-        assert_close(lib.get(pd), want, dtype)
-        pd = lib.put(p)
+        assert_close(lib.to_host(pd), want, dtype)
+        pd = lib.to_device(p)
         mask = fastopt.newton_(pd, gd, Hd, lr=lr, damping=damping, on_failure="skip")
         lib.assert_result(mask, pd, "bool", (batch,))
-        assert lib.get(mask).all()
-        assert_close(lib.get(pd), want, dtype)
+        assert lib.to_host(mask).all()
+        assert_close(lib.to_host(pd), want, dtype)
     check_unchanged(lib, [(Hd, H), (gd, g)], "input")
 
 
@@ -165,12 +158,12 @@ def test_large_systems_match_numpy(lib, n, batch, dtype, rng):
 @pytest.mark.parametrize("n", [7, 33, 64, 65, 200])
 def test_only_the_lower_triangle_is_read_and_h_is_never_written(lib, n, dtype, rng):
     H, g, p = system(rng, (4,), n, dtype)
-    gd = lib.put(g)
-    Hd = lib.put(H)
-    clean_d = lib.get(fastopt.cholesky_solve(Hd, gd, damping=0.1))
-    pd = lib.put(p)
+    gd = lib.to_device(g)
+    Hd = lib.to_device(H)
+    clean_d = lib.to_host(fastopt.cholesky_solve(Hd, gd, damping=0.1))
+    pd = lib.to_device(p)
     fastopt.newton_(pd, gd, Hd, lr=0.5, damping=0.1)
-    clean_p = lib.get(pd)
+    clean_p = lib.to_host(pd)
     if n <= 64:
         assert_bits(clean_d, fastopt.cholesky_solve(H, g, damping=0.1), "clean d (GPU vs CPU)")
         assert_bits(clean_p, cpu_newton(p, g, H, lr=0.5, damping=0.1)[0],
@@ -181,16 +174,16 @@ def test_only_the_lower_triangle_is_read_and_h_is_never_written(lib, n, dtype, r
         junk = (np.full((4, upper[0].size), np.nan) if fill == "nan"
                 else rng.standard_normal((4, upper[0].size)) * 1e30)
         poisoned[..., upper[0], upper[1]] = junk.astype(dtype)
-        Pd = lib.put(poisoned)
-        assert_bits(lib.get(fastopt.cholesky_solve(Pd, gd, damping=0.1)), clean_d,
+        Pd = lib.to_device(poisoned)
+        assert_bits(lib.to_host(fastopt.cholesky_solve(Pd, gd, damping=0.1)), clean_d,
                     f"d with {fill} in the upper triangle")
-        pd = lib.put(p)
+        pd = lib.to_device(p)
         fastopt.newton_(pd, gd, Pd, lr=0.5, damping=0.1)
-        assert_bits(lib.get(pd), clean_p, f"params with {fill} in the upper triangle")
-        pd = lib.put(p)
+        assert_bits(lib.to_host(pd), clean_p, f"params with {fill} in the upper triangle")
+        pd = lib.to_device(p)
         mask = fastopt.newton_(pd, gd, Pd, lr=0.5, damping=0.1, on_failure="skip")
-        assert lib.get(mask).all()
-        assert_bits(lib.get(pd), clean_p, f"params (skip) with {fill} in the upper triangle")
+        assert lib.to_host(mask).all()
+        assert_bits(lib.to_host(pd), clean_p, f"params (skip) with {fill} in the upper triangle")
         check_unchanged(lib, [(Pd, poisoned)], f"hessians with {fill}")
     check_unchanged(lib, [(Hd, H), (gd, g)], "input")
 
@@ -206,7 +199,7 @@ def test_on_failure_raise_names_the_cpus_systems_and_changes_nothing(lib, n, bat
     with pytest.raises(NPD) as on_cpu:
         fastopt.newton_(p.copy(), g, H, lr=0.5)
     assert on_cpu.value.indices == want
-    Hd, gd, pd = lib.put(H), lib.put(g), lib.put(p)
+    Hd, gd, pd = lib.to_device(H), lib.to_device(g), lib.to_device(p)
     with pytest.raises(NPD, match="3 of 8") as on_gpu:
         fastopt.newton_(pd, gd, Hd, lr=0.5)
     assert isinstance(on_gpu.value, ValueError)
@@ -223,10 +216,10 @@ def test_on_failure_skip_updates_only_solved_systems(lib, n, batch_shape, dtype,
     H, g, p, _ = failing_system(rng, batch_shape, n, dtype)
     want_p, want_mask = cpu_newton(p, g, H, lr=0.5, damping=0.0, on_failure="skip")
     assert want_mask.shape == batch_shape and int((~want_mask).sum()) == len(FAILING)
-    Hd, gd, pd = lib.put(H), lib.put(g), lib.put(p)
+    Hd, gd, pd = lib.to_device(H), lib.to_device(g), lib.to_device(p)
     mask = fastopt.newton_(pd, gd, Hd, lr=0.5, on_failure="skip")
     lib.assert_result(mask, pd, "bool", batch_shape)
-    got_mask, got_p = lib.get(mask), lib.get(pd)
+    got_mask, got_p = lib.to_host(mask), lib.to_host(pd)
     assert_bits(got_mask, want_mask, "mask (GPU vs CPU)")
     assert_bits(got_p[~want_mask], p[~want_mask], "params of the failed systems")
     if n <= 64:
@@ -244,7 +237,7 @@ def test_cholesky_solve_raises_naming_failed_systems(lib, n, dtype, rng):
     H, g, _, want = failing_system(rng, (2, 4), n, dtype)
     with pytest.raises(NPD) as on_cpu:
         fastopt.cholesky_solve(H, g)
-    Hd, gd = lib.put(H), lib.put(g)
+    Hd, gd = lib.to_device(H), lib.to_device(g)
     with pytest.raises(NPD, match="3 of 8") as on_gpu:
         fastopt.cholesky_solve(Hd, gd)
     assert on_gpu.value.indices == want == on_cpu.value.indices
@@ -259,19 +252,19 @@ def test_damping_solves_singular_psd_systems(lib, dtype, rng):
     H = (A @ np.swapaxes(A, -1, -2)).astype(dtype)  # PSD, rank 5: singular
     g = rng.standard_normal((30, n)).astype(dtype)
     p = rng.standard_normal((30, n)).astype(dtype)
-    Hd, gd = lib.put(H), lib.put(g)
+    Hd, gd = lib.to_device(H), lib.to_device(g)
     shifted = (H.astype(np.float64) - 1e-3 * np.eye(n)).astype(dtype)
     with pytest.raises(NPD) as on_cpu:
         fastopt.cholesky_solve(shifted, g)
     with pytest.raises(NPD) as on_gpu:
-        fastopt.cholesky_solve(lib.put(shifted), gd)
+        fastopt.cholesky_solve(lib.to_device(shifted), gd)
     assert str(on_gpu.value) == str(on_cpu.value)
-    d = lib.get(fastopt.cholesky_solve(Hd, gd, damping=0.5))
+    d = lib.to_host(fastopt.cholesky_solve(Hd, gd, damping=0.5))
     assert_bits(d, fastopt.cholesky_solve(H, g, damping=0.5), "d (GPU vs CPU)")
     assert_close(d, solve64(H, g, damping=0.5), dtype)
-    pd = lib.put(p)
+    pd = lib.to_device(p)
     fastopt.newton_(pd, gd, Hd, lr=0.8, damping=0.5)
-    assert_bits(lib.get(pd), cpu_newton(p, g, H, lr=0.8, damping=0.5)[0], "params (GPU vs CPU)")
+    assert_bits(lib.to_host(pd), cpu_newton(p, g, H, lr=0.8, damping=0.5)[0], "params (GPU vs CPU)")
     check_unchanged(lib, [(Hd, H), (gd, g)], "input")
 
 
@@ -281,7 +274,7 @@ def test_damping_solves_singular_psd_systems(lib, dtype, rng):
 @pytest.mark.parametrize("batch_shape", [(0,), (3, 0)], ids=shape_id)
 def test_zero_batch_is_a_noop(lib, batch_shape, n):
     g = np.empty(batch_shape + (n,))
-    pd, gd, Hd = lib.put(g), lib.put(g), lib.put(np.empty(batch_shape + (n, n)))
+    pd, gd, Hd = lib.to_device(g), lib.to_device(g), lib.to_device(np.empty(batch_shape + (n, n)))
     assert fastopt.newton_(pd, gd, Hd) is None
     mask = fastopt.newton_(pd, gd, Hd, on_failure="skip")
     lib.assert_result(mask, pd, "bool", batch_shape)
@@ -307,18 +300,19 @@ def test_runs_on_the_given_stream(lib, how, call, n, rng):
     stale = system(rng, (batch,), n, dtype)  # other valid systems
 
     # Expected results: the GPU on synchronized inputs (the CPU's bits for n <= 64).
-    Hd0, gd0 = lib.put(H), lib.put(g)
-    want_d = lib.get(fastopt.cholesky_solve(Hd0, gd0))
-    pd0 = lib.put(p)
+    Hd0, gd0 = lib.to_device(H), lib.to_device(g)
+    want_d = lib.to_host(fastopt.cholesky_solve(Hd0, gd0))
+    pd0 = lib.to_device(p)
     fastopt.newton_(pd0, gd0, Hd0, lr=0.7)
-    want_p = lib.get(pd0)
-    pd0 = lib.put(p)
-    want_mask = lib.get(fastopt.newton_(pd0, gd0, lib.put(H_bad), lr=0.7, on_failure="skip"))
-    want_p_skip = lib.get(pd0)
+    want_p = lib.to_host(pd0)
+    pd0 = lib.to_device(p)
+    want_mask = lib.to_host(fastopt.newton_(pd0, gd0, lib.to_device(H_bad), lr=0.7,
+                                            on_failure="skip"))
+    want_p_skip = lib.to_host(pd0)
     assert int((~want_mask).sum()) == 1 and not want_mask[bad]
 
-    Hd, gd, pd = (lib.put(a) for a in stale)
-    H_src, H_bad_src, g_src, p_src = lib.put(H), lib.put(H_bad), lib.put(g), lib.put(p)
+    Hd, gd, pd = (lib.to_device(a) for a in stale)
+    H_src, H_bad_src, g_src, p_src = (lib.to_device(a) for a in (H, H_bad, g, p))
     lib.synchronize()
     stream = lib.side_stream()
     kwargs = {"stream": stream} if how == "stream=" else {}
@@ -332,36 +326,36 @@ def test_runs_on_the_given_stream(lib, how, call, n, rng):
         with scope():
             assert fastopt.newton_(pd, gd, Hd, lr=0.7, **kwargs) is None  # waits for its stream
         stream.synchronize()
-        assert_bits(lib.get(pd), want_p, "params")
+        assert_bits(lib.to_host(pd), want_p, "params")
         write_late(H_bad_src)
         with scope():
             with pytest.raises(NPD, match="1 of 64") as info:
                 fastopt.newton_(pd, gd, Hd, lr=0.7, **kwargs)
         assert info.value.indices == [(bad,)]
         stream.synchronize()
-        assert_bits(lib.get(pd), p, "params after the error")
+        assert_bits(lib.to_host(pd), p, "params after the error")
     elif call == "newton_ skip":
         write_late(H_bad_src)
         with scope():
             mask = fastopt.newton_(pd, gd, Hd, lr=0.7, on_failure="skip", **kwargs)  # no wait
         stream.synchronize()
         lib.assert_result(mask, pd, "bool", (batch,))
-        assert_bits(lib.get(mask), want_mask, "mask")
-        assert_bits(lib.get(pd), want_p_skip, "params")
+        assert_bits(lib.to_host(mask), want_mask, "mask")
+        assert_bits(lib.to_host(pd), want_p_skip, "params")
     else:
         write_late(H_src)
         with scope():
             d = fastopt.cholesky_solve(Hd, gd, **kwargs)  # waits for its stream
         stream.synchronize()
         lib.assert_result(d, gd, "float64", (batch, n))
-        assert_bits(lib.get(d), want_d, "d")
+        assert_bits(lib.to_host(d), want_d, "d")
         write_late(H_bad_src)
         with scope():
             with pytest.raises(NPD, match="1 of 64") as info:
                 fastopt.cholesky_solve(Hd, gd, **kwargs)
         assert info.value.indices == [(bad,)]
         stream.synchronize()
-    assert_bits(lib.get(gd), g, "grads")
+    assert_bits(lib.to_host(gd), g, "grads")
 
 
 # ---- bad input ----------------------------------------------------------------------------
@@ -370,7 +364,7 @@ def bad_input_arrays(lib, rng) -> types.SimpleNamespace:
     """The arrays of BAD_INPUTS (5 systems of n = 4): contiguous device allocations (the
     cases take views of them) and host arrays of the library's CPU kind."""
     H, g, p = system(rng, (5,), 4, np.float64)
-    put = lib.put
+    put = lib.to_device
     return types.SimpleNamespace(
         H=put(H), g=put(g), p=put(p),
         H32=put(H.astype(np.float32)), g32=put(g.astype(np.float32)),
@@ -378,7 +372,7 @@ def bad_input_arrays(lib, rng) -> types.SimpleNamespace:
         p_i32=put(rng.integers(-5, 5, (5, 4)).astype(np.int32)),
         H_wide=put(np.repeat(H, 2, axis=-1)), g_wide=put(np.repeat(g, 2, axis=-1)),
         p_wide=put(np.repeat(p, 2, axis=-1)),
-        H_host=lib.host(H), g_host=lib.host(g), p_host=lib.host(p),
+        H_host=lib.host_array(H), g_host=lib.host_array(g), p_host=lib.host_array(p),
     )
 
 
@@ -456,12 +450,12 @@ BAD_INPUTS = [
                          ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_raises_and_changes_nothing(lib, call, exc, match, rng):
     arrays = bad_input_arrays(lib, rng)
-    before = {k: lib.get(v) for k, v in vars(arrays).items()}
+    before = {k: lib.to_host(v) for k, v in vars(arrays).items()}
     with pytest.raises(exc, match=match):
         call(arrays)
     lib.synchronize()  # anything queued before the error has landed
     for k, v in vars(arrays).items():
-        assert_bits(lib.get(v), before[k], f"{k} was modified")
+        assert_bits(lib.to_host(v), before[k], f"{k} was modified")
 
 
 # ---- an application -----------------------------------------------------------------------
@@ -488,13 +482,13 @@ def test_newton_solves_logistic_regression_in_under_10_iterations(lib):
         g, H = grad_hess(w_opt)
         w_opt -= np.linalg.solve(H, g[..., None])[..., 0]
     w_cpu = np.zeros((groups, n))
-    wd = lib.put(w_cpu)
+    wd = lib.to_device(w_cpu)
     for it in range(10):
         g, H = grad_hess(w_cpu)
         fastopt.newton_(w_cpu, g, H)
-        assert fastopt.newton_(wd, lib.put(g), lib.put(H)) is None
-        assert_bits(lib.get(wd), w_cpu, f"iterate {it + 1} (GPU vs CPU)")
-    w = lib.get(wd)
+        assert fastopt.newton_(wd, lib.to_device(g), lib.to_device(H)) is None
+        assert_bits(lib.to_host(wd), w_cpu, f"iterate {it + 1} (GPU vs CPU)")
+    w = lib.to_host(wd)
     np.testing.assert_allclose(w, w_opt, rtol=1e-9, atol=1e-9)
     assert np.abs(grad_hess(w)[0]).max() < 1e-10
 

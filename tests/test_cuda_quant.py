@@ -21,14 +21,15 @@ import contextlib
 import math
 import re
 import types
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _build, reference
+from fastopt import reference
 
+from cuda_libs import FakeCudaArray, lib_fixture
 from test_quant import (BF16, CHANNEL_CASES, F32, IN_DTYPES, IN_IDS, NONFINITE_FUNCS,
                         QDTYPES, QRANGE, SHAPES, assert_bits, bits, case_id, channel_params,
                         channel_shape, fresh, poisoned, ref_blockwise, ref_quantize, shape_id,
@@ -39,149 +40,18 @@ F16 = np.dtype(np.float16)
 # (for inputs longer than 4096 elements: the kernel sees min(block_size, n)).
 BLOCK_SIZES = [1, 7, 64, 256, 4096, 4097, 10_000]
 LARGE_BLOCK = 5000  # a block for the thread-block kernel in the smaller tests
-SLEEP_CYCLES = 200_000_000  # torch.cuda._sleep: ~0.1 s of GPU clock
-DELAY_BYTES, DELAY_COPIES = 256 << 20, 256  # CuPy: 64 GiB of device copies, tens of ms
 
 qpt, qpc, deq = fastopt.quantize_per_tensor, fastopt.quantize_per_channel, fastopt.dequantize
 qbw, dqbw = fastopt.quantize_blockwise, fastopt.dequantize_blockwise
 
-
-# ---- the array libraries ------------------------------------------------------------------
-
-class TorchLib:
-    """PyTorch CUDA tensors: NumPy data in and out, streams."""
-
-    name = "torch"
-
-    def __init__(self, torch):
-        self.torch = torch
-
-    @staticmethod
-    def open() -> "TorchLib":
-        torch = pytest.importorskip("torch")
-        if not torch.cuda.is_available():
-            pytest.skip(f"torch {torch.__version__} has no usable CUDA")
-        return TorchLib(torch)
-
-    def put(self, a: np.ndarray):
-        """A CUDA copy of NumPy ``a`` (bfloat16 as ml_dtypes.bfloat16)."""
-        a = np.ascontiguousarray(a)
-        if a.dtype == BF16:
-            return self.torch.from_numpy(a.view(np.int16)).to("cuda").view(self.torch.bfloat16)
-        return self.torch.from_numpy(a).to("cuda")
-
-    def get(self, t) -> np.ndarray:
-        """A NumPy copy of tensor ``t`` (CUDA or CPU)."""
-        t = t.detach().cpu()
-        if t.dtype == self.torch.bfloat16:
-            return t.view(self.torch.int16).numpy().view(BF16).copy()
-        return t.numpy().copy()
-
-    def host(self, a: np.ndarray):
-        """A host array of this library: a CPU tensor."""
-        return self.torch.from_numpy(np.array(a))
-
-    def view(self, t, dtype: str):
-        """``t``'s bytes as ``dtype``."""
-        return t.view(getattr(self.torch, dtype))
-
-    def assert_result(self, a, like, dtype: str, shape: Tuple[int, ...]) -> None:
-        """``a`` is a contiguous tensor of ``dtype`` and ``shape`` on ``like``'s device."""
-        torch = self.torch
-        assert isinstance(a, torch.Tensor), type(a)
-        assert a.device == like.device, (a.device, like.device)
-        assert a.dtype == getattr(torch, dtype), a.dtype
-        assert tuple(a.shape) == shape and a.is_contiguous()
-
-    def side_stream(self):
-        return self.torch.cuda.Stream()  # non-blocking: no implicit sync with stream 0
-
-    def current(self, stream):
-        return self.torch.cuda.stream(stream)
-
-    def write_late(self, stream, pairs: Sequence[Tuple[Any, Any]]) -> None:
-        """Queue on ``stream`` ~0.1 s of spinning, then dst <- src for each pair."""
-        with self.torch.cuda.stream(stream):
-            self.torch.cuda._sleep(SLEEP_CYCLES)
-            for dst, src in pairs:
-                dst.copy_(src)
-
-    def synchronize(self) -> None:
-        self.torch.cuda.synchronize()
-
-
-class CupyLib:
-    """CuPy arrays: NumPy data in and out, streams. Uses copies only (no CuPy kernels, so no
-    runtime compilation)."""
-
-    name = "cupy"
-
-    def __init__(self, cupy):
-        self.cupy = cupy
-        self._delay = None  # two device buffers, kept: queued copies may still use them
-
-    @staticmethod
-    def open() -> "CupyLib":
-        cupy = pytest.importorskip("cupy")
-        if not cupy.cuda.is_available():
-            pytest.skip("CuPy sees no usable CUDA device")
-        return CupyLib(cupy)
-
-    def put(self, a: np.ndarray):
-        if a.dtype == BF16:
-            pytest.skip("CuPy has no bfloat16")
-        return self.cupy.asarray(np.ascontiguousarray(a))
-
-    def get(self, a) -> np.ndarray:
-        return a.copy() if isinstance(a, np.ndarray) else self.cupy.asnumpy(a)
-
-    def host(self, a: np.ndarray) -> np.ndarray:
-        return np.array(a)
-
-    def view(self, a, dtype: str):
-        return a.view(np.dtype(dtype))
-
-    def assert_result(self, a, like, dtype: str, shape: Tuple[int, ...]) -> None:
-        assert isinstance(a, self.cupy.ndarray), type(a)
-        assert a.device.id == like.device.id, (a.device, like.device)
-        assert a.dtype == np.dtype(dtype), a.dtype
-        assert a.shape == shape and a.flags.c_contiguous
-
-    def side_stream(self):
-        return self.cupy.cuda.Stream(non_blocking=True)  # no implicit sync with stream 0
-
-    def current(self, stream):
-        return stream  # a CuPy stream is the context manager making it current
-
-    def write_late(self, stream, pairs: Sequence[Tuple[Any, Any]]) -> None:
-        """Queue on ``stream`` tens of ms of device-to-device copies, then dst <- src."""
-        if self._delay is None:
-            self._delay = [self.cupy.empty(DELAY_BYTES, np.uint8) for _ in range(2)]
-        a, b = self._delay
-        for _ in range(DELAY_COPIES):
-            b.data.copy_from_device_async(a.data, DELAY_BYTES, stream)
-        for dst, src in pairs:
-            assert dst.nbytes == src.nbytes
-            dst.data.copy_from_device_async(src.data, src.nbytes, stream)
-
-    def synchronize(self) -> None:
-        self.cupy.cuda.Device().synchronize()
-
-
-@pytest.fixture(scope="session",
-                params=[pytest.param(n, marks=pytest.mark.cuda) for n in ["cupy", "torch"]])
-def lib(request):
-    """The array library of a GPU test (skips without usable CUDA or the library)."""
-    if not fastopt.cuda_available():
-        pytest.skip(_build.cuda_unavailable_reason())
-    return {"cupy": CupyLib, "torch": TorchLib}[request.param].open()
+lib = lib_fixture(scope="session")  # the adapters are in cuda_libs.py
 
 
 # ---- helpers ------------------------------------------------------------------------------
 
 def assert_same(lib, got: Any, cpu: Any, ref: Any = None, what: str = "") -> None:
     """Device result ``got`` has the bits of the CPU's result (and of the reference's)."""
-    host = lib.get(got)
+    host = lib.to_host(got)
     assert_bits(host, np.asarray(cpu), f"{what} (GPU vs CPU)")
     if ref is not None:
         assert_bits(host, np.asarray(ref), f"{what} (GPU vs reference)")
@@ -191,11 +61,11 @@ def run_with_out(lib, call: Callable[[Any], Any], want: Sequence[np.ndarray]) ->
     """call(out) with device outs poisoned by each sentinel in turn: it returns that very
     out, and every element equals the CPU's ``want`` (so every element was written)."""
     for k in (0, 1):
-        outs = tuple(lib.put(poisoned(w.shape, w.dtype, k)) for w in want)
+        outs = tuple(lib.to_device(poisoned(w.shape, w.dtype, k)) for w in want)
         arg = outs if len(outs) > 1 else outs[0]
         assert call(arg) is arg
         for i, (o, w) in enumerate(zip(outs, want)):
-            assert_bits(lib.get(o), w, f"out[{i}] (sentinel {k})")
+            assert_bits(lib.to_host(o), w, f"out[{i}] (sentinel {k})")
 
 
 # ---- exactness against the CPU ------------------------------------------------------------
@@ -208,13 +78,13 @@ def test_per_tensor_matches_cpu(lib, in_dtype, shape, qdtype, rng):
     for scale, zp in tensor_params(rng, qdtype):
         what = f"scale={scale} zero_point={zp}"
         x = with_ties(rng, fresh(rng, shape, F32), np.float32(scale)).astype(in_dtype)
-        q = qpt(lib.put(x), scale, zp, qdtype)
+        q = qpt(lib.to_device(x), scale, zp, qdtype)
         want = qpt(x, scale, zp, qdtype)
         assert_same(lib, q, want, ref_quantize(x, scale, zp, qdtype), f"quantize {what}")
         assert_same(lib, deq(q, scale, zp), deq(want, scale, zp),
                     reference.dequantize_affine(want, scale, zp), f"dequantize {what}")
         qr = rng.integers(lo, hi + 1, shape).astype(dt)  # every code, not only reachable ones
-        assert_same(lib, deq(lib.put(qr), scale, zp), deq(qr, scale, zp),
+        assert_same(lib, deq(lib.to_device(qr), scale, zp), deq(qr, scale, zp),
                     reference.dequantize_affine(qr, scale, zp), f"dequantize random q {what}")
 
 
@@ -228,13 +98,14 @@ def test_per_channel_matches_cpu(lib, in_dtype, case, qdtype, rng):
     scales, zps = channel_params(rng, qdtype, shape[ax])
     x = with_ties(rng, fresh(rng, shape, F32),
                   scales.reshape(channel_shape(len(shape), ax))).astype(in_dtype)
-    q = qpc(lib.put(x), scales, zps, axis, qdtype)
+    q = qpc(lib.to_device(x), scales, zps, axis, qdtype)
     want = qpc(x, scales, zps, axis, qdtype)
     assert_same(lib, q, want, ref_quantize(x, scales, zps, qdtype, ax), "quantize_per_channel")
     assert_same(lib, deq(q, scales, zps, axis=axis), deq(want, scales, zps, axis=axis),
                 reference.dequantize_affine(want, scales, zps, ax), "dequantize per channel")
     qr = rng.integers(lo, hi + 1, shape).astype(dt)
-    assert_same(lib, deq(lib.put(qr), scales, zps, axis=axis), deq(qr, scales, zps, axis=axis),
+    assert_same(lib, deq(lib.to_device(qr), scales, zps, axis=axis),
+                deq(qr, scales, zps, axis=axis),
                 reference.dequantize_affine(qr, scales, zps, ax), "dequantize random q")
 
 
@@ -243,7 +114,7 @@ def test_per_channel_matches_cpu(lib, in_dtype, case, qdtype, rng):
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
 def test_blockwise_matches_cpu(lib, in_dtype, block, shape, rng):
     x = fresh(rng, shape, in_dtype)
-    xd = lib.put(x)
+    xd = lib.to_device(x)
     seeds = [0, 2 ** 64 - 1, int(rng.integers(0, 2 ** 63))]
     for rounding, seed in [("nearest", None)] + [("stochastic", s) for s in seeds]:
         what = f"{rounding} seed={seed}"
@@ -256,7 +127,7 @@ def test_blockwise_matches_cpu(lib, in_dtype, block, shape, rng):
                     reference.dequantize_blockwise(want_q, want_absmax, block),
                     f"dequantize {what}")
     qr = rng.integers(-128, 128, shape).astype(np.int8)  # every code, -128 included
-    assert_same(lib, dqbw(lib.put(qr), absmax, block), dqbw(qr, want_absmax, block),
+    assert_same(lib, dqbw(lib.to_device(qr), absmax, block), dqbw(qr, want_absmax, block),
                 reference.dequantize_blockwise(qr, want_absmax, block), "dequantize random q")
 
 
@@ -269,7 +140,7 @@ def test_blockwise_tiny_absmax_matches_cpu(lib, in_dtype, rounding):
     j = np.concatenate([np.arange(-127, 128), np.arange(127, -128, -1)])  # 510, absmax 127
     for e in (130, 140):
         x = (j * 2.0 ** -e).astype(np.float32).astype(in_dtype)
-        xd = lib.put(x)
+        xd = lib.to_device(x)
         for block in (x.size, 64):
             what = f"2^-{e} blocks of {block}"
             q, absmax = qbw(xd, block, rounding=rounding, seed=5)
@@ -290,7 +161,7 @@ def test_results_are_the_inputs_library_on_its_device(lib, rng):
     for in_dtype in IN_DTYPES:
         if in_dtype == BF16 and lib.name == "cupy":
             continue  # CuPy has no bfloat16
-        x = lib.put(fresh(rng, shape, in_dtype))
+        x = lib.to_device(fresh(rng, shape, in_dtype))
         for qdtype, zp in (("int8", 3), ("uint8", 128)):
             q = qpt(x, 0.05, zp, qdtype)
             lib.assert_result(q, x, qdtype, shape)
@@ -306,7 +177,7 @@ def test_results_are_the_inputs_library_on_its_device(lib, rng):
 
 @pytest.mark.parametrize("shape", [(0,), (3, 0)], ids=shape_id)
 def test_zero_size(lib, shape):
-    x = lib.put(np.empty(shape, np.float32))
+    x = lib.to_device(np.empty(shape, np.float32))
     c = shape[0]
     for qdtype in QDTYPES:
         q = qpt(x, 0.1, 0, qdtype)
@@ -326,16 +197,16 @@ def test_zero_size(lib, shape):
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
 def test_out_receives_results(lib, in_dtype, shape, rng):
     x = fresh(rng, shape, in_dtype)
-    xd = lib.put(x)
+    xd = lib.to_device(x)
     scales, zps = channel_params(rng, "uint8", shape[-1])
     for qdtype, zp in (("int8", -3), ("uint8", 130)):
         q = qpt(x, 0.0371, zp, qdtype)
         run_with_out(lib, lambda o: qpt(xd, 0.0371, zp, qdtype, out=o), [q])
-        qd = lib.put(q)
+        qd = lib.to_device(q)
         run_with_out(lib, lambda o: deq(qd, 0.0371, zp, out=o), [deq(q, 0.0371, zp)])
     qc = qpc(x, scales, zps, -1, "uint8")
     run_with_out(lib, lambda o: qpc(xd, scales, zps, -1, "uint8", out=o), [qc])
-    qcd = lib.put(qc)
+    qcd = lib.to_device(qc)
     run_with_out(lib, lambda o: deq(qcd, scales, zps, axis=-1, out=o),
                  [deq(qc, scales, zps, axis=-1)])
     for block in (64, 7, LARGE_BLOCK):
@@ -343,7 +214,7 @@ def test_out_receives_results(lib, in_dtype, shape, rng):
             qb, ab = qbw(x, block, rounding=rounding, seed=77)
             run_with_out(lib, lambda o: qbw(xd, block, rounding=rounding, seed=77, out=o),
                          [qb, ab])
-        qbd, abd = lib.put(qb), lib.put(ab)
+        qbd, abd = lib.to_device(qb), lib.to_device(ab)
         run_with_out(lib, lambda o: dqbw(qbd, abd, block, out=o), [dqbw(qb, ab, block)])
 
 
@@ -359,11 +230,11 @@ def test_zero_blocks(lib, in_dtype, block, rounding, rng):
         x32[b * block:(b + 1) * block] = 0.0
     x32[4 * block + 5] = -0.0  # a negative zero changes nothing
     x = x32.astype(in_dtype)
-    q, absmax = qbw(lib.put(x), block, rounding=rounding, seed=3)
+    q, absmax = qbw(lib.to_device(x), block, rounding=rounding, seed=3)
     want_q, want_absmax = qbw(x, block, rounding=rounding, seed=3)
     assert_same(lib, absmax, want_absmax, what="absmax")
     assert_same(lib, q, want_q, what="q")
-    qh, ah, dq = lib.get(q), lib.get(absmax), lib.get(dqbw(q, absmax, block))
+    qh, ah, dq = lib.to_host(q), lib.to_host(absmax), lib.to_host(dqbw(q, absmax, block))
     for b in zero_blocks:
         sl = slice(b * block, (b + 1) * block)
         assert bits(ah[b]) == 0, f"block {b}: absmax {ah[b]!r} is not +0"
@@ -371,10 +242,10 @@ def test_zero_blocks(lib, in_dtype, block, rounding, rng):
         assert np.all(bits(dq[sl]) == 0), f"block {b}: dequantized {dq[sl]}"
     assert np.all(np.delete(ah, zero_blocks) > 0)
     # a whole array of zeros
-    q, absmax = qbw(lib.put(np.zeros((3, 50), in_dtype)), 7, rounding=rounding, seed=1)
-    qh, ah = lib.get(q), lib.get(absmax)
+    q, absmax = qbw(lib.to_device(np.zeros((3, 50), in_dtype)), 7, rounding=rounding, seed=1)
+    qh, ah = lib.to_host(q), lib.to_host(absmax)
     assert ah.shape == (22,) and np.all(bits(ah) == 0) and np.all(qh == 0)
-    assert np.all(bits(lib.get(dqbw(q, absmax, 7))) == 0)
+    assert np.all(bits(lib.to_host(dqbw(q, absmax, 7))) == 0)
 
 
 DEVICE_NONFINITE_SHAPE = (3, 7, 600)  # 12600 elements: partial last blocks of 256 and of 5000
@@ -413,12 +284,12 @@ def test_nonfinite_names_the_cpus_index(lib, in_dtype, func, case, rng):
     msg = re.escape(f"non-finite value at index {idx} (flat {first})")
     with pytest.raises(ValueError, match=msg) as on_cpu:
         call(x, None)
-    outs = tuple(lib.put(poisoned(s, d, 0)) for s, d in templates(x.shape))
+    outs = tuple(lib.to_device(poisoned(s, d, 0)) for s, d in templates(x.shape))
     with pytest.raises(ValueError, match=msg) as on_gpu:
-        call(lib.put(x), outs if len(outs) > 1 else outs[0])
+        call(lib.to_device(x), outs if len(outs) > 1 else outs[0])
     assert str(on_gpu.value) == str(on_cpu.value)
     for o, (s, d) in zip(outs, templates(x.shape)):
-        assert_bits(lib.get(o), poisoned(s, d, 0), "out was written despite the error")
+        assert_bits(lib.to_host(o), poisoned(s, d, 0), "out was written despite the error")
 
 
 def test_stochastic_rounding_matches_cpu_and_is_unbiased(lib, rng):
@@ -427,7 +298,7 @@ def test_stochastic_rounding_matches_cpu_and_is_unbiased(lib, rng):
     (2 sqrt(200)), and no systematic bias over all elements (the bounds and their false
     alarm rate as in test_quant.test_stochastic_unbiased_and_floor_or_ceil)."""
     x = fresh(rng, (4097,), F32)
-    xd = lib.put(x)
+    xd = lib.to_device(x)
     block, seeds = 64, 200
     total = np.zeros(x.size)
     for seed in range(seeds):
@@ -435,7 +306,7 @@ def test_stochastic_rounding_matches_cpu_and_is_unbiased(lib, rng):
         want_q, want_absmax = qbw(x, block, rounding="stochastic", seed=seed)
         assert_same(lib, absmax, want_absmax, what=f"absmax seed={seed}")
         assert_same(lib, q, want_q, what=f"q seed={seed}")
-        total += lib.get(dqbw(q, absmax, block))
+        total += lib.to_host(dqbw(q, absmax, block))
     scale = np.repeat(want_absmax.astype(np.float64) / 127, block)[:x.size]
     sigma = scale / (2 * math.sqrt(seeds))
     err = total / seeds - x.astype(np.float64)
@@ -455,9 +326,9 @@ def test_runs_on_the_given_stream(lib, how, rng):
     x = fresh(rng, (n,), F32)
     want_q, want_absmax = qbw(x, block)
     want_d = dqbw(want_q, want_absmax, block)
-    xd, x_src = lib.put(fresh(rng, (n,), F32)), lib.put(x)
-    qd, q_src = lib.put(np.zeros(n, np.int8)), lib.put(want_q)
-    ad, a_src = lib.put(np.zeros_like(want_absmax)), lib.put(want_absmax)
+    xd, x_src = lib.to_device(fresh(rng, (n,), F32)), lib.to_device(x)
+    qd, q_src = lib.to_device(np.zeros(n, np.int8)), lib.to_device(want_q)
+    ad, a_src = lib.to_device(np.zeros_like(want_absmax)), lib.to_device(want_absmax)
     lib.synchronize()
     stream = lib.side_stream()
     kwargs = {"stream": stream} if how == "stream=" else {}
@@ -487,21 +358,21 @@ def bad_input_arrays(lib, rng) -> types.SimpleNamespace:
     x = fresh(rng, (4, 6), F32)
     q8 = rng.integers(-128, 128, (4, 6)).astype(np.int8)
     am = rng.uniform(0.5, 2.0, 4).astype(np.float32)
-    put = lib.put
+    put = lib.to_device
     return types.SimpleNamespace(
         x=put(x), x_wide=put(fresh(rng, (4, 12), F32)), x_i32=put(x.astype(np.int32)),
         x_f64=put(x.astype(np.float64)),
         q8=put(q8), qu8=put(q8.view(np.uint8)), q_wide=put(np.repeat(q8, 2, axis=1)),
         am=put(am), am_f64=put(am.astype(np.float64)), am_wide=put(np.repeat(am, 2)),
-        am_host=lib.host(am),
+        am_host=lib.host_array(am),
         q_out=put(poisoned((4, 6), np.int8, 0)), qu_out=put(poisoned((4, 6), np.uint8, 0)),
         d_out=put(poisoned((4, 6), F32, 0)), d16_out=put(poisoned((4, 6), F16, 0)),
         am_out=put(poisoned((4,), F32, 0)), am16_out=put(poisoned((4,), F16, 0)),
         q_wide_out=put(poisoned((4, 12), np.int8, 0)), d_wide_out=put(poisoned((4, 12), F32, 0)),
         am_wide_out=put(poisoned((8,), F32, 0)),
-        q_host_out=lib.host(poisoned((4, 6), np.int8, 0)),
-        am_host_out=lib.host(poisoned((4,), F32, 0)),
-        d_host_out=lib.host(poisoned((4, 6), F32, 0)),
+        q_host_out=lib.host_array(poisoned((4, 6), np.int8, 0)),
+        am_host_out=lib.host_array(poisoned((4,), F32, 0)),
+        d_host_out=lib.host_array(poisoned((4, 6), F32, 0)),
         pair=put(poisoned((10,), F32, 0)),  # out[0] and out[1] carved from one buffer
         shared=put(rng.uniform(0.5, 2.0, 28).astype(np.float32)),  # an output and an input
     )
@@ -629,32 +500,49 @@ BAD_INPUTS = [
                          ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_raises_and_writes_nothing(lib, call, exc, match, rng):
     arrays = bad_input_arrays(lib, rng)
-    before = {k: lib.get(v) for k, v in vars(arrays).items()}
+    before = {k: lib.to_host(v) for k, v in vars(arrays).items()}
     with pytest.raises(exc, match=match):
         call(arrays, lib)
     lib.synchronize()  # anything queued before the error has landed
     for k, v in vars(arrays).items():
-        assert_bits(lib.get(v), before[k], f"{k} was modified")
+        assert_bits(lib.to_host(v), before[k], f"{k} was modified")
 
 
-def test_choose_qparams_is_cpu_only(lib, rng):
-    x = lib.put(fresh(rng, (4, 37), F32))
-    for kwargs in ({}, {"axis": 0}, {"symmetric": False, "dtype": "uint8"}):
-        with pytest.raises(TypeError, match="^x: choose_qparams runs on the CPU only"):
-            fastopt.choose_qparams(x, **kwargs)
+@pytest.mark.parametrize("case", CHANNEL_CASES + [((4, 37), None), ((0, 5), None), ((0, 5), 1)],
+                         ids=lambda c: f"{c[0]}-axis{c[1]}")
+@pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
+def test_choose_qparams_matches_cpu(lib, in_dtype, case, rng):
+    """The GPU min/max observer (one channel: running min/max; several: warp-reduced or
+    per-element atomics) gives the CPU's scales and zero points exactly, for every mode;
+    negative-only and positive-only channels included; non-finite input names the CPU's
+    index."""
+    shape, axis = case
+    x = fresh(rng, shape, F32)
+    if x.ndim > 1 and x.shape[0] > 1:
+        x[0] = -np.abs(x[0])  # a channel or region with only negative values
+        x[-1] = np.abs(x[-1]) + 1.0
+    x = x.astype(in_dtype)
+    dx = lib.to_device(x)
+    for kwargs in ({}, {"symmetric": False}, {"symmetric": False, "dtype": "uint8"},
+                   {"dtype": "uint8"}):
+        got = fastopt.choose_qparams(dx, axis=axis, **kwargs)
+        want = fastopt.choose_qparams(x, axis=axis, **kwargs)
+        if axis is None:
+            assert got == want, (kwargs, got, want)
+        else:
+            assert_bits(np.asarray(got[0]), np.asarray(want[0]), f"scales {kwargs}")
+            assert_bits(np.asarray(got[1]), np.asarray(want[1]), f"zero points {kwargs}")
+    if x.size:
+        bad = x.copy()
+        flat = bad.reshape(-1)
+        flat[[flat.size // 3, flat.size // 2]] = np.array([np.nan, np.inf], dtype=F32).astype(in_dtype)
+        with pytest.raises(ValueError) as cpu_error:
+            fastopt.choose_qparams(bad, axis=axis)
+        with pytest.raises(ValueError, match=re.escape(str(cpu_error.value))):
+            fastopt.choose_qparams(lib.to_device(bad), axis=axis)
 
 
 # ---- without a GPU ------------------------------------------------------------------------
-
-class FakeCudaArray:
-    """Claims to be a float32 (4, 6) CUDA array through ``__cuda_array_interface__``."""
-
-    shape = (4, 6)
-
-    @property
-    def __cuda_array_interface__(self):
-        return {"shape": self.shape, "typestr": "<f4", "data": (0x10000, False), "version": 3}
-
 
 FAKE_CALLS = {
     "quantize_per_tensor": lambda f: qpt(f, 0.1, 0),
