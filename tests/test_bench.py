@@ -77,11 +77,13 @@ def test_bench_cuda_is_skipped_with_its_reason_without_a_gpu(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not fastopt.cuda_available(), reason="needs a usable CUDA GPU")
-def test_bench_gpu_rows_pass_their_checks(tmp_path):
+@pytest.mark.parametrize("only,kinds", [("adamw,sgd", {"adamw", "sgd"}),
+                                        ("quant,newton", {"int8", "newton"})])
+def test_bench_gpu_rows_pass_their_checks(tmp_path, only, kinds):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "fastopt", "bench", "--quick", "--device", "cuda", "--only",
-         "adamw,sgd", "--json", str(out)],
+         only, "--json", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
@@ -91,11 +93,17 @@ def test_bench_gpu_rows_pass_their_checks(tmp_path):
     assert report["gpu"]["device"] != "unknown"
     rows = [c for c in report["cases"] if c["device"] == "cuda"]
     names = {c["case"].split()[0] for c in rows}
-    assert names == {"adamw", "sgd"}, rows
-    assert any(c["case"].endswith("1000x4096") for c in rows)
+    assert names == kinds, rows
+    if "adamw" in kinds:
+        assert any(c["case"].endswith("1000x4096") for c in rows)
+    else:
+        assert len(rows) == len(bench.QUANT_CASES) + len(bench.NEWTON_CASES)
     for case in rows:
         assert case["check"] == "ok", case
         assert "bit_identical_to_cpu" in case
+        if "adamw" not in kinds:  # int8 and Newton n <= 64 must be bit-identical
+            assert case["bit_identical_to_cpu"] is True, case
+            assert case["target"]["met"] in (True, False, None), case
         assert case["times_ms"]["fastopt"] > 0 and case["pct_of_ceiling"]["fastopt"] > 0
         assert case["case"] in proc.stdout
 
@@ -146,6 +154,50 @@ def test_gpu_half_on_a_stand_in_device(tmp_path, stand_in_gpu, capsys):
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
+# Small Newton cases for the stand-in (n = 80: the n > 64 path, checked against NumPy only).
+SMALL_NEWTON = [(8, 512), (32, 256), (80, 64)]
+
+
+def test_gpu_quant_and_newton_on_a_stand_in_device(tmp_path, stand_in_gpu, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "NEWTON_CASES", SMALL_NEWTON)
+    rc, report = _run_in_process(tmp_path, only="quant,newton", plot=True)
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    rows = {r["case"]: r for r in report["cases"]}
+    assert list(rows) == [f"int8 {q}" for q in bench.QUANT_CASES] + [
+        "newton n=8 x128", "newton n=32 x64", "newton n=80 x16"]  # --quick: a quarter
+    for name, r in rows.items():
+        assert r["device"] == "cuda" and r["check"] == "ok", r
+        assert r["times_ms"]["fastopt"] > 0 and r["speedup_vs_best_peer"] > 0
+        assert name in stdout
+    for q, b in bench.QUANT_CASES.items():
+        r = rows[f"int8 {q}"]
+        assert r["bit_identical_to_cpu"] is True and r["bytes_per_element"] == b
+        assert r["elements"] == 1 << 12
+        assert isinstance(r["target"]["met"], bool) and r["target"]["target"]
+    for q in ["blockwise-256 quantize", "blockwise-256 dequantize"]:
+        assert "torch eager" in rows[f"int8 {q}"]["times_ms"]
+        assert rows[f"int8 {q}"]["notes"]["torch.compile"].startswith("not available")
+    assert "torch.quantize_per_tensor" in rows["int8 per-tensor quantize"]["times_ms"]
+    assert "torch.quantize_per_tensor_dynamic" in rows["int8 dynamic per-tensor quantize"]["times_ms"]
+    assert rows["int8 per-tensor quantize"]["target"]["target"] == \
+        ">= 1x as fast as torch.quantize_per_tensor"
+    for n in (8, 32):
+        r = rows[f"newton n={n} x{dict(SMALL_NEWTON)[n] // 4}"]
+        assert r["bit_identical_to_cpu"] is True
+        assert {"fastopt", "fastopt-skip", "torch.linalg.solve", "torch cholesky+solve"} <= \
+            set(r["times_ms"])
+        assert "cupy.linalg.solve" in r["times_ms"] or r["notes"]["cupy"]
+        assert r["target"]["target"].startswith(f">= {5 if n == 8 else 10}x as fast as the fastest")
+        assert isinstance(r["target"]["met"], bool)
+    big = rows["newton n=80 x16"]
+    assert "bit_identical_to_cpu" not in big and "target" not in big  # n > 64: NumPy's check
+    assert "parity: 6 of 6" in stdout
+    assert "int8 per-tensor quantize: fastopt" in stdout and "newton n=32 x64: fastopt" in stdout
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
 def _skew(monkeypatch, how):
     """Makes every host copy of a (stand-in) device array differ from the array."""
     copy = bench._host_copy
@@ -178,6 +230,26 @@ def test_gpu_case_within_tolerance_says_it_is_not_bit_identical(tmp_path, stand_
     assert "parity: 0 of 2" in stdout
 
 
+@pytest.mark.parametrize("how,why", [
+    (lambda a: a + np.float32(1e-2), ["FAIL: differs from fastopt's CPU kernels",
+                                      "FAIL: relative error"]),
+    (lambda a: np.nextafter(a, np.float32(np.inf)), ["FAIL: differs from fastopt's CPU kernels"]),
+], ids=["far", "one-ulp"])
+def test_gpu_quant_and_newton_differing_from_the_cpu_kernels_fail_without_a_time(
+        tmp_path, stand_in_gpu, monkeypatch, capsys, how, why):
+    monkeypatch.setattr(bench, "NEWTON_CASES", SMALL_NEWTON[:2])
+    _skew(monkeypatch, how)
+    rc, report = _run_in_process(tmp_path, only="quant,newton")
+    stdout = capsys.readouterr().out
+    assert rc == 1
+    assert len(report["cases"]) == len(bench.QUANT_CASES) + 2
+    for r in report["cases"]:
+        assert any(r["check"].startswith(w) for w in why), r
+        assert r["times_ms"] == {} and "target" not in r
+        assert r["case"] in stdout
+    assert "parity: 0 of" in stdout
+
+
 def test_gpu_case_that_raises_becomes_an_error_row(tmp_path, stand_in_gpu, monkeypatch, capsys):
     def boom(self, spec, *args):
         if spec.name == "adamw":
@@ -191,14 +263,17 @@ def test_gpu_case_that_raises_becomes_an_error_row(tmp_path, stand_in_gpu, monke
     assert checks["sophia 1x2^12"] == "ok"  # the other cases still ran
 
 
+def _stand_in_with_free_bytes(torch, free):
+    """Stand-in device arrays that say `free` bytes of device memory are free."""
+    class Limited(bench.TorchArrays):
+        def free_bytes(self):
+            return free
+    return Limited(torch, "cpu")
+
+
 def test_gpu_one_tensor_layout_is_sized_to_free_memory():
     torch = pytest.importorskip("torch")
-
-    class TwoGiB(bench.TorchArrays):
-        def free_bytes(self):
-            return 2 << 30
-
-    gpu = bench.GpuBench(False, lambda msg: None, TwoGiB(torch, "cpu"))
+    gpu = bench.GpuBench(False, lambda msg: None, _stand_in_with_free_bytes(torch, 2 << 30))
     layouts = gpu.layouts()
     # 16 float32 arrays of 2^k elements in 90% of 2 GiB: k = 24
     assert layouts[0] == ("1x2^24 (sized down)", [(1 << 24,)])
@@ -278,3 +353,90 @@ def test_gpu_check_script_parses():
     assert proc.returncode == 0, proc.stderr
     helper = ROOT / "bench" / "sanitize_small.py"
     compile(helper.read_text(), str(helper), "exec")
+
+
+# ---- the GPU int8 and Newton cases' parts -------------------------------------------------
+
+def test_speedup_target_against_the_fastest_of_its_peers():
+    target = bench.GPU_TARGETS[("newton", 32)]
+    assert target.kind == "speedup" and target.value == 10
+    assert set(target.peers) == set(bench.NEWTON_GPU_PEERS)
+    row = bench.Row("newton n=32 x16384", "cuda", 4480, 16384, 1)
+    row.times_ms = {"fastopt": 0.1, "fastopt-skip": 0.01, "torch.linalg.solve": 2.0,
+                    "torch cholesky+solve": 0.9}
+    assert target.met(row, 1.0) is False  # 9x the faster torch; fastopt-skip is no peer
+    assert target.achieved(row, 1.0) == "9.00x as fast as torch cholesky+solve"
+    row.times_ms["torch cholesky+solve"] = 1.0
+    assert target.met(row, 1.0) is True
+    row.times_ms = {"fastopt": 0.1}
+    assert target.met(row, 1.0) is None and "no peer" in target.achieved(row, 1.0)
+
+
+def test_summary_says_when_a_target_cannot_be_judged(capsys):
+    row = bench.Row("int8 per-tensor quantize", "cuda", 5, 1 << 20, 1, times_ms={"fastopt": 1.0})
+    row.target = bench.GPU_TARGETS[("int8", "per-tensor quantize")]
+    bench._print_gpu_summary([row], 1.0, quick=False)
+    assert "not measured (none of its peers ran)" in capsys.readouterr().out
+    assert bench._row_json(row, 1.0)["target"]["met"] is None
+
+
+def test_gpu_quant_and_newton_are_sized_to_free_memory():
+    torch = pytest.importorskip("torch")
+    gpu = bench.GpuBench(True, lambda msg: None, _stand_in_with_free_bytes(torch, 64 << 20))
+    # 6 float32 arrays of 2^k elements in 90% of 64 MiB: k = 21 (quick asks for 2^24)
+    row = gpu.quant_case("blockwise-256 dequantize")
+    assert row.check == "ok" and row.elements == 1 << 21
+    assert row.remarks[0].startswith("sized down from 2^24: 0.1 GiB free")
+    # 8 copies of 4480 B per system: 1024 of the 4096 systems (--quick: 16384 / 4)
+    row = gpu.newton_case(32, 16384)
+    assert row.check == "ok" and row.case == "newton n=32 x1024" and row.elements == 1024
+    assert row.remarks[0].startswith("sized down from 4096 systems")
+
+
+def _compile_peer(monkeypatch, torch, compile_fn, budget=5.0):
+    gpu = bench.GpuBench(True, lambda msg: None, bench.TorchArrays(torch, "cpu"))
+    gpu.compile_peers = True
+    monkeypatch.setattr(gpu, "COMPILE_BUDGET_S", budget)
+    monkeypatch.setattr(torch, "compile", compile_fn)
+    fns, row = {}, bench.Row("int8 blockwise-256 quantize", "cuda", 5, 512, 1)
+    quantize = bench._torch_blockwise(torch)[0]
+    gpu.add_compiled_peer(quantize, (torch.randn(512),), fns, row)
+    return fns, row
+
+
+def test_compiled_peer_runs_when_it_compiles(monkeypatch):
+    torch = pytest.importorskip("torch")
+    fns, row = _compile_peer(monkeypatch, torch, lambda fn, **kwargs: fn)
+    q, absmax = fns["torch.compile"]()
+    assert q.dtype == torch.int8 and q.shape == (2, 256) and absmax.shape == (2, 1)
+    assert int(q.abs().max()) == 127 and not row.notes
+    assert row.remarks[0].startswith("torch.compile: compiled in")
+
+
+def test_compiled_peer_that_fails_is_not_available(monkeypatch):
+    torch = pytest.importorskip("torch")
+
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("Cannot find a working triton installation\nmore")
+        return call
+    fns, row = _compile_peer(monkeypatch, torch, broken)
+    assert "torch.compile" not in fns
+    assert row.notes["torch.compile"] == \
+        "not available (RuntimeError: Cannot find a working triton installation)"
+
+
+def test_compiled_peer_that_compiles_too_long_is_not_available(monkeypatch):
+    torch = pytest.importorskip("torch")
+    import time
+
+    def slow(fn, **kwargs):
+        def call(*args):
+            time.sleep(5)
+            return fn(*args)
+        return call
+    t0 = time.perf_counter()
+    fns, row = _compile_peer(monkeypatch, torch, slow, budget=0.2)
+    assert time.perf_counter() - t0 < 3
+    assert "torch.compile" not in fns
+    assert row.notes["torch.compile"] == "not available (compiling took over 0.2 s)"

@@ -11,22 +11,30 @@ that must move (each operand read once, each output written once) and is given a
 percentage of the ceiling measured in the same run: an in-place ``a += b`` over a large
 array with all threads (fastopt's own multithreaded AVX2 loop).
 
-On the GPU (``--device cuda|all`` when CUDA is usable) the same optimizer cases run on
-device arrays made with PyTorch (or CuPy without a CUDA build of torch), are checked
-against fastopt's CPU kernels (float32 results are meant to be bit-identical) and are
-timed with CUDA events over blocks of calls; the peers are ``torch.optim`` fused /
-foreach and a hand-written CuPy ``ElementwiseKernel`` called once per tensor, and the
-ceiling is a large device-to-device copy (read + write).
+On the GPU (``--device cuda|all`` when CUDA is usable) the same optimizer, int8 and
+Newton cases run on device arrays made with PyTorch (or CuPy without a CUDA build of
+torch), are checked against fastopt's CPU kernels (optimizer steps are meant to be, int8
+results and Newton for n <= 64 must be bit-identical) and are timed with CUDA events over
+blocks of calls. The peers are ``torch.optim`` fused / foreach and a hand-written CuPy
+``ElementwiseKernel`` called once per tensor; blockwise absmax written in torch as a user
+would (eager, and ``torch.compile`` of it where it compiles in time),
+``torch.quantize_per_tensor[_dynamic]``; ``torch.linalg.solve``, torch Cholesky +
+``cholesky_solve`` and ``cupy.linalg.solve``. The ceiling is a large device-to-device
+copy (read + write); each issue's target is marked met or NOT MET under the table.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
+import numbers
 import os
 import platform
+import signal
 import statistics
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -235,6 +243,86 @@ def _add_torch_peers(torch: Any, spec: OptimizerCase, modes: Sequence[str],
         fns[f"torch-{mode}"] = topt.step
 
 
+def _as_tuple(result: Any) -> tuple:
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _quant_call(name: str, x: Any) -> Callable[[], Any]:
+    """fastopt's call in int8 case `name` on float32 array x (host or device), its inputs
+    prepared. It returns what the case checks: (q, absmax), the dequantized array, q, or
+    (scale, zero point, q) for the dynamic case."""
+    if name == "blockwise-256 quantize":
+        return lambda: quant.quantize_blockwise(x)
+    if name == "blockwise-256 dequantize":
+        q, absmax = quant.quantize_blockwise(x)
+        return lambda: quant.dequantize_blockwise(q, absmax)
+    if name.startswith("dynamic"):
+        def dynamic() -> Any:
+            s, z = quant.choose_qparams(x, symmetric=False)
+            return s, z, quant.quantize_per_tensor(x, s, z)
+        return dynamic
+    scale, zp = quant.choose_qparams(x, symmetric=False)
+    return lambda: quant.quantize_per_tensor(x, scale, zp)
+
+
+def _torch_blockwise(torch: Any) -> Tuple[Callable[[Any], Any], Callable[[Any, Any], Any]]:
+    """Blockwise-256 absmax int8 in torch, as a user writes it: quantize(x) -> (q, absmax)
+    and dequantize(q, absmax) of fastopt's layout (q flat, one absmax per block)."""
+    def quantize(x: Any) -> Any:
+        blocks = x.reshape(-1, 256)
+        absmax = blocks.abs().amax(dim=1, keepdim=True)
+        return torch.clamp(torch.round(blocks * 127 / absmax), -127, 127).to(torch.int8), absmax
+
+    def dequantize(q: Any, absmax: Any) -> Any:
+        return q.view(-1, 256).to(torch.float32) * (absmax / 127.0)[:, None]
+    return quantize, dequantize
+
+
+def _torch_per_tensor_peer(torch: Any, name: str, tx: Any) -> Tuple[str, Callable[[], Any]]:
+    """torch's own call for a per-tensor int8 case, on tensor tx: (its name, the call)."""
+    import warnings
+    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+    if name.startswith("dynamic"):
+        return ("torch.quantize_per_tensor_dynamic",
+                lambda: torch.quantize_per_tensor_dynamic(tx, torch.qint8, False))
+    scale, zp = quant.choose_qparams(tx, symmetric=False)
+    return ("torch.quantize_per_tensor",
+            lambda: torch.quantize_per_tensor(tx, scale, zp, torch.qint8))
+
+
+def _newton_row(n: int, systems: int, device: str) -> Row:
+    """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
+    return Row(f"newton n={n} x{systems}", device, 4 * (n * n + 3 * n), systems, 1)
+
+
+def _spd_systems(rng: np.random.Generator, n: int, systems: int
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 (H, g, p) of `systems` well-conditioned SPD systems (H = A A^T / n + I)."""
+    A = rng.standard_normal((systems, n, n), dtype=np.float32)
+    H = A @ np.swapaxes(A, -1, -2) / n + np.eye(n, dtype=np.float32)
+    g = rng.standard_normal((systems, n), dtype=np.float32)
+    p = rng.standard_normal((systems, n), dtype=np.float32)
+    return H, g, p
+
+
+def _solve64(H: np.ndarray, g: np.ndarray) -> np.ndarray:
+    return np.linalg.solve(H.astype(np.float64), g.astype(np.float64)[..., None])[..., 0]
+
+
+def _newton_failure(got: np.ndarray, want: np.ndarray) -> Optional[str]:
+    """Why `got` is not the solution `want` (_solve64) to float32 accuracy, or None."""
+    err = float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
+    if not err < 1e-3:
+        return f"relative error {err:.3g} against numpy.linalg.solve (float64)"
+    return None
+
+
+def _torch_solvers(torch: Any, tH: Any, tg: Any) -> Dict[str, Callable[[], Any]]:
+    """The batched solves of torch, on tensors H (..., n, n) and g (..., n, 1)."""
+    return {"torch.linalg.solve": lambda: torch.linalg.solve(tH, tg),
+            "torch cholesky+solve": lambda: torch.cholesky_solve(tg, torch.linalg.cholesky(tH))}
+
+
 class CpuBench:
     def __init__(self, quick: bool, progress: Callable[[str], None]):
         self.quick = quick
@@ -298,25 +386,17 @@ class CpuBench:
         """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
         if self.quick:
             systems //= 4
-        row = Row(f"newton n={n} x{systems}", "cpu", 4 * (n * n + 3 * n), systems, 1)
-        A = self.rng.standard_normal((systems, n, n), dtype=np.float32)
-        H = A @ np.swapaxes(A, -1, -2) / n + np.eye(n, dtype=np.float32)
-        g = self.rng.standard_normal((systems, n), dtype=np.float32)
-        p = self.rng.standard_normal((systems, n), dtype=np.float32)
-        want = np.linalg.solve(H.astype(np.float64), g.astype(np.float64)[..., None])[..., 0]
-        got = cholesky_solve(H, g)
-        err = float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
-        if not err < 1e-3:
-            row.check = f"FAIL: relative error {err:.3g} against numpy.linalg.solve (float64)"
+        row = _newton_row(n, systems, "cpu")
+        H, g, p = _spd_systems(self.rng, n, systems)
+        failure = _newton_failure(cholesky_solve(H, g), _solve64(H, g))
+        if failure:
+            row.check = f"FAIL: {failure}"
             return row
         fns: Dict[str, Callable[[], None]] = {"fastopt": lambda: newton_(p, g, H, lr=1e-3)}
         fns["numpy.linalg.solve"] = lambda: np.linalg.solve(H, g[..., None])
         if self.torch is not None:
-            torch = self.torch
-            tH, tg = torch.from_numpy(H), torch.from_numpy(g)[..., None]
-            fns["torch.linalg.solve"] = lambda: torch.linalg.solve(tH, tg)
-            fns["torch cholesky+solve"] = lambda: torch.cholesky_solve(
-                tg, torch.linalg.cholesky(tH))
+            fns.update(_torch_solvers(self.torch, self.torch.from_numpy(H),
+                                      self.torch.from_numpy(g)[..., None]))
         else:
             row.notes["torch"] = "not installed"
         row.times_ms = _median_times(fns, self.repeats)
@@ -330,10 +410,11 @@ class CpuBench:
         x = self.rng.standard_normal(n, dtype=np.float32)
         torch = self.torch
         tx = torch.from_numpy(x) if torch is not None else None
-        fns: Dict[str, Callable[[], Any]] = {}
+        fastopt_call = _quant_call(name, x)
+        fns: Dict[str, Callable[[], Any]] = {"fastopt": fastopt_call}
+        got = fastopt_call()
         if name == "blockwise-256 quantize":
-            got, want = quant.quantize_blockwise(x), reference.quantize_blockwise(x)
-            fns["fastopt"] = lambda: quant.quantize_blockwise(x)
+            want = reference.quantize_blockwise(x)
             fns["numpy"] = lambda: reference.quantize_blockwise(x)
             if torch is not None:
                 def torch_eager():
@@ -344,26 +425,18 @@ class CpuBench:
                 fns["torch eager"] = torch_eager
         elif name == "blockwise-256 dequantize":
             q, absmax = quant.quantize_blockwise(x)
-            got = quant.dequantize_blockwise(q, absmax)
             want = reference.dequantize_blockwise(q, absmax)
-            fns["fastopt"] = lambda: quant.dequantize_blockwise(q, absmax)
             fns["numpy"] = lambda: reference.dequantize_blockwise(q, absmax)
             if torch is not None:
-                tq, ta = torch.from_numpy(q).view(-1, 256), torch.from_numpy(absmax)
-                fns["torch eager"] = lambda: tq.to(torch.float32) * (ta / 127.0)[:, None]
+                dequantize = _torch_blockwise(torch)[1]
+                tq, ta = torch.from_numpy(q), torch.from_numpy(absmax)
+                fns["torch eager"] = lambda: dequantize(tq, ta)
         else:
             dynamic = name.startswith("dynamic")
             scale, zp = quant.choose_qparams(x, symmetric=False)
-            if dynamic:
-                def fastopt_fn():
-                    s, z = quant.choose_qparams(x, symmetric=False)
-                    return quant.quantize_per_tensor(x, s, z)
-            else:
-                def fastopt_fn():
-                    return quant.quantize_per_tensor(x, scale, zp)
-            got = fastopt_fn()
             want = reference.quantize_affine(x, scale, zp, -128, 127).astype(np.int8)
-            fns["fastopt"] = fastopt_fn
+            if dynamic:
+                want = (scale, zp, want)
 
             def numpy_fn():
                 lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
@@ -372,19 +445,11 @@ class CpuBench:
                 return reference.quantize_affine(x, s, z, -128, 127).astype(np.int8)
             fns["numpy"] = numpy_fn
             if torch is not None:
-                import warnings
-                warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-                if dynamic:
-                    fns["torch.quantize_per_tensor_dynamic"] = \
-                        lambda: torch.quantize_per_tensor_dynamic(tx, torch.qint8, False)
-                else:
-                    fns["torch.quantize_per_tensor"] = \
-                        lambda: torch.quantize_per_tensor(tx, scale, zp, torch.qint8)
+                peer, fn = _torch_per_tensor_peer(torch, name, tx)
+                fns[peer] = fn
         if torch is None:
             row.notes["torch"] = "not installed"
-        same = all(np.array_equal(a, b) for a, b in zip(
-            got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)))
-        if not same:
+        if not all(np.array_equal(a, b) for a, b in zip(_as_tuple(got), _as_tuple(want))):
             row.check = "FAIL: differs from the float32 reference"
             return row
         row.times_ms = _median_times(fns, self.repeats)
@@ -417,30 +482,55 @@ class CpuBench:
 
 @dataclass
 class Target:
-    """An issue's target for a GPU row: fastopt at least `value`% of the ceiling ("pct") or
-    at most `value` ms per step ("ms"); `torch_figure` is what the issue measured for torch."""
+    """An issue's target for a GPU row: fastopt at least `value`% of the ceiling ("pct"), at
+    most `value` ms per step ("ms"), or at least `value` times as fast as the fastest of
+    `peers` that ran ("speedup"); `torch_figure` is what the issue measured for torch."""
     kind: str
     value: float
     torch_figure: str = ""
+    peers: Tuple[str, ...] = ()
 
     def describe(self) -> str:
+        if self.kind == "speedup":
+            named = (self.peers[0] if len(self.peers) == 1
+                     else f"the fastest of {', '.join(self.peers)}")
+            return f">= {self.value:g}x as fast as {named}"
         return (f">= {self.value:g}% of the ceiling" if self.kind == "pct"
                 else f"<= {self.value:g} ms per step")
+
+    def fastest_peer(self, row: Row) -> Optional[str]:
+        ran = [k for k in self.peers if k in row.times_ms]
+        return min(ran, key=row.times_ms.__getitem__) if ran else None
 
     def achieved(self, row: Row, ceiling_gbs: float) -> str:
         if self.kind == "pct":
             return f"{row.pct_of_ceiling('fastopt', ceiling_gbs):.0f}% of the ceiling"
+        if self.kind == "speedup":
+            peer = self.fastest_peer(row)
+            if peer is None:
+                return "no peer to compare with"
+            return f"{row.times_ms[peer] / row.times_ms['fastopt']:.2f}x as fast as {peer}"
         return f"{row.times_ms['fastopt']:.3f} ms per step"
 
-    def met(self, row: Row, ceiling_gbs: float) -> bool:
+    def met(self, row: Row, ceiling_gbs: float) -> Optional[bool]:
+        """Whether the row meets the target; None if it cannot tell (none of the peers ran)."""
         if self.kind == "pct":
             return row.pct_of_ceiling("fastopt", ceiling_gbs) >= self.value
+        if self.kind == "speedup":
+            peer = self.fastest_peer(row)
+            if peer is None:
+                return None
+            return row.times_ms[peer] / row.times_ms["fastopt"] >= self.value
         return row.times_ms["fastopt"] <= self.value
 
 
-# The issues' GPU targets (stated for the full sizes), by optimizer and layout kind: "one"
-# large tensor (2^28), "gpt2-small" (148 tensors), "many" (1000 x 4096, through the class).
-GPU_TARGETS = {
+# The GPU peers of the Newton cases (also the peers of their targets).
+NEWTON_GPU_PEERS = ("torch.linalg.solve", "torch cholesky+solve", "cupy.linalg.solve")
+
+# The issues' GPU targets (stated for the full sizes). Optimizers by name and layout kind:
+# "one" large tensor (2^28), "gpt2-small" (148 tensors), "many" (1000 x 4096, through the
+# class); int8 by case (2^28 elements); Newton by n (NEWTON_CASES' systems).
+GPU_TARGETS: Dict[Tuple[str, Any], Target] = {
     ("adamw", "one"): Target("pct", 95, "torch fused 88%"),
     ("adamw", "gpt2-small"): Target("pct", 90, "torch fused 60%"),
     ("adamw", "many"): Target("ms", 0.2, "torch fused 4.3 ms"),
@@ -450,6 +540,14 @@ GPU_TARGETS = {
     ("rmsprop", "gpt2-small"): Target("pct", 90),
     ("adagrad", "one"): Target("pct", 90),
     ("adagrad", "gpt2-small"): Target("pct", 90),
+    ("int8", "blockwise-256 quantize"): Target("pct", 92, "torch eager 11%, torch.compile 85%"),
+    ("int8", "blockwise-256 dequantize"): Target("pct", 92),
+    ("int8", "per-tensor quantize"): Target("speedup", 1, "torch.quantize_per_tensor 99%",
+                                            peers=("torch.quantize_per_tensor",)),
+    ("int8", "dynamic per-tensor quantize"): Target("pct", 85),
+    ("newton", 8): Target("speedup", 5, peers=NEWTON_GPU_PEERS),
+    ("newton", 32): Target("speedup", 10, peers=NEWTON_GPU_PEERS),
+    ("newton", 64): Target("speedup", 5, peers=NEWTON_GPU_PEERS),
 }
 
 # What a CuPy user writes: one ElementwiseKernel (float32 scalars), called once per tensor;
@@ -492,6 +590,66 @@ def _cupy_elementwise_step(cupy: Any, spec: OptimizerCase, params: List[Any],
             for p, g, buf in zip(params, grads, *states):
                 kernel(g, *args, p, buf)
     return step
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:160]
+
+
+def _try_peer(fns: Dict[str, Callable[[], Any]], row: Row, name: str,
+              make: Callable[[], Callable[[], Any]]) -> None:
+    """fns[name] = make(), once it has been made and has run once; if either raises, the
+    peer is "not available" (row.notes says why)."""
+    try:
+        fn = make()
+        fn()
+    except Exception as exc:  # a library build or device without it
+        row.notes[name] = f"not available ({_why(exc)})"
+        return
+    fns[name] = fn
+
+
+class _TimeLimit(BaseException):
+    """Raised by SIGALRM into the code under _time_limit (a BaseException, so that library
+    code catching Exception does not swallow it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raises _TimeLimit in the main thread once `seconds` have passed, where SIGALRM exists
+    and nothing else uses it (else no limit). The signal is handled between Python
+    bytecodes, so a long C call is not cut short, only what follows it."""
+    if not hasattr(signal, "setitimer") or \
+            threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGALRM) is None or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _TimeLimit()
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _identical(got: Any, want: Any) -> bool:
+    """Results (an array, number or tuple of them; host or device arrays) equal to `want`'s
+    bit for bit: same dtypes, shapes and values, -0.0 apart from 0.0 (they hold no NaN)."""
+    got, want = _as_tuple(got), _as_tuple(want)
+    if len(got) != len(want):
+        return False
+    for g, w in zip(got, want):
+        a, b = (np.asarray(v if isinstance(v, (np.ndarray, numbers.Number)) else _host_copy(v))
+                for v in (g, w))
+        if a.dtype != b.dtype or a.shape != b.shape or not np.array_equal(a, b):
+            return False
+        if a.dtype.kind == "f" and not np.array_equal(np.signbit(a), np.signbit(b)):
+            return False
+    return True
 
 
 class _HostEvent:
@@ -629,10 +787,11 @@ def _host_copy(a: Any) -> np.ndarray:
 
 
 class GpuBench:
-    """The optimizer cases of CpuBench on device arrays, in the same rows: each case is
-    checked against fastopt's CPU kernels, then fastopt (through the classes, one C++ call
-    per step) and its peers are timed with device events. The ceiling is a device-to-device
-    copy counted as read + write."""
+    """The cases of CpuBench on device arrays, in the same rows: each case is checked
+    against fastopt's CPU kernels, then fastopt (optimizers through the classes, one C++
+    call per step; int8 and Newton through the public functions, which wait for the stream
+    once per call) and its peers are timed with device events. The ceiling is a
+    device-to-device copy counted as read + write."""
 
     # Device arrays of a layout's size the heaviest case (AdamW) holds at once: fastopt's
     # params, grads and 2 states (4); torch fused and foreach, params and 2 states each
@@ -641,6 +800,14 @@ class GpuBench:
     ARRAYS_AT_ONCE = 16
     CHECK_STEPS = 2
     TOLERANCE = 1e-6  # if not bit-identical: max |diff| / (1 + max |value|) per array
+    # int8 cases: float32 arrays of the case's size at once: x, torch eager's temporaries
+    # (x * 127, / absmax, round, clamp: two alive at a time), the outputs; 2 to spare.
+    QUANT_ARRAYS_AT_ONCE = 6
+    # Newton: copies of a case's H (+ g, p) at once: fastopt's (H, and params twice), torch's
+    # LU and Cholesky factors, CuPy's H and its factor, cached blocks; 2 to spare.
+    NEWTON_COPIES = 8
+    NEWTON_LR = 1e-3
+    COMPILE_BUDGET_S = 60.0  # torch.compile of a peer: longer, and it is "not available"
 
     def __init__(self, quick: bool, progress: Callable[[str], None], arrays: DeviceArrays):
         self.quick = quick
@@ -659,6 +826,8 @@ class GpuBench:
         self.repeats, self.rounds = (30, 3) if quick else (100, 5)  # blocks of 10 / 20 calls
         self.sized_down: Dict[str, str] = {}   # layout -> why it is smaller than asked
         self.kinds: Dict[str, str] = {}        # layout -> its kind in GPU_TARGETS
+        self.rng = np.random.default_rng(0)    # host data (Newton systems)
+        self.compile_peers = arrays.on_gpu     # try torch.compile peers (not on a stand-in)
 
     def big_log2(self) -> int:
         return 24 if self.quick else 28
@@ -669,19 +838,26 @@ class GpuBench:
         if self.cupy is not None:
             self.cupy.get_default_memory_pool().free_all_blocks()
 
+    def fit(self, count: int, bytes_each: int, smallest: int,
+            what: Callable[[int], str]) -> Tuple[int, str]:
+        """count halved until count * bytes_each fits in 90% of the free device memory (not
+        below `smallest`), and why it is smaller than asked (or ""); what(count) names a size."""
+        self.release()
+        free = self.arrays.free_bytes()
+        c = count
+        while c > smallest and bytes_each * c > 0.9 * free:
+            c //= 2
+        if c == count:
+            return c, ""
+        return c, (f"sized down from {what(count)}: {free / 2**30:.1f} GiB free, {what(count)} "
+                   f"needs {bytes_each * count / 2**30:.1f} GiB")
+
     def fit_log2(self, log2: int, arrays_at_once: int) -> Tuple[int, str]:
         """The largest k <= log2 such that arrays_at_once float32 arrays of 2^k elements fit
         in 90% of the free device memory, and why it is smaller than log2 (or "")."""
-        self.release()
-        free = self.arrays.free_bytes()
-        k = log2
-        while k > 16 and arrays_at_once * 4 * (1 << k) > 0.9 * free:
-            k -= 1
-        if k == log2:
-            return k, ""
-        need = arrays_at_once * 4 * (1 << log2)
-        return k, (f"sized down from 2^{log2}: {free / 2**30:.1f} GiB free, 2^{log2} needs "
-                   f"{need / 2**30:.1f} GiB")
+        c, why = self.fit(1 << log2, arrays_at_once * 4, 1 << 16,
+                          lambda c: f"2^{c.bit_length() - 1}")
+        return c.bit_length() - 1, why
 
     # -- the ceiling ------------------------------------------------------------------
     def ceiling(self) -> Dict[str, Any]:
@@ -739,10 +915,19 @@ class GpuBench:
         row.times_ms = _median_times(fns, self.repeats, self.rounds, clock=self.clock)
         return row
 
+    def device_torch(self, row: Row) -> Any:
+        """torch, if the device arrays are its tensors; else None, and why in row.notes."""
+        if self.torch is None:
+            row.notes["torch"] = "not installed"
+        elif self.arrays.name != "torch":
+            row.notes["torch"] = f"no CUDA in this build ({self.torch.__version__})"
+        else:
+            return self.torch
+        return None
+
     def add_torch_peers(self, spec: OptimizerCase, host_params, grads, fns, row: Row) -> None:
         """torch.optim on torch tensors of the arrays' device (grads shared with fastopt)."""
-        if spec.cuda_torch_modes and self.torch is not None and self.arrays.name != "torch":
-            row.notes["torch"] = f"no CUDA in this build ({self.torch.__version__})"
+        if not spec.cuda_torch_modes or self.device_torch(row) is None:
             return
         arrays = self.arrays
         _add_torch_peers(self.torch, spec, spec.cuda_torch_modes,
@@ -788,6 +973,126 @@ class GpuBench:
             row.remarks.append(f"fastopt-cupy: {remark}")
         fns["fastopt-cupy"] = lambda: opt.step(grads)
         return None
+
+    # -- int8 cases ---------------------------------------------------------------------
+    def quant_case(self, name: str) -> Row:
+        """CpuBench.quant_case on a device array of 2^big_log2() elements (sized to free
+        memory): fastopt's results must equal its CPU kernels' bit for bit (dequantize: of
+        the whole quantize + dequantize). Peers: torch on the same tensors."""
+        k, why = self.fit_log2(self.big_log2(), self.QUANT_ARRAYS_AT_ONCE)
+        row = Row(f"int8 {name}", "cuda", QUANT_CASES[name], 1 << k, 1)
+        if why:
+            row.remarks.append(why)
+        row.target = GPU_TARGETS.get(("int8", name))
+        x = self.arrays.standard_normal((1 << k,))
+        fastopt_call = _quant_call(name, x)
+        row.bit_identical = _identical(fastopt_call(), _quant_call(name, _host_copy(x))())
+        if not row.bit_identical:
+            row.check = "FAIL: differs from fastopt's CPU kernels"
+            return row
+        fns: Dict[str, Callable[[], Any]] = {"fastopt": fastopt_call}
+        torch = self.device_torch(row)
+        if torch is not None and name.startswith("blockwise"):
+            quantize, dequantize = _torch_blockwise(torch)
+            peer, args = ((quantize, (x,)) if name == "blockwise-256 quantize"
+                          else (dequantize, quant.quantize_blockwise(x)))
+            eager = lambda: peer(*args)  # noqa: E731
+            _try_peer(fns, row, "torch eager", lambda: eager)
+            self.add_compiled_peer(peer, args, fns, row)
+        elif torch is not None:
+            peer_name, call = _torch_per_tensor_peer(torch, name, x)
+            _try_peer(fns, row, peer_name, lambda: call)
+        row.times_ms = _median_times(fns, self.repeats, self.rounds, clock=self.clock)
+        return row
+
+    def add_compiled_peer(self, fn: Callable[..., Any], args: tuple, fns, row: Row) -> None:
+        """fns["torch.compile"]: torch.compile(fn) called on args, if compiling it (its first
+        call) takes at most COMPILE_BUDGET_S and works; else row.notes says why not."""
+        if not self.compile_peers:
+            row.notes["torch.compile"] = "not available (not tried on this device)"
+            return
+        t0 = time.perf_counter()
+        try:
+            with _time_limit(self.COMPILE_BUDGET_S):
+                compiled = self.torch.compile(fn, dynamic=False)
+                compiled(*args)
+                self.arrays.synchronize()
+        except _TimeLimit:
+            row.notes["torch.compile"] = (f"not available (compiling took over "
+                                          f"{self.COMPILE_BUDGET_S:g} s)")
+            return
+        except Exception as exc:  # no Triton, no C compiler, an unsupported op...
+            row.notes["torch.compile"] = f"not available ({_why(exc)})"
+            return
+        row.remarks.append(f"torch.compile: compiled in {time.perf_counter() - t0:.1f} s")
+        fns["torch.compile"] = lambda: compiled(*args)
+
+    # -- Newton cases ---------------------------------------------------------------------
+    def newton_case(self, n: int, systems: int) -> Row:
+        """CpuBench.newton_case on device arrays (systems sized to free memory), checked by
+        newton_check. "fastopt-skip" is fastopt with on_failure="skip", which does not wait
+        for the stream (not a peer)."""
+        if self.quick:
+            systems //= 4
+        systems, why = self.fit(systems, self.NEWTON_COPIES * 4 * (n * n + 3 * n), 64,
+                                lambda c: f"{c} systems")
+        row = _newton_row(n, systems, "cuda")
+        if why:
+            row.remarks.append(why)
+        row.target = GPU_TARGETS.get(("newton", n))
+        H, g, p = _spd_systems(self.rng, n, systems)
+        Hd, gd = self.arrays.from_numpy(H), self.arrays.from_numpy(g)
+        failure, row.bit_identical = self.newton_check(H, g, p, Hd, gd)
+        if failure:
+            row.check = f"FAIL: {failure}"
+            return row
+        pd, pd_skip, lr = self.arrays.from_numpy(p), self.arrays.from_numpy(p), self.NEWTON_LR
+        fns: Dict[str, Callable[[], Any]] = {
+            "fastopt": lambda: newton_(pd, gd, Hd, lr=lr),
+            "fastopt-skip": lambda: newton_(pd_skip, gd, Hd, lr=lr, on_failure="skip")}
+        torch = self.device_torch(row)
+        if torch is not None:
+            for peer, fn in _torch_solvers(torch, Hd, gd[..., None]).items():
+                _try_peer(fns, row, peer, lambda fn=fn: fn)
+        cupy = self.cupy
+        if cupy is None:
+            row.notes["cupy"] = self.cupy_why
+        else:
+            def cupy_solve() -> Callable[[], Any]:
+                cH, cg = cupy.asarray(H), cupy.asarray(g)[..., None]
+                return lambda: cupy.linalg.solve(cH, cg)
+            _try_peer(fns, row, "cupy.linalg.solve", cupy_solve)
+        del H, g, p
+        row.times_ms = _median_times(fns, self.repeats, self.rounds, clock=self.clock)
+        return row
+
+    def newton_check(self, H: np.ndarray, g: np.ndarray, p: np.ndarray, Hd: Any,
+                     gd: Any) -> Tuple[Optional[str], Optional[bool]]:
+        """cholesky_solve and one newton_ step (lr 1; on_failure "raise", then "skip") on
+        the device: within float32 accuracy of numpy.linalg.solve in float64, the two
+        steps alike, and for n <= 64 bit-identical to fastopt's CPU kernels. Returns (why
+        it fails, or None; bit-identical, or None where not required: n > 64)."""
+        d = _host_copy(cholesky_solve(Hd, gd))
+        stepped = []
+        for how in ("raise", "skip"):
+            pd = self.arrays.from_numpy(p)
+            newton_(pd, gd, Hd, on_failure=how)
+            stepped.append(_host_copy(pd))
+        want = _solve64(H, g)
+        failure = (_newton_failure(d, want)
+                   or _newton_failure(p.astype(np.float64) - stepped[0], want))
+        if failure:
+            return failure, None
+        if not _identical(stepped[1], stepped[0]):
+            return 'newton_ with on_failure="skip" differs from "raise"', None
+        if g.shape[-1] > 64:
+            return None, None
+        p_cpu = p.copy()
+        newton_(p_cpu, g, H)
+        if not (_identical(d, cholesky_solve(H, g)) and _identical(stepped[0], p_cpu)):
+            return ("differs from fastopt's CPU kernels (meant to be bit-identical for "
+                    "n <= 64)"), False
+        return None, True
 
     def check(self, spec: OptimizerCase, opt: Any, grads, host_params,
               host_grads) -> Tuple[Optional[str], str]:
@@ -859,11 +1164,20 @@ def _machine(cuda: Dict[str, Any]) -> Dict[str, Any]:
     return facts
 
 
-def _optimizer_cases(bench: Any, names: List[str]) -> List[Tuple[str, Callable[[], Row]]]:
+def _cases(bench: Any, names: List[str],
+           only: Optional[set]) -> List[Tuple[str, Callable[[], Row]]]:
+    """The selected cases of a CpuBench or GpuBench: optimizers `names` on every layout,
+    then int8 and Newton unless `only` leaves them out."""
     layouts = bench.layouts()
-    return [(f"{n} {lay}", lambda s=OPTIMIZERS[n], lay=lay, shapes=shapes:
-             bench.optimizer_case(s, lay, shapes))
-            for n in names for lay, shapes in layouts]
+    cases = [(f"{n} {lay}", lambda s=OPTIMIZERS[n], lay=lay, shapes=shapes:
+              bench.optimizer_case(s, lay, shapes))
+             for n in names for lay, shapes in layouts]
+    if only is None or "quant" in only:
+        cases += [(f"int8 {q}", lambda q=q: bench.quant_case(q)) for q in QUANT_CASES]
+    if only is None or "newton" in only:
+        cases += [(f"newton n={n}", lambda n=n, b=b: bench.newton_case(n, b))
+                  for n, b in NEWTON_CASES]
+    return cases
 
 
 def _run_cases(cases: List[Tuple[str, Callable[[], Row]]], device: str,
@@ -931,7 +1245,8 @@ def _print_gpu_summary(rows: List[Row], ceiling_gbs: float, quick: bool) -> None
     if checked:
         same = sum(bool(r.bit_identical) for r in checked)
         print(f"parity: {same} of {len(checked)} checked cases bit-identical to fastopt's CPU "
-              f"kernels ({GpuBench.CHECK_STEPS} steps, every param and state element)")
+              f"kernels (optimizers: {GpuBench.CHECK_STEPS} steps, every param and state "
+              "element; int8: every output; Newton n <= 64: cholesky_solve and a step)")
     hit = [r for r in rows if r.target is not None and r.check == "ok" and "fastopt" in r.times_ms]
     if not hit:
         return
@@ -941,8 +1256,11 @@ def _print_gpu_summary(rows: List[Row], ceiling_gbs: float, quick: bool) -> None
         t = r.target
         assert t is not None
         issue = f"; the issue measured {t.torch_figure}" if t.torch_figure else ""
+        met = t.met(r, ceiling_gbs)
+        verdict = "not measured (none of its peers ran)" if met is None else (
+            "met" if met else "NOT MET")
         print(f"  {r.case}: fastopt {t.achieved(r, ceiling_gbs)}, target {t.describe()}{issue}: "
-              f"{'met' if t.met(r, ceiling_gbs) else 'NOT MET'}")
+              f"{verdict}")
 
 
 def _row_json(r: Row, ceiling_gbs: float) -> Dict[str, Any]:
@@ -993,14 +1311,15 @@ def _plot(panels: List[Tuple[str, List[Row], float]], path: str) -> None:
     plt.close(fig)
 
 
-def _run_gpu(arrays: DeviceArrays, names: List[str], quick: bool, progress: Callable[[str], None],
-             show: bool, cuda: Dict[str, Any], result: Dict[str, Any]) -> Tuple[List[Row], float]:
+def _run_gpu(arrays: DeviceArrays, names: List[str], only: Optional[set], quick: bool,
+             progress: Callable[[str], None], show: bool, cuda: Dict[str, Any],
+             result: Dict[str, Any]) -> Tuple[List[Row], float]:
     bench = GpuBench(quick, progress, arrays)
     progress("cuda ceiling")
     ceiling = bench.ceiling()
     result["ceiling_cuda"] = ceiling
     gpu = result["gpu"] = _gpu_facts(cuda, bench)
-    rows = _run_cases(_optimizer_cases(bench, names), "cuda", progress, show, prefix="cuda ")
+    rows = _run_cases(_cases(bench, names, only), "cuda", progress, show, prefix="cuda ")
     print(f"GPU: {gpu['device']}, driver {gpu['driver_version']}, runtime "
           f"{gpu['runtime_version']}; arrays: {gpu['arrays']}; torch {gpu['torch']}, "
           f"cupy {gpu['cupy']}")
@@ -1038,8 +1357,6 @@ def run(argv_options: Any) -> int:
     gpu_arrays: Optional[DeviceArrays] = None
     if "cuda" in devices:
         why = cuda_unavailable_reason()
-        if not why and not names:
-            why = "no selected case runs on the GPU (quant and newton are CPU-only)"
         if not why:
             gpu_arrays, why = _device_arrays()
         if why:
@@ -1050,13 +1367,7 @@ def run(argv_options: Any) -> int:
         progress("ceiling")
         ceiling = bench.ceiling()
         result["ceiling_cpu"] = ceiling
-        cases = _optimizer_cases(bench, names)
-        if only is None or "quant" in only:
-            cases += [(f"int8 {q}", lambda q=q: bench.quant_case(q)) for q in QUANT_CASES]
-        if only is None or "newton" in only:
-            cases += [(f"newton n={n}", lambda n=n, b=b: bench.newton_case(n, b))
-                      for n, b in NEWTON_CASES]
-        cpu_rows = _run_cases(cases, "cpu", progress, show)
+        cpu_rows = _run_cases(_cases(bench, names, only), "cpu", progress, show)
         m = result["machine"]
         print(f"CPU: {m['cpu_model']}, {m['num_threads']} threads, path {m['cpu_path']}; "
               f"numpy {m['numpy']}, torch {m['torch']}")
@@ -1071,8 +1382,8 @@ def run(argv_options: Any) -> int:
         if "cpu" in devices:
             print()
         try:
-            gpu_rows, gpu_gbs = _run_gpu(gpu_arrays, names, argv_options.quick, progress, show,
-                                         cuda, result)
+            gpu_rows, gpu_gbs = _run_gpu(gpu_arrays, names, only, argv_options.quick, progress,
+                                         show, cuda, result)
         except Exception as exc:  # the ceiling or the setup: no GPU row can be trusted
             traceback.print_exc()
             why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
