@@ -16,7 +16,10 @@
 # the stages are cut to fit in it, the optional last one first), BENCH_ARGS (extra bench
 # options, e.g. "--quick" or "--only adamw"), FASTOPT_SANITIZE_LIBS ("torch,cupy": the
 # array libraries sanitize_small.py uses), TESTS_CUDA_S (180) and BENCH_S (240): the
-# longest those two stages may take.
+# longest those two stages may take; STAGES (tests,bench,sanitize,rest: the optional
+# stages to run, e.g. STAGES=bench to time only -- the build and info always run) and
+# TESTS_ARGS (tests/: what the CUDA test stage runs, e.g. "tests/test_cuda.py -k sgd" to
+# re-run the failures of a previous call).
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -53,6 +56,8 @@ record() {
   echo "== $1: $2${4:+ ($4)}   [$(elapsed)s elapsed]"
 }
 elapsed() { echo $(( $(date +%s) - START )); }
+# wants STAGE: whether STAGE is among those asked for.
+wants() { case ",${STAGES:-tests,bench,sanitize,rest}," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # limit CAP: seconds a stage may take -- CAP, or what is left of the budget.
 limit() {
   local left=$(( BUDGET - $(elapsed) ))
@@ -188,15 +193,18 @@ done
 PYTEST=(-m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors
         ${IGNORES[@]+"${IGNORES[@]}"})
 t=$(limit "${TESTS_CUDA_S:-180}")
-if ! have_module pytest; then
+if ! wants tests; then
+  record tests-cuda SKIP tests_cuda.log "not in STAGES"
+elif ! have_module pytest; then
   echo "pytest is not installed" > "$OUT/tests_cuda.log"
   record tests-cuda SKIP tests_cuda.log "pytest not installed"
 elif (( t < 30 )); then
   record tests-cuda "NOT RUN" tests_cuda.log "out of time (${t}s left)"
 else
   {
-    echo "# $PY ${PYTEST[*]} -m cuda tests/   (left out, a module missing:${IGNORED:- none})"
-    timeout -k 10 "$t" "$PY" "${PYTEST[@]}" --durations=10 -m cuda tests/
+    echo "# $PY ${PYTEST[*]} -m cuda ${TESTS_ARGS:-tests/}   (left out, a module missing:${IGNORED:- none})"
+    # shellcheck disable=SC2086  # TESTS_ARGS is a list of arguments
+    timeout -k 10 "$t" "$PY" "${PYTEST[@]}" --durations=10 -m cuda ${TESTS_ARGS:-tests/}
   } > "$OUT/tests_cuda.log" 2>&1
   rc=$?
   summary=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/tests_cuda.log" | tail -1)
@@ -209,7 +217,9 @@ fi
 
 # ---- 4. the GPU benchmark ----------------------------------------------------------------
 t=$(limit "${BENCH_S:-240}")
-if (( t < 60 )); then
+if ! wants bench; then
+  record bench SKIP bench_gpu.txt "not in STAGES"
+elif (( t < 60 )); then
   record bench "NOT RUN" bench_gpu.txt "out of time (${t}s left)"
 else
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
@@ -229,7 +239,9 @@ for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer
   [ -z "$SAN" ] && [ -x "$c" ] && SAN=$c
 done
 t=$(limit 60)
-if (( t < 20 )); then
+if ! wants sanitize; then
+  record sanitize-plain SKIP sanitize_plain.log "not in STAGES"
+elif (( t < 20 )); then
   record sanitize-plain "NOT RUN" sanitize_plain.log "out of time (${t}s left)"
 else
   # The same script without a sanitizer: its own checks (parity with the CPU kernels).
@@ -242,6 +254,10 @@ fi
 sanitizer() {
   local tool=$1 log=$2 cap=$3 t rc line errors
   t=$(limit "$cap")
+  if ! wants sanitize; then
+    record "$tool" SKIP "$log" "not in STAGES"
+    return
+  fi
   if [ -z "$SAN" ]; then
     echo "compute-sanitizer not found (PATH, /usr/local/cuda/bin)" > "$OUT/$log"
     record "$tool" FAIL "$log" "compute-sanitizer not found"
@@ -276,7 +292,9 @@ sanitizer racecheck racecheck.log 90
 
 # ---- 6. the rest of the suite, time allowing ---------------------------------------------
 t=$(limit 150)
-if ! have_module pytest; then
+if ! wants rest; then
+  record tests-rest SKIP tests_rest.log "not in STAGES"
+elif ! have_module pytest; then
   record tests-rest SKIP tests_rest.log "pytest not installed"
 elif (( t < 45 )); then
   record tests-rest SKIP tests_rest.log "out of time (${t}s left)"
