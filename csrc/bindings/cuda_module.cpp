@@ -198,10 +198,11 @@ DeviceArray call_arg(py::handle obj, const char* name, intptr_t stream, bool wri
   return a;
 }
 
-// The call's device (all arrays on one), its stream checked against it; outputs may not
-// overlap anything.
-int call_device(std::initializer_list<std::pair<const char*, const DeviceArray*>> args,
-                 size_t num_written, intptr_t stream) {
+using NamedArray = std::pair<const char*, const DeviceArray*>;
+
+// The call's device (all arrays on one), its stream checked against it; the first
+// num_written arrays are outputs and may not overlap anything.
+int call_device(const std::vector<NamedArray>& args, size_t num_written, intptr_t stream) {
   int device = -1;
   std::vector<fastopt::bindings::Span> spans;
   size_t k = 0;
@@ -239,13 +240,18 @@ class Scratch {
   cudaStream_t stream_;
 };
 
+// Sets the first-bad slot (the scratch's first 8 bytes) to "none": ~0.
+void clear_first_bad(const Scratch& scratch, cudaStream_t s) {
+  DeviceGuard::check(cudaMemsetAsync(scratch.at<void>(0), 0xff, 8, s), "cudaMemsetAsync");
+}
+
 // Scratch holding first_bad = ~0 and the per-channel scales and zero points (float32).
 class AffineScratch : public Scratch {
  public:
   AffineScratch(const HostFloats& scales, const HostFloats& zero_points, size_t channels,
                 cudaStream_t s)
       : Scratch(8 + 8 * channels, s), channels_(channels) {
-    DeviceGuard::check(cudaMemsetAsync(at<void>(0), 0xff, 8, s), "cudaMemsetAsync");
+    clear_first_bad(*this, s);
     DeviceGuard::check(cudaMemcpyAsync(this->scales(), scales.data(), 4 * channels,
                                        cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
     DeviceGuard::check(cudaMemcpyAsync(this->zero_points(), zero_points.data(), 4 * channels,
@@ -277,7 +283,7 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
   DeviceGuard guard(call_device({{"q", &aq}, {"absmax", &am}, {"x", &ax}}, 2, stream));
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   Scratch scratch(8, s);
-  DeviceGuard::check(cudaMemsetAsync(scratch.at<void>(0), 0xff, 8, s), "cudaMemsetAsync");
+  clear_first_bad(scratch, s);
   cuda::quantize_blockwise(ax.dtype, reinterpret_cast<const void*>(ax.ptr),
                            reinterpret_cast<int8_t*>(aq.ptr), reinterpret_cast<float*>(am.ptr),
                            ax.size, block, stochastic, seed, scratch.at<unsigned long long>(0), s);
@@ -334,7 +340,7 @@ py::tuple minmax(py::object x, int64_t channels, int64_t inner, intptr_t stream)
   std::fill(keys.begin(), keys.begin() + c, cuda::float_key(inf_bits));
   std::fill(keys.begin() + c, keys.end(), cuda::float_key(minus_inf_bits));
   Scratch scratch(8 + 8 * c, s);
-  DeviceGuard::check(cudaMemsetAsync(scratch.at<void>(0), 0xff, 8, s), "cudaMemsetAsync");
+  clear_first_bad(scratch, s);
   DeviceGuard::check(cudaMemcpyAsync(scratch.at<void>(8), keys.data(), 8 * c,
                                      cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
   cuda::minmax(ax.dtype, reinterpret_cast<const void*>(ax.ptr), ax.size, channels, inner,
@@ -397,21 +403,15 @@ void copy(py::object dst, py::object src, intptr_t stream) {
 void check_arrays(std::vector<std::pair<std::string, py::object>> written,
                   std::vector<std::pair<std::string, py::object>> read, intptr_t stream) {
   std::vector<DeviceArray> arrays;
-  std::vector<fastopt::bindings::Span> spans;
-  int device = -1;
-  auto add = [&](const std::pair<std::string, py::object>& named, bool is_written) {
-    const DeviceArray a = call_arg(named.second, named.first.c_str(), stream, is_written);
-    if (a.device >= 0 && device >= 0 && a.device != device)
-      throw py::value_error(named.first + ": is on CUDA device " + std::to_string(a.device) +
-                            " but the other arrays are on device " + std::to_string(device));
-    if (a.device >= 0) device = a.device;
-    if (a.size > 0)
-      spans.push_back({a.ptr, a.ptr + uintptr_t(a.size) * cuda::element_size(a.dtype),
-                       named.first.c_str(), 0, is_written});
-  };
-  for (const auto& w : written) add(w, true);
-  for (const auto& r : read) add(r, false);
-  fastopt::bindings::check_no_overlap(spans, [](const char* role, size_t) { return std::string(role); });
+  arrays.reserve(written.size() + read.size());
+  for (const auto& [name, obj] : written) arrays.push_back(call_arg(obj, name.c_str(), stream, true));
+  for (const auto& [name, obj] : read) arrays.push_back(call_arg(obj, name.c_str(), stream, false));
+  std::vector<NamedArray> named;
+  for (size_t k = 0; k < arrays.size(); ++k)
+    named.emplace_back(k < written.size() ? written[k].first.c_str()
+                                          : read[k - written.size()].first.c_str(),
+                       &arrays[k]);
+  call_device(named, written.size(), stream);
 }
 
 // (dtype name, shape, device) of a CUDA array, for the checks in Python.

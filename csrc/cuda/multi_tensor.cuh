@@ -140,6 +140,14 @@ inline void check_launch(const char* name) {
                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
+// Blocks for `work_items` at `per_block` each: at least 1, at most 2^20 (kernels using it
+// loop grid-stride beyond that).
+inline unsigned grid_for(int64_t work_items, int64_t per_block) {
+  constexpr int64_t kMaxGrid = int64_t(1) << 20;
+  const int64_t blocks = (work_items + per_block - 1) / per_block;
+  return unsigned(blocks < 1 ? 1 : blocks < kMaxGrid ? blocks : kMaxGrid);
+}
+
 // Launches the kernel once per table on `stream`.
 template <class Op>
 void launch_multi_tensor(const char* name, const LaunchTables& tables, const Op& op,

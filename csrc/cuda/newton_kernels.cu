@@ -18,11 +18,11 @@ FASTOPT_ISA_BEGIN
 namespace {
 
 using cuda::check_launch;
+using cuda::grid_for;
 
 constexpr int kBlockThreadsLarge = 256;
 constexpr int kMaxWarpsPerBlock = 8;
 constexpr int64_t kSharedBudget = 48 * 1024;  // dynamic shared memory without opt-in
-constexpr int64_t kMaxGrid = int64_t(1) << 20;
 
 template <int kGroup>
 __device__ __forceinline__ void group_sync() {
@@ -102,11 +102,6 @@ __global__ void newton_apply_kernel(T* __restrict__ p, const T* __restrict__ d,
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < batch * n;
        e += int64_t(gridDim.x) * blockDim.x)
     if (!use || use[e / n]) p[e] = p[e] - lr * d[e];
-}
-
-unsigned grid_for(int64_t items, int64_t per_block) {
-  const int64_t blocks = (items + per_block - 1) / per_block;
-  return unsigned(blocks < 1 ? 1 : blocks < kMaxGrid ? blocks : kMaxGrid);
 }
 
 int64_t large_grid(int64_t batch) { return batch < 264 ? batch : 264; }  // 2 per H100 SM

@@ -17,16 +17,12 @@ FASTOPT_ISA_BEGIN
 namespace {
 
 using cuda::check_launch;
+using cuda::float_key;
+using cuda::grid_for;
 using cuda::to_math;
 
 constexpr int kThreads = 256;
 constexpr int64_t kWarpBlockMax = 4096;
-constexpr int64_t kMaxGrid = int64_t(1) << 20;  // grid-stride beyond this many thread blocks
-
-unsigned grid_for(int64_t work_items, int64_t per_block) {
-  const int64_t blocks = (work_items + per_block - 1) / per_block;
-  return unsigned(blocks < 1 ? 1 : blocks < kMaxGrid ? blocks : kMaxGrid);
-}
 
 // Max over the kGroup threads of a group (a warp, or all kThreads of the block).
 template <int kGroup>
@@ -129,11 +125,6 @@ dequantize_affine_kernel(const Q* __restrict__ q, float* __restrict__ x, int64_t
   }
 }
 
-__device__ __forceinline__ uint32_t device_float_key(float v) {
-  const uint32_t bits = __float_as_uint(v);
-  return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
-}
-
 // Per-channel min/max of the finite elements. Lanes of a warp read 32 consecutive
 // elements; with one channel every thread keeps its min/max across the grid-stride loop
 // (one atomic pair per warp at the end); otherwise a warp whose 32 elements share a
@@ -171,19 +162,19 @@ minmax_kernel(const In* __restrict__ x, int64_t n, int64_t channels, int64_t inn
     if (__all_sync(0xffffffffu, c == c0)) {
       warp_reduce(mn, mx);
       if (lane == 0 && mn <= mx) {
-        atomicMin(min_keys + c0, device_float_key(mn));
-        atomicMax(max_keys + c0, device_float_key(mx));
+        atomicMin(min_keys + c0, float_key(__float_as_uint(mn)));
+        atomicMax(max_keys + c0, float_key(__float_as_uint(mx)));
       }
     } else if (finite) {
-      atomicMin(min_keys + c, device_float_key(v));
-      atomicMax(max_keys + c, device_float_key(v));
+      atomicMin(min_keys + c, float_key(__float_as_uint(v)));
+      atomicMax(max_keys + c, float_key(__float_as_uint(v)));
     }
   }
   if (channels == 1) {
     warp_reduce(run_min, run_max);
     if (lane == 0 && run_min <= run_max) {
-      atomicMin(min_keys, device_float_key(run_min));
-      atomicMax(max_keys, device_float_key(run_max));
+      atomicMin(min_keys, float_key(__float_as_uint(run_min)));
+      atomicMax(max_keys, float_key(__float_as_uint(run_max)));
     }
   }
   if (bad != LLONG_MAX) atomicMin(first_bad, static_cast<unsigned long long>(bad));

@@ -6,6 +6,7 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
+#include "common/platform.h"
 #include "cuda/launch_table.h"
 
 namespace fastopt {
@@ -33,8 +34,9 @@ void minmax(DType in, const void* x, int64_t n, int64_t channels, int64_t inner,
 
 // Unsigned keys ordered like the floats they encode (-0 below +0), so that integer
 // atomicMin/atomicMax compute float min/max.
-inline uint32_t float_key(uint32_t bits) { return bits & 0x80000000u ? ~bits : bits | 0x80000000u; }
-inline uint32_t key_float_bits(uint32_t key) { return key & 0x80000000u ? key & 0x7fffffffu : ~key; }
+// Used by the minmax kernel and, to seed and decode its results, by the binding.
+FASTOPT_HD uint32_t float_key(uint32_t bits) { return bits & 0x80000000u ? ~bits : bits | 0x80000000u; }
+FASTOPT_HD uint32_t key_float_bits(uint32_t key) { return key & 0x80000000u ? key & 0x7fffffffu : ~key; }
 
 }  // namespace cuda
 }  // namespace fastopt

@@ -319,7 +319,8 @@ def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None
     qdt, qmin, qmax = _qdtype(dtype)
     if not isinstance(symmetric, (bool, np.bool_)):
         raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
-    if _arrays.on_device(x):
+    on_gpu = _arrays.on_device(x)
+    if on_gpu:
         cuda, handle = _cuda_call("x", x, stream)
         _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
     else:
@@ -332,7 +333,7 @@ def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None
     mins = np.full(channels, np.inf, dtype=np.float32)
     maxs = np.full(channels, -np.inf, dtype=np.float32)
     if int(np.prod(shape, dtype=np.int64)):
-        if _arrays.on_device(x):
+        if on_gpu:
             bad, mins, maxs = cuda.minmax(x, channels, inner, handle)
         else:
             bad = _cpu.minmax(a, in_type, channels, inner, mins, maxs)
