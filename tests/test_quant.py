@@ -1016,3 +1016,30 @@ def test_out_receives_results(cpu_path, in_dtype, shape, rng):
                                                               seed=77, out=o), [qb, ab])
         db = fastopt.dequantize_blockwise(qb, ab, block)
         run_with_out(lambda o: fastopt.dequantize_blockwise(qb, ab, block, out=o), [db])
+
+
+# ---- streaming stores ---------------------------------------------------------------------
+
+# Calls whose arrays exceed 32 MiB write their outputs with streaming stores, 16 bytes at a
+# time where the output is 16-byte aligned and plain stores elsewhere: check those sizes
+# with outputs at every alignment (element offsets into a poisoned buffer).
+STREAMING_N = 9_000_011  # 36 MB of float32 in, 9 MB out
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4], ids=lambda k: f"offset{k}")
+def test_streaming_sizes_match_reference(cpu_path, offset, rng):
+    x = fresh(rng, (STREAMING_N,), F32)
+    qb, ab = fastopt.quantize_blockwise(x, 256)
+    want_q, want_a = ref_blockwise(x, 256, "nearest")
+    assert_bits(qb, want_q, "blockwise q")
+    assert_bits(ab, want_a, "blockwise absmax")
+    q = fastopt.quantize_per_tensor(x, 0.0371, -3)
+    assert_bits(q, ref_quantize(x, 0.0371, -3, "int8"), "per-tensor q")
+    for k in (0, 1):
+        buf = poisoned((STREAMING_N + offset,), F32, k)
+        out = buf[offset:]
+        assert fastopt.dequantize_blockwise(qb, ab, 256, out=out) is out
+        assert_bits(out, reference.dequantize_blockwise(qb, ab), f"blockwise dequantize ({k})")
+        assert fastopt.dequantize(q, 0.0371, -3, out=out) is out
+        assert_bits(out, reference.dequantize_affine(q, 0.0371, -3), f"dequantize ({k})")
+        assert_bits(buf[:offset], poisoned((offset,), F32, k), "before out")
