@@ -945,7 +945,11 @@ def test_bad_arguments(thunk, exc, match):
         thunk()
 
 
-@pytest.mark.parametrize("scale", [1e-50, 1e-46, 1e300, 3.5e38])
+# the float64 values that round to float32 0 or inf, at the rounding boundaries too
+TIE_ZERO, TIE_INF = 2.0 ** -150, 2.0 ** 128 - 2.0 ** 103
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e-46, TIE_ZERO, 1e300, 3.5e38, TIE_INF])
 def test_scale_not_representable_in_float32(cpu_path, scale, rng):
     """The arithmetic is float32: a finite positive float64 scale that rounds to 0 or to
     infinity in float32 would divide by 0 (x/0 = +-inf, 0/0 = NaN cast to an integer) or
@@ -957,6 +961,16 @@ def test_scale_not_representable_in_float32(cpu_path, scale, rng):
         fastopt.quantize_per_channel(x, [0.1, scale, 0.1, 0.1], np.zeros(4, np.int64), 0)
     with pytest.raises(ValueError, match="scale"):
         fastopt.dequantize(np.ones((4, 40), np.int8), scale, 0)
+
+
+@pytest.mark.parametrize("scale", [float(np.nextafter(TIE_ZERO, 1)),
+                                   float(np.nextafter(TIE_INF, 0))])
+def test_scale_just_representable_in_float32(scale, rng):
+    """Just inside the float32 range the scale is accepted, and used as its float32."""
+    x = fresh(rng, (4, 40), np.float32)
+    with np.errstate(over="ignore"):  # x / 1e-45 overflows to +-inf, then clamps
+        want = ref_quantize(x, np.float32(scale), 0, "int8")
+    assert_bits(fastopt.quantize_per_tensor(x, scale, 0), want)
 
 
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4)], ids=shape_id)

@@ -278,7 +278,8 @@ def prepare(params: ArrayOrList, **others: Optional[ArrayOrList]) -> Tuple[bool,
 def real(name: str, value: Any, *, lo: float = -math.inf, hi: float = math.inf,
          lo_open: bool = False, hi_open: bool = False) -> float:
     """``value`` as a finite float in the given interval, else a ValueError/TypeError naming it."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if type(value) is not float and type(value) is not int and (  # the ABC check is slow
+            isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v):

@@ -17,6 +17,8 @@ differ by one (torch's own CUDA path divides, like fastopt).
 """
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 import secrets
 from typing import Any, Optional, Tuple, Union
@@ -38,7 +40,7 @@ class _Kind:
     """Remembers whether the caller gave a torch tensor, to hand results back alike."""
 
     def __init__(self, obj: Any):
-        self.torch = type(obj).__module__.startswith("torch")
+        self.torch = not isinstance(obj, np.ndarray) and type(obj).__module__.startswith("torch")
 
     def wrap(self, a: np.ndarray) -> Any:
         if not self.torch:
@@ -62,13 +64,21 @@ def _host(name: str, x: Any) -> Tuple[np.ndarray, _Kind]:
     return host_array(name, x), kind
 
 
+@functools.lru_cache(maxsize=None)
+def _host_in_type(dtype: np.dtype) -> Optional[int]:
+    """The kernels' input type code of a NumPy dtype, None if unsupported (cached per
+    dtype: ``dtype.name`` costs microseconds)."""
+    return _IN_TYPES.get(dtype.name) if dtype.isnative else None
+
+
 def _float_input(name: str, x: Any) -> Tuple[np.ndarray, int, _Kind]:
     a, kind = _host(name, x)
-    if a.dtype.name not in _IN_TYPES or not a.dtype.isnative:
+    in_type = _host_in_type(a.dtype)
+    if in_type is None:
         raise TypeError(f"{name}: dtype {a.dtype} is not supported (float32, float16, bfloat16 "
                         f"in native byte order)")
     _check_layout(name, a)
-    return a, _IN_TYPES[a.dtype.name], kind
+    return a, in_type, kind
 
 
 def _check_layout(name: str, a: np.ndarray) -> None:
@@ -78,11 +88,15 @@ def _check_layout(name: str, a: np.ndarray) -> None:
         raise ValueError(f"{name}: data is not aligned to its dtype")
 
 
+_QDTYPES = {np.dtype(name): (np.dtype(name), *QRANGE[name]) for name in QRANGE}
+
+
 def _qdtype(dtype: Any) -> Tuple[np.dtype, int, int]:
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if name not in QRANGE:
-        raise ValueError(f"dtype: expected 'int8' or 'uint8', got {dtype!r}")
-    return np.dtype(name), *QRANGE[name]
+    """(dtype, qmin, qmax) of "int8"/"uint8" (or those NumPy dtypes)."""
+    try:
+        return _QDTYPES[np.dtype(dtype)]
+    except (TypeError, KeyError):
+        raise ValueError(f"dtype: expected 'int8' or 'uint8', got {dtype!r}") from None
 
 
 def _zero_point(name: str, z: Any, qmin: int, qmax: int) -> int:
@@ -93,11 +107,15 @@ def _zero_point(name: str, z: Any, qmin: int, qmax: int) -> int:
     return int(z)
 
 
+# float64 values in (2^-150, 2^128 - 2^103) and only those round to a positive finite
+# float32 (round to nearest even: 2^-150 is the tie with 0, 2^128 - 2^103 the one with inf).
+_F32_ROUNDS_POSITIVE = 2.0 ** -150
+_F32_ROUNDS_FINITE = 2.0 ** 128 - 2.0 ** 103
+
+
 def _scale(name: str, s: Any) -> float:
     v = real(name, s, lo=0.0, lo_open=True)
-    with np.errstate(over="ignore", under="ignore"):
-        v32 = np.float32(v)
-    if not 0.0 < v32 < np.inf:
+    if not _F32_ROUNDS_POSITIVE < v < _F32_ROUNDS_FINITE:
         raise ValueError(f"{name}: {v} is not representable as a positive finite float32")
     return v
 
@@ -132,8 +150,8 @@ def _channel_params(scales: Any, zero_points: Any, channels: int, qmin: int, qma
 def _layout(shape: Tuple[int, ...], axis: Optional[int]) -> Tuple[int, int]:
     """(channels, inner) of the (outer, channels, inner) view."""
     if axis is None:
-        return 1, max(1, int(np.prod(shape, dtype=np.int64)))
-    return shape[axis], max(1, int(np.prod(shape[axis + 1:], dtype=np.int64)))
+        return 1, max(1, math.prod(shape))
+    return shape[axis], max(1, math.prod(shape[axis + 1:]))
 
 
 def _raise_nonfinite(name: str, shape: Tuple[int, ...], flat: int) -> None:
@@ -202,7 +220,7 @@ def _device_quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: O
         cuda.check_arrays([("out", out)], [("x", x)], handle)
     target = _arrays.device_empty(x, shape, qdt.name, handle)  # out gets only a clean result
     channels, inner = _layout(shape, axis)
-    if int(np.prod(shape, dtype=np.int64)):
+    if math.prod(shape):
         bad = cuda.quantize_affine(x, target, qdt == np.uint8, channels, inner, scales, zps,
                                    handle)
         if bad >= 0:
@@ -269,7 +287,7 @@ def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
     _check_layout("q", a)
     if out_dtype not in ("float32", np.float32):
         raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
-    _, qmin, qmax = _qdtype(a.dtype.name)
+    _, qmin, qmax = _qdtype(a.dtype)
     if axis is None:
         s = np.array([_scale("scale", scale)], dtype=np.float32)
         z = np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32)
@@ -298,7 +316,7 @@ def _device_dequantize(q: Any, scale: Any, zero_point: Any, axis: Optional[int],
         axis = _axis(axis, len(shape))
         s, z = _channel_params(scale, zero_point, shape[axis], qmin, qmax)
     target = _device_output(cuda, handle, "out", out, q, shape, "float32")
-    if int(np.prod(shape, dtype=np.int64)):
+    if math.prod(shape):
         channels, inner = _layout(shape, axis)
         cuda.dequantize_affine(q, qname == "uint8", target, channels, inner, s, z, handle)
     return target
@@ -332,7 +350,7 @@ def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None
     channels, inner = _layout(shape, axis)
     mins = np.full(channels, np.inf, dtype=np.float32)
     maxs = np.full(channels, -np.inf, dtype=np.float32)
-    if int(np.prod(shape, dtype=np.int64)):
+    if math.prod(shape):
         if on_gpu:
             bad, mins, maxs = cuda.minmax(x, channels, inner, handle)
         else:
@@ -345,18 +363,21 @@ def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None
     return scale, zp
 
 
+_EPS32 = np.finfo(np.float32).eps
+
+
 def _qparams_from_minmax(mins: np.ndarray, maxs: np.ndarray, symmetric: bool, qmin: int,
                          qmax: int, qdt: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
+    """Float32 throughout; rint(lo / scale) is an integer within [-256, 0] (scale is at
+    least (hi - lo) / (qmax - qmin)), so the zero point's float32 arithmetic is exact."""
     f32 = np.float32
     lo = np.minimum(mins, f32(0))
     hi = np.maximum(maxs, f32(0))
-    eps = np.finfo(np.float32).eps
     if symmetric:
-        scale = np.maximum(np.maximum(-lo, hi) / f32(127), f32(eps)).astype(np.float32)
-        zp = np.full(mins.shape, 0 if qdt == np.int8 else 128, dtype=np.int32)
-        return scale, zp
-    scale = np.maximum((hi - lo) / f32(qmax - qmin), f32(eps)).astype(np.float32)
-    zp = np.clip(qmin - np.rint(lo / scale).astype(np.int64), qmin, qmax).astype(np.int32)
+        scale = np.maximum(np.maximum(-lo, hi) / f32(127), _EPS32)
+        return scale, np.full(mins.shape, 0 if qdt == np.int8 else 128, dtype=np.int32)
+    scale = np.maximum((hi - lo) / f32(qmax - qmin), _EPS32)
+    zp = np.clip(f32(qmin) - np.rint(lo / scale), qmin, qmax).astype(np.int32)
     return scale, zp
 
 
@@ -418,7 +439,7 @@ def _device_quantize_blockwise(x: Any, block: int, stochastic: bool, seed: int,
                                out: Optional[Tuple[Any, Any]], stream: Any) -> Tuple[Any, Any]:
     cuda, handle = _cuda_call("x", x, stream)
     _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     blocks = -(-n // block)
     if out is not None:
         _device_output(cuda, handle, "out[0]", out[0], x, shape, "int8")
@@ -442,7 +463,7 @@ def _device_dequantize_blockwise(q: Any, absmax: Any, block: int, out_dtype: str
     cuda, handle = _cuda_call("q", q, stream)
     _, shape = _device_input(cuda, "q", q, ("int8",))
     _, am_shape = _device_input(cuda, "absmax", absmax, ("float32",))
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     blocks = -(-n // block)
     if am_shape != (blocks,):
         raise ValueError(f"absmax: expected shape ({blocks},) for {n} elements in blocks "
