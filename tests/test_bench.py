@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _build, bench
+from fastopt import _build
+from fastopt.bench import common as bench_common
+from fastopt.bench import gpu as bench_gpu
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -97,7 +99,7 @@ def test_bench_gpu_rows_pass_their_checks(tmp_path, only, kinds):
     if "adamw" in kinds:
         assert any(c["case"].endswith("1000x4096") for c in rows)
     else:
-        assert len(rows) == len(bench.QUANT_CASES) + len(bench.NEWTON_CASES)
+        assert len(rows) == len(bench_common.QUANT_CASES) + len(bench_common.NEWTON_CASES)
     for case in rows:
         assert case["check"] == "ok", case
         assert "bit_identical_to_cpu" in case
@@ -113,10 +115,10 @@ def test_bench_gpu_rows_pass_their_checks(tmp_path, only, kinds):
 def stand_in_gpu(monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(_build, "cuda_unavailable_reason", lambda: "")
-    monkeypatch.setattr(bench, "_device_arrays", lambda: (bench.TorchArrays(torch, "cpu"), ""))
-    monkeypatch.setattr(bench.GpuBench, "big_log2", lambda self: 12)
-    layouts = bench.GpuBench.layouts
-    monkeypatch.setattr(bench.GpuBench, "layouts",
+    monkeypatch.setattr(fastopt.bench, "_device_arrays", lambda: (bench_gpu.TorchArrays(torch, "cpu"), ""))
+    monkeypatch.setattr(bench_gpu.GpuBench, "big_log2", lambda self: 12)
+    layouts = bench_gpu.GpuBench.layouts
+    monkeypatch.setattr(bench_gpu.GpuBench, "layouts",
                         lambda self: [(lay, shapes[:20]) for lay, shapes in layouts(self)])
     return torch
 
@@ -125,7 +127,7 @@ def _run_in_process(tmp_path, only="adamw", plot=False):
     out = tmp_path / "bench.json"
     args = argparse.Namespace(only=only, device="cuda", quick=True, json=str(out),
                               plot=str(tmp_path / "bench.png") if plot else None, progress=False)
-    rc = bench.run(args)
+    rc = fastopt.bench.run(args)
     return rc, json.loads(out.read_text())
 
 
@@ -148,7 +150,7 @@ def test_gpu_half_on_a_stand_in_device(tmp_path, stand_in_gpu, capsys):
         assert r["target"]["target"] and isinstance(r["target"]["met"], bool)
         assert r["case"] in stdout
     assert "parity: 2 of 2" in stdout and "targets" in stdout
-    if bench._import_cupy() is None:
+    if bench_common._import_cupy() is None:
         assert rows[0]["notes"]["cupy"] == "not installed"
     pytest.importorskip("matplotlib")
     assert (tmp_path / "bench.png").stat().st_size > 0
@@ -159,18 +161,18 @@ SMALL_NEWTON = [(8, 512), (32, 256), (80, 64)]
 
 
 def test_gpu_quant_and_newton_on_a_stand_in_device(tmp_path, stand_in_gpu, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "NEWTON_CASES", SMALL_NEWTON)
+    monkeypatch.setattr(bench_common, "NEWTON_CASES", SMALL_NEWTON)
     rc, report = _run_in_process(tmp_path, only="quant,newton", plot=True)
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
     rows = {r["case"]: r for r in report["cases"]}
-    assert list(rows) == [f"int8 {q}" for q in bench.QUANT_CASES] + [
+    assert list(rows) == [f"int8 {q}" for q in bench_common.QUANT_CASES] + [
         "newton n=8 x128", "newton n=32 x64", "newton n=80 x16"]  # --quick: a quarter
     for name, r in rows.items():
         assert r["device"] == "cuda" and r["check"] == "ok", r
         assert r["times_ms"]["fastopt"] > 0 and r["speedup_vs_best_peer"] > 0
         assert name in stdout
-    for q, b in bench.QUANT_CASES.items():
+    for q, b in bench_common.QUANT_CASES.items():
         r = rows[f"int8 {q}"]
         assert r["bit_identical_to_cpu"] is True and r["bytes_per_element"] == b
         assert r["elements"] == 1 << 12
@@ -200,8 +202,8 @@ def test_gpu_quant_and_newton_on_a_stand_in_device(tmp_path, stand_in_gpu, monke
 
 def _skew(monkeypatch, how):
     """Makes every host copy of a (stand-in) device array differ from the array."""
-    copy = bench._host_copy
-    monkeypatch.setattr(bench, "_host_copy",
+    copy = bench_gpu._host_copy
+    monkeypatch.setattr(bench_gpu, "_host_copy",
                         lambda a: copy(a) if isinstance(a, np.ndarray) else how(copy(a)))
 
 
@@ -237,12 +239,12 @@ def test_gpu_case_within_tolerance_says_it_is_not_bit_identical(tmp_path, stand_
 ], ids=["far", "one-ulp"])
 def test_gpu_quant_and_newton_differing_from_the_cpu_kernels_fail_without_a_time(
         tmp_path, stand_in_gpu, monkeypatch, capsys, how, why):
-    monkeypatch.setattr(bench, "NEWTON_CASES", SMALL_NEWTON[:2])
+    monkeypatch.setattr(bench_common, "NEWTON_CASES", SMALL_NEWTON[:2])
     _skew(monkeypatch, how)
     rc, report = _run_in_process(tmp_path, only="quant,newton")
     stdout = capsys.readouterr().out
     assert rc == 1
-    assert len(report["cases"]) == len(bench.QUANT_CASES) + 2
+    assert len(report["cases"]) == len(bench_common.QUANT_CASES) + 2
     for r in report["cases"]:
         assert any(r["check"].startswith(w) for w in why), r
         assert r["times_ms"] == {} and "target" not in r
@@ -254,7 +256,7 @@ def test_gpu_case_that_raises_becomes_an_error_row(tmp_path, stand_in_gpu, monke
     def boom(self, spec, *args):
         if spec.name == "adamw":
             raise RuntimeError("boom")
-    monkeypatch.setattr(bench.GpuBench, "add_cupy_peer", boom)
+    monkeypatch.setattr(bench_gpu.GpuBench, "add_cupy_peer", boom)
     rc, report = _run_in_process(tmp_path, only="adamw,sophia")
     capsys.readouterr()
     assert rc == 1
@@ -265,7 +267,7 @@ def test_gpu_case_that_raises_becomes_an_error_row(tmp_path, stand_in_gpu, monke
 
 def _stand_in_with_free_bytes(torch, free):
     """Stand-in device arrays that say `free` bytes of device memory are free."""
-    class Limited(bench.TorchArrays):
+    class Limited(bench_gpu.TorchArrays):
         def free_bytes(self):
             return free
     return Limited(torch, "cpu")
@@ -273,7 +275,7 @@ def _stand_in_with_free_bytes(torch, free):
 
 def test_gpu_one_tensor_layout_is_sized_to_free_memory():
     torch = pytest.importorskip("torch")
-    gpu = bench.GpuBench(False, lambda msg: None, _stand_in_with_free_bytes(torch, 2 << 30))
+    gpu = bench_gpu.GpuBench(False, lambda msg: None, _stand_in_with_free_bytes(torch, 2 << 30))
     layouts = gpu.layouts()
     # 16 float32 arrays of 2^k elements in 90% of 2 GiB: k = 24
     assert layouts[0] == ("1x2^24 (sized down)", [(1 << 24,)])
@@ -281,7 +283,7 @@ def test_gpu_one_tensor_layout_is_sized_to_free_memory():
     assert gpu.kinds["1x2^24 (sized down)"] == "one"
     assert [lay for lay, _ in layouts] == ["1x2^24 (sized down)", "gpt2-small", "1000x4096"]
     assert len(layouts[1][1]) == 148
-    assert bench.GPU_TARGETS[("adamw", gpu.kinds["1000x4096"])].kind == "ms"
+    assert bench_gpu.GPU_TARGETS[("adamw", gpu.kinds["1000x4096"])].kind == "ms"
 
 
 class FakeCupy:
@@ -312,15 +314,15 @@ class FakeCupy:
                 out[...] = env[name]
 
 
-@pytest.mark.parametrize("name", sorted(bench.CUPY_KERNELS))
+@pytest.mark.parametrize("name", sorted(bench_gpu.CUPY_KERNELS))
 def test_cupy_peer_kernel_computes_the_same_step(name):
-    spec = bench.OPTIMIZERS[name]
+    spec = bench_common.OPTIMIZERS[name]
     rng = np.random.default_rng(1)
     shapes = [(7,), (33, 5)]
     params = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
     grads = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
     peer_params = [p.copy() for p in params]
-    step = bench._cupy_elementwise_step(FakeCupy, spec, peer_params, grads)
+    step = bench_gpu._cupy_elementwise_step(FakeCupy, spec, peer_params, grads)
     opt = spec.fastopt_class(params, **spec.hyper)
     for _ in range(3):
         step()
@@ -331,13 +333,13 @@ def test_cupy_peer_kernel_computes_the_same_step(name):
 
 def test_fastopt_on_cupy_arrays_is_checked_and_timed_apart_from_the_peers():
     torch = pytest.importorskip("torch")
-    gpu = bench.GpuBench(True, lambda msg: None, bench.TorchArrays(torch, "cpu"))
+    gpu = bench_gpu.GpuBench(True, lambda msg: None, bench_gpu.TorchArrays(torch, "cpu"))
     gpu.cupy = FakeCupy
-    spec = bench.OPTIMIZERS["adamw"]
+    spec = bench_common.OPTIMIZERS["adamw"]
     rng = np.random.default_rng(2)
     params = [rng.standard_normal(64, dtype=np.float32) for _ in range(3)]
     grads = [rng.standard_normal(64, dtype=np.float32) for _ in range(3)]
-    fns, row = {"fastopt": lambda: None}, bench.Row("adamw x", "cuda", 28, 192, 3)
+    fns, row = {"fastopt": lambda: None}, bench_common.Row("adamw x", "cuda", 28, 192, 3)
     assert gpu.add_fastopt_on_cupy(spec, params, grads, fns, row) is None
     assert "fastopt-cupy" in fns and not row.remarks
     fns["fastopt-cupy"]()
@@ -358,10 +360,10 @@ def test_gpu_check_script_parses():
 # ---- the GPU int8 and Newton cases' parts -------------------------------------------------
 
 def test_speedup_target_against_the_fastest_of_its_peers():
-    target = bench.GPU_TARGETS[("newton", 32)]
+    target = bench_gpu.GPU_TARGETS[("newton", 32)]
     assert target.kind == "speedup" and target.value == 10
-    assert set(target.peers) == set(bench.NEWTON_GPU_PEERS)
-    row = bench.Row("newton n=32 x16384", "cuda", 4480, 16384, 1)
+    assert set(target.peers) == set(bench_gpu.NEWTON_GPU_PEERS)
+    row = bench_common.Row("newton n=32 x16384", "cuda", 4480, 16384, 1)
     row.times_ms = {"fastopt": 0.1, "fastopt-skip": 0.01, "torch.linalg.solve": 2.0,
                     "torch cholesky+solve": 0.9}
     assert target.met(row, 1.0) is False  # 9x the faster torch; fastopt-skip is no peer
@@ -373,16 +375,16 @@ def test_speedup_target_against_the_fastest_of_its_peers():
 
 
 def test_summary_says_when_a_target_cannot_be_judged(capsys):
-    row = bench.Row("int8 per-tensor quantize", "cuda", 5, 1 << 20, 1, times_ms={"fastopt": 1.0})
-    row.target = bench.GPU_TARGETS[("int8", "per-tensor quantize")]
-    bench._print_gpu_summary([row], 1.0, quick=False)
+    row = bench_common.Row("int8 per-tensor quantize", "cuda", 5, 1 << 20, 1, times_ms={"fastopt": 1.0})
+    row.target = bench_gpu.GPU_TARGETS[("int8", "per-tensor quantize")]
+    bench_gpu._print_gpu_summary([row], 1.0, quick=False)
     assert "not measured (none of its peers ran)" in capsys.readouterr().out
-    assert bench._row_json(row, 1.0)["target"]["met"] is None
+    assert bench_common._row_json(row, 1.0)["target"]["met"] is None
 
 
 def test_gpu_quant_and_newton_are_sized_to_free_memory():
     torch = pytest.importorskip("torch")
-    gpu = bench.GpuBench(True, lambda msg: None, _stand_in_with_free_bytes(torch, 64 << 20))
+    gpu = bench_gpu.GpuBench(True, lambda msg: None, _stand_in_with_free_bytes(torch, 64 << 20))
     # 6 float32 arrays of 2^k elements in 90% of 64 MiB: k = 21 (quick asks for 2^24)
     row = gpu.quant_case("blockwise-256 dequantize")
     assert row.check == "ok" and row.elements == 1 << 21
@@ -394,12 +396,12 @@ def test_gpu_quant_and_newton_are_sized_to_free_memory():
 
 
 def _compile_peer(monkeypatch, torch, compile_fn, budget=5.0):
-    gpu = bench.GpuBench(True, lambda msg: None, bench.TorchArrays(torch, "cpu"))
+    gpu = bench_gpu.GpuBench(True, lambda msg: None, bench_gpu.TorchArrays(torch, "cpu"))
     gpu.compile_peers = True
     monkeypatch.setattr(gpu, "COMPILE_BUDGET_S", budget)
     monkeypatch.setattr(torch, "compile", compile_fn)
-    fns, row = {}, bench.Row("int8 blockwise-256 quantize", "cuda", 5, 512, 1)
-    quantize = bench._torch_blockwise(torch)[0]
+    fns, row = {}, bench_common.Row("int8 blockwise-256 quantize", "cuda", 5, 512, 1)
+    quantize = bench_common._torch_blockwise(torch)[0]
     gpu.add_compiled_peer(quantize, (torch.randn(512),), fns, row)
     return fns, row
 

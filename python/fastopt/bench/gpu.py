@@ -1,484 +1,27 @@
-"""The benchmark behind ``python -m fastopt bench``: fastopt against its peers and the
-machine's ceiling, side by side, in one run.
-
-Every case first checks fastopt's result against the float64 reference (a wrong kernel
-prints FAIL, never a time), then times fastopt and each peer present on the machine:
-the NumPy reference written one operator per pass (``fastopt.reference`` run on float32
-arrays, which is what a NumPy user writes) and ``torch.optim`` fused / foreach. Figures
-are medians over repeats; implementations are timed in alternating blocks so that slow
-drift of a shared machine hits all of them alike. Achieved bandwidth counts the bytes
-that must move (each operand read once, each output written once) and is given as a
-percentage of the ceiling measured in the same run: an in-place ``a += b`` over a large
-array with all threads (fastopt's own multithreaded AVX2 loop).
-
-On the GPU (``--device cuda|all`` when CUDA is usable) the same optimizer, int8 and
-Newton cases run on device arrays made with PyTorch (or CuPy without a CUDA build of
-torch), are checked against fastopt's CPU kernels (optimizer steps are meant to be, int8
-results and Newton for n <= 64 must be bit-identical) and are timed with CUDA events over
-blocks of calls. The peers are ``torch.optim`` fused / foreach and a hand-written CuPy
-``ElementwiseKernel`` called once per tensor; blockwise absmax written in torch as a user
-would (eager, and ``torch.compile`` of it where it compiles in time),
-``torch.quantize_per_tensor[_dynamic]``; ``torch.linalg.solve``, torch Cholesky +
-``cholesky_solve`` and ``cupy.linalg.solve``. The ceiling is a large device-to-device
-copy (read + write); each issue's target is marked met or NOT MET under the table.
-"""
+"""The GPU benchmark: fastopt on device arrays against torch.optim (CUDA), CuPy, torch's
+quantizers and solvers, and a device-to-device copy; each issue's target met or NOT MET."""
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import numbers
 import os
-import platform
 import signal
-import statistics
-import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _arrays, _runtime, optim, quant, reference
-from .newton import cholesky_solve, newton_
-from ._build import _cpu
-
-# GPT-2 small (124M parameters, 148 tensors): wte, wpe, 12 x (ln_1 w,b, c_attn w,b,
-# attn c_proj w,b, ln_2 w,b, c_fc w,b, mlp c_proj w,b), ln_f w,b.
-def gpt2_small_shapes() -> List[Tuple[int, ...]]:
-    shapes: List[Tuple[int, ...]] = [(50257, 768), (1024, 768)]
-    for _ in range(12):
-        shapes += [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,),
-                   (768,), (768,), (768, 3072), (3072,), (3072, 768), (768,)]
-    return shapes + [(768,), (768,)]
-
-
-@dataclass
-class OptimizerCase:
-    """How to run one optimizer in every implementation."""
-    name: str
-    bytes_per_element: int            # float32: params, grads, each state read + written
-    states: List[str]                 # fastopt state names (class attribute order)
-    fastopt_class: Callable[..., Any]
-    reference_step: Callable[..., None]
-    hyper: Dict[str, Any]
-    reference_hyper: Dict[str, Any]
-    torch_name: str
-    torch_hyper: Dict[str, Any]
-    torch_modes: Sequence[str]        # "fused", "foreach" (CPU)
-    takes_step: bool = True
-    cuda_torch_modes: Sequence[str] = ()  # the torch.optim modes torch has on CUDA
-
-
-OPTIMIZERS = {
-    "adamw": OptimizerCase("adamw", 28, ["exp_avgs", "exp_avg_sqs"], optim.AdamW, reference.adam,
-                       dict(lr=1e-3, weight_decay=1e-2),
-                       dict(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True),
-                       "AdamW", dict(lr=1e-3, weight_decay=1e-2), ("fused", "foreach"),
-                       cuda_torch_modes=("fused", "foreach")),
-    "sgd": OptimizerCase("sgd", 20, ["momentum_buffers"], optim.SGD, reference.sgd,
-                     dict(lr=1e-2, momentum=0.9), dict(lr=1e-2, momentum=0.9),
-                     "SGD", dict(lr=1e-2, momentum=0.9), ("fused", "foreach"),
-                     cuda_torch_modes=("fused", "foreach")),
-    # torch's fused Adagrad is CPU only.
-    "adagrad": OptimizerCase("adagrad", 20, ["state_sums"], optim.Adagrad, reference.adagrad,
-                         dict(lr=1e-2), dict(lr=1e-2), "Adagrad", dict(lr=1e-2),
-                         ("fused", "foreach"), cuda_torch_modes=("foreach",)),
-    "rmsprop": OptimizerCase("rmsprop", 20, ["square_avgs"], optim.RMSprop, reference.rmsprop,
-                         dict(lr=1e-2), dict(lr=1e-2), "RMSprop", dict(lr=1e-2), ("foreach",),
-                         takes_step=False, cuda_torch_modes=("foreach",)),
-    # torch has no Sophia: the NumPy reference is its peer. (The Hessian EMA stays zero, so
-    # every step is the clipped sign step; the memory traffic is the same.)
-    "sophia": OptimizerCase("sophia", 24, ["exp_avgs", "hessian_diags"], optim.Sophia,
-                            reference.sophia, dict(lr=1e-3), dict(lr=1e-3), "", {}, (),
-                            takes_step=False),
-}
-
-# int8 quantization cases: name -> bytes per element counted (each operand once).
-QUANT_CASES = {
-    "blockwise-256 quantize": 5,      # read 4 B, write 1 B (+4 B per 256-element block)
-    "blockwise-256 dequantize": 5,    # read 1 B, write 4 B
-    "per-tensor quantize": 5,         # given scale and zero point
-    "dynamic per-tensor quantize": 9,  # min/max pass (4 B) + quantize pass (4 B + 1 B)
-}
-
-# Batched Newton: (n, systems) per case; the quick run uses a quarter of the systems.
-NEWTON_CASES = [(8, 65536), (32, 16384), (64, 4096)]
-
-
-@dataclass
-class Row:
-    case: str
-    device: str
-    bytes_per_element: int
-    elements: int
-    tensors: int
-    check: str = "ok"                               # "ok", "FAIL: ..." or "ERROR: ..."
-    times_ms: Dict[str, float] = field(default_factory=dict)
-    notes: Dict[str, str] = field(default_factory=dict)  # peer -> why it did not run
-    remarks: List[str] = field(default_factory=list)     # about the row itself (sizing, parity)
-    bit_identical: Optional[bool] = None            # GPU rows: equal to the CPU kernels' result
-    target: Optional["Target"] = None               # GPU rows: the issue's target, if any
-
-    def pct_of_ceiling(self, impl: str, ceiling_gbs: float) -> float:
-        gbs = self.bytes_per_element * self.elements / (self.times_ms[impl] * 1e-3) / 1e9
-        return 100.0 * gbs / ceiling_gbs
-
-    def speedup_vs_best_peer(self) -> Optional[float]:
-        peers = [t for k, t in self.times_ms.items() if not k.startswith("fastopt")]
-        if "fastopt" not in self.times_ms or not peers:
-            return None
-        return min(peers) / self.times_ms["fastopt"]
-
-
-# ---- timing ---------------------------------------------------------------------------------
-
-class WallClock:
-    """Host timing, each call on its own: CPU kernels have finished when they return."""
-
-    def warm(self, fn: Callable[[], Any]) -> float:
-        """Seconds of one call (the first: page faults, lazy state, thread pool start)."""
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    def block(self, fn: Callable[[], Any], n: int) -> List[float]:
-        """Seconds of each of n calls."""
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        return samples
-
-
-class EventClock:
-    """Device timing: a block of n asynchronous calls between two events recorded on the
-    arrays' stream, as one sample of (elapsed / n). Host-side launch cost is included
-    wherever the GPU has to wait for it (small tensors), as a user would see it."""
-
-    def __init__(self, arrays: "DeviceArrays"):
-        self.arrays = arrays
-
-    def warm(self, fn: Callable[[], Any]) -> float:
-        fn()  # first call: lazy state, kernel compilation (CuPy), plan building
-        self.arrays.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        self.arrays.synchronize()
-        return time.perf_counter() - t0
-
-    def block(self, fn: Callable[[], Any], n: int) -> List[float]:
-        self.arrays.synchronize()
-        start, end = self.arrays.event(), self.arrays.event()
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        return [self.arrays.elapsed_ms(start, end) * 1e-3 / n]
-
-
-def _median_times(fns: Dict[str, Callable[[], None]], repeats: int, rounds: int = 3,
-                  budget_s: float = 4.0, clock: Any = WallClock()) -> Dict[str, float]:
-    """Median ms per call. Each implementation runs in blocks, alternating between
-    implementations for `rounds` rounds; a short pause between blocks lets the previous
-    library's spinning worker threads go to sleep before the next is timed. A slow
-    implementation gets fewer repeats (at least `rounds`) so that it spends about
-    `budget_s` seconds. `clock` gives one sample per call (WallClock) or one per block
-    (EventClock)."""
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    per_round: Dict[str, int] = {}
-    for name, fn in fns.items():
-        once = clock.warm(fn)
-        per_round[name] = max(1, min(math.ceil(repeats / rounds), int(budget_s / rounds / max(once, 1e-9))))
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            time.sleep(0.02)
-            samples[name] += clock.block(fn, per_round[name])
-    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
-
-
-def _import_torch():
-    try:
-        import torch  # noqa: F401
-        return torch
-    except Exception:  # not installed, or broken install: reported as "not installed"
-        return None
-
-
-def _import_cupy():
-    try:
-        import cupy  # noqa: F401
-        return cupy
-    except Exception:  # not installed, or no usable CUDA for it: "not installed"
-        return None
-
-
-def _add_torch_peers(torch: Any, spec: OptimizerCase, modes: Sequence[str],
-                     make_params: Callable[[], List[Any]], make_grads: Callable[[], List[Any]],
-                     fns, row: Row) -> None:
-    """torch.optim in each mode on its own copy of the params (``make_params()``), stepped
-    with ``p.grad`` set once to ``make_grads()`` (torch tensors, read only)."""
-    if not modes:
-        return
-    if torch is None:
-        row.notes["torch"] = "not installed"
-        return
-    grads = make_grads()
-    for mode in modes:
-        tparams = make_params()
-        for tp, g in zip(tparams, grads):
-            tp.grad = g
-        try:
-            topt = getattr(torch.optim, spec.torch_name)(tparams, **spec.torch_hyper,
-                                                         **{mode: True})
-            topt.step()
-        except Exception as exc:  # a torch build without this mode
-            row.notes[f"torch-{mode}"] = f"unavailable ({type(exc).__name__})"
-            continue
-        fns[f"torch-{mode}"] = topt.step
-
-
-def _as_tuple(result: Any) -> tuple:
-    return result if isinstance(result, tuple) else (result,)
-
-
-def _quant_call(name: str, x: Any) -> Callable[[], Any]:
-    """fastopt's call in int8 case `name` on float32 array x (host or device), its inputs
-    prepared. It returns what the case checks: (q, absmax), the dequantized array, q, or
-    (scale, zero point, q) for the dynamic case."""
-    if name == "blockwise-256 quantize":
-        return lambda: quant.quantize_blockwise(x)
-    if name == "blockwise-256 dequantize":
-        q, absmax = quant.quantize_blockwise(x)
-        return lambda: quant.dequantize_blockwise(q, absmax)
-    if name.startswith("dynamic"):
-        def dynamic() -> Any:
-            s, z = quant.choose_qparams(x, symmetric=False)
-            return s, z, quant.quantize_per_tensor(x, s, z)
-        return dynamic
-    scale, zp = quant.choose_qparams(x, symmetric=False)
-    return lambda: quant.quantize_per_tensor(x, scale, zp)
-
-
-def _torch_blockwise(torch: Any) -> Tuple[Callable[[Any], Any], Callable[[Any, Any], Any]]:
-    """Blockwise-256 absmax int8 in torch, as a user writes it: quantize(x) -> (q, absmax)
-    and dequantize(q, absmax) of fastopt's layout (q flat, one absmax per block)."""
-    def quantize(x: Any) -> Any:
-        blocks = x.reshape(-1, 256)
-        absmax = blocks.abs().amax(dim=1, keepdim=True)
-        return torch.clamp(torch.round(blocks * 127 / absmax), -127, 127).to(torch.int8), absmax
-
-    def dequantize(q: Any, absmax: Any) -> Any:
-        return q.view(-1, 256).to(torch.float32) * (absmax / 127.0)[:, None]
-    return quantize, dequantize
-
-
-def _torch_per_tensor_peer(torch: Any, name: str, tx: Any) -> Tuple[str, Callable[[], Any]]:
-    """torch's own call for a per-tensor int8 case, on tensor tx: (its name, the call)."""
-    import warnings
-    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-    if name.startswith("dynamic"):
-        return ("torch.quantize_per_tensor_dynamic",
-                lambda: torch.quantize_per_tensor_dynamic(tx, torch.qint8, False))
-    scale, zp = quant.choose_qparams(tx, symmetric=False)
-    return ("torch.quantize_per_tensor",
-            lambda: torch.quantize_per_tensor(tx, scale, zp, torch.qint8))
-
-
-def _newton_row(n: int, systems: int, device: str) -> Row:
-    """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
-    return Row(f"newton n={n} x{systems}", device, 4 * (n * n + 3 * n), systems, 1)
-
-
-def _spd_systems(rng: np.random.Generator, n: int, systems: int
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 (H, g, p) of `systems` well-conditioned SPD systems (H = A A^T / n + I)."""
-    A = rng.standard_normal((systems, n, n), dtype=np.float32)
-    H = A @ np.swapaxes(A, -1, -2) / n + np.eye(n, dtype=np.float32)
-    g = rng.standard_normal((systems, n), dtype=np.float32)
-    p = rng.standard_normal((systems, n), dtype=np.float32)
-    return H, g, p
-
-
-def _solve64(H: np.ndarray, g: np.ndarray) -> np.ndarray:
-    return np.linalg.solve(H.astype(np.float64), g.astype(np.float64)[..., None])[..., 0]
-
-
-def _newton_failure(got: np.ndarray, want: np.ndarray) -> Optional[str]:
-    """Why `got` is not the solution `want` (_solve64) to float32 accuracy, or None."""
-    err = float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
-    if not err < 1e-3:
-        return f"relative error {err:.3g} against numpy.linalg.solve (float64)"
-    return None
-
-
-def _torch_solvers(torch: Any, tH: Any, tg: Any) -> Dict[str, Callable[[], Any]]:
-    """The batched solves of torch, on tensors H (..., n, n) and g (..., n, 1)."""
-    return {"torch.linalg.solve": lambda: torch.linalg.solve(tH, tg),
-            "torch cholesky+solve": lambda: torch.cholesky_solve(tg, torch.linalg.cholesky(tH))}
-
-
-class CpuBench:
-    def __init__(self, quick: bool, progress: Callable[[str], None]):
-        self.quick = quick
-        self.progress = progress
-        self.rng = np.random.default_rng(0)
-        self.torch = _import_torch()
-        if self.torch is not None:
-            self.torch.set_num_threads(_runtime.get_num_threads())
-        self.repeats = 7 if quick else 15
-
-    # -- the ceiling ------------------------------------------------------------------
-    def ceiling(self) -> Dict[str, float]:
-        n = 1 << (23 if self.quick else 25)
-        a = self.rng.random(n, dtype=np.float32)
-        b = self.rng.random(n, dtype=np.float32)
-        ms = _median_times({"add": lambda: _cpu.add_inplace(a, b)}, self.repeats * 2)["add"]
-        return {"elements": n, "bytes_per_element": 12, "ms": ms,
-                "gbs": 12 * n / (ms * 1e-3) / 1e9}
-
-    # -- optimizer cases ----------------------------------------------------------------
-    def layouts(self) -> List[Tuple[str, List[Tuple[int, ...]]]]:
-        if self.quick:
-            return [("1x2^22", [(1 << 22,)]), ("200x4096", [(4096,)] * 200)]
-        return [("1x2^24", [(1 << 24,)]), ("1000x4096", [(4096,)] * 1000),
-                ("gpt2-small", gpt2_small_shapes())]
-
-    def optimizer_case(self, spec: OptimizerCase, layout: str, shapes: List[Tuple[int, ...]]) -> Row:
-        elements = sum(int(np.prod(s)) for s in shapes)
-        row = Row(f"{spec.name} {layout}", "cpu", spec.bytes_per_element, elements, len(shapes))
-        params = [self.rng.standard_normal(s, dtype=np.float32) for s in shapes]
-        grads = [self.rng.standard_normal(s, dtype=np.float32) for s in shapes]
-        failure = self.check(spec, params, grads)
-        if failure:
-            row.check = f"FAIL: {failure}"
-            return row
-        fns: Dict[str, Callable[[], None]] = {}
-        opt = spec.fastopt_class([p.copy() for p in params], **spec.hyper)
-        fns["fastopt"] = lambda: opt.step(grads)
-        ref_params = [p.copy() for p in params]
-        ref_states = [[np.zeros_like(p) for p in params] for _ in spec.states]
-
-        def numpy_reference() -> None:
-            for i, (p, g) in enumerate(zip(ref_params, grads)):
-                kwargs = dict(spec.reference_hyper)
-                if spec.takes_step:
-                    kwargs["step"] = 2
-                spec.reference_step(p, g, *[s[i] for s in ref_states], **kwargs)
-
-        fns["numpy"] = numpy_reference
-        self.add_torch_peers(spec, params, grads, fns, row)
-        row.times_ms = _median_times(fns, self.repeats)
-        return row
-
-    def add_torch_peers(self, spec: OptimizerCase, params, grads, fns, row: Row) -> None:
-        torch = self.torch
-        _add_torch_peers(torch, spec, spec.torch_modes,
-                         lambda: [torch.from_numpy(p.copy()) for p in params],
-                         lambda: [torch.from_numpy(g) for g in grads], fns, row)
-
-    def newton_case(self, n: int, systems: int) -> Row:
-        """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
-        if self.quick:
-            systems //= 4
-        row = _newton_row(n, systems, "cpu")
-        H, g, p = _spd_systems(self.rng, n, systems)
-        failure = _newton_failure(cholesky_solve(H, g), _solve64(H, g))
-        if failure:
-            row.check = f"FAIL: {failure}"
-            return row
-        fns: Dict[str, Callable[[], None]] = {"fastopt": lambda: newton_(p, g, H, lr=1e-3)}
-        fns["numpy.linalg.solve"] = lambda: np.linalg.solve(H, g[..., None])
-        if self.torch is not None:
-            fns.update(_torch_solvers(self.torch, self.torch.from_numpy(H),
-                                      self.torch.from_numpy(g)[..., None]))
-        else:
-            row.notes["torch"] = "not installed"
-        row.times_ms = _median_times(fns, self.repeats)
-        return row
-
-    def quant_case(self, name: str) -> Row:
-        """float32 input; fastopt is timed through its public API (output allocation
-        included, as for every peer). Results must equal the reference bit for bit."""
-        n = 1 << (22 if self.quick else 25)
-        row = Row(f"int8 {name}", "cpu", QUANT_CASES[name], n, 1)
-        x = self.rng.standard_normal(n, dtype=np.float32)
-        torch = self.torch
-        tx = torch.from_numpy(x) if torch is not None else None
-        fastopt_call = _quant_call(name, x)
-        fns: Dict[str, Callable[[], Any]] = {"fastopt": fastopt_call}
-        got = fastopt_call()
-        if name == "blockwise-256 quantize":
-            want = reference.quantize_blockwise(x)
-            fns["numpy"] = lambda: reference.quantize_blockwise(x)
-            if torch is not None:
-                def torch_eager():
-                    blocks = tx.view(-1, 256)
-                    absmax = blocks.abs().amax(dim=1)
-                    scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
-                    return torch.round(blocks * scale[:, None]).to(torch.int8), absmax
-                fns["torch eager"] = torch_eager
-        elif name == "blockwise-256 dequantize":
-            q, absmax = quant.quantize_blockwise(x)
-            want = reference.dequantize_blockwise(q, absmax)
-            fns["numpy"] = lambda: reference.dequantize_blockwise(q, absmax)
-            if torch is not None:
-                dequantize = _torch_blockwise(torch)[1]
-                tq, ta = torch.from_numpy(q), torch.from_numpy(absmax)
-                fns["torch eager"] = lambda: dequantize(tq, ta)
-        else:
-            dynamic = name.startswith("dynamic")
-            scale, zp = quant.choose_qparams(x, symmetric=False)
-            want = reference.quantize_affine(x, scale, zp, -128, 127).astype(np.int8)
-            if dynamic:
-                want = (scale, zp, want)
-
-            def numpy_fn():
-                lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-                s = np.float32((hi - lo) / 255.0) if dynamic else scale
-                z = int(-128 - round(lo / s)) if dynamic else zp
-                return reference.quantize_affine(x, s, z, -128, 127).astype(np.int8)
-            fns["numpy"] = numpy_fn
-            if torch is not None:
-                peer, fn = _torch_per_tensor_peer(torch, name, tx)
-                fns[peer] = fn
-        if torch is None:
-            row.notes["torch"] = "not installed"
-        if not all(np.array_equal(a, b) for a, b in zip(_as_tuple(got), _as_tuple(want))):
-            row.check = "FAIL: differs from the float32 reference"
-            return row
-        row.times_ms = _median_times(fns, self.repeats)
-        return row
-
-    def check(self, spec: OptimizerCase, params, grads) -> Optional[str]:
-        """Three steps of fastopt against the float64 reference on the first tensors."""
-        sample = list(range(min(3, len(params))))
-        ps = [params[i].copy() for i in sample]
-        gs = [grads[i] for i in sample]
-        opt = spec.fastopt_class(ps, **spec.hyper)
-        ref = [params[i].astype(np.float64) for i in sample]
-        ref_states = [[np.zeros_like(p) for p in ref] for _ in spec.states]
-        for t in range(1, 4):
-            opt.step(gs)
-            for i, (p, g) in enumerate(zip(ref, gs)):
-                kwargs = dict(spec.reference_hyper)
-                if spec.takes_step:
-                    kwargs["step"] = t
-                spec.reference_step(p, g.astype(np.float64), *[s[i] for s in ref_states],
-                                    **kwargs)
-        for got, want in zip(ps, ref):
-            err = float(np.max(np.abs(got - want), initial=0.0))
-            if not np.all(np.isfinite(got)) or err > 1e-5 * (1 + float(np.max(np.abs(want)))):
-                return f"max abs error {err:.3g} against the float64 reference"
-        return None
-
-
-# ---- the GPU ---------------------------------------------------------------------------------
+from .. import _arrays, quant
+from ..newton import cholesky_solve, newton_
+from .common import (QUANT_CASES, OptimizerCase, Row, _add_torch_peers, _as_tuple, _cases,
+                     _import_cupy, _import_torch, _median_times, _newton_failure, _newton_row,
+                     _print_rows, _quant_call, _run_cases, _solve64, _spd_systems,
+                     _torch_blockwise, _torch_per_tensor_peer, _torch_solvers,
+                     gpt2_small_shapes)
 
 @dataclass
 class Target:
@@ -591,7 +134,6 @@ def _cupy_elementwise_step(cupy: Any, spec: OptimizerCase, params: List[Any],
                 kernel(g, *args, p, buf)
     return step
 
-
 def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:160]
 
@@ -650,6 +192,33 @@ def _identical(got: Any, want: Any) -> bool:
         if a.dtype.kind == "f" and not np.array_equal(np.signbit(a), np.signbit(b)):
             return False
     return True
+
+
+class EventClock:
+    """Device timing: a block of n asynchronous calls between two events recorded on the
+    arrays' stream, as one sample of (elapsed / n). Host-side launch cost is included
+    wherever the GPU has to wait for it (small tensors), as a user would see it."""
+
+    def __init__(self, arrays: "DeviceArrays"):
+        self.arrays = arrays
+
+    def warm(self, fn: Callable[[], Any]) -> float:
+        fn()  # first call: lazy state, kernel compilation (CuPy), plan building
+        self.arrays.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        self.arrays.synchronize()
+        return time.perf_counter() - t0
+
+    def block(self, fn: Callable[[], Any], n: int) -> List[float]:
+        self.arrays.synchronize()
+        start, end = self.arrays.event(), self.arrays.event()
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return [self.arrays.elapsed_ms(start, end) * 1e-3 / n]
 
 
 class _HostEvent:
@@ -1062,7 +631,6 @@ class GpuBench:
                 cH, cg = cupy.asarray(H), cupy.asarray(g)[..., None]
                 return lambda: cupy.linalg.solve(cH, cg)
             _try_peer(fns, row, "cupy.linalg.solve", cupy_solve)
-        del H, g, p
         row.times_ms = _median_times(fns, self.repeats, self.rounds, clock=self.clock)
         return row
 
@@ -1151,94 +719,6 @@ def _gpu_facts(cuda: Dict[str, Any], bench: GpuBench) -> Dict[str, Any]:
             "torch": torch_version,
             "cupy": cupy.__version__ if cupy is not None else "not installed"}
 
-
-# ---- running and reporting ---------------------------------------------------------------
-
-def _machine(cuda: Dict[str, Any]) -> Dict[str, Any]:
-    facts = _runtime.info()
-    torch = _import_torch()
-    facts["torch"] = torch.__version__ if torch is not None else "not installed"
-    facts["platform"] = platform.platform()
-    facts["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    facts["cuda"] = cuda
-    return facts
-
-
-def _cases(bench: Any, names: List[str],
-           only: Optional[set]) -> List[Tuple[str, Callable[[], Row]]]:
-    """The selected cases of a CpuBench or GpuBench: optimizers `names` on every layout,
-    then int8 and Newton unless `only` leaves them out."""
-    layouts = bench.layouts()
-    cases = [(f"{n} {lay}", lambda s=OPTIMIZERS[n], lay=lay, shapes=shapes:
-              bench.optimizer_case(s, lay, shapes))
-             for n in names for lay, shapes in layouts]
-    if only is None or "quant" in only:
-        cases += [(f"int8 {q}", lambda q=q: bench.quant_case(q)) for q in QUANT_CASES]
-    if only is None or "newton" in only:
-        cases += [(f"newton n={n}", lambda n=n, b=b: bench.newton_case(n, b))
-                  for n, b in NEWTON_CASES]
-    return cases
-
-
-def _run_cases(cases: List[Tuple[str, Callable[[], Row]]], device: str,
-               progress: Callable[[str], None], show: bool, prefix: str = "") -> List[Row]:
-    """Runs every case; one that raises becomes an ERROR row (traceback on stderr) so that
-    the others still run."""
-    rows: List[Row] = []
-    for k, (label, case) in enumerate(cases):
-        progress(f"{prefix}{k + 1}/{len(cases)} {label}")
-        try:
-            rows.append(case())
-        except Exception as exc:
-            traceback.print_exc()
-            first = (str(exc).splitlines() or [""])[0][:200]
-            rows.append(Row(label, device, 0, 0, 0, check=f"ERROR: {type(exc).__name__}: {first}"))
-    progress("done")
-    if show:
-        print(file=sys.stderr)
-    return rows
-
-
-def _format_table(rows: List[Row], ceiling_gbs: float) -> str:
-    impls: List[str] = []
-    for r in rows:
-        for k in r.times_ms:
-            if k not in impls:
-                impls.append(k)
-    header = ["case", "B/el", *[f"{k} ms" for k in impls], "fastopt %ceil", "best peer %ceil",
-              "speedup"]
-    lines = [header]
-    for r in rows:
-        if r.check != "ok":
-            lines.append([r.case, str(r.bytes_per_element), r.check])
-            continue
-        peers = {k: t for k, t in r.times_ms.items() if not k.startswith("fastopt")}
-        best = min(peers, key=peers.get) if peers else None
-        sp = r.speedup_vs_best_peer()
-        lines.append([r.case, str(r.bytes_per_element),
-                      *[f"{r.times_ms[k]:.3f}" if k in r.times_ms else "-" for k in impls],
-                      f"{r.pct_of_ceiling('fastopt', ceiling_gbs):.0f}%",
-                      f"{r.pct_of_ceiling(best, ceiling_gbs):.0f}% ({best})" if best else "-",
-                      f"{sp:.2f}x" if sp else "-"])
-    widths = [max(len(l[i]) for l in lines if i < len(l)) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(l)) for l in lines)
-
-
-def _print_rows(rows: List[Row], ceiling_gbs: float) -> None:
-    """The table, then one line per missing peer and one per remark on a row."""
-    print(_format_table(rows, ceiling_gbs))
-    missing: Dict[Tuple[str, str], List[str]] = {}
-    for r in rows:
-        for peer, why in r.notes.items():
-            missing.setdefault((peer, why), []).append(r.case)
-    for (peer, why), cases_hit in missing.items():
-        where = "every case" if len(cases_hit) == len(rows) else ", ".join(cases_hit)
-        print(f"  {peer}: {why} ({where})")
-    for r in rows:
-        for remark in r.remarks:
-            print(f"  {r.case}: {remark}")
-
-
 def _print_gpu_summary(rows: List[Row], ceiling_gbs: float, quick: bool) -> None:
     """Parity with the CPU kernels, and each issue target against what was measured."""
     checked = [r for r in rows if r.bit_identical is not None]
@@ -1262,55 +742,6 @@ def _print_gpu_summary(rows: List[Row], ceiling_gbs: float, quick: bool) -> None
         print(f"  {r.case}: fastopt {t.achieved(r, ceiling_gbs)}, target {t.describe()}{issue}: "
               f"{verdict}")
 
-
-def _row_json(r: Row, ceiling_gbs: float) -> Dict[str, Any]:
-    d: Dict[str, Any] = dict(
-        case=r.case, device=r.device, bytes_per_element=r.bytes_per_element,
-        elements=r.elements, tensors=r.tensors, check=r.check, times_ms=r.times_ms,
-        pct_of_ceiling={k: r.pct_of_ceiling(k, ceiling_gbs) for k in r.times_ms},
-        speedup_vs_best_peer=r.speedup_vs_best_peer(), notes=r.notes)
-    if r.remarks:
-        d["remarks"] = r.remarks
-    if r.bit_identical is not None:
-        d["bit_identical_to_cpu"] = r.bit_identical
-    if r.target is not None and r.check == "ok" and "fastopt" in r.times_ms:
-        d["target"] = {"target": r.target.describe(), "achieved": r.target.achieved(r, ceiling_gbs),
-                       "met": r.target.met(r, ceiling_gbs), "issue_torch": r.target.torch_figure}
-    return d
-
-
-def _plot(panels: List[Tuple[str, List[Row], float]], path: str) -> None:
-    """One bar chart per device: % of that device's ceiling per case and implementation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(title, [r for r in rows if r.check == "ok"], c) for title, rows, c in panels]
-    panels = [p for p in panels if p[1]]
-    if not panels:
-        raise ValueError("no row passed its check")
-    widest = max(len(ok) for _, ok, _ in panels)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * widest), 4 * len(panels)),
-                             squeeze=False)
-    for ax, (title, ok, ceiling_gbs) in zip(axes[:, 0], panels):
-        impls = sorted({k for r in ok for k in r.times_ms}, key=lambda k: (k != "fastopt", k))
-        width = 0.8 / max(1, len(impls))
-        for j, impl in enumerate(impls):
-            xs = [i + j * width for i, r in enumerate(ok) if impl in r.times_ms]
-            ys = [r.pct_of_ceiling(impl, ceiling_gbs) for r in ok if impl in r.times_ms]
-            ax.bar(xs, ys, width, label=impl)
-        ax.axhline(100, color="k", lw=0.8, ls="--")
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ok))])
-        ax.set_xticklabels([r.case for r in ok], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("% of bandwidth ceiling")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _run_gpu(arrays: DeviceArrays, names: List[str], only: Optional[set], quick: bool,
              progress: Callable[[str], None], show: bool, cuda: Dict[str, Any],
              result: Dict[str, Any]) -> Tuple[List[Row], float]:
@@ -1329,82 +760,3 @@ def _run_gpu(arrays: DeviceArrays, names: List[str], only: Optional[set], quick:
     _print_rows(rows, ceiling["gbs"])
     _print_gpu_summary(rows, ceiling["gbs"], quick)
     return rows, ceiling["gbs"]
-
-
-def run(argv_options: Any) -> int:
-    """Entry point of ``python -m fastopt bench`` (options parsed in __main__)."""
-    only = set(argv_options.only.split(",")) if argv_options.only else None
-    known = set(OPTIMIZERS) | {"newton", "quant"}
-    unknown = (only or set()) - known
-    if unknown:
-        print(f"--only: unknown case(s) {sorted(unknown)}; known: {sorted(known)}",
-              file=sys.stderr)
-        return 2
-    show = sys.stderr.isatty() or argv_options.progress
-
-    def progress(msg: str) -> None:
-        if show:
-            print(f"\r\033[K[bench] {msg}", end="", file=sys.stderr, flush=True)
-
-    from ._build import cuda_status, cuda_unavailable_reason
-
-    cuda = cuda_status()
-    devices = ["cpu", "cuda"] if argv_options.device == "all" else [argv_options.device]
-    names = [n for n in OPTIMIZERS if only is None or n in only]
-    rows: List[Row] = []
-    panels: List[Tuple[str, List[Row], float]] = []
-    result: Dict[str, Any] = {"machine": _machine(cuda), "quick": argv_options.quick}
-    gpu_arrays: Optional[DeviceArrays] = None
-    if "cuda" in devices:
-        why = cuda_unavailable_reason()
-        if not why:
-            gpu_arrays, why = _device_arrays()
-        if why:
-            print(f"cuda: skipped ({why})")
-            result["cuda_skipped"] = why
-    if "cpu" in devices:
-        bench = CpuBench(argv_options.quick, progress)
-        progress("ceiling")
-        ceiling = bench.ceiling()
-        result["ceiling_cpu"] = ceiling
-        cpu_rows = _run_cases(_cases(bench, names, only), "cpu", progress, show)
-        m = result["machine"]
-        print(f"CPU: {m['cpu_model']}, {m['num_threads']} threads, path {m['cpu_path']}; "
-              f"numpy {m['numpy']}, torch {m['torch']}")
-        print(f"ceiling (in-place a += b, {ceiling['elements']} float32, all threads): "
-              f"{ceiling['gbs']:.1f} GB/s")
-        _print_rows(cpu_rows, ceiling["gbs"])
-        result["cases"] = [_row_json(r, ceiling["gbs"]) for r in cpu_rows]
-        rows += cpu_rows
-        panels.append((f"CPU: {m['cpu_model']}, {m['num_threads']} threads; ceiling "
-                       f"{ceiling['gbs']:.1f} GB/s (in-place a += b)", cpu_rows, ceiling["gbs"]))
-    if gpu_arrays is not None:
-        if "cpu" in devices:
-            print()
-        try:
-            gpu_rows, gpu_gbs = _run_gpu(gpu_arrays, names, only, argv_options.quick, progress,
-                                         show, cuda, result)
-        except Exception as exc:  # the ceiling or the setup: no GPU row can be trusted
-            traceback.print_exc()
-            why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
-            print(f"cuda: ERROR ({why})")
-            result["cuda_error"] = why
-            rows.append(Row("cuda", "cuda", 0, 0, 0, check=f"ERROR: {why}"))
-        else:
-            result.setdefault("cases", []).extend(_row_json(r, gpu_gbs) for r in gpu_rows)
-            rows += gpu_rows
-            panels.append((f"GPU: {result['gpu']['device']}; ceiling {gpu_gbs:.0f} GB/s "
-                           "(device-to-device copy)", gpu_rows, gpu_gbs))
-    if argv_options.plot and panels:
-        try:
-            _plot(panels, argv_options.plot)
-            print(f"plot: {argv_options.plot}")
-        except ImportError:
-            print("plot: skipped (matplotlib not installed: pip install fastopt[bench])")
-        except ValueError as exc:
-            print(f"plot: skipped ({exc})")
-    if argv_options.json:
-        with open(argv_options.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-        print(f"json: {argv_options.json}")
-    return 1 if any(r.check != "ok" for r in rows) else 0

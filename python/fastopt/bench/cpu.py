@@ -1,0 +1,173 @@
+"""The CPU benchmark: fastopt against the NumPy reference and torch.optim (CPU), and the
+in-place ``a += b`` ceiling."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import _runtime, quant, reference
+from ..newton import cholesky_solve, newton_
+from .._build import _cpu
+from .common import (QUANT_CASES, OptimizerCase, Row, _add_torch_peers, _as_tuple,
+                     _import_torch, _median_times, _newton_failure, _newton_row, _quant_call,
+                     _solve64, _spd_systems, _torch_blockwise, _torch_per_tensor_peer,
+                     _torch_solvers, gpt2_small_shapes)
+
+
+class CpuBench:
+    def __init__(self, quick: bool, progress: Callable[[str], None]):
+        self.quick = quick
+        self.progress = progress
+        self.rng = np.random.default_rng(0)
+        self.torch = _import_torch()
+        if self.torch is not None:
+            self.torch.set_num_threads(_runtime.get_num_threads())
+        self.repeats = 7 if quick else 15
+
+    # -- the ceiling ------------------------------------------------------------------
+    def ceiling(self) -> Dict[str, float]:
+        n = 1 << (23 if self.quick else 25)
+        a = self.rng.random(n, dtype=np.float32)
+        b = self.rng.random(n, dtype=np.float32)
+        ms = _median_times({"add": lambda: _cpu.add_inplace(a, b)}, self.repeats * 2)["add"]
+        return {"elements": n, "bytes_per_element": 12, "ms": ms,
+                "gbs": 12 * n / (ms * 1e-3) / 1e9}
+
+    # -- optimizer cases ----------------------------------------------------------------
+    def layouts(self) -> List[Tuple[str, List[Tuple[int, ...]]]]:
+        if self.quick:
+            return [("1x2^22", [(1 << 22,)]), ("200x4096", [(4096,)] * 200)]
+        return [("1x2^24", [(1 << 24,)]), ("1000x4096", [(4096,)] * 1000),
+                ("gpt2-small", gpt2_small_shapes())]
+
+    def optimizer_case(self, spec: OptimizerCase, layout: str, shapes: List[Tuple[int, ...]]) -> Row:
+        elements = sum(int(np.prod(s)) for s in shapes)
+        row = Row(f"{spec.name} {layout}", "cpu", spec.bytes_per_element, elements, len(shapes))
+        params = [self.rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        grads = [self.rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        failure = self.check(spec, params, grads)
+        if failure:
+            row.check = f"FAIL: {failure}"
+            return row
+        fns: Dict[str, Callable[[], None]] = {}
+        opt = spec.fastopt_class([p.copy() for p in params], **spec.hyper)
+        fns["fastopt"] = lambda: opt.step(grads)
+        ref_params = [p.copy() for p in params]
+        ref_states = [[np.zeros_like(p) for p in params] for _ in spec.states]
+
+        def numpy_reference() -> None:
+            for i, (p, g) in enumerate(zip(ref_params, grads)):
+                kwargs = dict(spec.reference_hyper)
+                if spec.takes_step:
+                    kwargs["step"] = 2
+                spec.reference_step(p, g, *[s[i] for s in ref_states], **kwargs)
+
+        fns["numpy"] = numpy_reference
+        self.add_torch_peers(spec, params, grads, fns, row)
+        row.times_ms = _median_times(fns, self.repeats)
+        return row
+
+    def add_torch_peers(self, spec: OptimizerCase, params, grads, fns, row: Row) -> None:
+        torch = self.torch
+        _add_torch_peers(torch, spec, spec.torch_modes,
+                         lambda: [torch.from_numpy(p.copy()) for p in params],
+                         lambda: [torch.from_numpy(g) for g in grads], fns, row)
+
+    def newton_case(self, n: int, systems: int) -> Row:
+        """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
+        if self.quick:
+            systems //= 4
+        row = _newton_row(n, systems, "cpu")
+        H, g, p = _spd_systems(self.rng, n, systems)
+        failure = _newton_failure(cholesky_solve(H, g), _solve64(H, g))
+        if failure:
+            row.check = f"FAIL: {failure}"
+            return row
+        fns: Dict[str, Callable[[], None]] = {"fastopt": lambda: newton_(p, g, H, lr=1e-3)}
+        fns["numpy.linalg.solve"] = lambda: np.linalg.solve(H, g[..., None])
+        if self.torch is not None:
+            fns.update(_torch_solvers(self.torch, self.torch.from_numpy(H),
+                                      self.torch.from_numpy(g)[..., None]))
+        else:
+            row.notes["torch"] = "not installed"
+        row.times_ms = _median_times(fns, self.repeats)
+        return row
+
+    def quant_case(self, name: str) -> Row:
+        """float32 input; fastopt is timed through its public API (output allocation
+        included, as for every peer). Results must equal the reference bit for bit."""
+        n = 1 << (22 if self.quick else 25)
+        row = Row(f"int8 {name}", "cpu", QUANT_CASES[name], n, 1)
+        x = self.rng.standard_normal(n, dtype=np.float32)
+        torch = self.torch
+        tx = torch.from_numpy(x) if torch is not None else None
+        fastopt_call = _quant_call(name, x)
+        fns: Dict[str, Callable[[], Any]] = {"fastopt": fastopt_call}
+        got = fastopt_call()
+        if name == "blockwise-256 quantize":
+            want = reference.quantize_blockwise(x)
+            fns["numpy"] = lambda: reference.quantize_blockwise(x)
+            if torch is not None:
+                def torch_eager():
+                    blocks = tx.view(-1, 256)
+                    absmax = blocks.abs().amax(dim=1)
+                    scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+                    return torch.round(blocks * scale[:, None]).to(torch.int8), absmax
+                fns["torch eager"] = torch_eager
+        elif name == "blockwise-256 dequantize":
+            q, absmax = quant.quantize_blockwise(x)
+            want = reference.dequantize_blockwise(q, absmax)
+            fns["numpy"] = lambda: reference.dequantize_blockwise(q, absmax)
+            if torch is not None:
+                dequantize = _torch_blockwise(torch)[1]
+                tq, ta = torch.from_numpy(q), torch.from_numpy(absmax)
+                fns["torch eager"] = lambda: dequantize(tq, ta)
+        else:
+            dynamic = name.startswith("dynamic")
+            scale, zp = quant.choose_qparams(x, symmetric=False)
+            want = reference.quantize_affine(x, scale, zp, -128, 127).astype(np.int8)
+            if dynamic:
+                want = (scale, zp, want)
+
+            def numpy_fn():
+                lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+                s = np.float32((hi - lo) / 255.0) if dynamic else scale
+                z = int(-128 - round(lo / s)) if dynamic else zp
+                return reference.quantize_affine(x, s, z, -128, 127).astype(np.int8)
+            fns["numpy"] = numpy_fn
+            if torch is not None:
+                peer, fn = _torch_per_tensor_peer(torch, name, tx)
+                fns[peer] = fn
+        if torch is None:
+            row.notes["torch"] = "not installed"
+        if not all(np.array_equal(a, b) for a, b in zip(_as_tuple(got), _as_tuple(want))):
+            row.check = "FAIL: differs from the float32 reference"
+            return row
+        row.times_ms = _median_times(fns, self.repeats)
+        return row
+
+    def check(self, spec: OptimizerCase, params, grads) -> Optional[str]:
+        """Three steps of fastopt against the float64 reference on the first tensors."""
+        sample = list(range(min(3, len(params))))
+        ps = [params[i].copy() for i in sample]
+        gs = [grads[i] for i in sample]
+        opt = spec.fastopt_class(ps, **spec.hyper)
+        ref = [params[i].astype(np.float64) for i in sample]
+        ref_states = [[np.zeros_like(p) for p in ref] for _ in spec.states]
+        for t in range(1, 4):
+            opt.step(gs)
+            for i, (p, g) in enumerate(zip(ref, gs)):
+                kwargs = dict(spec.reference_hyper)
+                if spec.takes_step:
+                    kwargs["step"] = t
+                spec.reference_step(p, g.astype(np.float64), *[s[i] for s in ref_states],
+                                    **kwargs)
+        for got, want in zip(ps, ref):
+            err = float(np.max(np.abs(got - want), initial=0.0))
+            if not np.all(np.isfinite(got)) or err > 1e-5 * (1 + float(np.max(np.abs(want)))):
+                return f"max abs error {err:.3g} against the float64 reference"
+        return None
+
+
+# ---- the GPU ---------------------------------------------------------------------------------
