@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
