@@ -165,7 +165,8 @@ int64_t quantize_affine_range(const typename Load::storage* x, uint8_t* q, bool 
     __m256i max_bits = _mm256_setzero_si256();
     for (; e + 32 <= end; e += 32) {
       __m256i v[4];
-      prefetch_ahead(x + e);
+      for (size_t line = 0; line < 32 * sizeof(*x); line += 64)  // each 64-byte line
+        prefetch_ahead(reinterpret_cast<const char*>(x + e) + line);
       for (int k = 0; k < 4; ++k) {
         const __m256 xv = Load::eight(x + e + 8 * k);
         max_bits = _mm256_max_epi32(max_bits, _mm256_and_si256(_mm256_castps_si256(xv), magnitude));
