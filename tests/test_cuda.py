@@ -421,6 +421,49 @@ def test_class_matches_cpu_class(lib, opt, opts, mode, rng):
         assert_same_optimizer(lib, gpu, cpu, f"after step {t + 1}")
 
 
+def test_class_state_methods_wait_for_side_stream_steps(lib, rng):
+    # Steps queued on a side stream behind ~0.1 s of spinning, each followed at once by a
+    # method that reads or writes the state with the library's own calls on the current
+    # stream: state_dict() must copy the stepped state, zero_state() and load_state_dict()
+    # must land after the step and before the next one. The optimizer is also built while
+    # the current stream is busy, and stepped on the side stream at once: its zero fill must
+    # be done first. Bit-identical to the CPU class doing the same.
+    opt = OPTIMIZERS["adam"]
+    hyper = opt.hyper(opt.representative[-1])
+    p0 = [normal_nonzero(rng, s).astype(np.float32) for s in SHAPES]
+    grads = [[normal_nonzero(rng, s).astype(np.float32) for s in SHAPES] for _ in range(4)]
+    side = lib.side_stream()
+
+    def step_late(o, g):
+        dg = [lib.to_device(a) for a in g]
+        lib.synchronize()  # the grads are on the device before the side stream reads them
+        with lib.current(side):
+            lib.spin()
+        o.step(dg, stream=side)
+
+    lib.spin()  # the current stream is busy while the state is allocated and zeroed
+    gpu = opt.cls([lib.to_device(p) for p in p0], **hyper)
+    cpu = opt.cls([p.copy() for p in p0], **hyper)
+    step_late(gpu, grads[0])
+    cpu.step(grads[0])
+    saved, cpu_saved = gpu.state_dict(), cpu.state_dict()
+    for name, arrays in cpu.state.items():
+        for i, (a, c) in enumerate(zip(saved["state"][name], arrays)):
+            assert_identical(lib.to_host(a), c, f"state_dict {name}[{i}] after a side-stream step")
+    step_late(gpu, grads[1])
+    cpu.step(grads[1])
+    gpu.zero_state()
+    cpu.zero_state()
+    step_late(gpu, grads[2])
+    cpu.step(grads[2])
+    assert_same_optimizer(lib, gpu, cpu, "after zero_state between side-stream steps")
+    step_late(gpu, grads[3])
+    gpu.load_state_dict(saved)  # after that step: step 1's state replaces its state
+    cpu.step(grads[3])
+    cpu.load_state_dict(cpu_saved)
+    assert_same_optimizer(lib, gpu, cpu, "after load_state_dict following a side-stream step")
+
+
 @pytest.mark.parametrize("opt,opts", cases("representative"))
 def test_class_with_16bit_params_keeps_float32_state(half, opt, opts, rng):
     # 16-bit params: the class allocates float32 state on the device, and its trajectory is

@@ -498,11 +498,15 @@ PYBIND11_MODULE(_cuda, m) {
   }, arg("tensor"), arg("dtypes"),
      "Registers torch.Tensor and its dtypes float32, float64, float16, bfloat16, int8, "
      "uint8, bool (called by fastopt when torch is in use)");
-  m.def("synchronize", [](intptr_t stream) {
+  m.def("synchronize", [](py::object like, intptr_t stream) {
+    // on like's device: a legacy or per-thread default stream handle means that device's
+    const DeviceArray a = fastopt::bindings::describe(like, {"like", 0, false}, stream);
+    DeviceGuard device(a.device);
     py::gil_scoped_release release;
     DeviceGuard::check(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)),
                        "cudaStreamSynchronize");
-  }, arg("stream"), "Waits for the work queued on a stream (the GIL released)");
+  }, arg("like"), arg("stream"),
+     "Waits for the work queued on a stream of CUDA array `like`'s device (the GIL released)");
   m.def("device_status", &device_status,
         "Whether a CUDA device is usable, and if not, why (runtime linked statically).");
 }

@@ -32,6 +32,10 @@ FASTOPT_HD float dequantize_affine(float q, float scale, float zero_point) {
   return (q - zero_point) * scale;
 }
 
+// Quant blocks of `block` elements covering n (the last one may be partial); no overflow
+// for any block >= 1.
+FASTOPT_HD int64_t block_count(int64_t n, int64_t block) { return n / block + (n % block != 0); }
+
 FASTOPT_HD float blockwise_prescale(float absmax) { return absmax < 0x1p-64f ? 0x1p64f : 1.0f; }
 FASTOPT_HD float blockwise_factor(float absmax, float prescale) {
   return absmax > 0.0f ? 127.0f / (absmax * prescale) : 0.0f;

@@ -375,7 +375,7 @@ template <class Load>
 int64_t quantize_blockwise_t(const void* x, int8_t* q, float* absmax, int64_t n, int64_t block,
                              bool stochastic, uint64_t seed, int threads) {
   const auto* in = static_cast<const typename Load::storage*>(x);
-  const int64_t blocks = n / block + (n % block != 0);
+  const int64_t blocks = block_count(n, block);
   const uint32_t key = seed_key(seed);
   const bool streaming = streaming_for(n * int64_t(sizeof(*in) + 1));
   return parallel_chunks(blocks, blocks_per_chunk(block), threads, [&](int64_t blo, int64_t bhi) {
@@ -452,7 +452,7 @@ void quantize_blockwise(InType in, const void* x, int8_t* q, float* absmax, int6
 
 void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
                           int64_t block, int threads) {
-  const int64_t blocks = n / block + (n % block != 0);
+  const int64_t blocks = block_count(n, block);
   const bool streaming = impl::streaming_for(n * int64_t(1 + sizeof(float)));
   impl::parallel_chunks(blocks, impl::blocks_per_chunk(block), threads, [&](int64_t blo, int64_t bhi) {
     impl::dequantize_blockwise_range(q, absmax, x, block, n, blo, bhi, streaming);

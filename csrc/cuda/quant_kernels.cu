@@ -51,7 +51,7 @@ template <int kGroup, class Body>
 __device__ __forceinline__ void for_each_quant_block(int64_t n, int64_t block, Body&& body) {
   constexpr int kGroups = kThreads / kGroup;
   const int lane = threadIdx.x % kGroup;
-  const int64_t blocks = (n + block - 1) / block;
+  const int64_t blocks = block_count(n, block);
   for (int64_t b = int64_t(blockIdx.x) * kGroups + threadIdx.x / kGroup; b < blocks;
        b += int64_t(gridDim.x) * kGroups) {
     const int64_t begin = b * block;
@@ -194,7 +194,7 @@ void launch_quantize_blockwise(const void* x, int8_t* q, float* absmax, int64_t 
                                bool stochastic, uint64_t seed, unsigned long long* first_bad,
                                cudaStream_t s) {
   const In* in = static_cast<const In*>(x);
-  const int64_t blocks = (n + block - 1) / block;
+  const int64_t blocks = block_count(n, block);
   const uint32_t key = seed_key(seed);
   if (block <= kWarpBlockMax)
     quantize_blockwise_kernel<32, In><<<grid_for(blocks, kThreads / 32), kThreads, 0, s>>>(
@@ -243,7 +243,7 @@ void quantize_blockwise(DType in, const void* x, int8_t* q, float* absmax, int64
 
 void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
                           int64_t block, cudaStream_t s) {
-  const int64_t blocks = (n + block - 1) / block;
+  const int64_t blocks = block_count(n, block);
   if (block <= kWarpBlockMax)
     dequantize_blockwise_kernel<32><<<grid_for(blocks, kThreads / 32), kThreads, 0, s>>>(
         q, absmax, x, n, block);

@@ -206,6 +206,26 @@ def device_empty(like: Any, shape: Tuple[int, ...], dtype: str, stream: int) -> 
                     "pass out= for other CUDA arrays")
 
 
+def current_stream(like: Any) -> Any:
+    """The current stream object of PyTorch or CuPy array ``like``'s library and device."""
+    if _is_torch(like):
+        import torch
+
+        return torch.cuda.current_stream(like.device)
+    import cupy
+
+    with like.device:
+        return cupy.cuda.get_current_stream()
+
+
+def wait_for_stream(like: Any, stream: Any = None) -> None:
+    """Blocks the host until the work queued so far on ``stream`` (default: the current
+    stream of ``like``'s library) on CUDA array ``like``'s device has finished."""
+    from . import _build
+
+    _build._cuda.synchronize(like, stream_handle(stream, like))
+
+
 def to_numpy(a: Any) -> np.ndarray:
     """A host copy of a PyTorch or CuPy CUDA array (queued on the library's current stream:
     wait for the stream that wrote ``a`` first)."""

@@ -110,7 +110,7 @@ def _device_solve(cuda: Any, handle: int, hessians: Any, grads: Any, dtype: str,
 
 def _solved_on_host(cuda: Any, handle: int, solved: Any) -> np.ndarray:
     """The solved flags, flattened, on the host (waits for the call's stream)."""
-    cuda.synchronize(handle)
+    cuda.synchronize(solved, handle)
     return _arrays.to_numpy(solved).reshape(-1)
 
 

@@ -55,6 +55,9 @@ class Optimizer:
         self.state: Dict[str, List[Any]] = {
             name: [_arrays.state_like(f"params[{i}]", p) for i, p in enumerate(self.params)]
             for name in state_args if name is not None}
+        # GPU: the streams (by handle) that steps were queued on since the state was last
+        # read or written by the methods below
+        self._step_streams: Dict[int, Any] = {}
         self.zero_state()
 
     # -- hyper-parameters ----------------------------------------------------------------
@@ -108,6 +111,7 @@ class Optimizer:
             kwargs["step"] = t
         type(self)._step_fn(params, grads, *states, **kwargs, stream=stream, _plan=self._plan)
         self._step = t
+        self._queued_on(stream)
 
     def _arg(self, name: Optional[str]) -> Any:
         if name is None:
@@ -116,10 +120,40 @@ class Optimizer:
 
     def zero_state(self) -> None:
         """Reset every state array to its initial value and the step count to 0."""
+        self._await_steps()
         for name, arrays in self.state.items():
             for a in arrays:
                 _arrays.fill(a, self._initial.get(name, 0.0))
+        self._await_state_writes()
         self._step = 0
+
+    # On the GPU, steps run on their stream= while the methods below read or write the state
+    # with the library's own calls, on its current stream: each waits for the steps queued
+    # so far before it touches the state, and for its own writes before the next step,
+    # whichever stream that step is queued on. (Steps themselves never wait.)
+    def _device_state(self) -> Optional[Any]:
+        """One state array if the state lives on the GPU, else None."""
+        if self._plan is None:
+            return None
+        return next((a for arrays in self.state.values() for a in arrays), None)
+
+    def _queued_on(self, stream: Any) -> None:
+        if self._plan is not None:
+            if stream is None:  # the stream object, kept alive until waited for
+                stream = _arrays.current_stream(self.params[0])
+            self._step_streams[_arrays.stream_handle(stream, self.params[0])] = stream
+
+    def _await_steps(self) -> None:
+        like = self._device_state()
+        if like is not None:
+            for stream in self._step_streams.values():
+                _arrays.wait_for_stream(like, stream)
+        self._step_streams.clear()
+
+    def _await_state_writes(self) -> None:
+        like = self._device_state()
+        if like is not None:
+            _arrays.wait_for_stream(like)
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -129,9 +163,14 @@ class Optimizer:
             "step": self._step,
             "lr": self._lr,
             "hyper": copy.deepcopy(self._hyper),
-            "state": {name: [_arrays.clone(a) for a in arrays]
-                      for name, arrays in self.state.items()},
+            "state": self._state_copies(),
         }
+
+    def _state_copies(self) -> Dict[str, List[Any]]:
+        self._await_steps()
+        copies = {name: [_arrays.clone(a) for a in arrays] for name, arrays in self.state.items()}
+        self._await_state_writes()  # the copies are complete when state_dict() returns
+        return copies
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore a ``state_dict()``; arrays are copied into this optimizer's own buffers.
@@ -168,9 +207,11 @@ class Optimizer:
                     raise ValueError(f"state_dict['state'][{name!r}][{i}]: expected shape "
                                      f"{tuple(own.shape)} {_arrays.dtype_name(own)}, got "
                                      f"{tuple(s.shape)} {_arrays.dtype_name(s)}")
+        self._await_steps()
         for name, arrays in self.state.items():
             for own, s in zip(arrays, state[name]):
                 _arrays.copy_into(own, s)
+        self._await_state_writes()
         self._step = int(step)
         self._lr = lr
         self._hyper = hyper
@@ -281,3 +322,4 @@ class Sophia(Optimizer):
         float32 for 16-bit params, like the state)."""
         functional.ema_(self._arg("hessian_diags"), estimate, beta=beta2, stream=stream,
                         _plan=self._ema_plan)
+        self._queued_on(stream)
