@@ -33,3 +33,38 @@ def test_sgd_weight_decay_past_2_pow_31_elements():
     np.testing.assert_array_equal(small, np.float32(2.0) - np.float32(0.5) * np.float32(1.0))
     # every element was written: all of them now hold the same value
     assert int(np.count_nonzero(params != expect)) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _enough_memory(N * 5), reason="needs ~11 GB of free memory")
+def test_int8_quantization_past_2_pow_31_elements():
+    """Blockwise and per-tensor quantization of a float16 array of N elements, then blockwise
+    dequantization (after freeing the input), checked against the reference in windows at
+    the start, across 2**31 and at the end (block-aligned, the last block partial)."""
+    from fastopt import reference
+
+    rng = np.random.default_rng(2031)
+    pattern = (rng.standard_normal(65_537) * 3).astype(np.float16)  # no period of 256
+    x = np.empty(N, np.float16)
+    for lo in range(0, N, 1 << 28):
+        hi = min(N, lo + (1 << 28))
+        x[lo:hi] = np.resize(pattern[lo % pattern.size:], hi - lo)  # np.resize repeats
+    windows = [(0, 64 * 256), (2**31 - 16 * 256, 2**31 + 16 * 256), ((N // 256 - 8) * 256, N)]
+
+    q, absmax = fastopt.quantize_blockwise(x, 256)
+    assert q.shape == (N,) and absmax.shape == (-(-N // 256),)
+    for lo, hi in windows:
+        want_q, want_a = reference.quantize_blockwise(x[lo:hi].astype(np.float32), 256)
+        np.testing.assert_array_equal(q[lo:hi], want_q)
+        np.testing.assert_array_equal(absmax[lo // 256:-(-hi // 256)], want_a)
+
+    qt = fastopt.quantize_per_tensor(x, 0.0371, -3)
+    for lo, hi in windows:
+        want = reference.quantize_affine(x[lo:hi].astype(np.float32), 0.0371, -3, -128, 127)
+        np.testing.assert_array_equal(qt[lo:hi], want.astype(np.int8))
+    del qt, x
+
+    d = fastopt.dequantize_blockwise(q, absmax, 256)
+    for lo, hi in windows:
+        np.testing.assert_array_equal(
+            d[lo:hi], reference.dequantize_blockwise(q[lo:hi], absmax[lo // 256:-(-hi // 256)]))
