@@ -68,3 +68,30 @@ def test_int8_quantization_past_2_pow_31_elements():
     for lo, hi in windows:
         np.testing.assert_array_equal(
             d[lo:hi], reference.dequantize_blockwise(q[lo:hi], absmax[lo // 256:-(-hi // 256)]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _enough_memory(N * 4), reason="needs ~9 GB of free memory")
+def test_newton_past_2_pow_31_hessian_elements():
+    """n = 64 systems whose Hessians hold more than 2**31 float32 elements in all: the
+    systems around element 2**31 and at the end get the same bits as the same systems
+    solved in a small batch (each system's arithmetic is independent of its index)."""
+    n = 64
+    batch = N // (n * n) + 1  # batch * n * n > N > 2**31
+    rng = np.random.default_rng(64)
+    a = rng.standard_normal((37, n, n)).astype(np.float32)
+    tiles = a @ a.transpose(0, 2, 1) / np.float32(n) + np.eye(n, dtype=np.float32)  # SPD
+    H = np.empty((batch, n, n), np.float32)
+    for lo in range(0, batch, 1 << 16):
+        hi = min(batch, lo + (1 << 16))
+        H[lo:hi] = tiles[np.arange(lo, hi) % tiles.shape[0]]
+    g = rng.standard_normal((batch, n)).astype(np.float32)
+    p = rng.standard_normal((batch, n)).astype(np.float32)
+    p0 = p.copy()
+    fastopt.newton_(p, g, H, lr=0.5, damping=0.01)
+    crossing = 2**31 // (n * n)  # the system holding element 2**31
+    for lo, hi in [(0, 8), (crossing - 4, crossing + 4), (batch - 8, batch)]:
+        want = p0[lo:hi].copy()
+        fastopt.newton_(want, g[lo:hi], H[lo:hi].copy(), lr=0.5, damping=0.01)
+        np.testing.assert_array_equal(p[lo:hi], want)
+        assert not np.array_equal(want, p0[lo:hi])
