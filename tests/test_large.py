@@ -1,6 +1,7 @@
 """Sizes past 2**31 elements: 64-bit indexing end to end (binding sizes, thread shares,
-tensor offsets, kernel loops). Needs ~9 GB of RAM: the gradient is an untouched zero
-array, whose pages all map the kernel's shared zero page, so only the params cost memory.
+tensor offsets, kernel loops), for an optimizer, int8 quantization and Newton. Each test
+skips unless it has the memory it needs (9-11 GB); in the SGD test the gradient is an
+untouched zero array, whose pages all map the kernel's shared zero page.
 """
 import numpy as np
 import pytest
