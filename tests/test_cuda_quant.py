@@ -292,6 +292,40 @@ def test_nonfinite_names_the_cpus_index(lib, in_dtype, func, case, rng):
         assert_bits(lib.to_host(o), poisoned(s, d, 0), "out was written despite the error")
 
 
+@pytest.mark.parametrize("finite", [True, False], ids=["finite", "nonfinite"])
+def test_unchecked_matches_cpu(lib, finite, rng):
+    """check_finite=False on the GPU (no stream wait): without out= and straight into out=,
+    the CPU's bits; with NaN/Inf in the input, no error and the CPU's bits for every element
+    (per tensor/channel) or block of 64 (blockwise) without one."""
+    x = fresh(rng, (5, 4099), F32)
+    flat = x.reshape(-1)
+    bad = np.array([0, 63, 64, 4097, 9000, flat.size - 1]) if not finite else np.array([], int)
+    flat[bad] = np.resize([np.nan, np.inf, -np.inf], bad.size)
+    scales, zps = channel_params(rng, "uint8", x.shape[-1])
+    keep = np.ones(flat.size, bool)
+    keep[bad] = False
+    keep_blocks = np.ones(-(-flat.size // 64), bool)
+    keep_blocks[bad // 64] = False
+    in_kept_blocks = np.repeat(keep_blocks, 64)[:flat.size]
+    calls = [  # (call(x, out), the CPU's result, which elements of each output to compare)
+        (lambda a, o: qpt(a, 0.0371, -3, out=o, check_finite=False),
+         [qpt(x, 0.0371, -3, check_finite=False)], [keep]),
+        (lambda a, o: qpc(a, scales, zps, -1, "uint8", out=o, check_finite=False),
+         [qpc(x, scales, zps, -1, "uint8", check_finite=False)], [keep]),
+        (lambda a, o: qbw(a, 64, rounding="stochastic", seed=9, out=o, check_finite=False),
+         list(qbw(x, 64, rounding="stochastic", seed=9, check_finite=False)),
+         [in_kept_blocks, keep_blocks]),
+    ]
+    dx = lib.to_device(x)
+    for call, want, masks in calls:
+        got = call(dx, None)
+        outs = tuple(lib.to_device(poisoned(w.shape, w.dtype, 1)) for w in want)
+        assert call(dx, outs if len(outs) > 1 else outs[0]) is (outs if len(outs) > 1 else outs[0])
+        for results in (got if isinstance(got, tuple) else (got,), outs):
+            for r, w, m in zip(results, want, masks):
+                assert_bits(lib.to_host(r).reshape(-1)[m], w.reshape(-1)[m], "unchecked")
+
+
 def test_stochastic_rounding_matches_cpu_and_is_unbiased(lib, rng):
     """For each of 200 seeds the GPU gives the CPU's bits; over them the mean of the
     dequantized values converges to x: per element within 5 sigma, sigma = scale /

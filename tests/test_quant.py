@@ -374,6 +374,28 @@ def test_torch_in_torch_out(tdtype, rng):
     assert type(s) is float and type(z) is int
 
 
+@TORCH_DEPRECATION
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_torch_cpu_tensors_as_out(check_finite, rng):
+    """out= takes PyTorch CPU tensors too: the very tensors come back, holding the result."""
+    torch = pytest.importorskip("torch")
+    x = fresh(rng, (3, 4097), np.float32)
+    t = torch.from_numpy(x)
+    kw = dict(check_finite=check_finite)
+    q = torch.full(x.shape, 0x5A, dtype=torch.int8)
+    assert fastopt.quantize_per_tensor(t, 0.05, 3, out=q, **kw) is q
+    assert_bits(q.numpy(), fastopt.quantize_per_tensor(x, 0.05, 3))
+    outs = (torch.full(x.shape, 0x5A, dtype=torch.int8), torch.full((193,), np.nan))
+    assert fastopt.quantize_blockwise(t, 64, seed=1, out=outs, **kw) is outs
+    for got, want in zip(outs, fastopt.quantize_blockwise(x, 64, seed=1)):
+        assert_bits(got.numpy(), want)
+    d = torch.full(x.shape, np.nan)
+    assert fastopt.dequantize_blockwise(outs[0], outs[1], 64, out=d) is d
+    assert_bits(d.numpy(), fastopt.dequantize_blockwise(outs[0].numpy(), outs[1].numpy(), 64))
+    assert fastopt.dequantize(q, 0.05, 3, out=d) is d
+    assert_bits(d.numpy(), fastopt.dequantize(q.numpy(), 0.05, 3))
+
+
 # ---- choose_qparams -----------------------------------------------------------------------
 
 def expected_qparams(x: np.ndarray, symmetric: bool, qdtype: str, axis: Optional[int]):
@@ -1057,3 +1079,86 @@ def test_streaming_sizes_match_reference(cpu_path, offset, rng):
         assert fastopt.dequantize(q, 0.0371, -3, out=out) is out
         assert_bits(out, reference.dequantize_affine(q, 0.0371, -3), f"dequantize ({k})")
         assert_bits(buf[:offset], poisoned((offset,), F32, k), "before out")
+
+
+# ---- check_finite=False -------------------------------------------------------------------
+
+def unchecked_calls(x, scales, zps, seed: int = 5):
+    """(name, call(out) -> result, result templates) for each quantizing function with
+    check_finite=False; per channel along the last axis."""
+    n_blocks = -(-x.size // 64)
+    return [
+        ("per_tensor", lambda o: fastopt.quantize_per_tensor(x, 0.0371, -3, out=o,
+                                                             check_finite=False),
+         [(x.shape, np.int8)]),
+        ("per_channel", lambda o: fastopt.quantize_per_channel(x, scales, zps, -1, "uint8",
+                                                               out=o, check_finite=False),
+         [(x.shape, np.uint8)]),
+        ("blockwise", lambda o: fastopt.quantize_blockwise(x, 64, rounding="stochastic",
+                                                           seed=seed, out=o,
+                                                           check_finite=False),
+         [(x.shape, np.int8), ((n_blocks,), np.float32)]),
+    ]
+
+
+@pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
+def test_unchecked_equals_checked_on_finite_input(cpu_path, in_dtype, rng):
+    """check_finite=False gives the checked call's bits, returned or written straight into
+    every element of out=."""
+    x = fresh(rng, (5, 4099), in_dtype)
+    scales, zps = channel_params(rng, "uint8", x.shape[-1])
+    checked = {
+        "per_tensor": [fastopt.quantize_per_tensor(x, 0.0371, -3)],
+        "per_channel": [fastopt.quantize_per_channel(x, scales, zps, -1, "uint8")],
+        "blockwise": list(fastopt.quantize_blockwise(x, 64, rounding="stochastic", seed=5)),
+    }
+    for name, call, _ in unchecked_calls(x, scales, zps):
+        got = call(None)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), checked[name]):
+            assert_bits(g, w, f"{name} without out=")
+        run_with_out(call, checked[name])
+
+
+@pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
+def test_unchecked_nonfinite_input_spares_the_rest(cpu_path, in_dtype, rng):
+    """With NaN/Inf in the input: no error, and every element (per tensor/channel) or block
+    (blockwise, of 64) without one is exact; out= is the result."""
+    x32 = fresh(rng, (5, 4099), F32)
+    flat = x32.reshape(-1)
+    bad = np.array([0, 63, 64, 4097, 9000, flat.size - 1])
+    flat[bad] = [np.nan, np.inf, -np.inf, np.nan, np.inf, np.nan]
+    x = x32.astype(in_dtype)
+    scales, zps = channel_params(rng, "uint8", x.shape[-1])
+    ok = np.ones(flat.size, bool)
+    ok[bad] = False
+    ok_blocks = np.ones(-(-flat.size // 64), bool)
+    ok_blocks[bad // 64] = False
+    in_ok_blocks = np.repeat(ok_blocks, 64)[:flat.size]
+    with np.errstate(invalid="ignore"):
+        want = {
+            "per_tensor": [ref_quantize(x, 0.0371, -3, "int8")],
+            "per_channel": [ref_quantize(x, scales, zps, "uint8", axis=1)],
+            "blockwise": list(ref_blockwise(x, 64, "stochastic", seed=5)),
+        }
+    for name, call, templates in unchecked_calls(x, scales, zps):
+        outs = tuple(poisoned(s, d, 1) for s, d in templates)
+        got = call(outs if len(outs) > 1 else outs[0])
+        assert got is (outs if len(outs) > 1 else outs[0])
+        if name == "blockwise":
+            assert_bits(outs[0].reshape(-1)[in_ok_blocks], want[name][0].reshape(-1)[in_ok_blocks],
+                        f"{name} q of the finite blocks")
+            assert_bits(outs[1][ok_blocks], want[name][1][ok_blocks],
+                        f"{name} absmax of the finite blocks")
+        else:
+            assert_bits(outs[0].reshape(-1)[ok], want[name][0].reshape(-1)[ok],
+                        f"{name} of the finite elements")
+
+
+def test_check_finite_must_be_a_bool(rng):
+    x = fresh(rng, (7,), F32)
+    for call in (lambda: fastopt.quantize_per_tensor(x, 0.1, 0, check_finite=1),
+                 lambda: fastopt.quantize_per_channel(x, [0.1] * 7, [0] * 7, 0,
+                                                      check_finite="no"),
+                 lambda: fastopt.quantize_blockwise(x, check_finite=None)):
+        with pytest.raises(TypeError, match="check_finite"):
+            call()

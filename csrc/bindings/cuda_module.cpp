@@ -277,7 +277,7 @@ int64_t first_bad(const Scratch& scratch, cudaStream_t s) {
 }
 
 int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_t block,
-                           bool stochastic, uint64_t seed, intptr_t stream) {
+                           bool stochastic, uint64_t seed, bool check_finite, intptr_t stream) {
   const DeviceArray ax = call_arg(x, "x", stream, false), aq = call_arg(q, "q", stream, true),
                     am = call_arg(absmax, "absmax", stream, true);
   DeviceGuard guard(call_device({{"q", &aq}, {"absmax", &am}, {"x", &ax}}, 2, stream));
@@ -287,7 +287,7 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
   cuda::quantize_blockwise(ax.dtype, reinterpret_cast<const void*>(ax.ptr),
                            reinterpret_cast<int8_t*>(aq.ptr), reinterpret_cast<float*>(am.ptr),
                            ax.size, block, stochastic, seed, scratch.at<unsigned long long>(0), s);
-  return first_bad(scratch, s);
+  return check_finite ? first_bad(scratch, s) : -1;
 }
 
 void dequantize_blockwise(py::object q, py::object absmax, py::object x, int64_t block,
@@ -302,9 +302,8 @@ void dequantize_blockwise(py::object q, py::object absmax, py::object x, int64_t
 }
 
 int64_t quantize_affine(py::object x, py::object q, bool unsigned_q, int64_t channels,
-                        int64_t inner, HostFloats scales,
-                        HostFloats zero_points,
-                        intptr_t stream) {
+                        int64_t inner, HostFloats scales, HostFloats zero_points,
+                        bool check_finite, intptr_t stream) {
   const DeviceArray ax = call_arg(x, "x", stream, false), aq = call_arg(q, "q", stream, true);
   DeviceGuard guard(call_device({{"q", &aq}, {"x", &ax}}, 1, stream));
   const auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -312,7 +311,7 @@ int64_t quantize_affine(py::object x, py::object q, bool unsigned_q, int64_t cha
   cuda::quantize_affine(ax.dtype, reinterpret_cast<const void*>(ax.ptr), reinterpret_cast<void*>(aq.ptr),
                         unsigned_q, ax.size, channels, inner, scratch.scales(),
                         scratch.zero_points(), scratch.at<unsigned long long>(0), s);
-  return first_bad(scratch, s);
+  return check_finite ? first_bad(scratch, s) : -1;
 }
 
 void dequantize_affine(py::object q, bool unsigned_q, py::object x, int64_t channels,
@@ -469,13 +468,16 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("ema", &ema, arg("averages"), arg("samples"), arg("listed"), arg("beta"), arg("stream"),
         plan);
   m.def("quantize_blockwise", &quantize_blockwise, arg("x"), arg("q"), arg("absmax"),
-        arg("block"), arg("stochastic"), arg("seed"), arg("stream"),
-        "Returns the first non-finite index of x, or -1 (waits for the stream)");
+        arg("block"), arg("stochastic"), arg("seed"), arg("check_finite"), arg("stream"),
+        "Returns the first non-finite index of x, or -1 (with check_finite: waits for the "
+        "stream; without: -1 at once)");
   m.def("dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("x"),
         arg("block"), arg("stream"));
   m.def("quantize_affine", &quantize_affine, arg("x"), arg("q"), arg("unsigned_q"),
-        arg("channels"), arg("inner"), arg("scales"), arg("zero_points"), arg("stream"),
-        "Returns the first non-finite index of x, or -1 (waits for the stream)");
+        arg("channels"), arg("inner"), arg("scales"), arg("zero_points"), arg("check_finite"),
+        arg("stream"),
+        "Returns the first non-finite index of x, or -1 (with check_finite: waits for the "
+        "stream; without: -1 at once)");
   m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("unsigned_q"), arg("x"),
         arg("channels"), arg("inner"), arg("scales"), arg("zero_points"), arg("stream"));
   m.def("minmax", &minmax, arg("x"), arg("channels"), arg("inner"), arg("stream"),

@@ -380,9 +380,10 @@ int64_t quantize_blockwise_t(const void* x, int8_t* q, float* absmax, int64_t n,
   const bool streaming = streaming_for(n * int64_t(sizeof(*in) + 1));
   return parallel_chunks(blocks, blocks_per_chunk(block), threads, [&](int64_t blo, int64_t bhi) {
     int64_t bad = -1;
-    for (int64_t b = blo; b < bhi && bad < 0; ++b) {
+    for (int64_t b = blo; b < bhi; ++b) {  // past a bad block too (check_finite=False)
       const int64_t b0 = b * block, b1 = b0 + block < n ? b0 + block : n;
-      bad = quantize_block<Load>(in, q, absmax + b, b0, b1, stochastic, key, streaming);
+      bad = min_bad(bad, quantize_block<Load>(in, q, absmax + b, b0, b1, stochastic, key,
+                                              streaming));
     }
     end_streaming(streaming);
     return bad;

@@ -6,9 +6,16 @@ or PyTorch CPU tensors, or CUDA arrays (PyTorch CUDA tensors, CuPy arrays; run b
 kernels on ``stream=``, default the library's current stream, with results identical to
 the CPU's); outputs come back as the input's kind of array, or go into ``out=``. On the
 GPU the quantizing functions and ``choose_qparams`` wait for their stream once, to report
-non-finite input (and, for the observer, to return its host-side results). All arithmetic is float32 and follows ``fastopt.reference`` (same float32
-operations: results are exact, not approximate). Non-finite input raises ``ValueError``
+non-finite input (and, for the observer, to return its host-side results). All
+arithmetic is float32 and follows ``fastopt.reference`` (same float32 operations: results
+are exact, not approximate). Non-finite input raises ``ValueError``
 naming the first bad element, and nothing is written to caller-provided outputs.
+
+``check_finite=False`` (the quantizing functions) skips that report, as SciPy's option of
+the name does: no error, no temporary for ``out=`` (the result is written there directly),
+and on the GPU no wait for the stream, so the call stays asynchronous. Outputs for
+elements (per tensor or channel) or blocks (blockwise) holding NaN or Inf are then
+unspecified; all others are exact.
 
 Per-tensor and per-channel quantization divide by the scale, q = clamp(rint(x / scale)
 + zero_point, qmin, qmax), as the formula says; torch's CPU path multiplies by a rounded
@@ -160,12 +167,13 @@ def _raise_nonfinite(name: str, shape: Tuple[int, ...], flat: int) -> None:
                      f"(flat {flat}); nothing was written")
 
 
-def _check_out(out: Optional[np.ndarray], shape: Tuple[int, ...], dtype: np.dtype, name: str,
-               *others: np.ndarray) -> None:
+def _check_out(out: Any, shape: Tuple[int, ...], dtype: np.dtype, name: str,
+               *others: np.ndarray) -> Optional[np.ndarray]:
+    """Host output ``out`` (a NumPy array or a PyTorch CPU tensor) checked, as a NumPy
+    array sharing its memory; None if out is None."""
     if out is None:
-        return
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name}: expected a NumPy array, got {type(out).__name__}")
+        return None
+    out = host_array(name, out)
     if out.shape != shape or out.dtype != dtype:
         raise ValueError(f"{name}: expected shape {shape} and dtype {dtype}, got "
                          f"{out.shape} {out.dtype}")
@@ -175,6 +183,7 @@ def _check_out(out: Optional[np.ndarray], shape: Tuple[int, ...], dtype: np.dtyp
     for o in others:
         if out.size and o.size and np.may_share_memory(out, o):
             raise ValueError(f"{name}: overlaps an input in memory")
+    return out
 
 
 # ---- CUDA arrays: checked here, run by fastopt._cuda ---------------------------------------
@@ -210,7 +219,7 @@ def _device_output(cuda: Any, handle: int, name: str, out: Any, like: Any,
 
 
 def _device_quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: Optional[int],
-                            qdt: np.dtype, out: Any, stream: Any) -> Any:
+                            qdt: np.dtype, out: Any, stream: Any, check_finite: bool) -> Any:
     cuda, handle = _cuda_call("x", x, stream)
     _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
     if axis is not None and scales.shape != (shape[axis],):
@@ -218,59 +227,65 @@ def _device_quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: O
     if out is not None:
         _device_output(cuda, handle, "out", out, x, shape, qdt.name)
         cuda.check_arrays([("out", out)], [("x", x)], handle)
-    target = _arrays.device_empty(x, shape, qdt.name, handle)  # out gets only a clean result
+    direct = out is not None and not check_finite  # else out gets only a clean result
+    target = out if direct else _arrays.device_empty(x, shape, qdt.name, handle)
     channels, inner = _layout(shape, axis)
     if math.prod(shape):
         bad = cuda.quantize_affine(x, target, qdt == np.uint8, channels, inner, scales, zps,
-                                   handle)
+                                   check_finite, handle)
         if bad >= 0:
             _raise_nonfinite("x", shape, bad)
-    if out is None:
+    if out is None or direct:
         return target
     cuda.copy(out, target, handle)
     return out
 
 
 def _quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: Optional[int],
-                     qdt: np.dtype, out: Optional[np.ndarray], stream: Any = None) -> Any:
+                     qdt: np.dtype, out: Optional[np.ndarray], stream: Any,
+                     check_finite: Any) -> Any:
+    check_finite = _arrays.flag("check_finite", check_finite)
     if _arrays.on_device(x):
-        return _device_quantize_affine(x, scales, zps, axis, qdt, out, stream)
+        return _device_quantize_affine(x, scales, zps, axis, qdt, out, stream, check_finite)
     _host_only(stream)
     a, in_type, kind = _float_input("x", x)
-    _check_out(out, a.shape, qdt, "out", a)
+    host_out = _check_out(out, a.shape, qdt, "out", a)
     channels, inner = _layout(a.shape, axis)
-    target = np.empty(a.shape, dtype=qdt)  # caller's out only receives a clean result
+    direct = out is not None and not check_finite  # else out receives only a clean result
+    target = host_out if direct else np.empty(a.shape, dtype=qdt)
     if a.size:
         bad = _cpu.quantize_affine(a, in_type, target, qdt == np.uint8, channels, inner,
                                    scales, zps)
-        if bad >= 0:
+        if bad >= 0 and check_finite:
             _raise_nonfinite("x", a.shape, bad)
-    if out is not None:
-        np.copyto(out, target)
-        return out
-    return kind.wrap(target)
+    if out is not None and not direct:
+        np.copyto(host_out, target)
+    return out if out is not None else kind.wrap(target)
 
 
 def quantize_per_tensor(x: Any, scale: float, zero_point: int, dtype: str = "int8", *,
-                        out: Optional[Any] = None, stream: Any = None) -> Any:
+                        out: Optional[Any] = None, stream: Any = None,
+                        check_finite: bool = True) -> Any:
     """q = clamp(rint(x / scale) + zero_point, qmin, qmax), round half to even, as
-    ``torch.quantize_per_tensor(...).int_repr()``; int8 [-128, 127] or uint8 [0, 255]."""
+    ``torch.quantize_per_tensor(...).int_repr()``; int8 [-128, 127] or uint8 [0, 255].
+    ``check_finite=False``: see the module docstring."""
     qdt, qmin, qmax = _qdtype(dtype)
     s = np.array([_scale("scale", scale)], dtype=np.float32)
     z = np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32)
-    return _quantize_affine(x, s, z, None, qdt, out, stream)
+    return _quantize_affine(x, s, z, None, qdt, out, stream, check_finite)
 
 
 def quantize_per_channel(x: Any, scales: Any, zero_points: Any, axis: int,
                          dtype: str = "int8", *, out: Optional[Any] = None,
-                         stream: Any = None) -> Any:
+                         stream: Any = None, check_finite: bool = True) -> Any:
     """Per-channel affine quantization along ``axis``: channel c uses scales[c] and
-    zero_points[c]; as ``torch.quantize_per_channel(...).int_repr()``."""
+    zero_points[c]; as ``torch.quantize_per_channel(...).int_repr()``.
+    ``check_finite=False``: see the module docstring."""
     qdt, qmin, qmax = _qdtype(dtype)
     shape = tuple(x.shape) if _arrays.on_device(x) else _float_input("x", x)[0].shape
     ax = _axis(axis, len(shape))
     s, z = _channel_params(scales, zero_points, shape[ax], qmin, qmax)
-    return _quantize_affine(x, s, z, ax, qdt, out, stream)
+    return _quantize_affine(x, s, z, ax, qdt, out, stream, check_finite)
 
 
 def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
@@ -294,12 +309,12 @@ def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
     else:
         axis = _axis(axis, a.ndim)
         s, z = _channel_params(scale, zero_point, a.shape[axis], qmin, qmax)
-    _check_out(out, a.shape, np.dtype(np.float32), "out", a)
-    target = out if out is not None else np.empty(a.shape, dtype=np.float32)
+    host_out = _check_out(out, a.shape, np.dtype(np.float32), "out", a)
+    target = host_out if out is not None else np.empty(a.shape, dtype=np.float32)
     if a.size:
         channels, inner = _layout(a.shape, axis)
         _cpu.dequantize_affine(a, a.dtype == np.uint8, target, channels, inner, s, z)
-    return target if out is not None else kind.wrap(target)
+    return out if out is not None else kind.wrap(target)
 
 
 def _device_dequantize(q: Any, scale: Any, zero_point: Any, axis: Optional[int], out_dtype: str,
@@ -391,7 +406,7 @@ def _block_size(block_size: Any) -> int:
 
 def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "nearest",
                        seed: Optional[int] = None, out: Optional[Tuple[Any, Any]] = None,
-                       stream: Any = None) -> Tuple[Any, Any]:
+                       stream: Any = None, check_finite: bool = True) -> Tuple[Any, Any]:
     """(q, absmax): over consecutive blocks of ``block_size`` elements of the flattened x
     (the last block may be partial), absmax = max |x| (float32, one per block) and
     q = rint(x * (127 / absmax)) in [-127, 127] (int8, shaped like x); an all-zero block
@@ -400,7 +415,8 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
     counter-based generator keyed by ``seed`` and the element index: unbiased, exact values
     stay exact, reproducible from ``seed`` (None draws a fresh one), identical on CPU and
     GPU. Blocks with absmax < 2^-64 are rescaled by 2^64 first (exact) so that 127/absmax
-    stays finite. ``out=(q, absmax)`` receives the result only if every input is finite.
+    stays finite. ``out=(q, absmax)`` receives the result only if every input is finite
+    (``check_finite=False``: see the module docstring).
     """
     block = _block_size(block_size)
     if rounding not in ("nearest", "stochastic"):
@@ -412,31 +428,33 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
     if out is not None and (not isinstance(out, tuple) or len(out) != 2):
         raise TypeError("out: expected a tuple (q, absmax)")
+    check_finite = _arrays.flag("check_finite", check_finite)
     if _arrays.on_device(x):
         return _device_quantize_blockwise(x, block, rounding == "stochastic", int(seed), out,
-                                          stream)
+                                          stream, check_finite)
     _host_only(stream)
     a, in_type, kind = _float_input("x", x)
     blocks = -(-a.size // block)
     if out is not None:
-        _check_out(out[0], a.shape, np.dtype(np.int8), "out[0]", a)
-        _check_out(out[1], (blocks,), np.dtype(np.float32), "out[1]", a, out[0])
-    q = np.empty(a.shape, dtype=np.int8)
-    absmax = np.empty(blocks, dtype=np.float32)
+        q_out = _check_out(out[0], a.shape, np.dtype(np.int8), "out[0]", a)
+        absmax_out = _check_out(out[1], (blocks,), np.dtype(np.float32), "out[1]", a, q_out)
+    direct = out is not None and not check_finite  # else out receives only a clean result
+    q = q_out if direct else np.empty(a.shape, dtype=np.int8)
+    absmax = absmax_out if direct else np.empty(blocks, dtype=np.float32)
     if a.size:
         bad = _cpu.quantize_blockwise(a, in_type, q, absmax, min(block, a.size),
                                       rounding == "stochastic", int(seed))
-        if bad >= 0:
+        if bad >= 0 and check_finite:
             _raise_nonfinite("x", a.shape, bad)
-    if out is not None:
-        np.copyto(out[0], q)
-        np.copyto(out[1], absmax)
-        return out
-    return kind.wrap(q), kind.wrap(absmax)
+    if out is not None and not direct:
+        np.copyto(q_out, q)
+        np.copyto(absmax_out, absmax)
+    return out if out is not None else (kind.wrap(q), kind.wrap(absmax))
 
 
 def _device_quantize_blockwise(x: Any, block: int, stochastic: bool, seed: int,
-                               out: Optional[Tuple[Any, Any]], stream: Any) -> Tuple[Any, Any]:
+                               out: Optional[Tuple[Any, Any]], stream: Any,
+                               check_finite: bool) -> Tuple[Any, Any]:
     cuda, handle = _cuda_call("x", x, stream)
     _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
     n = math.prod(shape)
@@ -445,13 +463,15 @@ def _device_quantize_blockwise(x: Any, block: int, stochastic: bool, seed: int,
         _device_output(cuda, handle, "out[0]", out[0], x, shape, "int8")
         _device_output(cuda, handle, "out[1]", out[1], x, (blocks,), "float32")
         cuda.check_arrays([("out[0]", out[0]), ("out[1]", out[1])], [("x", x)], handle)
-    q = _arrays.device_empty(x, shape, "int8", handle)  # out gets only a clean result
-    absmax = _arrays.device_empty(x, (blocks,), "float32", handle)
+    direct = out is not None and not check_finite  # else out gets only a clean result
+    q = out[0] if direct else _arrays.device_empty(x, shape, "int8", handle)
+    absmax = out[1] if direct else _arrays.device_empty(x, (blocks,), "float32", handle)
     if n:
-        bad = cuda.quantize_blockwise(x, q, absmax, min(block, n), stochastic, seed, handle)
+        bad = cuda.quantize_blockwise(x, q, absmax, min(block, n), stochastic, seed,
+                                      check_finite, handle)
         if bad >= 0:
             _raise_nonfinite("x", shape, bad)
-    if out is None:
+    if out is None or direct:
         return q, absmax
     cuda.copy(out[0], q, handle)
     cuda.copy(out[1], absmax, handle)
@@ -498,8 +518,8 @@ def dequantize_blockwise(q: Any, absmax: Any, block_size: int = 256,
     _check_layout("absmax", am)
     if out_dtype not in ("float32", np.float32):
         raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
-    _check_out(out, qa.shape, np.dtype(np.float32), "out", qa, am)
-    target = out if out is not None else np.empty(qa.shape, dtype=np.float32)
+    host_out = _check_out(out, qa.shape, np.dtype(np.float32), "out", qa, am)
+    target = host_out if out is not None else np.empty(qa.shape, dtype=np.float32)
     if qa.size:
         _cpu.dequantize_blockwise(qa, am, target, min(block, qa.size))
-    return target if out is not None else kind.wrap(target)
+    return out if out is not None else kind.wrap(target)

@@ -210,6 +210,25 @@ def _quant_call(name: str, x: Any) -> Callable[[], Any]:
     return lambda: quant.quantize_per_tensor(x, scale, zp)
 
 
+def _quant_into_call(name: str, x: Any) -> Optional[Callable[[], Any]]:
+    """Column "fastopt-into" of int8 case `name` (not a peer): fastopt's call writing into
+    outputs allocated once (out=), with check_finite=False where the call checks, as a
+    loop quantizing every step would call it; None for the dynamic case (its outputs are
+    host scalars)."""
+    if name == "blockwise-256 quantize":
+        outs = quant.quantize_blockwise(x)
+        return lambda: quant.quantize_blockwise(x, out=outs, check_finite=False)
+    if name == "blockwise-256 dequantize":
+        q, absmax = quant.quantize_blockwise(x)
+        out = quant.dequantize_blockwise(q, absmax)
+        return lambda: quant.dequantize_blockwise(q, absmax, out=out)
+    if name.startswith("dynamic"):
+        return None
+    scale, zp = quant.choose_qparams(x, symmetric=False)
+    out = quant.quantize_per_tensor(x, scale, zp)
+    return lambda: quant.quantize_per_tensor(x, scale, zp, out=out, check_finite=False)
+
+
 def _torch_blockwise(torch: Any) -> Tuple[Callable[[Any], Any], Callable[[Any, Any], Any]]:
     """Blockwise-256 absmax int8 in torch, as a user writes it: quantize(x) -> (q, absmax)
     and dequantize(q, absmax) of fastopt's layout (q flat, one absmax per block)."""

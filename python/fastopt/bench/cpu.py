@@ -11,8 +11,8 @@ from ..newton import cholesky_solve, newton_
 from .._build import _cpu
 from .common import (QUANT_CASES, OptimizerCase, Row, _add_torch_peers, _as_tuple,
                      _import_torch, _median_times, _newton_failure, _newton_row, _quant_call,
-                     _solve64, _spd_systems, _torch_blockwise, _torch_per_tensor_peer,
-                     _torch_solvers, gpt2_small_shapes)
+                     _quant_into_call, _solve64, _spd_systems, _torch_blockwise,
+                     _torch_per_tensor_peer, _torch_solvers, gpt2_small_shapes)
 
 
 class CpuBench:
@@ -96,7 +96,8 @@ class CpuBench:
 
     def quant_case(self, name: str) -> Row:
         """float32 input; fastopt is timed through its public API (output allocation
-        included, as for every peer). Results must equal the reference bit for bit."""
+        included, as for every peer), and as "fastopt-into" into outputs allocated once
+        (out=, check_finite=False). Results must equal the reference bit for bit."""
         n = 1 << (22 if self.quick else 25)
         row = Row(f"int8 {name}", "cpu", QUANT_CASES[name], n, 1)
         x = self.rng.standard_normal(n, dtype=np.float32)
@@ -141,9 +142,13 @@ class CpuBench:
                 fns[peer] = fn
         if torch is None:
             row.notes["torch"] = "not installed"
-        if not all(np.array_equal(a, b) for a, b in zip(_as_tuple(got), _as_tuple(want))):
-            row.check = "FAIL: differs from the float32 reference"
-            return row
+        into = _quant_into_call(name, x)
+        if into is not None:
+            fns["fastopt-into"] = into
+        for result in [got] + ([into()] if into is not None else []):
+            if not all(np.array_equal(a, b) for a, b in zip(_as_tuple(result), _as_tuple(want))):
+                row.check = "FAIL: differs from the float32 reference"
+                return row
         row.times_ms = _median_times(fns, self.repeats)
         return row
 

@@ -19,8 +19,8 @@ from .. import _arrays, quant
 from ..newton import cholesky_solve, newton_
 from .common import (QUANT_CASES, OptimizerCase, Row, _add_torch_peers, _as_tuple, _cases,
                      _import_cupy, _import_torch, _median_times, _newton_failure, _newton_row,
-                     _print_rows, _quant_call, _run_cases, _solve64, _spd_systems,
-                     _torch_blockwise, _torch_per_tensor_peer, _torch_solvers,
+                     _print_rows, _quant_call, _quant_into_call, _run_cases, _solve64,
+                     _spd_systems, _torch_blockwise, _torch_per_tensor_peer, _torch_solvers,
                      gpt2_small_shapes)
 
 @dataclass
@@ -370,8 +370,9 @@ class GpuBench:
     CHECK_STEPS = 2
     TOLERANCE = 1e-6  # if not bit-identical: max |diff| / (1 + max |value|) per array
     # int8 cases: float32 arrays of the case's size at once: x, torch eager's temporaries
-    # (x * 127, / absmax, round, clamp: two alive at a time), the outputs; 2 to spare.
-    QUANT_ARRAYS_AT_ONCE = 6
+    # (x * 127, / absmax, round, clamp: two alive at a time), the outputs (twice: fastopt
+    # and fastopt-into); 2 to spare.
+    QUANT_ARRAYS_AT_ONCE = 7
     # Newton: copies of a case's H (+ g, p) at once: fastopt's (H, and params twice), torch's
     # LU and Cholesky factors, CuPy's H and its factor, cached blocks; 2 to spare.
     NEWTON_COPIES = 8
@@ -560,6 +561,12 @@ class GpuBench:
             row.check = "FAIL: differs from fastopt's CPU kernels"
             return row
         fns: Dict[str, Callable[[], Any]] = {"fastopt": fastopt_call}
+        into = _quant_into_call(name, x)
+        if into is not None:
+            if not _identical(into(), fastopt_call()):
+                row.check = "FAIL: fastopt-into (out=, check_finite=False) differs"
+                return row
+            fns["fastopt-into"] = into
         torch = self.device_torch(row)
         if torch is not None and name.startswith("blockwise"):
             quantize, dequantize = _torch_blockwise(torch)
