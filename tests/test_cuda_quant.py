@@ -33,7 +33,7 @@ from cuda_libs import FakeCudaArray, lib_fixture
 from test_quant import (BF16, CHANNEL_CASES, F32, IN_DTYPES, IN_IDS, NONFINITE_FUNCS,
                         QDTYPES, QRANGE, SHAPES, assert_bits, bits, case_id, channel_params,
                         channel_shape, fresh, poisoned, ref_blockwise, ref_quantize, shape_id,
-                        tensor_params, with_ties)
+                        tensor_params, unchecked_input, with_ties)
 
 F16 = np.dtype(np.float16)
 # 1, 7, 64, 256 and 4096: one warp per block; 4097 and 10_000: one thread block per block
@@ -297,16 +297,7 @@ def test_unchecked_matches_cpu(lib, finite, rng):
     """check_finite=False on the GPU (no stream wait): without out= and straight into out=,
     the CPU's bits; with NaN/Inf in the input, no error and the CPU's bits for every element
     (per tensor/channel) or block of 64 (blockwise) without one."""
-    x = fresh(rng, (5, 4099), F32)
-    flat = x.reshape(-1)
-    bad = np.array([0, 63, 64, 4097, 9000, flat.size - 1]) if not finite else np.array([], int)
-    flat[bad] = np.resize([np.nan, np.inf, -np.inf], bad.size)
-    scales, zps = channel_params(rng, "uint8", x.shape[-1])
-    keep = np.ones(flat.size, bool)
-    keep[bad] = False
-    keep_blocks = np.ones(-(-flat.size // 64), bool)
-    keep_blocks[bad // 64] = False
-    in_kept_blocks = np.repeat(keep_blocks, 64)[:flat.size]
+    x, scales, zps, keep, keep_blocks, in_kept_blocks = unchecked_input(rng, F32, not finite)
     calls = [  # (call(x, out), the CPU's result, which elements of each output to compare)
         (lambda a, o: qpt(a, 0.0371, -3, out=o, check_finite=False),
          [qpt(x, 0.0371, -3, check_finite=False)], [keep]),

@@ -1119,21 +1119,28 @@ def test_unchecked_equals_checked_on_finite_input(cpu_path, in_dtype, rng):
         run_with_out(call, checked[name])
 
 
+def unchecked_input(rng, in_dtype, with_nonfinite: bool = True):
+    """(x (5, 4099) in in_dtype, per-channel uint8 scales and zero points along the last axis,
+    and which outputs must be exact: per element, per block of 64, per element by block)
+    with NaN/Inf at a few places (the first and last element, both sides of a block edge)."""
+    x32 = fresh(rng, (5, 4099), F32)
+    flat = x32.reshape(-1)
+    bad = np.array([0, 63, 64, 4097, 9000, flat.size - 1] if with_nonfinite else [], int)
+    flat[bad] = np.resize([np.nan, np.inf, -np.inf], bad.size)
+    scales, zps = channel_params(rng, "uint8", x32.shape[-1])
+    keep = np.ones(flat.size, bool)
+    keep[bad] = False
+    keep_blocks = np.ones(-(-flat.size // 64), bool)
+    keep_blocks[bad // 64] = False
+    return x32.astype(in_dtype), scales, zps, keep, keep_blocks, \
+        np.repeat(keep_blocks, 64)[:flat.size]
+
+
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
 def test_unchecked_nonfinite_input_spares_the_rest(cpu_path, in_dtype, rng):
     """With NaN/Inf in the input: no error, and every element (per tensor/channel) or block
     (blockwise, of 64) without one is exact; out= is the result."""
-    x32 = fresh(rng, (5, 4099), F32)
-    flat = x32.reshape(-1)
-    bad = np.array([0, 63, 64, 4097, 9000, flat.size - 1])
-    flat[bad] = [np.nan, np.inf, -np.inf, np.nan, np.inf, np.nan]
-    x = x32.astype(in_dtype)
-    scales, zps = channel_params(rng, "uint8", x.shape[-1])
-    ok = np.ones(flat.size, bool)
-    ok[bad] = False
-    ok_blocks = np.ones(-(-flat.size // 64), bool)
-    ok_blocks[bad // 64] = False
-    in_ok_blocks = np.repeat(ok_blocks, 64)[:flat.size]
+    x, scales, zps, ok, ok_blocks, in_ok_blocks = unchecked_input(rng, in_dtype)
     with np.errstate(invalid="ignore"):
         want = {
             "per_tensor": [ref_quantize(x, 0.0371, -3, "int8")],
