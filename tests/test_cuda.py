@@ -421,47 +421,54 @@ def test_class_matches_cpu_class(lib, opt, opts, mode, rng):
         assert_same_optimizer(lib, gpu, cpu, f"after step {t + 1}")
 
 
-def test_class_state_methods_wait_for_side_stream_steps(lib, rng):
-    # Steps queued on a side stream behind ~0.1 s of spinning, each followed at once by a
-    # method that reads or writes the state with the library's own calls on the current
-    # stream: state_dict() must copy the stepped state, zero_state() and load_state_dict()
-    # must land after the step and before the next one. The optimizer is also built while
-    # the current stream is busy, and stepped on the side stream at once: its zero fill must
-    # be done first. Bit-identical to the CPU class doing the same.
+def test_class_state_methods_are_ordered_with_side_stream_steps(lib, rng):
+    # Steps on a side stream, the state methods on the current one, with no wait in the
+    # test: (1) a step queued behind ~0.1 s of spinning on the side stream, then at once a
+    # method that reads or writes the state (state_dict, zero_state, load_state_dict): the
+    # method must wait for the step; (2) a method whose own state writes (construction's
+    # zero fill, the copies) are queued behind ~0.1 s of spinning on the current stream,
+    # then at once a step on the side stream: the method must have waited for its writes.
+    # Bit-identical to the CPU class doing the same.
     opt = OPTIMIZERS["adam"]
     hyper = opt.hyper(opt.representative[-1])
     p0 = [normal_nonzero(rng, s).astype(np.float32) for s in SHAPES]
-    grads = [[normal_nonzero(rng, s).astype(np.float32) for s in SHAPES] for _ in range(4)]
+    grads = [[normal_nonzero(rng, s).astype(np.float32) for s in SHAPES] for _ in range(7)]
     side = lib.side_stream()
+    dparams = [lib.to_device(p) for p in p0]
+    dgrads = [[lib.to_device(g) for g in gs] for gs in grads]
+    lib.synchronize()  # every input is on the device before the test queues anything
 
-    def step_late(o, g):
-        dg = [lib.to_device(a) for a in g]
-        lib.synchronize()  # the grads are on the device before the side stream reads them
-        with lib.current(side):
-            lib.spin()
-        o.step(dg, stream=side)
+    def step(t: int, late: bool) -> None:
+        """Step t of both optimizers; the GPU's on the side stream, behind spinning if late."""
+        if late:
+            with lib.current(side):
+                lib.spin()
+        gpu.step(dgrads[t], stream=side)
+        cpu.step(grads[t])
 
-    lib.spin()  # the current stream is busy while the state is allocated and zeroed
-    gpu = opt.cls([lib.to_device(p) for p in p0], **hyper)
+    lib.spin()
+    gpu = opt.cls(dparams, **hyper)  # (2): its zero fill
     cpu = opt.cls([p.copy() for p in p0], **hyper)
-    step_late(gpu, grads[0])
-    cpu.step(grads[0])
-    saved, cpu_saved = gpu.state_dict(), cpu.state_dict()
-    for name, arrays in cpu.state.items():
+    step(0, late=False)
+    step(1, late=True)
+    lib.spin()
+    saved, cpu_saved = gpu.state_dict(), cpu.state_dict()  # (1) and (2): its copies
+    step(2, late=False)  # changes the state the copies were taken from
+    for name, arrays in cpu_saved["state"].items():
         for i, (a, c) in enumerate(zip(saved["state"][name], arrays)):
-            assert_identical(lib.to_host(a), c, f"state_dict {name}[{i}] after a side-stream step")
-    step_late(gpu, grads[1])
-    cpu.step(grads[1])
-    gpu.zero_state()
+            assert_identical(lib.to_host(a, sync=True), c, f"state_dict()['state'][{name!r}][{i}]")
+    step(3, late=True)
+    lib.spin()
+    gpu.zero_state()  # (1) and (2): its fill
     cpu.zero_state()
-    step_late(gpu, grads[2])
-    cpu.step(grads[2])
+    step(4, late=False)
     assert_same_optimizer(lib, gpu, cpu, "after zero_state between side-stream steps")
-    step_late(gpu, grads[3])
-    gpu.load_state_dict(saved)  # after that step: step 1's state replaces its state
-    cpu.step(grads[3])
+    step(5, late=True)
+    lib.spin()
+    gpu.load_state_dict(saved)  # (1) and (2): its copies
     cpu.load_state_dict(cpu_saved)
-    assert_same_optimizer(lib, gpu, cpu, "after load_state_dict following a side-stream step")
+    step(6, late=False)
+    assert_same_optimizer(lib, gpu, cpu, "after load_state_dict between side-stream steps")
 
 
 @pytest.mark.parametrize("opt,opts", cases("representative"))

@@ -296,8 +296,10 @@ def test_nonfinite_names_the_cpus_index(lib, in_dtype, func, case, rng):
 def test_unchecked_matches_cpu(lib, finite, rng):
     """check_finite=False on the GPU (no stream wait): without out= and straight into out=,
     the CPU's bits; with NaN/Inf in the input, no error and the CPU's bits for every element
-    (per tensor/channel) or block of 64 (blockwise) without one."""
-    x, scales, zps, keep, keep_blocks, in_kept_blocks = unchecked_input(rng, F32, not finite)
+    (per tensor/channel) without one, and for every block of 64 (blockwise: one holding
+    NaN/Inf gets q 0 and absmax NaN)."""
+    x, scales, zps, keep, keep_blocks, _ = unchecked_input(rng, F32, not finite)
+    flat_size = x.size
     calls = [  # (call(x, out), the CPU's result, which elements of each output to compare)
         (lambda a, o: qpt(a, 0.0371, -3, out=o, check_finite=False),
          [qpt(x, 0.0371, -3, check_finite=False)], [keep]),
@@ -305,7 +307,7 @@ def test_unchecked_matches_cpu(lib, finite, rng):
          [qpc(x, scales, zps, -1, "uint8", check_finite=False)], [keep]),
         (lambda a, o: qbw(a, 64, rounding="stochastic", seed=9, out=o, check_finite=False),
          list(qbw(x, 64, rounding="stochastic", seed=9, check_finite=False)),
-         [in_kept_blocks, keep_blocks]),
+         [np.ones(flat_size, bool), keep_blocks]),
     ]
     dx = lib.to_device(x)
     for call, want, masks in calls:
@@ -315,6 +317,8 @@ def test_unchecked_matches_cpu(lib, finite, rng):
         for results in (got if isinstance(got, tuple) else (got,), outs):
             for r, w, m in zip(results, want, masks):
                 assert_bits(lib.to_host(r).reshape(-1)[m], w.reshape(-1)[m], "unchecked")
+    absmax = lib.to_host(got[1])
+    assert np.isnan(absmax[~keep_blocks]).all(), "the absmax of a block holding NaN/Inf"
 
 
 def test_stochastic_rounding_matches_cpu_and_is_unbiased(lib, rng):

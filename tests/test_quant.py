@@ -1156,6 +1156,8 @@ def test_unchecked_nonfinite_input_spares_the_rest(cpu_path, in_dtype, rng):
                         f"{name} q of the finite blocks")
             assert_bits(outs[1][ok_blocks], want[name][1][ok_blocks],
                         f"{name} absmax of the finite blocks")
+            assert (outs[0].reshape(-1)[~in_ok_blocks] == 0).all(), "q of the bad blocks"
+            assert np.isnan(outs[1][~ok_blocks]).all(), "absmax of the bad blocks"
         else:
             assert_bits(outs[0].reshape(-1)[ok], want[name][0].reshape(-1)[ok],
                         f"{name} of the finite elements")

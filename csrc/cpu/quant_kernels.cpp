@@ -346,7 +346,11 @@ int64_t quantize_block(const typename Load::storage* x, int8_t* q, float* absmax
     const float a = fabsf(v);
     amax = a > amax ? a : amax;
   }
-  if (bad) return first_nonfinite<Load>(x, b0, b1);
+  if (bad) {  // the call fails, or (check_finite=False) the block reads as unusable
+    std::memset(q + b0, 0, size_t(b1 - b0));
+    *absmax_out = NAN;
+    return first_nonfinite<Load>(x, b0, b1);
+  }
   *absmax_out = amax;
   const float pre = blockwise_prescale(amax), factor = blockwise_factor(amax, pre);
   e = b0;

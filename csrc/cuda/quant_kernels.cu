@@ -73,16 +73,20 @@ quantize_blockwise_kernel(const In* __restrict__ x, int8_t* __restrict__ q,
       if (!is_finite(v) && e < bad) bad = e;
       m = fmaxf(m, fabsf(v));
     }
-    if (bad != LLONG_MAX) atomicMin(first_bad, static_cast<unsigned long long>(bad));
+    if (bad != LLONG_MAX) {
+      atomicMin(first_bad, static_cast<unsigned long long>(bad));
+      m = INFINITY;  // (fmaxf drops NaN) the group's max is infinite iff a lane saw one
+    }
     m = group_max<kGroup>(m, shared);
+    const bool block_bad = m == INFINITY;  // as on the CPU: q 0, absmax NaN
     const float pre = blockwise_prescale(m), factor = blockwise_factor(m, pre);
     for (int64_t e = begin + lane; e < end; e += kGroup) {
       const float v = (to_math(x[e]) * pre) * factor;
       const float r = stochastic ? blockwise_stochastic(v, uniform24(key, uint64_t(e)))
                                  : blockwise_nearest(v);
-      q[e] = static_cast<int8_t>(static_cast<int>(r));
+      q[e] = block_bad ? int8_t(0) : static_cast<int8_t>(static_cast<int>(r));
     }
-    if (lane == 0) absmax[b] = m;
+    if (lane == 0) absmax[b] = block_bad ? NAN : m;
   });
 }
 

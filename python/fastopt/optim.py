@@ -55,9 +55,7 @@ class Optimizer:
         self.state: Dict[str, List[Any]] = {
             name: [_arrays.state_like(f"params[{i}]", p) for i, p in enumerate(self.params)]
             for name in state_args if name is not None}
-        # GPU: the streams (by handle) that steps were queued on since the state was last
-        # read or written by the methods below
-        self._step_streams: Dict[int, Any] = {}
+        self._last_stream: Any = None  # GPU: the stream the last step was queued on
         self.zero_state()
 
     # -- hyper-parameters ----------------------------------------------------------------
@@ -128,27 +126,28 @@ class Optimizer:
         self._step = 0
 
     # On the GPU, steps run on their stream= while the methods below read or write the state
-    # with the library's own calls, on its current stream: each waits for the steps queued
-    # so far before it touches the state, and for its own writes before the next step,
-    # whichever stream that step is queued on. (Steps themselves never wait.)
+    # with the library's own calls, on its current stream: each waits for the last step
+    # before it touches the state, and for its own writes before the next step, whichever
+    # stream that step is queued on. (Steps themselves never wait.) Waiting for the last
+    # step is enough: steps on different streams must be ordered by the caller anyway,
+    # since each reads the state the one before wrote.
     def _device_state(self) -> Optional[Any]:
-        """One state array if the state lives on the GPU, else None."""
+        """A non-empty state array if the state lives on the GPU, else None."""
         if self._plan is None:
             return None
-        return next((a for arrays in self.state.values() for a in arrays), None)
+        return next((a for arrays in self.state.values() for a in arrays
+                     if 0 not in tuple(a.shape)), None)
 
     def _queued_on(self, stream: Any) -> None:
-        if self._plan is not None:
-            if stream is None:  # the stream object, kept alive until waited for
-                stream = _arrays.current_stream(self.params[0])
-            self._step_streams[_arrays.stream_handle(stream, self.params[0])] = stream
+        if self._plan is not None:  # the stream object itself, kept until waited for
+            self._last_stream = (_arrays.current_stream(self.params[0]) if stream is None
+                                 else stream)
 
     def _await_steps(self) -> None:
+        stream, self._last_stream = self._last_stream, None
         like = self._device_state()
-        if like is not None:
-            for stream in self._step_streams.values():
-                _arrays.wait_for_stream(like, stream)
-        self._step_streams.clear()
+        if like is not None and stream is not None:
+            _arrays.wait_for_stream(like, stream)
 
     def _await_state_writes(self) -> None:
         like = self._device_state()

@@ -13,9 +13,9 @@ naming the first bad element, and nothing is written to caller-provided outputs.
 
 ``check_finite=False`` (the quantizing functions) skips that report, as SciPy's option of
 the name does: no error, no temporary for ``out=`` (the result is written there directly),
-and on the GPU no wait for the stream, so the call stays asynchronous. Outputs for
-elements (per tensor or channel) or blocks (blockwise) holding NaN or Inf are then
-unspecified; all others are exact.
+and on the GPU no wait for the stream, so the call stays asynchronous. A block holding
+NaN or Inf (blockwise) then gets absmax NaN and q 0, so that it dequantizes to NaN;
+per tensor or channel, such elements get unspecified values. All others are exact.
 
 Per-tensor and per-channel quantization divide by the scale, q = clamp(rint(x / scale)
 + zero_point, qmin, qmax), as the formula says; torch's CPU path multiplies by a rounded
@@ -471,8 +471,10 @@ def _device_quantize_blockwise(x: Any, block: int, stochastic: bool, seed: int,
                                       check_finite, handle)
         if bad >= 0:
             _raise_nonfinite("x", shape, bad)
-    if out is None or direct:
+    if out is None:
         return q, absmax
+    if direct:
+        return out
     cuda.copy(out[0], q, handle)
     cuda.copy(out[1], absmax, handle)
     return out
