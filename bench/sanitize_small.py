@@ -1,5 +1,6 @@
-"""A few steps of every optimizer on small mixed lists of CUDA arrays, run by
-bench/gpu_check.sh under compute-sanitizer (memcheck, racecheck) and once without it.
+"""A few steps of every optimizer on small mixed lists of CUDA arrays, and every
+quantization and Newton kernel on small odd sizes, run by bench/gpu_check.sh under
+compute-sanitizer (memcheck, racecheck) and once without it.
 
 What it covers: PyTorch tensors and CuPy arrays in one list (params of one library, grads of
 the other), sizes around the vector width (4) and the per-block chunk (16384), a 2-D array,
@@ -9,7 +10,8 @@ params, grads and -- through the functional API -- state, a list longer than one
 
 Every float32 result (params and every state element) is compared with fastopt's CPU
 kernels run from the same start (bit-identical by design); 16-bit params are compared with
-the CPU kernels run in float32 and rounded to the 16-bit type after each step. Memory pools
+the CPU kernels run in float32 and rounded to the 16-bit type after each step. Quantization
+results and Newton for n <= 64 must equal the CPU's bits (Newton beyond: TOL32). Memory pools
 are off so that memcheck sees each array's own bounds. Exits 1 if any check fails, 2 if
 there is no library to make CUDA arrays with.
 """
@@ -81,6 +83,15 @@ def host(a):
     return cupy.asnumpy(a).astype(np.float32)
 
 
+def raw(a):
+    """A NumPy copy of an array, its dtype kept."""
+    if isinstance(a, np.ndarray):
+        return a.copy()
+    if type(a).__module__.startswith("torch"):
+        return a.detach().cpu().numpy().copy()
+    return cupy.asnumpy(a)
+
+
 def synchronize():
     if torch is not None:
         torch.cuda.synchronize()
@@ -126,6 +137,13 @@ def compare(label, got, want, dtype="float32"):
     if not ok or not np.isfinite(err):
         raise AssertionError(f"{label}: differs from the CPU kernels, max error {err:.3g}")
     return False
+
+
+def same_bits(label, got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    if got.dtype != want.dtype or got.shape != want.shape or got.tobytes() != want.tobytes():
+        raise AssertionError(f"{label}: differs from the CPU kernels "
+                             f"({got.dtype}{got.shape} vs {want.dtype}{want.shape})")
 
 
 def check(name, fn):
@@ -260,6 +278,104 @@ def side_stream():
     return "bit-identical" if same else "within tolerance"
 
 
+def quantization():
+    """Blockwise quantize (one warp per block up to 4096 elements, one thread block above;
+    nearest and stochastic; partial last blocks) and dequantize; per tensor and per channel
+    (int8, uint8) and dequantize; the min/max observer per tensor and per channel; a
+    non-finite input (the error, and check_finite=False straight into out=)."""
+    lib = LIBS[0]
+    for n in (1, 33, 4097, 10001):
+        x = (rng.standard_normal(n) * 3).astype(np.float32)
+        dx = device(lib, x)
+        for block in (7, 64, 4097, 5000):
+            for rounding in ("nearest", "stochastic"):
+                q, a = fastopt.quantize_blockwise(dx, block, rounding=rounding, seed=3)
+                wq, wa = fastopt.quantize_blockwise(x, block, rounding=rounding, seed=3)
+                same_bits(f"blockwise q n={n} block={block} {rounding}", raw(q), wq)
+                same_bits(f"blockwise absmax n={n} block={block} {rounding}", raw(a), wa)
+            same_bits(f"dequantize_blockwise n={n} block={block}",
+                      raw(fastopt.dequantize_blockwise(q, a, block)),
+                      fastopt.dequantize_blockwise(wq, wa, block))
+    x3 = (rng.standard_normal((5, 37, 41)) * 3).astype(np.float32)
+    dx3 = device(lib, x3)
+    scales = rng.uniform(0.01, 0.1, 37).astype(np.float32)
+    zps = rng.integers(0, 256, 37)
+    for qdtype, zp in (("int8", -3), ("uint8", 130)):
+        q = fastopt.quantize_per_tensor(dx3, 0.0371, zp, qdtype)
+        wq = fastopt.quantize_per_tensor(x3, 0.0371, zp, qdtype)
+        same_bits(f"quantize_per_tensor {qdtype}", raw(q), wq)
+        same_bits(f"dequantize {qdtype}", raw(fastopt.dequantize(q, 0.0371, zp)),
+                  fastopt.dequantize(wq, 0.0371, zp))
+    q = fastopt.quantize_per_channel(dx3, scales, zps, 1, "uint8")
+    wq = fastopt.quantize_per_channel(x3, scales, zps, 1, "uint8")
+    same_bits("quantize_per_channel", raw(q), wq)
+    same_bits("dequantize per channel", raw(fastopt.dequantize(q, scales, zps, axis=1)),
+              fastopt.dequantize(wq, scales, zps, axis=1))
+    for axis in (None, 0, 1, 2):
+        for symmetric in (True, False):
+            got = fastopt.choose_qparams(dx3, symmetric=symmetric, axis=axis)
+            want = fastopt.choose_qparams(x3, symmetric=symmetric, axis=axis)
+            for g, w in zip(got, want):
+                same_bits(f"choose_qparams axis={axis} symmetric={symmetric}", g, w)
+    bad = x3.copy()
+    bad.reshape(-1)[[100, 4000]] = [np.nan, np.inf]
+    try:
+        fastopt.quantize_blockwise(device(lib, bad), 64)
+    except ValueError as exc:
+        if "(flat 100)" not in str(exc):
+            raise AssertionError(f"non-finite report: {exc}")
+    else:
+        raise AssertionError("non-finite input: no error")
+    outs = fastopt.quantize_blockwise(dx3, 64)  # overwritten below
+    fastopt.quantize_blockwise(device(lib, bad), 64, out=outs, check_finite=False)
+    wq, wa = fastopt.quantize_blockwise(bad, 64, check_finite=False)
+    same_bits("check_finite=False q", raw(outs[0]), wq)
+    got_a = raw(outs[1])
+    same_bits("check_finite=False absmax (finite blocks)", got_a[~np.isnan(wa)], wa[~np.isnan(wa)])
+    if not np.isnan(got_a[np.isnan(wa)]).all():
+        raise AssertionError("check_finite=False: a block holding NaN/Inf has absmax NaN")
+    return "bit-identical"
+
+
+def newton():
+    """cholesky_solve and newton_ for n around the warp path's limit (64) and beyond (the
+    thread-block path), with a non-positive-definite system: "raise" changes nothing,
+    "skip" updates the others and returns the CPU's mask."""
+    lib = LIBS[0]
+    notes = []
+    for n in (1, 7, 33, 64, 65, 100):
+        batch = 5
+        a = rng.standard_normal((batch, n, n)).astype(np.float32)
+        H = (a @ a.transpose(0, 2, 1) / np.float32(n) + np.eye(n, dtype=np.float32))
+        g = rng.standard_normal((batch, n)).astype(np.float32)
+        p = rng.standard_normal((batch, n)).astype(np.float32)
+        dH, dg = device(lib, H), device(lib, g)
+        exact = n <= 64
+
+        def agree(label, got, want):
+            if exact:
+                same_bits(label, got, want)
+            else:
+                compare(label, got, want)
+        agree(f"cholesky_solve n={n}", raw(fastopt.cholesky_solve(dH, dg, damping=0.01)),
+              fastopt.cholesky_solve(H, g, damping=0.01))
+        H[2] = -np.eye(n, dtype=np.float32)
+        dH, dp, cp = device(lib, H), device(lib, p), p.copy()
+        try:
+            fastopt.newton_(dp, dg, dH, lr=0.5)
+        except fastopt.NotPositiveDefiniteError:
+            pass
+        else:
+            raise AssertionError(f"n={n}: a non-positive-definite system raised nothing")
+        same_bits(f"newton_ raise n={n}: params untouched", raw(dp), p)
+        mask = fastopt.newton_(dp, dg, dH, lr=0.5, on_failure="skip")
+        want_mask = fastopt.newton_(cp, g, H, lr=0.5, on_failure="skip")
+        same_bits(f"newton_ skip n={n}: mask", raw(mask), want_mask)
+        agree(f"newton_ skip n={n}: params", raw(dp), cp)
+        notes.append(f"n={n} {'bit-identical' if exact else 'within tolerance'}")
+    return ", ".join(notes)
+
+
 def main():
     if not LIBS:
         print("sanitize_small: neither PyTorch with CUDA nor CuPy is usable", file=sys.stderr)
@@ -273,6 +389,8 @@ def main():
     check("AdamW float32, 450 tensors (two launches)", long_list)
     check("Adam amsgrad functional, odd-slice state", misaligned_state)
     check("SGD momentum on a side stream", side_stream)
+    check("int8 quantization kernels", quantization)
+    check("Newton (Cholesky) kernels", newton)
     for cls, hyper in OPTIMIZERS:
         check(f"{cls.__name__} float16 mixed list", lambda: run_class(cls, hyper, "float16"))
         if torch is not None:
