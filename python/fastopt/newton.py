@@ -14,7 +14,8 @@ mask as a device bool array (written on that stream).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import math
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -36,6 +37,29 @@ class NotPositiveDefiniteError(ValueError):
                          f"definite (add damping, or on_failure='skip'): {shown}")
 
 
+def _check_dtypes_and_shapes(dtypes: Dict[str, str], shapes: Dict[str, Tuple[int, ...]]) -> int:
+    """The checks shared by host and CUDA arrays, by role ("hessians", "grads", and "params"
+    when given; dtypes as strings, ">f4" for a non-native one): float32 or float64, one
+    dtype for all, grads (..., n), hessians (..., n, n), params like grads. Returns n."""
+    for name, dtype in dtypes.items():
+        if dtype not in ("float32", "float64"):
+            raise TypeError(f"{name}: dtype {dtype} is not supported (float32 or float64)")
+        if dtype != dtypes["hessians"]:
+            raise TypeError(f"{name}: dtype {dtype} differs from hessians' {dtypes['hessians']}")
+    gshape, hshape = shapes["grads"], shapes["hessians"]
+    if len(gshape) < 1:
+        raise ValueError("grads: expected shape (..., n), got a 0-d array")
+    n = gshape[-1]
+    if n < 1:
+        raise ValueError(f"grads: n = grads.shape[-1] must be >= 1, got shape {gshape}")
+    if hshape != gshape + (n,):
+        raise ValueError(f"hessians: expected shape {gshape + (n,)} for grads of shape "
+                         f"{gshape}, got {hshape}")
+    if "params" in shapes and shapes["params"] != gshape:
+        raise ValueError(f"params: shape {shapes['params']} does not match grads' {gshape}")
+    return n
+
+
 def _check_systems(hessians: Any, grads: Any, params: Optional[Any] = None
                    ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], int, int]:
     """Validate shapes, dtypes, layout and aliasing; return the arrays, batch and n."""
@@ -43,21 +67,8 @@ def _check_systems(hessians: Any, grads: Any, params: Optional[Any] = None
     g = host_array("grads", grads)
     p = None if params is None else host_array("params", params)
     named = [("hessians", H), ("grads", g)] + ([] if p is None else [("params", p)])
-    for name, a in named:
-        if a.dtype not in (np.float32, np.float64) or not a.dtype.isnative:
-            raise TypeError(f"{name}: dtype {a.dtype} is not supported (float32 or float64)")
-        if a.dtype != H.dtype:
-            raise TypeError(f"{name}: dtype {a.dtype} differs from hessians' {H.dtype}")
-    if g.ndim < 1:
-        raise ValueError("grads: expected shape (..., n), got a 0-d array")
-    n = g.shape[-1]
-    if n < 1:
-        raise ValueError(f"grads: n = grads.shape[-1] must be >= 1, got shape {g.shape}")
-    if H.shape != g.shape + (n,):
-        raise ValueError(f"hessians: expected shape {g.shape + (n,)} for grads of shape "
-                         f"{g.shape}, got {H.shape}")
-    if p is not None and p.shape != g.shape:
-        raise ValueError(f"params: shape {p.shape} does not match grads' {g.shape}")
+    n = _check_dtypes_and_shapes({name: str(a.dtype) for name, a in named},
+                                 {name: a.shape for name, a in named})
     for name, a in named:
         if not a.flags.c_contiguous:
             raise ValueError(f"{name}: must be C-contiguous")
@@ -79,23 +90,10 @@ def _device_systems(cuda: Any, hessians: Any, grads: Any, params: Optional[Any] 
     checked by the binding): (dtype, grads' shape, batch, n)."""
     named = [("hessians", hessians), ("grads", grads)] + ([] if params is None else [("params", params)])
     info = {name: cuda.describe(a, name) for name, a in named}
-    for name, (dtype, _, _) in info.items():
-        if dtype not in ("float32", "float64"):
-            raise TypeError(f"{name}: dtype {dtype} is not supported (float32 or float64)")
-        if dtype != info["hessians"][0]:
-            raise TypeError(f"{name}: dtype {dtype} differs from hessians' {info['hessians'][0]}")
-    gshape, hshape = tuple(info["grads"][1]), tuple(info["hessians"][1])
-    if len(gshape) < 1:
-        raise ValueError("grads: expected shape (..., n), got a 0-d array")
-    n = gshape[-1]
-    if n < 1:
-        raise ValueError(f"grads: n = grads.shape[-1] must be >= 1, got shape {gshape}")
-    if hshape != gshape + (n,):
-        raise ValueError(f"hessians: expected shape {gshape + (n,)} for grads of shape "
-                         f"{gshape}, got {hshape}")
-    if params is not None and tuple(info["params"][1]) != gshape:
-        raise ValueError(f"params: shape {tuple(info['params'][1])} does not match grads' {gshape}")
-    return info["hessians"][0], gshape, int(np.prod(gshape, dtype=np.int64)) // n, n
+    n = _check_dtypes_and_shapes({name: dtype for name, (dtype, _, _) in info.items()},
+                                 {name: tuple(shape) for name, (_, shape, _) in info.items()})
+    gshape = tuple(info["grads"][1])
+    return info["hessians"][0], gshape, math.prod(gshape) // n, n
 
 
 def _device_solve(cuda: Any, handle: int, hessians: Any, grads: Any, dtype: str,

@@ -154,6 +154,23 @@ def _channel_params(scales: Any, zero_points: Any, channels: int, qmin: int, qma
     return s.astype(np.float32), z.astype(np.float32)
 
 
+def _affine_params(scale: Any, zero_point: Any, axis: Optional[int], shape: Tuple[int, ...],
+                   qmin: int, qmax: int) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
+    """(scales, zero points) as float32 arrays and the axis made non-negative: one of each
+    for the tensor when axis is None, else one per channel along axis."""
+    if axis is None:
+        return (np.array([_scale("scale", scale)], dtype=np.float32),
+                np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32),
+                None)
+    axis = _axis(axis, len(shape))
+    return (*_channel_params(scale, zero_point, shape[axis], qmin, qmax), axis)
+
+
+def _check_out_dtype(out_dtype: Any) -> None:
+    if out_dtype not in ("float32", np.float32):
+        raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
+
+
 def _layout(shape: Tuple[int, ...], axis: Optional[int]) -> Tuple[int, int]:
     """(channels, inner) of the (outer, channels, inner) view."""
     if axis is None:
@@ -270,8 +287,7 @@ def quantize_per_tensor(x: Any, scale: float, zero_point: int, dtype: str = "int
     ``torch.quantize_per_tensor(...).int_repr()``; int8 [-128, 127] or uint8 [0, 255].
     ``check_finite=False``: see the module docstring."""
     qdt, qmin, qmax = _qdtype(dtype)
-    s = np.array([_scale("scale", scale)], dtype=np.float32)
-    z = np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32)
+    s, z, _ = _affine_params(scale, zero_point, None, (), qmin, qmax)
     return _quantize_affine(x, s, z, None, qdt, out, stream, check_finite)
 
 
@@ -300,15 +316,9 @@ def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
     if a.dtype not in (np.int8, np.uint8):
         raise TypeError(f"q: dtype {a.dtype} is not supported (int8 or uint8)")
     _check_layout("q", a)
-    if out_dtype not in ("float32", np.float32):
-        raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
+    _check_out_dtype(out_dtype)
     _, qmin, qmax = _qdtype(a.dtype)
-    if axis is None:
-        s = np.array([_scale("scale", scale)], dtype=np.float32)
-        z = np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32)
-    else:
-        axis = _axis(axis, a.ndim)
-        s, z = _channel_params(scale, zero_point, a.shape[axis], qmin, qmax)
+    s, z, axis = _affine_params(scale, zero_point, axis, a.shape, qmin, qmax)
     host_out = _check_out(out, a.shape, np.dtype(np.float32), "out", a)
     target = host_out if out is not None else np.empty(a.shape, dtype=np.float32)
     if a.size:
@@ -321,15 +331,9 @@ def _device_dequantize(q: Any, scale: Any, zero_point: Any, axis: Optional[int],
                        out: Any, stream: Any) -> Any:
     cuda, handle = _cuda_call("q", q, stream)
     qname, shape = _device_input(cuda, "q", q, ("int8", "uint8"))
-    if out_dtype not in ("float32", np.float32):
-        raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
+    _check_out_dtype(out_dtype)
     _, qmin, qmax = _qdtype(qname)
-    if axis is None:
-        s = np.array([_scale("scale", scale)], dtype=np.float32)
-        z = np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32)
-    else:
-        axis = _axis(axis, len(shape))
-        s, z = _channel_params(scale, zero_point, shape[axis], qmin, qmax)
+    s, z, axis = _affine_params(scale, zero_point, axis, shape, qmin, qmax)
     target = _device_output(cuda, handle, "out", out, q, shape, "float32")
     if math.prod(shape):
         channels, inner = _layout(shape, axis)
@@ -490,8 +494,7 @@ def _device_dequantize_blockwise(q: Any, absmax: Any, block: int, out_dtype: str
     if am_shape != (blocks,):
         raise ValueError(f"absmax: expected shape ({blocks},) for {n} elements in blocks "
                          f"of {block}, got {am_shape}")
-    if out_dtype not in ("float32", np.float32):
-        raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
+    _check_out_dtype(out_dtype)
     target = _device_output(cuda, handle, "out", out, q, shape, "float32")
     if n:
         cuda.dequantize_blockwise(q, absmax, target, min(block, n), handle)
@@ -518,8 +521,7 @@ def dequantize_blockwise(q: Any, absmax: Any, block_size: int = 256,
                          f"of {block}, got {am.shape}")
     _check_layout("q", qa)
     _check_layout("absmax", am)
-    if out_dtype not in ("float32", np.float32):
-        raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
+    _check_out_dtype(out_dtype)
     host_out = _check_out(out, qa.shape, np.dtype(np.float32), "out", qa, am)
     target = host_out if out is not None else np.empty(qa.shape, dtype=np.float32)
     if qa.size:
