@@ -6,6 +6,7 @@
 #include "common/optim/adagrad.h"
 #include "common/optim/adam.h"
 #include "common/optim/ema.h"
+#include "common/optim/lion.h"
 #include "common/optim/rmsprop.h"
 #include "common/optim/sgd.h"
 #include "common/optim/sophia.h"
@@ -17,6 +18,7 @@
   X(Rmsprop)                  \
   X(Adam)                     \
   X(Sophia)                   \
+  X(Lion)                     \
   X(Ema)
 // clang-format on
 
