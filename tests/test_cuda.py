@@ -630,9 +630,9 @@ def _stream_with_host_arrays(c: DeviceCall, lib) -> Dict[str, Any]:
 # (id, corrupt(call, lib) -> keyword overrides or None, exception, message pattern)
 BAD_CASES = [
     ("grad-on-host", lambda c, lib: c["grads"].__setitem__(1, c.values("grads", 1)),
-     TypeError, r"grads\[1\]: is .*the params are CUDA arrays"),
+     TypeError, r"grads\[1\]: is a host array .*but this call runs on CUDA arrays"),
     ("state-on-host", lambda c, lib: c["exp_avg_sqs"].__setitem__(2, c.values("exp_avg_sqs", 2)),
-     TypeError, r"exp_avg_sqs\[2\]: is .*the params are CUDA arrays"),
+     TypeError, r"exp_avg_sqs\[2\]: is a host array .*but this call runs on CUDA arrays"),
     ("cuda-grad-host-params", _cuda_grad_host_rest, TypeError, r"grads\[1\]: is a CUDA array"),
     ("params-dtype", lambda c, lib: c["params"].__setitem__(
         1, lib.to_device(c.values("params", 1).astype(np.float64))),
