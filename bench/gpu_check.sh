@@ -2,20 +2,21 @@
 # The GPU check, in two calls of the lent GPU machine (each fits one `run`; together with one
 # machine start they fit a 15-minute device budget). No network is needed there.
 #
-#   bash bench/gpu_check.sh check OUTDIR   # call 1 (<= 8 min): install, preflight, the tests
+#   bash bench/gpu_check.sh check OUTDIR   # call 1 (7.5 min): install, preflight, the tests
 #                                          # marked cuda (8 workers), bench/sanitize_small.py
 #                                          # plain, under memcheck and under racecheck
-#   bash bench/gpu_check.sh bench OUTDIR   # call 2 (<= 4.5 min): install, preflight, the full
+#   bash bench/gpu_check.sh bench OUTDIR   # call 2 (4.5 min): install, preflight, the full
 #                                          # GPU bench: table, JSON, plot
 #
 # Before: build the wheel here, on the machine without a GPU (about 2 minutes):
 #   bash bench/build_gpu_wheel.sh          # -> .gpu/ (git-ignored, so it travels only carried)
 # The two `run` calls (issue call 2 right after call 1 returns: the machine stays warm for
-# 30 s, and a fresh start costs 1-2 minutes of device time):
-#   run(command="bash bench/gpu_check.sh check $OUT", carry=[".gpu"], timeout_s=540)
+# 30 s, and a fresh start costs 1-2 minutes of device time; give_back after call 2):
+#   run(command="bash bench/gpu_check.sh check $OUT", carry=[".gpu"], timeout_s=510)
 #   run(command="bash bench/gpu_check.sh bench $OUT", carry=[".gpu"], timeout_s=330)
-# To re-run failures only: TESTS_ARGS="tests/test_cuda.py -k 'grad_on_host or swap'" (the
-# node ids are in failures.log).
+# start (1-2 min) + 7.5 + 4.5 min: inside the 15 minutes.
+# To re-run failures only, name them (node ids as in failures.log), e.g.
+#   run(command="TESTS_ARGS='tests/test_cuda.py::test_plan_starts_empty' bash bench/gpu_check.sh check $OUT", ...)
 #
 # Install: the wheel in .gpu/ with `pip install --no-deps --target`, if it was built from
 # the C++/CUDA sources and build files this checkout has (.gpu/SOURCE_HASH), with the Python
@@ -33,7 +34,7 @@
 # if a stage failed, 2 on bad usage.
 #
 # Environment (all optional): PYTHON (python3), CUDA_ARCH (90: for the on-device build),
-# GPU_CHECK_BUDGET_S (check 480, bench 270: stages are cut to fit), TESTS_CUDA_S (300: the
+# GPU_CHECK_BUDGET_S (check 450, bench 270: stages are cut to fit), TESTS_CUDA_S (300: the
 # test stage's cap), TEST_TIMEOUT_S (120: per test), TEST_WORKERS (8: pytest-xdist workers),
 # TESTS_ARGS (tests/: what the test stage runs), BENCH_ARGS (extra bench options, e.g.
 # "--only adamw"),
@@ -52,7 +53,7 @@ cd "$ROOT" || exit 2
 
 PY=${PYTHON:-python3}
 ARCH=${CUDA_ARCH:-90}
-if [ "$MODE" = check ]; then BUDGET=${GPU_CHECK_BUDGET_S:-480}; else BUDGET=${GPU_CHECK_BUDGET_S:-270}; fi
+if [ "$MODE" = check ]; then BUDGET=${GPU_CHECK_BUDGET_S:-450}; else BUDGET=${GPU_CHECK_BUDGET_S:-270}; fi
 SITE="${TMPDIR:-/tmp}/fastopt_gpu_site"
 # Seconds an on-device build leaves for the stages after it.
 if [ "$MODE" = check ]; then AFTER_BUILD=200; else AFTER_BUILD=120; fi
