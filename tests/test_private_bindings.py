@@ -241,6 +241,10 @@ CASES: List[Case] = [
     Case("hessians (5, 4, 3)", "newton_solve",
          lambda r: (spd(r, 5, 4)[:, :, :3].copy(), rand(r, (5, 4), F64), poison((5, 4), F64),
                     poison(5, np.bool_), 0.0, None), ValueError, "^hessians: expected shape"),
+    Case("hessians (5, 3, 4), strided: the shape is named", "newton_solve",
+         lambda r: (spd(r, 5, 4)[:, :3], rand(r, (5, 4), F64), poison((5, 4), F64),
+                    poison(5, np.bool_), 0.0, None), ValueError, "^hessians: expected shape",
+         True),
     Case("hessians for fewer systems", "newton_solve",
          lambda r: (spd(r, 4, 4), rand(r, (5, 4), F64), poison((5, 4), F64),
                     poison(5, np.bool_), 0.0, None), ValueError, "^hessians: expected shape"),
@@ -356,7 +360,6 @@ def test_cuda_binding_checks_sizes(lib, case, rng):
 
 def test_zero_size_calls_are_checked_no_ops():
     cpu = _build._cpu
-    one, zero = np.ones(1, F32), np.zeros(1, F32)
     for shape, axis, channels in [((0,), None, 1), ((4, 0), 0, 4), ((4, 0), 1, 0),
                                   ((0, 5), 1, 5), ((0, 5), 0, 0)]:
         s, z = np.ones(channels, F32), np.zeros(channels, F32)

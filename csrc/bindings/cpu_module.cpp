@@ -144,26 +144,43 @@ std::string host_dtype(const py::detail::PyArray_Proxy* a) {
   return py::str(py::handle(a->descr)).cast<std::string>();
 }
 
-// One array argument (a NumPy array) described, its layout checked: C-contiguous and
-// aligned, writeable if `written` (zero-size arrays pass).
-Arg host_arg(const py::object& array, const char* name, bool written) {
-  using py::detail::npy_api;
-  const auto* a = py::detail::array_proxy(array.ptr());
-  Arg r{name, host_dtype(a), std::vector<int64_t>(a->dimensions, a->dimensions + a->nd)};
-  for (int64_t e : r.shape) r.size *= e;
-  r.ptr = reinterpret_cast<uintptr_t>(a->data);
-  r.bytes = r.size * py::reinterpret_borrow<py::array>(array).itemsize();
-  if (r.size == 0) return r;
-  if (!(a->flags & npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-    throw py::value_error(std::string(name) + ": must be C-contiguous");
-  if (!(a->flags & npy_api::NPY_ARRAY_ALIGNED_))
-    throw py::value_error(std::string(name) + ": data is not aligned to its dtype");
-  if (written && !(a->flags & npy_api::NPY_ARRAY_WRITEABLE_))
-    throw py::value_error(std::string(name) + ": is read-only but is updated in place");
-  return r;
-}
+// One array argument: the NumPy array (held for the call) and its description. Absent
+// (None) optional arguments have no bytes.
+struct HostArg {
+  py::object array;
+  Arg arg;
+  bool written = false;
+  bool present = false;
 
-template <class T> T* ptr(const Arg& a) { return reinterpret_cast<T*>(a.ptr); }
+  explicit HostArg(const char* name) : arg{name, "", {}} { arg.size = 0; }
+  HostArg(py::object ndarray, const char* name, bool is_written)
+      : array(std::move(ndarray)), arg{name, "", {}}, written(is_written), present(true) {
+    const auto* a = py::detail::array_proxy(array.ptr());
+    arg.dtype = host_dtype(a);
+    arg.shape.assign(a->dimensions, a->dimensions + a->nd);
+    for (int64_t e : arg.shape) arg.size *= e;
+    arg.ptr = reinterpret_cast<uintptr_t>(a->data);
+    arg.bytes = arg.size * py::reinterpret_borrow<py::array>(array).itemsize();
+  }
+  template <class T> T* ptr() const { return reinterpret_cast<T*>(arg.ptr); }
+};
+
+// C-contiguous and aligned, writeable if written (zero-size arrays pass); checked after the
+// sizes, so that a wrong shape is named as such.
+void expect_layouts(std::initializer_list<const HostArg*> arrays) {
+  using py::detail::npy_api;
+  for (const HostArg* h : arrays) {
+    if (!h->present || h->arg.size == 0) continue;
+    const int flags = py::detail::array_proxy(h->array.ptr())->flags;
+    const std::string name = h->arg.name;
+    if (!(flags & npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+      throw py::value_error(name + ": must be C-contiguous");
+    if (!(flags & npy_api::NPY_ARRAY_ALIGNED_))
+      throw py::value_error(name + ": data is not aligned to its dtype");
+    if (h->written && !(flags & npy_api::NPY_ARRAY_WRITEABLE_))
+      throw py::value_error(name + ": is read-only but is updated in place");
+  }
+}
 
 cpu::InType in_type(const Arg& x) {
   args::expect_float_input(x);
@@ -189,17 +206,20 @@ int64_t quantize_affine(py::object x, py::object q, py::object scales, py::objec
   host_only(stream);
   x = to_ndarray(x, "x");
   q = to_ndarray(q, "q");
-  const Arg ax = host_arg(x, "x", false), aq = host_arg(q, "q", true);
-  const cpu::InType in = in_type(ax);
-  const bool unsigned_q = quantized(aq, ax);
-  const args::Channels c = args::channels_of(ax, axis);
+  const HostArg ax(x, "x", false), aq(q, "q", true);
+  const cpu::InType in = in_type(ax.arg);
+  const bool unsigned_q = quantized(aq.arg, ax.arg);
+  const args::Channels c = args::channels_of(ax.arg, axis);
   const float* s = args::channel_params(scales, "scales", c.channels);
   const float* z = args::channel_params(zero_points, "zero_points", c.channels);
-  args::expect_disjoint({&aq, &ax}, 1);
-  if (ax.size == 0) return -1;
-  const cpu::ChannelLayout L{ax.size, c.channels, c.inner};
+  expect_layouts({&ax, &aq});
+  args::expect_disjoint({&aq.arg, &ax.arg}, 1);
+  if (ax.arg.size == 0) return -1;
+  const cpu::ChannelLayout L{ax.arg.size, c.channels, c.inner};
   int64_t bad = -1;
-  run_released([&] { cpu::quantize_affine(in, ptr<const void>(ax), ptr<void>(aq), unsigned_q, L, s, z, &bad); });
+  run_released([&] {
+    cpu::quantize_affine(in, ax.ptr<const void>(), aq.ptr<void>(), unsigned_q, L, s, z, &bad);
+  });
   return check_finite ? bad : -1;
 }
 
@@ -209,18 +229,21 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   host_only(stream);
   q = to_ndarray(q, "q");
   out = to_ndarray(out, "out");
-  const Arg aq = host_arg(q, "q", false), ao = host_arg(out, "out", true);
-  args::expect_dtype(aq, {"int8", "uint8"}, "int8 or uint8");
-  args::expect_dtype(ao, {"float32"}, "float32");
-  args::expect_same_shape(ao, aq);
-  const args::Channels c = args::channels_of(aq, axis);
+  const HostArg aq(q, "q", false), ao(out, "out", true);
+  args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
+  args::expect_dtype(ao.arg, {"float32"}, "float32");
+  args::expect_same_shape(ao.arg, aq.arg);
+  const args::Channels c = args::channels_of(aq.arg, axis);
   const float* s = args::channel_params(scales, "scales", c.channels);
   const float* z = args::channel_params(zero_points, "zero_points", c.channels);
-  args::expect_disjoint({&ao, &aq}, 1);
-  if (aq.size == 0) return;
-  const cpu::ChannelLayout L{aq.size, c.channels, c.inner};
-  const bool unsigned_q = aq.dtype == "uint8";
-  run_released([&] { cpu::dequantize_affine(ptr<const void>(aq), unsigned_q, ptr<float>(ao), L, s, z); });
+  expect_layouts({&aq, &ao});
+  args::expect_disjoint({&ao.arg, &aq.arg}, 1);
+  if (aq.arg.size == 0) return;
+  const cpu::ChannelLayout L{aq.arg.size, c.channels, c.inner};
+  const bool unsigned_q = aq.arg.dtype == "uint8";
+  run_released([&] {
+    cpu::dequantize_affine(aq.ptr<const void>(), unsigned_q, ao.ptr<float>(), L, s, z);
+  });
 }
 
 // (x's first non-finite flat index or -1, mins, maxs): the min and max of the finite
@@ -228,17 +251,18 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
 py::tuple minmax(py::object x, py::object axis, py::object stream) {
   host_only(stream);
   x = to_ndarray(x, "x");
-  const Arg ax = host_arg(x, "x", false);
-  const cpu::InType in = in_type(ax);
-  const args::Channels c = args::channels_of(ax, axis);
+  const HostArg ax(x, "x", false);
+  const cpu::InType in = in_type(ax.arg);
+  const args::Channels c = args::channels_of(ax.arg, axis);
+  expect_layouts({&ax});
   py::array_t<float> mins(c.channels), maxs(c.channels);
   float *mn = mins.mutable_data(), *mx = maxs.mutable_data();
   std::fill(mn, mn + c.channels, std::numeric_limits<float>::infinity());
   std::fill(mx, mx + c.channels, -std::numeric_limits<float>::infinity());
   int64_t bad = -1;
-  if (ax.size > 0) {
-    const cpu::ChannelLayout L{ax.size, c.channels, c.inner};
-    run_released([&] { cpu::minmax(in, ptr<const void>(ax), L, mn, mx, &bad); });
+  if (ax.arg.size > 0) {
+    const cpu::ChannelLayout L{ax.arg.size, c.channels, c.inner};
+    run_released([&] { cpu::minmax(in, ax.ptr<const void>(), L, mn, mx, &bad); });
   }
   return py::make_tuple(bad, mins, maxs);
 }
@@ -252,19 +276,19 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
   x = to_ndarray(x, "x");
   q = to_ndarray(q, "q");
   absmax = to_ndarray(absmax, "absmax");
-  const Arg ax = host_arg(x, "x", false), aq = host_arg(q, "q", true),
-            am = host_arg(absmax, "absmax", true);
-  const cpu::InType in = in_type(ax);
-  args::expect_dtype(aq, {"int8"}, "int8");
-  args::expect_same_shape(aq, ax);
-  args::expect_absmax(am, ax, block);
-  args::expect_disjoint({&aq, &am, &ax}, 2);
-  if (ax.size == 0) return -1;
-  const int64_t n = ax.size, kernel_block = std::min(block, n);  // b0 + block stays in range
+  const HostArg ax(x, "x", false), aq(q, "q", true), am(absmax, "absmax", true);
+  const cpu::InType in = in_type(ax.arg);
+  args::expect_dtype(aq.arg, {"int8"}, "int8");
+  args::expect_same_shape(aq.arg, ax.arg);
+  args::expect_absmax(am.arg, ax.arg, block);
+  expect_layouts({&ax, &aq, &am});
+  args::expect_disjoint({&aq.arg, &am.arg, &ax.arg}, 2);
+  const int64_t n = ax.arg.size;
+  if (n == 0) return -1;
   int64_t bad = -1;
-  run_released([&] {
-    cpu::quantize_blockwise(in, ptr<const void>(ax), ptr<int8_t>(aq), ptr<float>(am), n,
-                            kernel_block, stochastic, seed, &bad);
+  run_released([&] {  // the kernel sees min(block, n): b*block + block stays in range
+    cpu::quantize_blockwise(in, ax.ptr<const void>(), aq.ptr<int8_t>(), am.ptr<float>(), n,
+                            std::min(block, n), stochastic, seed, &bad);
   });
   return check_finite ? bad : -1;
 }
@@ -276,18 +300,18 @@ void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64
   q = to_ndarray(q, "q");
   absmax = to_ndarray(absmax, "absmax");
   out = to_ndarray(out, "out");
-  const Arg aq = host_arg(q, "q", false), am = host_arg(absmax, "absmax", false),
-            ao = host_arg(out, "out", true);
-  args::expect_dtype(aq, {"int8"}, "int8");
-  args::expect_absmax(am, aq, block);
-  args::expect_dtype(ao, {"float32"}, "float32");
-  args::expect_same_shape(ao, aq);
-  args::expect_disjoint({&ao, &aq, &am}, 1);
-  if (aq.size == 0) return;
-  const int64_t n = aq.size, kernel_block = std::min(block, n);
+  const HostArg aq(q, "q", false), am(absmax, "absmax", false), ao(out, "out", true);
+  args::expect_dtype(aq.arg, {"int8"}, "int8");
+  args::expect_absmax(am.arg, aq.arg, block);
+  args::expect_dtype(ao.arg, {"float32"}, "float32");
+  args::expect_same_shape(ao.arg, aq.arg);
+  expect_layouts({&aq, &am, &ao});
+  args::expect_disjoint({&ao.arg, &aq.arg, &am.arg}, 1);
+  const int64_t n = aq.arg.size;
+  if (n == 0) return;
   run_released([&] {
-    cpu::dequantize_blockwise(ptr<const int8_t>(aq), ptr<const float>(am), ptr<float>(ao), n,
-                              kernel_block);
+    cpu::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), ao.ptr<float>(),
+                              n, std::min(block, n));
   });
 }
 
@@ -299,22 +323,23 @@ void newton_solve(py::object hessians, py::object grads, py::object d, py::objec
   host_only(stream);
   hessians = to_ndarray(hessians, "hessians");
   grads = to_ndarray(grads, "grads");
+  if (!params.is_none()) params = to_ndarray(params, "params");
   d = to_ndarray(d, "d");
   solved = to_ndarray(solved, "solved");
-  if (!params.is_none()) params = to_ndarray(params, "params");
-  const Arg ah = host_arg(hessians, "hessians", false), ag = host_arg(grads, "grads", false);
-  const Arg ap = params.is_none() ? Arg{"params", "", {}} : host_arg(params, "params", true);
-  const Arg ad = host_arg(d, "d", true), as = host_arg(solved, "solved", true);
-  const args::Systems sys = args::newton_systems(ah, ag, params.is_none() ? nullptr : &ap);
-  args::expect_same_dtype(ad, ah);
-  args::expect_same_shape(ad, ag);
-  args::expect_flags(as, ag);
-  args::expect_disjoint({&ap, &ad, &as, &ag, &ah}, 3);
+  const HostArg ah(hessians, "hessians", false), ag(grads, "grads", false);
+  const HostArg ap = params.is_none() ? HostArg("params") : HostArg(params, "params", true);
+  const HostArg ad(d, "d", true), as(solved, "solved", true);
+  const args::Systems sys = args::newton_systems(ah.arg, ag.arg, ap.present ? &ap.arg : nullptr);
+  args::expect_same_dtype(ad.arg, ah.arg);
+  args::expect_same_shape(ad.arg, ag.arg);
+  args::expect_flags(as.arg, ag.arg);
+  expect_layouts({&ah, &ag, &ap, &ad, &as});
+  args::expect_disjoint({&ap.arg, &ad.arg, &as.arg, &ag.arg, &ah.arg}, 3);
   if (sys.batch == 0) return;
-  const cpu::DType dt = newton_dtype(ah);
+  const cpu::DType dt = newton_dtype(ah.arg);
   run_released([&] {
-    cpu::newton_solve(dt, ptr<const void>(ah), ptr<const void>(ag), ptr<void>(ad),
-                      ptr<bool>(as), sys.batch, sys.n, damping);
+    cpu::newton_solve(dt, ah.ptr<const void>(), ag.ptr<const void>(), ad.ptr<void>(),
+                      as.ptr<bool>(), sys.batch, sys.n, damping);
   });
 }
 
@@ -325,15 +350,18 @@ void newton_apply(py::object params, py::object d, py::object use, double lr,
   params = to_ndarray(params, "params");
   d = to_ndarray(d, "d");
   if (!use.is_none()) use = to_ndarray(use, "use");
-  const Arg ap = host_arg(params, "params", true), ad = host_arg(d, "d", false);
-  const Arg au = use.is_none() ? Arg{"use", "", {}} : host_arg(use, "use", false);
-  const args::Systems sys = args::newton_update(ap, ad);
-  if (!use.is_none()) args::expect_flags(au, ap);
-  args::expect_disjoint({&ap, &ad, &au}, 1);
+  const HostArg ap(params, "params", true), ad(d, "d", false);
+  const HostArg au = use.is_none() ? HostArg("use") : HostArg(use, "use", false);
+  const args::Systems sys = args::newton_update(ap.arg, ad.arg);
+  if (au.present) args::expect_flags(au.arg, ap.arg);
+  expect_layouts({&ap, &ad, &au});
+  args::expect_disjoint({&ap.arg, &ad.arg, &au.arg}, 1);
   if (sys.batch == 0) return;
-  const cpu::DType dt = newton_dtype(ap);
-  const bool* mask = use.is_none() ? nullptr : ptr<const bool>(au);
-  run_released([&] { cpu::newton_apply(dt, ptr<void>(ap), ptr<const void>(ad), mask, sys.batch, sys.n, lr); });
+  const cpu::DType dt = newton_dtype(ap.arg);
+  const bool* mask = au.present ? au.ptr<const bool>() : nullptr;
+  run_released([&] {
+    cpu::newton_apply(dt, ap.ptr<void>(), ad.ptr<const void>(), mask, sys.batch, sys.n, lr);
+  });
 }
 
 void add_inplace(py::array dst, py::array src) {

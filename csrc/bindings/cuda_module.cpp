@@ -223,19 +223,20 @@ int call_device(const std::vector<NamedArray>& args, size_t num_written, intptr_
   return device;
 }
 
-// A kernel argument: the CUDA array (layout checked) and its description for the shared
-// size checks.
+// A kernel argument: the CUDA array and its description for the shared size checks.
+// Absent (None) optional arguments have no bytes.
 struct KernelArg {
   DeviceArray array;
   args::Arg arg;
-  bool present = true;
+  bool written = false;
+  bool present = false;
 
-  explicit KernelArg(const char* name) : arg{name, "", {}}, present(false) {  // None
-    arg.size = 0;
-  }
-  KernelArg(py::handle obj, const char* name, intptr_t stream, bool written)
-      : array(call_arg(obj, name, stream, written)),
-        arg{name, fastopt::bindings::dtype_name(array.dtype), array.shape} {
+  explicit KernelArg(const char* name) : arg{name, "", {}} { arg.size = 0; }
+  KernelArg(py::handle obj, const char* name, intptr_t stream, bool is_written)
+      : array(fastopt::bindings::describe(obj, {name, 0, false}, stream)),
+        arg{name, fastopt::bindings::dtype_name(array.dtype), array.shape},
+        written(is_written),
+        present(true) {
     arg.size = array.size;
     arg.ptr = array.ptr;
     arg.bytes = array.size * int64_t(cuda::element_size(array.dtype));
@@ -243,12 +244,17 @@ struct KernelArg {
   template <class T> T* ptr() const { return reinterpret_cast<T*>(array.ptr); }
 };
 
-// The call's device made current (all arrays on one, the stream on it too).
+// The arguments' layouts (C-contiguous, aligned, writeable where written; after the size
+// checks, so that a wrong shape is named as such), then the call's device: all arrays on
+// one, the stream on it too. Aliasing is args::expect_disjoint's.
 int kernel_device(std::initializer_list<const KernelArg*> arrays, intptr_t stream) {
   std::vector<NamedArray> named;
-  for (const KernelArg* a : arrays)
-    if (a->present) named.emplace_back(a->arg.name, &a->array);
-  return call_device(named, 0, stream);  // aliasing: checked by args::expect_disjoint
+  for (const KernelArg* a : arrays) {
+    if (!a->present) continue;
+    fastopt::bindings::check_layout(a->array, {a->arg.name, 0, false}, a->written);
+    named.emplace_back(a->arg.name, &a->array);
+  }
+  return call_device(named, 0, stream);
 }
 
 // Device memory for one call (the first-bad index, per-channel parameters, a factor),
@@ -324,8 +330,8 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
   args::expect_dtype(aq.arg, {"int8"}, "int8");
   args::expect_same_shape(aq.arg, ax.arg);
   args::expect_absmax(am.arg, ax.arg, block);
+  DeviceGuard guard(kernel_device({&ax, &aq, &am}, stream));
   args::expect_disjoint({&aq.arg, &am.arg, &ax.arg}, 2);
-  DeviceGuard guard(kernel_device({&aq, &am, &ax}, stream));
   const int64_t n = ax.arg.size;
   if (n == 0) return -1;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -346,8 +352,8 @@ void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64
   args::expect_absmax(am.arg, aq.arg, block);
   args::expect_dtype(ao.arg, {"float32"}, "float32");
   args::expect_same_shape(ao.arg, aq.arg);
+  DeviceGuard guard(kernel_device({&aq, &am, &ao}, stream));
   args::expect_disjoint({&ao.arg, &aq.arg, &am.arg}, 1);
-  DeviceGuard guard(kernel_device({&ao, &aq, &am}, stream));
   const int64_t n = aq.arg.size;
   if (n == 0) return;
   cuda::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), ao.ptr<float>(), n,
@@ -366,8 +372,8 @@ int64_t quantize_affine(py::object x, py::object q, py::object scales, py::objec
   const args::Channels c = args::channels_of(ax.arg, axis);
   const float* sp = args::channel_params(scales, "scales", c.channels);
   const float* zp = args::channel_params(zero_points, "zero_points", c.channels);
+  DeviceGuard guard(kernel_device({&ax, &aq}, stream));
   args::expect_disjoint({&aq.arg, &ax.arg}, 1);
-  DeviceGuard guard(kernel_device({&aq, &ax}, stream));
   if (ax.arg.size == 0) return -1;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   const AffineScratch scratch(sp, zp, size_t(c.channels), s);
@@ -388,8 +394,8 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   const args::Channels c = args::channels_of(aq.arg, axis);
   const float* sp = args::channel_params(scales, "scales", c.channels);
   const float* zp = args::channel_params(zero_points, "zero_points", c.channels);
+  DeviceGuard guard(kernel_device({&aq, &ao}, stream));
   args::expect_disjoint({&ao.arg, &aq.arg}, 1);
-  DeviceGuard guard(kernel_device({&ao, &aq}, stream));
   if (aq.arg.size == 0) return;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   const AffineScratch scratch(sp, zp, size_t(c.channels), s);
@@ -440,12 +446,12 @@ void newton_solve(py::object hessians, py::object grads, py::object d, py::objec
   const KernelArg ah(hessians, "hessians", stream, false), ag(grads, "grads", stream, false);
   const KernelArg ap = params.is_none() ? KernelArg("params") : KernelArg(params, "params", stream, true);
   const KernelArg ad(d, "d", stream, true), as(solved, "solved", stream, true);
-  const args::Systems sys = args::newton_systems(ah.arg, ag.arg, params.is_none() ? nullptr : &ap.arg);
+  const args::Systems sys = args::newton_systems(ah.arg, ag.arg, ap.present ? &ap.arg : nullptr);
   args::expect_same_dtype(ad.arg, ah.arg);
   args::expect_same_shape(ad.arg, ag.arg);
   args::expect_flags(as.arg, ag.arg);
+  DeviceGuard guard(kernel_device({&ah, &ag, &ap, &ad, &as}, stream));
   args::expect_disjoint({&ap.arg, &ad.arg, &as.arg, &ag.arg, &ah.arg}, 3);
-  DeviceGuard guard(kernel_device({&ad, &as, &ah, &ag, &ap}, stream));
   if (sys.batch == 0) return;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   Scratch scratch(size_t(cuda::newton_scratch_elements(sys.batch, sys.n)) *
@@ -460,8 +466,8 @@ void newton_apply(py::object params, py::object d, py::object use, double lr, in
   const KernelArg au = use.is_none() ? KernelArg("use") : KernelArg(use, "use", stream, false);
   const args::Systems sys = args::newton_update(ap.arg, ad.arg);
   if (!use.is_none()) args::expect_flags(au.arg, ap.arg);
-  args::expect_disjoint({&ap.arg, &ad.arg, &au.arg}, 1);
   DeviceGuard guard(kernel_device({&ap, &ad, &au}, stream));
+  args::expect_disjoint({&ap.arg, &ad.arg, &au.arg}, 1);
   if (sys.batch == 0) return;
   cuda::newton_apply(ap.array.dtype, ap.ptr<void>(), ad.ptr<const void>(),
                      use.is_none() ? nullptr : au.ptr<const uint8_t>(), sys.batch, sys.n, lr,

@@ -10,7 +10,7 @@ anything is written, copying into it, and reading a flag array back on the host.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, cast
 
 import numpy as np
 
@@ -88,7 +88,7 @@ class Call:
         """A new C-contiguous array on the call's device (``like``'s library on the GPU)."""
         if self.host:
             return np.empty(shape, dtype)
-        return _arrays.device_empty(like, shape, dtype, self.stream)
+        return _arrays.device_empty(like, shape, dtype, cast(int, self.stream))
 
     def out(self, name: str, out: Any, shape: Tuple[int, ...], dtype: str,
             inputs: Sequence[Tuple[str, Any]]) -> Any:
