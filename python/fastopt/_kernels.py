@@ -49,6 +49,11 @@ def _dtype_name(dtype: np.dtype) -> str:
     return dtype.name if dtype.isnative else str(dtype)
 
 
+def _name(dtype: Any) -> str:
+    """A dtype given as a NumPy dtype or its name, as its name."""
+    return dtype if isinstance(dtype, str) else _dtype_name(dtype)
+
+
 def _host(name: str, a: Any) -> Tuple[np.ndarray, Kind]:
     """A NumPy array sharing ``a``'s memory (a bfloat16 torch tensor through ml_dtypes)."""
     if isinstance(a, np.ndarray):
@@ -69,11 +74,15 @@ class Call:
     lives) and its stream (None on the host)."""
 
     __slots__ = ("kernels", "stream", "host")
+    stream: Optional[int]
 
     def __init__(self, name: str, first: Any, stream: Any):
+        self.host = not _arrays.on_device(first)
+        if self.host and stream is None:  # the common case, without backend()'s microseconds
+            self.kernels, self.stream = _cpu, None
+            return
         self.kernels, extra = _arrays.backend([first], stream, name=name)
-        self.stream: Optional[int] = extra.get("stream")
-        self.host = self.kernels is _cpu
+        self.stream = extra["stream"]  # backend() raised for a host array
 
     def input(self, name: str, a: Any) -> Tuple[Any, Tuple[int, ...], str, Kind]:
         """(``a`` as the kernels take it, its shape, its dtype's name, how results go back).
@@ -84,22 +93,23 @@ class Call:
         dtype, shape, _ = self.kernels.describe(a, name, self.stream)
         return a, tuple(shape), dtype, _AS_IS
 
-    def empty(self, like: Any, shape: Tuple[int, ...], dtype: str) -> Any:
-        """A new C-contiguous array on the call's device (``like``'s library on the GPU)."""
+    def empty(self, like: Any, shape: Tuple[int, ...], dtype: Any) -> Any:
+        """A new C-contiguous array of ``dtype`` (a NumPy dtype or its name) on the call's
+        device (``like``'s library on the GPU)."""
         if self.host:
             return np.empty(shape, dtype)
-        return _arrays.device_empty(like, shape, dtype, cast(int, self.stream))
+        return _arrays.device_empty(like, shape, _name(dtype), cast(int, self.stream))
 
-    def out(self, name: str, out: Any, shape: Tuple[int, ...], dtype: str,
+    def out(self, name: str, out: Any, shape: Tuple[int, ...], dtype: Any,
             inputs: Sequence[Tuple[str, Any]]) -> Any:
         """``out`` checked whole before anything is written -- on the call's device, shape
-        and dtype, C-contiguous, writeable, sharing no memory with ``inputs`` ((name, array)
+        and dtype (a NumPy dtype or its name), C-contiguous, writeable, sharing no memory with ``inputs`` ((name, array)
         as the kernels take them) -- and returned as the kernels take it."""
         if self.host:
             o = host_array(name, out)
-            if o.shape != shape or _dtype_name(o.dtype) != dtype:
-                raise ValueError(f"{name}: expected shape {shape} and dtype {dtype}, got "
-                                 f"{o.shape} {o.dtype}")
+            if o.shape != shape or o.dtype != dtype:
+                raise ValueError(f"{name}: expected shape {shape} and dtype {_name(dtype)}, "
+                                 f"got {o.shape} {o.dtype}")
             if not o.flags.writeable:
                 raise ValueError(f"{name}: must be writeable")
             if not o.flags.c_contiguous:
@@ -111,8 +121,8 @@ class Call:
                     raise ValueError(f"{name}: overlaps {other} in memory")
             return o
         got_dtype, got_shape, _ = self.kernels.describe(out, name, self.stream)
-        if tuple(got_shape) != shape or got_dtype != dtype:
-            raise ValueError(f"{name}: expected shape {shape} and dtype {dtype}, got "
+        if tuple(got_shape) != shape or got_dtype != _name(dtype):
+            raise ValueError(f"{name}: expected shape {shape} and dtype {_name(dtype)}, got "
                              f"{tuple(got_shape)} {got_dtype}")
         self.kernels.check_arrays([(name, out)], list(inputs), self.stream)
         return out
