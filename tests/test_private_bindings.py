@@ -324,6 +324,22 @@ def test_every_binding_has_cases():
     assert {c.binding for c in CASES} == BINDINGS
 
 
+def _argument_names(fn) -> List[str]:
+    """The argument names of a pybind11 function, from its signature line."""
+    signature = fn.__doc__.splitlines()[0]
+    inside = signature[signature.index("(") + 1:signature.rindex(") ->")]
+    return [a.split(":")[0].strip() for a in inside.split(", ") if ":" in a]
+
+
+@pytest.mark.skipif(_build._cuda is None, reason="built without the CUDA module")
+@pytest.mark.parametrize("name", sorted(BINDINGS))
+def test_cpu_and_cuda_take_the_same_arguments(name):
+    """One signature per kernel on both backends (compiled without a GPU too)."""
+    cpu = _argument_names(getattr(_build._cpu, name))
+    cuda = _argument_names(getattr(_build._cuda, name))
+    assert cpu == cuda and cpu[-1] == "stream"
+
+
 def _run(kernels, stream, to_device: Callable[[np.ndarray], Any],
          to_host: Callable[[Any], np.ndarray], case: Case, rng) -> None:
     """Calls case's binding with its arrays moved by ``to_device`` (Host ones stay NumPy),
