@@ -444,7 +444,8 @@ py::tuple minmax(py::object x, py::object axis, intptr_t stream) {
 void newton_solve(py::object hessians, py::object grads, py::object d, py::object solved,
                   double damping, py::object params, intptr_t stream) {
   const KernelArg ah(hessians, "hessians", stream, false), ag(grads, "grads", stream, false);
-  const KernelArg ap = params.is_none() ? KernelArg("params") : KernelArg(params, "params", stream, true);
+  const KernelArg ap =
+      params.is_none() ? KernelArg("params") : KernelArg(params, "params", stream, true);
   const KernelArg ad(d, "d", stream, true), as(solved, "solved", stream, true);
   const args::Systems sys = args::newton_systems(ah.arg, ag.arg, ap.present ? &ap.arg : nullptr);
   args::expect_same_dtype(ad.arg, ah.arg);

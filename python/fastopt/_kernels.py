@@ -64,7 +64,8 @@ def _host(name: str, a: Any) -> Tuple[np.ndarray, Kind]:
         if a.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits through ml_dtypes
             import ml_dtypes
 
-            return a.detach().contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16), _TORCH
+            bits = a.detach().contiguous().view(torch.int16).numpy()
+            return bits.view(ml_dtypes.bfloat16), _TORCH
         return host_array(name, a), _TORCH
     return host_array(name, a), _AS_IS
 
@@ -103,8 +104,9 @@ class Call:
     def out(self, name: str, out: Any, shape: Tuple[int, ...], dtype: Any,
             inputs: Sequence[Tuple[str, Any]]) -> Any:
         """``out`` checked whole before anything is written -- on the call's device, shape
-        and dtype (a NumPy dtype or its name), C-contiguous, writeable, sharing no memory with ``inputs`` ((name, array)
-        as the kernels take them) -- and returned as the kernels take it."""
+        and dtype (a NumPy dtype or its name), C-contiguous, writeable, sharing no memory
+        with ``inputs`` ((name, array) as the kernels take them) -- and returned as the
+        kernels take it."""
         if self.host:
             o = host_array(name, out)
             if o.shape != shape or o.dtype != dtype:
