@@ -347,3 +347,15 @@ def test_gpu_layouts_16bit_and_grad_scale_match_the_cpu(name, case, cuda_device,
             assert b.stride() == a.stride(), k
             assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
                                b.view(torch.int16) if b.element_size() == 2 else b), k
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_inplace_ceiling_kernel(dtype, rng):
+    # the bench's bandwidth ceiling: its argument lists must outlive the table built on them
+    a = rng.standard_normal(4097).astype(dtype)
+    b = rng.standard_normal(4097).astype(dtype)
+    want = a + b
+    _cpu.add_inplace(a, b)
+    np.testing.assert_array_equal(a, want)
+    with pytest.raises(TypeError, match="dst"):
+        _cpu.add_inplace(a.astype(np.float16), b.astype(np.float16))

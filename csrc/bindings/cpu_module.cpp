@@ -317,9 +317,9 @@ void newton_apply(py::object params, py::object d, py::object use, double lr,
 }
 
 void add_inplace(py::array dst, py::array src) {
-  const std::array<RoleSpec, 2> roles{
-      {{"dst", py::list(py::make_tuple(dst)), true, fastopt::RoleKind::param},
-       {"src", py::list(py::make_tuple(src)), false, fastopt::RoleKind::grad}}};
+  const py::list dst_list(py::make_tuple(dst)), src_list(py::make_tuple(src));
+  const std::array<RoleSpec, 2> roles{{{"dst", dst_list, true, fastopt::RoleKind::param},
+                                       {"src", src_list, false, fastopt::RoleKind::grad}}};
   const ArrayTable arrays(roles, false);
   if (arrays.dtype() != cpu::DType::f32 && arrays.dtype() != cpu::DType::f64)
     throw py::type_error("dst: add_inplace takes float32 or float64 arrays");
