@@ -93,7 +93,7 @@ def run(argv_options: Any) -> int:
         if show:
             print(f"\r\033[K[bench] {msg}", end="", file=sys.stderr, flush=True)
 
-    from .._build import cuda_status, cuda_unavailable_reason
+    from .._ext import cuda_status, cuda_unavailable_reason
 
     cuda = cuda_status()
     devices = ["cpu", "cuda"] if argv_options.device == "all" else [argv_options.device]
