@@ -22,7 +22,8 @@ optimizer classes pass their cached ``fastopt._cuda.Plan``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import re
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,6 +38,34 @@ __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "lion_"
 # types, whose equal values validate alike (True == 1 == 1.0 is why the types are in the key).
 _CACHEABLE = frozenset({float, int, bool})
 _CACHE_SIZE = 256
+
+
+class Checked(NamedTuple):
+    """What a tuple of hyper-parameters validates to."""
+    kw: Dict[str, Any]                  # the kernel's keywords, fixed ones included, no step
+    cpu_args: Optional[Tuple[Any, ...]]  # the same, in the CPU kernel's positional order
+    needed: Tuple[Tuple[int, str], ...]  # (index, message) of each optional array needed
+    unused: Tuple[int, ...]             # indices of the optional arrays left unused
+
+
+def _positional_order(kernel: Any, spec: OptimizerSpec) -> Optional[Tuple[str, ...]]:
+    """The hyper-parameters in the order the compiled ``kernel`` takes them positionally
+    after the arrays and ``listed`` (step last, if it takes one), read from its pybind11
+    signature line; None if that line does not say so exactly (keywords are used then).
+    A positional call skips pybind11's keyword matching: half of a small step's cost."""
+    match = re.match(rf"{spec.kernel}\((.*)\) -> None$", (kernel.__doc__ or "").split("\n")[0])
+    if match is None or "*" in match.group(1):
+        return None
+    names = tuple(re.findall(r"(\w+):", match.group(1)))
+    roles = tuple(a.name for a in spec.arrays) + ("listed",)
+    order = names[len(roles):]
+    expected = set(spec.hyper) | set(spec.fixed) | ({"step"} if spec.takes_step else set())
+    if names[:len(roles)] != roles or set(order) != expected or \
+            (spec.takes_step and order[-1] != "step"):
+        return None
+    return order[:-1] if spec.takes_step else order
+
+
 _NO_EXTRA: Dict[str, Any] = {}  # the CPU module's kernels take no stream or plan
 
 
@@ -51,10 +80,9 @@ class StepKernel:
         self.kernel = spec.kernel
         self.names = tuple(a.name for a in spec.arrays)
         self.takes_step = spec.takes_step
-        # (hyper tuple, its types) -> (kernel keywords, (index, message) of each optional
-        #                              array they need, indices of those they leave unused)
-        self._checked: Dict[Any, Tuple[Dict[str, Any], Tuple[Tuple[int, str], ...],
-                                       Tuple[int, ...]]] = {}
+        cpu_kernel = getattr(_ext._cpu, spec.kernel, None)
+        self.cpu_order = None if cpu_kernel is None else _positional_order(cpu_kernel, spec)
+        self._checked: Dict[Any, Checked] = {}  # (hyper tuple, its types) -> Checked
 
     def __call__(self, arrays: List[Any], hyper: Tuple[Any, ...], step: Any, stream: Any,
                  plan: Any) -> None:
@@ -66,26 +94,42 @@ class StepKernel:
             checked = None
         if checked is None:
             checked = self._check(hyper)
-        kw, needed, unused = checked
         if self.takes_step and (type(step) is not int or step < 1):
             step = step_count(step)
-        for i, message in needed:
+        for i, message in checked.needed:
             if arrays[i] is None:
                 raise ValueError(message)
-        for i in unused:
+        for i in checked.unused:
             arrays[i] = None
-        listed = isinstance(arrays[0], (list, tuple))
-        self.launch([a if a is None else as_list(name, a, listed)
-                     for name, a in zip(self.names, arrays)], listed, kw, step, stream, plan)
+        # as_list's checks and messages, without its call for a list or a NumPy array
+        if isinstance(arrays[0], (list, tuple)):
+            listed = True
+            lists = [a if type(a) is list or a is None else as_list(name, a, True)
+                     for name, a in zip(self.names, arrays)]
+        else:
+            listed = False
+            lists = [[a] if type(a) is np.ndarray else a if a is None else as_list(name, a, False)
+                     for name, a in zip(self.names, arrays)]
+        first = lists[0]
+        if checked.cpu_args is not None and stream is None and first and \
+                type(first[0]) is np.ndarray:
+            kernel = getattr(_ext._cpu, self.kernel)
+            if self.takes_step:
+                kernel(*lists, listed, *checked.cpu_args, step)
+            else:
+                kernel(*lists, listed, *checked.cpu_args)
+            return
+        self.launch(lists, listed, checked.kw, step, stream, plan)
 
-    def _check(self, hyper: Tuple[Any, ...]
-               ) -> Tuple[Dict[str, Any], Tuple[Tuple[int, str], ...], Tuple[int, ...]]:
+    def _check(self, hyper: Tuple[Any, ...]) -> Checked:
         spec = self.spec
-        values = spec.validate(dict(zip(spec.hyper, hyper)))
-        needed = tuple((i, f"{a.name}: required when {a.needed_when}")
-                       for i, a in enumerate(spec.arrays) if a.optional and a.used(values))
-        unused = tuple(i for i, a in enumerate(spec.arrays) if not a.used(values))
-        checked = (spec.kernel_hyper(values), needed, unused)
+        values = spec.kernel_hyper(spec.validate(dict(zip(spec.hyper, hyper))))
+        checked = Checked(
+            kw=values,
+            cpu_args=None if self.cpu_order is None else tuple(values[k] for k in self.cpu_order),
+            needed=tuple((i, f"{a.name}: required when {a.needed_when}")
+                         for i, a in enumerate(spec.arrays) if a.optional and a.used(values)),
+            unused=tuple(i for i, a in enumerate(spec.arrays) if not a.used(values)))
         types = tuple(map(type, hyper))
         if _CACHEABLE.issuperset(types):
             if len(self._checked) >= _CACHE_SIZE:
@@ -96,7 +140,8 @@ class StepKernel:
     def launch(self, lists: Sequence[Optional[List[Any]]], listed: bool, kw: Dict[str, Any],
                step: int, stream: Any, plan: Any) -> None:
         """The kernel on prepared lists (None for an unused optional array) with validated
-        keywords ``kw`` and ``step`` (passed when the spec takes it)."""
+        keywords ``kw`` and ``step`` (passed when the spec takes it), on the device of the
+        params (``lists[0]``)."""
         first = lists[0]
         if stream is None and first and type(first[0]) is np.ndarray:
             kernels, extra = _ext._cpu, _NO_EXTRA
