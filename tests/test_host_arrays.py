@@ -12,7 +12,7 @@ import pytest
 
 import fastopt
 from fastopt import reference
-from fastopt._build import _cpu
+from fastopt._ext import _cpu
 
 from conftest import CPU_PATHS, using_cpu_path, using_threads
 
@@ -325,7 +325,7 @@ def cuda_device():
 @pytest.mark.parametrize("case", ["channels_last", "transposed", "bfloat16", "grad_scale"])
 @pytest.mark.parametrize("name", NAMES)
 def test_gpu_layouts_16bit_and_grad_scale_match_the_cpu(name, case, cuda_device, rng):
-    from fastopt._build import _cuda
+    from fastopt._ext import _cuda
 
     h = hyper(name)
     dt = torch.bfloat16 if case == "bfloat16" else torch.float32

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _build
+from fastopt import _ext
 
 from cuda_libs import lib_fixture
 
@@ -331,12 +331,12 @@ def _argument_names(fn) -> List[str]:
     return [a.split(":")[0].strip() for a in inside.split(", ") if ":" in a]
 
 
-@pytest.mark.skipif(_build._cuda is None, reason="built without the CUDA module")
+@pytest.mark.skipif(_ext._cuda is None, reason="built without the CUDA module")
 @pytest.mark.parametrize("name", sorted(BINDINGS))
 def test_cpu_and_cuda_take_the_same_arguments(name):
     """One signature per kernel on both backends (compiled without a GPU too)."""
-    cpu = _argument_names(getattr(_build._cpu, name))
-    cuda = _argument_names(getattr(_build._cuda, name))
+    cpu = _argument_names(getattr(_ext._cpu, name))
+    cuda = _argument_names(getattr(_ext._cuda, name))
     assert cpu == cuda and cpu[-1] == "stream"
 
 
@@ -362,20 +362,20 @@ def _run(kernels, stream, to_device: Callable[[np.ndarray], Any],
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_cpu_binding_checks_sizes(case, rng):
-    _run(_build._cpu, None, lambda a: a, lambda a: a, case, rng)
+    _run(_ext._cpu, None, lambda a: a, lambda a: a, case, rng)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.host_only],
                          ids=[c.id for c in CASES if not c.host_only])
 def test_cuda_binding_checks_sizes(lib, case, rng):
-    _run(_build._cuda, 0, lib.to_device, lib.to_host, case, rng)
+    _run(_ext._cuda, 0, lib.to_device, lib.to_host, case, rng)
     lib.synchronize()
 
 
 # ---- zero size: checked like any call, then a no-op (no division by an empty extent) -----
 
 def test_zero_size_calls_are_checked_no_ops():
-    cpu = _build._cpu
+    cpu = _ext._cpu
     for shape, axis, channels in [((0,), None, 1), ((4, 0), 0, 4), ((4, 0), 1, 0),
                                   ((0, 5), 1, 5), ((0, 5), 0, 0)]:
         s, z = np.ones(channels, F32), np.zeros(channels, F32)
@@ -406,18 +406,18 @@ def test_block_past_the_size_is_the_whole_array(rng):
     want_q, want_absmax = fastopt.quantize_blockwise(x, 100)
     for block in (101, 2**40, 2**63 - 1):
         q, absmax = np.empty(100, I8), np.empty(1, F32)
-        assert _build._cpu.quantize_blockwise(x, q, absmax, block, False, 1, True) == -1
+        assert _ext._cpu.quantize_blockwise(x, q, absmax, block, False, 1, True) == -1
         np.testing.assert_array_equal(q, want_q)
         np.testing.assert_array_equal(absmax, want_absmax)
         out = np.empty(100, F32)
-        _build._cpu.dequantize_blockwise(q, absmax, out, block)
+        _ext._cpu.dequantize_blockwise(q, absmax, out, block)
         np.testing.assert_array_equal(out, fastopt.dequantize_blockwise(want_q, want_absmax, 100))
 
 
 def test_host_stream_must_be_none():
     x, q = np.ones(4, F32), np.zeros(4, I8)
     with pytest.raises(ValueError, match="^stream: only applies to CUDA arrays"):
-        _build._cpu.quantize_affine(x, q, np.ones(1, F32), np.zeros(1, F32), None, True, 0)
+        _ext._cpu.quantize_affine(x, q, np.ones(1, F32), np.zeros(1, F32), None, True, 0)
     np.testing.assert_array_equal(q, 0)
 
 
@@ -425,6 +425,6 @@ def test_torch_cpu_tensors_go_through_the_array_adapter():
     torch = pytest.importorskip("torch")
     x = torch.linspace(-1, 1, 64)
     q = torch.zeros(64, dtype=torch.int8)
-    assert _build._cpu.quantize_affine(x, q, np.full(1, 0.01, F32), np.zeros(1, F32), None,
+    assert _ext._cpu.quantize_affine(x, q, np.full(1, 0.01, F32), np.zeros(1, F32), None,
                                        True) == -1
     np.testing.assert_array_equal(q.numpy(), fastopt.quantize_per_tensor(x.numpy(), 0.01, 0))

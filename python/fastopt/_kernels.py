@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _arrays
 from ._arrays import host_array
-from ._build import _cpu
+from ._ext import _cpu
 
 
 class Kind:

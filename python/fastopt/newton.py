@@ -18,7 +18,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ._arrays import real
+from ._validate import real
 from ._kernels import Call
 
 __all__ = ["NotPositiveDefiniteError", "newton_", "cholesky_solve"]

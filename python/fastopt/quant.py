@@ -31,8 +31,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _arrays
-from ._arrays import real
+from ._validate import flag, real
 from ._kernels import Call
 
 __all__ = ["quantize_per_tensor", "quantize_per_channel", "dequantize", "choose_qparams",
@@ -126,7 +125,7 @@ def _raise_nonfinite(name: str, shape: Tuple[int, ...], flat: int) -> None:
 def _quantize_affine(x: Any, scale: Any, zero_point: Any, axis: Optional[int], dtype: Any,
                      out: Optional[Any], stream: Any, check_finite: Any) -> Any:
     qdt, qmin, qmax = _qdtype(dtype)
-    check_finite = _arrays.flag("check_finite", check_finite)
+    check_finite = flag("check_finite", check_finite)
     call = Call("x", x, stream)
     xa, shape, _, kind = call.input("x", x)
     scales, zero_points, axis = _affine_params(scale, zero_point, axis, shape, qmin, qmax)
@@ -261,7 +260,7 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
     if out is not None and (not isinstance(out, tuple) or len(out) != 2):
         raise TypeError("out: expected a tuple (q, absmax)")
-    check_finite = _arrays.flag("check_finite", check_finite)
+    check_finite = flag("check_finite", check_finite)
     call = Call("x", x, stream)
     xa, shape, _, kind = call.input("x", x)
     blocks = -(-math.prod(shape) // block)

@@ -3,8 +3,8 @@
 Written for reading: one function per operation, one line per formula step, each step a
 separate NumPy pass (which is also what a NumPy user would write, and what the benchmark
 times as the "NumPy reference" peer). Every function updates its float64 arrays in place
-and follows ``torch.optim`` (formulas in ``../shared/DESIGN.md`` and each docstring of
-``fastopt.functional``).
+and follows ``torch.optim`` where torch has the optimizer (the formulas are in the
+docstrings of ``fastopt.functional``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["soft_threshold", "sgd", "adagrad", "rmsprop", "adam", "sophia", "ema",
+__all__ = ["soft_threshold", "sgd", "adagrad", "rmsprop", "adam", "sophia", "lion", "ema",
            "damped_newton_step", "quantize_affine", "dequantize_affine",
            "quantize_blockwise", "dequantize_blockwise", "uniform24"]
 
@@ -30,6 +30,7 @@ def sgd(p: np.ndarray, g: np.ndarray, buf: Optional[np.ndarray], *, lr: float,
     if weight_decay != 0.0:
         g = g + weight_decay * p
     if momentum != 0.0:
+        assert buf is not None, "momentum > 0 needs buf"
         if step == 1:
             buf[...] = g
         else:
@@ -63,11 +64,13 @@ def rmsprop(p: np.ndarray, g: np.ndarray, square_avg: np.ndarray,
         g = g + weight_decay * p
     square_avg[...] = alpha * square_avg + (1.0 - alpha) * g * g
     if centered:
+        assert grad_avg is not None, "centered needs grad_avg"
         grad_avg[...] = alpha * grad_avg + (1.0 - alpha) * g
         avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
     else:
         avg = np.sqrt(square_avg) + eps
     if momentum != 0.0:
+        assert momentum_buffer is not None, "momentum > 0 needs momentum_buffer"
         momentum_buffer[...] = momentum * momentum_buffer + g / avg
         p -= lr * momentum_buffer
     else:
@@ -91,6 +94,7 @@ def adam(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarr
     exp_avg_sq[...] = beta2 * exp_avg_sq + (1.0 - beta2) * g * g
     second = exp_avg_sq
     if amsgrad:
+        assert max_exp_avg_sq is not None, "amsgrad needs max_exp_avg_sq"
         np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         second = max_exp_avg_sq
     bias_correction1 = 1.0 - beta1 ** step
@@ -109,6 +113,21 @@ def sophia(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, hessian_diag: np.n
     p *= 1.0 - lr * weight_decay
     ratio = np.minimum(np.abs(exp_avg) / np.maximum(rho * hessian_diag, eps), 1.0)
     p -= lr * (np.sign(exp_avg) * ratio)
+    if l1 != 0.0:
+        soft_threshold(p, lr * l1)
+
+
+def lion(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, *, lr: float = 1e-4,
+         beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
+         maximize: bool = False, l1: float = 0.0) -> None:
+    """Lion (Chen et al. 2023): the sign of an interpolation of momentum and gradient;
+    sign(0) = 0."""
+    g = -g if maximize else g
+    c = beta1 * exp_avg + (1.0 - beta1) * g
+    if weight_decay != 0.0:
+        p *= 1.0 - lr * weight_decay
+    p -= lr * np.sign(c)
+    exp_avg[...] = beta2 * exp_avg + (1.0 - beta2) * g
     if l1 != 0.0:
         soft_threshold(p, lr * l1)
 
