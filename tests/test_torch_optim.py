@@ -421,7 +421,7 @@ def test_hooks_closure_zero_grad():
     finally:
         handle.remove()
     assert calls == ["pre", "post", "global"]
-    assert float(loss) > 0 and p.grad is not None
+    assert float(loss.detach()) > 0 and p.grad is not None
     opt.zero_grad()
     assert p.grad is None
     assert isinstance(opt, torch.optim.Optimizer)

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
@@ -143,8 +143,15 @@ def _host_float(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+class _Checked(NamedTuple):
+    """What a group's hyper-parameters validate to."""
+    kw: Dict[str, Any]       # the kernel's keywords but lr and step
+    used: Tuple[bool, ...]   # per state array of the table: whether these options use it
+
+
 class _Bucket:
-    """The params of one group sharing (device, dtype, step count), ready for one call."""
+    """The params of one group sharing (device, dtype, and the step count when the kernel
+    takes one), ready for one call."""
 
     __slots__ = ("index", "params", "states", "steps", "done", "written", "plan",
                  "inference", "distributed")
@@ -156,7 +163,7 @@ class _Bucket:
         self.params = params    # the group's params, in bucket order
         self.states = states    # per state array of the table: a list, or None when unused
         self.steps = steps      # packed step counts (state[p]["step"] are views), or None
-        self.done = done        # steps taken so far (the kernel's step is done + 1)
+        self.done = done        # steps taken so far if the kernel takes step (it gets done + 1)
         self.written = params + [s for lst in states if lst is not None for s in lst]
         self.distributed = any(map(_is_dtensor, params))
         self.inference = any(t.is_inference() for t in self.written)
@@ -196,7 +203,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if defaults.get("differentiable"):
             raise ValueError("differentiable: fastopt.torch steps write in place outside "
                              "autograd; use torch.optim to differentiate through a step")
-        self._checked: Dict[Any, Dict[str, Any]] = {}
+        self._checked: Dict[Any, _Checked] = {}
         self._validate_group("", defaults)
         self._lr("", defaults)
         super().__init__(params, defaults)
@@ -213,9 +220,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             out.append(_host_float(group[path[0]][path[1]] if path else group[name]))
         return tuple(out)
 
-    def _validate_group(self, where: str, group: Dict[str, Any]) -> Dict[str, Any]:
-        """The kernel's keywords (lr excluded) for ``group``, checked by the table; a bad
-        value raises naming ``where`` + its place in the group ("betas[0]")."""
+    def _validate_group(self, where: str, group: Dict[str, Any]) -> _Checked:
+        """The kernel's keywords (lr excluded) for ``group`` and the state arrays they use,
+        checked by the table (cached per distinct tuple of values); a bad value raises
+        naming ``where`` + its place in the group ("betas[0]")."""
         if group.get("capturable") or group.get("differentiable"):
             key = "capturable" if group.get("capturable") else "differentiable"
             raise ValueError(f"{where}['{key}']: not supported by fastopt.torch (see the "
@@ -224,11 +232,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         hyper = self._group_hyper(group)
         types = tuple(map(type, hyper))
         try:
-            kw = self._checked.get((hyper, types))
+            checked = self._checked.get((hyper, types))
         except TypeError:  # unhashable: the check names it
-            kw = None
-        if kw is not None:
-            return kw
+            checked = None
+        if checked is not None:
+            return checked
         names = [n for n in self._spec.hyper if n != "lr"]
         try:
             values = self._spec.validate({**dict(zip(names, hyper)), "lr": 0.0})
@@ -237,11 +245,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise type(exc)(self._rename(where, str(exc))) from None
         kw = self._spec.kernel_hyper(values)
         del kw["lr"]
-        if set(types) <= {float, int, bool}:
+        checked = _Checked(kw, tuple(a.used(values) for a in self._spec.states))
+        if set(types) <= {float, int, bool}:  # equal values of these validate alike
             if len(self._checked) >= _CACHE_SIZE:
                 self._checked.clear()
-            self._checked[(hyper, types)] = kw
-        return kw
+            self._checked[(hyper, types)] = checked
+        return checked
 
     def _check_extra(self, group: Dict[str, Any]) -> None:
         """Checks of group entries the table does not hold (Sophia's hessian beta)."""
@@ -264,10 +273,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return real(f"{where}['lr']" if where else "lr", _host_float(lr), lo=0.0)
 
     # -- state -------------------------------------------------------------------------------
-    def _roles_used(self, kw: Dict[str, Any]) -> Tuple[bool, ...]:
-        values = {**kw, "lr": 0.0}
-        return tuple(a.used(values) for a in self._spec.states)
-
     def _initial_value(self, name: str, group: Dict[str, Any]) -> float:
         """What a fresh state array ``name`` (a table name) starts with."""
         return 0.0
@@ -312,11 +317,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     # -- building the buckets ------------------------------------------------------------------
     def _build(self, index: int, group: Dict[str, Any], grads: List[Optional[torch.Tensor]],
-               kw: Dict[str, Any]) -> _GroupCache:
+               used: Tuple[bool, ...]) -> _GroupCache:
         where = f"param_groups[{index}]"
         params = group["params"]
-        used = self._roles_used(kw)
         keys: Dict[Tuple[Any, ...], List[int]] = defaultdict(list)
+        taken: Dict[int, int] = {}  # steps taken so far, per param index
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is None:
                 continue
@@ -331,7 +336,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 done = int(done)
             else:  # SGD: the first step (buffer <- grad) when the buffer is new
                 done = 0 if fresh else 1
-            keys[(p.device, p.dtype, done)].append(i)
+            taken[i] = done
+            keys[(p.device, p.dtype, done if self._spec.takes_step else None)].append(i)
         buckets = []
         for (_, _, done), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
@@ -341,10 +347,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             steps = None
             if self._tracks_step:
                 first = self.state[bucket_params[0]]["step"]
-                steps = torch.full((len(bucket_params),), float(done), dtype=first.dtype)
+                steps = torch.tensor([float(taken[i]) for i in index_list], dtype=first.dtype)
                 for k, p in enumerate(bucket_params):
                     self.state[p]["step"] = steps[k]
-            buckets.append(_Bucket(index_list, bucket_params, states, steps, done))
+            buckets.append(_Bucket(index_list, bucket_params, states, steps, done or 0))
         return _GroupCache(params, [g is not None for g in grads], self.state, used, buckets)
 
     @staticmethod
@@ -382,7 +388,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, index: int, group: Dict[str, Any], grad_scale: float) -> None:
         where = f"param_groups[{index}]"
-        kw = self._validate_group(where, group)
+        kw, used = self._validate_group(where, group)
         lr = self._lr(where, group)
         params = group["params"]
         grads = [p.grad for p in params]
@@ -390,8 +396,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if (cache is None or cache.params is not params or cache.state is not self.state
                 or len(cache.has_grad) != len(params)
                 or cache.has_grad != [g is not None for g in grads]
-                or cache.roles != self._roles_used(kw)):
-            cache = self._build(index, group, grads, kw)
+                or cache.roles != used):
+            cache = self._build(index, group, grads, used)
             self._caches[index] = cache
         for bucket in cache.buckets:
             self._run(where, bucket, grads if cache.whole else [grads[i] for i in bucket.index],
@@ -526,8 +532,8 @@ class Adagrad(_FusedOptimizer):
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, fused=fused, l1=l1)
         super().__init__(params, defaults)
-        used = (True,)
         for index, group in enumerate(self.param_groups):
+            used = self._validate_group(f"param_groups[{index}]", group).used
             for i, p in enumerate(group["params"]):
                 self._param_state(f"param_groups[{index}]['params'][{i}]", p, group, used)
 
@@ -641,9 +647,8 @@ class Sophia(_FusedOptimizer):
         Bartlett estimate when the grads come from a loss on labels sampled from the model
         (Liu et al. 2023, Algorithm 2)."""
         for index, group in enumerate(self.param_groups):
-            kw = self._validate_group(f"param_groups[{index}]", group)
+            used = self._validate_group(f"param_groups[{index}]", group).used
             beta2 = float(_host_float(group["betas"][1]))
-            used = self._roles_used(kw)
             hessians, squares = [], []
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
