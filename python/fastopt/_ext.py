@@ -10,7 +10,7 @@ import importlib
 from types import ModuleType
 from typing import Any, Dict, Optional
 
-from . import _cpu
+from . import _cpu  # type: ignore[attr-defined]  # (a compiled module; no stub yet)
 
 _cuda: Optional[ModuleType]
 try:  # by name: "from . import _cuda" would report a missing module as a circular import

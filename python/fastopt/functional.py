@@ -37,6 +37,7 @@ __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "lion_"
 # types, whose equal values validate alike (True == 1 == 1.0 is why the types are in the key).
 _CACHEABLE = frozenset({float, int, bool})
 _CACHE_SIZE = 256
+_NDARRAY = np.ndarray
 
 
 class Checked(NamedTuple):
@@ -81,17 +82,17 @@ class StepKernel:
         for i in unused:
             arrays[i] = None
         # The lists as_list makes, calling it only for what is not a list or a NumPy array.
-        lists = []
+        lists: List[Optional[List[Any]]] = []
+        append = lists.append
         listed = isinstance(arrays[0], (list, tuple))
         if listed:
             for name, a in zip(self.names, arrays):
-                lists.append(a if type(a) is list or a is None else as_list(name, a, True))
+                append(a if type(a) is list or a is None else as_list(name, a, True))
         else:
             for name, a in zip(self.names, arrays):
-                lists.append([a] if type(a) is np.ndarray else a if a is None
-                             else as_list(name, a, False))
+                append([a] if type(a) is _NDARRAY else a if a is None else as_list(name, a, False))
         first = lists[0]
-        if stream is None and first and type(first[0]) is np.ndarray:  # the CPU, as launch()
+        if stream is None and first and type(first[0]) is _NDARRAY:  # the CPU, as launch()
             if self.takes_step:
                 self.cpu_kernel(*lists, listed, step=step, **kw)
             else:
@@ -277,10 +278,9 @@ def _check_against_table() -> None:
                 for m in _signature_mismatches(globals()[f"{name}_"], spec)]
     problems += _signature_mismatches(ema_, EMA)
     for module in (_ext._cpu, _ext._cuda):
-        describe = getattr(module, "optimizers", None)
-        if describe is None:
+        if module is None:
             continue
-        described = describe()
+        described = module.optimizers()
         for spec in OPTIMIZERS.values():
             if spec.kernel not in described:
                 problems.append(f"{spec.name}: {module.__name__} has no kernel {spec.kernel!r}")
