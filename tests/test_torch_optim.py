@@ -218,6 +218,27 @@ def test_buckets_are_rebuilt_only_when_the_grad_set_changes(monkeypatch):
     assert steps == [3.0, 6.0, 6.0, 6.0]
 
 
+def test_replaced_state_entries_are_used_like_torch():
+    """State tensors replaced between steps (as an offload loop does: state[k] = v.to(...))
+    are the ones the next step updates, step counts included."""
+    (tp, topt, _), (fp, fopt, _) = _pair("Adam", dict(amsgrad=True), 0.01)
+    gen = torch.Generator().manual_seed(16)
+    for t in range(6):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            opt.step()
+            if t == 2:
+                for st in opt.state.values():
+                    for k, v in st.items():
+                        st[k] = v.clone()
+            if t == 3:
+                opt.state[params[0]]["step"] = torch.tensor(1.0)
+            if t == 4:
+                opt.state[params[1]] = {}
+        _assert_same_state(fopt, topt, fp, tp, f"replaced state, step {t + 1}")
+
+
 # ---- checkpoints -----------------------------------------------------------------------------
 
 def _roundtrip(sd: Dict[str, Any]) -> Dict[str, Any]:

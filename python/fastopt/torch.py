@@ -66,6 +66,7 @@ current stream without any synchronisation (but the host reads named above).
 """
 from __future__ import annotations
 
+import operator
 import re
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -151,24 +152,39 @@ class _Checked(NamedTuple):
 
 class _Bucket:
     """The params of one group sharing (device, dtype, and the step count when the kernel
-    takes one), ready for one call."""
+    takes one), ready for one call. Their state tensors are looked up at each step (a
+    state entry may be replaced between steps, as torch.optim allows)."""
 
-    __slots__ = ("index", "params", "states", "steps", "done", "written", "plan",
+    __slots__ = ("index", "params", "keys", "steps", "step_views", "done", "plan",
                  "inference", "distributed")
 
     def __init__(self, index: List[int], params: List[torch.Tensor],
-                 states: List[Optional[List[torch.Tensor]]], steps: Optional[torch.Tensor],
-                 done: int):
+                 keys: List[Optional[str]], steps: Optional[torch.Tensor], done: int,
+                 inference: bool, state: Any):
         self.index = index      # position of each param in the group's "params"
         self.params = params    # the group's params, in bucket order
-        self.states = states    # per state array of the table: a list, or None when unused
-        self.steps = steps      # packed step counts (state[p]["step"] are views), or None
+        self.keys = keys        # per state array of the table: its state key, None if unused
+        self.steps = steps      # packed step counts, or None
+        # state[p]["step"] of each param: 0-d views of steps
+        self.step_views = None if steps is None else [state[p]["step"] for p in params]
         self.done = done        # steps taken so far if the kernel takes step (it gets done + 1)
-        self.written = params + [s for lst in states if lst is not None for s in lst]
+        self.inference = inference  # some param or state is an inference tensor
         self.distributed = any(map(_is_dtensor, params))
-        self.inference = any(t.is_inference() for t in self.written)
         first = _local(params[0])
         self.plan = (_ext._cuda.Plan() if first.is_cuda and _ext._cuda is not None else None)
+
+    def state_lists(self, state: Any) -> Optional[List[Optional[List[torch.Tensor]]]]:
+        """The state lists in the kernel's order (None for unused ones), or None when the
+        state changed under the bucket (an entry or a step count replaced): rebuild then."""
+        try:
+            entries = [state[p] for p in self.params]
+            lists = [None if key is None else [e[key] for e in entries] for key in self.keys]
+            if self.step_views is not None and not all(
+                    map(operator.is_, [e["step"] for e in entries], self.step_views)):
+                return None
+        except KeyError:
+            return None
+        return lists
 
 
 class _GroupCache:
@@ -338,19 +354,22 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 done = 0 if fresh else 1
             taken[i] = done
             keys[(p.device, p.dtype, done if self._spec.takes_step else None)].append(i)
+        state_keys = [STATE_KEYS[role.name] if use else None
+                      for role, use in zip(self._spec.states, used)]
         buckets = []
         for (_, _, done), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
-            states: List[Optional[List[torch.Tensor]]] = [
-                [self.state[p][STATE_KEYS[role.name]] for p in bucket_params] if use else None
-                for role, use in zip(self._spec.states, used)]
+            inference = any(p.is_inference() or any(
+                self.state[p][k].is_inference() for k in state_keys if k is not None)
+                for p in bucket_params)
             steps = None
             if self._tracks_step:
                 first = self.state[bucket_params[0]]["step"]
                 steps = torch.tensor([float(taken[i]) for i in index_list], dtype=first.dtype)
-                for k, p in enumerate(bucket_params):
-                    self.state[p]["step"] = steps[k]
-            buckets.append(_Bucket(index_list, bucket_params, states, steps, done or 0))
+                for p, view in zip(bucket_params, steps.unbind()):
+                    self.state[p]["step"] = view
+            buckets.append(_Bucket(index_list, bucket_params, state_keys, steps, done or 0,
+                                   inference, self.state))
         return _GroupCache(params, [g is not None for g in grads], self.state, used, buckets)
 
     @staticmethod
@@ -393,25 +412,29 @@ class _FusedOptimizer(torch.optim.Optimizer):
         params = group["params"]
         grads = [p.grad for p in params]
         cache = self._caches.get(index)
-        if (cache is None or cache.params is not params or cache.state is not self.state
-                or len(cache.has_grad) != len(params)
-                or cache.has_grad != [g is not None for g in grads]
-                or cache.roles != used):
-            cache = self._build(index, group, grads, used)
-            self._caches[index] = cache
-        for bucket in cache.buckets:
+        lists = None
+        if (cache is not None and cache.params is params and cache.state is self.state
+                and len(cache.has_grad) == len(params)
+                and cache.has_grad == [g is not None for g in grads] and cache.roles == used):
+            lists = [b.state_lists(self.state) for b in cache.buckets]
+        if lists is None or None in lists:
+            cache = self._caches[index] = self._build(index, group, grads, used)
+            lists = [b.state_lists(self.state) for b in cache.buckets]
+        for bucket, states in zip(cache.buckets, lists):
+            assert states is not None  # the state of a bucket just built
             self._run(where, bucket, grads if cache.whole else [grads[i] for i in bucket.index],
-                      kw, lr, grad_scale)
+                      states, kw, lr, grad_scale)
 
     def _run(self, where: str, bucket: _Bucket, grads: List[torch.Tensor],
-             kw: Dict[str, Any], lr: float, grad_scale: float) -> None:
+             states: List[Optional[List[torch.Tensor]]], kw: Dict[str, Any], lr: float,
+             grad_scale: float) -> None:
         if bucket.inference and not torch.is_inference_mode_enabled():
             raise RuntimeError("Inplace update to inference tensor outside InferenceMode is "
                                "not allowed.You can make a clone to get a normal tensor before "
                                "doing inplace update.See https://github.com/pytorch/rfcs/pull/17"
                                " for more details.")
         params: List[torch.Tensor] = bucket.params
-        states = bucket.states
+        written = params + [t for s in states if s is not None for t in s]
         if bucket.distributed:
             params = [_local(p) for p in params]
             grads = [_local(g) for g in grads]
@@ -432,7 +455,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 kernel(params, relaid, *states, True, lr=lr, **kw, **extra)
             except (TypeError, ValueError) as again:
                 raise self._named(where, bucket, again) from again
-        torch.autograd.graph.increment_version(bucket.written)
+        torch.autograd.graph.increment_version(written)
         bucket.done += 1
         if bucket.steps is not None:
             bucket.steps.add_(1)
