@@ -139,6 +139,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _host_view(t: torch.Tensor) -> Any:
+    """A NumPy view of host tensor ``t`` (its memory), or ``t`` where NumPy lacks its dtype."""
+    return t if t.dtype == torch.bfloat16 else t.detach().numpy()
+
+
 def _host_float(value: Any) -> Any:
     """0-d tensors as Python floats (hyper-parameters may be tensors, as in torch.optim)."""
     return value.item() if isinstance(value, torch.Tensor) else value
@@ -156,7 +164,8 @@ class _Bucket:
     state entry may be replaced between steps, as torch.optim allows)."""
 
     __slots__ = ("index", "params", "keys", "steps", "step_views", "done", "plan",
-                 "inference", "distributed")
+                 "inference", "distributed", "host", "param_ptrs", "param_views", "state_seen",
+                 "state_views")
 
     def __init__(self, index: List[int], params: List[torch.Tensor],
                  keys: List[Optional[str]], steps: Optional[torch.Tensor], done: int,
@@ -172,12 +181,41 @@ class _Bucket:
         self.distributed = any(map(_is_dtensor, params))
         first = _local(params[0])
         self.plan = (_ext._cuda.Plan() if first.is_cuda and _ext._cuda is not None else None)
+        # On the CPU the kernel is handed NumPy views of params and state (the binding reads
+        # a NumPy array in a fraction of a torch tensor's time), made once and checked at
+        # each step: a param whose data pointer moved (p.data = ...) or a state entry
+        # replaced gets a fresh view. Grads are passed as they are (new at every backward).
+        self.host = first.device.type == "cpu" and not self.distributed
+        self.param_ptrs: List[int] = []
+        self.param_views: List[Any] = []
+        self.state_seen: List[Optional[List[torch.Tensor]]] = [None] * len(keys)
+        self.state_views: List[Optional[List[Any]]] = [None] * len(keys)
+
+    def kernel_lists(self, states: List[Optional[List[torch.Tensor]]]
+                     ) -> Tuple[List[Any], List[Optional[List[Any]]]]:
+        """The params and ``states`` as the kernel takes them (see __init__)."""
+        if not self.host:
+            if self.distributed:
+                return ([_local(p) for p in self.params],
+                        [None if s is None else [_local(t) for t in s] for s in states])
+            return self.params, states
+        ptrs = list(map(_DATA_PTR, self.params))
+        if ptrs != self.param_ptrs:
+            self.param_ptrs, self.param_views = ptrs, [_host_view(p) for p in self.params]
+        for r, tensors in enumerate(states):
+            seen = self.state_seen[r]
+            if tensors is not None and (seen is None or len(seen) != len(tensors)
+                                        or not all(map(operator.is_, tensors, seen))):
+                self.state_seen[r] = tensors
+                self.state_views[r] = [_host_view(t) for t in tensors]
+        return self.param_views, [None if s is None else v
+                                  for s, v in zip(states, self.state_views)]
 
     def state_lists(self, state: Any) -> Optional[List[Optional[List[torch.Tensor]]]]:
         """The state lists in the kernel's order (None for unused ones), or None when the
         state changed under the bucket (an entry or a step count replaced): rebuild then."""
         try:
-            entries = [state[p] for p in self.params]
+            entries = list(map(state.__getitem__, self.params))
             lists = [None if key is None else [e[key] for e in entries] for key in self.keys]
             if self.step_views is not None and not all(
                     map(operator.is_, [e["step"] for e in entries], self.step_views)):
@@ -433,12 +471,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                "not allowed.You can make a clone to get a normal tensor before "
                                "doing inplace update.See https://github.com/pytorch/rfcs/pull/17"
                                " for more details.")
-        params: List[torch.Tensor] = bucket.params
-        written = params + [t for s in states if s is not None for t in s]
+        written = bucket.params + [t for s in states if s is not None for t in s]
+        params, states = bucket.kernel_lists(states)
         if bucket.distributed:
-            params = [_local(p) for p in params]
             grads = [_local(g) for g in grads]
-            states = [None if s is None else [_local(t) for t in s] for s in states]
         kernels, extra = _arrays.backend(params, None, bucket.plan)
         kernel = getattr(kernels, self._spec.kernel)
         if grad_scale != 1.0:
@@ -448,7 +484,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         try:
             kernel(params, grads, *states, True, lr=lr, **kw, **extra)
         except (TypeError, ValueError) as exc:
-            relaid = self._relayout_grads(params, grads)
+            relaid = self._relayout_grads([_local(p) for p in bucket.params], grads)
             if relaid is None:
                 raise self._named(where, bucket, exc) from exc
             try:

@@ -7,9 +7,10 @@ not a peer: the speedup column compares the array-list class with torch.optim).
 
 ``python -m fastopt.bench.torch_rows`` times, paired and interleaved on the same float32 host
 arrays, the array-list class (``fastopt.AdamW(list).step(grads)``), ``fastopt.torch.AdamW``
-and ``torch.optim.AdamW(fused=True)`` over GPT-2 small's 148 tensors and 1000 x 4096, and
-prints per implementation the median ms and the spread (min-max) over the rounds, and per
-round the ratios fastopt.torch / array class and torch fused / fastopt.torch.
+and ``torch.optim.AdamW(fused=True)`` over GPT-2 small's 148 tensors and 1000 x 4096 (the array
+class also with the grads as torch tensors, as a torch user would pass them), and prints per
+implementation the median ms and the spread (min-max) over the rounds, and per round the
+ratios fastopt.torch / array class and torch fused / fastopt.torch.
 """
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ def compare(shapes: List[Tuple[int, ...]], rounds: int, calls: int) -> Dict[str,
         p.grad = q.grad = torch.from_numpy(g)
     torch_opt = fastopt.torch.AdamW(tensors, lr=1e-3)
     fused = torch.optim.AdamW(fused_params, lr=1e-3, fused=True)
-    fns = {"array class": lambda: array_opt.step(grads), "fastopt.torch": torch_opt.step,
-           "torch fused": fused.step}
+    grad_tensors = [p.grad for p in tensors]
+    fns = {"array class": lambda: array_opt.step(grads),
+           "array class, torch grads": lambda: array_opt.step(grad_tensors),
+           "fastopt.torch": torch_opt.step, "torch fused": fused.step}
     for fn in fns.values():
         fn()
     samples: Dict[str, List[float]] = {k: [] for k in fns}
@@ -81,9 +84,11 @@ def compare(shapes: List[Tuple[int, ...]], rounds: int, calls: int) -> Dict[str,
             name = names[(r + k) % len(names)]
             time.sleep(0.02)
             samples[name].append(_time_ms(fns[name], calls if name != "torch fused" else 1))
-    ratio = [t / a for t, a in zip(samples["fastopt.torch"], samples["array class"])]
-    fused_ratio = [f / t for f, t in zip(samples["torch fused"], samples["fastopt.torch"])]
-    return {"samples": samples, "torch/array": ratio, "fused/torch": fused_ratio}
+    def ratio(a: str, b: str) -> List[float]:
+        return [x / y for x, y in zip(samples[a], samples[b])]
+    return {"samples": samples, "torch/array": ratio("fastopt.torch", "array class"),
+            "torch/array-tg": ratio("fastopt.torch", "array class, torch grads"),
+            "fused/torch": ratio("torch fused", "fastopt.torch")}
 
 
 def _spread(values: List[float]) -> str:
@@ -100,8 +105,9 @@ def main() -> None:
         out = compare(shapes, args.rounds, args.calls)
         print(f"{layout} ({len(shapes)} tensors), AdamW float32, ms per step:")
         for name, values in out["samples"].items():
-            print(f"  {name:14s} {_spread(values)}")
+            print(f"  {name:25s} {_spread(values)}")
         print(f"  fastopt.torch / array class, per round: {_spread(out['torch/array'])}")
+        print(f"  fastopt.torch / array class with torch grads: {_spread(out['torch/array-tg'])}")
         print(f"  torch fused / fastopt.torch, per round: {_spread(out['fused/torch'])}")
 
 
