@@ -55,7 +55,8 @@ def _options(module: Any) -> Dict[str, Any]:
 def _assert_close(got: List[Any], want: List[Any], what: str) -> None:
     assert len(got) == len(want), what
     for i, (a, b) in enumerate(zip(got, want)):
-        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}[{i}]: {m}")
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, i=i: f"{what}[{i}]: {m}")
 
 
 def _full(t: Any) -> Any:
@@ -124,7 +125,8 @@ def _fsdp2(rank: int, device: str) -> None:
     assert not isinstance(state["step"], DTensor) and float(state["step"]) == STEPS
     sds = [get_optimizer_state_dict(m, o) for m, o in zip(models, opts)]
     assert sds[0]["state"].keys() == sds[1]["state"].keys()
-    assert [sorted(v) for v in sds[0]["state"].values()] == [sorted(v) for v in sds[1]["state"].values()]
+    assert ([sorted(v) for v in sds[0]["state"].values()]
+            == [sorted(v) for v in sds[1]["state"].values()])
     for fqn, entry in sds[0]["state"].items():
         _assert_close([_full(v) for _, v in sorted(sds[1]["state"][fqn].items())],
                       [_full(v) for _, v in sorted(entry.items())], f"FSDP2 state {fqn}")
@@ -133,8 +135,10 @@ def _fsdp2(rank: int, device: str) -> None:
 def _fsdp2_checkpoints(rank: int, device: str) -> None:
     """A distributed optimizer checkpoint of one side loads into the other, which then
     continues on the trajectory of the saving side."""
-    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
     for first, second in ((torch.optim, ft), (ft, torch.optim)):
         model = _sharded(device)
         opt = first.AdamW(model.parameters(), **_options(first))

@@ -18,10 +18,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import fastopt  # noqa: E402
-import fastopt.torch as ft  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
+import fastopt  # noqa: E402
+import fastopt.torch as ft  # noqa: E402
 from conftest import assert_close  # noqa: E402
 
 # The tolerances of test_torch_parity.py (see there): both sides round the same formulas in
@@ -32,7 +32,8 @@ SHAPES = [(1,), (33,), (7, 5), (4097,)]
 
 CUDA_OK = torch.cuda.is_available() and fastopt.cuda_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.cuda, pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and fastopt._cuda")])]
+    pytest.mark.cuda,
+    pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and fastopt._cuda")])]
 
 # Options per optimizer; the second param group overrides some of them (GROUP2).
 GRID: Dict[str, List[Dict[str, Any]]] = {
@@ -49,7 +50,8 @@ GRID: Dict[str, List[Dict[str, Any]]] = {
 LR = {"SGD": 0.05, "Adagrad": 0.05, "RMSprop": 0.01, "Adam": 0.01, "AdamW": 0.01}
 GROUP2: Dict[str, Dict[str, Any]] = {
     "SGD": dict(weight_decay=0.05, momentum=0.5), "Adagrad": dict(weight_decay=0.05),
-    "RMSprop": dict(weight_decay=0.05, alpha=0.9), "Adam": dict(weight_decay=0.05, betas=(0.8, 0.99)),
+    "RMSprop": dict(weight_decay=0.05, alpha=0.9),
+    "Adam": dict(weight_decay=0.05, betas=(0.8, 0.99)),
     "AdamW": dict(weight_decay=0.05, betas=(0.8, 0.99))}
 # The options under which each optimizer keeps all of its state (checkpoint tests).
 FULL = {"SGD": dict(momentum=0.9), "Adagrad": dict(initial_accumulator_value=0.1),
@@ -208,7 +210,8 @@ def test_buckets_are_rebuilt_only_when_the_grad_set_changes(monkeypatch):
     opt = ft.Adam(params, lr=0.01)
     builds = []
     real_build = ft.Adam._build
-    monkeypatch.setattr(ft.Adam, "_build", lambda self, *a: builds.append(1) or real_build(self, *a))
+    monkeypatch.setattr(ft.Adam, "_build",
+                        lambda self, *a: builds.append(1) or real_build(self, *a))
     for t in range(6):
         for i, p in enumerate(params):
             p.grad = None if (t >= 3 and i == 0) else torch.randn(p.shape)

@@ -69,7 +69,7 @@ from __future__ import annotations
 import operator
 import re
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, cast
 
 import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
@@ -136,7 +136,7 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
+    return cast(Any, t).to_local() if _is_dtensor(t) else t
 
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -311,7 +311,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _rename(where: str, message: str) -> str:
-        """A table message ("beta1: ...") in the group's terms ("param_groups[0]['betas'][0]: ...")."""
+        """A table message ("beta1: ...") in the group's terms
+        ("param_groups[0]['betas'][0]: ...")."""
         name, _, rest = message.partition(": ")
         path = _GROUP_PATH.get(name)
         if where:
@@ -455,7 +456,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 and len(cache.has_grad) == len(params)
                 and cache.has_grad == [g is not None for g in grads] and cache.roles == used):
             lists = [b.state_lists(self.state) for b in cache.buckets]
-        if lists is None or None in lists:
+        if cache is None or lists is None or None in lists:
             cache = self._caches[index] = self._build(index, group, grads, used)
             lists = [b.state_lists(self.state) for b in cache.buckets]
         for bucket, states in zip(cache.buckets, lists):
@@ -515,7 +516,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _named(where: str, bucket: _Bucket, exc: Exception) -> Exception:
         """The kernel's error with its list positions ("grads[3]") as the group's params."""
-        def name(m: "re.Match[str]") -> str:
+        def name(m: re.Match[str]) -> str:
             role, k = m.group(1), int(m.group(2))
             if k >= len(bucket.index):
                 return m.group(0)

@@ -101,7 +101,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=5, help="calls per timed block")
     args = parser.parse_args()
-    for layout, shapes in (("gpt2-small", gpt2_small_shapes()), ("1000x4096", [(4096,)] * 1000)):
+    layouts: List[Tuple[str, List[Tuple[int, ...]]]] = [
+        ("gpt2-small", gpt2_small_shapes()), ("1000x4096", [(4096,)] * 1000)]
+    for layout, shapes in layouts:
         out = compare(shapes, args.rounds, args.calls)
         print(f"{layout} ({len(shapes)} tensors), AdamW float32, ms per step:")
         for name, values in out["samples"].items():
