@@ -372,7 +372,7 @@ def test_tensor_lr_is_read_at_each_step():
 
 # ---- GradScaler ------------------------------------------------------------------------------
 
-def _scaled_loop(module, steps: int, inf_at: int):
+def _scaled_loop(module, steps: int, inf_at: int, clip: bool):
     torch.manual_seed(8)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     kw = dict(foreach=False) if module is torch.optim else {}
@@ -386,15 +386,19 @@ def _scaled_loop(module, steps: int, inf_at: int):
         scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
         if t == inf_at:
             model[0].weight.grad[0, 0] = float("inf")
+        if clip:  # the grads unscaled in place before the step
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         scaler.step(opt)
         scaler.update()
         scales.append(scaler.get_scale())
     return model, opt, scales
 
 
-def test_grad_scaler_matches_torch_optim_with_a_skipped_step():
-    fm, fopt, fscales = _scaled_loop(ft, 8, inf_at=3)
-    tm, topt, tscales = _scaled_loop(torch.optim, 8, inf_at=3)
+@pytest.mark.parametrize("clip", [False, True], ids=["scaled", "unscale_-clip"])
+def test_grad_scaler_matches_torch_optim_with_a_skipped_step(clip):
+    fm, fopt, fscales = _scaled_loop(ft, 8, inf_at=3, clip=clip)
+    tm, topt, tscales = _scaled_loop(torch.optim, 8, inf_at=3, clip=clip)
     assert fscales == tscales and fscales[3] < fscales[2]  # the inf halved the scale
     for p, q in zip(fm.parameters(), tm.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -402,8 +406,8 @@ def test_grad_scaler_matches_torch_optim_with_a_skipped_step():
 
 
 def test_grad_scaler_unscales_inside_the_kernel():
-    """With the kernels' grad_scale the scaler hands its scale to the step: the grads are
-    divided inside the fused call, not rewritten (needs the compiled grad_scale keyword)."""
+    """The scaler hands its scale to the step: the grads are divided inside the fused call,
+    not rewritten; found_inf skips the step."""
     opt_cls = ft.AdamW
     assert opt_cls._step_supports_amp_scaling
     p = torch.randn(5, requires_grad=True)

@@ -9,12 +9,15 @@ The formulas are fastopt's (``fastopt.adam_`` etc., which follow torch.optim), s
 trajectories are torch's within float rounding.
 
 How a step runs. Each param group's params that have a ``.grad`` are split into buckets by
-(device, dtype, step count); each bucket is one fused multi-tensor call of the compiled
-kernel (one C++ call on the CPU, a few launches on the GPU). The bucket's lists (params,
-state, the packed step counts, on the GPU the launch tables of ``fastopt._cuda.Plan``) are
-kept between steps and rebuilt only when the set of params with a grad changes, the group's
-options change which state arrays are used, or the state is replaced (``load_state_dict``).
-Params whose ``.grad`` is None are skipped and keep their state, as in torch.optim.
+(device, dtype, and the step count for kernels that take one: Adam, Adagrad, SGD's first
+step); each bucket is one fused multi-tensor call of the compiled kernel (one C++ call on
+the CPU, a few launches on the GPU). The buckets (which params, the packed step counts, on
+the CPU NumPy views of params and state, on the GPU the launch tables of
+``fastopt._cuda.Plan``) are kept between steps and rebuilt only when the set of params with
+a grad changes, the group's options change which state arrays are used, or the state is
+replaced (``load_state_dict``, a step count replaced); state tensors are looked up at each
+step, so an entry replaced between steps is the one stepped, as in torch.optim. Params whose
+``.grad`` is None are skipped and keep their state, as in torch.optim.
 
 State: torch's layout and keys, as torch tensors, so ``state_dict()`` / ``load_state_dict()``
 are interchangeable with torch.optim's both ways (a torch.optim checkpoint continues on the
@@ -49,13 +52,13 @@ Decisions, where torch.optim offers a choice:
   inference tensors are refused outside ``torch.inference_mode`` with torch's own message.
 - Hyper-parameters are checked by fastopt's table at each step (cached per distinct set of
   values): a bad value raises a ValueError/TypeError naming ``param_groups[i]['...']``.
-- ``torch.amp.GradScaler``: when the compiled kernels take ``grad_scale``
-  (``_step_supports_amp_scaling`` is then True) the scaler hands its scale and ``found_inf``
-  to the step, which divides the grads by the scale inside the kernel (the grads are not
-  written) and skips the whole step, step counts included, when ``found_inf`` is set; both
-  are read to the host (on the GPU one synchronisation per step). Otherwise the scaler takes
-  its standard path (``unscale_`` the grads, step unless an inf was found). Either way the
-  trajectory is torch.optim's under the same scaler.
+- ``torch.amp.GradScaler`` (``_step_supports_amp_scaling = True``, as torch's fused
+  optimizers): the scaler hands its scale and ``found_inf`` to the step, which divides the
+  grads by the scale inside the kernel (the grads are not written) and skips the whole step,
+  step counts included, when ``found_inf`` is set. Both are read to the host: on the GPU that
+  is one synchronisation per step (the kernels take host scalars). After ``scaler.unscale_``
+  (for clipping) the grads are taken as they are. The trajectory is torch.optim's under the
+  same scaler.
 - DTensor params (FSDP2's ``fully_shard``, tensor parallel) are stepped on their local shards
   (``to_local()``, re-read at every step); their state is made with ``zeros_like`` and is a
   DTensor with the same placements, as torch.optim's, so
@@ -101,20 +104,6 @@ _CACHE_SIZE = 256
 def _step_dtype() -> torch.dtype:
     """torch.optim's dtype for state["step"] (float64 under a float64 default dtype)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _kernels_take_grad_scale() -> bool:
-    """Whether the compiled step kernels take ``grad_scale`` (asked once with empty lists)."""
-    spec = OPTIMIZERS["sgd"]
-    kw = spec.kernel_hyper(spec.validate({**spec.defaults(), "lr": 0.0}))
-    try:
-        getattr(_ext._cpu, spec.kernel)([], [], None, True, step=1, grad_scale=1.0, **kw)
-    except TypeError:
-        return False
-    return True
-
-
-_GRAD_SCALE = _kernels_take_grad_scale()
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -248,7 +237,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     _spec: OptimizerSpec
     _tracks_step = True
-    _step_supports_amp_scaling = _GRAD_SCALE
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
 
     def __init__(self, params: Any, defaults: Dict[str, Any]):
         if defaults.get("capturable"):
