@@ -283,7 +283,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
         names = [n for n in self._spec.hyper if n != "lr"]
         try:
             values = self._spec.validate({**dict(zip(names, hyper)), "lr": 0.0})
-            self._check_extra(group)
         except (TypeError, ValueError) as exc:
             raise type(exc)(self._rename(where, str(exc))) from None
         kw = self._spec.kernel_hyper(values)
@@ -294,9 +293,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 self._checked.clear()
             self._checked[(hyper, types)] = checked
         return checked
-
-    def _check_extra(self, group: Dict[str, Any]) -> None:
-        """Checks of group entries the table does not hold (Sophia's hessian beta)."""
 
     @staticmethod
     def _rename(where: str, message: str) -> str:
@@ -684,10 +680,14 @@ class Sophia(_FusedOptimizer):
         defaults = dict(lr=lr, betas=_pair("betas", betas), rho=rho, weight_decay=weight_decay,
                         eps=eps, maximize=maximize, foreach=foreach, fused=fused,
                         capturable=capturable, differentiable=differentiable, l1=l1)
+        self._hessian_beta("", defaults)
         super().__init__(params, defaults)
 
-    def _check_extra(self, group: Dict[str, Any]) -> None:
-        real("beta2", _host_float(group["betas"][1]), lo=0.0, hi=1.0, hi_open=True)
+    @staticmethod
+    def _hessian_beta(where: str, group: Dict[str, Any]) -> float:
+        """betas[1], the Hessian EMA's (not in fastopt's table: the step does not use it)."""
+        return real(f"{where}['betas'][1]" if where else "betas[1]",
+                    _host_float(group["betas"][1]), lo=0.0, hi=1.0, hi_open=True)
 
     @torch.no_grad()
     def update_hessian(self) -> None:
@@ -697,7 +697,7 @@ class Sophia(_FusedOptimizer):
         (Liu et al. 2023, Algorithm 2)."""
         for index, group in enumerate(self.param_groups):
             used = self._validate_group(f"param_groups[{index}]", group).used
-            beta2 = float(_host_float(group["betas"][1]))
+            beta2 = self._hessian_beta(f"param_groups[{index}]", group)
             hessians, squares = [], []
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
