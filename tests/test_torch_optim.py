@@ -603,6 +603,15 @@ def test_grad_with_other_strides_than_its_param():
     _assert_same_state(fopt, topt, fp, tp, "grad strides")
 
 
+def test_params_with_gaps_are_refused():
+    p = torch.nn.Parameter(torch.randn(4, 8)[:, ::2])  # a leaf viewing every other column
+    p.grad = torch.ones(4, 4)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]: has gaps"):
+        ft.Adam([p]).step()
+    assert torch.equal(p.detach(), before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_channels_last_and_transposed_params(device):
     """Dense params in any stride order are stepped over their storage (needs the compiled
