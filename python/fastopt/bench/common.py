@@ -203,13 +203,17 @@ def _add_torch_peers(torch: Any, spec: OptimizerCase, modes: Sequence[str],
                      make_params: Callable[[], List[Any]], make_grads: Callable[[], List[Any]],
                      fns, row: Row) -> None:
     """torch.optim in each mode on its own copy of the params (``make_params()``), stepped
-    with ``p.grad`` set once to ``make_grads()`` (torch tensors, read only)."""
+    with ``p.grad`` set once to ``make_grads()`` (torch tensors, read only); and the same
+    for fastopt.torch (see torch_rows)."""
+    from .torch_rows import add_fastopt_torch
+
     if not modes:
         return
     if torch is None:
         row.notes["torch"] = "not installed"
         return
     grads = make_grads()
+    add_fastopt_torch(torch, spec, make_params, grads, fns, row)
     for mode in modes:
         tparams = make_params()
         for tp, g in zip(tparams, grads):

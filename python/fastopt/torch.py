@@ -1,0 +1,718 @@
+"""fastopt's kernels as ``torch.optim.Optimizer`` subclasses: a drop-in for PyTorch users.
+
+``opt = fastopt.torch.AdamW(model.parameters(), lr=1e-3)`` behaves as ``torch.optim.AdamW``:
+the same constructor (signature and defaults), param groups with their own hyper-parameters,
+``add_param_group``, ``zero_grad``, ``step(closure=None)`` returning the loss, step pre/post
+hooks, every ``torch.optim.lr_scheduler`` (they edit ``group["lr"]``, read at each step; a
+0-d tensor lr works too), ``torch.amp.GradScaler``, DDP, ``ZeroRedundancyOptimizer`` and FSDP2.
+The formulas are fastopt's (``fastopt.adam_`` etc., which follow torch.optim), so the
+trajectories are torch's within float rounding.
+
+How a step runs. Each param group's params that have a ``.grad`` are split into buckets by
+(device, dtype, and the step count for kernels that take one: Adam, Adagrad, SGD's first
+step); each bucket is one fused multi-tensor call of the compiled kernel (one C++ call on
+the CPU, a few launches on the GPU). The buckets (which params, the packed step counts, on
+the CPU NumPy views of params and state, on the GPU the launch tables of
+``fastopt._cuda.Plan``) are kept between steps and rebuilt only when the set of params with
+a grad changes, the group's options change which state arrays are used, or the state is
+replaced (``load_state_dict``, a step count replaced); state tensors are looked up at each
+step, so an entry replaced between steps is the one stepped, as in torch.optim. Params whose
+``.grad`` is None are skipped and keep their state, as in torch.optim.
+
+State: torch's layout and keys, as torch tensors, so ``state_dict()`` / ``load_state_dict()``
+are interchangeable with torch.optim's both ways (a torch.optim checkpoint continues on the
+same trajectory here, and the reverse; ``torch.load(..., weights_only=True)`` works):
+``state[p]["step"]`` is a float CPU tensor as torch's default (non-capturable) one; Adam(W):
+``"exp_avg"``, ``"exp_avg_sq"``, ``"max_exp_avg_sq"`` (amsgrad); SGD: ``"momentum_buffer"``
+(momentum > 0, no step, as torch); Adagrad: ``"sum"`` (made at construction, as torch);
+RMSprop: ``"square_avg"``, ``"momentum_buffer"``, ``"grad_avg"``; Lion: ``"exp_avg"`` (no
+step); Sophia: ``"exp_avg"``, ``"hessian"``. State is made lazily at a param's first step,
+like the param (``torch.zeros_like``, same strides; a DTensor for a DTensor param), except
+that float16/bfloat16 params get float32 state and float32 math, the kernels' rule on every
+device (``load_state_dict`` keeps such state float32; torch.optim would cast it to the
+param's dtype). The step counts of a bucket are 0-d views of one tensor (one add per step
+instead of one per param); a rebuild repacks them and puts the new views in the state.
+
+Decisions, where torch.optim offers a choice:
+- ``foreach`` and ``fused`` are accepted and stored in the groups (checkpoints carry them) and
+  change nothing: every step is already one fused multi-tensor call.
+- ``capturable=True`` and ``differentiable=True`` are rejected with a ValueError (at
+  construction, and at a step when a loaded checkpoint's group sets them): the kernels take
+  lr and the step count as host scalars and write in place outside autograd.
+- ``lr`` (and Adam's betas) may be 0-d tensors; they are read as Python floats at each step,
+  which on the GPU costs a device-to-host copy when they live there.
+- Sparse gradients raise a TypeError naming the param (use torch.optim.SparseAdam).
+- Params (and their grads and state) may be dense in any stride order (channels_last, a
+  transposed view of a whole storage): they are stepped over their storage. A grad whose
+  strides differ from its param's is copied to the param's strides for the call (it is not
+  written back; grads are read only). Params with gaps (a slice of a bigger tensor) are
+  refused with a ValueError.
+- Writes bump autograd's version counters of every param and state tensor they update, so
+  stepping between a forward and its backward raises exactly as with torch.optim, and
+  inference tensors are refused outside ``torch.inference_mode`` with torch's own message.
+- Hyper-parameters are checked by fastopt's table at each step (cached per distinct set of
+  values): a bad value raises a ValueError/TypeError naming ``param_groups[i]['...']``.
+- ``torch.amp.GradScaler`` (``_step_supports_amp_scaling = True``, as torch's fused
+  optimizers): the scaler hands its scale and ``found_inf`` to the step, which divides the
+  grads by the scale inside the kernel (the grads are not written) and skips the whole step,
+  step counts included, when ``found_inf`` is set. Both are read to the host: on the GPU that
+  is one synchronisation per step (the kernels take host scalars). After ``scaler.unscale_``
+  (for clipping) the grads are taken as they are. The trajectory is torch.optim's under the
+  same scaler.
+- DTensor params (FSDP2's ``fully_shard``, tensor parallel) are stepped on their local shards
+  (``to_local()``, re-read at every step); their state is made with ``zeros_like`` and is a
+  DTensor with the same placements, as torch.optim's, so
+  ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` works.
+
+The kernels run with the GIL released on the CPU; on the GPU they are queued on torch's
+current stream without any synchronisation (but the host reads named above).
+"""
+from __future__ import annotations
+
+import operator
+import re
+from collections import defaultdict
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, cast
+
+import torch
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+from . import _arrays, _ext, functional
+from ._specs import OPTIMIZERS, OptimizerSpec
+from ._validate import real
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia"]
+
+try:  # torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+# torch.optim's state key for each state array of fastopt's table.
+STATE_KEYS = {"exp_avgs": "exp_avg", "exp_avg_sqs": "exp_avg_sq",
+              "max_exp_avg_sqs": "max_exp_avg_sq", "momentum_buffers": "momentum_buffer",
+              "state_sums": "sum", "square_avgs": "square_avg", "grad_avgs": "grad_avg",
+              "hessian_diags": "hessian"}
+
+_HALF = (torch.float16, torch.bfloat16)
+_SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Where a hyper-parameter of the table lives in a param group (betas are a pair in torch).
+_GROUP_PATH = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
+_CACHE_SIZE = 256
+
+
+def _step_dtype() -> torch.dtype:
+    """torch.optim's dtype for state["step"] (float64 under a float64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers a gap-free span of its storage in some stride order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return cast(Any, t).to_local() if _is_dtensor(t) else t
+
+
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _host_view(t: torch.Tensor) -> Any:
+    """A NumPy view of host tensor ``t`` (its memory), or ``t`` where NumPy lacks its dtype."""
+    return t if t.dtype == torch.bfloat16 else t.detach().numpy()
+
+
+def _host_float(value: Any) -> Any:
+    """0-d tensors as Python floats (hyper-parameters may be tensors, as in torch.optim)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+class _Checked(NamedTuple):
+    """What a group's hyper-parameters validate to."""
+    kw: Dict[str, Any]       # the kernel's keywords but lr and step
+    used: Tuple[bool, ...]   # per state array of the table: whether these options use it
+
+
+class _Bucket:
+    """The params of one group sharing (device, dtype, and the step count when the kernel
+    takes one), ready for one call. Their state tensors are looked up at each step (a
+    state entry may be replaced between steps, as torch.optim allows)."""
+
+    __slots__ = ("index", "params", "keys", "steps", "step_views", "done", "plan",
+                 "inference", "distributed", "host", "param_ptrs", "param_views", "state_seen",
+                 "state_views")
+
+    def __init__(self, index: List[int], params: List[torch.Tensor],
+                 keys: List[Optional[str]], steps: Optional[torch.Tensor], done: int,
+                 inference: bool, state: Any):
+        self.index = index      # position of each param in the group's "params"
+        self.params = params    # the group's params, in bucket order
+        self.keys = keys        # per state array of the table: its state key, None if unused
+        self.steps = steps      # packed step counts, or None
+        # state[p]["step"] of each param: 0-d views of steps
+        self.step_views = None if steps is None else [state[p]["step"] for p in params]
+        self.done = done        # steps taken so far if the kernel takes step (it gets done + 1)
+        self.inference = inference  # some param or state is an inference tensor
+        self.distributed = any(map(_is_dtensor, params))
+        first = _local(params[0])
+        self.plan = (_ext._cuda.Plan() if first.is_cuda and _ext._cuda is not None else None)
+        # On the CPU the kernel is handed NumPy views of params and state (the binding reads
+        # a NumPy array in a fraction of a torch tensor's time), made once and checked at
+        # each step: a param whose data pointer moved (p.data = ...) or a state entry
+        # replaced gets a fresh view. Grads are passed as they are (new at every backward).
+        self.host = first.device.type == "cpu" and not self.distributed
+        self.param_ptrs: List[int] = []
+        self.param_views: List[Any] = []
+        self.state_seen: List[Optional[List[torch.Tensor]]] = [None] * len(keys)
+        self.state_views: List[Optional[List[Any]]] = [None] * len(keys)
+
+    def kernel_lists(self, states: List[Optional[List[torch.Tensor]]]
+                     ) -> Tuple[List[Any], List[Optional[List[Any]]]]:
+        """The params and ``states`` as the kernel takes them (see __init__)."""
+        if not self.host:
+            if self.distributed:
+                return ([_local(p) for p in self.params],
+                        [None if s is None else [_local(t) for t in s] for s in states])
+            return self.params, states
+        ptrs = list(map(_DATA_PTR, self.params))
+        if ptrs != self.param_ptrs:
+            self.param_ptrs, self.param_views = ptrs, [_host_view(p) for p in self.params]
+        for r, tensors in enumerate(states):
+            seen = self.state_seen[r]
+            if tensors is not None and (seen is None or len(seen) != len(tensors)
+                                        or not all(map(operator.is_, tensors, seen))):
+                self.state_seen[r] = tensors
+                self.state_views[r] = [_host_view(t) for t in tensors]
+        return self.param_views, [None if s is None else v
+                                  for s, v in zip(states, self.state_views)]
+
+    def state_lists(self, state: Any) -> Optional[List[Optional[List[torch.Tensor]]]]:
+        """The state lists in the kernel's order (None for unused ones), or None when the
+        state changed under the bucket (an entry or a step count replaced): rebuild then."""
+        try:
+            entries = list(map(state.__getitem__, self.params))
+            lists = [None if key is None else [e[key] for e in entries] for key in self.keys]
+            if self.step_views is not None and not all(
+                    map(operator.is_, [e["step"] for e in entries], self.step_views)):
+                return None
+        except KeyError:
+            return None
+        return lists
+
+
+class _GroupCache:
+    """A group's buckets and what they were built from (checked at each step)."""
+
+    __slots__ = ("params", "has_grad", "state", "roles", "buckets", "whole")
+
+    def __init__(self, params: List[torch.Tensor], has_grad: List[bool], state: Any,
+                 roles: Tuple[bool, ...], buckets: List[_Bucket]):
+        self.params = params
+        self.has_grad = has_grad
+        self.state = state
+        self.roles = roles
+        self.buckets = buckets
+        # One bucket holding every param in group order: the grads list is used as it is.
+        self.whole = (len(buckets) == 1 and all(has_grad)
+                      and buckets[0].index == list(range(len(params))))
+
+
+class _FusedOptimizer(torch.optim.Optimizer):
+    """What the classes below share. A subclass names its entry of fastopt's table
+    (``_spec``) and says whether torch keeps ``state["step"]`` for it (``_tracks_step``)."""
+
+    _spec: OptimizerSpec
+    _tracks_step = True
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
+
+    def __init__(self, params: Any, defaults: Dict[str, Any]):
+        if defaults.get("capturable"):
+            raise ValueError("capturable: fastopt.torch steps cannot be captured in a CUDA "
+                             "graph (the kernels take lr and the step count from the host)")
+        if defaults.get("differentiable"):
+            raise ValueError("differentiable: fastopt.torch steps write in place outside "
+                             "autograd; use torch.optim to differentiate through a step")
+        self._checked: Dict[Any, _Checked] = {}
+        self._validate_group("", defaults)
+        self._lr("", defaults)
+        super().__init__(params, defaults)
+        self._caches: Dict[int, _GroupCache] = {}
+
+    # -- hyper-parameters ------------------------------------------------------------------
+    def _group_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
+        """The group's values of the table's hyper-parameters but lr, in table order."""
+        out = []
+        for name in self._spec.hyper:
+            if name == "lr":
+                continue
+            path = _GROUP_PATH.get(name)
+            out.append(_host_float(group[path[0]][path[1]] if path else group[name]))
+        return tuple(out)
+
+    def _validate_group(self, where: str, group: Dict[str, Any]) -> _Checked:
+        """The kernel's keywords (lr excluded) for ``group`` and the state arrays they use,
+        checked by the table (cached per distinct tuple of values); a bad value raises
+        naming ``where`` + its place in the group ("betas[0]")."""
+        if group.get("capturable") or group.get("differentiable"):
+            key = "capturable" if group.get("capturable") else "differentiable"
+            raise ValueError(f"{where}['{key}']: not supported by fastopt.torch (see the "
+                             "fastopt.torch docstring)" if where else
+                             f"{key}: not supported by fastopt.torch")
+        hyper = self._group_hyper(group)
+        types = tuple(map(type, hyper))
+        try:
+            checked = self._checked.get((hyper, types))
+        except TypeError:  # unhashable: the check names it
+            checked = None
+        if checked is not None:
+            return checked
+        names = [n for n in self._spec.hyper if n != "lr"]
+        try:
+            values = self._spec.validate({**dict(zip(names, hyper)), "lr": 0.0})
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(self._rename(where, str(exc))) from None
+        kw = self._spec.kernel_hyper(values)
+        del kw["lr"]
+        checked = _Checked(kw, tuple(a.used(values) for a in self._spec.states))
+        if set(types) <= {float, int, bool}:  # equal values of these validate alike
+            if len(self._checked) >= _CACHE_SIZE:
+                self._checked.clear()
+            self._checked[(hyper, types)] = checked
+        return checked
+
+    @staticmethod
+    def _rename(where: str, message: str) -> str:
+        """A table message ("beta1: ...") in the group's terms
+        ("param_groups[0]['betas'][0]: ...")."""
+        name, _, rest = message.partition(": ")
+        path = _GROUP_PATH.get(name)
+        if where:
+            place = f"{where}['{path[0]}'][{path[1]}]" if path else f"{where}['{name}']"
+        else:
+            place = f"{path[0]}[{path[1]}]" if path else name
+        return f"{place}: {rest}" if rest else message
+
+    def _lr(self, where: str, group: Dict[str, Any]) -> float:
+        lr = group["lr"]
+        if type(lr) is float and 0.0 <= lr < float("inf"):
+            return lr
+        return real(f"{where}['lr']" if where else "lr", _host_float(lr), lo=0.0)
+
+    # -- state -------------------------------------------------------------------------------
+    def _initial_value(self, name: str, group: Dict[str, Any]) -> float:
+        """What a fresh state array ``name`` (a table name) starts with."""
+        return 0.0
+
+    def _new_state(self, p: torch.Tensor, value: float) -> torch.Tensor:
+        dtype = torch.float32 if p.dtype in _HALF else p.dtype
+        out = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if value:
+            out.fill_(value)
+        return out
+
+    def _param_state(self, where: str, p: torch.Tensor, group: Dict[str, Any],
+                     used: Tuple[bool, ...]) -> Tuple[Dict[str, Any], bool]:
+        """``self.state[p]`` with every state array ``used`` needs, made if missing and
+        checked against ``p`` (shape, dtype, device; strides made ``p``'s); whether any of
+        them was made now (SGD's fresh momentum buffer takes the first-step rule)."""
+        state = self.state[p]
+        if self._tracks_step and "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_step_dtype())
+        fresh = False
+        want = torch.float32 if p.dtype in _HALF else p.dtype
+        for role, use in zip(self._spec.states, used):
+            key = STATE_KEYS[role.name]
+            if not use:
+                continue
+            s = state.get(key)
+            if s is None:
+                state[key] = self._new_state(p, self._initial_value(role.name, group))
+                fresh = True
+                continue
+            if not isinstance(s, torch.Tensor) or s.shape != p.shape or s.dtype != want \
+                    or s.device != p.device:
+                got = (f"{tuple(s.shape)} {s.dtype} on {s.device}"
+                       if isinstance(s, torch.Tensor) else type(s).__name__)
+                raise ValueError(f"state of {where}: '{key}' must be a {tuple(p.shape)} "
+                                 f"{want} tensor on {p.device} like its param, got {got}")
+            if _local(s).stride() != _local(p).stride():  # same strides as the param
+                moved = self._new_state(p, 0.0)
+                moved.copy_(s)
+                state[key] = moved
+        return state, fresh
+
+    # -- building the buckets ------------------------------------------------------------------
+    def _build(self, index: int, group: Dict[str, Any], grads: List[Optional[torch.Tensor]],
+               used: Tuple[bool, ...]) -> _GroupCache:
+        where = f"param_groups[{index}]"
+        params = group["params"]
+        keys: Dict[Tuple[Any, ...], List[int]] = defaultdict(list)
+        taken: Dict[int, int] = {}  # steps taken so far, per param index
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is None:
+                continue
+            name = f"{where}['params'][{i}]"
+            self._check_param(name, p, g)
+            state, fresh = self._param_state(name, p, group, used)
+            if self._tracks_step:
+                done = float(state["step"])
+                if done != int(done) or done < 0:
+                    raise ValueError(f"state of {name}: 'step' must be a whole number >= 0, "
+                                     f"got {done}")
+                done = int(done)
+            else:  # SGD: the first step (buffer <- grad) when the buffer is new
+                done = 0 if fresh else 1
+            taken[i] = done
+            keys[(p.device, p.dtype, done if self._spec.takes_step else None)].append(i)
+        state_keys = [STATE_KEYS[role.name] if use else None
+                      for role, use in zip(self._spec.states, used)]
+        buckets = []
+        for (_, _, done), index_list in keys.items():
+            bucket_params = [params[i] for i in index_list]
+            inference = any(p.is_inference() or any(
+                self.state[p][k].is_inference() for k in state_keys if k is not None)
+                for p in bucket_params)
+            steps = None
+            if self._tracks_step:
+                first = self.state[bucket_params[0]]["step"]
+                steps = torch.tensor([float(taken[i]) for i in index_list], dtype=first.dtype)
+                for p, view in zip(bucket_params, steps.unbind()):
+                    self.state[p]["step"] = view
+            buckets.append(_Bucket(index_list, bucket_params, state_keys, steps, done or 0,
+                                   inference, self.state))
+        return _GroupCache(params, [g is not None for g in grads], self.state, used, buckets)
+
+    @staticmethod
+    def _check_param(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
+        if p.dtype not in _SUPPORTED:
+            raise TypeError(f"{name}: dtype {p.dtype} is not supported (float32, float64, "
+                            "float16, bfloat16)")
+        if g.layout != torch.strided:
+            raise TypeError(f"{name}.grad: {g.layout} gradients are not supported (fastopt "
+                            "steps dense tensors; torch.optim.SparseAdam takes sparse ones)")
+        if not _dense(_local(p)):
+            raise ValueError(f"{name}: has gaps in its storage (a strided view such as a "
+                             "slice); fastopt steps dense tensors: make it contiguous")
+
+    # -- stepping ------------------------------------------------------------------------------
+    @_use_grad_for_differentiable
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One step over every param with a grad; ``closure`` (re-evaluates the model and
+        returns the loss) is called first with grad enabled, and its loss returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = 1.0
+        if self._step_supports_amp_scaling:
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None and float(found_inf) != 0.0:
+                return loss  # an inf/NaN in the scaled grads: no step (torch's fused rule)
+            scale = getattr(self, "grad_scale", None)
+            if scale is not None:
+                grad_scale = float(scale)
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group, grad_scale)
+        return loss
+
+    def _step_group(self, index: int, group: Dict[str, Any], grad_scale: float) -> None:
+        where = f"param_groups[{index}]"
+        kw, used = self._validate_group(where, group)
+        lr = self._lr(where, group)
+        params = group["params"]
+        grads = [p.grad for p in params]
+        cache = self._caches.get(index)
+        lists = None
+        if (cache is not None and cache.params is params and cache.state is self.state
+                and len(cache.has_grad) == len(params)
+                and cache.has_grad == [g is not None for g in grads] and cache.roles == used):
+            lists = [b.state_lists(self.state) for b in cache.buckets]
+        if cache is None or lists is None or None in lists:
+            cache = self._caches[index] = self._build(index, group, grads, used)
+            lists = [b.state_lists(self.state) for b in cache.buckets]
+        for bucket, states in zip(cache.buckets, lists):
+            assert states is not None  # the state of a bucket just built
+            self._run(where, bucket, grads if cache.whole else [grads[i] for i in bucket.index],
+                      states, kw, lr, grad_scale)
+
+    def _run(self, where: str, bucket: _Bucket, grads: List[torch.Tensor],
+             states: List[Optional[List[torch.Tensor]]], kw: Dict[str, Any], lr: float,
+             grad_scale: float) -> None:
+        if bucket.inference and not torch.is_inference_mode_enabled():
+            raise RuntimeError("Inplace update to inference tensor outside InferenceMode is "
+                               "not allowed.You can make a clone to get a normal tensor before "
+                               "doing inplace update.See https://github.com/pytorch/rfcs/pull/17"
+                               " for more details.")
+        written = bucket.params + [t for s in states if s is not None for t in s]
+        params, states = bucket.kernel_lists(states)
+        if bucket.distributed:
+            grads = [_local(g) for g in grads]
+        kernels, extra = _arrays.backend(params, None, bucket.plan)
+        kernel = getattr(kernels, self._spec.kernel)
+        if grad_scale != 1.0:
+            extra = {**extra, "grad_scale": grad_scale}
+        if self._spec.takes_step:
+            extra = {**extra, "step": bucket.done + 1}
+        try:
+            kernel(params, grads, *states, True, lr=lr, **kw, **extra)
+        except (TypeError, ValueError) as exc:
+            relaid = self._relayout_grads([_local(p) for p in bucket.params], grads)
+            if relaid is None:
+                raise self._named(where, bucket, exc) from exc
+            try:
+                kernel(params, relaid, *states, True, lr=lr, **kw, **extra)
+            except (TypeError, ValueError) as again:
+                raise self._named(where, bucket, again) from again
+        torch.autograd.graph.increment_version(written)
+        bucket.done += 1
+        if bucket.steps is not None:
+            bucket.steps.add_(1)
+
+    @staticmethod
+    def _relayout_grads(params: List[torch.Tensor],
+                        grads: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+        """After the kernel refused a call (it writes nothing then): the grads with those
+        whose strides differ from their param's copied to the param's strides, for a second
+        try; None if there are none."""
+        relaid = list(grads)
+        changed = False
+        for k, (p, g) in enumerate(zip(params, grads)):
+            if g.layout == torch.strided and g.shape == p.shape and g.stride() != p.stride():
+                relaid[k] = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype,
+                                                device=g.device)
+                relaid[k].copy_(g)
+                changed = True
+        return relaid if changed else None
+
+    @staticmethod
+    def _named(where: str, bucket: _Bucket, exc: Exception) -> Exception:
+        """The kernel's error with its list positions ("grads[3]") as the group's params."""
+        def name(m: re.Match[str]) -> str:
+            role, k = m.group(1), int(m.group(2))
+            if k >= len(bucket.index):
+                return m.group(0)
+            place = f"{where}['params'][{bucket.index[k]}]"
+            return place if role == "params" else f"{place} ({role})"
+        return type(exc)(re.sub(r"\b([a-z_]+)\[(\d+)\]", name, str(exc)))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._caches = {}
+        self._checked = {}
+        for group in self.param_groups:  # a torch.optim checkpoint lacks fastopt's extras
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch.optim's ``load_state_dict`` (state moved to each param's device, the saved
+        group options taken), keeping float32 state for float16/bfloat16 params: torch casts
+        floating state to the param's dtype, which would round fastopt's float32 state."""
+        super().load_state_dict(state_dict)
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved, params):
+            entry = state_dict["state"].get(saved_id)
+            if p.dtype not in _HALF or not isinstance(entry, dict):
+                continue
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32,
+                                                  copy=True)
+
+
+def _pair(name: str, betas: Any) -> Tuple[Any, Any]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name}: expected a pair (beta1, beta2), got {betas!r}")
+    return tuple(betas)  # type: ignore[return-value]
+
+
+class SGD(_FusedOptimizer):
+    """``torch.optim.SGD`` (momentum, dampening, Nesterov, weight decay, maximize) on
+    ``fastopt.sgd_``'s kernel; ``l1`` (keyword-only) adds fastopt's proximal L1 step. State:
+    ``"momentum_buffer"`` when momentum > 0 (no step count, as torch). ``foreach``/``fused``
+    are accepted no-ops (see the module docstring)."""
+
+    _spec = OPTIMIZERS["sgd"]
+    _tracks_step = False
+
+    def __init__(self, params: Any, lr: Any = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 maximize: bool = False, foreach: Optional[bool] = None,
+                 differentiable: bool = False, fused: Optional[bool] = None, l1: float = 0.0):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                        foreach=foreach, differentiable=differentiable, fused=fused, l1=l1)
+        super().__init__(params, defaults)
+
+
+class Adagrad(_FusedOptimizer):
+    """``torch.optim.Adagrad`` on ``fastopt.adagrad_``'s kernel. As torch, the state
+    (``"step"``, ``"sum"`` filled with ``initial_accumulator_value``) is made at construction
+    for every param (at the first step for groups added later). ``foreach``/``fused`` are
+    accepted no-ops; ``l1`` is keyword-only."""
+
+    _spec = OPTIMIZERS["adagrad"]
+
+    def __init__(self, params: Any, lr: Any = 1e-2, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                 eps: float = 1e-10, foreach: Optional[bool] = None, *, maximize: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None, l1: float = 0.0):
+        real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
+        defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable, fused=fused, l1=l1)
+        super().__init__(params, defaults)
+        for index, group in enumerate(self.param_groups):
+            used = self._validate_group(f"param_groups[{index}]", group).used
+            for i, p in enumerate(group["params"]):
+                self._param_state(f"param_groups[{index}]['params'][{i}]", p, group, used)
+
+    def _initial_value(self, name: str, group: Dict[str, Any]) -> float:
+        return real("initial_accumulator_value", group["initial_accumulator_value"], lo=0.0)
+
+
+class RMSprop(_FusedOptimizer):
+    """``torch.optim.RMSprop`` (centered, momentum) on ``fastopt.rmsprop_``'s kernel. State:
+    ``"step"``, ``"square_avg"``, ``"momentum_buffer"`` (momentum > 0), ``"grad_avg"``
+    (centered). ``foreach`` is an accepted no-op, ``capturable=True`` is refused; ``l1`` is
+    keyword-only."""
+
+    _spec = OPTIMIZERS["rmsprop"]
+
+    def __init__(self, params: Any, lr: Any = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
+                 capturable: bool = False, foreach: Optional[bool] = None,
+                 maximize: bool = False, differentiable: bool = False, *, l1: float = 0.0):
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                        momentum=momentum, centered=centered, capturable=capturable,
+                        foreach=foreach, maximize=maximize, differentiable=differentiable, l1=l1)
+        super().__init__(params, defaults)
+
+
+class Adam(_FusedOptimizer):
+    """``torch.optim.Adam`` (amsgrad, maximize, coupled or ``decoupled_weight_decay``) on
+    ``fastopt.adam_``'s kernel. State: ``"step"``, ``"exp_avg"``, ``"exp_avg_sq"``,
+    ``"max_exp_avg_sq"`` (amsgrad). ``foreach``/``fused`` are accepted no-ops,
+    ``capturable``/``differentiable`` are refused; ``l1`` is keyword-only."""
+
+    _spec = OPTIMIZERS["adam"]
+
+    def __init__(self, params: Any, lr: Any = 1e-3, betas: Tuple[Any, Any] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
+                 l1: float = 0.0):
+        defaults = dict(lr=lr, betas=_pair("betas", betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay, l1=l1)
+        super().__init__(params, defaults)
+
+
+class AdamW(Adam):
+    """``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2); as torch's,
+    its groups always say ``decoupled_weight_decay=True``, loaded checkpoints included."""
+
+    def __init__(self, params: Any, lr: Any = 1e-3, betas: Tuple[Any, Any] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach: Optional[bool] = None,
+                 capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, l1: float = 0.0):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, l1=l1)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class Lion(_FusedOptimizer):
+    """Lion (Chen et al. 2023) on ``fastopt.lion_``'s kernel; no torch.optim counterpart.
+    Defaults are the paper's (lr 1e-4, betas (0.9, 0.99)). State: ``"exp_avg"`` (no step
+    count). ``foreach``/``fused`` are accepted no-ops, ``capturable``/``differentiable`` refused."""
+
+    _spec = OPTIMIZERS["lion"]
+    _tracks_step = False
+
+    def __init__(self, params: Any, lr: Any = 1e-4, betas: Tuple[Any, Any] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None,
+                 capturable: bool = False, differentiable: bool = False, l1: float = 0.0):
+        defaults = dict(lr=lr, betas=_pair("betas", betas), weight_decay=weight_decay,
+                        maximize=maximize, foreach=foreach, fused=fused,
+                        capturable=capturable, differentiable=differentiable, l1=l1)
+        super().__init__(params, defaults)
+
+
+class Sophia(_FusedOptimizer):
+    """Sophia (Liu et al. 2023) on ``fastopt.sophia_``'s kernel; no torch.optim counterpart.
+    ``betas[0]`` is the gradient EMA's, ``betas[1]`` the Hessian EMA's (used by
+    ``update_hessian``). State: ``"step"``, ``"exp_avg"``, ``"hessian"`` (starts at zero, so
+    steps are clipped sign steps until ``update_hessian`` is called).
+    ``foreach``/``fused`` are accepted no-ops, ``capturable``/``differentiable`` refused."""
+
+    _spec = OPTIMIZERS["sophia"]
+
+    def __init__(self, params: Any, lr: Any = 1e-4, betas: Tuple[Any, Any] = (0.965, 0.99),
+                 rho: float = 0.04, weight_decay: float = 0.1, *, eps: float = 1e-15,
+                 maximize: bool = False, foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, l1: float = 0.0):
+        defaults = dict(lr=lr, betas=_pair("betas", betas), rho=rho, weight_decay=weight_decay,
+                        eps=eps, maximize=maximize, foreach=foreach, fused=fused,
+                        capturable=capturable, differentiable=differentiable, l1=l1)
+        self._hessian_beta("", defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _hessian_beta(where: str, group: Dict[str, Any]) -> float:
+        """betas[1], the Hessian EMA's (not in fastopt's table: the step does not use it)."""
+        return real(f"{where}['betas'][1]" if where else "betas[1]",
+                    _host_float(group["betas"][1]), lo=0.0, hi=1.0, hi_open=True)
+
+    @torch.no_grad()
+    def update_hessian(self) -> None:
+        """hessian <- betas[1]*hessian + (1 - betas[1])*grad*grad for every param with a
+        grad (fastopt's EMA kernel over grad*grad in float32): SophiaG's Gauss-Newton-
+        Bartlett estimate when the grads come from a loss on labels sampled from the model
+        (Liu et al. 2023, Algorithm 2)."""
+        for index, group in enumerate(self.param_groups):
+            used = self._validate_group(f"param_groups[{index}]", group).used
+            beta2 = self._hessian_beta(f"param_groups[{index}]", group)
+            hessians, squares = [], []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                where = f"param_groups[{index}]['params'][{i}]"
+                self._check_param(where, p, p.grad)
+                state, _ = self._param_state(where, p, group, used)
+                hessians.append(_local(state["hessian"]))
+                g = _local(p.grad).to(hessians[-1].dtype)
+                squares.append(torch.empty_like(hessians[-1]).copy_(g).square_())
+            if hessians:
+                functional.ema_(hessians, squares, beta=beta2)
+                torch.autograd.graph.increment_version(hessians)
+
+
+# The class of each optimizer of fastopt's table, by its name there.
+CLASSES: Dict[str, type] = {"sgd": SGD, "adagrad": Adagrad, "rmsprop": RMSprop, "adam": Adam,
+                            "adamw": AdamW, "lion": Lion, "sophia": Sophia}

@@ -1,0 +1,748 @@
+"""fastopt.torch: real torch.optim.Optimizer subclasses, checked against torch.optim itself.
+
+Trajectories (params and every state tensor) against torch.optim's for-loop implementation
+over a grid of options, with two param groups of different hyper-parameters, a frozen param,
+a param whose grad comes and goes, a scheduler; checkpoints both ways through
+torch.save/torch.load(weights_only=True); the schedulers; GradScaler with a skipped step;
+hooks, closures, autograd's version counters, inference tensors, layouts, 16-bit params,
+bad input; and a small training loop. Lion and Sophia have no torch.optim counterpart and
+are checked against fastopt's array-list classes (the same kernels: bit for bit).
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Callable, Dict, List, Tuple
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+
+import fastopt  # noqa: E402
+import fastopt.torch as ft  # noqa: E402
+from conftest import assert_close  # noqa: E402
+
+# The tolerances of test_torch_parity.py (see there): both sides round the same formulas in
+# a different order.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+STEPS = 10
+SHAPES = [(1,), (33,), (7, 5), (4097,)]
+
+CUDA_OK = torch.cuda.is_available() and fastopt.cuda_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda,
+    pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and fastopt._cuda")])]
+
+# Options per optimizer; the second param group overrides some of them (GROUP2).
+GRID: Dict[str, List[Dict[str, Any]]] = {
+    "SGD": [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+            dict(momentum=0.9, dampening=0.1, maximize=True)],
+    "Adagrad": [dict(), dict(lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
+                dict(maximize=True, eps=1e-3)],
+    "RMSprop": [dict(), dict(centered=True, momentum=0.9),
+                dict(weight_decay=0.01, maximize=True, momentum=0.5)],
+    "Adam": [dict(), dict(amsgrad=True, weight_decay=0.01),
+             dict(decoupled_weight_decay=True, weight_decay=0.1, maximize=True)],
+    "AdamW": [dict(), dict(amsgrad=True, maximize=True, weight_decay=0.1)],
+}
+LR = {"SGD": 0.05, "Adagrad": 0.05, "RMSprop": 0.01, "Adam": 0.01, "AdamW": 0.01}
+GROUP2: Dict[str, Dict[str, Any]] = {
+    "SGD": dict(weight_decay=0.05, momentum=0.5), "Adagrad": dict(weight_decay=0.05),
+    "RMSprop": dict(weight_decay=0.05, alpha=0.9),
+    "Adam": dict(weight_decay=0.05, betas=(0.8, 0.99)),
+    "AdamW": dict(weight_decay=0.05, betas=(0.8, 0.99))}
+# The options under which each optimizer keeps all of its state (checkpoint tests).
+FULL = {"SGD": dict(momentum=0.9), "Adagrad": dict(initial_accumulator_value=0.1),
+        "RMSprop": dict(centered=True, momentum=0.9), "Adam": dict(amsgrad=True),
+        "AdamW": dict(amsgrad=True)}
+
+
+def _cases():
+    return [pytest.param(name, opts, id=f"{name}-{i}")
+            for name, grid in GRID.items() for i, opts in enumerate(grid)]
+
+
+def _params(dtype=torch.float32, device="cpu", seed=0) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device)
+            .requires_grad_() for s in SHAPES + [(3,), (6,)]]  # the last two: frozen, intermittent
+
+
+def _groups(params: List[torch.Tensor], name: str, lr: float) -> List[Dict[str, Any]]:
+    return [{"params": params[:2] + params[4:5]},
+            {"params": params[2:4] + params[5:], "lr": lr * 0.3, **GROUP2[name]}]
+
+
+def _draw_grads(params: List[torch.Tensor], gen: torch.Generator, t: int) -> List[Any]:
+    """Fresh grads for every param but the frozen one (index 4); the last one gets a grad
+    on even steps only."""
+    out: List[Any] = []
+    for i, p in enumerate(params):
+        if i == 4 or (i == 5 and t % 2):
+            out.append(None)
+        else:
+            out.append(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype))
+    return out
+
+
+def _set_grads(params: List[torch.Tensor], grads: List[Any]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.to(p.device).clone()
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _assert_same_state(got: torch.optim.Optimizer, want: torch.optim.Optimizer,
+                       got_params: List[torch.Tensor], want_params: List[torch.Tensor],
+                       what: str) -> None:
+    dtype = want_params[0].dtype
+    assert_close([_np(p) for p in got_params], [_np(p) for p in want_params], dtype_np(dtype),
+                 f"params ({what})", tol=TOL[dtype])
+    for i, (gp, wp) in enumerate(zip(got_params, want_params)):
+        gs, ws = got.state.get(gp, {}), want.state.get(wp, {})
+        assert set(gs) == set(ws), f"{what}: param {i} state keys {sorted(gs)} != {sorted(ws)}"
+        for key in ws:
+            if key == "step":
+                assert float(gs[key]) == float(ws[key]), f"{what}: param {i} step"
+                assert gs[key].dtype == ws[key].dtype and gs[key].device == ws[key].device
+                continue
+            assert_close([_np(gs[key])], [_np(ws[key])], dtype_np(dtype),
+                         f"{key} of param {i} ({what})", tol=TOL[dtype])
+
+
+def dtype_np(dtype: torch.dtype) -> Any:
+    return {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+
+
+def _pair(name: str, opts: Dict[str, Any], lr: float, dtype=torch.float32, device="cpu",
+          scheduler: Callable[[Any], Any] = None):
+    """(torch.optim params, optimizer, scheduler), (fastopt.torch ...) on equal params."""
+    out = []
+    for module in (torch.optim, ft):
+        params = _params(dtype, device)
+        kw = dict(foreach=False) if module is torch.optim else {}
+        opt = getattr(module, name)(_groups(params, name, lr), lr=lr, **opts, **kw)
+        out.append((params, opt, scheduler(opt) if scheduler else None))
+    return out
+
+
+# ---- trajectories ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name,opts", _cases())
+def test_matches_torch_optim(name, opts, dtype, device):
+    lr = LR[name]
+    (tp, topt, tsched), (fp, fopt, fsched) = _pair(
+        name, opts, lr, dtype, device,
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5))
+    gen = torch.Generator().manual_seed(1)
+    for t in range(STEPS):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt, sched in ((tp, topt, tsched), (fp, fopt, fsched)):
+            _set_grads(params, grads)
+            opt.step()
+            sched.step()
+        _assert_same_state(fopt, topt, fp, tp, f"{name} {opts} step {t + 1}")
+    assert 4 not in [i for i, p in enumerate(fp) if p in fopt.state] or name == "Adagrad"
+    assert [g["lr"] for g in fopt.param_groups] == [g["lr"] for g in topt.param_groups]
+
+
+@pytest.mark.parametrize("name", ["Lion", "Sophia"])
+def test_lion_sophia_match_the_array_classes(name):
+    """No torch.optim counterpart: the array-list class on the same arrays, bit for bit."""
+    kw = dict(lr=1e-2, weight_decay=0.1, l1=1e-3)
+    params = _params()[:4]
+    arrays = [p.detach().numpy().copy() for p in params]
+    fopt = getattr(ft, name)(params, **kw)
+    aopt = getattr(fastopt, name)(arrays, **kw)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(STEPS):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        if name == "Sophia":
+            fopt.update_hessian()
+            aopt.update_hessian([(g * g).numpy() for g in grads], beta2=0.99)
+        fopt.step()
+        aopt.step([g.numpy() for g in grads])
+    for p, a in zip(params, arrays):
+        np.testing.assert_array_equal(p.detach().numpy(), a)
+    key = {"Lion": "exp_avg", "Sophia": "exp_avg"}[name]
+    for p, a in zip(params, aopt.state["exp_avgs"]):
+        np.testing.assert_array_equal(fopt.state[p][key].numpy(), a)
+    if name == "Sophia":
+        for p, a in zip(params, aopt.state["hessian_diags"]):
+            np.testing.assert_allclose(fopt.state[p]["hessian"].numpy(), a, rtol=1e-6)
+        assert float(fopt.state[params[0]]["step"]) == STEPS
+    else:
+        assert "step" not in fopt.state[params[0]]
+
+
+def test_mixed_dtypes_in_one_group_and_changing_grad_sets():
+    """float32 and float64 params in one group (two calls), and params dropping in and
+    out: per-param step counts as torch's."""
+    def make(module):
+        g = torch.Generator().manual_seed(3)
+        ps = [torch.randn(9, generator=g, dtype=dt).requires_grad_()
+              for dt in (torch.float32, torch.float64, torch.float32, torch.float64)]
+        kw = dict(foreach=False) if module is torch.optim else {}
+        return ps, module.Adam(ps, lr=0.01, **kw)
+    (tp, topt), (fp, fopt) = make(torch.optim), make(ft)
+    for t in range(8):
+        for params, opt in ((tp, topt), (fp, fopt)):
+            g2 = torch.Generator().manual_seed(100 + t)
+            for i, p in enumerate(params):
+                p.grad = None if (i + t) % 3 == 0 else torch.randn(9, generator=g2, dtype=p.dtype)
+            opt.step()
+        for p, q in zip(fp, tp):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+            if q in topt.state:
+                assert float(fopt.state[p]["step"]) == float(topt.state[q]["step"])
+
+
+def test_buckets_are_rebuilt_only_when_the_grad_set_changes(monkeypatch):
+    params = _params()[:4]
+    opt = ft.Adam(params, lr=0.01)
+    builds = []
+    real_build = ft.Adam._build
+    monkeypatch.setattr(ft.Adam, "_build",
+                        lambda self, *a: builds.append(1) or real_build(self, *a))
+    for t in range(6):
+        for i, p in enumerate(params):
+            p.grad = None if (t >= 3 and i == 0) else torch.randn(p.shape)
+        opt.step()
+    assert len(builds) == 2  # the first step, and when params[0] lost its grad
+    steps = [float(opt.state[p]["step"]) for p in params]
+    assert steps == [3.0, 6.0, 6.0, 6.0]
+
+
+def test_replaced_state_entries_are_used_like_torch():
+    """State tensors replaced between steps (as an offload loop does: state[k] = v.to(...))
+    are the ones the next step updates, step counts included."""
+    (tp, topt, _), (fp, fopt, _) = _pair("Adam", dict(amsgrad=True), 0.01)
+    gen = torch.Generator().manual_seed(16)
+    for t in range(6):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            opt.step()
+            if t == 2:
+                for st in opt.state.values():
+                    for k, v in st.items():
+                        st[k] = v.clone()
+            if t == 3:
+                opt.state[params[0]]["step"] = torch.tensor(1.0)
+            if t == 4:
+                opt.state[params[1]] = {}
+        _assert_same_state(fopt, topt, fp, tp, f"replaced state, step {t + 1}")
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+def _roundtrip(sd: Dict[str, Any]) -> Dict[str, Any]:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
+@pytest.mark.parametrize("name", list(FULL))
+def test_checkpoints_interchange_with_torch_optim(name, direction):
+    """A checkpoint (optimizer and scheduler) saved by one side, loaded by the other, which
+    continues on the trajectory the saving side keeps following."""
+    lr = LR[name]
+    first, second = (torch.optim, ft) if direction == "torch->fastopt" else (ft, torch.optim)
+
+    def make(module, params):
+        kw = dict(foreach=False) if module is torch.optim else {}
+        opt = getattr(module, name)(_groups(params, name, lr), lr=lr, **FULL[name], **kw)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
+
+    params = _params()
+    opt, sched = make(first, params)
+    gen = torch.Generator().manual_seed(5)
+    for t in range(4):
+        _set_grads(params, _draw_grads(params, gen, t))
+        opt.step()
+        sched.step()
+    saved = _roundtrip({"opt": opt.state_dict(), "sched": sched.state_dict()})
+    resumed = [p.detach().clone().requires_grad_() for p in params]
+    opt2, sched2 = make(second, resumed)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    for t in range(4, 9):
+        grads = _draw_grads(params, gen, t)
+        for ps, o, s in ((params, opt, sched), (resumed, opt2, sched2)):
+            _set_grads(ps, grads)
+            o.step()
+            s.step()
+        got, want = (opt2, opt)
+        _assert_same_state(got, want, resumed, params, f"{direction} {name} step {t + 1}")
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia"])
+def test_own_checkpoint_resumes_bit_for_bit(name):
+    params = _params()[:4]
+    opt = getattr(ft, name)(params, lr=0.01, **FULL.get(name, {}))
+    gen = torch.Generator().manual_seed(6)
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(6)]
+    for t in range(3):
+        _set_grads(params, grads[t])
+        opt.step()
+    saved = _roundtrip(opt.state_dict())
+    resumed = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = getattr(ft, name)(resumed, lr=0.5)  # options come from the checkpoint
+    opt2.load_state_dict(saved)
+    for t in range(3, 6):
+        for ps, o in ((params, opt), (resumed, opt2)):
+            _set_grads(ps, grads[t])
+            o.step()
+    for p, q in zip(params, resumed):
+        assert torch.equal(p, q)
+    assert opt2.param_groups[0]["lr"] == 0.01
+
+
+def test_state_layout_is_torchs():
+    params = _params()[:4]
+    for module in (torch.optim, ft):
+        ps = [p.detach().clone().requires_grad_() for p in params]
+        opt = module.Adam(ps, amsgrad=True)
+        _set_grads(ps, [torch.ones(p.shape) for p in ps])
+        opt.step()
+        sd = opt.state_dict()
+        st = sd["state"][1]
+        assert sorted(st) == ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"]
+        assert st["step"].dtype == torch.float32 and st["step"].device.type == "cpu"
+        assert st["step"].dim() == 0 and float(st["step"]) == 1.0
+        assert sd["param_groups"][0]["params"] == [0, 1, 2, 3]
+
+
+# ---- schedulers ------------------------------------------------------------------------------
+
+SCHEDULERS: Dict[str, Callable[[Any], Any]] = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=STEPS),
+    "ReduceLROnPlateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0,
+                                                                            factor=0.5),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
+        torch.optim.lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=3),
+        torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6)], milestones=[3]),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5),
+}
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+@pytest.mark.parametrize("sched", list(SCHEDULERS))
+def test_schedulers(sched, name):
+    opts = dict(momentum=0.9) if name == "SGD" else {}
+    (tp, topt, ts), (fp, fopt, fs) = _pair(name, opts, LR[name], scheduler=SCHEDULERS[sched])
+    gen = torch.Generator().manual_seed(7)
+    for t in range(STEPS):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt, s in ((tp, topt, ts), (fp, fopt, fs)):
+            _set_grads(params, grads)
+            opt.step()
+            s.step(float(t % 3)) if sched == "ReduceLROnPlateau" else s.step()
+        assert [g["lr"] for g in fopt.param_groups] == [g["lr"] for g in topt.param_groups]
+        _assert_same_state(fopt, topt, fp, tp, f"{sched} step {t + 1}")
+
+
+def test_tensor_lr_is_read_at_each_step():
+    params = _params()[:3]
+    lr = torch.tensor(0.1)
+    (tp, topt), (fp, fopt) = [
+        (ps, module.SGD(ps, lr=lr.clone() if module is ft else lr, momentum=0.9,
+                        **({} if module is ft else dict(foreach=False))))
+        for module, ps in ((torch.optim, params), (ft, [p.detach().clone().requires_grad_()
+                                                          for p in params]))]
+    for t in range(4):
+        for ps, o in ((tp, topt), (fp, fopt)):
+            _set_grads(ps, [torch.full(p.shape, 1.0 + t) for p in ps])
+            o.param_groups[0]["lr"].fill_(0.1 / (t + 1))
+            o.step()
+    for p, q in zip(fp, tp):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ---- GradScaler ------------------------------------------------------------------------------
+
+def _scaled_loop(module, steps: int, inf_at: int, clip: bool):
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    kw = dict(foreach=False) if module is torch.optim else {}
+    opt = module.AdamW(model.parameters(), lr=0.01, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=3)
+    gen = torch.Generator().manual_seed(9)
+    scales = []
+    for t in range(steps):
+        x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+        if t == inf_at:
+            model[0].weight.grad[0, 0] = float("inf")
+        if clip:  # the grads unscaled in place before the step
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return model, opt, scales
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["scaled", "unscale_-clip"])
+def test_grad_scaler_matches_torch_optim_with_a_skipped_step(clip):
+    fm, fopt, fscales = _scaled_loop(ft, 8, inf_at=3, clip=clip)
+    tm, topt, tscales = _scaled_loop(torch.optim, 8, inf_at=3, clip=clip)
+    assert fscales == tscales and fscales[3] < fscales[2]  # the inf halved the scale
+    for p, q in zip(fm.parameters(), tm.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert float(fopt.state[p]["step"]) == float(topt.state[q]["step"]) == 7.0
+
+
+def test_grad_scaler_unscales_inside_the_kernel():
+    """The scaler hands its scale to the step: the grads are divided inside the fused call,
+    not rewritten; found_inf skips the step."""
+    opt_cls = ft.AdamW
+    assert opt_cls._step_supports_amp_scaling
+    p = torch.randn(5, requires_grad=True)
+    opt = opt_cls([p], lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    scaler.scale((p * p).sum()).backward()
+    scaled = p.grad.clone()
+    want = p.detach().clone().requires_grad_()
+    want.grad = scaled / 256.0
+    torch.optim.AdamW([want], lr=0.01, foreach=False).step()
+    scaler.step(opt)
+    assert torch.equal(p.grad, scaled)  # not written
+    torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
+    # found_inf set: the step is skipped, step count included
+    p.grad[0] = float("nan")
+    scaler.update()
+    before = p.detach().clone()
+    scaler.step(opt)
+    assert torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == 1.0
+
+
+# ---- torch.optim behaviour ---------------------------------------------------------------------
+
+def test_hooks_closure_zero_grad():
+    p = torch.randn(4, requires_grad=True)
+    opt = ft.Adam([p], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    handle = register_optimizer_step_post_hook(
+        lambda o, a, k: calls.append("global"))
+    try:
+        def closure():
+            opt.zero_grad()
+            loss = (p * p).sum()
+            loss.backward()
+            return loss
+        loss = opt.step(closure)
+    finally:
+        handle.remove()
+    assert calls == ["pre", "post", "global"]
+    assert float(loss.detach()) > 0 and p.grad is not None
+    opt.zero_grad()
+    assert p.grad is None
+    assert isinstance(opt, torch.optim.Optimizer)
+
+
+def test_step_between_forward_and_backward_raises_like_torch():
+    for module in (torch.optim, ft):
+        w = torch.randn(3, requires_grad=True)
+        opt = module.SGD([w], lr=0.1)
+        w.grad = torch.ones(3)
+        loss = (w * w).sum()  # saves w for the backward
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_state_versions_are_bumped():
+    p = torch.randn(4, requires_grad=True)
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(4)
+    opt.step()
+    versions = [p._version, opt.state[p]["exp_avg"]._version, opt.state[p]["exp_avg_sq"]._version]
+    opt.step()
+    assert [p._version, opt.state[p]["exp_avg"]._version,
+            opt.state[p]["exp_avg_sq"]._version] > versions
+    assert all(a > b for a, b in zip([p._version, opt.state[p]["exp_avg"]._version,
+                                      opt.state[p]["exp_avg_sq"]._version], versions))
+
+
+def test_inference_tensors_are_refused_like_torch():
+    with torch.inference_mode():
+        p = torch.randn(3)
+        g = torch.randn(3)
+    for module in (torch.optim, ft):
+        opt = module.SGD([p], lr=0.1)
+        p.grad = g
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+            opt.step()
+    before = p.clone()
+    with torch.inference_mode():
+        ft.SGD([p], lr=0.1).step()  # allowed inside inference mode, as torch
+    assert not torch.equal(p, before)
+
+
+def test_sparse_grads_are_refused():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = ft.Adam(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\]\.grad: .*sparse"):
+        opt.step()
+    assert torch.equal(emb.weight.detach(), before)
+
+
+@pytest.mark.parametrize("flag", ["capturable", "differentiable"])
+def test_capturable_and_differentiable_are_refused(flag):
+    with pytest.raises(ValueError, match=flag):
+        ft.Adam([torch.randn(2, requires_grad=True)], **{flag: True})
+    # from a checkpoint whose group sets it
+    p = torch.randn(2, requires_grad=True)
+    opt = ft.Adam([p])
+    opt.param_groups[0][flag] = True
+    p.grad = torch.ones(2)
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{flag}'\]"):
+        opt.step()
+
+
+def test_foreach_and_fused_are_accepted_no_ops():
+    a = torch.randn(5, requires_grad=True)
+    b = a.detach().clone().requires_grad_()
+    for p, kw in ((a, dict(foreach=True)), (b, dict(fused=True))):
+        p.grad = torch.ones(5)
+        ft.Adam([p], lr=0.1, **kw).step()
+    assert torch.equal(a, b)
+
+
+def test_signatures_and_defaults_are_torchs():
+    import inspect
+    for name in ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]:
+        want = inspect.signature(getattr(torch.optim, name).__init__).parameters
+        got = inspect.signature(getattr(ft, name).__init__).parameters
+        for arg, param in want.items():
+            assert arg in got, f"{name}: {arg}"
+            assert got[arg].default == param.default, f"{name}.{arg}"
+            assert got[arg].kind == param.kind, f"{name}.{arg} kind"
+        assert got["l1"].kind == inspect.Parameter.KEYWORD_ONLY
+        p = torch.randn(2, requires_grad=True)
+        tdef = getattr(torch.optim, name)([p]).defaults
+        fdef = getattr(ft, name)([p]).defaults
+        assert {k: v for k, v in fdef.items() if k != "l1"} == tdef
+
+
+def test_bad_hyper_parameters_name_the_group_and_change_nothing():
+    with pytest.raises(ValueError, match=r"betas\[0\]"):
+        ft.Adam([torch.randn(2, requires_grad=True)], betas=(1.5, 0.9))
+    with pytest.raises(ValueError, match="lr"):
+        ft.SGD([torch.randn(2, requires_grad=True)], lr=-1.0)
+    a, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    opt = ft.Adam([{"params": [a]}, {"params": [b], "betas": (0.9, 1.0)}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['betas'\]\[1\]"):
+        opt.step()
+    # groups are stepped in order: group 0 was stepped before group 1 failed, as torch.optim
+    # would; group 1's param and state are untouched
+    assert not torch.equal(a.detach(), before)
+    opt.param_groups[1]["betas"] = (0.9, 0.999)
+    opt.param_groups[1]["weight_decay"] = float("nan")
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['weight_decay'\]"):
+        opt.step()
+    with pytest.raises(TypeError, match="dtype"):
+        x = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
+        x.grad = torch.ones(2, dtype=torch.complex64)
+        ft.Adam([x]).step()
+
+
+def test_add_param_group_midway():
+    (tp, topt, _), (fp, fopt, _) = _pair("Adam", {}, 0.01)
+    extra = [torch.randn(5, dtype=torch.float32, requires_grad=True) for _ in range(2)]
+    extra[1] = extra[0].detach().clone().requires_grad_()
+    gen = torch.Generator().manual_seed(10)
+    for t in range(6):
+        if t == 3:
+            topt.add_param_group({"params": [extra[0]], "lr": 0.02})
+            fopt.add_param_group({"params": [extra[1]], "lr": 0.02})
+        grads = _draw_grads(tp, gen, t)
+        g_extra = torch.randn(5, generator=gen)
+        for params, opt, e in ((tp, topt, extra[0]), (fp, fopt, extra[1])):
+            _set_grads(params, grads)
+            e.grad = g_extra.clone()
+            opt.step()
+    _assert_same_state(fopt, topt, fp + extra[1:], tp + extra[:1], "add_param_group")
+
+
+# ---- layouts and dtypes ------------------------------------------------------------------------
+
+def test_grad_with_other_strides_than_its_param():
+    """torch allows a grad laid out differently from its param: stepped through a copy in
+    the param's layout; the grad itself is not written."""
+    (tp, topt, _), (fp, fopt, _) = _pair("Adam", {}, 0.01)
+    gen = torch.Generator().manual_seed(11)
+    for t in range(3):
+        grads = _draw_grads(tp, gen, t)
+        grads[2] = grads[2].t().contiguous().t()  # (7, 5) with strides (1, 7)
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            params[2].grad = grads[2].clone().t().contiguous().t()
+            kept = params[2].grad.clone()
+            opt.step()
+            assert torch.equal(params[2].grad, kept)
+    _assert_same_state(fopt, topt, fp, tp, "grad strides")
+
+
+def test_params_with_gaps_are_refused():
+    p = torch.nn.Parameter(torch.randn(4, 8)[:, ::2])  # a leaf viewing every other column
+    p.grad = torch.ones(4, 4)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]: has gaps"):
+        ft.Adam([p]).step()
+    assert torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_and_transposed_params(device):
+    """Dense params in any stride order are stepped over their storage (needs the compiled
+    strided-tensor support); the state has the param's strides, as torch's."""
+    def make(module):
+        torch.manual_seed(12)
+        conv = torch.nn.Conv2d(3, 4, 3).to(device).to(memory_format=torch.channels_last)
+        t = torch.nn.Parameter(torch.randn(6, 4, device=device).t())  # strides (1, 4)
+        ps = [conv.weight, conv.bias, t]
+        kw = dict(foreach=False) if module is torch.optim else {}
+        return conv, ps, module.AdamW(ps, lr=0.01, amsgrad=True, **kw)
+    (tc, tp, topt), (fc, fp, fopt) = make(torch.optim), make(ft)
+    gen = torch.Generator().manual_seed(13)
+    for _ in range(3):
+        x = torch.randn(2, 3, 6, 6, generator=gen).to(device).to(memory_format=torch.channels_last)
+        gt = torch.randn(4, 6, generator=gen).to(device)
+        for conv, ps, opt in ((tc, tp, topt), (fc, fp, fopt)):
+            opt.zero_grad()
+            conv(x).square().mean().backward()
+            ps[2].grad = gt.clone()  # strides (6, 1): not the param's
+            opt.step()
+    assert fp[0].is_contiguous(memory_format=torch.channels_last)
+    assert fopt.state[fp[0]]["exp_avg"].stride() == fp[0].stride()
+    assert fopt.state[fp[2]]["exp_avg_sq"].stride() == fp[2].stride()
+    for p, q in zip(fp, tp):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_16bit_params(dtype, device):
+    """float16/bfloat16 params and grads, float32 state and math (on the CPU this needs the
+    compiled 16-bit host path): torch.optim on float32 copies of the params, rounded back
+    to 16 bits after every step, is the reference."""
+    gen = torch.Generator().manual_seed(14)
+    params = [torch.randn(s, generator=gen).to(dtype).to(device).requires_grad_()
+              for s in SHAPES]
+    shadow = [p.detach().float().requires_grad_() for p in params]
+    fopt = ft.AdamW(params, lr=0.01)
+    topt = torch.optim.AdamW(shadow, lr=0.01, foreach=False)
+    for _ in range(5):
+        for p, s in zip(params, shadow):
+            g = torch.randn(p.shape, generator=gen).to(dtype).to(device)
+            p.grad = g
+            s.grad = g.float()
+            with torch.no_grad():
+                s.copy_(p.float())
+        fopt.step()
+        topt.step()
+        for p, s in zip(params, shadow):
+            want = s.detach().to(dtype)
+            # one 16-bit rounding apart at most: the float32 math agrees to ~1e-6
+            torch.testing.assert_close(p.detach().float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    st = fopt.state[params[0]]
+    assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
+    # a checkpoint keeps the float32 state (torch.optim's load would cast it to 16 bits)
+    opt2 = ft.AdamW([p.detach().clone().requires_grad_() for p in params], lr=0.01)
+    opt2.load_state_dict(_roundtrip(fopt.state_dict()))
+    s2 = opt2.state[opt2.param_groups[0]["params"][0]]
+    assert s2["exp_avg"].dtype == torch.float32 and torch.equal(s2["exp_avg"], st["exp_avg"])
+
+
+# ---- a training loop ---------------------------------------------------------------------------
+
+def _digits_like(n: int = 1797) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic stand-in for scikit-learn's digits (not installed here): 8x8 images
+    of 10 classes, each a fixed random stroke pattern plus noise, values in [0, 16]."""
+    rng = np.random.default_rng(0)
+    patterns = (rng.random((10, 64)) < 0.35) * 16.0
+    y = rng.integers(0, 10, n)
+    x = np.clip(patterns[y] + rng.normal(0.0, 4.0, (n, 64)), 0.0, 16.0)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def _train(module, x, y, inf_at: int):
+    torch.manual_seed(15)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    kw = dict(foreach=False) if module is torch.optim else {}
+    opt = module.AdamW([{"params": decay, "weight_decay": 0.05},
+                        {"params": no_decay, "weight_decay": 0.0, "lr": 4e-3}], lr=2e-3, **kw)
+    batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x), 128)]
+    total = 3 * len(batches)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-2, 2e-2], total_steps=total)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    losses = []
+    step = 0
+    for _ in range(3):
+        for xb, yb in batches:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            scaler.scale(loss).backward()
+            if step == inf_at:
+                no_decay[0].grad[3] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            losses.append(float(loss.detach()))
+            step += 1
+    acc = float((model(x).argmax(1) == y).float().mean())
+    return losses, acc
+
+
+def test_training_loop_matches_torch_optim():
+    x, y = _digits_like()
+    f_losses, f_acc = _train(ft, x, y, inf_at=5)
+    t_losses, t_acc = _train(torch.optim, x, y, inf_at=5)
+    np.testing.assert_allclose(f_losses, t_losses, rtol=1e-4, atol=1e-5)
+    assert f_acc == pytest.approx(t_acc, abs=2e-3) and f_acc > 0.9
+    assert f_losses[-1] < 0.3 * f_losses[0]
+
+
+def test_importing_fastopt_does_not_import_fastopt_torch():
+    import subprocess
+    import sys
+    code = "import sys, fastopt; assert 'fastopt.torch' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_param_groups_options_round_trip_through_pickle():
+    import pickle
+    p = torch.randn(3, requires_grad=True)
+    opt = ft.AdamW([p], lr=0.1, l1=0.01)
+    p.grad = torch.ones(3)
+    opt.step()
+    opt2 = pickle.loads(pickle.dumps(opt))
+    q = opt2.param_groups[0]["params"][0]
+    q.grad = torch.ones(3)
+    opt2.step()
+    assert float(opt2.state[q]["step"]) == 2.0 and opt2.param_groups[0]["l1"] == 0.01
+
