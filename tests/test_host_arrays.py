@@ -240,6 +240,8 @@ def test_refused_tensors():
         with pytest.raises(error, match=match):
             fastopt.sgd_(p, g, lr=0.1)
     fastopt.sgd_(torch.randn(3), frozen, lr=0.1)  # an inference tensor may be read
+    with torch.inference_mode():  # and written where torch allows it
+        fastopt.sgd_(frozen, g, lr=0.1)
 
 
 # ---- the grad scale -------------------------------------------------------------------------

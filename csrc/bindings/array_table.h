@@ -139,7 +139,8 @@ class ArrayTable {
                            " tensors are not supported (dense torch.strided tensors only)");
     if (FASTOPT_HOST_ATTR(t, "is_neg")().cast<bool>())
       throw py::value_error(where_ + ": is a negative view; call .resolve_neg() first");
-    if (written && FASTOPT_HOST_ATTR(t, "is_inference")().cast<bool>())
+    if (written && FASTOPT_HOST_ATTR(t, "is_inference")().cast<bool>() &&
+        !tt.inference_mode_enabled().cast<bool>())
       throw py::value_error(where_ + ": is an inference tensor, which cannot be updated in place "
                             "outside torch.inference_mode()");
     const py::tuple shape(FASTOPT_HOST_ATTR(t, "shape"));
@@ -262,6 +263,7 @@ class ArrayTable {
   struct TorchTypes {
     py::object tensor, strided;
     py::object dtypes[4];
+    py::object inference_mode_enabled;  // torch.is_inference_mode_enabled
   };
   static const TorchTypes* torch_types() {
     static TorchTypes* types = nullptr;  // never destroyed: no Python at exit
@@ -274,7 +276,8 @@ class ArrayTable {
     const py::object m = py::reinterpret_steal<py::object>(torch);
     if (!py::hasattr(m, "bfloat16")) return nullptr;  // torch is still being imported
     types = new TorchTypes{m.attr("Tensor"), m.attr("strided"),
-                           {m.attr("float32"), m.attr("float64"), m.attr("float16"), m.attr("bfloat16")}};
+                           {m.attr("float32"), m.attr("float64"), m.attr("float16"), m.attr("bfloat16")},
+                           m.attr("is_inference_mode_enabled")};
     return types;
   }
   // Whether obj is a torch tensor whose data is in host memory (tensors on a GPU are left
