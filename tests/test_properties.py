@@ -78,8 +78,18 @@ def adam_hyper(draw, adamw=False):
     return h
 
 
+# Sophia: the table's hessian_diags start in [0.05, 1]; rho >= 0.01 and eps <= 1e-4 keep the
+# clip's slope |m| / (rho*h) below ~2e3, so float32 rounding of m stays within tolerance.
+@st.composite
+def sophia_hyper(draw):
+    return dict(lr=draw(unit(0.0, 0.1)), beta1=draw(maybe_zero(unit(0.0, 0.99))),
+                rho=draw(log_uniform(1e-2, 1.0)), eps=draw(log_uniform(1e-15, 1e-4)),
+                weight_decay=draw(maybe_zero(unit(0.0, 0.1))), maximize=draw(st.booleans()),
+                l1=draw(maybe_zero(unit(0.0, 0.1))))
+
+
 HYPER = {"sgd": sgd_hyper(), "adagrad": adagrad_hyper(), "rmsprop": rmsprop_hyper(),
-         "adam": adam_hyper(), "adamw": adam_hyper(adamw=True)}
+         "adam": adam_hyper(), "adamw": adam_hyper(adamw=True), "sophia": sophia_hyper()}
 
 
 @settings(max_examples=150, **SETTINGS)
@@ -135,7 +145,7 @@ bad_step = st.one_of(st.tuples(st.integers(max_value=0), st.just(ValueError)),
 KINDS = {
     "lr": "nonneg", "weight_decay": "nonneg", "l1": "nonneg", "momentum": "nonneg",
     "lr_decay": "nonneg", "dampening": "unit", "alpha": "unit", "beta1": "beta",
-    "beta2": "beta", "eps": "positive",
+    "beta2": "beta", "eps": "positive", "rho": "positive",
 }
 FLAGS = {"maximize", "nesterov", "centered", "amsgrad", "decoupled_weight_decay"}
 
