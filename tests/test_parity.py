@@ -104,9 +104,10 @@ def test_misaligned_arrays_match_cpu_and_reference(backend, opt, opts, dtype, rn
     # (each role at a different offset), every role aligned, or a mix (even roles aligned:
     # one misaligned role must send the tensor to the unaligned path). 40_001 also crosses
     # the CPU's threading threshold (2**15 elements). The padding is never written.
-    shapes = SHAPES + [(40_001,)]
-    kinds = ["odd", "odd", "aligned", "mixed", "odd", "mixed", "aligned", "odd", "mixed",
-             "odd"]
+    shapes = SHAPES + [(40_001,), (4097,)]
+    kinds = ["odd", "odd", "odd", "aligned", "odd", "aligned", "mixed", "mixed", "odd", "odd",
+             "mixed"]
+    assert len(kinds) == len(shapes)
     buffers = []
     make = misaligned_maker(backend, kinds, record=buffers)
     pr = Problem(opt, opts, shapes, dtype, rng, backend=backend, make=make)
@@ -380,9 +381,9 @@ def test_class_with_single_array(array_backend, opt, opts, rng):
 def test_zero_state_restarts_like_new(array_backend, opt, opts, rng):
     backend = array_backend
     shapes = [(33,), (7, 2)]
-    p0 = [normal_nonzero(rng, s).astype(np.float32) for s in shapes]
-    grads = [[normal_nonzero(rng, s).astype(np.float32) for s in shapes] for _ in range(10)]
-    est = [hessian_estimates(rng, shapes, np.float32) for _ in range(10)]
+    p0 = [normal_nonzero(rng, s) for s in shapes]  # float64
+    grads = [[normal_nonzero(rng, s) for s in shapes] for _ in range(10)]
+    est = [hessian_estimates(rng, shapes, np.float64) for _ in range(10)]
     a = [backend.asarray(p) for p in p0]
     o = opt.cls(a, **_class_kwargs(opt, opts))
     for t in range(5):
