@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 #include "bindings/overlap.h"
+#include "cpu/multi_tensor.h"
 #include "cpu/optim_kernels.h"
 
 namespace fastopt {
@@ -25,7 +26,9 @@ class ArrayTable {
  public:
   // roles[0] (the params) fixes the list length, shapes and dtype the others must match.
   // `listed` says whether the user passed lists (messages then say "grads[3]").
-  ArrayTable(std::initializer_list<RoleSpec> roles, bool listed) : listed_(listed) {
+  // Roles: any sequence of RoleSpec (std::array, std::vector).
+  template <class Roles>
+  ArrayTable(const Roles& roles, bool listed) : listed_(listed) {
     const RoleSpec& ref = *roles.begin();
     if (!py::isinstance<py::list>(ref.list))
       throw py::type_error(std::string(ref.name) + ": expected a list of arrays");

@@ -1,16 +1,20 @@
-// fastopt._cpu: thin pybind11 bindings of the CPU kernels. Each step function receives
-// aligned lists of NumPy arrays (hyper-parameters already validated in Python), checks
-// and unpacks them (array_table.h), releases the GIL and runs one multi-tensor call.
+// fastopt._cpu: thin pybind11 bindings of the CPU kernels. Each optimizer's step function
+// is generated from its descriptor (common/optim/registry.h, bindings/optim_binding.h):
+// it receives aligned lists of NumPy arrays (hyper-parameters already validated in
+// Python), checks and unpacks them (array_table.h), releases the GIL and runs one
+// multi-tensor call.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <stdexcept>
 #include "bindings/array_table.h"
+#include "bindings/optim_binding.h"
 #include "build_info.h"
 #include "cpu/dispatch.h"
 
 namespace py = pybind11;
 using fastopt::bindings::ArrayTable;
-using fastopt::bindings::used_if;
+using fastopt::bindings::RoleSpec;
+using fastopt::bindings::StepCall;
 namespace cpu = fastopt::cpu;
 
 namespace {
@@ -21,72 +25,19 @@ void run_released(Fn&& fn) {
   fn();
 }
 
-void sgd(py::list params, py::list grads, py::object momentum_buffers, bool listed,
-         double lr, double momentum, double dampening, double weight_decay, double l1,
-         bool nesterov, bool maximize, int64_t step) {
-  // The momentum buffer is only written at the first step, so it is not read then.
-  ArrayTable arrays({{"params", params, true},
-                     {"grads", grads, false},
-                     {"momentum_buffers", used_if(momentum != 0.0, momentum_buffers, "momentum_buffers"), true}},
-                    listed);
-  const fastopt::SgdHyper h{lr, momentum, dampening, weight_decay, l1, nesterov, maximize};
-  run_released([&] { cpu::sgd(arrays.table(), arrays.dtype(), h, step); });
-}
-
-void adagrad(py::list params, py::list grads, py::list state_sums, bool listed, double lr,
-             double lr_decay, double weight_decay, double eps, double l1, bool maximize,
-             int64_t step) {
-  ArrayTable arrays({{"params", params, true},
-                     {"grads", grads, false},
-                     {"state_sums", state_sums, true}},
-                    listed);
-  const fastopt::AdagradHyper h{lr, lr_decay, weight_decay, eps, l1, maximize};
-  run_released([&] { cpu::adagrad(arrays.table(), arrays.dtype(), h, step); });
-}
-
-void rmsprop(py::list params, py::list grads, py::list square_avgs, py::object momentum_buffers,
-             py::object grad_avgs, bool listed, double lr, double alpha, double eps,
-             double weight_decay, double momentum, double l1, bool centered, bool maximize) {
-  ArrayTable arrays({{"params", params, true},
-                     {"grads", grads, false},
-                     {"square_avgs", square_avgs, true},
-                     {"momentum_buffers", used_if(momentum != 0.0, momentum_buffers, "momentum_buffers"), true},
-                     {"grad_avgs", used_if(centered, grad_avgs, "grad_avgs"), true}},
-                    listed);
-  const fastopt::RmspropHyper h{lr, alpha, eps, weight_decay, momentum, l1, centered, maximize};
-  run_released([&] { cpu::rmsprop(arrays.table(), arrays.dtype(), h); });
-}
-
-void adam(py::list params, py::list grads, py::list exp_avgs, py::list exp_avg_sqs,
-          py::object max_exp_avg_sqs, bool listed, double lr, double beta1, double beta2,
-          double eps, double weight_decay, double l1, bool decoupled_weight_decay,
-          bool amsgrad, bool maximize, int64_t step) {
-  ArrayTable arrays({{"params", params, true},
-                     {"grads", grads, false},
-                     {"exp_avgs", exp_avgs, true},
-                     {"exp_avg_sqs", exp_avg_sqs, true},
-                     {"max_exp_avg_sqs", used_if(amsgrad, max_exp_avg_sqs, "max_exp_avg_sqs"), true}},
-                    listed);
-  const fastopt::AdamHyper h{lr, beta1, beta2, eps, weight_decay, l1, decoupled_weight_decay,
-                             amsgrad, maximize};
-  run_released([&] { cpu::adam(arrays.table(), arrays.dtype(), h, step); });
-}
-
-void sophia(py::list params, py::list grads, py::list exp_avgs, py::list hessian_diags,
-            bool listed, double lr, double beta1, double rho, double weight_decay, double eps,
-            double l1, bool maximize) {
-  ArrayTable arrays({{"params", params, true},
-                     {"grads", grads, false},
-                     {"exp_avgs", exp_avgs, true},
-                     {"hessian_diags", hessian_diags, false}},
-                    listed);
-  const fastopt::SophiaHyper h{lr, beta1, rho, weight_decay, eps, l1, maximize};
-  run_released([&] { cpu::sophia(arrays.table(), arrays.dtype(), h); });
-}
-
-void ema(py::list averages, py::list samples, bool listed, double beta) {
-  ArrayTable arrays({{"averages", averages, true}, {"samples", samples, false}}, listed);
-  run_released([&] { cpu::ema(arrays.table(), arrays.dtype(), beta); });
+// One step of optimizer Opt over the call's aligned lists (see bindings/optim_binding.h
+// for the arguments): the arrays are checked and tabled, then the kernel runs with the GIL
+// released.
+template <class Opt>
+void step(const py::args& args, const py::kwargs& kwargs) {
+  const StepCall<Opt> call(args, kwargs, {});
+  std::array<RoleSpec, Opt::num_roles> roles;
+  for (int r = 0; r < Opt::num_roles; ++r)
+    roles[r] = {Opt::roles[r].name, call.lists[r], Opt::roles[r].written};
+  const ArrayTable arrays(roles, call.listed);
+  cpu::TensorTable table = arrays.table();
+  table.fresh = call.fresh;
+  run_released([&] { cpu::step<Opt>(table, arrays.dtype(), call.hyper, call.step); });
 }
 
 // Batched Cholesky: arrays validated in fastopt/newton.py (contiguous, one dtype, shapes
@@ -176,9 +127,9 @@ void dequantize_blockwise(py::array q, py::array absmax, py::array x, int64_t bl
 }
 
 void add_inplace(py::array dst, py::array src) {
-  ArrayTable arrays({{"dst", py::list(py::make_tuple(dst)), true},
-                     {"src", py::list(py::make_tuple(src)), false}},
-                    false);
+  const std::array<RoleSpec, 2> roles{{{"dst", py::list(py::make_tuple(dst)), true},
+                                       {"src", py::list(py::make_tuple(src)), false}}};
+  const ArrayTable arrays(roles, false);
   run_released([&] { cpu::add_inplace(arrays.table(), arrays.dtype()); });
 }
 
@@ -201,24 +152,12 @@ py::dict build_info() {
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "fastopt CPU kernels (scalar and AVX2 paths, OpenMP threads)";
   using py::arg;
-  m.def("sgd", &sgd, arg("params"), arg("grads"), arg("momentum_buffers"), arg("listed"),
-        arg("lr"), arg("momentum"), arg("dampening"), arg("weight_decay"), arg("l1"),
-        arg("nesterov"), arg("maximize"), arg("step"));
-  m.def("adagrad", &adagrad, arg("params"), arg("grads"), arg("state_sums"), arg("listed"),
-        arg("lr"), arg("lr_decay"), arg("weight_decay"), arg("eps"), arg("l1"),
-        arg("maximize"), arg("step"));
-  m.def("rmsprop", &rmsprop, arg("params"), arg("grads"), arg("square_avgs"),
-        arg("momentum_buffers"), arg("grad_avgs"), arg("listed"), arg("lr"), arg("alpha"),
-        arg("eps"), arg("weight_decay"), arg("momentum"), arg("l1"), arg("centered"),
-        arg("maximize"));
-  m.def("adam", &adam, arg("params"), arg("grads"), arg("exp_avgs"), arg("exp_avg_sqs"),
-        arg("max_exp_avg_sqs"), arg("listed"), arg("lr"), arg("beta1"), arg("beta2"),
-        arg("eps"), arg("weight_decay"), arg("l1"), arg("decoupled_weight_decay"),
-        arg("amsgrad"), arg("maximize"), arg("step"));
-  m.def("sophia", &sophia, arg("params"), arg("grads"), arg("exp_avgs"), arg("hessian_diags"),
-        arg("listed"), arg("lr"), arg("beta1"), arg("rho"), arg("weight_decay"), arg("eps"),
-        arg("l1"), arg("maximize"));
-  m.def("ema", &ema, arg("averages"), arg("samples"), arg("listed"), arg("beta"));
+  fastopt::for_each_optimizer([&](auto opt) {
+    using Opt = decltype(opt);
+    m.def(Opt::name, &step<Opt>);
+  });
+  m.def("optimizers", &fastopt::bindings::describe_optimizers,
+        "Each optimizer's array roles, hyper-parameter names and whether it takes step");
   m.def("newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("out"), arg("batch"),
         arg("n"), arg("damping"));
   m.def("newton_apply", &newton_apply, arg("params"), arg("steps"), arg("use"), arg("batch"),

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <string>
 #include "bindings/device_table.h"
+#include "bindings/optim_binding.h"
 #include "bindings/overlap.h"
 #include "cuda/device_info.h"
 #include "cuda/newton_kernels.h"
@@ -22,8 +23,6 @@ namespace py = pybind11;
 namespace cuda = fastopt::cuda;
 using fastopt::bindings::DeviceArray;
 using fastopt::bindings::DevicePlan;
-using fastopt::bindings::RoleKind;
-using fastopt::bindings::used_if;
 
 namespace {
 
@@ -94,95 +93,43 @@ void check_stream_device(intptr_t stream, int device) {
                           " but the arrays are on device " + std::to_string(device));
 }
 
-// Tables the arrays (in `cached` when given, else in a plan for this call only), then
-// launches `kernel(tables, dtype, stream)` on the arrays' device.
-template <class Launch>
-void run(DevicePlan* cached, std::initializer_list<fastopt::bindings::DeviceRoleSpec> roles,
-         bool listed, intptr_t stream, Launch&& kernel) {
+// One step of optimizer Opt (see bindings/optim_binding.h for the arguments; here also the
+// keywords stream, an int handle, and plan, a Plan or None): the arrays are checked and
+// tabled (in `plan` when given, else in a plan for this call only), then the kernel is
+// launched on the arrays' device without synchronising.
+template <class Opt>
+void step(const py::args& args, const py::kwargs& kwargs) {
+  const fastopt::bindings::StepCall<Opt> call(args, kwargs, {"stream", "plan"});
+  intptr_t stream = 0;
+  DevicePlan* cached = nullptr;
+  if (kwargs.contains("stream")) {
+    int64_t handle = 0;
+    fastopt::bindings::read_keyword("stream", kwargs["stream"].ptr(), handle);
+    if (handle < 0) throw py::value_error("stream: must be a handle >= 0");
+    stream = intptr_t(handle);
+  }
+  if (kwargs.contains("plan") && !kwargs["plan"].is_none()) {
+    if (!py::isinstance<DevicePlan>(kwargs["plan"]))
+      throw py::type_error("plan: expected a fastopt._cuda.Plan or None");
+    cached = kwargs["plan"].cast<DevicePlan*>();
+  }
+  std::array<fastopt::bindings::DeviceRoleSpec, Opt::num_roles> roles;
+  unsigned loads = 0, stores = 0;
+  for (int r = 0; r < Opt::num_roles; ++r) {
+    const fastopt::Role& role = Opt::roles[r];
+    roles[r] = {role.name, call.lists[r], role.kind, role.written};
+    if (call.lists[r].is_none()) continue;
+    if (!(call.fresh >> r & 1u)) loads |= 1u << r;
+    if (role.written) stores |= 1u << r;
+  }
   DevicePlan local;
   DevicePlan& plan = cached ? *cached : local;
-  plan.update(roles, listed, stream);
+  plan.update(roles, call.listed, stream);
   if (plan.tables().empty()) return;  // nothing but zero-size arrays
   check_stream_device(stream, plan.device());
   DeviceGuard guard(plan.device());
-  kernel(plan.tables(), plan.dtype(), reinterpret_cast<cudaStream_t>(stream));
-}
-
-constexpr RoleKind kParam = RoleKind::param, kGrad = RoleKind::grad, kState = RoleKind::state;
-
-void sgd(py::list params, py::list grads, py::object momentum_buffers, bool listed, double lr,
-         double momentum, double dampening, double weight_decay, double l1, bool nesterov,
-         bool maximize, int64_t step, intptr_t stream, DevicePlan* plan) {
-  const fastopt::SgdHyper h{lr, momentum, dampening, weight_decay, l1, nesterov, maximize};
-  run(plan,
-      {{"params", params, kParam, true},
-       {"grads", grads, kGrad, false},
-       {"momentum_buffers", used_if(momentum != 0.0, momentum_buffers, "momentum_buffers"), kState, true}},
-      listed, stream,
-      [&](const cuda::LaunchTables& t, cuda::DType d, cudaStream_t s) { cuda::sgd(t, d, h, step, s); });
-}
-
-void adagrad(py::list params, py::list grads, py::list state_sums, bool listed, double lr,
-             double lr_decay, double weight_decay, double eps, double l1, bool maximize,
-             int64_t step, intptr_t stream, DevicePlan* plan) {
-  const fastopt::AdagradHyper h{lr, lr_decay, weight_decay, eps, l1, maximize};
-  run(plan,
-      {{"params", params, kParam, true},
-       {"grads", grads, kGrad, false},
-       {"state_sums", state_sums, kState, true}},
-      listed, stream,
-      [&](const cuda::LaunchTables& t, cuda::DType d, cudaStream_t s) { cuda::adagrad(t, d, h, step, s); });
-}
-
-void rmsprop(py::list params, py::list grads, py::list square_avgs, py::object momentum_buffers,
-             py::object grad_avgs, bool listed, double lr, double alpha, double eps,
-             double weight_decay, double momentum, double l1, bool centered, bool maximize,
-             intptr_t stream, DevicePlan* plan) {
-  const fastopt::RmspropHyper h{lr, alpha, eps, weight_decay, momentum, l1, centered, maximize};
-  run(plan,
-      {{"params", params, kParam, true},
-       {"grads", grads, kGrad, false},
-       {"square_avgs", square_avgs, kState, true},
-       {"momentum_buffers", used_if(momentum != 0.0, momentum_buffers, "momentum_buffers"), kState, true},
-       {"grad_avgs", used_if(centered, grad_avgs, "grad_avgs"), kState, true}},
-      listed, stream,
-      [&](const cuda::LaunchTables& t, cuda::DType d, cudaStream_t s) { cuda::rmsprop(t, d, h, s); });
-}
-
-void adam(py::list params, py::list grads, py::list exp_avgs, py::list exp_avg_sqs,
-          py::object max_exp_avg_sqs, bool listed, double lr, double beta1, double beta2,
-          double eps, double weight_decay, double l1, bool decoupled_weight_decay, bool amsgrad,
-          bool maximize, int64_t step, intptr_t stream, DevicePlan* plan) {
-  const fastopt::AdamHyper h{lr, beta1, beta2, eps, weight_decay, l1, decoupled_weight_decay,
-                             amsgrad, maximize};
-  run(plan,
-      {{"params", params, kParam, true},
-       {"grads", grads, kGrad, false},
-       {"exp_avgs", exp_avgs, kState, true},
-       {"exp_avg_sqs", exp_avg_sqs, kState, true},
-       {"max_exp_avg_sqs", used_if(amsgrad, max_exp_avg_sqs, "max_exp_avg_sqs"), kState, true}},
-      listed, stream,
-      [&](const cuda::LaunchTables& t, cuda::DType d, cudaStream_t s) { cuda::adam(t, d, h, step, s); });
-}
-
-void sophia(py::list params, py::list grads, py::list exp_avgs, py::list hessian_diags,
-            bool listed, double lr, double beta1, double rho, double weight_decay, double eps,
-            double l1, bool maximize, intptr_t stream, DevicePlan* plan) {
-  const fastopt::SophiaHyper h{lr, beta1, rho, weight_decay, eps, l1, maximize};
-  run(plan,
-      {{"params", params, kParam, true},
-       {"grads", grads, kGrad, false},
-       {"exp_avgs", exp_avgs, kState, true},
-       {"hessian_diags", hessian_diags, kState, false}},
-      listed, stream,
-      [&](const cuda::LaunchTables& t, cuda::DType d, cudaStream_t s) { cuda::sophia(t, d, h, s); });
-}
-
-void ema(py::list averages, py::list samples, bool listed, double beta, intptr_t stream,
-         DevicePlan* plan) {
-  run(plan, {{"averages", averages, kParam, true}, {"samples", samples, kGrad, false}}, listed,
-      stream,
-      [&](const cuda::LaunchTables& t, cuda::DType d, cudaStream_t s) { cuda::ema(t, d, beta, s); });
+  cuda::step<Opt>(plan.tables(), plan.dtype(), call.hyper, call.step, loads, stores,
+                  reinterpret_cast<cudaStream_t>(stream));
 }
 
 // ---- quantization and Newton: dtypes, shapes and out= are checked in fastopt/quant.py and
@@ -448,25 +395,12 @@ PYBIND11_MODULE(_cuda, m) {
                              "Kernel launches one step makes")
       .def_property_readonly("num_tensors", &DevicePlan::num_tensors);
   const auto plan = arg("plan").none(true) = py::none();
-  m.def("sgd", &sgd, arg("params"), arg("grads"), arg("momentum_buffers"), arg("listed"),
-        arg("lr"), arg("momentum"), arg("dampening"), arg("weight_decay"), arg("l1"),
-        arg("nesterov"), arg("maximize"), arg("step"), arg("stream"), plan);
-  m.def("adagrad", &adagrad, arg("params"), arg("grads"), arg("state_sums"), arg("listed"),
-        arg("lr"), arg("lr_decay"), arg("weight_decay"), arg("eps"), arg("l1"),
-        arg("maximize"), arg("step"), arg("stream"), plan);
-  m.def("rmsprop", &rmsprop, arg("params"), arg("grads"), arg("square_avgs"),
-        arg("momentum_buffers"), arg("grad_avgs"), arg("listed"), arg("lr"), arg("alpha"),
-        arg("eps"), arg("weight_decay"), arg("momentum"), arg("l1"), arg("centered"),
-        arg("maximize"), arg("stream"), plan);
-  m.def("adam", &adam, arg("params"), arg("grads"), arg("exp_avgs"), arg("exp_avg_sqs"),
-        arg("max_exp_avg_sqs"), arg("listed"), arg("lr"), arg("beta1"), arg("beta2"),
-        arg("eps"), arg("weight_decay"), arg("l1"), arg("decoupled_weight_decay"),
-        arg("amsgrad"), arg("maximize"), arg("step"), arg("stream"), plan);
-  m.def("sophia", &sophia, arg("params"), arg("grads"), arg("exp_avgs"), arg("hessian_diags"),
-        arg("listed"), arg("lr"), arg("beta1"), arg("rho"), arg("weight_decay"), arg("eps"),
-        arg("l1"), arg("maximize"), arg("stream"), plan);
-  m.def("ema", &ema, arg("averages"), arg("samples"), arg("listed"), arg("beta"), arg("stream"),
-        plan);
+  fastopt::for_each_optimizer([&](auto opt) {
+    using Opt = decltype(opt);
+    m.def(Opt::name, &step<Opt>);
+  });
+  m.def("optimizers", &fastopt::bindings::describe_optimizers,
+        "Each optimizer's array roles, hyper-parameter names and whether it takes step");
   m.def("quantize_blockwise", &quantize_blockwise, arg("x"), arg("q"), arg("absmax"),
         arg("block"), arg("stochastic"), arg("seed"), arg("check_finite"), arg("stream"),
         "Returns the first non-finite index of x, or -1 (with check_finite: waits for the "

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 #include "bindings/overlap.h"
+#include "common/optim/descriptor.h"
 #include "cuda/launch_table.h"
 
 namespace fastopt {
@@ -26,9 +27,7 @@ namespace bindings {
 namespace py = pybind11;
 using cuda::DType;
 
-// Which element type a role's arrays must have: the params' own (params, grads, EMA
-// samples) or the state type (float32 for 16-bit params).
-enum class RoleKind { param, grad, state };
+using fastopt::RoleKind;  // the params' element type, or the state type
 
 struct DeviceRoleSpec {
   const char* name;  // the Python argument name, used in error messages
@@ -300,8 +299,10 @@ inline void check_layout(const DeviceArray& a, const Where& w, bool written) {
 class DevicePlan {
  public:
   // Checks the call's arrays and makes tables() describe them; on error raises and leaves
-  // the plan as it was. `stream` is passed to DLPack producers.
-  void update(std::initializer_list<DeviceRoleSpec> roles, bool listed, intptr_t stream) {
+  // the plan as it was. `stream` is passed to DLPack producers. Roles: a sequence of
+  // DeviceRoleSpec (std::array), params first.
+  template <class Roles>
+  void update(const Roles& roles, bool listed, intptr_t stream) {
     if (!same_structure(roles)) {
       build(roles, listed, stream);
       return;
@@ -377,7 +378,8 @@ class DevicePlan {
     }
   };
 
-  bool same_structure(std::initializer_list<DeviceRoleSpec> roles) const {
+  template <class Roles>
+  bool same_structure(const Roles& roles) const {
     if (!built_ || roles.size() != num_roles_) return false;
     int r = 0;
     for (const DeviceRoleSpec& role : roles) {
@@ -438,7 +440,8 @@ class DevicePlan {
   }
 
   // Everything from scratch: describe and check every array, the aliasing sweep, tables.
-  void build(std::initializer_list<DeviceRoleSpec> roles, bool listed, intptr_t stream) {
+  template <class Roles>
+  void build(const Roles& roles, bool listed, intptr_t stream) {
     DevicePlan next;
     next.num_roles_ = roles.size();
     const DeviceRoleSpec& ref = *roles.begin();
@@ -489,7 +492,8 @@ class DevicePlan {
 
   // Only read-only inputs (grads, samples) changed: check the new ones against the params
   // and against the written arrays, then patch their pointers into the tables.
-  void refresh_inputs(std::initializer_list<DeviceRoleSpec> roles,
+  template <class Roles>
+  void refresh_inputs(const Roles& roles,
                       const std::vector<std::pair<int, size_t>>& changed, bool listed,
                       intptr_t stream) {
     std::vector<Entry> fresh;

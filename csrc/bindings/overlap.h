@@ -58,14 +58,5 @@ void check_no_overlap(const std::vector<Span>& spans, const Where& where) {
   }
 }
 
-// The list for an optional state role: None when the options do not use it; an error when
-// they do and the caller gave none.
-inline pybind11::object used_if(bool used, const pybind11::object& list, const char* name) {
-  if (!used) return pybind11::none();
-  if (list.is_none())
-    throw pybind11::value_error(std::string(name) + ": required by the chosen options, got None");
-  return list;
-}
-
 }  // namespace bindings
 }  // namespace fastopt

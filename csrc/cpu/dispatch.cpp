@@ -74,25 +74,21 @@ void set_num_threads(int64_t n) {
   (active_isa() == Isa::avx2 ? isa_avx2::fn(__VA_ARGS__) : isa_scalar::fn(__VA_ARGS__))
 
 // Optimizer kernels take the thread count in their table.
-#define FASTOPT_DISPATCH(fn, ...)  \
-  t.num_threads = num_threads();   \
-  FASTOPT_ISA_CALL(fn, __VA_ARGS__);
+template <class Opt>
+void step(TensorTable t, DType d, const typename Opt::Hyper& h, int64_t s) {
+  t.num_threads = num_threads();
+  if (active_isa() == Isa::avx2) isa_avx2::step<Opt>(t, d, h, s);
+  else isa_scalar::step<Opt>(t, d, h, s);
+}
+#define FASTOPT_INSTANTIATE(Opt) \
+  template void step<Opt>(TensorTable, DType, const Opt::Hyper&, int64_t);
+FASTOPT_OPTIMIZERS(FASTOPT_INSTANTIATE)
+#undef FASTOPT_INSTANTIATE
 
-void sgd(TensorTable t, DType d, const SgdHyper& h, int64_t step) {
-  FASTOPT_DISPATCH(sgd, t, d, h, step)
+void add_inplace(TensorTable t, DType d) {
+  t.num_threads = num_threads();
+  FASTOPT_ISA_CALL(add_inplace, t, d);
 }
-void adagrad(TensorTable t, DType d, const AdagradHyper& h, int64_t step) {
-  FASTOPT_DISPATCH(adagrad, t, d, h, step)
-}
-void rmsprop(TensorTable t, DType d, const RmspropHyper& h) {
-  FASTOPT_DISPATCH(rmsprop, t, d, h)
-}
-void adam(TensorTable t, DType d, const AdamHyper& h, int64_t step) {
-  FASTOPT_DISPATCH(adam, t, d, h, step)
-}
-void sophia(TensorTable t, DType d, const SophiaHyper& h) { FASTOPT_DISPATCH(sophia, t, d, h) }
-void ema(TensorTable t, DType d, double beta) { FASTOPT_DISPATCH(ema, t, d, beta) }
-void add_inplace(TensorTable t, DType d) { FASTOPT_DISPATCH(add_inplace, t, d) }
 
 void newton_solve(DType dt, const void* H, const void* g, void* d, bool* solved, int64_t batch,
                   int64_t n, double damping) {

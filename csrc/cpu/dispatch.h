@@ -21,13 +21,10 @@ int num_threads();              // defaults to OpenMP's (OMP_NUM_THREADS, else a
 // Throws std::invalid_argument outside [1, 64 per core] (libgomp aborts on absurd counts).
 void set_num_threads(int64_t n);
 
-// The kernels of the active ISA, with the thread count filled into the table.
-void sgd(TensorTable t, DType, const SgdHyper&, int64_t step);
-void adagrad(TensorTable t, DType, const AdagradHyper&, int64_t step);
-void rmsprop(TensorTable t, DType, const RmspropHyper&);
-void adam(TensorTable t, DType, const AdamHyper&, int64_t step);
-void sophia(TensorTable t, DType, const SophiaHyper&);
-void ema(TensorTable t, DType, double beta);
+// Optimizer Opt's step with the active ISA and the thread count filled into the table
+// (instantiated for every optimizer of common/optim/registry.h).
+template <class Opt>
+void step(TensorTable t, DType, const typename Opt::Hyper&, int64_t step);
 void add_inplace(TensorTable t, DType);
 
 // Batched damped Cholesky solve and Newton update (see newton_kernels.h).

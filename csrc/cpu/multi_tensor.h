@@ -7,7 +7,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include "common/optim_params.h"
+#include "common/optim/descriptor.h"
 #include "common/platform.h"
 #include "cpu/lanes.h"
 
@@ -22,6 +22,7 @@ struct TensorTable {
   int num_tensors = 0;
   const int64_t* offsets = nullptr;     // n + 1 entries
   void* const* ptrs[kMaxRoles] = {};    // ptrs[role][i]; null role = not used by the call
+  unsigned fresh = 0;                   // bit r: role r is written but not read this step
   int num_threads = 1;
 };
 

@@ -9,7 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <vector>
-#include "common/optim_params.h"
+#include "common/optim/descriptor.h"
 
 namespace fastopt {
 namespace cuda {

@@ -1,0 +1,181 @@
+// The parts of an optimizer binding that _cpu and _cuda share, generated from the
+// optimizer's descriptor (common/optim/<name>.h): reading the call's arguments and
+// describing the optimizer to Python.
+//
+// A step binding is called as  name(<one list per role, in roles[] order>, listed,
+// **keywords), the keywords being every Hyper field by its name, `step` when the optimizer
+// takes it, and what the module adds (the CUDA module: stream, plan). Every argument is
+// checked here, so a direct call with a missing, unknown or mistyped argument raises a
+// TypeError/ValueError naming it (Python has validated the ranges already).
+#pragma once
+#include <pybind11/pybind11.h>
+#include <array>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <vector>
+#include "common/optim/registry.h"
+
+namespace fastopt {
+namespace bindings {
+
+namespace py = pybind11;
+
+inline const char* kind_name(RoleKind k) {
+  return k == RoleKind::param ? "param" : k == RoleKind::grad ? "grad" : "state";
+}
+
+// A keyword's value as a double: a Python float or int (not bool), finite or not.
+inline void read_keyword(const char* name, PyObject* v, double& out) {
+  if (PyFloat_Check(v)) {
+    out = PyFloat_AS_DOUBLE(v);
+    return;
+  }
+  if (PyLong_Check(v) && !PyBool_Check(v)) {
+    out = PyLong_AsDouble(v);
+    if (out == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      throw py::value_error(std::string(name) + ": out of the float range");
+    }
+    return;
+  }
+  throw py::type_error(std::string(name) + ": expected a real number, got " +
+                       Py_TYPE(v)->tp_name);
+}
+
+inline void read_keyword(const char* name, PyObject* v, bool& out) {
+  if (!PyBool_Check(v))
+    throw py::type_error(std::string(name) + ": expected a bool, got " + Py_TYPE(v)->tp_name);
+  out = v == Py_True;
+}
+
+inline void read_keyword(const char* name, PyObject* v, int64_t& out) {
+  if (!PyLong_Check(v) || PyBool_Check(v))
+    throw py::type_error(std::string(name) + ": expected an integer, got " + Py_TYPE(v)->tp_name);
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+  if (overflow || (x == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    throw py::value_error(std::string(name) + ": out of the 64-bit integer range");
+  }
+  out = x;
+}
+
+// Interned names, created once per call site (lookups by identity are then cheap).
+inline PyObject* interned_key(const char* name) { return PyUnicode_InternFromString(name); }
+
+// The keyword `name` of kw (nullptr when absent).
+inline PyObject* keyword(PyObject* kw, PyObject* name) {
+  PyObject* v = kw ? PyDict_GetItemWithError(kw, name) : nullptr;
+  if (!v && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+// The arguments of one step call of optimizer Opt: its role lists (None for an optional
+// role the options do not use), `listed`, the hyper-parameters and the step count.
+template <class Opt> struct StepCall {
+  std::array<py::object, Opt::num_roles> lists;
+  bool listed = false;
+  typename Opt::Hyper hyper{};
+  int64_t step = 1;
+  unsigned fresh = 0;  // bit r: role r is written but not read at this step
+
+  // `extras`: the module's own keywords, read by the caller (they only count here).
+  StepCall(const py::args& args, const py::kwargs& kwargs,
+           std::initializer_list<const char*> extras) {
+    constexpr size_t n = Opt::num_roles;
+    if (args.size() != n + 1) {
+      std::string names;
+      for (const Role& r : Opt::roles) names += std::string(r.name) + ", ";
+      throw py::type_error(std::string(Opt::name) + "(): expected " + std::to_string(n + 1) +
+                           " positional arguments (" + names + "listed), got " +
+                           std::to_string(args.size()));
+    }
+    PyObject* kw = kwargs.ptr();
+    size_t found = 0;
+    const std::vector<PyObject*>& keys = field_keys();
+    Opt::for_each_field(hyper, [&](const char* name, auto& field) {
+      PyObject* v = keyword(kw, keys[found]);
+      if (!v) throw py::type_error(std::string(Opt::name) + "(): missing keyword '" + name + "'");
+      read_keyword(name, v, field);
+      ++found;
+    });
+    if (Opt::takes_step) {
+      static PyObject* step_key = interned_key("step");
+      PyObject* v = keyword(kw, step_key);
+      if (!v) throw py::type_error(std::string(Opt::name) + "(): missing keyword 'step'");
+      read_keyword("step", v, step);
+      if (step < 1) throw py::value_error("step: must be >= 1, got " + std::to_string(step));
+      ++found;
+    }
+    for (const char* extra : extras)
+      if (kwargs.contains(extra)) ++found;
+    if (kwargs && size_t(PyDict_Size(kw)) != found) {
+      for (auto item : kwargs)
+        if (!known(py::str(item.first).cast<std::string>(), extras))
+          throw py::type_error(std::string(Opt::name) + "(): unexpected keyword '" +
+                               py::str(item.first).cast<std::string>() + "'");
+    }
+    PyObject* flag = args[n].ptr();
+    if (!PyBool_Check(flag))
+      throw py::type_error(std::string("listed: expected a bool, got ") + Py_TYPE(flag)->tp_name);
+    listed = flag == Py_True;
+    for (size_t r = 0; r < n; ++r) {
+      const Role& role = Opt::roles[r];
+      py::object list = args[r];
+      if (role.optional) {
+        if (!Opt::uses(hyper, int(r))) {
+          list = py::none();  // the options do not use it: not even looked at
+        } else if (list.is_none()) {
+          throw py::value_error(std::string(role.name) +
+                                ": required by the chosen options, got None");
+        }
+      }
+      if (role.written && Opt::fresh(hyper, int(r), step)) fresh |= 1u << r;
+      lists[r] = std::move(list);
+    }
+  }
+
+ private:
+  // The hyper fields' names as interned strings, in field order (made once per optimizer).
+  static const std::vector<PyObject*>& field_keys() {
+    static const std::vector<PyObject*> keys = [] {
+      std::vector<PyObject*> k;
+      typename Opt::Hyper h{};
+      Opt::for_each_field(h, [&](const char* name, auto&) { k.push_back(interned_key(name)); });
+      return k;
+    }();
+    return keys;
+  }
+  static bool known(const std::string& name, std::initializer_list<const char*> extras) {
+    bool hit = Opt::takes_step && name == "step";
+    typename Opt::Hyper h{};
+    Opt::for_each_field(h, [&](const char* field, auto&) { hit = hit || name == field; });
+    for (const char* extra : extras) hit = hit || name == extra;
+    return hit;
+  }
+};
+
+// {name: {"roles": [(name, kind, written, optional)], "hyper": [field names],
+// "takes_step": bool}} for every optimizer of the registry (fastopt/_specs.py is checked
+// against it by the tests).
+inline py::dict describe_optimizers() {
+  py::dict all;
+  for_each_optimizer([&](auto tag) {
+    using Opt = decltype(tag);
+    py::list roles, hyper;
+    for (const Role& r : Opt::roles)
+      roles.append(py::make_tuple(r.name, kind_name(r.kind), r.written, r.optional));
+    typename Opt::Hyper h{};
+    Opt::for_each_field(h, [&](const char* name, auto&) { hyper.append(name); });
+    py::dict d;
+    d["roles"] = roles;
+    d["hyper"] = hyper;
+    d["takes_step"] = Opt::takes_step;
+    all[Opt::name] = d;
+  });
+  return all;
+}
+
+}  // namespace bindings
+}  // namespace fastopt

@@ -1,0 +1,97 @@
+// CUDA optimizer steps over lists of tensors, one pass over memory, the same bytes per
+// element as the CPU kernels (in each optimizer's header, common/optim/<name>.h); 16-bit
+// params and grads move 2 B instead of 4 each. One functor serves every optimizer: it
+// loads the roles a call uses, runs the optimizer's formula once per element and stores
+// the written roles. The formulas are compiled without FMA contraction (--fmad=false), so
+// float32/float64 results are bit-identical to the CPU kernels.
+//
+// Included by one generated translation unit per optimizer (CMakeLists.txt), which calls
+// FASTOPT_CUDA_STEP(Opt): the optimizers compile in parallel.
+#pragma once
+#include <stdexcept>
+#include "common/optim/registry.h"
+#include "cuda/multi_tensor.cuh"
+#include "cuda/optim_kernels.h"
+
+FASTOPT_ISA_BEGIN
+namespace {
+
+// P: storage type of params and grads; T: math and state type. Bit r of loads / stores:
+// the call reads / writes role r (optional roles the options leave unused are neither).
+template <class Opt, class P, class T> struct StepOp {
+  using F = Formula<Opt>;
+  static constexpr int N = Opt::num_roles;
+  typename F::template Coeffs<T> c;
+  unsigned loads, stores;
+
+  template <int W> __device__ void apply(void* const* ptr, int64_t j) const {
+    T x[N][W];
+    for_each_role<N>([&](auto role_index) {
+      constexpr int r = decltype(role_index)::value;
+      constexpr Role role = Opt::roles[r];
+      if (!role.optional || (loads >> r & 1u)) {
+        if constexpr (role.kind == RoleKind::state)
+          cuda::load<W>(x[r], static_cast<const T*>(ptr[r]) + j);
+        else
+          cuda::load<W>(x[r], static_cast<const P*>(ptr[r]) + j);
+      } else {
+#pragma unroll
+        for (int w = 0; w < W; ++w) x[r][w] = T(0);
+      }
+    });
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      T lane[N];
+#pragma unroll
+      for (int r = 0; r < N; ++r) lane[r] = x[r][w];
+      F::update(lane, c);
+#pragma unroll
+      for (int r = 0; r < N; ++r) x[r][w] = lane[r];
+    }
+    for_each_role<N>([&](auto role_index) {
+      constexpr int r = decltype(role_index)::value;
+      constexpr Role role = Opt::roles[r];
+      if (role.written && (!role.optional || (stores >> r & 1u))) {
+        if constexpr (role.kind == RoleKind::state)
+          cuda::store<W>(static_cast<T*>(ptr[r]) + j, x[r]);
+        else
+          cuda::store<W>(static_cast<P*>(ptr[r]) + j, x[r]);
+      }
+    });
+  }
+};
+
+template <class Opt, class P, class T>
+void launch(const cuda::LaunchTables& t, const typename Opt::Hyper& h, int64_t step,
+            unsigned loads, unsigned stores, cudaStream_t s) {
+  const StepOp<Opt, P, T> op{Formula<Opt>::template coeffs<T>(h, step), loads, stores};
+  cuda::launch_multi_tensor(Opt::name, t, op, s);
+}
+
+}  // namespace
+FASTOPT_ISA_END
+
+namespace fastopt {
+namespace cuda {
+
+template <class Opt>
+void step(const LaunchTables& t, DType d, const typename Opt::Hyper& h, int64_t s,
+          unsigned loads, unsigned stores, cudaStream_t stream) {
+  using namespace fastopt::FASTOPT_ISA;
+  switch (d) {
+    case DType::f32: launch<Opt, float, float>(t, h, s, loads, stores, stream); break;
+    case DType::f64: launch<Opt, double, double>(t, h, s, loads, stores, stream); break;
+    case DType::f16: launch<Opt, __half, float>(t, h, s, loads, stores, stream); break;
+    case DType::bf16: launch<Opt, __nv_bfloat16, float>(t, h, s, loads, stores, stream); break;
+    default: throw std::invalid_argument("fastopt: optimizer params must be float arrays");
+  }
+}
+
+}  // namespace cuda
+}  // namespace fastopt
+
+#define FASTOPT_CUDA_STEP(Opt)                                                              \
+  template void fastopt::cuda::step<fastopt::Opt>(const fastopt::cuda::LaunchTables&,       \
+                                                  fastopt::cuda::DType,                     \
+                                                  const fastopt::Opt::Hyper&, int64_t,      \
+                                                  unsigned, unsigned, cudaStream_t);
