@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 import fastopt
-from fastopt._build import _cpu
+from fastopt._ext import _cpu
 
 F32 = 0  # the binding's input type code of float32
 

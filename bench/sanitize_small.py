@@ -2,8 +2,9 @@
 quantization and Newton kernel on small odd sizes, run by bench/gpu_check.sh under
 compute-sanitizer (memcheck, racecheck) and once without it.
 
-What it covers: PyTorch tensors and CuPy arrays in one list (params of one library, grads of
-the other), sizes around the vector width (4) and the per-block chunk (16384), a 2-D array,
+What it covers: every optimizer of the table (fastopt._specs) with options that use every
+state array, PyTorch tensors and CuPy arrays in one list (params of one library, grads of
+the other), sizes around the vector width (4) and the per-block chunk (4096), a 2-D array,
 a zero-size array, slices starting one element into their allocation (the scalar path) as
 params, grads and -- through the functional API -- state, a list longer than one launch
 (384 tensors), float16 / bfloat16 params, and a step queued on a non-default stream.
@@ -25,6 +26,8 @@ import traceback  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fastopt  # noqa: E402
+from fastopt._specs import OPTIMIZERS as SPECS  # noqa: E402
+from fastopt.optim import CLASSES  # noqa: E402
 
 STEPS = 3
 TOL32 = 1e-6  # if not bit-identical: max |diff| / (1 + max |value|)
@@ -157,14 +160,8 @@ def check(name, fn):
         sys.stdout.flush()
 
 
-OPTIMIZERS = [  # (class, hyper): options that use every state role
-    (fastopt.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2)),
-    (fastopt.Adagrad, dict(lr=1e-2, lr_decay=1e-3, weight_decay=1e-2)),
-    (fastopt.RMSprop, dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-2)),
-    (fastopt.Adam, dict(lr=1e-3, amsgrad=True, weight_decay=1e-2)),
-    (fastopt.AdamW, dict(lr=1e-3)),
-    (fastopt.Sophia, dict(lr=1e-3)),
-]
+# (class, hyper) of every optimizer in the table, with options that use every state array.
+OPTIMIZERS = [(CLASSES[name], dict(spec.example)) for name, spec in SPECS.items()]
 
 
 def class_steps(cls, hyper, params, grads, dtype="float32", estimates=None):

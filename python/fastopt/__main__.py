@@ -29,6 +29,8 @@ def _print_info(as_json: bool) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .bench.common import OPTIMIZERS as BENCH_OPTIMIZERS
+
     parser = argparse.ArgumentParser(prog="python -m fastopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="version, build options, CPU features, threads, CUDA")
@@ -37,11 +39,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_bench.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     p_bench.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     p_bench.add_argument("--only", metavar="NAME[,NAME]",
-                         help="only these cases (adamw, sgd, adagrad, rmsprop, sophia, quant, newton)")
+                         help=f"only these cases ({', '.join([*BENCH_OPTIMIZERS, 'quant', 'newton'])})")
     p_bench.add_argument("--json", metavar="PATH", help="write every figure and the machine")
     p_bench.add_argument("--plot", metavar="PATH", help="PNG bar chart (needs matplotlib)")
     p_bench.add_argument("--progress", action="store_true",
-                         help="progress on stderr even when it is not a terminal")
+                         help="progress on stderr for a --quick run too when stderr is not a "
+                              "terminal (a full run always shows it)")
     args = parser.parse_args(argv)
     if args.command == "info":
         _print_info(args.json)

@@ -1,29 +1,30 @@
 """Array adapters and argument checks shared by every public function.
 
-A call names its arrays by role (``params``, ``grads``, state lists...). ``prepare`` turns
-them into aligned Python lists of NumPy arrays for the CPU module, converting PyTorch CPU
-tensors to NumPy views (same memory) on the way. The per-array structural checks (dtype,
-shape, contiguity, writability, aliasing) run in the C++ binding, in one pass, because a
-step over thousands of tensors must not pay Python's per-attribute cost for each; they
-raise the same ``TypeError``/``ValueError`` naming the argument, before any write.
-Hyper-parameter checks are here.
+A call names its arrays by role (``params``, ``grads``, state lists...). ``as_list`` turns
+each into a Python list aligned with the params; the CPU module converts PyTorch CPU
+tensors in them to NumPy views (same memory) through ``to_host_array``. The per-array
+structural checks (dtype, shape, contiguity, writability, aliasing) run in the C++
+binding, in one pass, because a step over thousands of tensors must not pay Python's
+per-attribute cost for each; they raise the same ``TypeError``/``ValueError`` naming the
+argument, before any write.
+Hyper-parameter checks are in ``_validate``.
 """
 from __future__ import annotations
 
-import math
 import numbers
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
+
+from . import _ext
+from ._validate import flag, real  # noqa: F401  (quant and newton import them from here)
 
 ArrayOrList = Any  # an array, or a list/tuple of arrays
 
 
 def _not_a_host_array(name: str) -> TypeError:
-    from . import _build
-
-    why = _build.cuda_unavailable_reason()
+    why = _ext.cuda_unavailable_reason()
     if not why:
         return TypeError(f"{name}: is a CUDA array, but this call's other arrays are host "
                          "arrays; all arrays of one call must be on the same device")
@@ -130,21 +131,19 @@ def backend(plist: List[Any], stream: Any, plan: Any = None,
             name: str = "params") -> Tuple[Any, Dict[str, Any]]:
     """The compiled module that runs a call whose ``name`` argument is ``plist`` (by where
     ``plist[0]`` lives) and the extra arguments it takes."""
-    from . import _build
-
     if not plist:  # nothing to do, wherever it would run
-        return _build._cpu, {}
+        return _ext._cpu, {}
     first = plist[0]
     if not on_device(first):
         if stream is not None:
             raise ValueError(f"stream: only applies to CUDA arrays; {name} is a host array")
-        return _build._cpu, {}
-    why = _build.cuda_unavailable_reason()
+        return _ext._cpu, {}
+    why = _ext.cuda_unavailable_reason()
     if why:
         raise TypeError(f"{name}: is a CUDA array, but {why}")
     if not _torch_registered and "torch" in sys.modules:
-        _register_torch(_build._cuda)
-    return _build._cuda, {"stream": stream_handle(stream, first), "plan": plan}
+        _register_torch(_ext._cuda)
+    return _ext._cuda, {"stream": stream_handle(stream, first), "plan": plan}
 
 
 def host_array(name: str, a: Any) -> Any:
@@ -221,9 +220,8 @@ def current_stream(like: Any) -> Any:
 def wait_for_stream(like: Any, stream: Any = None) -> None:
     """Blocks the host until the work queued so far on ``stream`` (default: the current
     stream of ``like``'s library) on CUDA array ``like``'s device has finished."""
-    from . import _build
-
-    _build._cuda.synchronize(like, stream_handle(stream, like))
+    assert _ext._cuda is not None  # ``like`` is a CUDA array that ran a kernel
+    _ext._cuda.synchronize(like, stream_handle(stream, like))
 
 
 def to_numpy(a: Any) -> np.ndarray:
@@ -285,43 +283,5 @@ def as_list(name: str, value: Any, listed: bool) -> List[Any]:
     return [value]
 
 
-def prepare(params: ArrayOrList, **others: Optional[ArrayOrList]) -> Tuple[bool, List[Any], Dict[str, Optional[List[Any]]]]:
-    """Normalise the arrays of one call: (listed, params list, {role: list or None})."""
-    listed = isinstance(params, (list, tuple))
-    plist = as_list("params", params, listed)
-    lists = {k: (None if v is None else as_list(k, v, listed)) for k, v in others.items()}
-    return listed, plist, lists
-
-
-# ---- hyper-parameters -------------------------------------------------------------------
-
-def real(name: str, value: Any, *, lo: float = -math.inf, hi: float = math.inf,
-         lo_open: bool = False, hi_open: bool = False) -> float:
-    """``value`` as a finite float in the given interval, else a ValueError/TypeError naming it."""
-    if type(value) is not float and type(value) is not int and (  # the ABC check is slow
-            isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name}: must be finite, got {v}")
-    lo_ok = v > lo if lo_open else v >= lo
-    hi_ok = v < hi if hi_open else v <= hi
-    if not (lo_ok and hi_ok):
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name}: must be in {interval}, got {v}")
-    return v
-
-
-def flag(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    return bool(value)
-
-
-def step_count(value: Any, name: str = "step") -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer >= 1, got {type(value).__name__}")
-    v = int(value)
-    if v < 1:
-        raise ValueError(f"{name}: must be >= 1 (the 1-based count of this step), got {v}")
-    return v
+# The C++ binding converts list elements that are not ndarrays through this.
+_ext._cpu.set_array_adapter(to_host_array)

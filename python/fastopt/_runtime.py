@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
 from typing import Any, Dict
 
 import numpy as np
 
-from ._build import _cpu, cuda_status
+from ._ext import _cpu, cuda_status
 
 
 def set_num_threads(n: int) -> None:
@@ -33,6 +34,19 @@ def set_cpu_path(path: str) -> None:
 
 def get_cpu_path() -> str:
     return _cpu.get_cpu_path()
+
+
+def _apply_cpu_env() -> None:
+    """FASTOPT_CPU=scalar|avx2|auto forces the CPU path at import (used by the tests)."""
+    requested = os.environ.get("FASTOPT_CPU", "").strip()
+    if requested:
+        try:
+            _cpu.set_cpu_path(requested)
+        except ValueError as exc:
+            warnings.warn(f"FASTOPT_CPU={requested!r} ignored: {exc}", RuntimeWarning, stacklevel=2)
+
+
+_apply_cpu_env()
 
 
 def cuda_available() -> bool:

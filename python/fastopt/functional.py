@@ -22,12 +22,141 @@ optimizer classes pass their cached ``fastopt._cuda.Plan``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import re
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from . import _arrays
-from ._arrays import ArrayOrList, flag, real, step_count
+import numpy as np
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "ema_"]
+from . import _arrays, _ext
+from ._arrays import ArrayOrList, as_list
+from ._specs import EMA, OPTIMIZERS, OptimizerSpec, binding_mismatches
+from ._validate import step_count
+
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "lion_", "ema_"]
+
+# Validated hyper-parameters are cached per tuple of values and their types; only for these
+# types, whose equal values validate alike (True == 1 == 1.0 is why the types are in the key).
+_CACHEABLE = frozenset({float, int, bool})
+_CACHE_SIZE = 256
+
+
+class Checked(NamedTuple):
+    """What a tuple of hyper-parameters validates to."""
+    kw: Dict[str, Any]                  # the kernel's keywords, fixed ones included, no step
+    cpu_args: Optional[Tuple[Any, ...]]  # the same, in the CPU kernel's positional order
+    needed: Tuple[Tuple[int, str], ...]  # (index, message) of each optional array needed
+    unused: Tuple[int, ...]             # indices of the optional arrays left unused
+
+
+def _positional_order(kernel: Any, spec: OptimizerSpec) -> Optional[Tuple[str, ...]]:
+    """The hyper-parameters in the order the compiled ``kernel`` takes them positionally
+    after the arrays and ``listed`` (step last, if it takes one), read from its pybind11
+    signature line; None if that line does not say so exactly (keywords are used then).
+    A positional call skips pybind11's keyword matching: half of a small step's cost."""
+    match = re.match(rf"{spec.kernel}\((.*)\) -> None$", (kernel.__doc__ or "").split("\n")[0])
+    if match is None or "*" in match.group(1):
+        return None
+    names = tuple(re.findall(r"(\w+):", match.group(1)))
+    roles = tuple(a.name for a in spec.arrays) + ("listed",)
+    order = names[len(roles):]
+    expected = set(spec.hyper) | set(spec.fixed) | ({"step"} if spec.takes_step else set())
+    if names[:len(roles)] != roles or set(order) != expected or \
+            (spec.takes_step and order[-1] != "step"):
+        return None
+    return order[:-1] if spec.takes_step else order
+
+
+_NO_EXTRA: Dict[str, Any] = {}  # the CPU module's kernels take no stream or plan
+
+
+class StepKernel:
+    """The step of one spec, bound once: validates hyper-parameters by the table (cached per
+    distinct tuple of values), requires the optional arrays they need, turns the arrays
+    into aligned lists, picks the compiled module by where the params live and calls the
+    spec's kernel. The functional steps and the optimizer classes both run through it."""
+
+    def __init__(self, spec: OptimizerSpec):
+        self.spec = spec
+        self.kernel = spec.kernel
+        self.names = tuple(a.name for a in spec.arrays)
+        self.takes_step = spec.takes_step
+        cpu_kernel = getattr(_ext._cpu, spec.kernel, None)
+        self.cpu_order = None if cpu_kernel is None else _positional_order(cpu_kernel, spec)
+        self._checked: Dict[Any, Checked] = {}  # (hyper tuple, its types) -> Checked
+
+    def __call__(self, arrays: List[Any], hyper: Tuple[Any, ...], step: Any, stream: Any,
+                 plan: Any) -> None:
+        """One step: ``arrays`` in binding order (None for an optional one not given),
+        ``hyper`` the values in the spec's order, ``step`` (when the spec takes it)."""
+        try:
+            checked = self._checked.get((hyper, tuple(map(type, hyper))))
+        except TypeError:  # an unhashable value: the full check names it
+            checked = None
+        if checked is None:
+            checked = self._check(hyper)
+        if self.takes_step and (type(step) is not int or step < 1):
+            step = step_count(step)
+        for i, message in checked.needed:
+            if arrays[i] is None:
+                raise ValueError(message)
+        for i in checked.unused:
+            arrays[i] = None
+        # as_list's checks and messages, without its call for a list or a NumPy array
+        if isinstance(arrays[0], (list, tuple)):
+            listed = True
+            lists = [a if type(a) is list or a is None else as_list(name, a, True)
+                     for name, a in zip(self.names, arrays)]
+        else:
+            listed = False
+            lists = [[a] if type(a) is np.ndarray else a if a is None else as_list(name, a, False)
+                     for name, a in zip(self.names, arrays)]
+        first = lists[0]
+        if checked.cpu_args is not None and stream is None and first and \
+                type(first[0]) is np.ndarray:
+            kernel = getattr(_ext._cpu, self.kernel)
+            if self.takes_step:
+                kernel(*lists, listed, *checked.cpu_args, step)
+            else:
+                kernel(*lists, listed, *checked.cpu_args)
+            return
+        self.launch(lists, listed, checked.kw, step, stream, plan)
+
+    def _check(self, hyper: Tuple[Any, ...]) -> Checked:
+        spec = self.spec
+        values = spec.kernel_hyper(spec.validate(dict(zip(spec.hyper, hyper))))
+        checked = Checked(
+            kw=values,
+            cpu_args=None if self.cpu_order is None else tuple(values[k] for k in self.cpu_order),
+            needed=tuple((i, f"{a.name}: required when {a.needed_when}")
+                         for i, a in enumerate(spec.arrays) if a.optional and a.used(values)),
+            unused=tuple(i for i, a in enumerate(spec.arrays) if not a.used(values)))
+        types = tuple(map(type, hyper))
+        if _CACHEABLE.issuperset(types):
+            if len(self._checked) >= _CACHE_SIZE:
+                self._checked.clear()
+            self._checked[(hyper, types)] = checked
+        return checked
+
+    def launch(self, lists: Sequence[Optional[List[Any]]], listed: bool, kw: Dict[str, Any],
+               step: int, stream: Any, plan: Any) -> None:
+        """The kernel on prepared lists (None for an unused optional array) with validated
+        keywords ``kw`` and ``step`` (passed when the spec takes it), on the device of the
+        params (``lists[0]``)."""
+        first = lists[0]
+        if stream is None and first and type(first[0]) is np.ndarray:
+            kernels, extra = _ext._cpu, _NO_EXTRA
+        else:
+            kernels, extra = _arrays.backend(first or [], stream, plan)
+        if self.takes_step:
+            getattr(kernels, self.kernel)(*lists, listed, step=step, **kw, **extra)
+        else:
+            getattr(kernels, self.kernel)(*lists, listed, **kw, **extra)
+
+
+STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZERS.items()}
+_SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION = (
+    STEPS[n] for n in ("sgd", "adagrad", "rmsprop", "adam", "adamw", "sophia", "lion"))
+_EMA = StepKernel(EMA)
 
 
 def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: Optional[ArrayOrList] = None,
@@ -41,24 +170,8 @@ def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: Optional[Arr
     g <- g + mu*buf (nesterov) or g <- buf; then p <- p - lr*g.
     ``momentum_buffers`` is required when momentum > 0 (its contents are ignored at step 1).
     """
-    lr = real("lr", lr, lo=0.0)
-    momentum = real("momentum", momentum, lo=0.0)
-    dampening = real("dampening", dampening, lo=0.0, hi=1.0)
-    nesterov = flag("nesterov", nesterov)
-    if nesterov and (momentum <= 0.0 or dampening != 0.0):
-        raise ValueError("nesterov: requires momentum > 0 and dampening == 0")
-    weight_decay = real("weight_decay", weight_decay, lo=0.0)
-    maximize = flag("maximize", maximize)
-    step = step_count(step)
-    l1 = real("l1", l1, lo=0.0)
-    if momentum > 0.0 and momentum_buffers is None:
-        raise ValueError("momentum_buffers: required when momentum > 0")
-    listed, p, lists = _arrays.prepare(
-        params, grads=grads, momentum_buffers=momentum_buffers if momentum > 0.0 else None)
-    kernels, extra = _arrays.backend(p, stream, _plan)
-    kernels.sgd(p, lists["grads"], lists["momentum_buffers"], listed, lr=lr, momentum=momentum,
-             dampening=dampening, weight_decay=weight_decay, l1=l1, nesterov=nesterov,
-             maximize=maximize, step=step, **extra)
+    _SGD([params, grads, momentum_buffers],
+         (lr, momentum, dampening, nesterov, weight_decay, maximize, l1), step, stream, _plan)
 
 
 def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *, step: int,
@@ -70,17 +183,8 @@ def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *
     clr = lr / (1 + (step-1)*lr_decay); g <- -g if maximize; g <- g + weight_decay*p;
     sum <- sum + g^2; p <- p - clr * g / (sqrt(sum) + eps). The L1 threshold is clr*l1.
     """
-    lr = real("lr", lr, lo=0.0)
-    lr_decay = real("lr_decay", lr_decay, lo=0.0)
-    weight_decay = real("weight_decay", weight_decay, lo=0.0)
-    eps = real("eps", eps, lo=0.0, lo_open=True)
-    maximize = flag("maximize", maximize)
-    step = step_count(step)
-    l1 = real("l1", l1, lo=0.0)
-    listed, p, lists = _arrays.prepare(params, grads=grads, state_sums=state_sums)
-    kernels, extra = _arrays.backend(p, stream, _plan)
-    kernels.adagrad(p, lists["grads"], lists["state_sums"], listed, lr=lr, lr_decay=lr_decay,
-                 weight_decay=weight_decay, eps=eps, l1=l1, maximize=maximize, step=step, **extra)
+    _ADAGRAD([params, grads, state_sums], (lr, lr_decay, weight_decay, eps, maximize, l1),
+             step, stream, _plan)
 
 
 def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
@@ -97,27 +201,9 @@ def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
     else p <- p - lr*g/avg. ``momentum_buffers`` is required when momentum > 0 and
     ``grad_avgs`` when centered (both start at zero, as in torch).
     """
-    lr = real("lr", lr, lo=0.0)
-    alpha = real("alpha", alpha, lo=0.0, hi=1.0)
-    eps = real("eps", eps, lo=0.0, lo_open=True)
-    weight_decay = real("weight_decay", weight_decay, lo=0.0)
-    momentum = real("momentum", momentum, lo=0.0)
-    centered = flag("centered", centered)
-    maximize = flag("maximize", maximize)
-    l1 = real("l1", l1, lo=0.0)
-    if momentum > 0.0 and momentum_buffers is None:
-        raise ValueError("momentum_buffers: required when momentum > 0")
-    if centered and grad_avgs is None:
-        raise ValueError("grad_avgs: required when centered=True")
-    listed, p, lists = _arrays.prepare(
-        params, grads=grads, square_avgs=square_avgs,
-        momentum_buffers=momentum_buffers if momentum > 0.0 else None,
-        grad_avgs=grad_avgs if centered else None)
-    kernels, extra = _arrays.backend(p, stream, _plan)
-    kernels.rmsprop(p, lists["grads"], lists["square_avgs"], lists["momentum_buffers"],
-                 lists["grad_avgs"], listed, lr=lr, alpha=alpha, eps=eps,
-                 weight_decay=weight_decay, momentum=momentum, l1=l1, centered=centered,
-                 maximize=maximize, **extra)
+    _RMSPROP([params, grads, square_avgs, momentum_buffers, grad_avgs],
+             (lr, alpha, eps, weight_decay, momentum, centered, maximize, l1), None, stream,
+             _plan)
 
 
 def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
@@ -133,26 +219,9 @@ def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
     and vmax replaces v below; p <- p - (lr/(1-beta1^t)) * m / (sqrt(v)/sqrt(1-beta2^t) + eps).
     ``max_exp_avg_sqs`` is required when amsgrad.
     """
-    lr = real("lr", lr, lo=0.0)
-    beta1 = real("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
-    beta2 = real("beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
-    eps = real("eps", eps, lo=0.0, lo_open=True)
-    weight_decay = real("weight_decay", weight_decay, lo=0.0)
-    decoupled_weight_decay = flag("decoupled_weight_decay", decoupled_weight_decay)
-    amsgrad = flag("amsgrad", amsgrad)
-    maximize = flag("maximize", maximize)
-    step = step_count(step)
-    l1 = real("l1", l1, lo=0.0)
-    if amsgrad and max_exp_avg_sqs is None:
-        raise ValueError("max_exp_avg_sqs: required when amsgrad=True")
-    listed, p, lists = _arrays.prepare(
-        params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-        max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else None)
-    kernels, extra = _arrays.backend(p, stream, _plan)
-    kernels.adam(p, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
-              lists["max_exp_avg_sqs"], listed, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-              weight_decay=weight_decay, l1=l1, decoupled_weight_decay=decoupled_weight_decay,
-              amsgrad=amsgrad, maximize=maximize, step=step, **extra)
+    _ADAM([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
+          (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, l1),
+          step, stream, _plan)
 
 
 def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
@@ -162,9 +231,8 @@ def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
            maximize: bool = False, l1: float = 0.0, stream: Any = None,
            _plan: Any = None) -> None:
     """AdamW, as ``torch.optim.AdamW``: ``adam_`` with decoupled weight decay (default 1e-2)."""
-    adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step=step, lr=lr, beta1=beta1,
-          beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
-          amsgrad=amsgrad, maximize=maximize, l1=l1, stream=stream, _plan=_plan)
+    _ADAMW([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
+           (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, l1), step, stream, _plan)
 
 
 def sophia_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
@@ -178,26 +246,74 @@ def sophia_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
     (read only: the caller's EMA of a Hessian-diagonal estimate, see ``ema_`` and
     ``fastopt.Sophia.update_hessian``). A negative or zero h gives the clipped sign step.
     """
-    lr = real("lr", lr, lo=0.0)
-    beta1 = real("beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
-    rho = real("rho", rho, lo=0.0, lo_open=True)
-    weight_decay = real("weight_decay", weight_decay, lo=0.0)
-    eps = real("eps", eps, lo=0.0, lo_open=True)
-    maximize = flag("maximize", maximize)
-    l1 = real("l1", l1, lo=0.0)
-    listed, p, lists = _arrays.prepare(params, grads=grads, exp_avgs=exp_avgs,
-                                       hessian_diags=hessian_diags)
-    kernels, extra = _arrays.backend(p, stream, _plan)
-    kernels.sophia(p, lists["grads"], lists["exp_avgs"], lists["hessian_diags"], listed, lr=lr,
-                beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, l1=l1,
-                maximize=maximize, **extra)
+    _SOPHIA([params, grads, exp_avgs, hessian_diags],
+            (lr, beta1, rho, weight_decay, eps, maximize, l1), None, stream, _plan)
+
+
+def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr: float = 1e-4,
+          beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
+          maximize: bool = False, l1: float = 0.0, stream: Any = None,
+          _plan: Any = None) -> None:
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    g <- -g if maximize; c = beta1*m + (1-beta1)*g; p <- p*(1 - lr*weight_decay);
+    p <- p - lr*sign(c) (sign(0) = 0); m <- beta2*m + (1-beta2)*g. Every element moves by
+    lr (or not at all): use a learning rate 3-10x smaller than AdamW's, and a weight decay
+    as many times larger.
+    """
+    _LION([params, grads, exp_avgs], (lr, beta1, beta2, weight_decay, maximize, l1), None,
+          stream, _plan)
 
 
 def ema_(averages: ArrayOrList, samples: ArrayOrList, *, beta: float, stream: Any = None,
          _plan: Any = None) -> None:
     """Exponential moving average in place: average <- beta*average + (1-beta)*sample."""
-    beta = real("beta", beta, lo=0.0, hi=1.0)
-    listed = isinstance(averages, (list, tuple))
-    avg = _arrays.as_list("averages", averages, listed)
-    kernels, extra = _arrays.backend(avg, stream, _plan)
-    kernels.ema(avg, _arrays.as_list("samples", samples, listed), listed, beta=beta, **extra)
+    _EMA([averages, samples], (beta,), None, stream, _plan)
+
+
+# ---- the signatures above and the compiled kernels agree with the table --------------------
+
+def _signature_mismatches(fn: Callable[..., None], spec: OptimizerSpec) -> List[str]:
+    """Where ``fn``'s explicit signature disagrees with ``spec``: array arguments in binding
+    order (the optional ones last, defaulting to None), keyword hyper-parameters in the
+    spec's order with its defaults (none where required), ``step`` exactly when it takes
+    one."""
+    code, out = fn.__code__, []
+    positional = code.co_varnames[:code.co_argcount]
+    keywords = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
+    roles = tuple(a.name for a in spec.arrays)
+    optional = tuple(a.name for a in spec.arrays if a.optional)
+    if positional != roles or roles[len(roles) - len(fn.__defaults__ or ()):] != optional:
+        out.append(f"{fn.__name__}: arrays {positional} != {roles} (optional {optional})")
+    hyper = tuple(k for k in keywords if k not in ("step", "stream", "_plan"))
+    if hyper != tuple(spec.hyper):
+        out.append(f"{fn.__name__}: hyper-parameters {hyper} != {tuple(spec.hyper)}")
+    if ("step" in keywords) != spec.takes_step:
+        out.append(f"{fn.__name__}: takes step: {'step' in keywords} != {spec.takes_step}")
+    defaults = fn.__kwdefaults__ or {}
+    for name, h in spec.hyper.items():
+        if defaults.get(name) != h.default:
+            out.append(f"{fn.__name__}: {name} defaults to {defaults.get(name)!r}, the "
+                       f"table says {h.default!r}")
+    return out
+
+
+def _check_against_table() -> None:
+    problems = [m for name, spec in OPTIMIZERS.items()
+                for m in _signature_mismatches(globals()[f"{name}_"], spec)]
+    problems += _signature_mismatches(ema_, EMA)
+    for module in (_ext._cpu, _ext._cuda):
+        describe = getattr(module, "optimizers", None)
+        if describe is None:
+            continue
+        described = describe()
+        for spec in OPTIMIZERS.values():
+            if spec.kernel not in described:
+                problems.append(f"{spec.name}: {module.__name__} has no kernel {spec.kernel!r}")
+            else:
+                problems += binding_mismatches(spec, described[spec.kernel])
+    if problems:
+        raise RuntimeError("fastopt's optimizer table disagrees with:\n  " + "\n  ".join(problems))
+
+
+_check_against_table()

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _arrays
 from ._arrays import host_array, real
-from ._build import _cpu
+from ._ext import _cpu
 
 __all__ = ["NotPositiveDefiniteError", "newton_", "cholesky_solve"]
 

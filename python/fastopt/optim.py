@@ -13,48 +13,49 @@ continues bit-identically.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _arrays, _build, functional
-from ._arrays import ArrayOrList
+from . import _arrays, _ext, functional
+from ._arrays import ArrayOrList, as_list
+from ._specs import OPTIMIZERS, OptimizerSpec
+from ._validate import real
 
-__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Sophia"]
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Sophia", "Lion",
+           "CLASSES"]
 
 Schedule = Callable[[int, float], float]
 
 
 class Optimizer:
-    """Shared machinery; subclasses name their functional step and state lists."""
+    """Shared machinery; a subclass names the spec it steps with (``_spec``, see
+    ``fastopt._specs``) and passes its hyper-parameters other than lr."""
 
-    _step_fn: Callable[..., None]
-    _takes_step = True  # whether the functional takes step= (RMSprop does not)
+    _spec: OptimizerSpec
 
     def __init__(self, params: ArrayOrList, *, lr: float, schedule: Optional[Schedule],
-                 hyper: Dict[str, Any], state_args: List[Optional[str]],
-                 initial_state: Optional[Dict[str, float]] = None):
-        # state_args: the functional's positional state arguments by state name, None for
-        # one the options leave unused (e.g. momentum_buffers without momentum).
-        self._state_args = state_args
+                 hyper: Dict[str, Any], initial_state: Optional[Dict[str, float]] = None):
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
             _arrays.param_array(f"params[{i}]", a)
-            for i, a in enumerate(_arrays.as_list("params", params, self._listed))]
+            for i, a in enumerate(as_list("params", params, self._listed))]
         # On the GPU the checked launch tables are kept between steps (see
         # fastopt._cuda.Plan): a step re-reads only arrays that changed (new grads).
         on_device = bool(self.params) and _arrays.on_device(self.params[0])
-        self._plan = _build._cuda.Plan() if on_device and _build._cuda is not None else None
+        self._plan = _ext._cuda.Plan() if on_device and _ext._cuda is not None else None
         if schedule is not None and not callable(schedule):
             raise TypeError(f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}")
         self.schedule = schedule
+        self._kernel = functional.STEPS[self._spec.name]
         self._hyper = dict(hyper)
         self.lr = lr
-        self._validate_hyper(self._hyper)
+        self._kw, used = self._validated(self._hyper, self._lr)
         self._initial = dict(initial_state or {})
         self.state: Dict[str, List[Any]] = {
             name: [_arrays.state_like(f"params[{i}]", p) for i, p in enumerate(self.params)]
-            for name in state_args if name is not None}
+            for name in used}
+        self._state_lists = self._kernel_state(used)
         self._last_stream: Any = None  # GPU: the stream the last step was queued on
         self.zero_state()
 
@@ -66,7 +67,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr = _arrays.real("lr", value, lo=0.0)
+        self._lr = real("lr", value, lo=0.0)
 
     @property
     def hyper(self) -> Dict[str, Any]:
@@ -82,39 +83,36 @@ class Optimizer:
         """The learning rate the next step will use."""
         if self.schedule is None:
             return self._lr
-        return _arrays.real("schedule(t, lr)", self.schedule(self._step, self._lr), lo=0.0)
+        return real("schedule(t, lr)", self.schedule(self._step, self._lr), lo=0.0)
 
-    def _validate_hyper(self, hyper: Dict[str, Any]) -> None:
-        # The functional step is the single place hyper-parameters are checked: a call on
-        # zero-size arrays validates them without touching anything.
-        # State this optimizer does not have is passed as None, so hyper-parameters that
-        # need it (e.g. amsgrad=True loaded into an optimizer built without) are rejected.
-        empty = np.empty(0, dtype=np.float32)
-        states = [None if name is None else empty for name in self._state_args]
-        kwargs = dict(hyper, lr=self._lr)
-        if self._takes_step:
-            kwargs["step"] = 1
-        type(self)._step_fn(empty, empty, *states, **kwargs)
+    def _validated(self, hyper: Dict[str, Any], lr: float,
+                   state: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], List[str]]:
+        """``hyper`` checked by the table: (the kernel's keywords but lr, the state arrays
+        they use). With ``state`` (the state of an optimizer being restored), a state array
+        they need and it lacks (amsgrad=True without max_exp_avg_sqs) is an error, as in
+        the functional call."""
+        spec = self._spec
+        values = spec.validate({**hyper, "lr": lr})
+        if state is not None:
+            spec.require_arrays(values, state.__contains__)
+        kw = spec.kernel_hyper(values)
+        del kw["lr"]
+        return kw, spec.state_names(values)
+
+    def _kernel_state(self, used: List[str]) -> List[Optional[List[Any]]]:
+        """The state lists in binding order, None for those the hyper-parameters leave unused."""
+        return [self.state[a.name] if a.name in used else None for a in self._spec.states]
 
     # -- stepping --------------------------------------------------------------------------
     def step(self, grads: ArrayOrList, *, stream: Any = None) -> None:
         """One step with ``grads`` (an array, or a list aligned with params). On the GPU it
         is queued on ``stream`` (default: the params' library's current stream)."""
         t = self._step + 1
-        lr = self.current_lr()
-        states = [self._arg(name) for name in self._state_args]
-        params = self.params if self._listed else self.params[0]
-        kwargs = dict(self._hyper, lr=lr)
-        if self._takes_step:
-            kwargs["step"] = t
-        type(self)._step_fn(params, grads, *states, **kwargs, stream=stream, _plan=self._plan)
+        kw = {**self._kw, "lr": self.current_lr()}
+        lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
+        self._kernel.launch(lists, self._listed, kw, t, stream, self._plan)
         self._step = t
         self._queued_on(stream)
-
-    def _arg(self, name: Optional[str]) -> Any:
-        if name is None:
-            return None
-        return self.state[name] if self._listed else self.state[name][0]
 
     def zero_state(self) -> None:
         """Reset every state array to its initial value and the step count to 0."""
@@ -180,16 +178,12 @@ class Optimizer:
         step = state_dict["step"]
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"state_dict['step']: expected an integer >= 0, got {step!r}")
-        lr = _arrays.real("state_dict['lr']", state_dict["lr"], lo=0.0)
+        lr = real("state_dict['lr']", state_dict["lr"], lo=0.0)
         hyper = dict(state_dict["hyper"])
         if set(hyper) != set(self._hyper):
             raise ValueError(f"state_dict['hyper']: expected keys {sorted(self._hyper)}, "
                              f"got {sorted(hyper)}")
-        saved_lr, self._lr = self._lr, lr
-        try:
-            self._validate_hyper(hyper)
-        finally:
-            self._lr = saved_lr
+        kw, used = self._validated(hyper, lr, self.state)
         state = state_dict["state"]
         if set(state) != set(self.state):
             raise ValueError(f"state_dict['state']: expected {sorted(self.state)}, got "
@@ -214,6 +208,7 @@ class Optimizer:
         self._step = int(step)
         self._lr = lr
         self._hyper = hyper
+        self._kw, self._state_lists = kw, self._kernel_state(used)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
@@ -224,39 +219,37 @@ class Optimizer:
 class SGD(Optimizer):
     """``torch.optim.SGD``: see ``fastopt.sgd_`` for the formula."""
 
-    _step_fn = staticmethod(functional.sgd_)
+    _spec = OPTIMIZERS["sgd"]
 
     def __init__(self, params: ArrayOrList, lr: float, *, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  maximize: bool = False, l1: float = 0.0, schedule: Optional[Schedule] = None):
         hyper = dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
                      weight_decay=weight_decay, maximize=maximize, l1=l1)
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper,
-                         state_args=["momentum_buffers" if momentum != 0.0 else None])
+        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
 
 
 class Adagrad(Optimizer):
     """``torch.optim.Adagrad``: see ``fastopt.adagrad_``. State sums start at
     ``initial_accumulator_value``."""
 
-    _step_fn = staticmethod(functional.adagrad_)
+    _spec = OPTIMIZERS["adagrad"]
 
     def __init__(self, params: ArrayOrList, lr: float = 1e-2, *, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
                  eps: float = 1e-10, maximize: bool = False, l1: float = 0.0,
                  schedule: Optional[Schedule] = None):
-        init = _arrays.real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
+        init = real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
         hyper = dict(lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize,
                      l1=l1)
         super().__init__(params, lr=lr, schedule=schedule, hyper=hyper,
-                         state_args=["state_sums"], initial_state={"state_sums": init})
+                         initial_state={"state_sums": init})
 
 
 class RMSprop(Optimizer):
     """``torch.optim.RMSprop``: see ``fastopt.rmsprop_``."""
 
-    _step_fn = staticmethod(functional.rmsprop_)
-    _takes_step = False
+    _spec = OPTIMIZERS["rmsprop"]
 
     def __init__(self, params: ArrayOrList, lr: float = 1e-2, *, alpha: float = 0.99,
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
@@ -264,15 +257,13 @@ class RMSprop(Optimizer):
                  schedule: Optional[Schedule] = None):
         hyper = dict(alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                      centered=centered, maximize=maximize, l1=l1)
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper,
-                         state_args=["square_avgs", "momentum_buffers" if momentum != 0.0 else None,
-                                     "grad_avgs" if centered else None])
+        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
 
 
 class Adam(Optimizer):
     """``torch.optim.Adam``: see ``fastopt.adam_`` (``decoupled_weight_decay=True`` is AdamW)."""
 
-    _step_fn = staticmethod(functional.adam_)
+    _spec = OPTIMIZERS["adam"]
 
     def __init__(self, params: ArrayOrList, lr: float = 1e-3, *, beta1: float = 0.9,
                  beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
@@ -281,13 +272,12 @@ class Adam(Optimizer):
         hyper = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                      decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
                      maximize=maximize, l1=l1)
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper,
-                         state_args=["exp_avgs", "exp_avg_sqs",
-                                     "max_exp_avg_sqs" if amsgrad else None])
+        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
 
 
 class AdamW(Adam):
-    """``torch.optim.AdamW``: Adam with decoupled weight decay, default 1e-2."""
+    """``torch.optim.AdamW``: Adam with decoupled weight decay, default 1e-2 (its hyper-
+    parameters keep ``decoupled_weight_decay``, so its state dicts are Adam's)."""
 
     def __init__(self, params: ArrayOrList, lr: float = 1e-3, *, beta1: float = 0.9,
                  beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -303,22 +293,40 @@ class Sophia(Optimizer):
     estimate (Hutchinson, Gauss-Newton-Bartlett: the caller's) into the EMA the steps use;
     it starts at zero, so the first steps are clipped sign steps until it is updated."""
 
-    _step_fn = staticmethod(functional.sophia_)
-    _takes_step = False
+    _spec = OPTIMIZERS["sophia"]
 
     def __init__(self, params: ArrayOrList, lr: float = 1e-4, *, beta1: float = 0.965,
                  rho: float = 0.04, weight_decay: float = 0.1, eps: float = 1e-15,
                  maximize: bool = False, l1: float = 0.0, schedule: Optional[Schedule] = None):
         hyper = dict(beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps,
                      maximize=maximize, l1=l1)
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper,
-                         state_args=["exp_avgs", "hessian_diags"])
-        self._ema_plan = None if self._plan is None else _build._cuda.Plan()
+        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
+        self._ema_plan = None if self._plan is None or _ext._cuda is None else _ext._cuda.Plan()
 
     def update_hessian(self, estimate: ArrayOrList, beta2: float = 0.99, *,
                        stream: Any = None) -> None:
         """hessian_diag <- beta2*hessian_diag + (1-beta2)*estimate (shaped like params;
         float32 for 16-bit params, like the state)."""
-        functional.ema_(self._arg("hessian_diags"), estimate, beta=beta2, stream=stream,
-                        _plan=self._ema_plan)
+        hessian_diags = self.state["hessian_diags"]
+        functional.ema_(hessian_diags if self._listed else hessian_diags[0], estimate,
+                        beta=beta2, stream=stream, _plan=self._ema_plan)
         self._queued_on(stream)
+
+
+class Lion(Optimizer):
+    """Lion (Chen et al. 2023): see ``fastopt.lion_``. No ``torch.optim`` counterpart; the
+    defaults are the paper's (lr 1e-4, betas 0.9 and 0.99)."""
+
+    _spec = OPTIMIZERS["lion"]
+
+    def __init__(self, params: ArrayOrList, lr: float = 1e-4, *, beta1: float = 0.9,
+                 beta2: float = 0.99, weight_decay: float = 0.0, maximize: bool = False,
+                 l1: float = 0.0, schedule: Optional[Schedule] = None):
+        hyper = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+                     l1=l1)
+        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
+
+
+# The class of each optimizer in the table, by its name there.
+CLASSES: Dict[str, type] = {"sgd": SGD, "adagrad": Adagrad, "rmsprop": RMSprop, "adam": Adam,
+                            "adamw": AdamW, "sophia": Sophia, "lion": Lion}

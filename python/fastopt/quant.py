@@ -34,7 +34,7 @@ import numpy as np
 
 from . import _arrays
 from ._arrays import host_array, real
-from ._build import _cpu
+from ._ext import _cpu
 
 __all__ = ["quantize_per_tensor", "quantize_per_channel", "dequantize", "choose_qparams",
            "quantize_blockwise", "dequantize_blockwise"]

@@ -3,8 +3,8 @@
 Written for reading: one function per operation, one line per formula step, each step a
 separate NumPy pass (which is also what a NumPy user would write, and what the benchmark
 times as the "NumPy reference" peer). Every function updates its float64 arrays in place
-and follows ``torch.optim`` (formulas in ``../shared/DESIGN.md`` and each docstring of
-``fastopt.functional``).
+and follows ``torch.optim`` where torch has the optimizer (the formulas are in the
+docstrings of ``fastopt.functional``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["soft_threshold", "sgd", "adagrad", "rmsprop", "adam", "sophia", "ema",
+__all__ = ["soft_threshold", "sgd", "adagrad", "rmsprop", "adam", "sophia", "lion", "ema",
            "damped_newton_step", "quantize_affine", "dequantize_affine",
            "quantize_blockwise", "dequantize_blockwise", "uniform24"]
 
@@ -109,6 +109,21 @@ def sophia(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, hessian_diag: np.n
     p *= 1.0 - lr * weight_decay
     ratio = np.minimum(np.abs(exp_avg) / np.maximum(rho * hessian_diag, eps), 1.0)
     p -= lr * (np.sign(exp_avg) * ratio)
+    if l1 != 0.0:
+        soft_threshold(p, lr * l1)
+
+
+def lion(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, *, lr: float = 1e-4,
+         beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
+         maximize: bool = False, l1: float = 0.0) -> None:
+    """Lion (Chen et al. 2023): the sign of an interpolation of momentum and gradient;
+    sign(0) = 0."""
+    g = -g if maximize else g
+    c = beta1 * exp_avg + (1.0 - beta1) * g
+    if weight_decay != 0.0:
+        p *= 1.0 - lr * weight_decay
+    p -= lr * np.sign(c)
+    exp_avg[...] = beta2 * exp_avg + (1.0 - beta2) * g
     if l1 != 0.0:
         soft_threshold(p, lr * l1)
 

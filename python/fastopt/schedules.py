@@ -10,7 +10,7 @@ import math
 import numbers
 from typing import Optional
 
-from ._arrays import real
+from ._validate import real
 
 __all__ = ["Schedule", "Constant", "StepDecay", "InverseTime", "Cosine", "LinearWarmup"]
 

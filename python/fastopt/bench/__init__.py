@@ -20,7 +20,7 @@ blocks of calls. The peers are ``torch.optim`` fused / foreach and a hand-writte
 would (eager, and ``torch.compile`` of it where it compiles in time),
 ``torch.quantize_per_tensor[_dynamic]``; ``torch.linalg.solve``, torch Cholesky +
 ``cholesky_solve`` and ``cupy.linalg.solve``. The ceiling is a large device-to-device
-copy (read + write); each issue's target is marked met or NOT MET under the table.
+copy (read + write); each case's target is marked met or NOT MET under the table.
 """
 from __future__ import annotations
 
@@ -87,13 +87,18 @@ def run(argv_options: Any) -> int:
         print(f"--only: unknown case(s) {sorted(unknown)}; known: {sorted(known)}",
               file=sys.stderr)
         return 2
-    show = sys.stderr.isatty() or argv_options.progress
+    # Progress on stderr: in a terminal on one line, rewritten; elsewhere a line per case
+    # for a full run (minutes) or with --progress.
+    overwrite = sys.stderr.isatty()
+    show = overwrite or argv_options.progress or not argv_options.quick
 
     def progress(msg: str) -> None:
-        if show:
+        if overwrite:
             print(f"\r\033[K[bench] {msg}", end="", file=sys.stderr, flush=True)
+        elif show:
+            print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
-    from .._build import cuda_status, cuda_unavailable_reason
+    from .._ext import cuda_status, cuda_unavailable_reason
 
     cuda = cuda_status()
     devices = ["cpu", "cuda"] if argv_options.device == "all" else [argv_options.device]
@@ -114,7 +119,7 @@ def run(argv_options: Any) -> int:
         progress("ceiling")
         ceiling = bench.ceiling()
         result["ceiling_cpu"] = ceiling
-        cpu_rows = _run_cases(_cases(bench, names, only), "cpu", progress, show)
+        cpu_rows = _run_cases(_cases(bench, names, only), "cpu", progress, overwrite)
         m = result["machine"]
         print(f"CPU: {m['cpu_model']}, {m['num_threads']} threads, path {m['cpu_path']}; "
               f"numpy {m['numpy']}, torch {m['torch']}")
@@ -130,7 +135,7 @@ def run(argv_options: Any) -> int:
             print()
         try:
             gpu_rows, gpu_gbs = _run_gpu(gpu_arrays, names, only, argv_options.quick, progress,
-                                         show, cuda, result)
+                                         overwrite, cuda, result)
         except Exception as exc:  # the ceiling or the setup: no GPU row can be trusted
             traceback.print_exc()
             why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"

@@ -2,17 +2,21 @@
 medians over alternating blocks, the peers' helpers, running the cases and the table."""
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
-from .. import optim, quant, reference
+from .. import quant
+from .._specs import OPTIMIZERS as SPECS
+from .._specs import OptimizerSpec
+from ..optim import CLASSES
 
 if TYPE_CHECKING:
     from .gpu import Target
@@ -28,46 +32,75 @@ def gpt2_small_shapes() -> List[Tuple[int, ...]]:
     return shapes + [(768,), (768,)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerCase:
-    """How to run one optimizer in every implementation."""
-    name: str
-    bytes_per_element: int            # float32: params, grads, each state read + written
-    states: List[str]                 # fastopt state names (class attribute order)
-    fastopt_class: Callable[..., Any]
-    reference_step: Callable[..., None]
+    """How to run one optimizer in every implementation: the table's spec, the class's
+    keywords for this case (``hyper``, also given to torch.optim, whose names they share)
+    and the torch.optim modes torch has for it on the CPU and on CUDA."""
+    spec: OptimizerSpec
     hyper: Dict[str, Any]
-    reference_hyper: Dict[str, Any]
-    torch_name: str
-    torch_hyper: Dict[str, Any]
-    torch_modes: Sequence[str]        # "fused", "foreach" (CPU)
-    takes_step: bool = True
-    cuda_torch_modes: Sequence[str] = ()  # the torch.optim modes torch has on CUDA
+    torch_modes: Sequence[str] = ()       # "fused", "foreach" (CPU)
+    cuda_torch_modes: Sequence[str] = ()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @functools.cached_property
+    def reference_hyper(self) -> Dict[str, Any]:
+        """Every keyword of the reference step (the spec's defaults, this case's values and
+        the fixed ones), as validated by the table."""
+        spec = self.spec
+        return spec.kernel_hyper(spec.validate({**spec.defaults(), **self.hyper}))
+
+    @functools.cached_property
+    def states(self) -> List[str]:
+        """The state arrays this case uses (the class's state keys)."""
+        return self.spec.state_names(self.reference_hyper)
+
+    @functools.cached_property
+    def bytes_per_element(self) -> int:
+        """float32 bytes that must move per element: each array the step uses read once,
+        and those it writes written once."""
+        used = self.spec.used_arrays(self.reference_hyper)
+        return sum(4 * (1 + a.written) for a in used)
+
+    @property
+    def fastopt_class(self) -> Callable[..., Any]:
+        return CLASSES[self.spec.name]
+
+    @property
+    def reference_step(self) -> Callable[..., None]:
+        return self.spec.reference
+
+    @property
+    def takes_step(self) -> bool:
+        return self.spec.takes_step
+
+    @property
+    def torch_name(self) -> str:
+        return self.spec.torch_name or ""
+
+    @property
+    def torch_hyper(self) -> Dict[str, Any]:
+        return self.hyper if self.spec.torch_name else {}
 
 
-OPTIMIZERS = {
-    "adamw": OptimizerCase("adamw", 28, ["exp_avgs", "exp_avg_sqs"], optim.AdamW, reference.adam,
-                       dict(lr=1e-3, weight_decay=1e-2),
-                       dict(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True),
-                       "AdamW", dict(lr=1e-3, weight_decay=1e-2), ("fused", "foreach"),
-                       cuda_torch_modes=("fused", "foreach")),
-    "sgd": OptimizerCase("sgd", 20, ["momentum_buffers"], optim.SGD, reference.sgd,
-                     dict(lr=1e-2, momentum=0.9), dict(lr=1e-2, momentum=0.9),
-                     "SGD", dict(lr=1e-2, momentum=0.9), ("fused", "foreach"),
-                     cuda_torch_modes=("fused", "foreach")),
-    # torch's fused Adagrad is CPU only.
-    "adagrad": OptimizerCase("adagrad", 20, ["state_sums"], optim.Adagrad, reference.adagrad,
-                         dict(lr=1e-2), dict(lr=1e-2), "Adagrad", dict(lr=1e-2),
-                         ("fused", "foreach"), cuda_torch_modes=("foreach",)),
-    "rmsprop": OptimizerCase("rmsprop", 20, ["square_avgs"], optim.RMSprop, reference.rmsprop,
-                         dict(lr=1e-2), dict(lr=1e-2), "RMSprop", dict(lr=1e-2), ("foreach",),
-                         takes_step=False, cuda_torch_modes=("foreach",)),
-    # torch has no Sophia: the NumPy reference is its peer. (The Hessian EMA stays zero, so
-    # every step is the clipped sign step; the memory traffic is the same.)
-    "sophia": OptimizerCase("sophia", 24, ["exp_avgs", "hessian_diags"], optim.Sophia,
-                            reference.sophia, dict(lr=1e-3), dict(lr=1e-3), "", {}, (),
-                            takes_step=False),
-}
+# The optimizers the bench runs, in order, with the keywords of their case (SGD with
+# momentum, so that it keeps a buffer) and the torch.optim modes torch has for each
+# (torch's fused Adagrad is CPU only; torch has no Sophia or Lion: the NumPy reference is
+# their peer). Sophia's Hessian EMA stays zero, so every step is the clipped sign step;
+# the memory traffic is the same.
+OPTIMIZERS: Dict[str, OptimizerCase] = {c.name: c for c in [
+    OptimizerCase(SPECS["adamw"], dict(lr=1e-3, weight_decay=1e-2), ("fused", "foreach"),
+                  ("fused", "foreach")),
+    OptimizerCase(SPECS["sgd"], dict(lr=1e-2, momentum=0.9), ("fused", "foreach"),
+                  ("fused", "foreach")),
+    OptimizerCase(SPECS["adagrad"], dict(lr=1e-2), ("fused", "foreach"), ("foreach",)),
+    OptimizerCase(SPECS["rmsprop"], dict(lr=1e-2), ("foreach",), ("foreach",)),
+    OptimizerCase(SPECS["sophia"], dict(lr=1e-3)),
+    OptimizerCase(SPECS["lion"], dict(lr=1e-4, weight_decay=1e-2)),
+]}
 
 # int8 quantization cases: name -> bytes per element counted (each operand once).
 QUANT_CASES = {
@@ -92,8 +125,6 @@ class Row:
     times_ms: Dict[str, float] = field(default_factory=dict)
     notes: Dict[str, str] = field(default_factory=dict)  # peer -> why it did not run
     remarks: List[str] = field(default_factory=list)     # about the row itself (sizing, parity)
-    bit_identical: Optional[bool] = None            # GPU rows: equal to the CPU kernels' result
-    target: Optional["Target"] = None               # GPU rows: the issue's target, if any
 
     def pct_of_ceiling(self, impl: str, ceiling_gbs: float) -> float:
         gbs = self.bytes_per_element * self.elements / (self.times_ms[impl] * 1e-3) / 1e9
@@ -254,9 +285,9 @@ def _torch_per_tensor_peer(torch: Any, name: str, tx: Any) -> Tuple[str, Callabl
             lambda: torch.quantize_per_tensor(tx, scale, zp, torch.qint8))
 
 
-def _newton_row(n: int, systems: int, device: str) -> Row:
+def _newton_row(n: int, systems: int, device: str, row_type: Type[Row] = Row) -> Row:
     """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
-    return Row(f"newton n={n} x{systems}", device, 4 * (n * n + 3 * n), systems, 1)
+    return row_type(f"newton n={n} x{systems}", device, 4 * (n * n + 3 * n), systems, 1)
 
 
 def _spd_systems(rng: np.random.Generator, n: int, systems: int
@@ -304,12 +335,13 @@ def _cases(bench: Any, names: List[str],
 
 
 def _run_cases(cases: List[Tuple[str, Callable[[], Row]]], device: str,
-               progress: Callable[[str], None], show: bool, prefix: str = "") -> List[Row]:
-    """Runs every case; one that raises becomes an ERROR row (traceback on stderr) so that
-    the others still run."""
+               progress: Callable[[str], None], end_line: bool, prefix: str = "") -> List[Row]:
+    """Runs every case, saying which through ``progress``; one that raises becomes an ERROR
+    row (traceback on stderr) so that the others still run. ``end_line``: progress was
+    written on one line (a terminal), which then needs ending."""
     rows: List[Row] = []
     for k, (label, case) in enumerate(cases):
-        progress(f"{prefix}{k + 1}/{len(cases)} {label}")
+        progress(f"{prefix}case {k + 1} of {len(cases)}: {label}")
         try:
             rows.append(case())
         except Exception as exc:
@@ -317,7 +349,7 @@ def _run_cases(cases: List[Tuple[str, Callable[[], Row]]], device: str,
             first = (str(exc).splitlines() or [""])[0][:200]
             rows.append(Row(label, device, 0, 0, 0, check=f"ERROR: {type(exc).__name__}: {first}"))
     progress("done")
-    if show:
+    if end_line:
         print(file=sys.stderr)
     return rows
 
@@ -369,9 +401,12 @@ def _row_json(r: Row, ceiling_gbs: float) -> Dict[str, Any]:
         speedup_vs_best_peer=r.speedup_vs_best_peer(), notes=r.notes)
     if r.remarks:
         d["remarks"] = r.remarks
-    if r.bit_identical is not None:
-        d["bit_identical_to_cpu"] = r.bit_identical
-    if r.target is not None and r.check == "ok" and "fastopt" in r.times_ms:
-        d["target"] = {"target": r.target.describe(), "achieved": r.target.achieved(r, ceiling_gbs),
-                       "met": r.target.met(r, ceiling_gbs), "issue_torch": r.target.torch_figure}
+    # GPU rows (gpu.GpuRow): parity with the CPU kernels and the case's target.
+    bit_identical = getattr(r, "bit_identical", None)
+    if bit_identical is not None:
+        d["bit_identical_to_cpu"] = bit_identical
+    target: Optional["Target"] = getattr(r, "target", None)
+    if target is not None and r.check == "ok" and "fastopt" in r.times_ms:
+        d["target"] = {"target": target.describe(), "achieved": target.achieved(r, ceiling_gbs),
+                       "met": target.met(r, ceiling_gbs)}
     return d

@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import _runtime, quant, reference
 from ..newton import cholesky_solve, newton_
-from .._build import _cpu
+from .._ext import _cpu
 from .common import (QUANT_CASES, OptimizerCase, Row, _add_torch_peers, _as_tuple,
                      _import_torch, _median_times, _newton_failure, _newton_row, _quant_call,
                      _quant_into_call, _solve64, _spd_systems, _torch_blockwise,

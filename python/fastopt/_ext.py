@@ -1,49 +1,34 @@
-"""The compiled modules: fastopt._cpu always, fastopt._cuda when it was built."""
+"""The compiled modules: fastopt._cpu always, fastopt._cuda when it was built and loads.
+
+A leaf of the package: it imports nothing else from fastopt, so every other module can
+import it. Run-time settings that act on the modules (the FASTOPT_CPU variable, the array
+adapter) are applied by the modules that own them (_runtime, _arrays)."""
 from __future__ import annotations
 
 import functools
-import os
-import warnings
+from types import ModuleType
 from typing import Any, Dict, Optional
 
 from . import _cpu
 
+_cuda: Optional[ModuleType]
 try:
-    from . import _cuda  # type: ignore[attr-defined]
+    from . import _cuda  # type: ignore[attr-defined,no-redef]
     _cuda_import_error: Optional[str] = None
 except ImportError as exc:  # built without CUDA, or the module cannot load
     _cuda = None
     _cuda_import_error = str(exc)
 
-
-def _apply_cpu_env() -> None:
-    """FASTOPT_CPU=scalar|avx2|auto forces the CPU path (used by the tests)."""
-    requested = os.environ.get("FASTOPT_CPU", "").strip()
-    if requested:
-        try:
-            _cpu.set_cpu_path(requested)
-        except ValueError as exc:
-            warnings.warn(f"FASTOPT_CPU={requested!r} ignored: {exc}", RuntimeWarning, stacklevel=2)
-
-
-_apply_cpu_env()
-
-
-def _install_array_adapter() -> None:
-    from ._arrays import to_host_array
-
-    _cpu.set_array_adapter(to_host_array)
-
-
-_install_array_adapter()
+__all__ = ["_cpu", "_cuda", "cuda_status", "cuda_unavailable_reason"]
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_status() -> Dict[str, Any]:
     if _cuda is None:
+        not_built = _cuda_import_error is None or "No module" in _cuda_import_error
         return {"usable": False, "built": False,
                 "reason": "fastopt was built without CUDA (no CUDA compiler at build time, "
-                          "or FASTOPT_CUDA=OFF)" if _cuda_import_error is None or "No module" in _cuda_import_error
+                          "or FASTOPT_CUDA=OFF)" if not_built
                           else f"fastopt._cuda failed to load: {_cuda_import_error}"}
     status = dict(_cuda.device_status())
     status["built"] = True

@@ -1,0 +1,256 @@
+"""The optimizer table: everything the Python side knows about each optimizer, in one place.
+
+Per optimizer (keyed by its functional name without the underscore: ``"sgd"`` for
+``fastopt.sgd_``): its arrays in the order the binding takes them (role, kind, whether the
+step writes it, and for an optional array the condition under which it is needed), its
+hyper-parameters in signature order with their ranges and defaults, whether it takes the
+1-based ``step``, the compiled kernel it runs (a function of ``fastopt._cpu`` /
+``fastopt._cuda``), hyper-parameters fixed for that kernel (AdamW is the Adam kernel with
+decoupled weight decay), cross-parameter checks, and its float64 reference.
+
+``functional`` validates and dispatches by it, ``optim`` builds its classes' state from it,
+and the tests, the benchmark and ``bench/sanitize_small.py`` draw their cases from it.
+Adding an optimizer here means: its kernel (C++ header and registry line), one
+``OptimizerSpec`` below, its reference function, its functional signature and its class.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+from . import reference
+from ._validate import flag, real
+
+__all__ = ["Real", "Flag", "Hyper", "ArrayRole", "OptimizerSpec", "OPTIMIZERS", "EMA",
+           "binding_mismatches"]
+
+Values = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Real:
+    """A real hyper-parameter in [lo, hi] (an end excluded when ``lo_open``/``hi_open``);
+    ``default`` None means the argument is required."""
+    default: Optional[float] = None
+    lo: float = 0.0
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def validate(self, name: str, value: Any) -> float:
+        return real(name, value, lo=self.lo, hi=self.hi, lo_open=self.lo_open,
+                    hi_open=self.hi_open)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A bool hyper-parameter."""
+    default: bool = False
+
+    def validate(self, name: str, value: Any) -> bool:
+        return flag(name, value)
+
+
+Hyper = Union[Real, Flag]
+
+
+@dataclass(frozen=True)
+class ArrayRole:
+    """One array argument of a step. ``kind``: "param" (updated in place; decides the
+    device and whether the call is a list), "grad" (read only) or "state". An optional
+    array has ``needed``, a predicate on the validated hyper-parameters, and
+    ``needed_when``, its words in messages ("momentum > 0")."""
+    name: str
+    kind: str
+    written: bool
+    needed: Optional[Callable[[Values], bool]] = None
+    needed_when: str = ""
+
+    @property
+    def optional(self) -> bool:
+        return self.needed is not None
+
+    def used(self, hyper: Values) -> bool:
+        return self.needed is None or self.needed(hyper)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer: see the module docstring. ``example`` is a valid set of hyper-
+    parameters (``lr`` included) under which every array is used, for tests and checks;
+    ``torch_name`` the ``torch.optim`` class with the same semantics, if any."""
+    name: str
+    kernel: str
+    arrays: Tuple[ArrayRole, ...]
+    hyper: Mapping[str, Hyper]
+    takes_step: bool
+    reference: Callable[..., None]
+    example: Mapping[str, Any]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    check: Optional[Callable[[Values], None]] = None
+    torch_name: Optional[str] = None
+
+    @property
+    def states(self) -> Tuple[ArrayRole, ...]:
+        """Every state array, optional ones included."""
+        return tuple(a for a in self.arrays if a.kind == "state")
+
+    def used_arrays(self, hyper: Values) -> List[ArrayRole]:
+        """The arrays a step with (validated) ``hyper`` reads or writes."""
+        return [a for a in self.arrays if a.used(hyper)]
+
+    def state_names(self, hyper: Values) -> List[str]:
+        """The state arrays a step with (validated) ``hyper`` uses, in binding order."""
+        return [a.name for a in self.used_arrays(hyper) if a.kind == "state"]
+
+    def defaults(self) -> Dict[str, Any]:
+        """The hyper-parameters that have a default, with it."""
+        return {k: h.default for k, h in self.hyper.items() if h.default is not None}
+
+    def validate(self, hyper: Values) -> Dict[str, Any]:
+        """``hyper`` (every hyper-parameter of the spec, no others) checked field by field
+        in signature order, then across fields: the values as float/bool."""
+        out = {name: h.validate(name, hyper[name]) for name, h in self.hyper.items()}
+        if self.check is not None:
+            self.check(out)
+        return out
+
+    def kernel_hyper(self, hyper: Values) -> Dict[str, Any]:
+        """Validated ``hyper`` with the fixed ones: the kernel's and the reference's keywords."""
+        return {**hyper, **self.fixed}
+
+    def require_arrays(self, hyper: Values, present: Callable[[str], bool]) -> None:
+        """ValueError naming the first optional array that (validated) ``hyper`` needs and
+        ``present(name)`` says is missing."""
+        for a in self.arrays:
+            if a.optional and a.used(hyper) and not present(a.name):
+                raise ValueError(f"{a.name}: required when {a.needed_when}")
+
+
+# ---- the table ----------------------------------------------------------------------------
+
+PARAMS = ArrayRole("params", "param", True)
+GRADS = ArrayRole("grads", "grad", False)
+
+
+def _state(name: str, needed: Optional[Callable[[Values], bool]] = None,
+           needed_when: str = "", written: bool = True) -> ArrayRole:
+    return ArrayRole(name, "state", written, needed, needed_when)
+
+
+def _momentum(h: Values) -> bool:
+    return bool(h["momentum"] > 0.0)
+
+
+def _check_nesterov(h: Values) -> None:
+    if h["nesterov"] and (h["momentum"] <= 0.0 or h["dampening"] != 0.0):
+        raise ValueError("nesterov: requires momentum > 0 and dampening == 0")
+
+
+def _positive(default: Optional[float]) -> Real:
+    return Real(default, lo_open=True)           # (0, inf)
+
+
+def _beta(default: Optional[float]) -> Real:
+    return Real(default, hi=1.0, hi_open=True)   # [0, 1)
+
+
+def _unit(default: Optional[float]) -> Real:
+    return Real(default, hi=1.0)                 # [0, 1]
+
+
+NONNEG = Real(0.0)                               # [0, inf), default 0
+
+SGD = OptimizerSpec(
+    name="sgd", kernel="sgd", takes_step=True, reference=reference.sgd, torch_name="SGD",
+    arrays=(PARAMS, GRADS, _state("momentum_buffers", _momentum, "momentum > 0")),
+    hyper={"lr": Real(None), "momentum": NONNEG, "dampening": _unit(0.0),
+           "nesterov": Flag(), "weight_decay": NONNEG, "maximize": Flag(), "l1": NONNEG},
+    check=_check_nesterov,
+    example=dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2))
+
+ADAGRAD = OptimizerSpec(
+    name="adagrad", kernel="adagrad", takes_step=True, reference=reference.adagrad,
+    torch_name="Adagrad",
+    arrays=(PARAMS, GRADS, _state("state_sums")),
+    hyper={"lr": Real(1e-2), "lr_decay": NONNEG, "weight_decay": NONNEG,
+           "eps": _positive(1e-10), "maximize": Flag(), "l1": NONNEG},
+    example=dict(lr=1e-2, lr_decay=1e-3, weight_decay=1e-2))
+
+RMSPROP = OptimizerSpec(
+    name="rmsprop", kernel="rmsprop", takes_step=False, reference=reference.rmsprop,
+    torch_name="RMSprop",
+    arrays=(PARAMS, GRADS, _state("square_avgs"),
+            _state("momentum_buffers", _momentum, "momentum > 0"),
+            _state("grad_avgs", lambda h: bool(h["centered"]), "centered=True")),
+    hyper={"lr": Real(1e-2), "alpha": _unit(0.99), "eps": _positive(1e-8),
+           "weight_decay": NONNEG, "momentum": NONNEG, "centered": Flag(), "maximize": Flag(),
+           "l1": NONNEG},
+    example=dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-2))
+
+_ADAM_ARRAYS = (PARAMS, GRADS, _state("exp_avgs"), _state("exp_avg_sqs"),
+                _state("max_exp_avg_sqs", lambda h: bool(h["amsgrad"]), "amsgrad=True"))
+
+ADAM = OptimizerSpec(
+    name="adam", kernel="adam", takes_step=True, reference=reference.adam, torch_name="Adam",
+    arrays=_ADAM_ARRAYS,
+    hyper={"lr": Real(1e-3), "beta1": _beta(0.9), "beta2": _beta(0.999),
+           "eps": _positive(1e-8), "weight_decay": NONNEG,
+           "decoupled_weight_decay": Flag(), "amsgrad": Flag(), "maximize": Flag(),
+           "l1": NONNEG},
+    example=dict(lr=1e-3, amsgrad=True, weight_decay=1e-2))
+
+ADAMW = OptimizerSpec(
+    name="adamw", kernel="adam", takes_step=True, reference=reference.adam, torch_name="AdamW",
+    arrays=_ADAM_ARRAYS,
+    hyper={"lr": Real(1e-3), "beta1": _beta(0.9), "beta2": _beta(0.999),
+           "eps": _positive(1e-8), "weight_decay": Real(1e-2), "amsgrad": Flag(),
+           "maximize": Flag(), "l1": NONNEG},
+    fixed={"decoupled_weight_decay": True},
+    example=dict(lr=1e-3, amsgrad=True))
+
+SOPHIA = OptimizerSpec(
+    name="sophia", kernel="sophia", takes_step=False, reference=reference.sophia,
+    arrays=(PARAMS, GRADS, _state("exp_avgs"), _state("hessian_diags", written=False)),
+    hyper={"lr": Real(None), "beta1": _beta(0.965), "rho": _positive(0.04),
+           "weight_decay": Real(0.1), "eps": _positive(1e-15), "maximize": Flag(),
+           "l1": NONNEG},
+    example=dict(lr=1e-3))
+
+LION = OptimizerSpec(
+    name="lion", kernel="lion", takes_step=False, reference=reference.lion,
+    arrays=(PARAMS, GRADS, _state("exp_avgs")),
+    hyper={"lr": Real(1e-4), "beta1": _beta(0.9), "beta2": _beta(0.99),
+           "weight_decay": NONNEG, "maximize": Flag(), "l1": NONNEG},
+    example=dict(lr=1e-4, weight_decay=1e-2))
+
+OPTIMIZERS: Dict[str, OptimizerSpec] = {
+    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA, LION)}
+
+# Not an optimizer, the same machinery: average <- beta*average + (1-beta)*sample (Sophia's
+# Hessian-diagonal EMA). "averages" plays the params' part (device, list or single array).
+EMA = OptimizerSpec(
+    name="ema", kernel="ema", takes_step=False, reference=reference.ema,
+    arrays=(ArrayRole("averages", "param", True), ArrayRole("samples", "grad", False)),
+    hyper={"beta": _unit(None)},
+    example=dict(beta=0.99))
+
+
+def binding_mismatches(spec: OptimizerSpec, described: Mapping[str, Any]) -> List[str]:
+    """Where ``spec`` disagrees with a compiled module's description of its kernel
+    (``fastopt._cpu.optimizers()[spec.kernel]``: roles as (name, kind, written), hyper
+    field names, takes_step); empty when they agree."""
+    out = []
+    roles = [(a.name, a.kind, a.written) for a in spec.arrays]
+    bound = [tuple(r) for r in described["roles"]]
+    if roles != bound:
+        out.append(f"{spec.name}: arrays {roles} != the kernel's {bound}")
+    names = set(spec.hyper) | set(spec.fixed)
+    if names != set(described["hyper"]):
+        out.append(f"{spec.name}: hyper-parameters {sorted(names)} != the kernel's "
+                   f"{sorted(described['hyper'])}")
+    if spec.takes_step != bool(described["takes_step"]):
+        out.append(f"{spec.name}: takes_step {spec.takes_step} != the kernel's "
+                   f"{described['takes_step']}")
+    return out
