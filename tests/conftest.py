@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import reference
+from fastopt import _specs, optim
 
 from backends import (ARRAY_BACKENDS, BACKENDS, CPU, HAS_AVX2, assert_bits,  # noqa: F401
                       backend_params, open_backend, using_cpu_path)
@@ -126,30 +126,59 @@ def _positive(shape, rng):
 
 @dataclasses.dataclass(frozen=True)
 class Opt:
-    # What fastopt says about the optimizer (to be read from fastopt's own table once it
-    # has one): its functional step, reference, class, positional state arrays under given
-    # options, which of them it only reads, whether it takes step=, the reference's fixed
-    # options.
-    name: str
-    fn: Callable[..., None]          # fastopt functional step
-    ref: Callable[..., None]         # float64 reference step (one array)
-    cls: type                        # fastopt stateful class
-    state_args: Callable[[Dict[str, Any]], List[Optional[str]]]  # positional state args
-    takes_step: bool                 # whether fn takes step=
-    # What the tests choose: the hyper-parameters passed on every call, the option grid of
-    # the parity tests, a few combos for the expensive tests, how each state starts.
+    """One optimizer: what fastopt's table (``fastopt._specs``) says about it -- arrays,
+    step-taking, reference, fixed options -- and what the tests choose: the
+    hyper-parameters passed on every call, the option grid of the parity tests, a few
+    combos for the expensive tests, how each state starts in the functional tests."""
+    spec: _specs.OptimizerSpec
     base: Dict[str, Any]             # hyper-parameters passed on every call
     grid: List[Dict[str, Any]]       # the option grid of the parity tests
     representative: List[Dict[str, Any]]  # a few combos for the expensive tests
     init: Dict[str, Callable]        # how each state starts in the functional tests
-    ref_extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    read_only: Tuple[str, ...] = ()  # state arrays the step reads but never writes
 
     def __repr__(self) -> str:
         return self.name
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def fn(self) -> Callable[..., None]:
+        """fastopt's functional step."""
+        return getattr(fastopt, f"{self.name}_")
+
+    @property
+    def ref(self) -> Callable[..., None]:
+        """The float64 reference step (one array)."""
+        return self.spec.reference
+
+    @property
+    def cls(self) -> type:
+        """fastopt's stateful class."""
+        return optim.CLASSES[self.name]
+
+    @property
+    def takes_step(self) -> bool:
+        return self.spec.takes_step
+
+    @property
+    def ref_extra(self) -> Dict[str, Any]:
+        """Options fixed for the kernel (AdamW: decoupled weight decay), for the reference."""
+        return dict(self.spec.fixed)
+
+    @property
+    def read_only(self) -> Tuple[str, ...]:
+        """State arrays the step reads but never writes."""
+        return tuple(a.name for a in self.spec.states if not a.written)
+
     def hyper(self, opts: Dict[str, Any]) -> Dict[str, Any]:
         return {**self.base, **opts}
+
+    def state_args(self, opts: Dict[str, Any]) -> List[Optional[str]]:
+        """The positional state arguments under ``opts``: a name, or None where unused."""
+        hyper = {**self.spec.defaults(), **self.hyper(opts)}
+        return [a.name if a.used(hyper) else None for a in self.spec.states]
 
     def states(self, opts: Dict[str, Any]) -> List[str]:
         return [n for n in self.state_args(opts) if n is not None]
@@ -180,9 +209,7 @@ def _adam_grid() -> List[Dict[str, Any]]:
 
 
 SGD = Opt(
-    name="sgd", fn=fastopt.sgd_, ref=reference.sgd, cls=fastopt.SGD,
-    state_args=lambda o: ["momentum_buffers" if o.get("momentum", 0.0) else None],
-    takes_step=True, base=dict(lr=0.05), grid=_sgd_grid(),
+    _specs.OPTIMIZERS["sgd"], base=dict(lr=0.05), grid=_sgd_grid(),
     representative=[dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                          maximize=False, l1=0.0),
                     dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01,
@@ -193,8 +220,7 @@ SGD = Opt(
     init={"momentum_buffers": _normal})
 
 ADAGRAD = Opt(
-    name="adagrad", fn=fastopt.adagrad_, ref=reference.adagrad, cls=fastopt.Adagrad,
-    state_args=lambda o: ["state_sums"], takes_step=True, base=dict(lr=0.05),
+    _specs.OPTIMIZERS["adagrad"], base=dict(lr=0.05),
     grid=_grid(lr_decay=[0.0, 0.01], weight_decay=[0.0, 0.01], eps=[1e-10, 1e-3],
                maximize=[False, True], l1=[0.0, 1e-3]),
     representative=[dict(lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False, l1=0.0),
@@ -202,11 +228,7 @@ ADAGRAD = Opt(
     init={"state_sums": _positive})
 
 RMSPROP = Opt(
-    name="rmsprop", fn=fastopt.rmsprop_, ref=reference.rmsprop, cls=fastopt.RMSprop,
-    state_args=lambda o: ["square_avgs",
-                          "momentum_buffers" if o.get("momentum", 0.0) else None,
-                          "grad_avgs" if o.get("centered", False) else None],
-    takes_step=False, base=dict(lr=0.01),
+    _specs.OPTIMIZERS["rmsprop"], base=dict(lr=0.01),
     grid=_grid(centered=[False, True], momentum=[0.0, 0.9], weight_decay=[0.0, 0.01],
                maximize=[False, True], l1=[0.0, 1e-3]),
     representative=[dict(centered=False, momentum=0.0, weight_decay=0.0, maximize=False, l1=0.0),
@@ -214,10 +236,7 @@ RMSPROP = Opt(
     init={"square_avgs": _zeros, "momentum_buffers": _zeros, "grad_avgs": _zeros})
 
 ADAM = Opt(
-    name="adam", fn=fastopt.adam_, ref=reference.adam, cls=fastopt.Adam,
-    state_args=lambda o: ["exp_avgs", "exp_avg_sqs",
-                          "max_exp_avg_sqs" if o.get("amsgrad", False) else None],
-    takes_step=True, base=dict(lr=0.01), grid=_adam_grid(),
+    _specs.OPTIMIZERS["adam"], base=dict(lr=0.01), grid=_adam_grid(),
     representative=[dict(amsgrad=False, maximize=False, weight_decay=0.0,
                          decoupled_weight_decay=False, l1=0.0),
                     dict(amsgrad=True, maximize=True, weight_decay=0.01,
@@ -225,27 +244,38 @@ ADAM = Opt(
     init={"exp_avgs": _zeros, "exp_avg_sqs": _zeros, "max_exp_avg_sqs": _zeros})
 
 ADAMW = Opt(
-    name="adamw", fn=fastopt.adamw_, ref=reference.adam, cls=fastopt.AdamW,
-    state_args=ADAM.state_args, takes_step=True, base=dict(lr=0.01),
+    _specs.OPTIMIZERS["adamw"], base=dict(lr=0.01),
     grid=_grid(amsgrad=[False, True], maximize=[False, True], weight_decay=[0.01, 0.1],
                l1=[0.0, 1e-3]),
     representative=[dict(amsgrad=False, maximize=False, weight_decay=0.01, l1=0.0),
                     dict(amsgrad=True, maximize=True, weight_decay=0.1, l1=1e-3)],
-    init=ADAM.init, ref_extra=dict(decoupled_weight_decay=True))
+    init=ADAM.init)
 
 # Sophia's Hessian EMA is read only and held positive here, so sign(m) * min(|m| / (rho*h), 1)
 # stays continuous where m crosses zero and the float32 trajectory stays within TOL of the
 # reference; test_sophia.py feeds it estimates with negative entries through ema_ and
 # update_hessian.
 SOPHIA = Opt(
-    name="sophia", fn=fastopt.sophia_, ref=reference.sophia, cls=fastopt.Sophia,
-    state_args=lambda o: ["exp_avgs", "hessian_diags"], takes_step=False, base=dict(lr=0.05),
+    _specs.OPTIMIZERS["sophia"], base=dict(lr=0.05),
     grid=[dict(), dict(weight_decay=0.0, rho=0.5), dict(maximize=True, l1=1e-3),
           dict(eps=1e-3, beta1=0.5)],
     representative=[dict(), dict(maximize=True, l1=1e-3)],
-    init={"exp_avgs": _zeros, "hessian_diags": _positive}, read_only=("hessian_diags",))
+    init={"exp_avgs": _zeros, "hessian_diags": _positive})
 
-OPTIMIZERS: Dict[str, Opt] = {o.name: o for o in [SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA]}
+# Lion's step is lr*sign(c): the float32 gradients are kept where c is not near 0 (see
+# Problem._well_conditioned). Its momentum starts from random values, so the first step
+# already mixes both.
+LION = Opt(
+    _specs.OPTIMIZERS["lion"], base=dict(lr=0.01),
+    grid=_grid(weight_decay=[0.0, 0.1], maximize=[False, True], l1=[0.0, 1e-3])
+    + [dict(beta1=0.5, beta2=0.9), dict(beta1=0.0, beta2=0.0)],
+    representative=[dict(), dict(beta1=0.5, beta2=0.9, weight_decay=0.1, maximize=True,
+                             l1=1e-3)],
+    init={"exp_avgs": _normal})
+
+OPTIMIZERS: Dict[str, Opt] = {o.name: o for o in [SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA,
+                                                   LION]}
+assert list(OPTIMIZERS) == list(_specs.OPTIMIZERS), "every optimizer of fastopt's table"
 
 
 def opt_cases(which: str = "grid") -> List[Any]:
@@ -368,23 +398,36 @@ class Problem:
         """Fresh NumPy gradients of ``dtype`` (``param_dtype`` if set)."""
         grads = [normal_nonzero(rng, s) for s in self.shapes]
         if self.dtype == np.float32:
-            grads = [self._well_conditioned(g, p) for g, p in zip(grads, self.cpu_params)]
+            grads = [self._well_conditioned(g, i) for i, g in enumerate(grads)]
         return [self._stored(g.astype(self.dtype)) for g in grads]
 
-    def _well_conditioned(self, g: np.ndarray, p: np.ndarray) -> np.ndarray:
-        """Keeps float32 gradients off the ill-conditioned set where coupled weight decay
-        cancels them: g' = g + wd*p with |g'| << |g|. There float32 evaluates g' with a large
-        relative error (any implementation, torch's too: fastopt equals a float32 NumPy
-        emulation bit for bit), and RMSprop/Adam map the tiny g' to an O(1) step
-        (g'/(c*|g'| + eps)), so no float32 result is within a tolerance of the float64
-        reference. Such elements occur ~once per 10**6 per step; moving g by 0.01 where
-        |g'| < 1e-3 removes them and leaves the gradients otherwise standard normal."""
+    def _well_conditioned(self, g: np.ndarray, i: int) -> np.ndarray:
+        """Keeps float32 gradient ``g`` of tensor ``i`` off the sets where no float32
+        result is within a tolerance of the float64 reference (any implementation, torch's
+        too: fastopt equals a float32 NumPy emulation bit for bit):
+
+        - where coupled weight decay cancels it: g' = g + wd*p with |g'| << |g|. There
+          float32 evaluates g' with a large relative error, and RMSprop/Adam map the tiny
+          g' to an O(1) step (g'/(c*|g'| + eps)). Such elements occur ~once per 10**6 per
+          step; moving g by 0.01 where |g'| < 1e-3 removes them.
+        - Lion: where c = beta1*m + (1-beta1)*g is near 0, float32 may round it to the
+          other sign, and the step lr*sign(c) flips. Moving g by 0.01/(1-beta1) where
+          |c| < 1e-3 moves c by 0.01.
+
+        Otherwise the gradients stay standard normal."""
+        maximize = self.hyper.get("maximize", False)
+        g_eff = -g if maximize else g
+        if self.opt.name == "lion":
+            beta1 = self.hyper.get("beta1", self.opt.spec.defaults()["beta1"])
+            m = self.cpu_state["exp_avgs"][i].astype(np.float64)
+            c = beta1 * m + (1.0 - beta1) * g_eff
+            return np.where(np.abs(c) < 1e-3, g + 0.01 / (1.0 - beta1), g)
         wd = self.hyper.get("weight_decay", 0.0)
         decoupled = self.hyper.get("decoupled_weight_decay",
                                    self.opt.ref_extra.get("decoupled_weight_decay", False))
         if not wd or decoupled or self.opt.name == "sophia":  # Sophia's decay is decoupled
             return g
-        eff = (-g if self.hyper.get("maximize", False) else g) + wd * p.astype(np.float64)
+        eff = g_eff + wd * self.cpu_params[i].astype(np.float64)
         return np.where(np.abs(eff) < 1e-3, g + 0.01, g)
 
     def _pack(self, arrays: List[Any]) -> Any:

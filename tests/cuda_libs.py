@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _build
+from fastopt import _ext
 
 try:
     import ml_dtypes
@@ -268,7 +268,7 @@ def open_lib(name: str):
     """The adapter of library ``name`` ("cupy" or "torch"), made once; skips the calling
     test where CUDA is not usable or the library is missing."""
     if not fastopt.cuda_available():
-        pytest.skip(_build.cuda_unavailable_reason())
+        pytest.skip(_ext.cuda_unavailable_reason())
     return {"torch": TorchLib, "cupy": CupyLib}[name].open()
 
 

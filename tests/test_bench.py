@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _build
+from fastopt import _ext
 from fastopt.bench import common as bench_common
 from fastopt.bench import gpu as bench_gpu
 
@@ -73,7 +73,7 @@ def test_bench_cuda_is_skipped_with_its_reason_without_a_gpu(tmp_path):
     why = report["cuda_skipped"]
     assert why and why in proc.stdout
     if not report["machine"]["cuda"]["usable"]:
-        assert why == _build.cuda_unavailable_reason()
+        assert why == _ext.cuda_unavailable_reason()
     assert "ceiling_cuda" not in report and not report.get("cases")
 
 
@@ -114,7 +114,7 @@ def test_bench_gpu_rows_pass_their_checks(tmp_path, only, kinds):
 @pytest.fixture
 def stand_in_gpu(monkeypatch):
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(_build, "cuda_unavailable_reason", lambda: "")
+    monkeypatch.setattr(_ext, "cuda_unavailable_reason", lambda: "")
     monkeypatch.setattr(fastopt.bench, "_device_arrays", lambda: (bench_gpu.TorchArrays(torch, "cpu"), ""))
     monkeypatch.setattr(bench_gpu.GpuBench, "big_log2", lambda self: 12)
     layouts = bench_gpu.GpuBench.layouts

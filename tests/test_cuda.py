@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _arrays, _build
+from fastopt import _arrays, _ext
 
 from backends import CudaBackend, assert_bits
 from conftest import (OPTIMIZERS, STEPS, Call, Problem, assert_same_optimizer, class_step,
@@ -453,9 +453,9 @@ def test_stream_with_host_arrays_is_rejected(kind, stream):
 
 
 def test_plan_starts_empty():
-    if _build._cuda is None:
+    if _ext._cuda is None:
         pytest.skip("fastopt._cuda is not built")
-    plan = _build._cuda.Plan()
+    plan = _ext._cuda.Plan()
     assert plan.launches == 0 and plan.num_tensors == 0
 
 
