@@ -6,16 +6,17 @@ adapter) are applied by the modules that own them (_runtime, _arrays)."""
 from __future__ import annotations
 
 import functools
+import importlib
 from types import ModuleType
 from typing import Any, Dict, Optional
 
-from . import _cpu
+from . import _cpu  # type: ignore[attr-defined]  # (a compiled module; no stub yet)
 
 _cuda: Optional[ModuleType]
-try:
-    from . import _cuda  # type: ignore[attr-defined,no-redef]
+try:  # by name: "from . import _cuda" would report a missing module as a circular import
+    _cuda = importlib.import_module(f"{__package__}._cuda")
     _cuda_import_error: Optional[str] = None
-except ImportError as exc:  # built without CUDA, or the module cannot load
+except ImportError as exc:  # built without CUDA ("No module named"), or it cannot load
     _cuda = None
     _cuda_import_error = str(exc)
 

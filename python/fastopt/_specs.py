@@ -239,10 +239,10 @@ EMA = OptimizerSpec(
 
 def binding_mismatches(spec: OptimizerSpec, described: Mapping[str, Any]) -> List[str]:
     """Where ``spec`` disagrees with a compiled module's description of its kernel
-    (``fastopt._cpu.optimizers()[spec.kernel]``: roles as (name, kind, written), hyper
-    field names, takes_step); empty when they agree."""
+    (``fastopt._cpu.optimizers()[spec.kernel]``: roles as (name, kind, written, optional),
+    hyper field names, takes_step); empty when they agree."""
     out = []
-    roles = [(a.name, a.kind, a.written) for a in spec.arrays]
+    roles = [(a.name, a.kind, a.written, a.optional) for a in spec.arrays]
     bound = [tuple(r) for r in described["roles"]]
     if roles != bound:
         out.append(f"{spec.name}: arrays {roles} != the kernel's {bound}")

@@ -22,7 +22,6 @@ optimizer classes pass their cached ``fastopt._cuda.Plan``.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,35 +37,14 @@ __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "lion_"
 # types, whose equal values validate alike (True == 1 == 1.0 is why the types are in the key).
 _CACHEABLE = frozenset({float, int, bool})
 _CACHE_SIZE = 256
+_NDARRAY = np.ndarray
 
 
 class Checked(NamedTuple):
     """What a tuple of hyper-parameters validates to."""
-    kw: Dict[str, Any]                  # the kernel's keywords, fixed ones included, no step
-    cpu_args: Optional[Tuple[Any, ...]]  # the same, in the CPU kernel's positional order
+    kw: Dict[str, Any]                   # the kernel's keywords, fixed ones included, no step
     needed: Tuple[Tuple[int, str], ...]  # (index, message) of each optional array needed
-    unused: Tuple[int, ...]             # indices of the optional arrays left unused
-
-
-def _positional_order(kernel: Any, spec: OptimizerSpec) -> Optional[Tuple[str, ...]]:
-    """The hyper-parameters in the order the compiled ``kernel`` takes them positionally
-    after the arrays and ``listed`` (step last, if it takes one), read from its pybind11
-    signature line; None if that line does not say so exactly (keywords are used then).
-    A positional call skips pybind11's keyword matching: half of a small step's cost."""
-    match = re.match(rf"{spec.kernel}\((.*)\) -> None$", (kernel.__doc__ or "").split("\n")[0])
-    if match is None or "*" in match.group(1):
-        return None
-    names = tuple(re.findall(r"(\w+):", match.group(1)))
-    roles = tuple(a.name for a in spec.arrays) + ("listed",)
-    order = names[len(roles):]
-    expected = set(spec.hyper) | set(spec.fixed) | ({"step"} if spec.takes_step else set())
-    if names[:len(roles)] != roles or set(order) != expected or \
-            (spec.takes_step and order[-1] != "step"):
-        return None
-    return order[:-1] if spec.takes_step else order
-
-
-_NO_EXTRA: Dict[str, Any] = {}  # the CPU module's kernels take no stream or plan
+    unused: Tuple[int, ...]              # indices of the optional arrays left unused
 
 
 class StepKernel:
@@ -75,58 +53,58 @@ class StepKernel:
     into aligned lists, picks the compiled module by where the params live and calls the
     spec's kernel. The functional steps and the optimizer classes both run through it."""
 
+    __slots__ = ("spec", "kernel", "names", "takes_step", "cpu_kernel", "_checked")
+
     def __init__(self, spec: OptimizerSpec):
         self.spec = spec
         self.kernel = spec.kernel
         self.names = tuple(a.name for a in spec.arrays)
         self.takes_step = spec.takes_step
-        cpu_kernel = getattr(_ext._cpu, spec.kernel, None)
-        self.cpu_order = None if cpu_kernel is None else _positional_order(cpu_kernel, spec)
+        self.cpu_kernel = getattr(_ext._cpu, spec.kernel)
         self._checked: Dict[Any, Checked] = {}  # (hyper tuple, its types) -> Checked
 
-    def __call__(self, arrays: List[Any], hyper: Tuple[Any, ...], step: Any, stream: Any,
-                 plan: Any) -> None:
+    def run(self, arrays: List[Any], hyper: Tuple[Any, ...], step: Any, stream: Any,
+            plan: Any) -> None:
         """One step: ``arrays`` in binding order (None for an optional one not given),
-        ``hyper`` the values in the spec's order, ``step`` (when the spec takes it)."""
+        ``hyper`` the values in the spec's order, ``step`` (when the spec takes it).
+        Written for a small step's cost (loops, not comprehensions: Python 3.11 calls a
+        function per comprehension)."""
         try:
             checked = self._checked.get((hyper, tuple(map(type, hyper))))
         except TypeError:  # an unhashable value: the full check names it
             checked = None
-        if checked is None:
-            checked = self._check(hyper)
+        kw, needed, unused = self._check(hyper) if checked is None else checked
         if self.takes_step and (type(step) is not int or step < 1):
             step = step_count(step)
-        for i, message in checked.needed:
+        for i, message in needed:
             if arrays[i] is None:
                 raise ValueError(message)
-        for i in checked.unused:
+        for i in unused:
             arrays[i] = None
-        # as_list's checks and messages, without its call for a list or a NumPy array
-        if isinstance(arrays[0], (list, tuple)):
-            listed = True
-            lists = [a if type(a) is list or a is None else as_list(name, a, True)
-                     for name, a in zip(self.names, arrays)]
+        # The lists as_list makes, calling it only for what is not a list or a NumPy array.
+        lists: List[Optional[List[Any]]] = []
+        append = lists.append
+        listed = isinstance(arrays[0], (list, tuple))
+        if listed:
+            for name, a in zip(self.names, arrays):
+                append(a if type(a) is list or a is None else as_list(name, a, True))
         else:
-            listed = False
-            lists = [[a] if type(a) is np.ndarray else a if a is None else as_list(name, a, False)
-                     for name, a in zip(self.names, arrays)]
+            for name, a in zip(self.names, arrays):
+                append([a] if type(a) is _NDARRAY else a if a is None else as_list(name, a, False))
         first = lists[0]
-        if checked.cpu_args is not None and stream is None and first and \
-                type(first[0]) is np.ndarray:
-            kernel = getattr(_ext._cpu, self.kernel)
+        if stream is None and first and type(first[0]) is _NDARRAY:  # the CPU, as launch()
             if self.takes_step:
-                kernel(*lists, listed, *checked.cpu_args, step)
+                self.cpu_kernel(*lists, listed, step=step, **kw)
             else:
-                kernel(*lists, listed, *checked.cpu_args)
-            return
-        self.launch(lists, listed, checked.kw, step, stream, plan)
+                self.cpu_kernel(*lists, listed, **kw)
+        else:
+            self.launch(lists, listed, kw, step, stream, plan)
 
     def _check(self, hyper: Tuple[Any, ...]) -> Checked:
         spec = self.spec
         values = spec.kernel_hyper(spec.validate(dict(zip(spec.hyper, hyper))))
         checked = Checked(
             kw=values,
-            cpu_args=None if self.cpu_order is None else tuple(values[k] for k in self.cpu_order),
             needed=tuple((i, f"{a.name}: required when {a.needed_when}")
                          for i, a in enumerate(spec.arrays) if a.optional and a.used(values)),
             unused=tuple(i for i, a in enumerate(spec.arrays) if not a.used(values)))
@@ -142,11 +120,7 @@ class StepKernel:
         """The kernel on prepared lists (None for an unused optional array) with validated
         keywords ``kw`` and ``step`` (passed when the spec takes it), on the device of the
         params (``lists[0]``)."""
-        first = lists[0]
-        if stream is None and first and type(first[0]) is np.ndarray:
-            kernels, extra = _ext._cpu, _NO_EXTRA
-        else:
-            kernels, extra = _arrays.backend(first or [], stream, plan)
+        kernels, extra = _arrays.backend(lists[0] or [], stream, plan)
         if self.takes_step:
             getattr(kernels, self.kernel)(*lists, listed, step=step, **kw, **extra)
         else:
@@ -154,9 +128,10 @@ class StepKernel:
 
 
 STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZERS.items()}
+# The bound runs the functions below call (a bound method is the cheapest call).
 _SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION = (
-    STEPS[n] for n in ("sgd", "adagrad", "rmsprop", "adam", "adamw", "sophia", "lion"))
-_EMA = StepKernel(EMA)
+    STEPS[n].run for n in ("sgd", "adagrad", "rmsprop", "adam", "adamw", "sophia", "lion"))
+_EMA = StepKernel(EMA).run
 
 
 def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: Optional[ArrayOrList] = None,
@@ -303,10 +278,9 @@ def _check_against_table() -> None:
                 for m in _signature_mismatches(globals()[f"{name}_"], spec)]
     problems += _signature_mismatches(ema_, EMA)
     for module in (_ext._cpu, _ext._cuda):
-        describe = getattr(module, "optimizers", None)
-        if describe is None:
+        if module is None:
             continue
-        described = describe()
+        described = module.optimizers()
         for spec in OPTIMIZERS.values():
             if spec.kernel not in described:
                 problems.append(f"{spec.name}: {module.__name__} has no kernel {spec.kernel!r}")

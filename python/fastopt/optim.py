@@ -57,6 +57,7 @@ class Optimizer:
             for name in used}
         self._state_lists = self._kernel_state(used)
         self._last_stream: Any = None  # GPU: the stream the last step was queued on
+        self._step = 0
         self.zero_state()
 
     # -- hyper-parameters ----------------------------------------------------------------

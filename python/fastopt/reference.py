@@ -30,6 +30,7 @@ def sgd(p: np.ndarray, g: np.ndarray, buf: Optional[np.ndarray], *, lr: float,
     if weight_decay != 0.0:
         g = g + weight_decay * p
     if momentum != 0.0:
+        assert buf is not None, "momentum > 0 needs buf"
         if step == 1:
             buf[...] = g
         else:
@@ -63,11 +64,13 @@ def rmsprop(p: np.ndarray, g: np.ndarray, square_avg: np.ndarray,
         g = g + weight_decay * p
     square_avg[...] = alpha * square_avg + (1.0 - alpha) * g * g
     if centered:
+        assert grad_avg is not None, "centered needs grad_avg"
         grad_avg[...] = alpha * grad_avg + (1.0 - alpha) * g
         avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
     else:
         avg = np.sqrt(square_avg) + eps
     if momentum != 0.0:
+        assert momentum_buffer is not None, "momentum > 0 needs momentum_buffer"
         momentum_buffer[...] = momentum * momentum_buffer + g / avg
         p -= lr * momentum_buffer
     else:
@@ -91,6 +94,7 @@ def adam(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarr
     exp_avg_sq[...] = beta2 * exp_avg_sq + (1.0 - beta2) * g * g
     second = exp_avg_sq
     if amsgrad:
+        assert max_exp_avg_sq is not None, "amsgrad needs max_exp_avg_sq"
         np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         second = max_exp_avg_sq
     bias_correction1 = 1.0 - beta1 ** step

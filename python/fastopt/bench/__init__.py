@@ -31,7 +31,7 @@ import time
 import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import _runtime
+from .. import _ext, _runtime
 from .common import (OPTIMIZERS, Row, _cases, _import_torch, _print_rows, _row_json,
                      _run_cases)
 from .cpu import CpuBench
@@ -98,9 +98,7 @@ def run(argv_options: Any) -> int:
         elif show:
             print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
-    from .._ext import cuda_status, cuda_unavailable_reason
-
-    cuda = cuda_status()
+    cuda = _ext.cuda_status()
     devices = ["cpu", "cuda"] if argv_options.device == "all" else [argv_options.device]
     names = [n for n in OPTIMIZERS if only is None or n in only]
     rows: List[Row] = []
@@ -108,7 +106,7 @@ def run(argv_options: Any) -> int:
     result: Dict[str, Any] = {"machine": _machine(cuda), "quick": argv_options.quick}
     gpu_arrays: Optional[DeviceArrays] = None
     if "cuda" in devices:
-        why = cuda_unavailable_reason()
+        why = _ext.cuda_unavailable_reason()
         if not why:
             gpu_arrays, why = _device_arrays()
         if why:

@@ -9,7 +9,8 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Type,
+                    TypeVar)
 
 import numpy as np
 
@@ -135,6 +136,9 @@ class Row:
         if "fastopt" not in self.times_ms or not peers:
             return None
         return min(peers) / self.times_ms["fastopt"]
+
+
+R = TypeVar("R", bound=Row)
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -285,7 +289,7 @@ def _torch_per_tensor_peer(torch: Any, name: str, tx: Any) -> Tuple[str, Callabl
             lambda: torch.quantize_per_tensor(tx, scale, zp, torch.qint8))
 
 
-def _newton_row(n: int, systems: int, device: str, row_type: Type[Row] = Row) -> Row:
+def _newton_row(n: int, systems: int, device: str, row_type: Type[R]) -> R:
     """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
     return row_type(f"newton n={n} x{systems}", device, 4 * (n * n + 3 * n), systems, 1)
 
@@ -322,14 +326,13 @@ def _cases(bench: Any, names: List[str],
            only: Optional[set]) -> List[Tuple[str, Callable[[], Row]]]:
     """The selected cases of a CpuBench or GpuBench: optimizers `names` on every layout,
     then int8 and Newton unless `only` leaves them out."""
-    layouts = bench.layouts()
-    cases = [(f"{n} {lay}", lambda s=OPTIMIZERS[n], lay=lay, shapes=shapes:
-              bench.optimizer_case(s, lay, shapes))
-             for n in names for lay, shapes in layouts]
+    cases: List[Tuple[str, Callable[[], Row]]] = [
+        (f"{n} {lay}", functools.partial(bench.optimizer_case, OPTIMIZERS[n], lay, shapes))
+        for n in names for lay, shapes in bench.layouts()]
     if only is None or "quant" in only:
-        cases += [(f"int8 {q}", lambda q=q: bench.quant_case(q)) for q in QUANT_CASES]
+        cases += [(f"int8 {q}", functools.partial(bench.quant_case, q)) for q in QUANT_CASES]
     if only is None or "newton" in only:
-        cases += [(f"newton n={n}", lambda n=n, b=b: bench.newton_case(n, b))
+        cases += [(f"newton n={n}", functools.partial(bench.newton_case, n, b))
                   for n, b in NEWTON_CASES]
     return cases
 
@@ -368,15 +371,15 @@ def _format_table(rows: List[Row], ceiling_gbs: float) -> str:
             lines.append([r.case, str(r.bytes_per_element), r.check])
             continue
         peers = {k: t for k, t in r.times_ms.items() if not k.startswith("fastopt")}
-        best = min(peers, key=peers.get) if peers else None
+        best = min(peers, key=peers.__getitem__) if peers else None
         sp = r.speedup_vs_best_peer()
         lines.append([r.case, str(r.bytes_per_element),
                       *[f"{r.times_ms[k]:.3f}" if k in r.times_ms else "-" for k in impls],
                       f"{r.pct_of_ceiling('fastopt', ceiling_gbs):.0f}%",
                       f"{r.pct_of_ceiling(best, ceiling_gbs):.0f}% ({best})" if best else "-",
                       f"{sp:.2f}x" if sp else "-"])
-    widths = [max(len(l[i]) for l in lines if i < len(l)) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(l)) for l in lines)
+    widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(line)) for line in lines)
 
 
 def _print_rows(rows: List[Row], ceiling_gbs: float) -> None:

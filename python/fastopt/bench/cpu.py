@@ -78,13 +78,13 @@ class CpuBench:
         """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
         if self.quick:
             systems //= 4
-        row = _newton_row(n, systems, "cpu")
+        row = _newton_row(n, systems, "cpu", Row)
         H, g, p = _spd_systems(self.rng, n, systems)
         failure = _newton_failure(cholesky_solve(H, g), _solve64(H, g))
         if failure:
             row.check = f"FAIL: {failure}"
             return row
-        fns: Dict[str, Callable[[], None]] = {"fastopt": lambda: newton_(p, g, H, lr=1e-3)}
+        fns: Dict[str, Callable[[], Any]] = {"fastopt": lambda: newton_(p, g, H, lr=1e-3)}
         fns["numpy.linalg.solve"] = lambda: np.linalg.solve(H, g[..., None])
         if self.torch is not None:
             fns.update(_torch_solvers(self.torch, self.torch.from_numpy(H),

@@ -157,6 +157,11 @@ def _try_peer(fns: Dict[str, Callable[[], Any]], row: Row, name: str,
     fns[name] = fn
 
 
+def _made(fn: Callable[[], Any]) -> Callable[[], Callable[[], Any]]:
+    """The maker _try_peer takes, for a peer that is made already."""
+    return lambda: fn
+
+
 class _TimeLimit(BaseException):
     """Raised by SIGALRM into the code under _time_limit (a BaseException, so that library
     code catching Exception does not swallow it)."""
@@ -247,6 +252,30 @@ class DeviceArrays:
     name = ""
     version = ""
     on_gpu = True
+
+    def standard_normal(self, shape: Tuple[int, ...]) -> Any:
+        raise NotImplementedError
+
+    def empty(self, n: int) -> Any:
+        raise NotImplementedError
+
+    def from_numpy(self, a: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def copy(self, dst: Any, src: Any) -> None:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        raise NotImplementedError
+
+    def event(self) -> Any:
+        raise NotImplementedError
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        raise NotImplementedError
+
+    def free_bytes(self) -> int:
+        raise NotImplementedError
 
     def release(self) -> None:
         """Return cached blocks to the device (between cases)."""
@@ -455,7 +484,7 @@ class GpuBench:
         one = f"1x2^{k}" + (" (sized down)" if why else "")
         self.kinds = {one: "one", "gpt2-small": "gpt2-small", "1000x4096": "many"}
         self.sized_down = {one: why} if why else {}
-        layouts = [(one, [(1 << k,)])]
+        layouts: List[Tuple[str, List[Tuple[int, ...]]]] = [(one, [(1 << k,)])]
         if not self.quick:
             layouts.append(("gpt2-small", gpt2_small_shapes()))
         return layouts + [("1000x4096", [(4096,)] * 1000)]
@@ -636,7 +665,7 @@ class GpuBench:
         torch = self.device_torch(row)
         if torch is not None:
             for peer, fn in _torch_solvers(torch, Hd, gd[..., None]).items():
-                _try_peer(fns, row, peer, lambda fn=fn: fn)
+                _try_peer(fns, row, peer, _made(fn))
         cupy = self.cupy
         if cupy is None:
             row.notes["cupy"] = self.cupy_why
