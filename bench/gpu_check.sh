@@ -1,40 +1,64 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine (no network needed). In order: record the machine; build
-# and install fastopt from this checkout (CUDA for one architecture); `python -m fastopt
-# info`; the tests marked cuda; the GPU benchmark; bench/sanitize_small.py plain, then under
-# compute-sanitizer memcheck and racecheck; and -- time allowing -- the rest of the test
-# suite. Every stage runs whatever happened before; the summary says which passed, and the
-# exit status is 1 if any failed (2: bad usage).
+# The GPU check, in two calls of the lent GPU machine (each fits one `run`; together with one
+# machine start they fit a 15-minute device budget). No network is needed there.
 #
-#   bash bench/gpu_check.sh OUTDIR
+#   bash bench/gpu_check.sh check OUTDIR   # call 1 (7.5 min): install, preflight, the tests
+#                                          # marked cuda (8 workers), bench/sanitize_small.py
+#                                          # plain, under memcheck and under racecheck
+#   bash bench/gpu_check.sh bench OUTDIR   # call 2 (4.5 min): install, preflight, the full
+#                                          # GPU bench: table, JSON, plot
 #
-# OUTDIR gets: summary.txt, env.txt, nvidia-smi.txt, build.log, info.txt, info.json,
-# tests_cuda.log, sanitize_plain.log, memcheck.log, racecheck.log, bench_gpu.txt,
-# bench_gpu.stderr, bench_gpu.json, bench_gpu.png, tests_rest.log.
+# Before: build the wheel here, on the machine without a GPU (about 2 minutes):
+#   bash bench/build_gpu_wheel.sh          # -> .gpu/ (git-ignored, so it travels only carried)
+# The two `run` calls (issue call 2 right after call 1 returns: the machine stays warm for
+# 30 s, and a fresh start costs 1-2 minutes of device time; give_back after call 2):
+#   run(command="bash bench/gpu_check.sh check $OUT", carry=[".gpu"], timeout_s=510)
+#   run(command="bash bench/gpu_check.sh bench $OUT", carry=[".gpu"], timeout_s=330)
+# start (1-2 min) + 7.5 + 4.5 min: inside the 15 minutes.
+# To re-run failures only, name them (node ids as in failures.log), e.g.
+#   run(command="TESTS_ARGS='tests/test_cuda.py::test_plan_starts_empty' bash bench/gpu_check.sh check $OUT", ...)
 #
-# Environment (all optional): PYTHON (python3), CUDA_ARCH (90), GPU_CHECK_BUDGET_S (510:
-# the stages are cut to fit in it, the optional last one first), BENCH_ARGS (extra bench
-# options, e.g. "--quick" or "--only adamw"), FASTOPT_SANITIZE_LIBS ("torch,cupy": the
-# array libraries sanitize_small.py uses), TESTS_CUDA_S (180) and BENCH_S (240): the
-# longest those two stages may take; STAGES (tests,bench,sanitize,rest: the optional
-# stages to run, e.g. STAGES=bench to time only -- the build and info always run) and
-# TESTS_ARGS (tests/: what the CUDA test stage runs, e.g. "tests/test_cuda.py -k sgd" to
-# re-run the failures of a previous call).
+# Install: the wheel in .gpu/ with `pip install --no-deps --target`, if it was built from
+# the C++/CUDA sources and build files this checkout has (.gpu/SOURCE_HASH), with the Python
+# package copied over it from the checkout; otherwise (no wheel, other sources, or it does
+# not import) a build on the device into the same target directory (a few minutes).
+#
+# OUTDIR gets (at most 8 files each, so that all come back):
+#   check: summary.txt preflight.txt install.log tests_cuda.log failures.log
+#          sanitize_plain.log memcheck.log racecheck.log
+#   bench: summary.txt preflight.txt install.log bench_gpu.txt bench_gpu.stderr
+#          bench_gpu.json bench_gpu.png
+# Every log is written as the stage runs: a call killed at its limit still shows what ran.
+# failures.log holds each failing test's traceback the moment it fails, and the stacks of a
+# test stopped at TEST_TIMEOUT_S (bench/pytest_live_failures.py). The exit status is 1
+# if a stage failed, 2 on bad usage.
+#
+# Environment (all optional): PYTHON (python3), CUDA_ARCH (90: for the on-device build),
+# GPU_CHECK_BUDGET_S (check 450, bench 270: stages are cut to fit), TESTS_CUDA_S (300: the
+# test stage's cap), TEST_TIMEOUT_S (120: per test), TEST_WORKERS (8: pytest-xdist workers),
+# TESTS_ARGS (tests/: what the test stage runs), BENCH_ARGS (extra bench options, e.g.
+# "--only adamw"),
+# FASTOPT_SANITIZE_LIBS ("torch,cupy": the array libraries of sanitize_small.py).
 set -u -o pipefail
 
-if [ $# -ne 1 ]; then
-  echo "usage: $0 OUTDIR" >&2
+if [ $# -ne 2 ] || { [ "$1" != check ] && [ "$1" != bench ]; }; then
+  echo "usage: $0 check|bench OUTDIR" >&2
   exit 2
 fi
-mkdir -p "$1" || exit 2
-OUT=$(cd "$1" && pwd)
+MODE=$1
+mkdir -p "$2" || exit 2
+OUT=$(cd "$2" && pwd)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 
 PY=${PYTHON:-python3}
 ARCH=${CUDA_ARCH:-90}
-BUDGET=${GPU_CHECK_BUDGET_S:-510}
+if [ "$MODE" = check ]; then BUDGET=${GPU_CHECK_BUDGET_S:-450}; else BUDGET=${GPU_CHECK_BUDGET_S:-270}; fi
+SITE="${TMPDIR:-/tmp}/fastopt_gpu_site"
+# Seconds an on-device build leaves for the stages after it.
+if [ "$MODE" = check ]; then AFTER_BUILD=200; else AFTER_BUILD=120; fi
 START=$(date +%s)
+export PYTHONUNBUFFERED=1
 for d in /usr/local/cuda/bin /usr/local/cuda-13.0/bin; do
   if [ -d "$d" ]; then
     case ":$PATH:" in *":$d:"*) ;; *) PATH="$PATH:$d" ;; esac
@@ -56,12 +80,12 @@ record() {
   echo "== $1: $2${4:+ ($4)}   [$(elapsed)s elapsed]"
 }
 elapsed() { echo $(( $(date +%s) - START )); }
-# wants STAGE: whether STAGE is among those asked for.
-wants() { case ",${STAGES:-tests,bench,sanitize,rest}," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
-# limit CAP: seconds a stage may take -- CAP, or what is left of the budget.
+# limit CAP [RESERVE]: seconds a stage may take -- CAP, or what is left of the budget after
+# RESERVE seconds kept for the stages after it.
+# At least 1 (`timeout 0` would mean no limit).
 limit() {
-  local left=$(( BUDGET - $(elapsed) ))
-  if (( left < $1 )); then echo "$left"; else echo "$1"; fi
+  local left=$(( BUDGET - $(elapsed) - ${2:-0} ))
+  if (( left < 1 )); then echo 1; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi
 }
 # status RC: PASS, TIMEOUT or FAIL from an exit status of `timeout`.
 status() {
@@ -73,202 +97,178 @@ status() {
 }
 have_module() { "$PY" -c "import $1" >/dev/null 2>&1; }
 
-echo "gpu_check: $ROOT -> $OUT (budget ${BUDGET}s)"
+echo "gpu_check $MODE: $ROOT -> $OUT (budget ${BUDGET}s)"
 
-# ---- 0. the machine ----------------------------------------------------------------------
+# ---- 1. preflight: the machine ------------------------------------------------------------
 {
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "host: $(uname -a); cpus: $(nproc)"
   if command -v nvidia-smi >/dev/null 2>&1; then
-    timeout 30 nvidia-smi
-    echo
-    timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm,clocks.max.mem,power.limit,persistence_mode --format=csv
+    timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm,clocks.max.mem,power.limit --format=csv
   else
     echo "nvidia-smi: not found"
   fi
-} > "$OUT/nvidia-smi.txt" 2>&1
-{
-  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "host: $(uname -a)"
-  echo "cpus: $(nproc)"
-  free -g 2>/dev/null | head -2
-  echo "python: $(command -v "$PY") $("$PY" --version 2>&1)"
-  for m in numpy pytest hypothesis ml_dtypes cupy torch matplotlib pybind11 scikit_build_core; do
-    printf '%-18s %s\n' "$m" "$("$PY" -c "import $m; print(getattr($m, '__version__', 'present'))" 2>/dev/null || echo 'NOT INSTALLED')"
-  done
-  "$PY" -c "import torch; print('torch cuda:', torch.version.cuda, 'available:', torch.cuda.is_available())" 2>&1 | tail -1
+  echo "compute-sanitizer: $(command -v compute-sanitizer || echo 'not on PATH') $(timeout 30 compute-sanitizer --version 2>&1 | grep -i version | head -1)"
   echo "nvcc: $(nvcc --version 2>&1 | tail -2 | tr '\n' ' ')"
-  echo "cmake: $(cmake --version 2>&1 | head -1)"
-  echo "ninja: $(ninja --version 2>&1)"
-  echo "compute-sanitizer: $(command -v compute-sanitizer || echo 'not on PATH')"
-  echo "git: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null) $(git -C "$ROOT" status --porcelain 2>/dev/null | wc -l) changed files"
-} > "$OUT/env.txt" 2>&1
-MISSING=""
-for m in pytest hypothesis ml_dtypes cupy torch matplotlib; do
-  have_module "$m" || MISSING="$MISSING $m"
-done
-echo "gpu_check: not installed:${MISSING:- nothing}"
+  echo "python: $(command -v "$PY") $("$PY" --version 2>&1)"
+  timeout 60 "$PY" - <<'EOF' 2>&1
+import importlib
+for m in ["numpy", "pytest", "xdist", "pytest_timeout", "hypothesis", "ml_dtypes", "matplotlib",
+          "cupy", "torch"]:
+    try:
+        mod = importlib.import_module(m)
+        print(f"{m:15s} {getattr(mod, '__version__', 'present')}")
+    except Exception as exc:
+        print(f"{m:15s} NOT USABLE: {exc}")
+try:
+    import torch
+    print("torch: cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+except Exception:
+    pass
+try:
+    import cupy
+    print("cupy: runtime", cupy.cuda.runtime.runtimeGetVersion(), "driver",
+          cupy.cuda.runtime.driverGetVersion(), "devices", cupy.cuda.runtime.getDeviceCount())
+except Exception as exc:
+    print("cupy: not usable:", exc)
+EOF
+} 2>&1 | tee "$OUT/preflight.txt"
 
-# ---- 1. build and install ----------------------------------------------------------------
-SITE="${TMPDIR:-/tmp}/fastopt_gpu_check_site"  # used only if the environment cannot be
-                                               # installed into
-# Without pip: CMake directly, the modules and the Python sources into $SITE/fastopt.
-cmake_install() {
-  local pybind11_dir
-  pybind11_dir=$("$PY" -m pybind11 --cmakedir) || return 1
-  rm -rf "$SITE" && mkdir -p "$SITE/fastopt" || return 1
-  cmake -S . -B build/gpu_check -G Ninja -DCMAKE_BUILD_TYPE=Release -DFASTOPT_CUDA=ON \
-    -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -Dpybind11_DIR="$pybind11_dir" \
-    -DPython_EXECUTABLE="$(command -v "$PY")" || return 1
-  cmake --build build/gpu_check || return 1
-  cmake --install build/gpu_check --prefix "$SITE" || return 1
-  cp python/fastopt/*.py python/fastopt/py.typed "$SITE/fastopt/" 2>/dev/null || cp python/fastopt/*.py "$SITE/fastopt/"
+# ---- 2. install ----------------------------------------------------------------------------
+# fastopt_ok: imports from outside the checkout, with fastopt._cuda built.
+fastopt_ok() {
+  (cd / && PYTHONPATH="$SITE" "$PY" -c "import fastopt; assert fastopt.info()['cuda']['built'], fastopt.info()['cuda']")
 }
-
-build() {
-  local rc
+install() {
+  local whl want have rc pybind11_dir
+  whl=$(ls .gpu/fastopt-*-cp312-*.whl 2>/dev/null | head -1)
+  want=$(cat .gpu/SOURCE_HASH 2>/dev/null)
+  have=$(bash bench/build_gpu_wheel.sh --hash)
+  rm -rf "$SITE"
+  if [ -n "$whl" ] && [ "$want" = "$have" ]; then
+    echo "# the wheel $whl (sources $have): pip install --no-deps --target $SITE"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$whl" &&
+       cp -r python/fastopt/. "$SITE/fastopt/" && fastopt_ok; then
+      echo "# installed the wheel, the Python package copied over it from the checkout"
+      return 0
+    fi
+    echo "# the wheel did not install or import: building on the device"
+  elif [ -n "$whl" ]; then
+    echo "# the wheel was built from other sources ($want, this checkout: $have): building on the device"
+  else
+    echo "# no wheel in .gpu/ (bench/build_gpu_wheel.sh, carry .gpu): building on the device"
+  fi
   rm -rf "$SITE"
   export CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=$ARCH" FASTOPT_CUDA=ON
   export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-  if ! have_module pip; then
-    {
-      echo "# pip is not installed: cmake + ninja into $SITE"
-      timeout -k 10 "$(limit 330)" bash -c "$(declare -f cmake_install); PY='$PY' SITE='$SITE' ARCH='$ARCH' cmake_install"
-    } > "$OUT/build.log" 2>&1
-    rc=$?
-  else
-    {
-      echo "# CMAKE_ARGS=$CMAKE_ARGS FASTOPT_CUDA=ON $PY -m pip install --no-index --no-build-isolation --no-deps -v -e ."
-      timeout -k 10 "$(limit 330)" "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e .
-    } > "$OUT/build.log" 2>&1
-    rc=$?
-    if (( rc != 0 && rc != 124 && rc != 137 )) &&
-       grep -qiE "externally.managed|permission denied|read-only file system|not writ(e)?able" "$OUT/build.log"; then
-      # The environment cannot be written to: install into a directory of our own instead.
-      rm -rf "$SITE"
-      {
-        echo
-        echo "# retry into a target directory: pip install --target $SITE ."
-        timeout -k 10 "$(limit 300)" "$PY" -m pip install --no-index --no-build-isolation --no-deps -v --target "$SITE" .
-      } >> "$OUT/build.log" 2>&1
-      rc=$?
-    fi
+  if have_module pip; then
+    echo "# CMAKE_ARGS=$CMAKE_ARGS FASTOPT_CUDA=ON $PY -m pip install --no-build-isolation --no-deps --target $SITE ."
+    timeout -k 10 "$(limit 300 "$AFTER_BUILD")" "$PY" -m pip install --no-index --no-build-isolation \
+      --no-deps -v --target "$SITE" . || return
+  else  # CMake directly: the modules, then the whole Python package (fastopt/bench/ too)
+    echo "# pip is not installed: cmake + ninja into $SITE"
+    pybind11_dir=$("$PY" -m pybind11 --cmakedir) || return
+    mkdir -p "$SITE/fastopt" || return
+    timeout -k 10 "$(limit 300 "$AFTER_BUILD")" bash -c "
+      cmake -S . -B build/gpu_check -G Ninja -DCMAKE_BUILD_TYPE=Release -DFASTOPT_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES='$ARCH' -Dpybind11_DIR='$pybind11_dir' \
+        -DPython_EXECUTABLE='$(command -v "$PY")' &&
+      cmake --build build/gpu_check && cmake --install build/gpu_check --prefix '$SITE'" || return
+    cp -r python/fastopt/. "$SITE/fastopt/" || return
   fi
-  if (( rc == 0 )) && [ -d "$SITE/fastopt" ]; then
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-    echo "# installed into $SITE (PYTHONPATH)" >> "$OUT/build.log"
-  fi
-  if (( rc == 0 )); then
-    # Imported from outside the checkout, so that this is the installed package.
-    (cd / && "$PY" -c "import fastopt, json; s = fastopt.info()['cuda']; print('fastopt', fastopt.__version__, fastopt.__file__); print(json.dumps(s)); assert s['built'], 'fastopt._cuda was not built'") >> "$OUT/build.log" 2>&1
-    rc=$?
-    (( rc != 0 )) && { record build FAIL build.log "installed, but fastopt._cuda is missing"; return; }
-  fi
-  record build "$(status $rc)" build.log
+  fastopt_ok
 }
-build
-
-# ---- 2. info ------------------------------------------------------------------------------
-timeout -k 5 60 "$PY" -m fastopt info > "$OUT/info.txt" 2>&1
+install > "$OUT/install.log" 2>&1
 rc=$?
-timeout -k 5 60 "$PY" -m fastopt info --json > "$OUT/info.json" 2>>"$OUT/info.txt"
-if (( rc == 0 )) && timeout -k 5 60 "$PY" -c "import fastopt, sys; sys.exit(0 if fastopt.cuda_available() else 1)" 2>>"$OUT/info.txt"; then
-  record info PASS info.txt
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+how=$(grep -m1 -oE "installed the wheel|building on the device" "$OUT/install.log")
+record install "$(status $rc)" install.log "${how:-see install.log}"
+
+# ---- 3. preflight: fastopt -----------------------------------------------------------------
+USABLE=0
+(cd / && timeout -k 5 60 "$PY" -c "import fastopt, json; print('fastopt', fastopt.__version__, fastopt.__file__); print(json.dumps(fastopt.info(), indent=1))") 2>&1 |
+  tee -a "$OUT/preflight.txt" | grep -E '"(usable|reason|architectures|name|cpu_path)"|^fastopt|Error'
+(cd / && timeout -k 5 60 "$PY" -c "import fastopt, sys; sys.exit(0 if fastopt.cuda_available() else 1)") >/dev/null 2>&1 && USABLE=1
+if (( USABLE )); then
+  record cuda PASS preflight.txt "fastopt.cuda_available()"
 else
-  record info FAIL info.txt "CUDA not usable: see info.txt"
+  record cuda FAIL preflight.txt "CUDA not usable by fastopt: see preflight.txt; the GPU stages are skipped"
 fi
 
-# ---- 3. the CUDA tests -------------------------------------------------------------------
-# Test files importing an optional module that is missing at top level (not inside a try)
-# would fail to collect: leave them out. Other collection errors are reported, and the
-# tests that did collect still run.
-IGNORES=()
-IGNORED=""
-for m in hypothesis ml_dtypes; do
-  if ! have_module "$m"; then
-    for f in $(grep -lE "^(import|from)[[:space:]]+$m([[:space:].]|$)" tests/*.py 2>/dev/null); do
-      IGNORES+=("--ignore=$f")
-      IGNORED="$IGNORED $(basename "$f")"
-    done
+# ---- check: the CUDA tests -----------------------------------------------------------------
+run_tests() {
+  local t args=() summary rc
+  # Test files importing an optional module that is missing at top level would fail to
+  # collect: leave them out (the others still run).
+  local ignored=""
+  for m in hypothesis ml_dtypes; do
+    if ! have_module "$m"; then
+      for f in $(grep -lE "^(import|from)[[:space:]]+$m([[:space:].]|$)" tests/*.py 2>/dev/null); do
+        args+=("--ignore=$f")
+        ignored="$ignored $(basename "$f")"
+      done
+    fi
+  done
+  # The bench's own tests start whole benchmarks (torch.compile peers): call 2 runs the bench.
+  args+=(--ignore=tests/test_bench.py)
+  have_module xdist && args+=(-n "${TEST_WORKERS:-8}")
+  t=$(limit "${TESTS_CUDA_S:-300}" 200)  # 200 s kept for the sanitizer stages
+  if ! have_module pytest; then
+    echo "pytest is not installed" > "$OUT/tests_cuda.log"
+    record tests-cuda FAIL tests_cuda.log "pytest not installed"
+    return
   fi
-done
-PYTEST=(-m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors
-        ${IGNORES[@]+"${IGNORES[@]}"})
-t=$(limit "${TESTS_CUDA_S:-180}")
-if ! wants tests; then
-  record tests-cuda SKIP tests_cuda.log "not in STAGES"
-elif ! have_module pytest; then
-  echo "pytest is not installed" > "$OUT/tests_cuda.log"
-  record tests-cuda SKIP tests_cuda.log "pytest not installed"
-elif (( t < 30 )); then
-  record tests-cuda "NOT RUN" tests_cuda.log "out of time (${t}s left)"
-else
+  if (( t < 30 )); then record tests-cuda "NOT RUN" tests_cuda.log "out of time (${t}s left)"; return; fi
+  : > "$OUT/failures.log"
   {
-    echo "# $PY ${PYTEST[*]} -m cuda ${TESTS_ARGS:-tests/}   (left out, a module missing:${IGNORED:- none})"
+    echo "# $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p pytest_live_failures ${args[*]} -m cuda ${TESTS_ARGS:-tests/}   (cap ${t}s; left out, a module missing:${ignored:- none})"
     # shellcheck disable=SC2086  # TESTS_ARGS is a list of arguments
-    timeout -k 10 "$t" "$PY" "${PYTEST[@]}" --durations=10 -m cuda ${TESTS_ARGS:-tests/}
+    # bench/pytest_live_failures.py: failures.log as tests fail, and the per-test limit
+    # (a test past it has its stacks logged and its worker ended; xdist goes on).
+    PYTHONPATH="$ROOT/bench:$PYTHONPATH" FASTOPT_FAILURES_LOG="$OUT/failures.log" \
+      FASTOPT_TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-120}" \
+      timeout -k 10 "$t" "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider \
+      -p pytest_live_failures --continue-on-collection-errors --durations=15 "${args[@]}" \
+      -m cuda ${TESTS_ARGS:-tests/}
   } > "$OUT/tests_cuda.log" 2>&1
   rc=$?
   summary=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/tests_cuda.log" | tail -1)
   if (( rc == 5 )); then
     record tests-cuda FAIL tests_cuda.log "no test marked cuda was collected"
+  elif (( rc == 124 || rc == 137 )); then
+    record tests-cuda TIMEOUT tests_cuda.log "stopped at ${t}s; $(grep -c '^==== FAILED' "$OUT/failures.log") failed before (failures.log)"
   else
-    record tests-cuda "$(status $rc)" tests_cuda.log "$summary${IGNORED:+; left out:$IGNORED}"
+    record tests-cuda "$(status $rc)" tests_cuda.log "$summary${ignored:+; left out:$ignored}"
   fi
-fi
+}
 
-# ---- 4. the GPU benchmark ----------------------------------------------------------------
-t=$(limit "${BENCH_S:-240}")
-if ! wants bench; then
-  record bench SKIP bench_gpu.txt "not in STAGES"
-elif (( t < 60 )); then
-  record bench "NOT RUN" bench_gpu.txt "out of time (${t}s left)"
-else
-  # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-  timeout -k 10 "$t" "$PY" -m fastopt bench --device cuda --json "$OUT/bench_gpu.json" \
-    --plot "$OUT/bench_gpu.png" --progress ${BENCH_ARGS:-} > "$OUT/bench_gpu.txt" 2> "$OUT/bench_gpu.stderr"
-  rc=$?
-  if (( rc == 0 )) && grep -q "cuda: skipped" "$OUT/bench_gpu.txt"; then
-    record bench FAIL bench_gpu.txt "$(grep -m1 'cuda: skipped' "$OUT/bench_gpu.txt")"
-  else
-    record bench "$(status $rc)" bench_gpu.txt "$(grep -cE '(FAIL|ERROR):' "$OUT/bench_gpu.txt") failing rows"
-  fi
-fi
-
-# ---- 5. compute-sanitizer ----------------------------------------------------------------
+# ---- check: compute-sanitizer --------------------------------------------------------------
 SAN=$(command -v compute-sanitizer 2>/dev/null || true)
 for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
   [ -z "$SAN" ] && [ -x "$c" ] && SAN=$c
 done
-t=$(limit 60)
-if ! wants sanitize; then
-  record sanitize-plain SKIP sanitize_plain.log "not in STAGES"
-elif (( t < 20 )); then
-  record sanitize-plain "NOT RUN" sanitize_plain.log "out of time (${t}s left)"
-else
+sanitize_plain() {
+  local t rc
+  t=$(limit 45 150)
+  if (( t < 15 )); then record sanitize-plain "NOT RUN" sanitize_plain.log "out of time"; return; fi
   # The same script without a sanitizer: its own checks (parity with the CPU kernels).
   timeout -k 10 "$t" "$PY" bench/sanitize_small.py > "$OUT/sanitize_plain.log" 2>&1
   rc=$?
   record sanitize-plain "$(status $rc)" sanitize_plain.log "$(tail -1 "$OUT/sanitize_plain.log")"
-fi
-
-# sanitizer TOOL LOG CAP: bench/sanitize_small.py under compute-sanitizer --tool TOOL.
+}
+# sanitizer TOOL LOG CAP RESERVE: bench/sanitize_small.py under compute-sanitizer --tool TOOL.
 sanitizer() {
-  local tool=$1 log=$2 cap=$3 t rc line errors
-  t=$(limit "$cap")
-  if ! wants sanitize; then
-    record "$tool" SKIP "$log" "not in STAGES"
-    return
-  fi
+  local tool=$1 log=$2 t rc line errors
+  t=$(limit "$3" "$4")
   if [ -z "$SAN" ]; then
     echo "compute-sanitizer not found (PATH, /usr/local/cuda/bin)" > "$OUT/$log"
     record "$tool" FAIL "$log" "compute-sanitizer not found"
     return
   fi
-  if (( t < 30 )); then
-    record "$tool" "NOT RUN" "$log" "out of time (${t}s left)"
-    return
-  fi
+  if (( t < 20 )); then record "$tool" "NOT RUN" "$log" "out of time (${t}s left)"; return; fi
   {
-    echo "# $SAN --tool $tool --error-exitcode 99 $PY bench/sanitize_small.py"
+    echo "# $SAN --tool $tool --error-exitcode 99 $PY bench/sanitize_small.py   (cap ${t}s)"
     timeout -k 10 "$t" "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 100 \
       "$PY" bench/sanitize_small.py
   } > "$OUT/$log" 2>&1
@@ -287,48 +287,53 @@ sanitizer() {
     record "$tool" PASS "$log" "$line"
   fi
 }
-sanitizer memcheck memcheck.log 120
-sanitizer racecheck racecheck.log 90
 
-# ---- 6. the rest of the suite, time allowing ---------------------------------------------
-t=$(limit 150)
-if ! wants rest; then
-  record tests-rest SKIP tests_rest.log "not in STAGES"
-elif ! have_module pytest; then
-  record tests-rest SKIP tests_rest.log "pytest not installed"
-elif (( t < 45 )); then
-  record tests-rest SKIP tests_rest.log "out of time (${t}s left)"
-else
-  {
-    echo "# $PY ${PYTEST[*]} -x -m 'not cuda and not slow' tests/"
-    timeout -k 10 "$t" "$PY" "${PYTEST[@]}" -x -m "not cuda and not slow" tests/
-  } > "$OUT/tests_rest.log" 2>&1
+# ---- bench: the full GPU benchmark ---------------------------------------------------------
+run_bench() {
+  local t rc
+  t=$(limit 270)
+  if (( t < 60 )); then record bench "NOT RUN" bench_gpu.txt "out of time (${t}s left)"; return; fi
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+  timeout -k 10 "$t" "$PY" -m fastopt bench --device cuda --json "$OUT/bench_gpu.json" \
+    --plot "$OUT/bench_gpu.png" --progress ${BENCH_ARGS:-} > "$OUT/bench_gpu.txt" 2> "$OUT/bench_gpu.stderr"
   rc=$?
-  summary=$(grep -E "(passed|failed|error|skipped)" "$OUT/tests_rest.log" | tail -1)
-  if (( rc == 124 || rc == 137 )) && grep -qE "^(FAILED|ERROR) |^E  " "$OUT/tests_rest.log"; then
-    record tests-rest FAIL tests_rest.log "a test failed before the time limit (${t}s)"
-  elif (( rc == 124 || rc == 137 )); then
-    # Optional stage: running out of time is not a failure, a failing test is.
-    record tests-rest SKIP tests_rest.log "stopped at the time limit (${t}s), no failure before it"
+  if (( rc == 0 )) && grep -q "cuda: skipped" "$OUT/bench_gpu.txt"; then
+    record bench FAIL bench_gpu.txt "$(grep -m1 'cuda: skipped' "$OUT/bench_gpu.txt")"
   else
-    record tests-rest "$(status $rc)" tests_rest.log "$summary"
+    record bench "$(status $rc)" bench_gpu.txt "$(grep -cE '(FAIL|ERROR):' "$OUT/bench_gpu.txt") failing rows (cap ${t}s)"
+  fi
+}
+
+if (( USABLE )); then
+  if [ "$MODE" = check ]; then
+    run_tests
+    sanitize_plain
+    sanitizer memcheck memcheck.log 100 75
+    sanitizer racecheck racecheck.log 75 0
+  else
+    run_bench
   fi
 fi
 
-# ---- summary ------------------------------------------------------------------------------
+# ---- summary -------------------------------------------------------------------------------
 failed=0
 for s in "${STATES[@]}"; do
   case "$s" in PASS | SKIP) ;; *) failed=1 ;; esac
 done
 {
-  echo "gpu_check summary ($(elapsed)s; not installed:${MISSING:- nothing})"
-  grep -A1 "^name," "$OUT/nvidia-smi.txt" 2>/dev/null | tail -1 | sed 's/^/  gpu: /'
+  echo "gpu_check $MODE summary ($(elapsed)s of ${BUDGET}s)"
+  grep -A1 "^name," "$OUT/preflight.txt" 2>/dev/null | tail -1 | sed 's/^/  gpu: /'
   for i in "${!NAMES[@]}"; do
     printf '  %-15s %-8s %s\n' "${NAMES[$i]}" "${STATES[$i]}" "${NOTES[$i]}"
   done
   if [ -f "$OUT/bench_gpu.txt" ]; then
     echo
     grep -E "^(GPU|ceiling|parity)|NOT MET|: met$" "$OUT/bench_gpu.txt" | sed 's/^/  /'
+  fi
+  if [ -s "$OUT/failures.log" ]; then
+    echo
+    echo "---- failing tests ($(grep -c '^==== FAILED' "$OUT/failures.log"); tracebacks in failures.log) ----"
+    grep -E '^==== (FAILED|TIMEOUT)' "$OUT/failures.log" | head -n 40
   fi
   for i in "${!NAMES[@]}"; do
     case "${STATES[$i]}" in
@@ -346,6 +351,6 @@ done
     esac
   done
   echo
-  if (( failed )); then echo "gpu_check: FAILED"; else echo "gpu_check: all stages passed"; fi
+  if (( failed )); then echo "gpu_check $MODE: FAILED"; else echo "gpu_check $MODE: all stages passed"; fi
 } | tee "$OUT/summary.txt"
 exit "$failed"

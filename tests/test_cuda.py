@@ -308,6 +308,44 @@ def test_torch_param_data_swap_is_picked_up(torch_lib, rng):
     assert_bits(lib.to_host(old, sync=True), old_values, "the params' old memory", any_nan=True)
 
 
+def test_torch_param_restrided_in_place_is_seen(torch_lib, rng):
+    # `p.data = p.data.t()` keeps the data pointer and the size but makes the param
+    # non-contiguous: the cached plan must see it and refuse (as for a fresh call, changing
+    # nothing) rather than step the memory in storage order; transposed back, the steps go
+    # on bit-identical to the CPU's.
+    lib, torch = torch_lib, torch_lib.torch
+    shapes = [(33,), (6, 6), (5, 7)]  # square: the shape stays too
+    p0 = [normal_nonzero(rng, s).astype(np.float32) for s in shapes]
+    params = [torch.nn.Parameter(lib.to_device(p)) for p in p0]
+    gpu = fastopt.Adam(params, lr=0.01, amsgrad=True)
+    cpu = fastopt.Adam([p.copy() for p in p0], lr=0.01, amsgrad=True)
+
+    def step(t: int) -> None:
+        grads = [normal_nonzero(rng, s).astype(np.float32) for s in shapes]
+        gpu.step([lib.to_device(g) for g in grads])
+        cpu.step(grads)
+        assert_same_optimizer(CudaBackend(lib), gpu, cpu, f"after step {t}")
+
+    step(1)
+    for i in (1, 2):
+        steps = gpu.step_count
+        ptr = params[i].data_ptr()
+        params[i].data = params[i].data.t()
+        assert params[i].data_ptr() == ptr and not params[i].is_contiguous()
+        arrays = params + [a for v in gpu.state.values() for a in v]
+        before = [lib.to_host(a, sync=True) for a in arrays]
+        grads = [lib.to_device(normal_nonzero(rng, s).astype(np.float32)) for s in shapes]
+        with pytest.raises(ValueError, match=rf"params\[{i}\]: must be C-contiguous"):
+            gpu.step(grads)
+        for k, (a, b) in enumerate(zip(arrays, before)):
+            assert_bits(lib.to_host(a, sync=True), b, f"array #{k} after the refused step",
+                        any_nan=True)
+        assert gpu.step_count == steps
+        params[i].data = params[i].data.t()
+        assert params[i].data_ptr() == ptr and params[i].is_contiguous()
+        step(steps + 1)
+
+
 # ---- bad input ---------------------------------------------------------------------------
 
 BAD_SHAPES = [(5,), (3, 4), (7,)]
@@ -338,9 +376,9 @@ def _stream_with_host_arrays(c: Call, lib) -> Dict[str, Any]:
 # input every backend shares (dtypes, shapes, lengths, layouts, aliasing): test_bad_input.py.
 BAD_CASES = [
     ("grad-on-host", lambda c, lib: c["grads"].__setitem__(1, c.values("grads", 1)),
-     TypeError, r"grads\[1\]: is .*the params are CUDA arrays"),
+     TypeError, r"grads\[1\]: is a host array .*but this call runs on CUDA arrays"),
     ("state-on-host", lambda c, lib: c["exp_avg_sqs"].__setitem__(2, c.values("exp_avg_sqs", 2)),
-     TypeError, r"exp_avg_sqs\[2\]: is .*the params are CUDA arrays"),
+     TypeError, r"exp_avg_sqs\[2\]: is a host array .*but this call runs on CUDA arrays"),
     ("cuda-grad-host-params", _cuda_grad_host_rest, TypeError, r"grads\[1\]: is a CUDA array"),
     ("grad-int32", lambda c, lib: c["grads"].__setitem__(
         1, lib.to_device(np.zeros((3, 4), np.int32))), TypeError, r"grads\[1\]: dtype"),

@@ -1,13 +1,17 @@
-// Turns aligned Python lists of NumPy arrays (one list per role: params, grads, states...)
-// into the pointer table the CPU kernels walk, checking everything first so that a bad
-// call raises before any memory is touched. Done here, in C++, rather than in Python
+// Turns aligned Python lists of host arrays (one list per role: params, grads, states...;
+// NumPy arrays, torch CPU tensors, or what the array adapter views as NumPy) into the
+// pointer table the CPU kernels walk, checking everything first so that a bad call raises
+// before any memory is touched. Done here, in C++, rather than in Python
 // because a step over a thousand tensors must not pay microseconds per array.
 #pragma once
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 #include "bindings/overlap.h"
+#include "common/optim/descriptor.h"
 #include "cpu/multi_tensor.h"
 #include "cpu/optim_kernels.h"
 
@@ -20,7 +24,12 @@ struct RoleSpec {
   const char* name;  // the Python argument name, used in error messages
   py::handle list;   // a list of arrays, or None when the call does not use this role
   bool written;      // written arrays must be writeable and may not overlap anything
+  RoleKind kind;     // params/grads share the params' dtype; state is float32 for 16-bit
 };
+
+// Attribute names as interned strings, created once per call site.
+#define FASTOPT_HOST_ATTR(obj, name) \
+  (obj).attr([] { static py::handle n = PyUnicode_InternFromString(name); return n; }())
 
 class ArrayTable {
  public:
@@ -66,14 +75,110 @@ class ArrayTable {
     return listed_ ? std::string(role) + "[" + std::to_string(i) + "]" : std::string(role);
   }
 
-  static std::string shape_str(const py::detail::PyArray_Proxy* a) {
+  // What the kernel needs to know about one array, from a NumPy array or a torch CPU tensor.
+  struct HostArray {
+    void* data = nullptr;
+    cpu::DType dtype = cpu::DType::f32;
+    std::vector<int64_t> shape, strides;  // strides in elements
+    int64_t size = 1;
+    bool writeable = true, aligned = true;
+  };
+
+  static std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "(";
-    for (int d = 0; d < a->nd; ++d) s += std::to_string(a->dimensions[d]) + (a->nd == 1 ? "," : d + 1 < a->nd ? ", " : "");
+    for (size_t d = 0; d < shape.size(); ++d)
+      s += std::to_string(shape[d]) + (shape.size() == 1 ? "," : d + 1 < shape.size() ? ", " : "");
     return s + ")";
   }
 
-  void collect_role(const RoleSpec& role, int r, const RoleSpec& ref, size_t n) {
+  [[noreturn]] static void unsupported(const std::string& where, const std::string& dtype) {
+    throw py::type_error(where + ": dtype " + dtype +
+                         " is not supported (float32, float64, float16 or bfloat16)");
+  }
+
+  HostArray describe_numpy(PyObject* obj, const std::string& where_) const {
     using py::detail::npy_api;
+    const auto* a = py::detail::array_proxy(obj);
+    const auto* descr = py::detail::array_descriptor_proxy(a->descr);
+    HostArray h;
+    if (descr->type_num == npy_api::NPY_FLOAT_) h.dtype = cpu::DType::f32;
+    else if (descr->type_num == npy_api::NPY_DOUBLE_) h.dtype = cpu::DType::f64;
+    else if (descr->type_num == kNpyHalf) h.dtype = cpu::DType::f16;
+    else unsupported(where_, py::str(py::handle(a->descr)).cast<std::string>());
+    if (descr->byteorder == '>')
+      throw py::type_error(where_ + ": big-endian arrays are not supported");
+    h.data = a->data;
+    h.shape.assign(a->dimensions, a->dimensions + a->nd);
+    h.strides.resize(a->nd);
+    const int64_t item = cpu::element_size(h.dtype);
+    for (int d = 0; d < a->nd; ++d) {
+      h.size *= a->dimensions[d];
+      // a stride that is no multiple of the item size can never be dense: mark it -1
+      h.strides[d] = a->strides[d] % item == 0 ? a->strides[d] / item : -1;
+    }
+    h.writeable = a->flags & npy_api::NPY_ARRAY_WRITEABLE_;
+    h.aligned = a->flags & npy_api::NPY_ARRAY_ALIGNED_;
+    return h;
+  }
+
+  // A torch CPU tensor, read through its attributes (fastopt never imports torch; the
+  // types are taken from the torch module the caller imported). Other devices, sparse
+  // layouts and negative views are left to the adapter's messages or refused here.
+  HostArray describe_torch(PyObject* obj, const std::string& where_, bool written) const {
+    const TorchTypes& tt = *torch_types();
+    py::handle t(obj);
+    HostArray h;
+    const py::object dtype = FASTOPT_HOST_ATTR(t, "dtype");
+    int k = 0;
+    while (k < 4 && !dtype.is(tt.dtypes[k])) ++k;
+    if (k == 4) unsupported(where_, py::str(dtype).cast<std::string>());
+    h.dtype = static_cast<cpu::DType>(k);
+    const py::object layout = FASTOPT_HOST_ATTR(t, "layout");
+    if (!layout.is(tt.strided))
+      throw py::type_error(where_ + ": " + py::str(layout).cast<std::string>() +
+                           " tensors are not supported (dense torch.strided tensors only)");
+    if (FASTOPT_HOST_ATTR(t, "is_neg")().cast<bool>())
+      throw py::value_error(where_ + ": is a negative view; call .resolve_neg() first");
+    if (written && FASTOPT_HOST_ATTR(t, "is_inference")().cast<bool>())
+      throw py::value_error(where_ + ": is an inference tensor, which cannot be updated in place "
+                            "outside torch.inference_mode()");
+    const py::tuple shape(FASTOPT_HOST_ATTR(t, "shape"));
+    const py::tuple strides(FASTOPT_HOST_ATTR(t, "stride")());
+    h.shape.resize(shape.size());
+    h.strides.resize(shape.size());
+    for (size_t d = 0; d < shape.size(); ++d) {
+      h.shape[d] = shape[d].cast<int64_t>();
+      h.strides[d] = strides[d].cast<int64_t>();
+      h.size *= h.shape[d];
+    }
+    h.data = reinterpret_cast<void*>(FASTOPT_HOST_ATTR(t, "data_ptr")().cast<uintptr_t>());
+    h.aligned = reinterpret_cast<uintptr_t>(h.data) % cpu::element_size(h.dtype) == 0;
+    return h;
+  }
+
+  // Dense: the elements fill size consecutive slots, in some order of the dimensions
+  // (C order, Fortran order, channels_last...); no gaps, no overlap, no negative stride.
+  static bool dense(const HostArray& h) {
+    std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, extent) of extents > 1
+    for (size_t d = 0; d < h.shape.size(); ++d)
+      if (h.shape[d] != 1) dims.emplace_back(h.strides[d], h.shape[d]);
+    std::sort(dims.begin(), dims.end());
+    int64_t expected = 1;
+    for (const auto& [stride, extent] : dims) {
+      if (stride != expected) return false;
+      expected *= extent;
+    }
+    return true;
+  }
+
+  // Whether b walks its elements in the same order as a (strides equal where extent > 1).
+  static bool same_order(const HostArray& a, const HostArray& b) {
+    for (size_t d = 0; d < a.shape.size(); ++d)
+      if (a.shape[d] != 1 && a.strides[d] != b.strides[d]) return false;
+    return true;
+  }
+
+  void collect_role(const RoleSpec& role, int r, const RoleSpec& ref, size_t n) {
     if (!py::isinstance<py::list>(role.list))
       throw py::type_error(std::string(role.name) + ": expected a list of arrays");
     const py::list list = py::reinterpret_borrow<py::list>(role.list);
@@ -86,61 +191,63 @@ class ArrayTable {
       // The kernel runs with the GIL released: hold every array it touches, so that
       // another thread emptying the caller's list cannot free one under it.
       PyObject* item = PyList_GET_ITEM(list.ptr(), i);
-      keep_.push_back(py::isinstance<py::array>(item)
-                          ? py::reinterpret_borrow<py::object>(item)
-                          : adapt(where(role.name, i), item));
-      PyObject* obj = keep_.back().ptr();
-      const auto* a = py::detail::array_proxy(obj);
-      const auto* descr = py::detail::array_descriptor_proxy(a->descr);
-      cpu::DType dt;
-      if (descr->type_num == npy_api::NPY_FLOAT_) dt = cpu::DType::f32;
-      else if (descr->type_num == npy_api::NPY_DOUBLE_) dt = cpu::DType::f64;
-      else
-        throw py::type_error(where(role.name, i) + ": dtype " +
-                             py::str(py::handle(a->descr)).cast<std::string>() +
-                             " is not supported (float32 or float64)");
-      if (descr->byteorder == '>')
-        throw py::type_error(where(role.name, i) + ": big-endian arrays are not supported");
-      if (r == 0 && i == 0) dtype_ = dt;
-      else if (dt != dtype_)
-        throw py::type_error(where(role.name, i) + ": dtype " +
-                             std::string(dt == cpu::DType::f32 ? "float32" : "float64") +
-                             " differs from " + where(ref.name, 0) + "'s " +
-                             (dtype_ == cpu::DType::f32 ? "float32" : "float64") +
-                             " (all arrays of one call share a dtype)");
-      int64_t size = 1;
-      for (int d = 0; d < a->nd; ++d) size *= a->dimensions[d];
-      if (r == 0) {
-        ref_arrays_.push_back(obj);
-        offsets_[i + 1] = offsets_[i] + size;
+      const std::string w = where(role.name, i);
+      HostArray a;
+      if (py::isinstance<py::array>(item)) {
+        keep_.push_back(py::reinterpret_borrow<py::object>(item));
+        a = describe_numpy(item, w);
+      } else if (is_torch_tensor(item, w)) {
+        keep_.push_back(py::reinterpret_borrow<py::object>(item));
+        a = describe_torch(item, w, role.written);
       } else {
-        const auto* p = py::detail::array_proxy(ref_arrays_[i]);
-        bool same = p->nd == a->nd;
-        for (int d = 0; same && d < a->nd; ++d) same = p->dimensions[d] == a->dimensions[d];
-        if (!same)
-          throw py::value_error(where(role.name, i) + ": shape " + shape_str(a) +
-                                " does not match " + where(ref.name, i) + "'s shape " +
-                                shape_str(p));
+        keep_.push_back(adapt(w, item));
+        a = describe_numpy(keep_.back().ptr(), w);
       }
-      if (size == 0) continue;  // nothing is read or written
-      if (!(a->flags & npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-        throw py::value_error(where(role.name, i) +
-                              ": must be C-contiguous (use numpy.ascontiguousarray, and "
-                              "step the contiguous array you keep)");
-      if (!(a->flags & npy_api::NPY_ARRAY_ALIGNED_))
-        throw py::value_error(where(role.name, i) + ": data is not aligned to its dtype");
-      if (role.written && !(a->flags & npy_api::NPY_ARRAY_WRITEABLE_))
-        throw py::value_error(where(role.name, i) + ": is read-only but is updated in place");
-      ptrs_[r][i] = a->data;
-      const uintptr_t begin = reinterpret_cast<uintptr_t>(a->data);
-      spans_.push_back({begin, begin + uintptr_t(size) * (dt == cpu::DType::f32 ? 4u : 8u), role.name,
-                        i, role.written});
+      if (r == 0 && i == 0) {
+        dtype_ = a.dtype;
+      } else {
+        const cpu::DType want = role.kind == RoleKind::state ? cpu::state_dtype(dtype_) : dtype_;
+        if (a.dtype != want)
+          throw py::type_error(
+              w + ": dtype " + cpu::dtype_name(a.dtype) + " differs from " +
+              (role.kind == RoleKind::state
+                   ? std::string("the state type ") + cpu::dtype_name(want) +
+                         " (state is float32 for 16-bit params, else the params' dtype)"
+                   : where(ref.name, 0) + "'s " + cpu::dtype_name(want) +
+                         " (all arrays of one call share a dtype)"));
+      }
+      if (r == 0) {
+        offsets_[i + 1] = offsets_[i] + a.size;
+      } else {
+        const HostArray& p = params_[i];
+        if (a.shape != p.shape)
+          throw py::value_error(w + ": shape " + shape_str(a.shape) + " does not match " +
+                                where(ref.name, i) + "'s shape " + shape_str(p.shape));
+      }
+      if (a.size > 0) {
+        if (!dense(a))
+          throw py::value_error(w + ": must be dense (its elements in one block, in any order "
+                                "of the dimensions, no gaps or negative strides)");
+        if (r > 0 && !same_order(params_[i], a))
+          throw py::value_error(w + ": its strides differ from " + where(ref.name, i) +
+                                "'s (the arrays of one entry must lay out their elements in "
+                                "the same order)");
+        if (!a.aligned)
+          throw py::value_error(w + ": data is not aligned to its dtype");
+        if (role.written && !a.writeable)
+          throw py::value_error(w + ": is read-only but is updated in place");
+        const uintptr_t begin = reinterpret_cast<uintptr_t>(a.data);
+        spans_.push_back({begin, begin + uintptr_t(a.size) * cpu::element_size(a.dtype),
+                          role.name, i, role.written});
+      }
+      ptrs_[r][i] = a.size > 0 ? a.data : nullptr;
+      if (r == 0) params_.push_back(std::move(a));
     }
   }
 
-  // Foreign arrays (PyTorch CPU tensors...) go through the Python adapter set by
+  // Foreign arrays other than torch CPU tensors go through the Python adapter set by
   // set_array_adapter (fastopt._arrays.to_host_array), which returns a NumPy view of the
-  // same memory or raises naming the argument.
+  // same memory or raises naming the argument (a CUDA array in a host call, say).
   py::object adapt(const std::string& name, PyObject* obj) {
     if (!array_adapter())
       throw py::type_error(name + ": expected a numpy.ndarray, got " + Py_TYPE(obj)->tp_name);
@@ -150,8 +257,45 @@ class ArrayTable {
     return view;
   }
 
+  // torch.Tensor and the dtypes the kernels take (float32, float64, float16, bfloat16, in
+  // cpu::DType order), from the torch module once the caller has imported it.
+  struct TorchTypes {
+    py::object tensor, strided;
+    py::object dtypes[4];
+  };
+  static const TorchTypes* torch_types() {
+    static TorchTypes* types = nullptr;  // never destroyed: no Python at exit
+    if (types) return types;
+    PyObject* torch = PyImport_GetModule(py::str("torch").ptr());  // only if already imported
+    if (!torch) {
+      PyErr_Clear();
+      return nullptr;
+    }
+    const py::object m = py::reinterpret_steal<py::object>(torch);
+    if (!py::hasattr(m, "bfloat16")) return nullptr;  // torch is still being imported
+    types = new TorchTypes{m.attr("Tensor"), m.attr("strided"),
+                           {m.attr("float32"), m.attr("float64"), m.attr("float16"), m.attr("bfloat16")}};
+    return types;
+  }
+  // Whether obj is a torch tensor whose data is in host memory (tensors on a GPU are left
+  // to the adapter, which says why they cannot run here; meta tensors are refused).
+  static bool is_torch_tensor(PyObject* obj, const std::string& where_) {
+    const TorchTypes* tt = torch_types();
+    if (!tt) return false;
+    const int is_tensor = PyObject_IsInstance(obj, tt->tensor.ptr());
+    if (is_tensor < 0) throw py::error_already_set();
+    if (!is_tensor) return false;
+    const py::handle t(obj);
+    if (FASTOPT_HOST_ATTR(t, "is_cpu").cast<bool>()) return true;
+    if (FASTOPT_HOST_ATTR(t, "is_meta").cast<bool>())
+      throw py::type_error(where_ + ": is a meta tensor, which has no data to update");
+    return false;
+  }
+
+  static constexpr int kNpyHalf = 23;  // NPY_HALF
+
   std::vector<py::object> keep_;  // every array of the call, views of foreign ones included
-  std::vector<PyObject*> ref_arrays_;  // the params, as NumPy arrays
+  std::vector<HostArray> params_;    // the params' descriptions
   bool listed_;
   cpu::DType dtype_ = cpu::DType::f32;
   std::vector<int64_t> offsets_;

@@ -33,11 +33,12 @@ void step(const py::args& args, const py::kwargs& kwargs) {
   const StepCall<Opt> call(args, kwargs, {});
   std::array<RoleSpec, Opt::num_roles> roles;
   for (int r = 0; r < Opt::num_roles; ++r)
-    roles[r] = {Opt::roles[r].name, call.lists[r], Opt::roles[r].written};
+    roles[r] = {Opt::roles[r].name, call.lists[r], Opt::roles[r].written, Opt::roles[r].kind};
   const ArrayTable arrays(roles, call.listed);
   cpu::TensorTable table = arrays.table();
   table.fresh = call.fresh;
-  run_released([&] { cpu::step<Opt>(table, arrays.dtype(), call.hyper, call.step); });
+  run_released(
+      [&] { cpu::step<Opt>(table, arrays.dtype(), call.hyper, call.step, call.grad_scale); });
 }
 
 // Batched Cholesky: arrays validated in fastopt/newton.py (contiguous, one dtype, shapes
@@ -127,9 +128,12 @@ void dequantize_blockwise(py::array q, py::array absmax, py::array x, int64_t bl
 }
 
 void add_inplace(py::array dst, py::array src) {
-  const std::array<RoleSpec, 2> roles{{{"dst", py::list(py::make_tuple(dst)), true},
-                                       {"src", py::list(py::make_tuple(src)), false}}};
+  const std::array<RoleSpec, 2> roles{
+      {{"dst", py::list(py::make_tuple(dst)), true, fastopt::RoleKind::param},
+       {"src", py::list(py::make_tuple(src)), false, fastopt::RoleKind::grad}}};
   const ArrayTable arrays(roles, false);
+  if (arrays.dtype() != cpu::DType::f32 && arrays.dtype() != cpu::DType::f64)
+    throw py::type_error("dst: add_inplace takes float32 or float64 arrays");
   run_released([&] { cpu::add_inplace(arrays.table(), arrays.dtype()); });
 }
 

@@ -128,8 +128,8 @@ void step(const py::args& args, const py::kwargs& kwargs) {
   if (plan.tables().empty()) return;  // nothing but zero-size arrays
   check_stream_device(stream, plan.device());
   DeviceGuard guard(plan.device());
-  cuda::step<Opt>(plan.tables(), plan.dtype(), call.hyper, call.step, loads, stores,
-                  reinterpret_cast<cudaStream_t>(stream));
+  cuda::step<Opt>(plan.tables(), plan.dtype(), call.hyper, call.step, call.grad_scale, loads,
+                  stores, reinterpret_cast<cudaStream_t>(stream));
 }
 
 // ---- quantization and Newton: dtypes, shapes and out= are checked in fastopt/quant.py and

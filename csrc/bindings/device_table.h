@@ -6,10 +6,10 @@
 // A DevicePlan can be kept between calls (the optimizer classes keep one): a call then
 // compares each list element with the object it saw last time and re-reads only what can
 // have changed, so a step over N unchanged arrays does no per-array parsing (PyTorch
-// tensors still get their data pointer re-read: `t.data = ...` can move them). New grads
-// each step cost one parse each; new params or state rebuild the plan. The state arrays are
-// taken to be the optimizer's own: replacing the storage of one of them in place
-// (`t.data = ...`) is not seen.
+// tensors still get their data pointer, size and contiguity re-read: `t.data = ...` can
+// move or re-stride them). New grads each step cost one parse each; new params or state
+// rebuild the plan. The state arrays are taken to be the optimizer's own: replacing the
+// storage of one of them in place (`t.data = ...`) is not seen.
 #pragma once
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
@@ -153,14 +153,25 @@ inline py::handle interned(const char* name) {
 }
 #define FASTOPT_ATTR(obj, name) (obj).attr([] { static py::handle n = interned(name); return n; }())
 
+// obj.name() through the vectorcall method protocol: no bound method is created, which
+// matters for the per-step re-checks of cached tensors (three calls per tensor and step).
+inline py::object call_method(py::handle obj, py::handle name) {
+  PyObject* result = PyObject_CallMethodNoArgs(obj.ptr(), name.ptr());
+  if (!result) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(result);
+}
+#define FASTOPT_CALL(obj, name) call_method((obj), [] { static py::handle n = interned(name); return n; }())
+
 inline uintptr_t torch_data_ptr(py::handle obj) {
-  return FASTOPT_ATTR(obj, "data_ptr")().cast<uintptr_t>();
+  return FASTOPT_CALL(obj, "data_ptr").cast<uintptr_t>();
 }
 
-// A tensor seen before still has its memory: `t.data = ...` or resize_() can move or
-// shrink it under the same object.
-inline bool torch_unchanged(py::handle obj, uintptr_t ptr, int64_t size) {
-  return torch_data_ptr(obj) == ptr && FASTOPT_ATTR(obj, "numel")().cast<int64_t>() == size;
+// A tensor seen before still has its memory and layout: `t.data = ...` or resize_() can
+// move or shrink it under the same object, and `t.data = t.data.t()` keeps pointer and size
+// but is no longer stepped correctly in storage order.
+inline bool torch_unchanged(py::handle obj, uintptr_t ptr, int64_t size, bool contiguous) {
+  return torch_data_ptr(obj) == ptr && FASTOPT_CALL(obj, "numel").cast<int64_t>() == size &&
+         (FASTOPT_CALL(obj, "is_contiguous").ptr() == Py_True) == contiguous;
 }
 
 inline void describe_torch(DeviceArray& a, py::handle obj, const Where& w) {
@@ -175,7 +186,7 @@ inline void describe_torch(DeviceArray& a, py::handle obj, const Where& w) {
     throw py::type_error(w.str() + ": dtype " + py::str(dt).cast<std::string>() + kSupported);
   a.dtype = static_cast<DType>(k);
   read_shape(a, FASTOPT_ATTR(obj, "shape"));
-  a.contiguous = FASTOPT_ATTR(obj, "is_contiguous")().cast<bool>();
+  a.contiguous = FASTOPT_CALL(obj, "is_contiguous").cast<bool>();
   a.ptr = torch_data_ptr(obj);
   a.torch = true;
 }
@@ -321,7 +332,8 @@ class DevicePlan {
           // The state arrays are the optimizer's own: only the caller's arrays (params,
           // grads) can have had their storage replaced.
           if (e.is(item) &&
-              (!e.torch || role.kind == RoleKind::state || torch_unchanged(item, e.ptr, e.size)))
+              (!e.torch || role.kind == RoleKind::state ||
+               torch_unchanged(item, e.ptr, e.size, e.contiguous)))
             continue;
           if (r == 0 || role.written) rebuild = true;
           changed.emplace_back(r, i);
@@ -342,16 +354,17 @@ class DevicePlan {
   // What the plan remembers of one array: the object (written arrays: held, they are the
   // caller's params or the optimizer's own state) or a weak reference to it (read-only
   // inputs: holding last step's grads would keep a whole gradient copy alive through the
-  // next forward and backward), its data pointer and element count.
+  // next forward and backward), its data pointer, element count and contiguity.
   struct Entry {
     py::object ref;       // the object, a weakref to it, or None (no weakref support)
     bool weak = false;
     uintptr_t ptr = 0;
     int64_t size = 0;
+    bool contiguous = true;
     bool torch = false;
 
     static Entry make(py::handle obj, bool written, const DeviceArray& a) {
-      Entry e{py::none(), !written, a.ptr, a.size, a.torch};
+      Entry e{py::none(), !written, a.ptr, a.size, a.contiguous, a.torch};
       if (written) {
         e.ref = py::reinterpret_borrow<py::object>(obj);
       } else {

@@ -4,12 +4,15 @@
 //
 // A step binding is called as  name(<one list per role, in roles[] order>, listed,
 // **keywords), the keywords being every Hyper field by its name, `step` when the optimizer
-// takes it, and what the module adds (the CUDA module: stream, plan). Every argument is
+// takes it, optionally `grad_scale` (the grads are divided by it as they are loaded: a
+// GradScaler's scale, unscaled inside the one pass), and what the module adds (the CUDA
+// module: stream, plan). Every argument is
 // checked here, so a direct call with a missing, unknown or mistyped argument raises a
 // TypeError/ValueError naming it (Python has validated the ranges already).
 #pragma once
 #include <pybind11/pybind11.h>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -78,7 +81,8 @@ template <class Opt> struct StepCall {
   bool listed = false;
   typename Opt::Hyper hyper{};
   int64_t step = 1;
-  unsigned fresh = 0;  // bit r: role r is written but not read at this step
+  double grad_scale = 1.0;  // the grads are divided by it in the kernel (GradScaler's scale)
+  unsigned fresh = 0;       // bit r: role r is written but not read at this step
 
   // `extras`: the module's own keywords, read by the caller (they only count here).
   StepCall(const py::args& args, const py::kwargs& kwargs,
@@ -106,6 +110,13 @@ template <class Opt> struct StepCall {
       if (!v) throw py::type_error(std::string(Opt::name) + "(): missing keyword 'step'");
       read_keyword("step", v, step);
       if (step < 1) throw py::value_error("step: must be >= 1, got " + std::to_string(step));
+      ++found;
+    }
+    static PyObject* scale_key = interned_key("grad_scale");
+    if (PyObject* v = keyword(kw, scale_key)) {
+      read_keyword("grad_scale", v, grad_scale);
+      if (!(grad_scale > 0.0) || grad_scale == HUGE_VAL)
+        throw py::value_error("grad_scale: must be finite and > 0, got " + std::to_string(grad_scale));
       ++found;
     }
     for (const char* extra : extras)
@@ -148,7 +159,7 @@ template <class Opt> struct StepCall {
     return keys;
   }
   static bool known(const std::string& name, std::initializer_list<const char*> extras) {
-    bool hit = Opt::takes_step && name == "step";
+    bool hit = (Opt::takes_step && name == "step") || name == "grad_scale";
     typename Opt::Hyper h{};
     Opt::for_each_field(h, [&](const char* field, auto&) { hit = hit || name == field; });
     for (const char* extra : extras) hit = hit || name == extra;

@@ -2,6 +2,7 @@
 // L::value is float/double (ScalarLane) or an AVX2 vector of them; WideLane<T> is the
 // widest lane of the ISA this translation unit is compiled for.
 #pragma once
+#include "common/half.h"
 #include "common/platform.h"
 #ifdef FASTOPT_ISA_isa_avx2
 #include "cpu/vec_avx2.h"
@@ -9,17 +10,23 @@
 
 FASTOPT_ISA_BEGIN
 
+// Loads and stores take the storage type: T itself, or for T = float the 16-bit types of
+// common/half.h (converted on the way in and out).
 template <class T> struct ScalarLane {
   using value = T;
   static constexpr int width = 1;
   static T load(const T* p) { return *p; }
   static void store(T* p, T x) { *p = x; }
+  static T load(const bfloat16* p) { return to_float(*p); }
+  static T load(const float16* p) { return to_float(*p); }
+  static void store(bfloat16* p, T x) { *p = to_bfloat16(x); }
+  static void store(float16* p, T x) { *p = to_float16(x); }
 };
 template <class V, class T, int W> struct VectorLane {
   using value = V;
   static constexpr int width = W;
-  static V load(const T* p) { return V::load(p); }
-  static void store(T* p, V x) { x.store(p); }
+  template <class Storage> static V load(const Storage* p) { return V::load(p); }
+  template <class Storage> static void store(Storage* p, V x) { x.store(p); }
 };
 
 #ifdef FASTOPT_ISA_isa_avx2

@@ -34,7 +34,8 @@ FASTOPT_ISA_BEGIN
 // Below this many elements one thread is faster than waking the others.
 constexpr int64_t kParallelMinElements = 1 << 15;
 
-// Apply kernel k to elements [lo, hi) of tensor i: scalar steps until the param pointer
+// Apply kernel k to elements [lo, hi) of tensor i (T: the math type of the lanes): scalar
+// steps until the param pointer (of its storage type: 16-bit params too)
 // is 32-byte aligned (NumPy's large arrays start 16 bytes into a page, and vectors that
 // straddle cache lines cost ~25% of the bandwidth), the vector body unrolled twice, single
 // vectors, then the scalar tail. Scalar and vector lanes run the same formula, so where
@@ -45,7 +46,7 @@ inline void apply_range(const Kernel& k, int i, int64_t lo, int64_t hi) {
   int64_t j = lo;
   if (W > 1) {
     const uintptr_t addr = reinterpret_cast<uintptr_t>(k.anchor(i) + lo);
-    int64_t head = int64_t((32 - addr % 32) % 32 / sizeof(T));
+    int64_t head = int64_t((32 - addr % 32) % 32 / sizeof(*k.anchor(i)));
     for (const int64_t stop = head < hi - lo ? lo + head : hi; j < stop; ++j)
       k(ScalarLane<T>{}, i, j);
     for (; j + 2 * W <= hi; j += 2 * W) {

@@ -5,6 +5,7 @@
 // Compiled once per ISA: FASTOPT_ISA_isa_avx2 gets the 8-float / 4-double vector body,
 // FASTOPT_ISA_isa_scalar the plain loop (which the compiler may still vectorize with SSE2).
 #include "cpu/optim_kernels.h"
+#include <type_traits>
 #include "cpu/multi_tensor.h"
 
 FASTOPT_ISA_BEGIN
@@ -12,38 +13,49 @@ using cpu::DType;
 using cpu::TensorTable;
 
 // The one functor: load the lanes of every role the call uses, apply the formula, store
-// the written roles. anchor(i) is the pointer whose alignment the vector body follows
-// (the params'). Required roles are always loaded (the test folds away); optional ones
-// are used when the call passed their arrays, and loaded unless fresh this step.
-template <class Opt, class T> struct StepKernel {
+// the written roles. P is the storage type of the params and grads (float, double, or a
+// 16-bit type), T the math and state type. anchor(i) is the pointer whose alignment the
+// vector body follows (the params'). Required roles are always loaded (the test folds
+// away); optional ones are used when the call passed their arrays, and loaded unless
+// fresh this step. With a grad scale (GradScaler's), the grads are divided by it first.
+template <class Opt, class P, class T> struct StepKernel {
   using F = Formula<Opt>;
   static constexpr int N = Opt::num_roles;
   typename F::template Coeffs<T> c;
-  T* const* ptr[N];
+  void* const* ptr[N];
   bool load[N], store[N];
-  const T* anchor(int i) const { return ptr[0][i]; }
+  bool scale_grads;
+  T grad_scale;
+  const P* anchor(int i) const { return static_cast<const P*>(ptr[0][i]); }
   template <class L> void operator()(L, int i, int64_t j) const {
     using V = typename L::value;
     V x[N];
     for_each_role<N>([&](auto role_index) {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
-      x[r] = (!role.optional || load[r]) ? L::load(ptr[r][i] + j) : V(T(0));
+      using Storage = std::conditional_t<role.kind == RoleKind::state, T, P>;
+      x[r] = (!role.optional || load[r]) ? L::load(static_cast<const Storage*>(ptr[r][i]) + j)
+                                         : V(T(0));
+      if (role.kind == RoleKind::grad && scale_grads) x[r] = x[r] / V(grad_scale);
     });
     F::update(x, c);
     for_each_role<N>([&](auto role_index) {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
-      if (role.written && (!role.optional || store[r])) L::store(ptr[r][i] + j, x[r]);
+      using Storage = std::conditional_t<role.kind == RoleKind::state, T, P>;
+      if (role.written && (!role.optional || store[r]))
+        L::store(static_cast<Storage*>(ptr[r][i]) + j, x[r]);
     });
   }
 };
 
-template <class Opt, class T>
-void run_step(const TensorTable& t, const typename Opt::Hyper& h, int64_t step) {
-  StepKernel<Opt, T> k{Formula<Opt>::template coeffs<T>(h, step), {}, {}, {}};
+template <class Opt, class P, class T>
+void run_step(const TensorTable& t, const typename Opt::Hyper& h, int64_t step,
+              double grad_scale) {
+  StepKernel<Opt, P, T> k{Formula<Opt>::template coeffs<T>(h, step), {}, {}, {},
+                          grad_scale != 1.0, T(grad_scale)};
   for (int r = 0; r < Opt::num_roles; ++r) {
-    k.ptr[r] = reinterpret_cast<T* const*>(t.ptrs[r]);
+    k.ptr[r] = t.ptrs[r];
     k.store[r] = t.ptrs[r] != nullptr;
     k.load[r] = k.store[r] && !(t.fresh >> r & 1u);
   }
@@ -73,12 +85,18 @@ namespace cpu {
 namespace FASTOPT_ISA {
 
 template <class Opt>
-void step(const TensorTable& t, DType d, const typename Opt::Hyper& h, int64_t s) {
-  if (d == DType::f32) fastopt::FASTOPT_ISA::run_step<Opt, float>(t, h, s);
-  else fastopt::FASTOPT_ISA::run_step<Opt, double>(t, h, s);
+void step(const TensorTable& t, DType d, const typename Opt::Hyper& h, int64_t s,
+          double grad_scale) {
+  using fastopt::FASTOPT_ISA::run_step;
+  switch (d) {
+    case DType::f32: run_step<Opt, float, float>(t, h, s, grad_scale); break;
+    case DType::f64: run_step<Opt, double, double>(t, h, s, grad_scale); break;
+    case DType::f16: run_step<Opt, float16, float>(t, h, s, grad_scale); break;
+    case DType::bf16: run_step<Opt, bfloat16, float>(t, h, s, grad_scale); break;
+  }
 }
 #define FASTOPT_INSTANTIATE(Opt) \
-  template void step<Opt>(const TensorTable&, DType, const Opt::Hyper&, int64_t);
+  template void step<Opt>(const TensorTable&, DType, const Opt::Hyper&, int64_t, double);
 FASTOPT_OPTIMIZERS(FASTOPT_INSTANTIATE)
 #undef FASTOPT_INSTANTIATE
 

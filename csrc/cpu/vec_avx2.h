@@ -4,6 +4,7 @@
 // so the AVX2 path gives bit-identical results to the scalar path.
 #pragma once
 #include <immintrin.h>
+#include "common/half.h"
 #include "common/platform.h"
 
 FASTOPT_ISA_BEGIN
@@ -15,6 +16,30 @@ struct F32x8 {
   F32x8(float s) : v(_mm256_set1_ps(s)) {}  // broadcast: lets formulas write T(coefficient)
   static F32x8 load(const float* p) { return _mm256_loadu_ps(p); }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
+  // 16-bit storage (common/half.h): exact widening; narrowing rounds to nearest even and
+  // turns every NaN into 0x7FFF, as the scalar conversions do.
+  static F32x8 load(const bfloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static F32x8 load(const float16* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  void store(bfloat16* p) const {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_srli_epi32(_mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FFF0000), nan), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  void store(float16* p) const {
+    // A NaN becomes the float whose conversion is 0x7FFF (F16C keeps NaN payloads).
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    const __m256 x = _mm256_blendv_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFE000)), nan);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+  }
 };
 struct F64x4 {
   __m256d v;

@@ -18,11 +18,14 @@ namespace {
 
 // P: storage type of params and grads; T: math and state type. Bit r of loads / stores:
 // the call reads / writes role r (optional roles the options leave unused are neither).
+// With a grad scale (GradScaler's), the grads are divided by it as they are loaded.
 template <class Opt, class P, class T> struct StepOp {
   using F = Formula<Opt>;
   static constexpr int N = Opt::num_roles;
   typename F::template Coeffs<T> c;
   unsigned loads, stores;
+  bool scale_grads;
+  T grad_scale;
 
   template <int W> __device__ void apply(void* const* ptr, int64_t j) const {
     T x[N][W];
@@ -37,6 +40,12 @@ template <class Opt, class P, class T> struct StepOp {
       } else {
 #pragma unroll
         for (int w = 0; w < W; ++w) x[r][w] = T(0);
+      }
+      if constexpr (role.kind == RoleKind::grad) {
+        if (scale_grads) {
+#pragma unroll
+          for (int w = 0; w < W; ++w) x[r][w] = x[r][w] / grad_scale;
+        }
       }
     });
 #pragma unroll
@@ -63,8 +72,9 @@ template <class Opt, class P, class T> struct StepOp {
 
 template <class Opt, class P, class T>
 void launch(const cuda::LaunchTables& t, const typename Opt::Hyper& h, int64_t step,
-            unsigned loads, unsigned stores, cudaStream_t s) {
-  const StepOp<Opt, P, T> op{Formula<Opt>::template coeffs<T>(h, step), loads, stores};
+            double grad_scale, unsigned loads, unsigned stores, cudaStream_t s) {
+  const StepOp<Opt, P, T> op{Formula<Opt>::template coeffs<T>(h, step), loads, stores,
+                             grad_scale != 1.0, T(grad_scale)};
   cuda::launch_multi_tensor(Opt::name, t, op, s);
 }
 
@@ -76,13 +86,15 @@ namespace cuda {
 
 template <class Opt>
 void step(const LaunchTables& t, DType d, const typename Opt::Hyper& h, int64_t s,
-          unsigned loads, unsigned stores, cudaStream_t stream) {
+          double scale, unsigned loads, unsigned stores, cudaStream_t stream) {
   using namespace fastopt::FASTOPT_ISA;
   switch (d) {
-    case DType::f32: launch<Opt, float, float>(t, h, s, loads, stores, stream); break;
-    case DType::f64: launch<Opt, double, double>(t, h, s, loads, stores, stream); break;
-    case DType::f16: launch<Opt, __half, float>(t, h, s, loads, stores, stream); break;
-    case DType::bf16: launch<Opt, __nv_bfloat16, float>(t, h, s, loads, stores, stream); break;
+    case DType::f32: launch<Opt, float, float>(t, h, s, scale, loads, stores, stream); break;
+    case DType::f64: launch<Opt, double, double>(t, h, s, scale, loads, stores, stream); break;
+    case DType::f16: launch<Opt, __half, float>(t, h, s, scale, loads, stores, stream); break;
+    case DType::bf16:
+      launch<Opt, __nv_bfloat16, float>(t, h, s, scale, loads, stores, stream);
+      break;
     default: throw std::invalid_argument("fastopt: optimizer params must be float arrays");
   }
 }
@@ -94,4 +106,4 @@ void step(const LaunchTables& t, DType d, const typename Opt::Hyper& h, int64_t 
   template void fastopt::cuda::step<fastopt::Opt>(const fastopt::cuda::LaunchTables&,       \
                                                   fastopt::cuda::DType,                     \
                                                   const fastopt::Opt::Hyper&, int64_t,      \
-                                                  unsigned, unsigned, cudaStream_t);
+                                                  double, unsigned, unsigned, cudaStream_t);

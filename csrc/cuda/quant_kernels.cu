@@ -100,19 +100,63 @@ dequantize_blockwise_kernel(const int8_t* __restrict__ q, const float* __restric
   });
 }
 
+// Per-channel affine layout: element e belongs to channel (e / inner) % channels. A
+// grid-stride loop follows its channel with a cursor instead of dividing per element
+// (64-bit divisions are called subroutines, whose register needs made the float32 kernel
+// spill): two divisions per thread, none for one channel, and in the loop only adds and
+// compares. The stride's share (step_*) is divided out once on the host.
+struct ChannelLayout {
+  int64_t channels, inner;
+  int64_t step_channel, step_pos;  // (stride / inner) % channels and stride % inner
+};
+
+ChannelLayout channel_layout(int64_t channels, int64_t inner, unsigned grid) {
+  const int64_t stride = int64_t(grid) * kThreads;
+  // One channel; or no elements, or channels/inner the binding should have refused:
+  // never a host division by zero.
+  if (channels < 2 || inner < 1) return {1, 1, 0, 0};
+  return {channels, inner, (stride / inner) % channels, stride % inner};
+}
+
+struct ChannelCursor {
+  int64_t channel = 0, pos = 0;  // e = (row * channels + channel) * inner + pos
+
+  __device__ ChannelCursor(int64_t e, const ChannelLayout& l) {
+    if (l.channels == 1) return;
+    const int64_t row = e / l.inner;
+    pos = e - row * l.inner;
+    channel = row % l.channels;
+  }
+  // e += stride: pos + step_pos < 2 * inner and channel + step_channel + 1 < 2 * channels,
+  // so one conditional subtraction each wraps them.
+  __device__ void advance(const ChannelLayout& l) {
+    pos += l.step_pos;
+    const int carry = pos >= l.inner;
+    if (carry) pos -= l.inner;
+    channel += l.step_channel + carry;
+    if (channel >= l.channels) channel -= l.channels;
+  }
+};
+
+// Not unrolled: grids cover up to 2^28 elements with one element per thread, so the loop
+// body mostly runs once, and unrolled (x4) it needs 44 registers instead of 32, which
+// costs occupancy (5 instead of 8 blocks per SM).
 template <class In, class Q>
 __global__ void __launch_bounds__(kThreads)
-quantize_affine_kernel(const In* __restrict__ x, Q* __restrict__ q, int64_t n, int64_t channels,
-                       int64_t inner, const float* __restrict__ scales,
+quantize_affine_kernel(const In* __restrict__ x, Q* __restrict__ q, int64_t n,
+                       ChannelLayout layout, const float* __restrict__ scales,
                        const float* __restrict__ zero_points, float qmin, float qmax,
                        unsigned long long* first_bad) {
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= n) return;
   int64_t bad = LLONG_MAX;
-  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * kThreads) {
-    const int64_t c = channels == 1 ? 0 : (e / inner) % channels;
+#pragma unroll 1
+  for (ChannelCursor c(e, layout); e < n; e += stride, c.advance(layout)) {
     const float v = to_math(x[e]);
     if (!is_finite(v) && e < bad) bad = e;
-    q[e] = static_cast<Q>(static_cast<int>(quantize_affine(v, scales[c], zero_points[c], qmin, qmax)));
+    q[e] = static_cast<Q>(static_cast<int>(
+        quantize_affine(v, scales[c.channel], zero_points[c.channel], qmin, qmax)));
   }
   if (bad != LLONG_MAX) atomicMin(first_bad, static_cast<unsigned long long>(bad));
 }
@@ -120,13 +164,14 @@ quantize_affine_kernel(const In* __restrict__ x, Q* __restrict__ q, int64_t n, i
 template <class Q>
 __global__ void __launch_bounds__(kThreads)
 dequantize_affine_kernel(const Q* __restrict__ q, float* __restrict__ x, int64_t n,
-                         int64_t channels, int64_t inner, const float* __restrict__ scales,
+                         ChannelLayout layout, const float* __restrict__ scales,
                          const float* __restrict__ zero_points) {
-  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * kThreads) {
-    const int64_t c = channels == 1 ? 0 : (e / inner) % channels;
-    x[e] = dequantize_affine(float(q[e]), scales[c], zero_points[c]);
-  }
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (e >= n) return;
+#pragma unroll 1
+  for (ChannelCursor c(e, layout); e < n; e += stride, c.advance(layout))
+    x[e] = dequantize_affine(float(q[e]), scales[c.channel], zero_points[c.channel]);
 }
 
 // Per-channel min/max of the finite elements. Lanes of a warp read 32 consecutive
@@ -215,12 +260,13 @@ void launch_quantize_affine(const void* x, void* q, bool unsigned_q, int64_t n, 
                             unsigned long long* first_bad, cudaStream_t s) {
   const In* in = static_cast<const In*>(x);
   const unsigned grid = grid_for(n, kThreads);
+  const ChannelLayout layout = channel_layout(channels, inner, grid);
   if (unsigned_q)
     quantize_affine_kernel<In, uint8_t><<<grid, kThreads, 0, s>>>(
-        in, static_cast<uint8_t*>(q), n, channels, inner, scales, zps, 0.0f, 255.0f, first_bad);
+        in, static_cast<uint8_t*>(q), n, layout, scales, zps, 0.0f, 255.0f, first_bad);
   else
     quantize_affine_kernel<In, int8_t><<<grid, kThreads, 0, s>>>(
-        in, static_cast<int8_t*>(q), n, channels, inner, scales, zps, -128.0f, 127.0f, first_bad);
+        in, static_cast<int8_t*>(q), n, layout, scales, zps, -128.0f, 127.0f, first_bad);
   check_launch("quantize_affine");
 }
 
@@ -274,12 +320,13 @@ void dequantize_affine(const void* q, bool unsigned_q, float* x, int64_t n, int6
                        int64_t inner, const float* scales, const float* zero_points,
                        cudaStream_t s) {
   const unsigned grid = grid_for(n, kThreads);
+  const ChannelLayout layout = channel_layout(channels, inner, grid);
   if (unsigned_q)
     dequantize_affine_kernel<uint8_t><<<grid, kThreads, 0, s>>>(
-        static_cast<const uint8_t*>(q), x, n, channels, inner, scales, zero_points);
+        static_cast<const uint8_t*>(q), x, n, layout, scales, zero_points);
   else
     dequantize_affine_kernel<int8_t><<<grid, kThreads, 0, s>>>(
-        static_cast<const int8_t*>(q), x, n, channels, inner, scales, zero_points);
+        static_cast<const int8_t*>(q), x, n, layout, scales, zero_points);
   check_launch("dequantize_affine");
 }
 

@@ -1,0 +1,312 @@
+"""Host arrays beyond contiguous float32/float64 NumPy: 16-bit params (torch bfloat16 and
+float16 tensors, NumPy float16) with float32 state, torch CPU tensors read natively, dense
+layouts in any dimension order (channels_last, transposed, Fortran), and the grad scale
+(GradScaler's) divided out inside the kernel. Every optimizer of the compiled registry
+(``fastopt._cpu.optimizers()``) runs through the same bodies, called through the binding."""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import reference
+from fastopt._ext import _cpu
+
+from conftest import CPU_PATHS, using_cpu_path, using_threads
+
+torch = pytest.importorskip("torch")
+
+REGISTRY = _cpu.optimizers()
+# The optimizers with a float64 reference (all of the registry's but the EMA helper's twin).
+NAMES = [n for n in REGISTRY if hasattr(reference, n)]
+SIZES = [1, 7, 33, 4097]
+
+
+def hyper(name):
+    """Every hyper-parameter of ``name`` with a value that exercises it: the reference's
+    default, lr 0.01 where it has none, weight decay and L1 on, flags as in the defaults."""
+    defaults = {k: p.default for k, p in inspect.signature(getattr(reference, name)).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    out = {}
+    for field in REGISTRY[name]["hyper"]:
+        value = defaults.get(field, {"lr": 0.01, "beta": 0.9}.get(field))
+        if field in ("weight_decay", "l1"):
+            value = 0.01 if field == "weight_decay" else 1e-3
+        if field == "momentum":
+            value = 0.9
+        if value is None:
+            value = False
+        out[field] = value
+    return out
+
+
+def roles(name, h):
+    """The role names the call uses under hyper-parameters h (optional ones by the options)."""
+    used = []
+    for role, kind, written, optional in REGISTRY[name]["roles"]:
+        if optional and not (h.get("momentum", 0.0) if "momentum" in role else
+                             h.get("centered", False) if role == "grad_avgs" else
+                             h.get("amsgrad", False)):
+            used.append((role, kind, None))
+        else:
+            used.append((role, kind, written))
+    return used
+
+
+def make_arrays(name, h, n, dtype, rng):
+    """Fresh random arrays for one call: params and grads of ``dtype`` (a torch dtype),
+    state float32 (float64 for float64 params), positive where a state must be (sums,
+    square averages, Hessian diagonals)."""
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = {}
+    for role, kind, written in roles(name, h):
+        if written is None:
+            out[role] = None
+            continue
+        x = rng.standard_normal(n)
+        if kind == "state" and role in ("state_sums", "square_avgs", "exp_avg_sqs",
+                                        "max_exp_avg_sqs", "hessian_diags"):
+            x = np.abs(x) + 0.1
+        if role == "grad_avgs":
+            x = x * 0.01  # keeps square_avg - grad_avg^2 positive
+        out[role] = torch.from_numpy(x).to(state_dtype if kind == "state" else dtype)
+    return out
+
+
+def call(name, arrays, h, step=3, **extra):
+    takes_step = REGISTRY[name]["takes_step"]
+    lists = [None if a is None else [a] for a in arrays.values()]
+    kw = dict(h, **extra)
+    if takes_step:
+        kw["step"] = step
+    getattr(_cpu, name)(*lists, True, **kw)
+
+
+def reference_step(name, arrays, h, step=3):
+    """The float64 reference on copies of the arrays; returns them as float64 NumPy arrays."""
+    copies = {k: None if a is None else a.double().numpy().copy() for k, a in arrays.items()}
+    kw = dict(h)
+    if REGISTRY[name]["takes_step"]:
+        kw["step"] = step
+    if name == "adam":
+        kw.setdefault("decoupled_weight_decay", False)
+    getattr(reference, name)(*copies.values(), **kw)
+    return copies
+
+
+def ulp16(x, dtype):
+    """One unit in the last place of the 16-bit type at each |x| (its spacing)."""
+    bits = 7 if dtype == torch.bfloat16 else 10
+    e = np.floor(np.log2(np.maximum(np.abs(x), 1e-30)))
+    lowest = -126 if dtype == torch.bfloat16 else -14
+    return 2.0 ** (np.maximum(e, lowest) - bits)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_16bit_params_match_the_reference(name, dtype, n, rng):
+    dt = getattr(torch, dtype)
+    h = hyper(name)
+    arrays = make_arrays(name, h, n, dt, rng)
+    want = reference_step(name, arrays, h)
+    call(name, arrays, h)
+    for role, kind, written in roles(name, h):
+        if not written:
+            continue
+        got = arrays[role].double().numpy()
+        if kind == "state":  # float32 state: float32 roundings of the float64 result
+            scale = np.abs(want[role]).max()
+            np.testing.assert_allclose(got, want[role], rtol=1e-5, atol=1e-6 * scale, err_msg=role)
+        else:  # one rounding to 16 bits of a float32 result: within one 16-bit ulp
+            assert np.all(np.abs(got - want[role]) <= ulp16(want[role], dt)), role
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+@pytest.mark.parametrize("name", NAMES)
+def test_bit_identical_over_paths_and_threads(name, dtype, rng):
+    dt = getattr(torch, dtype)
+    h = hyper(name)
+    base = make_arrays(name, h, 100_003, dt, rng)  # past the threading threshold
+    results = []
+    for path in CPU_PATHS:
+        for threads in (1, 2):
+            arrays = {k: None if a is None else a.clone() for k, a in base.items()}
+            with using_cpu_path(path), using_threads(threads):
+                call(name, arrays, h)
+            results.append({k: a for k, a in arrays.items() if a is not None})
+    for other in results[1:]:
+        for k in results[0]:
+            a, b = results[0][k], other[k]
+            assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
+                               b.view(torch.int16) if b.element_size() == 2 else b), k
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_rounding_is_round_to_nearest_even(dtype, rng):
+    # p <- 0 - lr*g with p = 0: every written value is one float32 product rounded to 16
+    # bits, compared with torch's own conversion (round to nearest even); NaN is 0x7FFF.
+    dt = getattr(torch, dtype)
+    x = np.concatenate([rng.standard_normal(5000) * 10.0 ** rng.integers(-9, 6, 5000),
+                        [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 6e-8, 65504.0, 65520.0,
+                         3.4e38, -1e-40]]).astype(np.float32)
+    g = torch.from_numpy(x).to(dt)
+    lr = np.float32(-1.0 / 3.0)
+    for path in CPU_PATHS:
+        p = torch.zeros_like(g)
+        with using_cpu_path(path):
+            _cpu.sgd([p], [g], None, True, lr=float(lr), momentum=0.0, dampening=0.0,
+                     weight_decay=0.0, l1=0.0, nesterov=False, maximize=False, step=1)
+        want = (torch.zeros(len(x)) - torch.tensor(lr) * g.float()).to(dt)
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(p), nan)
+        assert torch.equal(p[~nan].view(torch.int16), want[~nan].view(torch.int16))
+        assert torch.all(p[nan].view(torch.int16) == 0x7FFF)
+
+
+def test_numpy_float16_params(rng):
+    p = rng.standard_normal(33).astype(np.float16)
+    g = rng.standard_normal(33).astype(np.float16)
+    m, v = np.zeros(33, np.float32), np.zeros(33, np.float32)
+    want = p.astype(np.float64)
+    reference.adam(want, g.astype(np.float64), np.zeros(33), np.zeros(33), step=1, lr=0.01)
+    fastopt.adam_(p, g, m, v, step=1, lr=0.01)
+    assert np.all(np.abs(p.astype(np.float64) - want) <= ulp16(want, torch.float16))
+    with pytest.raises(TypeError, match=r"exp_avgs: dtype float16 differs from the state type float32"):
+        fastopt.adam_(p, g, m.astype(np.float16), v, step=1, lr=0.01)
+
+
+# ---- layouts --------------------------------------------------------------------------------
+
+LAYOUTS = {
+    "channels_last": lambda t: t.reshape(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+    "transposed": lambda t: t.reshape(6, 20).t().contiguous().t(),  # a whole storage, as (6, 20)
+    "fortran": lambda t: t.reshape(6, 20).t().contiguous().t(),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", NAMES)
+def test_dense_layouts_step_like_contiguous(name, layout, rng):
+    h = hyper(name)
+    base = make_arrays(name, h, 120, torch.float32, rng)
+    flat = {k: None if a is None else a.clone() for k, a in base.items()}
+    call(name, flat, h)
+    shaped = {k: None if a is None else LAYOUTS[layout](a.clone()) for k, a in base.items()}
+    assert not next(iter(shaped.values())).is_contiguous()
+    call(name, shaped, h)
+    for k, a in shaped.items():
+        if a is not None:
+            shape = a.shape
+            assert torch.equal(a, flat[k].reshape(shape)), k
+
+
+def test_numpy_fortran_arrays(rng):
+    p = np.asfortranarray(rng.standard_normal((6, 5)).astype(np.float32))
+    g = np.asfortranarray(rng.standard_normal((6, 5)).astype(np.float32))
+    want = p - np.float32(0.1) * g
+    fastopt.sgd_(p, g, lr=0.1)
+    np.testing.assert_array_equal(p, want)
+    with pytest.raises(ValueError, match=r"grads: its strides differ from params'"):
+        fastopt.sgd_(p, np.ascontiguousarray(g), lr=0.1)
+
+
+@pytest.mark.parametrize("bad", ["gaps", "negative", "other_order"])
+def test_layouts_that_cannot_be_stepped_in_storage_order(bad, rng):
+    p = torch.randn(4, 6)
+    before = p.clone()
+    g = {"gaps": torch.randn(4, 12)[:, ::2],
+         "negative": rng.standard_normal((4, 6)).astype(np.float32)[::-1],  # NumPy has them
+         "other_order": torch.randn(6, 4).t()}[bad]
+    match = "must be dense" if bad != "other_order" else "its strides differ"
+    with pytest.raises(ValueError, match=f"grads: {match}"):
+        fastopt.sgd_(p, g, lr=0.1)
+    assert torch.equal(p, before)
+
+
+# ---- torch tensors the kernels cannot update ------------------------------------------------
+
+def test_refused_tensors():
+    g = torch.randn(3)
+    with torch.inference_mode():
+        frozen = torch.randn(3)
+    cases = [(torch.empty(3, device="meta"), TypeError, "params: is a meta tensor"),
+             (frozen, ValueError, "params: is an inference tensor"),
+             (torch._neg_view(torch.randn(3)), ValueError, "params: is a negative view"),
+             (torch.randn(3).to_sparse(), TypeError, "params: torch.sparse_coo tensors")]
+    for p, error, match in cases:
+        with pytest.raises(error, match=match):
+            fastopt.sgd_(p, g, lr=0.1)
+    fastopt.sgd_(torch.randn(3), frozen, lr=0.1)  # an inference tensor may be read
+
+
+# ---- the grad scale -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_scale_divides_the_grads(name, dtype, rng):
+    dt = getattr(torch, dtype)
+    h = hyper(name)
+    base = make_arrays(name, h, 257, dt, rng)
+    plain = {k: None if a is None else a.clone() for k, a in base.items()}
+    call(name, plain, h)
+    scaled = {k: None if a is None else a.clone() for k, a in base.items()}
+    grads = scaled["grads"] if "grads" in scaled else scaled["samples"]
+    grads.mul_(1024.0)  # exact: a power of two
+    kept = grads.clone()
+    call(name, scaled, h, grad_scale=1024.0)
+    assert torch.equal(grads, kept)  # the grads themselves are not written
+    for k, a in plain.items():
+        if a is not None and k not in ("grads", "samples"):
+            assert torch.equal(a, scaled[k]), k
+
+
+@pytest.mark.parametrize("bad,error", [(0.0, ValueError), (-2.0, ValueError),
+                                       (float("inf"), ValueError), (float("nan"), ValueError),
+                                       ("2", TypeError), (True, TypeError)])
+def test_bad_grad_scale(bad, error):
+    p, g = torch.randn(5), torch.randn(5)
+    before = p.clone()
+    with pytest.raises(error, match="grad_scale"):
+        _cpu.sgd([p], [g], None, True, lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 l1=0.0, nesterov=False, maximize=False, step=1, grad_scale=bad)
+    assert torch.equal(p, before)
+
+
+# ---- the generated binding's own argument checks ---------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_binding_arguments_are_checked_by_name(name):
+    spec = REGISTRY[name]
+    fn = getattr(_cpu, name)
+    n = len(spec["roles"])
+    lists = [[np.ones(4, np.float32)] for _ in range(n)]
+    h = {f: (False if f in ("nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay")
+             else 0.5 if f in ("beta", "beta1", "beta2", "alpha") else 0.0 if f != "lr" else 0.1)
+         for f in spec["hyper"]}
+    if spec["takes_step"]:
+        h["step"] = 1
+    before = [a[0].copy() for a in lists]
+    with pytest.raises(TypeError, match=f"expected {n + 1} positional arguments"):
+        fn(*lists, **h)
+    missing = dict(h)
+    del missing[spec["hyper"][-1]]
+    with pytest.raises(TypeError, match=f"missing keyword '{spec['hyper'][-1]}'"):
+        fn(*lists, True, **missing)
+    with pytest.raises(TypeError, match="unexpected keyword 'bogus'"):
+        fn(*lists, True, bogus=1, **h)
+    with pytest.raises(TypeError, match=f"{spec['hyper'][0]}: expected a real number"):
+        fn(*lists, True, **dict(h, **{spec["hyper"][0]: "x"}))
+    with pytest.raises(ValueError, match=f"{spec['hyper'][0]}: out of the float range"):
+        fn(*lists, True, **dict(h, **{spec["hyper"][0]: 10**400}))
+    with pytest.raises(TypeError, match="listed: expected a bool"):
+        fn(*lists, 1, **h)
+    if spec["takes_step"]:
+        with pytest.raises(ValueError, match="step: out of the 64-bit integer range"):
+            fn(*lists, True, **dict(h, step=2**63))
+        with pytest.raises(ValueError, match="step: must be >= 1"):
+            fn(*lists, True, **dict(h, step=0))
+    for a, b in zip(lists, before):
+        np.testing.assert_array_equal(a[0], b)
