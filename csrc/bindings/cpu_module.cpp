@@ -335,7 +335,11 @@ py::dict build_info() {
 #else
   d["openmp"] = false;
 #endif
+#ifdef FASTOPT_HAVE_AVX2
   d["cpu_paths"] = py::make_tuple("scalar", "avx2");
+#else
+  d["cpu_paths"] = py::make_tuple("scalar");
+#endif
   d["cpu_has_avx2_fma"] = cpu::cpu_has_avx2();
   return d;
 }

@@ -81,8 +81,7 @@ void set_num_threads(int64_t n) {
 template <class Opt>
 void step(TensorTable t, DType d, const typename Opt::Hyper& h, int64_t s, double grad_scale) {
   t.num_threads = num_threads();
-  if (active_isa() == Isa::avx2) isa_avx2::step<Opt>(t, d, h, s, grad_scale);
-  else isa_scalar::step<Opt>(t, d, h, s, grad_scale);
+  FASTOPT_ISA_CALL(step<Opt>, t, d, h, s, grad_scale);
 }
 #define FASTOPT_INSTANTIATE(Opt) \
   template void step<Opt>(TensorTable, DType, const Opt::Hyper&, int64_t, double);
