@@ -17,8 +17,6 @@ import numpy as np
 import fastopt
 from fastopt._ext import _cpu
 
-F32 = 0  # the binding's input type code of float32
-
 
 def median_ms(fn, repeats: int) -> float:
     fn()
@@ -51,7 +49,7 @@ def main() -> None:
 
     q, absmax = np.empty(n, np.int8), np.empty(n // 256, np.float32)
     row("blockwise-256 quantize, kernel into allocated outputs",
-        median_ms(lambda: _cpu.quantize_blockwise(x, F32, q, absmax, 256, False, 1), r))
+        median_ms(lambda: _cpu.quantize_blockwise(x, q, absmax, 256, False, 1, False), r))
     row("blockwise-256 quantize, fastopt.quantize_blockwise",
         median_ms(lambda: fastopt.quantize_blockwise(x), r))
     q, absmax = fastopt.quantize_blockwise(x)
@@ -63,7 +61,7 @@ def main() -> None:
     scale, zero_point = np.array([0.02], np.float32), np.array([3.0], np.float32)
     qa = np.empty(n, np.int8)
     row("per-tensor quantize, kernel into an allocated output",
-        median_ms(lambda: _cpu.quantize_affine(x, F32, qa, False, 1, n, scale, zero_point), r))
+        median_ms(lambda: _cpu.quantize_affine(x, qa, scale, zero_point, None, False), r))
     row("per-tensor quantize, fastopt.quantize_per_tensor",
         median_ms(lambda: fastopt.quantize_per_tensor(x, 0.02, 3), r))
     print(f"  allocating and touching a fresh int8 output: "

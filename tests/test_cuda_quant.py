@@ -7,6 +7,8 @@
 * Results come back as the input's library on its device; ``out=`` receives them whole.
 * Non-finite input names the CPU's first bad index and leaves ``out=`` untouched; all-zero
   blocks; stochastic rounding unbiased; ``stream=`` and the library's current stream.
+* The wait for the non-finite report (and the observer's results) lets other Python
+  threads run (the GIL is released for the device-to-host copy and the wait).
 * Bad input (dtypes, shapes, host or overlapping or strided outputs) raises naming the
   argument and writes nothing; ``choose_qparams`` is CPU-only.
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
+import time
 import types
 from typing import Any, Callable, Sequence
 
@@ -570,6 +574,40 @@ def test_choose_qparams_matches_cpu(lib, in_dtype, case, rng):
             fastopt.choose_qparams(bad, axis=axis)
         with pytest.raises(ValueError, match=re.escape(str(cpu_error.value))):
             fastopt.choose_qparams(lib.to_device(bad), axis=axis)
+
+
+WAITING_CALLS = {
+    "quantize_per_tensor": lambda x: qpt(x, 0.1, 0),
+    "quantize_blockwise": lambda x: qbw(x, 64),
+    "choose_qparams": lambda x: fastopt.choose_qparams(x, axis=0),
+}
+
+
+@pytest.mark.parametrize("func", list(WAITING_CALLS))
+def test_waiting_for_the_stream_releases_the_gil(lib, func, rng):
+    """The non-finite report (and the observer's min/max) come back by a copy into host
+    memory, which waits for the work queued on the stream: other Python threads run
+    meanwhile (the copy used to run with the GIL held, stalling them for the whole wait)."""
+    x = lib.to_device(fresh(rng, (64, 64), F32))
+    lib.synchronize()
+    done = threading.Event()
+
+    def call():
+        try:
+            lib.spin()  # ~0.1 s of GPU work queued ahead on this thread's current stream
+            WAITING_CALLS[func](x)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=call)
+    ticks = [time.perf_counter()]
+    worker.start()
+    while not done.is_set():
+        time.sleep(0.001)
+        ticks.append(time.perf_counter())
+    worker.join()
+    assert ticks[-1] - ticks[0] > 0.05, "the call did not wait for the spin"
+    assert max(np.diff(ticks)) < 0.04, "this thread stalled while the call waited"
 
 
 # ---- without a GPU ------------------------------------------------------------------------

@@ -310,3 +310,52 @@ def test_binding_arguments_are_checked_by_name(name):
             fn(*lists, True, **dict(h, step=0))
     for a, b in zip(lists, before):
         np.testing.assert_array_equal(a[0], b)
+
+
+# ---- the same on the GPU: bit-identical to the CPU -------------------------------------------
+
+@pytest.fixture
+def cuda_device():
+    if not fastopt.cuda_available() or not torch.cuda.is_available():
+        pytest.skip("needs a usable CUDA GPU with torch")
+    return torch.device("cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["channels_last", "transposed", "bfloat16", "grad_scale"])
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_layouts_16bit_and_grad_scale_match_the_cpu(name, case, cuda_device, rng):
+    from fastopt._ext import _cuda
+
+    h = hyper(name)
+    dt = torch.bfloat16 if case == "bfloat16" else torch.float32
+    base = make_arrays(name, h, 120, dt, rng)
+    shape = LAYOUTS.get(case, lambda t: t)
+    cpu = {k: None if a is None else shape(a.clone()) for k, a in base.items()}
+    gpu = {k: None if a is None else shape(a.clone()).to(cuda_device) for k, a in base.items()}
+    extra = {"grad_scale": 1024.0} if case == "grad_scale" else {}
+    call(name, cpu, h, **extra)
+    lists = [None if a is None else [a] for a in gpu.values()]
+    kw = dict(h, **extra)
+    if REGISTRY[name]["takes_step"]:
+        kw["step"] = 3
+    getattr(_cuda, name)(*lists, True, stream=0, plan=None, **kw)
+    torch.cuda.synchronize()
+    for k, a in cpu.items():
+        if a is not None:
+            b = gpu[k].cpu()
+            assert b.stride() == a.stride(), k
+            assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
+                               b.view(torch.int16) if b.element_size() == 2 else b), k
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_inplace_ceiling_kernel(dtype, rng):
+    # the bench's bandwidth ceiling: its argument lists must outlive the table built on them
+    a = rng.standard_normal(4097).astype(dtype)
+    b = rng.standard_normal(4097).astype(dtype)
+    want = a + b
+    _cpu.add_inplace(a, b)
+    np.testing.assert_array_equal(a, want)
+    with pytest.raises(TypeError, match="dst"):
+        _cpu.add_inplace(a.astype(np.float16), b.astype(np.float16))

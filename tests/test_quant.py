@@ -982,3 +982,70 @@ def test_check_finite_must_be_a_bool(rng):
                  lambda: fastopt.quantize_blockwise(x, check_finite=None)):
         with pytest.raises(TypeError, match="check_finite"):
             call()
+
+
+# ---- sizes taken once, from the buffers the kernels use (issue 16, items 1 and 4) --------
+
+class _RetypingOut:
+    """An ``out=`` that passes for a PyTorch CPU tensor. When fastopt takes its NumPy view
+    (``detach().numpy()``), it retypes x to int8 -- four times the elements in the same
+    buffer -- after x's shape was read for sizing the outputs: a kernel sized from x.size
+    at call time would read past x and write past out."""
+
+    __module__ = "torch.retyping"  # what fastopt takes for a torch tensor
+
+    def __init__(self, x: np.ndarray, view: np.ndarray):
+        self.x, self.view = x, view
+        self.device = type("Device", (), {"type": "cpu"})()
+
+    def detach(self) -> "_RetypingOut":
+        self.x.dtype = np.int8
+        return self
+
+    def numpy(self) -> np.ndarray:
+        return self.view
+
+
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_input_retyped_while_out_is_converted_raises(check_finite):
+    """Issue 16's reproducer: the kernel reads x's dtype and size itself, so the retyped x
+    is refused (TypeError naming x) and neither x nor out is touched."""
+    x = np.ones(4096, np.float32)
+    out = np.full(4096, 77, np.int8)
+    with pytest.raises(TypeError, match="^x: dtype int8"):
+        fastopt.quantize_per_tensor(x, 0.1, 0, out=_RetypingOut(x, out),
+                                    check_finite=check_finite)
+    assert (out == 77).all()
+    assert (x.view(np.float32) == 1).all()
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_blockwise_out_with_none_raises_before_writing(which, rng):
+    """out=(q, None) and out=(None, absmax): TypeError naming the missing one, and the
+    other is not written (it used to be, before the error)."""
+    x = fresh(rng, (4, 6), F32)
+    outs = [poisoned((4, 6), np.int8, 0), poisoned((4,), F32, 0)]
+    given = tuple(None if k == which else o for k, o in enumerate(outs))
+    for check_finite in (True, False):
+        with pytest.raises(TypeError, match=rf"^out\[{which}\]: "):
+            fastopt.quantize_blockwise(x, 7, out=given, check_finite=check_finite)
+        other = 1 - which
+        assert_bits(outs[other], poisoned(outs[other].shape, outs[other].dtype, 0),
+                    "the given out was written despite the error")
+
+
+def test_blockwise_out_checked_whole_before_writing(rng):
+    """A bad out[1] (read-only, or overlapping out[0]) raises before out[0] is written."""
+    x = fresh(rng, (4, 6), F32)
+    q = poisoned((4, 6), np.int8, 0)
+    absmax = poisoned((4,), F32, 0)
+    absmax.setflags(write=False)
+    pair = poisoned((10,), F32, 0)
+    for out, match in (((q, absmax), r"^out\[1\]: must be writeable"),
+                       ((pair.view(np.int8)[:24].reshape(4, 6), pair[2:6]),
+                        r"^out\[1\]: overlaps out\[0\]")):
+        before = [o.copy() for o in out]
+        with pytest.raises(ValueError, match=match):
+            fastopt.quantize_blockwise(x, 7, out=out, check_finite=False)
+        for o, b in zip(out, before):
+            assert_bits(o, b, "out was written despite the error")

@@ -5,9 +5,12 @@
 // multi-tensor call.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <algorithm>
+#include <limits>
 #include <stdexcept>
 #include "bindings/array_table.h"
 #include "bindings/optim_binding.h"
+#include "bindings/kernel_args.h"
 #include "build_info.h"
 #include "cpu/dispatch.h"
 
@@ -41,96 +44,282 @@ void step(const py::args& args, const py::kwargs& kwargs) {
       [&] { cpu::step<Opt>(table, arrays.dtype(), call.hyper, call.step, call.grad_scale); });
 }
 
-// Batched Cholesky: arrays validated in fastopt/newton.py (contiguous, one dtype, shapes
-// (batch, n, n) and (batch, n)). Returns the mask of systems that solved.
-cpu::DType float_dtype(const py::array& a) {
-  return a.dtype().is(py::dtype::of<float>()) ? cpu::DType::f32 : cpu::DType::f64;
+// ---- quantization and Newton: the same arguments as fastopt._cuda's (stream=None here).
+// Every size is read once from the arrays the kernel runs on and checked against the
+// others (bindings/kernel_args.h) before anything is written. ---------------------------
+
+namespace args = fastopt::bindings::args;
+using args::Arg;
+
+void host_only(const py::object& stream) {
+  if (!stream.is_none())
+    throw py::value_error("stream: only applies to CUDA arrays; this call runs on host arrays");
 }
 
-py::array_t<bool> newton_solve(py::array hessians, py::array grads, py::array out,
-                               int64_t batch, int64_t n, double damping) {
-  py::array_t<bool> solved(batch);
-  const cpu::DType dt = float_dtype(hessians);
-  const void* H = hessians.data();
-  const void* g = grads.data();
-  void* d = out.mutable_data();
-  bool* ok = solved.mutable_data();
-  run_released([&] { cpu::newton_solve(dt, H, g, d, ok, batch, n, damping); });
-  return solved;
+// `obj` as a NumPy array: itself, or its view through the array adapter (a PyTorch CPU
+// tensor). All of a call's arguments are converted before any is described, since the
+// adapter runs Python code.
+py::object to_ndarray(py::handle obj, const char* name) {
+  if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::object>(obj);
+  const py::object& adapter = ArrayTable::array_adapter();
+  py::object view = adapter ? adapter(name, obj) : py::object(py::none());
+  if (!py::isinstance<py::array>(view))
+    throw py::type_error(std::string(name) + ": expected a numpy.ndarray, got " +
+                         Py_TYPE(obj.ptr())->tp_name);
+  return view;
 }
 
-void newton_apply(py::array params, py::array steps, py::object use, int64_t batch, int64_t n,
-                  double lr) {
-  const cpu::DType dt = float_dtype(params);
-  void* p = params.mutable_data();
-  const void* d = steps.data();
-  py::array_t<bool, py::array::c_style | py::array::forcecast> mask_array;
-  if (!use.is_none()) mask_array = use;
-  const bool* mask = use.is_none() ? nullptr : mask_array.data();
-  run_released([&] { cpu::newton_apply(dt, p, d, mask, batch, n, lr); });
+// The name fastopt gives a NumPy dtype ("float32", "int8", "bfloat16" from ml_dtypes...);
+// NumPy's own spelling for the others (">f4" for a big-endian float32).
+std::string host_dtype(const py::detail::PyArray_Proxy* a) {
+  using py::detail::npy_api;
+  constexpr int kNpyHalf = 23, kNpyUserDef = 256;
+  const auto* d = py::detail::array_descriptor_proxy(a->descr);
+  if (d->byteorder != '>') {
+    switch (d->type_num) {
+      case npy_api::NPY_FLOAT_: return "float32";
+      case npy_api::NPY_DOUBLE_: return "float64";
+      case kNpyHalf: return "float16";
+      case npy_api::NPY_BYTE_: return "int8";
+      case npy_api::NPY_UBYTE_: return "uint8";
+      case npy_api::NPY_BOOL_: return "bool";
+      default: break;
+    }
+    static int bfloat16_type_num = -1;  // ml_dtypes' type number, once seen
+    if (d->type_num == bfloat16_type_num) return "bfloat16";
+    if (d->type_num >= kNpyUserDef &&
+        py::handle(a->descr).attr("name").cast<std::string>() == "bfloat16") {
+      bfloat16_type_num = d->type_num;
+      return "bfloat16";
+    }
+  }
+  return py::str(py::handle(a->descr)).cast<std::string>();
 }
 
-// Quantization: arrays validated and allocated in fastopt/quant.py (contiguous, dtypes
-// checked); `in_type` is 0 float32, 1 float16, 2 bfloat16. Functions reading floats
-// return the first non-finite element's flat index, or -1.
-cpu::InType in_type(int code) { return static_cast<cpu::InType>(code); }
+// One array argument: the NumPy array (held for the call) and its description. Absent
+// (None) optional arguments have no bytes.
+struct HostArg {
+  py::object array;
+  Arg arg;
+  bool written = false;
+  bool present = false;
 
-int64_t quantize_affine(py::array x, int in, py::array q, bool unsigned_q, int64_t channels,
-                        int64_t inner, py::array_t<float> scales, py::array_t<float> zps) {
-  const cpu::ChannelLayout L{int64_t(x.size()), channels, inner};
+  explicit HostArg(const char* name) : arg{name, "", {}} { arg.size = 0; }
+  HostArg(py::object ndarray, const char* name, bool is_written)
+      : array(std::move(ndarray)), arg{name, "", {}}, written(is_written), present(true) {
+    const auto* a = py::detail::array_proxy(array.ptr());
+    arg.dtype = host_dtype(a);
+    arg.shape.assign(a->dimensions, a->dimensions + a->nd);
+    for (int64_t e : arg.shape) arg.size *= e;
+    arg.ptr = reinterpret_cast<uintptr_t>(a->data);
+    arg.bytes = arg.size * py::reinterpret_borrow<py::array>(array).itemsize();
+  }
+  template <class T> T* ptr() const { return reinterpret_cast<T*>(arg.ptr); }
+};
+
+// C-contiguous and aligned, writeable if written (zero-size arrays pass); checked after the
+// sizes, so that a wrong shape is named as such.
+void expect_layouts(std::initializer_list<const HostArg*> arrays) {
+  using py::detail::npy_api;
+  for (const HostArg* h : arrays) {
+    if (!h->present || h->arg.size == 0) continue;
+    const int flags = py::detail::array_proxy(h->array.ptr())->flags;
+    const std::string name = h->arg.name;
+    if (!(flags & npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+      throw py::value_error(name + ": must be C-contiguous");
+    if (!(flags & npy_api::NPY_ARRAY_ALIGNED_))
+      throw py::value_error(name + ": data is not aligned to its dtype");
+    if (h->written && !(flags & npy_api::NPY_ARRAY_WRITEABLE_))
+      throw py::value_error(name + ": is read-only but is updated in place");
+  }
+}
+
+cpu::InType in_type(const Arg& x) {
+  args::expect_float_input(x);
+  return x.dtype == "float32" ? cpu::InType::f32
+         : x.dtype == "float16" ? cpu::InType::f16 : cpu::InType::bf16;
+}
+
+// q: int8 or uint8, shaped like `like`. Returns whether it is uint8.
+bool quantized(const Arg& q, const Arg& like) {
+  args::expect_dtype(q, {"int8", "uint8"}, "int8 or uint8");
+  args::expect_same_shape(q, like);
+  return q.dtype == "uint8";
+}
+
+cpu::DType newton_dtype(const Arg& a) {
+  return a.dtype == "float32" ? cpu::DType::f32 : cpu::DType::f64;
+}
+
+// q = clamp(rint(x / scale) + zero_point) per channel along axis (None: per tensor).
+// Returns x's first non-finite flat index (check_finite), else -1.
+int64_t quantize_affine(py::object x, py::object q, py::object scales, py::object zero_points,
+                        py::object axis, bool check_finite, py::object stream) {
+  host_only(stream);
+  x = to_ndarray(x, "x");
+  q = to_ndarray(q, "q");
+  const HostArg ax(x, "x", false), aq(q, "q", true);
+  const cpu::InType in = in_type(ax.arg);
+  const bool unsigned_q = quantized(aq.arg, ax.arg);
+  const args::Channels c = args::channels_of(ax.arg, axis);
+  const float* s = args::channel_params(scales, "scales", c.channels);
+  const float* z = args::channel_params(zero_points, "zero_points", c.channels);
+  expect_layouts({&ax, &aq});
+  args::expect_disjoint({&aq.arg, &ax.arg}, 1);
+  if (ax.arg.size == 0) return -1;
+  const cpu::ChannelLayout L{ax.arg.size, c.channels, c.inner};
   int64_t bad = -1;
-  const void* xp = x.data();
-  void* qp = q.mutable_data();
-  const float *s = scales.data(), *z = zps.data();
-  run_released([&] { cpu::quantize_affine(in_type(in), xp, qp, unsigned_q, L, s, z, &bad); });
-  return bad;
-}
-
-void dequantize_affine(py::array q, bool unsigned_q, py::array x, int64_t channels,
-                       int64_t inner, py::array_t<float> scales, py::array_t<float> zps) {
-  const cpu::ChannelLayout L{int64_t(q.size()), channels, inner};
-  const void* qp = q.data();
-  float* xp = static_cast<float*>(x.mutable_data());
-  const float *s = scales.data(), *z = zps.data();
-  run_released([&] { cpu::dequantize_affine(qp, unsigned_q, xp, L, s, z); });
-}
-
-int64_t minmax(py::array x, int in, int64_t channels, int64_t inner, py::array mins,
-               py::array maxs) {
-  const cpu::ChannelLayout L{int64_t(x.size()), channels, inner};
-  int64_t bad = -1;
-  const void* xp = x.data();
-  float* mn = static_cast<float*>(mins.mutable_data());
-  float* mx = static_cast<float*>(maxs.mutable_data());
-  run_released([&] { cpu::minmax(in_type(in), xp, L, mn, mx, &bad); });
-  return bad;
-}
-
-int64_t quantize_blockwise(py::array x, int in, py::array q, py::array absmax, int64_t block,
-                           bool stochastic, uint64_t seed) {
-  int64_t bad = -1;
-  const int64_t n = int64_t(x.size());
-  const void* xp = x.data();
-  int8_t* qp = static_cast<int8_t*>(q.mutable_data());
-  float* ap = static_cast<float*>(absmax.mutable_data());
   run_released([&] {
-    cpu::quantize_blockwise(in_type(in), xp, qp, ap, n, block, stochastic, seed, &bad);
+    cpu::quantize_affine(in, ax.ptr<const void>(), aq.ptr<void>(), unsigned_q, L, s, z, &bad);
   });
-  return bad;
+  return check_finite ? bad : -1;
 }
 
-void dequantize_blockwise(py::array q, py::array absmax, py::array x, int64_t block) {
-  const int64_t n = int64_t(q.size());
-  const int8_t* qp = static_cast<const int8_t*>(q.data());
-  const float* ap = static_cast<const float*>(absmax.data());
-  float* xp = static_cast<float*>(x.mutable_data());
-  run_released([&] { cpu::dequantize_blockwise(qp, ap, xp, n, block); });
+// out = (q - zero_point) * scale in float32, per channel along axis (None: per tensor).
+void dequantize_affine(py::object q, py::object out, py::object scales, py::object zero_points,
+                       py::object axis, py::object stream) {
+  host_only(stream);
+  q = to_ndarray(q, "q");
+  out = to_ndarray(out, "out");
+  const HostArg aq(q, "q", false), ao(out, "out", true);
+  args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
+  args::expect_dtype(ao.arg, {"float32"}, "float32");
+  args::expect_same_shape(ao.arg, aq.arg);
+  const args::Channels c = args::channels_of(aq.arg, axis);
+  const float* s = args::channel_params(scales, "scales", c.channels);
+  const float* z = args::channel_params(zero_points, "zero_points", c.channels);
+  expect_layouts({&aq, &ao});
+  args::expect_disjoint({&ao.arg, &aq.arg}, 1);
+  if (aq.arg.size == 0) return;
+  const cpu::ChannelLayout L{aq.arg.size, c.channels, c.inner};
+  const bool unsigned_q = aq.arg.dtype == "uint8";
+  run_released([&] {
+    cpu::dequantize_affine(aq.ptr<const void>(), unsigned_q, ao.ptr<float>(), L, s, z);
+  });
+}
+
+// (x's first non-finite flat index or -1, mins, maxs): the min and max of the finite
+// elements per channel along axis (None: one channel), +inf / -inf for a channel without.
+py::tuple minmax(py::object x, py::object axis, py::object stream) {
+  host_only(stream);
+  x = to_ndarray(x, "x");
+  const HostArg ax(x, "x", false);
+  const cpu::InType in = in_type(ax.arg);
+  const args::Channels c = args::channels_of(ax.arg, axis);
+  expect_layouts({&ax});
+  py::array_t<float> mins(c.channels), maxs(c.channels);
+  float *mn = mins.mutable_data(), *mx = maxs.mutable_data();
+  std::fill(mn, mn + c.channels, std::numeric_limits<float>::infinity());
+  std::fill(mx, mx + c.channels, -std::numeric_limits<float>::infinity());
+  int64_t bad = -1;
+  if (ax.arg.size > 0) {
+    const cpu::ChannelLayout L{ax.arg.size, c.channels, c.inner};
+    run_released([&] { cpu::minmax(in, ax.ptr<const void>(), L, mn, mx, &bad); });
+  }
+  return py::make_tuple(bad, mins, maxs);
+}
+
+// Per block of `block` consecutive elements of x: absmax and q = rint(x * 127/absmax).
+// Returns x's first non-finite flat index (check_finite), else -1.
+int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_t block,
+                           bool stochastic, uint64_t seed, bool check_finite,
+                           py::object stream) {
+  host_only(stream);
+  x = to_ndarray(x, "x");
+  q = to_ndarray(q, "q");
+  absmax = to_ndarray(absmax, "absmax");
+  const HostArg ax(x, "x", false), aq(q, "q", true), am(absmax, "absmax", true);
+  const cpu::InType in = in_type(ax.arg);
+  args::expect_dtype(aq.arg, {"int8"}, "int8");
+  args::expect_same_shape(aq.arg, ax.arg);
+  args::expect_absmax(am.arg, ax.arg, block);
+  expect_layouts({&ax, &aq, &am});
+  args::expect_disjoint({&aq.arg, &am.arg, &ax.arg}, 2);
+  const int64_t n = ax.arg.size;
+  if (n == 0) return -1;
+  int64_t bad = -1;
+  run_released([&] {  // the kernel sees min(block, n): b*block + block stays in range
+    cpu::quantize_blockwise(in, ax.ptr<const void>(), aq.ptr<int8_t>(), am.ptr<float>(), n,
+                            std::min(block, n), stochastic, seed, &bad);
+  });
+  return check_finite ? bad : -1;
+}
+
+// out = q * (absmax / 127) per block of `block` consecutive elements.
+void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64_t block,
+                          py::object stream) {
+  host_only(stream);
+  q = to_ndarray(q, "q");
+  absmax = to_ndarray(absmax, "absmax");
+  out = to_ndarray(out, "out");
+  const HostArg aq(q, "q", false), am(absmax, "absmax", false), ao(out, "out", true);
+  args::expect_dtype(aq.arg, {"int8"}, "int8");
+  args::expect_absmax(am.arg, aq.arg, block);
+  args::expect_dtype(ao.arg, {"float32"}, "float32");
+  args::expect_same_shape(ao.arg, aq.arg);
+  expect_layouts({&aq, &am, &ao});
+  args::expect_disjoint({&ao.arg, &aq.arg, &am.arg}, 1);
+  const int64_t n = aq.arg.size;
+  if (n == 0) return;
+  run_released([&] {
+    cpu::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), ao.ptr<float>(),
+                              n, std::min(block, n));
+  });
+}
+
+// Batched damped Cholesky: d = (H + damping*I)^-1 g and solved[b] for every system.
+// params (None, or the array a Newton step will update) is checked with the others
+// before anything runs.
+void newton_solve(py::object hessians, py::object grads, py::object d, py::object solved,
+                  double damping, py::object params, py::object stream) {
+  host_only(stream);
+  hessians = to_ndarray(hessians, "hessians");
+  grads = to_ndarray(grads, "grads");
+  if (!params.is_none()) params = to_ndarray(params, "params");
+  d = to_ndarray(d, "d");
+  solved = to_ndarray(solved, "solved");
+  const HostArg ah(hessians, "hessians", false), ag(grads, "grads", false);
+  const HostArg ap = params.is_none() ? HostArg("params") : HostArg(params, "params", true);
+  const HostArg ad(d, "d", true), as(solved, "solved", true);
+  const args::Systems sys = args::newton_systems(ah.arg, ag.arg, ap.present ? &ap.arg : nullptr);
+  args::expect_same_dtype(ad.arg, ah.arg);
+  args::expect_same_shape(ad.arg, ag.arg);
+  args::expect_flags(as.arg, ag.arg);
+  expect_layouts({&ah, &ag, &ap, &ad, &as});
+  args::expect_disjoint({&ap.arg, &ad.arg, &as.arg, &ag.arg, &ah.arg}, 3);
+  if (sys.batch == 0) return;
+  const cpu::DType dt = newton_dtype(ah.arg);
+  run_released([&] {
+    cpu::newton_solve(dt, ah.ptr<const void>(), ag.ptr<const void>(), ad.ptr<void>(),
+                      as.ptr<bool>(), sys.batch, sys.n, damping);
+  });
+}
+
+// p <- p - lr*d for the systems with use[b] (all when use is None).
+void newton_apply(py::object params, py::object d, py::object use, double lr,
+                  py::object stream) {
+  host_only(stream);
+  params = to_ndarray(params, "params");
+  d = to_ndarray(d, "d");
+  if (!use.is_none()) use = to_ndarray(use, "use");
+  const HostArg ap(params, "params", true), ad(d, "d", false);
+  const HostArg au = use.is_none() ? HostArg("use") : HostArg(use, "use", false);
+  const args::Systems sys = args::newton_update(ap.arg, ad.arg);
+  if (au.present) args::expect_flags(au.arg, ap.arg);
+  expect_layouts({&ap, &ad, &au});
+  args::expect_disjoint({&ap.arg, &ad.arg, &au.arg}, 1);
+  if (sys.batch == 0) return;
+  const cpu::DType dt = newton_dtype(ap.arg);
+  const bool* mask = au.present ? au.ptr<const bool>() : nullptr;
+  run_released([&] {
+    cpu::newton_apply(dt, ap.ptr<void>(), ad.ptr<const void>(), mask, sys.batch, sys.n, lr);
+  });
 }
 
 void add_inplace(py::array dst, py::array src) {
-  const std::array<RoleSpec, 2> roles{
-      {{"dst", py::list(py::make_tuple(dst)), true, fastopt::RoleKind::param},
-       {"src", py::list(py::make_tuple(src)), false, fastopt::RoleKind::grad}}};
+  const py::list dst_list(py::make_tuple(dst)), src_list(py::make_tuple(src));
+  const std::array<RoleSpec, 2> roles{{{"dst", dst_list, true, fastopt::RoleKind::param},
+                                       {"src", src_list, false, fastopt::RoleKind::grad}}};
   const ArrayTable arrays(roles, false);
   if (arrays.dtype() != cpu::DType::f32 && arrays.dtype() != cpu::DType::f64)
     throw py::type_error("dst: add_inplace takes float32 or float64 arrays");
@@ -146,7 +335,11 @@ py::dict build_info() {
 #else
   d["openmp"] = false;
 #endif
+#ifdef FASTOPT_HAVE_AVX2
   d["cpu_paths"] = py::make_tuple("scalar", "avx2");
+#else
+  d["cpu_paths"] = py::make_tuple("scalar");
+#endif
   d["cpu_has_avx2_fma"] = cpu::cpu_has_avx2();
   return d;
 }
@@ -162,20 +355,22 @@ PYBIND11_MODULE(_cpu, m) {
   });
   m.def("optimizers", &fastopt::bindings::describe_optimizers,
         "Each optimizer's array roles, hyper-parameter names and whether it takes step");
-  m.def("newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("out"), arg("batch"),
-        arg("n"), arg("damping"));
-  m.def("newton_apply", &newton_apply, arg("params"), arg("steps"), arg("use"), arg("batch"),
-        arg("n"), arg("lr"));
-  m.def("quantize_affine", &quantize_affine, arg("x"), arg("in_type"), arg("q"),
-        arg("unsigned_q"), arg("channels"), arg("inner"), arg("scales"), arg("zero_points"));
-  m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("unsigned_q"), arg("x"),
-        arg("channels"), arg("inner"), arg("scales"), arg("zero_points"));
-  m.def("minmax", &minmax, arg("x"), arg("in_type"), arg("channels"), arg("inner"),
-        arg("mins"), arg("maxs"));
-  m.def("quantize_blockwise", &quantize_blockwise, arg("x"), arg("in_type"), arg("q"),
-        arg("absmax"), arg("block"), arg("stochastic"), arg("seed"));
-  m.def("dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("x"),
-        arg("block"));
+  // Quantization and Newton: the same arguments as in fastopt._cuda.
+  const auto host_stream = arg("stream").none(true) = py::none();
+  m.def("quantize_affine", &quantize_affine, arg("x"), arg("q"), arg("scales"),
+        arg("zero_points"), arg("axis").none(true), arg("check_finite"),
+        host_stream);
+  m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("out"), arg("scales"),
+        arg("zero_points"), arg("axis").none(true), host_stream);
+  m.def("minmax", &minmax, arg("x"), arg("axis").none(true), host_stream);
+  m.def("quantize_blockwise", &quantize_blockwise, arg("x"), arg("q"), arg("absmax"),
+        arg("block"), arg("stochastic"), arg("seed"), arg("check_finite"), host_stream);
+  m.def("dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("out"),
+        arg("block"), host_stream);
+  m.def("newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("d"), arg("solved"),
+        arg("damping"), arg("params").none(true) = py::none(), host_stream);
+  m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use").none(true),
+        arg("lr"), host_stream);
   m.def("add_inplace", &add_inplace, arg("dst"), arg("src"),
         "dst += src with all threads: the bandwidth ceiling of the benchmark");
   m.def("set_cpu_path", [](const std::string& name) {

@@ -12,6 +12,7 @@
 #include <string>
 #include "bindings/device_table.h"
 #include "bindings/optim_binding.h"
+#include "bindings/kernel_args.h"
 #include "bindings/overlap.h"
 #include "cuda/device_info.h"
 #include "cuda/newton_kernels.h"
@@ -132,10 +133,11 @@ void step(const py::args& args, const py::kwargs& kwargs) {
                   stores, reinterpret_cast<cudaStream_t>(stream));
 }
 
-// ---- quantization and Newton: dtypes, shapes and out= are checked in fastopt/quant.py and
-// fastopt/newton.py; here the layout, devices and aliasing ------------------------------
+// ---- quantization and Newton: the same arguments as fastopt._cpu's. Every size is read
+// once from the arrays the kernel runs on and checked against the others
+// (bindings/kernel_args.h); here also their layout, device, aliasing and the stream. ------
 
-using HostFloats = py::array_t<float, py::array::c_style | py::array::forcecast>;
+namespace args = fastopt::bindings::args;
 
 // One array argument of a call, checked for layout.
 DeviceArray call_arg(py::handle obj, const char* name, intptr_t stream, bool written) {
@@ -168,6 +170,40 @@ int call_device(const std::vector<NamedArray>& args, size_t num_written, intptr_
   return device;
 }
 
+// A kernel argument: the CUDA array and its description for the shared size checks.
+// Absent (None) optional arguments have no bytes.
+struct KernelArg {
+  DeviceArray array;
+  args::Arg arg;
+  bool written = false;
+  bool present = false;
+
+  explicit KernelArg(const char* name) : arg{name, "", {}} { arg.size = 0; }
+  KernelArg(py::handle obj, const char* name, intptr_t stream, bool is_written)
+      : array(fastopt::bindings::describe(obj, {name, 0, false}, stream)),
+        arg{name, fastopt::bindings::dtype_name(array.dtype), array.shape},
+        written(is_written),
+        present(true) {
+    arg.size = array.size;
+    arg.ptr = array.ptr;
+    arg.bytes = array.size * int64_t(cuda::element_size(array.dtype));
+  }
+  template <class T> T* ptr() const { return reinterpret_cast<T*>(array.ptr); }
+};
+
+// The arguments' layouts (C-contiguous, aligned, writeable where written; after the size
+// checks, so that a wrong shape is named as such), then the call's device: all arrays on
+// one, the stream on it too. Aliasing is args::expect_disjoint's.
+int kernel_device(std::initializer_list<const KernelArg*> arrays, intptr_t stream) {
+  std::vector<NamedArray> named;
+  for (const KernelArg* a : arrays) {
+    if (!a->present) continue;
+    fastopt::bindings::check_layout(a->array, {a->arg.name, 0, false}, a->written);
+    named.emplace_back(a->arg.name, &a->array);
+  }
+  return call_device(named, 0, stream);
+}
+
 // Device memory for one call (the first-bad index, per-channel parameters, a factor),
 // freed in stream order after the kernels that use it.
 class Scratch {
@@ -195,13 +231,13 @@ void clear_first_bad(const Scratch& scratch, cudaStream_t s) {
 // Scratch holding first_bad = ~0 and the per-channel scales and zero points (float32).
 class AffineScratch : public Scratch {
  public:
-  AffineScratch(const HostFloats& scales, const HostFloats& zero_points, size_t channels,
-                cudaStream_t s)
+  AffineScratch(const float* scales, const float* zero_points, size_t channels, cudaStream_t s)
       : Scratch(8 + 8 * channels, s), channels_(channels) {
     clear_first_bad(*this, s);
-    DeviceGuard::check(cudaMemcpyAsync(this->scales(), scales.data(), 4 * channels,
+    // From pageable memory: staged before the call returns, no wait for the stream.
+    DeviceGuard::check(cudaMemcpyAsync(this->scales(), scales, 4 * channels,
                                        cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-    DeviceGuard::check(cudaMemcpyAsync(this->zero_points(), zero_points.data(), 4 * channels,
+    DeviceGuard::check(cudaMemcpyAsync(this->zero_points(), zero_points, 4 * channels,
                                        cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
   }
   float* scales() const { return at<float>(8); }
@@ -211,91 +247,136 @@ class AffineScratch : public Scratch {
   size_t channels_;
 };
 
-// Waits for the stream (the GIL released) and returns the first non-finite index, or -1.
-int64_t first_bad(const Scratch& scratch, cudaStream_t s) {
+// Copies the first-bad slot -- and `more_bytes` from the scratch after it into `more` (the
+// min/max keys) -- to the host and returns the first non-finite index, or -1. A copy into
+// pageable memory waits for the stream's work, so the GIL is released for the copies and
+// the wait alike.
+int64_t first_bad(const Scratch& scratch, cudaStream_t s, void* more = nullptr,
+                  size_t more_bytes = 0) {
   unsigned long long bad = 0;
-  DeviceGuard::check(cudaMemcpyAsync(&bad, scratch.at<void>(0), 8, cudaMemcpyDeviceToHost, s),
-                     "cudaMemcpyAsync");
   {
     py::gil_scoped_release release;
+    if (more_bytes)
+      DeviceGuard::check(cudaMemcpyAsync(more, scratch.at<void>(8), more_bytes,
+                                         cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
+    DeviceGuard::check(cudaMemcpyAsync(&bad, scratch.at<void>(0), 8, cudaMemcpyDeviceToHost, s),
+                       "cudaMemcpyAsync");
     DeviceGuard::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
   }
   return bad == ~0ull ? -1 : static_cast<int64_t>(bad);
 }
 
+// Per block of `block` consecutive elements of x: absmax and q = rint(x * 127/absmax).
+// Returns x's first non-finite flat index with check_finite (waiting for the stream),
+// else -1 at once.
 int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_t block,
                            bool stochastic, uint64_t seed, bool check_finite, intptr_t stream) {
-  const DeviceArray ax = call_arg(x, "x", stream, false), aq = call_arg(q, "q", stream, true),
-                    am = call_arg(absmax, "absmax", stream, true);
-  DeviceGuard guard(call_device({{"q", &aq}, {"absmax", &am}, {"x", &ax}}, 2, stream));
+  const KernelArg ax(x, "x", stream, false), aq(q, "q", stream, true),
+      am(absmax, "absmax", stream, true);
+  args::expect_float_input(ax.arg);
+  args::expect_dtype(aq.arg, {"int8"}, "int8");
+  args::expect_same_shape(aq.arg, ax.arg);
+  args::expect_absmax(am.arg, ax.arg, block);
+  DeviceGuard guard(kernel_device({&ax, &aq, &am}, stream));
+  args::expect_disjoint({&aq.arg, &am.arg, &ax.arg}, 2);
+  const int64_t n = ax.arg.size;
+  if (n == 0) return -1;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   Scratch scratch(8, s);
   clear_first_bad(scratch, s);
-  cuda::quantize_blockwise(ax.dtype, reinterpret_cast<const void*>(ax.ptr),
-                           reinterpret_cast<int8_t*>(aq.ptr), reinterpret_cast<float*>(am.ptr),
-                           ax.size, block, stochastic, seed, scratch.at<unsigned long long>(0), s);
+  cuda::quantize_blockwise(ax.array.dtype, ax.ptr<const void>(), aq.ptr<int8_t>(),
+                           am.ptr<float>(), n, std::min(block, n), stochastic, seed,
+                           scratch.at<unsigned long long>(0), s);
   return check_finite ? first_bad(scratch, s) : -1;
 }
 
-void dequantize_blockwise(py::object q, py::object absmax, py::object x, int64_t block,
+// out = q * (absmax / 127) per block of `block` consecutive elements.
+void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64_t block,
                           intptr_t stream) {
-  const DeviceArray aq = call_arg(q, "q", stream, false),
-                    am = call_arg(absmax, "absmax", stream, false),
-                    ax = call_arg(x, "out", stream, true);
-  DeviceGuard guard(call_device({{"out", &ax}, {"q", &aq}, {"absmax", &am}}, 1, stream));
-  cuda::dequantize_blockwise(reinterpret_cast<const int8_t*>(aq.ptr),
-                             reinterpret_cast<const float*>(am.ptr), reinterpret_cast<float*>(ax.ptr),
-                             aq.size, block, reinterpret_cast<cudaStream_t>(stream));
+  const KernelArg aq(q, "q", stream, false), am(absmax, "absmax", stream, false),
+      ao(out, "out", stream, true);
+  args::expect_dtype(aq.arg, {"int8"}, "int8");
+  args::expect_absmax(am.arg, aq.arg, block);
+  args::expect_dtype(ao.arg, {"float32"}, "float32");
+  args::expect_same_shape(ao.arg, aq.arg);
+  DeviceGuard guard(kernel_device({&aq, &am, &ao}, stream));
+  args::expect_disjoint({&ao.arg, &aq.arg, &am.arg}, 1);
+  const int64_t n = aq.arg.size;
+  if (n == 0) return;
+  cuda::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), ao.ptr<float>(), n,
+                             std::min(block, n), reinterpret_cast<cudaStream_t>(stream));
 }
 
-int64_t quantize_affine(py::object x, py::object q, bool unsigned_q, int64_t channels,
-                        int64_t inner, HostFloats scales, HostFloats zero_points,
-                        bool check_finite, intptr_t stream) {
-  const DeviceArray ax = call_arg(x, "x", stream, false), aq = call_arg(q, "q", stream, true);
-  DeviceGuard guard(call_device({{"q", &aq}, {"x", &ax}}, 1, stream));
+// q = clamp(rint(x / scale) + zero_point) per channel along axis (None: per tensor).
+// Returns x's first non-finite flat index with check_finite (waiting for the stream),
+// else -1 at once.
+int64_t quantize_affine(py::object x, py::object q, py::object scales, py::object zero_points,
+                        py::object axis, bool check_finite, intptr_t stream) {
+  const KernelArg ax(x, "x", stream, false), aq(q, "q", stream, true);
+  args::expect_float_input(ax.arg);
+  args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
+  args::expect_same_shape(aq.arg, ax.arg);
+  const args::Channels c = args::channels_of(ax.arg, axis);
+  const float* sp = args::channel_params(scales, "scales", c.channels);
+  const float* zp = args::channel_params(zero_points, "zero_points", c.channels);
+  DeviceGuard guard(kernel_device({&ax, &aq}, stream));
+  args::expect_disjoint({&aq.arg, &ax.arg}, 1);
+  if (ax.arg.size == 0) return -1;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const AffineScratch scratch(scales, zero_points, size_t(channels), s);
-  cuda::quantize_affine(ax.dtype, reinterpret_cast<const void*>(ax.ptr), reinterpret_cast<void*>(aq.ptr),
-                        unsigned_q, ax.size, channels, inner, scratch.scales(),
-                        scratch.zero_points(), scratch.at<unsigned long long>(0), s);
+  const AffineScratch scratch(sp, zp, size_t(c.channels), s);
+  cuda::quantize_affine(ax.array.dtype, ax.ptr<const void>(), aq.ptr<void>(),
+                        aq.array.dtype == cuda::DType::u8, ax.arg.size, c.channels, c.inner,
+                        scratch.scales(), scratch.zero_points(),
+                        scratch.at<unsigned long long>(0), s);
   return check_finite ? first_bad(scratch, s) : -1;
 }
 
-void dequantize_affine(py::object q, bool unsigned_q, py::object x, int64_t channels,
-                       int64_t inner, HostFloats scales,
-                       HostFloats zero_points,
-                       intptr_t stream) {
-  const DeviceArray aq = call_arg(q, "q", stream, false), ax = call_arg(x, "out", stream, true);
-  DeviceGuard guard(call_device({{"out", &ax}, {"q", &aq}}, 1, stream));
+// out = (q - zero_point) * scale in float32, per channel along axis (None: per tensor).
+void dequantize_affine(py::object q, py::object out, py::object scales, py::object zero_points,
+                       py::object axis, intptr_t stream) {
+  const KernelArg aq(q, "q", stream, false), ao(out, "out", stream, true);
+  args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
+  args::expect_dtype(ao.arg, {"float32"}, "float32");
+  args::expect_same_shape(ao.arg, aq.arg);
+  const args::Channels c = args::channels_of(aq.arg, axis);
+  const float* sp = args::channel_params(scales, "scales", c.channels);
+  const float* zp = args::channel_params(zero_points, "zero_points", c.channels);
+  DeviceGuard guard(kernel_device({&aq, &ao}, stream));
+  args::expect_disjoint({&ao.arg, &aq.arg}, 1);
+  if (aq.arg.size == 0) return;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const AffineScratch scratch(scales, zero_points, size_t(channels), s);
-  cuda::dequantize_affine(reinterpret_cast<const void*>(aq.ptr), unsigned_q,
-                          reinterpret_cast<float*>(ax.ptr), aq.size, channels, inner,
-                          scratch.scales(), scratch.zero_points(), s);
+  const AffineScratch scratch(sp, zp, size_t(c.channels), s);
+  cuda::dequantize_affine(aq.ptr<const void>(), aq.array.dtype == cuda::DType::u8,
+                          ao.ptr<float>(), aq.arg.size, c.channels, c.inner, scratch.scales(),
+                          scratch.zero_points(), s);
 }
 
-// Min/max observer: (first non-finite index or -1, mins, maxs) per channel of the finite
-// elements (+inf / -inf for a channel without any), waiting for the stream.
-py::tuple minmax(py::object x, int64_t channels, int64_t inner, intptr_t stream) {
-  const DeviceArray ax = call_arg(x, "x", stream, false);
-  DeviceGuard guard(call_device({{"x", &ax}}, 0, stream));
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const size_t c = size_t(channels);
+// Min/max observer: (x's first non-finite flat index or -1, mins, maxs) per channel along
+// axis (None: one channel) of the finite elements (+inf / -inf for a channel without any),
+// waiting for the stream.
+py::tuple minmax(py::object x, py::object axis, intptr_t stream) {
+  const KernelArg ax(x, "x", stream, false);
+  args::expect_float_input(ax.arg);
+  const args::Channels ch = args::channels_of(ax.arg, axis);
+  DeviceGuard guard(kernel_device({&ax}, stream));
+  const size_t c = size_t(ch.channels);
   const uint32_t inf_bits = 0x7f800000u, minus_inf_bits = 0xff800000u;
   std::vector<uint32_t> keys(2 * c);
   std::fill(keys.begin(), keys.begin() + c, cuda::float_key(inf_bits));
   std::fill(keys.begin() + c, keys.end(), cuda::float_key(minus_inf_bits));
-  Scratch scratch(8 + 8 * c, s);
-  clear_first_bad(scratch, s);
-  DeviceGuard::check(cudaMemcpyAsync(scratch.at<void>(8), keys.data(), 8 * c,
-                                     cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-  cuda::minmax(ax.dtype, reinterpret_cast<const void*>(ax.ptr), ax.size, channels, inner,
-               scratch.at<uint32_t>(8), scratch.at<uint32_t>(8 + 4 * c),
-               scratch.at<unsigned long long>(0), s);
-  DeviceGuard::check(cudaMemcpyAsync(keys.data(), scratch.at<void>(8), 8 * c,
-                                     cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
-  const int64_t bad = first_bad(scratch, s);  // waits for the stream
-  py::array_t<float> mins(channels), maxs(channels);
+  int64_t bad = -1;
+  if (ax.arg.size > 0) {
+    const auto s = reinterpret_cast<cudaStream_t>(stream);
+    Scratch scratch(8 + 8 * c, s);
+    clear_first_bad(scratch, s);
+    DeviceGuard::check(cudaMemcpyAsync(scratch.at<void>(8), keys.data(), 8 * c,
+                                       cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
+    cuda::minmax(ax.array.dtype, ax.ptr<const void>(), ax.arg.size, ch.channels, ch.inner,
+                 scratch.at<uint32_t>(8), scratch.at<uint32_t>(8 + 4 * c),
+                 scratch.at<unsigned long long>(0), s);
+    bad = first_bad(scratch, s, keys.data(), 8 * c);  // waits for the stream
+  }
+  py::array_t<float> mins(ch.channels), maxs(ch.channels);
   for (size_t k = 0; k < c; ++k) {
     const uint32_t lo = cuda::key_float_bits(keys[k]), hi = cuda::key_float_bits(keys[c + k]);
     std::memcpy(mins.mutable_data() + k, &lo, 4);
@@ -304,30 +385,40 @@ py::tuple minmax(py::object x, int64_t channels, int64_t inner, intptr_t stream)
   return py::make_tuple(bad, mins, maxs);
 }
 
-// Batched damped Newton, phase 1: d and the solved flags (a bool array) of every system.
+// Batched damped Newton, phase 1: d = (H + damping*I)^-1 g and the solved flags (a bool
+// array) of every system. params (None, or the array a Newton step will update) is
+// checked with the others before anything is launched.
 void newton_solve(py::object hessians, py::object grads, py::object d, py::object solved,
-                  int64_t batch, int64_t n, double damping, intptr_t stream) {
-  const DeviceArray ah = call_arg(hessians, "hessians", stream, false),
-                    ag = call_arg(grads, "grads", stream, false),
-                    ad = call_arg(d, "d", stream, true), as = call_arg(solved, "solved", stream, true);
-  DeviceGuard guard(call_device({{"d", &ad}, {"solved", &as}, {"hessians", &ah}, {"grads", &ag}}, 2, stream));
+                  double damping, py::object params, intptr_t stream) {
+  const KernelArg ah(hessians, "hessians", stream, false), ag(grads, "grads", stream, false);
+  const KernelArg ap =
+      params.is_none() ? KernelArg("params") : KernelArg(params, "params", stream, true);
+  const KernelArg ad(d, "d", stream, true), as(solved, "solved", stream, true);
+  const args::Systems sys = args::newton_systems(ah.arg, ag.arg, ap.present ? &ap.arg : nullptr);
+  args::expect_same_dtype(ad.arg, ah.arg);
+  args::expect_same_shape(ad.arg, ag.arg);
+  args::expect_flags(as.arg, ag.arg);
+  DeviceGuard guard(kernel_device({&ah, &ag, &ap, &ad, &as}, stream));
+  args::expect_disjoint({&ap.arg, &ad.arg, &as.arg, &ag.arg, &ah.arg}, 3);
+  if (sys.batch == 0) return;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  Scratch scratch(size_t(cuda::newton_scratch_elements(batch, n)) * cuda::element_size(ah.dtype), s);
-  cuda::newton_solve(ah.dtype, reinterpret_cast<const void*>(ah.ptr), reinterpret_cast<const void*>(ag.ptr),
-                     reinterpret_cast<void*>(ad.ptr), reinterpret_cast<uint8_t*>(as.ptr), batch, n,
-                     damping, scratch.at<void>(0), s);
+  Scratch scratch(size_t(cuda::newton_scratch_elements(sys.batch, sys.n)) *
+                      cuda::element_size(ah.array.dtype), s);
+  cuda::newton_solve(ah.array.dtype, ah.ptr<const void>(), ag.ptr<const void>(), ad.ptr<void>(),
+                     as.ptr<uint8_t>(), sys.batch, sys.n, damping, scratch.at<void>(0), s);
 }
 
 // Phase 2: p <- p - lr*d for the systems with use[b] (all when use is None).
-void newton_apply(py::object params, py::object d, py::object use, int64_t batch, int64_t n,
-                  double lr, intptr_t stream) {
-  const DeviceArray ap = call_arg(params, "params", stream, true), ad = call_arg(d, "d", stream, false);
-  DeviceArray au;
-  if (!use.is_none()) au = call_arg(use, "use", stream, false);
-  DeviceGuard guard(use.is_none() ? call_device({{"params", &ap}, {"d", &ad}}, 1, stream)
-                                  : call_device({{"params", &ap}, {"d", &ad}, {"use", &au}}, 1, stream));
-  cuda::newton_apply(ap.dtype, reinterpret_cast<void*>(ap.ptr), reinterpret_cast<const void*>(ad.ptr),
-                     use.is_none() ? nullptr : reinterpret_cast<const uint8_t*>(au.ptr), batch, n, lr,
+void newton_apply(py::object params, py::object d, py::object use, double lr, intptr_t stream) {
+  const KernelArg ap(params, "params", stream, true), ad(d, "d", stream, false);
+  const KernelArg au = use.is_none() ? KernelArg("use") : KernelArg(use, "use", stream, false);
+  const args::Systems sys = args::newton_update(ap.arg, ad.arg);
+  if (!use.is_none()) args::expect_flags(au.arg, ap.arg);
+  DeviceGuard guard(kernel_device({&ap, &ad, &au}, stream));
+  args::expect_disjoint({&ap.arg, &ad.arg, &au.arg}, 1);
+  if (sys.batch == 0) return;
+  cuda::newton_apply(ap.array.dtype, ap.ptr<void>(), ad.ptr<const void>(),
+                     use.is_none() ? nullptr : au.ptr<const uint8_t>(), sys.batch, sys.n, lr,
                      reinterpret_cast<cudaStream_t>(stream));
 }
 
@@ -401,25 +492,25 @@ PYBIND11_MODULE(_cuda, m) {
   });
   m.def("optimizers", &fastopt::bindings::describe_optimizers,
         "Each optimizer's array roles, hyper-parameter names and whether it takes step");
+  // Quantization and Newton: the same arguments as in fastopt._cpu.
   m.def("quantize_blockwise", &quantize_blockwise, arg("x"), arg("q"), arg("absmax"),
         arg("block"), arg("stochastic"), arg("seed"), arg("check_finite"), arg("stream"),
         "Returns the first non-finite index of x, or -1 (with check_finite: waits for the "
         "stream; without: -1 at once)");
-  m.def("dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("x"),
+  m.def("dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("out"),
         arg("block"), arg("stream"));
-  m.def("quantize_affine", &quantize_affine, arg("x"), arg("q"), arg("unsigned_q"),
-        arg("channels"), arg("inner"), arg("scales"), arg("zero_points"), arg("check_finite"),
-        arg("stream"),
+  m.def("quantize_affine", &quantize_affine, arg("x"), arg("q"), arg("scales"),
+        arg("zero_points"), arg("axis").none(true), arg("check_finite"), arg("stream"),
         "Returns the first non-finite index of x, or -1 (with check_finite: waits for the "
         "stream; without: -1 at once)");
-  m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("unsigned_q"), arg("x"),
-        arg("channels"), arg("inner"), arg("scales"), arg("zero_points"), arg("stream"));
-  m.def("minmax", &minmax, arg("x"), arg("channels"), arg("inner"), arg("stream"),
+  m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("out"), arg("scales"),
+        arg("zero_points"), arg("axis").none(true), arg("stream"));
+  m.def("minmax", &minmax, arg("x"), arg("axis").none(true), arg("stream"),
         "(first non-finite index or -1, mins, maxs) per channel; waits for the stream");
   m.def("newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("d"), arg("solved"),
-        arg("batch"), arg("n"), arg("damping"), arg("stream"));
-  m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use"), arg("batch"),
-        arg("n"), arg("lr"), arg("stream"));
+        arg("damping"), arg("params").none(true), arg("stream"));
+  m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use").none(true),
+        arg("lr"), arg("stream"));
   m.def("check_arrays", &check_arrays, arg("written"), arg("read"), arg("stream"),
         "Layout, device and aliasing checks of (name, array) pairs before writing `written`");
   m.def("copy", &copy, arg("dst"), arg("src"), arg("stream"));

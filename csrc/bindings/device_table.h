@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <algorithm>
+#include <utility>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -66,7 +67,9 @@ struct DeviceArray {
   int64_t size = 1;
   DType dtype = DType::f32;
   int device = -1;          // -1: unknown (an empty array without memory)
-  bool contiguous = true;
+  std::vector<int64_t> strides;  // in elements (C order's when the producer gave none)
+  bool contiguous = true;   // C-contiguous
+  bool dense = true;        // its elements fill one block, in some order of the dimensions
   bool readonly = false;
   bool torch = false;       // a PyTorch tensor: its data pointer can move (t.data = ...)
 };
@@ -136,6 +139,39 @@ inline bool c_contiguous(const std::vector<int64_t>& shape, const int64_t* strid
   return true;
 }
 
+// The C-order strides of `shape`, in elements.
+inline std::vector<int64_t> c_strides(const std::vector<int64_t>& shape) {
+  std::vector<int64_t> strides(shape.size());
+  int64_t next = 1;
+  for (size_t d = shape.size(); d-- > 0;) {
+    strides[d] = next;
+    next *= shape[d];
+  }
+  return strides;
+}
+
+// Dense: the elements fill size consecutive slots in some order of the dimensions (C order,
+// Fortran order, channels_last...): no gaps, no overlap, no negative stride.
+inline bool dense_layout(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, extent) of extents > 1
+  for (size_t d = 0; d < shape.size(); ++d)
+    if (shape[d] != 1) dims.emplace_back(strides[d], shape[d]);
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, extent] : dims) {
+    if (stride != expected) return false;
+    expected *= extent;
+  }
+  return true;
+}
+
+// Sets a's strides and the layout flags that follow from them.
+inline void set_strides(DeviceArray& a, std::vector<int64_t> strides) {
+  a.strides = std::move(strides);
+  a.contiguous = c_contiguous(a.shape, a.strides.data());
+  a.dense = dense_layout(a.shape, a.strides);
+}
+
 inline void read_shape(DeviceArray& a, py::handle shape) {
   const py::tuple t(py::reinterpret_borrow<py::object>(shape));  // torch.Size, tuple or list
   a.shape.resize(t.size());
@@ -166,12 +202,20 @@ inline uintptr_t torch_data_ptr(py::handle obj) {
   return FASTOPT_CALL(obj, "data_ptr").cast<uintptr_t>();
 }
 
+inline std::vector<int64_t> torch_strides(py::handle obj) {
+  const py::tuple t(FASTOPT_CALL(obj, "stride"));
+  std::vector<int64_t> strides(t.size());
+  for (size_t d = 0; d < t.size(); ++d) strides[d] = t[d].cast<int64_t>();
+  return strides;
+}
+
 // A tensor seen before still has its memory and layout: `t.data = ...` or resize_() can
 // move or shrink it under the same object, and `t.data = t.data.t()` keeps pointer and size
-// but is no longer stepped correctly in storage order.
-inline bool torch_unchanged(py::handle obj, uintptr_t ptr, int64_t size, bool contiguous) {
+// but changes the order its elements are stepped in.
+inline bool torch_unchanged(py::handle obj, uintptr_t ptr, int64_t size,
+                            const std::vector<int64_t>& strides) {
   return torch_data_ptr(obj) == ptr && FASTOPT_CALL(obj, "numel").cast<int64_t>() == size &&
-         (FASTOPT_CALL(obj, "is_contiguous").ptr() == Py_True) == contiguous;
+         torch_strides(obj) == strides;
 }
 
 inline void describe_torch(DeviceArray& a, py::handle obj, const Where& w) {
@@ -186,7 +230,7 @@ inline void describe_torch(DeviceArray& a, py::handle obj, const Where& w) {
     throw py::type_error(w.str() + ": dtype " + py::str(dt).cast<std::string>() + kSupported);
   a.dtype = static_cast<DType>(k);
   read_shape(a, FASTOPT_ATTR(obj, "shape"));
-  a.contiguous = FASTOPT_CALL(obj, "is_contiguous").cast<bool>();
+  set_strides(a, torch_strides(obj));
   a.ptr = torch_data_ptr(obj);
   a.torch = true;
 }
@@ -218,6 +262,7 @@ inline void describe_cai(DeviceArray& a, const py::dict& cai, const Where& w) {
   a.readonly = data[1].cast<bool>();
   if (cai.contains("mask") && !cai["mask"].is_none())
     throw py::type_error(w.str() + ": masked arrays are not supported");
+  set_strides(a, c_strides(a.shape));
   if (cai.contains("strides") && !cai["strides"].is_none()) {
     const py::tuple st = cai["strides"];
     std::vector<int64_t> strides(st.size());
@@ -228,7 +273,11 @@ inline void describe_cai(DeviceArray& a, const py::dict& cai, const Where& w) {
       whole = bytes % item == 0;
       strides[d] = bytes / item;
     }
-    a.contiguous = whole && c_contiguous(a.shape, strides.data());
+    if (whole) {
+      set_strides(a, std::move(strides));
+    } else {  // a stride that is no whole number of elements: neither dense nor contiguous
+      a.contiguous = a.dense = false;
+    }
   }
   if (a.size > 0) a.device = device_of_pointer(a.ptr, w);
 }
@@ -255,7 +304,7 @@ inline void describe_dlpack(DeviceArray& a, py::handle obj, const Where& w, intp
   a.shape.assign(t.shape, t.shape + t.ndim);
   a.size = 1;
   for (int64_t e : a.shape) a.size *= e;
-  a.contiguous = t.strides == nullptr || c_contiguous(a.shape, t.strides);
+  set_strides(a, t.strides ? std::vector<int64_t>(t.strides, t.strides + t.ndim) : c_strides(a.shape));
   a.ptr = reinterpret_cast<uintptr_t>(t.data) + t.byte_offset;
   a.device = t.device.device_id;
   // The capsule is released here; the memory stays owned by `obj`, which the plan holds.
@@ -295,10 +344,15 @@ inline DeviceArray describe(py::handle obj, const Where& w, intptr_t stream) {
                        Py_TYPE(obj.ptr())->tp_name);
 }
 
-// Contiguous, aligned to its dtype, and writeable if `written` (zero-size arrays pass).
-inline void check_layout(const DeviceArray& a, const Where& w, bool written) {
+// Aligned to its dtype, and writeable if `written` (zero-size arrays pass); C-contiguous,
+// or for an optimizer step (`dense_ok`) dense in any order of the dimensions.
+inline void check_layout(const DeviceArray& a, const Where& w, bool written,
+                         bool dense_ok = false) {
   if (a.size == 0) return;
-  if (!a.contiguous)
+  if (dense_ok && !a.dense)
+    throw py::value_error(w.str() + ": must be dense (its elements in one block, in any order "
+                          "of the dimensions, no gaps or negative strides)");
+  if (!dense_ok && !a.contiguous)
     throw py::value_error(w.str() + ": must be C-contiguous");
   if (a.ptr % cuda::element_size(a.dtype) != 0)
     throw py::value_error(w.str() + ": data is not aligned to its dtype");
@@ -333,7 +387,7 @@ class DevicePlan {
           // grads) can have had their storage replaced.
           if (e.is(item) &&
               (!e.torch || role.kind == RoleKind::state ||
-               torch_unchanged(item, e.ptr, e.size, e.contiguous)))
+               torch_unchanged(item, e.ptr, e.size, e.strides)))
             continue;
           if (r == 0 || role.written) rebuild = true;
           changed.emplace_back(r, i);
@@ -354,17 +408,17 @@ class DevicePlan {
   // What the plan remembers of one array: the object (written arrays: held, they are the
   // caller's params or the optimizer's own state) or a weak reference to it (read-only
   // inputs: holding last step's grads would keep a whole gradient copy alive through the
-  // next forward and backward), its data pointer, element count and contiguity.
+  // next forward and backward), its data pointer, element count and strides.
   struct Entry {
     py::object ref;       // the object, a weakref to it, or None (no weakref support)
     bool weak = false;
     uintptr_t ptr = 0;
     int64_t size = 0;
-    bool contiguous = true;
+    std::vector<int64_t> strides;
     bool torch = false;
 
     static Entry make(py::handle obj, bool written, const DeviceArray& a) {
-      Entry e{py::none(), !written, a.ptr, a.size, a.contiguous, a.torch};
+      Entry e{py::none(), !written, a.ptr, a.size, a.strides, a.torch};
       if (written) {
         e.ref = py::reinterpret_borrow<py::object>(obj);
       } else {
@@ -438,10 +492,17 @@ class DevicePlan {
                               std::to_string(device_));
     }
     if (r == 0) return a;
+    const Where params_at{"params", i, listed};
     if (a.shape != shapes_[i])
       throw py::value_error(w.str() + ": shape " + shape_str(a.shape) + " does not match " +
-                            Where{"params", i, listed}.str() + "'s shape " + shape_str(shapes_[i]));
-    check_layout(a, w, role.written);
+                            params_at.str() + "'s shape " + shape_str(shapes_[i]));
+    check_layout(a, w, role.written, /*dense_ok=*/true);
+    if (a.size > 0)
+      for (size_t d = 0; d < a.shape.size(); ++d)
+        if (a.shape[d] != 1 && a.strides[d] != strides_[i][d])
+          throw py::value_error(w.str() + ": its strides differ from " + params_at.str() +
+                                "'s (the arrays of one entry must lay out their elements in "
+                                "the same order)");
     return a;
   }
 
@@ -480,8 +541,9 @@ class DevicePlan {
           py::handle item = PyList_GET_ITEM(role.list.ptr(), i);
           const DeviceArray a = next.checked(item, role, r, i, listed, stream, &first);
           if (r == 0) {
-            check_layout(a, Where{role.name, i, listed}, role.written);
+            check_layout(a, Where{role.name, i, listed}, role.written, /*dense_ok=*/true);
             next.shapes_.push_back(a.shape);
+            next.strides_.push_back(a.strides);
             next.sizes_.push_back(a.size);
           }
           next.entries_[r][i] = Entry::make(item, role.written, a);
@@ -579,7 +641,8 @@ class DevicePlan {
   bool used_[kMaxRoles] = {};
   RoleKind kind_[kMaxRoles] = {};
   std::vector<Entry> entries_[kMaxRoles];
-  std::vector<std::vector<int64_t>> shapes_;  // of the params
+  std::vector<std::vector<int64_t>> shapes_;   // of the params
+  std::vector<std::vector<int64_t>> strides_;  // of the params
   std::vector<int64_t> sizes_;
   std::vector<Span> written_;                  // sorted by address, disjoint
   std::vector<std::pair<int, int>> slots_;     // tensor -> (table, index), -1 when empty

@@ -25,7 +25,10 @@ FASTOPT_HD T lane_dot(const T* a, const T* b, int64_t len) {
   int64_t k = 0;
   for (; k + kDotLanes <= len; k += kDotLanes)
     for (int l = 0; l < kDotLanes; ++l) acc[l] = acc[l] + a[k + l] * b[k + l];
-  for (int l = 0; k < len; ++k, ++l) acc[l] = acc[l] + a[k] * b[k];
+  // The tail (len - k < kDotLanes) into lanes 0.., indexed by constants so that acc stays
+  // in registers on the GPU (a run-time index puts it in local memory).
+  for (int l = 0; l < kDotLanes; ++l)
+    if (l < len - k) acc[l] = acc[l] + a[k + l] * b[k + l];
   T s = T(0);
   for (int l = 0; l < kDotLanes; ++l) s = s + acc[l];
   return s;

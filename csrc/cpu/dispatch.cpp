@@ -19,7 +19,7 @@ std::atomic<Isa> g_isa{best_isa()};
 }  // namespace
 
 bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
+#ifdef FASTOPT_HAVE_AVX2  // the AVX2 kernels are built only on x86-64 (CMakeLists.txt)
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
@@ -70,15 +70,18 @@ void set_num_threads(int64_t n) {
 }
 
 // Calls fn of the active ISA.
+#ifdef FASTOPT_HAVE_AVX2
 #define FASTOPT_ISA_CALL(fn, ...) \
   (active_isa() == Isa::avx2 ? isa_avx2::fn(__VA_ARGS__) : isa_scalar::fn(__VA_ARGS__))
+#else  // set_isa refuses "avx2" here (cpu_has_avx2() is false), so the scalar path is the only one
+#define FASTOPT_ISA_CALL(fn, ...) isa_scalar::fn(__VA_ARGS__)
+#endif
 
 // Optimizer kernels take the thread count in their table.
 template <class Opt>
 void step(TensorTable t, DType d, const typename Opt::Hyper& h, int64_t s, double grad_scale) {
   t.num_threads = num_threads();
-  if (active_isa() == Isa::avx2) isa_avx2::step<Opt>(t, d, h, s, grad_scale);
-  else isa_scalar::step<Opt>(t, d, h, s, grad_scale);
+  FASTOPT_ISA_CALL(step<Opt>, t, d, h, s, grad_scale);
 }
 #define FASTOPT_INSTANTIATE(Opt) \
   template void step<Opt>(TensorTable, DType, const Opt::Hyper&, int64_t, double);

@@ -1,21 +1,24 @@
 """fastopt: fused CPU (AVX2) and CUDA kernels for optimizer steps, with torch.optim semantics."""
-from . import reference, schedules
+from . import functional, optim, reference, schedules
 from ._runtime import (cuda_available, get_cpu_path, get_num_threads, info, set_cpu_path,
                        set_num_threads)
-from .functional import adagrad_, adam_, adamw_, ema_, lion_, rmsprop_, sgd_, sophia_
+from .functional import *  # noqa: F403  (every step function: functional.__all__)
 from .newton import NotPositiveDefiniteError, cholesky_solve, newton_
-from .optim import SGD, Adagrad, Adam, AdamW, Lion, Optimizer, RMSprop, Sophia
+from .optim import Optimizer
 from .quant import (choose_qparams, dequantize, dequantize_blockwise, quantize_blockwise,
                     quantize_per_channel, quantize_per_tensor)
+
+# One class per optimizer of the table (fastopt._specs), written or made from it.
+globals().update({cls.__name__: cls for cls in optim.CLASSES.values()})
 
 __version__: str = info()["version"]
 
 __all__ = [
-    "sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "lion_", "ema_",
+    *functional.__all__,
     "newton_", "cholesky_solve", "NotPositiveDefiniteError",
     "quantize_per_tensor", "quantize_per_channel", "dequantize", "choose_qparams",
     "quantize_blockwise", "dequantize_blockwise",
-    "Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Sophia", "Lion",
+    "Optimizer", *(cls.__name__ for cls in optim.CLASSES.values()),
     "schedules", "reference",
     "set_num_threads", "get_num_threads", "set_cpu_path", "get_cpu_path",
     "cuda_available", "info", "__version__",

@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from . import _ext
-from ._validate import flag, real  # noqa: F401  (quant and newton import them from here)
 
 ArrayOrList = Any  # an array, or a list/tuple of arrays
 

@@ -13,6 +13,7 @@ continues bit-identically.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -22,8 +23,6 @@ from ._arrays import ArrayOrList, as_list
 from ._specs import OPTIMIZERS, OptimizerSpec
 from ._validate import real
 
-__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Sophia", "Lion",
-           "CLASSES"]
 
 Schedule = Callable[[int, float], float]
 
@@ -314,20 +313,42 @@ class Sophia(Optimizer):
         self._queued_on(stream)
 
 
-class Lion(Optimizer):
-    """Lion (Chen et al. 2023): see ``fastopt.lion_``. No ``torch.optim`` counterpart; the
-    defaults are the paper's (lr 1e-4, betas 0.9 and 0.99)."""
+def _class_from_spec(spec: OptimizerSpec) -> type:
+    """The class of an optimizer that needs nothing beyond its table entry:
+    ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None)``, named after
+    the spec (``"name"`` -> ``Name``) and documented by its functional step."""
+    lr_default = spec.hyper["lr"].default
+    others = {name: h.default for name, h in spec.hyper.items() if name != "lr"}
 
-    _spec = OPTIMIZERS["lion"]
+    def __init__(self: Optimizer, params: ArrayOrList, lr: Any = lr_default, *,
+                 schedule: Optional[Schedule] = None, **hyper: Any) -> None:
+        unknown = sorted(set(hyper) - set(others))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unexpected keyword argument {unknown[0]!r}")
+        if lr is None:
+            raise TypeError(f"{type(self).__name__}: missing argument 'lr'")
+        Optimizer.__init__(self, params, lr=lr, schedule=schedule, hyper={**others, **hyper})
 
-    def __init__(self, params: ArrayOrList, lr: float = 1e-4, *, beta1: float = 0.9,
-                 beta2: float = 0.99, weight_decay: float = 0.0, maximize: bool = False,
-                 l1: float = 0.0, schedule: Optional[Schedule] = None):
-        hyper = dict(beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
-                     l1=l1)
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+         inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+         inspect.Parameter("lr", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                           default=inspect.Parameter.empty if lr_default is None else lr_default),
+         *(inspect.Parameter(n, keyword, default=d) for n, d in others.items()),
+         inspect.Parameter("schedule", keyword, default=None)])
+    name = spec.name.capitalize()
+    doc = (f"``fastopt.{spec.name}_`` as a class: it owns its state (see ``Optimizer``).\n\n"
+           + (getattr(functional, f"{spec.name}_").__doc__ or ""))
+    return type(name, (Optimizer,), {"_spec": spec, "__init__": __init__, "__doc__": doc,
+                                     "__module__": __name__})
 
 
-# The class of each optimizer in the table, by its name there.
-CLASSES: Dict[str, type] = {"sgd": SGD, "adagrad": Adagrad, "rmsprop": RMSprop, "adam": Adam,
-                            "adamw": AdamW, "sophia": Sophia, "lion": Lion}
+# The class of each optimizer in the table, by its name there: the hand-written ones above
+# (torch's signatures, their own extras), and one made from the table for every other.
+_WRITTEN: Dict[str, type] = {"sgd": SGD, "adagrad": Adagrad, "rmsprop": RMSprop, "adam": Adam,
+                             "adamw": AdamW, "sophia": Sophia}
+CLASSES: Dict[str, type] = {name: _WRITTEN.get(name) or _class_from_spec(spec)
+                            for name, spec in OPTIMIZERS.items()}
+globals().update({cls.__name__: cls for cls in CLASSES.values()})
+__all__ = ["Optimizer", "CLASSES", *(cls.__name__ for cls in CLASSES.values())]

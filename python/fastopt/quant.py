@@ -24,7 +24,6 @@ differ by one (torch's own CUDA path divides, like fastopt).
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import secrets
@@ -32,70 +31,16 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _arrays
-from ._arrays import host_array, real
-from ._ext import _cpu
+from ._validate import flag, real
+from ._kernels import Call
 
 __all__ = ["quantize_per_tensor", "quantize_per_channel", "dequantize", "choose_qparams",
            "quantize_blockwise", "dequantize_blockwise"]
 
 QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
-_IN_TYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
-
-
-class _Kind:
-    """Remembers whether the caller gave a torch tensor, to hand results back alike."""
-
-    def __init__(self, obj: Any):
-        self.torch = not isinstance(obj, np.ndarray) and type(obj).__module__.startswith("torch")
-
-    def wrap(self, a: np.ndarray) -> Any:
-        if not self.torch:
-            return a
-        import torch
-
-        if a.dtype.name == "bfloat16":
-            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(a)
-
-
-def _host(name: str, x: Any) -> Tuple[np.ndarray, _Kind]:
-    kind = _Kind(x)
-    if kind.torch and x.device.type == "cpu":
-        import torch
-
-        if x.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits through ml_dtypes
-            import ml_dtypes
-
-            return x.detach().contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16), kind
-    return host_array(name, x), kind
-
-
-@functools.lru_cache(maxsize=None)
-def _host_in_type(dtype: np.dtype) -> Optional[int]:
-    """The kernels' input type code of a NumPy dtype, None if unsupported (cached per
-    dtype: ``dtype.name`` costs microseconds)."""
-    return _IN_TYPES.get(dtype.name) if dtype.isnative else None
-
-
-def _float_input(name: str, x: Any) -> Tuple[np.ndarray, int, _Kind]:
-    a, kind = _host(name, x)
-    in_type = _host_in_type(a.dtype)
-    if in_type is None:
-        raise TypeError(f"{name}: dtype {a.dtype} is not supported (float32, float16, bfloat16 "
-                        f"in native byte order)")
-    _check_layout(name, a)
-    return a, in_type, kind
-
-
-def _check_layout(name: str, a: np.ndarray) -> None:
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name}: must be C-contiguous")
-    if not a.flags.aligned:
-        raise ValueError(f"{name}: data is not aligned to its dtype")
-
 
 _QDTYPES = {np.dtype(name): (np.dtype(name), *QRANGE[name]) for name in QRANGE}
+_INT8, _FLOAT32 = np.dtype(np.int8), np.dtype(np.float32)  # (dtype.name costs microseconds)
 
 
 def _qdtype(dtype: Any) -> Tuple[np.dtype, int, int]:
@@ -171,113 +116,32 @@ def _check_out_dtype(out_dtype: Any) -> None:
         raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
 
 
-def _layout(shape: Tuple[int, ...], axis: Optional[int]) -> Tuple[int, int]:
-    """(channels, inner) of the (outer, channels, inner) view."""
-    if axis is None:
-        return 1, max(1, math.prod(shape))
-    return shape[axis], max(1, math.prod(shape[axis + 1:]))
-
-
 def _raise_nonfinite(name: str, shape: Tuple[int, ...], flat: int) -> None:
     where = np.unravel_index(flat, shape) if shape else ()
     raise ValueError(f"{name}: non-finite value at index {tuple(int(i) for i in where)} "
                      f"(flat {flat}); nothing was written")
 
 
-def _check_out(out: Any, shape: Tuple[int, ...], dtype: np.dtype, name: str,
-               *others: np.ndarray) -> Optional[np.ndarray]:
-    """Host output ``out`` (a NumPy array or a PyTorch CPU tensor) checked, as a NumPy
-    array sharing its memory; None if out is None."""
-    if out is None:
-        return None
-    out = host_array(name, out)
-    if out.shape != shape or out.dtype != dtype:
-        raise ValueError(f"{name}: expected shape {shape} and dtype {dtype}, got "
-                         f"{out.shape} {out.dtype}")
-    if not out.flags.writeable:
-        raise ValueError(f"{name}: must be writeable")
-    _check_layout(name, out)
-    for o in others:
-        if out.size and o.size and np.may_share_memory(out, o):
-            raise ValueError(f"{name}: overlaps an input in memory")
-    return out
-
-
-# ---- CUDA arrays: checked here, run by fastopt._cuda ---------------------------------------
-
-def _cuda_call(name: str, x: Any, stream: Any) -> Tuple[Any, int]:
-    """(fastopt._cuda, stream handle) for a call on CUDA array ``x`` (argument ``name``)."""
-    kernels, extra = _arrays.backend([x], stream, name=name)
-    return kernels, extra["stream"]
-
-
-def _host_only(stream: Any) -> None:
-    if stream is not None:
-        raise ValueError("stream: only applies to CUDA arrays; this input is a host array")
-
-
-def _device_input(cuda: Any, name: str, x: Any, allowed: Tuple[str, ...]) -> Tuple[str, Tuple[int, ...]]:
-    dtype, shape, _ = cuda.describe(x, name)
-    if dtype not in allowed:
-        raise TypeError(f"{name}: dtype {dtype} is not supported ({', '.join(allowed)})")
-    return dtype, tuple(shape)
-
-
-def _device_output(cuda: Any, handle: int, name: str, out: Any, like: Any,
-                   shape: Tuple[int, ...], dtype: str) -> Any:
-    """``out`` checked against (shape, dtype), or a new array like ``like``'s library."""
-    if out is None:
-        return _arrays.device_empty(like, shape, dtype, handle)
-    got_dtype, got_shape, _ = cuda.describe(out, name)
-    if tuple(got_shape) != shape or got_dtype != dtype:
-        raise ValueError(f"{name}: expected shape {shape} and dtype {dtype}, got "
-                         f"{tuple(got_shape)} {got_dtype}")
-    return out
-
-
-def _device_quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: Optional[int],
-                            qdt: np.dtype, out: Any, stream: Any, check_finite: bool) -> Any:
-    cuda, handle = _cuda_call("x", x, stream)
-    _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
-    if axis is not None and scales.shape != (shape[axis],):
-        raise ValueError(f"scales: expected shape ({shape[axis]},), got {scales.shape}")
+def _quantize_affine(x: Any, scale: Any, zero_point: Any, axis: Optional[int], dtype: Any,
+                     out: Optional[Any], stream: Any, check_finite: Any) -> Any:
+    qdt, qmin, qmax = _qdtype(dtype)
+    check_finite = flag("check_finite", check_finite)
+    call = Call("x", x, stream)
+    xa, shape, _, kind = call.input("x", x)
+    scales, zero_points, axis = _affine_params(scale, zero_point, axis, shape, qmin, qmax)
     if out is not None:
-        _device_output(cuda, handle, "out", out, x, shape, qdt.name)
-        cuda.check_arrays([("out", out)], [("x", x)], handle)
-    direct = out is not None and not check_finite  # else out gets only a clean result
-    target = out if direct else _arrays.device_empty(x, shape, qdt.name, handle)
-    channels, inner = _layout(shape, axis)
-    if math.prod(shape):
-        bad = cuda.quantize_affine(x, target, qdt == np.uint8, channels, inner, scales, zps,
-                                   check_finite, handle)
-        if bad >= 0:
-            _raise_nonfinite("x", shape, bad)
-    if out is None or direct:
-        return target
-    cuda.copy(out, target, handle)
-    return out
-
-
-def _quantize_affine(x: Any, scales: np.ndarray, zps: np.ndarray, axis: Optional[int],
-                     qdt: np.dtype, out: Optional[np.ndarray], stream: Any,
-                     check_finite: Any) -> Any:
-    check_finite = _arrays.flag("check_finite", check_finite)
-    if _arrays.on_device(x):
-        return _device_quantize_affine(x, scales, zps, axis, qdt, out, stream, check_finite)
-    _host_only(stream)
-    a, in_type, kind = _float_input("x", x)
-    host_out = _check_out(out, a.shape, qdt, "out", a)
-    channels, inner = _layout(a.shape, axis)
+        out_array = call.out("out", out, shape, qdt, [("x", xa)])
     direct = out is not None and not check_finite  # else out receives only a clean result
-    target = host_out if direct else np.empty(a.shape, dtype=qdt)
-    if a.size:
-        bad = _cpu.quantize_affine(a, in_type, target, qdt == np.uint8, channels, inner,
-                                   scales, zps)
-        if bad >= 0 and check_finite:
-            _raise_nonfinite("x", a.shape, bad)
-    if out is not None and not direct:
-        np.copyto(host_out, target)
-    return out if out is not None else kind.wrap(target)
+    q = out_array if direct else call.empty(xa, shape, qdt)
+    bad = call.kernels.quantize_affine(xa, q, scales, zero_points, axis, check_finite,
+                                       call.stream)
+    if bad >= 0:
+        _raise_nonfinite("x", shape, bad)
+    if out is None:
+        return kind.wrap(q)
+    if not direct:
+        call.copy(out_array, q)
+    return out
 
 
 def quantize_per_tensor(x: Any, scale: float, zero_point: int, dtype: str = "int8", *,
@@ -286,9 +150,7 @@ def quantize_per_tensor(x: Any, scale: float, zero_point: int, dtype: str = "int
     """q = clamp(rint(x / scale) + zero_point, qmin, qmax), round half to even, as
     ``torch.quantize_per_tensor(...).int_repr()``; int8 [-128, 127] or uint8 [0, 255].
     ``check_finite=False``: see the module docstring."""
-    qdt, qmin, qmax = _qdtype(dtype)
-    s, z, _ = _affine_params(scale, zero_point, None, (), qmin, qmax)
-    return _quantize_affine(x, s, z, None, qdt, out, stream, check_finite)
+    return _quantize_affine(x, scale, zero_point, None, dtype, out, stream, check_finite)
 
 
 def quantize_per_channel(x: Any, scales: Any, zero_points: Any, axis: int,
@@ -297,11 +159,9 @@ def quantize_per_channel(x: Any, scales: Any, zero_points: Any, axis: int,
     """Per-channel affine quantization along ``axis``: channel c uses scales[c] and
     zero_points[c]; as ``torch.quantize_per_channel(...).int_repr()``.
     ``check_finite=False``: see the module docstring."""
-    qdt, qmin, qmax = _qdtype(dtype)
-    shape = tuple(x.shape) if _arrays.on_device(x) else _float_input("x", x)[0].shape
-    ax = _axis(axis, len(shape))
-    s, z = _channel_params(scales, zero_points, shape[ax], qmin, qmax)
-    return _quantize_affine(x, s, z, ax, qdt, out, stream, check_finite)
+    if axis is None:  # None means per tensor to the kernels: an axis is required here
+        raise TypeError("axis: expected an integer, got NoneType")
+    return _quantize_affine(x, scales, zero_points, axis, dtype, out, stream, check_finite)
 
 
 def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
@@ -309,36 +169,17 @@ def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
                out: Optional[Any] = None, stream: Any = None) -> Any:
     """x = (q - zero_point) * scale in float32; per channel along ``axis`` when given
     (scale and zero_point then 1-D)."""
-    if _arrays.on_device(q):
-        return _device_dequantize(q, scale, zero_point, axis, out_dtype, out, stream)
-    _host_only(stream)
-    a, kind = _host("q", q)
-    if a.dtype not in (np.int8, np.uint8):
-        raise TypeError(f"q: dtype {a.dtype} is not supported (int8 or uint8)")
-    _check_layout("q", a)
-    _check_out_dtype(out_dtype)
-    _, qmin, qmax = _qdtype(a.dtype)
-    s, z, axis = _affine_params(scale, zero_point, axis, a.shape, qmin, qmax)
-    host_out = _check_out(out, a.shape, np.dtype(np.float32), "out", a)
-    target = host_out if out is not None else np.empty(a.shape, dtype=np.float32)
-    if a.size:
-        channels, inner = _layout(a.shape, axis)
-        _cpu.dequantize_affine(a, a.dtype == np.uint8, target, channels, inner, s, z)
-    return out if out is not None else kind.wrap(target)
-
-
-def _device_dequantize(q: Any, scale: Any, zero_point: Any, axis: Optional[int], out_dtype: str,
-                       out: Any, stream: Any) -> Any:
-    cuda, handle = _cuda_call("q", q, stream)
-    qname, shape = _device_input(cuda, "q", q, ("int8", "uint8"))
+    call = Call("q", q, stream)
+    qa, shape, qname, kind = call.input("q", q)
+    if qname not in QRANGE:
+        raise TypeError(f"q: dtype {qname} is not supported (int8 or uint8)")
     _check_out_dtype(out_dtype)
     _, qmin, qmax = _qdtype(qname)
-    s, z, axis = _affine_params(scale, zero_point, axis, shape, qmin, qmax)
-    target = _device_output(cuda, handle, "out", out, q, shape, "float32")
-    if math.prod(shape):
-        channels, inner = _layout(shape, axis)
-        cuda.dequantize_affine(q, qname == "uint8", target, channels, inner, s, z, handle)
-    return target
+    scales, zero_points, axis = _affine_params(scale, zero_point, axis, shape, qmin, qmax)
+    x = (call.out("out", out, shape, _FLOAT32, [("q", qa)]) if out is not None
+         else call.empty(qa, shape, _FLOAT32))
+    call.kernels.dequantize_affine(qa, x, scales, zero_points, axis, call.stream)
+    return out if out is not None else kind.wrap(x)
 
 
 def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None,
@@ -356,26 +197,13 @@ def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None
     qdt, qmin, qmax = _qdtype(dtype)
     if not isinstance(symmetric, (bool, np.bool_)):
         raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
-    on_gpu = _arrays.on_device(x)
-    if on_gpu:
-        cuda, handle = _cuda_call("x", x, stream)
-        _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
-    else:
-        _host_only(stream)
-        a, in_type, _ = _float_input("x", x)
-        shape = a.shape
+    call = Call("x", x, stream)
+    xa, shape, _, _ = call.input("x", x)
     if axis is not None:
         axis = _axis(axis, len(shape))
-    channels, inner = _layout(shape, axis)
-    mins = np.full(channels, np.inf, dtype=np.float32)
-    maxs = np.full(channels, -np.inf, dtype=np.float32)
-    if math.prod(shape):
-        if on_gpu:
-            bad, mins, maxs = cuda.minmax(x, channels, inner, handle)
-        else:
-            bad = _cpu.minmax(a, in_type, channels, inner, mins, maxs)
-        if bad >= 0:
-            _raise_nonfinite("x", shape, bad)
+    bad, mins, maxs = call.kernels.minmax(xa, axis, call.stream)
+    if bad >= 0:
+        _raise_nonfinite("x", shape, bad)
     scale, zp = _qparams_from_minmax(mins, maxs, bool(symmetric), qmin, qmax, qdt)
     if axis is None:
         return float(scale[0]), int(zp[0])
@@ -432,73 +260,27 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
         raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
     if out is not None and (not isinstance(out, tuple) or len(out) != 2):
         raise TypeError("out: expected a tuple (q, absmax)")
-    check_finite = _arrays.flag("check_finite", check_finite)
-    if _arrays.on_device(x):
-        return _device_quantize_blockwise(x, block, rounding == "stochastic", int(seed), out,
-                                          stream, check_finite)
-    _host_only(stream)
-    a, in_type, kind = _float_input("x", x)
-    blocks = -(-a.size // block)
-    if out is not None:
-        q_out = _check_out(out[0], a.shape, np.dtype(np.int8), "out[0]", a)
-        absmax_out = _check_out(out[1], (blocks,), np.dtype(np.float32), "out[1]", a, q_out)
+    check_finite = flag("check_finite", check_finite)
+    call = Call("x", x, stream)
+    xa, shape, _, kind = call.input("x", x)
+    blocks = -(-math.prod(shape) // block)
+    if out is not None:  # both checked before anything is written
+        q_out = call.out("out[0]", out[0], shape, _INT8, [("x", xa)])
+        absmax_out = call.out("out[1]", out[1], (blocks,), _FLOAT32,
+                              [("x", xa), ("out[0]", q_out)])
     direct = out is not None and not check_finite  # else out receives only a clean result
-    q = q_out if direct else np.empty(a.shape, dtype=np.int8)
-    absmax = absmax_out if direct else np.empty(blocks, dtype=np.float32)
-    if a.size:
-        bad = _cpu.quantize_blockwise(a, in_type, q, absmax, min(block, a.size),
-                                      rounding == "stochastic", int(seed))
-        if bad >= 0 and check_finite:
-            _raise_nonfinite("x", a.shape, bad)
-    if out is not None and not direct:
-        np.copyto(q_out, q)
-        np.copyto(absmax_out, absmax)
-    return out if out is not None else (kind.wrap(q), kind.wrap(absmax))
-
-
-def _device_quantize_blockwise(x: Any, block: int, stochastic: bool, seed: int,
-                               out: Optional[Tuple[Any, Any]], stream: Any,
-                               check_finite: bool) -> Tuple[Any, Any]:
-    cuda, handle = _cuda_call("x", x, stream)
-    _, shape = _device_input(cuda, "x", x, tuple(_IN_TYPES))
-    n = math.prod(shape)
-    blocks = -(-n // block)
-    if out is not None:
-        _device_output(cuda, handle, "out[0]", out[0], x, shape, "int8")
-        _device_output(cuda, handle, "out[1]", out[1], x, (blocks,), "float32")
-        cuda.check_arrays([("out[0]", out[0]), ("out[1]", out[1])], [("x", x)], handle)
-    direct = out is not None and not check_finite  # else out gets only a clean result
-    q = out[0] if direct else _arrays.device_empty(x, shape, "int8", handle)
-    absmax = out[1] if direct else _arrays.device_empty(x, (blocks,), "float32", handle)
-    if n:
-        bad = cuda.quantize_blockwise(x, q, absmax, min(block, n), stochastic, seed,
-                                      check_finite, handle)
-        if bad >= 0:
-            _raise_nonfinite("x", shape, bad)
+    q = q_out if direct else call.empty(xa, shape, _INT8)
+    absmax = absmax_out if direct else call.empty(xa, (blocks,), _FLOAT32)
+    bad = call.kernels.quantize_blockwise(xa, q, absmax, block, rounding == "stochastic",
+                                          int(seed), check_finite, call.stream)
+    if bad >= 0:
+        _raise_nonfinite("x", shape, bad)
     if out is None:
-        return q, absmax
-    if direct:
-        return out
-    cuda.copy(out[0], q, handle)
-    cuda.copy(out[1], absmax, handle)
+        return kind.wrap(q), kind.wrap(absmax)
+    if not direct:
+        call.copy(q_out, q)
+        call.copy(absmax_out, absmax)
     return out
-
-
-def _device_dequantize_blockwise(q: Any, absmax: Any, block: int, out_dtype: str, out: Any,
-                                 stream: Any) -> Any:
-    cuda, handle = _cuda_call("q", q, stream)
-    _, shape = _device_input(cuda, "q", q, ("int8",))
-    _, am_shape = _device_input(cuda, "absmax", absmax, ("float32",))
-    n = math.prod(shape)
-    blocks = -(-n // block)
-    if am_shape != (blocks,):
-        raise ValueError(f"absmax: expected shape ({blocks},) for {n} elements in blocks "
-                         f"of {block}, got {am_shape}")
-    _check_out_dtype(out_dtype)
-    target = _device_output(cuda, handle, "out", out, q, shape, "float32")
-    if n:
-        cuda.dequantize_blockwise(q, absmax, target, min(block, n), handle)
-    return target
 
 
 def dequantize_blockwise(q: Any, absmax: Any, block_size: int = 256,
@@ -506,24 +288,11 @@ def dequantize_blockwise(q: Any, absmax: Any, block_size: int = 256,
                          stream: Any = None) -> Any:
     """x = q * (absmax / 127) per block of ``block_size`` consecutive elements, float32."""
     block = _block_size(block_size)
-    if _arrays.on_device(q):
-        return _device_dequantize_blockwise(q, absmax, block, out_dtype, out, stream)
-    _host_only(stream)
-    qa, kind = _host("q", q)
-    am, _ = _host("absmax", absmax)
-    if qa.dtype != np.int8:
-        raise TypeError(f"q: dtype {qa.dtype} is not supported (int8)")
-    if am.dtype != np.float32 or not am.dtype.isnative:
-        raise TypeError(f"absmax: dtype {am.dtype} is not supported (native float32)")
-    blocks = -(-qa.size // block)
-    if am.shape != (blocks,):
-        raise ValueError(f"absmax: expected shape ({blocks},) for {qa.size} elements in blocks "
-                         f"of {block}, got {am.shape}")
-    _check_layout("q", qa)
-    _check_layout("absmax", am)
+    call = Call("q", q, stream)
+    qa, shape, _, kind = call.input("q", q)
+    am = call.input("absmax", absmax)[0]
     _check_out_dtype(out_dtype)
-    host_out = _check_out(out, qa.shape, np.dtype(np.float32), "out", qa, am)
-    target = host_out if out is not None else np.empty(qa.shape, dtype=np.float32)
-    if qa.size:
-        _cpu.dequantize_blockwise(qa, am, target, min(block, qa.size))
-    return out if out is not None else kind.wrap(target)
+    x = (call.out("out", out, shape, _FLOAT32, [("q", qa), ("absmax", am)])
+         if out is not None else call.empty(qa, shape, _FLOAT32))
+    call.kernels.dequantize_blockwise(qa, am, x, block, call.stream)
+    return out if out is not None else kind.wrap(x)
