@@ -3,8 +3,10 @@
 The centre of it is ``OPTIMIZERS``: one ``Opt`` row per optimizer saying which functional
 step, reference step and class it has, which state arrays a given set of options uses, the
 option grid the parity tests sweep, and how state starts. ``Problem`` holds one problem
-twice -- the arrays fastopt updates (float32 or float64) and float64 copies the NumPy
-reference updates -- and steps and compares both.
+on a backend (tests/backends.py: the CPU's scalar or AVX2 path, CuPy, PyTorch CUDA) -- the
+arrays fastopt updates (float32 or float64), on a GPU backend a CPU twin that must match
+them bit for bit, and float64 copies the NumPy reference updates -- and steps and compares
+them. The ``backend`` fixture runs a test body once per backend.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import reference
+from fastopt import _specs, optim
 
-HAS_AVX2 = bool(fastopt.info()["cpu_has_avx2_fma"])
+from backends import (ARRAY_BACKENDS, BACKENDS, CPU, HAS_AVX2, assert_bits,  # noqa: F401
+                      backend_params, open_backend, using_cpu_path)
+
 CPU_PATHS = ["scalar", "avx2"]
 DTYPES = [np.float32, np.float64]
 
@@ -57,18 +61,6 @@ def pytest_configure(config):
 
 
 @contextlib.contextmanager
-def using_cpu_path(path: str) -> Iterator[str]:
-    if path == "avx2" and not HAS_AVX2:
-        pytest.skip("this CPU has no AVX2+FMA")
-    fastopt.set_cpu_path(path)
-    try:
-        assert fastopt.get_cpu_path() == path
-        yield path
-    finally:
-        fastopt.set_cpu_path("auto")
-
-
-@contextlib.contextmanager
 def using_threads(n: int) -> Iterator[int]:
     old = fastopt.get_num_threads()
     fastopt.set_num_threads(n)
@@ -84,6 +76,22 @@ def cpu_path(request) -> Iterator[str]:
     """Runs the test once on the scalar and once on the AVX2 code path."""
     with using_cpu_path(request.param) as path:
         yield path
+
+
+@pytest.fixture(params=backend_params(BACKENDS))
+def backend(request):
+    """Runs the test on each backend: cpu-scalar, cpu-avx2 (skipped without AVX2), cupy and
+    torch-cuda (marked ``cuda``, skipped without a usable GPU or the library)."""
+    b = open_backend(request.param)
+    with b.activate():
+        yield b
+
+
+@pytest.fixture(params=backend_params(ARRAY_BACKENDS))
+def array_backend(request):
+    """Like ``backend`` with one CPU entry ("cpu", the automatic path): for behaviour
+    decided before any kernel runs (argument checks), the same on both CPU paths."""
+    return open_backend(request.param)
 
 
 def seed_of(text: str) -> int:
@@ -118,26 +126,70 @@ def _positive(shape, rng):
 
 @dataclasses.dataclass(frozen=True)
 class Opt:
-    name: str
-    fn: Callable[..., None]          # fastopt functional step
-    ref: Callable[..., None]         # float64 reference step (one array)
-    cls: type                        # fastopt stateful class
-    state_args: Callable[[Dict[str, Any]], List[Optional[str]]]  # positional state args
-    takes_step: bool                 # whether fn takes step=
+    """One optimizer: what fastopt's table (``fastopt._specs``) says about it -- arrays,
+    step-taking, reference, fixed options -- and what the tests choose: the
+    hyper-parameters passed on every call, the option grid of the parity tests, a few
+    combos for the expensive tests, how each state starts in the functional tests."""
+    spec: _specs.OptimizerSpec
     base: Dict[str, Any]             # hyper-parameters passed on every call
     grid: List[Dict[str, Any]]       # the option grid of the parity tests
     representative: List[Dict[str, Any]]  # a few combos for the expensive tests
     init: Dict[str, Callable]        # how each state starts in the functional tests
-    ref_extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
         return self.name
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def fn(self) -> Callable[..., None]:
+        """fastopt's functional step."""
+        return getattr(fastopt, f"{self.name}_")
+
+    @property
+    def ref(self) -> Callable[..., None]:
+        """The float64 reference step (one array)."""
+        return self.spec.reference
+
+    @property
+    def cls(self) -> type:
+        """fastopt's stateful class."""
+        return optim.CLASSES[self.name]
+
+    @property
+    def takes_step(self) -> bool:
+        return self.spec.takes_step
+
+    @property
+    def ref_extra(self) -> Dict[str, Any]:
+        """Options fixed for the kernel (AdamW: decoupled weight decay), for the reference."""
+        return dict(self.spec.fixed)
+
+    @property
+    def read_only(self) -> Tuple[str, ...]:
+        """State arrays the step reads but never writes."""
+        return tuple(a.name for a in self.spec.states if not a.written)
+
     def hyper(self, opts: Dict[str, Any]) -> Dict[str, Any]:
         return {**self.base, **opts}
 
+    def state_args(self, opts: Dict[str, Any]) -> List[Optional[str]]:
+        """The positional state arguments under ``opts``: a name, or None where unused."""
+        hyper = {**self.spec.defaults(), **self.hyper(opts)}
+        return [a.name if a.used(hyper) else None for a in self.spec.states]
+
     def states(self, opts: Dict[str, Any]) -> List[str]:
         return [n for n in self.state_args(opts) if n is not None]
+
+    def written(self, opts: Dict[str, Any]) -> List[str]:
+        """The roles the step writes: params and the state it does not only read."""
+        return ["params"] + [n for n in self.states(opts) if n not in self.read_only]
+
+    def read(self, opts: Dict[str, Any]) -> List[str]:
+        """The roles the step only reads: grads and read-only state."""
+        return ["grads"] + [n for n in self.states(opts) if n in self.read_only]
 
 
 def _sgd_grid() -> List[Dict[str, Any]]:
@@ -157,9 +209,7 @@ def _adam_grid() -> List[Dict[str, Any]]:
 
 
 SGD = Opt(
-    name="sgd", fn=fastopt.sgd_, ref=reference.sgd, cls=fastopt.SGD,
-    state_args=lambda o: ["momentum_buffers" if o.get("momentum", 0.0) else None],
-    takes_step=True, base=dict(lr=0.05), grid=_sgd_grid(),
+    _specs.OPTIMIZERS["sgd"], base=dict(lr=0.05), grid=_sgd_grid(),
     representative=[dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                          maximize=False, l1=0.0),
                     dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01,
@@ -170,8 +220,7 @@ SGD = Opt(
     init={"momentum_buffers": _normal})
 
 ADAGRAD = Opt(
-    name="adagrad", fn=fastopt.adagrad_, ref=reference.adagrad, cls=fastopt.Adagrad,
-    state_args=lambda o: ["state_sums"], takes_step=True, base=dict(lr=0.05),
+    _specs.OPTIMIZERS["adagrad"], base=dict(lr=0.05),
     grid=_grid(lr_decay=[0.0, 0.01], weight_decay=[0.0, 0.01], eps=[1e-10, 1e-3],
                maximize=[False, True], l1=[0.0, 1e-3]),
     representative=[dict(lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False, l1=0.0),
@@ -179,11 +228,7 @@ ADAGRAD = Opt(
     init={"state_sums": _positive})
 
 RMSPROP = Opt(
-    name="rmsprop", fn=fastopt.rmsprop_, ref=reference.rmsprop, cls=fastopt.RMSprop,
-    state_args=lambda o: ["square_avgs",
-                          "momentum_buffers" if o.get("momentum", 0.0) else None,
-                          "grad_avgs" if o.get("centered", False) else None],
-    takes_step=False, base=dict(lr=0.01),
+    _specs.OPTIMIZERS["rmsprop"], base=dict(lr=0.01),
     grid=_grid(centered=[False, True], momentum=[0.0, 0.9], weight_decay=[0.0, 0.01],
                maximize=[False, True], l1=[0.0, 1e-3]),
     representative=[dict(centered=False, momentum=0.0, weight_decay=0.0, maximize=False, l1=0.0),
@@ -191,10 +236,7 @@ RMSPROP = Opt(
     init={"square_avgs": _zeros, "momentum_buffers": _zeros, "grad_avgs": _zeros})
 
 ADAM = Opt(
-    name="adam", fn=fastopt.adam_, ref=reference.adam, cls=fastopt.Adam,
-    state_args=lambda o: ["exp_avgs", "exp_avg_sqs",
-                          "max_exp_avg_sqs" if o.get("amsgrad", False) else None],
-    takes_step=True, base=dict(lr=0.01), grid=_adam_grid(),
+    _specs.OPTIMIZERS["adam"], base=dict(lr=0.01), grid=_adam_grid(),
     representative=[dict(amsgrad=False, maximize=False, weight_decay=0.0,
                          decoupled_weight_decay=False, l1=0.0),
                     dict(amsgrad=True, maximize=True, weight_decay=0.01,
@@ -202,15 +244,38 @@ ADAM = Opt(
     init={"exp_avgs": _zeros, "exp_avg_sqs": _zeros, "max_exp_avg_sqs": _zeros})
 
 ADAMW = Opt(
-    name="adamw", fn=fastopt.adamw_, ref=reference.adam, cls=fastopt.AdamW,
-    state_args=ADAM.state_args, takes_step=True, base=dict(lr=0.01),
+    _specs.OPTIMIZERS["adamw"], base=dict(lr=0.01),
     grid=_grid(amsgrad=[False, True], maximize=[False, True], weight_decay=[0.01, 0.1],
                l1=[0.0, 1e-3]),
     representative=[dict(amsgrad=False, maximize=False, weight_decay=0.01, l1=0.0),
                     dict(amsgrad=True, maximize=True, weight_decay=0.1, l1=1e-3)],
-    init=ADAM.init, ref_extra=dict(decoupled_weight_decay=True))
+    init=ADAM.init)
 
-OPTIMIZERS: Dict[str, Opt] = {o.name: o for o in [SGD, ADAGRAD, RMSPROP, ADAM, ADAMW]}
+# Sophia's Hessian EMA is read only and held positive here, so sign(m) * min(|m| / (rho*h), 1)
+# stays continuous where m crosses zero and the float32 trajectory stays within TOL of the
+# reference; test_sophia.py feeds it estimates with negative entries through ema_ and
+# update_hessian.
+SOPHIA = Opt(
+    _specs.OPTIMIZERS["sophia"], base=dict(lr=0.05),
+    grid=[dict(), dict(weight_decay=0.0, rho=0.5), dict(maximize=True, l1=1e-3),
+          dict(eps=1e-3, beta1=0.5)],
+    representative=[dict(), dict(maximize=True, l1=1e-3)],
+    init={"exp_avgs": _zeros, "hessian_diags": _positive})
+
+# Lion's step is lr*sign(c): the float32 gradients are kept where c is not near 0 (see
+# Problem._well_conditioned). Its momentum starts from random values, so the first step
+# already mixes both.
+LION = Opt(
+    _specs.OPTIMIZERS["lion"], base=dict(lr=0.01),
+    grid=_grid(weight_decay=[0.0, 0.1], maximize=[False, True], l1=[0.0, 1e-3])
+    + [dict(beta1=0.5, beta2=0.9), dict(beta1=0.0, beta2=0.0)],
+    representative=[dict(), dict(beta1=0.5, beta2=0.9, weight_decay=0.1, maximize=True,
+                             l1=1e-3)],
+    init={"exp_avgs": _normal})
+
+OPTIMIZERS: Dict[str, Opt] = {o.name: o for o in [SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA,
+                                                   LION]}
+assert list(OPTIMIZERS) == list(_specs.OPTIMIZERS), "every optimizer of fastopt's table"
 
 
 def opt_cases(which: str = "grid") -> List[Any]:
@@ -238,30 +303,21 @@ def opts_id(opts: Dict[str, Any]) -> str:
 
 # ---- arrays -----------------------------------------------------------------------------
 
-def fresh(shape: Tuple[int, ...], dtype) -> np.ndarray:
-    return np.empty(shape, dtype)
-
-
-def misaligned(offset: int) -> Callable[[Tuple[int, ...], Any], np.ndarray]:
-    """An allocator of arrays that start an odd number (>= ``offset``) of elements into a
-    larger buffer, at an address that is not 32-byte aligned (but aligned to the dtype)."""
-    def make(shape, dtype):
-        n = int(np.prod(shape, dtype=np.int64))
-        itemsize = np.dtype(dtype).itemsize
-        buf = np.empty(n + offset + 16, dtype)
-        start = next(k for k in range(offset | 1, offset + 16, 2)
-                     if (buf.ctypes.data + k * itemsize) % 32 != 0)
-        a = buf[start:start + n].reshape(shape)
+def misaligned(offset: int) -> Callable[[np.ndarray, int, int], np.ndarray]:
+    """An allocator ``make(values, role, i)`` of NumPy arrays that start an odd number
+    (>= ``offset`` + 2*role) of elements into a larger buffer, at an address that is not
+    32-byte aligned (but aligned to the dtype): each role at its own offset."""
+    def make(values, role, i):
+        n, dtype = values.size, values.dtype
+        buf = np.empty(n + offset + 2 * role + 16, dtype)
+        start = next(k for k in range((offset + 2 * role) | 1, offset + 2 * role + 16, 2)
+                     if (buf.ctypes.data + k * dtype.itemsize) % 32 != 0)
+        a = buf[start:start + n].reshape(values.shape)
+        a[...] = values
         assert a.flags.c_contiguous and a.flags.writeable
         assert n == 0 or a.ctypes.data % 32 != 0
         return a
     return make
-
-
-def filled(make, values: np.ndarray, dtype) -> np.ndarray:
-    a = make(values.shape, dtype)
-    a[...] = values
-    return a
 
 
 def normal_nonzero(rng: np.random.Generator, shape) -> np.ndarray:
@@ -271,71 +327,141 @@ def normal_nonzero(rng: np.random.Generator, shape) -> np.ndarray:
     return x
 
 
+def assert_moved(before, after, ref_after, what):
+    """Every element the reference moved by more than 2 ulp changed in fastopt too (exact
+    comparison, independent of the tolerances): catches elements a kernel skipped. A NaN
+    in ``before`` (poison) must be overwritten."""
+    must_total = count = 0
+    for i, (b, a, r) in enumerate(zip(before, after, ref_after)):
+        b, a = np.asarray(b).ravel(), np.asarray(a).ravel()
+        ulp = np.spacing(np.abs(b)).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            must = np.abs(np.asarray(r, dtype=np.float64).ravel() - b) > 2 * ulp
+        must |= np.isnan(b)
+        stuck = np.flatnonzero(must & ((a == b) | (np.isnan(a) & np.isnan(b))))
+        assert stuck.size == 0, (f"{what}[{i}]: {stuck.size} elements left unchanged, e.g. "
+                                 f"flat indices {stuck[:8].tolist()}")
+        must_total += int(must.sum())
+        count += b.size
+    assert must_total >= 0.9 * count, f"{what}: the reference itself barely moved"
+
+
 class Problem:
-    """One optimization problem twice: ``params``/``state`` of ``dtype`` for fastopt, and
-    float64 copies ``ref_params``/``ref_state`` (of the same rounded values) for the
-    reference. Gradients are drawn fresh for every step."""
+    """One optimization problem on ``backend``: ``params``/``state`` of ``dtype`` that
+    fastopt updates there (each allocated by ``make(values, role, i)``, role 0 params, 1
+    grads, 2... the state lists in order; default: a plain copy on the backend), float64
+    copies ``ref_params``/``ref_state`` (of the same rounded values) for the reference, and
+    on a GPU backend a CPU twin ``cpu_params``/``cpu_state`` stepped by the CPU kernels (on
+    a CPU backend the twin is the arrays themselves). ``param_dtype`` (GPU only) stores the
+    params in a 16-bit type: the twin is then the float32 CPU kernel with its params rounded
+    to that type after every step, and there is no reference check. Gradients are drawn
+    fresh for every step."""
 
     def __init__(self, opt: Opt, opts: Dict[str, Any], shapes: Sequence[Tuple[int, ...]],
-                 dtype, rng: np.random.Generator, *, make=fresh, state_make=None,
-                 listed: bool = True, init: Optional[Dict[str, Callable]] = None):
+                 dtype, rng: np.random.Generator, *, backend=CPU, make=None,
+                 listed: bool = True, init: Optional[Dict[str, Callable]] = None,
+                 param_dtype=None):
         self.opt, self.opts, self.dtype = opt, dict(opts), np.dtype(dtype)
         self.shapes = [tuple(s) for s in shapes]
         self.listed = listed
         if not listed:
             assert len(self.shapes) == 1
-        self.make = make
-        state_make = state_make or make
+        self.backend = backend
+        self.make = make or (lambda values, role, i: backend.asarray(values))
+        self.param_dtype = None if param_dtype is None else np.dtype(param_dtype)
         init = init or opt.init
         self.hyper = opt.hyper(opts)
         self.args = opt.state_args(opts)
         self.t = 0
-        self.params = [filled(make, normal_nonzero(rng, s), dtype) for s in self.shapes]
-        self.state = {name: [filled(state_make, init[name](s, rng), dtype) for s in self.shapes]
-                      for name in opt.states(opts)}
-        self.ref_params = [p.astype(np.float64) for p in self.params]
-        self.ref_state = {k: [a.astype(np.float64) for a in v] for k, v in self.state.items()}
+        params = [normal_nonzero(rng, s).astype(dtype) for s in self.shapes]
+        if self.param_dtype is not None:
+            params = [p.astype(self.param_dtype).astype(dtype) for p in params]
+        state = {name: [init[name](s, rng).astype(dtype) for s in self.shapes]
+                 for name in opt.states(opts)}
+        self.params = [self.make(self._stored(p), 0, i) for i, p in enumerate(params)]
+        self.state = {name: [self.make(a, role, i) for i, a in enumerate(arrays)]
+                      for role, (name, arrays) in enumerate(state.items(), start=2)}
+        self.twin = backend.is_cuda
+        if self.twin:
+            self.cpu_params, self.cpu_state = params, state
+        else:
+            assert self.param_dtype is None, "16-bit params are a GPU feature"
+            self.cpu_params, self.cpu_state = self.params, self.state
+        self.ref_params = [p.astype(np.float64) for p in params]
+        self.ref_state = {k: [a.astype(np.float64) for a in v] for k, v in state.items()}
+
+    def _stored(self, values: np.ndarray) -> np.ndarray:
+        return values if self.param_dtype is None else values.astype(self.param_dtype)
 
     # -- stepping --
-    def draw_grads(self, rng: np.random.Generator, make=None) -> List[np.ndarray]:
-        make = make or fresh
+    def draw_grads(self, rng: np.random.Generator) -> List[np.ndarray]:
+        """Fresh NumPy gradients of ``dtype`` (``param_dtype`` if set)."""
         grads = [normal_nonzero(rng, s) for s in self.shapes]
         if self.dtype == np.float32:
-            grads = [self._well_conditioned(g, p) for g, p in zip(grads, self.params)]
-        return [filled(make, g, self.dtype) for g in grads]
+            grads = [self._well_conditioned(g, i) for i, g in enumerate(grads)]
+        return [self._stored(g.astype(self.dtype)) for g in grads]
 
-    def _well_conditioned(self, g: np.ndarray, p: np.ndarray) -> np.ndarray:
-        """Keeps float32 gradients off the ill-conditioned set where coupled weight decay
-        cancels them: g' = g + wd*p with |g'| << |g|. There float32 evaluates g' with a large
-        relative error (any implementation, torch's too: fastopt equals a float32 NumPy
-        emulation bit for bit), and RMSprop/Adam map the tiny g' to an O(1) step
-        (g'/(c*|g'| + eps)), so no float32 result is within a tolerance of the float64
-        reference. Such elements occur ~once per 10**6 per step; moving g by 0.01 where
-        |g'| < 1e-3 removes them and leaves the gradients otherwise standard normal."""
+    def _well_conditioned(self, g: np.ndarray, i: int) -> np.ndarray:
+        """Keeps float32 gradient ``g`` of tensor ``i`` off the sets where no float32
+        result is within a tolerance of the float64 reference (any implementation, torch's
+        too: fastopt equals a float32 NumPy emulation bit for bit):
+
+        - where coupled weight decay cancels it: g' = g + wd*p with |g'| << |g|. There
+          float32 evaluates g' with a large relative error, and RMSprop/Adam map the tiny
+          g' to an O(1) step (g'/(c*|g'| + eps)). Such elements occur ~once per 10**6 per
+          step; moving g by 0.01 where |g'| < 1e-3 removes them.
+        - Lion: where c = beta1*m + (1-beta1)*g is near 0, float32 may round it to the
+          other sign, and the step lr*sign(c) flips. Moving g by 0.01/(1-beta1) where
+          |c| < 1e-3 moves c by 0.01.
+
+        Otherwise the gradients stay standard normal."""
+        maximize = self.hyper.get("maximize", False)
+        g_eff = -g if maximize else g
+        if self.opt.name == "lion":
+            beta1 = self.hyper.get("beta1", self.opt.spec.defaults()["beta1"])
+            m = self.cpu_state["exp_avgs"][i].astype(np.float64)
+            c = beta1 * m + (1.0 - beta1) * g_eff
+            return np.where(np.abs(c) < 1e-3, g + 0.01 / (1.0 - beta1), g)
         wd = self.hyper.get("weight_decay", 0.0)
         decoupled = self.hyper.get("decoupled_weight_decay",
                                    self.opt.ref_extra.get("decoupled_weight_decay", False))
-        if not wd or decoupled:
+        if not wd or decoupled or self.opt.name == "sophia":  # Sophia's decay is decoupled
             return g
-        eff = (-g if self.hyper.get("maximize", False) else g) + wd * p.astype(np.float64)
+        eff = g_eff + wd * self.cpu_params[i].astype(np.float64)
         return np.where(np.abs(eff) < 1e-3, g + 0.01, g)
 
     def _pack(self, arrays: List[Any]) -> Any:
         return arrays if self.listed else arrays[0]
 
-    def fastopt_args(self, grads: List[Any]) -> Tuple[list, dict]:
-        args = [self._pack(self.params), self._pack(grads)]
-        args += [None if n is None else self._pack(self.state[n]) for n in self.args]
+    def fastopt_args(self, grads: List[Any], params=None, state=None) -> Tuple[list, dict]:
+        """The functional call's arguments on ``params``/``state`` (default: the backend's)."""
+        params = self.params if params is None else params
+        state = self.state if state is None else state
+        args = [self._pack(params), self._pack(grads)]
+        args += [None if n is None else self._pack(state[n]) for n in self.args]
         kwargs = dict(self.hyper)
         if self.opt.takes_step:
             kwargs["step"] = self.t + 1
         return args, kwargs
 
-    def step_fastopt(self, grads: List[Any], lr: Optional[float] = None) -> None:
+    def step_fastopt(self, grads: List[Any], lr: Optional[float] = None, **extra) -> None:
+        """One fastopt step of the backend's arrays with ``grads`` (arrays of the backend)."""
         args, kwargs = self.fastopt_args(grads)
         if lr is not None:
             kwargs["lr"] = lr
-        self.opt.fn(*args, **kwargs)
+        self.opt.fn(*args, **kwargs, **extra)
+
+    def step_twin(self, grads: List[np.ndarray], lr: Optional[float] = None) -> None:
+        if self.param_dtype is not None:
+            grads = [g.astype(self.dtype) for g in grads]
+        args, kwargs = self.fastopt_args(grads, self.cpu_params, self.cpu_state)
+        if lr is not None:
+            kwargs["lr"] = lr
+        with CPU.activate():
+            self.opt.fn(*args, **kwargs)
+        if self.param_dtype is not None:
+            for p in self.cpu_params:
+                p[...] = p.astype(self.param_dtype)
 
     def step_reference(self, grads: List[np.ndarray], lr: Optional[float] = None) -> None:
         kwargs = dict(self.hyper, **self.opt.ref_extra)
@@ -347,23 +473,164 @@ class Problem:
             states = [None if n is None else self.ref_state[n][i] for n in self.args]
             self.opt.ref(self.ref_params[i], np.asarray(g, dtype=np.float64), *states, **kwargs)
 
-    def step(self, grads: List[np.ndarray], lr: Optional[float] = None) -> None:
-        self.step_fastopt(grads, lr)
-        self.step_reference(grads, lr)
+    def step(self, grads: List[np.ndarray], lr: Optional[float] = None, **extra) -> List[Any]:
+        """One step of the backend's arrays (``extra``: e.g. stream=), the twin and the
+        reference with the NumPy ``grads``; returns the grads as passed to the backend."""
+        dgrads = [self.make(g, 1, i) for i, g in enumerate(grads)]
+        self.step_fastopt(dgrads, lr, **extra)
+        self.follow(grads, lr)
+        return dgrads
+
+    def follow(self, grads: List[np.ndarray], lr: Optional[float] = None) -> None:
+        """The twin and the reference take the step the backend took with ``grads``."""
+        if self.twin:
+            self.step_twin(grads, lr)
+        if self.param_dtype is None:
+            self.step_reference(grads, lr)
         self.t += 1
 
     # -- checking --
-    def check(self, what: str = "") -> None:
-        where = f"{self.opt.name} {opts_id(self.opts)} {self.dtype} after step {self.t}{what}"
-        assert_close(self.params, self.ref_params, self.dtype, f"params ({where})")
-        for name in self.state:
-            assert_close(self.state[name], self.ref_state[name], self.dtype, f"{name} ({where})")
-
-    def snapshot(self) -> Dict[str, List[np.ndarray]]:
-        out = {"params": [np.array(p, copy=True) for p in self.params]}
-        out.update({k: [np.array(a, copy=True) for a in v] for k, v in self.state.items()})
+    def host(self) -> Dict[str, List[np.ndarray]]:
+        """NumPy copies of the backend's params and state, by role."""
+        to_numpy = self.backend.to_numpy
+        out = {"params": [to_numpy(p) for p in self.params]}
+        out.update({k: [to_numpy(a) for a in v] for k, v in self.state.items()})
         return out
 
+    snapshot = host
+
+    def check(self, what: str = "", reference: bool = True) -> None:
+        """On a GPU backend: bit-identical to the CPU twin. Within TOL of the float64
+        reference (unless ``reference=False`` or the params are 16-bit)."""
+        where = f"{self.opt.name} {opts_id(self.opts)} {self.dtype} after step {self.t}{what}"
+        got = self.host()
+        if self.twin:
+            want = {"params": [self._stored(p) for p in self.cpu_params], **self.cpu_state}
+            for role, arrays in got.items():
+                for i, (g, w) in enumerate(zip(arrays, want[role])):
+                    assert_bits(g, w, f"{self.backend.name} {role}[{i}] against the CPU "
+                                      f"({where})", any_nan=True)
+        if reference and self.param_dtype is None:
+            assert_close(got["params"], self.ref_params, self.dtype, f"params ({where})")
+            for name in self.state:
+                assert_close(got[name], self.ref_state[name], self.dtype, f"{name} ({where})")
+
+    def assert_moved(self, before: Dict[str, List[np.ndarray]]) -> None:
+        """Every element of params and written state that the reference moved since
+        ``before`` changed on the backend too; read-only state did not change at all."""
+        got = self.host()
+        assert_moved(before["params"], got["params"], self.ref_params, "params")
+        for name in self.state:
+            if name in self.opt.read_only:
+                for i, (a, b) in enumerate(zip(got[name], before[name])):
+                    assert_bits(a, b, f"{name}[{i}] (read only)")
+            else:
+                assert_moved(before[name], got[name], self.ref_state[name], name)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+# Index 4 (the 5th array, where most corruptions go) has the shape of index 0, so the
+# "same array twice" and overlap cases keep every shape consistent.
+BAD_INPUT_SHAPES = [(5,), (3, 4), (7,), (1,), (5,), (2, 2)]
+BAD = 4
+
+
+class Call:
+    """A valid functional call (params, grads, state lists, hyper-parameters) on
+    ``backend``'s arrays, to corrupt."""
+
+    def __init__(self, name: str, rng, *, backend=CPU, dtype=np.float32, listed: bool = True,
+                 opts: Optional[Dict[str, Any]] = None, shapes=BAD_INPUT_SHAPES):
+        self.opt = OPTIMIZERS[name]
+        self.backend = backend
+        # default: the options under which the optimizer uses every state role it has
+        self.opts = dict(self.opt.representative[-1] if opts is None else opts)
+        pr = Problem(self.opt, self.opts, shapes if listed else shapes[:1], dtype, rng,
+                     backend=backend, listed=listed)
+        grads = [backend.asarray(g) for g in pr.draw_grads(rng)]
+        self.args, self.kwargs = pr.fastopt_args(grads)
+        self.args = [list(a) if isinstance(a, list) else a for a in self.args]
+        self.roles = ["params", "grads"] + list(pr.args)
+        self.dtype = np.dtype(dtype)
+
+    def __getitem__(self, role: str) -> Any:
+        return self.args[self.roles.index(role)]
+
+    def __setitem__(self, role: str, value: Any) -> None:
+        self.args[self.roles.index(role)] = value
+
+    def new(self, values: np.ndarray) -> Any:
+        """An array of the call's backend holding ``values``."""
+        return self.backend.asarray(values)
+
+    def values(self, role: str, i: int = BAD) -> np.ndarray:
+        """A NumPy copy of array ``i`` of ``role``."""
+        return self.backend.to_numpy(self[role][i])
+
+    def run(self, **overrides) -> None:
+        self.opt.fn(*self.args, **dict(self.kwargs, **overrides))
+
+    def arrays(self) -> List[Any]:
+        """Every array of the call, in order."""
+        out: List[Any] = []
+        for a in self.args:
+            for x in (a if isinstance(a, (list, tuple)) else [a]):
+                if isinstance(x, np.ndarray) or self.backend.is_array(x):
+                    out.append(x)
+        return out
+
+    def snapshot(self) -> List[np.ndarray]:
+        return [self.backend.to_numpy(a) for a in self.arrays()]
+
+    def assert_unchanged(self, before: List[np.ndarray]) -> None:
+        now = self.snapshot()
+        assert len(now) == len(before)
+        for i, (a, b) in enumerate(zip(now, before)):
+            assert_bits(a, b, f"array #{i} of the call was modified")
+
+    def expect(self, exc, match: str, **overrides) -> pytest.ExceptionInfo:
+        """The call raises ``exc`` matching ``match`` and leaves every array as it was."""
+        before = self.snapshot()
+        with pytest.raises(exc, match=match) as info:
+            self.run(**overrides)
+        self.assert_unchanged(before)
+        return info
+
+
+# ---- the optimizer classes ----------------------------------------------------------------
+
+def class_step(o: Any, grads: Any, estimates: Any) -> None:
+    """``o.step(grads)``; a Sophia first folds ``estimates`` into its Hessian EMA every 5th
+    step (by step count, so optimizers compared or restored update at the same steps)."""
+    if isinstance(o, fastopt.Sophia) and o.step_count % 5 == 0:
+        o.update_hessian(estimates)
+    o.step(grads)
+
+
+def hessian_estimates(rng: np.random.Generator, shapes, dtype=np.float32) -> List[np.ndarray]:
+    """Hessian-diagonal estimates, mostly positive with some negative entries."""
+    return [(rng.standard_normal(s) + 1.0).astype(dtype) for s in shapes]
+
+
+def assert_same_optimizer(backend, got: Any, want: Any, what: str = "",
+                          param_dtype=None) -> None:
+    """Optimizer ``got``'s params and state (on ``backend``) hold the same bits as
+    ``want``'s (on ``backend`` or the CPU; its params rounded to ``param_dtype`` when
+    ``got``'s are 16-bit)."""
+    for i, (x, y) in enumerate(zip(got.params, want.params)):
+        y = backend.to_numpy(y)
+        if param_dtype is not None:
+            y = y.astype(param_dtype)
+        assert_bits(backend.to_numpy(x), y, f"params[{i}] {what}", any_nan=True)
+    assert got.state.keys() == want.state.keys()
+    for name in want.state:
+        for i, (x, y) in enumerate(zip(got.state[name], want.state[name])):
+            assert_bits(backend.to_numpy(x), backend.to_numpy(y), f"{name}[{i}] {what}",
+                        any_nan=True)
+
+
+# ---- comparing --------------------------------------------------------------------------
 
 def _flat(arrays: Sequence[Any]) -> np.ndarray:
     parts = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
@@ -412,12 +679,6 @@ def assert_close(got: Sequence[Any], want: Sequence[np.ndarray], dtype, what: st
 
 
 
-def assert_unchanged(before: Dict[str, List[np.ndarray]], after: Dict[str, List[Any]]) -> None:
-    for name, arrays in before.items():
-        for i, (b, a) in enumerate(zip(arrays, after[name])):
-            assert np.array_equal(b, np.asarray(a), equal_nan=True), f"{name}[{i}] was modified"
-
-
 def snapshot(*arrays: Any) -> List[np.ndarray]:
     """Copies of every array in (possibly nested lists of) arrays, in order."""
     out = []
@@ -444,6 +705,7 @@ def flatten_arrays(*arrays: Any) -> List[np.ndarray]:
 
 
 def assert_same_arrays(before: List[np.ndarray], now: List[np.ndarray]) -> None:
+    """Every array holds the same bits as its copy in ``before``."""
     assert len(before) == len(now)
     for i, (b, a) in enumerate(zip(before, now)):
-        assert np.array_equal(b, a, equal_nan=True), f"array #{i} was modified"
+        assert_bits(a, b, f"array #{i} was modified")

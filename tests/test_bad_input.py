@@ -1,61 +1,31 @@
 """Bad input: every bad argument raises TypeError/ValueError naming the argument, before
 anything is written (every array of the call is compared with a snapshot afterwards);
 what must be accepted (read-only or aliasing gradients, zero-size arrays, adjacent slices
-of one buffer) is; NaN/Inf gradients propagate exactly as in the reference."""
+of one buffer) is; NaN/Inf gradients propagate exactly as in the reference.
+
+The tests taking ``array_backend`` run on NumPy arrays, CuPy arrays and PyTorch CUDA
+tensors alike (the same checks, the same messages); the others are about what only host
+arrays have (read-only flags, byte orders, dtypes the GPU kernels take) or about Python
+values that are no arrays. Device-only bad input (host/device mixes, a second GPU,
+stream=) is in test_cuda.py."""
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Dict, List, Optional
+import subprocess
+import sys
+from typing import List
 
 import numpy as np
 import pytest
 
 import fastopt
+from fastopt import _specs
 
-from conftest import (DTYPES, OPTIMIZERS, Problem, assert_same_arrays,
-                      flatten_arrays, opts_id, snapshot)
+from backends import CPU, assert_bits
+from conftest import BAD, DTYPES, OPTIMIZERS, Call, Problem, opt_cases
 
-# Index 4 (the 5th array, where most corruptions go) has the shape of index 0, so the
-# "same array twice" and overlap cases keep every shape consistent.
-SHAPES = [(5,), (3, 4), (7,), (1,), (5,), (2, 2)]
-BAD = 4
-# Options under which each optimizer uses every state role it has.
 FULL = {name: opt.representative[-1] for name, opt in OPTIMIZERS.items()}
-
-
-class Call:
-    """A valid functional call (params, grads, state lists, hyper-parameters) to corrupt."""
-
-    def __init__(self, name: str, rng, *, dtype=np.float32, listed: bool = True,
-                 opts: Optional[Dict[str, Any]] = None, shapes=SHAPES):
-        self.opt = OPTIMIZERS[name]
-        self.opts = dict(FULL[name] if opts is None else opts)
-        pr = Problem(self.opt, self.opts, shapes if listed else shapes[:1], dtype, rng,
-                     listed=listed)
-        self.args, self.kwargs = pr.fastopt_args(pr.draw_grads(rng))
-        self.args = [list(a) if isinstance(a, list) else a for a in self.args]
-        self.roles = ["params", "grads"] + list(pr.args)
-        self.dtype = np.dtype(dtype)
-
-    def __getitem__(self, role: str) -> Any:
-        return self.args[self.roles.index(role)]
-
-    def __setitem__(self, role: str, value: Any) -> None:
-        self.args[self.roles.index(role)] = value
-
-    def run(self, **overrides) -> None:
-        self.opt.fn(*self.args, **dict(self.kwargs, **overrides))
-
-    def arrays(self) -> List[np.ndarray]:
-        return flatten_arrays(*self.args)
-
-    def expect(self, exc, match: str, **overrides) -> pytest.ExceptionInfo:
-        """The call raises ``exc`` matching ``match`` and leaves every array as it was."""
-        before = snapshot(*self.args)
-        with pytest.raises(exc, match=match) as info:
-            self.run(**overrides)
-        assert_same_arrays(before, self.arrays())
-        return info
 
 
 def states_of(name: str) -> List[str]:
@@ -72,7 +42,8 @@ def role_cases(roles_of):
 
 ALL_ROLES = role_cases(lambda n: ["params", "grads"] + states_of(n))
 NON_PARAM_ROLES = role_cases(lambda n: ["grads"] + states_of(n))
-WRITTEN_ROLES = role_cases(lambda n: ["params"] + states_of(n))
+WRITTEN_ROLES = role_cases(lambda n: OPTIMIZERS[n].written(FULL[n]))
+READ_ROLES = role_cases(lambda n: OPTIMIZERS[n].read(FULL[n]))
 OPT_NAMES = list(OPTIMIZERS)
 
 
@@ -84,46 +55,48 @@ def at(role: str, i: int = BAD) -> str:
 
 @pytest.mark.parametrize("bad_shape", [(6,), (5, 1), (1, 5), ()], ids=str)
 @pytest.mark.parametrize("name,role", NON_PARAM_ROLES)
-def test_shape_mismatch(name, role, bad_shape, rng):
-    c = Call(name, rng)
-    c[role][BAD] = np.ones(bad_shape, np.float32)
+def test_shape_mismatch(array_backend, name, role, bad_shape, rng):
+    c = Call(name, rng, backend=array_backend)
+    c[role][BAD] = c.new(np.ones(bad_shape, np.float32))
     c.expect(ValueError, at(role))
 
 
 @pytest.mark.parametrize("name", OPT_NAMES)
-def test_param_shape_mismatch_names_params(name, rng):
-    c = Call(name, rng)
-    c["params"][BAD] = np.ones(6, np.float32)
+def test_param_shape_mismatch_names_params(array_backend, name, rng):
+    c = Call(name, rng, backend=array_backend)
+    c["params"][BAD] = c.new(np.ones(6, np.float32))
     c.expect(ValueError, at("params"))
 
 
 @pytest.mark.parametrize("delta", [-1, 1], ids=["shorter", "longer"])
 @pytest.mark.parametrize("name,role", NON_PARAM_ROLES)
-def test_list_length_mismatch(name, role, delta, rng):
-    c = Call(name, rng)
+def test_list_length_mismatch(array_backend, name, role, delta, rng):
+    c = Call(name, rng, backend=array_backend)
     if delta < 0:
         c[role].pop()
     else:
-        c[role].append(np.ones(3, np.float32))
+        c[role].append(c.new(np.ones(3, np.float32)))
     c.expect(ValueError, re.escape(role))
 
 
 @pytest.mark.parametrize("name,role", NON_PARAM_ROLES)
-def test_single_array_where_params_is_a_list(name, role, rng):
-    c = Call(name, rng)
+def test_single_array_where_params_is_a_list(array_backend, name, role, rng):
+    c = Call(name, rng, backend=array_backend)
     c[role] = c[role][0]
     c.expect(TypeError, re.escape(role))
 
 
 @pytest.mark.parametrize("name,role", NON_PARAM_ROLES)
-def test_list_where_params_is_a_single_array(name, role, rng):
-    c = Call(name, rng, listed=False)
+def test_list_where_params_is_a_single_array(array_backend, name, role, rng):
+    c = Call(name, rng, backend=array_backend, listed=False)
     c[role] = [c[role]]
     c.expect(TypeError, re.escape(role))
 
 
 # ---- dtypes ---------------------------------------------------------------------------------
 
+# Host arrays only: the GPU kernels take float16/bfloat16 params, and CUDA libraries have no
+# byte orders or long double (test_cuda.py checks integer dtypes on the GPU).
 @pytest.mark.parametrize("bad_dtype", [np.int32, np.float16, np.int64, np.complex64, np.bool_,
                                        np.dtype(">f4"), np.longdouble],
                          ids=["int32", "float16", "int64", "complex64", "bool", "f4-big-endian",
@@ -145,38 +118,37 @@ def test_unsupported_dtype_everywhere(name, bad_dtype, rng):
 
 @pytest.mark.parametrize("base", DTYPES, ids=["params-f32", "params-f64"])
 @pytest.mark.parametrize("name,role", NON_PARAM_ROLES)
-def test_mixed_dtypes(name, role, base, rng):
+def test_mixed_dtypes(array_backend, name, role, base, rng):
     other = np.float64 if base == np.float32 else np.float32
-    c = Call(name, rng, dtype=base)
-    c[role] = [a.astype(other) for a in c[role]]
+    c = Call(name, rng, backend=array_backend, dtype=base)
+    c[role] = [c.new(c.values(role, i).astype(other)) for i in range(len(c[role]))]
     c.expect(TypeError, at(role, 0))
-    c = Call(name, rng, dtype=base)  # one array of the role in the other float type
-    c[role][BAD] = c[role][BAD].astype(other)
+    c = Call(name, rng, backend=array_backend, dtype=base)  # one array of the other float type
+    c[role][BAD] = c.new(c.values(role).astype(other))
     c.expect(TypeError, at(role))
 
 
 # ---- memory layout and writability --------------------------------------------------------------
 
-def _strided(a):
-    buf = np.empty((a.size * 2,), a.dtype)
-    out = buf[::2].reshape(a.shape)
-    out[...] = a
-    return out
-
-
 @pytest.mark.parametrize("kind", ["step2", "reversed", "fortran"])
 @pytest.mark.parametrize("name,role", ALL_ROLES)
-def test_non_contiguous(name, role, kind, rng):
-    c = Call(name, rng)
+def test_non_contiguous(array_backend, name, role, kind, rng):
+    backend = array_backend
+    if kind == "reversed" and backend.name == "torch-cuda":
+        pytest.skip("PyTorch has no negative strides")
+    c = Call(name, rng, backend=backend)
     i = 1 if kind == "fortran" else BAD  # index 1 is 2-D (3, 4)
-    a = c[role][i]
-    if kind == "step2":
-        bad = _strided(a)
+    a = c.values(role, i)
+    if kind == "step2":  # every other element of a buffer twice the size
+        buf = c.new(np.repeat(a.ravel(), 2))
+        bad = buf[::2].reshape(a.shape)
     elif kind == "reversed":
-        bad = a.copy()[::-1]
-    else:
-        bad = np.asfortranarray(a)
-    assert not bad.flags.c_contiguous
+        bad = c.new(a[::-1].copy())[::-1]
+    else:  # the transpose of a C-contiguous array of the transposed shape
+        bad = c.new(np.ascontiguousarray(a.T)).T
+    assert tuple(bad.shape) == a.shape
+    if isinstance(bad, np.ndarray):
+        assert not bad.flags.c_contiguous
     c[role][i] = bad
     c.expect(ValueError, at(role, i))
 
@@ -189,20 +161,24 @@ def test_read_only_params_or_state(name, role, rng):
 
 
 @pytest.mark.parametrize("listed", [True, False], ids=["list", "single"])
-@pytest.mark.parametrize("name", OPT_NAMES)
-def test_read_only_grads_are_accepted(name, listed, rng):
+@pytest.mark.parametrize("name,role", READ_ROLES)
+def test_read_only_inputs_are_accepted(name, role, listed, rng):
+    # Arrays the step only reads (grads, Sophia's hessian_diags) may be read-only NumPy
+    # arrays: same results, and they stay as they were.
     seed = int(rng.integers(2**31))
     runs = []
     for read_only in (False, True):
         c = Call(name, np.random.default_rng(seed), listed=listed)
-        grads = c["grads"] if listed else [c["grads"]]
-        for g in grads:
-            g.setflags(write=not read_only)
-        before = snapshot(grads)
+        inputs = c[role] if listed else [c[role]]
+        for a in inputs:
+            a.setflags(write=not read_only)
+        before = [a.copy() for a in inputs]
         c.run()
-        assert_same_arrays(before, grads)
-        runs.append(snapshot(*c.args))
-    assert_same_arrays(runs[0], runs[1])
+        for i, (a, b) in enumerate(zip(inputs, before)):
+            assert_bits(a, b, f"{role}[{i}] was written")
+        runs.append(c.snapshot())
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert_bits(a, b, f"array #{i}: read-only {role} changed the result")
 
 
 # ---- aliasing -------------------------------------------------------------------------------------
@@ -214,31 +190,48 @@ def _message_names(info, *names):
 
 
 @pytest.mark.parametrize("listed", [True, False], ids=["list", "single"])
-@pytest.mark.parametrize("name", OPT_NAMES)
-def test_grads_is_params(name, listed, rng):
-    c = Call(name, rng, listed=listed)
-    c["grads"] = c["params"] if not listed else list(c["params"])
+@pytest.mark.parametrize("name,role", READ_ROLES)
+def test_read_array_is_params(array_backend, name, role, listed, rng):
+    c = Call(name, rng, backend=array_backend, listed=listed)
+    c[role] = c["params"] if not listed else list(c["params"])
     info = c.expect(ValueError, "overlap|alias")
-    _message_names(info, "params", "grads")
+    _message_names(info, "params", role)
 
 
-@pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
-@pytest.mark.parametrize("name,role", WRITTEN_ROLES)
-def test_grad_aliasing_a_written_array(name, role, read_only, rng):
-    # Even a read-only view of an array the call writes is refused: the kernel would read
-    # values it is overwriting.
+def _read_written_pairs():
+    cases = []
+    for name, opt in OPTIMIZERS.items():
+        for read in opt.read(FULL[name]):
+            for written in opt.written(FULL[name]):
+                cases.append(pytest.param(name, read, written, id=f"{name}-{read}-{written}"))
+    return cases
+
+
+@pytest.mark.parametrize("name,read,written", _read_written_pairs())
+def test_read_array_aliasing_a_written_array(array_backend, name, read, written, rng):
+    # A view of an array the call writes, passed where it only reads, is refused: the
+    # kernel would read values it is overwriting. (Read-only views: the next test.)
+    c = Call(name, rng, backend=array_backend)
+    c[read][BAD] = c[written][BAD][:]
+    info = c.expect(ValueError, "overlap|alias")
+    _message_names(info, f"{read}[{BAD}]", f"{written}[{BAD}]")
+
+
+@pytest.mark.parametrize("name,read,written", _read_written_pairs())
+def test_read_only_view_aliasing_a_written_array(name, read, written, rng):
+    # Even a read-only view (NumPy) of an array the call writes is refused.
     c = Call(name, rng)
-    view = c[role][BAD].view()
-    view.setflags(write=not read_only)
-    c["grads"][BAD] = view
+    view = c[written][BAD].view()
+    view.setflags(write=False)
+    c[read][BAD] = view
     info = c.expect(ValueError, "overlap|alias")
-    _message_names(info, f"grads[{BAD}]", f"{role}[{BAD}]")
+    _message_names(info, f"{read}[{BAD}]", f"{written}[{BAD}]")
 
 
 def _written_pairs():
     cases = []
-    for name in OPT_NAMES:
-        written = ["params"] + states_of(name)
+    for name, opt in OPTIMIZERS.items():
+        written = opt.written(FULL[name])
         for i, a in enumerate(written):
             for b in written[i + 1:]:
                 cases.append(pytest.param(name, a, b, id=f"{name}-{a}-is-{b}"))
@@ -246,26 +239,27 @@ def _written_pairs():
 
 
 @pytest.mark.parametrize("name,role_a,role_b", _written_pairs())
-def test_two_written_roles_share_an_array(name, role_a, role_b, rng):
-    c = Call(name, rng)
+def test_two_written_roles_share_an_array(array_backend, name, role_a, role_b, rng):
+    c = Call(name, rng, backend=array_backend)
     c[role_b][BAD] = c[role_a][BAD]
     info = c.expect(ValueError, "overlap|alias")
     _message_names(info, f"{role_a}[{BAD}]", f"{role_b}[{BAD}]")
 
 
 @pytest.mark.parametrize("name,role", WRITTEN_ROLES)
-def test_same_array_twice_in_one_list(name, role, rng):
-    c = Call(name, rng)
+def test_same_array_twice_in_one_list(array_backend, name, role, rng):
+    c = Call(name, rng, backend=array_backend)
     c[role][BAD] = c[role][0]
     info = c.expect(ValueError, "overlap|alias")
     _message_names(info, f"{role}[0]", f"{role}[{BAD}]")
 
 
 @pytest.mark.parametrize("name,role", WRITTEN_ROLES)
-def test_overlapping_slices_of_one_buffer(name, role, rng):
-    c = Call(name, rng)
-    buf = np.empty(9, np.float32)
-    buf[0:5] = c[role][0]
+def test_overlapping_slices_of_one_buffer(array_backend, name, role, rng):
+    c = Call(name, rng, backend=array_backend)
+    host = np.empty(9, np.float32)
+    host[0:5], host[5:9] = c.values(role, 0), c.values(role)[1:]
+    buf = c.new(host)
     c[role][0] = buf[0:5]
     c[role][BAD] = buf[4:9]  # shares element 4
     info = c.expect(ValueError, "overlap|alias")
@@ -273,37 +267,48 @@ def test_overlapping_slices_of_one_buffer(name, role, rng):
 
 
 @pytest.mark.parametrize("name,role", WRITTEN_ROLES)
-def test_adjacent_slices_of_one_buffer_are_accepted(name, role, rng):
+def test_adjacent_slices_of_one_buffer_are_accepted(array_backend, name, role, rng):
     # Back to back, not overlapping: valid, and the result equals separate arrays.
     seed = int(rng.integers(2**31))
-    c = Call(name, np.random.default_rng(seed))
-    ref = Call(name, np.random.default_rng(seed))
-    buf = np.empty(10, np.float32)
-    buf[0:5], buf[5:10] = c[role][0], c[role][BAD]
+    c = Call(name, np.random.default_rng(seed), backend=array_backend)
+    ref = Call(name, np.random.default_rng(seed), backend=array_backend)
+    buf = c.new(np.concatenate([c.values(role, 0), c.values(role)]))
     c[role][0], c[role][BAD] = buf[0:5], buf[5:10]
     c.run()
     ref.run()
-    assert_same_arrays(snapshot(*ref.args), snapshot(*c.args))
+    for i, (a, b) in enumerate(zip(c.snapshot(), ref.snapshot())):
+        assert_bits(a, b, f"array #{i}", any_nan=True)
 
 
-@pytest.mark.parametrize("read_only", [False, True], ids=["writable", "read-only"])
 @pytest.mark.parametrize("name", OPT_NAMES)
-def test_grads_aliasing_each_other_are_accepted(name, read_only, rng):
+def test_grads_aliasing_each_other_are_accepted(array_backend, name, rng):
     # grads are only read, so they may share memory: the same array twice, and partially
-    # overlapping views.
+    # overlapping views. (Read-only NumPy views: the next test.)
+    _check_aliasing_grads(name, rng, array_backend, read_only=False)
+
+
+@pytest.mark.parametrize("name", OPT_NAMES)
+def test_read_only_grads_aliasing_each_other_are_accepted(name, rng):
+    _check_aliasing_grads(name, rng, CPU, read_only=True)
+
+
+def _check_aliasing_grads(name, rng, backend, read_only):
     seed = int(rng.integers(2**31))
-    c = Call(name, np.random.default_rng(seed))
-    ref = Call(name, np.random.default_rng(seed))
-    big = np.random.default_rng(seed + 1).standard_normal(9).astype(np.float32)
-    big.setflags(write=not read_only)
+    c = Call(name, np.random.default_rng(seed), backend=backend)
+    ref = Call(name, np.random.default_rng(seed), backend=backend)
+    host = np.random.default_rng(seed + 1).standard_normal(9).astype(np.float32)
+    big = c.new(host)
+    if read_only:
+        big.setflags(write=False)
     c["grads"][0] = big[2:7]
     c["grads"][BAD] = c["grads"][0]  # the same object twice
     c["grads"][2] = big[0:7]  # overlaps grads[0]
-    ref["grads"][0], ref["grads"][BAD], ref["grads"][2] = (big[2:7].copy(), big[2:7].copy(),
-                                                           big[0:7].copy())
+    ref["grads"][0], ref["grads"][BAD], ref["grads"][2] = (c.new(host[2:7]), c.new(host[2:7]),
+                                                           c.new(host[0:7]))
     c.run()
     ref.run()
-    assert_same_arrays(snapshot(*ref.args), snapshot(*c.args))
+    for i, (a, b) in enumerate(zip(c.snapshot(), ref.snapshot())):
+        assert_bits(a, b, f"array #{i}", any_nan=True)
 
 
 # ---- not arrays -------------------------------------------------------------------------------------
@@ -341,6 +346,7 @@ COMMON = [("lr", -1e-3, V), ("lr", NAN, V), ("lr", INF, V), ("lr", -INF, V),
           ("l1", INF, V), ("maximize", "yes", T), ("maximize", None, T)]
 STEP = [("step", 0, V), ("step", -1, V), ("step", 1.5, T), ("step", True, T), ("step", "1", T),
         ("step", None, T), ("step", 2.0, T)]
+# Values chosen by hand; from_table adds those read from fastopt's table.
 PER_OPT = {
     "sgd": STEP + [("momentum", -0.1, V), ("momentum", NAN, V), ("dampening", -0.1, V),
                    ("dampening", 1.5, V), ("nesterov", "yes", T)],
@@ -353,29 +359,52 @@ PER_OPT = {
                     ("eps", -1e-8, V), ("amsgrad", "no", T), ("decoupled_weight_decay", 1, T)],
     "adamw": STEP + [("beta1", 1.0, V), ("beta2", -0.1, V), ("eps", 0.0, V),
                      ("amsgrad", "no", T)],
+    "sophia": [("lr", -1.0, V), ("rho", 0.0, V), ("rho", -0.04, V), ("rho", NAN, V),
+               ("eps", 0.0, V), ("eps", -1e-15, V), ("beta1", 1.0, V), ("beta1", -0.1, V),
+               ("beta1", NAN, V), ("weight_decay", -0.1, V)],
 }
 
 
+def from_table(name: str):
+    """Bad values of each hyper-parameter in fastopt's table for optimizer ``name``: a
+    string for a flag; NaN, and the nearest values outside the range for a real; bad steps
+    if it takes one."""
+    spec = OPTIMIZERS[name].spec
+    out = list(STEP) if spec.takes_step else []
+    for key, h in spec.hyper.items():
+        if isinstance(h, _specs.Flag):
+            out.append((key, "yes", T))
+            continue
+        out += [(key, NAN, V), (key, h.lo if h.lo_open else h.lo - 0.1, V)]
+        if math.isfinite(h.hi):
+            out.append((key, h.hi if h.hi_open else h.hi + 0.5, V))
+    return out
+
+
 def _hyper_cases():
-    cases = []
+    cases, seen = [], set()
     for name in OPT_NAMES:
-        for key, value, exc in COMMON + PER_OPT[name]:
+        for key, value, exc in COMMON + PER_OPT.get(name, []) + from_table(name):
+            if (name, key, repr(value)) in seen:
+                continue
+            seen.add((name, key, repr(value)))
             cases.append(pytest.param(name, key, value, exc,
                                       id=f"{name}-{key}={value!r}-{exc.__name__}"))
     return cases
 
 
 @pytest.mark.parametrize("name,key,value,exc", _hyper_cases())
-def test_bad_hyper_parameter(name, key, value, exc, rng):
-    c = Call(name, rng)
+def test_bad_hyper_parameter(array_backend, name, key, value, exc, rng):
+    c = Call(name, rng, backend=array_backend)
     c.expect(exc, re.escape(key), **{key: value})
 
 
 @pytest.mark.parametrize("opts", [dict(momentum=0.0, dampening=0.0, nesterov=True),
                                   dict(momentum=0.9, dampening=0.1, nesterov=True)],
                          ids=["without-momentum", "with-dampening"])
-def test_sgd_nesterov_needs_momentum_and_no_dampening(opts, rng):
-    c = Call("sgd", rng, opts=dict(opts, weight_decay=0.0, maximize=False, l1=0.0))
+def test_sgd_nesterov_needs_momentum_and_no_dampening(array_backend, opts, rng):
+    c = Call("sgd", rng, backend=array_backend,
+             opts=dict(opts, weight_decay=0.0, maximize=False, l1=0.0))
     c.expect(ValueError, "nesterov")
 
 
@@ -391,10 +420,37 @@ MISSING_STATE = [
 
 @pytest.mark.parametrize("listed", [True, False], ids=["list", "single"])
 @pytest.mark.parametrize("name,opts,role", MISSING_STATE)
-def test_missing_required_state(name, opts, role, listed, rng):
-    c = Call(name, rng, opts=opts, listed=listed)
+def test_missing_required_state(array_backend, name, opts, role, listed, rng):
+    c = Call(name, rng, backend=array_backend, opts=opts, listed=listed)
     c[role] = None
     c.expect(ValueError, re.escape(role))
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: a None where a state array is always "
+                   "required is not refused by name (before the table: pybind11's generic "
+                   "TypeError; with the generated bindings: a segmentation fault)")
+@pytest.mark.parametrize("name,role", role_cases(
+    lambda n: [r for r in OPTIMIZERS[n].state_args({}) if r is not None]))
+def test_none_for_an_always_required_state(name, role, tmp_path):
+    # In a child process: the call may crash the interpreter.
+    opt = OPTIMIZERS[name]
+    roles = ["params", "grads"] + opt.state_args({})
+    code = (
+        "import numpy as np, fastopt\n"
+        f"roles = {roles!r}\n"
+        "arrays = [None if r is None else np.full(5, 0.5, np.float32) for r in roles]\n"
+        f"arrays[roles.index({role!r})] = None\n"
+        f"kwargs = {dict(opt.base, **({'step': 1} if opt.takes_step else {}))!r}\n"
+        "try:\n"
+        f"    fastopt.{name}_(*arrays, **kwargs)\n"
+        "except (TypeError, ValueError) as exc:\n"
+        f"    assert str(exc).startswith({role!r}), str(exc)\n"
+        "    assert all(a is None or (a == 0.5).all() for a in arrays), 'modified'\n"
+        "else:\n"
+        "    raise SystemExit('accepted')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, f"exit status {r.returncode}: {r.stderr[-2000:]}"
 
 
 # ---- zero-size arrays ----------------------------------------------------------------------------
@@ -402,11 +458,11 @@ def test_missing_required_state(name, opts, role, listed, rng):
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (4, 0, 2)], ids=str)
 @pytest.mark.parametrize("listed", [True, False], ids=["list", "single"])
 @pytest.mark.parametrize("name", OPT_NAMES)
-def test_zero_size_is_a_no_op(name, listed, shape, rng):
-    c = Call(name, rng, listed=listed, shapes=[shape] * 3)
-    before = snapshot(*c.args)
+def test_zero_size_is_a_no_op(array_backend, name, listed, shape, rng):
+    c = Call(name, rng, backend=array_backend, listed=listed, shapes=[shape] * 3)
+    before = c.snapshot()
     c.run()
-    assert_same_arrays(before, c.arrays())
+    c.assert_unchanged(before)
     # Hyper-parameters are still checked on zero-size input.
     c.expect(ValueError, "lr", lr=-1.0)
 
@@ -433,20 +489,13 @@ def test_set_cpu_path_rejects(bad, exc):
 
 # ---- NaN / Inf gradients ------------------------------------------------------------------------------
 
-def _nonfinite_cases():
-    cases = []
-    for opt in OPTIMIZERS.values():
-        for opts in opt.representative:
-            cases.append(pytest.param(opt, opts, id=f"{opt.name}-{opts_id(opts)}"))
-    return cases
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("opt,opts", _nonfinite_cases())
-def test_nan_and_inf_gradients_propagate_like_reference(opt, opts, dtype, cpu_path, rng):
+@pytest.mark.parametrize("opt,opts", opt_cases("representative"))
+def test_nan_and_inf_gradients_propagate_like_reference(backend, opt, opts, dtype, rng):
     # NaN, +Inf and -Inf at positions in the vector body, the head and the tail of each
-    # array, at step 2 of 5 (so they also flow through the state afterwards).
-    pr = Problem(opt, opts, [(33,), (4097,), (3,)], dtype, rng)
+    # array, at step 2 of 5 (so they also flow through the state afterwards). On a GPU also
+    # bit for bit like the CPU (any NaN matching any NaN).
+    pr = Problem(opt, opts, [(33,), (4097,), (3,)], dtype, rng, backend=backend)
     positions = {0: [0, 5, 17, 32], 1: [1, 8, 9, 2048, 4096], 2: [0, 2]}
     values = [np.nan, np.inf, -np.inf]
     with np.errstate(all="ignore"):
@@ -458,6 +507,6 @@ def test_nan_and_inf_gradients_propagate_like_reference(opt, opts, dtype, cpu_pa
                         grads[i][j] = values[k % 3]
             pr.step(grads)
             pr.check()
-    got = np.concatenate([p.ravel() for p in pr.params])
+    got = np.concatenate([p.ravel() for p in pr.host()["params"]])
     assert np.isnan(got).any() or np.isinf(got).any()
     assert np.isfinite(got).sum() >= got.size - 20, "non-finite values spread to other elements"

@@ -28,10 +28,10 @@ import pytest
 
 import fastopt
 
+from backends import assert_bits
 from conftest import DTYPES
 from cuda_libs import FakeCudaArray, lib_fixture
-from test_newton import assert_close, solve64, spd
-from test_quant import assert_bits
+from newton_cases import assert_close, solve64, spd
 
 DTYPE_IDS = ["f32", "f64"]
 NPD = fastopt.NotPositiveDefiniteError

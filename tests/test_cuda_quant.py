@@ -33,11 +33,12 @@ import pytest
 import fastopt
 from fastopt import reference
 
+from backends import assert_bits, bits
 from cuda_libs import FakeCudaArray, lib_fixture
-from test_quant import (BF16, CHANNEL_CASES, F32, IN_DTYPES, IN_IDS, NONFINITE_FUNCS,
-                        QDTYPES, QRANGE, SHAPES, assert_bits, bits, case_id, channel_params,
-                        channel_shape, fresh, poisoned, ref_blockwise, ref_quantize, shape_id,
-                        tensor_params, unchecked_input, with_ties)
+from quant_cases import (BF16, CHANNEL_CASES, F32, IN_DTYPES, IN_IDS, NONFINITE_FUNCS, QDTYPES,
+                         QRANGE, SHAPES, case_id, channel_params, channel_shape, fresh, poisoned,
+                         ref_blockwise, ref_quantize, shape_id, tensor_params, unchecked_input,
+                         with_ties)
 
 F16 = np.dtype(np.float16)
 # 1, 7, 64, 256 and 4096: one warp per block; 4097 and 10_000: one thread block per block

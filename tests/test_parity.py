@@ -1,8 +1,10 @@
-"""fastopt against its float64 NumPy reference: trajectories of STEPS steps for every
-optimizer, option combination, dtype and CPU path; bit-identity across CPU paths and thread
-counts; misaligned arrays; the functional API with single arrays, lists and tuples; the
-stateful classes (schedules, settable lr, zero_state, state_dict round trips); PyTorch CPU
-tensors."""
+"""fastopt against its float64 NumPy reference, one test body per behaviour run on every
+backend (the ``backend`` fixture: the CPU's scalar and AVX2 paths, CuPy, PyTorch CUDA; on a
+GPU also bit for bit against the CPU kernels): trajectories of STEPS steps for every
+optimizer, option combination and dtype; odd sizes; misaligned arrays; the first step
+writing every element; zero-size arrays; the functional API with single arrays, lists and
+tuples; the stateful classes (schedules, settable lr, zero_state, state_dict round trips).
+CPU only: bit-identity across CPU paths and thread counts, PyTorch CPU tensors."""
 from __future__ import annotations
 
 import copy
@@ -12,72 +14,70 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import schedules
+from fastopt import _arrays, schedules
 
-from conftest import (ADAGRAD, DTYPES, HAS_AVX2, OPTIMIZERS, STEPS, Problem, assert_close, fresh,
-                      misaligned, normal_nonzero, opt_cases, opts_id, seed_of,
-                      using_cpu_path, using_threads)
+from backends import CPU, assert_bits, misaligned_maker
+from conftest import (ADAGRAD, DTYPES, HAS_AVX2, OPTIMIZERS, STEPS, Problem, assert_close,
+                      assert_same_optimizer, class_step, hessian_estimates, misaligned,
+                      normal_nonzero, opt_cases, opts_id, seed_of, using_cpu_path,
+                      using_threads)
 
 DTYPE_IDS = ["f32", "f64"]
 
-# Mixed shapes of one multi-tensor call: every size of the contract (0, 1, 7, 33, 4097) and
-# a few multi-dimensional ones, including zero-size ones in the middle of the list.
-MIXED = [(7,), (33,), (1,), (0,), (4097,), (33, 3), (2, 0, 3), (5, 1, 7)]
+# Mixed shapes of one multi-tensor call: every size of the contract (0, 1, 7, 33, 4097), a
+# few multi-dimensional ones, zero-size ones in the middle of the list, and (2, 8195): 16390
+# elements, four of the GPU kernel's 4096-element chunks and a ragged 6.
+SHAPES = [(7,), (33,), (1,), (0,), (4097,), (33, 3), (2, 0, 3), (5, 1, 7), (2, 8195)]
 SINGLE_SIZES = [0, 1, 7, 33, 4097]
 LARGE = 1_000_003
 
 
-def assert_moved(before, after, ref_after, what):
-    """Every element the reference moved by more than 2 ulp changed in fastopt too (exact
-    comparison, independent of the tolerances): catches elements a kernel skipped."""
-    must_total = count = 0
-    for i, (b, a, r) in enumerate(zip(before, after, ref_after)):
-        b, a = np.asarray(b).ravel(), np.asarray(a).ravel()
-        ulp = np.spacing(np.abs(b)).astype(np.float64)
-        must = np.abs(np.asarray(r, dtype=np.float64).ravel() - b) > 2 * ulp
-        stuck = np.flatnonzero(must & (a == b))
-        assert stuck.size == 0, (f"{what}[{i}]: {stuck.size} elements left unchanged, e.g. "
-                                 f"flat indices {stuck[:8].tolist()}")
-        must_total += int(must.sum())
-        count += b.size
-    assert must_total >= 0.9 * count, f"{what}: the reference itself barely moved"
+def assert_same_results(a, b, what):
+    """Two runs' params and state (dicts of NumPy copies by role) are bit-identical."""
+    assert a.keys() == b.keys()
+    for name in a:
+        assert len(a[name]) == len(b[name])
+        for i, (x, y) in enumerate(zip(a[name], b[name])):
+            assert_bits(x, y, f"{what}: {name}[{i}]", any_nan=True)
 
 
-def run_and_check(pr: Problem, rng, steps=STEPS, check_every=1, grad_make=None):
-    """Step fastopt and the reference with the same fresh gradients; compare every element of
-    params and state after each ``check_every`` steps and after the last. After the first
-    step, every element of params and state that the reference moved must have changed."""
+def run_and_check(pr: Problem, rng, steps=STEPS, check_every=1):
+    """Step fastopt (and on a GPU the CPU twin) and the reference with the same fresh
+    gradients; compare every element of params and state after each ``check_every`` steps
+    and after the last. After the first step, every element of params and state that the
+    reference moved must have changed. The grads are never written."""
     for k in range(steps):
         before = pr.snapshot() if k == 0 else None
-        pr.step(pr.draw_grads(rng, grad_make))
+        grads = pr.draw_grads(rng)
+        dgrads = pr.step(grads)
+        for i, (d, g) in enumerate(zip(dgrads, grads)):
+            assert_bits(pr.backend.to_numpy(d), g, f"grads[{i}] (read only)")
         if k == 0:
-            assert_moved(before["params"], pr.params, pr.ref_params, "params")
-            for name, arrays in pr.state.items():
-                assert_moved(before[name], arrays, pr.ref_state[name], name)
+            pr.assert_moved(before)
         if k == 0 or (k + 1) % check_every == 0 or k == steps - 1:
             pr.check()
 
 
-# ---- trajectories against the reference ---------------------------------------------------
+# ---- trajectories against the CPU and the reference ----------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("opt,opts", opt_cases("grid"))
-def test_list_trajectory_matches_reference(opt, opts, dtype, cpu_path, rng):
-    pr = Problem(opt, opts, MIXED, dtype, rng)
+def test_list_trajectory_matches_cpu_and_reference(backend, opt, opts, dtype, rng):
+    pr = Problem(opt, opts, SHAPES, dtype, rng, backend=backend)
     run_and_check(pr, rng)
 
 
 @pytest.mark.parametrize("size", SINGLE_SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("opt,opts", opt_cases("representative"))
-def test_single_array_trajectory_matches_reference(opt, opts, dtype, size, cpu_path, rng):
-    pr = Problem(opt, opts, [(size,)], dtype, rng, listed=False)
+def test_single_array_trajectory_matches_reference(backend, opt, opts, dtype, size, rng):
+    pr = Problem(opt, opts, [(size,)], dtype, rng, backend=backend, listed=False)
     run_and_check(pr, rng)
 
 
 def _large_cases():
     # Per optimizer: the plainest and the most featureful combo in float32, and the most
-    # featureful in float64 (each on both CPU paths).
+    # featureful in float64 (each on every backend).
     cases = []
     for opt in OPTIMIZERS.values():
         plain, full = opt.representative[0], opt.representative[-1]
@@ -90,43 +90,72 @@ def _large_cases():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("opt,opts,dtype", _large_cases())
-def test_large_array_trajectory_matches_reference(opt, opts, dtype, cpu_path, rng):
+def test_large_array_trajectory_matches_reference(backend, opt, opts, dtype, rng):
     # 1_000_003 elements: many vectors, the threaded split (>= 2**15) and an odd tail.
-    pr = Problem(opt, opts, [(LARGE,)], dtype, rng, listed=False)
+    pr = Problem(opt, opts, [(LARGE,)], dtype, rng, backend=backend, listed=False)
     run_and_check(pr, rng, check_every=10)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("opt,opts", opt_cases("representative"))
-def test_misaligned_arrays_match_reference(opt, opts, dtype, cpu_path, rng):
-    # Every array starts an odd number of elements into its buffer (so not 32-byte aligned),
-    # and params, grads and state each at a different offset. 40_001 also crosses the
-    # threading threshold (2**15 elements).
-    shapes = [(33,), (1,), (7,), (4097,), (40_001,), (0,)]
-    pr = Problem(opt, opts, shapes, dtype, rng, make=misaligned(1), state_make=misaligned(3))
-    for a in pr.params:
-        if a.size:
-            assert a.ctypes.data % 32 != 0
-    run_and_check(pr, rng, grad_make=misaligned(5))
+def test_misaligned_arrays_match_cpu_and_reference(backend, opt, opts, dtype, rng):
+    # Every array is a slice of a NaN-padded buffer, 32-byte aligned or starting an odd
+    # number of elements in (so not 16-byte aligned): per tensor, every role misaligned
+    # (each role at a different offset), every role aligned, or a mix (even roles aligned:
+    # one misaligned role must send the tensor to the unaligned path). 40_001 also crosses
+    # the CPU's threading threshold (2**15 elements). The padding is never written.
+    shapes = SHAPES + [(40_001,), (4097,)]
+    kinds = ["odd", "odd", "odd", "aligned", "odd", "aligned", "mixed", "mixed", "odd", "odd",
+             "mixed"]
+    assert len(kinds) == len(shapes)
+    buffers = []
+    make = misaligned_maker(backend, kinds, record=buffers)
+    pr = Problem(opt, opts, shapes, dtype, rng, backend=backend, make=make)
+    run_and_check(pr, rng)
+    for buf, off, n in buffers:
+        host = backend.to_numpy(buf)
+        assert np.isnan(host[:off]).all() and np.isnan(host[off + n:]).all(), "padding written"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("opt,opts", opt_cases("representative"))
+def test_first_step_writes_every_element(backend, opt, opts, dtype, rng):
+    # Poison: state the first step overwrites without reading (SGD's momentum buffers) starts
+    # as NaN, which must not survive anywhere; every element of params and state that the
+    # reference moves by more than 2 ulp must change (so an element no thread wrote fails
+    # even if the CPU kernel skipped it too), and the result equals the CPU's.
+    init = dict(opt.init)
+    if opt.name == "sgd":
+        init["momentum_buffers"] = lambda shape, rng: np.full(shape, np.nan)
+    pr = Problem(opt, opts, SHAPES, dtype, rng, backend=backend, init=init)
+    before = pr.snapshot()
+    pr.step(pr.draw_grads(rng))
+    for role, arrays in pr.host().items():
+        for i, a in enumerate(arrays):
+            assert not np.isnan(a).any(), f"{role}[{i}]: NaN after the first step"
+    pr.assert_moved(before)
+    pr.check()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("opt", list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
-def test_strong_l1_zeroes_like_reference(opt, dtype, cpu_path, rng):
+def test_strong_l1_zeroes_like_reference(backend, opt, dtype, rng):
     # A large L1 penalty drives many params to exactly 0 (the clamp branch of the
     # soft-threshold), and keeps them there: fastopt must zero the same elements.
     opts = {"l1": 2.0}
     if opt is OPTIMIZERS["adamw"]:
         opts["weight_decay"] = 0.01
-    pr = Problem(opt, opts, [(4097,), (33,)], dtype, rng)
-    for p in pr.params:
-        p *= 0.1
-    pr.ref_params = [p.astype(np.float64) for p in pr.params]
+    pr = Problem(opt, opts, [(4097,), (33,)], dtype, rng, backend=backend)
+    for i, p in enumerate(pr.params):
+        small = backend.to_numpy(p) * dtype(0.1)
+        backend.upload(p, small)
+        pr.cpu_params[i][...] = small
+        pr.ref_params[i] = small.astype(np.float64)
     for _ in range(STEPS):
         pr.step(pr.draw_grads(rng))
         pr.check()
     zero_ref = np.concatenate([p.ravel() == 0 for p in pr.ref_params])
-    zero_got = np.concatenate([p.ravel() == 0 for p in pr.params])
+    zero_got = np.concatenate([p.ravel() == 0 for p in pr.host()["params"]])
     assert zero_ref.mean() > 0.1, "the test should exercise the clamp"
     # Elements at the threshold may land either way by rounding; all others agree.
     assert (zero_ref != zero_got).mean() < 1e-3
@@ -134,27 +163,16 @@ def test_strong_l1_zeroes_like_reference(opt, dtype, cpu_path, rng):
 
 # ---- bit-identity across CPU paths and thread counts --------------------------------------
 
-def _trajectory(opt, opts, shapes, dtype, seed, *, make=fresh, state_make=None, grad_make=None,
-                steps=STEPS, grads=None):
-    """Run fastopt only; return the final params and state (deterministic in ``seed``)."""
+def _trajectory(opt, opts, shapes, dtype, seed, *, make=None, steps=STEPS, grads=None):
+    """Run fastopt only, on the current CPU path; return the final params and state
+    (deterministic in ``seed``)."""
     rng = np.random.default_rng(seed)
-    pr = Problem(opt, opts, shapes, dtype, rng, make=make, state_make=state_make)
+    pr = Problem(opt, opts, shapes, dtype, rng, make=make)
     for k in range(steps):
-        g = grads[k] if grads is not None else pr.draw_grads(rng, grad_make)
-        pr.step_fastopt(g)
+        g = grads[k] if grads is not None else pr.draw_grads(rng)
+        pr.step_fastopt([pr.make(x, 1, i) for i, x in enumerate(g)])
         pr.t += 1
     return pr.snapshot()
-
-
-def _assert_bit_identical(a, b, what):
-    assert a.keys() == b.keys()
-    for name in a:
-        for i, (x, y) in enumerate(zip(a[name], b[name])):
-            assert x.dtype == y.dtype and x.shape == y.shape
-            if not np.array_equal(x, y, equal_nan=True):
-                diff = np.flatnonzero(x.ravel() != y.ravel())
-                raise AssertionError(f"{what}: {name}[{i}] differs at {diff.size} elements, "
-                                     f"first {diff[:8].tolist()}")
 
 
 ODD_SHAPES = [(1,), (7,), (33,), (4099,), (13, 17), (3,)]
@@ -166,13 +184,12 @@ ODD_SHAPES = [(1,), (7,), (33,), (4099,), (13, 17), (3,)]
 @pytest.mark.parametrize("opt,opts", opt_cases("grid"))
 def test_scalar_and_avx2_paths_bit_identical(opt, opts, dtype, aligned, request):
     seed = seed_of(request.node.nodeid)
-    kw = {} if aligned else dict(make=misaligned(1), state_make=misaligned(2),
-                                 grad_make=misaligned(3))
+    make = None if aligned else misaligned(1)  # each role at its own odd offset
     with using_cpu_path("scalar"):
-        scalar = _trajectory(opt, opts, ODD_SHAPES, dtype, seed, **kw)
+        scalar = _trajectory(opt, opts, ODD_SHAPES, dtype, seed, make=make)
     with using_cpu_path("avx2"):
-        avx2 = _trajectory(opt, opts, ODD_SHAPES, dtype, seed, **kw)
-    _assert_bit_identical(scalar, avx2, "scalar vs avx2")
+        avx2 = _trajectory(opt, opts, ODD_SHAPES, dtype, seed, make=make)
+    assert_same_results(scalar, avx2, "scalar vs avx2")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -189,15 +206,15 @@ def test_thread_counts_bit_identical(opt, opts, dtype, cpu_path, request):
     for n in (1, 2, 3):
         with using_threads(n):
             results[n] = _trajectory(opt, opts, shapes, dtype, seed, grads=grads)
-    _assert_bit_identical(results[1], results[2], "1 vs 2 threads")
-    _assert_bit_identical(results[1], results[3], "1 vs 3 threads")
+    assert_same_results(results[1], results[2], "1 vs 2 threads")
+    assert_same_results(results[1], results[3], "1 vs 3 threads")
 
 
-# ---- the functional API: single arrays, lists, tuples --------------------------------------
+# ---- the functional API: single arrays, lists, tuples; zero-size arrays ---------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("opt,opts", opt_cases("representative"))
-def test_single_arrays_lists_and_tuples_agree(opt, opts, dtype, cpu_path, rng):
+def test_single_arrays_lists_and_tuples_agree(backend, opt, opts, dtype, rng):
     # The same problem stepped as one list call, as one tuple call, and as one call per
     # array (single-array form): bit-identical results.
     shapes = [(7,), (33, 3), (1,), (0,), (4097,)]
@@ -205,9 +222,9 @@ def test_single_arrays_lists_and_tuples_agree(opt, opts, dtype, cpu_path, rng):
     runs = {}
     for mode in ("list", "tuple", "single"):
         r = np.random.default_rng(seed)
-        pr = Problem(opt, opts, shapes, dtype, r)
+        pr = Problem(opt, opts, shapes, dtype, r, backend=backend)
         for _ in range(5):
-            grads = pr.draw_grads(r)
+            grads = [backend.asarray(g) for g in pr.draw_grads(r)]
             args, kwargs = pr.fastopt_args(grads)
             if mode == "single":
                 for i in range(len(shapes)):
@@ -218,19 +235,30 @@ def test_single_arrays_lists_and_tuples_agree(opt, opts, dtype, cpu_path, rng):
                 opt.fn(*args, **kwargs)
             pr.t += 1
         runs[mode] = pr.snapshot()
-    _assert_bit_identical(runs["list"], runs["tuple"], "list vs tuple")
-    _assert_bit_identical(runs["list"], runs["single"], "list vs single arrays")
+    assert_same_results(runs["list"], runs["tuple"], "list vs tuple")
+    assert_same_results(runs["list"], runs["single"], "list vs single arrays")
 
 
-def test_zero_size_only_list_is_noop(cpu_path):
-    for opt in OPTIMIZERS.values():
-        opts = opt.representative[-1]
-        pr = Problem(opt, opts, [(0,), (0, 3), (2, 0)], np.float32, np.random.default_rng(0))
-        args, kwargs = pr.fastopt_args([np.zeros(s, np.float32) for s in pr.shapes])
-        opt.fn(*args, **kwargs)
-        empty = Problem(opt, opts, [], np.float64, np.random.default_rng(0))
-        args, kwargs = empty.fastopt_args([])
-        opt.fn(*args, **kwargs)
+@pytest.mark.parametrize("opt,opts", opt_cases("representative"))
+def test_zero_size_arrays_are_a_no_op(backend, opt, opts, rng):
+    # Lists of zero-size arrays (on a GPU also on a side stream), one zero-size array, and
+    # empty lists of either dtype: accepted (no launch of zero blocks, no error), nothing
+    # changes.
+    shapes = [(0,), (0, 3), (2, 0, 3)]
+    pr = Problem(opt, opts, shapes, np.float32, rng, backend=backend)
+    grads = [backend.asarray(np.zeros(s, np.float32)) for s in shapes]
+    pr.step_fastopt(grads)
+    if backend.is_cuda:
+        pr.step_fastopt(grads, stream=backend.lib.side_stream())
+    states = [None if n is None else pr.state[n][0] for n in pr.args]
+    kwargs = dict(pr.hyper, **({"step": 1} if opt.takes_step else {}))
+    opt.fn(pr.params[0], grads[0], *states, **kwargs)
+    for dtype in DTYPES:
+        empty = Problem(opt, opts, [], dtype, rng, backend=backend)
+        opt.fn(*empty.fastopt_args([])[0], **kwargs)
+    fastopt.ema_(pr.params, grads, beta=0.9)
+    for role, arrays in pr.host().items():
+        assert [a.shape for a in arrays] == shapes, role
 
 
 # ---- the stateful classes -------------------------------------------------------------------
@@ -283,21 +311,29 @@ def _class_kwargs(opt, opts, **extra):
     return kw
 
 
-def _state_copy(o):
-    return {k: [a.copy() for a in v] for k, v in o.state.items()}
+def assert_state_like_params(backend, o, dtype) -> None:
+    """The class allocated its state in the params' library, dtype and shapes."""
+    for name, arrays in o.state.items():
+        assert len(arrays) == len(o.params), name
+        for a, p in zip(arrays, o.params):
+            assert backend.is_array(a) and _arrays.dtype_name(a) == np.dtype(dtype).name, name
+            assert tuple(a.shape) == tuple(p.shape), name
 
 
 @pytest.mark.parametrize("kind", SCHEDULES, ids=[str(k) for k in SCHEDULES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("opt,opts", opt_cases("representative"))
-def test_class_matches_functional_and_reference(opt, opts, dtype, kind, rng):
+def test_class_matches_functional_and_reference(array_backend, opt, opts, dtype, kind, rng):
     # The class with lr = schedule(t, base_lr), t = 0-based index of the step about to be
-    # taken: bit-identical to the functional calls with that lr, close to the reference.
+    # taken: bit-identical to the functional calls with that lr (on a GPU: and to the CPU
+    # kernels), close to the reference.
+    backend = array_backend
     shapes = [(7,), (33, 3), (1,), (0,), (4097,)]
-    pr = Problem(opt, opts, shapes, dtype, rng, init=_zero_init(opt))
-    params = [p.copy() for p in pr.params]
+    pr = Problem(opt, opts, shapes, dtype, rng, backend=backend, init=_zero_init(opt))
+    params = [backend.asarray(p) for p in pr.host()["params"]]
     o = opt.cls(params, schedule=_make_schedule(kind), **_class_kwargs(opt, opts))
     assert o.params[0] is params[0], "the class must update the caller's arrays in place"
+    assert_state_like_params(backend, o, dtype)
     base = pr.hyper["lr"]
     for t in range(STEPS):
         if t == 12:  # settable lr: later steps use the new base rate
@@ -308,113 +344,136 @@ def test_class_matches_functional_and_reference(opt, opts, dtype, kind, rng):
         assert lr == pytest.approx(_expected_lr(kind, t, base), rel=1e-14), f"t={t}"
         assert o.step_count == t
         grads = pr.draw_grads(rng)
-        o.step(grads)
+        o.step([backend.asarray(g) for g in grads])
         pr.step(grads, lr=lr)
+        got = pr.host()
         for name in pr.state:
-            for a, b in zip(o.state[name], pr.state[name]):
-                assert np.array_equal(a, b), f"class and functional differ in {name}"
-        for a, b in zip(params, pr.params):
-            assert np.array_equal(a, b), "class and functional differ in params"
+            for i, (a, b) in enumerate(zip(o.state[name], got[name])):
+                assert_bits(backend.to_numpy(a), b, f"class and functional: {name}[{i}]",
+                            any_nan=True)
+        for i, (a, b) in enumerate(zip(params, got["params"])):
+            assert_bits(backend.to_numpy(a), b, f"class and functional: params[{i}]",
+                        any_nan=True)
         pr.check()
     assert o.step_count == STEPS
 
 
 @pytest.mark.parametrize("opt,opts", opt_cases("representative"))
-def test_class_with_single_array(opt, opts, rng):
-    pr = Problem(opt, opts, [(4097,)], np.float64, rng, listed=False, init=_zero_init(opt))
-    param = pr.params[0].copy()
+def test_class_with_single_array(array_backend, opt, opts, rng):
+    backend = array_backend
+    pr = Problem(opt, opts, [(4097,)], np.float64, rng, backend=backend, listed=False,
+                 init=_zero_init(opt))
+    param = backend.asarray(pr.host()["params"][0])
     o = opt.cls(param, **_class_kwargs(opt, opts))
+    assert o.params[0] is param, "the class must update the caller's array in place"
     for _ in range(STEPS):
         (g,) = pr.draw_grads(rng)
-        o.step(g)
+        o.step(backend.asarray(g))
         pr.step([g])
-    assert np.array_equal(param, pr.params[0])
+    got = pr.host()
+    assert_bits(backend.to_numpy(param), got["params"][0], "params", any_nan=True)
     for name in pr.state:
-        assert np.array_equal(o.state[name][0], pr.state[name][0])
+        assert_bits(backend.to_numpy(o.state[name][0]), got[name][0], name, any_nan=True)
     pr.check()
 
 
 @pytest.mark.parametrize("opt,opts", opt_cases("representative"))
-def test_zero_state_restarts_like_new(opt, opts, rng):
+def test_zero_state_restarts_like_new(array_backend, opt, opts, rng):
+    backend = array_backend
     shapes = [(33,), (7, 2)]
-    p0 = [normal_nonzero(rng, s) for s in shapes]
+    p0 = [normal_nonzero(rng, s) for s in shapes]  # float64
     grads = [[normal_nonzero(rng, s) for s in shapes] for _ in range(10)]
-    a = [p.copy() for p in p0]
+    est = [hessian_estimates(rng, shapes, np.float64) for _ in range(10)]
+    a = [backend.asarray(p) for p in p0]
     o = opt.cls(a, **_class_kwargs(opt, opts))
-    for g in grads[:5]:
-        o.step(g)
+    for t in range(5):
+        class_step(o, [backend.asarray(g) for g in grads[t]],
+                   [backend.asarray(e) for e in est[t]])
     o.zero_state()
     assert o.step_count == 0
     for name, arrays in o.state.items():
         want = INIT_ACC if opt is ADAGRAD else 0.0
         for arr in arrays:
-            assert np.all(arr == want), name
+            assert np.all(backend.to_numpy(arr) == want), name
     # From here it must behave exactly as a new optimizer on the current params.
-    b = [x.copy() for x in a]
+    b = [backend.asarray(backend.to_numpy(x)) for x in a]
     fresh_opt = opt.cls(b, **_class_kwargs(opt, opts))
-    for g in grads[5:]:
-        o.step(g)
-        fresh_opt.step(g)
-    for x, y in zip(a, b):
-        assert np.array_equal(x, y)
-    for name in o.state:
-        for x, y in zip(o.state[name], fresh_opt.state[name]):
-            assert np.array_equal(x, y)
+    for t in range(5, 10):
+        for x in (o, fresh_opt):
+            class_step(x, [backend.asarray(g) for g in grads[t]],
+                       [backend.asarray(e) for e in est[t]])
+    assert_same_optimizer(backend, o, fresh_opt, "after zero_state and 5 steps")
 
 
-def _sd_equal(a, b):
+def _host_state_dict(backend, sd):
+    """A copy of state dict ``sd`` with NumPy copies of its arrays."""
+    out = copy.deepcopy({k: v for k, v in sd.items() if k != "state"})
+    out["state"] = {name: [backend.to_numpy(a) for a in arrays]
+                    for name, arrays in sd["state"].items()}
+    return out
+
+
+def _sd_equal(backend, a, b):
     assert a.keys() == b.keys()
     assert a["optimizer"] == b["optimizer"] and a["step"] == b["step"] and a["lr"] == b["lr"]
     assert a["hyper"] == b["hyper"]
     assert a["state"].keys() == b["state"].keys()
     for name in a["state"]:
         assert len(a["state"][name]) == len(b["state"][name])
-        for x, y in zip(a["state"][name], b["state"][name]):
-            assert np.array_equal(x, y) and np.asarray(x).dtype == np.asarray(y).dtype
+        for i, (x, y) in enumerate(zip(a["state"][name], b["state"][name])):
+            assert_bits(backend.to_numpy(x), backend.to_numpy(y), f"state[{name!r}][{i}]",
+                        any_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("opt,opts", opt_cases("representative"))
-def test_state_dict_round_trip_is_exact(opt, opts, dtype, rng):
+def test_state_dict_round_trip_is_exact(array_backend, opt, opts, dtype, rng):
+    # 10 steps, state_dict() (copies, in the params' library), 10 more steps; a new
+    # optimizer on the params as they were at step 10 loads the dict (its own arrays, then
+    # NumPy copies of them) and takes the same 10 steps: bit-identical.
+    backend = array_backend
     shapes = [(7,), (33, 3), (1,), (0,), (129,)]
     sched = schedules.InverseTime(1.0, 7)
     kw = _class_kwargs(opt, opts)
-    params = [normal_nonzero(rng, s).astype(dtype) for s in shapes]
+    params = [backend.asarray(normal_nonzero(rng, s).astype(dtype)) for s in shapes]
     grads = [[normal_nonzero(rng, s).astype(dtype) for s in shapes] for _ in range(20)]
-    o = opt.cls(params, schedule=sched, **kw)
-    for g in grads[:10]:
-        o.step(g)
-    sd = o.state_dict()
-    saved = copy.deepcopy(sd)
-    params_at_10 = [p.copy() for p in params]
-    for g in grads[10:]:
-        o.step(g)
-    final_params = [p.copy() for p in params]
-    final_state = _state_copy(o)
+    est = [hessian_estimates(rng, shapes, dtype) for _ in range(20)]
 
-    # The saved dict is a deep copy: ten more steps and a new lr did not touch it.
+    def run(o, steps):
+        for t in steps:
+            class_step(o, [backend.asarray(g) for g in grads[t]],
+                       [backend.asarray(e) for e in est[t]])
+
+    o = opt.cls(params, schedule=sched, **kw)
+    run(o, range(10))
+    sd = o.state_dict()
+    for name, arrays in sd["state"].items():
+        for a, own in zip(arrays, o.state[name]):
+            assert backend.is_array(a), f"state_dict()['state'][{name!r}]: not the params' kind"
+            assert 0 in tuple(a.shape) or backend.ptr(a) != backend.ptr(own), "must copy"
+    saved = _host_state_dict(backend, sd)
+    params_at_10 = [backend.to_numpy(p) for p in params]
+    run(o, range(10, 20))
+
+    # The saved dict is a copy: ten more steps and a new lr did not touch it.
     o.lr = kw["lr"] * 3
-    _sd_equal(sd, saved)
+    _sd_equal(backend, sd, saved)
     assert sd["step"] == 10
 
     # Restore into a fresh optimizer built with another lr: lr, step and state come back.
-    params2 = [p.copy() for p in params_at_10]
-    o2 = opt.cls(params2, schedule=sched, **dict(kw, lr=kw["lr"] * 7))
-    o2.load_state_dict(sd)
-    assert o2.step_count == 10 and o2.lr == kw["lr"]
-    _sd_equal(o2.state_dict(), saved)
-    # load_state_dict copied: mutating the dict afterwards does not reach the optimizer.
-    for arrays in sd["state"].values():
-        for a in arrays:
-            a += 1.0
-    _sd_equal(o2.state_dict(), saved)
-    for g in grads[10:]:
-        o2.step(g)
-    for x, y in zip(params2, final_params):
-        assert np.array_equal(x, y)
-    for name in final_state:
-        for x, y in zip(o2.state[name], final_state[name]):
-            assert np.array_equal(x, y), name
+    for source in (sd, _host_state_dict(backend, saved)):
+        params2 = [backend.asarray(p) for p in params_at_10]
+        o2 = opt.cls(params2, schedule=sched, **dict(kw, lr=kw["lr"] * 7))
+        o2.load_state_dict(source)
+        assert o2.step_count == 10 and o2.lr == kw["lr"]
+        _sd_equal(backend, o2.state_dict(), saved)
+        # load_state_dict copied: mutating the dict afterwards does not reach the optimizer.
+        for arrays in source["state"].values():
+            for a in arrays:
+                a += 1.0
+        _sd_equal(backend, o2.state_dict(), saved)
+        run(o2, range(10, 20))
+        assert_same_optimizer(backend, o2, o, "after restoring and 10 more steps")
 
 
 def _corruptions(opt, opts):
@@ -472,7 +531,7 @@ def test_load_state_dict_rejects_mismatch_and_changes_nothing(opt, opts, corrupt
     params_before = [x.copy() for x in b]
     with pytest.raises(ValueError, match="state_dict|step|lr|weight_decay"):
         dst.load_state_dict(sd)
-    _sd_equal(dst.state_dict(), before)
+    _sd_equal(CPU, dst.state_dict(), before)
     assert dst.hyper == before["hyper"]
     for x, y in zip(b, params_before):
         assert np.array_equal(x, y)
@@ -504,7 +563,7 @@ def test_load_state_dict_rejects_hyper_needing_missing_state(opt, opts, key, val
     try:
         o.load_state_dict(sd)
     except ValueError:
-        _sd_equal(o.state_dict(), before)
+        _sd_equal(CPU, o.state_dict(), before)
     try:
         o.step(normal_nonzero(rng, (9,)))
     except ValueError as exc:

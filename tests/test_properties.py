@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastopt
+from fastopt import _specs
 
 from conftest import (DTYPES, HAS_AVX2, OPTIMIZERS, Problem, assert_same_arrays,
                       flatten_arrays, snapshot, using_cpu_path)
@@ -78,8 +79,28 @@ def adam_hyper(draw, adamw=False):
     return h
 
 
+# Sophia: the table's hessian_diags start in [0.05, 1]; rho >= 0.01 and eps <= 1e-4 keep the
+# clip's slope |m| / (rho*h) below ~2e3, so float32 rounding of m stays within tolerance.
+@st.composite
+def sophia_hyper(draw):
+    return dict(lr=draw(unit(0.0, 0.1)), beta1=draw(maybe_zero(unit(0.0, 0.99))),
+                rho=draw(log_uniform(1e-2, 1.0)), eps=draw(log_uniform(1e-15, 1e-4)),
+                weight_decay=draw(maybe_zero(unit(0.0, 0.1))), maximize=draw(st.booleans()),
+                l1=draw(maybe_zero(unit(0.0, 0.1))))
+
+
+# Lion: the Problem keeps float32 gradients where its sign step is well defined.
+@st.composite
+def lion_hyper(draw):
+    return dict(lr=draw(unit(0.0, 0.1)), beta1=draw(maybe_zero(unit(0.0, 0.99))),
+                beta2=draw(maybe_zero(unit(0.0, 0.999))),
+                weight_decay=draw(maybe_zero(unit(0.0, 0.1))), maximize=draw(st.booleans()),
+                l1=draw(maybe_zero(unit(0.0, 0.1))))
+
+
 HYPER = {"sgd": sgd_hyper(), "adagrad": adagrad_hyper(), "rmsprop": rmsprop_hyper(),
-         "adam": adam_hyper(), "adamw": adam_hyper(adamw=True)}
+         "adam": adam_hyper(), "adamw": adam_hyper(adamw=True), "sophia": sophia_hyper(),
+         "lion": lion_hyper()}
 
 
 @settings(max_examples=150, **SETTINGS)
@@ -132,20 +153,17 @@ bad_step = st.one_of(st.tuples(st.integers(max_value=0), st.just(ValueError)),
                      st.tuples(st.one_of(unit(0.5, 100.0), st.booleans(), st.text(max_size=2),
                                          st.none()), st.just(TypeError)))
 
-KINDS = {
-    "lr": "nonneg", "weight_decay": "nonneg", "l1": "nonneg", "momentum": "nonneg",
-    "lr_decay": "nonneg", "dampening": "unit", "alpha": "unit", "beta1": "beta",
-    "beta2": "beta", "eps": "positive",
-}
-FLAGS = {"maximize", "nesterov", "centered", "amsgrad", "decoupled_weight_decay"}
-
-
-def _bad_value(key):
+def _bad_value(name, key):
+    """Bad values of hyper-parameter ``key`` of optimizer ``name``, from its range in
+    fastopt's table."""
     if key == "step":
         return bad_step
-    if key in FLAGS:
+    h = OPTIMIZERS[name].spec.hyper[key]
+    if isinstance(h, _specs.Flag):
         return bad_flag
-    return bad_real(KINDS[key])
+    kind = {(0.0, math.inf, False, False): "nonneg", (0.0, 1.0, False, False): "unit",
+            (0.0, 1.0, False, True): "beta", (0.0, math.inf, True, False): "positive"}
+    return bad_real(kind[(h.lo, h.hi, h.lo_open, h.hi_open)])
 
 
 @settings(max_examples=300, **SETTINGS)
@@ -158,7 +176,7 @@ def test_random_invalid_hyper_parameters_raise_and_modify_nothing(data):
         hyper["step"] = 1
     keys = sorted(k for k in hyper if k != "nesterov" or name == "sgd")
     key = data.draw(st.sampled_from(keys), label="bad key")
-    value, exc = data.draw(_bad_value(key), label="bad value")
+    value, exc = data.draw(_bad_value(name, key), label="bad value")
     shapes = data.draw(shapes_st, label="shapes")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
