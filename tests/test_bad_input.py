@@ -426,13 +426,10 @@ def test_missing_required_state(array_backend, name, opts, role, listed, rng):
     c.expect(ValueError, re.escape(role))
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a None where a state array is always "
-                   "required is not refused by name (before the table: pybind11's generic "
-                   "TypeError; with the generated bindings: a segmentation fault)")
 @pytest.mark.parametrize("name,role", role_cases(
     lambda n: [r for r in OPTIMIZERS[n].state_args({}) if r is not None]))
 def test_none_for_an_always_required_state(name, role, tmp_path):
-    # In a child process: the call may crash the interpreter.
+    # In a child process: a regression here crashed the interpreter (a null table).
     opt = OPTIMIZERS[name]
     roles = ["params", "grads"] + opt.state_args({})
     code = (

@@ -305,6 +305,10 @@ def test_binding_arguments_are_checked_by_name(name):
         fn(*lists, True, **dict(h, **{spec["hyper"][0]: 10**400}))
     with pytest.raises(TypeError, match="listed: expected a bool"):
         fn(*lists, 1, **h)
+    for r, (role, _, _, optional) in enumerate(spec["roles"]):
+        if not optional:  # a required role given None: refused by name, nothing touched
+            with pytest.raises(TypeError, match=f"{role}: expected a list of arrays, got None"):
+                fn(*lists[:r], None, *lists[r + 1:], True, **h)
     if spec["takes_step"]:
         with pytest.raises(ValueError, match="step: out of the 64-bit integer range"):
             fn(*lists, True, **dict(h, step=2**63))

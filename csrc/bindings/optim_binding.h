@@ -134,13 +134,13 @@ template <class Opt> struct StepCall {
     for (size_t r = 0; r < n; ++r) {
       const Role& role = Opt::roles[r];
       py::object list = args[r];
-      if (role.optional) {
-        if (!Opt::uses(hyper, int(r))) {
-          list = py::none();  // the options do not use it: not even looked at
-        } else if (list.is_none()) {
+      if (role.optional && !Opt::uses(hyper, int(r))) {
+        list = py::none();  // the options do not use it: not even looked at
+      } else if (list.is_none()) {
+        if (role.optional)
           throw py::value_error(std::string(role.name) +
                                 ": required by the chosen options, got None");
-        }
+        throw py::type_error(std::string(role.name) + ": expected a list of arrays, got None");
       }
       if (role.written && Opt::fresh(hyper, int(r), step)) fresh |= 1u << r;
       lists[r] = std::move(list);
