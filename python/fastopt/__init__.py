@@ -1,25 +1,52 @@
 """fastopt: fused CPU (AVX2) and CUDA kernels for optimizer steps, with torch.optim semantics."""
+
 from . import functional, optim, reference, schedules
-from ._runtime import (cuda_available, get_cpu_path, get_num_threads, info, set_cpu_path,
-                       set_num_threads)
+from ._runtime import (
+    cuda_available,
+    get_cpu_path,
+    get_num_threads,
+    info,
+    set_cpu_path,
+    set_num_threads,
+)
 from .functional import *  # noqa: F403  (every step function: functional.__all__)
 from .newton import NotPositiveDefiniteError, cholesky_solve, newton_
-from .optim import Optimizer
-from .quant import (choose_qparams, dequantize, dequantize_blockwise, quantize_blockwise,
-                    quantize_per_channel, quantize_per_tensor)
+from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, Sophia  # noqa: F401
+from .quant import (
+    choose_qparams,
+    dequantize,
+    dequantize_blockwise,
+    quantize_blockwise,
+    quantize_per_channel,
+    quantize_per_tensor,
+)
 
-# One class per optimizer of the table (fastopt._specs), written or made from it.
+# One class per optimizer of the table (fastopt._specs): the hand-written ones above, and
+# those made from the table.
 globals().update({cls.__name__: cls for cls in optim.CLASSES.values()})
 
 __version__: str = info()["version"]
 
 __all__ = [
     *functional.__all__,
-    "newton_", "cholesky_solve", "NotPositiveDefiniteError",
-    "quantize_per_tensor", "quantize_per_channel", "dequantize", "choose_qparams",
-    "quantize_blockwise", "dequantize_blockwise",
-    "Optimizer", *(cls.__name__ for cls in optim.CLASSES.values()),
-    "schedules", "reference",
-    "set_num_threads", "get_num_threads", "set_cpu_path", "get_cpu_path",
-    "cuda_available", "info", "__version__",
+    "newton_",
+    "cholesky_solve",
+    "NotPositiveDefiniteError",
+    "quantize_per_tensor",
+    "quantize_per_channel",
+    "dequantize",
+    "choose_qparams",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "Optimizer",
+    *(cls.__name__ for cls in optim.CLASSES.values()),
+    "schedules",
+    "reference",
+    "set_num_threads",
+    "get_num_threads",
+    "set_cpu_path",
+    "get_cpu_path",
+    "cuda_available",
+    "info",
+    "__version__",
 ]

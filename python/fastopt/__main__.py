@@ -1,5 +1,6 @@
 """``python -m fastopt bench|info``: the benchmark against peers and the ceiling, and what
 this build is and what it will run on."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,10 @@ def _print_info(as_json: bool) -> None:
     for key, value in facts.items():
         print(f"  {key:<{width}}  {value}")
     if cuda["usable"]:
-        print(f"  {'cuda':<{width}}  usable: {', '.join(cuda['devices'])} "
-              f"(runtime {cuda['runtime_version']}, driver {cuda['driver_version']})")
+        print(
+            f"  {'cuda':<{width}}  usable: {', '.join(cuda['devices'])} "
+            f"(runtime {cuda['runtime_version']}, driver {cuda['driver_version']})"
+        )
     else:
         built = "built" if cuda["built"] else "not built"
         print(f"  {'cuda':<{width}}  {built}, not usable: {cuda['reason']}")
@@ -38,13 +41,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_bench = sub.add_parser("bench", help="fastopt vs its peers and the bandwidth ceiling")
     p_bench.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     p_bench.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    p_bench.add_argument("--only", metavar="NAME[,NAME]",
-                         help=f"only these cases ({', '.join([*BENCH_OPTIMIZERS, 'quant', 'newton'])})")
+    p_bench.add_argument(
+        "--only",
+        metavar="NAME[,NAME]",
+        help=f"only these cases ({', '.join([*BENCH_OPTIMIZERS, 'quant', 'newton'])})",
+    )
     p_bench.add_argument("--json", metavar="PATH", help="write every figure and the machine")
     p_bench.add_argument("--plot", metavar="PATH", help="PNG bar chart (needs matplotlib)")
-    p_bench.add_argument("--progress", action="store_true",
-                         help="progress on stderr for a --quick run too when stderr is not a "
-                              "terminal (a full run always shows it)")
+    p_bench.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress on stderr for a --quick run too when stderr is not a "
+        "terminal (a full run always shows it)",
+    )
     args = parser.parse_args(argv)
     if args.command == "info":
         _print_info(args.json)

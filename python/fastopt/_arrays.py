@@ -9,6 +9,7 @@ per-attribute cost for each; they raise the same ``TypeError``/``ValueError`` na
 argument, before any write.
 Hyper-parameter checks are in ``_validate``.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -25,10 +26,13 @@ ArrayOrList = Any  # an array, or a list/tuple of arrays
 def _not_a_host_array(name: str) -> TypeError:
     why = _ext.cuda_unavailable_reason()
     if not why:
-        return TypeError(f"{name}: is a CUDA array, but this call's other arrays are host "
-                         "arrays; all arrays of one call must be on the same device")
-    return TypeError(f"{name}: is a CUDA array, but {why}; "
-                     "pass NumPy arrays (or CPU tensors) to run on the CPU")
+        return TypeError(
+            f"{name}: is a CUDA array, but this call's other arrays are host "
+            "arrays; all arrays of one call must be on the same device"
+        )
+    return TypeError(
+        f"{name}: is a CUDA array, but {why}; pass NumPy arrays (or CPU tensors) to run on the CPU"
+    )
 
 
 def to_host_array(name: str, a: Any) -> Any:
@@ -40,12 +44,14 @@ def to_host_array(name: str, a: Any) -> Any:
         try:
             return a.detach().numpy()  # shares memory; writes land in the tensor
         except (TypeError, RuntimeError) as exc:  # e.g. bfloat16 has no NumPy view
-            raise TypeError(f"{name}: {a.dtype} tensor is not supported on the CPU "
-                            f"(float32 or float64): {exc}") from None
+            raise TypeError(
+                f"{name}: {a.dtype} tensor is not supported on the CPU (float32 or float64): {exc}"
+            ) from None
     if on_device(a):
         raise _not_a_host_array(name)
-    raise TypeError(f"{name}: expected a NumPy array or a PyTorch CPU tensor, got "
-                    f"{type(a).__name__}")
+    raise TypeError(
+        f"{name}: expected a NumPy array or a PyTorch CPU tensor, got {type(a).__name__}"
+    )
 
 
 # ---- CUDA arrays --------------------------------------------------------------------------
@@ -68,7 +74,9 @@ def on_device(a: Any) -> bool:
         return False
     if _is_torch(a):
         return bool(getattr(a, "is_cuda", False))
-    if hasattr(type(a), "__cuda_array_interface__") or "__cuda_array_interface__" in getattr(a, "__dict__", ()):
+    if hasattr(type(a), "__cuda_array_interface__") or "__cuda_array_interface__" in getattr(
+        a, "__dict__", ()
+    ):
         return True
     dlpack_device = getattr(a, "__dlpack_device__", None)
     if dlpack_device is not None:
@@ -87,9 +95,18 @@ def _register_torch(cuda_module: Any) -> None:
     global _torch_registered
     import torch
 
-    cuda_module.set_torch_types(torch.Tensor, (torch.float32, torch.float64, torch.float16,
-                                               torch.bfloat16, torch.int8, torch.uint8,
-                                               torch.bool))
+    cuda_module.set_torch_types(
+        torch.Tensor,
+        (
+            torch.float32,
+            torch.float64,
+            torch.float16,
+            torch.bfloat16,
+            torch.int8,
+            torch.uint8,
+            torch.bool,
+        ),
+    )
     _torch_registered = True
 
 
@@ -109,8 +126,9 @@ def stream_handle(stream: Any, first: Any) -> int:
             handle = getattr(stream, attr, None)
             if isinstance(handle, numbers.Integral) and not isinstance(handle, bool):
                 return int(handle)
-        raise TypeError("stream: expected an int handle or a CuPy/PyTorch stream, got "
-                        f"{type(stream).__name__}")
+        raise TypeError(
+            f"stream: expected an int handle or a CuPy/PyTorch stream, got {type(stream).__name__}"
+        )
     if _is_torch(first):
         import torch
 
@@ -126,8 +144,9 @@ def stream_handle(stream: Any, first: Any) -> int:
     return 0
 
 
-def backend(plist: List[Any], stream: Any, plan: Any = None,
-            name: str = "params") -> Tuple[Any, Dict[str, Any]]:
+def backend(
+    plist: List[Any], stream: Any, plan: Any = None, name: str = "params"
+) -> Tuple[Any, Dict[str, Any]]:
     """The compiled module that runs a call whose ``name`` argument is ``plist`` (by where
     ``plist[0]`` lives) and the extra arguments it takes."""
     if not plist:  # nothing to do, wherever it would run
@@ -157,6 +176,7 @@ def param_array(name: str, a: Any) -> Any:
 
 # ---- state arrays of the optimizer classes: the params' library and device -----------------
 
+
 def state_like(name: str, a: Any) -> Any:
     """A zeroed C-contiguous state array shaped like param ``a``, from the same library on
     the same device: float32 for float16/bfloat16 params (the kernels' state type), else
@@ -174,8 +194,10 @@ def state_like(name: str, a: Any) -> Any:
         dtype = np.float32 if a.dtype == np.float16 else a.dtype
         with a.device:
             return cupy.zeros(a.shape, dtype)
-    raise TypeError(f"{name}: the optimizer classes allocate state with PyTorch or CuPy; "
-                    f"{type(a).__name__} arrays can be stepped with the functional API")
+    raise TypeError(
+        f"{name}: the optimizer classes allocate state with PyTorch or CuPy; "
+        f"{type(a).__name__} arrays can be stepped with the functional API"
+    )
 
 
 def device_empty(like: Any, shape: Tuple[int, ...], dtype: str, stream: int) -> Any:
@@ -200,8 +222,10 @@ def device_empty(like: Any, shape: Tuple[int, ...], dtype: str, stream: int) -> 
                 return cupy.empty(shape, dtype)
             with cupy.cuda.ExternalStream(stream):
                 return cupy.empty(shape, dtype)
-    raise TypeError(f"{type(like).__name__}: fastopt allocates results with PyTorch or CuPy; "
-                    "pass out= for other CUDA arrays")
+    raise TypeError(
+        f"{type(like).__name__}: fastopt allocates results with PyTorch or CuPy; "
+        "pass out= for other CUDA arrays"
+    )
 
 
 def current_stream(like: Any) -> Any:
@@ -243,7 +267,7 @@ def clone(a: Any) -> Any:
 
 
 def dtype_name(a: Any) -> str:
-    """"float32", ... for NumPy, CuPy and PyTorch arrays alike."""
+    """ "float32", ... for NumPy, CuPy and PyTorch arrays alike."""
     if _is_torch(a):
         return str(a.dtype).replace("torch.", "")
     return np.dtype(a.dtype).name
@@ -273,12 +297,16 @@ def as_list(name: str, value: Any, listed: bool) -> List[Any]:
     ``to_host_array`` only when met, so NumPy lists pay nothing here."""
     if listed:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{name}: params is a list, so {name} must be a list of arrays, "
-                            f"got {type(value).__name__}")
+            raise TypeError(
+                f"{name}: params is a list, so {name} must be a list of arrays, "
+                f"got {type(value).__name__}"
+            )
         return value if type(value) is list else list(value)
     if isinstance(value, (list, tuple)):
-        raise TypeError(f"{name}: params is a single array, so {name} must be one array, got a "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"{name}: params is a single array, so {name} must be one array, got a "
+            f"{type(value).__name__}"
+        )
     return [value]
 
 

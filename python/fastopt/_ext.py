@@ -3,6 +3,7 @@
 A leaf of the package: it imports nothing else from fastopt, so every other module can
 import it. Run-time settings that act on the modules (the FASTOPT_CPU variable, the array
 adapter) are applied by the modules that own them (_runtime, _arrays)."""
+
 from __future__ import annotations
 
 import functools
@@ -23,14 +24,18 @@ except ImportError as exc:  # built without CUDA ("No module named"), or it cann
 __all__ = ["_cpu", "_cuda", "cuda_status", "cuda_unavailable_reason"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_status() -> Dict[str, Any]:
     if _cuda is None:
         not_built = _cuda_import_error is None or "No module" in _cuda_import_error
-        return {"usable": False, "built": False,
-                "reason": "fastopt was built without CUDA (no CUDA compiler at build time, "
-                          "or FASTOPT_CUDA=OFF)" if not_built
-                          else f"fastopt._cuda failed to load: {_cuda_import_error}"}
+        return {
+            "usable": False,
+            "built": False,
+            "reason": "fastopt was built without CUDA (no CUDA compiler at build time, "
+            "or FASTOPT_CUDA=OFF)"
+            if not_built
+            else f"fastopt._cuda failed to load: {_cuda_import_error}",
+        }
     status = dict(_cuda.device_status())
     status["built"] = True
     if not status["usable"] and status["driver_version"] == 0:

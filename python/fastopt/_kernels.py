@@ -7,6 +7,7 @@ differ between host and CUDA arrays.
 is here: reading an input's shape and dtype, allocating a result, checking ``out=`` before
 anything is written, copying into it, and reading a flag array back on the host.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,9 +43,9 @@ _AS_IS = Kind(False)
 _TORCH = Kind(True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dtype_name(dtype: np.dtype) -> str:
-    """"float32", ... ("bfloat16" from ml_dtypes); NumPy's spelling (">f4") when not native
+    """ "float32", ... ("bfloat16" from ml_dtypes); NumPy's spelling (">f4") when not native
     (cached per dtype: ``dtype.name`` costs microseconds)."""
     return dtype.name if dtype.isnative else str(dtype)
 
@@ -101,8 +102,14 @@ class Call:
             return np.empty(shape, dtype)
         return _arrays.device_empty(like, shape, _name(dtype), cast(int, self.stream))
 
-    def out(self, name: str, out: Any, shape: Tuple[int, ...], dtype: Any,
-            inputs: Sequence[Tuple[str, Any]]) -> Any:
+    def out(
+        self,
+        name: str,
+        out: Any,
+        shape: Tuple[int, ...],
+        dtype: Any,
+        inputs: Sequence[Tuple[str, Any]],
+    ) -> Any:
         """``out`` checked whole before anything is written -- on the call's device, shape
         and dtype (a NumPy dtype or its name), C-contiguous, writeable, sharing no memory
         with ``inputs`` ((name, array) as the kernels take them) -- and returned as the
@@ -110,8 +117,10 @@ class Call:
         if self.host:
             o = host_array(name, out)
             if o.shape != shape or o.dtype != dtype:
-                raise ValueError(f"{name}: expected shape {shape} and dtype {_name(dtype)}, "
-                                 f"got {o.shape} {o.dtype}")
+                raise ValueError(
+                    f"{name}: expected shape {shape} and dtype {_name(dtype)}, "
+                    f"got {o.shape} {o.dtype}"
+                )
             if not o.flags.writeable:
                 raise ValueError(f"{name}: must be writeable")
             if not o.flags.c_contiguous:
@@ -124,8 +133,10 @@ class Call:
             return o
         got_dtype, got_shape, _ = self.kernels.describe(out, name, self.stream)
         if tuple(got_shape) != shape or got_dtype != _name(dtype):
-            raise ValueError(f"{name}: expected shape {shape} and dtype {_name(dtype)}, got "
-                             f"{tuple(got_shape)} {got_dtype}")
+            raise ValueError(
+                f"{name}: expected shape {shape} and dtype {_name(dtype)}, got "
+                f"{tuple(got_shape)} {got_dtype}"
+            )
         self.kernels.check_arrays([(name, out)], list(inputs), self.stream)
         return out
 

@@ -1,4 +1,5 @@
 """Threads, CPU code path and build/runtime facts."""
+
 from __future__ import annotations
 
 import os

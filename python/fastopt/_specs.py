@@ -13,6 +13,7 @@ and the tests, the benchmark and ``bench/sanitize_small.py`` draw their cases fr
 Adding an optimizer here means: its kernel (C++ header and registry line), one
 ``OptimizerSpec`` below, its reference function, its functional signature and its class.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,16 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from . import reference
 from ._validate import flag, real
 
-__all__ = ["Real", "Flag", "Hyper", "ArrayRole", "OptimizerSpec", "OPTIMIZERS", "EMA",
-           "binding_mismatches"]
+__all__ = [
+    "Real",
+    "Flag",
+    "Hyper",
+    "ArrayRole",
+    "OptimizerSpec",
+    "OPTIMIZERS",
+    "EMA",
+    "binding_mismatches",
+]
 
 Values = Mapping[str, Any]
 
@@ -32,6 +41,7 @@ Values = Mapping[str, Any]
 class Real:
     """A real hyper-parameter in [lo, hi] (an end excluded when ``lo_open``/``hi_open``);
     ``default`` None means the argument is required."""
+
     default: Optional[float] = None
     lo: float = 0.0
     hi: float = math.inf
@@ -39,13 +49,13 @@ class Real:
     hi_open: bool = False
 
     def validate(self, name: str, value: Any) -> float:
-        return real(name, value, lo=self.lo, hi=self.hi, lo_open=self.lo_open,
-                    hi_open=self.hi_open)
+        return real(name, value, lo=self.lo, hi=self.hi, lo_open=self.lo_open, hi_open=self.hi_open)
 
 
 @dataclass(frozen=True)
 class Flag:
     """A bool hyper-parameter."""
+
     default: bool = False
 
     def validate(self, name: str, value: Any) -> bool:
@@ -61,6 +71,7 @@ class ArrayRole:
     device and whether the call is a list), "grad" (read only) or "state". An optional
     array has ``needed``, a predicate on the validated hyper-parameters, and
     ``needed_when``, its words in messages ("momentum > 0")."""
+
     name: str
     kind: str
     written: bool
@@ -80,6 +91,7 @@ class OptimizerSpec:
     """One optimizer: see the module docstring. ``example`` is a valid set of hyper-
     parameters (``lr`` included) under which every array is used, for tests and checks;
     ``torch_name`` the ``torch.optim`` class with the same semantics, if any."""
+
     name: str
     kernel: str
     arrays: Tuple[ArrayRole, ...]
@@ -134,8 +146,12 @@ PARAMS = ArrayRole("params", "param", True)
 GRADS = ArrayRole("grads", "grad", False)
 
 
-def _state(name: str, needed: Optional[Callable[[Values], bool]] = None,
-           needed_when: str = "", written: bool = True) -> ArrayRole:
+def _state(
+    name: str,
+    needed: Optional[Callable[[Values], bool]] = None,
+    needed_when: str = "",
+    written: bool = True,
+) -> ArrayRole:
     return ArrayRole(name, "state", written, needed, needed_when)
 
 
@@ -149,92 +165,183 @@ def _check_nesterov(h: Values) -> None:
 
 
 def _positive(default: Optional[float]) -> Real:
-    return Real(default, lo_open=True)           # (0, inf)
+    return Real(default, lo_open=True)  # (0, inf)
 
 
 def _beta(default: Optional[float]) -> Real:
-    return Real(default, hi=1.0, hi_open=True)   # [0, 1)
+    return Real(default, hi=1.0, hi_open=True)  # [0, 1)
 
 
 def _unit(default: Optional[float]) -> Real:
-    return Real(default, hi=1.0)                 # [0, 1]
+    return Real(default, hi=1.0)  # [0, 1]
 
 
-NONNEG = Real(0.0)                               # [0, inf), default 0
+NONNEG = Real(0.0)  # [0, inf), default 0
 
 SGD = OptimizerSpec(
-    name="sgd", kernel="sgd", takes_step=True, reference=reference.sgd, torch_name="SGD",
+    name="sgd",
+    kernel="sgd",
+    takes_step=True,
+    reference=reference.sgd,
+    torch_name="SGD",
     arrays=(PARAMS, GRADS, _state("momentum_buffers", _momentum, "momentum > 0")),
-    hyper={"lr": Real(None), "momentum": NONNEG, "dampening": _unit(0.0),
-           "nesterov": Flag(), "weight_decay": NONNEG, "maximize": Flag(), "l1": NONNEG},
+    hyper={
+        "lr": Real(None),
+        "momentum": NONNEG,
+        "dampening": _unit(0.0),
+        "nesterov": Flag(),
+        "weight_decay": NONNEG,
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
     check=_check_nesterov,
-    example=dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2))
+    example=dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-2),
+)
 
 ADAGRAD = OptimizerSpec(
-    name="adagrad", kernel="adagrad", takes_step=True, reference=reference.adagrad,
+    name="adagrad",
+    kernel="adagrad",
+    takes_step=True,
+    reference=reference.adagrad,
     torch_name="Adagrad",
     arrays=(PARAMS, GRADS, _state("state_sums")),
-    hyper={"lr": Real(1e-2), "lr_decay": NONNEG, "weight_decay": NONNEG,
-           "eps": _positive(1e-10), "maximize": Flag(), "l1": NONNEG},
-    example=dict(lr=1e-2, lr_decay=1e-3, weight_decay=1e-2))
+    hyper={
+        "lr": Real(1e-2),
+        "lr_decay": NONNEG,
+        "weight_decay": NONNEG,
+        "eps": _positive(1e-10),
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
+    example=dict(lr=1e-2, lr_decay=1e-3, weight_decay=1e-2),
+)
 
 RMSPROP = OptimizerSpec(
-    name="rmsprop", kernel="rmsprop", takes_step=False, reference=reference.rmsprop,
+    name="rmsprop",
+    kernel="rmsprop",
+    takes_step=False,
+    reference=reference.rmsprop,
     torch_name="RMSprop",
-    arrays=(PARAMS, GRADS, _state("square_avgs"),
-            _state("momentum_buffers", _momentum, "momentum > 0"),
-            _state("grad_avgs", lambda h: bool(h["centered"]), "centered=True")),
-    hyper={"lr": Real(1e-2), "alpha": _unit(0.99), "eps": _positive(1e-8),
-           "weight_decay": NONNEG, "momentum": NONNEG, "centered": Flag(), "maximize": Flag(),
-           "l1": NONNEG},
-    example=dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-2))
+    arrays=(
+        PARAMS,
+        GRADS,
+        _state("square_avgs"),
+        _state("momentum_buffers", _momentum, "momentum > 0"),
+        _state("grad_avgs", lambda h: bool(h["centered"]), "centered=True"),
+    ),
+    hyper={
+        "lr": Real(1e-2),
+        "alpha": _unit(0.99),
+        "eps": _positive(1e-8),
+        "weight_decay": NONNEG,
+        "momentum": NONNEG,
+        "centered": Flag(),
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
+    example=dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-2),
+)
 
-_ADAM_ARRAYS = (PARAMS, GRADS, _state("exp_avgs"), _state("exp_avg_sqs"),
-                _state("max_exp_avg_sqs", lambda h: bool(h["amsgrad"]), "amsgrad=True"))
+_ADAM_ARRAYS = (
+    PARAMS,
+    GRADS,
+    _state("exp_avgs"),
+    _state("exp_avg_sqs"),
+    _state("max_exp_avg_sqs", lambda h: bool(h["amsgrad"]), "amsgrad=True"),
+)
 
 ADAM = OptimizerSpec(
-    name="adam", kernel="adam", takes_step=True, reference=reference.adam, torch_name="Adam",
+    name="adam",
+    kernel="adam",
+    takes_step=True,
+    reference=reference.adam,
+    torch_name="Adam",
     arrays=_ADAM_ARRAYS,
-    hyper={"lr": Real(1e-3), "beta1": _beta(0.9), "beta2": _beta(0.999),
-           "eps": _positive(1e-8), "weight_decay": NONNEG,
-           "decoupled_weight_decay": Flag(), "amsgrad": Flag(), "maximize": Flag(),
-           "l1": NONNEG},
-    example=dict(lr=1e-3, amsgrad=True, weight_decay=1e-2))
+    hyper={
+        "lr": Real(1e-3),
+        "beta1": _beta(0.9),
+        "beta2": _beta(0.999),
+        "eps": _positive(1e-8),
+        "weight_decay": NONNEG,
+        "decoupled_weight_decay": Flag(),
+        "amsgrad": Flag(),
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
+    example=dict(lr=1e-3, amsgrad=True, weight_decay=1e-2),
+)
 
 ADAMW = OptimizerSpec(
-    name="adamw", kernel="adam", takes_step=True, reference=reference.adam, torch_name="AdamW",
+    name="adamw",
+    kernel="adam",
+    takes_step=True,
+    reference=reference.adam,
+    torch_name="AdamW",
     arrays=_ADAM_ARRAYS,
-    hyper={"lr": Real(1e-3), "beta1": _beta(0.9), "beta2": _beta(0.999),
-           "eps": _positive(1e-8), "weight_decay": Real(1e-2), "amsgrad": Flag(),
-           "maximize": Flag(), "l1": NONNEG},
+    hyper={
+        "lr": Real(1e-3),
+        "beta1": _beta(0.9),
+        "beta2": _beta(0.999),
+        "eps": _positive(1e-8),
+        "weight_decay": Real(1e-2),
+        "amsgrad": Flag(),
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
     fixed={"decoupled_weight_decay": True},
-    example=dict(lr=1e-3, amsgrad=True))
+    example=dict(lr=1e-3, amsgrad=True),
+)
 
 SOPHIA = OptimizerSpec(
-    name="sophia", kernel="sophia", takes_step=False, reference=reference.sophia,
+    name="sophia",
+    kernel="sophia",
+    takes_step=False,
+    reference=reference.sophia,
     arrays=(PARAMS, GRADS, _state("exp_avgs"), _state("hessian_diags", written=False)),
-    hyper={"lr": Real(None), "beta1": _beta(0.965), "rho": _positive(0.04),
-           "weight_decay": Real(0.1), "eps": _positive(1e-15), "maximize": Flag(),
-           "l1": NONNEG},
-    example=dict(lr=1e-3))
+    hyper={
+        "lr": Real(None),
+        "beta1": _beta(0.965),
+        "rho": _positive(0.04),
+        "weight_decay": Real(0.1),
+        "eps": _positive(1e-15),
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
+    example=dict(lr=1e-3),
+)
 
 LION = OptimizerSpec(
-    name="lion", kernel="lion", takes_step=False, reference=reference.lion,
+    name="lion",
+    kernel="lion",
+    takes_step=False,
+    reference=reference.lion,
     arrays=(PARAMS, GRADS, _state("exp_avgs")),
-    hyper={"lr": Real(1e-4), "beta1": _beta(0.9), "beta2": _beta(0.99),
-           "weight_decay": NONNEG, "maximize": Flag(), "l1": NONNEG},
-    example=dict(lr=1e-4, weight_decay=1e-2))
+    hyper={
+        "lr": Real(1e-4),
+        "beta1": _beta(0.9),
+        "beta2": _beta(0.99),
+        "weight_decay": NONNEG,
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
+    example=dict(lr=1e-4, weight_decay=1e-2),
+)
 
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
-    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA, LION)}
+    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA, LION)
+}
 
 # Not an optimizer, the same machinery: average <- beta*average + (1-beta)*sample (Sophia's
 # Hessian-diagonal EMA). "averages" plays the params' part (device, list or single array).
 EMA = OptimizerSpec(
-    name="ema", kernel="ema", takes_step=False, reference=reference.ema,
+    name="ema",
+    kernel="ema",
+    takes_step=False,
+    reference=reference.ema,
     arrays=(ArrayRole("averages", "param", True), ArrayRole("samples", "grad", False)),
     hyper={"beta": _unit(None)},
-    example=dict(beta=0.99))
+    example=dict(beta=0.99),
+)
 
 
 def binding_mismatches(spec: OptimizerSpec, described: Mapping[str, Any]) -> List[str]:
@@ -248,9 +355,12 @@ def binding_mismatches(spec: OptimizerSpec, described: Mapping[str, Any]) -> Lis
         out.append(f"{spec.name}: arrays {roles} != the kernel's {bound}")
     names = set(spec.hyper) | set(spec.fixed)
     if names != set(described["hyper"]):
-        out.append(f"{spec.name}: hyper-parameters {sorted(names)} != the kernel's "
-                   f"{sorted(described['hyper'])}")
+        out.append(
+            f"{spec.name}: hyper-parameters {sorted(names)} != the kernel's "
+            f"{sorted(described['hyper'])}"
+        )
     if spec.takes_step != bool(described["takes_step"]):
-        out.append(f"{spec.name}: takes_step {spec.takes_step} != the kernel's "
-                   f"{described['takes_step']}")
+        out.append(
+            f"{spec.name}: takes_step {spec.takes_step} != the kernel's {described['takes_step']}"
+        )
     return out

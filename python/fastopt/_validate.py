@@ -1,5 +1,6 @@
 """Hyper-parameter checks shared by every public function: a bad value raises a
 TypeError/ValueError naming the argument."""
+
 from __future__ import annotations
 
 import math
@@ -11,11 +12,23 @@ import numpy as np
 __all__ = ["real", "flag", "step_count"]
 
 
-def real(name: str, value: Any, *, lo: float = -math.inf, hi: float = math.inf,
-         lo_open: bool = False, hi_open: bool = False) -> float:
+def real(
+    name: str,
+    value: Any,
+    *,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
     """``value`` as a finite float in the given interval, else a ValueError/TypeError naming it."""
-    if type(value) is not float and type(value) is not int and (  # the ABC check is slow
-            isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)):
+    if (
+        type(value) is not float
+        and type(value) is not int
+        and (  # the ABC check is slow
+            isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+        )
+    ):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v):

@@ -20,6 +20,7 @@ ready there (as for any CUDA library call; a ``__cuda_array_interface__`` ``stre
 entry or a DLPack producer's stream is not waited on). ``_plan`` is internal: the
 optimizer classes pass their cached ``fastopt._cuda.Plan``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -42,9 +43,10 @@ _NDARRAY = np.ndarray
 
 class Checked(NamedTuple):
     """What a tuple of hyper-parameters validates to."""
-    kw: Dict[str, Any]                   # the kernel's keywords, fixed ones included, no step
+
+    kw: Dict[str, Any]  # the kernel's keywords, fixed ones included, no step
     needed: Tuple[Tuple[int, str], ...]  # (index, message) of each optional array needed
-    unused: Tuple[int, ...]              # indices of the optional arrays left unused
+    unused: Tuple[int, ...]  # indices of the optional arrays left unused
 
 
 class StepKernel:
@@ -63,8 +65,9 @@ class StepKernel:
         self.cpu_kernel = getattr(_ext._cpu, spec.kernel)
         self._checked: Dict[Any, Checked] = {}  # (hyper tuple, its types) -> Checked
 
-    def run(self, arrays: List[Any], hyper: Tuple[Any, ...], step: Any, stream: Any,
-            plan: Any) -> None:
+    def run(
+        self, arrays: List[Any], hyper: Tuple[Any, ...], step: Any, stream: Any, plan: Any
+    ) -> None:
         """One step: ``arrays`` in binding order (None for an optional one not given),
         ``hyper`` the values in the spec's order, ``step`` (when the spec takes it).
         Written for a small step's cost (loops, not comprehensions: Python 3.11 calls a
@@ -105,9 +108,13 @@ class StepKernel:
         values = spec.kernel_hyper(spec.validate(dict(zip(spec.hyper, hyper))))
         checked = Checked(
             kw=values,
-            needed=tuple((i, f"{a.name}: required when {a.needed_when}")
-                         for i, a in enumerate(spec.arrays) if a.optional and a.used(values)),
-            unused=tuple(i for i, a in enumerate(spec.arrays) if not a.used(values)))
+            needed=tuple(
+                (i, f"{a.name}: required when {a.needed_when}")
+                for i, a in enumerate(spec.arrays)
+                if a.optional and a.used(values)
+            ),
+            unused=tuple(i for i, a in enumerate(spec.arrays) if not a.used(values)),
+        )
         types = tuple(map(type, hyper))
         if _CACHEABLE.issuperset(types):
             if len(self._checked) >= _CACHE_SIZE:
@@ -115,8 +122,15 @@ class StepKernel:
             self._checked[(hyper, types)] = checked
         return checked
 
-    def launch(self, lists: Sequence[Optional[List[Any]]], listed: bool, kw: Dict[str, Any],
-               step: int, stream: Any, plan: Any) -> None:
+    def launch(
+        self,
+        lists: Sequence[Optional[List[Any]]],
+        listed: bool,
+        kw: Dict[str, Any],
+        step: int,
+        stream: Any,
+        plan: Any,
+    ) -> None:
         """The kernel on prepared lists (None for an unused optional array) with validated
         keywords ``kw`` and ``step`` (passed when the spec takes it), on the device of the
         params (``lists[0]``)."""
@@ -130,14 +144,27 @@ class StepKernel:
 STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZERS.items()}
 # The bound runs the functions below call (a bound method is the cheapest call).
 _SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION = (
-    STEPS[n].run for n in ("sgd", "adagrad", "rmsprop", "adam", "adamw", "sophia", "lion"))
+    STEPS[n].run for n in ("sgd", "adagrad", "rmsprop", "adam", "adamw", "sophia", "lion")
+)
 _EMA = StepKernel(EMA).run
 
 
-def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: Optional[ArrayOrList] = None,
-         *, lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-         weight_decay: float = 0.0, maximize: bool = False, step: int = 1,
-         l1: float = 0.0, stream: Any = None, _plan: Any = None) -> None:
+def sgd_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    momentum_buffers: Optional[ArrayOrList] = None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    step: int = 1,
+    l1: float = 0.0,
+    stream: Any = None,
+    _plan: Any = None,
+) -> None:
     """SGD with momentum, dampening and Nesterov, as ``torch.optim.SGD``.
 
     g <- -g if maximize; g <- g + weight_decay*p;
@@ -145,29 +172,62 @@ def sgd_(params: ArrayOrList, grads: ArrayOrList, momentum_buffers: Optional[Arr
     g <- g + mu*buf (nesterov) or g <- buf; then p <- p - lr*g.
     ``momentum_buffers`` is required when momentum > 0 (its contents are ignored at step 1).
     """
-    _SGD([params, grads, momentum_buffers],
-         (lr, momentum, dampening, nesterov, weight_decay, maximize, l1), step, stream, _plan)
+    _SGD(
+        [params, grads, momentum_buffers],
+        (lr, momentum, dampening, nesterov, weight_decay, maximize, l1),
+        step,
+        stream,
+        _plan,
+    )
 
 
-def adagrad_(params: ArrayOrList, grads: ArrayOrList, state_sums: ArrayOrList, *, step: int,
-             lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-             eps: float = 1e-10, maximize: bool = False, l1: float = 0.0,
-             stream: Any = None, _plan: Any = None) -> None:
+def adagrad_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    state_sums: ArrayOrList,
+    *,
+    step: int,
+    lr: float = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+    maximize: bool = False,
+    l1: float = 0.0,
+    stream: Any = None,
+    _plan: Any = None,
+) -> None:
     """Adagrad, as ``torch.optim.Adagrad``.
 
     clr = lr / (1 + (step-1)*lr_decay); g <- -g if maximize; g <- g + weight_decay*p;
     sum <- sum + g^2; p <- p - clr * g / (sqrt(sum) + eps). The L1 threshold is clr*l1.
     """
-    _ADAGRAD([params, grads, state_sums], (lr, lr_decay, weight_decay, eps, maximize, l1),
-             step, stream, _plan)
+    _ADAGRAD(
+        [params, grads, state_sums],
+        (lr, lr_decay, weight_decay, eps, maximize, l1),
+        step,
+        stream,
+        _plan,
+    )
 
 
-def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
-             momentum_buffers: Optional[ArrayOrList] = None,
-             grad_avgs: Optional[ArrayOrList] = None, *, lr: float = 1e-2, alpha: float = 0.99,
-             eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
-             centered: bool = False, maximize: bool = False, l1: float = 0.0,
-             stream: Any = None, _plan: Any = None) -> None:
+def rmsprop_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    square_avgs: ArrayOrList,
+    momentum_buffers: Optional[ArrayOrList] = None,
+    grad_avgs: Optional[ArrayOrList] = None,
+    *,
+    lr: float = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+    l1: float = 0.0,
+    stream: Any = None,
+    _plan: Any = None,
+) -> None:
     """RMSprop, as ``torch.optim.RMSprop``.
 
     g <- -g if maximize; g <- g + weight_decay*p; v <- alpha*v + (1-alpha)*g^2;
@@ -176,17 +236,35 @@ def rmsprop_(params: ArrayOrList, grads: ArrayOrList, square_avgs: ArrayOrList,
     else p <- p - lr*g/avg. ``momentum_buffers`` is required when momentum > 0 and
     ``grad_avgs`` when centered (both start at zero, as in torch).
     """
-    _RMSPROP([params, grads, square_avgs, momentum_buffers, grad_avgs],
-             (lr, alpha, eps, weight_decay, momentum, centered, maximize, l1), None, stream,
-             _plan)
+    _RMSPROP(
+        [params, grads, square_avgs, momentum_buffers, grad_avgs],
+        (lr, alpha, eps, weight_decay, momentum, centered, maximize, l1),
+        None,
+        stream,
+        _plan,
+    )
 
 
-def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
-          exp_avg_sqs: ArrayOrList, max_exp_avg_sqs: Optional[ArrayOrList] = None, *,
-          step: int, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
-          eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-          amsgrad: bool = False, maximize: bool = False, l1: float = 0.0,
-          stream: Any = None, _plan: Any = None) -> None:
+def adam_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    exp_avgs: ArrayOrList,
+    exp_avg_sqs: ArrayOrList,
+    max_exp_avg_sqs: Optional[ArrayOrList] = None,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    l1: float = 0.0,
+    stream: Any = None,
+    _plan: Any = None,
+) -> None:
     """Adam / AdamW, as ``torch.optim.Adam`` / ``AdamW``.
 
     g <- -g if maximize; decoupled: p <- p*(1 - lr*weight_decay), else g <- g + weight_decay*p;
@@ -194,26 +272,60 @@ def adam_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
     and vmax replaces v below; p <- p - (lr/(1-beta1^t)) * m / (sqrt(v)/sqrt(1-beta2^t) + eps).
     ``max_exp_avg_sqs`` is required when amsgrad.
     """
-    _ADAM([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
-          (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, l1),
-          step, stream, _plan)
+    _ADAM(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
+        (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, l1),
+        step,
+        stream,
+        _plan,
+    )
 
 
-def adamw_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
-           exp_avg_sqs: ArrayOrList, max_exp_avg_sqs: Optional[ArrayOrList] = None, *,
-           step: int, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
-           eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False,
-           maximize: bool = False, l1: float = 0.0, stream: Any = None,
-           _plan: Any = None) -> None:
+def adamw_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    exp_avgs: ArrayOrList,
+    exp_avg_sqs: ArrayOrList,
+    max_exp_avg_sqs: Optional[ArrayOrList] = None,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    l1: float = 0.0,
+    stream: Any = None,
+    _plan: Any = None,
+) -> None:
     """AdamW, as ``torch.optim.AdamW``: ``adam_`` with decoupled weight decay (default 1e-2)."""
-    _ADAMW([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
-           (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, l1), step, stream, _plan)
+    _ADAMW(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
+        (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, l1),
+        step,
+        stream,
+        _plan,
+    )
 
 
-def sophia_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
-            hessian_diags: ArrayOrList, *, lr: float, beta1: float = 0.965, rho: float = 0.04,
-            weight_decay: float = 0.1, eps: float = 1e-15, maximize: bool = False,
-            l1: float = 0.0, stream: Any = None, _plan: Any = None) -> None:
+def sophia_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    exp_avgs: ArrayOrList,
+    hessian_diags: ArrayOrList,
+    *,
+    lr: float,
+    beta1: float = 0.965,
+    rho: float = 0.04,
+    weight_decay: float = 0.1,
+    eps: float = 1e-15,
+    maximize: bool = False,
+    l1: float = 0.0,
+    stream: Any = None,
+    _plan: Any = None,
+) -> None:
     """Sophia (clipped diagonal Newton, Liu et al. 2023), fused in one pass.
 
     g <- -g if maximize; m <- beta1*m + (1-beta1)*g; p <- p*(1 - lr*weight_decay);
@@ -221,14 +333,29 @@ def sophia_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList,
     (read only: the caller's EMA of a Hessian-diagonal estimate, see ``ema_`` and
     ``fastopt.Sophia.update_hessian``). A negative or zero h gives the clipped sign step.
     """
-    _SOPHIA([params, grads, exp_avgs, hessian_diags],
-            (lr, beta1, rho, weight_decay, eps, maximize, l1), None, stream, _plan)
+    _SOPHIA(
+        [params, grads, exp_avgs, hessian_diags],
+        (lr, beta1, rho, weight_decay, eps, maximize, l1),
+        None,
+        stream,
+        _plan,
+    )
 
 
-def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr: float = 1e-4,
-          beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
-          maximize: bool = False, l1: float = 0.0, stream: Any = None,
-          _plan: Any = None) -> None:
+def lion_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    exp_avgs: ArrayOrList,
+    *,
+    lr: float = 1e-4,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    l1: float = 0.0,
+    stream: Any = None,
+    _plan: Any = None,
+) -> None:
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
 
     g <- -g if maximize; c = beta1*m + (1-beta1)*g; p <- p*(1 - lr*weight_decay);
@@ -236,17 +363,29 @@ def lion_(params: ArrayOrList, grads: ArrayOrList, exp_avgs: ArrayOrList, *, lr:
     lr (or not at all): use a learning rate 3-10x smaller than AdamW's, and a weight decay
     as many times larger.
     """
-    _LION([params, grads, exp_avgs], (lr, beta1, beta2, weight_decay, maximize, l1), None,
-          stream, _plan)
+    _LION(
+        [params, grads, exp_avgs],
+        (lr, beta1, beta2, weight_decay, maximize, l1),
+        None,
+        stream,
+        _plan,
+    )
 
 
-def ema_(averages: ArrayOrList, samples: ArrayOrList, *, beta: float, stream: Any = None,
-         _plan: Any = None) -> None:
+def ema_(
+    averages: ArrayOrList,
+    samples: ArrayOrList,
+    *,
+    beta: float,
+    stream: Any = None,
+    _plan: Any = None,
+) -> None:
     """Exponential moving average in place: average <- beta*average + (1-beta)*sample."""
     _EMA([averages, samples], (beta,), None, stream, _plan)
 
 
 # ---- the signatures above and the compiled kernels agree with the table --------------------
+
 
 def _signature_mismatches(fn: Callable[..., None], spec: OptimizerSpec) -> List[str]:
     """Where ``fn``'s explicit signature disagrees with ``spec``: array arguments in binding
@@ -254,11 +393,11 @@ def _signature_mismatches(fn: Callable[..., None], spec: OptimizerSpec) -> List[
     spec's order with its defaults (none where required), ``step`` exactly when it takes
     one."""
     code, out = fn.__code__, []
-    positional = code.co_varnames[:code.co_argcount]
-    keywords = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
+    positional = code.co_varnames[: code.co_argcount]
+    keywords = code.co_varnames[code.co_argcount : code.co_argcount + code.co_kwonlyargcount]
     roles = tuple(a.name for a in spec.arrays)
     optional = tuple(a.name for a in spec.arrays if a.optional)
-    if positional != roles or roles[len(roles) - len(fn.__defaults__ or ()):] != optional:
+    if positional != roles or roles[len(roles) - len(fn.__defaults__ or ()) :] != optional:
         out.append(f"{fn.__name__}: arrays {positional} != {roles} (optional {optional})")
     hyper = tuple(k for k in keywords if k not in ("step", "stream", "_plan"))
     if hyper != tuple(spec.hyper):
@@ -268,14 +407,19 @@ def _signature_mismatches(fn: Callable[..., None], spec: OptimizerSpec) -> List[
     defaults = fn.__kwdefaults__ or {}
     for name, h in spec.hyper.items():
         if defaults.get(name) != h.default:
-            out.append(f"{fn.__name__}: {name} defaults to {defaults.get(name)!r}, the "
-                       f"table says {h.default!r}")
+            out.append(
+                f"{fn.__name__}: {name} defaults to {defaults.get(name)!r}, the "
+                f"table says {h.default!r}"
+            )
     return out
 
 
 def _check_against_table() -> None:
-    problems = [m for name, spec in OPTIMIZERS.items()
-                for m in _signature_mismatches(globals()[f"{name}_"], spec)]
+    problems = [
+        m
+        for name, spec in OPTIMIZERS.items()
+        for m in _signature_mismatches(globals()[f"{name}_"], spec)
+    ]
     problems += _signature_mismatches(ema_, EMA)
     for module in (_ext._cpu, _ext._cuda):
         if module is None:

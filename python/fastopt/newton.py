@@ -12,14 +12,15 @@ one thread block per system. ``cholesky_solve`` and ``on_failure="raise"`` wait 
 stream once, to learn which systems solved; ``"skip"`` does not wait and returns the
 mask as a device bool array (written on that stream).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ._validate import real
 from ._kernels import Call
+from ._validate import real
 
 __all__ = ["NotPositiveDefiniteError", "newton_", "cholesky_solve"]
 
@@ -31,12 +32,15 @@ class NotPositiveDefiniteError(ValueError):
     def __init__(self, indices: list, total: int):
         self.indices = indices
         shown = ", ".join(map(str, indices[:10])) + (" ..." if len(indices) > 10 else "")
-        super().__init__(f"hessians: {len(indices)} of {total} systems are not positive "
-                         f"definite (add damping, or on_failure='skip'): {shown}")
+        super().__init__(
+            f"hessians: {len(indices)} of {total} systems are not positive "
+            f"definite (add damping, or on_failure='skip'): {shown}"
+        )
 
 
-def _solve(call: Call, hessians: Any, grads: Any, params: Optional[Any], damping: float
-           ) -> Tuple[Any, Any, Any, Tuple[int, ...]]:
+def _solve(
+    call: Call, hessians: Any, grads: Any, params: Optional[Any], damping: float
+) -> Tuple[Any, Any, Any, Tuple[int, ...]]:
     """Phase 1: d = (H + damping*I)^-1 g and the solved flags (a bool array shaped like the
     batch) of every system, on the call's device. The kernels check the arrays' dtypes,
     shapes, layout and aliasing (params included, before anything runs). Returns (d,
@@ -51,8 +55,9 @@ def _solve(call: Call, hessians: Any, grads: Any, params: Optional[Any], damping
 
 
 def _failed_indices(solved: np.ndarray, batch_shape: Tuple[int, ...]) -> list:
-    return [tuple(int(i) for i in np.unravel_index(k, batch_shape))
-            for k in np.flatnonzero(~solved)]
+    return [
+        tuple(int(i) for i in np.unravel_index(k, batch_shape)) for k in np.flatnonzero(~solved)
+    ]
 
 
 def _raise_unless_all_solved(call: Call, solved: Any, batch_shape: Tuple[int, ...]) -> None:
@@ -61,8 +66,7 @@ def _raise_unless_all_solved(call: Call, solved: Any, batch_shape: Tuple[int, ..
         raise NotPositiveDefiniteError(_failed_indices(ok, batch_shape), ok.size)
 
 
-def cholesky_solve(hessians: Any, grads: Any, *, damping: float = 0.0,
-                   stream: Any = None) -> Any:
+def cholesky_solve(hessians: Any, grads: Any, *, damping: float = 0.0, stream: Any = None) -> Any:
     """d = (H + damping*I)^-1 g for every system, by Cholesky; a new array shaped like
     grads. Raises ``NotPositiveDefiniteError`` naming the systems that failed."""
     damping = real("damping", damping, lo=0.0)
@@ -72,8 +76,16 @@ def cholesky_solve(hessians: Any, grads: Any, *, damping: float = 0.0,
     return d
 
 
-def newton_(params: Any, grads: Any, hessians: Any, *, lr: float = 1.0, damping: float = 0.0,
-            on_failure: str = "raise", stream: Any = None) -> Optional[Any]:
+def newton_(
+    params: Any,
+    grads: Any,
+    hessians: Any,
+    *,
+    lr: float = 1.0,
+    damping: float = 0.0,
+    on_failure: str = "raise",
+    stream: Any = None,
+) -> Optional[Any]:
     """Damped Newton step in place: solve (H + damping*I) d = g by Cholesky, p <- p - lr*d.
 
     params, grads (..., n) and hessians (..., n, n): one independent system per leading

@@ -10,6 +10,7 @@ index and ``lr`` to the rate used. ``state_dict()`` / ``load_state_dict()`` roun
 exactly (step count, lr, hyper-parameters, every state element), so a restored optimizer
 continues bit-identically.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,7 +24,6 @@ from ._arrays import ArrayOrList, as_list
 from ._specs import OPTIMIZERS, OptimizerSpec
 from ._validate import real
 
-
 Schedule = Callable[[int, float], float]
 
 
@@ -33,18 +33,28 @@ class Optimizer:
 
     _spec: OptimizerSpec
 
-    def __init__(self, params: ArrayOrList, *, lr: float, schedule: Optional[Schedule],
-                 hyper: Dict[str, Any], initial_state: Optional[Dict[str, float]] = None):
+    def __init__(
+        self,
+        params: ArrayOrList,
+        *,
+        lr: float,
+        schedule: Optional[Schedule],
+        hyper: Dict[str, Any],
+        initial_state: Optional[Dict[str, float]] = None,
+    ):
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
             _arrays.param_array(f"params[{i}]", a)
-            for i, a in enumerate(as_list("params", params, self._listed))]
+            for i, a in enumerate(as_list("params", params, self._listed))
+        ]
         # On the GPU the checked launch tables are kept between steps (see
         # fastopt._cuda.Plan): a step re-reads only arrays that changed (new grads).
         on_device = bool(self.params) and _arrays.on_device(self.params[0])
         self._plan = _ext._cuda.Plan() if on_device and _ext._cuda is not None else None
         if schedule is not None and not callable(schedule):
-            raise TypeError(f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}")
+            raise TypeError(
+                f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}"
+            )
         self.schedule = schedule
         self._kernel = functional.STEPS[self._spec.name]
         self._hyper = dict(hyper)
@@ -53,7 +63,8 @@ class Optimizer:
         self._initial = dict(initial_state or {})
         self.state: Dict[str, List[Any]] = {
             name: [_arrays.state_like(f"params[{i}]", p) for i, p in enumerate(self.params)]
-            for name in used}
+            for name in used
+        }
         self._state_lists = self._kernel_state(used)
         self._last_stream: Any = None  # GPU: the stream the last step was queued on
         self._step = 0
@@ -85,8 +96,9 @@ class Optimizer:
             return self._lr
         return real("schedule(t, lr)", self.schedule(self._step, self._lr), lo=0.0)
 
-    def _validated(self, hyper: Dict[str, Any], lr: float,
-                   state: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], List[str]]:
+    def _validated(
+        self, hyper: Dict[str, Any], lr: float, state: Optional[Dict[str, Any]] = None
+    ) -> Tuple[Dict[str, Any], List[str]]:
         """``hyper`` checked by the table: (the kernel's keywords but lr, the state arrays
         they use). With ``state`` (the state of an optimizer being restored), a state array
         they need and it lacks (amsgrad=True without max_exp_avg_sqs) is an error, as in
@@ -133,13 +145,13 @@ class Optimizer:
         """A non-empty state array if the state lives on the GPU, else None."""
         if self._plan is None:
             return None
-        return next((a for arrays in self.state.values() for a in arrays
-                     if 0 not in tuple(a.shape)), None)
+        return next(
+            (a for arrays in self.state.values() for a in arrays if 0 not in tuple(a.shape)), None
+        )
 
     def _queued_on(self, stream: Any) -> None:
         if self._plan is not None:  # the stream object itself, kept until waited for
-            self._last_stream = (_arrays.current_stream(self.params[0]) if stream is None
-                                 else stream)
+            self._last_stream = _arrays.current_stream(self.params[0]) if stream is None else stream
 
     def _await_steps(self) -> None:
         stream, self._last_stream = self._last_stream, None
@@ -173,33 +185,44 @@ class Optimizer:
         """Restore a ``state_dict()``; arrays are copied into this optimizer's own buffers.
         Everything is checked first: on error nothing changes."""
         if state_dict.get("optimizer") != type(self).__name__:
-            raise ValueError(f"state_dict: was saved by {state_dict.get('optimizer')!r}, "
-                             f"not {type(self).__name__}")
+            raise ValueError(
+                f"state_dict: was saved by {state_dict.get('optimizer')!r}, "
+                f"not {type(self).__name__}"
+            )
         step = state_dict["step"]
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"state_dict['step']: expected an integer >= 0, got {step!r}")
         lr = real("state_dict['lr']", state_dict["lr"], lo=0.0)
         hyper = dict(state_dict["hyper"])
         if set(hyper) != set(self._hyper):
-            raise ValueError(f"state_dict['hyper']: expected keys {sorted(self._hyper)}, "
-                             f"got {sorted(hyper)}")
+            raise ValueError(
+                f"state_dict['hyper']: expected keys {sorted(self._hyper)}, got {sorted(hyper)}"
+            )
         kw, used = self._validated(hyper, lr, self.state)
         state = state_dict["state"]
         if set(state) != set(self.state):
-            raise ValueError(f"state_dict['state']: expected {sorted(self.state)}, got "
-                             f"{sorted(state)} (were the options the same?)")
+            raise ValueError(
+                f"state_dict['state']: expected {sorted(self.state)}, got "
+                f"{sorted(state)} (were the options the same?)"
+            )
         for name, arrays in self.state.items():
             saved = state[name]
             if len(saved) != len(arrays):
-                raise ValueError(f"state_dict['state'][{name!r}]: expected {len(arrays)} arrays, "
-                                 f"got {len(saved)}")
+                raise ValueError(
+                    f"state_dict['state'][{name!r}]: expected {len(arrays)} arrays, "
+                    f"got {len(saved)}"
+                )
             for i, (own, s) in enumerate(zip(arrays, saved)):
                 if not hasattr(s, "shape"):
                     s = np.asarray(s)
-                if tuple(s.shape) != tuple(own.shape) or _arrays.dtype_name(s) != _arrays.dtype_name(own):
-                    raise ValueError(f"state_dict['state'][{name!r}][{i}]: expected shape "
-                                     f"{tuple(own.shape)} {_arrays.dtype_name(own)}, got "
-                                     f"{tuple(s.shape)} {_arrays.dtype_name(s)}")
+                if tuple(s.shape) != tuple(own.shape) or _arrays.dtype_name(
+                    s
+                ) != _arrays.dtype_name(own):
+                    raise ValueError(
+                        f"state_dict['state'][{name!r}][{i}]: expected shape "
+                        f"{tuple(own.shape)} {_arrays.dtype_name(own)}, got "
+                        f"{tuple(s.shape)} {_arrays.dtype_name(s)}"
+                    )
         self._await_steps()
         for name, arrays in self.state.items():
             for own, s in zip(arrays, state[name]):
@@ -212,8 +235,10 @@ class Optimizer:
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
-        return (f"{type(self).__name__}({len(self.params)} arrays, lr={self._lr!r}, {args}, "
-                f"schedule={self.schedule!r}, step={self._step})")
+        return (
+            f"{type(self).__name__}({len(self.params)} arrays, lr={self._lr!r}, {args}, "
+            f"schedule={self.schedule!r}, step={self._step})"
+        )
 
 
 class SGD(Optimizer):
@@ -221,11 +246,27 @@ class SGD(Optimizer):
 
     _spec = OPTIMIZERS["sgd"]
 
-    def __init__(self, params: ArrayOrList, lr: float, *, momentum: float = 0.0,
-                 dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                 maximize: bool = False, l1: float = 0.0, schedule: Optional[Schedule] = None):
-        hyper = dict(momentum=momentum, dampening=dampening, nesterov=nesterov,
-                     weight_decay=weight_decay, maximize=maximize, l1=l1)
+    def __init__(
+        self,
+        params: ArrayOrList,
+        lr: float,
+        *,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        l1: float = 0.0,
+        schedule: Optional[Schedule] = None,
+    ):
+        hyper = dict(
+            momentum=momentum,
+            dampening=dampening,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            l1=l1,
+        )
         super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
 
 
@@ -235,15 +276,26 @@ class Adagrad(Optimizer):
 
     _spec = OPTIMIZERS["adagrad"]
 
-    def __init__(self, params: ArrayOrList, lr: float = 1e-2, *, lr_decay: float = 0.0,
-                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                 eps: float = 1e-10, maximize: bool = False, l1: float = 0.0,
-                 schedule: Optional[Schedule] = None):
+    def __init__(
+        self,
+        params: ArrayOrList,
+        lr: float = 1e-2,
+        *,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        maximize: bool = False,
+        l1: float = 0.0,
+        schedule: Optional[Schedule] = None,
+    ):
         init = real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
-        hyper = dict(lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize,
-                     l1=l1)
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper,
-                         initial_state={"state_sums": init})
+        hyper = dict(
+            lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize, l1=l1
+        )
+        super().__init__(
+            params, lr=lr, schedule=schedule, hyper=hyper, initial_state={"state_sums": init}
+        )
 
 
 class RMSprop(Optimizer):
@@ -251,12 +303,29 @@ class RMSprop(Optimizer):
 
     _spec = OPTIMIZERS["rmsprop"]
 
-    def __init__(self, params: ArrayOrList, lr: float = 1e-2, *, alpha: float = 0.99,
-                 eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
-                 centered: bool = False, maximize: bool = False, l1: float = 0.0,
-                 schedule: Optional[Schedule] = None):
-        hyper = dict(alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                     centered=centered, maximize=maximize, l1=l1)
+    def __init__(
+        self,
+        params: ArrayOrList,
+        lr: float = 1e-2,
+        *,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        maximize: bool = False,
+        l1: float = 0.0,
+        schedule: Optional[Schedule] = None,
+    ):
+        hyper = dict(
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            maximize=maximize,
+            l1=l1,
+        )
         super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
 
 
@@ -265,13 +334,31 @@ class Adam(Optimizer):
 
     _spec = OPTIMIZERS["adam"]
 
-    def __init__(self, params: ArrayOrList, lr: float = 1e-3, *, beta1: float = 0.9,
-                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-                 decoupled_weight_decay: bool = False, amsgrad: bool = False,
-                 maximize: bool = False, l1: float = 0.0, schedule: Optional[Schedule] = None):
-        hyper = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                     decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad,
-                     maximize=maximize, l1=l1)
+    def __init__(
+        self,
+        params: ArrayOrList,
+        lr: float = 1e-3,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        l1: float = 0.0,
+        schedule: Optional[Schedule] = None,
+    ):
+        hyper = dict(
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            l1=l1,
+        )
         super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
 
 
@@ -279,13 +366,33 @@ class AdamW(Adam):
     """``torch.optim.AdamW``: Adam with decoupled weight decay, default 1e-2 (its hyper-
     parameters keep ``decoupled_weight_decay``, so its state dicts are Adam's)."""
 
-    def __init__(self, params: ArrayOrList, lr: float = 1e-3, *, beta1: float = 0.9,
-                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, maximize: bool = False, l1: float = 0.0,
-                 schedule: Optional[Schedule] = None):
-        super().__init__(params, lr, beta1=beta1, beta2=beta2, eps=eps,
-                         weight_decay=weight_decay, decoupled_weight_decay=True,
-                         amsgrad=amsgrad, maximize=maximize, l1=l1, schedule=schedule)
+    def __init__(
+        self,
+        params: ArrayOrList,
+        lr: float = 1e-3,
+        *,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        l1: float = 0.0,
+        schedule: Optional[Schedule] = None,
+    ):
+        super().__init__(
+            params,
+            lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=True,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            l1=l1,
+            schedule=schedule,
+        )
 
 
 class Sophia(Optimizer):
@@ -295,21 +402,38 @@ class Sophia(Optimizer):
 
     _spec = OPTIMIZERS["sophia"]
 
-    def __init__(self, params: ArrayOrList, lr: float = 1e-4, *, beta1: float = 0.965,
-                 rho: float = 0.04, weight_decay: float = 0.1, eps: float = 1e-15,
-                 maximize: bool = False, l1: float = 0.0, schedule: Optional[Schedule] = None):
-        hyper = dict(beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps,
-                     maximize=maximize, l1=l1)
+    def __init__(
+        self,
+        params: ArrayOrList,
+        lr: float = 1e-4,
+        *,
+        beta1: float = 0.965,
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        eps: float = 1e-15,
+        maximize: bool = False,
+        l1: float = 0.0,
+        schedule: Optional[Schedule] = None,
+    ):
+        hyper = dict(
+            beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize, l1=l1
+        )
         super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
         self._ema_plan = None if self._plan is None or _ext._cuda is None else _ext._cuda.Plan()
 
-    def update_hessian(self, estimate: ArrayOrList, beta2: float = 0.99, *,
-                       stream: Any = None) -> None:
+    def update_hessian(
+        self, estimate: ArrayOrList, beta2: float = 0.99, *, stream: Any = None
+    ) -> None:
         """hessian_diag <- beta2*hessian_diag + (1-beta2)*estimate (shaped like params;
         float32 for 16-bit params, like the state)."""
         hessian_diags = self.state["hessian_diags"]
-        functional.ema_(hessian_diags if self._listed else hessian_diags[0], estimate,
-                        beta=beta2, stream=stream, _plan=self._ema_plan)
+        functional.ema_(
+            hessian_diags if self._listed else hessian_diags[0],
+            estimate,
+            beta=beta2,
+            stream=stream,
+            _plan=self._ema_plan,
+        )
         self._queued_on(stream)
 
 
@@ -320,8 +444,14 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
     lr_default = spec.hyper["lr"].default
     others = {name: h.default for name, h in spec.hyper.items() if name != "lr"}
 
-    def __init__(self: Optimizer, params: ArrayOrList, lr: Any = lr_default, *,
-                 schedule: Optional[Schedule] = None, **hyper: Any) -> None:
+    def __init__(
+        self: Optimizer,
+        params: ArrayOrList,
+        lr: Any = lr_default,
+        *,
+        schedule: Optional[Schedule] = None,
+        **hyper: Any,
+    ) -> None:
         unknown = sorted(set(hyper) - set(others))
         if unknown:
             raise TypeError(f"{type(self).__name__}: unexpected keyword argument {unknown[0]!r}")
@@ -331,24 +461,41 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
 
     keyword = inspect.Parameter.KEYWORD_ONLY
     __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-         inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-         inspect.Parameter("lr", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                           default=inspect.Parameter.empty if lr_default is None else lr_default),
-         *(inspect.Parameter(n, keyword, default=d) for n, d in others.items()),
-         inspect.Parameter("schedule", keyword, default=None)])
+        [
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter(
+                "lr",
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=inspect.Parameter.empty if lr_default is None else lr_default,
+            ),
+            *(inspect.Parameter(n, keyword, default=d) for n, d in others.items()),
+            inspect.Parameter("schedule", keyword, default=None),
+        ]
+    )
     name = spec.name.capitalize()
-    doc = (f"``fastopt.{spec.name}_`` as a class: it owns its state (see ``Optimizer``).\n\n"
-           + (getattr(functional, f"{spec.name}_").__doc__ or ""))
-    return type(name, (Optimizer,), {"_spec": spec, "__init__": __init__, "__doc__": doc,
-                                     "__module__": __name__})
+    doc = f"``fastopt.{spec.name}_`` as a class: it owns its state (see ``Optimizer``).\n\n" + (
+        getattr(functional, f"{spec.name}_").__doc__ or ""
+    )
+    return type(
+        name,
+        (Optimizer,),
+        {"_spec": spec, "__init__": __init__, "__doc__": doc, "__module__": __name__},
+    )
 
 
 # The class of each optimizer in the table, by its name there: the hand-written ones above
 # (torch's signatures, their own extras), and one made from the table for every other.
-_WRITTEN: Dict[str, type] = {"sgd": SGD, "adagrad": Adagrad, "rmsprop": RMSprop, "adam": Adam,
-                             "adamw": AdamW, "sophia": Sophia}
-CLASSES: Dict[str, type] = {name: _WRITTEN.get(name) or _class_from_spec(spec)
-                            for name, spec in OPTIMIZERS.items()}
+_WRITTEN: Dict[str, type] = {
+    "sgd": SGD,
+    "adagrad": Adagrad,
+    "rmsprop": RMSprop,
+    "adam": Adam,
+    "adamw": AdamW,
+    "sophia": Sophia,
+}
+CLASSES: Dict[str, type] = {
+    name: _WRITTEN.get(name) or _class_from_spec(spec) for name, spec in OPTIMIZERS.items()
+}
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
 __all__ = ["Optimizer", "CLASSES", *(cls.__name__ for cls in CLASSES.values())]

@@ -22,6 +22,7 @@ Per-tensor and per-channel quantization divide by the scale, q = clamp(rint(x / 
 reciprocal instead, so on inputs lying exactly on a rounding tie of x/scale the two can
 differ by one (torch's own CUDA path divides, like fastopt).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,11 +32,17 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from ._validate import flag, real
 from ._kernels import Call
+from ._validate import flag, real
 
-__all__ = ["quantize_per_tensor", "quantize_per_channel", "dequantize", "choose_qparams",
-           "quantize_blockwise", "dequantize_blockwise"]
+__all__ = [
+    "quantize_per_tensor",
+    "quantize_per_channel",
+    "dequantize",
+    "choose_qparams",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+]
 
 QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 
@@ -61,8 +68,8 @@ def _zero_point(name: str, z: Any, qmin: int, qmax: int) -> int:
 
 # float64 values in (2^-150, 2^128 - 2^103) and only those round to a positive finite
 # float32 (round to nearest even: 2^-150 is the tie with 0, 2^128 - 2^103 the one with inf).
-_F32_ROUNDS_POSITIVE = 2.0 ** -150
-_F32_ROUNDS_FINITE = 2.0 ** 128 - 2.0 ** 103
+_F32_ROUNDS_POSITIVE = 2.0**-150
+_F32_ROUNDS_FINITE = 2.0**128 - 2.0**103
 
 
 def _scale(name: str, s: Any) -> float:
@@ -75,13 +82,15 @@ def _scale(name: str, s: Any) -> float:
 def _axis(axis: Any, ndim: int) -> int:
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis: expected an integer, got {type(axis).__name__}")
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis: {axis} is out of range for an array with {ndim} dimensions")
-    return int(axis) % ndim
+    index = int(axis)
+    if not -ndim <= index < ndim:
+        raise ValueError(f"axis: {index} is out of range for an array with {ndim} dimensions")
+    return index % ndim
 
 
-def _channel_params(scales: Any, zero_points: Any, channels: int, qmin: int, qmax: int
-                    ) -> Tuple[np.ndarray, np.ndarray]:
+def _channel_params(
+    scales: Any, zero_points: Any, channels: int, qmin: int, qmax: int
+) -> Tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scales, dtype=np.float64)
     z = np.asarray(zero_points)
     if s.shape != (channels,):
@@ -99,14 +108,17 @@ def _channel_params(scales: Any, zero_points: Any, channels: int, qmin: int, qma
     return s.astype(np.float32), z.astype(np.float32)
 
 
-def _affine_params(scale: Any, zero_point: Any, axis: Optional[int], shape: Tuple[int, ...],
-                   qmin: int, qmax: int) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
+def _affine_params(
+    scale: Any, zero_point: Any, axis: Optional[int], shape: Tuple[int, ...], qmin: int, qmax: int
+) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
     """(scales, zero points) as float32 arrays and the axis made non-negative: one of each
     for the tensor when axis is None, else one per channel along axis."""
     if axis is None:
-        return (np.array([_scale("scale", scale)], dtype=np.float32),
-                np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32),
-                None)
+        return (
+            np.array([_scale("scale", scale)], dtype=np.float32),
+            np.array([_zero_point("zero_point", zero_point, qmin, qmax)], dtype=np.float32),
+            None,
+        )
     axis = _axis(axis, len(shape))
     return (*_channel_params(scale, zero_point, shape[axis], qmin, qmax), axis)
 
@@ -118,12 +130,22 @@ def _check_out_dtype(out_dtype: Any) -> None:
 
 def _raise_nonfinite(name: str, shape: Tuple[int, ...], flat: int) -> None:
     where = np.unravel_index(flat, shape) if shape else ()
-    raise ValueError(f"{name}: non-finite value at index {tuple(int(i) for i in where)} "
-                     f"(flat {flat}); nothing was written")
+    raise ValueError(
+        f"{name}: non-finite value at index {tuple(int(i) for i in where)} "
+        f"(flat {flat}); nothing was written"
+    )
 
 
-def _quantize_affine(x: Any, scale: Any, zero_point: Any, axis: Optional[int], dtype: Any,
-                     out: Optional[Any], stream: Any, check_finite: Any) -> Any:
+def _quantize_affine(
+    x: Any,
+    scale: Any,
+    zero_point: Any,
+    axis: Optional[int],
+    dtype: Any,
+    out: Optional[Any],
+    stream: Any,
+    check_finite: Any,
+) -> Any:
     qdt, qmin, qmax = _qdtype(dtype)
     check_finite = flag("check_finite", check_finite)
     call = Call("x", x, stream)
@@ -133,8 +155,7 @@ def _quantize_affine(x: Any, scale: Any, zero_point: Any, axis: Optional[int], d
         out_array = call.out("out", out, shape, qdt, [("x", xa)])
     direct = out is not None and not check_finite  # else out receives only a clean result
     q = out_array if direct else call.empty(xa, shape, qdt)
-    bad = call.kernels.quantize_affine(xa, q, scales, zero_points, axis, check_finite,
-                                       call.stream)
+    bad = call.kernels.quantize_affine(xa, q, scales, zero_points, axis, check_finite, call.stream)
     if bad >= 0:
         _raise_nonfinite("x", shape, bad)
     if out is None:
@@ -144,18 +165,33 @@ def _quantize_affine(x: Any, scale: Any, zero_point: Any, axis: Optional[int], d
     return out
 
 
-def quantize_per_tensor(x: Any, scale: float, zero_point: int, dtype: str = "int8", *,
-                        out: Optional[Any] = None, stream: Any = None,
-                        check_finite: bool = True) -> Any:
+def quantize_per_tensor(
+    x: Any,
+    scale: float,
+    zero_point: int,
+    dtype: str = "int8",
+    *,
+    out: Optional[Any] = None,
+    stream: Any = None,
+    check_finite: bool = True,
+) -> Any:
     """q = clamp(rint(x / scale) + zero_point, qmin, qmax), round half to even, as
     ``torch.quantize_per_tensor(...).int_repr()``; int8 [-128, 127] or uint8 [0, 255].
     ``check_finite=False``: see the module docstring."""
     return _quantize_affine(x, scale, zero_point, None, dtype, out, stream, check_finite)
 
 
-def quantize_per_channel(x: Any, scales: Any, zero_points: Any, axis: int,
-                         dtype: str = "int8", *, out: Optional[Any] = None,
-                         stream: Any = None, check_finite: bool = True) -> Any:
+def quantize_per_channel(
+    x: Any,
+    scales: Any,
+    zero_points: Any,
+    axis: int,
+    dtype: str = "int8",
+    *,
+    out: Optional[Any] = None,
+    stream: Any = None,
+    check_finite: bool = True,
+) -> Any:
     """Per-channel affine quantization along ``axis``: channel c uses scales[c] and
     zero_points[c]; as ``torch.quantize_per_channel(...).int_repr()``.
     ``check_finite=False``: see the module docstring."""
@@ -164,9 +200,16 @@ def quantize_per_channel(x: Any, scales: Any, zero_points: Any, axis: int,
     return _quantize_affine(x, scales, zero_points, axis, dtype, out, stream, check_finite)
 
 
-def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
-               axis: Optional[int] = None, out_dtype: str = "float32", *,
-               out: Optional[Any] = None, stream: Any = None) -> Any:
+def dequantize(
+    q: Any,
+    scale: Union[float, Any],
+    zero_point: Union[int, Any],
+    axis: Optional[int] = None,
+    out_dtype: str = "float32",
+    *,
+    out: Optional[Any] = None,
+    stream: Any = None,
+) -> Any:
     """x = (q - zero_point) * scale in float32; per channel along ``axis`` when given
     (scale and zero_point then 1-D)."""
     call = Call("q", q, stream)
@@ -176,14 +219,23 @@ def dequantize(q: Any, scale: Union[float, Any], zero_point: Union[int, Any],
     _check_out_dtype(out_dtype)
     _, qmin, qmax = _qdtype(qname)
     scales, zero_points, axis = _affine_params(scale, zero_point, axis, shape, qmin, qmax)
-    x = (call.out("out", out, shape, _FLOAT32, [("q", qa)]) if out is not None
-         else call.empty(qa, shape, _FLOAT32))
+    x = (
+        call.out("out", out, shape, _FLOAT32, [("q", qa)])
+        if out is not None
+        else call.empty(qa, shape, _FLOAT32)
+    )
     call.kernels.dequantize_affine(qa, x, scales, zero_points, axis, call.stream)
     return out if out is not None else kind.wrap(x)
 
 
-def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None,
-                   dtype: str = "int8", stream: Any = None) -> Tuple[Any, Any]:
+def choose_qparams(
+    x: Any,
+    *,
+    symmetric: bool = True,
+    axis: Optional[int] = None,
+    dtype: str = "int8",
+    stream: Any = None,
+) -> Tuple[Any, Any]:
     """Min/max observer: (scale, zero_point) per tensor (float, int) or per channel along
     ``axis`` (float32 and int32 arrays), as torch's MinMaxObserver.
 
@@ -213,8 +265,9 @@ def choose_qparams(x: Any, *, symmetric: bool = True, axis: Optional[int] = None
 _EPS32 = np.finfo(np.float32).eps
 
 
-def _qparams_from_minmax(mins: np.ndarray, maxs: np.ndarray, symmetric: bool, qmin: int,
-                         qmax: int, qdt: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
+def _qparams_from_minmax(
+    mins: np.ndarray, maxs: np.ndarray, symmetric: bool, qmin: int, qmax: int, qdt: np.dtype
+) -> Tuple[np.ndarray, np.ndarray]:
     """Float32 throughout; rint(lo / scale) is an integer within [-256, 0] (scale is at
     least (hi - lo) / (qmax - qmin)), so the zero point's float32 arithmetic is exact."""
     f32 = np.float32
@@ -236,9 +289,27 @@ def _block_size(block_size: Any) -> int:
     return int(block_size)
 
 
-def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "nearest",
-                       seed: Optional[int] = None, out: Optional[Tuple[Any, Any]] = None,
-                       stream: Any = None, check_finite: bool = True) -> Tuple[Any, Any]:
+def _seed(value: Any) -> int:
+    """A stochastic-rounding seed: an integer in [0, 2**64) (not a bool)."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Integral)
+        or not 0 <= int(value) < 2**64
+    ):
+        raise ValueError(f"seed: expected an integer in [0, 2**64), got {value!r}")
+    return int(value)
+
+
+def quantize_blockwise(
+    x: Any,
+    block_size: int = 256,
+    *,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    out: Any = None,  # a (q, absmax) pair, checked below
+    stream: Any = None,
+    check_finite: bool = True,
+) -> Tuple[Any, Any]:
     """(q, absmax): over consecutive blocks of ``block_size`` elements of the flattened x
     (the last block may be partial), absmax = max |x| (float32, one per block) and
     q = rint(x * (127 / absmax)) in [-127, 127] (int8, shaped like x); an all-zero block
@@ -253,11 +324,7 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
     block = _block_size(block_size)
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
-    if seed is None:
-        seed = secrets.randbits(64)
-    elif isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) \
-            or not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r}")
+    seed_bits = secrets.randbits(64) if seed is None else _seed(seed)
     if out is not None and (not isinstance(out, tuple) or len(out) != 2):
         raise TypeError("out: expected a tuple (q, absmax)")
     check_finite = flag("check_finite", check_finite)
@@ -266,13 +333,13 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
     blocks = -(-math.prod(shape) // block)
     if out is not None:  # both checked before anything is written
         q_out = call.out("out[0]", out[0], shape, _INT8, [("x", xa)])
-        absmax_out = call.out("out[1]", out[1], (blocks,), _FLOAT32,
-                              [("x", xa), ("out[0]", q_out)])
+        absmax_out = call.out("out[1]", out[1], (blocks,), _FLOAT32, [("x", xa), ("out[0]", q_out)])
     direct = out is not None and not check_finite  # else out receives only a clean result
     q = q_out if direct else call.empty(xa, shape, _INT8)
     absmax = absmax_out if direct else call.empty(xa, (blocks,), _FLOAT32)
-    bad = call.kernels.quantize_blockwise(xa, q, absmax, block, rounding == "stochastic",
-                                          int(seed), check_finite, call.stream)
+    bad = call.kernels.quantize_blockwise(
+        xa, q, absmax, block, rounding == "stochastic", seed_bits, check_finite, call.stream
+    )
     if bad >= 0:
         _raise_nonfinite("x", shape, bad)
     if out is None:
@@ -283,16 +350,25 @@ def quantize_blockwise(x: Any, block_size: int = 256, *, rounding: str = "neares
     return out
 
 
-def dequantize_blockwise(q: Any, absmax: Any, block_size: int = 256,
-                         out_dtype: str = "float32", *, out: Optional[Any] = None,
-                         stream: Any = None) -> Any:
+def dequantize_blockwise(
+    q: Any,
+    absmax: Any,
+    block_size: int = 256,
+    out_dtype: str = "float32",
+    *,
+    out: Optional[Any] = None,
+    stream: Any = None,
+) -> Any:
     """x = q * (absmax / 127) per block of ``block_size`` consecutive elements, float32."""
     block = _block_size(block_size)
     call = Call("q", q, stream)
     qa, shape, _, kind = call.input("q", q)
     am = call.input("absmax", absmax)[0]
     _check_out_dtype(out_dtype)
-    x = (call.out("out", out, shape, _FLOAT32, [("q", qa), ("absmax", am)])
-         if out is not None else call.empty(qa, shape, _FLOAT32))
+    x = (
+        call.out("out", out, shape, _FLOAT32, [("q", qa), ("absmax", am)])
+        if out is not None
+        else call.empty(qa, shape, _FLOAT32)
+    )
     call.kernels.dequantize_blockwise(qa, am, x, block, call.stream)
     return out if out is not None else kind.wrap(x)

@@ -6,15 +6,29 @@ times as the "NumPy reference" peer). Every function updates its float64 arrays 
 and follows ``torch.optim`` where torch has the optimizer (the formulas are in the
 docstrings of ``fastopt.functional``).
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
 
-__all__ = ["soft_threshold", "sgd", "adagrad", "rmsprop", "adam", "sophia", "lion", "ema",
-           "damped_newton_step", "quantize_affine", "dequantize_affine",
-           "quantize_blockwise", "dequantize_blockwise", "uniform24"]
+__all__ = [
+    "soft_threshold",
+    "sgd",
+    "adagrad",
+    "rmsprop",
+    "adam",
+    "sophia",
+    "lion",
+    "ema",
+    "damped_newton_step",
+    "quantize_affine",
+    "dequantize_affine",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "uniform24",
+]
 
 
 def soft_threshold(p: np.ndarray, threshold: float) -> None:
@@ -22,10 +36,20 @@ def soft_threshold(p: np.ndarray, threshold: float) -> None:
     p[...] = np.sign(p) * np.maximum(np.abs(p) - threshold, 0.0)
 
 
-def sgd(p: np.ndarray, g: np.ndarray, buf: Optional[np.ndarray], *, lr: float,
-        momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-        weight_decay: float = 0.0, maximize: bool = False, step: int = 1,
-        l1: float = 0.0) -> None:
+def sgd(
+    p: np.ndarray,
+    g: np.ndarray,
+    buf: Optional[np.ndarray],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    step: int = 1,
+    l1: float = 0.0,
+) -> None:
     g = -g if maximize else g.copy()
     if weight_decay != 0.0:
         g = g + weight_decay * p
@@ -41,9 +65,19 @@ def sgd(p: np.ndarray, g: np.ndarray, buf: Optional[np.ndarray], *, lr: float,
         soft_threshold(p, lr * l1)
 
 
-def adagrad(p: np.ndarray, g: np.ndarray, state_sum: np.ndarray, *, step: int, lr: float = 1e-2,
-            lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
-            maximize: bool = False, l1: float = 0.0) -> None:
+def adagrad(
+    p: np.ndarray,
+    g: np.ndarray,
+    state_sum: np.ndarray,
+    *,
+    step: int,
+    lr: float = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+    maximize: bool = False,
+    l1: float = 0.0,
+) -> None:
     g = -g if maximize else g.copy()
     if weight_decay != 0.0:
         g = g + weight_decay * p
@@ -54,11 +88,22 @@ def adagrad(p: np.ndarray, g: np.ndarray, state_sum: np.ndarray, *, step: int, l
         soft_threshold(p, clr * l1)
 
 
-def rmsprop(p: np.ndarray, g: np.ndarray, square_avg: np.ndarray,
-            momentum_buffer: Optional[np.ndarray] = None, grad_avg: Optional[np.ndarray] = None, *,
-            lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
-            momentum: float = 0.0, centered: bool = False, maximize: bool = False,
-            l1: float = 0.0) -> None:
+def rmsprop(
+    p: np.ndarray,
+    g: np.ndarray,
+    square_avg: np.ndarray,
+    momentum_buffer: Optional[np.ndarray] = None,
+    grad_avg: Optional[np.ndarray] = None,
+    *,
+    lr: float = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+    l1: float = 0.0,
+) -> None:
     g = -g if maximize else g.copy()
     if weight_decay != 0.0:
         g = g + weight_decay * p
@@ -79,11 +124,24 @@ def rmsprop(p: np.ndarray, g: np.ndarray, square_avg: np.ndarray,
         soft_threshold(p, lr * l1)
 
 
-def adam(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
-         max_exp_avg_sq: Optional[np.ndarray] = None, *, step: int, lr: float = 1e-3,
-         beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-         decoupled_weight_decay: bool = False, amsgrad: bool = False, maximize: bool = False,
-         l1: float = 0.0) -> None:
+def adam(
+    p: np.ndarray,
+    g: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    max_exp_avg_sq: Optional[np.ndarray] = None,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    l1: float = 0.0,
+) -> None:
     g = -g if maximize else g.copy()
     if weight_decay != 0.0:
         if decoupled_weight_decay:
@@ -97,17 +155,28 @@ def adam(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarr
         assert max_exp_avg_sq is not None, "amsgrad needs max_exp_avg_sq"
         np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         second = max_exp_avg_sq
-    bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2 = 1.0 - beta2 ** step
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
     denom = np.sqrt(second) / np.sqrt(bias_correction2) + eps
     p -= (lr / bias_correction1) * (exp_avg / denom)
     if l1 != 0.0:
         soft_threshold(p, lr * l1)
 
 
-def sophia(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, hessian_diag: np.ndarray, *,
-           lr: float, beta1: float = 0.965, rho: float = 0.04, weight_decay: float = 0.1,
-           eps: float = 1e-15, maximize: bool = False, l1: float = 0.0) -> None:
+def sophia(
+    p: np.ndarray,
+    g: np.ndarray,
+    exp_avg: np.ndarray,
+    hessian_diag: np.ndarray,
+    *,
+    lr: float,
+    beta1: float = 0.965,
+    rho: float = 0.04,
+    weight_decay: float = 0.1,
+    eps: float = 1e-15,
+    maximize: bool = False,
+    l1: float = 0.0,
+) -> None:
     g = -g if maximize else g
     exp_avg[...] = beta1 * exp_avg + (1.0 - beta1) * g
     p *= 1.0 - lr * weight_decay
@@ -117,9 +186,18 @@ def sophia(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, hessian_diag: np.n
         soft_threshold(p, lr * l1)
 
 
-def lion(p: np.ndarray, g: np.ndarray, exp_avg: np.ndarray, *, lr: float = 1e-4,
-         beta1: float = 0.9, beta2: float = 0.99, weight_decay: float = 0.0,
-         maximize: bool = False, l1: float = 0.0) -> None:
+def lion(
+    p: np.ndarray,
+    g: np.ndarray,
+    exp_avg: np.ndarray,
+    *,
+    lr: float = 1e-4,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    l1: float = 0.0,
+) -> None:
     """Lion (Chen et al. 2023): the sign of an interpolation of momentum and gradient;
     sign(0) = 0."""
     g = -g if maximize else g
@@ -137,8 +215,9 @@ def ema(average: np.ndarray, sample: np.ndarray, *, beta: float) -> None:
     average[...] = beta * average + (1.0 - beta) * sample
 
 
-def damped_newton_step(p: np.ndarray, g: np.ndarray, H: np.ndarray, *, lr: float = 1.0,
-                       damping: float = 0.0) -> np.ndarray:
+def damped_newton_step(
+    p: np.ndarray, g: np.ndarray, H: np.ndarray, *, lr: float = 1.0, damping: float = 0.0
+) -> np.ndarray:
     """p <- p - lr * (H + damping*I)^-1 g per system (leading indices); H symmetric, only
     its lower triangle is used. Returns the mask of systems that are positive definite;
     the others are left unchanged."""
@@ -159,6 +238,7 @@ def damped_newton_step(p: np.ndarray, g: np.ndarray, H: np.ndarray, *, lr: float
 # (common/quant.h), so that results are exact: a float64 rint would round differently at
 # ties of the float32 quotient.
 
+
 def _broadcast_qparams(scale, zero_point, ndim: int, axis: Optional[int]):
     """float32 scale and zero point, shaped to broadcast along ``axis`` when per channel."""
     s = np.asarray(scale, dtype=np.float32)
@@ -170,8 +250,9 @@ def _broadcast_qparams(scale, zero_point, ndim: int, axis: Optional[int]):
     return s, z
 
 
-def quantize_affine(x: np.ndarray, scale, zero_point, qmin: int, qmax: int,
-                    axis: Optional[int] = None) -> np.ndarray:
+def quantize_affine(
+    x: np.ndarray, scale, zero_point, qmin: int, qmax: int, axis: Optional[int] = None
+) -> np.ndarray:
     """q = clamp(rint(x / scale) + zero_point, qmin, qmax) in float32; per channel along
     ``axis`` when scale/zero_point are 1-D. Returns float32 values (cast to the q dtype)."""
     f32 = np.float32
@@ -198,8 +279,10 @@ def _mix32(x: np.ndarray) -> np.ndarray:
 def uniform24(seed: int, index: np.ndarray) -> np.ndarray:
     """The counter-based uniform in [0, 1) of stochastic rounding (float32, 24 bits)."""
     seed = int(seed)
-    key = _mix32(np.array([(seed & 0xFFFFFFFF)], dtype=np.uint64).astype(np.uint32)
-                 ^ _mix32(np.array([((seed >> 32) + 0x9E3779B9) & 0xFFFFFFFF], dtype=np.uint64)))
+    key = _mix32(
+        np.array([(seed & 0xFFFFFFFF)], dtype=np.uint64).astype(np.uint32)
+        ^ _mix32(np.array([((seed >> 32) + 0x9E3779B9) & 0xFFFFFFFF], dtype=np.uint64))
+    )
     index = np.asarray(index, dtype=np.uint64)
     lo = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     hi = (index >> np.uint64(32)).astype(np.uint32)
@@ -207,8 +290,9 @@ def uniform24(seed: int, index: np.ndarray) -> np.ndarray:
     return (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
 
 
-def quantize_blockwise(x: np.ndarray, block_size: int = 256, *, rounding: str = "nearest",
-                       seed: int = 0):
+def quantize_blockwise(
+    x: np.ndarray, block_size: int = 256, *, rounding: str = "nearest", seed: int = 0
+):
     """(q int8 shaped like x, absmax float32 per block) over consecutive blocks of the
     flattened x: s = 2^64 for tiny blocks (absmax < 2^-64) else 1, f = 127/(absmax*s) (0 for
     an all-zero block), v = (x*s)*f; q = rint(v), or floor(v) + (u < v - floor(v)) with
@@ -219,9 +303,8 @@ def quantize_blockwise(x: np.ndarray, block_size: int = 256, *, rounding: str = 
     blocks = -(-n // block_size)
     padded = np.zeros(blocks * block_size, dtype=f32)
     padded[:n] = flat
-    absmax = np.abs(padded.reshape(blocks, block_size)).max(axis=1) if blocks else \
-        np.zeros(0, f32)
-    pre = np.where(absmax < f32(2.0 ** -64), f32(2.0 ** 64), f32(1)).astype(f32)
+    absmax = np.abs(padded.reshape(blocks, block_size)).max(axis=1) if blocks else np.zeros(0, f32)
+    pre = np.where(absmax < f32(2.0**-64), f32(2.0**64), f32(1)).astype(f32)
     with np.errstate(divide="ignore"):
         factor = np.where(absmax > 0, f32(127) / (absmax * pre), f32(0)).astype(f32)
     v = (flat * np.repeat(pre, block_size)[:n]) * np.repeat(factor, block_size)[:n]
@@ -238,5 +321,5 @@ def quantize_blockwise(x: np.ndarray, block_size: int = 256, *, rounding: str = 
 def dequantize_blockwise(q: np.ndarray, absmax: np.ndarray, block_size: int = 256) -> np.ndarray:
     f32 = np.float32
     scale = (absmax.astype(f32) / f32(127)).astype(f32)
-    flat = q.reshape(-1).astype(f32) * np.repeat(scale, block_size)[:q.size]
+    flat = q.reshape(-1).astype(f32) * np.repeat(scale, block_size)[: q.size]
     return flat.reshape(q.shape)

@@ -4,6 +4,7 @@ A schedule is a callable ``schedule(t, base_lr) -> lr`` where ``t`` is the 0-bas
 of the step about to be taken (0 for the first step) and ``base_lr`` the optimizer's
 ``lr``. Any callable with that signature works; these are the common ones.
 """
+
 from __future__ import annotations
 
 import math

@@ -67,6 +67,7 @@ Decisions, where torch.optim offers a choice:
 The kernels run with the GIL released on the CPU; on the GPU they are queued on torch's
 current stream without any synchronisation (but the host reads named above).
 """
+
 from __future__ import annotations
 
 import operator
@@ -86,13 +87,19 @@ __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia"]
 try:  # torch builds without distributed support have no DTensor
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
+    DTensor = None
 
 # torch.optim's state key for each state array of fastopt's table.
-STATE_KEYS = {"exp_avgs": "exp_avg", "exp_avg_sqs": "exp_avg_sq",
-              "max_exp_avg_sqs": "max_exp_avg_sq", "momentum_buffers": "momentum_buffer",
-              "state_sums": "sum", "square_avgs": "square_avg", "grad_avgs": "grad_avg",
-              "hessian_diags": "hessian"}
+STATE_KEYS = {
+    "exp_avgs": "exp_avg",
+    "exp_avg_sqs": "exp_avg_sq",
+    "max_exp_avg_sqs": "max_exp_avg_sq",
+    "momentum_buffers": "momentum_buffer",
+    "state_sums": "sum",
+    "square_avgs": "square_avg",
+    "grad_avgs": "grad_avg",
+    "hessian_diags": "hessian",
+}
 
 _HALF = (torch.float16, torch.bfloat16)
 _SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -143,8 +150,9 @@ def _host_float(value: Any) -> Any:
 
 class _Checked(NamedTuple):
     """What a group's hyper-parameters validate to."""
-    kw: Dict[str, Any]       # the kernel's keywords but lr and step
-    used: Tuple[bool, ...]   # per state array of the table: whether these options use it
+
+    kw: Dict[str, Any]  # the kernel's keywords but lr and step
+    used: Tuple[bool, ...]  # per state array of the table: whether these options use it
 
 
 class _Bucket:
@@ -152,24 +160,44 @@ class _Bucket:
     takes one), ready for one call. Their state tensors are looked up at each step (a
     state entry may be replaced between steps, as torch.optim allows)."""
 
-    __slots__ = ("index", "params", "keys", "steps", "step_views", "done", "plan",
-                 "inference", "distributed", "host", "param_ptrs", "param_views", "state_seen",
-                 "state_views")
+    __slots__ = (
+        "index",
+        "params",
+        "keys",
+        "steps",
+        "step_views",
+        "done",
+        "plan",
+        "inference",
+        "distributed",
+        "host",
+        "param_ptrs",
+        "param_views",
+        "state_seen",
+        "state_views",
+    )
 
-    def __init__(self, index: List[int], params: List[torch.Tensor],
-                 keys: List[Optional[str]], steps: Optional[torch.Tensor], done: int,
-                 inference: bool, state: Any):
-        self.index = index      # position of each param in the group's "params"
-        self.params = params    # the group's params, in bucket order
-        self.keys = keys        # per state array of the table: its state key, None if unused
-        self.steps = steps      # packed step counts, or None
+    def __init__(
+        self,
+        index: List[int],
+        params: List[torch.Tensor],
+        keys: List[Optional[str]],
+        steps: Optional[torch.Tensor],
+        done: int,
+        inference: bool,
+        state: Any,
+    ):
+        self.index = index  # position of each param in the group's "params"
+        self.params = params  # the group's params, in bucket order
+        self.keys = keys  # per state array of the table: its state key, None if unused
+        self.steps = steps  # packed step counts, or None
         # state[p]["step"] of each param: 0-d views of steps
         self.step_views = None if steps is None else [state[p]["step"] for p in params]
-        self.done = done        # steps taken so far if the kernel takes step (it gets done + 1)
+        self.done = done  # steps taken so far if the kernel takes step (it gets done + 1)
         self.inference = inference  # some param or state is an inference tensor
         self.distributed = any(map(_is_dtensor, params))
         first = _local(params[0])
-        self.plan = (_ext._cuda.Plan() if first.is_cuda and _ext._cuda is not None else None)
+        self.plan = _ext._cuda.Plan() if first.is_cuda and _ext._cuda is not None else None
         # On the CPU the kernel is handed NumPy views of params and state (the binding reads
         # a NumPy array in a fraction of a torch tensor's time), made once and checked at
         # each step: a param whose data pointer moved (p.data = ...) or a state entry
@@ -180,25 +208,32 @@ class _Bucket:
         self.state_seen: List[Optional[List[torch.Tensor]]] = [None] * len(keys)
         self.state_views: List[Optional[List[Any]]] = [None] * len(keys)
 
-    def kernel_lists(self, states: List[Optional[List[torch.Tensor]]]
-                     ) -> Tuple[List[Any], List[Optional[List[Any]]]]:
+    def kernel_lists(
+        self, states: List[Optional[List[torch.Tensor]]]
+    ) -> Tuple[List[Any], List[Optional[List[Any]]]]:
         """The params and ``states`` as the kernel takes them (see __init__)."""
         if not self.host:
             if self.distributed:
-                return ([_local(p) for p in self.params],
-                        [None if s is None else [_local(t) for t in s] for s in states])
+                return (
+                    [_local(p) for p in self.params],
+                    [None if s is None else [_local(t) for t in s] for s in states],
+                )
             return self.params, states
         ptrs = list(map(_DATA_PTR, self.params))
         if ptrs != self.param_ptrs:
             self.param_ptrs, self.param_views = ptrs, [_host_view(p) for p in self.params]
         for r, tensors in enumerate(states):
             seen = self.state_seen[r]
-            if tensors is not None and (seen is None or len(seen) != len(tensors)
-                                        or not all(map(operator.is_, tensors, seen))):
+            if tensors is not None and (
+                seen is None
+                or len(seen) != len(tensors)
+                or not all(map(operator.is_, tensors, seen))
+            ):
                 self.state_seen[r] = tensors
                 self.state_views[r] = [_host_view(t) for t in tensors]
-        return self.param_views, [None if s is None else v
-                                  for s, v in zip(states, self.state_views)]
+        return self.param_views, [
+            None if s is None else v for s, v in zip(states, self.state_views)
+        ]
 
     def state_lists(self, state: Any) -> Optional[List[Optional[List[torch.Tensor]]]]:
         """The state lists in the kernel's order (None for unused ones), or None when the
@@ -207,7 +242,8 @@ class _Bucket:
             entries = list(map(state.__getitem__, self.params))
             lists = [None if key is None else [e[key] for e in entries] for key in self.keys]
             if self.step_views is not None and not all(
-                    map(operator.is_, [e["step"] for e in entries], self.step_views)):
+                map(operator.is_, [e["step"] for e in entries], self.step_views)
+            ):
                 return None
         except KeyError:
             return None
@@ -219,16 +255,23 @@ class _GroupCache:
 
     __slots__ = ("params", "has_grad", "state", "roles", "buckets", "whole")
 
-    def __init__(self, params: List[torch.Tensor], has_grad: List[bool], state: Any,
-                 roles: Tuple[bool, ...], buckets: List[_Bucket]):
+    def __init__(
+        self,
+        params: List[torch.Tensor],
+        has_grad: List[bool],
+        state: Any,
+        roles: Tuple[bool, ...],
+        buckets: List[_Bucket],
+    ):
         self.params = params
         self.has_grad = has_grad
         self.state = state
         self.roles = roles
         self.buckets = buckets
         # One bucket holding every param in group order: the grads list is used as it is.
-        self.whole = (len(buckets) == 1 and all(has_grad)
-                      and buckets[0].index == list(range(len(params))))
+        self.whole = (
+            len(buckets) == 1 and all(has_grad) and buckets[0].index == list(range(len(params)))
+        )
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -241,11 +284,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Any, defaults: Dict[str, Any]):
         if defaults.get("capturable"):
-            raise ValueError("capturable: fastopt.torch steps cannot be captured in a CUDA "
-                             "graph (the kernels take lr and the step count from the host)")
+            raise ValueError(
+                "capturable: fastopt.torch steps cannot be captured in a CUDA "
+                "graph (the kernels take lr and the step count from the host)"
+            )
         if defaults.get("differentiable"):
-            raise ValueError("differentiable: fastopt.torch steps write in place outside "
-                             "autograd; use torch.optim to differentiate through a step")
+            raise ValueError(
+                "differentiable: fastopt.torch steps write in place outside "
+                "autograd; use torch.optim to differentiate through a step"
+            )
         self._checked: Dict[Any, _Checked] = {}
         self._validate_group("", defaults)
         self._lr("", defaults)
@@ -269,9 +316,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         naming ``where`` + its place in the group ("betas[0]")."""
         if group.get("capturable") or group.get("differentiable"):
             key = "capturable" if group.get("capturable") else "differentiable"
-            raise ValueError(f"{where}['{key}']: not supported by fastopt.torch (see the "
-                             "fastopt.torch docstring)" if where else
-                             f"{key}: not supported by fastopt.torch")
+            raise ValueError(
+                f"{where}['{key}']: not supported by fastopt.torch (see the "
+                "fastopt.torch docstring)"
+                if where
+                else f"{key}: not supported by fastopt.torch"
+            )
         hyper = self._group_hyper(group)
         types = tuple(map(type, hyper))
         try:
@@ -324,8 +374,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             out.fill_(value)
         return out
 
-    def _param_state(self, where: str, p: torch.Tensor, group: Dict[str, Any],
-                     used: Tuple[bool, ...]) -> Tuple[Dict[str, Any], bool]:
+    def _param_state(
+        self, where: str, p: torch.Tensor, group: Dict[str, Any], used: Tuple[bool, ...]
+    ) -> Tuple[Dict[str, Any], bool]:
         """``self.state[p]`` with every state array ``used`` needs, made if missing and
         checked against ``p`` (shape, dtype, device; strides made ``p``'s); whether any of
         them was made now (SGD's fresh momentum buffer takes the first-step rule)."""
@@ -343,12 +394,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 state[key] = self._new_state(p, self._initial_value(role.name, group))
                 fresh = True
                 continue
-            if not isinstance(s, torch.Tensor) or s.shape != p.shape or s.dtype != want \
-                    or s.device != p.device:
-                got = (f"{tuple(s.shape)} {s.dtype} on {s.device}"
-                       if isinstance(s, torch.Tensor) else type(s).__name__)
-                raise ValueError(f"state of {where}: '{key}' must be a {tuple(p.shape)} "
-                                 f"{want} tensor on {p.device} like its param, got {got}")
+            if (
+                not isinstance(s, torch.Tensor)
+                or s.shape != p.shape
+                or s.dtype != want
+                or s.device != p.device
+            ):
+                got = (
+                    f"{tuple(s.shape)} {s.dtype} on {s.device}"
+                    if isinstance(s, torch.Tensor)
+                    else type(s).__name__
+                )
+                raise ValueError(
+                    f"state of {where}: '{key}' must be a {tuple(p.shape)} "
+                    f"{want} tensor on {p.device} like its param, got {got}"
+                )
             if _local(s).stride() != _local(p).stride():  # same strides as the param
                 moved = self._new_state(p, 0.0)
                 moved.copy_(s)
@@ -356,8 +416,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return state, fresh
 
     # -- building the buckets ------------------------------------------------------------------
-    def _build(self, index: int, group: Dict[str, Any], grads: List[Optional[torch.Tensor]],
-               used: Tuple[bool, ...]) -> _GroupCache:
+    def _build(
+        self,
+        index: int,
+        group: Dict[str, Any],
+        grads: List[Optional[torch.Tensor]],
+        used: Tuple[bool, ...],
+    ) -> _GroupCache:
         where = f"param_groups[{index}]"
         params = group["params"]
         keys: Dict[Tuple[Any, ...], List[int]] = defaultdict(list)
@@ -371,42 +436,54 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if self._tracks_step:
                 done = float(state["step"])
                 if done != int(done) or done < 0:
-                    raise ValueError(f"state of {name}: 'step' must be a whole number >= 0, "
-                                     f"got {done}")
+                    raise ValueError(
+                        f"state of {name}: 'step' must be a whole number >= 0, got {done}"
+                    )
                 done = int(done)
             else:  # SGD: the first step (buffer <- grad) when the buffer is new
                 done = 0 if fresh else 1
             taken[i] = done
             keys[(p.device, p.dtype, done if self._spec.takes_step else None)].append(i)
-        state_keys = [STATE_KEYS[role.name] if use else None
-                      for role, use in zip(self._spec.states, used)]
+        state_keys = [
+            STATE_KEYS[role.name] if use else None for role, use in zip(self._spec.states, used)
+        ]
         buckets = []
         for (_, _, done), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
-            inference = any(p.is_inference() or any(
-                self.state[p][k].is_inference() for k in state_keys if k is not None)
-                for p in bucket_params)
+            inference = any(
+                p.is_inference()
+                or any(self.state[p][k].is_inference() for k in state_keys if k is not None)
+                for p in bucket_params
+            )
             steps = None
             if self._tracks_step:
                 first = self.state[bucket_params[0]]["step"]
                 steps = torch.tensor([float(taken[i]) for i in index_list], dtype=first.dtype)
                 for p, view in zip(bucket_params, steps.unbind()):
                     self.state[p]["step"] = view
-            buckets.append(_Bucket(index_list, bucket_params, state_keys, steps, done or 0,
-                                   inference, self.state))
+            buckets.append(
+                _Bucket(
+                    index_list, bucket_params, state_keys, steps, done or 0, inference, self.state
+                )
+            )
         return _GroupCache(params, [g is not None for g in grads], self.state, used, buckets)
 
     @staticmethod
     def _check_param(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
         if p.dtype not in _SUPPORTED:
-            raise TypeError(f"{name}: dtype {p.dtype} is not supported (float32, float64, "
-                            "float16, bfloat16)")
+            raise TypeError(
+                f"{name}: dtype {p.dtype} is not supported (float32, float64, float16, bfloat16)"
+            )
         if g.layout != torch.strided:
-            raise TypeError(f"{name}.grad: {g.layout} gradients are not supported (fastopt "
-                            "steps dense tensors; torch.optim.SparseAdam takes sparse ones)")
+            raise TypeError(
+                f"{name}.grad: {g.layout} gradients are not supported (fastopt "
+                "steps dense tensors; torch.optim.SparseAdam takes sparse ones)"
+            )
         if not _dense(_local(p)):
-            raise ValueError(f"{name}: has gaps in its storage (a strided view such as a "
-                             "slice); fastopt steps dense tensors: make it contiguous")
+            raise ValueError(
+                f"{name}: has gaps in its storage (a strided view such as a "
+                "slice); fastopt steps dense tensors: make it contiguous"
+            )
 
     # -- stepping ------------------------------------------------------------------------------
     @_use_grad_for_differentiable
@@ -437,26 +514,47 @@ class _FusedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         cache = self._caches.get(index)
         lists = None
-        if (cache is not None and cache.params is params and cache.state is self.state
-                and len(cache.has_grad) == len(params)
-                and cache.has_grad == [g is not None for g in grads] and cache.roles == used):
+        if (
+            cache is not None
+            and cache.params is params
+            and cache.state is self.state
+            and len(cache.has_grad) == len(params)
+            and cache.has_grad == [g is not None for g in grads]
+            and cache.roles == used
+        ):
             lists = [b.state_lists(self.state) for b in cache.buckets]
         if cache is None or lists is None or None in lists:
             cache = self._caches[index] = self._build(index, group, grads, used)
             lists = [b.state_lists(self.state) for b in cache.buckets]
         for bucket, states in zip(cache.buckets, lists):
             assert states is not None  # the state of a bucket just built
-            self._run(where, bucket, grads if cache.whole else [grads[i] for i in bucket.index],
-                      states, kw, lr, grad_scale)
+            self._run(
+                where,
+                bucket,
+                grads if cache.whole else [grads[i] for i in bucket.index],
+                states,
+                kw,
+                lr,
+                grad_scale,
+            )
 
-    def _run(self, where: str, bucket: _Bucket, grads: List[torch.Tensor],
-             states: List[Optional[List[torch.Tensor]]], kw: Dict[str, Any], lr: float,
-             grad_scale: float) -> None:
+    def _run(
+        self,
+        where: str,
+        bucket: _Bucket,
+        grads: List[torch.Tensor],
+        states: List[Optional[List[torch.Tensor]]],
+        kw: Dict[str, Any],
+        lr: float,
+        grad_scale: float,
+    ) -> None:
         if bucket.inference and not torch.is_inference_mode_enabled():
-            raise RuntimeError("Inplace update to inference tensor outside InferenceMode is "
-                               "not allowed.You can make a clone to get a normal tensor before "
-                               "doing inplace update.See https://github.com/pytorch/rfcs/pull/17"
-                               " for more details.")
+            raise RuntimeError(
+                "Inplace update to inference tensor outside InferenceMode is "
+                "not allowed.You can make a clone to get a normal tensor before "
+                "doing inplace update.See https://github.com/pytorch/rfcs/pull/17"
+                " for more details."
+            )
         written = bucket.params + [t for s in states if s is not None for t in s]
         params, states = bucket.kernel_lists(states)
         if bucket.distributed:
@@ -483,8 +581,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             bucket.steps.add_(1)
 
     @staticmethod
-    def _relayout_grads(params: List[torch.Tensor],
-                        grads: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+    def _relayout_grads(
+        params: List[torch.Tensor], grads: List[torch.Tensor]
+    ) -> Optional[List[torch.Tensor]]:
         """After the kernel refused a call (it writes nothing then): the grads with those
         whose strides differ from their param's copied to the param's strides, for a second
         try; None if there are none."""
@@ -492,8 +591,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         changed = False
         for k, (p, g) in enumerate(zip(params, grads)):
             if g.layout == torch.strided and g.shape == p.shape and g.stride() != p.stride():
-                relaid[k] = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype,
-                                                device=g.device)
+                relaid[k] = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device)
                 relaid[k].copy_(g)
                 changed = True
         return relaid if changed else None
@@ -501,12 +599,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _named(where: str, bucket: _Bucket, exc: Exception) -> Exception:
         """The kernel's error with its list positions ("grads[3]") as the group's params."""
+
         def name(m: re.Match[str]) -> str:
             role, k = m.group(1), int(m.group(2))
             if k >= len(bucket.index):
                 return m.group(0)
             place = f"{where}['params'][{bucket.index[k]}]"
             return place if role == "params" else f"{place} ({role})"
+
         return type(exc)(re.sub(r"\b([a-z_]+)\[(\d+)\]", name, str(exc)))
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -531,14 +631,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 continue
             for key, value in entry.items():
                 if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32,
-                                                  copy=True)
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
 
 def _pair(name: str, betas: Any) -> Tuple[Any, Any]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"{name}: expected a pair (beta1, beta2), got {betas!r}")
-    return tuple(betas)  # type: ignore[return-value]
+    return tuple(betas)
 
 
 class SGD(_FusedOptimizer):
@@ -550,13 +649,33 @@ class SGD(_FusedOptimizer):
     _spec = OPTIMIZERS["sgd"]
     _tracks_step = False
 
-    def __init__(self, params: Any, lr: Any = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
-                 maximize: bool = False, foreach: Optional[bool] = None,
-                 differentiable: bool = False, fused: Optional[bool] = None, l1: float = 0.0):
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                        foreach=foreach, differentiable=differentiable, fused=fused, l1=l1)
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        l1: float = 0.0,
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+            l1=l1,
+        )
         super().__init__(params, defaults)
 
 
@@ -568,14 +687,34 @@ class Adagrad(_FusedOptimizer):
 
     _spec = OPTIMIZERS["adagrad"]
 
-    def __init__(self, params: Any, lr: Any = 1e-2, lr_decay: float = 0.0,
-                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                 eps: float = 1e-10, foreach: Optional[bool] = None, *, maximize: bool = False,
-                 differentiable: bool = False, fused: Optional[bool] = None, l1: float = 0.0):
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        foreach: Optional[bool] = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        l1: float = 0.0,
+    ):
         real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
-        defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
-                        initial_accumulator_value=initial_accumulator_value, foreach=foreach,
-                        maximize=maximize, differentiable=differentiable, fused=fused, l1=l1)
+        defaults = dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            eps=eps,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+            l1=l1,
+        )
         super().__init__(params, defaults)
         for index, group in enumerate(self.param_groups):
             used = self._validate_group(f"param_groups[{index}]", group).used
@@ -594,13 +733,35 @@ class RMSprop(_FusedOptimizer):
 
     _spec = OPTIMIZERS["rmsprop"]
 
-    def __init__(self, params: Any, lr: Any = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
-                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
-                 capturable: bool = False, foreach: Optional[bool] = None,
-                 maximize: bool = False, differentiable: bool = False, *, l1: float = 0.0):
-        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                        momentum=momentum, centered=centered, capturable=capturable,
-                        foreach=foreach, maximize=maximize, differentiable=differentiable, l1=l1)
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        l1: float = 0.0,
+    ):
+        defaults = dict(
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            centered=centered,
+            capturable=capturable,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            l1=l1,
+        )
         super().__init__(params, defaults)
 
 
@@ -612,16 +773,37 @@ class Adam(_FusedOptimizer):
 
     _spec = OPTIMIZERS["adam"]
 
-    def __init__(self, params: Any, lr: Any = 1e-3, betas: Tuple[Any, Any] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
-                 foreach: Optional[bool] = None, maximize: bool = False,
-                 capturable: bool = False, differentiable: bool = False,
-                 fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
-                 l1: float = 0.0):
-        defaults = dict(lr=lr, betas=_pair("betas", betas), eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize, foreach=foreach,
-                        capturable=capturable, differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay, l1=l1)
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-3,
+        betas: Tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = False,
+        l1: float = 0.0,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=_pair("betas", betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            l1=l1,
+        )
         super().__init__(params, defaults)
 
 
@@ -629,15 +811,37 @@ class AdamW(Adam):
     """``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2); as torch's,
     its groups always say ``decoupled_weight_decay=True``, loaded checkpoints included."""
 
-    def __init__(self, params: Any, lr: Any = 1e-3, betas: Tuple[Any, Any] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, foreach: Optional[bool] = None,
-                 capturable: bool = False, differentiable: bool = False,
-                 fused: Optional[bool] = None, l1: float = 0.0):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
-                         maximize=maximize, capturable=capturable,
-                         differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, l1=l1)
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-3,
+        betas: Tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        l1: float = 0.0,
+    ):
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            l1=l1,
+        )
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -653,13 +857,31 @@ class Lion(_FusedOptimizer):
     _spec = OPTIMIZERS["lion"]
     _tracks_step = False
 
-    def __init__(self, params: Any, lr: Any = 1e-4, betas: Tuple[Any, Any] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, maximize: bool = False,
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None,
-                 capturable: bool = False, differentiable: bool = False, l1: float = 0.0):
-        defaults = dict(lr=lr, betas=_pair("betas", betas), weight_decay=weight_decay,
-                        maximize=maximize, foreach=foreach, fused=fused,
-                        capturable=capturable, differentiable=differentiable, l1=l1)
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-4,
+        betas: Tuple[Any, Any] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        l1: float = 0.0,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=_pair("betas", betas),
+            weight_decay=weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            capturable=capturable,
+            differentiable=differentiable,
+            l1=l1,
+        )
         super().__init__(params, defaults)
 
 
@@ -672,22 +894,48 @@ class Sophia(_FusedOptimizer):
 
     _spec = OPTIMIZERS["sophia"]
 
-    def __init__(self, params: Any, lr: Any = 1e-4, betas: Tuple[Any, Any] = (0.965, 0.99),
-                 rho: float = 0.04, weight_decay: float = 0.1, *, eps: float = 1e-15,
-                 maximize: bool = False, foreach: Optional[bool] = None,
-                 fused: Optional[bool] = None, capturable: bool = False,
-                 differentiable: bool = False, l1: float = 0.0):
-        defaults = dict(lr=lr, betas=_pair("betas", betas), rho=rho, weight_decay=weight_decay,
-                        eps=eps, maximize=maximize, foreach=foreach, fused=fused,
-                        capturable=capturable, differentiable=differentiable, l1=l1)
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-4,
+        betas: Tuple[Any, Any] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        *,
+        eps: float = 1e-15,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        l1: float = 0.0,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=_pair("betas", betas),
+            rho=rho,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+            capturable=capturable,
+            differentiable=differentiable,
+            l1=l1,
+        )
         self._hessian_beta("", defaults)
         super().__init__(params, defaults)
 
     @staticmethod
     def _hessian_beta(where: str, group: Dict[str, Any]) -> float:
         """betas[1], the Hessian EMA's (not in fastopt's table: the step does not use it)."""
-        return real(f"{where}['betas'][1]" if where else "betas[1]",
-                    _host_float(group["betas"][1]), lo=0.0, hi=1.0, hi_open=True)
+        return real(
+            f"{where}['betas'][1]" if where else "betas[1]",
+            _host_float(group["betas"][1]),
+            lo=0.0,
+            hi=1.0,
+            hi_open=True,
+        )
 
     @torch.no_grad()
     def update_hessian(self) -> None:
@@ -714,5 +962,12 @@ class Sophia(_FusedOptimizer):
 
 
 # The class of each optimizer of fastopt's table, by its name there.
-CLASSES: Dict[str, type] = {"sgd": SGD, "adagrad": Adagrad, "rmsprop": RMSprop, "adam": Adam,
-                            "adamw": AdamW, "lion": Lion, "sophia": Sophia}
+CLASSES: Dict[str, type] = {
+    "sgd": SGD,
+    "adagrad": Adagrad,
+    "rmsprop": RMSprop,
+    "adam": Adam,
+    "adamw": AdamW,
+    "lion": Lion,
+    "sophia": Sophia,
+}

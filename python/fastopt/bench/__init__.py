@@ -22,6 +22,7 @@ would (eager, and ``torch.compile`` of it where it compiles in time),
 ``cholesky_solve`` and ``cupy.linalg.solve``. The ceiling is a large device-to-device
 copy (read + write); each case's target is marked met or NOT MET under the table.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,7 @@ import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _ext, _runtime
-from .common import (OPTIMIZERS, Row, _cases, _import_torch, _print_rows, _row_json,
-                     _run_cases)
+from .common import OPTIMIZERS, Row, _cases, _import_torch, _print_rows, _row_json, _run_cases
 from .cpu import CpuBench
 from .gpu import DeviceArrays, _device_arrays, _run_gpu
 
@@ -47,6 +47,7 @@ def _machine(cuda: Dict[str, Any]) -> Dict[str, Any]:
     facts["cuda"] = cuda
     return facts
 
+
 def _plot(panels: List[Tuple[str, List[Row], float]], path: str) -> None:
     """One bar chart per device: % of that device's ceiling per case and implementation."""
     import matplotlib
@@ -59,8 +60,9 @@ def _plot(panels: List[Tuple[str, List[Row], float]], path: str) -> None:
     if not panels:
         raise ValueError("no row passed its check")
     widest = max(len(ok) for _, ok, _ in panels)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * widest), 4 * len(panels)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(6, 1.2 * widest), 4 * len(panels)), squeeze=False
+    )
     for ax, (title, ok, ceiling_gbs) in zip(axes[:, 0], panels):
         impls = sorted({k for r in ok for k in r.times_ms}, key=lambda k: (k != "fastopt", k))
         width = 0.8 / max(1, len(impls))
@@ -78,14 +80,14 @@ def _plot(panels: List[Tuple[str, List[Row], float]], path: str) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
 def run(argv_options: Any) -> int:
     """Entry point of ``python -m fastopt bench`` (options parsed in __main__)."""
     only = set(argv_options.only.split(",")) if argv_options.only else None
     known = set(OPTIMIZERS) | {"newton", "quant"}
     unknown = (only or set()) - known
     if unknown:
-        print(f"--only: unknown case(s) {sorted(unknown)}; known: {sorted(known)}",
-              file=sys.stderr)
+        print(f"--only: unknown case(s) {sorted(unknown)}; known: {sorted(known)}", file=sys.stderr)
         return 2
     # Progress on stderr: in a terminal on one line, rewritten; elsewhere a line per case
     # for a full run (minutes) or with --progress.
@@ -119,21 +121,32 @@ def run(argv_options: Any) -> int:
         result["ceiling_cpu"] = ceiling
         cpu_rows = _run_cases(_cases(bench, names, only), "cpu", progress, overwrite)
         m = result["machine"]
-        print(f"CPU: {m['cpu_model']}, {m['num_threads']} threads, path {m['cpu_path']}; "
-              f"numpy {m['numpy']}, torch {m['torch']}")
-        print(f"ceiling (in-place a += b, {ceiling['elements']} float32, all threads): "
-              f"{ceiling['gbs']:.1f} GB/s")
+        print(
+            f"CPU: {m['cpu_model']}, {m['num_threads']} threads, path {m['cpu_path']}; "
+            f"numpy {m['numpy']}, torch {m['torch']}"
+        )
+        print(
+            f"ceiling (in-place a += b, {ceiling['elements']} float32, all threads): "
+            f"{ceiling['gbs']:.1f} GB/s"
+        )
         _print_rows(cpu_rows, ceiling["gbs"])
         result["cases"] = [_row_json(r, ceiling["gbs"]) for r in cpu_rows]
         rows += cpu_rows
-        panels.append((f"CPU: {m['cpu_model']}, {m['num_threads']} threads; ceiling "
-                       f"{ceiling['gbs']:.1f} GB/s (in-place a += b)", cpu_rows, ceiling["gbs"]))
+        panels.append(
+            (
+                f"CPU: {m['cpu_model']}, {m['num_threads']} threads; ceiling "
+                f"{ceiling['gbs']:.1f} GB/s (in-place a += b)",
+                cpu_rows,
+                ceiling["gbs"],
+            )
+        )
     if gpu_arrays is not None:
         if "cpu" in devices:
             print()
         try:
-            gpu_rows, gpu_gbs = _run_gpu(gpu_arrays, names, only, argv_options.quick, progress,
-                                         overwrite, cuda, result)
+            gpu_rows, gpu_gbs = _run_gpu(
+                gpu_arrays, names, only, argv_options.quick, progress, overwrite, cuda, result
+            )
         except Exception as exc:  # the ceiling or the setup: no GPU row can be trusted
             traceback.print_exc()
             why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
@@ -143,8 +156,14 @@ def run(argv_options: Any) -> int:
         else:
             result.setdefault("cases", []).extend(_row_json(r, gpu_gbs) for r in gpu_rows)
             rows += gpu_rows
-            panels.append((f"GPU: {result['gpu']['device']}; ceiling {gpu_gbs:.0f} GB/s "
-                           "(device-to-device copy)", gpu_rows, gpu_gbs))
+            panels.append(
+                (
+                    f"GPU: {result['gpu']['device']}; ceiling {gpu_gbs:.0f} GB/s "
+                    "(device-to-device copy)",
+                    gpu_rows,
+                    gpu_gbs,
+                )
+            )
     if argv_options.plot and panels:
         try:
             _plot(panels, argv_options.plot)

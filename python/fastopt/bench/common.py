@@ -1,5 +1,6 @@
 """Shared by the CPU and GPU benchmarks: the cases and their sizes, a result row, clocks,
 medians over alternating blocks, the peers' helpers, running the cases and the table."""
+
 from __future__ import annotations
 
 import functools
@@ -9,8 +10,18 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Type,
-                    TypeVar)
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+)
 
 import numpy as np
 
@@ -28,8 +39,20 @@ if TYPE_CHECKING:
 def gpt2_small_shapes() -> List[Tuple[int, ...]]:
     shapes: List[Tuple[int, ...]] = [(50257, 768), (1024, 768)]
     for _ in range(12):
-        shapes += [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,),
-                   (768,), (768,), (768, 3072), (3072,), (3072, 768), (768,)]
+        shapes += [
+            (768,),
+            (768,),
+            (768, 2304),
+            (2304,),
+            (768, 768),
+            (768,),
+            (768,),
+            (768,),
+            (768, 3072),
+            (3072,),
+            (3072, 768),
+            (768,),
+        ]
     return shapes + [(768,), (768,)]
 
 
@@ -38,9 +61,10 @@ class OptimizerCase:
     """How to run one optimizer in every implementation: the table's spec, the class's
     keywords for this case (``hyper``, also given to torch.optim, whose names they share)
     and the torch.optim modes torch has for it on the CPU and on CUDA."""
+
     spec: OptimizerSpec
     hyper: Dict[str, Any]
-    torch_modes: Sequence[str] = ()       # "fused", "foreach" (CPU)
+    torch_modes: Sequence[str] = ()  # "fused", "foreach" (CPU)
     cuda_torch_modes: Sequence[str] = ()
 
     @property
@@ -102,13 +126,14 @@ _CASES = {
 }
 OPTIMIZERS: Dict[str, OptimizerCase] = {
     name: OptimizerCase(SPECS[name], *_CASES.get(name, (dict(SPECS[name].example), (), ())))
-    for name in [*_CASES, *(n for n in SPECS if n not in _CASES and n != "adam")]}
+    for name in [*_CASES, *(n for n in SPECS if n not in _CASES and n != "adam")]
+}
 
 # int8 quantization cases: name -> bytes per element counted (each operand once).
 QUANT_CASES = {
-    "blockwise-256 quantize": 5,      # read 4 B, write 1 B (+4 B per 256-element block)
-    "blockwise-256 dequantize": 5,    # read 1 B, write 4 B
-    "per-tensor quantize": 5,         # given scale and zero point
+    "blockwise-256 quantize": 5,  # read 4 B, write 1 B (+4 B per 256-element block)
+    "blockwise-256 dequantize": 5,  # read 1 B, write 4 B
+    "per-tensor quantize": 5,  # given scale and zero point
     "dynamic per-tensor quantize": 9,  # min/max pass (4 B) + quantize pass (4 B + 1 B)
 }
 
@@ -123,10 +148,10 @@ class Row:
     bytes_per_element: int
     elements: int
     tensors: int
-    check: str = "ok"                               # "ok", "FAIL: ..." or "ERROR: ..."
+    check: str = "ok"  # "ok", "FAIL: ..." or "ERROR: ..."
     times_ms: Dict[str, float] = field(default_factory=dict)
     notes: Dict[str, str] = field(default_factory=dict)  # peer -> why it did not run
-    remarks: List[str] = field(default_factory=list)     # about the row itself (sizing, parity)
+    remarks: List[str] = field(default_factory=list)  # about the row itself (sizing, parity)
 
     def pct_of_ceiling(self, impl: str, ceiling_gbs: float) -> float:
         gbs = self.bytes_per_element * self.elements / (self.times_ms[impl] * 1e-3) / 1e9
@@ -143,6 +168,7 @@ R = TypeVar("R", bound=Row)
 
 
 # ---- timing ---------------------------------------------------------------------------------
+
 
 class WallClock:
     """Host timing, each call on its own: CPU kernels have finished when they return."""
@@ -163,19 +189,27 @@ class WallClock:
         return samples
 
 
-def _median_times(fns: Dict[str, Callable[[], None]], repeats: int, rounds: int = 3,
-                  budget_s: float = 4.0, clock: Any = WallClock()) -> Dict[str, float]:
+def _median_times(
+    fns: Dict[str, Callable[[], None]],
+    repeats: int,
+    rounds: int = 3,
+    budget_s: float = 4.0,
+    clock: Any = None,
+) -> Dict[str, float]:
     """Median ms per call. Each implementation runs in blocks, alternating between
     implementations for `rounds` rounds; a short pause between blocks lets the previous
     library's spinning worker threads go to sleep before the next is timed. A slow
     implementation gets fewer repeats (at least `rounds`) so that it spends about
-    `budget_s` seconds. `clock` gives one sample per call (WallClock) or one per block
-    (EventClock)."""
+    `budget_s` seconds. `clock` gives one sample per call (WallClock, the default) or one
+    per block (EventClock)."""
+    clock = WallClock() if clock is None else clock
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     per_round: Dict[str, int] = {}
     for name, fn in fns.items():
         once = clock.warm(fn)
-        per_round[name] = max(1, min(math.ceil(repeats / rounds), int(budget_s / rounds / max(once, 1e-9))))
+        per_round[name] = max(
+            1, min(math.ceil(repeats / rounds), int(budget_s / rounds / max(once, 1e-9)))
+        )
     for _ in range(rounds):
         for name, fn in fns.items():
             time.sleep(0.02)
@@ -185,7 +219,8 @@ def _median_times(fns: Dict[str, Callable[[], None]], repeats: int, rounds: int 
 
 def _import_torch():
     try:
-        import torch  # noqa: F401
+        import torch
+
         return torch
     except Exception:  # not installed, or broken install: reported as "not installed"
         return None
@@ -193,15 +228,22 @@ def _import_torch():
 
 def _import_cupy():
     try:
-        import cupy  # noqa: F401
+        import cupy
+
         return cupy
     except Exception:  # not installed, or no usable CUDA for it: "not installed"
         return None
 
 
-def _add_torch_peers(torch: Any, spec: OptimizerCase, modes: Sequence[str],
-                     make_params: Callable[[], List[Any]], make_grads: Callable[[], List[Any]],
-                     fns, row: Row) -> None:
+def _add_torch_peers(
+    torch: Any,
+    spec: OptimizerCase,
+    modes: Sequence[str],
+    make_params: Callable[[], List[Any]],
+    make_grads: Callable[[], List[Any]],
+    fns,
+    row: Row,
+) -> None:
     """torch.optim in each mode on its own copy of the params (``make_params()``), stepped
     with ``p.grad`` set once to ``make_grads()`` (torch tensors, read only); and the same
     for fastopt.torch (see torch_rows)."""
@@ -219,8 +261,9 @@ def _add_torch_peers(torch: Any, spec: OptimizerCase, modes: Sequence[str],
         for tp, g in zip(tparams, grads):
             tp.grad = g
         try:
-            topt = getattr(torch.optim, spec.torch_name)(tparams, **spec.torch_hyper,
-                                                         **{mode: True})
+            topt = getattr(torch.optim, spec.torch_name)(
+                tparams, **spec.torch_hyper, **{mode: True}
+            )
             topt.step()
         except Exception as exc:  # a torch build without this mode
             row.notes[f"torch-{mode}"] = f"unavailable ({type(exc).__name__})"
@@ -242,9 +285,11 @@ def _quant_call(name: str, x: Any) -> Callable[[], Any]:
         q, absmax = quant.quantize_blockwise(x)
         return lambda: quant.dequantize_blockwise(q, absmax)
     if name.startswith("dynamic"):
+
         def dynamic() -> Any:
             s, z = quant.choose_qparams(x, symmetric=False)
             return s, z, quant.quantize_per_tensor(x, s, z)
+
         return dynamic
     scale, zp = quant.choose_qparams(x, symmetric=False)
     return lambda: quant.quantize_per_tensor(x, scale, zp)
@@ -272,6 +317,7 @@ def _quant_into_call(name: str, x: Any) -> Optional[Callable[[], Any]]:
 def _torch_blockwise(torch: Any) -> Tuple[Callable[[Any], Any], Callable[[Any, Any], Any]]:
     """Blockwise-256 absmax int8 in torch, as a user writes it: quantize(x) -> (q, absmax)
     and dequantize(q, absmax) of fastopt's layout (q flat, one absmax per block)."""
+
     def quantize(x: Any) -> Any:
         blocks = x.reshape(-1, 256)
         absmax = blocks.abs().amax(dim=1, keepdim=True)
@@ -279,19 +325,25 @@ def _torch_blockwise(torch: Any) -> Tuple[Callable[[Any], Any], Callable[[Any, A
 
     def dequantize(q: Any, absmax: Any) -> Any:
         return q.view(-1, 256).to(torch.float32) * (absmax / 127.0)[:, None]
+
     return quantize, dequantize
 
 
 def _torch_per_tensor_peer(torch: Any, name: str, tx: Any) -> Tuple[str, Callable[[], Any]]:
     """torch's own call for a per-tensor int8 case, on tensor tx: (its name, the call)."""
     import warnings
+
     warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
     if name.startswith("dynamic"):
-        return ("torch.quantize_per_tensor_dynamic",
-                lambda: torch.quantize_per_tensor_dynamic(tx, torch.qint8, False))
+        return (
+            "torch.quantize_per_tensor_dynamic",
+            lambda: torch.quantize_per_tensor_dynamic(tx, torch.qint8, False),
+        )
     scale, zp = quant.choose_qparams(tx, symmetric=False)
-    return ("torch.quantize_per_tensor",
-            lambda: torch.quantize_per_tensor(tx, scale, zp, torch.qint8))
+    return (
+        "torch.quantize_per_tensor",
+        lambda: torch.quantize_per_tensor(tx, scale, zp, torch.qint8),
+    )
 
 
 def _newton_row(n: int, systems: int, device: str, row_type: Type[R]) -> R:
@@ -299,8 +351,9 @@ def _newton_row(n: int, systems: int, device: str, row_type: Type[R]) -> R:
     return row_type(f"newton n={n} x{systems}", device, 4 * (n * n + 3 * n), systems, 1)
 
 
-def _spd_systems(rng: np.random.Generator, n: int, systems: int
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _spd_systems(
+    rng: np.random.Generator, n: int, systems: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 (H, g, p) of `systems` well-conditioned SPD systems (H = A A^T / n + I)."""
     A = rng.standard_normal((systems, n, n), dtype=np.float32)
     H = A @ np.swapaxes(A, -1, -2) / n + np.eye(n, dtype=np.float32)
@@ -323,27 +376,38 @@ def _newton_failure(got: np.ndarray, want: np.ndarray) -> Optional[str]:
 
 def _torch_solvers(torch: Any, tH: Any, tg: Any) -> Dict[str, Callable[[], Any]]:
     """The batched solves of torch, on tensors H (..., n, n) and g (..., n, 1)."""
-    return {"torch.linalg.solve": lambda: torch.linalg.solve(tH, tg),
-            "torch cholesky+solve": lambda: torch.cholesky_solve(tg, torch.linalg.cholesky(tH))}
+    return {
+        "torch.linalg.solve": lambda: torch.linalg.solve(tH, tg),
+        "torch cholesky+solve": lambda: torch.cholesky_solve(tg, torch.linalg.cholesky(tH)),
+    }
 
 
-def _cases(bench: Any, names: List[str],
-           only: Optional[set]) -> List[Tuple[str, Callable[[], Row]]]:
+def _cases(
+    bench: Any, names: List[str], only: Optional[set]
+) -> List[Tuple[str, Callable[[], Row]]]:
     """The selected cases of a CpuBench or GpuBench: optimizers `names` on every layout,
     then int8 and Newton unless `only` leaves them out."""
     cases: List[Tuple[str, Callable[[], Row]]] = [
         (f"{n} {lay}", functools.partial(bench.optimizer_case, OPTIMIZERS[n], lay, shapes))
-        for n in names for lay, shapes in bench.layouts()]
+        for n in names
+        for lay, shapes in bench.layouts()
+    ]
     if only is None or "quant" in only:
         cases += [(f"int8 {q}", functools.partial(bench.quant_case, q)) for q in QUANT_CASES]
     if only is None or "newton" in only:
-        cases += [(f"newton n={n}", functools.partial(bench.newton_case, n, b))
-                  for n, b in NEWTON_CASES]
+        cases += [
+            (f"newton n={n}", functools.partial(bench.newton_case, n, b)) for n, b in NEWTON_CASES
+        ]
     return cases
 
 
-def _run_cases(cases: List[Tuple[str, Callable[[], Row]]], device: str,
-               progress: Callable[[str], None], end_line: bool, prefix: str = "") -> List[Row]:
+def _run_cases(
+    cases: List[Tuple[str, Callable[[], Row]]],
+    device: str,
+    progress: Callable[[str], None],
+    end_line: bool,
+    prefix: str = "",
+) -> List[Row]:
     """Runs every case, saying which through ``progress``; one that raises becomes an ERROR
     row (traceback on stderr) so that the others still run. ``end_line``: progress was
     written on one line (a terminal), which then needs ending."""
@@ -368,8 +432,14 @@ def _format_table(rows: List[Row], ceiling_gbs: float) -> str:
         for k in r.times_ms:
             if k not in impls:
                 impls.append(k)
-    header = ["case", "B/el", *[f"{k} ms" for k in impls], "fastopt %ceil", "best peer %ceil",
-              "speedup"]
+    header = [
+        "case",
+        "B/el",
+        *[f"{k} ms" for k in impls],
+        "fastopt %ceil",
+        "best peer %ceil",
+        "speedup",
+    ]
     lines = [header]
     for r in rows:
         if r.check != "ok":
@@ -378,11 +448,16 @@ def _format_table(rows: List[Row], ceiling_gbs: float) -> str:
         peers = {k: t for k, t in r.times_ms.items() if not k.startswith("fastopt")}
         best = min(peers, key=peers.__getitem__) if peers else None
         sp = r.speedup_vs_best_peer()
-        lines.append([r.case, str(r.bytes_per_element),
-                      *[f"{r.times_ms[k]:.3f}" if k in r.times_ms else "-" for k in impls],
-                      f"{r.pct_of_ceiling('fastopt', ceiling_gbs):.0f}%",
-                      f"{r.pct_of_ceiling(best, ceiling_gbs):.0f}% ({best})" if best else "-",
-                      f"{sp:.2f}x" if sp else "-"])
+        lines.append(
+            [
+                r.case,
+                str(r.bytes_per_element),
+                *[f"{r.times_ms[k]:.3f}" if k in r.times_ms else "-" for k in impls],
+                f"{r.pct_of_ceiling('fastopt', ceiling_gbs):.0f}%",
+                f"{r.pct_of_ceiling(best, ceiling_gbs):.0f}% ({best})" if best else "-",
+                f"{sp:.2f}x" if sp else "-",
+            ]
+        )
     widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(widths[i]) for i, c in enumerate(line)) for line in lines)
 
@@ -401,20 +476,31 @@ def _print_rows(rows: List[Row], ceiling_gbs: float) -> None:
         for remark in r.remarks:
             print(f"  {r.case}: {remark}")
 
+
 def _row_json(r: Row, ceiling_gbs: float) -> Dict[str, Any]:
     d: Dict[str, Any] = dict(
-        case=r.case, device=r.device, bytes_per_element=r.bytes_per_element,
-        elements=r.elements, tensors=r.tensors, check=r.check, times_ms=r.times_ms,
+        case=r.case,
+        device=r.device,
+        bytes_per_element=r.bytes_per_element,
+        elements=r.elements,
+        tensors=r.tensors,
+        check=r.check,
+        times_ms=r.times_ms,
         pct_of_ceiling={k: r.pct_of_ceiling(k, ceiling_gbs) for k in r.times_ms},
-        speedup_vs_best_peer=r.speedup_vs_best_peer(), notes=r.notes)
+        speedup_vs_best_peer=r.speedup_vs_best_peer(),
+        notes=r.notes,
+    )
     if r.remarks:
         d["remarks"] = r.remarks
     # GPU rows (gpu.GpuRow): parity with the CPU kernels and the case's target.
     bit_identical = getattr(r, "bit_identical", None)
     if bit_identical is not None:
         d["bit_identical_to_cpu"] = bit_identical
-    target: Optional["Target"] = getattr(r, "target", None)
+    target: Optional[Target] = getattr(r, "target", None)
     if target is not None and r.check == "ok" and "fastopt" in r.times_ms:
-        d["target"] = {"target": target.describe(), "achieved": target.achieved(r, ceiling_gbs),
-                       "met": target.met(r, ceiling_gbs)}
+        d["target"] = {
+            "target": target.describe(),
+            "achieved": target.achieved(r, ceiling_gbs),
+            "met": target.met(r, ceiling_gbs),
+        }
     return d

@@ -1,5 +1,6 @@
 """The CPU benchmark: fastopt against the NumPy reference and torch.optim (CPU), and the
 in-place ``a += b`` ceiling."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -7,12 +8,27 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import _runtime, quant, reference
-from ..newton import cholesky_solve, newton_
 from .._ext import _cpu
-from .common import (QUANT_CASES, OptimizerCase, Row, _add_torch_peers, _as_tuple,
-                     _import_torch, _median_times, _newton_failure, _newton_row, _quant_call,
-                     _quant_into_call, _solve64, _spd_systems, _torch_blockwise,
-                     _torch_per_tensor_peer, _torch_solvers, gpt2_small_shapes)
+from ..newton import cholesky_solve, newton_
+from .common import (
+    QUANT_CASES,
+    OptimizerCase,
+    Row,
+    _add_torch_peers,
+    _as_tuple,
+    _import_torch,
+    _median_times,
+    _newton_failure,
+    _newton_row,
+    _quant_call,
+    _quant_into_call,
+    _solve64,
+    _spd_systems,
+    _torch_blockwise,
+    _torch_per_tensor_peer,
+    _torch_solvers,
+    gpt2_small_shapes,
+)
 
 
 class CpuBench:
@@ -31,17 +47,21 @@ class CpuBench:
         a = self.rng.random(n, dtype=np.float32)
         b = self.rng.random(n, dtype=np.float32)
         ms = _median_times({"add": lambda: _cpu.add_inplace(a, b)}, self.repeats * 2)["add"]
-        return {"elements": n, "bytes_per_element": 12, "ms": ms,
-                "gbs": 12 * n / (ms * 1e-3) / 1e9}
+        return {"elements": n, "bytes_per_element": 12, "ms": ms, "gbs": 12 * n / (ms * 1e-3) / 1e9}
 
     # -- optimizer cases ----------------------------------------------------------------
     def layouts(self) -> List[Tuple[str, List[Tuple[int, ...]]]]:
         if self.quick:
             return [("1x2^22", [(1 << 22,)]), ("200x4096", [(4096,)] * 200)]
-        return [("1x2^24", [(1 << 24,)]), ("1000x4096", [(4096,)] * 1000),
-                ("gpt2-small", gpt2_small_shapes())]
+        return [
+            ("1x2^24", [(1 << 24,)]),
+            ("1000x4096", [(4096,)] * 1000),
+            ("gpt2-small", gpt2_small_shapes()),
+        ]
 
-    def optimizer_case(self, spec: OptimizerCase, layout: str, shapes: List[Tuple[int, ...]]) -> Row:
+    def optimizer_case(
+        self, spec: OptimizerCase, layout: str, shapes: List[Tuple[int, ...]]
+    ) -> Row:
         elements = sum(int(np.prod(s)) for s in shapes)
         row = Row(f"{spec.name} {layout}", "cpu", spec.bytes_per_element, elements, len(shapes))
         params = [self.rng.standard_normal(s, dtype=np.float32) for s in shapes]
@@ -70,9 +90,15 @@ class CpuBench:
 
     def add_torch_peers(self, spec: OptimizerCase, params, grads, fns, row: Row) -> None:
         torch = self.torch
-        _add_torch_peers(torch, spec, spec.torch_modes,
-                         lambda: [torch.from_numpy(p.copy()) for p in params],
-                         lambda: [torch.from_numpy(g) for g in grads], fns, row)
+        _add_torch_peers(
+            torch,
+            spec,
+            spec.torch_modes,
+            lambda: [torch.from_numpy(p.copy()) for p in params],
+            lambda: [torch.from_numpy(g) for g in grads],
+            fns,
+            row,
+        )
 
     def newton_case(self, n: int, systems: int) -> Row:
         """float32 batched damped Newton: bytes per system = H (n*n) + g + p read/written."""
@@ -87,8 +113,11 @@ class CpuBench:
         fns: Dict[str, Callable[[], Any]] = {"fastopt": lambda: newton_(p, g, H, lr=1e-3)}
         fns["numpy.linalg.solve"] = lambda: np.linalg.solve(H, g[..., None])
         if self.torch is not None:
-            fns.update(_torch_solvers(self.torch, self.torch.from_numpy(H),
-                                      self.torch.from_numpy(g)[..., None]))
+            fns.update(
+                _torch_solvers(
+                    self.torch, self.torch.from_numpy(H), self.torch.from_numpy(g)[..., None]
+                )
+            )
         else:
             row.notes["torch"] = "not installed"
         row.times_ms = _median_times(fns, self.repeats)
@@ -102,7 +131,7 @@ class CpuBench:
         row = Row(f"int8 {name}", "cpu", QUANT_CASES[name], n, 1)
         x = self.rng.standard_normal(n, dtype=np.float32)
         torch = self.torch
-        tx = torch.from_numpy(x) if torch is not None else None
+        tx: Any = torch.from_numpy(x) if torch is not None else None
         fastopt_call = _quant_call(name, x)
         fns: Dict[str, Callable[[], Any]] = {"fastopt": fastopt_call}
         got = fastopt_call()
@@ -110,11 +139,13 @@ class CpuBench:
             want = reference.quantize_blockwise(x)
             fns["numpy"] = lambda: reference.quantize_blockwise(x)
             if torch is not None:
+
                 def torch_eager():
                     blocks = tx.view(-1, 256)
                     absmax = blocks.abs().amax(dim=1)
                     scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
                     return torch.round(blocks * scale[:, None]).to(torch.int8), absmax
+
                 fns["torch eager"] = torch_eager
         elif name == "blockwise-256 dequantize":
             q, absmax = quant.quantize_blockwise(x)
@@ -136,6 +167,7 @@ class CpuBench:
                 s = np.float32((hi - lo) / 255.0) if dynamic else scale
                 z = int(-128 - round(lo / s)) if dynamic else zp
                 return reference.quantize_affine(x, s, z, -128, 127).astype(np.int8)
+
             fns["numpy"] = numpy_fn
             if torch is not None:
                 peer, fn = _torch_per_tensor_peer(torch, name, tx)
@@ -166,8 +198,7 @@ class CpuBench:
                 kwargs = dict(spec.reference_hyper)
                 if spec.takes_step:
                     kwargs["step"] = t
-                spec.reference_step(p, g.astype(np.float64), *[s[i] for s in ref_states],
-                                    **kwargs)
+                spec.reference_step(p, g.astype(np.float64), *[s[i] for s in ref_states], **kwargs)
         for got, want in zip(ps, ref):
             err = float(np.max(np.abs(got - want), initial=0.0))
             if not np.all(np.isfinite(got)) or err > 1e-5 * (1 + float(np.max(np.abs(want)))):

@@ -1,5 +1,6 @@
 """The GPU benchmark: fastopt on device arrays against torch.optim (CUDA), CuPy, torch's
 quantizers and solvers, and a device-to-device copy; each case's target met or NOT MET."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,28 +18,52 @@ import numpy as np
 
 from .. import _arrays, quant
 from ..newton import cholesky_solve, newton_
-from .common import (QUANT_CASES, OptimizerCase, Row, _add_torch_peers, _as_tuple, _cases,
-                     _import_cupy, _import_torch, _median_times, _newton_failure, _newton_row,
-                     _print_rows, _quant_call, _quant_into_call, _run_cases, _solve64,
-                     _spd_systems, _torch_blockwise, _torch_per_tensor_peer, _torch_solvers,
-                     gpt2_small_shapes)
+from .common import (
+    QUANT_CASES,
+    OptimizerCase,
+    Row,
+    _add_torch_peers,
+    _as_tuple,
+    _cases,
+    _import_cupy,
+    _import_torch,
+    _median_times,
+    _newton_failure,
+    _newton_row,
+    _print_rows,
+    _quant_call,
+    _quant_into_call,
+    _run_cases,
+    _solve64,
+    _spd_systems,
+    _torch_blockwise,
+    _torch_per_tensor_peer,
+    _torch_solvers,
+    gpt2_small_shapes,
+)
+
 
 @dataclass
 class Target:
     """fastopt's target for a GPU case: at least `value`% of the ceiling ("pct"), at most
     `value` ms per step ("ms"), or at least `value` times as fast as the fastest of `peers`
     that ran ("speedup")."""
+
     kind: str
     value: float
     peers: Tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.kind == "speedup":
-            named = (self.peers[0] if len(self.peers) == 1
-                     else f"the fastest of {', '.join(self.peers)}")
+            named = (
+                self.peers[0] if len(self.peers) == 1 else f"the fastest of {', '.join(self.peers)}"
+            )
             return f">= {self.value:g}x as fast as {named}"
-        return (f">= {self.value:g}% of the ceiling" if self.kind == "pct"
-                else f"<= {self.value:g} ms per step")
+        return (
+            f">= {self.value:g}% of the ceiling"
+            if self.kind == "pct"
+            else f"<= {self.value:g} ms per step"
+        )
 
     def fastest_peer(self, row: Row) -> Optional[str]:
         ran = [k for k in self.peers if k in row.times_ms]
@@ -70,6 +95,7 @@ class Target:
 class GpuRow(Row):
     """A row of the GPU bench: also whether fastopt's results equal its CPU kernels' bit
     for bit (None where that is not required) and the case's target, if it has one."""
+
     bit_identical: Optional[bool] = None
     target: Optional[Target] = None
 
@@ -77,9 +103,9 @@ class GpuRow(Row):
 # The GPU peers of the Newton cases (also the peers of their targets).
 NEWTON_GPU_PEERS = ("torch.linalg.solve", "torch cholesky+solve", "cupy.linalg.solve")
 
-# fastopt's GPU targets (stated for the full sizes). Optimizers by name and layout kind: "one" large tensor (2^28), "gpt2-small" (148
-# tensors), "many" (1000 x 4096, through the class); int8 by case (2^28 elements); Newton
-# by n (NEWTON_CASES' systems).
+# fastopt's GPU targets (stated for the full sizes). Optimizers by name and layout kind:
+# "one" large tensor (2^28), "gpt2-small" (148 tensors), "many" (1000 x 4096, through the
+# class); int8 by case (2^28 elements); Newton by n (NEWTON_CASES' systems).
 GPU_TARGETS: Dict[Tuple[str, Any], Target] = {
     ("adamw", "one"): Target("pct", 95),
     ("adamw", "gpt2-small"): Target("pct", 90),
@@ -102,21 +128,28 @@ GPU_TARGETS: Dict[Tuple[str, Any], Target] = {
 # What a CuPy user writes: one ElementwiseKernel (float32 scalars), called once per tensor;
 # (in_params, out_params, operation, name). SGD is the momentum step past the first.
 CUPY_KERNELS = {
-    "adamw": ("T g, float32 lr, float32 beta1, float32 beta2, float32 eps, float32 wd, "
-              "float32 step_size, float32 bc2_sqrt",
-              "T p, T m, T v",
-              "p = p * (1.0f - lr * wd);"
-              "m = beta1 * m + (1.0f - beta1) * g;"
-              "v = beta2 * v + (1.0f - beta2) * g * g;"
-              "p = p - step_size * m / (sqrt(v) / bc2_sqrt + eps);",
-              "fastopt_bench_adamw"),
-    "sgd": ("T g, float32 lr, float32 momentum", "T p, T buf",
-            "buf = momentum * buf + g; p = p - lr * buf;", "fastopt_bench_sgd_momentum"),
+    "adamw": (
+        "T g, float32 lr, float32 beta1, float32 beta2, float32 eps, float32 wd, "
+        "float32 step_size, float32 bc2_sqrt",
+        "T p, T m, T v",
+        "p = p * (1.0f - lr * wd);"
+        "m = beta1 * m + (1.0f - beta1) * g;"
+        "v = beta2 * v + (1.0f - beta2) * g * g;"
+        "p = p - step_size * m / (sqrt(v) / bc2_sqrt + eps);",
+        "fastopt_bench_adamw",
+    ),
+    "sgd": (
+        "T g, float32 lr, float32 momentum",
+        "T p, T buf",
+        "buf = momentum * buf + g; p = p - lr * buf;",
+        "fastopt_bench_sgd_momentum",
+    ),
 }
 
 
-def _cupy_elementwise_step(cupy: Any, spec: OptimizerCase, params: List[Any],
-                           grads: List[Any]) -> Callable[[], None]:
+def _cupy_elementwise_step(
+    cupy: Any, spec: OptimizerCase, params: List[Any], grads: List[Any]
+) -> Callable[[], None]:
     """One optimizer step over CuPy arrays: the CUPY_KERNELS kernel once per tensor, with
     its own zeroed state and step count."""
     kernel = cupy.ElementwiseKernel(*CUPY_KERNELS[spec.name])
@@ -128,8 +161,15 @@ def _cupy_elementwise_step(cupy: Any, spec: OptimizerCase, params: List[Any],
 
         def step() -> None:
             t[0] += 1
-            args = (f32(lr), f32(b1), f32(b2), f32(eps), f32(wd), f32(lr / (1 - b1 ** t[0])),
-                    f32(math.sqrt(1 - b2 ** t[0])))
+            args = (
+                f32(lr),
+                f32(b1),
+                f32(b2),
+                f32(eps),
+                f32(wd),
+                f32(lr / (1 - b1 ** t[0])),
+                f32(math.sqrt(1 - b2 ** t[0])),
+            )
             for p, g, m, v in zip(params, grads, *states):
                 kernel(g, *args, p, m, v)
     else:
@@ -138,14 +178,17 @@ def _cupy_elementwise_step(cupy: Any, spec: OptimizerCase, params: List[Any],
         def step() -> None:
             for p, g, buf in zip(params, grads, *states):
                 kernel(g, *args, p, buf)
+
     return step
+
 
 def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:160]
 
 
-def _try_peer(fns: Dict[str, Callable[[], Any]], row: Row, name: str,
-              make: Callable[[], Callable[[], Any]]) -> None:
+def _try_peer(
+    fns: Dict[str, Callable[[], Any]], row: Row, name: str, make: Callable[[], Callable[[], Any]]
+) -> None:
     """fns[name] = make(), once it has been made and has run once; if either raises, the
     peer is "not available" (row.notes says why)."""
     try:
@@ -172,14 +215,18 @@ def _time_limit(seconds: float):
     """Raises _TimeLimit in the main thread once `seconds` have passed, where SIGALRM exists
     and nothing else uses it (else no limit). The signal is handled between Python
     bytecodes, so a long C call is not cut short, only what follows it."""
-    if not hasattr(signal, "setitimer") or \
-            threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGALRM) is None or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+    if (
+        not hasattr(signal, "setitimer")
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGALRM) is None
+        or signal.getitimer(signal.ITIMER_REAL)[0] > 0
+    ):
         yield
         return
 
     def expire(signum: int, frame: Any) -> None:
         raise _TimeLimit()
+
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -196,8 +243,10 @@ def _identical(got: Any, want: Any) -> bool:
     if len(got) != len(want):
         return False
     for g, w in zip(got, want):
-        a, b = (np.asarray(v if isinstance(v, (np.ndarray, numbers.Number)) else _host_copy(v))
-                for v in (g, w))
+        a, b = (
+            np.asarray(v if isinstance(v, (np.ndarray, numbers.Number)) else _host_copy(v))
+            for v in (g, w)
+        )
         if a.dtype != b.dtype or a.shape != b.shape or not np.array_equal(a, b):
             return False
         if a.dtype.kind == "f" and not np.array_equal(np.signbit(a), np.signbit(b)):
@@ -210,7 +259,7 @@ class EventClock:
     arrays' stream, as one sample of (elapsed / n). Host-side launch cost is included
     wherever the GPU has to wait for it (small tensors), as a user would see it."""
 
-    def __init__(self, arrays: "DeviceArrays"):
+    def __init__(self, arrays: DeviceArrays):
         self.arrays = arrays
 
     def warm(self, fn: Callable[[], Any]) -> float:
@@ -241,7 +290,7 @@ class _HostEvent:
     def synchronize(self) -> None:
         pass
 
-    def elapsed_time(self, end: "_HostEvent") -> float:
+    def elapsed_time(self, end: _HostEvent) -> float:
         return (end.t - self.t) * 1e3
 
 
@@ -249,6 +298,7 @@ class DeviceArrays:
     """The library the GPU bench allocates float32 arrays with, on one device: random and
     empty arrays, host <-> device copies, a device-to-device copy (the ceiling), events and
     free memory."""
+
     name = ""
     version = ""
     on_gpu = True
@@ -283,6 +333,7 @@ class DeviceArrays:
 
 class TorchArrays(DeviceArrays):
     """PyTorch tensors on `device` ("cuda"; "cpu" only as the tests' stand-in GPU)."""
+
     name = "torch"
 
     def __init__(self, torch: Any, device: str = "cuda"):
@@ -294,8 +345,9 @@ class TorchArrays(DeviceArrays):
         self.generator.manual_seed(0)
 
     def standard_normal(self, shape: Tuple[int, ...]) -> Any:
-        return self.torch.randn(tuple(shape), generator=self.generator, dtype=self.torch.float32,
-                                device=self.device)
+        return self.torch.randn(
+            tuple(shape), generator=self.generator, dtype=self.torch.float32, device=self.device
+        )
 
     def empty(self, n: int) -> Any:
         return self.torch.empty(n, dtype=self.torch.float32, device=self.device)
@@ -328,6 +380,7 @@ class TorchArrays(DeviceArrays):
 
 class CupyArrays(DeviceArrays):
     """CuPy arrays on the current device (when torch has no CUDA)."""
+
     name = "cupy"
 
     def __init__(self, cupy: Any):
@@ -376,8 +429,10 @@ def _device_arrays() -> Tuple[Optional[DeviceArrays], str]:
         except Exception as exc:
             return None, f"CuPy {cupy.__version__} cannot use the GPU ({type(exc).__name__}: {exc})"
     have = "PyTorch without CUDA" if torch is not None else "no PyTorch"
-    return None, (f"no library to allocate GPU arrays with ({have}, no CuPy): install CuPy "
-                  "(pip install fastopt[cuda]) or a CUDA build of PyTorch")
+    return None, (
+        f"no library to allocate GPU arrays with ({have}, no CuPy): install CuPy "
+        "(pip install fastopt[cuda]) or a CUDA build of PyTorch"
+    )
 
 
 def _host_copy(a: Any) -> np.ndarray:
@@ -429,10 +484,10 @@ class GpuBench:
             except Exception as exc:
                 self.cupy_why = f"unavailable ({type(exc).__name__}: {exc})"[:160]
         self.repeats, self.rounds = (30, 3) if quick else (100, 5)  # blocks of 10 / 20 calls
-        self.sized_down: Dict[str, str] = {}   # layout -> why it is smaller than asked
-        self.kinds: Dict[str, str] = {}        # layout -> its kind in GPU_TARGETS
-        self.rng = np.random.default_rng(0)    # host data (Newton systems)
-        self.compile_peers = arrays.on_gpu     # try torch.compile peers (not on a stand-in)
+        self.sized_down: Dict[str, str] = {}  # layout -> why it is smaller than asked
+        self.kinds: Dict[str, str] = {}  # layout -> its kind in GPU_TARGETS
+        self.rng = np.random.default_rng(0)  # host data (Newton systems)
+        self.compile_peers = arrays.on_gpu  # try torch.compile peers (not on a stand-in)
 
     def big_log2(self) -> int:
         return 24 if self.quick else 28
@@ -443,8 +498,9 @@ class GpuBench:
         if self.cupy is not None:
             self.cupy.get_default_memory_pool().free_all_blocks()
 
-    def fit(self, count: int, bytes_each: int, smallest: int,
-            what: Callable[[int], str]) -> Tuple[int, str]:
+    def fit(
+        self, count: int, bytes_each: int, smallest: int, what: Callable[[int], str]
+    ) -> Tuple[int, str]:
         """count halved until count * bytes_each fits in 90% of the free device memory (not
         below `smallest`), and why it is smaller than asked (or ""); what(count) names a size."""
         self.release()
@@ -454,14 +510,17 @@ class GpuBench:
             c //= 2
         if c == count:
             return c, ""
-        return c, (f"sized down from {what(count)}: {free / 2**30:.1f} GiB free, {what(count)} "
-                   f"needs {bytes_each * count / 2**30:.1f} GiB")
+        return c, (
+            f"sized down from {what(count)}: {free / 2**30:.1f} GiB free, {what(count)} "
+            f"needs {bytes_each * count / 2**30:.1f} GiB"
+        )
 
     def fit_log2(self, log2: int, arrays_at_once: int) -> Tuple[int, str]:
         """The largest k <= log2 such that arrays_at_once float32 arrays of 2^k elements fit
         in 90% of the free device memory, and why it is smaller than log2 (or "")."""
-        c, why = self.fit(1 << log2, arrays_at_once * 4, 1 << 16,
-                          lambda c: f"2^{c.bit_length() - 1}")
+        c, why = self.fit(
+            1 << log2, arrays_at_once * 4, 1 << 16, lambda c: f"2^{c.bit_length() - 1}"
+        )
         return c.bit_length() - 1, why
 
     # -- the ceiling ------------------------------------------------------------------
@@ -469,10 +528,19 @@ class GpuBench:
         k, why = self.fit_log2(self.big_log2(), 3)
         n = 1 << k
         src, dst = self.arrays.standard_normal((n,)), self.arrays.empty(n)
-        ms = _median_times({"copy": lambda: self.arrays.copy(dst, src)}, self.repeats * 2,
-                           self.rounds, clock=self.clock)["copy"]
-        out = {"elements": n, "bytes_per_element": 8, "ms": ms, "gbs": 8 * n / (ms * 1e-3) / 1e9,
-               "what": f"device-to-device copy ({self.arrays.name})"}
+        ms = _median_times(
+            {"copy": lambda: self.arrays.copy(dst, src)},
+            self.repeats * 2,
+            self.rounds,
+            clock=self.clock,
+        )["copy"]
+        out = {
+            "elements": n,
+            "bytes_per_element": 8,
+            "ms": ms,
+            "gbs": 8 * n / (ms * 1e-3) / 1e9,
+            "what": f"device-to-device copy ({self.arrays.name})",
+        }
         if why:
             out["sized_down"] = why
         return out
@@ -489,11 +557,12 @@ class GpuBench:
             layouts.append(("gpt2-small", gpt2_small_shapes()))
         return layouts + [("1000x4096", [(4096,)] * 1000)]
 
-    def optimizer_case(self, spec: OptimizerCase, layout: str, shapes: List[Tuple[int, ...]]) -> Row:
+    def optimizer_case(
+        self, spec: OptimizerCase, layout: str, shapes: List[Tuple[int, ...]]
+    ) -> Row:
         self.release()
         elements = sum(int(np.prod(s)) for s in shapes)
-        row = GpuRow(f"{spec.name} {layout}", "cuda", spec.bytes_per_element, elements,
-                     len(shapes))
+        row = GpuRow(f"{spec.name} {layout}", "cuda", spec.bytes_per_element, elements, len(shapes))
         if layout in self.sized_down:
             row.remarks.append(self.sized_down[layout])
         row.target = GPU_TARGETS.get((spec.name, self.kinds.get(layout, "")))
@@ -536,9 +605,15 @@ class GpuBench:
         if not spec.cuda_torch_modes or self.device_torch(row) is None:
             return
         arrays = self.arrays
-        _add_torch_peers(self.torch, spec, spec.cuda_torch_modes,
-                         lambda: [arrays.from_numpy(p) for p in host_params], lambda: grads,
-                         fns, row)
+        _add_torch_peers(
+            self.torch,
+            spec,
+            spec.cuda_torch_modes,
+            lambda: [arrays.from_numpy(p) for p in host_params],
+            lambda: grads,
+            fns,
+            row,
+        )
 
     def add_cupy_peer(self, spec: OptimizerCase, host_params, host_grads, fns, row: Row) -> None:
         if spec.name not in CUPY_KERNELS:
@@ -548,16 +623,21 @@ class GpuBench:
             row.notes["cupy"] = self.cupy_why
             return
         try:
-            step = _cupy_elementwise_step(cupy, spec, [cupy.asarray(p) for p in host_params],
-                                          [cupy.asarray(g) for g in host_grads])
+            step = _cupy_elementwise_step(
+                cupy,
+                spec,
+                [cupy.asarray(p) for p in host_params],
+                [cupy.asarray(g) for g in host_grads],
+            )
             step()
         except Exception as exc:  # e.g. no NVRTC to compile the kernel
             row.notes["cupy-elementwise"] = f"unavailable ({type(exc).__name__}: {exc})"[:160]
             return
         fns["cupy-elementwise"] = step
 
-    def add_fastopt_on_cupy(self, spec: OptimizerCase, host_params, host_grads, fns,
-                            row: Row) -> Optional[str]:
+    def add_fastopt_on_cupy(
+        self, spec: OptimizerCase, host_params, host_grads, fns, row: Row
+    ) -> Optional[str]:
         """fastopt once more on CuPy arrays ("fastopt-cupy", not a peer) where the arrays are
         torch tensors: with many small tensors a step's host cost depends on the library
         (a torch tensor's data pointer is re-read every step). Checked like "fastopt";
@@ -606,8 +686,11 @@ class GpuBench:
         torch = self.device_torch(row)
         if torch is not None and name.startswith("blockwise"):
             quantize, dequantize = _torch_blockwise(torch)
-            peer, args = ((quantize, (x,)) if name == "blockwise-256 quantize"
-                          else (dequantize, quant.quantize_blockwise(x)))
+            peer, args = (
+                (quantize, (x,))
+                if name == "blockwise-256 quantize"
+                else (dequantize, quant.quantize_blockwise(x))
+            )
             eager = lambda: peer(*args)  # noqa: E731
             _try_peer(fns, row, "torch eager", lambda: eager)
             self.add_compiled_peer(peer, args, fns, row)
@@ -630,8 +713,9 @@ class GpuBench:
                 compiled(*args)
                 self.arrays.synchronize()
         except _TimeLimit:
-            row.notes["torch.compile"] = (f"not available (compiling took over "
-                                          f"{self.COMPILE_BUDGET_S:g} s)")
+            row.notes["torch.compile"] = (
+                f"not available (compiling took over {self.COMPILE_BUDGET_S:g} s)"
+            )
             return
         except Exception as exc:  # no Triton, no C compiler, an unsupported op...
             row.notes["torch.compile"] = f"not available ({_why(exc)})"
@@ -646,8 +730,9 @@ class GpuBench:
         for the stream (not a peer)."""
         if self.quick:
             systems //= 4
-        systems, why = self.fit(systems, self.NEWTON_COPIES * 4 * (n * n + 3 * n), 64,
-                                lambda c: f"{c} systems")
+        systems, why = self.fit(
+            systems, self.NEWTON_COPIES * 4 * (n * n + 3 * n), 64, lambda c: f"{c} systems"
+        )
         row = _newton_row(n, systems, "cuda", GpuRow)
         if why:
             row.remarks.append(why)
@@ -661,7 +746,8 @@ class GpuBench:
         pd, pd_skip, lr = self.arrays.from_numpy(p), self.arrays.from_numpy(p), self.NEWTON_LR
         fns: Dict[str, Callable[[], Any]] = {
             "fastopt": lambda: newton_(pd, gd, Hd, lr=lr),
-            "fastopt-skip": lambda: newton_(pd_skip, gd, Hd, lr=lr, on_failure="skip")}
+            "fastopt-skip": lambda: newton_(pd_skip, gd, Hd, lr=lr, on_failure="skip"),
+        }
         torch = self.device_torch(row)
         if torch is not None:
             for peer, fn in _torch_solvers(torch, Hd, gd[..., None]).items():
@@ -670,15 +756,18 @@ class GpuBench:
         if cupy is None:
             row.notes["cupy"] = self.cupy_why
         else:
+
             def cupy_solve() -> Callable[[], Any]:
                 cH, cg = cupy.asarray(H), cupy.asarray(g)[..., None]
                 return lambda: cupy.linalg.solve(cH, cg)
+
             _try_peer(fns, row, "cupy.linalg.solve", cupy_solve)
         row.times_ms = _median_times(fns, self.repeats, self.rounds, clock=self.clock)
         return row
 
-    def newton_check(self, H: np.ndarray, g: np.ndarray, p: np.ndarray, Hd: Any,
-                     gd: Any) -> Tuple[Optional[str], Optional[bool]]:
+    def newton_check(
+        self, H: np.ndarray, g: np.ndarray, p: np.ndarray, Hd: Any, gd: Any
+    ) -> Tuple[Optional[str], Optional[bool]]:
         """cholesky_solve and one newton_ step (lr 1; on_failure "raise", then "skip") on
         the device: within float32 accuracy of numpy.linalg.solve in float64, the two
         steps alike, and for n <= 64 bit-identical to fastopt's CPU kernels. Returns (why
@@ -690,8 +779,9 @@ class GpuBench:
             newton_(pd, gd, Hd, on_failure=how)
             stepped.append(_host_copy(pd))
         want = _solve64(H, g)
-        failure = (_newton_failure(d, want)
-                   or _newton_failure(p.astype(np.float64) - stepped[0], want))
+        failure = _newton_failure(d, want) or _newton_failure(
+            p.astype(np.float64) - stepped[0], want
+        )
         if failure:
             return failure, None
         if not _identical(stepped[1], stepped[0]):
@@ -701,12 +791,14 @@ class GpuBench:
         p_cpu = p.copy()
         newton_(p_cpu, g, H)
         if not (_identical(d, cholesky_solve(H, g)) and _identical(stepped[0], p_cpu)):
-            return ("differs from fastopt's CPU kernels (meant to be bit-identical for "
-                    "n <= 64)"), False
+            return (
+                "differs from fastopt's CPU kernels (meant to be bit-identical for n <= 64)"
+            ), False
         return None, True
 
-    def check(self, spec: OptimizerCase, opt: Any, grads, host_params,
-              host_grads) -> Tuple[Optional[str], str]:
+    def check(
+        self, spec: OptimizerCase, opt: Any, grads, host_params, host_grads
+    ) -> Tuple[Optional[str], str]:
         """CHECK_STEPS steps of `opt` (on the device) and of fastopt's CPU kernels from the
         same start; every param and state element compared. Returns (why it fails, or None;
         a remark if the results are not bit-identical, else "")."""
@@ -717,26 +809,34 @@ class GpuBench:
         self.arrays.synchronize()
         worst, where = 0.0, ""
         roles = [("params", opt.params, cpu.params)] + [
-            (name, opt.state[name], cpu.state[name]) for name in cpu.state]
+            (name, opt.state[name], cpu.state[name]) for name in cpu.state
+        ]
         for role, got_list, want_list in roles:
             for i, (device_array, want) in enumerate(zip(got_list, want_list)):
                 got = _host_copy(device_array)
                 if np.array_equal(got, want):
                     continue
                 err = float(np.max(np.abs(got.astype(np.float64) - want), initial=0.0)) / (
-                    1.0 + float(np.max(np.abs(want), initial=0.0)))
+                    1.0 + float(np.max(np.abs(want), initial=0.0))
+                )
                 if not math.isfinite(err):
-                    return (f"{role}[{i}] differs from fastopt's CPU kernels after "
-                            f"{self.CHECK_STEPS} steps (non-finite values)"), "non-finite"
+                    return (
+                        f"{role}[{i}] differs from fastopt's CPU kernels after "
+                        f"{self.CHECK_STEPS} steps (non-finite values)"
+                    ), "non-finite"
                 if err > worst:
                     worst, where = err, f"{role}[{i}]"
         if not where:
             return None, ""
-        remark = (f"not bit-identical to the CPU kernels: max |diff| {worst:.2g} x "
-                  f"(1 + max |value|) at {where}")
+        remark = (
+            f"not bit-identical to the CPU kernels: max |diff| {worst:.2g} x "
+            f"(1 + max |value|) at {where}"
+        )
         if worst > self.TOLERANCE:
-            return (f"differs from fastopt's CPU kernels after {self.CHECK_STEPS} steps: "
-                    f"{where} max |diff| {worst:.3g} x (1 + max |value|)"), remark
+            return (
+                f"differs from fastopt's CPU kernels after {self.CHECK_STEPS} steps: "
+                f"{where} max |diff| {worst:.3g} x (1 + max |value|)"
+            ), remark
         return None, f"{remark}, within {self.TOLERANCE:g}"
 
 
@@ -753,14 +853,20 @@ def _gpu_facts(cuda: Dict[str, Any], bench: GpuBench) -> Dict[str, Any]:
     torch_version = "not installed"
     if torch is not None:
         torch_cuda = getattr(torch.version, "cuda", None)
-        torch_version = torch.__version__ + (f" (CUDA {torch_cuda})" if torch_cuda else " (no CUDA)")
-    return {"device": devices[0], "devices": devices,
-            "driver_version": _cuda_version(cuda.get("driver_version")),
-            "runtime_version": _cuda_version(cuda.get("runtime_version")),
-            "architectures": cuda.get("architectures"),
-            "arrays": f"{bench.arrays.name} {bench.arrays.version}",
-            "torch": torch_version,
-            "cupy": cupy.__version__ if cupy is not None else "not installed"}
+        torch_version = torch.__version__ + (
+            f" (CUDA {torch_cuda})" if torch_cuda else " (no CUDA)"
+        )
+    return {
+        "device": devices[0],
+        "devices": devices,
+        "driver_version": _cuda_version(cuda.get("driver_version")),
+        "runtime_version": _cuda_version(cuda.get("runtime_version")),
+        "architectures": cuda.get("architectures"),
+        "arrays": f"{bench.arrays.name} {bench.arrays.version}",
+        "torch": torch_version,
+        "cupy": cupy.__version__ if cupy is not None else "not installed",
+    }
+
 
 def _print_gpu_summary(rows: List[Row], ceiling_gbs: float, quick: bool) -> None:
     """Parity with the CPU kernels, and each target against what was measured."""
@@ -768,38 +874,58 @@ def _print_gpu_summary(rows: List[Row], ceiling_gbs: float, quick: bool) -> None
     parity = [getattr(r, "bit_identical", None) for r in rows]
     checked = [identical for identical in parity if identical is not None]
     if checked:
-        print(f"parity: {sum(checked)} of {len(checked)} checked cases bit-identical to "
-              f"fastopt's CPU kernels (optimizers: {GpuBench.CHECK_STEPS} steps, every param "
-              "and state element; int8: every output; Newton n <= 64: cholesky_solve and a step)")
+        print(
+            f"parity: {sum(checked)} of {len(checked)} checked cases bit-identical to "
+            f"fastopt's CPU kernels (optimizers: {GpuBench.CHECK_STEPS} steps, every param "
+            "and state element; int8: every output; Newton n <= 64: cholesky_solve and a step)"
+        )
     hit: List[Tuple[Row, Target]] = [
-        (r, t) for r in rows if (t := getattr(r, "target", None)) is not None
-        and r.check == "ok" and "fastopt" in r.times_ms]
+        (r, t)
+        for r in rows
+        if (t := getattr(r, "target", None)) is not None
+        and r.check == "ok"
+        and "fastopt" in r.times_ms
+    ]
     if not hit:
         return
-    print("targets (stated for the full sizes"
-          + (": this --quick run is only indicative)" if quick else ")"))
+    print(
+        "targets (stated for the full sizes"
+        + (": this --quick run is only indicative)" if quick else ")")
+    )
     for r, t in hit:
         met = t.met(r, ceiling_gbs)
-        verdict = "not measured (none of its peers ran)" if met is None else (
-            "met" if met else "NOT MET")
-        print(f"  {r.case}: fastopt {t.achieved(r, ceiling_gbs)}, target {t.describe()}: "
-              f"{verdict}")
+        verdict = (
+            "not measured (none of its peers ran)" if met is None else ("met" if met else "NOT MET")
+        )
+        print(f"  {r.case}: fastopt {t.achieved(r, ceiling_gbs)}, target {t.describe()}: {verdict}")
 
-def _run_gpu(arrays: DeviceArrays, names: List[str], only: Optional[set], quick: bool,
-             progress: Callable[[str], None], end_line: bool, cuda: Dict[str, Any],
-             result: Dict[str, Any]) -> Tuple[List[Row], float]:
+
+def _run_gpu(
+    arrays: DeviceArrays,
+    names: List[str],
+    only: Optional[set],
+    quick: bool,
+    progress: Callable[[str], None],
+    end_line: bool,
+    cuda: Dict[str, Any],
+    result: Dict[str, Any],
+) -> Tuple[List[Row], float]:
     bench = GpuBench(quick, progress, arrays)
     progress("cuda ceiling")
     ceiling = bench.ceiling()
     result["ceiling_cuda"] = ceiling
     gpu = result["gpu"] = _gpu_facts(cuda, bench)
     rows = _run_cases(_cases(bench, names, only), "cuda", progress, end_line, prefix="cuda ")
-    print(f"GPU: {gpu['device']}, driver {gpu['driver_version']}, runtime "
-          f"{gpu['runtime_version']}; arrays: {gpu['arrays']}; torch {gpu['torch']}, "
-          f"cupy {gpu['cupy']}")
+    print(
+        f"GPU: {gpu['device']}, driver {gpu['driver_version']}, runtime "
+        f"{gpu['runtime_version']}; arrays: {gpu['arrays']}; torch {gpu['torch']}, "
+        f"cupy {gpu['cupy']}"
+    )
     sized = f" ({ceiling['sized_down']})" if "sized_down" in ceiling else ""
-    print(f"ceiling (device-to-device copy, {ceiling['elements']} float32, read + write): "
-          f"{ceiling['gbs']:.1f} GB/s{sized}")
+    print(
+        f"ceiling (device-to-device copy, {ceiling['elements']} float32, read + write): "
+        f"{ceiling['gbs']:.1f} GB/s{sized}"
+    )
     _print_rows(rows, ceiling["gbs"])
     _print_gpu_summary(rows, ceiling["gbs"], quick)
     return rows, ceiling["gbs"]

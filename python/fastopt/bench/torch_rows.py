@@ -12,6 +12,7 @@ class also with the grads as torch tensors, as a torch user would pass them), an
 implementation the median ms and the spread (min-max) over the rounds, and per round the
 ratios fastopt.torch / array class and torch fused / fastopt.torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,14 @@ import numpy as np
 from .common import OptimizerCase, Row, gpt2_small_shapes
 
 
-def add_fastopt_torch(torch: Any, spec: OptimizerCase, make_params: Callable[[], List[Any]],
-                      grads: List[Any], fns: Dict[str, Callable[[], Any]], row: Row) -> None:
+def add_fastopt_torch(
+    torch: Any,
+    spec: OptimizerCase,
+    make_params: Callable[[], List[Any]],
+    grads: List[Any],
+    fns: Dict[str, Callable[[], Any]],
+    row: Row,
+) -> None:
     """The "fastopt.torch" column of an optimizer row (torch tensors from ``make_params()``
     on the row's device, ``grads`` torch tensors there, read only)."""
     from ..torch import CLASSES
@@ -44,6 +51,7 @@ def add_fastopt_torch(torch: Any, spec: OptimizerCase, make_params: Callable[[],
 
 # ---- the paired comparison ---------------------------------------------------------------------
 
+
 def _time_ms(fn: Callable[[], Any], calls: int) -> float:
     """Median ms per call over ``calls`` calls."""
     times = []
@@ -59,7 +67,7 @@ def compare(shapes: List[Tuple[int, ...]], rounds: int, calls: int) -> Dict[str,
     import torch
 
     import fastopt
-    import fastopt.torch
+    from fastopt.torch import AdamW as TorchAdamW
 
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
@@ -69,12 +77,15 @@ def compare(shapes: List[Tuple[int, ...]], rounds: int, calls: int) -> Dict[str,
     fused_params = [torch.from_numpy(a.copy()).requires_grad_() for a in arrays]
     for p, q, g in zip(tensors, fused_params, grads):
         p.grad = q.grad = torch.from_numpy(g)
-    torch_opt = fastopt.torch.AdamW(tensors, lr=1e-3)
+    torch_opt = TorchAdamW(tensors, lr=1e-3)
     fused = torch.optim.AdamW(fused_params, lr=1e-3, fused=True)
     grad_tensors = [p.grad for p in tensors]
-    fns = {"array class": lambda: array_opt.step(grads),
-           "array class, torch grads": lambda: array_opt.step(grad_tensors),
-           "fastopt.torch": torch_opt.step, "torch fused": fused.step}
+    fns = {
+        "array class": lambda: array_opt.step(grads),
+        "array class, torch grads": lambda: array_opt.step(grad_tensors),
+        "fastopt.torch": torch_opt.step,
+        "torch fused": fused.step,
+    }
     for fn in fns.values():
         fn()
     samples: Dict[str, List[float]] = {k: [] for k in fns}
@@ -84,16 +95,20 @@ def compare(shapes: List[Tuple[int, ...]], rounds: int, calls: int) -> Dict[str,
             name = names[(r + k) % len(names)]
             time.sleep(0.02)
             samples[name].append(_time_ms(fns[name], calls if name != "torch fused" else 1))
+
     def ratio(a: str, b: str) -> List[float]:
         return [x / y for x, y in zip(samples[a], samples[b])]
-    return {"samples": samples, "torch/array": ratio("fastopt.torch", "array class"),
-            "torch/array-tg": ratio("fastopt.torch", "array class, torch grads"),
-            "fused/torch": ratio("torch fused", "fastopt.torch")}
+
+    return {
+        "samples": samples,
+        "torch/array": ratio("fastopt.torch", "array class"),
+        "torch/array-tg": ratio("fastopt.torch", "array class, torch grads"),
+        "fused/torch": ratio("torch fused", "fastopt.torch"),
+    }
 
 
 def _spread(values: List[float]) -> str:
-    return (f"median {statistics.median(values):.3f} (min {min(values):.3f}, "
-            f"max {max(values):.3f})")
+    return f"median {statistics.median(values):.3f} (min {min(values):.3f}, max {max(values):.3f})"
 
 
 def main() -> None:
@@ -102,7 +117,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5, help="calls per timed block")
     args = parser.parse_args()
     layouts: List[Tuple[str, List[Tuple[int, ...]]]] = [
-        ("gpt2-small", gpt2_small_shapes()), ("1000x4096", [(4096,)] * 1000)]
+        ("gpt2-small", gpt2_small_shapes()),
+        ("1000x4096", [(4096,)] * 1000),
+    ]
     for layout, shapes in layouts:
         out = compare(shapes, args.rounds, args.calls)
         print(f"{layout} ({len(shapes)} tensors), AdamW float32, ms per step:")
