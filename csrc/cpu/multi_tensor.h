@@ -41,7 +41,7 @@ constexpr int64_t kParallelMinElements = 1 << 15;
 // vectors, then the scalar tail. Scalar and vector lanes run the same formula, so where
 // the split falls does not change any result.
 template <class Wide, class T, class Kernel>
-inline void apply_range(const Kernel& k, int i, int64_t lo, int64_t hi) {
+FASTOPT_HD void apply_range(const Kernel& k, int i, int64_t lo, int64_t hi) {
   constexpr int W = Wide::width;
   int64_t j = lo;
   if (W > 1) {

@@ -27,7 +27,9 @@ template <class Opt, class P, class T> struct StepKernel {
   bool scale_grads;
   T grad_scale;
   const P* anchor(int i) const { return static_cast<const P*>(ptr[0][i]); }
-  template <class L> void operator()(L, int i, int64_t j) const {
+  // Always inlined: the loop over roles makes it large enough for GCC to keep it out of
+  // line otherwise, a call per vector (a quarter more instructions per element).
+  template <class L> FASTOPT_HD void operator()(L, int i, int64_t j) const {
     using V = typename L::value;
     V x[N];
     for_each_role<N>([&](auto role_index) {
