@@ -31,6 +31,15 @@ struct RoleSpec {
 #define FASTOPT_HOST_ATTR(obj, name) \
   (obj).attr([] { static py::handle n = PyUnicode_InternFromString(name); return n; }())
 
+// obj.name() without making a bound method (a thousand tensors a step make this count).
+inline py::object call_method_no_args(py::handle obj, PyObject* name) {
+  PyObject* result = PyObject_CallMethodNoArgs(obj.ptr(), name);
+  if (!result) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(result);
+}
+#define FASTOPT_HOST_CALL(obj, name) \
+  call_method_no_args((obj), [] { static PyObject* n = PyUnicode_InternFromString(name); return n; }())
+
 class ArrayTable {
  public:
   // roles[0] (the params) fixes the list length, shapes and dtype the others must match.
@@ -137,22 +146,24 @@ class ArrayTable {
     if (!layout.is(tt.strided))
       throw py::type_error(where_ + ": " + py::str(layout).cast<std::string>() +
                            " tensors are not supported (dense torch.strided tensors only)");
-    if (FASTOPT_HOST_ATTR(t, "is_neg")().cast<bool>())
+    if (FASTOPT_HOST_CALL(t, "is_neg").ptr() == Py_True)
       throw py::value_error(where_ + ": is a negative view; call .resolve_neg() first");
-    if (written && FASTOPT_HOST_ATTR(t, "is_inference")().cast<bool>() &&
+    if (written && FASTOPT_HOST_CALL(t, "is_inference").ptr() == Py_True &&
         !tt.inference_mode_enabled().cast<bool>())
       throw py::value_error(where_ + ": is an inference tensor, which cannot be updated in place "
                             "outside torch.inference_mode()");
-    const py::tuple shape(FASTOPT_HOST_ATTR(t, "shape"));
-    const py::tuple strides(FASTOPT_HOST_ATTR(t, "stride")());
-    h.shape.resize(shape.size());
-    h.strides.resize(shape.size());
-    for (size_t d = 0; d < shape.size(); ++d) {
-      h.shape[d] = shape[d].cast<int64_t>();
-      h.strides[d] = strides[d].cast<int64_t>();
+    const py::object shape = FASTOPT_HOST_ATTR(t, "shape");  // a torch.Size: a tuple
+    const py::object strides = FASTOPT_HOST_CALL(t, "stride");
+    const Py_ssize_t nd = PyTuple_GET_SIZE(shape.ptr());
+    h.shape.resize(size_t(nd));
+    h.strides.resize(size_t(nd));
+    for (Py_ssize_t d = 0; d < nd; ++d) {
+      h.shape[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), d));
+      h.strides[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), d));
       h.size *= h.shape[d];
     }
-    h.data = reinterpret_cast<void*>(FASTOPT_HOST_ATTR(t, "data_ptr")().cast<uintptr_t>());
+    if (PyErr_Occurred()) throw py::error_already_set();
+    h.data = reinterpret_cast<void*>(PyLong_AsVoidPtr(FASTOPT_HOST_CALL(t, "data_ptr").ptr()));
     h.aligned = reinterpret_cast<uintptr_t>(h.data) % cpu::element_size(h.dtype) == 0;
     return h;
   }
