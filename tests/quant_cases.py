@@ -1,6 +1,7 @@
-"""What the quantization tests share (test_quant.py, test_cuda_quant.py, test_cuda_newton.py):
-dtypes and sizes of the cases, input and parameter generators, poisoned outputs, and the
-float32 reference results."""
+"""What the quantization tests share (test_quant_affine.py, test_quant_blockwise.py,
+test_quant_checks.py, test_quant_outputs.py, test_cuda_quant.py, test_cuda_newton.py): dtypes
+and sizes of the cases, input and parameter generators, poisoned outputs, and the float32
+reference results."""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence, Tuple

@@ -11,7 +11,7 @@ import importlib
 from types import ModuleType
 from typing import Any, Dict, Optional
 
-from . import _cpu  # type: ignore[attr-defined]  # (a compiled module; no stub yet)
+from . import _cpu
 
 _cuda: Optional[ModuleType]
 try:  # by name: "from . import _cuda" would report a missing module as a circular import

@@ -11,6 +11,7 @@ anything is written, copying into it, and reading a flag array back on the host.
 from __future__ import annotations
 
 import functools
+from types import ModuleType
 from typing import Any, Optional, Sequence, Tuple, cast
 
 import numpy as np
@@ -76,6 +77,7 @@ class Call:
     lives) and its stream (None on the host)."""
 
     __slots__ = ("kernels", "stream", "host")
+    kernels: ModuleType  # fastopt._cpu or fastopt._cuda: the same arguments for these kernels
     stream: Optional[int]
 
     def __init__(self, name: str, first: Any, stream: Any):

@@ -1,0 +1,90 @@
+"""fastopt CPU kernels (scalar and AVX2 paths, OpenMP threads): csrc/bindings/cpu_module.cpp.
+
+Array arguments are NumPy arrays, or objects the array adapter (set_array_adapter) views as
+one (PyTorch CPU tensors). Quantization and Newton take the same arguments as fastopt._cuda's;
+``stream`` must be None here."""
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+# One step function per optimizer of csrc/common/optim/registry.h, generated from its
+# descriptor: name(<one list of arrays per role, in roles order>, listed, **keywords), the
+# keywords being the descriptor's hyper fields, `step` when it takes one, and optionally
+# `grad_scale`. optimizers() lists each one's roles and keywords.
+def sgd(*args: Any, **kwargs: Any) -> None: ...
+def adagrad(*args: Any, **kwargs: Any) -> None: ...
+def rmsprop(*args: Any, **kwargs: Any) -> None: ...
+def adam(*args: Any, **kwargs: Any) -> None: ...
+def sophia(*args: Any, **kwargs: Any) -> None: ...
+def lion(*args: Any, **kwargs: Any) -> None: ...
+def ema(*args: Any, **kwargs: Any) -> None: ...
+
+# {name: {"roles": [(name, kind, written, optional)], "hyper": [field names],
+#  "takes_step": bool}} for every optimizer.
+def optimizers() -> Dict[str, Dict[str, Any]]: ...
+
+# Quantization: each returns x's first non-finite flat index with check_finite, else -1.
+def quantize_affine(
+    x: Any,
+    q: Any,
+    scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.float32],
+    axis: Optional[int],
+    check_finite: bool,
+    stream: None = None,
+) -> int: ...
+def dequantize_affine(
+    q: Any,
+    out: Any,
+    scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.float32],
+    axis: Optional[int],
+    stream: None = None,
+) -> None: ...
+
+# (first non-finite flat index or -1, mins, maxs) per channel along axis.
+def minmax(
+    x: Any, axis: Optional[int], stream: None = None
+) -> Tuple[int, npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+def quantize_blockwise(
+    x: Any,
+    q: Any,
+    absmax: Any,
+    block: int,
+    stochastic: bool,
+    seed: int,
+    check_finite: bool,
+    stream: None = None,
+) -> int: ...
+def dequantize_blockwise(
+    q: Any, absmax: Any, out: Any, block: int, stream: None = None
+) -> None: ...
+
+# Batched damped Newton: solve d = (H + damping*I)^-1 g (and the solved flags), then apply.
+def newton_solve(
+    hessians: Any,
+    grads: Any,
+    d: Any,
+    solved: Any,
+    damping: float,
+    params: Optional[Any] = None,
+    stream: None = None,
+) -> None: ...
+def newton_apply(
+    params: Any, d: Any, use: Optional[Any], lr: float, stream: None = None
+) -> None: ...
+
+# dst += src with all threads (the benchmark's bandwidth ceiling).
+def add_inplace(dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None: ...
+def set_cpu_path(path: str) -> None: ...
+def get_cpu_path() -> str: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+
+# {"version", "compiler", "openmp", "cpu_paths", "cpu_has_avx2_fma"}
+def build_info() -> Dict[str, Any]: ...
+
+# adapter(name, obj) -> a NumPy view of obj, for array arguments that are not ndarrays.
+def set_array_adapter(adapter: Optional[Callable[[str, Any], Any]]) -> None: ...

@@ -1,0 +1,107 @@
+"""fastopt CUDA kernels (multi-tensor launches on the caller's stream):
+csrc/bindings/cuda_module.cpp.
+
+Array arguments are CUDA arrays (CuPy, PyTorch CUDA tensors, anything with
+__cuda_array_interface__); ``stream`` is a cudaStream_t handle as an int (0: the legacy
+default stream). Quantization and Newton take the same arguments as fastopt._cpu's."""
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+class Plan:
+    """The checked launch tables of one optimizer's arrays, kept between steps; pass it as
+    plan= to the step functions."""
+
+    def __init__(self) -> None: ...
+    @property
+    def launches(self) -> int: ...
+    @property
+    def num_tensors(self) -> int: ...
+
+# One step function per optimizer of csrc/common/optim/registry.h, generated from its
+# descriptor: name(<one list of arrays per role, in roles order>, listed, **keywords), the
+# keywords being the descriptor's hyper fields, `step` when it takes one, optionally
+# `grad_scale`, and this module's stream= (int) and plan= (Plan or None). optimizers()
+# lists each one's roles and keywords.
+def sgd(*args: Any, **kwargs: Any) -> None: ...
+def adagrad(*args: Any, **kwargs: Any) -> None: ...
+def rmsprop(*args: Any, **kwargs: Any) -> None: ...
+def adam(*args: Any, **kwargs: Any) -> None: ...
+def sophia(*args: Any, **kwargs: Any) -> None: ...
+def lion(*args: Any, **kwargs: Any) -> None: ...
+def ema(*args: Any, **kwargs: Any) -> None: ...
+
+# {name: {"roles": [(name, kind, written, optional)], "hyper": [field names],
+#  "takes_step": bool}} for every optimizer.
+def optimizers() -> Dict[str, Dict[str, Any]]: ...
+
+# Quantization: each returns x's first non-finite flat index with check_finite (waiting for
+# the stream), else -1 at once.
+def quantize_blockwise(
+    x: Any,
+    q: Any,
+    absmax: Any,
+    block: int,
+    stochastic: bool,
+    seed: int,
+    check_finite: bool,
+    stream: int,
+) -> int: ...
+def dequantize_blockwise(q: Any, absmax: Any, out: Any, block: int, stream: int) -> None: ...
+def quantize_affine(
+    x: Any,
+    q: Any,
+    scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.float32],
+    axis: Optional[int],
+    check_finite: bool,
+    stream: int,
+) -> int: ...
+def dequantize_affine(
+    q: Any,
+    out: Any,
+    scales: npt.NDArray[np.float32],
+    zero_points: npt.NDArray[np.float32],
+    axis: Optional[int],
+    stream: int,
+) -> None: ...
+
+# (first non-finite flat index or -1, mins, maxs) per channel along axis; waits for the stream.
+def minmax(
+    x: Any, axis: Optional[int], stream: int
+) -> Tuple[int, npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+
+# Batched damped Newton: solve d = (H + damping*I)^-1 g (and the solved flags), then apply.
+def newton_solve(
+    hessians: Any,
+    grads: Any,
+    d: Any,
+    solved: Any,
+    damping: float,
+    params: Optional[Any],
+    stream: int,
+) -> None: ...
+def newton_apply(params: Any, d: Any, use: Optional[Any], lr: float, stream: int) -> None: ...
+
+# Layout, device and aliasing checks of (name, array) pairs before writing `written`.
+def check_arrays(
+    written: Sequence[Tuple[str, Any]], read: Sequence[Tuple[str, Any]], stream: int
+) -> None: ...
+
+# dst <- src (the same size in bytes), device to device on the stream.
+def copy(dst: Any, src: Any, stream: int) -> None: ...
+
+# (dtype name, shape, device) of a CUDA array; raises naming `name` if it is not one.
+def describe(obj: Any, name: str, stream: int = 0) -> Tuple[str, Tuple[int, ...], int]: ...
+
+# Registers torch.Tensor and its dtypes float32, float64, float16, bfloat16, int8, uint8, bool.
+def set_torch_types(tensor: Any, dtypes: Tuple[Any, ...]) -> None: ...
+
+# Waits for the work queued on `stream` of `like`'s device (the GIL released).
+def synchronize(like: Any, stream: int) -> None: ...
+
+# {"usable", "device_count", "reason", "runtime_version", "driver_version", "devices",
+#  "architectures", "compiler"}: whether a CUDA device is usable, and if not, why.
+def device_status() -> Dict[str, Any]: ...
