@@ -5,7 +5,7 @@ Array arguments are CUDA arrays (CuPy, PyTorch CUDA tensors, anything with
 __cuda_array_interface__); ``stream`` is a cudaStream_t handle as an int (0: the legacy
 default stream). Quantization and Newton take the same arguments as fastopt._cpu's."""
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -20,18 +20,12 @@ class Plan:
     @property
     def num_tensors(self) -> int: ...
 
-# One step function per optimizer of csrc/common/optim/registry.h, generated from its
+# The step functions, one per optimizer of csrc/common/optim/registry.h, generated from its
 # descriptor: name(<one list of arrays per role, in roles order>, listed, **keywords), the
-# keywords being the descriptor's hyper fields, `step` when it takes one, optionally
-# `grad_scale`, and this module's stream= (int) and plan= (Plan or None). optimizers()
-# lists each one's roles and keywords.
-def sgd(*args: Any, **kwargs: Any) -> None: ...
-def adagrad(*args: Any, **kwargs: Any) -> None: ...
-def rmsprop(*args: Any, **kwargs: Any) -> None: ...
-def adam(*args: Any, **kwargs: Any) -> None: ...
-def sophia(*args: Any, **kwargs: Any) -> None: ...
-def lion(*args: Any, **kwargs: Any) -> None: ...
-def ema(*args: Any, **kwargs: Any) -> None: ...
+# keywords being the descriptor's hyper fields, `step` when it takes one, and optionally
+# `grad_scale`. optimizers() lists each one's roles and keywords; they are typed here as a
+# whole so that adding an optimizer does not touch this file.
+def __getattr__(name: str) -> Callable[..., None]: ...
 
 # {name: {"roles": [(name, kind, written, optional)], "hyper": [field names],
 #  "takes_step": bool}} for every optimizer.
