@@ -20,6 +20,17 @@ namespace bindings {
 
 namespace py = pybind11;
 
+// An argument's name for messages, built only when one is raised: "grads[3]" (or "grads"
+// for a single array).
+struct ArgName {
+  const char* role;
+  size_t index;
+  bool listed;
+  std::string str() const {
+    return listed ? std::string(role) + "[" + std::to_string(index) + "]" : std::string(role);
+  }
+};
+
 struct RoleSpec {
   const char* name;  // the Python argument name, used in error messages
   py::handle list;   // a list of arrays, or None when the call does not use this role
@@ -54,6 +65,7 @@ class ArrayTable {
     offsets_.assign(n + 1, 0);
     spans_.reserve(n * roles.size());
     keep_.reserve(n * roles.size());
+    params_.reserve(n);
     int r = 0;
     for (const RoleSpec& role : roles) {
       if (!role.list.is_none()) collect_role(role, r, ref, n);
@@ -85,14 +97,29 @@ class ArrayTable {
   }
 
   // What the kernel needs to know about one array, from a NumPy array or a torch CPU tensor.
+  // Shapes and strides are held inline (no allocation per array: a step may have
+  // thousands); arrays of more than kInlineDims dimensions spill to the heap.
+  static constexpr int kInlineDims = 8;
   struct HostArray {
     void* data = nullptr;
     cpu::DType dtype = cpu::DType::f32;
-    std::vector<int64_t> shape, strides;  // strides in elements
+    int nd = 0;
     int64_t size = 1;
-    bool writeable = true, aligned = true;
+    bool writeable = true, aligned = true, c_contiguous = false;
+    int64_t inline_dims[2 * kInlineDims];
+    std::vector<int64_t> heap_dims;
+    void resize(int n) {
+      nd = n;
+      if (n > kInlineDims) heap_dims.assign(2 * size_t(n), 0);
+    }
+    int64_t* shape() { return nd > kInlineDims ? heap_dims.data() : inline_dims; }
+    int64_t* strides() { return shape() + nd; }  // in elements
+    const int64_t* shape() const { return nd > kInlineDims ? heap_dims.data() : inline_dims; }
+    const int64_t* strides() const { return shape() + nd; }
+    std::vector<int64_t> shape_vector() const { return {shape(), shape() + nd}; }
   };
 
+  static std::string shape_str(const HostArray& a) { return shape_str(a.shape_vector()); }
   static std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "(";
     for (size_t d = 0; d < shape.size(); ++d)
@@ -100,43 +127,50 @@ class ArrayTable {
     return s + ")";
   }
 
-  [[noreturn]] static void unsupported(const std::string& where, const std::string& dtype) {
-    throw py::type_error(where + ": dtype " + dtype +
+  [[noreturn]] static void unsupported(const ArgName& where, const std::string& dtype) {
+    throw py::type_error(where.str() + ": dtype " + dtype +
                          " is not supported (float32, float64, float16 or bfloat16)");
   }
 
-  HostArray describe_numpy(PyObject* obj, const std::string& where_) const {
+  // Fills h (reused: no allocation per array) from NumPy array obj.
+  void describe_numpy(HostArray& h, PyObject* obj, const ArgName& where_) const {
     using py::detail::npy_api;
     const auto* a = py::detail::array_proxy(obj);
     const auto* descr = py::detail::array_descriptor_proxy(a->descr);
-    HostArray h;
+    h.size = 1;
+    h.writeable = h.aligned = true;
+    h.c_contiguous = false;
     if (descr->type_num == npy_api::NPY_FLOAT_) h.dtype = cpu::DType::f32;
     else if (descr->type_num == npy_api::NPY_DOUBLE_) h.dtype = cpu::DType::f64;
     else if (descr->type_num == kNpyHalf) h.dtype = cpu::DType::f16;
     else unsupported(where_, py::str(py::handle(a->descr)).cast<std::string>());
     if (descr->byteorder == '>')
-      throw py::type_error(where_ + ": big-endian arrays are not supported");
+      throw py::type_error(where_.str() + ": big-endian arrays are not supported");
     h.data = a->data;
-    h.shape.assign(a->dimensions, a->dimensions + a->nd);
-    h.strides.resize(a->nd);
+    h.resize(a->nd);
+    int64_t* shape = h.shape();
+    int64_t* strides = h.strides();
     const int64_t item = cpu::element_size(h.dtype);
     for (int d = 0; d < a->nd; ++d) {
-      h.size *= a->dimensions[d];
+      shape[d] = a->dimensions[d];
+      h.size *= shape[d];
       // a stride that is no multiple of the item size can never be dense: mark it -1
-      h.strides[d] = a->strides[d] % item == 0 ? a->strides[d] / item : -1;
+      strides[d] = a->strides[d] % item == 0 ? a->strides[d] / item : -1;
     }
+    h.c_contiguous = a->flags & npy_api::NPY_ARRAY_C_CONTIGUOUS_;
     h.writeable = a->flags & npy_api::NPY_ARRAY_WRITEABLE_;
     h.aligned = a->flags & npy_api::NPY_ARRAY_ALIGNED_;
-    return h;
   }
 
   // A torch CPU tensor, read through its attributes (fastopt never imports torch; the
   // types are taken from the torch module the caller imported). Other devices, sparse
   // layouts and negative views are left to the adapter's messages or refused here.
-  HostArray describe_torch(PyObject* obj, const std::string& where_, bool written) const {
+  void describe_torch(HostArray& h, PyObject* obj, const ArgName& where_, bool written) const {
     const TorchTypes& tt = *torch_types();
     py::handle t(obj);
-    HostArray h;
+    h.size = 1;
+    h.writeable = h.aligned = true;
+    h.c_contiguous = false;
     const py::object dtype = FASTOPT_HOST_ATTR(t, "dtype");
     int k = 0;
     while (k < 4 && !dtype.is(tt.dtypes[k])) ++k;
@@ -144,36 +178,40 @@ class ArrayTable {
     h.dtype = static_cast<cpu::DType>(k);
     const py::object layout = FASTOPT_HOST_ATTR(t, "layout");
     if (!layout.is(tt.strided))
-      throw py::type_error(where_ + ": " + py::str(layout).cast<std::string>() +
+      throw py::type_error(where_.str() + ": " + py::str(layout).cast<std::string>() +
                            " tensors are not supported (dense torch.strided tensors only)");
     if (FASTOPT_HOST_CALL(t, "is_neg").ptr() == Py_True)
-      throw py::value_error(where_ + ": is a negative view; call .resolve_neg() first");
+      throw py::value_error(where_.str() + ": is a negative view; call .resolve_neg() first");
     if (written && FASTOPT_HOST_CALL(t, "is_inference").ptr() == Py_True &&
         !tt.inference_mode_enabled().cast<bool>())
-      throw py::value_error(where_ + ": is an inference tensor, which cannot be updated in place "
+      throw py::value_error(where_.str() + ": is an inference tensor, which cannot be updated in place "
                             "outside torch.inference_mode()");
     const py::object shape = FASTOPT_HOST_ATTR(t, "shape");  // a torch.Size: a tuple
     const py::object strides = FASTOPT_HOST_CALL(t, "stride");
     const Py_ssize_t nd = PyTuple_GET_SIZE(shape.ptr());
-    h.shape.resize(size_t(nd));
-    h.strides.resize(size_t(nd));
+    h.resize(int(nd));
+    int64_t* dims = h.shape();
+    int64_t* steps = h.strides();
     for (Py_ssize_t d = 0; d < nd; ++d) {
-      h.shape[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), d));
-      h.strides[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), d));
-      h.size *= h.shape[d];
+      dims[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), d));
+      steps[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), d));
+      h.size *= dims[d];
     }
+    h.c_contiguous = true;  // C order (extents of 1 may have any stride)
+    for (int64_t d = nd - 1, expected = 1; d >= 0; expected *= dims[d], --d)
+      if (dims[d] != 1 && steps[d] != expected) h.c_contiguous = false;
     if (PyErr_Occurred()) throw py::error_already_set();
     h.data = reinterpret_cast<void*>(PyLong_AsVoidPtr(FASTOPT_HOST_CALL(t, "data_ptr").ptr()));
     h.aligned = reinterpret_cast<uintptr_t>(h.data) % cpu::element_size(h.dtype) == 0;
-    return h;
   }
 
   // Dense: the elements fill size consecutive slots, in some order of the dimensions
   // (C order, Fortran order, channels_last...); no gaps, no overlap, no negative stride.
   static bool dense(const HostArray& h) {
+    if (h.c_contiguous) return true;
     std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, extent) of extents > 1
-    for (size_t d = 0; d < h.shape.size(); ++d)
-      if (h.shape[d] != 1) dims.emplace_back(h.strides[d], h.shape[d]);
+    for (int d = 0; d < h.nd; ++d)
+      if (h.shape()[d] != 1) dims.emplace_back(h.strides()[d], h.shape()[d]);
     std::sort(dims.begin(), dims.end());
     int64_t expected = 1;
     for (const auto& [stride, extent] : dims) {
@@ -185,9 +223,14 @@ class ArrayTable {
 
   // Whether b walks its elements in the same order as a (strides equal where extent > 1).
   static bool same_order(const HostArray& a, const HostArray& b) {
-    for (size_t d = 0; d < a.shape.size(); ++d)
-      if (a.shape[d] != 1 && a.strides[d] != b.strides[d]) return false;
+    if (a.c_contiguous && b.c_contiguous) return true;
+    for (int d = 0; d < a.nd; ++d)
+      if (a.shape()[d] != 1 && a.strides()[d] != b.strides()[d]) return false;
     return true;
+  }
+
+  static bool same_shape(const HostArray& a, const HostArray& b) {
+    return a.nd == b.nd && std::equal(a.shape(), a.shape() + a.nd, b.shape());
   }
 
   void collect_role(const RoleSpec& role, int r, const RoleSpec& ref, size_t n) {
@@ -203,25 +246,21 @@ class ArrayTable {
       // The kernel runs with the GIL released: hold every array it touches, so that
       // another thread emptying the caller's list cannot free one under it.
       PyObject* item = PyList_GET_ITEM(list.ptr(), i);
-      const std::string w = where(role.name, i);
-      HostArray a;
-      if (py::isinstance<py::array>(item)) {
-        keep_.push_back(py::reinterpret_borrow<py::object>(item));
-        a = describe_numpy(item, w);
-      } else if (is_torch_tensor(item, w)) {
-        keep_.push_back(py::reinterpret_borrow<py::object>(item));
-        a = describe_torch(item, w, role.written);
-      } else {
-        keep_.push_back(adapt(w, item));
-        a = describe_numpy(keep_.back().ptr(), w);
-      }
+      const ArgName w{role.name, i, listed_};
+      const bool numpy = py::isinstance<py::array>(item);
+      const bool tensor = !numpy && is_torch_tensor(item, w);
+      keep_.push_back(numpy || tensor ? py::reinterpret_borrow<py::object>(item)
+                                      : adapt(w.str(), item));
+      HostArray& a = r == 0 ? params_.emplace_back() : scratch_;
+      if (tensor) describe_torch(a, item, w, role.written);
+      else describe_numpy(a, keep_.back().ptr(), w);
       if (r == 0 && i == 0) {
         dtype_ = a.dtype;
       } else {
         const cpu::DType want = role.kind == RoleKind::state ? cpu::state_dtype(dtype_) : dtype_;
         if (a.dtype != want)
           throw py::type_error(
-              w + ": dtype " + cpu::dtype_name(a.dtype) + " differs from " +
+              w.str() + ": dtype " + cpu::dtype_name(a.dtype) + " differs from " +
               (role.kind == RoleKind::state
                    ? std::string("the state type ") + cpu::dtype_name(want) +
                          " (state is float32 for 16-bit params, else the params' dtype)"
@@ -232,28 +271,27 @@ class ArrayTable {
         offsets_[i + 1] = offsets_[i] + a.size;
       } else {
         const HostArray& p = params_[i];
-        if (a.shape != p.shape)
-          throw py::value_error(w + ": shape " + shape_str(a.shape) + " does not match " +
-                                where(ref.name, i) + "'s shape " + shape_str(p.shape));
+        if (!same_shape(a, p))
+          throw py::value_error(w.str() + ": shape " + shape_str(a) + " does not match " +
+                                where(ref.name, i) + "'s shape " + shape_str(p));
       }
       if (a.size > 0) {
         if (!dense(a))
-          throw py::value_error(w + ": must be dense (its elements in one block, in any order "
+          throw py::value_error(w.str() + ": must be dense (its elements in one block, in any order "
                                 "of the dimensions, no gaps or negative strides)");
         if (r > 0 && !same_order(params_[i], a))
-          throw py::value_error(w + ": its strides differ from " + where(ref.name, i) +
+          throw py::value_error(w.str() + ": its strides differ from " + where(ref.name, i) +
                                 "'s (the arrays of one entry must lay out their elements in "
                                 "the same order)");
         if (!a.aligned)
-          throw py::value_error(w + ": data is not aligned to its dtype");
+          throw py::value_error(w.str() + ": data is not aligned to its dtype");
         if (role.written && !a.writeable)
-          throw py::value_error(w + ": is read-only but is updated in place");
+          throw py::value_error(w.str() + ": is read-only but is updated in place");
         const uintptr_t begin = reinterpret_cast<uintptr_t>(a.data);
         spans_.push_back({begin, begin + uintptr_t(a.size) * cpu::element_size(a.dtype),
                           role.name, i, role.written});
       }
       ptrs_[r][i] = a.size > 0 ? a.data : nullptr;
-      if (r == 0) params_.push_back(std::move(a));
     }
   }
 
@@ -293,7 +331,7 @@ class ArrayTable {
   }
   // Whether obj is a torch tensor whose data is in host memory (tensors on a GPU are left
   // to the adapter, which says why they cannot run here; meta tensors are refused).
-  static bool is_torch_tensor(PyObject* obj, const std::string& where_) {
+  static bool is_torch_tensor(PyObject* obj, const ArgName& where_) {
     const TorchTypes* tt = torch_types();
     if (!tt) return false;
     const int is_tensor = PyObject_IsInstance(obj, tt->tensor.ptr());
@@ -302,7 +340,7 @@ class ArrayTable {
     const py::handle t(obj);
     if (FASTOPT_HOST_ATTR(t, "is_cpu").cast<bool>()) return true;
     if (FASTOPT_HOST_ATTR(t, "is_meta").cast<bool>())
-      throw py::type_error(where_ + ": is a meta tensor, which has no data to update");
+      throw py::type_error(where_.str() + ": is a meta tensor, which has no data to update");
     return false;
   }
 
@@ -310,6 +348,7 @@ class ArrayTable {
 
   std::vector<py::object> keep_;  // every array of the call, views of foreign ones included
   std::vector<HostArray> params_;    // the params' descriptions
+  HostArray scratch_;                // the description of the current non-param array
   bool listed_;
   cpu::DType dtype_ = cpu::DType::f32;
   std::vector<int64_t> offsets_;
