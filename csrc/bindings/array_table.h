@@ -20,17 +20,6 @@ namespace bindings {
 
 namespace py = pybind11;
 
-// An argument's name for messages, built only when one is raised: "grads[3]" (or "grads"
-// for a single array).
-struct ArgName {
-  const char* role;
-  size_t index;
-  bool listed;
-  std::string str() const {
-    return listed ? std::string(role) + "[" + std::to_string(index) + "]" : std::string(role);
-  }
-};
-
 struct RoleSpec {
   const char* name;  // the Python argument name, used in error messages
   py::handle list;   // a list of arrays, or None when the call does not use this role
@@ -127,13 +116,13 @@ class ArrayTable {
     return s + ")";
   }
 
-  [[noreturn]] static void unsupported(const ArgName& where, const std::string& dtype) {
+  [[noreturn]] static void unsupported(const Where& where, const std::string& dtype) {
     throw py::type_error(where.str() + ": dtype " + dtype +
                          " is not supported (float32, float64, float16 or bfloat16)");
   }
 
   // Fills h (reused: no allocation per array) from NumPy array obj.
-  void describe_numpy(HostArray& h, PyObject* obj, const ArgName& where_) const {
+  void describe_numpy(HostArray& h, PyObject* obj, const Where& where_) const {
     using py::detail::npy_api;
     const auto* a = py::detail::array_proxy(obj);
     const auto* descr = py::detail::array_descriptor_proxy(a->descr);
@@ -165,7 +154,7 @@ class ArrayTable {
   // A torch CPU tensor, read through its attributes (fastopt never imports torch; the
   // types are taken from the torch module the caller imported). Other devices, sparse
   // layouts and negative views are left to the adapter's messages or refused here.
-  void describe_torch(HostArray& h, PyObject* obj, const ArgName& where_, bool written) const {
+  void describe_torch(HostArray& h, PyObject* obj, const Where& where_, bool written) const {
     const TorchTypes& tt = *torch_types();
     py::handle t(obj);
     h.size = 1;
@@ -205,20 +194,9 @@ class ArrayTable {
     h.aligned = reinterpret_cast<uintptr_t>(h.data) % cpu::element_size(h.dtype) == 0;
   }
 
-  // Dense: the elements fill size consecutive slots, in some order of the dimensions
-  // (C order, Fortran order, channels_last...); no gaps, no overlap, no negative stride.
+  // Dense in some order of the dimensions (overlap.h's dense_layout; C order at once).
   static bool dense(const HostArray& h) {
-    if (h.c_contiguous) return true;
-    std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, extent) of extents > 1
-    for (int d = 0; d < h.nd; ++d)
-      if (h.shape()[d] != 1) dims.emplace_back(h.strides()[d], h.shape()[d]);
-    std::sort(dims.begin(), dims.end());
-    int64_t expected = 1;
-    for (const auto& [stride, extent] : dims) {
-      if (stride != expected) return false;
-      expected *= extent;
-    }
-    return true;
+    return h.c_contiguous || dense_layout(h.shape(), h.strides(), size_t(h.nd));
   }
 
   // Whether b walks its elements in the same order as a (strides equal where extent > 1).
@@ -246,7 +224,7 @@ class ArrayTable {
       // The kernel runs with the GIL released: hold every array it touches, so that
       // another thread emptying the caller's list cannot free one under it.
       PyObject* item = PyList_GET_ITEM(list.ptr(), i);
-      const ArgName w{role.name, i, listed_};
+      const Where w{role.name, i, listed_};
       const bool numpy = py::isinstance<py::array>(item);
       const bool tensor = !numpy && is_torch_tensor(item, w);
       keep_.push_back(numpy || tensor ? py::reinterpret_borrow<py::object>(item)
@@ -331,7 +309,7 @@ class ArrayTable {
   }
   // Whether obj is a torch tensor whose data is in host memory (tensors on a GPU are left
   // to the adapter, which says why they cannot run here; meta tensors are refused).
-  static bool is_torch_tensor(PyObject* obj, const ArgName& where_) {
+  static bool is_torch_tensor(PyObject* obj, const Where& where_) {
     const TorchTypes* tt = torch_types();
     if (!tt) return false;
     const int is_tensor = PyObject_IsInstance(obj, tt->tensor.ptr());

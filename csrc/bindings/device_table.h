@@ -38,15 +38,6 @@ struct DeviceRoleSpec {
 };
 
 // Where an array sits in the call, for messages: "grads[3]" (or "grads" for a single array).
-struct Where {
-  const char* role;
-  size_t index;
-  bool listed;
-  std::string str() const {
-    return listed ? std::string(role) + "[" + std::to_string(index) + "]" : std::string(role);
-  }
-};
-
 inline const char* dtype_name(DType d) {
   switch (d) {
     case DType::f32: return "float32";
@@ -150,26 +141,11 @@ inline std::vector<int64_t> c_strides(const std::vector<int64_t>& shape) {
   return strides;
 }
 
-// Dense: the elements fill size consecutive slots in some order of the dimensions (C order,
-// Fortran order, channels_last...): no gaps, no overlap, no negative stride.
-inline bool dense_layout(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides) {
-  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, extent) of extents > 1
-  for (size_t d = 0; d < shape.size(); ++d)
-    if (shape[d] != 1) dims.emplace_back(strides[d], shape[d]);
-  std::sort(dims.begin(), dims.end());
-  int64_t expected = 1;
-  for (const auto& [stride, extent] : dims) {
-    if (stride != expected) return false;
-    expected *= extent;
-  }
-  return true;
-}
-
 // Sets a's strides and the layout flags that follow from them.
 inline void set_strides(DeviceArray& a, std::vector<int64_t> strides) {
   a.strides = std::move(strides);
   a.contiguous = c_contiguous(a.shape, a.strides.data());
-  a.dense = dense_layout(a.shape, a.strides);
+  a.dense = dense_layout(a.shape.data(), a.strides.data(), a.shape.size());
 }
 
 inline void read_shape(DeviceArray& a, py::handle shape) {

@@ -12,6 +12,33 @@
 namespace fastopt {
 namespace bindings {
 
+// An argument's name for messages, built only when one is raised: "grads[3]" (or "grads"
+// for a single array).
+struct Where {
+  const char* role;
+  size_t index;
+  bool listed;
+  std::string str() const {
+    return listed ? std::string(role) + "[" + std::to_string(index) + "]" : std::string(role);
+  }
+};
+
+// Dense: the nd extents and element strides fill one block of consecutive slots in some
+// order of the dimensions (C order, Fortran order, channels_last...): no gaps, no overlap,
+// no negative stride. Extents of 1 may have any stride.
+inline bool dense_layout(const int64_t* shape, const int64_t* strides, size_t nd) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, extent) of extents > 1
+  for (size_t d = 0; d < nd; ++d)
+    if (shape[d] != 1) dims.emplace_back(strides[d], shape[d]);
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, extent] : dims) {
+    if (stride != expected) return false;
+    expected *= extent;
+  }
+  return true;
+}
+
 struct Span {
   uintptr_t begin, end;
   const char* role;
