@@ -42,7 +42,8 @@ void step(const py::args& args, const py::kwargs& kwargs) {
   cpu::TensorTable table = arrays.table();
   table.fresh = call.fresh;
   run_released(
-      [&] { cpu::step<Opt>(table, arrays.dtype(), call.hyper, call.step, call.grad_scale); });
+      [&] { cpu::step<Opt>(table, arrays.dtype(), arrays.state_dtype(), call.hyper, call.step,
+                           call.grad_scale); });
 }
 
 // ---- quantization and Newton: the same arguments as fastopt._cuda's (stream=None here).

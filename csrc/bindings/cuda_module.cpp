@@ -133,8 +133,8 @@ void step(const py::args& args, const py::kwargs& kwargs) {
   if (plan.tables().empty()) return;  // nothing but zero-size arrays
   check_stream_device(stream, plan.device());
   DeviceGuard guard(plan.device());
-  cuda::step<Opt>(plan.tables(), plan.dtype(), call.hyper, call.step, call.grad_scale, loads,
-                  stores, masked, reinterpret_cast<cudaStream_t>(stream));
+  cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.step,
+                  call.grad_scale, loads, stores, masked, reinterpret_cast<cudaStream_t>(stream));
 }
 
 // ---- quantization and Newton: the same arguments as fastopt._cpu's. Every size is read

@@ -79,12 +79,13 @@ void set_num_threads(int64_t n) {
 
 // Optimizer kernels take the thread count in their table.
 template <class Opt>
-void step(TensorTable t, DType d, const typename Opt::Hyper& h, int64_t s, double grad_scale) {
+void step(TensorTable t, DType d, DType state, const typename Opt::Hyper& h, int64_t s,
+          double grad_scale) {
   t.num_threads = num_threads();
-  FASTOPT_ISA_CALL(step<Opt>, t, d, h, s, grad_scale);
+  FASTOPT_ISA_CALL(step<Opt>, t, d, state, h, s, grad_scale);
 }
 #define FASTOPT_INSTANTIATE(Opt) \
-  template void step<Opt>(TensorTable, DType, const Opt::Hyper&, int64_t, double);
+  template void step<Opt>(TensorTable, DType, DType, const Opt::Hyper&, int64_t, double);
 FASTOPT_OPTIMIZERS(FASTOPT_INSTANTIATE)
 #undef FASTOPT_INSTANTIATE
 

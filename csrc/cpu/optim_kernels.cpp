@@ -15,13 +15,13 @@ using cpu::TensorTable;
 
 // The one functor: load the lanes of every role the call uses, apply the formula, store
 // the written roles. P is the storage type of the params and grads (float, double, or a
-// 16-bit type), T the math and state type. anchor(i) is the pointer whose alignment the
+// 16-bit type), T the math type, S the state's storage type (T, or bfloat16 for T = float). anchor(i) is the pointer whose alignment the
 // vector body follows (the params'). Required roles are always loaded (the test folds
 // away); optional ones are used when the call passed their arrays, and loaded unless
 // fresh this step. With a grad scale (GradScaler's), the grads are divided by it first.
 // Masked (a mask byte per element): where the mask is 0 the param is stored as 0 and
 // every other written role as it was loaded (a masked call loads fresh roles too).
-template <class Opt, class P, class T, bool Masked> struct StepKernel {
+template <class Opt, class P, class T, class S, bool Masked> struct StepKernel {
   using F = Formula<Opt>;
   static constexpr int N = Opt::num_roles;
   typename F::template Coeffs<T> c;
@@ -39,7 +39,7 @@ template <class Opt, class P, class T, bool Masked> struct StepKernel {
     for_each_role<N>([&](auto role_index) {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
-      using Storage = std::conditional_t<role.kind == RoleKind::state, T, P>;
+      using Storage = std::conditional_t<role.kind == RoleKind::state, S, P>;
       x[r] = (!role.optional || load[r]) ? L::load(static_cast<const Storage*>(ptr[r][i]) + j)
                                          : V(T(0));
       if (role.kind == RoleKind::grad && scale_grads) x[r] = x[r] / V(grad_scale);
@@ -60,23 +60,23 @@ template <class Opt, class P, class T, bool Masked> struct StepKernel {
     for_each_role<N>([&](auto role_index) {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
-      using Storage = std::conditional_t<role.kind == RoleKind::state, T, P>;
+      using Storage = std::conditional_t<role.kind == RoleKind::state, S, P>;
       if (role.written && (!role.optional || store[r]))
         L::store(static_cast<Storage*>(ptr[r][i]) + j, x[r]);
     });
   }
 };
 
-template <class Opt, class P, class T, bool Masked>
+template <class Opt, class P, class T, class S, bool Masked>
 void run_step(const TensorTable& t, const typename Opt::Hyper& h, int64_t step,
               double grad_scale) {
-  StepKernel<Opt, P, T, Masked> k{Formula<Opt>::template coeffs<T>(h, step),
-                                  {},
-                                  reinterpret_cast<const uint8_t* const*>(t.ptrs[cpu::kMaskSlot]),
-                                  {},
-                                  {},
-                                  grad_scale != 1.0,
-                                  T(grad_scale)};
+  StepKernel<Opt, P, T, S, Masked> k{Formula<Opt>::template coeffs<T>(h, step),
+                                     {},
+                                     reinterpret_cast<const uint8_t* const*>(t.ptrs[cpu::kMaskSlot]),
+                                     {},
+                                     {},
+                                     grad_scale != 1.0,
+                                     T(grad_scale)};
   for (int r = 0; r < Opt::num_roles; ++r) {
     k.ptr[r] = t.ptrs[r];
     k.store[r] = t.ptrs[r] != nullptr;
@@ -85,11 +85,19 @@ void run_step(const TensorTable& t, const typename Opt::Hyper& h, int64_t step,
   run_multi_tensor<WideLane<T>, T>(t, k);
 }
 
-template <class Opt, class P, class T>
+template <class Opt, class P, class T, class S>
 void run_step(const TensorTable& t, const typename Opt::Hyper& h, int64_t step,
               double grad_scale) {
-  if (t.ptrs[cpu::kMaskSlot]) run_step<Opt, P, T, true>(t, h, step, grad_scale);
-  else run_step<Opt, P, T, false>(t, h, step, grad_scale);
+  if (t.ptrs[cpu::kMaskSlot]) run_step<Opt, P, T, S, true>(t, h, step, grad_scale);
+  else run_step<Opt, P, T, S, false>(t, h, step, grad_scale);
+}
+
+// Params of storage type P with float math: float32 or bfloat16 state.
+template <class Opt, class P>
+void run_float_step(const TensorTable& t, DType state, const typename Opt::Hyper& h,
+                    int64_t step, double grad_scale) {
+  if (state == DType::bf16) run_step<Opt, P, float, bfloat16>(t, h, step, grad_scale);
+  else run_step<Opt, P, float, float>(t, h, step, grad_scale);
 }
 
 // dst += src: the bandwidth ceiling the benchmark compares against (12 B/elem fp32).
@@ -115,19 +123,19 @@ namespace cpu {
 namespace FASTOPT_ISA {
 
 template <class Opt>
-void step(const TensorTable& t, DType d, const typename Opt::Hyper& h, int64_t s,
+void step(const TensorTable& t, DType d, DType state, const typename Opt::Hyper& h, int64_t s,
           double grad_scale) {
-  using fastopt::FASTOPT_ISA::run_step;
+  using namespace fastopt::FASTOPT_ISA;
   switch (d) {
-    case DType::f32: run_step<Opt, float, float>(t, h, s, grad_scale); break;
-    case DType::f64: run_step<Opt, double, double>(t, h, s, grad_scale); break;
-    case DType::f16: run_step<Opt, float16, float>(t, h, s, grad_scale); break;
-    case DType::bf16: run_step<Opt, bfloat16, float>(t, h, s, grad_scale); break;
+    case DType::f32: run_float_step<Opt, float>(t, state, h, s, grad_scale); break;
+    case DType::f64: run_step<Opt, double, double, double>(t, h, s, grad_scale); break;
+    case DType::f16: run_float_step<Opt, float16>(t, state, h, s, grad_scale); break;
+    case DType::bf16: run_float_step<Opt, bfloat16>(t, state, h, s, grad_scale); break;
     case DType::u8: throw std::invalid_argument("fastopt: optimizer params must be float arrays");
   }
 }
 #define FASTOPT_INSTANTIATE(Opt) \
-  template void step<Opt>(const TensorTable&, DType, const Opt::Hyper&, int64_t, double);
+  template void step<Opt>(const TensorTable&, DType, DType, const Opt::Hyper&, int64_t, double);
 FASTOPT_OPTIMIZERS(FASTOPT_INSTANTIATE)
 #undef FASTOPT_INSTANTIATE
 

@@ -16,12 +16,13 @@
 FASTOPT_ISA_BEGIN
 namespace {
 
-// P: storage type of params and grads; T: math and state type. Bit r of loads / stores:
+// P: storage type of params and grads; T: math type; S: the state's storage type (T, or
+// bfloat16 for T = float: loaded exactly, stored rounded to nearest even). Bit r of loads / stores:
 // the call reads / writes role r (optional roles the options leave unused are neither).
 // With a grad scale (GradScaler's), the grads are divided by it as they are loaded.
 // Masked (a mask byte per element, ptr[kMaskSlot]): where the mask is 0 the param is
 // stored as 0 and every other written role as it was loaded (masked calls load them all).
-template <class Opt, class P, class T> struct StepOp {
+template <class Opt, class P, class T, class S> struct StepOp {
   using F = Formula<Opt>;
   static constexpr int N = Opt::num_roles;
   typename F::template Coeffs<T> c;
@@ -37,7 +38,7 @@ template <class Opt, class P, class T> struct StepOp {
       constexpr Role role = Opt::roles[r];
       if (!role.optional || (loads >> r & 1u)) {
         if constexpr (role.kind == RoleKind::state)
-          cuda::load<W>(x[r], static_cast<const T*>(ptr[r]) + j);
+          cuda::load<W>(x[r], static_cast<const S*>(ptr[r]) + j);
         else
           cuda::load<W>(x[r], static_cast<const P*>(ptr[r]) + j);
       } else {
@@ -71,7 +72,7 @@ template <class Opt, class P, class T> struct StepOp {
       constexpr Role role = Opt::roles[r];
       if (role.written && (!role.optional || (stores >> r & 1u))) {
         if constexpr (role.kind == RoleKind::state)
-          cuda::store<W>(static_cast<T*>(ptr[r]) + j, x[r]);
+          cuda::store<W>(static_cast<S*>(ptr[r]) + j, x[r]);
         else
           cuda::store<W>(static_cast<P*>(ptr[r]) + j, x[r]);
       }
@@ -79,12 +80,23 @@ template <class Opt, class P, class T> struct StepOp {
   }
 };
 
-template <class Opt, class P, class T>
+template <class Opt, class P, class T, class S>
 void launch(const cuda::LaunchTables& t, const typename Opt::Hyper& h, int64_t step,
             double grad_scale, unsigned loads, unsigned stores, bool masked, cudaStream_t s) {
-  const StepOp<Opt, P, T> op{Formula<Opt>::template coeffs<T>(h, step), loads, stores,
-                             grad_scale != 1.0, T(grad_scale), masked};
+  const StepOp<Opt, P, T, S> op{Formula<Opt>::template coeffs<T>(h, step), loads, stores,
+                                grad_scale != 1.0, T(grad_scale), masked};
   cuda::launch_multi_tensor(Opt::name, t, op, s);
+}
+
+// Params of storage type P with float math: float32 or bfloat16 state.
+template <class Opt, class P>
+void launch_float(const cuda::LaunchTables& t, cuda::DType state, const typename Opt::Hyper& h,
+                  int64_t step, double scale, unsigned loads, unsigned stores, bool masked,
+                  cudaStream_t s) {
+  if (state == cuda::DType::bf16)
+    launch<Opt, P, float, __nv_bfloat16>(t, h, step, scale, loads, stores, masked, s);
+  else
+    launch<Opt, P, float, float>(t, h, step, scale, loads, stores, masked, s);
 }
 
 }  // namespace
@@ -94,15 +106,21 @@ namespace fastopt {
 namespace cuda {
 
 template <class Opt>
-void step(const LaunchTables& t, DType d, const typename Opt::Hyper& h, int64_t s,
+void step(const LaunchTables& t, DType d, DType state, const typename Opt::Hyper& h, int64_t s,
           double scale, unsigned loads, unsigned stores, bool masked, cudaStream_t stream) {
   using namespace fastopt::FASTOPT_ISA;
   switch (d) {
-    case DType::f32: launch<Opt, float, float>(t, h, s, scale, loads, stores, masked, stream); break;
-    case DType::f64: launch<Opt, double, double>(t, h, s, scale, loads, stores, masked, stream); break;
-    case DType::f16: launch<Opt, __half, float>(t, h, s, scale, loads, stores, masked, stream); break;
+    case DType::f32:
+      launch_float<Opt, float>(t, state, h, s, scale, loads, stores, masked, stream);
+      break;
+    case DType::f64:
+      launch<Opt, double, double, double>(t, h, s, scale, loads, stores, masked, stream);
+      break;
+    case DType::f16:
+      launch_float<Opt, __half>(t, state, h, s, scale, loads, stores, masked, stream);
+      break;
     case DType::bf16:
-      launch<Opt, __nv_bfloat16, float>(t, h, s, scale, loads, stores, masked, stream);
+      launch_float<Opt, __nv_bfloat16>(t, state, h, s, scale, loads, stores, masked, stream);
       break;
     default: throw std::invalid_argument("fastopt: optimizer params must be float arrays");
   }
@@ -112,8 +130,6 @@ void step(const LaunchTables& t, DType d, const typename Opt::Hyper& h, int64_t 
 }  // namespace fastopt
 
 #define FASTOPT_CUDA_STEP(Opt)                                                              \
-  template void fastopt::cuda::step<fastopt::Opt>(const fastopt::cuda::LaunchTables&,       \
-                                                  fastopt::cuda::DType,                     \
-                                                  const fastopt::Opt::Hyper&, int64_t,      \
-                                                  double, unsigned, unsigned, bool,         \
-                                                  cudaStream_t);
+  template void fastopt::cuda::step<fastopt::Opt>(                                          \
+      const fastopt::cuda::LaunchTables&, fastopt::cuda::DType, fastopt::cuda::DType,        \
+      const fastopt::Opt::Hyper&, int64_t, double, unsigned, unsigned, bool, cudaStream_t);

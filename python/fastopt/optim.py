@@ -9,6 +9,10 @@ C++ call. ``lr`` is settable; ``schedule=`` (see ``fastopt.schedules``) maps the
 index and ``lr`` to the rate used. ``masks=`` (settable as ``opt.masks``; one bool/uint8
 array per param, e.g. from ``fastopt.prune_magnitude``) is applied by every step: where a
 mask is False the param is set to 0 and its state is left as it is (see ``fastopt.sgd_``).
+``state_dtype="bfloat16"`` keeps every state array in bfloat16 (half the state's bytes;
+loaded exactly, updated in float32, stored rounded to nearest even; NumPy state through
+``ml_dtypes``), for float32 and 16-bit params; the default ``"float32"`` is the params' own
+state type (float64 for float64 params).
 ``state_dict()`` / ``load_state_dict()`` round-trip exactly (step count, lr,
 hyper-parameters, every state element), so a restored optimizer continues bit-identically;
 masks are not part of it (they belong to the model, like torch's pruning buffers).
@@ -28,6 +32,9 @@ from ._specs import OPTIMIZERS, OptimizerSpec
 from ._validate import real
 
 Schedule = Callable[[int, float], float]
+# The state types the classes allocate: "float32" is the params' own state type (float32,
+# or float64 for float64 params); "bfloat16" halves the state's bytes.
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 class Optimizer:
@@ -45,6 +52,7 @@ class Optimizer:
         hyper: Dict[str, Any],
         initial_state: Optional[Dict[str, float]] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
     ):
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
@@ -65,8 +73,17 @@ class Optimizer:
         self.lr = lr
         self._kw, used = self._validated(self._hyper, self._lr)
         self._initial = dict(initial_state or {})
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"state_dtype: expected one of {', '.join(map(repr, STATE_DTYPES))}, "
+                f"got {state_dtype!r}"
+            )
+        self.state_dtype = state_dtype
+        bfloat16 = state_dtype == "bfloat16"
         self.state: Dict[str, List[Any]] = {
-            name: [_arrays.state_like(f"params[{i}]", p) for i, p in enumerate(self.params)]
+            name: [
+                _arrays.state_like(f"params[{i}]", p, bfloat16) for i, p in enumerate(self.params)
+            ]
             for name in used
         }
         self._state_lists = self._kernel_state(used)
@@ -283,6 +300,7 @@ class SGD(Optimizer):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
     ):
         hyper = dict(
             momentum=momentum,
@@ -292,7 +310,9 @@ class SGD(Optimizer):
             maximize=maximize,
             l1=l1,
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
+        super().__init__(
+            params, lr=lr, schedule=schedule, hyper=hyper, masks=masks, state_dtype=state_dtype
+        )
 
 
 class Adagrad(Optimizer):
@@ -314,6 +334,7 @@ class Adagrad(Optimizer):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
     ):
         init = real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
         hyper = dict(
@@ -326,6 +347,7 @@ class Adagrad(Optimizer):
             hyper=hyper,
             initial_state={"state_sums": init},
             masks=masks,
+            state_dtype=state_dtype,
         )
 
 
@@ -348,6 +370,7 @@ class RMSprop(Optimizer):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
     ):
         hyper = dict(
             alpha=alpha,
@@ -358,7 +381,9 @@ class RMSprop(Optimizer):
             maximize=maximize,
             l1=l1,
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
+        super().__init__(
+            params, lr=lr, schedule=schedule, hyper=hyper, masks=masks, state_dtype=state_dtype
+        )
 
 
 class Adam(Optimizer):
@@ -381,6 +406,7 @@ class Adam(Optimizer):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
     ):
         hyper = dict(
             beta1=beta1,
@@ -392,7 +418,9 @@ class Adam(Optimizer):
             maximize=maximize,
             l1=l1,
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
+        super().__init__(
+            params, lr=lr, schedule=schedule, hyper=hyper, masks=masks, state_dtype=state_dtype
+        )
 
 
 class AdamW(Adam):
@@ -413,6 +441,7 @@ class AdamW(Adam):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
     ):
         super().__init__(
             params,
@@ -427,6 +456,7 @@ class AdamW(Adam):
             l1=l1,
             schedule=schedule,
             masks=masks,
+            state_dtype=state_dtype,
         )
 
 
@@ -450,11 +480,14 @@ class Sophia(Optimizer):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
     ):
         hyper = dict(
             beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize, l1=l1
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
+        super().__init__(
+            params, lr=lr, schedule=schedule, hyper=hyper, masks=masks, state_dtype=state_dtype
+        )
         self._ema_plan = None if self._plan is None or _ext._cuda is None else _ext._cuda.Plan()
 
     def update_hessian(
@@ -475,7 +508,8 @@ class Sophia(Optimizer):
 
 def _class_from_spec(spec: OptimizerSpec) -> type:
     """The class of an optimizer that needs nothing beyond its table entry:
-    ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None, masks=None)``,
+    ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None, masks=None,
+    state_dtype="float32")``,
     named after the spec (``"name"`` -> ``Name``) and documented by its functional step."""
     lr_default = spec.hyper["lr"].default
     others = {name: h.default for name, h in spec.hyper.items() if name != "lr"}
@@ -487,6 +521,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
         *,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
         **hyper: Any,
     ) -> None:
         unknown = sorted(set(hyper) - set(others))
@@ -495,7 +530,13 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
         if lr is None:
             raise TypeError(f"{type(self).__name__}: missing argument 'lr'")
         Optimizer.__init__(
-            self, params, lr=lr, schedule=schedule, hyper={**others, **hyper}, masks=masks
+            self,
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper={**others, **hyper},
+            masks=masks,
+            state_dtype=state_dtype,
         )
 
     keyword = inspect.Parameter.KEYWORD_ONLY
@@ -511,6 +552,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
             *(inspect.Parameter(n, keyword, default=d) for n, d in others.items()),
             inspect.Parameter("schedule", keyword, default=None),
             inspect.Parameter("masks", keyword, default=None),
+            inspect.Parameter("state_dtype", keyword, default="float32"),
         ]
     )
     name = spec.name.capitalize()

@@ -59,6 +59,11 @@ Decisions, where torch.optim offers a choice:
   is one synchronisation per step (the kernels take host scalars). After ``scaler.unscale_``
   (for clipping) the grads are taken as they are. The trajectory is torch.optim's under the
   same scaler.
+- ``state_dtype=`` (every class, keyword-only, a group option): ``"float32"`` (default: the
+  state types above) or ``"bfloat16"`` (every state tensor but ``step`` in bfloat16: half the
+  state's bytes; loaded exactly, updated in float32, stored rounded to nearest even; not for
+  float64 params). State of another float type (a checkpoint saved with the other choice,
+  or a group whose ``state_dtype`` changed) is converted at the next step.
 - ``masks=`` (every class, keyword-only; or ``set_masks`` later): pruning masks, e.g. from
   ``fastopt.prune_magnitude``, as a dict {param: mask} or one mask per param. Where a mask is
   False the step sets the param to 0 and leaves its state untouched, inside the one fused
@@ -265,7 +270,16 @@ class _Bucket:
 class _GroupCache:
     """A group's buckets and what they were built from (checked at each step)."""
 
-    __slots__ = ("params", "has_grad", "state", "roles", "buckets", "whole", "masks_version")
+    __slots__ = (
+        "params",
+        "has_grad",
+        "state",
+        "roles",
+        "buckets",
+        "whole",
+        "masks_version",
+        "state_dtype",
+    )
 
     def __init__(
         self,
@@ -275,8 +289,10 @@ class _GroupCache:
         roles: Tuple[bool, ...],
         buckets: List[_Bucket],
         masks_version: int,
+        state_dtype: Any,
     ):
         self.masks_version = masks_version
+        self.state_dtype = state_dtype  # the group's "state_dtype" the state was made for
         self.params = params
         self.has_grad = has_grad
         self.state = state
@@ -433,8 +449,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """What a fresh state array ``name`` (a table name) starts with."""
         return 0.0
 
-    def _new_state(self, p: torch.Tensor, value: float) -> torch.Tensor:
-        dtype = torch.float32 if p.dtype in _HALF else p.dtype
+    @staticmethod
+    def _state_type(where: str, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:
+        """The dtype of ``p``'s state under ``group["state_dtype"]``."""
+        kind = group.get("state_dtype", "float32")
+        if kind == "bfloat16":
+            if p.dtype == torch.float64:
+                raise ValueError(
+                    f"{where}: state_dtype='bfloat16' is for float32 and 16-bit params, not float64"
+                )
+            return torch.bfloat16
+        if kind != "float32":
+            raise ValueError(f"state_dtype: expected 'float32' or 'bfloat16', got {kind!r}")
+        return torch.float32 if p.dtype in _HALF else p.dtype
+
+    def _new_state(self, p: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
         out = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if value:
             out.fill_(value)
@@ -450,20 +479,23 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if self._tracks_step and "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=_step_dtype())
         fresh = False
-        want = torch.float32 if p.dtype in _HALF else p.dtype
+        want = self._state_type(where, p, group)
         for role, use in zip(self._spec.states, used):
             key = STATE_KEYS[role.name]
             if not use:
                 continue
             s = state.get(key)
             if s is None:
-                state[key] = self._new_state(p, self._initial_value(role.name, group))
+                state[key] = self._new_state(p, self._initial_value(role.name, group), want)
                 fresh = True
                 continue
+            convert = (
+                isinstance(s, torch.Tensor) and s.dtype != want and s.is_floating_point()
+            )  # another float type (a checkpoint's, a changed state_dtype): taken as its values
             if (
                 not isinstance(s, torch.Tensor)
                 or s.shape != p.shape
-                or s.dtype != want
+                or (s.dtype != want and not convert)
                 or s.device != p.device
             ):
                 got = (
@@ -475,8 +507,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     f"state of {where}: '{key}' must be a {tuple(p.shape)} "
                     f"{want} tensor on {p.device} like its param, got {got}"
                 )
-            if _local(s).stride() != _local(p).stride():  # same strides as the param
-                moved = self._new_state(p, 0.0)
+            if convert or _local(s).stride() != _local(p).stride():  # the param's strides
+                moved = self._new_state(p, 0.0, want)
                 moved.copy_(s)
                 state[key] = moved
         return state, fresh
@@ -549,6 +581,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             used,
             buckets,
             self._masks_version,
+            group.get("state_dtype"),
         )
 
     @staticmethod
@@ -605,6 +638,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             and cache.has_grad == [g is not None for g in grads]
             and cache.roles == used
             and cache.masks_version == self._masks_version
+            and cache.state_dtype == group.get("state_dtype")
         ):
             lists = [b.state_lists(self.state) for b in cache.buckets]
         if cache is None or lists is None or None in lists:
@@ -751,6 +785,7 @@ class SGD(_FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         l1: float = 0.0,
+        state_dtype: str = "float32",
         masks: Any = None,
     ):
         defaults = dict(
@@ -764,6 +799,7 @@ class SGD(_FusedOptimizer):
             differentiable=differentiable,
             fused=fused,
             l1=l1,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults, masks)
 
@@ -790,6 +826,7 @@ class Adagrad(_FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         l1: float = 0.0,
+        state_dtype: str = "float32",
         masks: Any = None,
     ):
         real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
@@ -804,6 +841,7 @@ class Adagrad(_FusedOptimizer):
             differentiable=differentiable,
             fused=fused,
             l1=l1,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults, masks)
         for index, group in enumerate(self.param_groups):
@@ -838,6 +876,7 @@ class RMSprop(_FusedOptimizer):
         differentiable: bool = False,
         *,
         l1: float = 0.0,
+        state_dtype: str = "float32",
         masks: Any = None,
     ):
         defaults = dict(
@@ -852,6 +891,7 @@ class RMSprop(_FusedOptimizer):
             maximize=maximize,
             differentiable=differentiable,
             l1=l1,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults, masks)
 
@@ -880,6 +920,7 @@ class Adam(_FusedOptimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
+        state_dtype: str = "float32",
         masks: Any = None,
     ):
         defaults = dict(
@@ -895,6 +936,7 @@ class Adam(_FusedOptimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
             l1=l1,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults, masks)
 
@@ -918,6 +960,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         l1: float = 0.0,
+        state_dtype: str = "float32",
         masks: Any = None,
     ):
         super().__init__(
@@ -934,6 +977,7 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             l1=l1,
+            state_dtype=state_dtype,
             masks=masks,
         )
 
@@ -964,6 +1008,7 @@ class Lion(_FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         l1: float = 0.0,
+        state_dtype: str = "float32",
         masks: Any = None,
     ):
         defaults = dict(
@@ -976,6 +1021,7 @@ class Lion(_FusedOptimizer):
             capturable=capturable,
             differentiable=differentiable,
             l1=l1,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults, masks)
 
@@ -1004,6 +1050,7 @@ class Sophia(_FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         l1: float = 0.0,
+        state_dtype: str = "float32",
         masks: Any = None,
     ):
         defaults = dict(
@@ -1018,6 +1065,7 @@ class Sophia(_FusedOptimizer):
             capturable=capturable,
             differentiable=differentiable,
             l1=l1,
+            state_dtype=state_dtype,
         )
         self._hessian_beta("", defaults)
         super().__init__(params, defaults, masks)
