@@ -39,11 +39,14 @@ void step(const py::args& args, const py::kwargs& kwargs) {
     roles[r] = {Opt::roles[r].name, call.lists[r], Opt::roles[r].written, Opt::roles[r].kind};
   roles[Opt::num_roles] = {"masks", call.masks, false, fastopt::RoleKind::mask};
   const ArrayTable arrays(roles, call.listed);
+  if (call.options.stochastic && arrays.total() > 0 && arrays.dtype() != cpu::DType::bf16)
+    throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
+                                      "bfloat16 params, these are ") + cpu::dtype_name(arrays.dtype()));
   cpu::TensorTable table = arrays.table();
   table.fresh = call.fresh;
-  run_released(
-      [&] { cpu::step<Opt>(table, arrays.dtype(), arrays.state_dtype(), call.hyper, call.step,
-                           call.grad_scale); });
+  run_released([&] {
+    cpu::step<Opt>(table, arrays.dtype(), arrays.state_dtype(), call.hyper, call.options);
+  });
 }
 
 // ---- quantization and Newton: the same arguments as fastopt._cuda's (stream=None here).

@@ -133,8 +133,12 @@ void step(const py::args& args, const py::kwargs& kwargs) {
   if (plan.tables().empty()) return;  // nothing but zero-size arrays
   check_stream_device(stream, plan.device());
   DeviceGuard guard(plan.device());
-  cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.step,
-                  call.grad_scale, loads, stores, masked, reinterpret_cast<cudaStream_t>(stream));
+  if (call.options.stochastic && plan.dtype() != cuda::DType::bf16)
+    throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
+                                      "bfloat16 params, these are ") +
+                          fastopt::bindings::dtype_name(plan.dtype()));
+  cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.options,
+                  loads, stores, masked, reinterpret_cast<cudaStream_t>(stream));
 }
 
 // ---- quantization and Newton: the same arguments as fastopt._cpu's. Every size is read

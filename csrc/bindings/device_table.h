@@ -611,6 +611,7 @@ class DevicePlan {
       cuda::LaunchTable& t = tables_.back();
       const int k = t.num_tensors++;
       t.size[k] = sizes_[i];
+      t.index[k] = int32_t(i);
       t.block_start[k + 1] = t.block_start[k] + blocks_of(sizes_[i]);
       for (int q = 0; q < kMaxSlots; ++q)
         t.ptrs[q][k] = used_[q] ? reinterpret_cast<void*>(entries_[q][i].ptr) : nullptr;

@@ -79,13 +79,13 @@ void set_num_threads(int64_t n) {
 
 // Optimizer kernels take the thread count in their table.
 template <class Opt>
-void step(TensorTable t, DType d, DType state, const typename Opt::Hyper& h, int64_t s,
-          double grad_scale) {
+void step(TensorTable t, DType d, DType state, const typename Opt::Hyper& h,
+          const StepOptions& o) {
   t.num_threads = num_threads();
-  FASTOPT_ISA_CALL(step<Opt>, t, d, state, h, s, grad_scale);
+  FASTOPT_ISA_CALL(step<Opt>, t, d, state, h, o);
 }
 #define FASTOPT_INSTANTIATE(Opt) \
-  template void step<Opt>(TensorTable, DType, DType, const Opt::Hyper&, int64_t, double);
+  template void step<Opt>(TensorTable, DType, DType, const Opt::Hyper&, const StepOptions&);
 FASTOPT_OPTIMIZERS(FASTOPT_INSTANTIATE)
 #undef FASTOPT_INSTANTIATE
 

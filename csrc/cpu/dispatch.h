@@ -24,8 +24,8 @@ void set_num_threads(int64_t n);
 // Optimizer Opt's step with the active ISA and the thread count filled into the table
 // (instantiated for every optimizer of common/optim/registry.h).
 template <class Opt>
-void step(TensorTable t, DType params, DType state, const typename Opt::Hyper&, int64_t step,
-          double grad_scale);
+void step(TensorTable t, DType params, DType state, const typename Opt::Hyper&,
+          const StepOptions&);
 void add_inplace(TensorTable t, DType);
 
 // Batched damped Cholesky solve and Newton update (see newton_kernels.h).

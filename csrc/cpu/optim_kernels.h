@@ -34,7 +34,7 @@ inline const char* dtype_name(DType d) {
   namespace isa {                                                                        \
   template <class Opt>                                                                   \
   void step(const TensorTable&, DType params, DType state, const typename Opt::Hyper&,   \
-            int64_t step, double grad_scale);                                            \
+            const StepOptions&);                                                         \
   void add_inplace(const TensorTable&, DType);                                           \
   }
 FASTOPT_DECLARE_CPU_KERNELS(isa_scalar)

@@ -32,6 +32,7 @@ struct LaunchTable {
   uint8_t vector_ok[kLaunchTensors];   // every pointer of the tensor allows vector access
   int64_t block_start[kLaunchTensors + 1];
   int64_t size[kLaunchTensors];        // elements
+  int32_t index[kLaunchTensors];       // the tensor's position in the call's list
   void* ptrs[kMaxSlots][kLaunchTensors];  // per role, then the masks (kMaskSlot)
 };
 static_assert(sizeof(LaunchTable) <= 32000, "a kernel argument holds at most 32764 bytes");

@@ -14,6 +14,14 @@ no state array changes; elsewhere the step is the unmasked one, bit for bit. The
 read in the same pass (one more byte per element), so a pruned model stays pruned while it
 trains and its pruned elements keep their state for when a mask is lifted.
 
+Every step takes ``rounding="nearest" | "stochastic"`` and ``seed=``: with bfloat16 params,
+``"stochastic"`` rounds the updated params to bfloat16 stochastically (unbiased, so updates
+smaller than half an ulp are not lost: bfloat16 training without a float32 master copy),
+from a counter-based hash of (seed, step, the tensor's position in the list, the element's
+index): reproducible for a given seed, the same on every path, thread count and device.
+Optimizers without ``step`` (RMSprop, Sophia, Lion) key only by the seed: give each step
+its own (the classes do). ``seed=None`` draws a fresh one. Nearest is round half to even.
+
 CUDA arrays (PyTorch CUDA tensors, CuPy arrays, anything with ``__cuda_array_interface__``
 or CUDA DLPack) run the CUDA kernels, chosen by where ``params`` lives: a whole list in
 one kernel launch (one per 384 tensors), queued on ``stream`` -- an int handle or a
@@ -29,6 +37,7 @@ optimizer classes pass their cached ``fastopt._cuda.Plan``.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -79,6 +88,8 @@ class StepKernel:
         stream: Any,
         plan: Any,
         masks: Any = None,
+        rounding: str = "nearest",
+        seed: Any = None,
     ) -> None:
         """One step: ``arrays`` in binding order (None for an optional one not given),
         ``hyper`` the values in the spec's order, ``step`` (when the spec takes it),
@@ -110,6 +121,8 @@ class StepKernel:
         if masks is not None:
             masks = masks if listed and type(masks) is list else as_list("masks", masks, listed)
             kw = {**kw, "masks": masks}
+        if rounding != "nearest" or seed is not None:
+            kw = {**kw, **stochastic_rounding(rounding, seed)}
         first = lists[0]
         if stream is None and first and type(first[0]) is _NDARRAY:  # the CPU, as launch()
             if self.takes_step:
@@ -157,6 +170,24 @@ class StepKernel:
             getattr(kernels, self.kernel)(*lists, listed, **kw, **extra)
 
 
+def stochastic_rounding(rounding: Any, seed: Any) -> Dict[str, int]:
+    """The kernel keyword for ``rounding=``/``seed=``: {} for round-to-nearest, else
+    ``stochastic_seed`` (``seed``, or a fresh one when None)."""
+    if rounding == "nearest":
+        if seed is not None:
+            raise ValueError("seed: only applies with rounding='stochastic'")
+        return {}
+    if rounding != "stochastic":
+        raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
+    if seed is None:
+        return {"stochastic_seed": secrets.randbits(64)}
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
+    return {"stochastic_seed": int(seed)}
+
+
 STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZERS.items()}
 # The bound runs the functions below call (a bound method is the cheapest call).
 _SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION = (
@@ -179,6 +210,8 @@ def sgd_(
     step: int = 1,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -196,6 +229,8 @@ def sgd_(
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
     )
 
 
@@ -212,6 +247,8 @@ def adagrad_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -227,6 +264,8 @@ def adagrad_(
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
     )
 
 
@@ -246,6 +285,8 @@ def rmsprop_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -264,6 +305,8 @@ def rmsprop_(
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
     )
 
 
@@ -285,6 +328,8 @@ def adam_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -302,6 +347,8 @@ def adam_(
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
     )
 
 
@@ -322,6 +369,8 @@ def adamw_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -333,6 +382,8 @@ def adamw_(
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
     )
 
 
@@ -350,6 +401,8 @@ def sophia_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -367,6 +420,8 @@ def sophia_(
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
     )
 
 
@@ -382,6 +437,8 @@ def lion_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -399,6 +456,8 @@ def lion_(
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
     )
 
 
@@ -429,7 +488,8 @@ def _signature_mismatches(fn: Callable[..., None], spec: OptimizerSpec) -> List[
     optional = tuple(a.name for a in spec.arrays if a.optional)
     if positional != roles or roles[len(roles) - len(fn.__defaults__ or ()) :] != optional:
         out.append(f"{fn.__name__}: arrays {positional} != {roles} (optional {optional})")
-    hyper = tuple(k for k in keywords if k not in ("step", "masks", "stream", "_plan"))
+    generic = ("step", "masks", "rounding", "seed", "stream", "_plan")
+    hyper = tuple(k for k in keywords if k not in generic)
     if hyper != tuple(spec.hyper):
         out.append(f"{fn.__name__}: hyper-parameters {hyper} != {tuple(spec.hyper)}")
     if ("step" in keywords) != spec.takes_step:

@@ -13,6 +13,9 @@ mask is False the param is set to 0 and its state is left as it is (see ``fastop
 loaded exactly, updated in float32, stored rounded to nearest even; NumPy state through
 ``ml_dtypes``), for float32 and 16-bit params; the default ``"float32"`` is the params' own
 state type (float64 for float64 params).
+``stochastic_rounding=True`` (bfloat16 params) rounds the params stochastically at every step
+(see ``fastopt.sgd_``), keyed by ``seed`` (drawn when None) and the step count: bfloat16
+training without a float32 master copy, reproducible for a given seed.
 ``state_dict()`` / ``load_state_dict()`` round-trip exactly (step count, lr,
 hyper-parameters, every state element), so a restored optimizer continues bit-identically;
 masks are not part of it (they belong to the model, like torch's pruning buffers).
@@ -29,7 +32,7 @@ import numpy as np
 from . import _arrays, _ext, functional
 from ._arrays import ArrayOrList, as_list
 from ._specs import OPTIMIZERS, OptimizerSpec
-from ._validate import real
+from ._validate import flag, real
 
 Schedule = Callable[[int, float], float]
 # The state types the classes allocate: "float32" is the params' own state type (float32,
@@ -53,6 +56,8 @@ class Optimizer:
         initial_state: Optional[Dict[str, float]] = None,
         masks: Optional[ArrayOrList] = None,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
@@ -79,6 +84,20 @@ class Optimizer:
                 f"got {state_dtype!r}"
             )
         self.state_dtype = state_dtype
+        # stochastic rounding: the seed of every step, mixed with the step count
+        self._rounding_seed: Optional[int] = None
+        if flag("stochastic_rounding", stochastic_rounding):
+            for i, p in enumerate(self.params):
+                if _arrays.dtype_name(p) != "bfloat16":
+                    raise ValueError(
+                        "stochastic_rounding: applies to bfloat16 params; "
+                        f"params[{i}] is {_arrays.dtype_name(p)}"
+                    )
+            self._rounding_seed = functional.stochastic_rounding("stochastic", seed)[
+                "stochastic_seed"
+            ]
+        elif seed is not None:
+            raise ValueError("seed: only applies with stochastic_rounding=True")
         bfloat16 = state_dtype == "bfloat16"
         self.state: Dict[str, List[Any]] = {
             name: [
@@ -162,6 +181,8 @@ class Optimizer:
         kw = {**self._kw, "lr": self.current_lr()}
         if self._masks is not None:
             kw["masks"] = self._masks
+        if self._rounding_seed is not None:
+            kw["stochastic_seed"] = (self._rounding_seed ^ (t * 0x9E3779B97F4A7C15)) % 2**64
         lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
         self._kernel.launch(lists, self._listed, kw, t, stream, self._plan)
         self._step = t
@@ -301,6 +322,8 @@ class SGD(Optimizer):
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         hyper = dict(
             momentum=momentum,
@@ -311,7 +334,14 @@ class SGD(Optimizer):
             l1=l1,
         )
         super().__init__(
-            params, lr=lr, schedule=schedule, hyper=hyper, masks=masks, state_dtype=state_dtype
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper=hyper,
+            masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
 
@@ -335,6 +365,8 @@ class Adagrad(Optimizer):
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         init = real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
         hyper = dict(
@@ -348,6 +380,8 @@ class Adagrad(Optimizer):
             initial_state={"state_sums": init},
             masks=masks,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
 
@@ -371,6 +405,8 @@ class RMSprop(Optimizer):
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         hyper = dict(
             alpha=alpha,
@@ -382,7 +418,14 @@ class RMSprop(Optimizer):
             l1=l1,
         )
         super().__init__(
-            params, lr=lr, schedule=schedule, hyper=hyper, masks=masks, state_dtype=state_dtype
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper=hyper,
+            masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
 
@@ -407,6 +450,8 @@ class Adam(Optimizer):
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         hyper = dict(
             beta1=beta1,
@@ -419,7 +464,14 @@ class Adam(Optimizer):
             l1=l1,
         )
         super().__init__(
-            params, lr=lr, schedule=schedule, hyper=hyper, masks=masks, state_dtype=state_dtype
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper=hyper,
+            masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
 
@@ -442,6 +494,8 @@ class AdamW(Adam):
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         super().__init__(
             params,
@@ -457,6 +511,8 @@ class AdamW(Adam):
             schedule=schedule,
             masks=masks,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
 
@@ -481,12 +537,21 @@ class Sophia(Optimizer):
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         hyper = dict(
             beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize, l1=l1
         )
         super().__init__(
-            params, lr=lr, schedule=schedule, hyper=hyper, masks=masks, state_dtype=state_dtype
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper=hyper,
+            masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
         self._ema_plan = None if self._plan is None or _ext._cuda is None else _ext._cuda.Plan()
 
@@ -509,7 +574,7 @@ class Sophia(Optimizer):
 def _class_from_spec(spec: OptimizerSpec) -> type:
     """The class of an optimizer that needs nothing beyond its table entry:
     ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None, masks=None,
-    state_dtype="float32")``,
+    state_dtype="float32", stochastic_rounding=False, seed=None)``,
     named after the spec (``"name"`` -> ``Name``) and documented by its functional step."""
     lr_default = spec.hyper["lr"].default
     others = {name: h.default for name, h in spec.hyper.items() if name != "lr"}
@@ -522,6 +587,8 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         **hyper: Any,
     ) -> None:
         unknown = sorted(set(hyper) - set(others))
@@ -537,6 +604,8 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
             hyper={**others, **hyper},
             masks=masks,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
     keyword = inspect.Parameter.KEYWORD_ONLY
@@ -553,6 +622,8 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
             inspect.Parameter("schedule", keyword, default=None),
             inspect.Parameter("masks", keyword, default=None),
             inspect.Parameter("state_dtype", keyword, default="float32"),
+            inspect.Parameter("stochastic_rounding", keyword, default=False),
+            inspect.Parameter("seed", keyword, default=None),
         ]
     )
     name = spec.name.capitalize()

@@ -29,6 +29,7 @@ __all__ = [
     "quantize_blockwise",
     "dequantize_blockwise",
     "uniform24",
+    "bfloat16_stochastic",
 ]
 
 
@@ -290,6 +291,30 @@ def _mix32(x: np.ndarray) -> np.ndarray:
     x *= np.uint32(0x846CA68B)
     x ^= x >> np.uint32(16)
     return x
+
+
+def _u32(x: int) -> np.ndarray:
+    return np.array([x & 0xFFFFFFFF], dtype=np.uint64).astype(np.uint32)
+
+
+def bfloat16_stochastic(x: np.ndarray, seed: int, step: int, tensor: int) -> np.ndarray:
+    """float32 ``x`` (element j at index j of tensor ``tensor`` of a call at ``step`` with
+    ``seed``) rounded stochastically to bfloat16, as the bits (uint16) the kernels store:
+    the 16 bits cut off are compared with 16 random bits of a counter-based hash of
+    (seed, step, tensor, j), so x rounds up with probability equal to its distance from the
+    lower bfloat16 value over the gap; NaN becomes 0x7FFF."""
+    seed_key = _mix32(_u32(seed) ^ _mix32(_u32((int(seed) >> 32) + 0x9E3779B9)))
+    step = int(step) & 0xFFFFFFFFFFFFFFFF
+    step_key = _mix32(_u32(step) ^ _mix32(_u32((step >> 32) + 0x9E3779B9)))
+    key = _mix32(_mix32(seed_key ^ step_key) ^ _mix32(_u32(int(tensor) + 0x7F4A7C15)))
+    j = np.arange(x.size, dtype=np.uint64)
+    lo = (j & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    hi = (j >> np.uint64(32)).astype(np.uint32)
+    random = _mix32(lo ^ _mix32(hi ^ key))
+    u = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    out = ((u.astype(np.uint64) + (random >> np.uint32(16))) >> np.uint64(16)).astype(np.uint16)
+    out[(u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)] = 0x7FFF
+    return out.reshape(x.shape)
 
 
 def uniform24(seed: int, index: np.ndarray) -> np.ndarray:

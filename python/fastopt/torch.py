@@ -64,6 +64,11 @@ Decisions, where torch.optim offers a choice:
   state's bytes; loaded exactly, updated in float32, stored rounded to nearest even; not for
   float64 params). State of another float type (a checkpoint saved with the other choice,
   or a group whose ``state_dtype`` changed) is converted at the next step.
+- ``stochastic_rounding=`` (every class, keyword-only, a group option; default False): the
+  group's bfloat16 params are rounded stochastically at every step (unbiased; bfloat16
+  training without float32 master weights), keyed by the group's ``"rounding_seed"`` (from
+  ``seed=``, drawn when None; checkpoints carry it), the step count and the param's place:
+  reproducible. The group's other params round to nearest as always.
 - ``masks=`` (every class, keyword-only; or ``set_masks`` later): pruning masks, e.g. from
   ``fastopt.prune_magnitude``, as a dict {param: mask} or one mask per param. Where a mask is
   False the step sets the param to 0 and leaves its state untouched, inside the one fused
@@ -90,7 +95,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _arrays, _ext, functional
 from ._specs import OPTIMIZERS, OptimizerSpec
-from ._validate import real
+from ._validate import flag, real
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia"]
 
@@ -644,6 +649,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if cache is None or lists is None or None in lists:
             cache = self._caches[index] = self._build(index, group, grads, used)
             lists = [b.state_lists(self.state) for b in cache.buckets]
+        seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
         for bucket, states in zip(cache.buckets, lists):
             assert states is not None  # the state of a bucket just built
             self._run(
@@ -654,6 +660,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 kw,
                 lr,
                 grad_scale,
+                seed,
             )
 
     def _run(
@@ -665,6 +672,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         kw: Dict[str, Any],
         lr: float,
         grad_scale: float,
+        rounding_seed: Optional[int] = None,
     ) -> None:
         if bucket.inference and not torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -683,6 +691,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "grad_scale": grad_scale}
         if bucket.masks is not None:
             extra = {**extra, "masks": bucket.masks}
+        if rounding_seed is not None and bucket.params[0].dtype == torch.bfloat16:
+            # this step's and this bucket's seed: the kernel adds each param's place
+            key = (
+                rounding_seed ^ ((bucket.done + 1) * 0x9E3779B97F4A7C15) ^ bucket.index[0]
+            ) % 2**64
+            extra = {**extra, "stochastic_seed": key}
         if self._spec.takes_step:
             extra = {**extra, "step": bucket.done + 1}
         try:
@@ -756,6 +770,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
 
+def _rounding_seed(stochastic_rounding: Any, seed: Any) -> Optional[int]:
+    """The "rounding_seed" group option: ``seed`` checked (drawn when None), or None without
+    stochastic rounding."""
+    if not flag("stochastic_rounding", stochastic_rounding):
+        if seed is not None:
+            raise ValueError("seed: only applies with stochastic_rounding=True")
+        return None
+    return functional.stochastic_rounding("stochastic", seed)["stochastic_seed"]
+
+
 def _pair(name: str, betas: Any) -> Tuple[Any, Any]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"{name}: expected a pair (beta1, beta2), got {betas!r}")
@@ -786,6 +810,8 @@ class SGD(_FusedOptimizer):
         fused: Optional[bool] = None,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         defaults = dict(
@@ -800,6 +826,8 @@ class SGD(_FusedOptimizer):
             fused=fused,
             l1=l1,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
 
@@ -827,6 +855,8 @@ class Adagrad(_FusedOptimizer):
         fused: Optional[bool] = None,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
@@ -842,6 +872,8 @@ class Adagrad(_FusedOptimizer):
             fused=fused,
             l1=l1,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
         for index, group in enumerate(self.param_groups):
@@ -877,6 +909,8 @@ class RMSprop(_FusedOptimizer):
         *,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         defaults = dict(
@@ -892,6 +926,8 @@ class RMSprop(_FusedOptimizer):
             differentiable=differentiable,
             l1=l1,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
 
@@ -921,6 +957,8 @@ class Adam(_FusedOptimizer):
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         defaults = dict(
@@ -937,6 +975,8 @@ class Adam(_FusedOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             l1=l1,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
 
@@ -961,6 +1001,8 @@ class AdamW(Adam):
         fused: Optional[bool] = None,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         super().__init__(
@@ -978,6 +1020,8 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             l1=l1,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
             masks=masks,
         )
 
@@ -1009,6 +1053,8 @@ class Lion(_FusedOptimizer):
         differentiable: bool = False,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         defaults = dict(
@@ -1022,6 +1068,8 @@ class Lion(_FusedOptimizer):
             differentiable=differentiable,
             l1=l1,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
 
@@ -1051,6 +1099,8 @@ class Sophia(_FusedOptimizer):
         differentiable: bool = False,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         defaults = dict(
@@ -1066,6 +1116,8 @@ class Sophia(_FusedOptimizer):
             differentiable=differentiable,
             l1=l1,
             state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         self._hessian_beta("", defaults)
         super().__init__(params, defaults, masks)
