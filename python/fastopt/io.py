@@ -161,14 +161,14 @@ def _host(name: str, a: Any) -> np.ndarray:
         )
     if h.dtype.byteorder == ">":
         h = h.astype(h.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(h)
+    return h if h.flags.c_contiguous else h.copy(order="C")  # (0-d arrays stay 0-d)
 
 
 def _float_input(a: Any) -> Any:
     """``a`` as the quantizers take it: C-contiguous float32/float16/bfloat16 of its own
     library (float64 cast to float32; torch CPU tensors as they are)."""
     if isinstance(a, np.ndarray):
-        return np.ascontiguousarray(a, np.float32 if a.dtype == np.float64 else None)
+        return np.require(a, np.float32 if a.dtype == np.float64 else None, "C")
     if _arrays._is_torch(a):
         import torch
 
@@ -281,8 +281,8 @@ def save_quantized(
         for suffix, arr in parts:
             if suffix and name + suffix in taken:
                 raise ValueError(
-                    f"tensors: {name + suffix!r} would hold {name!r}'s {suffix[2:]}; "
-                    "rename that tensor"
+                    f"tensors: {name + suffix!r} is the name of {name!r}'s {suffix[2:]} "
+                    "in the file; rename that tensor"
                 )
             taken.add(name + suffix)
             pieces.append((name + suffix, arr))
@@ -421,7 +421,10 @@ def _array(header: Dict[str, Any], data: np.ndarray, name: str) -> np.ndarray:
     chunk = data[start:stop]
     if start % dt.itemsize:  # a writer that did not align it: a copy that is
         chunk = chunk.copy()
-    return chunk.view(dt).reshape(info["shape"])
+    try:
+        return chunk.view(dt).reshape(info["shape"])
+    except ValueError as exc:  # e.g. (0, 2**61) float32: NumPy's size limit
+        raise _Corrupt(f"tensor {name!r}: shape {info['shape']} is not possible: {exc}") from None
 
 
 def _describe(name: str, text: str, header: Dict[str, Any]) -> Dict[str, Any]:
