@@ -233,9 +233,14 @@ def test_opens_with_safetensors(scheme, tmp_path, rng):
 
 
 def test_file_layout(tmp_path, rng):
-    """8-byte aligned data start, tensors aligned to their element size, no gaps."""
+    """8-byte aligned data start, tensors aligned to their element size, no gaps; the usual
+    permissions (0o666 less the umask), nothing else left in the directory."""
     path = tmp_path / "m"
     save_quantized(path, model(rng, dtypes=(F32,)), scheme="per_channel")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    assert os.listdir(tmp_path) == ["m"]
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     assert (8 + n) % 8 == 0

@@ -84,6 +84,10 @@ def test_torch_dequantize_16bit_outputs(out_dtype, rng):
     out = torch.full(q.shape, float("nan"), dtype=tdtype)
     assert fastopt.dequantize(tq, 0.0371, 3, out_dtype=tdtype, out=out) is out
     assert_bits(as_numpy(out), fastopt.dequantize(q, 0.0371, 3, out_dtype=out_dtype))
+    strided = torch.full(q.shape[::-1], float("nan"), dtype=tdtype).t()  # not C-contiguous
+    with pytest.raises(ValueError, match="^out: must be C-contiguous"):
+        fastopt.dequantize(tq, 0.0371, 3, out_dtype=out_dtype, out=strided)
+    assert torch.isnan(strided).all()
 
 
 @TORCH_DEPRECATION

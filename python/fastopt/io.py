@@ -33,8 +33,8 @@ import json
 import math
 import numbers
 import os
+import secrets
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -137,7 +137,7 @@ def _skip_rule(skip: Any, names: Collection[str]) -> Callable[[str, Tuple[int, .
     return lambda name, shape: name in skipped
 
 
-def _host(name: str, a: Any) -> np.ndarray:
+def _host(a: Any) -> np.ndarray:
     """A C-contiguous little-endian NumPy copy or view of array ``a`` (torch CPU/CUDA, CuPy,
     NumPy), bfloat16 as ml_dtypes'."""
     if isinstance(a, np.ndarray):
@@ -152,13 +152,8 @@ def _host(name: str, a: Any) -> np.ndarray:
             h = t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:
             h = t.numpy()
-    elif _arrays._is_cupy(a):
-        h = a.get()
     else:
-        raise TypeError(
-            f"tensors[{name!r}]: expected a NumPy array, a torch tensor or a CuPy array, "
-            f"got {type(a).__name__}"
-        )
+        h = a.get()  # CuPy
     if h.dtype.byteorder == ">":
         h = h.astype(h.dtype.newbyteorder("<"))
     return h if h.flags.c_contiguous else h.copy(order="C")  # (0-d arrays stay 0-d)
@@ -188,8 +183,8 @@ def _quantize(
     if scheme == "blockwise":
         q, absmax = _quant.quantize_blockwise(x, block_size)
         return {"scheme": scheme, "qdtype": "int8", "block_size": block_size}, [
-            ("", _host(name, q)),
-            ("::absmax", _host(name, absmax)),
+            ("", _host(q)),
+            ("::absmax", _host(absmax)),
         ]
     if scheme == "per_tensor":
         scale, zp = _quant.choose_qparams(x, dtype=qdtype)
@@ -205,7 +200,7 @@ def _quantize(
         q = _quant.quantize_per_channel(x, scales, zps, axis, qdtype)
         fields = {"scheme": scheme, "qdtype": qdtype, "axis": axis}
     return fields, [
-        ("", _host(name, q)),
+        ("", _host(q)),
         ("::scale", np.asarray(scales, np.float32)),
         ("::zero_point", np.asarray(zps, np.int32)),
     ]
@@ -214,9 +209,7 @@ def _quantize(
 def _check_options(scheme: Any, dtype: Any, axis: Any, block_size: Any) -> str:
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
-    if dtype not in _quant.QRANGE and dtype not in (np.int8, np.uint8):
-        raise ValueError(f"dtype: expected 'int8' or 'uint8', got {dtype!r}")
-    qdtype = np.dtype(dtype).name
+    qdtype = _quant._qdtype(dtype)[0].name
     if scheme == "blockwise" and qdtype != "int8":
         raise ValueError("dtype: blockwise quantization is int8 only")
     for arg, value in (("axis", axis), ("block_size", block_size)):
@@ -264,12 +257,15 @@ def save_quantized(
     metadata = {FORMAT_KEY: FORMAT, VERSION_KEY: VERSION}
     for name in names:
         a = tensors[name]
-        type_name = _arrays.dtype_name(a) if hasattr(a, "dtype") else ""
-        shape = tuple(int(d) for d in getattr(a, "shape", ()))
-        if type_name not in _NAME_TO_ST:
+        if not (isinstance(a, np.ndarray) or _arrays._is_torch(a) or _arrays._is_cupy(a)):
             raise TypeError(
-                f"tensors[{name!r}]: dtype {type_name or type(a).__name__} cannot be stored"
+                f"tensors[{name!r}]: expected a NumPy array, a torch tensor or a CuPy array, "
+                f"got {type(a).__name__}"
             )
+        type_name = _arrays.dtype_name(a)
+        shape = tuple(int(d) for d in a.shape)
+        if type_name not in _NAME_TO_ST:
+            raise TypeError(f"tensors[{name!r}]: dtype {type_name} cannot be stored")
         entry: Dict[str, Any] = {"dtype": type_name, "shape": list(shape)}
         if type_name in _FLOATS and not rule(name, shape):
             try:
@@ -277,7 +273,7 @@ def save_quantized(
             except ValueError as exc:
                 raise ValueError(f"tensors[{name!r}]: {exc}") from None
         else:
-            fields, parts = {"scheme": "none"}, [("", _host(name, a))]
+            fields, parts = {"scheme": "none"}, [("", _host(a))]
         for suffix, arr in parts:
             if suffix and name + suffix in taken:
                 raise ValueError(
@@ -306,8 +302,12 @@ def _write(
         offset += arr.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)  # data starts 8-byte aligned, as safetensors pads
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fastopt-", suffix=".tmp")
+    # a new file beside the target (the usual permissions: 0o666 less the umask), renamed
+    # over it once complete
+    tmp = os.path.join(
+        os.path.dirname(os.path.abspath(path)), f".fastopt-{secrets.token_hex(8)}.tmp"
+    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(text)))

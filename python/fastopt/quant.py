@@ -4,7 +4,9 @@ half to even or stochastic rounding.
 Inputs are float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` for NumPy) NumPy arrays
 or PyTorch CPU tensors, or CUDA arrays (PyTorch CUDA tensors, CuPy arrays; run by the CUDA
 kernels on ``stream=``, default the library's current stream, with results identical to
-the CPU's); outputs come back as the input's kind of array, or go into ``out=``. On the
+the CPU's); outputs come back as the input's kind of array, or go into ``out=``. The
+dequantizers compute in float32 and store float32, float16 or bfloat16 (``out_dtype``:
+rounded to nearest even, NaN as 0x7FFF; CuPy has no bfloat16). On the
 GPU the quantizing functions and ``choose_qparams`` wait for their stream once, to report
 non-finite input (and, for the observer, to return its host-side results). All
 arithmetic is float32 and follows ``fastopt.reference`` (same float32 operations: results
