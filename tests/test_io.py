@@ -22,12 +22,11 @@ from typing import Any, Dict
 import ml_dtypes
 import numpy as np
 import pytest
+from backends import assert_bits
+from quant_cases import BF16, F32, OUT_DTYPES, fresh
 
 import fastopt
 from fastopt import QuantizedTensor, load_quantized, save_quantized
-
-from backends import assert_bits
-from quant_cases import BF16, F32, OUT_DTYPES, OUT_IDS, fresh
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -541,7 +540,8 @@ def test_save_bad_tensors(tmp_path, rng):
     ]
     bad = x.copy()
     bad[3, 7] = np.nan
-    cases.append(({"w": bad}, ValueError, r"^tensors\['w'\]: x: non-finite value at index \(3, 7\)"))
+    cases.append(({"w": bad}, ValueError,
+                  r"^tensors\['w'\]: x: non-finite value at index \(3, 7\)"))
     for tensors, exc, match in cases:
         with pytest.raises(exc, match=match):
             save_quantized(path, tensors)
