@@ -152,6 +152,13 @@ bool quantized(const Arg& q, const Arg& like) {
   return q.dtype == "uint8";
 }
 
+// A dequantized output: float32, float16 or bfloat16, shaped like q.
+cpu::OutType dequantized(const Arg& out, const Arg& q) {
+  args::expect_dequantized(out, q);
+  return out.dtype == "float32" ? cpu::OutType::f32
+         : out.dtype == "float16" ? cpu::OutType::f16 : cpu::OutType::bf16;
+}
+
 cpu::DType newton_dtype(const Arg& a) {
   return a.dtype == "float32" ? cpu::DType::f32 : cpu::DType::f64;
 }
@@ -180,7 +187,8 @@ int64_t quantize_affine(py::object x, py::object q, py::object scales, py::objec
   return check_finite ? bad : -1;
 }
 
-// out = (q - zero_point) * scale in float32, per channel along axis (None: per tensor).
+// out = (q - zero_point) * scale in float32, stored as out's float type (float32, float16 or
+// bfloat16), per channel along axis (None: per tensor).
 void dequantize_affine(py::object q, py::object out, py::object scales, py::object zero_points,
                        py::object axis, py::object stream) {
   host_only(stream);
@@ -188,8 +196,7 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   out = to_ndarray(out, "out");
   const HostArg aq(q, "q", false), ao(out, "out", true);
   args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
-  args::expect_dtype(ao.arg, {"float32"}, "float32");
-  args::expect_same_shape(ao.arg, aq.arg);
+  const cpu::OutType out_type = dequantized(ao.arg, aq.arg);
   const args::Channels c = args::channels_of(aq.arg, axis);
   const float* s = args::channel_params(scales, "scales", c.channels);
   const float* z = args::channel_params(zero_points, "zero_points", c.channels);
@@ -199,7 +206,7 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   const cpu::ChannelLayout L{aq.arg.size, c.channels, c.inner};
   const bool unsigned_q = aq.arg.dtype == "uint8";
   run_released([&] {
-    cpu::dequantize_affine(aq.ptr<const void>(), unsigned_q, ao.ptr<float>(), L, s, z);
+    cpu::dequantize_affine(aq.ptr<const void>(), unsigned_q, out_type, ao.ptr<void>(), L, s, z);
   });
 }
 
@@ -250,7 +257,8 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
   return check_finite ? bad : -1;
 }
 
-// out = q * (absmax / 127) per block of `block` consecutive elements.
+// out = q * (absmax / 127) per block of `block` consecutive elements, stored as out's float
+// type (float32, float16 or bfloat16).
 void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64_t block,
                           py::object stream) {
   host_only(stream);
@@ -260,15 +268,14 @@ void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64
   const HostArg aq(q, "q", false), am(absmax, "absmax", false), ao(out, "out", true);
   args::expect_dtype(aq.arg, {"int8"}, "int8");
   args::expect_absmax(am.arg, aq.arg, block);
-  args::expect_dtype(ao.arg, {"float32"}, "float32");
-  args::expect_same_shape(ao.arg, aq.arg);
+  const cpu::OutType out_type = dequantized(ao.arg, aq.arg);
   expect_layouts({&aq, &am, &ao});
   args::expect_disjoint({&ao.arg, &aq.arg, &am.arg}, 1);
   const int64_t n = aq.arg.size;
   if (n == 0) return;
   run_released([&] {
-    cpu::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), ao.ptr<float>(),
-                              n, std::min(block, n));
+    cpu::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), out_type,
+                              ao.ptr<void>(), n, std::min(block, n));
   });
 }
 

@@ -298,21 +298,22 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
   return check_finite ? first_bad(scratch, s) : -1;
 }
 
-// out = q * (absmax / 127) per block of `block` consecutive elements.
+// out = q * (absmax / 127) per block of `block` consecutive elements, stored as out's float
+// type (float32, float16 or bfloat16).
 void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64_t block,
                           intptr_t stream) {
   const KernelArg aq(q, "q", stream, false), am(absmax, "absmax", stream, false),
       ao(out, "out", stream, true);
   args::expect_dtype(aq.arg, {"int8"}, "int8");
   args::expect_absmax(am.arg, aq.arg, block);
-  args::expect_dtype(ao.arg, {"float32"}, "float32");
-  args::expect_same_shape(ao.arg, aq.arg);
+  args::expect_dequantized(ao.arg, aq.arg);
   DeviceGuard guard(kernel_device({&aq, &am, &ao}, stream));
   args::expect_disjoint({&ao.arg, &aq.arg, &am.arg}, 1);
   const int64_t n = aq.arg.size;
   if (n == 0) return;
-  cuda::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), ao.ptr<float>(), n,
-                             std::min(block, n), reinterpret_cast<cudaStream_t>(stream));
+  cuda::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), ao.array.dtype,
+                             ao.ptr<void>(), n, std::min(block, n),
+                             reinterpret_cast<cudaStream_t>(stream));
 }
 
 // q = clamp(rint(x / scale) + zero_point) per channel along axis (None: per tensor).
@@ -339,13 +340,13 @@ int64_t quantize_affine(py::object x, py::object q, py::object scales, py::objec
   return check_finite ? first_bad(scratch, s) : -1;
 }
 
-// out = (q - zero_point) * scale in float32, per channel along axis (None: per tensor).
+// out = (q - zero_point) * scale in float32, stored as out's float type (float32, float16 or
+// bfloat16), per channel along axis (None: per tensor).
 void dequantize_affine(py::object q, py::object out, py::object scales, py::object zero_points,
                        py::object axis, intptr_t stream) {
   const KernelArg aq(q, "q", stream, false), ao(out, "out", stream, true);
   args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
-  args::expect_dtype(ao.arg, {"float32"}, "float32");
-  args::expect_same_shape(ao.arg, aq.arg);
+  args::expect_dequantized(ao.arg, aq.arg);
   const args::Channels c = args::channels_of(aq.arg, axis);
   const float* sp = args::channel_params(scales, "scales", c.channels);
   const float* zp = args::channel_params(zero_points, "zero_points", c.channels);
@@ -355,8 +356,8 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   const AffineScratch scratch(sp, zp, size_t(c.channels), s);
   cuda::dequantize_affine(aq.ptr<const void>(), aq.array.dtype == cuda::DType::u8,
-                          ao.ptr<float>(), aq.arg.size, c.channels, c.inner, scratch.scales(),
-                          scratch.zero_points(), s);
+                          ao.array.dtype, ao.ptr<void>(), aq.arg.size, c.channels, c.inner,
+                          scratch.scales(), scratch.zero_points(), s);
 }
 
 // Min/max observer: (x's first non-finite flat index or -1, mins, maxs) per channel along

@@ -108,9 +108,10 @@ void quantize_affine(InType in, const void* x, void* q, bool unsigned_q, Channel
   FASTOPT_ISA_CALL(quantize_affine, in, x, q, unsigned_q, L, scales, zero_points, first_bad,
                    num_threads());
 }
-void dequantize_affine(const void* q, bool unsigned_q, float* x, ChannelLayout L,
+void dequantize_affine(const void* q, bool unsigned_q, OutType out, void* x, ChannelLayout L,
                        const float* scales, const float* zero_points) {
-  FASTOPT_ISA_CALL(dequantize_affine, q, unsigned_q, x, L, scales, zero_points, num_threads());
+  FASTOPT_ISA_CALL(dequantize_affine, q, unsigned_q, out, x, L, scales, zero_points,
+                   num_threads());
 }
 void minmax(InType in, const void* x, ChannelLayout L, float* mins, float* maxs,
             int64_t* first_bad) {
@@ -121,9 +122,9 @@ void quantize_blockwise(InType in, const void* x, int8_t* q, float* absmax, int6
   FASTOPT_ISA_CALL(quantize_blockwise, in, x, q, absmax, n, block, stochastic, seed, first_bad,
                    num_threads());
 }
-void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+void dequantize_blockwise(const int8_t* q, const float* absmax, OutType out, void* x, int64_t n,
                           int64_t block) {
-  FASTOPT_ISA_CALL(dequantize_blockwise, q, absmax, x, n, block, num_threads());
+  FASTOPT_ISA_CALL(dequantize_blockwise, q, absmax, out, x, n, block, num_threads());
 }
 
 }  // namespace cpu

@@ -37,12 +37,12 @@ void newton_apply(DType, void* p, const void* d, const bool* use, int64_t batch,
 // int8 quantization (see quant_kernels.h).
 void quantize_affine(InType, const void* x, void* q, bool unsigned_q, ChannelLayout,
                      const float* scales, const float* zero_points, int64_t* first_bad);
-void dequantize_affine(const void* q, bool unsigned_q, float* x, ChannelLayout,
+void dequantize_affine(const void* q, bool unsigned_q, OutType, void* x, ChannelLayout,
                        const float* scales, const float* zero_points);
 void minmax(InType, const void* x, ChannelLayout, float* mins, float* maxs, int64_t* first_bad);
 void quantize_blockwise(InType, const void* x, int8_t* q, float* absmax, int64_t n,
                         int64_t block, bool stochastic, uint64_t seed, int64_t* first_bad);
-void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+void dequantize_blockwise(const int8_t* q, const float* absmax, OutType, void* x, int64_t n,
                           int64_t block);
 
 }  // namespace cpu

@@ -10,6 +10,7 @@ from ._runtime import (
     set_num_threads,
 )
 from .functional import *  # noqa: F403  (every step function: functional.__all__)
+from .io import QuantizedTensor, load_quantized, save_quantized
 from .newton import NotPositiveDefiniteError, cholesky_solve, newton_
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, Sophia  # noqa: F401
 from .quant import (
@@ -38,6 +39,9 @@ __all__ = [
     "choose_qparams",
     "quantize_blockwise",
     "dequantize_blockwise",
+    "save_quantized",
+    "load_quantized",
+    "QuantizedTensor",
     "Optimizer",
     *(cls.__name__ for cls in optim.CLASSES.values()),
     "schedules",

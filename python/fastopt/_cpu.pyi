@@ -30,6 +30,8 @@ def quantize_affine(
     check_finite: bool,
     stream: None = None,
 ) -> int: ...
+
+# Dequantizers: out's dtype (float32, float16 or bfloat16) is the stored type.
 def dequantize_affine(
     q: Any,
     out: Any,

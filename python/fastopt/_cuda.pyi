@@ -43,6 +43,8 @@ def quantize_blockwise(
     check_finite: bool,
     stream: int,
 ) -> int: ...
+
+# Dequantizers: out's dtype (float32, float16 or bfloat16) is the stored type.
 def dequantize_blockwise(q: Any, absmax: Any, out: Any, block: int, stream: int) -> None: ...
 def quantize_affine(
     x: Any,

@@ -9,7 +9,7 @@ docstrings of ``fastopt.functional``).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -278,9 +278,22 @@ def quantize_affine(
     return np.clip(np.rint(x / s) + z, f32(qmin), f32(qmax))
 
 
-def dequantize_affine(q: np.ndarray, scale, zero_point, axis: Optional[int] = None) -> np.ndarray:
+def _stored(x32: np.ndarray, out_dtype: Any) -> np.ndarray:
+    """float32 values stored as ``out_dtype`` (float32, float16, or ml_dtypes' bfloat16):
+    rounded to nearest even, every NaN as 0x7FFF, as the kernels store them."""
+    if np.dtype(out_dtype) == np.float32:
+        return x32
+    out = x32.astype(out_dtype)
+    out.view(np.uint16)[np.isnan(x32)] = 0x7FFF
+    return out
+
+
+def dequantize_affine(
+    q: np.ndarray, scale, zero_point, axis: Optional[int] = None, out_dtype: Any = np.float32
+) -> np.ndarray:
+    """(q - zero_point) * scale in float32, stored as ``out_dtype``."""
     s, z = _broadcast_qparams(scale, zero_point, q.ndim, axis)
-    return (q.astype(np.float32) - z) * s
+    return _stored((q.astype(np.float32) - z) * s, out_dtype)
 
 
 def _mix32(x: np.ndarray) -> np.ndarray:
@@ -359,8 +372,11 @@ def quantize_blockwise(
     return q, absmax.astype(f32)
 
 
-def dequantize_blockwise(q: np.ndarray, absmax: np.ndarray, block_size: int = 256) -> np.ndarray:
+def dequantize_blockwise(
+    q: np.ndarray, absmax: np.ndarray, block_size: int = 256, out_dtype: Any = np.float32
+) -> np.ndarray:
+    """q * (absmax / 127) per block in float32, stored as ``out_dtype``."""
     f32 = np.float32
     scale = (absmax.astype(f32) / f32(127)).astype(f32)
     flat = q.reshape(-1).astype(f32) * np.repeat(scale, block_size)[: q.size]
-    return flat.reshape(q.shape)
+    return _stored(flat.reshape(q.shape), out_dtype)
