@@ -121,6 +121,18 @@ class ArrayTable {
                          " is not supported (float32, float64, float16 or bfloat16)");
   }
 
+  // Whether a NumPy dtype is ml_dtypes' bfloat16 (a user-defined type: its number is
+  // remembered once seen).
+  static bool is_ml_dtypes_bfloat16(PyObject* descr, int type_num) {
+    constexpr int kNpyUserDef = 256;
+    static int bfloat16_type_num = -1;
+    if (type_num == bfloat16_type_num) return true;
+    if (type_num < kNpyUserDef || py::handle(descr).attr("name").cast<std::string>() != "bfloat16")
+      return false;
+    bfloat16_type_num = type_num;
+    return true;
+  }
+
   // Fills h (reused: no allocation per array) from NumPy array obj.
   void describe_numpy(HostArray& h, PyObject* obj, const Where& where_) const {
     using py::detail::npy_api;
@@ -132,6 +144,7 @@ class ArrayTable {
     if (descr->type_num == npy_api::NPY_FLOAT_) h.dtype = cpu::DType::f32;
     else if (descr->type_num == npy_api::NPY_DOUBLE_) h.dtype = cpu::DType::f64;
     else if (descr->type_num == kNpyHalf) h.dtype = cpu::DType::f16;
+    else if (is_ml_dtypes_bfloat16(a->descr, descr->type_num)) h.dtype = cpu::DType::bf16;
     else unsupported(where_, py::str(py::handle(a->descr)).cast<std::string>());
     if (descr->byteorder == '>')
       throw py::type_error(where_.str() + ": big-endian arrays are not supported");

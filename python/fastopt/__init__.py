@@ -9,6 +9,7 @@ from ._runtime import (
     set_cpu_path,
     set_num_threads,
 )
+from .clip import clip_grad_norm_
 from .functional import *  # noqa: F403  (every step function: functional.__all__)
 from .newton import NotPositiveDefiniteError, cholesky_solve, newton_
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, Sophia  # noqa: F401
@@ -38,6 +39,7 @@ __all__ = [
     "choose_qparams",
     "quantize_blockwise",
     "dequantize_blockwise",
+    "clip_grad_norm_",
     "Optimizer",
     *(cls.__name__ for cls in optim.CLASSES.values()),
     "schedules",

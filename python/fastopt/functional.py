@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 
-from . import _arrays, _ext
+from . import _arrays, _ext, clip
 from ._arrays import ArrayOrList, as_list
 from ._specs import EMA, OPTIMIZERS, OptimizerSpec, binding_mismatches
 from ._validate import step_count
@@ -66,8 +66,14 @@ class StepKernel:
         self._checked: Dict[Any, Checked] = {}  # (hyper tuple, its types) -> Checked
 
     def run(
-        self, arrays: List[Any], hyper: Tuple[Any, ...], step: Any, stream: Any, plan: Any
-    ) -> None:
+        self,
+        arrays: List[Any],
+        hyper: Tuple[Any, ...],
+        step: Any,
+        stream: Any,
+        plan: Any,
+        max_grad_norm: Any = None,
+    ) -> Any:
         """One step: ``arrays`` in binding order (None for an optional one not given),
         ``hyper`` the values in the spec's order, ``step`` (when the spec takes it).
         Written for a small step's cost (loops, not comprehensions: Python 3.11 calls a
@@ -94,6 +100,9 @@ class StepKernel:
         else:
             for name, a in zip(self.names, arrays):
                 append([a] if type(a) is _NDARRAY else a if a is None else as_list(name, a, False))
+        norm = None
+        if max_grad_norm is not None:
+            norm, kw = self.clip(lists, listed, kw, max_grad_norm, stream)
         first = lists[0]
         if stream is None and first and type(first[0]) is _NDARRAY:  # the CPU, as launch()
             if self.takes_step:
@@ -102,6 +111,30 @@ class StepKernel:
                 self.cpu_kernel(*lists, listed, **kw)
         else:
             self.launch(lists, listed, kw, step, stream, plan)
+        return norm
+
+    @staticmethod
+    def clip(
+        lists: Sequence[Optional[List[Any]]],
+        listed: bool,
+        kw: Dict[str, Any],
+        max_grad_norm: Any,
+        stream: Any,
+    ) -> Tuple[Any, Dict[str, Any]]:
+        """Clipping by the grads' global 2-norm before a step: (the norm, the step's
+        keywords). On the host the coefficient becomes the kernel's grad scale (the grads
+        are read once more and never written; see ``clip.step_grad_scale``); on the GPU,
+        whose step takes its grad scale from the host, the grads are clipped in place
+        first (the norm stays on the device: 3 passes, no synchronisation)."""
+        limit = clip.max_norm_of(max_grad_norm, "max_grad_norm")
+        grads = lists[1]
+        if grads and _arrays.on_device(grads[0]):
+            out, handle = clip.device_norm(grads, listed, 2.0, stream)
+            kernels, _ = _arrays.backend(grads, handle, name="grads")
+            kernels.clip_grads(grads, listed, out, limit, handle)
+            return out, kw
+        norm, grad_scale = clip.step_grad_scale(grads or [], listed, limit)
+        return norm, kw if grad_scale == 1.0 else {**kw, "grad_scale": grad_scale}
 
     def _check(self, hyper: Tuple[Any, ...]) -> Checked:
         spec = self.spec
@@ -162,9 +195,10 @@ def sgd_(
     maximize: bool = False,
     step: int = 1,
     l1: float = 0.0,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """SGD with momentum, dampening and Nesterov, as ``torch.optim.SGD``.
 
     g <- -g if maximize; g <- g + weight_decay*p;
@@ -172,12 +206,13 @@ def sgd_(
     g <- g + mu*buf (nesterov) or g <- buf; then p <- p - lr*g.
     ``momentum_buffers`` is required when momentum > 0 (its contents are ignored at step 1).
     """
-    _SGD(
+    return _SGD(
         [params, grads, momentum_buffers],
         (lr, momentum, dampening, nesterov, weight_decay, maximize, l1),
         step,
         stream,
         _plan,
+        max_grad_norm,
     )
 
 
@@ -193,20 +228,22 @@ def adagrad_(
     eps: float = 1e-10,
     maximize: bool = False,
     l1: float = 0.0,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """Adagrad, as ``torch.optim.Adagrad``.
 
     clr = lr / (1 + (step-1)*lr_decay); g <- -g if maximize; g <- g + weight_decay*p;
     sum <- sum + g^2; p <- p - clr * g / (sqrt(sum) + eps). The L1 threshold is clr*l1.
     """
-    _ADAGRAD(
+    return _ADAGRAD(
         [params, grads, state_sums],
         (lr, lr_decay, weight_decay, eps, maximize, l1),
         step,
         stream,
         _plan,
+        max_grad_norm,
     )
 
 
@@ -225,9 +262,10 @@ def rmsprop_(
     centered: bool = False,
     maximize: bool = False,
     l1: float = 0.0,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """RMSprop, as ``torch.optim.RMSprop``.
 
     g <- -g if maximize; g <- g + weight_decay*p; v <- alpha*v + (1-alpha)*g^2;
@@ -236,12 +274,13 @@ def rmsprop_(
     else p <- p - lr*g/avg. ``momentum_buffers`` is required when momentum > 0 and
     ``grad_avgs`` when centered (both start at zero, as in torch).
     """
-    _RMSPROP(
+    return _RMSPROP(
         [params, grads, square_avgs, momentum_buffers, grad_avgs],
         (lr, alpha, eps, weight_decay, momentum, centered, maximize, l1),
         None,
         stream,
         _plan,
+        max_grad_norm,
     )
 
 
@@ -262,9 +301,10 @@ def adam_(
     amsgrad: bool = False,
     maximize: bool = False,
     l1: float = 0.0,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """Adam / AdamW, as ``torch.optim.Adam`` / ``AdamW``.
 
     g <- -g if maximize; decoupled: p <- p*(1 - lr*weight_decay), else g <- g + weight_decay*p;
@@ -272,12 +312,13 @@ def adam_(
     and vmax replaces v below; p <- p - (lr/(1-beta1^t)) * m / (sqrt(v)/sqrt(1-beta2^t) + eps).
     ``max_exp_avg_sqs`` is required when amsgrad.
     """
-    _ADAM(
+    return _ADAM(
         [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
         (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, l1),
         step,
         stream,
         _plan,
+        max_grad_norm,
     )
 
 
@@ -297,16 +338,18 @@ def adamw_(
     amsgrad: bool = False,
     maximize: bool = False,
     l1: float = 0.0,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """AdamW, as ``torch.optim.AdamW``: ``adam_`` with decoupled weight decay (default 1e-2)."""
-    _ADAMW(
+    return _ADAMW(
         [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
         (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, l1),
         step,
         stream,
         _plan,
+        max_grad_norm,
     )
 
 
@@ -323,9 +366,10 @@ def sophia_(
     eps: float = 1e-15,
     maximize: bool = False,
     l1: float = 0.0,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """Sophia (clipped diagonal Newton, Liu et al. 2023), fused in one pass.
 
     g <- -g if maximize; m <- beta1*m + (1-beta1)*g; p <- p*(1 - lr*weight_decay);
@@ -333,12 +377,13 @@ def sophia_(
     (read only: the caller's EMA of a Hessian-diagonal estimate, see ``ema_`` and
     ``fastopt.Sophia.update_hessian``). A negative or zero h gives the clipped sign step.
     """
-    _SOPHIA(
+    return _SOPHIA(
         [params, grads, exp_avgs, hessian_diags],
         (lr, beta1, rho, weight_decay, eps, maximize, l1),
         None,
         stream,
         _plan,
+        max_grad_norm,
     )
 
 
@@ -353,9 +398,10 @@ def lion_(
     weight_decay: float = 0.0,
     maximize: bool = False,
     l1: float = 0.0,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
 
     g <- -g if maximize; c = beta1*m + (1-beta1)*g; p <- p*(1 - lr*weight_decay);
@@ -363,12 +409,13 @@ def lion_(
     lr (or not at all): use a learning rate 3-10x smaller than AdamW's, and a weight decay
     as many times larger.
     """
-    _LION(
+    return _LION(
         [params, grads, exp_avgs],
         (lr, beta1, beta2, weight_decay, maximize, l1),
         None,
         stream,
         _plan,
+        max_grad_norm,
     )
 
 
@@ -399,7 +446,7 @@ def _signature_mismatches(fn: Callable[..., None], spec: OptimizerSpec) -> List[
     optional = tuple(a.name for a in spec.arrays if a.optional)
     if positional != roles or roles[len(roles) - len(fn.__defaults__ or ()) :] != optional:
         out.append(f"{fn.__name__}: arrays {positional} != {roles} (optional {optional})")
-    hyper = tuple(k for k in keywords if k not in ("step", "stream", "_plan"))
+    hyper = tuple(k for k in keywords if k not in ("step", "max_grad_norm", "stream", "_plan"))
     if hyper != tuple(spec.hyper):
         out.append(f"{fn.__name__}: hyper-parameters {hyper} != {tuple(spec.hyper)}")
     if ("step" in keywords) != spec.takes_step:

@@ -80,9 +80,10 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _arrays, _ext, functional
 from ._specs import OPTIMIZERS, OptimizerSpec
+from ._torch_clip import clip_grad_norm_
 from ._validate import real
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia", "clip_grad_norm_"]
 
 try:  # torch builds without distributed support have no DTensor
     from torch.distributed.tensor import DTensor
