@@ -19,6 +19,17 @@ the work already queued on its stream only: arrays produced on another stream mu
 ready there (as for any CUDA library call; a ``__cuda_array_interface__`` ``stream``
 entry or a DLPack producer's stream is not waited on). ``_plan`` is internal: the
 optimizer classes pass their cached ``fastopt._cuda.Plan``.
+
+``max_grad_norm=`` (every step but ``ema_``) clips the grads first, as
+``fastopt.clip_grad_norm_(grads, max_grad_norm)`` would (global 2-norm, coefficient
+min(max_grad_norm / (norm + 1e-6), 1)), and the step returns the norm before clipping
+(else None). On the host this is the norm pass and then the step with the coefficient
+applied as the grads are loaded (the kernel divides them by 1/coefficient): the grads are
+read twice and never written; the result equals clip-then-step to an ulp of the grads.
+When the coefficient is 0 or NaN (max_grad_norm 0, an inf or NaN grad) the grads are
+multiplied in place first, exactly as clip-then-step. On the GPU, whose step kernel takes
+its grad scale from the host, the grads are clipped in place first (norm, scale, step: three
+passes; the norm stays on the device, nothing synchronises) and the norm is a 0-d array.
 """
 
 from __future__ import annotations
