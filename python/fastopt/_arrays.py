@@ -182,7 +182,8 @@ def state_like(name: str, a: Any) -> Any:
     the same device: float32 for float16/bfloat16 params (the kernels' state type), else
     ``a``'s dtype. Device params must be PyTorch tensors or CuPy arrays."""
     if isinstance(a, np.ndarray):
-        return np.zeros(a.shape, a.dtype)
+        half = a.dtype.name in ("float16", "bfloat16")  # bfloat16: ml_dtypes'
+        return np.zeros(a.shape, np.float32 if half else a.dtype)
     if _is_torch(a):
         import torch
 
