@@ -4,7 +4,7 @@ clipping kernels (fastopt/clip.py), for the grads of PyTorch parameters."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -12,26 +12,70 @@ from . import _ext, clip
 from ._validate import flag
 
 
-def _total_and_scale(
-    grads: List[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool
-) -> float:
-    """Host grads, any mix of the four float dtypes: the norm (one kernel call per dtype,
-    their totals combined in order of first appearance), then the scaling."""
+def _host_norm(
+    grads: List[torch.Tensor], norm_type: float, writeable: bool
+) -> Tuple[float, List[List[torch.Tensor]]]:
+    """Host grads, any mix of the four float dtypes: (the norm -- one kernel call per dtype,
+    their totals combined in order of first appearance --, the per-dtype lists)."""
     groups: Dict[torch.dtype, List[torch.Tensor]] = {}
     for g in grads:
         groups.setdefault(g.dtype, []).append(g)
     lists = list(groups.values())
-    totals = [
-        _ext._cpu.grad_norm_total(gs, True, norm_type, True)  # checks all before any scaling
-        for gs in lists
-    ]
+    totals = [_ext._cpu.grad_norm_total(gs, True, norm_type, writeable) for gs in lists]
     total = totals[0]
     for t in totals[1:]:  # the kernels' combining rule: NaN-propagating max, or the sum
         if math.isinf(norm_type):
             total = t if t > total or math.isnan(t) else total
         else:
             total += t
-    norm = clip.finish(total, norm_type)
+    return clip.finish(total, norm_type), lists
+
+
+def _result_dtype(grads: List[torch.Tensor]) -> torch.dtype:
+    dtype = grads[0].dtype
+    for g in grads[1:]:
+        dtype = torch.promote_types(dtype, g.dtype)
+    return dtype
+
+
+def step_grad_scale(
+    param_groups: List[Dict[str, Any]], max_grad_norm: Any, grad_scale: float
+) -> Tuple[torch.Tensor, float]:
+    """``max_grad_norm`` in a fastopt.torch step: (the global 2-norm of every grad, unscaled
+    by a GradScaler's ``grad_scale``, and the scale the step kernels divide the grads by).
+    Host grads: the norm pass, then grad_scale / coefficient goes to the kernels (the grads
+    are not written; a coefficient of 0 or NaN multiplies them in place instead, as
+    clip_grad_norm_). CUDA and DTensor grads: clipped in place first by clip_grad_norm_
+    (the kernels take their scale from the host); under a GradScaler to
+    grad_scale * max_grad_norm, the same but for the 1e-6 guard, which then applies to the
+    scaled norm."""
+    limit = clip.max_norm_of(max_grad_norm, "max_grad_norm")
+    params = [p for group in param_groups for p in group["params"] if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.tensor(0.0), grad_scale
+    if grads[0].device.type != "cpu" or any(type(g) is not torch.Tensor for g in grads):
+        norm = clip_grad_norm_(params, limit * grad_scale)
+        return norm / grad_scale if grad_scale != 1.0 else norm, grad_scale
+    scaled, lists = _host_norm(grads, 2.0, False)
+    norm = scaled / grad_scale
+    result = torch.tensor(norm, dtype=_result_dtype(grads))
+    c = clip.coefficient(limit, norm)
+    if c == 1.0:
+        return result, grad_scale
+    if c > 0.0:  # neither 0 nor NaN
+        return result, grad_scale / c
+    for gs in lists:
+        _ext._cpu.scale_grads(gs, True, c)
+    torch.autograd.graph.increment_version(grads)
+    return result, grad_scale
+
+
+def _total_and_scale(
+    grads: List[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool
+) -> float:
+    """Host grads, any mix of the four float dtypes: the norm, then the scaling."""
+    norm, lists = _host_norm(grads, norm_type, True)  # all checked before any scaling
     if error_if_nonfinite and not math.isfinite(norm):
         raise clip.nonfinite_error(norm_type)
     c = clip.coefficient(max_norm, norm)
@@ -79,9 +123,7 @@ def clip_grad_norm_(
     grads = [q.grad for q in params if q.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    dtype = grads[0].dtype
-    for g in grads[1:]:
-        dtype = torch.promote_types(dtype, g.dtype)
+    dtype = _result_dtype(grads)
     first = grads[0]
     if any(type(g) is not torch.Tensor for g in grads):  # DTensor and other subclasses
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
