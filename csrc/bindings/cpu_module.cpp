@@ -338,6 +338,38 @@ void add_inplace(py::array dst, py::array src) {
   run_released([&] { cpu::add_inplace(arrays.table(), arrays.dtype()); });
 }
 
+// Gradient clipping (cpu/clip_kernels.h): the total of the norm terms of one list of grads
+// of one dtype (sum |g|^p; max |g| for an infinite norm_type), and g <- g * coefficient.
+// fastopt/clip.py combines the totals of several dtypes, takes the root and the coefficient.
+// `writeable`: the grads are checked as for scale_grads (writeable, no overlaps), since the
+// caller scales them next and must not have scaled some when a later one is refused.
+double grad_norm_total(py::object grads, py::object listed_arg, py::object norm_type_arg,
+                       py::object writeable_arg) {
+  bool listed = false, writeable = false;
+  double norm_type = 0.0;
+  fastopt::bindings::read_keyword("listed", listed_arg.ptr(), listed);
+  fastopt::bindings::read_keyword("writeable", writeable_arg.ptr(), writeable);
+  fastopt::bindings::read_keyword("norm_type", norm_type_arg.ptr(), norm_type);
+  if (!(norm_type > 0.0))
+    throw py::value_error("norm_type: must be > 0 (or inf), got " + std::to_string(norm_type));
+  const std::array<RoleSpec, 1> roles{{{"grads", grads, writeable, fastopt::RoleKind::param}}};
+  const ArrayTable arrays(roles, listed);
+  double total = 0.0;
+  const fastopt::NormKind kind = fastopt::norm_kind(norm_type);
+  run_released([&] { total = cpu::grad_norm_total(arrays.table(), arrays.dtype(), kind, norm_type); });
+  return total;
+}
+
+void scale_grads(py::object grads, py::object listed_arg, py::object coefficient_arg) {
+  bool listed = false;
+  double coefficient = 0.0;
+  fastopt::bindings::read_keyword("listed", listed_arg.ptr(), listed);
+  fastopt::bindings::read_keyword("coefficient", coefficient_arg.ptr(), coefficient);
+  const std::array<RoleSpec, 1> roles{{{"grads", grads, true, fastopt::RoleKind::param}}};
+  const ArrayTable arrays(roles, listed);
+  run_released([&] { cpu::scale_grads(arrays.table(), arrays.dtype(), coefficient); });
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = FASTOPT_VERSION;
@@ -385,6 +417,10 @@ PYBIND11_MODULE(_cpu, m) {
         arg("lr"), host_stream);
   m.def("add_inplace", &add_inplace, arg("dst"), arg("src"),
         "dst += src with all threads: the bandwidth ceiling of the benchmark");
+  m.def("grad_norm_total", &grad_norm_total, arg("grads"), arg("listed"), arg("norm_type"),
+        arg("writeable"), "Sum of |g|^norm_type over a list of grads of one dtype (max |g| for inf)");
+  m.def("scale_grads", &scale_grads, arg("grads"), arg("listed"), arg("coefficient"),
+        "g <- g * coefficient in place, over a list of grads of one dtype");
   m.def("set_cpu_path", [](const std::string& name) {
     try {
       cpu::set_isa(name);

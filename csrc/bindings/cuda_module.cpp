@@ -14,6 +14,7 @@
 #include "bindings/optim_binding.h"
 #include "bindings/kernel_args.h"
 #include "bindings/overlap.h"
+#include "cuda/clip_kernels.h"
 #include "cuda/device_info.h"
 #include "cuda/newton_kernels.h"
 #include "cuda/optim_kernels.h"
@@ -460,6 +461,77 @@ void check_arrays(std::vector<std::pair<std::string, py::object>> written,
   call_device(named, written.size(), stream);
 }
 
+// ---- gradient clipping (cuda/clip_kernels.h): a list of grads of one dtype, and a
+// one-element float array on their device holding the norm (written by grad_norm, read by
+// clip_grads). Neither synchronises. --------------------------------------------------------
+
+// The norm array checked: a float dtype, one element, on the grads' device (or the call's,
+// when every grad is empty), not overlapping any grad. Returns the device.
+int checked_norm_array(const DeviceArray& a, const char* name, const DevicePlan& plan,
+                       intptr_t stream) {
+  if (!cuda::is_float(a.dtype))
+    throw py::type_error(std::string(name) + ": dtype " + fastopt::bindings::dtype_name(a.dtype) +
+                         " is not supported (float32, float64, float16 or bfloat16)");
+  if (a.size != 1)
+    throw py::value_error(std::string(name) + ": expected one element, got " + std::to_string(a.size));
+  const int device = plan.device() >= 0 ? plan.device() : a.device;
+  if (a.device >= 0 && a.device != device)
+    throw py::value_error(std::string(name) + ": is on CUDA device " + std::to_string(a.device) +
+                          " but grads are on device " + std::to_string(device));
+  const uintptr_t end = a.ptr + uintptr_t(cuda::element_size(a.dtype));
+  const uintptr_t bytes = uintptr_t(cuda::element_size(plan.dtype()));
+  for (const cuda::LaunchTable& t : plan.tables())
+    for (int k = 0; k < t.num_tensors; ++k) {
+      const uintptr_t begin = reinterpret_cast<uintptr_t>(t.ptrs[0][k]);
+      if (a.ptr < begin + uintptr_t(t.size[k]) * bytes && begin < end)
+        throw py::value_error(std::string(name) + ": overlaps one of grads in memory");
+    }
+  check_stream_device(stream, device);
+  return device;
+}
+
+struct ClipCall {
+  bool listed = false;
+  double value = 0.0;  // norm_type or max_norm
+  DevicePlan plan;
+  DeviceArray norm;
+  int device = -1;
+
+  ClipCall(const py::object& grads, const py::object& listed_arg, const char* value_name,
+           const py::object& value_arg, const py::object& norm_array, intptr_t stream,
+           bool grads_written) {
+    fastopt::bindings::read_keyword("listed", listed_arg.ptr(), listed);
+    fastopt::bindings::read_keyword(value_name, value_arg.ptr(), value);
+    const std::array<fastopt::bindings::DeviceRoleSpec, 1> roles{
+        {{"grads", grads, fastopt::RoleKind::param, grads_written}}};
+    plan.update(roles, listed, stream);
+    norm = call_arg(norm_array, grads_written ? "norm" : "out", stream, !grads_written);
+    device = checked_norm_array(norm, grads_written ? "norm" : "out", plan, stream);
+  }
+};
+
+// out[0] <- the norm of order norm_type of all grads together.
+void grad_norm(py::object grads, py::object listed, py::object out, py::object norm_type,
+               intptr_t stream) {
+  const ClipCall call(grads, listed, "norm_type", norm_type, out, stream, false);
+  if (!(call.value > 0.0))
+    throw py::value_error("norm_type: must be > 0 (or inf), got " + std::to_string(call.value));
+  DeviceGuard guard(call.device);
+  cuda::grad_norm(call.plan.tables(), call.plan.dtype(), fastopt::norm_kind(call.value), call.value,
+                  reinterpret_cast<void*>(call.norm.ptr), call.norm.dtype,
+                  reinterpret_cast<cudaStream_t>(stream));
+}
+
+// g <- g * min(max_norm / (norm[0] + 1e-6), 1) for every grad, norm read on the device.
+void clip_grads(py::object grads, py::object listed, py::object norm, py::object max_norm,
+                intptr_t stream) {
+  const ClipCall call(grads, listed, "max_norm", max_norm, norm, stream, true);
+  if (call.plan.tables().empty()) return;
+  DeviceGuard guard(call.device);
+  cuda::clip_grads(call.plan.tables(), call.plan.dtype(), reinterpret_cast<const void*>(call.norm.ptr),
+                   call.norm.dtype, call.value, reinterpret_cast<cudaStream_t>(stream));
+}
+
 // (dtype name, shape, device) of a CUDA array, for the checks in Python.
 py::tuple describe(py::object obj, const char* name, intptr_t stream) {
   const DeviceArray a = fastopt::bindings::describe(obj, {name, 0, false}, stream);
@@ -520,6 +592,10 @@ PYBIND11_MODULE(_cuda, m) {
         arg("damping"), arg("params").none(true), arg("stream"));
   m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use").none(true),
         arg("lr"), arg("stream"));
+  m.def("grad_norm", &grad_norm, arg("grads"), arg("listed"), arg("out"), arg("norm_type"),
+        arg("stream"), "out[0] <- the norm of order norm_type of all grads (one dtype) together");
+  m.def("clip_grads", &clip_grads, arg("grads"), arg("listed"), arg("norm"), arg("max_norm"),
+        arg("stream"), "grads *= min(max_norm / (norm[0] + 1e-6), 1), norm read on the device");
   m.def("check_arrays", &check_arrays, arg("written"), arg("read"), arg("stream"),
         "Layout, device and aliasing checks of (name, array) pairs before writing `written`");
   m.def("copy", &copy, arg("dst"), arg("src"), arg("stream"));

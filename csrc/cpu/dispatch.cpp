@@ -94,6 +94,15 @@ void add_inplace(TensorTable t, DType d) {
   FASTOPT_ISA_CALL(add_inplace, t, d);
 }
 
+double grad_norm_total(TensorTable t, DType d, NormKind k, double norm_type) {
+  t.num_threads = num_threads();
+  return FASTOPT_ISA_CALL(grad_norm_total, t, d, k, norm_type);
+}
+void scale_grads(TensorTable t, DType d, double coefficient) {
+  t.num_threads = num_threads();
+  FASTOPT_ISA_CALL(scale_grads, t, d, coefficient);
+}
+
 void newton_solve(DType dt, const void* H, const void* g, void* d, bool* solved, int64_t batch,
                   int64_t n, double damping) {
   FASTOPT_ISA_CALL(newton_solve, dt, H, g, d, solved, batch, n, damping, num_threads());

@@ -9,6 +9,7 @@ from ._runtime import (
     set_cpu_path,
     set_num_threads,
 )
+from .clip import clip_grad_norm_
 from .functional import *  # noqa: F403  (every step function: functional.__all__)
 from .io import QuantizedTensor, load_quantized, save_quantized
 from .newton import NotPositiveDefiniteError, cholesky_solve, newton_
@@ -42,6 +43,7 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "QuantizedTensor",
+    "clip_grad_norm_",
     "Optimizer",
     *(cls.__name__ for cls in optim.CLASSES.values()),
     "schedules",

@@ -174,9 +174,14 @@ class Optimizer:
         return [self.state[a.name] if a.name in used else None for a in self._spec.states]
 
     # -- stepping --------------------------------------------------------------------------
-    def step(self, grads: ArrayOrList, *, stream: Any = None) -> None:
+    def step(
+        self, grads: ArrayOrList, *, max_grad_norm: Optional[float] = None, stream: Any = None
+    ) -> Any:
         """One step with ``grads`` (an array, or a list aligned with params). On the GPU it
-        is queued on ``stream`` (default: the params' library's current stream)."""
+        is queued on ``stream`` (default: the params' library's current stream).
+        ``max_grad_norm``: the grads are clipped first to that global 2-norm, as by
+        ``fastopt.clip_grad_norm_`` (without writing them on the host; see
+        ``fastopt.functional``), and the norm before clipping is returned (else None)."""
         t = self._step + 1
         kw = {**self._kw, "lr": self.current_lr()}
         if self._masks is not None:
@@ -184,9 +189,13 @@ class Optimizer:
         if self._rounding_seed is not None:
             kw["stochastic_seed"] = (self._rounding_seed ^ (t * 0x9E3779B97F4A7C15)) % 2**64
         lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
+        norm = None
+        if max_grad_norm is not None:
+            norm, kw = self._kernel.clip(lists, self._listed, kw, max_grad_norm, stream)
         self._kernel.launch(lists, self._listed, kw, t, stream, self._plan)
         self._step = t
         self._queued_on(stream)
+        return norm
 
     def zero_state(self) -> None:
         """Reset every state array to its initial value and the step count to 0."""

@@ -9,7 +9,8 @@ docstrings of ``fastopt.functional``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -23,6 +24,9 @@ __all__ = [
     "lion",
     "ema",
     "masked",
+    "grad_norm",
+    "clip_coefficient",
+    "clip_grad_norm",
     "damped_newton_step",
     "quantize_affine",
     "dequantize_affine",
@@ -230,6 +234,39 @@ def masked(
     for a, old in zip(arrays, before):
         if a is not None and old is not None:
             a[pruned] = old
+
+
+def grad_norm(grads: Sequence[np.ndarray], norm_type: float = 2.0) -> float:
+    """The norm of all grads together, as one vector, in float64: (sum |g|^p)^(1/p),
+    max |g| for p = inf (0 for no elements). NaN anywhere gives NaN."""
+    flat = np.concatenate([np.asarray(g, np.float64).ravel() for g in grads] or [np.zeros(0)])
+    if flat.size == 0:
+        return 0.0
+    a = np.abs(flat)
+    if np.isinf(norm_type):
+        return float(np.nan if np.isnan(a).any() else a.max())
+    if norm_type == 2.0:
+        return float(np.sqrt(np.sum(a * a)))
+    if norm_type == 1.0:
+        return float(np.sum(a))
+    return float(np.sum(a**norm_type) ** (1.0 / norm_type))
+
+
+def clip_coefficient(max_norm: float, norm: float) -> float:
+    """min(max_norm / (norm + 1e-6), 1), as torch.nn.utils.clip_grad_norm_; NaN stays NaN."""
+    c = max_norm / (norm + 1e-6)
+    return c if c < 1.0 or math.isnan(c) else 1.0
+
+
+def clip_grad_norm(grads: Sequence[np.ndarray], max_norm: float, norm_type: float = 2.0) -> float:
+    """torch.nn.utils.clip_grad_norm_ on float64 arrays: g <- g * clip_coefficient in place;
+    returns the norm before clipping."""
+    norm = grad_norm(grads, norm_type)
+    c = clip_coefficient(max_norm, norm)
+    with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as in torch
+        for g in grads:
+            g *= c
+    return norm
 
 
 def damped_newton_step(

@@ -74,6 +74,12 @@ Decisions, where torch.optim offers a choice:
   False the step sets the param to 0 and leaves its state untouched, inside the one fused
   pass (a masked param is bucketed apart from unmasked ones). Masks are the model's, not the
   optimizer's: ``state_dict`` does not carry them.
+- ``opt.max_grad_norm = 1.0`` (an attribute, default None, so that the constructors and
+  checkpoints stay torch's) clips every step's grads to that global 2-norm over all groups,
+  as ``clip_grad_norm_`` before the step would, and leaves the norm in ``opt.last_grad_norm``.
+  On the CPU the clip coefficient joins the GradScaler scale the kernel divides the grads by
+  (two reads of the grads, no write); on the GPU and for DTensor grads the grads are
+  clipped in place first (``fastopt.torch.clip_grad_norm_``).
 - DTensor params (FSDP2's ``fully_shard``, tensor parallel) are stepped on their local shards
   (``to_local()``, re-read at every step); their state is made with ``zeros_like`` and is a
   DTensor with the same placements, as torch.optim's, so
@@ -95,9 +101,10 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _arrays, _ext, functional
 from ._specs import OPTIMIZERS, OptimizerSpec
+from ._torch_clip import clip_grad_norm_, step_grad_scale
 from ._validate import flag, real
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia", "clip_grad_norm_"]
 
 try:  # torch builds without distributed support have no DTensor
     from torch.distributed.tensor import DTensor
@@ -316,6 +323,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
     _spec: OptimizerSpec
     _tracks_step = True
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
+    # Set to clip every step's grads to this global 2-norm (see the module docstring);
+    # each step then leaves the norm before clipping in last_grad_norm.
+    max_grad_norm: Optional[float] = None
+    last_grad_norm: Optional[torch.Tensor] = None
 
     def __init__(self, params: Any, defaults: Dict[str, Any], masks: Any = None):
         if defaults.get("capturable"):
@@ -623,6 +634,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             scale = getattr(self, "grad_scale", None)
             if scale is not None:
                 grad_scale = float(scale)
+        if self.max_grad_norm is not None:
+            self.last_grad_norm, grad_scale = step_grad_scale(
+                self.param_groups, self.max_grad_norm, grad_scale
+            )
         for index, group in enumerate(self.param_groups):
             self._step_group(index, group, grad_scale)
         return loss
