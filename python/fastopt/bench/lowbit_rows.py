@@ -5,9 +5,11 @@ and ``torch.optim.AdamW(fused=True)``, on the CPU or the GPU.
 interleaved in rotating order per round on one float32 tensor of 2^log2 elements (torch
 tensors: the same library for every column), fastopt.torch.AdamW with float32 state (28 B
 per element: p, m, v read and written, g read), with bfloat16 state (20 B), with a mask (29 B:
-one byte more), and torch's fused AdamW (28 B). It prints per column the median ms per step
-with the spread (min-max) over the rounds, the bytes per element, the achieved GB/s and the
-median per-round ratio of torch fused's time to the column's (> 1: faster than torch fused).
+one byte more), and torch's fused AdamW (28 B); then bfloat16 params, grads and state (14 B):
+fastopt with stochastic rounding against torch's fused AdamW on bfloat16 params. It prints
+per column the median ms per step with the spread (min-max) over the rounds, the bytes per
+element, the achieved GB/s and the median per-round ratio of torch fused's time to the
+column's (> 1: faster than torch fused).
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ def columns(torch: Any, n: int, device: str) -> Dict[str, Any]:
     masked = params()
     out["fastopt masked"] = (fot.AdamW(masked, lr=1e-3, masks=[mask]).step, 29)
     out["torch fused"] = (torch.optim.AdamW(params(), lr=1e-3, fused=True).step, 28)
+
+    def bf16_params() -> List[Any]:
+        p = values.to(torch.bfloat16).to(device).requires_grad_()
+        p.grad = grad.to(torch.bfloat16)
+        return [p]
+
+    # bfloat16 params, grads and state: 14 B per element (torch keeps the state in the
+    # params' dtype, so its fused AdamW moves the same bytes, rounding to nearest)
+    sr = fot.AdamW(bf16_params(), lr=1e-3, state_dtype="bfloat16", stochastic_rounding=True)
+    out["fastopt bf16 all, SR"] = (sr.step, 14)
+    out["torch fused bf16"] = (torch.optim.AdamW(bf16_params(), lr=1e-3, fused=True).step, 14)
     return out
 
 
