@@ -12,6 +12,7 @@ from ._runtime import (
 from .functional import *  # noqa: F403  (every step function: functional.__all__)
 from .newton import NotPositiveDefiniteError, cholesky_solve, newton_
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, Sophia  # noqa: F401
+from .prune import prune_magnitude
 from .quant import (
     choose_qparams,
     dequantize,
@@ -38,6 +39,7 @@ __all__ = [
     "choose_qparams",
     "quantize_blockwise",
     "dequantize_blockwise",
+    "prune_magnitude",
     "Optimizer",
     *(cls.__name__ for cls in optim.CLASSES.values()),
     "schedules",
