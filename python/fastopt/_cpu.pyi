@@ -4,7 +4,7 @@ Array arguments are NumPy arrays, or objects the array adapter (set_array_adapte
 one (PyTorch CPU tensors). Quantization and Newton take the same arguments as fastopt._cuda's;
 ``stream`` must be None here."""
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +70,13 @@ def newton_solve(
 def newton_apply(
     params: Any, d: Any, use: Optional[Any], lr: float, stream: None = None
 ) -> None: ...
+
+# Magnitude pruning masks into `out` (bool/uint8 per array): prune_counts is one count (a
+# threshold over all arrays) or one per array; N:M keeps n of each m along the last axis.
+def prune_magnitude(
+    arrays: List[Any], out: List[Any], prune_counts: List[int], stream: None = None
+) -> None: ...
+def prune_n_m(arrays: List[Any], out: List[Any], n: int, m: int, stream: None = None) -> None: ...
 
 # dst += src with all threads (the benchmark's bandwidth ceiling).
 def add_inplace(dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None: ...

@@ -5,7 +5,7 @@ Array arguments are CUDA arrays (CuPy, PyTorch CUDA tensors, anything with
 __cuda_array_interface__); ``stream`` is a cudaStream_t handle as an int (0: the legacy
 default stream). Quantization and Newton take the same arguments as fastopt._cpu's."""
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +44,12 @@ def quantize_blockwise(
     stream: int,
 ) -> int: ...
 def dequantize_blockwise(q: Any, absmax: Any, out: Any, block: int, stream: int) -> None: ...
+
+# Magnitude pruning masks into `out`, queued on the stream (no wait): see fastopt._cpu.
+def prune_magnitude(
+    arrays: List[Any], out: List[Any], prune_counts: List[int], stream: int
+) -> None: ...
+def prune_n_m(arrays: List[Any], out: List[Any], n: int, m: int, stream: int) -> None: ...
 def quantize_affine(
     x: Any,
     q: Any,

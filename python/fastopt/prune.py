@@ -36,7 +36,9 @@ _PATTERN = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
 
 def _pattern(pattern: Any) -> Tuple[int, int]:
     if not isinstance(pattern, str):
-        raise TypeError(f"pattern: expected None or a str such as '2:4', got {type(pattern).__name__}")
+        raise TypeError(
+            f"pattern: expected None or a str such as '2:4', got {type(pattern).__name__}"
+        )
     match = _PATTERN.fullmatch(pattern)
     if match is None:
         raise ValueError(f"pattern: expected 'n:m' (e.g. '2:4'), got {pattern!r}")
@@ -113,7 +115,9 @@ def prune_magnitude(
     out_list = _arrays.as_list("out", out, listed) if out is not None else None
     if not alist:
         if out_list:
-            raise ValueError(f"out: expected 0 arrays (one per entry of arrays), got {len(out_list)}")
+            raise ValueError(
+                f"out: expected 0 arrays (one per entry of arrays), got {len(out_list)}"
+            )
         return out if out is not None else []
     kernels, extra = _arrays.backend(alist, stream, name="arrays")
     host = kernels is _arrays._ext._cpu
@@ -124,14 +128,18 @@ def prune_magnitude(
         kinds = [kind for _, kind in hosts]
         shapes = [a.shape for a in alist]
     else:
-        shapes = [tuple(kernels.describe(a, f"arrays[{i}]", extra["stream"])[1]) for i, a in enumerate(alist)]
+        shapes = [
+            tuple(kernels.describe(a, f"arrays[{i}]", extra["stream"])[1])
+            for i, a in enumerate(alist)
+        ]
     if out_list is not None:
         masks = [_host(f"out[{i}]", o)[0] for i, o in enumerate(out_list)] if host else out_list
     elif host:
         masks = [np.empty(shape, np.bool_) for shape in shapes]
     else:
         masks = [
-            _arrays.device_empty(a, shape, "bool", extra["stream"]) for a, shape in zip(alist, shapes)
+            _arrays.device_empty(a, shape, "bool", extra["stream"])
+            for a, shape in zip(alist, shapes)
         ]
     stream_arg = None if host else extra["stream"]
     if group is not None:
