@@ -105,6 +105,15 @@ def test_ties_pruned_earlier_first(backend, dtype, rng):
             got = run(backend, arrays, sparsity, scope=scope)
             assert_masks(got, reference.prune_magnitude(arrays, sparsity, scope),
                          f"{scope} {sparsity}")
+    # Many distinct magnitudes, each repeated (over 2^18 elements: the CPU's 16-bit first
+    # digit, whose bin is gathered and settled apart, ties included)
+    levels = [(np.round(rng.standard_normal(s) * 300) / 300).astype(dtype)
+              for s in [(300_001,), (5, 11)]]
+    for scope in SCOPES:
+        for sparsity in [0.3, 0.7]:
+            got = run(backend, levels, sparsity, scope=scope)
+            assert_masks(got, reference.prune_magnitude(levels, sparsity, scope),
+                         f"levels {scope} {sparsity}")
     # all equal: exactly the first k are pruned
     same = [np.full(100_003, -3.0, dtype)]
     got = run(backend, same, 0.7)[0]

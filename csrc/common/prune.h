@@ -11,7 +11,7 @@
 // stable ascending sort by |x| cut after k, computed without sorting.
 //
 // Selection (unstructured). The key T of rank k-1 (0-based) is found digit by digit from
-// the top, kDigitBits per pass: each pass histograms the next digit of the elements whose
+// the top (RadixDigits): each pass histograms the next digit of the elements whose
 // higher digits equal T's so far and picks the bin holding the sought rank. After the last
 // pass T is known and `rank` counts the elements with key T ranking below it, so the mask
 // is key > T, except that the first rank + 1 elements with key T (in order) are pruned and
@@ -61,19 +61,27 @@ FASTOPT_HD typename F::Key magnitude_key(typename F::Bits stored) {
 
 // ---- radix select ----------------------------------------------------------------------
 constexpr int kDigitBits = 11;
-constexpr int kRadixBins = 1 << kDigitBits;  // the most bins of one pass
+constexpr int kRadixBins = 1 << kDigitBits;  // the most bins of a pass after the first
 
-FASTOPT_HD int radix_passes(int key_bits) { return (key_bits + kDigitBits - 1) / kDigitBits; }
-// Pass p reads key bits [digit_shift, digit_high): the highest first; the last pass may be
-// narrower.
-FASTOPT_HD int digit_high(int key_bits, int pass) { return key_bits - pass * kDigitBits; }
-FASTOPT_HD int digit_shift(int key_bits, int pass) {
-  const int shift = key_bits - (pass + 1) * kDigitBits;
-  return shift > 0 ? shift : 0;
-}
-FASTOPT_HD int digit_bins(int key_bits, int pass) {
-  return 1 << (digit_high(key_bits, pass) - digit_shift(key_bits, pass));
-}
+// The digits, from the top: the first `first_bits` wide (the CPU takes 16 bits for large
+// selections, the GPU kDigitBits: its histogram lives in shared memory), the others
+// kDigitBits; the last may be narrower. Any schedule selects the same threshold.
+struct RadixDigits {
+  int key_bits, first_bits;
+
+  FASTOPT_HD int passes() const {
+    return key_bits <= first_bits ? 1 : 1 + (key_bits - first_bits + kDigitBits - 1) / kDigitBits;
+  }
+  // Pass p reads key bits [shift(p), high(p)).
+  FASTOPT_HD int high(int pass) const {
+    return pass == 0 ? key_bits : key_bits - first_bits - (pass - 1) * kDigitBits;
+  }
+  FASTOPT_HD int shift(int pass) const {
+    const int s = high(pass) - (pass == 0 ? first_bits : kDigitBits);
+    return s > 0 ? s : 0;
+  }
+  FASTOPT_HD int bins(int pass) const { return 1 << (high(pass) - shift(pass)); }
+};
 
 // The threshold found so far: the key digits above the current pass (prefix) and the
 // 0-based rank sought among the elements sharing them.
@@ -85,29 +93,31 @@ struct RadixState {
 
 // Whether `key` takes part in pass `pass` (its digits above it equal the prefix).
 template <class Key>
-FASTOPT_HD bool in_prefix(Key key, const RadixState<Key>& s, int key_bits, int pass) {
-  const int high = digit_high(key_bits, pass);
+FASTOPT_HD bool in_prefix(Key key, const RadixState<Key>& s, const RadixDigits& d, int pass) {
+  const int high = d.high(pass);
   return (key >> high) == (s.prefix >> high);
 }
 template <class Key>
-FASTOPT_HD int digit_of(Key key, int key_bits, int pass) {
-  return int((key >> digit_shift(key_bits, pass)) & Key(digit_bins(key_bits, pass) - 1));
+FASTOPT_HD int digit_of(Key key, const RadixDigits& d, int pass) {
+  return int((key >> d.shift(pass)) & Key(d.bins(pass) - 1));
 }
 
 // One pass's choice: the bin of counts[0 .. bins) holding rank s.rank; its digit joins the
-// prefix and the rank becomes the rank within the bin. (The counts sum to more than the
-// rank; the last bin is the answer should they not.)
+// prefix and the rank becomes the rank within the bin. Returns the bin. (The counts sum to
+// more than the rank; the last bin is the answer should they not.)
 template <class Key, class Count>
-FASTOPT_HD void radix_choose(RadixState<Key>& s, const Count* counts, int key_bits, int pass) {
-  const int bins = digit_bins(key_bits, pass);
+FASTOPT_HD int radix_choose(RadixState<Key>& s, const Count* counts, const RadixDigits& d,
+                            int pass) {
+  const int bins = d.bins(pass);
   int64_t below = 0;
   int b = 0;
   for (; b < bins - 1; ++b) {
     if (below + int64_t(counts[b]) > s.rank) break;
     below += int64_t(counts[b]);
   }
-  s.prefix |= Key(b) << digit_shift(key_bits, pass);
+  s.prefix |= Key(b) << d.shift(pass);
   s.rank -= below;
+  return b;
 }
 
 // The start of a selection pruning k of n elements (0 < k < n; k = 0 keeps and k = n

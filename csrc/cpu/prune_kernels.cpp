@@ -1,12 +1,14 @@
 // Magnitude pruning on the CPU; order, keys and the radix select are common/prune.h's.
-// Per problem (the arrays sharing one threshold): one read pass per radix digit (3 for
-// float32, 6 for float64, 2 for 16-bit floats; later digits only count the few elements
-// still in the running) builds the digit's histogram on every thread, summed after; then
-// one pass reads the input and writes the mask (1 B per element) while counting, per
-// chunk, the elements whose key equals the threshold. Only when some of those ties are
-// kept does a last pass revisit the chunks holding them. Work is cut into fixed chunks of
-// positions, so the masks do not depend on the thread count, nor on the ISA (the
-// selection is integer work). Problems too small to share are run one per thread.
+// Per problem (the arrays sharing one threshold), usually two passes over the input: the
+// first builds the histogram of the keys' first digit (16 bits for large problems) on
+// every thread, summed after; the second writes every mask (1 B per element) by that
+// digit and gathers the elements of the bin holding the threshold, in position order;
+// the remaining digits and the ties are then settled on those few alone. When that bin is
+// crowded (a few distinct magnitudes), each further digit takes a pass over the input,
+// then one pass writes the masks counting, per chunk, the keys equal to the threshold, and
+// only the chunks holding ties that are kept are revisited. Work is cut into fixed chunks
+// of positions, so the masks do not depend on the thread count, nor on the ISA (the
+// selection is integer work).
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -59,22 +61,44 @@ const typename F::Bits* input(const PruneTable& t, int i) {
   return static_cast<const typename F::Bits*>(t.x[i]);
 }
 
-// counts[b] = the number of elements of P in the running for pass `pass` whose digit is b.
+// Selections of at least kWideFirstMinElements take a 16-bit first digit (64K bins): the
+// bin holding the threshold is then small enough (typically well under 1% of the
+// elements) to gather its elements while the masks are written, and finish on them alone.
+constexpr int kWideFirstDigitBits = 16;
+constexpr int64_t kWideFirstMinElements = int64_t(1) << 18;
+
+template <class F>
+RadixDigits digits_for(int64_t n) {
+  return {F::bits, n >= kWideFirstMinElements ? kWideFirstDigitBits : kDigitBits};
+}
+
+// The chunks of P cut into `count` contiguous shares, one task each (whichever thread runs
+// it), so that per-share results line up with positions.
+struct Shares {
+  int64_t chunks;
+  int count;
+  int64_t begin(int j) const { return chunks * j / count; }
+};
+
+Shares shares_of(const Problem& P, int threads) {
+  const int64_t chunks = P.chunks(kPruneChunk);
+  return {chunks, int(std::min<int64_t>(threads, chunks))};
+}
+
+// per_share[j * bins + b] = the number of elements of share j in the running for pass
+// `pass` whose digit is b; counts[b] their sum.
 template <class F>
 void histogram(const PruneTable& t, const Problem& P, const RadixState<typename F::Key>& s,
-               int pass, int threads, std::vector<uint64_t>& per_thread, uint64_t* counts) {
+               const RadixDigits& d, int pass, const Shares& sh,
+               std::vector<uint64_t>& per_share, std::vector<uint64_t>& counts) {
   using Key = typename F::Key;
-  const int bins = digit_bins(F::bits, pass), shift = digit_shift(F::bits, pass);
-  const int high = digit_high(F::bits, pass);
+  const int bins = d.bins(pass), shift = d.shift(pass), high = d.high(pass);
   const Key digit_mask = Key(bins - 1), prefix = s.prefix >> high;
-  const int64_t chunks = P.chunks(kPruneChunk);
-  const int nt = int(std::min<int64_t>(threads, chunks));
-  per_thread.assign(size_t(nt) * size_t(bins), 0);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    uint64_t* h = per_thread.data() + size_t(thread_index()) * size_t(bins);
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < chunks; ++c)
+  per_share.assign(size_t(sh.count) * size_t(bins), 0);
+#pragma omp parallel for schedule(static, 1) num_threads(sh.count) if (sh.count > 1)
+  for (int j = 0; j < sh.count; ++j) {
+    uint64_t* h = per_share.data() + size_t(j) * size_t(bins);
+    for (int64_t c = sh.begin(j); c < sh.begin(j + 1); ++c)
       for_each_piece(t, P, kPruneChunk, c, [&](int i, int64_t lo, int64_t hi) {
         const auto* x = input<F>(t, i);
         if (pass == 0) {  // every element is in the running
@@ -87,10 +111,73 @@ void histogram(const PruneTable& t, const Problem& P, const RadixState<typename 
         }
       });
   }
-  for (int b = 0; b < bins; ++b) {
-    uint64_t sum = 0;
-    for (int k = 0; k < nt; ++k) sum += per_thread[size_t(k) * size_t(bins) + size_t(b)];
-    counts[b] = sum;
+  counts.assign(size_t(bins), 0);
+  for (int j = 0; j < sh.count; ++j)
+    for (int b = 0; b < bins; ++b) counts[size_t(b)] += per_share[size_t(j) * size_t(bins) + size_t(b)];
+}
+
+// The elements whose first digit is the threshold's: their keys and mask bytes, in
+// position order.
+template <class F>
+struct Candidates {
+  std::vector<typename F::Key> keys;
+  std::vector<uint8_t*> masks;
+};
+
+// mask = first digit > the threshold's `bin` for every element (so those of the bin are
+// pruned for now), gathering the bin's elements; per_share holds pass 0's histogram.
+template <class F>
+void write_masks_gathering(const PruneTable& t, const Problem& P, const RadixDigits& d, int bin,
+                           const Shares& sh, const std::vector<uint64_t>& per_share,
+                           Candidates<F>& out) {
+  using Key = typename F::Key;
+  const int bins = d.bins(0), shift = d.shift(0);
+  std::vector<size_t> start(size_t(sh.count) + 1, 0);
+  for (int j = 0; j < sh.count; ++j)
+    start[size_t(j) + 1] = start[size_t(j)] + per_share[size_t(j) * size_t(bins) + size_t(bin)];
+  out.keys.resize(start.back());
+  out.masks.resize(start.back());
+  const Key b = Key(bin);
+#pragma omp parallel for schedule(static, 1) num_threads(sh.count) if (sh.count > 1)
+  for (int j = 0; j < sh.count; ++j) {
+    size_t at = start[size_t(j)];
+    for (int64_t c = sh.begin(j); c < sh.begin(j + 1); ++c)
+      for_each_piece(t, P, kPruneChunk, c, [&](int i, int64_t lo, int64_t hi) {
+        const auto* x = input<F>(t, i);
+        uint8_t* mask = t.masks[i];
+        for (int64_t e = lo; e < hi; ++e) {
+          const Key key = magnitude_key<F>(x[e]);
+          const Key digit = key >> shift;
+          mask[e] = digit > b;
+          if (digit == b) {
+            out.keys[at] = key;
+            out.masks[at] = mask + e;
+            ++at;
+          }
+        }
+      });
+  }
+}
+
+// The remaining passes on the candidates alone, then their masks: above the threshold
+// kept, below pruned, equal to it kept from ordinal rank + 1 on.
+template <class F>
+void finish_on_candidates(Candidates<F>& cand, RadixState<typename F::Key>& s,
+                          const RadixDigits& d) {
+  using Key = typename F::Key;
+  std::vector<uint64_t> counts;
+  for (int pass = 1; pass < d.passes(); ++pass) {
+    counts.assign(size_t(d.bins(pass)), 0);
+    for (const Key key : cand.keys)
+      if (in_prefix(key, s, d, pass)) ++counts[size_t(digit_of(key, d, pass))];
+    radix_choose(s, counts.data(), d, pass);
+  }
+  const Key threshold = s.prefix;
+  const int64_t pruned_ties = s.rank + 1;
+  int64_t ordinal = 0;
+  for (size_t i = 0; i < cand.keys.size(); ++i) {
+    const Key key = cand.keys[i];
+    *cand.masks[i] = key == threshold ? ordinal++ >= pruned_ties : key > threshold;
   }
 }
 
@@ -159,25 +246,39 @@ void prune_problem(const PruneTable& t, const Problem& P, int threads) {
     fill_masks(t, P, P.k == 0, threads);
     return;
   }
+  const RadixDigits d = digits_for<F>(n);
+  const Shares sh = shares_of(P, threads);
   RadixState<typename F::Key> s = radix_start<typename F::Key>(P.k);
-  std::vector<uint64_t> per_thread;
-  uint64_t counts[kRadixBins];
-  for (int pass = 0; pass < radix_passes(F::bits); ++pass) {
-    histogram<F>(t, P, s, pass, threads, per_thread, counts);
-    radix_choose(s, counts, F::bits, pass);
+  std::vector<uint64_t> per_share, counts;
+  histogram<F>(t, P, s, d, 0, sh, per_share, counts);
+  const int bin = radix_choose(s, counts.data(), d, 0);
+  if (int64_t(counts[size_t(bin)]) <= n / 8 + 65536) {  // gather the bin, finish on it
+    Candidates<F> cand;
+    write_masks_gathering<F>(t, P, d, bin, sh, per_share, cand);
+    finish_on_candidates<F>(cand, s, d);
+    return;
+  }
+  // A crowded bin (a few distinct magnitudes): the remaining passes over all elements.
+  for (int pass = 1; pass < d.passes(); ++pass) {
+    histogram<F>(t, P, s, d, pass, sh, per_share, counts);
+    radix_choose(s, counts.data(), d, pass);
   }
   std::vector<int64_t> ties;
   write_masks<F>(t, P, s.prefix, threads, ties);
   keep_later_ties<F>(t, P, s.prefix, s.rank + 1, ties, threads);
 }
 
+// Problems holding a large part of the call share all threads, one after the other; the
+// others run one per thread, side by side (fewer parallel regions, no idle thread).
 template <class F>
 void prune_magnitude_t(const PruneTable& t, int threads) {
+  const int64_t shared_min =
+      std::max<int64_t>(kParallelMinElements, t.offsets[t.num_tensors] / (2 * int64_t(threads)));
   std::vector<Problem> large, small;
   for (int p = 0; p < t.num_problems; ++p) {
     const int t0 = t.problem_start[p], t1 = t.problem_start[p + 1];
     const Problem P{t0, t1, t.offsets[t0], t.offsets[t1], t.prune_counts[p]};
-    (P.end - P.begin >= kParallelMinElements ? large : small).push_back(P);
+    (P.end - P.begin >= shared_min ? large : small).push_back(P);
   }
   for (const Problem& P : large) prune_problem<F>(t, P, threads);
   const int64_t count = int64_t(small.size());

@@ -24,6 +24,12 @@ constexpr int kThreads = cuda::kPruneThreads;
 constexpr int kScanThreads = 1024;
 constexpr unsigned kHistogramBlocks = 4096;  // each block counts a contiguous run of chunks
 
+// kDigitBits per pass: one pass's histogram fits shared memory.
+template <class F>
+__device__ __host__ constexpr RadixDigits digits() {
+  return {F::bits, kDigitBits};
+}
+
 __device__ __forceinline__ int64_t chunks_of(const PruneTensor& t, int64_t chunk) {
   return (t.size + chunk - 1) / chunk;
 }
@@ -47,7 +53,8 @@ prune_histogram_kernel(const PruneTensor* __restrict__ tensors, int num_tensors,
                        unsigned long long* __restrict__ histograms, int pass) {
   using Key = typename F::Key;
   __shared__ unsigned counts[kRadixBins];
-  const int bins = digit_bins(F::bits, pass);
+  constexpr RadixDigits d = digits<F>();
+  const int bins = d.bins(pass);
   const int64_t per_block = (chunks + gridDim.x - 1) / gridDim.x;
   const int64_t c0 = int64_t(blockIdx.x) * per_block;
   const int64_t c1 = c0 + per_block < chunks ? c0 + per_block : chunks;
@@ -80,7 +87,7 @@ prune_histogram_kernel(const PruneTensor* __restrict__ tensors, int num_tensors,
     const int64_t hi = lo + kPruneChunk < t.size ? lo + kPruneChunk : t.size;
     for (int64_t e = lo + threadIdx.x; e < hi; e += kThreads) {
       const Key key = magnitude_key<F>(x[e]);
-      if (in_prefix(key, s, F::bits, pass)) atomicAdd(&counts[digit_of(key, F::bits, pass)], 1u);
+      if (in_prefix(key, s, d, pass)) atomicAdd(&counts[digit_of(key, d, pass)], 1u);
     }
   }
   if (current >= 0) flush(current);
@@ -96,7 +103,7 @@ prune_choose_kernel(PruneProblem* problems, unsigned long long* histograms, int 
   if (!selects(p)) return;
   if (threadIdx.x == 0) {
     RadixState<Key> s{Key(p.prefix), p.rank};
-    radix_choose(s, counts, F::bits, pass);
+    radix_choose(s, counts, digits<F>(), pass);
     p.prefix = uint64_t(s.prefix);
     p.rank = s.rank;
   }
@@ -281,7 +288,7 @@ void launch_prune(const PruneTensor* tensors, int num_tensors, const PruneProble
   check(cudaMemsetAsync(histograms, 0, L.ties - L.histograms, s), "cudaMemsetAsync");
   const unsigned histogram_grid =
       unsigned(chunks < int64_t(kHistogramBlocks) ? (chunks > 0 ? chunks : 1) : kHistogramBlocks);
-  for (int pass = 0; pass < radix_passes(F::bits); ++pass) {
+  for (int pass = 0; pass < digits<F>().passes(); ++pass) {
     prune_histogram_kernel<F><<<histogram_grid, kThreads, 0, s>>>(
         d_tensors, num_tensors, chunks, d_problems, histograms, pass);
     check_launch("prune_histogram");
