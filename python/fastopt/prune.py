@@ -112,7 +112,15 @@ def prune_magnitude(
         raise TypeError("sparsity: required (a fraction in [0, 1]) unless a pattern is given")
     else:
         s = real("sparsity", sparsity, lo=0.0, hi=1.0)
-    out_list = _arrays.as_list("out", out, listed) if out is not None else None
+    out_list: Optional[List[Any]] = None
+    if out is not None:
+        if isinstance(out, (list, tuple)) != listed:
+            raise TypeError(
+                "out: expected a list of masks (one per array)"
+                if listed
+                else f"out: arrays is one array, so out must be one mask, got {type(out).__name__}"
+            )
+        out_list = list(out) if listed else [out]
     if not alist:
         if out_list:
             raise ValueError(
