@@ -11,10 +11,8 @@
 // selection is integer work).
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include "common/prune.h"
 #include "cpu/multi_tensor.h"
 #include "cpu/prune_kernels.h"
@@ -25,14 +23,6 @@ namespace {
 using cpu::PruneTable;
 
 constexpr int64_t kPruneChunk = int64_t(1) << 16;  // positions per scheduling unit
-
-inline int thread_index() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 // The elements of one selection: tensors [t0, t1), positions [begin, end) of the call.
 struct Problem {
@@ -66,6 +56,10 @@ const typename F::Bits* input(const PruneTable& t, int i) {
 // elements) to gather its elements while the masks are written, and finish on them alone.
 constexpr int kWideFirstDigitBits = 16;
 constexpr int64_t kWideFirstMinElements = int64_t(1) << 18;
+
+// Gathering is chosen while the threshold's bin holds at most n / 8 + kGatherSlack
+// elements (12 bytes each: key and mask address); a crowded bin takes the passes instead.
+constexpr int64_t kGatherSlack = int64_t(1) << 16;
 
 template <class F>
 RadixDigits digits_for(int64_t n) {
@@ -252,7 +246,7 @@ void prune_problem(const PruneTable& t, const Problem& P, int threads) {
   std::vector<uint64_t> per_share, counts;
   histogram<F>(t, P, s, d, 0, sh, per_share, counts);
   const int bin = radix_choose(s, counts.data(), d, 0);
-  if (int64_t(counts[size_t(bin)]) <= n / 8 + 65536) {  // gather the bin, finish on it
+  if (int64_t(counts[size_t(bin)]) <= n / 8 + kGatherSlack) {  // gather the bin, finish on it
     Candidates<F> cand;
     write_masks_gathering<F>(t, P, d, bin, sh, per_share, cand);
     finish_on_candidates<F>(cand, s, d);
