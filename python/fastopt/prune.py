@@ -24,6 +24,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 
 from . import _arrays
+from ._ext import _cpu
 from ._kernels import _host
 from ._validate import real
 
@@ -50,7 +51,7 @@ def _pattern(pattern: Any) -> Tuple[int, int]:
     return n, m
 
 
-def prune_counts(sizes: List[int], sparsity: float, scope: str) -> List[int]:
+def _prune_counts(sizes: List[int], sparsity: float, scope: str) -> List[int]:
     """Elements to prune: round(sparsity * size) (Python's round, half to even, as
     ``torch.nn.utils.prune``'s ``_compute_nparams_toprune``) over all arrays together
     (global) or per array."""
@@ -128,7 +129,7 @@ def prune_magnitude(
             )
         return out if out is not None else []
     kernels, extra = _arrays.backend(alist, stream, name="arrays")
-    host = kernels is _arrays._ext._cpu
+    host = kernels is _cpu
     kinds: List[Any] = []
     if host:
         hosts = [_host(f"arrays[{i}]", a) for i, a in enumerate(alist)]
@@ -153,7 +154,7 @@ def prune_magnitude(
     if group is not None:
         kernels.prune_n_m(alist, masks, group[0], group[1], stream_arg)
     else:
-        counts = prune_counts([math.prod(shape) for shape in shapes], s, scope)
+        counts = _prune_counts([math.prod(shape) for shape in shapes], s, scope)
         kernels.prune_magnitude(alist, masks, counts, stream_arg)
     if out is not None:
         return out
