@@ -372,3 +372,58 @@ def test_private_bindings_check_sizes(rng):
         with pytest.raises(exc, match=match):
             call()
         assert mx.all() and my.all(), f"written despite {match!r}"
+
+
+# ---- sizes past 2**31 -----------------------------------------------------------------------
+
+def _enough_memory(nbytes: int) -> bool:
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable", 0) > nbytes * 1.3
+    except OSError:
+        return False
+
+
+BIG = 2**31 + 37  # past int32
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _enough_memory(BIG * 3), reason="needs ~9 GB of free memory")
+def test_large_array_past_2_pow_31_elements():
+    """A float16 array of BIG elements after a small one, one global threshold: the exact
+    count, no pruned |x| above a kept one, and the threshold's ties pruned earlier-first,
+    checked in windows of the concatenation (each value repeats ~32768 times)."""
+    rng = np.random.default_rng(2031)
+    pattern = (rng.standard_normal(65_537) * 3).astype(np.float16)
+    x = np.empty(BIG, np.float16)
+    for lo in range(0, BIG, 1 << 28):
+        hi = min(BIG, lo + (1 << 28))
+        x[lo:hi] = np.resize(pattern[lo % pattern.size:], hi - lo)  # np.resize repeats
+    small = pattern[:1000].copy()
+    sparsity = 0.6
+    masks = fastopt.prune_magnitude([small, x], sparsity)
+
+    def windows():
+        yield 0, np.abs(small.astype(np.float32)), masks[0]
+        for lo in range(0, BIG, 1 << 26):
+            hi = min(BIG, lo + (1 << 26))
+            yield small.size + lo, np.abs(x[lo:hi].astype(np.float32)), masks[1][lo:hi]
+
+    pruned, cut, kept_min = 0, 0.0, np.inf
+    for _, a, m in windows():
+        pruned += int(np.count_nonzero(~m))
+        cut = max(cut, float(a[~m].max(initial=0)))
+        kept_min = min(kept_min, float(a[m].min(initial=np.inf)))
+    assert pruned == round(sparsity * (BIG + small.size))
+    assert cut <= kept_min
+    last_pruned_tie, first_kept_tie = -1, None
+    for start, a, m in windows():
+        tie = a == cut
+        if (tie & ~m).any():
+            last_pruned_tie = start + int(np.flatnonzero(tie & ~m)[-1])
+        if first_kept_tie is None and (tie & m).any():
+            first_kept_tie = start + int(np.flatnonzero(tie & m)[0])
+    # the threshold splits a run of ties (the ordinal rule ran), ordered by position
+    assert last_pruned_tie >= 0 and first_kept_tie is not None
+    assert last_pruned_tie < first_kept_tie
