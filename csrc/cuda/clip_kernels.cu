@@ -85,7 +85,7 @@ norm_finish_kernel(const double* partial, int64_t n, double p, O* out) {
 template <class P, class N> struct ClipOp {
   const N* norm;
   double max_norm;
-  template <int W> __device__ void apply(void* const* ptr, int64_t j) const {
+  template <int W> __device__ void apply(void* const* ptr, int64_t j, int32_t /*tensor*/) const {
     const double c = clip_coefficient(max_norm, double(cuda::to_math(*norm)));
     if (c == 1.0) return;
     using T = MathOf<P>;
