@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include "common/half.h"
+#include "common/quant.h"
 #include "common/platform.h"
 
 FASTOPT_ISA_BEGIN
@@ -47,12 +48,16 @@ struct F32x8 {
   void store_stochastic(bfloat16* p, uint32_t key, int64_t j) const {
     const uint32_t lo0 = uint32_t(uint64_t(j)), hi0 = uint32_t(uint64_t(j) >> 32);
     const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(int32_t(lo0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    // j + lane's high half: one more where the low half wrapped (lo < lo0, unsigned)
+    // j + lane's high half is hi0, or hi0 + 1 where the low half wrapped (lo < lo0, unsigned)
     const __m256i bias = _mm256_set1_epi32(INT32_MIN);
     const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(int32_t(lo0)), bias),
                                                _mm256_xor_si256(lo, bias));
-    const __m256i hi = _mm256_sub_epi32(_mm256_set1_epi32(int32_t(hi0)), wrapped);
-    const __m256i h = mix32(_mm256_xor_si256(lo, mix32(_mm256_xor_si256(hi, _mm256_set1_epi32(int32_t(key))))));
+    // mix32(hi ^ key) is one of two values: computed on scalars, picked per lane
+    const uint32_t inner0 = fastopt::FASTOPT_ISA::mix32(hi0 ^ key);
+    const uint32_t inner1 = fastopt::FASTOPT_ISA::mix32((hi0 + 1u) ^ key);
+    const __m256i inner = _mm256_blendv_epi8(_mm256_set1_epi32(int32_t(inner0)),
+                                             _mm256_set1_epi32(int32_t(inner1)), wrapped);
+    const __m256i h = mix32x8(_mm256_xor_si256(lo, inner));
     const __m256i u = _mm256_castps_si256(v);
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_srli_epi32(h, 16)), 16);
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
@@ -61,7 +66,7 @@ struct F32x8 {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
   // common/quant.h's mix32, lane by lane.
-  static __m256i mix32(__m256i x) {
+  static __m256i mix32x8(__m256i x) {
     x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
     x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(0x7feb352dU)));
     x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
