@@ -4,7 +4,7 @@ Array arguments are NumPy arrays, or objects the array adapter (set_array_adapte
 one (PyTorch CPU tensors). Quantization and Newton take the same arguments as fastopt._cuda's;
 ``stream`` must be None here."""
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -73,6 +73,9 @@ def newton_apply(
 
 # dst += src with all threads (the benchmark's bandwidth ceiling).
 def add_inplace(dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None: ...
+
+# Checks an optimizer class's params as its steps will (dtype, layout, writeable, overlaps).
+def check_params(params: List[Any], listed: bool) -> None: ...
 def set_cpu_path(path: str) -> None: ...
 def get_cpu_path() -> str: ...
 def set_num_threads(n: int) -> None: ...

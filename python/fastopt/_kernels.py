@@ -60,7 +60,7 @@ def _host(name: str, a: Any) -> Tuple[np.ndarray, Kind]:
     """A NumPy array sharing ``a``'s memory (a bfloat16 torch tensor through ml_dtypes)."""
     if isinstance(a, np.ndarray):
         return a, _AS_IS
-    if type(a).__module__.startswith("torch") and a.device.type == "cpu":
+    if _arrays._is_torch(a) and a.device.type == "cpu":
         import torch
 
         if a.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits through ml_dtypes

@@ -9,12 +9,22 @@ C++ call. ``lr`` is settable; ``schedule=`` (see ``fastopt.schedules``) maps the
 index and ``lr`` to the rate used. ``state_dict()`` / ``load_state_dict()`` round-trip
 exactly (step count, lr, hyper-parameters, every state element), so a restored optimizer
 continues bit-identically.
+
+An optimizer may be shared between threads: ``step``, ``zero_state``, ``state_dict`` and
+``load_state_dict`` hold a lock of the optimizer's for their whole run, so concurrent
+steps are applied one after the other and ``step_count`` counts every one (steps of one
+optimizer never overlap; use one optimizer per thread for parallel work). The step count
+always matches the updates applied: it is advanced before the kernel runs and put back
+only when the kernel refused the call (its checks raise TypeError/ValueError before
+anything is written), so an exception raised after the kernel ran -- Ctrl-C's
+KeyboardInterrupt is delivered when the call returns -- leaves it counted.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -47,6 +57,9 @@ class Optimizer:
             _arrays.param_array(f"params[{i}]", a)
             for i, a in enumerate(as_list("params", params, self._listed))
         ]
+        _check_params(self.params, self._listed)
+        self._lock = threading.RLock()  # see the module docstring (RLock: a signal handler
+        # saving a checkpoint while its thread steps must not deadlock)
         # On the GPU the checked launch tables are kept between steps (see
         # fastopt._cuda.Plan): a step re-reads only arrays that changed (new grads).
         on_device = bool(self.params) and _arrays.on_device(self.params[0])
@@ -119,21 +132,32 @@ class Optimizer:
     def step(self, grads: ArrayOrList, *, stream: Any = None) -> None:
         """One step with ``grads`` (an array, or a list aligned with params). On the GPU it
         is queued on ``stream`` (default: the params' library's current stream)."""
-        t = self._step + 1
-        kw = {**self._kw, "lr": self.current_lr()}
-        lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
-        self._kernel.launch(lists, self._listed, kw, t, stream, self._plan)
-        self._step = t
-        self._queued_on(stream)
+        with self._lock:
+            t = self._step + 1
+            kw = {**self._kw, "lr": self.current_lr()}
+            lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
+            kernel, extra = self._kernel.bound(lists, stream, self._plan)
+            if self._spec.takes_step:
+                extra["step"] = t
+            # Counted before the kernel runs, uncounted only if its checks refused the call
+            # (nothing written then): see the module docstring.
+            self._step = t
+            try:
+                kernel(*lists, self._listed, **kw, **extra)
+            except (TypeError, ValueError, MemoryError):
+                self._step = t - 1
+                raise
+            self._queued_on(stream)
 
     def zero_state(self) -> None:
         """Reset every state array to its initial value and the step count to 0."""
-        self._await_steps()
-        for name, arrays in self.state.items():
-            for a in arrays:
-                _arrays.fill(a, self._initial.get(name, 0.0))
-        self._await_state_writes()
-        self._step = 0
+        with self._lock:
+            self._await_steps()
+            for name, arrays in self.state.items():
+                for a in arrays:
+                    _arrays.fill(a, self._initial.get(name, 0.0))
+            self._await_state_writes()
+            self._step = 0
 
     # On the GPU, steps run on their stream= while the methods below read or write the state
     # with the library's own calls, on its current stream: each waits for the last step
@@ -167,13 +191,14 @@ class Optimizer:
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """A deep copy of everything needed to continue exactly: type, step, lr, hyper, state."""
-        return {
-            "optimizer": type(self).__name__,
-            "step": self._step,
-            "lr": self._lr,
-            "hyper": copy.deepcopy(self._hyper),
-            "state": self._state_copies(),
-        }
+        with self._lock:
+            return {
+                "optimizer": type(self).__name__,
+                "step": self._step,
+                "lr": self._lr,
+                "hyper": copy.deepcopy(self._hyper),
+                "state": self._state_copies(),
+            }
 
     def _state_copies(self) -> Dict[str, List[Any]]:
         self._await_steps()
@@ -183,55 +208,62 @@ class Optimizer:
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore a ``state_dict()``; arrays are copied into this optimizer's own buffers.
-        Everything is checked first: on error nothing changes."""
-        if state_dict.get("optimizer") != type(self).__name__:
-            raise ValueError(
-                f"state_dict: was saved by {state_dict.get('optimizer')!r}, "
-                f"not {type(self).__name__}"
+        Atomic: every entry is checked and converted into a staged copy first (a tensor
+        that cannot be read -- meta, sparse, a negative view -- is an error then), and the
+        state is overwritten only when all are; on error nothing changes."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"state_dict: expected the dict of a state_dict(), got {type(state_dict).__name__}"
             )
-        step = state_dict["step"]
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"state_dict['step']: expected an integer >= 0, got {step!r}")
+        for key in _STATE_DICT_KEYS:
+            if key not in state_dict:
+                raise ValueError(
+                    f"state_dict: missing key {key!r} (a state_dict() has {list(_STATE_DICT_KEYS)})"
+                )
+        if state_dict["optimizer"] != type(self).__name__:
+            raise ValueError(
+                f"state_dict: was saved by {state_dict['optimizer']!r}, not {type(self).__name__}"
+            )
+        step = _saved_step(state_dict["step"])
         lr = real("state_dict['lr']", state_dict["lr"], lo=0.0)
-        hyper = dict(state_dict["hyper"])
+        hyper, state = state_dict["hyper"], state_dict["state"]
+        for key, value in (("hyper", hyper), ("state", state)):
+            if not isinstance(value, dict):
+                raise TypeError(f"state_dict[{key!r}]: expected a dict, got {type(value).__name__}")
+        hyper = dict(hyper)
         if set(hyper) != set(self._hyper):
             raise ValueError(
-                f"state_dict['hyper']: expected keys {sorted(self._hyper)}, got {sorted(hyper)}"
+                f"state_dict['hyper']: expected keys {sorted(self._hyper)}, got "
+                f"{sorted(map(str, hyper))}"
             )
         kw, used = self._validated(hyper, lr, self.state)
-        state = state_dict["state"]
         if set(state) != set(self.state):
             raise ValueError(
                 f"state_dict['state']: expected {sorted(self.state)}, got "
-                f"{sorted(state)} (were the options the same?)"
+                f"{sorted(map(str, state))} (were the options the same?)"
             )
+        staged: Dict[str, List[Any]] = {}
         for name, arrays in self.state.items():
             saved = state[name]
+            where = f"state_dict['state'][{name!r}]"
+            if not isinstance(saved, (list, tuple)):
+                raise TypeError(f"{where}: expected a list of arrays, got {type(saved).__name__}")
             if len(saved) != len(arrays):
-                raise ValueError(
-                    f"state_dict['state'][{name!r}]: expected {len(arrays)} arrays, "
-                    f"got {len(saved)}"
-                )
-            for i, (own, s) in enumerate(zip(arrays, saved)):
-                if not hasattr(s, "shape"):
-                    s = np.asarray(s)
-                if tuple(s.shape) != tuple(own.shape) or _arrays.dtype_name(
-                    s
-                ) != _arrays.dtype_name(own):
-                    raise ValueError(
-                        f"state_dict['state'][{name!r}][{i}]: expected shape "
-                        f"{tuple(own.shape)} {_arrays.dtype_name(own)}, got "
-                        f"{tuple(s.shape)} {_arrays.dtype_name(s)}"
-                    )
-        self._await_steps()
-        for name, arrays in self.state.items():
-            for own, s in zip(arrays, state[name]):
-                _arrays.copy_into(own, s)
-        self._await_state_writes()
-        self._step = int(step)
-        self._lr = lr
-        self._hyper = hyper
-        self._kw, self._state_lists = kw, self._kernel_state(used)
+                raise ValueError(f"{where}: expected {len(arrays)} arrays, got {len(saved)}")
+            staged[name] = [
+                _arrays.staged(f"{where}[{i}]", own, s)
+                for i, (own, s) in enumerate(zip(arrays, saved))
+            ]
+        with self._lock:  # commit: copies between arrays of one kind, shape and dtype
+            self._await_steps()
+            for name, arrays in self.state.items():
+                for own, s in zip(arrays, staged[name]):
+                    _arrays.copy_into(own, s)
+            self._await_state_writes()
+            self._step = step
+            self._lr = lr
+            self._hyper = hyper
+            self._kw, self._state_lists = kw, self._kernel_state(used)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
@@ -239,6 +271,34 @@ class Optimizer:
             f"{type(self).__name__}({len(self.params)} arrays, lr={self._lr!r}, {args}, "
             f"schedule={self.schedule!r}, step={self._step})"
         )
+
+
+_STATE_DICT_KEYS = ("optimizer", "step", "lr", "hyper", "state")
+
+
+def _saved_step(step: Any) -> int:
+    """A checkpoint's step count: an integer the next steps can count on from (int64)."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"state_dict['step']: expected an integer >= 0, got {type(step).__name__}")
+    if not 0 <= int(step) < 2**63 - 1:
+        raise ValueError(
+            f"state_dict['step']: expected an integer in [0, 2**63 - 1), got {int(step)}"
+        )
+    return int(step)
+
+
+def _check_params(params: List[Any], listed: bool) -> None:
+    """What a step would refuse about the params themselves, checked at construction: the
+    same array twice, and for host arrays everything the binding checks (dtype, dense
+    layout, alignment, writeable, overlaps). CUDA arrays are checked in full at a step."""
+    seen: Dict[int, int] = {}
+    for i, p in enumerate(params):
+        j = seen.setdefault(id(p), i)
+        if j != i:
+            raise ValueError(f"params[{i}]: is params[{j}] again; each param may appear once")
+    host = [p for p in params if isinstance(p, np.ndarray)]
+    if len(host) == len(params):
+        _ext._cpu.check_params(params, listed)
 
 
 class SGD(Optimizer):

@@ -64,6 +64,20 @@ Decisions, where torch.optim offers a choice:
   DTensor with the same placements, as torch.optim's, so
   ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` works.
 
+Hardening:
+- Params are checked when a group is added (construction, ``add_param_group``): dtype,
+  device (CPU or CUDA; a meta tensor is named as such), dense strided layout, and no param
+  twice in a group (torch.optim only warns); a bad group is not added.
+- ``load_state_dict`` is atomic: torch.optim's builds the new state before replacing the
+  old, and fastopt's float32 state for 16-bit params is converted before either; a
+  malformed checkpoint raises TypeError/ValueError (torch's own KeyError,
+  NotImplementedError... are re-raised as such) and changes nothing.
+- A step's count matches the updates applied: each bucket's counts move before its kernel
+  runs and back only if the kernel refused the call (nothing written then), so an
+  exception after the kernel ran (Ctrl-C) leaves them counted.
+- A step holds the optimizer's lock: a shared optimizer stepped from several threads
+  applies the steps one after the other and counts each.
+
 The kernels run with the GIL released on the CPU; on the GPU they are queued on torch's
 current stream without any synchronisation (but the host reads named above).
 """
@@ -72,6 +86,7 @@ from __future__ import annotations
 
 import operator
 import re
+import threading
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, cast
 
@@ -296,8 +311,49 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._checked: Dict[Any, _Checked] = {}
         self._validate_group("", defaults)
         self._lr("", defaults)
+        self._lock = threading.RLock()  # a step at a time (see the module docstring)
         super().__init__(params, defaults)
         self._caches: Dict[int, _GroupCache] = {}
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch.optim's, with the params checked as a step will check them (see the module
+        docstring); a group with a bad param is not added."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._check_group_params(index, self.param_groups[index]["params"])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _check_group_params(index: int, params: List[torch.Tensor]) -> None:
+        seen: Dict[int, int] = {}
+        for i, p in enumerate(params):
+            name = f"param_groups[{index}]['params'][{i}]"
+            j = seen.setdefault(id(p), i)
+            if j != i:
+                raise ValueError(
+                    f"{name}: is param {j} of the group again; a param may appear once"
+                )
+            if p.device.type not in ("cpu", "cuda"):
+                raise TypeError(
+                    f"{name}: is a meta tensor, which has no data"
+                    if p.device.type == "meta"
+                    else f"{name}: is on device {p.device.type!r}; fastopt runs on CPU and CUDA"
+                )
+            if p.dtype not in _SUPPORTED:
+                raise TypeError(
+                    f"{name}: dtype {p.dtype} is not supported (float32, float64, float16, "
+                    "bfloat16)"
+                )
+            if p.layout != torch.strided:
+                raise TypeError(f"{name}: {p.layout} params are not supported (dense tensors)")
+            if not _dense(_local(p)):
+                raise ValueError(
+                    f"{name}: has gaps in its storage (a strided view such as a slice); "
+                    "fastopt steps dense tensors: make it contiguous"
+                )
 
     # -- hyper-parameters ------------------------------------------------------------------
     def _group_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
@@ -502,8 +558,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             scale = getattr(self, "grad_scale", None)
             if scale is not None:
                 grad_scale = float(scale)
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group, grad_scale)
+        with self._lock:
+            for index, group in enumerate(self.param_groups):
+                self._step_group(index, group, grad_scale)
         return loss
 
     def _step_group(self, index: int, group: Dict[str, Any], grad_scale: float) -> None:
@@ -565,20 +622,28 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "grad_scale": grad_scale}
         if self._spec.takes_step:
             extra = {**extra, "step": bucket.done + 1}
+        # Counted before the kernel runs, uncounted only if its checks refused the call
+        # (nothing written then): an exception once it ran (Ctrl-C) leaves the step counted.
+        self._count(bucket, 1)
         try:
             kernel(params, grads, *states, True, lr=lr, **kw, **extra)
         except (TypeError, ValueError) as exc:
             relaid = self._relayout_grads([_local(p) for p in bucket.params], grads)
             if relaid is None:
+                self._count(bucket, -1)
                 raise self._named(where, bucket, exc) from exc
             try:
                 kernel(params, relaid, *states, True, lr=lr, **kw, **extra)
             except (TypeError, ValueError) as again:
+                self._count(bucket, -1)
                 raise self._named(where, bucket, again) from again
         torch.autograd.graph.increment_version(written)
-        bucket.done += 1
+
+    @staticmethod
+    def _count(bucket: _Bucket, change: int) -> None:
+        bucket.done += change
         if bucket.steps is not None:
-            bucket.steps.add_(1)
+            bucket.steps.add_(change)
 
     @staticmethod
     def _relayout_grads(
@@ -614,6 +679,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._caches = {}
         self._checked = {}
+        self.__dict__.setdefault("_lock", threading.RLock())  # unpickled: none yet
         for group in self.param_groups:  # a torch.optim checkpoint lacks fastopt's extras
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -621,17 +687,58 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """torch.optim's ``load_state_dict`` (state moved to each param's device, the saved
         group options taken), keeping float32 state for float16/bfloat16 params: torch casts
-        floating state to the param's dtype, which would round fastopt's float32 state."""
-        super().load_state_dict(state_dict)
-        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved, params):
-            entry = state_dict["state"].get(saved_id)
-            if p.dtype not in _HALF or not isinstance(entry, dict):
-                continue
-            for key, value in entry.items():
-                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        floating state to the param's dtype, which would round fastopt's float32 state.
+        Atomic: everything is converted before anything is replaced; a malformed
+        checkpoint raises TypeError/ValueError and changes nothing."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"state_dict: expected the dict of a state_dict(), got {type(state_dict).__name__}"
+            )
+        for key, kind in (("state", dict), ("param_groups", list)):
+            if key not in state_dict:
+                raise ValueError(f"state_dict: missing key {key!r}")
+            if not isinstance(state_dict[key], kind):
+                raise TypeError(
+                    f"state_dict[{key!r}]: expected a {kind.__name__}, got "
+                    f"{type(state_dict[key]).__name__}"
+                )
+        groups = state_dict["param_groups"]
+        if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            raise TypeError("state_dict['param_groups']: expected dicts with a 'params' list")
+        with self._lock:
+            # 16-bit params' float32 state, converted first (torch would round it).
+            saved = [i for g in groups for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            kept: List[Tuple[torch.Tensor, str, torch.Tensor]] = []
+            for saved_id, p in zip(saved, params):
+                entry = state_dict["state"].get(saved_id)
+                if p.dtype not in _HALF or not isinstance(entry, dict):
+                    continue
+                for key, value in entry.items():
+                    if (
+                        key != "step"
+                        and isinstance(value, torch.Tensor)
+                        and value.is_floating_point()
+                    ):
+                        where = f"state_dict['state'][{saved_id!r}][{key!r}]"
+                        kept.append((p, key, _loaded(where, value, p.device, torch.float32)))
+            try:
+                super().load_state_dict(state_dict)  # builds everything, then replaces
+            except (KeyError, AttributeError, IndexError, RuntimeError, NotImplementedError) as e:
+                raise TypeError(
+                    f"state_dict: not a loadable checkpoint ({type(e).__name__}: {e})"
+                ) from None
+            for p, key, value in kept:
+                self.state[p][key] = value
+
+
+def _loaded(where: str, value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Any:
+    """``value`` copied to ``device`` and ``dtype``, or a TypeError naming ``where`` (a meta,
+    say, has no values to copy)."""
+    try:
+        return value.to(device=device, dtype=dtype, copy=True)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise TypeError(f"{where}: cannot be loaded ({type(exc).__name__}: {exc})") from None
 
 
 def _pair(name: str, betas: Any) -> Tuple[Any, Any]:
