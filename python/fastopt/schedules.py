@@ -19,8 +19,8 @@ __all__ = ["Schedule", "Constant", "StepDecay", "InverseTime", "Cosine", "Linear
 def _count(name: str, value: int, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer >= {lo}, got {type(value).__name__}")
-    if value < lo:
-        raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
+    if not lo <= value < 2**63:  # step counts are 64-bit
+        raise ValueError(f"{name}: expected an integer in [{lo}, 2**63), got {int(value)}")
     return int(value)
 
 
@@ -48,7 +48,10 @@ class StepDecay(Schedule):
         self.gamma = real("gamma", gamma, lo=0.0)
 
     def __call__(self, t: int, base_lr: float) -> float:
-        return base_lr * self.gamma ** (t // self.step_size)
+        try:
+            return base_lr * self.gamma ** (t // self.step_size)
+        except OverflowError:  # gamma > 1 after many steps: refused as non-finite by the user
+            return math.inf
 
 
 class InverseTime(Schedule):
