@@ -188,7 +188,7 @@ def run_case(fig: Figures, what: str, call: Callable[[], Any], watched: List[Any
             fig.modified.append(what)
         return False
     except Exception as exc:  # anything else is a defect
-        fig.crashes.append(f"{what}: {type(exc).__name__}: {exc}"[:300])
+        fig.crashes.append(f"{type(exc).__name__}: {str(exc)[:200]} <- {what[:300]}")
         return False
     fig.ok += 1
     return True
@@ -344,7 +344,7 @@ def test_fuzz_load_state_dict(name):
                 fig.modified.append(f"{entry} <- {how}")
             return
         except Exception as exc:
-            fig.crashes.append(f"{entry} <- {how}: {type(exc).__name__}: {exc}"[:300])
+            fig.crashes.append(f"{type(exc).__name__}: {str(exc)[:200]} <- {entry} {how}")
             return
         fig.ok += 1
 

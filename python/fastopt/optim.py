@@ -139,15 +139,21 @@ class Optimizer:
             kernel, extra = self._kernel.bound(lists, stream, self._plan)
             if self._spec.takes_step:
                 extra["step"] = t
-            # Counted before the kernel runs, uncounted only if its checks refused the call
-            # (nothing written then): see the module docstring.
+            # Counted before the kernel runs (an attribute store, where no signal is
+            # handled), uncounted only if its checks refused the call (nothing written
+            # then): see the module docstring. A GPU step is recorded for the methods that
+            # wait for it even when an exception follows the launch.
             self._step = t
+            refused = False
             try:
                 kernel(*lists, self._listed, **kw, **extra)
             except (TypeError, ValueError, MemoryError):
+                refused = True
                 self._step = t - 1
                 raise
-            self._queued_on(stream)
+            finally:
+                if not refused:
+                    self._queued_on(stream)
 
     def zero_state(self) -> None:
         """Reset every state array to its initial value and the step count to 0."""
@@ -279,7 +285,7 @@ _STATE_DICT_KEYS = ("optimizer", "step", "lr", "hyper", "state")
 def _saved_step(step: Any) -> int:
     """A checkpoint's step count: an integer the next steps can count on from (int64)."""
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"state_dict['step']: expected an integer >= 0, got {type(step).__name__}")
+        raise ValueError(f"state_dict['step']: expected an integer >= 0, got {step!r:.40}")
     if not 0 <= int(step) < 2**63 - 1:
         raise ValueError(
             f"state_dict['step']: expected an integer in [0, 2**63 - 1), got {int(step)}"
@@ -487,14 +493,15 @@ class Sophia(Optimizer):
         """hessian_diag <- beta2*hessian_diag + (1-beta2)*estimate (shaped like params;
         float32 for 16-bit params, like the state)."""
         hessian_diags = self.state["hessian_diags"]
-        functional.ema_(
-            hessian_diags if self._listed else hessian_diags[0],
-            estimate,
-            beta=beta2,
-            stream=stream,
-            _plan=self._ema_plan,
-        )
-        self._queued_on(stream)
+        with self._lock:  # the state a concurrent step reads
+            functional.ema_(
+                hessian_diags if self._listed else hessian_diags[0],
+                estimate,
+                beta=beta2,
+                stream=stream,
+                _plan=self._ema_plan,
+            )
+            self._queued_on(stream)
 
 
 def _class_from_spec(spec: OptimizerSpec) -> type:

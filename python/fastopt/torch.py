@@ -72,9 +72,9 @@ Hardening:
   old, and fastopt's float32 state for 16-bit params is converted before either; a
   malformed checkpoint raises TypeError/ValueError (torch's own KeyError,
   NotImplementedError... are re-raised as such) and changes nothing.
-- A step's count matches the updates applied: each bucket's counts move before its kernel
-  runs and back only if the kernel refused the call (nothing written then), so an
-  exception after the kernel ran (Ctrl-C) leaves them counted.
+- A step's count matches the updates applied: once a bucket's kernel has run its step
+  counts move, also when an exception follows (Ctrl-C's KeyboardInterrupt arrives when
+  the call returns); a call the kernel refused (nothing written then) is not counted.
 - A step holds the optimizer's lock: a shared optimizer stepped from several threads
   applies the steps one after the other and counts each.
 
@@ -622,28 +622,33 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "grad_scale": grad_scale}
         if self._spec.takes_step:
             extra = {**extra, "step": bucket.done + 1}
-        # Counted before the kernel runs, uncounted only if its checks refused the call
-        # (nothing written then): an exception once it ran (Ctrl-C) leaves the step counted.
-        self._count(bucket, 1)
+        # The step is counted once the kernel has run, whatever is raised after it (Ctrl-C's
+        # KeyboardInterrupt arrives when the call returns): bucket.done moves before the
+        # call (an attribute store, where no signal is handled), the step tensors and the
+        # version counters in `finally`; only a call the kernel's checks refused (nothing
+        # written then) is not counted.
+        bucket.done += 1
+        refused = False
         try:
             kernel(params, grads, *states, True, lr=lr, **kw, **extra)
         except (TypeError, ValueError) as exc:
+            refused = True
             relaid = self._relayout_grads([_local(p) for p in bucket.params], grads)
             if relaid is None:
-                self._count(bucket, -1)
                 raise self._named(where, bucket, exc) from exc
+            refused = False
             try:
                 kernel(params, relaid, *states, True, lr=lr, **kw, **extra)
             except (TypeError, ValueError) as again:
-                self._count(bucket, -1)
+                refused = True
                 raise self._named(where, bucket, again) from again
-        torch.autograd.graph.increment_version(written)
-
-    @staticmethod
-    def _count(bucket: _Bucket, change: int) -> None:
-        bucket.done += change
-        if bucket.steps is not None:
-            bucket.steps.add_(change)
+        finally:
+            if refused:
+                bucket.done -= 1
+            else:
+                if bucket.steps is not None:
+                    bucket.steps.add_(1)
+                torch.autograd.graph.increment_version(written)
 
     @staticmethod
     def _relayout_grads(
@@ -1050,22 +1055,23 @@ class Sophia(_FusedOptimizer):
         grad (fastopt's EMA kernel over grad*grad in float32): SophiaG's Gauss-Newton-
         Bartlett estimate when the grads come from a loss on labels sampled from the model
         (Liu et al. 2023, Algorithm 2)."""
-        for index, group in enumerate(self.param_groups):
-            used = self._validate_group(f"param_groups[{index}]", group).used
-            beta2 = self._hessian_beta(f"param_groups[{index}]", group)
-            hessians, squares = [], []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                where = f"param_groups[{index}]['params'][{i}]"
-                self._check_param(where, p, p.grad)
-                state, _ = self._param_state(where, p, group, used)
-                hessians.append(_local(state["hessian"]))
-                g = _local(p.grad).to(hessians[-1].dtype)
-                squares.append(torch.empty_like(hessians[-1]).copy_(g).square_())
-            if hessians:
-                functional.ema_(hessians, squares, beta=beta2)
-                torch.autograd.graph.increment_version(hessians)
+        with self._lock:  # the state a concurrent step reads
+            for index, group in enumerate(self.param_groups):
+                used = self._validate_group(f"param_groups[{index}]", group).used
+                beta2 = self._hessian_beta(f"param_groups[{index}]", group)
+                hessians, squares = [], []
+                for i, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    where = f"param_groups[{index}]['params'][{i}]"
+                    self._check_param(where, p, p.grad)
+                    state, _ = self._param_state(where, p, group, used)
+                    hessians.append(_local(state["hessian"]))
+                    g = _local(p.grad).to(hessians[-1].dtype)
+                    squares.append(torch.empty_like(hessians[-1]).copy_(g).square_())
+                if hessians:
+                    functional.ema_(hessians, squares, beta=beta2)
+                    torch.autograd.graph.increment_version(hessians)
 
 
 # The class of each optimizer of fastopt's table, by its name there.
