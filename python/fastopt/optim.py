@@ -64,6 +64,7 @@ class Optimizer:
         # fastopt._cuda.Plan): a step re-reads only arrays that changed (new grads).
         on_device = bool(self.params) and _arrays.on_device(self.params[0])
         self._plan = _ext._cuda.Plan() if on_device and _ext._cuda is not None else None
+        self._host = not on_device  # steps call the CPU kernel directly (stream=None)
         if schedule is not None and not callable(schedule):
             raise TypeError(
                 f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}"
@@ -136,9 +137,12 @@ class Optimizer:
             t = self._step + 1
             kw = {**self._kw, "lr": self.current_lr()}
             lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
-            kernel, extra = self._kernel.bound(lists, stream, self._plan)
+            if self._host and stream is None:
+                kernel, extra = self._kernel.cpu_kernel, _NO_EXTRA
+            else:
+                kernel, extra = self._kernel.bound(lists, stream, self._plan)
             if self._spec.takes_step:
-                extra["step"] = t
+                kw["step"] = t
             # Counted before the kernel runs (an attribute store, where no signal is
             # handled), uncounted only if its checks refused the call (nothing written
             # then): see the module docstring. A GPU step is recorded for the methods that
@@ -280,6 +284,7 @@ class Optimizer:
 
 
 _STATE_DICT_KEYS = ("optimizer", "step", "lr", "hyper", "state")
+_NO_EXTRA: Dict[str, Any] = {}  # a host step's extra keywords (none)
 
 
 def _saved_step(step: Any) -> int:
