@@ -139,6 +139,8 @@ def _raise_after_kernel(monkeypatch, name):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(_cpu, name, interrupted)
+    # the host step of the classes calls the bound kernel it keeps
+    monkeypatch.setattr(fastopt.functional.STEPS[name], "cpu_kernel", interrupted)
 
 
 def test_interrupt_after_the_kernel_counts_the_step(monkeypatch, rng):
