@@ -21,6 +21,12 @@ namespace bindings {
 
 namespace py = pybind11;
 
+// Whether obj is a NumPy array of the plain ndarray type. Subclasses go through the array
+// adapter: a masked array's mask or np.matrix's semantics would be silently ignored here.
+inline bool is_plain_ndarray(PyObject* obj) {
+  return Py_TYPE(obj) == reinterpret_cast<PyTypeObject*>(py::detail::npy_api::get().PyArray_Type_);
+}
+
 struct RoleSpec {
   const char* name;  // the Python argument name, used in error messages
   py::handle list;   // a list of arrays, or None when the call does not use this role
@@ -248,7 +254,7 @@ class ArrayTable {
       // another thread emptying the caller's list cannot free one under it.
       PyObject* item = PyList_GET_ITEM(list.ptr(), i);
       const Where w{role.name, i, listed_};
-      const bool numpy = py::isinstance<py::array>(item);
+      const bool numpy = is_plain_ndarray(item);
       const bool tensor = !numpy && is_torch_tensor(item, w);
       keep_.push_back(numpy || tensor ? py::reinterpret_borrow<py::object>(item)
                                       : adapt(w.str(), item));

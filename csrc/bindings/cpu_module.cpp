@@ -63,10 +63,11 @@ void host_only(const py::object& stream) {
 }
 
 // `obj` as a NumPy array: itself, or its view through the array adapter (a PyTorch CPU
-// tensor). All of a call's arguments are converted before any is described, since the
-// adapter runs Python code.
+// tensor; an ndarray subclass as a plain ndarray, masked arrays and np.matrix refused).
+// All of a call's arguments are converted before any is described, since the adapter runs
+// Python code.
 py::object to_ndarray(py::handle obj, const char* name) {
-  if (py::isinstance<py::array>(obj)) return py::reinterpret_borrow<py::object>(obj);
+  if (fastopt::bindings::is_plain_ndarray(obj.ptr())) return py::reinterpret_borrow<py::object>(obj);
   const py::object& adapter = ArrayTable::array_adapter();
   py::object view = adapter ? adapter(name, obj) : py::object(py::none());
   if (!py::isinstance<py::array>(view))
@@ -167,7 +168,8 @@ cpu::DType newton_dtype(const Arg& a) {
 // q = clamp(rint(x / scale) + zero_point) per channel along axis (None: per tensor).
 // Returns x's first non-finite flat index (check_finite), else -1.
 int64_t quantize_affine(py::object x, py::object q, py::object scales, py::object zero_points,
-                        py::object axis, bool check_finite, py::object stream) {
+                        py::object axis, py::object check_finite_arg, py::object stream) {
+  const bool check_finite = fastopt::bindings::scalar_arg<bool>(check_finite_arg, "check_finite");
   host_only(stream);
   x = to_ndarray(x, "x");
   q = to_ndarray(q, "q");
@@ -234,9 +236,13 @@ py::tuple minmax(py::object x, py::object axis, py::object stream) {
 
 // Per block of `block` consecutive elements of x: absmax and q = rint(x * 127/absmax).
 // Returns x's first non-finite flat index (check_finite), else -1.
-int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_t block,
-                           bool stochastic, uint64_t seed, bool check_finite,
-                           py::object stream) {
+int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, py::object block_arg,
+                           py::object stochastic_arg, py::object seed_arg,
+                           py::object check_finite_arg, py::object stream) {
+  const int64_t block = fastopt::bindings::scalar_arg<int64_t>(block_arg, "block");
+  const bool stochastic = fastopt::bindings::scalar_arg<bool>(stochastic_arg, "stochastic");
+  const uint64_t seed = fastopt::bindings::scalar_arg<uint64_t>(seed_arg, "seed");
+  const bool check_finite = fastopt::bindings::scalar_arg<bool>(check_finite_arg, "check_finite");
   host_only(stream);
   x = to_ndarray(x, "x");
   q = to_ndarray(q, "q");
@@ -260,8 +266,9 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
 
 // out = q * (absmax / 127) per block of `block` consecutive elements, stored as out's float
 // type (float32, float16 or bfloat16).
-void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64_t block,
+void dequantize_blockwise(py::object q, py::object absmax, py::object out, py::object block_arg,
                           py::object stream) {
+  const int64_t block = fastopt::bindings::scalar_arg<int64_t>(block_arg, "block");
   host_only(stream);
   q = to_ndarray(q, "q");
   absmax = to_ndarray(absmax, "absmax");
@@ -284,7 +291,8 @@ void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64
 // params (None, or the array a Newton step will update) is checked with the others
 // before anything runs.
 void newton_solve(py::object hessians, py::object grads, py::object d, py::object solved,
-                  double damping, py::object params, py::object stream) {
+                  py::object damping_arg, py::object params, py::object stream) {
+  const double damping = fastopt::bindings::scalar_arg<double>(damping_arg, "damping");
   host_only(stream);
   hessians = to_ndarray(hessians, "hessians");
   grads = to_ndarray(grads, "grads");
@@ -309,8 +317,9 @@ void newton_solve(py::object hessians, py::object grads, py::object d, py::objec
 }
 
 // p <- p - lr*d for the systems with use[b] (all when use is None).
-void newton_apply(py::object params, py::object d, py::object use, double lr,
+void newton_apply(py::object params, py::object d, py::object use, py::object lr_arg,
                   py::object stream) {
+  const double lr = fastopt::bindings::scalar_arg<double>(lr_arg, "lr");
   host_only(stream);
   params = to_ndarray(params, "params");
   d = to_ndarray(d, "d");
@@ -444,7 +453,7 @@ void prune_n_m(py::object arrays, py::object out, py::object n_obj, py::object m
   run_released([&] { cpu::prune_n_m(t, call.dtype, int(n), int(m)); });
 }
 
-void add_inplace(py::array dst, py::array src) {
+void add_inplace(py::object dst, py::object src) {
   const py::list dst_list(py::make_tuple(dst)), src_list(py::make_tuple(src));
   const std::array<RoleSpec, 2> roles{{{"dst", dst_list, true, fastopt::RoleKind::param},
                                        {"src", src_list, false, fastopt::RoleKind::grad}}};
@@ -484,6 +493,14 @@ void scale_grads(py::object grads, py::object listed_arg, py::object coefficient
   const std::array<RoleSpec, 1> roles{{{"grads", grads, true, fastopt::RoleKind::param}}};
   const ArrayTable arrays(roles, listed);
   run_released([&] { cpu::scale_grads(arrays.table(), arrays.dtype(), coefficient); });
+}
+
+// An optimizer class's params checked as its steps will check them (dtype, dense layout,
+// alignment, writeable, no overlaps), at its construction; nothing is run.
+void check_params(py::object params, py::object listed) {
+  const std::array<RoleSpec, 1> roles{
+      {{"params", params, true, fastopt::RoleKind::param}}};
+  const ArrayTable arrays(roles, fastopt::bindings::scalar_arg<bool>(listed, "listed"));
 }
 
 py::dict build_info() {
@@ -540,17 +557,21 @@ PYBIND11_MODULE(_cpu, m) {
         arg("writeable"), "Sum of |g|^norm_type over a list of grads of one dtype (max |g| for inf)");
   m.def("scale_grads", &scale_grads, arg("grads"), arg("listed"), arg("coefficient"),
         "g <- g * coefficient in place, over a list of grads of one dtype");
-  m.def("set_cpu_path", [](const std::string& name) {
+  m.def("check_params", &check_params, arg("params"), arg("listed"),
+        "Checks an optimizer's params as its steps will (raises naming the bad one)");
+  m.def("set_cpu_path", [](py::object path) {
+    if (!PyUnicode_Check(path.ptr()))
+      throw py::type_error(std::string("path: expected a str, got ") + Py_TYPE(path.ptr())->tp_name);
     try {
-      cpu::set_isa(name);
+      cpu::set_isa(path.cast<std::string>());
     } catch (const std::invalid_argument& e) {
       throw py::value_error(std::string("path: ") + e.what());
     }
   }, arg("path"));
   m.def("get_cpu_path", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
-  m.def("set_num_threads", [](int64_t n) {
+  m.def("set_num_threads", [](py::object n) {
     try {
-      cpu::set_num_threads(n);
+      cpu::set_num_threads(fastopt::bindings::scalar_arg<int64_t>(n, "n"));
     } catch (const std::invalid_argument& e) {
       throw py::value_error(std::string("n: ") + e.what());
     }

@@ -280,8 +280,13 @@ int64_t first_bad(const Scratch& scratch, cudaStream_t s, void* more = nullptr,
 // Per block of `block` consecutive elements of x: absmax and q = rint(x * 127/absmax).
 // Returns x's first non-finite flat index with check_finite (waiting for the stream),
 // else -1 at once.
-int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_t block,
-                           bool stochastic, uint64_t seed, bool check_finite, intptr_t stream) {
+int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, py::object block_arg,
+                           py::object stochastic_arg, py::object seed_arg,
+                           py::object check_finite_arg, intptr_t stream) {
+  const int64_t block = fastopt::bindings::scalar_arg<int64_t>(block_arg, "block");
+  const bool stochastic = fastopt::bindings::scalar_arg<bool>(stochastic_arg, "stochastic");
+  const uint64_t seed = fastopt::bindings::scalar_arg<uint64_t>(seed_arg, "seed");
+  const bool check_finite = fastopt::bindings::scalar_arg<bool>(check_finite_arg, "check_finite");
   const KernelArg ax(x, "x", stream, false), aq(q, "q", stream, true),
       am(absmax, "absmax", stream, true);
   args::expect_float_input(ax.arg);
@@ -303,8 +308,9 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
 
 // out = q * (absmax / 127) per block of `block` consecutive elements, stored as out's float
 // type (float32, float16 or bfloat16).
-void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64_t block,
+void dequantize_blockwise(py::object q, py::object absmax, py::object out, py::object block_arg,
                           intptr_t stream) {
+  const int64_t block = fastopt::bindings::scalar_arg<int64_t>(block_arg, "block");
   const KernelArg aq(q, "q", stream, false), am(absmax, "absmax", stream, false),
       ao(out, "out", stream, true);
   args::expect_dtype(aq.arg, {"int8"}, "int8");
@@ -323,7 +329,8 @@ void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64
 // Returns x's first non-finite flat index with check_finite (waiting for the stream),
 // else -1 at once.
 int64_t quantize_affine(py::object x, py::object q, py::object scales, py::object zero_points,
-                        py::object axis, bool check_finite, intptr_t stream) {
+                        py::object axis, py::object check_finite_arg, intptr_t stream) {
+  const bool check_finite = fastopt::bindings::scalar_arg<bool>(check_finite_arg, "check_finite");
   const KernelArg ax(x, "x", stream, false), aq(q, "q", stream, true);
   args::expect_float_input(ax.arg);
   args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
@@ -401,7 +408,8 @@ py::tuple minmax(py::object x, py::object axis, intptr_t stream) {
 // array) of every system. params (None, or the array a Newton step will update) is
 // checked with the others before anything is launched.
 void newton_solve(py::object hessians, py::object grads, py::object d, py::object solved,
-                  double damping, py::object params, intptr_t stream) {
+                  py::object damping_arg, py::object params, intptr_t stream) {
+  const double damping = fastopt::bindings::scalar_arg<double>(damping_arg, "damping");
   const KernelArg ah(hessians, "hessians", stream, false), ag(grads, "grads", stream, false);
   const KernelArg ap =
       params.is_none() ? KernelArg("params") : KernelArg(params, "params", stream, true);
@@ -421,7 +429,8 @@ void newton_solve(py::object hessians, py::object grads, py::object d, py::objec
 }
 
 // Phase 2: p <- p - lr*d for the systems with use[b] (all when use is None).
-void newton_apply(py::object params, py::object d, py::object use, double lr, intptr_t stream) {
+void newton_apply(py::object params, py::object d, py::object use, py::object lr_arg, intptr_t stream) {
+  const double lr = fastopt::bindings::scalar_arg<double>(lr_arg, "lr");
   const KernelArg ap(params, "params", stream, true), ad(d, "d", stream, false);
   const KernelArg au = use.is_none() ? KernelArg("use") : KernelArg(use, "use", stream, false);
   const args::Systems sys = args::newton_update(ap.arg, ad.arg);

@@ -97,10 +97,11 @@ inline Channels channels_of(const Arg& x, py::handle axis) {
   if (!PyLong_Check(axis.ptr()) || PyBool_Check(axis.ptr()))
     throw py::type_error(std::string("axis: expected None or an integer, got ") +
                          Py_TYPE(axis.ptr())->tp_name);
-  const long long a = PyLong_AsLongLong(axis.ptr());
+  int overflow = 0;
+  const long long a = PyLong_AsLongLongAndOverflow(axis.ptr(), &overflow);
   if (a == -1 && PyErr_Occurred()) throw py::error_already_set();
-  if (a < 0 || a >= static_cast<long long>(x.shape.size()))
-    throw py::value_error("axis: " + std::to_string(a) + " is out of range for " + x.name +
+  if (overflow || a < 0 || a >= static_cast<long long>(x.shape.size()))
+    throw py::value_error("axis: " + py::str(axis).cast<std::string>() + " is out of range for " + x.name +
                           " with " + std::to_string(x.shape.size()) + " dimensions");
   int64_t inner = 1;
   for (size_t d = size_t(a) + 1; d < x.shape.size(); ++d) inner *= x.shape[d];

@@ -70,6 +70,26 @@ inline void read_keyword(const char* name, PyObject* v, int64_t& out) {
   out = x;
 }
 
+inline void read_keyword(const char* name, PyObject* v, uint64_t& out) {
+  if (!PyLong_Check(v) || PyBool_Check(v))
+    throw py::type_error(std::string(name) + ": expected an integer, got " + Py_TYPE(v)->tp_name);
+  const unsigned long long x = PyLong_AsUnsignedLongLong(v);
+  if (x == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(std::string(name) + ": out of the unsigned 64-bit integer range");
+  }
+  out = x;
+}
+
+// A scalar argument of a binding that takes py::object (not pybind11's typed casters, whose
+// "incompatible function arguments" names no argument and prints every array given), read
+// with read_keyword's checks: TypeError/ValueError naming it.
+template <class T> T scalar_arg(py::handle v, const char* name) {
+  T out{};
+  read_keyword(name, v.ptr(), out);
+  return out;
+}
+
 // Interned names, created once per call site (lookups by identity are then cheap).
 inline PyObject* interned_key(const char* name) { return PyUnicode_InternFromString(name); }
 

@@ -35,11 +35,39 @@ def _not_a_host_array(name: str) -> TypeError:
     )
 
 
+def _plain_ndarray(name: str, a: np.ndarray) -> np.ndarray:
+    """An ndarray subclass as a plain ndarray view of its memory (np.memmap...), refusing
+    the subclasses whose values are not just their memory: a masked array's mask would be
+    ignored, np.matrix changes what operators mean."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name}: masked arrays are not supported (the mask would be ignored); pass "
+            "a.filled(value) or a.data"
+        )
+    if isinstance(a, np.matrix):
+        raise TypeError(f"{name}: np.matrix is not supported; pass np.asarray(a)")
+    return a.view(np.ndarray)
+
+
+def _not_on_host_or_cuda(name: str, a: Any) -> TypeError:
+    """A torch tensor on neither the CPU nor a CUDA device (meta, mps, xla...)."""
+    if a.device.type == "meta":
+        return TypeError(f"{name}: is a meta tensor, which has no data")
+    return TypeError(
+        f"{name}: is a tensor on device {a.device.type!r}; fastopt runs on CPU and CUDA arrays"
+    )
+
+
 def to_host_array(name: str, a: Any) -> Any:
     """A NumPy view of ``a`` sharing its memory; called by the C++ binding for any list
-    element that is not an ndarray. ``name`` is the argument, e.g. "grads[3]"."""
+    element that is not an ndarray (ndarray subclasses included). ``name`` is the argument,
+    e.g. "grads[3]"."""
+    if isinstance(a, np.ndarray):
+        return _plain_ndarray(name, a)
     if _is_torch(a):
         if a.device.type != "cpu":
+            if a.device.type != "cuda":
+                raise _not_on_host_or_cuda(name, a)
             raise _not_a_host_array(name)
         try:
             return a.detach().numpy()  # shares memory; writes land in the tensor
@@ -60,7 +88,9 @@ _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 
 def _is_torch(a: Any) -> bool:
-    return type(a).__module__.startswith("torch")
+    """Whether ``a`` is a torch tensor: an object of torch's with a device (not a torch.Size
+    or a dtype, which would pass for an array otherwise)."""
+    return type(a).__module__.startswith("torch") and hasattr(a, "device")
 
 
 def _is_cupy(a: Any) -> bool:
@@ -166,7 +196,7 @@ def backend(
 
 def host_array(name: str, a: Any) -> Any:
     """``a`` itself if it is a NumPy array, else its NumPy view (``to_host_array``)."""
-    return a if isinstance(a, np.ndarray) else to_host_array(name, a)
+    return a if type(a) is np.ndarray else to_host_array(name, a)
 
 
 def param_array(name: str, a: Any) -> Any:
@@ -288,6 +318,45 @@ def dtype_name(a: Any) -> str:
     if _is_torch(a):
         return str(a.dtype).replace("torch.", "")
     return np.dtype(a.dtype).name
+
+
+def staged(name: str, like: Any, src: Any) -> Any:
+    """A new array of ``like``'s library, device, shape and dtype holding ``src``'s values
+    (a NumPy, PyTorch or CuPy array, or a nested list): the staged copy of a state entry
+    being loaded, which then goes into ``like`` with a copy that cannot fail. A ``src`` of
+    another shape or dtype, or one that cannot be read (a meta, sparse or negative-view
+    tensor, a masked array), raises naming ``name``."""
+    if isinstance(src, np.ndarray) and type(src) is not np.ndarray:
+        src = _plain_ndarray(name, src)
+    elif not hasattr(src, "shape") or not hasattr(src, "dtype"):
+        try:
+            src = np.asarray(src)
+        except (TypeError, ValueError) as exc:  # a ragged list, say
+            raise TypeError(f"{name}: expected an array, got {type(src).__name__}: {exc}") from None
+    shape, dtype = tuple(src.shape), dtype_name(src)
+    if shape != tuple(like.shape) or dtype != dtype_name(like):
+        raise ValueError(
+            f"{name}: expected shape {tuple(like.shape)} {dtype_name(like)}, got {shape} {dtype}"
+        )
+    try:
+        if isinstance(like, np.ndarray):
+            if _is_torch(src):
+                src = src.detach().cpu().resolve_neg().numpy()
+            elif _is_cupy(src):
+                src = src.get()
+            return np.array(src, dtype=like.dtype, order="C", copy=True)
+        if _is_torch(like):
+            import torch
+
+            out = torch.empty_like(like, memory_format=torch.contiguous_format)
+            out.copy_(src if isinstance(src, torch.Tensor) else torch.as_tensor(np.asarray(src)))
+            return out
+        import cupy
+
+        with like.device:
+            return cupy.array(src if _is_cupy(src) else np.asarray(src), dtype=like.dtype)
+    except Exception as exc:  # the library's own error for an array it cannot copy
+        raise TypeError(f"{name}: cannot be copied from ({type(exc).__name__}: {exc})") from None
 
 
 def copy_into(dst: Any, src: Any) -> None:

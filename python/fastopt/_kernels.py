@@ -61,7 +61,7 @@ def _host(name: str, a: Any, written: bool = False) -> Tuple[np.ndarray, Kind]:
     input one made contiguous first, a ``written`` one viewed as it is)."""
     if isinstance(a, np.ndarray):
         return a, _AS_IS
-    if type(a).__module__.startswith("torch") and a.device.type == "cpu":
+    if _arrays._is_torch(a) and a.device.type == "cpu":
         import torch
 
         if getattr(a, "dtype", None) == torch.bfloat16:  # NumPy has none: view the bits

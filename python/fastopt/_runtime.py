@@ -17,6 +17,8 @@ def set_num_threads(n: int) -> None:
     Results are bit-identical for any thread count."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n: expected an int >= 1, got {type(n).__name__}")
+    if not -(2**63) <= n < 2**63:  # past the binding's 64-bit integer, which checks the range
+        raise ValueError(f"n: number of threads out of range, got {n}")
     _cpu.set_num_threads(n)
 
 

@@ -30,7 +30,10 @@ def real(
         )
     ):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int (or Real) past the float range: 10**400
+        raise ValueError(f"{name}: must be finite, got a value out of the float range") from None
     if not math.isfinite(v):
         raise ValueError(f"{name}: must be finite, got {v}")
     lo_ok = v > lo if lo_open else v >= lo

@@ -202,11 +202,19 @@ class StepKernel:
         """The kernel on prepared lists (None for an unused optional array) with validated
         keywords ``kw`` (``masks`` among them for a masked step) and ``step`` (passed when
         the spec takes it), on the device of the params (``lists[0]``)."""
-        kernels, extra = _arrays.backend(lists[0] or [], stream, plan)
+        kernel, extra = self.bound(lists, stream, plan)
         if self.takes_step:
-            getattr(kernels, self.kernel)(*lists, listed, step=step, **kw, **extra)
+            kernel(*lists, listed, step=step, **kw, **extra)
         else:
-            getattr(kernels, self.kernel)(*lists, listed, **kw, **extra)
+            kernel(*lists, listed, **kw, **extra)
+
+    def bound(
+        self, lists: Sequence[Optional[List[Any]]], stream: Any, plan: Any
+    ) -> Tuple[Callable[..., None], Dict[str, Any]]:
+        """The compiled kernel for ``lists`` (by where the params live) and the extra
+        keywords it takes there (stream, plan); the call itself is left to the caller."""
+        kernels, extra = _arrays.backend(lists[0] or [], stream, plan)
+        return getattr(kernels, self.kernel), extra
 
 
 def stochastic_rounding(rounding: Any, seed: Any) -> Dict[str, int]:

@@ -19,12 +19,22 @@ training without a float32 master copy, reproducible for a given seed.
 ``state_dict()`` / ``load_state_dict()`` round-trip exactly (step count, lr,
 hyper-parameters, every state element), so a restored optimizer continues bit-identically;
 masks are not part of it (they belong to the model, like torch's pruning buffers).
+
+An optimizer may be shared between threads: ``step``, ``zero_state``, ``state_dict`` and
+``load_state_dict`` hold a lock of the optimizer's for their whole run, so concurrent
+steps are applied one after the other and ``step_count`` counts every one (steps of one
+optimizer never overlap; use one optimizer per thread for parallel work). The step count
+always matches the updates applied: it is advanced before the kernel runs and put back
+only when the kernel refused the call (its checks raise TypeError/ValueError before
+anything is written), so an exception raised after the kernel ran -- Ctrl-C's
+KeyboardInterrupt is delivered when the call returns -- leaves it counted.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -64,10 +74,14 @@ class Optimizer:
             _arrays.param_array(f"params[{i}]", a)
             for i, a in enumerate(as_list("params", params, self._listed))
         ]
+        _check_params(self.params, self._listed)
+        self._lock = threading.RLock()  # see the module docstring (RLock: a signal handler
+        # saving a checkpoint while its thread steps must not deadlock)
         # On the GPU the checked launch tables are kept between steps (see
         # fastopt._cuda.Plan): a step re-reads only arrays that changed (new grads).
         on_device = bool(self.params) and _arrays.on_device(self.params[0])
         self._plan = _ext._cuda.Plan() if on_device and _ext._cuda is not None else None
+        self._host = not on_device  # steps call the CPU kernel directly (stream=None)
         if schedule is not None and not callable(schedule):
             raise TypeError(
                 f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}"
@@ -182,29 +196,49 @@ class Optimizer:
         ``max_grad_norm``: the grads are clipped first to that global 2-norm, as by
         ``fastopt.clip_grad_norm_`` (without writing them on the host; see
         ``fastopt.functional``), and the norm before clipping is returned (else None)."""
-        t = self._step + 1
-        kw = {**self._kw, "lr": self.current_lr()}
-        if self._masks is not None:
-            kw["masks"] = self._masks
-        if self._rounding_seed is not None:
-            kw["stochastic_seed"] = (self._rounding_seed ^ (t * 0x9E3779B97F4A7C15)) % 2**64
-        lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
-        norm = None
-        if max_grad_norm is not None:
-            norm, kw = self._kernel.clip(lists, self._listed, kw, max_grad_norm, stream)
-        self._kernel.launch(lists, self._listed, kw, t, stream, self._plan)
-        self._step = t
-        self._queued_on(stream)
+        with self._lock:
+            t = self._step + 1
+            kw = {**self._kw, "lr": self.current_lr()}
+            if self._masks is not None:
+                kw["masks"] = self._masks
+            if self._rounding_seed is not None:
+                kw["stochastic_seed"] = (self._rounding_seed ^ (t * 0x9E3779B97F4A7C15)) % 2**64
+            lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
+            norm = None
+            if max_grad_norm is not None:
+                norm, kw = self._kernel.clip(lists, self._listed, kw, max_grad_norm, stream)
+            if self._host and stream is None:
+                kernel, extra = self._kernel.cpu_kernel, _NO_EXTRA
+            else:
+                kernel, extra = self._kernel.bound(lists, stream, self._plan)
+            if self._spec.takes_step:
+                kw["step"] = t
+            # Counted before the kernel runs (an attribute store, where no signal is
+            # handled), uncounted only if its checks refused the call (nothing written
+            # then): see the module docstring. A GPU step is recorded for the methods that
+            # wait for it even when an exception follows the launch.
+            self._step = t
+            refused = False
+            try:
+                kernel(*lists, self._listed, **kw, **extra)
+            except (TypeError, ValueError, MemoryError):
+                refused = True
+                self._step = t - 1
+                raise
+            finally:
+                if not refused:
+                    self._queued_on(stream)
         return norm
 
     def zero_state(self) -> None:
         """Reset every state array to its initial value and the step count to 0."""
-        self._await_steps()
-        for name, arrays in self.state.items():
-            for a in arrays:
-                _arrays.fill(a, self._initial.get(name, 0.0))
-        self._await_state_writes()
-        self._step = 0
+        with self._lock:
+            self._await_steps()
+            for name, arrays in self.state.items():
+                for a in arrays:
+                    _arrays.fill(a, self._initial.get(name, 0.0))
+            self._await_state_writes()
+            self._step = 0
 
     # On the GPU, steps run on their stream= while the methods below read or write the state
     # with the library's own calls, on its current stream: each waits for the last step
@@ -238,13 +272,14 @@ class Optimizer:
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """A deep copy of everything needed to continue exactly: type, step, lr, hyper, state."""
-        return {
-            "optimizer": type(self).__name__,
-            "step": self._step,
-            "lr": self._lr,
-            "hyper": copy.deepcopy(self._hyper),
-            "state": self._state_copies(),
-        }
+        with self._lock:
+            return {
+                "optimizer": type(self).__name__,
+                "step": self._step,
+                "lr": self._lr,
+                "hyper": copy.deepcopy(self._hyper),
+                "state": self._state_copies(),
+            }
 
     def _state_copies(self) -> Dict[str, List[Any]]:
         self._await_steps()
@@ -254,55 +289,62 @@ class Optimizer:
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore a ``state_dict()``; arrays are copied into this optimizer's own buffers.
-        Everything is checked first: on error nothing changes."""
-        if state_dict.get("optimizer") != type(self).__name__:
-            raise ValueError(
-                f"state_dict: was saved by {state_dict.get('optimizer')!r}, "
-                f"not {type(self).__name__}"
+        Atomic: every entry is checked and converted into a staged copy first (a tensor
+        that cannot be read -- meta, sparse, a negative view -- is an error then), and the
+        state is overwritten only when all are; on error nothing changes."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"state_dict: expected the dict of a state_dict(), got {type(state_dict).__name__}"
             )
-        step = state_dict["step"]
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"state_dict['step']: expected an integer >= 0, got {step!r}")
+        for key in _STATE_DICT_KEYS:
+            if key not in state_dict:
+                raise ValueError(
+                    f"state_dict: missing key {key!r} (a state_dict() has {list(_STATE_DICT_KEYS)})"
+                )
+        if state_dict["optimizer"] != type(self).__name__:
+            raise ValueError(
+                f"state_dict: was saved by {state_dict['optimizer']!r}, not {type(self).__name__}"
+            )
+        step = _saved_step(state_dict["step"])
         lr = real("state_dict['lr']", state_dict["lr"], lo=0.0)
-        hyper = dict(state_dict["hyper"])
+        hyper, state = state_dict["hyper"], state_dict["state"]
+        for key, value in (("hyper", hyper), ("state", state)):
+            if not isinstance(value, dict):
+                raise TypeError(f"state_dict[{key!r}]: expected a dict, got {type(value).__name__}")
+        hyper = dict(hyper)
         if set(hyper) != set(self._hyper):
             raise ValueError(
-                f"state_dict['hyper']: expected keys {sorted(self._hyper)}, got {sorted(hyper)}"
+                f"state_dict['hyper']: expected keys {sorted(self._hyper)}, got "
+                f"{sorted(map(str, hyper))}"
             )
         kw, used = self._validated(hyper, lr, self.state)
-        state = state_dict["state"]
         if set(state) != set(self.state):
             raise ValueError(
                 f"state_dict['state']: expected {sorted(self.state)}, got "
-                f"{sorted(state)} (were the options the same?)"
+                f"{sorted(map(str, state))} (were the options the same?)"
             )
+        staged: Dict[str, List[Any]] = {}
         for name, arrays in self.state.items():
             saved = state[name]
+            where = f"state_dict['state'][{name!r}]"
+            if not isinstance(saved, (list, tuple)):
+                raise TypeError(f"{where}: expected a list of arrays, got {type(saved).__name__}")
             if len(saved) != len(arrays):
-                raise ValueError(
-                    f"state_dict['state'][{name!r}]: expected {len(arrays)} arrays, "
-                    f"got {len(saved)}"
-                )
-            for i, (own, s) in enumerate(zip(arrays, saved)):
-                if not hasattr(s, "shape"):
-                    s = np.asarray(s)
-                if tuple(s.shape) != tuple(own.shape) or _arrays.dtype_name(
-                    s
-                ) != _arrays.dtype_name(own):
-                    raise ValueError(
-                        f"state_dict['state'][{name!r}][{i}]: expected shape "
-                        f"{tuple(own.shape)} {_arrays.dtype_name(own)}, got "
-                        f"{tuple(s.shape)} {_arrays.dtype_name(s)}"
-                    )
-        self._await_steps()
-        for name, arrays in self.state.items():
-            for own, s in zip(arrays, state[name]):
-                _arrays.copy_into(own, s)
-        self._await_state_writes()
-        self._step = int(step)
-        self._lr = lr
-        self._hyper = hyper
-        self._kw, self._state_lists = kw, self._kernel_state(used)
+                raise ValueError(f"{where}: expected {len(arrays)} arrays, got {len(saved)}")
+            staged[name] = [
+                _arrays.staged(f"{where}[{i}]", own, s)
+                for i, (own, s) in enumerate(zip(arrays, saved))
+            ]
+        with self._lock:  # commit: copies between arrays of one kind, shape and dtype
+            self._await_steps()
+            for name, arrays in self.state.items():
+                for own, s in zip(arrays, staged[name]):
+                    _arrays.copy_into(own, s)
+            self._await_state_writes()
+            self._step = step
+            self._lr = lr
+            self._hyper = hyper
+            self._kw, self._state_lists = kw, self._kernel_state(used)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
@@ -310,6 +352,35 @@ class Optimizer:
             f"{type(self).__name__}({len(self.params)} arrays, lr={self._lr!r}, {args}, "
             f"schedule={self.schedule!r}, step={self._step})"
         )
+
+
+_STATE_DICT_KEYS = ("optimizer", "step", "lr", "hyper", "state")
+_NO_EXTRA: Dict[str, Any] = {}  # a host step's extra keywords (none)
+
+
+def _saved_step(step: Any) -> int:
+    """A checkpoint's step count: an integer the next steps can count on from (int64)."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise ValueError(f"state_dict['step']: expected an integer >= 0, got {step!r:.40}")
+    if not 0 <= int(step) < 2**63 - 1:
+        raise ValueError(
+            f"state_dict['step']: expected an integer in [0, 2**63 - 1), got {int(step)}"
+        )
+    return int(step)
+
+
+def _check_params(params: List[Any], listed: bool) -> None:
+    """What a step would refuse about the params themselves, checked at construction: the
+    same array twice, and for host arrays everything the binding checks (dtype, dense
+    layout, alignment, writeable, overlaps). CUDA arrays are checked in full at a step."""
+    seen: Dict[int, int] = {}
+    for i, p in enumerate(params):
+        j = seen.setdefault(id(p), i)
+        if j != i:
+            raise ValueError(f"params[{i}]: is params[{j}] again; each param may appear once")
+    host = [p for p in params if isinstance(p, np.ndarray)]
+    if len(host) == len(params):
+        _ext._cpu.check_params(params, listed)
 
 
 class SGD(Optimizer):
@@ -570,14 +641,15 @@ class Sophia(Optimizer):
         """hessian_diag <- beta2*hessian_diag + (1-beta2)*estimate (shaped like params;
         float32 for 16-bit params, like the state)."""
         hessian_diags = self.state["hessian_diags"]
-        functional.ema_(
-            hessian_diags if self._listed else hessian_diags[0],
-            estimate,
-            beta=beta2,
-            stream=stream,
-            _plan=self._ema_plan,
-        )
-        self._queued_on(stream)
+        with self._lock:  # the state a concurrent step reads
+            functional.ema_(
+                hessian_diags if self._listed else hessian_diags[0],
+                estimate,
+                beta=beta2,
+                stream=stream,
+                _plan=self._ema_plan,
+            )
+            self._queued_on(stream)
 
 
 def _class_from_spec(spec: OptimizerSpec) -> type:

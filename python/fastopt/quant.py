@@ -95,7 +95,13 @@ def _axis(axis: Any, ndim: int) -> int:
 def _channel_params(
     scales: Any, zero_points: Any, channels: int, qmin: int, qmax: int
 ) -> Tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(scales, dtype=np.float64)
+    for name, given in (("scales", scales), ("zero_points", zero_points)):
+        if isinstance(given, (np.ma.MaskedArray, np.matrix)):
+            raise TypeError(f"{name}: {type(given).__name__} is not supported; pass a plain array")
+    s = np.asarray(scales)
+    if s.dtype.kind not in "iuf":  # complex would drop its imaginary part, bool mean 1.0
+        raise TypeError(f"scales: expected real numbers, got dtype {s.dtype}")
+    s = s.astype(np.float64)
     z = np.asarray(zero_points)
     if s.shape != (channels,):
         raise ValueError(f"scales: expected shape ({channels},), got {s.shape}")

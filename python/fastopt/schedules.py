@@ -19,13 +19,19 @@ __all__ = ["Schedule", "Constant", "StepDecay", "InverseTime", "Cosine", "Linear
 def _count(name: str, value: int, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer >= {lo}, got {type(value).__name__}")
-    if value < lo:
-        raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
+    if not lo <= value < 2**63:  # step counts are 64-bit
+        raise ValueError(f"{name}: expected an integer in [{lo}, 2**63), got {int(value)}")
     return int(value)
 
 
 class Schedule:
+    """Base of the schedules below: ``__call__`` checks ``t`` (an integer >= 0) and
+    ``base_lr`` (a finite real >= 0), then returns ``rate(t, base_lr)``."""
+
     def __call__(self, t: int, base_lr: float) -> float:
+        return self.rate(_count("t", t, 0), real("base_lr", base_lr, lo=0.0))
+
+    def rate(self, t: int, base_lr: float) -> float:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -36,7 +42,7 @@ class Schedule:
 class Constant(Schedule):
     """lr_t = lr."""
 
-    def __call__(self, t: int, base_lr: float) -> float:
+    def rate(self, t: int, base_lr: float) -> float:
         return base_lr
 
 
@@ -47,8 +53,11 @@ class StepDecay(Schedule):
         self.step_size = _count("step_size", step_size, 1)
         self.gamma = real("gamma", gamma, lo=0.0)
 
-    def __call__(self, t: int, base_lr: float) -> float:
-        return base_lr * self.gamma ** (t // self.step_size)
+    def rate(self, t: int, base_lr: float) -> float:
+        try:
+            return base_lr * self.gamma ** (t // self.step_size)
+        except OverflowError:  # gamma > 1 after many steps: refused as non-finite by the user
+            return math.inf
 
 
 class InverseTime(Schedule):
@@ -58,7 +67,7 @@ class InverseTime(Schedule):
         self.alpha = real("alpha", alpha, lo=0.0)
         self.T = real("T", T, lo=0.0, lo_open=True)
 
-    def __call__(self, t: int, base_lr: float) -> float:
+    def rate(self, t: int, base_lr: float) -> float:
         return base_lr / (1.0 + self.alpha * t / self.T)
 
 
@@ -69,7 +78,7 @@ class Cosine(Schedule):
         self.total_steps = _count("total_steps", total_steps, 1)
         self.min_lr = real("min_lr", min_lr, lo=0.0)
 
-    def __call__(self, t: int, base_lr: float) -> float:
+    def rate(self, t: int, base_lr: float) -> float:
         frac = min(t, self.total_steps) / self.total_steps
         return self.min_lr + (base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
@@ -84,7 +93,7 @@ class LinearWarmup(Schedule):
             raise TypeError(f"then: expected a schedule, got {type(then).__name__}")
         self.then = then
 
-    def __call__(self, t: int, base_lr: float) -> float:
+    def rate(self, t: int, base_lr: float) -> float:
         if t < self.warmup_steps:
             return base_lr * (t + 1) / self.warmup_steps
         return base_lr if self.then is None else self.then(t - self.warmup_steps, base_lr)

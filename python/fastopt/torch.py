@@ -85,6 +85,20 @@ Decisions, where torch.optim offers a choice:
   DTensor with the same placements, as torch.optim's, so
   ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` works.
 
+Hardening:
+- Params are checked when a group is added (construction, ``add_param_group``): dtype,
+  device (CPU or CUDA; a meta tensor is named as such), dense strided layout, and no param
+  twice in a group (torch.optim only warns); a bad group is not added.
+- ``load_state_dict`` is atomic: torch.optim's builds the new state before replacing the
+  old, and fastopt's float32 state for 16-bit params is converted before either; a
+  malformed checkpoint raises TypeError/ValueError (torch's own KeyError,
+  NotImplementedError... are re-raised as such) and changes nothing.
+- A step's count matches the updates applied: once a bucket's kernel has run its step
+  counts move, also when an exception follows (Ctrl-C's KeyboardInterrupt arrives when
+  the call returns); a call the kernel refused (nothing written then) is not counted.
+- A step holds the optimizer's lock: a shared optimizer stepped from several threads
+  applies the steps one after the other and counts each.
+
 The kernels run with the GIL released on the CPU; on the GPU they are queued on torch's
 current stream without any synchronisation (but the host reads named above).
 """
@@ -93,6 +107,7 @@ from __future__ import annotations
 
 import operator
 import re
+import threading
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, cast
 
@@ -342,6 +357,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._checked: Dict[Any, _Checked] = {}
         self._validate_group("", defaults)
         self._lr("", defaults)
+        self._lock = threading.RLock()  # a step at a time (see the module docstring)
         super().__init__(params, defaults)
         self._caches: Dict[int, _GroupCache] = {}
         self._masks: Dict[torch.Tensor, torch.Tensor] = {}
@@ -396,6 +412,46 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{where}: must not require grad")
         self._masks = dict(pairs)
         self._masks_version += 1
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch.optim's, with the params checked as a step will check them (see the module
+        docstring); a group with a bad param is not added."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._check_group_params(index, self.param_groups[index]["params"])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _check_group_params(index: int, params: List[torch.Tensor]) -> None:
+        seen: Dict[int, int] = {}
+        for i, p in enumerate(params):
+            name = f"param_groups[{index}]['params'][{i}]"
+            j = seen.setdefault(id(p), i)
+            if j != i:
+                raise ValueError(
+                    f"{name}: is param {j} of the group again; a param may appear once"
+                )
+            if p.device.type not in ("cpu", "cuda"):
+                raise TypeError(
+                    f"{name}: is a meta tensor, which has no data"
+                    if p.device.type == "meta"
+                    else f"{name}: is on device {p.device.type!r}; fastopt runs on CPU and CUDA"
+                )
+            if p.dtype not in _SUPPORTED:
+                raise TypeError(
+                    f"{name}: dtype {p.dtype} is not supported (float32, float64, float16, "
+                    "bfloat16)"
+                )
+            if p.layout != torch.strided:
+                raise TypeError(f"{name}: {p.layout} params are not supported (dense tensors)")
+            if not _dense(_local(p)):
+                raise ValueError(
+                    f"{name}: has gaps in its storage (a strided view such as a slice); "
+                    "fastopt steps dense tensors: make it contiguous"
+                )
 
     # -- hyper-parameters ------------------------------------------------------------------
     def _group_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
@@ -634,12 +690,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
             scale = getattr(self, "grad_scale", None)
             if scale is not None:
                 grad_scale = float(scale)
-        if self.max_grad_norm is not None:
-            self.last_grad_norm, grad_scale = step_grad_scale(
-                self.param_groups, self.max_grad_norm, grad_scale
-            )
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group, grad_scale)
+        with self._lock:
+            if self.max_grad_norm is not None:
+                self.last_grad_norm, grad_scale = step_grad_scale(
+                    self.param_groups, self.max_grad_norm, grad_scale
+                )
+            for index, group in enumerate(self.param_groups):
+                self._step_group(index, group, grad_scale)
         return loss
 
     def _step_group(self, index: int, group: Dict[str, Any], grad_scale: float) -> None:
@@ -714,20 +771,33 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "stochastic_seed": key}
         if self._spec.takes_step:
             extra = {**extra, "step": bucket.done + 1}
+        # The step is counted once the kernel has run, whatever is raised after it (Ctrl-C's
+        # KeyboardInterrupt arrives when the call returns): bucket.done moves before the
+        # call (an attribute store, where no signal is handled), the step tensors and the
+        # version counters in `finally`; only a call the kernel's checks refused (nothing
+        # written then) is not counted.
+        bucket.done += 1
+        refused = False
         try:
             kernel(params, grads, *states, True, lr=lr, **kw, **extra)
         except (TypeError, ValueError) as exc:
+            refused = True
             relaid = self._relayout_grads([_local(p) for p in bucket.params], grads)
             if relaid is None:
                 raise self._named(where, bucket, exc) from exc
+            refused = False
             try:
                 kernel(params, relaid, *states, True, lr=lr, **kw, **extra)
             except (TypeError, ValueError) as again:
+                refused = True
                 raise self._named(where, bucket, again) from again
-        torch.autograd.graph.increment_version(written)
-        bucket.done += 1
-        if bucket.steps is not None:
-            bucket.steps.add_(1)
+        finally:
+            if refused:
+                bucket.done -= 1
+            else:
+                if bucket.steps is not None:
+                    bucket.steps.add_(1)
+                torch.autograd.graph.increment_version(written)
 
     @staticmethod
     def _relayout_grads(
@@ -765,6 +835,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._checked = {}
         self.__dict__.setdefault("_masks", {})
         self.__dict__.setdefault("_masks_version", 0)
+        self.__dict__.setdefault("_lock", threading.RLock())  # unpickled: none yet
         for group in self.param_groups:  # a torch.optim checkpoint lacks fastopt's extras
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -772,17 +843,58 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """torch.optim's ``load_state_dict`` (state moved to each param's device, the saved
         group options taken), keeping float32 state for float16/bfloat16 params: torch casts
-        floating state to the param's dtype, which would round fastopt's float32 state."""
-        super().load_state_dict(state_dict)
-        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved, params):
-            entry = state_dict["state"].get(saved_id)
-            if p.dtype not in _HALF or not isinstance(entry, dict):
-                continue
-            for key, value in entry.items():
-                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        floating state to the param's dtype, which would round fastopt's float32 state.
+        Atomic: everything is converted before anything is replaced; a malformed
+        checkpoint raises TypeError/ValueError and changes nothing."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"state_dict: expected the dict of a state_dict(), got {type(state_dict).__name__}"
+            )
+        for key, kind in (("state", dict), ("param_groups", list)):
+            if key not in state_dict:
+                raise ValueError(f"state_dict: missing key {key!r}")
+            if not isinstance(state_dict[key], kind):
+                raise TypeError(
+                    f"state_dict[{key!r}]: expected a {kind.__name__}, got "
+                    f"{type(state_dict[key]).__name__}"
+                )
+        groups = state_dict["param_groups"]
+        if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            raise TypeError("state_dict['param_groups']: expected dicts with a 'params' list")
+        with self._lock:
+            # 16-bit params' float32 state, converted first (torch would round it).
+            saved = [i for g in groups for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            kept: List[Tuple[torch.Tensor, str, torch.Tensor]] = []
+            for saved_id, p in zip(saved, params):
+                entry = state_dict["state"].get(saved_id)
+                if p.dtype not in _HALF or not isinstance(entry, dict):
+                    continue
+                for key, value in entry.items():
+                    if (
+                        key != "step"
+                        and isinstance(value, torch.Tensor)
+                        and value.is_floating_point()
+                    ):
+                        where = f"state_dict['state'][{saved_id!r}][{key!r}]"
+                        kept.append((p, key, _loaded(where, value, p.device, torch.float32)))
+            try:
+                super().load_state_dict(state_dict)  # builds everything, then replaces
+            except (KeyError, AttributeError, IndexError, RuntimeError, NotImplementedError) as e:
+                raise TypeError(
+                    f"state_dict: not a loadable checkpoint ({type(e).__name__}: {e})"
+                ) from None
+            for p, key, value in kept:
+                self.state[p][key] = value
+
+
+def _loaded(where: str, value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Any:
+    """``value`` copied to ``device`` and ``dtype``, or a TypeError naming ``where`` (a meta,
+    say, has no values to copy)."""
+    try:
+        return value.to(device=device, dtype=dtype, copy=True)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise TypeError(f"{where}: cannot be loaded ({type(exc).__name__}: {exc})") from None
 
 
 def _rounding_seed(stochastic_rounding: Any, seed: Any) -> Optional[int]:
@@ -1154,22 +1266,23 @@ class Sophia(_FusedOptimizer):
         grad (fastopt's EMA kernel over grad*grad in float32): SophiaG's Gauss-Newton-
         Bartlett estimate when the grads come from a loss on labels sampled from the model
         (Liu et al. 2023, Algorithm 2)."""
-        for index, group in enumerate(self.param_groups):
-            used = self._validate_group(f"param_groups[{index}]", group).used
-            beta2 = self._hessian_beta(f"param_groups[{index}]", group)
-            hessians, squares = [], []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                where = f"param_groups[{index}]['params'][{i}]"
-                self._check_param(where, p, p.grad)
-                state, _ = self._param_state(where, p, group, used)
-                hessians.append(_local(state["hessian"]))
-                g = _local(p.grad).to(hessians[-1].dtype)
-                squares.append(torch.empty_like(hessians[-1]).copy_(g).square_())
-            if hessians:
-                functional.ema_(hessians, squares, beta=beta2)
-                torch.autograd.graph.increment_version(hessians)
+        with self._lock:  # the state a concurrent step reads
+            for index, group in enumerate(self.param_groups):
+                used = self._validate_group(f"param_groups[{index}]", group).used
+                beta2 = self._hessian_beta(f"param_groups[{index}]", group)
+                hessians, squares = [], []
+                for i, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    where = f"param_groups[{index}]['params'][{i}]"
+                    self._check_param(where, p, p.grad)
+                    state, _ = self._param_state(where, p, group, used)
+                    hessians.append(_local(state["hessian"]))
+                    g = _local(p.grad).to(hessians[-1].dtype)
+                    squares.append(torch.empty_like(hessians[-1]).copy_(g).square_())
+                if hessians:
+                    functional.ema_(hessians, squares, beta=beta2)
+                    torch.autograd.graph.increment_version(hessians)
 
 
 # The class of each optimizer of fastopt's table, by its name there.
