@@ -140,6 +140,11 @@ def test_mlp_and_distillation(quick_run):
         rows["student alone"],
         rows["student distilled"],
     )
+    seeds = report["stages"]["mlp"]["extra"]["seeds"]
+    assert len(seeds) >= 2
+    for row in (alone, distilled):  # the mean over the seeds, each one in the JSON
+        assert len(row["extra"]["accuracies"]) == len(seeds)
+        assert row["accuracy"] == pytest.approx(np.mean(row["extra"]["accuracies"]))
     assert teacher["accuracy"] > 0.95
     assert teacher["accuracy"] > alone["accuracy"] > 0.85
     # On digits, distillation matches the student trained alone (within a few test images).

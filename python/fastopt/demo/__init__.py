@@ -140,9 +140,11 @@ def _draw(ax: Any, panel: Panel) -> None:
         image = ax.imshow(values, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(xlabels)), xlabels)
         ax.set_yticks(range(len(ylabels)), ylabels)
+        middle = (min(map(min, values)) + max(map(max, values))) / 2
         for i, row in enumerate(values):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7, color="w")
+                color = "k" if v > middle else "w"  # readable on viridis' light and dark ends
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7, color=color)
         ax.figure.colorbar(image, ax=ax)
         return
     if panel.bars is not None:
