@@ -214,3 +214,30 @@ def test_gradients_and_hessian_match_finite_differences():
             down = loss(params)
             p.flat[i] = old
             assert g.flat[i] == pytest.approx((up - down) / eps / 2, abs=1e-7)
+
+
+def test_progress_rewrites_one_line_on_a_terminal_and_clears_it():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term, log = Terminal(), io.StringIO()
+    for stream in (term, log):
+        progress = Progress(stream)
+        progress.start("optimizers", "Adam")
+        progress.step(300, 300)
+        progress.done()
+    assert "\n" not in term.getvalue() and term.getvalue().endswith("\r\x1b[2K")  # cleared
+    assert "\r\x1b[2K[optimizers] Adam: step 300/300" in term.getvalue()
+    assert log.getvalue() == "[optimizers] Adam\n"  # not a terminal: a line per method
+
+
+def test_without_scikit_learn_says_what_to_install(monkeypatch, capsys):
+    import argparse
+
+    from fastopt import demo
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
+    args = argparse.Namespace(quick=True, plot=None, json=None)
+    assert demo.run(args) == 1
+    assert "pip install 'fastopt[demo]'" in capsys.readouterr().err
