@@ -59,6 +59,9 @@ def test_report_table_plot_and_progress(quick_run):
     assert report["data"] == {"name": "digits", "train": 1437, "test": 360}
     assert "version" in report["machine"]
     assert list(report["stages"]) == [name for name, _ in STAGES]
+    assert [r["stage"] for r in report["rows"]] == sorted(
+        (r["stage"] for r in report["rows"]), key=list(report["stages"]).index
+    )  # the table's stages are the table of stages, in order
     for row in report["rows"]:
         assert set(row) == {"stage", "method", "loss", "accuracy", "seconds", "notes", "extra"}
         assert np.isfinite(row["loss"]) and 0 <= row["accuracy"] <= 1 and row["seconds"] >= 0
@@ -108,7 +111,7 @@ def test_l1_makes_zeros_l2_does_not(quick_run):
     _, report, _ = quick_run
     rows = _rows(report, "L1 vs L2")
     base = rows.pop("none")["extra"]["zero_fraction"]
-    blank = report["stages"]["regularization"]["extra"]["blank_pixel_fraction"]
+    blank = report["stages"]["L1 vs L2"]["extra"]["blank_pixel_fraction"]
     assert base == pytest.approx(blank)  # only pixels never lit in training stay 0
     l1 = sorted((float(k.split()[1]), r) for k, r in rows.items() if k.startswith("L1"))
     l2 = [r for k, r in rows.items() if k.startswith("L2")]
@@ -140,7 +143,7 @@ def test_mlp_and_distillation(quick_run):
         rows["student alone"],
         rows["student distilled"],
     )
-    seeds = report["stages"]["mlp"]["extra"]["seeds"]
+    seeds = report["stages"]["MLP"]["extra"]["seeds"]
     assert len(seeds) >= 2
     for row in (alone, distilled):  # the mean over the seeds, each one in the JSON
         assert len(row["extra"]["accuracies"]) == len(seeds)

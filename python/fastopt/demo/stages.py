@@ -18,7 +18,7 @@ from fastopt import schedules
 from . import models
 from .common import Context, Panel, Row, StageResult, Timer, batches
 
-Stepper = Callable[[np.ndarray, int], None]  # (gradient, 1-based step) -> W updated in place
+Stepper = Callable[[np.ndarray], None]  # gradient -> W updated in place
 
 # Logistic regression: the objective every optimizer of stage 1 minimizes is the mean
 # cross-entropy + LAMBDA/2 ||W||^2 (strictly convex: one optimum, which Newton finds).
@@ -80,7 +80,7 @@ def _class_stepper(make: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], 
 
     def build(w: np.ndarray) -> Stepper:
         opt = make(w)
-        return lambda grad, step: opt.step(grad)
+        return lambda grad: opt.step(grad)
 
     return build
 
@@ -88,17 +88,18 @@ def _class_stepper(make: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], 
 def _lion(w: np.ndarray, lr: float) -> Stepper:
     """The functional step with state the caller owns (its momentum, zero at the start)."""
     exp_avg = np.zeros_like(w)
-    return lambda grad, step: fastopt.lion_(w, grad, exp_avg, lr=lr)
+    return lambda grad: fastopt.lion_(w, grad, exp_avg, lr=lr)
 
 
-# name -> (full batch?, how to build its stepper, notes). The functional step for plain SGD
-# (stateless), the classes for the rest. Learning rates: the best of a 3x sweep at 600 steps;
-# momentum's lr/(1 - momentum) matches plain SGD's.
+# name -> (full batch?, how to build its stepper, notes): the functional steps for plain SGD
+# (no state) and Lion (state held here), the classes for the rest. Learning rates: at or
+# near the best of a sweep in steps of about 3x; momentum's lr / (1 - momentum) is plain
+# SGD's.
 OPTIMIZERS: Dict[str, Tuple[bool, Callable[[np.ndarray], Stepper], str]] = {
-    "batch GD": (True, lambda w: lambda g, t: fastopt.sgd_(w, g, lr=2.0), "sgd_ lr=2, full batch"),
+    "batch GD": (True, lambda w: lambda g: fastopt.sgd_(w, g, lr=2.0), "sgd_ lr=2, full batch"),
     "mini-batch SGD": (
         False,
-        lambda w: lambda g, t: fastopt.sgd_(w, g, lr=1.0),
+        lambda w: lambda g: fastopt.sgd_(w, g, lr=1.0),
         "sgd_ lr=1, batch 64",
     ),
     "SGD momentum": (
@@ -145,7 +146,7 @@ def stage_optimizers(ctx: Context) -> StageResult:
     """Every optimizer on the same strictly convex objective from W = 0: the gap to the
     optimum (found by Newton) against steps and against training time, and test accuracy."""
     stage = "optimizers"
-    x, y, x_test, y_test = _logreg_data(ctx)
+    x, y, _, _ = _logreg_data(ctx)
     newton = ctx.shared("newton", lambda: _newton_run(ctx))
     best = newton["losses"][-1]
     steps = ctx.pick(300, 1000)
@@ -169,7 +170,7 @@ def stage_optimizers(ctx: Context) -> StageResult:
         for t in range(1, steps + 1):
             with timer:
                 idx = slice(None) if full_batch else order[t - 1]
-                stepper(models.logreg_grad(w, x[idx], y[idx], LAMBDA), t)
+                stepper(models.logreg_grad(w, x[idx], y[idx], LAMBDA))
             if t % every == 0 or t == steps:
                 ts.append(t)
                 seconds.append(timer.seconds)
@@ -182,7 +183,8 @@ def stage_optimizers(ctx: Context) -> StageResult:
     w = newton["w"]
     curve(name, list(map(float, range(len(newton["losses"])))), newton["times"], newton["losses"])
     grad_norm = float(np.linalg.norm(models.logreg_grad(w, x, y, LAMBDA)))
-    notes = f"newton_ (650x650 Cholesky): {newton['steps']} steps to |grad| {grad_norm:.0e}"
+    n = w.size
+    notes = f"newton_ ({n}x{n} Cholesky): {newton['steps']} steps to |grad| {grad_norm:.0e}"
     rows.append(
         _logreg_row(
             stage,
@@ -628,12 +630,13 @@ def stage_int8(ctx: Context) -> StageResult:
     return StageResult(rows, [Panel("Teacher MLP weights: float32 vs int8", "", "KB", bars=sizes)])
 
 
-# The stages in the order they run; a stage is a function of the run's context.
+# The stages in the order they run (named as in the table's first column); a stage is a
+# function of the run's context.
 STAGES: List[Tuple[str, Callable[[Context], StageResult]]] = [
     ("optimizers", stage_optimizers),
     ("schedules", stage_schedules),
-    ("regularization", stage_regularization),
+    ("L1 vs L2", stage_regularization),
     ("cross-validation", stage_cross_validation),
-    ("mlp", stage_mlp),
+    ("MLP", stage_mlp),
     ("int8", stage_int8),
 ]
