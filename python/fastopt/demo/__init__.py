@@ -21,16 +21,20 @@ import time
 from typing import Any, Dict, List, Sequence
 
 from .. import _runtime
-from .common import Context, Digits, Panel, Progress, Row, StageResult
+from .common import Context, Digits, Panel, Progress, Row, StageResult, seconds_text
 
 
 def run(args: Any) -> int:
     """Entry point of ``python -m fastopt demo`` (``args``: quick, plot, json)."""
     try:
         data = Digits.load()
+        if args.plot:
+            import matplotlib  # noqa: F401  (checked before the run, used after it)
     except ImportError as e:
         print(
-            f"fastopt demo needs scikit-learn (pip install 'fastopt[demo]'): {e}", file=sys.stderr
+            "fastopt demo needs scikit-learn, and matplotlib for --plot "
+            f"(pip install 'fastopt[demo]'): {e}",
+            file=sys.stderr,
         )
         return 1
     from threadpoolctl import threadpool_limits  # a scikit-learn dependency
@@ -64,7 +68,7 @@ def run(args: Any) -> int:
 def format_table(rows: Sequence[Row]) -> str:
     header = ["stage", "method", "final loss", "accuracy", "time", "notes"]
     cells = [
-        [r.stage, r.method, f"{r.loss:.4g}", f"{r.accuracy:.4f}", _seconds(r.seconds), r.notes]
+        [r.stage, r.method, f"{r.loss:.4g}", f"{r.accuracy:.4f}", seconds_text(r.seconds), r.notes]
         for r in rows
     ]
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header) - 1)]
@@ -78,10 +82,6 @@ def format_table(rows: Sequence[Row]) -> str:
 
     rule = "  ".join("-" * w for w in widths) + "  -----"
     return "\n".join([line(header), rule, *(line(c) for c in cells)])
-
-
-def _seconds(s: float) -> str:
-    return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
 def _report(ctx: Context, results: Dict[str, StageResult], elapsed: float) -> Dict[str, Any]:

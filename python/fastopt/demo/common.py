@@ -155,6 +155,10 @@ class Timer:
         self._t0 = None
 
 
+def seconds_text(s: float) -> str:
+    return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
 def batches(rng: np.random.Generator, n: int, batch_size: int, steps: int) -> List[np.ndarray]:
     """Index arrays of ``steps`` mini-batches, a fresh shuffle each epoch (a short last
     batch of an epoch is dropped, so every step sees ``batch_size`` samples)."""

@@ -16,7 +16,7 @@ import fastopt
 from fastopt import schedules
 
 from . import models
-from .common import Context, Panel, Row, StageResult, Timer, batches
+from .common import Context, Panel, Row, StageResult, Timer, batches, seconds_text
 
 Stepper = Callable[[np.ndarray], None]  # gradient -> W updated in place
 
@@ -395,7 +395,7 @@ def stage_cross_validation(ctx: Context) -> StageResult:
     ctx.progress.done()
     notes = (
         f"best of {accuracy.size} by 5-fold CV (accuracy {accuracy[i, j]:.4f}), "
-        f"refit; CV took {_seconds_text(timer.seconds)}"
+        f"refit; CV took {seconds_text(timer.seconds)}"
     )
     row = _logreg_row(stage, f"lr={lr:g}, {reg}", w, ctx, seconds, notes, lam=0.0)
     row.extra.update(cv_accuracy=float(accuracy[i, j]), cv_loss=float(loss[i, j]))
@@ -420,10 +420,6 @@ def stage_cross_validation(ctx: Context) -> StageResult:
             "cv_seconds": timer.seconds,
         },
     )
-
-
-def _seconds_text(s: float) -> str:
-    return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.1f} s"
 
 
 # -- MLP, distillation -----------------------------------------------------------------------
