@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _specs, optim
+from fastopt import _specs, optim, reference
 
 from backends import (ARRAY_BACKENDS, BACKENDS, CPU, HAS_AVX2, assert_bits,  # noqa: F401
                       backend_params, open_backend, using_cpu_path)
@@ -360,7 +360,7 @@ class Problem:
     def __init__(self, opt: Opt, opts: Dict[str, Any], shapes: Sequence[Tuple[int, ...]],
                  dtype, rng: np.random.Generator, *, backend=CPU, make=None,
                  listed: bool = True, init: Optional[Dict[str, Callable]] = None,
-                 param_dtype=None):
+                 param_dtype=None, masks: Optional[List[np.ndarray]] = None):
         self.opt, self.opts, self.dtype = opt, dict(opts), np.dtype(dtype)
         self.shapes = [tuple(s) for s in shapes]
         self.listed = listed
@@ -387,6 +387,9 @@ class Problem:
         else:
             assert self.param_dtype is None, "16-bit params are a GPU feature"
             self.cpu_params, self.cpu_state = self.params, self.state
+        # masks: one NumPy bool/uint8 array per shape, passed on every step (masks=)
+        self.masks = masks
+        self.dmasks = None if masks is None else [backend.asarray(m) for m in masks]
         self.ref_params = [p.astype(np.float64) for p in params]
         self.ref_state = {k: [a.astype(np.float64) for a in v] for k, v in state.items()}
 
@@ -433,8 +436,11 @@ class Problem:
     def _pack(self, arrays: List[Any]) -> Any:
         return arrays if self.listed else arrays[0]
 
-    def fastopt_args(self, grads: List[Any], params=None, state=None) -> Tuple[list, dict]:
-        """The functional call's arguments on ``params``/``state`` (default: the backend's)."""
+    def fastopt_args(self, grads: List[Any], params=None, state=None,
+                     masks=None) -> Tuple[list, dict]:
+        """The functional call's arguments on ``params``/``state``/``masks`` (default: the
+        backend's)."""
+        masks = self.dmasks if masks is None else masks
         params = self.params if params is None else params
         state = self.state if state is None else state
         args = [self._pack(params), self._pack(grads)]
@@ -442,6 +448,8 @@ class Problem:
         kwargs = dict(self.hyper)
         if self.opt.takes_step:
             kwargs["step"] = self.t + 1
+        if masks is not None:
+            kwargs["masks"] = self._pack(masks)
         return args, kwargs
 
     def step_fastopt(self, grads: List[Any], lr: Optional[float] = None, **extra) -> None:
@@ -454,7 +462,7 @@ class Problem:
     def step_twin(self, grads: List[np.ndarray], lr: Optional[float] = None) -> None:
         if self.param_dtype is not None:
             grads = [g.astype(self.dtype) for g in grads]
-        args, kwargs = self.fastopt_args(grads, self.cpu_params, self.cpu_state)
+        args, kwargs = self.fastopt_args(grads, self.cpu_params, self.cpu_state, self.masks)
         if lr is not None:
             kwargs["lr"] = lr
         with CPU.activate():
@@ -471,7 +479,12 @@ class Problem:
             kwargs["step"] = self.t + 1
         for i, g in enumerate(grads):
             states = [None if n is None else self.ref_state[n][i] for n in self.args]
-            self.opt.ref(self.ref_params[i], np.asarray(g, dtype=np.float64), *states, **kwargs)
+            g = np.asarray(g, dtype=np.float64)
+            if self.masks is None:
+                self.opt.ref(self.ref_params[i], g, *states, **kwargs)
+            else:
+                reference.masked(self.opt.ref, self.masks[i], self.ref_params[i], g, *states,
+                                 **kwargs)
 
     def step(self, grads: List[np.ndarray], lr: Optional[float] = None, **extra) -> List[Any]:
         """One step of the backend's arrays (``extra``: e.g. stream=), the twin and the

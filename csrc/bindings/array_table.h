@@ -24,7 +24,8 @@ struct RoleSpec {
   const char* name;  // the Python argument name, used in error messages
   py::handle list;   // a list of arrays, or None when the call does not use this role
   bool written;      // written arrays must be writeable and may not overlap anything
-  RoleKind kind;     // params/grads share the params' dtype; state is float32 for 16-bit
+  RoleKind kind;     // params/grads share the params' dtype; state is float32 for 16-bit;
+                     // masks are bool or uint8 (slot cpu::kMaskSlot of the table)
 };
 
 // Attribute names as interned strings, created once per call site.
@@ -67,7 +68,7 @@ class ArrayTable {
     cpu::TensorTable t;
     t.num_tensors = static_cast<int>(offsets_.size() - 1);
     t.offsets = offsets_.data();
-    for (int r = 0; r < cpu::kMaxRoles; ++r)
+    for (int r = 0; r < cpu::kMaxSlots; ++r)
       t.ptrs[r] = ptrs_[r].empty() ? nullptr : ptrs_[r].data();
     return t;
   }
@@ -121,15 +122,23 @@ class ArrayTable {
                          " is not supported (float32, float64, float16 or bfloat16)");
   }
 
-  // Fills h (reused: no allocation per array) from NumPy array obj.
-  void describe_numpy(HostArray& h, PyObject* obj, const Where& where_) const {
+  [[noreturn]] static void not_a_mask(const Where& where, const std::string& dtype) {
+    throw py::type_error(where.str() + ": dtype " + dtype + " is not a mask's (bool or uint8)");
+  }
+
+  // Fills h (reused: no allocation per array) from NumPy array obj (a mask: bool/uint8).
+  void describe_numpy(HostArray& h, PyObject* obj, const Where& where_, bool mask) const {
     using py::detail::npy_api;
     const auto* a = py::detail::array_proxy(obj);
     const auto* descr = py::detail::array_descriptor_proxy(a->descr);
     h.size = 1;
     h.writeable = h.aligned = true;
     h.c_contiguous = false;
-    if (descr->type_num == npy_api::NPY_FLOAT_) h.dtype = cpu::DType::f32;
+    if (mask) {
+      if (descr->type_num != npy_api::NPY_BOOL_ && descr->type_num != npy_api::NPY_UBYTE_)
+        not_a_mask(where_, py::str(py::handle(a->descr)).cast<std::string>());
+      h.dtype = cpu::DType::u8;
+    } else if (descr->type_num == npy_api::NPY_FLOAT_) h.dtype = cpu::DType::f32;
     else if (descr->type_num == npy_api::NPY_DOUBLE_) h.dtype = cpu::DType::f64;
     else if (descr->type_num == kNpyHalf) h.dtype = cpu::DType::f16;
     else unsupported(where_, py::str(py::handle(a->descr)).cast<std::string>());
@@ -154,17 +163,24 @@ class ArrayTable {
   // A torch CPU tensor, read through its attributes (fastopt never imports torch; the
   // types are taken from the torch module the caller imported). Other devices, sparse
   // layouts and negative views are left to the adapter's messages or refused here.
-  void describe_torch(HostArray& h, PyObject* obj, const Where& where_, bool written) const {
+  void describe_torch(HostArray& h, PyObject* obj, const Where& where_, bool written,
+                      bool mask) const {
     const TorchTypes& tt = *torch_types();
     py::handle t(obj);
     h.size = 1;
     h.writeable = h.aligned = true;
     h.c_contiguous = false;
     const py::object dtype = FASTOPT_HOST_ATTR(t, "dtype");
-    int k = 0;
-    while (k < 4 && !dtype.is(tt.dtypes[k])) ++k;
-    if (k == 4) unsupported(where_, py::str(dtype).cast<std::string>());
-    h.dtype = static_cast<cpu::DType>(k);
+    if (mask) {
+      if (!dtype.is(tt.bool_) && !dtype.is(tt.uint8))
+        not_a_mask(where_, py::str(dtype).cast<std::string>());
+      h.dtype = cpu::DType::u8;
+    } else {
+      int k = 0;
+      while (k < 4 && !dtype.is(tt.dtypes[k])) ++k;
+      if (k == 4) unsupported(where_, py::str(dtype).cast<std::string>());
+      h.dtype = static_cast<cpu::DType>(k);
+    }
     const py::object layout = FASTOPT_HOST_ATTR(t, "layout");
     if (!layout.is(tt.strided))
       throw py::type_error(where_.str() + ": " + py::str(layout).cast<std::string>() +
@@ -219,7 +235,9 @@ class ArrayTable {
       throw py::value_error(std::string(role.name) + ": expected " + std::to_string(n) +
                             " arrays (one per entry of " + ref.name + "), got " +
                             std::to_string(list.size()));
-    ptrs_[r].resize(n);
+    const bool mask = role.kind == RoleKind::mask;
+    std::vector<void*>& ptrs = ptrs_[mask ? cpu::kMaskSlot : r];
+    ptrs.resize(n);
     for (size_t i = 0; i < n; ++i) {
       // The kernel runs with the GIL released: hold every array it touches, so that
       // another thread emptying the caller's list cannot free one under it.
@@ -230,11 +248,11 @@ class ArrayTable {
       keep_.push_back(numpy || tensor ? py::reinterpret_borrow<py::object>(item)
                                       : adapt(w.str(), item));
       HostArray& a = r == 0 ? params_.emplace_back() : scratch_;
-      if (tensor) describe_torch(a, item, w, role.written);
-      else describe_numpy(a, keep_.back().ptr(), w);
+      if (tensor) describe_torch(a, item, w, role.written, mask);
+      else describe_numpy(a, keep_.back().ptr(), w, mask);
       if (r == 0 && i == 0) {
         dtype_ = a.dtype;
-      } else {
+      } else if (!mask) {
         const cpu::DType want = role.kind == RoleKind::state ? cpu::state_dtype(dtype_) : dtype_;
         if (a.dtype != want)
           throw py::type_error(
@@ -269,7 +287,7 @@ class ArrayTable {
         spans_.push_back({begin, begin + uintptr_t(a.size) * cpu::element_size(a.dtype),
                           role.name, i, role.written});
       }
-      ptrs_[r][i] = a.size > 0 ? a.data : nullptr;
+      ptrs[i] = a.size > 0 ? a.data : nullptr;
     }
   }
 
@@ -290,6 +308,7 @@ class ArrayTable {
   struct TorchTypes {
     py::object tensor, strided;
     py::object dtypes[4];
+    py::object bool_, uint8;  // a mask's dtypes
     py::object inference_mode_enabled;  // torch.is_inference_mode_enabled
   };
   static const TorchTypes* torch_types() {
@@ -304,7 +323,7 @@ class ArrayTable {
     if (!py::hasattr(m, "bfloat16")) return nullptr;  // torch is still being imported
     types = new TorchTypes{m.attr("Tensor"), m.attr("strided"),
                            {m.attr("float32"), m.attr("float64"), m.attr("float16"), m.attr("bfloat16")},
-                           m.attr("is_inference_mode_enabled")};
+                           m.attr("bool"), m.attr("uint8"), m.attr("is_inference_mode_enabled")};
     return types;
   }
   // Whether obj is a torch tensor whose data is in host memory (tensors on a GPU are left
@@ -330,7 +349,7 @@ class ArrayTable {
   bool listed_;
   cpu::DType dtype_ = cpu::DType::f32;
   std::vector<int64_t> offsets_;
-  std::vector<void*> ptrs_[cpu::kMaxRoles];
+  std::vector<void*> ptrs_[cpu::kMaxSlots];
   std::vector<Span> spans_;
 };
 

@@ -34,9 +34,10 @@ void run_released(Fn&& fn) {
 template <class Opt>
 void step(const py::args& args, const py::kwargs& kwargs) {
   const StepCall<Opt> call(args, kwargs, {});
-  std::array<RoleSpec, Opt::num_roles> roles;
+  std::array<RoleSpec, Opt::num_roles + 1> roles;
   for (int r = 0; r < Opt::num_roles; ++r)
     roles[r] = {Opt::roles[r].name, call.lists[r], Opt::roles[r].written, Opt::roles[r].kind};
+  roles[Opt::num_roles] = {"masks", call.masks, false, fastopt::RoleKind::mask};
   const ArrayTable arrays(roles, call.listed);
   cpu::TensorTable table = arrays.table();
   table.fresh = call.fresh;

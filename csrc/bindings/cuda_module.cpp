@@ -114,15 +114,19 @@ void step(const py::args& args, const py::kwargs& kwargs) {
       throw py::type_error("plan: expected a fastopt._cuda.Plan or None");
     cached = kwargs["plan"].cast<DevicePlan*>();
   }
-  std::array<fastopt::bindings::DeviceRoleSpec, Opt::num_roles> roles;
+  // One spec per table slot: the optimizer's roles, unused slots, the masks last.
+  std::array<fastopt::bindings::DeviceRoleSpec, fastopt::kMaxSlots> roles;
+  for (auto& unused : roles) unused = {"", py::none(), fastopt::RoleKind::grad, false};
+  const bool masked = !call.masks.is_none();
   unsigned loads = 0, stores = 0;
   for (int r = 0; r < Opt::num_roles; ++r) {
     const fastopt::Role& role = Opt::roles[r];
     roles[r] = {role.name, call.lists[r], role.kind, role.written};
     if (call.lists[r].is_none()) continue;
-    if (!(call.fresh >> r & 1u)) loads |= 1u << r;
+    if (masked || !(call.fresh >> r & 1u)) loads |= 1u << r;
     if (role.written) stores |= 1u << r;
   }
+  roles[fastopt::kMaskSlot] = {"masks", call.masks, fastopt::RoleKind::mask, false};
   DevicePlan local;
   DevicePlan& plan = cached ? *cached : local;
   plan.update(roles, call.listed, stream);
@@ -130,7 +134,7 @@ void step(const py::args& args, const py::kwargs& kwargs) {
   check_stream_device(stream, plan.device());
   DeviceGuard guard(plan.device());
   cuda::step<Opt>(plan.tables(), plan.dtype(), call.hyper, call.step, call.grad_scale, loads,
-                  stores, reinterpret_cast<cudaStream_t>(stream));
+                  stores, masked, reinterpret_cast<cudaStream_t>(stream));
 }
 
 // ---- quantization and Newton: the same arguments as fastopt._cpu's. Every size is read

@@ -436,8 +436,9 @@ class DevicePlan {
     return true;
   }
 
+  // A mask may be bool or uint8: one byte either way (u8 stands for both).
   DType expected_dtype(RoleKind kind) const {
-    return kind == RoleKind::state ? cuda::state_dtype(dtype_) : dtype_;
+    return kind == RoleKind::state ? cuda::state_dtype(dtype_) : kind == RoleKind::mask ? DType::u8 : dtype_;
   }
 
   // Describes the array and checks it against the params (index i of role `role`).
@@ -452,6 +453,10 @@ class DevicePlan {
                              " is not supported (float32, float64, float16 or bfloat16)");
       dtype_ = a.dtype;
       *first = false;
+    } else if (role.kind == RoleKind::mask) {
+      if (a.dtype != DType::b8 && a.dtype != DType::u8)
+        throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) +
+                             " is not a mask's (bool or uint8)");
     } else if (a.dtype != expected_dtype(role.kind)) {
       throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) + " differs from the " +
                            (role.kind == RoleKind::state ? "state type " : "params' ") +
@@ -579,7 +584,7 @@ class DevicePlan {
   }
 
   bool vector_ok(size_t i) const {
-    for (int r = 0; r < kMaxRoles; ++r) {
+    for (int r = 0; r < kMaxSlots; ++r) {
       if (!used_[r]) continue;
       const DType d = expected_dtype(kind_[r]);
       if (entries_[r][i].ptr % cuda::vector_alignment(cuda::element_size(d)) != 0) return false;
@@ -601,7 +606,7 @@ class DevicePlan {
       const int k = t.num_tensors++;
       t.size[k] = sizes_[i];
       t.block_start[k + 1] = t.block_start[k] + blocks_of(sizes_[i]);
-      for (int q = 0; q < kMaxRoles; ++q)
+      for (int q = 0; q < kMaxSlots; ++q)
         t.ptrs[q][k] = used_[q] ? reinterpret_cast<void*>(entries_[q][i].ptr) : nullptr;
       slots_[i] = {int(tables_.size() - 1), k};
     }
@@ -614,9 +619,9 @@ class DevicePlan {
 
   bool built_ = false;
   size_t num_roles_ = 0;
-  bool used_[kMaxRoles] = {};
-  RoleKind kind_[kMaxRoles] = {};
-  std::vector<Entry> entries_[kMaxRoles];
+  bool used_[kMaxSlots] = {};  // per table slot (the roles' position in the specs)
+  RoleKind kind_[kMaxSlots] = {};
+  std::vector<Entry> entries_[kMaxSlots];
   std::vector<std::vector<int64_t>> shapes_;   // of the params
   std::vector<std::vector<int64_t>> strides_;  // of the params
   std::vector<int64_t> sizes_;

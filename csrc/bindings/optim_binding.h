@@ -5,7 +5,9 @@
 // A step binding is called as  name(<one list per role, in roles[] order>, listed,
 // **keywords), the keywords being every Hyper field by its name, `step` when the optimizer
 // takes it, optionally `grad_scale` (the grads are divided by it as they are loaded: a
-// GradScaler's scale, unscaled inside the one pass), and what the module adds (the CUDA
+// GradScaler's scale, unscaled inside the one pass) and `masks` (None, or a list of one
+// bool/uint8 array per param, shaped like it: where 0, the param is set to 0 and no state
+// changes), and what the module adds (the CUDA
 // module: stream, plan). Every argument is
 // checked here, so a direct call with a missing, unknown or mistyped argument raises a
 // TypeError/ValueError naming it (Python has validated the ranges already).
@@ -25,7 +27,10 @@ namespace bindings {
 namespace py = pybind11;
 
 inline const char* kind_name(RoleKind k) {
-  return k == RoleKind::param ? "param" : k == RoleKind::grad ? "grad" : "state";
+  return k == RoleKind::param   ? "param"
+         : k == RoleKind::grad  ? "grad"
+         : k == RoleKind::state ? "state"
+                                : "mask";
 }
 
 // A keyword's value as a double: a Python float or int (not bool), finite or not.
@@ -82,6 +87,7 @@ template <class Opt> struct StepCall {
   typename Opt::Hyper hyper{};
   int64_t step = 1;
   double grad_scale = 1.0;  // the grads are divided by it in the kernel (GradScaler's scale)
+  py::object masks = py::none();  // a list of masks, or None: an unmasked step
   unsigned fresh = 0;       // bit r: role r is written but not read at this step
 
   // `extras`: the module's own keywords, read by the caller (they only count here).
@@ -117,6 +123,11 @@ template <class Opt> struct StepCall {
       read_keyword("grad_scale", v, grad_scale);
       if (!(grad_scale > 0.0) || grad_scale == HUGE_VAL)
         throw py::value_error("grad_scale: must be finite and > 0, got " + std::to_string(grad_scale));
+      ++found;
+    }
+    static PyObject* masks_key = interned_key("masks");
+    if (PyObject* v = keyword(kw, masks_key)) {
+      masks = py::reinterpret_borrow<py::object>(v);
       ++found;
     }
     for (const char* extra : extras)
@@ -159,7 +170,7 @@ template <class Opt> struct StepCall {
     return keys;
   }
   static bool known(const std::string& name, std::initializer_list<const char*> extras) {
-    bool hit = (Opt::takes_step && name == "step") || name == "grad_scale";
+    bool hit = (Opt::takes_step && name == "step") || name == "grad_scale" || name == "masks";
     typename Opt::Hyper h{};
     Opt::for_each_field(h, [&](const char* field, auto&) { hit = hit || name == field; });
     for (const char* extra : extras) hit = hit || name == extra;

@@ -2,6 +2,7 @@
 // L::value is float/double (ScalarLane) or an AVX2 vector of them; WideLane<T> is the
 // widest lane of the ISA this translation unit is compiled for.
 #pragma once
+#include <cstdint>
 #include "common/half.h"
 #include "common/platform.h"
 #ifdef FASTOPT_ISA_isa_avx2
@@ -21,12 +22,20 @@ template <class T> struct ScalarLane {
   static T load(const float16* p) { return to_float(*p); }
   static void store(bfloat16* p, T x) { *p = to_bfloat16(x); }
   static void store(float16* p, T x) { *p = to_float16(x); }
+  // Masked steps: which lanes a mask (one byte per element, 0 = pruned) keeps, and a
+  // where keep else b.
+  using keep_type = bool;
+  static bool load_keep(const uint8_t* p) { return *p != 0; }
+  static T select(bool keep, T a, T b) { return keep ? a : b; }
 };
 template <class V, class T, int W> struct VectorLane {
   using value = V;
   static constexpr int width = W;
   template <class Storage> static V load(const Storage* p) { return V::load(p); }
   template <class Storage> static void store(Storage* p, V x) { x.store(p); }
+  using keep_type = V;  // all-ones lanes where kept
+  static V load_keep(const uint8_t* p) { return V::load_keep(p); }
+  static V select(V keep, V a, V b) { return vselect(keep, a, b); }
 };
 
 #ifdef FASTOPT_ISA_isa_avx2

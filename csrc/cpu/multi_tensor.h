@@ -14,14 +14,17 @@
 namespace fastopt {
 namespace cpu {
 
+using fastopt::kMaskSlot;
 using fastopt::kMaxRoles;
+using fastopt::kMaxSlots;
 
 // Pointers of n tensors per role and the prefix sums of their sizes (offsets[n] = total).
 // Built by the bindings; it owns nothing.
 struct TensorTable {
   int num_tensors = 0;
   const int64_t* offsets = nullptr;     // n + 1 entries
-  void* const* ptrs[kMaxRoles] = {};    // ptrs[role][i]; null role = not used by the call
+  void* const* ptrs[kMaxSlots] = {};    // ptrs[role][i]; null = not used by the call;
+                                        // ptrs[kMaskSlot]: the masks (uint8 per element)
   unsigned fresh = 0;                   // bit r: role r is written but not read this step
   int num_threads = 1;
 };

@@ -5,6 +5,7 @@
 // Compiled once per ISA: FASTOPT_ISA_isa_avx2 gets the 8-float / 4-double vector body,
 // FASTOPT_ISA_isa_scalar the plain loop (which the compiler may still vectorize with SSE2).
 #include "cpu/optim_kernels.h"
+#include <stdexcept>
 #include <type_traits>
 #include "cpu/multi_tensor.h"
 
@@ -18,11 +19,14 @@ using cpu::TensorTable;
 // vector body follows (the params'). Required roles are always loaded (the test folds
 // away); optional ones are used when the call passed their arrays, and loaded unless
 // fresh this step. With a grad scale (GradScaler's), the grads are divided by it first.
-template <class Opt, class P, class T> struct StepKernel {
+// Masked (a mask byte per element): where the mask is 0 the param is stored as 0 and
+// every other written role as it was loaded (a masked call loads fresh roles too).
+template <class Opt, class P, class T, bool Masked> struct StepKernel {
   using F = Formula<Opt>;
   static constexpr int N = Opt::num_roles;
   typename F::template Coeffs<T> c;
   void* const* ptr[N];
+  const uint8_t* const* masks;
   bool load[N], store[N];
   bool scale_grads;
   T grad_scale;
@@ -40,7 +44,19 @@ template <class Opt, class P, class T> struct StepKernel {
                                          : V(T(0));
       if (role.kind == RoleKind::grad && scale_grads) x[r] = x[r] / V(grad_scale);
     });
-    F::update(x, c);
+    if constexpr (Masked) {
+      V old[N];
+      for (int r = 0; r < N; ++r) old[r] = x[r];
+      F::update(x, c);
+      const typename L::keep_type keep = L::load_keep(masks[i] + j);
+      for_each_role<N>([&](auto role_index) {
+        constexpr int r = decltype(role_index)::value;
+        if constexpr (Opt::roles[r].written)
+          x[r] = L::select(keep, x[r], Opt::roles[r].kind == RoleKind::param ? V(T(0)) : old[r]);
+      });
+    } else {
+      F::update(x, c);
+    }
     for_each_role<N>([&](auto role_index) {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
@@ -51,17 +67,29 @@ template <class Opt, class P, class T> struct StepKernel {
   }
 };
 
-template <class Opt, class P, class T>
+template <class Opt, class P, class T, bool Masked>
 void run_step(const TensorTable& t, const typename Opt::Hyper& h, int64_t step,
               double grad_scale) {
-  StepKernel<Opt, P, T> k{Formula<Opt>::template coeffs<T>(h, step), {}, {}, {},
-                          grad_scale != 1.0, T(grad_scale)};
+  StepKernel<Opt, P, T, Masked> k{Formula<Opt>::template coeffs<T>(h, step),
+                                  {},
+                                  reinterpret_cast<const uint8_t* const*>(t.ptrs[cpu::kMaskSlot]),
+                                  {},
+                                  {},
+                                  grad_scale != 1.0,
+                                  T(grad_scale)};
   for (int r = 0; r < Opt::num_roles; ++r) {
     k.ptr[r] = t.ptrs[r];
     k.store[r] = t.ptrs[r] != nullptr;
-    k.load[r] = k.store[r] && !(t.fresh >> r & 1u);
+    k.load[r] = k.store[r] && (Masked || !(t.fresh >> r & 1u));
   }
   run_multi_tensor<WideLane<T>, T>(t, k);
+}
+
+template <class Opt, class P, class T>
+void run_step(const TensorTable& t, const typename Opt::Hyper& h, int64_t step,
+              double grad_scale) {
+  if (t.ptrs[cpu::kMaskSlot]) run_step<Opt, P, T, true>(t, h, step, grad_scale);
+  else run_step<Opt, P, T, false>(t, h, step, grad_scale);
 }
 
 // dst += src: the bandwidth ceiling the benchmark compares against (12 B/elem fp32).
@@ -95,6 +123,7 @@ void step(const TensorTable& t, DType d, const typename Opt::Hyper& h, int64_t s
     case DType::f64: run_step<Opt, double, double>(t, h, s, grad_scale); break;
     case DType::f16: run_step<Opt, float16, float>(t, h, s, grad_scale); break;
     case DType::bf16: run_step<Opt, bfloat16, float>(t, h, s, grad_scale); break;
+    case DType::u8: throw std::invalid_argument("fastopt: optimizer params must be float arrays");
   }
 }
 #define FASTOPT_INSTANTIATE(Opt) \

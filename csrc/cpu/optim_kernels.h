@@ -9,14 +9,21 @@
 namespace fastopt {
 namespace cpu {
 
-// Element types of host arrays: optimizer params and grads may be any of them, their state
-// is float32 for float16/bfloat16 params (the math runs in float32) and the params' type
-// otherwise. Quantization and Newton use f32/f64 only.
-enum class DType { f32, f64, f16, bf16 };
+// Element types of host arrays: optimizer params and grads may be any of the float types,
+// their state is float32 for float16/bfloat16 params (the math runs in float32) and the
+// params' type otherwise; u8 is a masked step's masks (bool or uint8 bytes). Quantization
+// and Newton use f32/f64 only.
+enum class DType { f32, f64, f16, bf16, u8 };
 inline DType state_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
-inline int element_size(DType d) { return d == DType::f64 ? 8 : d == DType::f32 ? 4 : 2; }
+inline int element_size(DType d) {
+  return d == DType::f64 ? 8 : d == DType::f32 ? 4 : d == DType::u8 ? 1 : 2;
+}
 inline const char* dtype_name(DType d) {
-  return d == DType::f32 ? "float32" : d == DType::f64 ? "float64" : d == DType::f16 ? "float16" : "bfloat16";
+  return d == DType::f32   ? "float32"
+         : d == DType::f64 ? "float64"
+         : d == DType::f16 ? "float16"
+         : d == DType::u8  ? "uint8"
+                           : "bfloat16";
 }
 
 #define FASTOPT_DECLARE_CPU_KERNELS(isa)                                                 \

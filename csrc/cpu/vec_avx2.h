@@ -4,6 +4,8 @@
 // so the AVX2 path gives bit-identical results to the scalar path.
 #pragma once
 #include <immintrin.h>
+#include <cstdint>
+#include <cstring>
 #include "common/half.h"
 #include "common/platform.h"
 
@@ -15,6 +17,12 @@ struct F32x8 {
   F32x8(__m256 x) : v(x) {}
   F32x8(float s) : v(_mm256_set1_ps(s)) {}  // broadcast: lets formulas write T(coefficient)
   static F32x8 load(const float* p) { return _mm256_loadu_ps(p); }
+  // 8 mask bytes -> all-ones lanes where the byte is nonzero.
+  static F32x8 load_keep(const uint8_t* p) {
+    const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(
+        _mm256_xor_si256(_mm256_cmpeq_epi32(wide, _mm256_setzero_si256()), _mm256_set1_epi32(-1)));
+  }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   // 16-bit storage (common/half.h): exact widening; narrowing rounds to nearest even and
   // turns every NaN into 0x7FFF, as the scalar conversions do.
@@ -47,6 +55,14 @@ struct F64x4 {
   F64x4(__m256d x) : v(x) {}
   F64x4(double s) : v(_mm256_set1_pd(s)) {}
   static F64x4 load(const double* p) { return _mm256_loadu_pd(p); }
+  // 4 mask bytes -> all-ones lanes where the byte is nonzero.
+  static F64x4 load_keep(const uint8_t* p) {
+    int32_t bytes;
+    std::memcpy(&bytes, p, 4);
+    const __m256i wide = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(bytes));
+    return _mm256_castsi256_pd(
+        _mm256_xor_si256(_mm256_cmpeq_epi64(wide, _mm256_setzero_si256()), _mm256_set1_epi64x(-1)));
+  }
   void store(double* p) const { _mm256_storeu_pd(p, v); }
 };
 
@@ -75,6 +91,8 @@ struct F64x4 {
                                         _mm256_cmp_##sfx(a.v, a.v, _CMP_UNORD_Q));         \
     return _mm256_blendv_##sfx(b.v, a.v, take_a);                                          \
   }                                                                                        \
+  /* a where keep's lane is all ones, else b */                                            \
+  inline V vselect(V keep, V a, V b) { return _mm256_blendv_##sfx(b.v, a.v, keep.v); }     \
   /* 1 where x > 0, -1 where x < 0, else x itself (0 or NaN): the scalar vsign */          \
   inline V vsign(V x) {                                                                    \
     const auto zero = _mm256_setzero_##sfx();                                              \

@@ -16,7 +16,8 @@ namespace cuda {
 
 // Element types of device arrays. Optimizer params and grads are one of the four float
 // types; their state is float32 for float16/bfloat16 params (the math runs in float32
-// registers) and the params' type otherwise. int8/uint8 are quantized data, bool masks.
+// registers) and the params' type otherwise. int8/uint8 are quantized data; a masked
+// step's masks are bool or uint8.
 enum class DType { f32, f64, f16, bf16, i8, u8, b8 };
 constexpr int kNumDTypes = 7;
 inline bool is_float(DType d) { return d != DType::i8 && d != DType::u8 && d != DType::b8; }
@@ -31,7 +32,7 @@ struct LaunchTable {
   uint8_t vector_ok[kLaunchTensors];   // every pointer of the tensor allows vector access
   int64_t block_start[kLaunchTensors + 1];
   int64_t size[kLaunchTensors];        // elements
-  void* ptrs[kMaxRoles][kLaunchTensors];
+  void* ptrs[kMaxSlots][kLaunchTensors];  // per role, then the masks (kMaskSlot)
 };
 static_assert(sizeof(LaunchTable) <= 32000, "a kernel argument holds at most 32764 bytes");
 

@@ -102,6 +102,19 @@ __device__ __forceinline__ void store(P* d, const T (&v)[W]) {
   else *d = to_storage<P>(v[0]);
 }
 
+// A masked step's mask bytes (the vector path reads 4 at once: vector_ok tensors have them
+// 4-byte aligned).
+template <int W>
+__device__ __forceinline__ void load_mask(uint8_t (&m)[W], const uint8_t* s) {
+  if constexpr (W == 4) {
+    const uint32_t x = *reinterpret_cast<const uint32_t*>(s);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) m[w] = uint8_t(x >> (8 * w));
+  } else {
+    m[0] = *s;
+  }
+}
+
 // ---- the kernel ----------------------------------------------------------------------------
 template <class Op>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -113,9 +126,9 @@ multi_tensor_kernel(const __grid_constant__ LaunchTable table, const Op op) {
     const int mid = (lo + hi) / 2;
     if (table.block_start[mid] <= block) lo = mid; else hi = mid;
   }
-  void* ptr[kMaxRoles];
+  void* ptr[kMaxSlots];
 #pragma unroll
-  for (int r = 0; r < kMaxRoles; ++r) ptr[r] = table.ptrs[r][lo];
+  for (int r = 0; r < kMaxSlots; ++r) ptr[r] = table.ptrs[r][lo];
   const int64_t begin = (block - table.block_start[lo]) * kChunk;
   const int64_t end = min(begin + kChunk, table.size[lo]);
   if (table.vector_ok[lo]) {

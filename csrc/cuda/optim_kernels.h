@@ -15,7 +15,7 @@ namespace cuda {
 
 template <class Opt>
 void step(const LaunchTables&, DType, const typename Opt::Hyper&, int64_t step,
-          double grad_scale, unsigned loads, unsigned stores, cudaStream_t);
+          double grad_scale, unsigned loads, unsigned stores, bool masked, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastopt

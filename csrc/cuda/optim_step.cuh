@@ -19,6 +19,8 @@ namespace {
 // P: storage type of params and grads; T: math and state type. Bit r of loads / stores:
 // the call reads / writes role r (optional roles the options leave unused are neither).
 // With a grad scale (GradScaler's), the grads are divided by it as they are loaded.
+// Masked (a mask byte per element, ptr[kMaskSlot]): where the mask is 0 the param is
+// stored as 0 and every other written role as it was loaded (masked calls load them all).
 template <class Opt, class P, class T> struct StepOp {
   using F = Formula<Opt>;
   static constexpr int N = Opt::num_roles;
@@ -26,6 +28,7 @@ template <class Opt, class P, class T> struct StepOp {
   unsigned loads, stores;
   bool scale_grads;
   T grad_scale;
+  bool masked;
 
   template <int W> __device__ void apply(void* const* ptr, int64_t j) const {
     T x[N][W];
@@ -48,14 +51,20 @@ template <class Opt, class P, class T> struct StepOp {
         }
       }
     });
+    uint8_t keep[W];
+    if (masked) cuda::load_mask<W>(keep, static_cast<const uint8_t*>(ptr[kMaskSlot]) + j);
 #pragma unroll
     for (int w = 0; w < W; ++w) {
       T lane[N];
 #pragma unroll
       for (int r = 0; r < N; ++r) lane[r] = x[r][w];
       F::update(lane, c);
+      if (!masked || keep[w]) {
 #pragma unroll
-      for (int r = 0; r < N; ++r) x[r][w] = lane[r];
+        for (int r = 0; r < N; ++r) x[r][w] = lane[r];
+      } else {
+        x[0][w] = T(0);  // pruned: the param (roles[0]) is 0, the state as loaded
+      }
     }
     for_each_role<N>([&](auto role_index) {
       constexpr int r = decltype(role_index)::value;
@@ -72,9 +81,9 @@ template <class Opt, class P, class T> struct StepOp {
 
 template <class Opt, class P, class T>
 void launch(const cuda::LaunchTables& t, const typename Opt::Hyper& h, int64_t step,
-            double grad_scale, unsigned loads, unsigned stores, cudaStream_t s) {
+            double grad_scale, unsigned loads, unsigned stores, bool masked, cudaStream_t s) {
   const StepOp<Opt, P, T> op{Formula<Opt>::template coeffs<T>(h, step), loads, stores,
-                             grad_scale != 1.0, T(grad_scale)};
+                             grad_scale != 1.0, T(grad_scale), masked};
   cuda::launch_multi_tensor(Opt::name, t, op, s);
 }
 
@@ -86,14 +95,14 @@ namespace cuda {
 
 template <class Opt>
 void step(const LaunchTables& t, DType d, const typename Opt::Hyper& h, int64_t s,
-          double scale, unsigned loads, unsigned stores, cudaStream_t stream) {
+          double scale, unsigned loads, unsigned stores, bool masked, cudaStream_t stream) {
   using namespace fastopt::FASTOPT_ISA;
   switch (d) {
-    case DType::f32: launch<Opt, float, float>(t, h, s, scale, loads, stores, stream); break;
-    case DType::f64: launch<Opt, double, double>(t, h, s, scale, loads, stores, stream); break;
-    case DType::f16: launch<Opt, __half, float>(t, h, s, scale, loads, stores, stream); break;
+    case DType::f32: launch<Opt, float, float>(t, h, s, scale, loads, stores, masked, stream); break;
+    case DType::f64: launch<Opt, double, double>(t, h, s, scale, loads, stores, masked, stream); break;
+    case DType::f16: launch<Opt, __half, float>(t, h, s, scale, loads, stores, masked, stream); break;
     case DType::bf16:
-      launch<Opt, __nv_bfloat16, float>(t, h, s, scale, loads, stores, stream);
+      launch<Opt, __nv_bfloat16, float>(t, h, s, scale, loads, stores, masked, stream);
       break;
     default: throw std::invalid_argument("fastopt: optimizer params must be float arrays");
   }
@@ -106,4 +115,5 @@ void step(const LaunchTables& t, DType d, const typename Opt::Hyper& h, int64_t 
   template void fastopt::cuda::step<fastopt::Opt>(const fastopt::cuda::LaunchTables&,       \
                                                   fastopt::cuda::DType,                     \
                                                   const fastopt::Opt::Hyper&, int64_t,      \
-                                                  double, unsigned, unsigned, cudaStream_t);
+                                                  double, unsigned, unsigned, bool,         \
+                                                  cudaStream_t);

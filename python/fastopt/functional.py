@@ -8,6 +8,12 @@ step count. Every optimizer takes ``l1``: after the step, the proximal soft-thre
 p <- sign(p) * max(|p| - lr*l1, 0). Bad input raises TypeError/ValueError naming the
 argument before anything is written; zero-size arrays are a no-op.
 
+Every step takes ``masks=``: one bool or uint8 array per param, shaped and laid out like it
+(e.g. from ``fastopt.prune_magnitude``). Where a mask is False (0) the param is set to 0 and
+no state array changes; elsewhere the step is the unmasked one, bit for bit. The mask is
+read in the same pass (one more byte per element), so a pruned model stays pruned while it
+trains and its pruned elements keep their state for when a mask is lifted.
+
 CUDA arrays (PyTorch CUDA tensors, CuPy arrays, anything with ``__cuda_array_interface__``
 or CUDA DLPack) run the CUDA kernels, chosen by where ``params`` lives: a whole list in
 one kernel launch (one per 384 tensors), queued on ``stream`` -- an int handle or a
@@ -66,10 +72,17 @@ class StepKernel:
         self._checked: Dict[Any, Checked] = {}  # (hyper tuple, its types) -> Checked
 
     def run(
-        self, arrays: List[Any], hyper: Tuple[Any, ...], step: Any, stream: Any, plan: Any
+        self,
+        arrays: List[Any],
+        hyper: Tuple[Any, ...],
+        step: Any,
+        stream: Any,
+        plan: Any,
+        masks: Any = None,
     ) -> None:
         """One step: ``arrays`` in binding order (None for an optional one not given),
-        ``hyper`` the values in the spec's order, ``step`` (when the spec takes it).
+        ``hyper`` the values in the spec's order, ``step`` (when the spec takes it),
+        ``masks`` (None, or an array or list like the params).
         Written for a small step's cost (loops, not comprehensions: Python 3.11 calls a
         function per comprehension)."""
         try:
@@ -94,6 +107,9 @@ class StepKernel:
         else:
             for name, a in zip(self.names, arrays):
                 append([a] if type(a) is _NDARRAY else a if a is None else as_list(name, a, False))
+        if masks is not None:
+            masks = masks if listed and type(masks) is list else as_list("masks", masks, listed)
+            kw = {**kw, "masks": masks}
         first = lists[0]
         if stream is None and first and type(first[0]) is _NDARRAY:  # the CPU, as launch()
             if self.takes_step:
@@ -132,8 +148,8 @@ class StepKernel:
         plan: Any,
     ) -> None:
         """The kernel on prepared lists (None for an unused optional array) with validated
-        keywords ``kw`` and ``step`` (passed when the spec takes it), on the device of the
-        params (``lists[0]``)."""
+        keywords ``kw`` (``masks`` among them for a masked step) and ``step`` (passed when
+        the spec takes it), on the device of the params (``lists[0]``)."""
         kernels, extra = _arrays.backend(lists[0] or [], stream, plan)
         if self.takes_step:
             getattr(kernels, self.kernel)(*lists, listed, step=step, **kw, **extra)
@@ -162,6 +178,7 @@ def sgd_(
     maximize: bool = False,
     step: int = 1,
     l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -178,6 +195,7 @@ def sgd_(
         step,
         stream,
         _plan,
+        masks,
     )
 
 
@@ -193,6 +211,7 @@ def adagrad_(
     eps: float = 1e-10,
     maximize: bool = False,
     l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -207,6 +226,7 @@ def adagrad_(
         step,
         stream,
         _plan,
+        masks,
     )
 
 
@@ -225,6 +245,7 @@ def rmsprop_(
     centered: bool = False,
     maximize: bool = False,
     l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -242,6 +263,7 @@ def rmsprop_(
         None,
         stream,
         _plan,
+        masks,
     )
 
 
@@ -262,6 +284,7 @@ def adam_(
     amsgrad: bool = False,
     maximize: bool = False,
     l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -278,6 +301,7 @@ def adam_(
         step,
         stream,
         _plan,
+        masks,
     )
 
 
@@ -297,6 +321,7 @@ def adamw_(
     amsgrad: bool = False,
     maximize: bool = False,
     l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -307,6 +332,7 @@ def adamw_(
         step,
         stream,
         _plan,
+        masks,
     )
 
 
@@ -323,6 +349,7 @@ def sophia_(
     eps: float = 1e-15,
     maximize: bool = False,
     l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -339,6 +366,7 @@ def sophia_(
         None,
         stream,
         _plan,
+        masks,
     )
 
 
@@ -353,6 +381,7 @@ def lion_(
     weight_decay: float = 0.0,
     maximize: bool = False,
     l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
     stream: Any = None,
     _plan: Any = None,
 ) -> None:
@@ -369,6 +398,7 @@ def lion_(
         None,
         stream,
         _plan,
+        masks,
     )
 
 
@@ -399,7 +429,7 @@ def _signature_mismatches(fn: Callable[..., None], spec: OptimizerSpec) -> List[
     optional = tuple(a.name for a in spec.arrays if a.optional)
     if positional != roles or roles[len(roles) - len(fn.__defaults__ or ()) :] != optional:
         out.append(f"{fn.__name__}: arrays {positional} != {roles} (optional {optional})")
-    hyper = tuple(k for k in keywords if k not in ("step", "stream", "_plan"))
+    hyper = tuple(k for k in keywords if k not in ("step", "masks", "stream", "_plan"))
     if hyper != tuple(spec.hyper):
         out.append(f"{fn.__name__}: hyper-parameters {hyper} != {tuple(spec.hyper)}")
     if ("step" in keywords) != spec.takes_step:

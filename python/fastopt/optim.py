@@ -6,9 +6,12 @@ allocates zeroed state like each param (same library and device; float32 for 16-
 params), and
 ``opt.step(grads)`` (grads shaped like params) runs one fused multi-tensor step in one
 C++ call. ``lr`` is settable; ``schedule=`` (see ``fastopt.schedules``) maps the step
-index and ``lr`` to the rate used. ``state_dict()`` / ``load_state_dict()`` round-trip
-exactly (step count, lr, hyper-parameters, every state element), so a restored optimizer
-continues bit-identically.
+index and ``lr`` to the rate used. ``masks=`` (settable as ``opt.masks``; one bool/uint8
+array per param, e.g. from ``fastopt.prune_magnitude``) is applied by every step: where a
+mask is False the param is set to 0 and its state is left as it is (see ``fastopt.sgd_``).
+``state_dict()`` / ``load_state_dict()`` round-trip exactly (step count, lr,
+hyper-parameters, every state element), so a restored optimizer continues bit-identically;
+masks are not part of it (they belong to the model, like torch's pruning buffers).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Optimizer:
         schedule: Optional[Schedule],
         hyper: Dict[str, Any],
         initial_state: Optional[Dict[str, float]] = None,
+        masks: Optional[ArrayOrList] = None,
     ):
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
@@ -68,6 +72,7 @@ class Optimizer:
         self._state_lists = self._kernel_state(used)
         self._last_stream: Any = None  # GPU: the stream the last step was queued on
         self._step = 0
+        self.masks = masks
         self.zero_state()
 
     # -- hyper-parameters ----------------------------------------------------------------
@@ -79,6 +84,23 @@ class Optimizer:
     @lr.setter
     def lr(self, value: float) -> None:
         self._lr = real("lr", value, lo=0.0)
+
+    @property
+    def masks(self) -> Optional[List[Any]]:
+        """The masks every step applies (a list aligned with params), or None."""
+        return self._masks
+
+    @masks.setter
+    def masks(self, value: Optional[ArrayOrList]) -> None:
+        if value is None:
+            self._masks: Optional[List[Any]] = None
+            return
+        masks = list(as_list("masks", value, self._listed))
+        if len(masks) != len(self.params):
+            raise ValueError(
+                f"masks: expected {len(self.params)} arrays (one per param), got {len(masks)}"
+            )
+        self._masks = masks
 
     @property
     def hyper(self) -> Dict[str, Any]:
@@ -121,6 +143,8 @@ class Optimizer:
         is queued on ``stream`` (default: the params' library's current stream)."""
         t = self._step + 1
         kw = {**self._kw, "lr": self.current_lr()}
+        if self._masks is not None:
+            kw["masks"] = self._masks
         lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
         self._kernel.launch(lists, self._listed, kw, t, stream, self._plan)
         self._step = t
@@ -258,6 +282,7 @@ class SGD(Optimizer):
         maximize: bool = False,
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
+        masks: Optional[ArrayOrList] = None,
     ):
         hyper = dict(
             momentum=momentum,
@@ -267,7 +292,7 @@ class SGD(Optimizer):
             maximize=maximize,
             l1=l1,
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
+        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
 
 
 class Adagrad(Optimizer):
@@ -288,13 +313,19 @@ class Adagrad(Optimizer):
         maximize: bool = False,
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
+        masks: Optional[ArrayOrList] = None,
     ):
         init = real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
         hyper = dict(
             lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize, l1=l1
         )
         super().__init__(
-            params, lr=lr, schedule=schedule, hyper=hyper, initial_state={"state_sums": init}
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper=hyper,
+            initial_state={"state_sums": init},
+            masks=masks,
         )
 
 
@@ -316,6 +347,7 @@ class RMSprop(Optimizer):
         maximize: bool = False,
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
+        masks: Optional[ArrayOrList] = None,
     ):
         hyper = dict(
             alpha=alpha,
@@ -326,7 +358,7 @@ class RMSprop(Optimizer):
             maximize=maximize,
             l1=l1,
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
+        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
 
 
 class Adam(Optimizer):
@@ -348,6 +380,7 @@ class Adam(Optimizer):
         maximize: bool = False,
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
+        masks: Optional[ArrayOrList] = None,
     ):
         hyper = dict(
             beta1=beta1,
@@ -359,7 +392,7 @@ class Adam(Optimizer):
             maximize=maximize,
             l1=l1,
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
+        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
 
 
 class AdamW(Adam):
@@ -379,6 +412,7 @@ class AdamW(Adam):
         maximize: bool = False,
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
+        masks: Optional[ArrayOrList] = None,
     ):
         super().__init__(
             params,
@@ -392,6 +426,7 @@ class AdamW(Adam):
             maximize=maximize,
             l1=l1,
             schedule=schedule,
+            masks=masks,
         )
 
 
@@ -414,11 +449,12 @@ class Sophia(Optimizer):
         maximize: bool = False,
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
+        masks: Optional[ArrayOrList] = None,
     ):
         hyper = dict(
             beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize, l1=l1
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper)
+        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
         self._ema_plan = None if self._plan is None or _ext._cuda is None else _ext._cuda.Plan()
 
     def update_hessian(
@@ -439,8 +475,8 @@ class Sophia(Optimizer):
 
 def _class_from_spec(spec: OptimizerSpec) -> type:
     """The class of an optimizer that needs nothing beyond its table entry:
-    ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None)``, named after
-    the spec (``"name"`` -> ``Name``) and documented by its functional step."""
+    ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None, masks=None)``,
+    named after the spec (``"name"`` -> ``Name``) and documented by its functional step."""
     lr_default = spec.hyper["lr"].default
     others = {name: h.default for name, h in spec.hyper.items() if name != "lr"}
 
@@ -450,6 +486,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
         lr: Any = lr_default,
         *,
         schedule: Optional[Schedule] = None,
+        masks: Optional[ArrayOrList] = None,
         **hyper: Any,
     ) -> None:
         unknown = sorted(set(hyper) - set(others))
@@ -457,7 +494,9 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
             raise TypeError(f"{type(self).__name__}: unexpected keyword argument {unknown[0]!r}")
         if lr is None:
             raise TypeError(f"{type(self).__name__}: missing argument 'lr'")
-        Optimizer.__init__(self, params, lr=lr, schedule=schedule, hyper={**others, **hyper})
+        Optimizer.__init__(
+            self, params, lr=lr, schedule=schedule, hyper={**others, **hyper}, masks=masks
+        )
 
     keyword = inspect.Parameter.KEYWORD_ONLY
     __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -471,6 +510,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
             ),
             *(inspect.Parameter(n, keyword, default=d) for n, d in others.items()),
             inspect.Parameter("schedule", keyword, default=None),
+            inspect.Parameter("masks", keyword, default=None),
         ]
     )
     name = spec.name.capitalize()

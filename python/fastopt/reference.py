@@ -9,7 +9,7 @@ docstrings of ``fastopt.functional``).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -22,6 +22,7 @@ __all__ = [
     "sophia",
     "lion",
     "ema",
+    "masked",
     "damped_newton_step",
     "quantize_affine",
     "dequantize_affine",
@@ -213,6 +214,21 @@ def lion(
 def ema(average: np.ndarray, sample: np.ndarray, *, beta: float) -> None:
     """average <- beta*average + (1-beta)*sample (Sophia's Hessian-diagonal EMA)."""
     average[...] = beta * average + (1.0 - beta) * sample
+
+
+def masked(
+    update: Callable[..., None], mask: np.ndarray, p: np.ndarray, /, *arrays, **hyper
+) -> None:
+    """Optimizer step ``update`` (one of the functions above, called as ``update(p, *arrays,
+    **hyper)``) under ``mask``: where the mask is False (0) the param is set to 0 and no
+    state array changes; elsewhere the step is the unmasked one."""
+    pruned = ~np.asarray(mask, dtype=bool)
+    before = [None if a is None else a[pruned] for a in arrays]
+    update(p, *arrays, **hyper)
+    p[pruned] = 0.0
+    for a, old in zip(arrays, before):
+        if a is not None and old is not None:
+            a[pruned] = old
 
 
 def damped_newton_step(

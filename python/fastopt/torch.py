@@ -59,6 +59,11 @@ Decisions, where torch.optim offers a choice:
   is one synchronisation per step (the kernels take host scalars). After ``scaler.unscale_``
   (for clipping) the grads are taken as they are. The trajectory is torch.optim's under the
   same scaler.
+- ``masks=`` (every class, keyword-only; or ``set_masks`` later): pruning masks, e.g. from
+  ``fastopt.prune_magnitude``, as a dict {param: mask} or one mask per param. Where a mask is
+  False the step sets the param to 0 and leaves its state untouched, inside the one fused
+  pass (a masked param is bucketed apart from unmasked ones). Masks are the model's, not the
+  optimizer's: ``state_dict`` does not carry them.
 - DTensor params (FSDP2's ``fully_shard``, tensor parallel) are stepped on their local shards
   (``to_local()``, re-read at every step); their state is made with ``zeros_like`` and is a
   DTensor with the same placements, as torch.optim's, so
@@ -175,6 +180,7 @@ class _Bucket:
         "param_views",
         "state_seen",
         "state_views",
+        "masks",
     )
 
     def __init__(
@@ -186,6 +192,7 @@ class _Bucket:
         done: int,
         inference: bool,
         state: Any,
+        masks: Optional[List[torch.Tensor]],
     ):
         self.index = index  # position of each param in the group's "params"
         self.params = params  # the group's params, in bucket order
@@ -207,6 +214,11 @@ class _Bucket:
         self.param_views: List[Any] = []
         self.state_seen: List[Optional[List[torch.Tensor]]] = [None] * len(keys)
         self.state_views: List[Optional[List[Any]]] = [None] * len(keys)
+        # the masks of a masked bucket, as the kernel takes them (masks are read only)
+        self.masks: Optional[List[Any]] = None
+        if masks is not None:
+            local = [_local(m) for m in masks]
+            self.masks = [_host_view(m) for m in local] if self.host else local
 
     def kernel_lists(
         self, states: List[Optional[List[torch.Tensor]]]
@@ -253,7 +265,7 @@ class _Bucket:
 class _GroupCache:
     """A group's buckets and what they were built from (checked at each step)."""
 
-    __slots__ = ("params", "has_grad", "state", "roles", "buckets", "whole")
+    __slots__ = ("params", "has_grad", "state", "roles", "buckets", "whole", "masks_version")
 
     def __init__(
         self,
@@ -262,7 +274,9 @@ class _GroupCache:
         state: Any,
         roles: Tuple[bool, ...],
         buckets: List[_Bucket],
+        masks_version: int,
     ):
+        self.masks_version = masks_version
         self.params = params
         self.has_grad = has_grad
         self.state = state
@@ -282,7 +296,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     _tracks_step = True
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
 
-    def __init__(self, params: Any, defaults: Dict[str, Any]):
+    def __init__(self, params: Any, defaults: Dict[str, Any], masks: Any = None):
         if defaults.get("capturable"):
             raise ValueError(
                 "capturable: fastopt.torch steps cannot be captured in a CUDA "
@@ -298,6 +312,58 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._lr("", defaults)
         super().__init__(params, defaults)
         self._caches: Dict[int, _GroupCache] = {}
+        self._masks: Dict[torch.Tensor, torch.Tensor] = {}
+        self._masks_version = 0
+        self.set_masks(masks)
+
+    # -- masks -------------------------------------------------------------------------------
+    @property
+    def masks(self) -> Dict[torch.Tensor, torch.Tensor]:
+        """The masks the steps apply, by param (a copy; change them with ``set_masks``)."""
+        return dict(self._masks)
+
+    def set_masks(self, masks: Any) -> None:
+        """Masks for the next steps: None (no masks), a dict {param: mask}, or a sequence
+        with one mask (or None) per param of every group, in group order. A mask is a bool
+        or uint8 tensor shaped like its param, on its device, laid out like it; where it is
+        False (0) every step sets the param to 0 and leaves its state as it is (params not
+        named keep stepping unmasked). Checked whole before any is taken."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if masks is None:
+            pairs: List[Tuple[torch.Tensor, Any]] = []
+        elif isinstance(masks, dict):
+            known = set(map(id, params))
+            pairs = list(masks.items())
+            for k, (p, _) in enumerate(pairs):
+                if not isinstance(p, torch.Tensor) or id(p) not in known:
+                    raise ValueError(f"masks: key {k} is not a param of this optimizer")
+        elif isinstance(masks, (list, tuple)):
+            if len(masks) != len(params):
+                raise ValueError(
+                    f"masks: expected {len(params)} masks (one per param, None for none), "
+                    f"got {len(masks)}"
+                )
+            pairs = [(p, m) for p, m in zip(params, masks) if m is not None]
+        else:
+            raise TypeError(
+                "masks: expected None, a dict {param: mask} or a list, got "
+                f"{type(masks).__name__}"
+            )
+        for k, (p, m) in enumerate(pairs):
+            where = f"masks[{k}]"
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"{where}: expected a tensor, got {type(m).__name__}")
+            if m.dtype not in (torch.bool, torch.uint8):
+                raise TypeError(f"{where}: dtype {m.dtype} is not a mask's (bool or uint8)")
+            if m.shape != p.shape or m.device != p.device:
+                raise ValueError(
+                    f"{where}: a {tuple(m.shape)} mask on {m.device} for a "
+                    f"{tuple(p.shape)} param on {p.device}"
+                )
+            if m.requires_grad:
+                raise ValueError(f"{where}: must not require grad")
+        self._masks = dict(pairs)
+        self._masks_version += 1
 
     # -- hyper-parameters ------------------------------------------------------------------
     def _group_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
@@ -443,12 +509,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
             else:  # SGD: the first step (buffer <- grad) when the buffer is new
                 done = 0 if fresh else 1
             taken[i] = done
-            keys[(p.device, p.dtype, done if self._spec.takes_step else None)].append(i)
+            keys[
+                (p.device, p.dtype, done if self._spec.takes_step else None, p in self._masks)
+            ].append(i)
         state_keys = [
             STATE_KEYS[role.name] if use else None for role, use in zip(self._spec.states, used)
         ]
         buckets = []
-        for (_, _, done), index_list in keys.items():
+        for (_, _, done, masked), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
             inference = any(
                 p.is_inference()
@@ -461,12 +529,27 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 steps = torch.tensor([float(taken[i]) for i in index_list], dtype=first.dtype)
                 for p, view in zip(bucket_params, steps.unbind()):
                     self.state[p]["step"] = view
+            masks = [self._masks[p] for p in bucket_params] if masked else None
             buckets.append(
                 _Bucket(
-                    index_list, bucket_params, state_keys, steps, done or 0, inference, self.state
+                    index_list,
+                    bucket_params,
+                    state_keys,
+                    steps,
+                    done or 0,
+                    inference,
+                    self.state,
+                    masks,
                 )
             )
-        return _GroupCache(params, [g is not None for g in grads], self.state, used, buckets)
+        return _GroupCache(
+            params,
+            [g is not None for g in grads],
+            self.state,
+            used,
+            buckets,
+            self._masks_version,
+        )
 
     @staticmethod
     def _check_param(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -521,6 +604,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             and len(cache.has_grad) == len(params)
             and cache.has_grad == [g is not None for g in grads]
             and cache.roles == used
+            and cache.masks_version == self._masks_version
         ):
             lists = [b.state_lists(self.state) for b in cache.buckets]
         if cache is None or lists is None or None in lists:
@@ -563,6 +647,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         kernel = getattr(kernels, self._spec.kernel)
         if grad_scale != 1.0:
             extra = {**extra, "grad_scale": grad_scale}
+        if bucket.masks is not None:
+            extra = {**extra, "masks": bucket.masks}
         if self._spec.takes_step:
             extra = {**extra, "step": bucket.done + 1}
         try:
@@ -614,6 +700,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._caches = {}
         self._checked = {}
+        self.__dict__.setdefault("_masks", {})
+        self.__dict__.setdefault("_masks_version", 0)
         for group in self.param_groups:  # a torch.optim checkpoint lacks fastopt's extras
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -663,6 +751,7 @@ class SGD(_FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         l1: float = 0.0,
+        masks: Any = None,
     ):
         defaults = dict(
             lr=lr,
@@ -676,7 +765,7 @@ class SGD(_FusedOptimizer):
             fused=fused,
             l1=l1,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, masks)
 
 
 class Adagrad(_FusedOptimizer):
@@ -701,6 +790,7 @@ class Adagrad(_FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         l1: float = 0.0,
+        masks: Any = None,
     ):
         real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
         defaults = dict(
@@ -715,7 +805,7 @@ class Adagrad(_FusedOptimizer):
             fused=fused,
             l1=l1,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, masks)
         for index, group in enumerate(self.param_groups):
             used = self._validate_group(f"param_groups[{index}]", group).used
             for i, p in enumerate(group["params"]):
@@ -748,6 +838,7 @@ class RMSprop(_FusedOptimizer):
         differentiable: bool = False,
         *,
         l1: float = 0.0,
+        masks: Any = None,
     ):
         defaults = dict(
             lr=lr,
@@ -762,7 +853,7 @@ class RMSprop(_FusedOptimizer):
             differentiable=differentiable,
             l1=l1,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, masks)
 
 
 class Adam(_FusedOptimizer):
@@ -789,6 +880,7 @@ class Adam(_FusedOptimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
+        masks: Any = None,
     ):
         defaults = dict(
             lr=lr,
@@ -804,7 +896,7 @@ class Adam(_FusedOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             l1=l1,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, masks)
 
 
 class AdamW(Adam):
@@ -826,6 +918,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         l1: float = 0.0,
+        masks: Any = None,
     ):
         super().__init__(
             params,
@@ -841,6 +934,7 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             l1=l1,
+            masks=masks,
         )
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -870,6 +964,7 @@ class Lion(_FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         l1: float = 0.0,
+        masks: Any = None,
     ):
         defaults = dict(
             lr=lr,
@@ -882,7 +977,7 @@ class Lion(_FusedOptimizer):
             differentiable=differentiable,
             l1=l1,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, masks)
 
 
 class Sophia(_FusedOptimizer):
@@ -909,6 +1004,7 @@ class Sophia(_FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         l1: float = 0.0,
+        masks: Any = None,
     ):
         defaults = dict(
             lr=lr,
@@ -924,7 +1020,7 @@ class Sophia(_FusedOptimizer):
             l1=l1,
         )
         self._hessian_beta("", defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, masks)
 
     @staticmethod
     def _hessian_beta(where: str, group: Dict[str, Any]) -> float:

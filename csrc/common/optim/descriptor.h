@@ -23,10 +23,15 @@
 namespace fastopt {
 
 constexpr int kMaxRoles = 5;  // arrays per element: params, grads and up to three states
+// The array slots of a step call: the optimizer's roles, then the masks any step may take
+// (one bool/uint8 array per param; where it is 0 the param is set to 0 and no state changes).
+constexpr int kMaskSlot = kMaxRoles;
+constexpr int kMaxSlots = kMaxRoles + 1;
 
-// Which element type a role's arrays have: the params' own (params, grads) or the state
-// type (float32 for 16-bit params, else the params' type).
-enum class RoleKind { param, grad, state };
+// Which element type a role's arrays have: the params' own (params, grads), the state
+// type (float32 for 16-bit params, else the params' type), or one byte (the masks, which
+// no optimizer lists among its roles: every step takes them).
+enum class RoleKind { param, grad, state, mask };
 
 struct Role {
   const char* name;  // the Python argument, used in error messages ("exp_avgs[3]: ...")
