@@ -7,7 +7,8 @@ state array, PyTorch tensors and CuPy arrays in one list (params of one library,
 the other), sizes around the vector width (4) and the per-block chunk (4096), a 2-D array,
 a zero-size array, slices starting one element into their allocation (the scalar path) as
 params, grads and -- through the functional API -- state, a list longer than one launch
-(384 tensors), float16 / bfloat16 params, and a step queued on a non-default stream.
+(384 tensors), float16 / bfloat16 params, a step queued on a non-default stream, and masked
+steps, bfloat16 state and stochastic rounding of bfloat16 params.
 
 Every float32 result (params and every state element) is compared with fastopt's CPU
 kernels run from the same start (bit-identical by design); 16-bit params are compared with
@@ -373,6 +374,44 @@ def newton():
     return ", ".join(notes)
 
 
+def masked_lowbit():
+    """Every optimizer (torch tensors: CuPy has no bfloat16) with masks, with bfloat16 state,
+    and with bfloat16 params rounded stochastically, each against the CPU kernels run on
+    the same start with the same options: bit for bit."""
+    shapes = [(1,), (3,), (4,), (5,), (1023,), (4096,), (16389,), (33, 7), (0,)]
+    variants = [
+        ("masked", torch.float32, torch.float32, True, {}),
+        ("bf16 state", torch.float32, torch.bfloat16, False, {}),
+        ("bf16 params, bf16 state, stochastic, masked", torch.bfloat16, torch.bfloat16, True,
+         {"rounding": "stochastic", "seed": 11}),
+    ]
+    for name, spec in SPECS.items():
+        fn = getattr(fastopt, f"{name}_")
+        states = spec.state_names(spec.kernel_hyper(spec.validate({**spec.defaults(), **spec.example})))
+        for label, pdt, sdt, masked, extra in variants:
+            runs = []
+            for dev in ("cuda", "cpu"):
+                g = torch.Generator().manual_seed(5)
+                params = [torch.randn(s, generator=g).to(pdt).to(dev) for s in shapes]
+                state = [[torch.zeros(s, dtype=sdt, device=dev) for s in shapes] for _ in states]
+                masks = [(torch.rand(s, generator=g) < 0.5).to(dev) for s in shapes]
+                for t in range(1, STEPS + 1):
+                    grads = [torch.randn(s, generator=g).to(pdt).to(dev) for s in shapes]
+                    kw = dict(spec.example, **extra)
+                    if spec.takes_step:
+                        kw["step"] = t
+                    if masked:
+                        kw["masks"] = masks
+                    fn(params, grads, *state, **kw)
+                runs.append([p.cpu() for p in params] + [a.cpu() for s in state for a in s])
+            synchronize()
+            for i, (got, want) in enumerate(zip(*runs)):
+                same_bits(f"{name} {label} [{i}]", got.view(torch.int16 if got.element_size() == 2
+                                                            else torch.int32).numpy(),
+                          want.view(torch.int16 if want.element_size() == 2 else torch.int32).numpy())
+    return "bit-identical"
+
+
 def main():
     if not LIBS:
         print("sanitize_small: neither PyTorch with CUDA nor CuPy is usable", file=sys.stderr)
@@ -388,6 +427,8 @@ def main():
     check("SGD momentum on a side stream", side_stream)
     check("int8 quantization kernels", quantization)
     check("Newton (Cholesky) kernels", newton)
+    if torch is not None:
+        check("masks, bfloat16 state, stochastic rounding (torch)", masked_lowbit)
     for cls, hyper in OPTIMIZERS:
         check(f"{cls.__name__} float16 mixed list", lambda: run_class(cls, hyper, "float16"))
         if torch is not None:

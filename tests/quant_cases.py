@@ -19,6 +19,7 @@ F32 = np.dtype(np.float32)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 IN_DTYPES = [F32, np.dtype(np.float16), BF16]
 IN_IDS = ["f32", "f16", "bf16"]
+OUT_DTYPES, OUT_IDS = IN_DTYPES, ["out_f32", "out_f16", "out_bf16"]  # dequantize's out_dtype
 QRANGE = {"int8": (np.dtype(np.int8), -128, 127), "uint8": (np.dtype(np.uint8), 0, 255)}
 QDTYPES = ["int8", "uint8"]
 EPS32 = float(np.finfo(np.float32).eps)
@@ -80,7 +81,10 @@ def poisoned(shape, dtype, k: int) -> np.ndarray:
     element a call leaves unwritten equals the expected value under at most one of them."""
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
-        return np.full(shape, [np.nan, -7.25e30][k], dtype=dtype)
+        with np.errstate(over="ignore"):  # float16: -inf
+            return np.full(shape, [np.nan, -7.25e30][k], dtype=dtype)
+    if dtype == BF16:
+        return np.full(shape, [np.nan, -7.25e30][k], dtype=np.float32).astype(BF16)
     return np.full(shape, [0x5A, 0xA5][k], dtype=np.uint8).view(dtype)
 
 

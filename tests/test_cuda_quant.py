@@ -35,10 +35,10 @@ from fastopt import reference
 
 from backends import assert_bits, bits
 from cuda_libs import FakeCudaArray, lib_fixture
-from quant_cases import (BF16, CHANNEL_CASES, F32, IN_DTYPES, IN_IDS, NONFINITE_FUNCS, QDTYPES,
-                         QRANGE, SHAPES, case_id, channel_params, channel_shape, fresh, poisoned,
-                         ref_blockwise, ref_quantize, shape_id, tensor_params, unchecked_input,
-                         with_ties)
+from quant_cases import (BF16, CHANNEL_CASES, F32, IN_DTYPES, IN_IDS, NONFINITE_FUNCS,
+                         OUT_DTYPES, OUT_IDS, QDTYPES, QRANGE, SHAPES, case_id, channel_params,
+                         channel_shape, fresh, poisoned, ref_blockwise, ref_quantize, shape_id,
+                         tensor_params, unchecked_input, with_ties)
 
 F16 = np.dtype(np.float16)
 # 1, 7, 64, 256 and 4096: one warp per block; 4097 and 10_000: one thread block per block
@@ -136,6 +136,49 @@ def test_blockwise_matches_cpu(lib, in_dtype, block, shape, rng):
                 reference.dequantize_blockwise(qr, want_absmax, block), "dequantize random q")
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=OUT_IDS)
+def test_dequantize_out_dtypes_match_cpu(lib, out_dtype, shape, rng):
+    """float16/bfloat16 results of every dequantizer (per tensor, per channel, blockwise in
+    both kernel layouts) have the CPU's and the reference's bits: ties, float16 overflow and
+    subnormals, NaN absmax; written into every element of a poisoned out= too. CuPy refuses
+    bfloat16 by name."""
+    if out_dtype == BF16 and lib.name == "cupy":
+        with pytest.raises(TypeError, match="^out_dtype: CuPy has no bfloat16"):
+            deq(lib.to_device(np.zeros(3, np.int8)), 0.1, 0, out_dtype="bfloat16")
+        return
+    q = rng.integers(-128, 128, shape).astype(np.int8)
+    qd = lib.to_device(q)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for scale in (1 + 2.0 ** -9, 1 + 2.0 ** -11, 1000.0, 1e-7, 0.0371):
+            want = deq(q, scale, 3, out_dtype=out_dtype)
+            assert_same(lib, deq(qd, scale, 3, out_dtype=out_dtype), want,
+                        reference.dequantize_affine(q, scale, 3, out_dtype=out_dtype),
+                        f"dequantize scale={scale}")
+            run_with_out(lib, lambda o, scale=scale: deq(qd, scale, 3, out_dtype=out_dtype,
+                                                         out=o), [want])
+        ax = len(shape) - 1
+        scales, zps = channel_params(rng, "int8", shape[ax])
+        scales[1::4] = 1000.0
+        assert_same(lib, deq(qd, scales, zps, axis=ax, out_dtype=out_dtype),
+                    deq(q, scales, zps, axis=ax, out_dtype=out_dtype),
+                    reference.dequantize_affine(q, scales, zps, ax, out_dtype=out_dtype),
+                    "dequantize per channel")
+        for block in (7, 256, LARGE_BLOCK):
+            blocks = -(-q.size // block)
+            absmax = (rng.uniform(0.5, 20, blocks) * rng.choice([1, 1e6, 1e-6], blocks))
+            absmax = absmax.astype(F32)
+            absmax[::5] = 127 * (1 + 2.0 ** -9)
+            absmax[blocks // 2] = np.nan
+            want = dqbw(q, absmax, block, out_dtype=out_dtype)
+            ad = lib.to_device(absmax)
+            assert_same(lib, dqbw(qd, ad, block, out_dtype=out_dtype), want,
+                        reference.dequantize_blockwise(q, absmax, block, out_dtype=out_dtype),
+                        f"dequantize_blockwise {block}")
+            run_with_out(lib, lambda o, a=ad, b=block: dqbw(qd, a, b, out_dtype=out_dtype, out=o),
+                         [want])
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("in_dtype", [F32, BF16], ids=["f32", "bf16"])
 def test_blockwise_tiny_absmax_matches_cpu(lib, in_dtype, rounding):
@@ -171,6 +214,7 @@ def test_results_are_the_inputs_library_on_its_device(lib, rng):
             q = qpt(x, 0.05, zp, qdtype)
             lib.assert_result(q, x, qdtype, shape)
             lib.assert_result(deq(q, 0.05, zp), x, "float32", shape)
+            lib.assert_result(deq(q, 0.05, zp, out_dtype="float16"), x, "float16", shape)
         qc = qpc(x, scales, zps, 1)
         lib.assert_result(qc, x, "int8", shape)
         lib.assert_result(deq(qc, scales, zps, axis=1), x, "float32", shape)

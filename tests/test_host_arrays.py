@@ -365,3 +365,21 @@ def test_add_inplace_ceiling_kernel(dtype, rng):
     np.testing.assert_array_equal(a, want)
     with pytest.raises(TypeError, match="dst"):
         _cpu.add_inplace(a.astype(np.float16), b.astype(np.float16))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_numpy_16bit_params_in_the_classes(dtype, rng):
+    """NumPy float16 and ml_dtypes bfloat16 params: the classes allocate float32 state, and
+    a step equals the functional step on the same arrays."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dt = np.dtype(np.float16) if dtype == "float16" else np.dtype(ml_dtypes.bfloat16)
+    params = rng.standard_normal(4097).astype(dt)
+    grads = rng.standard_normal(4097).astype(dt)
+    opt = fastopt.AdamW([params.copy()], lr=0.01)
+    assert all(s[0].dtype == np.float32 for s in opt.state.values())
+    opt.step([grads])
+    p = params.copy()
+    m, v = np.zeros(4097, np.float32), np.zeros(4097, np.float32)
+    fastopt.adamw_([p], [grads], [m], [v], step=1, lr=0.01)
+    np.testing.assert_array_equal(opt.params[0].view(np.uint16), p.view(np.uint16))
+    np.testing.assert_array_equal(opt.state["exp_avgs"][0], m)

@@ -40,8 +40,9 @@ def test_sgd_weight_decay_past_2_pow_31_elements():
 @pytest.mark.skipif(not _enough_memory(N * 5), reason="needs ~11 GB of free memory")
 def test_int8_quantization_past_2_pow_31_elements():
     """Blockwise and per-tensor quantization of a float16 array of N elements, then blockwise
-    dequantization (after freeing the input), checked against the reference in windows at
-    the start, across 2**31 and at the end (block-aligned, the last block partial)."""
+    dequantization (after freeing the input) to float32, and blockwise and per-tensor to
+    bfloat16 and float16, checked against the reference in windows at the start, across
+    2**31 and at the end (block-aligned, the last block partial)."""
     from fastopt import reference
 
     rng = np.random.default_rng(2031)
@@ -69,6 +70,18 @@ def test_int8_quantization_past_2_pow_31_elements():
     for lo, hi in windows:
         np.testing.assert_array_equal(
             d[lo:hi], reference.dequantize_blockwise(q[lo:hi], absmax[lo // 256:-(-hi // 256)]))
+    del d
+    for out_dtype in ("bfloat16", "float16"):  # 16-bit outputs, blockwise and per tensor
+        d = fastopt.dequantize_blockwise(q, absmax, 256, out_dtype=out_dtype)
+        for lo, hi in windows:
+            want = reference.dequantize_blockwise(q[lo:hi], absmax[lo // 256:-(-hi // 256)],
+                                                  out_dtype=d.dtype)
+            assert (d[lo:hi].view(np.uint16) == want.view(np.uint16)).all(), out_dtype
+        d = fastopt.dequantize(q, 0.0371, -3, out_dtype=out_dtype)
+        for lo, hi in windows:
+            want = reference.dequantize_affine(q[lo:hi], 0.0371, -3, out_dtype=d.dtype)
+            assert (d[lo:hi].view(np.uint16) == want.view(np.uint16)).all(), out_dtype
+        del d
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, NamedTuple, Tuple
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -23,6 +24,7 @@ from fastopt import _ext
 from cuda_libs import lib_fixture
 
 F32, F64, I8, U8 = np.float32, np.float64, np.int8, np.uint8
+F16, BF16 = np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
 
 lib = lib_fixture(scope="module")
 
@@ -58,7 +60,7 @@ def poison(shape, dtype) -> np.ndarray:
         return np.full(shape, 77, dtype)
     if dtype == np.bool_:
         return np.ones(shape, bool)
-    return np.full(shape, np.nan, dtype)
+    return np.full(shape, np.nan, F32).astype(dtype)
 
 
 def readonly(a: np.ndarray) -> np.ndarray:
@@ -150,6 +152,15 @@ CASES: List[Case] = [
     Case("out float64", "dequantize_affine",
          lambda r: (rand(r, 100, I8), poison(100, F64), S1(), Z1(), None), TypeError,
          "^out: dtype"),
+    Case("out int8", "dequantize_affine",
+         lambda r: (rand(r, 100, I8), poison(100, I8), S1(), Z1(), None), TypeError,
+         "^out: dtype"),
+    Case("out float16 shorter than q", "dequantize_affine",
+         lambda r: (rand(r, 100, I8), poison(99, F16), S1(), Z1(), None), ValueError,
+         "^out: shape"),
+    Case("out bfloat16 overlaps q", "dequantize_affine",
+         lambda r: (lambda o: (o.view(I8)[:100], o[25:125], S1(), Z1(), None))(poison(150, BF16)),
+         ValueError, "^out: overlaps q", True),
     Case("q float32", "dequantize_affine",
          lambda r: (rand(r, 100), poison(100, F32), S1(), Z1(), None), TypeError, "^q: dtype"),
     Case("dequantize scales short", "dequantize_affine",
@@ -224,6 +235,15 @@ CASES: List[Case] = [
          "^out: shape"),
     Case("dequantize out float64", "dequantize_blockwise",
          lambda r: (rand(r, 100, I8), rand(r, 10), poison(100, F64), 10), TypeError,
+         "^out: dtype"),
+    Case("dequantize out float16 short", "dequantize_blockwise",
+         lambda r: (rand(r, 100, I8), rand(r, 10), poison(99, F16), 10), ValueError,
+         "^out: shape"),
+    Case("dequantize out bfloat16 (10, 10) for q (100,)", "dequantize_blockwise",
+         lambda r: (rand(r, 100, I8), rand(r, 10), poison((10, 10), BF16), 10), ValueError,
+         "^out: shape"),
+    Case("dequantize out uint8", "dequantize_blockwise",
+         lambda r: (rand(r, 100, I8), rand(r, 10), poison(100, U8), 10), TypeError,
          "^out: dtype"),
     Case("dequantize q uint8", "dequantize_blockwise",
          lambda r: (rand(r, 100, U8), rand(r, 10), poison(100, F32), 10), TypeError,
@@ -412,6 +432,22 @@ def test_block_past_the_size_is_the_whole_array(rng):
         out = np.empty(100, F32)
         _ext._cpu.dequantize_blockwise(q, absmax, out, block)
         np.testing.assert_array_equal(out, fastopt.dequantize_blockwise(want_q, want_absmax, 100))
+
+
+@pytest.mark.parametrize("out_dtype", [F32, F16, BF16], ids=["f32", "f16", "bf16"])
+def test_dequantize_bindings_take_16bit_outputs(out_dtype, rng):
+    """The output's dtype picks the stored type: every element written, the public calls'
+    bits."""
+    q = rand(rng, (3, 41), I8) - 50
+    absmax = rand(rng, 18)
+    out = poison(q.shape, out_dtype)
+    _ext._cpu.dequantize_affine(q, out, np.array([0.37], F32), np.array([3], F32), None)
+    want = fastopt.dequantize(q, 0.37, 3, out_dtype=out_dtype)
+    np.testing.assert_array_equal(out.view(np.uint8), want.view(np.uint8))
+    out = poison(q.shape, out_dtype)
+    _ext._cpu.dequantize_blockwise(q, absmax, out, 7)
+    want = fastopt.dequantize_blockwise(q, absmax, 7, out_dtype=out_dtype)
+    np.testing.assert_array_equal(out.view(np.uint8), want.view(np.uint8))
 
 
 def test_host_stream_must_be_none():

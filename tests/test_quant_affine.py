@@ -19,9 +19,9 @@ import fastopt
 from fastopt import reference
 
 from backends import assert_bits
-from quant_cases import (CHANNEL_CASES, EPS32, IN_DTYPES, IN_IDS, QDTYPES, QRANGE, SHAPES,
-                         TORCH_DEPRECATION, case_id, channel_params, channel_shape, fresh,
-                         ref_quantize, shape_id, tensor_params, with_ties)
+from quant_cases import (CHANNEL_CASES, EPS32, IN_DTYPES, IN_IDS, OUT_DTYPES, OUT_IDS, QDTYPES,
+                         QRANGE, SHAPES, TORCH_DEPRECATION, case_id, channel_params,
+                         channel_shape, fresh, ref_quantize, shape_id, tensor_params, with_ties)
 
 # ---- exactness against the reference ------------------------------------------------------
 
@@ -62,6 +62,39 @@ def test_per_channel_matches_reference(cpu_path, in_dtype, case, qdtype, rng):
     qr = rng.integers(lo, hi + 1, shape).astype(dt)
     assert_bits(fastopt.dequantize(qr, scales, zps.astype(np.int32), axis=axis),
                 reference.dequantize_affine(qr, scales, zps, ax), "dequantize random q")
+
+
+# Scales for 16-bit outputs: products of few mantissa bits that land on float16/bfloat16
+# rounding ties (1 + 2^-9, 1 + 2^-11: q * scale is then q plus q's low bits shifted below the
+# 16-bit mantissa), a float16 overflow (1000: |q| * 1000 > 65504 gives inf), results that are
+# float16 subnormals or round to zero (1e-7), and a random float32 scale.
+OUT_SCALES = [1 + 2.0 ** -9, 1 + 2.0 ** -11, 1000.0, 1e-7]
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=OUT_IDS)
+def test_dequantize_out_dtype_matches_reference(cpu_path, out_dtype, shape, qdtype, rng):
+    """dequantize(..., out_dtype=) stores the float32 result rounded to nearest even (the
+    reference casts with NumPy / ml_dtypes), per tensor and per channel; out_dtype given by
+    name or as the dtype."""
+    dt, lo, hi = QRANGE[qdtype]
+    q = rng.integers(lo, hi + 1, shape).astype(dt)
+    for scale in OUT_SCALES + [float(np.float32(rng.uniform(0.005, 0.2)))]:
+        zp = int(rng.integers(lo, hi + 1))
+        with np.errstate(over="ignore"):
+            want = reference.dequantize_affine(q, scale, zp, out_dtype=out_dtype)
+        for spelled in (out_dtype.name, out_dtype):
+            got = fastopt.dequantize(q, scale, zp, out_dtype=spelled)
+            assert_bits(got, want, f"scale={scale} zp={zp} out_dtype={spelled!r}")
+    ax = len(shape) - 1
+    scales, zps = channel_params(rng, qdtype, shape[ax])
+    scales[1::4] = OUT_SCALES[0]
+    scales[2::4] = 1000.0
+    with np.errstate(over="ignore"):
+        want = reference.dequantize_affine(q, scales, zps, ax, out_dtype=out_dtype)
+    assert_bits(fastopt.dequantize(q, scales, zps, axis=ax, out_dtype=out_dtype), want,
+                "per channel")
 
 
 # ---- against PyTorch ----------------------------------------------------------------------

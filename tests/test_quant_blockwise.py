@@ -18,8 +18,9 @@ from fastopt import reference
 
 from backends import assert_bits, bits
 from conftest import using_cpu_path, using_threads
-from quant_cases import (BF16, BLOCKS, F32, IN_DTYPES, IN_IDS, LARGER, SHAPES, block_of,
-                         channel_params, fresh, kernel_v, ref_blockwise, shape_id)
+from quant_cases import (BF16, BLOCKS, F32, IN_DTYPES, IN_IDS, LARGER, OUT_DTYPES, OUT_IDS,
+                         SHAPES, block_of, channel_params, fresh, kernel_v, ref_blockwise,
+                         shape_id)
 
 # ---- exactness against the reference ------------------------------------------------------
 
@@ -47,6 +48,30 @@ def test_blockwise_matches_reference(cpu_path, in_dtype, block, shape, rng):
     assert np.array_equal(absmax, pad.reshape(blocks, block).max(axis=1))
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=OUT_IDS)
+def test_dequantize_blockwise_out_dtype_matches_reference(cpu_path, out_dtype, block, shape,
+                                                          rng):
+    """dequantize_blockwise(..., out_dtype=) rounds the float32 result to nearest even; absmax
+    of every magnitude (float16 overflow at 1e6, subnormals and zero at 1e-6, ties of few
+    mantissa bits at 127 * (1 + 2^-9)), and a NaN absmax (a block check_finite=False found
+    bad) gives NaN."""
+    q = rng.integers(-127, 128, shape).astype(np.int8)
+    block = block_of(block, q.size)
+    blocks = -(-q.size // block)
+    absmax = (rng.uniform(0.5, 20, blocks) * rng.choice([1, 1e6, 1e-6], blocks)).astype(F32)
+    absmax[::5] = 127 * (1 + 2.0 ** -9)
+    absmax[3::7] = 0
+    if blocks > 2:
+        absmax[blocks // 2] = np.nan
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = reference.dequantize_blockwise(q, absmax, block, out_dtype=out_dtype)
+    for spelled in (out_dtype.name, out_dtype):
+        assert_bits(fastopt.dequantize_blockwise(q, absmax, block, out_dtype=spelled), want,
+                    f"out_dtype={spelled!r}")
+
+
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
 def test_cpu_paths_bit_identical(in_dtype, rng):
     """Scalar and AVX2 paths (and 1 or several threads) give the same bits for every mode,
@@ -64,10 +89,18 @@ def test_cpu_paths_bit_identical(in_dtype, rng):
                 q, a = fastopt.quantize_blockwise(x, block, rounding=rounding, seed=seed)
                 out[f"blockwise {block} {rounding}"] = (q, a,
                                                         fastopt.dequantize_blockwise(q, a, block))
+        for out_dtype in ("float16", "bfloat16"):
+            q, a = out["blockwise 7 nearest"][:2]
+            out[f"blockwise dequantize {out_dtype}"] = (
+                fastopt.dequantize_blockwise(q, a * 1e3, 7, out_dtype=out_dtype),)
         q = fastopt.quantize_per_tensor(x, 0.0371, 5)
-        out["per_tensor"] = (q, fastopt.dequantize(q, 0.0371, 5))
+        out["per_tensor"] = (q, fastopt.dequantize(q, 0.0371, 5),
+                             fastopt.dequantize(q, 1 + 2.0 ** -9, 5, out_dtype="float16"),
+                             fastopt.dequantize(q, 1 + 2.0 ** -9, 5, out_dtype="bfloat16"))
         q = fastopt.quantize_per_channel(x2, scales, zps, 1)
-        out["per_channel"] = (q, fastopt.dequantize(q, scales, zps, axis=1))
+        out["per_channel"] = (q, fastopt.dequantize(q, scales, zps, axis=1),
+                              fastopt.dequantize(q, scales, zps, axis=1, out_dtype="float16"),
+                              fastopt.dequantize(q, scales, zps, axis=1, out_dtype="bfloat16"))
         out["qparams"] = tuple(np.asarray(v) for v in
                                fastopt.choose_qparams(x2, symmetric=False, axis=1) +
                                fastopt.choose_qparams(x, symmetric=False))

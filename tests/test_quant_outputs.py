@@ -12,9 +12,9 @@ import fastopt
 from fastopt import reference
 
 from backends import assert_bits
-from quant_cases import (BF16, F32, IN_DTYPES, IN_IDS, TORCH_DEPRECATION, channel_params,
-                         fresh, poisoned, ref_blockwise, ref_quantize, run_with_out, shape_id,
-                         unchecked_input)
+from quant_cases import (BF16, F32, IN_DTYPES, IN_IDS, OUT_DTYPES, OUT_IDS, TORCH_DEPRECATION,
+                         channel_params, fresh, poisoned, ref_blockwise, ref_quantize,
+                         run_with_out, shape_id, unchecked_input)
 
 # ---- against PyTorch ----------------------------------------------------------------------
 
@@ -59,6 +59,35 @@ def test_torch_in_torch_out(tdtype, rng):
     s, z = fastopt.choose_qparams(t, symmetric=False)
     assert (s, z) == fastopt.choose_qparams(x, symmetric=False)
     assert type(s) is float and type(z) is int
+
+
+@pytest.mark.parametrize("out_dtype", ["float16", "bfloat16"])
+def test_torch_dequantize_16bit_outputs(out_dtype, rng):
+    """dequantize/dequantize_blockwise of torch CPU tensors with out_dtype given as a name or
+    a torch dtype return torch tensors of that dtype, with the NumPy call's bits; out= takes a
+    torch tensor of that dtype too."""
+    torch = pytest.importorskip("torch")
+    q = rng.integers(-128, 128, (7, 4097)).astype(np.int8)
+    absmax = rng.uniform(0.5, 20, -(-q.size // 64)).astype(F32)
+    tq, ta = torch.from_numpy(q), torch.from_numpy(absmax)
+    tdtype = getattr(torch, out_dtype)
+    as_numpy = (lambda t: t.view(torch.int16).numpy().view(BF16)) if out_dtype == "bfloat16" \
+        else (lambda t: t.numpy())
+    for spelled in (out_dtype, tdtype):
+        for got, want in (
+                (fastopt.dequantize(tq, 0.0371, 3, out_dtype=spelled),
+                 fastopt.dequantize(q, 0.0371, 3, out_dtype=out_dtype)),
+                (fastopt.dequantize_blockwise(tq, ta, 64, out_dtype=spelled),
+                 fastopt.dequantize_blockwise(q, absmax, 64, out_dtype=out_dtype))):
+            assert isinstance(got, torch.Tensor) and got.dtype == tdtype
+            assert_bits(as_numpy(got), want)
+    out = torch.full(q.shape, float("nan"), dtype=tdtype)
+    assert fastopt.dequantize(tq, 0.0371, 3, out_dtype=tdtype, out=out) is out
+    assert_bits(as_numpy(out), fastopt.dequantize(q, 0.0371, 3, out_dtype=out_dtype))
+    strided = torch.full(q.shape[::-1], float("nan"), dtype=tdtype).t()  # not C-contiguous
+    with pytest.raises(ValueError, match="^out: must be C-contiguous"):
+        fastopt.dequantize(tq, 0.0371, 3, out_dtype=out_dtype, out=strided)
+    assert torch.isnan(strided).all()
 
 
 @TORCH_DEPRECATION
@@ -108,6 +137,13 @@ def test_out_receives_results(cpu_path, in_dtype, shape, rng):
                                                               seed=77, out=o), [qb, ab])
         db = fastopt.dequantize_blockwise(qb, ab, block)
         run_with_out(lambda o: fastopt.dequantize_blockwise(qb, ab, block, out=o), [db])
+    for od in OUT_DTYPES[1:]:  # 16-bit outputs
+        d = fastopt.dequantize(qc, scales, zps, axis=-1, out_dtype=od)
+        run_with_out(lambda o, od=od: fastopt.dequantize(qc, scales, zps, axis=-1, out_dtype=od,
+                                                         out=o), [d])
+        db = fastopt.dequantize_blockwise(qb, ab, block, out_dtype=od)
+        run_with_out(lambda o, od=od: fastopt.dequantize_blockwise(qb, ab, block, out_dtype=od,
+                                                                   out=o), [db])
 
 
 # ---- streaming stores ---------------------------------------------------------------------
@@ -135,6 +171,28 @@ def test_streaming_sizes_match_reference(cpu_path, offset, rng):
         assert fastopt.dequantize(q, 0.0371, -3, out=out) is out
         assert_bits(out, reference.dequantize_affine(q, 0.0371, -3), f"dequantize ({k})")
         assert_bits(buf[:offset], poisoned((offset,), F32, k), "before out")
+
+
+STREAMING_N16 = 12_000_017  # 36 MB of 1-byte q in and 2-byte results out
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4], ids=lambda k: f"offset{k}")
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES[1:], ids=OUT_IDS[1:])
+def test_streaming_16bit_outputs_match_reference(cpu_path, out_dtype, offset, rng):
+    """Dequantizing to float16/bfloat16 past the streaming size, with outputs 16-byte aligned
+    (offset 0) and not (2 and 8 bytes off)."""
+    q = rng.integers(-128, 128, STREAMING_N16).astype(np.int8)
+    absmax = rng.uniform(0.5, 20, -(-q.size // 256)).astype(F32)
+    for k in (0, 1):
+        buf = poisoned((STREAMING_N16 + offset,), out_dtype, k)
+        out = buf[offset:]
+        assert fastopt.dequantize_blockwise(q, absmax, 256, out_dtype=out_dtype, out=out) is out
+        assert_bits(out, reference.dequantize_blockwise(q, absmax, 256, out_dtype=out_dtype),
+                    f"blockwise dequantize ({k})")
+        assert fastopt.dequantize(q, 0.0371, -3, out_dtype=out_dtype, out=out) is out
+        assert_bits(out, reference.dequantize_affine(q, 0.0371, -3, out_dtype=out_dtype),
+                    f"dequantize ({k})")
+        assert_bits(buf[:offset], poisoned((offset,), out_dtype, k), "before out")
 
 
 # ---- check_finite=False -------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -73,6 +74,9 @@ class ArrayTable {
     return t;
   }
   cpu::DType dtype() const { return dtype_; }
+  // The state arrays' type: the params' state type, or bfloat16 (the first state array
+  // decides; the others must match it).
+  cpu::DType state_dtype() const { return state_dtype_ ? *state_dtype_ : cpu::state_dtype(dtype_); }
   int64_t total() const { return offsets_.back(); }
 
   // The Python callable (name, obj) -> ndarray used for arrays that are not NumPy's.
@@ -141,6 +145,7 @@ class ArrayTable {
     } else if (descr->type_num == npy_api::NPY_FLOAT_) h.dtype = cpu::DType::f32;
     else if (descr->type_num == npy_api::NPY_DOUBLE_) h.dtype = cpu::DType::f64;
     else if (descr->type_num == kNpyHalf) h.dtype = cpu::DType::f16;
+    else if (is_numpy_bfloat16(descr->typeobj)) h.dtype = cpu::DType::bf16;
     else unsupported(where_, py::str(py::handle(a->descr)).cast<std::string>());
     if (descr->byteorder == '>')
       throw py::type_error(where_.str() + ": big-endian arrays are not supported");
@@ -253,13 +258,16 @@ class ArrayTable {
       if (r == 0 && i == 0) {
         dtype_ = a.dtype;
       } else if (!mask) {
-        const cpu::DType want = role.kind == RoleKind::state ? cpu::state_dtype(dtype_) : dtype_;
+        if (role.kind == RoleKind::state && !state_dtype_ && cpu::state_dtype_ok(dtype_, a.dtype))
+          state_dtype_ = a.dtype;
+        const cpu::DType want = role.kind == RoleKind::state ? state_dtype() : dtype_;
         if (a.dtype != want)
           throw py::type_error(
               w.str() + ": dtype " + cpu::dtype_name(a.dtype) + " differs from " +
               (role.kind == RoleKind::state
                    ? std::string("the state type ") + cpu::dtype_name(want) +
-                         " (state is float32 for 16-bit params, else the params' dtype)"
+                         " (state is float32 for 16-bit params, else the params' dtype; or "
+                         "bfloat16, for every state array, with float32 or 16-bit params)"
                    : where(ref.name, 0) + "'s " + cpu::dtype_name(want) +
                          " (all arrays of one call share a dtype)"));
       }
@@ -343,11 +351,32 @@ class ArrayTable {
 
   static constexpr int kNpyHalf = 23;  // NPY_HALF
 
+  // Whether a NumPy dtype's scalar type is ml_dtypes' bfloat16 (NumPy has no bfloat16 of
+  // its own; the type is looked up once ml_dtypes has been imported by the caller).
+  static bool is_numpy_bfloat16(PyObject* scalar_type) {
+    static PyObject* bfloat16 = nullptr;  // never released: no Python at exit
+    if (!bfloat16) {
+      PyObject* m = PyImport_GetModule(py::str("ml_dtypes").ptr());
+      if (!m) {
+        PyErr_Clear();
+        return false;
+      }
+      bfloat16 = PyObject_GetAttrString(m, "bfloat16");
+      Py_DECREF(m);
+      if (!bfloat16) {
+        PyErr_Clear();
+        return false;
+      }
+    }
+    return scalar_type == bfloat16;
+  }
+
   std::vector<py::object> keep_;  // every array of the call, views of foreign ones included
   std::vector<HostArray> params_;    // the params' descriptions
   HostArray scratch_;                // the description of the current non-param array
   bool listed_;
   cpu::DType dtype_ = cpu::DType::f32;
+  std::optional<cpu::DType> state_dtype_;  // set by the first state array
   std::vector<int64_t> offsets_;
   std::vector<void*> ptrs_[cpu::kMaxSlots];
   std::vector<Span> spans_;

@@ -39,10 +39,14 @@ void step(const py::args& args, const py::kwargs& kwargs) {
     roles[r] = {Opt::roles[r].name, call.lists[r], Opt::roles[r].written, Opt::roles[r].kind};
   roles[Opt::num_roles] = {"masks", call.masks, false, fastopt::RoleKind::mask};
   const ArrayTable arrays(roles, call.listed);
+  if (call.options.stochastic && arrays.total() > 0 && arrays.dtype() != cpu::DType::bf16)
+    throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
+                                      "bfloat16 params, these are ") + cpu::dtype_name(arrays.dtype()));
   cpu::TensorTable table = arrays.table();
   table.fresh = call.fresh;
-  run_released(
-      [&] { cpu::step<Opt>(table, arrays.dtype(), call.hyper, call.step, call.grad_scale); });
+  run_released([&] {
+    cpu::step<Opt>(table, arrays.dtype(), arrays.state_dtype(), call.hyper, call.options);
+  });
 }
 
 // ---- quantization and Newton: the same arguments as fastopt._cuda's (stream=None here).
@@ -148,6 +152,13 @@ bool quantized(const Arg& q, const Arg& like) {
   return q.dtype == "uint8";
 }
 
+// A dequantized output: float32, float16 or bfloat16, shaped like q.
+cpu::OutType dequantized(const Arg& out, const Arg& q) {
+  args::expect_dequantized(out, q);
+  return out.dtype == "float32" ? cpu::OutType::f32
+         : out.dtype == "float16" ? cpu::OutType::f16 : cpu::OutType::bf16;
+}
+
 cpu::DType newton_dtype(const Arg& a) {
   return a.dtype == "float32" ? cpu::DType::f32 : cpu::DType::f64;
 }
@@ -176,7 +187,8 @@ int64_t quantize_affine(py::object x, py::object q, py::object scales, py::objec
   return check_finite ? bad : -1;
 }
 
-// out = (q - zero_point) * scale in float32, per channel along axis (None: per tensor).
+// out = (q - zero_point) * scale in float32, stored as out's float type (float32, float16 or
+// bfloat16), per channel along axis (None: per tensor).
 void dequantize_affine(py::object q, py::object out, py::object scales, py::object zero_points,
                        py::object axis, py::object stream) {
   host_only(stream);
@@ -184,8 +196,7 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   out = to_ndarray(out, "out");
   const HostArg aq(q, "q", false), ao(out, "out", true);
   args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
-  args::expect_dtype(ao.arg, {"float32"}, "float32");
-  args::expect_same_shape(ao.arg, aq.arg);
+  const cpu::OutType out_type = dequantized(ao.arg, aq.arg);
   const args::Channels c = args::channels_of(aq.arg, axis);
   const float* s = args::channel_params(scales, "scales", c.channels);
   const float* z = args::channel_params(zero_points, "zero_points", c.channels);
@@ -195,7 +206,7 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   const cpu::ChannelLayout L{aq.arg.size, c.channels, c.inner};
   const bool unsigned_q = aq.arg.dtype == "uint8";
   run_released([&] {
-    cpu::dequantize_affine(aq.ptr<const void>(), unsigned_q, ao.ptr<float>(), L, s, z);
+    cpu::dequantize_affine(aq.ptr<const void>(), unsigned_q, out_type, ao.ptr<void>(), L, s, z);
   });
 }
 
@@ -246,7 +257,8 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
   return check_finite ? bad : -1;
 }
 
-// out = q * (absmax / 127) per block of `block` consecutive elements.
+// out = q * (absmax / 127) per block of `block` consecutive elements, stored as out's float
+// type (float32, float16 or bfloat16).
 void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64_t block,
                           py::object stream) {
   host_only(stream);
@@ -256,15 +268,14 @@ void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64
   const HostArg aq(q, "q", false), am(absmax, "absmax", false), ao(out, "out", true);
   args::expect_dtype(aq.arg, {"int8"}, "int8");
   args::expect_absmax(am.arg, aq.arg, block);
-  args::expect_dtype(ao.arg, {"float32"}, "float32");
-  args::expect_same_shape(ao.arg, aq.arg);
+  const cpu::OutType out_type = dequantized(ao.arg, aq.arg);
   expect_layouts({&aq, &am, &ao});
   args::expect_disjoint({&ao.arg, &aq.arg, &am.arg}, 1);
   const int64_t n = aq.arg.size;
   if (n == 0) return;
   run_released([&] {
-    cpu::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), ao.ptr<float>(),
-                              n, std::min(block, n));
+    cpu::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), out_type,
+                              ao.ptr<void>(), n, std::min(block, n));
   });
 }
 
@@ -327,6 +338,38 @@ void add_inplace(py::array dst, py::array src) {
   run_released([&] { cpu::add_inplace(arrays.table(), arrays.dtype()); });
 }
 
+// Gradient clipping (cpu/clip_kernels.h): the total of the norm terms of one list of grads
+// of one dtype (sum |g|^p; max |g| for an infinite norm_type), and g <- g * coefficient.
+// fastopt/clip.py combines the totals of several dtypes, takes the root and the coefficient.
+// `writeable`: the grads are checked as for scale_grads (writeable, no overlaps), since the
+// caller scales them next and must not have scaled some when a later one is refused.
+double grad_norm_total(py::object grads, py::object listed_arg, py::object norm_type_arg,
+                       py::object writeable_arg) {
+  bool listed = false, writeable = false;
+  double norm_type = 0.0;
+  fastopt::bindings::read_keyword("listed", listed_arg.ptr(), listed);
+  fastopt::bindings::read_keyword("writeable", writeable_arg.ptr(), writeable);
+  fastopt::bindings::read_keyword("norm_type", norm_type_arg.ptr(), norm_type);
+  if (!(norm_type > 0.0))
+    throw py::value_error("norm_type: must be > 0 (or inf), got " + std::to_string(norm_type));
+  const std::array<RoleSpec, 1> roles{{{"grads", grads, writeable, fastopt::RoleKind::param}}};
+  const ArrayTable arrays(roles, listed);
+  double total = 0.0;
+  const fastopt::NormKind kind = fastopt::norm_kind(norm_type);
+  run_released([&] { total = cpu::grad_norm_total(arrays.table(), arrays.dtype(), kind, norm_type); });
+  return total;
+}
+
+void scale_grads(py::object grads, py::object listed_arg, py::object coefficient_arg) {
+  bool listed = false;
+  double coefficient = 0.0;
+  fastopt::bindings::read_keyword("listed", listed_arg.ptr(), listed);
+  fastopt::bindings::read_keyword("coefficient", coefficient_arg.ptr(), coefficient);
+  const std::array<RoleSpec, 1> roles{{{"grads", grads, true, fastopt::RoleKind::param}}};
+  const ArrayTable arrays(roles, listed);
+  run_released([&] { cpu::scale_grads(arrays.table(), arrays.dtype(), coefficient); });
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = FASTOPT_VERSION;
@@ -374,6 +417,10 @@ PYBIND11_MODULE(_cpu, m) {
         arg("lr"), host_stream);
   m.def("add_inplace", &add_inplace, arg("dst"), arg("src"),
         "dst += src with all threads: the bandwidth ceiling of the benchmark");
+  m.def("grad_norm_total", &grad_norm_total, arg("grads"), arg("listed"), arg("norm_type"),
+        arg("writeable"), "Sum of |g|^norm_type over a list of grads of one dtype (max |g| for inf)");
+  m.def("scale_grads", &scale_grads, arg("grads"), arg("listed"), arg("coefficient"),
+        "g <- g * coefficient in place, over a list of grads of one dtype");
   m.def("set_cpu_path", [](const std::string& name) {
     try {
       cpu::set_isa(name);

@@ -14,6 +14,7 @@
 #include "bindings/optim_binding.h"
 #include "bindings/kernel_args.h"
 #include "bindings/overlap.h"
+#include "cuda/clip_kernels.h"
 #include "cuda/device_info.h"
 #include "cuda/newton_kernels.h"
 #include "cuda/optim_kernels.h"
@@ -133,8 +134,12 @@ void step(const py::args& args, const py::kwargs& kwargs) {
   if (plan.tables().empty()) return;  // nothing but zero-size arrays
   check_stream_device(stream, plan.device());
   DeviceGuard guard(plan.device());
-  cuda::step<Opt>(plan.tables(), plan.dtype(), call.hyper, call.step, call.grad_scale, loads,
-                  stores, masked, reinterpret_cast<cudaStream_t>(stream));
+  if (call.options.stochastic && plan.dtype() != cuda::DType::bf16)
+    throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
+                                      "bfloat16 params, these are ") +
+                          fastopt::bindings::dtype_name(plan.dtype()));
+  cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.options,
+                  loads, stores, masked, reinterpret_cast<cudaStream_t>(stream));
 }
 
 // ---- quantization and Newton: the same arguments as fastopt._cpu's. Every size is read
@@ -294,21 +299,22 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, int64_
   return check_finite ? first_bad(scratch, s) : -1;
 }
 
-// out = q * (absmax / 127) per block of `block` consecutive elements.
+// out = q * (absmax / 127) per block of `block` consecutive elements, stored as out's float
+// type (float32, float16 or bfloat16).
 void dequantize_blockwise(py::object q, py::object absmax, py::object out, int64_t block,
                           intptr_t stream) {
   const KernelArg aq(q, "q", stream, false), am(absmax, "absmax", stream, false),
       ao(out, "out", stream, true);
   args::expect_dtype(aq.arg, {"int8"}, "int8");
   args::expect_absmax(am.arg, aq.arg, block);
-  args::expect_dtype(ao.arg, {"float32"}, "float32");
-  args::expect_same_shape(ao.arg, aq.arg);
+  args::expect_dequantized(ao.arg, aq.arg);
   DeviceGuard guard(kernel_device({&aq, &am, &ao}, stream));
   args::expect_disjoint({&ao.arg, &aq.arg, &am.arg}, 1);
   const int64_t n = aq.arg.size;
   if (n == 0) return;
-  cuda::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), ao.ptr<float>(), n,
-                             std::min(block, n), reinterpret_cast<cudaStream_t>(stream));
+  cuda::dequantize_blockwise(aq.ptr<const int8_t>(), am.ptr<const float>(), ao.array.dtype,
+                             ao.ptr<void>(), n, std::min(block, n),
+                             reinterpret_cast<cudaStream_t>(stream));
 }
 
 // q = clamp(rint(x / scale) + zero_point) per channel along axis (None: per tensor).
@@ -335,13 +341,13 @@ int64_t quantize_affine(py::object x, py::object q, py::object scales, py::objec
   return check_finite ? first_bad(scratch, s) : -1;
 }
 
-// out = (q - zero_point) * scale in float32, per channel along axis (None: per tensor).
+// out = (q - zero_point) * scale in float32, stored as out's float type (float32, float16 or
+// bfloat16), per channel along axis (None: per tensor).
 void dequantize_affine(py::object q, py::object out, py::object scales, py::object zero_points,
                        py::object axis, intptr_t stream) {
   const KernelArg aq(q, "q", stream, false), ao(out, "out", stream, true);
   args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
-  args::expect_dtype(ao.arg, {"float32"}, "float32");
-  args::expect_same_shape(ao.arg, aq.arg);
+  args::expect_dequantized(ao.arg, aq.arg);
   const args::Channels c = args::channels_of(aq.arg, axis);
   const float* sp = args::channel_params(scales, "scales", c.channels);
   const float* zp = args::channel_params(zero_points, "zero_points", c.channels);
@@ -351,8 +357,8 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   const AffineScratch scratch(sp, zp, size_t(c.channels), s);
   cuda::dequantize_affine(aq.ptr<const void>(), aq.array.dtype == cuda::DType::u8,
-                          ao.ptr<float>(), aq.arg.size, c.channels, c.inner, scratch.scales(),
-                          scratch.zero_points(), s);
+                          ao.array.dtype, ao.ptr<void>(), aq.arg.size, c.channels, c.inner,
+                          scratch.scales(), scratch.zero_points(), s);
 }
 
 // Min/max observer: (x's first non-finite flat index or -1, mins, maxs) per channel along
@@ -455,6 +461,77 @@ void check_arrays(std::vector<std::pair<std::string, py::object>> written,
   call_device(named, written.size(), stream);
 }
 
+// ---- gradient clipping (cuda/clip_kernels.h): a list of grads of one dtype, and a
+// one-element float array on their device holding the norm (written by grad_norm, read by
+// clip_grads). Neither synchronises. --------------------------------------------------------
+
+// The norm array checked: a float dtype, one element, on the grads' device (or the call's,
+// when every grad is empty), not overlapping any grad. Returns the device.
+int checked_norm_array(const DeviceArray& a, const char* name, const DevicePlan& plan,
+                       intptr_t stream) {
+  if (!cuda::is_float(a.dtype))
+    throw py::type_error(std::string(name) + ": dtype " + fastopt::bindings::dtype_name(a.dtype) +
+                         " is not supported (float32, float64, float16 or bfloat16)");
+  if (a.size != 1)
+    throw py::value_error(std::string(name) + ": expected one element, got " + std::to_string(a.size));
+  const int device = plan.device() >= 0 ? plan.device() : a.device;
+  if (a.device >= 0 && a.device != device)
+    throw py::value_error(std::string(name) + ": is on CUDA device " + std::to_string(a.device) +
+                          " but grads are on device " + std::to_string(device));
+  const uintptr_t end = a.ptr + uintptr_t(cuda::element_size(a.dtype));
+  const uintptr_t bytes = uintptr_t(cuda::element_size(plan.dtype()));
+  for (const cuda::LaunchTable& t : plan.tables())
+    for (int k = 0; k < t.num_tensors; ++k) {
+      const uintptr_t begin = reinterpret_cast<uintptr_t>(t.ptrs[0][k]);
+      if (a.ptr < begin + uintptr_t(t.size[k]) * bytes && begin < end)
+        throw py::value_error(std::string(name) + ": overlaps one of grads in memory");
+    }
+  check_stream_device(stream, device);
+  return device;
+}
+
+struct ClipCall {
+  bool listed = false;
+  double value = 0.0;  // norm_type or max_norm
+  DevicePlan plan;
+  DeviceArray norm;
+  int device = -1;
+
+  ClipCall(const py::object& grads, const py::object& listed_arg, const char* value_name,
+           const py::object& value_arg, const py::object& norm_array, intptr_t stream,
+           bool grads_written) {
+    fastopt::bindings::read_keyword("listed", listed_arg.ptr(), listed);
+    fastopt::bindings::read_keyword(value_name, value_arg.ptr(), value);
+    const std::array<fastopt::bindings::DeviceRoleSpec, 1> roles{
+        {{"grads", grads, fastopt::RoleKind::param, grads_written}}};
+    plan.update(roles, listed, stream);
+    norm = call_arg(norm_array, grads_written ? "norm" : "out", stream, !grads_written);
+    device = checked_norm_array(norm, grads_written ? "norm" : "out", plan, stream);
+  }
+};
+
+// out[0] <- the norm of order norm_type of all grads together.
+void grad_norm(py::object grads, py::object listed, py::object out, py::object norm_type,
+               intptr_t stream) {
+  const ClipCall call(grads, listed, "norm_type", norm_type, out, stream, false);
+  if (!(call.value > 0.0))
+    throw py::value_error("norm_type: must be > 0 (or inf), got " + std::to_string(call.value));
+  DeviceGuard guard(call.device);
+  cuda::grad_norm(call.plan.tables(), call.plan.dtype(), fastopt::norm_kind(call.value), call.value,
+                  reinterpret_cast<void*>(call.norm.ptr), call.norm.dtype,
+                  reinterpret_cast<cudaStream_t>(stream));
+}
+
+// g <- g * min(max_norm / (norm[0] + 1e-6), 1) for every grad, norm read on the device.
+void clip_grads(py::object grads, py::object listed, py::object norm, py::object max_norm,
+                intptr_t stream) {
+  const ClipCall call(grads, listed, "max_norm", max_norm, norm, stream, true);
+  if (call.plan.tables().empty()) return;
+  DeviceGuard guard(call.device);
+  cuda::clip_grads(call.plan.tables(), call.plan.dtype(), reinterpret_cast<const void*>(call.norm.ptr),
+                   call.norm.dtype, call.value, reinterpret_cast<cudaStream_t>(stream));
+}
+
 // (dtype name, shape, device) of a CUDA array, for the checks in Python.
 py::tuple describe(py::object obj, const char* name, intptr_t stream) {
   const DeviceArray a = fastopt::bindings::describe(obj, {name, 0, false}, stream);
@@ -515,6 +592,10 @@ PYBIND11_MODULE(_cuda, m) {
         arg("damping"), arg("params").none(true), arg("stream"));
   m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use").none(true),
         arg("lr"), arg("stream"));
+  m.def("grad_norm", &grad_norm, arg("grads"), arg("listed"), arg("out"), arg("norm_type"),
+        arg("stream"), "out[0] <- the norm of order norm_type of all grads (one dtype) together");
+  m.def("clip_grads", &clip_grads, arg("grads"), arg("listed"), arg("norm"), arg("max_norm"),
+        arg("stream"), "grads *= min(max_norm / (norm[0] + 1e-6), 1), norm read on the device");
   m.def("check_arrays", &check_arrays, arg("written"), arg("read"), arg("stream"),
         "Layout, device and aliasing checks of (name, array) pairs before writing `written`");
   m.def("copy", &copy, arg("dst"), arg("src"), arg("stream"));

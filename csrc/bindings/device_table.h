@@ -377,6 +377,8 @@ class DevicePlan {
 
   const cuda::LaunchTables& tables() const { return tables_; }
   DType dtype() const { return dtype_; }
+  // The state arrays' type: the params' state type, or bfloat16 when the state is.
+  DType state_dtype() const { return state_set_ ? state_dtype_ : cuda::state_dtype(dtype_); }
   int device() const { return device_; }
   size_t num_tensors() const { return sizes_.size(); }
 
@@ -438,7 +440,7 @@ class DevicePlan {
 
   // A mask may be bool or uint8: one byte either way (u8 stands for both).
   DType expected_dtype(RoleKind kind) const {
-    return kind == RoleKind::state ? cuda::state_dtype(dtype_) : kind == RoleKind::mask ? DType::u8 : dtype_;
+    return kind == RoleKind::state ? state_dtype() : kind == RoleKind::mask ? DType::u8 : dtype_;
   }
 
   // Describes the array and checks it against the params (index i of role `role`).
@@ -453,6 +455,9 @@ class DevicePlan {
                              " is not supported (float32, float64, float16 or bfloat16)");
       dtype_ = a.dtype;
       *first = false;
+    } else if (role.kind == RoleKind::state && !state_set_ && cuda::state_dtype_ok(dtype_, a.dtype)) {
+      state_dtype_ = a.dtype;  // the first state array decides (float32/own type or bfloat16)
+      state_set_ = true;
     } else if (role.kind == RoleKind::mask) {
       if (a.dtype != DType::b8 && a.dtype != DType::u8)
         throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) +
@@ -462,7 +467,8 @@ class DevicePlan {
                            (role.kind == RoleKind::state ? "state type " : "params' ") +
                            dtype_name(expected_dtype(role.kind)) +
                            (role.kind == RoleKind::state
-                                ? " (state is float32 for 16-bit params, else the params' dtype)"
+                                ? " (state is float32 for 16-bit params, else the params' dtype; "
+                                  "or bfloat16, for every state array, with float32 or 16-bit params)"
                                 : " (all arrays of one call share a dtype)"));
     }
     if (a.device >= 0) {
@@ -605,6 +611,7 @@ class DevicePlan {
       cuda::LaunchTable& t = tables_.back();
       const int k = t.num_tensors++;
       t.size[k] = sizes_[i];
+      t.index[k] = int32_t(i);
       t.block_start[k + 1] = t.block_start[k] + blocks_of(sizes_[i]);
       for (int q = 0; q < kMaxSlots; ++q)
         t.ptrs[q][k] = used_[q] ? reinterpret_cast<void*>(entries_[q][i].ptr) : nullptr;
@@ -629,6 +636,8 @@ class DevicePlan {
   std::vector<std::pair<int, int>> slots_;     // tensor -> (table, index), -1 when empty
   cuda::LaunchTables tables_;
   DType dtype_ = DType::f32;
+  DType state_dtype_ = DType::f32;
+  bool state_set_ = false;  // state_dtype_ was set by a state array
   int device_ = -1;
 };
 

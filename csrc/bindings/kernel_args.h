@@ -66,6 +66,12 @@ inline void expect_same_shape(const Arg& a, const Arg& ref) {
                           " does not match " + ref.name + "'s " + shape_str(ref.shape));
 }
 
+// Output of dequantize: float32, float16 or bfloat16, shaped like q.
+inline void expect_dequantized(const Arg& out, const Arg& q) {
+  expect_dtype(out, {"float32", "float16", "bfloat16"}, "float32, float16 or bfloat16");
+  expect_same_shape(out, q);
+}
+
 // No written array (the first num_written) shares memory with any other argument.
 inline void expect_disjoint(std::initializer_list<const Arg*> arrays, size_t num_written) {
   size_t i = 0;

@@ -7,7 +7,8 @@
 // takes it, optionally `grad_scale` (the grads are divided by it as they are loaded: a
 // GradScaler's scale, unscaled inside the one pass) and `masks` (None, or a list of one
 // bool/uint8 array per param, shaped like it: where 0, the param is set to 0 and no state
-// changes), and what the module adds (the CUDA
+// changes) and `stochastic_seed` (bfloat16 params rounded stochastically with this seed,
+// common/rounding.h), and what the module adds (the CUDA
 // module: stream, plan). Every argument is
 // checked here, so a direct call with a missing, unknown or mistyped argument raises a
 // TypeError/ValueError naming it (Python has validated the ranges already).
@@ -85,8 +86,7 @@ template <class Opt> struct StepCall {
   std::array<py::object, Opt::num_roles> lists;
   bool listed = false;
   typename Opt::Hyper hyper{};
-  int64_t step = 1;
-  double grad_scale = 1.0;  // the grads are divided by it in the kernel (GradScaler's scale)
+  StepOptions options;  // step, grad_scale, stochastic rounding
   py::object masks = py::none();  // a list of masks, or None: an unmasked step
   unsigned fresh = 0;       // bit r: role r is written but not read at this step
 
@@ -114,15 +114,30 @@ template <class Opt> struct StepCall {
       static PyObject* step_key = interned_key("step");
       PyObject* v = keyword(kw, step_key);
       if (!v) throw py::type_error(std::string(Opt::name) + "(): missing keyword 'step'");
-      read_keyword("step", v, step);
-      if (step < 1) throw py::value_error("step: must be >= 1, got " + std::to_string(step));
+      read_keyword("step", v, options.step);
+      if (options.step < 1)
+        throw py::value_error("step: must be >= 1, got " + std::to_string(options.step));
       ++found;
     }
     static PyObject* scale_key = interned_key("grad_scale");
     if (PyObject* v = keyword(kw, scale_key)) {
-      read_keyword("grad_scale", v, grad_scale);
-      if (!(grad_scale > 0.0) || grad_scale == HUGE_VAL)
-        throw py::value_error("grad_scale: must be finite and > 0, got " + std::to_string(grad_scale));
+      read_keyword("grad_scale", v, options.grad_scale);
+      if (!(options.grad_scale > 0.0) || options.grad_scale == HUGE_VAL)
+        throw py::value_error("grad_scale: must be finite and > 0, got " +
+                              std::to_string(options.grad_scale));
+      ++found;
+    }
+    static PyObject* seed_key = interned_key("stochastic_seed");
+    if (PyObject* v = keyword(kw, seed_key)) {
+      if (!PyLong_Check(v) || PyBool_Check(v))
+        throw py::type_error(std::string("stochastic_seed: expected an integer, got ") +
+                             Py_TYPE(v)->tp_name);
+      options.seed = PyLong_AsUnsignedLongLong(v);
+      if (options.seed == static_cast<uint64_t>(-1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw py::value_error("stochastic_seed: must be in [0, 2**64)");
+      }
+      options.stochastic = true;
       ++found;
     }
     static PyObject* masks_key = interned_key("masks");
@@ -153,7 +168,7 @@ template <class Opt> struct StepCall {
                                 ": required by the chosen options, got None");
         throw py::type_error(std::string(role.name) + ": expected a list of arrays, got None");
       }
-      if (role.written && Opt::fresh(hyper, int(r), step)) fresh |= 1u << r;
+      if (role.written && Opt::fresh(hyper, int(r), options.step)) fresh |= 1u << r;
       lists[r] = std::move(list);
     }
   }
@@ -170,7 +185,8 @@ template <class Opt> struct StepCall {
     return keys;
   }
   static bool known(const std::string& name, std::initializer_list<const char*> extras) {
-    bool hit = (Opt::takes_step && name == "step") || name == "grad_scale" || name == "masks";
+    bool hit = (Opt::takes_step && name == "step") || name == "grad_scale" || name == "masks" ||
+               name == "stochastic_seed";
     typename Opt::Hyper h{};
     Opt::for_each_field(h, [&](const char* field, auto&) { hit = hit || name == field; });
     for (const char* extra : extras) hit = hit || name == extra;

@@ -79,18 +79,28 @@ void set_num_threads(int64_t n) {
 
 // Optimizer kernels take the thread count in their table.
 template <class Opt>
-void step(TensorTable t, DType d, const typename Opt::Hyper& h, int64_t s, double grad_scale) {
+void step(TensorTable t, DType d, DType state, const typename Opt::Hyper& h,
+          const StepOptions& o) {
   t.num_threads = num_threads();
-  FASTOPT_ISA_CALL(step<Opt>, t, d, h, s, grad_scale);
+  FASTOPT_ISA_CALL(step<Opt>, t, d, state, h, o);
 }
 #define FASTOPT_INSTANTIATE(Opt) \
-  template void step<Opt>(TensorTable, DType, const Opt::Hyper&, int64_t, double);
+  template void step<Opt>(TensorTable, DType, DType, const Opt::Hyper&, const StepOptions&);
 FASTOPT_OPTIMIZERS(FASTOPT_INSTANTIATE)
 #undef FASTOPT_INSTANTIATE
 
 void add_inplace(TensorTable t, DType d) {
   t.num_threads = num_threads();
   FASTOPT_ISA_CALL(add_inplace, t, d);
+}
+
+double grad_norm_total(TensorTable t, DType d, NormKind k, double norm_type) {
+  t.num_threads = num_threads();
+  return FASTOPT_ISA_CALL(grad_norm_total, t, d, k, norm_type);
+}
+void scale_grads(TensorTable t, DType d, double coefficient) {
+  t.num_threads = num_threads();
+  FASTOPT_ISA_CALL(scale_grads, t, d, coefficient);
 }
 
 void newton_solve(DType dt, const void* H, const void* g, void* d, bool* solved, int64_t batch,
@@ -107,9 +117,10 @@ void quantize_affine(InType in, const void* x, void* q, bool unsigned_q, Channel
   FASTOPT_ISA_CALL(quantize_affine, in, x, q, unsigned_q, L, scales, zero_points, first_bad,
                    num_threads());
 }
-void dequantize_affine(const void* q, bool unsigned_q, float* x, ChannelLayout L,
+void dequantize_affine(const void* q, bool unsigned_q, OutType out, void* x, ChannelLayout L,
                        const float* scales, const float* zero_points) {
-  FASTOPT_ISA_CALL(dequantize_affine, q, unsigned_q, x, L, scales, zero_points, num_threads());
+  FASTOPT_ISA_CALL(dequantize_affine, q, unsigned_q, out, x, L, scales, zero_points,
+                   num_threads());
 }
 void minmax(InType in, const void* x, ChannelLayout L, float* mins, float* maxs,
             int64_t* first_bad) {
@@ -120,9 +131,9 @@ void quantize_blockwise(InType in, const void* x, int8_t* q, float* absmax, int6
   FASTOPT_ISA_CALL(quantize_blockwise, in, x, q, absmax, n, block, stochastic, seed, first_bad,
                    num_threads());
 }
-void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+void dequantize_blockwise(const int8_t* q, const float* absmax, OutType out, void* x, int64_t n,
                           int64_t block) {
-  FASTOPT_ISA_CALL(dequantize_blockwise, q, absmax, x, n, block, num_threads());
+  FASTOPT_ISA_CALL(dequantize_blockwise, q, absmax, out, x, n, block, num_threads());
 }
 
 }  // namespace cpu

@@ -1,6 +1,7 @@
 // Run-time choice of the CPU code path and thread count.
 #pragma once
 #include <string>
+#include "cpu/clip_kernels.h"
 #include "cpu/newton_kernels.h"
 #include "cpu/optim_kernels.h"
 #include "cpu/quant_kernels.h"
@@ -24,8 +25,13 @@ void set_num_threads(int64_t n);
 // Optimizer Opt's step with the active ISA and the thread count filled into the table
 // (instantiated for every optimizer of common/optim/registry.h).
 template <class Opt>
-void step(TensorTable t, DType, const typename Opt::Hyper&, int64_t step, double grad_scale);
+void step(TensorTable t, DType params, DType state, const typename Opt::Hyper&,
+          const StepOptions&);
 void add_inplace(TensorTable t, DType);
+
+// Gradient clipping (see clip_kernels.h): the norm's total over role 0, and g <- g * c.
+double grad_norm_total(TensorTable t, DType, NormKind, double norm_type);
+void scale_grads(TensorTable t, DType, double coefficient);
 
 // Batched damped Cholesky solve and Newton update (see newton_kernels.h).
 void newton_solve(DType, const void* H, const void* g, void* d, bool* solved, int64_t batch,
@@ -36,12 +42,12 @@ void newton_apply(DType, void* p, const void* d, const bool* use, int64_t batch,
 // int8 quantization (see quant_kernels.h).
 void quantize_affine(InType, const void* x, void* q, bool unsigned_q, ChannelLayout,
                      const float* scales, const float* zero_points, int64_t* first_bad);
-void dequantize_affine(const void* q, bool unsigned_q, float* x, ChannelLayout,
+void dequantize_affine(const void* q, bool unsigned_q, OutType, void* x, ChannelLayout,
                        const float* scales, const float* zero_points);
 void minmax(InType, const void* x, ChannelLayout, float* mins, float* maxs, int64_t* first_bad);
 void quantize_blockwise(InType, const void* x, int8_t* q, float* absmax, int64_t n,
                         int64_t block, bool stochastic, uint64_t seed, int64_t* first_bad);
-void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+void dequantize_blockwise(const int8_t* q, const float* absmax, OutType, void* x, int64_t n,
                           int64_t block);
 
 }  // namespace cpu

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include "common/half.h"
 #include "common/platform.h"
+#include "common/rounding.h"
 #ifdef FASTOPT_ISA_isa_avx2
 #include "cpu/vec_avx2.h"
 #endif
@@ -22,6 +23,10 @@ template <class T> struct ScalarLane {
   static T load(const float16* p) { return to_float(*p); }
   static void store(bfloat16* p, T x) { *p = to_bfloat16(x); }
   static void store(float16* p, T x) { *p = to_float16(x); }
+  // Stochastic rounding of element j of a tensor with rounding key `key` (T = float).
+  static void store_stochastic(bfloat16* p, T x, uint32_t key, int64_t j) {
+    p->bits = bfloat16_stochastic(x, rounding_bits(key, j));
+  }
   // Masked steps: which lanes a mask (one byte per element, 0 = pruned) keeps, and a
   // where keep else b.
   using keep_type = bool;
@@ -33,6 +38,9 @@ template <class V, class T, int W> struct VectorLane {
   static constexpr int width = W;
   template <class Storage> static V load(const Storage* p) { return V::load(p); }
   template <class Storage> static void store(Storage* p, V x) { x.store(p); }
+  static void store_stochastic(bfloat16* p, V x, uint32_t key, int64_t j) {
+    x.store_stochastic(p, key, j);
+  }
   using keep_type = V;  // all-ones lanes where kept
   static V load_keep(const uint8_t* p) { return V::load_keep(p); }
   static V select(V keep, V a, V b) { return vselect(keep, a, b); }

@@ -7,6 +7,7 @@
 #include "cpu/optim_kernels.h"
 #include <stdexcept>
 #include <type_traits>
+#include <vector>
 #include "cpu/multi_tensor.h"
 
 FASTOPT_ISA_BEGIN
@@ -15,18 +16,24 @@ using cpu::TensorTable;
 
 // The one functor: load the lanes of every role the call uses, apply the formula, store
 // the written roles. P is the storage type of the params and grads (float, double, or a
-// 16-bit type), T the math and state type. anchor(i) is the pointer whose alignment the
+// 16-bit type), T the math type, S the state's storage type (T, or bfloat16 for T = float).
+// anchor(i) is the pointer whose alignment the
 // vector body follows (the params'). Required roles are always loaded (the test folds
 // away); optional ones are used when the call passed their arrays, and loaded unless
 // fresh this step. With a grad scale (GradScaler's), the grads are divided by it first.
 // Masked (a mask byte per element): where the mask is 0 the param is stored as 0 and
 // every other written role as it was loaded (a masked call loads fresh roles too).
-template <class Opt, class P, class T, bool Masked> struct StepKernel {
+// Stochastic (bfloat16 params): the params are rounded stochastically (common/rounding.h)
+// with the key of their tensor, keys[i].
+template <class Opt, class P, class T, class S, bool Masked, bool Stochastic>
+struct StepKernel {
   using F = Formula<Opt>;
   static constexpr int N = Opt::num_roles;
+  static_assert(!Stochastic || std::is_same_v<P, bfloat16>, "stochastic rounding: bfloat16 params");
   typename F::template Coeffs<T> c;
   void* const* ptr[N];
   const uint8_t* const* masks;
+  const uint32_t* keys;
   bool load[N], store[N];
   bool scale_grads;
   T grad_scale;
@@ -39,7 +46,7 @@ template <class Opt, class P, class T, bool Masked> struct StepKernel {
     for_each_role<N>([&](auto role_index) {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
-      using Storage = std::conditional_t<role.kind == RoleKind::state, T, P>;
+      using Storage = std::conditional_t<role.kind == RoleKind::state, S, P>;
       x[r] = (!role.optional || load[r]) ? L::load(static_cast<const Storage*>(ptr[r][i]) + j)
                                          : V(T(0));
       if (role.kind == RoleKind::grad && scale_grads) x[r] = x[r] / V(grad_scale);
@@ -60,23 +67,31 @@ template <class Opt, class P, class T, bool Masked> struct StepKernel {
     for_each_role<N>([&](auto role_index) {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
-      using Storage = std::conditional_t<role.kind == RoleKind::state, T, P>;
-      if (role.written && (!role.optional || store[r]))
+      using Storage = std::conditional_t<role.kind == RoleKind::state, S, P>;
+      if constexpr (Stochastic && role.kind == RoleKind::param)
+        L::store_stochastic(static_cast<P*>(ptr[r][i]) + j, x[r], keys[i], j);
+      else if (role.written && (!role.optional || store[r]))
         L::store(static_cast<Storage*>(ptr[r][i]) + j, x[r]);
     });
   }
 };
 
-template <class Opt, class P, class T, bool Masked>
-void run_step(const TensorTable& t, const typename Opt::Hyper& h, int64_t step,
-              double grad_scale) {
-  StepKernel<Opt, P, T, Masked> k{Formula<Opt>::template coeffs<T>(h, step),
-                                  {},
-                                  reinterpret_cast<const uint8_t* const*>(t.ptrs[cpu::kMaskSlot]),
-                                  {},
-                                  {},
-                                  grad_scale != 1.0,
-                                  T(grad_scale)};
+template <class Opt, class P, class T, class S, bool Masked, bool Stochastic>
+void run_step(const TensorTable& t, const typename Opt::Hyper& h, const StepOptions& o) {
+  std::vector<uint32_t> keys;
+  if (Stochastic) {
+    keys.resize(size_t(t.num_tensors));
+    for (int i = 0; i < t.num_tensors; ++i) keys[size_t(i)] = rounding_key(o.seed, o.step, i);
+  }
+  StepKernel<Opt, P, T, S, Masked, Stochastic> k{
+      Formula<Opt>::template coeffs<T>(h, o.step),
+      {},
+      reinterpret_cast<const uint8_t* const*>(t.ptrs[cpu::kMaskSlot]),
+      keys.data(),
+      {},
+      {},
+      o.grad_scale != 1.0,
+      T(o.grad_scale)};
   for (int r = 0; r < Opt::num_roles; ++r) {
     k.ptr[r] = t.ptrs[r];
     k.store[r] = t.ptrs[r] != nullptr;
@@ -85,11 +100,26 @@ void run_step(const TensorTable& t, const typename Opt::Hyper& h, int64_t step,
   run_multi_tensor<WideLane<T>, T>(t, k);
 }
 
-template <class Opt, class P, class T>
-void run_step(const TensorTable& t, const typename Opt::Hyper& h, int64_t step,
-              double grad_scale) {
-  if (t.ptrs[cpu::kMaskSlot]) run_step<Opt, P, T, true>(t, h, step, grad_scale);
-  else run_step<Opt, P, T, false>(t, h, step, grad_scale);
+template <class Opt, class P, class T, class S, bool Stochastic = false>
+void run_step(const TensorTable& t, const typename Opt::Hyper& h, const StepOptions& o) {
+  if (t.ptrs[cpu::kMaskSlot]) run_step<Opt, P, T, S, true, Stochastic>(t, h, o);
+  else run_step<Opt, P, T, S, false, Stochastic>(t, h, o);
+}
+
+// Params of storage type P with float math: float32 or bfloat16 state; bfloat16 params
+// rounded to nearest or stochastically.
+template <class Opt, class P, class S>
+void run_float_step(const TensorTable& t, const typename Opt::Hyper& h, const StepOptions& o) {
+  if constexpr (std::is_same_v<P, bfloat16>) {
+    if (o.stochastic) return run_step<Opt, P, float, S, true>(t, h, o);
+  }
+  run_step<Opt, P, float, S>(t, h, o);
+}
+template <class Opt, class P>
+void run_float_step(const TensorTable& t, DType state, const typename Opt::Hyper& h,
+                    const StepOptions& o) {
+  if (state == DType::bf16) run_float_step<Opt, P, bfloat16>(t, h, o);
+  else run_float_step<Opt, P, float>(t, h, o);
 }
 
 // dst += src: the bandwidth ceiling the benchmark compares against (12 B/elem fp32).
@@ -115,19 +145,19 @@ namespace cpu {
 namespace FASTOPT_ISA {
 
 template <class Opt>
-void step(const TensorTable& t, DType d, const typename Opt::Hyper& h, int64_t s,
-          double grad_scale) {
-  using fastopt::FASTOPT_ISA::run_step;
+void step(const TensorTable& t, DType d, DType state, const typename Opt::Hyper& h,
+          const StepOptions& o) {
+  using namespace fastopt::FASTOPT_ISA;
   switch (d) {
-    case DType::f32: run_step<Opt, float, float>(t, h, s, grad_scale); break;
-    case DType::f64: run_step<Opt, double, double>(t, h, s, grad_scale); break;
-    case DType::f16: run_step<Opt, float16, float>(t, h, s, grad_scale); break;
-    case DType::bf16: run_step<Opt, bfloat16, float>(t, h, s, grad_scale); break;
+    case DType::f32: run_float_step<Opt, float>(t, state, h, o); break;
+    case DType::f64: run_step<Opt, double, double, double>(t, h, o); break;
+    case DType::f16: run_float_step<Opt, float16>(t, state, h, o); break;
+    case DType::bf16: run_float_step<Opt, bfloat16>(t, state, h, o); break;
     case DType::u8: throw std::invalid_argument("fastopt: optimizer params must be float arrays");
   }
 }
 #define FASTOPT_INSTANTIATE(Opt) \
-  template void step<Opt>(const TensorTable&, DType, const Opt::Hyper&, int64_t, double);
+  template void step<Opt>(const TensorTable&, DType, DType, const Opt::Hyper&, const StepOptions&);
 FASTOPT_OPTIMIZERS(FASTOPT_INSTANTIATE)
 #undef FASTOPT_INSTANTIATE
 

@@ -2,7 +2,8 @@
 // quantize (read 4 B, write 1 B per float32 element) and dequantize (1 B -> 4 B), the
 // min/max observer, and blockwise absmax quantize (4 B in, 1 B + 4 B per block out: each
 // block's absmax and quantization run back to back while the block is in L1) and
-// dequantize. Formulas: common/quant.h. AVX2 bodies for the nearest-rounding paths
+// dequantize (to float32, or float16/bfloat16 rounded to nearest even: 1 B -> 2 B).
+// Formulas: common/quant.h. AVX2 bodies for the nearest-rounding paths
 // (32 elements per iteration, packed to bytes with saturating packs), scalar tails and
 // scalar stochastic rounding, the same float32 operations either way.
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include <omp.h>
 #endif
 #include "common/quant.h"
+#include "cpu/lanes.h"
 #include "cpu/quant_kernels.h"
 #ifdef FASTOPT_ISA_isa_avx2
 #include <immintrin.h>
@@ -20,6 +22,7 @@ FASTOPT_ISA_BEGIN
 
 using cpu::ChannelLayout;
 using cpu::InType;
+using cpu::OutType;
 
 constexpr int64_t kChunk = 1 << 14;  // elements per scheduling unit (multiple of 32)
 
@@ -84,6 +87,37 @@ inline void end_streaming(bool streaming) {
   (void)streaming;
 #endif
 }
+// Dequantized-value storers: float32 -> one element, and (AVX2) 8 float32 lanes -> 8
+// elements. The 16-bit ones round to nearest even with the lane conversions (cpu/lanes.h:
+// common/half.h's scalar ones, cpu/vec_avx2.h's vector ones), which give the same bits.
+struct StoreF32 {
+  using storage = float;
+  static void one(float* p, float v) { *p = v; }
+#ifdef FASTOPT_ISA_isa_avx2
+  static void eight(float* p, __m256 v, bool streaming) {
+    store32(p, _mm256_castps_si256(v), streaming);
+  }
+#endif
+};
+template <class Half>
+struct StoreHalf {
+  using storage = Half;
+  static void one(Half* p, float v) { ScalarLane<float>::store(p, v); }
+#ifdef FASTOPT_ISA_isa_avx2
+  // 16 bytes, streamed when asked and p is 16-byte aligned
+  static void eight(Half* p, __m256 v, bool streaming) {
+    __m128i bits;
+    F32x8(v).store(reinterpret_cast<Half*>(&bits));
+    if (streaming && (reinterpret_cast<uintptr_t>(p) & 15) == 0)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), bits);
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bits);
+  }
+#endif
+};
+using StoreF16 = StoreHalf<float16>;
+using StoreBF16 = StoreHalf<bfloat16>;
+
 #ifdef FASTOPT_ISA_isa_avx2
 // 32 int32 values -> 32 bytes, saturating to int8 or uint8.
 inline void store_ints32(void* out, __m256i a, __m256i b, __m256i c, __m256i d, bool unsigned_q,
@@ -204,9 +238,10 @@ int64_t quantize_affine_t(const void* x, void* q, bool unsigned_q, const Channel
   });
 }
 
-inline void dequantize_affine_range(const uint8_t* q, bool unsigned_q, float* x,
-                                    const ChannelLayout& L, const float* scales,
-                                    const float* zps, int64_t lo, int64_t hi, bool streaming) {
+template <class Store>
+void dequantize_affine_range(const uint8_t* q, bool unsigned_q, typename Store::storage* x,
+                             const ChannelLayout& L, const float* scales, const float* zps,
+                             int64_t lo, int64_t hi, bool streaming) {
   for (int64_t pos = lo; pos < hi;) {
     const int64_t row = pos / L.inner;
     const int64_t c = row % L.channels;
@@ -218,17 +253,29 @@ inline void dequantize_affine_range(const uint8_t* q, bool unsigned_q, float* x,
     for (; e + 8 <= end; e += 8) {
       const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + e));
       const __m256i w = unsigned_q ? _mm256_cvtepu8_epi32(b) : _mm256_cvtepi8_epi32(b);
-      const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(w), vz), vs);
-      store32(x + e, _mm256_castps_si256(v), streaming);
+      Store::eight(x + e, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(w), vz), vs),
+                   streaming);
     }
 #endif
     for (; e < end; ++e) {
       const float qv = unsigned_q ? float(q[e]) : float(int8_t(q[e]));
-      x[e] = dequantize_affine(qv, scale, zp);
+      Store::one(x + e, dequantize_affine(qv, scale, zp));
     }
     pos = end;
   }
   end_streaming(streaming);
+}
+
+template <class Store>
+void dequantize_affine_t(const void* q, bool unsigned_q, void* x, const ChannelLayout& L,
+                         const float* scales, const float* zps, int threads) {
+  const auto* in = static_cast<const uint8_t*>(q);
+  auto* out = static_cast<typename Store::storage*>(x);
+  const bool streaming = streaming_for(L.total * int64_t(1 + sizeof(*out)));
+  parallel_chunks(L.total, kChunk, threads, [&](int64_t lo, int64_t hi) {
+    dequantize_affine_range<Store>(in, unsigned_q, out, L, scales, zps, lo, hi, streaming);
+    return int64_t(-1);
+  });
 }
 
 // ---- min/max observer -------------------------------------------------------------------
@@ -394,9 +441,10 @@ int64_t quantize_blockwise_t(const void* x, int8_t* q, float* absmax, int64_t n,
   });
 }
 
-inline void dequantize_blockwise_range(const int8_t* q, const float* absmax, float* x,
-                                       int64_t block, int64_t n, int64_t blo, int64_t bhi,
-                                    bool streaming) {
+template <class Store>
+void dequantize_blockwise_range(const int8_t* q, const float* absmax,
+                                typename Store::storage* x, int64_t block, int64_t n,
+                                int64_t blo, int64_t bhi, bool streaming) {
   for (int64_t b = blo; b < bhi; ++b) {
     const int64_t b0 = b * block, b1 = b0 + block < n ? b0 + block : n;
     const float scale = blockwise_scale(absmax[b]);
@@ -405,19 +453,36 @@ inline void dequantize_blockwise_range(const int8_t* q, const float* absmax, flo
     const __m256 vs = _mm256_set1_ps(scale);
     for (; e + 8 <= b1; e += 8) {
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + e));
-      const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), vs);
-      store32(x + e, _mm256_castps_si256(v), streaming);
+      Store::eight(x + e, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), vs),
+                   streaming);
     }
 #endif
-    for (; e < b1; ++e) x[e] = float(q[e]) * scale;
+    for (; e < b1; ++e) Store::one(x + e, float(q[e]) * scale);
   }
   end_streaming(streaming);
+}
+
+template <class Store>
+void dequantize_blockwise_t(const int8_t* q, const float* absmax, void* x, int64_t n,
+                            int64_t block, int threads) {
+  auto* out = static_cast<typename Store::storage*>(x);
+  const bool streaming = streaming_for(n * int64_t(1 + sizeof(*out)));
+  parallel_chunks(block_count(n, block), blocks_per_chunk(block), threads,
+                  [&](int64_t blo, int64_t bhi) {
+                    dequantize_blockwise_range<Store>(q, absmax, out, block, n, blo, bhi,
+                                                      streaming);
+                    return int64_t(-1);
+                  });
 }
 
 #define FASTOPT_BY_INTYPE(in, fn, ...)                           \
   ((in) == InType::f32    ? fn<LoadF32>(__VA_ARGS__)              \
    : (in) == InType::f16 ? fn<LoadF16>(__VA_ARGS__)               \
                          : fn<LoadBF16>(__VA_ARGS__))
+#define FASTOPT_BY_OUTTYPE(out, fn, ...)                         \
+  ((out) == OutType::f32    ? fn<StoreF32>(__VA_ARGS__)           \
+   : (out) == OutType::f16 ? fn<StoreF16>(__VA_ARGS__)            \
+                           : fn<StoreBF16>(__VA_ARGS__))
 
 FASTOPT_ISA_END
 
@@ -433,14 +498,10 @@ void quantize_affine(InType in, const void* x, void* q, bool unsigned_q, Channel
                                  zero_points, threads);
 }
 
-void dequantize_affine(const void* q, bool unsigned_q, float* x, ChannelLayout L,
+void dequantize_affine(const void* q, bool unsigned_q, OutType out, void* x, ChannelLayout L,
                        const float* scales, const float* zero_points, int threads) {
-  const auto* in = static_cast<const uint8_t*>(q);
-  const bool streaming = impl::streaming_for(L.total * int64_t(1 + sizeof(float)));
-  impl::parallel_chunks(L.total, impl::kChunk, threads, [&](int64_t lo, int64_t hi) {
-    impl::dequantize_affine_range(in, unsigned_q, x, L, scales, zero_points, lo, hi, streaming);
-    return int64_t(-1);
-  });
+  FASTOPT_BY_OUTTYPE(out, impl::dequantize_affine_t, q, unsigned_q, x, L, scales, zero_points,
+                     threads);
 }
 
 void minmax(InType in, const void* x, ChannelLayout L, float* mins, float* maxs,
@@ -455,14 +516,9 @@ void quantize_blockwise(InType in, const void* x, int8_t* q, float* absmax, int6
                                  stochastic, seed, threads);
 }
 
-void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+void dequantize_blockwise(const int8_t* q, const float* absmax, OutType out, void* x, int64_t n,
                           int64_t block, int threads) {
-  const int64_t blocks = block_count(n, block);
-  const bool streaming = impl::streaming_for(n * int64_t(1 + sizeof(float)));
-  impl::parallel_chunks(blocks, impl::blocks_per_chunk(block), threads, [&](int64_t blo, int64_t bhi) {
-    impl::dequantize_blockwise_range(q, absmax, x, block, n, blo, bhi, streaming);
-    return int64_t(-1);
-  });
+  FASTOPT_BY_OUTTYPE(out, impl::dequantize_blockwise_t, q, absmax, x, n, block, threads);
 }
 
 }  // namespace FASTOPT_ISA

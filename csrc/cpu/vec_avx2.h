@@ -42,6 +42,32 @@ struct F32x8 {
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
   }
+  // Stochastic rounding of elements j .. j+7 of a tensor with rounding key `key`: the
+  // random bits of common/rounding.h's rounding_bits, lane by lane.
+  void store_stochastic(bfloat16* p, uint32_t key, int64_t j) const {
+    const uint32_t lo0 = uint32_t(uint64_t(j)), hi0 = uint32_t(uint64_t(j) >> 32);
+    const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(int32_t(lo0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    // j + lane's high half: one more where the low half wrapped (lo < lo0, unsigned)
+    const __m256i bias = _mm256_set1_epi32(INT32_MIN);
+    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32(int32_t(lo0)), bias),
+                                               _mm256_xor_si256(lo, bias));
+    const __m256i hi = _mm256_sub_epi32(_mm256_set1_epi32(int32_t(hi0)), wrapped);
+    const __m256i h = mix32(_mm256_xor_si256(lo, mix32(_mm256_xor_si256(hi, _mm256_set1_epi32(int32_t(key))))));
+    const __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_srli_epi32(h, 16)), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FFF), nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  // common/quant.h's mix32, lane by lane.
+  static __m256i mix32(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(0x7feb352dU)));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int32_t(0x846ca68bU)));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  }
   void store(float16* p) const {
     // A NaN becomes the float whose conversion is 0x7FFF (F16C keeps NaN payloads).
     const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);

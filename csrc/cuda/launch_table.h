@@ -32,6 +32,7 @@ struct LaunchTable {
   uint8_t vector_ok[kLaunchTensors];   // every pointer of the tensor allows vector access
   int64_t block_start[kLaunchTensors + 1];
   int64_t size[kLaunchTensors];        // elements
+  int32_t index[kLaunchTensors];       // the tensor's position in the call's list
   void* ptrs[kMaxSlots][kLaunchTensors];  // per role, then the masks (kMaskSlot)
 };
 static_assert(sizeof(LaunchTable) <= 32000, "a kernel argument holds at most 32764 bytes");
@@ -43,6 +44,11 @@ inline int element_size(DType d) {
 }
 // The state arrays' type for params of type d.
 inline DType state_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
+// Whether state of type `state` may go with params of type d: the state type above, or
+// bfloat16 for any params but float64 (state_dtype="bfloat16").
+inline bool state_dtype_ok(DType d, DType state) {
+  return state == state_dtype(d) || (state == DType::bf16 && d != DType::f64);
+}
 // Alignment a pointer to elements of `bytes` each needs for the vector path (loads and
 // stores of kVectorWidth elements, 16 B at most per access).
 inline uintptr_t vector_alignment(int bytes) {

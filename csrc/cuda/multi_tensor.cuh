@@ -3,9 +3,10 @@
 // single elements where a tensor's pointers are not aligned for vector access (slices
 // starting at an odd element) and at each tensor's tail. Indices are 64-bit.
 //
-// A functor Op has `template <int W> __device__ void apply(void* const* ptr, int64_t j)`
-// that loads elements [j, j+W) of each role it uses (ptr[role]), runs the formula of
-// common/optim_formulas.h once per element, and stores them.
+// A functor Op has `template <int W> __device__ void apply(void* const* ptr, int64_t j,
+// int32_t tensor)` that loads elements [j, j+W) of each role it uses (ptr[role]) of the
+// tensor at position `tensor` of the call's list, runs its formula once per element, and
+// stores them.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -129,19 +130,21 @@ multi_tensor_kernel(const __grid_constant__ LaunchTable table, const Op op) {
   void* ptr[kMaxSlots];
 #pragma unroll
   for (int r = 0; r < kMaxSlots; ++r) ptr[r] = table.ptrs[r][lo];
+  const int32_t tensor = table.index[lo];
   const int64_t begin = (block - table.block_start[lo]) * kChunk;
   const int64_t end = min(begin + kChunk, table.size[lo]);
   if (table.vector_ok[lo]) {
     constexpr int64_t stride = int64_t(kBlockThreads) * kVectorWidth;
     for (int64_t j = begin + int64_t(threadIdx.x) * kVectorWidth; j < end; j += stride) {
       if (j + kVectorWidth <= end) {
-        op.template apply<kVectorWidth>(ptr, j);
+        op.template apply<kVectorWidth>(ptr, j, tensor);
       } else {
-        for (int64_t k = j; k < end; ++k) op.template apply<1>(ptr, k);
+        for (int64_t k = j; k < end; ++k) op.template apply<1>(ptr, k, tensor);
       }
     }
   } else {
-    for (int64_t j = begin + threadIdx.x; j < end; j += kBlockThreads) op.template apply<1>(ptr, j);
+    for (int64_t j = begin + threadIdx.x; j < end; j += kBlockThreads)
+      op.template apply<1>(ptr, j, tensor);
   }
 }
 

@@ -14,8 +14,8 @@ namespace fastopt {
 namespace cuda {
 
 template <class Opt>
-void step(const LaunchTables&, DType, const typename Opt::Hyper&, int64_t step,
-          double grad_scale, unsigned loads, unsigned stores, bool masked, cudaStream_t);
+void step(const LaunchTables&, DType params, DType state, const typename Opt::Hyper&,
+          const StepOptions&, unsigned loads, unsigned stores, bool masked, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastopt

@@ -1,6 +1,7 @@
 // CUDA int8 quantization: blockwise (absmax per block of consecutive elements; read 4 B
 // (2 B for 16-bit input), write 1 B per element + 4 B per block) and affine per tensor or
-// per channel, and their inverses. The formulas are common/quant.h, the ones the CPU
+// per channel, and their inverses (to float32, float16 or bfloat16, rounded to nearest
+// even). The formulas are common/quant.h, the ones the CPU
 // kernels use, so results agree bit for bit (stochastic rounding included: the uniform
 // comes from a counter-based hash of (seed, element index)).
 //
@@ -20,6 +21,7 @@ using cuda::check_launch;
 using cuda::float_key;
 using cuda::grid_for;
 using cuda::to_math;
+using cuda::to_storage;
 
 constexpr int kThreads = 256;
 constexpr int64_t kWarpBlockMax = 4096;
@@ -90,13 +92,14 @@ quantize_blockwise_kernel(const In* __restrict__ x, int8_t* __restrict__ q,
   });
 }
 
-template <int kGroup>
+template <int kGroup, class Out>
 __global__ void __launch_bounds__(kThreads)
 dequantize_blockwise_kernel(const int8_t* __restrict__ q, const float* __restrict__ absmax,
-                            float* __restrict__ x, int64_t n, int64_t block) {
+                            Out* __restrict__ x, int64_t n, int64_t block) {
   for_each_quant_block<kGroup>(n, block, [&](int64_t b, int64_t begin, int64_t end, int lane) {
     const float scale = blockwise_scale(absmax[b]);
-    for (int64_t e = begin + lane; e < end; e += kGroup) x[e] = float(q[e]) * scale;
+    for (int64_t e = begin + lane; e < end; e += kGroup)
+      x[e] = to_storage<Out>(float(q[e]) * scale);
   });
 }
 
@@ -161,9 +164,9 @@ quantize_affine_kernel(const In* __restrict__ x, Q* __restrict__ q, int64_t n,
   if (bad != LLONG_MAX) atomicMin(first_bad, static_cast<unsigned long long>(bad));
 }
 
-template <class Q>
+template <class Q, class Out>
 __global__ void __launch_bounds__(kThreads)
-dequantize_affine_kernel(const Q* __restrict__ q, float* __restrict__ x, int64_t n,
+dequantize_affine_kernel(const Q* __restrict__ q, Out* __restrict__ x, int64_t n,
                          ChannelLayout layout, const float* __restrict__ scales,
                          const float* __restrict__ zero_points) {
   const int64_t stride = int64_t(gridDim.x) * kThreads;
@@ -171,7 +174,8 @@ dequantize_affine_kernel(const Q* __restrict__ q, float* __restrict__ x, int64_t
   if (e >= n) return;
 #pragma unroll 1
   for (ChannelCursor c(e, layout); e < n; e += stride, c.advance(layout))
-    x[e] = dequantize_affine(float(q[e]), scales[c.channel], zero_points[c.channel]);
+    x[e] = to_storage<Out>(
+        dequantize_affine(float(q[e]), scales[c.channel], zero_points[c.channel]));
 }
 
 // Per-channel min/max of the finite elements. Lanes of a warp read 32 consecutive
@@ -270,7 +274,37 @@ void launch_quantize_affine(const void* x, void* q, bool unsigned_q, int64_t n, 
   check_launch("quantize_affine");
 }
 
-// Calls fn<In> for the float input type.
+template <class Out>
+void launch_dequantize_blockwise(const int8_t* q, const float* absmax, void* x, int64_t n,
+                                 int64_t block, cudaStream_t s) {
+  Out* out = static_cast<Out*>(x);
+  const int64_t blocks = block_count(n, block);
+  if (block <= kWarpBlockMax)
+    dequantize_blockwise_kernel<32, Out><<<grid_for(blocks, kThreads / 32), kThreads, 0, s>>>(
+        q, absmax, out, n, block);
+  else
+    dequantize_blockwise_kernel<kThreads, Out><<<grid_for(blocks, 1), kThreads, 0, s>>>(
+        q, absmax, out, n, block);
+  check_launch("dequantize_blockwise");
+}
+
+template <class Out>
+void launch_dequantize_affine(const void* q, bool unsigned_q, void* x, int64_t n,
+                              int64_t channels, int64_t inner, const float* scales,
+                              const float* zps, cudaStream_t s) {
+  Out* out = static_cast<Out*>(x);
+  const unsigned grid = grid_for(n, kThreads);
+  const ChannelLayout layout = channel_layout(channels, inner, grid);
+  if (unsigned_q)
+    dequantize_affine_kernel<uint8_t, Out><<<grid, kThreads, 0, s>>>(
+        static_cast<const uint8_t*>(q), out, n, layout, scales, zps);
+  else
+    dequantize_affine_kernel<int8_t, Out><<<grid, kThreads, 0, s>>>(
+        static_cast<const int8_t*>(q), out, n, layout, scales, zps);
+  check_launch("dequantize_affine");
+}
+
+// Calls fn<In> for the float input (or output) type.
 #define FASTOPT_BY_INPUT(in, fn, ...)                                        \
   switch (in) {                                                              \
     case cuda::DType::f16: fn<__half>(__VA_ARGS__); break;                   \
@@ -291,16 +325,9 @@ void quantize_blockwise(DType in, const void* x, int8_t* q, float* absmax, int64
                    first_bad, s);
 }
 
-void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+void dequantize_blockwise(const int8_t* q, const float* absmax, DType out, void* x, int64_t n,
                           int64_t block, cudaStream_t s) {
-  const int64_t blocks = block_count(n, block);
-  if (block <= kWarpBlockMax)
-    dequantize_blockwise_kernel<32><<<grid_for(blocks, kThreads / 32), kThreads, 0, s>>>(
-        q, absmax, x, n, block);
-  else
-    dequantize_blockwise_kernel<kThreads><<<grid_for(blocks, 1), kThreads, 0, s>>>(
-        q, absmax, x, n, block);
-  check_launch("dequantize_blockwise");
+  FASTOPT_BY_INPUT(out, launch_dequantize_blockwise, q, absmax, x, n, block, s);
 }
 
 void quantize_affine(DType in, const void* x, void* q, bool unsigned_q, int64_t n,
@@ -316,18 +343,11 @@ void minmax(DType in, const void* x, int64_t n, int64_t channels, int64_t inner,
   FASTOPT_BY_INPUT(in, launch_minmax, x, n, channels, inner, min_keys, max_keys, first_bad, s);
 }
 
-void dequantize_affine(const void* q, bool unsigned_q, float* x, int64_t n, int64_t channels,
-                       int64_t inner, const float* scales, const float* zero_points,
-                       cudaStream_t s) {
-  const unsigned grid = grid_for(n, kThreads);
-  const ChannelLayout layout = channel_layout(channels, inner, grid);
-  if (unsigned_q)
-    dequantize_affine_kernel<uint8_t><<<grid, kThreads, 0, s>>>(
-        static_cast<const uint8_t*>(q), x, n, layout, scales, zero_points);
-  else
-    dequantize_affine_kernel<int8_t><<<grid, kThreads, 0, s>>>(
-        static_cast<const int8_t*>(q), x, n, layout, scales, zero_points);
-  check_launch("dequantize_affine");
+void dequantize_affine(const void* q, bool unsigned_q, DType out, void* x, int64_t n,
+                       int64_t channels, int64_t inner, const float* scales,
+                       const float* zero_points, cudaStream_t s) {
+  FASTOPT_BY_INPUT(out, launch_dequantize_affine, q, unsigned_q, x, n, channels, inner, scales,
+                   zero_points, s);
 }
 
 }  // namespace cuda

@@ -16,16 +16,17 @@ namespace cuda {
 void quantize_blockwise(DType in, const void* x, int8_t* q, float* absmax, int64_t n,
                         int64_t block, bool stochastic, uint64_t seed,
                         unsigned long long* first_bad, cudaStream_t stream);
-void dequantize_blockwise(const int8_t* q, const float* absmax, float* x, int64_t n,
+// x: float32, float16 or bfloat16 (`out`, rounded to nearest even), as all dequantizers.
+void dequantize_blockwise(const int8_t* q, const float* absmax, DType out, void* x, int64_t n,
                           int64_t block, cudaStream_t stream);
 // Affine, element e in channel (e / inner) % channels (per tensor: channels = 1).
 void quantize_affine(DType in, const void* x, void* q, bool unsigned_q, int64_t n,
                      int64_t channels, int64_t inner, const float* scales,
                      const float* zero_points, unsigned long long* first_bad,
                      cudaStream_t stream);
-void dequantize_affine(const void* q, bool unsigned_q, float* x, int64_t n, int64_t channels,
-                       int64_t inner, const float* scales, const float* zero_points,
-                       cudaStream_t stream);
+void dequantize_affine(const void* q, bool unsigned_q, DType out, void* x, int64_t n,
+                       int64_t channels, int64_t inner, const float* scales,
+                       const float* zero_points, cudaStream_t stream);
 // Min and max of the finite elements per channel, as order-preserving uint32 keys (see
 // float_key): min_keys / max_keys start at float_key(+inf) / float_key(-inf).
 void minmax(DType in, const void* x, int64_t n, int64_t channels, int64_t inner,

@@ -9,7 +9,9 @@ from ._runtime import (
     set_cpu_path,
     set_num_threads,
 )
+from .clip import clip_grad_norm_
 from .functional import *  # noqa: F403  (every step function: functional.__all__)
+from .io import QuantizedTensor, load_quantized, save_quantized
 from .newton import NotPositiveDefiniteError, cholesky_solve, newton_
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, Sophia  # noqa: F401
 from .quant import (
@@ -38,6 +40,10 @@ __all__ = [
     "choose_qparams",
     "quantize_blockwise",
     "dequantize_blockwise",
+    "save_quantized",
+    "load_quantized",
+    "QuantizedTensor",
+    "clip_grad_norm_",
     "Optimizer",
     *(cls.__name__ for cls in optim.CLASSES.values()),
     "schedules",

@@ -44,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_bench.add_argument(
         "--only",
         metavar="NAME[,NAME]",
-        help=f"only these cases ({', '.join([*BENCH_OPTIMIZERS, 'quant', 'newton'])})",
+        help=f"only these cases ({', '.join([*BENCH_OPTIMIZERS, 'quant', 'newton', 'clip'])})",
     )
     p_bench.add_argument("--json", metavar="PATH", help="write every figure and the machine")
     p_bench.add_argument("--plot", metavar="PATH", help="PNG bar chart (needs matplotlib)")

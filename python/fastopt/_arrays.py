@@ -177,17 +177,34 @@ def param_array(name: str, a: Any) -> Any:
 # ---- state arrays of the optimizer classes: the params' library and device -----------------
 
 
-def state_like(name: str, a: Any) -> Any:
+def state_like(name: str, a: Any, bfloat16: bool = False) -> Any:
     """A zeroed C-contiguous state array shaped like param ``a``, from the same library on
-    the same device: float32 for float16/bfloat16 params (the kernels' state type), else
-    ``a``'s dtype. Device params must be PyTorch tensors or CuPy arrays."""
+    the same device: bfloat16 when asked (NumPy through ml_dtypes; not for float64 params),
+    else float32 for float16/bfloat16 params (the kernels' state type), else ``a``'s dtype.
+    Device params must be PyTorch tensors or CuPy arrays."""
+    if bfloat16 and dtype_name(a) == "float64":
+        raise ValueError(
+            f"state_dtype: bfloat16 state is for float32 and 16-bit params; {name} is float64"
+        )
     if isinstance(a, np.ndarray):
-        return np.zeros(a.shape, a.dtype)
+        if bfloat16:
+            import ml_dtypes
+
+            return np.zeros(a.shape, ml_dtypes.bfloat16)
+        half = dtype_name(a) in ("float16", "bfloat16")
+        return np.zeros(a.shape, np.float32 if half else a.dtype)
     if _is_torch(a):
         import torch
 
         dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+        if bfloat16:
+            dtype = torch.bfloat16
         return torch.zeros(tuple(a.shape), dtype=dtype, device=a.device)
+    if bfloat16:
+        raise TypeError(
+            f"{name}: bfloat16 state needs NumPy or PyTorch arrays ({type(a).__name__} "
+            "has no bfloat16)"
+        )
     if _is_cupy(a):
         import cupy
 

@@ -4,7 +4,7 @@ Array arguments are NumPy arrays, or objects the array adapter (set_array_adapte
 one (PyTorch CPU tensors). Quantization and Newton take the same arguments as fastopt._cuda's;
 ``stream`` must be None here."""
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,8 @@ def quantize_affine(
     check_finite: bool,
     stream: None = None,
 ) -> int: ...
+
+# Dequantizers: out's dtype (float32, float16 or bfloat16) is the stored type.
 def dequantize_affine(
     q: Any,
     out: Any,
@@ -70,6 +72,12 @@ def newton_solve(
 def newton_apply(
     params: Any, d: Any, use: Optional[Any], lr: float, stream: None = None
 ) -> None: ...
+
+# Gradient clipping over a list of grads of one dtype: the total of the norm terms (sum of
+# |g|^norm_type, max |g| for inf; writeable: check the grads as scale_grads will), and
+# g <- g * coefficient.
+def grad_norm_total(grads: List[Any], listed: bool, norm_type: float, writeable: bool) -> float: ...
+def scale_grads(grads: List[Any], listed: bool, coefficient: float) -> None: ...
 
 # dst += src with all threads (the benchmark's bandwidth ceiling).
 def add_inplace(dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None: ...

@@ -5,7 +5,7 @@ Array arguments are CUDA arrays (CuPy, PyTorch CUDA tensors, anything with
 __cuda_array_interface__); ``stream`` is a cudaStream_t handle as an int (0: the legacy
 default stream). Quantization and Newton take the same arguments as fastopt._cpu's."""
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,8 @@ def quantize_blockwise(
     check_finite: bool,
     stream: int,
 ) -> int: ...
+
+# Dequantizers: out's dtype (float32, float16 or bfloat16) is the stored type.
 def dequantize_blockwise(q: Any, absmax: Any, out: Any, block: int, stream: int) -> None: ...
 def quantize_affine(
     x: Any,
@@ -78,6 +80,12 @@ def newton_solve(
     stream: int,
 ) -> None: ...
 def newton_apply(params: Any, d: Any, use: Optional[Any], lr: float, stream: int) -> None: ...
+
+# Gradient clipping over a list of grads of one dtype: out[0] <- their norm of order
+# norm_type (out: a one-element float array on their device), and
+# g <- g * min(max_norm / (norm[0] + 1e-6), 1) with the norm read on the device.
+def grad_norm(grads: List[Any], listed: bool, out: Any, norm_type: float, stream: int) -> None: ...
+def clip_grads(grads: List[Any], listed: bool, norm: Any, max_norm: float, stream: int) -> None: ...
 
 # Layout, device and aliasing checks of (name, array) pairs before writing `written`.
 def check_arrays(

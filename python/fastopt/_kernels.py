@@ -56,18 +56,19 @@ def _name(dtype: Any) -> str:
     return dtype if isinstance(dtype, str) else _dtype_name(dtype)
 
 
-def _host(name: str, a: Any) -> Tuple[np.ndarray, Kind]:
-    """A NumPy array sharing ``a``'s memory (a bfloat16 torch tensor through ml_dtypes)."""
+def _host(name: str, a: Any, written: bool = False) -> Tuple[np.ndarray, Kind]:
+    """A NumPy array sharing ``a``'s memory (a bfloat16 torch tensor through ml_dtypes; an
+    input one made contiguous first, a ``written`` one viewed as it is)."""
     if isinstance(a, np.ndarray):
         return a, _AS_IS
     if type(a).__module__.startswith("torch") and a.device.type == "cpu":
         import torch
 
-        if a.dtype == torch.bfloat16:  # NumPy has no bfloat16: view the bits through ml_dtypes
+        if getattr(a, "dtype", None) == torch.bfloat16:  # NumPy has none: view the bits
             import ml_dtypes
 
-            bits = a.detach().contiguous().view(torch.int16).numpy()
-            return bits.view(ml_dtypes.bfloat16), _TORCH
+            t = a.detach() if written else a.detach().contiguous()
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16), _TORCH
         return host_array(name, a), _TORCH
     return host_array(name, a), _AS_IS
 
@@ -117,7 +118,7 @@ class Call:
         with ``inputs`` ((name, array) as the kernels take them) -- and returned as the
         kernels take it."""
         if self.host:
-            o = host_array(name, out)
+            o = _host(name, out, written=True)[0]
             if o.shape != shape or o.dtype != dtype:
                 raise ValueError(
                     f"{name}: expected shape {shape} and dtype {_name(dtype)}, "

@@ -14,6 +14,14 @@ no state array changes; elsewhere the step is the unmasked one, bit for bit. The
 read in the same pass (one more byte per element), so a pruned model stays pruned while it
 trains and its pruned elements keep their state for when a mask is lifted.
 
+Every step takes ``rounding="nearest" | "stochastic"`` and ``seed=``: with bfloat16 params,
+``"stochastic"`` rounds the updated params to bfloat16 stochastically (unbiased, so updates
+smaller than half an ulp are not lost: bfloat16 training without a float32 master copy),
+from a counter-based hash of (seed, step, the tensor's position in the list, the element's
+index): reproducible for a given seed, the same on every path, thread count and device.
+Optimizers without ``step`` (RMSprop, Sophia, Lion) key only by the seed: give each step
+its own (the classes do). ``seed=None`` draws a fresh one. Nearest is round half to even.
+
 CUDA arrays (PyTorch CUDA tensors, CuPy arrays, anything with ``__cuda_array_interface__``
 or CUDA DLPack) run the CUDA kernels, chosen by where ``params`` lives: a whole list in
 one kernel launch (one per 384 tensors), queued on ``stream`` -- an int handle or a
@@ -25,15 +33,27 @@ the work already queued on its stream only: arrays produced on another stream mu
 ready there (as for any CUDA library call; a ``__cuda_array_interface__`` ``stream``
 entry or a DLPack producer's stream is not waited on). ``_plan`` is internal: the
 optimizer classes pass their cached ``fastopt._cuda.Plan``.
+
+``max_grad_norm=`` (every step but ``ema_``) clips the grads first, as
+``fastopt.clip_grad_norm_(grads, max_grad_norm)`` would (global 2-norm, coefficient
+min(max_grad_norm / (norm + 1e-6), 1)), and the step returns the norm before clipping
+(else None). On the host this is the norm pass and then the step with the coefficient
+applied as the grads are loaded (the kernel divides them by 1/coefficient): the grads are
+read twice and never written; the result equals clip-then-step to an ulp of the grads.
+When the coefficient is 0 or NaN (max_grad_norm 0, an inf or NaN grad) the grads are
+multiplied in place first, exactly as clip-then-step. On the GPU, whose step kernel takes
+its grad scale from the host, the grads are clipped in place first (norm, scale, step: three
+passes; the norm stays on the device, nothing synchronises) and the norm is a 0-d array.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _arrays, _ext
+from . import _arrays, _ext, clip
 from ._arrays import ArrayOrList, as_list
 from ._specs import EMA, OPTIMIZERS, OptimizerSpec, binding_mismatches
 from ._validate import step_count
@@ -79,7 +99,10 @@ class StepKernel:
         stream: Any,
         plan: Any,
         masks: Any = None,
-    ) -> None:
+        rounding: str = "nearest",
+        seed: Any = None,
+        max_grad_norm: Any = None,
+    ) -> Any:
         """One step: ``arrays`` in binding order (None for an optional one not given),
         ``hyper`` the values in the spec's order, ``step`` (when the spec takes it),
         ``masks`` (None, or an array or list like the params).
@@ -110,6 +133,11 @@ class StepKernel:
         if masks is not None:
             masks = masks if listed and type(masks) is list else as_list("masks", masks, listed)
             kw = {**kw, "masks": masks}
+        if rounding != "nearest" or seed is not None:
+            kw = {**kw, **stochastic_rounding(rounding, seed)}
+        norm = None
+        if max_grad_norm is not None:
+            norm, kw = self.clip(lists, listed, kw, max_grad_norm, stream)
         first = lists[0]
         if stream is None and first and type(first[0]) is _NDARRAY:  # the CPU, as launch()
             if self.takes_step:
@@ -118,6 +146,30 @@ class StepKernel:
                 self.cpu_kernel(*lists, listed, **kw)
         else:
             self.launch(lists, listed, kw, step, stream, plan)
+        return norm
+
+    @staticmethod
+    def clip(
+        lists: Sequence[Optional[List[Any]]],
+        listed: bool,
+        kw: Dict[str, Any],
+        max_grad_norm: Any,
+        stream: Any,
+    ) -> Tuple[Any, Dict[str, Any]]:
+        """Clipping by the grads' global 2-norm before a step: (the norm, the step's
+        keywords). On the host the coefficient becomes the kernel's grad scale (the grads
+        are read once more and never written; see ``clip.step_grad_scale``); on the GPU,
+        whose step takes its grad scale from the host, the grads are clipped in place
+        first (the norm stays on the device: 3 passes, no synchronisation)."""
+        limit = clip.max_norm_of(max_grad_norm, "max_grad_norm")
+        grads = lists[1]
+        if grads and _arrays.on_device(grads[0]):
+            out, handle = clip.device_norm(grads, listed, 2.0, stream)
+            kernels, _ = _arrays.backend(grads, handle, name="grads")
+            kernels.clip_grads(grads, listed, out, limit, handle)
+            return out, kw
+        norm, grad_scale = clip.step_grad_scale(grads or [], listed, limit)
+        return norm, kw if grad_scale == 1.0 else {**kw, "grad_scale": grad_scale}
 
     def _check(self, hyper: Tuple[Any, ...]) -> Checked:
         spec = self.spec
@@ -157,6 +209,24 @@ class StepKernel:
             getattr(kernels, self.kernel)(*lists, listed, **kw, **extra)
 
 
+def stochastic_rounding(rounding: Any, seed: Any) -> Dict[str, int]:
+    """The kernel keyword for ``rounding=``/``seed=``: {} for round-to-nearest, else
+    ``stochastic_seed`` (``seed``, or a fresh one when None)."""
+    if rounding == "nearest":
+        if seed is not None:
+            raise ValueError("seed: only applies with rounding='stochastic'")
+        return {}
+    if rounding != "stochastic":
+        raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
+    if seed is None:
+        return {"stochastic_seed": secrets.randbits(64)}
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
+    return {"stochastic_seed": int(seed)}
+
+
 STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZERS.items()}
 # The bound runs the functions below call (a bound method is the cheapest call).
 _SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION = (
@@ -179,9 +249,12 @@ def sgd_(
     step: int = 1,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """SGD with momentum, dampening and Nesterov, as ``torch.optim.SGD``.
 
     g <- -g if maximize; g <- g + weight_decay*p;
@@ -189,13 +262,16 @@ def sgd_(
     g <- g + mu*buf (nesterov) or g <- buf; then p <- p - lr*g.
     ``momentum_buffers`` is required when momentum > 0 (its contents are ignored at step 1).
     """
-    _SGD(
+    return _SGD(
         [params, grads, momentum_buffers],
         (lr, momentum, dampening, nesterov, weight_decay, maximize, l1),
         step,
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
+        max_grad_norm,
     )
 
 
@@ -212,21 +288,27 @@ def adagrad_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """Adagrad, as ``torch.optim.Adagrad``.
 
     clr = lr / (1 + (step-1)*lr_decay); g <- -g if maximize; g <- g + weight_decay*p;
     sum <- sum + g^2; p <- p - clr * g / (sqrt(sum) + eps). The L1 threshold is clr*l1.
     """
-    _ADAGRAD(
+    return _ADAGRAD(
         [params, grads, state_sums],
         (lr, lr_decay, weight_decay, eps, maximize, l1),
         step,
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
+        max_grad_norm,
     )
 
 
@@ -246,9 +328,12 @@ def rmsprop_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """RMSprop, as ``torch.optim.RMSprop``.
 
     g <- -g if maximize; g <- g + weight_decay*p; v <- alpha*v + (1-alpha)*g^2;
@@ -257,13 +342,16 @@ def rmsprop_(
     else p <- p - lr*g/avg. ``momentum_buffers`` is required when momentum > 0 and
     ``grad_avgs`` when centered (both start at zero, as in torch).
     """
-    _RMSPROP(
+    return _RMSPROP(
         [params, grads, square_avgs, momentum_buffers, grad_avgs],
         (lr, alpha, eps, weight_decay, momentum, centered, maximize, l1),
         None,
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
+        max_grad_norm,
     )
 
 
@@ -285,9 +373,12 @@ def adam_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """Adam / AdamW, as ``torch.optim.Adam`` / ``AdamW``.
 
     g <- -g if maximize; decoupled: p <- p*(1 - lr*weight_decay), else g <- g + weight_decay*p;
@@ -295,13 +386,16 @@ def adam_(
     and vmax replaces v below; p <- p - (lr/(1-beta1^t)) * m / (sqrt(v)/sqrt(1-beta2^t) + eps).
     ``max_exp_avg_sqs`` is required when amsgrad.
     """
-    _ADAM(
+    return _ADAM(
         [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
         (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, l1),
         step,
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
+        max_grad_norm,
     )
 
 
@@ -322,17 +416,23 @@ def adamw_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """AdamW, as ``torch.optim.AdamW``: ``adam_`` with decoupled weight decay (default 1e-2)."""
-    _ADAMW(
+    return _ADAMW(
         [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs],
         (lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, l1),
         step,
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
+        max_grad_norm,
     )
 
 
@@ -350,9 +450,12 @@ def sophia_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """Sophia (clipped diagonal Newton, Liu et al. 2023), fused in one pass.
 
     g <- -g if maximize; m <- beta1*m + (1-beta1)*g; p <- p*(1 - lr*weight_decay);
@@ -360,13 +463,16 @@ def sophia_(
     (read only: the caller's EMA of a Hessian-diagonal estimate, see ``ema_`` and
     ``fastopt.Sophia.update_hessian``). A negative or zero h gives the clipped sign step.
     """
-    _SOPHIA(
+    return _SOPHIA(
         [params, grads, exp_avgs, hessian_diags],
         (lr, beta1, rho, weight_decay, eps, maximize, l1),
         None,
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
+        max_grad_norm,
     )
 
 
@@ -382,9 +488,12 @@ def lion_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
     stream: Any = None,
     _plan: Any = None,
-) -> None:
+) -> Any:
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
 
     g <- -g if maximize; c = beta1*m + (1-beta1)*g; p <- p*(1 - lr*weight_decay);
@@ -392,13 +501,16 @@ def lion_(
     lr (or not at all): use a learning rate 3-10x smaller than AdamW's, and a weight decay
     as many times larger.
     """
-    _LION(
+    return _LION(
         [params, grads, exp_avgs],
         (lr, beta1, beta2, weight_decay, maximize, l1),
         None,
         stream,
         _plan,
         masks,
+        rounding,
+        seed,
+        max_grad_norm,
     )
 
 
@@ -429,7 +541,8 @@ def _signature_mismatches(fn: Callable[..., None], spec: OptimizerSpec) -> List[
     optional = tuple(a.name for a in spec.arrays if a.optional)
     if positional != roles or roles[len(roles) - len(fn.__defaults__ or ()) :] != optional:
         out.append(f"{fn.__name__}: arrays {positional} != {roles} (optional {optional})")
-    hyper = tuple(k for k in keywords if k not in ("step", "masks", "stream", "_plan"))
+    generic = ("step", "masks", "rounding", "seed", "max_grad_norm", "stream", "_plan")
+    hyper = tuple(k for k in keywords if k not in generic)
     if hyper != tuple(spec.hyper):
         out.append(f"{fn.__name__}: hyper-parameters {hyper} != {tuple(spec.hyper)}")
     if ("step" in keywords) != spec.takes_step:

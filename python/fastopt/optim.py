@@ -9,6 +9,13 @@ C++ call. ``lr`` is settable; ``schedule=`` (see ``fastopt.schedules``) maps the
 index and ``lr`` to the rate used. ``masks=`` (settable as ``opt.masks``; one bool/uint8
 array per param, e.g. from ``fastopt.prune_magnitude``) is applied by every step: where a
 mask is False the param is set to 0 and its state is left as it is (see ``fastopt.sgd_``).
+``state_dtype="bfloat16"`` keeps every state array in bfloat16 (half the state's bytes;
+loaded exactly, updated in float32, stored rounded to nearest even; NumPy state through
+``ml_dtypes``), for float32 and 16-bit params; the default ``"float32"`` is the params' own
+state type (float64 for float64 params).
+``stochastic_rounding=True`` (bfloat16 params) rounds the params stochastically at every step
+(see ``fastopt.sgd_``), keyed by ``seed`` (drawn when None) and the step count: bfloat16
+training without a float32 master copy, reproducible for a given seed.
 ``state_dict()`` / ``load_state_dict()`` round-trip exactly (step count, lr,
 hyper-parameters, every state element), so a restored optimizer continues bit-identically;
 masks are not part of it (they belong to the model, like torch's pruning buffers).
@@ -25,9 +32,12 @@ import numpy as np
 from . import _arrays, _ext, functional
 from ._arrays import ArrayOrList, as_list
 from ._specs import OPTIMIZERS, OptimizerSpec
-from ._validate import real
+from ._validate import flag, real
 
 Schedule = Callable[[int, float], float]
+# The state types the classes allocate: "float32" is the params' own state type (float32,
+# or float64 for float64 params); "bfloat16" halves the state's bytes.
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 class Optimizer:
@@ -45,6 +55,9 @@ class Optimizer:
         hyper: Dict[str, Any],
         initial_state: Optional[Dict[str, float]] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
@@ -65,8 +78,31 @@ class Optimizer:
         self.lr = lr
         self._kw, used = self._validated(self._hyper, self._lr)
         self._initial = dict(initial_state or {})
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"state_dtype: expected one of {', '.join(map(repr, STATE_DTYPES))}, "
+                f"got {state_dtype!r}"
+            )
+        self.state_dtype = state_dtype
+        # stochastic rounding: the seed of every step, mixed with the step count
+        self._rounding_seed: Optional[int] = None
+        if flag("stochastic_rounding", stochastic_rounding):
+            for i, p in enumerate(self.params):
+                if _arrays.dtype_name(p) != "bfloat16":
+                    raise ValueError(
+                        "stochastic_rounding: applies to bfloat16 params; "
+                        f"params[{i}] is {_arrays.dtype_name(p)}"
+                    )
+            self._rounding_seed = functional.stochastic_rounding("stochastic", seed)[
+                "stochastic_seed"
+            ]
+        elif seed is not None:
+            raise ValueError("seed: only applies with stochastic_rounding=True")
+        bfloat16 = state_dtype == "bfloat16"
         self.state: Dict[str, List[Any]] = {
-            name: [_arrays.state_like(f"params[{i}]", p) for i, p in enumerate(self.params)]
+            name: [
+                _arrays.state_like(f"params[{i}]", p, bfloat16) for i, p in enumerate(self.params)
+            ]
             for name in used
         }
         self._state_lists = self._kernel_state(used)
@@ -138,17 +174,28 @@ class Optimizer:
         return [self.state[a.name] if a.name in used else None for a in self._spec.states]
 
     # -- stepping --------------------------------------------------------------------------
-    def step(self, grads: ArrayOrList, *, stream: Any = None) -> None:
+    def step(
+        self, grads: ArrayOrList, *, max_grad_norm: Optional[float] = None, stream: Any = None
+    ) -> Any:
         """One step with ``grads`` (an array, or a list aligned with params). On the GPU it
-        is queued on ``stream`` (default: the params' library's current stream)."""
+        is queued on ``stream`` (default: the params' library's current stream).
+        ``max_grad_norm``: the grads are clipped first to that global 2-norm, as by
+        ``fastopt.clip_grad_norm_`` (without writing them on the host; see
+        ``fastopt.functional``), and the norm before clipping is returned (else None)."""
         t = self._step + 1
         kw = {**self._kw, "lr": self.current_lr()}
         if self._masks is not None:
             kw["masks"] = self._masks
+        if self._rounding_seed is not None:
+            kw["stochastic_seed"] = (self._rounding_seed ^ (t * 0x9E3779B97F4A7C15)) % 2**64
         lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
+        norm = None
+        if max_grad_norm is not None:
+            norm, kw = self._kernel.clip(lists, self._listed, kw, max_grad_norm, stream)
         self._kernel.launch(lists, self._listed, kw, t, stream, self._plan)
         self._step = t
         self._queued_on(stream)
+        return norm
 
     def zero_state(self) -> None:
         """Reset every state array to its initial value and the step count to 0."""
@@ -283,6 +330,9 @@ class SGD(Optimizer):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         hyper = dict(
             momentum=momentum,
@@ -292,7 +342,16 @@ class SGD(Optimizer):
             maximize=maximize,
             l1=l1,
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
+        super().__init__(
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper=hyper,
+            masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+        )
 
 
 class Adagrad(Optimizer):
@@ -314,6 +373,9 @@ class Adagrad(Optimizer):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         init = real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
         hyper = dict(
@@ -326,6 +388,9 @@ class Adagrad(Optimizer):
             hyper=hyper,
             initial_state={"state_sums": init},
             masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
 
@@ -348,6 +413,9 @@ class RMSprop(Optimizer):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         hyper = dict(
             alpha=alpha,
@@ -358,7 +426,16 @@ class RMSprop(Optimizer):
             maximize=maximize,
             l1=l1,
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
+        super().__init__(
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper=hyper,
+            masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+        )
 
 
 class Adam(Optimizer):
@@ -381,6 +458,9 @@ class Adam(Optimizer):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         hyper = dict(
             beta1=beta1,
@@ -392,7 +472,16 @@ class Adam(Optimizer):
             maximize=maximize,
             l1=l1,
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
+        super().__init__(
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper=hyper,
+            masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+        )
 
 
 class AdamW(Adam):
@@ -413,6 +502,9 @@ class AdamW(Adam):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         super().__init__(
             params,
@@ -427,6 +519,9 @@ class AdamW(Adam):
             l1=l1,
             schedule=schedule,
             masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
 
@@ -450,11 +545,23 @@ class Sophia(Optimizer):
         l1: float = 0.0,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         hyper = dict(
             beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize, l1=l1
         )
-        super().__init__(params, lr=lr, schedule=schedule, hyper=hyper, masks=masks)
+        super().__init__(
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper=hyper,
+            masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+        )
         self._ema_plan = None if self._plan is None or _ext._cuda is None else _ext._cuda.Plan()
 
     def update_hessian(
@@ -475,7 +582,8 @@ class Sophia(Optimizer):
 
 def _class_from_spec(spec: OptimizerSpec) -> type:
     """The class of an optimizer that needs nothing beyond its table entry:
-    ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None, masks=None)``,
+    ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None, masks=None,
+    state_dtype="float32", stochastic_rounding=False, seed=None)``,
     named after the spec (``"name"`` -> ``Name``) and documented by its functional step."""
     lr_default = spec.hyper["lr"].default
     others = {name: h.default for name, h in spec.hyper.items() if name != "lr"}
@@ -487,6 +595,9 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
         *,
         schedule: Optional[Schedule] = None,
         masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         **hyper: Any,
     ) -> None:
         unknown = sorted(set(hyper) - set(others))
@@ -495,7 +606,15 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
         if lr is None:
             raise TypeError(f"{type(self).__name__}: missing argument 'lr'")
         Optimizer.__init__(
-            self, params, lr=lr, schedule=schedule, hyper={**others, **hyper}, masks=masks
+            self,
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper={**others, **hyper},
+            masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
         )
 
     keyword = inspect.Parameter.KEYWORD_ONLY
@@ -511,6 +630,9 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
             *(inspect.Parameter(n, keyword, default=d) for n, d in others.items()),
             inspect.Parameter("schedule", keyword, default=None),
             inspect.Parameter("masks", keyword, default=None),
+            inspect.Parameter("state_dtype", keyword, default="float32"),
+            inspect.Parameter("stochastic_rounding", keyword, default=False),
+            inspect.Parameter("seed", keyword, default=None),
         ]
     )
     name = spec.name.capitalize()

@@ -4,7 +4,9 @@ half to even or stochastic rounding.
 Inputs are float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` for NumPy) NumPy arrays
 or PyTorch CPU tensors, or CUDA arrays (PyTorch CUDA tensors, CuPy arrays; run by the CUDA
 kernels on ``stream=``, default the library's current stream, with results identical to
-the CPU's); outputs come back as the input's kind of array, or go into ``out=``. On the
+the CPU's); outputs come back as the input's kind of array, or go into ``out=``. The
+dequantizers compute in float32 and store float32, float16 or bfloat16 (``out_dtype``:
+rounded to nearest even, NaN as 0x7FFF; CuPy has no bfloat16). On the
 GPU the quantizing functions and ``choose_qparams`` wait for their stream once, to report
 non-finite input (and, for the observer, to return its host-side results). All
 arithmetic is float32 and follows ``fastopt.reference`` (same float32 operations: results
@@ -32,6 +34,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
+from . import _arrays
 from ._kernels import Call
 from ._validate import flag, real
 
@@ -48,6 +51,7 @@ QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 
 _QDTYPES = {np.dtype(name): (np.dtype(name), *QRANGE[name]) for name in QRANGE}
 _INT8, _FLOAT32 = np.dtype(np.int8), np.dtype(np.float32)  # (dtype.name costs microseconds)
+_FLOAT16 = np.dtype(np.float16)
 
 
 def _qdtype(dtype: Any) -> Tuple[np.dtype, int, int]:
@@ -123,9 +127,41 @@ def _affine_params(
     return (*_channel_params(scale, zero_point, shape[axis], qmin, qmax), axis)
 
 
-def _check_out_dtype(out_dtype: Any) -> None:
-    if out_dtype not in ("float32", np.float32):
-        raise ValueError(f"out_dtype: only 'float32' is supported, got {out_dtype!r}")
+_OUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def out_dtype_name(out_dtype: Any) -> str:
+    """ "float32", "float16" or "bfloat16" for ``out_dtype`` given as that name or as such a
+    NumPy, ml_dtypes or torch dtype; ValueError naming out_dtype otherwise."""
+    if isinstance(out_dtype, str):
+        name: Optional[str] = out_dtype
+    elif type(out_dtype).__module__.startswith("torch"):
+        name = str(out_dtype).replace("torch.", "")
+    else:
+        try:
+            name = np.dtype(out_dtype).name
+        except TypeError:
+            name = None
+    if name not in _OUT_DTYPES:
+        raise ValueError(
+            f"out_dtype: expected 'float32', 'float16' or 'bfloat16', got {out_dtype!r}"
+        )
+    return name
+
+
+def _out_dtype(out_dtype: Any, call: Call, q: Any) -> np.dtype:
+    """The NumPy dtype of ``out_dtype`` for the call's arrays (bfloat16: ml_dtypes' on the
+    host; not with CuPy, which has none)."""
+    name = out_dtype_name(out_dtype)
+    if name != "bfloat16":
+        return _FLOAT32 if name == "float32" else _FLOAT16
+    if not call.host and _arrays._is_cupy(q):
+        raise TypeError("out_dtype: CuPy has no bfloat16; ask for 'float16' or 'float32'")
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError("out_dtype: bfloat16 results need the ml_dtypes package") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def _raise_nonfinite(name: str, shape: Tuple[int, ...], flat: int) -> None:
@@ -205,24 +241,25 @@ def dequantize(
     scale: Union[float, Any],
     zero_point: Union[int, Any],
     axis: Optional[int] = None,
-    out_dtype: str = "float32",
+    out_dtype: Any = "float32",
     *,
     out: Optional[Any] = None,
     stream: Any = None,
 ) -> Any:
-    """x = (q - zero_point) * scale in float32; per channel along ``axis`` when given
-    (scale and zero_point then 1-D)."""
+    """x = (q - zero_point) * scale computed in float32; per channel along ``axis`` when
+    given (scale and zero_point then 1-D). ``out_dtype`` "float16" or "bfloat16" (or such a
+    dtype) stores that float32 value rounded to nearest even (NaN as 0x7FFF)."""
     call = Call("q", q, stream)
     qa, shape, qname, kind = call.input("q", q)
     if qname not in QRANGE:
         raise TypeError(f"q: dtype {qname} is not supported (int8 or uint8)")
-    _check_out_dtype(out_dtype)
+    xdt = _out_dtype(out_dtype, call, qa)
     _, qmin, qmax = _qdtype(qname)
     scales, zero_points, axis = _affine_params(scale, zero_point, axis, shape, qmin, qmax)
     x = (
-        call.out("out", out, shape, _FLOAT32, [("q", qa)])
+        call.out("out", out, shape, xdt, [("q", qa)])
         if out is not None
-        else call.empty(qa, shape, _FLOAT32)
+        else call.empty(qa, shape, xdt)
     )
     call.kernels.dequantize_affine(qa, x, scales, zero_points, axis, call.stream)
     return out if out is not None else kind.wrap(x)
@@ -354,21 +391,22 @@ def dequantize_blockwise(
     q: Any,
     absmax: Any,
     block_size: int = 256,
-    out_dtype: str = "float32",
+    out_dtype: Any = "float32",
     *,
     out: Optional[Any] = None,
     stream: Any = None,
 ) -> Any:
-    """x = q * (absmax / 127) per block of ``block_size`` consecutive elements, float32."""
+    """x = q * (absmax / 127) per block of ``block_size`` consecutive elements, computed in
+    float32 and stored as ``out_dtype`` (float16/bfloat16: rounded as in ``dequantize``)."""
     block = _block_size(block_size)
     call = Call("q", q, stream)
     qa, shape, _, kind = call.input("q", q)
     am = call.input("absmax", absmax)[0]
-    _check_out_dtype(out_dtype)
+    xdt = _out_dtype(out_dtype, call, qa)
     x = (
-        call.out("out", out, shape, _FLOAT32, [("q", qa), ("absmax", am)])
+        call.out("out", out, shape, xdt, [("q", qa), ("absmax", am)])
         if out is not None
-        else call.empty(qa, shape, _FLOAT32)
+        else call.empty(qa, shape, xdt)
     )
     call.kernels.dequantize_blockwise(qa, am, x, block, call.stream)
     return out if out is not None else kind.wrap(x)

@@ -9,7 +9,8 @@ docstrings of ``fastopt.functional``).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -23,12 +24,16 @@ __all__ = [
     "lion",
     "ema",
     "masked",
+    "grad_norm",
+    "clip_coefficient",
+    "clip_grad_norm",
     "damped_newton_step",
     "quantize_affine",
     "dequantize_affine",
     "quantize_blockwise",
     "dequantize_blockwise",
     "uniform24",
+    "bfloat16_stochastic",
 ]
 
 
@@ -231,6 +236,39 @@ def masked(
             a[pruned] = old
 
 
+def grad_norm(grads: Sequence[np.ndarray], norm_type: float = 2.0) -> float:
+    """The norm of all grads together, as one vector, in float64: (sum |g|^p)^(1/p),
+    max |g| for p = inf (0 for no elements). NaN anywhere gives NaN."""
+    flat = np.concatenate([np.asarray(g, np.float64).ravel() for g in grads] or [np.zeros(0)])
+    if flat.size == 0:
+        return 0.0
+    a = np.abs(flat)
+    if np.isinf(norm_type):
+        return float(np.nan if np.isnan(a).any() else a.max())
+    if norm_type == 2.0:
+        return float(np.sqrt(np.sum(a * a)))
+    if norm_type == 1.0:
+        return float(np.sum(a))
+    return float(np.sum(a**norm_type) ** (1.0 / norm_type))
+
+
+def clip_coefficient(max_norm: float, norm: float) -> float:
+    """min(max_norm / (norm + 1e-6), 1), as torch.nn.utils.clip_grad_norm_; NaN stays NaN."""
+    c = max_norm / (norm + 1e-6)
+    return c if c < 1.0 or math.isnan(c) else 1.0
+
+
+def clip_grad_norm(grads: Sequence[np.ndarray], max_norm: float, norm_type: float = 2.0) -> float:
+    """torch.nn.utils.clip_grad_norm_ on float64 arrays: g <- g * clip_coefficient in place;
+    returns the norm before clipping."""
+    norm = grad_norm(grads, norm_type)
+    c = clip_coefficient(max_norm, norm)
+    with np.errstate(invalid="ignore"):  # inf * 0 is NaN, as in torch
+        for g in grads:
+            g *= c
+    return norm
+
+
 def damped_newton_step(
     p: np.ndarray, g: np.ndarray, H: np.ndarray, *, lr: float = 1.0, damping: float = 0.0
 ) -> np.ndarray:
@@ -277,9 +315,22 @@ def quantize_affine(
     return np.clip(np.rint(x / s) + z, f32(qmin), f32(qmax))
 
 
-def dequantize_affine(q: np.ndarray, scale, zero_point, axis: Optional[int] = None) -> np.ndarray:
+def _stored(x32: np.ndarray, out_dtype: Any) -> np.ndarray:
+    """float32 values stored as ``out_dtype`` (float32, float16, or ml_dtypes' bfloat16):
+    rounded to nearest even, every NaN as 0x7FFF, as the kernels store them."""
+    if np.dtype(out_dtype) == np.float32:
+        return x32
+    out = x32.astype(out_dtype)
+    out.view(np.uint16)[np.isnan(x32)] = 0x7FFF
+    return out
+
+
+def dequantize_affine(
+    q: np.ndarray, scale, zero_point, axis: Optional[int] = None, out_dtype: Any = np.float32
+) -> np.ndarray:
+    """(q - zero_point) * scale in float32, stored as ``out_dtype``."""
     s, z = _broadcast_qparams(scale, zero_point, q.ndim, axis)
-    return (q.astype(np.float32) - z) * s
+    return _stored((q.astype(np.float32) - z) * s, out_dtype)
 
 
 def _mix32(x: np.ndarray) -> np.ndarray:
@@ -290,6 +341,30 @@ def _mix32(x: np.ndarray) -> np.ndarray:
     x *= np.uint32(0x846CA68B)
     x ^= x >> np.uint32(16)
     return x
+
+
+def _u32(x: int) -> np.ndarray:
+    return np.array([x & 0xFFFFFFFF], dtype=np.uint64).astype(np.uint32)
+
+
+def bfloat16_stochastic(x: np.ndarray, seed: int, step: int, tensor: int) -> np.ndarray:
+    """float32 ``x`` (element j at index j of tensor ``tensor`` of a call at ``step`` with
+    ``seed``) rounded stochastically to bfloat16, as the bits (uint16) the kernels store:
+    the 16 bits cut off are compared with 16 random bits of a counter-based hash of
+    (seed, step, tensor, j), so x rounds up with probability equal to its distance from the
+    lower bfloat16 value over the gap; NaN becomes 0x7FFF."""
+    seed_key = _mix32(_u32(seed) ^ _mix32(_u32((int(seed) >> 32) + 0x9E3779B9)))
+    step = int(step) & 0xFFFFFFFFFFFFFFFF
+    step_key = _mix32(_u32(step) ^ _mix32(_u32((step >> 32) + 0x9E3779B9)))
+    key = _mix32(_mix32(seed_key ^ step_key) ^ _mix32(_u32(int(tensor) + 0x7F4A7C15)))
+    j = np.arange(x.size, dtype=np.uint64)
+    lo = (j & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    hi = (j >> np.uint64(32)).astype(np.uint32)
+    random = _mix32(lo ^ _mix32(hi ^ key))
+    u = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    out = ((u.astype(np.uint64) + (random >> np.uint32(16))) >> np.uint64(16)).astype(np.uint16)
+    out[(u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)] = 0x7FFF
+    return out.reshape(x.shape)
 
 
 def uniform24(seed: int, index: np.ndarray) -> np.ndarray:
@@ -334,8 +409,11 @@ def quantize_blockwise(
     return q, absmax.astype(f32)
 
 
-def dequantize_blockwise(q: np.ndarray, absmax: np.ndarray, block_size: int = 256) -> np.ndarray:
+def dequantize_blockwise(
+    q: np.ndarray, absmax: np.ndarray, block_size: int = 256, out_dtype: Any = np.float32
+) -> np.ndarray:
+    """q * (absmax / 127) per block in float32, stored as ``out_dtype``."""
     f32 = np.float32
     scale = (absmax.astype(f32) / f32(127)).astype(f32)
     flat = q.reshape(-1).astype(f32) * np.repeat(scale, block_size)[: q.size]
-    return flat.reshape(q.shape)
+    return _stored(flat.reshape(q.shape), out_dtype)

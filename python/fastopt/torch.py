@@ -59,11 +59,27 @@ Decisions, where torch.optim offers a choice:
   is one synchronisation per step (the kernels take host scalars). After ``scaler.unscale_``
   (for clipping) the grads are taken as they are. The trajectory is torch.optim's under the
   same scaler.
+- ``state_dtype=`` (every class, keyword-only, a group option): ``"float32"`` (default: the
+  state types above) or ``"bfloat16"`` (every state tensor but ``step`` in bfloat16: half the
+  state's bytes; loaded exactly, updated in float32, stored rounded to nearest even; not for
+  float64 params). State of another float type (a checkpoint saved with the other choice,
+  or a group whose ``state_dtype`` changed) is converted at the next step.
+- ``stochastic_rounding=`` (every class, keyword-only, a group option; default False): the
+  group's bfloat16 params are rounded stochastically at every step (unbiased; bfloat16
+  training without float32 master weights), keyed by the group's ``"rounding_seed"`` (from
+  ``seed=``, drawn when None; checkpoints carry it), the step count and the param's place:
+  reproducible. The group's other params round to nearest as always.
 - ``masks=`` (every class, keyword-only; or ``set_masks`` later): pruning masks, e.g. from
   ``fastopt.prune_magnitude``, as a dict {param: mask} or one mask per param. Where a mask is
   False the step sets the param to 0 and leaves its state untouched, inside the one fused
   pass (a masked param is bucketed apart from unmasked ones). Masks are the model's, not the
   optimizer's: ``state_dict`` does not carry them.
+- ``opt.max_grad_norm = 1.0`` (an attribute, default None, so that the constructors and
+  checkpoints stay torch's) clips every step's grads to that global 2-norm over all groups,
+  as ``clip_grad_norm_`` before the step would, and leaves the norm in ``opt.last_grad_norm``.
+  On the CPU the clip coefficient joins the GradScaler scale the kernel divides the grads by
+  (two reads of the grads, no write); on the GPU and for DTensor grads the grads are
+  clipped in place first (``fastopt.torch.clip_grad_norm_``).
 - DTensor params (FSDP2's ``fully_shard``, tensor parallel) are stepped on their local shards
   (``to_local()``, re-read at every step); their state is made with ``zeros_like`` and is a
   DTensor with the same placements, as torch.optim's, so
@@ -85,9 +101,10 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _arrays, _ext, functional
 from ._specs import OPTIMIZERS, OptimizerSpec
-from ._validate import real
+from ._torch_clip import clip_grad_norm_, step_grad_scale
+from ._validate import flag, real
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia", "clip_grad_norm_"]
 
 try:  # torch builds without distributed support have no DTensor
     from torch.distributed.tensor import DTensor
@@ -265,7 +282,16 @@ class _Bucket:
 class _GroupCache:
     """A group's buckets and what they were built from (checked at each step)."""
 
-    __slots__ = ("params", "has_grad", "state", "roles", "buckets", "whole", "masks_version")
+    __slots__ = (
+        "params",
+        "has_grad",
+        "state",
+        "roles",
+        "buckets",
+        "whole",
+        "masks_version",
+        "state_dtype",
+    )
 
     def __init__(
         self,
@@ -275,8 +301,10 @@ class _GroupCache:
         roles: Tuple[bool, ...],
         buckets: List[_Bucket],
         masks_version: int,
+        state_dtype: Any,
     ):
         self.masks_version = masks_version
+        self.state_dtype = state_dtype  # the group's "state_dtype" the state was made for
         self.params = params
         self.has_grad = has_grad
         self.state = state
@@ -295,6 +323,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
     _spec: OptimizerSpec
     _tracks_step = True
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
+    # Set to clip every step's grads to this global 2-norm (see the module docstring);
+    # each step then leaves the norm before clipping in last_grad_norm.
+    max_grad_norm: Optional[float] = None
+    last_grad_norm: Optional[torch.Tensor] = None
 
     def __init__(self, params: Any, defaults: Dict[str, Any], masks: Any = None):
         if defaults.get("capturable"):
@@ -433,8 +465,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """What a fresh state array ``name`` (a table name) starts with."""
         return 0.0
 
-    def _new_state(self, p: torch.Tensor, value: float) -> torch.Tensor:
-        dtype = torch.float32 if p.dtype in _HALF else p.dtype
+    @staticmethod
+    def _state_type(where: str, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:
+        """The dtype of ``p``'s state under ``group["state_dtype"]``."""
+        kind = group.get("state_dtype", "float32")
+        if kind == "bfloat16":
+            if p.dtype == torch.float64:
+                raise ValueError(
+                    f"{where}: state_dtype='bfloat16' is for float32 and 16-bit params, not float64"
+                )
+            return torch.bfloat16
+        if kind != "float32":
+            raise ValueError(f"state_dtype: expected 'float32' or 'bfloat16', got {kind!r}")
+        return torch.float32 if p.dtype in _HALF else p.dtype
+
+    def _new_state(self, p: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
         out = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if value:
             out.fill_(value)
@@ -450,20 +495,23 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if self._tracks_step and "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=_step_dtype())
         fresh = False
-        want = torch.float32 if p.dtype in _HALF else p.dtype
+        want = self._state_type(where, p, group)
         for role, use in zip(self._spec.states, used):
             key = STATE_KEYS[role.name]
             if not use:
                 continue
             s = state.get(key)
             if s is None:
-                state[key] = self._new_state(p, self._initial_value(role.name, group))
+                state[key] = self._new_state(p, self._initial_value(role.name, group), want)
                 fresh = True
                 continue
+            convert = (
+                isinstance(s, torch.Tensor) and s.dtype != want and s.is_floating_point()
+            )  # another float type (a checkpoint's, a changed state_dtype): taken as its values
             if (
                 not isinstance(s, torch.Tensor)
                 or s.shape != p.shape
-                or s.dtype != want
+                or (s.dtype != want and not convert)
                 or s.device != p.device
             ):
                 got = (
@@ -475,8 +523,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     f"state of {where}: '{key}' must be a {tuple(p.shape)} "
                     f"{want} tensor on {p.device} like its param, got {got}"
                 )
-            if _local(s).stride() != _local(p).stride():  # same strides as the param
-                moved = self._new_state(p, 0.0)
+            if convert or _local(s).stride() != _local(p).stride():  # the param's strides
+                moved = self._new_state(p, 0.0, want)
                 moved.copy_(s)
                 state[key] = moved
         return state, fresh
@@ -549,6 +597,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             used,
             buckets,
             self._masks_version,
+            group.get("state_dtype"),
         )
 
     @staticmethod
@@ -585,6 +634,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             scale = getattr(self, "grad_scale", None)
             if scale is not None:
                 grad_scale = float(scale)
+        if self.max_grad_norm is not None:
+            self.last_grad_norm, grad_scale = step_grad_scale(
+                self.param_groups, self.max_grad_norm, grad_scale
+            )
         for index, group in enumerate(self.param_groups):
             self._step_group(index, group, grad_scale)
         return loss
@@ -605,11 +658,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
             and cache.has_grad == [g is not None for g in grads]
             and cache.roles == used
             and cache.masks_version == self._masks_version
+            and cache.state_dtype == group.get("state_dtype")
         ):
             lists = [b.state_lists(self.state) for b in cache.buckets]
         if cache is None or lists is None or None in lists:
             cache = self._caches[index] = self._build(index, group, grads, used)
             lists = [b.state_lists(self.state) for b in cache.buckets]
+        seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
         for bucket, states in zip(cache.buckets, lists):
             assert states is not None  # the state of a bucket just built
             self._run(
@@ -620,6 +675,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 kw,
                 lr,
                 grad_scale,
+                seed,
             )
 
     def _run(
@@ -631,6 +687,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         kw: Dict[str, Any],
         lr: float,
         grad_scale: float,
+        rounding_seed: Optional[int] = None,
     ) -> None:
         if bucket.inference and not torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -649,6 +706,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "grad_scale": grad_scale}
         if bucket.masks is not None:
             extra = {**extra, "masks": bucket.masks}
+        if rounding_seed is not None and bucket.params[0].dtype == torch.bfloat16:
+            # this step's and this bucket's seed: the kernel adds each param's place
+            key = (
+                rounding_seed ^ ((bucket.done + 1) * 0x9E3779B97F4A7C15) ^ bucket.index[0]
+            ) % 2**64
+            extra = {**extra, "stochastic_seed": key}
         if self._spec.takes_step:
             extra = {**extra, "step": bucket.done + 1}
         try:
@@ -722,6 +785,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
 
 
+def _rounding_seed(stochastic_rounding: Any, seed: Any) -> Optional[int]:
+    """The "rounding_seed" group option: ``seed`` checked (drawn when None), or None without
+    stochastic rounding."""
+    if not flag("stochastic_rounding", stochastic_rounding):
+        if seed is not None:
+            raise ValueError("seed: only applies with stochastic_rounding=True")
+        return None
+    return functional.stochastic_rounding("stochastic", seed)["stochastic_seed"]
+
+
 def _pair(name: str, betas: Any) -> Tuple[Any, Any]:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"{name}: expected a pair (beta1, beta2), got {betas!r}")
@@ -751,6 +824,9 @@ class SGD(_FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         l1: float = 0.0,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         defaults = dict(
@@ -764,6 +840,9 @@ class SGD(_FusedOptimizer):
             differentiable=differentiable,
             fused=fused,
             l1=l1,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
 
@@ -790,6 +869,9 @@ class Adagrad(_FusedOptimizer):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         l1: float = 0.0,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
@@ -804,6 +886,9 @@ class Adagrad(_FusedOptimizer):
             differentiable=differentiable,
             fused=fused,
             l1=l1,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
         for index, group in enumerate(self.param_groups):
@@ -838,6 +923,9 @@ class RMSprop(_FusedOptimizer):
         differentiable: bool = False,
         *,
         l1: float = 0.0,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         defaults = dict(
@@ -852,6 +940,9 @@ class RMSprop(_FusedOptimizer):
             maximize=maximize,
             differentiable=differentiable,
             l1=l1,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
 
@@ -880,6 +971,9 @@ class Adam(_FusedOptimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         defaults = dict(
@@ -895,6 +989,9 @@ class Adam(_FusedOptimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
             l1=l1,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
 
@@ -918,6 +1015,9 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: Optional[bool] = None,
         l1: float = 0.0,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         super().__init__(
@@ -934,6 +1034,9 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             l1=l1,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
             masks=masks,
         )
 
@@ -964,6 +1067,9 @@ class Lion(_FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         l1: float = 0.0,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         defaults = dict(
@@ -976,6 +1082,9 @@ class Lion(_FusedOptimizer):
             capturable=capturable,
             differentiable=differentiable,
             l1=l1,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
 
@@ -1004,6 +1113,9 @@ class Sophia(_FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         l1: float = 0.0,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
         masks: Any = None,
     ):
         defaults = dict(
@@ -1018,6 +1130,9 @@ class Sophia(_FusedOptimizer):
             capturable=capturable,
             differentiable=differentiable,
             l1=l1,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         self._hessian_beta("", defaults)
         super().__init__(params, defaults, masks)

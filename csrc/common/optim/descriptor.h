@@ -40,6 +40,14 @@ struct Role {
   bool optional;     // used only under some options (the descriptor's uses() says when)
 };
 
+// What every step takes besides its optimizer's hyper-parameters.
+struct StepOptions {
+  int64_t step = 1;         // the 1-based step count (for optimizers that take it)
+  double grad_scale = 1.0;  // the grads are divided by it as they are loaded (GradScaler's)
+  bool stochastic = false;  // bfloat16 params rounded stochastically (common/rounding.h)
+  uint64_t seed = 0;        // ... with this seed
+};
+
 // Defaults of the optional parts of a descriptor.
 struct Descriptor {
   // Whether the options in h use optional role r (required roles are always used).

@@ -392,6 +392,11 @@ def _cases(
         for n in names
         for lay, shapes in bench.layouts()
     ]
+    if (only is None or "clip" in only) and hasattr(bench, "clip_case"):  # CPU only
+        cases += [
+            (f"clip_grad_norm {w}", functools.partial(bench.clip_case, c))
+            for w, c in (("clipping", True), ("norm only", False))
+        ]
     if only is None or "quant" in only:
         cases += [(f"int8 {q}", functools.partial(bench.quant_case, q)) for q in QUANT_CASES]
     if only is None or "newton" in only:

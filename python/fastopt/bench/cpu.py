@@ -3,12 +3,14 @@ in-place ``a += b`` ceiling."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .. import _runtime, quant, reference
 from .._ext import _cpu
+from ..clip import clip_grad_norm_
 from ..newton import cholesky_solve, newton_
 from .common import (
     QUANT_CASES,
@@ -85,6 +87,65 @@ class CpuBench:
 
         fns["numpy"] = numpy_reference
         self.add_torch_peers(spec, params, grads, fns, row)
+        row.times_ms = _median_times(fns, self.repeats)
+        return row
+
+    def clip_case(self, clipping: bool) -> Row:
+        """Gradient clipping over GPT-2 small's grads (the quick run: its first 2 blocks):
+        ``fastopt.torch.clip_grad_norm_`` against ``torch.nn.utils.clip_grad_norm_``
+        (foreach) and NumPy, each on its own copy. ``clipping``: max_norm 0, so every call
+        scales (by 0: the same work whatever the values); else max_norm inf, where fastopt
+        reads the grads once and torch still multiplies them by 1. Bytes per element:
+        fastopt's (norm 4 B, + 8 B for the scaling)."""
+        shapes = gpt2_small_shapes()
+        if self.quick:
+            shapes = shapes[: 2 + 2 * 12][2:]  # two transformer blocks, no embeddings
+        elements = sum(int(np.prod(s)) for s in shapes)
+        what = "clipping" if clipping else "norm only"
+        row = Row(
+            f"clip_grad_norm ({what}) gpt2-small{' 2 blocks' if self.quick else ''}",
+            "cpu",
+            12 if clipping else 4,
+            elements,
+            len(shapes),
+        )
+        grads = [self.rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        want = reference.grad_norm(grads)
+        got = clip_grad_norm_([g.copy() for g in grads], math.inf)
+        if abs(got - want) > 1e-12 * want:
+            row.check = f"FAIL: norm {got!r}, float64 reference {want!r}"
+            return row
+        max_norm = 0.0 if clipping else math.inf
+        arrays = [g.copy() for g in grads]
+        fns: Dict[str, Callable[[], Any]] = {}
+
+        def numpy_clip() -> None:
+            norm = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in arrays))
+            c = min(max_norm / (norm + 1e-6), 1.0)
+            for g in arrays:
+                g *= np.float32(c)
+
+        torch = self.torch
+        if torch is None:
+            fns["fastopt"] = lambda: clip_grad_norm_(arrays, max_norm)
+            row.notes["torch"] = "not installed"
+        else:
+            from ..torch import clip_grad_norm_ as torch_clip
+
+            def params() -> List[Any]:
+                out = []
+                for g in grads:  # a param without memory of its own: only .grad is used
+                    p = torch.zeros(1).expand(g.shape)
+                    p.grad = torch.from_numpy(g.copy())
+                    out.append(p)
+                return out
+
+            ours, theirs = params(), params()
+            fns["fastopt"] = lambda: torch_clip(ours, max_norm)
+            fns["torch foreach"] = lambda: torch.nn.utils.clip_grad_norm_(
+                theirs, max_norm, foreach=True
+            )
+        fns["numpy"] = numpy_clip
         row.times_ms = _median_times(fns, self.repeats)
         return row
 

@@ -1,0 +1,113 @@
+"""Fewer bytes per parameter: AdamW with bfloat16 state and with masks against float32 state
+and ``torch.optim.AdamW(fused=True)``, on the CPU or the GPU.
+
+``python -m fastopt.bench.lowbit_rows [--device cpu|cuda] [--log2 24] [--rounds 9]`` times,
+interleaved in rotating order per round on one float32 tensor of 2^log2 elements (torch
+tensors: the same library for every column), fastopt.torch.AdamW with float32 state (28 B
+per element: p, m, v read and written, g read), with bfloat16 state (20 B), with a mask (29 B:
+one byte more), and torch's fused AdamW (28 B); then bfloat16 params, grads and state (14 B):
+fastopt with stochastic rounding against torch's fused AdamW on bfloat16 params. It prints
+per column the median ms per step with the spread (min-max) over the rounds, the bytes per
+element, the achieved GB/s and the median per-round ratio of torch fused's time to the
+column's (> 1: faster than torch fused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable, Dict, List
+
+
+def columns(torch: Any, n: int, device: str) -> Dict[str, Any]:
+    """(step function, bytes per element) per column, each on its own params with one grad."""
+    import fastopt.torch as fot
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(n, generator=gen)
+    grad = torch.randn(n, generator=gen).to(device)
+    mask = (torch.rand(n, generator=gen) < 0.5).to(device)
+
+    def params() -> List[Any]:
+        p = values.clone().to(device).requires_grad_()
+        p.grad = grad
+        return [p]
+
+    out: Dict[str, Any] = {}
+    out["fastopt fp32 state"] = (fot.AdamW(params(), lr=1e-3).step, 28)
+    out["fastopt bf16 state"] = (fot.AdamW(params(), lr=1e-3, state_dtype="bfloat16").step, 20)
+    masked = params()
+    out["fastopt masked"] = (fot.AdamW(masked, lr=1e-3, masks=[mask]).step, 29)
+    out["torch fused"] = (torch.optim.AdamW(params(), lr=1e-3, fused=True).step, 28)
+
+    def bf16_params() -> List[Any]:
+        p = values.to(torch.bfloat16).to(device).requires_grad_()
+        p.grad = grad.to(torch.bfloat16)
+        return [p]
+
+    # bfloat16 params, grads and state: 14 B per element (torch keeps the state in the
+    # params' dtype, so its fused AdamW moves the same bytes, rounding to nearest)
+    sr = fot.AdamW(bf16_params(), lr=1e-3, state_dtype="bfloat16", stochastic_rounding=True)
+    out["fastopt bf16 all, SR"] = (sr.step, 14)
+    out["torch fused bf16"] = (torch.optim.AdamW(bf16_params(), lr=1e-3, fused=True).step, 14)
+    return out
+
+
+def compare(n: int, device: str, rounds: int, calls: int) -> Dict[str, List[float]]:
+    """ms per step per round for every column, interleaved in rotating order."""
+    import torch
+
+    cols = columns(torch, n, device)
+    sync: Callable[[], None] = torch.cuda.synchronize if device == "cuda" else lambda: None
+    for fn, _ in cols.values():
+        fn()
+    sync()
+    samples: Dict[str, List[float]] = {k: [] for k in cols}
+    names = list(cols)
+    for r in range(rounds):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            fn = cols[name][0]
+            time.sleep(0.02)
+            sync()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            samples[name].append(1e3 * (time.perf_counter() - t) / calls)
+    return samples
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--log2", type=int, default=24, help="elements: 2^log2")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--calls", type=int, default=5, help="steps per timed block")
+    args = parser.parse_args()
+    n = 1 << args.log2
+    samples = compare(n, args.device, args.rounds, args.calls)
+    bytes_per = {k: b for k, (_, b) in columns(torch, 1, "cpu").items()}
+    fused = samples["torch fused"]
+    print(
+        f"AdamW, one float32 tensor of 2^{args.log2} elements on {args.device}, "
+        f"{args.rounds} rounds x {args.calls} steps, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"  {'column':20s} {'ms median (min-max)':>24s} {'B/elem':>6s} {'GB/s':>6s} "
+        f"{'torch fused / it':>16s}"
+    )
+    for name, values in samples.items():
+        med = statistics.median(values)
+        gbs = bytes_per[name] * n / (med * 1e-3) / 1e9
+        ratio = statistics.median(f / v for f, v in zip(fused, values))
+        spread = f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+        print(f"  {name:20s} {spread:>24s} {bytes_per[name]:6d} {gbs:6.1f} {ratio:16.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Stochastic rounding of bfloat16 params (``rounding="stochastic"`` on the steps,
+``stochastic_rounding=True`` on the classes): bit for bit the float32 step followed by
+``reference.bfloat16_stochastic`` with the same key, on every optimizer, the CPU's paths and
+thread counts and the GPU; unbiased where round-to-nearest loses the update; reproducible
+by seed; refused for other dtypes; and training in bfloat16 without master weights comes
+within 2% of float32."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import reference
+
+from backends import assert_bits
+from conftest import opt_cases, using_cpu_path, using_threads
+
+torch = pytest.importorskip("torch")
+
+SHAPES = [(7,), (33,), (1,), (0,), (4097,), (33, 3), (40_001,)]
+CUDA_OK = torch.cuda.is_available() and fastopt.cuda_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and fastopt._cuda")])]
+
+
+def _problem(opt, opts, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g).to(torch.bfloat16) for s in SHAPES]
+    state = {n: [torch.from_numpy(opt.init[n](s, np.random.default_rng(seed)).astype(np.float32))
+                 for s in SHAPES] for n in opt.states(opts)}
+    grads = [[torch.randn(s, generator=g).to(torch.bfloat16) for s in SHAPES] for _ in range(3)]
+    return params, state, grads
+
+
+def _step(opt, opts, params, state, grads, t, **extra):
+    args = [params, grads] + [None if n is None else state[n] for n in opt.state_args(opts)]
+    kwargs = dict(opt.hyper(opts))
+    if opt.takes_step:
+        kwargs["step"] = t
+    opt.fn(*args, **kwargs, **extra)
+
+
+def _bits(tensors):
+    return [t.cpu().view(torch.int16).numpy().view(np.uint16) for t in tensors]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("opt,opts", opt_cases("representative"))
+def test_stochastic_rounding_is_the_float32_step_rounded(opt, opts, device):
+    params, state, grads = _problem(opt, opts, 3)
+    # the twin: float32 params through the same kernel, rounded by the reference's rule
+    twin = [p.float() for p in params]
+    twin_state = {k: [a.clone() for a in v] for k, v in state.items()}
+    dev = [p.to(device) for p in params]
+    dev_state = {k: [a.to(device) for a in v] for k, v in state.items()}
+    for t, gs in enumerate(grads, start=1):
+        seed = 1000 + t
+        _step(opt, opts, dev, dev_state, [g.to(device) for g in gs], t,
+              rounding="stochastic", seed=seed)
+        _step(opt, opts, twin, twin_state, [g.float() for g in gs], t)
+        key_step = t if opt.takes_step else 1
+        for i, p in enumerate(twin):
+            bits = reference.bfloat16_stochastic(p.numpy(), seed, key_step, i)
+            p.copy_(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float())
+    for i, (got, want) in enumerate(zip(_bits(dev), _bits([p.to(torch.bfloat16) for p in twin]))):
+        assert_bits(got, want, f"params[{i}]", any_nan=True)
+    for k in state:
+        for i, (a, b) in enumerate(zip(dev_state[k], twin_state[k])):
+            assert_bits(a.cpu().numpy(), b.numpy(), f"{k}[{i}]", any_nan=True)
+
+
+@pytest.mark.parametrize("opt,opts", opt_cases("representative"))
+def test_stochastic_rounding_paths_and_threads_bit_identical(opt, opts):
+    runs = []
+    for path in ("scalar", "avx2"):
+        for threads in (1, 2):
+            with using_cpu_path(path), using_threads(threads):
+                params, state, grads = _problem(opt, opts, 4)
+                for t, gs in enumerate(grads, start=1):
+                    _step(opt, opts, params, state, gs, t, rounding="stochastic", seed=77 + t)
+                runs.append(_bits(params))
+    for run in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], run)):
+            assert_bits(b, a, f"params[{i}]")
+
+
+def test_stochastic_rounding_is_unbiased_where_nearest_stalls():
+    # An update of a sixth of an ulp: round-to-nearest never moves the params, stochastic
+    # rounding moves them by the update on average.
+    n, steps = 20_000, 30
+    start = torch.full((n,), 1.0, dtype=torch.bfloat16)  # ulp above 1: 2**-7
+    grad = torch.full((n,), 2.0**-7 / 6, dtype=torch.bfloat16)
+    nearest, stochastic = start.clone(), start.clone()
+    for t in range(steps):
+        fastopt.sgd_(nearest, grad, lr=1.0, maximize=True)  # p <- p + g
+        fastopt.sgd_(stochastic, grad, lr=1.0, maximize=True, rounding="stochastic", seed=t)
+    assert (nearest == start).all()
+    drift = (stochastic.double() - 1.0).mean().item()
+    want = steps * grad[0].double().item()
+    assert abs(drift - want) < 0.05 * want, (drift, want)
+
+
+def test_stochastic_rounding_reproducible_and_checked(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    p0 = rng.standard_normal(4097).astype(bf16)
+    g = rng.standard_normal(4097).astype(bf16)
+    runs = {}
+    for seed in (1, 1, 2):
+        p = p0.copy()
+        fastopt.lion_(p, g, np.zeros(4097, np.float32), lr=1e-3, rounding="stochastic", seed=seed)
+        runs.setdefault(seed, []).append(p.view(np.uint16))
+    assert_bits(runs[1][0], runs[1][1], "the same seed")
+    assert (runs[1][0] != runs[2][0]).any()
+    f32 = rng.standard_normal(5).astype(np.float32)
+    with pytest.raises(ValueError, match=r"rounding: 'stochastic' .* bfloat16 params"):
+        fastopt.sgd_(f32, f32.copy(), lr=0.1, rounding="stochastic", seed=1)
+    with pytest.raises(ValueError, match=r"rounding: expected 'nearest' or 'stochastic'"):
+        fastopt.sgd_(p0.copy(), g, lr=0.1, rounding="down")
+    with pytest.raises(ValueError, match=r"seed: only applies"):
+        fastopt.sgd_(p0.copy(), g, lr=0.1, seed=3)
+    with pytest.raises(ValueError, match=r"seed: must be in \[0, 2\*\*64\)"):
+        fastopt.sgd_(p0.copy(), g, lr=0.1, rounding="stochastic", seed=-1)
+    with pytest.raises(TypeError, match=r"seed: expected an integer"):
+        fastopt.sgd_(p0.copy(), g, lr=0.1, rounding="stochastic", seed=1.5)
+
+
+@pytest.mark.parametrize("name", sorted(fastopt.optim.CLASSES))
+def test_class_stochastic_rounding(name, rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    cls = fastopt.optim.CLASSES[name]
+    kwargs = {"lr": 1e-3} if name in ("sgd", "sophia") else {}
+    p0 = [rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in [(33,), (4097,)]]
+    runs = []
+    for _ in range(2):
+        o = cls([p.copy() for p in p0], stochastic_rounding=True, seed=9, **kwargs)
+        r = np.random.default_rng(1)
+        for _ in range(3):
+            o.step([r.standard_normal(p.shape).astype(ml_dtypes.bfloat16) for p in p0])
+        runs.append([p.view(np.uint16).copy() for p in o.params])
+    for a, b in zip(*runs):
+        assert_bits(b, a, "the same seed")
+    with pytest.raises(ValueError, match=r"stochastic_rounding: applies to bfloat16 params"):
+        cls([np.zeros(3, np.float32)], stochastic_rounding=True, **kwargs)
+    with pytest.raises(ValueError, match=r"seed: only applies"):
+        cls([p.copy() for p in p0], seed=3, **kwargs)
+
+
+def _train(torch_device, dtype, stochastic):
+    # A small MLP whose params are stored in `dtype` and used in float32 (the forward and
+    # backward are float32 for every storage type): only the params' rounding differs.
+    import fastopt.torch as fot
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(32, 64), (64,), (64, 1), (1,)]
+    params = [(torch.randn(s, generator=g) / (s[0] ** 0.5 if len(s) == 2 else 4.0))
+              .to(dtype).to(torch_device).requires_grad_() for s in shapes]
+    opt = fot.AdamW(params, lr=3e-4, weight_decay=0.0,
+                    stochastic_rounding=stochastic, seed=0 if stochastic else None)
+    x = torch.randn(256, 32, generator=g)
+    y = torch.sin(x[:, :1] * 2) + 0.5 * x[:, 1:2]
+    x, y = x.to(torch_device), y.to(torch_device)
+    for _ in range(400):
+        opt.zero_grad()
+        w1, b1, w2, b2 = (p.float() for p in params)
+        loss = (torch.tanh(x @ w1 + b1) @ w2 + b2 - y).square().mean()
+        loss.backward()
+        opt.step()
+    return loss.item(), opt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_training_with_stochastic_rounding_tracks_float32(device):
+    fp32, _ = _train(device, torch.float32, False)
+    sr, opt = _train(device, torch.bfloat16, True)
+    nearest, _ = _train(device, torch.bfloat16, False)
+    assert opt.param_groups[0]["stochastic_rounding"] is True
+    assert isinstance(opt.param_groups[0]["rounding_seed"], int)
+    assert abs(sr - fp32) <= 0.02 * fp32, (sr, fp32, nearest)
+    assert nearest > sr  # round-to-nearest loses the small late updates
