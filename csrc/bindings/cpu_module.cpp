@@ -12,6 +12,7 @@
 #include "bindings/optim_binding.h"
 #include "bindings/kernel_args.h"
 #include "build_info.h"
+#include "common/prune.h"
 #include "cpu/dispatch.h"
 
 namespace py = pybind11;
@@ -328,6 +329,121 @@ void newton_apply(py::object params, py::object d, py::object use, double lr,
   });
 }
 
+// ---- magnitude pruning -------------------------------------------------------------------
+
+// A list argument of the pruning kernels: each element as a NumPy array with its
+// description, named "<role>[i]".
+struct HostList {
+  std::vector<std::string> names;
+  std::vector<HostArg> items;
+
+  HostList(py::handle obj, const char* role, bool written) {
+    if (!py::isinstance<py::list>(obj))
+      throw py::type_error(std::string(role) + ": expected a list of arrays, got " +
+                           Py_TYPE(obj.ptr())->tp_name);
+    const py::list list = py::reinterpret_borrow<py::list>(obj);
+    const size_t n = list.size();
+    names.reserve(n);  // never reallocated: items keep pointers to the names
+    items.reserve(n);
+    for (size_t i = 0; i < n; ++i) names.push_back(std::string(role) + "[" + std::to_string(i) + "]");
+    for (size_t i = 0; i < n; ++i)
+      items.emplace_back(to_ndarray(list[i], names[i].c_str()), names[i].c_str(), written);
+  }
+  size_t size() const { return items.size(); }
+};
+
+cpu::DType float_dtype(const Arg& a) {
+  args::expect_dtype(a, {"float32", "float64", "float16", "bfloat16"},
+                     "float32, float64, float16 or bfloat16 in native byte order");
+  return a.dtype == "float32" ? cpu::DType::f32
+         : a.dtype == "float64" ? cpu::DType::f64
+         : a.dtype == "float16" ? cpu::DType::f16 : cpu::DType::bf16;
+}
+
+// The arrays and masks (out) of one pruning call, checked -- one float dtype, a bool or
+// uint8 mask per array of its shape, layouts, no mask sharing memory with anything -- and
+// tabled for the kernels.
+struct PruneCall {
+  HostList arrays, masks;
+  cpu::DType dtype = cpu::DType::f32;
+  std::vector<const void*> x;
+  std::vector<uint8_t*> m;
+  std::vector<int64_t> offsets{0};
+
+  PruneCall(const py::object& arrays_obj, const py::object& out_obj)
+      : arrays(arrays_obj, "arrays", false), masks(out_obj, "out", true) {
+    const size_t n = arrays.size();
+    if (masks.size() != n)
+      throw py::value_error("out: expected " + std::to_string(n) +
+                            " arrays (one per entry of arrays), got " + std::to_string(masks.size()));
+    std::vector<fastopt::bindings::Span> spans;
+    for (size_t i = 0; i < n; ++i) {
+      const HostArg &a = arrays.items[i], &mk = masks.items[i];
+      const cpu::DType d = float_dtype(a.arg);
+      if (i == 0) dtype = d;
+      else if (d != dtype)
+        throw py::type_error(std::string(a.arg.name) + ": dtype " + a.arg.dtype + " differs from " +
+                             "arrays[0]'s " + arrays.items[0].arg.dtype +
+                             " (all arrays of one call share a dtype)");
+      args::expect_dtype(mk.arg, {"bool", "uint8"}, "bool or uint8");
+      args::expect_same_shape(mk.arg, a.arg);
+      expect_layouts({&a, &mk});
+      for (const HostArg* h : {&a, &mk})
+        if (h->arg.bytes > 0)
+          spans.push_back({h->arg.ptr, h->arg.ptr + uintptr_t(h->arg.bytes),
+                           h == &a ? "arrays" : "out", i, h == &mk});
+      x.push_back(a.ptr<const void>());
+      m.push_back(mk.ptr<uint8_t>());
+      offsets.push_back(offsets.back() + a.arg.size);
+    }
+    fastopt::bindings::check_no_overlap(spans, [](const char* role, size_t i) {
+      return std::string(role) + "[" + std::to_string(i) + "]";
+    });
+  }
+
+  cpu::PruneTable table() const {
+    cpu::PruneTable t;
+    t.num_tensors = int(x.size());
+    t.x = x.data();
+    t.masks = m.data();
+    t.offsets = offsets.data();
+    return t;
+  }
+};
+
+// Masks keeping all but prune_counts[p] elements of selection p, those of smallest |x|
+// (ties: the earlier pruned first). One count: a threshold over all arrays; one per array:
+// a threshold per array.
+void prune_magnitude(py::object arrays, py::object out, py::object prune_counts,
+                     py::object stream) {
+  host_only(stream);
+  const PruneCall call(arrays, out);
+  std::vector<int64_t> sizes, counts;
+  for (const HostArg& a : call.arrays.items) sizes.push_back(a.arg.size);
+  std::vector<int> starts = args::prune_problems(prune_counts, sizes, counts);
+  if (call.offsets.back() == 0) return;
+  cpu::PruneTable t = call.table();
+  t.num_problems = int(counts.size());
+  t.problem_start = starts.data();
+  t.prune_counts = counts.data();
+  run_released([&] { cpu::prune_magnitude(t, call.dtype); });
+}
+
+// Masks keeping the n largest |x| of each group of m consecutive elements along the last
+// axis (ties: the earlier pruned first).
+void prune_n_m(py::object arrays, py::object out, py::object n_obj, py::object m_obj,
+               py::object stream) {
+  host_only(stream);
+  const int64_t n = args::int_arg(n_obj, "n"), m = args::int_arg(m_obj, "m");
+  const PruneCall call(arrays, out);
+  std::vector<const Arg*> described;
+  for (const HostArg& a : call.arrays.items) described.push_back(&a.arg);
+  args::expect_n_m(described, n, m, fastopt::kMaxGroup);
+  if (call.offsets.back() == 0) return;
+  const cpu::PruneTable t = call.table();
+  run_released([&] { cpu::prune_n_m(t, call.dtype, int(n), int(m)); });
+}
+
 void add_inplace(py::array dst, py::array src) {
   const py::list dst_list(py::make_tuple(dst)), src_list(py::make_tuple(src));
   const std::array<RoleSpec, 2> roles{{{"dst", dst_list, true, fastopt::RoleKind::param},
@@ -415,6 +531,9 @@ PYBIND11_MODULE(_cpu, m) {
         arg("damping"), arg("params").none(true) = py::none(), host_stream);
   m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use").none(true),
         arg("lr"), host_stream);
+  m.def("prune_magnitude", &prune_magnitude, arg("arrays"), arg("out"), arg("prune_counts"),
+        host_stream);
+  m.def("prune_n_m", &prune_n_m, arg("arrays"), arg("out"), arg("n"), arg("m"), host_stream);
   m.def("add_inplace", &add_inplace, arg("dst"), arg("src"),
         "dst += src with all threads: the bandwidth ceiling of the benchmark");
   m.def("grad_norm_total", &grad_norm_total, arg("grads"), arg("listed"), arg("norm_type"),

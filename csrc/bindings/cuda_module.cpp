@@ -14,10 +14,12 @@
 #include "bindings/optim_binding.h"
 #include "bindings/kernel_args.h"
 #include "bindings/overlap.h"
+#include "common/prune.h"
 #include "cuda/clip_kernels.h"
 #include "cuda/device_info.h"
 #include "cuda/newton_kernels.h"
 #include "cuda/optim_kernels.h"
+#include "cuda/prune_kernels.h"
 #include "cuda/quant_kernels.h"
 #include "cuda_build_info.h"
 
@@ -432,6 +434,124 @@ void newton_apply(py::object params, py::object d, py::object use, double lr, in
                      reinterpret_cast<cudaStream_t>(stream));
 }
 
+// ---- magnitude pruning -------------------------------------------------------------------
+
+// The arrays and masks (out) of one pruning call, checked as on the CPU -- one float dtype,
+// a bool or uint8 mask per array of its shape, layouts, one device (the stream's), no mask
+// sharing memory with anything -- and their table, in chunks of `chunk` elements.
+struct DevicePruneCall {
+  std::vector<std::string> names;
+  std::vector<KernelArg> arrays, masks;
+  cuda::DType dtype = cuda::DType::f32;
+  int device = -1;
+
+  DevicePruneCall(const py::object& arrays_obj, const py::object& out_obj, intptr_t stream) {
+    const py::list a = as_list(arrays_obj, "arrays"), o = as_list(out_obj, "out");
+    const size_t n = a.size();
+    if (o.size() != n)
+      throw py::value_error("out: expected " + std::to_string(n) +
+                            " arrays (one per entry of arrays), got " + std::to_string(o.size()));
+    names.reserve(2 * n);  // never reallocated: the arguments keep pointers to the names
+    for (size_t i = 0; i < n; ++i) names.push_back("arrays[" + std::to_string(i) + "]");
+    for (size_t i = 0; i < n; ++i) names.push_back("out[" + std::to_string(i) + "]");
+    arrays.reserve(n);
+    masks.reserve(n);
+    std::vector<NamedArray> named;
+    for (size_t i = 0; i < n; ++i) {
+      arrays.emplace_back(a[i], names[i].c_str(), stream, false);
+      masks.emplace_back(o[i], names[n + i].c_str(), stream, true);
+      const KernelArg &x = arrays.back(), &m = masks.back();
+      args::expect_dtype(x.arg, {"float32", "float64", "float16", "bfloat16"},
+                         "float32, float64, float16 or bfloat16");
+      if (i == 0) dtype = x.array.dtype;
+      else args::expect_same_dtype(x.arg, arrays[0].arg);
+      args::expect_dtype(m.arg, {"bool", "uint8"}, "bool or uint8");
+      args::expect_same_shape(m.arg, x.arg);
+    }
+    for (size_t i = 0; i < n; ++i) {
+      fastopt::bindings::check_layout(masks[i].array, {masks[i].arg.name, 0, false}, true);
+      named.emplace_back(masks[i].arg.name, &masks[i].array);
+    }
+    for (size_t i = 0; i < n; ++i) {
+      fastopt::bindings::check_layout(arrays[i].array, {arrays[i].arg.name, 0, false}, false);
+      named.emplace_back(arrays[i].arg.name, &arrays[i].array);
+    }
+    device = call_device(named, n, stream);
+  }
+
+  static py::list as_list(const py::object& obj, const char* name) {
+    if (!py::isinstance<py::list>(obj))
+      throw py::type_error(std::string(name) + ": expected a list of arrays, got " +
+                           Py_TYPE(obj.ptr())->tp_name);
+    return py::reinterpret_borrow<py::list>(obj);
+  }
+
+  std::vector<int64_t> sizes() const {
+    std::vector<int64_t> s;
+    for (const KernelArg& a : arrays) s.push_back(a.arg.size);
+    return s;
+  }
+
+  // The tensor table; tensors [starts[p], starts[p+1]) belong to selection p. Sets chunks.
+  std::vector<cuda::PruneTensor> table(int64_t chunk, const std::vector<int>& starts,
+                                       int64_t& chunks) const {
+    std::vector<cuda::PruneTensor> t;
+    chunks = 0;
+    for (size_t p = 0; p + 1 < starts.size(); ++p)
+      for (int i = starts[p]; i < starts[p + 1]; ++i) {
+        const KernelArg &x = arrays[size_t(i)], &m = masks[size_t(i)];
+        t.push_back({x.ptr<const void>(), m.ptr<uint8_t>(), x.arg.size, chunks, int32_t(p)});
+        chunks += (x.arg.size + chunk - 1) / chunk;
+      }
+    return t;
+  }
+};
+
+// Masks keeping all but prune_counts[p] elements of selection p, those of smallest |x|
+// (ties: the earlier pruned first); one count: a threshold over all arrays, one per array:
+// a threshold each. Queued on the stream, no wait.
+void prune_magnitude(py::object arrays, py::object out, py::object prune_counts, intptr_t stream) {
+  const DevicePruneCall call(arrays, out, stream);
+  const std::vector<int64_t> sizes = call.sizes();
+  std::vector<int64_t> counts;
+  const std::vector<int> starts = args::prune_problems(prune_counts, sizes, counts);
+  int64_t chunks = 0;
+  const std::vector<cuda::PruneTensor> tensors = call.table(cuda::kPruneChunk, starts, chunks);
+  if (chunks == 0) return;
+  std::vector<cuda::PruneProblem> problems;
+  for (size_t p = 0; p < counts.size(); ++p) {
+    int64_t size = 0;
+    for (int i = starts[p]; i < starts[p + 1]; ++i) size += sizes[size_t(i)];
+    const int64_t first_chunk = starts[p] < int(tensors.size()) ? tensors[size_t(starts[p])].first_chunk : chunks;
+    problems.push_back({counts[p], size, first_chunk, 0, counts[p] - 1});
+  }
+  DeviceGuard guard(call.device);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  Scratch scratch(cuda::prune_scratch_bytes(int(tensors.size()), int(problems.size()), chunks), s);
+  cuda::prune_magnitude(call.dtype, tensors.data(), int(tensors.size()), problems.data(),
+                        int(problems.size()), chunks, scratch.at<void>(0), s);
+}
+
+// Masks keeping the n largest |x| of each group of m consecutive elements along the last
+// axis (ties: the earlier pruned first). Queued on the stream, no wait.
+void prune_n_m(py::object arrays, py::object out, py::object n_obj, py::object m_obj,
+               intptr_t stream) {
+  const int64_t n = args::int_arg(n_obj, "n"), m = args::int_arg(m_obj, "m");
+  const DevicePruneCall call(arrays, out, stream);
+  std::vector<const args::Arg*> described;
+  for (const KernelArg& a : call.arrays) described.push_back(&a.arg);
+  args::expect_n_m(described, n, m, fastopt::kMaxGroup);
+  int64_t chunks = 0;
+  const std::vector<cuda::PruneTensor> tensors =
+      call.table(cuda::kPruneThreads * m, {0, int(call.arrays.size())}, chunks);
+  if (chunks == 0) return;
+  DeviceGuard guard(call.device);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  Scratch scratch(sizeof(cuda::PruneTensor) * tensors.size(), s);
+  cuda::prune_n_m(call.dtype, tensors.data(), int(tensors.size()), chunks, int(n), int(m),
+                  scratch.at<void>(0), s);
+}
+
 // dst <- src (same size in bytes), device to device on the stream.
 void copy(py::object dst, py::object src, intptr_t stream) {
   const DeviceArray ad = call_arg(dst, "out", stream, true), as = call_arg(src, "src", stream, false);
@@ -596,6 +716,10 @@ PYBIND11_MODULE(_cuda, m) {
         arg("stream"), "out[0] <- the norm of order norm_type of all grads (one dtype) together");
   m.def("clip_grads", &clip_grads, arg("grads"), arg("listed"), arg("norm"), arg("max_norm"),
         arg("stream"), "grads *= min(max_norm / (norm[0] + 1e-6), 1), norm read on the device");
+  m.def("prune_magnitude", &prune_magnitude, arg("arrays"), arg("out"), arg("prune_counts"),
+        arg("stream"), "Queues the masks' kernels on the stream (no wait)");
+  m.def("prune_n_m", &prune_n_m, arg("arrays"), arg("out"), arg("n"), arg("m"), arg("stream"),
+        "Queues the N:M masks' kernel on the stream (no wait)");
   m.def("check_arrays", &check_arrays, arg("written"), arg("read"), arg("stream"),
         "Layout, device and aliasing checks of (name, array) pairs before writing `written`");
   m.def("copy", &copy, arg("dst"), arg("src"), arg("stream"));

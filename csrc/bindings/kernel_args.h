@@ -195,6 +195,65 @@ inline void expect_flags(const Arg& flags, const Arg& vectors) {
                           shape_str(flags.shape));
 }
 
+// ---- magnitude pruning ---------------------------------------------------------------------
+
+// An int given as a Python int (not a bool), else TypeError naming it.
+inline int64_t int_arg(py::handle obj, const std::string& name) {
+  if (!PyLong_Check(obj.ptr()) || PyBool_Check(obj.ptr()))
+    throw py::type_error(name + ": expected an int, got " + Py_TYPE(obj.ptr())->tp_name);
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(obj.ptr(), &overflow);
+  if (overflow) throw py::value_error(name + ": out of the int64 range");
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+// The selections of a pruning call over arrays of `sizes` elements: prune_counts is a list
+// of one count (one threshold over all arrays) or one per array, each in [0, the elements
+// it covers]. Fills `counts`; returns each selection's first array (counts.size() + 1
+// entries, the last = sizes.size()).
+inline std::vector<int> prune_problems(py::handle prune_counts, const std::vector<int64_t>& sizes,
+                                       std::vector<int64_t>& counts) {
+  if (!py::isinstance<py::list>(prune_counts))
+    throw py::type_error(std::string("prune_counts: expected a list of ints, got ") +
+                         Py_TYPE(prune_counts.ptr())->tp_name);
+  const py::list list = py::reinterpret_borrow<py::list>(prune_counts);
+  counts.clear();
+  for (size_t p = 0; p < list.size(); ++p)
+    counts.push_back(int_arg(list[p], "prune_counts[" + std::to_string(p) + "]"));
+  const size_t n = sizes.size();
+  const bool global = counts.size() == 1;
+  if (!global && counts.size() != n)
+    throw py::value_error("prune_counts: expected 1 count (a global threshold) or " +
+                          std::to_string(n) + " (one per array), got " + std::to_string(counts.size()));
+  std::vector<int> starts{0};
+  for (size_t p = 0; p < counts.size(); ++p) {
+    starts.push_back(global ? int(n) : int(p + 1));
+    int64_t covered = 0;
+    for (int i = starts[p]; i < starts[p + 1]; ++i) covered += sizes[size_t(i)];
+    if (counts[p] < 0 || counts[p] > covered)
+      throw py::value_error("prune_counts[" + std::to_string(p) + "]: " + std::to_string(counts[p]) +
+                            " is outside [0, " + std::to_string(covered) +
+                            "], the number of elements it covers");
+  }
+  return starts;
+}
+
+// N:M groups: 1 <= m <= max_group, 0 <= n <= m, and every array's last dimension a
+// multiple of m (so groups never straddle rows or arrays).
+inline void expect_n_m(const std::vector<const Arg*>& arrays, int64_t n, int64_t m, int max_group) {
+  if (m < 1 || m > max_group)
+    throw py::value_error("m: must be in [1, " + std::to_string(max_group) + "], got " +
+                          std::to_string(m));
+  if (n < 0 || n > m)
+    throw py::value_error("n: must be in [0, m] = [0, " + std::to_string(m) + "], got " +
+                          std::to_string(n));
+  for (const Arg* a : arrays)
+    if (a->shape.empty() || a->shape.back() % m != 0)
+      throw py::value_error(std::string(a->name) + ": the last dimension of shape " +
+                            shape_str(a->shape) + " must be a multiple of m = " + std::to_string(m));
+}
+
 }  // namespace args
 }  // namespace bindings
 }  // namespace fastopt

@@ -136,5 +136,12 @@ void dequantize_blockwise(const int8_t* q, const float* absmax, OutType out, voi
   FASTOPT_ISA_CALL(dequantize_blockwise, q, absmax, out, x, n, block, num_threads());
 }
 
+void prune_magnitude(const PruneTable& t, DType dtype) {
+  FASTOPT_ISA_CALL(prune_magnitude, t, dtype, num_threads());
+}
+void prune_n_m(const PruneTable& t, DType dtype, int n, int m) {
+  FASTOPT_ISA_CALL(prune_n_m, t, dtype, n, m, num_threads());
+}
+
 }  // namespace cpu
 }  // namespace fastopt

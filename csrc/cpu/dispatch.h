@@ -4,6 +4,7 @@
 #include "cpu/clip_kernels.h"
 #include "cpu/newton_kernels.h"
 #include "cpu/optim_kernels.h"
+#include "cpu/prune_kernels.h"
 #include "cpu/quant_kernels.h"
 
 namespace fastopt {
@@ -49,6 +50,10 @@ void quantize_blockwise(InType, const void* x, int8_t* q, float* absmax, int64_t
                         int64_t block, bool stochastic, uint64_t seed, int64_t* first_bad);
 void dequantize_blockwise(const int8_t* q, const float* absmax, OutType, void* x, int64_t n,
                           int64_t block);
+
+// Magnitude pruning masks (see prune_kernels.h).
+void prune_magnitude(const PruneTable& t, DType dtype);
+void prune_n_m(const PruneTable& t, DType dtype, int n, int m);
 
 }  // namespace cpu
 }  // namespace fastopt

@@ -14,6 +14,7 @@ from .functional import *  # noqa: F403  (every step function: functional.__all_
 from .io import QuantizedTensor, load_quantized, save_quantized
 from .newton import NotPositiveDefiniteError, cholesky_solve, newton_
 from .optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop, Sophia  # noqa: F401
+from .prune import prune_magnitude
 from .quant import (
     choose_qparams,
     dequantize,
@@ -44,6 +45,7 @@ __all__ = [
     "load_quantized",
     "QuantizedTensor",
     "clip_grad_norm_",
+    "prune_magnitude",
     "Optimizer",
     *(cls.__name__ for cls in optim.CLASSES.values()),
     "schedules",

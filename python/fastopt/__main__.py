@@ -34,6 +34,8 @@ def _print_info(as_json: bool) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     from .bench.common import OPTIMIZERS as BENCH_OPTIMIZERS
 
+    other_cases = ["quant", "newton", "clip", "prune"]
+
     parser = argparse.ArgumentParser(prog="python -m fastopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="version, build options, CPU features, threads, CUDA")
@@ -44,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_bench.add_argument(
         "--only",
         metavar="NAME[,NAME]",
-        help=f"only these cases ({', '.join([*BENCH_OPTIMIZERS, 'quant', 'newton', 'clip'])})",
+        help=f"only these cases ({', '.join([*BENCH_OPTIMIZERS, *other_cases])})",
     )
     p_bench.add_argument("--json", metavar="PATH", help="write every figure and the machine")
     p_bench.add_argument("--plot", metavar="PATH", help="PNG bar chart (needs matplotlib)")

@@ -46,6 +46,12 @@ def quantize_blockwise(
 
 # Dequantizers: out's dtype (float32, float16 or bfloat16) is the stored type.
 def dequantize_blockwise(q: Any, absmax: Any, out: Any, block: int, stream: int) -> None: ...
+
+# Magnitude pruning masks into `out`, queued on the stream (no wait): see fastopt._cpu.
+def prune_magnitude(
+    arrays: List[Any], out: List[Any], prune_counts: List[int], stream: int
+) -> None: ...
+def prune_n_m(arrays: List[Any], out: List[Any], n: int, m: int, stream: int) -> None: ...
 def quantize_affine(
     x: Any,
     q: Any,

@@ -10,7 +10,7 @@ docstrings of ``fastopt.functional``).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -34,6 +34,8 @@ __all__ = [
     "dequantize_blockwise",
     "uniform24",
     "bfloat16_stochastic",
+    "prune_magnitude",
+    "prune_n_m",
 ]
 
 
@@ -417,3 +419,38 @@ def dequantize_blockwise(
     scale = (absmax.astype(f32) / f32(127)).astype(f32)
     flat = q.reshape(-1).astype(f32) * np.repeat(scale, block_size)[: q.size]
     return _stored(flat.reshape(q.shape), out_dtype)
+
+
+def _magnitudes(a: np.ndarray) -> np.ndarray:
+    """|a| in float64, flattened (exact for every float dtype; NaN stays NaN, which
+    np.argsort ranks above +Inf)."""
+    return np.abs(np.asarray(a).astype(np.float64)).reshape(-1)
+
+
+def prune_magnitude(
+    arrays: Sequence[np.ndarray], sparsity: float, scope: str = "global"
+) -> List[np.ndarray]:
+    """Masks (True = kept): round(sparsity * n) elements pruned, those first in a stable
+    ascending argsort of |x| -- over the arrays concatenated in list order (global) or per
+    array (per_tensor). Equal magnitudes: the earlier element is pruned first."""
+    groups = [list(arrays)] if scope == "global" else [[a] for a in arrays]
+    masks: List[np.ndarray] = []
+    for group in groups:
+        flat = np.concatenate([_magnitudes(a) for a in group]) if group else np.zeros(0)
+        keep = np.ones(flat.size, dtype=bool)
+        keep[np.argsort(flat, kind="stable")[: round(sparsity * flat.size)]] = False
+        start = 0
+        for a in group:
+            masks.append(keep[start : start + a.size].reshape(a.shape))
+            start += a.size
+    return masks
+
+
+def prune_n_m(a: np.ndarray, n: int, m: int) -> np.ndarray:
+    """N:M mask (True = kept): in each group of m consecutive elements along the last axis
+    the m - n first in a stable ascending argsort of |x| are pruned."""
+    groups = _magnitudes(a).reshape(-1, m)
+    order = np.argsort(groups, axis=1, kind="stable")
+    keep = np.ones(groups.shape, dtype=bool)
+    np.put_along_axis(keep, order[:, : m - n], False, axis=1)
+    return keep.reshape(a.shape)

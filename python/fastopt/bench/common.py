@@ -137,6 +137,26 @@ QUANT_CASES = {
     "dynamic per-tensor quantize": 9,  # min/max pass (4 B) + quantize pass (4 B + 1 B)
 }
 
+# Magnitude pruning: the fraction pruned, and bytes per element counted (read 4 B of float32,
+# write the 1 B mask).
+PRUNE_SPARSITY = 0.7
+PRUNE_BYTES = 5
+
+
+def prune_failure(arrays: List[Any], masks: List[Any], sparsity: float) -> Optional[str]:
+    """Why global magnitude masks are wrong, or None: exactly round(sparsity * n) pruned, and
+    no pruned |x| above a kept one (O(n), where the reference's argsort would take seconds)."""
+    pruned = sum(int(np.count_nonzero(~m)) for m in masks)
+    want = round(sparsity * sum(a.size for a in arrays))
+    if pruned != want:
+        return f"{pruned} elements pruned, expected {want}"
+    cut = max((float(np.abs(a[~m]).max(initial=0)) for a, m in zip(arrays, masks)), default=0)
+    kept = min((float(np.abs(a[m]).min(initial=np.inf)) for a, m in zip(arrays, masks)))
+    if cut > kept:
+        return f"a pruned magnitude {cut} exceeds a kept one {kept}"
+    return None
+
+
 # Batched Newton: (n, systems) per case; the quick run uses a quarter of the systems.
 NEWTON_CASES = [(8, 65536), (32, 16384), (64, 4096)]
 
@@ -386,7 +406,7 @@ def _cases(
     bench: Any, names: List[str], only: Optional[set]
 ) -> List[Tuple[str, Callable[[], Row]]]:
     """The selected cases of a CpuBench or GpuBench: optimizers `names` on every layout,
-    then int8 and Newton unless `only` leaves them out."""
+    then int8, Newton and pruning unless `only` leaves them out."""
     cases: List[Tuple[str, Callable[[], Row]]] = [
         (f"{n} {lay}", functools.partial(bench.optimizer_case, OPTIMIZERS[n], lay, shapes))
         for n in names
@@ -403,6 +423,9 @@ def _cases(
         cases += [
             (f"newton n={n}", functools.partial(bench.newton_case, n, b)) for n, b in NEWTON_CASES
         ]
+    prune_case = getattr(bench, "prune_case", None)  # the CPU's (the GPU bench has none yet)
+    if prune_case is not None and (only is None or "prune" in only):
+        cases.append(("prune", prune_case))
     return cases
 
 

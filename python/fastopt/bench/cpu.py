@@ -12,7 +12,10 @@ from .. import _runtime, quant, reference
 from .._ext import _cpu
 from ..clip import clip_grad_norm_
 from ..newton import cholesky_solve, newton_
+from ..prune import prune_magnitude
 from .common import (
+    PRUNE_BYTES,
+    PRUNE_SPARSITY,
     QUANT_CASES,
     OptimizerCase,
     Row,
@@ -30,6 +33,7 @@ from .common import (
     _torch_per_tensor_peer,
     _torch_solvers,
     gpt2_small_shapes,
+    prune_failure,
 )
 
 
@@ -243,6 +247,48 @@ class CpuBench:
                 row.check = "FAIL: differs from the float32 reference"
                 return row
         row.times_ms = _median_times(fns, self.repeats)
+        return row
+
+    def prune_case(self) -> Row:
+        """Global magnitude pruning of float32 arrays (GPT-2 small's parameter list; 200 x
+        4096 for --quick) against ``torch.nn.utils.prune.global_unstructured(...,
+        L1Unstructured)`` on modules made afresh per call around the same arrays (no copy).
+        Both allocate their masks; torch also computes the pruned weights (its API does
+        that in the same call). The torch peer runs at most three times (it takes tens of
+        seconds on GPT-2 small)."""
+        layout, shapes = (
+            ("200x4096", [(4096,)] * 200) if self.quick else ("gpt2-small", gpt2_small_shapes())
+        )
+        elements = sum(int(np.prod(s)) for s in shapes)
+        row = Row(f"prune {PRUNE_SPARSITY:.0%} {layout}", "cpu", PRUNE_BYTES, elements, len(shapes))
+        arrays = [self.rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        failure = prune_failure(arrays, prune_magnitude(arrays, PRUNE_SPARSITY), PRUNE_SPARSITY)
+        if failure:
+            row.check = f"FAIL: {failure}"
+            return row
+        fns: Dict[str, Callable[[], Any]] = {
+            "fastopt": lambda: prune_magnitude(arrays, PRUNE_SPARSITY)
+        }
+        torch = self.torch
+        if torch is not None:
+            from torch.nn.utils import prune
+
+            def torch_prune() -> None:
+                modules = []
+                for a in arrays:
+                    module = torch.nn.Module()
+                    module.weight = torch.nn.Parameter(torch.from_numpy(a))
+                    modules.append(module)
+                prune.global_unstructured(
+                    [(m, "weight") for m in modules],
+                    pruning_method=prune.L1Unstructured,
+                    amount=PRUNE_SPARSITY,
+                )
+
+            fns["torch.nn.utils.prune"] = torch_prune
+        else:
+            row.notes["torch"] = "not installed"
+        row.times_ms = _median_times(fns, self.repeats, rounds=2 if not self.quick else 3)
         return row
 
     def check(self, spec: OptimizerCase, params, grads) -> Optional[str]:
