@@ -19,7 +19,7 @@ pytest.importorskip("matplotlib")
 
 from fastopt.demo import models
 from fastopt.demo.common import Context, Digits, Progress
-from fastopt.demo.stages import OPTIMIZERS, STAGES, stage_regularization
+from fastopt.demo.stages import OPTIMIZERS, PRUNINGS, STAGES, stage_regularization
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +164,42 @@ def test_int8_keeps_float32_accuracy_in_a_third_of_the_bytes(quick_run):
         assert abs(row["accuracy"] - base["accuracy"]) <= 0.01, name
         assert row["extra"]["bytes"] < base["extra"]["bytes"] / 3, name
         assert 0 < row["extra"]["max_abs_error"] < 0.01, name
+
+
+def test_pruning_holds_zeros_and_fine_tuning_recovers(quick_run):
+    _, report, _ = quick_run
+    rows = _rows(report, "pruning")
+    assert set(rows) == set(PRUNINGS)
+    teacher = _rows(report, "MLP")["teacher (AdamW)"]["accuracy"]
+    for name, row in rows.items():
+        extra = row["extra"]
+        assert extra["zeros_held"] is True, name  # masks= kept every pruned weight at 0
+        assert row["accuracy"] >= extra["accuracy_pruned"], name
+    for sparsity in (0.5, 0.7, 0.9):
+        row = rows[f"per-tensor {sparsity:.0%}"]
+        assert row["extra"]["kept_per_layer"] == pytest.approx([1 - sparsity] * 2, abs=1e-3)
+        assert row["accuracy"] > 0.93
+        extra = rows[f"global {sparsity:.0%}"]["extra"]
+        assert extra["pruned"] == round(sparsity * extra["weights"])  # the count is exact
+    assert rows["2:4"]["extra"]["kept_per_layer"] == [0.5, 0.5]
+    assert rows["2:4"]["accuracy"] >= teacher - 0.02
+    # One global threshold starves the output layer (its weights are smaller) at 90%.
+    starved = rows["global 90%"]
+    assert starved["extra"]["kept_per_layer"][1] < 0.02
+    assert starved["accuracy"] < rows["per-tensor 90%"]["accuracy"]
+
+
+def test_model_file_round_trip(quick_run):
+    _, report, _ = quick_run
+    rows = _rows(report, "model file")
+    base = rows.pop("float32")
+    assert base["accuracy"] == _rows(report, "MLP")["teacher (AdamW)"]["accuracy"]
+    in_memory = _rows(report, "int8")
+    assert set(rows) == set(in_memory) - {"float32"}
+    for name, row in rows.items():
+        assert row["extra"]["exact"] is True, name  # the file holds what quantize made
+        assert row["accuracy"] == in_memory[name]["accuracy"], name
+        assert row["extra"]["bytes"] < base["extra"]["bytes"] / 3, name
 
 
 def test_stage_is_deterministic():

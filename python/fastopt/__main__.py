@@ -57,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "terminal (a full run always shows it)",
     )
     p_demo = sub.add_parser(
-        "demo", help="optimizers, Newton, schedules, CV, distillation, int8 on digits"
+        "demo", help="optimizers, Newton, schedules, CV, distillation, int8, pruning on digits"
     )
     p_demo.add_argument("--quick", action="store_true", help="shorter runs, under a minute")
     p_demo.add_argument("--plot", metavar="FILE", help="PNG of every stage's panels")

@@ -3,12 +3,13 @@ every parameter update through fastopt.
 
 The stages (``stages.STAGES``, run in order) compare optimizers and damped Newton on
 logistic regression, learning-rate schedules and L1 vs L2, choose hyper-parameters by
-5-fold cross-validation, train an MLP with AdamW and distil it into a smaller student, and
-quantize the MLP to int8. It prints one table (stage, method, final loss, test accuracy,
-training time, notes), shows progress on stderr, and with ``--plot`` / ``--json`` draws
-every stage's panels and writes every figure. ``--quick`` is the same run, shorter (under
-a minute on 2 cores; the test suite runs it). Seeds are fixed: a run is deterministic but
-for its times.
+5-fold cross-validation, train an MLP with AdamW and distil it into a smaller student,
+quantize the MLP to int8, prune it (50/70/90%, 2:4) and fine-tune it with masked AdamW,
+and ship it as a quantized safetensors file. It prints one table (stage, method, final
+loss, test accuracy, training time, notes), shows progress on stderr, and with ``--plot``
+/ ``--json`` draws every stage's panels and writes every figure. ``--quick`` is the same
+run, shorter (under a minute on 2 cores; the test suite runs it). Seeds are fixed: a run
+is deterministic but for its times.
 """
 
 from __future__ import annotations

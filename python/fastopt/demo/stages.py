@@ -2,12 +2,15 @@
 
 Every parameter update goes through fastopt: the functional steps (``fastopt.sgd_``), the
 array-list optimizer classes (``fastopt.Adam(params).step(grads)``), ``fastopt.newton_``
-for Newton, ``fastopt.schedules`` for learning-rate schedules and fastopt's int8
-quantizers. The forward and backward passes are NumPy (``models``).
+for Newton, ``fastopt.schedules`` for learning-rate schedules, fastopt's int8 quantizers,
+``fastopt.prune_magnitude`` with the optimizers' ``masks=``, and ``save_quantized`` /
+``load_quantized``. The forward and backward passes are NumPy (``models``).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -431,19 +434,24 @@ STUDENT = (64, 16, 10)
 def _train_mlp(
     ctx: Context,
     label: Tuple[str, str],
-    sizes: Sequence[int],
+    params: List[np.ndarray],
     epochs: int,
     seed: int,
     dlogits: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    *,
+    lr: float = 3e-3,
+    masks: Optional[List[np.ndarray]] = None,
 ) -> Tuple[List[np.ndarray], float, List[float]]:
-    """A float32 MLP trained with ``fastopt.AdamW`` (lr 3e-3, weight decay 0.1, cosine
-    schedule) on mini-batches; ``dlogits(logits, batch indices)`` is the loss's gradient.
-    Returns (params, training time, test accuracy after each epoch)."""
+    """Trains the float32 MLP ``params`` in place with ``fastopt.AdamW`` (weight decay 0.1,
+    cosine schedule, ``masks=`` passed on) on mini-batches; ``dlogits(logits, batch
+    indices)`` is the loss's gradient. Returns (params, training time, test accuracy after
+    each epoch)."""
     x = ctx.data.x_train.astype(np.float32)
     per_epoch = len(x) // BATCH
     steps = epochs * per_epoch
-    params = models.mlp_init(ctx.rng(seed), sizes, np.float32)
-    opt = fastopt.AdamW(params, lr=3e-3, weight_decay=0.1, schedule=schedules.Cosine(steps))
+    opt = fastopt.AdamW(
+        params, lr=lr, weight_decay=0.1, schedule=schedules.Cosine(steps), masks=masks
+    )
     timer = Timer()
     curve: List[float] = []
     ctx.progress.start(*label)
@@ -458,6 +466,11 @@ def _train_mlp(
     return params, timer.seconds, curve
 
 
+def _mlp(ctx: Context, sizes: Sequence[int], seed: int) -> List[np.ndarray]:
+    """Fresh float32 MLP params (seeded)."""
+    return models.mlp_init(ctx.rng(seed), sizes, np.float32)
+
+
 def _mlp_eval(ctx: Context, params: Sequence[np.ndarray]) -> Tuple[float, float]:
     """(test cross-entropy, test accuracy)."""
     logits, _ = models.mlp_forward(params, ctx.data.x_test.astype(np.float32))
@@ -469,7 +482,7 @@ def _teacher(ctx: Context) -> Tuple[List[np.ndarray], float, List[float]]:
     return _train_mlp(
         ctx,
         ("MLP", "teacher"),
-        TEACHER,
+        _mlp(ctx, TEACHER, 10),
         ctx.pick(30, 60),
         10,
         lambda logits, idx: models.ce_dlogits(logits, y[idx]),
@@ -510,7 +523,12 @@ def stage_mlp(ctx: Context) -> StageResult:
         seconds = 0.0
         for seed in seeds:
             params, spent, curve = _train_mlp(
-                ctx, (stage, f"{name}, seed {seed}"), STUDENT, epochs, seed, dlogits
+                ctx,
+                (stage, f"{name}, seed {seed}"),
+                _mlp(ctx, STUDENT, seed),
+                epochs,
+                seed,
+                dlogits,
             )
             students.append(params)
             seconds += spent
@@ -563,6 +581,7 @@ def _mlp_row(
 
 
 BLOCK = 64
+Quantizer = Callable[[np.ndarray], Tuple[np.ndarray, int]]  # w -> (w through int8, bytes)
 
 
 def _int8_per_channel(w: np.ndarray) -> Tuple[np.ndarray, int]:
@@ -580,7 +599,7 @@ def _int8_blockwise(w: np.ndarray) -> Tuple[np.ndarray, int]:
     return fastopt.dequantize_blockwise(q, absmax, block_size=BLOCK), q.nbytes + absmax.nbytes
 
 
-QUANTIZERS: Dict[str, Tuple[Callable[[np.ndarray], Tuple[np.ndarray, int]], str]] = {
+QUANTIZERS: Dict[str, Tuple[Quantizer, str]] = {
     "int8 per-channel": (_int8_per_channel, "a scale and zero point per row"),
     f"int8 blockwise {BLOCK}": (_int8_blockwise, f"an absmax per {BLOCK} weights"),
 }
@@ -626,6 +645,153 @@ def stage_int8(ctx: Context) -> StageResult:
     return StageResult(rows, [Panel("Teacher MLP weights: float32 vs int8", "", "KB", bars=sizes)])
 
 
+# -- pruning -----------------------------------------------------------------------------------
+
+# name -> prune_magnitude's keywords. Per tensor, each matrix loses the same fraction;
+# with one global threshold the output layer (smaller weights) loses far more.
+PRUNINGS: Dict[str, Dict[str, Any]] = {
+    **{f"per-tensor {s:.0%}": {"sparsity": s, "scope": "per_tensor"} for s in (0.5, 0.7, 0.9)},
+    **{f"global {s:.0%}": {"sparsity": s, "scope": "global"} for s in (0.5, 0.7, 0.9)},
+    "2:4": {"pattern": "2:4"},
+}
+
+
+def stage_pruning(ctx: Context) -> StageResult:
+    """The teacher's weight matrices pruned by magnitude with ``fastopt.prune_magnitude``
+    (``PRUNINGS``; biases are kept), then fine-tuned by AdamW with ``masks=``, which holds
+    the pruned weights at exactly 0."""
+    stage = "pruning"
+    teacher, _, _ = ctx.shared("teacher", lambda: _teacher(ctx))
+    y = ctx.data.y_train
+    epochs = ctx.pick(5, 10)
+    rows: List[Row] = []
+    curves: Dict[str, Tuple[List[float], List[float]]] = {}
+    for name, how in PRUNINGS.items():
+        timer = Timer()
+        with timer:
+            weight_masks = fastopt.prune_magnitude(teacher[0::2], **how)
+        masks = [np.ones(p.shape, dtype=bool) for p in teacher]
+        masks[0::2] = weight_masks
+        params = [p * m for p, m in zip(teacher, masks)]
+        _, pruned_accuracy = _mlp_eval(ctx, params)
+        params, seconds, _ = _train_mlp(
+            ctx,
+            (stage, name),
+            params,
+            epochs,
+            30,
+            lambda logits, idx: models.ce_dlogits(logits, y[idx]),
+            lr=1e-2,
+            masks=masks,
+        )
+        kept = [float(m.mean()) for m in weight_masks]
+        weights = sum(m.size for m in weight_masks)
+        pruned = weights - sum(int(m.sum()) for m in weight_masks)
+        sparsity = pruned / weights
+        held = all(bool(np.all(p[~m] == 0)) for p, m in zip(params, masks))
+        loss, accuracy = _mlp_eval(ctx, params)
+        notes = (
+            f"{pruned_accuracy:.4f} before fine-tuning; layers keep "
+            + " / ".join(f"{k:.1%}" for k in kept)
+            + f"; zeros held: {held}"
+        )
+        extra = {
+            "sparsity": sparsity,
+            "pruned": pruned,
+            "weights": weights,
+            "kept_per_layer": kept,
+            "zeros_held": held,
+            "accuracy_pruned": pruned_accuracy,
+            "mask_seconds": timer.seconds,
+        }
+        rows.append(Row(stage, name, loss, accuracy, seconds, notes, extra))
+        kind = name.rsplit(" ", 1)[0] if "sparsity" in how else name
+        for series, value in (
+            (f"{kind}, pruned", pruned_accuracy),
+            (f"{kind}, fine-tuned", accuracy),
+        ):
+            curves.setdefault(series, ([], []))
+            curves[series][0].append(sparsity)
+            curves[series][1].append(value)
+    ctx.progress.done()
+    return StageResult(
+        rows,
+        [
+            Panel(
+                f"Pruning, then {epochs} epochs of masked AdamW",
+                "sparsity",
+                "test accuracy",
+                curves,
+            )
+        ],
+        {"epochs": epochs, "fine_tune_lr": 1e-2},
+    )
+
+
+# -- the quantized model file -------------------------------------------------------------------
+
+
+def stage_model_file(ctx: Context) -> StageResult:
+    """The teacher written with ``fastopt.save_quantized`` (a safetensors file: int8 weight
+    matrices with their scales; the biases, under 1024 elements, as they are) and read back
+    with ``fastopt.load_quantized``: test accuracy and file size against the float32 file
+    (the same call storing every tensor as it is). The loaded weights must be the int8
+    stage's in-memory round trip, bit for bit."""
+    stage = "model file"
+    teacher, _, _ = ctx.shared("teacher", lambda: _teacher(ctx))
+    names = [f"{i // 2}.{'bias' if i % 2 else 'weight'}" for i in range(len(teacher))]
+    tensors = dict(zip(names, teacher))
+    files: Dict[str, Tuple[Dict[str, Any], Optional[Quantizer]]] = {
+        "float32": ({"skip": names}, None),
+        "int8 per-channel": ({"scheme": "per_channel"}, _int8_per_channel),
+        f"int8 blockwise {BLOCK}": ({"scheme": "blockwise", "block_size": BLOCK}, _int8_blockwise),
+    }
+    rows: List[Row] = []
+    sizes: Dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (options, in_memory) in files.items():
+            path = os.path.join(tmp, name.replace(" ", "_") + ".safetensors")
+            timer = Timer()
+            with timer:
+                fastopt.save_quantized(path, tensors, **options)
+                loaded = fastopt.load_quantized(path, out_dtype="float32")
+            params = [loaded[n] for n in names]
+            size = os.path.getsize(path)
+            exact = in_memory is None or all(
+                np.array_equal(params[i], in_memory(teacher[i])[0])
+                for i in range(0, len(params), 2)
+            )
+            loss, accuracy = _mlp_eval(ctx, params)
+            notes = f"{size / 1024:.1f} KB file"
+            if in_memory is not None:
+                notes += (
+                    f", {sizes['float32'] * 1024 / size:.2f}x smaller; same as in memory: {exact}"
+                )
+            rows.append(
+                Row(
+                    stage,
+                    name,
+                    loss,
+                    accuracy,
+                    timer.seconds,
+                    notes,
+                    {"bytes": size, "exact": exact},
+                )
+            )
+            sizes[name] = size / 1024
+    return StageResult(
+        rows,
+        [
+            Panel(
+                "save_quantized -> load_quantized: file size",
+                "",
+                "KB",
+                bars={f"{r.method}\nacc {r.accuracy:.4f}": sizes[r.method] for r in rows},
+            )
+        ],
+    )
+
+
 # The stages in the order they run (named as in the table's first column); a stage is a
 # function of the run's context.
 STAGES: List[Tuple[str, Callable[[Context], StageResult]]] = [
@@ -635,4 +801,6 @@ STAGES: List[Tuple[str, Callable[[Context], StageResult]]] = [
     ("cross-validation", stage_cross_validation),
     ("MLP", stage_mlp),
     ("int8", stage_int8),
+    ("pruning", stage_pruning),
+    ("model file", stage_model_file),
 ]
