@@ -127,7 +127,7 @@ def plot(panels: Sequence[Panel], path: str) -> None:
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle("fastopt demo: scikit-learn digits")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
