@@ -1,5 +1,5 @@
-"""``python -m fastopt bench|info``: the benchmark against peers and the ceiling, and what
-this build is and what it will run on."""
+"""``python -m fastopt bench|info|demo``: the benchmark against peers and the ceiling, what
+this build is and what it will run on, and the digits demo (training to int8, end to end)."""
 
 from __future__ import annotations
 
@@ -56,10 +56,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="progress on stderr for a --quick run too when stderr is not a "
         "terminal (a full run always shows it)",
     )
+    p_demo = sub.add_parser(
+        "demo", help="optimizers, Newton, schedules, CV, distillation, int8, pruning on digits"
+    )
+    p_demo.add_argument("--quick", action="store_true", help="shorter runs, under a minute")
+    p_demo.add_argument("--plot", metavar="FILE", help="PNG of every stage's panels")
+    p_demo.add_argument("--json", metavar="FILE", help="write every result")
     args = parser.parse_args(argv)
     if args.command == "info":
         _print_info(args.json)
         return 0
+    if args.command == "demo":
+        from . import demo
+
+        return demo.run(args)
     from . import bench
 
     return bench.run(args)
