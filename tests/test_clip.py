@@ -458,3 +458,24 @@ def test_torch_optimizer_max_grad_norm(name, scaler, rng):
         for i, (a, b) in enumerate(zip(ours, theirs)):
             np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-5,
                                        atol=1e-6, err_msg=f"step {t}: params[{i}]")
+
+
+def test_fuzz_findings_are_fixed(rng):
+    # Found by tests/test_fuzz.py: a norm_type past the float range was an OverflowError,
+    # a tiny one overflowed the root; a zero clip coefficient scaled the caller's grads
+    # before the step refused its other arguments.
+    g = [rng.standard_normal(7).astype(np.float32)]
+    with pytest.raises(ValueError, match=r"norm_type: .* out of the float range"):
+        fastopt.clip_grad_norm_(g, 1.0, norm_type=10**400)
+    assert fastopt.clip_grad_norm_([np.full(3, 2.0, np.float32)], math.inf,
+                                   norm_type=1e-300) == math.inf
+    p = rng.standard_normal(9).astype(np.float32)
+    grads = rng.standard_normal(9).astype(np.float32)
+    before = grads.copy()
+    with pytest.raises(ValueError, match=r"overlaps"):
+        fastopt.adam_(p, grads, grads, np.zeros(9, np.float32), step=1, max_grad_norm=0.0)
+    np.testing.assert_array_equal(grads, before)
+    # and a successful step with a zero coefficient leaves the caller's grads as they were
+    m, v = np.zeros(9, np.float32), np.zeros(9, np.float32)
+    fastopt.adam_(p, grads, m, v, step=1, max_grad_norm=0.0)
+    np.testing.assert_array_equal(grads, before)

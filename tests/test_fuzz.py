@@ -452,6 +452,111 @@ def test_fuzz_quantization_and_newton(target):
     fig.report()
 
 
+_FILES = None  # a temporary folder for the model-file targets, made on first use
+
+
+def _file(name: str) -> str:
+    global _FILES
+    if _FILES is None:
+        import tempfile
+
+        _FILES = tempfile.mkdtemp(prefix="fastopt-fuzz-")
+    return os.path.join(_FILES, name)
+
+
+# Pruning, clipping, masked / stochastically rounded steps and the model file.
+OTHER_TARGETS: Dict[str, Any] = {
+    "prune_magnitude": (
+        lambda a: fastopt.prune_magnitude(
+            [a["x"], a["y"]], a["sparsity"], scope=a["scope"], pattern=a["pattern"]
+        ),
+        {"x": _fresh((4, 8)), "y": _fresh((8,), seed=1)},
+        {"sparsity": 0.5, "scope": "global", "pattern": None},
+    ),
+    "prune_magnitude out=": (
+        lambda a: fastopt.prune_magnitude([a["x"]], 0.5, out=[a["out"]]),
+        {"x": _fresh((4, 8)), "out": np.zeros((4, 8), bool)},
+        {},
+    ),
+    "clip_grad_norm_": (
+        lambda a: fastopt.clip_grad_norm_(
+            [a["g1"], a["g2"]], a["max_norm"], a["norm_type"], a["error_if_nonfinite"]
+        ),
+        {"g1": _fresh((4, 6)), "g2": _fresh((7,), seed=1)},
+        {"max_norm": 1.0, "norm_type": 2.0, "error_if_nonfinite": False},
+    ),
+    "adam_ masks= max_grad_norm=": (
+        lambda a: fastopt.adam_(
+            a["p"], a["g"], a["m"], a["v"], step=1, masks=a["mask"], max_grad_norm=a["max"]
+        ),
+        {
+            "p": _fresh((9,)),
+            "g": _fresh((9,), seed=1),
+            "m": np.zeros(9, F32),
+            "v": np.zeros(9, F32),
+            "mask": np.arange(9) % 2 == 0,
+        },
+        {"max": 1.0},
+    ),
+    "sgd_ rounding=": (
+        lambda a: fastopt.sgd_(a["p"], a["g"], lr=0.1, rounding=a["rounding"], seed=a["seed"]),
+        {"p": _fresh((9,)), "g": _fresh((9,), seed=1)},
+        {"rounding": "nearest", "seed": None},
+    ),
+    "save_quantized": (
+        lambda a: fastopt.save_quantized(
+            _file("save.safetensors"),
+            {"w": a["w"], "b": a["b"]},
+            scheme=a["scheme"],
+            dtype=a["dtype"],
+            axis=a["axis"],
+            block_size=a["block_size"],
+        ),
+        {"w": _fresh((32, 64)), "b": _fresh((32,), seed=1)},
+        {"scheme": "per_channel", "dtype": "int8", "axis": 0, "block_size": 256},
+    ),
+}
+
+
+@pytest.mark.parametrize("target", sorted(OTHER_TARGETS))
+def test_fuzz_pruning_clipping_and_files(target):
+    fn, arrays, scalars = OTHER_TARGETS[target]
+    fig = Figures(target)
+
+    @FUZZ
+    @given(st.data())
+    def check(data):
+        args = draw_args(data, arrays, scalars)
+        run_case(fig, f"{target} {args!r:.200}", lambda: fn(args), [args[k] for k in arrays])
+
+    check()
+    fig.report()
+
+
+def test_fuzz_load_quantized_bytes():
+    # Random edits of a valid file: each load either succeeds or raises ValueError.
+    path = _file("load.safetensors")
+    fastopt.save_quantized(path, {"w": _fresh((32, 64)), "b": _fresh((32,), seed=1)})
+    good = open(path, "rb").read()
+    fig = Figures("load_quantized")
+
+    @FUZZ
+    @given(st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)), max_size=4),
+           st.integers(0, len(good)))
+    def check(edits, cut):
+        data = bytearray(good[:cut] if cut < len(good) // 2 else good)
+        for at, value in edits:
+            if at < len(data):
+                data[at] = value
+        with open(path, "wb") as f:
+            f.write(bytes(data))
+        run_case(fig, f"load_quantized edits={edits} cut={cut}",
+                 lambda: fastopt.load_quantized(path), [])
+
+    check()
+    fig.report()
+
+
 SCHEDULES = {
     "StepDecay": ({"step_size": 3, "gamma": 0.5}),
     "InverseTime": ({"alpha": 0.5, "T": 10.0}),

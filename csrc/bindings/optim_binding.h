@@ -5,7 +5,8 @@
 // A step binding is called as  name(<one list per role, in roles[] order>, listed,
 // **keywords), the keywords being every Hyper field by its name, `step` when the optimizer
 // takes it, optionally `grad_scale` (the grads are divided by it as they are loaded: a
-// GradScaler's scale, unscaled inside the one pass) and `masks` (None, or a list of one
+// GradScaler's scale, unscaled inside the one pass), `grad_clip` (then multiplied by it: a
+// clip coefficient in [0, 1], or NaN) and `masks` (None, or a list of one
 // bool/uint8 array per param, shaped like it: where 0, the param is set to 0 and no state
 // changes) and `stochastic_seed` (bfloat16 params rounded stochastically with this seed,
 // common/rounding.h), and what the module adds (the CUDA
@@ -147,6 +148,14 @@ template <class Opt> struct StepCall {
                               std::to_string(options.grad_scale));
       ++found;
     }
+    static PyObject* clip_key = interned_key("grad_clip");
+    if (PyObject* v = keyword(kw, clip_key)) {
+      read_keyword("grad_clip", v, options.grad_clip);
+      if (!(options.grad_clip >= 0.0 && options.grad_clip <= 1.0) && options.grad_clip == options.grad_clip)
+        throw py::value_error("grad_clip: must be in [0, 1] or NaN, got " +
+                              std::to_string(options.grad_clip));
+      ++found;
+    }
     static PyObject* seed_key = interned_key("stochastic_seed");
     if (PyObject* v = keyword(kw, seed_key)) {
       if (!PyLong_Check(v) || PyBool_Check(v))
@@ -206,7 +215,7 @@ template <class Opt> struct StepCall {
   }
   static bool known(const std::string& name, std::initializer_list<const char*> extras) {
     bool hit = (Opt::takes_step && name == "step") || name == "grad_scale" || name == "masks" ||
-               name == "stochastic_seed";
+               name == "stochastic_seed" || name == "grad_clip";
     typename Opt::Hyper h{};
     Opt::for_each_field(h, [&](const char* field, auto&) { hit = hit || name == field; });
     for (const char* extra : extras) hit = hit || name == extra;

@@ -20,7 +20,8 @@ using cpu::TensorTable;
 // anchor(i) is the pointer whose alignment the
 // vector body follows (the params'). Required roles are always loaded (the test folds
 // away); optional ones are used when the call passed their arrays, and loaded unless
-// fresh this step. With a grad scale (GradScaler's), the grads are divided by it first.
+// fresh this step. With a grad scale (GradScaler's), the grads are divided by it first;
+// with a clip coefficient (max_grad_norm), multiplied by it next, as clip_grad_norm_ does.
 // Masked (a mask byte per element): where the mask is 0 the param is stored as 0 and
 // every other written role as it was loaded (a masked call loads fresh roles too).
 // Stochastic (bfloat16 params): the params are rounded stochastically (common/rounding.h)
@@ -35,8 +36,8 @@ struct StepKernel {
   const uint8_t* const* masks;
   const uint32_t* keys;
   bool load[N], store[N];
-  bool scale_grads;
-  T grad_scale;
+  bool scale_grads, clip_grads;
+  T grad_scale, grad_clip;
   const P* anchor(int i) const { return static_cast<const P*>(ptr[0][i]); }
   // Always inlined: the loop over roles makes it large enough for GCC to keep it out of
   // line otherwise, a call per vector (a quarter more instructions per element).
@@ -50,6 +51,7 @@ struct StepKernel {
       x[r] = (!role.optional || load[r]) ? L::load(static_cast<const Storage*>(ptr[r][i]) + j)
                                          : V(T(0));
       if (role.kind == RoleKind::grad && scale_grads) x[r] = x[r] / V(grad_scale);
+      if (role.kind == RoleKind::grad && clip_grads) x[r] = x[r] * V(grad_clip);
     });
     if constexpr (Masked) {
       V old[N];
@@ -91,7 +93,9 @@ void run_step(const TensorTable& t, const typename Opt::Hyper& h, const StepOpti
       {},
       {},
       o.grad_scale != 1.0,
-      T(o.grad_scale)};
+      !(o.grad_clip == 1.0),  // NaN too
+      T(o.grad_scale),
+      T(o.grad_clip)};
   for (int r = 0; r < Opt::num_roles; ++r) {
     k.ptr[r] = t.ptrs[r];
     k.store[r] = t.ptrs[r] != nullptr;

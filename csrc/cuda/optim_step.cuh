@@ -31,8 +31,8 @@ template <class Opt, class P, class T, class S> struct StepOp {
   static constexpr int N = Opt::num_roles;
   typename F::template Coeffs<T> c;
   unsigned loads, stores;
-  bool scale_grads;
-  T grad_scale;
+  bool scale_grads, clip_grads;
+  T grad_scale, grad_clip;
   bool masked;
   bool stochastic;
   uint64_t seed;
@@ -56,6 +56,10 @@ template <class Opt, class P, class T, class S> struct StepOp {
         if (scale_grads) {
 #pragma unroll
           for (int w = 0; w < W; ++w) x[r][w] = x[r][w] / grad_scale;
+        }
+        if (clip_grads) {
+#pragma unroll
+          for (int w = 0; w < W; ++w) x[r][w] = x[r][w] * grad_clip;
         }
       }
     });
@@ -104,7 +108,9 @@ void launch(const cuda::LaunchTables& t, const typename Opt::Hyper& h, const Ste
                                 loads,
                                 stores,
                                 o.grad_scale != 1.0,
+                                !(o.grad_clip == 1.0),
                                 T(o.grad_scale),
+                                T(o.grad_clip),
                                 masked,
                                 o.stochastic,
                                 o.seed,

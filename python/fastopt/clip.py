@@ -35,7 +35,12 @@ def norm_type_of(value: Any) -> float:
         raise TypeError(
             f"norm_type: expected a real number > 0 (or inf), got {type(value).__name__}"
         )
-    p = float(value)
+    try:
+        p = float(value)
+    except OverflowError:  # an int past the float range: 10**400
+        raise ValueError(
+            "norm_type: must be > 0 (or inf), got a value out of the float range"
+        ) from None
     if not p > 0.0:
         raise ValueError(f"norm_type: must be > 0 (or inf), got {p}")
     return p
@@ -68,7 +73,10 @@ def finish(total: float, norm_type: float) -> float:
         return math.sqrt(total)
     if norm_type == 1.0 or math.isinf(norm_type):
         return total
-    return total ** (1.0 / norm_type)
+    try:
+        return total ** (1.0 / norm_type)
+    except OverflowError:  # a tiny norm_type: the root past the float range, as torch's inf
+        return math.inf
 
 
 def host_norm(grads: List[Any], listed: bool, norm_type: float, writeable: bool) -> float:
@@ -148,15 +156,8 @@ def step_grad_scale(
 ) -> Tuple[float, float]:
     """For a step with ``max_grad_norm`` over host grads (lists, checked by the binding):
     (the grads' 2-norm, over ``grad_scale`` -- a GradScaler's scale, by which the grads
-    are multiplied --, and the scale the step kernel divides the grads by:
-    grad_scale / coefficient). A coefficient of 0 or NaN (max_grad_norm 0, an inf or NaN
-    grad) is no divisor: the grads are then multiplied by it in place, as clip_grad_norm_
-    does, and the kernel's scale stays grad_scale."""
+    are multiplied --, and the clip coefficient, which the step kernel multiplies the grads
+    by as it loads them, after dividing them by ``grad_scale``: ``grad_clip``). The grads
+    are never written."""
     norm = host_norm(grads, listed, 2.0, False) / grad_scale
-    c = coefficient(max_grad_norm, norm)
-    if c == 1.0:
-        return norm, grad_scale
-    if c > 0.0:  # neither 0 nor NaN
-        return norm, grad_scale / c
-    _ext._cpu.scale_grads(grads, listed, c)
-    return norm, grad_scale
+    return norm, coefficient(max_grad_norm, norm)

@@ -157,7 +157,7 @@ class StepKernel:
         stream: Any,
     ) -> Tuple[Any, Dict[str, Any]]:
         """Clipping by the grads' global 2-norm before a step: (the norm, the step's
-        keywords). On the host the coefficient becomes the kernel's grad scale (the grads
+        keywords). On the host the coefficient goes to the kernel as grad_clip (the grads
         are read once more and never written; see ``clip.step_grad_scale``); on the GPU,
         whose step takes its grad scale from the host, the grads are clipped in place
         first (the norm stays on the device: 3 passes, no synchronisation)."""
@@ -168,8 +168,8 @@ class StepKernel:
             kernels, _ = _arrays.backend(grads, handle, name="grads")
             kernels.clip_grads(grads, listed, out, limit, handle)
             return out, kw
-        norm, grad_scale = clip.step_grad_scale(grads or [], listed, limit)
-        return norm, kw if grad_scale == 1.0 else {**kw, "grad_scale": grad_scale}
+        norm, c = clip.step_grad_scale(grads or [], listed, limit)
+        return norm, kw if c == 1.0 else {**kw, "grad_clip": c}
 
     def _check(self, hyper: Tuple[Any, ...]) -> Checked:
         spec = self.spec

@@ -44,6 +44,7 @@ struct Role {
 struct StepOptions {
   int64_t step = 1;         // the 1-based step count (for optimizers that take it)
   double grad_scale = 1.0;  // the grads are divided by it as they are loaded (GradScaler's)
+  double grad_clip = 1.0;   // ... then multiplied by it (a clip coefficient: [0, 1] or NaN)
   bool stochastic = false;  // bfloat16 params rounded stochastically (common/rounding.h)
   uint64_t seed = 0;        // ... with this seed
 };
