@@ -437,21 +437,6 @@ QUANT_TARGETS: Dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("target", sorted(QUANT_TARGETS))
-def test_fuzz_quantization_and_newton(target):
-    fn, arrays, scalars = QUANT_TARGETS[target]
-    fig = Figures(target)
-
-    @FUZZ
-    @given(st.data())
-    def check(data):
-        args = draw_args(data, arrays, scalars)
-        run_case(fig, f"{target} {args!r:.200}", lambda: fn(args), [args[k] for k in arrays])
-
-    check()
-    fig.report()
-
-
 _FILES = None  # a temporary folder for the model-file targets, made on first use
 
 
@@ -518,9 +503,9 @@ OTHER_TARGETS: Dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("target", sorted(OTHER_TARGETS))
-def test_fuzz_pruning_clipping_and_files(target):
-    fn, arrays, scalars = OTHER_TARGETS[target]
+@pytest.mark.parametrize("target", sorted(QUANT_TARGETS) + sorted(OTHER_TARGETS))
+def test_fuzz_array_functions(target):
+    fn, arrays, scalars = {**QUANT_TARGETS, **OTHER_TARGETS}[target]
     fig = Figures(target)
 
     @FUZZ
