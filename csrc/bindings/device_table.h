@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <algorithm>
+#include <optional>
 #include <utility>
 #include <cstdint>
 #include <string>
@@ -378,7 +379,7 @@ class DevicePlan {
   const cuda::LaunchTables& tables() const { return tables_; }
   DType dtype() const { return dtype_; }
   // The state arrays' type: the params' state type, or bfloat16 when the state is.
-  DType state_dtype() const { return state_set_ ? state_dtype_ : cuda::state_dtype(dtype_); }
+  DType state_dtype() const { return state_dtype_ ? *state_dtype_ : cuda::state_dtype(dtype_); }
   int device() const { return device_; }
   size_t num_tensors() const { return sizes_.size(); }
 
@@ -455,9 +456,8 @@ class DevicePlan {
                              " is not supported (float32, float64, float16 or bfloat16)");
       dtype_ = a.dtype;
       *first = false;
-    } else if (role.kind == RoleKind::state && !state_set_ && cuda::state_dtype_ok(dtype_, a.dtype)) {
+    } else if (role.kind == RoleKind::state && !state_dtype_ && cuda::state_dtype_ok(dtype_, a.dtype)) {
       state_dtype_ = a.dtype;  // the first state array decides (float32/own type or bfloat16)
-      state_set_ = true;
     } else if (role.kind == RoleKind::mask) {
       if (a.dtype != DType::b8 && a.dtype != DType::u8)
         throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) +
@@ -636,8 +636,7 @@ class DevicePlan {
   std::vector<std::pair<int, int>> slots_;     // tensor -> (table, index), -1 when empty
   cuda::LaunchTables tables_;
   DType dtype_ = DType::f32;
-  DType state_dtype_ = DType::f32;
-  bool state_set_ = false;  // state_dtype_ was set by a state array
+  std::optional<DType> state_dtype_;  // set by the first state array
   int device_ = -1;
 };
 

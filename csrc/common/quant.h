@@ -63,9 +63,12 @@ FASTOPT_HD uint32_t mix32(uint32_t x) {
 FASTOPT_HD uint32_t seed_key(uint64_t seed) {
   return mix32(uint32_t(seed) ^ mix32(uint32_t(seed >> 32) + 0x9e3779b9U));
 }
+// 32 random bits for element `index` under `key`.
+FASTOPT_HD uint32_t index_hash(uint32_t key, uint64_t index) {
+  return mix32(uint32_t(index) ^ mix32(uint32_t(index >> 32) ^ key));
+}
 FASTOPT_HD float uniform24(uint32_t key, uint64_t index) {
-  const uint32_t h = mix32(uint32_t(index) ^ mix32(uint32_t(index >> 32) ^ key));
-  return float(h >> 8) * (1.0f / 16777216.0f);
+  return float(index_hash(key, index) >> 8) * (1.0f / 16777216.0f);
 }
 
 // float16 / bfloat16 storage to float32 (exact).

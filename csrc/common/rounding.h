@@ -17,15 +17,12 @@ FASTOPT_ISA_BEGIN
 
 // The key of tensor `tensor` of a call at step `step` with seed `seed`.
 FASTOPT_HD uint32_t rounding_key(uint64_t seed, int64_t step, int32_t tensor) {
-  const uint64_t t = uint64_t(step);
-  const uint32_t k = mix32(seed_key(seed) ^ mix32(uint32_t(t) ^ mix32(uint32_t(t >> 32) + 0x9e3779b9U)));
+  const uint32_t k = mix32(seed_key(seed) ^ seed_key(uint64_t(step)));
   return mix32(k ^ mix32(uint32_t(tensor) + 0x7f4a7c15U));
 }
 
 // 32 random bits for element j of the tensor with key `key`.
-FASTOPT_HD uint32_t rounding_bits(uint32_t key, int64_t j) {
-  return mix32(uint32_t(uint64_t(j)) ^ mix32(uint32_t(uint64_t(j) >> 32) ^ key));
-}
+FASTOPT_HD uint32_t rounding_bits(uint32_t key, int64_t j) { return index_hash(key, uint64_t(j)); }
 
 // x rounded to bfloat16 with the top 16 of `random`'s bits.
 FASTOPT_HD uint16_t bfloat16_stochastic(float x, uint32_t random) {

@@ -235,6 +235,12 @@ def stochastic_rounding(rounding: Any, seed: Any) -> Dict[str, int]:
     return {"stochastic_seed": int(seed)}
 
 
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A class's stochastic-rounding seed for its ``step``-th step (``salt``: which of its
+    calls): every step gets its own, also for the kernels that take no step count."""
+    return (seed ^ (step * 0x9E3779B97F4A7C15) ^ salt) % 2**64
+
+
 STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZERS.items()}
 # The bound runs the functions below call (a bound method is the cheapest call).
 _SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION = (

@@ -202,7 +202,7 @@ class Optimizer:
             if self._masks is not None:
                 kw["masks"] = self._masks
             if self._rounding_seed is not None:
-                kw["stochastic_seed"] = (self._rounding_seed ^ (t * 0x9E3779B97F4A7C15)) % 2**64
+                kw["stochastic_seed"] = functional.step_seed(self._rounding_seed, t)
             lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
             norm = None
             if max_grad_norm is not None:

@@ -349,20 +349,28 @@ def _u32(x: int) -> np.ndarray:
     return np.array([x & 0xFFFFFFFF], dtype=np.uint64).astype(np.uint32)
 
 
+def _seed_key(seed: int) -> np.ndarray:
+    """The 32-bit key of a 64-bit seed (common/quant.h's seed_key)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return _mix32(_u32(seed) ^ _mix32(_u32((seed >> 32) + 0x9E3779B9)))
+
+
+def _index_hash(key: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """32 random bits per element index under ``key`` (common/quant.h's index_hash)."""
+    index = np.asarray(index, dtype=np.uint64)
+    lo = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    hi = (index >> np.uint64(32)).astype(np.uint32)
+    return _mix32(lo ^ _mix32(hi ^ key))
+
+
 def bfloat16_stochastic(x: np.ndarray, seed: int, step: int, tensor: int) -> np.ndarray:
     """float32 ``x`` (element j at index j of tensor ``tensor`` of a call at ``step`` with
     ``seed``) rounded stochastically to bfloat16, as the bits (uint16) the kernels store:
     the 16 bits cut off are compared with 16 random bits of a counter-based hash of
     (seed, step, tensor, j), so x rounds up with probability equal to its distance from the
     lower bfloat16 value over the gap; NaN becomes 0x7FFF."""
-    seed_key = _mix32(_u32(seed) ^ _mix32(_u32((int(seed) >> 32) + 0x9E3779B9)))
-    step = int(step) & 0xFFFFFFFFFFFFFFFF
-    step_key = _mix32(_u32(step) ^ _mix32(_u32((step >> 32) + 0x9E3779B9)))
-    key = _mix32(_mix32(seed_key ^ step_key) ^ _mix32(_u32(int(tensor) + 0x7F4A7C15)))
-    j = np.arange(x.size, dtype=np.uint64)
-    lo = (j & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    hi = (j >> np.uint64(32)).astype(np.uint32)
-    random = _mix32(lo ^ _mix32(hi ^ key))
+    key = _mix32(_mix32(_seed_key(seed) ^ _seed_key(step)) ^ _mix32(_u32(int(tensor) + 0x7F4A7C15)))
+    random = _index_hash(key, np.arange(x.size, dtype=np.uint64))
     u = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
     out = ((u.astype(np.uint64) + (random >> np.uint32(16))) >> np.uint64(16)).astype(np.uint16)
     out[(u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)] = 0x7FFF
@@ -371,15 +379,7 @@ def bfloat16_stochastic(x: np.ndarray, seed: int, step: int, tensor: int) -> np.
 
 def uniform24(seed: int, index: np.ndarray) -> np.ndarray:
     """The counter-based uniform in [0, 1) of stochastic rounding (float32, 24 bits)."""
-    seed = int(seed)
-    key = _mix32(
-        np.array([(seed & 0xFFFFFFFF)], dtype=np.uint64).astype(np.uint32)
-        ^ _mix32(np.array([((seed >> 32) + 0x9E3779B9) & 0xFFFFFFFF], dtype=np.uint64))
-    )
-    index = np.asarray(index, dtype=np.uint64)
-    lo = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    hi = (index >> np.uint64(32)).astype(np.uint32)
-    h = _mix32(lo ^ _mix32(hi ^ key))
+    h = _index_hash(_seed_key(seed), index)
     return (h >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
 
 

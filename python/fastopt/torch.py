@@ -765,9 +765,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "masks": bucket.masks}
         if rounding_seed is not None and bucket.params[0].dtype == torch.bfloat16:
             # this step's and this bucket's seed: the kernel adds each param's place
-            key = (
-                rounding_seed ^ ((bucket.done + 1) * 0x9E3779B97F4A7C15) ^ bucket.index[0]
-            ) % 2**64
+            key = functional.step_seed(rounding_seed, bucket.done + 1, bucket.index[0])
             extra = {**extra, "stochastic_seed": key}
         if self._spec.takes_step:
             extra = {**extra, "step": bucket.done + 1}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 
 def columns(torch: Any, n: int, device: str) -> Dict[str, Any]:
@@ -54,8 +54,11 @@ def columns(torch: Any, n: int, device: str) -> Dict[str, Any]:
     return out
 
 
-def compare(n: int, device: str, rounds: int, calls: int) -> Dict[str, List[float]]:
-    """ms per step per round for every column, interleaved in rotating order."""
+def compare(
+    n: int, device: str, rounds: int, calls: int
+) -> Tuple[Dict[str, List[float]], Dict[str, int]]:
+    """(ms per step per round, bytes per element) for every column, interleaved in rotating
+    order."""
     import torch
 
     cols = columns(torch, n, device)
@@ -76,7 +79,7 @@ def compare(n: int, device: str, rounds: int, calls: int) -> Dict[str, List[floa
                 fn()
             sync()
             samples[name].append(1e3 * (time.perf_counter() - t) / calls)
-    return samples
+    return samples, {k: b for k, (_, b) in cols.items()}
 
 
 def main() -> None:
@@ -89,8 +92,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5, help="steps per timed block")
     args = parser.parse_args()
     n = 1 << args.log2
-    samples = compare(n, args.device, args.rounds, args.calls)
-    bytes_per = {k: b for k, (_, b) in columns(torch, 1, "cpu").items()}
+    samples, bytes_per = compare(n, args.device, args.rounds, args.calls)
     fused = samples["torch fused"]
     print(
         f"AdamW, one float32 tensor of 2^{args.log2} elements on {args.device}, "
