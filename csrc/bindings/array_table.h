@@ -7,12 +7,15 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <algorithm>
+#include <deque>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 #include "bindings/overlap.h"
 #include "common/optim/descriptor.h"
+#include "common/quant.h"
+#include "common/state8.h"
 #include "cpu/multi_tensor.h"
 #include "cpu/optim_kernels.h"
 
@@ -52,9 +55,12 @@ class ArrayTable {
  public:
   // roles[0] (the params) fixes the list length, shapes and dtype the others must match.
   // `listed` says whether the user passed lists (messages then say "grads[3]").
-  // Roles: any sequence of RoleSpec (std::array, std::vector).
+  // Roles: any sequence of RoleSpec (std::array, std::vector). `absmax`: None, or for
+  // 8-bit state (uint8 state arrays, common/state8.h) a dict {state role name: a list of
+  // float32 arrays, tensor i's block maxima: ceil(size / 256) elements}, one entry for
+  // every state role the call uses.
   template <class Roles>
-  ArrayTable(const Roles& roles, bool listed) : listed_(listed) {
+  ArrayTable(const Roles& roles, bool listed, py::handle absmax = py::none()) : listed_(listed) {
     const RoleSpec& ref = *roles.begin();
     if (!py::isinstance<py::list>(ref.list))
       throw py::type_error(std::string(ref.name) + ": expected a list of arrays");
@@ -68,6 +74,7 @@ class ArrayTable {
       if (!role.list.is_none()) collect_role(role, r, ref, n);
       ++r;
     }
+    collect_absmax(roles, absmax, n);
     check_no_overlap(spans_, [this](const char* role, size_t i) { return where(role, i); });
   }
 
@@ -77,11 +84,13 @@ class ArrayTable {
     t.offsets = offsets_.data();
     for (int r = 0; r < cpu::kMaxSlots; ++r)
       t.ptrs[r] = ptrs_[r].empty() ? nullptr : ptrs_[r].data();
+    for (int r = 0; r < cpu::kMaxRoles; ++r)
+      t.absmax[r] = absmax_[r].empty() ? nullptr : absmax_[r].data();
     return t;
   }
   cpu::DType dtype() const { return dtype_; }
-  // The state arrays' type: the params' state type, or bfloat16 (the first state array
-  // decides; the others must match it).
+  // The state arrays' type: the params' state type, bfloat16, or u8 for 8-bit state (the
+  // first state array decides; the others must match it).
   cpu::DType state_dtype() const { return state_dtype_ ? *state_dtype_ : cpu::state_dtype(dtype_); }
   int64_t total() const { return offsets_.back(); }
 
@@ -127,9 +136,10 @@ class ArrayTable {
     return s + ")";
   }
 
-  [[noreturn]] static void unsupported(const Where& where, const std::string& dtype) {
-    throw py::type_error(where.str() + ": dtype " + dtype +
-                         " is not supported (float32, float64, float16 or bfloat16)");
+  [[noreturn]] static void unsupported(const Where& where, const std::string& dtype,
+                                       bool state = false) {
+    throw py::type_error(where.str() + ": dtype " + dtype + " is not supported (float32, float64, " +
+                         (state ? "float16, bfloat16, or uint8 for 8-bit state)" : "float16 or bfloat16)"));
   }
 
   [[noreturn]] static void not_a_mask(const Where& where, const std::string& dtype) {
@@ -137,7 +147,8 @@ class ArrayTable {
   }
 
   // Fills h (reused: no allocation per array) from NumPy array obj (a mask: bool/uint8).
-  void describe_numpy(HostArray& h, PyObject* obj, const Where& where_, bool mask) const {
+  void describe_numpy(HostArray& h, PyObject* obj, const Where& where_, bool mask,
+                      bool state = false) const {
     using py::detail::npy_api;
     const auto* a = py::detail::array_proxy(obj);
     const auto* descr = py::detail::array_descriptor_proxy(a->descr);
@@ -152,7 +163,8 @@ class ArrayTable {
     else if (descr->type_num == npy_api::NPY_DOUBLE_) h.dtype = cpu::DType::f64;
     else if (descr->type_num == kNpyHalf) h.dtype = cpu::DType::f16;
     else if (is_numpy_bfloat16(descr->typeobj)) h.dtype = cpu::DType::bf16;
-    else unsupported(where_, py::str(py::handle(a->descr)).cast<std::string>());
+    else if (state && descr->type_num == npy_api::NPY_UBYTE_) h.dtype = cpu::DType::u8;
+    else unsupported(where_, py::str(py::handle(a->descr)).cast<std::string>(), state);
     if (descr->byteorder == '>')
       throw py::type_error(where_.str() + ": big-endian arrays are not supported");
     h.data = a->data;
@@ -175,7 +187,7 @@ class ArrayTable {
   // types are taken from the torch module the caller imported). Other devices, sparse
   // layouts and negative views are left to the adapter's messages or refused here.
   void describe_torch(HostArray& h, PyObject* obj, const Where& where_, bool written,
-                      bool mask) const {
+                      bool mask, bool state = false) const {
     const TorchTypes& tt = *torch_types();
     py::handle t(obj);
     h.size = 1;
@@ -189,8 +201,9 @@ class ArrayTable {
     } else {
       int k = 0;
       while (k < 4 && !dtype.is(tt.dtypes[k])) ++k;
-      if (k == 4) unsupported(where_, py::str(dtype).cast<std::string>());
-      h.dtype = static_cast<cpu::DType>(k);
+      if (k < 4) h.dtype = static_cast<cpu::DType>(k);
+      else if (state && dtype.is(tt.uint8)) h.dtype = cpu::DType::u8;
+      else unsupported(where_, py::str(dtype).cast<std::string>(), state);
     }
     const py::object layout = FASTOPT_HOST_ATTR(t, "layout");
     if (!layout.is(tt.strided))
@@ -259,8 +272,9 @@ class ArrayTable {
       keep_.push_back(numpy || tensor ? py::reinterpret_borrow<py::object>(item)
                                       : adapt(w.str(), item));
       HostArray& a = r == 0 ? params_.emplace_back() : scratch_;
-      if (tensor) describe_torch(a, item, w, role.written, mask);
-      else describe_numpy(a, keep_.back().ptr(), w, mask);
+      const bool state = role.kind == RoleKind::state;
+      if (tensor) describe_torch(a, item, w, role.written, mask, state);
+      else describe_numpy(a, keep_.back().ptr(), w, mask, state);
       if (r == 0 && i == 0) {
         dtype_ = a.dtype;
       } else if (!mask) {
@@ -273,7 +287,8 @@ class ArrayTable {
               (role.kind == RoleKind::state
                    ? std::string("the state type ") + cpu::dtype_name(want) +
                          " (state is float32 for 16-bit params, else the params' dtype; or "
-                         "bfloat16, for every state array, with float32 or 16-bit params)"
+                         "bfloat16 or uint8 (8-bit), for every state array, with float32 or "
+                         "16-bit params)"
                    : where(ref.name, 0) + "'s " + cpu::dtype_name(want) +
                          " (all arrays of one call share a dtype)"));
       }
@@ -302,6 +317,83 @@ class ArrayTable {
                           role.name, i, role.written});
       }
       ptrs[i] = a.size > 0 ? a.data : nullptr;
+    }
+  }
+
+  // The block maxima of 8-bit state (see the constructor): checked like the roles' arrays,
+  // their sizes against the params'. Refused unless the state is 8-bit.
+  template <class Roles> void collect_absmax(const Roles& roles, py::handle absmax, size_t n) {
+    const bool state8 = state_dtype_ && *state_dtype_ == cpu::DType::u8;
+    if (absmax.is_none()) {
+      if (state8)
+        throw py::type_error("absmax: required with 8-bit (uint8) state: a dict {state name: "
+                             "a list of float32 block maxima}");
+      return;
+    }
+    if (state_dtype_ && !state8)  // (no state array at all: an empty call, checked as one)
+      throw py::value_error("absmax: only for 8-bit state (uint8 state arrays)");
+    if (!py::isinstance<py::dict>(absmax))
+      throw py::type_error(std::string("absmax: expected a dict {state name: list of arrays}, got ") +
+                           Py_TYPE(absmax.ptr())->tp_name);
+    const py::dict given = py::reinterpret_borrow<py::dict>(absmax);
+    size_t used = 0;
+    int r = 0;
+    for (const RoleSpec& role : roles) {
+      const int slot = r++;
+      if (role.kind != RoleKind::state || role.list.is_none()) continue;
+      ++used;
+      const py::str key(role.name);
+      if (!given.contains(key))
+        throw py::value_error(std::string("absmax: no entry for '") + role.name + "'");
+      names_.push_back(std::string("absmax['") + role.name + "']");
+      collect_absmax_list(given[key], slot, names_.back().c_str(), role.written, n);
+    }
+    if (given.size() != used)
+      for (auto item : given) {
+        bool known = false;
+        for (const RoleSpec& role : roles)
+          known = known || (role.kind == RoleKind::state && !role.list.is_none() &&
+                            py::str(item.first).equal(py::str(role.name)));
+        if (!known)
+          throw py::value_error("absmax: unexpected entry " + py::repr(item.first).cast<std::string>() +
+                                " (not a state this call uses)");
+      }
+  }
+
+  void collect_absmax_list(py::handle list, int r, const char* name, bool written, size_t n) {
+    if (!py::isinstance<py::list>(list))
+      throw py::type_error(std::string(name) + ": expected a list of arrays");
+    if (py::len(list) != n)
+      throw py::value_error(std::string(name) + ": expected " + std::to_string(n) +
+                            " arrays (one per param), got " + std::to_string(py::len(list)));
+    absmax_[r].resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      PyObject* item = PyList_GET_ITEM(list.ptr(), i);
+      const Where w{name, i, listed_};
+      const bool numpy = is_plain_ndarray(item);
+      const bool tensor = !numpy && is_torch_tensor(item, w);
+      keep_.push_back(numpy || tensor ? py::reinterpret_borrow<py::object>(item)
+                                      : adapt(w.str(), item));
+      HostArray& a = scratch_;
+      if (tensor) describe_torch(a, item, w, written, false);
+      else describe_numpy(a, keep_.back().ptr(), w, false);
+      const int64_t blocks = block_count(offsets_[i + 1] - offsets_[i], kState8Block);
+      if (a.dtype != cpu::DType::f32)
+        throw py::type_error(w.str() + ": dtype " + cpu::dtype_name(a.dtype) + " is not float32");
+      if (a.size != blocks)
+        throw py::value_error(w.str() + ": has " + std::to_string(a.size) + " elements; " +
+                              where("params", i) + "'s " + std::to_string(offsets_[i + 1] - offsets_[i]) +
+                              " need " + std::to_string(blocks) + " (one per block of 256)");
+      if (a.size > 0) {
+        if (!a.c_contiguous && !dense(a))
+          throw py::value_error(w.str() + ": must be contiguous");
+        if (!a.aligned) throw py::value_error(w.str() + ": data is not aligned to its dtype");
+        if (written && !a.writeable)
+          throw py::value_error(w.str() + ": is read-only but is updated in place");
+        const uintptr_t begin = reinterpret_cast<uintptr_t>(a.data);
+        spans_.push_back({begin, begin + uintptr_t(a.size) * 4, name, i, written});
+      }
+      absmax_[r][i] = a.size > 0 ? static_cast<float*>(a.data) : nullptr;
     }
   }
 
@@ -385,6 +477,8 @@ class ArrayTable {
   std::optional<cpu::DType> state_dtype_;  // set by the first state array
   std::vector<int64_t> offsets_;
   std::vector<void*> ptrs_[cpu::kMaxSlots];
+  std::vector<float*> absmax_[cpu::kMaxRoles];  // 8-bit state: absmax_[role][i]
+  std::deque<std::string> names_;                // the absmax lists' names ("absmax['exp_avgs']")
   std::vector<Span> spans_;
 };
 

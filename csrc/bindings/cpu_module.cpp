@@ -39,7 +39,7 @@ void step(const py::args& args, const py::kwargs& kwargs) {
   for (int r = 0; r < Opt::num_roles; ++r)
     roles[r] = {Opt::roles[r].name, call.lists[r], Opt::roles[r].written, Opt::roles[r].kind};
   roles[Opt::num_roles] = {"masks", call.masks, false, fastopt::RoleKind::mask};
-  const ArrayTable arrays(roles, call.listed);
+  const ArrayTable arrays(roles, call.listed, call.absmax);
   if (call.options.stochastic && arrays.total() > 0 && arrays.dtype() != cpu::DType::bf16)
     throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
                                       "bfloat16 params, these are ") + cpu::dtype_name(arrays.dtype()));
@@ -532,6 +532,13 @@ PYBIND11_MODULE(_cpu, m) {
   });
   m.def("optimizers", &fastopt::bindings::describe_optimizers,
         "Each optimizer's array roles, hyper-parameter names and whether it takes step");
+  m.def(
+      "state8_map",
+      [](py::object is_signed) {
+        const fastopt::State8Map& map = fastopt::state8_map(fastopt::bindings::scalar_arg<bool>(is_signed, "signed"));
+        return py::array_t<float>(256, map.value);
+      },
+      arg("signed"), "The 256 values of 8-bit state's dynamic map (common/state8.h)");
   // Quantization and Newton: the same arguments as in fastopt._cuda.
   const auto host_stream = arg("stream").none(true) = py::none();
   m.def("quantize_affine", &quantize_affine, arg("x"), arg("q"), arg("scales"),

@@ -8,8 +8,10 @@
 // GradScaler's scale, unscaled inside the one pass), `grad_clip` (then multiplied by it: a
 // clip coefficient in [0, 1], or NaN) and `masks` (None, or a list of one
 // bool/uint8 array per param, shaped like it: where 0, the param is set to 0 and no state
-// changes) and `stochastic_seed` (bfloat16 params rounded stochastically with this seed,
-// common/rounding.h), and what the module adds (the CUDA
+// changes), `stochastic_seed` (bfloat16 params rounded stochastically with this seed,
+// common/rounding.h) and `absmax` (8-bit state, common/state8.h: {state name: a list of
+// float32 block maxima per tensor}, the state lists then holding uint8 codes), and what
+// the module adds (the CUDA
 // module: stream, plan). Every argument is
 // checked here, so a direct call with a missing, unknown or mistyped argument raises a
 // TypeError/ValueError naming it (Python has validated the ranges already).
@@ -109,6 +111,7 @@ template <class Opt> struct StepCall {
   typename Opt::Hyper hyper{};
   StepOptions options;  // step, grad_scale, stochastic rounding
   py::object masks = py::none();  // a list of masks, or None: an unmasked step
+  py::object absmax = py::none();  // 8-bit state: {state name: list of block maxima}
   unsigned fresh = 0;       // bit r: role r is written but not read at this step
 
   // `extras`: the module's own keywords, read by the caller (they only count here).
@@ -174,6 +177,11 @@ template <class Opt> struct StepCall {
       masks = py::reinterpret_borrow<py::object>(v);
       ++found;
     }
+    static PyObject* absmax_key = interned_key("absmax");
+    if (PyObject* v = keyword(kw, absmax_key)) {
+      absmax = py::reinterpret_borrow<py::object>(v);
+      ++found;
+    }
     for (const char* extra : extras)
       if (kwargs.contains(extra)) ++found;
     if (kwargs && size_t(PyDict_Size(kw)) != found) {
@@ -215,7 +223,7 @@ template <class Opt> struct StepCall {
   }
   static bool known(const std::string& name, std::initializer_list<const char*> extras) {
     bool hit = (Opt::takes_step && name == "step") || name == "grad_scale" || name == "masks" ||
-               name == "stochastic_seed" || name == "grad_clip";
+               name == "stochastic_seed" || name == "grad_clip" || name == "absmax";
     typename Opt::Hyper h{};
     Opt::for_each_field(h, [&](const char* field, auto&) { hit = hit || name == field; });
     for (const char* extra : extras) hit = hit || name == extra;
@@ -233,12 +241,16 @@ inline py::dict describe_optimizers() {
     py::list roles, hyper;
     for (const Role& r : Opt::roles)
       roles.append(py::make_tuple(r.name, kind_name(r.kind), r.written, r.optional));
+    py::list nonnegative;
+    for (const Role& r : Opt::roles)
+      if (r.nonnegative) nonnegative.append(r.name);
     typename Opt::Hyper h{};
     Opt::for_each_field(h, [&](const char* name, auto&) { hyper.append(name); });
     py::dict d;
     d["roles"] = roles;
     d["hyper"] = hyper;
     d["takes_step"] = Opt::takes_step;
+    d["nonnegative"] = nonnegative;
     all[Opt::name] = d;
   });
   return all;

@@ -6,6 +6,7 @@
 #include "common/half.h"
 #include "common/platform.h"
 #include "common/rounding.h"
+#include "common/state8.h"
 #ifdef FASTOPT_ISA_isa_avx2
 #include "cpu/vec_avx2.h"
 #endif
@@ -27,6 +28,14 @@ template <class T> struct ScalarLane {
   static void store_stochastic(bfloat16* p, T x, uint32_t key, int64_t j) {
     p->bits = bfloat16_stochastic(x, rounding_bits(key, j));
   }
+  // 8-bit state (T = float): the value of code *p in a block of this absmax, and the code
+  // of x in a block of reciprocal absmax inv, with map m.
+  static T load_state8(const State8Map& m, const uint8_t* p, float absmax) {
+    return state8_decode(m, *p, absmax);
+  }
+  static void store_state8(const State8Map& m, bool is_signed, uint8_t* p, T x, float inv) {
+    *p = uint8_t(state8_encode(m, is_signed, x, inv));
+  }
   // Masked steps: which lanes a mask (one byte per element, 0 = pruned) keeps, and a
   // where keep else b.
   using keep_type = bool;
@@ -40,6 +49,12 @@ template <class V, class T, int W> struct VectorLane {
   template <class Storage> static void store(Storage* p, V x) { x.store(p); }
   static void store_stochastic(bfloat16* p, V x, uint32_t key, int64_t j) {
     x.store_stochastic(p, key, j);
+  }
+  static V load_state8(const State8Map& m, const uint8_t* p, float absmax) {
+    return V::load_state8(m, p, absmax);
+  }
+  static void store_state8(const State8Map& m, bool is_signed, uint8_t* p, V x, float inv) {
+    x.store_state8(m, is_signed, p, inv);
   }
   using keep_type = V;  // all-ones lanes where kept
   static V load_keep(const uint8_t* p) { return V::load_keep(p); }

@@ -4,6 +4,7 @@
 // thread count (bit-identical for 1 and N threads).
 #pragma once
 #include <cstdint>
+#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -25,6 +26,9 @@ struct TensorTable {
   const int64_t* offsets = nullptr;     // n + 1 entries
   void* const* ptrs[kMaxSlots] = {};    // ptrs[role][i]; null = not used by the call;
                                         // ptrs[kMaskSlot]: the masks (uint8 per element)
+  float* const* absmax[kMaxRoles] = {}; // 8-bit state (common/state8.h): absmax[role][i],
+                                        // the block maxima of state role r's tensor i,
+                                        // whose ptrs[role][i] are then its codes (uint8)
   unsigned fresh = 0;                   // bit r: role r is written but not read this step
   int num_threads = 1;
 };
@@ -95,6 +99,40 @@ void run_multi_tensor(const cpu::TensorTable& t, const Kernel& k) {
       const int64_t stop = t.offsets[i + 1] < end ? t.offsets[i + 1] : end;
       apply_range<Wide, T>(local, i, pos - t.offsets[i], stop - t.offsets[i]);
       pos = stop;
+    }
+  }
+}
+
+// The blocked walk (8-bit state, common/state8.h): every tensor is cut into blocks of
+// `block` elements (its last one may be shorter) and each thread takes a contiguous range
+// of the call's blocks; k.block(i, lo, hi) processes elements [lo, hi) of tensor i.
+// Blocks are independent, so the results do not depend on the thread count either.
+template <class Kernel>
+void run_blocks(const cpu::TensorTable& t, int64_t block, const Kernel& k) {
+  const int n = t.num_tensors;
+  std::vector<int64_t> first(size_t(n) + 1, 0);  // first[i]: the call's index of i's block 0
+  for (int i = 0; i < n; ++i) {
+    const int64_t size = t.offsets[i + 1] - t.offsets[i];
+    first[size_t(i) + 1] = first[size_t(i)] + size / block + (size % block != 0);
+  }
+  const int64_t blocks = first[size_t(n)];
+  if (blocks == 0) return;
+  const int threads = t.offsets[n] >= kParallelMinElements ? t.num_threads : 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int tid = 0, nt = 1;
+#endif
+    const int64_t share = (blocks + nt - 1) / nt;
+    const int64_t begin = tid * share < blocks ? tid * share : blocks;
+    const int64_t end = begin + share < blocks ? begin + share : blocks;
+    for (int64_t b = begin, i = begin < end ? tensor_of(first.data(), n, b) : 0; b < end; ++b) {
+      while (first[size_t(i) + 1] <= b) ++i;
+      const int64_t lo = (b - first[size_t(i)]) * block;
+      const int64_t size = t.offsets[i + 1] - t.offsets[i];
+      k.block(int(i), lo, lo + block < size ? lo + block : size);
     }
   }
 }

@@ -26,8 +26,11 @@ using cpu::TensorTable;
 // every other written role as it was loaded (a masked call loads fresh roles too).
 // Stochastic (bfloat16 params): the params are rounded stochastically (common/rounding.h)
 // with the key of their tensor, keys[i].
-template <class Opt, class P, class T, class S, bool Masked, bool Stochastic>
+// Blocked (8-bit state, run by Blocked8 below, S = float): the state roles are read from and
+// written to the block's float buffers, element j of the tensor at buf[r][j - block_start].
+template <class Opt, class P, class T, class S, bool Masked, bool Stochastic, bool Blocked = false>
 struct StepKernel {
+  using Optimizer = Opt;
   using F = Formula<Opt>;
   static constexpr int N = Opt::num_roles;
   static_assert(!Stochastic || std::is_same_v<P, bfloat16>, "stochastic rounding: bfloat16 params");
@@ -38,7 +41,14 @@ struct StepKernel {
   bool load[N], store[N];
   bool scale_grads, clip_grads;
   T grad_scale, grad_clip;
+  float* buf[N] = {};
+  int64_t block_start = 0;
   const P* anchor(int i) const { return static_cast<const P*>(ptr[0][i]); }
+  // Where element j of role r's tensor i is read and written.
+  template <int r, class Storage> Storage* at(int i, int64_t j) const {
+    if constexpr (Blocked && Opt::roles[r].kind == RoleKind::state) return buf[r] + (j - block_start);
+    else return static_cast<Storage*>(ptr[r][i]) + j;
+  }
   // Always inlined: the loop over roles makes it large enough for GCC to keep it out of
   // line otherwise, a call per vector (a quarter more instructions per element).
   template <class L> FASTOPT_HD void operator()(L, int i, int64_t j) const {
@@ -48,8 +58,7 @@ struct StepKernel {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
       using Storage = std::conditional_t<role.kind == RoleKind::state, S, P>;
-      x[r] = (!role.optional || load[r]) ? L::load(static_cast<const Storage*>(ptr[r][i]) + j)
-                                         : V(T(0));
+      x[r] = (!role.optional || load[r]) ? L::load(at<r, const Storage>(i, j)) : V(T(0));
       if (role.kind == RoleKind::grad && scale_grads) x[r] = x[r] / V(grad_scale);
       if (role.kind == RoleKind::grad && clip_grads) x[r] = x[r] * V(grad_clip);
     });
@@ -73,35 +82,105 @@ struct StepKernel {
       if constexpr (Stochastic && role.kind == RoleKind::param)
         L::store_stochastic(static_cast<P*>(ptr[r][i]) + j, x[r], keys[i], j);
       else if (role.written && (!role.optional || store[r]))
-        L::store(static_cast<Storage*>(ptr[r][i]) + j, x[r]);
+        L::store(at<r, Storage>(i, j), x[r]);
     });
   }
 };
 
+// The 8-bit state step (common/state8.h), one block of kState8Block elements at a time:
+// the state roles' codes are decoded into float buffers, the step kernel runs over the
+// block with its state in those buffers, and each written state is encoded back with its
+// block's new absmax. Every element is still read and written once.
+template <class Wide, class Step> struct Blocked8 {
+  static constexpr int N = Step::N;
+  Step step;
+  const State8Map* map[N];  // per 8-bit state role: its map; null for the other roles
+  bool is_signed[N];
+  float* const* absmax[N];  // per 8-bit state role: the tensors' block maxima
+  void block(int i, int64_t lo, int64_t hi) const {
+    using Scalar = ScalarLane<float>;
+    constexpr int W = Wide::width;
+    alignas(32) float buf[N][kState8Block];
+    Step k = step;
+    k.block_start = lo;
+    const int64_t b = lo / kState8Block, len = hi - lo;
+    for (int r = 0; r < N; ++r) {
+      if (!map[r]) continue;
+      k.buf[r] = buf[r];
+      if (!step.load[r]) continue;  // fresh this step: written before it is read
+      const uint8_t* codes = static_cast<const uint8_t*>(step.ptr[r][i]) + lo;
+      const float scale = absmax[r][i][b];
+      int64_t j = 0;
+      for (; j + W <= len; j += W) Wide::store(buf[r] + j, Wide::load_state8(*map[r], codes + j, scale));
+      for (; j < len; ++j) buf[r][j] = Scalar::load_state8(*map[r], codes + j, scale);
+    }
+    apply_range<Wide, float>(k, i, lo, hi);
+    for (int r = 0; r < N; ++r) {
+      if (!map[r] || !step.store[r] || !Step::Optimizer::roles[r].written) continue;
+      const float scale = state8_canonical_absmax(block_absmax(buf[r], len));
+      absmax[r][i][b] = scale;
+      const float inv = 1.0f / scale;
+      uint8_t* codes = static_cast<uint8_t*>(step.ptr[r][i]) + lo;
+      int64_t j = 0;
+      for (; j + W <= len; j += W)
+        Wide::store_state8(*map[r], is_signed[r], codes + j, Wide::load(buf[r] + j), inv);
+      for (; j < len; ++j) Scalar::store_state8(*map[r], is_signed[r], codes + j, buf[r][j], inv);
+    }
+  }
+  // max |x| over x[0 .. len), NaN if any is NaN.
+  static float block_absmax(const float* x, int64_t len) {
+    constexpr int W = Wide::width;
+    typename Wide::value top(0.0f);
+    int64_t j = 0;
+    for (; j + W <= len; j += W) top = vmax_nan(vabs(Wide::load(x + j)), top);
+    alignas(32) float lanes[W];
+    Wide::store(lanes, top);
+    float out = 0.0f;
+    for (int w = 0; w < W; ++w) out = vmax_nan(lanes[w], out);
+    for (; j < len; ++j) out = vmax_nan(vabs(x[j]), out);
+    return out;
+  }
+};
+
+// S = State8: 8-bit state (the table's absmax lists say which roles), through Blocked8.
+struct State8 {};
+
 template <class Opt, class P, class T, class S, bool Masked, bool Stochastic>
 void run_step(const TensorTable& t, const typename Opt::Hyper& h, const StepOptions& o) {
+  constexpr bool blocked = std::is_same_v<S, State8>;
+  using Step = StepKernel<Opt, P, T, std::conditional_t<blocked, float, S>, Masked, Stochastic, blocked>;
   std::vector<uint32_t> keys;
   if (Stochastic) {
     keys.resize(size_t(t.num_tensors));
     for (int i = 0; i < t.num_tensors; ++i) keys[size_t(i)] = rounding_key(o.seed, o.step, i);
   }
-  StepKernel<Opt, P, T, S, Masked, Stochastic> k{
-      Formula<Opt>::template coeffs<T>(h, o.step),
-      {},
-      reinterpret_cast<const uint8_t* const*>(t.ptrs[cpu::kMaskSlot]),
-      keys.data(),
-      {},
-      {},
-      o.grad_scale != 1.0,
-      !(o.grad_clip == 1.0),  // NaN too
-      T(o.grad_scale),
-      T(o.grad_clip)};
+  Step k{Formula<Opt>::template coeffs<T>(h, o.step),
+         {},
+         reinterpret_cast<const uint8_t* const*>(t.ptrs[cpu::kMaskSlot]),
+         keys.data(),
+         {},
+         {},
+         o.grad_scale != 1.0,
+         !(o.grad_clip == 1.0),  // NaN too
+         T(o.grad_scale),
+         T(o.grad_clip)};
   for (int r = 0; r < Opt::num_roles; ++r) {
     k.ptr[r] = t.ptrs[r];
     k.store[r] = t.ptrs[r] != nullptr;
     k.load[r] = k.store[r] && (Masked || !(t.fresh >> r & 1u));
   }
-  run_multi_tensor<WideLane<T>, T>(t, k);
+  if constexpr (blocked) {
+    Blocked8<WideLane<T>, Step> b{k, {}, {}, {}};
+    for (int r = 0; r < Opt::num_roles; ++r) {
+      if (!t.absmax[r] || !t.ptrs[r]) continue;
+      b.is_signed[r] = !Opt::roles[r].nonnegative;
+      b.map[r] = &state8_map(b.is_signed[r]);
+      b.absmax[r] = t.absmax[r];
+    }
+    run_blocks(t, kState8Block, b);
+  } else {
+    run_multi_tensor<WideLane<T>, T>(t, k);
+  }
 }
 
 template <class Opt, class P, class T, class S, bool Stochastic = false>
@@ -110,8 +189,8 @@ void run_step(const TensorTable& t, const typename Opt::Hyper& h, const StepOpti
   else run_step<Opt, P, T, S, false, Stochastic>(t, h, o);
 }
 
-// Params of storage type P with float math: float32 or bfloat16 state; bfloat16 params
-// rounded to nearest or stochastically.
+// Params of storage type P with float math: float32, bfloat16 or 8-bit state; bfloat16
+// params rounded to nearest or stochastically.
 template <class Opt, class P, class S>
 void run_float_step(const TensorTable& t, const typename Opt::Hyper& h, const StepOptions& o) {
   if constexpr (std::is_same_v<P, bfloat16>) {
@@ -123,6 +202,7 @@ template <class Opt, class P>
 void run_float_step(const TensorTable& t, DType state, const typename Opt::Hyper& h,
                     const StepOptions& o) {
   if (state == DType::bf16) run_float_step<Opt, P, bfloat16>(t, h, o);
+  else if (state == DType::u8) run_float_step<Opt, P, State8>(t, h, o);
   else run_float_step<Opt, P, float>(t, h, o);
 }
 

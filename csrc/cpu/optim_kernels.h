@@ -12,12 +12,14 @@ namespace cpu {
 // Element types of host arrays: optimizer params and grads may be any of the float types,
 // their state is float32 for float16/bfloat16 params (the math runs in float32) and the
 // params' type otherwise, or bfloat16 for any params but float64 (state_dtype="bfloat16":
-// loaded exactly, the math in float32, stored rounded to nearest even); u8 is a masked
-// step's masks (bool or uint8 bytes). Quantization and Newton use f32/f64 only.
+// loaded exactly, the math in float32, stored rounded to nearest even), or u8 for any
+// params but float64 (state_dtype="int8": 8-bit blockwise state, common/state8.h); u8 is
+// also a masked step's masks (bool or uint8 bytes). Quantization and Newton use f32/f64 only.
 enum class DType { f32, f64, f16, bf16, u8 };
 inline DType state_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
 inline bool state_dtype_ok(DType params, DType state) {
-  return state == state_dtype(params) || (state == DType::bf16 && params != DType::f64);
+  return state == state_dtype(params) ||
+         ((state == DType::bf16 || state == DType::u8) && params != DType::f64);
 }
 inline int element_size(DType d) {
   return d == DType::f64 ? 8 : d == DType::f32 ? 4 : d == DType::u8 ? 1 : 2;

@@ -8,6 +8,7 @@
 #include <cstring>
 #include "common/half.h"
 #include "common/quant.h"
+#include "common/state8.h"
 #include "common/platform.h"
 
 FASTOPT_ISA_BEGIN
@@ -64,6 +65,42 @@ struct F32x8 {
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FFF), nan);
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  // 8-bit state (common/state8.h), lane by lane as state8_decode / state8_encode.
+  static F32x8 load_state8(const State8Map& m, const uint8_t* p, float absmax) {
+    const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_mul_ps(_mm256_i32gather_ps(m.value, codes, 4), _mm256_set1_ps(absmax));
+  }
+  void store_state8(const State8Map& m, bool is_signed, uint8_t* p, float inv) const {
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 negative = is_signed ? _mm256_cmp_ps(v, zero, _CMP_LT_OQ) : zero;
+    const __m256 magnitude = is_signed ? _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v) : v;
+    const __m256 x = _mm256_mul_ps(magnitude, _mm256_set1_ps(inv));
+    __m256i decade = _mm256_setzero_si256();
+    for (int t = 1; t <= 6; ++t)  // each threshold reached adds one (true lanes are -1)
+      decade = _mm256_sub_epi32(
+          decade, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(m.lower[t]), _CMP_GE_OQ)));
+    __m256 k = _mm256_mul_ps(x, _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.scale), decade));
+    k = _mm256_sub_ps(k, _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.offset), decade));
+    k = _mm256_max_ps(k, zero);  // k is never NaN here (NaN x takes the zero code below)
+    k = _mm256_min_ps(k, _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.top), decade));
+    const __m256i base = _mm256_permutevar8x32_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.base)), decade);
+    __m256i code = _mm256_add_epi32(_mm256_add_epi32(_mm256_set1_epi32(m.first_code), base),
+                                    _mm256_cvttps_epi32(k));
+    code = _mm256_blendv_epi8(code, _mm256_sub_epi32(_mm256_set1_epi32(254), code),
+                              _mm256_castps_si256(negative));
+    const __m256 one = _mm256_andnot_ps(negative, _mm256_cmp_ps(x, _mm256_set1_ps(m.lower[7]), _CMP_GE_OQ));
+    code = _mm256_blendv_epi8(code, _mm256_set1_epi32(255), _mm256_castps_si256(one));
+    const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(m.lower[0]), _CMP_NGE_UQ);  // NaN too
+    code = _mm256_blendv_epi8(code, _mm256_set1_epi32(m.zero_code), _mm256_castps_si256(small));
+    // the low byte of each lane: 4 bytes per 128-bit half, then the halves side by side
+    const __m256i bytes = _mm256_shuffle_epi8(
+        code, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                               0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m128i packed = _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes),
+                                              _mm256_extracti128_si256(bytes, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), packed);
   }
   // common/quant.h's mix32, lane by lane.
   static __m256i mix32x8(__m256i x) {

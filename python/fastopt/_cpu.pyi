@@ -17,8 +17,10 @@ import numpy.typing as npt
 def __getattr__(name: str) -> Callable[..., None]: ...
 
 # {name: {"roles": [(name, kind, written, optional)], "hyper": [field names],
-#  "takes_step": bool}} for every optimizer.
+#  "takes_step": bool, "nonnegative": [state roles stored with the unsigned 8-bit map]}}
+# for every optimizer.
 def optimizers() -> Dict[str, Dict[str, Any]]: ...
+def state8_map(signed: bool) -> np.ndarray: ...
 
 # Quantization: each returns x's first non-finite flat index with check_finite, else -1.
 def quantize_affine(

@@ -77,6 +77,7 @@ class ArrayRole:
     written: bool
     needed: Optional[Callable[[Values], bool]] = None
     needed_when: str = ""
+    nonnegative: bool = False  # never negative (second moments): the unsigned 8-bit map
 
     @property
     def optional(self) -> bool:
@@ -151,8 +152,9 @@ def _state(
     needed: Optional[Callable[[Values], bool]] = None,
     needed_when: str = "",
     written: bool = True,
+    nonnegative: bool = False,
 ) -> ArrayRole:
-    return ArrayRole(name, "state", written, needed, needed_when)
+    return ArrayRole(name, "state", written, needed, needed_when, nonnegative)
 
 
 def _momentum(h: Values) -> bool:
@@ -204,7 +206,7 @@ ADAGRAD = OptimizerSpec(
     takes_step=True,
     reference=reference.adagrad,
     torch_name="Adagrad",
-    arrays=(PARAMS, GRADS, _state("state_sums")),
+    arrays=(PARAMS, GRADS, _state("state_sums", nonnegative=True)),
     hyper={
         "lr": Real(1e-2),
         "lr_decay": NONNEG,
@@ -225,7 +227,7 @@ RMSPROP = OptimizerSpec(
     arrays=(
         PARAMS,
         GRADS,
-        _state("square_avgs"),
+        _state("square_avgs", nonnegative=True),
         _state("momentum_buffers", _momentum, "momentum > 0"),
         _state("grad_avgs", lambda h: bool(h["centered"]), "centered=True"),
     ),
@@ -246,8 +248,8 @@ _ADAM_ARRAYS = (
     PARAMS,
     GRADS,
     _state("exp_avgs"),
-    _state("exp_avg_sqs"),
-    _state("max_exp_avg_sqs", lambda h: bool(h["amsgrad"]), "amsgrad=True"),
+    _state("exp_avg_sqs", nonnegative=True),
+    _state("max_exp_avg_sqs", lambda h: bool(h["amsgrad"]), "amsgrad=True", nonnegative=True),
 )
 
 ADAM = OptimizerSpec(
@@ -359,6 +361,9 @@ def binding_mismatches(spec: OptimizerSpec, described: Mapping[str, Any]) -> Lis
             f"{spec.name}: hyper-parameters {sorted(names)} != the kernel's "
             f"{sorted(described['hyper'])}"
         )
+    nonnegative = [a.name for a in spec.arrays if a.nonnegative]
+    if nonnegative != list(described["nonnegative"]):
+        out.append(f"{spec.name}: nonnegative states {nonnegative} != the kernel's {described['nonnegative']}")
     if spec.takes_step != bool(described["takes_step"]):
         out.append(
             f"{spec.name}: takes_step {spec.takes_step} != the kernel's {described['takes_step']}"

@@ -34,6 +34,15 @@ ready there (as for any CUDA library call; a ``__cuda_array_interface__`` ``stre
 entry or a DLPack producer's stream is not waited on). ``_plan`` is internal: the
 optimizer classes pass their cached ``fastopt._cuda.Plan``.
 
+8-bit state (``state_dtype="int8"`` of the classes): state arrays of dtype uint8 hold the
+codes of blockwise quantized state (``fastopt.reference.quantize_state8``: blocks of 256
+elements, a float32 absmax each, the dynamic maps of Dettmers et al. 2022 -- signed for
+first moments and momentum, unsigned for second moments), and ``absmax=`` gives each
+state's block maxima: {state name: a float32 array (list) of ceil(size / 256) elements
+per param}. Each block is decoded, updated and encoded again with its new absmax in the
+one pass over memory. float32 and 16-bit params; the classes keep float32 state for
+tensors under 4096 elements.
+
 ``max_grad_norm=`` (every step but ``ema_``) clips the grads first, as
 ``fastopt.clip_grad_norm_(grads, max_grad_norm)`` would (global 2-norm, coefficient
 min(max_grad_norm / (norm + 1e-6), 1)), and the step returns the norm before clipping
@@ -49,7 +58,7 @@ passes; the norm stays on the device, nothing synchronises) and the norm is a 0-
 from __future__ import annotations
 
 import secrets
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -102,10 +111,12 @@ class StepKernel:
         rounding: str = "nearest",
         seed: Any = None,
         max_grad_norm: Any = None,
+        absmax: Any = None,
     ) -> Any:
         """One step: ``arrays`` in binding order (None for an optional one not given),
         ``hyper`` the values in the spec's order, ``step`` (when the spec takes it),
-        ``masks`` (None, or an array or list like the params).
+        ``masks`` (None, or an array or list like the params), ``absmax`` (8-bit state:
+        {state name: an array or list per param}).
         Written for a small step's cost (loops, not comprehensions: Python 3.11 calls a
         function per comprehension)."""
         try:
@@ -133,6 +144,8 @@ class StepKernel:
         if masks is not None:
             masks = masks if listed and type(masks) is list else as_list("masks", masks, listed)
             kw = {**kw, "masks": masks}
+        if absmax is not None:
+            kw = {**kw, "absmax": block_maxima(absmax, listed)}
         if rounding != "nearest" or seed is not None:
             kw = {**kw, **stochastic_rounding(rounding, seed)}
         norm = None
@@ -217,6 +230,20 @@ class StepKernel:
         return getattr(kernels, self.kernel), extra
 
 
+def block_maxima(absmax: Any, listed: bool) -> Dict[str, List[Any]]:
+    """A step's ``absmax=`` as the binding takes it: {state name: a list of arrays}."""
+    if not isinstance(absmax, Mapping):
+        raise TypeError(
+            f"absmax: expected a dict {{state name: arrays}}, got {type(absmax).__name__}"
+        )
+    out = {}
+    for name, arrays in absmax.items():
+        if not isinstance(name, str):
+            raise TypeError(f"absmax: keys are state names (str), got {type(name).__name__}")
+        out[name] = as_list(f"absmax[{name!r}]", arrays, listed)
+    return out
+
+
 def stochastic_rounding(rounding: Any, seed: Any) -> Dict[str, int]:
     """The kernel keyword for ``rounding=``/``seed=``: {} for round-to-nearest, else
     ``stochastic_seed`` (``seed``, or a fresh one when None)."""
@@ -263,6 +290,7 @@ def sgd_(
     step: int = 1,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -286,6 +314,7 @@ def sgd_(
         rounding,
         seed,
         max_grad_norm,
+        absmax,
     )
 
 
@@ -302,6 +331,7 @@ def adagrad_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -323,6 +353,7 @@ def adagrad_(
         rounding,
         seed,
         max_grad_norm,
+        absmax,
     )
 
 
@@ -342,6 +373,7 @@ def rmsprop_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -366,6 +398,7 @@ def rmsprop_(
         rounding,
         seed,
         max_grad_norm,
+        absmax,
     )
 
 
@@ -387,6 +420,7 @@ def adam_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -410,6 +444,7 @@ def adam_(
         rounding,
         seed,
         max_grad_norm,
+        absmax,
     )
 
 
@@ -430,6 +465,7 @@ def adamw_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -447,6 +483,7 @@ def adamw_(
         rounding,
         seed,
         max_grad_norm,
+        absmax,
     )
 
 
@@ -464,6 +501,7 @@ def sophia_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -487,6 +525,7 @@ def sophia_(
         rounding,
         seed,
         max_grad_norm,
+        absmax,
     )
 
 
@@ -502,6 +541,7 @@ def lion_(
     maximize: bool = False,
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -525,6 +565,7 @@ def lion_(
         rounding,
         seed,
         max_grad_norm,
+        absmax,
     )
 
 
@@ -555,7 +596,7 @@ def _signature_mismatches(fn: Callable[..., None], spec: OptimizerSpec) -> List[
     optional = tuple(a.name for a in spec.arrays if a.optional)
     if positional != roles or roles[len(roles) - len(fn.__defaults__ or ()) :] != optional:
         out.append(f"{fn.__name__}: arrays {positional} != {roles} (optional {optional})")
-    generic = ("step", "masks", "rounding", "seed", "max_grad_norm", "stream", "_plan")
+    generic = ("step", "masks", "absmax", "rounding", "seed", "max_grad_norm", "stream", "_plan")
     hyper = tuple(k for k in keywords if k not in generic)
     if hyper != tuple(spec.hyper):
         out.append(f"{fn.__name__}: hyper-parameters {hyper} != {tuple(spec.hyper)}")

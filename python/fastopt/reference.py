@@ -34,6 +34,9 @@ __all__ = [
     "dequantize_blockwise",
     "uniform24",
     "bfloat16_stochastic",
+    "dynamic_map",
+    "quantize_state8",
+    "dequantize_state8",
     "prune_magnitude",
     "prune_n_m",
 ]
@@ -419,6 +422,104 @@ def dequantize_blockwise(
     scale = (absmax.astype(f32) / f32(127)).astype(f32)
     flat = q.reshape(-1).astype(f32) * np.repeat(scale, block_size)[: q.size]
     return _stored(flat.reshape(q.shape), out_dtype)
+
+
+STATE8_BLOCK = 256
+
+
+def _dynamic_map_parts(signed: bool):
+    """(the 256 map values, the encoder's per-decade tables): the dynamic map of Dettmers
+    et al. 2022 as csrc/common/state8.cpp builds it, the same double operations rounded to
+    float32. Decade d (10^(d-6)) holds the midpoints of 2^d (signed) or 2^(d+1) (unsigned)
+    equal bins of [0.1, 1] * 10^(d-6); then 0 and 1.0, and for the signed map the mirrored
+    negatives; sorted, so a code is its value's rank."""
+    decade = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    positive: List[float] = []
+    base, scale, offset, top = [], [], [], []
+    for d in range(7):
+        bins = 1 << d if signed else 2 << d
+        base.append(len(positive))
+        scale.append(np.float32(bins / (0.9 * decade[d])))
+        offset.append(np.float32(bins / 9.0))
+        top.append(np.float32(bins - 1))
+        positive += [
+            float(np.float32(decade[d] * (0.1 + 0.9 * float(2 * k + 1) / float(2 * bins))))
+            for k in range(bins)
+        ]
+    pos = np.array(positive, np.float32)
+    zero = 127 if signed else 0
+    values = np.zeros(256, np.float32)
+    values[zero + 1 : zero + 1 + pos.size] = pos
+    if signed:
+        values[:127] = -pos[::-1]
+    values[255] = 1.0
+
+    def midway(a: float, b: float) -> np.float32:
+        return np.float32((float(a) + float(b)) / 2.0)
+
+    lower = [midway(0.0, pos[0])] + [midway(pos[b - 1], pos[b]) for b in base[1:]]
+    lower.append(midway(pos[-1], 1.0))
+    tables = dict(lower=np.array(lower, np.float32), scale=np.array(scale, np.float32),
+                  offset=np.array(offset, np.float32), top=np.array(top, np.float32),
+                  base=np.array(base, np.int64), zero=zero)
+    return values, tables
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """The 256 float32 values of 8-bit state's dynamic quantization map (signed: first
+    moments and momentum; unsigned: second moments), ascending: code -> value in [-1, 1]."""
+    return _dynamic_map_parts(signed)[0]
+
+
+def _encode_state8(s: np.ndarray, inv: np.ndarray, signed: bool) -> np.ndarray:
+    """The codes of float32 values s in blocks of reciprocal absmax inv (per element): the
+    float32 operations of common/state8.h's state8_encode."""
+    _, t = _dynamic_map_parts(signed)
+    f32 = np.float32
+    negative = (s < 0) if signed else np.zeros(s.shape, bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = (np.where(negative, -s, s) * inv).astype(f32)
+        d = np.zeros(s.shape, np.int64)
+        for level in t["lower"][1:7]:
+            d += x >= level
+        k = (x * t["scale"][d]).astype(f32)
+        k = (k - t["offset"][d]).astype(f32)
+        k = np.minimum(np.maximum(np.nan_to_num(k, nan=0.0), f32(0)), t["top"][d])
+        positive = t["zero"] + 1 + t["base"][d] + k.astype(np.int64)
+        code = np.where(negative, 254 - positive, positive)
+        code = np.where(~negative & (x >= t["lower"][7]), 255, code)
+        code = np.where(~(x >= t["lower"][0]), t["zero"], code)
+    return code.astype(np.uint8)
+
+
+def quantize_state8(x: np.ndarray, signed: bool):
+    """8-bit state (``state_dtype="int8"``) of float32 ``x``: (codes uint8 shaped like x,
+    absmax float32 per block of 256 of the flattened x). Per block, absmax = max |x| (NaN
+    if any x is; then every NaN is the same one); each code is the nearest map value of
+    x / absmax, computed as the kernels do (``_encode_state8``)."""
+    f32 = np.float32
+    flat = np.ascontiguousarray(x, dtype=f32).reshape(-1)
+    n = flat.size
+    blocks = -(-n // STATE8_BLOCK)
+    padded = np.zeros(blocks * STATE8_BLOCK, f32)
+    padded[:n] = flat
+    with np.errstate(invalid="ignore"):
+        mags = np.abs(padded.reshape(blocks, STATE8_BLOCK))
+        absmax = np.where(np.isnan(mags).any(axis=1), f32(np.nan), mags.max(axis=1, initial=0.0))
+    absmax = absmax.astype(f32)
+    with np.errstate(divide="ignore"):
+        inv = (f32(1) / absmax).astype(f32)
+    codes = _encode_state8(flat, np.repeat(inv, STATE8_BLOCK)[:n], signed)
+    return codes.reshape(np.shape(x)), absmax
+
+
+def dequantize_state8(codes: np.ndarray, absmax: np.ndarray, signed: bool) -> np.ndarray:
+    """float32 values of 8-bit state: map[code] * its block's absmax."""
+    values = dynamic_map(signed)
+    flat = codes.reshape(-1)
+    with np.errstate(invalid="ignore"):
+        out = values[flat] * np.repeat(absmax.astype(np.float32), STATE8_BLOCK)[: flat.size]
+    return out.astype(np.float32).reshape(codes.shape)
 
 
 def _magnitudes(a: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ struct Adagrad : Descriptor {
   enum : int { params, grads, state_sums, num_roles };
   static constexpr Role roles[num_roles] = {{"params", RoleKind::param, true, false},
                                             {"grads", RoleKind::grad, false, false},
-                                            {"state_sums", RoleKind::state, true, false}};
+                                            {"state_sums", RoleKind::state, true, false, true}};
 };
 
 }  // namespace fastopt

@@ -21,8 +21,8 @@ struct Adam : Descriptor {
   static constexpr Role roles[num_roles] = {{"params", RoleKind::param, true, false},
                                             {"grads", RoleKind::grad, false, false},
                                             {"exp_avgs", RoleKind::state, true, false},
-                                            {"exp_avg_sqs", RoleKind::state, true, false},
-                                            {"max_exp_avg_sqs", RoleKind::state, true, true}};
+                                            {"exp_avg_sqs", RoleKind::state, true, false, true},
+                                            {"max_exp_avg_sqs", RoleKind::state, true, true, true}};
   static bool uses(const Hyper& h, int) { return h.amsgrad; }
 };
 

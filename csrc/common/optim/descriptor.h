@@ -38,6 +38,8 @@ struct Role {
   RoleKind kind;
   bool written;      // updated in place: must be writeable and may not alias anything
   bool optional;     // used only under some options (the descriptor's uses() says when)
+  bool nonnegative = false;  // a state that is never negative (second moments): 8-bit state
+                             // stores it with the unsigned map (common/state8.h)
 };
 
 // What every step takes besides its optimizer's hyper-parameters.

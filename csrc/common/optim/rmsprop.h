@@ -19,7 +19,7 @@ struct Rmsprop : Descriptor {
   enum : int { params, grads, square_avgs, momentum_buffers, grad_avgs, num_roles };
   static constexpr Role roles[num_roles] = {{"params", RoleKind::param, true, false},
                                             {"grads", RoleKind::grad, false, false},
-                                            {"square_avgs", RoleKind::state, true, false},
+                                            {"square_avgs", RoleKind::state, true, false, true},
                                             {"momentum_buffers", RoleKind::state, true, true},
                                             {"grad_avgs", RoleKind::state, true, true}};
   static bool uses(const Hyper& h, int r) {
