@@ -267,3 +267,101 @@ def test_non_finite_state_makes_its_block_nan_and_only_its_block():
 def test_state8_costs_a_quarter_of_float32():
     n = 1 << 20
     assert (n + 4 * _blocks((n,))) / (4 * n) <= 0.26
+
+
+# -- the array classes: state_dtype="int8" --------------------------------------------------
+CLASS_SHAPES = [(5000,), (100,), (64, 80), (4096,), (4095,)]
+
+
+def _class_pair(rng, name="adamw", **kw):
+    cls = fastopt.optim.CLASSES[name]
+    params = [normal_nonzero(rng, s).astype(np.float32) for s in CLASS_SHAPES]
+    return params, cls([p.copy() for p in params], state_dtype="int8", **kw)
+
+
+@pytest.mark.parametrize("name,kw", [("adamw", {}), ("sgd", dict(lr=0.1, momentum=0.9)),
+                                     ("adagrad", dict(initial_accumulator_value=0.5)),
+                                     ("rmsprop", dict(centered=True, momentum=0.5)),
+                                     ("lion", {})])
+def test_class_keeps_8bit_state_for_large_params_and_steps_like_the_functional(name, kw, rng):
+    params, opt = _class_pair(rng, name, **kw)
+    big = [int(np.prod(s)) >= 4096 for s in CLASS_SHAPES]
+    for n, arrays in opt.state.items():
+        assert [a.dtype == np.uint8 for a in arrays] == big
+        assert [m is not None for m in opt.absmax[n]] == big
+    # the same steps through the functional API on copies, split as the class splits them
+    spec = opt._spec
+    state = {n: [a.copy() for a in v] for n, v in opt.state.items()}
+    maxima = {n: [None if m is None else m.copy() for m in v] for n, v in opt.absmax.items()}
+    hyper = dict(opt._kw, lr=opt.lr)
+    fn = getattr(fastopt, f"{spec.name}_")
+    for t in range(1, 4):
+        grads = [normal_nonzero(rng, s).astype(np.float32) for s in CLASS_SHAPES]
+        opt.step(grads)
+        for sel in (big, [not b for b in big]):
+            idx = [i for i, b in enumerate(sel) if b]
+            names = [a.name if a.name in state else None for a in spec.states]
+            args = [[params[i] for i in idx], [grads[i] for i in idx]]
+            args += [None if n is None else [state[n][i] for i in idx] for n in names]
+            call = {k: v for k, v in hyper.items() if k in spec.hyper}
+            if spec.takes_step:
+                call["step"] = t
+            if sel is big:
+                call["absmax"] = {n: [maxima[n][i] for i in idx] for n in state}
+            fn(*args, **call)
+    for i, (a, b) in enumerate(zip(opt.params, params)):
+        assert_bits(a, b, f"params[{i}]")
+    for n in state:
+        for i in range(len(CLASS_SHAPES)):
+            assert_bits(opt.state[n][i], state[n][i], f"{n}[{i}]")
+
+
+def test_class_state_dict_round_trips_and_converts(rng):
+    params, opt = _class_pair(rng)
+    for _ in range(3):
+        opt.step([normal_nonzero(rng, s).astype(np.float32) for s in CLASS_SHAPES])
+    saved = opt.state_dict()
+    grads = [normal_nonzero(rng, s).astype(np.float32) for s in CLASS_SHAPES]
+    twin = fastopt.AdamW([p.copy() for p in opt.params], state_dtype="int8")
+    twin.load_state_dict(saved)
+    opt.step(grads)
+    twin.step([g.copy() for g in grads])
+    for a, b in zip(opt.params, twin.params):
+        assert_bits(a, b, "restored 8-bit optimizer")
+    # 8-bit -> float32: the decoded state; float32 -> 8-bit: the reference's codes
+    plain = fastopt.AdamW([p.copy() for p in opt.params])
+    plain.load_state_dict(opt.state_dict())
+    for n in opt.state:
+        for i, (codes, top) in enumerate(zip(opt.state[n], opt.absmax[n])):
+            if top is None:
+                assert_bits(plain.state[n][i], codes, f"{n}[{i}] float state kept")
+            else:
+                want = reference.dequantize_state8(codes, top, n == "exp_avgs")
+                assert_bits(plain.state[n][i], want, f"{n}[{i}] decoded")
+    again = fastopt.AdamW([p.copy() for p in opt.params], state_dtype="int8")
+    again.load_state_dict(plain.state_dict())
+    for n in opt.state:
+        for i, arr in enumerate(plain.state[n]):
+            if again.absmax[n][i] is not None:
+                codes, top = reference.quantize_state8(arr, n == "exp_avgs")
+                assert_bits(again.state[n][i], codes, f"{n}[{i}] quantized")
+                assert_bits(again.absmax[n][i], top, f"absmax {n}[{i}] quantized")
+
+
+def test_class_zero_state_encodes_the_initial_value(rng):
+    _, opt = _class_pair(rng, "adagrad", initial_accumulator_value=0.25)
+    opt.step([normal_nonzero(rng, s).astype(np.float32) for s in CLASS_SHAPES])
+    opt.zero_state()
+    for i, (codes, top) in enumerate(zip(opt.state["state_sums"], opt.absmax["state_sums"])):
+        value = codes if top is None else reference.dequantize_state8(codes, top, False)
+        assert np.all(value == np.float32(0.25)), i
+
+
+@pytest.mark.parametrize("case", ["float64", "sophia", "int4"])
+def test_class_refuses_what_8bit_state_cannot_hold(case, rng):
+    p = normal_nonzero(rng, (5000,)).astype(np.float64 if case == "float64" else np.float32)
+    with pytest.raises(ValueError, match="state_dtype"):
+        if case == "sophia":
+            fastopt.Sophia([p], lr=0.01, state_dtype="int8")
+        else:
+            fastopt.AdamW([p], state_dtype="int8" if case == "float64" else "int4")

@@ -247,6 +247,21 @@ def state_like(name: str, a: Any, bfloat16: bool = False) -> Any:
     )
 
 
+def zeros_from(like: Any, shape: Tuple[int, ...], dtype: str) -> Any:
+    """A zeroed C-contiguous array of ``dtype`` ("uint8", "float32", ...) and ``shape`` from
+    array ``like``'s library (NumPy, PyTorch or CuPy) on its device."""
+    if isinstance(like, np.ndarray):
+        return np.zeros(shape, dtype)
+    if _is_torch(like):
+        import torch
+
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=like.device)
+    import cupy
+
+    with like.device:
+        return cupy.zeros(shape, dtype)
+
+
 def device_empty(like: Any, shape: Tuple[int, ...], dtype: str, stream: int) -> Any:
     """An uninitialised C-contiguous CUDA array of ``dtype`` ("int8", "float32", ...) from
     ``like``'s library (PyTorch or CuPy) on its device, allocated on ``stream`` (the one

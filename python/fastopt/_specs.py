@@ -362,8 +362,11 @@ def binding_mismatches(spec: OptimizerSpec, described: Mapping[str, Any]) -> Lis
             f"{sorted(described['hyper'])}"
         )
     nonnegative = [a.name for a in spec.arrays if a.nonnegative]
-    if nonnegative != list(described["nonnegative"]):
-        out.append(f"{spec.name}: nonnegative states {nonnegative} != the kernel's {described['nonnegative']}")
+    bound_nonnegative = list(described["nonnegative"])
+    if nonnegative != bound_nonnegative:
+        out.append(
+            f"{spec.name}: nonnegative states {nonnegative} != the kernel's {bound_nonnegative}"
+        )
     if spec.takes_step != bool(described["takes_step"]):
         out.append(
             f"{spec.name}: takes_step {spec.takes_step} != the kernel's {described['takes_step']}"

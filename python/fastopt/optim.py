@@ -12,7 +12,12 @@ mask is False the param is set to 0 and its state is left as it is (see ``fastop
 ``state_dtype="bfloat16"`` keeps every state array in bfloat16 (half the state's bytes;
 loaded exactly, updated in float32, stored rounded to nearest even; NumPy state through
 ``ml_dtypes``), for float32 and 16-bit params; the default ``"float32"`` is the params' own
-state type (float64 for float64 params).
+state type (float64 for float64 params). ``state_dtype="int8"`` keeps the state of every
+param of 4096 elements or more in 8 bits: uint8 codes in ``opt.state`` and a float32 absmax
+per block of 256 in ``opt.absmax`` (blockwise dynamic quantization, Dettmers et al. 2022;
+see ``fastopt.functional``), 1 + 4/256 bytes per element; smaller params keep float32
+state, as bitsandbytes does (not for float64 params, nor Sophia, whose Hessian estimate is
+updated outside the step).
 ``stochastic_rounding=True`` (bfloat16 params) rounds the params stochastically at every step
 (see ``fastopt.sgd_``), keyed by ``seed`` (drawn when None) and the step count: bfloat16
 training without a float32 master copy, reproducible for a given seed.
@@ -39,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _arrays, _ext, functional
+from . import _arrays, _ext, functional, reference
 from ._arrays import ArrayOrList, as_list
 from ._specs import OPTIMIZERS, OptimizerSpec
 from ._validate import flag, real
@@ -47,7 +52,9 @@ from ._validate import flag, real
 Schedule = Callable[[int, float], float]
 # The state types the classes allocate: "float32" is the params' own state type (float32,
 # or float64 for float64 params); "bfloat16" halves the state's bytes.
-STATE_DTYPES = ("float32", "bfloat16")
+STATE_DTYPES = ("float32", "bfloat16", "int8")
+# state_dtype="int8": params with fewer elements keep float32 state (bitsandbytes' rule).
+STATE8_MIN_ELEMENTS = 4096
 
 
 class Optimizer:
@@ -113,11 +120,25 @@ class Optimizer:
         elif seed is not None:
             raise ValueError("seed: only applies with stochastic_rounding=True")
         bfloat16 = state_dtype == "bfloat16"
+        # state_dtype="int8": the params whose state is 8-bit (the others keep float32)
+        self._state8 = self._state8_params() if state_dtype == "int8" else []
+        eight = set(self._state8)
         self.state: Dict[str, List[Any]] = {
             name: [
-                _arrays.state_like(f"params[{i}]", p, bfloat16) for i, p in enumerate(self.params)
+                _arrays.zeros_from(p, tuple(p.shape), "uint8")
+                if i in eight
+                else _arrays.state_like(f"params[{i}]", p, bfloat16)
+                for i, p in enumerate(self.params)
             ]
             for name in used
+        }
+        # the block maxima of each 8-bit state array (None for float state)
+        self.absmax: Dict[str, List[Any]] = {
+            name: [
+                _arrays.zeros_from(p, (-(-_size(p) // 256),), "float32") if i in eight else None
+                for i, p in enumerate(self.params)
+            ]
+            for name in (used if eight else [])
         }
         self._state_lists = self._kernel_state(used)
         self._last_stream: Any = None  # GPU: the stream the last step was queued on
@@ -184,8 +205,37 @@ class Optimizer:
         return kw, spec.state_names(values)
 
     def _kernel_state(self, used: List[str]) -> List[Optional[List[Any]]]:
-        """The state lists in binding order, None for those the hyper-parameters leave unused."""
-        return [self.state[a.name] if a.name in used else None for a in self._spec.states]
+        """The state lists in binding order, None for those the hyper-parameters leave
+        unused; also sets the calls a step makes (``_calls``): one over every param, or with
+        8-bit state one over the params with 8-bit state and one over the others."""
+        lists = [self.state[a.name] if a.name in used else None for a in self._spec.states]
+        if not self._state8:
+            self._calls: List[Tuple[Optional[List[int]], Any, Any]] = [(None, lists, None)]
+            return lists
+        eight = set(self._state8)
+        small = [i for i in range(len(self.params)) if i not in eight]
+        self._calls = []
+        for indices, absmax in ((self._state8, True), (small, False)):
+            if indices:
+                sub = [None if a is None else [a[i] for i in indices] for a in lists]
+                maxima = {n: [self.absmax[n][i] for i in indices] for n in used} if absmax else None
+                self._calls.append((indices, sub, maxima))
+        return lists
+
+    def _state8_params(self) -> List[int]:
+        """state_dtype="int8": the indices of the params whose state is 8-bit."""
+        if self._spec.name == "sophia":
+            raise ValueError(
+                "state_dtype: 'int8' is not available for Sophia (its Hessian estimate is "
+                "updated outside the step)"
+            )
+        for i, p in enumerate(self.params):
+            if _arrays.dtype_name(p) == "float64":
+                raise ValueError(
+                    "state_dtype: 8-bit state is for float32 and 16-bit params; "
+                    f"params[{i}] is float64"
+                )
+        return [i for i, p in enumerate(self.params) if _size(p) >= STATE8_MIN_ELEMENTS]
 
     # -- stepping --------------------------------------------------------------------------
     def step(
@@ -203,16 +253,24 @@ class Optimizer:
                 kw["masks"] = self._masks
             if self._rounding_seed is not None:
                 kw["stochastic_seed"] = functional.step_seed(self._rounding_seed, t)
-            lists = [self.params, as_list("grads", grads, self._listed), *self._state_lists]
+            grads = as_list("grads", grads, self._listed)
+            lists = [self.params, grads, *self._state_lists]
             norm = None
             if max_grad_norm is not None:
                 norm, kw = self._kernel.clip(lists, self._listed, kw, max_grad_norm, stream)
+            if len(grads) != len(self.params):
+                raise ValueError(
+                    f"grads: expected {len(self.params)} arrays (one per entry of params), "
+                    f"got {len(grads)}"
+                )
+            calls = self._step_calls(lists, kw, t)
             if self._host and stream is None:
                 kernel, extra = self._kernel.cpu_kernel, _NO_EXTRA
             else:
                 kernel, extra = self._kernel.bound(lists, stream, self._plan)
             if self._spec.takes_step:
-                kw["step"] = t
+                for _, keywords in calls:
+                    keywords["step"] = t
             # Counted before the kernel runs (an attribute store, where no signal is
             # handled), uncounted only if its checks refused the call (nothing written
             # then): see the module docstring. A GPU step is recorded for the methods that
@@ -220,7 +278,8 @@ class Optimizer:
             self._step = t
             refused = False
             try:
-                kernel(*lists, self._listed, **kw, **extra)
+                for call_lists, call_kw in calls:
+                    kernel(*call_lists, self._listed, **call_kw, **extra)
             except (TypeError, ValueError, MemoryError):
                 refused = True
                 self._step = t - 1
@@ -230,15 +289,57 @@ class Optimizer:
                     self._queued_on(stream)
         return norm
 
+    def _step_calls(
+        self, lists: List[Any], kw: Dict[str, Any], t: int
+    ) -> List[Tuple[List[Any], Dict[str, Any]]]:
+        """The kernel calls of step ``t`` over ``lists`` (params, grads, state) with
+        keywords ``kw``: (lists, keywords) per call of ``_calls``. With two calls, the
+        second (float state) draws its stochastic-rounding bits from a seed of its own."""
+        if len(self._calls) == 1 and self._calls[0][0] is None:
+            return [(lists, kw)]
+        # The first call must not run when the second would refuse its grads.
+        for i, (p, g) in enumerate(zip(self.params, lists[1])):
+            if tuple(g.shape) != tuple(p.shape) or _arrays.dtype_name(g) != _arrays.dtype_name(p):
+                raise ValueError(
+                    f"grads[{i}]: shape {tuple(g.shape)} {_arrays.dtype_name(g)} does not match "
+                    f"params[{i}]'s {tuple(p.shape)} {_arrays.dtype_name(p)}"
+                )
+        out = []
+        for n, (indices, state, absmax) in enumerate(self._calls):
+            assert indices is not None
+            sub = [[a[i] for i in indices] for a in lists[:2]] + state
+            call_kw = dict(kw)
+            if absmax is not None:
+                call_kw["absmax"] = absmax
+            if "masks" in kw:
+                call_kw["masks"] = [kw["masks"][i] for i in indices]
+            if n and self._rounding_seed is not None:
+                call_kw["stochastic_seed"] = functional.step_seed(self._rounding_seed, t, n)
+            out.append((sub, call_kw))
+        return out
+
     def zero_state(self) -> None:
         """Reset every state array to its initial value and the step count to 0."""
         with self._lock:
             self._await_steps()
             for name, arrays in self.state.items():
-                for a in arrays:
-                    _arrays.fill(a, self._initial.get(name, 0.0))
+                value = self._initial.get(name, 0.0)
+                for i, a in enumerate(arrays):
+                    maxima = self.absmax[name][i] if name in self.absmax else None
+                    if maxima is None:
+                        _arrays.fill(a, value)
+                    else:  # every block holds `value`: one code, absmax |value|
+                        codes, top = reference.quantize_state8(
+                            np.full(1, value, np.float32), self._signed(name)
+                        )
+                        _arrays.fill(a, int(codes[0]))
+                        _arrays.fill(maxima, float(top[0]))
             self._await_state_writes()
             self._step = 0
+
+    def _signed(self, name: str) -> bool:
+        """Whether state ``name`` is stored with the signed 8-bit map."""
+        return not next(a for a in self._spec.states if a.name == name).nonnegative
 
     # On the GPU, steps run on their stream= while the methods below read or write the state
     # with the library's own calls, on its current stream: each waits for the last step
@@ -271,15 +372,24 @@ class Optimizer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """A deep copy of everything needed to continue exactly: type, step, lr, hyper, state."""
+        """A deep copy of everything needed to continue exactly: type, step, lr, hyper,
+        state, and with 8-bit state ``"absmax"`` (each state's block maxima, None for the
+        params with float32 state)."""
         with self._lock:
-            return {
+            out = {
                 "optimizer": type(self).__name__,
                 "step": self._step,
                 "lr": self._lr,
                 "hyper": copy.deepcopy(self._hyper),
                 "state": self._state_copies(),
             }
+            if self.absmax:
+                out["absmax"] = {
+                    name: [None if a is None else _arrays.clone(a) for a in arrays]
+                    for name, arrays in self.absmax.items()
+                }
+                self._await_state_writes()
+            return out
 
     def _state_copies(self) -> Dict[str, List[Any]]:
         self._await_steps()
@@ -291,7 +401,9 @@ class Optimizer:
         """Restore a ``state_dict()``; arrays are copied into this optimizer's own buffers.
         Atomic: every entry is checked and converted into a staged copy first (a tensor
         that cannot be read -- meta, sparse, a negative view -- is an error then), and the
-        state is overwritten only when all are; on error nothing changes."""
+        state is overwritten only when all are; on error nothing changes. State saved in
+        another of float32 and 8-bit (a state_dict of a ``state_dtype="int8"`` optimizer,
+        with its ``"absmax"``) is converted: quantized or decoded, on the host."""
         if not isinstance(state_dict, dict):
             raise TypeError(
                 f"state_dict: expected the dict of a state_dict(), got {type(state_dict).__name__}"
@@ -323,7 +435,12 @@ class Optimizer:
                 f"state_dict['state']: expected {sorted(self.state)}, got "
                 f"{sorted(map(str, state))} (were the options the same?)"
             )
-        staged: Dict[str, List[Any]] = {}
+        saved_absmax = state_dict.get("absmax", {})
+        if not isinstance(saved_absmax, dict):
+            raise TypeError(
+                f"state_dict['absmax']: expected a dict, got {type(saved_absmax).__name__}"
+            )
+        staged: Dict[str, List[Tuple[Any, Any]]] = {}
         for name, arrays in self.state.items():
             saved = state[name]
             where = f"state_dict['state'][{name!r}]"
@@ -331,20 +448,51 @@ class Optimizer:
                 raise TypeError(f"{where}: expected a list of arrays, got {type(saved).__name__}")
             if len(saved) != len(arrays):
                 raise ValueError(f"{where}: expected {len(arrays)} arrays, got {len(saved)}")
+            maxima = saved_absmax.get(name)
+            if maxima is not None and (
+                not isinstance(maxima, (list, tuple)) or len(maxima) != len(arrays)
+            ):
+                raise ValueError(
+                    f"state_dict['absmax'][{name!r}]: expected a list of {len(arrays)} entries"
+                )
             staged[name] = [
-                _arrays.staged(f"{where}[{i}]", own, s)
-                for i, (own, s) in enumerate(zip(arrays, saved))
+                self._staged_state(
+                    f"{where}[{i}]", name, i, s, None if maxima is None else maxima[i]
+                )
+                for i, s in enumerate(saved)
             ]
         with self._lock:  # commit: copies between arrays of one kind, shape and dtype
             self._await_steps()
             for name, arrays in self.state.items():
-                for own, s in zip(arrays, staged[name]):
+                for i, (own, (s, top)) in enumerate(zip(arrays, staged[name])):
                     _arrays.copy_into(own, s)
+                    if top is not None:
+                        _arrays.copy_into(self.absmax[name][i], top)
             self._await_state_writes()
             self._step = step
             self._lr = lr
             self._hyper = hyper
             self._kw, self._state_lists = kw, self._kernel_state(used)
+
+    def _staged_state(self, where: str, name: str, i: int, saved: Any, saved_max: Any) -> Any:
+        """(values, absmax or None): the staged copy of saved state entry ``saved`` (with
+        its block maxima ``saved_max`` when it was 8-bit) for ``self.state[name][i]``,
+        quantized or decoded on the host when one side is 8-bit and the other is not."""
+        own = self.state[name][i]
+        own_max = self.absmax[name][i] if name in self.absmax else None
+        if (own_max is None) == (saved_max is None):
+            if own_max is None:
+                return _arrays.staged(where, own, saved), None
+            top = _arrays.staged(f"state_dict['absmax'][{name!r}][{i}]", own_max, saved_max)
+            return _arrays.staged(where, own, saved), top
+        host = _host_copy(where, saved)
+        if own_max is None:  # 8-bit saved, float here
+            values = reference.dequantize_state8(
+                host.astype(np.uint8), _host_copy(where, saved_max), self._signed(name)
+            )
+            return _arrays.staged(where, own, values.astype(np.float32)), None
+        codes, top = reference.quantize_state8(host.astype(np.float32), self._signed(name))
+        return _arrays.staged(where, own, codes), _arrays.staged(where, own_max, top)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
@@ -356,6 +504,19 @@ class Optimizer:
 
 _STATE_DICT_KEYS = ("optimizer", "step", "lr", "hyper", "state")
 _NO_EXTRA: Dict[str, Any] = {}  # a host step's extra keywords (none)
+
+
+def _host_copy(name: str, a: Any) -> np.ndarray:
+    """A NumPy copy of a saved array (NumPy, PyTorch or CuPy)."""
+    if isinstance(a, np.ndarray):
+        return np.array(a)
+    if hasattr(a, "shape") and hasattr(a, "dtype") and not isinstance(a, np.generic):
+        return np.array(_arrays.to_numpy(a) if _arrays.on_device(a) else a.detach().numpy())
+    raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+
+
+def _size(a: Any) -> int:
+    return int(np.prod(tuple(a.shape), dtype=np.int64))
 
 
 def _saved_step(step: Any) -> int:

@@ -459,9 +459,14 @@ def _dynamic_map_parts(signed: bool):
 
     lower = [midway(0.0, pos[0])] + [midway(pos[b - 1], pos[b]) for b in base[1:]]
     lower.append(midway(pos[-1], 1.0))
-    tables = dict(lower=np.array(lower, np.float32), scale=np.array(scale, np.float32),
-                  offset=np.array(offset, np.float32), top=np.array(top, np.float32),
-                  base=np.array(base, np.int64), zero=zero)
+    tables = dict(
+        lower=np.array(lower, np.float32),
+        scale=np.array(scale, np.float32),
+        offset=np.array(offset, np.float32),
+        top=np.array(top, np.float32),
+        base=np.array(base, np.int64),
+        zero=zero,
+    )
     return values, tables
 
 
