@@ -365,3 +365,163 @@ def test_class_refuses_what_8bit_state_cannot_hold(case, rng):
             fastopt.Sophia([p], lr=0.01, state_dtype="int8")
         else:
             fastopt.AdamW([p], state_dtype="int8" if case == "float64" else "int4")
+
+
+# -- fastopt.torch: state_dtype="int8" and the bitsandbytes-style aliases -------------------
+torch = pytest.importorskip("torch")
+import fastopt.torch as ft  # noqa: E402
+
+
+def _torch_params(rng, shapes=CLASS_SHAPES):
+    return [torch.from_numpy(normal_nonzero(rng, s).astype(np.float32)) for s in shapes]
+
+
+def _torch_steps(opt, params, grads):
+    for g in grads:
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
+
+
+def test_torch_int8_state_steps_as_the_array_class(rng):
+    params = _torch_params(rng)
+    twin = [p.numpy().copy() for p in params]
+    grads = [[torch.from_numpy(normal_nonzero(rng, tuple(p.shape)).astype(np.float32))
+              for p in params] for _ in range(3)]
+    opt = ft.AdamW([torch.nn.Parameter(p) for p in params], lr=0.01, state_dtype="int8")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    _torch_steps(opt, params, grads)
+    arr = fastopt.AdamW(twin, lr=0.01, state_dtype="int8")
+    for g in grads:
+        arr.step([x.numpy() for x in g])
+    for i, (p, q) in enumerate(zip(params, twin)):
+        assert_bits(p.detach().numpy(), q, f"params[{i}]")
+        st = opt.state[p]
+        for name, key in (("exp_avgs", "exp_avg"), ("exp_avg_sqs", "exp_avg_sq")):
+            assert_bits(st[key].numpy(), arr.state[name][i], f"{key}[{i}]")
+            if arr.absmax[name][i] is not None:
+                assert_bits(st[key + "_absmax"].numpy(), arr.absmax[name][i], f"{key}_absmax[{i}]")
+            else:
+                assert key + "_absmax" not in st
+
+
+def test_torch_int8_checkpoints_round_trip_and_convert(rng, tmp_path):
+    def fresh():
+        return [torch.nn.Parameter(p.clone()) for p in base]
+
+    base = _torch_params(rng)
+    grads = [[torch.from_numpy(normal_nonzero(rng, tuple(p.shape)).astype(np.float32))
+              for p in base] for _ in range(4)]
+    a = fresh()
+    opt = ft.AdamW(a, lr=0.01, state_dtype="int8")
+    _torch_steps(opt, a, grads[:3])
+    torch.save(opt.state_dict(), tmp_path / "sd.pt")
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    resumed = ft.AdamW(b, lr=0.01, state_dtype="int8")
+    resumed.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    _torch_steps(opt, a, grads[3:])
+    _torch_steps(resumed, b, grads[3:])
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert_bits(x.detach().numpy(), y.detach().numpy(), f"resumed params[{i}]")
+    # a torch.optim checkpoint into 8-bit state: quantized as the reference does
+    c = fresh()
+    reference_opt = torch.optim.AdamW(c, lr=0.01)
+    _torch_steps(reference_opt, c, grads[:2])
+    d = [torch.nn.Parameter(p.detach().clone()) for p in c]
+    eight = ft.AdamW(d, lr=0.01, state_dtype="int8")
+    eight.load_state_dict(reference_opt.state_dict())
+    _torch_steps(eight, d, grads[2:3])
+    for p, q, g in zip(c, d, grads[2]):
+        saved, st = reference_opt.state[p], eight.state[q]
+        if q.numel() < 4096:
+            continue
+        # the step after loading started from the torch state quantized by the reference
+        m, am = reference.quantize_state8(saved["exp_avg"].numpy(), True)
+        v, av = reference.quantize_state8(saved["exp_avg_sq"].numpy(), False)
+        want = p.detach().numpy().copy()
+        fastopt.adamw_(want, g.numpy(), m, v, step=int(saved["step"]) + 1, lr=0.01,
+                       absmax={"exp_avgs": am, "exp_avg_sqs": av})
+        assert_bits(q.detach().numpy(), want, "after loading torch.optim's state")
+        assert_bits(st["exp_avg"].numpy(), m, "exp_avg")
+        assert_bits(st["exp_avg_sq_absmax"].numpy(), av, "exp_avg_sq_absmax")
+    # 8-bit state into float state: decoded
+    e = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    plain = ft.AdamW(e, lr=0.01)
+    plain.load_state_dict(opt.state_dict())
+    assert plain.param_groups[0]["state_dtype"] == "int8"  # the saved group options, as torch
+    plain.param_groups[0]["state_dtype"] = "float32"
+    _torch_steps(plain, e, grads[:1])
+    for p in e:
+        assert plain.state[p]["exp_avg"].dtype == torch.float32
+        assert "exp_avg_absmax" not in plain.state[p]
+
+
+def test_torch_int8_channels_last_param_is_stepped_over_its_storage(rng):
+    x = torch.from_numpy(normal_nonzero(rng, (2, 8, 16, 16)).astype(np.float32))
+    p = torch.nn.Parameter(x.clone().to(memory_format=torch.channels_last))
+    flat = x.permute(0, 2, 3, 1).contiguous().numpy()  # the same storage order, C-contiguous
+    opt = ft.Adam([p], lr=0.01, state_dtype="int8")
+    arr = fastopt.Adam([flat], lr=0.01, state_dtype="int8")
+    for _ in range(3):
+        g = torch.from_numpy(normal_nonzero(rng, (2, 8, 16, 16)).astype(np.float32))
+        p.grad = g.to(memory_format=torch.channels_last)
+        opt.step()
+        arr.step([g.permute(0, 2, 3, 1).contiguous().numpy()])
+    assert opt.state[p]["exp_avg"].stride() == p.stride()
+    assert_bits(p.detach().permute(0, 2, 3, 1).contiguous().numpy(), flat, "channels_last")
+    assert_bits(opt.state[p]["exp_avg_absmax"].numpy(), arr.absmax["exp_avgs"][0], "absmax")
+
+
+@pytest.mark.parametrize("cls,kw", [
+    ("Adam8bit", {}), ("AdamW8bit", {}), ("SGD8bit", dict(lr=0.1, momentum=0.9)),
+    ("RMSprop8bit", {}), ("Lion8bit", {}), ("Adagrad8bit", {}),
+])
+def test_bitsandbytes_aliases_keep_8bit_state_for_large_params(cls, kw, rng):
+    big = torch.nn.Parameter(torch.from_numpy(normal_nonzero(rng, (64, 80)).astype(np.float32)))
+    small = torch.nn.Parameter(torch.from_numpy(normal_nonzero(rng, (100,)).astype(np.float32)))
+    opt = getattr(ft, cls)([big, small], **kw)
+    for _ in range(2):
+        big.grad = torch.randn_like(big)
+        small.grad = torch.randn_like(small)
+        opt.step()
+    states = [v for k, v in opt.state[big].items() if k != "step" and not k.endswith("_absmax")]
+    assert states and all(v.dtype == torch.uint8 for v in states)
+    assert all(v.dtype == torch.float32 for k, v in opt.state[small].items())
+    assert opt.param_groups[0]["min_8bit_size"] == 4096
+    tiny = getattr(ft, cls)([small], min_8bit_size=64, **kw)
+    small.grad = torch.randn_like(small)
+    tiny.step()
+    assert any(v.dtype == torch.uint8 for v in tiny.state[small].values())
+
+
+@pytest.mark.parametrize("bad", [dict(percentile_clipping=5), dict(block_wise=False),
+                                 dict(is_paged=True), dict(args=object()),
+                                 dict(min_8bit_size=0), dict(min_8bit_size=True)])
+def test_bitsandbytes_options_fastopt_lacks_are_refused(bad):
+    p = torch.nn.Parameter(torch.ones(3))
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        ft.AdamW8bit([p], **bad)
+
+
+@pytest.mark.parametrize("kind,match", [("int4", "state_dtype"), (3, "state_dtype")])
+def test_torch_bad_state_dtype_is_refused_at_the_step(kind, match):
+    p = torch.nn.Parameter(torch.ones(5000))
+    opt = ft.AdamW([p])
+    opt.param_groups[0]["state_dtype"] = kind
+    p.grad = torch.ones(5000)
+    before = p.detach().clone()
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_torch_int8_refuses_float64_and_sophia():
+    p64 = torch.nn.Parameter(torch.ones(5000, dtype=torch.float64))
+    p64.grad = torch.ones(5000, dtype=torch.float64)
+    with pytest.raises(ValueError, match="int8"):
+        ft.AdamW([p64], state_dtype="int8").step()
+    p = torch.nn.Parameter(torch.ones(5000))
+    p.grad = torch.ones(5000)
+    with pytest.raises(ValueError, match="int8"):
+        ft.Sophia([p], state_dtype="int8").step()

@@ -217,6 +217,6 @@ def test_torch_optimizer_state_dtype(name, device):
     opt.step()
     p = next(model.parameters())
     assert all(v.dtype == torch.float32 for k, v in opt.state[p].items() if k != "step")
-    opt.param_groups[0]["state_dtype"] = "int8"
-    with pytest.raises(ValueError, match=r"state_dtype: expected 'float32' or 'bfloat16'"):
+    opt.param_groups[0]["state_dtype"] = "int4"
+    with pytest.raises(ValueError, match=r"state_dtype: expected 'float32', 'bfloat16' or 'int8'"):
         opt.step()

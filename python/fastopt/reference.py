@@ -497,13 +497,22 @@ def _encode_state8(s: np.ndarray, inv: np.ndarray, signed: bool) -> np.ndarray:
     return code.astype(np.uint8)
 
 
+def _storage_order(x: np.ndarray) -> np.ndarray:
+    """The axes of dense ``x`` from the largest stride to the smallest: ``x.transpose`` of
+    them walks x's elements in memory order, the order the kernels step them in."""
+    return np.argsort([-s for s in x.strides], kind="stable")
+
+
 def quantize_state8(x: np.ndarray, signed: bool):
-    """8-bit state (``state_dtype="int8"``) of float32 ``x``: (codes uint8 shaped like x,
-    absmax float32 per block of 256 of the flattened x). Per block, absmax = max |x| (NaN
-    if any x is; then every NaN is the same one); each code is the nearest map value of
-    x / absmax, computed as the kernels do (``_encode_state8``)."""
+    """8-bit state (``state_dtype="int8"``) of float32 ``x``: (codes uint8 shaped and laid
+    out like x, absmax float32 per block of 256 of x's elements in memory order). Per
+    block, absmax = max |x| (NaN if any x is; then every NaN is the same one); each code is
+    the nearest map value of x / absmax, computed as the kernels do (``_encode_state8``)."""
     f32 = np.float32
-    flat = np.ascontiguousarray(x, dtype=f32).reshape(-1)
+    x = np.asarray(x)
+    order = _storage_order(x)
+    walked = np.ascontiguousarray(x.transpose(order), dtype=f32)
+    flat = walked.reshape(-1)
     n = flat.size
     blocks = -(-n // STATE8_BLOCK)
     padded = np.zeros(blocks * STATE8_BLOCK, f32)
@@ -515,16 +524,19 @@ def quantize_state8(x: np.ndarray, signed: bool):
     with np.errstate(divide="ignore"):
         inv = (f32(1) / absmax).astype(f32)
     codes = _encode_state8(flat, np.repeat(inv, STATE8_BLOCK)[:n], signed)
-    return codes.reshape(np.shape(x)), absmax
+    return codes.reshape(walked.shape).transpose(np.argsort(order)), absmax
 
 
 def dequantize_state8(codes: np.ndarray, absmax: np.ndarray, signed: bool) -> np.ndarray:
-    """float32 values of 8-bit state: map[code] * its block's absmax."""
+    """float32 values of 8-bit state: map[code] * its block's absmax (laid out like codes,
+    blocks in memory order)."""
     values = dynamic_map(signed)
-    flat = codes.reshape(-1)
+    order = _storage_order(codes)
+    walked = np.ascontiguousarray(codes.transpose(order))
+    flat = walked.reshape(-1)
     with np.errstate(invalid="ignore"):
         out = values[flat] * np.repeat(absmax.astype(np.float32), STATE8_BLOCK)[: flat.size]
-    return out.astype(np.float32).reshape(codes.shape)
+    return out.astype(np.float32).reshape(walked.shape).transpose(np.argsort(order))
 
 
 def _magnitudes(a: np.ndarray) -> np.ndarray:

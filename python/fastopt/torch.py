@@ -114,17 +114,38 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, cast
 import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import _arrays, _ext, functional
+from . import _arrays, _ext, functional, reference
 from ._specs import OPTIMIZERS, OptimizerSpec
 from ._torch_clip import clip_grad_norm_, step_grad_scale
 from ._validate import flag, real
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia", "clip_grad_norm_"]
+__all__ = [
+    "SGD",
+    "Adagrad",
+    "RMSprop",
+    "Adam",
+    "AdamW",
+    "Lion",
+    "Sophia",
+    "Adam8bit",
+    "AdamW8bit",
+    "SGD8bit",
+    "RMSprop8bit",
+    "Lion8bit",
+    "Adagrad8bit",
+    "clip_grad_norm_",
+]
 
 try:  # torch builds without distributed support have no DTensor
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
     DTensor = None
+
+# state_dtype="int8": params with fewer elements keep float32 state (bitsandbytes' rule);
+# each 8-bit state tensor (uint8 codes, laid out like its param) has its block maxima
+# under its key + ABSMAX (float32, one per 256 elements of the param's storage).
+STATE8_MIN_ELEMENTS = 4096
+ABSMAX = "_absmax"
 
 # torch.optim's state key for each state array of fastopt's table.
 STATE_KEYS = {
@@ -213,6 +234,7 @@ class _Bucket:
         "state_seen",
         "state_views",
         "masks",
+        "absmax_keys",
     )
 
     def __init__(
@@ -225,7 +247,10 @@ class _Bucket:
         inference: bool,
         state: Any,
         masks: Optional[List[torch.Tensor]],
+        absmax_keys: Optional[Dict[str, str]] = None,
     ):
+        # 8-bit state: {table name of each state array: its block maxima's state key}
+        self.absmax_keys = absmax_keys
         self.index = index  # position of each param in the group's "params"
         self.params = params  # the group's params, in bucket order
         self.keys = keys  # per state array of the table: its state key, None if unused
@@ -278,6 +303,11 @@ class _Bucket:
         return self.param_views, [
             None if s is None else v for s, v in zip(states, self.state_views)
         ]
+
+    def absmax_lists(self, state: Any) -> Dict[str, List[torch.Tensor]]:
+        """8-bit state: the block maxima of each state array, {table name: tensors}."""
+        assert self.absmax_keys is not None
+        return {n: [state[p][k] for p in self.params] for n, k in self.absmax_keys.items()}
 
     def state_lists(self, state: Any) -> Optional[List[Optional[List[torch.Tensor]]]]:
         """The state lists in the kernel's order (None for unused ones), or None when the
@@ -521,10 +551,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """What a fresh state array ``name`` (a table name) starts with."""
         return 0.0
 
-    @staticmethod
-    def _state_type(where: str, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:
-        """The dtype of ``p``'s state under ``group["state_dtype"]``."""
+    def _state_type(self, where: str, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:
+        """The dtype of ``p``'s state under ``group["state_dtype"]`` (torch.uint8: 8-bit)."""
         kind = group.get("state_dtype", "float32")
+        if kind == "int8":
+            if p.dtype == torch.float64 or _is_dtensor(p) or self._spec.name == "sophia":
+                raise ValueError(
+                    f"{where}: state_dtype='int8' is for float32 and 16-bit params (not "
+                    "float64 nor DTensor params) of every optimizer but Sophia"
+                )
+            least = group.get("min_8bit_size", STATE8_MIN_ELEMENTS)
+            if isinstance(least, bool) or not isinstance(least, int) or least < 1:
+                raise ValueError(f"min_8bit_size: expected an integer >= 1, got {least!r}")
+            return torch.uint8 if p.numel() >= least else torch.float32
         if kind == "bfloat16":
             if p.dtype == torch.float64:
                 raise ValueError(
@@ -532,7 +571,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 )
             return torch.bfloat16
         if kind != "float32":
-            raise ValueError(f"state_dtype: expected 'float32' or 'bfloat16', got {kind!r}")
+            raise ValueError(f"state_dtype: expected 'float32', 'bfloat16' or 'int8', got {kind!r}")
         return torch.float32 if p.dtype in _HALF else p.dtype
 
     def _new_state(self, p: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -555,6 +594,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for role, use in zip(self._spec.states, used):
             key = STATE_KEYS[role.name]
             if not use:
+                continue
+            if want == torch.uint8 or state.get(key + ABSMAX) is not None:
+                fresh = self._state8(where, p, state, role, group, want) or fresh
                 continue
             s = state.get(key)
             if s is None:
@@ -585,6 +627,72 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 state[key] = moved
         return state, fresh
 
+    def _state8(
+        self,
+        where: str,
+        p: torch.Tensor,
+        state: Dict[str, Any],
+        role: Any,
+        group: Dict[str, Any],
+        want: torch.dtype,
+    ) -> bool:
+        """State array ``role`` of ``p`` where it is or must become 8-bit (``want`` is
+        torch.uint8), or must stop being so: made if missing (whether it was: fresh), 8-bit
+        state checked, float state quantized and 8-bit state decoded (on the host) when
+        ``want`` says the other kind."""
+        key = STATE_KEYS[role.name]
+        s, top = state.get(key), state.get(key + ABSMAX)
+        signed = not role.nonnegative
+        if want != torch.uint8:  # 8-bit state, float wanted: decoded
+            values = reference.dequantize_state8(
+                _host_numpy(where, s).astype("uint8"), _host_numpy(where, top), signed
+            )
+            moved = self._new_state(p, 0.0, want)
+            moved.copy_(torch.from_numpy(values))
+            state[key] = moved
+            del state[key + ABSMAX]
+            return False
+        blocks = -(-p.numel() // 256)
+        if s is None:  # every block holds the initial value
+            value = self._initial_value(role.name, group)
+            codes, first = reference.quantize_state8(_np_full(value), signed)
+            state[key] = torch.full_like(
+                p, int(codes[0]), dtype=torch.uint8, memory_format=torch.preserve_format
+            )
+            state[key + ABSMAX] = torch.full((blocks,), float(first[0]), device=p.device)
+            return True
+        if (
+            isinstance(s, torch.Tensor)
+            and s.is_floating_point()
+            and s.shape == p.shape
+            and top is None
+        ):  # float state (a torch.optim checkpoint, a changed state_dtype): quantized
+            laid = self._new_state(p, 0.0, torch.float32)
+            laid.copy_(s)
+            codes, first = reference.quantize_state8(_host_numpy(where, laid), signed)
+            state[key] = torch.from_numpy(codes).to(p.device)
+            state[key + ABSMAX] = torch.from_numpy(first).to(p.device)
+            return False
+        ok = (
+            isinstance(s, torch.Tensor)
+            and s.dtype == torch.uint8
+            and s.shape == p.shape
+            and s.device == p.device
+            and s.stride() == p.stride()
+            and isinstance(top, torch.Tensor)
+            and top.dtype == torch.float32
+            and tuple(top.shape) == (blocks,)
+            and top.device == p.device
+            and top.is_contiguous()
+        )
+        if not ok:
+            raise ValueError(
+                f"state of {where}: 8-bit state '{key}' must be a {tuple(p.shape)} uint8 "
+                f"tensor laid out like its param with '{key}{ABSMAX}' a ({blocks},) float32 "
+                f"tensor, on {p.device}"
+            )
+        return False
+
     # -- building the buckets ------------------------------------------------------------------
     def _build(
         self,
@@ -613,14 +721,24 @@ class _FusedOptimizer(torch.optim.Optimizer):
             else:  # SGD: the first step (buffer <- grad) when the buffer is new
                 done = 0 if fresh else 1
             taken[i] = done
+            eight = any(
+                isinstance(state.get(k + ABSMAX), torch.Tensor)
+                for k in (STATE_KEYS[r.name] for r in self._spec.states)
+            )
             keys[
-                (p.device, p.dtype, done if self._spec.takes_step else None, p in self._masks)
+                (
+                    p.device,
+                    p.dtype,
+                    done if self._spec.takes_step else None,
+                    p in self._masks,
+                    eight,
+                )
             ].append(i)
         state_keys = [
             STATE_KEYS[role.name] if use else None for role, use in zip(self._spec.states, used)
         ]
         buckets = []
-        for (_, _, done, masked), index_list in keys.items():
+        for (_, _, done, masked, eight), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
             inference = any(
                 p.is_inference()
@@ -644,6 +762,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     inference,
                     self.state,
                     masks,
+                    {
+                        role.name: STATE_KEYS[role.name] + ABSMAX
+                        for role, use in zip(self._spec.states, used)
+                        if use
+                    }
+                    if eight
+                    else None,
                 )
             )
         return _GroupCache(
@@ -754,6 +879,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 " for more details."
             )
         written = bucket.params + [t for s in states if s is not None for t in s]
+        if bucket.absmax_keys is not None:
+            maxima = bucket.absmax_lists(self.state)
+            written += [t for ts in maxima.values() for t in ts]
+            extra_absmax = {
+                n: [_host_view(t) if bucket.host else _local(t) for t in ts]
+                for n, ts in maxima.items()
+            }
         params, states = bucket.kernel_lists(states)
         if bucket.distributed:
             grads = [_local(g) for g in grads]
@@ -763,6 +895,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "grad_scale": grad_scale}
         if bucket.masks is not None:
             extra = {**extra, "masks": bucket.masks}
+        if bucket.absmax_keys is not None:
+            extra = {**extra, "absmax": extra_absmax}
         if rounding_seed is not None and bucket.params[0].dtype == torch.bfloat16:
             # this step's and this bucket's seed: the kernel adds each param's place
             key = functional.step_seed(rounding_seed, bucket.done + 1, bucket.index[0])
@@ -866,15 +1000,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
             kept: List[Tuple[torch.Tensor, str, torch.Tensor]] = []
             for saved_id, p in zip(saved, params):
                 entry = state_dict["state"].get(saved_id)
-                if p.dtype not in _HALF or not isinstance(entry, dict):
+                if not isinstance(entry, dict):
                     continue
                 for key, value in entry.items():
-                    if (
-                        key != "step"
-                        and isinstance(value, torch.Tensor)
-                        and value.is_floating_point()
-                    ):
-                        where = f"state_dict['state'][{saved_id!r}][{key!r}]"
+                    if key == "step" or not isinstance(value, torch.Tensor):
+                        continue
+                    where = f"state_dict['state'][{saved_id!r}][{key!r}]"
+                    if value.dtype == torch.uint8 or key.endswith(ABSMAX):  # 8-bit state
+                        kept.append((p, key, _loaded(where, value, p.device, value.dtype)))
+                    elif p.dtype in _HALF and value.is_floating_point():
                         kept.append((p, key, _loaded(where, value, p.device, torch.float32)))
             try:
                 super().load_state_dict(state_dict)  # builds everything, then replaces
@@ -884,6 +1018,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 ) from None
             for p, key, value in kept:
                 self.state[p][key] = value
+
+
+def _host_numpy(where: str, t: Any) -> Any:
+    """A NumPy copy of state tensor ``t`` (its strides kept), for conversions."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"state of {where}: expected a tensor, got {type(t).__name__}")
+    return t.detach().cpu().numpy().copy()
+
+
+def _np_full(value: float) -> Any:
+    import numpy as np
+
+    return np.full(1, value, np.float32)
 
 
 def _loaded(where: str, value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> Any:
@@ -1001,6 +1148,10 @@ class Adagrad(_FusedOptimizer):
             rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
+        self._make_state()
+
+    def _make_state(self) -> None:
+        """torch.optim.Adagrad makes its state at construction: so does this."""
         for index, group in enumerate(self.param_groups):
             used = self._validate_group(f"param_groups[{index}]", group).used
             for i, p in enumerate(group["params"]):
@@ -1281,6 +1432,191 @@ class Sophia(_FusedOptimizer):
                 if hessians:
                     functional.ema_(hessians, squares, beta=beta2)
                     torch.autograd.graph.increment_version(hessians)
+
+
+# -- bitsandbytes-style 8-bit aliases -----------------------------------------------------------
+def _bnb_options(
+    args: Any, min_8bit_size: Any, percentile_clipping: Any, block_wise: Any, is_paged: Any
+) -> int:
+    """bitsandbytes' 8-bit optimizer options: what fastopt does (blockwise 8-bit state for
+    params of ``min_8bit_size`` elements or more) or a ValueError naming what it does not."""
+    if args is not None:
+        raise ValueError("args: bitsandbytes' GlobalOptimManager overrides are not supported")
+    if percentile_clipping != 100:
+        raise ValueError(
+            f"percentile_clipping: only 100 (off) is supported, got {percentile_clipping!r}; "
+            "clip with opt.max_grad_norm or fastopt.torch.clip_grad_norm_"
+        )
+    if block_wise is not True:
+        raise ValueError("block_wise: fastopt's 8-bit state is always blockwise (True)")
+    if is_paged is not False:
+        raise ValueError("is_paged: paged optimizer state is not supported (False)")
+    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 1:
+        raise ValueError(f"min_8bit_size: expected an integer >= 1, got {min_8bit_size!r}")
+    return min_8bit_size
+
+
+def _eight_bit(opt: _FusedOptimizer, min_8bit_size: int) -> None:
+    """Makes ``min_8bit_size`` a group option of ``opt`` (its groups, and the defaults that
+    ``add_param_group`` and old checkpoints take)."""
+    opt.defaults["min_8bit_size"] = min_8bit_size
+    for group in opt.param_groups:
+        group.setdefault("min_8bit_size", min_8bit_size)
+
+
+class Adam8bit(Adam):
+    """``bitsandbytes.optim.Adam8bit``'s constructor on fastopt's Adam with
+    ``state_dtype="int8"``: blockwise 8-bit ``exp_avg``/``exp_avg_sq`` (signed and unsigned
+    dynamic maps, a float32 absmax per 256 elements) for params of ``min_8bit_size``
+    elements or more, float32 state for the others. ``optim_bits`` is ignored (as by
+    bitsandbytes' 8-bit classes); ``percentile_clipping`` must be 100, ``block_wise`` True,
+    ``is_paged`` False and ``args`` None."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-3,
+        betas: Tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+    ):
+        least = _bnb_options(args, min_8bit_size, percentile_clipping, block_wise, is_paged)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_dtype="int8")
+        _eight_bit(self, least)
+
+
+class AdamW8bit(AdamW):
+    """``bitsandbytes.optim.AdamW8bit``'s constructor on fastopt's AdamW with
+    ``state_dtype="int8"`` (see ``Adam8bit``)."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-3,
+        betas: Tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+    ):
+        least = _bnb_options(args, min_8bit_size, percentile_clipping, block_wise, is_paged)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, state_dtype="int8")
+        _eight_bit(self, least)
+
+
+class SGD8bit(SGD):
+    """``bitsandbytes.optim.SGD8bit``'s constructor on fastopt's SGD with
+    ``state_dtype="int8"``: a blockwise 8-bit ``momentum_buffer`` (see ``Adam8bit``)."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+    ):
+        least = _bnb_options(args, min_8bit_size, percentile_clipping, block_wise, False)
+        super().__init__(
+            params, lr, momentum, dampening, weight_decay, nesterov, state_dtype="int8"
+        )
+        _eight_bit(self, least)
+
+
+class RMSprop8bit(RMSprop):
+    """``bitsandbytes.optim.RMSprop8bit``'s constructor on fastopt's RMSprop with
+    ``state_dtype="int8"`` (see ``Adam8bit``)."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+    ):
+        least = _bnb_options(args, min_8bit_size, percentile_clipping, block_wise, False)
+        super().__init__(
+            params, lr, alpha, eps, weight_decay, momentum, centered, state_dtype="int8"
+        )
+        _eight_bit(self, least)
+
+
+class Lion8bit(Lion):
+    """``bitsandbytes.optim.Lion8bit``'s constructor on fastopt's Lion with
+    ``state_dtype="int8"`` (see ``Adam8bit``)."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-4,
+        betas: Tuple[Any, Any] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+    ):
+        least = _bnb_options(args, min_8bit_size, percentile_clipping, block_wise, is_paged)
+        super().__init__(params, lr, betas, weight_decay, state_dtype="int8")
+        _eight_bit(self, least)
+
+
+class Adagrad8bit(Adagrad):
+    """``bitsandbytes.optim.Adagrad8bit``'s constructor on fastopt's Adagrad with
+    ``state_dtype="int8"``: a blockwise 8-bit ``sum`` (see ``Adam8bit``)."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        optim_bits: int = 8,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+    ):
+        least = _bnb_options(args, min_8bit_size, percentile_clipping, block_wise, False)
+        super().__init__(
+            params,
+            lr,
+            lr_decay,
+            weight_decay,
+            initial_accumulator_value,
+            eps,
+            state_dtype="int8",
+        )
+        _eight_bit(self, least)
+        self.state.clear()  # made for the default min_8bit_size: made again for this one
+        self._make_state()
 
 
 # The class of each optimizer of fastopt's table, by its name there.
