@@ -104,6 +104,9 @@ void check_stream_device(intptr_t stream, int device) {
 template <class Opt>
 void step(const py::args& args, const py::kwargs& kwargs) {
   const fastopt::bindings::StepCall<Opt> call(args, kwargs, {"stream", "plan"});
+  if (!call.absmax.is_none())
+    throw py::value_error("absmax: 8-bit optimizer state (state_dtype='int8') runs on the CPU "
+                          "only in this version; use float32 or bfloat16 state on the GPU");
   intptr_t stream = 0;
   DevicePlan* cached = nullptr;
   if (kwargs.contains("stream")) {

@@ -64,6 +64,15 @@ Decisions, where torch.optim offers a choice:
   state's bytes; loaded exactly, updated in float32, stored rounded to nearest even; not for
   float64 params). State of another float type (a checkpoint saved with the other choice,
   or a group whose ``state_dtype`` changed) is converted at the next step.
+  ``"int8"``: blockwise 8-bit state (1 + 4/256 bytes per element; on the CPU in this version)
+  for the params of ``group["min_8bit_size"]`` (default 4096) elements or more, float32 for
+  the others, as bitsandbytes. An 8-bit entry keeps torch's key for its codes (uint8, laid
+  out like the param) and adds ``key + "_absmax"`` (float32, one per 256 elements of the
+  param's storage); ``fastopt.reference.dequantize_state8`` decodes them. Float state (a
+  torch.optim checkpoint) is quantized at the next step, and 8-bit state decoded when the
+  group's ``state_dtype`` goes back to a float type; a torch.optim optimizer cannot load
+  8-bit state. ``Adam8bit``, ``AdamW8bit``, ``SGD8bit``, ``RMSprop8bit``, ``Lion8bit`` and
+  ``Adagrad8bit`` take bitsandbytes' constructor arguments and set ``state_dtype="int8"``.
 - ``stochastic_rounding=`` (every class, keyword-only, a group option; default False): the
   group's bfloat16 params are rounded stochastically at every step (unbiased; bfloat16
   training without float32 master weights), keyed by the group's ``"rounding_seed"`` (from
@@ -559,6 +568,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{where}: state_dtype='int8' is for float32 and 16-bit params (not "
                     "float64 nor DTensor params) of every optimizer but Sophia"
+                )
+            if p.device.type != "cpu":
+                raise ValueError(
+                    f"{where}: state_dtype='int8' runs on the CPU only in this version "
+                    "(float32 or bfloat16 state on the GPU)"
                 )
             least = group.get("min_8bit_size", STATE8_MIN_ELEMENTS)
             if isinstance(least, bool) or not isinstance(least, int) or least < 1:
