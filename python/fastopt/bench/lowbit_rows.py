@@ -1,12 +1,15 @@
-"""Fewer bytes per parameter: AdamW with bfloat16 state and with masks against float32 state
-and ``torch.optim.AdamW(fused=True)``, on the CPU or the GPU.
+"""Fewer bytes per parameter: AdamW with bfloat16 and 8-bit state and with masks against
+float32 state and ``torch.optim.AdamW(fused=True)``, on the CPU or the GPU.
 
 ``python -m fastopt.bench.lowbit_rows [--device cpu|cuda] [--log2 24] [--rounds 9]`` times,
 interleaved in rotating order per round on one float32 tensor of 2^log2 elements (torch
 tensors: the same library for every column), fastopt.torch.AdamW with float32 state (28 B
 per element: p, m, v read and written, g read), with bfloat16 state (20 B), with a mask (29 B:
 one byte more), and torch's fused AdamW (28 B); then bfloat16 params, grads and state (14 B):
-fastopt with stochastic rounding against torch's fused AdamW on bfloat16 params. It prints
+fastopt with stochastic rounding against torch's fused AdamW on bfloat16 params. On the
+CPU also 8-bit state (16 B per element with float32 params; 10 B with bfloat16 params and
+grads, stochastic rounding), and bitsandbytes' and torchao's ``AdamW8bit`` when they are
+installed (the same 8-bit state bytes). It prints
 per column the median ms per step with the spread (min-max) over the rounds, the bytes per
 element, the achieved GB/s and the median per-round ratio of torch fused's time to the
 column's (> 1: faster than torch fused).
@@ -51,6 +54,24 @@ def columns(torch: Any, n: int, device: str) -> Dict[str, Any]:
     sr = fot.AdamW(bf16_params(), lr=1e-3, state_dtype="bfloat16", stochastic_rounding=True)
     out["fastopt bf16 all, SR"] = (sr.step, 14)
     out["torch fused bf16"] = (torch.optim.AdamW(bf16_params(), lr=1e-3, fused=True).step, 14)
+    if device != "cpu":  # 8-bit state runs on the CPU only in this version
+        return out
+    # 8-bit state: p (r+w) 8, g 4, m and v (r+w) 1 each: 16 B; bfloat16 params and grads: 10 B
+    out["fastopt int8 state"] = (fot.AdamW(params(), lr=1e-3, state_dtype="int8").step, 16)
+    sr8 = fot.AdamW(bf16_params(), lr=1e-3, state_dtype="int8", stochastic_rounding=True)
+    out["fastopt bf16+int8, SR"] = (sr8.step, 10)
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes 8bit"] = (bitsandbytes.optim.AdamW8bit(params(), lr=1e-3).step, 16)
+    except ImportError:
+        pass
+    try:
+        from torchao.optim import AdamW8bit
+
+        out["torchao 8bit"] = (AdamW8bit(params(), lr=1e-3).step, 16)
+    except ImportError:
+        pass
     return out
 
 
