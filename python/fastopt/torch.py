@@ -73,6 +73,14 @@ Decisions, where torch.optim offers a choice:
   group's ``state_dtype`` goes back to a float type; a torch.optim optimizer cannot load
   8-bit state. ``Adam8bit``, ``AdamW8bit``, ``SGD8bit``, ``RMSprop8bit``, ``Lion8bit`` and
   ``Adagrad8bit`` take bitsandbytes' constructor arguments and set ``state_dtype="int8"``.
+- ``master_weights=`` (every class, keyword-only, a group option; default False): the
+  group's float16/bfloat16 params keep a float32 copy, ``state[p]["master_param"]`` (made
+  from the param at its first step), which the kernel steps with the grads in float32; the
+  param then gets the result rounded to nearest. Mixed-precision training as apex's O2 and
+  DeepSpeed do, 6 bytes per param more than the state; a checkpoint carries the copy.
+  Excludes ``stochastic_rounding`` (the other way to keep small updates). The grads are
+  converted and the params copied back with torch ops around the fused step (two short
+  extra passes).
 - ``stochastic_rounding=`` (every class, keyword-only, a group option; default False): the
   group's bfloat16 params are rounded stochastically at every step (unbiased; bfloat16
   training without float32 master weights), keyed by the group's ``"rounding_seed"`` (from
@@ -155,6 +163,8 @@ except ImportError:  # pragma: no cover
 # under its key + ABSMAX (float32, one per 256 elements of the param's storage).
 STATE8_MIN_ELEMENTS = 4096
 ABSMAX = "_absmax"
+# master_weights=True: the float32 copy of a float16/bfloat16 param
+MASTER = "master_param"
 
 # torch.optim's state key for each state array of fastopt's table.
 STATE_KEYS = {
@@ -244,6 +254,7 @@ class _Bucket:
         "state_views",
         "masks",
         "absmax_keys",
+        "masters",
     )
 
     def __init__(
@@ -257,7 +268,11 @@ class _Bucket:
         state: Any,
         masks: Optional[List[torch.Tensor]],
         absmax_keys: Optional[Dict[str, str]] = None,
+        masters: bool = False,
     ):
+        # master weights: the kernel steps state[p]["master_param"] (float32) with the grads
+        # in float32, and the params get the result rounded
+        self.masters = masters
         # 8-bit state: {table name of each state array: its block maxima's state key}
         self.absmax_keys = absmax_keys
         self.index = index  # position of each param in the group's "params"
@@ -603,6 +618,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if self._tracks_step and "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=_step_dtype())
+        self._master_param(where, p, state, group)
         fresh = False
         want = self._state_type(where, p, group)
         for role, use in zip(self._spec.states, used):
@@ -640,6 +656,40 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 moved.copy_(s)
                 state[key] = moved
         return state, fresh
+
+    @staticmethod
+    def _master_param(
+        where: str, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]
+    ) -> None:
+        """``group["master_weights"]``: a float16/bfloat16 param's float32 master copy,
+        ``state["master_param"]``, made from the param when missing and checked otherwise;
+        dropped when the group stops using it (the param holds the rounded values)."""
+        if not (group.get("master_weights") and p.dtype in _HALF):
+            state.pop(MASTER, None)
+            return
+        if group.get("stochastic_rounding"):
+            raise ValueError(
+                f"{where}: master_weights and stochastic_rounding exclude each other (both "
+                "are ways to keep small updates of 16-bit params)"
+            )
+        if _is_dtensor(p):
+            raise ValueError(f"{where}: master_weights is not available for DTensor params")
+        m = state.get(MASTER)
+        if m is None:
+            m = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            m.copy_(p.detach())
+            state[MASTER] = m
+        elif not (
+            isinstance(m, torch.Tensor)
+            and m.dtype == torch.float32
+            and m.shape == p.shape
+            and m.device == p.device
+            and m.stride() == p.stride()
+        ):
+            raise ValueError(
+                f"state of {where}: '{MASTER}' must be a float32 tensor shaped, laid out and "
+                "placed like its param"
+            )
 
     def _state8(
         self,
@@ -746,13 +796,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     done if self._spec.takes_step else None,
                     p in self._masks,
                     eight,
+                    MASTER in state,
                 )
             ].append(i)
         state_keys = [
             STATE_KEYS[role.name] if use else None for role, use in zip(self._spec.states, used)
         ]
         buckets = []
-        for (_, _, done, masked, eight), index_list in keys.items():
+        for (_, _, done, masked, eight, masters), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
             inference = any(
                 p.is_inference()
@@ -783,6 +834,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     }
                     if eight
                     else None,
+                    masters,
                 )
             )
         return _GroupCache(
@@ -893,6 +945,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 " for more details."
             )
         written = bucket.params + [t for s in states if s is not None for t in s]
+        masters: Optional[List[torch.Tensor]] = None
+        if bucket.masters:
+            masters = [self.state[p][MASTER] for p in bucket.params]
+            written += masters
+            grads = [g.to(torch.float32) for g in grads]
         if bucket.absmax_keys is not None:
             maxima = bucket.absmax_lists(self.state)
             written += [t for ts in maxima.values() for t in ts]
@@ -901,6 +958,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 for n, ts in maxima.items()
             }
         params, states = bucket.kernel_lists(states)
+        if masters is not None:
+            params = [_host_view(m) for m in masters] if bucket.host else masters
         if bucket.distributed:
             grads = [_local(g) for g in grads]
         kernels, extra = _arrays.backend(params, None, bucket.plan)
@@ -941,6 +1000,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if refused:
                 bucket.done -= 1
             else:
+                if masters is not None:  # the params: the masters rounded to nearest
+                    with torch.no_grad():
+                        torch._foreach_copy_([_local(p) for p in bucket.params], masters)
                 if bucket.steps is not None:
                     bucket.steps.add_(1)
                 torch.autograd.graph.increment_version(written)
@@ -1096,6 +1158,7 @@ class SGD(_FusedOptimizer):
         fused: Optional[bool] = None,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
         masks: Any = None,
@@ -1112,6 +1175,7 @@ class SGD(_FusedOptimizer):
             fused=fused,
             l1=l1,
             state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
             stochastic_rounding=stochastic_rounding,
             rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
@@ -1141,6 +1205,7 @@ class Adagrad(_FusedOptimizer):
         fused: Optional[bool] = None,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
         masks: Any = None,
@@ -1158,6 +1223,7 @@ class Adagrad(_FusedOptimizer):
             fused=fused,
             l1=l1,
             state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
             stochastic_rounding=stochastic_rounding,
             rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
@@ -1199,6 +1265,7 @@ class RMSprop(_FusedOptimizer):
         *,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
         masks: Any = None,
@@ -1216,6 +1283,7 @@ class RMSprop(_FusedOptimizer):
             differentiable=differentiable,
             l1=l1,
             state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
             stochastic_rounding=stochastic_rounding,
             rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
@@ -1247,6 +1315,7 @@ class Adam(_FusedOptimizer):
         decoupled_weight_decay: bool = False,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
         masks: Any = None,
@@ -1265,6 +1334,7 @@ class Adam(_FusedOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             l1=l1,
             state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
             stochastic_rounding=stochastic_rounding,
             rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
@@ -1291,6 +1361,7 @@ class AdamW(Adam):
         fused: Optional[bool] = None,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
         masks: Any = None,
@@ -1310,6 +1381,7 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             l1=l1,
             state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
             stochastic_rounding=stochastic_rounding,
             seed=seed,
             masks=masks,
@@ -1343,6 +1415,7 @@ class Lion(_FusedOptimizer):
         differentiable: bool = False,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
         masks: Any = None,
@@ -1358,6 +1431,7 @@ class Lion(_FusedOptimizer):
             differentiable=differentiable,
             l1=l1,
             state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
             stochastic_rounding=stochastic_rounding,
             rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
@@ -1389,6 +1463,7 @@ class Sophia(_FusedOptimizer):
         differentiable: bool = False,
         l1: float = 0.0,
         state_dtype: str = "float32",
+        master_weights: bool = False,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
         masks: Any = None,
@@ -1406,6 +1481,7 @@ class Sophia(_FusedOptimizer):
             differentiable=differentiable,
             l1=l1,
             state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
             stochastic_rounding=stochastic_rounding,
             rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
