@@ -381,8 +381,10 @@ def test_bad_input_raises_and_changes_nothing(array_backend, call, exc, match, r
 @pytest.mark.parametrize("make,exc,match", [
     (lambda p, g, H: newton_(p, g, np.asfortranarray(H)), ValueError, "hessians"),
     (lambda p, g, H: newton_(np.broadcast_to(p[0], p.shape), g, H), ValueError, "params"),
-], ids=["hessians Fortran order", "params broadcast"])
+    (lambda p, g, H: newton_(p, p, H), ValueError, "params: overlaps grads"),
+], ids=["hessians Fortran order", "params broadcast", "params is grads (the CPU's words)"])
 def test_numpy_layouts_raise_and_change_nothing(make, exc, match):
+    """NumPy-only layouts, and the CPU's exact overlap message."""
     rng = np.random.default_rng(6)
     H = spd(rng, (5,), 4, np.float64)
     g, p = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
