@@ -101,6 +101,20 @@ class CpuBackend:
     def is_array(self, x: Any) -> bool:
         return isinstance(x, np.ndarray)
 
+    def view(self, a: np.ndarray, dtype: str) -> np.ndarray:
+        """``a``'s bytes as ``dtype`` ("int8", ...)."""
+        return a.view(np.dtype(dtype))
+
+    def holds(self, dtype) -> bool:
+        """Whether arrays of ``dtype`` exist here (NumPy: every dtype of the tests)."""
+        return True
+
+    def assert_result(self, a: Any, like: Any, dtype: str, shape) -> None:
+        """``a`` is a C-contiguous NumPy array of ``dtype`` and ``shape``."""
+        assert isinstance(a, np.ndarray), type(a)
+        assert a.dtype == np.dtype(dtype), a.dtype
+        assert a.shape == tuple(shape) and a.flags.c_contiguous
+
 
 class CudaBackend:
     """CUDA arrays of one library (cuda_libs' ``CupyLib`` or ``TorchLib``)."""
@@ -137,6 +151,19 @@ class CudaBackend:
     def is_array(self, x: Any) -> bool:
         return self.lib.is_array(x)
 
+    def view(self, a, dtype: str):
+        """``a``'s bytes as ``dtype`` ("int8", ...)."""
+        return self.lib.view(a, dtype)
+
+    def holds(self, dtype) -> bool:
+        """Whether arrays of ``dtype`` exist here (CuPy has no bfloat16)."""
+        return not (self.lib.name == "cupy" and np.dtype(dtype).name == "bfloat16")
+
+    def assert_result(self, a, like, dtype: str, shape) -> None:
+        """``a`` is a contiguous array of this library, of ``dtype`` and ``shape``, on
+        ``like``'s device."""
+        self.lib.assert_result(a, like, dtype, tuple(shape))
+
 
 CPU = CpuBackend("auto")  # the CPU twin of GPU runs, and the default of CPU-only tests
 
@@ -154,6 +181,20 @@ def open_backend(name: str):
     if name.startswith("cpu-"):
         return CpuBackend(name[len("cpu-"):])
     return CudaBackend(open_lib({"torch-cuda": "torch"}.get(name, name)))
+
+
+def host_matching_cpu(backend, got: Any, cpu_call=None, what: str = "") -> Any:
+    """NumPy copies of ``got``, a result (an array or a tuple of arrays) of ``backend``. On
+    a GPU backend each must have the bits of the same call on the CPU: ``cpu_call()``, run
+    on NumPy arrays by the CPU kernels (the GPU's results equal the CPU's by design)."""
+    many = isinstance(got, tuple)
+    hosts = tuple(backend.to_numpy(g) for g in (got if many else (got,)))
+    if backend.is_cuda and cpu_call is not None:
+        with CPU.activate():
+            want = cpu_call()
+        for i, (h, w) in enumerate(zip(hosts, want if many else (want,))):
+            assert_bits(h, np.asarray(w), f"{what}[{i}] ({backend.name} against the CPU)")
+    return hosts if many else hosts[0]
 
 
 def backend_params(names=BACKENDS):

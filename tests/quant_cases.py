@@ -1,9 +1,10 @@
 """What the quantization tests share (test_quant_affine.py, test_quant_blockwise.py,
-test_quant_checks.py, test_quant_outputs.py, test_cuda_quant.py, test_cuda_newton.py): dtypes
-and sizes of the cases, input and parameter generators, poisoned outputs, and the float32
+test_quant_checks.py, test_quant_outputs.py, test_cuda_quant.py): dtypes and sizes of the
+cases, input and parameter generators, poisoned outputs on any backend, and the float32
 reference results."""
 from __future__ import annotations
 
+import types
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import ml_dtypes
@@ -13,9 +14,10 @@ import pytest
 import fastopt
 from fastopt import reference
 
-from backends import assert_bits
+from backends import CPU, assert_bits
 
 F32 = np.dtype(np.float32)
+F16 = np.dtype(np.float16)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 IN_DTYPES = [F32, np.dtype(np.float16), BF16]
 IN_IDS = ["f32", "f16", "bf16"]
@@ -28,7 +30,11 @@ EPS32 = float(np.finfo(np.float32).eps)
 # threads and scheduling chunks) and one multi-dimensional shape.
 SHAPES = [(1,), (31,), (4097,), (1_000_003,), (3, 37, 41)]
 LARGER = "larger"  # a block size larger than the whole array: one partial block
-BLOCKS = [256, 64, 7, 1, LARGER]
+# On the GPU, blocks of up to 4096 elements take one warp each, larger ones (4097, 5000,
+# 10_000: for inputs longer than 4096 elements, the kernel sees min(block_size, n)) one
+# thread block each.
+LARGE_BLOCK = 5000  # a block for the thread-block kernel in the smaller tests
+BLOCKS = [1, 7, 64, 256, 4096, 4097, LARGE_BLOCK, 10_000, LARGER]
 
 # (shape, axis) of the per-channel cases: channels first, in the middle and last (inner 1:
 # every channel segment is a scalar tail), negative axes, 1M channels of one element.
@@ -88,16 +94,17 @@ def poisoned(shape, dtype, k: int) -> np.ndarray:
     return np.full(shape, [0x5A, 0xA5][k], dtype=np.uint8).view(dtype)
 
 
-def run_with_out(call: Callable[[Any], Any], want: Sequence[np.ndarray]) -> None:
-    """call(out) with out poisoned by each sentinel in turn: it returns that very out, and
-    every element of it equals ``want`` (so every element was written)."""
+def run_with_out(call: Callable[[Any], Any], want: Sequence[np.ndarray], backend=CPU) -> None:
+    """call(out) with outs of ``backend`` poisoned by each sentinel in turn: it returns that
+    very out, and every element of it equals NumPy ``want`` (so every element was
+    written)."""
     for k in (0, 1):
-        outs = tuple(poisoned(w.shape, w.dtype, k) for w in want)
+        outs = tuple(backend.asarray(poisoned(w.shape, w.dtype, k)) for w in want)
         arg = outs if len(outs) > 1 else outs[0]
         got = call(arg)
         assert got is arg
         for i, (o, w) in enumerate(zip(outs, want)):
-            assert_bits(o, w, f"out[{i}] (sentinel {k})")
+            assert_bits(backend.to_numpy(o), w, f"out[{i}] (sentinel {k})")
 
 
 def ref_quantize(x: np.ndarray, scale, zp, qdtype: str, axis: Optional[int] = None
@@ -145,6 +152,8 @@ def kernel_v(x32: np.ndarray, absmax: np.ndarray, block: int) -> np.ndarray:
 
 
 NONFINITE_SHAPE = (3, 7, 50)  # 1050 elements: blocks of 256 leave a partial block [1024, 1050)
+# 12600 elements: partial last blocks of 256 and of LARGE_BLOCK (GPU: the thread-block kernel)
+NONFINITE_SHAPE_LARGE = (3, 7, 600)
 
 
 def _nf_per_channel(x, out):
@@ -175,6 +184,9 @@ NONFINITE_FUNCS = {
     "blockwise_stochastic": (lambda x, out: fastopt.quantize_blockwise(
         x, 7, rounding="stochastic", seed=1, out=out),
         lambda s: [(s, np.int8), ((-(-int(np.prod(s)) // 7),), np.float32)]),
+    "blockwise_large_blocks": (lambda x, out: fastopt.quantize_blockwise(x, LARGE_BLOCK, out=out),
+                               lambda s: [(s, np.int8), ((-(-int(np.prod(s)) // LARGE_BLOCK),),
+                                                         np.float32)]),
 }
 
 def unchecked_input(rng, in_dtype, with_nonfinite: bool = True):
@@ -192,3 +204,38 @@ def unchecked_input(rng, in_dtype, with_nonfinite: bool = True):
     keep_blocks[bad // 64] = False
     return x32.astype(in_dtype), scales, zps, keep, keep_blocks, \
         np.repeat(keep_blocks, 64)[:flat.size]
+
+
+def bad_input_arrays(backend, rng) -> types.SimpleNamespace:
+    """The arrays of the bad-input tables (test_quant_checks, test_cuda_quant): contiguous
+    allocations of ``backend`` (the cases take views of them), outputs filled with a
+    sentinel, and on a GPU backend host arrays of the library's CPU kind."""
+    x = fresh(rng, (4, 6), F32)
+    q8 = rng.integers(-128, 128, (4, 6)).astype(np.int8)
+    am = rng.uniform(0.5, 2.0, 4).astype(np.float32)
+    put = backend.asarray
+    arrays = types.SimpleNamespace(
+        x=put(x), x_wide=put(fresh(rng, (4, 12), F32)), x_i32=put(x.astype(np.int32)),
+        x_f64=put(x.astype(np.float64)),
+        q8=put(q8), qu8=put(q8.view(np.uint8)), q_wide=put(np.repeat(q8, 2, axis=1)),
+        am=put(am), am_f64=put(am.astype(np.float64)), am_wide=put(np.repeat(am, 2)),
+        q_out=put(poisoned((4, 6), np.int8, 0)), qu_out=put(poisoned((4, 6), np.uint8, 0)),
+        d_out=put(poisoned((4, 6), F32, 0)), d16_out=put(poisoned((4, 6), F16, 0)),
+        am_out=put(poisoned((4,), F32, 0)), am16_out=put(poisoned((4,), F16, 0)),
+        q_wide_out=put(poisoned((4, 12), np.int8, 0)), d_wide_out=put(poisoned((4, 12), F32, 0)),
+        am_wide_out=put(poisoned((8,), F32, 0)),
+        pair=put(poisoned((10,), F32, 0)),  # out[0] and out[1] carved from one buffer
+        shared=put(rng.uniform(0.5, 2.0, 28).astype(np.float32)),  # an output and an input
+    )
+    if backend.is_cuda:
+        host = backend.lib.host_array
+        arrays.am_host = host(am)
+        arrays.q_host_out = host(poisoned((4, 6), np.int8, 0))
+        arrays.am_host_out = host(poisoned((4,), F32, 0))
+        arrays.d_host_out = host(poisoned((4, 6), F32, 0))
+    return arrays
+
+
+def int8_rows(backend, a):
+    """The first 24 bytes of float32 array ``a`` as an int8 (4, 6) array."""
+    return backend.view(a.reshape(-1), "int8")[:24].reshape(4, 6)

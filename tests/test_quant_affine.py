@@ -2,14 +2,17 @@
 ``dequantize``) and of ``choose_qparams``.
 
 * Exactness: equal to ``fastopt.reference`` (a float32 NumPy twin of the kernels) bit for bit,
-  on both CPU code paths, for float32/float16/bfloat16 inputs, odd sizes and
-  multi-dimensional arrays, every channel axis.
+  on every backend (the ``backend`` fixture: both CPU code paths, CuPy and PyTorch CUDA,
+  there also bit for bit against the CPU), for float32/float16/bfloat16 inputs, odd sizes
+  and multi-dimensional arrays, every channel axis, 16-bit outputs and ``out=``.
 * PyTorch (when importable): ``torch.quantize_per_tensor/per_channel`` (up to rounding ties,
   see quant.py), ``torch.dequantize`` and the min/max observers.
-* choose_qparams: the documented formulas, all-zero input, round trip within half a step.
+* choose_qparams: the documented formulas (on every backend), all-zero input, round trip
+  within half a step.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import numpy as np
@@ -18,50 +21,66 @@ import pytest
 import fastopt
 from fastopt import reference
 
-from backends import assert_bits
-from quant_cases import (CHANNEL_CASES, EPS32, IN_DTYPES, IN_IDS, OUT_DTYPES, OUT_IDS, QDTYPES,
-                         QRANGE, SHAPES, TORCH_DEPRECATION, case_id, channel_params,
-                         channel_shape, fresh, ref_quantize, shape_id, tensor_params, with_ties)
+from backends import CPU, assert_bits, host_matching_cpu
+from quant_cases import (CHANNEL_CASES, EPS32, F32, IN_DTYPES, IN_IDS, OUT_DTYPES, OUT_IDS,
+                         QDTYPES, QRANGE, SHAPES, TORCH_DEPRECATION, case_id, channel_params,
+                         channel_shape, fresh, ref_quantize, run_with_out, shape_id,
+                         tensor_params, with_ties)
 
-# ---- exactness against the reference ------------------------------------------------------
+qpt, qpc, deq = fastopt.quantize_per_tensor, fastopt.quantize_per_channel, fastopt.dequantize
+
+# ---- exactness against the reference (and the CPU) ----------------------------------------
 
 @pytest.mark.parametrize("qdtype", QDTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
-def test_per_tensor_matches_reference(cpu_path, in_dtype, shape, qdtype, rng):
+def test_per_tensor_matches_reference(backend, in_dtype, shape, qdtype, rng):
     dt, lo, hi = QRANGE[qdtype]
     for scale, zp in tensor_params(rng, qdtype):
         what = f"scale={scale} zero_point={zp}"
-        x = with_ties(rng, fresh(rng, shape, np.float32), np.float32(scale)).astype(in_dtype)
-        q = fastopt.quantize_per_tensor(x, scale, zp, qdtype)
+        x = with_ties(rng, fresh(rng, shape, F32), np.float32(scale)).astype(in_dtype)
+        qd = qpt(backend.asarray(x), scale, zp, qdtype)
+        q = host_matching_cpu(backend, qd, lambda x=x, s=scale, z=zp: qpt(x, s, z, qdtype),
+                              f"quantize {what}")
         assert_bits(q, ref_quantize(x, scale, zp, qdtype), f"quantize {what}")
         # the parameter sets all clamp at one end at least (sizes > 1000)
         if x.size > 1000:
             assert q.min() == lo or q.max() == hi
-        assert_bits(fastopt.dequantize(q, scale, zp),
-                    reference.dequantize_affine(q, scale, zp), f"dequantize {what}")
+        d = host_matching_cpu(backend, deq(qd, scale, zp), lambda q=q, s=scale, z=zp: deq(q, s, z),
+                              f"dequantize {what}")
+        assert_bits(d, reference.dequantize_affine(q, scale, zp), f"dequantize {what}")
         qr = rng.integers(lo, hi + 1, shape).astype(dt)  # every code, not only reachable ones
-        assert_bits(fastopt.dequantize(qr, scale, np.int64(zp)),
-                    reference.dequantize_affine(qr, scale, zp), f"dequantize random q {what}")
+        for z in (zp, np.int64(zp)):
+            dr = host_matching_cpu(backend, deq(backend.asarray(qr), scale, z),
+                                   lambda qr=qr, s=scale, z=z: deq(qr, s, z),
+                                   f"dequantize random q {what}")
+            assert_bits(dr, reference.dequantize_affine(qr, scale, zp),
+                        f"dequantize random q {what} ({type(z).__name__} zero point)")
 
 
 @pytest.mark.parametrize("qdtype", QDTYPES)
 @pytest.mark.parametrize("case", CHANNEL_CASES, ids=case_id)
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
-def test_per_channel_matches_reference(cpu_path, in_dtype, case, qdtype, rng):
+def test_per_channel_matches_reference(backend, in_dtype, case, qdtype, rng):
     shape, axis = case
     dt, lo, hi = QRANGE[qdtype]
     ax = axis % len(shape)
     scales, zps = channel_params(rng, qdtype, shape[ax])
     scales_b = scales.reshape(channel_shape(len(shape), ax))
-    x = with_ties(rng, fresh(rng, shape, np.float32), scales_b).astype(in_dtype)
-    q = fastopt.quantize_per_channel(x, scales, zps, axis, qdtype)
+    x = with_ties(rng, fresh(rng, shape, F32), scales_b).astype(in_dtype)
+    qd = qpc(backend.asarray(x), scales, zps, axis, qdtype)
+    q = host_matching_cpu(backend, qd, lambda: qpc(x, scales, zps, axis, qdtype),
+                          "quantize_per_channel")
     assert_bits(q, ref_quantize(x, scales, zps, qdtype, ax), "quantize_per_channel")
-    assert_bits(fastopt.dequantize(q, scales, zps, axis=axis),
-                reference.dequantize_affine(q, scales, zps, ax), "dequantize per channel")
+    d = host_matching_cpu(backend, deq(qd, scales, zps, axis=axis),
+                          lambda: deq(q, scales, zps, axis=axis), "dequantize per channel")
+    assert_bits(d, reference.dequantize_affine(q, scales, zps, ax), "dequantize per channel")
     qr = rng.integers(lo, hi + 1, shape).astype(dt)
-    assert_bits(fastopt.dequantize(qr, scales, zps.astype(np.int32), axis=axis),
-                reference.dequantize_affine(qr, scales, zps, ax), "dequantize random q")
+    for z in (zps, zps.astype(np.int32)):
+        dr = host_matching_cpu(backend, deq(backend.asarray(qr), scales, z, axis=axis),
+                               lambda z=z: deq(qr, scales, z, axis=axis), "dequantize random q")
+        assert_bits(dr, reference.dequantize_affine(qr, scales, zps, ax),
+                    f"dequantize random q ({z.dtype} zero points)")
 
 
 # Scales for 16-bit outputs: products of few mantissa bits that land on float16/bfloat16
@@ -74,27 +93,40 @@ OUT_SCALES = [1 + 2.0 ** -9, 1 + 2.0 ** -11, 1000.0, 1e-7]
 @pytest.mark.parametrize("qdtype", QDTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=OUT_IDS)
-def test_dequantize_out_dtype_matches_reference(cpu_path, out_dtype, shape, qdtype, rng):
+def test_dequantize_out_dtype_matches_reference(backend, out_dtype, shape, qdtype, rng):
     """dequantize(..., out_dtype=) stores the float32 result rounded to nearest even (the
     reference casts with NumPy / ml_dtypes), per tensor and per channel; out_dtype given by
-    name or as the dtype."""
+    name or as the dtype; written into every element of a poisoned out= too. CuPy refuses
+    bfloat16 by name."""
+    if not backend.holds(out_dtype):
+        with pytest.raises(TypeError, match="^out_dtype: CuPy has no bfloat16"):
+            deq(backend.asarray(np.zeros(3, np.int8)), 0.1, 0, out_dtype="bfloat16")
+        return
     dt, lo, hi = QRANGE[qdtype]
     q = rng.integers(lo, hi + 1, shape).astype(dt)
-    for scale in OUT_SCALES + [float(np.float32(rng.uniform(0.005, 0.2)))]:
+    qd = backend.asarray(q)
+    for scale in OUT_SCALES + [0.0371, float(np.float32(rng.uniform(0.005, 0.2)))]:
         zp = int(rng.integers(lo, hi + 1))
         with np.errstate(over="ignore"):
             want = reference.dequantize_affine(q, scale, zp, out_dtype=out_dtype)
         for spelled in (out_dtype.name, out_dtype):
-            got = fastopt.dequantize(q, scale, zp, out_dtype=spelled)
-            assert_bits(got, want, f"scale={scale} zp={zp} out_dtype={spelled!r}")
+            what = f"scale={scale} zp={zp} out_dtype={spelled!r}"
+            got = host_matching_cpu(backend, deq(qd, scale, zp, out_dtype=spelled),
+                                    lambda s=scale, z=zp, o=spelled: deq(q, s, z, out_dtype=o),
+                                    what)
+            assert_bits(got, want, what)
+        run_with_out(lambda o, s=scale, z=zp: deq(qd, s, z, out_dtype=out_dtype, out=o), [want],
+                     backend)
     ax = len(shape) - 1
     scales, zps = channel_params(rng, qdtype, shape[ax])
     scales[1::4] = OUT_SCALES[0]
     scales[2::4] = 1000.0
     with np.errstate(over="ignore"):
         want = reference.dequantize_affine(q, scales, zps, ax, out_dtype=out_dtype)
-    assert_bits(fastopt.dequantize(q, scales, zps, axis=ax, out_dtype=out_dtype), want,
-                "per channel")
+    got = host_matching_cpu(backend, deq(qd, scales, zps, axis=ax, out_dtype=out_dtype),
+                            lambda: deq(q, scales, zps, axis=ax, out_dtype=out_dtype),
+                            "per channel")
+    assert_bits(got, want, "per channel")
 
 
 # ---- against PyTorch ----------------------------------------------------------------------
@@ -189,13 +221,20 @@ def check_qparams(got, want, axis) -> None:
         assert_bits(zp, want[1], "zero_point")
 
 
+# Per tensor and per channel of every size; from the GPU observer's cases: one channel
+# (running min/max), few or many channels (warp-reduced or per-element atomics), channels of
+# one element, empty input.
 QPARAM_CASES = [((1,), None), ((4097,), None), ((1_000_003,), None), ((6, 37, 41), None),
-                ((6, 37, 41), 0), ((6, 37, 41), 1), ((6, 37, 41), -1), ((3, 333_334), 0)]
+                ((6, 37, 41), 0), ((6, 37, 41), 1), ((6, 37, 41), -1), ((3, 333_334), 0),
+                ((4, 37), None), ((0, 5), None), ((0, 5), 1)] + CHANNEL_CASES
 
 
 @pytest.mark.parametrize("case", QPARAM_CASES, ids=case_id)
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
-def test_choose_qparams_formula(cpu_path, in_dtype, case, rng):
+def test_choose_qparams_formula(backend, in_dtype, case, rng):
+    """The documented formulas for every mode, on inputs of mixed signs, positive and
+    negative only, channels of each kind at once; on a GPU the CPU's scales and zero points
+    exactly. Non-finite input names the first bad index (on a GPU: the CPU's message)."""
     shape, axis = case
     base = fresh(rng, shape, np.float32).astype(np.float32)
     signs = {"mixed": base + np.float32(0.7),  # not symmetric about 0
@@ -206,15 +245,43 @@ def test_choose_qparams_formula(cpu_path, in_dtype, case, rng):
         signs["per-channel mix"] = np.where(sel == 0, signs["positive"],
                                             np.where(sel == 1, signs["negative"],
                                                      signs["mixed"]))
+    if base.ndim > 1 and shape[0] > 1:  # a first channel or region only negative, a last
+        ends = base.copy()                # one only positive
+        ends[0] = -np.abs(ends[0])
+        ends[-1] = np.abs(ends[-1]) + 1.0
+        signs["negative first, positive last"] = ends
     for sign, x32 in signs.items():
         x = x32.astype(in_dtype)
+        xd = backend.asarray(x)
         for symmetric in (True, False):
             for qdtype in QDTYPES:
-                got = fastopt.choose_qparams(x, symmetric=symmetric, axis=axis, dtype=qdtype)
-                want = expected_qparams(x, symmetric, qdtype, axis)
-                check_qparams(got, want, axis)
+                kwargs = dict(symmetric=symmetric, axis=axis, dtype=qdtype)
+                got = fastopt.choose_qparams(xd, **kwargs)
+                check_qparams(got, expected_qparams(x, symmetric, qdtype, axis), axis)
                 if axis is None:
                     assert got[0] > 0
+                if backend.is_cuda:
+                    with CPU.activate():
+                        want = fastopt.choose_qparams(x, **kwargs)
+                    if axis is None:
+                        assert got == want, (sign, kwargs, got, want)
+                    else:
+                        assert_bits(got[0], want[0], f"scales {sign} {kwargs} (against the CPU)")
+                        assert_bits(got[1], want[1],
+                                    f"zero points {sign} {kwargs} (against the CPU)")
+    if base.size:
+        bad = signs["mixed"].astype(in_dtype)
+        flat = bad.reshape(-1)
+        first = flat.size // 3
+        flat[[first, flat.size // 2]] = np.array([np.nan, np.inf], dtype=F32).astype(in_dtype)
+        idx = tuple(int(i) for i in np.unravel_index(first, bad.shape))
+        msg = re.escape(f"non-finite value at index {idx} (flat {first})")
+        with pytest.raises(ValueError, match=msg) as error:
+            fastopt.choose_qparams(backend.asarray(bad), axis=axis)
+        if backend.is_cuda:
+            with CPU.activate(), pytest.raises(ValueError) as cpu_error:
+                fastopt.choose_qparams(bad, axis=axis)
+            assert str(error.value) == str(cpu_error.value)
 
 
 @pytest.mark.parametrize("axis", [None, 0, 1])

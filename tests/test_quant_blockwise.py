@@ -1,10 +1,13 @@
 """Tests of blockwise int8 quantization (``quantize_blockwise``, ``dequantize_blockwise``).
 
 * Exactness: equal to ``fastopt.reference`` bit for bit, nearest and stochastic rounding, on
-  both CPU code paths, for float32/float16/bfloat16 inputs, odd sizes and partial blocks; the
+  every backend (the ``backend`` fixture: both CPU code paths, CuPy and PyTorch CUDA, there
+  also bit for bit against the CPU), for float32/float16/bfloat16 inputs, odd sizes, partial
+  blocks and blocks past the GPU's one-warp limit (4096 elements), 16-bit outputs; the
   scalar and AVX2 paths (and thread counts) agree with each other for every quantization mode.
-* Properties: round-trip error bounds, stochastic rounding reproducible, seeded, unbiased and
-  exact on the grid, tiny (subnormal) absmax, all-zero blocks.
+* Properties: round-trip error bounds, stochastic rounding reproducible, seeded, unbiased
+  (every backend) and exact on the grid, tiny (subnormal) absmax and all-zero blocks (every
+  backend).
 """
 from __future__ import annotations
 
@@ -16,60 +19,80 @@ import pytest
 import fastopt
 from fastopt import reference
 
-from backends import assert_bits, bits
+from backends import assert_bits, bits, host_matching_cpu
 from conftest import using_cpu_path, using_threads
-from quant_cases import (BF16, BLOCKS, F32, IN_DTYPES, IN_IDS, LARGER, OUT_DTYPES, OUT_IDS,
-                         SHAPES, block_of, channel_params, fresh, kernel_v, ref_blockwise,
-                         shape_id)
+from quant_cases import (BF16, BLOCKS, F32, IN_DTYPES, IN_IDS, LARGE_BLOCK, LARGER, OUT_DTYPES,
+                         OUT_IDS, SHAPES, block_of, channel_params, fresh, kernel_v,
+                         ref_blockwise, run_with_out, shape_id)
 
-# ---- exactness against the reference ------------------------------------------------------
+qbw, dqbw = fastopt.quantize_blockwise, fastopt.dequantize_blockwise
+
+# ---- exactness against the reference (and the CPU) ----------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
-def test_blockwise_matches_reference(cpu_path, in_dtype, block, shape, rng):
+def test_blockwise_matches_reference(backend, in_dtype, block, shape, rng):
     x = fresh(rng, shape, in_dtype)
     block = block_of(block, x.size)
     blocks = -(-x.size // block)
+    xd = backend.asarray(x)
     seeds = [0, 2 ** 64 - 1, int(rng.integers(0, 2 ** 63))]
     for rounding, seed in [("nearest", None)] + [("stochastic", s) for s in seeds]:
         what = f"{rounding} seed={seed}"
-        q, absmax = fastopt.quantize_blockwise(x, block, rounding=rounding, seed=seed)
+        got = qbw(xd, block, rounding=rounding, seed=seed)
+        backend.assert_result(got[0], xd, "int8", x.shape)
+        backend.assert_result(got[1], xd, "float32", (blocks,))
+        q, absmax = host_matching_cpu(backend, got, lambda r=rounding, s=seed: qbw(
+            x, block, rounding=r, seed=s), what)
         want_q, want_absmax = ref_blockwise(x, block, rounding, seed or 0)
-        assert q.shape == x.shape and absmax.shape == (blocks,)
         assert_bits(absmax, want_absmax, f"absmax {what}")
         assert_bits(q, want_q, f"q {what}")
-        assert_bits(fastopt.dequantize_blockwise(q, absmax, block),
-                    reference.dequantize_blockwise(q, absmax, block), f"dequantize {what}")
+        d = host_matching_cpu(backend, dqbw(*got, block),
+                              lambda q=q, a=absmax: dqbw(q, a, block), f"dequantize {what}")
+        assert_bits(d, reference.dequantize_blockwise(q, absmax, block), f"dequantize {what}")
     # the absmax really is max |x| per block
     x32 = x.astype(np.float32).reshape(-1)
     pad = np.zeros(blocks * block, np.float32)
     pad[:x32.size] = np.abs(x32)
     assert np.array_equal(absmax, pad.reshape(blocks, block).max(axis=1))
+    qr = rng.integers(-128, 128, shape).astype(np.int8)  # every code, -128 included
+    d = host_matching_cpu(backend, dqbw(backend.asarray(qr), got[1], block),
+                          lambda: dqbw(qr, absmax, block), "dequantize random q")
+    assert_bits(d, reference.dequantize_blockwise(qr, absmax, block), "dequantize random q")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=OUT_IDS)
-def test_dequantize_blockwise_out_dtype_matches_reference(cpu_path, out_dtype, block, shape,
+def test_dequantize_blockwise_out_dtype_matches_reference(backend, out_dtype, block, shape,
                                                           rng):
     """dequantize_blockwise(..., out_dtype=) rounds the float32 result to nearest even; absmax
     of every magnitude (float16 overflow at 1e6, subnormals and zero at 1e-6, ties of few
     mantissa bits at 127 * (1 + 2^-9)), and a NaN absmax (a block check_finite=False found
-    bad) gives NaN."""
-    q = rng.integers(-127, 128, shape).astype(np.int8)
+    bad) gives NaN; written into every element of a poisoned out= too. CuPy refuses
+    bfloat16 by name."""
+    if not backend.holds(out_dtype):
+        with pytest.raises(TypeError, match="^out_dtype: CuPy has no bfloat16"):
+            dqbw(backend.asarray(np.zeros(3, np.int8)), backend.asarray(np.ones(1, F32)), 7,
+                 out_dtype="bfloat16")
+        return
+    q = rng.integers(-128, 128, shape).astype(np.int8)
     block = block_of(block, q.size)
     blocks = -(-q.size // block)
     absmax = (rng.uniform(0.5, 20, blocks) * rng.choice([1, 1e6, 1e-6], blocks)).astype(F32)
     absmax[::5] = 127 * (1 + 2.0 ** -9)
     absmax[3::7] = 0
-    if blocks > 2:
-        absmax[blocks // 2] = np.nan
+    absmax[blocks // 2] = np.nan
     with np.errstate(over="ignore", invalid="ignore"):
         want = reference.dequantize_blockwise(q, absmax, block, out_dtype=out_dtype)
+    qd, ad = backend.asarray(q), backend.asarray(absmax)
     for spelled in (out_dtype.name, out_dtype):
-        assert_bits(fastopt.dequantize_blockwise(q, absmax, block, out_dtype=spelled), want,
-                    f"out_dtype={spelled!r}")
+        got = host_matching_cpu(backend, dqbw(qd, ad, block, out_dtype=spelled),
+                                lambda o=spelled: dqbw(q, absmax, block, out_dtype=o),
+                                f"out_dtype={spelled!r}")
+        assert_bits(got, want, f"out_dtype={spelled!r}")
+    run_with_out(lambda o: dqbw(qd, ad, block, out_dtype=out_dtype, out=o), [want], backend)
 
 
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
@@ -164,9 +187,10 @@ def test_stochastic_reproducible_and_seeded(cpu_path, rng):
 
 
 @pytest.mark.parametrize("in_dtype", [F32, BF16], ids=["f32", "bf16"])
-def test_stochastic_unbiased_and_floor_or_ceil(cpu_path, in_dtype, rng):
+def test_stochastic_unbiased_and_floor_or_ceil(backend, in_dtype, rng):
     """Over 200 seeds the mean of dequantize_blockwise(quantize_blockwise(x, stochastic))
-    converges to x. Per element, q = floor(v) + B with B ~ Bernoulli(frac(v)), so the mean
+    converges to x (on a GPU each seed gives the CPU's bits). Per element, q = floor(v) + B
+    with B ~ Bernoulli(frac(v)), so the mean
     of the dequantized value has standard deviation scale*sqrt(p(1-p))/sqrt(200) <= sigma =
     scale/(2*sqrt(200)) (scale = absmax/127). The seeds are fixed, so the test is
     deterministic; 5 sigma per element bounds the chance of a false alarm over the 4097
@@ -175,6 +199,7 @@ def test_stochastic_unbiased_and_floor_or_ceil(cpu_path, in_dtype, rng):
     caught. The mean over all elements of the normalised error has sigma <= 0.5/sqrt(200 *
     4097), which catches a systematic bias of 1% of a step."""
     x = fresh(rng, (4097,), in_dtype)
+    xd = backend.asarray(x)
     x32 = x.astype(np.float32)
     block, seeds = 64, 200
     total = np.zeros(x.size)
@@ -182,14 +207,16 @@ def test_stochastic_unbiased_and_floor_or_ceil(cpu_path, in_dtype, rng):
     took_ceil = np.zeros(x.size, bool)
     absmax = None
     for seed in range(seeds):
-        q, absmax = fastopt.quantize_blockwise(x, block, rounding="stochastic", seed=seed)
+        got = qbw(xd, block, rounding="stochastic", seed=seed)
+        q, absmax = host_matching_cpu(backend, got, lambda s=seed: qbw(
+            x, block, rounding="stochastic", seed=s), f"seed={seed}")
         v = kernel_v(x32, absmax, block)
         lo = np.clip(np.floor(v), -127, 127)
         hi = np.clip(np.ceil(v), -127, 127)
         assert np.all((q == lo) | (q == hi)), f"seed {seed}: q is not floor or ceil of v"
         took_floor |= (q == lo) & (lo != hi)
         took_ceil |= (q == hi) & (lo != hi)
-        total += fastopt.dequantize_blockwise(q, absmax, block)
+        total += backend.to_numpy(dqbw(*got, block))
     mean = total / seeds
     scale = np.repeat(absmax.astype(np.float64) / 127, block)[:x.size]
     sigma = scale / (2 * math.sqrt(seeds))
@@ -230,53 +257,66 @@ def test_stochastic_exact_on_grid(cpu_path, step, rng):
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("in_dtype", [F32, BF16], ids=["f32", "bf16"])
-def test_blockwise_tiny_absmax(cpu_path, in_dtype, rounding):
+def test_blockwise_tiny_absmax(backend, in_dtype, rounding):
     """Blocks whose absmax is tiny but positive (float32 subnormals and small normals, which
-    bfloat16 and float32 gradients do reach) quantize like any other block: x = j * 2^-e
-    with absmax = 127 * 2^-e has q = j exactly (v = j is on the grid)."""
+    bfloat16 and float32 gradients do reach; the kernels rescale such blocks by 2^64)
+    quantize like any other block, and the GPU does not flush subnormals to zero: x = j *
+    2^-e with absmax = 127 * 2^-e has q = j exactly (v = j is on the grid)."""
     j = np.concatenate([np.arange(-127, 128), np.arange(127, -128, -1)])  # 510, absmax 127
     # absmax 1.5e-37 (normal) and 9.1e-41 (subnormal); bfloat16 keeps 7 mantissa bits, so
-    # its subnormals (quantum 2^-133) cannot hold j * 2^-140 exactly: float32/16 only there
-    exponents = (130,) if np.dtype(in_dtype).name == "bfloat16" else (130, 140)
-    for e in exponents:
+    # its subnormals (quantum 2^-133) cannot hold j * 2^-140 exactly: there only the
+    # reference's (and the CPU's) bits
+    for e in (130, 140):
         x = (j * 2.0 ** -e).astype(np.float32)
         x = x.astype(in_dtype)
-        assert np.array_equal(x.astype(np.float64), j * 2.0 ** -e)  # exact inputs
+        exact = np.array_equal(x.astype(np.float64), j * 2.0 ** -e)
+        assert exact or (e == 140 and np.dtype(in_dtype).name == "bfloat16")
+        xd = backend.asarray(x)
         # one block holding every j, so that its absmax is 127 * 2^-e
-        q, absmax = fastopt.quantize_blockwise(x, x.size, rounding=rounding, seed=5)
+        got = qbw(xd, x.size, rounding=rounding, seed=5)
+        q, absmax = host_matching_cpu(backend, got, lambda x=x: qbw(
+            x, x.size, rounding=rounding, seed=5), f"2^-{e} one block")
         want_q, want_absmax = ref_blockwise(x, x.size, rounding, seed=5)
         assert_bits(absmax, want_absmax, "absmax")
         assert_bits(q, want_q, "q")
-        bad = np.flatnonzero(q != j)
-        assert bad.size == 0, (f"absmax 127*2^-{e}: {bad.size} of {q.size} wrong, e.g. x="
-                               f"{x[bad[:4]].astype(np.float32).tolist()} want q="
-                               f"{j[bad[:4]].tolist()} got q={q[bad[:4]].tolist()}")
-        dq = fastopt.dequantize_blockwise(q, absmax, x.size)
-        assert np.array_equal(dq, x.astype(np.float32))
+        dq = host_matching_cpu(backend, dqbw(*got, x.size),
+                               lambda q=q, a=absmax, x=x: dqbw(q, a, x.size),
+                               f"2^-{e} dequantize")
+        if exact:
+            bad = np.flatnonzero(q != j)
+            assert bad.size == 0, (f"absmax 127*2^-{e}: {bad.size} of {q.size} wrong, e.g. x="
+                                   f"{x[bad[:4]].astype(np.float32).tolist()} want q="
+                                   f"{j[bad[:4]].tolist()} got q={q[bad[:4]].tolist()}")
+            assert np.array_equal(dq, x.astype(np.float32))
         # blocks of 64 (each with its own absmax) still match the reference exactly
-        q64, a64 = fastopt.quantize_blockwise(x, 64, rounding=rounding, seed=5)
+        got = qbw(xd, 64, rounding=rounding, seed=5)
+        q64, a64 = host_matching_cpu(backend, got, lambda x=x: qbw(
+            x, 64, rounding=rounding, seed=5), f"2^-{e} blocks of 64")
         want64 = ref_blockwise(x, 64, rounding, seed=5)
         assert_bits(q64, want64[0], "q (blocks of 64)")
         assert_bits(a64, want64[1], "absmax (blocks of 64)")
+        host_matching_cpu(backend, dqbw(*got, 64), lambda q=q64, a=a64: dqbw(q, a, 64),
+                          f"2^-{e} dequantize blocks of 64")
 
 
 # ---- zero blocks --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("block", [64, LARGE_BLOCK])
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
-def test_zero_blocks(cpu_path, in_dtype, rounding, rng):
-    block = 64
-    x32 = fresh(rng, (64 * 7 + 13,), np.float32)
+def test_zero_blocks(backend, in_dtype, block, rounding, rng):
+    x32 = fresh(rng, (block * 7 + 13,), np.float32)
     zero_blocks = [1, 4, 7]  # 7: the partial last block
     for b in zero_blocks:
         x32[b * block:(b + 1) * block] = 0.0
     x32[4 * block + 5] = -0.0  # a negative zero changes nothing
     x = x32.astype(in_dtype)
-    q, absmax = fastopt.quantize_blockwise(x, block, rounding=rounding, seed=3)
+    got = qbw(backend.asarray(x), block, rounding=rounding, seed=3)
+    q, absmax = host_matching_cpu(backend, got, lambda: qbw(x, block, rounding=rounding, seed=3))
     want_q, want_absmax = ref_blockwise(x, block, rounding, 3)
     assert_bits(absmax, want_absmax, "absmax")
     assert_bits(q, want_q, "q")
-    dq = fastopt.dequantize_blockwise(q, absmax, block)
+    dq = host_matching_cpu(backend, dqbw(*got, block), lambda: dqbw(q, absmax, block))
     for b in zero_blocks:
         sl = slice(b * block, (b + 1) * block)
         assert bits(absmax[b]) == 0, f"block {b}: absmax {absmax[b]!r} is not +0"
@@ -286,6 +326,7 @@ def test_zero_blocks(cpu_path, in_dtype, rounding, rng):
     assert np.all(absmax[others] > 0)
     # a whole array of zeros
     z = np.zeros((3, 50), in_dtype)
-    q, absmax = fastopt.quantize_blockwise(z, 7, rounding=rounding, seed=1)
+    got = qbw(backend.asarray(z), 7, rounding=rounding, seed=1)
+    q, absmax = host_matching_cpu(backend, got, lambda: qbw(z, 7, rounding=rounding, seed=1))
     assert absmax.shape == (22,) and np.all(bits(absmax) == 0) and np.all(q == 0)
-    assert np.all(bits(fastopt.dequantize_blockwise(q, absmax, 7)) == 0)
+    assert np.all(bits(backend.to_numpy(dqbw(*got, 7))) == 0)

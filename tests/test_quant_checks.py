@@ -1,6 +1,7 @@
 """Input checks of the int8 quantization API: non-finite input (first bad index named,
-nothing written to ``out=``), bad scales/zero points/block sizes/axes/dtypes/outputs (the
-error names the argument), scales out of float32 range, empty inputs.
+nothing written to ``out=``; every backend, on a GPU the CPU's message), bad scales/zero
+points/block sizes/axes/dtypes/outputs (the error names the argument; the bad arrays on
+every backend, nothing written), scales out of float32 range, empty inputs (every backend).
 """
 from __future__ import annotations
 
@@ -11,50 +12,64 @@ import pytest
 
 import fastopt
 
-from backends import assert_bits
-from quant_cases import (EPS32, F32, IN_DTYPES, IN_IDS, NONFINITE_FUNCS, NONFINITE_SHAPE,
-                         QDTYPES, QRANGE, fresh, poisoned, ref_quantize, shape_id)
+from backends import CPU, assert_bits
+from quant_cases import (EPS32, IN_DTYPES, IN_IDS, NONFINITE_FUNCS, NONFINITE_SHAPE,
+                         NONFINITE_SHAPE_LARGE, QDTYPES, QRANGE, bad_input_arrays, fresh,
+                         int8_rows, poisoned, ref_quantize, shape_id)
 
 # ---- non-finite input ---------------------------------------------------------------------
 
-# (flat positions, values): first element, inside the first AVX2 group, the middle, in the
-# partial last block, the very last element, two bad values (the first is named).
-NONFINITE_CASES = [((0,), (np.nan,)), ((37,), (np.inf,)), ((517,), (-np.inf,)),
-                   ((1030,), (np.nan,)), ((1049,), (-np.inf,)),
-                   ((1030, 517), (np.inf, np.nan)), ((12, 1049), (-np.inf, np.inf))]
+# (shape, flat positions (negative: from the end), values). NONFINITE_SHAPE: the first
+# element, inside the first AVX2 group, the middle, in the partial last block, the very last
+# element, two bad values (the first is named). NONFINITE_SHAPE_LARGE: the first element, one
+# in the first warp, a block boundary, the very last (in both partial blocks), two bad values
+# in different blocks.
+NONFINITE_CASES = [(NONFINITE_SHAPE, p, v) for p, v in [
+    ((0,), (np.nan,)), ((37,), (np.inf,)), ((517,), (-np.inf,)), ((1030,), (np.nan,)),
+    ((1049,), (-np.inf,)), ((1030, 517), (np.inf, np.nan)), ((12, 1049), (-np.inf, np.inf))]] + \
+    [(NONFINITE_SHAPE_LARGE, p, v) for p, v in [
+        ((0,), (np.nan,)), ((37,), (np.inf,)), ((5000,), (-np.inf,)), ((-1,), (np.nan,)),
+        ((9000, 517), (np.inf, np.nan)), ((12, -1), (-np.inf, np.inf))]]
 
 
-def check_nonfinite(call, templates, x, first: int) -> None:
-    """call raises ValueError naming the first bad index (multi-index and flat), and leaves
-    the caller's out arrays untouched."""
+def check_nonfinite(call, templates, x, first: int, backend=CPU) -> None:
+    """call on ``backend`` raises ValueError naming the first bad index (multi-index and
+    flat) -- on a GPU the CPU's very message -- and leaves the caller's out arrays
+    untouched."""
     outs = None
     if templates is not None:
-        outs = tuple(poisoned(s, d, 0) for s, d in templates(x.shape))
+        outs = tuple(backend.asarray(poisoned(s, d, 0)) for s, d in templates(x.shape))
     idx = tuple(int(i) for i in np.unravel_index(first, x.shape))
     msg = re.escape(f"non-finite value at index {idx} (flat {first})")
-    with pytest.raises(ValueError, match=msg):
-        call(x, None if outs is None else (outs if len(outs) > 1 else outs[0]))
+    with pytest.raises(ValueError, match=msg) as error:
+        call(backend.asarray(x), None if outs is None else (outs if len(outs) > 1 else outs[0]))
+    if backend.is_cuda:
+        with CPU.activate(), pytest.raises(ValueError, match=msg) as on_cpu:
+            call(x, None)
+        assert str(error.value) == str(on_cpu.value)
     if outs is not None:
         for o, (s, d) in zip(outs, templates(x.shape)):
-            assert_bits(o, poisoned(s, d, 0), "out was written despite the error")
+            assert_bits(backend.to_numpy(o), poisoned(s, d, 0),
+                        "out was written despite the error")
 
 
-@pytest.mark.parametrize("case", NONFINITE_CASES,
-                         ids=lambda c: "+".join(f"{p}{v}" for p, v in zip(*c)))
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: shape_id(c[0]) + "-" + "+".join(
+    f"{p}{v}" for p, v in zip(*c[1:])))
 @pytest.mark.parametrize("func", list(NONFINITE_FUNCS))
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
-def test_nonfinite_raises_naming_first_index(cpu_path, in_dtype, func, case, rng):
+def test_nonfinite_raises_naming_first_index(backend, in_dtype, func, case, rng):
     call, templates = NONFINITE_FUNCS[func]
-    positions, values = case
-    x32 = fresh(rng, NONFINITE_SHAPE, np.float32)
+    shape, positions, values = case
+    x32 = fresh(rng, shape, np.float32)
     flat = x32.reshape(-1)
+    positions = [p % flat.size for p in positions]
     for p, v in zip(positions, values):
         # float16: an infinity from overflow in the cast (1e5 > 65504), like real data
         flat[p] = (1e5 if v > 0 else -1e5) if in_dtype == np.float16 and np.isinf(v) else v
     with np.errstate(over="ignore"):
         x = x32.astype(in_dtype)
-    assert not np.isfinite(x.astype(np.float32).reshape(-1)[list(positions)]).any()
-    check_nonfinite(call, templates, x, min(positions))
+    assert not np.isfinite(x.astype(np.float32).reshape(-1)[positions]).any()
+    check_nonfinite(call, templates, x, min(positions), backend)
 
 
 @pytest.mark.parametrize("func", list(NONFINITE_FUNCS))
@@ -255,6 +270,115 @@ def test_bad_arguments(thunk, exc, match):
         thunk()
 
 
+# ---- bad arrays, on every backend ---------------------------------------------------------
+
+OVERLAP = r"(out\S* overlaps|overlaps out)"
+
+# Arrays of quant_cases.bad_input_arrays, all of the backend's kind (test_cuda_quant has the
+# GPU's own cases: host arrays among CUDA ones, bad streams).
+# (id, call(arrays, backend), exception, regex the message must match)
+BAD_INPUTS = [
+    # input dtypes
+    ("per_tensor int32 x", lambda a, b: qpt(a.x_i32, 0.1, 0, out=a.q_out), TypeError, "^x: "),
+    ("per_tensor float64 x", lambda a, b: qpt(a.x_f64, 0.1, 0, out=a.q_out), TypeError,
+     "^x: "),
+    ("per_channel int32 x", lambda a, b: qpc(a.x_i32, _S6, _Z6, 1, out=a.q_out), TypeError,
+     "^x: "),
+    ("blockwise int32 x", lambda a, b: qbw(a.x_i32, 7, out=(a.q_out, a.am_out)), TypeError,
+     "^x: "),
+    ("blockwise float64 x", lambda a, b: qbw(a.x_f64, 7, out=(a.q_out, a.am_out)),
+     TypeError, "^x: "),
+    ("dequantize float32 q", lambda a, b: deq(a.x, 0.1, 0, out=a.d_out), TypeError, "^q: "),
+    ("dequantize per channel int32 q",
+     lambda a, b: deq(a.x_i32, _S6, _Z6, axis=1, out=a.d_out), TypeError, "^q: "),
+    ("dequantize_blockwise float32 q", lambda a, b: dqbw(a.x, a.am, 7, out=a.d_out),
+     TypeError, "^q: "),
+    ("dequantize_blockwise uint8 q", lambda a, b: dqbw(a.qu8, a.am, 7, out=a.d_out),
+     TypeError, "^q: "),
+    ("dequantize_blockwise float64 absmax",
+     lambda a, b: dqbw(a.q8, a.am_f64, 7, out=a.d_out), TypeError, "^absmax: "),
+    # absmax and per-channel parameters
+    ("absmax too short", lambda a, b: dqbw(a.q8, a.am[:3], 7, out=a.d_out), ValueError,
+     "^absmax: "),
+    ("absmax for another block size", lambda a, b: dqbw(a.q8, a.am, 8, out=a.d_out),
+     ValueError, "^absmax: "),
+    ("absmax 2-D", lambda a, b: dqbw(a.q8, a.am.reshape(2, 2), 7, out=a.d_out), ValueError,
+     "^absmax: "),
+    ("per_channel scales length", lambda a, b: qpc(a.x, _S6[:4], _Z6[:4], 1, out=a.q_out),
+     ValueError, "^scales: "),
+    # out shape and dtype
+    ("per_tensor out shape", lambda a, b: qpt(a.x, 0.1, 0, out=a.q_out.reshape(-1)),
+     ValueError, "^out: "),
+    ("per_tensor out dtype", lambda a, b: qpt(a.x, 0.1, 0, out=a.qu_out), ValueError,
+     "^out: "),
+    ("per_tensor uint8 out dtype", lambda a, b: qpt(a.x, 0.1, 0, "uint8", out=a.q_out),
+     ValueError, "^out: "),
+    ("per_channel out shape", lambda a, b: qpc(a.x, _S6, _Z6, 1, out=a.q_out.reshape(6, 4)),
+     ValueError, "^out: "),
+    ("dequantize out dtype", lambda a, b: deq(a.q8, 0.1, 0, out=a.d16_out), ValueError,
+     "^out: "),
+    ("dequantize per channel out shape",
+     lambda a, b: deq(a.q8, _S6, _Z6, axis=1, out=a.d_out.reshape(-1)), ValueError, "^out: "),
+    ("blockwise out[0] shape", lambda a, b: qbw(a.x, 7, out=(a.q_out.reshape(-1), a.am_out)),
+     ValueError, r"^out\[0\]: "),
+    ("blockwise out[0] dtype", lambda a, b: qbw(a.x, 7, out=(a.qu_out, a.am_out)),
+     ValueError, r"^out\[0\]: "),
+    ("blockwise out[1] length", lambda a, b: qbw(a.x, 7, out=(a.q_out, a.am_out[:3])),
+     ValueError, r"^out\[1\]: "),
+    ("blockwise out[1] dtype", lambda a, b: qbw(a.x, 7, out=(a.q_out, a.am16_out)),
+     ValueError, r"^out\[1\]: "),
+    ("dequantize_blockwise out shape",
+     lambda a, b: dqbw(a.q8, a.am, 7, out=a.d_out.reshape(-1)), ValueError, "^out: "),
+    ("dequantize_blockwise out dtype", lambda a, b: dqbw(a.q8, a.am, 7, out=a.d16_out),
+     ValueError, "^out: "),
+    # out overlapping an input or the other output
+    ("per_tensor out overlaps x", lambda a, b: qpt(a.x, 0.1, 0, out=int8_rows(b, a.x)),
+     ValueError, OVERLAP),
+    ("blockwise out[0] overlaps x",
+     lambda a, b: qbw(a.x, 7, out=(int8_rows(b, a.x), a.am_out)), ValueError, OVERLAP),
+    ("blockwise out[1] overlaps out[0]",
+     lambda a, b: qbw(a.x, 7, out=(int8_rows(b, a.pair), a.pair[2:6])), ValueError,
+     OVERLAP),
+    ("dequantize out overlaps q",
+     lambda a, b: deq(int8_rows(b, a.shared), 0.1, 0, out=a.shared[:24].reshape(4, 6)),
+     ValueError, OVERLAP),
+    ("dequantize_blockwise out overlaps absmax",
+     lambda a, b: dqbw(a.q8, a.shared[20:24], 7, out=a.shared[:24].reshape(4, 6)),
+     ValueError, OVERLAP),
+    # non-contiguous arrays
+    ("per_tensor strided x", lambda a, b: qpt(a.x_wide[:, ::2], 0.1, 0, out=a.q_out),
+     ValueError, "^x: .*contiguous"),
+    ("per_channel strided x", lambda a, b: qpc(a.x_wide[:, ::2], _S6, _Z6, 1, out=a.q_out),
+     ValueError, "^x: .*contiguous"),
+    ("blockwise strided x", lambda a, b: qbw(a.x_wide[:, ::2], 7, out=(a.q_out, a.am_out)),
+     ValueError, "^x: .*contiguous"),
+    ("dequantize strided q", lambda a, b: deq(a.q_wide[:, ::2], 0.1, 0, out=a.d_out),
+     ValueError, "^q: .*contiguous"),
+    ("dequantize_blockwise strided absmax",
+     lambda a, b: dqbw(a.q8, a.am_wide[::2], 7, out=a.d_out), ValueError,
+     "^absmax: .*contiguous"),
+    ("per_tensor strided out", lambda a, b: qpt(a.x, 0.1, 0, out=a.q_wide_out[:, ::2]),
+     ValueError, "^out: .*contiguous"),
+    ("blockwise strided out[1]",
+     lambda a, b: qbw(a.x, 7, out=(a.q_out, a.am_wide_out[::2])), ValueError,
+     r"^out\[1\]: .*contiguous"),
+    ("dequantize strided out", lambda a, b: deq(a.q8, 0.1, 0, out=a.d_wide_out[:, ::2]),
+     ValueError, "^out: .*contiguous"),
+]
+
+
+@pytest.mark.parametrize("call, exc, match", [c[1:] for c in BAD_INPUTS],
+                         ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_and_writes_nothing(array_backend, call, exc, match, rng):
+    b = array_backend
+    arrays = bad_input_arrays(b, rng)
+    before = {k: b.to_numpy(v) for k, v in vars(arrays).items()}
+    with pytest.raises(exc, match=match):
+        call(arrays, b)
+    for k, v in vars(arrays).items():  # on a GPU: after all work queued before the error
+        assert_bits(b.to_numpy(v), before[k], f"{k} was modified")
+
+
 # the float64 values that round to float32 0 or inf, at the rounding boundaries too
 TIE_ZERO, TIE_INF = 2.0 ** -150, 2.0 ** 128 - 2.0 ** 103
 
@@ -284,32 +408,34 @@ def test_scale_just_representable_in_float32(scale, rng):
 
 
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4)], ids=shape_id)
-def test_zero_size(cpu_path, shape):
-    x = np.empty(shape, np.float32)
+def test_zero_size(backend, shape):
+    """Empty inputs give empty results of the input's kind, shape and dtype (choose_qparams:
+    eps and the zero point of 0); out= of size 0 too."""
+    x = backend.asarray(np.empty(shape, np.float32))
+    ok = backend.assert_result
     for qdtype in QDTYPES:
-        dt, qmin, _ = QRANGE[qdtype]
-        q = fastopt.quantize_per_tensor(x, 0.1, 0, qdtype)
-        assert q.shape == shape and q.dtype == dt
-        assert fastopt.dequantize(q, 0.1, 0).shape == shape
+        _, qmin, _ = QRANGE[qdtype]
+        q = qpt(x, 0.1, 0, qdtype)
+        ok(q, x, qdtype, shape)
+        ok(deq(q, 0.1, 0), x, "float32", shape)
         for axis in range(len(shape)):
             c = shape[axis]
-            qc = fastopt.quantize_per_channel(x, np.full(c, 0.1), np.zeros(c, int), axis, qdtype)
-            assert qc.shape == shape and qc.dtype == dt
-            d = fastopt.dequantize(qc, np.full(c, 0.1), np.zeros(c, int), axis=axis)
-            assert d.shape == shape and d.dtype == np.float32
-            s, z = fastopt.choose_qparams(x, symmetric=False, axis=axis, dtype=qdtype)
+            qc = qpc(x, np.full(c, 0.1), np.zeros(c, int), axis, qdtype)
+            ok(qc, x, qdtype, shape)
+            ok(deq(qc, np.full(c, 0.1), np.zeros(c, int), axis=axis), x, "float32", shape)
+            s, z = cqp(x, symmetric=False, axis=axis, dtype=qdtype)
             assert s.shape == (c,) and np.all(s == np.float32(EPS32)) and np.all(z == qmin)
-        s, z = fastopt.choose_qparams(x, symmetric=False, dtype=qdtype)
+        s, z = cqp(x, symmetric=False, dtype=qdtype)
         assert s == np.float32(EPS32) and z == qmin
-        s, z = fastopt.choose_qparams(x, symmetric=True, dtype=qdtype)
+        s, z = cqp(x, symmetric=True, dtype=qdtype)
         assert s == np.float32(EPS32) and z == (0 if qdtype == "int8" else 128)
     for rounding in ("nearest", "stochastic"):
-        q, a = fastopt.quantize_blockwise(x, 64, rounding=rounding)
-        assert q.shape == shape and q.dtype == np.int8 and a.shape == (0,) and a.dtype == F32
-        d = fastopt.dequantize_blockwise(q, a, 64)
-        assert d.shape == shape and d.dtype == np.float32
+        q, a = qbw(x, 64, rounding=rounding)
+        ok(q, x, "int8", shape)
+        ok(a, x, "float32", (0,))
+        ok(dqbw(q, a, 64), x, "float32", shape)
     # out= of size 0 is fine too
-    out = np.empty(shape, np.int8)
-    assert fastopt.quantize_per_tensor(x, 0.1, 0, out=out) is out
-    outs = (np.empty(shape, np.int8), np.empty(0, np.float32))
-    assert fastopt.quantize_blockwise(x, 64, out=outs) is outs
+    out = backend.asarray(np.empty(shape, np.int8))
+    assert qpt(x, 0.1, 0, out=out) is out
+    outs = (backend.asarray(np.empty(shape, np.int8)), backend.asarray(np.empty(0, np.float32)))
+    assert qbw(x, 64, out=outs) is outs

@@ -1,7 +1,8 @@
-"""Tests of what the int8 quantization API writes and returns: ``out=`` filled completely
-(NumPy arrays and PyTorch CPU tensors), PyTorch tensors in and out, the streaming-store sizes
-with outputs at every alignment, ``check_finite=False``, and sizes taken once from the buffers
-the kernels use.
+"""Tests of what the int8 quantization API writes and returns: results of the input's kind
+and ``out=`` filled completely (every backend: NumPy, CuPy, PyTorch CUDA; and PyTorch CPU
+tensors), PyTorch tensors in and out, the streaming-store sizes with outputs at every
+alignment, ``check_finite=False`` (every backend; on a GPU the CPU's bits), and sizes taken
+once from the buffers the kernels use.
 """
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import pytest
 import fastopt
 from fastopt import reference
 
-from backends import assert_bits
-from quant_cases import (BF16, F32, IN_DTYPES, IN_IDS, OUT_DTYPES, OUT_IDS, TORCH_DEPRECATION,
-                         channel_params, fresh, poisoned, ref_blockwise, ref_quantize,
-                         run_with_out, shape_id, unchecked_input)
+from backends import CPU, assert_bits, host_matching_cpu
+from quant_cases import (BF16, F32, IN_DTYPES, IN_IDS, LARGE_BLOCK, OUT_DTYPES, OUT_IDS,
+                         TORCH_DEPRECATION, channel_params, fresh, poisoned, ref_blockwise,
+                         ref_quantize, run_with_out, shape_id, unchecked_input)
+
+qpt, qpc, deq = fastopt.quantize_per_tensor, fastopt.quantize_per_channel, fastopt.dequantize
+qbw, dqbw = fastopt.quantize_blockwise, fastopt.dequantize_blockwise
 
 # ---- against PyTorch ----------------------------------------------------------------------
 
@@ -112,38 +116,69 @@ def test_torch_cpu_tensors_as_out(check_finite, rng):
     assert_bits(d.numpy(), fastopt.dequantize(q.numpy(), 0.05, 3))
 
 
-# ---- out= ---------------------------------------------------------------------------------
+# ---- results and out= ---------------------------------------------------------------------
+
+def test_results_are_the_inputs_kind(array_backend, rng):
+    """Every function returns arrays of the input's kind (NumPy, or the CUDA library's on
+    the input's device), contiguous, of the documented dtype and shape."""
+    b = array_backend
+    shape = (5, 31, 67)
+    blocks = -(-int(np.prod(shape)) // 64)
+    scales, zps = channel_params(rng, "int8", 31)
+    for in_dtype in IN_DTYPES:
+        if not b.holds(in_dtype):
+            continue  # CuPy has no bfloat16
+        x = b.asarray(fresh(rng, shape, in_dtype))
+        for qdtype, zp in (("int8", 3), ("uint8", 128)):
+            q = qpt(x, 0.05, zp, qdtype)
+            b.assert_result(q, x, qdtype, shape)
+            b.assert_result(deq(q, 0.05, zp), x, "float32", shape)
+            b.assert_result(deq(q, 0.05, zp, out_dtype="float16"), x, "float16", shape)
+        qc = qpc(x, scales, zps, 1)
+        b.assert_result(qc, x, "int8", shape)
+        b.assert_result(deq(qc, scales, zps, axis=1), x, "float32", shape)
+        qb, ab = qbw(x, 64, rounding="stochastic", seed=9)
+        b.assert_result(qb, x, "int8", shape)
+        b.assert_result(ab, x, "float32", (blocks,))
+        b.assert_result(dqbw(qb, ab, 64), x, "float32", shape)
+
 
 @pytest.mark.parametrize("shape", [(4097,), (3, 37, 41)], ids=shape_id)
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
-def test_out_receives_results(cpu_path, in_dtype, shape, rng):
+def test_out_receives_results(backend, in_dtype, shape, rng):
+    """Every function writes every element of a poisoned out= (of the input's backend), the
+    CPU's results, and returns that very out."""
     x = fresh(rng, shape, in_dtype)
+    xd = backend.asarray(x)
     c = shape[-1]
     scales, zps = channel_params(rng, "uint8", c)
     for qdtype, zp in (("int8", -3), ("uint8", 130)):
-        q = fastopt.quantize_per_tensor(x, 0.0371, zp, qdtype)
-        run_with_out(lambda o: fastopt.quantize_per_tensor(x, 0.0371, zp, qdtype, out=o), [q])
-        d = fastopt.dequantize(q, 0.0371, zp)
-        run_with_out(lambda o: fastopt.dequantize(q, 0.0371, zp, out=o), [d])
-    qc = fastopt.quantize_per_channel(x, scales, zps, -1, "uint8")
-    run_with_out(lambda o: fastopt.quantize_per_channel(x, scales, zps, -1, "uint8", out=o),
-                 [qc])
-    dc = fastopt.dequantize(qc, scales, zps, axis=-1)
-    run_with_out(lambda o: fastopt.dequantize(qc, scales, zps, axis=-1, out=o), [dc])
-    for block in (64, 7, x.size + 5):
+        q = qpt(x, 0.0371, zp, qdtype)
+        run_with_out(lambda o, z=zp, t=qdtype: qpt(xd, 0.0371, z, t, out=o), [q], backend)
+        d = deq(q, 0.0371, zp)
+        qd = backend.asarray(q)
+        run_with_out(lambda o, q=qd, z=zp: deq(q, 0.0371, z, out=o), [d], backend)
+    qc = qpc(x, scales, zps, -1, "uint8")
+    run_with_out(lambda o: qpc(xd, scales, zps, -1, "uint8", out=o), [qc], backend)
+    dc = deq(qc, scales, zps, axis=-1)
+    qcd = backend.asarray(qc)
+    run_with_out(lambda o: deq(qcd, scales, zps, axis=-1, out=o), [dc], backend)
+    for block in (64, 7, LARGE_BLOCK, x.size + 5):
         for rounding in ("nearest", "stochastic"):
-            qb, ab = fastopt.quantize_blockwise(x, block, rounding=rounding, seed=77)
-            run_with_out(lambda o: fastopt.quantize_blockwise(x, block, rounding=rounding,
-                                                              seed=77, out=o), [qb, ab])
-        db = fastopt.dequantize_blockwise(qb, ab, block)
-        run_with_out(lambda o: fastopt.dequantize_blockwise(qb, ab, block, out=o), [db])
+            qb, ab = qbw(x, block, rounding=rounding, seed=77)
+            run_with_out(lambda o, b=block, r=rounding: qbw(xd, b, rounding=r, seed=77, out=o),
+                         [qb, ab], backend)
+        db = dqbw(qb, ab, block)
+        qbd, abd = backend.asarray(qb), backend.asarray(ab)
+        run_with_out(lambda o, b=block, q=qbd, a=abd: dqbw(q, a, b, out=o), [db], backend)
     for od in OUT_DTYPES[1:]:  # 16-bit outputs
-        d = fastopt.dequantize(qc, scales, zps, axis=-1, out_dtype=od)
-        run_with_out(lambda o, od=od: fastopt.dequantize(qc, scales, zps, axis=-1, out_dtype=od,
-                                                         out=o), [d])
-        db = fastopt.dequantize_blockwise(qb, ab, block, out_dtype=od)
-        run_with_out(lambda o, od=od: fastopt.dequantize_blockwise(qb, ab, block, out_dtype=od,
-                                                                   out=o), [db])
+        if not backend.holds(od):
+            continue  # CuPy has no bfloat16 (test_quant_affine checks that it says so)
+        d = deq(qc, scales, zps, axis=-1, out_dtype=od)
+        run_with_out(lambda o, od=od: deq(qcd, scales, zps, axis=-1, out_dtype=od, out=o), [d],
+                     backend)
+        db = dqbw(qb, ab, block, out_dtype=od)
+        run_with_out(lambda o, od=od: dqbw(qbd, abd, block, out_dtype=od, out=o), [db], backend)
 
 
 # ---- streaming stores ---------------------------------------------------------------------
@@ -197,46 +232,46 @@ def test_streaming_16bit_outputs_match_reference(cpu_path, out_dtype, offset, rn
 
 # ---- check_finite=False -------------------------------------------------------------------
 
-def unchecked_calls(x, scales, zps, seed: int = 5):
+def unchecked_calls(x, scales, zps, shape, seed: int = 5):
     """(name, call(out) -> result, result templates) for each quantizing function with
-    check_finite=False; per channel along the last axis."""
-    n_blocks = -(-x.size // 64)
+    check_finite=False, on ``x`` (of ``shape``, on any backend); per channel along the last
+    axis."""
+    n_blocks = -(-int(np.prod(shape)) // 64)
     return [
-        ("per_tensor", lambda o: fastopt.quantize_per_tensor(x, 0.0371, -3, out=o,
-                                                             check_finite=False),
-         [(x.shape, np.int8)]),
-        ("per_channel", lambda o: fastopt.quantize_per_channel(x, scales, zps, -1, "uint8",
-                                                               out=o, check_finite=False),
-         [(x.shape, np.uint8)]),
-        ("blockwise", lambda o: fastopt.quantize_blockwise(x, 64, rounding="stochastic",
-                                                           seed=seed, out=o,
-                                                           check_finite=False),
-         [(x.shape, np.int8), ((n_blocks,), np.float32)]),
+        ("per_tensor", lambda o: qpt(x, 0.0371, -3, out=o, check_finite=False),
+         [(shape, np.int8)]),
+        ("per_channel", lambda o: qpc(x, scales, zps, -1, "uint8", out=o, check_finite=False),
+         [(shape, np.uint8)]),
+        ("blockwise", lambda o: qbw(x, 64, rounding="stochastic", seed=seed, out=o,
+                                    check_finite=False),
+         [(shape, np.int8), ((n_blocks,), np.float32)]),
     ]
 
 
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
-def test_unchecked_equals_checked_on_finite_input(cpu_path, in_dtype, rng):
-    """check_finite=False gives the checked call's bits, returned or written straight into
-    every element of out=."""
+def test_unchecked_equals_checked_on_finite_input(backend, in_dtype, rng):
+    """check_finite=False gives the checked call's bits (on a GPU: the CPU's), returned or
+    written straight into every element of out=."""
     x = fresh(rng, (5, 4099), in_dtype)
     scales, zps = channel_params(rng, "uint8", x.shape[-1])
     checked = {
-        "per_tensor": [fastopt.quantize_per_tensor(x, 0.0371, -3)],
-        "per_channel": [fastopt.quantize_per_channel(x, scales, zps, -1, "uint8")],
-        "blockwise": list(fastopt.quantize_blockwise(x, 64, rounding="stochastic", seed=5)),
+        "per_tensor": [qpt(x, 0.0371, -3)],
+        "per_channel": [qpc(x, scales, zps, -1, "uint8")],
+        "blockwise": list(qbw(x, 64, rounding="stochastic", seed=5)),
     }
-    for name, call, _ in unchecked_calls(x, scales, zps):
-        got = call(None)
+    on_cpu = {name: call for name, call, _ in unchecked_calls(x, scales, zps, x.shape)}
+    for name, call, _ in unchecked_calls(backend.asarray(x), scales, zps, x.shape):
+        got = host_matching_cpu(backend, call(None), lambda n=name: on_cpu[n](None), name)
         for g, w in zip(got if isinstance(got, tuple) else (got,), checked[name]):
             assert_bits(g, w, f"{name} without out=")
-        run_with_out(call, checked[name])
+        run_with_out(call, checked[name], backend)
 
 
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=IN_IDS)
-def test_unchecked_nonfinite_input_spares_the_rest(cpu_path, in_dtype, rng):
+def test_unchecked_nonfinite_input_spares_the_rest(backend, in_dtype, rng):
     """With NaN/Inf in the input: no error, and every element (per tensor/channel) or block
-    (blockwise, of 64) without one is exact; out= is the result."""
+    (blockwise, of 64) without one is exact (on a GPU: the CPU's bits there, and the CPU's
+    q in every element); returned, or written into out= which is the result."""
     x, scales, zps, ok, ok_blocks, in_ok_blocks = unchecked_input(rng, in_dtype)
     with np.errstate(invalid="ignore"):
         want = {
@@ -244,20 +279,35 @@ def test_unchecked_nonfinite_input_spares_the_rest(cpu_path, in_dtype, rng):
             "per_channel": [ref_quantize(x, scales, zps, "uint8", axis=1)],
             "blockwise": list(ref_blockwise(x, 64, "stochastic", seed=5)),
         }
-    for name, call, templates in unchecked_calls(x, scales, zps):
-        outs = tuple(poisoned(s, d, 1) for s, d in templates)
+    on_cpu = {name: call for name, call, _ in unchecked_calls(x, scales, zps, x.shape)}
+    for name, call, templates in unchecked_calls(backend.asarray(x), scales, zps, x.shape):
+        outs = tuple(backend.asarray(poisoned(s, d, 1)) for s, d in templates)
         got = call(outs if len(outs) > 1 else outs[0])
         assert got is (outs if len(outs) > 1 else outs[0])
-        if name == "blockwise":
-            assert_bits(outs[0].reshape(-1)[in_ok_blocks], want[name][0].reshape(-1)[in_ok_blocks],
-                        f"{name} q of the finite blocks")
-            assert_bits(outs[1][ok_blocks], want[name][1][ok_blocks],
-                        f"{name} absmax of the finite blocks")
-            assert (outs[0].reshape(-1)[~in_ok_blocks] == 0).all(), "q of the bad blocks"
-            assert np.isnan(outs[1][~ok_blocks]).all(), "absmax of the bad blocks"
-        else:
-            assert_bits(outs[0].reshape(-1)[ok], want[name][0].reshape(-1)[ok],
-                        f"{name} of the finite elements")
+        returned = call(None)
+        for how, results in (("out=", outs),
+                             ("returned", returned if isinstance(returned, tuple)
+                              else (returned,))):
+            res = [backend.to_numpy(r) for r in results]
+            what = f"{name} ({how})"
+            if backend.is_cuda:
+                with CPU.activate():
+                    cpu = on_cpu[name](None)
+                cpu = cpu if isinstance(cpu, tuple) else (cpu,)
+                keep = [np.ones(x.size, bool), ok_blocks] if name == "blockwise" else [ok]
+                for r, c, m in zip(res, cpu, keep):
+                    assert_bits(r.reshape(-1)[m], c.reshape(-1)[m], f"{what} against the CPU")
+            if name == "blockwise":
+                assert_bits(res[0].reshape(-1)[in_ok_blocks],
+                            want[name][0].reshape(-1)[in_ok_blocks],
+                            f"{what} q of the finite blocks")
+                assert_bits(res[1][ok_blocks], want[name][1][ok_blocks],
+                            f"{what} absmax of the finite blocks")
+                assert (res[0].reshape(-1)[~in_ok_blocks] == 0).all(), f"{what} q of the bad blocks"
+                assert np.isnan(res[1][~ok_blocks]).all(), f"{what} absmax of the bad blocks"
+            else:
+                assert_bits(res[0].reshape(-1)[ok], want[name][0].reshape(-1)[ok],
+                            f"{what} of the finite elements")
 
 
 def test_check_finite_must_be_a_bool(rng):

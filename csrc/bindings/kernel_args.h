@@ -52,18 +52,24 @@ inline void expect_float_input(const Arg& x) {
                "float32, float16, bfloat16 in native byte order");
 }
 
+// "hessians'", "x's": the possessive of an argument's name, for messages.
+inline std::string possessive(const std::string& name) {
+  return name + (!name.empty() && name.back() == 's' ? "'" : "'s");
+}
+
 // a has the dtype of `ref` (TypeError otherwise).
 inline void expect_same_dtype(const Arg& a, const Arg& ref) {
   if (a.dtype != ref.dtype)
     throw py::type_error(std::string(a.name) + ": dtype " + a.dtype + " differs from " +
-                         ref.name + "'s " + ref.dtype);
+                         possessive(ref.name) + " " + ref.dtype);
 }
 
 // a has the shape of `ref` (ValueError otherwise).
 inline void expect_same_shape(const Arg& a, const Arg& ref) {
   if (a.shape != ref.shape)
     throw py::value_error(std::string(a.name) + ": shape " + shape_str(a.shape) +
-                          " does not match " + ref.name + "'s " + shape_str(ref.shape));
+                          " does not match " + possessive(ref.name) + " " +
+                          shape_str(ref.shape));
 }
 
 // Output of dequantize: float32, float16 or bfloat16, shaped like q.
