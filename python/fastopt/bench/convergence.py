@@ -61,7 +61,7 @@ CORPUS = ("argparse", "collections", "dataclasses", "difflib", "pydoc", "textwra
 @dataclass
 class Task:
     """A model, its data and its hyper-parameters. ``model(dtype, seed)`` builds the model
-    (seeded); ``batch(i)`` gives step i's (inputs, targets); ``steps`` fixes the data order."""
+    (seeded); ``batches(steps, seed)`` gives every step's (inputs, targets), in order."""
 
     name: str
     describe: str
