@@ -112,21 +112,26 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def plot(panels: Sequence[Panel], path: str) -> None:
-    """Every stage's panels in one figure (three columns), written with the Agg backend."""
+def plot(
+    panels: Sequence[Panel],
+    path: str,
+    *,
+    title: str = "fastopt demo: scikit-learn digits",
+    cols: int = 3,
+) -> None:
+    """The panels in one figure (``cols`` columns), written with the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         _draw(ax, panel)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle("fastopt demo: scikit-learn digits")
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
     fig.savefig(path, dpi=90)
     plt.close(fig)
