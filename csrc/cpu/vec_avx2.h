@@ -178,16 +178,41 @@ template <bool is_signed> struct State8EncoderX8 {
   }
 };
 
-// x[j] = map value of p[j] * absmax, j < len.
-inline void state8_decode_block(const State8Map& m, const uint8_t* p, float absmax, float* x,
-                                int64_t len) {
+// x[j] = map value of p[j] * absmax, j < len: the value of the code's rank computed as the
+// map's table was (common/state8.h), no gather. The rank q (signed: |code - 127|; unsigned:
+// code + 1) is 2^e + k; as a float its exponent field is 127 + e, whose low 3 bits pick the
+// decade's constants (with first[] and step[] rotated to match), and k = q - 2^e exactly.
+// q's that share a slot: zero (masked) and, unsigned, 1.0 (k = 0, first = 1.0, step = 0).
+template <bool is_signed>
+void state8_decode_block(const State8Map& m, const uint8_t* p, float absmax, float* x, int64_t len) {
+  const __m256i slot_to_decade = is_signed ? _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0)
+                                           : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 first = _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.first), slot_to_decade);
+  const __m256 step = _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.step), slot_to_decade);
+  const __m256 exponent = _mm256_castsi256_ps(_mm256_set1_epi32(0x7F800000));
   const __m256 scale = _mm256_set1_ps(absmax);
   int64_t j = 0;
   for (; j + 8 <= len; j += 8) {
-    const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
-    _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_i32gather_ps(m.value, codes, 4), scale));
+    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
+    const __m256i signed_rank = _mm256_sub_epi32(code, _mm256_set1_epi32(is_signed ? 127 : -1));
+    const __m256i rank = is_signed ? _mm256_abs_epi32(signed_rank) : signed_rank;
+    const __m256 q = _mm256_cvtepi32_ps(rank);
+    const __m256 k = _mm256_sub_ps(q, _mm256_and_ps(q, exponent));
+    const __m256i slot = _mm256_srli_epi32(_mm256_castps_si256(q), 23);
+    __m256 v = _mm256_mul_ps(k, _mm256_permutevar8x32_ps(step, slot));
+    v = _mm256_add_ps(_mm256_permutevar8x32_ps(first, slot), v);
+    const __m256i zero = _mm256_cmpeq_epi32(code, _mm256_set1_epi32(m.zero_code));
+    v = _mm256_andnot_ps(_mm256_castsi256_ps(zero), v);
+    if (is_signed)  // codes below 127: the negated value
+      v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_and_si256(signed_rank, _mm256_set1_epi32(INT32_MIN))));
+    _mm256_storeu_ps(x + j, _mm256_mul_ps(v, scale));
   }
   for (; j < len; ++j) x[j] = state8_decode(m, p[j], absmax);
+}
+inline void state8_decode_block(const State8Map& m, const uint8_t* p, float absmax, float* x,
+                                int64_t len) {
+  if (m.zero_code != 0) state8_decode_block<true>(m, p, absmax, x, len);
+  else state8_decode_block<false>(m, p, absmax, x, len);
 }
 
 // max |x[j]|, j < len, NaN if any x is NaN, canonical (state8_canonical_absmax).
