@@ -40,6 +40,22 @@ def test_kernel_maps_are_the_reference_maps(signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_maps_are_the_exact_dynamic_maps_to_float32_rounding(signed):
+    """Each value is within 1.5 float32 ulp of the exact midpoint (double precision) of
+    Dettmers et al.'s dynamic map: decade d's B bins of [0.1, 1] * 10^(d-6)."""
+    exact = []
+    for d in range(7):
+        bins = 1 << d if signed else 2 << d
+        exact += [10.0 ** (d - 6) * (0.1 + 0.9 * (2 * k + 1) / (2 * bins)) for k in range(bins)]
+    positive = np.array(exact)
+    want = np.concatenate([-positive[::-1], [0.0], positive, [1.0]]) if signed else \
+        np.concatenate([[0.0], positive, [1.0]])
+    got = reference.dynamic_map(signed).astype(np.float64)
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(got - want) <= 1.5 * ulp), np.max(np.abs(got - want) / ulp)
+
+
+@pytest.mark.parametrize("signed", [True, False])
 def test_codes_are_the_nearest_map_values(signed, rng):
     values = reference.dynamic_map(signed).astype(np.float64)
     x = rng.uniform(-1 if signed else 0, 1, 200_000).astype(np.float32)

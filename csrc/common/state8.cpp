@@ -1,5 +1,5 @@
-// The two dynamic quantization maps of 8-bit state (common/state8.h), built once in double
-// precision and rounded to float32. python/fastopt/reference.py builds the same values with
+// The two dynamic quantization maps of 8-bit state (common/state8.h), built once: the
+// per-decade constants in double rounded to float32, the values from them in float32. python/fastopt/reference.py builds the same values with
 // the same operations; the tests compare the two.
 #include "common/state8.h"
 
@@ -19,9 +19,15 @@ State8Map build(bool is_signed) {
     m.scale[d] = float(bins / (0.9 * decade[d]));
     m.offset[d] = float(bins / 9.0);
     m.top[d] = float(bins - 1);
-    for (int k = 0; k < bins; ++k)
-      positive[n++] = float(decade[d] * (0.1 + 0.9 * double(2 * k + 1) / double(2 * bins)));
+    m.first[d] = float(decade[d] * (0.1 + 0.9 / double(2 * bins)));
+    m.step[d] = float(decade[d] * 0.9 / double(bins));
+    for (int k = 0; k < bins; ++k) {
+      const float offset = float(k) * m.step[d];  // two float32 roundings (no FMA)
+      positive[n++] = m.first[d] + offset;
+    }
   }
+  m.first[7] = 1.0f;
+  m.step[7] = 0.0f;
   // n = 127 (signed) or 254 (unsigned) positive values, then 1.0 at code 255.
   for (int i = 0; i < n; ++i) m.value[m.first_code + i] = positive[i];
   if (is_signed)

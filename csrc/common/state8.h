@@ -7,6 +7,10 @@
 // The dynamic maps: seven decades 10^-6 .. 10^0; decade d holds the midpoints of B_d equal
 // bins of [0.1, 1] * 10^(d-6) (B_d = 2^d for the signed map, 2^(d+1) for the unsigned one),
 // plus 0 and 1.0; the signed map mirrors its positive values (127 of each sign, no -1.0).
+// Midpoint k of decade d is the float32 first[d] + float(k) * step[d] (first: the midpoint
+// of bin 0, step: the bin width, each rounded to float32; a product then a sum, not fused),
+// within 1.5 float32 ulp of its exact value: so the AVX2 path decodes a code arithmetically
+// (its decade from the exponent of its rank) to the bits of the table.
 // A map is sorted, so a code is its value's rank: signed: 0 = most negative, 127 = zero,
 // 255 = 1.0; unsigned: 0 = zero, 255 = 1.0. Signed maps serve first moments and momentum,
 // unsigned ones second moments (they are never negative).
@@ -37,6 +41,8 @@ struct State8Map {
   float top[8];         // per decade: B_d - 1 (the last bin, as a float)
   int32_t base[8];      // per decade: the positive-side rank of its first value (2^d - 1 or
                         // 2^(d+1) - 2 counting from the first nonzero value)
+  float first[8];       // per decade: its first value (bin 0's midpoint); [7]: 1.0
+  float step[8];        // per decade: the distance of its values (the bin width); [7]: 0
   int32_t zero_code;    // 127 signed, 0 unsigned
   int32_t first_code;   // the code of the smallest positive value: 128 signed, 1 unsigned
 };

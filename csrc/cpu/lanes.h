@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include "common/half.h"
+#include "common/math.h"
 #include "common/platform.h"
 #include "common/rounding.h"
 #include "common/state8.h"
@@ -28,13 +29,21 @@ template <class T> struct ScalarLane {
   static void store_stochastic(bfloat16* p, T x, uint32_t key, int64_t j) {
     p->bits = bfloat16_stochastic(x, rounding_bits(key, j));
   }
-  // 8-bit state (T = float): the value of code *p in a block of this absmax, and the code
-  // of x in a block of reciprocal absmax inv, with map m.
-  static T load_state8(const State8Map& m, const uint8_t* p, float absmax) {
-    return state8_decode(m, *p, absmax);
+  // 8-bit state (T = float), a block at a time: x[j] = the value of code p[j] in a block
+  // of this absmax; and p[j] = the code of x[j] in a block of absmax max |x| (NaN if any
+  // x is), which store_state8_block returns (canonical), for j < len, with map m.
+  static void load_state8_block(const State8Map& m, const uint8_t* p, float absmax, T* x,
+                                int64_t len) {
+    for (int64_t j = 0; j < len; ++j) x[j] = state8_decode(m, p[j], absmax);
   }
-  static void store_state8(const State8Map& m, bool is_signed, uint8_t* p, T x, float inv) {
-    *p = uint8_t(state8_encode(m, is_signed, x, inv));
+  static float store_state8_block(const State8Map& m, bool is_signed, uint8_t* p, const T* x,
+                                  int64_t len) {
+    float absmax = 0.0f;
+    for (int64_t j = 0; j < len; ++j) absmax = vmax_nan(vabs(x[j]), absmax);
+    absmax = state8_canonical_absmax(absmax);
+    const float inv = 1.0f / absmax;
+    for (int64_t j = 0; j < len; ++j) p[j] = uint8_t(state8_encode(m, is_signed, x[j], inv));
+    return absmax;
   }
   // Masked steps: which lanes a mask (one byte per element, 0 = pruned) keeps, and a
   // where keep else b.
@@ -50,11 +59,13 @@ template <class V, class T, int W> struct VectorLane {
   static void store_stochastic(bfloat16* p, V x, uint32_t key, int64_t j) {
     x.store_stochastic(p, key, j);
   }
-  static V load_state8(const State8Map& m, const uint8_t* p, float absmax) {
-    return V::load_state8(m, p, absmax);
+  static void load_state8_block(const State8Map& m, const uint8_t* p, float absmax, T* x,
+                                int64_t len) {
+    state8_decode_block(m, p, absmax, x, len);
   }
-  static void store_state8(const State8Map& m, bool is_signed, uint8_t* p, V x, float inv) {
-    x.store_state8(m, is_signed, p, inv);
+  static float store_state8_block(const State8Map& m, bool is_signed, uint8_t* p, const T* x,
+                                  int64_t len) {
+    return state8_encode_block(m, is_signed, p, x, len);
   }
   using keep_type = V;  // all-ones lanes where kept
   static V load_keep(const uint8_t* p) { return V::load_keep(p); }

@@ -98,8 +98,6 @@ template <class Wide, class Step> struct Blocked8 {
   bool is_signed[N];
   float* const* absmax[N];  // per 8-bit state role: the tensors' block maxima
   void block(int i, int64_t lo, int64_t hi) const {
-    using Scalar = ScalarLane<float>;
-    constexpr int W = Wide::width;
     alignas(32) float buf[N][kState8Block];
     Step k = step;
     k.block_start = lo;
@@ -108,37 +106,24 @@ template <class Wide, class Step> struct Blocked8 {
       if (!map[r]) continue;
       k.buf[r] = buf[r];
       if (!step.load[r]) continue;  // fresh this step: written before it is read
-      const uint8_t* codes = static_cast<const uint8_t*>(step.ptr[r][i]) + lo;
-      const float scale = absmax[r][i][b];
-      int64_t j = 0;
-      for (; j + W <= len; j += W) Wide::store(buf[r] + j, Wide::load_state8(*map[r], codes + j, scale));
-      for (; j < len; ++j) buf[r][j] = Scalar::load_state8(*map[r], codes + j, scale);
+      Wide::load_state8_block(*map[r], static_cast<const uint8_t*>(step.ptr[r][i]) + lo,
+                              absmax[r][i][b], buf[r], len);
     }
-    apply_range<Wide, float>(k, i, lo, hi);
+    // Vectors from the block's start: the buffers are aligned, and aligning the params
+    // instead (apply_range) would send up to 2 x 7 elements per block the scalar way.
+    constexpr int W = Wide::width;
+    int64_t j = lo;
+    for (; j + 2 * W <= hi; j += 2 * W) {
+      k(Wide{}, i, j);
+      k(Wide{}, i, j + W);
+    }
+    for (; j + W <= hi; j += W) k(Wide{}, i, j);
+    for (; j < hi; ++j) k(ScalarLane<float>{}, i, j);
     for (int r = 0; r < N; ++r) {
       if (!map[r] || !step.store[r] || !Step::Optimizer::roles[r].written) continue;
-      const float scale = state8_canonical_absmax(block_absmax(buf[r], len));
-      absmax[r][i][b] = scale;
-      const float inv = 1.0f / scale;
-      uint8_t* codes = static_cast<uint8_t*>(step.ptr[r][i]) + lo;
-      int64_t j = 0;
-      for (; j + W <= len; j += W)
-        Wide::store_state8(*map[r], is_signed[r], codes + j, Wide::load(buf[r] + j), inv);
-      for (; j < len; ++j) Scalar::store_state8(*map[r], is_signed[r], codes + j, buf[r][j], inv);
+      absmax[r][i][b] = Wide::store_state8_block(
+          *map[r], is_signed[r], static_cast<uint8_t*>(step.ptr[r][i]) + lo, buf[r], len);
     }
-  }
-  // max |x| over x[0 .. len), NaN if any is NaN.
-  static float block_absmax(const float* x, int64_t len) {
-    constexpr int W = Wide::width;
-    typename Wide::value top(0.0f);
-    int64_t j = 0;
-    for (; j + W <= len; j += W) top = vmax_nan(vabs(Wide::load(x + j)), top);
-    alignas(32) float lanes[W];
-    Wide::store(lanes, top);
-    float out = 0.0f;
-    for (int w = 0; w < W; ++w) out = vmax_nan(lanes[w], out);
-    for (; j < len; ++j) out = vmax_nan(vabs(x[j]), out);
-    return out;
   }
 };
 

@@ -6,7 +6,9 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include "common/half.h"
+#include "common/math.h"
 #include "common/quant.h"
 #include "common/state8.h"
 #include "common/platform.h"
@@ -65,42 +67,6 @@ struct F32x8 {
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FFF), nan);
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  }
-  // 8-bit state (common/state8.h), lane by lane as state8_decode / state8_encode.
-  static F32x8 load_state8(const State8Map& m, const uint8_t* p, float absmax) {
-    const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_mul_ps(_mm256_i32gather_ps(m.value, codes, 4), _mm256_set1_ps(absmax));
-  }
-  void store_state8(const State8Map& m, bool is_signed, uint8_t* p, float inv) const {
-    const __m256 zero = _mm256_setzero_ps();
-    const __m256 negative = is_signed ? _mm256_cmp_ps(v, zero, _CMP_LT_OQ) : zero;
-    const __m256 magnitude = is_signed ? _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v) : v;
-    const __m256 x = _mm256_mul_ps(magnitude, _mm256_set1_ps(inv));
-    __m256i decade = _mm256_setzero_si256();
-    for (int t = 1; t <= 6; ++t)  // each threshold reached adds one (true lanes are -1)
-      decade = _mm256_sub_epi32(
-          decade, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_set1_ps(m.lower[t]), _CMP_GE_OQ)));
-    __m256 k = _mm256_mul_ps(x, _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.scale), decade));
-    k = _mm256_sub_ps(k, _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.offset), decade));
-    k = _mm256_max_ps(k, zero);  // k is never NaN here (NaN x takes the zero code below)
-    k = _mm256_min_ps(k, _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.top), decade));
-    const __m256i base = _mm256_permutevar8x32_epi32(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.base)), decade);
-    __m256i code = _mm256_add_epi32(_mm256_add_epi32(_mm256_set1_epi32(m.first_code), base),
-                                    _mm256_cvttps_epi32(k));
-    code = _mm256_blendv_epi8(code, _mm256_sub_epi32(_mm256_set1_epi32(254), code),
-                              _mm256_castps_si256(negative));
-    const __m256 one = _mm256_andnot_ps(negative, _mm256_cmp_ps(x, _mm256_set1_ps(m.lower[7]), _CMP_GE_OQ));
-    code = _mm256_blendv_epi8(code, _mm256_set1_epi32(255), _mm256_castps_si256(one));
-    const __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(m.lower[0]), _CMP_NGE_UQ);  // NaN too
-    code = _mm256_blendv_epi8(code, _mm256_set1_epi32(m.zero_code), _mm256_castps_si256(small));
-    // the low byte of each lane: 4 bytes per 128-bit half, then the halves side by side
-    const __m256i bytes = _mm256_shuffle_epi8(
-        code, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                               0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
-    const __m128i packed = _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes),
-                                              _mm256_extracti128_si256(bytes, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), packed);
   }
   // common/quant.h's mix32, lane by lane.
   static __m256i mix32x8(__m256i x) {
@@ -172,5 +138,131 @@ struct F64x4 {
 FASTOPT_VEC_OPS(F32x8, ps)
 FASTOPT_VEC_OPS(F64x4, pd)
 #undef FASTOPT_VEC_OPS
+
+// 8-bit state (common/state8.h) over a block buffer, lane by lane as state8_decode /
+// state8_encode. The encoder's tables live in a local object so that they stay in
+// registers across the block (stores through uint8_t* could alias the map otherwise).
+template <bool is_signed> struct State8EncoderX8 {
+  __m256 lower[8], scale, offset, top;
+  __m256i base, zero_code;
+  explicit State8EncoderX8(const State8Map& m) {
+    for (int t = 0; t < 8; ++t) lower[t] = _mm256_set1_ps(m.lower[t]);
+    scale = _mm256_loadu_ps(m.scale);
+    offset = _mm256_loadu_ps(m.offset);
+    top = _mm256_loadu_ps(m.top);
+    base = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.base)),
+                            _mm256_set1_epi32(m.first_code));
+    zero_code = _mm256_set1_epi32(m.zero_code);
+  }
+  // The codes of 8 values (one per 32-bit lane) in a block of reciprocal absmax inv.
+  __m256i codes(__m256 v, __m256 inv) const {
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 negative = is_signed ? _mm256_cmp_ps(v, zero, _CMP_LT_OQ) : zero;
+    const __m256 magnitude = is_signed ? _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v) : v;
+    const __m256 x = _mm256_mul_ps(magnitude, inv);
+    __m256i decade = _mm256_setzero_si256();
+    for (int t = 1; t <= 6; ++t)  // each threshold reached adds one (true lanes are -1)
+      decade = _mm256_sub_epi32(decade, _mm256_castps_si256(_mm256_cmp_ps(x, lower[t], _CMP_GE_OQ)));
+    __m256 k = _mm256_mul_ps(x, _mm256_permutevar8x32_ps(scale, decade));
+    k = _mm256_sub_ps(k, _mm256_permutevar8x32_ps(offset, decade));
+    k = _mm256_max_ps(k, zero);  // k is never NaN here (NaN x takes the zero code below)
+    k = _mm256_min_ps(k, _mm256_permutevar8x32_ps(top, decade));
+    __m256i code = _mm256_add_epi32(_mm256_permutevar8x32_epi32(base, decade), _mm256_cvttps_epi32(k));
+    if constexpr (is_signed)
+      code = _mm256_blendv_epi8(code, _mm256_sub_epi32(_mm256_set1_epi32(254), code),
+                                _mm256_castps_si256(negative));
+    const __m256 one = _mm256_andnot_ps(negative, _mm256_cmp_ps(x, lower[7], _CMP_GE_OQ));
+    code = _mm256_blendv_epi8(code, _mm256_set1_epi32(255), _mm256_castps_si256(one));
+    const __m256 small = _mm256_cmp_ps(x, lower[0], _CMP_NGE_UQ);  // NaN too
+    return _mm256_blendv_epi8(code, zero_code, _mm256_castps_si256(small));
+  }
+};
+
+// x[j] = map value of p[j] * absmax, j < len: the value of the code's rank computed as the
+// map's table was (common/state8.h), no gather. The rank q (signed: |code - 127|; unsigned:
+// code + 1) is 2^e + k; as a float its exponent field is 127 + e, whose low 3 bits pick the
+// decade's constants (with first[] and step[] rotated to match), and k = q - 2^e exactly.
+// q's that share a slot: zero (masked) and, unsigned, 1.0 (k = 0, first = 1.0, step = 0).
+template <bool is_signed>
+void state8_decode_block(const State8Map& m, const uint8_t* p, float absmax, float* x, int64_t len) {
+  const __m256i slot_to_decade = is_signed ? _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0)
+                                           : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 first = _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.first), slot_to_decade);
+  const __m256 step = _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.step), slot_to_decade);
+  const __m256 exponent = _mm256_castsi256_ps(_mm256_set1_epi32(0x7F800000));
+  const __m256 scale = _mm256_set1_ps(absmax);
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
+    const __m256i signed_rank = _mm256_sub_epi32(code, _mm256_set1_epi32(is_signed ? 127 : -1));
+    const __m256i rank = is_signed ? _mm256_abs_epi32(signed_rank) : signed_rank;
+    const __m256 q = _mm256_cvtepi32_ps(rank);
+    const __m256 k = _mm256_sub_ps(q, _mm256_and_ps(q, exponent));
+    const __m256i slot = _mm256_srli_epi32(_mm256_castps_si256(q), 23);
+    __m256 v = _mm256_mul_ps(k, _mm256_permutevar8x32_ps(step, slot));
+    v = _mm256_add_ps(_mm256_permutevar8x32_ps(first, slot), v);
+    const __m256i zero = _mm256_cmpeq_epi32(code, _mm256_set1_epi32(m.zero_code));
+    v = _mm256_andnot_ps(_mm256_castsi256_ps(zero), v);
+    if (is_signed)  // codes below 127: the negated value
+      v = _mm256_xor_ps(v, _mm256_castsi256_ps(_mm256_and_si256(signed_rank, _mm256_set1_epi32(INT32_MIN))));
+    _mm256_storeu_ps(x + j, _mm256_mul_ps(v, scale));
+  }
+  for (; j < len; ++j) x[j] = state8_decode(m, p[j], absmax);
+}
+inline void state8_decode_block(const State8Map& m, const uint8_t* p, float absmax, float* x,
+                                int64_t len) {
+  if (m.zero_code != 0) state8_decode_block<true>(m, p, absmax, x, len);
+  else state8_decode_block<false>(m, p, absmax, x, len);
+}
+
+// max |x[j]|, j < len, NaN if any x is NaN, canonical (state8_canonical_absmax).
+inline float state8_block_absmax(const float* x, int64_t len) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 top = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {  // max_ps keeps top where x is NaN; nan records it
+    const __m256 v = _mm256_loadu_ps(x + j);
+    top = _mm256_max_ps(_mm256_andnot_ps(sign_bit, v), top);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  float absmax = 0.0f;
+  for (int w = 0; w < 8; ++w) absmax = vmax_nan(lanes[w], absmax);
+  for (; j < len; ++j) absmax = vmax_nan(vabs(x[j]), absmax);
+  if (_mm256_movemask_ps(nan)) absmax = std::numeric_limits<float>::quiet_NaN();
+  return state8_canonical_absmax(absmax);
+}
+
+// p[j] = code of x[j], j < len, in a block of absmax max |x| (NaN if any x is NaN), which
+// it returns (state8_block_absmax).
+template <bool is_signed>
+float state8_encode_block(const State8Map& m, uint8_t* p, const float* x, int64_t len) {
+  const float absmax = state8_block_absmax(x, len);
+  const float inv_scalar = 1.0f / absmax;
+  const __m256 inv = _mm256_set1_ps(inv_scalar);
+  int64_t j = 0;
+  const State8EncoderX8<is_signed> enc(m);
+  for (; j + 32 <= len; j += 32) {  // 4 x 8 codes packed to 32 bytes, then put in order
+    const __m256i lo = _mm256_packus_epi32(enc.codes(_mm256_loadu_ps(x + j), inv),
+                                           enc.codes(_mm256_loadu_ps(x + j + 8), inv));
+    const __m256i hi = _mm256_packus_epi32(enc.codes(_mm256_loadu_ps(x + j + 16), inv),
+                                           enc.codes(_mm256_loadu_ps(x + j + 24), inv));
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(lo, hi),
+                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), bytes);
+  }
+  for (; j + 8 <= len; j += 8) {
+    const __m256i c = enc.codes(_mm256_loadu_ps(x + j), inv);
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p + j), _mm_packus_epi16(words, words));
+  }
+  for (; j < len; ++j) p[j] = uint8_t(state8_encode(m, is_signed, x[j], inv_scalar));
+  return absmax;
+}
+inline float state8_encode_block(const State8Map& m, bool is_signed, uint8_t* p, const float* x,
+                                 int64_t len) {
+  return is_signed ? state8_encode_block<true>(m, p, x, len) : state8_encode_block<false>(m, p, x, len);
+}
 
 FASTOPT_ISA_END

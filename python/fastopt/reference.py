@@ -429,10 +429,12 @@ STATE8_BLOCK = 256
 
 def _dynamic_map_parts(signed: bool):
     """(the 256 map values, the encoder's per-decade tables): the dynamic map of Dettmers
-    et al. 2022 as csrc/common/state8.cpp builds it, the same double operations rounded to
-    float32. Decade d (10^(d-6)) holds the midpoints of 2^d (signed) or 2^(d+1) (unsigned)
-    equal bins of [0.1, 1] * 10^(d-6); then 0 and 1.0, and for the signed map the mirrored
-    negatives; sorted, so a code is its value's rank."""
+    et al. 2022 as csrc/common/state8.cpp builds it, with the same operations. Decade d
+    (10^(d-6)) holds the midpoints of 2^d (signed) or 2^(d+1) (unsigned) equal bins of
+    [0.1, 1] * 10^(d-6), midpoint k being first + k * step in float32 (first, the first
+    midpoint, and step, the bin width, computed in double and rounded; product, then sum);
+    then 0 and 1.0, and for the signed map the mirrored negatives; sorted, so a code is its
+    value's rank."""
     decade = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
     positive: List[float] = []
     base, scale, offset, top = [], [], [], []
@@ -442,10 +444,9 @@ def _dynamic_map_parts(signed: bool):
         scale.append(np.float32(bins / (0.9 * decade[d])))
         offset.append(np.float32(bins / 9.0))
         top.append(np.float32(bins - 1))
-        positive += [
-            float(np.float32(decade[d] * (0.1 + 0.9 * float(2 * k + 1) / float(2 * bins))))
-            for k in range(bins)
-        ]
+        first = np.float32(decade[d] * (0.1 + 0.9 / float(2 * bins)))
+        step = np.float32(decade[d] * 0.9 / float(bins))
+        positive += [float(first + np.float32(np.float32(k) * step)) for k in range(bins)]
     pos = np.array(positive, np.float32)
     zero = 127 if signed else 0
     values = np.zeros(256, np.float32)
