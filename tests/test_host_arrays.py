@@ -203,6 +203,39 @@ def test_dense_layouts_step_like_contiguous(name, layout, rng):
             assert torch.equal(a, flat[k].reshape(shape)), k
 
 
+class _Subclass(torch.Tensor):
+    """A tensor subclass: the binding reads it through its Python attributes."""
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "empty"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16"])
+def test_plain_tensors_read_like_subclasses(dtype, layout, rng):
+    """Plain tensors and Parameters (read through torch's DLPack exchange table) step as
+    a subclass does (read through its attributes), masks and 16-bit types included."""
+    shape = (0, 3) if layout == "empty" else (2, 3, 4, 5)
+    base = {k: torch.from_numpy(rng.standard_normal(shape)).to(getattr(torch, dtype))
+            for k in ("p", "g")}
+    base["m"] = torch.from_numpy(np.abs(rng.standard_normal(shape))).to(
+        torch.float64 if dtype == "float64" else torch.float32)
+    base["mask"] = torch.from_numpy(rng.random(shape) < 0.7)
+    lay = {"contiguous": lambda t: t.clone(),
+           "channels_last": lambda t: t.clone().contiguous(memory_format=torch.channels_last),
+           "transposed": lambda t: t.clone().transpose(0, 3).contiguous().transpose(0, 3),
+           "empty": lambda t: t.clone()}[layout]
+    runs = []
+    for wrap in (lambda t: t, lambda t: t.as_subclass(_Subclass),
+                 lambda t: torch.nn.Parameter(t, requires_grad=False)):
+        a = {k: wrap(lay(t)) for k, t in base.items()}
+        _cpu.adagrad([a["p"]], [a["g"]], [a["m"]], True, lr=0.1, lr_decay=0.0, eps=1e-10,
+                     weight_decay=0.01, l1=0.0, maximize=False, step=2, masks=[a["mask"]])
+        runs.append({k: torch.Tensor(t) for k, t in a.items()})
+    for k in base:
+        assert runs[0][k].stride() == runs[1][k].stride() == runs[2][k].stride()
+        assert torch.equal(runs[0][k], runs[1][k]) and torch.equal(runs[0][k], runs[2][k]), k
+    if layout != "empty":
+        assert not torch.equal(runs[0]["p"], base["p"])
+
+
 def test_numpy_fortran_arrays(rng):
     p = np.asfortranarray(rng.standard_normal((6, 5)).astype(np.float32))
     g = np.asfortranarray(rng.standard_normal((6, 5)).astype(np.float32))

@@ -218,5 +218,58 @@ def test_torch_optimizer_state_dtype(name, device):
     p = next(model.parameters())
     assert all(v.dtype == torch.float32 for k, v in opt.state[p].items() if k != "step")
     opt.param_groups[0]["state_dtype"] = "int4"
-    with pytest.raises(ValueError, match=r"state_dtype: expected 'float32', 'bfloat16' or 'int8'"):
+    with pytest.raises(ValueError,
+                       match=r"param_groups\[0\]\['state_dtype'\]: expected one of 'float32', "
+                             r"'bfloat16', 'int8'"):
         opt.step()
+
+
+@pytest.mark.parametrize("bad,error", [("int4", ValueError), ("Float32", ValueError),
+                                       (3, TypeError), (None, TypeError),
+                                       (torch.bfloat16, TypeError)])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Lion", "Sophia"])
+def test_torch_state_dtype_refused_everywhere(name, bad, error):
+    """A bad state_dtype is refused, naming it, in the constructor, in add_param_group and
+    at the step after a group was edited, and nothing is changed."""
+    import fastopt.torch as fot
+    cls = getattr(fot, name)
+    with pytest.raises(error, match=r"^state_dtype: expected one of 'float32', 'bfloat16'"):
+        cls([torch.randn(3, requires_grad=True)], state_dtype=bad)
+    with pytest.raises(error, match=r"param_groups\[1\]\['state_dtype'\]: expected one of"):
+        cls([{"params": [torch.randn(3, requires_grad=True)]},
+             {"params": [torch.randn(3, requires_grad=True)], "state_dtype": bad}])
+    p, q = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    opt = cls([p])
+    with pytest.raises(error, match=r"param_groups\[1\]\['state_dtype'\]: expected one of"):
+        opt.add_param_group({"params": [q], "state_dtype": bad})
+    assert len(opt.param_groups) == 1
+    p.grad = torch.randn(4)
+    opt.step()
+    snapshot = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    opt.param_groups[0]["state_dtype"] = bad
+    with pytest.raises(error, match=r"param_groups\[0\]\['state_dtype'\]: expected one of"):
+        opt.step()
+    assert torch.equal(p.detach(), snapshot[0])
+    assert opt.state[p].keys() == snapshot[1].keys()
+    assert all(torch.equal(opt.state[p][k], v) for k, v in snapshot[1].items())
+    opt.param_groups[0]["state_dtype"] = "float32"
+    opt.step()  # and the optimizer goes on
+    assert not torch.equal(p.detach(), snapshot[0])
+
+
+def test_torch_bfloat16_state_for_float64_params_changes_nothing():
+    """bfloat16 state for a float64 param is refused before any state of the group is made."""
+    import fastopt.torch as fot
+    a = torch.randn(3, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    opt = fot.Adam([a, b], state_dtype="bfloat16")
+    a.grad, b.grad = torch.randn(3), torch.randn(3, dtype=torch.float64)
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\]: state_dtype="):
+        opt.step()
+    assert len(opt.state) == 0 and torch.equal(a.detach(), before)
+
+
+def test_array_class_state_dtype_type():
+    with pytest.raises(TypeError, match=r"state_dtype: expected one of 'float32', 'bfloat16'"):
+        fastopt.Adam([np.ones(3, np.float32)], state_dtype=3)

@@ -242,6 +242,59 @@ def test_replaced_state_entries_are_used_like_torch():
         _assert_same_state(fopt, topt, fp, tp, f"replaced state, step {t + 1}")
 
 
+def test_state_edits_between_steps_are_seen_like_torch():
+    """The buckets keep the state entries and tensors between steps; every kind of edit of
+    the state between steps is seen as torch.optim sees it: a whole entry replaced (same
+    values, other values, a new step count), an entry removed and put back, a tensor of an
+    entry replaced, a state_dict round trip, a param without a grad and back."""
+    (tp, topt, _), (fp, fopt, _) = _pair("Adam", dict(amsgrad=True), 0.01)
+    gen = torch.Generator().manual_seed(21)
+    for t in range(10):
+        grads = _draw_grads(tp, gen, t)
+        if t in (3, 4):
+            grads[1] = None  # skipped twice, then stepped again with its state
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            if t == 1:  # a whole entry, the same values
+                opt.state[params[0]] = {k: v.clone() for k, v in opt.state[params[0]].items()}
+            if t == 2:  # a whole entry, other values and step count
+                entry = opt.state[params[2]]
+                opt.state[params[2]] = {k: v * 0.5 if k != "step" else torch.tensor(1.0)
+                                        for k, v in entry.items()}
+            if t == 5:  # one tensor of an entry
+                opt.state[params[3]]["exp_avg"] = opt.state[params[3]]["exp_avg"] * -1.0
+            if t == 6:  # removed and put back (the same dict, another place in the state)
+                entry = opt.state.pop(params[0])
+                opt.state[params[0]] = entry
+            if t == 7:
+                opt.load_state_dict(_roundtrip(opt.state_dict()))
+            opt.step()
+        _assert_same_state(fopt, topt, fp, tp, f"state edits, step {t + 1}")
+
+
+def test_cached_buckets_are_reused_without_state_edits(monkeypatch):
+    """Steps that change nothing reuse the buckets and their state lists: no lookups of
+    ``state[p]`` (Tensor.__hash__ is not called) and no rebuild."""
+    params = _params()[:4]
+    opt = ft.AdamW(params, lr=0.01)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    opt.step()  # the state dict as the buckets saw it is taken at the end of a step
+    hashes = []
+    real_hash = torch.Tensor.__hash__
+    monkeypatch.setattr(torch.Tensor, "__hash__", lambda t: hashes.append(1) or real_hash(t))
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert hashes == []
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+    opt.state[params[1]] = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    hashes.clear()
+    opt.step()
+    assert hashes  # an entry replaced: looked up again
+    assert float(opt.state[params[1]]["step"]) == 4.0
+
+
 # ---- checkpoints -----------------------------------------------------------------------------
 
 def _roundtrip(sd: Dict[str, Any]) -> Dict[str, Any]:

@@ -12,6 +12,7 @@
 #include <string>
 #include <utility>
 #include <vector>
+#include "bindings/dlpack.h"
 #include "bindings/overlap.h"
 #include "common/optim/descriptor.h"
 #include "common/quant.h"
@@ -234,6 +235,61 @@ class ArrayTable {
     h.aligned = reinterpret_cast<uintptr_t>(h.data) % cpu::element_size(h.dtype) == 0;
   }
 
+  // The fast way to describe a plain torch CPU tensor (torch.Tensor or nn.Parameter, not a
+  // subclass, which may answer differently): torch's DLPack exchange table, no Python call
+  // but is_neg() (and is_inference() for written ones). False, and nothing set, where it
+  // does not apply or the tensor is one describe_torch refuses or explains (another device,
+  // dtype or layout, a negative view, an inference tensor to write): that path then runs.
+  bool describe_torch_exchange(HostArray& h, PyObject* obj, bool written, bool mask) const {
+    const TorchTypes* tt = torch_types();
+    if (!tt || !tt->exchange) return false;
+    const PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(obj));
+    if (type != tt->tensor.ptr() && type != tt->parameter.ptr()) return false;
+    dlpack::Tensor t;
+    if (tt->exchange->dltensor_from_py_object_no_sync(obj, &t) != 0) {
+      PyErr_Clear();  // no storage, a sparse layout...: describe_torch says why
+      return false;
+    }
+    if (t.device.device_type != dlpack::kCPU || t.dtype.lanes != 1) return false;
+    cpu::DType dtype;
+    if (mask) {
+      if (t.dtype.bits != 8 || (t.dtype.code != dlpack::kBool && t.dtype.code != dlpack::kUInt))
+        return false;
+      dtype = cpu::DType::u8;
+    } else if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 32) dtype = cpu::DType::f32;
+    else if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 64) dtype = cpu::DType::f64;
+    else if (t.dtype.code == dlpack::kFloat && t.dtype.bits == 16) dtype = cpu::DType::f16;
+    else if (t.dtype.code == dlpack::kBfloat && t.dtype.bits == 16) dtype = cpu::DType::bf16;
+    else return false;
+    if (call_true(tt->is_neg, obj) || (written && call_true(tt->is_inference, obj))) return false;
+    h.dtype = dtype;
+    h.data = static_cast<char*>(t.data) + t.byte_offset;
+    h.size = 1;
+    h.writeable = true;
+    h.resize(t.ndim);
+    int64_t* dims = h.shape();
+    int64_t* steps = h.strides();
+    for (int d = t.ndim - 1, expected = 1; d >= 0; --d) {
+      dims[d] = t.shape[d];
+      steps[d] = t.strides ? t.strides[d] : expected;  // no strides: C order
+      expected *= dims[d];
+      h.size *= dims[d];
+    }
+    h.c_contiguous = true;  // C order (extents of 1 may have any stride)
+    for (int d = t.ndim - 1, expected = 1; d >= 0; expected *= dims[d], --d)
+      if (dims[d] != 1 && steps[d] != expected) h.c_contiguous = false;
+    h.aligned = reinterpret_cast<uintptr_t>(h.data) % cpu::element_size(h.dtype) == 0;
+    return true;
+  }
+
+  // method(obj) is True, for a method descriptor of torch.Tensor taking no argument.
+  static bool call_true(const py::object& method, PyObject* obj) {
+    PyObject* result = PyObject_Vectorcall(method.ptr(), &obj, 1, nullptr);
+    if (!result) throw py::error_already_set();
+    Py_DECREF(result);
+    return result == Py_True;
+  }
+
   // Dense in some order of the dimensions (overlap.h's dense_layout; C order at once).
   static bool dense(const HostArray& h) {
     return h.c_contiguous || dense_layout(h.shape(), h.strides(), size_t(h.nd));
@@ -268,13 +324,14 @@ class ArrayTable {
       PyObject* item = PyList_GET_ITEM(list.ptr(), i);
       const Where w{role.name, i, listed_};
       const bool numpy = is_plain_ndarray(item);
-      const bool tensor = !numpy && is_torch_tensor(item, w);
-      keep_.push_back(numpy || tensor ? py::reinterpret_borrow<py::object>(item)
-                                      : adapt(w.str(), item));
       HostArray& a = r == 0 ? params_.emplace_back() : scratch_;
       const bool state = role.kind == RoleKind::state;
+      const bool exchanged = !numpy && describe_torch_exchange(a, item, role.written, mask);
+      const bool tensor = !numpy && !exchanged && is_torch_tensor(item, w);
+      keep_.push_back(numpy || exchanged || tensor ? py::reinterpret_borrow<py::object>(item)
+                                                   : adapt(w.str(), item));
       if (tensor) describe_torch(a, item, w, role.written, mask, state);
-      else describe_numpy(a, keep_.back().ptr(), w, mask, state);
+      else if (!exchanged) describe_numpy(a, keep_.back().ptr(), w, mask, state);
       if (r == 0 && i == 0) {
         dtype_ = a.dtype;
       } else if (!mask) {
@@ -416,6 +473,9 @@ class ArrayTable {
     py::object dtypes[4];
     py::object bool_, uint8;  // a mask's dtypes
     py::object inference_mode_enabled;  // torch.is_inference_mode_enabled
+    py::object parameter;  // torch.nn.Parameter (None if absent)
+    py::object is_neg, is_inference;  // torch.Tensor's methods, called unbound
+    const dlpack::ExchangeApi* exchange;  // torch.Tensor.__dlpack_c_exchange_api__, or null
   };
   static const TorchTypes* torch_types() {
     static TorchTypes* types = nullptr;  // never destroyed: no Python at exit
@@ -427,10 +487,34 @@ class ArrayTable {
     }
     const py::object m = py::reinterpret_steal<py::object>(torch);
     if (!py::hasattr(m, "bfloat16")) return nullptr;  // torch is still being imported
-    types = new TorchTypes{m.attr("Tensor"), m.attr("strided"),
+    const py::object tensor = m.attr("Tensor");
+    const py::object nn = py::getattr(m, "nn", py::none());
+    types = new TorchTypes{tensor, m.attr("strided"),
                            {m.attr("float32"), m.attr("float64"), m.attr("float16"), m.attr("bfloat16")},
-                           m.attr("bool"), m.attr("uint8"), m.attr("is_inference_mode_enabled")};
+                           m.attr("bool"), m.attr("uint8"), m.attr("is_inference_mode_enabled"),
+                           nn.is_none() ? py::none() : py::getattr(nn, "Parameter", py::none()),
+                           tensor.attr("is_neg"), tensor.attr("is_inference"),
+                           exchange_api(tensor)};
     return types;
+  }
+  // torch's DLPack exchange table (a capsule; an int in the first torch versions that had
+  // one), if its major version is the one this ABI describes.
+  static const dlpack::ExchangeApi* exchange_api(const py::object& tensor) {
+    const py::object api = py::getattr(tensor, "__dlpack_c_exchange_api__", py::none());
+    const void* ptr = nullptr;
+    if (PyCapsule_CheckExact(api.ptr()))
+      ptr = PyCapsule_GetPointer(api.ptr(), "dlpack_exchange_api");
+    else if (PyLong_Check(api.ptr()))
+      ptr = PyLong_AsVoidPtr(api.ptr());
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      return nullptr;
+    }
+    const auto* table = static_cast<const dlpack::ExchangeApi*>(ptr);
+    if (!table || table->header.version.major != dlpack::kMajorVersion ||
+        !table->dltensor_from_py_object_no_sync)
+      return nullptr;
+    return table;
   }
   // Whether obj is a torch tensor whose data is in host memory (tensors on a GPU are left
   // to the adapter, which says why they cannot run here; meta tensors are refused).

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <string>
 #include <vector>
+#include "bindings/dlpack.h"
 #include "bindings/overlap.h"
 #include "common/optim/descriptor.h"
 #include "cuda/launch_table.h"
@@ -79,26 +80,6 @@ inline TorchTypes*& torch_types() {
 }
 
 // ---- describing one array ------------------------------------------------------------------
-namespace dlpack {  // the DLPack ABI (dlpack.h, unversioned capsule "dltensor")
-struct Device { int32_t device_type, device_id; };
-struct DataType { uint8_t code, bits; uint16_t lanes; };
-struct Tensor {
-  void* data;
-  Device device;
-  int32_t ndim;
-  DataType dtype;
-  int64_t* shape;
-  int64_t* strides;
-  uint64_t byte_offset;
-};
-struct ManagedTensor {
-  Tensor dl_tensor;
-  void* manager_ctx;
-  void (*deleter)(ManagedTensor*);
-};
-constexpr int kCPU = 1, kCUDA = 2, kCUDAHost = 3, kCUDAManaged = 13;
-constexpr uint8_t kFloat = 2, kBfloat = 4;
-}  // namespace dlpack
 
 [[noreturn]] inline void host_array_error(const Where& w, const std::string& what) {
   throw py::type_error(w.str() + ": is " + what +

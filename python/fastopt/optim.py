@@ -57,6 +57,14 @@ STATE_DTYPES = ("float32", "bfloat16", "int8")
 STATE8_MIN_ELEMENTS = 4096
 
 
+def check_state_dtype(name: str, value: Any) -> str:
+    """``value`` if it is one of STATE_DTYPES, else a TypeError/ValueError naming ``name``."""
+    if isinstance(value, str) and value in STATE_DTYPES:
+        return value
+    expected = f"expected one of {', '.join(map(repr, STATE_DTYPES))}, got {value!r}"
+    raise (ValueError if isinstance(value, str) else TypeError)(f"{name}: {expected}")
+
+
 class Optimizer:
     """Shared machinery; a subclass names the spec it steps with (``_spec``, see
     ``fastopt._specs``) and passes its hyper-parameters other than lr."""
@@ -99,12 +107,7 @@ class Optimizer:
         self.lr = lr
         self._kw, used = self._validated(self._hyper, self._lr)
         self._initial = dict(initial_state or {})
-        if state_dtype not in STATE_DTYPES:
-            raise ValueError(
-                f"state_dtype: expected one of {', '.join(map(repr, STATE_DTYPES))}, "
-                f"got {state_dtype!r}"
-            )
-        self.state_dtype = state_dtype
+        self.state_dtype = check_state_dtype("state_dtype", state_dtype)
         # stochastic rounding: the seed of every step, mixed with the step count
         self._rounding_seed: Optional[int] = None
         if flag("stochastic_rounding", stochastic_rounding):

@@ -15,8 +15,10 @@ the CPU, a few launches on the GPU). The buckets (which params, the packed step 
 the CPU NumPy views of params and state, on the GPU the launch tables of
 ``fastopt._cuda.Plan``) are kept between steps and rebuilt only when the set of params with
 a grad changes, the group's options change which state arrays are used, or the state is
-replaced (``load_state_dict``, a step count replaced); state tensors are looked up at each
-step, so an entry replaced between steps is the one stepped, as in torch.optim. Params whose
+replaced (``load_state_dict``, a step count replaced). The buckets keep each param's state
+entry and its tensors and check them at each step by identity (the state dict's keys and
+values, the entries' tensors; no ``state[p]`` lookups unless the state dict changed), so an
+entry or a tensor replaced between steps is the one stepped, as in torch.optim. Params whose
 ``.grad`` is None are skipped and keep their state, as in torch.optim.
 
 State: torch's layout and keys, as torch tensors, so ``state_dict()`` / ``load_state_dict()``
@@ -52,6 +54,8 @@ Decisions, where torch.optim offers a choice:
   inference tensors are refused outside ``torch.inference_mode`` with torch's own message.
 - Hyper-parameters are checked by fastopt's table at each step (cached per distinct set of
   values): a bad value raises a ValueError/TypeError naming ``param_groups[i]['...']``.
+  ``state_dtype`` is checked when a group is made (constructor, ``add_param_group``) and at
+  each step, before the group's state is touched.
 - ``torch.amp.GradScaler`` (``_step_supports_amp_scaling = True``, as torch's fused
   optimizers): the scaler hands its scale and ``found_inf`` to the step, which divides the
   grads by the scale inside the kernel (the grads are not written) and skips the whole step,
@@ -122,6 +126,7 @@ current stream without any synchronisation (but the host reads named above).
 
 from __future__ import annotations
 
+import itertools
 import operator
 import re
 import threading
@@ -135,6 +140,7 @@ from . import _arrays, _ext, functional, reference
 from ._specs import OPTIMIZERS, OptimizerSpec
 from ._torch_clip import clip_grad_norm_, step_grad_scale
 from ._validate import flag, real
+from .optim import check_state_dtype
 
 __all__ = [
     "SGD",
@@ -213,6 +219,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 _DATA_PTR = torch.Tensor.data_ptr
+_STEP = operator.itemgetter("step")
+_GRAD = operator.attrgetter("grad")
 
 
 def _host_view(t: torch.Tensor) -> Any:
@@ -234,23 +242,28 @@ class _Checked(NamedTuple):
 
 class _Bucket:
     """The params of one group sharing (device, dtype, and the step count when the kernel
-    takes one), ready for one call. Their state tensors are looked up at each step (a
-    state entry may be replaced between steps, as torch.optim allows)."""
+    takes one), ready for one call. Their state entries (``state[p]``) and tensors are
+    kept and checked at each step: an entry replaced (``state[p] = {...}``) is looked up
+    again, a state tensor replaced in an entry is the one stepped, as in torch.optim."""
 
     __slots__ = (
         "index",
         "params",
         "keys",
+        "getters",
         "steps",
         "step_views",
         "done",
         "plan",
+        "params_inference",
         "inference",
         "distributed",
         "host",
+        "entries",
+        "states",
+        "written",
         "param_ptrs",
         "param_views",
-        "state_seen",
         "state_views",
         "masks",
         "absmax_keys",
@@ -264,7 +277,6 @@ class _Bucket:
         keys: List[Optional[str]],
         steps: Optional[torch.Tensor],
         done: int,
-        inference: bool,
         state: Any,
         masks: Optional[List[torch.Tensor]],
         absmax_keys: Optional[Dict[str, str]] = None,
@@ -278,11 +290,14 @@ class _Bucket:
         self.index = index  # position of each param in the group's "params"
         self.params = params  # the group's params, in bucket order
         self.keys = keys  # per state array of the table: its state key, None if unused
+        self.getters = [None if k is None else operator.itemgetter(k) for k in keys]
         self.steps = steps  # packed step counts, or None
+        self.entries: List[Dict[str, Any]] = list(map(state.__getitem__, params))  # state[p]
         # state[p]["step"] of each param: 0-d views of steps
-        self.step_views = None if steps is None else [state[p]["step"] for p in params]
+        self.step_views = None if steps is None else list(map(_STEP, self.entries))
         self.done = done  # steps taken so far if the kernel takes step (it gets done + 1)
-        self.inference = inference  # some param or state is an inference tensor
+        self.params_inference = any(p.is_inference() for p in params)
+        self.inference = self.params_inference  # some param or state is an inference tensor
         self.distributed = any(map(_is_dtensor, params))
         first = _local(params[0])
         self.plan = _ext._cuda.Plan() if first.is_cuda and _ext._cuda is not None else None
@@ -291,61 +306,71 @@ class _Bucket:
         # each step: a param whose data pointer moved (p.data = ...) or a state entry
         # replaced gets a fresh view. Grads are passed as they are (new at every backward).
         self.host = first.device.type == "cpu" and not self.distributed
+        # per state array: the state tensors (None if unused), their kernel views
+        self.states: List[Optional[List[torch.Tensor]]] = [None] * len(keys)
+        self.state_views: List[Optional[List[Any]]] = [None] * len(keys)
+        self.written: List[torch.Tensor] = params  # what a step writes: versions to bump
         self.param_ptrs: List[int] = []
         self.param_views: List[Any] = []
-        self.state_seen: List[Optional[List[torch.Tensor]]] = [None] * len(keys)
-        self.state_views: List[Optional[List[Any]]] = [None] * len(keys)
         # the masks of a masked bucket, as the kernel takes them (masks are read only)
         self.masks: Optional[List[Any]] = None
         if masks is not None:
             local = [_local(m) for m in masks]
             self.masks = [_host_view(m) for m in local] if self.host else local
 
-    def kernel_lists(
-        self, states: List[Optional[List[torch.Tensor]]]
-    ) -> Tuple[List[Any], List[Optional[List[Any]]]]:
-        """The params and ``states`` as the kernel takes them (see __init__)."""
+    def refresh(self, state: Any, look_up: bool) -> bool:
+        """Takes the state tensors of this step: the kept entries' (``look_up``: each
+        ``state[p]`` again, when the state dict changed). False when the bucket must be
+        rebuilt (an entry lacks a key, a step count was replaced)."""
+        try:
+            if look_up:
+                entries = list(map(state.__getitem__, self.params))
+                if not all(map(operator.is_, entries, self.entries)):
+                    self.entries = entries
+            if self.step_views is not None and not all(
+                map(operator.is_, map(_STEP, self.entries), self.step_views)
+            ):
+                return False
+            changed = False
+            for r, getter in enumerate(self.getters):
+                if getter is None:
+                    continue
+                tensors = list(map(getter, self.entries))
+                kept = self.states[r]
+                if kept is None or not all(map(operator.is_, tensors, kept)):
+                    self.states[r] = tensors
+                    self.state_views[r] = None
+                    changed = True
+        except KeyError:
+            return False
+        if changed:
+            held = [t for s in self.states if s is not None for t in s]
+            self.written = self.params + held
+            self.inference = self.params_inference or any(t.is_inference() for t in held)
+            if self.host:
+                for r, held_r in enumerate(self.states):
+                    if held_r is not None and self.state_views[r] is None:
+                        self.state_views[r] = [_host_view(t) for t in held_r]
+        return True
+
+    def kernel_lists(self) -> Tuple[List[Any], List[Optional[List[Any]]]]:
+        """The params and state as the kernel takes them (see __init__)."""
         if not self.host:
             if self.distributed:
                 return (
                     [_local(p) for p in self.params],
-                    [None if s is None else [_local(t) for t in s] for s in states],
+                    [None if s is None else [_local(t) for t in s] for s in self.states],
                 )
-            return self.params, states
+            return self.params, self.states
         ptrs = list(map(_DATA_PTR, self.params))
         if ptrs != self.param_ptrs:
             self.param_ptrs, self.param_views = ptrs, [_host_view(p) for p in self.params]
-        for r, tensors in enumerate(states):
-            seen = self.state_seen[r]
-            if tensors is not None and (
-                seen is None
-                or len(seen) != len(tensors)
-                or not all(map(operator.is_, tensors, seen))
-            ):
-                self.state_seen[r] = tensors
-                self.state_views[r] = [_host_view(t) for t in tensors]
-        return self.param_views, [
-            None if s is None else v for s, v in zip(states, self.state_views)
-        ]
+        return self.param_views, self.state_views
 
-    def absmax_lists(self, state: Any) -> Dict[str, List[torch.Tensor]]:
+    def absmax_lists(self) -> Dict[str, List[torch.Tensor]]:
         """8-bit state: the block maxima of each state array, {table name: tensors}."""
         assert self.absmax_keys is not None
-        return {n: [state[p][k] for p in self.params] for n, k in self.absmax_keys.items()}
-
-    def state_lists(self, state: Any) -> Optional[List[Optional[List[torch.Tensor]]]]:
-        """The state lists in the kernel's order (None for unused ones), or None when the
-        state changed under the bucket (an entry or a step count replaced): rebuild then."""
-        try:
-            entries = list(map(state.__getitem__, self.params))
-            lists = [None if key is None else [e[key] for e in entries] for key in self.keys]
-            if self.step_views is not None and not all(
-                map(operator.is_, [e["step"] for e in entries], self.step_views)
-            ):
-                return None
-        except KeyError:
-            return None
-        return lists
+        return {n: [e[k] for e in self.entries] for n, k in self.absmax_keys.items()}
 
 
 class _GroupCache:
@@ -373,7 +398,7 @@ class _GroupCache:
         state_dtype: Any,
     ):
         self.masks_version = masks_version
-        self.state_dtype = state_dtype  # the group's "state_dtype" the state was made for
+        self.state_dtype = state_dtype  # the group's state options the state was made for
         self.params = params
         self.has_grad = has_grad
         self.state = state
@@ -414,6 +439,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._lock = threading.RLock()  # a step at a time (see the module docstring)
         super().__init__(params, defaults)
         self._caches: Dict[int, _GroupCache] = {}
+        # (state, its keys, its values) after the last step: see step()
+        self._state_seen: Optional[Tuple[Any, List[Any], List[Any]]] = None
         self._masks: Dict[torch.Tensor, torch.Tensor] = {}
         self._masks_version = 0
         self.set_masks(masks)
@@ -474,6 +501,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         index = len(self.param_groups) - 1
         try:
             self._check_group_params(index, self.param_groups[index]["params"])
+            group = self.param_groups[index]
+            check_state_dtype(f"param_groups[{index}]['state_dtype']", group.get("state_dtype"))
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -530,6 +559,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if where
                 else f"{key}: not supported by fastopt.torch"
             )
+        check_state_dtype(
+            f"{where}['state_dtype']" if where else "state_dtype",
+            group.get("state_dtype", "float32"),
+        )
         hyper = self._group_hyper(group)
         types = tuple(map(type, hyper))
         try:
@@ -599,8 +632,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     f"{where}: state_dtype='bfloat16' is for float32 and 16-bit params, not float64"
                 )
             return torch.bfloat16
-        if kind != "float32":
-            raise ValueError(f"state_dtype: expected 'float32', 'bfloat16' or 'int8', got {kind!r}")
         return torch.float32 if p.dtype in _HALF else p.dtype
 
     def _new_state(self, p: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -769,6 +800,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         params = group["params"]
         keys: Dict[Tuple[Any, ...], List[int]] = defaultdict(list)
         taken: Dict[int, int] = {}  # steps taken so far, per param index
+        for i, (p, g) in enumerate(zip(params, grads)):  # refused before any state is made
+            if g is not None:
+                self._state_type(f"{where}['params'][{i}]", p, group)
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is None:
                 continue
@@ -805,11 +839,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
         buckets = []
         for (_, _, done, masked, eight, masters), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
-            inference = any(
-                p.is_inference()
-                or any(self.state[p][k].is_inference() for k in state_keys if k is not None)
-                for p in bucket_params
-            )
             steps = None
             if self._tracks_step:
                 first = self.state[bucket_params[0]]["step"]
@@ -824,7 +853,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     state_keys,
                     steps,
                     done or 0,
-                    inference,
                     self.state,
                     masks,
                     {
@@ -844,7 +872,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             used,
             buckets,
             self._masks_version,
-            group.get("state_dtype"),
+            _state_options(group),
         )
 
     @staticmethod
@@ -886,40 +914,56 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 self.last_grad_norm, grad_scale = step_grad_scale(
                     self.param_groups, self.max_grad_norm, grad_scale
                 )
+            # Whether any state[p] was set since the last step (then the buckets look their
+            # entries up again): the state dict's keys and values, compared by identity.
+            state, seen = self.state, self._state_seen
+            look_up = not (
+                seen is not None
+                and seen[0] is state
+                and len(seen[1]) == len(state)
+                and all(map(operator.is_, state, seen[1]))
+                and all(map(operator.is_, state.values(), seen[2]))
+            )
             for index, group in enumerate(self.param_groups):
-                self._step_group(index, group, grad_scale)
+                self._step_group(index, group, grad_scale, look_up)
+            if look_up or self._state_seen is None:
+                self._state_seen = (state, list(state), list(state.values()))
         return loss
 
-    def _step_group(self, index: int, group: Dict[str, Any], grad_scale: float) -> None:
+    def _step_group(
+        self,
+        index: int,
+        group: Dict[str, Any],
+        grad_scale: float,
+        look_up: bool,
+    ) -> None:
         where = f"param_groups[{index}]"
         kw, used = self._validate_group(where, group)
         lr = self._lr(where, group)
         params = group["params"]
-        grads = [p.grad for p in params]
+        grads = list(map(_GRAD, params))
+        has_grad = list(map(operator.is_not, grads, itertools.repeat(None)))
         cache = self._caches.get(index)
-        lists = None
         if (
-            cache is not None
-            and cache.params is params
-            and cache.state is self.state
-            and len(cache.has_grad) == len(params)
-            and cache.has_grad == [g is not None for g in grads]
-            and cache.roles == used
-            and cache.masks_version == self._masks_version
-            and cache.state_dtype == group.get("state_dtype")
+            cache is None
+            or cache.params is not params
+            or cache.state is not self.state
+            or cache.has_grad != has_grad
+            or cache.roles != used
+            or cache.masks_version != self._masks_version
+            or cache.state_dtype != _state_options(group)
+            or not all(b.refresh(self.state, look_up) for b in cache.buckets)
         ):
-            lists = [b.state_lists(self.state) for b in cache.buckets]
-        if cache is None or lists is None or None in lists:
             cache = self._caches[index] = self._build(index, group, grads, used)
-            lists = [b.state_lists(self.state) for b in cache.buckets]
+            for b in cache.buckets:
+                b.refresh(self.state, False)
+            self._state_seen = None  # the build may have added entries: take them at the end
         seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
-        for bucket, states in zip(cache.buckets, lists):
-            assert states is not None  # the state of a bucket just built
+        for bucket in cache.buckets:
             self._run(
                 where,
                 bucket,
                 grads if cache.whole else [grads[i] for i in bucket.index],
-                states,
                 kw,
                 lr,
                 grad_scale,
@@ -931,7 +975,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
         where: str,
         bucket: _Bucket,
         grads: List[torch.Tensor],
-        states: List[Optional[List[torch.Tensor]]],
         kw: Dict[str, Any],
         lr: float,
         grad_scale: float,
@@ -944,20 +987,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 "doing inplace update.See https://github.com/pytorch/rfcs/pull/17"
                 " for more details."
             )
-        written = bucket.params + [t for s in states if s is not None for t in s]
+        written = bucket.written
         masters: Optional[List[torch.Tensor]] = None
         if bucket.masters:
-            masters = [self.state[p][MASTER] for p in bucket.params]
-            written += masters
+            masters = [e[MASTER] for e in bucket.entries]
+            written = written + masters
             grads = [g.to(torch.float32) for g in grads]
         if bucket.absmax_keys is not None:
-            maxima = bucket.absmax_lists(self.state)
-            written += [t for ts in maxima.values() for t in ts]
+            maxima = bucket.absmax_lists()
+            written = written + [t for ts in maxima.values() for t in ts]
             extra_absmax = {
                 n: [_host_view(t) if bucket.host else _local(t) for t in ts]
                 for n, ts in maxima.items()
             }
-        params, states = bucket.kernel_lists(states)
+        params, states = bucket.kernel_lists()
         if masters is not None:
             params = [_host_view(m) for m in masters] if bucket.host else masters
         if bucket.distributed:
@@ -1041,6 +1084,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._caches = {}
         self._checked = {}
+        self._state_seen = None
         self.__dict__.setdefault("_masks", {})
         self.__dict__.setdefault("_masks_version", 0)
         self.__dict__.setdefault("_lock", threading.RLock())  # unpickled: none yet
@@ -1094,6 +1138,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 ) from None
             for p, key, value in kept:
                 self.state[p][key] = value
+
+
+def _state_options(group: Dict[str, Any]) -> Tuple[Any, ...]:
+    """The group options that decide the kind of its state: a change rebuilds the buckets."""
+    return (
+        group.get("state_dtype"),
+        group.get("master_weights"),
+        group.get("min_8bit_size"),
+        group.get("stochastic_rounding"),
+    )
 
 
 def _host_numpy(where: str, t: Any) -> Any:
