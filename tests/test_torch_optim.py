@@ -588,13 +588,15 @@ def test_signatures_and_defaults_are_torchs():
             assert arg in got, f"{name}: {arg}"
             assert got[arg].default == param.default, f"{name}.{arg}"
             assert got[arg].kind == param.kind, f"{name}.{arg} kind"
-        extras = ("l1", "state_dtype", "stochastic_rounding", "seed", "masks")  # fastopt's own
+        extras = ("l1", "state_dtype", "master_weights", "stochastic_rounding", "seed",
+                  "masks")  # fastopt's own
         for arg in extras:
             assert got[arg].kind == inspect.Parameter.KEYWORD_ONLY
         p = torch.randn(2, requires_grad=True)
         tdef = getattr(torch.optim, name)([p]).defaults
         fdef = getattr(ft, name)([p]).defaults
-        own = ("l1", "state_dtype", "stochastic_rounding", "rounding_seed")  # group options
+        own = ("l1", "state_dtype", "master_weights", "stochastic_rounding",
+               "rounding_seed")  # group options
         assert {k: v for k, v in fdef.items() if k not in own} == tdef
 
 
