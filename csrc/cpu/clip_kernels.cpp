@@ -9,9 +9,6 @@
 // so the total is bit-identical across paths and thread counts.
 #include "cpu/clip_kernels.h"
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include "common/half.h"
 
 FASTOPT_ISA_BEGIN
@@ -89,14 +86,17 @@ template <NormKind K, class P> double norm_total(const TensorTable& t, double p)
   if (blocks == 0) return 0.0;
   std::vector<double> partial(size_t(blocks), 0.0);
   const int threads = t.offsets[n] >= kParallelMinElements ? t.num_threads : 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int i = tensor_of(first_block.data(), n, b);
-    const int64_t start = (b - first_block[i]) * kNormBlock;
-    const int64_t size = t.offsets[i + 1] - t.offsets[i];
-    const int64_t len = size - start < kNormBlock ? size - start : kNormBlock;
-    partial[b] = block_partial<K>(static_cast<const P*>(t.ptrs[0][i]) + start, len, p);
-  }
+  parallel_region(threads, [&](int tid, int nt) {
+    int64_t begin, end;
+    static_share(blocks, tid, nt, begin, end);
+    for (int64_t b = begin; b < end; ++b) {
+      const int i = tensor_of(first_block.data(), n, b);
+      const int64_t start = (b - first_block[i]) * kNormBlock;
+      const int64_t size = t.offsets[i + 1] - t.offsets[i];
+      const int64_t len = size - start < kNormBlock ? size - start : kNormBlock;
+      partial[b] = block_partial<K>(static_cast<const P*>(t.ptrs[0][i]) + start, len, p);
+    }
+  });
   return combine_partials<K>(partial.data(), 0, blocks);
 }
 
@@ -148,6 +148,7 @@ void scale_grads(const TensorTable& t, DType d, double coefficient) {
     case DType::f64: run_scale<double, double>(t, coefficient); break;
     case DType::f16: run_scale<float16, float>(t, coefficient); break;
     case DType::bf16: run_scale<bfloat16, float>(t, coefficient); break;
+    case DType::u8: break;  // 8-bit state codes, never grads (the binding refuses them)
   }
 }
 

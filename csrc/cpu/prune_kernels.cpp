@@ -307,6 +307,7 @@ void prune_n_m_t(const PruneTable& t, int n, int m, int threads) {
     case cpu::DType::f64: fn<KeyF64>(__VA_ARGS__); break;                   \
     case cpu::DType::f16: fn<KeyF16>(__VA_ARGS__); break;                   \
     case cpu::DType::bf16: fn<KeyBF16>(__VA_ARGS__); break;                 \
+    case cpu::DType::u8: break; /* 8-bit codes: the binding refuses them */ \
   }
 
 }  // namespace

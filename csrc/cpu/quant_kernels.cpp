@@ -160,8 +160,12 @@ template <class Body>
 int64_t parallel_chunks(int64_t total, int64_t unit, int threads, const Body& body) {
   const int64_t chunks = (total + unit - 1) / unit;
   int64_t first = -1;
-  const int nt = chunks > 1 ? threads : 1;
-#pragma omp parallel num_threads(nt) if (nt > 1)
+  if (chunks <= 1 || threads <= 1) {  // no team (see parallel_region)
+    for (int64_t c = 0; c < chunks; ++c)
+      first = min_bad(first, body(c * unit, c * unit + unit < total ? c * unit + unit : total));
+    return first;
+  }
+#pragma omp parallel num_threads(threads)
   {
     int64_t mine = -1;
 #pragma omp for schedule(static)
