@@ -33,8 +33,8 @@ void run_released(Fn&& fn) {
 // for the arguments): the arrays are checked and tabled, then the kernel runs with the GIL
 // released.
 template <class Opt>
-void step(const py::args& args, const py::kwargs& kwargs) {
-  const StepCall<Opt> call(args, kwargs, {});
+void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bound) {
+  const StepCall<Opt> call(args, {}, bound);
   std::array<RoleSpec, Opt::num_roles + 1> roles;
   for (int r = 0; r < Opt::num_roles; ++r)
     roles[r] = {Opt::roles[r].name, call.lists[r], Opt::roles[r].written, Opt::roles[r].kind};
@@ -49,6 +49,14 @@ void step(const py::args& args, const py::kwargs& kwargs) {
     cpu::step<Opt>(table, arrays.dtype(), arrays.state_dtype(), call.hyper, call.options);
   });
 }
+
+struct Steps {
+  static constexpr const char* module_name = "fastopt._cpu";
+  template <class Opt>
+  static void run(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bound) {
+    step<Opt>(args, bound);
+  }
+};
 
 // ---- quantization and Newton: the same arguments as fastopt._cuda's (stream=None here).
 // Every size is read once from the arrays the kernel runs on and checked against the
@@ -526,10 +534,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "fastopt CPU kernels (scalar and AVX2 paths, OpenMP threads)";
   using py::arg;
-  fastopt::for_each_optimizer([&](auto opt) {
-    using Opt = decltype(opt);
-    m.def(Opt::name, &step<Opt>);
-  });
+  fastopt::bindings::StepBindings<Steps>::add(m);
   m.def("optimizers", &fastopt::bindings::describe_optimizers,
         "Each optimizer's array roles, hyper-parameter names and whether it takes step");
   m.def(

@@ -102,23 +102,27 @@ void check_stream_device(intptr_t stream, int device) {
 // tabled (in `plan` when given, else in a plan for this call only), then the kernel is
 // launched on the arrays' device without synchronising.
 template <class Opt>
-void step(const py::args& args, const py::kwargs& kwargs) {
-  const fastopt::bindings::StepCall<Opt> call(args, kwargs, {"stream", "plan"});
+void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bound) {
+  static PyObject* const stream_key = fastopt::bindings::interned_key("stream");
+  static PyObject* const plan_key = fastopt::bindings::interned_key("plan");
+  const fastopt::bindings::StepCall<Opt> call(args, {stream_key, plan_key}, bound);
   if (!call.absmax.is_none())
     throw py::value_error("absmax: 8-bit optimizer state (state_dtype='int8') runs on the CPU "
                           "only in this version; use float32 or bfloat16 state on the GPU");
   intptr_t stream = 0;
   DevicePlan* cached = nullptr;
-  if (kwargs.contains("stream")) {
+  if (PyObject* v = args.keyword(stream_key)) {
     int64_t handle = 0;
-    fastopt::bindings::read_keyword("stream", kwargs["stream"].ptr(), handle);
+    fastopt::bindings::read_keyword("stream", v, handle);
     if (handle < 0) throw py::value_error("stream: must be a handle >= 0");
     stream = intptr_t(handle);
   }
-  if (kwargs.contains("plan") && !kwargs["plan"].is_none()) {
-    if (!py::isinstance<DevicePlan>(kwargs["plan"]))
+  PyObject* plan_arg = args.keyword(plan_key);
+  if (plan_arg && plan_arg != Py_None) {
+    py::handle given(plan_arg);
+    if (!py::isinstance<DevicePlan>(given))
       throw py::type_error("plan: expected a fastopt._cuda.Plan or None");
-    cached = kwargs["plan"].cast<DevicePlan*>();
+    cached = given.cast<DevicePlan*>();
   }
   // One spec per table slot: the optimizer's roles, unused slots, the masks last.
   std::array<fastopt::bindings::DeviceRoleSpec, fastopt::kMaxSlots> roles;
@@ -146,6 +150,14 @@ void step(const py::args& args, const py::kwargs& kwargs) {
   cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.options,
                   loads, stores, masked, reinterpret_cast<cudaStream_t>(stream));
 }
+
+struct Steps {
+  static constexpr const char* module_name = "fastopt._cuda";
+  template <class Opt>
+  static void run(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bound) {
+    step<Opt>(args, bound);
+  }
+};
 
 // ---- quantization and Newton: the same arguments as fastopt._cpu's. Every size is read
 // once from the arrays the kernel runs on and checked against the others
@@ -698,11 +710,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def_property_readonly("launches", [](const DevicePlan& p) { return p.tables().size(); },
                              "Kernel launches one step makes")
       .def_property_readonly("num_tensors", &DevicePlan::num_tensors);
-  const auto plan = arg("plan").none(true) = py::none();
-  fastopt::for_each_optimizer([&](auto opt) {
-    using Opt = decltype(opt);
-    m.def(Opt::name, &step<Opt>);
-  });
+  fastopt::bindings::StepBindings<Steps>::add(m);
   m.def("optimizers", &fastopt::bindings::describe_optimizers,
         "Each optimizer's array roles, hyper-parameter names and whether it takes step");
   // Quantization and Newton: the same arguments as in fastopt._cpu.

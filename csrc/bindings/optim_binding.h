@@ -14,13 +14,16 @@
 // the module adds (the CUDA
 // module: stream, plan). Every argument is
 // checked here, so a direct call with a missing, unknown or mistyped argument raises a
-// TypeError/ValueError naming it (Python has validated the ranges already).
+// TypeError/ValueError naming it (Python has validated the ranges already). The step
+// functions, and bind_step (a step with its hyper-parameters read once), are registered
+// by StepBindings below and called through vectorcall.
 #pragma once
 #include <pybind11/pybind11.h>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <vector>
 #include "common/optim/registry.h"
@@ -96,12 +99,33 @@ template <class T> T scalar_arg(py::handle v, const char* name) {
 // Interned names, created once per call site (lookups by identity are then cheap).
 inline PyObject* interned_key(const char* name) { return PyUnicode_InternFromString(name); }
 
-// The keyword `name` of kw (nullptr when absent).
-inline PyObject* keyword(PyObject* kw, PyObject* name) {
-  PyObject* v = kw ? PyDict_GetItemWithError(kw, name) : nullptr;
-  if (!v && PyErr_Occurred()) throw py::error_already_set();
-  return v;
-}
+// A call's arguments as CPython's vectorcall passes them (METH_FASTCALL | METH_KEYWORDS):
+// args[0, nargs) positional, then one value per name in kwnames (a tuple, or null). The
+// step bindings take them so (see add_step): no argument tuple, keyword dict or pybind11
+// dispatch is built per call (~0.6 us of a small step).
+struct CallArgs {
+  PyObject* const* args = nullptr;
+  size_t nargs = 0;
+  PyObject* kwnames = nullptr;
+
+  size_t num_keywords() const { return kwnames ? size_t(PyTuple_GET_SIZE(kwnames)) : 0; }
+  PyObject* keyword_name(size_t k) const { return PyTuple_GET_ITEM(kwnames, Py_ssize_t(k)); }
+  // The value of keyword `name` (an interned str), nullptr when absent: names are compared
+  // by identity (Python interns the names of a call and of most dicts: two interned
+  // strings are equal only if identical), and by value only when not interned.
+  PyObject* keyword(PyObject* name) const {
+    const size_t n = num_keywords();
+    for (size_t k = 0; k < n; ++k)
+      if (keyword_name(k) == name) return args[nargs + k];
+    for (size_t k = 0; k < n; ++k) {
+      if (PyUnicode_CHECK_INTERNED(keyword_name(k))) continue;
+      const int same = PyObject_RichCompareBool(keyword_name(k), name, Py_EQ);
+      if (same < 0) throw py::error_already_set();
+      if (same) return args[nargs + k];
+    }
+    return nullptr;
+  }
+};
 
 // The arguments of one step call of optimizer Opt: its role lists (None for an optional
 // role the options do not use), `listed`, the hyper-parameters and the step count.
@@ -114,29 +138,26 @@ template <class Opt> struct StepCall {
   py::object absmax = py::none();  // 8-bit state: {state name: list of block maxima}
   unsigned fresh = 0;       // bit r: role r is written but not read at this step
 
-  // `extras`: the module's own keywords, read by the caller (they only count here).
-  StepCall(const py::args& args, const py::kwargs& kwargs,
-           std::initializer_list<const char*> extras) {
+  // `extras`: the module's own keywords (interned names), read by the caller. `bound`: the
+  // hyper-parameters of a bound step (bind_step), which the call then must not give.
+  StepCall(const CallArgs& args, std::initializer_list<PyObject*> extras,
+           const typename Opt::Hyper* bound = nullptr) {
     constexpr size_t n = Opt::num_roles;
-    if (args.size() != n + 1) {
+    if (args.nargs != n + 1) {
       std::string names;
       for (const Role& r : Opt::roles) names += std::string(r.name) + ", ";
       throw py::type_error(std::string(Opt::name) + "(): expected " + std::to_string(n + 1) +
                            " positional arguments (" + names + "listed), got " +
-                           std::to_string(args.size()));
+                           std::to_string(args.nargs));
     }
-    PyObject* kw = kwargs.ptr();
     size_t found = 0;
-    const std::vector<PyObject*>& keys = field_keys();
-    Opt::for_each_field(hyper, [&](const char* name, auto& field) {
-      PyObject* v = keyword(kw, keys[found]);
-      if (!v) throw py::type_error(std::string(Opt::name) + "(): missing keyword '" + name + "'");
-      read_keyword(name, v, field);
-      ++found;
-    });
+    if (bound)
+      hyper = *bound;
+    else
+      found = read_hyper(args, hyper);
     if (Opt::takes_step) {
       static PyObject* step_key = interned_key("step");
-      PyObject* v = keyword(kw, step_key);
+      PyObject* v = args.keyword(step_key);
       if (!v) throw py::type_error(std::string(Opt::name) + "(): missing keyword 'step'");
       read_keyword("step", v, options.step);
       if (options.step < 1)
@@ -144,7 +165,7 @@ template <class Opt> struct StepCall {
       ++found;
     }
     static PyObject* scale_key = interned_key("grad_scale");
-    if (PyObject* v = keyword(kw, scale_key)) {
+    if (PyObject* v = args.keyword(scale_key)) {
       read_keyword("grad_scale", v, options.grad_scale);
       if (!(options.grad_scale > 0.0) || options.grad_scale == HUGE_VAL)
         throw py::value_error("grad_scale: must be finite and > 0, got " +
@@ -152,7 +173,7 @@ template <class Opt> struct StepCall {
       ++found;
     }
     static PyObject* clip_key = interned_key("grad_clip");
-    if (PyObject* v = keyword(kw, clip_key)) {
+    if (PyObject* v = args.keyword(clip_key)) {
       read_keyword("grad_clip", v, options.grad_clip);
       if (!(options.grad_clip >= 0.0 && options.grad_clip <= 1.0) && options.grad_clip == options.grad_clip)
         throw py::value_error("grad_clip: must be in [0, 1] or NaN, got " +
@@ -160,7 +181,7 @@ template <class Opt> struct StepCall {
       ++found;
     }
     static PyObject* seed_key = interned_key("stochastic_seed");
-    if (PyObject* v = keyword(kw, seed_key)) {
+    if (PyObject* v = args.keyword(seed_key)) {
       if (!PyLong_Check(v) || PyBool_Check(v))
         throw py::type_error(std::string("stochastic_seed: expected an integer, got ") +
                              Py_TYPE(v)->tp_name);
@@ -173,30 +194,31 @@ template <class Opt> struct StepCall {
       ++found;
     }
     static PyObject* masks_key = interned_key("masks");
-    if (PyObject* v = keyword(kw, masks_key)) {
+    if (PyObject* v = args.keyword(masks_key)) {
       masks = py::reinterpret_borrow<py::object>(v);
       ++found;
     }
     static PyObject* absmax_key = interned_key("absmax");
-    if (PyObject* v = keyword(kw, absmax_key)) {
+    if (PyObject* v = args.keyword(absmax_key)) {
       absmax = py::reinterpret_borrow<py::object>(v);
       ++found;
     }
-    for (const char* extra : extras)
-      if (kwargs.contains(extra)) ++found;
-    if (kwargs && size_t(PyDict_Size(kw)) != found) {
-      for (auto item : kwargs)
-        if (!known(py::str(item.first).cast<std::string>(), extras))
-          throw py::type_error(std::string(Opt::name) + "(): unexpected keyword '" +
-                               py::str(item.first).cast<std::string>() + "'");
+    for (PyObject* extra : extras)
+      if (args.keyword(extra)) ++found;
+    if (args.num_keywords() != found) {  // an unknown (or, from a dict, repeated) keyword
+      for (size_t k = 0; k < args.num_keywords(); ++k) {
+        const std::string name = py::str(args.keyword_name(k)).cast<std::string>();
+        if (!known(name, extras, bound == nullptr))
+          throw py::type_error(std::string(Opt::name) + "(): unexpected keyword '" + name + "'");
+      }
     }
-    PyObject* flag = args[n].ptr();
+    PyObject* flag = args.args[n];
     if (!PyBool_Check(flag))
       throw py::type_error(std::string("listed: expected a bool, got ") + Py_TYPE(flag)->tp_name);
     listed = flag == Py_True;
     for (size_t r = 0; r < n; ++r) {
       const Role& role = Opt::roles[r];
-      py::object list = args[r];
+      py::object list = py::reinterpret_borrow<py::object>(args.args[r]);
       if (role.optional && !Opt::uses(hyper, int(r))) {
         list = py::none();  // the options do not use it: not even looked at
       } else if (list.is_none()) {
@@ -210,6 +232,19 @@ template <class Opt> struct StepCall {
     }
   }
 
+  // Reads every hyper field from its keyword into `hyper`; returns how many were read.
+  static size_t read_hyper(const CallArgs& args, typename Opt::Hyper& hyper) {
+    size_t found = 0;
+    const std::vector<PyObject*>& keys = field_keys();
+    Opt::for_each_field(hyper, [&](const char* name, auto& field) {
+      PyObject* v = args.keyword(keys[found]);
+      if (!v) throw py::type_error(std::string(Opt::name) + "(): missing keyword '" + name + "'");
+      read_keyword(name, v, field);
+      ++found;
+    });
+    return found;
+  }
+
  private:
   // The hyper fields' names as interned strings, in field order (made once per optimizer).
   static const std::vector<PyObject*>& field_keys() {
@@ -221,13 +256,122 @@ template <class Opt> struct StepCall {
     }();
     return keys;
   }
-  static bool known(const std::string& name, std::initializer_list<const char*> extras) {
+  static bool known(const std::string& name, std::initializer_list<PyObject*> extras,
+                    bool hyper_keywords) {
     bool hit = (Opt::takes_step && name == "step") || name == "grad_scale" || name == "masks" ||
                name == "stochastic_seed" || name == "grad_clip" || name == "absmax";
     typename Opt::Hyper h{};
-    Opt::for_each_field(h, [&](const char* field, auto&) { hit = hit || name == field; });
-    for (const char* extra : extras) hit = hit || name == extra;
+    if (hyper_keywords)
+      Opt::for_each_field(h, [&](const char* field, auto&) { hit = hit || name == field; });
+    for (PyObject* extra : extras) hit = hit || name == PyUnicode_AsUTF8(extra);
     return hit;
+  }
+};
+
+// Runs fn(args) for a vectorcall; a C++ exception becomes the Python exception pybind11
+// would raise for it.
+template <class Fn>
+PyObject* run_vectorcall(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, Fn&& fn) {
+  try {
+    py::object out = fn(CallArgs{args, size_t(PyVectorcall_NARGS(nargs)), kwnames});
+    return out.release().ptr();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (...) {
+    py::detail::try_translate_exceptions();
+  }
+  return nullptr;
+}
+
+// The step bindings of a module: Steps::run<Opt>(args, bound) runs one step of Opt
+// (bound: the hyper-parameters of a bound step, else null: read from the keywords), and
+// Steps::module_name is the module's name. add_step_bindings registers, called through
+// vectorcall (no argument tuple, keyword dict or pybind11 dispatch per call: ~0.6 us of a
+// small step):
+//   <name>(<role lists>, listed, **keywords)   one step (the keywords at the top)
+//   bind_step(name, **hyper)                    that optimizer's step with its hyper-
+//     parameters read once: a function taking <name>'s other arguments (the functional
+//     steps keep one per distinct set of validated values). The hyper-parameters live in
+//     a capsule, the function's `self`.
+template <class Steps> struct StepBindings {
+  template <class Opt> static PyObject* step(PyObject*, PyObject* const* args, Py_ssize_t nargs,
+                                             PyObject* kwnames) {
+    return run_vectorcall(args, nargs, kwnames, [](const CallArgs& a) {
+      Steps::template run<Opt>(a, nullptr);
+      return py::none();
+    });
+  }
+
+  template <class Opt> static PyObject* bound(PyObject* self, PyObject* const* args,
+                                              Py_ssize_t nargs, PyObject* kwnames) {
+    return run_vectorcall(args, nargs, kwnames, [self](const CallArgs& a) {
+      const void* hyper = PyCapsule_GetPointer(self, "fastopt.Hyper");
+      if (!hyper) throw py::error_already_set();
+      Steps::template run<Opt>(a, static_cast<const typename Opt::Hyper*>(hyper));
+      return py::none();
+    });
+  }
+
+  template <class Opt> static py::object bind(const CallArgs& a) {
+    using Hyper = typename Opt::Hyper;
+    auto hyper = std::make_unique<Hyper>();
+    if (a.num_keywords() != StepCall<Opt>::read_hyper(a, *hyper))
+      throw py::type_error(std::string("bind_step(): takes '") + Opt::name +
+                           "' and its hyper-parameters as keywords, nothing else");
+    py::capsule holder(hyper.get(), "fastopt.Hyper", [](PyObject* c) {
+      delete static_cast<Hyper*>(PyCapsule_GetPointer(c, "fastopt.Hyper"));
+    });
+    hyper.release();
+    static PyMethodDef def = {Opt::name, function(&bound<Opt>), METH_FASTCALL | METH_KEYWORDS,
+                              doc<Opt, true>()};
+    return steal(PyCFunction_NewEx(&def, holder.ptr(), py::str(Steps::module_name).ptr()));
+  }
+
+  static PyObject* bind_step(PyObject*, PyObject* const* args, Py_ssize_t nargs,
+                             PyObject* kwnames) {
+    return run_vectorcall(args, nargs, kwnames, [](const CallArgs& a) {
+      if (a.nargs != 1 || !PyUnicode_Check(a.args[0]))
+        throw py::type_error("bind_step(): expected the optimizer's name (str) and keywords");
+      const std::string name = PyUnicode_AsUTF8(a.args[0]);
+      py::object out;
+      for_each_optimizer([&](auto tag) {
+        using Opt = decltype(tag);
+        if (name == Opt::name) out = bind<Opt>(a);
+      });
+      if (!out) throw py::value_error("bind_step(): name: no optimizer '" + name + "'");
+      return out;
+    });
+  }
+
+  static void add(py::module_& m) {
+    for_each_optimizer([&](auto tag) {
+      using Opt = decltype(tag);
+      static PyMethodDef def = {Opt::name, function(&step<Opt>), METH_FASTCALL | METH_KEYWORDS,
+                                doc<Opt, false>()};
+      m.add_object(Opt::name, steal(PyCFunction_NewEx(&def, nullptr, m.attr("__name__").ptr())));
+    });
+    static PyMethodDef def = {"bind_step", function(&bind_step), METH_FASTCALL | METH_KEYWORDS,
+                              "bind_step(name, **hyper)\nOptimizer `name`'s step function with "
+                              "its hyper-parameters read once"};
+    m.add_object("bind_step", steal(PyCFunction_NewEx(&def, nullptr, m.attr("__name__").ptr())));
+  }
+
+ private:
+  // A step function's docstring: its signature line (as pybind11 writes one), then what it is.
+  template <class Opt, bool Bound> static const char* doc() {
+    static const std::string text =
+        std::string(Opt::name) + "(*args, **kwargs)\nOne step of " + Opt::name +
+        (Bound ? " with its hyper-parameters bound (bind_step)" : "") +
+        ": (<role lists>, listed, **keywords); see optimizers()";
+    return text.c_str();
+  }
+  using Fast = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t, PyObject*);
+  static PyCFunction function(Fast f) {
+    return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
+  }
+  static py::object steal(PyObject* fn) {
+    if (!fn) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(fn);
   }
 };
 

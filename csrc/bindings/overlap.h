@@ -50,9 +50,41 @@ struct Span {
 // Sorting is what costs (thousands of arrays per step), so it works on 16-byte keys, and
 // when each role's spans already lie in increasing address order (the usual result of
 // allocating a list of arrays in a loop) it merges those runs instead of sorting.
+using SpanKey = std::pair<uintptr_t, uint32_t>;  // (begin, index into spans)
+
+// The sweep over keys[0, n), sorted by address.
+template <class Where>
+void sweep_spans(const std::vector<Span>& spans, const SpanKey* keys, size_t n, const Where& where) {
+  const Span* reach_any = nullptr;      // earlier span reaching furthest
+  const Span* reach_written = nullptr;  // earlier written span reaching furthest
+  for (size_t k = 0; k < n; ++k) {
+    const Span& s = spans[keys[k].second];
+    const Span* hit = nullptr;
+    if (reach_written && s.begin < reach_written->end) hit = reach_written;
+    else if (s.written && reach_any && s.begin < reach_any->end) hit = reach_any;
+    if (hit)
+      throw pybind11::value_error(where(s.role, s.index) + " overlaps " +
+                                  where(hit->role, hit->index) +
+                                  " in memory; arrays updated in place must not alias");
+    if (!reach_any || s.end > reach_any->end) reach_any = &s;
+    if (s.written && (!reach_written || s.end > reach_written->end)) reach_written = &s;
+  }
+}
+
 template <class Where>
 void check_no_overlap(const std::vector<Span>& spans, const Where& where) {
-  using Key = std::pair<uintptr_t, uint32_t>;  // (begin, index into spans)
+  using Key = SpanKey;
+  constexpr size_t kFew = 16;  // one array per role: sorted on the stack, nothing allocated
+  if (spans.size() <= kFew) {
+    Key keys[kFew];
+    for (size_t k = 0; k < spans.size(); ++k) {  // insertion sort
+      size_t j = k;
+      for (; j > 0 && keys[j - 1].first > spans[k].begin; --j) keys[j] = keys[j - 1];
+      keys[j] = {spans[k].begin, uint32_t(k)};
+    }
+    sweep_spans(spans, keys, spans.size(), where);
+    return;
+  }
   std::vector<Key> keys(spans.size());
   std::vector<size_t> run_starts{0};
   bool runs_sorted = true;
@@ -69,20 +101,7 @@ void check_no_overlap(const std::vector<Span>& spans, const Where& where) {
   } else {
     std::sort(keys.begin(), keys.end());
   }
-  const Span* reach_any = nullptr;      // earlier span reaching furthest
-  const Span* reach_written = nullptr;  // earlier written span reaching furthest
-  for (const Key& key : keys) {
-    const Span& s = spans[key.second];
-    const Span* hit = nullptr;
-    if (reach_written && s.begin < reach_written->end) hit = reach_written;
-    else if (s.written && reach_any && s.begin < reach_any->end) hit = reach_any;
-    if (hit)
-      throw pybind11::value_error(where(s.role, s.index) + " overlaps " +
-                                  where(hit->role, hit->index) +
-                                  " in memory; arrays updated in place must not alias");
-    if (!reach_any || s.end > reach_any->end) reach_any = &s;
-    if (s.written && (!reach_written || s.end > reach_written->end)) reach_written = &s;
-  }
+  sweep_spans(spans, keys.data(), keys.size(), where);
 }
 
 }  // namespace bindings

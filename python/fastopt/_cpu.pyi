@@ -16,6 +16,12 @@ import numpy.typing as npt
 # whole so that adding an optimizer does not touch this file.
 def __getattr__(name: str) -> Callable[..., None]: ...
 
+# Optimizer `name`'s step function with its hyper-parameters (the descriptor's hyper fields,
+# all of them, as keywords) read once: it takes the step's other arguments, (<role lists>,
+# listed, step=..., grad_scale=..., ...). The functional steps keep one per distinct set
+# of validated hyper-parameters.
+def bind_step(name: str, **hyper: Any) -> Callable[..., None]: ...
+
 # {name: {"roles": [(name, kind, written, optional)], "hyper": [field names],
 #  "takes_step": bool, "nonnegative": [state roles stored with the unsigned 8-bit map]}}
 # for every optimizer.

@@ -27,6 +27,9 @@ class Plan:
 # whole so that adding an optimizer does not touch this file.
 def __getattr__(name: str) -> Callable[..., None]: ...
 
+# Optimizer `name`'s step function with its hyper-parameters read once (as in fastopt._cpu).
+def bind_step(name: str, **hyper: Any) -> Callable[..., None]: ...
+
 # {name: {"roles": [(name, kind, written, optional)], "hyper": [field names],
 #  "takes_step": bool}} for every optimizer.
 def optimizers() -> Dict[str, Dict[str, Any]]: ...

@@ -82,6 +82,9 @@ class Checked(NamedTuple):
     kw: Dict[str, Any]  # the kernel's keywords, fixed ones included, no step
     needed: Tuple[Tuple[int, str], ...]  # (index, message) of each optional array needed
     unused: Tuple[int, ...]  # indices of the optional arrays left unused
+    # the CPU kernel with these keywords read once (``_cpu.bind_step``): called with the
+    # lists, listed and the per-call keywords only (no keyword dict to build and parse)
+    cpu_bound: Callable[..., None]
 
 
 class StepKernel:
@@ -123,13 +126,14 @@ class StepKernel:
             checked = self._checked.get((hyper, tuple(map(type, hyper))))
         except TypeError:  # an unhashable value: the full check names it
             checked = None
-        kw, needed, unused = self._check(hyper) if checked is None else checked
+        if checked is None:
+            checked = self._check(hyper)
         if self.takes_step and (type(step) is not int or step < 1):
             step = step_count(step)
-        for i, message in needed:
+        for i, message in checked.needed:
             if arrays[i] is None:
                 raise ValueError(message)
-        for i in unused:
+        for i in checked.unused:
             arrays[i] = None
         # The lists as_list makes, calling it only for what is not a list or a NumPy array.
         lists: List[Optional[List[Any]]] = []
@@ -139,26 +143,51 @@ class StepKernel:
             for name, a in zip(self.names, arrays):
                 append(a if type(a) is list or a is None else as_list(name, a, True))
         else:
-            for name, a in zip(self.names, arrays):
-                append([a] if type(a) is _NDARRAY else a if a is None else as_list(name, a, False))
+            other = False  # an argument that is neither a NumPy array nor None
+            for a in arrays:
+                if type(a) is _NDARRAY:
+                    append([a])
+                else:
+                    append(a)
+                    other = other or a is not None
+            if other:
+                for k, a in enumerate(arrays):
+                    if type(a) is not _NDARRAY and a is not None:
+                        lists[k] = as_list(self.names[k], a, False)
+        if (
+            masks is None
+            and absmax is None
+            and max_grad_norm is None
+            and rounding == "nearest"
+            and seed is None
+            and stream is None
+            and lists[0]
+            and type(lists[0][0]) is _NDARRAY
+        ):  # a plain step on the host: the bound kernel with the step count only
+            if self.takes_step:
+                checked.cpu_bound(*lists, listed, step=step)
+            else:
+                checked.cpu_bound(*lists, listed)
+            return None
+        # the call's own keywords, beside the hyper-parameters
+        extra: Dict[str, Any] = {"step": step} if self.takes_step else {}
         if masks is not None:
-            masks = masks if listed and type(masks) is list else as_list("masks", masks, listed)
-            kw = {**kw, "masks": masks}
+            extra["masks"] = (
+                masks if listed and type(masks) is list else as_list("masks", masks, listed)
+            )
         if absmax is not None:
-            kw = {**kw, "absmax": block_maxima(absmax, listed)}
+            extra["absmax"] = block_maxima(absmax, listed)
         if rounding != "nearest" or seed is not None:
-            kw = {**kw, **stochastic_rounding(rounding, seed)}
+            extra.update(stochastic_rounding(rounding, seed))
         norm = None
         if max_grad_norm is not None:
-            norm, kw = self.clip(lists, listed, kw, max_grad_norm, stream)
+            norm, extra = self.clip(lists, listed, extra, max_grad_norm, stream)
         first = lists[0]
-        if stream is None and first and type(first[0]) is _NDARRAY:  # the CPU, as launch()
-            if self.takes_step:
-                self.cpu_kernel(*lists, listed, step=step, **kw)
-            else:
-                self.cpu_kernel(*lists, listed, **kw)
+        if stream is None and first and type(first[0]) is _NDARRAY:  # the CPU, as bound()
+            checked.cpu_bound(*lists, listed, **extra)
         else:
-            self.launch(lists, listed, kw, step, stream, plan)
+            kernel, device = self.bound(lists, stream, plan)
+            kernel(*lists, listed, **checked.kw, **extra, **device)
         return norm
 
     @staticmethod
@@ -170,10 +199,11 @@ class StepKernel:
         stream: Any,
     ) -> Tuple[Any, Dict[str, Any]]:
         """Clipping by the grads' global 2-norm before a step: (the norm, the step's
-        keywords). On the host the coefficient goes to the kernel as grad_clip (the grads
-        are read once more and never written; see ``clip.step_grad_scale``); on the GPU,
-        whose step takes its grad scale from the host, the grads are clipped in place
-        first (the norm stays on the device: 3 passes, no synchronisation)."""
+        keywords ``kw`` with what clipping adds). On the host the coefficient goes to the
+        kernel as grad_clip (the grads are read once more and never written; see
+        ``clip.step_grad_scale``); on the GPU, whose step takes its grad scale from the
+        host, the grads are clipped in place first (the norm stays on the device: 3
+        passes, no synchronisation)."""
         limit = clip.max_norm_of(max_grad_norm, "max_grad_norm")
         grads = lists[1]
         if grads and _arrays.on_device(grads[0]):
@@ -195,6 +225,7 @@ class StepKernel:
                 if a.optional and a.used(values)
             ),
             unused=tuple(i for i, a in enumerate(spec.arrays) if not a.used(values)),
+            cpu_bound=_ext._cpu.bind_step(spec.kernel, **values),
         )
         types = tuple(map(type, hyper))
         if _CACHEABLE.issuperset(types):
@@ -202,24 +233,6 @@ class StepKernel:
                 self._checked.clear()
             self._checked[(hyper, types)] = checked
         return checked
-
-    def launch(
-        self,
-        lists: Sequence[Optional[List[Any]]],
-        listed: bool,
-        kw: Dict[str, Any],
-        step: int,
-        stream: Any,
-        plan: Any,
-    ) -> None:
-        """The kernel on prepared lists (None for an unused optional array) with validated
-        keywords ``kw`` (``masks`` among them for a masked step) and ``step`` (passed when
-        the spec takes it), on the device of the params (``lists[0]``)."""
-        kernel, extra = self.bound(lists, stream, plan)
-        if self.takes_step:
-            kernel(*lists, listed, step=step, **kw, **extra)
-        else:
-            kernel(*lists, listed, **kw, **extra)
 
     def bound(
         self, lists: Sequence[Optional[List[Any]]], stream: Any, plan: Any

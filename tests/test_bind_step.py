@@ -1,0 +1,106 @@
+"""``bind_step``: a step binding with its hyper-parameters read once (what the functional
+steps call on the host), against the plain step binding: the same bits for every optimizer
+of the table, and the bad-input contract of the private bindings (TypeError/ValueError
+naming the problem, nothing written)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+
+from fastopt import _ext
+from fastopt._specs import EMA, OPTIMIZERS, OptimizerSpec
+
+from backends import assert_bits
+
+
+def kernel_keywords(spec: OptimizerSpec) -> Dict[str, Any]:
+    """The spec's example hyper-parameters (every array used), validated, with fixed ones."""
+    values = {**spec.defaults(), **spec.example}
+    return spec.kernel_hyper(spec.validate(values))
+
+
+def fresh_arrays(spec: OptimizerSpec, n: int, rng: np.random.Generator) -> List[List[Any]]:
+    """One list of one float32 array per role of the spec, random and non-zero (second
+    moments positive)."""
+    return [
+        [np.abs(rng.standard_normal(n)).astype(np.float32) + 0.5] for _ in spec.arrays
+    ]
+
+
+def copies(arrays: List[List[Any]]) -> List[List[Any]]:
+    return [[a.copy() for a in role] for role in arrays]
+
+
+@pytest.mark.parametrize("name", [*sorted(OPTIMIZERS), "ema"])
+@pytest.mark.parametrize("n", [1, 7, 33, 4097])
+def test_bound_step_equals_the_step(name: str, n: int, rng: np.random.Generator) -> None:
+    spec = EMA if name == "ema" else OPTIMIZERS[name]
+    kw = kernel_keywords(spec)
+    step = {"step": 3} if spec.takes_step else {}
+    arrays = fresh_arrays(spec, n, rng)
+    bound_arrays = copies(arrays)
+    getattr(_ext._cpu, spec.kernel)(*arrays, True, **kw, **step)
+    _ext._cpu.bind_step(spec.kernel, **kw)(*bound_arrays, True, **step)
+    for role, want, got in zip(spec.arrays, arrays, bound_arrays):
+        assert_bits(got[0], want[0], role.name)
+    # a step binding with keyword names that are not interned strings (built at run time)
+    again = copies(bound_arrays)
+    named = {"".join(list(k)): v for k, v in {**kw, **step}.items()}
+    getattr(_ext._cpu, spec.kernel)(*again, True, **named)
+    getattr(_ext._cpu, spec.kernel)(*bound_arrays, True, **kw, **step)
+    for role, want, got in zip(spec.arrays, bound_arrays, again):
+        assert_bits(got[0], want[0], role.name)
+
+
+def test_bind_step_refuses_bad_arguments() -> None:
+    kw = kernel_keywords(OPTIMIZERS["adam"])
+    bind = _ext._cpu.bind_step
+    with pytest.raises(ValueError, match="no optimizer 'adamx'"):
+        bind("adamx", **kw)
+    with pytest.raises(TypeError, match="optimizer's name"):
+        bind(3, **kw)
+    with pytest.raises(TypeError, match="optimizer's name"):
+        bind()
+    with pytest.raises(TypeError, match="optimizer's name"):
+        bind("adam", 1, **kw)
+    with pytest.raises(TypeError, match="missing keyword 'beta1'"):
+        bind("adam", **{k: v for k, v in kw.items() if k != "beta1"})
+    with pytest.raises(TypeError, match="nothing else"):
+        bind("adam", step=1, **kw)
+    with pytest.raises(TypeError, match="amsgrad: expected a bool, got int"):
+        bind("adam", **{**kw, "amsgrad": 1})
+    with pytest.raises(TypeError, match="lr: expected a real number, got str"):
+        bind("adam", **{**kw, "lr": "0.1"})
+
+
+def test_bound_step_refuses_bad_calls_and_writes_nothing(rng: np.random.Generator) -> None:
+    spec = OPTIMIZERS["adam"]
+    bound = _ext._cpu.bind_step("adam", **kernel_keywords(spec))
+    arrays = fresh_arrays(spec, 65, rng)
+    before = copies(arrays)
+    calls = [
+        (TypeError, "unexpected keyword 'lr'", lambda: bound(*arrays, True, step=1, lr=0.1)),
+        (TypeError, "missing keyword 'step'", lambda: bound(*arrays, True)),
+        (ValueError, "step: must be >= 1", lambda: bound(*arrays, True, step=0)),
+        (TypeError, "expected 6 positional", lambda: bound(*arrays, step=1)),
+        (TypeError, "listed: expected a bool", lambda: bound(*arrays, 1, step=1)),
+        (TypeError, "unexpected keyword 'bogus'", lambda: bound(*arrays, True, step=1, bogus=2)),
+    ]
+    for exc, match, call in calls:
+        with pytest.raises(exc, match=match):
+            call()
+    for role, want, got in zip(spec.arrays, before, arrays):
+        assert_bits(got[0], want[0], role.name)
+
+
+def test_step_functions_describe_themselves() -> None:
+    specs = {s.kernel: s for s in (*OPTIMIZERS.values(), EMA)}
+    for name in _ext._cpu.optimizers():
+        fn = getattr(_ext._cpu, name)
+        assert fn.__name__ == name and fn.__module__ == "fastopt._cpu"
+        assert fn.__doc__.startswith(f"{name}(*args, **kwargs)\n")
+        kw = kernel_keywords(specs[name])
+        assert _ext._cpu.bind_step(name, **kw).__doc__.startswith(f"{name}(*args, **kwargs)\n")
