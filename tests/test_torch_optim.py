@@ -532,6 +532,88 @@ def test_state_versions_are_bumped():
                                       opt.state[p]["exp_avg_sq"]._version], versions))
 
 
+def test_state_lies_in_one_buffer_per_key_and_every_view_is_bumped():
+    """The state a step makes for contiguous params is a view of one buffer per key; each
+    step bumps every state tensor's version (through the buffer), also after one entry's
+    tensor is replaced (then that one is bumped on its own)."""
+    params = [torch.randn(*shape, requires_grad=True) for shape in [(3, 5), (7,), (2, 2, 2)]]
+    params.append(torch.randn(4, 6).t().requires_grad_())  # not contiguous: its own tensors
+    opt = ft.AdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for key in ("exp_avg", "exp_avg_sq"):
+        bases = {id(opt.state[p][key]._base) for p in params[:3]}
+        assert len(bases) == 1 and None not in {opt.state[p][key]._base for p in params[:3]}
+        assert opt.state[params[3]][key].stride() == params[3].stride()
+        sizes = [opt.state[p][key].numel() for p in params[:3]]
+        assert opt.state[params[0]][key]._base.numel() == sum(sizes)
+
+    def versions():
+        return [opt.state[p][k]._version for p in params for k in ("exp_avg", "exp_avg_sq")]
+
+    before = versions()
+    opt.step()
+    assert all(a > b for a, b in zip(versions(), before))
+    opt.state[params[1]]["exp_avg"] = opt.state[params[1]]["exp_avg"].clone()
+    before = versions()
+    opt.step()
+    assert all(a > b for a, b in zip(versions(), before))
+
+
+def _halve_exp_avg(opt, p):
+    opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"] * 0.5
+
+
+STATE_EDITS = {  # an edit of the state between steps: t == 1 and t == 3
+    "tensor replaced in an entry": (_halve_exp_avg, _halve_exp_avg),
+    "entry set as a plain dict, then edited": (
+        lambda opt, p: opt.state.__setitem__(p, dict(opt.state[p])), _halve_exp_avg),
+    "entry removed": (lambda opt, p: opt.state.pop(p), lambda opt, p: opt.state[p].clear()),
+    "entry updated": (lambda opt, p: opt.state[p].update(exp_avg=opt.state[p]["exp_avg"] * 2),
+                      lambda opt, p: opt.state[p].setdefault("exp_avg", None)),
+    "state cleared": (lambda opt, p: opt.state.clear(), _halve_exp_avg),
+}
+
+
+@pytest.mark.parametrize("edit", list(STATE_EDITS))
+def test_state_edits_without_a_rebuild_are_seen_like_torch(edit):
+    """Edits of the state between steps when nothing else changes (every param has a grad
+    at every step, so no bucket is rebuilt): the state notes them (an entry set as a plain
+    dict cannot, so it is checked at every step), and the steps go on as torch.optim's."""
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=gen) for s in [(5, 3), (7,)]]
+    pairs = []
+    for cls in (torch.optim.Adam, ft.Adam):
+        params = [x.clone().requires_grad_() for x in start]
+        pairs.append((params, cls(params, lr=0.01)))
+    (tp, topt), (fp, fopt) = pairs
+    for t in range(6):
+        grads = [torch.randn(p.shape, generator=gen) for p in tp]
+        for params, opt in pairs:
+            _set_grads(params, grads)
+            opt.step()
+            if t in (1, 3):
+                STATE_EDITS[edit][t // 2](opt, params[0])
+        _assert_same_state(fopt, topt, fp, tp, f"{edit}, step {t + 1}")
+
+
+def test_optimizer_copies_keep_stepping_on_their_own_state():
+    import copy
+
+    (tp, topt, _), (fp, fopt, _) = _pair("Adam", {}, 0.01)
+    gen = torch.Generator().manual_seed(9)
+    for t in range(5):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            opt.step()
+        if t == 1:  # a deep copy holds copies of the params: step those from now on
+            fp, fopt = copy.deepcopy((fp, fopt))
+            assert type(next(iter(fopt.state.values()))) is not dict  # tracked again
+        _assert_same_state(fopt, topt, fp, tp, f"deep-copied optimizer, step {t + 1}")
+
+
 def test_inference_tensors_are_refused_like_torch():
     with torch.inference_mode():
         p = torch.randn(3)
