@@ -90,3 +90,125 @@ def test_master_weights_leaves_float32_params_alone_and_is_dropped_when_off():
     opt.param_groups[0]["master_weights"] = False
     opt.step()
     assert not any("master_param" in opt.state[p] for p in a)
+
+
+# ---- the array-list classes (fastopt.AdamW(list_of_arrays, master_weights=True)) ---------
+
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fastopt  # noqa: E402
+from fastopt._specs import OPTIMIZERS  # noqa: E402
+
+HALF = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def _arrays(dtype, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32).astype(dtype) for s in SHAPES]
+
+
+def _class_kw(name):
+    spec = OPTIMIZERS[name]
+    return {k: v for k, v in spec.example.items()}
+
+
+@pytest.mark.parametrize("half", list(HALF))
+@pytest.mark.parametrize("name,state_dtype,options", [
+    *((name, "float32", {}) for name in sorted(OPTIMIZERS)),
+    *((name, "int8", {}) for name in sorted(OPTIMIZERS) if name != "sophia"),  # no 8-bit
+    ("adamw", "float32", {"max_grad_norm": 0.5}),
+    ("adamw", "float32", {"masks": True}),
+])
+def test_class_master_is_the_float32_step_and_params_are_it_rounded(
+        name, state_dtype, options, half):
+    """The array class with master_weights on 16-bit params: its masters are, bit for bit,
+    the float32 class's params stepped with the grads in float32 (also clipped, masked),
+    and its params are the masters rounded to nearest."""
+    cls = fastopt.optim.CLASSES[name]
+    params = _arrays(HALF[half], 0)
+    ref_params = [p.astype(np.float32) for p in params]
+    masks = None
+    if options.get("masks"):
+        masks = [np.random.default_rng(7).random(p.shape) < 0.7 for p in params]
+    opt = cls(params, **_class_kw(name), master_weights=True, state_dtype=state_dtype,
+              masks=masks)
+    ref = cls(ref_params, **_class_kw(name), state_dtype=state_dtype, masks=masks)
+    clip = options.get("max_grad_norm")
+    for step in range(3):
+        grads = _arrays(HALF[half], 10 + step)
+        norm = opt.step(grads, max_grad_norm=clip)
+        assert norm == ref.step([g.astype(np.float32) for g in grads], max_grad_norm=clip)
+        for i, (p, m, want) in enumerate(zip(params, opt.master_params, ref_params)):
+            assert_bits(m, want, f"masters[{i}], step {step + 1}")
+            assert_bits(p, want.astype(HALF[half]), f"params[{i}], step {step + 1}")
+    for key, arrays in ref.state.items():
+        for i, (got, want) in enumerate(zip(opt.state[key], arrays)):
+            assert_bits(got, want, f"state[{key!r}][{i}]")
+
+
+def test_class_master_weights_on_torch_cpu_tensors():
+    """float16 torch CPU tensors (the array classes take those through NumPy views)."""
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+              for s in SHAPES]
+    ref_params = [p.float().numpy() for p in params]
+    opt = fastopt.AdamW(params, lr=1e-2, master_weights=True)
+    ref = fastopt.AdamW(ref_params, lr=1e-2)
+    for _ in range(2):
+        grads = [torch.randn(s).to(torch.float16) for s in SHAPES]
+        opt.step(grads)
+        ref.step([g.float().numpy() for g in grads])
+    for p, m, want in zip(params, opt.master_params, ref_params):
+        assert_bits(np.asarray(m), want)
+        assert_bits(p.numpy(), want.astype(np.float16))
+
+
+def test_class_master_weights_checkpoint_and_zero_state():
+    params = _arrays(ml_dtypes.bfloat16, 0)
+    opt = fastopt.Adam(params, lr=1e-2, master_weights=True)
+    grads = [_arrays(ml_dtypes.bfloat16, 20 + t) for t in range(4)]
+    for g in grads[:2]:
+        opt.step(g)
+    ckpt = opt.state_dict()
+    saved_params = [p.copy() for p in params]
+    for g in grads[2:]:
+        opt.step(g)
+    want = [m.copy() for m in opt.master_params]
+    for p, s in zip(params, saved_params):  # the model restored beside the optimizer
+        p[...] = s
+    again = fastopt.Adam(params, lr=1e-2, master_weights=True)
+    again.load_state_dict(ckpt)
+    for g in grads[2:]:
+        again.step(g)
+    for got, w in zip(again.master_params, want):
+        assert_bits(got, w)
+    again.zero_state()
+    for p, m in zip(params, again.master_params):
+        assert_bits(m, p.astype(np.float32))
+    with pytest.raises(ValueError, match="has 'master_params' but this optimizer keeps no"):
+        fastopt.Adam([p.astype(np.float32) for p in params], lr=1e-2).load_state_dict(ckpt)
+    plain = fastopt.Adam(_arrays(ml_dtypes.bfloat16, 0), lr=1e-2).state_dict()
+    with pytest.raises(ValueError, match="has no 'master_params' but this optimizer keeps"):
+        again.load_state_dict(plain)
+
+
+def test_class_master_weights_bad_input_changes_nothing():
+    with pytest.raises(ValueError, match="master_weights: applies to float16/bfloat16"):
+        fastopt.Adam(_arrays(np.float32, 0), lr=1e-2, master_weights=True)
+    with pytest.raises(ValueError, match="master_weights: excludes stochastic_rounding"):
+        fastopt.Adam(_arrays(ml_dtypes.bfloat16, 0), lr=1e-2, master_weights=True,
+                     stochastic_rounding=True)
+    with pytest.raises(TypeError, match="master_weights"):
+        fastopt.Adam(_arrays(ml_dtypes.bfloat16, 0), lr=1e-2, master_weights="yes")
+    params = _arrays(ml_dtypes.bfloat16, 0)
+    opt = fastopt.Adam(params, lr=1e-2, master_weights=True)
+    before = [p.copy() for p in params] + [m.copy() for m in opt.master_params]
+    bad = _arrays(ml_dtypes.bfloat16, 1)
+    bad[2] = bad[2].astype(np.float32)
+    with pytest.raises(ValueError, match=r"grads\[2\]: shape \(33, 3\) float32 does not match"):
+        opt.step(bad)
+    with pytest.raises(ValueError, match="grads: expected 4 arrays"):
+        opt.step(bad[:3])
+    for got, want in zip(list(params) + opt.master_params, before):
+        assert_bits(got, want)
+    assert opt.step_count == 0

@@ -328,6 +328,24 @@ def clone(a: Any) -> Any:
     return a.clone() if _is_torch(a) else a.copy()
 
 
+def float32_copy(a: Any) -> Any:
+    """A new float32 array with ``a``'s values, from its library on its device."""
+    if _is_torch(a):
+        import torch
+
+        return a.detach().to(torch.float32, copy=True)
+    return a.astype(np.float32)  # NumPy (ml_dtypes bfloat16 too) and CuPy: a new array
+
+
+def copy_rounded(dst: Any, src: Any) -> None:
+    """dst[...] = float32 ``src`` rounded to ``dst``'s 16-bit type (to nearest, ties to
+    even), in their library on their device."""
+    if _is_torch(dst):
+        dst.copy_(src)
+    else:
+        dst[...] = src.astype(dst.dtype)
+
+
 def dtype_name(a: Any) -> str:
     """ "float32", ... for NumPy, CuPy and PyTorch arrays alike."""
     if _is_torch(a):

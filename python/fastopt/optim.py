@@ -21,6 +21,11 @@ updated outside the step).
 ``stochastic_rounding=True`` (bfloat16 params) rounds the params stochastically at every step
 (see ``fastopt.sgd_``), keyed by ``seed`` (drawn when None) and the step count: bfloat16
 training without a float32 master copy, reproducible for a given seed.
+``master_weights=True`` (float16/bfloat16 params) keeps a float32 copy of the params,
+``opt.master_params``, which the steps update (with the grads converted to float32) and
+round to nearest into the params after each step: the float32 step, bit for bit, with the
+params holding its values rounded (one conversion pass over the grads and one over the
+params around the fused step; on the GPU on the current stream).
 ``state_dict()`` / ``load_state_dict()`` round-trip exactly (step count, lr,
 hyper-parameters, every state element), so a restored optimizer continues bit-identically;
 masks are not part of it (they belong to the model, like torch's pruning buffers).
@@ -83,6 +88,7 @@ class Optimizer:
         state_dtype: str = "float32",
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        master_weights: bool = False,
     ):
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
@@ -122,6 +128,21 @@ class Optimizer:
             ]
         elif seed is not None:
             raise ValueError("seed: only applies with stochastic_rounding=True")
+        # master_weights: float32 copies of float16/bfloat16 params, stepped in their place
+        self.master_params: Optional[List[Any]] = None
+        if flag("master_weights", master_weights):
+            if self._rounding_seed is not None:
+                raise ValueError(
+                    "master_weights: excludes stochastic_rounding (both are ways to keep the "
+                    "small updates of 16-bit params)"
+                )
+            kinds = sorted({_arrays.dtype_name(p) for p in self.params})
+            if not self.params or not set(kinds) <= {"float16", "bfloat16"}:
+                raise ValueError(
+                    "master_weights: applies to float16/bfloat16 params; the params are "
+                    + (", ".join(kinds) or "none")
+                )
+            self.master_params = [_arrays.float32_copy(p) for p in self.params]
         bfloat16 = state_dtype == "bfloat16"
         # state_dtype="int8": the params whose state is 8-bit (the others keep float32)
         self._state8 = self._state8_params() if state_dtype == "int8" else []
@@ -262,7 +283,11 @@ class Optimizer:
             if self._rounding_seed is not None:
                 kw["stochastic_seed"] = functional.step_seed(self._rounding_seed, t)
             grads = as_list("grads", grads, self._listed)
-            lists = [self.params, grads, *self._state_lists]
+            params = self.params
+            if self.master_params is not None:
+                grads = self._master_grads(grads, stream)
+                params = self.master_params
+            lists = [params, grads, *self._state_lists]
             norm = None
             if max_grad_norm is not None:
                 norm, kw = self._kernel.clip(lists, self._listed, kw, max_grad_norm, stream)
@@ -294,8 +319,37 @@ class Optimizer:
                 raise
             finally:
                 if not refused:
+                    if self.master_params is not None:  # the params: the masters rounded
+                        for p, m in zip(self.params, self.master_params):
+                            _arrays.copy_rounded(p, m)
                     self._queued_on(stream)
         return norm
+
+    def _master_grads(self, grads: List[Any], stream: Any) -> List[Any]:
+        """master_weights: the 16-bit ``grads`` as float32 (checked against the params
+        first: a grad of another shape or dtype would otherwise be converted)."""
+        if stream is not None and self._plan is not None:
+            raise ValueError(
+                "stream: master_weights steps run on the current stream (the grads are "
+                "converted and the params rounded there)"
+            )
+        if len(grads) != len(self.params):
+            raise ValueError(
+                f"grads: expected {len(self.params)} arrays (one per entry of params), "
+                f"got {len(grads)}"
+            )
+        out = []
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            name = f"grads[{i}]" if self._listed else "grads"
+            g = _arrays.param_array(name, g)
+            if tuple(g.shape) != tuple(p.shape) or _arrays.dtype_name(g) != _arrays.dtype_name(p):
+                raise ValueError(
+                    f"{name}: shape {tuple(g.shape)} {_arrays.dtype_name(g)} does not match "
+                    f"{'params[%d]' % i if self._listed else 'params'}'s {tuple(p.shape)} "
+                    f"{_arrays.dtype_name(p)}"
+                )
+            out.append(_arrays.float32_copy(g))
+        return out
 
     def _step_calls(
         self, lists: List[Any], kw: Dict[str, Any], t: int
@@ -306,7 +360,7 @@ class Optimizer:
         if len(self._calls) == 1 and self._calls[0][0] is None:
             return [(lists, kw)]
         # The first call must not run when the second would refuse its grads.
-        for i, (p, g) in enumerate(zip(self.params, lists[1])):
+        for i, (p, g) in enumerate(zip(lists[0], lists[1])):
             if tuple(g.shape) != tuple(p.shape) or _arrays.dtype_name(g) != _arrays.dtype_name(p):
                 raise ValueError(
                     f"grads[{i}]: shape {tuple(g.shape)} {_arrays.dtype_name(g)} does not match "
@@ -342,6 +396,8 @@ class Optimizer:
                         )
                         _arrays.fill(a, int(codes[0]))
                         _arrays.fill(maxima, float(top[0]))
+            for p, m in zip(self.params, self.master_params or []):  # the params' values
+                _arrays.copy_into(m, _arrays.float32_copy(p))
             self._await_state_writes()
             self._step = 0
 
@@ -381,8 +437,8 @@ class Optimizer:
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """A deep copy of everything needed to continue exactly: type, step, lr, hyper,
-        state, and with 8-bit state ``"absmax"`` (each state's block maxima, None for the
-        params with float32 state)."""
+        state, with 8-bit state ``"absmax"`` (each state's block maxima, None for the
+        params with float32 state) and with master weights ``"master_params"``."""
         with self._lock:
             out = {
                 "optimizer": type(self).__name__,
@@ -391,6 +447,9 @@ class Optimizer:
                 "hyper": copy.deepcopy(self._hyper),
                 "state": self._state_copies(),
             }
+            if self.master_params is not None:
+                out["master_params"] = [_arrays.clone(m) for m in self.master_params]
+                self._await_state_writes()
             if self.absmax:
                 out["absmax"] = {
                     name: [None if a is None else _arrays.clone(a) for a in arrays]
@@ -448,6 +507,25 @@ class Optimizer:
             raise TypeError(
                 f"state_dict['absmax']: expected a dict, got {type(saved_absmax).__name__}"
             )
+        masters = state_dict.get("master_params")
+        if (masters is None) != (self.master_params is None):
+            raise ValueError(
+                "state_dict: "
+                + ("has no 'master_params'" if masters is None else "has 'master_params'")
+                + f" but this optimizer {'keeps' if masters is None else 'keeps no'} master "
+                "weights (master_weights=True)"
+            )
+        if masters is not None:
+            assert self.master_params is not None
+            if not isinstance(masters, (list, tuple)) or len(masters) != len(self.master_params):
+                raise ValueError(
+                    f"state_dict['master_params']: expected a list of {len(self.master_params)} "
+                    "arrays"
+                )
+            staged_masters = [
+                _arrays.staged(f"state_dict['master_params'][{i}]", own, saved)
+                for i, (own, saved) in enumerate(zip(self.master_params, masters))
+            ]
         staged: Dict[str, List[Tuple[Any, Any]]] = {}
         for name, arrays in self.state.items():
             saved = state[name]
@@ -476,6 +554,9 @@ class Optimizer:
                     _arrays.copy_into(own, s)
                     if top is not None:
                         _arrays.copy_into(self.absmax[name][i], top)
+            if masters is not None:
+                for own, saved in zip(self.master_params or [], staged_masters):
+                    _arrays.copy_into(own, saved)
             self._await_state_writes()
             self._step = step
             self._lr = lr
@@ -573,6 +654,7 @@ class SGD(Optimizer):
         state_dtype: str = "float32",
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        master_weights: bool = False,
     ):
         hyper = dict(
             momentum=momentum,
@@ -591,6 +673,7 @@ class SGD(Optimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            master_weights=master_weights,
         )
 
 
@@ -616,6 +699,7 @@ class Adagrad(Optimizer):
         state_dtype: str = "float32",
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        master_weights: bool = False,
     ):
         init = real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
         hyper = dict(
@@ -631,6 +715,7 @@ class Adagrad(Optimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            master_weights=master_weights,
         )
 
 
@@ -656,6 +741,7 @@ class RMSprop(Optimizer):
         state_dtype: str = "float32",
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        master_weights: bool = False,
     ):
         hyper = dict(
             alpha=alpha,
@@ -675,6 +761,7 @@ class RMSprop(Optimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            master_weights=master_weights,
         )
 
 
@@ -701,6 +788,7 @@ class Adam(Optimizer):
         state_dtype: str = "float32",
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        master_weights: bool = False,
     ):
         hyper = dict(
             beta1=beta1,
@@ -721,6 +809,7 @@ class Adam(Optimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            master_weights=master_weights,
         )
 
 
@@ -745,6 +834,7 @@ class AdamW(Adam):
         state_dtype: str = "float32",
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        master_weights: bool = False,
     ):
         super().__init__(
             params,
@@ -762,6 +852,7 @@ class AdamW(Adam):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            master_weights=master_weights,
         )
 
 
@@ -788,6 +879,7 @@ class Sophia(Optimizer):
         state_dtype: str = "float32",
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        master_weights: bool = False,
     ):
         hyper = dict(
             beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize, l1=l1
@@ -801,6 +893,7 @@ class Sophia(Optimizer):
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            master_weights=master_weights,
         )
         self._ema_plan = None if self._plan is None or _ext._cuda is None else _ext._cuda.Plan()
 
@@ -824,7 +917,7 @@ class Sophia(Optimizer):
 def _class_from_spec(spec: OptimizerSpec) -> type:
     """The class of an optimizer that needs nothing beyond its table entry:
     ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None, masks=None,
-    state_dtype="float32", stochastic_rounding=False, seed=None)``,
+    state_dtype="float32", stochastic_rounding=False, seed=None, master_weights=False)``,
     named after the spec (``"name"`` -> ``Name``) and documented by its functional step."""
     lr_default = spec.hyper["lr"].default
     others = {name: h.default for name, h in spec.hyper.items() if name != "lr"}
@@ -839,6 +932,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
         state_dtype: str = "float32",
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        master_weights: bool = False,
         **hyper: Any,
     ) -> None:
         unknown = sorted(set(hyper) - set(others))
@@ -856,6 +950,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            master_weights=master_weights,
         )
 
     keyword = inspect.Parameter.KEYWORD_ONLY
@@ -874,6 +969,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
             inspect.Parameter("state_dtype", keyword, default="float32"),
             inspect.Parameter("stochastic_rounding", keyword, default=False),
             inspect.Parameter("seed", keyword, default=None),
+            inspect.Parameter("master_weights", keyword, default=False),
         ]
     )
     name = spec.name.capitalize()
