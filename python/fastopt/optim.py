@@ -340,13 +340,12 @@ class Optimizer:
             )
         out = []
         for i, (p, g) in enumerate(zip(self.params, grads)):
-            name = f"grads[{i}]" if self._listed else "grads"
+            name, param = (f"grads[{i}]", f"params[{i}]") if self._listed else ("grads", "params")
             g = _arrays.param_array(name, g)
             if tuple(g.shape) != tuple(p.shape) or _arrays.dtype_name(g) != _arrays.dtype_name(p):
                 raise ValueError(
                     f"{name}: shape {tuple(g.shape)} {_arrays.dtype_name(g)} does not match "
-                    f"{'params[%d]' % i if self._listed else 'params'}'s {tuple(p.shape)} "
-                    f"{_arrays.dtype_name(p)}"
+                    f"{param}'s {tuple(p.shape)} {_arrays.dtype_name(p)}"
                 )
             out.append(_arrays.float32_copy(g))
         return out
