@@ -254,7 +254,24 @@ def _noting(method: Callable[..., Any]) -> Callable[..., Any]:
     return noted
 
 
-class _StateEntry(Dict[Any, Any]):
+class _NotesChanges:
+    """The dict methods that change items, each noting the change in ``self._changes``
+    first (a mixin of _StateEntry and _State, before their dict base)."""
+
+    __slots__ = ()
+    _changes: _Changes
+
+    __setitem__ = _noting(dict.__setitem__)
+    __delitem__ = _noting(dict.__delitem__)
+    __ior__ = _noting(dict.__ior__)
+    clear = _noting(dict.clear)
+    pop = _noting(dict.pop)
+    popitem = _noting(dict.popitem)
+    setdefault = _noting(dict.setdefault)
+    update = _noting(dict.update)
+
+
+class _StateEntry(_NotesChanges, Dict[Any, Any]):
     """``state[p]``: a dict that notes every change of its items (a state tensor replaced,
     a key added or removed), so that a step looks the state tensors up again only after
     one instead of checking a thousand entries at every step. Pickled, copied and saved as
@@ -266,20 +283,11 @@ class _StateEntry(Dict[Any, Any]):
         super().__init__(*args)
         self._changes = changes
 
-    __setitem__ = _noting(dict.__setitem__)
-    __delitem__ = _noting(dict.__delitem__)
-    __ior__ = _noting(dict.__ior__)
-    clear = _noting(dict.clear)
-    pop = _noting(dict.pop)
-    popitem = _noting(dict.popitem)
-    setdefault = _noting(dict.setdefault)
-    update = _noting(dict.update)
-
     def __reduce__(self) -> Any:
         return (dict, (dict(self),))
 
 
-class _State(DefaultDict[Any, Any]):
+class _State(_NotesChanges, DefaultDict[Any, Any]):
     """The optimizer's ``state``: torch.optim's ``defaultdict(dict)``, whose entries are
     _StateEntry and which notes every change of its own items (an entry set or removed).
     A plain dict set as an entry (``opt.state[p] = {...}``) cannot note its changes: while
@@ -297,15 +305,6 @@ class _State(DefaultDict[Any, Any]):
     def __missing__(self, key: Any) -> _StateEntry:
         entry = self[key] = _StateEntry(self._changes)
         return entry
-
-    __setitem__ = _noting(dict.__setitem__)
-    __delitem__ = _noting(dict.__delitem__)
-    __ior__ = _noting(dict.__ior__)
-    clear = _noting(dict.clear)
-    pop = _noting(dict.pop)
-    popitem = _noting(dict.popitem)
-    setdefault = _noting(dict.setdefault)
-    update = _noting(dict.update)
 
     def __reduce__(self) -> Any:
         entries = ((k, dict(v) if type(v) is _StateEntry else v) for k, v in self.items())
