@@ -14,6 +14,9 @@ from fastopt import _ext
 from fastopt._specs import EMA, OPTIMIZERS, OptimizerSpec
 
 from backends import assert_bits
+from cuda_libs import lib_fixture
+
+lib = lib_fixture(scope="module")
 
 
 def kernel_keywords(spec: OptimizerSpec) -> Dict[str, Any]:
@@ -53,6 +56,26 @@ def test_bound_step_equals_the_step(name: str, n: int, rng: np.random.Generator)
     getattr(_ext._cpu, spec.kernel)(*bound_arrays, True, **kw, **step)
     for role, want, got in zip(spec.arrays, bound_arrays, again):
         assert_bits(got[0], want[0], role.name)
+
+
+@pytest.mark.parametrize("name", [*sorted(OPTIMIZERS), "ema"])
+def test_cuda_bound_step_equals_the_step_and_the_cpu(lib: Any, name: str,
+                                                   rng: np.random.Generator) -> None:
+    """fastopt._cuda.bind_step: the bound step on device arrays gives the bits of the plain
+    CUDA step binding and of the CPU kernels."""
+    spec = EMA if name == "ema" else OPTIMIZERS[name]
+    kw = kernel_keywords(spec)
+    step = {"step": 3} if spec.takes_step else {}
+    host = fresh_arrays(spec, 4097, rng)
+    plain = [[lib.to_device(a) for a in role] for role in host]
+    bound = [[lib.to_device(a) for a in role] for role in host]
+    getattr(_ext._cuda, spec.kernel)(*plain, True, **kw, **step)
+    _ext._cuda.bind_step(spec.kernel, **kw)(*bound, True, **step)
+    getattr(_ext._cpu, spec.kernel)(*host, True, **kw, **step)
+    for role, want, got_plain, got_bound in zip(spec.arrays, host, plain, bound):
+        assert_bits(lib.to_host(got_bound[0], sync=True), lib.to_host(got_plain[0], sync=True),
+                    role.name)
+        assert_bits(lib.to_host(got_bound[0], sync=True), want[0], role.name)
 
 
 def test_bind_step_refuses_bad_arguments() -> None:
