@@ -9,12 +9,11 @@ from typing import Any, Dict, List
 
 import numpy as np
 import pytest
+from backends import assert_bits
+from cuda_libs import lib_fixture
 
 from fastopt import _ext
 from fastopt._specs import EMA, OPTIMIZERS, OptimizerSpec
-
-from backends import assert_bits
-from cuda_libs import lib_fixture
 
 lib = lib_fixture(scope="module")
 
