@@ -98,6 +98,29 @@ def test_bind_step_refuses_bad_arguments() -> None:
         bind("adam", **{**kw, "lr": "0.1"})
 
 
+class _OddHash(str):
+    """A keyword name equal to another but hashed apart: a dict can hold both."""
+
+    def __hash__(self) -> int:
+        return 12345
+
+
+def test_odd_keyword_names_are_refused_by_name(rng: np.random.Generator) -> None:
+    spec = OPTIMIZERS["adam"]
+    kw = kernel_keywords(spec)
+    arrays = fresh_arrays(spec, 9, rng)
+    before = copies(arrays)
+    adam = _ext._cpu.adam
+    with pytest.raises(TypeError, match=r"unexpected keyword '\\udc80'"):
+        adam(*arrays, True, step=1, **kw, **{"\udc80": 1})
+    with pytest.raises(TypeError, match="keyword 'step' given twice"):
+        adam(*arrays, True, **kw, **{"step": 2, _OddHash("step"): 1})
+    with pytest.raises(ValueError, match="surrogates not allowed"):  # UnicodeEncodeError
+        _ext._cpu.bind_step("\udc80", **kw)
+    for role, want, got in zip(spec.arrays, before, arrays):
+        assert_bits(got[0], want[0], role.name)
+
+
 def test_bound_step_refuses_bad_calls_and_writes_nothing(rng: np.random.Generator) -> None:
     spec = OPTIMIZERS["adam"]
     bound = _ext._cpu.bind_step("adam", **kernel_keywords(spec))

@@ -10,6 +10,7 @@ are checked against fastopt's array-list classes (the same kernels: bit for bit)
 """
 from __future__ import annotations
 
+import collections
 import io
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -532,33 +533,105 @@ def test_state_versions_are_bumped():
                                       opt.state[p]["exp_avg_sq"]._version], versions))
 
 
-def test_state_lies_in_one_buffer_per_key_and_every_view_is_bumped():
-    """The state a step makes for contiguous params is a view of one buffer per key; each
-    step bumps every state tensor's version (through the buffer), also after one entry's
-    tensor is replaced (then that one is bumped on its own)."""
+def test_state_tensors_are_their_own_and_every_one_is_bumped():
+    """The state a step makes: one tensor per param and key, as torch.optim's (no views of
+    a shared buffer: one param's state saved alone is that state's size, and autograd sees
+    the versions torch.optim gives), laid out like its param; each step bumps the version
+    of every state tensor it updates, and only those."""
     params = [torch.randn(*shape, requires_grad=True) for shape in [(3, 5), (7,), (2, 2, 2)]]
-    params.append(torch.randn(4, 6).t().requires_grad_())  # not contiguous: its own tensors
+    params.append(torch.randn(4, 6).t().requires_grad_())  # not contiguous
     opt = ft.AdamW(params, lr=0.1)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    for key in ("exp_avg", "exp_avg_sq"):
-        bases = {id(opt.state[p][key]._base) for p in params[:3]}
-        assert len(bases) == 1 and None not in {opt.state[p][key]._base for p in params[:3]}
-        assert opt.state[params[3]][key].stride() == params[3].stride()
-        sizes = [opt.state[p][key].numel() for p in params[:3]]
-        assert opt.state[params[0]][key]._base.numel() == sum(sizes)
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = opt.state[p][key]
+            assert t._base is None and t.untyped_storage().nbytes() == 4 * p.numel()
+            assert t.stride() == p.stride()
 
-    def versions():
-        return [opt.state[p][k]._version for p in params for k in ("exp_avg", "exp_avg_sq")]
+    def versions(ps):
+        return [opt.state[p][k]._version for p in ps for k in ("exp_avg", "exp_avg_sq")]
 
-    before = versions()
+    before = versions(params)
     opt.step()
-    assert all(a > b for a, b in zip(versions(), before))
-    opt.state[params[1]]["exp_avg"] = opt.state[params[1]]["exp_avg"].clone()
-    before = versions()
+    assert all(a > b for a, b in zip(versions(params), before))
+    # a param without a grad: its state is neither stepped nor bumped, so a graph that
+    # saved it still backpropagates (as with torch.optim)
+    x = torch.randn(7, requires_grad=True)
+    y = (x * opt.state[params[1]]["exp_avg"]).sum()
+    params[1].grad = None
+    before = versions(params)
     opt.step()
-    assert all(a > b for a, b in zip(versions(), before))
+    after = versions(params)
+    assert after[2:4] == before[2:4] and all(a > b for a, b in zip(after[:2], before[:2]))
+    y.backward()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict()["state"][0], buf)
+    assert buf.tell() < 2 * 4 * 2 * params[0].numel() + 4096  # two (3, 5) float32 tensors
+
+
+def test_a_refused_step_loses_no_state_edit():
+    """A state edit before a step that a group refuses is still seen by the next step of
+    every group."""
+    pairs = []
+    for cls in (torch.optim.AdamW, ft.AdamW):
+        a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+        pairs.append(([a, b], cls([{"params": [a]}, {"params": [b]}], lr=0.1)))
+    for t in range(5):
+        for (a, b), opt in pairs:
+            a.grad, b.grad = torch.full((4,), 1.0 + t), torch.full((4,), 2.0 - t)
+            if t == 1:
+                opt.state[b]["exp_avg"] = torch.zeros(4)
+                if isinstance(opt, ft.AdamW):  # refused by fastopt only: torch takes it
+                    opt.param_groups[0]["betas"] = (2.0, 0.999)
+                    with pytest.raises(ValueError, match="beta"):
+                        opt.step()
+                    opt.param_groups[0]["betas"] = (0.9, 0.999)
+                    continue
+            if t == 1:
+                continue
+            opt.step()
+    (tp, topt), (fp, fopt) = pairs
+    _assert_same_state(fopt, topt, fp, tp, "after a refused step")
+
+
+def test_state_entries_carried_from_another_optimizer_are_checked():
+    """new.state[p] = old.state[q]: the entry notes its changes in the old optimizer's
+    state, so the new one checks it at every step."""
+    results = []
+    for cls in (torch.optim.AdamW, ft.AdamW):
+        q, p = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+        old = cls([q], lr=0.1)
+        q.grad = torch.ones(4)
+        old.step()
+        new = cls([p], lr=0.1)
+        new.state[p] = old.state[q]
+        p.grad = torch.ones(4)
+        new.step()
+        new.state[p]["exp_avg"] = torch.zeros(4)
+        new.step()
+        new.step()
+        results.append((p.detach().clone(), new.state[p]["exp_avg"].clone()))
+    for got, want in zip(results[1], results[0]):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_state_copies_are_shallow_like_torch():
+    import copy
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = ft.AdamW([p])
+    p.grad = torch.ones(4)
+    opt.step()
+    assert opt.state.default_factory is dict
+    for copied in (opt.state.copy(), copy.copy(opt.state)):
+        assert isinstance(copied, collections.defaultdict)
+        assert list(copied) == [p] and copied[p] is opt.state[p]
+    opt.state = opt.state.copy()  # a state of its own: still stepped right
+    opt.state[p]["exp_avg"] = torch.zeros(4)
+    opt.step()
+    assert opt.state[p]["exp_avg"].abs().sum() > 0
 
 
 def _halve_exp_avg(opt, p):

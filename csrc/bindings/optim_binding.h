@@ -99,6 +99,14 @@ template <class T> T scalar_arg(py::handle v, const char* name) {
 // Interned names, created once per call site (lookups by identity are then cheap).
 inline PyObject* interned_key(const char* name) { return PyUnicode_InternFromString(name); }
 
+// A keyword's name for messages: its UTF-8, lone surrogates written as \udc80.
+inline std::string keyword_text(PyObject* name) {
+  py::object bytes = py::reinterpret_steal<py::object>(
+      PyUnicode_AsEncodedString(name, "utf-8", "backslashreplace"));
+  if (!bytes) throw py::error_already_set();
+  return PyBytes_AS_STRING(bytes.ptr());
+}
+
 // A call's arguments as CPython's vectorcall passes them (METH_FASTCALL | METH_KEYWORDS):
 // args[0, nargs) positional, then one value per name in kwnames (a tuple, or null). The
 // step bindings take them so (see add_step): no argument tuple, keyword dict or pybind11
@@ -205,12 +213,20 @@ template <class Opt> struct StepCall {
     }
     for (PyObject* extra : extras)
       if (args.keyword(extra)) ++found;
-    if (args.num_keywords() != found) {  // an unknown (or, from a dict, repeated) keyword
+    if (args.num_keywords() != found) {  // an unknown keyword, or one given twice
       for (size_t k = 0; k < args.num_keywords(); ++k) {
-        const std::string name = py::str(args.keyword_name(k)).cast<std::string>();
+        const std::string name = keyword_text(args.keyword_name(k));
         if (!known(name, extras, bound == nullptr))
           throw py::type_error(std::string(Opt::name) + "(): unexpected keyword '" + name + "'");
       }
+      for (size_t k = 1; k < args.num_keywords(); ++k)  // equal names (str subclasses)
+        for (size_t i = 0; i < k; ++i) {
+          const int same = PyObject_RichCompareBool(args.keyword_name(i), args.keyword_name(k), Py_EQ);
+          if (same < 0) throw py::error_already_set();
+          if (same)
+            throw py::type_error(std::string(Opt::name) + "(): keyword '" +
+                                 keyword_text(args.keyword_name(k)) + "' given twice");
+        }
     }
     PyObject* flag = args.args[n];
     if (!PyBool_Check(flag))
@@ -332,7 +348,9 @@ template <class Steps> struct StepBindings {
     return run_vectorcall(args, nargs, kwnames, [](const CallArgs& a) {
       if (a.nargs != 1 || !PyUnicode_Check(a.args[0]))
         throw py::type_error("bind_step(): expected the optimizer's name (str) and keywords");
-      const std::string name = PyUnicode_AsUTF8(a.args[0]);
+      const char* utf8 = PyUnicode_AsUTF8(a.args[0]);
+      if (!utf8) throw py::error_already_set();  // UnicodeEncodeError, a ValueError
+      const std::string name = utf8;
       py::object out;
       for_each_optimizer([&](auto tag) {
         using Opt = decltype(tag);

@@ -279,9 +279,9 @@ class _StateEntry(_NotesChanges, Dict[Any, Any]):
 
     __slots__ = ("_changes",)
 
-    def __init__(self, changes: _Changes, *args: Any):
+    def __init__(self, changes: Optional[_Changes] = None, *args: Any):
         super().__init__(*args)
-        self._changes = changes
+        self._changes = _Changes() if changes is None else changes  # None: its own
 
     def __reduce__(self) -> Any:
         return (dict, (dict(self),))
@@ -297,7 +297,7 @@ class _State(_NotesChanges, DefaultDict[Any, Any]):
     __slots__ = ("_changes",)
 
     def __init__(self, changes: _Changes, entries: Any = ()):
-        super().__init__(None)
+        super().__init__(dict)  # what torch.optim's has (__missing__ below makes entries)
         self._changes = changes
         for key, entry in entries:
             dict.__setitem__(self, key, _StateEntry(changes, entry))
@@ -310,6 +310,15 @@ class _State(_NotesChanges, DefaultDict[Any, Any]):
         entries = ((k, dict(v) if type(v) is _StateEntry else v) for k, v in self.items())
         return (defaultdict, (dict,), None, None, entries)
 
+    def copy(self) -> _State:
+        """A shallow copy: the same entries (as torch.optim's ``defaultdict`` copy), in a
+        state that notes its own changes."""
+        out = _State(_Changes())
+        dict.update(out, self)
+        return out
+
+    __copy__ = copy
+
 
 class _Pending(NamedTuple):
     """A state array to make (see _FusedOptimizer._make_pending): ``state[key]``, state
@@ -321,28 +330,6 @@ class _Pending(NamedTuple):
     param: torch.Tensor
     value: float
     dtype: torch.dtype
-
-
-# A state buffer's attribute: how many views of it _make_pending handed out as state.
-_VIEWS = "_fastopt_state_views"
-
-
-def _version_roots(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
-    """What to bump so that every tensor of ``tensors`` gets a new version: the tensors,
-    except that all the views of one state buffer (_make_pending), which share its version
-    counter, are replaced by the buffer: one bump instead of one per view."""
-    roots: List[torch.Tensor] = []
-    views: Dict[int, Tuple[torch.Tensor, List[torch.Tensor]]] = {}
-    for t in tensors:
-        base = t._base
-        if base is not None and hasattr(base, _VIEWS):
-            views.setdefault(id(base), (base, []))[1].append(t)
-        else:
-            roots.append(t)
-    for base, of_base in views.values():
-        whole = len({id(v) for v in of_base}) == getattr(base, _VIEWS)
-        roots.extend([base] if whole else of_base)
-    return roots
 
 
 class _Checked(NamedTuple):
@@ -457,7 +444,7 @@ class _Bucket:
             return False
         if changed:
             held = [t for s in self.states if s is not None for t in s]
-            self.written = self.params + _version_roots(held)
+            self.written = self.params + held
             self.inference = self.params_inference or any(t.is_inference() for t in held)
             if self.host:
                 for r, held_r in enumerate(self.states):
@@ -815,25 +802,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return state, fresh
 
     def _make_pending(self, pending: List[_Pending]) -> None:
-        """Makes the state arrays ``_param_state`` queued for one bucket. Those of
-        contiguous, non-distributed params are views of one buffer per state array (all
-        exp_avg in one, all exp_avg_sq in another...): a step over many small params is
-        ~15% faster over state laid out so than param by param, and a step bumps the
-        version of the buffer (which views share) instead of each view's; the others are
-        made one by one."""
-        shared: Dict[Tuple[Any, ...], List[_Pending]] = defaultdict(list)
-        for item in pending:
-            p = item.param
-            if p.is_contiguous() and not _is_dtensor(p):
-                shared[(item.role, p.device, item.dtype, item.value)].append(item)
-            else:
-                item.state[item.key] = self._new_state(p, item.value, item.dtype)
-        for (_, device, dtype, value), items in sorted(shared.items(), key=lambda kv: kv[0][0]):
-            sizes = [item.param.numel() for item in items]
-            buffer = torch.full((sum(sizes),), value, dtype=dtype, device=device)
-            for item, part in zip(items, buffer.split(sizes)):
-                item.state[item.key] = part.view(item.param.shape)
-            setattr(buffer, _VIEWS, len(items))  # see _version_roots
+        """Makes the state arrays ``_param_state`` queued, state array by state array (all
+        exp_avg, then all exp_avg_sq, ...): a step over many small params is ~15% faster
+        over state allocated in that order than over state allocated param by param. Each
+        is a tensor of its own, as torch.optim's (views of one buffer would share its
+        version counter and be saved with all of it)."""
+        for item in sorted(pending, key=operator.attrgetter("role")):
+            item.state[item.key] = self._new_state(item.param, item.value, item.dtype)
 
     @staticmethod
     def _master_param(
@@ -947,7 +922,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         params = group["params"]
         keys: Dict[Tuple[Any, ...], List[int]] = defaultdict(list)
         taken: Dict[int, int] = {}  # steps taken so far, per param index
-        pending: List[Tuple[int, _Pending]] = []  # (param index, a state array to make)
+        pending: List[_Pending] = []  # the state arrays to make
         for i, (p, g) in enumerate(zip(params, grads)):  # refused before any state is made
             if g is not None:
                 self._state_type(f"{where}['params'][{i}]", p, group)
@@ -956,9 +931,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 continue
             name = f"{where}['params'][{i}]"
             self._check_param(name, p, g)
-            queued: List[_Pending] = []
-            state, fresh = self._param_state(name, p, group, used, queued)
-            pending.extend((i, item) for item in queued)
+            state, fresh = self._param_state(name, p, group, used, pending)
             if self._tracks_step:
                 done = float(state["step"])
                 if done != int(done) or done < 0:
@@ -983,9 +956,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     MASTER in state,
                 )
             ].append(i)
-        for index_list in keys.values():  # one set of state buffers per bucket
-            in_bucket = set(index_list)
-            self._make_pending([item for i, item in pending if i in in_bucket])
+        self._make_pending(pending)
         state_keys = [
             STATE_KEYS[role.name] if use else None for role, use in zip(self._spec.states, used)
         ]
@@ -1082,8 +1053,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     and all(map(operator.is_, state, seen[1]))
                     and all(map(operator.is_, state.values(), seen[2]))
                 )
-            for index, group in enumerate(self.param_groups):
-                self._step_group(index, group, grad_scale, look_up)
+            try:
+                for index, group in enumerate(self.param_groups):
+                    self._step_group(index, group, grad_scale, look_up)
+            except BaseException:  # the groups not stepped have not seen the changes yet
+                changes.changed = True
+                raise
             if look_up is not None:
                 if look_up or self._state_seen is None:
                     self._state_seen = (state, list(state), list(state.values()))
@@ -1092,12 +1067,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _tracked(self) -> bool:
-        """Whether every change of the state the buckets step would be noted (see _State)."""
-        return type(self.state) is _State and all(
-            type(e) is _StateEntry
-            for cache in self._caches.values()
-            for b in cache.buckets
-            for e in b.entries
+        """Whether every change of the state the buckets step would be noted here (see
+        _State): an entry of another optimizer's state (``new.state[p] = old.state[q]``)
+        notes its changes there."""
+        changes = self._changes
+        state = self.state
+        return (
+            type(state) is _State
+            and state._changes is changes
+            and all(
+                type(e) is _StateEntry and e._changes is changes
+                for cache in self._caches.values()
+                for b in cache.buckets
+                for e in b.entries
+            )
         )
 
     def _step_group(
