@@ -154,15 +154,15 @@ class StepKernel:
                 for k, a in enumerate(arrays):
                     if type(a) is not _NDARRAY and a is not None:
                         lists[k] = as_list(self.names[k], a, False)
+        first = lists[0]
+        host = stream is None and first and type(first[0]) is _NDARRAY  # the CPU, as bound()
         if (
-            masks is None
+            host
+            and masks is None
             and absmax is None
             and max_grad_norm is None
             and rounding == "nearest"
             and seed is None
-            and stream is None
-            and lists[0]
-            and type(lists[0][0]) is _NDARRAY
         ):  # a plain step on the host: the bound kernel with the step count only
             if self.takes_step:
                 checked.cpu_bound(*lists, listed, step=step)
@@ -182,8 +182,7 @@ class StepKernel:
         norm = None
         if max_grad_norm is not None:
             norm, extra = self.clip(lists, listed, extra, max_grad_norm, stream)
-        first = lists[0]
-        if stream is None and first and type(first[0]) is _NDARRAY:  # the CPU, as bound()
+        if host:
             checked.cpu_bound(*lists, listed, **extra)
         else:
             kernel, device = self.bound(lists, stream, plan)

@@ -283,6 +283,11 @@ class Optimizer:
             if self._rounding_seed is not None:
                 kw["stochastic_seed"] = functional.step_seed(self._rounding_seed, t)
             grads = as_list("grads", grads, self._listed)
+            if len(grads) != len(self.params):
+                raise ValueError(
+                    f"grads: expected {len(self.params)} arrays (one per entry of params), "
+                    f"got {len(grads)}"
+                )
             params = self.params
             if self.master_params is not None:
                 grads = self._master_grads(grads, stream)
@@ -291,11 +296,6 @@ class Optimizer:
             norm = None
             if max_grad_norm is not None:
                 norm, kw = self._kernel.clip(lists, self._listed, kw, max_grad_norm, stream)
-            if len(grads) != len(self.params):
-                raise ValueError(
-                    f"grads: expected {len(self.params)} arrays (one per entry of params), "
-                    f"got {len(grads)}"
-                )
             calls = self._step_calls(lists, kw, t)
             if self._host and stream is None:
                 kernel, extra = self._kernel.cpu_kernel, _NO_EXTRA
@@ -333,22 +333,12 @@ class Optimizer:
                 "stream: master_weights steps run on the current stream (the grads are "
                 "converted and the params rounded there)"
             )
-        if len(grads) != len(self.params):
-            raise ValueError(
-                f"grads: expected {len(self.params)} arrays (one per entry of params), "
-                f"got {len(grads)}"
-            )
-        out = []
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            name, param = (f"grads[{i}]", f"params[{i}]") if self._listed else ("grads", "params")
-            g = _arrays.param_array(name, g)
-            if tuple(g.shape) != tuple(p.shape) or _arrays.dtype_name(g) != _arrays.dtype_name(p):
-                raise ValueError(
-                    f"{name}: shape {tuple(g.shape)} {_arrays.dtype_name(g)} does not match "
-                    f"{param}'s {tuple(p.shape)} {_arrays.dtype_name(p)}"
-                )
-            out.append(_arrays.float32_copy(g))
-        return out
+        grads = [
+            _arrays.param_array(f"grads[{i}]" if self._listed else "grads", g)
+            for i, g in enumerate(grads)
+        ]
+        _check_grads_match(self.params, grads, self._listed)
+        return [_arrays.float32_copy(g) for g in grads]
 
     def _step_calls(
         self, lists: List[Any], kw: Dict[str, Any], t: int
@@ -359,12 +349,7 @@ class Optimizer:
         if len(self._calls) == 1 and self._calls[0][0] is None:
             return [(lists, kw)]
         # The first call must not run when the second would refuse its grads.
-        for i, (p, g) in enumerate(zip(lists[0], lists[1])):
-            if tuple(g.shape) != tuple(p.shape) or _arrays.dtype_name(g) != _arrays.dtype_name(p):
-                raise ValueError(
-                    f"grads[{i}]: shape {tuple(g.shape)} {_arrays.dtype_name(g)} does not match "
-                    f"params[{i}]'s {tuple(p.shape)} {_arrays.dtype_name(p)}"
-                )
+        _check_grads_match(lists[0], lists[1], True)
         out = []
         for n, (indices, state, absmax) in enumerate(self._calls):
             assert indices is not None
@@ -601,6 +586,17 @@ def _host_copy(name: str, a: Any) -> np.ndarray:
     if hasattr(a, "shape") and hasattr(a, "dtype") and not isinstance(a, np.generic):
         return np.array(_arrays.to_numpy(a) if _arrays.on_device(a) else a.detach().numpy())
     raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+
+
+def _check_grads_match(params: List[Any], grads: List[Any], listed: bool) -> None:
+    """ValueError naming the first grad whose shape or dtype is not its param's."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if tuple(g.shape) != tuple(p.shape) or _arrays.dtype_name(g) != _arrays.dtype_name(p):
+            name, param = (f"grads[{i}]", f"params[{i}]") if listed else ("grads", "params")
+            raise ValueError(
+                f"{name}: shape {tuple(g.shape)} {_arrays.dtype_name(g)} does not match "
+                f"{param}'s {tuple(p.shape)} {_arrays.dtype_name(p)}"
+            )
 
 
 def _size(a: Any) -> int:

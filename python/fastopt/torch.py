@@ -537,9 +537,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._lr("", defaults)
         self._lock = threading.RLock()  # a step at a time (see the module docstring)
         super().__init__(params, defaults)
-        self._changes = _Changes()
-        made = self.__dict__["state"]  # torch.optim's defaultdict(dict)
-        self.state = _State(self._changes, made.items())
+        self._track_state()
         self._caches: Dict[int, _GroupCache] = {}
         # (state, its keys, its values) after the last step: see step()
         self._state_seen: Optional[Tuple[Any, List[Any], List[Any]]] = None
@@ -1066,6 +1064,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 changes.changed = changes.changed or not self._tracked()
         return loss
 
+    def _track_state(self) -> None:
+        """Replaces the state torch.optim made (a ``defaultdict(dict)``) by a _State holding
+        the same items, which notes its changes in a new ``self._changes``."""
+        self._changes = _Changes()
+        made = self.__dict__["state"]
+        self.state = _State(self._changes, made.items())
+
     def _tracked(self) -> bool:
         """Whether every change of the state the buckets step would be noted here (see
         _State): an entry of another optimizer's state (``new.state[p] = old.state[q]``)
@@ -1240,8 +1245,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     # -- checkpoints -----------------------------------------------------------------------------
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._changes = _Changes()  # the entries are new (a load, an unpickled copy): tracked
-        self.state = _State(self._changes, self.__dict__["state"].items())
+        self._track_state()  # the entries are new (a load, an unpickled copy)
         self._caches = {}
         self._checked = {}
         self._state_seen = None
