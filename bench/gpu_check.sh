@@ -6,7 +6,8 @@
 #                                          # marked cuda (8 workers), bench/sanitize_small.py
 #                                          # plain, under memcheck and under racecheck
 #   bash bench/gpu_check.sh bench OUTDIR   # call 2 (4.5 min): install, preflight, the full
-#                                          # GPU bench: table, JSON, plot
+#                                          # GPU bench: table, JSON, plot; AdamW with 8-bit
+#                                          # state on GPT-2 small (bench/lowbit_rows)
 #
 # Before: build the wheel here, on the machine without a GPU (about 2 minutes):
 #   bash bench/build_gpu_wheel.sh          # -> .gpu/ (git-ignored, so it travels only carried)
@@ -27,7 +28,7 @@
 #   check: summary.txt preflight.txt install.log tests_cuda.log failures.log
 #          sanitize_plain.log memcheck.log racecheck.log
 #   bench: summary.txt preflight.txt install.log bench_gpu.txt bench_gpu.stderr
-#          bench_gpu.json bench_gpu.png
+#          bench_gpu.json bench_gpu.png lowbit_gpu.txt
 # Every log is written as the stage runs: a call killed at its limit still shows what ran.
 # failures.log holds each failing test's traceback the moment it fails, and the stacks of a
 # test stopped at TEST_TIMEOUT_S (bench/pytest_live_failures.py). The exit status is 1
@@ -291,7 +292,7 @@ sanitizer() {
 # ---- bench: the full GPU benchmark ---------------------------------------------------------
 run_bench() {
   local t rc
-  t=$(limit 270)
+  t=$(limit 270 50)  # 50 s left for run_lowbit
   if (( t < 60 )); then record bench "NOT RUN" bench_gpu.txt "out of time (${t}s left)"; return; fi
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
   timeout -k 10 "$t" "$PY" -m fastopt bench --device cuda --json "$OUT/bench_gpu.json" \
@@ -304,6 +305,17 @@ run_bench() {
   fi
 }
 
+# ---- bench: AdamW with 8-bit and bfloat16 state on GPT-2 small's params -------------------
+run_lowbit() {
+  local t rc
+  t=$(limit 50)
+  if (( t < 20 )); then record lowbit "NOT RUN" lowbit_gpu.txt "out of time (${t}s left)"; return; fi
+  timeout -k 5 "$t" "$PY" -m fastopt.bench.lowbit_rows --device cuda --model gpt2-small \
+    --rounds 5 --calls 5 > "$OUT/lowbit_gpu.txt" 2>&1
+  rc=$?
+  record lowbit "$(status $rc)" lowbit_gpu.txt "AdamW fp32 / bf16 / int8 state vs torch fused (cap ${t}s)"
+}
+
 if (( USABLE )); then
   if [ "$MODE" = check ]; then
     run_tests
@@ -312,6 +324,7 @@ if (( USABLE )); then
     sanitizer racecheck racecheck.log 75 0
   else
     run_bench
+    run_lowbit
   fi
 fi
 

@@ -7,8 +7,9 @@ state array, PyTorch tensors and CuPy arrays in one list (params of one library,
 the other), sizes around the vector width (4) and the per-block chunk (4096), a 2-D array,
 a zero-size array, slices starting one element into their allocation (the scalar path) as
 params, grads and -- through the functional API -- state, a list longer than one launch
-(384 tensors), float16 / bfloat16 params, a step queued on a non-default stream, and masked
-steps, bfloat16 state and stochastic rounding of bfloat16 params.
+(256 tensors), float16 / bfloat16 params, a step queued on a non-default stream, masked
+steps, bfloat16 state, stochastic rounding of bfloat16 params, and 8-bit state (a
+half-warp per 256-element block; one set of codes starting one byte into its allocation).
 
 Every float32 result (params and every state element) is compared with fastopt's CPU
 kernels run from the same start (bit-identical by design); 16-bit params are compared with
@@ -27,6 +28,7 @@ import traceback  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fastopt  # noqa: E402
+from fastopt import reference  # noqa: E402
 from fastopt._specs import OPTIMIZERS as SPECS  # noqa: E402
 from fastopt.optim import CLASSES  # noqa: E402
 
@@ -412,6 +414,64 @@ def masked_lowbit():
     return "bit-identical"
 
 
+def state8():
+    """8-bit state (uint8 codes with absmax=, the functional API, torch tensors) for every
+    optimizer with state but Sophia: float32 params, masked, and bfloat16 params rounded
+    stochastically, against the CPU kernels run from the same start: codes, block maxima
+    and params bit for bit. Sizes around the 256-element block and the 4096-element chunk;
+    the codes of size 5 start one byte into their allocation (the scalar path)."""
+    shapes = [(1,), (5,), (255,), (256,), (257,), (4096,), (4096 + 3 * 256 + 7,), (33, 7), (0,)]
+    variants = [
+        ("float32", torch.float32, False, {}),
+        ("masked", torch.float32, True, {}),
+        ("bf16 params, stochastic", torch.bfloat16, False, {"rounding": "stochastic", "seed": 11}),
+    ]
+    for name, spec in SPECS.items():
+        hyper = spec.validate({**spec.defaults(), **spec.example})
+        states = spec.state_names(spec.kernel_hyper(hyper))
+        if name == "sophia" or not states:
+            continue
+        fn = getattr(fastopt, f"{name}_")
+        signed = {a.name: not a.nonnegative for a in spec.states}
+        for label, pdt, masked, extra in variants:
+            runs = []
+            for dev in ("cuda", "cpu"):
+                g = torch.Generator().manual_seed(5)
+                params = [torch.randn(s, generator=g).to(pdt).to(dev) for s in shapes]
+                codes, maxima = [], {}
+                for state in states:
+                    arrays, tops = [], []
+                    for k, shape in enumerate(shapes):
+                        start = torch.randn(shape, generator=g)
+                        c, top = reference.quantize_state8(
+                            (start if signed[state] else start.abs()).numpy(), signed[state])
+                        c = torch.from_numpy(c)
+                        if dev == "cuda" and k == 1:  # one byte into its allocation
+                            view = torch.empty(c.numel() + 1, dtype=torch.uint8, device=dev)[1:]
+                            c = view.view(shape).copy_(c)
+                        arrays.append(c.to(dev))
+                        tops.append(torch.from_numpy(top).to(dev))
+                    codes.append(arrays)
+                    maxima[state] = tops
+                masks = [(torch.rand(s, generator=g) < 0.5).to(dev) for s in shapes]
+                for t in range(1, STEPS + 1):
+                    grads = [torch.randn(s, generator=g).to(pdt).to(dev) for s in shapes]
+                    kw = dict(spec.example, absmax=maxima, **extra)
+                    if spec.takes_step:
+                        kw["step"] = t
+                    if masked:
+                        kw["masks"] = masks
+                    fn(params, grads, *codes, **kw)
+                runs.append([p.cpu() for p in params] + [a.cpu() for s in codes for a in s]
+                            + [a.cpu() for s in states for a in maxima[s]])
+            synchronize()
+            for i, (got, want) in enumerate(zip(*runs)):
+                as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[got.element_size()]
+                same_bits(f"{name} 8-bit state {label} [{i}]", got.contiguous().view(as_int).numpy(),
+                          want.contiguous().view(as_int).numpy())
+    return "bit-identical"
+
+
 def main():
     if not LIBS:
         print("sanitize_small: neither PyTorch with CUDA nor CuPy is usable", file=sys.stderr)
@@ -429,6 +489,7 @@ def main():
     check("Newton (Cholesky) kernels", newton)
     if torch is not None:
         check("masks, bfloat16 state, stochastic rounding (torch)", masked_lowbit)
+        check("8-bit state (torch)", state8)
     for cls, hyper in OPTIMIZERS:
         check(f"{cls.__name__} float16 mixed list", lambda: run_class(cls, hyper, "float16"))
         if torch is not None:

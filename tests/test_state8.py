@@ -13,7 +13,7 @@ import pytest
 import fastopt
 from fastopt import _ext, reference
 
-from backends import assert_bits
+from backends import CPU, assert_bits, backend_params, open_backend
 from conftest import OPTIMIZERS, normal_nonzero, opt_cases, using_cpu_path, using_threads
 
 SHAPES = [(7,), (1,), (256,), (257,), (33, 3), (4097,), (40_001,)]
@@ -97,12 +97,17 @@ def _step(opt, opts, params, grads, state, t, masks=None):
     opt.fn(*args, **kwargs)
 
 
-def _run8(opt, opts, param_dtype, seed, steps=3, masked=False):
-    """``steps`` int8-state steps, each checked against decode -> float32 step -> encode."""
+def _run8(opt, opts, param_dtype, seed, steps=3, masked=False, backend=CPU):
+    """``steps`` int8-state steps on ``backend``'s arrays, each checked against decode ->
+    float32 step (the CPU's) -> encode."""
     rng = np.random.default_rng(seed)
     params = [normal_nonzero(rng, s).astype(param_dtype) for s in SHAPES]
     state8 = _state8(opt, opts, rng)
     masks = [rng.random(s) < 0.8 for s in SHAPES] if masked else None
+    on = backend.asarray
+    dev_params = [on(p) for p in params]
+    dev_state = {n: ([on(c) for c in v[0]], [on(a) for a in v[1]]) for n, v in state8.items()}
+    dev_masks = None if masks is None else [on(m) for m in masks]
     history = []
     for t in range(1, steps + 1):
         grads = [normal_nonzero(rng, s).astype(param_dtype) for s in SHAPES]
@@ -110,7 +115,8 @@ def _run8(opt, opts, param_dtype, seed, steps=3, masked=False):
         p_emul = [p.copy() for p in params]
         decoded = {n: [reference.dequantize_state8(c, a, _signed(opt, n)) for c, a in zip(*v)]
                    for n, v in state8.items()}
-        _step(opt, opts, p_emul, grads, decoded, t, masks)
+        with CPU.activate():
+            _step(opt, opts, p_emul, grads, decoded, t, masks)
         want = {}
         for n, arrays in decoded.items():
             if n in opt.read_only:
@@ -119,14 +125,17 @@ def _run8(opt, opts, param_dtype, seed, steps=3, masked=False):
                 pairs = [reference.quantize_state8(a, _signed(opt, n)) for a in arrays]
                 want[n] = ([c for c, _ in pairs], [a for _, a in pairs])
         # the kernel
-        args = [params, grads] + [None if n is None else state8[n][0]
-                                  for n in opt.state_args(opts)]
-        kwargs = dict(opt.hyper(opts), absmax={n: v[1] for n, v in state8.items()})
+        args = [dev_params, [on(g) for g in grads]] + [
+            None if n is None else dev_state[n][0] for n in opt.state_args(opts)]
+        kwargs = dict(opt.hyper(opts), absmax={n: v[1] for n, v in dev_state.items()})
         if opt.takes_step:
             kwargs["step"] = t
         if masked:
-            kwargs["masks"] = masks
+            kwargs["masks"] = dev_masks
         opt.fn(*args, **kwargs)
+        params = [backend.to_numpy(p) for p in dev_params]
+        state8 = {n: ([backend.to_numpy(c) for c in v[0]], [backend.to_numpy(a) for a in v[1]])
+                  for n, v in dev_state.items()}
         for i, (p, q) in enumerate(zip(params, p_emul)):
             assert_bits(p, q, f"step {t} params[{i}]", any_nan=True)
         for n in state8:
@@ -162,6 +171,22 @@ def test_int8_state_step_is_decode_step_encode(opt, opts, param_dtype, masked):
         if want is not None:
             _same_history(got, want, f"{path}/{threads} threads against scalar")
         want = got
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("opt,opts", [c for c in opt_cases("representative")
+                                      if c.values[0].states(c.values[1])])
+@pytest.mark.parametrize("where", backend_params([("cupy", True), ("torch-cuda", True)]))
+def test_int8_state_on_the_gpu_is_decode_step_encode_as_on_the_cpu(where, opt, opts, param_dtype,
+                                                                   masked):
+    """The GPU kernel (a half-warp per block) against the emulation at every step, and
+    against the CPU kernels' whole history."""
+    backend = open_backend(where)
+    if not backend.holds(param_dtype):
+        pytest.skip(f"{backend.name} has no {np.dtype(param_dtype).name}")
+    got = _run8(opt, opts, param_dtype, 5, masked=masked, backend=backend)
+    _same_history(got, _run8(opt, opts, param_dtype, 5, masked=masked), "GPU against the CPU")
 
 
 @pytest.mark.parametrize("opt,opts", [c for c in opt_cases("representative")
@@ -208,8 +233,11 @@ def _adamw_call(n=5000, dtype=np.float32):
     "read-only absmax", "absmax aliases absmax", "absmax aliases params", "float state",
     "float64 params", "int8 state", "mixed state",
 ])
-def test_bad_8bit_state_is_refused_before_anything_is_written(case):
-    p, g, m, v, am, av = _adamw_call()
+def test_bad_8bit_state_is_refused_before_anything_is_written(case, array_backend):
+    b = array_backend
+    if case == "read-only absmax" and b.is_cuda:
+        pytest.skip("CUDA arrays have no read-only flag")
+    p, g, m, v, am, av = (b.asarray(a) for a in _adamw_call())
     absmax = {"exp_avgs": am, "exp_avg_sqs": av}
     state = [m, v]
     params = p
@@ -223,13 +251,13 @@ def test_bad_8bit_state_is_refused_before_anything_is_written(case):
         del absmax["exp_avg_sqs"]
         match = "exp_avg_sqs"
     elif case == "extra entry":
-        absmax["max_exp_avg_sqs"] = av.copy()
+        absmax["max_exp_avg_sqs"] = b.asarray(b.to_numpy(av))
         match = "max_exp_avg_sqs"
     elif case == "wrong size":
-        absmax["exp_avgs"] = am[:-1].copy()
+        absmax["exp_avgs"] = b.asarray(b.to_numpy(am)[:-1])
         match = r"absmax\['exp_avgs'\].*need"
     elif case == "float64 absmax":
-        absmax["exp_avgs"] = am.astype(np.float64)
+        absmax["exp_avgs"] = b.asarray(b.to_numpy(am).astype(np.float64))
         err, match = TypeError, r"absmax\['exp_avgs'\].*float32"
     elif case == "read-only absmax":
         absmax["exp_avgs"] = am.copy()
@@ -242,23 +270,23 @@ def test_bad_8bit_state_is_refused_before_anything_is_written(case):
         absmax["exp_avgs"] = p[: am.size]
         match = "overlaps"
     elif case == "float state":
-        state = [m.astype(np.float32), v.astype(np.float32)]
+        state = [b.asarray(b.to_numpy(a).astype(np.float32)) for a in (m, v)]
         match = "only for 8-bit state"
     elif case == "float64 params":
-        params, g = p.astype(np.float64), g.astype(np.float64)
+        params, g = (b.asarray(b.to_numpy(a).astype(np.float64)) for a in (p, g))
         err, match = TypeError, "state type"
     elif case == "int8 state":
-        state = [m.view(np.int8), v]
+        state = [b.view(m, "int8"), v]
         err, match = TypeError, "exp_avgs"
     elif case == "mixed state":
-        state = [m, v.astype(np.float32)]
+        state = [m, b.asarray(b.to_numpy(v).astype(np.float32))]
         err, match = TypeError, "exp_avg_sqs"
     arrays = [params, g, *state, *(absmax.values() if isinstance(absmax, dict) else [])]
-    before = [a.copy() for a in arrays]
+    before = [b.to_numpy(a) for a in arrays]
     with pytest.raises(err, match=match):
         fastopt.adamw_(params, g, *state, step=1, absmax=absmax)
-    for a, b in zip(arrays, before):
-        assert_bits(a, b, "an argument was modified")
+    for a, was in zip(arrays, before):
+        assert_bits(b.to_numpy(a), was, "an argument was modified")
 
 
 def test_zero_size_and_empty_lists_are_no_ops():
@@ -373,6 +401,41 @@ def test_class_zero_state_encodes_the_initial_value(rng):
         assert np.all(value == np.float32(0.25)), i
 
 
+GPU = backend_params([("cupy", True), ("torch-cuda", True)])
+
+
+@pytest.mark.parametrize("where", GPU)
+def test_class_int8_state_on_the_gpu_steps_and_checkpoints_as_on_the_cpu(where, rng):
+    backend = open_backend(where)
+    params = [normal_nonzero(rng, s).astype(np.float32) for s in CLASS_SHAPES]
+    cpu = fastopt.AdamW([p.copy() for p in params], lr=0.01, state_dtype="int8")
+    gpu = fastopt.AdamW([backend.asarray(p) for p in params], lr=0.01, state_dtype="int8")
+    for _ in range(3):
+        grads = [normal_nonzero(rng, s).astype(np.float32) for s in CLASS_SHAPES]
+        cpu.step(grads)
+        gpu.step([backend.asarray(g) for g in grads])
+
+    def same(opt, what):
+        for i, (a, b) in enumerate(zip(opt.params, cpu.params)):
+            assert_bits(backend.to_numpy(a), b, f"{what} params[{i}]")
+        for n in cpu.state:
+            for i, (a, b) in enumerate(zip(opt.state[n], cpu.state[n])):
+                assert_bits(backend.to_numpy(a), b, f"{what} {n}[{i}]")
+            for i, (a, b) in enumerate(zip(opt.absmax[n], cpu.absmax[n])):
+                assert (a is None) == (b is None)
+                if b is not None:
+                    assert_bits(backend.to_numpy(a), b, f"{what} absmax[{n!r}][{i}]")
+
+    same(gpu, "GPU")
+    resumed = fastopt.AdamW([backend.asarray(backend.to_numpy(p)) for p in gpu.params], lr=0.01,
+                            state_dtype="int8")
+    resumed.load_state_dict(gpu.state_dict())
+    grads = [normal_nonzero(rng, s).astype(np.float32) for s in CLASS_SHAPES]
+    cpu.step(grads)
+    resumed.step([backend.asarray(g) for g in grads])
+    same(resumed, "resumed on the GPU")
+
+
 @pytest.mark.parametrize("case", ["float64", "sophia", "int4"])
 def test_class_refuses_what_8bit_state_cannot_hold(case, rng):
     p = normal_nonzero(rng, (5000,)).astype(np.float64 if case == "float64" else np.float32)
@@ -470,6 +533,32 @@ def test_torch_int8_checkpoints_round_trip_and_convert(rng, tmp_path):
     for p in e:
         assert plain.state[p]["exp_avg"].dtype == torch.float32
         assert "exp_avg_absmax" not in plain.state[p]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and fastopt.cuda_available()),
+                    reason="needs a CUDA GPU and fastopt._cuda")
+@pytest.mark.parametrize("make", [lambda params: ft.AdamW(params, lr=0.01, state_dtype="int8"),
+                                  lambda params: ft.Lion8bit(params, lr=1e-3),
+                                  lambda params: ft.SGD8bit(params, lr=0.1, momentum=0.9)],
+                         ids=["AdamW int8", "Lion8bit", "SGD8bit"])
+def test_torch_int8_state_on_the_gpu_steps_as_on_the_cpu(make, rng):
+    base = _torch_params(rng)
+    grads = [[torch.from_numpy(normal_nonzero(rng, tuple(p.shape)).astype(np.float32))
+              for p in base] for _ in range(3)]
+    runs = []
+    for device in ("cuda", "cpu"):
+        params = [torch.nn.Parameter(p.clone().to(device)) for p in base]
+        opt = make(params)
+        _torch_steps(opt, params, [[g.to(device) for g in step] for step in grads])
+        runs.append((params, opt))
+    (gpu_params, gpu), (cpu_params, cpu) = runs
+    for i, (p, q) in enumerate(zip(gpu_params, cpu_params)):
+        assert_bits(p.detach().cpu().numpy(), q.detach().numpy(), f"params[{i}]")
+        assert gpu.state[p].keys() == cpu.state[q].keys()
+        for key, value in cpu.state[q].items():
+            got = torch.as_tensor(gpu.state[p][key]).cpu().numpy()
+            assert_bits(got, torch.as_tensor(value).numpy(), f"state[{i}][{key!r}]")
 
 
 def test_torch_int8_channels_last_param_is_stepped_over_its_storage(rng):

@@ -97,6 +97,44 @@ void check_stream_device(intptr_t stream, int device) {
                           " but the arrays are on device " + std::to_string(device));
 }
 
+// The table slots of the block maxima of 8-bit state from the call's absmax= (None, or a dict
+// {state name: a list of float32 arrays}, one entry per state the call uses): filled into
+// `roles`; the plan checks the arrays (bindings/device_table.h). Returns the slots' names
+// ("absmax['exp_avgs']"), which `roles` points into.
+template <class Opt, class Roles>
+std::vector<std::string> absmax_specs(const fastopt::bindings::StepCall<Opt>& call, Roles& roles) {
+  std::vector<std::string> names;
+  if (call.absmax.is_none()) return names;
+  if (!py::isinstance<py::dict>(call.absmax))
+    throw py::type_error(std::string("absmax: expected a dict {state name: list of arrays}, got ") +
+                         Py_TYPE(call.absmax.ptr())->tp_name);
+  const py::dict given = py::reinterpret_borrow<py::dict>(call.absmax);
+  names.reserve(Opt::num_roles);  // no reallocation: roles[] keep pointers into it
+  size_t used = 0;
+  for (int r = fastopt::kFirstState; r < Opt::num_roles; ++r) {
+    const fastopt::Role& role = Opt::roles[r];
+    if (call.lists[r].is_none()) continue;
+    ++used;
+    const py::str key(role.name);
+    if (!given.contains(key))
+      throw py::value_error(std::string("absmax: no entry for '") + role.name + "'");
+    names.push_back(std::string("absmax['") + role.name + "']");
+    roles[fastopt::kAbsmaxSlot + r - fastopt::kFirstState] = {
+        names.back().c_str(), PyDict_GetItem(given.ptr(), key.ptr()), fastopt::RoleKind::absmax,
+        role.written};
+  }
+  if (given.size() != used)
+    for (auto item : given) {
+      bool known = false;
+      for (int r = fastopt::kFirstState; r < Opt::num_roles; ++r)
+        known = known || (!call.lists[r].is_none() && py::str(item.first).equal(py::str(Opt::roles[r].name)));
+      if (!known)
+        throw py::value_error("absmax: unexpected entry " + py::repr(item.first).cast<std::string>() +
+                              " (not a state this call uses)");
+    }
+  return names;
+}
+
 // One step of optimizer Opt (see bindings/optim_binding.h for the arguments; here also the
 // keywords stream, an int handle, and plan, a Plan or None): the arrays are checked and
 // tabled (in `plan` when given, else in a plan for this call only), then the kernel is
@@ -106,9 +144,6 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
   static PyObject* const stream_key = fastopt::bindings::interned_key("stream");
   static PyObject* const plan_key = fastopt::bindings::interned_key("plan");
   const fastopt::bindings::StepCall<Opt> call(args, {stream_key, plan_key}, bound);
-  if (!call.absmax.is_none())
-    throw py::value_error("absmax: 8-bit optimizer state (state_dtype='int8') runs on the CPU "
-                          "only in this version; use float32 or bfloat16 state on the GPU");
   intptr_t stream = 0;
   DevicePlan* cached = nullptr;
   if (PyObject* v = args.keyword(stream_key)) {
@@ -124,9 +159,10 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
       throw py::type_error("plan: expected a fastopt._cuda.Plan or None");
     cached = given.cast<DevicePlan*>();
   }
-  // One spec per table slot: the optimizer's roles, unused slots, the masks last.
-  std::array<fastopt::bindings::DeviceRoleSpec, fastopt::kMaxSlots> roles;
-  for (auto& unused : roles) unused = {"", py::none(), fastopt::RoleKind::grad, false};
+  // One spec per table slot: the optimizer's roles, unused slots, the masks, the absmax
+  // lists of 8-bit state.
+  std::array<fastopt::bindings::DeviceRoleSpec, fastopt::kTableSlots> roles;
+  roles.fill({"", py::none(), fastopt::RoleKind::grad, false});
   const bool masked = !call.masks.is_none();
   unsigned loads = 0, stores = 0;
   for (int r = 0; r < Opt::num_roles; ++r) {
@@ -137,9 +173,15 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
     if (role.written) stores |= 1u << r;
   }
   roles[fastopt::kMaskSlot] = {"masks", call.masks, fastopt::RoleKind::mask, false};
+  const std::vector<std::string> absmax_names = absmax_specs<Opt>(call, roles);
   DevicePlan local;
   DevicePlan& plan = cached ? *cached : local;
   plan.update(roles, call.listed, stream);
+  if (plan.has_state8() && call.absmax.is_none())
+    throw py::type_error("absmax: required with 8-bit (uint8) state: a dict {state name: "
+                         "a list of float32 block maxima}");
+  if (plan.has_state() && !plan.has_state8() && !call.absmax.is_none())
+    throw py::value_error("absmax: only for 8-bit state (uint8 state arrays)");
   if (plan.tables().empty()) return;  // nothing but zero-size arrays
   check_stream_device(stream, plan.device());
   DeviceGuard guard(plan.device());

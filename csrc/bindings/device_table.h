@@ -22,6 +22,7 @@
 #include "bindings/dlpack.h"
 #include "bindings/overlap.h"
 #include "common/optim/descriptor.h"
+#include "common/state8.h"
 #include "cuda/launch_table.h"
 
 namespace fastopt {
@@ -344,7 +345,7 @@ class DevicePlan {
           // The state arrays are the optimizer's own: only the caller's arrays (params,
           // grads) can have had their storage replaced.
           if (e.is(item) &&
-              (!e.torch || role.kind == RoleKind::state ||
+              (!e.torch || role.kind == RoleKind::state || role.kind == RoleKind::absmax ||
                torch_unchanged(item, e.ptr, e.size, e.strides)))
             continue;
           if (r == 0 || role.written) rebuild = true;
@@ -362,6 +363,9 @@ class DevicePlan {
   // The state arrays' type: the params' state type, or bfloat16 when the state is.
   DType state_dtype() const { return state_dtype_ ? *state_dtype_ : cuda::state_dtype(dtype_); }
   int device() const { return device_; }
+  // Whether the call has state arrays, and whether they are 8-bit (uint8 codes).
+  bool has_state() const { return state_dtype_.has_value(); }
+  bool has_state8() const { return state_dtype_ == DType::u8; }
   size_t num_tensors() const { return sizes_.size(); }
 
  private:
@@ -422,7 +426,12 @@ class DevicePlan {
 
   // A mask may be bool or uint8: one byte either way (u8 stands for both).
   DType expected_dtype(RoleKind kind) const {
-    return kind == RoleKind::state ? state_dtype() : kind == RoleKind::mask ? DType::u8 : dtype_;
+    switch (kind) {
+      case RoleKind::state: return state_dtype();
+      case RoleKind::mask: return DType::u8;
+      case RoleKind::absmax: return DType::f32;
+      default: return dtype_;
+    }
   }
 
   // Describes the array and checks it against the params (index i of role `role`).
@@ -443,13 +452,17 @@ class DevicePlan {
       if (a.dtype != DType::b8 && a.dtype != DType::u8)
         throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) +
                              " is not a mask's (bool or uint8)");
+    } else if (role.kind == RoleKind::absmax) {
+      if (a.dtype != DType::f32)
+        throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) + " is not float32");
     } else if (a.dtype != expected_dtype(role.kind)) {
       throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) + " differs from the " +
                            (role.kind == RoleKind::state ? "state type " : "params' ") +
                            dtype_name(expected_dtype(role.kind)) +
                            (role.kind == RoleKind::state
                                 ? " (state is float32 for 16-bit params, else the params' dtype; "
-                                  "or bfloat16, for every state array, with float32 or 16-bit params)"
+                                  "or bfloat16 or uint8 (8-bit), for every state array, with "
+                                  "float32 or 16-bit params)"
                                 : " (all arrays of one call share a dtype)"));
     }
     if (a.device >= 0) {
@@ -461,6 +474,16 @@ class DevicePlan {
     }
     if (r == 0) return a;
     const Where params_at{"params", i, listed};
+    if (role.kind == RoleKind::absmax) {  // one float32 per block of 8-bit state
+      const int64_t blocks = (sizes_[i] + kState8Block - 1) / kState8Block;
+      if (a.size != blocks)
+        throw py::value_error(w.str() + ": has " + std::to_string(a.size) + " elements; " +
+                              params_at.str() + "'s " + std::to_string(sizes_[i]) + " need " +
+                              std::to_string(blocks) + " (one per block of 256)");
+      if (a.size > 0 && !a.contiguous) throw py::value_error(w.str() + ": must be contiguous");
+      check_layout(a, w, role.written);
+      return a;
+    }
     if (a.shape != shapes_[i])
       throw py::value_error(w.str() + ": shape " + shape_str(a.shape) + " does not match " +
                             params_at.str() + "'s shape " + shape_str(shapes_[i]));
@@ -571,8 +594,8 @@ class DevicePlan {
   }
 
   bool vector_ok(size_t i) const {
-    for (int r = 0; r < kMaxSlots; ++r) {
-      if (!used_[r]) continue;
+    for (int r = 0; r < kTableSlots; ++r) {
+      if (!used_[r] || kind_[r] == RoleKind::absmax) continue;  // absmax: read one at a time
       const DType d = expected_dtype(kind_[r]);
       if (entries_[r][i].ptr % cuda::vector_alignment(cuda::element_size(d)) != 0) return false;
     }
@@ -594,7 +617,7 @@ class DevicePlan {
       t.size[k] = sizes_[i];
       t.index[k] = int32_t(i);
       t.block_start[k + 1] = t.block_start[k] + blocks_of(sizes_[i]);
-      for (int q = 0; q < kMaxSlots; ++q)
+      for (int q = 0; q < kTableSlots; ++q)
         t.ptrs[q][k] = used_[q] ? reinterpret_cast<void*>(entries_[q][i].ptr) : nullptr;
       slots_[i] = {int(tables_.size() - 1), k};
     }
@@ -607,9 +630,9 @@ class DevicePlan {
 
   bool built_ = false;
   size_t num_roles_ = 0;
-  bool used_[kMaxSlots] = {};  // per table slot (the roles' position in the specs)
-  RoleKind kind_[kMaxSlots] = {};
-  std::vector<Entry> entries_[kMaxSlots];
+  bool used_[kTableSlots] = {};  // per table slot (the roles' position in the specs)
+  RoleKind kind_[kTableSlots] = {};
+  std::vector<Entry> entries_[kTableSlots];
   std::vector<std::vector<int64_t>> shapes_;   // of the params
   std::vector<std::vector<int64_t>> strides_;  // of the params
   std::vector<int64_t> sizes_;

@@ -39,14 +39,9 @@ template <NormKind K> __device__ double combine_block(double acc) {
 template <NormKind K, class P>
 __global__ void __launch_bounds__(kBlockThreads)
 norm_partials_kernel(const __grid_constant__ LaunchTable table, double p, double* partial) {
-  const int64_t block = blockIdx.x;
-  int lo = 0, hi = table.num_tensors;  // this block's tensor, as in multi_tensor_kernel
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (table.block_start[mid] <= block) lo = mid; else hi = mid;
-  }
+  const int lo = table_entry(table);
   const P* x = static_cast<const P*>(table.ptrs[0][lo]);
-  const int64_t begin = (block - table.block_start[lo]) * kChunk;
+  const int64_t begin = (int64_t(blockIdx.x) - table.block_start[lo]) * kChunk;
   const int64_t end = min(begin + kChunk, table.size[lo]);
   const bool vector_ok = table.vector_ok[lo];
   double acc = 0.0;  // the identity of both the sum and the max of |g|

@@ -16,7 +16,7 @@ namespace cuda {
 
 // Element types of device arrays. Optimizer params and grads are one of the four float
 // types; their state is float32 for float16/bfloat16 params (the math runs in float32
-// registers) and the params' type otherwise. int8/uint8 are quantized data; a masked
+// registers) and the params' type otherwise, or bfloat16, or uint8 codes (8-bit state). int8/uint8 are quantized data; a masked
 // step's masks are bool or uint8.
 enum class DType { f32, f64, f16, bf16, i8, u8, b8 };
 constexpr int kNumDTypes = 7;
@@ -25,7 +25,7 @@ inline bool is_float(DType d) { return d != DType::i8 && d != DType::u8 && d != 
 constexpr int kBlockThreads = 256;
 constexpr int kVectorWidth = 4;        // elements per thread access: 16 B of float32
 constexpr int64_t kChunk = 4096;       // elements per block (a 1M tensor: 256 blocks)
-constexpr int kLaunchTensors = 384;    // tensors per launch (the table is ~22 KB)
+constexpr int kLaunchTensors = 256;    // tensors per launch (the table is ~23 KB)
 
 struct LaunchTable {
   int32_t num_tensors = 0;
@@ -33,9 +33,12 @@ struct LaunchTable {
   int64_t block_start[kLaunchTensors + 1];
   int64_t size[kLaunchTensors];        // elements
   int32_t index[kLaunchTensors];       // the tensor's position in the call's list
-  void* ptrs[kMaxSlots][kLaunchTensors];  // per role, then the masks (kMaskSlot)
+  // per role, then the masks (kMaskSlot), then the block maxima of 8-bit state roles
+  void* ptrs[kTableSlots][kLaunchTensors];
 };
-static_assert(sizeof(LaunchTable) <= 32000, "a kernel argument holds at most 32764 bytes");
+// With the 8-bit state step's functor (its two maps, 2.5 KB) the kernel's arguments stay
+// under the 32764 bytes CUDA allows.
+static_assert(sizeof(LaunchTable) <= 24576, "a kernel argument holds at most 32764 bytes");
 
 using LaunchTables = std::vector<LaunchTable>;
 
@@ -45,9 +48,9 @@ inline int element_size(DType d) {
 // The state arrays' type for params of type d.
 inline DType state_dtype(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
 // Whether state of type `state` may go with params of type d: the state type above, or
-// bfloat16 for any params but float64 (state_dtype="bfloat16").
+// for any params but float64 bfloat16 (state_dtype="bfloat16") or uint8 (8-bit state).
 inline bool state_dtype_ok(DType d, DType state) {
-  return state == state_dtype(d) || (state == DType::bf16 && d != DType::f64);
+  return state == state_dtype(d) || ((state == DType::bf16 || state == DType::u8) && d != DType::f64);
 }
 // Alignment a pointer to elements of `bytes` each needs for the vector path (loads and
 // stores of kVectorWidth elements, 16 B at most per access).

@@ -116,22 +116,28 @@ __device__ __forceinline__ void load_mask(uint8_t (&m)[W], const uint8_t* s) {
   }
 }
 
-// ---- the kernel ----------------------------------------------------------------------------
-template <class Op>
-__global__ void __launch_bounds__(kBlockThreads)
-multi_tensor_kernel(const __grid_constant__ LaunchTable table, const Op op) {
-  // This block's tensor: the last i with block_start[i] <= blockIdx.x (uniform per block).
+// ---- the kernels ---------------------------------------------------------------------------
+// This CUDA block's tensor in the table: the last i with block_start[i] <= blockIdx.x
+// (uniform per block).
+__device__ __forceinline__ int table_entry(const LaunchTable& table) {
   const int64_t block = blockIdx.x;
   int lo = 0, hi = table.num_tensors;
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
     if (table.block_start[mid] <= block) lo = mid; else hi = mid;
   }
+  return lo;
+}
+
+template <class Op>
+__global__ void __launch_bounds__(kBlockThreads)
+multi_tensor_kernel(const __grid_constant__ LaunchTable table, const Op op) {
+  const int lo = table_entry(table);
   void* ptr[kMaxSlots];
 #pragma unroll
   for (int r = 0; r < kMaxSlots; ++r) ptr[r] = table.ptrs[r][lo];
   const int32_t tensor = table.index[lo];
-  const int64_t begin = (block - table.block_start[lo]) * kChunk;
+  const int64_t begin = (int64_t(blockIdx.x) - table.block_start[lo]) * kChunk;
   const int64_t end = min(begin + kChunk, table.size[lo]);
   if (table.vector_ok[lo]) {
     constexpr int64_t stride = int64_t(kBlockThreads) * kVectorWidth;
@@ -164,14 +170,16 @@ inline unsigned grid_for(int64_t work_items, int64_t per_block) {
   return unsigned(blocks < 1 ? 1 : blocks < kMaxGrid ? blocks : kMaxGrid);
 }
 
-// Launches the kernel once per table on `stream`.
+// Launches `kernel` (multi_tensor_kernel<Op> or another walk of the same tables) once per
+// table on `stream`.
 template <class Op>
 void launch_multi_tensor(const char* name, const LaunchTables& tables, const Op& op,
-                         cudaStream_t stream) {
+                         cudaStream_t stream,
+                         void (*kernel)(const LaunchTable, const Op) = multi_tensor_kernel<Op>) {
   for (const LaunchTable& t : tables) {
     const int64_t blocks = t.block_start[t.num_tensors];
     if (blocks == 0) continue;
-    multi_tensor_kernel<Op><<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(t, op);
+    kernel<<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(t, op);
     check_launch(name);
   }
 }

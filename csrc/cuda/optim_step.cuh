@@ -12,6 +12,7 @@
 #include <type_traits>
 #include "common/optim/registry.h"
 #include "common/rounding.h"
+#include "common/state8.h"
 #include "cuda/multi_tensor.cuh"
 #include "cuda/optim_kernels.h"
 
@@ -38,16 +39,19 @@ template <class Opt, class P, class T, class S> struct StepOp {
   uint64_t seed;
   int64_t step;
 
-  template <int W> __device__ void apply(void* const* ptr, int64_t j, int32_t tensor) const {
+  // Elements [j, j+W) of tensor `tensor` (its arrays at ptr[slot]): the state roles are
+  // read by load_state(role, x) and written by store_state(role, x) (role: an
+  // std::integral_constant, x: the role's W values), the others here.
+  template <int W, class LoadState, class StoreState>
+  __device__ void run(void* const* ptr, int64_t j, int32_t tensor, LoadState&& load_state,
+                      StoreState&& store_state) const {
     T x[N][W];
     for_each_role<N>([&](auto role_index) {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
       if (!role.optional || (loads >> r & 1u)) {
-        if constexpr (role.kind == RoleKind::state)
-          cuda::load<W>(x[r], static_cast<const S*>(ptr[r]) + j);
-        else
-          cuda::load<W>(x[r], static_cast<const P*>(ptr[r]) + j);
+        if constexpr (role.kind == RoleKind::state) load_state(role_index, x[r]);
+        else cuda::load<W>(x[r], static_cast<const P*>(ptr[r]) + j);
       } else {
 #pragma unroll
         for (int w = 0; w < W; ++w) x[r][w] = T(0);
@@ -83,7 +87,7 @@ template <class Opt, class P, class T, class S> struct StepOp {
       constexpr Role role = Opt::roles[r];
       if (role.written && (!role.optional || (stores >> r & 1u))) {
         if constexpr (role.kind == RoleKind::state) {
-          cuda::store<W>(static_cast<S*>(ptr[r]) + j, x[r]);
+          store_state(role_index, x[r]);
         } else if constexpr (std::is_same_v<P, __nv_bfloat16> && role.kind == RoleKind::param) {
           if (stochastic) {
             const uint32_t key = rounding_key(seed, step, tensor);
@@ -99,7 +103,147 @@ template <class Opt, class P, class T, class S> struct StepOp {
       }
     });
   }
+
+  // The multi-tensor kernel's functor: the state in arrays of type S.
+  template <int W> __device__ void apply(void* const* ptr, int64_t j, int32_t tensor) const {
+    run<W>(
+        ptr, j, tensor,
+        [&](auto role_index, T (&v)[W]) {
+          cuda::load<W>(v, static_cast<const S*>(ptr[decltype(role_index)::value]) + j);
+        },
+        [&](auto role_index, const T (&v)[W]) {
+          cuda::store<W>(static_cast<S*>(ptr[decltype(role_index)::value]) + j, v);
+        });
+  }
 };
+
+// ---- 8-bit state (common/state8.h) ----------------------------------------------------------
+// Each half-warp steps one block of kState8Block elements, as the CPU's Blocked8 does: it
+// decodes the block's codes with the block's absmax, runs the step, takes the new absmax
+// over the half-warp (shuffles) and encodes. A thread holds 16 elements of the block, 4
+// vectors of 4 that the half-warp reads contiguously (element 64 g + 4 lane + w).
+constexpr int kState8Lanes = 16;                                            // a half-warp
+constexpr int kState8Groups = int(kState8Block) / (kState8Lanes * cuda::kVectorWidth);  // 4
+static_assert(cuda::kChunk == cuda::kBlockThreads / kState8Lanes * kState8Block, "a CUDA block: 16 8-bit blocks");
+
+template <class Opt, class P> struct State8StepOp {
+  using Step = StepOp<Opt, P, float, float>;
+  static constexpr int N = Opt::num_roles;
+  Step step;                // coefficients and options; its state hooks are replaced
+  State8Map maps[2];        // signed, unsigned (the kernel copies them to shared memory)
+  bool is_signed[N];        // per state role: which map
+
+  // The 8-bit block of elements [lo, lo + len) (len <= 256, len = 0 past the tensor's end:
+  // the lane still takes part in the shuffles) of tensor `tensor`, lane 0..15.
+  __device__ void block(void* const* ptr, int64_t lo, int64_t len, int32_t tensor, bool vector_ok,
+                        int lane, const State8Map* smaps) const {
+    const int64_t b = lo / kState8Block;
+    float top[N];                                  // the block's absmax per 8-bit role
+    float v[N][kState8Groups][cuda::kVectorWidth] = {};  // this lane's new state values
+    for_each_role<N>([&](auto role_index) {
+      constexpr int r = decltype(role_index)::value;
+      if constexpr (Opt::roles[r].kind == RoleKind::state) {
+        top[r] = 0.0f;
+        if ((step.loads >> r & 1u) && len > 0)
+          top[r] = static_cast<const float*>(ptr[kAbsmaxSlot + r - kFirstState])[b];
+      }
+    });
+#pragma unroll
+    for (int g = 0; g < kState8Groups; ++g) {
+      const int k = g * kState8Lanes * cuda::kVectorWidth + lane * cuda::kVectorWidth;  // in the block
+      const int64_t j = lo + k;
+      if (vector_ok && k + cuda::kVectorWidth <= len) {
+        step.template run<cuda::kVectorWidth>(
+            ptr, j, tensor,
+            [&](auto role_index, float (&x)[cuda::kVectorWidth]) {
+              constexpr int r = decltype(role_index)::value;
+              const uint32_t codes = *reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(ptr[r]) + j);
+              const State8Map& m = smaps[is_signed[r] ? 0 : 1];
+#pragma unroll
+              for (int w = 0; w < cuda::kVectorWidth; ++w) x[w] = state8_decode(m, uint8_t(codes >> (8 * w)), top[r]);
+            },
+            [&](auto role_index, const float (&x)[cuda::kVectorWidth]) {
+              constexpr int r = decltype(role_index)::value;
+#pragma unroll
+              for (int w = 0; w < cuda::kVectorWidth; ++w) v[r][g][w] = x[w];
+            });
+      } else {
+#pragma unroll
+        for (int w = 0; w < cuda::kVectorWidth; ++w) {
+          if (k + w >= len) continue;
+          step.template run<1>(
+              ptr, j + w, tensor,
+              [&](auto role_index, float (&x)[1]) {
+                constexpr int r = decltype(role_index)::value;
+                const uint8_t code = static_cast<const uint8_t*>(ptr[r])[j + w];
+                x[0] = state8_decode(smaps[is_signed[r] ? 0 : 1], code, top[r]);
+              },
+              [&](auto role_index, const float (&x)[1]) { v[decltype(role_index)::value][g][w] = x[0]; });
+        }
+      }
+    }
+    for_each_role<N>([&](auto role_index) {
+      constexpr int r = decltype(role_index)::value;
+      constexpr Role role = Opt::roles[r];
+      if constexpr (role.kind == RoleKind::state && role.written) {
+        if (role.optional && !(step.stores >> r & 1u)) return;  // uniform: the call's options
+        float m = 0.0f;  // max |v| over the block, NaN if any is NaN (vmax_nan keeps it)
+#pragma unroll
+        for (int g = 0; g < kState8Groups; ++g)
+#pragma unroll
+          for (int w = 0; w < cuda::kVectorWidth; ++w)
+            if (g * kState8Lanes * cuda::kVectorWidth + lane * cuda::kVectorWidth + w < len)
+              m = vmax_nan(vabs(v[r][g][w]), m);
+#pragma unroll
+        for (int offset = kState8Lanes / 2; offset > 0; offset /= 2)
+          m = vmax_nan(__shfl_xor_sync(0xffffffffu, m, offset, kState8Lanes), m);
+        const float absmax = state8_canonical_absmax(m);
+        const float inv = 1.0f / absmax;
+        const State8Map& map = smaps[is_signed[r] ? 0 : 1];
+        uint8_t* out = static_cast<uint8_t*>(ptr[r]) + lo;
+#pragma unroll
+        for (int g = 0; g < kState8Groups; ++g) {
+          const int k = g * kState8Lanes * cuda::kVectorWidth + lane * cuda::kVectorWidth;
+          if (vector_ok && k + cuda::kVectorWidth <= len) {
+            uint32_t codes = 0;
+#pragma unroll
+            for (int w = 0; w < cuda::kVectorWidth; ++w)
+              codes |= uint32_t(state8_encode(map, is_signed[r], v[r][g][w], inv)) << (8 * w);
+            *reinterpret_cast<uint32_t*>(out + k) = codes;
+          } else {
+#pragma unroll
+            for (int w = 0; w < cuda::kVectorWidth; ++w)
+              if (k + w < len) out[k + w] = uint8_t(state8_encode(map, is_signed[r], v[r][g][w], inv));
+          }
+        }
+        if (lane == 0 && len > 0) static_cast<float*>(ptr[kAbsmaxSlot + r - kFirstState])[b] = absmax;
+      }
+    });
+  }
+};
+
+// The walk of 8-bit state steps over the same tables as multi_tensor_kernel: CUDA block x
+// takes chunk x (kChunk elements, 16 blocks of 8-bit state), a half-warp per 8-bit block.
+template <class Op>
+__global__ void __launch_bounds__(cuda::kBlockThreads)
+state8_kernel(const __grid_constant__ cuda::LaunchTable table, const __grid_constant__ Op op) {
+  __shared__ State8Map maps[2];
+  constexpr int words = int(sizeof(maps) / sizeof(uint32_t));
+  static_assert(sizeof(maps) % sizeof(uint32_t) == 0, "the maps copy as 32-bit words");
+  const uint32_t* from = reinterpret_cast<const uint32_t*>(op.maps);
+  uint32_t* to = reinterpret_cast<uint32_t*>(maps);
+  for (int k = threadIdx.x; k < words; k += cuda::kBlockThreads) to[k] = from[k];
+  __syncthreads();
+  const int entry = cuda::table_entry(table);
+  void* ptr[kTableSlots];
+#pragma unroll
+  for (int r = 0; r < kTableSlots; ++r) ptr[r] = table.ptrs[r][entry];
+  const int64_t begin = (int64_t(blockIdx.x) - table.block_start[entry]) * cuda::kChunk;
+  const int64_t lo = begin + int64_t(threadIdx.x / kState8Lanes) * kState8Block;
+  const int64_t len = max(int64_t(0), min(int64_t(kState8Block), table.size[entry] - lo));
+  op.block(ptr, lo, len, table.index[entry], table.vector_ok[entry] != 0,
+           int(threadIdx.x % kState8Lanes), maps);
+}
 
 template <class Opt, class P, class T, class S>
 void launch(const cuda::LaunchTables& t, const typename Opt::Hyper& h, const StepOptions& o,
@@ -118,12 +262,28 @@ void launch(const cuda::LaunchTables& t, const typename Opt::Hyper& h, const Ste
   cuda::launch_multi_tensor(Opt::name, t, op, s);
 }
 
-// Params of storage type P with float math: float32 or bfloat16 state.
+// 8-bit state: float math and params of storage type P.
+template <class Opt, class P>
+void launch_state8(const cuda::LaunchTables& t, const typename Opt::Hyper& h, const StepOptions& o,
+                   unsigned loads, unsigned stores, bool masked, cudaStream_t s) {
+  using Op = State8StepOp<Opt, P>;
+  Op op{{Formula<Opt>::template coeffs<float>(h, o.step), loads, stores, o.grad_scale != 1.0,
+         !(o.grad_clip == 1.0), float(o.grad_scale), float(o.grad_clip), masked, o.stochastic,
+         o.seed, o.step},
+        {state8_map(true), state8_map(false)},
+        {}};
+  for (int r = 0; r < Opt::num_roles; ++r) op.is_signed[r] = !Opt::roles[r].nonnegative;
+  cuda::launch_multi_tensor(Opt::name, t, op, s, state8_kernel<Op>);
+}
+
+// Params of storage type P with float math: float32, bfloat16 or 8-bit state.
 template <class Opt, class P>
 void launch_float(const cuda::LaunchTables& t, cuda::DType state, const typename Opt::Hyper& h,
                   const StepOptions& o, unsigned loads, unsigned stores, bool masked,
                   cudaStream_t s) {
-  if (state == cuda::DType::bf16)
+  if (state == cuda::DType::u8)
+    launch_state8<Opt, P>(t, h, o, loads, stores, masked, s);
+  else if (state == cuda::DType::bf16)
     launch<Opt, P, float, __nv_bfloat16>(t, h, o, loads, stores, masked, s);
   else
     launch<Opt, P, float, float>(t, h, o, loads, stores, masked, s);

@@ -40,8 +40,8 @@ elements, a float32 absmax each, the dynamic maps of Dettmers et al. 2022 -- sig
 first moments and momentum, unsigned for second moments), and ``absmax=`` gives each
 state's block maxima: {state name: a float32 array (list) of ceil(size / 256) elements
 per param}. Each block is decoded, updated and encoded again with its new absmax in the
-one pass over memory. float32 and 16-bit params, on the CPU (the GPU kernels refuse 8-bit
-state in this version); the classes keep float32 state for tensors under 4096 elements.
+one pass over memory. float32 and 16-bit params, on the CPU and the GPU (which give the
+same bits); the classes keep float32 state for tensors under 4096 elements.
 
 ``max_grad_norm=`` (every step but ``ema_``) clips the grads first, as
 ``fastopt.clip_grad_norm_(grads, max_grad_norm)`` would (global 2-norm, coefficient

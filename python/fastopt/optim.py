@@ -259,11 +259,6 @@ class Optimizer:
                     "state_dtype: 8-bit state is for float32 and 16-bit params; "
                     f"params[{i}] is float64"
                 )
-            if _arrays.on_device(p):
-                raise ValueError(
-                    "state_dtype: 8-bit state runs on the CPU only in this version "
-                    "(float32 or bfloat16 state on the GPU)"
-                )
         return [i for i, p in enumerate(self.params) if _size(p) >= STATE8_MIN_ELEMENTS]
 
     # -- stepping --------------------------------------------------------------------------

@@ -717,11 +717,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     f"{where}: state_dtype='int8' is for float32 and 16-bit params (not "
                     "float64 nor DTensor params) of every optimizer but Sophia"
                 )
-            if p.device.type != "cpu":
-                raise ValueError(
-                    f"{where}: state_dtype='int8' runs on the CPU only in this version "
-                    "(float32 or bfloat16 state on the GPU)"
-                )
             least = group.get("min_8bit_size", STATE8_MIN_ELEMENTS)
             if isinstance(least, bool) or not isinstance(least, int) or least < 1:
                 raise ValueError(f"min_8bit_size: expected an integer >= 1, got {least!r}")

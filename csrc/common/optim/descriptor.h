@@ -27,11 +27,17 @@ constexpr int kMaxRoles = 5;  // arrays per element: params, grads and up to thr
 // (one bool/uint8 array per param; where it is 0 the param is set to 0 and no state changes).
 constexpr int kMaskSlot = kMaxRoles;
 constexpr int kMaxSlots = kMaxRoles + 1;
+// The CUDA launch tables also carry the block maxima of 8-bit state (common/state8.h), one
+// list per state role: state role r (roles 2.. are the states) at slot kAbsmaxSlot + r - 2.
+constexpr int kFirstState = 2;
+constexpr int kAbsmaxSlot = kMaxSlots;
+constexpr int kTableSlots = kAbsmaxSlot + kMaxRoles - kFirstState;
 
 // Which element type a role's arrays have: the params' own (params, grads), the state
 // type (float32 for 16-bit params, else the params' type), or one byte (the masks, which
-// no optimizer lists among its roles: every step takes them).
-enum class RoleKind { param, grad, state, mask };
+// no optimizer lists among its roles: every step takes them); absmax: float32 block
+// maxima of 8-bit state, one per 256 elements (CUDA tables only).
+enum class RoleKind { param, grad, state, mask, absmax };
 
 struct Role {
   const char* name;  // the Python argument, used in error messages ("exp_avgs[3]: ...")
