@@ -9,7 +9,8 @@ a zero-size array, slices starting one element into their allocation (the scalar
 params, grads and -- through the functional API -- state, a list longer than one launch
 (256 tensors), float16 / bfloat16 params, a step queued on a non-default stream, masked
 steps, bfloat16 state, stochastic rounding of bfloat16 params, and 8-bit state (a
-half-warp per 256-element block; one set of codes starting one byte into its allocation).
+half-warp per 256-element block; one set of codes starting one byte into its allocation),
+and master params (bfloat16 params stepped through float32 masters in one pass).
 
 Every float32 result (params and every state element) is compared with fastopt's CPU
 kernels run from the same start (bit-identical by design); 16-bit params are compared with
@@ -472,6 +473,53 @@ def state8():
     return "bit-identical"
 
 
+def master_params():
+    """Master params (master_params=: bfloat16 params and grads, float32 masters) for every
+    optimizer with float32 state, masked, and with 8-bit state: masters, params and state
+    bit for bit against the CPU kernels run from the same start."""
+    shapes = [(1,), (5,), (257,), (4096,), (4096 + 3 * 256 + 7,), (33, 7), (0,)]
+    for name, spec in SPECS.items():
+        hyper = spec.validate({**spec.defaults(), **spec.example})
+        states = spec.state_names(spec.kernel_hyper(hyper))
+        fn = getattr(fastopt, f"{name}_")
+        signed = {a.name: not a.nonnegative for a in spec.states}
+        for label in ("float32 state", "masked", "8-bit state"):
+            if label == "8-bit state" and (name == "sophia" or not states):
+                continue
+            runs = []
+            for dev in ("cuda", "cpu"):
+                g = torch.Generator().manual_seed(9)
+                masters = [torch.randn(s, generator=g).to(dev) for s in shapes]
+                params = [m.to(torch.bfloat16) for m in masters]
+                kw = dict(spec.example)
+                state = []
+                for st in states:
+                    start = [torch.rand(s, generator=g) for s in shapes]
+                    if label != "8-bit state":
+                        state.append([a.to(dev) for a in start])
+                        continue
+                    pairs = [reference.quantize_state8(a.numpy(), signed[st]) for a in start]
+                    state.append([torch.from_numpy(c).to(dev) for c, _ in pairs])
+                    kw.setdefault("absmax", {})[st] = [torch.from_numpy(a).to(dev) for _, a in pairs]
+                if label == "masked":
+                    kw["masks"] = [(torch.rand(s, generator=g) < 0.5).to(dev) for s in shapes]
+                for t in range(1, STEPS + 1):
+                    grads = [torch.randn(s, generator=g).to(torch.bfloat16).to(dev) for s in shapes]
+                    if spec.takes_step:
+                        kw["step"] = t
+                    fn(params, grads, *state, master_params=masters, **kw)
+                runs.append([a.cpu() for a in masters + params] + [a.cpu() for s in state for a in s])
+            synchronize()
+            for i, (got, want) in enumerate(zip(*runs)):
+                as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[got.element_size()]
+                same_bits(
+                    f"{name} master params {label} [{i}]",
+                    got.contiguous().view(as_int).numpy(),
+                    want.contiguous().view(as_int).numpy(),
+                )
+    return "bit-identical"
+
+
 def main():
     if not LIBS:
         print("sanitize_small: neither PyTorch with CUDA nor CuPy is usable", file=sys.stderr)
@@ -490,6 +538,7 @@ def main():
     if torch is not None:
         check("masks, bfloat16 state, stochastic rounding (torch)", masked_lowbit)
         check("8-bit state (torch)", state8)
+        check("master params (torch)", master_params)
     for cls, hyper in OPTIMIZERS:
         check(f"{cls.__name__} float16 mixed list", lambda: run_class(cls, hyper, "float16"))
         if torch is not None:

@@ -1,6 +1,6 @@
 """GPU-only behaviour of the CUDA optimizer kernels, with CuPy arrays and PyTorch CUDA
 tensors: float16/bfloat16 params equal to a float32 CPU emulation, streams, one launch per
-384 tensors, the classes' cached plans and stream ordering, ``p.data`` swaps, bad input only
+256 tensors, the classes' cached plans and stream ordering, ``p.data`` swaps, bad input only
 device arrays can give (host/device mixes, a second GPU, stream=), sizes past 2**31.
 
 What every backend shares (trajectories bit-identical to the CPU and close to the reference,
@@ -29,7 +29,7 @@ from cuda_libs import BF16, FakeCudaArray, lib_fixture, open_lib
 # One multi-tensor call: odd sizes, zero-size arrays in the middle, multi-dimensional shapes,
 # and (2, 8195): 16390 elements, four of the kernel's 4096-element chunks and a ragged 6.
 SHAPES = [(7,), (1,), (0,), (4097,), (33, 3), (2, 0, 3), (2, 8195)]
-LAUNCH_TENSORS = 384  # tensors per kernel launch (csrc/cuda/launch_table.h)
+LAUNCH_TENSORS = 256  # tensors per kernel launch (csrc/cuda/launch_table.h)
 
 
 # ---- the array libraries (the adapters are in cuda_libs.py) -------------------------------
@@ -146,9 +146,9 @@ def gpt2_like_shapes(d: int = 64, vocab: int = 512, ctx: int = 128, layers: int 
 
 
 @pytest.mark.parametrize("count,launches", [(LAUNCH_TENSORS, 1), (LAUNCH_TENSORS + 1, 2),
-                                            (1000, 3), ("gpt2", 1)])
-def test_one_launch_per_384_tensors(lib, count, launches, rng):
-    # The class keeps one plan: a step over N non-empty tensors makes ceil(N/384) launches,
+                                            (1000, 4), ("gpt2", 1)])
+def test_one_launch_per_256_tensors(lib, count, launches, rng):
+    # The class keeps one plan: a step over N non-empty tensors makes ceil(N/256) launches,
     # and matches the CPU.
     if count == "gpt2":
         shapes = gpt2_like_shapes()

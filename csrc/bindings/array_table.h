@@ -36,7 +36,8 @@ struct RoleSpec {
   py::handle list;   // a list of arrays, or None when the call does not use this role
   bool written;      // written arrays must be writeable and may not overlap anything
   RoleKind kind;     // params/grads share the params' dtype; state is float32 for 16-bit;
-                     // masks are bool or uint8 (slot cpu::kMaskSlot of the table)
+                     // masks are bool or uint8 (slot cpu::kMaskSlot of the table); master
+                     // params float32 (slot cpu::kMasterSlot)
 };
 
 // Attribute names as interned strings, created once per call site.
@@ -316,7 +317,8 @@ class ArrayTable {
                             " arrays (one per entry of " + ref.name + "), got " +
                             std::to_string(list.size()));
     const bool mask = role.kind == RoleKind::mask;
-    std::vector<void*>& ptrs = ptrs_[mask ? cpu::kMaskSlot : r];
+    const bool master = role.kind == RoleKind::master;
+    std::vector<void*>& ptrs = ptrs_[mask ? cpu::kMaskSlot : master ? cpu::kMasterSlot : r];
     ptrs.resize(n);
     for (size_t i = 0; i < n; ++i) {
       // The kernel runs with the GIL released: hold every array it touches, so that
@@ -334,6 +336,13 @@ class ArrayTable {
       else if (!exchanged) describe_numpy(a, keep_.back().ptr(), w, mask, state);
       if (r == 0 && i == 0) {
         dtype_ = a.dtype;
+      } else if (master) {
+        if (a.dtype != cpu::DType::f32)
+          throw py::type_error(w.str() + ": dtype " + cpu::dtype_name(a.dtype) +
+                               " is not float32 (master params are float32)");
+        if (dtype_ != cpu::DType::f16 && dtype_ != cpu::DType::bf16)
+          throw py::value_error(w.str() + ": master params are for float16 or bfloat16 params; " +
+                                where(ref.name, 0) + " is " + cpu::dtype_name(dtype_));
       } else if (!mask) {
         if (role.kind == RoleKind::state && !state_dtype_ && cpu::state_dtype_ok(dtype_, a.dtype))
           state_dtype_ = a.dtype;

@@ -35,10 +35,11 @@ void run_released(Fn&& fn) {
 template <class Opt>
 void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bound) {
   const StepCall<Opt> call(args, {}, bound);
-  std::array<RoleSpec, Opt::num_roles + 1> roles;
+  std::array<RoleSpec, Opt::num_roles + 2> roles;
   for (int r = 0; r < Opt::num_roles; ++r)
     roles[r] = {Opt::roles[r].name, call.lists[r], Opt::roles[r].written, Opt::roles[r].kind};
   roles[Opt::num_roles] = {"masks", call.masks, false, fastopt::RoleKind::mask};
+  roles[Opt::num_roles + 1] = {"master_params", call.masters, true, fastopt::RoleKind::master};
   const ArrayTable arrays(roles, call.listed, call.absmax);
   if (call.options.stochastic && arrays.total() > 0 && arrays.dtype() != cpu::DType::bf16)
     throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "

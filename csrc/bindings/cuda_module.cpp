@@ -99,17 +99,22 @@ void check_stream_device(intptr_t stream, int device) {
 
 // The table slots of the block maxima of 8-bit state from the call's absmax= (None, or a dict
 // {state name: a list of float32 arrays}, one entry per state the call uses): filled into
-// `roles`; the plan checks the arrays (bindings/device_table.h). Returns the slots' names
-// ("absmax['exp_avgs']"), which `roles` points into.
+// `roles`; the plan checks the arrays (bindings/device_table.h). Returns the lists, held
+// for the call (`roles` borrows them: describing an array may run Python code that edits
+// the dict). The slots' names live as long as the module: a cached plan keeps them.
 template <class Opt, class Roles>
-std::vector<std::string> absmax_specs(const fastopt::bindings::StepCall<Opt>& call, Roles& roles) {
-  std::vector<std::string> names;
-  if (call.absmax.is_none()) return names;
+std::vector<py::object> absmax_specs(const fastopt::bindings::StepCall<Opt>& call, Roles& roles) {
+  static const std::array<std::string, Opt::num_roles> names = [] {
+    std::array<std::string, Opt::num_roles> out;
+    for (int r = 0; r < Opt::num_roles; ++r) out[r] = std::string("absmax['") + Opt::roles[r].name + "']";
+    return out;
+  }();
+  std::vector<py::object> held;
+  if (call.absmax.is_none()) return held;
   if (!py::isinstance<py::dict>(call.absmax))
     throw py::type_error(std::string("absmax: expected a dict {state name: list of arrays}, got ") +
                          Py_TYPE(call.absmax.ptr())->tp_name);
   const py::dict given = py::reinterpret_borrow<py::dict>(call.absmax);
-  names.reserve(Opt::num_roles);  // no reallocation: roles[] keep pointers into it
   size_t used = 0;
   for (int r = fastopt::kFirstState; r < Opt::num_roles; ++r) {
     const fastopt::Role& role = Opt::roles[r];
@@ -118,10 +123,9 @@ std::vector<std::string> absmax_specs(const fastopt::bindings::StepCall<Opt>& ca
     const py::str key(role.name);
     if (!given.contains(key))
       throw py::value_error(std::string("absmax: no entry for '") + role.name + "'");
-    names.push_back(std::string("absmax['") + role.name + "']");
+    held.push_back(given[key]);
     roles[fastopt::kAbsmaxSlot + r - fastopt::kFirstState] = {
-        names.back().c_str(), PyDict_GetItem(given.ptr(), key.ptr()), fastopt::RoleKind::absmax,
-        role.written};
+        names[size_t(r)].c_str(), held.back(), fastopt::RoleKind::absmax, role.written};
   }
   if (given.size() != used)
     for (auto item : given) {
@@ -132,7 +136,7 @@ std::vector<std::string> absmax_specs(const fastopt::bindings::StepCall<Opt>& ca
         throw py::value_error("absmax: unexpected entry " + py::repr(item.first).cast<std::string>() +
                               " (not a state this call uses)");
     }
-  return names;
+  return held;
 }
 
 // One step of optimizer Opt (see bindings/optim_binding.h for the arguments; here also the
@@ -163,17 +167,19 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
   // lists of 8-bit state.
   std::array<fastopt::bindings::DeviceRoleSpec, fastopt::kTableSlots> roles;
   roles.fill({"", py::none(), fastopt::RoleKind::grad, false});
-  const bool masked = !call.masks.is_none();
-  unsigned loads = 0, stores = 0;
+  cuda::StepArrays arrays;
+  arrays.masked = !call.masks.is_none();
+  arrays.master = !call.masters.is_none();
   for (int r = 0; r < Opt::num_roles; ++r) {
     const fastopt::Role& role = Opt::roles[r];
     roles[r] = {role.name, call.lists[r], role.kind, role.written};
     if (call.lists[r].is_none()) continue;
-    if (masked || !(call.fresh >> r & 1u)) loads |= 1u << r;
-    if (role.written) stores |= 1u << r;
+    if (arrays.masked || !(call.fresh >> r & 1u)) arrays.loads |= 1u << r;
+    if (role.written) arrays.stores |= 1u << r;
   }
   roles[fastopt::kMaskSlot] = {"masks", call.masks, fastopt::RoleKind::mask, false};
-  const std::vector<std::string> absmax_names = absmax_specs<Opt>(call, roles);
+  roles[fastopt::kMasterSlot] = {"master_params", call.masters, fastopt::RoleKind::master, true};
+  const std::vector<py::object> absmax_lists = absmax_specs<Opt>(call, roles);
   DevicePlan local;
   DevicePlan& plan = cached ? *cached : local;
   plan.update(roles, call.listed, stream);
@@ -190,7 +196,7 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
                                       "bfloat16 params, these are ") +
                           fastopt::bindings::dtype_name(plan.dtype()));
   cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.options,
-                  loads, stores, masked, reinterpret_cast<cudaStream_t>(stream));
+                  arrays, reinterpret_cast<cudaStream_t>(stream));
 }
 
 struct Steps {

@@ -429,6 +429,7 @@ class DevicePlan {
     switch (kind) {
       case RoleKind::state: return state_dtype();
       case RoleKind::mask: return DType::u8;
+      case RoleKind::master:
       case RoleKind::absmax: return DType::f32;
       default: return dtype_;
     }
@@ -455,6 +456,13 @@ class DevicePlan {
     } else if (role.kind == RoleKind::absmax) {
       if (a.dtype != DType::f32)
         throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) + " is not float32");
+    } else if (role.kind == RoleKind::master) {
+      if (a.dtype != DType::f32)
+        throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) +
+                             " is not float32 (master params are float32)");
+      if (dtype_ != DType::f16 && dtype_ != DType::bf16)
+        throw py::value_error(w.str() + ": master params are for float16 or bfloat16 params; " +
+                              Where{"params", 0, listed}.str() + " is " + dtype_name(dtype_));
     } else if (a.dtype != expected_dtype(role.kind)) {
       throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) + " differs from the " +
                            (role.kind == RoleKind::state ? "state type " : "params' ") +
@@ -480,8 +488,8 @@ class DevicePlan {
         throw py::value_error(w.str() + ": has " + std::to_string(a.size) + " elements; " +
                               params_at.str() + "'s " + std::to_string(sizes_[i]) + " need " +
                               std::to_string(blocks) + " (one per block of 256)");
-      if (a.size > 0 && !a.contiguous) throw py::value_error(w.str() + ": must be contiguous");
-      check_layout(a, w, role.written);
+      if (a.size > 0 && !a.dense) throw py::value_error(w.str() + ": must be contiguous");
+      check_layout(a, w, role.written, /*dense_ok=*/true);
       return a;
     }
     if (a.shape != shapes_[i])

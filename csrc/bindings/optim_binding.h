@@ -9,10 +9,11 @@
 // clip coefficient in [0, 1], or NaN) and `masks` (None, or a list of one
 // bool/uint8 array per param, shaped like it: where 0, the param is set to 0 and no state
 // changes), `stochastic_seed` (bfloat16 params rounded stochastically with this seed,
-// common/rounding.h) and `absmax` (8-bit state, common/state8.h: {state name: a list of
-// float32 block maxima per tensor}, the state lists then holding uint8 codes), and what
-// the module adds (the CUDA
-// module: stream, plan). Every argument is
+// common/rounding.h), `absmax` (8-bit state, common/state8.h: {state name: a list of
+// float32 block maxima per tensor}, the state lists then holding uint8 codes) and
+// `master_params` (16-bit params: a list of float32 masters, shaped and laid out like
+// them, stepped in their place; the params get them rounded to nearest), and what the
+// module adds (the CUDA module: stream, plan). Every argument is
 // checked here, so a direct call with a missing, unknown or mistyped argument raises a
 // TypeError/ValueError naming it (Python has validated the ranges already). The step
 // functions, and bind_step (a step with its hyper-parameters read once), are registered
@@ -144,6 +145,7 @@ template <class Opt> struct StepCall {
   StepOptions options;  // step, grad_scale, stochastic rounding
   py::object masks = py::none();  // a list of masks, or None: an unmasked step
   py::object absmax = py::none();  // 8-bit state: {state name: list of block maxima}
+  py::object masters = py::none();  // master_params: a list of float32 arrays, or None
   unsigned fresh = 0;       // bit r: role r is written but not read at this step
 
   // `extras`: the module's own keywords (interned names), read by the caller. `bound`: the
@@ -211,6 +213,16 @@ template <class Opt> struct StepCall {
       absmax = py::reinterpret_borrow<py::object>(v);
       ++found;
     }
+    static PyObject* masters_key = interned_key("master_params");
+    if (PyObject* v = args.keyword(masters_key)) {
+      if (v != Py_None) {
+        masters = py::reinterpret_borrow<py::object>(v);
+        if (options.stochastic)
+          throw py::value_error("master_params: excludes stochastic rounding (stochastic_seed): "
+                                "the params are the masters rounded to nearest");
+      }
+      ++found;
+    }
     for (PyObject* extra : extras)
       if (args.keyword(extra)) ++found;
     if (args.num_keywords() != found) {  // an unknown keyword, or one given twice
@@ -275,7 +287,8 @@ template <class Opt> struct StepCall {
   static bool known(const std::string& name, std::initializer_list<PyObject*> extras,
                     bool hyper_keywords) {
     bool hit = (Opt::takes_step && name == "step") || name == "grad_scale" || name == "masks" ||
-               name == "stochastic_seed" || name == "grad_clip" || name == "absmax";
+               name == "stochastic_seed" || name == "grad_clip" || name == "absmax" ||
+               name == "master_params";
     typename Opt::Hyper h{};
     if (hyper_keywords)
       Opt::for_each_field(h, [&](const char* field, auto&) { hit = hit || name == field; });

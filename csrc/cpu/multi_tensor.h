@@ -16,6 +16,7 @@ namespace fastopt {
 namespace cpu {
 
 using fastopt::kMaskSlot;
+using fastopt::kMasterSlot;
 using fastopt::kMaxRoles;
 using fastopt::kMaxSlots;
 
@@ -25,7 +26,8 @@ struct TensorTable {
   int num_tensors = 0;
   const int64_t* offsets = nullptr;     // n + 1 entries
   void* const* ptrs[kMaxSlots] = {};    // ptrs[role][i]; null = not used by the call;
-                                        // ptrs[kMaskSlot]: the masks (uint8 per element)
+                                        // ptrs[kMaskSlot]: the masks (uint8 per element);
+                                        // ptrs[kMasterSlot]: float32 master params
   float* const* absmax[kMaxRoles] = {}; // 8-bit state (common/state8.h): absmax[role][i],
                                         // the block maxima of state role r's tensor i,
                                         // whose ptrs[role][i] are then its codes (uint8)

@@ -28,6 +28,8 @@ using cpu::TensorTable;
 // with the key of their tensor, keys[i].
 // Blocked (8-bit state, run by Blocked8 below, S = float): the state roles are read from and
 // written to the block's float buffers, element j of the tensor at buf[r][j - block_start].
+// Master params (16-bit params, `masters` set): the param is read from and written to its
+// float32 master, and also written rounded to nearest to the params.
 template <class Opt, class P, class T, class S, bool Masked, bool Stochastic, bool Blocked = false>
 struct StepKernel {
   using Optimizer = Opt;
@@ -43,6 +45,8 @@ struct StepKernel {
   T grad_scale, grad_clip;
   float* buf[N] = {};
   int64_t block_start = 0;
+  float* const* masters = nullptr;  // master params, or null
+  static constexpr bool kMasterable = !std::is_same_v<P, T>;  // 16-bit params
   const P* anchor(int i) const { return static_cast<const P*>(ptr[0][i]); }
   // Where element j of role r's tensor i is read and written.
   template <int r, class Storage> Storage* at(int i, int64_t j) const {
@@ -58,7 +62,10 @@ struct StepKernel {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
       using Storage = std::conditional_t<role.kind == RoleKind::state, S, P>;
-      x[r] = (!role.optional || load[r]) ? L::load(at<r, const Storage>(i, j)) : V(T(0));
+      if constexpr (kMasterable && role.kind == RoleKind::param)
+        x[r] = masters ? L::load(masters[i] + j) : L::load(at<r, const Storage>(i, j));
+      else
+        x[r] = (!role.optional || load[r]) ? L::load(at<r, const Storage>(i, j)) : V(T(0));
       if (role.kind == RoleKind::grad && scale_grads) x[r] = x[r] / V(grad_scale);
       if (role.kind == RoleKind::grad && clip_grads) x[r] = x[r] * V(grad_clip);
     });
@@ -83,6 +90,8 @@ struct StepKernel {
         L::store_stochastic(static_cast<P*>(ptr[r][i]) + j, x[r], keys[i], j);
       else if (role.written && (!role.optional || store[r]))
         L::store(at<r, Storage>(i, j), x[r]);
+      if constexpr (kMasterable && role.kind == RoleKind::param)
+        if (masters) L::store(masters[i] + j, x[r]);
     });
   }
 };
@@ -154,6 +163,7 @@ void run_step(const TensorTable& t, const typename Opt::Hyper& h, const StepOpti
     k.store[r] = t.ptrs[r] != nullptr;
     k.load[r] = k.store[r] && (Masked || !(t.fresh >> r & 1u));
   }
+  k.masters = reinterpret_cast<float* const*>(t.ptrs[cpu::kMasterSlot]);
   if constexpr (blocked) {
     Blocked8<WideLane<T>, Step> b{k, {}, {}, {}};
     for (int r = 0; r < Opt::num_roles; ++r) {

@@ -25,7 +25,7 @@ inline bool is_float(DType d) { return d != DType::i8 && d != DType::u8 && d != 
 constexpr int kBlockThreads = 256;
 constexpr int kVectorWidth = 4;        // elements per thread access: 16 B of float32
 constexpr int64_t kChunk = 4096;       // elements per block (a 1M tensor: 256 blocks)
-constexpr int kLaunchTensors = 256;    // tensors per launch (the table is ~23 KB)
+constexpr int kLaunchTensors = 256;    // tensors per launch (the table is ~25 KB)
 
 struct LaunchTable {
   int32_t num_tensors = 0;
@@ -33,12 +33,13 @@ struct LaunchTable {
   int64_t block_start[kLaunchTensors + 1];
   int64_t size[kLaunchTensors];        // elements
   int32_t index[kLaunchTensors];       // the tensor's position in the call's list
-  // per role, then the masks (kMaskSlot), then the block maxima of 8-bit state roles
+  // per role, then the masks (kMaskSlot), the master params (kMasterSlot), then the block
+  // maxima of 8-bit state roles
   void* ptrs[kTableSlots][kLaunchTensors];
 };
 // With the 8-bit state step's functor (its two maps, 2.5 KB) the kernel's arguments stay
 // under the 32764 bytes CUDA allows.
-static_assert(sizeof(LaunchTable) <= 24576, "a kernel argument holds at most 32764 bytes");
+static_assert(sizeof(LaunchTable) <= 26624, "a kernel argument holds at most 32764 bytes");
 
 using LaunchTables = std::vector<LaunchTable>;
 

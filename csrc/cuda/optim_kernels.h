@@ -3,7 +3,7 @@
 // launches the multi-tensor kernel once per table on `stream` (never synchronising) and
 // throws std::runtime_error naming the kernel if a launch fails. `dtype` is the params'
 // type; the grads are divided by `grad_scale` as they are loaded (1: not at all);
-// `loads` / `stores` are bit masks of the roles the call reads / writes.
+// StepArrays says which arrays the call has.
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -13,9 +13,16 @@
 namespace fastopt {
 namespace cuda {
 
+// What a call's arrays are: bit masks of the roles it reads / writes, whether it has masks
+// (table slot kMaskSlot) and float32 master params (kMasterSlot).
+struct StepArrays {
+  unsigned loads = 0, stores = 0;
+  bool masked = false, master = false;
+};
+
 template <class Opt>
 void step(const LaunchTables&, DType params, DType state, const typename Opt::Hyper&,
-          const StepOptions&, unsigned loads, unsigned stores, bool masked, cudaStream_t);
+          const StepOptions&, const StepArrays&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastopt

@@ -27,6 +27,8 @@ namespace {
 // step, tensor, element) as on the CPU (common/rounding.h).
 // Masked (a mask byte per element, ptr[kMaskSlot]): where the mask is 0 the param is
 // stored as 0 and every other written role as it was loaded (masked calls load them all).
+// Master params (16-bit params, ptr[kMasterSlot] set): the param is read from and written
+// to its float32 master, and also written rounded to nearest to the params.
 template <class Opt, class P, class T, class S> struct StepOp {
   using F = Formula<Opt>;
   static constexpr int N = Opt::num_roles;
@@ -38,6 +40,8 @@ template <class Opt, class P, class T, class S> struct StepOp {
   bool stochastic;
   uint64_t seed;
   int64_t step;
+  bool master;
+  static constexpr bool kMasterable = !std::is_same_v<P, T>;  // 16-bit params
 
   // Elements [j, j+W) of tensor `tensor` (its arrays at ptr[slot]): the state roles are
   // read by load_state(role, x) and written by store_state(role, x) (role: an
@@ -50,8 +54,14 @@ template <class Opt, class P, class T, class S> struct StepOp {
       constexpr int r = decltype(role_index)::value;
       constexpr Role role = Opt::roles[r];
       if (!role.optional || (loads >> r & 1u)) {
-        if constexpr (role.kind == RoleKind::state) load_state(role_index, x[r]);
-        else cuda::load<W>(x[r], static_cast<const P*>(ptr[r]) + j);
+        if constexpr (role.kind == RoleKind::state) {
+          load_state(role_index, x[r]);
+        } else if constexpr (kMasterable && role.kind == RoleKind::param) {
+          if (master) cuda::load<W>(x[r], static_cast<const float*>(ptr[kMasterSlot]) + j);
+          else cuda::load<W>(x[r], static_cast<const P*>(ptr[r]) + j);
+        } else {
+          cuda::load<W>(x[r], static_cast<const P*>(ptr[r]) + j);
+        }
       } else {
 #pragma unroll
         for (int w = 0; w < W; ++w) x[r][w] = T(0);
@@ -100,6 +110,8 @@ template <class Opt, class P, class T, class S> struct StepOp {
         } else {
           cuda::store<W>(static_cast<P*>(ptr[r]) + j, x[r]);
         }
+        if constexpr (kMasterable && role.kind == RoleKind::param)
+          if (master) cuda::store<W>(static_cast<float*>(ptr[kMasterSlot]) + j, x[r]);
       }
     });
   }
@@ -246,32 +258,34 @@ state8_kernel(const __grid_constant__ cuda::LaunchTable table, const __grid_cons
 }
 
 template <class Opt, class P, class T, class S>
+StepOp<Opt, P, T, S> step_op(const typename Opt::Hyper& h, const StepOptions& o,
+                             const cuda::StepArrays& a) {
+  return {Formula<Opt>::template coeffs<T>(h, o.step),
+          a.loads,
+          a.stores,
+          o.grad_scale != 1.0,
+          !(o.grad_clip == 1.0),
+          T(o.grad_scale),
+          T(o.grad_clip),
+          a.masked,
+          o.stochastic,
+          o.seed,
+          o.step,
+          a.master};
+}
+
+template <class Opt, class P, class T, class S>
 void launch(const cuda::LaunchTables& t, const typename Opt::Hyper& h, const StepOptions& o,
-            unsigned loads, unsigned stores, bool masked, cudaStream_t s) {
-  const StepOp<Opt, P, T, S> op{Formula<Opt>::template coeffs<T>(h, o.step),
-                                loads,
-                                stores,
-                                o.grad_scale != 1.0,
-                                !(o.grad_clip == 1.0),
-                                T(o.grad_scale),
-                                T(o.grad_clip),
-                                masked,
-                                o.stochastic,
-                                o.seed,
-                                o.step};
-  cuda::launch_multi_tensor(Opt::name, t, op, s);
+            const cuda::StepArrays& a, cudaStream_t s) {
+  cuda::launch_multi_tensor(Opt::name, t, step_op<Opt, P, T, S>(h, o, a), s);
 }
 
 // 8-bit state: float math and params of storage type P.
 template <class Opt, class P>
 void launch_state8(const cuda::LaunchTables& t, const typename Opt::Hyper& h, const StepOptions& o,
-                   unsigned loads, unsigned stores, bool masked, cudaStream_t s) {
+                   const cuda::StepArrays& a, cudaStream_t s) {
   using Op = State8StepOp<Opt, P>;
-  Op op{{Formula<Opt>::template coeffs<float>(h, o.step), loads, stores, o.grad_scale != 1.0,
-         !(o.grad_clip == 1.0), float(o.grad_scale), float(o.grad_clip), masked, o.stochastic,
-         o.seed, o.step},
-        {state8_map(true), state8_map(false)},
-        {}};
+  Op op{step_op<Opt, P, float, float>(h, o, a), {state8_map(true), state8_map(false)}, {}};
   for (int r = 0; r < Opt::num_roles; ++r) op.is_signed[r] = !Opt::roles[r].nonnegative;
   cuda::launch_multi_tensor(Opt::name, t, op, s, state8_kernel<Op>);
 }
@@ -279,14 +293,13 @@ void launch_state8(const cuda::LaunchTables& t, const typename Opt::Hyper& h, co
 // Params of storage type P with float math: float32, bfloat16 or 8-bit state.
 template <class Opt, class P>
 void launch_float(const cuda::LaunchTables& t, cuda::DType state, const typename Opt::Hyper& h,
-                  const StepOptions& o, unsigned loads, unsigned stores, bool masked,
-                  cudaStream_t s) {
+                  const StepOptions& o, const cuda::StepArrays& a, cudaStream_t s) {
   if (state == cuda::DType::u8)
-    launch_state8<Opt, P>(t, h, o, loads, stores, masked, s);
+    launch_state8<Opt, P>(t, h, o, a, s);
   else if (state == cuda::DType::bf16)
-    launch<Opt, P, float, __nv_bfloat16>(t, h, o, loads, stores, masked, s);
+    launch<Opt, P, float, __nv_bfloat16>(t, h, o, a, s);
   else
-    launch<Opt, P, float, float>(t, h, o, loads, stores, masked, s);
+    launch<Opt, P, float, float>(t, h, o, a, s);
 }
 
 }  // namespace
@@ -297,18 +310,13 @@ namespace cuda {
 
 template <class Opt>
 void step(const LaunchTables& t, DType d, DType state, const typename Opt::Hyper& h,
-          const StepOptions& o, unsigned loads, unsigned stores, bool masked,
-          cudaStream_t stream) {
+          const StepOptions& o, const StepArrays& a, cudaStream_t stream) {
   using namespace fastopt::FASTOPT_ISA;
   switch (d) {
-    case DType::f32: launch_float<Opt, float>(t, state, h, o, loads, stores, masked, stream); break;
-    case DType::f64:
-      launch<Opt, double, double, double>(t, h, o, loads, stores, masked, stream);
-      break;
-    case DType::f16: launch_float<Opt, __half>(t, state, h, o, loads, stores, masked, stream); break;
-    case DType::bf16:
-      launch_float<Opt, __nv_bfloat16>(t, state, h, o, loads, stores, masked, stream);
-      break;
+    case DType::f32: launch_float<Opt, float>(t, state, h, o, a, stream); break;
+    case DType::f64: launch<Opt, double, double, double>(t, h, o, a, stream); break;
+    case DType::f16: launch_float<Opt, __half>(t, state, h, o, a, stream); break;
+    case DType::bf16: launch_float<Opt, __nv_bfloat16>(t, state, h, o, a, stream); break;
     default: throw std::invalid_argument("fastopt: optimizer params must be float arrays");
   }
 }
@@ -319,5 +327,5 @@ void step(const LaunchTables& t, DType d, DType state, const typename Opt::Hyper
 #define FASTOPT_CUDA_STEP(Opt)                                                              \
   template void fastopt::cuda::step<fastopt::Opt>(                                          \
       const fastopt::cuda::LaunchTables&, fastopt::cuda::DType, fastopt::cuda::DType,        \
-      const fastopt::Opt::Hyper&, const fastopt::StepOptions&, unsigned, unsigned, bool,     \
-      cudaStream_t);
+      const fastopt::Opt::Hyper&, const fastopt::StepOptions&,                               \
+      const fastopt::cuda::StepArrays&, cudaStream_t);

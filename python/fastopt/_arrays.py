@@ -337,15 +337,6 @@ def float32_copy(a: Any) -> Any:
     return a.astype(np.float32)  # NumPy (ml_dtypes bfloat16 too) and CuPy: a new array
 
 
-def copy_rounded(dst: Any, src: Any) -> None:
-    """dst[...] = float32 ``src`` rounded to ``dst``'s 16-bit type (to nearest, ties to
-    even), in their library on their device."""
-    if _is_torch(dst):
-        dst.copy_(src)
-    else:
-        dst[...] = src.astype(dst.dtype)
-
-
 def dtype_name(a: Any) -> str:
     """ "float32", ... for NumPy, CuPy and PyTorch arrays alike."""
     if _is_torch(a):

@@ -24,7 +24,7 @@ its own (the classes do). ``seed=None`` draws a fresh one. Nearest is round half
 
 CUDA arrays (PyTorch CUDA tensors, CuPy arrays, anything with ``__cuda_array_interface__``
 or CUDA DLPack) run the CUDA kernels, chosen by where ``params`` lives: a whole list in
-one kernel launch (one per 384 tensors), queued on ``stream`` -- an int handle or a
+one kernel launch (one per 256 tensors), queued on ``stream`` -- an int handle or a
 CuPy/PyTorch stream -- or by default on the current stream of the library that made the
 params (PyTorch's or CuPy's); nothing synchronises. On the GPU, params and grads may also
 be float16 or bfloat16; their state is then float32 and the math runs in float32.
@@ -42,6 +42,13 @@ state's block maxima: {state name: a float32 array (list) of ceil(size / 256) el
 per param}. Each block is decoded, updated and encoded again with its new absmax in the
 one pass over memory. float32 and 16-bit params, on the CPU and the GPU (which give the
 same bits); the classes keep float32 state for tensors under 4096 elements.
+
+Master weights (``master_params=``, float16/bfloat16 params): float32 arrays (a list like
+the params, shaped and laid out like them) that the step reads and writes in the params'
+place, with the 16-bit grads converted as they are loaded; the params are written as the
+masters rounded to nearest in the same pass (p 2 B written, master 8, grads 2 instead of
+the float32 step's 12 plus a conversion of the grads and a copy back). The result is the
+float32 step's, bit for bit. It excludes stochastic rounding.
 
 ``max_grad_norm=`` (every step but ``ema_``) clips the grads first, as
 ``fastopt.clip_grad_norm_(grads, max_grad_norm)`` would (global 2-norm, coefficient
@@ -115,6 +122,7 @@ class StepKernel:
         seed: Any = None,
         max_grad_norm: Any = None,
         absmax: Any = None,
+        master_params: Any = None,
     ) -> Any:
         """One step: ``arrays`` in binding order (None for an optional one not given),
         ``hyper`` the values in the spec's order, ``step`` (when the spec takes it),
@@ -160,6 +168,7 @@ class StepKernel:
             host
             and masks is None
             and absmax is None
+            and master_params is None
             and max_grad_norm is None
             and rounding == "nearest"
             and seed is None
@@ -177,6 +186,12 @@ class StepKernel:
             )
         if absmax is not None:
             extra["absmax"] = block_maxima(absmax, listed)
+        if master_params is not None:
+            extra["master_params"] = (
+                master_params
+                if listed and type(master_params) is list
+                else as_list("master_params", master_params, listed)
+            )
         if rounding != "nearest" or seed is not None:
             extra.update(stochastic_rounding(rounding, seed))
         norm = None
@@ -303,6 +318,7 @@ def sgd_(
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
     absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -327,6 +343,7 @@ def sgd_(
         seed,
         max_grad_norm,
         absmax,
+        master_params,
     )
 
 
@@ -344,6 +361,7 @@ def adagrad_(
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
     absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -366,6 +384,7 @@ def adagrad_(
         seed,
         max_grad_norm,
         absmax,
+        master_params,
     )
 
 
@@ -386,6 +405,7 @@ def rmsprop_(
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
     absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -411,6 +431,7 @@ def rmsprop_(
         seed,
         max_grad_norm,
         absmax,
+        master_params,
     )
 
 
@@ -433,6 +454,7 @@ def adam_(
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
     absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -457,6 +479,7 @@ def adam_(
         seed,
         max_grad_norm,
         absmax,
+        master_params,
     )
 
 
@@ -478,6 +501,7 @@ def adamw_(
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
     absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -496,6 +520,7 @@ def adamw_(
         seed,
         max_grad_norm,
         absmax,
+        master_params,
     )
 
 
@@ -514,6 +539,7 @@ def sophia_(
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
     absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -538,6 +564,7 @@ def sophia_(
         seed,
         max_grad_norm,
         absmax,
+        master_params,
     )
 
 
@@ -554,6 +581,7 @@ def lion_(
     l1: float = 0.0,
     masks: Optional[ArrayOrList] = None,
     absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
     rounding: str = "nearest",
     seed: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
@@ -578,6 +606,7 @@ def lion_(
         seed,
         max_grad_norm,
         absmax,
+        master_params,
     )
 
 
@@ -608,7 +637,17 @@ def _signature_mismatches(fn: Callable[..., None], spec: OptimizerSpec) -> List[
     optional = tuple(a.name for a in spec.arrays if a.optional)
     if positional != roles or roles[len(roles) - len(fn.__defaults__ or ()) :] != optional:
         out.append(f"{fn.__name__}: arrays {positional} != {roles} (optional {optional})")
-    generic = ("step", "masks", "absmax", "rounding", "seed", "max_grad_norm", "stream", "_plan")
+    generic = (
+        "step",
+        "masks",
+        "absmax",
+        "master_params",
+        "rounding",
+        "seed",
+        "max_grad_norm",
+        "stream",
+        "_plan",
+    )
     hyper = tuple(k for k in keywords if k not in generic)
     if hyper != tuple(spec.hyper):
         out.append(f"{fn.__name__}: hyper-parameters {hyper} != {tuple(spec.hyper)}")

@@ -22,10 +22,10 @@ updated outside the step).
 (see ``fastopt.sgd_``), keyed by ``seed`` (drawn when None) and the step count: bfloat16
 training without a float32 master copy, reproducible for a given seed.
 ``master_weights=True`` (float16/bfloat16 params) keeps a float32 copy of the params,
-``opt.master_params``, which the steps update (with the grads converted to float32) and
-round to nearest into the params after each step: the float32 step, bit for bit, with the
-params holding its values rounded (one conversion pass over the grads and one over the
-params around the fused step; on the GPU on the current stream).
+``opt.master_params``, which the steps update in the params' place (the kernels'
+``master_params=``: the 16-bit grads converted as they are loaded, the params written as
+the masters rounded to nearest in the same pass): the float32 step, bit for bit, with the
+params holding its values rounded.
 ``state_dict()`` / ``load_state_dict()`` round-trip exactly (step count, lr,
 hyper-parameters, every state element), so a restored optimizer continues bit-identically;
 masks are not part of it (they belong to the model, like torch's pruning buffers).
@@ -102,6 +102,9 @@ class Optimizer:
         # fastopt._cuda.Plan): a step re-reads only arrays that changed (new grads).
         on_device = bool(self.params) and _arrays.on_device(self.params[0])
         self._plan = _ext._cuda.Plan() if on_device and _ext._cuda is not None else None
+        # the plans of the second and later kernel calls of a step (state_dtype="int8"
+        # steps the params with 8-bit state and the small ones apart: one plan per call)
+        self._more_plans: List[Any] = []
         self._host = not on_device  # steps call the CPU kernel directly (stream=None)
         if schedule is not None and not callable(schedule):
             raise TypeError(
@@ -283,11 +286,9 @@ class Optimizer:
                     f"grads: expected {len(self.params)} arrays (one per entry of params), "
                     f"got {len(grads)}"
                 )
-            params = self.params
             if self.master_params is not None:
-                grads = self._master_grads(grads, stream)
-                params = self.master_params
-            lists = [params, grads, *self._state_lists]
+                kw["master_params"] = self.master_params
+            lists = [self.params, grads, *self._state_lists]
             norm = None
             if max_grad_norm is not None:
                 norm, kw = self._kernel.clip(lists, self._listed, kw, max_grad_norm, stream)
@@ -299,6 +300,7 @@ class Optimizer:
             if self._spec.takes_step:
                 for _, keywords in calls:
                     keywords["step"] = t
+            runs = [(a, k, self._call_extra(extra, n)) for n, (a, k) in enumerate(calls)]
             # Counted before the kernel runs (an attribute store, where no signal is
             # handled), uncounted only if its checks refused the call (nothing written
             # then): see the module docstring. A GPU step is recorded for the methods that
@@ -306,34 +308,25 @@ class Optimizer:
             self._step = t
             refused = False
             try:
-                for call_lists, call_kw in calls:
-                    kernel(*call_lists, self._listed, **call_kw, **extra)
+                for call_lists, call_kw, call_extra in runs:
+                    kernel(*call_lists, self._listed, **call_kw, **call_extra)
             except (TypeError, ValueError, MemoryError):
                 refused = True
                 self._step = t - 1
                 raise
             finally:
                 if not refused:
-                    if self.master_params is not None:  # the params: the masters rounded
-                        for p, m in zip(self.params, self.master_params):
-                            _arrays.copy_rounded(p, m)
                     self._queued_on(stream)
         return norm
 
-    def _master_grads(self, grads: List[Any], stream: Any) -> List[Any]:
-        """master_weights: the 16-bit ``grads`` as float32 (checked against the params
-        first: a grad of another shape or dtype would otherwise be converted)."""
-        if stream is not None and self._plan is not None:
-            raise ValueError(
-                "stream: master_weights steps run on the current stream (the grads are "
-                "converted and the params rounded there)"
-            )
-        grads = [
-            _arrays.param_array(f"grads[{i}]" if self._listed else "grads", g)
-            for i, g in enumerate(grads)
-        ]
-        _check_grads_match(self.params, grads, self._listed)
-        return [_arrays.float32_copy(g) for g in grads]
+    def _call_extra(self, extra: Dict[str, Any], k: int) -> Dict[str, Any]:
+        """The keywords of a step's k-th kernel call: on the GPU each call has a plan of its
+        own (a plan serves one set of arrays; alternating two would rebuild it each time)."""
+        if k == 0 or "plan" not in extra or _ext._cuda is None:
+            return extra
+        while len(self._more_plans) < k:
+            self._more_plans.append(_ext._cuda.Plan())
+        return {**extra, "plan": self._more_plans[k - 1]}
 
     def _step_calls(
         self, lists: List[Any], kw: Dict[str, Any], t: int
@@ -352,8 +345,9 @@ class Optimizer:
             call_kw = dict(kw)
             if absmax is not None:
                 call_kw["absmax"] = absmax
-            if "masks" in kw:
-                call_kw["masks"] = [kw["masks"][i] for i in indices]
+            for name in ("masks", "master_params"):
+                if name in kw:
+                    call_kw[name] = [kw[name][i] for i in indices]
             if n and self._rounding_seed is not None:
                 call_kw["stochastic_seed"] = functional.step_seed(self._rounding_seed, t, n)
             out.append((sub, call_kw))

@@ -79,12 +79,11 @@ Decisions, where torch.optim offers a choice:
   ``Adagrad8bit`` take bitsandbytes' constructor arguments and set ``state_dtype="int8"``.
 - ``master_weights=`` (every class, keyword-only, a group option; default False): the
   group's float16/bfloat16 params keep a float32 copy, ``state[p]["master_param"]`` (made
-  from the param at its first step), which the kernel steps with the grads in float32; the
-  param then gets the result rounded to nearest. Mixed-precision training as apex's O2 and
-  DeepSpeed do, 6 bytes per param more than the state; a checkpoint carries the copy.
-  Excludes ``stochastic_rounding`` (the other way to keep small updates). The grads are
-  converted and the params copied back with torch ops around the fused step (two short
-  extra passes).
+  from the param at its first step), which the kernel steps in the param's place (the
+  16-bit grads converted as they are loaded); the param is written, in the same pass, as
+  the result rounded to nearest. Mixed-precision training as apex's O2 and DeepSpeed do,
+  4 bytes per param more than the state; a checkpoint carries the copy. Excludes
+  ``stochastic_rounding`` (the other way to keep small updates).
 - ``stochastic_rounding=`` (every class, keyword-only, a group option; default False): the
   group's bfloat16 params are rounded stochastically at every step (unbiased; bfloat16
   training without float32 master weights), keyed by the group's ``"rounding_seed"`` (from
@@ -381,8 +380,8 @@ class _Bucket:
         absmax_keys: Optional[Dict[str, str]] = None,
         masters: bool = False,
     ):
-        # master weights: the kernel steps state[p]["master_param"] (float32) with the grads
-        # in float32, and the params get the result rounded
+        # master weights: the kernel steps state[p]["master_param"] (float32) in the params'
+        # place and writes the params rounded (master_params=)
         self.masters = masters
         # 8-bit state: {table name of each state array: its block maxima's state key}
         self.absmax_keys = absmax_keys
@@ -1150,7 +1149,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if bucket.masters:
             masters = [e[MASTER] for e in bucket.entries]
             written = written + masters
-            grads = [g.to(torch.float32) for g in grads]
         if bucket.absmax_keys is not None:
             maxima = bucket.absmax_lists()
             written = written + [t for ts in maxima.values() for t in ts]
@@ -1159,8 +1157,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 for n, ts in maxima.items()
             }
         params, states = bucket.kernel_lists()
-        if masters is not None:
-            params = [_host_view(m) for m in masters] if bucket.host else masters
         if bucket.distributed:
             grads = [_local(g) for g in grads]
         kernels, extra = _arrays.backend(params, None, bucket.plan)
@@ -1171,6 +1167,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "masks": bucket.masks}
         if bucket.absmax_keys is not None:
             extra = {**extra, "absmax": extra_absmax}
+        if masters is not None:  # stepped in the params' place, the params written rounded
+            extra = {
+                **extra,
+                "master_params": [_host_view(m) if bucket.host else _local(m) for m in masters],
+            }
         if rounding_seed is not None and bucket.params[0].dtype == torch.bfloat16:
             # this step's and this bucket's seed: the kernel adds each param's place
             key = functional.step_seed(rounding_seed, bucket.done + 1, bucket.index[0])
@@ -1201,9 +1202,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if refused:
                 bucket.done -= 1
             else:
-                if masters is not None:  # the params: the masters rounded to nearest
-                    with torch.no_grad():
-                        torch._foreach_copy_([_local(p) for p in bucket.params], masters)
                 if bucket.steps is not None:
                     bucket.steps.add_(1)
                 torch.autograd.graph.increment_version(written)

@@ -24,9 +24,12 @@ namespace fastopt {
 
 constexpr int kMaxRoles = 5;  // arrays per element: params, grads and up to three states
 // The array slots of a step call: the optimizer's roles, then the masks any step may take
-// (one bool/uint8 array per param; where it is 0 the param is set to 0 and no state changes).
+// (one bool/uint8 array per param; where it is 0 the param is set to 0 and no state
+// changes), then the master params (master_params=: float32 copies of 16-bit params, which
+// the step reads and writes in their place, writing the params rounded to nearest).
 constexpr int kMaskSlot = kMaxRoles;
-constexpr int kMaxSlots = kMaxRoles + 1;
+constexpr int kMasterSlot = kMaxRoles + 1;
+constexpr int kMaxSlots = kMaxRoles + 2;
 // The CUDA launch tables also carry the block maxima of 8-bit state (common/state8.h), one
 // list per state role: state role r (roles 2.. are the states) at slot kAbsmaxSlot + r - 2.
 constexpr int kFirstState = 2;
@@ -35,9 +38,9 @@ constexpr int kTableSlots = kAbsmaxSlot + kMaxRoles - kFirstState;
 
 // Which element type a role's arrays have: the params' own (params, grads), the state
 // type (float32 for 16-bit params, else the params' type), or one byte (the masks, which
-// no optimizer lists among its roles: every step takes them); absmax: float32 block
-// maxima of 8-bit state, one per 256 elements (CUDA tables only).
-enum class RoleKind { param, grad, state, mask, absmax };
+// no optimizer lists among its roles: every step takes them); master: float32 master
+// params; absmax: float32 block maxima of 8-bit state, one per 256 elements (CUDA tables).
+enum class RoleKind { param, grad, state, mask, master, absmax };
 
 struct Role {
   const char* name;  // the Python argument, used in error messages ("exp_avgs[3]: ...")

@@ -7,12 +7,12 @@ tensor of 2^log2 elements or on GPT-2 small's params (torch tensors: the same li
 every column), fastopt.torch.AdamW with float32 state (28 B per element: p, m, v read and
 written, g read), with bfloat16 state (20 B), with a mask (29 B: one byte more), and torch's
 fused AdamW (28 B); then bfloat16 params, grads and state (14 B): fastopt with stochastic
-rounding against torch's fused AdamW on bfloat16 params. Then 8-bit state (16 B per element
-with float32 params; 10 B with bfloat16 params and grads, stochastic rounding), and
-bitsandbytes' and torchao's ``AdamW8bit`` when they are installed (the same 8-bit state
-bytes). It prints per column the median ms per step with the spread (min-max) over the
-rounds, the bytes per element, the achieved GB/s and the median per-round ratio of torch
-fused's time to the column's (> 1: faster than torch fused).
+rounding against torch's fused AdamW on bfloat16 params, and with float32 master weights (28
+B). Then 8-bit state (16 B per element with float32 params; 10 B with bfloat16 params and
+grads, stochastic rounding), and bitsandbytes' and torchao's ``AdamW8bit`` when they are
+installed (the same 8-bit state bytes). It prints per column the median ms per step with the
+spread (min-max) over the rounds, the bytes per element, the achieved GB/s and the median
+per-round ratio of torch fused's time to the column's (> 1: faster than torch fused).
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ def columns(torch: Any, shapes: List[Tuple[int, ...]], device: str) -> Dict[str,
     sr = fot.AdamW(bf16_params(), lr=1e-3, state_dtype="bfloat16", stochastic_rounding=True)
     out["fastopt bf16 all, SR"] = (sr.step, 14)
     out["torch fused bf16"] = (torch.optim.AdamW(bf16_params(), lr=1e-3, fused=True).step, 14)
+    # bfloat16 params and grads with float32 master weights and state, one fused pass:
+    # master (r+w) 8, p (w) 2, g 2, m and v (r+w) 16
+    master = fot.AdamW(bf16_params(), lr=1e-3, master_weights=True)
+    out["fastopt bf16 master"] = (master.step, 28)
     # 8-bit state: p (r+w) 8, g 4, m and v (r+w) 1 each: 16 B; bfloat16 params and grads: 10 B
     out["fastopt int8 state"] = (fot.AdamW(params(), lr=1e-3, state_dtype="int8").step, 16)
     sr8 = fot.AdamW(bf16_params(), lr=1e-3, state_dtype="int8", stochastic_rounding=True)
