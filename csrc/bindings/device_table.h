@@ -488,7 +488,6 @@ class DevicePlan {
         throw py::value_error(w.str() + ": has " + std::to_string(a.size) + " elements; " +
                               params_at.str() + "'s " + std::to_string(sizes_[i]) + " need " +
                               std::to_string(blocks) + " (one per block of 256)");
-      if (a.size > 0 && !a.dense) throw py::value_error(w.str() + ": must be contiguous");
       check_layout(a, w, role.written, /*dense_ok=*/true);
       return a;
     }

@@ -16,8 +16,8 @@ namespace cuda {
 
 // Element types of device arrays. Optimizer params and grads are one of the four float
 // types; their state is float32 for float16/bfloat16 params (the math runs in float32
-// registers) and the params' type otherwise, or bfloat16, or uint8 codes (8-bit state). int8/uint8 are quantized data; a masked
-// step's masks are bool or uint8.
+// registers) and the params' type otherwise, or bfloat16, or uint8 codes (8-bit state).
+// int8/uint8 are quantized data; a masked step's masks are bool or uint8.
 enum class DType { f32, f64, f16, bf16, i8, u8, b8 };
 constexpr int kNumDTypes = 7;
 inline bool is_float(DType d) { return d != DType::i8 && d != DType::u8 && d != DType::b8; }

@@ -150,6 +150,11 @@ template <class Opt, class P> struct State8StepOp {
   __device__ void block(void* const* ptr, int64_t lo, int64_t len, int32_t tensor, bool vector_ok,
                         int lane, const State8Map* smaps) const {
     const int64_t b = lo / kState8Block;
+    // where this lane's group g of 4 elements starts in the block, and role r's map
+    const auto first = [lane](int g) {
+      return g * kState8Lanes * cuda::kVectorWidth + lane * cuda::kVectorWidth;
+    };
+    const auto map_of = [&](int r) -> const State8Map& { return smaps[is_signed[r] ? 0 : 1]; };
     float top[N];                                  // the block's absmax per 8-bit role
     float v[N][kState8Groups][cuda::kVectorWidth] = {};  // this lane's new state values
     for_each_role<N>([&](auto role_index) {
@@ -162,7 +167,7 @@ template <class Opt, class P> struct State8StepOp {
     });
 #pragma unroll
     for (int g = 0; g < kState8Groups; ++g) {
-      const int k = g * kState8Lanes * cuda::kVectorWidth + lane * cuda::kVectorWidth;  // in the block
+      const int k = first(g);
       const int64_t j = lo + k;
       if (vector_ok && k + cuda::kVectorWidth <= len) {
         step.template run<cuda::kVectorWidth>(
@@ -170,9 +175,9 @@ template <class Opt, class P> struct State8StepOp {
             [&](auto role_index, float (&x)[cuda::kVectorWidth]) {
               constexpr int r = decltype(role_index)::value;
               const uint32_t codes = *reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(ptr[r]) + j);
-              const State8Map& m = smaps[is_signed[r] ? 0 : 1];
 #pragma unroll
-              for (int w = 0; w < cuda::kVectorWidth; ++w) x[w] = state8_decode(m, uint8_t(codes >> (8 * w)), top[r]);
+              for (int w = 0; w < cuda::kVectorWidth; ++w)
+                x[w] = state8_decode(map_of(r), uint8_t(codes >> (8 * w)), top[r]);
             },
             [&](auto role_index, const float (&x)[cuda::kVectorWidth]) {
               constexpr int r = decltype(role_index)::value;
@@ -188,7 +193,7 @@ template <class Opt, class P> struct State8StepOp {
               [&](auto role_index, float (&x)[1]) {
                 constexpr int r = decltype(role_index)::value;
                 const uint8_t code = static_cast<const uint8_t*>(ptr[r])[j + w];
-                x[0] = state8_decode(smaps[is_signed[r] ? 0 : 1], code, top[r]);
+                x[0] = state8_decode(map_of(r), code, top[r]);
               },
               [&](auto role_index, const float (&x)[1]) { v[decltype(role_index)::value][g][w] = x[0]; });
         }
@@ -204,18 +209,17 @@ template <class Opt, class P> struct State8StepOp {
         for (int g = 0; g < kState8Groups; ++g)
 #pragma unroll
           for (int w = 0; w < cuda::kVectorWidth; ++w)
-            if (g * kState8Lanes * cuda::kVectorWidth + lane * cuda::kVectorWidth + w < len)
-              m = vmax_nan(vabs(v[r][g][w]), m);
+            if (first(g) + w < len) m = vmax_nan(vabs(v[r][g][w]), m);
 #pragma unroll
         for (int offset = kState8Lanes / 2; offset > 0; offset /= 2)
           m = vmax_nan(__shfl_xor_sync(0xffffffffu, m, offset, kState8Lanes), m);
         const float absmax = state8_canonical_absmax(m);
         const float inv = 1.0f / absmax;
-        const State8Map& map = smaps[is_signed[r] ? 0 : 1];
+        const State8Map& map = map_of(r);
         uint8_t* out = static_cast<uint8_t*>(ptr[r]) + lo;
 #pragma unroll
         for (int g = 0; g < kState8Groups; ++g) {
-          const int k = g * kState8Lanes * cuda::kVectorWidth + lane * cuda::kVectorWidth;
+          const int k = first(g);
           if (vector_ok && k + cuda::kVectorWidth <= len) {
             uint32_t codes = 0;
 #pragma unroll
