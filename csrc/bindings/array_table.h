@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 #include "bindings/dlpack.h"
+#include "bindings/optim_binding.h"
 #include "bindings/overlap.h"
 #include "common/optim/descriptor.h"
 #include "common/quant.h"
@@ -398,32 +399,16 @@ class ArrayTable {
     }
     if (state_dtype_ && !state8)  // (no state array at all: an empty call, checked as one)
       throw py::value_error("absmax: only for 8-bit state (uint8 state arrays)");
-    if (!py::isinstance<py::dict>(absmax))
-      throw py::type_error(std::string("absmax: expected a dict {state name: list of arrays}, got ") +
-                           Py_TYPE(absmax.ptr())->tp_name);
-    const py::dict given = py::reinterpret_borrow<py::dict>(absmax);
-    size_t used = 0;
+    std::vector<const char*> names(roles.size(), nullptr);  // the states this call uses
     int r = 0;
     for (const RoleSpec& role : roles) {
-      const int slot = r++;
-      if (role.kind != RoleKind::state || role.list.is_none()) continue;
-      ++used;
-      const py::str key(role.name);
-      if (!given.contains(key))
-        throw py::value_error(std::string("absmax: no entry for '") + role.name + "'");
-      names_.push_back(std::string("absmax['") + role.name + "']");
-      collect_absmax_list(given[key], slot, names_.back().c_str(), role.written, n);
+      if (role.kind == RoleKind::state && !role.list.is_none()) names[size_t(r)] = role.name;
+      ++r;
     }
-    if (given.size() != used)
-      for (auto item : given) {
-        bool known = false;
-        for (const RoleSpec& role : roles)
-          known = known || (role.kind == RoleKind::state && !role.list.is_none() &&
-                            py::str(item.first).equal(py::str(role.name)));
-        if (!known)
-          throw py::value_error("absmax: unexpected entry " + py::repr(item.first).cast<std::string>() +
-                                " (not a state this call uses)");
-      }
+    absmax_entries(absmax, names.data(), int(names.size()), [&](int slot, py::handle entry) {
+      names_.push_back(std::string("absmax['") + names[size_t(slot)] + "']");
+      collect_absmax_list(entry, slot, names_.back().c_str(), roles[size_t(slot)].written, n);
+    });
   }
 
   void collect_absmax_list(py::handle list, int r, const char* name, bool written, size_t n) {

@@ -111,31 +111,15 @@ std::vector<py::object> absmax_specs(const fastopt::bindings::StepCall<Opt>& cal
   }();
   std::vector<py::object> held;
   if (call.absmax.is_none()) return held;
-  if (!py::isinstance<py::dict>(call.absmax))
-    throw py::type_error(std::string("absmax: expected a dict {state name: list of arrays}, got ") +
-                         Py_TYPE(call.absmax.ptr())->tp_name);
-  const py::dict given = py::reinterpret_borrow<py::dict>(call.absmax);
-  size_t used = 0;
-  for (int r = fastopt::kFirstState; r < Opt::num_roles; ++r) {
-    const fastopt::Role& role = Opt::roles[r];
-    if (call.lists[r].is_none()) continue;
-    ++used;
-    const py::str key(role.name);
-    if (!given.contains(key))
-      throw py::value_error(std::string("absmax: no entry for '") + role.name + "'");
-    held.push_back(given[key]);
+  std::array<const char*, Opt::num_roles> used{};  // the states this call uses
+  for (int r = fastopt::kFirstState; r < Opt::num_roles; ++r)
+    if (!call.lists[r].is_none()) used[size_t(r)] = Opt::roles[r].name;
+  held.reserve(Opt::num_roles);
+  fastopt::bindings::absmax_entries(call.absmax, used.data(), Opt::num_roles, [&](int r, py::handle entry) {
+    held.push_back(py::reinterpret_borrow<py::object>(entry));
     roles[fastopt::kAbsmaxSlot + r - fastopt::kFirstState] = {
-        names[size_t(r)].c_str(), held.back(), fastopt::RoleKind::absmax, role.written};
-  }
-  if (given.size() != used)
-    for (auto item : given) {
-      bool known = false;
-      for (int r = fastopt::kFirstState; r < Opt::num_roles; ++r)
-        known = known || (!call.lists[r].is_none() && py::str(item.first).equal(py::str(Opt::roles[r].name)));
-      if (!known)
-        throw py::value_error("absmax: unexpected entry " + py::repr(item.first).cast<std::string>() +
-                              " (not a state this call uses)");
-    }
+        names[size_t(r)].c_str(), held.back(), fastopt::RoleKind::absmax, Opt::roles[r].written};
+  });
   return held;
 }
 

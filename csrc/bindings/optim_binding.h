@@ -41,6 +41,37 @@ inline const char* kind_name(RoleKind k) {
                                 : "mask";
 }
 
+// The entries of a step's absmax= (8-bit state: {state name: a list of float32 block
+// maxima per param}), matched to the state roles the call uses: names[r] is role r's name
+// when the call uses it as a state, else null. Calls take(r, entry) in role order;
+// refuses a non-dict, a missing entry and an entry for a state the call does not use,
+// naming it. Shared by _cpu and _cuda, which check the entries' arrays.
+template <class Take>
+void absmax_entries(py::handle absmax, const char* const* names, int num_roles, Take&& take) {
+  if (!py::isinstance<py::dict>(absmax))
+    throw py::type_error(std::string("absmax: expected a dict {state name: list of arrays}, got ") +
+                         Py_TYPE(absmax.ptr())->tp_name);
+  const py::dict given = py::reinterpret_borrow<py::dict>(absmax);
+  size_t used = 0;
+  for (int r = 0; r < num_roles; ++r) {
+    if (!names[r]) continue;
+    ++used;
+    const py::str key(names[r]);
+    if (!given.contains(key))
+      throw py::value_error(std::string("absmax: no entry for '") + names[r] + "'");
+    take(r, given[key]);
+  }
+  if (given.size() == used) return;
+  for (auto item : given) {
+    bool known = false;
+    for (int r = 0; r < num_roles; ++r)
+      known = known || (names[r] && py::str(item.first).equal(py::str(names[r])));
+    if (!known)
+      throw py::value_error("absmax: unexpected entry " + py::repr(item.first).cast<std::string>() +
+                            " (not a state this call uses)");
+  }
+}
+
 // A keyword's value as a double: a Python float or int (not bool), finite or not.
 inline void read_keyword(const char* name, PyObject* v, double& out) {
   if (PyFloat_Check(v)) {
