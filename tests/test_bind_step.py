@@ -149,3 +149,31 @@ def test_step_functions_describe_themselves() -> None:
         assert fn.__doc__.startswith(f"{name}(*args, **kwargs)\n")
         kw = kernel_keywords(specs[name])
         assert _ext._cpu.bind_step(name, **kw).__doc__.startswith(f"{name}(*args, **kwargs)\n")
+
+
+@pytest.mark.parametrize("name", [*sorted(OPTIMIZERS), "ema"])
+def test_check_only_checks_as_the_step_and_writes_nothing(
+    name: str, rng: np.random.Generator
+) -> None:
+    """check_only=True (how a step of several kernel calls checks them all before the first
+    runs): the step's own errors for a bad call, nothing written for a good one."""
+    spec = EMA if name == "ema" else OPTIMIZERS[name]
+    kw = {**kernel_keywords(spec), **({"step": 3} if spec.takes_step else {})}
+    kernel = getattr(_ext._cpu, spec.kernel)
+    arrays = fresh_arrays(spec, 33, rng)
+    before = copies(arrays)
+    kernel(*arrays, True, **kw, check_only=True)
+    for role, want, got in zip(spec.arrays, before, arrays):
+        assert_bits(got[0], want[0], role.name)
+    bad = copies(arrays)
+    bad[1] = [bad[0][0]]  # the grads are the params
+    errors = []
+    for check_only in (True, False):
+        with pytest.raises(ValueError) as info:
+            kernel(*bad, True, **kw, check_only=check_only)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] and "overlaps" in errors[0]
+    with pytest.raises(TypeError, match="check_only: expected a bool, got int"):
+        kernel(*arrays, True, **kw, check_only=1)
+    for role, want, got in zip(spec.arrays, before, arrays):
+        assert_bits(got[0], want[0], role.name)

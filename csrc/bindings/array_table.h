@@ -436,8 +436,9 @@ class ArrayTable {
                               where("params", i) + "'s " + std::to_string(offsets_[i + 1] - offsets_[i]) +
                               " need " + std::to_string(blocks) + " (one per block of 256)");
       if (a.size > 0) {
-        if (!a.c_contiguous && !dense(a))
-          throw py::value_error(w.str() + ": must be contiguous");
+        if (!dense(a))
+          throw py::value_error(w.str() + ": must be dense (its elements in one block, in any order "
+                                "of the dimensions, no gaps or negative strides)");
         if (!a.aligned) throw py::value_error(w.str() + ": data is not aligned to its dtype");
         if (written && !a.writeable)
           throw py::value_error(w.str() + ": is read-only but is updated in place");

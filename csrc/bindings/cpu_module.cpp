@@ -44,6 +44,7 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
   if (call.options.stochastic && arrays.total() > 0 && arrays.dtype() != cpu::DType::bf16)
     throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
                                       "bfloat16 params, these are ") + cpu::dtype_name(arrays.dtype()));
+  if (call.check_only) return;
   cpu::TensorTable table = arrays.table();
   table.fresh = call.fresh;
   run_released([&] {

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <exception>
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cstring>
@@ -99,18 +100,18 @@ void check_stream_device(intptr_t stream, int device) {
 
 // The table slots of the block maxima of 8-bit state from the call's absmax= (None, or a dict
 // {state name: a list of float32 arrays}, one entry per state the call uses): filled into
-// `roles`; the plan checks the arrays (bindings/device_table.h). Returns the lists, held
-// for the call (`roles` borrows them: describing an array may run Python code that edits
-// the dict). The slots' names live as long as the module: a cached plan keeps them.
+// `roles`; the plan checks the arrays (bindings/device_table.h). The lists are held in
+// `held` for the call (`roles` borrows them: describing an array may run Python code that
+// edits the dict). The slots' names live as long as the module: a cached plan keeps them.
 template <class Opt, class Roles>
-std::vector<py::object> absmax_specs(const fastopt::bindings::StepCall<Opt>& call, Roles& roles) {
+void absmax_specs(const fastopt::bindings::StepCall<Opt>& call, Roles& roles,
+                  std::vector<py::object>& held) {
   static const std::array<std::string, Opt::num_roles> names = [] {
     std::array<std::string, Opt::num_roles> out;
     for (int r = 0; r < Opt::num_roles; ++r) out[r] = std::string("absmax['") + Opt::roles[r].name + "']";
     return out;
   }();
-  std::vector<py::object> held;
-  if (call.absmax.is_none()) return held;
+  if (call.absmax.is_none()) return;
   std::array<const char*, Opt::num_roles> used{};  // the states this call uses
   for (int r = fastopt::kFirstState; r < Opt::num_roles; ++r)
     if (!call.lists[r].is_none()) used[size_t(r)] = Opt::roles[r].name;
@@ -120,7 +121,6 @@ std::vector<py::object> absmax_specs(const fastopt::bindings::StepCall<Opt>& cal
     roles[fastopt::kAbsmaxSlot + r - fastopt::kFirstState] = {
         names[size_t(r)].c_str(), held.back(), fastopt::RoleKind::absmax, Opt::roles[r].written};
   });
-  return held;
 }
 
 // One step of optimizer Opt (see bindings/optim_binding.h for the arguments; here also the
@@ -163,7 +163,15 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
   }
   roles[fastopt::kMaskSlot] = {"masks", call.masks, fastopt::RoleKind::mask, false};
   roles[fastopt::kMasterSlot] = {"master_params", call.masters, fastopt::RoleKind::master, true};
-  const std::vector<py::object> absmax_lists = absmax_specs<Opt>(call, roles);
+  // A malformed absmax= dict is reported after the state's type is known, as on the CPU
+  // ("only for 8-bit state" first); the slots it could fill are checked by the plan.
+  std::vector<py::object> absmax_lists;
+  std::exception_ptr absmax_error;
+  try {
+    absmax_specs<Opt>(call, roles, absmax_lists);
+  } catch (const py::builtin_exception&) {
+    absmax_error = std::current_exception();
+  }
   DevicePlan local;
   DevicePlan& plan = cached ? *cached : local;
   plan.update(roles, call.listed, stream);
@@ -172,6 +180,7 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
                          "a list of float32 block maxima}");
   if (plan.has_state() && !plan.has_state8() && !call.absmax.is_none())
     throw py::value_error("absmax: only for 8-bit state (uint8 state arrays)");
+  if (absmax_error) std::rethrow_exception(absmax_error);
   if (plan.tables().empty()) return;  // nothing but zero-size arrays
   check_stream_device(stream, plan.device());
   DeviceGuard guard(plan.device());
@@ -179,6 +188,7 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
     throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
                                       "bfloat16 params, these are ") +
                           fastopt::bindings::dtype_name(plan.dtype()));
+  if (call.check_only) return;
   cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.options,
                   arrays, reinterpret_cast<cudaStream_t>(stream));
 }

@@ -12,8 +12,10 @@
 // common/rounding.h), `absmax` (8-bit state, common/state8.h: {state name: a list of
 // float32 block maxima per tensor}, the state lists then holding uint8 codes) and
 // `master_params` (16-bit params: a list of float32 masters, shaped and laid out like
-// them, stepped in their place; the params get them rounded to nearest), and what the
-// module adds (the CUDA module: stream, plan). Every argument is
+// them, stepped in their place; the params get them rounded to nearest), `check_only`
+// (True: the call's checks, raising as the step would, and nothing run: a step made of
+// several calls checks them all before the first runs), and what the module adds (the
+// CUDA module: stream, plan). Every argument is
 // checked here, so a direct call with a missing, unknown or mistyped argument raises a
 // TypeError/ValueError naming it (Python has validated the ranges already). The step
 // functions, and bind_step (a step with its hyper-parameters read once), are registered
@@ -178,6 +180,7 @@ template <class Opt> struct StepCall {
   py::object absmax = py::none();  // 8-bit state: {state name: list of block maxima}
   py::object masters = py::none();  // master_params: a list of float32 arrays, or None
   unsigned fresh = 0;       // bit r: role r is written but not read at this step
+  bool check_only = false;  // check_only=True: every check of the call, then no step
 
   // `extras`: the module's own keywords (interned names), read by the caller. `bound`: the
   // hyper-parameters of a bound step (bind_step), which the call then must not give.
@@ -254,6 +257,13 @@ template <class Opt> struct StepCall {
       }
       ++found;
     }
+    static PyObject* check_key = interned_key("check_only");
+    if (PyObject* v = args.keyword(check_key)) {
+      if (!PyBool_Check(v))
+        throw py::type_error(std::string("check_only: expected a bool, got ") + Py_TYPE(v)->tp_name);
+      check_only = v == Py_True;
+      ++found;
+    }
     for (PyObject* extra : extras)
       if (args.keyword(extra)) ++found;
     if (args.num_keywords() != found) {  // an unknown keyword, or one given twice
@@ -319,7 +329,7 @@ template <class Opt> struct StepCall {
                     bool hyper_keywords) {
     bool hit = (Opt::takes_step && name == "step") || name == "grad_scale" || name == "masks" ||
                name == "stochastic_seed" || name == "grad_clip" || name == "absmax" ||
-               name == "master_params";
+               name == "master_params" || name == "check_only";
     typename Opt::Hyper h{};
     if (hyper_keywords)
       Opt::for_each_field(h, [&](const char* field, auto&) { hit = hit || name == field; });

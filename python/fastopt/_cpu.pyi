@@ -12,8 +12,10 @@ import numpy.typing as npt
 # The step functions, one per optimizer of csrc/common/optim/registry.h, generated from its
 # descriptor: name(<one list of arrays per role, in roles order>, listed, **keywords), the
 # keywords being the descriptor's hyper fields, `step` when it takes one, and optionally
-# `grad_scale`. optimizers() lists each one's roles and keywords; they are typed here as a
-# whole so that adding an optimizer does not touch this file.
+# `grad_scale`, `grad_clip`, `masks`, `stochastic_seed`, `absmax`, `master_params` and
+# `check_only` (every check of the call, then no step). optimizers() lists each one's
+# roles and keywords; they are typed here as a whole so that adding an optimizer does not
+# touch this file.
 def __getattr__(name: str) -> Callable[..., None]: ...
 
 # Optimizer `name`'s step function with its hyper-parameters (the descriptor's hyper fields,
