@@ -446,6 +446,106 @@ def test_class_refuses_what_8bit_state_cannot_hold(case, rng):
             fastopt.AdamW([p], state_dtype="int8" if case == "float64" else "int4")
 
 
+def _snapshot(opt):
+    """Every array an optimizer holds (params, state, block maxima), copied, and its count."""
+    arrays = [p.copy() for p in opt.params]
+    arrays += [a.copy() for v in opt.state.values() for a in v]
+    arrays += [m.copy() for v in opt.absmax.values() for m in v if m is not None]
+    return arrays, opt.step_count
+
+
+def _assert_unchanged(opt, before, what):
+    arrays, count = _snapshot(opt)
+    assert count == before[1], what
+    assert len(arrays) == len(before[0]), what
+    for k, (a, b) in enumerate(zip(arrays, before[0])):
+        assert a.dtype == b.dtype, f"{what}: array {k}'s dtype"
+        assert_bits(a, b, f"{what}: array {k}")
+
+
+def _edit(saved, key, name, i, value):
+    saved[key][name][i] = value(saved[key][name][i])
+
+
+# A saved 8-bit state_dict edited wrong, loaded into a float32 ("float") or an 8-bit
+# ("int8") optimizer: (edit, match).
+BAD_8BIT_LOADS = {
+    "no absmax, into int8": (lambda sd: sd.pop("absmax"), r"state_dict\['state'\]\['exp_avgs'\]\[0\].*uint8"),
+    "absmax entry None, into int8": (lambda sd: sd["absmax"].__setitem__("exp_avgs", None),
+                                     r"state_dict\['state'\]\['exp_avgs'\]\[0\].*absmax"),
+    "absmax short, into float": (lambda sd: _edit(sd, "absmax", "exp_avgs", 0, lambda a: a[:-1]),
+                                 r"state_dict\['absmax'\]\['exp_avgs'\]\[0\].*\(20,\)"),
+    "absmax long, into float": (lambda sd: _edit(sd, "absmax", "exp_avgs", 0,
+                                                 lambda a: np.ones(21, np.float32)),
+                                r"state_dict\['absmax'\]\['exp_avgs'\]\[0\]"),
+    "absmax float64, into float": (lambda sd: _edit(sd, "absmax", "exp_avgs", 0,
+                                                    lambda a: a.astype(np.float64)),
+                                   r"state_dict\['absmax'\]\['exp_avgs'\]\[0\].*float64"),
+    "codes float32, into float": (lambda sd: _edit(sd, "state", "exp_avgs", 0,
+                                                   lambda a: a * np.float32(0.37)),
+                                  r"state_dict\['state'\]\['exp_avgs'\]\[0\].*uint8"),
+    "codes int64, into float": (lambda sd: _edit(sd, "state", "exp_avgs", 0,
+                                                 lambda a: a.astype(np.int64) + 300),
+                                r"state_dict\['state'\]\['exp_avgs'\]\[0\].*int64"),
+    "codes reshaped, into float": (lambda sd: _edit(sd, "state", "exp_avgs", 0,
+                                                    lambda a: a.reshape(50, 100)),
+                                   r"state_dict\['state'\]\['exp_avgs'\]\[0\].*\(50, 100\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_8BIT_LOADS))
+def test_class_load_of_bad_8bit_state_is_refused_and_changes_nothing(case, rng):
+    """Converting between 8-bit and float state checks the codes (uint8, the param's shape)
+    and the block maxima (float32, one per 256) first; codes without their maxima are not
+    taken for float state."""
+    edit, match = BAD_8BIT_LOADS[case]
+    make = lambda kind: fastopt.AdamW(  # noqa: E731
+        [normal_nonzero(rng, (5000,)).astype(np.float32)], lr=0.01, state_dtype=kind)
+    src = make("int8")
+    src.step([normal_nonzero(rng, (5000,)).astype(np.float32)])
+    dst = make("int8" if "into int8" in case else "float32")
+    dst.step([normal_nonzero(rng, (5000,)).astype(np.float32)])
+    saved = src.state_dict()
+    edit(saved)
+    before = _snapshot(dst)
+    with pytest.raises((TypeError, ValueError), match=match):
+        dst.load_state_dict(saved)
+    _assert_unchanged(dst, before, case)
+
+
+def _bad_second_call(kind, params, rng):
+    """grads (and masks) for params [5000 elements: 8-bit state, 300: float32 state] whose
+    entry 1 -- in the class's second kernel call -- is refused."""
+    good = [normal_nonzero(rng, p.shape).astype(np.float32) for p in params]
+    masks = None
+    if kind == "strided grad":
+        good[1] = np.repeat(good[1], 2)[::2]
+    elif kind == "grad is its param":
+        good[1] = params[1]
+    elif kind == "unaligned grad":
+        good[1] = np.zeros(1201, np.uint8)[1:].view(np.float32)
+    elif kind == "mask shape":
+        masks = [np.ones(5000, bool), np.ones(299, bool)]
+    return good, masks
+
+
+@pytest.mark.parametrize("kind", ["strided grad", "grad is its param", "unaligned grad",
+                                  "mask shape"])
+def test_class_int8_step_refused_by_its_second_call_writes_nothing(kind, rng):
+    """A state_dtype="int8" step is two kernel calls (the params with 8-bit state, then the
+    others): all are checked before the first runs, and the message names the entry of
+    the whole list."""
+    params = [normal_nonzero(rng, (5000,)).astype(np.float32),
+              normal_nonzero(rng, (300,)).astype(np.float32)]
+    grads, masks = _bad_second_call(kind, params, rng)
+    opt = fastopt.AdamW(params, lr=0.01, state_dtype="int8", masks=masks)
+    before = _snapshot(opt)
+    name = "masks" if kind == "mask shape" else "grads"
+    with pytest.raises(ValueError, match=rf"{name}\[1\]"):
+        opt.step(grads)
+    _assert_unchanged(opt, before, kind)
+
+
 # -- fastopt.torch: state_dtype="int8" and the bitsandbytes-style aliases -------------------
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402

@@ -42,10 +42,12 @@ KeyboardInterrupt is delivered when the call returns -- leaves it counted.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import re
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -301,6 +303,10 @@ class Optimizer:
                 for _, keywords in calls:
                     keywords["step"] = t
             runs = [(a, k, self._call_extra(extra, n)) for n, (a, k) in enumerate(calls)]
+            for n, (call_lists, call_kw, call_extra) in enumerate(runs[1:], 1):
+                # every call's checks before the first runs (a refused step writes nothing)
+                with self._named_as_whole(n):
+                    kernel(*call_lists, self._listed, **call_kw, **call_extra, check_only=True)
             # Counted before the kernel runs (an attribute store, where no signal is
             # handled), uncounted only if its checks refused the call (nothing written
             # then): see the module docstring. A GPU step is recorded for the methods that
@@ -308,8 +314,9 @@ class Optimizer:
             self._step = t
             refused = False
             try:
-                for call_lists, call_kw, call_extra in runs:
-                    kernel(*call_lists, self._listed, **call_kw, **call_extra)
+                for n, (call_lists, call_kw, call_extra) in enumerate(runs):
+                    with self._named_as_whole(n):
+                        kernel(*call_lists, self._listed, **call_kw, **call_extra)
             except (TypeError, ValueError, MemoryError):
                 refused = True
                 self._step = t - 1
@@ -318,6 +325,19 @@ class Optimizer:
                 if not refused:
                     self._queued_on(stream)
         return norm
+
+    @contextlib.contextmanager
+    def _named_as_whole(self, k: int) -> Iterator[None]:
+        """Around the step's k-th kernel call: a TypeError/ValueError naming an entry of
+        the call's sub-lists ("grads[0]") is raised again naming it in the whole lists."""
+        try:
+            yield
+        except (TypeError, ValueError) as exc:
+            indices = self._calls[k][0]
+            if indices is None:
+                raise
+            message = _INDEXED.sub(lambda m: f"{m[1]}[{indices[int(m[2])]}]", str(exc))
+            raise type(exc)(message) from None
 
     def _call_extra(self, extra: Dict[str, Any], k: int) -> Dict[str, Any]:
         """The keywords of a step's k-th kernel call: on the GPU each call has a plan of its
@@ -542,17 +562,23 @@ class Optimizer:
         quantized or decoded on the host when one side is 8-bit and the other is not."""
         own = self.state[name][i]
         own_max = self.absmax[name][i] if name in self.absmax else None
+        where_max = f"state_dict['absmax'][{name!r}][{i}]"
         if (own_max is None) == (saved_max is None):
             if own_max is None:
                 return _arrays.staged(where, own, saved), None
-            top = _arrays.staged(f"state_dict['absmax'][{name!r}][{i}]", own_max, saved_max)
+            top = _arrays.staged(where_max, own_max, saved_max)
             return _arrays.staged(where, own, saved), top
-        host = _host_copy(where, saved)
+        shape = tuple(own.shape)
         if own_max is None:  # 8-bit saved, float here
-            values = reference.dequantize_state8(
-                host.astype(np.uint8), _host_copy(where, saved_max), self._signed(name)
-            )
-            return _arrays.staged(where, own, values.astype(np.float32)), None
+            codes = _saved_part(where, saved, ("uint8",), shape, "8-bit codes")
+            blocks = (-(-codes.size // reference.STATE8_BLOCK),)
+            top = _saved_part(where_max, saved_max, ("float32",), blocks, "block maxima")
+            values = reference.dequantize_state8(codes, top, self._signed(name))
+            return _arrays.staged(where, own, values), None
+        # float saved (no block maxima), 8-bit here
+        host = _saved_part(
+            where, saved, _FLOAT_STATE, shape, f"float state (8-bit codes need {where_max})"
+        )
         codes, top = reference.quantize_state8(host.astype(np.float32), self._signed(name))
         return _arrays.staged(where, own, codes), _arrays.staged(where, own_max, top)
 
@@ -566,6 +592,30 @@ class Optimizer:
 
 _STATE_DICT_KEYS = ("optimizer", "step", "lr", "hyper", "state")
 _NO_EXTRA: Dict[str, Any] = {}  # a host step's extra keywords (none)
+
+
+_FLOAT_STATE = ("float32", "float64", "float16", "bfloat16")
+# An entry of a list argument in a binding's message: "grads[3]", "absmax['exp_avgs'][3]".
+_INDEXED = re.compile(r"\b([A-Za-z_]+(?:\['[A-Za-z_]+'\])?)\[(\d+)\]")
+
+
+def _saved_part(
+    name: str, a: Any, dtypes: Tuple[str, ...], shape: Tuple[int, ...], what: str
+) -> np.ndarray:
+    """A host copy of ``a``, a saved array converted between 8-bit and float state, after
+    checking it is ``what``: of one of ``dtypes`` and of ``shape``."""
+    if not hasattr(a, "shape") or not hasattr(a, "dtype") or isinstance(a, np.generic):
+        raise TypeError(f"{name}: expected an array ({what}), got {type(a).__name__}")
+    dtype = _arrays.dtype_name(a)
+    if dtype not in dtypes or tuple(a.shape) != shape:
+        raise ValueError(
+            f"{name}: expected {what}: shape {shape} {' or '.join(dtypes)}, got "
+            f"{tuple(a.shape)} {dtype}"
+        )
+    try:
+        return _host_copy(name, a)
+    except Exception as exc:  # the library's own error for an array it cannot read
+        raise TypeError(f"{name}: cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def _host_copy(name: str, a: Any) -> np.ndarray:
