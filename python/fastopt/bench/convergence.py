@@ -18,6 +18,8 @@ Variants (all but the first are ``fastopt.torch.AdamW``):
   state`` (``state_dtype="int8"``, target: within 2% of the reference);
 - ``torch fp32 seed 1``: the reference from another seed (init and data order): the
   seed-to-seed spread, the scale against which 2% should be read;
+- ``bitsandbytes AdamW8bit``, ``torchao AdamW8bit``: the peers' 8-bit AdamW (CPU paths),
+  when installed: how far the same kind of 8-bit state lands from float32 elsewhere;
 - bfloat16 model (params, activations, grads): ``bf16 fp32-master`` (the reference of the
   bfloat16 rows: a float32 copy of the params stepped by ``fastopt.torch.AdamW`` in float32
   and copied back rounded to nearest after each step, done here in the harness),
@@ -82,6 +84,7 @@ class Variant:
     torch_optim: bool = False  # torch.optim.AdamW instead
     master: bool = False  # float32 master copy kept by the harness
     seed: int = SEED
+    peer: str = ""  # another library's AdamW8bit: "bitsandbytes" or "torchao"
 
 
 VARIANTS = [
@@ -90,6 +93,8 @@ VARIANTS = [
     Variant("fastopt bf16 state", False, "torch fp32", False, {"state_dtype": "bfloat16"}),
     Variant("fastopt int8 state", False, "torch fp32", True, {"state_dtype": "int8"}),
     Variant("torch fp32 seed 1", False, "torch fp32", False, torch_optim=True, seed=SEED + 1),
+    Variant("bitsandbytes AdamW8bit", False, "torch fp32", False, peer="bitsandbytes"),
+    Variant("torchao AdamW8bit", False, "torch fp32", False, peer="torchao"),
     Variant("bf16 fp32-master", True, None, False, master=True),
     Variant(
         "bf16 stochastic rounding",
@@ -265,6 +270,14 @@ def _optimizer(variant: Variant, params: List[Any], hyper: Dict[str, Any]) -> An
 
     if variant.torch_optim:
         return torch.optim.AdamW(params, **hyper)
+    if variant.peer == "bitsandbytes":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, **hyper)
+    if variant.peer == "torchao":
+        import torchao.optim
+
+        return torchao.optim.AdamW8bit(params, **hyper)
     if variant.master:
         return MasterWeights(params, **hyper)
     return ft.AdamW(params, **hyper, **variant.options)
@@ -272,7 +285,11 @@ def _optimizer(variant: Variant, params: List[Any], hyper: Dict[str, Any]) -> An
 
 def unavailable(variant: Variant) -> str:
     """Why fastopt.torch cannot run ``variant`` ('' when it can): its options are tried on a
-    probe param (one that int8 state would quantize), constructed and stepped once."""
+    probe param (one that int8 state would quantize), constructed and stepped once; a peer's,
+    whether it is installed."""
+    if variant.peer:
+        found = importlib.util.find_spec(variant.peer) is not None
+        return "" if found else f"{variant.peer} is not installed"
     if variant.torch_optim or variant.master or not variant.options:
         return ""
     import torch
@@ -292,14 +309,28 @@ def unavailable(variant: Variant) -> str:
 
 def state_bytes(opt: Any, params: Sequence[Any]) -> float:
     """The optimizer's state in bytes per param: every tensor in its state (a master copy
-    included) but the step counts."""
+    included) but the step counts, a tensor shared by several entries (bitsandbytes'
+    quantization maps) once, a tensor subclass (torchao's 8-bit state) by its parts."""
     import torch
 
-    total = sum(m.numel() * m.element_size() for m in getattr(opt, "master", []))
+    seen = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+        elif t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for m in getattr(opt, "master", []):
+        add(m)
     for per_param in opt.state.values():
         for key, value in per_param.items():
             if key != "step" and isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
+                add(value)
     return total / sum(p.numel() for p in params)
 
 
@@ -333,8 +364,12 @@ def train(task: Task, variant: Variant, data: List[Any], progress: Any) -> Resul
     progress.start(task.name, variant.name)
     started = time.perf_counter()
     for t, (x, y) in enumerate(data):
-        for group in opt.param_groups:  # cosine from lr to 0 over the run
-            group["lr"] = task.lr * 0.5 * (1 + math.cos(math.pi * t / task.steps))
+        lr = task.lr * 0.5 * (1 + math.cos(math.pi * t / task.steps))  # cosine to 0
+        for group in opt.param_groups:
+            if isinstance(group["lr"], torch.Tensor):  # torchao's: set in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         loss = torch.nn.functional.cross_entropy(forward(model, x), y)
         model.zero_grad(set_to_none=True)
         loss.backward()
