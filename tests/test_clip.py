@@ -415,6 +415,34 @@ def test_max_grad_norm_bad_value(value, exc, rng):
     assert_bits(params[0], before, "params[0]")
 
 
+@pytest.mark.parametrize("limit", ["clipping", "zero"])
+@pytest.mark.parametrize("how", ["functional", "class", "class int8"])
+def test_max_grad_norm_refused_step_clips_nothing(backend, how, limit, rng):
+    """A step the kernel refuses (here: a grad that is its param) is refused before the
+    grads are clipped: clipping scales them in place on the GPU, and on the host when the
+    coefficient is 0."""
+    sizes = [5000, 33]
+    params = [backend.asarray(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+    grads = [backend.asarray(g) for g in fresh_grads(rng, np.float32, sizes, scale=5.0)]
+    grads[1] = params[1]
+    max_grad_norm = 0.0 if limit == "zero" else 1.0
+    if how == "functional":
+        state = [[backend.asarray(np.ones(n, np.float32)) for n in sizes] for _ in range(2)]
+        call = lambda: fastopt.adamw_(params, grads, *state, step=1, lr=0.01,  # noqa: E731
+                                      max_grad_norm=max_grad_norm)
+    else:
+        if backend.is_cuda and backend.lib.name == "cupy":
+            pytest.skip("the optimizer classes allocate CuPy state: covered by torch-cuda")
+        kind = "int8" if how == "class int8" else "float32"
+        opt = fastopt.AdamW(params, lr=0.01, state_dtype=kind)
+        call = lambda: opt.step(grads, max_grad_norm=max_grad_norm)  # noqa: E731
+    before = [backend.to_numpy(a).copy() for a in params + grads]
+    with pytest.raises(ValueError, match=r"grads\[1\] overlaps params\[1\]"):
+        call()
+    for i, (a, b) in enumerate(zip(params + grads, before)):
+        assert_bits(backend.to_numpy(a), b, f"array {i}")
+
+
 # ---- fastopt.torch: opt.max_grad_norm against clip_grad_norm_ then torch.optim ------------
 
 @pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad-scaler"])

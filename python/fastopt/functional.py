@@ -60,6 +60,7 @@ When the coefficient is 0 or NaN (max_grad_norm 0, an inf or NaN grad) the grads
 multiplied in place first, exactly as clip-then-step. On the GPU, whose step kernel takes
 its grad scale from the host, the grads are clipped in place first (norm, scale, step: three
 passes; the norm stays on the device, nothing synchronises) and the norm is a 0-d array.
+Either way a call the step would refuse is refused before anything is clipped.
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ class Checked(NamedTuple):
     # the CPU kernel with these keywords read once (``_cpu.bind_step``): called with the
     # lists, listed and the per-call keywords only (no keyword dict to build and parse)
     cpu_bound: Callable[..., None]
+
+
+_NO_KEYWORDS: Dict[str, Any] = {}
 
 
 class StepKernel:
@@ -194,14 +198,18 @@ class StepKernel:
             )
         if rounding != "nearest" or seed is not None:
             extra.update(stochastic_rounding(rounding, seed))
-        norm = None
-        if max_grad_norm is not None:
-            norm, extra = self.clip(lists, listed, extra, max_grad_norm, stream)
         if host:
-            checked.cpu_bound(*lists, listed, **extra)
+            kernel, device = checked.cpu_bound, _NO_KEYWORDS
         else:
             kernel, device = self.bound(lists, stream, plan)
-            kernel(*lists, listed, **checked.kw, **extra, **device)
+            device = {**checked.kw, **device}
+        norm = None
+        if max_grad_norm is not None:
+            # Clipping may scale the grads in place (on the GPU; on the host when the
+            # coefficient is 0 or NaN): the step's checks run first.
+            kernel(*lists, listed, **extra, **device, check_only=True)
+            norm, extra = self.clip(lists, listed, extra, max_grad_norm, stream)
+        kernel(*lists, listed, **extra, **device)
         return norm
 
     @staticmethod

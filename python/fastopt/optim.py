@@ -291,9 +291,6 @@ class Optimizer:
             if self.master_params is not None:
                 kw["master_params"] = self.master_params
             lists = [self.params, grads, *self._state_lists]
-            norm = None
-            if max_grad_norm is not None:
-                norm, kw = self._kernel.clip(lists, self._listed, kw, max_grad_norm, stream)
             calls = self._step_calls(lists, kw, t)
             if self._host and stream is None:
                 kernel, extra = self._kernel.cpu_kernel, _NO_EXTRA
@@ -303,10 +300,18 @@ class Optimizer:
                 for _, keywords in calls:
                     keywords["step"] = t
             runs = [(a, k, self._call_extra(extra, n)) for n, (a, k) in enumerate(calls)]
-            for n, (call_lists, call_kw, call_extra) in enumerate(runs[1:], 1):
-                # every call's checks before the first runs (a refused step writes nothing)
-                with self._named_as_whole(n):
-                    kernel(*call_lists, self._listed, **call_kw, **call_extra, check_only=True)
+            # Every call's checks before the first runs, and before clipping (which may
+            # scale the grads in place): a refused step writes nothing.
+            checked_from = 0 if max_grad_norm is not None else 1
+            for n, (call_lists, call_kw, call_extra) in enumerate(runs):
+                if n >= checked_from:
+                    with self._named_as_whole(n):
+                        kernel(*call_lists, self._listed, **call_kw, **call_extra, check_only=True)
+            norm = None
+            if max_grad_norm is not None:
+                norm, clipped = self._kernel.clip(lists, self._listed, {}, max_grad_norm, stream)
+                for _, call_kw, _ in runs:
+                    call_kw.update(clipped)
             # Counted before the kernel runs (an attribute store, where no signal is
             # handled), uncounted only if its checks refused the call (nothing written
             # then): see the module docstring. A GPU step is recorded for the methods that
