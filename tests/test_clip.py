@@ -368,9 +368,9 @@ def test_max_grad_norm_equals_clip_then_step(backend, name, dtype, limit, rng):
         want = fastopt.clip_grad_norm_(plain_grads, max_grad_norm)
         assert fn(plain[0], plain_grads, *plain[1].values(), **hyper, **step) is None
         assert host_norm(backend, got) == host_norm(backend, want)
-        if not backend.is_cuda and limit != "zero":  # read twice, never written
+        if backend.is_cuda or limit != "zero":  # read twice, never written
             for i, (a, g) in enumerate(zip(fused_grads, grads)):
-                assert_bits(a, g, f"grads[{i}]")
+                assert_bits(backend.to_numpy(a), g, f"grads[{i}]")
     exact = backend.is_cuda or limit != "clipping"  # same operations, or the same clip first
     for role, (a_list, b_list) in [("params", (fused[0], plain[0]))] + [
             (s, (fused[1][s], plain[1][s])) for s in states]:
@@ -441,6 +441,40 @@ def test_max_grad_norm_refused_step_clips_nothing(backend, how, limit, rng):
         call()
     for i, (a, b) in enumerate(zip(params + grads, before)):
         assert_bits(backend.to_numpy(a), b, f"array {i}")
+
+
+def test_device_norm_keywords_of_the_cuda_step_binding(backend, rng):
+    """The CUDA step binding's clipping from a norm in device memory (grad_norm with
+    max_grad_norm): bad combinations and arrays are refused by name, writing nothing."""
+    if not backend.is_cuda:
+        pytest.skip("grad_norm= is the CUDA binding's")
+    kernel = fastopt._ext._cuda.sgd
+    hyper = dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, l1=0.0,
+                 nesterov=False, maximize=False)
+    params = [backend.asarray(rng.standard_normal(33).astype(np.float32))]
+    grads = [backend.asarray(rng.standard_normal(33).astype(np.float32))]
+    norm = backend.asarray(np.array(2.0, np.float32))
+    before = backend.to_numpy(params[0]).copy()
+    bad = [
+        (TypeError, "max_grad_norm: missing", dict(grad_norm=norm)),
+        (TypeError, "grad_norm: missing", dict(max_grad_norm=1.0)),
+        (TypeError, "grad_clip: excludes grad_norm",
+         dict(grad_norm=norm, max_grad_norm=1.0, grad_clip=0.5)),
+        (ValueError, "max_grad_norm: must be >= 0", dict(grad_norm=norm, max_grad_norm=-1.0)),
+        (ValueError, "grad_norm: expected one element",
+         dict(grad_norm=backend.asarray(np.ones(2, np.float32)), max_grad_norm=1.0)),
+        (TypeError, "grad_norm: dtype int32",
+         dict(grad_norm=backend.asarray(np.array(2, np.int32)), max_grad_norm=1.0)),
+    ]
+    for exc, match, kw in bad:
+        with pytest.raises(exc, match=match):
+            kernel(params, grads, None, True, **hyper, **kw)
+        assert_bits(backend.to_numpy(params[0]), before, match)
+    kernel(params, grads, None, True, **hyper, grad_norm=norm, max_grad_norm=1.0)
+    host = [before.copy()]  # the CPU step with the grads clipped first: the same bits
+    clipped = backend.to_numpy(grads[0]) * np.float32(1.0 / (2.0 + 1e-6))
+    fastopt._ext._cpu.sgd(host, [clipped], None, True, **hyper)
+    assert_bits(backend.to_numpy(params[0]), host[0], "step clipped by a device norm")
 
 
 # ---- fastopt.torch: opt.max_grad_norm against clip_grad_norm_ then torch.optim ------------

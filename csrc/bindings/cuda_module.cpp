@@ -127,11 +127,42 @@ void absmax_specs(const fastopt::bindings::StepCall<Opt>& call, Roles& roles,
 // keywords stream, an int handle, and plan, a Plan or None): the arrays are checked and
 // tabled (in `plan` when given, else in a plan for this call only), then the kernel is
 // launched on the arrays' device without synchronising.
+DeviceArray call_arg(py::handle obj, const char* name, intptr_t stream, bool written);
+int checked_norm_array(const DeviceArray& a, const char* name, const DevicePlan& plan,
+                       intptr_t stream, const char* role);
+
+// Clipping with the norm left on the device (keywords grad_norm, a one-element float array
+// on the arrays' device, and max_grad_norm, given together): into `arrays`.
+void device_clip(const fastopt::bindings::CallArgs& args, const DevicePlan& plan, intptr_t stream,
+                 cuda::StepArrays& arrays) {
+  static PyObject* const norm_key = fastopt::bindings::interned_key("grad_norm");
+  static PyObject* const max_key = fastopt::bindings::interned_key("max_grad_norm");
+  static PyObject* const clip_key = fastopt::bindings::interned_key("grad_clip");
+  PyObject* norm_arg = args.keyword(norm_key);
+  PyObject* max_arg = args.keyword(max_key);
+  if (!norm_arg && !max_arg) return;
+  if (!norm_arg || !max_arg)
+    throw py::type_error(std::string(norm_arg ? "max_grad_norm" : "grad_norm") +
+                         ": missing (grad_norm and max_grad_norm are given together)");
+  if (args.keyword(clip_key))
+    throw py::type_error("grad_clip: excludes grad_norm (a clip coefficient from the host, or "
+                         "one from a norm on the device)");
+  fastopt::bindings::read_keyword("max_grad_norm", max_arg, arrays.max_grad_norm);
+  if (!(arrays.max_grad_norm >= 0.0))
+    throw py::value_error("max_grad_norm: must be >= 0, got " + std::to_string(arrays.max_grad_norm));
+  const DeviceArray norm = call_arg(py::handle(norm_arg), "grad_norm", stream, false);
+  checked_norm_array(norm, "grad_norm", plan, stream, "params");
+  arrays.grad_norm = reinterpret_cast<const void*>(norm.ptr);
+  arrays.grad_norm_dtype = norm.dtype;
+}
+
 template <class Opt>
 void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bound) {
   static PyObject* const stream_key = fastopt::bindings::interned_key("stream");
   static PyObject* const plan_key = fastopt::bindings::interned_key("plan");
-  const fastopt::bindings::StepCall<Opt> call(args, {stream_key, plan_key}, bound);
+  static PyObject* const norm_key = fastopt::bindings::interned_key("grad_norm");
+  static PyObject* const max_key = fastopt::bindings::interned_key("max_grad_norm");
+  const fastopt::bindings::StepCall<Opt> call(args, {stream_key, plan_key, norm_key, max_key}, bound);
   intptr_t stream = 0;
   DevicePlan* cached = nullptr;
   if (PyObject* v = args.keyword(stream_key)) {
@@ -188,6 +219,7 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
     throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
                                       "bfloat16 params, these are ") +
                           fastopt::bindings::dtype_name(plan.dtype()));
+  device_clip(args, plan, stream, arrays);
   if (call.check_only) return;
   cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.options,
                   arrays, reinterpret_cast<cudaStream_t>(stream));
@@ -651,10 +683,11 @@ void check_arrays(std::vector<std::pair<std::string, py::object>> written,
 // one-element float array on their device holding the norm (written by grad_norm, read by
 // clip_grads). Neither synchronises. --------------------------------------------------------
 
-// The norm array checked: a float dtype, one element, on the grads' device (or the call's,
-// when every grad is empty), not overlapping any grad. Returns the device.
+// The norm array checked: a float dtype, one element, on the device of the plan's arrays
+// (or the call's, when every array is empty), not overlapping any array of its role 0
+// (`role`: the grads of a clipping call, the params of a step). Returns the device.
 int checked_norm_array(const DeviceArray& a, const char* name, const DevicePlan& plan,
-                       intptr_t stream) {
+                       intptr_t stream, const char* role) {
   if (!cuda::is_float(a.dtype))
     throw py::type_error(std::string(name) + ": dtype " + fastopt::bindings::dtype_name(a.dtype) +
                          " is not supported (float32, float64, float16 or bfloat16)");
@@ -663,14 +696,14 @@ int checked_norm_array(const DeviceArray& a, const char* name, const DevicePlan&
   const int device = plan.device() >= 0 ? plan.device() : a.device;
   if (a.device >= 0 && a.device != device)
     throw py::value_error(std::string(name) + ": is on CUDA device " + std::to_string(a.device) +
-                          " but grads are on device " + std::to_string(device));
+                          " but " + role + " are on device " + std::to_string(device));
   const uintptr_t end = a.ptr + uintptr_t(cuda::element_size(a.dtype));
   const uintptr_t bytes = uintptr_t(cuda::element_size(plan.dtype()));
   for (const cuda::LaunchTable& t : plan.tables())
     for (int k = 0; k < t.num_tensors; ++k) {
       const uintptr_t begin = reinterpret_cast<uintptr_t>(t.ptrs[0][k]);
       if (a.ptr < begin + uintptr_t(t.size[k]) * bytes && begin < end)
-        throw py::value_error(std::string(name) + ": overlaps one of grads in memory");
+        throw py::value_error(std::string(name) + ": overlaps one of " + role + " in memory");
     }
   check_stream_device(stream, device);
   return device;
@@ -692,7 +725,7 @@ struct ClipCall {
         {{"grads", grads, fastopt::RoleKind::param, grads_written}}};
     plan.update(roles, listed, stream);
     norm = call_arg(norm_array, grads_written ? "norm" : "out", stream, !grads_written);
-    device = checked_norm_array(norm, grads_written ? "norm" : "out", plan, stream);
+    device = checked_norm_array(norm, grads_written ? "norm" : "out", plan, stream, "grads");
   }
 };
 

@@ -14,10 +14,15 @@ namespace fastopt {
 namespace cuda {
 
 // What a call's arrays are: bit masks of the roles it reads / writes, whether it has masks
-// (table slot kMaskSlot) and float32 master params (kMasterSlot).
+// (table slot kMaskSlot) and float32 master params (kMasterSlot); and, for clipping with
+// the norm left on the device, the one-element array holding the grads' norm (null: none):
+// the grads are multiplied by min(max_grad_norm / (norm + 1e-6), 1) as they are loaded.
 struct StepArrays {
   unsigned loads = 0, stores = 0;
   bool masked = false, master = false;
+  const void* grad_norm = nullptr;
+  DType grad_norm_dtype = DType::f32;
+  double max_grad_norm = 0.0;
 };
 
 template <class Opt>

@@ -10,6 +10,7 @@
 #pragma once
 #include <stdexcept>
 #include <type_traits>
+#include "common/grad_norm.h"
 #include "common/optim/registry.h"
 #include "common/rounding.h"
 #include "common/state8.h"
@@ -19,10 +20,22 @@
 FASTOPT_ISA_BEGIN
 namespace {
 
+// A float scalar in device memory of dtype d (a norm written by the clipping kernels).
+__device__ __forceinline__ double device_scalar(const void* p, cuda::DType d) {
+  switch (d) {
+    case cuda::DType::f64: return *static_cast<const double*>(p);
+    case cuda::DType::f16: return double(cuda::to_math(*static_cast<const __half*>(p)));
+    case cuda::DType::bf16: return double(cuda::to_math(*static_cast<const __nv_bfloat16*>(p)));
+    default: return double(*static_cast<const float*>(p));
+  }
+}
+
 // P: storage type of params and grads; T: math type; S: the state's storage type (T, or
 // bfloat16 for T = float: loaded exactly, stored rounded to nearest even). Bit r of loads / stores:
 // the call reads / writes role r (optional roles the options leave unused are neither).
-// With a grad scale (GradScaler's), the grads are divided by it as they are loaded.
+// With a grad scale (GradScaler's), the grads are divided by it as they are loaded; then
+// multiplied by a clip coefficient, from the host (grad_clip) or computed from a norm in
+// device memory (grad_norm: clipping without a host read, the grads never written).
 // Stochastic (bfloat16 params): the params are rounded stochastically, keyed by (seed,
 // step, tensor, element) as on the CPU (common/rounding.h).
 // Masked (a mask byte per element, ptr[kMaskSlot]): where the mask is 0 the param is
@@ -36,6 +49,9 @@ template <class Opt, class P, class T, class S> struct StepOp {
   unsigned loads, stores;
   bool scale_grads, clip_grads;
   T grad_scale, grad_clip;
+  const void* grad_norm;  // null, or the norm the clip coefficient comes from
+  cuda::DType grad_norm_dtype;
+  double max_grad_norm;
   bool masked;
   bool stochastic;
   uint64_t seed;
@@ -74,6 +90,11 @@ template <class Opt, class P, class T, class S> struct StepOp {
         if (clip_grads) {
 #pragma unroll
           for (int w = 0; w < W; ++w) x[r][w] = x[r][w] * grad_clip;
+        }
+        if (grad_norm) {  // as clip_grads (clip_kernels.cu) would have scaled them
+          const T c = T(clip_coefficient(max_grad_norm, device_scalar(grad_norm, grad_norm_dtype)));
+#pragma unroll
+          for (int w = 0; w < W; ++w) x[r][w] = x[r][w] * c;
         }
       }
     });
@@ -271,6 +292,9 @@ StepOp<Opt, P, T, S> step_op(const typename Opt::Hyper& h, const StepOptions& o,
           !(o.grad_clip == 1.0),
           T(o.grad_scale),
           T(o.grad_clip),
+          a.grad_norm,
+          a.grad_norm_dtype,
+          a.max_grad_norm,
           a.masked,
           o.stochastic,
           o.seed,

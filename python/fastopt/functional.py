@@ -57,10 +57,11 @@ min(max_grad_norm / (norm + 1e-6), 1)), and the step returns the norm before cli
 applied as the grads are loaded (the kernel divides them by 1/coefficient): the grads are
 read twice and never written; the result equals clip-then-step to an ulp of the grads.
 When the coefficient is 0 or NaN (max_grad_norm 0, an inf or NaN grad) the grads are
-multiplied in place first, exactly as clip-then-step. On the GPU, whose step kernel takes
-its grad scale from the host, the grads are clipped in place first (norm, scale, step: three
-passes; the norm stays on the device, nothing synchronises) and the norm is a 0-d array.
-Either way a call the step would refuse is refused before anything is clipped.
+multiplied in place first, exactly as clip-then-step. On the GPU the norm stays in device
+memory and the step computes the coefficient from it and multiplies the grads by it as it
+loads them (two passes, the grads never written, nothing synchronises: the result is
+clip-then-step's, bit for bit for float32/float64 grads); the norm is a 0-d array. Either
+way a call the step would refuse is refused before anything is clipped.
 """
 
 from __future__ import annotations
@@ -223,16 +224,14 @@ class StepKernel:
         """Clipping by the grads' global 2-norm before a step: (the norm, the step's
         keywords ``kw`` with what clipping adds). On the host the coefficient goes to the
         kernel as grad_clip (the grads are read once more and never written; see
-        ``clip.step_grad_scale``); on the GPU, whose step takes its grad scale from the
-        host, the grads are clipped in place first (the norm stays on the device: 3
-        passes, no synchronisation)."""
+        ``clip.step_grad_scale``); on the GPU the norm stays in device memory, where the
+        step reads it (grad_norm, max_grad_norm) to scale the grads as it loads them: two
+        passes, the grads never written, nothing waits for the host."""
         limit = clip.max_norm_of(max_grad_norm, "max_grad_norm")
         grads = lists[1]
         if grads and _arrays.on_device(grads[0]):
-            out, handle = clip.device_norm(grads, listed, 2.0, stream)
-            kernels, _ = _arrays.backend(grads, handle, name="grads")
-            kernels.clip_grads(grads, listed, out, limit, handle)
-            return out, kw
+            out, _ = clip.device_norm(grads, listed, 2.0, stream)
+            return out, {**kw, "grad_norm": out, "max_grad_norm": limit}
         norm, c = clip.step_grad_scale(grads or [], listed, limit)
         return norm, kw if c == 1.0 else {**kw, "grad_clip": c}
 
