@@ -24,7 +24,9 @@ class Plan:
 # descriptor: name(<one list of arrays per role, in roles order>, listed, **keywords), the
 # keywords being the descriptor's hyper fields, `step` when it takes one, and optionally
 # `grad_scale`, `grad_clip`, `masks`, `stochastic_seed`, `absmax`, `master_params`,
-# `check_only` (every check of the call, then no step), `stream` and `plan`.
+# `check_only` (every check of the call, then no step), `stream`, `plan`, and `grad_norm`
+# (a one-element float array on the device) with `max_grad_norm`: the grads multiplied by
+# min(max_grad_norm / (grad_norm + 1e-6), 1) as they are loaded.
 # optimizers() lists each one's roles and keywords; they are typed here as a whole so that
 # adding an optimizer does not touch this file.
 def __getattr__(name: str) -> Callable[..., None]: ...
