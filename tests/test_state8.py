@@ -546,6 +546,24 @@ def test_class_int8_step_refused_by_its_second_call_writes_nothing(kind, rng):
     _assert_unchanged(opt, before, kind)
 
 
+def test_class_int8_steps_the_state_arrays_it_holds_now(rng):
+    """The calls of a state_dtype="int8" step are made from opt.state as it is at the step
+    (as a float32 class's): an entry replaced since is stepped, or refused, as given."""
+    params = [normal_nonzero(rng, (5000,)).astype(np.float32),
+              normal_nonzero(rng, (33,)).astype(np.float32)]
+    opt = fastopt.AdamW(params, lr=0.01, state_dtype="int8")
+    grads = [normal_nonzero(rng, p.shape).astype(np.float32) for p in params]
+    replaced = np.full(33, 0.5, np.float32)
+    opt.state["exp_avgs"][1] = replaced
+    opt.step(grads)
+    assert not np.all(replaced == np.float32(0.5))  # stepped in place
+    opt.state["exp_avg_sqs"][1] = opt.state["exp_avgs"][1]
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[1\] overlaps exp_avgs\[1\]"):
+        opt.step(grads)
+    _assert_unchanged(opt, before, "aliased state")
+
+
 # -- fastopt.torch: state_dtype="int8" and the bitsandbytes-style aliases -------------------
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402

@@ -238,17 +238,12 @@ class Optimizer:
         unused; also sets the calls a step makes (``_calls``): one over every param, or with
         8-bit state one over the params with 8-bit state and one over the others."""
         lists = [self.state[a.name] if a.name in used else None for a in self._spec.states]
-        if not self._state8:
-            self._calls: List[Tuple[Optional[List[int]], Any, Any]] = [(None, lists, None)]
-            return lists
-        eight = set(self._state8)
-        small = [i for i in range(len(self.params)) if i not in eight]
-        self._calls = []
-        for indices, absmax in ((self._state8, True), (small, False)):
-            if indices:
-                sub = [None if a is None else [a[i] for i in indices] for a in lists]
-                maxima = {n: [self.absmax[n][i] for i in indices] for n in used} if absmax else None
-                self._calls.append((indices, sub, maxima))
+        # (the params' indices or None for all, whether their state is 8-bit) per call
+        self._calls: List[Tuple[Optional[List[int]], bool]] = [(None, False)]
+        if self._state8:
+            eight = set(self._state8)
+            small = [i for i in range(len(self.params)) if i not in eight]
+            self._calls = [(ix, is8) for ix, is8 in ((self._state8, True), (small, False)) if ix]
         return lists
 
     def _state8_params(self) -> List[int]:
@@ -361,15 +356,17 @@ class Optimizer:
         second (float state) draws its stochastic-rounding bits from a seed of its own."""
         if len(self._calls) == 1 and self._calls[0][0] is None:
             return [(lists, kw)]
-        # The first call must not run when the second would refuse its grads.
-        _check_grads_match(lists[0], lists[1], True)
         out = []
-        for n, (indices, state, absmax) in enumerate(self._calls):
+        for n, (indices, state8) in enumerate(self._calls):
             assert indices is not None
-            sub = [[a[i] for i in indices] for a in lists[:2]] + state
+            sub = [None if a is None else [a[i] for i in indices] for a in lists]
             call_kw = dict(kw)
-            if absmax is not None:
-                call_kw["absmax"] = absmax
+            if state8:
+                call_kw["absmax"] = {
+                    name: [self.absmax[name][i] for i in indices]
+                    for name, arrays in zip((a.name for a in self._spec.states), lists[2:])
+                    if arrays is not None
+                }
             for name in ("masks", "master_params"):
                 if name in kw:
                     call_kw[name] = [kw[name][i] for i in indices]
@@ -630,17 +627,6 @@ def _host_copy(name: str, a: Any) -> np.ndarray:
     if hasattr(a, "shape") and hasattr(a, "dtype") and not isinstance(a, np.generic):
         return np.array(_arrays.to_numpy(a) if _arrays.on_device(a) else a.detach().numpy())
     raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
-
-
-def _check_grads_match(params: List[Any], grads: List[Any], listed: bool) -> None:
-    """ValueError naming the first grad whose shape or dtype is not its param's."""
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if tuple(g.shape) != tuple(p.shape) or _arrays.dtype_name(g) != _arrays.dtype_name(p):
-            name, param = (f"grads[{i}]", f"params[{i}]") if listed else ("grads", "params")
-            raise ValueError(
-                f"{name}: shape {tuple(g.shape)} {_arrays.dtype_name(g)} does not match "
-                f"{param}'s {tuple(p.shape)} {_arrays.dtype_name(p)}"
-            )
 
 
 def _size(a: Any) -> int:
