@@ -388,6 +388,39 @@ def test_gpu_layouts_16bit_and_grad_scale_match_the_cpu(name, case, cuda_device,
                                b.view(torch.int16) if b.element_size() == 2 else b), k
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("found", [False, True], ids=["finite", "found_inf"])
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_grad_scaler_scalars_in_device_memory(name, found, cuda_device, rng):
+    """The CUDA step's device_grad_scale and found_inf (a GradScaler's tensors, read by the
+    kernel: no host synchronisation): the host grad_scale's bits, or nothing written."""
+    from fastopt._ext import _cuda
+
+    h = hyper(name)
+    base = make_arrays(name, h, 300, torch.float32, rng)
+    cpu = {k: None if a is None else a.clone() for k, a in base.items()}
+    gpu = {k: None if a is None else a.clone().to(cuda_device) for k, a in base.items()}
+    call(name, cpu, h, grad_scale=1024.0)
+    kw = dict(h, step=3) if REGISTRY[name]["takes_step"] else dict(h)
+    scale = torch.tensor([1024.0], device=cuda_device)
+    found_inf = torch.tensor([1.0 if found else 0.0], device=cuda_device)
+    lists = [None if a is None else [a] for a in gpu.values()]
+    getattr(_cuda, name)(*lists, True, stream=0, plan=None, device_grad_scale=scale,
+                         found_inf=found_inf, **kw)
+    torch.cuda.synchronize()
+    for k, a in (base if found else cpu).items():
+        if a is not None:
+            assert torch.equal(gpu[k].cpu(), a), k
+    for bad, error, match in [
+        (dict(device_grad_scale=scale, grad_scale=2.0), TypeError, "grad_scale: excludes"),
+        (dict(found_inf=found_inf.double()), TypeError, "found_inf: dtype float64"),
+        (dict(device_grad_scale=torch.ones(2, device=cuda_device)), ValueError,
+         "device_grad_scale: expected one element"),
+    ]:
+        with pytest.raises(error, match=match):
+            getattr(_cuda, name)(*lists, True, stream=0, plan=None, **bad, **kw)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_add_inplace_ceiling_kernel(dtype, rng):
     # the bench's bandwidth ceiling: its argument lists must outlive the table built on them

@@ -156,13 +156,40 @@ void device_clip(const fastopt::bindings::CallArgs& args, const DevicePlan& plan
   arrays.grad_norm_dtype = norm.dtype;
 }
 
+// A GradScaler's scalars in device memory (keywords device_grad_scale and found_inf, each
+// optional: a one-element float32 array on the arrays' device): into `arrays`.
+void device_scaler(const fastopt::bindings::CallArgs& args, const DevicePlan& plan, intptr_t stream,
+                   cuda::StepArrays& arrays) {
+  static PyObject* const scale_key = fastopt::bindings::interned_key("device_grad_scale");
+  static PyObject* const inf_key = fastopt::bindings::interned_key("found_inf");
+  static PyObject* const host_scale_key = fastopt::bindings::interned_key("grad_scale");
+  const auto scalar = [&](PyObject* obj, const char* name) {
+    const DeviceArray a = call_arg(py::handle(obj), name, stream, false);
+    checked_norm_array(a, name, plan, stream, "params");
+    if (a.dtype != cuda::DType::f32)
+      throw py::type_error(std::string(name) + ": dtype " + fastopt::bindings::dtype_name(a.dtype) +
+                           " is not float32");
+    return reinterpret_cast<const float*>(a.ptr);
+  };
+  if (PyObject* v = args.keyword(scale_key)) {
+    if (args.keyword(host_scale_key))
+      throw py::type_error("grad_scale: excludes device_grad_scale (one scale, from the host or "
+                           "from device memory)");
+    arrays.grad_scale = scalar(v, "device_grad_scale");
+  }
+  if (PyObject* v = args.keyword(inf_key)) arrays.found_inf = scalar(v, "found_inf");
+}
+
 template <class Opt>
 void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bound) {
   static PyObject* const stream_key = fastopt::bindings::interned_key("stream");
   static PyObject* const plan_key = fastopt::bindings::interned_key("plan");
   static PyObject* const norm_key = fastopt::bindings::interned_key("grad_norm");
   static PyObject* const max_key = fastopt::bindings::interned_key("max_grad_norm");
-  const fastopt::bindings::StepCall<Opt> call(args, {stream_key, plan_key, norm_key, max_key}, bound);
+  static PyObject* const scale_key = fastopt::bindings::interned_key("device_grad_scale");
+  static PyObject* const inf_key = fastopt::bindings::interned_key("found_inf");
+  const fastopt::bindings::StepCall<Opt> call(
+      args, {stream_key, plan_key, norm_key, max_key, scale_key, inf_key}, bound);
   intptr_t stream = 0;
   DevicePlan* cached = nullptr;
   if (PyObject* v = args.keyword(stream_key)) {
@@ -220,6 +247,7 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
                                       "bfloat16 params, these are ") +
                           fastopt::bindings::dtype_name(plan.dtype()));
   device_clip(args, plan, stream, arrays);
+  device_scaler(args, plan, stream, arrays);
   if (call.check_only) return;
   cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.options,
                   arrays, reinterpret_cast<cudaStream_t>(stream));

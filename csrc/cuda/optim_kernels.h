@@ -17,12 +17,17 @@ namespace cuda {
 // (table slot kMaskSlot) and float32 master params (kMasterSlot); and, for clipping with
 // the norm left on the device, the one-element array holding the grads' norm (null: none):
 // the grads are multiplied by min(max_grad_norm / (norm + 1e-6), 1) as they are loaded.
+// Nothing here waits for the host.
 struct StepArrays {
   unsigned loads = 0, stores = 0;
   bool masked = false, master = false;
   const void* grad_norm = nullptr;
   DType grad_norm_dtype = DType::f32;
   double max_grad_norm = 0.0;
+  // A GradScaler's device scalars (null: none), float32: the grads are divided by
+  // *grad_scale as they are loaded, and where *found_inf != 0 nothing is written.
+  const float* grad_scale = nullptr;
+  const float* found_inf = nullptr;
 };
 
 template <class Opt>

@@ -33,9 +33,11 @@ __device__ __forceinline__ double device_scalar(const void* p, cuda::DType d) {
 // P: storage type of params and grads; T: math type; S: the state's storage type (T, or
 // bfloat16 for T = float: loaded exactly, stored rounded to nearest even). Bit r of loads / stores:
 // the call reads / writes role r (optional roles the options leave unused are neither).
-// With a grad scale (GradScaler's), the grads are divided by it as they are loaded; then
-// multiplied by a clip coefficient, from the host (grad_clip) or computed from a norm in
-// device memory (grad_norm: clipping without a host read, the grads never written).
+// With a grad scale (GradScaler's, from the host or read from device memory), the grads
+// are divided by it as they are loaded; then multiplied by a clip coefficient, from the
+// host (grad_clip) or computed from a norm in device memory (grad_norm: clipping without a
+// host read, the grads never written). A set found_inf (GradScaler's, in device memory)
+// skips the step: nothing is written, as torch's fused optimizers do.
 // Stochastic (bfloat16 params): the params are rounded stochastically, keyed by (seed,
 // step, tensor, element) as on the CPU (common/rounding.h).
 // Masked (a mask byte per element, ptr[kMaskSlot]): where the mask is 0 the param is
@@ -52,6 +54,8 @@ template <class Opt, class P, class T, class S> struct StepOp {
   const void* grad_norm;  // null, or the norm the clip coefficient comes from
   cuda::DType grad_norm_dtype;
   double max_grad_norm;
+  const float* device_scale;  // null, or GradScaler's scale in device memory
+  const float* found_inf;     // null, or GradScaler's flag: != 0 skips the step
   bool masked;
   bool stochastic;
   uint64_t seed;
@@ -86,6 +90,11 @@ template <class Opt, class P, class T, class S> struct StepOp {
         if (scale_grads) {
 #pragma unroll
           for (int w = 0; w < W; ++w) x[r][w] = x[r][w] / grad_scale;
+        }
+        if (device_scale) {
+          const T scale = T(*device_scale);
+#pragma unroll
+          for (int w = 0; w < W; ++w) x[r][w] = x[r][w] / scale;
         }
         if (clip_grads) {
 #pragma unroll
@@ -137,8 +146,12 @@ template <class Opt, class P, class T, class S> struct StepOp {
     });
   }
 
+  // Whether GradScaler found an inf or NaN in the grads: then the step writes nothing.
+  __device__ bool skipped() const { return found_inf && *found_inf != 0.0f; }
+
   // The multi-tensor kernel's functor: the state in arrays of type S.
   template <int W> __device__ void apply(void* const* ptr, int64_t j, int32_t tensor) const {
+    if (skipped()) return;
     run<W>(
         ptr, j, tensor,
         [&](auto role_index, T (&v)[W]) {
@@ -170,6 +183,7 @@ template <class Opt, class P> struct State8StepOp {
   // the lane still takes part in the shuffles) of tensor `tensor`, lane 0..15.
   __device__ void block(void* const* ptr, int64_t lo, int64_t len, int32_t tensor, bool vector_ok,
                         int lane, const State8Map* smaps) const {
+    if (step.skipped()) return;  // the same for every lane: no shuffle is left waiting
     const int64_t b = lo / kState8Block;
     // where this lane's group g of 4 elements starts in the block, and role r's map
     const auto first = [lane](int g) {
@@ -295,6 +309,8 @@ StepOp<Opt, P, T, S> step_op(const typename Opt::Hyper& h, const StepOptions& o,
           a.grad_norm,
           a.grad_norm_dtype,
           a.max_grad_norm,
+          a.grad_scale,
+          a.found_inf,
           a.masked,
           o.stochastic,
           o.seed,

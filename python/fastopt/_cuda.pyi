@@ -26,7 +26,9 @@ class Plan:
 # `grad_scale`, `grad_clip`, `masks`, `stochastic_seed`, `absmax`, `master_params`,
 # `check_only` (every check of the call, then no step), `stream`, `plan`, and `grad_norm`
 # (a one-element float array on the device) with `max_grad_norm`: the grads multiplied by
-# min(max_grad_norm / (grad_norm + 1e-6), 1) as they are loaded.
+# min(max_grad_norm / (grad_norm + 1e-6), 1) as they are loaded; `device_grad_scale` and
+# `found_inf` (a GradScaler's one-element float32 arrays on the device, read by the kernel:
+# the grads divided by the scale; nothing written where found_inf != 0).
 # optimizers() lists each one's roles and keywords; they are typed here as a whole so that
 # adding an optimizer does not touch this file.
 def __getattr__(name: str) -> Callable[..., None]: ...
