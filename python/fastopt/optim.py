@@ -42,12 +42,11 @@ KeyboardInterrupt is delivered when the call returns -- leaves it counted.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import re
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -300,44 +299,46 @@ class Optimizer:
             checked_from = 0 if max_grad_norm is not None else 1
             for n, (call_lists, call_kw, call_extra) in enumerate(runs):
                 if n >= checked_from:
-                    with self._named_as_whole(n):
+                    try:
                         kernel(*call_lists, self._listed, **call_kw, **call_extra, check_only=True)
+                    except (TypeError, ValueError) as exc:
+                        raise self._named_as_whole(exc, n) from None
             norm = None
             if max_grad_norm is not None:
                 norm, clipped = self._kernel.clip(lists, self._listed, {}, max_grad_norm, stream)
                 for _, call_kw, _ in runs:
                     call_kw.update(clipped)
             # Counted before the kernel runs (an attribute store, where no signal is
-            # handled), uncounted only if its checks refused the call (nothing written
-            # then): see the module docstring. A GPU step is recorded for the methods that
-            # wait for it even when an exception follows the launch.
+            # handled; nothing between it and the kernel call runs Python code that could
+            # take a KeyboardInterrupt), uncounted only if its checks refused the call
+            # (nothing written then): see the module docstring. A GPU step is recorded for
+            # the methods that wait for it even when an exception follows the launch.
             self._step = t
             refused = False
+            done = 0
             try:
-                for n, (call_lists, call_kw, call_extra) in enumerate(runs):
-                    with self._named_as_whole(n):
-                        kernel(*call_lists, self._listed, **call_kw, **call_extra)
-            except (TypeError, ValueError, MemoryError):
+                for call_lists, call_kw, call_extra in runs:
+                    kernel(*call_lists, self._listed, **call_kw, **call_extra)
+                    done += 1
+            except (TypeError, ValueError, MemoryError) as exc:
                 refused = True
                 self._step = t - 1
-                raise
+                if isinstance(exc, MemoryError):
+                    raise
+                raise self._named_as_whole(exc, done) from None
             finally:
                 if not refused:
                     self._queued_on(stream)
         return norm
 
-    @contextlib.contextmanager
-    def _named_as_whole(self, k: int) -> Iterator[None]:
-        """Around the step's k-th kernel call: a TypeError/ValueError naming an entry of
-        the call's sub-lists ("grads[0]") is raised again naming it in the whole lists."""
-        try:
-            yield
-        except (TypeError, ValueError) as exc:
-            indices = self._calls[k][0]
-            if indices is None:
-                raise
-            message = _INDEXED.sub(lambda m: f"{m[1]}[{indices[int(m[2])]}]", str(exc))
-            raise type(exc)(message) from None
+    def _named_as_whole(self, exc: Exception, k: int) -> Exception:
+        """A TypeError/ValueError of the step's k-th kernel call, naming an entry of the
+        call's sub-lists ("grads[0]"), as it names it in the whole lists."""
+        indices = self._calls[k][0]
+        if indices is None:
+            return exc
+        message = _INDEXED.sub(lambda m: f"{m[1]}[{indices[int(m[2])]}]", str(exc))
+        return type(exc)(message)
 
     def _call_extra(self, extra: Dict[str, Any], k: int) -> Dict[str, Any]:
         """The keywords of a step's k-th kernel call: on the GPU each call has a plan of its
