@@ -2,6 +2,7 @@
 applied (Ctrl-C, threads), only TypeError/ValueError naming the argument, no silent
 accepts, params checked at construction. Each test failed before its fix."""
 
+import copy
 import signal
 import threading
 
@@ -131,12 +132,13 @@ def test_torch_class_load_16bit_params_is_atomic():
 
 def _raise_after_kernel(monkeypatch, name):
     """The compiled kernel ``name`` runs, then a KeyboardInterrupt is raised (as Ctrl-C's
-    would be, when the call returns)."""
+    would be, when the call returns); check_only calls (which run nothing) return."""
     real = getattr(_cpu, name)
 
     def interrupted(*args, **kwargs):
         real(*args, **kwargs)
-        raise KeyboardInterrupt
+        if not kwargs.get("check_only"):
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(_cpu, name, interrupted)
     # the host step of the classes calls the bound kernel it keeps
@@ -571,3 +573,607 @@ def test_torch_classes_refuse_a_param_twice_and_bad_groups_are_not_added():
     with pytest.raises(TypeError, match=r"^param_groups\[1\]\['params'\]\[0\]: dtype"):
         opt.add_param_group({"params": [torch.ones(3, dtype=torch.int64)]})
     assert len(opt.param_groups) == 1
+
+
+# ---- fastopt.torch: a refused step writes, converts and makes nothing ------------------------
+
+
+def tparams(rng, sizes, dtype=torch.float32):
+    return [torch.nn.Parameter(torch.from_numpy(fresh(rng, (n,))).to(dtype)) for n in sizes]
+
+
+def tgrads(rng, params):
+    for p in params:
+        p.grad = torch.from_numpy(fresh(rng, tuple(p.shape))).to(p.dtype)
+
+
+def _bits(t):
+    """A copy of ``t``'s bytes (none for a meta tensor)."""
+    if t.device.type == "meta":
+        return torch.empty(0, dtype=torch.uint8)
+    return t.detach().to_dense().cpu().reshape(-1).clone().view(torch.uint8)
+
+
+def torch_snapshot(opt):
+    """Params, grads, and every state entry: its keys, tensors (objects, dtypes, bits)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    tensors = [(p, _bits(p), None if p.grad is None else _bits(p.grad)) for p in params]
+    state = {
+        p: {k: (v, v.dtype, _bits(v)) if isinstance(v, torch.Tensor) else v for k, v in e.items()}
+        for p, e in opt.state.items()
+    }
+    return tensors, state, [dict(g) for g in opt.param_groups]
+
+
+def assert_torch_unchanged(opt, snap):
+    tensors, state, groups = snap
+    for p, bits, grad in tensors:
+        assert torch.equal(_bits(p), bits)
+        assert (p.grad is None) == (grad is None) and (
+            grad is None or torch.equal(_bits(p.grad), grad)
+        )
+    assert list(opt.state) == list(state)
+    for p, entry in opt.state.items():
+        assert sorted(entry) == sorted(state[p])
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                was, dtype, bits = state[p][k]
+                assert v is was and v.dtype == dtype and torch.equal(_bits(v), bits), k
+            else:
+                assert v is state[p][k], k
+    assert [dict(g) for g in opt.param_groups] == groups
+
+
+def _alias_state(opt, ps):
+    opt.state[ps[1]]["exp_avg_sq"] = opt.state[ps[1]]["exp_avg"]
+
+
+def _grad_is_its_param(opt, ps):
+    ps[1].grad = ps[1].detach()
+
+
+def _bad_master(opt, ps):
+    opt.state[ps[1]]["master_param"] = torch.zeros(ps[1].numel() - 1)
+
+
+# A step of several kernel calls whose last is refused: (options, param sizes and dtypes
+# per group, the edit that has it refused, the message).
+SEVERAL_CALLS = {
+    "int8: aliased state of the float bucket": (
+        dict(state_dtype="int8"),
+        [[(5000, torch.float32), (300, torch.float32)]],
+        _alias_state,
+        r"param_groups\[0\]\['params'\]\[1\] \(exp_avg_sqs\) overlaps",
+    ),
+    "int8: grad of the float bucket is its param": (
+        dict(state_dtype="int8"),
+        [[(5000, torch.float32), (300, torch.float32)]],
+        _grad_is_its_param,
+        r"param_groups\[0\]\['params'\]\[1\]",
+    ),
+    "master: bad master of the bfloat16 bucket": (
+        dict(master_weights=True),
+        [[(500, torch.float32), (500, torch.bfloat16)]],
+        _bad_master,
+        r"state of param_groups\[0\]\['params'\]\[1\]: 'master_param'",
+    ),
+    "two dtypes: grad of the float64 bucket is its param": (
+        {},
+        [[(50, torch.float32), (50, torch.float64)]],
+        _grad_is_its_param,
+        r"param_groups\[0\]\['params'\]\[1\]",
+    ),
+    "two groups: aliased state of the second": (
+        {},
+        [[(50, torch.float32)], [(40, torch.float32), (30, torch.float32)]],
+        lambda opt, ps: _alias_state(opt, ps[1:]),
+        r"param_groups\[1\]\['params'\]\[1\] ",
+    ),
+}
+
+
+@pytest.mark.parametrize("first_step", [True, False], ids=["first step", "later step"])
+@pytest.mark.parametrize("case", sorted(SEVERAL_CALLS))
+def test_torch_step_of_several_calls_checks_them_all_first(case, first_step, rng):
+    """Every call of a step (buckets by dtype, 8-bit or float state, master or not; every
+    group) is checked before the first runs: a refused step writes, counts, makes nothing
+    (a first step: no state at all)."""
+    options, groups, edit, match = SEVERAL_CALLS[case]
+    made = [[tparams(rng, [n], dtype)[0] for n, dtype in g] for g in groups]
+    ps = [p for g in made for p in g]
+    opt = ft.AdamW([{"params": g} for g in made], lr=0.01, **options)
+    if not first_step:
+        tgrads(rng, ps)
+        opt.step()
+    tgrads(rng, ps)
+    if edit is _grad_is_its_param or not first_step:
+        edit(opt, ps)
+    else:  # no state to edit yet: the last call refused for its grad
+        ps[-1].grad = ps[-1].detach()
+    snap = torch_snapshot(opt)
+    with pytest.raises(ValueError, match=match if not first_step else r"\['params'\]\[\d\]"):
+        opt.step()
+    assert_torch_unchanged(opt, snap)
+    assert first_step is not bool(opt.state)
+
+
+def _stepped(rng, sizes=(5000, 5000), dtype=torch.float32, steps=1, **options):
+    ps = tparams(rng, sizes, dtype)
+    opt = ft.AdamW(ps, lr=0.01, **options)
+    for _ in range(steps):
+        tgrads(rng, ps)
+        opt.step()
+    tgrads(rng, ps)
+    return opt, ps
+
+
+def _torch_checkpoint_into_int8(rng):
+    ps = tparams(rng, (5000, 5000))
+    ref = torch.optim.AdamW(ps, lr=0.01)
+    tgrads(rng, ps)
+    ref.step()
+    opt = ft.AdamW(ps, lr=0.01, state_dtype="int8")
+    opt.load_state_dict(ref.state_dict())  # float state, quantized at the next step
+    tgrads(rng, ps)
+    return opt, ps
+
+
+def _edited_group(edit, **stepped_with):
+    """An optimizer stepped once with ``stepped_with``, then its group's options edited."""
+
+    def make(rng):
+        opt, ps = _stepped(rng, **stepped_with)
+        opt.param_groups[0].update(edit)
+        return opt, ps
+
+    return make
+
+
+def _other_strides(opt, ps):
+    exp_avg = opt.state[ps[0]]["exp_avg"].reshape(50, 100)
+    opt.state[ps[0]]["exp_avg"] = exp_avg.t().contiguous().t().reshape(5000)
+
+
+# A step whose params[0] has state to convert, make or move, refused for params[1]:
+# (the optimizer and its params, ready to step).
+CONVERSIONS = {
+    "float state quantized (a torch.optim checkpoint)": _torch_checkpoint_into_int8,
+    "8-bit state decoded": _edited_group(dict(state_dtype="float32"), state_dtype="int8"),
+    "bfloat16 state converted to float32": _edited_group(
+        dict(state_dtype="float32"), state_dtype="bfloat16"
+    ),
+    "master copy made": _edited_group(dict(master_weights=True), dtype=torch.bfloat16),
+    "master copy dropped": _edited_group(
+        dict(master_weights=False), dtype=torch.bfloat16, master_weights=True
+    ),
+    "first step: state made": lambda rng: _stepped(rng, steps=0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONVERSIONS))
+def test_torch_refused_step_converts_and_makes_no_state(case, rng):
+    """State is converted (float <-> 8-bit, another float type, moved to the param's
+    strides), made or dropped only once every param of the step passed its checks."""
+    opt, ps = CONVERSIONS[case](rng)
+    tgrads(rng, ps)
+    if ps[0] in opt.state and "exp_avg" in opt.state[ps[0]] and "8-bit" not in case:
+        _other_strides(opt, ps)
+    opt.state[ps[1]]["exp_avg"] = torch.zeros(7)
+    snap = torch_snapshot(opt)
+    with pytest.raises(
+        ValueError, match=r"^state of param_groups\[0\]\['params'\]\[1\]: .*'exp_avg'"
+    ):
+        opt.step()
+    assert_torch_unchanged(opt, snap)
+
+
+def _set(key, value):
+    def edit(entry):
+        entry[key] = value(entry)
+
+    return edit
+
+
+_DECODING = _edited_group(dict(state_dtype="float32"), sizes=(5000,), state_dtype="int8")
+_DECODE_MATCH = r"8-bit state 'exp_avg' \(decoded to torch.float32\) must be a \(5000,\) uint8"
+_STRAY_MATCH = r"'exp_avg_absmax' \(block maxima of 8-bit state\) beside float state 'exp_avg'"
+_QUANTIZE_MATCH = r"'exp_avg' \(quantized to 8-bit state\) must be a \(5000,\) float tensor"
+
+# 8-bit state decoded (state_dtype "int8" -> "float32"), float state quantized (a torch.optim
+# checkpoint into state_dtype="int8"), each checked first: (the optimizer, an edit of
+# state[params[0]], the message).
+STATE8_CONVERSIONS = {
+    "decode: absmax one block short": (
+        _DECODING,
+        _set("exp_avg_absmax", lambda e: e["exp_avg_absmax"][:-1]),
+        _DECODE_MATCH,
+    ),
+    "decode: absmax one block more": (
+        _DECODING,
+        _set("exp_avg_absmax", lambda e: torch.cat([e["exp_avg_absmax"], torch.ones(1)])),
+        _DECODE_MATCH,
+    ),
+    "decode: absmax float64": (
+        _DECODING,
+        _set("exp_avg_absmax", lambda e: e["exp_avg_absmax"].double()),
+        _DECODE_MATCH,
+    ),
+    "decode: absmax 2-d": (
+        _DECODING,
+        _set("exp_avg_absmax", lambda e: e["exp_avg_absmax"].reshape(4, 5)),
+        _DECODE_MATCH,
+    ),
+    "decode: codes of another shape": (
+        _DECODING,
+        _set("exp_avg", lambda e: e["exp_avg"][:100]),
+        _DECODE_MATCH,
+    ),
+    "decode: codes int64": (
+        _DECODING,
+        _set("exp_avg", lambda e: e["exp_avg"].long()),
+        _DECODE_MATCH,
+    ),
+    "decode: codes meta": (
+        _DECODING,
+        _set("exp_avg", lambda e: torch.empty(5000, dtype=torch.uint8, device="meta")),
+        _DECODE_MATCH,
+    ),
+    "decode: codes float32 (a stray absmax)": (
+        _DECODING,
+        _set("exp_avg", lambda e: e["exp_avg"].float() * 0.37),
+        _STRAY_MATCH,
+    ),
+    "float state with a stray absmax": (
+        lambda rng: _stepped(rng, sizes=(300,)),
+        _set("exp_avg_absmax", lambda e: torch.ones(2)),
+        _STRAY_MATCH,
+    ),
+    "float state with a stray absmax, int8 group": (
+        lambda rng: _stepped(rng, sizes=(300,), state_dtype="int8"),
+        _set("exp_avg_absmax", lambda e: torch.ones(2)),
+        _STRAY_MATCH,
+    ),
+    "quantize: float state misshapen": (
+        _torch_checkpoint_into_int8,
+        _set("exp_avg", lambda e: e["exp_avg"][:4999]),
+        _QUANTIZE_MATCH,
+    ),
+    "quantize: float state meta": (
+        _torch_checkpoint_into_int8,
+        _set("exp_avg", lambda e: torch.empty(5000, device="meta")),
+        _QUANTIZE_MATCH,
+    ),
+    "quantize: float state sparse": (
+        _torch_checkpoint_into_int8,
+        _set("exp_avg", lambda e: e["exp_avg"].to_sparse()),
+        _QUANTIZE_MATCH,
+    ),
+    "quantize: int64 state": (
+        _torch_checkpoint_into_int8,
+        _set("exp_avg", lambda e: e["exp_avg"].long()),
+        _QUANTIZE_MATCH,
+    ),
+    "quantize: codes without their absmax": (
+        _torch_checkpoint_into_int8,
+        _set("exp_avg", lambda e: e["exp_avg"].to(torch.uint8)),
+        r"without its block maxima 'exp_avg_absmax'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATE8_CONVERSIONS))
+def test_torch_8bit_conversions_check_the_state_first(case, rng):
+    """Codes must be uint8 shaped like the param, absmax float32 of ceil(n/256) elements;
+    float state beside a "<key>_absmax" is refused rather than decoded as codes; float
+    state to quantize must be a float tensor shaped like the param."""
+    make, edit, match = STATE8_CONVERSIONS[case]
+    opt, ps = make(rng)
+    edit(opt.state[ps[0]])
+    snap = torch_snapshot(opt)
+    with pytest.raises(
+        ValueError, match=r"^state of param_groups\[0\]\['params'\]\[0\]: .*" + match
+    ):
+        opt.step()
+    assert_torch_unchanged(opt, snap)
+
+
+# A state entry replaced between steps (the buckets cached): (options, param dtype, key,
+# the new value from the old, the exception, the message).
+REPLACED_STATE = {
+    "master_param: a NumPy array": (
+        dict(master_weights=True),
+        torch.bfloat16,
+        "master_param",
+        lambda old: old.numpy().copy(),
+        ValueError,
+        r"'master_param' must be a float32 tensor",
+    ),
+    "master_param: a negative view": (
+        dict(master_weights=True),
+        torch.bfloat16,
+        "master_param",
+        lambda old: (-old)._neg_view(),
+        ValueError,
+        r"'master_param' must be a float32 tensor",
+    ),
+    "exp_avg_absmax: a string": (
+        dict(state_dtype="int8"),
+        torch.float32,
+        "exp_avg_absmax",
+        lambda old: "x",
+        ValueError,
+        r"8-bit state 'exp_avg' must be",
+    ),
+    "exp_avg_absmax: one block short": (
+        dict(state_dtype="int8"),
+        torch.float32,
+        "exp_avg_absmax",
+        lambda old: old[:-1],
+        ValueError,
+        r"8-bit state 'exp_avg' must be",
+    ),
+    "exp_avg: meta": (
+        {},
+        torch.float32,
+        "exp_avg",
+        lambda old: torch.empty_like(old, device="meta"),
+        ValueError,
+        r"'exp_avg' must be a \(5000,\) torch.float32 tensor on cpu",
+    ),
+    "exp_avg: sparse": (
+        {},
+        torch.float32,
+        "exp_avg",
+        lambda old: old.to_sparse(),
+        ValueError,
+        r"'exp_avg' must be a \(5000,\) torch.float32 tensor on cpu",
+    ),
+    "exp_avg_sq: a list": (
+        {},
+        torch.float32,
+        "exp_avg_sq",
+        lambda old: old.tolist(),
+        ValueError,
+        r"'exp_avg_sq' must be",
+    ),
+    "step: a string": ({}, torch.float32, "step", lambda old: "3", TypeError, r"'step'"),
+    "step: NaN": ({}, torch.float32, "step", lambda old: old * float("nan"), ValueError, r"'step'"),
+    "step: negative": ({}, torch.float32, "step", lambda old: -old, ValueError, r"'step'"),
+    "step: 2.5": ({}, torch.float32, "step", lambda old: old + 0.5, ValueError, r"'step'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPLACED_STATE))
+def test_torch_state_replaced_between_steps_is_checked_as_at_the_first(case, rng):
+    """The buckets are kept between steps; a state entry replaced goes through every check
+    a first step makes (named, nothing written) instead of reaching the kernel."""
+    options, dtype, key, new, kind, match = REPLACED_STATE[case]
+    opt, ps = _stepped(rng, dtype=dtype, steps=2, **options)
+    opt.state[ps[1]][key] = new(opt.state[ps[1]][key])
+    snap = torch_snapshot(opt)
+    with pytest.raises(kind, match=r"^state of param_groups\[0\]\['params'\]\[1\]: .*" + match):
+        opt.step()
+    assert_torch_unchanged(opt, snap)
+
+
+def test_torch_negative_view_state_is_stepped_by_value(rng):
+    """A state tensor replaced by a negative view (a zero-copy -x) is taken as its values,
+    as state of other strides is (the step has it copied)."""
+    opts = [_stepped(np.random.default_rng(7), sizes=(300, 200)) for _ in range(2)]
+    (opt, ps), (twin, twin_ps) = opts
+    flipped = -opt.state[ps[1]]["exp_avg"]
+    opt.state[ps[1]]["exp_avg"] = flipped._neg_view()  # the same values, negated twice
+    twin.state[twin_ps[1]]["exp_avg"] = flipped.neg()
+    for o in (opt, twin):
+        o.step()
+    for p, q in zip(ps, twin_ps):
+        assert torch.equal(_bits(p), _bits(q))
+    assert torch.equal(opt.state[ps[1]]["exp_avg"], twin.state[twin_ps[1]]["exp_avg"])
+
+
+@pytest.mark.parametrize("step", [3, 3.0, np.int64(3)], ids=["int", "float", "numpy int"])
+def test_torch_steps_as_numbers_continue_like_torch(step, rng):
+    """torch < 1.12's checkpoints hold 'step' as a number, which torch.optim takes: so does
+    fastopt.torch (also set between steps), as torch's 0-d tensor from then on."""
+    start = tparams(rng, (5000, 300))
+    pairs = []
+    for module in (torch.optim, ft):
+        ps = [p.detach().clone().requires_grad_() for p in start]
+        pairs.append((ps, module.AdamW(ps, lr=0.01)))
+    saved = pairs[0][1].state_dict()
+    for i, p in enumerate(start):
+        saved["state"][i] = {
+            "step": step,
+            "exp_avg": torch.from_numpy(fresh(rng, (p.numel(),))),
+            "exp_avg_sq": torch.from_numpy(np.abs(fresh(rng, (p.numel(),)))),
+        }
+    for _, opt in pairs:
+        opt.load_state_dict(copy.deepcopy(saved))
+    for t in range(3):
+        grads = [torch.from_numpy(fresh(rng, (p.numel(),))) for p in start]
+        for ps, opt in pairs:
+            if t == 2 and isinstance(opt, ft.AdamW):  # torch.optim takes numbers at loads only
+                opt.state[ps[1]]["step"] = type(step)(opt.state[ps[1]]["step"].item())
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        (tp, topt), (fp, fopt) = pairs
+        for p, q in zip(fp, tp):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            assert fopt.state[p]["step"].dtype == torch.float32
+            assert float(fopt.state[p]["step"]) == float(topt.state[q]["step"])
+
+
+@pytest.mark.parametrize(
+    "step,kind",
+    [
+        (float("inf"), ValueError),
+        (float("nan"), ValueError),
+        (-1, ValueError),
+        (2.5, ValueError),
+        (2**60, ValueError),
+        (torch.tensor(float("nan")), ValueError),
+        (torch.tensor([1.0, 2.0]), TypeError),
+        ("3", TypeError),
+        (True, TypeError),
+    ],
+    ids=["inf", "nan", "negative", "2.5", "2**60", "tensor nan", "two elements", "str", "bool"],
+)
+def test_torch_bad_checkpoint_steps_are_refused_at_the_load(step, kind, rng):
+    opt, ps = _stepped(rng, sizes=(300, 200))
+    saved = opt.state_dict()
+    saved["state"][1]["step"] = step
+    snap = torch_snapshot(opt)
+    with pytest.raises(kind, match=r"^state_dict\['state'\]\[1\]\['step'\]: "):
+        opt.load_state_dict(saved)
+    assert_torch_unchanged(opt, snap)
+
+
+# A group option edited after construction: (the edit, the exception, the message).
+GROUP_OPTIONS = {
+    "master_weights 'yes'": (
+        dict(master_weights="yes"),
+        TypeError,
+        r"\['master_weights'\]: expected a bool",
+    ),
+    "stochastic_rounding 1": (
+        dict(stochastic_rounding=1),
+        TypeError,
+        r"\['stochastic_rounding'\]: expected a bool",
+    ),
+    "min_8bit_size 2.5": (
+        dict(state_dtype="int8", min_8bit_size=2.5),
+        ValueError,
+        r"\['min_8bit_size'\]: expected an integer",
+    ),
+    "min_8bit_size 0": (
+        dict(state_dtype="int8", min_8bit_size=0),
+        ValueError,
+        r"\['min_8bit_size'\]: expected an integer",
+    ),
+    "master_weights with stochastic_rounding": (
+        dict(master_weights=True, stochastic_rounding=True, rounding_seed=1),
+        ValueError,
+        r"\['master_weights'\]: excludes stochastic_rounding",
+    ),
+    "stochastic_rounding without a seed": (
+        dict(stochastic_rounding=True, rounding_seed=None),
+        TypeError,
+        r"\['rounding_seed'\]: expected an integer",
+    ),
+    "rounding_seed negative": (
+        dict(stochastic_rounding=True, rounding_seed=-1),
+        ValueError,
+        r"\['rounding_seed'\]: must be in",
+    ),
+}
+
+
+@pytest.mark.parametrize("first_step", [True, False], ids=["first step", "later step"])
+@pytest.mark.parametrize("case", sorted(GROUP_OPTIONS))
+def test_torch_group_options_edited_are_checked_as_the_constructor_does(case, first_step, rng):
+    edit, kind, match = GROUP_OPTIONS[case]
+    opt, ps = _stepped(rng, dtype=torch.bfloat16, steps=0 if first_step else 1)
+    opt.param_groups[0].update(edit)
+    snap = torch_snapshot(opt)
+    with pytest.raises(kind, match=r"^param_groups\[0\]" + match):
+        opt.step()
+    assert_torch_unchanged(opt, snap)
+    assert first_step is not bool(opt.state)
+
+
+def test_torch_master_weights_and_stochastic_rounding_are_refused_when_a_group_is_made(rng):
+    ps = tparams(rng, (64,), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^master_weights: excludes stochastic_rounding"):
+        ft.AdamW(ps, master_weights=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['min_8bit_size'\]: "):
+        ft.AdamW([{"params": ps, "min_8bit_size": 2.5}], state_dtype="int8")
+    opt = ft.AdamW(ps)
+    for group, kind, match in [
+        (
+            dict(master_weights=True, stochastic_rounding=True, rounding_seed=1),
+            ValueError,
+            "excludes stochastic_rounding",
+        ),
+        (dict(master_weights="yes"), TypeError, "expected a bool"),
+    ]:
+        with pytest.raises(kind, match=r"^param_groups\[1\]\['master_weights'\]: " + match):
+            opt.add_param_group({"params": tparams(rng, (8,), torch.bfloat16), **group})
+        assert len(opt.param_groups) == 1
+
+
+def _entry_set(key, value):
+    def edit(saved):
+        saved["state"][0][key] = value(saved["state"][0])
+
+    return edit
+
+
+# A checkpoint's malformed 8-bit state: (the edit of state_dict()["state"][0], the key named).
+BAD_8BIT_LOADS = {
+    "absmax one block short": (
+        _entry_set("exp_avg_absmax", lambda e: e["exp_avg_absmax"][:-1]),
+        "exp_avg_absmax",
+    ),
+    "absmax float64": (
+        _entry_set("exp_avg_absmax", lambda e: e["exp_avg_absmax"].double()),
+        "exp_avg_absmax",
+    ),
+    "absmax a list": (
+        _entry_set("exp_avg_sq_absmax", lambda e: e["exp_avg_sq_absmax"].tolist()),
+        "exp_avg_sq",
+    ),
+    "absmax missing": (lambda saved: saved["state"][0].pop("exp_avg_absmax"), "exp_avg"),
+    "codes misshapen": (_entry_set("exp_avg", lambda e: e["exp_avg"][:4000]), "exp_avg_absmax"),
+    "absmax beside float state": (
+        _entry_set("exp_avg", lambda e: e["exp_avg"].float()),
+        "exp_avg_absmax",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_8BIT_LOADS))
+def test_torch_load_refuses_malformed_8bit_state(case, rng):
+    """Checked at the load (which changes nothing then), not at the next step."""
+    edit, key = BAD_8BIT_LOADS[case]
+    saved = _stepped(rng, sizes=(5000,), state_dtype="int8")[0].state_dict()
+    edit(saved)
+    opt, _ = _stepped(rng, sizes=(5000,), state_dtype="int8")
+    snap = torch_snapshot(opt)
+    with pytest.raises(ValueError, match=rf"^state_dict\['state'\]\[0\]\['{key}'\]: "):
+        opt.load_state_dict(saved)
+    assert_torch_unchanged(opt, snap)
+
+
+def test_torch_8bit_conversions_keep_the_param_layout(rng):
+    """Float state of a channels_last param quantized (and decoded back) in the param's
+    memory order, as the kernels lay out 8-bit state: the step takes it."""
+    start = torch.from_numpy(fresh(rng, (4, 8, 16, 16))).to(memory_format=torch.channels_last)
+    p = torch.nn.Parameter(start.clone())
+    exp_avg = torch.from_numpy(fresh(rng, (4, 8, 16, 16))).to(memory_format=torch.channels_last)
+    opt = ft.AdamW([p], lr=0.01, state_dtype="int8")
+    opt.load_state_dict(
+        {
+            "state": {
+                0: {"step": torch.tensor(1.0), "exp_avg": exp_avg, "exp_avg_sq": exp_avg.square()}
+            },
+            "param_groups": opt.state_dict()["param_groups"],
+        }
+    )
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    codes = opt.state[p]["exp_avg"]
+    assert codes.dtype == torch.uint8 and codes.stride() == p.stride()
+    values = fastopt.reference.dequantize_state8(
+        codes.numpy(), opt.state[p]["exp_avg_absmax"].numpy(), True
+    )
+    np.testing.assert_allclose(
+        values, 0.9 * exp_avg.numpy(), atol=0.02 * np.abs(exp_avg.numpy()).max()
+    )
+    opt.param_groups[0]["state_dtype"] = "float32"
+    opt.step()
+    decoded = opt.state[p]["exp_avg"]
+    assert decoded.dtype == torch.float32 and decoded.stride() == p.stride()
+    np.testing.assert_allclose(
+        decoded.numpy(), 0.81 * exp_avg.numpy(), atol=0.02 * np.abs(exp_avg.numpy()).max()
+    )

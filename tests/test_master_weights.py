@@ -71,13 +71,18 @@ def test_master_weights_checkpoint_round_trip():
 
 def test_master_weights_excludes_stochastic_rounding_and_changes_nothing():
     a = _params(torch.bfloat16)
-    opt = ft.AdamW(a, master_weights=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="master_weights: excludes stochastic_rounding"):
+        ft.AdamW(a, master_weights=True, stochastic_rounding=True)
+    opt = ft.AdamW(a, master_weights=True)  # both set on the group later: refused at the step
+    opt.param_groups[0]["stochastic_rounding"] = True
     before = [p.detach().clone() for p in a]
     for p, g in zip(a, _grads(torch.bfloat16, 1)[0]):
         p.grad = g
-    with pytest.raises(ValueError, match="master_weights and stochastic_rounding"):
+    with pytest.raises(ValueError,
+                       match=r"param_groups\[0\]\['master_weights'\]: excludes stochastic"):
         opt.step()
     assert all(torch.equal(p.detach(), q) for p, q in zip(a, before))
+    assert not opt.state
 
 
 def test_master_weights_leaves_float32_params_alone_and_is_dropped_when_off():

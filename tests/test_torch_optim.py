@@ -766,9 +766,8 @@ def test_bad_hyper_parameters_name_the_group_and_change_nothing():
     before = a.detach().clone()
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['betas'\]\[1\]"):
         opt.step()
-    # groups are stepped in order: group 0 was stepped before group 1 failed, as torch.optim
-    # would; group 1's param and state are untouched
-    assert not torch.equal(a.detach(), before)
+    # every group is checked before any is stepped: group 0 is untouched too
+    assert torch.equal(a.detach(), before) and not opt.state
     opt.param_groups[1]["betas"] = (0.9, 0.999)
     opt.param_groups[1]["weight_decay"] = float("nan")
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['weight_decay'\]"):

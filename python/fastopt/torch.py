@@ -14,12 +14,13 @@ step); each bucket is one fused multi-tensor call of the compiled kernel (one C+
 the CPU, a few launches on the GPU). The buckets (which params, the packed step counts, on
 the CPU NumPy views of params and state, on the GPU the launch tables of
 ``fastopt._cuda.Plan``) are kept between steps and rebuilt only when the set of params with
-a grad changes, the group's options change which state arrays are used, or the state is
-replaced (``load_state_dict``, a step count replaced). The buckets keep each param's state
-entry and its tensors and check them at each step by identity (the state dict's keys and
-values, the entries' tensors; no ``state[p]`` lookups unless the state dict changed), so an
-entry or a tensor replaced between steps is the one stepped, as in torch.optim. Params whose
-``.grad`` is None are skipped and keep their state, as in torch.optim.
+a grad changes, the group's options change, or the state changes (``load_state_dict``; an
+entry, a state tensor or a step count replaced, a key added or removed). The buckets keep
+each param's state entry and every tensor they read from it and compare them at each step
+by identity (the state dict's keys and values, the entries' tensors; no ``state[p]``
+lookups unless the state dict changed); a rebuild checks the state as a first step does,
+so an entry or a tensor replaced between steps is checked, then stepped, as in torch.optim.
+Params whose ``.grad`` is None are skipped and keep their state, as in torch.optim.
 
 State: torch's layout and keys, as torch tensors, so ``state_dict()`` / ``load_state_dict()``
 are interchangeable with torch.optim's both ways (a torch.optim checkpoint continues on the
@@ -48,7 +49,8 @@ Decisions, where torch.optim offers a choice:
   transposed view of a whole storage): they are stepped over their storage. A grad whose
   strides differ from its param's is copied to the param's strides for the call (it is not
   written back; grads are read only). Params with gaps (a slice of a bigger tensor) are
-  refused with a ValueError.
+  refused with a ValueError. State tensors of other strides than their param's (or
+  negative views) are taken as their values: copied to the param's strides at the step.
 - Writes bump autograd's version counters of every param and state tensor they update, so
   stepping between a forward and its backward raises exactly as with torch.optim, and
   inference tensors are refused outside ``torch.inference_mode`` with torch's own message.
@@ -83,7 +85,8 @@ Decisions, where torch.optim offers a choice:
   16-bit grads converted as they are loaded); the param is written, in the same pass, as
   the result rounded to nearest. Mixed-precision training as apex's O2 and DeepSpeed do,
   4 bytes per param more than the state; a checkpoint carries the copy. Excludes
-  ``stochastic_rounding`` (the other way to keep small updates).
+  ``stochastic_rounding`` (the other way to keep small updates): refused together at
+  construction, by ``add_param_group`` and, for edited groups, at the step.
 - ``stochastic_rounding=`` (every class, keyword-only, a group option; default False): the
   group's bfloat16 params are rounded stochastically at every step (unbiased; bfloat16
   training without float32 master weights), keyed by the group's ``"rounding_seed"`` (from
@@ -113,6 +116,21 @@ Hardening:
   old, and fastopt's float32 state for 16-bit params is converted before either; a
   malformed checkpoint raises TypeError/ValueError (torch's own KeyError,
   NotImplementedError... are re-raised as such) and changes nothing.
+- A step is checked whole before anything is written. Where it is more than one kernel
+  call (several groups, or buckets: dtypes, 8-bit and float state, master copies or not),
+  rebuilds buckets or clips the grads, every call's checks run before the first call
+  (the kernels' ``check_only``); state it makes, converts (float and 8-bit, another float
+  type, the param's strides; each checked first) or drops is staged and written only once
+  every check passed. A refused step raises a TypeError/ValueError naming the param, its
+  state entry or the group option, and leaves params, grads, state and step counts as
+  they were.
+- Group options edited after construction (``master_weights``, ``stochastic_rounding``,
+  ``rounding_seed``, ``min_8bit_size``) are checked as the constructor checks them.
+- ``state[p]["step"]`` may be a Python number, as in torch < 1.12's checkpoints (torch.optim
+  takes them): it becomes torch's 0-d tensor at the load or step. A step count must be a
+  whole number >= 0, checked at the load and at the step.
+- ``load_state_dict`` refuses malformed 8-bit state (codes without their block maxima,
+  maxima of another shape or dtype, maxima beside float state) then, not at the step.
 - A step's count matches the updates applied: once a bucket's kernel has run its step
   counts move, also when an exception follows (Ctrl-C's KeyboardInterrupt arrives when
   the call returns); a call the kernel refused (nothing written then) is not counted.
@@ -127,6 +145,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+import numbers
 import operator
 import re
 import threading
@@ -189,6 +209,7 @@ _SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Where a hyper-parameter of the table lives in a param group (betas are a pair in torch).
 _GROUP_PATH = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
 _CACHE_SIZE = 256
+_NO_EXTRA: Dict[str, Any] = {}  # a host call's backend arguments (never written: copied)
 
 
 def _step_dtype() -> torch.dtype:
@@ -219,7 +240,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 _DATA_PTR = torch.Tensor.data_ptr
-_STEP = operator.itemgetter("step")
 _GRAD = operator.attrgetter("grad")
 
 
@@ -319,12 +339,47 @@ class _State(_NotesChanges, DefaultDict[Any, Any]):
     __copy__ = copy
 
 
+class _Staged:
+    """The state entry of one param as a step will leave it: ``view`` holds the entry's
+    items with the step's changes (what the checks and the kernels' check_only calls see),
+    ``commit`` writes the changes into ``state[p]`` once every check of the step passed,
+    so that a refused step makes, converts and removes nothing."""
+
+    __slots__ = ("param", "view", "changes", "removed")
+
+    def __init__(self, param: torch.Tensor, entry: Optional[Dict[str, Any]]):
+        self.param = param
+        self.view: Dict[str, Any] = {} if entry is None else dict(entry)
+        self.changes: Dict[str, Any] = {}
+        self.removed: List[str] = []
+
+    def set(self, key: str, value: Any) -> None:
+        self.view[key] = value
+        self.changes[key] = value
+
+    def pop(self, key: str) -> None:
+        if key in self.view:
+            del self.view[key]
+            self.changes.pop(key, None)
+            self.removed.append(key)
+
+    def commit(self, state: Any) -> Dict[str, Any]:
+        """Writes the changes into ``state[param]`` (made if missing, as torch.optim's)."""
+        entry = state[self.param]
+        for key in self.removed:
+            entry.pop(key, None)
+        if self.changes:
+            entry.update(self.changes)
+        return cast(Dict[str, Any], entry)
+
+
 class _Pending(NamedTuple):
-    """A state array to make (see _FusedOptimizer._make_pending): ``state[key]``, state
-    array ``role`` (its index in the spec's states) of ``param``, ``dtype``, all ``value``."""
+    """A state array to make (see _FusedOptimizer._make_pending): ``staged.view[key]``,
+    state array ``role`` (its index in the spec's states) of ``param``, ``dtype``, all
+    ``value``."""
 
     role: int
-    state: Dict[str, Any]
+    staged: _Staged
     key: str
     param: torch.Tensor
     value: float
@@ -340,17 +395,20 @@ class _Checked(NamedTuple):
 
 class _Bucket:
     """The params of one group sharing (device, dtype, and the step count when the kernel
-    takes one), ready for one call. Their state entries (``state[p]``) and tensors are
-    kept and checked at each step: an entry replaced (``state[p] = {...}``) is looked up
-    again, a state tensor replaced in an entry is the one stepped, as in torch.optim."""
+    takes one), ready for one call. Their state entries (``state[p]``) and every tensor
+    the call reads from them are kept and compared at each step: an entry or a tensor
+    replaced, a key added or removed, has the bucket rebuilt, through every check of a
+    first step, and the new one is stepped, as in torch.optim."""
 
     __slots__ = (
         "index",
         "params",
         "keys",
+        "tracked",
         "getters",
+        "held",
+        "sizes",
         "steps",
-        "step_views",
         "done",
         "plan",
         "params_inference",
@@ -365,6 +423,7 @@ class _Bucket:
         "state_views",
         "masks",
         "absmax_keys",
+        "absmax",
         "masters",
     )
 
@@ -372,42 +431,42 @@ class _Bucket:
         self,
         index: List[int],
         params: List[torch.Tensor],
+        entries: List[Dict[str, Any]],
         keys: List[Optional[str]],
         steps: Optional[torch.Tensor],
         done: int,
-        state: Any,
         masks: Optional[List[torch.Tensor]],
         absmax_keys: Optional[Dict[str, str]] = None,
         masters: bool = False,
     ):
-        # master weights: the kernel steps state[p]["master_param"] (float32) in the params'
-        # place and writes the params rounded (master_params=)
-        self.masters = masters
         # 8-bit state: {table name of each state array: its block maxima's state key}
         self.absmax_keys = absmax_keys
         self.index = index  # position of each param in the group's "params"
         self.params = params  # the group's params, in bucket order
+        self.entries = entries  # state[p] of each param (staged ones until committed)
         self.keys = keys  # per state array of the table: its state key, None if unused
-        self.getters = [None if k is None else operator.itemgetter(k) for k in keys]
+        # Every key whose tensors the call reads (state arrays; master_weights: the float32
+        # copies the kernel steps in the params' place, master_params=; 8-bit: the block
+        # maxima; the step counts, 0-d views of `steps`), compared at each step by identity.
+        self.tracked = [k for k in keys if k is not None]
+        if masters:
+            self.tracked.append(MASTER)
+        if absmax_keys is not None:
+            self.tracked += absmax_keys.values()
+        if steps is not None:
+            self.tracked.append("step")
+        self.getters = [operator.itemgetter(k) for k in self.tracked]
         self.steps = steps  # packed step counts, or None
-        self.entries: List[Dict[str, Any]] = list(map(state.__getitem__, params))  # state[p]
-        # state[p]["step"] of each param: 0-d views of steps
-        self.step_views = None if steps is None else list(map(_STEP, self.entries))
         self.done = done  # steps taken so far if the kernel takes step (it gets done + 1)
         self.params_inference = any(p.is_inference() for p in params)
-        self.inference = self.params_inference  # some param or state is an inference tensor
         self.distributed = any(map(_is_dtensor, params))
         first = _local(params[0])
         self.plan = _ext._cuda.Plan() if first.is_cuda and _ext._cuda is not None else None
         # On the CPU the kernel is handed NumPy views of params and state (the binding reads
         # a NumPy array in a fraction of a torch tensor's time), made once and checked at
-        # each step: a param whose data pointer moved (p.data = ...) or a state entry
-        # replaced gets a fresh view. Grads are passed as they are (new at every backward).
+        # each step: a param whose data pointer moved (p.data = ...) gets a fresh view.
+        # Grads are passed as they are (new at every backward).
         self.host = first.device.type == "cpu" and not self.distributed
-        # per state array: the state tensors (None if unused), their kernel views
-        self.states: List[Optional[List[torch.Tensor]]] = [None] * len(keys)
-        self.state_views: List[Optional[List[Any]]] = [None] * len(keys)
-        self.written: List[torch.Tensor] = params  # what a step writes: versions to bump
         self.param_ptrs: List[int] = []
         self.param_views: List[Any] = []
         # the masks of a masked bucket, as the kernel takes them (masks are read only)
@@ -415,40 +474,44 @@ class _Bucket:
         if masks is not None:
             local = [_local(m) for m in masks]
             self.masks = [_host_view(m) for m in local] if self.host else local
+        self.take()
 
-    def refresh(self, state: Any, look_up: bool) -> bool:
-        """Takes the state tensors of this step: the kept entries' (``look_up``: each
-        ``state[p]`` again, when the state dict changed). False when the bucket must be
-        rebuilt (an entry lacks a key, a step count was replaced)."""
+    def take(self) -> None:
+        """Takes the entries' tensors, and the kernel's views of them."""
+        self.held = [list(map(getter, self.entries)) for getter in self.getters]
+        self.sizes = list(map(len, self.entries))
+        by_key = dict(zip(self.tracked, self.held))
+        # per state array: the state tensors (None if unused), their kernel views
+        self.states: List[Optional[List[torch.Tensor]]] = [
+            None if k is None else by_key[k] for k in self.keys
+        ]
+        read = [t for k, ts in by_key.items() if k != "step" for t in ts]
+        self.written = self.params + read  # what a step writes: versions to bump
+        self.inference = self.params_inference or any(t.is_inference() for t in read)
+        view = _host_view if self.host else _local
+        self.state_views: List[Optional[List[Any]]] = [
+            None if s is None else list(map(view, s)) for s in self.states
+        ]
+        self.masters = list(map(view, by_key[MASTER])) if MASTER in by_key else None
+        self.absmax = (
+            None
+            if self.absmax_keys is None
+            else {n: list(map(view, by_key[k])) for n, k in self.absmax_keys.items()}
+        )
+
+    def current(self, state: Any, look_up: bool) -> bool:
+        """Whether the kept entries and tensors are still the state's (``look_up``: each
+        ``state[p]`` again, when the state dict changed)."""
+        if look_up and not all(map(operator.is_, map(state.get, self.params), self.entries)):
+            return False
+        if list(map(len, self.entries)) != self.sizes:  # a key added or removed
+            return False
         try:
-            if look_up:
-                entries = list(map(state.__getitem__, self.params))
-                if not all(map(operator.is_, entries, self.entries)):
-                    self.entries = entries
-            if self.step_views is not None and not all(
-                map(operator.is_, map(_STEP, self.entries), self.step_views)
-            ):
-                return False
-            changed = False
-            for r, getter in enumerate(self.getters):
-                if getter is None:
-                    continue
-                tensors = list(map(getter, self.entries))
-                kept = self.states[r]
-                if kept is None or not all(map(operator.is_, tensors, kept)):
-                    self.states[r] = tensors
-                    self.state_views[r] = None
-                    changed = True
+            for getter, kept in zip(self.getters, self.held):
+                if not all(map(operator.is_, map(getter, self.entries), kept)):
+                    return False
         except KeyError:
             return False
-        if changed:
-            held = [t for s in self.states if s is not None for t in s]
-            self.written = self.params + held
-            self.inference = self.params_inference or any(t.is_inference() for t in held)
-            if self.host:
-                for r, held_r in enumerate(self.states):
-                    if held_r is not None and self.state_views[r] is None:
-                        self.state_views[r] = [_host_view(t) for t in held_r]
         return True
 
     def kernel_lists(self) -> Tuple[List[Any], List[Optional[List[Any]]]]:
@@ -459,16 +522,11 @@ class _Bucket:
                     [_local(p) for p in self.params],
                     [None if s is None else [_local(t) for t in s] for s in self.states],
                 )
-            return self.params, self.states
+            return self.params, self.state_views
         ptrs = list(map(_DATA_PTR, self.params))
         if ptrs != self.param_ptrs:
             self.param_ptrs, self.param_views = ptrs, [_host_view(p) for p in self.params]
         return self.param_views, self.state_views
-
-    def absmax_lists(self) -> Dict[str, List[torch.Tensor]]:
-        """8-bit state: the block maxima of each state array, {table name: tensors}."""
-        assert self.absmax_keys is not None
-        return {n: [e[k] for e in self.entries] for n, k in self.absmax_keys.items()}
 
 
 class _GroupCache:
@@ -508,6 +566,18 @@ class _GroupCache:
         )
 
 
+# One kernel call of a step: see _FusedOptimizer._prepare_group.
+_Call = Tuple[str, _Bucket, List[Any], Dict[str, Any], float, Optional[int]]
+
+
+class _Rebuilt(NamedTuple):
+    """A group whose buckets a step rebuilt: committed once every check of the step passed."""
+
+    group_index: int
+    cache: _GroupCache
+    staged: List[_Staged]
+
+
 class _FusedOptimizer(torch.optim.Optimizer):
     """What the classes below share. A subclass names its entry of fastopt's table
     (``_spec``) and says whether torch keeps ``state["step"]`` for it (``_tracks_step``)."""
@@ -533,6 +603,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             )
         self._checked: Dict[Any, _Checked] = {}
         self._validate_group("", defaults)
+        _check_group_options("", defaults)
         self._lr("", defaults)
         self._lock = threading.RLock()  # a step at a time (see the module docstring)
         super().__init__(params, defaults)
@@ -602,6 +673,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._check_group_params(index, self.param_groups[index]["params"])
             group = self.param_groups[index]
             check_state_dtype(f"param_groups[{index}]['state_dtype']", group.get("state_dtype"))
+            _check_group_options(f"param_groups[{index}]", group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -708,7 +780,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return 0.0
 
     def _state_type(self, where: str, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:
-        """The dtype of ``p``'s state under ``group["state_dtype"]`` (torch.uint8: 8-bit)."""
+        """The dtype of ``p``'s state under ``group["state_dtype"]`` (torch.uint8: 8-bit),
+        the group's options checked before (_check_group_options)."""
         kind = group.get("state_dtype", "float32")
         if kind == "int8":
             if p.dtype == torch.float64 or _is_dtensor(p) or self._spec.name == "sophia":
@@ -717,8 +790,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     "float64 nor DTensor params) of every optimizer but Sophia"
                 )
             least = group.get("min_8bit_size", STATE8_MIN_ELEMENTS)
-            if isinstance(least, bool) or not isinstance(least, int) or least < 1:
-                raise ValueError(f"min_8bit_size: expected an integer >= 1, got {least!r}")
             return torch.uint8 if p.numel() >= least else torch.float32
         if kind == "bfloat16":
             if p.dtype == torch.float64:
@@ -741,16 +812,29 @@ class _FusedOptimizer(torch.optim.Optimizer):
         group: Dict[str, Any],
         used: Tuple[bool, ...],
         pending: Optional[List[_Pending]] = None,
-    ) -> Tuple[Dict[str, Any], bool]:
-        """``self.state[p]`` with every state array ``used`` needs, made if missing and
-        checked against ``p`` (shape, dtype, device; strides made ``p``'s); whether any of
-        them was made now (SGD's fresh momentum buffer takes the first-step rule). With
+    ) -> Tuple[_Staged, bool, int]:
+        """``self.state[p]`` as this step leaves it, staged (see _Staged): every state
+        array ``used`` needs, made if missing and checked against ``p`` (shape, dtype,
+        device; moved to ``p``'s strides, converted to the state type), and its step count
+        checked. Also whether any state array was made now (SGD's fresh momentum buffer
+        takes the first-step rule) and the steps taken so far (0 without a count). With
         ``pending``, a missing float state array is not made but queued there for
-        ``_make_pending``."""
-        state = self.state[p]
-        if self._tracks_step and "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_step_dtype())
-        self._master_param(where, p, state, group)
+        ``_make_pending``. The group's options are checked before (_check_group_options)."""
+        entry = self.state.get(p)
+        if entry is not None and not isinstance(entry, dict):
+            raise TypeError(f"state of {where}: expected a dict, got {type(entry).__name__}")
+        staged = _Staged(p, entry)
+        state = staged.view
+        done = 0
+        if self._tracks_step:
+            if "step" in state:
+                step = state["step"]
+                done = _steps_taken(f"state of {where}: 'step'", step)
+                if not isinstance(step, torch.Tensor):  # a number (torch < 1.12's checkpoints)
+                    staged.set("step", torch.tensor(float(done), dtype=_step_dtype()))
+            else:
+                staged.set("step", torch.tensor(0.0, dtype=_step_dtype()))
+        self._master_param(where, p, staged, group)
         fresh = False
         want = self._state_type(where, p, group)
         for r, (role, use) in enumerate(zip(self._spec.states, used)):
@@ -758,40 +842,36 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if not use:
                 continue
             if want == torch.uint8 or state.get(key + ABSMAX) is not None:
-                fresh = self._state8(where, p, state, role, group, want) or fresh
+                fresh = self._state8(where, p, staged, role, group, want) or fresh
                 continue
             s = state.get(key)
             if s is None:
                 value = self._initial_value(role.name, group)
                 if pending is None:
-                    state[key] = self._new_state(p, value, want)
+                    staged.set(key, self._new_state(p, value, want))
                 else:
-                    pending.append(_Pending(r, state, key, p, value, want))
+                    pending.append(_Pending(r, staged, key, p, value, want))
                 fresh = True
                 continue
-            convert = (
-                isinstance(s, torch.Tensor) and s.dtype != want and s.is_floating_point()
-            )  # another float type (a checkpoint's, a changed state_dtype): taken as its values
-            if (
-                not isinstance(s, torch.Tensor)
-                or s.shape != p.shape
-                or (s.dtype != want and not convert)
-                or s.device != p.device
+            if not (
+                isinstance(s, torch.Tensor)
+                and s.layout == torch.strided
+                and s.is_floating_point()
+                and s.shape == p.shape
+                and s.device == p.device
             ):
-                got = (
-                    f"{tuple(s.shape)} {s.dtype} on {s.device}"
-                    if isinstance(s, torch.Tensor)
-                    else type(s).__name__
-                )
                 raise ValueError(
                     f"state of {where}: '{key}' must be a {tuple(p.shape)} "
-                    f"{want} tensor on {p.device} like its param, got {got}"
+                    f"{want} tensor on {p.device} like its param, got {_described(s)}"
                 )
-            if convert or _local(s).stride() != _local(p).stride():  # the param's strides
+            # Another float type (a checkpoint's, a changed state_dtype) is taken as its
+            # values; other strides than the param's, or a negative view, are copied.
+            local = _local(s)
+            if s.dtype != want or local.is_neg() or local.stride() != _local(p).stride():
                 moved = self._new_state(p, 0.0, want)
                 moved.copy_(s)
-                state[key] = moved
-        return state, fresh
+                staged.set(key, moved)
+        return staged, fresh, done
 
     def _make_pending(self, pending: List[_Pending]) -> None:
         """Makes the state arrays ``_param_state`` queued, state array by state array (all
@@ -800,47 +880,42 @@ class _FusedOptimizer(torch.optim.Optimizer):
         is a tensor of its own, as torch.optim's (views of one buffer would share its
         version counter and be saved with all of it)."""
         for item in sorted(pending, key=operator.attrgetter("role")):
-            item.state[item.key] = self._new_state(item.param, item.value, item.dtype)
+            item.staged.set(item.key, self._new_state(item.param, item.value, item.dtype))
 
     @staticmethod
-    def _master_param(
-        where: str, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]
-    ) -> None:
+    def _master_param(where: str, p: torch.Tensor, staged: _Staged, group: Dict[str, Any]) -> None:
         """``group["master_weights"]``: a float16/bfloat16 param's float32 master copy,
         ``state["master_param"]``, made from the param when missing and checked otherwise;
         dropped when the group stops using it (the param holds the rounded values)."""
         if not (group.get("master_weights") and p.dtype in _HALF):
-            state.pop(MASTER, None)
+            staged.pop(MASTER)
             return
-        if group.get("stochastic_rounding"):
-            raise ValueError(
-                f"{where}: master_weights and stochastic_rounding exclude each other (both "
-                "are ways to keep small updates of 16-bit params)"
-            )
         if _is_dtensor(p):
             raise ValueError(f"{where}: master_weights is not available for DTensor params")
-        m = state.get(MASTER)
+        m = staged.view.get(MASTER)
         if m is None:
             m = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             m.copy_(p.detach())
-            state[MASTER] = m
+            staged.set(MASTER, m)
         elif not (
             isinstance(m, torch.Tensor)
+            and m.layout == torch.strided
             and m.dtype == torch.float32
             and m.shape == p.shape
             and m.device == p.device
             and m.stride() == p.stride()
+            and not m.is_neg()
         ):
             raise ValueError(
                 f"state of {where}: '{MASTER}' must be a float32 tensor shaped, laid out and "
-                "placed like its param"
+                f"placed like its param (not a negative view), got {_described(m)}"
             )
 
     def _state8(
         self,
         where: str,
         p: torch.Tensor,
-        state: Dict[str, Any],
+        staged: _Staged,
         role: Any,
         group: Dict[str, Any],
         want: torch.dtype,
@@ -848,57 +923,68 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """State array ``role`` of ``p`` where it is or must become 8-bit (``want`` is
         torch.uint8), or must stop being so: made if missing (whether it was: fresh), 8-bit
         state checked, float state quantized and 8-bit state decoded (on the host) when
-        ``want`` says the other kind."""
+        ``want`` says the other kind, each checked first."""
         key = STATE_KEYS[role.name]
-        s, top = state.get(key), state.get(key + ABSMAX)
+        absmax_key = key + ABSMAX
+        s, top = staged.view.get(key), staged.view.get(absmax_key)
         signed = not role.nonnegative
-        if want != torch.uint8:  # 8-bit state, float wanted: decoded
-            values = reference.dequantize_state8(
-                _host_numpy(where, s).astype("uint8"), _host_numpy(where, top), signed
+        blocks = -(-p.numel() // 256)
+        shape = tuple(p.shape)
+        if top is not None and (s is None or _float_tensor(s)):
+            raise ValueError(
+                f"state of {where}: '{absmax_key}' (block maxima of 8-bit state) beside "
+                + ("no" if s is None else "float")
+                + f" state '{key}'; remove it or give '{key}' its 8-bit (uint8) codes"
             )
+        if want != torch.uint8:  # 8-bit state, float wanted: decoded
+            if not (_codes_like(s, p) and _absmax_of(top, blocks)):
+                raise ValueError(
+                    f"state of {where}: 8-bit state '{key}' (decoded to {want}) must be a "
+                    f"{shape} uint8 tensor with '{absmax_key}' a ({blocks},) float32 tensor, "
+                    f"got {_described(s)} and {_described(top)}"
+                )
+            values = reference.dequantize_state8(_host_numpy(s), _host_numpy(top), signed)
             moved = self._new_state(p, 0.0, want)
             moved.copy_(torch.from_numpy(values))
-            state[key] = moved
-            del state[key + ABSMAX]
+            staged.set(key, moved)
+            staged.pop(absmax_key)
             return False
-        blocks = -(-p.numel() // 256)
         if s is None:  # every block holds the initial value
             value = self._initial_value(role.name, group)
             codes, first = reference.quantize_state8(_np_full(value), signed)
-            state[key] = torch.full_like(
-                p, int(codes[0]), dtype=torch.uint8, memory_format=torch.preserve_format
+            staged.set(
+                key,
+                torch.full_like(
+                    p, int(codes[0]), dtype=torch.uint8, memory_format=torch.preserve_format
+                ),
             )
-            state[key + ABSMAX] = torch.full((blocks,), float(first[0]), device=p.device)
+            staged.set(absmax_key, torch.full((blocks,), float(first[0]), device=p.device))
             return True
-        if (
-            isinstance(s, torch.Tensor)
-            and s.is_floating_point()
-            and s.shape == p.shape
-            and top is None
-        ):  # float state (a torch.optim checkpoint, a changed state_dtype): quantized
+        if top is None:  # float state (a torch.optim checkpoint, a changed state_dtype)
+            if not (_float_tensor(s) and s.shape == p.shape):
+                raise ValueError(
+                    f"state of {where}: '{key}' (quantized to 8-bit state) must be a {shape} "
+                    f"float tensor like its param, got {_described(s)}"
+                    + (f" without its block maxima '{absmax_key}'" if _is_codes(s) else "")
+                )
             laid = self._new_state(p, 0.0, torch.float32)
             laid.copy_(s)
-            codes, first = reference.quantize_state8(_host_numpy(where, laid), signed)
-            state[key] = torch.from_numpy(codes).to(p.device)
-            state[key + ABSMAX] = torch.from_numpy(first).to(p.device)
+            codes, first = reference.quantize_state8(_host_numpy(laid), signed)
+            staged.set(key, torch.from_numpy(codes).to(p.device))
+            staged.set(absmax_key, torch.from_numpy(first).to(p.device))
             return False
-        ok = (
-            isinstance(s, torch.Tensor)
-            and s.dtype == torch.uint8
-            and s.shape == p.shape
+        if not (
+            _codes_like(s, p)
             and s.device == p.device
             and s.stride() == p.stride()
-            and isinstance(top, torch.Tensor)
-            and top.dtype == torch.float32
-            and tuple(top.shape) == (blocks,)
+            and _absmax_of(top, blocks)
             and top.device == p.device
             and top.is_contiguous()
-        )
-        if not ok:
+        ):
             raise ValueError(
-                f"state of {where}: 8-bit state '{key}' must be a {tuple(p.shape)} uint8 "
-                f"tensor laid out like its param with '{key}{ABSMAX}' a ({blocks},) float32 "
-                f"tensor, on {p.device}"
+                f"state of {where}: 8-bit state '{key}' must be a {shape} uint8 "
+                f"tensor laid out like its param with '{absmax_key}' a ({blocks},) float32 "
+                f"tensor, on {p.device}; got {_described(s)} and {_described(top)}"
             )
         return False
 
@@ -909,11 +995,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
         group: Dict[str, Any],
         grads: List[Optional[torch.Tensor]],
         used: Tuple[bool, ...],
-    ) -> _GroupCache:
+    ) -> _Rebuilt:
+        """The group's buckets over its staged state (committed by _commit)."""
         where = f"param_groups[{index}]"
+        _check_group_options(where, group)
         params = group["params"]
         keys: Dict[Tuple[Any, ...], List[int]] = defaultdict(list)
         taken: Dict[int, int] = {}  # steps taken so far, per param index
+        staged: Dict[int, _Staged] = {}  # per param index
         pending: List[_Pending] = []  # the state arrays to make
         for i, (p, g) in enumerate(zip(params, grads)):  # refused before any state is made
             if g is not None:
@@ -923,17 +1012,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 continue
             name = f"{where}['params'][{i}]"
             self._check_param(name, p, g)
-            state, fresh = self._param_state(name, p, group, used, pending)
-            if self._tracks_step:
-                done = float(state["step"])
-                if done != int(done) or done < 0:
-                    raise ValueError(
-                        f"state of {name}: 'step' must be a whole number >= 0, got {done}"
-                    )
-                done = int(done)
-            else:  # SGD: the first step (buffer <- grad) when the buffer is new
-                done = 0 if fresh else 1
-            taken[i] = done
+            staged[i], fresh, done = self._param_state(name, p, group, used, pending)
+            state = staged[i].view
+            # SGD: the first step (buffer <- grad) when the buffer is new
+            taken[i] = done if self._tracks_step else 0 if fresh else 1
             eight = any(
                 isinstance(state.get(k + ABSMAX), torch.Tensor)
                 for k in (STATE_KEYS[r.name] for r in self._spec.states)
@@ -942,7 +1024,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 (
                     p.device,
                     p.dtype,
-                    done if self._spec.takes_step else None,
+                    taken[i] if self._spec.takes_step else None,
                     p in self._masks,
                     eight,
                     MASTER in state,
@@ -957,19 +1039,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
             bucket_params = [params[i] for i in index_list]
             steps = None
             if self._tracks_step:
-                first = self.state[bucket_params[0]]["step"]
+                first = staged[index_list[0]].view["step"]
                 steps = torch.tensor([float(taken[i]) for i in index_list], dtype=first.dtype)
-                for p, view in zip(bucket_params, steps.unbind()):
-                    self.state[p]["step"] = view
+                for i, view in zip(index_list, steps.unbind()):
+                    staged[i].set("step", view)
             masks = [self._masks[p] for p in bucket_params] if masked else None
             buckets.append(
                 _Bucket(
                     index_list,
                     bucket_params,
+                    [staged[i].view for i in index_list],
                     state_keys,
                     steps,
                     done or 0,
-                    self.state,
                     masks,
                     {
                         role.name: STATE_KEYS[role.name] + ABSMAX
@@ -981,7 +1063,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     masters,
                 )
             )
-        return _GroupCache(
+        cache = _GroupCache(
             params,
             [g is not None for g in grads],
             self.state,
@@ -990,6 +1072,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._masks_version,
             _state_options(group),
         )
+        return _Rebuilt(index, cache, list(staged.values()))
+
+    def _commit(self, rebuilt: _Rebuilt) -> None:
+        """A rebuilt group's staged state written into ``self.state``, its buckets moved
+        onto the real entries (holding the same tensors), and kept for the next steps."""
+        entries = {id(s.param): s.commit(self.state) for s in rebuilt.staged}
+        for b in rebuilt.cache.buckets:
+            b.entries = [entries[id(p)] for p in b.params]
+            b.sizes = list(map(len, b.entries))
+        self._caches[rebuilt.group_index] = rebuilt.cache
+        self._state_seen = None  # entries were added: the state is taken at the end
 
     @staticmethod
     def _check_param(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -1026,10 +1119,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if scale is not None:
                 grad_scale = float(scale)
         with self._lock:
-            if self.max_grad_norm is not None:
-                self.last_grad_norm, grad_scale = step_grad_scale(
-                    self.param_groups, self.max_grad_norm, grad_scale
-                )
             state, changes = self.state, self._changes
             if type(state) is _State and state._changes is changes and not changes.changed:
                 look_up: Optional[bool] = None  # nothing changed: the buckets are current
@@ -1046,8 +1135,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     and all(map(operator.is_, state.values(), seen[2]))
                 )
             try:
-                for index, group in enumerate(self.param_groups):
-                    self._step_group(index, group, grad_scale, look_up)
+                self._step_groups(grad_scale, look_up)
             except BaseException:  # the groups not stepped have not seen the changes yet
                 changes.changed = True
                 raise
@@ -1057,6 +1145,29 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 # a state that cannot note its changes: every step checks it
                 changes.changed = changes.changed or not self._tracked()
         return loss
+
+    def _step_groups(self, grad_scale: float, look_up: Optional[bool]) -> None:
+        """One step of every group, all checked before anything is written: each group's
+        buckets (rebuilt over staged state where the group or its state changed), then
+        every kernel call's checks (check_only) where the step is more than one call, has
+        staged state or clips the grads, then the clipping, the staged state committed
+        and the calls. ``look_up``: see _prepare_group."""
+        runs: List[_Call] = []
+        rebuilt: List[_Rebuilt] = []
+        for index, group in enumerate(self.param_groups):
+            self._prepare_group(index, group, look_up, runs, rebuilt)
+        clip = self.max_grad_norm is not None
+        if len(runs) > 1 or rebuilt or clip:
+            for run in runs:
+                self._run(run, grad_scale, check_only=True)
+        if clip:
+            self.last_grad_norm, grad_scale = step_grad_scale(
+                self.param_groups, self.max_grad_norm, grad_scale
+            )
+        for group_rebuilt in rebuilt:
+            self._commit(group_rebuilt)
+        for run in runs:
+            self._run(run, grad_scale)
 
     def _track_state(self) -> None:
         """Replaces the state torch.optim made (a ``defaultdict(dict)``) by a _State holding
@@ -1082,15 +1193,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
             )
         )
 
-    def _step_group(
+    def _prepare_group(
         self,
         index: int,
         group: Dict[str, Any],
-        grad_scale: float,
         look_up: Optional[bool],
+        runs: List[_Call],
+        rebuilt: List[_Rebuilt],
     ) -> None:
-        """``look_up``: None when the state is known unchanged since the last step, else
-        whether the buckets must look their entries up again (see _Bucket.refresh)."""
+        """Appends the group's kernel calls to ``runs`` (where, bucket, its grads, the
+        kernel's keywords, lr, the rounding seed), and to ``rebuilt`` the group if its
+        buckets were rebuilt. ``look_up``: None when the state is known unchanged since
+        the last step, else whether the buckets must look their entries up again (see
+        _Bucket.current)."""
         where = f"param_groups[{index}]"
         kw, used = self._validate_group(where, group)
         lr = self._lr(where, group)
@@ -1108,35 +1223,27 @@ class _FusedOptimizer(torch.optim.Optimizer):
             or cache.state_dtype != _state_options(group)
             or (
                 look_up is not None
-                and not all(b.refresh(self.state, look_up) for b in cache.buckets)
+                and not all(b.current(self.state, look_up) for b in cache.buckets)
             )
         ):
-            cache = self._caches[index] = self._build(index, group, grads, used)
-            for b in cache.buckets:
-                b.refresh(self.state, False)
-            self._state_seen = None  # the build may have added entries: take them at the end
+            rebuilt.append(self._build(index, group, grads, used))
+            cache = rebuilt[-1].cache
         seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
         for bucket in cache.buckets:
-            self._run(
-                where,
-                bucket,
-                grads if cache.whole else [grads[i] for i in bucket.index],
-                kw,
-                lr,
-                grad_scale,
-                seed,
+            runs.append(
+                (
+                    where,
+                    bucket,
+                    grads if cache.whole else [grads[i] for i in bucket.index],
+                    kw,
+                    lr,
+                    seed,
+                )
             )
 
-    def _run(
-        self,
-        where: str,
-        bucket: _Bucket,
-        grads: List[torch.Tensor],
-        kw: Dict[str, Any],
-        lr: float,
-        grad_scale: float,
-        rounding_seed: Optional[int] = None,
-    ) -> None:
+    def _run(self, run: _Call, grad_scale: float, check_only: bool = False) -> None:
+        """One kernel call (see _prepare_group); ``check_only``: its checks, nothing run."""
+        where, bucket, grads, kw, lr, rounding_seed = run
         if bucket.inference and not torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "Inplace update to inference tensor outside InferenceMode is "
@@ -1144,40 +1251,41 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 "doing inplace update.See https://github.com/pytorch/rfcs/pull/17"
                 " for more details."
             )
-        written = bucket.written
-        masters: Optional[List[torch.Tensor]] = None
-        if bucket.masters:
-            masters = [e[MASTER] for e in bucket.entries]
-            written = written + masters
-        if bucket.absmax_keys is not None:
-            maxima = bucket.absmax_lists()
-            written = written + [t for ts in maxima.values() for t in ts]
-            extra_absmax = {
-                n: [_host_view(t) if bucket.host else _local(t) for t in ts]
-                for n, ts in maxima.items()
-            }
         params, states = bucket.kernel_lists()
         if bucket.distributed:
             grads = [_local(g) for g in grads]
-        kernels, extra = _arrays.backend(params, None, bucket.plan)
+        if bucket.host:  # the compiled CPU module, without extra arguments
+            kernels, extra = _ext._cpu, _NO_EXTRA
+        else:
+            kernels, extra = _arrays.backend(params, None, bucket.plan)
         kernel = getattr(kernels, self._spec.kernel)
         if grad_scale != 1.0:
             extra = {**extra, "grad_scale": grad_scale}
         if bucket.masks is not None:
             extra = {**extra, "masks": bucket.masks}
-        if bucket.absmax_keys is not None:
-            extra = {**extra, "absmax": extra_absmax}
-        if masters is not None:  # stepped in the params' place, the params written rounded
-            extra = {
-                **extra,
-                "master_params": [_host_view(m) if bucket.host else _local(m) for m in masters],
-            }
+        if bucket.absmax is not None:
+            extra = {**extra, "absmax": bucket.absmax}
+        if bucket.masters is not None:  # stepped in the params' place, the params written rounded
+            extra = {**extra, "master_params": bucket.masters}
         if rounding_seed is not None and bucket.params[0].dtype == torch.bfloat16:
             # this step's and this bucket's seed: the kernel adds each param's place
             key = functional.step_seed(rounding_seed, bucket.done + 1, bucket.index[0])
             extra = {**extra, "stochastic_seed": key}
         if self._spec.takes_step:
             extra = {**extra, "step": bucket.done + 1}
+        if check_only:
+            extra = {**extra, "check_only": True}
+            try:
+                kernel(params, grads, *states, True, lr=lr, **kw, **extra)
+            except (TypeError, ValueError) as exc:
+                relaid = self._relayout_grads([_local(p) for p in bucket.params], grads)
+                if relaid is None:
+                    raise self._named(where, bucket, exc) from exc
+                try:
+                    kernel(params, relaid, *states, True, lr=lr, **kw, **extra)
+                except (TypeError, ValueError) as again:
+                    raise self._named(where, bucket, again) from again
+            return
         # The step is counted once the kernel has run, whatever is raised after it (Ctrl-C's
         # KeyboardInterrupt arrives when the call returns): bucket.done moves before the
         # call (an attribute store, where no signal is handled), the step tensors and the
@@ -1204,7 +1312,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             else:
                 if bucket.steps is not None:
                     bucket.steps.add_(1)
-                torch.autograd.graph.increment_version(written)
+                torch.autograd.graph.increment_version(bucket.written)
 
     @staticmethod
     def _relayout_grads(
@@ -1289,9 +1397,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if not isinstance(entry, dict):
                     continue
                 for key, value in entry.items():
+                    where = f"state_dict['state'][{saved_id!r}][{key!r}]"
+                    if key == "step" and self._tracks_step:
+                        taken = _steps_taken(where, value)
+                        if not isinstance(value, torch.Tensor):  # torch < 1.12's: a number
+                            kept.append((p, key, torch.tensor(float(taken), dtype=_step_dtype())))
+                        continue
                     if key == "step" or not isinstance(value, torch.Tensor):
                         continue
-                    where = f"state_dict['state'][{saved_id!r}][{key!r}]"
+                    _check_loaded_state8(where, entry, key, p)
                     if value.dtype == torch.uint8 or key.endswith(ABSMAX):  # 8-bit state
                         kept.append((p, key, _loaded(where, value, p.device, value.dtype)))
                     elif p.dtype in _HALF and value.is_floating_point():
@@ -1307,20 +1421,137 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
 
 def _state_options(group: Dict[str, Any]) -> Tuple[Any, ...]:
-    """The group options that decide the kind of its state: a change rebuilds the buckets."""
+    """The group options that decide the kind of its state: a change rebuilds the buckets
+    (and checks them again: _check_group_options)."""
     return (
         group.get("state_dtype"),
         group.get("master_weights"),
         group.get("min_8bit_size"),
         group.get("stochastic_rounding"),
+        group.get("rounding_seed"),
     )
 
 
-def _host_numpy(where: str, t: Any) -> Any:
-    """A NumPy copy of state tensor ``t`` (its strides kept), for conversions."""
+def _check_group_options(where: str, group: Dict[str, Any]) -> None:
+    """The group options the constructor checks, checked again where the group may have
+    been edited since (``add_param_group``, a rebuild of its buckets), else a
+    TypeError/ValueError naming ``where`` + the option (the bare option for the
+    constructor's defaults, ``where`` ""). state_dtype is checked at every step."""
+
+    def name(option: str) -> str:
+        return f"{where}['{option}']" if where else option
+
+    masters = flag(name("master_weights"), group.get("master_weights", False))
+    rounding = flag(name("stochastic_rounding"), group.get("stochastic_rounding", False))
+    if masters and rounding:
+        raise ValueError(
+            f"{name('master_weights')}: excludes stochastic_rounding (both are ways to keep "
+            "the small updates of 16-bit params)"
+        )
+    seed = group.get("rounding_seed")
+    if rounding:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(
+                f"{name('rounding_seed')}: expected an integer (stochastic_rounding's seed), "
+                f"got {type(seed).__name__}"
+            )
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"{name('rounding_seed')}: must be in [0, 2**64), got {seed}")
+    least = group.get("min_8bit_size", STATE8_MIN_ELEMENTS)
+    if isinstance(least, bool) or not isinstance(least, int) or least < 1:
+        raise ValueError(f"{name('min_8bit_size')}: expected an integer >= 1, got {least!r}")
+
+
+def _steps_taken(name: str, value: Any) -> int:
+    """A step count (torch's 0-d tensor, or a number as in torch < 1.12's checkpoints) as
+    the whole number it holds, else a TypeError/ValueError naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        if (
+            value.numel() != 1
+            or value.layout != torch.strided
+            or value.is_complex()
+            or value.dtype == torch.bool
+            or value.device.type == "meta"
+        ):
+            raise TypeError(f"{name}: expected a 0-d real tensor, got {_described(value)}")
+        count = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            count = float(value)
+        except OverflowError:  # an int past the float range
+            count = math.inf
+    else:
+        raise TypeError(f"{name}: expected a 0-d tensor or a number, got {type(value).__name__}")
+    if not (math.isfinite(count) and 0 <= count <= 2**53 and count == int(count)):
+        raise ValueError(f"{name}: must be a whole number in [0, 2**53], got {count}")
+    return int(count)
+
+
+def _described(t: Any) -> str:
+    """What a refused state value is, for messages."""
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"state of {where}: expected a tensor, got {type(t).__name__}")
-    return t.detach().cpu().numpy().copy()
+        return type(t).__name__
+    layout = "" if t.layout == torch.strided else f" {t.layout}"
+    negative = " negative view" if t.layout == torch.strided and t.is_neg() else ""
+    return f"a {tuple(t.shape)} {t.dtype}{layout}{negative} tensor on {t.device}"
+
+
+def _float_tensor(t: Any) -> bool:
+    """Whether ``t`` is a dense float tensor holding values (a meta tensor has none)."""
+    return (
+        isinstance(t, torch.Tensor)
+        and t.layout == torch.strided
+        and t.is_floating_point()
+        and t.device.type != "meta"
+    )
+
+
+def _is_codes(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+
+
+def _codes_like(s: Any, p: torch.Tensor) -> bool:
+    """Whether ``s`` can be ``p``'s 8-bit codes: a dense uint8 tensor shaped like ``p``."""
+    return (
+        _is_codes(s)
+        and s.layout == torch.strided
+        and s.shape == p.shape
+        and s.device.type != "meta"
+        and not s.is_neg()
+    )
+
+
+def _absmax_of(top: Any, blocks: int) -> bool:
+    """Whether ``top`` can be the block maxima of 8-bit state of ``blocks`` blocks."""
+    return (
+        _float_tensor(top)
+        and top.dtype == torch.float32
+        and tuple(top.shape) == (blocks,)
+        and not top.is_neg()
+    )
+
+
+def _host_numpy(t: torch.Tensor) -> Any:
+    """A NumPy array of state tensor ``t``'s values on the host, its strides kept (the 8-bit
+    blocks follow the memory order), for conversions (which only read it)."""
+    return t.detach().cpu().resolve_neg().numpy()
+
+
+def _check_loaded_state8(where: str, entry: Dict[str, Any], key: str, p: torch.Tensor) -> None:
+    """A checkpoint's 8-bit state (uint8 codes under ``key``, float32 block maxima under
+    ``key + ABSMAX``) checked whole against its param ``p`` (``where``: ``entry[key]``)."""
+    if key.endswith(ABSMAX):
+        codes_key = key[: -len(ABSMAX)]
+        blocks = -(-p.numel() // 256)
+        codes, top = entry.get(codes_key), entry[key]
+        if not (_codes_like(codes, p) and _absmax_of(top, blocks)):
+            raise ValueError(
+                f"{where}: block maxima of 8-bit state must be a ({blocks},) float32 tensor "
+                f"beside '{codes_key}', a {tuple(p.shape)} uint8 tensor like its param; got "
+                f"{_described(top)} beside {_described(codes)}"
+            )
+    elif _is_codes(entry[key]) and not isinstance(entry.get(key + ABSMAX), torch.Tensor):
+        raise ValueError(f"{where}: 8-bit (uint8) state without its block maxima '{key}{ABSMAX}'")
 
 
 def _np_full(value: float) -> Any:
@@ -1452,10 +1683,15 @@ class Adagrad(_FusedOptimizer):
 
     def _make_state(self) -> None:
         """torch.optim.Adagrad makes its state at construction: so does this."""
+        staged = []
         for index, group in enumerate(self.param_groups):
-            used = self._validate_group(f"param_groups[{index}]", group).used
+            where = f"param_groups[{index}]"
+            used = self._validate_group(where, group).used
+            _check_group_options(where, group)
             for i, p in enumerate(group["params"]):
-                self._param_state(f"param_groups[{index}]['params'][{i}]", p, group, used)
+                staged.append(self._param_state(f"{where}['params'][{i}]", p, group, used)[0])
+        for entry in staged:
+            entry.commit(self.state)
 
     def _initial_value(self, name: str, group: Dict[str, Any]) -> float:
         return real("initial_accumulator_value", group["initial_accumulator_value"], lo=0.0)
@@ -1726,18 +1962,24 @@ class Sophia(_FusedOptimizer):
         Bartlett estimate when the grads come from a loss on labels sampled from the model
         (Liu et al. 2023, Algorithm 2)."""
         with self._lock:  # the state a concurrent step reads
-            for index, group in enumerate(self.param_groups):
+            staged: List[Tuple[float, List[_Staged]]] = []  # per group: beta2, its params'
+            for index, group in enumerate(self.param_groups):  # all checked first
                 used = self._validate_group(f"param_groups[{index}]", group).used
+                _check_group_options(f"param_groups[{index}]", group)
                 beta2 = self._hessian_beta(f"param_groups[{index}]", group)
-                hessians, squares = [], []
+                entries = []
                 for i, p in enumerate(group["params"]):
                     if p.grad is None:
                         continue
                     where = f"param_groups[{index}]['params'][{i}]"
                     self._check_param(where, p, p.grad)
-                    state, _ = self._param_state(where, p, group, used)
-                    hessians.append(_local(state["hessian"]))
-                    g = _local(p.grad).to(hessians[-1].dtype)
+                    entries.append(self._param_state(where, p, group, used)[0])
+                staged.append((beta2, entries))
+            for beta2, entries in staged:
+                hessians, squares = [], []
+                for entry in entries:
+                    hessians.append(_local(entry.commit(self.state)["hessian"]))
+                    g = _local(cast(torch.Tensor, entry.param.grad)).to(hessians[-1].dtype)
                     squares.append(torch.empty_like(hessians[-1]).copy_(g).square_())
                 if hessians:
                     functional.ema_(hessians, squares, beta=beta2)
