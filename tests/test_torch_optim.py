@@ -426,16 +426,18 @@ def test_tensor_lr_is_read_at_each_step():
 
 # ---- GradScaler ------------------------------------------------------------------------------
 
-def _scaled_loop(module, steps: int, inf_at: int, clip: bool):
+def _scaled_loop(module, steps: int, inf_at: int, clip: bool, device: str = "cpu"):
     torch.manual_seed(8)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    model.to(device)
     kw = dict(foreach=False) if module is torch.optim else {}
     opt = module.AdamW(model.parameters(), lr=0.01, **kw)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=3)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12, growth_interval=3)
     gen = torch.Generator().manual_seed(9)
     scales = []
     for t in range(steps):
         x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        x, y = x.to(device), y.to(device)
         opt.zero_grad()
         scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
         if t == inf_at:
@@ -457,6 +459,23 @@ def test_grad_scaler_matches_torch_optim_with_a_skipped_step(clip):
     for p, q in zip(fm.parameters(), tm.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         assert float(fopt.state[p]["step"]) == float(topt.state[q]["step"]) == 7.0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and fastopt._cuda")
+@pytest.mark.parametrize("inf_at", [3, 7], ids=["skip-inside", "skip-last"])
+def test_grad_scaler_on_the_gpu_reads_found_inf_on_the_device(inf_at):
+    """On the GPU the kernels read the scale and found_inf from device memory (no host
+    read in the step); the counts of a skipped step go back when the flag is read (the next
+    step, state_dict()): the trajectory and the counts are torch.optim's."""
+    fm, fopt, fscales = _scaled_loop(ft, 8, inf_at=inf_at, clip=False, device="cuda")
+    tm, topt, tscales = _scaled_loop(torch.optim, 8, inf_at=inf_at, clip=False, device="cuda")
+    assert fscales == tscales
+    saved = fopt.state_dict()  # settles the last step
+    for k, (p, q) in enumerate(zip(fm.parameters(), tm.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert float(saved["state"][k]["step"]) == float(topt.state[q]["step"]) == 7.0
+        assert float(fopt.state[p]["step"]) == 7.0
 
 
 def test_grad_scaler_unscales_inside_the_kernel():

@@ -61,10 +61,17 @@ Decisions, where torch.optim offers a choice:
 - ``torch.amp.GradScaler`` (``_step_supports_amp_scaling = True``, as torch's fused
   optimizers): the scaler hands its scale and ``found_inf`` to the step, which divides the
   grads by the scale inside the kernel (the grads are not written) and skips the whole step,
-  step counts included, when ``found_inf`` is set. Both are read to the host: on the GPU that
-  is one synchronisation per step (the kernels take host scalars). After ``scaler.unscale_``
-  (for clipping) the grads are taken as they are. The trajectory is torch.optim's under the
-  same scaler.
+  step counts included, when ``found_inf`` is set. On the CPU both are read on the host. On
+  the GPU the kernels read them from device memory and skip their writes themselves, as
+  torch's fused optimizers do, so nothing waits for the device: the step counts move as for
+  a step taken, and are made exact (a skipped step's go back) when found_inf, copied to
+  pinned memory behind the kernels, is read at the next step, ``state_dict()`` or
+  ``load_state_dict()`` (that wait ends where the step ended on the GPU). Until then
+  ``state[p]["step"]`` of a skipped step reads one more. With ``max_grad_norm`` (clipping
+  takes the scale on the host), or params the kernels cannot hand the tensors to (DTensors,
+  another device than found_inf's), they are read on the host: one synchronisation per
+  step. After ``scaler.unscale_`` (for clipping) the grads are taken as they are. The
+  trajectory is torch.optim's under the same scaler.
 - ``state_dtype=`` (every class, keyword-only, a group option): ``"float32"`` (default: the
   state types above) or ``"bfloat16"`` (every state tensor but ``step`` in bfloat16: half the
   state's bytes; loaded exactly, updated in float32, stored rounded to nearest even; not for
@@ -570,6 +577,25 @@ class _GroupCache:
 _Call = Tuple[str, _Bucket, List[Any], Dict[str, Any], float, Optional[int]]
 
 
+class _Unsettled(NamedTuple):
+    """A GPU step under a GradScaler (see _FusedOptimizer._settle): its found_inf copied to
+    pinned host memory, the event after the copy, the buckets it stepped."""
+
+    found_inf: torch.Tensor
+    done: Any  # torch.cuda.Event
+    buckets: List[_Bucket]
+
+
+def _takes_device_scaler(bucket: _Bucket, scaler: Dict[str, torch.Tensor]) -> bool:
+    """Whether the CUDA kernel of ``bucket`` can read ``scaler``'s tensors: its params are
+    plain CUDA tensors on their device."""
+    return (
+        not bucket.host
+        and not bucket.distributed
+        and bucket.params[0].device == scaler["found_inf"].device
+    )
+
+
 class _Rebuilt(NamedTuple):
     """A group whose buckets a step rebuilt: committed once every check of the step passed."""
 
@@ -613,6 +639,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._state_seen: Optional[Tuple[Any, List[Any], List[Any]]] = None
         self._masks: Dict[torch.Tensor, torch.Tensor] = {}
         self._masks_version = 0
+        # A GPU step under a GradScaler whose found_inf is not read yet: see _settle
+        self._unsettled: Optional[_Unsettled] = None
         self.set_masks(masks)
 
     # -- masks -------------------------------------------------------------------------------
@@ -1111,14 +1139,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad_scale = 1.0
+        scaler: Optional[Dict[str, torch.Tensor]] = None
         if self._step_supports_amp_scaling:
             found_inf = getattr(self, "found_inf", None)
-            if found_inf is not None and float(found_inf) != 0.0:
-                return loss  # an inf/NaN in the scaled grads: no step (torch's fused rule)
             scale = getattr(self, "grad_scale", None)
-            if scale is not None:
-                grad_scale = float(scale)
+            scaler = self._device_scaler(found_inf, scale)
+            if scaler is None:  # read on the host
+                if found_inf is not None and float(found_inf) != 0.0:
+                    return loss  # an inf/NaN in the scaled grads: no step (torch's fused rule)
+                if scale is not None:
+                    grad_scale = float(scale)
         with self._lock:
+            self._settle()
             state, changes = self.state, self._changes
             if type(state) is _State and state._changes is changes and not changes.changed:
                 look_up: Optional[bool] = None  # nothing changed: the buckets are current
@@ -1135,7 +1167,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     and all(map(operator.is_, state.values(), seen[2]))
                 )
             try:
-                self._step_groups(grad_scale, look_up)
+                self._step_groups(grad_scale, look_up, scaler)
             except BaseException:  # the groups not stepped have not seen the changes yet
                 changes.changed = True
                 raise
@@ -1146,7 +1178,53 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 changes.changed = changes.changed or not self._tracked()
         return loss
 
-    def _step_groups(self, grad_scale: float, look_up: Optional[bool]) -> None:
+    def _device_scaler(self, found_inf: Any, scale: Any) -> Optional[Dict[str, torch.Tensor]]:
+        """A GradScaler's ``found_inf`` and ``grad_scale`` for the CUDA kernels to read
+        from device memory (no host synchronisation, as torch's fused optimizers), or None
+        where they are read on the host: on the CPU, with ``max_grad_norm`` (clipping
+        takes the scale on the host), or for tensors the kernels do not take (one-element
+        float32 tensors on one device)."""
+
+        def scalar(t: Any) -> bool:
+            return (
+                isinstance(t, torch.Tensor)
+                and type(t) is torch.Tensor
+                and t.is_cuda
+                and t.dtype == torch.float32
+                and t.numel() == 1
+            )
+
+        if not scalar(found_inf) or self.max_grad_norm is not None or _ext._cuda is None:
+            return None
+        if scale is None:
+            return {"found_inf": found_inf}
+        if not scalar(scale) or scale.device != found_inf.device:
+            return None
+        return {"found_inf": found_inf, "device_grad_scale": scale}
+
+    def _settle(self) -> None:
+        """The step counts of the last GPU step under a GradScaler, made exact: its
+        kernels read found_inf on the device and skipped their writes if it was set, while
+        the counts moved as for a step taken; the flag, copied to the host behind the
+        kernels, is read now (the wait ends where that step ended on the GPU, not at the
+        work queued since) and a skipped step's counts go back. Run before a step and
+        before the state is saved or loaded."""
+        unsettled, self._unsettled = self._unsettled, None
+        if unsettled is None:
+            return
+        unsettled.done.synchronize()
+        if float(unsettled.found_inf) != 0.0:
+            for bucket in unsettled.buckets:
+                bucket.done -= 1
+                if bucket.steps is not None:
+                    bucket.steps.sub_(1)
+
+    def _step_groups(
+        self,
+        grad_scale: float,
+        look_up: Optional[bool],
+        scaler: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> None:
         """One step of every group, all checked before anything is written: each group's
         buckets (rebuilt over staged state where the group or its state changed), then
         every kernel call's checks (check_only) where the step is more than one call, has
@@ -1156,10 +1234,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
         rebuilt: List[_Rebuilt] = []
         for index, group in enumerate(self.param_groups):
             self._prepare_group(index, group, look_up, runs, rebuilt)
+        if scaler is not None and not all(_takes_device_scaler(r[1], scaler) for r in runs):
+            found_inf, scale = scaler["found_inf"], scaler.get("device_grad_scale")
+            scaler = None  # a bucket the kernels cannot hand them to: read on the host
+            if float(found_inf) != 0.0:
+                return  # an inf/NaN in the scaled grads: no step (torch's fused rule)
+            if scale is not None:
+                grad_scale = float(scale)
         clip = self.max_grad_norm is not None
         if len(runs) > 1 or rebuilt or clip:
             for run in runs:
-                self._run(run, grad_scale, check_only=True)
+                self._run(run, grad_scale, scaler, check_only=True)
         if clip:
             self.last_grad_norm, grad_scale = step_grad_scale(
                 self.param_groups, self.max_grad_norm, grad_scale
@@ -1167,7 +1252,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for group_rebuilt in rebuilt:
             self._commit(group_rebuilt)
         for run in runs:
-            self._run(run, grad_scale)
+            self._run(run, grad_scale, scaler)
+        if scaler is not None and runs:  # found_inf to the host behind the kernels
+            found_inf = scaler["found_inf"]
+            stream = torch.cuda.current_stream(found_inf.device)
+            flag = torch.empty((), dtype=torch.float32, pin_memory=True)
+            with torch.cuda.stream(stream):
+                flag.copy_(found_inf.reshape(()), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._unsettled = _Unsettled(flag, done, [run[1] for run in runs])
 
     def _track_state(self) -> None:
         """Replaces the state torch.optim made (a ``defaultdict(dict)``) by a _State holding
@@ -1241,8 +1335,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 )
             )
 
-    def _run(self, run: _Call, grad_scale: float, check_only: bool = False) -> None:
-        """One kernel call (see _prepare_group); ``check_only``: its checks, nothing run."""
+    def _run(
+        self,
+        run: _Call,
+        grad_scale: float,
+        scaler: Optional[Dict[str, torch.Tensor]] = None,
+        check_only: bool = False,
+    ) -> None:
+        """One kernel call (see _prepare_group); ``scaler``: a GradScaler's tensors for the
+        kernel to read (see _device_scaler); ``check_only``: its checks, nothing run."""
         where, bucket, grads, kw, lr, rounding_seed = run
         if bucket.inference and not torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -1261,6 +1362,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         kernel = getattr(kernels, self._spec.kernel)
         if grad_scale != 1.0:
             extra = {**extra, "grad_scale": grad_scale}
+        if scaler is not None:
+            extra = {**extra, **scaler}
         if bucket.masks is not None:
             extra = {**extra, "masks": bucket.masks}
         if bucket.absmax is not None:
@@ -1353,6 +1456,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_masks", {})
         self.__dict__.setdefault("_masks_version", 0)
         self.__dict__.setdefault("_lock", threading.RLock())  # unpickled: none yet
+        self.__dict__.setdefault("_unsettled", None)
         for group in self.param_groups:  # a torch.optim checkpoint lacks fastopt's extras
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -1360,7 +1464,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """torch.optim's ``state_dict``, its entries plain dicts (``torch.load`` with
         ``weights_only=True`` takes nothing else)."""
-        out = super().state_dict()
+        with self._lock:
+            self._settle()
+            out = super().state_dict()
         out["state"] = {
             k: dict(v) if type(v) is _StateEntry else v for k, v in out["state"].items()
         }
@@ -1388,6 +1494,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
             raise TypeError("state_dict['param_groups']: expected dicts with a 'params' list")
         with self._lock:
+            self._settle()  # the counts a pending GPU step left are made exact first
             # 16-bit params' float32 state, converted first (torch would round it).
             saved = [i for g in groups for i in g["params"]]
             params = [p for g in self.param_groups for p in g["params"]]
