@@ -479,23 +479,29 @@ def test_device_norm_keywords_of_the_cuda_step_binding(backend, rng):
 
 # ---- fastopt.torch: opt.max_grad_norm against clip_grad_norm_ then torch.optim ------------
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad-scaler"])
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
-def test_torch_optimizer_max_grad_norm(name, scaler, rng):
+def test_torch_optimizer_max_grad_norm(name, scaler, device, rng):
+    """opt.max_grad_norm: torch's clip-then-step, the grads read and never written (on the
+    GPU the kernels read the norm from device memory)."""
     torch = pytest.importorskip("torch")
     import fastopt.torch as fastopt_torch
 
+    if device == "cuda" and not (torch.cuda.is_available() and fastopt.cuda_available()):
+        pytest.skip("needs a CUDA GPU and fastopt._cuda")
     shapes = [(33,), (64, 65), (7,)]
-    init = [torch.from_numpy(rng.standard_normal(s)).float() for s in shapes]
+    init = [torch.from_numpy(rng.standard_normal(s)).float().to(device) for s in shapes]
     ours = [torch.nn.Parameter(t.clone()) for t in init]
     theirs = [torch.nn.Parameter(t.clone()) for t in init]
     hyper = dict(lr=0.01) if name == "AdamW" else dict(lr=0.1, momentum=0.9)
     opt = getattr(fastopt_torch, name)([{"params": ours[:2]}, {"params": ours[2:]}], **hyper)
     ref = getattr(torch.optim, name)([{"params": theirs[:2]}, {"params": theirs[2:]}], **hyper)
     opt.max_grad_norm = 0.5
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)] if scaler else None
+    scalers = ([torch.amp.GradScaler(device, init_scale=2.0**10) for _ in range(2)]
+               if scaler else None)
     for t in range(3):
-        x = torch.from_numpy(rng.standard_normal(65)).float()
+        x = torch.from_numpy(rng.standard_normal(65)).float().to(device)
         for params, o, k in ((ours, opt, 0), (theirs, ref, 1)):
             loss = ((params[1] @ x).sum() * params[0].sum() + params[2].square().sum()) * 10.0
             o.zero_grad()
@@ -514,12 +520,12 @@ def test_torch_optimizer_max_grad_norm(name, scaler, rng):
                 o.step()
             if grads_before is not None:  # read, never written
                 for i, (p, g) in enumerate(zip(ours, grads_before)):
-                    assert_bits(p.grad.numpy(), g.numpy(), f"params[{i}].grad")
+                    assert_bits(p.grad.cpu().numpy(), g.cpu().numpy(), f"params[{i}].grad")
         assert float(opt.last_grad_norm) == pytest.approx(float(want), rel=1e-5)
         assert float(want) > 0.5  # clipping was active
         for i, (a, b) in enumerate(zip(ours, theirs)):
-            np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-5,
-                                       atol=1e-6, err_msg=f"step {t}: params[{i}]")
+            np.testing.assert_allclose(a.detach().cpu().numpy(), b.detach().cpu().numpy(),
+                                       rtol=1e-5, atol=1e-6, err_msg=f"step {t}: params[{i}]")
 
 
 def test_fuzz_findings_are_fixed(rng):

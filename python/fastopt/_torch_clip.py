@@ -40,35 +40,46 @@ def _result_dtype(grads: List[torch.Tensor]) -> torch.dtype:
 
 def step_grad_scale(
     param_groups: List[Dict[str, Any]], max_grad_norm: Any, grad_scale: float
-) -> Tuple[torch.Tensor, float]:
+) -> Tuple[torch.Tensor, float, Dict[str, Any]]:
     """``max_grad_norm`` in a fastopt.torch step: (the global 2-norm of every grad, unscaled
-    by a GradScaler's ``grad_scale``, and the scale the step kernels divide the grads by).
-    Host grads: the norm pass, then grad_scale / coefficient goes to the kernels (the grads
-    are not written; a coefficient of 0 or NaN multiplies them in place instead, as
-    clip_grad_norm_). CUDA and DTensor grads: clipped in place first by clip_grad_norm_
-    (the kernels take their scale from the host); under a GradScaler to
-    grad_scale * max_grad_norm, the same but for the 1e-6 guard, which then applies to the
-    scaled norm."""
+    by a GradScaler's ``grad_scale``; the scale the step kernels divide the grads by; the
+    keywords the kernels take besides). Host grads: the norm pass, then grad_scale /
+    coefficient goes to the kernels (the grads are not written; a coefficient of 0 or NaN
+    multiplies them in place instead, as clip_grad_norm_). CUDA grads of one dtype and
+    device: the norm pass into device memory, which the kernels read (``grad_norm``, with
+    ``max_grad_norm`` = max_grad_norm * grad_scale: the coefficient of the scaled grads
+    after the division by grad_scale); the grads are not written and nothing waits for the
+    device. Other grads (mixed CUDA dtypes or devices, DTensors): clipped in place first
+    by clip_grad_norm_, to grad_scale * max_grad_norm under a GradScaler (the same but for
+    the 1e-6 guard, which then applies to the scaled norm)."""
     limit = clip.max_norm_of(max_grad_norm, "max_grad_norm")
     params = [p for group in param_groups for p in group["params"] if p.grad is not None]
     grads = [p.grad for p in params]
     if not grads:
-        return torch.tensor(0.0), grad_scale
-    if grads[0].device.type != "cpu" or any(type(g) is not torch.Tensor for g in grads):
+        return torch.tensor(0.0), grad_scale, {}
+    first = grads[0]
+    if first.device.type != "cpu" or any(type(g) is not torch.Tensor for g in grads):
+        if all(type(g) is torch.Tensor for g in grads) and all(
+            g.dtype == first.dtype and g.device == first.device for g in grads
+        ):
+            out, _ = clip.device_norm(grads, True, 2.0, None)
+            norm = out.to(first.dtype) if out.dtype != first.dtype else out
+            kernels = {"grad_norm": out, "max_grad_norm": limit * grad_scale}
+            return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, kernels
         norm = clip_grad_norm_(params, limit * grad_scale)
-        return norm / grad_scale if grad_scale != 1.0 else norm, grad_scale
+        return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, {}
     scaled, lists = _host_norm(grads, 2.0, False)
     norm = scaled / grad_scale
     result = torch.tensor(norm, dtype=_result_dtype(grads))
     c = clip.coefficient(limit, norm)
     if c == 1.0:
-        return result, grad_scale
+        return result, grad_scale, {}
     if c > 0.0:  # neither 0 nor NaN
-        return result, grad_scale / c
+        return result, grad_scale / c, {}
     for gs in lists:
         _ext._cpu.scale_grads(gs, True, c)
     torch.autograd.graph.increment_version(grads)
-    return result, grad_scale
+    return result, grad_scale, {}
 
 
 def _total_and_scale(

@@ -1223,13 +1223,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self,
         grad_scale: float,
         look_up: Optional[bool],
-        scaler: Optional[Dict[str, torch.Tensor]] = None,
+        scaler: Optional[Dict[str, Any]] = None,
     ) -> None:
         """One step of every group, all checked before anything is written: each group's
         buckets (rebuilt over staged state where the group or its state changed), then
         every kernel call's checks (check_only) where the step is more than one call, has
         staged state or clips the grads, then the clipping, the staged state committed
-        and the calls. ``look_up``: see _prepare_group."""
+        and the calls. ``look_up``: see _prepare_group; ``scaler``: a GradScaler's tensors
+        for the CUDA kernels (see _device_scaler; read here on the host where a bucket
+        cannot take them)."""
         runs: List[_Call] = []
         rebuilt: List[_Rebuilt] = []
         for index, group in enumerate(self.param_groups):
@@ -1245,15 +1247,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if len(runs) > 1 or rebuilt or clip:
             for run in runs:
                 self._run(run, grad_scale, scaler, check_only=True)
-        if clip:
-            self.last_grad_norm, grad_scale = step_grad_scale(
+        if clip:  # on the GPU the kernels may read the norm from device memory: `scaler`
+            self.last_grad_norm, grad_scale, clipping = step_grad_scale(
                 self.param_groups, self.max_grad_norm, grad_scale
             )
+            scaler = clipping or None  # (a GradScaler's are read on the host with clipping)
         for group_rebuilt in rebuilt:
             self._commit(group_rebuilt)
         for run in runs:
             self._run(run, grad_scale, scaler)
-        if scaler is not None and runs:  # found_inf to the host behind the kernels
+        if scaler is not None and "found_inf" in scaler and runs:  # to the host, behind
             found_inf = scaler["found_inf"]
             stream = torch.cuda.current_stream(found_inf.device)
             flag = torch.empty((), dtype=torch.float32, pin_memory=True)
@@ -1339,11 +1342,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self,
         run: _Call,
         grad_scale: float,
-        scaler: Optional[Dict[str, torch.Tensor]] = None,
+        scaler: Optional[Dict[str, Any]] = None,
         check_only: bool = False,
     ) -> None:
-        """One kernel call (see _prepare_group); ``scaler``: a GradScaler's tensors for the
-        kernel to read (see _device_scaler); ``check_only``: its checks, nothing run."""
+        """One kernel call (see _prepare_group); ``scaler``: the CUDA kernel's keywords of
+        what it reads from device memory (a GradScaler's tensors, see _device_scaler, or a
+        grad norm to clip by, see step_grad_scale); ``check_only``: its checks, nothing
+        run."""
         where, bucket, grads, kw, lr, rounding_seed = run
         if bucket.inference and not torch.is_inference_mode_enabled():
             raise RuntimeError(
