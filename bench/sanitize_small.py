@@ -520,6 +520,58 @@ def master_params():
     return "bit-identical"
 
 
+def device_scalars():
+    """What the CUDA step reads from device memory, for every optimizer: a GradScaler's
+    scale and found_inf (set: nothing written; clear: the bits of the CPU step with the
+    host grad_scale) and a norm to clip by (grad_norm, max_grad_norm: the bits of the CPU
+    step on grads multiplied by the same float32 coefficient first)."""
+    shapes = [(1,), (5,), (257,), (4096 + 3 * 256 + 7,), (33, 7), (0,)]
+    f32 = np.float32
+    for name, spec in SPECS.items():
+        hyper = spec.kernel_hyper(spec.validate({**spec.defaults(), **spec.example}))
+        states = spec.state_names(hyper)
+        step = {"step": 2} if spec.takes_step else {}
+        g = torch.Generator().manual_seed(11)
+        params = [torch.randn(s, generator=g) for s in shapes]
+        grads = [torch.randn(s, generator=g) * 64.0 for s in shapes]
+        start = {st: [torch.rand(s, generator=g) for s in shapes] for st in states}
+        norm = f32(torch.cat([x.reshape(-1) for x in grads]).double().norm().item())
+        c = f32(min(0.5 / (float(norm) + 1e-6), 1.0))  # as the kernel: float32(coefficient)
+
+        cpu_kernel = getattr(fastopt._ext._cpu, spec.kernel)
+        cuda_kernel = getattr(fastopt._ext._cuda, spec.kernel)
+        def lists(dev, grad_list, spec=spec, params=params, start=start):
+            """The binding's lists (params, grads, each state role or None), fresh copies."""
+            out = [[p.clone().to(dev) for p in params], [x.to(dev) for x in grad_list]]
+            for a in spec.arrays[2:]:
+                out.append([t.clone().to(dev) for t in start[a.name]] if a.name in start else None)
+            return out
+
+        for label in ("found_inf set", "scaled", "clipped"):
+            want = lists("cpu", grads)
+            if label == "scaled":
+                cpu_kernel(*want, True, **hyper, **step, grad_scale=64.0)
+            elif label == "clipped":
+                clipped = [x * torch.tensor(c) for x in grads]  # float32 products
+                want = lists("cpu", clipped)
+                cpu_kernel(*want, True, **hyper, **step)
+            got = lists("cuda", grads)
+            if label == "clipped":
+                extra = dict(grad_norm=torch.tensor(norm, device="cuda"), max_grad_norm=0.5)
+            else:
+                flag = 1.0 if label == "found_inf set" else 0.0
+                extra = dict(device_grad_scale=torch.tensor(64.0, device="cuda"),
+                             found_inf=torch.tensor(flag, device="cuda"))
+            cuda_kernel(*got, True, **hyper, **step, stream=0, plan=None, **extra)
+            synchronize()
+            for k, (got_list, want_list) in enumerate(zip(got, want)):
+                if k == 1 or got_list is None:  # the grads are read only
+                    continue
+                for i, (a, b) in enumerate(zip(got_list, want_list)):
+                    same_bits(f"{name} {label} [{k}][{i}]", a.cpu().numpy(), b.numpy())
+    return "bit-identical"
+
+
 def main():
     if not LIBS:
         print("sanitize_small: neither PyTorch with CUDA nor CuPy is usable", file=sys.stderr)
@@ -539,6 +591,7 @@ def main():
         check("masks, bfloat16 state, stochastic rounding (torch)", masked_lowbit)
         check("8-bit state (torch)", state8)
         check("master params (torch)", master_params)
+        check("GradScaler scalars and clipping norm in device memory (torch)", device_scalars)
     for cls, hyper in OPTIMIZERS:
         check(f"{cls.__name__} float16 mixed list", lambda: run_class(cls, hyper, "float16"))
         if torch is not None:
