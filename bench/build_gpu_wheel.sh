@@ -40,6 +40,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY312" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
 fi
+# numpy: for the import check below (fastopt imports it)
+"$VENV/bin/python" -c 'import numpy' 2>/dev/null || "$VENV/bin/python" -m pip install -q numpy
 "$VENV/bin/python" -c 'import sys; assert sys.version_info[:2] == (3, 12), sys.version'
 
 mkdir -p .gpu

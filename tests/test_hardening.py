@@ -1177,3 +1177,125 @@ def test_torch_8bit_conversions_keep_the_param_layout(rng):
     np.testing.assert_allclose(
         decoded.numpy(), 0.81 * exp_avg.numpy(), atol=0.02 * np.abs(exp_avg.numpy()).max()
     )
+
+
+# ---- the second adversarial pass ------------------------------------------------------------
+
+
+def _torch_snapshot(opt, params):
+    """Params (values) and state (keys, dtypes, bits) of a fastopt.torch optimizer."""
+    state = {
+        id(p): {k: (v.dtype, v.clone()) if isinstance(v, torch.Tensor) else v
+                for k, v in opt.state[p].items()}
+        for p in params if p in opt.state
+    }
+    return [p.detach().clone() for p in params], state
+
+
+def _assert_torch_unchanged(opt, params, before, what):
+    values, state = _torch_snapshot(opt, params)
+    for a, b in zip(values, before[0]):
+        assert torch.equal(a, b), what
+    assert state.keys() == before[1].keys(), what
+    for key, entry in state.items():
+        assert entry.keys() == before[1][key].keys(), what
+        for k, (dtype, value) in entry.items():
+            assert dtype == before[1][key][k][0] and torch.equal(value, before[1][key][k][1]), k
+
+
+def test_torch_param_in_two_groups_is_refused_at_the_step():
+    p, q = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    opt = ft.AdamW([{"params": [p]}, {"params": [q]}], lr=0.1)
+    p.grad, q.grad = torch.ones(4), torch.ones(4)
+    opt.step()
+    opt.param_groups[1]["params"].append(p)  # past add_param_group's check
+    before = _torch_snapshot(opt, [p, q])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\]: is also "
+                                         r"param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+    _assert_torch_unchanged(opt, [p, q], before, "a param in two groups")
+
+
+def test_torch_param_replaced_in_its_group_is_the_one_stepped():
+    p, q = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    opt = ft.SGD([p], lr=0.5)
+    p.grad = q.grad = torch.ones(4)
+    opt.step()
+    kept, start = p.detach().clone(), q.detach().clone()
+    opt.param_groups[0]["params"][0] = q  # the same list, another param
+    opt.step()
+    assert torch.equal(p.detach(), kept) and torch.equal(q.detach(), start - 0.5)
+
+
+@pytest.mark.parametrize("entry", [[1], "abc", None, 5, torch.ones(2)],
+                         ids=["list", "str", "None", "int", "tensor"])
+def test_torch_load_of_a_state_entry_that_is_no_dict_is_refused(entry):
+    p = torch.nn.Parameter(torch.randn(5000))
+    q = torch.nn.Parameter(torch.randn(5))
+    opt = ft.AdamW([p, q], lr=0.01, state_dtype="int8")
+    p.grad, q.grad = torch.randn(5000), torch.randn(5)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][1] = entry
+    before = _torch_snapshot(opt, [p, q])
+    with pytest.raises(TypeError, match=r"state_dict\['state'\]\[1\]: expected a dict"):
+        opt.load_state_dict(saved)
+    _assert_torch_unchanged(opt, [p, q], before, "a non-dict entry")
+    opt.step()  # still steps
+
+
+@pytest.mark.parametrize("edit,error,match", [
+    (dict(betas=(0.9,)), TypeError, r"\['betas'\]: expected a pair"),
+    (dict(betas=0.9), TypeError, r"\['betas'\]: expected a pair"),
+    (dict(betas=(torch.tensor([0.9, 0.8]), 0.99)), ValueError, r"\['betas'\]\[0\]: a tensor"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), ValueError, r"\['lr'\]: a tensor hyper-parameter"),
+    (dict(lr=torch.tensor([])), ValueError, r"\['lr'\]: a tensor hyper-parameter"),
+    ("eps", ValueError, r"\['eps'\]: missing"),
+], ids=["betas-1", "betas-float", "betas-tensor", "lr-2", "lr-0", "no-eps"])
+def test_torch_malformed_group_hyper_parameters_are_named(edit, error, match):
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = ft.AdamW([p], lr=0.01)
+    p.grad = torch.ones(4)
+    if isinstance(edit, str):
+        del opt.param_groups[0][edit]
+    else:
+        opt.param_groups[0].update(edit)
+    before = p.detach().clone()
+    with pytest.raises(error, match=r"param_groups\[0\]" + match):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state
+
+
+def test_torch_step_count_edited_in_place_is_the_one_used():
+    init = torch.randn(4)
+    ours, theirs = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    opts = [ft.AdamW([ours], lr=0.1), torch.optim.AdamW([theirs], lr=0.1, foreach=False)]
+    for t in range(3):
+        for p, o in zip((ours, theirs), opts):
+            p.grad = torch.full((4,), 1.0 + t)
+            o.step()
+            if t == 0:
+                o.state[p]["step"].fill_(100.0)
+    assert float(opts[0].state[ours]["step"]) == float(opts[1].state[theirs]["step"]) == 102.0
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_overlapping_param_is_named_not_relaid():
+    p, q = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3, 4))
+    opt = ft.SGD([p, q], lr=0.1)
+    p.grad, q.grad = torch.ones(3, 4), torch.ones(3, 4)
+    opt.step()
+    q.data = torch.zeros(4).expand(3, 4)  # stride 0: not dense
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\]: must be dense"):
+        opt.step()
+
+
+def test_torch_8bit_block_maxima_errors_name_the_param():
+    ps = [torch.nn.Parameter(torch.randn(5000)) for _ in range(3)]
+    opt = ft.AdamW(ps, lr=0.01, state_dtype="int8")
+    for p in ps:
+        p.grad = torch.randn(5000)
+    opt.step()
+    opt.state[ps[2]]["exp_avg_absmax"] = opt.state[ps[2]]["exp_avg_sq_absmax"]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] \(absmax"):
+        opt.step()

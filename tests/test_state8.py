@@ -564,6 +564,38 @@ def test_class_int8_steps_the_state_arrays_it_holds_now(rng):
     _assert_unchanged(opt, before, "aliased state")
 
 
+@pytest.mark.parametrize("kind", ["float32", "int8"])
+def test_class_steps_a_state_list_replaced_whole(kind, rng):
+    """opt.state[name] replaced by another list: the steps use it (and state_dict says so)."""
+    params = [normal_nonzero(rng, (5000,)).astype(np.float32),
+              normal_nonzero(rng, (33,)).astype(np.float32)]
+    opt = fastopt.AdamW(params, lr=0.01, state_dtype=kind)
+    old = opt.state["exp_avgs"]
+    opt.state["exp_avgs"] = [a.copy() for a in old]
+    kept = [a.copy() for a in old]
+    opt.step([normal_nonzero(rng, p.shape).astype(np.float32) for p in params])
+    for a, b in zip(old, kept):
+        assert_bits(a, b, "the list replaced is not written")
+    assert not np.array_equal(opt.state["exp_avgs"][1], kept[1])
+    assert opt.state_dict()["state"]["exp_avgs"][1] is not None
+
+
+def test_class_int8_loads_torch_bfloat16_float_state(rng):
+    """A float-state checkpoint holding torch bfloat16 tensors quantizes into 8-bit state."""
+    params = [normal_nonzero(rng, (5000,)).astype(np.float32)]
+    src = fastopt.AdamW([p.copy() for p in params], lr=0.01)
+    src.step([normal_nonzero(rng, (5000,)).astype(np.float32)])
+    saved = src.state_dict()
+    saved["state"] = {n: [torch.from_numpy(a).to(torch.bfloat16) for a in v]
+                      for n, v in saved["state"].items()}
+    dst = fastopt.AdamW([p.copy() for p in params], lr=0.01, state_dtype="int8")
+    dst.load_state_dict(saved)
+    for n, arrays in saved["state"].items():
+        codes, top = reference.quantize_state8(arrays[0].float().numpy(), n == "exp_avgs")
+        assert_bits(dst.state[n][0], codes, n)
+        assert_bits(dst.absmax[n][0], top, n)
+
+
 # -- fastopt.torch: state_dtype="int8" and the bitsandbytes-style aliases -------------------
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402

@@ -168,7 +168,7 @@ class Optimizer:
             ]
             for name in (used if eight else [])
         }
-        self._state_lists = self._kernel_state(used)
+        self._kernel_state(used)
         self._last_stream: Any = None  # GPU: the stream the last step was queued on
         self._step = 0
         self.masks = masks
@@ -232,18 +232,18 @@ class Optimizer:
         del kw["lr"]
         return kw, spec.state_names(values)
 
-    def _kernel_state(self, used: List[str]) -> List[Optional[List[Any]]]:
-        """The state lists in binding order, None for those the hyper-parameters leave
-        unused; also sets the calls a step makes (``_calls``): one over every param, or with
-        8-bit state one over the params with 8-bit state and one over the others."""
-        lists = [self.state[a.name] if a.name in used else None for a in self._spec.states]
+    def _kernel_state(self, used: List[str]) -> None:
+        """Sets the state a step hands the kernel (``_used_states``: the state names in
+        binding order, None for those the hyper-parameters leave unused) and the calls a
+        step makes (``_calls``): one over every param, or with 8-bit state one over the
+        params with 8-bit state and one over the others."""
+        self._used_states = [a.name if a.name in used else None for a in self._spec.states]
         # (the params' indices or None for all, whether their state is 8-bit) per call
         self._calls: List[Tuple[Optional[List[int]], bool]] = [(None, False)]
         if self._state8:
             eight = set(self._state8)
             small = [i for i in range(len(self.params)) if i not in eight]
             self._calls = [(ix, is8) for ix, is8 in ((self._state8, True), (small, False)) if ix]
-        return lists
 
     def _state8_params(self) -> List[int]:
         """state_dtype="int8": the indices of the params whose state is 8-bit."""
@@ -284,7 +284,9 @@ class Optimizer:
                 )
             if self.master_params is not None:
                 kw["master_params"] = self.master_params
-            lists = [self.params, grads, *self._state_lists]
+            # the state lists as opt.state holds them now (an entry or a list replaced)
+            lists = [self.params, grads]
+            lists += [None if n is None else self.state[n] for n in self._used_states]
             calls = self._step_calls(lists, kw, t)
             if self._host and stream is None:
                 kernel, extra = self._kernel.cpu_kernel, _NO_EXTRA
@@ -557,7 +559,8 @@ class Optimizer:
             self._step = step
             self._lr = lr
             self._hyper = hyper
-            self._kw, self._state_lists = kw, self._kernel_state(used)
+            self._kw = kw
+            self._kernel_state(used)
 
     def _staged_state(self, where: str, name: str, i: int, saved: Any, saved_max: Any) -> Any:
         """(values, absmax or None): the staged copy of saved state entry ``saved`` (with
@@ -615,6 +618,8 @@ def _saved_part(
             f"{name}: expected {what}: shape {shape} {' or '.join(dtypes)}, got "
             f"{tuple(a.shape)} {dtype}"
         )
+    if dtype == "bfloat16" and not isinstance(a, np.ndarray):
+        a = _arrays.float32_copy(a)  # (torch's bfloat16 has no NumPy twin): the same values
     try:
         return _host_copy(name, a)
     except Exception as exc:  # the library's own error for an array it cannot read

@@ -255,9 +255,14 @@ def _host_view(t: torch.Tensor) -> Any:
     return t if t.dtype == torch.bfloat16 else t.detach().numpy()
 
 
-def _host_float(value: Any) -> Any:
-    """0-d tensors as Python floats (hyper-parameters may be tensors, as in torch.optim)."""
-    return value.item() if isinstance(value, torch.Tensor) else value
+def _host_float(value: Any, name: str) -> Any:
+    """One-element tensors as Python numbers (hyper-parameters may be tensors, as in
+    torch.optim); another tensor raises a ValueError naming ``name``."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.numel() != 1 or value.layout != torch.strided or value.device.type == "meta":
+        raise ValueError(f"{name}: a tensor hyper-parameter must have 1 element, got {value!r:.60}")
+    return value.item()
 
 
 class _Changes:
@@ -416,6 +421,7 @@ class _Bucket:
         "held",
         "sizes",
         "steps",
+        "steps_version",
         "done",
         "plan",
         "params_inference",
@@ -464,6 +470,8 @@ class _Bucket:
             self.tracked.append("step")
         self.getters = [operator.itemgetter(k) for k in self.tracked]
         self.steps = steps  # packed step counts, or None
+        # their version after fastopt's own writes: another means they were edited
+        self.steps_version = None if steps is None else steps._version
         self.done = done  # steps taken so far if the kernel takes step (it gets done + 1)
         self.params_inference = any(p.is_inference() for p in params)
         self.distributed = any(map(_is_dtensor, params))
@@ -736,14 +744,25 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 )
 
     # -- hyper-parameters ------------------------------------------------------------------
-    def _group_hyper(self, group: Dict[str, Any]) -> Tuple[Any, ...]:
-        """The group's values of the table's hyper-parameters but lr, in table order."""
+    def _group_hyper(self, where: str, group: Dict[str, Any]) -> Tuple[Any, ...]:
+        """The group's values of the table's hyper-parameters but lr, in table order; a
+        missing one, or betas that are not a pair, raise naming ``where`` + its key."""
         out = []
         for name in self._spec.hyper:
             if name == "lr":
                 continue
             path = _GROUP_PATH.get(name)
-            out.append(_host_float(group[path[0]][path[1]] if path else group[name]))
+            key = path[0] if path else name
+            place = f"{where}['{key}']" if where else key
+            if key not in group:
+                raise ValueError(f"{place}: missing from the group")
+            value = group[key]
+            if path:
+                if not isinstance(value, (tuple, list)) or len(value) != 2:
+                    raise TypeError(f"{place}: expected a pair (beta1, beta2), got {value!r:.60}")
+                value = value[path[1]]
+                place = f"{place}[{path[1]}]"
+            out.append(_host_float(value, place))
         return tuple(out)
 
     def _validate_group(self, where: str, group: Dict[str, Any]) -> _Checked:
@@ -762,7 +781,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             f"{where}['state_dtype']" if where else "state_dtype",
             group.get("state_dtype", "float32"),
         )
-        hyper = self._group_hyper(group)
+        hyper = self._group_hyper(where, group)
         types = tuple(map(type, hyper))
         try:
             checked = self._checked.get((hyper, types))
@@ -797,10 +816,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return f"{place}: {rest}" if rest else message
 
     def _lr(self, where: str, group: Dict[str, Any]) -> float:
-        lr = group["lr"]
+        lr = group.get("lr")
         if type(lr) is float and 0.0 <= lr < float("inf"):
             return lr
-        return real(f"{where}['lr']" if where else "lr", _host_float(lr), lo=0.0)
+        name = f"{where}['lr']" if where else "lr"
+        return real(name, _host_float(lr, name), lo=0.0)
 
     # -- state -------------------------------------------------------------------------------
     def _initial_value(self, name: str, group: Dict[str, Any]) -> float:
@@ -1092,7 +1112,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 )
             )
         cache = _GroupCache(
-            params,
+            list(params),  # a copy: an entry replaced in the group's list is seen
             [g is not None for g in grads],
             self.state,
             used,
@@ -1218,6 +1238,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 bucket.done -= 1
                 if bucket.steps is not None:
                     bucket.steps.sub_(1)
+                    bucket.steps_version = bucket.steps._version
 
     def _step_groups(
         self,
@@ -1243,10 +1264,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 return  # an inf/NaN in the scaled grads: no step (torch's fused rule)
             if scale is not None:
                 grad_scale = float(scale)
+        if rebuilt:
+            self._check_one_group_per_param()
         clip = self.max_grad_norm is not None
-        if len(runs) > 1 or rebuilt or clip:
-            for run in runs:
-                self._run(run, grad_scale, scaler, check_only=True)
+        # Every call but the first is checked before the first runs (the first checks
+        # itself before it writes); all of them where state is committed or grads clipped
+        # before any call.
+        for run in runs[0 if rebuilt or clip else 1 :]:
+            self._run(run, grad_scale, scaler, check_only=True)
         if clip:  # on the GPU the kernels may read the norm from device memory: `scaler`
             self.last_grad_norm, grad_scale, clipping = step_grad_scale(
                 self.param_groups, self.max_grad_norm, grad_scale
@@ -1265,6 +1290,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
             done = torch.cuda.Event()
             done.record(stream)
             self._unsettled = _Unsettled(flag, done, [run[1] for run in runs])
+
+    def _check_one_group_per_param(self) -> None:
+        """A param in two groups (or twice in one) would be stepped from state staged twice:
+        refused, as torch.optim refuses it when a group is added."""
+        seen: Dict[int, str] = {}
+        for index, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                where = f"param_groups[{index}]['params'][{i}]"
+                first = seen.setdefault(id(p), where)
+                if first is not where:
+                    raise ValueError(
+                        f"{where}: is also {first} (a param belongs to one group, as "
+                        "torch.optim requires)"
+                    )
 
     def _track_state(self) -> None:
         """Replaces the state torch.optim made (a ``defaultdict(dict)``) by a _State holding
@@ -1312,7 +1351,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         cache = self._caches.get(index)
         if (
             cache is None
-            or cache.params is not params
+            or len(cache.params) != len(params)
+            or not all(map(operator.is_, cache.params, params))
             or cache.state is not self.state
             or cache.has_grad != has_grad
             or cache.roles != used
@@ -1321,6 +1361,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             or (
                 look_up is not None
                 and not all(b.current(self.state, look_up) for b in cache.buckets)
+            )
+            or any(  # a step count edited in place (state[p]["step"].fill_(...))
+                b.steps is not None and b.steps._version != b.steps_version for b in cache.buckets
             )
         ):
             rebuilt.append(self._build(index, group, grads, used))
@@ -1420,6 +1463,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             else:
                 if bucket.steps is not None:
                     bucket.steps.add_(1)
+                    bucket.steps_version = bucket.steps._version
                 torch.autograd.graph.increment_version(bucket.written)
 
     @staticmethod
@@ -1432,7 +1476,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         relaid = list(grads)
         changed = False
         for k, (p, g) in enumerate(zip(params, grads)):
-            if g.layout == torch.strided and g.shape == p.shape and g.stride() != p.stride():
+            if (
+                g.layout == torch.strided
+                and g.shape == p.shape
+                and g.stride() != p.stride()
+                and _dense(p)  # (else the kernel's error about the param stands)
+            ):
                 relaid[k] = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device)
                 relaid[k].copy_(g)
                 changed = True
@@ -1449,7 +1498,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             place = f"{where}['params'][{bucket.index[k]}]"
             return place if role == "params" else f"{place} ({role})"
 
-        return type(exc)(re.sub(r"\b([a-z_]+)\[(\d+)\]", name, str(exc)))
+        return type(exc)(re.sub(r"\b([a-z_]+(?:\['[a-z_]+'\])?)\[(\d+)\]", name, str(exc)))
 
     # -- checkpoints -----------------------------------------------------------------------------
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -1498,6 +1547,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         groups = state_dict["param_groups"]
         if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
             raise TypeError("state_dict['param_groups']: expected dicts with a 'params' list")
+        for key, entry in state_dict["state"].items():
+            if not isinstance(entry, dict):
+                raise TypeError(
+                    f"state_dict['state'][{key!r}]: expected a dict of a param's state, got "
+                    f"{type(entry).__name__}"
+                )
         with self._lock:
             self._settle()  # the counts a pending GPU step left are made exact first
             # 16-bit params' float32 state, converted first (torch would round it).
@@ -2059,9 +2114,13 @@ class Sophia(_FusedOptimizer):
     @staticmethod
     def _hessian_beta(where: str, group: Dict[str, Any]) -> float:
         """betas[1], the Hessian EMA's (not in fastopt's table: the step does not use it)."""
+        name = f"{where}['betas'][1]" if where else "betas[1]"
+        betas = group.get("betas")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"{name[:-3]}: expected a pair (beta1, beta2), got {betas!r:.60}")
         return real(
-            f"{where}['betas'][1]" if where else "betas[1]",
-            _host_float(group["betas"][1]),
+            name,
+            _host_float(betas[1], name),
             lo=0.0,
             hi=1.0,
             hi_open=True,
