@@ -14,13 +14,18 @@ step); each bucket is one fused multi-tensor call of the compiled kernel (one C+
 the CPU, a few launches on the GPU). The buckets (which params, the packed step counts, on
 the CPU NumPy views of params and state, on the GPU the launch tables of
 ``fastopt._cuda.Plan``) are kept between steps and rebuilt only when the set of params with
-a grad changes, the group's options change, or the state changes (``load_state_dict``; an
-entry, a state tensor or a step count replaced, a key added or removed). The buckets keep
-each param's state entry and every tensor they read from it and compare them at each step
-by identity (the state dict's keys and values, the entries' tensors; no ``state[p]``
-lookups unless the state dict changed); a rebuild checks the state as a first step does,
-so an entry or a tensor replaced between steps is checked, then stepped, as in torch.optim.
-Params whose ``.grad`` is None are skipped and keep their state, as in torch.optim.
+a grad changes (or a param of a group's list is replaced), the group's options change, or
+the state changes (``load_state_dict``; an entry, a state tensor or a step count replaced
+or edited in place, a key added or removed). The buckets keep each param's state entry and
+every tensor they read from it and compare them at each step by identity (the state dict's
+keys and values, the entries' tensors; no ``state[p]`` lookups unless the state dict
+changed); a rebuild checks the state as a first step does, so an entry or a tensor
+replaced between steps is checked, then stepped, as in torch.optim. What is not seen: a
+state tensor's storage replaced in place (``t.data = ...``, ``t.set_(...)``: the state is
+the optimizer's; replace the entry, ``state[p][key] = t2``, instead). Params whose
+``.grad`` is None are skipped and keep their state, as in torch.optim. A param may be in
+one group only (torch.optim's rule; a step refuses one put in two groups past
+``add_param_group``).
 
 State: torch's layout and keys, as torch tensors, so ``state_dict()`` / ``load_state_dict()``
 are interchangeable with torch.optim's both ways (a torch.optim checkpoint continues on the
