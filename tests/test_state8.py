@@ -577,7 +577,8 @@ def test_class_steps_a_state_list_replaced_whole(kind, rng):
     for a, b in zip(old, kept):
         assert_bits(a, b, "the list replaced is not written")
     assert not np.array_equal(opt.state["exp_avgs"][1], kept[1])
-    assert opt.state_dict()["state"]["exp_avgs"][1] is not None
+    assert_bits(opt.state_dict()["state"]["exp_avgs"][1], opt.state["exp_avgs"][1],
+                "state_dict: the list stepped")
 
 
 def test_class_int8_loads_torch_bfloat16_float_state(rng):

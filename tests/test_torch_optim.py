@@ -478,6 +478,43 @@ def test_grad_scaler_on_the_gpu_reads_found_inf_on_the_device(inf_at):
         assert float(fopt.state[p]["step"]) == 7.0
 
 
+@pytest.mark.parametrize("how", ["next step", "state_dict", "deepcopy", "load_state_dict"])
+def test_a_skipped_gpu_step_is_settled_before_its_counts_are_used(how):
+    """The bookkeeping of a GPU step under a GradScaler (whose kernels read found_inf on
+    the device), run on the CPU with the record such a step leaves: counted, not applied,
+    found_inf set. Its counts go back before a step, a save, a copy or a load uses them."""
+    import copy
+
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = ft.AdamW([p], lr=0.1)
+    p.grad = torch.ones(4)
+    opt.step()
+    opt.step()
+    bucket = opt._caches[0].buckets[0]
+    bucket.done += 1  # what the skipped step counted
+    bucket.steps.add_(1)
+    bucket.steps_version = bucket.steps._version
+
+    class Done:  # the event after the copy of found_inf: complete
+        def synchronize(self):
+            pass
+
+    opt._unsettled = ft._Unsettled(torch.tensor(1.0), Done(), [bucket])
+    if how == "next step":
+        opt.step()
+        assert float(opt.state[p]["step"]) == 3.0
+    elif how == "state_dict":
+        assert float(opt.state_dict()["state"][0]["step"]) == 2.0
+    elif how == "deepcopy":
+        copied = copy.deepcopy(opt)
+        assert [float(e["step"]) for e in copied.state.values()] == [2.0]
+    else:
+        saved = ft.AdamW([torch.nn.Parameter(torch.randn(4))], lr=0.1).state_dict()
+        opt.load_state_dict(saved)  # settles first: nothing pending is left to undo later
+        assert opt._unsettled is None
+    assert opt._unsettled is None and float(bucket.steps[0]) == 2.0 + (how == "next step")
+
+
 def test_grad_scaler_unscales_inside_the_kernel():
     """The scaler hands its scale to the step: the grads are divided inside the fused call,
     not rewritten; found_inf skips the step."""

@@ -123,23 +123,34 @@ void absmax_specs(const fastopt::bindings::StepCall<Opt>& call, Roles& roles,
   });
 }
 
-// One step of optimizer Opt (see bindings/optim_binding.h for the arguments; here also the
-// keywords stream, an int handle, and plan, a Plan or None): the arrays are checked and
-// tabled (in `plan` when given, else in a plan for this call only), then the kernel is
-// launched on the arrays' device without synchronising.
 DeviceArray call_arg(py::handle obj, const char* name, intptr_t stream, bool written);
 int checked_norm_array(const DeviceArray& a, const char* name, const DevicePlan& plan,
                        intptr_t stream, const char* role);
+
+// The CUDA step's own keywords, beside StepCall's (interned once).
+struct StepKeywords {
+  PyObject* stream;             // an int handle
+  PyObject* plan;               // a Plan or None
+  PyObject* grad_norm;          // with max_grad_norm: see device_clip
+  PyObject* max_grad_norm;
+  PyObject* device_grad_scale;  // see device_scaler
+  PyObject* found_inf;
+  static const StepKeywords& get() {
+    using fastopt::bindings::interned_key;
+    static const StepKeywords keys{interned_key("stream"),          interned_key("plan"),
+                                   interned_key("grad_norm"),       interned_key("max_grad_norm"),
+                                   interned_key("device_grad_scale"), interned_key("found_inf")};
+    return keys;
+  }
+};
 
 // Clipping with the norm left on the device (keywords grad_norm, a one-element float array
 // on the arrays' device, and max_grad_norm, given together): into `arrays`.
 void device_clip(const fastopt::bindings::CallArgs& args, const DevicePlan& plan, intptr_t stream,
                  cuda::StepArrays& arrays) {
-  static PyObject* const norm_key = fastopt::bindings::interned_key("grad_norm");
-  static PyObject* const max_key = fastopt::bindings::interned_key("max_grad_norm");
   static PyObject* const clip_key = fastopt::bindings::interned_key("grad_clip");
-  PyObject* norm_arg = args.keyword(norm_key);
-  PyObject* max_arg = args.keyword(max_key);
+  PyObject* norm_arg = args.keyword(StepKeywords::get().grad_norm);
+  PyObject* max_arg = args.keyword(StepKeywords::get().max_grad_norm);
   if (!norm_arg && !max_arg) return;
   if (!norm_arg || !max_arg)
     throw py::type_error(std::string(norm_arg ? "max_grad_norm" : "grad_norm") +
@@ -160,8 +171,6 @@ void device_clip(const fastopt::bindings::CallArgs& args, const DevicePlan& plan
 // optional: a one-element float32 array on the arrays' device): into `arrays`.
 void device_scaler(const fastopt::bindings::CallArgs& args, const DevicePlan& plan, intptr_t stream,
                    cuda::StepArrays& arrays) {
-  static PyObject* const scale_key = fastopt::bindings::interned_key("device_grad_scale");
-  static PyObject* const inf_key = fastopt::bindings::interned_key("found_inf");
   static PyObject* const host_scale_key = fastopt::bindings::interned_key("grad_scale");
   const auto scalar = [&](PyObject* obj, const char* name) {
     const DeviceArray a = call_arg(py::handle(obj), name, stream, false);
@@ -171,34 +180,36 @@ void device_scaler(const fastopt::bindings::CallArgs& args, const DevicePlan& pl
                            " is not float32");
     return reinterpret_cast<const float*>(a.ptr);
   };
-  if (PyObject* v = args.keyword(scale_key)) {
+  if (PyObject* v = args.keyword(StepKeywords::get().device_grad_scale)) {
     if (args.keyword(host_scale_key))
       throw py::type_error("grad_scale: excludes device_grad_scale (one scale, from the host or "
                            "from device memory)");
     arrays.grad_scale = scalar(v, "device_grad_scale");
   }
-  if (PyObject* v = args.keyword(inf_key)) arrays.found_inf = scalar(v, "found_inf");
+  if (PyObject* v = args.keyword(StepKeywords::get().found_inf))
+    arrays.found_inf = scalar(v, "found_inf");
 }
 
+// One step of optimizer Opt (see bindings/optim_binding.h for the arguments; here also the
+// keywords of StepKeywords): the arrays are checked and tabled (in `plan` when given, else
+// in a plan for this call only), then the kernel is launched on the arrays' device without
+// synchronising.
 template <class Opt>
 void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bound) {
-  static PyObject* const stream_key = fastopt::bindings::interned_key("stream");
-  static PyObject* const plan_key = fastopt::bindings::interned_key("plan");
-  static PyObject* const norm_key = fastopt::bindings::interned_key("grad_norm");
-  static PyObject* const max_key = fastopt::bindings::interned_key("max_grad_norm");
-  static PyObject* const scale_key = fastopt::bindings::interned_key("device_grad_scale");
-  static PyObject* const inf_key = fastopt::bindings::interned_key("found_inf");
+  const StepKeywords& keys = StepKeywords::get();
   const fastopt::bindings::StepCall<Opt> call(
-      args, {stream_key, plan_key, norm_key, max_key, scale_key, inf_key}, bound);
+      args, {keys.stream, keys.plan, keys.grad_norm, keys.max_grad_norm, keys.device_grad_scale,
+             keys.found_inf},
+      bound);
   intptr_t stream = 0;
   DevicePlan* cached = nullptr;
-  if (PyObject* v = args.keyword(stream_key)) {
+  if (PyObject* v = args.keyword(keys.stream)) {
     int64_t handle = 0;
     fastopt::bindings::read_keyword("stream", v, handle);
     if (handle < 0) throw py::value_error("stream: must be a handle >= 0");
     stream = intptr_t(handle);
   }
-  PyObject* plan_arg = args.keyword(plan_key);
+  PyObject* plan_arg = args.keyword(keys.plan);
   if (plan_arg && plan_arg != Py_None) {
     py::handle given(plan_arg);
     if (!py::isinstance<DevicePlan>(given))
@@ -239,6 +250,8 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
   if (plan.has_state() && !plan.has_state8() && !call.absmax.is_none())
     throw py::value_error("absmax: only for 8-bit state (uint8 state arrays)");
   if (absmax_error) std::rethrow_exception(absmax_error);
+  device_clip(args, plan, stream, arrays);  // checked for an empty call too
+  device_scaler(args, plan, stream, arrays);
   if (plan.tables().empty()) return;  // nothing but zero-size arrays
   check_stream_device(stream, plan.device());
   DeviceGuard guard(plan.device());
@@ -246,8 +259,6 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
     throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
                                       "bfloat16 params, these are ") +
                           fastopt::bindings::dtype_name(plan.dtype()));
-  device_clip(args, plan, stream, arrays);
-  device_scaler(args, plan, stream, arrays);
   if (call.check_only) return;
   cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.options,
                   arrays, reinterpret_cast<cudaStream_t>(stream));

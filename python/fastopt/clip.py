@@ -151,13 +151,9 @@ def clip_grad_norm_(
     return out
 
 
-def step_grad_scale(
-    grads: List[Any], listed: bool, max_grad_norm: float, grad_scale: float = 1.0
-) -> Tuple[float, float]:
+def step_grad_scale(grads: List[Any], listed: bool, max_grad_norm: float) -> Tuple[float, float]:
     """For a step with ``max_grad_norm`` over host grads (lists, checked by the binding):
-    (the grads' 2-norm, over ``grad_scale`` -- a GradScaler's scale, by which the grads
-    are multiplied --, and the clip coefficient, which the step kernel multiplies the grads
-    by as it loads them, after dividing them by ``grad_scale``: ``grad_clip``). The grads
-    are never written."""
-    norm = host_norm(grads, listed, 2.0, False) / grad_scale
+    (the grads' 2-norm, and the clip coefficient, which the step kernel multiplies the
+    grads by as it loads them: ``grad_clip``). The grads are never written."""
+    norm = host_norm(grads, listed, 2.0, False)
     return norm, coefficient(max_grad_norm, norm)

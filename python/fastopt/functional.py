@@ -53,15 +53,12 @@ float32 step's, bit for bit. It excludes stochastic rounding.
 ``max_grad_norm=`` (every step but ``ema_``) clips the grads first, as
 ``fastopt.clip_grad_norm_(grads, max_grad_norm)`` would (global 2-norm, coefficient
 min(max_grad_norm / (norm + 1e-6), 1)), and the step returns the norm before clipping
-(else None). On the host this is the norm pass and then the step with the coefficient
-applied as the grads are loaded (the kernel divides them by 1/coefficient): the grads are
-read twice and never written; the result equals clip-then-step to an ulp of the grads.
-When the coefficient is 0 or NaN (max_grad_norm 0, an inf or NaN grad) the grads are
-multiplied in place first, exactly as clip-then-step. On the GPU the norm stays in device
-memory and the step computes the coefficient from it and multiplies the grads by it as it
-loads them (two passes, the grads never written, nothing synchronises: the result is
-clip-then-step's, bit for bit for float32/float64 grads); the norm is a 0-d array. Either
-way a call the step would refuse is refused before anything is clipped.
+(else None). The norm pass reads the grads, and the step multiplies each grad by the
+coefficient as it loads it: two passes, the grads never written, and the bits of
+clip-then-step for float32/float64 grads (whose clipped grads are the same products,
+stored). On the host the coefficient is computed there; on the GPU the norm stays in
+device memory, where the step reads it (nothing synchronises) and the norm returned is a
+0-d array.
 """
 
 from __future__ import annotations
@@ -96,7 +93,7 @@ class Checked(NamedTuple):
     cpu_bound: Callable[..., None]
 
 
-_NO_KEYWORDS: Dict[str, Any] = {}
+NO_KEYWORDS: Dict[str, Any] = {}  # the extra keywords of a host call: none (never written)
 
 
 class StepKernel:
@@ -200,15 +197,12 @@ class StepKernel:
         if rounding != "nearest" or seed is not None:
             extra.update(stochastic_rounding(rounding, seed))
         if host:
-            kernel, device = checked.cpu_bound, _NO_KEYWORDS
+            kernel, device = checked.cpu_bound, NO_KEYWORDS
         else:
             kernel, device = self.bound(lists, stream, plan)
             device = {**checked.kw, **device}
         norm = None
         if max_grad_norm is not None:
-            # Clipping may scale the grads in place (on the GPU; on the host when the
-            # coefficient is 0 or NaN): the step's checks run first.
-            kernel(*lists, listed, **extra, **device, check_only=True)
             norm, extra = self.clip(lists, listed, extra, max_grad_norm, stream)
         kernel(*lists, listed, **extra, **device)
         return norm

@@ -289,18 +289,17 @@ class Optimizer:
             lists += [None if n is None else self.state[n] for n in self._used_states]
             calls = self._step_calls(lists, kw, t)
             if self._host and stream is None:
-                kernel, extra = self._kernel.cpu_kernel, _NO_EXTRA
+                kernel, extra = self._kernel.cpu_kernel, functional.NO_KEYWORDS
             else:
                 kernel, extra = self._kernel.bound(lists, stream, self._plan)
             if self._spec.takes_step:
                 for _, keywords in calls:
                     keywords["step"] = t
             runs = [(a, k, self._call_extra(extra, n)) for n, (a, k) in enumerate(calls)]
-            # Every call's checks before the first runs, and before clipping (which may
-            # scale the grads in place): a refused step writes nothing.
-            checked_from = 0 if max_grad_norm is not None else 1
+            # Every call after the first is checked before the first runs (which checks
+            # itself before its first write): a refused step writes nothing.
             for n, (call_lists, call_kw, call_extra) in enumerate(runs):
-                if n >= checked_from:
+                if n:
                     try:
                         kernel(*call_lists, self._listed, **call_kw, **call_extra, check_only=True)
                     except (TypeError, ValueError) as exc:
@@ -597,7 +596,6 @@ class Optimizer:
 
 
 _STATE_DICT_KEYS = ("optimizer", "step", "lr", "hyper", "state")
-_NO_EXTRA: Dict[str, Any] = {}  # a host step's extra keywords (none)
 
 
 _FLOAT_STATE = ("float32", "float64", "float16", "bfloat16")

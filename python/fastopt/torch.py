@@ -112,9 +112,11 @@ Decisions, where torch.optim offers a choice:
 - ``opt.max_grad_norm = 1.0`` (an attribute, default None, so that the constructors and
   checkpoints stay torch's) clips every step's grads to that global 2-norm over all groups,
   as ``clip_grad_norm_`` before the step would, and leaves the norm in ``opt.last_grad_norm``.
-  On the CPU the clip coefficient joins the GradScaler scale the kernel divides the grads by
-  (two reads of the grads, no write); on the GPU and for DTensor grads the grads are
-  clipped in place first (``fastopt.torch.clip_grad_norm_``).
+  On the CPU the clip coefficient joins the GradScaler scale the kernel divides the grads by;
+  on the GPU (grads of one dtype and device) the kernels read the norm from device memory:
+  either way two reads of the grads, no write, no synchronisation. Other grads (CUDA grads
+  of mixed dtypes or devices, DTensors) are clipped in place first by torch's
+  ``clip_grad_norm_``.
 - DTensor params (FSDP2's ``fully_shard``, tensor parallel) are stepped on their local shards
   (``to_local()``, re-read at every step); their state is made with ``zeros_like`` and is a
   DTensor with the same placements, as torch.optim's, so
@@ -221,7 +223,6 @@ _SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Where a hyper-parameter of the table lives in a param group (betas are a pair in torch).
 _GROUP_PATH = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
 _CACHE_SIZE = 256
-_NO_EXTRA: Dict[str, Any] = {}  # a host call's backend arguments (never written: copied)
 
 
 def _step_dtype() -> torch.dtype:
@@ -597,6 +598,18 @@ class _Unsettled(NamedTuple):
     found_inf: torch.Tensor
     done: Any  # torch.cuda.Event
     buckets: List[_Bucket]
+
+    @staticmethod
+    def behind(found_inf: torch.Tensor, buckets: List[_Bucket]) -> _Unsettled:
+        """``found_inf`` copied to the host behind the kernels queued on its device's
+        current stream (where the buckets' kernels ran), without waiting."""
+        stream = torch.cuda.current_stream(found_inf.device)
+        flag = torch.empty((), dtype=torch.float32, pin_memory=True)
+        with torch.cuda.stream(stream):
+            flag.copy_(found_inf.reshape(()), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return _Unsettled(flag, done, buckets)
 
 
 def _takes_device_scaler(bucket: _Bucket, scaler: Dict[str, torch.Tensor]) -> bool:
@@ -1256,15 +1269,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
         every kernel call's checks (check_only) where the step is more than one call, has
         staged state or clips the grads, then the clipping, the staged state committed
         and the calls. ``look_up``: see _prepare_group; ``scaler``: a GradScaler's tensors
-        for the CUDA kernels (see _device_scaler; read here on the host where a bucket
-        cannot take them)."""
+        for the CUDA kernels (see _device_scaler), read here on the host instead where a
+        bucket cannot take them or buckets were rebuilt (a skipped step then makes no
+        state, as on the CPU)."""
         runs: List[_Call] = []
         rebuilt: List[_Rebuilt] = []
         for index, group in enumerate(self.param_groups):
             self._prepare_group(index, group, look_up, runs, rebuilt)
-        if scaler is not None and not all(_takes_device_scaler(r[1], scaler) for r in runs):
+        if scaler is not None and (
+            rebuilt or not all(_takes_device_scaler(r[1], scaler) for r in runs)
+        ):
             found_inf, scale = scaler["found_inf"], scaler.get("device_grad_scale")
-            scaler = None  # a bucket the kernels cannot hand them to: read on the host
+            scaler = None
             if float(found_inf) != 0.0:
                 return  # an inf/NaN in the scaled grads: no step (torch's fused rule)
             if scale is not None:
@@ -1277,24 +1293,22 @@ class _FusedOptimizer(torch.optim.Optimizer):
         # before any call.
         for run in runs[0 if rebuilt or clip else 1 :]:
             self._run(run, grad_scale, scaler, check_only=True)
-        if clip:  # on the GPU the kernels may read the norm from device memory: `scaler`
+        on_device = scaler  # what the CUDA kernels read from device memory
+        if clip:  # (with clipping a GradScaler's scalars were read on the host)
             self.last_grad_norm, grad_scale, clipping = step_grad_scale(
                 self.param_groups, self.max_grad_norm, grad_scale
             )
-            scaler = clipping or None  # (a GradScaler's are read on the host with clipping)
+            on_device = clipping or None
         for group_rebuilt in rebuilt:
             self._commit(group_rebuilt)
-        for run in runs:
-            self._run(run, grad_scale, scaler)
-        if scaler is not None and "found_inf" in scaler and runs:  # to the host, behind
-            found_inf = scaler["found_inf"]
-            stream = torch.cuda.current_stream(found_inf.device)
-            flag = torch.empty((), dtype=torch.float32, pin_memory=True)
-            with torch.cuda.stream(stream):
-                flag.copy_(found_inf.reshape(()), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(stream)
-            self._unsettled = _Unsettled(flag, done, [run[1] for run in runs])
+        counts = [run[1].done for run in runs]
+        try:
+            for run in runs:
+                self._run(run, grad_scale, on_device)
+        finally:  # the buckets counted, also when an exception follows their call
+            stepped = [run[1] for run, done in zip(runs, counts) if run[1].done != done]
+            if scaler is not None and stepped:
+                self._unsettled = _Unsettled.behind(scaler["found_inf"], stepped)
 
     def _check_one_group_per_param(self) -> None:
         """A param in two groups (or twice in one) would be stepped from state staged twice:
@@ -1390,13 +1404,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self,
         run: _Call,
         grad_scale: float,
-        scaler: Optional[Dict[str, Any]] = None,
+        on_device: Optional[Dict[str, Any]] = None,
         check_only: bool = False,
     ) -> None:
-        """One kernel call (see _prepare_group); ``scaler``: the CUDA kernel's keywords of
-        what it reads from device memory (a GradScaler's tensors, see _device_scaler, or a
-        grad norm to clip by, see step_grad_scale); ``check_only``: its checks, nothing
-        run."""
+        """One kernel call (see _prepare_group); ``on_device``: the CUDA kernel's keywords
+        of what it reads from device memory (a GradScaler's tensors, see _device_scaler,
+        or a grad norm to clip by, see step_grad_scale); ``check_only``: its checks,
+        nothing run."""
         where, bucket, grads, kw, lr, rounding_seed = run
         if bucket.inference and not torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -1409,14 +1423,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if bucket.distributed:
             grads = [_local(g) for g in grads]
         if bucket.host:  # the compiled CPU module, without extra arguments
-            kernels, extra = _ext._cpu, _NO_EXTRA
+            kernels, extra = _ext._cpu, functional.NO_KEYWORDS
         else:
             kernels, extra = _arrays.backend(params, None, bucket.plan)
         kernel = getattr(kernels, self._spec.kernel)
         if grad_scale != 1.0:
             extra = {**extra, "grad_scale": grad_scale}
-        if scaler is not None:
-            extra = {**extra, **scaler}
+        if on_device is not None:
+            extra = {**extra, **on_device}
         if bucket.masks is not None:
             extra = {**extra, "masks": bucket.masks}
         if bucket.absmax is not None:
@@ -1506,6 +1520,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return type(exc)(re.sub(r"\b([a-z_]+(?:\['[a-z_]+'\])?)\[(\d+)\]", name, str(exc)))
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def __getstate__(self) -> Dict[str, Any]:
+        """torch.optim's (a copy, a pickle), the step counts made exact first (_settle)."""
+        with self._lock:
+            self._settle()
+            return cast(Dict[str, Any], super().__getstate__())
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self._track_state()  # the entries are new (a load, an unpickled copy)
