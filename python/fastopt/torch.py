@@ -393,13 +393,12 @@ class _Staged:
 
 class _Pending(NamedTuple):
     """A state array to make (see _FusedOptimizer._make_pending): ``staged.view[key]``,
-    state array ``role`` (its index in the spec's states) of ``param``, ``dtype``, all
-    ``value``."""
+    state array ``role`` (its index in the spec's states) of ``staged.param``, ``dtype``,
+    all ``value``."""
 
     role: int
     staged: _Staged
     key: str
-    param: torch.Tensor
     value: float
     dtype: torch.dtype
 
@@ -776,9 +775,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{place}: missing from the group")
             value = group[key]
             if path:
-                if not isinstance(value, (tuple, list)) or len(value) != 2:
-                    raise TypeError(f"{place}: expected a pair (beta1, beta2), got {value!r:.60}")
-                value = value[path[1]]
+                value = _pair(place, value)[path[1]]
                 place = f"{place}[{path[1]}]"
             out.append(_host_float(value, place))
         return tuple(out)
@@ -916,7 +913,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if pending is None:
                     staged.set(key, self._new_state(p, value, want))
                 else:
-                    pending.append(_Pending(r, staged, key, p, value, want))
+                    pending.append(_Pending(r, staged, key, value, want))
                 fresh = True
                 continue
             if not (
@@ -946,7 +943,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         is a tensor of its own, as torch.optim's (views of one buffer would share its
         version counter and be saved with all of it)."""
         for item in sorted(pending, key=operator.attrgetter("role")):
-            item.staged.set(item.key, self._new_state(item.param, item.value, item.dtype))
+            item.staged.set(item.key, self._new_state(item.staged.param, item.value, item.dtype))
 
     @staticmethod
     def _master_param(where: str, p: torch.Tensor, staged: _Staged, group: Dict[str, Any]) -> None:
@@ -1772,9 +1769,10 @@ def _rounding_seed(stochastic_rounding: Any, seed: Any) -> Optional[int]:
 
 
 def _pair(name: str, betas: Any) -> Tuple[Any, Any]:
+    """``betas`` as a pair, else a TypeError naming ``name``."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"{name}: expected a pair (beta1, beta2), got {betas!r}")
-    return tuple(betas)
+        raise TypeError(f"{name}: expected a pair (beta1, beta2), got {betas!r:.60}")
+    return betas[0], betas[1]
 
 
 class SGD(_FusedOptimizer):
@@ -2139,13 +2137,11 @@ class Sophia(_FusedOptimizer):
     @staticmethod
     def _hessian_beta(where: str, group: Dict[str, Any]) -> float:
         """betas[1], the Hessian EMA's (not in fastopt's table: the step does not use it)."""
-        name = f"{where}['betas'][1]" if where else "betas[1]"
-        betas = group.get("betas")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"{name[:-3]}: expected a pair (beta1, beta2), got {betas!r:.60}")
+        name = f"{where}['betas']" if where else "betas"
+        beta2 = _pair(name, group.get("betas"))[1]
         return real(
-            name,
-            _host_float(betas[1], name),
+            name + "[1]",
+            _host_float(beta2, name + "[1]"),
             lo=0.0,
             hi=1.0,
             hi_open=True,
