@@ -1043,13 +1043,13 @@ GROUP_OPTIONS = {
     ),
     "min_8bit_size 2.5": (
         dict(state_dtype="int8", min_8bit_size=2.5),
-        ValueError,
-        r"\['min_8bit_size'\]: expected an integer",
+        TypeError,
+        r"\['min_8bit_size'\]: expected an integer >= 1",
     ),
     "min_8bit_size 0": (
         dict(state_dtype="int8", min_8bit_size=0),
         ValueError,
-        r"\['min_8bit_size'\]: expected an integer",
+        r"\['min_8bit_size'\]: must be >= 1",
     ),
     "master_weights with stochastic_rounding": (
         dict(master_weights=True, stochastic_rounding=True, rounding_seed=1),
@@ -1086,7 +1086,7 @@ def test_torch_master_weights_and_stochastic_rounding_are_refused_when_a_group_i
     ps = tparams(rng, (64,), torch.bfloat16)
     with pytest.raises(ValueError, match=r"^master_weights: excludes stochastic_rounding"):
         ft.AdamW(ps, master_weights=True, stochastic_rounding=True)
-    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['min_8bit_size'\]: "):
+    with pytest.raises(TypeError, match=r"^param_groups\[0\]\['min_8bit_size'\]: "):
         ft.AdamW([{"params": ps, "min_8bit_size": 2.5}], state_dtype="int8")
     opt = ft.AdamW(ps)
     for group, kind, match in [

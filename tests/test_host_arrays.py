@@ -411,14 +411,29 @@ def test_gpu_grad_scaler_scalars_in_device_memory(name, found, cuda_device, rng)
     for k, a in (base if found else cpu).items():
         if a is not None:
             assert torch.equal(gpu[k].cpu(), a), k
-    for bad, error, match in [
+    bads = [
         (dict(device_grad_scale=scale, grad_scale=2.0), TypeError, "grad_scale: excludes"),
         (dict(found_inf=found_inf.double()), TypeError, "found_inf: dtype float64"),
         (dict(device_grad_scale=torch.ones(2, device=cuda_device)), ValueError,
          "device_grad_scale: expected one element"),
-    ]:
+    ]
+    # a scalar inside an array the step writes (here a state array's last element) would be
+    # read while it is written: refused like one inside the params
+    for role, a in gpu.items():
+        if a is not None and role not in ("params", "grads"):
+            inside = a.view(-1)[-1:]
+            bads += [(dict(found_inf=inside), ValueError, f"found_inf: overlaps one of {role}"),
+                     (dict(device_grad_scale=inside), ValueError,
+                      f"device_grad_scale: overlaps one of {role}"),
+                     (dict(grad_norm=inside, max_grad_norm=1.0), ValueError,
+                      f"grad_norm: overlaps one of {role}")]
+    before = {k: None if a is None else a.clone() for k, a in gpu.items()}
+    for bad, error, match in bads:
         with pytest.raises(error, match=match):
             getattr(_cuda, name)(*lists, True, stream=0, plan=None, **bad, **kw)
+    for k, a in gpu.items():
+        if a is not None:
+            assert torch.equal(a, before[k]), k
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

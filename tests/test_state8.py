@@ -750,14 +750,37 @@ def test_bitsandbytes_aliases_keep_8bit_state_for_large_params(cls, kw, rng):
     assert any(v.dtype == torch.uint8 for v in tiny.state[small].values())
 
 
-@pytest.mark.parametrize("bad", [dict(percentile_clipping=5), dict(block_wise=False),
-                                 dict(is_paged=True), dict(args=object()),
-                                 dict(min_8bit_size=0), dict(min_8bit_size=True)])
-def test_bitsandbytes_options_fastopt_lacks_are_refused(bad):
+@pytest.mark.parametrize("bad,kind", [(dict(percentile_clipping=5), ValueError),
+                                      (dict(block_wise=False), ValueError),
+                                      (dict(is_paged=True), ValueError),
+                                      (dict(args=object()), ValueError),
+                                      (dict(min_8bit_size=0), ValueError),
+                                      (dict(min_8bit_size=True), TypeError),
+                                      (dict(min_8bit_size=4096.0), TypeError)])
+def test_bitsandbytes_options_fastopt_lacks_are_refused(bad, kind):
     p = torch.nn.Parameter(torch.ones(3))
     name = next(iter(bad))
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(kind, match=name):
         ft.AdamW8bit([p], **bad)
+
+
+def test_numpy_integers_are_integers_for_the_group_options(rng):
+    """A seed or a size read from a NumPy array or a config is taken as the int it holds,
+    at construction and when a group is edited (the step checks the edit)."""
+    big = torch.nn.Parameter(torch.randn(5000))
+    opt = ft.AdamW8bit([big], min_8bit_size=np.int64(64))
+    assert opt.param_groups[0]["min_8bit_size"] == 64
+    big.grad = torch.randn_like(big)
+    opt.param_groups[0]["min_8bit_size"] = np.uint32(4096)
+    opt.step()
+    assert opt.state[big]["exp_avg"].dtype == torch.uint8
+    half = torch.nn.Parameter(torch.randn(300).to(torch.bfloat16))
+    sr = ft.AdamW([half], stochastic_rounding=True, seed=np.uint64(2**63 + 5))
+    assert sr.param_groups[0]["rounding_seed"] == 2**63 + 5
+    sr.param_groups[0]["rounding_seed"] = np.int64(7)
+    half.grad = torch.randn_like(half)
+    sr.step()
+    assert int(sr.state[half]["step"]) == 1
 
 
 @pytest.mark.parametrize("kind,match", [("int4", "state_dtype"), (3, "state_dtype")])

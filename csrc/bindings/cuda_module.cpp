@@ -723,8 +723,9 @@ void check_arrays(std::vector<std::pair<std::string, py::object>> written,
 // clip_grads). Neither synchronises. --------------------------------------------------------
 
 // The norm array checked: a float dtype, one element, on the device of the plan's arrays
-// (or the call's, when every array is empty), not overlapping any array of its role 0
-// (`role`: the grads of a clipping call, the params of a step). Returns the device.
+// (or the call's, when every array is empty), overlapping no array of its role 0 (`role`:
+// the grads of a clipping call, the params of a step) nor any other the call writes (a
+// step's state, master params). Returns the device.
 int checked_norm_array(const DeviceArray& a, const char* name, const DevicePlan& plan,
                        intptr_t stream, const char* role) {
   if (!cuda::is_float(a.dtype))
@@ -744,6 +745,8 @@ int checked_norm_array(const DeviceArray& a, const char* name, const DevicePlan&
       if (a.ptr < begin + uintptr_t(t.size[k]) * bytes && begin < end)
         throw py::value_error(std::string(name) + ": overlaps one of " + role + " in memory");
     }
+  if (const fastopt::bindings::Span* s = plan.written_overlap(a.ptr, end))
+    throw py::value_error(std::string(name) + ": overlaps one of " + s->role + " in memory");
   check_stream_device(stream, device);
   return device;
 }

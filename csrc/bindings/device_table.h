@@ -359,6 +359,13 @@ class DevicePlan {
   }
 
   const cuda::LaunchTables& tables() const { return tables_; }
+  // The array the call writes that the bytes [begin, end) overlap, or null.
+  const Span* written_overlap(uintptr_t begin, uintptr_t end) const {
+    // written_ is sorted and disjoint: the first span ending after begin is the only candidate.
+    auto it = std::lower_bound(written_.begin(), written_.end(), begin,
+                               [](const Span& s, uintptr_t p) { return s.end <= p; });
+    return it != written_.end() && it->begin < end ? &*it : nullptr;
+  }
   DType dtype() const { return dtype_; }
   // The state arrays' type: the params' state type, or bfloat16 when the state is.
   DType state_dtype() const { return state_dtype_ ? *state_dtype_ : cuda::state_dtype(dtype_); }
@@ -576,17 +583,11 @@ class DevicePlan {
       const DeviceRoleSpec& role = roles.begin()[r];
       py::handle item = PyList_GET_ITEM(role.list.ptr(), i);
       const DeviceArray a = checked(item, role, r, i, listed, stream, &first);
-      if (a.size > 0) {
-        const uintptr_t end = a.ptr + uintptr_t(a.size) * cuda::element_size(a.dtype);
-        // written_ is sorted and disjoint: the first span ending after a.ptr is the only
-        // candidate for an overlap.
-        auto it = std::lower_bound(written_.begin(), written_.end(), a.ptr,
-                                   [](const Span& s, uintptr_t p) { return s.end <= p; });
-        if (it != written_.end() && it->begin < end)
+      if (a.size > 0)
+        if (const Span* s = written_overlap(a.ptr, a.ptr + uintptr_t(a.size) * cuda::element_size(a.dtype)))
           throw py::value_error(Where{role.name, i, listed}.str() + " overlaps " +
-                                Where{it->role, it->index, listed}.str() +
+                                Where{s->role, s->index, listed}.str() +
                                 " in memory; arrays updated in place must not alias");
-      }
       fresh.push_back(Entry::make(item, role.written, a));
     }
     for (size_t k = 0; k < changed.size(); ++k) {

@@ -62,10 +62,9 @@ def step_grad_scale(
         if all(type(g) is torch.Tensor for g in grads) and all(
             g.dtype == first.dtype and g.device == first.device for g in grads
         ):
-            out, _ = clip.device_norm(grads, True, 2.0, None)
+            out, reads = clip.device_clip(grads, True, limit * grad_scale, None)
             norm = out.to(first.dtype) if out.dtype != first.dtype else out
-            kernels = {"grad_norm": out, "max_grad_norm": limit * grad_scale}
-            return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, kernels
+            return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, reads
         norm = clip_grad_norm_(params, limit * grad_scale)
         return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, {}
     scaled, lists = _host_norm(grads, 2.0, False)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+import re
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-__all__ = ["real", "flag", "step_count"]
+__all__ = ["real", "flag", "step_count", "whole", "renamed_entries"]
 
 
 def real(
@@ -57,3 +58,30 @@ def step_count(value: Any, name: str = "step") -> int:
     if v < 1:
         raise ValueError(f"{name}: must be >= 1 (the 1-based count of this step), got {v}")
     return v
+
+
+def whole(name: str, value: Any, lo: int, hi: Optional[int] = None, what: str = "") -> int:
+    """``value`` (a Python or NumPy integer, not a bool) as an int in [lo, hi) (hi None: no
+    bound), else a TypeError/ValueError naming it; ``what`` follows "an integer" in the
+    message for another type."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer{what}, got {type(value).__name__}")
+    v = int(value)
+    if hi is None and v < lo:
+        raise ValueError(f"{name}: must be >= {lo}, got {v}")
+    if hi is not None and not lo <= v < hi:
+        power = hi.bit_length() - 1
+        top = f"2**{power}" if hi == 1 << power and power > 16 else str(hi)
+        raise ValueError(f"{name}: must be in [{lo}, {top}), got {v}")
+    return v
+
+
+# An entry of a list argument in a binding's message: "grads[3]", "absmax['exp_avgs'][3]".
+_ENTRY = re.compile(r"\b([A-Za-z_]+(?:\['[A-Za-z_]+'\])?)\[(\d+)\]")
+
+
+def renamed_entries(exc: Exception, name: Callable[[str, int], str]) -> Exception:
+    """``exc`` (a binding's TypeError/ValueError) again, with each list entry its message
+    names (``grads[3]``: role "grads", index 3) as ``name(role, index)``: a call over part
+    of the caller's lists names the entry the caller knows."""
+    return type(exc)(_ENTRY.sub(lambda m: name(m[1], int(m[2])), str(exc)))

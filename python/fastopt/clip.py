@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -157,3 +157,13 @@ def step_grad_scale(grads: List[Any], listed: bool, max_grad_norm: float) -> Tup
     grads by as it loads them: ``grad_clip``). The grads are never written."""
     norm = host_norm(grads, listed, 2.0, False)
     return norm, coefficient(max_grad_norm, norm)
+
+
+def device_clip(
+    grads: List[Any], listed: bool, max_grad_norm: float, stream: Any
+) -> Tuple[Any, Dict[str, Any]]:
+    """``max_grad_norm`` on CUDA grads before a step: (their 2-norm, in device memory; the
+    step kernel's keywords that read it there and scale the grads as they are loaded: two
+    passes, the grads never written, nothing waits for the device)."""
+    out, _ = device_norm(grads, listed, 2.0, stream)
+    return out, {"grad_norm": out, "max_grad_norm": max_grad_norm}

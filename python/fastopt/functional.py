@@ -71,7 +71,7 @@ import numpy as np
 from . import _arrays, _ext, clip
 from ._arrays import ArrayOrList, as_list
 from ._specs import EMA, OPTIMIZERS, OptimizerSpec, binding_mismatches
-from ._validate import step_count
+from ._validate import step_count, whole
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "lion_", "ema_"]
 
@@ -224,8 +224,8 @@ class StepKernel:
         limit = clip.max_norm_of(max_grad_norm, "max_grad_norm")
         grads = lists[1]
         if grads and _arrays.on_device(grads[0]):
-            out, _ = clip.device_norm(grads, listed, 2.0, stream)
-            return out, {**kw, "grad_norm": out, "max_grad_norm": limit}
+            out, reads = clip.device_clip(grads, listed, limit, stream)
+            return out, {**kw, **reads}
         norm, c = clip.step_grad_scale(grads or [], listed, limit)
         return norm, kw if c == 1.0 else {**kw, "grad_clip": c}
 
@@ -283,11 +283,7 @@ def stochastic_rounding(rounding: Any, seed: Any) -> Dict[str, int]:
         raise ValueError(f"rounding: expected 'nearest' or 'stochastic', got {rounding!r}")
     if seed is None:
         return {"stochastic_seed": secrets.randbits(64)}
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed: expected an integer, got {type(seed).__name__}")
-    if not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
-    return {"stochastic_seed": int(seed)}
+    return {"stochastic_seed": whole("seed", seed, 0, 2**64)}
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:

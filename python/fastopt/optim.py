@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import re
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -53,7 +52,7 @@ import numpy as np
 from . import _arrays, _ext, functional, reference
 from ._arrays import ArrayOrList, as_list
 from ._specs import OPTIMIZERS, OptimizerSpec
-from ._validate import flag, real
+from ._validate import flag, real, renamed_entries
 
 Schedule = Callable[[int, float], float]
 # The state types the classes allocate: "float32" is the params' own state type (float32,
@@ -338,8 +337,7 @@ class Optimizer:
         indices = self._calls[k][0]
         if indices is None:
             return exc
-        message = _INDEXED.sub(lambda m: f"{m[1]}[{indices[int(m[2])]}]", str(exc))
-        return type(exc)(message)
+        return renamed_entries(exc, lambda role, i: f"{role}[{indices[i]}]")
 
     def _call_extra(self, extra: Dict[str, Any], k: int) -> Dict[str, Any]:
         """The keywords of a step's k-th kernel call: on the GPU each call has a plan of its
@@ -599,8 +597,6 @@ _STATE_DICT_KEYS = ("optimizer", "step", "lr", "hyper", "state")
 
 
 _FLOAT_STATE = ("float32", "float64", "float16", "bfloat16")
-# An entry of a list argument in a binding's message: "grads[3]", "absmax['exp_avgs'][3]".
-_INDEXED = re.compile(r"\b([A-Za-z_]+(?:\['[A-Za-z_]+'\])?)\[(\d+)\]")
 
 
 def _saved_part(

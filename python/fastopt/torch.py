@@ -162,7 +162,6 @@ import itertools
 import math
 import numbers
 import operator
-import re
 import threading
 from collections import defaultdict
 from typing import Any, Callable, DefaultDict, Dict, List, NamedTuple, Optional, Tuple, cast
@@ -173,7 +172,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from . import _arrays, _ext, functional, reference
 from ._specs import OPTIMIZERS, OptimizerSpec
 from ._torch_clip import clip_grad_norm_, step_grad_scale
-from ._validate import flag, real
+from ._validate import flag, real, renamed_entries, whole
 from .optim import check_state_dtype
 
 __all__ = [
@@ -1384,7 +1383,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         ):
             rebuilt.append(self._build(index, group, grads, used))
             cache = rebuilt[-1].cache
-        seed = group.get("rounding_seed") if group.get("stochastic_rounding") else None
+        seed = int(group["rounding_seed"]) if group.get("stochastic_rounding") else None
         for bucket in cache.buckets:
             runs.append(
                 (
@@ -1507,14 +1506,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _named(where: str, bucket: _Bucket, exc: Exception) -> Exception:
         """The kernel's error with its list positions ("grads[3]") as the group's params."""
 
-        def name(m: re.Match[str]) -> str:
-            role, k = m.group(1), int(m.group(2))
+        def name(role: str, k: int) -> str:
             if k >= len(bucket.index):
-                return m.group(0)
+                return f"{role}[{k}]"
             place = f"{where}['params'][{bucket.index[k]}]"
             return place if role == "params" else f"{place} ({role})"
 
-        return type(exc)(re.sub(r"\b([a-z_]+(?:\['[a-z_]+'\])?)\[(\d+)\]", name, str(exc)))
+        return renamed_entries(exc, name)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def __getstate__(self) -> Dict[str, Any]:
@@ -1637,18 +1635,10 @@ def _check_group_options(where: str, group: Dict[str, Any]) -> None:
             f"{name('master_weights')}: excludes stochastic_rounding (both are ways to keep "
             "the small updates of 16-bit params)"
         )
-    seed = group.get("rounding_seed")
     if rounding:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(
-                f"{name('rounding_seed')}: expected an integer (stochastic_rounding's seed), "
-                f"got {type(seed).__name__}"
-            )
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"{name('rounding_seed')}: must be in [0, 2**64), got {seed}")
-    least = group.get("min_8bit_size", STATE8_MIN_ELEMENTS)
-    if isinstance(least, bool) or not isinstance(least, int) or least < 1:
-        raise ValueError(f"{name('min_8bit_size')}: expected an integer >= 1, got {least!r}")
+        seed = group.get("rounding_seed")
+        whole(name("rounding_seed"), seed, 0, 2**64, " (stochastic_rounding's seed)")
+    whole(name("min_8bit_size"), group.get("min_8bit_size", STATE8_MIN_ELEMENTS), 1, what=" >= 1")
 
 
 def _steps_taken(name: str, value: Any) -> int:
@@ -2195,9 +2185,7 @@ def _bnb_options(
         raise ValueError("block_wise: fastopt's 8-bit state is always blockwise (True)")
     if is_paged is not False:
         raise ValueError("is_paged: paged optimizer state is not supported (False)")
-    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 1:
-        raise ValueError(f"min_8bit_size: expected an integer >= 1, got {min_8bit_size!r}")
-    return min_8bit_size
+    return whole("min_8bit_size", min_8bit_size, 1, what=" >= 1")
 
 
 def _eight_bit(opt: _FusedOptimizer, min_8bit_size: int) -> None:
