@@ -550,7 +550,8 @@ def test_array_classes_refuse_a_param_twice_or_overlapping(cls):
 
 TORCH_BAD_PARAMS = {
     "int dtype": (lambda: torch.ones(8, dtype=torch.int32), TypeError, "dtype torch.int32"),
-    "gaps": (lambda: torch.ones(16)[::2], ValueError, "has gaps"),
+    "gaps": (lambda: torch.ones(16)[::2], ValueError, "must be dense .* a slice with gaps"),
+    "expanded": (lambda: torch.ones(4).expand(3, 4), ValueError, "must be dense .* expanded"),
     "meta": (lambda: torch.ones(8, device="meta"), TypeError, "meta tensor"),
     "sparse": (lambda: torch.ones(8).to_sparse(), TypeError, "sparse"),
 }

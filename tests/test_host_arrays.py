@@ -464,3 +464,27 @@ def test_numpy_16bit_params_in_the_classes(dtype, rng):
     fastopt.adamw_([p], [grads], [m], [v], step=1, lr=0.01)
     np.testing.assert_array_equal(opt.params[0].view(np.uint16), p.view(np.uint16))
     np.testing.assert_array_equal(opt.state["exp_avgs"][0], m)
+
+
+@pytest.mark.parametrize("how", ["share_memory_", "data"])
+def test_array_classes_follow_torch_params_moved_in_place(how, rng):
+    """The array classes step PyTorch CPU params through NumPy views of their memory: a
+    param whose memory moved in place after construction (``share_memory_()`` frees the old
+    memory; ``p.data = ...`` replaces it) is stepped where it is now."""
+    init = [rng.standard_normal(n).astype(np.float32) for n in (5, 300, 33)]
+    grads = [[rng.standard_normal(a.size).astype(np.float32) for a in init] for _ in range(4)]
+    ref = [a.copy() for a in init]
+    ref_opt = fastopt.AdamW(ref, lr=0.01)
+    params = [torch.from_numpy(a.copy()) for a in init]
+    opt = fastopt.AdamW(params, lr=0.01)
+    for t, g in enumerate(grads):
+        ref_opt.step(g)
+        opt.step(g)
+        if t == 1:
+            for p in params[:2]:
+                if how == "share_memory_":
+                    p.share_memory_()
+                else:
+                    p.data = p.data.clone()
+    for p, r in zip(params, ref):
+        np.testing.assert_array_equal(p.numpy(), r)

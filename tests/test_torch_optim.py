@@ -11,6 +11,8 @@ are checked against fastopt's array-list classes (the same kernels: bit for bit)
 from __future__ import annotations
 
 import collections
+import collections.abc
+import copy
 import io
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -241,6 +243,293 @@ def test_replaced_state_entries_are_used_like_torch():
             if t == 4:
                 opt.state[params[1]] = {}
         _assert_same_state(fopt, topt, fp, tp, f"replaced state, step {t + 1}")
+
+
+@pytest.mark.parametrize("how", ["data", "set_"])
+@pytest.mark.parametrize("name,opts", [("Adam", dict(amsgrad=True)), ("SGD", dict(momentum=0.9))])
+def test_state_storage_replaced_in_place_is_seen_like_torch(name, opts, how):
+    """A state tensor whose memory is replaced in place between steps (``t.data = ...``, as
+    the common "move the optimizer state" loop does, or ``t.set_(...)``): the next step
+    updates the new memory, as torch.optim does, and never the old (freed) one."""
+    (tp, topt, _), (fp, fopt, _) = _pair(name, opts, 0.01)
+    gen = torch.Generator().manual_seed(17)
+    for t in range(6):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            opt.step()
+            if t in (1, 3):
+                for st in opt.state.values():
+                    for k, v in st.items():
+                        if k != "step":
+                            fresh = v.detach().clone()
+                            if how == "data":
+                                v.data = fresh
+                            else:
+                                v.set_(fresh)
+        _assert_same_state(fopt, topt, fp, tp, f"state memory replaced ({how}), step {t + 1}")
+
+
+def test_param_memory_relaid_in_place_is_seen_like_torch():
+    """``p.data = p.data.t()`` on a square param keeps its data pointer and size but not the
+    order of its elements (its grads follow the new strides): stepped as torch steps it."""
+    outs = []
+    for module in (torch.optim, ft):
+        torch.manual_seed(3)
+        p = torch.nn.Parameter(torch.randn(5, 5))
+        kw = dict(foreach=False) if module is torch.optim else {}
+        opt = module.Adam([p], lr=0.1, **kw)
+        for t in range(4):
+            p.grad = torch.arange(25.0).reshape(5, 5) / 25 + t
+            opt.step()
+            if t == 1:
+                p.data = p.data.t()
+                opt.state[p]["exp_avg"].data = opt.state[p]["exp_avg"].data.t()
+                opt.state[p]["exp_avg_sq"].data = opt.state[p]["exp_avg_sq"].data.t()
+        outs.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-6, atol=1e-7)
+    for k in outs[0][1]:
+        torch.testing.assert_close(outs[1][1][k], outs[0][1][k], rtol=1e-6, atol=1e-7)
+
+
+def test_state_memory_shrunk_in_place_is_refused_naming_it():
+    """A state tensor resized in place to another size is refused at the next step, naming
+    it, with nothing written (its old memory is never used)."""
+    ps = [torch.nn.Parameter(torch.randn(300)) for _ in range(3)]
+    opt = ft.AdamW(ps, lr=0.01)
+    for p in ps:
+        p.grad = torch.randn(300)
+    opt.step()
+    opt.state[ps[1]]["exp_avg_sq"].resize_(7)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\]"):
+        opt.step()
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b)
+
+
+def test_tensor_layouts_binding_refuses_what_is_not_a_list_of_tensors():
+    from fastopt._ext import _cpu
+
+    a = torch.randn(4, 3)
+    words = np.frombuffer(_cpu.tensor_layouts([a, a.t()]), dtype=np.int64)
+    # pointer, device, dtype, ndim, shape, strides: per tensor
+    assert list(words[3:8]) == [2, 4, 3, 3, 1] and list(words[11:16]) == [2, 3, 4, 1, 3]
+    assert words[0] == words[8] == a.data_ptr()
+    assert _cpu.tensor_layouts([]) == b""
+    with pytest.raises(TypeError, match=r"^tensors: expected a list of torch tensors, got tuple"):
+        _cpu.tensor_layouts((a,))
+    with pytest.raises(TypeError, match=r"^tensors\[1\]: expected a torch tensor, got numpy"):
+        _cpu.tensor_layouts([a, np.ones(3)])
+
+
+@pytest.mark.parametrize("name,opts", [("SGD", dict(momentum=0.9)), ("Adagrad", {}),
+                                       ("RMSprop", dict(centered=True)), ("Adam", {}),
+                                       ("AdamW", dict(amsgrad=True))])
+def test_steps_inside_inference_mode_like_torch(name, opts):
+    """torch.optim steps inside torch.inference_mode() (its state then made of inference
+    tensors, which have no version counter); so does fastopt.torch, to the same values,
+    and a later step outside it fails or runs as torch's does (Adagrad makes its state at
+    construction, outside the mode)."""
+    (tp, topt, _), (fp, fopt, _) = _pair(name, opts, 0.01)
+    gen = torch.Generator().manual_seed(5)
+    for t in range(3):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            with torch.inference_mode():
+                opt.step()
+        _assert_same_state(fopt, topt, fp, tp, f"inference mode, step {t + 1}")
+    outcomes = []
+    for opt in (topt, fopt):
+        try:
+            opt.step()
+            outcomes.append("stepped")
+        except RuntimeError as exc:
+            assert "Inplace update to inference tensor" in str(exc)
+            outcomes.append("refused")
+    assert outcomes[0] == outcomes[1]
+    if outcomes[0] == "stepped":  # (a refused torch.optim step may have written some params)
+        _assert_same_state(fopt, topt, fp, tp, "outside inference mode")
+
+
+def test_sgd_without_momentum_keeps_no_state_like_torch():
+    """SGD with momentum 0 makes no state entries (torch.optim's state_dict()['state'] is
+    {}); turning momentum on later makes the buffers as torch.optim does."""
+    (tp, topt, _), (fp, fopt, _) = _pair("SGD", {}, 0.01)
+    gen = torch.Generator().manual_seed(9)
+    for t in range(4):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            if t == 2:
+                for group in opt.param_groups:
+                    group["momentum"] = 0.9
+            opt.step()
+        assert len(fopt.state) == len(topt.state), t
+        assert fopt.state_dict()["state"].keys() == topt.state_dict()["state"].keys(), t
+        _assert_same_state(fopt, topt, fp, tp, f"SGD momentum 0 then 0.9, step {t + 1}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_load_state_dict_hooks_run_around_the_load_like_torch(dtype):
+    """The pre-hooks see (and may replace) the checkpoint before it is read; the post-hooks
+    run after the state is in place: their edits stay, for 16-bit params too (whose
+    float32 state fastopt writes back after torch's load)."""
+    got = []
+    for module in (torch.optim, ft):
+        p = torch.nn.Parameter(torch.ones(4, dtype=dtype))
+        opt = module.Adam([p], lr=0.1)
+        p.grad = torch.ones(4, dtype=dtype)
+        opt.step()
+        saved = copy.deepcopy(opt.state_dict())
+
+        def pre(o, sd):
+            sd = copy.deepcopy(sd)
+            for entry in sd["state"].values():
+                entry["exp_avg"] = torch.full_like(entry["exp_avg"], 7.0)
+            return sd
+
+        def post(o):
+            for entry in o.state.values():
+                entry["exp_avg_sq"] = torch.zeros_like(entry["exp_avg_sq"])
+
+        opt.register_load_state_dict_pre_hook(pre)
+        opt.register_load_state_dict_post_hook(post)
+        opt.load_state_dict(saved)
+        got.append({k: v.float().tolist() for k, v in opt.state[p].items()})
+    assert got[1] == got[0]
+    assert got[1]["exp_avg"] == [7.0] * 4 and got[1]["exp_avg_sq"] == [0.0] * 4
+
+
+def test_a_pre_hook_may_migrate_a_foreign_8bit_checkpoint():
+    """bitsandbytes names its 8-bit state state1/absmax1...: a pre-hook renaming the keys
+    makes such a checkpoint loadable, as torch.optim's hook protocol intends."""
+    p = torch.nn.Parameter(torch.randn(4096))
+    opt = ft.Adam8bit([p], lr=1e-3)
+    p.grad = torch.randn(4096)
+    opt.step()
+    st = opt.state_dict()["state"][0]
+    names = {"state1": "exp_avg", "absmax1": "exp_avg_absmax", "state2": "exp_avg_sq",
+             "absmax2": "exp_avg_sq_absmax"}
+    foreign = {"state": {0: {"step": st["step"],
+                             **{bnb: st[ours] for bnb, ours in names.items()}}},
+               "param_groups": opt.state_dict()["param_groups"]}
+    other = ft.Adam8bit([p], lr=1e-3)
+    other.register_load_state_dict_pre_hook(
+        lambda o, sd: {"state": {k: {names.get(n, n): v for n, v in e.items()}
+                                 for k, e in sd["state"].items()},
+                       "param_groups": sd["param_groups"]})
+    other.load_state_dict(foreign)
+    for key in names.values():
+        assert torch.equal(other.state[p][key], st[key]), key
+
+
+def test_a_librarys_own_uint8_state_entry_loads_like_torch():
+    """A key of a param's state that is not the optimizer's (here a library's uint8 mask)
+    is saved and loaded as torch.optim does (cast to the param's dtype), not taken for
+    8-bit state."""
+    loaded = []
+    for module in (torch.optim, ft):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = module.Adam([p], lr=0.1)
+        for _ in range(2):
+            p.grad = torch.ones(3)
+            opt.step()
+            opt.state[p]["keep_mask"] = torch.ones(3, dtype=torch.uint8)
+        other = module.Adam([p], lr=0.1)
+        other.load_state_dict(opt.state_dict())
+        loaded.append(other.state[p]["keep_mask"])
+        p.grad = torch.ones(3)
+        other.step()
+    assert loaded[1].dtype == loaded[0].dtype and torch.equal(loaded[1], loaded[0])
+
+
+class _ListLike(collections.abc.Sequence):
+    """A config library's list (OmegaConf's ListConfig is a Sequence, not a list)."""
+
+    def __init__(self, *items):
+        self.items = items
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def __len__(self):
+        return len(self.items)
+
+
+TORCH_ACCEPTS = {
+    "Adam eps 0": ("Adam", dict(eps=0.0)),
+    "Adagrad eps 0": ("Adagrad", dict(eps=0.0)),
+    "RMSprop eps 0": ("RMSprop", dict(eps=0.0)),
+    "RMSprop alpha 1.5": ("RMSprop", dict(alpha=1.5)),
+    "Adam amsgrad 0": ("Adam", dict(amsgrad=0)),
+    "AdamW amsgrad 1": ("AdamW", dict(amsgrad=1)),
+    "Adam maximize None": ("Adam", dict(maximize=None)),
+    "SGD dampening 1.5": ("SGD", dict(momentum=0.9, dampening=1.5)),
+    "SGD nesterov 1": ("SGD", dict(momentum=0.9, nesterov=1)),
+    "Adam betas ndarray": ("Adam", dict(betas=np.array([0.8, 0.95]))),
+    "AdamW betas sequence": ("AdamW", dict(betas=_ListLike(0.8, 0.95))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TORCH_ACCEPTS))
+def test_hyper_parameters_torch_accepts_are_accepted(case):
+    """What torch.optim takes (eps 0, any dampening, 0/1/None for a bool option, betas as
+    any pair) fastopt.torch takes, to the same trajectory."""
+    name, opts = TORCH_ACCEPTS[case]
+    (tp, topt, _), (fp, fopt, _) = _pair(name, opts, 0.01)
+    gen = torch.Generator().manual_seed(4)
+    for t in range(3):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            opt.step()
+        _assert_same_state(fopt, topt, fp, tp, f"{case}, step {t + 1}")
+
+
+@pytest.mark.parametrize("opts,kind,match", [
+    (dict(amsgrad="no"), TypeError, "amsgrad: expected a bool, got str"),
+    (dict(amsgrad=2), TypeError, "amsgrad: expected a bool, got int"),
+    (dict(betas="ab"), TypeError, r"betas: expected a pair"),
+    (dict(betas=np.array([0.9, 0.99, 0.999])), TypeError, r"betas: expected a pair"),
+    (dict(eps=-1e-8), ValueError, "eps: must be in"),
+    (dict(fused=True, foreach=True), RuntimeError, "cannot be `True` together"),
+])
+def test_hyper_parameters_torch_refuses_are_refused(opts, kind, match):
+    with pytest.raises(kind, match=match):
+        ft.Adam([torch.nn.Parameter(torch.ones(2))], **opts)
+
+
+def test_adagrad_share_memory_like_torch():
+    """torch.optim.Adagrad.share_memory() moves the state to shared memory in place; the
+    next step steps the moved state (the old memory is freed)."""
+    (tp, topt, _), (fp, fopt, _) = _pair("Adagrad", {}, 0.01)
+    gen = torch.Generator().manual_seed(6)
+    for t in range(4):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            opt.step()
+            if t == 1:
+                opt.share_memory()
+        _assert_same_state(fopt, topt, fp, tp, f"shared memory, step {t + 1}")
+    assert all(s["sum"].is_shared() for s in fopt.state.values())
+
+
+def test_shallow_copy_shares_the_state_like_torch():
+    """copy.copy(opt) is a second optimizer over the same state: stepping the two in turn
+    is one trajectory, as with torch.optim."""
+    (tp, topt, _), (fp, fopt, _) = _pair("Adam", dict(amsgrad=True), 0.01)
+    copies = [copy.copy(topt), copy.copy(fopt)]
+    assert copies[1].state is fopt.state
+    gen = torch.Generator().manual_seed(8)
+    for t in range(5):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt in ((tp, (topt, copies[0])[t % 2]), (fp, (fopt, copies[1])[t % 2])):
+            _set_grads(params, grads)
+            opt.step()
+        _assert_same_state(fopt, topt, fp, tp, f"shallow copies in turn, step {t + 1}")
 
 
 def test_state_edits_between_steps_are_seen_like_torch():
@@ -875,7 +1164,7 @@ def test_params_with_gaps_are_refused():
     p = torch.nn.Parameter(torch.randn(4, 8)[:, ::2])  # a leaf viewing every other column
     p.grad = torch.ones(4, 4)
     before = p.detach().clone()
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]: has gaps"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]: must be dense"):
         ft.Adam([p]).step()
     assert torch.equal(p.detach(), before)
 

@@ -97,6 +97,57 @@ class ArrayTable {
   cpu::DType state_dtype() const { return state_dtype_ ? *state_dtype_ : cpu::state_dtype(dtype_); }
   int64_t total() const { return offsets_.back(); }
 
+  // Appends to `out` where torch tensor `obj` keeps its elements: data pointer, device,
+  // dtype, shape and strides, as 64-bit words. Plain tensors (torch.Tensor, nn.Parameter)
+  // are read through torch's DLPack exchange table, with no Python call; others through
+  // data_ptr(), device, dtype, shape and stride(). fastopt.torch compares these words
+  // between steps to see memory replaced in place (t.data = ..., t.set_(...), resize_()).
+  static void torch_layout(PyObject* obj, const Where& where_, std::vector<int64_t>& out) {
+    const TorchTypes* tt = torch_types();
+    const PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(obj));
+    if (tt && tt->exchange && (type == tt->tensor.ptr() || type == tt->parameter.ptr())) {
+      dlpack::Tensor t;
+      if (tt->exchange->dltensor_from_py_object_no_sync(obj, &t) == 0) {
+        out.push_back(int64_t(reinterpret_cast<uintptr_t>(t.data) + t.byte_offset));
+        out.push_back(int64_t(t.device.device_type) << 32 | uint32_t(t.device.device_id));
+        out.push_back(int64_t(t.dtype.code) << 32 | int64_t(t.dtype.bits) << 16 | t.dtype.lanes);
+        out.push_back(t.ndim);
+        out.insert(out.end(), t.shape, t.shape + t.ndim);
+        if (t.strides) {
+          out.insert(out.end(), t.strides, t.strides + t.ndim);
+        } else {  // C order
+          const size_t first = out.size();
+          out.resize(first + size_t(t.ndim));
+          for (int64_t d = t.ndim - 1, step = 1; d >= 0; step *= t.shape[d], --d)
+            out[first + size_t(d)] = step;
+        }
+        return;
+      }
+      PyErr_Clear();  // no storage, a negative view...: described below
+    }
+    const int is_tensor = tt ? PyObject_IsInstance(obj, tt->tensor.ptr()) : 0;
+    if (is_tensor < 0) throw py::error_already_set();
+    if (!is_tensor)
+      throw py::type_error(where_.str() + ": expected a torch tensor, got " + Py_TYPE(obj)->tp_name);
+    const py::handle t(obj);
+    const py::object data = FASTOPT_HOST_CALL(t, "data_ptr");
+    out.push_back(int64_t(reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(data.ptr()))));
+    // The device and dtype objects' identities: torch keeps one object per dtype, and a
+    // device compares by value (its hash), so both are stable while the tensor's are.
+    out.push_back(int64_t(py::hash(FASTOPT_HOST_ATTR(t, "device"))));
+    out.push_back(int64_t(reinterpret_cast<uintptr_t>(FASTOPT_HOST_ATTR(t, "dtype").ptr())));
+    const py::object shape = FASTOPT_HOST_ATTR(t, "shape");
+    const py::object strides = FASTOPT_HOST_CALL(t, "stride");
+    if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr()))
+      throw py::type_error(where_.str() + ": its shape and stride() are not tuples");
+    const Py_ssize_t nd = PyTuple_GET_SIZE(shape.ptr());
+    out.push_back(nd);
+    for (Py_ssize_t d = 0; d < nd; ++d) out.push_back(PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), d)));
+    for (Py_ssize_t d = 0; d < PyTuple_GET_SIZE(strides.ptr()); ++d)
+      out.push_back(PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), d)));
+    if (PyErr_Occurred()) throw py::error_already_set();
+  }
+
   // The Python callable (name, obj) -> ndarray used for arrays that are not NumPy's.
   static py::object& array_adapter() {
     static py::object* adapter = new py::object();  // never destroyed: no Python at exit

@@ -513,6 +513,21 @@ void check_params(py::object params, py::object listed) {
   const ArrayTable arrays(roles, fastopt::bindings::scalar_arg<bool>(listed, "listed"));
 }
 
+// Where each torch tensor of the list keeps its elements (ArrayTable::torch_layout), as
+// bytes: equal bytes, the same memory laid out the same way.
+py::bytes tensor_layouts(py::handle tensors) {
+  if (!PyList_Check(tensors.ptr()))
+    throw py::type_error(std::string("tensors: expected a list of torch tensors, got ") +
+                         Py_TYPE(tensors.ptr())->tp_name);
+  std::vector<int64_t> words;
+  const Py_ssize_t n = PyList_GET_SIZE(tensors.ptr());
+  words.reserve(size_t(n) * 6);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    ArrayTable::torch_layout(PyList_GET_ITEM(tensors.ptr(), i), {"tensors", size_t(i), true}, words);
+  }
+  return py::bytes(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(int64_t));
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = FASTOPT_VERSION;
@@ -571,6 +586,9 @@ PYBIND11_MODULE(_cpu, m) {
         arg("writeable"), "Sum of |g|^norm_type over a list of grads of one dtype (max |g| for inf)");
   m.def("scale_grads", &scale_grads, arg("grads"), arg("listed"), arg("coefficient"),
         "g <- g * coefficient in place, over a list of grads of one dtype");
+  m.def("tensor_layouts", &tensor_layouts, arg("tensors"),
+        "Where each torch tensor keeps its elements (pointer, device, dtype, shape, strides), "
+        "as bytes to compare");
   m.def("check_params", &check_params, arg("params"), arg("listed"),
         "Checks an optimizer's params as its steps will (raises naming the bad one)");
   m.def("set_cpu_path", [](py::object path) {

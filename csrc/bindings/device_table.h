@@ -342,11 +342,11 @@ class DevicePlan {
         for (size_t i = 0; i < entries.size(); ++i) {
           PyObject* item = PyList_GET_ITEM(list, i);
           const Entry& e = entries[i];
-          // The state arrays are the optimizer's own: only the caller's arrays (params,
-          // grads) can have had their storage replaced.
-          if (e.is(item) &&
-              (!e.torch || role.kind == RoleKind::state || role.kind == RoleKind::absmax ||
-               torch_unchanged(item, e.ptr, e.size, e.strides)))
+          // The written state arrays are the optimizer's own, held by the plan: only the
+          // caller's arrays (params, grads; read-only state such as Sophia's Hessian,
+          // held weakly) can have had their storage replaced.
+          const bool own = role.written && (role.kind == RoleKind::state || role.kind == RoleKind::absmax);
+          if (e.is(item) && (!e.torch || own || torch_unchanged(item, e.ptr, e.size, e.strides)))
             continue;
           if (r == 0 || role.written) rebuild = true;
           changed.emplace_back(r, i);

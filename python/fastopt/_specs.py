@@ -190,7 +190,7 @@ SGD = OptimizerSpec(
     hyper={
         "lr": Real(None),
         "momentum": NONNEG,
-        "dampening": _unit(0.0),
+        "dampening": Real(0.0, lo=-math.inf),  # any, as torch.optim.SGD allows
         "nesterov": Flag(),
         "weight_decay": NONNEG,
         "maximize": Flag(),
@@ -211,7 +211,7 @@ ADAGRAD = OptimizerSpec(
         "lr": Real(1e-2),
         "lr_decay": NONNEG,
         "weight_decay": NONNEG,
-        "eps": _positive(1e-10),
+        "eps": Real(1e-10),  # >= 0, as torch.optim allows
         "maximize": Flag(),
         "l1": NONNEG,
     },
@@ -233,8 +233,8 @@ RMSPROP = OptimizerSpec(
     ),
     hyper={
         "lr": Real(1e-2),
-        "alpha": _unit(0.99),
-        "eps": _positive(1e-8),
+        "alpha": Real(0.99),  # >= 0, as torch.optim.RMSprop allows
+        "eps": Real(1e-8),  # >= 0, as torch.optim allows
         "weight_decay": NONNEG,
         "momentum": NONNEG,
         "centered": Flag(),
@@ -263,7 +263,7 @@ ADAM = OptimizerSpec(
         "lr": Real(1e-3),
         "beta1": _beta(0.9),
         "beta2": _beta(0.999),
-        "eps": _positive(1e-8),
+        "eps": Real(1e-8),  # >= 0, as torch.optim allows
         "weight_decay": NONNEG,
         "decoupled_weight_decay": Flag(),
         "amsgrad": Flag(),
@@ -284,7 +284,7 @@ ADAMW = OptimizerSpec(
         "lr": Real(1e-3),
         "beta1": _beta(0.9),
         "beta2": _beta(0.999),
-        "eps": _positive(1e-8),
+        "eps": Real(1e-8),  # >= 0, as torch.optim allows
         "weight_decay": Real(1e-2),
         "amsgrad": Flag(),
         "maximize": Flag(),

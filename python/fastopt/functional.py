@@ -203,7 +203,8 @@ class StepKernel:
             device = {**checked.kw, **device}
         norm = None
         if max_grad_norm is not None:
-            norm, extra = self.clip(lists, listed, extra, max_grad_norm, stream)
+            # on the step's stream (the params' library's), whichever library the grads are
+            norm, extra = self.clip(lists, listed, extra, max_grad_norm, device.get("stream"))
         kernel(*lists, listed, **extra, **device)
         return norm
 

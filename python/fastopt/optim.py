@@ -91,11 +91,22 @@ class Optimizer:
         master_weights: bool = False,
     ):
         self._listed = isinstance(params, (list, tuple))
+        given = as_list("params", params, self._listed)
         self.params: List[Any] = [
-            _arrays.param_array(f"params[{i}]", a)
-            for i, a in enumerate(as_list("params", params, self._listed))
+            _arrays.param_array(f"params[{i}]", a) for i, a in enumerate(given)
         ]
         _check_params(self.params, self._listed)
+        # PyTorch CPU params are stepped through NumPy views of their memory: where each
+        # keeps it is compared at every step, and the views follow a move in place
+        # (p.data = ..., share_memory_(), which frees the memory an old view points at).
+        torch_host = [
+            i for i, a in enumerate(given) if _arrays._is_torch(a) and not _arrays.on_device(a)
+        ]
+        self._torch_params = [given[i] for i in torch_host]
+        self._torch_indices = torch_host
+        self._torch_layouts = (
+            _ext._cpu.tensor_layouts(self._torch_params) if self._torch_params else b""
+        )
         self._lock = threading.RLock()  # see the module docstring (RLock: a signal handler
         # saving a checkpoint while its thread steps must not deadlock)
         # On the GPU the checked launch tables are kept between steps (see
@@ -269,6 +280,8 @@ class Optimizer:
         ``fastopt.clip_grad_norm_`` (without writing them on the host; see
         ``fastopt.functional``), and the norm before clipping is returned (else None)."""
         with self._lock:
+            if self._torch_params:
+                self._follow_torch_params()
             t = self._step + 1
             kw = {**self._kw, "lr": self.current_lr()}
             if self._masks is not None:
@@ -305,7 +318,9 @@ class Optimizer:
                         raise self._named_as_whole(exc, n) from None
             norm = None
             if max_grad_norm is not None:
-                norm, clipped = self._kernel.clip(lists, self._listed, {}, max_grad_norm, stream)
+                norm, clipped = self._kernel.clip(  # on the step's stream
+                    lists, self._listed, {}, max_grad_norm, extra.get("stream")
+                )
                 for _, call_kw, _ in runs:
                     call_kw.update(clipped)
             # Counted before the kernel runs (an attribute store, where no signal is
@@ -330,6 +345,18 @@ class Optimizer:
                 if not refused:
                     self._queued_on(stream)
         return norm
+
+    def _follow_torch_params(self) -> None:
+        """PyTorch CPU params whose memory moved in place since the last step: their NumPy
+        views made again (and checked as at construction)."""
+        layouts = _ext._cpu.tensor_layouts(self._torch_params)
+        if layouts == self._torch_layouts:
+            return
+        params = list(self.params)
+        for i, t in zip(self._torch_indices, self._torch_params):
+            params[i] = _arrays.param_array(f"params[{i}]", t)
+        _check_params(params, self._listed)
+        self.params, self._torch_layouts = params, layouts
 
     def _named_as_whole(self, exc: Exception, k: int) -> Exception:
         """A TypeError/ValueError of the step's k-th kernel call, naming an entry of the

@@ -16,13 +16,15 @@ the CPU NumPy views of params and state, on the GPU the launch tables of
 ``fastopt._cuda.Plan``) are kept between steps and rebuilt only when the set of params with
 a grad changes (or a param of a group's list is replaced), the group's options change, or
 the state changes (``load_state_dict``; an entry, a state tensor or a step count replaced
-or edited in place, a key added or removed). The buckets keep each param's state entry and
-every tensor they read from it and compare them at each step by identity (the state dict's
-keys and values, the entries' tensors; no ``state[p]`` lookups unless the state dict
-changed); a rebuild checks the state as a first step does, so an entry or a tensor
-replaced between steps is checked, then stepped, as in torch.optim. What is not seen: a
-state tensor's storage replaced in place (``t.data = ...``, ``t.set_(...)``: the state is
-the optimizer's; replace the entry, ``state[p][key] = t2``, instead). Params whose
+or edited in place, a key added or removed), or the memory of a param or a state tensor is
+replaced in place (``t.data = ...``, as the usual loop that moves optimizer state between
+devices does, ``t.set_(...)``, ``resize_()``). The buckets keep each param's state entry
+and every tensor they read from it and compare them at each step by identity (the state
+dict's keys and values, the entries' tensors; no ``state[p]`` lookups unless the state dict
+changed), and where those tensors keep their elements (pointer, dtype, shape, strides: one
+C call over the bucket, ~70 ns per tensor); a rebuild checks the state as a first step
+does, so an entry or a tensor replaced between steps is checked, then stepped, as in
+torch.optim. Params whose
 ``.grad`` is None are skipped and keep their state, as in torch.optim. A param may be in
 one group only (torch.optim's rule; a step refuses one put in two groups past
 ``add_param_group``).
@@ -39,17 +41,28 @@ like the param (``torch.zeros_like``, same strides; a DTensor for a DTensor para
 that float16/bfloat16 params get float32 state and float32 math, the kernels' rule on every
 device (``load_state_dict`` keeps such state float32; torch.optim would cast it to the
 param's dtype). The step counts of a bucket are 0-d views of one tensor (one add per step
-instead of one per param); a rebuild repacks them and puts the new views in the state.
+instead of one per param); a rebuild repacks them and puts the new views in the state, so
+a ``state[p]["step"]`` held from before a rebuild (or a ``state_dict()`` taken then) stops
+following the count while its other tensors, being the live ones as in torch.optim, go on:
+take a ``state_dict()`` when it is saved or sent.
 
 Decisions, where torch.optim offers a choice:
 - ``foreach`` and ``fused`` are accepted and stored in the groups (checkpoints carry them) and
-  change nothing: every step is already one fused multi-tensor call.
+  change nothing: every step is already one fused multi-tensor call (both True together is
+  refused, as torch refuses it).
+- Hyper-parameters take what torch.optim takes: ``betas`` any pair (a tuple, a list, a NumPy
+  array, a config library's list), ``eps`` >= 0, any ``dampening``, RMSprop's ``alpha`` >= 0,
+  and for the bool options also 0, 1 and None (False), as torch reads them by truth value;
+  other values of a bool option (a string) raise a TypeError naming it.
 - ``capturable=True`` and ``differentiable=True`` are rejected with a ValueError (at
   construction, and at a step when a loaded checkpoint's group sets them): the kernels take
   lr and the step count as host scalars and write in place outside autograd.
 - ``lr`` (and Adam's betas) may be 0-d tensors; they are read as Python floats at each step,
   which on the GPU costs a device-to-host copy when they live there.
 - Sparse gradients raise a TypeError naming the param (use torch.optim.SparseAdam).
+- A grad sharing memory with a param or a state tensor (``p.grad = p.detach()``) raises a
+  ValueError naming it: the one-pass kernel would read memory it writes (torch.optim's
+  separate ops define an order; pass ``p.detach().clone()``).
 - Params (and their grads and state) may be dense in any stride order (channels_last, a
   transposed view of a whole storage): they are stepped over their storage. A grad whose
   strides differ from its param's is copied to the param's strides for the call (it is not
@@ -163,14 +176,14 @@ import math
 import numbers
 import operator
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any, Callable, DefaultDict, Dict, List, NamedTuple, Optional, Tuple, cast
 
 import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _arrays, _ext, functional, reference
-from ._specs import OPTIMIZERS, OptimizerSpec
+from ._specs import OPTIMIZERS, Flag, OptimizerSpec
 from ._torch_clip import clip_grad_norm_, step_grad_scale
 from ._validate import flag, real, renamed_entries, whole
 from .optim import check_state_dtype
@@ -243,6 +256,23 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+_NOT_DENSE = (
+    "{}: must be dense (its elements filling one block of memory in some order): a slice "
+    "with gaps or an expanded view (stride 0) is not; fastopt steps dense tensors, make it "
+    "contiguous"
+)
+
+
+def _entry_size(entry: Optional[Dict[str, Any]]) -> int:
+    return 0 if entry is None else len(entry)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter; None for an inference tensor (made under
+    ``torch.inference_mode()``), which has none."""
+    return None if t.is_inference() else t._version
+
+
 def _is_dtensor(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
@@ -251,7 +281,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return cast(Any, t).to_local() if _is_dtensor(t) else t
 
 
-_DATA_PTR = torch.Tensor.data_ptr
 _GRAD = operator.attrgetter("grad")
 
 
@@ -380,8 +409,12 @@ class _Staged:
             self.changes.pop(key, None)
             self.removed.append(key)
 
-    def commit(self, state: Any) -> Dict[str, Any]:
-        """Writes the changes into ``state[param]`` (made if missing, as torch.optim's)."""
+    def commit(self, state: Any) -> Optional[Dict[str, Any]]:
+        """Writes the changes into ``state[param]`` (made if missing, as torch.optim's);
+        None where there is no entry and nothing to write (SGD without momentum keeps no
+        state, as torch.optim's)."""
+        if not self.changes and self.param not in state:
+            return None
         entry = state[self.param]
         for key in self.removed:
             entry.pop(key, None)
@@ -435,7 +468,7 @@ class _Bucket:
         "entries",
         "states",
         "written",
-        "param_ptrs",
+        "layouts",
         "param_views",
         "state_views",
         "masks",
@@ -448,7 +481,7 @@ class _Bucket:
         self,
         index: List[int],
         params: List[torch.Tensor],
-        entries: List[Dict[str, Any]],
+        entries: List[Optional[Dict[str, Any]]],
         keys: List[Optional[str]],
         steps: Optional[torch.Tensor],
         done: int,
@@ -460,7 +493,8 @@ class _Bucket:
         self.absmax_keys = absmax_keys
         self.index = index  # position of each param in the group's "params"
         self.params = params  # the group's params, in bucket order
-        self.entries = entries  # state[p] of each param (staged ones until committed)
+        # state[p] of each param (staged ones until committed; None: no entry, nothing kept)
+        self.entries = entries
         self.keys = keys  # per state array of the table: its state key, None if unused
         # Every key whose tensors the call reads (state arrays; master_weights: the float32
         # copies the kernel steps in the params' place, master_params=; 8-bit: the block
@@ -472,22 +506,21 @@ class _Bucket:
             self.tracked += absmax_keys.values()
         if steps is not None:
             self.tracked.append("step")
-        self.getters = [operator.itemgetter(k) for k in self.tracked]
+        # (a bucket with tracked keys has an entry for every param)
+        self.getters: List[Callable[[Any], Any]] = [operator.itemgetter(k) for k in self.tracked]
         self.steps = steps  # packed step counts, or None
         # their version after fastopt's own writes: another means they were edited
-        self.steps_version = None if steps is None else steps._version
+        self.steps_version = None if steps is None else _version(steps)
         self.done = done  # steps taken so far if the kernel takes step (it gets done + 1)
         self.params_inference = any(p.is_inference() for p in params)
         self.distributed = any(map(_is_dtensor, params))
         first = _local(params[0])
         self.plan = _ext._cuda.Plan() if first.is_cuda and _ext._cuda is not None else None
         # On the CPU the kernel is handed NumPy views of params and state (the binding reads
-        # a NumPy array in a fraction of a torch tensor's time), made once and checked at
-        # each step: a param whose data pointer moved (p.data = ...) gets a fresh view.
-        # Grads are passed as they are (new at every backward).
+        # a NumPy array in a fraction of a torch tensor's time), made once; where each
+        # tensor keeps its elements is compared at each step (see moved()). Grads are
+        # passed as they are (new at every backward).
         self.host = first.device.type == "cpu" and not self.distributed
-        self.param_ptrs: List[int] = []
-        self.param_views: List[Any] = []
         # the masks of a masked bucket, as the kernel takes them (masks are read only)
         self.masks: Optional[List[Any]] = None
         if masks is not None:
@@ -498,7 +531,7 @@ class _Bucket:
     def take(self) -> None:
         """Takes the entries' tensors, and the kernel's views of them."""
         self.held = [list(map(getter, self.entries)) for getter in self.getters]
-        self.sizes = list(map(len, self.entries))
+        self.sizes = list(map(_entry_size, self.entries))
         by_key = dict(zip(self.tracked, self.held))
         # per state array: the state tensors (None if unused), their kernel views
         self.states: List[Optional[List[torch.Tensor]]] = [
@@ -506,8 +539,14 @@ class _Bucket:
         ]
         read = [t for k, ts in by_key.items() if k != "step" for t in ts]
         self.written = self.params + read  # what a step writes: versions to bump
-        self.inference = self.params_inference or any(t.is_inference() for t in read)
+        self.layouts = self.memory()
+        self.inference = (
+            self.params_inference
+            or any(t.is_inference() for t in read)
+            or (self.steps is not None and self.steps.is_inference())
+        )
         view = _host_view if self.host else _local
+        self.param_views = list(map(view, self.params)) if self.host else self.params
         self.state_views: List[Optional[List[Any]]] = [
             None if s is None else list(map(view, s)) for s in self.states
         ]
@@ -523,7 +562,7 @@ class _Bucket:
         ``state[p]`` again, when the state dict changed)."""
         if look_up and not all(map(operator.is_, map(state.get, self.params), self.entries)):
             return False
-        if list(map(len, self.entries)) != self.sizes:  # a key added or removed
+        if list(map(_entry_size, self.entries)) != self.sizes:  # a key added or removed
             return False
         try:
             for getter, kept in zip(self.getters, self.held):
@@ -533,18 +572,28 @@ class _Bucket:
             return False
         return True
 
+    def memory(self) -> bytes:
+        """Where the params and every state tensor the call writes keep their elements
+        (data pointer, device, dtype, shape, strides; a DTensor's local shard)."""
+        if self.distributed:  # (the shard itself: to_local() would make a view per call)
+            local = [cast(Any, t)._local_tensor if _is_dtensor(t) else t for t in self.written]
+            return _ext._cpu.tensor_layouts(local)
+        return _ext._cpu.tensor_layouts(self.written)
+
+    def moved(self) -> bool:
+        """Whether a param's or a state tensor's memory was replaced in place since the
+        bucket was built (``t.data = ...``, ``t.set_(...)``, ``resize_()``: the views and
+        tables hold the old memory, which may be freed): the bucket is then rebuilt, as
+        for a tensor replaced."""
+        return self.memory() != self.layouts
+
     def kernel_lists(self) -> Tuple[List[Any], List[Optional[List[Any]]]]:
         """The params and state as the kernel takes them (see __init__)."""
-        if not self.host:
-            if self.distributed:
-                return (
-                    [_local(p) for p in self.params],
-                    [None if s is None else [_local(t) for t in s] for s in self.states],
-                )
-            return self.params, self.state_views
-        ptrs = list(map(_DATA_PTR, self.params))
-        if ptrs != self.param_ptrs:
-            self.param_ptrs, self.param_views = ptrs, [_host_view(p) for p in self.params]
+        if self.distributed:
+            return (
+                [_local(p) for p in self.params],
+                [None if s is None else [_local(t) for t in s] for s in self.states],
+            )
         return self.param_views, self.state_views
 
 
@@ -641,6 +690,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
     last_grad_norm: Optional[torch.Tensor] = None
 
     def __init__(self, params: Any, defaults: Dict[str, Any], masks: Any = None):
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's
         if defaults.get("capturable"):
             raise ValueError(
                 "capturable: fastopt.torch steps cannot be captured in a CUDA "
@@ -754,10 +805,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if p.layout != torch.strided:
                 raise TypeError(f"{name}: {p.layout} params are not supported (dense tensors)")
             if not _dense(_local(p)):
-                raise ValueError(
-                    f"{name}: has gaps in its storage (a strided view such as a slice); "
-                    "fastopt steps dense tensors: make it contiguous"
-                )
+                raise ValueError(_NOT_DENSE.format(name))
 
     # -- hyper-parameters ------------------------------------------------------------------
     def _group_hyper(self, where: str, group: Dict[str, Any]) -> Tuple[Any, ...]:
@@ -776,6 +824,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if path:
                 value = _pair(place, value)[path[1]]
                 place = f"{place}[{path[1]}]"
+            elif value is None or (type(value) is int and value in (0, 1)):
+                if isinstance(self._spec.hyper[name], Flag):  # torch reads them by truth
+                    value = bool(value)
             out.append(_host_float(value, place))
         return tuple(out)
 
@@ -1101,8 +1152,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
             bucket_params = [params[i] for i in index_list]
             steps = None
             if self._tracks_step:
-                first = staged[index_list[0]].view["step"]
-                steps = torch.tensor([float(taken[i]) for i in index_list], dtype=first.dtype)
+                counts = [staged[i].view["step"] for i in index_list]
+                # an inference tensor (no version counter, written only inside
+                # torch.inference_mode()) where one of the counts it holds is one
+                with torch.inference_mode(any(c.is_inference() for c in counts)):
+                    steps = torch.tensor(
+                        [float(taken[i]) for i in index_list], dtype=counts[0].dtype
+                    )
                 for i, view in zip(index_list, steps.unbind()):
                     staged[i].set("step", view)
             masks = [self._masks[p] for p in bucket_params] if masked else None
@@ -1142,7 +1198,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         entries = {id(s.param): s.commit(self.state) for s in rebuilt.staged}
         for b in rebuilt.cache.buckets:
             b.entries = [entries[id(p)] for p in b.params]
-            b.sizes = list(map(len, b.entries))
+            b.sizes = list(map(_entry_size, b.entries))
         self._caches[rebuilt.group_index] = rebuilt.cache
         self._state_seen = None  # entries were added: the state is taken at the end
 
@@ -1158,10 +1214,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 "steps dense tensors; torch.optim.SparseAdam takes sparse ones)"
             )
         if not _dense(_local(p)):
-            raise ValueError(
-                f"{name}: has gaps in its storage (a strided view such as a "
-                "slice); fastopt steps dense tensors: make it contiguous"
-            )
+            raise ValueError(_NOT_DENSE.format(name))
 
     # -- stepping ------------------------------------------------------------------------------
     @_use_grad_for_differentiable
@@ -1252,7 +1305,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 bucket.done -= 1
                 if bucket.steps is not None:
                     bucket.steps.sub_(1)
-                    bucket.steps_version = bucket.steps._version
+                    bucket.steps_version = _version(bucket.steps)
 
     def _step_groups(
         self,
@@ -1337,7 +1390,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             type(state) is _State
             and state._changes is changes
             and all(
-                type(e) is _StateEntry and e._changes is changes
+                e is None or (type(e) is _StateEntry and e._changes is changes)
                 for cache in self._caches.values()
                 for b in cache.buckets
                 for e in b.entries
@@ -1378,8 +1431,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 and not all(b.current(self.state, look_up) for b in cache.buckets)
             )
             or any(  # a step count edited in place (state[p]["step"].fill_(...))
-                b.steps is not None and b.steps._version != b.steps_version for b in cache.buckets
+                b.steps is not None and _version(b.steps) != b.steps_version for b in cache.buckets
             )
+            or any(b.moved() for b in cache.buckets)
         ):
             rebuilt.append(self._build(index, group, grads, used))
             cache = rebuilt[-1].cache
@@ -1478,7 +1532,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             else:
                 if bucket.steps is not None:
                     bucket.steps.add_(1)
-                    bucket.steps_version = bucket.steps._version
+                    bucket.steps_version = _version(bucket.steps)
                 torch.autograd.graph.increment_version(bucket.written)
 
     @staticmethod
@@ -1515,6 +1569,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return renamed_entries(exc, name)
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def __copy__(self) -> _FusedOptimizer:
+        """``copy.copy``: as torch.optim's, a second object over the same state, groups and
+        hooks (stepping either steps the one state), here with the same buckets and lock."""
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
     def __getstate__(self) -> Dict[str, Any]:
         """torch.optim's (a copy, a pickle), the step counts made exact first (_settle)."""
         with self._lock:
@@ -1551,10 +1612,24 @@ class _FusedOptimizer(torch.optim.Optimizer):
         group options taken), keeping float32 state for float16/bfloat16 params: torch casts
         floating state to the param's dtype, which would round fastopt's float32 state.
         Atomic: everything is converted before anything is replaced; a malformed
-        checkpoint raises TypeError/ValueError and changes nothing."""
+        checkpoint raises TypeError/ValueError and changes nothing. As in torch.optim, the
+        ``register_load_state_dict_pre_hook`` hooks run first, on a shallow copy (what they
+        return is what is checked and loaded: a hook may migrate a foreign checkpoint), the
+        post-hooks last, after the state is in place. Keys of a param's state that are not
+        this optimizer's (a library's own entries) load as torch.optim loads them."""
         if not isinstance(state_dict, dict):
             raise TypeError(
                 f"state_dict: expected the dict of a state_dict(), got {type(state_dict).__name__}"
+            )
+        state_dict = state_dict.copy()
+        for pre_hook in list(self._load_hooks("pre").values()):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"state_dict: a load_state_dict pre-hook returned {type(state_dict).__name__}, "
+                "not a dict"
             )
         for key, kind in (("state", dict), ("param_groups", list)):
             if key not in state_dict:
@@ -1579,6 +1654,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             saved = [i for g in groups for i in g["params"]]
             params = [p for g in self.param_groups for p in g["params"]]
             kept: List[Tuple[torch.Tensor, str, torch.Tensor]] = []
+            own = self._state_keys()
             for saved_id, p in zip(saved, params):
                 entry = state_dict["state"].get(saved_id)
                 if not isinstance(entry, dict):
@@ -1590,21 +1666,43 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         if not isinstance(value, torch.Tensor):  # torch < 1.12's: a number
                             kept.append((p, key, torch.tensor(float(taken), dtype=_step_dtype())))
                         continue
-                    if key == "step" or not isinstance(value, torch.Tensor):
+                    if key not in own or not isinstance(value, torch.Tensor):
                         continue
                     _check_loaded_state8(where, entry, key, p)
                     if value.dtype == torch.uint8 or key.endswith(ABSMAX):  # 8-bit state
                         kept.append((p, key, _loaded(where, value, p.device, value.dtype)))
                     elif p.dtype in _HALF and value.is_floating_point():
                         kept.append((p, key, _loaded(where, value, p.device, torch.float32)))
-            try:
+            hooks = self._load_hooks("pre"), self._load_hooks("post")
+            try:  # (the hooks run here, around it)
+                self._set_load_hooks(OrderedDict(), OrderedDict())
                 super().load_state_dict(state_dict)  # builds everything, then replaces
             except (KeyError, AttributeError, IndexError, RuntimeError, NotImplementedError) as e:
                 raise TypeError(
                     f"state_dict: not a loadable checkpoint ({type(e).__name__}: {e})"
                 ) from None
+            finally:
+                self._set_load_hooks(*hooks)
             for p, key, value in kept:
                 self.state[p][key] = value
+        for post_hook in list(hooks[1].values()):
+            post_hook(self)
+
+    def _state_keys(self) -> set[str]:
+        """The keys of a param's state this optimizer makes (its state arrays, their 8-bit
+        block maxima, the master copy)."""
+        keys = {STATE_KEYS[role.name] for role in self._spec.states}
+        return keys | {k + ABSMAX for k in keys} | {MASTER}
+
+    def _load_hooks(self, when: str) -> Dict[Any, Any]:
+        """torch.optim's load_state_dict pre- or post-hooks of this optimizer."""
+        return cast(
+            Dict[Any, Any], self.__dict__.get(f"_optimizer_load_state_dict_{when}_hooks", {})
+        )
+
+    def _set_load_hooks(self, pre: Dict[Any, Any], post: Dict[Any, Any]) -> None:
+        self.__dict__["_optimizer_load_state_dict_pre_hooks"] = pre
+        self.__dict__["_optimizer_load_state_dict_post_hooks"] = post
 
 
 def _state_options(group: Dict[str, Any]) -> Tuple[Any, ...]:
@@ -1759,10 +1857,14 @@ def _rounding_seed(stochastic_rounding: Any, seed: Any) -> Optional[int]:
 
 
 def _pair(name: str, betas: Any) -> Tuple[Any, Any]:
-    """``betas`` as a pair, else a TypeError naming ``name``."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"{name}: expected a pair (beta1, beta2), got {betas!r:.60}")
-    return betas[0], betas[1]
+    """``betas`` as a pair (any sequence of two: a tuple, a list, a NumPy array, a config
+    library's list), else a TypeError naming ``name``."""
+    try:
+        if isinstance(betas, (str, bytes)) or len(betas) != 2:
+            raise TypeError
+        return betas[0], betas[1]
+    except (TypeError, KeyError, IndexError):
+        raise TypeError(f"{name}: expected a pair (beta1, beta2), got {betas!r:.60}") from None
 
 
 class SGD(_FusedOptimizer):
@@ -1860,6 +1962,16 @@ class Adagrad(_FusedOptimizer):
         )
         super().__init__(params, defaults, masks)
         self._make_state()
+
+    def share_memory(self) -> None:
+        """torch.optim.Adagrad's: the state tensors moved to shared memory (the next step
+        sees the move), for Hogwild-style training in several processes."""
+        with self._lock:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    for key, value in self.state[p].items():
+                        if key != "step" and isinstance(value, torch.Tensor):
+                            value.share_memory_()
 
     def _make_state(self) -> None:
         """torch.optim.Adagrad makes its state at construction: so does this."""
@@ -2160,7 +2272,9 @@ class Sophia(_FusedOptimizer):
             for beta2, entries in staged:
                 hessians, squares = [], []
                 for entry in entries:
-                    hessians.append(_local(entry.commit(self.state)["hessian"]))
+                    hessians.append(
+                        _local(cast(Dict[str, Any], entry.commit(self.state))["hessian"])
+                    )
                     g = _local(cast(torch.Tensor, entry.param.grad)).to(hessians[-1].dtype)
                     squares.append(torch.empty_like(hessians[-1]).copy_(g).square_())
                 if hessians:
