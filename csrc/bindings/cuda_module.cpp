@@ -373,10 +373,14 @@ class AffineScratch : public Scratch {
   AffineScratch(const float* scales, const float* zero_points, size_t channels, cudaStream_t s)
       : Scratch(8 + 8 * channels, s), channels_(channels) {
     clear_first_bad(*this, s);
-    // From pageable memory: staged before the call returns, no wait for the stream.
-    DeviceGuard::check(cudaMemcpyAsync(this->scales(), scales, 4 * channels,
+    // Through a copy of our own in pageable memory: staged before each call returns, so
+    // the caller may change its arrays at once, even page-locked ones (whose copy would
+    // otherwise run later, asynchronously).
+    const std::vector<float> staged_scales(scales, scales + channels);
+    const std::vector<float> staged_zeros(zero_points, zero_points + channels);
+    DeviceGuard::check(cudaMemcpyAsync(this->scales(), staged_scales.data(), 4 * channels,
                                        cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-    DeviceGuard::check(cudaMemcpyAsync(this->zero_points(), zero_points, 4 * channels,
+    DeviceGuard::check(cudaMemcpyAsync(this->zero_points(), staged_zeros.data(), 4 * channels,
                                        cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
   }
   float* scales() const { return at<float>(8); }
