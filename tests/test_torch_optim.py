@@ -245,29 +245,44 @@ def test_replaced_state_entries_are_used_like_torch():
         _assert_same_state(fopt, topt, fp, tp, f"replaced state, step {t + 1}")
 
 
+def _in_step(name: str, opts: Dict[str, Any], steps: int, seed: int, what: str,
+             before: Callable[..., None] = None, after: Callable[..., None] = None):
+    """torch.optim and fastopt.torch (see _pair) stepped alike on the same grads for
+    ``steps`` steps, ``before(t, opt)`` ahead of each step and ``after(t, opt)`` behind it,
+    and checked to agree after each; returns both optimizers."""
+    (tp, topt, _), (fp, fopt, _) = _pair(name, opts, 0.01)
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        grads = _draw_grads(tp, gen, t)
+        for params, opt in ((tp, topt), (fp, fopt)):
+            _set_grads(params, grads)
+            if before:
+                before(t, opt)
+            opt.step()
+            if after:
+                after(t, opt)
+        _assert_same_state(fopt, topt, fp, tp, f"{what}, step {t + 1}")
+    return topt, fopt
+
+
 @pytest.mark.parametrize("how", ["data", "set_"])
 @pytest.mark.parametrize("name,opts", [("Adam", dict(amsgrad=True)), ("SGD", dict(momentum=0.9))])
 def test_state_storage_replaced_in_place_is_seen_like_torch(name, opts, how):
     """A state tensor whose memory is replaced in place between steps (``t.data = ...``, as
     the common "move the optimizer state" loop does, or ``t.set_(...)``): the next step
     updates the new memory, as torch.optim does, and never the old (freed) one."""
-    (tp, topt, _), (fp, fopt, _) = _pair(name, opts, 0.01)
-    gen = torch.Generator().manual_seed(17)
-    for t in range(6):
-        grads = _draw_grads(tp, gen, t)
-        for params, opt in ((tp, topt), (fp, fopt)):
-            _set_grads(params, grads)
-            opt.step()
-            if t in (1, 3):
-                for st in opt.state.values():
-                    for k, v in st.items():
-                        if k != "step":
-                            fresh = v.detach().clone()
-                            if how == "data":
-                                v.data = fresh
-                            else:
-                                v.set_(fresh)
-        _assert_same_state(fopt, topt, fp, tp, f"state memory replaced ({how}), step {t + 1}")
+    def replace(t, opt):
+        if t in (1, 3):
+            for st in opt.state.values():
+                for k, v in st.items():
+                    if k != "step":
+                        fresh = v.detach().clone()
+                        if how == "data":
+                            v.data = fresh
+                        else:
+                            v.set_(fresh)
+
+    _in_step(name, opts, 6, 17, f"state memory replaced ({how})", after=replace)
 
 
 def test_param_memory_relaid_in_place_is_seen_like_torch():
@@ -355,20 +370,19 @@ def test_steps_inside_inference_mode_like_torch(name, opts):
 
 def test_sgd_without_momentum_keeps_no_state_like_torch():
     """SGD with momentum 0 makes no state entries (torch.optim's state_dict()['state'] is
-    {}); turning momentum on later makes the buffers as torch.optim does."""
-    (tp, topt, _), (fp, fopt, _) = _pair("SGD", {}, 0.01)
-    gen = torch.Generator().manual_seed(9)
-    for t in range(4):
-        grads = _draw_grads(tp, gen, t)
-        for params, opt in ((tp, topt), (fp, fopt)):
-            _set_grads(params, grads)
-            if t == 2:
-                for group in opt.param_groups:
-                    group["momentum"] = 0.9
-            opt.step()
-        assert len(fopt.state) == len(topt.state), t
-        assert fopt.state_dict()["state"].keys() == topt.state_dict()["state"].keys(), t
-        _assert_same_state(fopt, topt, fp, tp, f"SGD momentum 0 then 0.9, step {t + 1}")
+    {} then; the second group here has momentum); turning momentum on later makes the
+    buffers as torch.optim does."""
+    def momentum_on(t, opt):
+        if t == 2:
+            for group in opt.param_groups:
+                group["momentum"] = 0.9
+
+    def no_entries(t, opt):  # none in the group without momentum, until it has some
+        first = opt.param_groups[0]["params"]
+        assert not any(p in opt.state for p in first) if t < 2 else all(opt.state.values()), t
+
+    topt, fopt = _in_step("SGD", {}, 4, 9, "SGD momentum 0 then 0.9", momentum_on, no_entries)
+    assert fopt.state_dict()["state"].keys() == topt.state_dict()["state"].keys()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -478,14 +492,7 @@ def test_hyper_parameters_torch_accepts_are_accepted(case):
     """What torch.optim takes (eps 0, any dampening, 0/1/None for a bool option, betas as
     any pair) fastopt.torch takes, to the same trajectory."""
     name, opts = TORCH_ACCEPTS[case]
-    (tp, topt, _), (fp, fopt, _) = _pair(name, opts, 0.01)
-    gen = torch.Generator().manual_seed(4)
-    for t in range(3):
-        grads = _draw_grads(tp, gen, t)
-        for params, opt in ((tp, topt), (fp, fopt)):
-            _set_grads(params, grads)
-            opt.step()
-        _assert_same_state(fopt, topt, fp, tp, f"{case}, step {t + 1}")
+    _in_step(name, opts, 3, 4, case)
 
 
 @pytest.mark.parametrize("opts,kind,match", [
@@ -504,16 +511,11 @@ def test_hyper_parameters_torch_refuses_are_refused(opts, kind, match):
 def test_adagrad_share_memory_like_torch():
     """torch.optim.Adagrad.share_memory() moves the state to shared memory in place; the
     next step steps the moved state (the old memory is freed)."""
-    (tp, topt, _), (fp, fopt, _) = _pair("Adagrad", {}, 0.01)
-    gen = torch.Generator().manual_seed(6)
-    for t in range(4):
-        grads = _draw_grads(tp, gen, t)
-        for params, opt in ((tp, topt), (fp, fopt)):
-            _set_grads(params, grads)
-            opt.step()
-            if t == 1:
-                opt.share_memory()
-        _assert_same_state(fopt, topt, fp, tp, f"shared memory, step {t + 1}")
+    def share(t, opt):
+        if t == 1:
+            opt.share_memory()
+
+    _, fopt = _in_step("Adagrad", {}, 4, 6, "shared memory", after=share)
     assert all(s["sum"].is_shared() for s in fopt.state.values())
 
 
