@@ -1304,3 +1304,91 @@ def test_param_groups_options_round_trip_through_pickle():
     opt2.step()
     assert float(opt2.state[q]["step"]) == 2.0 and opt2.param_groups[0]["l1"] == 0.01
 
+
+
+def test_shallow_copy_has_hooks_of_its_own_and_follows_state_edits():
+    """As torch's copy.copy, the copy starts without hooks (the original's do not fire for
+    it, nor its for the original); both see an entry replaced through either."""
+    (tp, topt, _), (fp, fopt, _) = _pair("Adam", {}, 0.01)
+    calls: List[str] = []
+    fopt.register_step_pre_hook(lambda opt, args, kwargs: calls.append("original"))
+    copies = [copy.copy(topt), copy.copy(fopt)]
+    copies[1].register_step_pre_hook(lambda opt, args, kwargs: calls.append("copy"))
+    gen = torch.Generator().manual_seed(31)
+    first = {}
+    for t in range(6):
+        grads = _draw_grads(tp, gen, t)
+        which = t % 2
+        if t == 1:  # entries copied (the same values), put back one step later
+            first = {k: {n: v.clone() for n, v in e.items()} for k, e in fopt.state.items()}
+            for opt, params in ((topt, tp), (fopt, fp)):
+                for p in params:
+                    opt.state[p] = {n: v.clone() for n, v in opt.state[p].items()}
+        for params, opt in ((tp, (topt, copies[0])[which]), (fp, (fopt, copies[1])[which])):
+            _set_grads(params, grads)
+            opt.step()
+        _assert_same_state(fopt, topt, fp, tp, f"copies in turn with state edits, step {t + 1}")
+    assert first
+    assert calls == ["original", "copy"] * 3
+
+
+def test_deleted_group_is_not_kept():
+    """Deleting a param group (and its params' state) lets their memory go, as in torch."""
+    import gc
+    import weakref
+
+    small = torch.nn.Parameter(torch.ones(3))
+    big = torch.nn.Parameter(torch.ones(4097))
+    opt = ft.Adam([{"params": [small]}, {"params": [big]}])
+    small.grad, big.grad = torch.ones(3), torch.ones(4097)
+    opt.step()
+    refs = weakref.ref(big), weakref.ref(opt.state[big]["exp_avg"])
+    del opt.param_groups[1]
+    del opt.state[big]
+    big = None
+    small.grad = torch.ones(3)
+    opt.step()
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
+@pytest.mark.parametrize("how", ["data", "share_memory"])
+def test_masks_and_step_counts_replaced_in_place_are_followed(how):
+    """A mask or a step count whose memory is replaced in place (``t.data = ...``, a
+    model's share_memory() on its mask buffers) is read from its new memory."""
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 4097))
+    mask = torch.ones(4097, dtype=torch.bool)
+    opt = ft.Adam([p], lr=0.1, masks={p: mask})
+    p.grad = torch.ones(4097)
+    opt.step()
+    if how == "data":
+        mask.data = torch.zeros(4097, dtype=torch.bool)
+        opt.state[p]["step"].data = torch.tensor(0.0)
+    else:
+        mask.zero_()
+        mask.share_memory_()
+        opt.state[p]["step"].share_memory_()
+    for _ in range(3):  # reuse of the old memory, if it were still read
+        torch.ones(4097, dtype=torch.bool)
+    opt.step()
+    assert int(torch.count_nonzero(p.detach())) == 0  # every element masked off (zeroed) now
+    assert float(opt.state[p]["step"]) == (2.0 if how == "share_memory" else 1.0)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_masks_and_clipping(how):
+    """copy.deepcopy and pickle carry fastopt's own step options (masks, max_grad_norm)."""
+    import pickle
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = ft.Adam([p], lr=0.1, masks={p: torch.tensor([True, False, True, False])})
+    opt.max_grad_norm = 0.5
+    p.grad = torch.ones(4)
+    opt.step()
+    pc, oc = copy.deepcopy((p, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((p, opt)))
+    assert oc.max_grad_norm == 0.5
+    assert list(oc.masks) == [pc] and torch.equal(oc.masks[pc], opt.masks[p])
+    for params, o in ((p, opt), (pc, oc)):
+        params.grad = torch.ones(4)
+        o.step()
+    assert torch.equal(pc.detach(), p.detach())

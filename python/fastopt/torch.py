@@ -15,19 +15,18 @@ the CPU, a few launches on the GPU). The buckets (which params, the packed step 
 the CPU NumPy views of params and state, on the GPU the launch tables of
 ``fastopt._cuda.Plan``) are kept between steps and rebuilt only when the set of params with
 a grad changes (or a param of a group's list is replaced), the group's options change, or
-the state changes (``load_state_dict``; an entry, a state tensor or a step count replaced
-or edited in place, a key added or removed), or the memory of a param or a state tensor is
-replaced in place (``t.data = ...``, as the usual loop that moves optimizer state between
-devices does, ``t.set_(...)``, ``resize_()``). The buckets keep each param's state entry
-and every tensor they read from it and compare them at each step by identity (the state
-dict's keys and values, the entries' tensors; no ``state[p]`` lookups unless the state dict
-changed), and where those tensors keep their elements (pointer, dtype, shape, strides: one
-C call over the bucket, ~70 ns per tensor); a rebuild checks the state as a first step
-does, so an entry or a tensor replaced between steps is checked, then stepped, as in
-torch.optim. Params whose
-``.grad`` is None are skipped and keep their state, as in torch.optim. A param may be in
-one group only (torch.optim's rule; a step refuses one put in two groups past
-``add_param_group``).
+the state changes (``load_state_dict``; an entry, a state tensor or a step count replaced or
+edited in place, a key added or removed), or the memory of a param, a state tensor, a step
+count or a mask is replaced in place (``t.data = ...``, as the usual loop that moves
+optimizer state between devices does, ``t.set_(...)``, ``resize_()``). The buckets keep each
+param's state entry and every tensor they read from it and compare them at each step by
+identity (the state dict's keys and values, the entries' tensors; no ``state[p]`` lookups
+unless the state dict changed), and where those tensors keep their elements (pointer, dtype,
+shape, strides: one C call over the bucket, ~70 ns per tensor); a rebuild checks the state
+as a first step does, so an entry or a tensor replaced between steps is checked, then
+stepped, as in torch.optim. Params whose ``.grad`` is None are skipped and keep their state,
+as in torch.optim. A param may be in one group only (torch.optim's rule; a step refuses one
+put in two groups past ``add_param_group``).
 
 State: torch's layout and keys, as torch tensors, so ``state_dict()`` / ``load_state_dict()``
 are interchangeable with torch.optim's both ways (a torch.optim checkpoint continues on the
@@ -300,12 +299,15 @@ def _host_float(value: Any, name: str) -> Any:
 
 
 class _Changes:
-    """Whether an optimizer's state may have changed since its last step looked at it."""
+    """Whether an optimizer's state may have changed since its last step looked at it, and
+    what that step saw (the state, its keys and values; shared by ``copy.copy``'s copies,
+    which share the state and the buckets)."""
 
-    __slots__ = ("changed",)
+    __slots__ = ("changed", "seen")
 
     def __init__(self) -> None:
         self.changed = True
+        self.seen: Optional[Tuple[Any, List[Any], List[Any]]] = None
 
 
 def _noting(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -472,6 +474,8 @@ class _Bucket:
         "param_views",
         "state_views",
         "masks",
+        "mask_tensors",
+        "followed",
         "absmax_keys",
         "absmax",
         "masters",
@@ -521,11 +525,8 @@ class _Bucket:
         # tensor keeps its elements is compared at each step (see moved()). Grads are
         # passed as they are (new at every backward).
         self.host = first.device.type == "cpu" and not self.distributed
-        # the masks of a masked bucket, as the kernel takes them (masks are read only)
-        self.masks: Optional[List[Any]] = None
-        if masks is not None:
-            local = [_local(m) for m in masks]
-            self.masks = [_host_view(m) for m in local] if self.host else local
+        # the masks of a masked bucket (read only; their views are made in take())
+        self.mask_tensors = None if masks is None else [_local(m) for m in masks]
         self.take()
 
     def take(self) -> None:
@@ -539,6 +540,8 @@ class _Bucket:
         ]
         read = [t for k, ts in by_key.items() if k != "step" for t in ts]
         self.written = self.params + read  # what a step writes: versions to bump
+        # what the call reads through views or tables made here: followed by moved()
+        self.followed = self.written + (self.mask_tensors or []) + by_key.get("step", [])
         self.layouts = self.memory()
         self.inference = (
             self.params_inference
@@ -550,6 +553,7 @@ class _Bucket:
         self.state_views: List[Optional[List[Any]]] = [
             None if s is None else list(map(view, s)) for s in self.states
         ]
+        self.masks = None if self.mask_tensors is None else list(map(view, self.mask_tensors))
         self.masters = list(map(view, by_key[MASTER])) if MASTER in by_key else None
         self.absmax = (
             None
@@ -573,18 +577,18 @@ class _Bucket:
         return True
 
     def memory(self) -> bytes:
-        """Where the params and every state tensor the call writes keep their elements
-        (data pointer, device, dtype, shape, strides; a DTensor's local shard)."""
+        """Where the params, every state tensor, the step counts and the masks keep their
+        elements (data pointer, device, dtype, shape, strides; a DTensor's local shard)."""
         if self.distributed:  # (the shard itself: to_local() would make a view per call)
-            local = [cast(Any, t)._local_tensor if _is_dtensor(t) else t for t in self.written]
+            local = [cast(Any, t)._local_tensor if _is_dtensor(t) else t for t in self.followed]
             return _ext._cpu.tensor_layouts(local)
-        return _ext._cpu.tensor_layouts(self.written)
+        return _ext._cpu.tensor_layouts(self.followed)
 
     def moved(self) -> bool:
-        """Whether a param's or a state tensor's memory was replaced in place since the
-        bucket was built (``t.data = ...``, ``t.set_(...)``, ``resize_()``: the views and
-        tables hold the old memory, which may be freed): the bucket is then rebuilt, as
-        for a tensor replaced."""
+        """Whether the memory of a param, a state tensor, a step count or a mask was replaced
+        in place since the bucket was built (``t.data = ...``, ``t.set_(...)``,
+        ``resize_()``, ``share_memory_()``: the views and tables hold the old memory, which
+        may be freed): the bucket is then rebuilt, as for a tensor replaced."""
         return self.memory() != self.layouts
 
     def kernel_lists(self) -> Tuple[List[Any], List[Optional[List[Any]]]]:
@@ -710,8 +714,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._track_state()
         self._caches: Dict[int, _GroupCache] = {}
-        # (state, its keys, its values) after the last step: see step()
-        self._state_seen: Optional[Tuple[Any, List[Any], List[Any]]] = None
         self._masks: Dict[torch.Tensor, torch.Tensor] = {}
         self._masks_version = 0
         # A GPU step under a GradScaler whose found_inf is not read yet: see _settle
@@ -1200,7 +1202,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             b.entries = [entries[id(p)] for p in b.params]
             b.sizes = list(map(_entry_size, b.entries))
         self._caches[rebuilt.group_index] = rebuilt.cache
-        self._state_seen = None  # entries were added: the state is taken at the end
+        self._changes.seen = None  # entries were added: the state is taken at the end
 
     @staticmethod
     def _check_param(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -1245,7 +1247,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 # Whether any state[p] was set since the last step (then the buckets look
                 # their entries up again): the state's keys and values, compared by identity.
                 changes.changed = False
-                seen = self._state_seen
+                seen = changes.seen
                 look_up = not (
                     seen is not None
                     and seen[0] is state
@@ -1259,8 +1261,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 changes.changed = True
                 raise
             if look_up is not None:
-                if look_up or self._state_seen is None:
-                    self._state_seen = (state, list(state), list(state.values()))
+                if look_up or changes.seen is None:
+                    changes.seen = (state, list(state), list(state.values()))
                 # a state that cannot note its changes: every step checks it
                 changes.changed = changes.changed or not self._tracked()
         return loss
@@ -1325,6 +1327,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         rebuilt: List[_Rebuilt] = []
         for index, group in enumerate(self.param_groups):
             self._prepare_group(index, group, look_up, runs, rebuilt)
+        for gone in [i for i in self._caches if i >= len(self.param_groups)]:
+            del self._caches[gone]  # a group deleted: its params and state are not kept
         if scaler is not None and (
             rebuilt or not all(_takes_device_scaler(r[1], scaler) for r in runs)
         ):
@@ -1570,24 +1574,36 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def __copy__(self) -> _FusedOptimizer:
-        """``copy.copy``: as torch.optim's, a second object over the same state, groups and
-        hooks (stepping either steps the one state), here with the same buckets and lock."""
+        """``copy.copy``: as torch.optim's, a second object over the same state and groups
+        (stepping either steps the one state) with hooks of its own (none), here with the
+        same buckets, lock and masks."""
+        with self._lock:
+            self._settle()
+            shared = {
+                k: v
+                for k, v in self.__dict__.items()
+                if not (k.startswith("_optimizer_") and k.endswith("_hooks"))
+                and k != "step"  # a scheduler's wrapper of this object's step
+            }
         out = type(self).__new__(type(self))
-        out.__dict__.update(self.__dict__)
+        torch.optim.Optimizer.__setstate__(out, shared)  # fresh hooks, as torch's copy
         return out
 
     def __getstate__(self) -> Dict[str, Any]:
-        """torch.optim's (a copy, a pickle), the step counts made exact first (_settle)."""
+        """torch.optim's (a copy, a pickle) plus fastopt's own options that change the
+        step (masks, ``max_grad_norm``), the step counts made exact first (_settle)."""
         with self._lock:
             self._settle()
-            return cast(Dict[str, Any], super().__getstate__())
+            out = cast(Dict[str, Any], super().__getstate__())
+            out["_masks"] = self._masks
+            out["max_grad_norm"] = self.max_grad_norm
+            return out
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self._track_state()  # the entries are new (a load, an unpickled copy)
         self._caches = {}
         self._checked = {}
-        self._state_seen = None
         self.__dict__.setdefault("_masks", {})
         self.__dict__.setdefault("_masks_version", 0)
         self.__dict__.setdefault("_lock", threading.RLock())  # unpickled: none yet
@@ -1918,8 +1934,10 @@ class SGD(_FusedOptimizer):
 class Adagrad(_FusedOptimizer):
     """``torch.optim.Adagrad`` on ``fastopt.adagrad_``'s kernel. As torch, the state
     (``"step"``, ``"sum"`` filled with ``initial_accumulator_value``) is made at construction
-    for every param (at the first step for groups added later). ``foreach``/``fused`` are
-    accepted no-ops; ``l1`` is keyword-only."""
+    for every param (at the first step for groups added later). A group's own
+    ``initial_accumulator_value`` fills its params' sums (torch.optim fills every group's from
+    the constructor's value, ignoring a group's: the two differ only where a group sets its
+    own). ``foreach``/``fused`` are accepted no-ops; ``l1`` is keyword-only."""
 
     _spec = OPTIMIZERS["adagrad"]
 
