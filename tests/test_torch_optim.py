@@ -856,6 +856,43 @@ def test_hooks_closure_zero_grad():
     assert isinstance(opt, torch.optim.Optimizer)
 
 
+def test_compiled_training_step_runs_the_step_outside_the_graph():
+    """Under torch.compile the step and clip_grad_norm_ are skipped by dynamo whole (no
+    graphs traced in them, no recompilations): a compiled training step keeps one graph,
+    the forward, and steps as torch.optim does eagerly."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(5)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fopt = ft.AdamW(models[0].parameters(), lr=0.01)
+    topt = torch.optim.AdamW(models[1].parameters(), lr=0.01, foreach=False)
+
+    def train_step(model, opt, x):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        clip = ft.clip_grad_norm_ if isinstance(opt, ft.AdamW) else torch.nn.utils.clip_grad_norm_
+        clip(model.parameters(), 0.5)
+        opt.step()
+
+    counter = CompileCounter()
+    compiled = torch.compile(train_step, backend=counter)
+    for _ in range(4):
+        x = torch.randn(32, 8, generator=gen)
+        compiled(models[0], fopt, x)
+        train_step(models[1], topt, x)
+    assert counter.frame_count == 1  # the forward; nothing inside fastopt's step
+    assert_close([_np(p) for p in models[0].parameters()],
+                 [_np(p) for p in models[1].parameters()], np.float32, "compiled loop",
+                 tol=TOL[torch.float32])
+    step_alone = CompileCounter()
+    torch.compile(fopt.step, backend=step_alone)()
+    assert step_alone.frame_count == 0
+    torch._dynamo.reset()
+
+
 def test_step_between_forward_and_backward_raises_like_torch():
     for module in (torch.optim, ft):
         w = torch.randn(3, requires_grad=True)
@@ -1160,6 +1197,29 @@ def test_grad_with_other_strides_than_its_param():
             opt.step()
             assert torch.equal(params[2].grad, kept)
     _assert_same_state(fopt, topt, fp, tp, "grad strides")
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3, 0.0], ids=["plain", "clipped", "zeroed"])
+def test_negative_view_grads_are_stepped_by_value(max_grad_norm):
+    """A grad that is a negative view (a zero-copy -x) is stepped by value as torch.optim
+    steps it, also with ``max_grad_norm`` (a coefficient of 0 scales it in place, as it
+    does any grad); torch.optim's side is clipped by clip_grad_norm_ on plain grads."""
+    (tp, topt, _), (fp, fopt, _) = _pair("Adam", {}, 0.01)
+    fopt.max_grad_norm = max_grad_norm
+    gen = torch.Generator().manual_seed(12)
+    for t in range(3):
+        grads = _draw_grads(tp, gen, t)
+        _set_grads(tp, grads)
+        for p, g in zip(fp, grads):
+            p.grad = None if g is None else (-g).clone()._neg_view()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(tp, max_grad_norm, foreach=False)
+        topt.step()
+        fopt.step()
+        for p, q in zip(fp, tp):
+            if p.grad is not None:
+                assert p.grad.is_neg() and torch.equal(p.grad, q.grad) == (max_grad_norm != 1e-3)
+    _assert_same_state(fopt, topt, fp, tp, "negative view grads")
 
 
 def test_params_with_gaps_are_refused():

@@ -67,7 +67,9 @@ def step_grad_scale(
             return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, reads
         norm = clip_grad_norm_(params, limit * grad_scale)
         return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, {}
-    scaled, lists = _host_norm(grads, 2.0, False)
+    # a negative view (a zero-copy -x, which the step takes by value) is read resolved
+    negative = any(g.is_neg() for g in grads)
+    scaled, lists = _host_norm([g.resolve_neg() for g in grads] if negative else grads, 2.0, False)
     norm = scaled / grad_scale
     result = torch.tensor(norm, dtype=_result_dtype(grads))
     c = clip.coefficient(limit, norm)
@@ -75,8 +77,12 @@ def step_grad_scale(
         return result, grad_scale, {}
     if c > 0.0:  # neither 0 nor NaN
         return result, grad_scale / c, {}
-    for gs in lists:
-        _ext._cpu.scale_grads(gs, True, c)
+    if negative:  # `lists` holds resolved copies, not the grads
+        for g in grads:
+            g.mul_(c)
+    else:
+        for gs in lists:
+            _ext._cpu.scale_grads(gs, True, c)
     torch.autograd.graph.increment_version(grads)
     return result, grad_scale, {}
 
@@ -96,6 +102,7 @@ def _total_and_scale(
     return norm
 
 
+@torch.compiler.disable  # one compiled pass already: dynamo runs it as it is
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: Any,

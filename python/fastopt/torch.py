@@ -49,6 +49,10 @@ Decisions, where torch.optim offers a choice:
 - ``foreach`` and ``fused`` are accepted and stored in the groups (checkpoints carry them) and
   change nothing: every step is already one fused multi-tensor call (both True together is
   refused, as torch refuses it).
+- Under ``torch.compile``, ``step`` and ``clip_grad_norm_`` are ``torch.compiler.disable``d:
+  dynamo does not trace into them (their Python bookkeeping would split the graph many
+  times and recompile) and runs them as they are, each one compiled call per bucket
+  already; a compiled training step breaks its graph once there.
 - Hyper-parameters take what torch.optim takes: ``betas`` any pair (a tuple, a list, a NumPy
   array, a config library's list), ``eps`` >= 0, any ``dampening``, RMSprop's ``alpha`` >= 0,
   and for the bool options also 0, 1 and None (False), as torch reads them by truth value;
@@ -1219,10 +1223,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(_NOT_DENSE.format(name))
 
     # -- stepping ------------------------------------------------------------------------------
+    @torch.compiler.disable
     @_use_grad_for_differentiable
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One step over every param with a grad; ``closure`` (re-evaluates the model and
-        returns the loss) is called first with grad enabled, and its loss returned."""
+        returns the loss) is called first with grad enabled, and its loss returned.
+
+        Under ``torch.compile`` the step runs as it is, outside the graph (it is one
+        compiled call per bucket already): a compiled training step breaks its graph once
+        here, with no recompilations (dynamo does not trace into the step's Python)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -1544,7 +1553,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         params: List[torch.Tensor], grads: List[torch.Tensor]
     ) -> Optional[List[torch.Tensor]]:
         """After the kernel refused a call (it writes nothing then): the grads with those
-        whose strides differ from their param's copied to the param's strides, for a second
+        whose strides differ from their param's, or that are negative views (a zero-copy
+        ``-x``, which torch steps by value), copied to the param's strides, for a second
         try; None if there are none."""
         relaid = list(grads)
         changed = False
@@ -1552,7 +1562,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if (
                 g.layout == torch.strided
                 and g.shape == p.shape
-                and g.stride() != p.stride()
+                and (g.stride() != p.stride() or g.is_neg())
                 and _dense(p)  # (else the kernel's error about the param stands)
             ):
                 relaid[k] = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device)
