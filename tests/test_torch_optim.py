@@ -1157,8 +1157,8 @@ def test_bad_hyper_parameters_name_the_group_and_change_nothing():
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['weight_decay'\]"):
         opt.step()
     with pytest.raises(TypeError, match="dtype"):
-        x = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
-        x.grad = torch.ones(2, dtype=torch.complex64)
+        x = torch.zeros(2, dtype=torch.complex32, requires_grad=True)
+        x.grad = torch.ones(2, dtype=torch.complex32)
         ft.Adam([x]).step()
 
 
@@ -1220,6 +1220,138 @@ def test_negative_view_grads_are_stepped_by_value(max_grad_norm):
             if p.grad is not None:
                 assert p.grad.is_neg() and torch.equal(p.grad, q.grad) == (max_grad_norm != 1e-3)
     _assert_same_state(fopt, topt, fp, tp, "negative view grads")
+
+
+def _complex_case(dtype: torch.dtype, seed: int) -> List[torch.Tensor]:
+    """Complex params of odd sizes beside a real one of the matching float dtype."""
+    g = torch.Generator().manual_seed(seed)
+    real = {torch.complex64: torch.float32, torch.complex128: torch.float64}[dtype]
+    return [torch.randn(s, generator=g, dtype=dtype) for s in [(1,), (7, 5), (33,), (4097,)]] + [
+        torch.randn(6, generator=g, dtype=real)]
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=["c64", "c128"])
+@pytest.mark.parametrize("name,opts", _cases())
+def test_complex_params_match_torch_optim(name, opts, dtype):
+    """Complex params are stepped as torch.optim steps them (their real and imaginary parts
+    as real numbers; Adagrad's initial_accumulator_value in both), complex state of torch's
+    keys; a grad given as a conjugate view is taken by value; checkpoints go both ways."""
+    start = _complex_case(dtype, 4)
+    runs = []
+    for module in (torch.optim, ft):
+        ps = [p.clone().requires_grad_() for p in start]
+        kw = dict(foreach=False) if module is torch.optim else {}
+        runs.append((ps, getattr(module, name)(ps, lr=LR[name], **opts, **kw)))
+    (tp, topt), (fp, fopt) = runs
+    gen = torch.Generator().manual_seed(5)
+    for t in range(4):
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in start]
+        for p, g in zip(tp, grads):
+            p.grad = g.clone()
+        for p, g in zip(fp, grads):  # step 1: conjugate views holding the same values
+            p.grad = g.conj().resolve_conj().conj() if t == 1 and g.is_complex() else g.clone()
+        topt.step()
+        fopt.step()
+        if t == 1:
+            assert fp[1].grad.is_conj()
+            fopt.load_state_dict(_roundtrip(topt.state_dict()))  # a torch.optim checkpoint
+            topt.load_state_dict(_roundtrip(fopt.state_dict()))  # and back
+    tol = 1e-5 if dtype == torch.complex64 else 1e-10
+    for i, (a, b) in enumerate(zip(fp, tp)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"param {i}")
+        got, want = fopt.state[a], topt.state[b]
+        assert set(got) == set(want), f"param {i}: keys {sorted(got)} != {sorted(want)}"
+        for key in want:
+            assert got[key].dtype == want[key].dtype, f"param {i} {key}"
+            torch.testing.assert_close(got[key], want[key], rtol=tol, atol=tol,
+                                       msg=f"param {i} {key}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion"])
+def test_complex_params_step_as_their_real_parts(name, device):
+    """Bit for bit: a complex param's step is the step of the float tensor of its parts,
+    state included (Lion has no torch.optim peer; this is its check)."""
+    start = [p.to(device) for p in _complex_case(torch.complex64, 6)]
+    gen = torch.Generator().manual_seed(7)
+    grads = [[torch.randn(p.shape, generator=gen, dtype=p.dtype).to(device) for p in start]
+             for _ in range(3)]
+    kw = dict(weight_decay=0.1) if name != "SGD" else dict(momentum=0.9, weight_decay=0.1)
+    cplx = [p.clone().requires_grad_() for p in start]
+    real = [torch.view_as_real(p).clone().requires_grad_() if p.is_complex()
+            else p.clone().requires_grad_() for p in start]
+    copt, ropt = getattr(ft, name)(cplx, lr=0.01, **kw), getattr(ft, name)(real, lr=0.01, **kw)
+    for step in grads:
+        for c, r, g in zip(cplx, real, step):
+            c.grad = g.clone()
+            r.grad = torch.view_as_real(g).clone() if g.is_complex() else g.clone()
+        copt.step()
+        ropt.step()
+    for c, r in zip(cplx, real):
+        assert torch.equal(torch.view_as_real(c.detach()) if c.is_complex() else c, r.detach())
+        for key, value in ropt.state[r].items():
+            got = copt.state[c][key]
+            assert torch.equal(torch.view_as_real(got) if got.is_complex() else got, value)
+
+
+@pytest.mark.parametrize("max_norm", [1e-2, 0.0, 100.0], ids=["clipped", "zeroed", "kept"])
+def test_complex_grads_clipped_like_torch(max_norm):
+    """fastopt.torch.clip_grad_norm_ and max_grad_norm on complex grads (a conjugate view
+    among them, taken by value) as torch's clip_grad_norm_: the same norm (of the real
+    dtype) and the same grads, then the same step."""
+    start = _complex_case(torch.complex64, 8)
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in start]
+    tp, fp, sp = ([p.clone().requires_grad_() for p in start] for _ in range(3))
+    for p, q, r, g in zip(tp, fp, sp, grads):
+        p.grad, q.grad, r.grad = g.clone(), g.clone(), g.clone()
+    fp[1].grad = grads[1].conj().resolve_conj().conj()
+    want = torch.nn.utils.clip_grad_norm_(tp, max_norm)
+    got = ft.clip_grad_norm_(fp, max_norm)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    for p, q in zip(fp, tp):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    topt = torch.optim.Adam(tp, lr=0.01, foreach=False)
+    sopt = ft.Adam(sp, lr=0.01)
+    sopt.max_grad_norm = max_norm
+    topt.step()
+    sopt.step()
+    torch.testing.assert_close(sopt.last_grad_norm, want)
+    for p, q in zip(sp, tp):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_complex_params_refused_where_not_supported():
+    """Sophia, 16-bit or 8-bit state and masks are refused for complex params, and params
+    that are conjugate or negative views (complex or not) for all, naming them; nothing is
+    written."""
+    p = torch.randn(5000, dtype=torch.complex64, requires_grad=True)
+    p.grad = torch.randn(5000, dtype=torch.complex64)
+    before = p.detach().clone()
+    cases = [
+        (lambda: ft.Sophia([p]), TypeError, "complex params are not supported by Sophia"),
+        (lambda: ft.AdamW([p], state_dtype="int8"), ValueError, "state_dtype='float32'"),
+        (lambda: ft.AdamW([p], state_dtype="bfloat16"), ValueError, "state_dtype='float32'"),
+        (lambda: ft.AdamW8bit([p]), ValueError, "state_dtype='float32'"),
+    ]
+    for make, kind, match in cases:
+        opt = make()
+        with pytest.raises(kind, match=r"param_groups\[0\]\['params'\]\[0\]: .*" + match):
+            opt.step()
+        assert torch.equal(p.detach(), before) and not opt.state.get(p)
+    with pytest.raises(ValueError, match=r"masks\[0\]: masks are for real params"):
+        ft.AdamW([p], masks=[torch.ones(5000, dtype=torch.bool)])
+    for q, view in [(torch.randn(4, dtype=torch.complex64).conj(), "conjugate"),
+                    (torch._neg_view(torch.randn(4, dtype=torch.complex64)), "negative"),
+                    (torch._neg_view(torch.randn(4)), "negative")]:
+        q.requires_grad_()
+        q.grad = torch.randn(4, dtype=q.dtype)
+        kept = q.detach().clone()
+        opt = ft.Adam([q])
+        with pytest.raises(ValueError, match=rf"\]\[0\]: is a {view} view"):
+            opt.step()
+        assert torch.equal(q.detach(), kept) and not opt.state.get(q)
 
 
 def test_params_with_gaps_are_refused():

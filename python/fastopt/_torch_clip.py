@@ -31,11 +31,40 @@ def _host_norm(
     return clip.finish(total, norm_type), lists
 
 
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
 def _result_dtype(grads: List[torch.Tensor]) -> torch.dtype:
-    dtype = grads[0].dtype
+    """The norm's dtype, as torch's: the grads' (a complex one's real dtype) promoted."""
+    dtype = _REAL.get(grads[0].dtype, grads[0].dtype)
     for g in grads[1:]:
-        dtype = torch.promote_types(dtype, g.dtype)
+        dtype = torch.promote_types(dtype, _REAL.get(g.dtype, g.dtype))
     return dtype
+
+
+def _readable(grads: List[torch.Tensor]) -> Tuple[List[torch.Tensor], bool]:
+    """The grads as the kernels read them, and whether any is a copy: complex grads as the
+    float views of their parts (whose norm is theirs; written through, the grads are),
+    negative or conjugate views (zero-copy ``-x``, ``x.conj()``, taken by value) copied."""
+    if not any(g.is_complex() or g.is_neg() for g in grads):
+        return grads, False
+    copied = any(g.is_neg() or g.is_conj() for g in grads)
+    out = [g.resolve_conj().resolve_neg() for g in grads] if copied else grads
+    return [torch.view_as_real(g) if g.is_complex() else g for g in out], copied
+
+
+def _scale(
+    grads: List[torch.Tensor], read: List[List[torch.Tensor]], copied: bool, c: float
+) -> None:
+    """Multiplies the grads by ``c`` in place: through ``read`` (_host_norm's lists of
+    _readable's views), or where those are copies, by torch."""
+    if copied:
+        for g in grads:
+            g.mul_(c)
+    else:
+        for gs in read:
+            _ext._cpu.scale_grads(gs, True, c)
+    torch.autograd.graph.increment_version(grads)
 
 
 def step_grad_scale(
@@ -62,14 +91,14 @@ def step_grad_scale(
         if all(type(g) is torch.Tensor for g in grads) and all(
             g.dtype == first.dtype and g.device == first.device for g in grads
         ):
-            out, reads = clip.device_clip(grads, True, limit * grad_scale, None)
-            norm = out.to(first.dtype) if out.dtype != first.dtype else out
+            out, reads = clip.device_clip(_readable(grads)[0], True, limit * grad_scale, None)
+            dtype = _result_dtype(grads)
+            norm = out.to(dtype) if out.dtype != dtype else out
             return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, reads
         norm = clip_grad_norm_(params, limit * grad_scale)
         return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, {}
-    # a negative view (a zero-copy -x, which the step takes by value) is read resolved
-    negative = any(g.is_neg() for g in grads)
-    scaled, lists = _host_norm([g.resolve_neg() for g in grads] if negative else grads, 2.0, False)
+    read, copied = _readable(grads)
+    scaled, lists = _host_norm(read, 2.0, False)
     norm = scaled / grad_scale
     result = torch.tensor(norm, dtype=_result_dtype(grads))
     c = clip.coefficient(limit, norm)
@@ -77,28 +106,22 @@ def step_grad_scale(
         return result, grad_scale, {}
     if c > 0.0:  # neither 0 nor NaN
         return result, grad_scale / c, {}
-    if negative:  # `lists` holds resolved copies, not the grads
-        for g in grads:
-            g.mul_(c)
-    else:
-        for gs in lists:
-            _ext._cpu.scale_grads(gs, True, c)
-    torch.autograd.graph.increment_version(grads)
+    _scale(grads, lists, copied, c)
     return result, grad_scale, {}
 
 
 def _total_and_scale(
     grads: List[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool
 ) -> float:
-    """Host grads, any mix of the four float dtypes: the norm, then the scaling."""
-    norm, lists = _host_norm(grads, norm_type, True)  # all checked before any scaling
+    """Host grads, any mix of the four float and two complex dtypes: the norm, then the
+    scaling."""
+    read, copied = _readable(grads)
+    norm, lists = _host_norm(read, norm_type, True)  # all checked before any scaling
     if error_if_nonfinite and not math.isfinite(norm):
         raise clip.nonfinite_error(norm_type)
     c = clip.coefficient(max_norm, norm)
     if c != 1.0:
-        for gs in lists:
-            _ext._cpu.scale_grads(gs, True, c)
-        torch.autograd.graph.increment_version(grads)
+        _scale(grads, lists, copied, c)
     return norm
 
 
@@ -114,7 +137,9 @@ def clip_grad_norm_(
     """``torch.nn.utils.clip_grad_norm_``: scales the ``.grad`` of ``parameters`` (a tensor
     or an iterable of them; those without a grad are skipped) in place so that their norm,
     taken over all elements together, is at most ``max_norm``, and returns that norm before
-    clipping as a tensor of the grads' dtype (promoted across them), on their device.
+    clipping as a tensor of the grads' dtype (promoted across them; a complex grad counts
+    as its real dtype), on their device. Complex grads are taken as their real and
+    imaginary parts (the same norm).
 
     Same formulas and edge cases as torch (coefficient min(max_norm / (norm + 1e-6), 1); NaN
     and inf propagate; ``error_if_nonfinite`` raises RuntimeError before any grad changes;
@@ -147,9 +172,12 @@ def clip_grad_norm_(
     if first.device.type == "cpu":
         norm = _total_and_scale(grads, max_norm, norm_type, error_if_nonfinite)
         return torch.tensor(norm, dtype=dtype)
-    if any(g.dtype != first.dtype or g.device != first.device for g in grads):
+    if any(
+        g.dtype != first.dtype or g.device != first.device or g.is_neg() or g.is_conj()
+        for g in grads
+    ):
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
-    out = clip.clip_grad_norm_(grads, max_norm, norm_type, error_if_nonfinite)
+    out = clip.clip_grad_norm_(_readable(grads)[0], max_norm, norm_type, error_if_nonfinite)
     torch.autograd.graph.increment_version(grads)
     return out if out.dtype == dtype else out.to(dtype)
 

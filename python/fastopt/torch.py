@@ -49,6 +49,11 @@ Decisions, where torch.optim offers a choice:
 - ``foreach`` and ``fused`` are accepted and stored in the groups (checkpoints carry them) and
   change nothing: every step is already one fused multi-tensor call (both True together is
   refused, as torch refuses it).
+- Complex params (complex64, complex128) are stepped as torch.optim steps them: through
+  ``torch.view_as_real``, their real and imaginary parts as real numbers of their own
+  (Adagrad's ``initial_accumulator_value`` set in both), with complex state of torch's keys;
+  a grad that is a conjugate view is taken by value. Not by Sophia, and with float state
+  only (no 8-bit or bfloat16 state, no masks).
 - Under ``torch.compile``, ``step`` and ``clip_grad_norm_`` are ``torch.compiler.disable``d:
   dynamo does not trace into them (their Python bookkeeping would split the graph many
   times and recompile) and runs them as they are, each one compiled call per bucket
@@ -234,7 +239,9 @@ STATE_KEYS = {
 }
 
 _HALF = (torch.float16, torch.bfloat16)
-_SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_COMPLEX = (torch.complex64, torch.complex128)
+_SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16) + _COMPLEX
+_DTYPES = "float32, float64, float16, bfloat16, complex64, complex128"
 # Where a hyper-parameter of the table lives in a param group (betas are a pair in torch).
 _GROUP_PATH = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
 _CACHE_SIZE = 256
@@ -290,6 +297,23 @@ _GRAD = operator.attrgetter("grad")
 def _host_view(t: torch.Tensor) -> Any:
     """A NumPy view of host tensor ``t`` (its memory), or ``t`` where NumPy lacks its dtype."""
     return t if t.dtype == torch.bfloat16 else t.detach().numpy()
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """Complex ``t`` as the float view of its real and imaginary parts (a trailing dimension
+    of 2), as torch.optim steps complex params: each part a real number of its own."""
+    return torch.view_as_real(t)
+
+
+def _real_grads(grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    """A complex bucket's grads as the kernel takes them (see _real); conjugate or negative
+    views are taken by value (copied)."""
+    return [
+        _real(g.resolve_conj().resolve_neg())
+        if isinstance(g, torch.Tensor) and g.is_complex()
+        else g
+        for g in grads
+    ]
 
 
 def _host_float(value: Any, name: str) -> Any:
@@ -483,6 +507,7 @@ class _Bucket:
         "absmax_keys",
         "absmax",
         "masters",
+        "complex",
     )
 
     def __init__(
@@ -529,6 +554,7 @@ class _Bucket:
         # tensor keeps its elements is compared at each step (see moved()). Grads are
         # passed as they are (new at every backward).
         self.host = first.device.type == "cpu" and not self.distributed
+        self.complex = first.is_complex()  # stepped through real views (_real)
         # the masks of a masked bucket (read only; their views are made in take())
         self.mask_tensors = None if masks is None else [_local(m) for m in masks]
         self.take()
@@ -553,7 +579,11 @@ class _Bucket:
             or (self.steps is not None and self.steps.is_inference())
         )
         view = _host_view if self.host else _local
-        self.param_views = list(map(view, self.params)) if self.host else self.params
+        if self.complex:  # (never a DTensor)
+            view = (lambda t: _host_view(_real(t))) if self.host else _real
+        self.param_views = (
+            list(map(view, self.params)) if self.host or self.complex else self.params
+        )
         self.state_views: List[Optional[List[Any]]] = [
             None if s is None else list(map(view, s)) for s in self.states
         ]
@@ -770,6 +800,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 )
             if m.requires_grad:
                 raise ValueError(f"{where}: must not require grad")
+            if p.is_complex():
+                raise ValueError(f"{where}: masks are for real params; its param is {p.dtype}")
         self._masks = dict(pairs)
         self._masks_version += 1
 
@@ -804,10 +836,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     else f"{name}: is on device {p.device.type!r}; fastopt runs on CPU and CUDA"
                 )
             if p.dtype not in _SUPPORTED:
-                raise TypeError(
-                    f"{name}: dtype {p.dtype} is not supported (float32, float64, float16, "
-                    "bfloat16)"
-                )
+                raise TypeError(f"{name}: dtype {p.dtype} is not supported ({_DTYPES})")
             if p.layout != torch.strided:
                 raise TypeError(f"{name}: {p.layout} params are not supported (dense tensors)")
             if not _dense(_local(p)):
@@ -902,6 +931,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """The dtype of ``p``'s state under ``group["state_dtype"]`` (torch.uint8: 8-bit),
         the group's options checked before (_check_group_options)."""
         kind = group.get("state_dtype", "float32")
+        if p.is_complex():
+            self._check_complex(where, p, kind)
+            return p.dtype
         if kind == "int8":
             if p.dtype == torch.float64 or _is_dtensor(p) or self._spec.name == "sophia":
                 raise ValueError(
@@ -918,10 +950,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
             return torch.bfloat16
         return torch.float32 if p.dtype in _HALF else p.dtype
 
+    def _check_complex(self, where: str, p: torch.Tensor, kind: str) -> None:
+        """Complex params are stepped as torch.optim steps them, as pairs of real numbers
+        (see _real), with complex state of their dtype: not by Sophia (whose curvature
+        estimate is not a per-part one), nor with 16-bit or 8-bit state, nor as DTensors."""
+        if self._spec.name == "sophia":
+            raise TypeError(f"{where}: complex params are not supported by Sophia")
+        if kind != "float32":
+            raise ValueError(f"{where}: complex params keep state_dtype='float32', not {kind!r}")
+        if _is_dtensor(p):
+            raise ValueError(f"{where}: complex DTensor params are not supported")
+
     def _new_state(self, p: torch.Tensor, value: float, dtype: torch.dtype) -> torch.Tensor:
         out = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        if value:
-            out.fill_(value)
+        if value:  # complex: each part starts there (torch.optim.Adagrad's rule)
+            out.fill_(complex(value, value) if out.is_complex() else value)
         return out
 
     def _param_state(
@@ -961,6 +1004,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if not use:
                 continue
             if want == torch.uint8 or state.get(key + ABSMAX) is not None:
+                if p.is_complex():
+                    raise ValueError(
+                        f"state of {where}: '{key + ABSMAX}': 8-bit state is not for complex params"
+                    )
                 fresh = self._state8(where, p, staged, role, group, want) or fresh
                 continue
             s = state.get(key)
@@ -975,7 +1022,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if not (
                 isinstance(s, torch.Tensor)
                 and s.layout == torch.strided
-                and s.is_floating_point()
+                and (s.is_complex() if p.is_complex() else s.is_floating_point())
                 and s.shape == p.shape
                 and s.device == p.device
             ):
@@ -984,9 +1031,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     f"{want} tensor on {p.device} like its param, got {_described(s)}"
                 )
             # Another float type (a checkpoint's, a changed state_dtype) is taken as its
-            # values; other strides than the param's, or a negative view, are copied.
+            # values; other strides than the param's, a negative or conjugate view, copied.
             local = _local(s)
-            if s.dtype != want or local.is_neg() or local.stride() != _local(p).stride():
+            if (
+                s.dtype != want
+                or local.is_neg()
+                or local.is_conj()
+                or local.stride() != _local(p).stride()
+            ):
                 moved = self._new_state(p, 0.0, want)
                 moved.copy_(s)
                 staged.set(key, moved)
@@ -1211,9 +1263,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _check_param(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
         if p.dtype not in _SUPPORTED:
-            raise TypeError(
-                f"{name}: dtype {p.dtype} is not supported (float32, float64, float16, bfloat16)"
-            )
+            raise TypeError(f"{name}: dtype {p.dtype} is not supported ({_DTYPES})")
         if g.layout != torch.strided:
             raise TypeError(
                 f"{name}.grad: {g.layout} gradients are not supported (fastopt "
@@ -1221,6 +1271,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             )
         if not _dense(_local(p)):
             raise ValueError(_NOT_DENSE.format(name))
+        if p.is_neg() or p.is_conj():  # (its values are not its memory's)
+            view = "negative" if p.is_neg() else "conjugate"
+            raise ValueError(f"{name}: is a {view} view; step the tensor it views")
 
     # -- stepping ------------------------------------------------------------------------------
     @torch.compiler.disable
@@ -1485,6 +1538,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         params, states = bucket.kernel_lists()
         if bucket.distributed:
             grads = [_local(g) for g in grads]
+        taken = _real_grads(grads) if bucket.complex else grads
         if bucket.host:  # the compiled CPU module, without extra arguments
             kernels, extra = _ext._cpu, functional.NO_KEYWORDS
         else:
@@ -1509,11 +1563,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if check_only:
             extra = {**extra, "check_only": True}
             try:
-                kernel(params, grads, *states, True, lr=lr, **kw, **extra)
+                kernel(params, taken, *states, True, lr=lr, **kw, **extra)
             except (TypeError, ValueError) as exc:
                 relaid = self._relayout_grads([_local(p) for p in bucket.params], grads)
                 if relaid is None:
                     raise self._named(where, bucket, exc) from exc
+                relaid = _real_grads(relaid) if bucket.complex else relaid
                 try:
                     kernel(params, relaid, *states, True, lr=lr, **kw, **extra)
                 except (TypeError, ValueError) as again:
@@ -1527,12 +1582,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         bucket.done += 1
         refused = False
         try:
-            kernel(params, grads, *states, True, lr=lr, **kw, **extra)
+            kernel(params, taken, *states, True, lr=lr, **kw, **extra)
         except (TypeError, ValueError) as exc:
             refused = True
             relaid = self._relayout_grads([_local(p) for p in bucket.params], grads)
             if relaid is None:
                 raise self._named(where, bucket, exc) from exc
+            relaid = _real_grads(relaid) if bucket.complex else relaid
             refused = False
             try:
                 kernel(params, relaid, *states, True, lr=lr, **kw, **extra)
@@ -1553,16 +1609,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
         params: List[torch.Tensor], grads: List[torch.Tensor]
     ) -> Optional[List[torch.Tensor]]:
         """After the kernel refused a call (it writes nothing then): the grads with those
-        whose strides differ from their param's, or that are negative views (a zero-copy
-        ``-x``, which torch steps by value), copied to the param's strides, for a second
-        try; None if there are none."""
+        whose strides differ from their param's, or that are negative or conjugate views (a
+        zero-copy ``-x``, ``x.conj()``, which torch steps by value), copied to the param's
+        strides, for a second try; None if there are none."""
         relaid = list(grads)
         changed = False
         for k, (p, g) in enumerate(zip(params, grads)):
             if (
                 g.layout == torch.strided
                 and g.shape == p.shape
-                and (g.stride() != p.stride() or g.is_neg())
+                and (g.stride() != p.stride() or g.is_neg() or g.is_conj())
                 and _dense(p)  # (else the kernel's error about the param stands)
             ):
                 relaid[k] = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device)
