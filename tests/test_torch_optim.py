@@ -1294,11 +1294,12 @@ def test_complex_params_step_as_their_real_parts(name, device):
             assert torch.equal(torch.view_as_real(got) if got.is_complex() else got, value)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, float("inf")], ids=["2", "1", "3", "inf"])
 @pytest.mark.parametrize("max_norm", [1e-2, 0.0, 100.0], ids=["clipped", "zeroed", "kept"])
-def test_complex_grads_clipped_like_torch(max_norm):
-    """fastopt.torch.clip_grad_norm_ and max_grad_norm on complex grads (a conjugate view
-    among them, taken by value) as torch's clip_grad_norm_: the same norm (of the real
-    dtype) and the same grads, then the same step."""
+def test_complex_grads_clipped_like_torch(max_norm, norm_type):
+    """fastopt.torch.clip_grad_norm_ on complex grads (a conjugate view among them, taken
+    by value) as torch's clip_grad_norm_: the same norm (of the moduli, in the real dtype)
+    and the same grads; with max_grad_norm (the 2-norm) the same step too."""
     start = _complex_case(torch.complex64, 8)
     gen = torch.Generator().manual_seed(9)
     grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in start]
@@ -1306,12 +1307,14 @@ def test_complex_grads_clipped_like_torch(max_norm):
     for p, q, r, g in zip(tp, fp, sp, grads):
         p.grad, q.grad, r.grad = g.clone(), g.clone(), g.clone()
     fp[1].grad = grads[1].conj().resolve_conj().conj()
-    want = torch.nn.utils.clip_grad_norm_(tp, max_norm)
-    got = ft.clip_grad_norm_(fp, max_norm)
+    want = torch.nn.utils.clip_grad_norm_(tp, max_norm, norm_type)
+    got = ft.clip_grad_norm_(fp, max_norm, norm_type)
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want)
     for p, q in zip(fp, tp):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    if norm_type != 2.0:
+        return
     topt = torch.optim.Adam(tp, lr=0.01, foreach=False)
     sopt = ft.Adam(sp, lr=0.01)
     sopt.max_grad_norm = max_norm
