@@ -42,19 +42,33 @@ def _result_dtype(grads: List[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def _readable(grads: List[torch.Tensor], norm_type: float) -> Tuple[List[torch.Tensor], bool]:
+def _readable(grads: List[torch.Tensor], moduli: bool) -> Tuple[List[torch.Tensor], bool]:
     """The grads as the norm kernels read them, and whether any is a copy (then scaled by
     torch, not through them). A complex grad's norm is that of its elements' moduli, as
-    torch's: for the 2-norm, the norm of its parts (the float view of them, written
-    through, the grad is); for others, of ``abs()`` (a copy). A negative or conjugate view
-    (zero-copy ``-x``, ``x.conj()``) is read through a copy too."""
+    torch's: with ``moduli``, of ``abs()`` (a copy); else (enough for the 2-norm) of its
+    parts, the float view of them, written through, the grad is. A negative or conjugate
+    view (zero-copy ``-x``, ``x.conj()``) is read through a copy too."""
     if not any(g.is_complex() or g.is_neg() for g in grads):
         return grads, False
-    if norm_type != 2.0 and any(g.is_complex() for g in grads):
+    if moduli and any(g.is_complex() for g in grads):
         return [g.abs() if g.is_complex() else g.resolve_neg() for g in grads], True
     copied = any(g.is_neg() or g.is_conj() for g in grads)
     out = [g.resolve_conj().resolve_neg() for g in grads] if copied else grads
     return [torch.view_as_real(g) if g.is_complex() else g for g in out], copied
+
+
+def _grads_norm(
+    grads: List[torch.Tensor], norm_type: float, writeable: bool
+) -> Tuple[float, List[List[torch.Tensor]], bool]:
+    """Host grads, any mix of the four float and two complex dtypes: (the norm, the lists
+    _scale writes through, whether they are copies); see _readable."""
+    read, copied = _readable(grads, norm_type != 2.0)
+    norm, lists = _host_norm(read, norm_type, writeable)
+    if math.isnan(norm) and norm_type == 2.0 and any(g.is_complex() for g in grads):
+        # the parts of inf + nan*j sum to NaN; its modulus is inf (torch's, C's hypot)
+        read, copied = _readable(grads, True)
+        norm, lists = _host_norm(read, norm_type, writeable)
+    return norm, lists, copied
 
 
 def _scale(
@@ -95,14 +109,15 @@ def step_grad_scale(
         if all(type(g) is torch.Tensor for g in grads) and all(
             g.dtype == first.dtype and g.device == first.device for g in grads
         ):
-            out, reads = clip.device_clip(_readable(grads, 2.0)[0], True, limit * grad_scale, None)
+            out, reads = clip.device_clip(
+                _readable(grads, False)[0], True, limit * grad_scale, None
+            )
             dtype = _result_dtype(grads)
             norm = out.to(dtype) if out.dtype != dtype else out
             return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, reads
         norm = clip_grad_norm_(params, limit * grad_scale)
         return (norm / grad_scale if grad_scale != 1.0 else norm), grad_scale, {}
-    read, copied = _readable(grads, 2.0)
-    scaled, lists = _host_norm(read, 2.0, False)
+    scaled, lists, copied = _grads_norm(grads, 2.0, False)
     norm = scaled / grad_scale
     result = torch.tensor(norm, dtype=_result_dtype(grads))
     c = clip.coefficient(limit, norm)
@@ -119,8 +134,7 @@ def _total_and_scale(
 ) -> float:
     """Host grads, any mix of the four float and two complex dtypes: the norm, then the
     scaling."""
-    read, copied = _readable(grads, norm_type)
-    norm, lists = _host_norm(read, norm_type, True)  # all checked before any scaling
+    norm, lists, copied = _grads_norm(grads, norm_type, True)  # all checked before scaling
     if error_if_nonfinite and not math.isfinite(norm):
         raise clip.nonfinite_error(norm_type)
     c = clip.coefficient(max_norm, norm)
@@ -176,7 +190,7 @@ def clip_grad_norm_(
     if first.device.type == "cpu":
         norm = _total_and_scale(grads, max_norm, norm_type, error_if_nonfinite)
         return torch.tensor(norm, dtype=dtype)
-    read, copied = _readable(grads, norm_type)
+    read, copied = _readable(grads, norm_type != 2.0)
     if copied or any(g.dtype != first.dtype or g.device != first.device for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
     out = clip.clip_grad_norm_(read, max_norm, norm_type, error_if_nonfinite)
