@@ -273,8 +273,30 @@ LION = Opt(
                              l1=1e-3)],
     init={"exp_avgs": _normal})
 
+# Adamax's infinity norm starts positive, so the max reads it from the first step.
+ADAMAX = Opt(
+    _specs.OPTIMIZERS["adamax"], base=dict(lr=0.01),
+    grid=_grid(weight_decay=[0.0, 0.01], maximize=[False, True], l1=[0.0, 1e-3])
+    + [dict(beta1=0.5, beta2=0.9, eps=1e-3)],
+    representative=[dict(weight_decay=0.0, maximize=False, l1=0.0),
+                    dict(weight_decay=0.01, maximize=True, l1=1e-3)],
+    init={"exp_avgs": _zeros, "exp_infs": _positive})
+
+# RAdam's rectified step starts at step 6 (rho_t > 5) whatever the betas: STEPS covers both.
+RADAM = Opt(
+    _specs.OPTIMIZERS["radam"], base=dict(lr=0.01),
+    grid=[o for o in _grid(weight_decay=[0.0, 0.01], decoupled_weight_decay=[False, True],
+                           maximize=[False, True], l1=[0.0, 1e-3])
+          if o["weight_decay"] or not o["decoupled_weight_decay"]]
+    + [dict(beta1=0.5, beta2=0.9, eps=1e-3)],
+    representative=[dict(weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
+                         l1=0.0),
+                    dict(weight_decay=0.01, decoupled_weight_decay=True, maximize=True,
+                         l1=1e-3)],
+    init={"exp_avgs": _zeros, "exp_avg_sqs": _zeros})
+
 OPTIMIZERS: Dict[str, Opt] = {o.name: o for o in [SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA,
-                                                   LION]}
+                                                   LION, ADAMAX, RADAM]}
 assert list(OPTIMIZERS) == list(_specs.OPTIMIZERS), "every optimizer of fastopt's table"
 
 

@@ -98,9 +98,23 @@ def lion_hyper(draw):
                 l1=draw(maybe_zero(unit(0.0, 0.1))))
 
 
+@st.composite
+def adamax_hyper(draw):
+    return dict(lr=draw(unit(0.0, 0.1)), beta1=draw(maybe_zero(unit(0.0, 0.99))),
+                beta2=draw(maybe_zero(unit(0.0, 0.9999))), eps=draw(log_uniform(1e-8, 1e-2)),
+                weight_decay=draw(maybe_zero(unit(0.0, 0.1))), maximize=draw(st.booleans()),
+                l1=draw(maybe_zero(unit(0.0, 0.1))))
+
+
+@st.composite
+def radam_hyper(draw):
+    # Adamax's hyper-parameters and RAdam's but decoupled_weight_decay are the same
+    return dict(**draw(adamax_hyper()), decoupled_weight_decay=draw(st.booleans()))
+
+
 HYPER = {"sgd": sgd_hyper(), "adagrad": adagrad_hyper(), "rmsprop": rmsprop_hyper(),
          "adam": adam_hyper(), "adamw": adam_hyper(adamw=True), "sophia": sophia_hyper(),
-         "lion": lion_hyper()}
+         "lion": lion_hyper(), "adamax": adamax_hyper(), "radam": radam_hyper()}
 
 
 @settings(max_examples=150, **SETTINGS)

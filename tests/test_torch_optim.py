@@ -14,6 +14,7 @@ import collections
 import collections.abc
 import copy
 import io
+import math
 from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
@@ -49,17 +50,25 @@ GRID: Dict[str, List[Dict[str, Any]]] = {
     "Adam": [dict(), dict(amsgrad=True, weight_decay=0.01),
              dict(decoupled_weight_decay=True, weight_decay=0.1, maximize=True)],
     "AdamW": [dict(), dict(amsgrad=True, maximize=True, weight_decay=0.1)],
+    "Adamax": [dict(), dict(weight_decay=0.01, maximize=True, eps=1e-3)],
+    "RAdam": [dict(), dict(weight_decay=0.01, maximize=True),
+              dict(decoupled_weight_decay=True, weight_decay=0.1, betas=(0.8, 0.9))],
 }
-LR = {"SGD": 0.05, "Adagrad": 0.05, "RMSprop": 0.01, "Adam": 0.01, "AdamW": 0.01}
+TORCH_NAMES = list(GRID)  # the classes with a torch.optim twin
+ALL_NAMES = TORCH_NAMES + ["Lion", "Sophia"]
+LR = {"SGD": 0.05, "Adagrad": 0.05, "RMSprop": 0.01, "Adam": 0.01, "AdamW": 0.01,
+      "Adamax": 0.01, "RAdam": 0.01}
 GROUP2: Dict[str, Dict[str, Any]] = {
     "SGD": dict(weight_decay=0.05, momentum=0.5), "Adagrad": dict(weight_decay=0.05),
     "RMSprop": dict(weight_decay=0.05, alpha=0.9),
     "Adam": dict(weight_decay=0.05, betas=(0.8, 0.99)),
-    "AdamW": dict(weight_decay=0.05, betas=(0.8, 0.99))}
+    "AdamW": dict(weight_decay=0.05, betas=(0.8, 0.99)),
+    "Adamax": dict(weight_decay=0.05, betas=(0.8, 0.99)),
+    "RAdam": dict(weight_decay=0.05, betas=(0.8, 0.99))}
 # The options under which each optimizer keeps all of its state (checkpoint tests).
 FULL = {"SGD": dict(momentum=0.9), "Adagrad": dict(initial_accumulator_value=0.1),
         "RMSprop": dict(centered=True, momentum=0.9), "Adam": dict(amsgrad=True),
-        "AdamW": dict(amsgrad=True)}
+        "AdamW": dict(amsgrad=True), "Adamax": {}, "RAdam": {}}
 
 
 def _cases():
@@ -631,7 +640,7 @@ def test_checkpoints_interchange_with_torch_optim(name, direction):
         _assert_same_state(got, want, resumed, params, f"{direction} {name} step {t + 1}")
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia"])
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_own_checkpoint_resumes_bit_for_bit(name):
     params = _params()[:4]
     opt = getattr(ft, name)(params, lr=0.01, **FULL.get(name, {}))
@@ -1118,9 +1127,17 @@ def test_foreach_and_fused_are_accepted_no_ops():
     assert torch.equal(a, b)
 
 
+def test_every_optimizer_of_the_table_has_a_class():
+    from fastopt._specs import OPTIMIZERS as SPECS
+
+    assert set(ft.CLASSES) == set(SPECS)
+    assert sorted(ft.CLASSES[n].__name__ for n in SPECS if SPECS[n].torch_name) == sorted(
+        TORCH_NAMES)
+
+
 def test_signatures_and_defaults_are_torchs():
     import inspect
-    for name in ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]:
+    for name in TORCH_NAMES:
         want = inspect.signature(getattr(torch.optim, name).__init__).parameters
         got = inspect.signature(getattr(ft, name).__init__).parameters
         for arg, param in want.items():
@@ -1268,7 +1285,7 @@ def test_complex_params_match_torch_optim(name, opts, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion"])
+@pytest.mark.parametrize("name", [n for n in ALL_NAMES if n != "Sophia"])
 def test_complex_params_step_as_their_real_parts(name, device):
     """Bit for bit: a complex param's step is the step of the float tensor of its parts,
     state included (Lion has no torch.optim peer; this is its check)."""
@@ -1323,6 +1340,29 @@ def test_complex_grads_clipped_like_torch(max_norm, norm_type):
     torch.testing.assert_close(sopt.last_grad_norm, want)
     for p, q in zip(sp, tp):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_complex_grad_of_infinite_modulus_and_nan_part_clips_like_torch():
+    """|inf + nan*j| is inf, as torch's norm says (its parts' squares sum to NaN): the
+    2-norm is inf, so the coefficient is 0 and the other grads become 0, not NaN."""
+    bad = torch.tensor([complex(math.inf, math.nan), 1 + 1j, 2])
+    want_ps, got_ps, step_ps = ([torch.randn(3, dtype=torch.complex64, generator=g),
+                                 torch.randn(2, generator=g)]
+                                for g in [torch.Generator().manual_seed(3) for _ in range(3)])
+    for ps in (want_ps, got_ps, step_ps):
+        for p, grad in zip(ps, [bad, torch.tensor([1.0, 2.0])]):
+            p.requires_grad_()
+            p.grad = grad.clone()
+    want = torch.nn.utils.clip_grad_norm_(want_ps, 1.0)
+    got = ft.clip_grad_norm_(got_ps, 1.0)
+    assert math.isinf(float(want)) and math.isinf(float(got))
+    assert torch.equal(got_ps[1].grad, want_ps[1].grad)  # zeros
+    opt = ft.SGD(step_ps, lr=0.1)
+    opt.max_grad_norm = 1.0
+    before = step_ps[1].detach().clone()
+    opt.step()
+    assert math.isinf(float(opt.last_grad_norm))
+    assert torch.equal(step_ps[1].detach(), before)  # stepped by a zero grad
 
 
 def test_complex_params_refused_where_not_supported():

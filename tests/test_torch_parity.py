@@ -1,5 +1,5 @@
 """fastopt against torch.optim on the CPU: the same trajectories (params and state) for SGD,
-Adagrad, RMSprop, Adam and AdamW, float32 and float64, with torch's default (for-loop on
+Adagrad, RMSprop, Adam, AdamW, Adamax and RAdam, float32 and float64, with torch's default (for-loop on
 CPU), foreach and fused implementations."""
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ TORCH_TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 # fastopt state name -> torch.optim state key
 STATE_KEYS = {"momentum_buffers": "momentum_buffer", "state_sums": "sum",
               "square_avgs": "square_avg", "grad_avgs": "grad_avg", "exp_avgs": "exp_avg",
-              "exp_avg_sqs": "exp_avg_sq", "max_exp_avg_sqs": "max_exp_avg_sq"}
+              "exp_avg_sqs": "exp_avg_sq", "max_exp_avg_sqs": "max_exp_avg_sq",
+              "exp_infs": "exp_inf"}
 
 
 def _grid(**axes):
@@ -56,6 +57,10 @@ GRIDS = {
                               weight_decay=[0.0, 0.01], decoupled_weight_decay=[False, True])
              if o["weight_decay"] or not o["decoupled_weight_decay"]],
     "adamw": _grid(amsgrad=[False, True], maximize=[False, True], weight_decay=[0.01, 0.1]),
+    "adamax": _grid(maximize=[False, True], weight_decay=[0.0, 0.01], eps=[1e-8, 1e-3]),
+    "radam": [o for o in _grid(maximize=[False, True], weight_decay=[0.0, 0.01],
+                               decoupled_weight_decay=[False, True])
+              if o["weight_decay"] or not o["decoupled_weight_decay"]],
 }
 FUSED = {"sgd", "adagrad", "adam", "adamw"}  # torch has fused CPU kernels for these
 
@@ -66,18 +71,7 @@ def _torch_optimizer(name: str, params: List[Any], lr: float, opts: Dict[str, An
         kw["foreach"] = True
     elif impl == "fused":
         kw["fused"] = True
-    o = dict(opts)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, **o, **kw)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, **o, **kw)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, **o, **kw)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, **o, **kw)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, **o, **kw)
-    raise AssertionError(name)
+    return getattr(torch.optim, OPTIMIZERS[name].spec.torch_name)(params, lr=lr, **opts, **kw)
 
 
 def _cases():

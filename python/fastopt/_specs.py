@@ -329,8 +329,47 @@ LION = OptimizerSpec(
     example=dict(lr=1e-4, weight_decay=1e-2),
 )
 
+ADAMAX = OptimizerSpec(
+    name="adamax",
+    kernel="adamax",
+    takes_step=True,
+    reference=reference.adamax,
+    torch_name="Adamax",
+    arrays=(PARAMS, GRADS, _state("exp_avgs"), _state("exp_infs", nonnegative=True)),
+    hyper={
+        "lr": Real(2e-3),
+        "beta1": _beta(0.9),
+        "beta2": _beta(0.999),
+        "eps": Real(1e-8),  # >= 0, as torch.optim allows
+        "weight_decay": NONNEG,
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
+    example=dict(lr=2e-3, weight_decay=1e-2),
+)
+
+RADAM = OptimizerSpec(
+    name="radam",
+    kernel="radam",
+    takes_step=True,
+    reference=reference.radam,
+    torch_name="RAdam",
+    arrays=(PARAMS, GRADS, _state("exp_avgs"), _state("exp_avg_sqs", nonnegative=True)),
+    hyper={
+        "lr": Real(1e-3),
+        "beta1": _beta(0.9),
+        "beta2": _beta(0.999),
+        "eps": Real(1e-8),  # >= 0, as torch.optim allows
+        "weight_decay": NONNEG,
+        "decoupled_weight_decay": Flag(),
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
+    example=dict(lr=1e-3, weight_decay=1e-2),
+)
+
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
-    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA, LION)
+    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA, LION, ADAMAX, RADAM)
 }
 
 # Not an optimizer, the same machinery: average <- beta*average + (1-beta)*sample (Sophia's

@@ -73,7 +73,18 @@ from ._arrays import ArrayOrList, as_list
 from ._specs import EMA, OPTIMIZERS, OptimizerSpec, binding_mismatches
 from ._validate import step_count, whole
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "sophia_", "lion_", "ema_"]
+__all__ = [
+    "sgd_",
+    "adagrad_",
+    "rmsprop_",
+    "adam_",
+    "adamw_",
+    "sophia_",
+    "lion_",
+    "adamax_",
+    "radam_",
+    "ema_",
+]
 
 # Validated hyper-parameters are cached per tuple of values and their types; only for these
 # types, whose equal values validate alike (True == 1 == 1.0 is why the types are in the key).
@@ -295,8 +306,9 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZERS.items()}
 # The bound runs the functions below call (a bound method is the cheapest call).
-_SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION = (
-    STEPS[n].run for n in ("sgd", "adagrad", "rmsprop", "adam", "adamw", "sophia", "lion")
+_SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION, _ADAMAX, _RADAM = (
+    STEPS[n].run
+    for n in ("sgd", "adagrad", "rmsprop", "adam", "adamw", "sophia", "lion", "adamax", "radam")
 )
 _EMA = StepKernel(EMA).run
 
@@ -597,6 +609,99 @@ def lion_(
         [params, grads, exp_avgs],
         (lr, beta1, beta2, weight_decay, maximize, l1),
         None,
+        stream,
+        _plan,
+        masks,
+        rounding,
+        seed,
+        max_grad_norm,
+        absmax,
+        master_params,
+    )
+
+
+def adamax_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    exp_avgs: ArrayOrList,
+    exp_infs: ArrayOrList,
+    *,
+    step: int,
+    lr: float = 2e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
+    stream: Any = None,
+    _plan: Any = None,
+) -> Any:
+    """Adamax (Kingma & Ba 2015, section 7.1), as ``torch.optim.Adamax``.
+
+    g <- -g if maximize; g <- g + weight_decay*p; m <- beta1*m + (1-beta1)*g;
+    u <- max(beta2*u, |g| + eps) (a NaN on either side is kept, as torch.maximum);
+    p <- p - (lr/(1-beta1^t)) * m/u.
+    """
+    return _ADAMAX(
+        [params, grads, exp_avgs, exp_infs],
+        (lr, beta1, beta2, eps, weight_decay, maximize, l1),
+        step,
+        stream,
+        _plan,
+        masks,
+        rounding,
+        seed,
+        max_grad_norm,
+        absmax,
+        master_params,
+    )
+
+
+def radam_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    exp_avgs: ArrayOrList,
+    exp_avg_sqs: ArrayOrList,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
+    stream: Any = None,
+    _plan: Any = None,
+) -> Any:
+    """RAdam (Liu et al. 2020, "On the Variance of the Adaptive Learning Rate and
+    Beyond"), as ``torch.optim.RAdam``.
+
+    g <- -g if maximize; decoupled: p <- p*(1 - lr*weight_decay), else g <- g +
+    weight_decay*p; m <- beta1*m + (1-beta1)*g; v <- beta2*v + (1-beta2)*g^2;
+    rho_inf = 2/(1-beta2) - 1, rho_t = rho_inf - 2t*beta2^t/(1-beta2^t); where rho_t > 5:
+    p <- p - (lr*r_t*sqrt(1-beta2^t)/(1-beta1^t)) * m/(sqrt(v) + eps) with
+    r_t = sqrt((rho_t-4)(rho_t-2)rho_inf / ((rho_inf-4)(rho_inf-2)rho_t)); before that
+    (the first steps: 5 with the default betas), p <- p - (lr/(1-beta1^t)) * m.
+    """
+    return _RADAM(
+        [params, grads, exp_avgs, exp_avg_sqs],
+        (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, l1),
+        step,
         stream,
         _plan,
         masks,

@@ -970,7 +970,8 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
     """The class of an optimizer that needs nothing beyond its table entry:
     ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None, masks=None,
     state_dtype="float32", stochastic_rounding=False, seed=None, master_weights=False)``,
-    named after the spec (``"name"`` -> ``Name``) and documented by its functional step."""
+    named as torch.optim's class where torch has it (``"radam"`` -> ``RAdam``), else after
+    the spec (``"lion"`` -> ``Lion``), and documented by its functional step."""
     lr_default = spec.hyper["lr"].default
     others = {name: h.default for name, h in spec.hyper.items() if name != "lr"}
 
@@ -1024,7 +1025,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
             inspect.Parameter("master_weights", keyword, default=False),
         ]
     )
-    name = spec.name.capitalize()
+    name = spec.torch_name or spec.name.capitalize()
     doc = f"``fastopt.{spec.name}_`` as a class: it owns its state (see ``Optimizer``).\n\n" + (
         getattr(functional, f"{spec.name}_").__doc__ or ""
     )

@@ -22,6 +22,8 @@ __all__ = [
     "adam",
     "sophia",
     "lion",
+    "adamax",
+    "radam",
     "ema",
     "masked",
     "grad_norm",
@@ -217,6 +219,76 @@ def lion(
         p *= 1.0 - lr * weight_decay
     p -= lr * np.sign(c)
     exp_avg[...] = beta2 * exp_avg + (1.0 - beta2) * g
+    if l1 != 0.0:
+        soft_threshold(p, lr * l1)
+
+
+def adamax(
+    p: np.ndarray,
+    g: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_inf: np.ndarray,
+    *,
+    step: int,
+    lr: float = 2e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    l1: float = 0.0,
+) -> None:
+    """Adamax (Kingma & Ba 2015, section 7.1), as torch.optim.Adamax: Adam's second moment
+    replaced by an exponentially weighted infinity norm."""
+    g = -g if maximize else g
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    exp_avg[...] = beta1 * exp_avg + (1.0 - beta1) * g
+    exp_inf[...] = np.maximum(beta2 * exp_inf, np.abs(g) + eps)  # NaN from either side
+    p -= (lr / (1.0 - beta1**step)) * (exp_avg / exp_inf)
+    if l1 != 0.0:
+        soft_threshold(p, lr * l1)
+
+
+def radam(
+    p: np.ndarray,
+    g: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    l1: float = 0.0,
+) -> None:
+    """RAdam (Liu et al. 2020), as torch.optim.RAdam: Adam with its adaptive step scaled by
+    the rectification term r_t while the second moment's variance is tractable (rho_t > 5),
+    and momentum SGD before."""
+    g = -g if maximize else g
+    if weight_decay != 0.0:
+        if decoupled_weight_decay:
+            p *= 1.0 - lr * weight_decay
+        else:
+            g = g + weight_decay * p
+    exp_avg[...] = beta1 * exp_avg + (1.0 - beta1) * g
+    exp_avg_sq[...] = beta2 * exp_avg_sq + (1.0 - beta2) * g * g
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2**step / bias_correction2
+    if rho_t > 5.0:
+        rect = math.sqrt(
+            (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
+        )
+        adaptive = math.sqrt(bias_correction2) / (np.sqrt(exp_avg_sq) + eps)
+        p -= (lr / bias_correction1) * rect * (exp_avg * adaptive)
+    else:
+        p -= (lr / bias_correction1) * exp_avg
     if l1 != 0.0:
         soft_threshold(p, lr * l1)
 

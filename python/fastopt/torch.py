@@ -34,8 +34,9 @@ same trajectory here, and the reverse; ``torch.load(..., weights_only=True)`` wo
 ``state[p]["step"]`` is a float CPU tensor as torch's default (non-capturable) one; Adam(W):
 ``"exp_avg"``, ``"exp_avg_sq"``, ``"max_exp_avg_sq"`` (amsgrad); SGD: ``"momentum_buffer"``
 (momentum > 0, no step, as torch); Adagrad: ``"sum"`` (made at construction, as torch);
-RMSprop: ``"square_avg"``, ``"momentum_buffer"``, ``"grad_avg"``; Lion: ``"exp_avg"`` (no
-step); Sophia: ``"exp_avg"``, ``"hessian"``. State is made lazily at a param's first step,
+RMSprop: ``"square_avg"``, ``"momentum_buffer"``, ``"grad_avg"``; Adamax: ``"exp_avg"``,
+``"exp_inf"``; RAdam: ``"exp_avg"``, ``"exp_avg_sq"``; Lion: ``"exp_avg"`` (no step); Sophia:
+``"exp_avg"``, ``"hessian"``. State is made lazily at a param's first step,
 like the param (``torch.zeros_like``, same strides; a DTensor for a DTensor param), except
 that float16/bfloat16 params get float32 state and float32 math, the kernels' rule on every
 device (``load_state_dict`` keeps such state float32; torch.optim would cast it to the
@@ -204,6 +205,8 @@ __all__ = [
     "AdamW",
     "Lion",
     "Sophia",
+    "Adamax",
+    "RAdam",
     "Adam8bit",
     "AdamW8bit",
     "SGD8bit",
@@ -236,6 +239,7 @@ STATE_KEYS = {
     "square_avgs": "square_avg",
     "grad_avgs": "grad_avg",
     "hessian_diags": "hessian",
+    "exp_infs": "exp_inf",
 }
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -2270,6 +2274,97 @@ class Lion(_FusedOptimizer):
         super().__init__(params, defaults, masks)
 
 
+class Adamax(_FusedOptimizer):
+    """``torch.optim.Adamax`` (maximize) on ``fastopt.adamax_``'s kernel. State: ``"step"``,
+    ``"exp_avg"``, ``"exp_inf"``. ``foreach`` is an accepted no-op,
+    ``capturable``/``differentiable`` are refused; ``l1`` is keyword-only."""
+
+    _spec = OPTIMIZERS["adamax"]
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 2e-3,
+        betas: Tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        foreach: Optional[bool] = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+        l1: float = 0.0,
+        state_dtype: str = "float32",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
+        masks: Any = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=_pair("betas", betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            capturable=capturable,
+            l1=l1,
+            state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
+        )
+        super().__init__(params, defaults, masks)
+
+
+class RAdam(_FusedOptimizer):
+    """``torch.optim.RAdam`` (maximize, coupled or ``decoupled_weight_decay``) on
+    ``fastopt.radam_``'s kernel. State: ``"step"``, ``"exp_avg"``, ``"exp_avg_sq"``.
+    ``foreach`` is an accepted no-op, ``capturable``/``differentiable`` are refused; ``l1``
+    is keyword-only."""
+
+    _spec = OPTIMIZERS["radam"]
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-3,
+        betas: Tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        l1: float = 0.0,
+        state_dtype: str = "float32",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
+        masks: Any = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=_pair("betas", betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            l1=l1,
+            state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
+        )
+        super().__init__(params, defaults, masks)
+
+
 class Sophia(_FusedOptimizer):
     """Sophia (Liu et al. 2023) on ``fastopt.sophia_``'s kernel; no torch.optim counterpart.
     ``betas[0]`` is the gradient EMA's, ``betas[1]`` the Hessian EMA's (used by
@@ -2558,4 +2653,6 @@ CLASSES: Dict[str, type] = {
     "adamw": AdamW,
     "lion": Lion,
     "sophia": Sophia,
+    "adamax": Adamax,
+    "radam": RAdam,
 }

@@ -5,8 +5,10 @@
 #pragma once
 #include "common/optim/adagrad.h"
 #include "common/optim/adam.h"
+#include "common/optim/adamax.h"
 #include "common/optim/ema.h"
 #include "common/optim/lion.h"
+#include "common/optim/radam.h"
 #include "common/optim/rmsprop.h"
 #include "common/optim/sgd.h"
 #include "common/optim/sophia.h"
@@ -19,6 +21,8 @@
   X(Adam)                     \
   X(Sophia)                   \
   X(Lion)                     \
+  X(Adamax)                   \
+  X(Radam)                    \
   X(Ema)
 // clang-format on
 

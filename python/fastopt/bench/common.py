@@ -122,6 +122,8 @@ _CASES = {
     "sgd": (dict(lr=1e-2, momentum=0.9), ("fused", "foreach"), ("fused", "foreach")),
     "adagrad": (dict(lr=1e-2), ("fused", "foreach"), ("foreach",)),
     "rmsprop": (dict(lr=1e-2), ("foreach",), ("foreach",)),
+    "adamax": (dict(lr=2e-3), ("foreach",), ("foreach",)),
+    "radam": (dict(lr=1e-3), ("foreach",), ("foreach",)),
     "sophia": (dict(lr=1e-3), (), ()),
 }
 OPTIMIZERS: Dict[str, OptimizerCase] = {
