@@ -50,10 +50,11 @@ Decisions, where torch.optim offers a choice:
 - ``foreach`` and ``fused`` are accepted and stored in the groups (checkpoints carry them) and
   change nothing: every step is already one fused multi-tensor call (both True together is
   refused, as torch refuses it).
-- Moving averages are ``b*m + (1-b)*g`` where torch.optim writes ``m.lerp_(g, 1-b)`` (the
-  same within rounding): after an infinite grad element ``m`` stays +-inf where torch's
-  becomes NaN one step later. The param is NaN either way, except in steps that use ``m``
-  alone (SGD momentum; RAdam's steps before rectification), where it is +-inf here.
+- Moving averages are ``b*m + (1-b)*g`` where torch.optim writes ``m.lerp_(g, 1-b)`` (Adam,
+  Adamax, RAdam's first moment, RMSprop's centered mean; the same within rounding): after
+  an infinite grad element ``m`` stays +-inf where torch's becomes NaN one step later. The
+  param is NaN either way, except in RAdam's steps before rectification (``m`` alone),
+  where it is +-inf here.
 - Complex params (complex64, complex128) are stepped as torch.optim steps them: through
   ``torch.view_as_real``, their real and imaginary parts as real numbers of their own
   (Adagrad's ``initial_accumulator_value`` set in both), with complex state of torch's keys;
