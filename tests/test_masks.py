@@ -277,7 +277,8 @@ def _torch_model(torch, device):
                                torch.nn.Linear(17, 5)).to(device)
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "RAdam",
+                                  "Lion", "Sophia"])
 def test_torch_optimizer_masks(torch_device, name):
     torch = pytest.importorskip("torch")
     import fastopt.torch as fot

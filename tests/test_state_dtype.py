@@ -181,7 +181,8 @@ def test_functional_state_types_must_agree(rng):
 # ---- fastopt.torch -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Lion", "Sophia"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "RAdam",
+                                  "Lion", "Sophia"])
 def test_torch_optimizer_state_dtype(name, device):
     import fastopt.torch as fot
 
@@ -227,7 +228,8 @@ def test_torch_optimizer_state_dtype(name, device):
 @pytest.mark.parametrize("bad,error", [("int4", ValueError), ("Float32", ValueError),
                                        (3, TypeError), (None, TypeError),
                                        (torch.bfloat16, TypeError)])
-@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Lion", "Sophia"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "RAdam",
+                                  "Lion", "Sophia"])
 def test_torch_state_dtype_refused_everywhere(name, bad, error):
     """A bad state_dtype is refused, naming it, in the constructor, in add_param_group and
     at the step after a group was edited, and nothing is changed."""
