@@ -295,8 +295,16 @@ RADAM = Opt(
                          l1=1e-3)],
     init={"exp_avgs": _zeros, "exp_avg_sqs": _zeros})
 
+ADADELTA = Opt(
+    _specs.OPTIMIZERS["adadelta"], base=dict(lr=0.05),
+    grid=_grid(weight_decay=[0.0, 0.01], maximize=[False, True], l1=[0.0, 1e-3])
+    + [dict(rho=0.5, eps=1e-3)],
+    representative=[dict(weight_decay=0.0, maximize=False, l1=0.0),
+                    dict(weight_decay=0.01, maximize=True, l1=1e-3)],
+    init={"square_avgs": _positive, "acc_deltas": _positive})
+
 OPTIMIZERS: Dict[str, Opt] = {o.name: o for o in [SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA,
-                                                   LION, ADAMAX, RADAM]}
+                                                   LION, ADAMAX, RADAM, ADADELTA]}
 assert list(OPTIMIZERS) == list(_specs.OPTIMIZERS), "every optimizer of fastopt's table"
 
 

@@ -57,8 +57,8 @@ def roles(name, h):
 
 def make_arrays(name, h, n, dtype, rng):
     """Fresh random arrays for one call: params and grads of ``dtype`` (a torch dtype),
-    state float32 (float64 for float64 params), positive where a state must be (sums,
-    square averages, Hessian diagonals)."""
+    state float32 (float64 for float64 params), positive where a state must be (the
+    states the kernel marks nonnegative, Hessian diagonals)."""
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     out = {}
     for role, kind, written in roles(name, h):
@@ -66,8 +66,7 @@ def make_arrays(name, h, n, dtype, rng):
             out[role] = None
             continue
         x = rng.standard_normal(n)
-        if kind == "state" and role in ("state_sums", "square_avgs", "exp_avg_sqs",
-                                        "max_exp_avg_sqs", "hessian_diags"):
+        if kind == "state" and (role in REGISTRY[name]["nonnegative"] or role == "hessian_diags"):
             x = np.abs(x) + 0.1
         if role == "grad_avgs":
             x = x * 0.01  # keeps square_avg - grad_avg^2 positive

@@ -278,7 +278,7 @@ def _torch_model(torch, device):
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "RAdam",
-                                  "Lion", "Sophia"])
+                                  "Adadelta", "Lion", "Sophia"])
 def test_torch_optimizer_masks(torch_device, name):
     torch = pytest.importorskip("torch")
     import fastopt.torch as fot

@@ -112,9 +112,17 @@ def radam_hyper(draw):
     return dict(**draw(adamax_hyper()), decoupled_weight_decay=draw(st.booleans()))
 
 
+@st.composite
+def adadelta_hyper(draw):
+    return dict(lr=draw(unit(0.0, 1.0)), rho=draw(maybe_zero(unit(0.0, 0.99))),
+                eps=draw(log_uniform(1e-6, 1e-2)), weight_decay=draw(maybe_zero(unit(0.0, 0.1))),
+                maximize=draw(st.booleans()), l1=draw(maybe_zero(unit(0.0, 0.1))))
+
+
 HYPER = {"sgd": sgd_hyper(), "adagrad": adagrad_hyper(), "rmsprop": rmsprop_hyper(),
          "adam": adam_hyper(), "adamw": adam_hyper(adamw=True), "sophia": sophia_hyper(),
-         "lion": lion_hyper(), "adamax": adamax_hyper(), "radam": radam_hyper()}
+         "lion": lion_hyper(), "adamax": adamax_hyper(), "radam": radam_hyper(),
+         "adadelta": adadelta_hyper()}
 
 
 @settings(max_examples=150, **SETTINGS)

@@ -1,5 +1,5 @@
 """fastopt against torch.optim on the CPU: the same trajectories (params and state) for SGD,
-Adagrad, RMSprop, Adam, AdamW, Adamax and RAdam, float32 and float64, with torch's default (for-loop on
+Adagrad, RMSprop, Adam, AdamW, Adamax, RAdam and Adadelta, float32 and float64, with torch's default (for-loop on
 CPU), foreach and fused implementations."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ TORCH_TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 STATE_KEYS = {"momentum_buffers": "momentum_buffer", "state_sums": "sum",
               "square_avgs": "square_avg", "grad_avgs": "grad_avg", "exp_avgs": "exp_avg",
               "exp_avg_sqs": "exp_avg_sq", "max_exp_avg_sqs": "max_exp_avg_sq",
-              "exp_infs": "exp_inf"}
+              "exp_infs": "exp_inf", "acc_deltas": "acc_delta"}
 
 
 def _grid(**axes):
@@ -61,6 +61,7 @@ GRIDS = {
     "radam": [o for o in _grid(maximize=[False, True], weight_decay=[0.0, 0.01],
                                decoupled_weight_decay=[False, True])
               if o["weight_decay"] or not o["decoupled_weight_decay"]],
+    "adadelta": _grid(maximize=[False, True], weight_decay=[0.0, 0.01], rho=[0.9, 0.5]),
 }
 FUSED = {"sgd", "adagrad", "adam", "adamw"}  # torch has fused CPU kernels for these
 

@@ -368,8 +368,31 @@ RADAM = OptimizerSpec(
     example=dict(lr=1e-3, weight_decay=1e-2),
 )
 
+ADADELTA = OptimizerSpec(
+    name="adadelta",
+    kernel="adadelta",
+    takes_step=False,
+    reference=reference.adadelta,
+    torch_name="Adadelta",
+    arrays=(
+        PARAMS,
+        GRADS,
+        _state("square_avgs", nonnegative=True),
+        _state("acc_deltas", nonnegative=True),
+    ),
+    hyper={
+        "lr": Real(1.0),
+        "rho": _unit(0.9),  # [0, 1], as torch.optim.Adadelta allows
+        "eps": Real(1e-6),  # >= 0, as torch.optim allows
+        "weight_decay": NONNEG,
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
+    example=dict(lr=1.0, weight_decay=1e-2),
+)
+
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
-    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA, LION, ADAMAX, RADAM)
+    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA, LION, ADAMAX, RADAM, ADADELTA)
 }
 
 # Not an optimizer, the same machinery: average <- beta*average + (1-beta)*sample (Sophia's

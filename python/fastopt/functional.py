@@ -83,6 +83,7 @@ __all__ = [
     "lion_",
     "adamax_",
     "radam_",
+    "adadelta_",
     "ema_",
 ]
 
@@ -306,9 +307,20 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZERS.items()}
 # The bound runs the functions below call (a bound method is the cheapest call).
-_SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION, _ADAMAX, _RADAM = (
+_SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION, _ADAMAX, _RADAM, _ADADELTA = (
     STEPS[n].run
-    for n in ("sgd", "adagrad", "rmsprop", "adam", "adamw", "sophia", "lion", "adamax", "radam")
+    for n in (
+        "sgd",
+        "adagrad",
+        "rmsprop",
+        "adam",
+        "adamw",
+        "sophia",
+        "lion",
+        "adamax",
+        "radam",
+        "adadelta",
+    )
 )
 _EMA = StepKernel(EMA).run
 
@@ -702,6 +714,48 @@ def radam_(
         [params, grads, exp_avgs, exp_avg_sqs],
         (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, l1),
         step,
+        stream,
+        _plan,
+        masks,
+        rounding,
+        seed,
+        max_grad_norm,
+        absmax,
+        master_params,
+    )
+
+
+def adadelta_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    square_avgs: ArrayOrList,
+    acc_deltas: ArrayOrList,
+    *,
+    lr: float = 1.0,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
+    stream: Any = None,
+    _plan: Any = None,
+) -> Any:
+    """Adadelta (Zeiler 2012, "ADADELTA: An Adaptive Learning Rate Method"), as
+    ``torch.optim.Adadelta``.
+
+    g <- -g if maximize; g <- g + weight_decay*p; v <- rho*v + (1-rho)*g^2;
+    d = sqrt(u + eps) / sqrt(v + eps) * g; u <- rho*u + (1-rho)*d^2; p <- p - lr*d.
+    """
+    return _ADADELTA(
+        [params, grads, square_avgs, acc_deltas],
+        (lr, rho, eps, weight_decay, maximize, l1),
+        None,
         stream,
         _plan,
         masks,

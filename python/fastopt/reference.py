@@ -24,6 +24,7 @@ __all__ = [
     "lion",
     "adamax",
     "radam",
+    "adadelta",
     "ema",
     "masked",
     "grad_norm",
@@ -289,6 +290,32 @@ def radam(
         p -= (lr / bias_correction1) * rect * (exp_avg * adaptive)
     else:
         p -= (lr / bias_correction1) * exp_avg
+    if l1 != 0.0:
+        soft_threshold(p, lr * l1)
+
+
+def adadelta(
+    p: np.ndarray,
+    g: np.ndarray,
+    square_avg: np.ndarray,
+    acc_delta: np.ndarray,
+    *,
+    lr: float = 1.0,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    l1: float = 0.0,
+) -> None:
+    """Adadelta (Zeiler 2012), as torch.optim.Adadelta: the step is g scaled by the ratio
+    of the RMS of past updates to the RMS of past gradients."""
+    g = -g if maximize else g
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    square_avg[...] = rho * square_avg + (1.0 - rho) * g * g
+    delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * g
+    acc_delta[...] = rho * acc_delta + (1.0 - rho) * delta * delta
+    p -= lr * delta
     if l1 != 0.0:
         soft_threshold(p, lr * l1)
 

@@ -35,10 +35,11 @@ same trajectory here, and the reverse; ``torch.load(..., weights_only=True)`` wo
 ``"exp_avg"``, ``"exp_avg_sq"``, ``"max_exp_avg_sq"`` (amsgrad); SGD: ``"momentum_buffer"``
 (momentum > 0, no step, as torch); Adagrad: ``"sum"`` (made at construction, as torch);
 RMSprop: ``"square_avg"``, ``"momentum_buffer"``, ``"grad_avg"``; Adamax: ``"exp_avg"``,
-``"exp_inf"``; RAdam: ``"exp_avg"``, ``"exp_avg_sq"``; Lion: ``"exp_avg"`` (no step); Sophia:
-``"exp_avg"``, ``"hessian"``. State is made lazily at a param's first step,
-like the param (``torch.zeros_like``, same strides; a DTensor for a DTensor param), except
-that float16/bfloat16 params get float32 state and float32 math, the kernels' rule on every
+``"exp_inf"``; RAdam: ``"exp_avg"``, ``"exp_avg_sq"``; Adadelta: ``"square_avg"``,
+``"acc_delta"``; Lion: ``"exp_avg"`` (no step); Sophia: ``"exp_avg"``, ``"hessian"``. State
+is made lazily at a param's first step, like the param (``torch.zeros_like``, same strides;
+a DTensor for a DTensor param), except that float16/bfloat16 params get float32 state and
+float32 math, the kernels' rule on every
 device (``load_state_dict`` keeps such state float32; torch.optim would cast it to the
 param's dtype). The step counts of a bucket are 0-d views of one tensor (one add per step
 instead of one per param); a rebuild repacks them and puts the new views in the state, so
@@ -212,6 +213,7 @@ __all__ = [
     "Sophia",
     "Adamax",
     "RAdam",
+    "Adadelta",
     "Adam8bit",
     "AdamW8bit",
     "SGD8bit",
@@ -245,6 +247,7 @@ STATE_KEYS = {
     "grad_avgs": "grad_avg",
     "hessian_diags": "hessian",
     "exp_infs": "exp_inf",
+    "acc_deltas": "acc_delta",
 }
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -2370,6 +2373,50 @@ class RAdam(_FusedOptimizer):
         super().__init__(params, defaults, masks)
 
 
+class Adadelta(_FusedOptimizer):
+    """``torch.optim.Adadelta`` (maximize) on ``fastopt.adadelta_``'s kernel. State:
+    ``"step"``, ``"square_avg"``, ``"acc_delta"``. ``foreach`` is an accepted no-op,
+    ``capturable``/``differentiable`` are refused; ``l1`` is keyword-only."""
+
+    _spec = OPTIMIZERS["adadelta"]
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1.0,
+        rho: float = 0.9,
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        foreach: Optional[bool] = None,
+        *,
+        capturable: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
+        l1: float = 0.0,
+        state_dtype: str = "float32",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
+        masks: Any = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            rho=rho,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            capturable=capturable,
+            maximize=maximize,
+            differentiable=differentiable,
+            l1=l1,
+            state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
+        )
+        super().__init__(params, defaults, masks)
+
+
 class Sophia(_FusedOptimizer):
     """Sophia (Liu et al. 2023) on ``fastopt.sophia_``'s kernel; no torch.optim counterpart.
     ``betas[0]`` is the gradient EMA's, ``betas[1]`` the Hessian EMA's (used by
@@ -2660,4 +2707,5 @@ CLASSES: Dict[str, type] = {
     "sophia": Sophia,
     "adamax": Adamax,
     "radam": RAdam,
+    "adadelta": Adadelta,
 }

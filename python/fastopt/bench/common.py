@@ -124,6 +124,7 @@ _CASES = {
     "rmsprop": (dict(lr=1e-2), ("foreach",), ("foreach",)),
     "adamax": (dict(lr=2e-3), ("foreach",), ("foreach",)),
     "radam": (dict(lr=1e-3), ("foreach",), ("foreach",)),
+    "adadelta": (dict(lr=1.0), ("foreach",), ("foreach",)),
     "sophia": (dict(lr=1e-3), (), ()),
 }
 OPTIMIZERS: Dict[str, OptimizerCase] = {
