@@ -1344,6 +1344,20 @@ def test_complex_grads_clipped_like_torch(max_norm, norm_type):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_complex_kernel_errors_say_they_describe_real_views():
+    p = torch.zeros(4, dtype=torch.complex64, requires_grad=True)
+    p.grad = torch.zeros(4, dtype=torch.complex64)
+    opt = ft.Adam([p])
+    opt.step()
+    p.grad.data = torch.ones(4, dtype=torch.complex128)  # .data skips autograd's dtype check
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match=r"^param_groups\[0\]\['params'\]\[0\] \(grads\): "
+                       r"dtype float64 .* \(of the real views of complex tensors: a trailing "
+                       r"dimension of 2, the real dtype\)$"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+
+
 def test_complex_grad_of_infinite_modulus_and_nan_part_clips_like_torch():
     """|inf + nan*j| is inf, as torch's norm says (its parts' squares sum to NaN): the
     2-norm is inf, so the coefficient is 0 and the other grads become 0, not NaN."""

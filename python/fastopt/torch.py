@@ -1640,7 +1640,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _named(where: str, bucket: _Bucket, exc: Exception) -> Exception:
-        """The kernel's error with its list positions ("grads[3]") as the group's params."""
+        """The kernel's error with its list positions ("grads[3]") as the group's params
+        (for complex params, saying that it describes their real views)."""
 
         def name(role: str, k: int) -> str:
             if k >= len(bucket.index):
@@ -1648,7 +1649,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
             place = f"{where}['params'][{bucket.index[k]}]"
             return place if role == "params" else f"{place} ({role})"
 
-        return renamed_entries(exc, name)
+        out = renamed_entries(exc, name)
+        if bucket.complex and type(out) in (TypeError, ValueError):
+            out = type(out)(
+                f"{out} (of the real views of complex tensors: a trailing dimension of 2, "
+                "the real dtype)"
+            )
+        return out
 
     # -- checkpoints -----------------------------------------------------------------------------
     def __copy__(self) -> _FusedOptimizer:
