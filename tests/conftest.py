@@ -33,7 +33,8 @@ DTYPES = [np.float32, np.float64]
 # inputs) if larger, see ``assert_close``.
 #
 # float64: fastopt evaluates the same formulas as the reference in double precision, with a
-# few operations associated differently (e.g. (1-b)*(g*g) against ((1-b)*g)*g); each step
+# few operations associated differently (e.g. RAdam's lr*r_t*sqrt(1-b2^t)/(1-b1^t), one
+# coefficient for the kernel, three factors in the reference); each step
 # adds a few ulp (2.2e-16) of the values involved and no formula amplifies errors much over
 # 20-25 steps, so the trajectories agree to ~1e-14. 1e-12 leaves two orders of margin and is
 # still ten orders below any single update, so an element left untouched fails.

@@ -1413,6 +1413,29 @@ def test_complex_params_refused_where_not_supported():
         assert torch.equal(q.detach(), kept) and not opt.state.get(q)
 
 
+@pytest.mark.parametrize("name,opts", [("Adam", {}), ("RAdam", {}), ("RMSprop", {}),
+                                       ("RMSprop", dict(alpha=1.0)), ("Adadelta", {}),
+                                       ("Adadelta", dict(rho=1.0))])
+def test_squared_grads_are_scaled_before_they_overflow(name, opts):
+    """(1-b)*g*g is evaluated as torch's addcmul_ does, ((1-b)*g)*g: with a float32 grad of
+    3e19 the second moment stays finite (g*g alone overflows), and with b = 1 it is 0, not
+    0*inf = NaN."""
+    runs = []
+    for module in (torch.optim, ft):
+        p = torch.ones(3, requires_grad=True)
+        opt = getattr(module, name)([p], lr=0.01, **opts,
+                                    **(dict(foreach=False) if module is torch.optim else {}))
+        for g in (3e19, 1.0, -2e19):
+            p.grad = torch.full((3,), g)
+            opt.step()
+        runs.append((p, opt))
+    (tp, topt), (fp, fopt) = runs
+    assert torch.isfinite(fp).all()
+    torch.testing.assert_close(fp, tp, rtol=1e-6, atol=0)
+    for key, value in topt.state[tp].items():
+        torch.testing.assert_close(fopt.state[fp][key], value, rtol=1e-6, atol=0, msg=key)
+
+
 def test_params_with_gaps_are_refused():
     p = torch.nn.Parameter(torch.randn(4, 8)[:, ::2])  # a leaf viewing every other column
     p.grad = torch.ones(4, 4)

@@ -44,9 +44,9 @@ template <> struct Formula<Adadelta> {
     T g = x[Adadelta::grads];
     if (c.maximize) g = -g;
     if (c.has_weight_decay) g = g + T(c.weight_decay) * p;
-    v = T(c.rho) * v + T(c.one_minus_rho) * (g * g);
+    v = T(c.rho) * v + (T(c.one_minus_rho) * g) * g;  // torch's addcmul_ order
     const T delta = vsqrt(u + T(c.eps)) / vsqrt(v + T(c.eps)) * g;
-    u = T(c.rho) * u + T(c.one_minus_rho) * (delta * delta);
+    u = T(c.rho) * u + (T(c.one_minus_rho) * delta) * delta;
     p = p - T(c.lr) * delta;
     if (c.has_l1) p = soft_threshold(p, T(c.l1_threshold));
   }

@@ -58,7 +58,7 @@ template <> struct Formula<Adam> {
     if (c.decoupled_weight_decay) p = p * T(c.decay_factor);
     if (c.coupled_weight_decay) g = g + T(c.weight_decay) * p;
     m = T(c.beta1) * m + T(c.one_minus_beta1) * g;
-    v = T(c.beta2) * v + T(c.one_minus_beta2) * (g * g);
+    v = T(c.beta2) * v + (T(c.one_minus_beta2) * g) * g;  // torch's addcmul_ order
     T second = v;
     if (c.amsgrad) {
       vmax = vmax_nan(vmax, v);

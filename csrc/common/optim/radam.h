@@ -67,7 +67,7 @@ template <> struct Formula<Radam> {
     if (c.decoupled_weight_decay) p = p * T(c.decay_factor);
     if (c.coupled_weight_decay) g = g + T(c.weight_decay) * p;
     m = T(c.beta1) * m + T(c.one_minus_beta1) * g;
-    v = T(c.beta2) * v + T(c.one_minus_beta2) * (g * g);
+    v = T(c.beta2) * v + (T(c.one_minus_beta2) * g) * g;  // torch's addcmul_ order
     if (c.rectified) {
       p = p - T(c.step_size) * (m / (vsqrt(v) + T(c.eps)));
     } else {

@@ -50,7 +50,7 @@ template <> struct Formula<Rmsprop> {
     T g = x[Rmsprop::grads];
     if (c.maximize) g = -g;
     if (c.has_weight_decay) g = g + T(c.weight_decay) * p;
-    square_avg = T(c.alpha) * square_avg + T(c.one_minus_alpha) * (g * g);
+    square_avg = T(c.alpha) * square_avg + (T(c.one_minus_alpha) * g) * g;  // as addcmul_
     T avg;
     if (c.centered) {
       grad_avg = T(c.alpha) * grad_avg + T(c.one_minus_alpha) * g;
