@@ -311,20 +311,13 @@ def _host_view(t: torch.Tensor) -> Any:
     return t if t.dtype == torch.bfloat16 else t.detach().numpy()
 
 
-def _real(t: torch.Tensor) -> torch.Tensor:
-    """Complex ``t`` as the float view of its real and imaginary parts (a trailing dimension
-    of 2), as torch.optim steps complex params: each part a real number of its own."""
-    return torch.view_as_real(t)
-
-
 def _real_grads(grads: List[torch.Tensor]) -> List[torch.Tensor]:
-    """A complex bucket's grads as the kernel takes them (see _real); conjugate or negative
-    views are taken by value (copied)."""
+    """A complex bucket's grads as the kernel takes them: the float views of their real and
+    imaginary parts (``view_as_real``: a trailing dimension of 2), each part a real number
+    of its own as torch.optim steps them; conjugate or negative views taken by value
+    (copied)."""
     return [
-        _real(g.resolve_conj().resolve_neg())
-        if isinstance(g, torch.Tensor) and g.is_complex()
-        else g
-        for g in grads
+        torch.view_as_real(g.resolve_conj().resolve_neg()) if g.is_complex() else g for g in grads
     ]
 
 
@@ -566,7 +559,7 @@ class _Bucket:
         # tensor keeps its elements is compared at each step (see moved()). Grads are
         # passed as they are (new at every backward).
         self.host = first.device.type == "cpu" and not self.distributed
-        self.complex = first.is_complex()  # stepped through real views (_real)
+        self.complex = first.is_complex()  # stepped through real views (view_as_real)
         # the masks of a masked bucket (read only; their views are made in take())
         self.mask_tensors = None if masks is None else [_local(m) for m in masks]
         self.take()
@@ -592,7 +585,9 @@ class _Bucket:
         )
         view = _host_view if self.host else _local
         if self.complex:  # (never a DTensor)
-            view = (lambda t: _host_view(_real(t))) if self.host else _real
+            view = (
+                (lambda t: _host_view(torch.view_as_real(t))) if self.host else torch.view_as_real
+            )
         self.param_views = (
             list(map(view, self.params)) if self.host or self.complex else self.params
         )
@@ -964,7 +959,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _check_complex(self, where: str, p: torch.Tensor, kind: str) -> None:
         """Complex params are stepped as torch.optim steps them, as pairs of real numbers
-        (see _real), with complex state of their dtype: not by Sophia (whose curvature
+        (see _real_grads), with complex state of their dtype: not by Sophia (whose curvature
         estimate is not a per-part one), nor with 16-bit or 8-bit state, nor as DTensors."""
         if self._spec.name == "sophia":
             raise TypeError(f"{where}: complex params are not supported by Sophia")
@@ -1577,10 +1572,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             try:
                 kernel(params, taken, *states, True, lr=lr, **kw, **extra)
             except (TypeError, ValueError) as exc:
-                relaid = self._relayout_grads([_local(p) for p in bucket.params], grads)
+                relaid = self._relayout_grads(bucket, grads)
                 if relaid is None:
                     raise self._named(where, bucket, exc) from exc
-                relaid = _real_grads(relaid) if bucket.complex else relaid
                 try:
                     kernel(params, relaid, *states, True, lr=lr, **kw, **extra)
                 except (TypeError, ValueError) as again:
@@ -1597,10 +1591,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             kernel(params, taken, *states, True, lr=lr, **kw, **extra)
         except (TypeError, ValueError) as exc:
             refused = True
-            relaid = self._relayout_grads([_local(p) for p in bucket.params], grads)
+            relaid = self._relayout_grads(bucket, grads)
             if relaid is None:
                 raise self._named(where, bucket, exc) from exc
-            relaid = _real_grads(relaid) if bucket.complex else relaid
             refused = False
             try:
                 kernel(params, relaid, *states, True, lr=lr, **kw, **extra)
@@ -1617,16 +1610,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 torch.autograd.graph.increment_version(bucket.written)
 
     @staticmethod
-    def _relayout_grads(
-        params: List[torch.Tensor], grads: List[torch.Tensor]
-    ) -> Optional[List[torch.Tensor]]:
-        """After the kernel refused a call (it writes nothing then): the grads with those
-        whose strides differ from their param's, or that are negative or conjugate views (a
-        zero-copy ``-x``, ``x.conj()``, which torch steps by value), copied to the param's
-        strides, for a second try; None if there are none."""
+    def _relayout_grads(bucket: _Bucket, grads: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+        """After the kernel refused a call (it writes nothing then): the bucket's grads with
+        those whose strides differ from their param's, or that are negative or conjugate
+        views (a zero-copy ``-x``, ``x.conj()``, which torch steps by value), copied to the
+        param's strides, as the kernel takes them (_real_grads in a complex bucket), for a
+        second try; None if there are none."""
         relaid = list(grads)
         changed = False
-        for k, (p, g) in enumerate(zip(params, grads)):
+        for k, (p, g) in enumerate(zip(map(_local, bucket.params), grads)):
             if (
                 g.layout == torch.strided
                 and g.shape == p.shape
@@ -1636,7 +1628,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 relaid[k] = torch.empty_strided(p.shape, p.stride(), dtype=g.dtype, device=g.device)
                 relaid[k].copy_(g)
                 changed = True
-        return relaid if changed else None
+        if not changed:
+            return None
+        return _real_grads(relaid) if bucket.complex else relaid
 
     @staticmethod
     def _named(where: str, bucket: _Bucket, exc: Exception) -> Exception:
