@@ -1,6 +1,6 @@
 // Entry points of the CPU optimizer kernels: step<Opt> for every optimizer of the registry.
-// optim_kernels.cpp is compiled once per ISA (namespaces isa_scalar and isa_avx2);
-// dispatch.cpp picks one at run time.
+// cpu/optim_step.h instantiates step<Opt> once per optimizer and ISA (namespaces isa_scalar
+// and isa_avx2, one generated translation unit each); dispatch.cpp picks one at run time.
 #pragma once
 #include <cstdint>
 #include "common/optim/registry.h"

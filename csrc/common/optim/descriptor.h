@@ -9,7 +9,7 @@
 //  * its formula, `Formula<Name>`, compiled once per ISA (scalar, AVX2, CUDA): the per-step
 //    coefficients `Coeffs<S>` (precomputed once per call in the element type S), `coeffs()`,
 //    and `update(x, c)`, which updates x[role] for one element (or one SIMD vector) of
-//    every role in place. The CPU loop (cpu/optim_kernels.cpp) and the CUDA kernel
+//    every role in place. The CPU loop (cpu/optim_step.h) and the CUDA kernel
 //    (cuda/optim_step.cuh) load the roles a call uses, run update() and store the written
 //    ones; neither knows any optimizer by name.
 // The float64 NumPy twin of every formula is in python/fastopt/reference.py.

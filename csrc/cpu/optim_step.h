@@ -2,8 +2,11 @@
 // role a call uses is read once and (if the role is written) written once; the bytes per
 // element of each optimizer are in its header, common/optim/<name>.h, with its formula.
 // One generic functor serves every optimizer of common/optim/registry.h.
-// Compiled once per ISA: FASTOPT_ISA_isa_avx2 gets the 8-float / 4-double vector body,
-// FASTOPT_ISA_isa_scalar the plain loop (which the compiler may still vectorize with SSE2).
+// Included once per optimizer and ISA: CMakeLists.txt generates a source per registry
+// entry holding FASTOPT_CPU_STEP(Name) and compiles it per ISA (FASTOPT_ISA_isa_avx2 gets
+// the 8-float / 4-double vector body, FASTOPT_ISA_isa_scalar the plain loop, which the
+// compiler may still vectorize with SSE2), so the optimizers compile in parallel.
+#pragma once
 #include "cpu/optim_kernels.h"
 #include <stdexcept>
 #include <type_traits>
@@ -201,24 +204,9 @@ void run_float_step(const TensorTable& t, DType state, const typename Opt::Hyper
   else run_float_step<Opt, P, float>(t, h, o);
 }
 
-// dst += src: the bandwidth ceiling the benchmark compares against (12 B/elem fp32).
-template <class T> struct AddKernel {
-  T* const* dst;
-  T* const* src;
-  const T* anchor(int i) const { return dst[i]; }
-  template <class L> void operator()(L, int i, int64_t j) const {
-    L::store(dst[i] + j, L::load(dst[i] + j) + L::load(src[i] + j));
-  }
-};
-
-template <class T> void run_add(const TensorTable& t) {
-  run_multi_tensor<WideLane<T>, T>(
-      t, AddKernel<T>{reinterpret_cast<T* const*>(t.ptrs[0]), reinterpret_cast<T* const*>(t.ptrs[1])});
-}
-
 FASTOPT_ISA_END
 
-// Entry points, one set per ISA (declared in cpu/optim_kernels.h).
+// The entry point of each ISA (declared in cpu/optim_kernels.h).
 namespace fastopt {
 namespace cpu {
 namespace FASTOPT_ISA {
@@ -235,16 +223,13 @@ void step(const TensorTable& t, DType d, DType state, const typename Opt::Hyper&
     case DType::u8: throw std::invalid_argument("fastopt: optimizer params must be float arrays");
   }
 }
-#define FASTOPT_INSTANTIATE(Opt) \
-  template void step<Opt>(const TensorTable&, DType, DType, const Opt::Hyper&, const StepOptions&);
-FASTOPT_OPTIMIZERS(FASTOPT_INSTANTIATE)
-#undef FASTOPT_INSTANTIATE
-
-void add_inplace(const TensorTable& t, DType d) {
-  if (d == DType::f32) fastopt::FASTOPT_ISA::run_add<float>(t);
-  else fastopt::FASTOPT_ISA::run_add<double>(t);
-}
 
 }  // namespace FASTOPT_ISA
 }  // namespace cpu
 }  // namespace fastopt
+
+// FASTOPT_CPU_STEP(Opt): the entry point of optimizer Opt for the ISA being compiled.
+#define FASTOPT_CPU_STEP(Opt)                                                              \
+  template void fastopt::cpu::FASTOPT_ISA::step<fastopt::Opt>(                             \
+      const fastopt::cpu::TensorTable&, fastopt::cpu::DType, fastopt::cpu::DType,          \
+      const fastopt::Opt::Hyper&, const fastopt::StepOptions&);
