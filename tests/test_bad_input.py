@@ -384,7 +384,10 @@ def from_table(name: str):
 def _hyper_cases():
     cases, seen = [], set()
     for name in OPT_NAMES:
+        hyper = OPTIMIZERS[name].spec.hyper
         for key, value, exc in COMMON + PER_OPT.get(name, []) + from_table(name):
+            if key not in hyper and key != "step":  # (Rprop has no weight_decay or l1)
+                continue
             if (name, key, repr(value)) in seen:
                 continue
             seen.add((name, key, repr(value)))

@@ -119,10 +119,18 @@ def adadelta_hyper(draw):
                 maximize=draw(st.booleans()), l1=draw(maybe_zero(unit(0.0, 0.1))))
 
 
+@st.composite
+def rprop_hyper(draw):
+    low = draw(log_uniform(1e-6, 1e-2))
+    return dict(lr=draw(unit(0.0, 0.1)), etaminus=draw(unit(0.1, 0.9)),
+                etaplus=draw(unit(1.05, 2.0)), step_size_min=low,
+                step_size_max=draw(unit(low, 1.0)), maximize=draw(st.booleans()))
+
+
 HYPER = {"sgd": sgd_hyper(), "adagrad": adagrad_hyper(), "rmsprop": rmsprop_hyper(),
          "adam": adam_hyper(), "adamw": adam_hyper(adamw=True), "sophia": sophia_hyper(),
          "lion": lion_hyper(), "adamax": adamax_hyper(), "radam": radam_hyper(),
-         "adadelta": adadelta_hyper()}
+         "adadelta": adadelta_hyper(), "rprop": rprop_hyper()}
 
 
 @settings(max_examples=150, **SETTINGS)

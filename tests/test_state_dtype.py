@@ -182,7 +182,7 @@ def test_functional_state_types_must_agree(rng):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "RAdam",
-                                  "Adadelta", "Lion", "Sophia"])
+                                  "Adadelta", "Rprop", "Lion", "Sophia"])
 def test_torch_optimizer_state_dtype(name, device):
     import fastopt.torch as fot
 
@@ -229,7 +229,7 @@ def test_torch_optimizer_state_dtype(name, device):
                                        (3, TypeError), (None, TypeError),
                                        (torch.bfloat16, TypeError)])
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "RAdam",
-                                  "Adadelta", "Lion", "Sophia"])
+                                  "Adadelta", "Rprop", "Lion", "Sophia"])
 def test_torch_state_dtype_refused_everywhere(name, bad, error):
     """A bad state_dtype is refused, naming it, in the constructor, in add_param_group and
     at the step after a group was edited, and nothing is changed."""

@@ -54,11 +54,13 @@ GRID: Dict[str, List[Dict[str, Any]]] = {
     "RAdam": [dict(), dict(weight_decay=0.01, maximize=True),
               dict(decoupled_weight_decay=True, weight_decay=0.1, betas=(0.8, 0.9))],
     "Adadelta": [dict(), dict(weight_decay=0.01, maximize=True, rho=0.5, eps=1e-3)],
+    "Rprop": [dict(), dict(maximize=True, etas=(0.3, 1.5), step_sizes=(0.001, 0.02))],
 }
 TORCH_NAMES = list(GRID)  # the classes with a torch.optim twin
 ALL_NAMES = TORCH_NAMES + ["Lion", "Sophia"]
 LR = {"SGD": 0.05, "Adagrad": 0.05, "RMSprop": 0.01, "Adam": 0.01, "AdamW": 0.01,
-      "Adamax": 0.01, "RAdam": 0.01, "Adadelta": 0.5}
+      "Adamax": 0.01, "RAdam": 0.01, "Adadelta": 0.5,
+      "Rprop": 0.01}
 GROUP2: Dict[str, Dict[str, Any]] = {
     "SGD": dict(weight_decay=0.05, momentum=0.5), "Adagrad": dict(weight_decay=0.05),
     "RMSprop": dict(weight_decay=0.05, alpha=0.9),
@@ -66,11 +68,13 @@ GROUP2: Dict[str, Dict[str, Any]] = {
     "AdamW": dict(weight_decay=0.05, betas=(0.8, 0.99)),
     "Adamax": dict(weight_decay=0.05, betas=(0.8, 0.99)),
     "RAdam": dict(weight_decay=0.05, betas=(0.8, 0.99)),
-    "Adadelta": dict(weight_decay=0.05, rho=0.8)}
+    "Adadelta": dict(weight_decay=0.05, rho=0.8),
+    "Rprop": dict(etas=(0.4, 1.1), step_sizes=(1e-4, 0.05))}
 # The options under which each optimizer keeps all of its state (checkpoint tests).
 FULL = {"SGD": dict(momentum=0.9), "Adagrad": dict(initial_accumulator_value=0.1),
         "RMSprop": dict(centered=True, momentum=0.9), "Adam": dict(amsgrad=True),
-        "AdamW": dict(amsgrad=True), "Adamax": {}, "RAdam": {}, "Adadelta": {}}
+        "AdamW": dict(amsgrad=True), "Adamax": {}, "RAdam": {}, "Adadelta": {},
+        "Rprop": {}}
 
 
 def _cases():
@@ -1149,6 +1153,9 @@ def test_signatures_and_defaults_are_torchs():
         extras = ("l1", "state_dtype", "master_weights", "stochastic_rounding", "seed",
                   "masks")  # fastopt's own
         for arg in extras:
+            if arg == "l1" and name == "Rprop":  # (a proximal L1 step has no size there)
+                assert arg not in got
+                continue
             assert got[arg].kind == inspect.Parameter.KEYWORD_ONLY
         p = torch.randn(2, requires_grad=True)
         tdef = getattr(torch.optim, name)([p]).defaults
@@ -1295,7 +1302,8 @@ def test_complex_params_step_as_their_real_parts(name, device):
     gen = torch.Generator().manual_seed(7)
     grads = [[torch.randn(p.shape, generator=gen, dtype=p.dtype).to(device) for p in start]
              for _ in range(3)]
-    kw = dict(weight_decay=0.1) if name != "SGD" else dict(momentum=0.9, weight_decay=0.1)
+    kw = {"SGD": dict(momentum=0.9, weight_decay=0.1), "Rprop": dict(etas=(0.4, 1.3))}.get(
+        name, dict(weight_decay=0.1))
     cplx = [p.clone().requires_grad_() for p in start]
     real = [torch.view_as_real(p).clone().requires_grad_() if p.is_complex()
             else p.clone().requires_grad_() for p in start]

@@ -1,5 +1,5 @@
 """fastopt against torch.optim on the CPU: the same trajectories (params and state) for SGD,
-Adagrad, RMSprop, Adam, AdamW, Adamax, RAdam and Adadelta, float32 and float64, with torch's default (for-loop on
+Adagrad, RMSprop, Adam, AdamW, Adamax, RAdam, Adadelta and Rprop, float32 and float64, with torch's default (for-loop on
 CPU), foreach and fused implementations."""
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ TORCH_TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 STATE_KEYS = {"momentum_buffers": "momentum_buffer", "state_sums": "sum",
               "square_avgs": "square_avg", "grad_avgs": "grad_avg", "exp_avgs": "exp_avg",
               "exp_avg_sqs": "exp_avg_sq", "max_exp_avg_sqs": "max_exp_avg_sq",
-              "exp_infs": "exp_inf", "acc_deltas": "acc_delta"}
+              "exp_infs": "exp_inf", "acc_deltas": "acc_delta",
+              "prevs": "prev", "step_sizes": "step_size"}
 
 
 def _grid(**axes):
@@ -62,11 +63,21 @@ GRIDS = {
                                decoupled_weight_decay=[False, True])
               if o["weight_decay"] or not o["decoupled_weight_decay"]],
     "adadelta": _grid(maximize=[False, True], weight_decay=[0.0, 0.01], rho=[0.9, 0.5]),
+    "rprop": _grid(maximize=[False, True])
+    + [dict(etaminus=0.3, etaplus=1.5, step_size_min=0.001, step_size_max=0.02)],
 }
 FUSED = {"sgd", "adagrad", "adam", "adamw"}  # torch has fused CPU kernels for these
 
 
+# fastopt's array classes take the table's names where torch takes pairs
+_TORCH_PAIRS = {"etas": ("etaminus", "etaplus"), "step_sizes": ("step_size_min", "step_size_max")}
+
+
 def _torch_optimizer(name: str, params: List[Any], lr: float, opts: Dict[str, Any], impl: str):
+    opts = dict(opts)
+    for pair, (first, second) in _TORCH_PAIRS.items():
+        if first in opts:
+            opts[pair] = (opts.pop(first), opts.pop(second))
     kw: Dict[str, Any] = {}
     if impl == "foreach":
         kw["foreach"] = True

@@ -26,6 +26,12 @@ FASTOPT_HD T vmin_nan(T a, T b) { return (a < b || a != a) ? a : b; }
 template <class T>
 FASTOPT_HD T vsign(T x) { return x > T(0) ? T(1) : x < T(0) ? T(-1) : x; }
 
+// positive where x > 0, negative where x < 0, else neither (x is 0 or NaN).
+template <class T>
+FASTOPT_HD T by_sign(T x, T positive, T negative, T neither) {
+  return x > T(0) ? positive : x < T(0) ? negative : neither;
+}
+
 // Proximal step of the L1 penalty: sign(p) * max(|p| - t, 0). NaN stays NaN.
 template <class T>
 FASTOPT_HD T soft_threshold(T p, T t) { return vcopysign(vmax_nan(vabs(p) - t, T(0)), p); }

@@ -134,6 +134,14 @@ struct F64x4 {
     const auto neg = _mm256_cmp_##sfx(x.v, zero, _CMP_LT_OQ);                              \
     const auto r = _mm256_blendv_##sfx(x.v, _mm256_set1_##sfx(1.0), pos);                  \
     return _mm256_blendv_##sfx(r, _mm256_set1_##sfx(-1.0), neg);                           \
+  }                                                                                        \
+  /* the scalar by_sign, lane by lane */                                                   \
+  inline V by_sign(V x, V positive, V negative, V neither) {                               \
+    const auto zero = _mm256_setzero_##sfx();                                              \
+    const auto pos = _mm256_cmp_##sfx(x.v, zero, _CMP_GT_OQ);                              \
+    const auto neg = _mm256_cmp_##sfx(x.v, zero, _CMP_LT_OQ);                              \
+    const auto r = _mm256_blendv_##sfx(neither.v, positive.v, pos);                        \
+    return _mm256_blendv_##sfx(r, negative.v, neg);                                        \
   }
 FASTOPT_VEC_OPS(F32x8, ps)
 FASTOPT_VEC_OPS(F64x4, pd)

@@ -391,8 +391,32 @@ ADADELTA = OptimizerSpec(
     example=dict(lr=1.0, weight_decay=1e-2),
 )
 
+RPROP = OptimizerSpec(
+    name="rprop",
+    kernel="rprop",
+    takes_step=False,
+    reference=reference.rprop,
+    torch_name="Rprop",
+    arrays=(
+        PARAMS,
+        GRADS,
+        _state("prevs"),
+        _state("step_sizes", nonnegative=True),
+    ),
+    hyper={
+        "lr": Real(1e-2),  # the step sizes' initial value (the classes'); the step ignores it
+        "etaminus": Real(0.5, hi=1.0, lo_open=True, hi_open=True),  # torch: 0 < etaminus < 1
+        "etaplus": Real(1.2, lo=1.0, lo_open=True),  # torch: 1 < etaplus
+        "step_size_min": Real(1e-6),  # >= 0 (min > max: every size becomes max, as torch)
+        "step_size_max": Real(50.0),
+        "maximize": Flag(),
+    },
+    example=dict(lr=1e-2, etaminus=0.4, etaplus=1.3, step_size_min=1e-4, step_size_max=0.5),
+)
+
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
-    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA, LION, ADAMAX, RADAM, ADADELTA)
+    s.name: s
+    for s in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA, LION, ADAMAX, RADAM, ADADELTA, RPROP)
 }
 
 # Not an optimizer, the same machinery: average <- beta*average + (1-beta)*sample (Sophia's

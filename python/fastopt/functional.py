@@ -84,6 +84,7 @@ __all__ = [
     "adamax_",
     "radam_",
     "adadelta_",
+    "rprop_",
     "ema_",
 ]
 
@@ -307,7 +308,7 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZERS.items()}
 # The bound runs the functions below call (a bound method is the cheapest call).
-_SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION, _ADAMAX, _RADAM, _ADADELTA = (
+_SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION, _ADAMAX, _RADAM, _ADADELTA, _RPROP = (
     STEPS[n].run
     for n in (
         "sgd",
@@ -320,6 +321,7 @@ _SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION, _ADAMAX, _RADAM, _ADADE
         "adamax",
         "radam",
         "adadelta",
+        "rprop",
     )
 )
 _EMA = StepKernel(EMA).run
@@ -755,6 +757,56 @@ def adadelta_(
     return _ADADELTA(
         [params, grads, square_avgs, acc_deltas],
         (lr, rho, eps, weight_decay, maximize, l1),
+        None,
+        stream,
+        _plan,
+        masks,
+        rounding,
+        seed,
+        max_grad_norm,
+        absmax,
+        master_params,
+    )
+
+
+def rprop_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    prevs: ArrayOrList,
+    step_sizes: ArrayOrList,
+    *,
+    lr: float = 1e-2,
+    etaminus: float = 0.5,
+    etaplus: float = 1.2,
+    step_size_min: float = 1e-6,
+    step_size_max: float = 50.0,
+    maximize: bool = False,
+    masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
+    stream: Any = None,
+    _plan: Any = None,
+) -> Any:
+    """Rprop (Riedmiller and Braun 1993, "A Direct Adaptive Method for Faster
+    Backpropagation Learning: The RPROP Algorithm"), as ``torch.optim.Rprop``: every
+    element has its own step size, in ``step_sizes``.
+
+    g <- -g if maximize; s = g * prev (the product, as torch);
+    s > 0: size <- clamp(size*etaplus, step_size_min, step_size_max);
+    s < 0: size <- clamp(size*etaminus, ...), g <- 0 (the element does not move);
+    s = 0: size <- clamp(size, ...); s NaN: size NaN;
+    p <- p - sign(g)*size; prev <- g.
+
+    ``lr`` is not read by the step: it is where step sizes start (``fastopt.Rprop`` and
+    ``fastopt.torch.Rprop`` fill new ``step_sizes`` with it, as torch.optim.Rprop does);
+    start ``prevs`` at 0.
+    """
+    return _RPROP(
+        [params, grads, prevs, step_sizes],
+        (lr, etaminus, etaplus, step_size_min, step_size_max, maximize),
         None,
         stream,
         _plan,

@@ -771,6 +771,52 @@ class Adagrad(Optimizer):
         )
 
 
+class Rprop(Optimizer):
+    """``torch.optim.Rprop``: see ``fastopt.rprop_``. Step sizes start at ``lr`` (the step
+    never reads ``lr``: a schedule has no effect, as with torch.optim.Rprop); ``prevs`` at
+    0."""
+
+    _spec = OPTIMIZERS["rprop"]
+
+    def __init__(
+        self,
+        params: ArrayOrList,
+        lr: float = 1e-2,
+        *,
+        etaminus: float = 0.5,
+        etaplus: float = 1.2,
+        step_size_min: float = 1e-6,
+        step_size_max: float = 50.0,
+        maximize: bool = False,
+        schedule: Optional[Schedule] = None,
+        masks: Optional[ArrayOrList] = None,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
+        master_weights: bool = False,
+    ):
+        init = real("lr", lr, lo=0.0)
+        hyper = dict(
+            etaminus=etaminus,
+            etaplus=etaplus,
+            step_size_min=step_size_min,
+            step_size_max=step_size_max,
+            maximize=maximize,
+        )
+        super().__init__(
+            params,
+            lr=lr,
+            schedule=schedule,
+            hyper=hyper,
+            initial_state={"step_sizes": init},
+            masks=masks,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+            master_weights=master_weights,
+        )
+
+
 class RMSprop(Optimizer):
     """``torch.optim.RMSprop``: see ``fastopt.rmsprop_``."""
 
@@ -1042,6 +1088,7 @@ _WRITTEN: Dict[str, type] = {
     "sgd": SGD,
     "adagrad": Adagrad,
     "rmsprop": RMSprop,
+    "rprop": Rprop,
     "adam": Adam,
     "adamw": AdamW,
     "sophia": Sophia,

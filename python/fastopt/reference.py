@@ -25,6 +25,7 @@ __all__ = [
     "adamax",
     "radam",
     "adadelta",
+    "rprop",
     "ema",
     "masked",
     "grad_norm",
@@ -318,6 +319,33 @@ def adadelta(
     p -= lr * delta
     if l1 != 0.0:
         soft_threshold(p, lr * l1)
+
+
+def rprop(
+    p: np.ndarray,
+    g: np.ndarray,
+    prev: np.ndarray,
+    step_size: np.ndarray,
+    *,
+    lr: float = 1e-2,
+    etaminus: float = 0.5,
+    etaplus: float = 1.2,
+    step_size_min: float = 1e-6,
+    step_size_max: float = 50.0,
+    maximize: bool = False,
+) -> None:
+    """Rprop (Riedmiller and Braun 1993), as torch.optim.Rprop: each element's step size
+    grows by etaplus where g kept its sign, shrinks by etaminus where it flipped (and that
+    element does not move); p moves by sign(g) times it. ``lr`` is the step sizes' initial
+    value, never read by the step."""
+    g = -g if maximize else g
+    s = g * prev  # the product, not the signs: one that underflows to 0 counts as 0
+    with np.errstate(invalid="ignore"):
+        factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, s * 0.0 + 1.0))
+        step_size[...] = np.minimum(np.maximum(step_size * factor, step_size_min), step_size_max)
+        g = np.where(s < 0, 0.0, g)
+        p -= np.sign(g) * step_size
+    prev[...] = g
 
 
 def ema(average: np.ndarray, sample: np.ndarray, *, beta: float) -> None:

@@ -36,16 +36,16 @@ same trajectory here, and the reverse; ``torch.load(..., weights_only=True)`` wo
 (momentum > 0, no step, as torch); Adagrad: ``"sum"`` (made at construction, as torch);
 RMSprop: ``"square_avg"``, ``"momentum_buffer"``, ``"grad_avg"``; Adamax: ``"exp_avg"``,
 ``"exp_inf"``; RAdam: ``"exp_avg"``, ``"exp_avg_sq"``; Adadelta: ``"square_avg"``,
-``"acc_delta"``; Lion: ``"exp_avg"`` (no step); Sophia: ``"exp_avg"``, ``"hessian"``. State
-is made lazily at a param's first step, like the param (``torch.zeros_like``, same strides;
-a DTensor for a DTensor param), except that float16/bfloat16 params get float32 state and
-float32 math, the kernels' rule on every
-device (``load_state_dict`` keeps such state float32; torch.optim would cast it to the
-param's dtype). The step counts of a bucket are 0-d views of one tensor (one add per step
-instead of one per param); a rebuild repacks them and puts the new views in the state, so
-a ``state[p]["step"]`` held from before a rebuild (or a ``state_dict()`` taken then) stops
-following the count while its other tensors, being the live ones as in torch.optim, go on:
-take a ``state_dict()`` when it is saved or sent.
+``"acc_delta"``; Rprop: ``"prev"``, ``"step_size"`` (filled with lr, as torch); Lion:
+``"exp_avg"`` (no step); Sophia: ``"exp_avg"``, ``"hessian"``. State is made lazily at a
+param's first step, like the param (``torch.zeros_like``, same strides; a DTensor for a
+DTensor param), except that float16/bfloat16 params get float32 state and float32 math,
+the kernels' rule on every device (``load_state_dict`` keeps such state float32;
+torch.optim would cast it to the param's dtype). The step counts of a bucket are 0-d views
+of one tensor (one add per step instead of one per param); a rebuild repacks them and puts
+the new views in the state, so a ``state[p]["step"]`` held from before a rebuild (or a
+``state_dict()`` taken then) stops following the count while its other tensors, being the
+live ones as in torch.optim, go on: take a ``state_dict()`` when it is saved or sent.
 
 Decisions, where torch.optim offers a choice:
 - ``foreach`` and ``fused`` are accepted and stored in the groups (checkpoints carry them) and
@@ -214,6 +214,7 @@ __all__ = [
     "Adamax",
     "RAdam",
     "Adadelta",
+    "Rprop",
     "Adam8bit",
     "AdamW8bit",
     "SGD8bit",
@@ -248,6 +249,8 @@ STATE_KEYS = {
     "hessian_diags": "hessian",
     "exp_infs": "exp_inf",
     "acc_deltas": "acc_delta",
+    "prevs": "prev",
+    "step_sizes": "step_size",
 }
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -255,7 +258,14 @@ _COMPLEX = (torch.complex64, torch.complex128)
 _SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16) + _COMPLEX
 _DTYPES = "float32, float64, float16, bfloat16, complex64, complex128"
 # Where a hyper-parameter of the table lives in a param group (betas are a pair in torch).
-_GROUP_PATH = {"beta1": ("betas", 0), "beta2": ("betas", 1)}
+_GROUP_PATH = {
+    "beta1": ("betas", 0),
+    "beta2": ("betas", 1),
+    "etaminus": ("etas", 0),
+    "etaplus": ("etas", 1),
+    "step_size_min": ("step_sizes", 0),
+    "step_size_max": ("step_sizes", 1),
+}
 _CACHE_SIZE = 256
 
 
@@ -1951,15 +1961,16 @@ def _rounding_seed(stochastic_rounding: Any, seed: Any) -> Optional[int]:
     return functional.stochastic_rounding("stochastic", seed)["stochastic_seed"]
 
 
-def _pair(name: str, betas: Any) -> Tuple[Any, Any]:
-    """``betas`` as a pair (any sequence of two: a tuple, a list, a NumPy array, a config
-    library's list), else a TypeError naming ``name``."""
+def _pair(name: str, pair: Any) -> Tuple[Any, Any]:
+    """``pair`` (betas, Rprop's etas and step_sizes) as a pair: any sequence of two (a
+    tuple, a list, a NumPy array, a config library's list), else a TypeError naming
+    ``name``."""
     try:
-        if isinstance(betas, (str, bytes)) or len(betas) != 2:
+        if isinstance(pair, (str, bytes)) or len(pair) != 2:
             raise TypeError
-        return betas[0], betas[1]
+        return pair[0], pair[1]
     except (TypeError, KeyError, IndexError):
-        raise TypeError(f"{name}: expected a pair (beta1, beta2), got {betas!r:.60}") from None
+        raise TypeError(f"{name}: expected a pair of numbers, got {pair!r:.60}") from None
 
 
 class SGD(_FusedOptimizer):
@@ -2418,6 +2429,51 @@ class Adadelta(_FusedOptimizer):
         super().__init__(params, defaults, masks)
 
 
+class Rprop(_FusedOptimizer):
+    """``torch.optim.Rprop`` (maximize) on ``fastopt.rprop_``'s kernel. State: ``"step"``,
+    ``"prev"`` (zeros), ``"step_size"`` (filled with the group's lr at the param's first
+    step, both parts of a complex one, as torch; lr is read only then, so a scheduler
+    changes nothing after it, as with torch.optim.Rprop). ``foreach`` is an accepted no-op,
+    ``capturable``/``differentiable`` are refused."""
+
+    _spec = OPTIMIZERS["rprop"]
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-2,
+        etas: Tuple[Any, Any] = (0.5, 1.2),
+        step_sizes: Tuple[Any, Any] = (1e-6, 50),
+        *,
+        capturable: bool = False,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        state_dtype: str = "float32",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
+        masks: Any = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            etas=_pair("etas", etas),
+            step_sizes=_pair("step_sizes", step_sizes),
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
+        )
+        super().__init__(params, defaults, masks)
+
+    def _initial_value(self, name: str, group: Dict[str, Any]) -> float:
+        return self._lr("", group) if name == "step_sizes" else 0.0
+
+
 class Sophia(_FusedOptimizer):
     """Sophia (Liu et al. 2023) on ``fastopt.sophia_``'s kernel; no torch.optim counterpart.
     ``betas[0]`` is the gradient EMA's, ``betas[1]`` the Hessian EMA's (used by
@@ -2709,4 +2765,5 @@ CLASSES: Dict[str, type] = {
     "adamax": Adamax,
     "radam": RAdam,
     "adadelta": Adadelta,
+    "rprop": Rprop,
 }

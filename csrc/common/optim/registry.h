@@ -11,6 +11,7 @@
 #include "common/optim/lion.h"
 #include "common/optim/radam.h"
 #include "common/optim/rmsprop.h"
+#include "common/optim/rprop.h"
 #include "common/optim/sgd.h"
 #include "common/optim/sophia.h"
 
@@ -25,6 +26,7 @@
   X(Adamax)                   \
   X(Radam)                    \
   X(Adadelta)                 \
+  X(Rprop)                    \
   X(Ema)
 // clang-format on
 

@@ -125,6 +125,7 @@ _CASES = {
     "adamax": (dict(lr=2e-3), ("foreach",), ("foreach",)),
     "radam": (dict(lr=1e-3), ("foreach",), ("foreach",)),
     "adadelta": (dict(lr=1.0), ("foreach",), ("foreach",)),
+    "rprop": (dict(lr=1e-2), ("foreach",), ("foreach",)),
     "sophia": (dict(lr=1e-3), (), ()),
 }
 OPTIMIZERS: Dict[str, OptimizerCase] = {

@@ -80,7 +80,8 @@ class CpuBench:
         opt = spec.fastopt_class([p.copy() for p in params], **spec.hyper)
         fns["fastopt"] = lambda: opt.step(grads)
         ref_params = [p.copy() for p in params]
-        ref_states = [[np.zeros_like(p) for p in params] for _ in spec.states]
+        # the state as the class starts it (zeros; Rprop's step sizes at lr)
+        ref_states = [[a.copy() for a in opt.state[name]] for name in spec.states]
 
         def numpy_reference() -> None:
             for i, (p, g) in enumerate(zip(ref_params, grads)):
@@ -298,7 +299,7 @@ class CpuBench:
         gs = [grads[i] for i in sample]
         opt = spec.fastopt_class(ps, **spec.hyper)
         ref = [params[i].astype(np.float64) for i in sample]
-        ref_states = [[np.zeros_like(p) for p in ref] for _ in spec.states]
+        ref_states = [[a.astype(np.float64) for a in opt.state[name]] for name in spec.states]
         for t in range(1, 4):
             opt.step(gs)
             for i, (p, g) in enumerate(zip(ref, gs)):
