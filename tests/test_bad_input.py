@@ -508,5 +508,8 @@ def test_nan_and_inf_gradients_propagate_like_reference(backend, opt, opts, dtyp
             pr.step(grads)
             pr.check()
     got = np.concatenate([p.ravel() for p in pr.host()["params"]])
+    if opt.name == "rprop":  # a step is sign(g)*size, torch's sign of NaN 0: none gets through
+        assert np.isfinite(got).all()
+        return
     assert np.isnan(got).any() or np.isinf(got).any()
     assert np.isfinite(got).sum() >= got.size - 20, "non-finite values spread to other elements"

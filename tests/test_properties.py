@@ -165,11 +165,14 @@ above_one = st.floats(1.0 + 1e-6, 1e30)
 
 def bad_real(kind):
     """(value, exception) for a real in [0, inf) ("nonneg"), [0, 1] ("unit"), [0, 1)
-    ("beta"), (0, inf) ("positive") or any finite real ("any"): out of range or not finite
+    ("beta"), (0, inf) ("positive"), (0, 1) ("open_unit"), (1, inf) ("above_one", Rprop's
+    etas) or any finite real ("any"): out of range or not finite
     -> ValueError (also as NumPy scalars), not a real number -> TypeError."""
     out_of_range = {"nonneg": negative, "unit": st.one_of(negative, above_one),
                     "beta": st.one_of(negative, st.just(1.0), above_one),
                     "positive": st.one_of(negative, st.just(0.0), st.just(-0.0)),
+                    "open_unit": st.one_of(negative, st.just(0.0), st.just(1.0), above_one),
+                    "above_one": st.one_of(negative, st.floats(0.0, 1.0)),
                     "any": nonfinite}[kind]
     numeric = st.one_of(out_of_range, nonfinite)
     as_numpy = st.tuples(numeric, st.sampled_from([np.float32, np.float64])).map(
@@ -194,6 +197,7 @@ def _bad_value(name, key):
         return bad_flag
     kind = {(0.0, math.inf, False, False): "nonneg", (0.0, 1.0, False, False): "unit",
             (0.0, 1.0, False, True): "beta", (0.0, math.inf, True, False): "positive",
+            (0.0, 1.0, True, True): "open_unit", (1.0, math.inf, True, False): "above_one",
             (-math.inf, math.inf, False, False): "any"}
     return bad_real(kind[(h.lo, h.hi, h.lo_open, h.hi_open)])
 

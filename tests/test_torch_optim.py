@@ -1674,3 +1674,32 @@ def test_copies_keep_masks_and_clipping(how):
         params.grad = torch.ones(4)
         o.step()
     assert torch.equal(pc.detach(), p.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_rprop_special_grads_as_torch(cpu_path, dtype):
+    """Every pair of grads (g1, g2) from {±0, ±1, NaN, ±inf, ±1e-30}, then ones: params and
+    state bit for bit as torch.optim.Rprop's, whose sign is 0 for NaN (a NaN product g*prev
+    leaves the step size, a NaN grad the param, as they were); the float64 reference too."""
+    values = [0.0, -0.0, 1.0, -1.0, math.nan, math.inf, -math.inf, 1e-30, -1e-30]
+    pairs = [(a, b) for a in values for b in values]
+    grads = [torch.tensor([p[k] for p in pairs], dtype=dtype) for k in (0, 1)]
+    grads.append(torch.ones(len(pairs), dtype=dtype))
+    start = torch.linspace(-1.0, 1.0, len(pairs), dtype=dtype)
+    ours, theirs = start.clone().requires_grad_(), start.clone().requires_grad_()
+    kw = dict(lr=0.01, etas=(0.5, 1.2), step_sizes=(1e-6, 50))
+    fopt, topt = ft.Rprop([ours], **kw), torch.optim.Rprop([theirs], foreach=False, **kw)
+    ref = [start.double().numpy().copy(), np.zeros(len(pairs)), np.full(len(pairs), 0.01)]
+    for g in grads:
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        fopt.step()
+        topt.step()
+        fastopt.reference.rprop(*ref[:1], g.double().numpy(), *ref[1:])
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    for key in ("prev", "step_size"):
+        torch.testing.assert_close(fopt.state[ours][key], topt.state[theirs][key], rtol=0,
+                                   atol=0, equal_nan=True, msg=key)
+    if dtype == torch.float64:
+        for got, want in zip([ours, fopt.state[ours]["prev"], fopt.state[ours]["step_size"]],
+                             ref):
+            np.testing.assert_array_equal(got.detach().numpy(), want)

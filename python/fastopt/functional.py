@@ -797,8 +797,12 @@ def rprop_(
     g <- -g if maximize; s = g * prev (the product, as torch);
     s > 0: size <- clamp(size*etaplus, step_size_min, step_size_max);
     s < 0: size <- clamp(size*etaminus, ...), g <- 0 (the element does not move);
-    s = 0: size <- clamp(size, ...); s NaN: size NaN;
-    p <- p - sign(g)*size; prev <- g.
+    s = 0 or NaN: size <- clamp(size, ...);
+    p <- p - sign(g)*size (torch's sign: 0 for NaN); prev <- g.
+    So a NaN grad, or an inf one against a prev of 0, leaves its param and step size as
+    they were, as in torch. step_size_min/max must be finite and >= 0 (torch does not
+    check them). With ``state_dtype="int8"`` prev is blockwise 8-bit: a grad below ~3e-7
+    of its block's largest reads back as 0 (no sign) at the next step.
 
     ``lr`` is not read by the step: it is where step sizes start (``fastopt.Rprop`` and
     ``fastopt.torch.Rprop`` fill new ``step_sizes`` with it, as torch.optim.Rprop does);

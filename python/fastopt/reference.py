@@ -339,12 +339,12 @@ def rprop(
     element does not move); p moves by sign(g) times it. ``lr`` is the step sizes' initial
     value, never read by the step."""
     g = -g if maximize else g
-    s = g * prev  # the product, not the signs: one that underflows to 0 counts as 0
     with np.errstate(invalid="ignore"):
-        factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, s * 0.0 + 1.0))
+        s = g * prev  # the product, not the signs: one that underflows to 0 counts as 0
+        factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, 1.0))  # 1: s 0 or NaN
         step_size[...] = np.minimum(np.maximum(step_size * factor, step_size_min), step_size_max)
         g = np.where(s < 0, 0.0, g)
-        p -= np.sign(g) * step_size
+        p -= np.where(g > 0, 1.0, np.where(g < 0, -1.0, 0.0)) * step_size  # torch.sign
     prev[...] = g
 
 

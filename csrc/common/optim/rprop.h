@@ -5,8 +5,10 @@
 //   s > 0: size <- min(max(size*etaplus, size_min), size_max);
 //   s < 0: size <- min(max(size*etaminus, size_min), size_max), g <- 0 (no step, and no
 //          sign change remembered, for the next step);
-//   s = 0: size unchanged (clamped); s NaN: size NaN;
+//   s = 0 or NaN: size unchanged (clamped);
 //   p <- p - sign(g)*size; prev <- g.
+// sign is torch's: 0 for a NaN (numpy's sign gives NaN). So a NaN grad, or an inf one
+// against a prev of 0, leaves its param and step size as they were, as in torch.
 // Step sizes start at lr (the state's initial value; the step itself never reads lr).
 #pragma once
 #include "common/optim/descriptor.h"
@@ -48,11 +50,10 @@ template <> struct Formula<Rprop> {
     T g = x[Rprop::grads];
     if (c.maximize) g = -g;
     const T s = g * prev;  // the product, as torch: one that underflows to 0 counts as 0
-    // 1 where s = 0, NaN where s is NaN (both are "neither" below)
-    const T factor = by_sign(s, T(c.etaplus), T(c.etaminus), s * T(0) + T(1));
+    const T factor = by_sign(s, T(c.etaplus), T(c.etaminus), T(1));
     size = vmin_nan(vmax_nan(size * factor, T(c.step_size_min)), T(c.step_size_max));
     g = by_sign(s, g, T(0), g);
-    p = p - vsign(g) * size;
+    p = p - by_sign(g, T(1), T(-1), T(0)) * size;  // torch.sign: 0 for 0 and NaN
     prev = g;
   }
 };
