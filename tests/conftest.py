@@ -320,8 +320,23 @@ RPROP = Opt(
     least_moved=0.0)  # p stays where g and prev differ in sign: half the elements, all of
                       # a small array at times (its state moves: the check stays meaningful)
 
+# NAdam's mu_product is not passed: each step computes it from the step count (the product
+# of mu_1..mu_t, as torch.optim.NAdam's state holds it after step t), on every path.
+NADAM = Opt(
+    _specs.OPTIMIZERS["nadam"], base=dict(lr=0.01),
+    grid=[o for o in _grid(weight_decay=[0.0, 0.01], decoupled_weight_decay=[False, True],
+                           maximize=[False, True], l1=[0.0, 1e-3])
+          if o["weight_decay"] or not o["decoupled_weight_decay"]]
+    + [dict(beta1=0.5, beta2=0.9, eps=1e-3, momentum_decay=0.1)],
+    representative=[dict(weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
+                         l1=0.0),
+                    dict(weight_decay=0.01, decoupled_weight_decay=True, maximize=True,
+                         l1=1e-3)],
+    init={"exp_avgs": _zeros, "exp_avg_sqs": _zeros})
+
 OPTIMIZERS: Dict[str, Opt] = {o.name: o for o in [SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA,
-                                                   LION, ADAMAX, RADAM, ADADELTA, RPROP]}
+                                                   LION, ADAMAX, RADAM, ADADELTA, RPROP,
+                                                   NADAM]}
 assert list(OPTIMIZERS) == list(_specs.OPTIMIZERS), "every optimizer of fastopt's table"
 
 

@@ -19,9 +19,10 @@ lib = lib_fixture(scope="module")
 
 
 def kernel_keywords(spec: OptimizerSpec) -> Dict[str, Any]:
-    """The spec's example hyper-parameters (every array used), validated, with fixed ones."""
-    values = {**spec.defaults(), **spec.example}
-    return spec.kernel_hyper(spec.validate(values))
+    """The spec's example hyper-parameters (every array used), validated, with fixed ones
+    and the carried ones (NAdam's mu_product) as after 3 steps."""
+    values = spec.kernel_hyper(spec.validate({**spec.defaults(), **spec.example}))
+    return {**values, **{n: c.through(3, values) for n, c in spec.carried.items()}}
 
 
 def fresh_arrays(spec: OptimizerSpec, n: int, rng: np.random.Generator) -> List[List[Any]]:

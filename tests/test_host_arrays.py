@@ -31,7 +31,9 @@ def hyper(name):
                 if p.default is not inspect.Parameter.empty}
     out = {}
     for field in REGISTRY[name]["hyper"]:
-        value = defaults.get(field, {"lr": 0.01, "beta": 0.9}.get(field))
+        value = defaults.get(field)
+        if value is None:  # (NAdam's mu_product: computed when None, the binding's is a float)
+            value = {"lr": 0.01, "beta": 0.9, "mu_product": 0.25}.get(field)
         if field in ("weight_decay", "l1"):
             value = 0.01 if field == "weight_decay" else 1e-3
         if field == "momentum":

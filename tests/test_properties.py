@@ -127,10 +127,15 @@ def rprop_hyper(draw):
                 step_size_max=draw(unit(low, 1.0)), maximize=draw(st.booleans()))
 
 
+@st.composite
+def nadam_hyper(draw):
+    return dict(**draw(radam_hyper()), momentum_decay=draw(maybe_zero(unit(0.0, 0.1))))
+
+
 HYPER = {"sgd": sgd_hyper(), "adagrad": adagrad_hyper(), "rmsprop": rmsprop_hyper(),
          "adam": adam_hyper(), "adamw": adam_hyper(adamw=True), "sophia": sophia_hyper(),
          "lion": lion_hyper(), "adamax": adamax_hyper(), "radam": radam_hyper(),
-         "adadelta": adadelta_hyper(), "rprop": rprop_hyper()}
+         "adadelta": adadelta_hyper(), "rprop": rprop_hyper(), "nadam": nadam_hyper()}
 
 
 @settings(max_examples=150, **SETTINGS)

@@ -55,12 +55,14 @@ GRID: Dict[str, List[Dict[str, Any]]] = {
               dict(decoupled_weight_decay=True, weight_decay=0.1, betas=(0.8, 0.9))],
     "Adadelta": [dict(), dict(weight_decay=0.01, maximize=True, rho=0.5, eps=1e-3)],
     "Rprop": [dict(), dict(maximize=True, etas=(0.3, 1.5), step_sizes=(0.001, 0.02))],
+    "NAdam": [dict(), dict(weight_decay=0.01, maximize=True, momentum_decay=0.1),
+              dict(decoupled_weight_decay=True, weight_decay=0.1, betas=(0.8, 0.9))],
 }
 TORCH_NAMES = list(GRID)  # the classes with a torch.optim twin
 ALL_NAMES = TORCH_NAMES + ["Lion", "Sophia"]
 LR = {"SGD": 0.05, "Adagrad": 0.05, "RMSprop": 0.01, "Adam": 0.01, "AdamW": 0.01,
       "Adamax": 0.01, "RAdam": 0.01, "Adadelta": 0.5,
-      "Rprop": 0.01}
+      "Rprop": 0.01, "NAdam": 0.01}
 GROUP2: Dict[str, Dict[str, Any]] = {
     "SGD": dict(weight_decay=0.05, momentum=0.5), "Adagrad": dict(weight_decay=0.05),
     "RMSprop": dict(weight_decay=0.05, alpha=0.9),
@@ -69,12 +71,13 @@ GROUP2: Dict[str, Dict[str, Any]] = {
     "Adamax": dict(weight_decay=0.05, betas=(0.8, 0.99)),
     "RAdam": dict(weight_decay=0.05, betas=(0.8, 0.99)),
     "Adadelta": dict(weight_decay=0.05, rho=0.8),
-    "Rprop": dict(etas=(0.4, 1.1), step_sizes=(1e-4, 0.05))}
+    "Rprop": dict(etas=(0.4, 1.1), step_sizes=(1e-4, 0.05)),
+    "NAdam": dict(weight_decay=0.05, betas=(0.8, 0.99), momentum_decay=0.01)}
 # The options under which each optimizer keeps all of its state (checkpoint tests).
 FULL = {"SGD": dict(momentum=0.9), "Adagrad": dict(initial_accumulator_value=0.1),
         "RMSprop": dict(centered=True, momentum=0.9), "Adam": dict(amsgrad=True),
         "AdamW": dict(amsgrad=True), "Adamax": {}, "RAdam": {}, "Adadelta": {},
-        "Rprop": {}}
+        "Rprop": {}, "NAdam": {}}
 
 
 def _cases():

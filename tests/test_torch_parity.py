@@ -1,5 +1,5 @@
 """fastopt against torch.optim on the CPU: the same trajectories (params and state) for SGD,
-Adagrad, RMSprop, Adam, AdamW, Adamax, RAdam, Adadelta and Rprop, float32 and float64, with torch's default (for-loop on
+Adagrad, RMSprop, Adam, AdamW, Adamax, RAdam, Adadelta, Rprop and NAdam, float32 and float64, with torch's default (for-loop on
 CPU), foreach and fused implementations."""
 from __future__ import annotations
 
@@ -65,6 +65,10 @@ GRIDS = {
     "adadelta": _grid(maximize=[False, True], weight_decay=[0.0, 0.01], rho=[0.9, 0.5]),
     "rprop": _grid(maximize=[False, True])
     + [dict(etaminus=0.3, etaplus=1.5, step_size_min=0.001, step_size_max=0.02)],
+    "nadam": [o for o in _grid(maximize=[False, True], weight_decay=[0.0, 0.01],
+                               decoupled_weight_decay=[False, True])
+              if o["weight_decay"] or not o["decoupled_weight_decay"]]
+    + [dict(momentum_decay=0.1)],
 }
 FUSED = {"sgd", "adagrad", "adam", "adamw"}  # torch has fused CPU kernels for these
 

@@ -28,6 +28,7 @@ __all__ = [
     "Flag",
     "Hyper",
     "ArrayRole",
+    "Carried",
     "OptimizerSpec",
     "OPTIMIZERS",
     "EMA",
@@ -88,6 +89,20 @@ class ArrayRole:
 
 
 @dataclass(frozen=True)
+class Carried:
+    """A hyper-parameter that is state: a number per param that a step takes and its
+    caller carries between steps (torch keeps it in ``state[p]``), as NAdam's mu_product.
+    It starts at ``initial`` and is multiplied by ``factor(step, hyper)`` at each step
+    (1-based step, the other validated hyper-parameters), in the precision of its torch
+    tensor (float32); ``through(step, hyper)`` is its value after ``step`` steps whose
+    hyper-parameters were all ``hyper``: what a step computes where it is not given."""
+
+    initial: float
+    factor: Callable[[int, Values], float]
+    through: Callable[[int, Values], float]
+
+
+@dataclass(frozen=True)
 class OptimizerSpec:
     """One optimizer: see the module docstring. ``example`` is a valid set of hyper-
     parameters (``lr`` included) under which every array is used, for tests and checks;
@@ -103,6 +118,9 @@ class OptimizerSpec:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     check: Optional[Callable[[Values], None]] = None
     torch_name: Optional[str] = None
+    # The hyper-parameters that are state (see Carried), by name; each is also in hyper
+    # (its range) and may be None or missing there.
+    carried: Mapping[str, Carried] = field(default_factory=dict)
 
     @property
     def states(self) -> Tuple[ArrayRole, ...]:
@@ -122,9 +140,14 @@ class OptimizerSpec:
         return {k: h.default for k, h in self.hyper.items() if h.default is not None}
 
     def validate(self, hyper: Values) -> Dict[str, Any]:
-        """``hyper`` (every hyper-parameter of the spec, no others) checked field by field
-        in signature order, then across fields: the values as float/bool."""
-        out = {name: h.validate(name, hyper[name]) for name, h in self.hyper.items()}
+        """``hyper`` (every hyper-parameter of the spec, no others; a ``carried`` one may
+        be None or missing, and is then left out) checked field by field in signature
+        order, then across fields: the values as float/bool."""
+        out = {
+            name: h.validate(name, hyper[name])
+            for name, h in self.hyper.items()
+            if name not in self.carried or hyper.get(name) is not None
+        }
         if self.check is not None:
             self.check(out)
         return out
@@ -414,9 +437,51 @@ RPROP = OptimizerSpec(
     example=dict(lr=1e-2, etaminus=0.4, etaplus=1.3, step_size_min=1e-4, step_size_max=0.5),
 )
 
+NADAM = OptimizerSpec(
+    name="nadam",
+    kernel="nadam",
+    takes_step=True,
+    reference=reference.nadam,
+    torch_name="NAdam",
+    arrays=(PARAMS, GRADS, _state("exp_avgs"), _state("exp_avg_sqs", nonnegative=True)),
+    hyper={
+        "lr": Real(2e-3),
+        "beta1": _beta(0.9),
+        "beta2": _beta(0.999),
+        "eps": Real(1e-8),  # >= 0, as torch.optim allows
+        "weight_decay": NONNEG,
+        "momentum_decay": Real(4e-3),  # >= 0, as torch.optim.NAdam
+        "mu_product": Real(None, hi=1.0, hi_open=True),  # a product of mu_t in [0, beta1)
+        "decoupled_weight_decay": Flag(),
+        "maximize": Flag(),
+        "l1": NONNEG,
+    },
+    carried={
+        "mu_product": Carried(
+            1.0,
+            factor=lambda t, h: reference.nadam_mu(t, h["beta1"], h["momentum_decay"]),
+            through=lambda t, h: reference.nadam_mu_product(t, h["beta1"], h["momentum_decay"]),
+        )
+    },
+    example=dict(lr=2e-3, weight_decay=1e-2, momentum_decay=4e-3),
+)
+
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
     s.name: s
-    for s in (SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA, LION, ADAMAX, RADAM, ADADELTA, RPROP)
+    for s in (
+        SGD,
+        ADAGRAD,
+        RMSPROP,
+        ADAM,
+        ADAMW,
+        SOPHIA,
+        LION,
+        ADAMAX,
+        RADAM,
+        ADADELTA,
+        RPROP,
+        NADAM,
+    )
 }
 
 # Not an optimizer, the same machinery: average <- beta*average + (1-beta)*sample (Sophia's

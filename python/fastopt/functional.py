@@ -85,6 +85,7 @@ __all__ = [
     "radam_",
     "adadelta_",
     "rprop_",
+    "nadam_",
     "ema_",
 ]
 
@@ -102,8 +103,11 @@ class Checked(NamedTuple):
     needed: Tuple[Tuple[int, str], ...]  # (index, message) of each optional array needed
     unused: Tuple[int, ...]  # indices of the optional arrays left unused
     # the CPU kernel with these keywords read once (``_cpu.bind_step``): called with the
-    # lists, listed and the per-call keywords only (no keyword dict to build and parse)
-    cpu_bound: Callable[..., None]
+    # lists, listed and the per-call keywords only (no keyword dict to build and parse);
+    # None where a carried hyper-parameter is computed at each step (see ``carried``)
+    cpu_bound: Optional[Callable[..., None]]
+    # the spec's carried hyper-parameters that were not given: (name, how to compute it)
+    carried: Tuple[Tuple[str, Callable[[int, Mapping[str, Any]], float]], ...]
 
 
 NO_KEYWORDS: Dict[str, Any] = {}  # the extra keywords of a host call: none (never written)
@@ -153,6 +157,13 @@ class StepKernel:
             checked = self._check(hyper)
         if self.takes_step and (type(step) is not int or step < 1):
             step = step_count(step)
+        # the keywords of a call that cannot use the bound kernel: with the carried
+        # hyper-parameters computed for this step
+        hyper_kw: Optional[Dict[str, Any]] = None
+        if checked.carried:
+            hyper_kw = dict(checked.kw)
+            for name, compute in checked.carried:
+                hyper_kw[name] = compute(step, hyper_kw)
         for i, message in checked.needed:
             if arrays[i] is None:
                 raise ValueError(message)
@@ -188,7 +199,9 @@ class StepKernel:
             and rounding == "nearest"
             and seed is None
         ):  # a plain step on the host: the bound kernel with the step count only
-            if self.takes_step:
+            if checked.cpu_bound is None:
+                self.cpu_kernel(*lists, listed, step=step, **(hyper_kw or checked.kw))
+            elif self.takes_step:
                 checked.cpu_bound(*lists, listed, step=step)
             else:
                 checked.cpu_bound(*lists, listed)
@@ -209,11 +222,13 @@ class StepKernel:
             )
         if rounding != "nearest" or seed is not None:
             extra.update(stochastic_rounding(rounding, seed))
-        if host:
+        if host and checked.cpu_bound is not None:
             kernel, device = checked.cpu_bound, NO_KEYWORDS
+        elif host:
+            kernel, device = self.cpu_kernel, hyper_kw or checked.kw
         else:
             kernel, device = self.bound(lists, stream, plan)
-            device = {**checked.kw, **device}
+            device = {**(hyper_kw or checked.kw), **device}
         norm = None
         if max_grad_norm is not None:
             # on the step's stream (the params' library's), whichever library the grads are
@@ -254,7 +269,8 @@ class StepKernel:
                 if a.optional and a.used(values)
             ),
             unused=tuple(i for i, a in enumerate(spec.arrays) if not a.used(values)),
-            cpu_bound=_ext._cpu.bind_step(spec.kernel, **values),
+            cpu_bound=None if spec.carried else _ext._cpu.bind_step(spec.kernel, **values),
+            carried=tuple((n, c.through) for n, c in spec.carried.items() if n not in values),
         )
         types = tuple(map(type, hyper))
         if _CACHEABLE.issuperset(types):
@@ -308,7 +324,20 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZERS.items()}
 # The bound runs the functions below call (a bound method is the cheapest call).
-_SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION, _ADAMAX, _RADAM, _ADADELTA, _RPROP = (
+(
+    _SGD,
+    _ADAGRAD,
+    _RMSPROP,
+    _ADAM,
+    _ADAMW,
+    _SOPHIA,
+    _LION,
+    _ADAMAX,
+    _RADAM,
+    _ADADELTA,
+    _RPROP,
+    _NADAM,
+) = (
     STEPS[n].run
     for n in (
         "sgd",
@@ -322,6 +351,7 @@ _SGD, _ADAGRAD, _RMSPROP, _ADAM, _ADAMW, _SOPHIA, _LION, _ADAMAX, _RADAM, _ADADE
         "radam",
         "adadelta",
         "rprop",
+        "nadam",
     )
 )
 _EMA = StepKernel(EMA).run
@@ -715,6 +745,72 @@ def radam_(
     return _RADAM(
         [params, grads, exp_avgs, exp_avg_sqs],
         (lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, l1),
+        step,
+        stream,
+        _plan,
+        masks,
+        rounding,
+        seed,
+        max_grad_norm,
+        absmax,
+        master_params,
+    )
+
+
+def nadam_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    exp_avgs: ArrayOrList,
+    exp_avg_sqs: ArrayOrList,
+    *,
+    step: int,
+    lr: float = 2e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    mu_product: Optional[float] = None,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    l1: float = 0.0,
+    masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
+    stream: Any = None,
+    _plan: Any = None,
+) -> Any:
+    """NAdam (Dozat 2016, "Incorporating Nesterov Momentum into Adam"), as
+    ``torch.optim.NAdam``.
+
+    g <- -g if maximize; decoupled: p <- p*(1 - lr*weight_decay), else g <- g +
+    weight_decay*p; mu_t = beta1*(1 - 0.5*0.96^(t*momentum_decay)); m <- beta1*m +
+    (1-beta1)*g; v <- beta2*v + (1-beta2)*g^2; denom = sqrt(v/(1-beta2^t)) + eps;
+    p <- p - lr*(1-mu_t)/(1-P_t) * g/denom - lr*mu_{t+1}/(1-P_t*mu_{t+1}) * m/denom, where
+    P_t = mu_1*...*mu_t is ``mu_product``: torch.optim.NAdam's ``state["mu_product"]``
+    after the step (a float32 product), in [0, 1). None (the default) computes it as if
+    beta1 and momentum_decay had had their present values at every step
+    (``fastopt.reference.nadam_mu_product``, cheap when steps count up one by one); pass
+    it where they change during training, multiplying your own float32 product by
+    ``fastopt.reference.nadam_mu(t, beta1, momentum_decay)`` at each step, as torch does.
+    """
+    return _NADAM(
+        [params, grads, exp_avgs, exp_avg_sqs],
+        (
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            momentum_decay,
+            mu_product,
+            decoupled_weight_decay,
+            maximize,
+            l1,
+        ),
         step,
         stream,
         _plan,

@@ -284,6 +284,10 @@ class Optimizer:
                 self._follow_torch_params()
             t = self._step + 1
             kw = {**self._kw, "lr": self.current_lr()}
+            # NAdam's mu_product: a class's hyper-parameters hold for its life (and a loaded
+            # state_dict brings its own with its step count), so it follows from the step
+            for name, carried in self._spec.carried.items():
+                kw[name] = carried.through(t, kw)
             if self._masks is not None:
                 kw["masks"] = self._masks
             if self._rounding_seed is not None:
@@ -1019,7 +1023,11 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
     named as torch.optim's class where torch has it (``"radam"`` -> ``RAdam``), else after
     the spec (``"lion"`` -> ``Lion``), and documented by its functional step."""
     lr_default = spec.hyper["lr"].default
-    others = {name: h.default for name, h in spec.hyper.items() if name != "lr"}
+    others = {
+        name: h.default
+        for name, h in spec.hyper.items()
+        if name != "lr" and name not in spec.carried
+    }
 
     def __init__(
         self: Optimizer,

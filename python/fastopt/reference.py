@@ -10,7 +10,8 @@ docstrings of ``fastopt.functional``).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Optional, Sequence
+import struct
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,6 +27,10 @@ __all__ = [
     "radam",
     "adadelta",
     "rprop",
+    "nadam",
+    "nadam_mu",
+    "nadam_mu_product",
+    "float32_round",
     "ema",
     "masked",
     "grad_norm",
@@ -346,6 +351,95 @@ def rprop(
         g = np.where(s < 0, 0.0, g)
         p -= np.where(g > 0, 1.0, np.where(g < 0, -1.0, 0.0)) * step_size  # torch.sign
     prev[...] = g
+
+
+def nadam_mu(step: int, beta1: float, momentum_decay: float) -> float:
+    """NAdam's momentum coefficient mu_t at 1-based ``step``, as torch.optim.NAdam computes
+    it (in double precision): beta1*(1 - 0.5*0.96^(step*momentum_decay))."""
+    return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+
+
+def float32_round(x: float) -> float:
+    """``x`` rounded to float32 (to nearest even), as a Python float."""
+    value: float = struct.unpack("f", struct.pack("f", x))[0]
+    return value
+
+
+# (beta1, momentum_decay) -> (step, product through it): the last product computed, so
+# that a step count going up one at a time costs one multiply
+_MU_PRODUCTS: Dict[Tuple[float, float], Tuple[int, float]] = {}
+
+
+def nadam_mu_product(step: int, beta1: float, momentum_decay: float) -> float:
+    """mu_1*...*mu_step (see ``nadam_mu``) as torch.optim.NAdam's ``state["mu_product"]``
+    holds it after that step when beta1 and momentum_decay never changed: a float32 0-d
+    tensor multiplied by each mu_t in turn (each product rounded to float32; the product
+    of two float32 values is exact in double, so rounding it once is the float32 multiply).
+    The last result per (beta1, momentum_decay) is kept: step counts going up one at a time
+    cost one multiply each. Once mu_t rounds to float32(beta1) for good (t ~ 1e5 with the
+    default momentum_decay) the rest is multiplied in float32 by NumPy, chunk by chunk."""
+    key = (beta1, momentum_decay)
+    done, product = _MU_PRODUCTS.get(key, (0, 1.0))
+    if step < done:
+        done, product = 0, 1.0
+    limit = float32_round(beta1)
+    t = done
+    while t < step and product != 0.0:
+        t += 1
+        mu = float32_round(nadam_mu(t, beta1, momentum_decay))
+        product = float32_round(product * mu)
+        if mu == limit:  # every later mu_t rounds to it too (they lie between it and beta1)
+            while t < step and product != 0.0:
+                n = min(step - t, 1 << 16)
+                chunk = np.full(n + 1, limit, np.float32)
+                chunk[0] = product
+                product = float(np.multiply.accumulate(chunk, dtype=np.float32)[-1])
+                t += n
+            break
+    if len(_MU_PRODUCTS) >= 64:
+        _MU_PRODUCTS.clear()
+    _MU_PRODUCTS[key] = (step, product)
+    return product
+
+
+def nadam(
+    p: np.ndarray,
+    g: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    step: int,
+    lr: float = 2e-3,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    mu_product: Optional[float] = None,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    l1: float = 0.0,
+) -> None:
+    """NAdam (Dozat 2016), as torch.optim.NAdam: Adam whose step looks ahead along the
+    momentum (Nesterov), with the momentum coefficient mu_t warming up to beta1.
+    ``mu_product``: mu_1*...*mu_step (None: ``nadam_mu_product``)."""
+    if mu_product is None:
+        mu_product = nadam_mu_product(step, beta1, momentum_decay)
+    g = -g if maximize else g
+    if weight_decay != 0.0:
+        if decoupled_weight_decay:
+            p *= 1.0 - lr * weight_decay
+        else:
+            g = g + weight_decay * p
+    mu = nadam_mu(step, beta1, momentum_decay)
+    mu_next = nadam_mu(step + 1, beta1, momentum_decay)
+    exp_avg[...] = beta1 * exp_avg + (1.0 - beta1) * g
+    exp_avg_sq[...] = beta2 * exp_avg_sq + (1.0 - beta2) * g * g
+    denom = np.sqrt(exp_avg_sq / (1.0 - beta2**step)) + eps
+    p -= lr * (1.0 - mu) / (1.0 - mu_product) * g / denom
+    p -= lr * mu_next / (1.0 - mu_product * mu_next) * exp_avg / denom
+    if l1 != 0.0:
+        soft_threshold(p, lr * l1)
 
 
 def ema(average: np.ndarray, sample: np.ndarray, *, beta: float) -> None:

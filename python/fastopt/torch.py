@@ -36,7 +36,9 @@ same trajectory here, and the reverse; ``torch.load(..., weights_only=True)`` wo
 (momentum > 0, no step, as torch); Adagrad: ``"sum"`` (made at construction, as torch);
 RMSprop: ``"square_avg"``, ``"momentum_buffer"``, ``"grad_avg"``; Adamax: ``"exp_avg"``,
 ``"exp_inf"``; RAdam: ``"exp_avg"``, ``"exp_avg_sq"``; Adadelta: ``"square_avg"``,
-``"acc_delta"``; Rprop: ``"prev"``, ``"step_size"`` (filled with lr, as torch); Lion:
+``"acc_delta"``; Rprop: ``"prev"``, ``"step_size"`` (filled with lr, as torch); NAdam:
+``"mu_product"`` (a float32 0-d tensor, packed per bucket as the step counts are),
+``"exp_avg"``, ``"exp_avg_sq"``; Lion:
 ``"exp_avg"`` (no step); Sophia: ``"exp_avg"``, ``"hessian"``. State is made lazily at a
 param's first step, like the param (``torch.zeros_like``, same strides; a DTensor for a
 DTensor param), except that float16/bfloat16 params get float32 state and float32 math,
@@ -106,10 +108,11 @@ Decisions, where torch.optim offers a choice:
   step. After ``scaler.unscale_`` (for clipping) the grads are taken as they are. The
   trajectory is torch.optim's under the same scaler.
 - ``state_dtype=`` (every class, keyword-only, a group option): ``"float32"`` (default: the
-  state types above) or ``"bfloat16"`` (every state tensor but ``step`` in bfloat16: half the
-  state's bytes; loaded exactly, updated in float32, stored rounded to nearest even; not for
-  float64 params). State of another float type (a checkpoint saved with the other choice,
-  or a group whose ``state_dtype`` changed) is converted at the next step.
+  state types above) or ``"bfloat16"`` (every state tensor but ``step`` and NAdam's
+  ``mu_product`` in bfloat16: half the state's bytes; loaded exactly, updated in float32,
+  stored rounded to nearest even; not for float64 params). State of another float type (a
+  checkpoint saved with the other choice, or a group whose ``state_dtype`` changed) is
+  converted at the next step.
   ``"int8"``: blockwise 8-bit state (1 + 4/256 bytes per element; on the CPU in this version)
   for the params of ``group["min_8bit_size"]`` (default 4096) elements or more, float32 for
   the others, as bitsandbytes. An 8-bit entry keeps torch's key for its codes (uint8, laid
@@ -215,6 +218,7 @@ __all__ = [
     "RAdam",
     "Adadelta",
     "Rprop",
+    "NAdam",
     "Adam8bit",
     "AdamW8bit",
     "SGD8bit",
@@ -523,6 +527,10 @@ class _Bucket:
         "absmax",
         "masters",
         "complex",
+        "carried",
+        "carried_values",
+        "carried_before",
+        "carried_versions",
     )
 
     def __init__(
@@ -536,7 +544,16 @@ class _Bucket:
         masks: Optional[List[torch.Tensor]],
         absmax_keys: Optional[Dict[str, str]] = None,
         masters: bool = False,
+        carried: Optional[Dict[str, Tuple[torch.Tensor, float]]] = None,
     ):
+        # The carried hyper-parameters (NAdam's mu_product; see _specs.Carried), each packed
+        # as the step counts are: {state key: the tensor whose 0-d views are in the state},
+        # their value on the host (equal in the bucket), the value before the last step
+        # (to take back a step a GradScaler skipped on the GPU), their versions.
+        self.carried = {k: t for k, (t, _) in (carried or {}).items()}
+        self.carried_values = {k: v for k, (_, v) in (carried or {}).items()}
+        self.carried_before = dict(self.carried_values)
+        self.carried_versions = {k: _version(t) for k, t in self.carried.items()}
         # 8-bit state: {table name of each state array: its block maxima's state key}
         self.absmax_keys = absmax_keys
         self.index = index  # position of each param in the group's "params"
@@ -554,6 +571,7 @@ class _Bucket:
             self.tracked += absmax_keys.values()
         if steps is not None:
             self.tracked.append("step")
+        self.tracked += self.carried
         # (a bucket with tracked keys has an entry for every param)
         self.getters: List[Callable[[Any], Any]] = [operator.itemgetter(k) for k in self.tracked]
         self.steps = steps  # packed step counts, or None
@@ -583,15 +601,19 @@ class _Bucket:
         self.states: List[Optional[List[torch.Tensor]]] = [
             None if k is None else by_key[k] for k in self.keys
         ]
-        read = [t for k, ts in by_key.items() if k != "step" for t in ts]
+        counts = ["step", *self.carried]  # (0-d views of a tensor the bucket writes)
+        read = [t for k, ts in by_key.items() if k not in counts for t in ts]
         self.written = self.params + read  # what a step writes: versions to bump
         # what the call reads through views or tables made here: followed by moved()
-        self.followed = self.written + (self.mask_tensors or []) + by_key.get("step", [])
+        self.followed = self.written + (self.mask_tensors or [])
+        for k in counts:
+            self.followed += by_key.get(k, [])
         self.layouts = self.memory()
         self.inference = (
             self.params_inference
             or any(t.is_inference() for t in read)
             or (self.steps is not None and self.steps.is_inference())
+            or any(t.is_inference() for t in self.carried.values())
         )
         view = _host_view if self.host else _local
         if self.complex:  # (never a DTensor)
@@ -865,7 +887,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         missing one, or betas that are not a pair, raise naming ``where`` + its key."""
         out = []
         for name in self._spec.hyper:
-            if name == "lr":
+            if name == "lr" or name in self._spec.carried:  # (carried: in the state)
                 continue
             path = _GROUP_PATH.get(name)
             key = path[0] if path else name
@@ -906,7 +928,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             checked = None
         if checked is not None:
             return checked
-        names = [n for n in self._spec.hyper if n != "lr"]
+        names = [n for n in self._spec.hyper if n != "lr" and n not in self._spec.carried]
         try:
             values = self._spec.validate({**dict(zip(names, hyper)), "lr": 0.0})
         except (TypeError, ValueError) as exc:
@@ -1013,6 +1035,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     staged.set("step", torch.tensor(float(done), dtype=_step_dtype()))
             else:
                 staged.set("step", torch.tensor(0.0, dtype=_step_dtype()))
+        for name, carried in self._spec.carried.items():  # NAdam's mu_product
+            value = state.get(name)
+            if value is None:
+                staged.set(name, torch.tensor(carried.initial, dtype=_step_dtype()))
+                continue
+            number = self._spec.hyper[name].validate(
+                f"state of {where}: {name!r}", _state_number(f"state of {where}: {name!r}", value)
+            )
+            if not (isinstance(value, torch.Tensor) and value.dtype in _CARRIED_DTYPES):
+                # a number, or a 16-bit tensor: taken as a float32 tensor (torch's type)
+                staged.set(name, torch.tensor(number, dtype=_step_dtype()))
         self._master_param(where, p, staged, group)
         fresh = False
         want = self._state_type(where, p, group)
@@ -1216,6 +1249,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     p in self._masks,
                     eight,
                     MASTER in state,
+                    # carried values (NAdam's mu_product): a bucket shares them, as its count
+                    tuple((float(state[n]), state[n].dtype) for n in self._spec.carried),
                 )
             ].append(i)
         self._make_pending(pending)
@@ -1223,8 +1258,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
             STATE_KEYS[role.name] if use else None for role, use in zip(self._spec.states, used)
         ]
         buckets = []
-        for (_, _, done, masked, eight, masters), index_list in keys.items():
+        for (_, _, done, masked, eight, masters, values), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
+            carried = {}
+            for name, (value, dtype) in zip(self._spec.carried, values):
+                held = [staged[i].view[name] for i in index_list]
+                with torch.inference_mode(any(c.is_inference() for c in held)):  # as steps
+                    packed = torch.full((len(index_list),), value, dtype=dtype)
+                for i, view in zip(index_list, packed.unbind()):
+                    staged[i].set(name, view)
+                carried[name] = (packed, value)
             steps = None
             if self._tracks_step:
                 counts = [staged[i].view["step"] for i in index_list]
@@ -1254,6 +1297,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     if eight
                     else None,
                     masters,
+                    carried,
                 )
             )
         cache = _GroupCache(
@@ -1387,6 +1431,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if bucket.steps is not None:
                     bucket.steps.sub_(1)
                     bucket.steps_version = _version(bucket.steps)
+                for name, packed in bucket.carried.items():
+                    bucket.carried_values[name] = bucket.carried_before[name]
+                    packed.fill_(bucket.carried_before[name])
+                    bucket.carried_versions[name] = _version(packed)
 
     def _step_groups(
         self,
@@ -1516,6 +1564,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
             or any(  # a step count edited in place (state[p]["step"].fill_(...))
                 b.steps is not None and _version(b.steps) != b.steps_version for b in cache.buckets
             )
+            or any(  # a carried value (NAdam's mu_product) edited in place
+                _version(t) != b.carried_versions[k]
+                for b in cache.buckets
+                for k, t in b.carried.items()
+            )
             or any(b.moved() for b in cache.buckets)
         ):
             rebuilt.append(self._build(index, group, grads, used))
@@ -1577,6 +1630,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "stochastic_seed": key}
         if self._spec.takes_step:
             extra = {**extra, "step": bucket.done + 1}
+        carried = {}  # NAdam's mu_product after this step, as torch's state would hold it
+        for name, value in bucket.carried_values.items():
+            factor = self._spec.carried[name].factor(bucket.done + 1, kw)
+            carried[name] = _times(value, factor, bucket.carried[name].dtype)
+        if carried:
+            extra = {**extra, **carried}
         if check_only:
             extra = {**extra, "check_only": True}
             try:
@@ -1617,6 +1676,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if bucket.steps is not None:
                     bucket.steps.add_(1)
                     bucket.steps_version = _version(bucket.steps)
+                for name, value in carried.items():
+                    bucket.carried_before[name] = bucket.carried_values[name]
+                    bucket.carried_values[name] = value
+                    bucket.carried[name].fill_(value)
+                    bucket.carried_versions[name] = _version(bucket.carried[name])
                 torch.autograd.graph.increment_version(bucket.written)
 
     @staticmethod
@@ -1771,6 +1835,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         if not isinstance(value, torch.Tensor):  # torch < 1.12's: a number
                             kept.append((p, key, torch.tensor(float(taken), dtype=_step_dtype())))
                         continue
+                    if key in self._spec.carried:  # NAdam's mu_product: a 0-d host tensor
+                        # of the param's dtype as torch.optim's load casts it, but float32
+                        # for 16-bit params (torch would round it) and complex ones (torch
+                        # leaves their dtype)
+                        number = _state_number(where, value)
+                        dtype = _step_dtype()
+                        if p.dtype in _CARRIED_DTYPES:
+                            dtype = p.dtype
+                        elif p.is_complex() and getattr(value, "dtype", None) in _CARRIED_DTYPES:
+                            dtype = value.dtype
+                        kept.append((p, key, torch.tensor(number, dtype=dtype)))
+                        continue
                     if key not in own or not isinstance(value, torch.Tensor):
                         continue
                     _check_loaded_state8(where, entry, key, p)
@@ -1847,6 +1923,19 @@ def _check_group_options(where: str, group: Dict[str, Any]) -> None:
 def _steps_taken(name: str, value: Any) -> int:
     """A step count (torch's 0-d tensor, or a number as in torch < 1.12's checkpoints) as
     the whole number it holds, else a TypeError/ValueError naming ``name``."""
+    count = _state_number(name, value)
+    if not (math.isfinite(count) and 0 <= count <= 2**53 and count == int(count)):
+        raise ValueError(f"{name}: must be a whole number in [0, 2**53], got {count}")
+    return int(count)
+
+
+# The dtypes a carried value's tensor keeps (others are taken as float32): see _times
+_CARRIED_DTYPES = (torch.float32, torch.float64)
+
+
+def _state_number(name: str, value: Any) -> float:
+    """A state entry that holds one real number (a 0-d tensor, or a number as torch.optim
+    takes it) as a float, else a TypeError naming ``name``."""
     if isinstance(value, torch.Tensor):
         if (
             value.numel() != 1
@@ -1856,17 +1945,24 @@ def _steps_taken(name: str, value: Any) -> int:
             or value.device.type == "meta"
         ):
             raise TypeError(f"{name}: expected a 0-d real tensor, got {_described(value)}")
-        count = float(value)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         try:
-            count = float(value)
+            return float(value)
         except OverflowError:  # an int past the float range
-            count = math.inf
-    else:
-        raise TypeError(f"{name}: expected a 0-d tensor or a number, got {type(value).__name__}")
-    if not (math.isfinite(count) and 0 <= count <= 2**53 and count == int(count)):
-        raise ValueError(f"{name}: must be a whole number in [0, 2**53], got {count}")
-    return int(count)
+            return math.inf
+    raise TypeError(f"{name}: expected a 0-d tensor or a number, got {type(value).__name__}")
+
+
+def _times(value: float, factor: float, dtype: torch.dtype) -> float:
+    """``value`` times ``factor`` as torch's ``t.mul_(factor)`` computes it for a 0-d tensor
+    ``t`` of ``dtype`` holding ``value``: in float64, or in float32 with the factor rounded
+    to float32 first (the product of two float32 values is exact in float64, so rounding it
+    once is float32's multiply)."""
+    if dtype == torch.float64:
+        return value * factor
+    rounded: float = reference.float32_round(value * reference.float32_round(factor))
+    return rounded
 
 
 def _described(t: Any) -> str:
@@ -2385,6 +2481,57 @@ class RAdam(_FusedOptimizer):
         super().__init__(params, defaults, masks)
 
 
+class NAdam(_FusedOptimizer):
+    """``torch.optim.NAdam`` (maximize, coupled or ``decoupled_weight_decay``) on
+    ``fastopt.nadam_``'s kernel. State: ``"step"``, ``"mu_product"`` (a float32 0-d tensor
+    on the host, multiplied by mu_t at each step as torch does; a bucket's are 0-d views of
+    one tensor, as its step counts), ``"exp_avg"``, ``"exp_avg_sq"``. ``foreach`` is an
+    accepted no-op, ``capturable``/``differentiable`` are refused; ``l1`` is keyword-only.
+    A ``mu_product`` must lie in [0, 1) (torch checks nothing; 1 would divide by zero)."""
+
+    _spec = OPTIMIZERS["nadam"]
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 2e-3,
+        betas: Tuple[Any, Any] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        l1: float = 0.0,
+        state_dtype: str = "float32",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
+        masks: Any = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=_pair("betas", betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum_decay=momentum_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            l1=l1,
+            state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
+        )
+        super().__init__(params, defaults, masks)
+
+
 class Adadelta(_FusedOptimizer):
     """``torch.optim.Adadelta`` (maximize) on ``fastopt.adadelta_``'s kernel. State:
     ``"step"``, ``"square_avg"``, ``"acc_delta"``. ``foreach`` is an accepted no-op,
@@ -2766,4 +2913,5 @@ CLASSES: Dict[str, type] = {
     "radam": RAdam,
     "adadelta": Adadelta,
     "rprop": Rprop,
+    "nadam": NAdam,
 }

@@ -9,6 +9,7 @@
 #include "common/optim/adamax.h"
 #include "common/optim/ema.h"
 #include "common/optim/lion.h"
+#include "common/optim/nadam.h"
 #include "common/optim/radam.h"
 #include "common/optim/rmsprop.h"
 #include "common/optim/rprop.h"
@@ -27,6 +28,7 @@
   X(Radam)                    \
   X(Adadelta)                 \
   X(Rprop)                    \
+  X(Nadam)                    \
   X(Ema)
 // clang-format on
 

@@ -126,6 +126,7 @@ _CASES = {
     "radam": (dict(lr=1e-3), ("foreach",), ("foreach",)),
     "adadelta": (dict(lr=1.0), ("foreach",), ("foreach",)),
     "rprop": (dict(lr=1e-2), ("foreach",), ("foreach",)),
+    "nadam": (dict(lr=2e-3), ("foreach",), ("foreach",)),
     "sophia": (dict(lr=1e-3), (), ()),
 }
 OPTIMIZERS: Dict[str, OptimizerCase] = {
