@@ -1706,3 +1706,51 @@ def test_rprop_special_grads_as_torch(cpu_path, dtype):
         for got, want in zip([ours, fopt.state[ours]["prev"], fopt.state[ours]["step_size"]],
                              ref):
             np.testing.assert_array_equal(got.detach().numpy(), want)
+
+
+@pytest.mark.parametrize("name,key,bad,error", [
+    ("Rprop", "lr", -1.0, ValueError), ("Rprop", "lr", "x", TypeError),
+    ("Adagrad", "initial_accumulator_value", -0.5, ValueError),
+    ("Adagrad", "initial_accumulator_value", None, TypeError)])
+def test_state_start_values_are_checked_in_their_group(name, key, bad, error):
+    """State that starts at a group's value (Rprop's step sizes at lr, Adagrad's sums at
+    initial_accumulator_value: the table's ArrayRole.initial) is made from the group's
+    value when a param of an added group first steps; a bad one is named by its place and
+    nothing is made or stepped."""
+    first, second = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))
+    opt = getattr(ft, name)([first], lr=0.01)
+    opt.add_param_group({"params": [second]})
+    opt.param_groups[1][key] = bad
+    for p in (first, second):
+        p.grad = torch.randn(p.shape)
+    before = [p.detach().clone() for p in (first, second)]
+    with pytest.raises(error, match=rf"^param_groups\[1\]\['{key}'\]"):
+        opt.step()
+    assert torch.equal(first, before[0]) and torch.equal(second, before[1])
+    assert not opt.state.get(second)
+    opt.param_groups[1][key] = 0.25
+    opt.step()
+    if name == "Rprop":  # (a first step keeps the sizes: prev is 0)
+        assert torch.equal(opt.state[second]["step_size"], torch.full((3,), 0.25))
+    else:
+        assert torch.equal(opt.state[second]["sum"], 0.25 + second.grad * second.grad)
+
+
+def test_array_classes_start_state_from_the_table():
+    """fastopt.Rprop (made from the table) starts its step sizes at lr, fastopt.Adagrad its
+    sums at initial_accumulator_value; zero_state goes back there."""
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(9).astype(np.float32)
+    rprop = fastopt.Rprop([p.copy()], lr=0.05)
+    adagrad = fastopt.Adagrad([p.copy()], initial_accumulator_value=0.5)
+    assert np.array_equal(rprop.state["step_sizes"][0], np.full(9, 0.05, np.float32))
+    assert np.array_equal(adagrad.state["state_sums"][0], np.full(9, 0.5, np.float32))
+    for opt in (rprop, adagrad):
+        opt.step([rng.standard_normal(9).astype(np.float32)])
+        opt.zero_state()
+    assert np.array_equal(rprop.state["step_sizes"][0], np.full(9, 0.05, np.float32))
+    assert np.array_equal(adagrad.state["state_sums"][0], np.full(9, 0.5, np.float32))
+    with pytest.raises(ValueError, match="^initial_accumulator_value:"):
+        fastopt.Adagrad([p.copy()], initial_accumulator_value=-1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'initial_accumulator_value'"):
+        fastopt.Rprop([p.copy()], initial_accumulator_value=0.5)

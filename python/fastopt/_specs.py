@@ -71,7 +71,10 @@ class ArrayRole:
     """One array argument of a step. ``kind``: "param" (updated in place; decides the
     device and whether the call is a list), "grad" (read only) or "state". An optional
     array has ``needed``, a predicate on the validated hyper-parameters, and
-    ``needed_when``, its words in messages ("momentum > 0")."""
+    ``needed_when``, its words in messages ("momentum > 0"). A state array starts at
+    ``initial`` where the classes make it: a number, or the name of the hyper-parameter or
+    class option whose value it starts at (Rprop's step sizes at "lr", Adagrad's sums at
+    "initial_accumulator_value")."""
 
     name: str
     kind: str
@@ -79,6 +82,7 @@ class ArrayRole:
     needed: Optional[Callable[[Values], bool]] = None
     needed_when: str = ""
     nonnegative: bool = False  # never negative (second moments): the unsigned 8-bit map
+    initial: Union[float, str] = 0.0
 
     @property
     def optional(self) -> bool:
@@ -121,6 +125,9 @@ class OptimizerSpec:
     # The hyper-parameters that are state (see Carried), by name; each is also in hyper
     # (its range) and may be None or missing there.
     carried: Mapping[str, Carried] = field(default_factory=dict)
+    # The classes' options that are not the kernel's, in signature order, with their ranges
+    # and defaults: the values a state array may start at (ArrayRole.initial).
+    options: Mapping[str, Hyper] = field(default_factory=dict)
 
     @property
     def states(self) -> Tuple[ArrayRole, ...]:
@@ -152,6 +159,14 @@ class OptimizerSpec:
             self.check(out)
         return out
 
+    def initial_values(self, values: Values) -> Dict[str, float]:
+        """What each state array starts at, by name, given the validated ``values`` of the
+        hyper-parameters (lr included) and options that state arrays start at."""
+        return {
+            a.name: float(values[a.initial]) if isinstance(a.initial, str) else a.initial
+            for a in self.states
+        }
+
     def kernel_hyper(self, hyper: Values) -> Dict[str, Any]:
         """Validated ``hyper`` with the fixed ones: the kernel's and the reference's keywords."""
         return {**hyper, **self.fixed}
@@ -176,8 +191,9 @@ def _state(
     needed_when: str = "",
     written: bool = True,
     nonnegative: bool = False,
+    initial: Union[float, str] = 0.0,
 ) -> ArrayRole:
-    return ArrayRole(name, "state", written, needed, needed_when, nonnegative)
+    return ArrayRole(name, "state", written, needed, needed_when, nonnegative, initial)
 
 
 def _momentum(h: Values) -> bool:
@@ -229,7 +245,11 @@ ADAGRAD = OptimizerSpec(
     takes_step=True,
     reference=reference.adagrad,
     torch_name="Adagrad",
-    arrays=(PARAMS, GRADS, _state("state_sums", nonnegative=True)),
+    arrays=(
+        PARAMS,
+        GRADS,
+        _state("state_sums", nonnegative=True, initial="initial_accumulator_value"),
+    ),
     hyper={
         "lr": Real(1e-2),
         "lr_decay": NONNEG,
@@ -238,6 +258,7 @@ ADAGRAD = OptimizerSpec(
         "maximize": Flag(),
         "l1": NONNEG,
     },
+    options={"initial_accumulator_value": NONNEG},  # >= 0, as torch.optim.Adagrad
     example=dict(lr=1e-2, lr_decay=1e-3, weight_decay=1e-2),
 )
 
@@ -424,7 +445,7 @@ RPROP = OptimizerSpec(
         PARAMS,
         GRADS,
         _state("prevs"),
-        _state("step_sizes", nonnegative=True),
+        _state("step_sizes", nonnegative=True, initial="lr"),
     ),
     hyper={
         "lr": Real(1e-2),  # the step sizes' initial value (the classes'); the step ignores it

@@ -83,7 +83,7 @@ class Optimizer:
         lr: float,
         schedule: Optional[Schedule],
         hyper: Dict[str, Any],
-        initial_state: Optional[Dict[str, float]] = None,
+        options: Optional[Dict[str, Any]] = None,
         masks: Optional[ArrayOrList] = None,
         state_dtype: str = "float32",
         stochastic_rounding: bool = False,
@@ -126,7 +126,12 @@ class Optimizer:
         self._hyper = dict(hyper)
         self.lr = lr
         self._kw, used = self._validated(self._hyper, self._lr)
-        self._initial = dict(initial_state or {})
+        # what each state array starts at (ArrayRole.initial): a number, lr, or an option
+        set_options = options or {}
+        chosen = {
+            n: h.validate(n, set_options.get(n, h.default)) for n, h in self._spec.options.items()
+        }
+        self._initial = self._spec.initial_values({**self._kw, "lr": self._lr, **chosen})
         self.state_dtype = check_state_dtype("state_dtype", state_dtype)
         # stochastic rounding: the seed of every step, mixed with the step count
         self._rounding_seed: Optional[int] = None
@@ -411,7 +416,7 @@ class Optimizer:
         with self._lock:
             self._await_steps()
             for name, arrays in self.state.items():
-                value = self._initial.get(name, 0.0)
+                value = self._initial[name]
                 for i, a in enumerate(arrays):
                     maxima = self.absmax[name][i] if name in self.absmax else None
                     if maxima is None:
@@ -757,7 +762,6 @@ class Adagrad(Optimizer):
         seed: Optional[int] = None,
         master_weights: bool = False,
     ):
-        init = real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
         hyper = dict(
             lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize, l1=l1
         )
@@ -766,53 +770,7 @@ class Adagrad(Optimizer):
             lr=lr,
             schedule=schedule,
             hyper=hyper,
-            initial_state={"state_sums": init},
-            masks=masks,
-            state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding,
-            seed=seed,
-            master_weights=master_weights,
-        )
-
-
-class Rprop(Optimizer):
-    """``torch.optim.Rprop``: see ``fastopt.rprop_``. Step sizes start at ``lr`` (the step
-    never reads ``lr``: a schedule has no effect, as with torch.optim.Rprop); ``prevs`` at
-    0."""
-
-    _spec = OPTIMIZERS["rprop"]
-
-    def __init__(
-        self,
-        params: ArrayOrList,
-        lr: float = 1e-2,
-        *,
-        etaminus: float = 0.5,
-        etaplus: float = 1.2,
-        step_size_min: float = 1e-6,
-        step_size_max: float = 50.0,
-        maximize: bool = False,
-        schedule: Optional[Schedule] = None,
-        masks: Optional[ArrayOrList] = None,
-        state_dtype: str = "float32",
-        stochastic_rounding: bool = False,
-        seed: Optional[int] = None,
-        master_weights: bool = False,
-    ):
-        init = real("lr", lr, lo=0.0)
-        hyper = dict(
-            etaminus=etaminus,
-            etaplus=etaplus,
-            step_size_min=step_size_min,
-            step_size_max=step_size_max,
-            maximize=maximize,
-        )
-        super().__init__(
-            params,
-            lr=lr,
-            schedule=schedule,
-            hyper=hyper,
-            initial_state={"step_sizes": init},
+            options={"initial_accumulator_value": initial_accumulator_value},
             masks=masks,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
@@ -1018,16 +976,18 @@ class Sophia(Optimizer):
 
 def _class_from_spec(spec: OptimizerSpec) -> type:
     """The class of an optimizer that needs nothing beyond its table entry:
-    ``Name(params, lr=<default>, *, <its hyper-parameters>, schedule=None, masks=None,
-    state_dtype="float32", stochastic_rounding=False, seed=None, master_weights=False)``,
-    named as torch.optim's class where torch has it (``"radam"`` -> ``RAdam``), else after
-    the spec (``"lion"`` -> ``Lion``), and documented by its functional step."""
+    ``Name(params, lr=<default>, *, <its hyper-parameters and options>, schedule=None,
+    masks=None, state_dtype="float32", stochastic_rounding=False, seed=None,
+    master_weights=False)``, named as torch.optim's class where torch has it (``"radam"`` ->
+    ``RAdam``), else after the spec (``"lion"`` -> ``Lion``), and documented by its
+    functional step and where its state starts."""
     lr_default = spec.hyper["lr"].default
     others = {
         name: h.default
         for name, h in spec.hyper.items()
         if name != "lr" and name not in spec.carried
     }
+    options = {name: h.default for name, h in spec.options.items()}
 
     def __init__(
         self: Optimizer,
@@ -1042,7 +1002,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
         master_weights: bool = False,
         **hyper: Any,
     ) -> None:
-        unknown = sorted(set(hyper) - set(others))
+        unknown = sorted(set(hyper) - set(others) - set(options))
         if unknown:
             raise TypeError(f"{type(self).__name__}: unexpected keyword argument {unknown[0]!r}")
         if lr is None:
@@ -1052,7 +1012,8 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
             params,
             lr=lr,
             schedule=schedule,
-            hyper={**others, **hyper},
+            hyper={**others, **{k: v for k, v in hyper.items() if k in others}},
+            options={k: v for k, v in hyper.items() if k in options},
             masks=masks,
             state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding,
@@ -1071,6 +1032,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
                 default=inspect.Parameter.empty if lr_default is None else lr_default,
             ),
             *(inspect.Parameter(n, keyword, default=d) for n, d in others.items()),
+            *(inspect.Parameter(n, keyword, default=d) for n, d in options.items()),
             inspect.Parameter("schedule", keyword, default=None),
             inspect.Parameter("masks", keyword, default=None),
             inspect.Parameter("state_dtype", keyword, default="float32"),
@@ -1080,8 +1042,12 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
         ]
     )
     name = spec.torch_name or spec.name.capitalize()
-    doc = f"``fastopt.{spec.name}_`` as a class: it owns its state (see ``Optimizer``).\n\n" + (
-        getattr(functional, f"{spec.name}_").__doc__ or ""
+    starts = ", ".join(f"``{a.name}`` at ``{a.initial}``" for a in spec.states if a.initial)
+    doc = (
+        f"``fastopt.{spec.name}_`` as a class: it owns its state (see ``Optimizer``)"
+        + (f"; state arrays start at 0 but {starts}" if starts else "")
+        + ".\n\n"
+        + (getattr(functional, f"{spec.name}_").__doc__ or "")
     )
     return type(
         name,
@@ -1096,7 +1062,6 @@ _WRITTEN: Dict[str, type] = {
     "sgd": SGD,
     "adagrad": Adagrad,
     "rmsprop": RMSprop,
-    "rprop": Rprop,
     "adam": Adam,
     "adamw": AdamW,
     "sophia": Sophia,

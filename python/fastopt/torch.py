@@ -201,7 +201,7 @@ import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _arrays, _ext, functional, reference
-from ._specs import OPTIMIZERS, Flag, OptimizerSpec
+from ._specs import OPTIMIZERS, ArrayRole, Flag, OptimizerSpec
 from ._torch_clip import clip_grad_norm_, step_grad_scale
 from ._validate import flag, real, renamed_entries, whole
 from .optim import check_state_dtype
@@ -962,9 +962,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return real(name, _host_float(lr, name), lo=0.0)
 
     # -- state -------------------------------------------------------------------------------
-    def _initial_value(self, name: str, group: Dict[str, Any]) -> float:
-        """What a fresh state array ``name`` (a table name) starts with."""
-        return 0.0
+    def _initial_value(self, where: str, role: ArrayRole, group: Dict[str, Any]) -> float:
+        """What a fresh state array ``role`` of the param at ``where`` starts with: its
+        table's ``initial``, a number or the group's value of a hyper-parameter or option
+        (checked, a bad one named by its place in the group)."""
+        if not isinstance(role.initial, str):
+            return role.initial
+        place = where.rpartition("['params']")[0]  # the group's ("param_groups[0]")
+        if role.initial == "lr":
+            return self._lr(place, group)
+        name = f"{place}['{role.initial}']"
+        return float(self._spec.options[role.initial].validate(name, group.get(role.initial)))
 
     def _state_type(self, where: str, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:
         """The dtype of ``p``'s state under ``group["state_dtype"]`` (torch.uint8: 8-bit),
@@ -1062,7 +1070,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 continue
             s = state.get(key)
             if s is None:
-                value = self._initial_value(role.name, group)
+                value = self._initial_value(where, role, group)
                 if pending is None:
                     staged.set(key, self._new_state(p, value, want))
                 else:
@@ -1171,7 +1179,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             staged.pop(absmax_key)
             return False
         if s is None:  # every block holds the initial value
-            value = self._initial_value(role.name, group)
+            value = self._initial_value(where, role, group)
             codes, first = reference.quantize_state8(_np_full(value), signed)
             staged.set(
                 key,
@@ -2189,9 +2197,6 @@ class Adagrad(_FusedOptimizer):
         for entry in staged:
             entry.commit(self.state)
 
-    def _initial_value(self, name: str, group: Dict[str, Any]) -> float:
-        return real("initial_accumulator_value", group["initial_accumulator_value"], lo=0.0)
-
 
 class RMSprop(_FusedOptimizer):
     """``torch.optim.RMSprop`` (centered, momentum) on ``fastopt.rmsprop_``'s kernel. State:
@@ -2616,9 +2621,6 @@ class Rprop(_FusedOptimizer):
             rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults, masks)
-
-    def _initial_value(self, name: str, group: Dict[str, Any]) -> float:
-        return self._lr("", group) if name == "step_sizes" else 0.0
 
 
 class Sophia(_FusedOptimizer):
