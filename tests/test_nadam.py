@@ -47,8 +47,34 @@ def test_mu_product_past_the_warm_up():
     assert reference.nadam_mu_product(200_000, beta1, decay) == want[-1]
     assert reference.nadam_mu_product(131_073, beta1, decay) == want[131_072]
     assert want[-1] > 0.0  # (the product did not simply reach 0)
-    # a step count far past where the product reaches 0 costs nothing more
+    # a step count far past where the product stops changing costs nothing more: 0, or a
+    # subnormal that float32(beta1) times rounds back to (4 * 2**-149 for 0.9)
     assert reference.nadam_mu_product(2**62, 0.9, 4e-3) == 0.0
+    stuck = reference.nadam_mu_product(2**62, 0.9, 1.0)
+    assert stuck == 4 * 2.0**-149 == reference.nadam_mu_product(10**5, 0.9, 1.0)
+
+
+def test_step_out_of_range_is_refused_first():
+    p = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=r"^step: must be in \[1, 2\*\*63\)"):
+        fastopt.nadam_(p, p.copy(), np.zeros(3, np.float32), np.zeros(3, np.float32),
+                       step=2**63, momentum_decay=1.0)
+
+
+def test_product_that_reaches_one_is_refused(rng):
+    # beta1 that rounds to 1 in float32, with a large momentum_decay: mu_t rounds to 1 and
+    # so does the product; 1 - product = 0 would divide by zero (torch raises
+    # ZeroDivisionError). Refused naming it, nothing written, on every entry point.
+    kw = dict(beta1=0.99999999, momentum_decay=1000.0)
+    p = normal_nonzero(rng, (5,)).astype(np.float32)
+    before = p.copy()
+    with pytest.raises(ValueError, match=r"^mu_product \(computed for step 1\): must be"):
+        fastopt.nadam_(p, p.copy(), np.zeros(5, np.float32), np.zeros(5, np.float32), step=1,
+                       **kw)
+    opt = fastopt.NAdam([p], lr=0.01, **kw)
+    with pytest.raises(ValueError, match=r"^mu_product \(computed for step 1\): must be"):
+        opt.step([p.copy()])
+    assert np.array_equal(p, before) and opt.step_count == 0
 
 
 def test_given_mu_product_is_used(rng):
@@ -165,7 +191,7 @@ def test_torch_mu_product_edited_or_loaded_is_followed():
 
 
 @needs_torch
-@pytest.mark.parametrize("bad,error", [(1.0, ValueError), (float("nan"), ValueError),
+@pytest.mark.parametrize("bad,error", [(1.5, ValueError), (float("nan"), ValueError),
                                        ("x", TypeError), ("two", TypeError)])
 def test_torch_bad_mu_product_is_refused(bad, error):
     gen = torch.Generator().manual_seed(3)
@@ -178,6 +204,36 @@ def test_torch_bad_mu_product_is_refused(bad, error):
     with pytest.raises(error, match=r"state of param_groups\[0\]\['params'\]\[3\]: 'mu_product'"):
         fopt.step()
     assert all(torch.equal(p, b) for p, b in zip(ours, before))
+
+
+@needs_torch
+def test_torch_product_that_reaches_one_is_refused():
+    gen = torch.Generator().manual_seed(5)
+    _, _, ours, fopt = _pair(lr=0.01, betas=(0.99999999, 0.999), momentum_decay=1000.0)
+    for p in ours:
+        p.grad = torch.randn(p.shape, generator=gen)
+    before = [p.detach().clone() for p in ours]
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]: 'mu_product' of step 1: must"):
+        fopt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ours, before))
+    assert all(float(fopt.state[p].get("step", 0)) == 0 for p in ours)
+
+
+@needs_torch
+def test_torch_fresh_state_of_torch_is_taken():
+    # torch.optim.NAdam's state before a first step (step 0, mu_product 1.0), set by hand or
+    # loaded from a checkpoint taken then, steps as torch steps it.
+    gen = torch.Generator().manual_seed(6)
+    theirs, topt, ours, fopt = _pair(lr=0.01)
+    for opt, ps in ((topt, theirs), (fopt, ours)):
+        for p in ps:
+            opt.state[p] = {"step": torch.tensor(0.0), "mu_product": torch.tensor(1.0),
+                            "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    fopt.load_state_dict(_roundtrip(fopt.state_dict()))
+    _steps(theirs, topt, ours, fopt, 3, gen)
+    for a, b in zip(theirs, ours):
+        assert torch.equal(fopt.state[b]["mu_product"], topt.state[a]["mu_product"])
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 @needs_torch

@@ -99,11 +99,14 @@ class Carried:
     It starts at ``initial`` and is multiplied by ``factor(step, hyper)`` at each step
     (1-based step, the other validated hyper-parameters), in the precision of its torch
     tensor (float32); ``through(step, hyper)`` is its value after ``step`` steps whose
-    hyper-parameters were all ``hyper``: what a step computes where it is not given."""
+    hyper-parameters were all ``hyper``: what a step computes where it is not given. The
+    value a step takes must lie in its hyper-parameter's range; ``held`` is the range of
+    the value kept between steps, ``initial`` included."""
 
     initial: float
     factor: Callable[[int, Values], float]
     through: Callable[[int, Values], float]
+    held: Real
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,13 @@ class OptimizerSpec:
         if self.check is not None:
             self.check(out)
         return out
+
+    def carried_value(self, name: str, step: int, values: Values) -> float:
+        """Carried hyper-parameter ``name`` computed for 1-based ``step`` (``through``) from
+        the validated ``values``, checked against its range (a product of NAdam's mu_t
+        reaches 1 where beta1 rounds to 1 in float32)."""
+        value = self.carried[name].through(step, values)
+        return self.hyper[name].validate(f"{name} (computed for step {step})", value)
 
     def initial_values(self, values: Values) -> Dict[str, float]:
         """What each state array starts at, by name, given the validated ``values`` of the
@@ -482,6 +492,7 @@ NADAM = OptimizerSpec(
             1.0,
             factor=lambda t, h: reference.nadam_mu(t, h["beta1"], h["momentum_decay"]),
             through=lambda t, h: reference.nadam_mu_product(t, h["beta1"], h["momentum_decay"]),
+            held=Real(None, hi=1.0),  # 1 before the first step
         )
     },
     example=dict(lr=2e-3, weight_decay=1e-2, momentum_decay=4e-3),

@@ -90,8 +90,9 @@ __all__ = [
 ]
 
 # Validated hyper-parameters are cached per tuple of values and their types; only for these
-# types, whose equal values validate alike (True == 1 == 1.0 is why the types are in the key).
-_CACHEABLE = frozenset({float, int, bool})
+# types, whose equal values validate alike (True == 1 == 1.0 is why the types are in the key;
+# None stands for the carried ones, checked at each call).
+_CACHEABLE = frozenset({float, int, bool, type(None)})
 _CACHE_SIZE = 256
 _NDARRAY = np.ndarray
 
@@ -104,10 +105,8 @@ class Checked(NamedTuple):
     unused: Tuple[int, ...]  # indices of the optional arrays left unused
     # the CPU kernel with these keywords read once (``_cpu.bind_step``): called with the
     # lists, listed and the per-call keywords only (no keyword dict to build and parse);
-    # None where a carried hyper-parameter is computed at each step (see ``carried``)
+    # None for a spec with carried hyper-parameters (new at every step: StepKernel.carried)
     cpu_bound: Optional[Callable[..., None]]
-    # the spec's carried hyper-parameters that were not given: (name, how to compute it)
-    carried: Tuple[Tuple[str, Callable[[int, Mapping[str, Any]], float]], ...]
 
 
 NO_KEYWORDS: Dict[str, Any] = {}  # the extra keywords of a host call: none (never written)
@@ -119,7 +118,7 @@ class StepKernel:
     into aligned lists, picks the compiled module by where the params live and calls the
     spec's kernel. The functional steps and the optimizer classes both run through it."""
 
-    __slots__ = ("spec", "kernel", "names", "takes_step", "cpu_kernel", "_checked")
+    __slots__ = ("spec", "kernel", "names", "takes_step", "cpu_kernel", "carried", "_checked")
 
     def __init__(self, spec: OptimizerSpec):
         self.spec = spec
@@ -127,6 +126,9 @@ class StepKernel:
         self.names = tuple(a.name for a in spec.arrays)
         self.takes_step = spec.takes_step
         self.cpu_kernel = getattr(_ext._cpu, spec.kernel)
+        # (position in the hyper tuple, name) of each carried hyper-parameter: a new value
+        # at every step, checked apart from the others (which are cached)
+        self.carried = tuple((i, n) for i, n in enumerate(spec.hyper) if n in spec.carried)
         self._checked: Dict[Any, Checked] = {}  # (hyper tuple, its types) -> Checked
 
     def run(
@@ -149,6 +151,12 @@ class StepKernel:
         {state name: an array or list per param}).
         Written for a small step's cost (loops, not comprehensions: Python 3.11 calls a
         function per comprehension)."""
+        given: Tuple[Any, ...] = ()
+        if self.carried:  # checked apart: the cache holds the others
+            given = tuple(hyper[i] for i, _ in self.carried)
+            hyper = tuple(
+                None if n in self.spec.carried else v for n, v in zip(self.spec.hyper, hyper)
+            )
         try:
             checked = self._checked.get((hyper, tuple(map(type, hyper))))
         except TypeError:  # an unhashable value: the full check names it
@@ -160,10 +168,15 @@ class StepKernel:
         # the keywords of a call that cannot use the bound kernel: with the carried
         # hyper-parameters computed for this step
         hyper_kw: Optional[Dict[str, Any]] = None
-        if checked.carried:
+        if self.carried:
+            step = whole("step", step, 1, 2**63)  # (the binding's range, checked first here)
             hyper_kw = dict(checked.kw)
-            for name, compute in checked.carried:
-                hyper_kw[name] = compute(step, hyper_kw)
+            for (_, name), value in zip(self.carried, given):
+                hyper_kw[name] = (
+                    self.spec.carried_value(name, step, hyper_kw)
+                    if value is None
+                    else self.spec.hyper[name].validate(name, value)
+                )
         for i, message in checked.needed:
             if arrays[i] is None:
                 raise ValueError(message)
@@ -270,7 +283,6 @@ class StepKernel:
             ),
             unused=tuple(i for i, a in enumerate(spec.arrays) if not a.used(values)),
             cpu_bound=None if spec.carried else _ext._cpu.bind_step(spec.kernel, **values),
-            carried=tuple((n, c.through) for n, c in spec.carried.items() if n not in values),
         )
         types = tuple(map(type, hyper))
         if _CACHEABLE.issuperset(types):

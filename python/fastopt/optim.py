@@ -291,8 +291,8 @@ class Optimizer:
             kw = {**self._kw, "lr": self.current_lr()}
             # NAdam's mu_product: a class's hyper-parameters hold for its life (and a loaded
             # state_dict brings its own with its step count), so it follows from the step
-            for name, carried in self._spec.carried.items():
-                kw[name] = carried.through(t, kw)
+            for name in self._spec.carried:
+                kw[name] = self._spec.carried_value(name, t, kw)
             if self._masks is not None:
                 kw["masks"] = self._masks
             if self._rounding_seed is not None:

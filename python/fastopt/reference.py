@@ -377,7 +377,9 @@ def nadam_mu_product(step: int, beta1: float, momentum_decay: float) -> float:
     of two float32 values is exact in double, so rounding it once is the float32 multiply).
     The last result per (beta1, momentum_decay) is kept: step counts going up one at a time
     cost one multiply each. Once mu_t rounds to float32(beta1) for good (t ~ 1e5 with the
-    default momentum_decay) the rest is multiplied in float32 by NumPy, chunk by chunk."""
+    default momentum_decay) the rest is multiplied in float32 by NumPy, chunk by chunk,
+    until the product stops changing (0, or a subnormal that float32(beta1) times rounds
+    back to itself), so any step count costs at most that."""
     key = (beta1, momentum_decay)
     done, product = _MU_PRODUCTS.get(key, (0, 1.0))
     if step < done:
@@ -389,7 +391,8 @@ def nadam_mu_product(step: int, beta1: float, momentum_decay: float) -> float:
         mu = float32_round(nadam_mu(t, beta1, momentum_decay))
         product = float32_round(product * mu)
         if mu == limit:  # every later mu_t rounds to it too (they lie between it and beta1)
-            while t < step and product != 0.0:
+            # until it stops changing: 0, or a subnormal that limit times rounds back to
+            while t < step and float32_round(product * limit) != product:
                 n = min(step - t, 1 << 16)
                 chunk = np.full(n + 1, limit, np.float32)
                 chunk[0] = product

@@ -1048,9 +1048,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if value is None:
                 staged.set(name, torch.tensor(carried.initial, dtype=_step_dtype()))
                 continue
-            number = self._spec.hyper[name].validate(
-                f"state of {where}: {name!r}", _state_number(f"state of {where}: {name!r}", value)
-            )
+            place = f"state of {where}: {name!r}"
+            number = carried.held.validate(place, _state_number(place, value))
             if not (isinstance(value, torch.Tensor) and value.dtype in _CARRIED_DTYPES):
                 # a number, or a 16-bit tensor: taken as a float32 tensor (torch's type)
                 staged.set(name, torch.tensor(number, dtype=_step_dtype()))
@@ -1640,8 +1639,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "step": bucket.done + 1}
         carried = {}  # NAdam's mu_product after this step, as torch's state would hold it
         for name, value in bucket.carried_values.items():
-            factor = self._spec.carried[name].factor(bucket.done + 1, kw)
-            carried[name] = _times(value, factor, bucket.carried[name].dtype)
+            t = bucket.done + 1
+            after = _times(
+                value, self._spec.carried[name].factor(t, kw), bucket.carried[name].dtype
+            )
+            # (a product of NAdam's mu_t reaches 1 where beta1 rounds to 1 in float32)
+            carried[name] = self._spec.hyper[name].validate(f"{where}: {name!r} of step {t}", after)
         if carried:
             extra = {**extra, **carried}
         if check_only:
@@ -1844,9 +1847,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                             kept.append((p, key, torch.tensor(float(taken), dtype=_step_dtype())))
                         continue
                     if key in self._spec.carried:  # NAdam's mu_product: a 0-d host tensor
-                        # of the param's dtype as torch.optim's load casts it, but float32
-                        # for 16-bit params (torch would round it) and complex ones (torch
-                        # leaves their dtype)
+                        # of the param's dtype as torch.optim's load casts it (torch also
+                        # moves it to the param's device), but float32 for 16-bit params
+                        # (torch would round it) and complex ones (torch leaves their dtype)
                         number = _state_number(where, value)
                         dtype = _step_dtype()
                         if p.dtype in _CARRIED_DTYPES:
@@ -2492,7 +2495,9 @@ class NAdam(_FusedOptimizer):
     on the host, multiplied by mu_t at each step as torch does; a bucket's are 0-d views of
     one tensor, as its step counts), ``"exp_avg"``, ``"exp_avg_sq"``. ``foreach`` is an
     accepted no-op, ``capturable``/``differentiable`` are refused; ``l1`` is keyword-only.
-    A ``mu_product`` must lie in [0, 1) (torch checks nothing; 1 would divide by zero)."""
+    A ``mu_product`` must lie in [0, 1] (1 before a first step), and the product a step
+    takes (times mu_t) below 1: beta1 that rounds to 1 in float32 (torch would divide by
+    zero) is refused at the step, naming the group."""
 
     _spec = OPTIMIZERS["nadam"]
 
