@@ -17,7 +17,7 @@ import fastopt
 from fastopt import _arrays, schedules
 
 from backends import CPU, assert_bits, misaligned_maker
-from conftest import (ADAGRAD, DTYPES, HAS_AVX2, OPTIMIZERS, RPROP, STEPS, Problem, assert_close,
+from conftest import (ADAGRAD, DTYPES, HAS_AVX2, OPTIMIZERS, STEPS, Problem, assert_close,
                       assert_same_optimizer, class_step, hessian_estimates, misaligned,
                       normal_nonzero, opt_cases, opts_id, seed_of, using_cpu_path,
                       using_threads)
@@ -301,12 +301,10 @@ INIT_ACC = 0.25  # Adagrad's initial_accumulator_value in the class tests
 
 
 def _zero_init(opt):
-    init = {name: (lambda shape, rng: np.zeros(shape)) for name in opt.init}
-    if opt is ADAGRAD:
-        init["state_sums"] = lambda shape, rng: np.full(shape, INIT_ACC)
-    if opt is RPROP:  # the class starts step sizes at lr
-        init["step_sizes"] = lambda shape, rng: np.full(shape, opt.base["lr"])
-    return init
+    """The state as the classes start it (the table's ArrayRole.initial: 0, Rprop's step
+    sizes at lr, Adagrad's sums at initial_accumulator_value)."""
+    start = opt.spec.initial_values({"lr": opt.base["lr"], "initial_accumulator_value": INIT_ACC})
+    return {name: (lambda shape, rng, v=start[name]: np.full(shape, v)) for name in opt.init}
 
 
 def _class_kwargs(opt, opts, **extra):

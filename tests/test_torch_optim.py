@@ -1728,7 +1728,7 @@ def test_state_start_values_are_checked_in_their_group(name, key, bad, error):
         opt.step()
     assert torch.equal(first, before[0]) and torch.equal(second, before[1])
     assert not opt.state.get(second)
-    opt.param_groups[1][key] = 0.25
+    opt.param_groups[1][key] = torch.tensor(0.25)  # (a 0-d tensor, as torch.optim takes)
     opt.step()
     if name == "Rprop":  # (a first step keeps the sizes: prev is 0)
         assert torch.equal(opt.state[second]["step_size"], torch.full((3,), 0.25))
@@ -1754,3 +1754,6 @@ def test_array_classes_start_state_from_the_table():
         fastopt.Adagrad([p.copy()], initial_accumulator_value=-1.0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'initial_accumulator_value'"):
         fastopt.Rprop([p.copy()], initial_accumulator_value=0.5)
+    with pytest.raises(TypeError, match="^lr: expected a real number, got NoneType"):
+        fastopt.Rprop([p.copy()], lr=None)
+    assert ft.Adagrad([torch.ones(2)], initial_accumulator_value=torch.tensor(0.5)).state

@@ -1,5 +1,7 @@
 """fastopt: fused CPU (AVX2) and CUDA kernels for optimizer steps, with torch.optim semantics."""
 
+from typing import TYPE_CHECKING, Any
+
 from . import functional, optim, reference, schedules
 from ._runtime import (
     cuda_available,
@@ -29,6 +31,11 @@ from .quant import (
 globals().update({cls.__name__: cls for cls in optim.CLASSES.values()})
 
 __version__: str = info()["version"]
+
+if TYPE_CHECKING:
+    # The classes made from the table (fastopt.optim's), typed as a whole for type checkers.
+    def __getattr__(name: str) -> Any: ...
+
 
 __all__ = [
     *functional.__all__,

@@ -72,9 +72,9 @@ class ArrayRole:
     device and whether the call is a list), "grad" (read only) or "state". An optional
     array has ``needed``, a predicate on the validated hyper-parameters, and
     ``needed_when``, its words in messages ("momentum > 0"). A state array starts at
-    ``initial`` where the classes make it: a number, or the name of the hyper-parameter or
-    class option whose value it starts at (Rprop's step sizes at "lr", Adagrad's sums at
-    "initial_accumulator_value")."""
+    ``initial`` where the classes make it: a number, or "lr" or the name of a class option
+    (OptimizerSpec.options) whose value it starts at (Rprop's step sizes at "lr", Adagrad's
+    sums at "initial_accumulator_value")."""
 
     name: str
     kind: str
@@ -161,6 +161,13 @@ class OptimizerSpec:
         if self.check is not None:
             self.check(out)
         return out
+
+    def __post_init__(self) -> None:
+        for a in self.states:  # what initial may name (fastopt.torch reads it in a group)
+            if isinstance(a.initial, str) and a.initial != "lr" and a.initial not in self.options:
+                raise ValueError(
+                    f"{self.name}: {a.name} starts at {a.initial!r}: not lr nor an option"
+                )
 
     def carried_value(self, name: str, step: int, values: Values) -> float:
         """Carried hyper-parameter ``name`` computed for 1-based ``step`` (``through``) from

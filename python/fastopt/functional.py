@@ -169,7 +169,8 @@ class StepKernel:
         # hyper-parameters computed for this step
         hyper_kw: Optional[Dict[str, Any]] = None
         if self.carried:
-            step = whole("step", step, 1, 2**63)  # (the binding's range, checked first here)
+            if type(step) is not int or step >= 2**63:  # the binding's range, checked first
+                step = whole("step", step, 1, 2**63)
             hyper_kw = dict(checked.kw)
             for (_, name), value in zip(self.carried, given):
                 hyper_kw[name] = (
@@ -913,8 +914,8 @@ def rprop_(
     of its block's largest reads back as 0 (no sign) at the next step.
 
     ``lr`` is not read by the step: it is where step sizes start (``fastopt.Rprop`` and
-    ``fastopt.torch.Rprop`` fill new ``step_sizes`` with it, as torch.optim.Rprop does);
-    start ``prevs`` at 0.
+    ``fastopt.torch.Rprop`` fill new ``step_sizes`` with it, as torch.optim.Rprop does, so
+    the classes' ``schedule=`` has no effect); start ``prevs`` at 0.
     """
     return _RPROP(
         [params, grads, prevs, step_sizes],

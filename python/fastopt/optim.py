@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import inspect
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -1005,7 +1005,7 @@ def _class_from_spec(spec: OptimizerSpec) -> type:
         unknown = sorted(set(hyper) - set(others) - set(options))
         if unknown:
             raise TypeError(f"{type(self).__name__}: unexpected keyword argument {unknown[0]!r}")
-        if lr is None:
+        if lr is None and lr_default is None:
             raise TypeError(f"{type(self).__name__}: missing argument 'lr'")
         Optimizer.__init__(
             self,
@@ -1071,3 +1071,8 @@ CLASSES: Dict[str, type] = {
 }
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
 __all__ = ["Optimizer", "CLASSES", *(cls.__name__ for cls in CLASSES.values())]
+
+if TYPE_CHECKING:
+    # The classes made from the table (RAdam, Rprop, NAdam...), typed as a whole for type
+    # checkers, so that adding an optimizer does not touch a list here.
+    def __getattr__(name: str) -> Any: ...

@@ -972,7 +972,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if role.initial == "lr":
             return self._lr(place, group)
         name = f"{place}['{role.initial}']"
-        return float(self._spec.options[role.initial].validate(name, group.get(role.initial)))
+        value = _host_float(group.get(role.initial), name)  # (a 0-d tensor too, as torch)
+        return float(self._spec.options[role.initial].validate(name, value))
 
     def _state_type(self, where: str, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:
         """The dtype of ``p``'s state under ``group["state_dtype"]`` (torch.uint8: 8-bit),
@@ -2158,7 +2159,10 @@ class Adagrad(_FusedOptimizer):
         seed: Optional[int] = None,
         masks: Any = None,
     ):
-        real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
+        self._spec.options["initial_accumulator_value"].validate(
+            "initial_accumulator_value",
+            _host_float(initial_accumulator_value, "initial_accumulator_value"),
+        )
         defaults = dict(
             lr=lr,
             lr_decay=lr_decay,
