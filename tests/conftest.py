@@ -334,9 +334,19 @@ NADAM = Opt(
                          l1=1e-3)],
     init={"exp_avgs": _zeros, "exp_avg_sqs": _zeros})
 
+# ASGD's eta and mu are not passed either: each step computes them from the step count.
+# t0=5 starts the running average within STEPS (from step 7); before, ax follows the params.
+ASGD = Opt(
+    _specs.OPTIMIZERS["asgd"], base=dict(lr=0.05),
+    grid=_grid(weight_decay=[0.0, 0.01], maximize=[False, True], t0=[1e6, 5.0])
+    + [dict(lambd=0.1, alpha=0.5, t0=0.0)],
+    representative=[dict(weight_decay=0.0, maximize=False, t0=1e6),
+                    dict(weight_decay=0.01, maximize=True, t0=5.0)],
+    init={"axs": _normal})
+
 OPTIMIZERS: Dict[str, Opt] = {o.name: o for o in [SGD, ADAGRAD, RMSPROP, ADAM, ADAMW, SOPHIA,
                                                    LION, ADAMAX, RADAM, ADADELTA, RPROP,
-                                                   NADAM]}
+                                                   NADAM, ASGD]}
 assert list(OPTIMIZERS) == list(_specs.OPTIMIZERS), "every optimizer of fastopt's table"
 
 

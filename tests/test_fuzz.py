@@ -598,7 +598,7 @@ def test_fuzz_runtime_settings():
 @pytest.mark.skipif(torch is None, reason="needs torch")
 @pytest.mark.parametrize(
     "name", ["SGD", "Adam", "Adagrad", "RMSprop", "Adamax", "RAdam", "Adadelta", "Rprop", "NAdam",
-             "Lion", "Sophia"])
+             "ASGD", "Lion", "Sophia"])
 def test_fuzz_torch_classes(name):
     import fastopt.torch as ft
 

@@ -33,7 +33,7 @@ def hyper(name):
     for field in REGISTRY[name]["hyper"]:
         value = defaults.get(field)
         if value is None:  # (NAdam's mu_product: computed when None, the binding's is a float)
-            value = {"lr": 0.01, "beta": 0.9, "mu_product": 0.25}.get(field)
+            value = {"lr": 0.01, "beta": 0.9, "mu_product": 0.25, "eta": 0.01, "mu": 0.5}.get(field)
         if field in ("weight_decay", "l1"):
             value = 0.01 if field == "weight_decay" else 1e-3
         if field == "momentum":

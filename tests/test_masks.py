@@ -278,7 +278,7 @@ def _torch_model(torch, device):
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "RAdam",
-                                  "Adadelta", "Rprop", "NAdam", "Lion", "Sophia"])
+                                  "Adadelta", "Rprop", "NAdam", "ASGD", "Lion", "Sophia"])
 def test_torch_optimizer_masks(torch_device, name):
     torch = pytest.importorskip("torch")
     import fastopt.torch as fot
@@ -302,7 +302,7 @@ def test_torch_optimizer_masks(torch_device, name):
         if m is not None:
             assert (p.detach()[~m] == 0).all(), "a pruned element moved"
             for key, s in opt.state[p].items():
-                if key not in ("step", "hessian", "mu_product"):
+                if key not in ("step", "hessian", "mu_product", "eta", "mu"):
                     # as made: zeros, Rprop's step sizes its lr
                     made = opt.defaults["lr"] if key == "step_size" else 0
                     assert (s[~m] == made).all(), f"{key}: pruned state changed"

@@ -132,10 +132,18 @@ def nadam_hyper(draw):
     return dict(**draw(radam_hyper()), momentum_decay=draw(maybe_zero(unit(0.0, 0.1))))
 
 
+@st.composite
+def asgd_hyper(draw):
+    return dict(lr=draw(unit(0.0, 0.1)), lambd=draw(maybe_zero(unit(0.0, 0.01))),
+                alpha=draw(unit(0.5, 1.0)), t0=draw(st.sampled_from([1e6, 0.0, 3.0])),
+                weight_decay=draw(maybe_zero(unit(0.0, 0.1))), maximize=draw(st.booleans()))
+
+
 HYPER = {"sgd": sgd_hyper(), "adagrad": adagrad_hyper(), "rmsprop": rmsprop_hyper(),
          "adam": adam_hyper(), "adamw": adam_hyper(adamw=True), "sophia": sophia_hyper(),
          "lion": lion_hyper(), "adamax": adamax_hyper(), "radam": radam_hyper(),
-         "adadelta": adadelta_hyper(), "rprop": rprop_hyper(), "nadam": nadam_hyper()}
+         "adadelta": adadelta_hyper(), "rprop": rprop_hyper(), "nadam": nadam_hyper(),
+         "asgd": asgd_hyper()}
 
 
 @settings(max_examples=150, **SETTINGS)

@@ -182,7 +182,8 @@ def test_functional_state_types_must_agree(rng):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "RAdam",
-                                  "Adadelta", "Rprop", "NAdam", "Lion", "Sophia"])
+                                  "Adadelta", "Rprop", "NAdam", "ASGD",
+                                  "Lion", "Sophia"])
 def test_torch_optimizer_state_dtype(name, device):
     import fastopt.torch as fot
 
@@ -209,7 +210,7 @@ def test_torch_optimizer_state_dtype(name, device):
     _, _, fp32 = train("float32")
     for p in model.parameters():
         assert all(v.dtype == torch.bfloat16 for k, v in opt.state[p].items()
-                   if k not in ("step", "mu_product"))
+                   if k not in ("step", "mu_product", "eta", "mu"))
     assert bf16[-1] < bf16[0]
     assert abs(bf16[-1] - fp32[-1]) <= 0.05 * abs(fp32[-1]) + 1e-3
     # A group switched to float32 converts its state at the next step.
@@ -230,7 +231,8 @@ def test_torch_optimizer_state_dtype(name, device):
                                        (3, TypeError), (None, TypeError),
                                        (torch.bfloat16, TypeError)])
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "RAdam",
-                                  "Adadelta", "Rprop", "NAdam", "Lion", "Sophia"])
+                                  "Adadelta", "Rprop", "NAdam", "ASGD",
+                                  "Lion", "Sophia"])
 def test_torch_state_dtype_refused_everywhere(name, bad, error):
     """A bad state_dtype is refused, naming it, in the constructor, in add_param_group and
     at the step after a group was edited, and nothing is changed."""

@@ -57,12 +57,14 @@ GRID: Dict[str, List[Dict[str, Any]]] = {
     "Rprop": [dict(), dict(maximize=True, etas=(0.3, 1.5), step_sizes=(0.001, 0.02))],
     "NAdam": [dict(), dict(weight_decay=0.01, maximize=True, momentum_decay=0.1),
               dict(decoupled_weight_decay=True, weight_decay=0.1, betas=(0.8, 0.9))],
+    "ASGD": [dict(), dict(weight_decay=0.01, maximize=True, t0=3.0),
+             dict(lambd=0.01, alpha=0.5, t0=0.0)],
 }
 TORCH_NAMES = list(GRID)  # the classes with a torch.optim twin
 ALL_NAMES = TORCH_NAMES + ["Lion", "Sophia"]
 LR = {"SGD": 0.05, "Adagrad": 0.05, "RMSprop": 0.01, "Adam": 0.01, "AdamW": 0.01,
       "Adamax": 0.01, "RAdam": 0.01, "Adadelta": 0.5,
-      "Rprop": 0.01, "NAdam": 0.01}
+      "Rprop": 0.01, "NAdam": 0.01, "ASGD": 0.05}
 GROUP2: Dict[str, Dict[str, Any]] = {
     "SGD": dict(weight_decay=0.05, momentum=0.5), "Adagrad": dict(weight_decay=0.05),
     "RMSprop": dict(weight_decay=0.05, alpha=0.9),
@@ -72,12 +74,13 @@ GROUP2: Dict[str, Dict[str, Any]] = {
     "RAdam": dict(weight_decay=0.05, betas=(0.8, 0.99)),
     "Adadelta": dict(weight_decay=0.05, rho=0.8),
     "Rprop": dict(etas=(0.4, 1.1), step_sizes=(1e-4, 0.05)),
-    "NAdam": dict(weight_decay=0.05, betas=(0.8, 0.99), momentum_decay=0.01)}
+    "NAdam": dict(weight_decay=0.05, betas=(0.8, 0.99), momentum_decay=0.01),
+    "ASGD": dict(weight_decay=0.05, t0=2.0, lambd=0.01)}
 # The options under which each optimizer keeps all of its state (checkpoint tests).
 FULL = {"SGD": dict(momentum=0.9), "Adagrad": dict(initial_accumulator_value=0.1),
         "RMSprop": dict(centered=True, momentum=0.9), "Adam": dict(amsgrad=True),
         "AdamW": dict(amsgrad=True), "Adamax": {}, "RAdam": {}, "Adadelta": {},
-        "Rprop": {}, "NAdam": {}}
+        "Rprop": {}, "NAdam": {}, "ASGD": dict(t0=2.0)}
 
 
 def _cases():

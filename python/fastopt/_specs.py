@@ -95,18 +95,22 @@ class ArrayRole:
 @dataclass(frozen=True)
 class Carried:
     """A hyper-parameter that is state: a number per param that a step takes and its
-    caller carries between steps (torch keeps it in ``state[p]``), as NAdam's mu_product.
-    It starts at ``initial`` and is multiplied by ``factor(step, hyper)`` at each step
-    (1-based step, the other validated hyper-parameters), in the precision of its torch
-    tensor (float32); ``through(step, hyper)`` is its value after ``step`` steps whose
-    hyper-parameters were all ``hyper``: what a step computes where it is not given. The
-    value a step takes must lie in its hyper-parameter's range; ``held`` is the range of
-    the value kept between steps, ``initial`` included."""
+    caller carries between steps (torch keeps it in ``state[p]``): NAdam's mu_product,
+    ASGD's eta and mu. It starts at ``initial`` (a number, or "lr": the group's lr when the
+    state is made). After step t (1-based) it becomes ``advance(value, t, hyper, stored)``
+    (the validated hyper-parameters, lr included; ``stored`` rounds a number as its torch
+    tensor keeps it: to float32, or as it is for float64). A step takes the value its
+    advance gives (``taken="after"``: NAdam's product through this step) or the one held
+    (``"before"``: ASGD's, set by the step before). ``through(t, hyper)`` is the value step
+    t takes when the hyper-parameters never changed: what a step computes where it is not
+    given. The value a step takes must lie in its hyper-parameter's range; ``held`` is
+    the range of the value kept between steps, ``initial`` included."""
 
-    initial: float
-    factor: Callable[[int, Values], float]
+    initial: Union[float, str]
+    advance: Callable[[float, int, Values, Callable[[float], float]], float]
     through: Callable[[int, Values], float]
     held: Real
+    taken: str = "after"
 
 
 @dataclass(frozen=True)
@@ -163,11 +167,11 @@ class OptimizerSpec:
         return out
 
     def __post_init__(self) -> None:
-        for a in self.states:  # what initial may name (fastopt.torch reads it in a group)
-            if isinstance(a.initial, str) and a.initial != "lr" and a.initial not in self.options:
-                raise ValueError(
-                    f"{self.name}: {a.name} starts at {a.initial!r}: not lr nor an option"
-                )
+        starts = [(a.name, a.initial) for a in self.states]
+        starts += [(name, c.initial) for name, c in self.carried.items()]
+        for name, initial in starts:  # what they may name (fastopt.torch reads it in a group)
+            if isinstance(initial, str) and initial != "lr" and initial not in self.options:
+                raise ValueError(f"{self.name}: {name} starts at {initial!r}: not lr nor an option")
 
     def carried_value(self, name: str, step: int, values: Values) -> float:
         """Carried hyper-parameter ``name`` computed for 1-based ``step`` (``through``) from
@@ -495,14 +499,62 @@ NADAM = OptimizerSpec(
         "l1": NONNEG,
     },
     carried={
-        "mu_product": Carried(
+        "mu_product": Carried(  # times mu_t at each step, as torch's float32 tensor
             1.0,
-            factor=lambda t, h: reference.nadam_mu(t, h["beta1"], h["momentum_decay"]),
+            advance=lambda v, t, h, stored: stored(
+                v * stored(reference.nadam_mu(t, h["beta1"], h["momentum_decay"]))
+            ),
             through=lambda t, h: reference.nadam_mu_product(t, h["beta1"], h["momentum_decay"]),
             held=Real(None, hi=1.0),  # 1 before the first step
         )
     },
     example=dict(lr=2e-3, weight_decay=1e-2, momentum_decay=4e-3),
+)
+
+ASGD = OptimizerSpec(
+    name="asgd",
+    kernel="asgd",
+    takes_step=True,
+    reference=reference.asgd,
+    torch_name="ASGD",
+    arrays=(PARAMS, GRADS, _state("axs")),
+    hyper={
+        "lr": Real(1e-2),
+        "lambd": Real(1e-4, lo=-math.inf),  # any, as torch.optim.ASGD allows
+        "alpha": Real(0.75, lo=-math.inf),
+        "t0": Real(1e6, lo=-math.inf),
+        "weight_decay": NONNEG,
+        "eta": Real(None),  # the step size this step takes, >= 0
+        "mu": _unit(None),  # the weight of the new params in the average: [0, 1]
+        "maximize": Flag(),
+    },
+    carried={
+        # set after each step as torch sets them: a new tensor of the default dtype
+        # (torch.as_tensor: float32) copied into the state's
+        "eta": Carried(
+            "lr",
+            advance=lambda v, t, h, stored: stored(
+                reference.float32_round(reference.asgd_eta(t, h["lr"], h["lambd"], h["alpha"]))
+            ),
+            through=lambda t, h: reference.asgd_taken(t, h["lr"], h["lambd"], h["alpha"], h["t0"])[
+                0
+            ],
+            held=Real(None),
+            taken="before",
+        ),
+        "mu": Carried(
+            1.0,
+            advance=lambda v, t, h, stored: stored(
+                reference.float32_round(reference.asgd_mu(t, h["t0"]))
+            ),
+            through=lambda t, h: reference.asgd_taken(t, h["lr"], h["lambd"], h["alpha"], h["t0"])[
+                1
+            ],
+            held=_unit(None),
+            taken="before",
+        ),
+    },
+    example=dict(lr=1e-2, weight_decay=1e-2, t0=2.0),
 )
 
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
@@ -520,6 +572,7 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
         ADADELTA,
         RPROP,
         NADAM,
+        ASGD,
     )
 }
 

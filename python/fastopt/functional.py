@@ -86,6 +86,7 @@ __all__ = [
     "adadelta_",
     "rprop_",
     "nadam_",
+    "asgd_",
     "ema_",
 ]
 
@@ -350,6 +351,7 @@ STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZ
     _ADADELTA,
     _RPROP,
     _NADAM,
+    _ASGD,
 ) = (
     STEPS[n].run
     for n in (
@@ -365,6 +367,7 @@ STEPS: Dict[str, StepKernel] = {name: StepKernel(spec) for name, spec in OPTIMIZ
         "adadelta",
         "rprop",
         "nadam",
+        "asgd",
     )
 )
 _EMA = StepKernel(EMA).run
@@ -824,6 +827,56 @@ def nadam_(
             maximize,
             l1,
         ),
+        step,
+        stream,
+        _plan,
+        masks,
+        rounding,
+        seed,
+        max_grad_norm,
+        absmax,
+        master_params,
+    )
+
+
+def asgd_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    axs: ArrayOrList,
+    *,
+    step: int,
+    lr: float = 1e-2,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+    weight_decay: float = 0.0,
+    eta: Optional[float] = None,
+    mu: Optional[float] = None,
+    maximize: bool = False,
+    masks: Optional[ArrayOrList] = None,
+    absmax: Optional[Mapping[str, ArrayOrList]] = None,
+    master_params: Optional[ArrayOrList] = None,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
+    stream: Any = None,
+    _plan: Any = None,
+) -> Any:
+    """ASGD (averaged SGD: Polyak and Juditsky 1992), as ``torch.optim.ASGD``.
+
+    g <- -g if maximize; g <- g + weight_decay*p; p <- p*(1 - lambd*eta); p <- p - eta*g;
+    where mu != 1: ax <- ax + (p - ax)*mu, else ax <- p. ``eta`` (the step size) and ``mu``
+    (the averaging weight) are torch.optim.ASGD's ``state["eta"]`` and ``state["mu"]`` as
+    this step reads them: set by the step before, t - 1, to lr/(1 + lambd*lr*(t-1))^alpha
+    and 1/max(1, t - 1 - t0) (float32), lr and 1 at the first step. None (the default)
+    computes them so from ``step``, lr, lambd, alpha and t0 (``fastopt.reference.asgd_taken``):
+    with lr changing during training (a schedule) torch's eta follows it one step later,
+    so pass your own. ``axs`` is the average (start it at 0 or at the params; it follows
+    the params until the step after t0). No ``l1``: ASGD's step size is eta, not lr.
+    """
+    return _ASGD(
+        [params, grads, axs],
+        (lr, lambd, alpha, t0, weight_decay, eta, mu, maximize),
         step,
         stream,
         _plan,

@@ -30,6 +30,10 @@ __all__ = [
     "nadam",
     "nadam_mu",
     "nadam_mu_product",
+    "asgd",
+    "asgd_eta",
+    "asgd_mu",
+    "asgd_taken",
     "float32_round",
     "ema",
     "masked",
@@ -443,6 +447,61 @@ def nadam(
     p -= lr * mu_next / (1.0 - mu_product * mu_next) * exp_avg / denom
     if l1 != 0.0:
         soft_threshold(p, lr * l1)
+
+
+def asgd_eta(step: int, lr: float, lambd: float, alpha: float) -> float:
+    """The step size torch.optim.ASGD sets after 1-based ``step`` (in double precision; its
+    state keeps it in float32): lr / (1 + lambd*lr*step)^alpha."""
+    return lr / ((1 + lambd * lr * step) ** alpha)
+
+
+def asgd_mu(step: int, t0: float) -> float:
+    """The averaging weight torch.optim.ASGD sets after ``step``: 1/max(1, step - t0)."""
+    return 1 / max(1, step - t0)
+
+
+def asgd_taken(step: int, lr: float, lambd: float, alpha: float, t0: float) -> Tuple[float, float]:
+    """(eta, mu) that step ``step`` of torch.optim.ASGD takes when its hyper-parameters never
+    changed: float32(lr) and 1 at the first step, else what the step before set, rounded
+    to float32 as its state tensors keep them."""
+    if step <= 1:
+        return float32_round(lr), 1.0
+    return (
+        float32_round(asgd_eta(step - 1, lr, lambd, alpha)),
+        float32_round(asgd_mu(step - 1, t0)),
+    )
+
+
+def asgd(
+    p: np.ndarray,
+    g: np.ndarray,
+    ax: np.ndarray,
+    *,
+    step: int,
+    lr: float = 1e-2,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+    weight_decay: float = 0.0,
+    eta: Optional[float] = None,
+    mu: Optional[float] = None,
+    maximize: bool = False,
+) -> None:
+    """ASGD, as torch.optim.ASGD: SGD with a decaying step size eta and a running average ax
+    of the params (from t0 on; before, ax follows the params). ``eta``, ``mu``: the values
+    this step takes (None: ``asgd_taken``)."""
+    taken = asgd_taken(step, lr, lambd, alpha, t0)
+    eta = taken[0] if eta is None else eta
+    mu = taken[1] if mu is None else mu
+    g = -g if maximize else g
+    if weight_decay != 0.0:
+        g = g + weight_decay * p
+    p *= 1.0 - lambd * eta
+    p -= eta * g
+    if mu != 1.0:
+        ax += (p - ax) * mu
+    else:
+        ax[...] = p
 
 
 def ema(average: np.ndarray, sample: np.ndarray, *, beta: float) -> None:

@@ -38,7 +38,8 @@ RMSprop: ``"square_avg"``, ``"momentum_buffer"``, ``"grad_avg"``; Adamax: ``"exp
 ``"exp_inf"``; RAdam: ``"exp_avg"``, ``"exp_avg_sq"``; Adadelta: ``"square_avg"``,
 ``"acc_delta"``; Rprop: ``"prev"``, ``"step_size"`` (filled with lr, as torch); NAdam:
 ``"mu_product"`` (a float32 0-d tensor, packed per bucket as the step counts are),
-``"exp_avg"``, ``"exp_avg_sq"``; Lion:
+``"exp_avg"``, ``"exp_avg_sq"``; ASGD: ``"eta"``, ``"mu"`` (float32 0-d tensors, packed
+likewise), ``"ax"``; Lion:
 ``"exp_avg"`` (no step); Sophia: ``"exp_avg"``, ``"hessian"``. State is made lazily at a
 param's first step, like the param (``torch.zeros_like``, same strides; a DTensor for a
 DTensor param), except that float16/bfloat16 params get float32 state and float32 math,
@@ -108,11 +109,11 @@ Decisions, where torch.optim offers a choice:
   step. After ``scaler.unscale_`` (for clipping) the grads are taken as they are. The
   trajectory is torch.optim's under the same scaler.
 - ``state_dtype=`` (every class, keyword-only, a group option): ``"float32"`` (default: the
-  state types above) or ``"bfloat16"`` (every state tensor but ``step`` and NAdam's
-  ``mu_product`` in bfloat16: half the state's bytes; loaded exactly, updated in float32,
-  stored rounded to nearest even; not for float64 params). State of another float type (a
-  checkpoint saved with the other choice, or a group whose ``state_dtype`` changed) is
-  converted at the next step.
+  state types above) or ``"bfloat16"`` (every state tensor but ``step`` and the numbers
+  of NAdam and ASGD, ``mu_product``, ``eta``, ``mu``, in bfloat16: half the state's
+  bytes; loaded exactly, updated in float32, stored rounded to nearest even; not for
+  float64 params). State of another float type (a checkpoint saved with the other
+  choice, or a group whose ``state_dtype`` changed) is converted at the next step.
   ``"int8"``: blockwise 8-bit state (1 + 4/256 bytes per element; on the CPU in this version)
   for the params of ``group["min_8bit_size"]`` (default 4096) elements or more, float32 for
   the others, as bitsandbytes. An 8-bit entry keeps torch's key for its codes (uint8, laid
@@ -195,13 +196,24 @@ import numbers
 import operator
 import threading
 from collections import OrderedDict, defaultdict
-from typing import Any, Callable, DefaultDict, Dict, List, NamedTuple, Optional, Tuple, cast
+from typing import (
+    Any,
+    Callable,
+    DefaultDict,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Union,
+    cast,
+)
 
 import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _arrays, _ext, functional, reference
-from ._specs import OPTIMIZERS, ArrayRole, Flag, OptimizerSpec
+from ._specs import OPTIMIZERS, Flag, OptimizerSpec
 from ._torch_clip import clip_grad_norm_, step_grad_scale
 from ._validate import flag, real, renamed_entries, whole
 from .optim import check_state_dtype
@@ -219,6 +231,7 @@ __all__ = [
     "Adadelta",
     "Rprop",
     "NAdam",
+    "ASGD",
     "Adam8bit",
     "AdamW8bit",
     "SGD8bit",
@@ -255,6 +268,7 @@ STATE_KEYS = {
     "acc_deltas": "acc_delta",
     "prevs": "prev",
     "step_sizes": "step_size",
+    "axs": "ax",
 }
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -546,7 +560,8 @@ class _Bucket:
         masters: bool = False,
         carried: Optional[Dict[str, Tuple[torch.Tensor, float]]] = None,
     ):
-        # The carried hyper-parameters (NAdam's mu_product; see _specs.Carried), each packed
+        # The carried hyper-parameters (NAdam's mu_product, ASGD's eta and mu; see
+        # _specs.Carried), each packed
         # as the step counts are: {state key: the tensor whose 0-d views are in the state},
         # their value on the host (equal in the bucket), the value before the last step
         # (to take back a step a GradScaler skipped on the GPU), their versions.
@@ -962,18 +977,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return real(name, _host_float(lr, name), lo=0.0)
 
     # -- state -------------------------------------------------------------------------------
-    def _initial_value(self, where: str, role: ArrayRole, group: Dict[str, Any]) -> float:
-        """What a fresh state array ``role`` of the param at ``where`` starts with: its
-        table's ``initial``, a number or the group's value of a hyper-parameter or option
+    def _start(self, where: str, initial: Union[float, str], group: Dict[str, Any]) -> float:
+        """What fresh state of the param at ``where`` starts at, by the table's ``initial``
+        (ArrayRole's, Carried's): a number, or the group's lr or option of that name
         (checked, a bad one named by its place in the group)."""
-        if not isinstance(role.initial, str):
-            return role.initial
+        if not isinstance(initial, str):
+            return initial
         place = where.rpartition("['params']")[0]  # the group's ("param_groups[0]")
-        if role.initial == "lr":
+        if initial == "lr":
             return self._lr(place, group)
-        name = f"{place}['{role.initial}']"
-        value = _host_float(group.get(role.initial), name)  # (a 0-d tensor too, as torch)
-        return float(self._spec.options[role.initial].validate(name, value))
+        name = f"{place}['{initial}']"
+        value = _host_float(group.get(initial), name)  # (a 0-d tensor too, as torch)
+        return float(self._spec.options[initial].validate(name, value))
 
     def _state_type(self, where: str, p: torch.Tensor, group: Dict[str, Any]) -> torch.dtype:
         """The dtype of ``p``'s state under ``group["state_dtype"]`` (torch.uint8: 8-bit),
@@ -1044,10 +1059,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     staged.set("step", torch.tensor(float(done), dtype=_step_dtype()))
             else:
                 staged.set("step", torch.tensor(0.0, dtype=_step_dtype()))
-        for name, carried in self._spec.carried.items():  # NAdam's mu_product
+        for name, carried in self._spec.carried.items():  # NAdam's mu_product, ASGD's eta, mu
             value = state.get(name)
             if value is None:
-                staged.set(name, torch.tensor(carried.initial, dtype=_step_dtype()))
+                start = self._start(where, carried.initial, group)
+                staged.set(name, torch.tensor(start, dtype=_step_dtype()))
                 continue
             place = f"state of {where}: {name!r}"
             number = carried.held.validate(place, _state_number(place, value))
@@ -1070,7 +1086,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 continue
             s = state.get(key)
             if s is None:
-                value = self._initial_value(where, role, group)
+                value = self._start(where, role.initial, group)
                 if pending is None:
                     staged.set(key, self._new_state(p, value, want))
                 else:
@@ -1179,7 +1195,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             staged.pop(absmax_key)
             return False
         if s is None:  # every block holds the initial value
-            value = self._initial_value(where, role, group)
+            value = self._start(where, role.initial, group)
             codes, first = reference.quantize_state8(_np_full(value), signed)
             staged.set(
                 key,
@@ -1257,7 +1273,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     p in self._masks,
                     eight,
                     MASTER in state,
-                    # carried values (NAdam's mu_product): a bucket shares them, as its count
+                    # carried values (NAdam's mu_product...): a bucket shares them, as its count
                     tuple((float(state[n]), state[n].dtype) for n in self._spec.carried),
                 )
             ].append(i)
@@ -1572,7 +1588,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             or any(  # a step count edited in place (state[p]["step"].fill_(...))
                 b.steps is not None and _version(b.steps) != b.steps_version for b in cache.buckets
             )
-            or any(  # a carried value (NAdam's mu_product) edited in place
+            or any(  # a carried value (NAdam's mu_product, ASGD's eta) edited in place
                 _version(t) != b.carried_versions[k]
                 for b in cache.buckets
                 for k, t in b.carried.items()
@@ -1638,16 +1654,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "stochastic_seed": key}
         if self._spec.takes_step:
             extra = {**extra, "step": bucket.done + 1}
-        carried = {}  # NAdam's mu_product after this step, as torch's state would hold it
+        # The carried hyper-parameters (NAdam's mu_product, ASGD's eta and mu): the values
+        # this step takes, and what the state holds after it, as torch computes them.
+        advanced: Dict[str, float] = {}
         for name, value in bucket.carried_values.items():
-            t = bucket.done + 1
-            after = _times(
-                value, self._spec.carried[name].factor(t, kw), bucket.carried[name].dtype
-            )
+            rule, t = self._spec.carried[name], bucket.done + 1
+            after = rule.advance(value, t, {**kw, "lr": lr}, _stored(bucket.carried[name].dtype))
+            advanced[name] = rule.held.validate(f"{where}: {name!r} after step {t}", after)
+            used = after if rule.taken == "after" else value
             # (a product of NAdam's mu_t reaches 1 where beta1 rounds to 1 in float32)
-            carried[name] = self._spec.hyper[name].validate(f"{where}: {name!r} of step {t}", after)
-        if carried:
-            extra = {**extra, **carried}
+            extra = {
+                **extra,
+                name: self._spec.hyper[name].validate(f"{where}: {name!r} of step {t}", used),
+            }
         if check_only:
             extra = {**extra, "check_only": True}
             try:
@@ -1688,7 +1707,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if bucket.steps is not None:
                     bucket.steps.add_(1)
                     bucket.steps_version = _version(bucket.steps)
-                for name, value in carried.items():
+                for name, value in advanced.items():
                     bucket.carried_before[name] = bucket.carried_values[name]
                     bucket.carried_values[name] = value
                     bucket.carried[name].fill_(value)
@@ -1847,7 +1866,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         if not isinstance(value, torch.Tensor):  # torch < 1.12's: a number
                             kept.append((p, key, torch.tensor(float(taken), dtype=_step_dtype())))
                         continue
-                    if key in self._spec.carried:  # NAdam's mu_product: a 0-d host tensor
+                    if key in self._spec.carried:  # NAdam's mu_product...: a 0-d host tensor
                         # of the param's dtype as torch.optim's load casts it (torch also
                         # moves it to the param's device), but float32 for 16-bit params
                         # (torch would round it) and complex ones (torch leaves their dtype)
@@ -1941,7 +1960,7 @@ def _steps_taken(name: str, value: Any) -> int:
     return int(count)
 
 
-# The dtypes a carried value's tensor keeps (others are taken as float32): see _times
+# The dtypes a carried value's tensor keeps (others are taken as float32): see _stored
 _CARRIED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -1966,15 +1985,11 @@ def _state_number(name: str, value: Any) -> float:
     raise TypeError(f"{name}: expected a 0-d tensor or a number, got {type(value).__name__}")
 
 
-def _times(value: float, factor: float, dtype: torch.dtype) -> float:
-    """``value`` times ``factor`` as torch's ``t.mul_(factor)`` computes it for a 0-d tensor
-    ``t`` of ``dtype`` holding ``value``: in float64, or in float32 with the factor rounded
-    to float32 first (the product of two float32 values is exact in float64, so rounding it
-    once is float32's multiply)."""
+def _stored(dtype: torch.dtype) -> Callable[[float], float]:
+    """How a 0-d tensor of ``dtype`` (float32 or float64) keeps a number (see Carried)."""
     if dtype == torch.float64:
-        return value * factor
-    rounded: float = reference.float32_round(value * reference.float32_round(factor))
-    return rounded
+        return float
+    return reference.float32_round
 
 
 def _described(t: Any) -> str:
@@ -2546,6 +2561,53 @@ class NAdam(_FusedOptimizer):
         super().__init__(params, defaults, masks)
 
 
+class ASGD(_FusedOptimizer):
+    """``torch.optim.ASGD`` (maximize) on ``fastopt.asgd_``'s kernel. State: ``"step"``,
+    ``"eta"`` (starts at lr), ``"mu"`` (starts at 1): float32 0-d tensors on the host, set
+    after each step as torch sets them, a bucket's 0-d views of one tensor as its step
+    counts; ``"ax"``, the average. ``foreach`` is an accepted no-op,
+    ``capturable``/``differentiable`` are refused. ``t0`` must be finite (torch also takes
+    inf: pass a t0 past the last step instead). No ``l1`` (its step size is eta)."""
+
+    _spec = OPTIMIZERS["asgd"]
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-2,
+        lambd: float = 1e-4,
+        alpha: float = 0.75,
+        t0: float = 1e6,
+        weight_decay: float = 0.0,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+        *,
+        state_dtype: str = "float32",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
+        masks: Any = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            lambd=lambd,
+            alpha=alpha,
+            t0=t0,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            capturable=capturable,
+            state_dtype=state_dtype,
+            master_weights=flag("master_weights", master_weights),
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
+        )
+        super().__init__(params, defaults, masks)
+
+
 class Adadelta(_FusedOptimizer):
     """``torch.optim.Adadelta`` (maximize) on ``fastopt.adadelta_``'s kernel. State:
     ``"step"``, ``"square_avg"``, ``"acc_delta"``. ``foreach`` is an accepted no-op,
@@ -2925,4 +2987,5 @@ CLASSES: Dict[str, type] = {
     "adadelta": Adadelta,
     "rprop": Rprop,
     "nadam": NAdam,
+    "asgd": ASGD,
 }

@@ -7,6 +7,7 @@
 #include "common/optim/adagrad.h"
 #include "common/optim/adam.h"
 #include "common/optim/adamax.h"
+#include "common/optim/asgd.h"
 #include "common/optim/ema.h"
 #include "common/optim/lion.h"
 #include "common/optim/nadam.h"
@@ -29,6 +30,7 @@
   X(Adadelta)                 \
   X(Rprop)                    \
   X(Nadam)                    \
+  X(Asgd)                     \
   X(Ema)
 // clang-format on
 

@@ -127,6 +127,7 @@ _CASES = {
     "adadelta": (dict(lr=1.0), ("foreach",), ("foreach",)),
     "rprop": (dict(lr=1e-2), ("foreach",), ("foreach",)),
     "nadam": (dict(lr=2e-3), ("foreach",), ("foreach",)),
+    "asgd": (dict(lr=1e-2, t0=2.0), ("foreach",), ("foreach",)),  # (averaging from step 3)
     "sophia": (dict(lr=1e-3), (), ()),
 }
 OPTIMIZERS: Dict[str, OptimizerCase] = {
