@@ -350,6 +350,19 @@ OPTIMIZERS: Dict[str, Opt] = {o.name: o for o in [SGD, ADAGRAD, RMSPROP, ADAM, A
 assert list(OPTIMIZERS) == list(_specs.OPTIMIZERS), "every optimizer of fastopt's table"
 
 
+def torch_roundtrip(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` through ``torch.save`` and ``torch.load(weights_only=True)``, as a
+    checkpoint file takes it."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
 def opt_cases(which: str = "grid") -> List[Any]:
     """pytest.param(opt, opts) for every optimizer and option combo of ``grid`` or
     ``representative``, with readable ids."""

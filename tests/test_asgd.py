@@ -3,15 +3,13 @@ torch.optim.ASGD keeps per param as state and sets after each step, and which fa
 steps take as hyper-parameters (computed from the step count where they are not given).
 ASGD's steps themselves are in conftest's optimizer table, so every table-driven test
 (test_parity, test_bad_input, test_cuda, test_torch_parity...) covers them."""
-import io
-
 import numpy as np
 import pytest
 
 import fastopt
 from fastopt import reference
 
-from conftest import assert_close, normal_nonzero
+from conftest import assert_close, normal_nonzero, torch_roundtrip
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 7, 1000])
@@ -73,13 +71,6 @@ def _pair(seed=0, **kw):
             ours, ft.ASGD(ours, **kw))
 
 
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @needs_torch
 def test_torch_eta_and_mu_bit_for_bit():
     # state["eta"] and state["mu"] hold torch's bits after every step: across t0 (the
@@ -90,8 +81,8 @@ def test_torch_eta_and_mu_bit_for_bit():
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in (topt, fopt)]
     for t in range(12):
         if t == 8:
-            fopt.load_state_dict(_roundtrip(topt.state_dict()))
-            topt.load_state_dict(_roundtrip(fopt.state_dict()))
+            fopt.load_state_dict(torch_roundtrip(topt.state_dict()))
+            topt.load_state_dict(torch_roundtrip(fopt.state_dict()))
         for a, b in zip(theirs, ours):
             g = torch.randn(a.shape, generator=gen)
             a.grad, b.grad = g.clone(), g.clone()

@@ -3,15 +3,13 @@ torch.optim.NAdam keeps per param as state and fastopt's steps take as a hyper-p
 (computed from the step count where it is not given). NAdam's steps themselves are in
 conftest's optimizer table, so every table-driven test (test_parity, test_bad_input,
 test_cuda, test_torch_parity...) covers them."""
-import io
-
 import numpy as np
 import pytest
 
 import fastopt
 from fastopt import reference
 
-from conftest import OPTIMIZERS, assert_close, normal_nonzero
+from conftest import OPTIMIZERS, assert_close, normal_nonzero, torch_roundtrip
 
 NADAM = OPTIMIZERS["nadam"]
 
@@ -140,13 +138,6 @@ def _steps(theirs, topt, ours, fopt, n, gen):
         fopt.step()
 
 
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @needs_torch
 def test_torch_mu_product_bit_for_bit():
     # state["mu_product"] holds torch's bits at every step, also where the group's beta1
@@ -160,8 +151,8 @@ def test_torch_mu_product_bit_for_bit():
                 opt.param_groups[0]["betas"] = (0.8, 0.999)
                 opt.param_groups[0]["momentum_decay"] = 0.2
         if t == 8:
-            fopt.load_state_dict(_roundtrip(topt.state_dict()))
-            topt.load_state_dict(_roundtrip(fopt.state_dict()))
+            fopt.load_state_dict(torch_roundtrip(topt.state_dict()))
+            topt.load_state_dict(torch_roundtrip(fopt.state_dict()))
         _steps(theirs, topt, ours, fopt, 1, gen)
         for a, b in zip(theirs, ours):
             want, got = topt.state[a]["mu_product"], fopt.state[b]["mu_product"]
@@ -229,7 +220,7 @@ def test_torch_fresh_state_of_torch_is_taken():
         for p in ps:
             opt.state[p] = {"step": torch.tensor(0.0), "mu_product": torch.tensor(1.0),
                             "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-    fopt.load_state_dict(_roundtrip(fopt.state_dict()))
+    fopt.load_state_dict(torch_roundtrip(fopt.state_dict()))
     _steps(theirs, topt, ours, fopt, 3, gen)
     for a, b in zip(theirs, ours):
         assert torch.equal(fopt.state[b]["mu_product"], topt.state[a]["mu_product"])

@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 
 import fastopt  # noqa: E402
 import fastopt.torch as ft  # noqa: E402
-from conftest import assert_close  # noqa: E402
+from conftest import assert_close, torch_roundtrip  # noqa: E402
 
 # The tolerances of test_torch_parity.py (see there): both sides round the same formulas in
 # a different order.
@@ -580,7 +580,7 @@ def test_state_edits_between_steps_are_seen_like_torch():
                 entry = opt.state.pop(params[0])
                 opt.state[params[0]] = entry
             if t == 7:
-                opt.load_state_dict(_roundtrip(opt.state_dict()))
+                opt.load_state_dict(torch_roundtrip(opt.state_dict()))
             opt.step()
         _assert_same_state(fopt, topt, fp, tp, f"state edits, step {t + 1}")
 
@@ -610,13 +610,6 @@ def test_cached_buckets_are_reused_without_state_edits(monkeypatch):
 
 # ---- checkpoints -----------------------------------------------------------------------------
 
-def _roundtrip(sd: Dict[str, Any]) -> Dict[str, Any]:
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
 @pytest.mark.parametrize("name", list(FULL))
 def test_checkpoints_interchange_with_torch_optim(name, direction):
@@ -637,7 +630,7 @@ def test_checkpoints_interchange_with_torch_optim(name, direction):
         _set_grads(params, _draw_grads(params, gen, t))
         opt.step()
         sched.step()
-    saved = _roundtrip({"opt": opt.state_dict(), "sched": sched.state_dict()})
+    saved = torch_roundtrip({"opt": opt.state_dict(), "sched": sched.state_dict()})
     resumed = [p.detach().clone().requires_grad_() for p in params]
     opt2, sched2 = make(second, resumed)
     opt2.load_state_dict(saved["opt"])
@@ -661,7 +654,7 @@ def test_own_checkpoint_resumes_bit_for_bit(name):
     for t in range(3):
         _set_grads(params, grads[t])
         opt.step()
-    saved = _roundtrip(opt.state_dict())
+    saved = torch_roundtrip(opt.state_dict())
     resumed = [p.detach().clone().requires_grad_() for p in params]
     opt2 = getattr(ft, name)(resumed, lr=0.5)  # options come from the checkpoint
     opt2.load_state_dict(saved)
@@ -1287,8 +1280,8 @@ def test_complex_params_match_torch_optim(name, opts, dtype):
         fopt.step()
         if t == 1:
             assert fp[1].grad.is_conj()
-            fopt.load_state_dict(_roundtrip(topt.state_dict()))  # a torch.optim checkpoint
-            topt.load_state_dict(_roundtrip(fopt.state_dict()))  # and back
+            fopt.load_state_dict(torch_roundtrip(topt.state_dict()))  # a torch.optim checkpoint
+            topt.load_state_dict(torch_roundtrip(fopt.state_dict()))  # and back
     tol = 1e-5 if dtype == torch.complex64 else 1e-10
     for i, (a, b) in enumerate(zip(fp, tp)):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"param {i}")
@@ -1517,7 +1510,7 @@ def test_16bit_params(dtype, device):
     assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
     # a checkpoint keeps the float32 state (torch.optim's load would cast it to 16 bits)
     opt2 = ft.AdamW([p.detach().clone().requires_grad_() for p in params], lr=0.01)
-    opt2.load_state_dict(_roundtrip(fopt.state_dict()))
+    opt2.load_state_dict(torch_roundtrip(fopt.state_dict()))
     s2 = opt2.state[opt2.param_groups[0]["params"][0]]
     assert s2["exp_avg"].dtype == torch.float32 and torch.equal(s2["exp_avg"], st["exp_avg"])
 

@@ -289,8 +289,9 @@ class Optimizer:
                 self._follow_torch_params()
             t = self._step + 1
             kw = {**self._kw, "lr": self.current_lr()}
-            # NAdam's mu_product: a class's hyper-parameters hold for its life (and a loaded
-            # state_dict brings its own with its step count), so it follows from the step
+            # NAdam's mu_product, ASGD's eta and mu: a class's hyper-parameters hold for its
+            # life (a loaded state_dict brings its own with its step count), so they follow
+            # from the step (with a schedule, from this step's lr)
             for name in self._spec.carried:
                 kw[name] = self._spec.carried_value(name, t, kw)
             if self._masks is not None:

@@ -1284,25 +1284,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
         buckets = []
         for (_, _, done, masked, eight, masters, values), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
-            carried = {}
-            for name, (value, dtype) in zip(self._spec.carried, values):
-                held = [staged[i].view[name] for i in index_list]
-                with torch.inference_mode(any(c.is_inference() for c in held)):  # as steps
-                    packed = torch.full((len(index_list),), value, dtype=dtype)
-                for i, view in zip(index_list, packed.unbind()):
-                    staged[i].set(name, view)
-                carried[name] = (packed, value)
+            carried = {
+                name: (_packed(staged, index_list, name, [value] * len(index_list), dtype), value)
+                for name, (value, dtype) in zip(self._spec.carried, values)
+            }
             steps = None
             if self._tracks_step:
-                counts = [staged[i].view["step"] for i in index_list]
-                # an inference tensor (no version counter, written only inside
-                # torch.inference_mode()) where one of the counts it holds is one
-                with torch.inference_mode(any(c.is_inference() for c in counts)):
-                    steps = torch.tensor(
-                        [float(taken[i]) for i in index_list], dtype=counts[0].dtype
-                    )
-                for i, view in zip(index_list, steps.unbind()):
-                    staged[i].set("step", view)
+                counts = [float(taken[i]) for i in index_list]
+                steps = _packed(staged, index_list, "step", counts)
             masks = [self._masks[p] for p in bucket_params] if masked else None
             buckets.append(
                 _Bucket(
@@ -1927,6 +1916,26 @@ def _state_options(group: Dict[str, Any]) -> Tuple[Any, ...]:
         group.get("stochastic_rounding"),
         group.get("rounding_seed"),
     )
+
+
+def _packed(
+    staged: Dict[int, _Staged],
+    index_list: List[int],
+    key: str,
+    values: List[float],
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """One tensor of ``values`` (one per param of a bucket, ``index_list``; ``dtype``: that of
+    the tensors it replaces by default) whose 0-d views become state ``key`` of the params'
+    staged entries, so that a step writes a bucket's step counts (or carried values) at
+    once. An inference tensor (no version counter, written only inside
+    torch.inference_mode()) where one of the tensors it replaces is one."""
+    held = [staged[i].view[key] for i in index_list]
+    with torch.inference_mode(any(t.is_inference() for t in held)):
+        packed = torch.tensor(values, dtype=held[0].dtype if dtype is None else dtype)
+    for i, view in zip(index_list, packed.unbind()):
+        staged[i].set(key, view)
+    return packed
 
 
 def _check_group_options(where: str, group: Dict[str, Any]) -> None:
