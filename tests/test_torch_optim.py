@@ -1754,3 +1754,77 @@ def test_array_classes_start_state_from_the_table():
     with pytest.raises(TypeError, match="^lr: expected a real number, got NoneType"):
         fastopt.Rprop([p.copy()], lr=None)
     assert ft.Adagrad([torch.ones(2)], initial_accumulator_value=torch.tensor(0.5)).state
+
+
+# ---- from a new user's review: damaged checkpoints, list hyper-parameters, lazy modules ------
+
+def _trained(cls, steps=3, **kw):
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+    opt = cls([p], **kw)
+    for i in range(steps):
+        p.grad = torch.full((5,), i + 1.0)
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("name,key", [("Adam", "exp_avg_sq"), ("Adam", "step"),
+                                      ("RMSprop", "square_avg"), ("NAdam", "mu_product"),
+                                      ("ASGD", "eta"), ("Adagrad", "sum")])
+def test_state_lost_after_steps_is_refused(name, key):
+    # torch.optim raises KeyError; fastopt names the entry and changes nothing (made fresh,
+    # the state would restart from zero under a step count that goes on).
+    p, opt = _trained(getattr(ft, name))
+    saved = copy.deepcopy(opt.state_dict())
+    del saved["state"][0][key]
+    q = torch.nn.Parameter(p.detach().clone())
+    other = getattr(ft, name)([q])
+    other.load_state_dict(saved)
+    q.grad = torch.ones(5)
+    before = q.detach().clone()
+    with pytest.raises(ValueError, match=rf"^state of param_groups\[0\]\['params'\]\[0\]: '{key}' is missing"):
+        other.step()
+    assert torch.equal(q.detach(), before)
+    with pytest.raises(KeyError):  # (what torch.optim does)
+        tq = torch.nn.Parameter(p.detach().clone())
+        topt = getattr(torch.optim, name)([tq])
+        topt.load_state_dict(saved)
+        tq.grad = torch.ones(5)
+        topt.step()
+
+
+def test_state_for_an_option_switched_on_is_still_made():
+    p, opt = _trained(ft.Adam)
+    opt.param_groups[0]["amsgrad"] = True
+    p.grad = torch.ones(5)
+    opt.step()
+    assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+
+
+@pytest.mark.parametrize("name,key", [("NAdam", "betas"), ("RAdam", "betas"), ("Adamax", "betas"),
+                                      ("Rprop", "etas"), ("Adam", "betas"), ("AdamW", "betas")])
+def test_pair_hyper_parameters_are_kept_as_torch_keeps_them(name, key):
+    # A list stays the group's list (editable in place, as in torch.optim) where torch keeps
+    # it; Adam(W) makes a tuple, as torch.optim.Adam does.
+    value = [0.9, 0.99] if key == "betas" else [0.5, 1.2]
+    mine = getattr(ft, name)([torch.nn.Parameter(torch.ones(2))], **{key: value})
+    theirs = getattr(torch.optim, name)([torch.nn.Parameter(torch.ones(2))], **{key: value})
+    assert type(mine.param_groups[0][key]) is type(theirs.param_groups[0][key])
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "NAdam"])
+def test_lazy_modules_before_their_first_forward(name):
+    # Uninitialized params are taken at construction and stepped once materialized, as by
+    # torch.optim (torch's documented dry-run forward is then not needed).
+    results = []
+    for lib in (torch.optim, ft):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.LazyLinear(5), torch.nn.Linear(5, 1))
+        opt = getattr(lib, name)(model.parameters(), lr=0.01)
+        x = torch.randn(4, 3)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        results.append([t.detach().clone() for t in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

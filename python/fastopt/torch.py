@@ -883,6 +883,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{name}: is param {j} of the group again; a param may appear once"
                 )
+            if torch.nn.parameter.is_lazy(p):  # (LazyLinear's before its first forward)
+                continue  # checked at its first step, as every param is
             if p.device.type not in ("cpu", "cuda"):
                 raise TypeError(
                     f"{name}: is a meta tensor, which has no data"
@@ -1057,11 +1059,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 done = _steps_taken(f"state of {where}: 'step'", step)
                 if not isinstance(step, torch.Tensor):  # a number (torch < 1.12's checkpoints)
                     staged.set("step", torch.tensor(float(done), dtype=_step_dtype()))
+            elif any(k != MASTER for k in state):
+                # a damaged checkpoint: its other state would go on from step 0
+                raise ValueError(
+                    f"state of {where}: 'step' is missing beside {sorted(map(str, state))} "
+                    "(torch.optim raises KeyError)"
+                )
             else:
                 staged.set("step", torch.tensor(0.0, dtype=_step_dtype()))
         for name, carried in self._spec.carried.items():  # NAdam's mu_product, ASGD's eta, mu
             value = state.get(name)
             if value is None:
+                if done:
+                    raise _missing(where, name, done)
                 start = self._start(where, carried.initial, group)
                 staged.set(name, torch.tensor(start, dtype=_step_dtype()))
                 continue
@@ -1086,6 +1096,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 continue
             s = state.get(key)
             if s is None:
+                # made fresh: at the first step, or for an option switched on since (amsgrad:
+                # torch.optim raises KeyError there); not in place of one lost after steps
+                if done and not role.optional:
+                    raise _missing(where, key, done)
                 value = self._start(where, role.initial, group)
                 if pending is None:
                     staged.set(key, self._new_state(p, value, want))
@@ -1938,6 +1952,15 @@ def _packed(
     return packed
 
 
+def _missing(where: str, key: str, done: int) -> ValueError:
+    """A state entry that lost ``key`` after ``done`` steps (a damaged checkpoint): made
+    fresh, it would restart from its start value under a step count that goes on."""
+    return ValueError(
+        f"state of {where}: {key!r} is missing after {done} steps (torch.optim raises "
+        "KeyError; fastopt makes state at a param's first step, or for an option switched on)"
+    )
+
+
 def _check_group_options(where: str, group: Dict[str, Any]) -> None:
     """The group options the constructor checks, checked again where the group may have
     been edited since (``add_param_group``, a rebuild of its buckets), else a
@@ -2093,14 +2116,15 @@ def _rounding_seed(stochastic_rounding: Any, seed: Any) -> Optional[int]:
     return functional.stochastic_rounding("stochastic", seed)["stochastic_seed"]
 
 
-def _pair(name: str, pair: Any) -> Tuple[Any, Any]:
-    """``pair`` (betas, Rprop's etas and step_sizes) as a pair: any sequence of two (a
-    tuple, a list, a NumPy array, a config library's list), else a TypeError naming
-    ``name``."""
+def _pair(name: str, pair: Any) -> Any:
+    """``pair`` (betas, Rprop's etas and step_sizes) checked to be a pair: any sequence of
+    two (a tuple, a list, a NumPy array, a config library's list), else a TypeError naming
+    ``name``. A tuple or list is kept as given, as torch.optim keeps it in the group (a
+    list of betas stays editable in place); another sequence becomes a tuple."""
     try:
         if isinstance(pair, (str, bytes)) or len(pair) != 2:
             raise TypeError
-        return pair[0], pair[1]
+        return pair if type(pair) in (tuple, list) else (pair[0], pair[1])
     except (TypeError, KeyError, IndexError):
         raise TypeError(f"{name}: expected a pair of numbers, got {pair!r:.60}") from None
 
@@ -2310,7 +2334,7 @@ class Adam(_FusedOptimizer):
     ):
         defaults = dict(
             lr=lr,
-            betas=_pair("betas", betas),
+            betas=tuple(_pair("betas", betas)),  # as torch.optim.Adam
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
