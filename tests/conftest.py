@@ -350,12 +350,19 @@ OPTIMIZERS: Dict[str, Opt] = {o.name: o for o in [SGD, ADAGRAD, RMSPROP, ADAM, A
 assert list(OPTIMIZERS) == list(_specs.OPTIMIZERS), "every optimizer of fastopt's table"
 
 
+try:  # torch and fastopt.torch, for the test files that have a torch part
+    import torch
+
+    import fastopt.torch as ft
+except ImportError:  # the NumPy tests run without torch
+    torch = ft = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch")
+
+
 def torch_roundtrip(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """``state_dict`` through ``torch.save`` and ``torch.load(weights_only=True)``, as a
     checkpoint file takes it."""
     import io
-
-    import torch
 
     buf = io.BytesIO()
     torch.save(state_dict, buf)

@@ -9,7 +9,7 @@ import pytest
 import fastopt
 from fastopt import reference
 
-from conftest import assert_close, normal_nonzero, torch_roundtrip
+from conftest import assert_close, ft, needs_torch, normal_nonzero, torch, torch_roundtrip
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 7, 1000])
@@ -52,13 +52,6 @@ def test_bad_eta_or_mu_is_refused(name, bad, error, rng):
 
 # ---- fastopt.torch.ASGD -------------------------------------------------------------------------
 
-try:
-    import torch
-
-    import fastopt.torch as ft
-except ImportError:  # the NumPy tests above run without torch
-    torch = None
-needs_torch = pytest.mark.skipif(torch is None, reason="needs torch")
 
 
 def _pair(seed=0, **kw):

@@ -9,7 +9,8 @@ import pytest
 import fastopt
 from fastopt import reference
 
-from conftest import OPTIMIZERS, assert_close, normal_nonzero, torch_roundtrip
+from conftest import (OPTIMIZERS, assert_close, ft, needs_torch, normal_nonzero, torch,
+                      torch_roundtrip)
 
 NADAM = OPTIMIZERS["nadam"]
 
@@ -110,13 +111,6 @@ def test_bad_mu_product_is_refused(bad, rng):
 
 # ---- fastopt.torch.NAdam ------------------------------------------------------------------------
 
-try:
-    import torch
-
-    import fastopt.torch as ft
-except ImportError:  # the NumPy tests above run without torch
-    torch = None
-needs_torch = pytest.mark.skipif(torch is None, reason="needs torch")
 
 
 def _pair(seed=0, **kw):
