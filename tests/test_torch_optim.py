@@ -1811,7 +1811,7 @@ def test_pair_hyper_parameters_are_kept_as_torch_keeps_them(name, key):
     assert type(mine.param_groups[0][key]) is type(theirs.param_groups[0][key])
 
 
-@pytest.mark.parametrize("name", ["AdamW", "SGD", "NAdam"])
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "NAdam", "Adafactor"])
 def test_lazy_modules_before_their_first_forward(name):
     # Uninitialized params are taken at construction and stepped once materialized, as by
     # torch.optim (torch's documented dry-run forward is then not needed).

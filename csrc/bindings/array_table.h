@@ -62,8 +62,12 @@ class ArrayTable {
   // 8-bit state (uint8 state arrays, common/state8.h) a dict {state role name: a list of
   // float32 arrays, tensor i's block maxima: ceil(size / 256) elements}, one entry for
   // every state role the call uses.
+  // `shown`: where the lists are a selection of the caller's, the caller's index of each
+  // entry (messages and spans() name those).
   template <class Roles>
-  ArrayTable(const Roles& roles, bool listed, py::handle absmax = py::none()) : listed_(listed) {
+  ArrayTable(const Roles& roles, bool listed, py::handle absmax = py::none(),
+             std::vector<size_t> shown = {})
+      : listed_(listed), shown_(std::move(shown)) {
     const RoleSpec& ref = *roles.begin();
     if (!py::isinstance<py::list>(ref.list))
       throw py::type_error(std::string(ref.name) + ": expected a list of arrays");
@@ -96,6 +100,16 @@ class ArrayTable {
   // first state array decides; the others must match it).
   cpu::DType state_dtype() const { return state_dtype_ ? *state_dtype_ : cpu::state_dtype(dtype_); }
   int64_t total() const { return offsets_.back(); }
+  // roles[0]'s array i: its shape, and whether it is in C order.
+  std::vector<int64_t> shape(size_t i) const { return params_[i].shape_vector(); }
+  bool c_contiguous(size_t i) const { return params_[i].c_contiguous; }
+  // The byte spans of the arrays, named by the caller's indices: to check several tables
+  // of one call against each other (check_no_overlap).
+  std::vector<Span> spans() const {
+    std::vector<Span> out = spans_;
+    for (Span& s : out) s.index = shown(s.index);
+    return out;
+  }
 
   // Appends to `out` where torch tensor `obj` keeps its elements: data pointer, device,
   // dtype, shape and strides, as 64-bit words. Plain tensors (torch.Tensor, nn.Parameter)
@@ -155,8 +169,9 @@ class ArrayTable {
   }
 
  private:
+  size_t shown(size_t i) const { return shown_.empty() ? i : shown_[i]; }
   std::string where(const char* role, size_t i) const {
-    return listed_ ? std::string(role) + "[" + std::to_string(i) + "]" : std::string(role);
+    return listed_ ? std::string(role) + "[" + std::to_string(shown(i)) + "]" : std::string(role);
   }
 
   // What the kernel needs to know about one array, from a NumPy array or a torch CPU tensor.
@@ -376,7 +391,7 @@ class ArrayTable {
       // The kernel runs with the GIL released: hold every array it touches, so that
       // another thread emptying the caller's list cannot free one under it.
       PyObject* item = PyList_GET_ITEM(list.ptr(), i);
-      const Where w{role.name, i, listed_};
+      const Where w{role.name, shown(i), listed_};
       const bool numpy = is_plain_ndarray(item);
       HostArray& a = r == 0 ? params_.emplace_back() : scratch_;
       const bool state = role.kind == RoleKind::state;
@@ -471,7 +486,7 @@ class ArrayTable {
     absmax_[r].resize(n);
     for (size_t i = 0; i < n; ++i) {
       PyObject* item = PyList_GET_ITEM(list.ptr(), i);
-      const Where w{name, i, listed_};
+      const Where w{name, shown(i), listed_};
       const bool numpy = is_plain_ndarray(item);
       const bool tensor = !numpy && is_torch_tensor(item, w);
       keep_.push_back(numpy || tensor ? py::reinterpret_borrow<py::object>(item)
@@ -603,6 +618,7 @@ class ArrayTable {
   std::vector<HostArray> params_;    // the params' descriptions
   HostArray scratch_;                // the description of the current non-param array
   bool listed_;
+  std::vector<size_t> shown_;  // the caller's index of each entry (empty: the same)
   cpu::DType dtype_ = cpu::DType::f32;
   std::optional<cpu::DType> state_dtype_;  // set by the first state array
   std::vector<int64_t> offsets_;

@@ -103,6 +103,10 @@ void scale_grads(TensorTable t, DType d, double coefficient) {
   FASTOPT_ISA_CALL(scale_grads, t, d, coefficient);
 }
 
+void adafactor_step(DType d, const AdafactorParam* params, int64_t n, const AdafactorHyper& h) {
+  FASTOPT_ISA_CALL(adafactor_step, d, params, n, h, num_threads());
+}
+
 void newton_solve(DType dt, const void* H, const void* g, void* d, bool* solved, int64_t batch,
                   int64_t n, double damping) {
   FASTOPT_ISA_CALL(newton_solve, dt, H, g, d, solved, batch, n, damping, num_threads());

@@ -1,6 +1,7 @@
 // Run-time choice of the CPU code path and thread count.
 #pragma once
 #include <string>
+#include "cpu/adafactor_kernels.h"
 #include "cpu/clip_kernels.h"
 #include "cpu/newton_kernels.h"
 #include "cpu/optim_kernels.h"
@@ -33,6 +34,9 @@ void add_inplace(TensorTable t, DType);
 // Gradient clipping (see clip_kernels.h): the norm's total over role 0, and g <- g * c.
 double grad_norm_total(TensorTable t, DType, NormKind, double norm_type);
 void scale_grads(TensorTable t, DType, double coefficient);
+
+// Adafactor over n params (see adafactor_kernels.h), param by param.
+void adafactor_step(DType, const AdafactorParam* params, int64_t n, const AdafactorHyper&);
 
 // Batched damped Cholesky solve and Newton update (see newton_kernels.h).
 void newton_solve(DType, const void* H, const void* g, void* d, bool* solved, int64_t batch,

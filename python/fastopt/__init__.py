@@ -11,6 +11,7 @@ from ._runtime import (
     set_cpu_path,
     set_num_threads,
 )
+from .adafactor import Adafactor, adafactor_
 from .clip import clip_grad_norm_
 from .functional import *  # noqa: F403  (every step function: functional.__all__)
 from .io import QuantizedTensor, load_quantized, save_quantized
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     *functional.__all__,
+    "adafactor_",
+    "Adafactor",
     "newton_",
     "cholesky_solve",
     "NotPositiveDefiniteError",

@@ -89,6 +89,25 @@ def newton_apply(
 def grad_norm_total(grads: List[Any], listed: bool, norm_type: float, writeable: bool) -> float: ...
 def scale_grads(grads: List[Any], listed: bool, coefficient: float) -> None: ...
 
+# Adafactor over one list of params of one dtype (fastopt.adafactor): row_vars, col_vars and
+# variances hold None where a param keeps no such state; steps: the step t >= 1 of each param.
+def adafactor_step(
+    params: List[Any],
+    grads: List[Any],
+    row_vars: List[Any],
+    col_vars: List[Any],
+    variances: List[Any],
+    steps: List[int],
+    lr: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    maximize: bool,
+    listed: bool,
+) -> None: ...
+
 # Magnitude pruning masks into `out` (bool/uint8 per array): prune_counts is one count (a
 # threshold over all arrays) or one per array; N:M keeps n of each m along the last axis.
 def prune_magnitude(

@@ -504,6 +504,50 @@ def asgd(
         ax[...] = p
 
 
+def adafactor(
+    p: np.ndarray,
+    g: np.ndarray,
+    row_var: Optional[np.ndarray],
+    col_var: Optional[np.ndarray],
+    variance: Optional[np.ndarray],
+    *,
+    step: int,
+    lr: float = 1e-2,
+    beta2_decay: float = -0.8,
+    eps1: float,
+    eps2: float = 1e-3,
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """Adafactor (Shazeer & Stern 2018), as torch.optim.Adafactor. A param of two or more
+    dimensions keeps its second moment factored over the last two: ``row_var`` shaped
+    (..., rows, 1) and ``col_var`` (..., 1, cols); a vector or 0-d one keeps ``variance``,
+    shaped like it. eps1 is torch's eps[0] resolved (the params' machine epsilon for None).
+    A param without elements is left as it is (torch would divide by its zero size)."""
+    if p.size == 0:
+        return
+    g = -g if maximize else g
+    weight = float(step) ** beta2_decay
+    rho = min(lr, 1.0 / float(step) ** 0.5)
+    alpha = max(eps2, float(np.sqrt(np.sum(p * p))) / p.size**0.5) * rho
+    if weight_decay != 0.0:
+        p *= 1.0 - lr * weight_decay
+    if p.ndim >= 2:
+        assert row_var is not None and col_var is not None
+        row_var += weight * (np.mean(g * g, axis=-1, keepdims=True) - row_var)
+        col_var += weight * (np.mean(g * g, axis=-2, keepdims=True) - col_var)
+        mean = np.maximum(np.mean(row_var, axis=-2, keepdims=True), eps1)  # NaN kept
+        estimate = row_var * col_var / mean
+    else:
+        assert variance is not None
+        variance += weight * (g * g - variance)
+        estimate = variance
+    update = g / np.sqrt(np.maximum(estimate, eps1 * eps1))
+    denom = max(1.0, float(np.sqrt(np.sum(update * update))) / (update.size**0.5 * d))
+    p -= (alpha / denom) * update
+
+
 def ema(average: np.ndarray, sample: np.ndarray, *, beta: float) -> None:
     """average <- beta*average + (1-beta)*sample (Sophia's Hessian-diagonal EMA)."""
     average[...] = beta * average + (1.0 - beta) * sample

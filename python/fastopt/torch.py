@@ -216,6 +216,8 @@ from . import _arrays, _ext, functional, reference
 from ._specs import OPTIMIZERS, Flag, OptimizerSpec
 from ._torch_clip import clip_grad_norm_, step_grad_scale
 from ._validate import flag, real, renamed_entries, whole
+from .adafactor import adafactor_hyper, state_shapes
+from .adafactor import run_step as run_adafactor
 from .optim import check_state_dtype
 
 __all__ = [
@@ -232,6 +234,7 @@ __all__ = [
     "Rprop",
     "NAdam",
     "ASGD",
+    "Adafactor",
     "Adam8bit",
     "AdamW8bit",
     "SGD8bit",
@@ -2824,6 +2827,202 @@ class Sophia(_FusedOptimizer):
 
 
 # -- bitsandbytes-style 8-bit aliases -----------------------------------------------------------
+class Adafactor(torch.optim.Optimizer):
+    """``torch.optim.Adafactor`` on fastopt's Adafactor kernel (see ``fastopt.adafactor``):
+    torch's signature and defaults, param groups, state keys (``"step"``, and ``"row_var"``
+    (..., rows, 1) and ``"col_var"`` (..., 1, cols) for params of two or more dimensions,
+    ``"variance"`` for the others) and state_dict, interchangeable with torch's both ways.
+    ``foreach`` is an accepted no-op. CPU params only in this version (float32, float64,
+    float16, bfloat16; 16-bit params get float32 state and math, where torch keeps their
+    dtype: a torch checkpoint's 16-bit state is converted at the next step).
+
+    A step makes one kernel call per group and dtype (three passes over each matrix, two
+    over each vector: ``fastopt.adafactor``). Everything a step needs is checked for every
+    group before any param is written, so a refused step changes nothing. A param whose
+    grad is laid out otherwise than in C order (channels_last) is stepped through a C-order
+    copy, since the factors follow its last two dimensions. The version counters of the
+    params and state tensors written are bumped, as torch.optim's in-place writes do."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: Tuple[Optional[float], float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+    ):
+        adafactor_hyper(_host_float(lr, "lr"), beta2_decay, eps, d, weight_decay, maximize)
+        if foreach is not None:
+            flag("foreach", foreach)
+        defaults = dict(
+            lr=lr,
+            beta2_decay=beta2_decay,
+            eps=eps,
+            d=d,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            for p in group["params"]:
+                entry = self.state.get(p, {})
+                if entry and not torch.is_tensor(entry["step"]):
+                    entry["step"] = torch.tensor(float(entry["step"]), dtype=_step_dtype())
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """One step over every param with a grad; ``closure`` (re-evaluates the model and
+        returns the loss) is called first with grad enabled, and its loss returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        calls: List[_AdafactorCall] = []
+        staged: List[Tuple[Dict[str, Any], Dict[str, Any]]] = []
+        for index in range(len(self.param_groups)):
+            calls.extend(self._calls(index, staged))
+        for entry, made in staged:  # every group checked: the new state goes in
+            entry.update(made)
+        for call in calls:
+            call.run()
+        return loss
+
+    def _calls(
+        self, index: int, staged: List[Tuple[Dict[str, Any], Dict[str, Any]]]
+    ) -> List[_AdafactorCall]:
+        """Group ``index``'s kernel calls (one per dtype), checked, with the state entries
+        to set before they run added to ``staged``; nothing is written."""
+        group = self.param_groups[index]
+        where = f"param_groups[{index}]"
+        hyper = adafactor_hyper(
+            _host_float(group["lr"], f"{where}['lr']"),
+            group["beta2_decay"],
+            group["eps"],
+            group["d"],
+            group["weight_decay"],
+            group["maximize"],
+            lambda k: f"{where}['{k}']",
+        )
+        calls: Dict[torch.dtype, _AdafactorCall] = {}
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            name = f"{where}['params'][{i}]"
+            _check_adafactor_param(name, p, g)
+            entry = self.state[p]
+            made = _adafactor_state(name, p, entry)
+            staged.append((entry, made))
+            call = calls.setdefault(p.dtype, _AdafactorCall(hyper))
+            call.add(p, g, {**entry, **made})
+        return list(calls.values())
+
+
+class _AdafactorCall:
+    """The params of one group and dtype, as one kernel call: the tensors it writes (params
+    or their C-order copies, state), their step counts, and the copies to write back."""
+
+    def __init__(self, hyper: Tuple[float, float, Optional[float], float, float, float, bool]):
+        self.hyper = hyper
+        self.lists: Tuple[List[Any], ...] = ([], [], [], [], [])  # params, grads, row, col, var
+        self.counts: List[torch.Tensor] = []
+        self.copies: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (param, its C-order copy)
+        self.written: List[torch.Tensor] = []
+
+    def add(self, p: torch.Tensor, g: torch.Tensor, entry: Dict[str, Any]) -> None:
+        if p.is_contiguous():
+            target = p
+            self.written.append(p)
+        else:
+            target = p.contiguous()
+            self.copies.append((p, target))
+        state = [entry.get(k) for k in ("row_var", "col_var", "variance")]
+        for out, x in zip(self.lists, [target, g.contiguous(), *state]):
+            out.append(x)
+        self.written.extend(t for t in state if t is not None)
+        self.counts.append(entry["step"])
+
+    def run(self) -> None:
+        steps = [_steps_taken("step", t) + 1 for t in self.counts]
+        run_adafactor(self.lists, steps, self.hyper, True)
+        for p, copy in self.copies:
+            p.copy_(copy)
+        for t in self.counts:
+            t.add_(1)
+        bumped = [t for t in self.written if not t.is_inference()]
+        if bumped:
+            torch.autograd.graph.increment_version(bumped)
+
+
+def _check_adafactor_param(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
+    """What an Adafactor step takes, else a TypeError/ValueError naming ``name``."""
+    if _is_dtensor(p):
+        raise TypeError(f"{name}: DTensor params are not supported by Adafactor in this version")
+    if p.dtype not in (torch.float32, torch.float64) + _HALF:
+        raise TypeError(
+            f"{name}: dtype {p.dtype} is not supported by Adafactor (float32, float64, "
+            "float16, bfloat16)"
+        )
+    if p.device.type != "cpu":
+        raise TypeError(f"{name}: Adafactor runs on the CPU only in this version; got {p.device}")
+    if g.layout != torch.strided:
+        raise TypeError(f"{name}.grad: {g.layout} gradients are not supported")
+    if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+        raise ValueError(
+            f"{name}.grad: expected {p.dtype} {tuple(p.shape)} on {p.device} like its param, "
+            f"got {g.dtype} {tuple(g.shape)} on {g.device}"
+        )
+    if p.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{name}: is an inference tensor, which cannot be updated in place outside "
+            "torch.inference_mode()"
+        )
+    if p.is_neg() or p.is_conj():
+        raise ValueError(f"{name}: is a {'negative' if p.is_neg() else 'conjugate'} view")
+
+
+def _adafactor_state(name: str, p: torch.Tensor, entry: Dict[str, Any]) -> Dict[str, Any]:
+    """The state entries of ``p`` to set before its step: all of them for a fresh param;
+    for a held entry (a torch checkpoint's), its tensors checked and those of another dtype
+    (16-bit state of torch's) as float32 copies."""
+    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    shapes = state_shapes(tuple(p.shape))
+    keys = {"row_vars": "row_var", "col_vars": "col_var", "variances": "variance"}
+    if not entry:
+        made: Dict[str, Any] = {"step": torch.tensor(0.0, dtype=_step_dtype())}
+        for role, shape in shapes.items():
+            made[keys[role]] = torch.zeros(shape, dtype=dtype)
+        return made
+    made = {}
+    if "step" not in entry:
+        raise ValueError(f"state of {name}: has no 'step'")
+    _steps_taken(f"state of {name}['step']", entry["step"])
+    if not torch.is_tensor(entry["step"]):
+        made["step"] = torch.tensor(float(entry["step"]), dtype=_step_dtype())
+    for role, shape in shapes.items():
+        key = keys[role]
+        t = entry.get(key)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.is_complex():
+            raise ValueError(
+                f"state of {name}['{key}']: expected a real tensor of shape {shape}, got "
+                f"{_described(t)}"
+            )
+        if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+            made[key] = t.detach().to(
+                device="cpu", dtype=dtype, memory_format=torch.contiguous_format, copy=True
+            )
+    return made
+
+
 def _bnb_options(
     args: Any, min_8bit_size: Any, percentile_clipping: Any, block_wise: Any, is_paged: Any
 ) -> int:

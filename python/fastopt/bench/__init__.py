@@ -84,7 +84,7 @@ def _plot(panels: List[Tuple[str, List[Row], float]], path: str) -> None:
 def run(argv_options: Any) -> int:
     """Entry point of ``python -m fastopt bench`` (options parsed in __main__)."""
     only = set(argv_options.only.split(",")) if argv_options.only else None
-    known = set(OPTIMIZERS) | {"newton", "quant", "clip", "prune"}
+    known = set(OPTIMIZERS) | {"adafactor", "newton", "quant", "clip", "prune"}
     unknown = (only or set()) - known
     if unknown:
         print(f"--only: unknown case(s) {sorted(unknown)}; known: {sorted(known)}", file=sys.stderr)

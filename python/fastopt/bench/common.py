@@ -418,6 +418,11 @@ def _cases(
         for n in names
         for lay, shapes in bench.layouts()
     ]
+    if (only is None or "adafactor" in only) and hasattr(bench, "adafactor_case"):  # CPU only
+        cases += [
+            (f"adafactor {lay}", functools.partial(bench.adafactor_case, lay, shapes))
+            for lay, shapes in bench.adafactor_layouts()
+        ]
     if (only is None or "clip" in only) and hasattr(bench, "clip_case"):  # CPU only
         cases += [
             (f"clip_grad_norm {w}", functools.partial(bench.clip_case, c))

@@ -3,6 +3,7 @@ in-place ``a += b`` ceiling."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from .. import _runtime, quant, reference
 from .._ext import _cpu
+from ..adafactor import Adafactor, machine_epsilon, state_shapes
 from ..clip import clip_grad_norm_
 from ..newton import cholesky_solve, newton_
 from ..prune import prune_magnitude
@@ -92,6 +94,69 @@ class CpuBench:
 
         fns["numpy"] = numpy_reference
         self.add_torch_peers(spec, params, grads, fns, row)
+        row.times_ms = _median_times(fns, self.repeats)
+        return row
+
+    def adafactor_layouts(self) -> List[Tuple[str, List[Tuple[int, ...]]]]:
+        """Adafactor factors matrices: one square matrix, and GPT-2 small's list (its
+        matrices and vectors; the quick run: two transformer blocks)."""
+        if self.quick:
+            return [
+                ("2048x2048", [(2048, 2048)]),
+                ("gpt2-small 2 blocks", gpt2_small_shapes()[2:26]),
+            ]
+        return [("4096x4096", [(4096, 4096)]), ("gpt2-small", gpt2_small_shapes())]
+
+    def adafactor_case(self, layout: str, shapes: List[Tuple[int, ...]]) -> Row:
+        """Adafactor: ``fastopt.Adafactor`` against ``torch.optim.Adafactor`` (foreach and
+        single-tensor) and the NumPy reference (float32 arrays), each on its own copy.
+        Bytes per element: a matrix's 24 (p and g read for the sums, g read for the
+        update's norm, p and g read and p written); vectors move 32 but hold few elements."""
+        elements = sum(int(np.prod(s)) for s in shapes)
+        row = Row(f"adafactor {layout}", "cpu", 24, elements, len(shapes))
+        params = [self.rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        grads = [self.rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        failure = _adafactor_failure(params[:3], grads[:3])
+        if failure:
+            row.check = f"FAIL: {failure}"
+            return row
+        opt = Adafactor([p.copy() for p in params])
+        fns: Dict[str, Callable[[], None]] = {"fastopt": lambda: opt.step(grads)}
+        ref_params = [p.copy() for p in params]
+        ref_states = [
+            {k: np.zeros(v, np.float32) for k, v in state_shapes(p.shape).items()} for p in params
+        ]
+
+        def numpy_reference() -> None:
+            for p, g, s in zip(ref_params, grads, ref_states):
+                reference.adafactor(
+                    p,
+                    g,
+                    s.get("row_vars"),
+                    s.get("col_vars"),
+                    s.get("variances"),
+                    step=2,
+                    eps1=machine_epsilon("float32"),
+                )
+
+        fns["numpy"] = numpy_reference
+        torch = self.torch
+        if torch is None:
+            row.notes["torch"] = "not installed"
+        else:
+            from .. import torch as fastopt_torch
+
+            tgrads = [torch.from_numpy(g) for g in grads]
+            makers: Dict[str, Callable[[List[Any]], Any]] = {
+                "fastopt.torch": fastopt_torch.Adafactor,
+                "torch-foreach": functools.partial(torch.optim.Adafactor, foreach=True),
+                "torch-single": functools.partial(torch.optim.Adafactor, foreach=False),
+            }
+            for name, make in makers.items():
+                tparams = [torch.from_numpy(p.copy()) for p in params]
+                for tp, g in zip(tparams, tgrads):
+                    tp.grad = g
+                fns[name] = make(tparams).step
         row.times_ms = _median_times(fns, self.repeats)
         return row
 
@@ -312,6 +377,31 @@ class CpuBench:
             if not np.all(np.isfinite(got)) or err > 1e-5 * (1 + float(np.max(np.abs(want)))):
                 return f"max abs error {err:.3g} against the float64 reference"
         return None
+
+
+def _adafactor_failure(params: List[np.ndarray], grads: List[np.ndarray]) -> Optional[str]:
+    """Three steps of fastopt.Adafactor against the float64 reference, or why they differ."""
+    ps = [p.copy() for p in params]
+    opt = Adafactor(ps)
+    ref = [p.astype(np.float64) for p in params]
+    states = [{k: np.zeros(v) for k, v in state_shapes(p.shape).items()} for p in params]
+    for t in range(1, 4):
+        opt.step(grads)
+        for p, g, s in zip(ref, grads, states):
+            reference.adafactor(
+                p,
+                g.astype(np.float64),
+                s.get("row_vars"),
+                s.get("col_vars"),
+                s.get("variances"),
+                step=t,
+                eps1=machine_epsilon("float32"),
+            )
+    for got, want in zip(ps, ref):
+        err = float(np.max(np.abs(got - want), initial=0.0))
+        if not np.all(np.isfinite(got)) or err > 1e-5 * (1 + float(np.max(np.abs(want)))):
+            return f"max abs error {err:.3g} against the float64 reference"
+    return None
 
 
 # ---- the GPU ---------------------------------------------------------------------------------

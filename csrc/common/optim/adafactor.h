@@ -1,0 +1,65 @@
+// Adafactor (Shazeer & Stern 2018), as torch.optim.Adafactor: the second moment of a
+// param of two or more dimensions is kept factored over its last two, as one row factor
+// R (..., rows) and one column factor C (..., cols) per matrix; a vector (or 0-d) param
+// keeps a full second moment V. Per param, at step t (counted from 1):
+//   g <- -g if maximize;  w = t^beta2_decay;  rho = min(lr, 1/sqrt(t))
+//   alpha = max(eps2, ||p|| / sqrt(numel)) * rho            (p before the weight decay)
+//   matrix: R <- lerp(R, mean over cols of g^2, w);  C <- lerp(C, mean over rows of g^2, w)
+//           v_ij = R_i * C_j / max(mean(R), eps1)
+//   vector: V <- lerp(V, g^2, w);  v = V
+//   u = g / sqrt(max(v, eps1^2));  denom = max(1, ||u|| / (sqrt(numel) * d))
+//   p <- p * (1 - lr*wd) - (alpha / denom) * u
+// eps1 defaults to the machine epsilon of the params' dtype (torch's None). The two norms
+// make it three passes over a matrix (p and g read; g read; p and g read, p written: 24 B
+// per float32 element) and two over a vector (32 B, V read and written once each).
+// Shared by the CPU kernels and (in these formulas) any device's.
+#pragma once
+#include <cmath>
+#include "common/math.h"
+#include "common/platform.h"
+
+namespace fastopt {
+
+// What every param of one call shares (a param group's hyper-parameters).
+struct AdafactorHyper {
+  double lr, beta2_decay, eps1, eps2, d, weight_decay;
+  bool maximize;
+};
+
+// One param's per-step numbers, computed on the host from t and its norms (in float64, as
+// torch computes them from Python floats).
+struct AdafactorStep {
+  double weight;  // w = t^beta2_decay: how far the second moment moves toward g^2
+  double rho;     // min(lr, 1/sqrt(t))
+  static AdafactorStep at(const AdafactorHyper& h, double t) {
+    const double r = 1.0 / std::pow(t, 0.5);
+    return {std::pow(t, h.beta2_decay), r < h.lr ? r : h.lr};  // Python's min(lr, r)
+  }
+  // alpha from sum(p^2) (of the param before its weight decay).
+  double alpha(const AdafactorHyper& h, double p_squares, double numel) const {
+    const double rms = std::sqrt(p_squares) / std::pow(numel, 0.5);
+    return (rms > h.eps2 ? rms : h.eps2) * rho;  // Python's max(eps2, rms): NaN -> eps2
+  }
+  // The factor u is added with: -alpha / max(1, ||u|| / (sqrt(numel) * d)).
+  static double coefficient(const AdafactorHyper& h, double alpha, double u_squares, double numel) {
+    const double ratio = std::sqrt(u_squares) / (std::pow(numel, 0.5) * h.d);
+    return -alpha / (ratio > 1.0 ? ratio : 1.0);  // Python's max(1, ratio): NaN -> 1
+  }
+};
+
+}  // namespace fastopt
+
+FASTOPT_ISA_BEGIN
+
+// torch.lerp(x, y, w): x + w*(y - x) where |w| < 0.5, else y - (y - x)*(1 - w); `small`
+// (|w| < 0.5) is decided once per param on the host.
+template <class T> FASTOPT_HD T adafactor_lerp(T x, T y, T w, T one_minus_w, bool small) {
+  return small ? x + w * (y - x) : y - (y - x) * one_minus_w;
+}
+
+// 1 / sqrt(max(v, eps1^2)), torch's clamp_(min=eps1*eps1).rsqrt_() (NaN kept).
+template <class T> FASTOPT_HD T adafactor_inverse_root(T v, T eps1_squared) {
+  return T(1) / vsqrt(vmax_nan(v, eps1_squared));
+}
+
+FASTOPT_ISA_END

@@ -1,0 +1,349 @@
+"""Adafactor (Shazeer & Stern 2018), as ``torch.optim.Adafactor``: the step function
+``adafactor_`` and the array class ``Adafactor`` (``fastopt.torch.Adafactor`` is the torch
+one). The formulas are in ``csrc/common/optim/adafactor.h`` and ``reference.adafactor``.
+
+A param of two or more dimensions keeps its second moment factored over its last two
+dimensions: a row factor shaped (..., rows, 1) and a column factor (..., 1, cols), torch's
+shapes, so its state is rows + cols numbers per matrix instead of rows * cols. A vector (or
+0-d) param keeps a full second moment shaped like it. The learning rate is relative: a
+step moves a param by about min(lr, 1/sqrt(t)) times its root mean square (at least
+eps2), and the update's own root mean square is clipped at d.
+
+On the CPU a step is three passes over a matrix (sums of squares; the update's norm; the
+update) and two over a vector, param by param with every thread, in float32 math for
+float32 and 16-bit params (float64 for float64) and float64 sums in a fixed order: the
+results are bit-identical across the scalar and AVX2 paths and thread counts, and agree
+with torch to float32 rounding (torch's norms are float32 reductions). State is in the
+math type (float32 for 16-bit params, where torch keeps it in the params' dtype). This
+version runs on the CPU only: CUDA arrays are refused with a TypeError.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _arrays, _ext
+from ._arrays import ArrayOrList, as_list
+from ._validate import flag, real, step_count
+
+__all__ = ["adafactor_", "Adafactor", "adafactor_hyper", "machine_epsilon"]
+
+# eps1=None: the machine epsilon of the params' dtype, as torch.finfo(dtype).eps
+_EPSILON = {"float32": 2.0**-23, "float64": 2.0**-52, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def machine_epsilon(dtype_name: str, name: str = "params") -> float:
+    """torch.finfo(dtype).eps of a params dtype ("float32", ...): eps1's default; a
+    TypeError naming ``name`` for a dtype Adafactor does not step."""
+    if dtype_name not in _EPSILON:
+        raise TypeError(
+            f"{name}: dtype {dtype_name} is not supported (float32, float64, float16 or bfloat16)"
+        )
+    return _EPSILON[dtype_name]
+
+
+def adafactor_hyper(
+    lr: Any,
+    beta2_decay: Any,
+    eps: Any,
+    d: Any,
+    weight_decay: Any,
+    maximize: Any,
+    name: Callable[[str], str] = str,
+) -> Tuple[float, float, Optional[float], float, float, float, bool]:
+    """The hyper-parameters checked as torch checks them, else a TypeError/ValueError
+    naming ``name(argument)``: (lr, beta2_decay, eps1 or None, eps2, d, weight_decay,
+    maximize)."""
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise TypeError(f"{name('eps')}: expected a pair (eps1 or None, eps2), got {eps!r}")
+    eps1 = None if eps[0] is None else real(f"{name('eps')}[0]", eps[0], lo=0.0)
+    return (
+        real(name("lr"), lr, lo=0.0),
+        real(name("beta2_decay"), beta2_decay, hi=0.0),
+        eps1,
+        real(f"{name('eps')}[1]", eps[1], lo=0.0),
+        _at_least_one(name("d"), d),
+        real(name("weight_decay"), weight_decay, lo=0.0),
+        flag(name("maximize"), maximize),
+    )
+
+
+def _at_least_one(name: str, value: Any) -> float:
+    """d: a real >= 1, inf allowed (no clipping of the update), as torch allows."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == float("inf"):
+        return float("inf")
+    return real(name, value, lo=1.0)
+
+
+def run_step(
+    arrays: Sequence[List[Any]],
+    steps: List[int],
+    hyper: Tuple[float, float, Optional[float], float, float, float, bool],
+    listed: bool,
+) -> None:
+    """One kernel call over aligned host lists ``arrays`` = (params, grads, row_vars,
+    col_vars, variances); the binding checks every array."""
+    lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = hyper
+    params, grads, row_vars, col_vars, variances = arrays
+    if params and eps1 is None:
+        eps1 = machine_epsilon(_arrays.dtype_name(params[0]), "params[0]" if listed else "params")
+    _ext._cpu.adafactor_step(
+        params,
+        grads,
+        row_vars,
+        col_vars,
+        variances,
+        steps,
+        lr,
+        beta2_decay,
+        0.0 if eps1 is None else eps1,
+        eps2,
+        d,
+        weight_decay,
+        maximize,
+        listed,
+    )
+
+
+def _host_only(params: Sequence[Any]) -> None:
+    for i, p in enumerate(params):
+        if _arrays.on_device(p):
+            raise TypeError(
+                f"params[{i}]: Adafactor runs on the CPU only in this version; got a CUDA array"
+            )
+
+
+def adafactor_(
+    params: ArrayOrList,
+    grads: ArrayOrList,
+    row_vars: ArrayOrList,
+    col_vars: ArrayOrList,
+    variances: ArrayOrList,
+    *,
+    step: Any,
+    lr: float = 1e-2,
+    beta2_decay: float = -0.8,
+    eps: Tuple[Optional[float], float] = (None, 1e-3),
+    d: float = 1.0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """Adafactor step in place, as torch.optim.Adafactor (see the module docstring).
+
+    For each param p of two or more dimensions, ``row_vars`` holds its row factor shaped
+    (..., rows, 1) and ``col_vars`` its column factor (..., 1, cols), with None in
+    ``variances``; for a vector or 0-d param, ``variances`` holds its second moment (shaped
+    like it) and the other two None. State starts at 0, in float32 for float32 and 16-bit
+    params, float64 for float64. ``step``: the 1-based step this call takes, one int for
+    every param or a list of them. ``eps = (eps1, eps2)``: eps1 None is the machine epsilon
+    of the params' dtype.
+
+    w = t^beta2_decay; rho = min(lr, 1/sqrt(t)); alpha = max(eps2, rms(p)) * rho;
+    R <- lerp(R, mean of g^2 over cols, w); C <- lerp(C, mean of g^2 over rows, w);
+    v = R C / max(mean(R), eps1) (a vector: V <- lerp(V, g^2, w), v = V);
+    u = g / sqrt(max(v, eps1^2)); p <- p * (1 - lr*weight_decay) - alpha / max(1, rms(u)/d) * u.
+    """
+    listed = isinstance(params, (list, tuple))
+    plist = as_list("params", params, listed)
+    _host_only(plist)
+    lists = [
+        as_list(name, value, listed)
+        for name, value in (
+            ("grads", grads),
+            ("row_vars", row_vars),
+            ("col_vars", col_vars),
+            ("variances", variances),
+        )
+    ]
+    if isinstance(step, (list, tuple)):
+        if len(step) != len(plist):
+            raise ValueError(
+                f"step: expected {len(plist)} step counts (one per param), got {len(step)}"
+            )
+        steps = [step_count(s, f"step[{i}]") for i, s in enumerate(step)]
+    else:
+        steps = [step_count(step)] * len(plist)
+    hyper = adafactor_hyper(lr, beta2_decay, eps, d, weight_decay, maximize)
+    run_step([plist, *lists], steps, hyper, listed)
+
+
+def state_shapes(shape: Tuple[int, ...]) -> Dict[str, Tuple[int, ...]]:
+    """The state a param of this shape keeps: {"row_vars": ..., "col_vars": ...} for two or
+    more dimensions, else {"variances": shape}."""
+    if len(shape) >= 2:
+        return {"row_vars": shape[:-1] + (1,), "col_vars": shape[:-2] + (1, shape[-1])}
+    return {"variances": shape}
+
+
+class Adafactor:
+    """Adafactor over a list of arrays (NumPy arrays or PyTorch CPU tensors, updated in
+    place), as ``torch.optim.Adafactor``: ``opt = fastopt.Adafactor(params, lr=1e-2)``,
+    ``opt.step(grads)``. State is ``opt.state = {"row_vars": [...], "col_vars": [...],
+    "variances": [...]}`` (None where a param keeps no such state). ``lr`` is settable and
+    ``schedule=`` (see ``fastopt.schedules``) maps the step index and lr to the rate used.
+    ``state_dict()`` / ``load_state_dict()`` round-trip exactly. Steps hold a lock, as the
+    other classes' do."""
+
+    STATE_NAMES = ("row_vars", "col_vars", "variances")
+
+    def __init__(
+        self,
+        params: ArrayOrList,
+        lr: float = 1e-2,
+        beta2_decay: float = -0.8,
+        eps: Tuple[Optional[float], float] = (None, 1e-3),
+        d: float = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        schedule: Optional[Callable[[int, float], float]] = None,
+    ):
+        self._listed = isinstance(params, (list, tuple))
+        self.params: List[Any] = [
+            _arrays.param_array(f"params[{i}]", a)
+            for i, a in enumerate(as_list("params", params, self._listed))
+        ]
+        _host_only(self.params)
+        for i, p in enumerate(self.params):
+            machine_epsilon(_arrays.dtype_name(p), f"params[{i}]")  # a supported dtype
+        self._hyper = adafactor_hyper(lr, beta2_decay, eps, d, weight_decay, maximize)
+        if schedule is not None and not callable(schedule):
+            raise TypeError(
+                f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}"
+            )
+        self.schedule = schedule
+        self._lock = threading.RLock()
+        self.state: Dict[str, List[Any]] = {name: [] for name in self.STATE_NAMES}
+        for p in self.params:
+            shapes = state_shapes(tuple(p.shape))
+            for name in self.STATE_NAMES:
+                self.state[name].append(
+                    _arrays.zeros_from(p, shapes[name], _state_dtype(p)) if name in shapes else None
+                )
+        self._step = 0
+
+    @property
+    def lr(self) -> float:
+        """The base learning rate (the schedule, if any, is applied on top)."""
+        return self._hyper[0]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._hyper = (real("lr", value, lo=0.0), *self._hyper[1:])
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    def current_lr(self) -> float:
+        """The rate the next step uses (the schedule applied to lr)."""
+        if self.schedule is None:
+            return self.lr
+        return real("schedule(t, lr)", self.schedule(self._step, self.lr), lo=0.0)
+
+    def step(self, grads: ArrayOrList) -> None:
+        """One Adafactor step over every param (grads aligned with the params)."""
+        with self._lock:
+            glist = as_list("grads", grads, self._listed)
+            hyper = (self.current_lr(), *self._hyper[1:])
+            steps = [self._step + 1] * len(self.params)
+            run_step(
+                [self.params, glist, *(self.state[n] for n in self.STATE_NAMES)],
+                steps,
+                hyper,
+                self._listed,
+            )
+            self._step += 1
+
+    def zero_state(self) -> None:
+        """State back to 0 and the step count to 0."""
+        with self._lock:
+            for arrays in self.state.values():
+                for a in arrays:
+                    if a is not None:
+                        _arrays.fill(a, 0.0)
+            self._step = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        with self._lock:
+            lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = self._hyper
+            return {
+                "step": self._step,
+                "lr": lr,
+                "hyper": {
+                    "beta2_decay": beta2_decay,
+                    "eps": (eps1, eps2),
+                    "d": d,
+                    "weight_decay": weight_decay,
+                    "maximize": maximize,
+                },
+                "state": {
+                    name: [None if a is None else _arrays.clone(a) for a in arrays]
+                    for name, arrays in self.state.items()
+                },
+            }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores a ``state_dict()`` of an Adafactor over params of the same shapes
+        (checked before anything changes)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
+        missing = {"step", "lr", "hyper", "state"} - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict: missing {sorted(missing)}")
+        step = state_dict["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"state_dict['step']: expected an integer >= 0, got {step!r}")
+        h = state_dict["hyper"]
+        if not isinstance(h, dict):
+            raise TypeError("state_dict['hyper']: expected a dict")
+        try:
+            hyper = adafactor_hyper(
+                state_dict["lr"],
+                h["beta2_decay"],
+                h["eps"],
+                h["d"],
+                h["weight_decay"],
+                h["maximize"],
+                lambda k: "state_dict['lr']" if k == "lr" else f"state_dict['hyper']['{k}']",
+            )
+        except KeyError as e:
+            raise ValueError(f"state_dict['hyper']: missing {e}") from None
+        saved = state_dict["state"]
+        if not isinstance(saved, dict) or set(saved) != set(self.STATE_NAMES):
+            raise ValueError(f"state_dict['state']: expected the keys {list(self.STATE_NAMES)}")
+        staged: Dict[str, List[Any]] = {}
+        for name in self.STATE_NAMES:
+            arrays = saved[name]
+            if not isinstance(arrays, (list, tuple)) or len(arrays) != len(self.params):
+                raise ValueError(
+                    f"state_dict['state']['{name}']: expected {len(self.params)} entries"
+                )
+            staged[name] = []
+            for i, (mine, theirs) in enumerate(zip(self.state[name], arrays)):
+                where = f"state_dict['state']['{name}'][{i}]"
+                if (mine is None) != (theirs is None):
+                    raise ValueError(f"{where}: {'None' if mine is None else 'an array'} expected")
+                staged[name].append(None if mine is None else _arrays.staged(where, mine, theirs))
+        with self._lock:
+            for name in self.STATE_NAMES:
+                for mine, new in zip(self.state[name], staged[name]):
+                    if mine is not None:
+                        _arrays.copy_into(mine, new)
+            self._hyper = hyper
+            self._step = int(step)
+
+    def __repr__(self) -> str:
+        lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = self._hyper
+        return (
+            f"Adafactor({len(self.params)} params, lr={lr}, beta2_decay={beta2_decay}, "
+            f"eps=({eps1}, {eps2}), d={d}, weight_decay={weight_decay}, maximize={maximize}, "
+            f"step={self._step})"
+        )
+
+
+def _state_dtype(p: Any) -> str:
+    return "float64" if _arrays.dtype_name(p) == "float64" else "float32"

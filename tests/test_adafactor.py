@@ -1,0 +1,417 @@
+"""Adafactor: the step function, the array class and fastopt.torch.Adafactor against the
+float64 reference and torch.optim.Adafactor; bit identity across the CPU paths and thread
+counts; state_dict interchange with torch; bad input refused with nothing written."""
+import copy
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import _ext, reference
+
+from conftest import (assert_close, ft, needs_torch, normal_nonzero, torch, torch_roundtrip,
+                      using_cpu_path, using_threads)
+
+SHAPES = [(1,), (7,), (), (33, 17), (3, 5, 1030), (2, 3, 3, 3), (4097,), (1, 4097), (40, 1)]
+OPTIONS = [
+    {},
+    {"weight_decay": 0.1, "maximize": True},
+    {"beta2_decay": -0.5, "eps": (1e-30, 1e-3), "d": float("inf"), "lr": 0.05},
+    {"lr": 0.5, "eps": (None, 0.0), "d": 1.5, "weight_decay": 0.01},
+]
+STEPS = 10
+EPS = {"float32": 2.0**-23, "float64": 2.0**-52, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def state_for(p, dtype=None):
+    """Zeroed (row_var, col_var, variance) for param p, None where it keeps no such state."""
+    dtype = dtype or (np.float64 if p.dtype == np.float64 else np.float32)
+    if p.ndim >= 2:
+        return (np.zeros(p.shape[:-1] + (1,), dtype),
+                np.zeros(p.shape[:-2] + (1, p.shape[-1]), dtype), None)
+    return None, None, np.zeros(p.shape, dtype)
+
+
+def reference_kw(opts, dtype_name):
+    kw = {k: v for k, v in opts.items() if k != "eps"}
+    eps1, eps2 = opts.get("eps", (None, 1e-3))
+    return {**kw, "eps1": EPS[dtype_name] if eps1 is None else eps1, "eps2": eps2}
+
+
+def run(shapes, dtype, opts, rng, steps=STEPS):
+    """params stepped by fastopt.adafactor_ and float64 copies by the reference."""
+    params = [normal_nonzero(rng, s).astype(dtype) for s in shapes]
+    states = [state_for(p) for p in params]
+    want = [p.astype(np.float64) for p in params]
+    want_states = [tuple(None if a is None else a.astype(np.float64) for a in s) for s in states]
+    for t in range(1, steps + 1):
+        grads = [normal_nonzero(rng, s).astype(dtype) for s in shapes]
+        fastopt.adafactor_(params, grads, *map(list, zip(*states)), step=t, **opts)
+        for p, g, s in zip(want, grads, want_states):
+            reference.adafactor(p, g.astype(np.float64), *s, step=t,
+                                **reference_kw(opts, np.dtype(dtype).name))
+    return params, states, want, want_states
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_matches_reference(cpu_path, dtype, shape, opts, rng):
+    params, states, want, want_states = run([shape], dtype, opts, rng)
+    assert_close(params, want, dtype, "params")
+    for k in range(3):
+        got = [s[k] for s in states if s[k] is not None]
+        assert_close(got, [s[k] for s in want_states if s[k] is not None], dtype, f"state {k}")
+
+
+@pytest.mark.parametrize("shapes", [[(70001,)], [(3, 40, 1030)], [(7,), (300, 300), (5, 2, 9000)]],
+                         ids=["vector", "matrices", "list"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_paths_and_threads_agree_bit_for_bit(shapes, dtype):
+    # Sizes past the threading threshold: every sum is taken in one fixed order.
+    results = []
+    for path, threads in [("scalar", 1), ("avx2", 1), ("avx2", 2), ("scalar", 3)]:
+        with using_cpu_path(path), using_threads(threads):
+            params, states, _, _ = run(shapes, dtype, {"weight_decay": 0.1}, np.random.default_rng(5),
+                                       steps=3)
+        results.append([p.tobytes() for p in params] + [a.tobytes() for s in states for a in s
+                                                         if a is not None])
+    assert all(r == results[0] for r in results[1:])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_params(cpu_path, dtype, rng):
+    # float32 math and state, params rounded to their dtype at each step: within a few of
+    # their ulps of the float64 reference run on the same rounded values.
+    np_dtype = np.float16 if dtype == "float16" else pytest.importorskip("ml_dtypes").bfloat16
+    shapes = [(33, 17), (7,), (2, 3, 1030)]
+    params = [normal_nonzero(rng, s).astype(np_dtype) for s in shapes]
+    states = [state_for(p, np.float32) for p in params]
+    for t in range(1, 4):
+        grads = [normal_nonzero(rng, s).astype(np_dtype) for s in shapes]
+        want = [p.astype(np.float64) for p in params]
+        want_states = [tuple(None if a is None else a.astype(np.float64) for a in s) for s in states]
+        for p, g, s in zip(want, grads, want_states):
+            reference.adafactor(p, g.astype(np.float64), *s, step=t, eps1=EPS[dtype], eps2=1e-3)
+        fastopt.adafactor_(params, grads, *map(list, zip(*states)), step=t)
+        ulp = EPS[dtype]
+        assert_close([p.astype(np.float64) for p in params], want, np.float32, "params", tol=ulp)
+        for k in range(3):
+            assert_close([s[k] for s in states if s[k] is not None],
+                         [s[k] for s in want_states if s[k] is not None], np.float32, "state",
+                         tol=1e-5)
+
+
+def test_per_param_steps_and_zero_size(rng):
+    # step as a list (params of different ages); zero-size params and an empty list are no-ops.
+    p = [normal_nonzero(rng, (5, 3)).astype(np.float32), np.zeros((0, 4), np.float32),
+         normal_nonzero(rng, (4,)).astype(np.float32)]
+    g = [normal_nonzero(rng, a.shape).astype(np.float32) for a in p]
+    states = [state_for(a) for a in p]
+    want = [a.astype(np.float64) for a in p]
+    want_states = [tuple(None if x is None else x.astype(np.float64) for x in s) for s in states]
+    fastopt.adafactor_(p, g, *map(list, zip(*states)), step=[3, 1, 7])
+    for a, b, s, t in zip(want, g, want_states, [3, 1, 7]):
+        reference.adafactor(a, b.astype(np.float64), *s, step=t, eps1=EPS["float32"])
+    assert_close(p, want, np.float32, "params")
+    fastopt.adafactor_([], [], [], [], [], step=1)
+
+
+@needs_torch
+def test_reference_is_torch_in_float64(rng):
+    # The oracle itself against torch.optim.Adafactor on float64 tensors.
+    shapes = [(6, 5), (4,), (2, 3, 7), ()]
+    params = [normal_nonzero(rng, s) for s in shapes]
+    tparams = [torch.tensor(p, requires_grad=True) for p in params]
+    topt = torch.optim.Adafactor(tparams, lr=0.03, weight_decay=0.2, maximize=True)
+    states = [state_for(p) for p in params]
+    for t in range(1, 6):
+        grads = [normal_nonzero(rng, s) for s in shapes]
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.tensor(g)
+        topt.step()
+        for p, g, s in zip(params, grads, states):
+            reference.adafactor(p, g, *s, step=t, lr=0.03, weight_decay=0.2, maximize=True,
+                                eps1=EPS["float64"])
+    for p, tp in zip(params, tparams):
+        np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-13, atol=1e-14)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def _call(rng):
+    p = [normal_nonzero(rng, (6, 5)).astype(np.float32), normal_nonzero(rng, (4,)).astype(np.float32)]
+    args = {"params": p, "grads": [normal_nonzero(rng, a.shape).astype(np.float32) for a in p],
+            "row_vars": [np.ones((6, 1), np.float32), None],
+            "col_vars": [np.ones((1, 5), np.float32), None],
+            "variances": [None, np.ones(4, np.float32)]}
+    return args
+
+
+def _set(name, i, value):
+    def edit(args):
+        args[name][i] = value(args) if callable(value) else value
+    return edit
+
+
+BAD = [
+    ("row shape", _set("row_vars", 0, np.ones((5, 1), np.float32)), ValueError,
+     r"row_vars\[0\]: expected shape \(6, 1\)"),
+    ("col shape", _set("col_vars", 0, np.ones((5,), np.float32)), ValueError,
+     r"col_vars\[0\]: expected shape \(1, 5\)"),
+    ("variance shape", _set("variances", 1, np.ones((4, 1), np.float32)), ValueError,
+     r"variances\[1\]: expected shape \(4,\)"),
+    ("row missing", _set("row_vars", 0, None), ValueError, r"row_vars\[0\]: required"),
+    ("variance for a matrix", _set("variances", 0, np.ones((6, 5), np.float32)), ValueError,
+     r"variances\[0\]: must be None"),
+    ("row for a vector", _set("row_vars", 1, np.ones((4, 1), np.float32)), ValueError,
+     r"row_vars\[1\]: must be None"),
+    ("state dtype", _set("variances", 1, np.ones(4, np.float64)), TypeError,
+     r"variances\[1\]: dtype float64 is not the state type float32"),
+    ("grad dtype", _set("grads", 1, np.ones(4, np.float64)), TypeError, r"grads\[1\]: dtype"),
+    ("grad shape", _set("grads", 0, np.ones((5, 6), np.float32)), ValueError, r"grads\[0\]: shape"),
+    ("transposed param", lambda a: a.update(params=[np.ascontiguousarray(a["params"][0].T).T,
+                                                    a["params"][1]],
+                                            grads=[np.ascontiguousarray(a["grads"][0].T).T,
+                                                   a["grads"][1]]),
+     ValueError, r"params\[0\]: must be C-contiguous"),
+    ("state aliases a grad", _set("variances", 1, lambda a: a["grads"][1].view()), ValueError,
+     r"overlaps"),
+    ("row aliases the col", _set("col_vars", 0, lambda a: a["row_vars"][0][:5].reshape(1, 5)),
+     ValueError, r"overlaps"),
+    ("read-only state", _set("row_vars", 0, np.broadcast_to(np.float32(1), (6, 1))), ValueError,
+     r"row_vars\[0\]: .*(read-only|dense)"),
+    ("int params", lambda a: a.update(params=[a["params"][0].astype(np.int32), a["params"][1]]),
+     TypeError, r"params\[0\]"),
+]
+
+
+@pytest.mark.parametrize("edit,error,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_arrays_are_refused_before_anything_is_written(edit, error, match, rng):
+    args = _call(rng)
+    edit(args)
+    before = {k: [None if a is None else np.array(a) for a in v] for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        fastopt.adafactor_(*args.values(), step=2)
+    for name, arrays in args.items():
+        for a, b in zip(arrays, before[name]):
+            if a is not None:
+                assert np.array_equal(a, b), name
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    ({"lr": -1.0}, ValueError, r"^lr: must be in"),
+    ({"beta2_decay": 0.5}, ValueError, r"^beta2_decay: must be in"),
+    ({"eps": (None, -1.0)}, ValueError, r"^eps\[1\]: must be in"),
+    ({"eps": 1e-3}, TypeError, r"^eps: expected a pair"),
+    ({"d": 0.5}, ValueError, r"^d: must be in"),
+    ({"weight_decay": float("nan")}, ValueError, r"^weight_decay: must be finite"),
+    ({"maximize": 1}, TypeError, r"^maximize: expected a bool"),
+    ({"step": 0}, ValueError, r"^step: must be >= 1"),
+    ({"step": [1]}, ValueError, r"^step: expected 2 step counts"),
+    ({"step": [1, 2.5]}, TypeError, r"^step\[1\]: expected an integer"),
+])
+def test_bad_hyper_parameters_are_refused(kw, error, match, rng):
+    args = _call(rng)
+    before = [a.copy() for a in args["params"]]
+    with pytest.raises(error, match=match):
+        fastopt.adafactor_(*args.values(), **{"step": 1, **kw})
+    assert all(np.array_equal(a, b) for a, b in zip(args["params"], before))
+
+
+@pytest.mark.parametrize("name,value,error,match", [
+    ("lr", float("inf"), ValueError, r"^lr: must be finite"),
+    ("beta2_decay", 0.1, ValueError, r"^beta2_decay: must be <= 0"),
+    ("eps1", -1.0, ValueError, r"^eps1: must be >= 0"),
+    ("d", float("nan"), ValueError, r"^d: must be >= 1"),
+    ("maximize", None, TypeError, r"^maximize: expected a bool"),
+    ("steps", [1, 0], ValueError, r"^steps\[1\]: must be a whole number"),
+    ("steps", [1], TypeError, r"^steps: expected a list of 2"),
+    ("row_vars", (None, None), TypeError, r"^row_vars: expected a list"),
+    ("variances", [None], ValueError, r"^variances: expected 2 entries"),
+])
+def test_the_binding_checks_its_arguments(name, value, error, match, rng):
+    # The private binding, called directly, refuses what the Python layer would, unchanged.
+    args = _call(rng)
+    kw = {**args, "steps": [1, 1], "lr": 0.01, "beta2_decay": -0.8, "eps1": 1e-30, "eps2": 1e-3,
+          "d": 1.0, "weight_decay": 0.0, "maximize": False, "listed": True, name: value}
+    before = [a.copy() for a in args["params"]]
+    with pytest.raises(error, match=match):
+        _ext._cpu.adafactor_step(**kw)
+    assert all(np.array_equal(a, b) for a, b in zip(args["params"], before))
+
+
+# ---- the array class --------------------------------------------------------------------------
+
+def test_array_class_matches_the_step_function_and_round_trips(rng):
+    shapes = [(9, 4), (6,), (2, 3, 5)]
+    params = [normal_nonzero(rng, s).astype(np.float32) for s in shapes]
+    twins = [p.copy() for p in params]
+    states = [state_for(p) for p in twins]
+    opt = fastopt.Adafactor(params, lr=0.02, weight_decay=0.1, schedule=lambda t, lr: lr / (1 + t))
+    grads = [[normal_nonzero(rng, s).astype(np.float32) for s in shapes] for _ in range(8)]
+    for t in range(4):
+        opt.step(grads[t])
+        fastopt.adafactor_(twins, grads[t], *map(list, zip(*states)), step=t + 1,
+                           lr=0.02 / (1 + t), weight_decay=0.1)
+    assert all(np.array_equal(a, b) for a, b in zip(params, twins))
+    saved = opt.state_dict()
+    other = fastopt.Adafactor([p.copy() for p in params], schedule=lambda t, lr: lr / (1 + t))
+    other.load_state_dict(saved)
+    for t in range(4, 8):
+        opt.step(grads[t])
+        other.step(grads[t])
+    assert all(np.array_equal(a, b) for a, b in zip(params, other.params))
+    assert opt.step_count == other.step_count == 8
+    opt.zero_state()
+    assert opt.step_count == 0 and not any(
+        np.any(a) for arrays in opt.state.values() for a in arrays if a is not None)
+
+
+def test_array_class_refuses_a_bad_state_dict_whole(rng):
+    params = [normal_nonzero(rng, (4, 3)).astype(np.float32)]
+    opt = fastopt.Adafactor(params)
+    opt.step([normal_nonzero(rng, (4, 3)).astype(np.float32)])
+    saved = opt.state_dict()
+    bad = copy.deepcopy(saved)
+    bad["state"]["col_vars"][0] = np.ones((1, 4), np.float32)
+    bad["lr"] = 0.5
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\['col_vars'\]\[0\]: expected shape"):
+        opt.load_state_dict(bad)
+    assert opt.lr == saved["lr"] and np.array_equal(opt.state["col_vars"][0],
+                                                    saved["state"]["col_vars"][0])
+    with pytest.raises(ValueError, match=r"^state_dict\['hyper'\]\['d'\]: must be in"):
+        opt.load_state_dict({**saved, "hyper": {**saved["hyper"], "d": 0.0}})
+
+
+# ---- fastopt.torch.Adafactor ------------------------------------------------------------------
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 6 * 6, 10), torch.nn.LayerNorm(10))
+
+
+def _batches(n):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g))
+            for _ in range(n)]
+
+
+def _train(opt, model, batches, scheduler=None):
+    for x, y in batches:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _groups(model):
+    return [{"params": list(model[0].parameters()), "lr": 0.05, "weight_decay": 0.1},
+            {"params": list(model[2].parameters()) + list(model[3].parameters())}]
+
+
+@needs_torch
+@pytest.mark.parametrize("kw", [{}, {"maximize": True, "beta2_decay": -0.6, "d": 2.0},
+                                {"eps": (1e-20, 1e-2), "lr": "tensor"}],
+                         ids=["defaults", "maximize", "eps-tensor-lr"])
+def test_torch_trajectory_matches_torch(kw):
+    # Two groups, a scheduler, a channels_last conv weight: the same trajectory as torch's.
+    runs = {}
+    for name, cls in [("torch", torch.optim.Adafactor), ("fastopt", ft.Adafactor)]:
+        model = _model()
+        model[0].weight.data = model[0].weight.data.to(memory_format=torch.channels_last)
+        # a 0-d tensor lr of each run's own (the scheduler edits it in place)
+        opt = cls(_groups(model), **{**kw, **({"lr": torch.tensor(0.02)} if "lr" in kw else {})})
+        _train(opt, model, _batches(12), torch.optim.lr_scheduler.StepLR(opt, 4, 0.5))
+        runs[name] = (model, opt)
+    for a, b in zip(runs["torch"][0].parameters(), runs["fastopt"][0].parameters()):
+        np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-5, atol=1e-6)
+    want, got = runs["torch"][1].state_dict(), runs["fastopt"][1].state_dict()
+    for group, mine in zip(want["param_groups"], got["param_groups"]):
+        assert set(group) == set(mine)
+        assert all(group[k] == mine[k] for k in group if not torch.is_tensor(group[k]))
+    for i, entry in want["state"].items():
+        assert set(entry) == set(got["state"][i])
+        for key, t in entry.items():
+            assert t.dtype == got["state"][i][key].dtype and t.shape == got["state"][i][key].shape
+            np.testing.assert_allclose(got["state"][i][key].numpy(), t.numpy(), rtol=1e-4,
+                                       atol=1e-9)
+
+
+@needs_torch
+@pytest.mark.parametrize("direction", ["torch-to-fastopt", "fastopt-to-torch"])
+def test_torch_checkpoints_interchange(direction):
+    # Train 5 steps with one, save (through torch.save/load weights_only), continue 5 steps
+    # with the other: torch's own 10 steps.
+    first, second = ((torch.optim.Adafactor, ft.Adafactor) if direction == "torch-to-fastopt"
+                     else (ft.Adafactor, torch.optim.Adafactor))
+    batches = _batches(10)
+    reference_model = _model()
+    _train(torch.optim.Adafactor(_groups(reference_model)), reference_model, batches)
+    model = _model()
+    opt = first(_groups(model))
+    _train(opt, model, batches[:5])
+    resumed = second(_groups(model))
+    resumed.load_state_dict(torch_roundtrip(opt.state_dict()))
+    _train(resumed, model, batches[5:])
+    for a, b in zip(reference_model.parameters(), model.parameters()):
+        np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@needs_torch
+def test_torch_version_counter_is_bumped():
+    # A step between forward and backward: torch.optim's in-place writes make backward
+    # raise; fastopt's writes do too.
+    for cls in (torch.optim.Adafactor, ft.Adafactor):
+        w = torch.nn.Parameter(torch.randn(4, 3))
+        opt = cls([w])
+        w.grad = torch.randn(4, 3)
+        loss = (w * w).sum()
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@needs_torch
+def test_torch_refused_step_changes_nothing():
+    model = _model()
+    opt = ft.Adafactor(_groups(model))
+    _train(opt, model, _batches(1))
+    opt.param_groups[1]["beta2_decay"] = 0.5
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    x, y = _batches(1)[0]
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"^param_groups\[1\]\['beta2_decay'\]: must be in"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    after = opt.state_dict()
+    assert all(torch.equal(t, after["state"][i][k]) for i, e in state["state"].items()
+               for k, t in e.items())
+    opt.param_groups[1]["beta2_decay"] = -0.8
+    model[2].weight.grad = model[2].weight.grad.to_sparse()
+    with pytest.raises(TypeError, match=r"^param_groups\[1\]\['params'\]\[0\]\.grad: "):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_torch_16_bit_params_keep_float32_state(dtype):
+    # float32 state and math; a torch checkpoint's 16-bit state is taken as float32.
+    w = torch.nn.Parameter(torch.randn(8, 5).to(getattr(torch, dtype)))
+    b = torch.nn.Parameter(torch.randn(5).to(getattr(torch, dtype)))
+    topt = torch.optim.Adafactor([w, b])
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    start = (w.detach().clone(), b.detach().clone())
+    topt.step()
+    opt = ft.Adafactor([w, b])
+    opt.load_state_dict(torch_roundtrip(topt.state_dict()))
+    opt.step()
+    assert {t.dtype for e in opt.state.values() for k, t in e.items() if k != "step"} == {
+        torch.float32}
+    assert not torch.equal(w.detach(), start[0]) and not torch.equal(b.detach(), start[1])
+    assert [float(e["step"]) for e in opt.state.values()] == [2.0, 2.0]
