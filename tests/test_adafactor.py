@@ -415,3 +415,36 @@ def test_torch_16_bit_params_keep_float32_state(dtype):
         torch.float32}
     assert not torch.equal(w.detach(), start[0]) and not torch.equal(b.detach(), start[1])
     assert [float(e["step"]) for e in opt.state.values()] == [2.0, 2.0]
+
+
+@needs_torch
+@pytest.mark.parametrize("case", ["inf", "nan", "zero rows and columns", "square overflows"])
+def test_torch_non_finite_and_extreme_grads(case):
+    # inf/NaN grads make the param NaN where torch's does; zero rows and columns take the
+    # eps1 clamp as torch; a grad whose square overflows float32 stays finite here (float64
+    # sums) where torch's float32 norms overflow and make the whole param NaN.
+    torch.manual_seed(0)
+    start, g = torch.randn(6, 5), torch.randn(6, 5)
+    if case == "inf":
+        g[2, 3] = float("inf")
+    elif case == "nan":
+        g[1, 1] = float("nan")
+    elif case == "zero rows and columns":
+        g[:, 2] = 0.0
+        g[4, :] = 0.0
+    else:
+        g[0, 0] = 3e19
+    out = []
+    for cls in (torch.optim.Adafactor, ft.Adafactor):
+        w = torch.nn.Parameter(start.clone())
+        opt = cls([w], lr=0.1)
+        for _ in range(2):
+            w.grad = g.clone()
+            opt.step()
+        out.append(w.detach())
+    theirs, mine = out
+    if case == "square overflows":
+        assert theirs.isnan().all() and mine.isfinite().all()
+    else:
+        assert torch.equal(theirs.isnan(), mine.isnan())
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, equal_nan=True)

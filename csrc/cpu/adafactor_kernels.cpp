@@ -3,7 +3,8 @@
 //   1. sums: sum(p^2) per unit, sum(g^2) per row strip and per column of a row block
 //      (a vector: its second moment updated here, and sum(u^2) per unit);
 //   2. the factors: R and C moved toward the means of g^2, and mean(R) per matrix;
-//   3. sum(u^2) per unit (matrices);
+//   3. sum(u^2) per unit (matrices; u with the estimate's inverse root factored: see
+//      InverseRoot);
 //   4. p <- p * (1 - lr*wd) + coefficient * u.
 // Sums are float64 in one fixed order: element j of a row strip adds into lane j % kLanes,
 // rows in order; the lanes combine pairwise; row strips, row blocks and units combine in
@@ -20,7 +21,10 @@ using cpu::AdafactorParam;
 using cpu::DType;
 
 constexpr int kLanes = 16;
-constexpr int64_t kStrip = 1024;  // a multiple of kLanes: a strip's lanes are its columns' lanes
+// Columns per unit: a multiple of kLanes (a strip's lanes are its columns' lanes), and 16 KB
+// of float32 per row, so the hardware prefetcher streams a row over several pages (1024
+// columns, one page per row, made the passes ~1.2-2x slower on a 4096 x 4096 matrix).
+constexpr int64_t kStrip = 4096;
 constexpr int64_t kRowBlock = 32;
 
 struct SquareLanes {
@@ -176,33 +180,60 @@ void vector_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, SquareLanes& u
   }
 }
 
-// The second moment estimate of element (r, column c0 + j) of matrix b, through `lane`.
-template <class P, class T> struct Estimate {
-  const Walk<P, T>& w;
-  const T* row;   // R of the unit's matrix
-  const T* col;   // C of the unit's matrix, from column c0
-  T mean;         // max(mean(R), eps1) of the matrix
-  const T* v;     // V from c0 (a vector), else null
+// a where v < bound, else b (lane by lane; NaN v takes b).
+template <class T> T below(T v, T bound, T a, T b) { return v < bound ? a : b; }
+#ifdef FASTOPT_ISA_isa_avx2
+inline F32x8 below(F32x8 v, F32x8 bound, F32x8 a, F32x8 b) {
+  return _mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(v.v, bound.v, _CMP_LT_OQ));
+}
+#endif
+
+// What one matrix's pass 3 and 4 read per row and column (made in pass 2): a matrix's
+// 1/sqrt(max(R_i C_j / m, eps1^2)) is taken as (1/sqrt(R_i / m)) (1/sqrt(C_j)), or 1/eps1
+// where (R_i / m) C_j < eps1^2: no division or root per element, the estimate's inverse
+// root within a few float rounding steps (NaN and inf propagate as in the estimate).
+template <class T> struct Factors {
+  std::vector<T> scale;      // R_i / m, per row of every matrix
+  std::vector<T> row_root;   // 1 / sqrt(R_i / m)
+  std::vector<T> col_root;   // 1 / sqrt(C_j), per column of every matrix
+};
+
+// The inverse root of the second moment estimate at (row r, column c0 + j) of a unit.
+template <class P, class T> struct InverseRoot {
+  const T* scale;     // the unit's matrix's rows (factored), else null
+  const T* row_root;
+  const T* col;       // C from column c0
+  const T* col_root;  // from column c0
+  const T* v;         // V from c0 (a vector), else null
+  T eps1_squared, inverse_eps1;
   template <class L> typename L::value at(L, int64_t r, int64_t j) const {
     using V = typename L::value;
-    if (v) return L::load(v + j);
-    return V(row[r]) * L::load(col + j) / V(mean);
+    if (v) return adafactor_inverse_root(L::load(v + j), V(eps1_squared));
+    return below(V(scale[r]) * L::load(col + j), V(eps1_squared), V(inverse_eps1),
+                 V(row_root[r]) * L::load(col_root + j));
+  }
+  static InverseRoot of(const Walk<P, T>& w, int64_t b, int64_t c0, const T* col,
+                        const Factors<T>& f, T eps1_squared, T inverse_eps1) {
+    if (!w.factored())
+      return {nullptr, nullptr, nullptr, nullptr, static_cast<const T*>(w.a.variance) + c0,
+              eps1_squared, inverse_eps1};
+    const int64_t rows = b * w.a.rows, cols = b * w.a.cols + c0;
+    return {f.scale.data() + rows, f.row_root.data() + rows, col + cols,
+            f.col_root.data() + cols, nullptr, eps1_squared, inverse_eps1};
   }
 };
 
 // Pass 3 (matrices): sum(u^2) of a unit into `us`.
 template <class P, class T>
-void matrix_update_squares(const Walk<P, T>& w, int64_t k, const T* row, const T* col,
-                           const T* means, T eps1_squared, SquareLanes& us) {
+void matrix_update_squares(const Walk<P, T>& w, int64_t k, const InverseRoot<P, T>& e,
+                           SquareLanes& us) {
   int64_t b, r0, nr, c0, nc;
   w.unit(k, b, r0, nr, c0, nc);
-  const Estimate<P, T> e{w, row + b * w.a.rows, col + b * w.a.cols + c0, means[b], nullptr};
   for (int64_t r = r0; r < r0 + nr; ++r) {
     const P* gr = w.g + w.at(b, r, c0);
     auto u = [&](auto lane, int64_t j) {
       using L = decltype(lane);
-      using V = typename L::value;
-      return L::load(gr + j) * adafactor_inverse_root(e.at(lane, r, j), V(eps1_squared));
+      return L::load(gr + j) * e.at(lane, r, j);
     };
     int64_t j = 0;
 #ifdef FASTOPT_ISA_isa_avx2
@@ -222,14 +253,10 @@ void matrix_update_squares(const Walk<P, T>& w, int64_t k, const T* row, const T
 
 // Pass 4: p <- p * decay + coefficient * u over a unit.
 template <class P, class T>
-void apply_update(const Walk<P, T>& w, int64_t k, const T* row, const T* col, const T* means,
-                  T eps1_squared, T decay, T coefficient) {
+void apply_update(const Walk<P, T>& w, int64_t k, const InverseRoot<P, T>& e, T decay,
+                  T coefficient) {
   int64_t b, r0, nr, c0, nc;
   w.unit(k, b, r0, nr, c0, nc);
-  const Estimate<P, T> e =
-      w.factored()
-          ? Estimate<P, T>{w, row + b * w.a.rows, col + b * w.a.cols + c0, means[b], nullptr}
-          : Estimate<P, T>{w, nullptr, nullptr, T(0), static_cast<const T*>(w.a.variance) + c0};
   for (int64_t r = r0; r < r0 + nr; ++r) {
     P* pr = w.p + w.at(b, r, c0);
     const P* gr = w.g + w.at(b, r, c0);
@@ -238,7 +265,7 @@ void apply_update(const Walk<P, T>& w, int64_t k, const T* row, const T* col, co
       using V = typename L::value;
       V g = L::load(gr + j);
       if (w.h.maximize) g = -g;
-      const V u = adafactor_inverse_root(e.at(lane, r, j), V(eps1_squared)) * g;
+      const V u = e.at(lane, r, j) * g;
       L::store(pr + j, L::load(pr + j) * V(decay) + V(coefficient) * u);
     };
     int64_t j = 0;
@@ -271,9 +298,14 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
   const bool small = vabs(weight) < T(0.5);
   const T eps1_squared = T(h.eps1 * h.eps1);
   std::vector<double> p_part(size_t(units), 0.0), u_part(size_t(units), 0.0);
+  const T inverse_eps1 = T(1) / vsqrt(eps1_squared);  // (the clamped estimate's inverse root)
   T* row = static_cast<T*>(a.row);
   T* col = static_cast<T*>(a.col);
-  std::vector<T> means;
+  Factors<T> f;
+  auto unit_root = [&](int64_t k) {
+    return InverseRoot<P, T>::of(w, k / (w.blocks * w.strips), k % w.strips * kStrip, col, f,
+                                 eps1_squared, inverse_eps1);
+  };
   if (w.factored()) {
     std::vector<double> row_part(size_t(a.batch * a.rows * w.strips), 0.0);
     std::vector<double> col_part(size_t(a.batch * w.blocks * a.cols), 0.0);
@@ -283,8 +315,10 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
       matrix_sums(w, k, ps, row_part.data(), col_part.data() + (b * w.blocks + rb) * a.cols + k % w.strips * kStrip);
       p_part[size_t(k)] = ps.total();
     });
-    // 2. the factors and their means, matrix by matrix
-    means.resize(size_t(a.batch));
+    // 2. the factors, their means and inverse roots, matrix by matrix
+    f.scale.resize(size_t(a.batch * a.rows));
+    f.row_root.resize(size_t(a.batch * a.rows));
+    f.col_root.resize(size_t(a.batch * a.cols));
     over_units(a.batch, numel, threads, [&](int64_t b) {
       double row_total = 0.0;
       for (int64_t r = 0; r < a.rows; ++r) {
@@ -299,13 +333,18 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
         for (int64_t rb = 0; rb < w.blocks; ++rb) sum += col_part[size_t((b * w.blocks + rb) * a.cols + c)];
         T& x = col[b * a.cols + c];
         x = adafactor_lerp(x, T(sum / double(a.rows)), weight, one_minus, small);
+        f.col_root[size_t(b * a.cols + c)] = T(1) / vsqrt(x);
       }
-      means[size_t(b)] = vmax_nan(T(row_total / double(a.rows)), T(h.eps1));
+      const T mean = vmax_nan(T(row_total / double(a.rows)), T(h.eps1));
+      for (int64_t r = b * a.rows; r < (b + 1) * a.rows; ++r) {
+        f.scale[size_t(r)] = row[r] / mean;
+        f.row_root[size_t(r)] = T(1) / vsqrt(f.scale[size_t(r)]);
+      }
     });
     // 3. sum(u^2)
     over_units(units, numel, threads, [&](int64_t k) {
       SquareLanes us;
-      matrix_update_squares(w, k, row, col, means.data(), eps1_squared, us);
+      matrix_update_squares(w, k, unit_root(k), us);
       u_part[size_t(k)] = us.total();
     });
   } else {
@@ -320,7 +359,7 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
   const double coefficient = AdafactorStep::coefficient(h, alpha, pairwise(u_part.data(), 0, units), double(numel));
   const T decay = T(1.0 - h.lr * h.weight_decay);
   over_units(units, numel, threads, [&](int64_t k) {
-    apply_update(w, k, row, col, means.data(), eps1_squared, decay, T(coefficient));
+    apply_update(w, k, unit_root(k), decay, T(coefficient));
   });
 }
 

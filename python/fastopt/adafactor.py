@@ -14,8 +14,10 @@ update) and two over a vector, param by param with every thread, in float32 math
 float32 and 16-bit params (float64 for float64) and float64 sums in a fixed order: the
 results are bit-identical across the scalar and AVX2 paths and thread counts, and agree
 with torch to float32 rounding (torch's norms are float32 reductions). State is in the
-math type (float32 for 16-bit params, where torch keeps it in the params' dtype). This
-version runs on the CPU only: CUDA arrays are refused with a TypeError.
+math type (float32 for 16-bit params, where torch keeps it in the params' dtype). A grad
+whose square overflows float32 (|g| > 1.8e19) leaves the step finite here, where torch's
+float32 norms overflow and make the whole param NaN. This version runs on the CPU only:
+CUDA arrays are refused with a TypeError.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@
 //   vector: V <- lerp(V, g^2, w);  v = V
 //   u = g / sqrt(max(v, eps1^2));  denom = max(1, ||u|| / (sqrt(numel) * d))
 //   p <- p * (1 - lr*wd) - (alpha / denom) * u
-// eps1 defaults to the machine epsilon of the params' dtype (torch's None). The two norms
+// eps1 defaults to the machine epsilon of the params' dtype (torch's None). The CPU kernel
+// takes a matrix's 1/sqrt(max(v_ij, eps1^2)) as (1/sqrt(R_i/mean(R))) (1/sqrt(C_j)), or
+// 1/eps1 where (R_i/mean(R)) C_j < eps1^2: no division or root per element, the same
+// within float rounding. The two norms
 // make it three passes over a matrix (p and g read; g read; p and g read, p written: 24 B
 // per float32 element) and two over a vector (32 B, V read and written once each).
 // Shared by the CPU kernels and (in these formulas) any device's.
