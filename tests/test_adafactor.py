@@ -210,6 +210,7 @@ def test_bad_arrays_are_refused_before_anything_is_written(edit, error, match, r
     ({"step": 0}, ValueError, r"^step: must be >= 1"),
     ({"step": [1]}, ValueError, r"^step: expected 2 step counts"),
     ({"step": [1, 2.5]}, TypeError, r"^step\[1\]: expected an integer"),
+    ({"step": 2**53 + 1}, ValueError, r"^step: must be <= 2\*\*53"),
 ])
 def test_bad_hyper_parameters_are_refused(kw, error, match, rng):
     args = _call(rng)
@@ -221,8 +222,9 @@ def test_bad_hyper_parameters_are_refused(kw, error, match, rng):
 
 @pytest.mark.parametrize("name,value,error,match", [
     ("lr", float("inf"), ValueError, r"^lr: must be finite"),
-    ("beta2_decay", 0.1, ValueError, r"^beta2_decay: must be <= 0"),
-    ("eps1", -1.0, ValueError, r"^eps1: must be >= 0"),
+    ("beta2_decay", 0.1, ValueError, r"^beta2_decay: must be finite and <= 0"),
+    ("eps1", -1.0, ValueError, r"^eps1: must be finite and >= 0"),
+    ("eps2", float("inf"), ValueError, r"^eps2: must be finite and >= 0"),
     ("d", float("nan"), ValueError, r"^d: must be >= 1"),
     ("maximize", None, TypeError, r"^maximize: expected a bool"),
     ("steps", [1, 0], ValueError, r"^steps\[1\]: must be a whole number"),
@@ -266,6 +268,16 @@ def test_array_class_matches_the_step_function_and_round_trips(rng):
     opt.zero_state()
     assert opt.step_count == 0 and not any(
         np.any(a) for arrays in opt.state.values() for a in arrays if a is not None)
+
+
+def test_array_class_refuses_at_construction_what_every_step_would(rng):
+    a = normal_nonzero(rng, (4, 3)).astype(np.float32)
+    with pytest.raises(TypeError, match=r"^params\[1\]: dtype float64 differs"):
+        fastopt.Adafactor([a, a.astype(np.float64)])
+    with pytest.raises(ValueError, match=r"^params\[1\] overlaps params\[0\]"):
+        fastopt.Adafactor([a, a[1:]])
+    with pytest.raises(ValueError, match=r"^params\[0\]: must be C-contiguous"):
+        fastopt.Adafactor([np.asfortranarray(a)])
 
 
 def test_array_class_refuses_a_bad_state_dict_whole(rng):
@@ -448,3 +460,147 @@ def test_torch_non_finite_and_extreme_grads(case):
     else:
         assert torch.equal(theirs.isnan(), mine.isnan())
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+# ---- CUDA (run where a GPU is: marked cuda, skipped elsewhere) --------------------------------
+
+CUDA_OK = torch is not None and torch.cuda.is_available() and fastopt.cuda_available()
+
+
+def _twins(shapes, dtype, seed=0):
+    """(CPU tensors, their CUDA copies) of params, grads per step and zeroed state."""
+    g = torch.Generator().manual_seed(seed)
+    host = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    states = []
+    for p in host:
+        shapes_of = {"row_vars": None, "col_vars": None, "variances": None}
+        for k, shape in fastopt.adafactor.state_shapes(tuple(p.shape)).items():
+            shapes_of[k] = torch.zeros(shape, dtype=state_dtype)
+        states.append(shapes_of)
+    return host, states
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("shapes", [[(33, 17)], [(3, 70, 5000)], [(7,), (), (70001,)],
+                                    [(600, 3, 3), (4, 4097)]], ids=str)
+@pytest.mark.parametrize("opts", OPTIONS[:2], ids=["defaults", "wd-maximize"])
+def test_cuda_matches_the_cpu_kernel(dtype, shapes, opts):
+    # The same passes, float64 sums in another order: equal within float rounding.
+    tdtype = getattr(torch, dtype)
+    host, states = _twins(shapes, tdtype)
+    dev = [p.cuda() for p in host]
+    dev_states = [{k: None if v is None else v.cuda() for k, v in s.items()} for s in states]
+    gen = torch.Generator().manual_seed(1)
+    for t in range(1, 5):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(tdtype) for p in host]
+        for params, st, gs in ((host, states, grads), (dev, dev_states, [g.cuda() for g in grads])):
+            fastopt.adafactor_(params, gs, *([s[k] for s in st] for k in
+                                             ("row_vars", "col_vars", "variances")), step=t, **opts)
+    torch.cuda.synchronize()
+    tol = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2.0**-7}[dtype]
+    for a, b in zip(host, dev):
+        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tol, atol=tol)
+    for sa, sb in zip(states, dev_states):
+        for k in sa:
+            if sa[k] is not None:
+                torch.testing.assert_close(sb[k].cpu(), sa[k], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU")
+def test_cuda_runs_are_deterministic_and_torch_class_matches_torch():
+    results = []
+    for _ in range(2):
+        host, states = _twins([(300, 700), (700,)], torch.float32, seed=3)
+        params = [torch.nn.Parameter(p.cuda()) for p in host]
+        opt = ft.Adafactor(params, weight_decay=0.1)
+        for t in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p) * (t + 1)
+            torch.manual_seed(t)
+            opt.step()
+        results.append([p.detach().cpu() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    host, _ = _twins([(300, 700), (700,)], torch.float32, seed=3)
+    theirs = [torch.nn.Parameter(p.cuda()) for p in host]
+    topt = torch.optim.Adafactor(theirs, weight_decay=0.1)
+    for t in range(3):
+        for p in theirs:
+            p.grad = torch.randn_like(p) * (t + 1)
+        torch.manual_seed(t)
+        topt.step()
+    for a, b in zip(theirs, results[0]):
+        torch.testing.assert_close(b, a.detach().cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU")
+def test_cuda_bad_arrays_are_refused_before_anything_is_written():
+    p = torch.randn(6, 5, device="cuda")
+    before = p.clone()
+    g = torch.randn(6, 5, device="cuda")
+    row, col = torch.zeros(6, 1, device="cuda"), torch.zeros(1, 5, device="cuda")
+    with pytest.raises(TypeError, match=r"row_vars\[0\]: is a host array"):
+        fastopt.adafactor_([p], [g], [torch.zeros(6, 1)], [col], [None], step=1)
+    with pytest.raises(ValueError, match=r"col_vars\[0\]: expected shape \(1, 5\)"):
+        fastopt.adafactor_([p], [g], [row], [torch.zeros(5, 1, device="cuda")], [None], step=1)
+    with pytest.raises(ValueError, match=r"overlaps"):
+        fastopt.adafactor_([p], [g], [row], [row.view(1, 6)[:, :5]], [None], step=1)
+    with pytest.raises(ValueError, match=r"params\[0\]: must be C-contiguous"):
+        fastopt.adafactor_([p.t()], [g.t()], [torch.zeros(5, 1, device="cuda")],
+                           [torch.zeros(1, 6, device="cuda")], [None], step=1)
+    torch.cuda.synchronize()
+    assert torch.equal(p, before) and not row.any() and not col.any()
+
+
+@needs_torch
+def test_torch_step_refused_by_the_kernel_checks_changes_nothing():
+    # Checks only the binding makes (overlaps) refuse the whole step, before any group
+    # runs, naming the params by their groups; no state is made.
+    buf = torch.zeros(40)
+    a = torch.nn.Parameter(torch.randn(4, 4))
+    b = torch.nn.Parameter(buf[:30].view(5, 6))
+    c = torch.nn.Parameter(buf[20:].view(20))  # overlaps b
+    opt = ft.Adafactor([{"params": [a]}, {"params": [b, c]}])
+    for p in (a, b, c):
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in (a, b, c)]
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] overlaps "
+                                         r"param_groups\[1\]\['params'\]\[0\]"):
+        opt.step()
+    assert all(torch.equal(x, y) for x, y in zip(before, (a, b, c)))
+    assert not opt.state_dict()["state"]
+
+
+@needs_torch
+def test_torch_eps1_of_a_mixed_dtype_group_is_its_first_params():
+    # torch takes eps1 (None) from the group's first param and uses it for all.
+    out = []
+    for cls in (torch.optim.Adafactor, ft.Adafactor):
+        torch.manual_seed(0)
+        w16 = torch.nn.Parameter(torch.randn(4, 3).bfloat16())
+        w32 = torch.nn.Parameter(torch.randn(5, 3))
+        opt = cls([w16, w32])
+        w16.grad = (torch.randn(4, 3) * 1e-3).bfloat16()
+        w32.grad = torch.randn(5, 3) * 1e-3
+        opt.step()
+        out.append(w32.detach().clone())
+    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-7)
+
+
+@needs_torch
+def test_torch_16_bit_params_state_round_trips_in_float32():
+    w = torch.nn.Parameter(torch.randn(8, 16).bfloat16())
+    opt = ft.Adafactor([w])
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    saved = torch_roundtrip(opt.state_dict())
+    other = ft.Adafactor([torch.nn.Parameter(w.detach().clone())])
+    other.load_state_dict(saved)
+    entry = next(iter(other.state.values()))
+    assert entry["row_var"].dtype == torch.float32
+    assert torch.equal(entry["row_var"], saved["state"][0]["row_var"])

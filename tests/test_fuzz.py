@@ -488,6 +488,32 @@ OTHER_TARGETS: Dict[str, Any] = {
         {"p": _fresh((9,)), "g": _fresh((9,), seed=1)},
         {"rounding": "nearest", "seed": None},
     ),
+    "adafactor_": (
+        lambda a: fastopt.adafactor_(
+            [a["p"], a["b"]], [a["g"], a["gb"]], [a["row"], None], [a["col"], None],
+            [None, a["v"]], step=a["step"], lr=a["lr"], beta2_decay=a["beta2_decay"],
+            eps=(a["eps1"], a["eps2"]), d=a["d"], weight_decay=a["weight_decay"],
+        ),
+        {
+            "p": _fresh((5, 7)),
+            "g": _fresh((5, 7), seed=1),
+            "row": np.zeros((5, 1), F32),
+            "col": np.zeros((1, 7), F32),
+            "b": _fresh((7,), seed=2),
+            "gb": _fresh((7,), seed=3),
+            "v": np.zeros(7, F32),
+        },
+        {"step": 1, "lr": 1e-2, "beta2_decay": -0.8, "eps1": None, "eps2": 1e-3, "d": 1.0,
+         "weight_decay": 0.0},
+    ),
+    "Adafactor": (
+        lambda a: fastopt.Adafactor([a["p"], a["b"]], lr=a["lr"], d=a["d"]).step(
+            [a["g"], a["gb"]]
+        ),
+        {"p": _fresh((5, 7)), "g": _fresh((5, 7), seed=1), "b": _fresh((7,), seed=2),
+         "gb": _fresh((7,), seed=3)},
+        {"lr": 1e-2, "d": 1.0},
+    ),
     "save_quantized": (
         lambda a: fastopt.save_quantized(
             _file("save.safetensors"),

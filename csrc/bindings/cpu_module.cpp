@@ -10,6 +10,7 @@
 #include <limits>
 #include <memory>
 #include <stdexcept>
+#include "bindings/adafactor_args.h"
 #include "bindings/array_table.h"
 #include "bindings/optim_binding.h"
 #include "bindings/kernel_args.h"
@@ -509,130 +510,79 @@ void scale_grads(py::object grads, py::object listed_arg, py::object coefficient
 
 // ---- Adafactor ---------------------------------------------------------------------------
 
-// A real hyper-parameter in [lo, hi] (not NaN), else ValueError naming it.
-double adafactor_number(py::handle v, const char* name, double lo, double hi, const char* range) {
-  const double x = fastopt::bindings::scalar_arg<double>(v, name);
-  if (!(x >= lo && x <= hi))
-    throw py::value_error(std::string(name) + ": must be " + range + ", got " + py::repr(v).cast<std::string>());
-  return x;
-}
-
 // Adafactor (cpu/adafactor_kernels.h) over one list of params of one dtype, with their
 // grads. row_vars, col_vars and variances are lists aligned with params, None where a
 // param has no such state: a param of two or more dimensions has a row factor shaped
 // (..., rows, 1) and a column factor (..., 1, cols) (torch's shapes); a vector or 0-d
 // param its second moment, shaped like it. All in C order, in the state type (float32 for
 // float32 and 16-bit params, float64 for float64). steps: the step t >= 1 each param takes.
-// Everything is checked before anything is written.
+// Everything is checked before anything is written (bindings/adafactor_args.h); with
+// check_only, nothing more is done.
 void adafactor_step(py::object params, py::object grads, py::object row_vars, py::object col_vars,
                     py::object variances, py::object steps, py::object lr, py::object beta2_decay,
                     py::object eps1, py::object eps2, py::object d, py::object weight_decay,
-                    py::object maximize, py::object listed_arg) {
+                    py::object maximize, py::object listed_arg, py::object check_only) {
+  namespace af = fastopt::bindings::adafactor;
   using fastopt::bindings::Where;
-  const double inf = std::numeric_limits<double>::infinity();
   const bool listed = fastopt::bindings::scalar_arg<bool>(listed_arg, "listed");
-  fastopt::AdafactorHyper h{};
-  h.lr = adafactor_number(lr, "lr", 0.0, inf, "finite and >= 0");
-  if (std::isinf(h.lr)) throw py::value_error("lr: must be finite and >= 0, got inf");
-  h.beta2_decay = adafactor_number(beta2_decay, "beta2_decay", -inf, 0.0, "<= 0");
-  h.eps1 = adafactor_number(eps1, "eps1", 0.0, inf, ">= 0");
-  h.eps2 = adafactor_number(eps2, "eps2", 0.0, inf, ">= 0");
-  h.d = adafactor_number(d, "d", 1.0, inf, ">= 1");
-  h.weight_decay = adafactor_number(weight_decay, "weight_decay", 0.0, inf, ">= 0");
-  if (std::isinf(h.weight_decay)) throw py::value_error("weight_decay: must be finite, got inf");
-  h.maximize = fastopt::bindings::scalar_arg<bool>(maximize, "maximize");
+  const fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
   const std::array<RoleSpec, 2> roles{{{"params", params, true, fastopt::RoleKind::param},
                                        {"grads", grads, false, fastopt::RoleKind::grad}}};
   const ArrayTable main(roles, listed);
   const size_t n = py::len(params);
   const cpu::DType state = cpu::state_dtype(main.dtype());
   // Each state list's arrays (None where a param has none) as one table, named by the
-  // params' indices; `uses(i)`: whether param i has this state.
-  const auto state_table = [&](py::handle list, const char* name, auto uses) {
-    if (!py::isinstance<py::list>(list))
-      throw py::type_error(std::string(name) + ": expected a list of arrays and None");
-    if (py::len(list) != n)
-      throw py::value_error(std::string(name) + ": expected " + std::to_string(n) +
-                            " entries (one per param), got " + std::to_string(py::len(list)));
+  // params' indices, checked against the params' shapes.
+  const py::handle lists[af::num_states] = {row_vars, col_vars, variances};
+  std::unique_ptr<ArrayTable> tables[af::num_states];
+  std::vector<size_t> index[af::num_states];
+  for (int k = 0; k < af::num_states; ++k) {
+    af::check_list(lists[k], k, n);
     py::list chosen;
-    std::vector<size_t> shown;
     for (size_t i = 0; i < n; ++i) {
-      const py::handle item = PyList_GET_ITEM(list.ptr(), i);
-      const bool wanted = uses(main.shape(i));
-      if (wanted == item.is_none())
-        throw py::value_error(Where{name, i, listed}.str() +
-                              (wanted ? ": required (params of " : ": must be None (params of ") +
-                              std::string(std::string(name) == "variances" ? "fewer than two" : "two or more") +
-                              " dimensions keep this state)");
-      if (wanted) {
-        chosen.append(item);
-        shown.push_back(i);
-      }
+      const py::handle item = af::entry(lists[k], k, i, main.shape(i), listed);
+      if (item.is_none()) continue;
+      chosen.append(item);
+      index[k].push_back(i);
     }
-    const std::array<RoleSpec, 1> one{{{name, chosen, true, fastopt::RoleKind::param}}};
-    return std::make_pair(std::make_unique<ArrayTable>(one, listed, py::none(), shown), shown);
-  };
-  const auto matrix = [](const std::vector<int64_t>& s) { return s.size() >= 2; };
-  const auto vector = [](const std::vector<int64_t>& s) { return s.size() < 2; };
-  const auto [rows, row_index] = state_table(row_vars, "row_vars", matrix);
-  const auto [cols, col_index] = state_table(col_vars, "col_vars", matrix);
-  const auto [vars, var_index] = state_table(variances, "variances", vector);
-  // shapes, dtype and order of each state array against its param's
-  const auto expect = [&](const ArrayTable& t, const std::vector<size_t>& index, const char* name,
-                          auto expected_shape) {
-    for (size_t k = 0; k < index.size(); ++k) {
-      const std::string w = Where{name, index[k], listed}.str();
-      if (k == 0 && t.dtype() != state)
-        throw py::type_error(w + ": dtype " + cpu::dtype_name(t.dtype()) + " is not the state type " +
+    const std::array<RoleSpec, 1> one{{{af::kStateNames[k], chosen, true, fastopt::RoleKind::param}}};
+    tables[k] = std::make_unique<ArrayTable>(one, listed, py::none(), index[k]);
+    const ArrayTable& t = *tables[k];
+    for (size_t j = 0; j < index[k].size(); ++j) {
+      const size_t i = index[k][j];
+      if (j == 0 && t.dtype() != state)
+        throw py::type_error(Where{af::kStateNames[k], i, listed}.str() + ": dtype " +
+                             cpu::dtype_name(t.dtype()) + " is not the state type " +
                              cpu::dtype_name(state) + " (float32 for float32 and 16-bit params, "
                              "float64 for float64)");
-      const std::vector<int64_t> want = expected_shape(main.shape(index[k]));
-      if (t.shape(k) != want) {
-        std::string text = "(";
-        for (size_t j = 0; j < want.size(); ++j) text += std::to_string(want[j]) + (want.size() == 1 ? "," : j + 1 < want.size() ? ", " : "");
-        throw py::value_error(w + ": expected shape " + text + ") for " +
-                              Where{"params", index[k], listed}.str() + "'s Adafactor state");
-      }
-      if (!t.c_contiguous(k)) throw py::value_error(w + ": must be C-contiguous");
+      if (t.shape(j) != af::state_shape(main.shape(i), k)) af::wrong_shape(k, i, main.shape(i), listed);
+      if (!t.c_contiguous(j))
+        throw py::value_error(Where{af::kStateNames[k], i, listed}.str() + ": must be C-contiguous");
     }
-  };
-  expect(*rows, row_index, "row_vars", [](std::vector<int64_t> s) { s.back() = 1; return s; });
-  expect(*cols, col_index, "col_vars", [](std::vector<int64_t> s) { s[s.size() - 2] = 1; return s; });
-  expect(*vars, var_index, "variances", [](std::vector<int64_t> s) { return s; });
+  }
   std::vector<fastopt::bindings::Span> spans = main.spans();
-  for (const ArrayTable* t : {rows.get(), cols.get(), vars.get()}) {
+  for (const auto& t : tables) {
     const std::vector<fastopt::bindings::Span> more = t->spans();
     spans.insert(spans.end(), more.begin(), more.end());
   }
   fastopt::bindings::check_no_overlap(
       spans, [&](const char* role, size_t i) { return Where{role, i, listed}.str(); });
-  if (!py::isinstance<py::list>(steps) || py::len(steps) != n)
-    throw py::type_error("steps: expected a list of " + std::to_string(n) + " numbers (one per param)");
+  const std::vector<double> counts = af::steps(steps, n);
   std::vector<cpu::AdafactorParam> work(n);
-  const cpu::TensorTable tm = main.table(), tr = rows->table(), tc = cols->table(), tv = vars->table();
-  size_t r = 0, v = 0;
+  const cpu::TensorTable tm = main.table();
+  size_t next[af::num_states] = {};
   for (size_t i = 0; i < n; ++i) {
-    const std::string w = Where{"steps", i, true}.str();
-    const double t = fastopt::bindings::scalar_arg<double>(PyList_GET_ITEM(steps.ptr(), i), w.c_str());
-    if (!(t >= 1.0 && t <= 9007199254740992.0 && t == std::floor(t)))
-      throw py::value_error(w + ": must be a whole number in [1, 2**53], got " + std::to_string(t));
-    const std::vector<int64_t> s = main.shape(i);
+    const std::vector<int64_t> shape = main.shape(i);
     cpu::AdafactorParam& a = work[i];
-    a = {tm.ptrs[0][i], tm.ptrs[1][i], nullptr, nullptr, nullptr, 1, 1, 1, t};
-    if (s.size() >= 2) {
-      a.rows = s[s.size() - 2];
-      a.cols = s.back();
-      for (size_t k = 0; k + 2 < s.size(); ++k) a.batch *= s[k];
-      a.row = tr.ptrs[0][r];
-      a.col = tc.ptrs[0][r++];
-    } else {
-      a.cols = s.empty() ? 1 : s[0];
-      a.variance = tv.ptrs[0][v++];
-    }
-    if (a.batch * a.rows * a.cols > 0 && !main.c_contiguous(i))
-      throw py::value_error(Where{"params", i, listed}.str() +
-                            ": must be C-contiguous (Adafactor factors its last two dimensions)");
+    a = af::view(shape, counts[i]);
+    if (a.batch * a.rows * a.cols > 0 && !main.c_contiguous(i)) af::not_c_order(i, listed);
+    a.param = tm.ptrs[0][i];
+    a.grad = tm.ptrs[1][i];
+    void** state_ptr[af::num_states] = {&a.row, &a.col, &a.variance};
+    for (int k = 0; k < af::num_states; ++k)
+      if (af::keeps(shape, k)) *state_ptr[k] = tables[k]->table().ptrs[0][next[k]++];
   }
+  if (fastopt::bindings::scalar_arg<bool>(check_only, "check_only")) return;
   const cpu::DType dtype = main.dtype();
   run_released([&] { cpu::adafactor_step(dtype, work.data(), int64_t(n), h); });
 }
@@ -721,7 +671,9 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("adafactor_step", &adafactor_step, arg("params"), arg("grads"), arg("row_vars"),
         arg("col_vars"), arg("variances"), arg("steps"), arg("lr"), arg("beta2_decay"),
         arg("eps1"), arg("eps2"), arg("d"), arg("weight_decay"), arg("maximize"), arg("listed"),
-        "Adafactor over a list of params of one dtype (see fastopt.adafactor_)");
+        py::kw_only(), arg("check_only") = false,
+        "Adafactor over a list of params of one dtype (see fastopt.adafactor_); check_only: "
+        "every check, nothing run");
   m.def("tensor_layouts", &tensor_layouts, arg("tensors"),
         "Where each torch tensor keeps its elements (pointer, device, dtype, shape, strides), "
         "as bytes to compare");

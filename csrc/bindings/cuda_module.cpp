@@ -10,12 +10,15 @@
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <string>
+#include "bindings/adafactor_args.h"
 #include "bindings/device_table.h"
 #include "bindings/optim_binding.h"
 #include "bindings/kernel_args.h"
 #include "bindings/overlap.h"
 #include "common/prune.h"
+#include "cuda/adafactor_kernels.h"
 #include "cuda/clip_kernels.h"
 #include "cuda/device_info.h"
 #include "cuda/newton_kernels.h"
@@ -693,6 +696,97 @@ void prune_n_m(py::object arrays, py::object out, py::object n_obj, py::object m
                   scratch.at<void>(0), s);
 }
 
+// Adafactor over one list of CUDA params of one dtype (cuda/adafactor_kernels.h), with the
+// CPU binding's arguments and checks (bindings/adafactor_args.h): every array checked
+// (dtype, shape, C order, one device, no overlaps) before any kernel is queued; then one
+// param after the other on the stream, each with its own scratch. No wait. check_only:
+// the checks alone.
+void adafactor_step(py::object params, py::object grads, py::object row_vars, py::object col_vars,
+                    py::object variances, py::object steps, py::object lr, py::object beta2_decay,
+                    py::object eps1, py::object eps2, py::object d, py::object weight_decay,
+                    py::object maximize, py::object listed_arg, intptr_t stream,
+                    py::object check_only) {
+  namespace af = fastopt::bindings::adafactor;
+  using fastopt::bindings::Where;
+  const bool listed = fastopt::bindings::scalar_arg<bool>(listed_arg, "listed");
+  const fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
+  if (!py::isinstance<py::list>(params)) throw py::type_error("params: expected a list of arrays");
+  const size_t n = py::len(params);
+  if (!py::isinstance<py::list>(grads) || py::len(grads) != n)
+    throw py::value_error("grads: expected a list of " + std::to_string(n) +
+                          " arrays (one per entry of params)");
+  const py::handle lists[af::num_states] = {row_vars, col_vars, variances};
+  for (int k = 0; k < af::num_states; ++k) af::check_list(lists[k], k, n);
+  const std::vector<double> counts = af::steps(steps, n);
+  // Every array described and checked; names and arrays kept at stable addresses for the
+  // device and overlap check (written arrays first).
+  std::deque<std::string> names;
+  std::deque<DeviceArray> arrays;
+  std::vector<NamedArray> written, read;
+  std::vector<fastopt::AdafactorParam> work(n);
+  cuda::DType dtype = cuda::DType::f32;
+  const auto take = [&](py::handle obj, const Where& w, bool is_written) -> const DeviceArray& {
+    names.push_back(w.str());
+    arrays.push_back(fastopt::bindings::describe(obj, w, stream));
+    (is_written ? written : read).emplace_back(names.back().c_str(), &arrays.back());
+    return arrays.back();
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const Where wp{"params", i, listed}, wg{"grads", i, listed};
+    const DeviceArray& p = take(PyList_GET_ITEM(params.ptr(), i), wp, true);
+    if (p.dtype != cuda::DType::f32 && p.dtype != cuda::DType::f64 &&
+        p.dtype != cuda::DType::f16 && p.dtype != cuda::DType::bf16)
+      throw py::type_error(wp.str() + ": dtype " + fastopt::bindings::dtype_name(p.dtype) +
+                           " is not supported (float32, float64, float16 or bfloat16)");
+    if (i == 0) dtype = p.dtype;
+    if (p.dtype != dtype)
+      throw py::type_error(wp.str() + ": dtype " + fastopt::bindings::dtype_name(p.dtype) +
+                           " differs from " + Where{"params", 0, listed}.str() + "'s " +
+                           fastopt::bindings::dtype_name(dtype) + " (all arrays of one call share a dtype)");
+    if (p.size > 0 && !p.contiguous) af::not_c_order(i, listed);
+    fastopt::bindings::check_layout(p, wp, true);
+    const DeviceArray& g = take(PyList_GET_ITEM(grads.ptr(), i), wg, false);
+    if (g.dtype != p.dtype)
+      throw py::type_error(wg.str() + ": dtype " + fastopt::bindings::dtype_name(g.dtype) +
+                           " differs from " + wp.str() + "'s " + fastopt::bindings::dtype_name(p.dtype));
+    if (g.shape != p.shape)
+      throw py::value_error(wg.str() + ": shape " + args::shape_str(g.shape) + " does not match " +
+                            wp.str() + "'s shape " + args::shape_str(p.shape));
+    fastopt::bindings::check_layout(g, wg, false);
+    fastopt::AdafactorParam& a = work[i];
+    a = af::view(p.shape, counts[i]);
+    a.param = reinterpret_cast<void*>(p.ptr);
+    a.grad = reinterpret_cast<const void*>(g.ptr);
+    void** state_ptr[af::num_states] = {&a.row, &a.col, &a.variance};
+    const cuda::DType state = dtype == cuda::DType::f64 ? cuda::DType::f64 : cuda::DType::f32;
+    for (int k = 0; k < af::num_states; ++k) {
+      const py::handle item = af::entry(lists[k], k, i, p.shape, listed);
+      if (item.is_none()) continue;
+      const Where ws{af::kStateNames[k], i, listed};
+      const DeviceArray& st = take(item, ws, true);
+      if (st.dtype != state)
+        throw py::type_error(ws.str() + ": dtype " + fastopt::bindings::dtype_name(st.dtype) +
+                             " is not the state type " + fastopt::bindings::dtype_name(state) +
+                             " (float32 for float32 and 16-bit params, float64 for float64)");
+      if (st.shape != af::state_shape(p.shape, k)) af::wrong_shape(k, i, p.shape, listed);
+      fastopt::bindings::check_layout(st, ws, true);
+      *state_ptr[k] = reinterpret_cast<void*>(st.ptr);
+    }
+  }
+  const size_t num_written = written.size();
+  written.insert(written.end(), read.begin(), read.end());
+  const int device = call_device(written, num_written, stream);
+  if (device < 0 || fastopt::bindings::scalar_arg<bool>(check_only, "check_only"))
+    return;  // (no array with memory: nothing to step)
+  DeviceGuard guard(device);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  for (const fastopt::AdafactorParam& a : work) {
+    if (a.batch * a.rows * a.cols == 0) continue;
+    Scratch scratch(cuda::adafactor_scratch_bytes(a), s);
+    cuda::adafactor_step(dtype, a, h, scratch.at<void>(0), s);
+  }
+}
+
 // dst <- src (same size in bytes), device to device on the stream.
 void copy(py::object dst, py::object src, intptr_t stream) {
   const DeviceArray ad = call_arg(dst, "out", stream, true), as = call_arg(src, "src", stream, false);
@@ -853,6 +947,12 @@ PYBIND11_MODULE(_cuda, m) {
         arg("damping"), arg("params").none(true), arg("stream"));
   m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use").none(true),
         arg("lr"), arg("stream"));
+  m.def("adafactor_step", &adafactor_step, arg("params"), arg("grads"), arg("row_vars"),
+        arg("col_vars"), arg("variances"), arg("steps"), arg("lr"), arg("beta2_decay"),
+        arg("eps1"), arg("eps2"), arg("d"), arg("weight_decay"), arg("maximize"), arg("listed"),
+        arg("stream"), py::kw_only(), arg("check_only") = false,
+        "Adafactor over a list of params of one dtype (see fastopt.adafactor_); check_only: "
+        "every check, nothing queued");
   m.def("grad_norm", &grad_norm, arg("grads"), arg("listed"), arg("out"), arg("norm_type"),
         arg("stream"), "out[0] <- the norm of order norm_type of all grads (one dtype) together");
   m.def("clip_grads", &clip_grads, arg("grads"), arg("listed"), arg("norm"), arg("max_norm"),

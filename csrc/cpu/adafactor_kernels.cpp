@@ -293,7 +293,7 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
   const Walk<P, T> w{a, h, static_cast<P*>(a.param), static_cast<const P*>(a.grad),
                      (a.rows + kRowBlock - 1) / kRowBlock, (a.cols + kStrip - 1) / kStrip};
   const int64_t units = w.units();
-  const AdafactorStep s = AdafactorStep::at(h, a.step);
+  const AdafactorStep s = AdafactorStep::at(h, a.step, numel);
   const T weight = T(s.weight), one_minus = T(1) - weight;
   const bool small = vabs(weight) < T(0.5);
   const T eps1_squared = T(h.eps1 * h.eps1);
@@ -355,8 +355,9 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
       u_part[size_t(k)] = us.total();
     });
   }
-  const double alpha = s.alpha(h, pairwise(p_part.data(), 0, units), double(numel));
-  const double coefficient = AdafactorStep::coefficient(h, alpha, pairwise(u_part.data(), 0, units), double(numel));
+  const double coefficient =
+      adafactor_coefficient(pairwise(p_part.data(), 0, units), pairwise(u_part.data(), 0, units),
+                            s.rho, s.root_numel, h.eps2, h.d);
   const T decay = T(1.0 - h.lr * h.weight_decay);
   over_units(units, numel, threads, [&](int64_t k) {
     apply_update(w, k, unit_root(k), decay, T(coefficient));

@@ -8,20 +8,7 @@
 namespace fastopt {
 namespace cpu {
 
-// One param of an Adafactor step, its param and grad viewed as (batch, rows, cols) in C
-// order. A factored param (two or more dimensions) has its row factor, (batch, rows)
-// elements, in `row` and its column factor, (batch, cols), in `col`; an unfactored one (a
-// vector or 0-d: batch = rows = 1) its full second moment in `variance`, the others null.
-// The state is in the math type: float32 for float32 and 16-bit params, float64 for float64.
-struct AdafactorParam {
-  void* param;
-  const void* grad;
-  void* row;
-  void* col;
-  void* variance;
-  int64_t batch, rows, cols;
-  double step;  // t, the step this call takes (>= 1)
-};
+using fastopt::AdafactorParam;  // (common/optim/adafactor.h)
 
 #define FASTOPT_DECLARE_ADAFACTOR_KERNELS(isa)                                          \
   namespace isa {                                                                       \

@@ -34,7 +34,7 @@ def _print_info(as_json: bool) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     from .bench.common import OPTIMIZERS as BENCH_OPTIMIZERS
 
-    other_cases = ["quant", "newton", "clip", "prune"]
+    other_cases = ["adafactor", "quant", "newton", "clip", "prune"]
 
     parser = argparse.ArgumentParser(prog="python -m fastopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

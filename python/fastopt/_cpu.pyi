@@ -106,6 +106,8 @@ def adafactor_step(
     weight_decay: float,
     maximize: bool,
     listed: bool,
+    *,
+    check_only: bool = False,
 ) -> None: ...
 
 # Magnitude pruning masks into `out` (bool/uint8 per array): prune_counts is one count (a

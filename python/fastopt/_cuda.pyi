@@ -102,6 +102,27 @@ def newton_apply(params: Any, d: Any, use: Optional[Any], lr: float, stream: int
 def grad_norm(grads: List[Any], listed: bool, out: Any, norm_type: float, stream: int) -> None: ...
 def clip_grads(grads: List[Any], listed: bool, norm: Any, max_norm: float, stream: int) -> None: ...
 
+# Adafactor over one list of CUDA params of one dtype, queued on the stream (see _cpu's).
+def adafactor_step(
+    params: List[Any],
+    grads: List[Any],
+    row_vars: List[Any],
+    col_vars: List[Any],
+    variances: List[Any],
+    steps: List[int],
+    lr: float,
+    beta2_decay: float,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    maximize: bool,
+    listed: bool,
+    stream: int,
+    *,
+    check_only: bool = False,
+) -> None: ...
+
 # Layout, device and aliasing checks of (name, array) pairs before writing `written`.
 def check_arrays(
     written: Sequence[Tuple[str, Any]], read: Sequence[Tuple[str, Any]], stream: int

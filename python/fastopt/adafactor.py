@@ -9,15 +9,19 @@ shapes, so its state is rows + cols numbers per matrix instead of rows * cols. A
 step moves a param by about min(lr, 1/sqrt(t)) times its root mean square (at least
 eps2), and the update's own root mean square is clipped at d.
 
-On the CPU a step is three passes over a matrix (sums of squares; the update's norm; the
+A step is three passes over a matrix (sums of squares; the update's norm; the
 update) and two over a vector, param by param with every thread, in float32 math for
 float32 and 16-bit params (float64 for float64) and float64 sums in a fixed order: the
 results are bit-identical across the scalar and AVX2 paths and thread counts, and agree
 with torch to float32 rounding (torch's norms are float32 reductions). State is in the
 math type (float32 for 16-bit params, where torch keeps it in the params' dtype). A grad
 whose square overflows float32 (|g| > 1.8e19) leaves the step finite here, where torch's
-float32 norms overflow and make the whole param NaN. This version runs on the CPU only:
-CUDA arrays are refused with a TypeError.
+float32 norms overflow and make the whole param NaN.
+
+CUDA arrays (PyTorch CUDA tensors, CuPy arrays) run the same passes as CUDA kernels, param
+by param on the caller's stream, with nothing waiting for the host (the norms stay in
+device memory). Their float64 sums are taken in another fixed order than the CPU's: the
+same from run to run, and equal to the CPU's results within float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _arrays, _ext
+from . import _arrays
 from ._arrays import ArrayOrList, as_list
 from ._validate import flag, real, step_count
+from .optim import _check_params
 
 __all__ = ["adafactor_", "Adafactor", "adafactor_hyper", "machine_epsilon"]
 
@@ -85,14 +90,19 @@ def run_step(
     steps: List[int],
     hyper: Tuple[float, float, Optional[float], float, float, float, bool],
     listed: bool,
+    stream: Any = None,
+    check_only: bool = False,
 ) -> None:
-    """One kernel call over aligned host lists ``arrays`` = (params, grads, row_vars,
-    col_vars, variances); the binding checks every array."""
+    """One kernel call over aligned lists ``arrays`` = (params, grads, row_vars, col_vars,
+    variances), on the CPU or, for CUDA arrays, on ``stream`` (default: the current stream
+    of the params' library); the binding checks every array (``check_only``: and does
+    nothing more)."""
     lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = hyper
     params, grads, row_vars, col_vars, variances = arrays
     if params and eps1 is None:
         eps1 = machine_epsilon(_arrays.dtype_name(params[0]), "params[0]" if listed else "params")
-    _ext._cpu.adafactor_step(
+    module, extra = _arrays.backend(params, stream)
+    module.adafactor_step(
         params,
         grads,
         row_vars,
@@ -107,15 +117,9 @@ def run_step(
         weight_decay,
         maximize,
         listed,
+        **({"stream": extra["stream"]} if extra else {}),
+        check_only=check_only,
     )
-
-
-def _host_only(params: Sequence[Any]) -> None:
-    for i, p in enumerate(params):
-        if _arrays.on_device(p):
-            raise TypeError(
-                f"params[{i}]: Adafactor runs on the CPU only in this version; got a CUDA array"
-            )
 
 
 def adafactor_(
@@ -132,6 +136,7 @@ def adafactor_(
     d: float = 1.0,
     weight_decay: float = 0.0,
     maximize: bool = False,
+    stream: Any = None,
 ) -> None:
     """Adafactor step in place, as torch.optim.Adafactor (see the module docstring).
 
@@ -139,7 +144,9 @@ def adafactor_(
     (..., rows, 1) and ``col_vars`` its column factor (..., 1, cols), with None in
     ``variances``; for a vector or 0-d param, ``variances`` holds its second moment (shaped
     like it) and the other two None. State starts at 0, in float32 for float32 and 16-bit
-    params, float64 for float64. ``step``: the 1-based step this call takes, one int for
+    params, float64 for float64. CUDA arrays run the CUDA kernels on ``stream`` (an int
+    handle or a CuPy/PyTorch stream; default: the current stream of the params' library),
+    queued, without waiting. ``step``: the 1-based step this call takes, one int for
     every param or a list of them. ``eps = (eps1, eps2)``: eps1 None is the machine epsilon
     of the params' dtype.
 
@@ -150,7 +157,6 @@ def adafactor_(
     """
     listed = isinstance(params, (list, tuple))
     plist = as_list("params", params, listed)
-    _host_only(plist)
     lists = [
         as_list(name, value, listed)
         for name, value in (
@@ -165,11 +171,19 @@ def adafactor_(
             raise ValueError(
                 f"step: expected {len(plist)} step counts (one per param), got {len(step)}"
             )
-        steps = [step_count(s, f"step[{i}]") for i, s in enumerate(step)]
+        steps = [_step(s, f"step[{i}]") for i, s in enumerate(step)]
     else:
-        steps = [step_count(step)] * len(plist)
+        steps = [_step(step, "step")] * len(plist)
     hyper = adafactor_hyper(lr, beta2_decay, eps, d, weight_decay, maximize)
-    run_step([plist, *lists], steps, hyper, listed)
+    run_step([plist, *lists], steps, hyper, listed, stream)
+
+
+def _step(value: Any, name: str) -> int:
+    """A step count: a whole number in [1, 2**53] (the kernels take it as a float64)."""
+    t = step_count(value, name)
+    if t > 2**53:
+        raise ValueError(f"{name}: must be <= 2**53, got {t}")
+    return t
 
 
 def state_shapes(shape: Tuple[int, ...]) -> Dict[str, Tuple[int, ...]]:
@@ -181,8 +195,9 @@ def state_shapes(shape: Tuple[int, ...]) -> Dict[str, Tuple[int, ...]]:
 
 
 class Adafactor:
-    """Adafactor over a list of arrays (NumPy arrays or PyTorch CPU tensors, updated in
-    place), as ``torch.optim.Adafactor``: ``opt = fastopt.Adafactor(params, lr=1e-2)``,
+    """Adafactor over a list of arrays (NumPy arrays, PyTorch tensors, CuPy arrays; updated
+    in place; state made by the params' library on their device), as
+    ``torch.optim.Adafactor``: ``opt = fastopt.Adafactor(params, lr=1e-2)``,
     ``opt.step(grads)``. State is ``opt.state = {"row_vars": [...], "col_vars": [...],
     "variances": [...]}`` (None where a param keeps no such state). ``lr`` is settable and
     ``schedule=`` (see ``fastopt.schedules``) maps the step index and lr to the rate used.
@@ -208,9 +223,13 @@ class Adafactor:
             _arrays.param_array(f"params[{i}]", a)
             for i, a in enumerate(as_list("params", params, self._listed))
         ]
-        _host_only(self.params)
         for i, p in enumerate(self.params):
             machine_epsilon(_arrays.dtype_name(p), f"params[{i}]")  # a supported dtype
+            if isinstance(p, np.ndarray) and p.size and not p.flags.c_contiguous:
+                raise ValueError(
+                    f"params[{i}]: must be C-contiguous (Adafactor factors its last two dimensions)"
+                )
+        _check_params(self.params, self._listed)  # what every step would refuse
         self._hyper = adafactor_hyper(lr, beta2_decay, eps, d, weight_decay, maximize)
         if schedule is not None and not callable(schedule):
             raise TypeError(
@@ -246,8 +265,9 @@ class Adafactor:
             return self.lr
         return real("schedule(t, lr)", self.schedule(self._step, self.lr), lo=0.0)
 
-    def step(self, grads: ArrayOrList) -> None:
-        """One Adafactor step over every param (grads aligned with the params)."""
+    def step(self, grads: ArrayOrList, *, stream: Any = None) -> None:
+        """One Adafactor step over every param (grads aligned with the params); CUDA
+        params: queued on ``stream`` (default: the current stream of their library)."""
         with self._lock:
             glist = as_list("grads", grads, self._listed)
             hyper = (self.current_lr(), *self._hyper[1:])
@@ -257,6 +277,7 @@ class Adafactor:
                 steps,
                 hyper,
                 self._listed,
+                stream,
             )
             self._step += 1
 
@@ -297,8 +318,12 @@ class Adafactor:
         if missing:
             raise ValueError(f"state_dict: missing {sorted(missing)}")
         step = state_dict["step"]
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"state_dict['step']: expected an integer >= 0, got {step!r}")
+        if (
+            isinstance(step, bool)
+            or not isinstance(step, (int, np.integer))
+            or not 0 <= step < 2**53
+        ):
+            raise ValueError(f"state_dict['step']: expected an integer in [0, 2**53), got {step!r}")
         h = state_dict["hyper"]
         if not isinstance(h, dict):
             raise TypeError("state_dict['hyper']: expected a dict")

@@ -216,7 +216,7 @@ from . import _arrays, _ext, functional, reference
 from ._specs import OPTIMIZERS, Flag, OptimizerSpec
 from ._torch_clip import clip_grad_norm_, step_grad_scale
 from ._validate import flag, real, renamed_entries, whole
-from .adafactor import adafactor_hyper, state_shapes
+from .adafactor import adafactor_hyper, machine_epsilon, state_shapes
 from .adafactor import run_step as run_adafactor
 from .optim import check_state_dtype
 
@@ -2832,15 +2832,16 @@ class Adafactor(torch.optim.Optimizer):
     torch's signature and defaults, param groups, state keys (``"step"``, and ``"row_var"``
     (..., rows, 1) and ``"col_var"`` (..., 1, cols) for params of two or more dimensions,
     ``"variance"`` for the others) and state_dict, interchangeable with torch's both ways.
-    ``foreach`` is an accepted no-op. CPU params only in this version (float32, float64,
-    float16, bfloat16; 16-bit params get float32 state and math, where torch keeps their
-    dtype: a torch checkpoint's 16-bit state is converted at the next step).
+    ``foreach`` is an accepted no-op. CPU and CUDA params (float32, float64, float16,
+    bfloat16; 16-bit params get float32 state and math, where torch keeps their dtype: a
+    torch checkpoint's 16-bit state is converted at the next step).
 
-    A step makes one kernel call per group and dtype (three passes over each matrix, two
-    over each vector: ``fastopt.adafactor``). Everything a step needs is checked for every
-    group before any param is written, so a refused step changes nothing. A param whose
-    grad is laid out otherwise than in C order (channels_last) is stepped through a C-order
-    copy, since the factors follow its last two dimensions. The version counters of the
+    A step makes one kernel call per group, device and dtype (three passes over each
+    matrix, two over each vector: ``fastopt.adafactor``; on the GPU queued on torch's
+    current stream, nothing waiting). Everything a step needs is checked for every
+    group before any param is written, so a refused step changes nothing. A param laid
+    out otherwise than in C order (channels_last) is stepped through a C-order copy, and
+    so is such a grad, since the factors follow the last two dimensions. The version counters of the
     params and state tensors written are bumped, as torch.optim's in-place writes do."""
 
     def __init__(
@@ -2875,8 +2876,25 @@ class Adafactor(torch.optim.Optimizer):
             group.setdefault("foreach", None)
             for p in group["params"]:
                 entry = self.state.get(p, {})
-                if entry and not torch.is_tensor(entry["step"]):
-                    entry["step"] = torch.tensor(float(entry["step"]), dtype=_step_dtype())
+                step = entry.get("step") if isinstance(entry, dict) else None
+                if step is not None and not torch.is_tensor(step):  # torch < 1.12's numbers
+                    entry["step"] = torch.tensor(float(step), dtype=_step_dtype())
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch.optim's, but the float32 state of a 16-bit param stays float32 (torch
+        casts state to its param's dtype; fastopt keeps 16-bit params' state float32)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict.get("state", {})
+        ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            entry, theirs = self.state.get(p), saved.get(i)
+            if p.dtype not in _HALF or not isinstance(entry, dict) or not isinstance(theirs, dict):
+                continue
+            for key in ("row_var", "col_var", "variance"):
+                value = theirs.get(key)
+                if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                    entry[key] = value.detach().to(device=p.device, copy=True)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
@@ -2887,20 +2905,23 @@ class Adafactor(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         calls: List[_AdafactorCall] = []
-        staged: List[Tuple[Dict[str, Any], Dict[str, Any]]] = []
+        staged: List[Tuple[torch.Tensor, Dict[str, Any]]] = []
         for index in range(len(self.param_groups)):
             calls.extend(self._calls(index, staged))
-        for entry, made in staged:  # every group checked: the new state goes in
-            entry.update(made)
+        for call in calls:  # the kernels' own checks, every call before any runs
+            call.check()
+        for p, made in staged:  # every call checked: the new state goes in
+            self.state[p].update(made)
         for call in calls:
             call.run()
         return loss
 
     def _calls(
-        self, index: int, staged: List[Tuple[Dict[str, Any], Dict[str, Any]]]
+        self, index: int, staged: List[Tuple[torch.Tensor, Dict[str, Any]]]
     ) -> List[_AdafactorCall]:
-        """Group ``index``'s kernel calls (one per dtype), checked, with the state entries
-        to set before they run added to ``staged``; nothing is written."""
+        """Group ``index``'s kernel calls (one per device and dtype), checked in Python,
+        with the state entries to set before they run added to ``staged``; nothing is
+        written (no state entry made either)."""
         group = self.param_groups[index]
         where = f"param_groups[{index}]"
         hyper = adafactor_hyper(
@@ -2912,33 +2933,38 @@ class Adafactor(torch.optim.Optimizer):
             group["maximize"],
             lambda k: f"{where}['{k}']",
         )
-        calls: Dict[torch.dtype, _AdafactorCall] = {}
+        calls: Dict[Tuple[torch.device, torch.dtype], _AdafactorCall] = {}
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
             name = f"{where}['params'][{i}]"
             _check_adafactor_param(name, p, g)
-            entry = self.state[p]
+            if hyper[2] is None:  # eps1: torch's finfo(dtype).eps of the group's first param
+                hyper = (*hyper[:2], machine_epsilon(_arrays.dtype_name(p), name), *hyper[3:])
+            entry = self.state.get(p) or {}
             made = _adafactor_state(name, p, entry)
-            staged.append((entry, made))
-            call = calls.setdefault(p.dtype, _AdafactorCall(hyper))
-            call.add(p, g, {**entry, **made})
+            staged.append((p, made))
+            call = calls.setdefault((p.device, p.dtype), _AdafactorCall(hyper))
+            call.add(name, p, g, {**entry, **made})
         return list(calls.values())
 
 
 class _AdafactorCall:
-    """The params of one group and dtype, as one kernel call: the tensors it writes (params
-    or their C-order copies, state), their step counts, and the copies to write back."""
+    """The params of one group, device and dtype, as one kernel call: the tensors it writes
+    (params or their C-order copies, state), their step counts, the copies to write back,
+    and each param's name for messages."""
 
     def __init__(self, hyper: Tuple[float, float, Optional[float], float, float, float, bool]):
         self.hyper = hyper
         self.lists: Tuple[List[Any], ...] = ([], [], [], [], [])  # params, grads, row, col, var
         self.counts: List[torch.Tensor] = []
+        self.names: List[str] = []
         self.copies: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (param, its C-order copy)
         self.written: List[torch.Tensor] = []
+        self.steps: List[int] = []
 
-    def add(self, p: torch.Tensor, g: torch.Tensor, entry: Dict[str, Any]) -> None:
+    def add(self, name: str, p: torch.Tensor, g: torch.Tensor, entry: Dict[str, Any]) -> None:
         if p.is_contiguous():
             target = p
             self.written.append(p)
@@ -2950,10 +2976,29 @@ class _AdafactorCall:
             out.append(x)
         self.written.extend(t for t in state if t is not None)
         self.counts.append(entry["step"])
+        self.names.append(name)
+
+    def _named(self, role: str, i: int) -> str:
+        """A binding's "grads[3]" as the param it belongs to."""
+        keys = {"row_vars": "row_var", "col_vars": "col_var", "variances": "variance"}
+        if role == "params":
+            return self.names[i]
+        if role == "grads":
+            return f"{self.names[i]}.grad"
+        if role == "steps":
+            return f"state of {self.names[i]}['step']"
+        return f"state of {self.names[i]}['{keys.get(role, role)}']"
+
+    def check(self) -> None:
+        """Every check of the kernel call (nothing written), named by the params."""
+        self.steps = [_steps_taken("step", t) + 1 for t in self.counts]
+        try:
+            run_adafactor(self.lists, self.steps, self.hyper, True, check_only=True)
+        except (TypeError, ValueError) as exc:
+            raise renamed_entries(exc, self._named) from None
 
     def run(self) -> None:
-        steps = [_steps_taken("step", t) + 1 for t in self.counts]
-        run_adafactor(self.lists, steps, self.hyper, True)
+        run_adafactor(self.lists, self.steps, self.hyper, True)
         for p, copy in self.copies:
             p.copy_(copy)
         for t in self.counts:
@@ -2972,8 +3017,8 @@ def _check_adafactor_param(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
             f"{name}: dtype {p.dtype} is not supported by Adafactor (float32, float64, "
             "float16, bfloat16)"
         )
-    if p.device.type != "cpu":
-        raise TypeError(f"{name}: Adafactor runs on the CPU only in this version; got {p.device}")
+    if p.device.type not in ("cpu", "cuda"):
+        raise TypeError(f"{name}: is on device {p.device.type!r}; fastopt runs on CPU and CUDA")
     if g.layout != torch.strided:
         raise TypeError(f"{name}.grad: {g.layout} gradients are not supported")
     if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
@@ -3000,7 +3045,7 @@ def _adafactor_state(name: str, p: torch.Tensor, entry: Dict[str, Any]) -> Dict[
     if not entry:
         made: Dict[str, Any] = {"step": torch.tensor(0.0, dtype=_step_dtype())}
         for role, shape in shapes.items():
-            made[keys[role]] = torch.zeros(shape, dtype=dtype)
+            made[keys[role]] = torch.zeros(shape, dtype=dtype, device=p.device)
         return made
     made = {}
     if "step" not in entry:
@@ -3016,9 +3061,9 @@ def _adafactor_state(name: str, p: torch.Tensor, entry: Dict[str, Any]) -> Dict[
                 f"state of {name}['{key}']: expected a real tensor of shape {shape}, got "
                 f"{_described(t)}"
             )
-        if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        if t.dtype != dtype or t.device != p.device or not t.is_contiguous():
             made[key] = t.detach().to(
-                device="cpu", dtype=dtype, memory_format=torch.contiguous_format, copy=True
+                device=p.device, dtype=dtype, memory_format=torch.contiguous_format, copy=True
             )
     return made
 

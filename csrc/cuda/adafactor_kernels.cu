@@ -1,0 +1,344 @@
+// CUDA Adafactor step (formulas: common/optim/adafactor.h), param by param, in the CPU
+// kernel's passes (cpu/adafactor_kernels.cpp) over the same work units -- up to kRowBlock
+// rows x kStrip columns of one matrix of the batch, one thread block each:
+//   1. sums: sum(p^2) per unit, sum(g^2) per row strip and per column of a row block (a
+//      vector: its second moment updated here, and sum(u^2) per unit);
+//   2. the factors moved toward the means of g^2 (a thread per row, per column), then per
+//      matrix mean(R) and the inverse roots of R_i / mean(R) and C_j;
+//   3. sum(u^2) per unit (matrices);
+//   4. the coefficient from the totals (one block), left in device memory;
+//   5. p <- p * (1 - lr*wd) + coefficient * u.
+// Sums are float64 in a fixed order (a thread's elements in order, a fixed shuffle tree in
+// each warp, the warps in order, the units in order), so a result is the same from run to
+// run; it is not the CPU's order, so the two agree to float64 rounding of the sums.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <type_traits>
+#include "cuda/adafactor_kernels.h"
+#include "cuda/multi_tensor.cuh"
+
+FASTOPT_ISA_BEGIN
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kRowBlock = 32;
+constexpr int64_t kStrip = 4096;
+constexpr int kColumnsPerThread = int(kStrip / kThreads);
+
+// What a param's kernels share: its view as (batch, rows, cols), its units, the per-step
+// numbers (host-computed) and where the scratch arrays are.
+template <class T> struct Step {
+  int64_t batch, rows, cols, blocks, strips;
+  T weight, one_minus, eps1, eps1_squared, inverse_eps1, decay;
+  bool small, maximize, factored;
+  double rho, root_numel, eps2, d;
+  double *row_part, *col_part, *p_part, *u_part, *coefficient;
+  T *scale, *row_root, *col_root;
+  __device__ int64_t units() const { return batch * blocks * strips; }
+  // Unit k's matrix, first row, row count, first column, column count.
+  __device__ void unit(int64_t k, int64_t& b, int64_t& r0, int64_t& nr, int64_t& c0,
+                       int64_t& nc) const {
+    b = k / (blocks * strips);
+    r0 = (k / strips) % blocks * kRowBlock;
+    c0 = k % strips * kStrip;
+    nr = rows - r0 < kRowBlock ? rows - r0 : kRowBlock;
+    nc = cols - c0 < kStrip ? cols - c0 : kStrip;
+  }
+};
+
+// The block's sum of one double per thread, in a fixed order; valid in thread 0.
+__device__ double block_sum(double x) {
+  __shared__ double warps[kThreads / 32];
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
+  if ((threadIdx.x & 31) == 0) warps[threadIdx.x / 32] = x;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kThreads / 32; ++w) total += warps[w];
+  __syncthreads();  // (warps is reused by the next call)
+  return total;
+}
+
+template <class P> __device__ double squared(P x) {
+  const double v = double(cuda::to_math(x));
+  return v * v;
+}
+
+// Pass 1 over a matrix's units.
+template <class P, class T>
+__global__ void __launch_bounds__(kThreads)
+matrix_sums_kernel(const P* __restrict__ p, const P* __restrict__ g, const Step<T> s) {
+  for (int64_t k = blockIdx.x; k < s.units(); k += gridDim.x) {
+    int64_t b, r0, nr, c0, nc;
+    s.unit(k, b, r0, nr, c0, nc);
+    double columns[kColumnsPerThread] = {};
+    double p_squares = 0.0;
+    for (int64_t r = r0; r < r0 + nr; ++r) {
+      const int64_t at = (b * s.rows + r) * s.cols + c0;
+      double row = 0.0;
+#pragma unroll
+      for (int q = 0; q < kColumnsPerThread; ++q) {
+        const int64_t j = threadIdx.x + int64_t(q) * kThreads;
+        if (j < nc) {
+          const double sq = squared(g[at + j]);
+          row += sq;
+          columns[q] += sq;
+          p_squares += squared(p[at + j]);
+        }
+      }
+      const double total = block_sum(row);
+      if (threadIdx.x == 0) s.row_part[(b * s.rows + r) * s.strips + k % s.strips] = total;
+    }
+    const int64_t rb = k / s.strips % s.blocks;
+#pragma unroll
+    for (int q = 0; q < kColumnsPerThread; ++q) {
+      const int64_t j = threadIdx.x + int64_t(q) * kThreads;
+      if (j < nc) s.col_part[(b * s.blocks + rb) * s.cols + c0 + j] = columns[q];
+    }
+    const double total = block_sum(p_squares);
+    if (threadIdx.x == 0) s.p_part[k] = total;
+  }
+}
+
+// Pass 2a: every row factor, a thread each.
+template <class T> __global__ void rows_kernel(T* __restrict__ row, const Step<T> s) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < s.batch * s.rows;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    double sum = 0.0;
+    for (int64_t t = 0; t < s.strips; ++t) sum += s.row_part[i * s.strips + t];
+    row[i] = adafactor_lerp(row[i], T(sum / double(s.cols)), s.weight, s.one_minus, s.small);
+  }
+}
+
+// Pass 2b: every column factor and its inverse root, a thread each.
+template <class T> __global__ void cols_kernel(T* __restrict__ col, const Step<T> s) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < s.batch * s.cols;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / s.cols, c = i % s.cols;
+    double sum = 0.0;
+    for (int64_t rb = 0; rb < s.blocks; ++rb) sum += s.col_part[(b * s.blocks + rb) * s.cols + c];
+    const T x = adafactor_lerp(col[i], T(sum / double(s.rows)), s.weight, s.one_minus, s.small);
+    col[i] = x;
+    s.col_root[i] = T(1) / vsqrt(x);
+  }
+}
+
+// Pass 2c: per matrix (a block each), mean(R) and the rows' R_i / mean and its inverse root.
+template <class T>
+__global__ void __launch_bounds__(kThreads) means_kernel(const T* __restrict__ row, const Step<T> s) {
+  __shared__ T mean;
+  for (int64_t b = blockIdx.x; b < s.batch; b += gridDim.x) {
+    double sum = 0.0;
+    for (int64_t r = threadIdx.x; r < s.rows; r += kThreads) sum += double(row[b * s.rows + r]);
+    const double total = block_sum(sum);
+    if (threadIdx.x == 0) mean = vmax_nan(T(total / double(s.rows)), s.eps1);
+    __syncthreads();
+    for (int64_t r = threadIdx.x; r < s.rows; r += kThreads) {
+      const T x = row[b * s.rows + r] / mean;
+      s.scale[b * s.rows + r] = x;
+      s.row_root[b * s.rows + r] = T(1) / vsqrt(x);
+    }
+    __syncthreads();  // (mean is rewritten for the next matrix)
+  }
+}
+
+// 1/sqrt(max(v, eps1^2)) at (row r, column c) of matrix b (common/optim/adafactor.h's
+// factored form), or of element c of a vector's V.
+template <class T>
+__device__ T inverse_root(const Step<T>& s, const T* col, const T* variance, int64_t b, int64_t r,
+                          int64_t c) {
+  if (!s.factored) return adafactor_inverse_root(variance[c], s.eps1_squared);
+  const int64_t i = b * s.rows + r, j = b * s.cols + c;
+  return s.scale[i] * col[j] < s.eps1_squared ? s.inverse_eps1 : s.row_root[i] * s.col_root[j];
+}
+
+// Pass 3 (matrices): sum(u^2) per unit.
+template <class P, class T>
+__global__ void __launch_bounds__(kThreads)
+update_squares_kernel(const P* __restrict__ g, const T* __restrict__ col, const Step<T> s) {
+  for (int64_t k = blockIdx.x; k < s.units(); k += gridDim.x) {
+    int64_t b, r0, nr, c0, nc;
+    s.unit(k, b, r0, nr, c0, nc);
+    double u_squares = 0.0;
+    for (int64_t r = r0; r < r0 + nr; ++r)
+      for (int64_t j = threadIdx.x; j < nc; j += kThreads) {
+        const T u = T(cuda::to_math(g[(b * s.rows + r) * s.cols + c0 + j])) *
+                    inverse_root(s, col, static_cast<const T*>(nullptr), b, r, c0 + j);
+        u_squares += double(u) * double(u);
+      }
+    const double total = block_sum(u_squares);
+    if (threadIdx.x == 0) s.u_part[k] = total;
+  }
+}
+
+// Pass 1 of a vector: sum(p^2), V <- lerp(V, g^2, w), sum(u^2), per unit of kStrip elements.
+template <class P, class T>
+__global__ void __launch_bounds__(kThreads)
+vector_sums_kernel(const P* __restrict__ p, const P* __restrict__ g, T* __restrict__ variance,
+                   const Step<T> s) {
+  for (int64_t k = blockIdx.x; k < s.units(); k += gridDim.x) {
+    const int64_t c0 = k * kStrip, end = s.cols - c0 < kStrip ? s.cols : c0 + kStrip;
+    double p_squares = 0.0, u_squares = 0.0;
+    for (int64_t j = c0 + threadIdx.x; j < end; j += kThreads) {
+      const T x = T(cuda::to_math(g[j]));
+      const T v = adafactor_lerp(variance[j], x * x, s.weight, s.one_minus, s.small);
+      variance[j] = v;
+      const T u = x * adafactor_inverse_root(v, s.eps1_squared);
+      u_squares += double(u) * double(u);
+      p_squares += squared(p[j]);
+    }
+    const double p_total = block_sum(p_squares);
+    const double u_total = block_sum(u_squares);
+    if (threadIdx.x == 0) {
+      s.p_part[k] = p_total;
+      s.u_part[k] = u_total;
+    }
+  }
+}
+
+// Pass 4 (one block): the totals over the units, and the coefficient u is added with.
+template <class T> __global__ void __launch_bounds__(kThreads) coefficient_kernel(const Step<T> s) {
+  double p_squares = 0.0, u_squares = 0.0;
+  for (int64_t k = threadIdx.x; k < s.units(); k += kThreads) {
+    p_squares += s.p_part[k];
+    u_squares += s.u_part[k];
+  }
+  const double p_total = block_sum(p_squares);
+  const double u_total = block_sum(u_squares);
+  if (threadIdx.x == 0)
+    *s.coefficient = adafactor_coefficient(p_total, u_total, s.rho, s.root_numel, s.eps2, s.d);
+}
+
+// Pass 5: p <- p * decay + coefficient * u.
+template <class P, class T>
+__global__ void __launch_bounds__(kThreads)
+apply_kernel(P* __restrict__ p, const P* __restrict__ g, const T* __restrict__ col,
+             const T* __restrict__ variance, const Step<T> s) {
+  const T coefficient = T(*s.coefficient);
+  for (int64_t k = blockIdx.x; k < s.units(); k += gridDim.x) {
+    int64_t b, r0, nr, c0, nc;
+    s.unit(k, b, r0, nr, c0, nc);
+    for (int64_t r = r0; r < r0 + nr; ++r)
+      for (int64_t j = threadIdx.x; j < nc; j += kThreads) {
+        const int64_t at = (b * s.rows + r) * s.cols + c0 + j;
+        T x = T(cuda::to_math(g[at]));
+        if (s.maximize) x = -x;
+        const T u = inverse_root(s, col, variance, b, r, c0 + j) * x;
+        p[at] = cuda::to_storage<P>(T(cuda::to_math(p[at])) * s.decay + coefficient * u);
+      }
+  }
+}
+
+// The scratch arrays of a param, in order, 8-byte aligned.
+struct Layout {
+  size_t row_part, col_part, p_part, u_part, coefficient, scale, row_root, col_root, bytes;
+  Layout(const AdafactorParam& a, size_t math_bytes) {
+    const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock;
+    const int64_t strips = (a.cols + kStrip - 1) / kStrip;
+    const bool factored = a.variance == nullptr;
+    const int64_t units = a.batch * blocks * strips;
+    size_t at = 0;
+    auto take = [&](int64_t count, size_t size) {
+      const size_t here = at;
+      at += (size_t(count) * size + 7) / 8 * 8;
+      return here;
+    };
+    row_part = take(factored ? a.batch * a.rows * strips : 0, 8);
+    col_part = take(factored ? a.batch * blocks * a.cols : 0, 8);
+    p_part = take(units, 8);
+    u_part = take(units, 8);
+    coefficient = take(1, 8);
+    scale = take(factored ? a.batch * a.rows : 0, math_bytes);
+    row_root = take(factored ? a.batch * a.rows : 0, math_bytes);
+    col_root = take(factored ? a.batch * a.cols : 0, math_bytes);
+    bytes = at;
+  }
+};
+
+template <class P, class T>
+void run(const AdafactorParam& a, const AdafactorHyper& h, void* scratch, cudaStream_t stream) {
+  const int64_t numel = a.batch * a.rows * a.cols;
+  if (numel == 0) return;
+  const Layout layout(a, sizeof(T));
+  char* base = static_cast<char*>(scratch);
+  const AdafactorStep at = AdafactorStep::at(h, a.step, numel);
+  Step<T> s;
+  s.batch = a.batch;
+  s.rows = a.rows;
+  s.cols = a.cols;
+  s.blocks = (a.rows + kRowBlock - 1) / kRowBlock;
+  s.strips = (a.cols + kStrip - 1) / kStrip;
+  s.weight = T(at.weight);
+  s.one_minus = T(1) - s.weight;
+  s.small = (s.weight < T(0) ? -s.weight : s.weight) < T(0.5);
+  s.eps1 = T(h.eps1);
+  s.eps1_squared = T(h.eps1 * h.eps1);
+  s.inverse_eps1 = T(1) / T(std::sqrt(s.eps1_squared));
+  s.decay = T(1.0 - h.lr * h.weight_decay);
+  s.maximize = h.maximize;
+  s.factored = a.variance == nullptr;
+  s.rho = at.rho;
+  s.root_numel = at.root_numel;
+  s.eps2 = h.eps2;
+  s.d = h.d;
+  s.row_part = reinterpret_cast<double*>(base + layout.row_part);
+  s.col_part = reinterpret_cast<double*>(base + layout.col_part);
+  s.p_part = reinterpret_cast<double*>(base + layout.p_part);
+  s.u_part = reinterpret_cast<double*>(base + layout.u_part);
+  s.coefficient = reinterpret_cast<double*>(base + layout.coefficient);
+  s.scale = reinterpret_cast<T*>(base + layout.scale);
+  s.row_root = reinterpret_cast<T*>(base + layout.row_root);
+  s.col_root = reinterpret_cast<T*>(base + layout.col_root);
+  const int64_t units = s.batch * s.blocks * s.strips;
+  const unsigned unit_grid = cuda::grid_for(units, 1);
+  P* p = static_cast<P*>(a.param);
+  const P* g = static_cast<const P*>(a.grad);
+  T* row = static_cast<T*>(a.row);
+  T* col = static_cast<T*>(a.col);
+  T* variance = static_cast<T*>(a.variance);
+  if (s.factored) {
+    matrix_sums_kernel<P, T><<<unit_grid, kThreads, 0, stream>>>(p, g, s);
+    cuda::check_launch("adafactor (sums)");
+    rows_kernel<T><<<cuda::grid_for(s.batch * s.rows, kThreads), kThreads, 0, stream>>>(row, s);
+    cuda::check_launch("adafactor (row factors)");
+    cols_kernel<T><<<cuda::grid_for(s.batch * s.cols, kThreads), kThreads, 0, stream>>>(col, s);
+    cuda::check_launch("adafactor (column factors)");
+    means_kernel<T><<<cuda::grid_for(s.batch, 1), kThreads, 0, stream>>>(row, s);
+    cuda::check_launch("adafactor (means)");
+    update_squares_kernel<P, T><<<unit_grid, kThreads, 0, stream>>>(g, col, s);
+    cuda::check_launch("adafactor (update norm)");
+  } else {
+    vector_sums_kernel<P, T><<<unit_grid, kThreads, 0, stream>>>(p, g, variance, s);
+    cuda::check_launch("adafactor (sums)");
+  }
+  coefficient_kernel<T><<<1, kThreads, 0, stream>>>(s);
+  cuda::check_launch("adafactor (coefficient)");
+  apply_kernel<P, T><<<unit_grid, kThreads, 0, stream>>>(p, g, col, variance, s);
+  cuda::check_launch("adafactor (update)");
+}
+
+}  // namespace
+FASTOPT_ISA_END
+
+namespace fastopt {
+namespace cuda {
+
+size_t adafactor_scratch_bytes(const AdafactorParam& a) {
+  using fastopt::FASTOPT_ISA::Layout;
+  return Layout(a, sizeof(double)).bytes;  // (the float64 layout: room for float32 math too)
+}
+
+void adafactor_step(DType dtype, const AdafactorParam& a, const AdafactorHyper& h, void* scratch,
+                    cudaStream_t stream) {
+  using fastopt::FASTOPT_ISA::run;
+  switch (dtype) {
+    case DType::f32: run<float, float>(a, h, scratch, stream); break;
+    case DType::f64: run<double, double>(a, h, scratch, stream); break;
+    case DType::f16: run<__half, float>(a, h, scratch, stream); break;
+    case DType::bf16: run<__nv_bfloat16, float>(a, h, scratch, stream); break;
+    default: throw std::invalid_argument("adafactor_step: params must be float32, float64, float16 or bfloat16");
+  }
+}
+
+}  // namespace cuda
+}  // namespace fastopt
