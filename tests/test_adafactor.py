@@ -12,7 +12,8 @@ from fastopt import _ext, reference
 from conftest import (assert_close, ft, needs_torch, normal_nonzero, torch, torch_roundtrip,
                       using_cpu_path, using_threads)
 
-SHAPES = [(1,), (7,), (), (33, 17), (3, 5, 1030), (2, 3, 3, 3), (4097,), (1, 4097), (40, 1)]
+SHAPES = [(1,), (7,), (), (33, 17), (3, 5, 1030), (2, 3, 3, 3), (4097,), (1, 4097), (40, 1),
+          (900, 3, 3)]
 OPTIONS = [
     {},
     {"weight_decay": 0.1, "maximize": True},
@@ -64,8 +65,9 @@ def test_matches_reference(cpu_path, dtype, shape, opts, rng):
         assert_close(got, [s[k] for s in want_states if s[k] is not None], dtype, f"state {k}")
 
 
-@pytest.mark.parametrize("shapes", [[(70001,)], [(3, 40, 1030)], [(7,), (300, 300), (5, 2, 9000)]],
-                         ids=["vector", "matrices", "list"])
+@pytest.mark.parametrize("shapes", [[(70001,)], [(3, 40, 1030)], [(7,), (300, 300), (5, 2, 9000)],
+                                    [(20000, 3, 3), (40000, 1, 1), (9, 5, 33)]],
+                         ids=["vector", "matrices", "list", "small matrices"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_paths_and_threads_agree_bit_for_bit(shapes, dtype):
     # Sizes past the threading threshold: every sum is taken in one fixed order.

@@ -26,6 +26,7 @@ constexpr int kLanes = 16;
 // columns, one page per row, made the passes ~1.2-2x slower on a 4096 x 4096 matrix).
 constexpr int64_t kStrip = 4096;
 constexpr int64_t kRowBlock = 32;
+constexpr int64_t kGroup = 4096;  // elements a unit of small matrices holds at least
 
 struct SquareLanes {
   double lane[kLanes] = {};
@@ -82,11 +83,14 @@ template <class P, class T> struct Walk {
   const P* g;
   int64_t blocks;  // row blocks per matrix
   int64_t strips;  // column strips per row
-  int64_t units() const { return a.batch * blocks * strips; }
+  int64_t group;   // matrices per unit: several where a matrix is smaller than a unit
+  int64_t units() const { return (a.batch + group - 1) / group * blocks * strips; }
   bool factored() const { return a.variance == nullptr; }
-  // Unit k's matrix, first row, row count, first column, column count.
-  void unit(int64_t k, int64_t& b, int64_t& r0, int64_t& nr, int64_t& c0, int64_t& nc) const {
-    b = k / (blocks * strips);
+  // Unit k's first matrix and matrix count, first row, row count, first column, column count.
+  void unit(int64_t k, int64_t& b, int64_t& nb, int64_t& r0, int64_t& nr, int64_t& c0,
+            int64_t& nc) const {
+    b = k / (blocks * strips) * group;
+    nb = a.batch - b < group ? a.batch - b : group;
     r0 = (k / strips) % blocks * kRowBlock;
     c0 = k % strips * kStrip;
     nr = a.rows - r0 < kRowBlock ? a.rows - r0 : kRowBlock;
@@ -105,40 +109,58 @@ template <class T> constexpr bool wide() {
 #endif
 }
 
-// Pass 1 over a unit of a matrix: sum(p^2) into `ps`, each row strip's sum(g^2) into
-// row_part[row * strips + strip], and g^2 added to col_part (the unit's row block's
-// partial column sums, from column c0).
+// Pass 1 over a unit of matrices: sum(p^2) into `ps`, each row strip's sum(g^2) into
+// row_part[row * strips + strip], and g^2 added to col_part (per matrix and row block, the
+// partial column sums). Rows shorter than kLanes (which no vector body takes) sum in
+// column order: a small matrix's row costs no lane tree.
 template <class P, class T>
 void matrix_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_part, double* col_part) {
-  int64_t b, r0, nr, c0, nc;
-  w.unit(k, b, r0, nr, c0, nc);
-  for (int64_t r = r0; r < r0 + nr; ++r) {
-    const P* gr = w.g + w.at(b, r, c0);
-    const P* pr = w.p + w.at(b, r, c0);
-    SquareLanes gs;
-    int64_t j = 0;
-#ifdef FASTOPT_ISA_isa_avx2
-    if constexpr (wide<T>()) {
-      WideSquares gw(gs), pw(ps);
-      for (; j + kWide <= nc; j += kWide) {
-        F64x4 sq[4], psq[4];
-        WideSquares::squares(F32x8::load(gr + j), F32x8::load(gr + j + 8), sq);
-        WideSquares::squares(F32x8::load(pr + j), F32x8::load(pr + j + 8), psq);
-        gw.add(sq);
-        pw.add(psq);
-        for (int q = 0; q < 4; ++q) (F64x4::load(col_part + j + 4 * q) + sq[q]).store(col_part + j + 4 * q);
+  int64_t b0, nb, r0, nr, c0, nc;
+  w.unit(k, b0, nb, r0, nr, c0, nc);
+  const int64_t rb = k / w.strips % w.blocks;
+  for (int64_t b = b0; b < b0 + nb; ++b) {
+    double* columns = col_part + (b * w.blocks + rb) * w.a.cols + c0;
+    for (int64_t r = r0; r < r0 + nr; ++r) {
+      const P* gr = w.g + w.at(b, r, c0);
+      const P* pr = w.p + w.at(b, r, c0);
+      double& row = row_part[(b * w.a.rows + r) * w.strips + k % w.strips];
+      if (nc < kLanes) {
+        double sum = 0.0;
+        for (int64_t j = 0; j < nc; ++j) {
+          const double x = ScalarLane<T>::load(gr + j);
+          sum += x * x;
+          columns[j] += x * x;
+          ps.add(j, ScalarLane<T>::load(pr + j));
+        }
+        row = sum;
+        continue;
       }
-      gw.store(gs);
-      pw.store(ps);
-    }
+      SquareLanes gs;
+      int64_t j = 0;
+#ifdef FASTOPT_ISA_isa_avx2
+      if constexpr (wide<T>()) {
+        WideSquares gw(gs), pw(ps);
+        for (; j + kWide <= nc; j += kWide) {
+          F64x4 sq[4], psq[4];
+          WideSquares::squares(F32x8::load(gr + j), F32x8::load(gr + j + 8), sq);
+          WideSquares::squares(F32x8::load(pr + j), F32x8::load(pr + j + 8), psq);
+          gw.add(sq);
+          pw.add(psq);
+          for (int q = 0; q < 4; ++q)
+            (F64x4::load(columns + j + 4 * q) + sq[q]).store(columns + j + 4 * q);
+        }
+        gw.store(gs);
+        pw.store(ps);
+      }
 #endif
-    for (; j < nc; ++j) {
-      const double x = ScalarLane<T>::load(gr + j);
-      gs.add(j, x);
-      col_part[j] += x * x;
-      ps.add(j, ScalarLane<T>::load(pr + j));
+      for (; j < nc; ++j) {
+        const double x = ScalarLane<T>::load(gr + j);
+        gs.add(j, x);
+        columns[j] += x * x;
+        ps.add(j, ScalarLane<T>::load(pr + j));
+      }
+      row = gs.total();
     }
-    row_part[(b * w.a.rows + r) * w.strips + k % w.strips] = gs.total();
   }
 }
 
@@ -224,12 +246,13 @@ template <class P, class T> struct InverseRoot {
 };
 
 // Pass 3 (matrices): sum(u^2) of a unit into `us`.
-template <class P, class T>
-void matrix_update_squares(const Walk<P, T>& w, int64_t k, const InverseRoot<P, T>& e,
-                           SquareLanes& us) {
-  int64_t b, r0, nr, c0, nc;
-  w.unit(k, b, r0, nr, c0, nc);
-  for (int64_t r = r0; r < r0 + nr; ++r) {
+template <class P, class T, class Roots>
+void matrix_update_squares(const Walk<P, T>& w, int64_t k, const Roots& roots, SquareLanes& us) {
+  int64_t b0, nb, r0, nr, c0, nc;
+  w.unit(k, b0, nb, r0, nr, c0, nc);
+  for (int64_t b = b0; b < b0 + nb; ++b) {
+   const InverseRoot<P, T> e = roots(b, c0);
+   for (int64_t r = r0; r < r0 + nr; ++r) {
     const P* gr = w.g + w.at(b, r, c0);
     auto u = [&](auto lane, int64_t j) {
       using L = decltype(lane);
@@ -248,16 +271,18 @@ void matrix_update_squares(const Walk<P, T>& w, int64_t k, const InverseRoot<P, 
     }
 #endif
     for (; j < nc; ++j) us.add(j, u(ScalarLane<T>{}, j));
+   }
   }
 }
 
 // Pass 4: p <- p * decay + coefficient * u over a unit.
-template <class P, class T>
-void apply_update(const Walk<P, T>& w, int64_t k, const InverseRoot<P, T>& e, T decay,
-                  T coefficient) {
-  int64_t b, r0, nr, c0, nc;
-  w.unit(k, b, r0, nr, c0, nc);
-  for (int64_t r = r0; r < r0 + nr; ++r) {
+template <class P, class T, class Roots>
+void apply_update(const Walk<P, T>& w, int64_t k, const Roots& roots, T decay, T coefficient) {
+  int64_t b0, nb, r0, nr, c0, nc;
+  w.unit(k, b0, nb, r0, nr, c0, nc);
+  for (int64_t b = b0; b < b0 + nb; ++b) {
+   const InverseRoot<P, T> e = roots(b, c0);
+   for (int64_t r = r0; r < r0 + nr; ++r) {
     P* pr = w.p + w.at(b, r, c0);
     const P* gr = w.g + w.at(b, r, c0);
     auto update = [&](auto lane, int64_t j) {
@@ -274,6 +299,7 @@ void apply_update(const Walk<P, T>& w, int64_t k, const InverseRoot<P, T>& e, T 
       for (; j + 8 <= nc; j += 8) update(WideLane<float>{}, j);
 #endif
     for (; j < nc; ++j) update(ScalarLane<T>{}, j);
+   }
   }
 }
 
@@ -290,8 +316,13 @@ template <class P, class T>
 void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
   const int64_t numel = a.batch * a.rows * a.cols;
   if (numel == 0) return;
-  const Walk<P, T> w{a, h, static_cast<P*>(a.param), static_cast<const P*>(a.grad),
-                     (a.rows + kRowBlock - 1) / kRowBlock, (a.cols + kStrip - 1) / kStrip};
+  const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock, strips = (a.cols + kStrip - 1) / kStrip;
+  // small matrices (one block and strip each, as a conv kernel's 3 x 3) go kGroup elements
+  // or more to a unit, not one unit each
+  const int64_t group = blocks == 1 && strips == 1 && a.rows * a.cols < kGroup
+                            ? kGroup / (a.rows * a.cols) : 1;
+  const Walk<P, T> w{a, h, static_cast<P*>(a.param), static_cast<const P*>(a.grad), blocks, strips,
+                     group};
   const int64_t units = w.units();
   const AdafactorStep s = AdafactorStep::at(h, a.step, numel);
   const T weight = T(s.weight), one_minus = T(1) - weight;
@@ -302,17 +333,15 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
   T* row = static_cast<T*>(a.row);
   T* col = static_cast<T*>(a.col);
   Factors<T> f;
-  auto unit_root = [&](int64_t k) {
-    return InverseRoot<P, T>::of(w, k / (w.blocks * w.strips), k % w.strips * kStrip, col, f,
-                                 eps1_squared, inverse_eps1);
+  auto roots = [&](int64_t b, int64_t c0) {  // matrix b's, from column c0
+    return InverseRoot<P, T>::of(w, b, c0, col, f, eps1_squared, inverse_eps1);
   };
   if (w.factored()) {
     std::vector<double> row_part(size_t(a.batch * a.rows * w.strips), 0.0);
     std::vector<double> col_part(size_t(a.batch * w.blocks * a.cols), 0.0);
     over_units(units, numel, threads, [&](int64_t k) {
       SquareLanes ps;
-      const int64_t b = k / (w.blocks * w.strips), rb = k / w.strips % w.blocks;
-      matrix_sums(w, k, ps, row_part.data(), col_part.data() + (b * w.blocks + rb) * a.cols + k % w.strips * kStrip);
+      matrix_sums(w, k, ps, row_part.data(), col_part.data());
       p_part[size_t(k)] = ps.total();
     });
     // 2. the factors, their means and inverse roots, matrix by matrix
@@ -344,7 +373,7 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
     // 3. sum(u^2)
     over_units(units, numel, threads, [&](int64_t k) {
       SquareLanes us;
-      matrix_update_squares(w, k, unit_root(k), us);
+      matrix_update_squares(w, k, roots, us);
       u_part[size_t(k)] = us.total();
     });
   } else {
@@ -360,7 +389,7 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
                             s.rho, s.root_numel, h.eps2, h.d);
   const T decay = T(1.0 - h.lr * h.weight_decay);
   over_units(units, numel, threads, [&](int64_t k) {
-    apply_update(w, k, unit_root(k), decay, T(coefficient));
+    apply_update(w, k, roots, decay, T(coefficient));
   });
 }
 
