@@ -436,7 +436,8 @@ def test_torch_16_bit_params_keep_float32_state(dtype):
 def test_torch_non_finite_and_extreme_grads(case):
     # inf/NaN grads make the param NaN where torch's does; zero rows and columns take the
     # eps1 clamp as torch; a grad whose square overflows float32 stays finite here (float64
-    # sums) where torch's float32 norms overflow and make the whole param NaN.
+    # sums, the reference's step) where torch's float32 norms overflow and make the whole
+    # param NaN (see fastopt.adafactor's docstring for the other case, |g| above ~4e9).
     torch.manual_seed(0)
     start, g = torch.randn(6, 5), torch.randn(6, 5)
     if case == "inf":

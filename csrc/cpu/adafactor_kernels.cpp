@@ -1,5 +1,6 @@
 // CPU Adafactor step (formulas: common/optim/adafactor.h), param by param, each in passes
-// over work units of up to kRowBlock rows x kStrip columns of one matrix of its batch:
+// over work units of up to kRowBlock rows x kStrip columns of one matrix of its batch (or
+// of several whole matrices, where they are small: kGroup):
 //   1. sums: sum(p^2) per unit, sum(g^2) per row strip and per column of a row block
 //      (a vector: its second moment updated here, and sum(u^2) per unit);
 //   2. the factors: R and C moved toward the means of g^2, and mean(R) per matrix;
@@ -8,7 +9,7 @@
 //   4. p <- p * (1 - lr*wd) + coefficient * u.
 // Sums are float64 in one fixed order: element j of a row strip adds into lane j % kLanes,
 // rows in order; the lanes combine pairwise; row strips, row blocks and units combine in
-// order. The scalar and AVX2 paths make the same additions and threads share out whole
+// order (a row's own sum, for a row shorter than kLanes, is taken in column order). The scalar and AVX2 paths make the same additions and threads share out whole
 // units, so every result is bit-identical across paths and thread counts.
 #include "cpu/adafactor_kernels.h"
 #include <type_traits>

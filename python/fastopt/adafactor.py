@@ -14,9 +14,11 @@ update) and two over a vector, param by param with every thread, in float32 math
 float32 and 16-bit params (float64 for float64) and float64 sums in a fixed order: the
 results are bit-identical across the scalar and AVX2 paths and thread counts, and agree
 with torch to float32 rounding (torch's norms are float32 reductions). State is in the
-math type (float32 for 16-bit params, where torch keeps it in the params' dtype). A grad
-whose square overflows float32 (|g| > 1.8e19) leaves the step finite here, where torch's
-float32 norms overflow and make the whole param NaN.
+math type (float32 for 16-bit params, where torch keeps it in the params' dtype). Grads
+large enough to overflow torch's float32 intermediates leave the step finite here (the
+float64 reference's step): in a matrix above ~4e9, where torch's product of the factors
+(g^4 in scale) overflows and its update of those elements becomes 0; above ~1.8e19
+anywhere, where torch's norms overflow and make the whole param NaN.
 
 CUDA arrays (PyTorch CUDA tensors, CuPy arrays) run the same passes as CUDA kernels, param
 by param on the caller's stream, with nothing waiting for the host (the norms stay in
