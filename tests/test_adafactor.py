@@ -607,3 +607,25 @@ def test_torch_16_bit_params_state_round_trips_in_float32():
     entry = next(iter(other.state.values()))
     assert entry["row_var"].dtype == torch.float32
     assert torch.equal(entry["row_var"], saved["state"][0]["row_var"])
+
+
+@needs_torch
+def test_torch_grad_scaler_with_a_skipped_step():
+    # GradScaler unscales the grads before the step (as for torch's Adafactor) and skips
+    # the step whose grads hold an inf: the same trajectory as torch's.
+    out = []
+    for cls in (torch.optim.Adafactor, ft.Adafactor):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        opt = cls(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for i in range(4):
+            opt.zero_grad()
+            scaler.scale(model(torch.randn(8, 5)).square().sum()).backward()
+            if i == 2:
+                model.weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        out.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
