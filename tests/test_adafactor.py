@@ -12,8 +12,10 @@ from fastopt import _ext, reference
 from conftest import (assert_close, ft, needs_torch, normal_nonzero, torch, torch_roundtrip,
                       using_cpu_path, using_threads)
 
+# (900, 3, 3) on: units of several small matrices, narrow ones (fewer than 16 columns) and
+# wider ones, one row or one column each
 SHAPES = [(1,), (7,), (), (33, 17), (3, 5, 1030), (2, 3, 3, 3), (4097,), (1, 4097), (40, 1),
-          (900, 3, 3)]
+          (900, 3, 3), (1500, 1, 1), (300, 1, 5), (200, 6, 1), (90, 2, 20)]
 OPTIONS = [
     {},
     {"weight_decay": 0.1, "maximize": True},
@@ -66,7 +68,8 @@ def test_matches_reference(cpu_path, dtype, shape, opts, rng):
 
 
 @pytest.mark.parametrize("shapes", [[(70001,)], [(3, 40, 1030)], [(7,), (300, 300), (5, 2, 9000)],
-                                    [(20000, 3, 3), (40000, 1, 1), (9, 5, 33)]],
+                                    [(20000, 3, 3), (40000, 1, 1), (9, 5, 33), (5000, 1, 7),
+                                     (3000, 6, 1), (700, 2, 20)]],
                          ids=["vector", "matrices", "list", "small matrices"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_paths_and_threads_agree_bit_for_bit(shapes, dtype):
@@ -86,7 +89,7 @@ def test_16_bit_params(cpu_path, dtype, rng):
     # float32 math and state, params rounded to their dtype at each step: within a few of
     # their ulps of the float64 reference run on the same rounded values.
     np_dtype = np.float16 if dtype == "float16" else pytest.importorskip("ml_dtypes").bfloat16
-    shapes = [(33, 17), (7,), (2, 3, 1030)]
+    shapes = [(33, 17), (7,), (2, 3, 1030), (500, 3, 3), (1000, 1, 1)]
     params = [normal_nonzero(rng, s).astype(np_dtype) for s in shapes]
     states = [state_for(p, np.float32) for p in params]
     for t in range(1, 4):

@@ -3,15 +3,23 @@
 // of several whole matrices, where they are small: kGroup):
 //   1. sums: sum(p^2) per unit, sum(g^2) per row strip and per column of a row block
 //      (a vector: its second moment updated here, and sum(u^2) per unit);
-//   2. the factors: R and C moved toward the means of g^2, and mean(R) per matrix;
+//   2. the factors: R and C moved toward the means of g^2, and mean(R) per matrix (for
+//      small matrices flat over a unit's rows and columns, in vector bodies across
+//      matrices; for narrow ones, fewer than kLanes columns, also each element's inverse
+//      root, so that passes 3 and 4 run over a unit's elements as one row);
 //   3. sum(u^2) per unit (matrices; u with the estimate's inverse root factored: see
-//      InverseRoot);
+//      Factors);
 //   4. p <- p * (1 - lr*wd) + coefficient * u.
 // Sums are float64 in one fixed order: element j of a row strip adds into lane j % kLanes,
 // rows in order; the lanes combine pairwise; row strips, row blocks and units combine in
-// order (a row's own sum, for a row shorter than kLanes, is taken in column order). The scalar and AVX2 paths make the same additions and threads share out whole
-// units, so every result is bit-identical across paths and thread counts.
+// order (a row's own sum, for a row shorter than kLanes, is taken in column order; a unit
+// of narrow matrices counts as one row in pass 3). The scalar and AVX2 paths make the same
+// additions and threads share out whole units, so every result is bit-identical across
+// paths and thread counts. The scratch (partial sums, factors) is kept between calls by
+// the calling thread, at the largest size a param has needed: a step faults in no fresh
+// pages.
 #include "cpu/adafactor_kernels.h"
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 #include "common/half.h"
@@ -87,6 +95,11 @@ template <class P, class T> struct Walk {
   int64_t group;   // matrices per unit: several where a matrix is smaller than a unit
   int64_t units() const { return (a.batch + group - 1) / group * blocks * strips; }
   bool factored() const { return a.variance == nullptr; }
+  // Whether a unit holds several whole matrices (one row block and strip each).
+  bool grouped() const { return factored() && group > 1; }
+  // Whether those matrices are narrow (rows shorter than a vector body): passes 3 and 4
+  // then take a unit's elements as one row, with each element's inverse root from pass 2.
+  bool flat() const { return grouped() && a.cols < kLanes; }
   // Unit k's first matrix and matrix count, first row, row count, first column, column count.
   void unit(int64_t k, int64_t& b, int64_t& nb, int64_t& r0, int64_t& nr, int64_t& c0,
             int64_t& nc) const {
@@ -110,17 +123,75 @@ template <class T> constexpr bool wide() {
 #endif
 }
 
+// The squares of x[0, n) into `s`, element j into lane j % kLanes.
+template <class P, class T> void add_squares(const P* x, int64_t n, SquareLanes& s) {
+  int64_t j = 0;
+#ifdef FASTOPT_ISA_isa_avx2
+  if constexpr (wide<T>()) {
+    WideSquares sw(s);
+    for (; j + kWide <= n; j += kWide) {
+      F64x4 sq[4];
+      WideSquares::squares(F32x8::load(x + j), F32x8::load(x + j + 8), sq);
+      sw.add(sq);
+    }
+    sw.store(s);
+  }
+#endif
+  for (; j < n; ++j) s.add(j, ScalarLane<T>::load(x + j));
+}
+
+// Pass 1 over a unit of narrow matrices (Walk::flat): sum(p^2) over its elements as one
+// row; each row's sum(g^2) in column order, each column's in row order (1 x 1 matrices:
+// g^2 both, in vector bodies).
+template <class P, class T>
+void narrow_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_part, double* col_part) {
+  int64_t b0, nb, r0, nr, c0, nc;
+  w.unit(k, b0, nb, r0, nr, c0, nc);
+  const int64_t rows = w.a.rows, cols = w.a.cols, first = w.at(b0, 0, 0);
+  add_squares<P, T>(w.p + first, nb * rows * cols, ps);
+  int64_t e = first;
+  if (rows == 1 && cols == 1) {
+#ifdef FASTOPT_ISA_isa_avx2
+    if constexpr (wide<T>())
+      for (; e + 8 <= first + nb; e += 8) {
+        F64x4 sq[2];
+        WideSquares::widen(F32x8::load(w.g + e), sq);
+        for (int q = 0; q < 2; ++q) {
+          sq[q] = sq[q] * sq[q];
+          sq[q].store(row_part + e + 4 * q);
+          sq[q].store(col_part + e + 4 * q);
+        }
+      }
+#endif
+  }
+  for (int64_t b = e / (rows * cols); b < b0 + nb; ++b) {
+    double* columns = col_part + b * cols;
+    for (int64_t c = 0; c < cols; ++c) columns[c] = 0.0;
+    for (int64_t r = b * rows; r < (b + 1) * rows; ++r) {
+      double sum = 0.0;
+      for (int64_t c = 0; c < cols; ++c) {
+        const double x = ScalarLane<T>::load(w.g + r * cols + c);
+        sum += x * x;
+        columns[c] += x * x;
+      }
+      row_part[r] = sum;
+    }
+  }
+}
+
 // Pass 1 over a unit of matrices: sum(p^2) into `ps`, each row strip's sum(g^2) into
 // row_part[row * strips + strip], and g^2 added to col_part (per matrix and row block, the
 // partial column sums). Rows shorter than kLanes (which no vector body takes) sum in
 // column order: a small matrix's row costs no lane tree.
 template <class P, class T>
 void matrix_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_part, double* col_part) {
+  if (w.flat()) return narrow_sums(w, k, ps, row_part, col_part);
   int64_t b0, nb, r0, nr, c0, nc;
   w.unit(k, b0, nb, r0, nr, c0, nc);
   const int64_t rb = k / w.strips % w.blocks;
   for (int64_t b = b0; b < b0 + nb; ++b) {
     double* columns = col_part + (b * w.blocks + rb) * w.a.cols + c0;
+    std::fill(columns, columns + nc, 0.0);  // (this unit's own: no other adds into it)
     for (int64_t r = r0; r < r0 + nr; ++r) {
       const P* gr = w.g + w.at(b, r, c0);
       const P* pr = w.p + w.at(b, r, c0);
@@ -219,42 +290,217 @@ template <class T> struct Factors {
   std::vector<T> scale;      // R_i / m, per row of every matrix
   std::vector<T> row_root;   // 1 / sqrt(R_i / m)
   std::vector<T> col_root;   // 1 / sqrt(C_j), per column of every matrix
+  std::vector<T> mean;       // m = max(mean(R), eps1) per matrix (grouped units)
+  std::vector<T> inverse;    // each element's inverse root (narrow matrices: Walk::flat)
 };
 
-// The inverse root of the second moment estimate at (row r, column c0 + j) of a unit.
-template <class P, class T> struct InverseRoot {
-  const T* scale;     // the unit's matrix's rows (factored), else null
+// A param's scratch: its factors and partial sums, kept by the calling thread between
+// params and calls (grown, never shrunk), so that a step faults in no fresh pages.
+template <class T> struct Scratch {
+  Factors<T> f;
+  std::vector<double> p_part, u_part;  // sum(p^2), sum(u^2) per unit
+  std::vector<double> row_part;        // sum(g^2) per row strip
+  std::vector<double> col_part;        // sum(g^2) per column of a row block
+  std::vector<double> total;           // sum(R) per matrix (grouped units)
+};
+
+// v's first n elements (its values are whatever a former param left there).
+template <class V> V* first(std::vector<V>& v, int64_t n) {
+  if (v.size() < size_t(n)) v.resize(size_t(n));
+  return v.data();
+}
+
+// The inverse root of the second moment estimate at (row r, element j) of a row of a unit,
+// three ways, each its own type so that the loops over a row test no mode: a vector's from
+// V; a matrix's factored (see Factors); narrow matrices' as pass 2 left it per element.
+template <class T> struct FullRoot {
+  const T* v;  // V from the row's first element
+  T eps1_squared;
+  template <class L> typename L::value at(L, int64_t, int64_t j) const {
+    return adafactor_inverse_root(L::load(v + j), typename L::value(eps1_squared));
+  }
+};
+template <class T> struct FactoredRoot {
+  const T* scale;  // R_i / m of the matrix's rows
   const T* row_root;
-  const T* col;       // C from column c0
-  const T* col_root;  // from column c0
-  const T* v;         // V from c0 (a vector), else null
+  const T* col;       // C from the row's first column
+  const T* col_root;  // from the row's first column
   T eps1_squared, inverse_eps1;
+  template <class V> static V of(V scale, V col, V row_root, V col_root, T eps1_squared,
+                                 T inverse_eps1) {
+    return below(scale * col, V(eps1_squared), V(inverse_eps1), row_root * col_root);
+  }
   template <class L> typename L::value at(L, int64_t r, int64_t j) const {
     using V = typename L::value;
-    if (v) return adafactor_inverse_root(L::load(v + j), V(eps1_squared));
-    return below(V(scale[r]) * L::load(col + j), V(eps1_squared), V(inverse_eps1),
-                 V(row_root[r]) * L::load(col_root + j));
+    return of(V(scale[r]), L::load(col + j), V(row_root[r]), L::load(col_root + j),
+              eps1_squared, inverse_eps1);
   }
-  static InverseRoot of(const Walk<P, T>& w, int64_t b, int64_t c0, const T* col,
-                        const Factors<T>& f, T eps1_squared, T inverse_eps1) {
+};
+template <class T> struct GivenRoot {
+  const T* inverse;  // from the row's first element
+  template <class L> typename L::value at(L, int64_t, int64_t j) const { return L::load(inverse + j); }
+};
+
+// Where passes 3 and 4 take a param's inverse roots from.
+template <class P, class T> struct Roots {
+  const Walk<P, T>& w;
+  const Factors<T>& f;
+  const T* col;  // C
+  T eps1_squared, inverse_eps1;
+  // The rows of unit k: body(e, r, first, n), e the inverse roots of the row's matrix, r the
+  // row in it, `first` the index of its element at the unit's first column, n its length.
+  // A unit of narrow matrices is one row of all its elements.
+  template <class Body> void rows(int64_t k, const Body& body) const {
+    int64_t b0, nb, r0, nr, c0, nc;
+    w.unit(k, b0, nb, r0, nr, c0, nc);
     if (!w.factored())
-      return {nullptr, nullptr, nullptr, nullptr, static_cast<const T*>(w.a.variance) + c0,
-              eps1_squared, inverse_eps1};
-    const int64_t rows = b * w.a.rows, cols = b * w.a.cols + c0;
-    return {f.scale.data() + rows, f.row_root.data() + rows, col + cols,
-            f.col_root.data() + cols, nullptr, eps1_squared, inverse_eps1};
+      return body(FullRoot<T>{static_cast<const T*>(w.a.variance) + c0, eps1_squared}, int64_t(0),
+                  c0, nc);
+    if (w.flat())
+      return body(GivenRoot<T>{f.inverse.data() + w.at(b0, 0, 0)}, int64_t(0), w.at(b0, 0, 0),
+                  nb * w.a.rows * w.a.cols);
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      const FactoredRoot<T> e{f.scale.data() + b * w.a.rows, f.row_root.data() + b * w.a.rows,
+                              col + b * w.a.cols + c0, f.col_root.data() + b * w.a.cols + c0,
+                              eps1_squared, inverse_eps1};
+      for (int64_t r = r0; r < r0 + nr; ++r) body(e, r, w.at(b, r, c0), nc);
+    }
+  }
+};
+
+// body(lane, i) for i in [begin, begin + n): vector lanes where the math type has them.
+template <class T, class Body> void flat_loop(int64_t begin, int64_t n, const Body& body) {
+  int64_t i = begin;
+#ifdef FASTOPT_ISA_isa_avx2
+  if constexpr (wide<T>())
+    for (; i + 8 <= begin + n; i += 8) body(WideLane<float>{}, i);
+#endif
+  for (; i < begin + n; ++i) body(ScalarLane<T>{}, i);
+}
+
+// T(sum[i] / n) for the lane's elements: float64 quotients, rounded once to T.
+template <class L> typename L::value quotient(L, const double* sum, double n) {
+  using V = typename L::value;
+#ifdef FASTOPT_ISA_isa_avx2
+  if constexpr (std::is_same_v<V, F32x8>) {
+    const __m256d d = _mm256_set1_pd(n);
+    const __m128 lo = _mm256_cvtpd_ps(_mm256_div_pd(_mm256_loadu_pd(sum), d));
+    const __m128 hi = _mm256_cvtpd_ps(_mm256_div_pd(_mm256_loadu_pd(sum + 4), d));
+    return F32x8(_mm256_set_m128(hi, lo));
+  } else
+#endif
+    return V(sum[0] / n);
+}
+
+// Pass 2: R and C moved toward the means of g^2 (pass 1's partial sums), the mean of R per
+// matrix, and the inverse roots passes 3 and 4 read.
+template <class P, class T> struct FactorPass {
+  const Walk<P, T>& w;
+  T* row;  // R, (batch, rows)
+  T* col;  // C, (batch, cols)
+  const double* row_part;
+  const double* col_part;
+  double* total;
+  Factors<T>& f;
+  T weight, one_minus, eps1, eps1_squared, inverse_eps1;
+  bool small;
+
+  // Matrix b, row by row and column by column.
+  void matrix(int64_t b) const {
+    const int64_t rows = w.a.rows, cols = w.a.cols;
+    double row_total = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      double sum = 0.0;
+      for (int64_t t = 0; t < w.strips; ++t) sum += row_part[(b * rows + r) * w.strips + t];
+      T& x = row[b * rows + r];
+      x = adafactor_lerp(x, T(sum / double(cols)), weight, one_minus, small);
+      row_total += double(x);
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      double sum = 0.0;
+      for (int64_t rb = 0; rb < w.blocks; ++rb) sum += col_part[(b * w.blocks + rb) * cols + c];
+      T& x = col[b * cols + c];
+      x = adafactor_lerp(x, T(sum / double(rows)), weight, one_minus, small);
+      f.col_root[size_t(b * cols + c)] = T(1) / vsqrt(x);
+    }
+    const T mean = vmax_nan(T(row_total / double(rows)), eps1);
+    for (int64_t r = b * rows; r < (b + 1) * rows; ++r) {
+      f.scale[size_t(r)] = row[r] / mean;
+      f.row_root[size_t(r)] = T(1) / vsqrt(f.scale[size_t(r)]);
+    }
+  }
+
+  // Unit k of whole small matrices (one row strip and block each, so a row's or column's
+  // partial sum is its sum): matrix()'s operations, element by element over the unit's rows,
+  // then its matrices, then its columns, in vector bodies across matrices.
+  void grouped(int64_t k) const {
+    int64_t b0, nb, r0, nr, c0, nc;
+    w.unit(k, b0, nb, r0, nr, c0, nc);
+    const int64_t rows = w.a.rows, cols = w.a.cols;
+    T* scale = f.scale.data();
+    T* row_root = f.row_root.data();
+    T* col_root = f.col_root.data();
+    T* mean = f.mean.data();
+    flat_loop<T>(b0 * rows, nb * rows, [&](auto lane, int64_t i) {
+      using L = decltype(lane);
+      using V = typename L::value;
+      L::store(row + i, adafactor_lerp(L::load(row + i), quotient(lane, row_part + i, double(cols)),
+                                       V(weight), V(one_minus), small));
+    });
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      double sum = 0.0;
+      for (int64_t r = b * rows; r < (b + 1) * rows; ++r) sum += double(row[r]);
+      total[b] = sum;
+    }
+    flat_loop<T>(b0, nb, [&](auto lane, int64_t b) {
+      using L = decltype(lane);
+      using V = typename L::value;
+      L::store(mean + b, vmax_nan(quotient(lane, total + b, double(rows)), V(eps1)));
+    });
+    flat_loop<T>(b0 * cols, nb * cols, [&](auto lane, int64_t j) {
+      using L = decltype(lane);
+      using V = typename L::value;
+      const V x = adafactor_lerp(L::load(col + j), quotient(lane, col_part + j, double(rows)),
+                                 V(weight), V(one_minus), small);
+      L::store(col + j, x);
+      L::store(col_root + j, V(T(1)) / vsqrt(x));
+    });
+    auto row_roots = [&](auto lane, int64_t i, auto m) {  // row i's, of a matrix of mean m
+      using L = decltype(lane);
+      using V = typename L::value;
+      const V x = L::load(row + i) / m;
+      L::store(scale + i, x);
+      L::store(row_root + i, V(T(1)) / vsqrt(x));
+    };
+    if (rows == 1)
+      flat_loop<T>(b0, nb, [&](auto lane, int64_t b) { row_roots(lane, b, decltype(lane)::load(mean + b)); });
+    else
+      for (int64_t b = b0; b < b0 + nb; ++b)
+        for (int64_t r = b * rows; r < (b + 1) * rows; ++r) row_roots(ScalarLane<T>{}, r, mean[b]);
+    if (!w.flat()) return;
+    T* inverse = f.inverse.data();
+    if (rows == 1 && cols == 1) {
+      flat_loop<T>(b0, nb, [&](auto lane, int64_t e) {
+        using L = decltype(lane);
+        L::store(inverse + e,
+                 FactoredRoot<T>::of(L::load(scale + e), L::load(col + e), L::load(row_root + e),
+                                     L::load(col_root + e), eps1_squared, inverse_eps1));
+      });
+      return;
+    }
+    for (int64_t b = b0; b < b0 + nb; ++b)
+      for (int64_t r = b * rows; r < (b + 1) * rows; ++r)
+        for (int64_t c = b * cols; c < (b + 1) * cols; ++c)
+          inverse[r * cols + c - b * cols] = FactoredRoot<T>::of(
+              scale[r], col[c], row_root[r], col_root[c], eps1_squared, inverse_eps1);
   }
 };
 
 // Pass 3 (matrices): sum(u^2) of a unit into `us`.
-template <class P, class T, class Roots>
-void matrix_update_squares(const Walk<P, T>& w, int64_t k, const Roots& roots, SquareLanes& us) {
-  int64_t b0, nb, r0, nr, c0, nc;
-  w.unit(k, b0, nb, r0, nr, c0, nc);
-  for (int64_t b = b0; b < b0 + nb; ++b) {
-   const InverseRoot<P, T> e = roots(b, c0);
-   for (int64_t r = r0; r < r0 + nr; ++r) {
-    const P* gr = w.g + w.at(b, r, c0);
+template <class P, class T>
+void matrix_update_squares(const Walk<P, T>& w, int64_t k, const Roots<P, T>& roots, SquareLanes& us) {
+  roots.rows(k, [&](const auto& e, int64_t r, int64_t first, int64_t nc) {
+    const P* gr = w.g + first;
     auto u = [&](auto lane, int64_t j) {
       using L = decltype(lane);
       return L::load(gr + j) * e.at(lane, r, j);
@@ -272,20 +518,15 @@ void matrix_update_squares(const Walk<P, T>& w, int64_t k, const Roots& roots, S
     }
 #endif
     for (; j < nc; ++j) us.add(j, u(ScalarLane<T>{}, j));
-   }
-  }
+  });
 }
 
 // Pass 4: p <- p * decay + coefficient * u over a unit.
-template <class P, class T, class Roots>
-void apply_update(const Walk<P, T>& w, int64_t k, const Roots& roots, T decay, T coefficient) {
-  int64_t b0, nb, r0, nr, c0, nc;
-  w.unit(k, b0, nb, r0, nr, c0, nc);
-  for (int64_t b = b0; b < b0 + nb; ++b) {
-   const InverseRoot<P, T> e = roots(b, c0);
-   for (int64_t r = r0; r < r0 + nr; ++r) {
-    P* pr = w.p + w.at(b, r, c0);
-    const P* gr = w.g + w.at(b, r, c0);
+template <class P, class T>
+void apply_update(const Walk<P, T>& w, int64_t k, const Roots<P, T>& roots, T decay, T coefficient) {
+  roots.rows(k, [&](const auto& e, int64_t r, int64_t first, int64_t nc) {
+    P* pr = w.p + first;
+    const P* gr = w.g + first;
     auto update = [&](auto lane, int64_t j) {
       using L = decltype(lane);
       using V = typename L::value;
@@ -300,8 +541,7 @@ void apply_update(const Walk<P, T>& w, int64_t k, const Roots& roots, T decay, T
       for (; j + 8 <= nc; j += 8) update(WideLane<float>{}, j);
 #endif
     for (; j < nc; ++j) update(ScalarLane<T>{}, j);
-   }
-  }
+  });
 }
 
 // Units [0, n) shared out among threads (whole units each), body(unit).
@@ -314,7 +554,7 @@ template <class Body> void over_units(int64_t n, int64_t elements, int threads, 
 }
 
 template <class P, class T>
-void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
+void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads, Scratch<T>& s) {
   const int64_t numel = a.batch * a.rows * a.cols;
   if (numel == 0) return;
   const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock, strips = (a.cols + kStrip - 1) / kStrip;
@@ -325,69 +565,52 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
   const Walk<P, T> w{a, h, static_cast<P*>(a.param), static_cast<const P*>(a.grad), blocks, strips,
                      group};
   const int64_t units = w.units();
-  const AdafactorStep s = AdafactorStep::at(h, a.step, numel);
-  const T weight = T(s.weight), one_minus = T(1) - weight;
+  const AdafactorStep at = AdafactorStep::at(h, a.step, numel);
+  const T weight = T(at.weight), one_minus = T(1) - weight;
   const bool small = vabs(weight) < T(0.5);
   const T eps1_squared = T(h.eps1 * h.eps1);
-  std::vector<double> p_part(size_t(units), 0.0), u_part(size_t(units), 0.0);
+  double* p_part = first(s.p_part, units);
+  double* u_part = first(s.u_part, units);
   const T inverse_eps1 = T(1) / vsqrt(eps1_squared);  // (the clamped estimate's inverse root)
-  T* row = static_cast<T*>(a.row);
   T* col = static_cast<T*>(a.col);
-  Factors<T> f;
-  auto roots = [&](int64_t b, int64_t c0) {  // matrix b's, from column c0
-    return InverseRoot<P, T>::of(w, b, c0, col, f, eps1_squared, inverse_eps1);
-  };
+  Factors<T>& f = s.f;
+  const Roots<P, T> roots{w, f, col, eps1_squared, inverse_eps1};
   if (w.factored()) {
-    std::vector<double> row_part(size_t(a.batch * a.rows * w.strips), 0.0);
-    std::vector<double> col_part(size_t(a.batch * w.blocks * a.cols), 0.0);
+    double* row_part = first(s.row_part, a.batch * a.rows * w.strips);
+    double* col_part = first(s.col_part, a.batch * w.blocks * a.cols);
     over_units(units, numel, threads, [&](int64_t k) {
       SquareLanes ps;
-      matrix_sums(w, k, ps, row_part.data(), col_part.data());
-      p_part[size_t(k)] = ps.total();
+      matrix_sums(w, k, ps, row_part, col_part);
+      p_part[k] = ps.total();
     });
-    // 2. the factors, their means and inverse roots, matrix by matrix
-    f.scale.resize(size_t(a.batch * a.rows));
-    f.row_root.resize(size_t(a.batch * a.rows));
-    f.col_root.resize(size_t(a.batch * a.cols));
-    over_units(a.batch, numel, threads, [&](int64_t b) {
-      double row_total = 0.0;
-      for (int64_t r = 0; r < a.rows; ++r) {
-        double sum = 0.0;
-        for (int64_t t = 0; t < w.strips; ++t) sum += row_part[size_t((b * a.rows + r) * w.strips + t)];
-        T& x = row[b * a.rows + r];
-        x = adafactor_lerp(x, T(sum / double(a.cols)), weight, one_minus, small);
-        row_total += double(x);
-      }
-      for (int64_t c = 0; c < a.cols; ++c) {
-        double sum = 0.0;
-        for (int64_t rb = 0; rb < w.blocks; ++rb) sum += col_part[size_t((b * w.blocks + rb) * a.cols + c)];
-        T& x = col[b * a.cols + c];
-        x = adafactor_lerp(x, T(sum / double(a.rows)), weight, one_minus, small);
-        f.col_root[size_t(b * a.cols + c)] = T(1) / vsqrt(x);
-      }
-      const T mean = vmax_nan(T(row_total / double(a.rows)), T(h.eps1));
-      for (int64_t r = b * a.rows; r < (b + 1) * a.rows; ++r) {
-        f.scale[size_t(r)] = row[r] / mean;
-        f.row_root[size_t(r)] = T(1) / vsqrt(f.scale[size_t(r)]);
-      }
-    });
-    // 3. sum(u^2)
+    first(f.scale, a.batch * a.rows);
+    first(f.row_root, a.batch * a.rows);
+    first(f.col_root, a.batch * a.cols);
+    const FactorPass<P, T> factors{w, static_cast<T*>(a.row), col, row_part, col_part,
+                                   w.grouped() ? first(s.total, a.batch) : nullptr, f, weight,
+                                   one_minus, T(h.eps1), eps1_squared, inverse_eps1, small};
+    if (w.grouped()) {
+      first(f.mean, a.batch);
+      if (w.flat()) first(f.inverse, numel);
+      over_units(units, numel, threads, [&](int64_t k) { factors.grouped(k); });
+    } else {
+      over_units(a.batch, numel, threads, [&](int64_t b) { factors.matrix(b); });
+    }
     over_units(units, numel, threads, [&](int64_t k) {
       SquareLanes us;
       matrix_update_squares(w, k, roots, us);
-      u_part[size_t(k)] = us.total();
+      u_part[k] = us.total();
     });
   } else {
     over_units(units, numel, threads, [&](int64_t k) {
       SquareLanes ps, us;
       vector_sums(w, k, ps, us, weight, one_minus, small, eps1_squared);
-      p_part[size_t(k)] = ps.total();
-      u_part[size_t(k)] = us.total();
+      p_part[k] = ps.total();
+      u_part[k] = us.total();
     });
   }
-  const double coefficient =
-      adafactor_coefficient(pairwise(p_part.data(), 0, units), pairwise(u_part.data(), 0, units),
-                            s.rho, s.root_numel, h.eps2, h.d);
+  const double coefficient = adafactor_coefficient(pairwise(p_part, 0, units), pairwise(u_part, 0, units),
+                                                   at.rho, at.root_numel, h.eps2, h.d);
   const T decay = T(1.0 - h.lr * h.weight_decay);
   over_units(units, numel, threads, [&](int64_t k) {
     apply_update(w, k, roots, decay, T(coefficient));
@@ -396,7 +619,8 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads) {
 
 template <class P, class T>
 void step_all(const AdafactorParam* params, int64_t n, const AdafactorHyper& h, int threads) {
-  for (int64_t i = 0; i < n; ++i) step_param<P, T>(params[i], h, threads);
+  static thread_local Scratch<T> scratch;
+  for (int64_t i = 0; i < n; ++i) step_param<P, T>(params[i], h, threads, scratch);
 }
 
 FASTOPT_ISA_END

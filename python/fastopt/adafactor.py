@@ -14,7 +14,13 @@ update) and two over a vector, param by param with every thread, in float32 math
 float32 and 16-bit params (float64 for float64) and float64 sums in a fixed order: the
 results are bit-identical across the scalar and AVX2 paths and thread counts, and agree
 with torch to float32 rounding (torch's norms are float32 reductions). State is in the
-math type (float32 for 16-bit params, where torch keeps it in the params' dtype). Grads
+math type (float32 for 16-bit params, where torch keeps it in the params' dtype). Small
+matrices (conv kernels: a (out, in, 3, 3) weight is out * in matrices of 3 x 3, a 1 x 1
+conv's of 1 x 1) are stepped several thousand elements at a time, their factor work in
+vector bodies across matrices. The partial sums and factors of a CPU step are scratch kept
+by the calling thread between steps (grown to the largest param's need: about 20 bytes per
+row and column of its matrices, 8 per 32 elements, and 4 per element of matrices under 16
+columns; 11 MB for GPT-2's 50257 x 768 embedding), so that a step maps no fresh memory. Grads
 large enough to overflow torch's float32 intermediates leave the step finite here (the
 float64 reference's step): in a matrix above ~4e9, where torch's product of the factors
 (g^4 in scale) overflows and its update of those elements becomes 0; above ~1.8e19

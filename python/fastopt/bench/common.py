@@ -56,6 +56,21 @@ def gpt2_small_shapes() -> List[Tuple[int, ...]]:
     return shapes + [(768,), (768,)]
 
 
+# ResNet-50's 53 conv weights (torchvision's layout, 23.5M parameters): the stem's 7 x 7,
+# then per bottleneck a 1 x 1, a 3 x 3 and a 1 x 1 (and a 1 x 1 downsample first in each
+# stage). Adafactor factors their trailing (kh, kw): matrices of 49, 9 and 1 element.
+def resnet50_conv_shapes() -> List[Tuple[int, ...]]:
+    shapes: List[Tuple[int, ...]] = [(64, 3, 7, 7)]
+    channels = 64
+    for width, blocks in [(64, 3), (128, 4), (256, 6), (512, 3)]:
+        for block in range(blocks):
+            shapes += [(width, channels, 1, 1), (width, width, 3, 3), (4 * width, width, 1, 1)]
+            if block == 0:
+                shapes.append((4 * width, channels, 1, 1))
+            channels = 4 * width
+    return shapes
+
+
 @dataclass(frozen=True)
 class OptimizerCase:
     """How to run one optimizer in every implementation: the table's spec, the class's

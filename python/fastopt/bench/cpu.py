@@ -36,6 +36,7 @@ from .common import (
     _torch_solvers,
     gpt2_small_shapes,
     prune_failure,
+    resnet50_conv_shapes,
 )
 
 
@@ -98,14 +99,20 @@ class CpuBench:
         return row
 
     def adafactor_layouts(self) -> List[Tuple[str, List[Tuple[int, ...]]]]:
-        """Adafactor factors matrices: one square matrix, and GPT-2 small's list (its
-        matrices and vectors; the quick run: two transformer blocks)."""
+        """Adafactor factors matrices: one square matrix, GPT-2 small's list (its matrices
+        and vectors) and ResNet-50's conv weights (many small matrices; the quick run: two
+        transformer blocks and the first stage)."""
         if self.quick:
             return [
                 ("2048x2048", [(2048, 2048)]),
                 ("gpt2-small 2 blocks", gpt2_small_shapes()[2:26]),
+                ("resnet50 convs, stage 1", resnet50_conv_shapes()[:11]),
             ]
-        return [("4096x4096", [(4096, 4096)]), ("gpt2-small", gpt2_small_shapes())]
+        return [
+            ("4096x4096", [(4096, 4096)]),
+            ("gpt2-small", gpt2_small_shapes()),
+            ("resnet50 convs", resnet50_conv_shapes()),
+        ]
 
     def adafactor_case(self, layout: str, shapes: List[Tuple[int, ...]]) -> Row:
         """Adafactor: ``fastopt.Adafactor`` against ``torch.optim.Adafactor`` (foreach and
