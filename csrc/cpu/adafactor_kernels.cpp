@@ -100,6 +100,8 @@ template <class P, class T> struct Walk {
   // Whether those matrices are narrow (rows shorter than a vector body): passes 3 and 4
   // then take a unit's elements as one row, with each element's inverse root from pass 2.
   bool flat() const { return grouped() && a.cols < kLanes; }
+  // Whether they are 1 x 1 (a 1 x 1 conv's): pass 2 then makes the inverse roots at once.
+  bool single() const { return grouped() && a.rows == 1 && a.cols == 1; }
   // Unit k's first matrix and matrix count, first row, row count, first column, column count.
   void unit(int64_t k, int64_t& b, int64_t& nb, int64_t& r0, int64_t& nr, int64_t& c0,
             int64_t& nc) const {
@@ -142,7 +144,7 @@ template <class P, class T> void add_squares(const P* x, int64_t n, SquareLanes&
 
 // Pass 1 over a unit of narrow matrices (Walk::flat): sum(p^2) over its elements as one
 // row; each row's sum(g^2) in column order, each column's in row order (1 x 1 matrices:
-// g^2 both, in vector bodies).
+// g^2 both, in vector bodies that write row_part alone, which FactorPass::single reads).
 template <class P, class T>
 void narrow_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_part, double* col_part) {
   int64_t b0, nb, r0, nr, c0, nc;
@@ -156,11 +158,7 @@ void narrow_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_pa
       for (; e + 8 <= first + nb; e += 8) {
         F64x4 sq[2];
         WideSquares::widen(F32x8::load(w.g + e), sq);
-        for (int q = 0; q < 2; ++q) {
-          sq[q] = sq[q] * sq[q];
-          sq[q].store(row_part + e + 4 * q);
-          sq[q].store(col_part + e + 4 * q);
-        }
+        for (int q = 0; q < 2; ++q) (sq[q] * sq[q]).store(row_part + e + 4 * q);  // (= col_part's)
       }
 #endif
   }
@@ -436,6 +434,7 @@ template <class P, class T> struct FactorPass {
   void grouped(int64_t k) const {
     int64_t b0, nb, r0, nr, c0, nc;
     w.unit(k, b0, nb, r0, nr, c0, nc);
+    if (w.single()) return single(b0, nb);
     const int64_t rows = w.a.rows, cols = w.a.cols;
     T* scale = f.scale.data();
     T* row_root = f.row_root.data();
@@ -479,20 +478,30 @@ template <class P, class T> struct FactorPass {
         for (int64_t r = b * rows; r < (b + 1) * rows; ++r) row_roots(ScalarLane<T>{}, r, mean[b]);
     if (!w.flat()) return;
     T* inverse = f.inverse.data();
-    if (rows == 1 && cols == 1) {
-      flat_loop<T>(b0, nb, [&](auto lane, int64_t e) {
-        using L = decltype(lane);
-        L::store(inverse + e,
-                 FactoredRoot<T>::of(L::load(scale + e), L::load(col + e), L::load(row_root + e),
-                                     L::load(col_root + e), eps1_squared, inverse_eps1));
-      });
-      return;
-    }
     for (int64_t b = b0; b < b0 + nb; ++b)
       for (int64_t r = b * rows; r < (b + 1) * rows; ++r)
         for (int64_t c = b * cols; c < (b + 1) * cols; ++c)
           inverse[r * cols + c - b * cols] = FactoredRoot<T>::of(
               scale[r], col[c], row_root[r], col_root[c], eps1_squared, inverse_eps1);
+  }
+
+  // Matrices [b0, b0 + nb) of 1 x 1: grouped()'s operations fused per element, g^2 the
+  // row's and the column's sum, R the sum of R (so m = max(R, eps1)), straight to the
+  // inverse roots (the same values, without the per-row and per-column arrays between).
+  void single(int64_t b0, int64_t nb) const {
+    T* inverse = f.inverse.data();
+    flat_loop<T>(b0, nb, [&](auto lane, int64_t e) {
+      using L = decltype(lane);
+      using V = typename L::value;
+      const V squares = quotient(lane, row_part + e, 1.0);
+      const V r = adafactor_lerp(L::load(row + e), squares, V(weight), V(one_minus), small);
+      const V c = adafactor_lerp(L::load(col + e), squares, V(weight), V(one_minus), small);
+      L::store(row + e, r);
+      L::store(col + e, c);
+      const V scale = r / vmax_nan(r, V(eps1));
+      L::store(inverse + e, FactoredRoot<T>::of(scale, c, V(T(1)) / vsqrt(scale), V(T(1)) / vsqrt(c),
+                                                eps1_squared, inverse_eps1));
+    });
   }
 };
 
@@ -583,14 +592,17 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads, S
       matrix_sums(w, k, ps, row_part, col_part);
       p_part[k] = ps.total();
     });
-    first(f.scale, a.batch * a.rows);
-    first(f.row_root, a.batch * a.rows);
-    first(f.col_root, a.batch * a.cols);
+    if (!w.single()) {
+      first(f.scale, a.batch * a.rows);
+      first(f.row_root, a.batch * a.rows);
+      first(f.col_root, a.batch * a.cols);
+    }
+    const bool totals = w.grouped() && !w.single();
     const FactorPass<P, T> factors{w, static_cast<T*>(a.row), col, row_part, col_part,
-                                   w.grouped() ? first(s.total, a.batch) : nullptr, f, weight,
+                                   totals ? first(s.total, a.batch) : nullptr, f, weight,
                                    one_minus, T(h.eps1), eps1_squared, inverse_eps1, small};
     if (w.grouped()) {
-      first(f.mean, a.batch);
+      if (totals) first(f.mean, a.batch);
       if (w.flat()) first(f.inverse, numel);
       over_units(units, numel, threads, [&](int64_t k) { factors.grouped(k); });
     } else {
