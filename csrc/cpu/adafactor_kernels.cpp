@@ -125,21 +125,21 @@ template <class T> constexpr bool wide() {
 #endif
 }
 
-// The squares of x[0, n) into `s`, element j into lane j % kLanes.
-template <class P, class T> void add_squares(const P* x, int64_t n, SquareLanes& s) {
+// The squares of value(lane, j) for j in [0, n) into `s`, element j into lane j % kLanes.
+template <class T, class Value> void add_squares(int64_t n, SquareLanes& s, const Value& value) {
   int64_t j = 0;
 #ifdef FASTOPT_ISA_isa_avx2
   if constexpr (wide<T>()) {
     WideSquares sw(s);
     for (; j + kWide <= n; j += kWide) {
       F64x4 sq[4];
-      WideSquares::squares(F32x8::load(x + j), F32x8::load(x + j + 8), sq);
+      WideSquares::squares(value(WideLane<float>{}, j), value(WideLane<float>{}, j + 8), sq);
       sw.add(sq);
     }
     sw.store(s);
   }
 #endif
-  for (; j < n; ++j) s.add(j, ScalarLane<T>::load(x + j));
+  for (; j < n; ++j) s.add(j, value(ScalarLane<T>{}, j));
 }
 
 // Pass 1 over a unit of narrow matrices (Walk::flat): sum(p^2) over its elements as one
@@ -150,7 +150,8 @@ void narrow_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_pa
   int64_t b0, nb, r0, nr, c0, nc;
   w.unit(k, b0, nb, r0, nr, c0, nc);
   const int64_t rows = w.a.rows, cols = w.a.cols, first = w.at(b0, 0, 0);
-  add_squares<P, T>(w.p + first, nb * rows * cols, ps);
+  const P* p = w.p + first;
+  add_squares<T>(nb * rows * cols, ps, [&](auto lane, int64_t j) { return decltype(lane)::load(p + j); });
   int64_t e = first;
   if (rows == 1 && cols == 1) {
 #ifdef FASTOPT_ISA_isa_avx2
@@ -510,23 +511,9 @@ template <class P, class T>
 void matrix_update_squares(const Walk<P, T>& w, int64_t k, const Roots<P, T>& roots, SquareLanes& us) {
   roots.rows(k, [&](const auto& e, int64_t r, int64_t first, int64_t nc) {
     const P* gr = w.g + first;
-    auto u = [&](auto lane, int64_t j) {
-      using L = decltype(lane);
-      return L::load(gr + j) * e.at(lane, r, j);
-    };
-    int64_t j = 0;
-#ifdef FASTOPT_ISA_isa_avx2
-    if constexpr (wide<T>()) {
-      WideSquares uw(us);
-      for (; j + kWide <= nc; j += kWide) {
-        F64x4 sq[4];
-        WideSquares::squares(u(WideLane<float>{}, j), u(WideLane<float>{}, j + 8), sq);
-        uw.add(sq);
-      }
-      uw.store(us);
-    }
-#endif
-    for (; j < nc; ++j) us.add(j, u(ScalarLane<T>{}, j));
+    add_squares<T>(nc, us, [&](auto lane, int64_t j) {
+      return decltype(lane)::load(gr + j) * e.at(lane, r, j);
+    });
   });
 }
 
