@@ -9,6 +9,7 @@ import pytest
 import fastopt
 from fastopt import _ext, reference
 
+from backends import assert_bits
 from conftest import (assert_close, ft, needs_torch, normal_nonzero, torch, torch_roundtrip,
                       using_cpu_path, using_threads)
 
@@ -347,7 +348,7 @@ def test_torch_trajectory_matches_torch(kw):
         np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-5, atol=1e-6)
     want, got = runs["torch"][1].state_dict(), runs["fastopt"][1].state_dict()
     for group, mine in zip(want["param_groups"], got["param_groups"]):
-        assert set(group) == set(mine)
+        assert set(mine) == set(group) | {"stochastic_rounding", "rounding_seed"}  # fastopt's
         assert all(group[k] == mine[k] for k in group if not torch.is_tensor(group[k]))
     for i, entry in want["state"].items():
         assert set(entry) == set(got["state"][i])
@@ -632,3 +633,210 @@ def test_torch_grad_scaler_with_a_skipped_step():
         out.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*out):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+# ---- stochastic rounding of bfloat16 params ---------------------------------------------------
+
+SR_SHAPES = [(33, 17), (7,), (3, 5, 1030), (1500, 1, 1), (300, 3, 3), (4097,), ()]
+SR_DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU")])]
+
+
+def _sr_problem(shapes, seed):
+    """bfloat16 params, 3 steps of bfloat16 grads, zeroed float32 state (torch tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+    grads = [[torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes] for _ in range(3)]
+    states = [[None if s is None else torch.from_numpy(s) for s in state_for(p.float().numpy())]
+              for p in params]
+    return params, grads, states
+
+
+def _sr_step(params, grads, states, t, **kw):
+    # eps1 of bfloat16 (its default) also for the float32 twins
+    fastopt.adafactor_(params, grads, *map(list, zip(*states)), step=t, weight_decay=0.1,
+                       eps=(2.0**-7, 1e-3), **kw)
+
+
+def _bf16_bits(tensors):
+    return [t.cpu().view(torch.int16).numpy().view(np.uint16) for t in tensors]
+
+
+@needs_torch
+@pytest.mark.parametrize("device", SR_DEVICES)
+def test_stochastic_rounding_is_the_float32_step_rounded(cpu_path, device):
+    # bfloat16 params: float32 math as for float32 params holding the same values, then
+    # each param's result rounded by the reference's rule with its (seed, step, place)
+    params, grads, states = _sr_problem(SR_SHAPES, 3)
+    twin = [p.float().to(device) for p in params]
+    twin_states = [[None if s is None else s.clone().to(device) for s in st] for st in states]
+    dev = [p.to(device) for p in params]
+    dev_states = [[None if s is None else s.to(device) for s in st] for st in states]
+    for t, gs in enumerate(grads, start=1):
+        seed = 1000 + t
+        _sr_step(dev, [g.to(device) for g in gs], dev_states, t, rounding="stochastic", seed=seed)
+        _sr_step(twin, [g.float().to(device) for g in gs], twin_states, t)
+        for i, p in enumerate(twin):
+            bits = reference.bfloat16_stochastic(p.cpu().numpy(), seed, t, i)
+            p.copy_(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float())
+    for i, (got, want) in enumerate(zip(_bf16_bits(dev), _bf16_bits([p.bfloat16() for p in twin]))):
+        assert_bits(got, want, f"params[{i}]")
+    for i, (a, b) in enumerate(zip(dev_states, twin_states)):
+        for x, y in zip(a, b):
+            if x is not None:
+                assert_bits(x.cpu().numpy(), y.cpu().numpy(), f"state of params[{i}]")
+
+
+@needs_torch
+def test_stochastic_rounding_paths_and_threads_bit_identical():
+    shapes = [(20000, 3, 3), (40000, 1, 1), (5000, 1, 7), (3, 40, 1030), (70001,)]
+    runs = []
+    for path, threads in [("scalar", 1), ("avx2", 1), ("avx2", 2), ("scalar", 3)]:
+        with using_cpu_path(path), using_threads(threads):
+            params, grads, states = _sr_problem(shapes, 4)
+            for t, gs in enumerate(grads, start=1):
+                _sr_step(params, gs, states, t, rounding="stochastic", seed=77)
+            runs.append(_bf16_bits(params))
+    for run in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], run)):
+            assert_bits(b, a, f"params[{i}]")
+
+
+@needs_torch
+def test_stochastic_rounding_is_unbiased_where_nearest_stalls():
+    # Params of 1.0 and equal grads: each step moves them by lr (u = 1 everywhere), a third
+    # of the bfloat16 gap below 1.0. Round-to-nearest never moves them; stochastic rounding
+    # moves them on average as the float64 reference does.
+    shape, steps, lr = (200, 100), 30, 2.0**-8 / 3
+    nearest = torch.ones(shape, dtype=torch.bfloat16)
+    stochastic = nearest.clone()
+    want = np.ones(shape)
+    g = torch.full(shape, 0.5, dtype=torch.bfloat16)
+    states = {name: [torch.from_numpy(s) for s in state_for(np.ones(shape, np.float32))[:2]]
+              for name in ("nearest", "stochastic")}
+    ref_state = state_for(want)
+    for t in range(1, steps + 1):
+        for name, p, kw in (("nearest", nearest, {}),
+                            ("stochastic", stochastic, {"rounding": "stochastic", "seed": t})):
+            row, col = states[name]
+            fastopt.adafactor_([p], [g], [row], [col], [None], step=t, lr=lr, **kw)
+        reference.adafactor(want, g.double().numpy(), *ref_state, step=t, lr=lr, eps1=2.0**-7,
+                            eps2=1e-3)
+    assert (nearest == 1).all()
+    drift, want_drift = (stochastic.double() - 1).mean().item(), want.mean() - 1
+    assert abs(drift - want_drift) < 0.05 * abs(want_drift), (drift, want_drift)
+
+
+@needs_torch
+def test_stochastic_rounding_reproducible_and_checked(rng):
+    params, grads, states = _sr_problem([(40, 50)], 5)
+    runs = {}
+    for seed in (1, 1, 2):
+        p = [params[0].clone()]
+        st = [[None if s is None else s.clone() for s in states[0]]]
+        _sr_step(p, grads[0], st, 1, rounding="stochastic", seed=seed)
+        runs.setdefault(seed, []).append(_bf16_bits(p)[0])
+    assert_bits(runs[1][0], runs[1][1], "the same seed")
+    assert (runs[1][0] != runs[2][0]).any()
+    f32 = rng.standard_normal(5).astype(np.float32)
+    before = f32.copy()
+    args = ([f32], [f32.copy()], [None], [None], [np.zeros(5, np.float32)])
+    with pytest.raises(ValueError, match=r"rounding: 'stochastic' .* bfloat16 params, these are float32"):
+        fastopt.adafactor_(*args, step=1, rounding="stochastic", seed=1)
+    with pytest.raises(ValueError, match=r"rounding: expected 'nearest' or 'stochastic'"):
+        fastopt.adafactor_(*args, step=1, rounding="down")
+    with pytest.raises(ValueError, match=r"seed: only applies"):
+        fastopt.adafactor_(*args, step=1, seed=3)
+    for value, error, match in [(-1, ValueError, r"stochastic_seed: must be in \[0, 2\*\*64\)"),
+                                (2**64, ValueError, r"stochastic_seed: must be in \[0, 2\*\*64\)"),
+                                (1.5, TypeError, r"stochastic_seed: expected an integer"),
+                                (True, TypeError, r"stochastic_seed: expected an integer")]:
+        with pytest.raises(error, match=match):
+            _ext._cpu.adafactor_step(*args, [1], 0.01, -0.8, 1e-3, 1e-3, 1.0, 0.0, False, True,
+                                     stochastic_seed=value)
+    assert_bits(f32, before, "params")
+
+
+@needs_torch
+def test_array_class_stochastic_rounding():
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    params, grads, states = _sr_problem([(30, 20), (9,)], 6)
+
+    def host(tensors):  # NumPy bfloat16 arrays (ml_dtypes), as the array classes take them
+        return [t.view(torch.int16).numpy().view(bf16).copy() for t in tensors]
+
+    opt = fastopt.Adafactor(host(params), weight_decay=0.1, stochastic_rounding=True, seed=11)
+    for t, gs in enumerate(grads, start=1):
+        opt.step(host(gs))
+        _sr_step(params, gs, states, t, rounding="stochastic",
+                 seed=fastopt.functional.step_seed(11, t))
+    for i, (a, b) in enumerate(zip(opt.params, _bf16_bits(params))):
+        assert_bits(a.view(np.uint16), b, f"params[{i}]")
+    with pytest.raises(ValueError, match=r"stochastic_rounding: applies to bfloat16 params; "
+                                         r"params\[0\] is float32"):
+        fastopt.Adafactor([np.ones(3, np.float32)], stochastic_rounding=True)
+    with pytest.raises(ValueError, match=r"seed: only applies"):
+        fastopt.Adafactor(host(params), seed=1)
+
+
+@needs_torch
+def test_torch_stochastic_rounding():
+    params, grads, _ = _sr_problem([(30, 20), (9,), (4, 4)], 7)
+    twin_states = [[None if s is None else torch.from_numpy(s)
+                    for s in state_for(p.float().numpy())] for p in params]
+    model = [torch.nn.Parameter(p.clone()) for p in params]
+    extra = torch.nn.Parameter(torch.randn(5, 6))  # float32 in the group: rounds to nearest
+    extra_twin = [extra.detach().clone()]
+    extra_state = [[None if s is None else torch.from_numpy(s)
+                    for s in state_for(extra_twin[0].numpy())]]
+    opt = ft.Adafactor([{"params": [model[0]]}, {"params": [model[1], extra, model[2]]}],
+                       weight_decay=0.1, stochastic_rounding=True, seed=21)
+    twins = [[p.clone() for p in params[:1]], [p.clone() for p in params[1:]]]
+    states = [twin_states[:1], twin_states[1:]]
+    for t, gs in enumerate(grads, start=1):
+        for p, g in zip(model, gs):
+            p.grad = g
+        extra.grad = torch.randn(5, 6)
+        opt.step()
+        # each group's bfloat16 call keyed by the seed and its first param's place
+        _sr_step(twins[0], gs[:1], states[0], t, rounding="stochastic", seed=21 ^ (0 << 32 | 0))
+        _sr_step(twins[1], gs[1:], states[1], t, rounding="stochastic", seed=21 ^ (1 << 32 | 0))
+        _sr_step(extra_twin, [extra.grad], extra_state, t)
+    assert_bits(_bf16_bits(model)[0], _bf16_bits(twins[0])[0], "group 0")
+    for i, (a, b) in enumerate(zip(_bf16_bits(model[1:]), _bf16_bits(twins[1]))):
+        assert_bits(a, b, f"group 1, params[{i}]")
+    assert_bits(extra.detach().numpy(), extra_twin[0].numpy(), "the float32 param")
+    saved = torch_roundtrip(opt.state_dict())
+    assert [g["rounding_seed"] for g in saved["param_groups"]] == [21, 21]
+    theirs = torch.optim.Adafactor([torch.nn.Parameter(p.clone()) for p in model])
+    theirs.load_state_dict({"state": {}, "param_groups": [
+        {**saved["param_groups"][1], "params": [0, 1, 2]}]})
+    with pytest.raises(ValueError, match=r"seed: only applies"):
+        ft.Adafactor(model, seed=1)
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['stochastic_rounding'\]"):
+        bad = ft.Adafactor(model[:1])
+        bad.param_groups[0]["stochastic_rounding"] = "yes"
+        model[0].grad = grads[0][0]
+        bad.step()
+
+
+@needs_torch
+def test_torch_stochastic_rounding_options_survive_and_are_checked():
+    p = torch.nn.Parameter(torch.randn(4, 5).bfloat16())
+    opt = ft.Adafactor([p], stochastic_rounding=True, seed=9)
+    opt.load_state_dict(torch.optim.Adafactor([p]).state_dict())  # lacks fastopt's keys
+    assert (opt.param_groups[0]["stochastic_rounding"], opt.param_groups[0]["rounding_seed"]) == (
+        True, 9)
+    opt.param_groups[0]["rounding_seed"] = np.int64(7)  # any whole number, as the others take
+    p.grad = torch.randn(4, 5).bfloat16()
+    opt.step()
+    q = torch.nn.Parameter(torch.randn(3).bfloat16())
+    plain = ft.Adafactor([p])
+    for group, match in [({"stochastic_rounding": True}, r"param_groups\[1\]\['rounding_seed'\]"),
+                         ({"stochastic_rounding": "yes"},
+                          r"param_groups\[1\]\['stochastic_rounding'\]")]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            plain.add_param_group({"params": [q], **group})
+        assert len(plain.param_groups) == 1
+    plain.add_param_group({"params": [q], "stochastic_rounding": True, "rounding_seed": 3})
+    fastopt.Adafactor([], stochastic_rounding=True, seed=1).step([])  # nothing to step

@@ -516,19 +516,23 @@ void scale_grads(py::object grads, py::object listed_arg, py::object coefficient
 // (..., rows, 1) and a column factor (..., 1, cols) (torch's shapes); a vector or 0-d
 // param its second moment, shaped like it. All in C order, in the state type (float32 for
 // float32 and 16-bit params, float64 for float64). steps: the step t >= 1 each param takes.
+// stochastic_seed: bfloat16 params rounded stochastically (common/optim/adafactor.h).
 // Everything is checked before anything is written (bindings/adafactor_args.h); with
 // check_only, nothing more is done.
 void adafactor_step(py::object params, py::object grads, py::object row_vars, py::object col_vars,
                     py::object variances, py::object steps, py::object lr, py::object beta2_decay,
                     py::object eps1, py::object eps2, py::object d, py::object weight_decay,
-                    py::object maximize, py::object listed_arg, py::object check_only) {
+                    py::object maximize, py::object listed_arg, py::object check_only,
+                    py::object stochastic_seed) {
   namespace af = fastopt::bindings::adafactor;
   using fastopt::bindings::Where;
   const bool listed = fastopt::bindings::scalar_arg<bool>(listed_arg, "listed");
-  const fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
+  fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
+  af::rounding(stochastic_seed, h);
   const std::array<RoleSpec, 2> roles{{{"params", params, true, fastopt::RoleKind::param},
                                        {"grads", grads, false, fastopt::RoleKind::grad}}};
   const ArrayTable main(roles, listed);
+  af::check_rounding(h, main.dtype() == cpu::DType::bf16, main.total() > 0, cpu::dtype_name(main.dtype()));
   const size_t n = py::len(params);
   const cpu::DType state = cpu::state_dtype(main.dtype());
   // Each state list's arrays (None where a param has none) as one table, named by the
@@ -671,9 +675,9 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("adafactor_step", &adafactor_step, arg("params"), arg("grads"), arg("row_vars"),
         arg("col_vars"), arg("variances"), arg("steps"), arg("lr"), arg("beta2_decay"),
         arg("eps1"), arg("eps2"), arg("d"), arg("weight_decay"), arg("maximize"), arg("listed"),
-        py::kw_only(), arg("check_only") = false,
+        py::kw_only(), arg("check_only") = false, arg("stochastic_seed") = py::none(),
         "Adafactor over a list of params of one dtype (see fastopt.adafactor_); check_only: "
-        "every check, nothing run");
+        "every check, nothing run; stochastic_seed: bfloat16 params rounded stochastically");
   m.def("tensor_layouts", &tensor_layouts, arg("tensors"),
         "Where each torch tensor keeps its elements (pointer, device, dtype, shape, strides), "
         "as bytes to compare");

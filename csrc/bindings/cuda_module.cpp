@@ -705,11 +705,12 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
                     py::object variances, py::object steps, py::object lr, py::object beta2_decay,
                     py::object eps1, py::object eps2, py::object d, py::object weight_decay,
                     py::object maximize, py::object listed_arg, intptr_t stream,
-                    py::object check_only) {
+                    py::object check_only, py::object stochastic_seed) {
   namespace af = fastopt::bindings::adafactor;
   using fastopt::bindings::Where;
   const bool listed = fastopt::bindings::scalar_arg<bool>(listed_arg, "listed");
-  const fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
+  fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
+  af::rounding(stochastic_seed, h);
   if (!py::isinstance<py::list>(params)) throw py::type_error("params: expected a list of arrays");
   const size_t n = py::len(params);
   if (!py::isinstance<py::list>(grads) || py::len(grads) != n)
@@ -773,6 +774,9 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
       *state_ptr[k] = reinterpret_cast<void*>(st.ptr);
     }
   }
+  bool any = false;
+  for (const fastopt::AdafactorParam& a : work) any = any || a.batch * a.rows * a.cols > 0;
+  af::check_rounding(h, dtype == cuda::DType::bf16, any, fastopt::bindings::dtype_name(dtype));
   const size_t num_written = written.size();
   written.insert(written.end(), read.begin(), read.end());
   const int device = call_device(written, num_written, stream);
@@ -780,10 +784,11 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
     return;  // (no array with memory: nothing to step)
   DeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  for (const fastopt::AdafactorParam& a : work) {
+  for (size_t i = 0; i < n; ++i) {
+    const fastopt::AdafactorParam& a = work[i];
     if (a.batch * a.rows * a.cols == 0) continue;
     Scratch scratch(cuda::adafactor_scratch_bytes(a), s);
-    cuda::adafactor_step(dtype, a, h, scratch.at<void>(0), s);
+    cuda::adafactor_step(dtype, a, h, int32_t(i), scratch.at<void>(0), s);
   }
 }
 
@@ -950,9 +955,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("adafactor_step", &adafactor_step, arg("params"), arg("grads"), arg("row_vars"),
         arg("col_vars"), arg("variances"), arg("steps"), arg("lr"), arg("beta2_decay"),
         arg("eps1"), arg("eps2"), arg("d"), arg("weight_decay"), arg("maximize"), arg("listed"),
-        arg("stream"), py::kw_only(), arg("check_only") = false,
+        arg("stream"), py::kw_only(), arg("check_only") = false, arg("stochastic_seed") = py::none(),
         "Adafactor over a list of params of one dtype (see fastopt.adafactor_); check_only: "
-        "every check, nothing queued");
+        "every check, nothing queued; stochastic_seed: bfloat16 params rounded stochastically");
   m.def("grad_norm", &grad_norm, arg("grads"), arg("listed"), arg("out"), arg("norm_type"),
         arg("stream"), "out[0] <- the norm of order norm_type of all grads (one dtype) together");
   m.def("clip_grads", &clip_grads, arg("grads"), arg("listed"), arg("norm"), arg("max_norm"),

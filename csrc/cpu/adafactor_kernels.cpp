@@ -9,7 +9,8 @@
 //      root, so that passes 3 and 4 run over a unit's elements as one row);
 //   3. sum(u^2) per unit (matrices; u with the estimate's inverse root factored: see
 //      Factors);
-//   4. p <- p * (1 - lr*wd) + coefficient * u.
+//   4. p <- p * (1 - lr*wd) + coefficient * u (bfloat16 params rounded stochastically where
+//      the call asks: common/rounding.h's bits of each element's index).
 // Sums are float64 in one fixed order: element j of a row strip adds into lane j % kLanes,
 // rows in order; the lanes combine pairwise; row strips, row blocks and units combine in
 // order (a row's own sum, for a row shorter than kLanes, is taken in column order; a unit
@@ -23,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 #include "common/half.h"
+#include "common/rounding.h"
 #include "cpu/multi_tensor.h"
 
 FASTOPT_ISA_BEGIN
@@ -517,9 +519,11 @@ void matrix_update_squares(const Walk<P, T>& w, int64_t k, const Roots<P, T>& ro
   });
 }
 
-// Pass 4: p <- p * decay + coefficient * u over a unit.
+// Pass 4: p <- p * decay + coefficient * u over a unit (bfloat16 params rounded
+// stochastically with `key` where the call asks for it).
 template <class P, class T>
-void apply_update(const Walk<P, T>& w, int64_t k, const Roots<P, T>& roots, T decay, T coefficient) {
+void apply_update(const Walk<P, T>& w, int64_t k, const Roots<P, T>& roots, T decay, T coefficient,
+                  uint32_t key) {
   roots.rows(k, [&](const auto& e, int64_t r, int64_t first, int64_t nc) {
     P* pr = w.p + first;
     const P* gr = w.g + first;
@@ -529,7 +533,10 @@ void apply_update(const Walk<P, T>& w, int64_t k, const Roots<P, T>& roots, T de
       V g = L::load(gr + j);
       if (w.h.maximize) g = -g;
       const V u = e.at(lane, r, j) * g;
-      L::store(pr + j, L::load(pr + j) * V(decay) + V(coefficient) * u);
+      const V result = L::load(pr + j) * V(decay) + V(coefficient) * u;
+      if constexpr (std::is_same_v<P, bfloat16>)
+        if (w.h.stochastic) return L::store_stochastic(pr + j, result, key, first + j);
+      L::store(pr + j, result);
     };
     int64_t j = 0;
 #ifdef FASTOPT_ISA_isa_avx2
@@ -550,7 +557,8 @@ template <class Body> void over_units(int64_t n, int64_t elements, int threads, 
 }
 
 template <class P, class T>
-void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads, Scratch<T>& s) {
+void step_param(const AdafactorParam& a, const AdafactorHyper& h, int32_t index, int threads,
+                Scratch<T>& s) {
   const int64_t numel = a.batch * a.rows * a.cols;
   if (numel == 0) return;
   const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock, strips = (a.cols + kStrip - 1) / kStrip;
@@ -611,15 +619,16 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int threads, S
   const double coefficient = adafactor_coefficient(pairwise(p_part, 0, units), pairwise(u_part, 0, units),
                                                    at.rho, at.root_numel, h.eps2, h.d);
   const T decay = T(1.0 - h.lr * h.weight_decay);
+  const uint32_t key = rounding_key(h.seed, int64_t(a.step), index);
   over_units(units, numel, threads, [&](int64_t k) {
-    apply_update(w, k, roots, decay, T(coefficient));
+    apply_update(w, k, roots, decay, T(coefficient), key);
   });
 }
 
 template <class P, class T>
 void step_all(const AdafactorParam* params, int64_t n, const AdafactorHyper& h, int threads) {
   static thread_local Scratch<T> scratch;
-  for (int64_t i = 0; i < n; ++i) step_param<P, T>(params[i], h, threads, scratch);
+  for (int64_t i = 0; i < n; ++i) step_param<P, T>(params[i], h, int32_t(i), threads, scratch);
 }
 
 FASTOPT_ISA_END

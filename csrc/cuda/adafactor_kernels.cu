@@ -7,13 +7,15 @@
 //      matrix mean(R) and the inverse roots of R_i / mean(R) and C_j;
 //   3. sum(u^2) per unit (matrices);
 //   4. the coefficient from the totals (one block), left in device memory;
-//   5. p <- p * (1 - lr*wd) + coefficient * u.
+//   5. p <- p * (1 - lr*wd) + coefficient * u (bfloat16 params rounded stochastically where
+//      asked: the CPU's bits for the same result).
 // Sums are float64 in a fixed order (a thread's elements in order, a fixed shuffle tree in
 // each warp, the warps in order, the units in order), so a result is the same from run to
 // run; it is not the CPU's order, so the two agree to float64 rounding of the sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <type_traits>
+#include "common/rounding.h"
 #include "cuda/adafactor_kernels.h"
 #include "cuda/multi_tensor.cuh"
 
@@ -31,6 +33,7 @@ template <class T> struct Step {
   int64_t batch, rows, cols, blocks, strips;
   T weight, one_minus, eps1, eps1_squared, inverse_eps1, decay;
   bool small, maximize, factored;
+  uint32_t key;  // of the stochastic rounding of bfloat16 params (apply_kernel<..., true>)
   double rho, root_numel, eps2, d;
   double *row_part, *col_part, *p_part, *u_part, *coefficient;
   T *scale, *row_root, *col_root;
@@ -209,8 +212,9 @@ template <class T> __global__ void __launch_bounds__(kThreads) coefficient_kerne
     *s.coefficient = adafactor_coefficient(p_total, u_total, s.rho, s.root_numel, s.eps2, s.d);
 }
 
-// Pass 5: p <- p * decay + coefficient * u.
-template <class P, class T>
+// Pass 5: p <- p * decay + coefficient * u (Stochastic: bfloat16 p rounded stochastically,
+// an instance of its own so that the round-to-nearest one keeps its registers).
+template <class P, class T, bool Stochastic>
 __global__ void __launch_bounds__(kThreads)
 apply_kernel(P* __restrict__ p, const P* __restrict__ g, const T* __restrict__ col,
              const T* __restrict__ variance, const Step<T> s) {
@@ -224,7 +228,11 @@ apply_kernel(P* __restrict__ p, const P* __restrict__ g, const T* __restrict__ c
         T x = T(cuda::to_math(g[at]));
         if (s.maximize) x = -x;
         const T u = inverse_root(s, col, variance, b, r, c0 + j) * x;
-        p[at] = cuda::to_storage<P>(T(cuda::to_math(p[at])) * s.decay + coefficient * u);
+        const T result = T(cuda::to_math(p[at])) * s.decay + coefficient * u;
+        if constexpr (Stochastic)
+          p[at] = __ushort_as_bfloat16(bfloat16_stochastic(result, rounding_bits(s.key, at)));
+        else
+          p[at] = cuda::to_storage<P>(result);
       }
   }
 }
@@ -256,7 +264,8 @@ struct Layout {
 };
 
 template <class P, class T>
-void run(const AdafactorParam& a, const AdafactorHyper& h, void* scratch, cudaStream_t stream) {
+void run(const AdafactorParam& a, const AdafactorHyper& h, int32_t index, void* scratch,
+         cudaStream_t stream) {
   const int64_t numel = a.batch * a.rows * a.cols;
   if (numel == 0) return;
   const Layout layout(a, sizeof(T));
@@ -276,6 +285,7 @@ void run(const AdafactorParam& a, const AdafactorHyper& h, void* scratch, cudaSt
   s.inverse_eps1 = T(1) / T(std::sqrt(s.eps1_squared));
   s.decay = T(1.0 - h.lr * h.weight_decay);
   s.maximize = h.maximize;
+  s.key = rounding_key(h.seed, int64_t(a.step), index);
   s.factored = a.variance == nullptr;
   s.rho = at.rho;
   s.root_numel = at.root_numel;
@@ -313,7 +323,13 @@ void run(const AdafactorParam& a, const AdafactorHyper& h, void* scratch, cudaSt
   }
   coefficient_kernel<T><<<1, kThreads, 0, stream>>>(s);
   cuda::check_launch("adafactor (coefficient)");
-  apply_kernel<P, T><<<unit_grid, kThreads, 0, stream>>>(p, g, col, variance, s);
+  if constexpr (std::is_same_v<P, __nv_bfloat16>)
+    if (h.stochastic) {
+      apply_kernel<P, T, true><<<unit_grid, kThreads, 0, stream>>>(p, g, col, variance, s);
+      cuda::check_launch("adafactor (update)");
+      return;
+    }
+  apply_kernel<P, T, false><<<unit_grid, kThreads, 0, stream>>>(p, g, col, variance, s);
   cuda::check_launch("adafactor (update)");
 }
 
@@ -328,14 +344,14 @@ size_t adafactor_scratch_bytes(const AdafactorParam& a) {
   return Layout(a, sizeof(double)).bytes;  // (the float64 layout: room for float32 math too)
 }
 
-void adafactor_step(DType dtype, const AdafactorParam& a, const AdafactorHyper& h, void* scratch,
-                    cudaStream_t stream) {
+void adafactor_step(DType dtype, const AdafactorParam& a, const AdafactorHyper& h, int32_t index,
+                    void* scratch, cudaStream_t stream) {
   using fastopt::FASTOPT_ISA::run;
   switch (dtype) {
-    case DType::f32: run<float, float>(a, h, scratch, stream); break;
-    case DType::f64: run<double, double>(a, h, scratch, stream); break;
-    case DType::f16: run<__half, float>(a, h, scratch, stream); break;
-    case DType::bf16: run<__nv_bfloat16, float>(a, h, scratch, stream); break;
+    case DType::f32: run<float, float>(a, h, index, scratch, stream); break;
+    case DType::f64: run<double, double>(a, h, index, scratch, stream); break;
+    case DType::f16: run<__half, float>(a, h, index, scratch, stream); break;
+    case DType::bf16: run<__nv_bfloat16, float>(a, h, index, scratch, stream); break;
     default: throw std::invalid_argument("adafactor_step: params must be float32, float64, float16 or bfloat16");
   }
 }

@@ -90,7 +90,8 @@ def grad_norm_total(grads: List[Any], listed: bool, norm_type: float, writeable:
 def scale_grads(grads: List[Any], listed: bool, coefficient: float) -> None: ...
 
 # Adafactor over one list of params of one dtype (fastopt.adafactor): row_vars, col_vars and
-# variances hold None where a param keeps no such state; steps: the step t >= 1 of each param.
+# variances hold None where a param keeps no such state; steps: the step t >= 1 of each param;
+# stochastic_seed: bfloat16 params rounded stochastically (keyed by it, each step and place).
 def adafactor_step(
     params: List[Any],
     grads: List[Any],
@@ -108,6 +109,7 @@ def adafactor_step(
     listed: bool,
     *,
     check_only: bool = False,
+    stochastic_seed: Optional[int] = None,
 ) -> None: ...
 
 # Magnitude pruning masks into `out` (bool/uint8 per array): prune_counts is one count (a

@@ -121,6 +121,7 @@ def adafactor_step(
     stream: int,
     *,
     check_only: bool = False,
+    stochastic_seed: Optional[int] = None,
 ) -> None: ...
 
 # Layout, device and aliasing checks of (name, array) pairs before writing `written`.

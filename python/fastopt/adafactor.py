@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, functional
 from ._arrays import ArrayOrList, as_list
 from ._validate import flag, real, step_count
 from .optim import _check_params
@@ -100,11 +100,13 @@ def run_step(
     listed: bool,
     stream: Any = None,
     check_only: bool = False,
+    seed: Optional[int] = None,
 ) -> None:
     """One kernel call over aligned lists ``arrays`` = (params, grads, row_vars, col_vars,
     variances), on the CPU or, for CUDA arrays, on ``stream`` (default: the current stream
     of the params' library); the binding checks every array (``check_only``: and does
-    nothing more)."""
+    nothing more). ``seed``: bfloat16 params rounded stochastically with this seed (the
+    kernels mix in each param's step and place in the lists)."""
     lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = hyper
     params, grads, row_vars, col_vars, variances = arrays
     if params and eps1 is None:
@@ -127,6 +129,7 @@ def run_step(
         listed,
         **({"stream": extra["stream"]} if extra else {}),
         check_only=check_only,
+        stochastic_seed=seed,
     )
 
 
@@ -144,6 +147,8 @@ def adafactor_(
     d: float = 1.0,
     weight_decay: float = 0.0,
     maximize: bool = False,
+    rounding: str = "nearest",
+    seed: Optional[int] = None,
     stream: Any = None,
 ) -> None:
     """Adafactor step in place, as torch.optim.Adafactor (see the module docstring).
@@ -156,7 +161,9 @@ def adafactor_(
     handle or a CuPy/PyTorch stream; default: the current stream of the params' library),
     queued, without waiting. ``step``: the 1-based step this call takes, one int for
     every param or a list of them. ``eps = (eps1, eps2)``: eps1 None is the machine epsilon
-    of the params' dtype.
+    of the params' dtype. ``rounding="stochastic"`` (bfloat16 params; ``seed``, drawn when
+    None): the params are written rounded stochastically, as ``fastopt.sgd_``'s, keyed by
+    the seed, each param's step and its place in the list.
 
     w = t^beta2_decay; rho = min(lr, 1/sqrt(t)); alpha = max(eps2, rms(p)) * rho;
     R <- lerp(R, mean of g^2 over cols, w); C <- lerp(C, mean of g^2 over rows, w);
@@ -183,7 +190,8 @@ def adafactor_(
     else:
         steps = [_step(step, "step")] * len(plist)
     hyper = adafactor_hyper(lr, beta2_decay, eps, d, weight_decay, maximize)
-    run_step([plist, *lists], steps, hyper, listed, stream)
+    seed = functional.stochastic_rounding(rounding, seed).get("stochastic_seed")
+    run_step([plist, *lists], steps, hyper, listed, stream, seed=seed)
 
 
 def _step(value: Any, name: str) -> int:
@@ -210,7 +218,9 @@ class Adafactor:
     "variances": [...]}`` (None where a param keeps no such state). ``lr`` is settable and
     ``schedule=`` (see ``fastopt.schedules``) maps the step index and lr to the rate used.
     ``state_dict()`` / ``load_state_dict()`` round-trip exactly. Steps hold a lock, as the
-    other classes' do."""
+    other classes' do. ``stochastic_rounding=True`` (bfloat16 params): the params are
+    rounded stochastically at every step, keyed by ``seed`` (drawn when None) and the step
+    count, as the other classes' (bfloat16 training without a float32 master copy)."""
 
     STATE_NAMES = ("row_vars", "col_vars", "variances")
 
@@ -225,6 +235,8 @@ class Adafactor:
         *,
         maximize: bool = False,
         schedule: Optional[Callable[[int, float], float]] = None,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
@@ -239,6 +251,19 @@ class Adafactor:
                 )
         _check_params(self.params, self._listed)  # what every step would refuse
         self._hyper = adafactor_hyper(lr, beta2_decay, eps, d, weight_decay, maximize)
+        self._rounding_seed: Optional[int] = None  # mixed with the step count at each step
+        if flag("stochastic_rounding", stochastic_rounding):
+            for i, p in enumerate(self.params):
+                if _arrays.dtype_name(p) != "bfloat16":
+                    raise ValueError(
+                        "stochastic_rounding: applies to bfloat16 params; "
+                        f"params[{i}] is {_arrays.dtype_name(p)}"
+                    )
+            self._rounding_seed = functional.stochastic_rounding("stochastic", seed)[
+                "stochastic_seed"
+            ]
+        elif seed is not None:
+            raise ValueError("seed: only applies with stochastic_rounding=True")
         if schedule is not None and not callable(schedule):
             raise TypeError(
                 f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}"
@@ -279,13 +304,15 @@ class Adafactor:
         with self._lock:
             glist = as_list("grads", grads, self._listed)
             hyper = (self.current_lr(), *self._hyper[1:])
-            steps = [self._step + 1] * len(self.params)
+            t = self._step + 1
+            seed = self._rounding_seed
             run_step(
                 [self.params, glist, *(self.state[n] for n in self.STATE_NAMES)],
-                steps,
+                [t] * len(self.params),
                 hyper,
                 self._listed,
                 stream,
+                seed=None if seed is None else functional.step_seed(seed, t),
             )
             self._step += 1
 

@@ -2841,8 +2841,13 @@ class Adafactor(torch.optim.Optimizer):
     current stream, nothing waiting). Everything a step needs is checked for every
     group before any param is written, so a refused step changes nothing. A param laid
     out otherwise than in C order (channels_last) is stepped through a C-order copy, and
-    so is such a grad, since the factors follow the last two dimensions. The version counters of the
-    params and state tensors written are bumped, as torch.optim's in-place writes do."""
+    so is such a grad, since the factors follow the last two dimensions. The version
+    counters of the params and state tensors written are bumped, as torch.optim's in-place
+    writes do. ``stochastic_rounding=True`` (keyword-only, a group option, with ``seed=``
+    as the other classes'): the group's bfloat16 params are rounded stochastically at
+    every step, keyed by the group's ``"rounding_seed"``, the place in the group of the
+    first bfloat16 param with a grad, and each param's step count and place among those
+    stepped with it; its other params round to nearest."""
 
     def __init__(
         self,
@@ -2855,6 +2860,8 @@ class Adafactor(torch.optim.Optimizer):
         *,
         foreach: Optional[bool] = None,
         maximize: bool = False,
+        stochastic_rounding: bool = False,
+        seed: Optional[int] = None,
     ):
         adafactor_hyper(_host_float(lr, "lr"), beta2_decay, eps, d, weight_decay, maximize)
         if foreach is not None:
@@ -2867,18 +2874,32 @@ class Adafactor(torch.optim.Optimizer):
             weight_decay=weight_decay,
             foreach=foreach,
             maximize=maximize,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=_rounding_seed(stochastic_rounding, seed),
         )
         super().__init__(params, defaults)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
+        for group in self.param_groups:  # a torch.optim checkpoint lacks fastopt's extras
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
             for p in group["params"]:
                 entry = self.state.get(p, {})
                 step = entry.get("step") if isinstance(entry, dict) else None
                 if step is not None and not torch.is_tensor(step):  # torch < 1.12's numbers
                     entry["step"] = torch.tensor(float(step), dtype=_step_dtype())
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch.optim's, with the group's rounding options checked as the constructor
+        checks them; a group they refuse is not added."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            _check_group_options(f"param_groups[{index}]", self.param_groups[index])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """torch.optim's, but the float32 state of a 16-bit param stays float32 (torch
@@ -2933,6 +2954,8 @@ class Adafactor(torch.optim.Optimizer):
             group["maximize"],
             lambda k: f"{where}['{k}']",
         )
+        _check_group_options(where, group)
+        seed = int(group["rounding_seed"]) if group.get("stochastic_rounding") else None
         calls: Dict[Tuple[torch.device, torch.dtype], _AdafactorCall] = {}
         for i, p in enumerate(group["params"]):
             g = p.grad
@@ -2945,8 +2968,15 @@ class Adafactor(torch.optim.Optimizer):
             entry = self.state.get(p) or {}
             made = _adafactor_state(name, p, entry)
             staged.append((p, made))
-            call = calls.setdefault((p.device, p.dtype), _AdafactorCall(hyper))
-            call.add(name, p, g, {**entry, **made})
+            if (p.device, p.dtype) not in calls:
+                # bfloat16: this group's and this call's seed (its first param's place); the
+                # kernel mixes in each param's step and place in the call
+                salt = index << 32 | i
+                calls[p.device, p.dtype] = _AdafactorCall(
+                    hyper,
+                    None if seed is None or p.dtype != torch.bfloat16 else seed ^ salt,
+                )
+            calls[p.device, p.dtype].add(name, p, g, {**entry, **made})
         return list(calls.values())
 
 
@@ -2955,8 +2985,13 @@ class _AdafactorCall:
     (params or their C-order copies, state), their step counts, the copies to write back,
     and each param's name for messages."""
 
-    def __init__(self, hyper: Tuple[float, float, Optional[float], float, float, float, bool]):
+    def __init__(
+        self,
+        hyper: Tuple[float, float, Optional[float], float, float, float, bool],
+        seed: Optional[int],
+    ):
         self.hyper = hyper
+        self.seed = seed  # stochastic rounding's (bfloat16 params), else None
         self.lists: Tuple[List[Any], ...] = ([], [], [], [], [])  # params, grads, row, col, var
         self.counts: List[torch.Tensor] = []
         self.names: List[str] = []
@@ -2993,12 +3028,12 @@ class _AdafactorCall:
         """Every check of the kernel call (nothing written), named by the params."""
         self.steps = [_steps_taken("step", t) + 1 for t in self.counts]
         try:
-            run_adafactor(self.lists, self.steps, self.hyper, True, check_only=True)
+            run_adafactor(self.lists, self.steps, self.hyper, True, check_only=True, seed=self.seed)
         except (TypeError, ValueError) as exc:
             raise renamed_entries(exc, self._named) from None
 
     def run(self) -> None:
-        run_adafactor(self.lists, self.steps, self.hyper, True)
+        run_adafactor(self.lists, self.steps, self.hyper, True, seed=self.seed)
         for p, copy in self.copies:
             p.copy_(copy)
         for t in self.counts:

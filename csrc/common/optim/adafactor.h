@@ -23,10 +23,14 @@
 
 namespace fastopt {
 
-// What every param of one call shares (a param group's hyper-parameters).
+// What every param of one call shares (a param group's hyper-parameters). `stochastic`:
+// bfloat16 params are written rounded stochastically (common/rounding.h), param i of the
+// call, at its step t, with the bits of rounding_key(seed, t, i).
 struct AdafactorHyper {
   double lr, beta2_decay, eps1, eps2, d, weight_decay;
   bool maximize;
+  bool stochastic;
+  uint64_t seed;
 };
 
 // One param of an Adafactor step, its param and grad viewed as (batch, rows, cols) in C
