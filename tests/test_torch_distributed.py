@@ -1,6 +1,7 @@
 """fastopt.torch under torch.distributed: DistributedDataParallel, ZeroRedundancyOptimizer and
 FSDP2 (fully_shard), each against torch.optim under the same wrapper (the same trajectory),
-plus FSDP2's distributed optimizer checkpoints (get/set_optimizer_state_dict) both ways.
+Adafactor under DDP and ZeroRedundancyOptimizer, plus FSDP2's distributed optimizer
+checkpoints (get/set_optimizer_state_dict) both ways.
 
 Two processes with the gloo backend on the CPU (the CUDA variant: NCCL, one process per GPU,
 up to two). Starting processes is slow, so one group of workers runs every scenario and
@@ -96,6 +97,24 @@ def _zero(rank: int, device: str) -> None:
         _assert_close(states[1], states[0], "ZeRO consolidated state")
 
 
+def _adafactor(rank: int, device: str) -> None:
+    """Adafactor (a kernel of its own, param by param) under DDP and ZeRO: ZeRO gives each
+    rank whole params, which Adafactor steps as on one machine."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    for wrapper in ("ddp", "zero"):
+        finals = []
+        for module in (torch.optim, ft):
+            model = DDP(_mlp(device))
+            options = dict(lr=1e-2, weight_decay=0.1)
+            opt = (module.Adafactor(model.parameters(), **options) if wrapper == "ddp" else
+                   ZeroRedundancyOptimizer(model.parameters(), optimizer_class=module.Adafactor,
+                                           **options))
+            _train(model, opt, _batches(rank, device))
+            finals.append([p.detach().cpu() for p in model.parameters()])
+        _assert_close(finals[1], finals[0], f"Adafactor under {wrapper}, params")
+
+
 def _sharded(device: str) -> Any:
     from torch.distributed.fsdp import fully_shard
     model = _mlp(device)
@@ -158,7 +177,8 @@ def _fsdp2_checkpoints(rank: int, device: str) -> None:
 
 
 SCENARIOS: Dict[str, Callable[[int, str], None]] = {
-    "ddp": _ddp, "zero": _zero, "fsdp2": _fsdp2, "fsdp2_checkpoints": _fsdp2_checkpoints}
+    "ddp": _ddp, "zero": _zero, "adafactor": _adafactor, "fsdp2": _fsdp2,
+    "fsdp2_checkpoints": _fsdp2_checkpoints}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, device_type: str) -> None:
