@@ -348,7 +348,7 @@ def test_torch_trajectory_matches_torch(kw):
         np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-5, atol=1e-6)
     want, got = runs["torch"][1].state_dict(), runs["fastopt"][1].state_dict()
     for group, mine in zip(want["param_groups"], got["param_groups"]):
-        assert set(mine) == set(group) | {"stochastic_rounding", "rounding_seed"}  # fastopt's
+        assert set(mine) == set(group) | {"stochastic_rounding", "rounding_seed", "master_weights"}
         assert all(group[k] == mine[k] for k in group if not torch.is_tensor(group[k]))
     for i, entry in want["state"].items():
         assert set(entry) == set(got["state"][i])
@@ -874,3 +874,138 @@ def test_bfloat16_training_with_stochastic_rounding_tracks_float32(device):
     nearest = _train_mlp(device, torch.bfloat16, False)
     assert abs(sr - fp32) <= 0.05 * fp32, (sr, fp32, nearest)
     assert nearest > 1.3 * fp32, (sr, fp32, nearest)
+
+
+# ---- master weights of 16-bit params ----------------------------------------------------------
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("device", SR_DEVICES)
+def test_master_params_step_is_the_float32_step_rounded(cpu_path, device, dtype):
+    # The float32 copies are stepped as float32 params holding their values would be, with
+    # the 16-bit grads as they are; the params are written as the copies rounded to nearest.
+    tdtype = getattr(torch, dtype)
+    params, grads, states = _sr_problem(SR_SHAPES, 8)
+    params = [p.to(tdtype).to(device) for p in params]
+    masters = [p.float() for p in params]
+    twin = [p.float() for p in params]
+    twin_states = [[None if s is None else s.clone().to(device) for s in st] for st in states]
+    dev_states = [[None if s is None else s.to(device) for s in st] for st in states]
+    for t, gs in enumerate(grads, start=1):
+        gs = [g.to(tdtype).to(device) for g in gs]
+        _sr_step(params, gs, dev_states, t, master_params=masters)
+        _sr_step(twin, [g.float() for g in gs], twin_states, t)
+    for i, (p, m, w) in enumerate(zip(params, masters, twin)):
+        assert_bits(m.cpu().numpy(), w.cpu().numpy(), f"master_params[{i}]")
+        assert_bits(p.cpu().view(torch.int16).numpy(), w.to(tdtype).cpu().view(torch.int16).numpy(),
+                    f"params[{i}]")
+    for i, (a, b) in enumerate(zip(dev_states, twin_states)):
+        for x, y in zip(a, b):
+            if x is not None:
+                assert_bits(x.cpu().numpy(), y.cpu().numpy(), f"state of params[{i}]")
+
+
+@needs_torch
+def test_master_params_are_checked_before_anything_is_written():
+    params, grads, states = _sr_problem([(6, 5), (4,)], 9)
+    masters = [p.float() for p in params]
+    before = [t.clone() for t in params + masters]
+
+    def step(**kw):
+        _sr_step(params, grads[0], states, 1, **kw)
+
+    f32 = [p.float() for p in params]
+    cases = [
+        ({"master_params": [masters[0]]}, ValueError, r"master_params: expected 2 arrays"),
+        ({"master_params": [masters[0].double(), masters[1]]}, TypeError,
+         r"master_params\[0\]: dtype float64 is not float32"),
+        ({"master_params": [masters[0].t(), masters[1]]}, ValueError, r"master_params\[0\]"),
+        ({"master_params": masters, "rounding": "stochastic", "seed": 1}, ValueError,
+         r"master_params: excludes stochastic rounding"),
+    ]
+    for kw, error, match in cases:
+        with pytest.raises(error, match=match):
+            step(**kw)
+    with pytest.raises(ValueError, match=r"master params are for float16 or bfloat16 params"):
+        fastopt.adafactor_(f32, [g.float() for g in grads[0]], *map(list, zip(*states)), step=1,
+                           master_params=[m.clone() for m in masters])
+    for i, (a, b) in enumerate(zip(params + masters, before)):
+        assert torch.equal(a, b), i
+
+
+@needs_torch
+def test_array_class_master_weights():
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    params, grads, states = _sr_problem([(30, 20), (9,)], 10)
+
+    def host(tensors):
+        return [t.view(torch.int16).numpy().view(bf16).copy() for t in tensors]
+
+    opt = fastopt.Adafactor(host(params), weight_decay=0.1, master_weights=True)
+    masters = [p.float() for p in params]
+    for t, gs in enumerate(grads, start=1):
+        opt.step(host(gs))
+        _sr_step(params, gs, states, t, master_params=masters)
+    for i, (a, b, m, want) in enumerate(zip(opt.params, params, opt.master_params, masters)):
+        assert_bits(a.view(np.uint16), b.view(torch.int16).numpy().view(np.uint16), f"params[{i}]")
+        assert_bits(m, want.numpy(), f"master_params[{i}]")
+    saved = opt.state_dict()
+    other = fastopt.Adafactor(host(params), weight_decay=0.1, master_weights=True)
+    other.load_state_dict(saved)
+    for m, want in zip(other.master_params, opt.master_params):
+        assert_bits(m, want, "loaded master")
+    with pytest.raises(ValueError, match=r"has 'master_params' but this optimizer keeps no"):
+        fastopt.Adafactor(host(params)).load_state_dict(saved)
+    opt.zero_state()
+    for m, p in zip(opt.master_params, opt.params):
+        assert_bits(m, p.astype(np.float32), "master after zero_state")
+    with pytest.raises(ValueError, match=r"master_weights: applies to float16/bfloat16 params"):
+        fastopt.Adafactor([np.ones(3, np.float32)], master_weights=True)
+    with pytest.raises(ValueError, match=r"master_weights: excludes stochastic_rounding"):
+        fastopt.Adafactor(host(params), master_weights=True, stochastic_rounding=True)
+
+
+@needs_torch
+def test_torch_master_weights():
+    g = torch.Generator().manual_seed(11)
+    conv = torch.randn(4, 3, 2, 2, generator=g).bfloat16().to(memory_format=torch.channels_last)
+    shapes_params = [torch.randn(30, 20, generator=g).bfloat16(), torch.randn(9, generator=g).half(),
+                     conv]
+    model = [torch.nn.Parameter(p.clone()) for p in shapes_params]
+    extra = torch.nn.Parameter(torch.randn(5, 6, generator=g))  # float32: no copy
+    opt = ft.Adafactor(model + [extra], weight_decay=0.1, master_weights=True)
+    twins = [p.float().contiguous() for p in shapes_params] + [extra.detach().clone()]
+    states = [[None if s is None else torch.from_numpy(s) for s in state_for(t.numpy())]
+              for t in twins]
+    for t in range(1, 4):
+        gs = [torch.randn(p.shape, generator=g).to(p.dtype) for p in model + [extra]]
+        for p, grad in zip(model + [extra], gs):
+            p.grad = grad
+        opt.step()
+        for i in range(4):  # each param alone: its own eps1 (the group's first param's: bf16)
+            fastopt.adafactor_([twins[i]], [gs[i].float().contiguous()], *map(list, zip(states[i])),
+                               step=t, weight_decay=0.1, eps=(2.0**-7, 1e-3))
+    for i, p in enumerate(model):
+        master = opt.state[p]["master_param"]
+        assert master.dtype == torch.float32
+        assert_bits(master.numpy(), twins[i].numpy(), f"master of params[{i}]")
+        assert torch.equal(p.detach(), twins[i].to(p.dtype)), i
+    assert "master_param" not in opt.state[extra]
+    assert_bits(extra.detach().numpy(), twins[3].numpy(), "the float32 param")
+    saved = torch_roundtrip(opt.state_dict())
+    other = ft.Adafactor([torch.nn.Parameter(p.detach().clone()) for p in model + [extra]],
+                         master_weights=True)
+    other.load_state_dict(saved)
+    for i, p in enumerate(other.param_groups[0]["params"][:3]):
+        assert other.state[p]["master_param"].dtype == torch.float32
+        assert torch.equal(other.state[p]["master_param"], opt.state[model[i]]["master_param"])
+    # a checkpoint without copies (torch's): they are made from the params at the next step
+    fresh = ft.Adafactor(model[:1], master_weights=True)
+    fresh.load_state_dict(torch.optim.Adafactor(model[:1]).state_dict())
+    model[0].grad = torch.randn(30, 20, generator=g).bfloat16()
+    before = model[0].detach().float()
+    fresh.step()
+    assert fresh.state[model[0]]["master_param"].dtype == torch.float32
+    assert not torch.equal(fresh.state[model[0]]["master_param"], before)
+    with pytest.raises(ValueError, match=r"master_weights: excludes stochastic_rounding"):
+        ft.Adafactor(model, master_weights=True, stochastic_rounding=True)

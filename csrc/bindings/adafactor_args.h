@@ -64,6 +64,13 @@ inline void check_rounding(const AdafactorHyper& h, bool bfloat16, bool any, con
                           "these are " + dtype);
 }
 
+// master_params (None or a list) excludes stochastic rounding, as the elementwise steps'.
+inline void check_masters(const AdafactorHyper& h, py::handle master_params) {
+  if (!master_params.is_none() && h.stochastic)
+    throw py::value_error("master_params: excludes stochastic rounding (stochastic_seed): "
+                          "the params are the masters rounded to nearest");
+}
+
 // steps: a list of n whole numbers in [1, 2**53], the step each param takes.
 inline std::vector<double> steps(py::handle list, size_t n) {
   if (!py::isinstance<py::list>(list) || py::len(list) != n)
@@ -132,7 +139,7 @@ inline void check_list(py::handle list, int s, size_t n) {
 
 // A param of this shape as the kernels see it (batch, rows, cols), at step t, no pointers.
 inline AdafactorParam view(const std::vector<int64_t>& shape, double t) {
-  AdafactorParam a{nullptr, nullptr, nullptr, nullptr, nullptr, 1, 1, 1, t};
+  AdafactorParam a{nullptr, nullptr, nullptr, nullptr, nullptr, 1, 1, 1, t, nullptr};
   if (shape.size() >= 2) {
     a.rows = shape[shape.size() - 2];
     a.cols = shape.back();

@@ -517,20 +517,25 @@ void scale_grads(py::object grads, py::object listed_arg, py::object coefficient
 // param its second moment, shaped like it. All in C order, in the state type (float32 for
 // float32 and 16-bit params, float64 for float64). steps: the step t >= 1 each param takes.
 // stochastic_seed: bfloat16 params rounded stochastically (common/optim/adafactor.h).
+// master_params: float32 copies of 16-bit params, stepped in their place (the params
+// written as them rounded to nearest).
 // Everything is checked before anything is written (bindings/adafactor_args.h); with
 // check_only, nothing more is done.
 void adafactor_step(py::object params, py::object grads, py::object row_vars, py::object col_vars,
                     py::object variances, py::object steps, py::object lr, py::object beta2_decay,
                     py::object eps1, py::object eps2, py::object d, py::object weight_decay,
                     py::object maximize, py::object listed_arg, py::object check_only,
-                    py::object stochastic_seed) {
+                    py::object stochastic_seed, py::object master_params) {
   namespace af = fastopt::bindings::adafactor;
   using fastopt::bindings::Where;
   const bool listed = fastopt::bindings::scalar_arg<bool>(listed_arg, "listed");
   fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
   af::rounding(stochastic_seed, h);
-  const std::array<RoleSpec, 2> roles{{{"params", params, true, fastopt::RoleKind::param},
-                                       {"grads", grads, false, fastopt::RoleKind::grad}}};
+  af::check_masters(h, master_params);
+  const std::array<RoleSpec, 3> roles{
+      {{"params", params, true, fastopt::RoleKind::param},
+       {"grads", grads, false, fastopt::RoleKind::grad},
+       {"master_params", master_params, true, fastopt::RoleKind::master}}};
   const ArrayTable main(roles, listed);
   af::check_rounding(h, main.dtype() == cpu::DType::bf16, main.total() > 0, cpu::dtype_name(main.dtype()));
   const size_t n = py::len(params);
@@ -582,6 +587,7 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
     if (a.batch * a.rows * a.cols > 0 && !main.c_contiguous(i)) af::not_c_order(i, listed);
     a.param = tm.ptrs[0][i];
     a.grad = tm.ptrs[1][i];
+    if (!master_params.is_none()) a.master = tm.ptrs[cpu::kMasterSlot][i];
     void** state_ptr[af::num_states] = {&a.row, &a.col, &a.variance};
     for (int k = 0; k < af::num_states; ++k)
       if (af::keeps(shape, k)) *state_ptr[k] = tables[k]->table().ptrs[0][next[k]++];
@@ -676,8 +682,10 @@ PYBIND11_MODULE(_cpu, m) {
         arg("col_vars"), arg("variances"), arg("steps"), arg("lr"), arg("beta2_decay"),
         arg("eps1"), arg("eps2"), arg("d"), arg("weight_decay"), arg("maximize"), arg("listed"),
         py::kw_only(), arg("check_only") = false, arg("stochastic_seed") = py::none(),
+        arg("master_params") = py::none(),
         "Adafactor over a list of params of one dtype (see fastopt.adafactor_); check_only: "
-        "every check, nothing run; stochastic_seed: bfloat16 params rounded stochastically");
+        "every check, nothing run; stochastic_seed: bfloat16 params rounded stochastically; "
+        "master_params: float32 copies of 16-bit params stepped in their place");
   m.def("tensor_layouts", &tensor_layouts, arg("tensors"),
         "Where each torch tensor keeps its elements (pointer, device, dtype, shape, strides), "
         "as bytes to compare");

@@ -705,12 +705,13 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
                     py::object variances, py::object steps, py::object lr, py::object beta2_decay,
                     py::object eps1, py::object eps2, py::object d, py::object weight_decay,
                     py::object maximize, py::object listed_arg, intptr_t stream,
-                    py::object check_only, py::object stochastic_seed) {
+                    py::object check_only, py::object stochastic_seed, py::object master_params) {
   namespace af = fastopt::bindings::adafactor;
   using fastopt::bindings::Where;
   const bool listed = fastopt::bindings::scalar_arg<bool>(listed_arg, "listed");
   fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
   af::rounding(stochastic_seed, h);
+  af::check_masters(h, master_params);
   if (!py::isinstance<py::list>(params)) throw py::type_error("params: expected a list of arrays");
   const size_t n = py::len(params);
   if (!py::isinstance<py::list>(grads) || py::len(grads) != n)
@@ -718,6 +719,13 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
                           " arrays (one per entry of params)");
   const py::handle lists[af::num_states] = {row_vars, col_vars, variances};
   for (int k = 0; k < af::num_states; ++k) af::check_list(lists[k], k, n);
+  const bool masters = !master_params.is_none();
+  if (masters && !py::isinstance<py::list>(master_params))
+    throw py::type_error("master_params: expected a list of arrays");
+  if (masters && py::len(master_params) != n)
+    throw py::value_error("master_params: expected " + std::to_string(n) +
+                          " arrays (one per entry of params), got " +
+                          std::to_string(py::len(master_params)));
   const std::vector<double> counts = af::steps(steps, n);
   // Every array described and checked; names and arrays kept at stable addresses for the
   // device and overlap check (written arrays first).
@@ -758,6 +766,22 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
     a = af::view(p.shape, counts[i]);
     a.param = reinterpret_cast<void*>(p.ptr);
     a.grad = reinterpret_cast<const void*>(g.ptr);
+    if (masters) {
+      const Where wm{"master_params", i, listed};
+      const DeviceArray& m = take(PyList_GET_ITEM(master_params.ptr(), i), wm, true);
+      if (m.dtype != cuda::DType::f32)
+        throw py::type_error(wm.str() + ": dtype " + fastopt::bindings::dtype_name(m.dtype) +
+                             " is not float32 (master params are float32)");
+      if (p.dtype != cuda::DType::f16 && p.dtype != cuda::DType::bf16)
+        throw py::value_error(wm.str() + ": master params are for float16 or bfloat16 params; " +
+                              wp.str() + " is " + fastopt::bindings::dtype_name(p.dtype));
+      if (m.shape != p.shape)
+        throw py::value_error(wm.str() + ": shape " + args::shape_str(m.shape) + " does not match " +
+                              wp.str() + "'s shape " + args::shape_str(p.shape));
+      if (m.size > 0 && !m.contiguous) throw py::value_error(wm.str() + ": must be C-contiguous");
+      fastopt::bindings::check_layout(m, wm, true);
+      a.master = reinterpret_cast<void*>(m.ptr);
+    }
     void** state_ptr[af::num_states] = {&a.row, &a.col, &a.variance};
     const cuda::DType state = dtype == cuda::DType::f64 ? cuda::DType::f64 : cuda::DType::f32;
     for (int k = 0; k < af::num_states; ++k) {
@@ -956,8 +980,10 @@ PYBIND11_MODULE(_cuda, m) {
         arg("col_vars"), arg("variances"), arg("steps"), arg("lr"), arg("beta2_decay"),
         arg("eps1"), arg("eps2"), arg("d"), arg("weight_decay"), arg("maximize"), arg("listed"),
         arg("stream"), py::kw_only(), arg("check_only") = false, arg("stochastic_seed") = py::none(),
+        arg("master_params") = py::none(),
         "Adafactor over a list of params of one dtype (see fastopt.adafactor_); check_only: "
-        "every check, nothing queued; stochastic_seed: bfloat16 params rounded stochastically");
+        "every check, nothing queued; stochastic_seed: bfloat16 params rounded stochastically; "
+        "master_params: float32 copies of 16-bit params stepped in their place");
   m.def("grad_norm", &grad_norm, arg("grads"), arg("listed"), arg("out"), arg("norm_type"),
         arg("stream"), "out[0] <- the norm of order norm_type of all grads (one dtype) together");
   m.def("clip_grads", &clip_grads, arg("grads"), arg("listed"), arg("norm"), arg("max_norm"),

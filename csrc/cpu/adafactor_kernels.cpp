@@ -10,7 +10,9 @@
 //   3. sum(u^2) per unit (matrices; u with the estimate's inverse root factored: see
 //      Factors);
 //   4. p <- p * (1 - lr*wd) + coefficient * u (bfloat16 params rounded stochastically where
-//      the call asks: common/rounding.h's bits of each element's index).
+//      the call asks: common/rounding.h's bits of each element's index). A 16-bit param
+//      with a float32 master copy has the copy stepped in its place (its grads loaded as
+//      they are) and is written in pass 4 as the result rounded to nearest.
 // Sums are float64 in one fixed order: element j of a row strip adds into lane j % kLanes,
 // rows in order; the lanes combine pairwise; row strips, row blocks and units combine in
 // order (a row's own sum, for a row shorter than kLanes, is taken in column order; a unit
@@ -86,12 +88,13 @@ struct WideSquares {
 constexpr int64_t kWide = 16;  // elements per step of the vector bodies
 #endif
 
-// One param's walk: P its storage type, T the math (and state) type.
-template <class P, class T> struct Walk {
+// One param's walk: P the type of what is stepped (the param, or its float32 master copy),
+// G the grads' (the param's) storage type, T the math (and state) type.
+template <class P, class T, class G> struct Walk {
   const AdafactorParam& a;
   const AdafactorHyper& h;
   P* p;
-  const P* g;
+  const G* g;
   int64_t blocks;  // row blocks per matrix
   int64_t strips;  // column strips per row
   int64_t group;   // matrices per unit: several where a matrix is smaller than a unit
@@ -147,8 +150,8 @@ template <class T, class Value> void add_squares(int64_t n, SquareLanes& s, cons
 // Pass 1 over a unit of narrow matrices (Walk::flat): sum(p^2) over its elements as one
 // row; each row's sum(g^2) in column order, each column's in row order (1 x 1 matrices:
 // g^2 both, in vector bodies that write row_part alone, which FactorPass::single reads).
-template <class P, class T>
-void narrow_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_part, double* col_part) {
+template <class P, class T, class G>
+void narrow_sums(const Walk<P, T, G>& w, int64_t k, SquareLanes& ps, double* row_part, double* col_part) {
   int64_t b0, nb, r0, nr, c0, nc;
   w.unit(k, b0, nb, r0, nr, c0, nc);
   const int64_t rows = w.a.rows, cols = w.a.cols, first = w.at(b0, 0, 0);
@@ -184,8 +187,8 @@ void narrow_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_pa
 // row_part[row * strips + strip], and g^2 added to col_part (per matrix and row block, the
 // partial column sums). Rows shorter than kLanes (which no vector body takes) sum in
 // column order: a small matrix's row costs no lane tree.
-template <class P, class T>
-void matrix_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_part, double* col_part) {
+template <class P, class T, class G>
+void matrix_sums(const Walk<P, T, G>& w, int64_t k, SquareLanes& ps, double* row_part, double* col_part) {
   if (w.flat()) return narrow_sums(w, k, ps, row_part, col_part);
   int64_t b0, nb, r0, nr, c0, nc;
   w.unit(k, b0, nb, r0, nr, c0, nc);
@@ -194,7 +197,7 @@ void matrix_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_pa
     double* columns = col_part + (b * w.blocks + rb) * w.a.cols + c0;
     std::fill(columns, columns + nc, 0.0);  // (this unit's own: no other adds into it)
     for (int64_t r = r0; r < r0 + nr; ++r) {
-      const P* gr = w.g + w.at(b, r, c0);
+      const G* gr = w.g + w.at(b, r, c0);
       const P* pr = w.p + w.at(b, r, c0);
       double& row = row_part[(b * w.a.rows + r) * w.strips + k % w.strips];
       if (nc < kLanes) {
@@ -238,12 +241,12 @@ void matrix_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, double* row_pa
 }
 
 // Pass 1 over a unit of a vector: sum(p^2) into `ps`; V <- lerp(V, g^2, w); sum(u^2) into `us`.
-template <class P, class T>
-void vector_sums(const Walk<P, T>& w, int64_t k, SquareLanes& ps, SquareLanes& us, T weight,
+template <class P, class T, class G>
+void vector_sums(const Walk<P, T, G>& w, int64_t k, SquareLanes& ps, SquareLanes& us, T weight,
                  T one_minus, bool small, T eps1_squared) {
   const int64_t c0 = k * kStrip;
   const int64_t nc = w.a.cols - c0 < kStrip ? w.a.cols - c0 : kStrip;
-  const P* gr = w.g + c0;
+  const G* gr = w.g + c0;
   const P* pr = w.p + c0;
   T* v = static_cast<T*>(w.a.variance) + c0;
   auto step = [&](auto lane, int64_t j) {
@@ -343,8 +346,8 @@ template <class T> struct GivenRoot {
 };
 
 // Where passes 3 and 4 take a param's inverse roots from.
-template <class P, class T> struct Roots {
-  const Walk<P, T>& w;
+template <class P, class T, class G> struct Roots {
+  const Walk<P, T, G>& w;
   const Factors<T>& f;
   const T* col;  // C
   T eps1_squared, inverse_eps1;
@@ -395,8 +398,8 @@ template <class L> typename L::value quotient(L, const double* sum, double n) {
 
 // Pass 2: R and C moved toward the means of g^2 (pass 1's partial sums), the mean of R per
 // matrix, and the inverse roots passes 3 and 4 read.
-template <class P, class T> struct FactorPass {
-  const Walk<P, T>& w;
+template <class P, class T, class G> struct FactorPass {
+  const Walk<P, T, G>& w;
   T* row;  // R, (batch, rows)
   T* col;  // C, (batch, cols)
   const double* row_part;
@@ -509,10 +512,10 @@ template <class P, class T> struct FactorPass {
 };
 
 // Pass 3 (matrices): sum(u^2) of a unit into `us`.
-template <class P, class T>
-void matrix_update_squares(const Walk<P, T>& w, int64_t k, const Roots<P, T>& roots, SquareLanes& us) {
+template <class P, class T, class G>
+void matrix_update_squares(const Walk<P, T, G>& w, int64_t k, const Roots<P, T, G>& roots, SquareLanes& us) {
   roots.rows(k, [&](const auto& e, int64_t r, int64_t first, int64_t nc) {
-    const P* gr = w.g + first;
+    const G* gr = w.g + first;
     add_squares<T>(nc, us, [&](auto lane, int64_t j) {
       return decltype(lane)::load(gr + j) * e.at(lane, r, j);
     });
@@ -520,13 +523,15 @@ void matrix_update_squares(const Walk<P, T>& w, int64_t k, const Roots<P, T>& ro
 }
 
 // Pass 4: p <- p * decay + coefficient * u over a unit (bfloat16 params rounded
-// stochastically with `key` where the call asks for it).
-template <class P, class T>
-void apply_update(const Walk<P, T>& w, int64_t k, const Roots<P, T>& roots, T decay, T coefficient,
-                  uint32_t key) {
+// stochastically with `key` where the call asks for it; a master copy stepped in the
+// param's place, the param written as its value rounded to nearest).
+template <class P, class T, class G>
+void apply_update(const Walk<P, T, G>& w, int64_t k, const Roots<P, T, G>& roots, T decay,
+                  T coefficient, uint32_t key) {
   roots.rows(k, [&](const auto& e, int64_t r, int64_t first, int64_t nc) {
     P* pr = w.p + first;
-    const P* gr = w.g + first;
+    [[maybe_unused]] G* rounded = static_cast<G*>(w.a.param) + first;
+    const G* gr = w.g + first;
     auto update = [&](auto lane, int64_t j) {
       using L = decltype(lane);
       using V = typename L::value;
@@ -537,6 +542,7 @@ void apply_update(const Walk<P, T>& w, int64_t k, const Roots<P, T>& roots, T de
       if constexpr (std::is_same_v<P, bfloat16>)
         if (w.h.stochastic) return L::store_stochastic(pr + j, result, key, first + j);
       L::store(pr + j, result);
+      if constexpr (!std::is_same_v<P, G>) L::store(rounded + j, result);
     };
     int64_t j = 0;
 #ifdef FASTOPT_ISA_isa_avx2
@@ -556,9 +562,9 @@ template <class Body> void over_units(int64_t n, int64_t elements, int threads, 
   });
 }
 
-template <class P, class T>
-void step_param(const AdafactorParam& a, const AdafactorHyper& h, int32_t index, int threads,
-                Scratch<T>& s) {
+template <class P, class T, class G>
+void step_walk(const AdafactorParam& a, const AdafactorHyper& h, int32_t index, int threads,
+               Scratch<T>& s) {
   const int64_t numel = a.batch * a.rows * a.cols;
   if (numel == 0) return;
   const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock, strips = (a.cols + kStrip - 1) / kStrip;
@@ -566,8 +572,8 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int32_t index,
   // or more to a unit, not one unit each
   const int64_t group = blocks == 1 && strips == 1 && a.rows * a.cols < kGroup
                             ? kGroup / (a.rows * a.cols) : 1;
-  const Walk<P, T> w{a, h, static_cast<P*>(a.param), static_cast<const P*>(a.grad), blocks, strips,
-                     group};
+  const Walk<P, T, G> w{a, h, static_cast<P*>(std::is_same_v<P, G> ? a.param : a.master),
+                        static_cast<const G*>(a.grad), blocks, strips, group};
   const int64_t units = w.units();
   const AdafactorStep at = AdafactorStep::at(h, a.step, numel);
   const T weight = T(at.weight), one_minus = T(1) - weight;
@@ -578,7 +584,7 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int32_t index,
   const T inverse_eps1 = T(1) / vsqrt(eps1_squared);  // (the clamped estimate's inverse root)
   T* col = static_cast<T*>(a.col);
   Factors<T>& f = s.f;
-  const Roots<P, T> roots{w, f, col, eps1_squared, inverse_eps1};
+  const Roots<P, T, G> roots{w, f, col, eps1_squared, inverse_eps1};
   if (w.factored()) {
     double* row_part = first(s.row_part, a.batch * a.rows * w.strips);
     double* col_part = first(s.col_part, a.batch * w.blocks * a.cols);
@@ -593,7 +599,7 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int32_t index,
       first(f.col_root, a.batch * a.cols);
     }
     const bool totals = w.grouped() && !w.single();
-    const FactorPass<P, T> factors{w, static_cast<T*>(a.row), col, row_part, col_part,
+    const FactorPass<P, T, G> factors{w, static_cast<T*>(a.row), col, row_part, col_part,
                                    totals ? first(s.total, a.batch) : nullptr, f, weight,
                                    one_minus, T(h.eps1), eps1_squared, inverse_eps1, small};
     if (w.grouped()) {
@@ -625,10 +631,19 @@ void step_param(const AdafactorParam& a, const AdafactorHyper& h, int32_t index,
   });
 }
 
+// P the params' storage type: a 16-bit param with a master copy steps the copy (float32)
+// with its grads loaded as they are.
 template <class P, class T>
 void step_all(const AdafactorParam* params, int64_t n, const AdafactorHyper& h, int threads) {
   static thread_local Scratch<T> scratch;
-  for (int64_t i = 0; i < n; ++i) step_param<P, T>(params[i], h, int32_t(i), threads, scratch);
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (!std::is_same_v<P, T>)
+      if (params[i].master) {
+        step_walk<T, T, P>(params[i], h, int32_t(i), threads, scratch);
+        continue;
+      }
+    step_walk<P, T, P>(params[i], h, int32_t(i), threads, scratch);
+  }
 }
 
 FASTOPT_ISA_END

@@ -8,7 +8,8 @@
 //   3. sum(u^2) per unit (matrices);
 //   4. the coefficient from the totals (one block), left in device memory;
 //   5. p <- p * (1 - lr*wd) + coefficient * u (bfloat16 params rounded stochastically where
-//      asked: the CPU's bits for the same result).
+//      asked: the CPU's bits for the same result). A 16-bit param with a float32 master
+//      copy has the copy stepped in its place and is written as the result rounded.
 // Sums are float64 in a fixed order (a thread's elements in order, a fixed shuffle tree in
 // each warp, the warps in order, the units in order), so a result is the same from run to
 // run; it is not the CPU's order, so the two agree to float64 rounding of the sums.
@@ -67,10 +68,11 @@ template <class P> __device__ double squared(P x) {
   return v * v;
 }
 
-// Pass 1 over a matrix's units.
-template <class P, class T>
+// Pass 1 over a matrix's units (P: what is stepped, the param or its float32 master; G:
+// the grads').
+template <class P, class T, class G>
 __global__ void __launch_bounds__(kThreads)
-matrix_sums_kernel(const P* __restrict__ p, const P* __restrict__ g, const Step<T> s) {
+matrix_sums_kernel(const P* __restrict__ p, const G* __restrict__ g, const Step<T> s) {
   for (int64_t k = blockIdx.x; k < s.units(); k += gridDim.x) {
     int64_t b, r0, nr, c0, nc;
     s.unit(k, b, r0, nr, c0, nc);
@@ -175,9 +177,9 @@ update_squares_kernel(const P* __restrict__ g, const T* __restrict__ col, const 
 }
 
 // Pass 1 of a vector: sum(p^2), V <- lerp(V, g^2, w), sum(u^2), per unit of kStrip elements.
-template <class P, class T>
+template <class P, class T, class G>
 __global__ void __launch_bounds__(kThreads)
-vector_sums_kernel(const P* __restrict__ p, const P* __restrict__ g, T* __restrict__ variance,
+vector_sums_kernel(const P* __restrict__ p, const G* __restrict__ g, T* __restrict__ variance,
                    const Step<T> s) {
   for (int64_t k = blockIdx.x; k < s.units(); k += gridDim.x) {
     const int64_t c0 = k * kStrip, end = s.cols - c0 < kStrip ? s.cols : c0 + kStrip;
@@ -213,11 +215,12 @@ template <class T> __global__ void __launch_bounds__(kThreads) coefficient_kerne
 }
 
 // Pass 5: p <- p * decay + coefficient * u (Stochastic: bfloat16 p rounded stochastically,
-// an instance of its own so that the round-to-nearest one keeps its registers).
-template <class P, class T, bool Stochastic>
+// an instance of its own so that the round-to-nearest one keeps its registers; P a float32
+// master of G params: the params written as the result rounded to nearest).
+template <class P, class T, class G, bool Stochastic>
 __global__ void __launch_bounds__(kThreads)
-apply_kernel(P* __restrict__ p, const P* __restrict__ g, const T* __restrict__ col,
-             const T* __restrict__ variance, const Step<T> s) {
+apply_kernel(P* __restrict__ p, const G* __restrict__ g, const T* __restrict__ col,
+             const T* __restrict__ variance, G* __restrict__ rounded, const Step<T> s) {
   const T coefficient = T(*s.coefficient);
   for (int64_t k = blockIdx.x; k < s.units(); k += gridDim.x) {
     int64_t b, r0, nr, c0, nc;
@@ -233,6 +236,7 @@ apply_kernel(P* __restrict__ p, const P* __restrict__ g, const T* __restrict__ c
           p[at] = __ushort_as_bfloat16(bfloat16_stochastic(result, rounding_bits(s.key, at)));
         else
           p[at] = cuda::to_storage<P>(result);
+        if constexpr (!std::is_same_v<P, G>) rounded[at] = cuda::to_storage<G>(result);
       }
   }
 }
@@ -263,7 +267,9 @@ struct Layout {
   }
 };
 
-template <class P, class T>
+// P what is stepped (the param, or the float32 master of a G param), G the params' and
+// grads' type.
+template <class P, class T, class G>
 void run(const AdafactorParam& a, const AdafactorHyper& h, int32_t index, void* scratch,
          cudaStream_t stream) {
   const int64_t numel = a.batch * a.rows * a.cols;
@@ -301,13 +307,14 @@ void run(const AdafactorParam& a, const AdafactorHyper& h, int32_t index, void* 
   s.col_root = reinterpret_cast<T*>(base + layout.col_root);
   const int64_t units = s.batch * s.blocks * s.strips;
   const unsigned unit_grid = cuda::grid_for(units, 1);
-  P* p = static_cast<P*>(a.param);
-  const P* g = static_cast<const P*>(a.grad);
+  P* p = static_cast<P*>(std::is_same_v<P, G> ? a.param : a.master);
+  const G* g = static_cast<const G*>(a.grad);
+  G* rounded = static_cast<G*>(a.param);
   T* row = static_cast<T*>(a.row);
   T* col = static_cast<T*>(a.col);
   T* variance = static_cast<T*>(a.variance);
   if (s.factored) {
-    matrix_sums_kernel<P, T><<<unit_grid, kThreads, 0, stream>>>(p, g, s);
+    matrix_sums_kernel<P, T, G><<<unit_grid, kThreads, 0, stream>>>(p, g, s);
     cuda::check_launch("adafactor (sums)");
     rows_kernel<T><<<cuda::grid_for(s.batch * s.rows, kThreads), kThreads, 0, stream>>>(row, s);
     cuda::check_launch("adafactor (row factors)");
@@ -315,21 +322,21 @@ void run(const AdafactorParam& a, const AdafactorHyper& h, int32_t index, void* 
     cuda::check_launch("adafactor (column factors)");
     means_kernel<T><<<cuda::grid_for(s.batch, 1), kThreads, 0, stream>>>(row, s);
     cuda::check_launch("adafactor (means)");
-    update_squares_kernel<P, T><<<unit_grid, kThreads, 0, stream>>>(g, col, s);
+    update_squares_kernel<G, T><<<unit_grid, kThreads, 0, stream>>>(g, col, s);
     cuda::check_launch("adafactor (update norm)");
   } else {
-    vector_sums_kernel<P, T><<<unit_grid, kThreads, 0, stream>>>(p, g, variance, s);
+    vector_sums_kernel<P, T, G><<<unit_grid, kThreads, 0, stream>>>(p, g, variance, s);
     cuda::check_launch("adafactor (sums)");
   }
   coefficient_kernel<T><<<1, kThreads, 0, stream>>>(s);
   cuda::check_launch("adafactor (coefficient)");
   if constexpr (std::is_same_v<P, __nv_bfloat16>)
     if (h.stochastic) {
-      apply_kernel<P, T, true><<<unit_grid, kThreads, 0, stream>>>(p, g, col, variance, s);
+      apply_kernel<P, T, G, true><<<unit_grid, kThreads, 0, stream>>>(p, g, col, variance, rounded, s);
       cuda::check_launch("adafactor (update)");
       return;
     }
-  apply_kernel<P, T, false><<<unit_grid, kThreads, 0, stream>>>(p, g, col, variance, s);
+  apply_kernel<P, T, G, false><<<unit_grid, kThreads, 0, stream>>>(p, g, col, variance, rounded, s);
   cuda::check_launch("adafactor (update)");
 }
 
@@ -348,10 +355,16 @@ void adafactor_step(DType dtype, const AdafactorParam& a, const AdafactorHyper& 
                     void* scratch, cudaStream_t stream) {
   using fastopt::FASTOPT_ISA::run;
   switch (dtype) {
-    case DType::f32: run<float, float>(a, h, index, scratch, stream); break;
-    case DType::f64: run<double, double>(a, h, index, scratch, stream); break;
-    case DType::f16: run<__half, float>(a, h, index, scratch, stream); break;
-    case DType::bf16: run<__nv_bfloat16, float>(a, h, index, scratch, stream); break;
+    case DType::f32: run<float, float, float>(a, h, index, scratch, stream); break;
+    case DType::f64: run<double, double, double>(a, h, index, scratch, stream); break;
+    case DType::f16:
+      if (a.master) run<float, float, __half>(a, h, index, scratch, stream);
+      else run<__half, float, __half>(a, h, index, scratch, stream);
+      break;
+    case DType::bf16:
+      if (a.master) run<float, float, __nv_bfloat16>(a, h, index, scratch, stream);
+      else run<__nv_bfloat16, float, __nv_bfloat16>(a, h, index, scratch, stream);
+      break;
     default: throw std::invalid_argument("adafactor_step: params must be float32, float64, float16 or bfloat16");
   }
 }

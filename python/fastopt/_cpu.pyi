@@ -91,7 +91,8 @@ def scale_grads(grads: List[Any], listed: bool, coefficient: float) -> None: ...
 
 # Adafactor over one list of params of one dtype (fastopt.adafactor): row_vars, col_vars and
 # variances hold None where a param keeps no such state; steps: the step t >= 1 of each param;
-# stochastic_seed: bfloat16 params rounded stochastically (keyed by it, each step and place).
+# stochastic_seed: bfloat16 params rounded stochastically (keyed by it, each step and place);
+# master_params: float32 copies of 16-bit params, stepped in their place.
 def adafactor_step(
     params: List[Any],
     grads: List[Any],
@@ -110,6 +111,7 @@ def adafactor_step(
     *,
     check_only: bool = False,
     stochastic_seed: Optional[int] = None,
+    master_params: Optional[List[Any]] = None,
 ) -> None: ...
 
 # Magnitude pruning masks into `out` (bool/uint8 per array): prune_counts is one count (a

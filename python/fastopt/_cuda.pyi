@@ -122,6 +122,7 @@ def adafactor_step(
     *,
     check_only: bool = False,
     stochastic_seed: Optional[int] = None,
+    master_params: Optional[List[Any]] = None,
 ) -> None: ...
 
 # Layout, device and aliasing checks of (name, array) pairs before writing `written`.

@@ -101,12 +101,14 @@ def run_step(
     stream: Any = None,
     check_only: bool = False,
     seed: Optional[int] = None,
+    masters: Optional[List[Any]] = None,
 ) -> None:
     """One kernel call over aligned lists ``arrays`` = (params, grads, row_vars, col_vars,
     variances), on the CPU or, for CUDA arrays, on ``stream`` (default: the current stream
     of the params' library); the binding checks every array (``check_only``: and does
     nothing more). ``seed``: bfloat16 params rounded stochastically with this seed (the
-    kernels mix in each param's step and place in the lists)."""
+    kernels mix in each param's step and place in the lists); ``masters``: float32 copies
+    of 16-bit params, stepped in their place (the params written rounded)."""
     lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = hyper
     params, grads, row_vars, col_vars, variances = arrays
     if params and eps1 is None:
@@ -130,6 +132,7 @@ def run_step(
         **({"stream": extra["stream"]} if extra else {}),
         check_only=check_only,
         stochastic_seed=seed,
+        master_params=masters,
     )
 
 
@@ -149,6 +152,7 @@ def adafactor_(
     maximize: bool = False,
     rounding: str = "nearest",
     seed: Optional[int] = None,
+    master_params: Optional[ArrayOrList] = None,
     stream: Any = None,
 ) -> None:
     """Adafactor step in place, as torch.optim.Adafactor (see the module docstring).
@@ -163,7 +167,11 @@ def adafactor_(
     every param or a list of them. ``eps = (eps1, eps2)``: eps1 None is the machine epsilon
     of the params' dtype. ``rounding="stochastic"`` (bfloat16 params; ``seed``, drawn when
     None): the params are written rounded stochastically, as ``fastopt.sgd_``'s, keyed by
-    the seed, each param's step and its place in the list.
+    the seed, each param's step and its place in the list. ``master_params`` (float16 or
+    bfloat16 params): float32 copies shaped like them, stepped in their place with the
+    16-bit grads as they are (the float32 step, bit for bit), the params written as the
+    copies rounded to nearest in the same pass; excludes stochastic rounding. eps1 None is
+    still the params' machine epsilon.
 
     w = t^beta2_decay; rho = min(lr, 1/sqrt(t)); alpha = max(eps2, rms(p)) * rho;
     R <- lerp(R, mean of g^2 over cols, w); C <- lerp(C, mean of g^2 over rows, w);
@@ -191,7 +199,8 @@ def adafactor_(
         steps = [_step(step, "step")] * len(plist)
     hyper = adafactor_hyper(lr, beta2_decay, eps, d, weight_decay, maximize)
     seed = functional.stochastic_rounding(rounding, seed).get("stochastic_seed")
-    run_step([plist, *lists], steps, hyper, listed, stream, seed=seed)
+    masters = None if master_params is None else as_list("master_params", master_params, listed)
+    run_step([plist, *lists], steps, hyper, listed, stream, seed=seed, masters=masters)
 
 
 def _step(value: Any, name: str) -> int:
@@ -220,7 +229,10 @@ class Adafactor:
     ``state_dict()`` / ``load_state_dict()`` round-trip exactly. Steps hold a lock, as the
     other classes' do. ``stochastic_rounding=True`` (bfloat16 params): the params are
     rounded stochastically at every step, keyed by ``seed`` (drawn when None) and the step
-    count, as the other classes' (bfloat16 training without a float32 master copy)."""
+    count, as the other classes' (bfloat16 training without a float32 master copy).
+    ``master_weights=True`` (float16/bfloat16 params): float32 copies,
+    ``opt.master_params``, stepped in the params' place (see ``adafactor_``'s
+    ``master_params``); state_dict carries them."""
 
     STATE_NAMES = ("row_vars", "col_vars", "variances")
 
@@ -237,6 +249,7 @@ class Adafactor:
         schedule: Optional[Callable[[int, float], float]] = None,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        master_weights: bool = False,
     ):
         self._listed = isinstance(params, (list, tuple))
         self.params: List[Any] = [
@@ -264,6 +277,20 @@ class Adafactor:
             ]
         elif seed is not None:
             raise ValueError("seed: only applies with stochastic_rounding=True")
+        self.master_params: Optional[List[Any]] = None
+        if flag("master_weights", master_weights):
+            if self._rounding_seed is not None:
+                raise ValueError(
+                    "master_weights: excludes stochastic_rounding (both are ways to keep the "
+                    "small updates of 16-bit params)"
+                )
+            for i, p in enumerate(self.params):
+                if _arrays.dtype_name(p) not in ("float16", "bfloat16"):
+                    raise ValueError(
+                        "master_weights: applies to float16/bfloat16 params; "
+                        f"params[{i}] is {_arrays.dtype_name(p)}"
+                    )
+            self.master_params = [_arrays.float32_copy(p) for p in self.params]
         if schedule is not None and not callable(schedule):
             raise TypeError(
                 f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}"
@@ -313,6 +340,7 @@ class Adafactor:
                 self._listed,
                 stream,
                 seed=None if seed is None else functional.step_seed(seed, t),
+                masters=self.master_params,
             )
             self._step += 1
 
@@ -323,6 +351,8 @@ class Adafactor:
                 for a in arrays:
                     if a is not None:
                         _arrays.fill(a, 0.0)
+            for p, m in zip(self.params, self.master_params or []):  # the params' values
+                _arrays.copy_into(m, _arrays.float32_copy(p))
             self._step = 0
 
     def state_dict(self) -> Dict[str, Any]:
@@ -342,6 +372,11 @@ class Adafactor:
                     name: [None if a is None else _arrays.clone(a) for a in arrays]
                     for name, arrays in self.state.items()
                 },
+                **(
+                    {}
+                    if self.master_params is None
+                    else {"master_params": [_arrays.clone(m) for m in self.master_params]}
+                ),
             }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -377,6 +412,26 @@ class Adafactor:
         saved = state_dict["state"]
         if not isinstance(saved, dict) or set(saved) != set(self.STATE_NAMES):
             raise ValueError(f"state_dict['state']: expected the keys {list(self.STATE_NAMES)}")
+        masters = state_dict.get("master_params")
+        if (masters is None) != (self.master_params is None):
+            raise ValueError(
+                "state_dict: "
+                + ("has no 'master_params'" if masters is None else "has 'master_params'")
+                + f" but this optimizer {'keeps' if masters is None else 'keeps no'} master "
+                "weights (master_weights=True)"
+            )
+        staged_masters: List[Any] = []
+        if masters is not None:
+            assert self.master_params is not None
+            if not isinstance(masters, (list, tuple)) or len(masters) != len(self.master_params):
+                raise ValueError(
+                    f"state_dict['master_params']: expected a list of {len(self.master_params)} "
+                    "arrays"
+                )
+            staged_masters = [
+                _arrays.staged(f"state_dict['master_params'][{i}]", own, saved)
+                for i, (own, saved) in enumerate(zip(self.master_params, masters))
+            ]
         staged: Dict[str, List[Any]] = {}
         for name in self.STATE_NAMES:
             arrays = saved[name]
@@ -395,6 +450,8 @@ class Adafactor:
                 for mine, new in zip(self.state[name], staged[name]):
                     if mine is not None:
                         _arrays.copy_into(mine, new)
+            for mine, new in zip(self.master_params or [], staged_masters):
+                _arrays.copy_into(mine, new)
             self._hyper = hyper
             self._step = int(step)
 

@@ -2847,7 +2847,11 @@ class Adafactor(torch.optim.Optimizer):
     as the other classes'): the group's bfloat16 params are rounded stochastically at
     every step, keyed by the group's ``"rounding_seed"``, the place in the group of the
     first bfloat16 param with a grad, and each param's step count and place among those
-    stepped with it; its other params round to nearest."""
+    stepped with it; its other params round to nearest. ``master_weights=True`` (keyword-
+    only, a group option, excluding stochastic rounding): the group's float16/bfloat16
+    params keep a float32 copy, ``state[p]["master_param"]`` (made from the param at its
+    first step, or when missing), stepped in the param's place in the same pass, the param
+    written as it rounded to nearest."""
 
     def __init__(
         self,
@@ -2862,6 +2866,7 @@ class Adafactor(torch.optim.Optimizer):
         maximize: bool = False,
         stochastic_rounding: bool = False,
         seed: Optional[int] = None,
+        master_weights: bool = False,
     ):
         adafactor_hyper(_host_float(lr, "lr"), beta2_decay, eps, d, weight_decay, maximize)
         if foreach is not None:
@@ -2876,7 +2881,9 @@ class Adafactor(torch.optim.Optimizer):
             maximize=maximize,
             stochastic_rounding=stochastic_rounding,
             rounding_seed=_rounding_seed(stochastic_rounding, seed),
+            master_weights=flag("master_weights", master_weights),
         )
+        _check_group_options("", defaults)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -2902,8 +2909,8 @@ class Adafactor(torch.optim.Optimizer):
             raise
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """torch.optim's, but the float32 state of a 16-bit param stays float32 (torch
-        casts state to its param's dtype; fastopt keeps 16-bit params' state float32)."""
+        """torch.optim's, but the float32 state (and master copy) of a 16-bit param stays
+        float32 (torch casts state to its param's dtype; fastopt keeps it float32)."""
         super().load_state_dict(state_dict)
         saved = state_dict.get("state", {})
         ids = [i for group in state_dict.get("param_groups", []) for i in group.get("params", [])]
@@ -2912,7 +2919,7 @@ class Adafactor(torch.optim.Optimizer):
             entry, theirs = self.state.get(p), saved.get(i)
             if p.dtype not in _HALF or not isinstance(entry, dict) or not isinstance(theirs, dict):
                 continue
-            for key in ("row_var", "col_var", "variance"):
+            for key in ("row_var", "col_var", "variance", MASTER):
                 value = theirs.get(key)
                 if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
                     entry[key] = value.detach().to(device=p.device, copy=True)
@@ -2966,7 +2973,8 @@ class Adafactor(torch.optim.Optimizer):
             if hyper[2] is None:  # eps1: torch's finfo(dtype).eps of the group's first param
                 hyper = (*hyper[:2], machine_epsilon(_arrays.dtype_name(p), name), *hyper[3:])
             entry = self.state.get(p) or {}
-            made = _adafactor_state(name, p, entry)
+            masters = bool(group.get("master_weights")) and p.dtype in _HALF
+            made = _adafactor_state(name, p, entry, masters)
             staged.append((p, made))
             if (p.device, p.dtype) not in calls:
                 # bfloat16: this group's and this call's seed (its first param's place); the
@@ -2975,6 +2983,7 @@ class Adafactor(torch.optim.Optimizer):
                 calls[p.device, p.dtype] = _AdafactorCall(
                     hyper,
                     None if seed is None or p.dtype != torch.bfloat16 else seed ^ salt,
+                    masters,
                 )
             calls[p.device, p.dtype].add(name, p, g, {**entry, **made})
         return list(calls.values())
@@ -2989,9 +2998,11 @@ class _AdafactorCall:
         self,
         hyper: Tuple[float, float, Optional[float], float, float, float, bool],
         seed: Optional[int],
+        masters: bool,
     ):
         self.hyper = hyper
         self.seed = seed  # stochastic rounding's (bfloat16 params), else None
+        self.masters: Optional[List[torch.Tensor]] = [] if masters else None
         self.lists: Tuple[List[Any], ...] = ([], [], [], [], [])  # params, grads, row, col, var
         self.counts: List[torch.Tensor] = []
         self.names: List[str] = []
@@ -3010,6 +3021,9 @@ class _AdafactorCall:
         for out, x in zip(self.lists, [target, g.contiguous(), *state]):
             out.append(x)
         self.written.extend(t for t in state if t is not None)
+        if self.masters is not None:
+            self.masters.append(entry[MASTER])
+            self.written.append(entry[MASTER])
         self.counts.append(entry["step"])
         self.names.append(name)
 
@@ -3022,18 +3036,30 @@ class _AdafactorCall:
             return f"{self.names[i]}.grad"
         if role == "steps":
             return f"state of {self.names[i]}['step']"
+        if role == "master_params":
+            return f"state of {self.names[i]}['{MASTER}']"
         return f"state of {self.names[i]}['{keys.get(role, role)}']"
 
     def check(self) -> None:
         """Every check of the kernel call (nothing written), named by the params."""
         self.steps = [_steps_taken("step", t) + 1 for t in self.counts]
         try:
-            run_adafactor(self.lists, self.steps, self.hyper, True, check_only=True, seed=self.seed)
+            run_adafactor(
+                self.lists,
+                self.steps,
+                self.hyper,
+                True,
+                check_only=True,
+                seed=self.seed,
+                masters=self.masters,
+            )
         except (TypeError, ValueError) as exc:
             raise renamed_entries(exc, self._named) from None
 
     def run(self) -> None:
-        run_adafactor(self.lists, self.steps, self.hyper, True, seed=self.seed)
+        run_adafactor(
+            self.lists, self.steps, self.hyper, True, seed=self.seed, masters=self.masters
+        )
         for p, copy in self.copies:
             p.copy_(copy)
         for t in self.counts:
@@ -3070,19 +3096,45 @@ def _check_adafactor_param(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
         raise ValueError(f"{name}: is a {'negative' if p.is_neg() else 'conjugate'} view")
 
 
-def _adafactor_state(name: str, p: torch.Tensor, entry: Dict[str, Any]) -> Dict[str, Any]:
+def _adafactor_state(
+    name: str, p: torch.Tensor, entry: Dict[str, Any], masters: bool
+) -> Dict[str, Any]:
     """The state entries of ``p`` to set before its step: all of them for a fresh param;
     for a held entry (a torch checkpoint's), its tensors checked and those of another dtype
-    (16-bit state of torch's) as float32 copies."""
+    (16-bit state of torch's) as float32 copies. ``masters``: the float32 master copy too
+    (made from the param where missing)."""
     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
     shapes = state_shapes(tuple(p.shape))
     keys = {"row_vars": "row_var", "col_vars": "col_var", "variances": "variance"}
+    made: Dict[str, Any] = {}
+    if masters:
+        master = entry.get(MASTER, p)
+        if (
+            not isinstance(master, torch.Tensor)
+            or master.shape != p.shape
+            or (not master.is_floating_point())
+        ):
+            raise ValueError(
+                f"state of {name}['{MASTER}']: expected a float tensor of shape "
+                f"{tuple(p.shape)}, got {_described(master)}"
+            )
+        if (
+            master is p
+            or master.dtype != torch.float32
+            or master.device != p.device
+            or (not master.is_contiguous())
+        ):
+            made[MASTER] = master.detach().to(
+                device=p.device,
+                dtype=torch.float32,
+                memory_format=torch.contiguous_format,
+                copy=True,
+            )
     if not entry:
-        made: Dict[str, Any] = {"step": torch.tensor(0.0, dtype=_step_dtype())}
+        made["step"] = torch.tensor(0.0, dtype=_step_dtype())
         for role, shape in shapes.items():
             made[keys[role]] = torch.zeros(shape, dtype=dtype, device=p.device)
         return made
-    made = {}
     if "step" not in entry:
         raise ValueError(f"state of {name}: has no 'step'")
     _steps_taken(f"state of {name}['step']", entry["step"])

@@ -46,7 +46,8 @@ struct AdafactorParam {
   void* col;
   void* variance;
   int64_t batch, rows, cols;
-  double step;  // t, the step this call takes (>= 1)
+  double step;   // t, the step this call takes (>= 1)
+  void* master;  // a 16-bit param's float32 master copy (stepped in its place), or null
 };
 
 // One param's per-step numbers that depend on t alone, computed on the host in float64 (as
