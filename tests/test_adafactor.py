@@ -1009,3 +1009,25 @@ def test_torch_master_weights():
     assert not torch.equal(fresh.state[model[0]]["master_param"], before)
     with pytest.raises(ValueError, match=r"master_weights: excludes stochastic_rounding"):
         ft.Adafactor(model, master_weights=True, stochastic_rounding=True)
+
+
+@needs_torch
+def test_torch_master_copy_is_dropped_when_not_stepped():
+    # Stepped without its copy (the option switched off), a param drops it: switched on
+    # again, the copy is made afresh from the param, not taken stale.
+    w = torch.nn.Parameter(torch.randn(8, 16).bfloat16())
+    opt = ft.Adafactor([w], lr=0.1, master_weights=True)
+    w.grad = torch.randn(8, 16).bfloat16()
+    opt.step()
+    assert "master_param" in opt.state[w]
+    opt.param_groups[0]["master_weights"] = False
+    for _ in range(3):
+        w.grad = torch.randn(8, 16).bfloat16()
+        opt.step()
+    assert "master_param" not in opt.state[w]
+    before = w.detach().clone()
+    opt.param_groups[0].update(master_weights=True, lr=1e-8)
+    w.grad = torch.randn(8, 16).bfloat16()
+    opt.step()
+    assert torch.equal(w.detach(), before)  # a step of 1e-8 relative: the param as it was
+    assert torch.equal(opt.state[w]["master_param"].bfloat16(), before)

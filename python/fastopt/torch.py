@@ -2850,8 +2850,9 @@ class Adafactor(torch.optim.Optimizer):
     stepped with it; its other params round to nearest. ``master_weights=True`` (keyword-
     only, a group option, excluding stochastic rounding): the group's float16/bfloat16
     params keep a float32 copy, ``state[p]["master_param"]`` (made from the param at its
-    first step, or when missing), stepped in the param's place in the same pass, the param
-    written as it rounded to nearest."""
+    first step, or when missing; dropped when the param is stepped without), stepped in the
+    param's place in the same pass, the param written as it rounded to nearest: edit the
+    copy, not only the param, to change a param's value between steps."""
 
     def __init__(
         self,
@@ -2939,7 +2940,10 @@ class Adafactor(torch.optim.Optimizer):
         for call in calls:  # the kernels' own checks, every call before any runs
             call.check()
         for p, made in staged:  # every call checked: the new state goes in
-            self.state[p].update(made)
+            entry = self.state[p]
+            entry.update(made)
+            if MASTER in made and made[MASTER] is None:  # a copy no longer stepped
+                del entry[MASTER]
         for call in calls:
             call.run()
         return loss
@@ -3102,11 +3106,14 @@ def _adafactor_state(
     """The state entries of ``p`` to set before its step: all of them for a fresh param;
     for a held entry (a torch checkpoint's), its tensors checked and those of another dtype
     (16-bit state of torch's) as float32 copies. ``masters``: the float32 master copy too
-    (made from the param where missing)."""
+    (made from the param where missing); without, a copy held is dropped (None in the
+    result), as it would go stale and put the param back to it once stepped again."""
     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
     shapes = state_shapes(tuple(p.shape))
     keys = {"row_vars": "row_var", "col_vars": "col_var", "variances": "variance"}
     made: Dict[str, Any] = {}
+    if not masters and MASTER in entry:
+        made[MASTER] = None
     if masters:
         master = entry.get(MASTER, p)
         if (
