@@ -359,6 +359,28 @@ except ImportError:  # the NumPy tests run without torch
 needs_torch = pytest.mark.skipif(torch is None, reason="needs torch")
 
 
+def train_small_mlp(device: str, dtype: Any, make_opt: Callable[[List[Any]], Any],
+                    steps: int = 400) -> Tuple[float, Any]:
+    """A small MLP whose params are stored in ``dtype`` and used in float32 (the forward and
+    backward are float32 for every storage type, so only the params' rounding differs
+    between runs), trained ``steps`` steps by ``make_opt(params)``: (final loss, optimizer)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(32, 64), (64,), (64, 1), (1,)]
+    params = [(torch.randn(s, generator=g) / (s[0] ** 0.5 if len(s) == 2 else 4.0))
+              .to(dtype).to(device).requires_grad_() for s in shapes]
+    opt = make_opt(params)
+    x = torch.randn(256, 32, generator=g)
+    y = torch.sin(x[:, :1] * 2) + 0.5 * x[:, 1:2]
+    x, y = x.to(device), y.to(device)
+    for _ in range(steps):
+        opt.zero_grad()
+        w1, b1, w2, b2 = (p.float() for p in params)
+        loss = (torch.tanh(x @ w1 + b1) @ w2 + b2 - y).square().mean()
+        loss.backward()
+        opt.step()
+    return loss.item(), opt
+
+
 def torch_roundtrip(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """``state_dict`` through ``torch.save`` and ``torch.load(weights_only=True)``, as a
     checkpoint file takes it."""

@@ -11,7 +11,7 @@ from fastopt import _ext, reference
 
 from backends import assert_bits
 from conftest import (assert_close, ft, needs_torch, normal_nonzero, torch, torch_roundtrip,
-                      using_cpu_path, using_threads)
+                      train_small_mlp, using_cpu_path, using_threads)
 
 # (900, 3, 3) on: units of several small matrices, narrow ones (fewer than 16 columns) and
 # wider ones, one row or one column each
@@ -658,6 +658,21 @@ def _sr_step(params, grads, states, t, **kw):
                        eps=(2.0**-7, 1e-3), **kw)
 
 
+def _host(tensors):
+    """bfloat16 CPU tensors as NumPy bfloat16 arrays (ml_dtypes), as the array classes take
+    them."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    return [t.view(torch.int16).numpy().view(bf16).copy() for t in tensors]
+
+
+def _assert_same_states(got, want):
+    """Per param (row_var, col_var, variance) lists, bit for bit (None where none)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        for x, y in zip(a, b):
+            if x is not None:
+                assert_bits(x.cpu().numpy(), y.cpu().numpy(), f"state of params[{i}]")
+
+
 def _bf16_bits(tensors):
     return [t.cpu().view(torch.int16).numpy().view(np.uint16) for t in tensors]
 
@@ -681,10 +696,7 @@ def test_stochastic_rounding_is_the_float32_step_rounded(cpu_path, device):
             p.copy_(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float())
     for i, (got, want) in enumerate(zip(_bf16_bits(dev), _bf16_bits([p.bfloat16() for p in twin]))):
         assert_bits(got, want, f"params[{i}]")
-    for i, (a, b) in enumerate(zip(dev_states, twin_states)):
-        for x, y in zip(a, b):
-            if x is not None:
-                assert_bits(x.cpu().numpy(), y.cpu().numpy(), f"state of params[{i}]")
+    _assert_same_states(dev_states, twin_states)
 
 
 @needs_torch
@@ -759,15 +771,11 @@ def test_stochastic_rounding_reproducible_and_checked(rng):
 
 @needs_torch
 def test_array_class_stochastic_rounding():
-    bf16 = pytest.importorskip("ml_dtypes").bfloat16
     params, grads, states = _sr_problem([(30, 20), (9,)], 6)
 
-    def host(tensors):  # NumPy bfloat16 arrays (ml_dtypes), as the array classes take them
-        return [t.view(torch.int16).numpy().view(bf16).copy() for t in tensors]
-
-    opt = fastopt.Adafactor(host(params), weight_decay=0.1, stochastic_rounding=True, seed=11)
+    opt = fastopt.Adafactor(_host(params), weight_decay=0.1, stochastic_rounding=True, seed=11)
     for t, gs in enumerate(grads, start=1):
-        opt.step(host(gs))
+        opt.step(_host(gs))
         _sr_step(params, gs, states, t, rounding="stochastic",
                  seed=fastopt.functional.step_seed(11, t))
     for i, (a, b) in enumerate(zip(opt.params, _bf16_bits(params))):
@@ -776,7 +784,7 @@ def test_array_class_stochastic_rounding():
                                          r"params\[0\] is float32"):
         fastopt.Adafactor([np.ones(3, np.float32)], stochastic_rounding=True)
     with pytest.raises(ValueError, match=r"seed: only applies"):
-        fastopt.Adafactor(host(params), seed=1)
+        fastopt.Adafactor(_host(params), seed=1)
 
 
 @needs_torch
@@ -843,25 +851,10 @@ def test_torch_stochastic_rounding_options_survive_and_are_checked():
 
 
 def _train_mlp(device, dtype, stochastic):
-    """A small MLP whose params are stored in ``dtype`` and used in float32, 400 steps of
-    fastopt.torch.Adafactor at lr=1e-3 (updates of about a quarter of bfloat16's gap):
-    only the params' rounding differs between the runs. Its final loss."""
-    g = torch.Generator().manual_seed(0)
-    shapes = [(32, 64), (64,), (64, 1), (1,)]
-    params = [(torch.randn(s, generator=g) / (s[0] ** 0.5 if len(s) == 2 else 4.0))
-              .to(dtype).to(device).requires_grad_() for s in shapes]
-    opt = ft.Adafactor(params, lr=1e-3, stochastic_rounding=stochastic,
-                       seed=0 if stochastic else None)
-    x = torch.randn(256, 32, generator=g)
-    y = torch.sin(x[:, :1] * 2) + 0.5 * x[:, 1:2]
-    x, y = x.to(device), y.to(device)
-    for _ in range(400):
-        opt.zero_grad()
-        w1, b1, w2, b2 = (p.float() for p in params)
-        loss = (torch.tanh(x @ w1 + b1) @ w2 + b2 - y).square().mean()
-        loss.backward()
-        opt.step()
-    return loss.item()
+    """The small MLP's final loss after 400 steps of fastopt.torch.Adafactor at lr=1e-3
+    (updates of about a quarter of bfloat16's gap)."""
+    return train_small_mlp(device, dtype, lambda params: ft.Adafactor(
+        params, lr=1e-3, stochastic_rounding=stochastic, seed=0 if stochastic else None))[0]
 
 
 @needs_torch
@@ -899,10 +892,7 @@ def test_master_params_step_is_the_float32_step_rounded(cpu_path, device, dtype)
         assert_bits(m.cpu().numpy(), w.cpu().numpy(), f"master_params[{i}]")
         assert_bits(p.cpu().view(torch.int16).numpy(), w.to(tdtype).cpu().view(torch.int16).numpy(),
                     f"params[{i}]")
-    for i, (a, b) in enumerate(zip(dev_states, twin_states)):
-        for x, y in zip(a, b):
-            if x is not None:
-                assert_bits(x.cpu().numpy(), y.cpu().numpy(), f"state of params[{i}]")
+    _assert_same_states(dev_states, twin_states)
 
 
 @needs_torch
@@ -935,34 +925,30 @@ def test_master_params_are_checked_before_anything_is_written():
 
 @needs_torch
 def test_array_class_master_weights():
-    bf16 = pytest.importorskip("ml_dtypes").bfloat16
     params, grads, states = _sr_problem([(30, 20), (9,)], 10)
 
-    def host(tensors):
-        return [t.view(torch.int16).numpy().view(bf16).copy() for t in tensors]
-
-    opt = fastopt.Adafactor(host(params), weight_decay=0.1, master_weights=True)
+    opt = fastopt.Adafactor(_host(params), weight_decay=0.1, master_weights=True)
     masters = [p.float() for p in params]
     for t, gs in enumerate(grads, start=1):
-        opt.step(host(gs))
+        opt.step(_host(gs))
         _sr_step(params, gs, states, t, master_params=masters)
     for i, (a, b, m, want) in enumerate(zip(opt.params, params, opt.master_params, masters)):
         assert_bits(a.view(np.uint16), b.view(torch.int16).numpy().view(np.uint16), f"params[{i}]")
         assert_bits(m, want.numpy(), f"master_params[{i}]")
     saved = opt.state_dict()
-    other = fastopt.Adafactor(host(params), weight_decay=0.1, master_weights=True)
+    other = fastopt.Adafactor(_host(params), weight_decay=0.1, master_weights=True)
     other.load_state_dict(saved)
     for m, want in zip(other.master_params, opt.master_params):
         assert_bits(m, want, "loaded master")
     with pytest.raises(ValueError, match=r"has 'master_params' but this optimizer keeps no"):
-        fastopt.Adafactor(host(params)).load_state_dict(saved)
+        fastopt.Adafactor(_host(params)).load_state_dict(saved)
     opt.zero_state()
     for m, p in zip(opt.master_params, opt.params):
         assert_bits(m, p.astype(np.float32), "master after zero_state")
     with pytest.raises(ValueError, match=r"master_weights: applies to float16/bfloat16 params"):
         fastopt.Adafactor([np.ones(3, np.float32)], master_weights=True)
     with pytest.raises(ValueError, match=r"master_weights: excludes stochastic_rounding"):
-        fastopt.Adafactor(host(params), master_weights=True, stochastic_rounding=True)
+        fastopt.Adafactor(_host(params), master_weights=True, stochastic_rounding=True)
 
 
 @needs_torch

@@ -13,7 +13,7 @@ import fastopt
 from fastopt import reference
 
 from backends import assert_bits
-from conftest import opt_cases, using_cpu_path, using_threads
+from conftest import opt_cases, train_small_mlp, using_cpu_path, using_threads
 
 torch = pytest.importorskip("torch")
 
@@ -147,26 +147,11 @@ def test_class_stochastic_rounding(name, rng):
 
 
 def _train(torch_device, dtype, stochastic):
-    # A small MLP whose params are stored in `dtype` and used in float32 (the forward and
-    # backward are float32 for every storage type): only the params' rounding differs.
     import fastopt.torch as fot
 
-    g = torch.Generator().manual_seed(0)
-    shapes = [(32, 64), (64,), (64, 1), (1,)]
-    params = [(torch.randn(s, generator=g) / (s[0] ** 0.5 if len(s) == 2 else 4.0))
-              .to(dtype).to(torch_device).requires_grad_() for s in shapes]
-    opt = fot.AdamW(params, lr=3e-4, weight_decay=0.0,
-                    stochastic_rounding=stochastic, seed=0 if stochastic else None)
-    x = torch.randn(256, 32, generator=g)
-    y = torch.sin(x[:, :1] * 2) + 0.5 * x[:, 1:2]
-    x, y = x.to(torch_device), y.to(torch_device)
-    for _ in range(400):
-        opt.zero_grad()
-        w1, b1, w2, b2 = (p.float() for p in params)
-        loss = (torch.tanh(x @ w1 + b1) @ w2 + b2 - y).square().mean()
-        loss.backward()
-        opt.step()
-    return loss.item(), opt
+    return train_small_mlp(torch_device, dtype, lambda params: fot.AdamW(
+        params, lr=3e-4, weight_decay=0.0, stochastic_rounding=stochastic,
+        seed=0 if stochastic else None))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -42,7 +42,7 @@ import numpy as np
 from . import _arrays, functional
 from ._arrays import ArrayOrList, as_list
 from ._validate import flag, real, step_count
-from .optim import _check_params
+from .optim import _check_params, sixteen_bit_options, staged_master_params
 
 __all__ = ["adafactor_", "Adafactor", "adafactor_hyper", "machine_epsilon"]
 
@@ -264,33 +264,10 @@ class Adafactor:
                 )
         _check_params(self.params, self._listed)  # what every step would refuse
         self._hyper = adafactor_hyper(lr, beta2_decay, eps, d, weight_decay, maximize)
-        self._rounding_seed: Optional[int] = None  # mixed with the step count at each step
-        if flag("stochastic_rounding", stochastic_rounding):
-            for i, p in enumerate(self.params):
-                if _arrays.dtype_name(p) != "bfloat16":
-                    raise ValueError(
-                        "stochastic_rounding: applies to bfloat16 params; "
-                        f"params[{i}] is {_arrays.dtype_name(p)}"
-                    )
-            self._rounding_seed = functional.stochastic_rounding("stochastic", seed)[
-                "stochastic_seed"
-            ]
-        elif seed is not None:
-            raise ValueError("seed: only applies with stochastic_rounding=True")
-        self.master_params: Optional[List[Any]] = None
-        if flag("master_weights", master_weights):
-            if self._rounding_seed is not None:
-                raise ValueError(
-                    "master_weights: excludes stochastic_rounding (both are ways to keep the "
-                    "small updates of 16-bit params)"
-                )
-            for i, p in enumerate(self.params):
-                if _arrays.dtype_name(p) not in ("float16", "bfloat16"):
-                    raise ValueError(
-                        "master_weights: applies to float16/bfloat16 params; "
-                        f"params[{i}] is {_arrays.dtype_name(p)}"
-                    )
-            self.master_params = [_arrays.float32_copy(p) for p in self.params]
+        # the stochastic-rounding seed (mixed with the step count at each step), or masters
+        self._rounding_seed, self.master_params = sixteen_bit_options(
+            self.params, stochastic_rounding, seed, master_weights
+        )
         if schedule is not None and not callable(schedule):
             raise TypeError(
                 f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}"
@@ -412,26 +389,7 @@ class Adafactor:
         saved = state_dict["state"]
         if not isinstance(saved, dict) or set(saved) != set(self.STATE_NAMES):
             raise ValueError(f"state_dict['state']: expected the keys {list(self.STATE_NAMES)}")
-        masters = state_dict.get("master_params")
-        if (masters is None) != (self.master_params is None):
-            raise ValueError(
-                "state_dict: "
-                + ("has no 'master_params'" if masters is None else "has 'master_params'")
-                + f" but this optimizer {'keeps' if masters is None else 'keeps no'} master "
-                "weights (master_weights=True)"
-            )
-        staged_masters: List[Any] = []
-        if masters is not None:
-            assert self.master_params is not None
-            if not isinstance(masters, (list, tuple)) or len(masters) != len(self.master_params):
-                raise ValueError(
-                    f"state_dict['master_params']: expected a list of {len(self.master_params)} "
-                    "arrays"
-                )
-            staged_masters = [
-                _arrays.staged(f"state_dict['master_params'][{i}]", own, saved)
-                for i, (own, saved) in enumerate(zip(self.master_params, masters))
-            ]
+        staged_masters = staged_master_params(state_dict, self.master_params)
         staged: Dict[str, List[Any]] = {}
         for name in self.STATE_NAMES:
             arrays = saved[name]

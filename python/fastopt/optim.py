@@ -133,35 +133,11 @@ class Optimizer:
         }
         self._initial = self._spec.initial_values({**self._kw, "lr": self._lr, **chosen})
         self.state_dtype = check_state_dtype("state_dtype", state_dtype)
-        # stochastic rounding: the seed of every step, mixed with the step count
-        self._rounding_seed: Optional[int] = None
-        if flag("stochastic_rounding", stochastic_rounding):
-            for i, p in enumerate(self.params):
-                if _arrays.dtype_name(p) != "bfloat16":
-                    raise ValueError(
-                        "stochastic_rounding: applies to bfloat16 params; "
-                        f"params[{i}] is {_arrays.dtype_name(p)}"
-                    )
-            self._rounding_seed = functional.stochastic_rounding("stochastic", seed)[
-                "stochastic_seed"
-            ]
-        elif seed is not None:
-            raise ValueError("seed: only applies with stochastic_rounding=True")
+        # stochastic rounding: the seed of every step, mixed with the step count;
         # master_weights: float32 copies of float16/bfloat16 params, stepped in their place
-        self.master_params: Optional[List[Any]] = None
-        if flag("master_weights", master_weights):
-            if self._rounding_seed is not None:
-                raise ValueError(
-                    "master_weights: excludes stochastic_rounding (both are ways to keep the "
-                    "small updates of 16-bit params)"
-                )
-            kinds = sorted({_arrays.dtype_name(p) for p in self.params})
-            if not self.params or not set(kinds) <= {"float16", "bfloat16"}:
-                raise ValueError(
-                    "master_weights: applies to float16/bfloat16 params; the params are "
-                    + (", ".join(kinds) or "none")
-                )
-            self.master_params = [_arrays.float32_copy(p) for p in self.params]
+        self._rounding_seed, self.master_params = sixteen_bit_options(
+            self.params, stochastic_rounding, seed, master_weights
+        )
         bfloat16 = state_dtype == "bfloat16"
         # state_dtype="int8": the params whose state is 8-bit (the others keep float32)
         self._state8 = self._state8_params() if state_dtype == "int8" else []
@@ -539,25 +515,7 @@ class Optimizer:
             raise TypeError(
                 f"state_dict['absmax']: expected a dict, got {type(saved_absmax).__name__}"
             )
-        masters = state_dict.get("master_params")
-        if (masters is None) != (self.master_params is None):
-            raise ValueError(
-                "state_dict: "
-                + ("has no 'master_params'" if masters is None else "has 'master_params'")
-                + f" but this optimizer {'keeps' if masters is None else 'keeps no'} master "
-                "weights (master_weights=True)"
-            )
-        if masters is not None:
-            assert self.master_params is not None
-            if not isinstance(masters, (list, tuple)) or len(masters) != len(self.master_params):
-                raise ValueError(
-                    f"state_dict['master_params']: expected a list of {len(self.master_params)} "
-                    "arrays"
-                )
-            staged_masters = [
-                _arrays.staged(f"state_dict['master_params'][{i}]", own, saved)
-                for i, (own, saved) in enumerate(zip(self.master_params, masters))
-            ]
+        staged_masters = staged_master_params(state_dict, self.master_params)
         staged: Dict[str, List[Tuple[Any, Any]]] = {}
         for name, arrays in self.state.items():
             saved = state[name]
@@ -586,9 +544,8 @@ class Optimizer:
                     _arrays.copy_into(own, s)
                     if top is not None:
                         _arrays.copy_into(self.absmax[name][i], top)
-            if masters is not None:
-                for own, saved in zip(self.master_params or [], staged_masters):
-                    _arrays.copy_into(own, saved)
+            for own, saved in zip(self.master_params or [], staged_masters):
+                _arrays.copy_into(own, saved)
             self._await_state_writes()
             self._step = step
             self._lr = lr
@@ -679,6 +636,62 @@ def _saved_step(step: Any) -> int:
             f"state_dict['step']: expected an integer in [0, 2**63 - 1), got {int(step)}"
         )
     return int(step)
+
+
+def sixteen_bit_options(
+    params: List[Any], stochastic_rounding: Any, seed: Any, master_weights: Any
+) -> Tuple[Optional[int], Optional[List[Any]]]:
+    """An array class's ways to keep the small updates of 16-bit params, checked: the
+    stochastic-rounding seed (``seed``, drawn when None; bfloat16 params only) or None, and
+    the float32 master copies of float16/bfloat16 params or None; they exclude each other.
+    A ValueError names the option."""
+    rounding_seed: Optional[int] = None
+    if flag("stochastic_rounding", stochastic_rounding):
+        for i, p in enumerate(params):
+            if _arrays.dtype_name(p) != "bfloat16":
+                raise ValueError(
+                    "stochastic_rounding: applies to bfloat16 params; "
+                    f"params[{i}] is {_arrays.dtype_name(p)}"
+                )
+        rounding_seed = functional.stochastic_rounding("stochastic", seed)["stochastic_seed"]
+    elif seed is not None:
+        raise ValueError("seed: only applies with stochastic_rounding=True")
+    if not flag("master_weights", master_weights):
+        return rounding_seed, None
+    if rounding_seed is not None:
+        raise ValueError(
+            "master_weights: excludes stochastic_rounding (both are ways to keep the "
+            "small updates of 16-bit params)"
+        )
+    kinds = sorted({_arrays.dtype_name(p) for p in params})
+    if not params or not set(kinds) <= {"float16", "bfloat16"}:
+        raise ValueError(
+            "master_weights: applies to float16/bfloat16 params; the params are "
+            + (", ".join(kinds) or "none")
+        )
+    return rounding_seed, [_arrays.float32_copy(p) for p in params]
+
+
+def staged_master_params(state_dict: Dict[str, Any], own: Optional[List[Any]]) -> List[Any]:
+    """A class's ``state_dict["master_params"]`` checked against its own master copies
+    ``own`` (None without master weights) and staged (copies to load), else a
+    TypeError/ValueError naming the entry; [] where there are none."""
+    masters = state_dict.get("master_params")
+    if (masters is None) != (own is None):
+        raise ValueError(
+            "state_dict: "
+            + ("has no 'master_params'" if masters is None else "has 'master_params'")
+            + f" but this optimizer {'keeps' if masters is None else 'keeps no'} master "
+            "weights (master_weights=True)"
+        )
+    if masters is None or own is None:
+        return []
+    if not isinstance(masters, (list, tuple)) or len(masters) != len(own):
+        raise ValueError(f"state_dict['master_params']: expected a list of {len(own)} arrays")
+    return [
+        _arrays.staged(f"state_dict['master_params'][{i}]", mine, saved)
+        for i, (mine, saved) in enumerate(zip(own, masters))
+    ]
 
 
 def _check_params(params: List[Any], listed: bool) -> None:
