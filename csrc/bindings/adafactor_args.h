@@ -42,33 +42,13 @@ inline AdafactorHyper hyper(py::handle lr, py::handle beta2_decay, py::handle ep
   return h;
 }
 
-// stochastic_seed: None (round to nearest) or an integer in [0, 2**64), the seed of the
-// stochastic rounding of bfloat16 params (the elementwise steps' keyword), into h.
-inline void rounding(py::handle seed, AdafactorHyper& h) {
+// stochastic_seed (None: round to nearest) and master_params (None or a list) into h, as
+// the elementwise steps take them: the seed checked, the two exclusive.
+inline void rounding(py::handle seed, py::handle master_params, AdafactorHyper& h) {
   if (seed.is_none()) return;
-  if (!PyLong_Check(seed.ptr()) || PyBool_Check(seed.ptr()))
-    throw py::type_error(std::string("stochastic_seed: expected an integer, got ") +
-                         Py_TYPE(seed.ptr())->tp_name);
-  h.seed = PyLong_AsUnsignedLongLong(seed.ptr());
-  if (h.seed == static_cast<uint64_t>(-1) && PyErr_Occurred()) {
-    PyErr_Clear();
-    throw py::value_error("stochastic_seed: must be in [0, 2**64)");
-  }
+  h.seed = stochastic_seed_arg(seed.ptr());
   h.stochastic = true;
-}
-
-// ValueError: stochastic rounding asked for params of another dtype than bfloat16.
-inline void check_rounding(const AdafactorHyper& h, bool bfloat16, bool any, const std::string& dtype) {
-  if (h.stochastic && any && !bfloat16)
-    throw py::value_error("rounding: 'stochastic' (stochastic_seed) applies to bfloat16 params, "
-                          "these are " + dtype);
-}
-
-// master_params (None or a list) excludes stochastic rounding, as the elementwise steps'.
-inline void check_masters(const AdafactorHyper& h, py::handle master_params) {
-  if (!master_params.is_none() && h.stochastic)
-    throw py::value_error("master_params: excludes stochastic rounding (stochastic_seed): "
-                          "the params are the masters rounded to nearest");
+  if (!master_params.is_none()) masters_exclude_stochastic();
 }
 
 // steps: a list of n whole numbers in [1, 2**53], the step each param takes.

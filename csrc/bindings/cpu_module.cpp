@@ -44,9 +44,9 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
   roles[Opt::num_roles] = {"masks", call.masks, false, fastopt::RoleKind::mask};
   roles[Opt::num_roles + 1] = {"master_params", call.masters, true, fastopt::RoleKind::master};
   const ArrayTable arrays(roles, call.listed, call.absmax);
-  if (call.options.stochastic && arrays.total() > 0 && arrays.dtype() != cpu::DType::bf16)
-    throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
-                                      "bfloat16 params, these are ") + cpu::dtype_name(arrays.dtype()));
+  fastopt::bindings::check_stochastic_dtype(call.options.stochastic && arrays.total() > 0,
+                                            arrays.dtype() == cpu::DType::bf16,
+                                            cpu::dtype_name(arrays.dtype()));
   if (call.check_only) return;
   cpu::TensorTable table = arrays.table();
   table.fresh = call.fresh;
@@ -530,14 +530,15 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
   using fastopt::bindings::Where;
   const bool listed = fastopt::bindings::scalar_arg<bool>(listed_arg, "listed");
   fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
-  af::rounding(stochastic_seed, h);
-  af::check_masters(h, master_params);
+  af::rounding(stochastic_seed, master_params, h);
   const std::array<RoleSpec, 3> roles{
       {{"params", params, true, fastopt::RoleKind::param},
        {"grads", grads, false, fastopt::RoleKind::grad},
        {"master_params", master_params, true, fastopt::RoleKind::master}}};
   const ArrayTable main(roles, listed);
-  af::check_rounding(h, main.dtype() == cpu::DType::bf16, main.total() > 0, cpu::dtype_name(main.dtype()));
+  fastopt::bindings::check_stochastic_dtype(h.stochastic && main.total() > 0,
+                                            main.dtype() == cpu::DType::bf16,
+                                            cpu::dtype_name(main.dtype()));
   const size_t n = py::len(params);
   const cpu::DType state = cpu::state_dtype(main.dtype());
   // Each state list's arrays (None where a param has none) as one table, named by the

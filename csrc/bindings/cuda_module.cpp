@@ -258,10 +258,8 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
   if (plan.tables().empty()) return;  // nothing but zero-size arrays
   check_stream_device(stream, plan.device());
   DeviceGuard guard(plan.device());
-  if (call.options.stochastic && plan.dtype() != cuda::DType::bf16)
-    throw py::value_error(std::string("rounding: 'stochastic' (stochastic_seed) applies to "
-                                      "bfloat16 params, these are ") +
-                          fastopt::bindings::dtype_name(plan.dtype()));
+  fastopt::bindings::check_stochastic_dtype(call.options.stochastic, plan.dtype() == cuda::DType::bf16,
+                                            fastopt::bindings::dtype_name(plan.dtype()));
   if (call.check_only) return;
   cuda::step<Opt>(plan.tables(), plan.dtype(), plan.state_dtype(), call.hyper, call.options,
                   arrays, reinterpret_cast<cudaStream_t>(stream));
@@ -710,8 +708,7 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
   using fastopt::bindings::Where;
   const bool listed = fastopt::bindings::scalar_arg<bool>(listed_arg, "listed");
   fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
-  af::rounding(stochastic_seed, h);
-  af::check_masters(h, master_params);
+  af::rounding(stochastic_seed, master_params, h);
   if (!py::isinstance<py::list>(params)) throw py::type_error("params: expected a list of arrays");
   const size_t n = py::len(params);
   if (!py::isinstance<py::list>(grads) || py::len(grads) != n)
@@ -800,7 +797,8 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
   }
   bool any = false;
   for (const fastopt::AdafactorParam& a : work) any = any || a.batch * a.rows * a.cols > 0;
-  af::check_rounding(h, dtype == cuda::DType::bf16, any, fastopt::bindings::dtype_name(dtype));
+  fastopt::bindings::check_stochastic_dtype(h.stochastic && any, dtype == cuda::DType::bf16,
+                                            fastopt::bindings::dtype_name(dtype));
   const size_t num_written = written.size();
   written.insert(written.end(), read.begin(), read.end());
   const int device = call_device(written, num_written, stream);

@@ -121,6 +121,34 @@ inline void read_keyword(const char* name, PyObject* v, uint64_t& out) {
   out = x;
 }
 
+// stochastic_seed: an integer in [0, 2**64), the seed of the stochastic rounding of
+// bfloat16 params, else TypeError/ValueError naming it.
+inline uint64_t stochastic_seed_arg(PyObject* v) {
+  if (!PyLong_Check(v) || PyBool_Check(v))
+    throw py::type_error(std::string("stochastic_seed: expected an integer, got ") +
+                         Py_TYPE(v)->tp_name);
+  const uint64_t seed = PyLong_AsUnsignedLongLong(v);
+  if (seed == static_cast<uint64_t>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error("stochastic_seed: must be in [0, 2**64)");
+  }
+  return seed;
+}
+
+// ValueError where a call with stochastic rounding has params (any elements) of another
+// dtype than bfloat16, `dtype` their name.
+inline void check_stochastic_dtype(bool stochastic, bool bfloat16, const std::string& dtype) {
+  if (stochastic && !bfloat16)
+    throw py::value_error("rounding: 'stochastic' (stochastic_seed) applies to bfloat16 params, "
+                          "these are " + dtype);
+}
+
+// ValueError: master params given with stochastic rounding.
+[[noreturn]] inline void masters_exclude_stochastic() {
+  throw py::value_error("master_params: excludes stochastic rounding (stochastic_seed): "
+                        "the params are the masters rounded to nearest");
+}
+
 // A scalar argument of a binding that takes py::object (not pybind11's typed casters, whose
 // "incompatible function arguments" names no argument and prints every array given), read
 // with read_keyword's checks: TypeError/ValueError naming it.
@@ -226,14 +254,7 @@ template <class Opt> struct StepCall {
     }
     static PyObject* seed_key = interned_key("stochastic_seed");
     if (PyObject* v = args.keyword(seed_key)) {
-      if (!PyLong_Check(v) || PyBool_Check(v))
-        throw py::type_error(std::string("stochastic_seed: expected an integer, got ") +
-                             Py_TYPE(v)->tp_name);
-      options.seed = PyLong_AsUnsignedLongLong(v);
-      if (options.seed == static_cast<uint64_t>(-1) && PyErr_Occurred()) {
-        PyErr_Clear();
-        throw py::value_error("stochastic_seed: must be in [0, 2**64)");
-      }
+      options.seed = stochastic_seed_arg(v);
       options.stochastic = true;
       ++found;
     }
@@ -251,9 +272,7 @@ template <class Opt> struct StepCall {
     if (PyObject* v = args.keyword(masters_key)) {
       if (v != Py_None) {
         masters = py::reinterpret_borrow<py::object>(v);
-        if (options.stochastic)
-          throw py::value_error("master_params: excludes stochastic rounding (stochastic_seed): "
-                                "the params are the masters rounded to nearest");
+        if (options.stochastic) masters_exclude_stochastic();
       }
       ++found;
     }
