@@ -3044,26 +3044,27 @@ class _AdafactorCall:
             return f"state of {self.names[i]}['{MASTER}']"
         return f"state of {self.names[i]}['{keys.get(role, role)}']"
 
+    def _kernel(self, check_only: bool) -> None:
+        run_adafactor(
+            self.lists,
+            self.steps,
+            self.hyper,
+            True,
+            check_only=check_only,
+            seed=self.seed,
+            masters=self.masters,
+        )
+
     def check(self) -> None:
         """Every check of the kernel call (nothing written), named by the params."""
         self.steps = [_steps_taken("step", t) + 1 for t in self.counts]
         try:
-            run_adafactor(
-                self.lists,
-                self.steps,
-                self.hyper,
-                True,
-                check_only=True,
-                seed=self.seed,
-                masters=self.masters,
-            )
+            self._kernel(check_only=True)
         except (TypeError, ValueError) as exc:
             raise renamed_entries(exc, self._named) from None
 
     def run(self) -> None:
-        run_adafactor(
-            self.lists, self.steps, self.hyper, True, seed=self.seed, masters=self.masters
-        )
+        self._kernel(check_only=False)
         for p, copy in self.copies:
             p.copy_(copy)
         for t in self.counts:
