@@ -232,6 +232,36 @@ def test_gpu_case_within_tolerance_says_it_is_not_bit_identical(tmp_path, stand_
     assert "parity: 0 of 2" in stdout
 
 
+# Adafactor's GPU rows on the stand-in: small matrices (a conv's 1 x 1 and 5 x 5), larger
+# ones and a vector; the stand-in runs the CPU kernel, so the check finds it bit-identical.
+ADAFACTOR_LAYOUTS = [("mixed", [(33, 17), (40, 3, 3), (7,)]), ("convs", [(20, 8, 1, 1), (6, 4, 5, 5)])]
+
+
+@pytest.mark.parametrize("skew", [None, "one-ulp", "far"])
+def test_gpu_adafactor_rows_on_a_stand_in_device(tmp_path, stand_in_gpu, monkeypatch, capsys, skew):
+    monkeypatch.setattr(bench_gpu.GpuBench, "adafactor_layouts", lambda self: ADAFACTOR_LAYOUTS)
+    if skew == "one-ulp":
+        _skew(monkeypatch, lambda a: np.nextafter(a, np.float32(np.inf)))
+    elif skew == "far":
+        _skew(monkeypatch, lambda a: a + np.float32(1e-2))
+    rc, report = _run_in_process(tmp_path, only="adafactor")
+    stdout = capsys.readouterr().out
+    rows = report["cases"]
+    assert [r["case"] for r in rows] == ["adafactor mixed", "adafactor convs"]
+    for r in rows:
+        assert r["device"] == "cuda" and r["case"] in stdout
+        if skew == "far":
+            assert r["check"].startswith("FAIL: differs from fastopt's CPU kernels"), r
+            assert r["times_ms"] == {}
+            continue
+        assert r["check"] == "ok", r
+        assert r["bit_identical_to_cpu"] is (skew is None), r
+        assert any("not bit-identical" in m for m in r.get("remarks", [])) is (skew is not None)
+        assert {"fastopt", "fastopt.torch", "torch-foreach", "torch-single"} <= set(r["times_ms"])
+        assert all(t > 0 for t in r["times_ms"].values())
+    assert rc == (1 if skew == "far" else 0), stdout
+
+
 @pytest.mark.parametrize("how,why", [
     (lambda a: a + np.float32(1e-2), ["FAIL: differs from fastopt's CPU kernels",
                                       "FAIL: relative error"]),

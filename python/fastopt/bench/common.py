@@ -71,6 +71,23 @@ def resnet50_conv_shapes() -> List[Tuple[int, ...]]:
     return shapes
 
 
+def adafactor_layouts(quick: bool) -> List[Tuple[str, List[Tuple[int, ...]]]]:
+    """Adafactor's layouts (it factors matrices): one square matrix, GPT-2 small's list (its
+    matrices and vectors) and ResNet-50's conv weights (many small matrices); the quick
+    run: two transformer blocks and the first stage."""
+    if quick:
+        return [
+            ("2048x2048", [(2048, 2048)]),
+            ("gpt2-small 2 blocks", gpt2_small_shapes()[2:26]),
+            ("resnet50 convs, stage 1", resnet50_conv_shapes()[:11]),
+        ]
+    return [
+        ("4096x4096", [(4096, 4096)]),
+        ("gpt2-small", gpt2_small_shapes()),
+        ("resnet50 convs", resnet50_conv_shapes()),
+    ]
+
+
 @dataclass(frozen=True)
 class OptimizerCase:
     """How to run one optimizer in every implementation: the table's spec, the class's
@@ -433,7 +450,7 @@ def _cases(
         for n in names
         for lay, shapes in bench.layouts()
     ]
-    if (only is None or "adafactor" in only) and hasattr(bench, "adafactor_case"):  # CPU only
+    if only is None or "adafactor" in only:
         cases += [
             (f"adafactor {lay}", functools.partial(bench.adafactor_case, lay, shapes))
             for lay, shapes in bench.adafactor_layouts()

@@ -34,9 +34,9 @@ from .common import (
     _torch_blockwise,
     _torch_per_tensor_peer,
     _torch_solvers,
+    adafactor_layouts,
     gpt2_small_shapes,
     prune_failure,
-    resnet50_conv_shapes,
 )
 
 
@@ -99,20 +99,7 @@ class CpuBench:
         return row
 
     def adafactor_layouts(self) -> List[Tuple[str, List[Tuple[int, ...]]]]:
-        """Adafactor factors matrices: one square matrix, GPT-2 small's list (its matrices
-        and vectors) and ResNet-50's conv weights (many small matrices; the quick run: two
-        transformer blocks and the first stage)."""
-        if self.quick:
-            return [
-                ("2048x2048", [(2048, 2048)]),
-                ("gpt2-small 2 blocks", gpt2_small_shapes()[2:26]),
-                ("resnet50 convs, stage 1", resnet50_conv_shapes()[:11]),
-            ]
-        return [
-            ("4096x4096", [(4096, 4096)]),
-            ("gpt2-small", gpt2_small_shapes()),
-            ("resnet50 convs", resnet50_conv_shapes()),
-        ]
+        return adafactor_layouts(self.quick)
 
     def adafactor_case(self, layout: str, shapes: List[Tuple[int, ...]]) -> Row:
         """Adafactor: ``fastopt.Adafactor`` against ``torch.optim.Adafactor`` (foreach and

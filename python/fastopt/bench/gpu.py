@@ -4,6 +4,7 @@ quantizers and solvers, and a device-to-device copy; each case's target met or N
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import numbers
@@ -17,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import _arrays, quant
+from ..adafactor import Adafactor
 from ..newton import cholesky_solve, newton_
 from .common import (
     QUANT_CASES,
@@ -39,6 +41,7 @@ from .common import (
     _torch_blockwise,
     _torch_per_tensor_peer,
     _torch_solvers,
+    adafactor_layouts,
     gpt2_small_shapes,
 )
 
@@ -459,6 +462,7 @@ class GpuBench:
     ARRAYS_AT_ONCE = 16
     CHECK_STEPS = 2
     TOLERANCE = 1e-6  # if not bit-identical: max |diff| / (1 + max |value|) per array
+    ADAFACTOR_TOLERANCE = 1e-5  # the same for Adafactor (its sums' order differs)
     # int8 cases: float32 arrays of the case's size at once: x, torch eager's temporaries
     # (x * 127, / absmax, round, clamp: two alive at a time), the outputs (twice: fastopt
     # and fastopt-into); 2 to spare.
@@ -586,6 +590,74 @@ class GpuBench:
             if failure:
                 row.check = f"FAIL: fastopt on CuPy arrays {failure}"
                 return row
+        del host_params, host_grads
+        row.times_ms = _median_times(fns, self.repeats, self.rounds, clock=self.clock)
+        return row
+
+    def adafactor_layouts(self) -> List[Tuple[str, List[Tuple[int, ...]]]]:
+        return adafactor_layouts(self.quick)
+
+    def adafactor_case(self, layout: str, shapes: List[Tuple[int, ...]]) -> Row:
+        """Adafactor on the device: ``fastopt.Adafactor`` (and ``fastopt.torch.Adafactor``)
+        against ``torch.optim.Adafactor`` (foreach and single-tensor) on CUDA tensors,
+        after CHECK_STEPS steps are checked against fastopt's CPU kernel, params and state
+        (within ADAFACTOR_TOLERANCE: the float64 sums run in another order). Bytes per
+        element as the CPU row's. A step is ~7 launches per param on either side, so the
+        lists are launch-bound: a slow peer is timed over fewer calls (_median_times)."""
+        self.release()
+        elements = sum(int(np.prod(s)) for s in shapes)
+        row = GpuRow(f"adafactor {layout}", "cuda", 24, elements, len(shapes))
+        params = [self.arrays.standard_normal(s) for s in shapes]
+        grads = [self.arrays.standard_normal(s) for s in shapes]
+        host_params = [_host_copy(p) for p in params]
+        host_grads = [_host_copy(g) for g in grads]
+        opt, cpu = Adafactor(params), Adafactor([p.copy() for p in host_params])
+        for _ in range(self.CHECK_STEPS):
+            opt.step(grads)
+            cpu.step(host_grads)
+        self.arrays.synchronize()
+        worst, where = 0.0, ""
+        pairs = [(f"params[{i}]", a, b) for i, (a, b) in enumerate(zip(opt.params, cpu.params))]
+        for name in cpu.state:
+            pairs += [
+                (f"{name}[{i}]", a, b)
+                for i, (a, b) in enumerate(zip(opt.state[name], cpu.state[name]))
+                if b is not None
+            ]
+        for where_here, device_array, want in pairs:
+            got = _host_copy(device_array).astype(np.float64)
+            err = float(np.max(np.abs(got - want), initial=0.0)) / (
+                1.0 + float(np.max(np.abs(want), initial=0.0))
+            )
+            if not err <= worst:  # (NaN too)
+                worst, where = err, where_here
+        row.bit_identical = worst == 0.0
+        if not worst <= self.ADAFACTOR_TOLERANCE:
+            row.check = (
+                f"FAIL: differs from fastopt's CPU kernels after {self.CHECK_STEPS} steps: "
+                f"{where} max |diff| {worst:.3g} x (1 + max |value|)"
+            )
+            return row
+        if worst:
+            row.remarks.append(
+                f"not bit-identical to the CPU kernels: max |diff| {worst:.2g} x (1 + max "
+                f"|value|) at {where}, within {self.ADAFACTOR_TOLERANCE:g}"
+            )
+        fns: Dict[str, Callable[[], None]] = {"fastopt": lambda: opt.step(grads)}
+        torch = self.device_torch(row)
+        if torch is not None:
+            from .. import torch as fastopt_torch
+
+            makers: Dict[str, Callable[[List[Any]], Any]] = {
+                "fastopt.torch": fastopt_torch.Adafactor,
+                "torch-foreach": functools.partial(torch.optim.Adafactor, foreach=True),
+                "torch-single": functools.partial(torch.optim.Adafactor, foreach=False),
+            }
+            for name, make in makers.items():
+                tparams = [self.arrays.from_numpy(p) for p in host_params]
+                for tp, g in zip(tparams, grads):
+                    tp.grad = g
+                fns[name] = make(tparams).step
         del host_params, host_grads
         row.times_ms = _median_times(fns, self.repeats, self.rounds, clock=self.clock)
         return row
