@@ -492,10 +492,16 @@ def _twins(shapes, dtype, seed=0):
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("shapes", [[(33, 17)], [(3, 70, 5000)], [(7,), (), (70001,)],
-                                    [(600, 3, 3), (4, 4097)]], ids=str)
+                                    [(600, 3, 3), (4, 4097)],
+                                    [(1500, 1, 1), (300, 1, 5), (200, 6, 1), (40, 8, 8), (1, 1),
+                                     (2, 3, 3, 3), (50, 9, 8), (30, 8, 9), (700, 3, 3),
+                                     (512, 3, 3)]], ids=str)
 @pytest.mark.parametrize("opts", OPTIONS[:2], ids=["defaults", "wd-maximize"])
 def test_cuda_matches_the_cpu_kernel(dtype, shapes, opts):
-    # The same passes, float64 sums in another order: equal within float rounding.
+    # The same passes, float64 sums in another order: equal within float rounding. The
+    # last list: matrices of at most 8 x 8 (a thread each, 256 per unit; 700 x 3 x 3: the
+    # last unit part-full, 512 x 3 x 3: full), and the next larger (9 rows, 9 columns: a
+    # block per matrix).
     tdtype = getattr(torch, dtype)
     host, states = _twins(shapes, tdtype)
     dev = [p.cuda() for p in host]

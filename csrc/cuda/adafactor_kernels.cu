@@ -10,6 +10,9 @@
 //   5. p <- p * (1 - lr*wd) + coefficient * u (bfloat16 params rounded stochastically where
 //      asked: the CPU's bits for the same result). A 16-bit param with a float32 master
 //      copy has the copy stepped in its place and is written as the result rounded.
+// Small matrices (at most kSmallSide x kSmallSide: a conv weight's (kh, kw), 1 x 1 or
+// 3 x 3 for most) take a thread each instead, kThreads matrices per unit: passes 1-3 in
+// one kernel, so a (512, 512, 3, 3) weight is 1024 units, not 262144 blocks of 9 elements.
 // Sums are float64 in a fixed order (a thread's elements in order, a fixed shuffle tree in
 // each warp, the warps in order, the units in order), so a result is the same from run to
 // run; it is not the CPU's order, so the two agree to float64 rounding of the sums.
@@ -27,19 +30,33 @@ constexpr int kThreads = 256;
 constexpr int64_t kRowBlock = 32;
 constexpr int64_t kStrip = 4096;
 constexpr int kColumnsPerThread = int(kStrip / kThreads);
+constexpr int64_t kSmallSide = 8;
+
+// How a param's work is cut into units, one thread block each: `blocks` row blocks x
+// `strips` column strips per matrix, or (per_thread: small matrices) kThreads matrices.
+struct Units {
+  int64_t blocks, strips, count;
+  bool per_thread;
+  explicit Units(const AdafactorParam& a) {
+    blocks = (a.rows + kRowBlock - 1) / kRowBlock;
+    strips = (a.cols + kStrip - 1) / kStrip;
+    per_thread = a.variance == nullptr && a.rows <= kSmallSide && a.cols <= kSmallSide;
+    count = per_thread ? (a.batch + kThreads - 1) / kThreads : a.batch * blocks * strips;
+  }
+};
 
 // What a param's kernels share: its view as (batch, rows, cols), its units, the per-step
 // numbers (host-computed) and where the scratch arrays are.
 template <class T> struct Step {
-  int64_t batch, rows, cols, blocks, strips;
+  int64_t batch, rows, cols, blocks, strips, count;  // count: units (see Units)
   T weight, one_minus, eps1, eps1_squared, inverse_eps1, decay;
-  bool small, maximize, factored;
+  bool small, maximize, factored, per_thread;
   uint32_t key;  // of the stochastic rounding of bfloat16 params (apply_kernel<..., true>)
   double rho, root_numel, eps2, d;
   double *row_part, *col_part, *p_part, *u_part, *coefficient;
   T *scale, *row_root, *col_root;
-  __device__ int64_t units() const { return batch * blocks * strips; }
-  // Unit k's matrix, first row, row count, first column, column count.
+  __device__ int64_t units() const { return count; }
+  // Unit k's matrix (not per_thread), first row, row count, first column, column count.
   __device__ void unit(int64_t k, int64_t& b, int64_t& r0, int64_t& nr, int64_t& c0,
                        int64_t& nc) const {
     b = k / (blocks * strips);
@@ -147,14 +164,21 @@ __global__ void __launch_bounds__(kThreads) means_kernel(const T* __restrict__ r
   }
 }
 
-// 1/sqrt(max(v, eps1^2)) at (row r, column c) of matrix b (common/optim/adafactor.h's
-// factored form), or of element c of a vector's V.
+// The factored form of 1/sqrt(max(v, eps1^2)) (common/optim/adafactor.h) from R_i /
+// mean(R) (scale), C_j and their inverse roots.
+template <class T>
+__device__ T factored_inverse_root(const Step<T>& s, T scale, T col, T row_root, T col_root) {
+  return scale * col < s.eps1_squared ? s.inverse_eps1 : row_root * col_root;
+}
+
+// 1/sqrt(max(v, eps1^2)) at (row r, column c) of matrix b (the factored form), or of
+// element c of a vector's V.
 template <class T>
 __device__ T inverse_root(const Step<T>& s, const T* col, const T* variance, int64_t b, int64_t r,
                           int64_t c) {
   if (!s.factored) return adafactor_inverse_root(variance[c], s.eps1_squared);
   const int64_t i = b * s.rows + r, j = b * s.cols + c;
-  return s.scale[i] * col[j] < s.eps1_squared ? s.inverse_eps1 : s.row_root[i] * s.col_root[j];
+  return factored_inverse_root(s, s.scale[i], col[j], s.row_root[i], s.col_root[j]);
 }
 
 // Pass 3 (matrices): sum(u^2) per unit.
@@ -173,6 +197,73 @@ update_squares_kernel(const P* __restrict__ g, const T* __restrict__ col, const 
       }
     const double total = block_sum(u_squares);
     if (threadIdx.x == 0) s.u_part[k] = total;
+  }
+}
+
+// Passes 1-3 of small matrices (Units::per_thread), a thread each, unit k holding matrices
+// k * kThreads ...: sum(p^2) and the row and column sums of g^2, the factors moved (as
+// rows_kernel, cols_kernel), mean(R) and the inverse roots (as means_kernel), then sum(u^2)
+// (as update_squares_kernel). The arrays are indexed by unrolled loops: registers.
+template <class P, class T, class G>
+__global__ void __launch_bounds__(kThreads)
+small_matrices_kernel(const P* __restrict__ p, const G* __restrict__ g, T* __restrict__ row,
+                      T* __restrict__ col, const Step<T> s) {
+  for (int64_t k = blockIdx.x; k < s.units(); k += gridDim.x) {
+    const int64_t b = k * kThreads + threadIdx.x;
+    double p_squares = 0.0, u_squares = 0.0;
+    if (b < s.batch) {
+      const int64_t first = b * s.rows * s.cols;
+      double columns[kSmallSide] = {}, row_total = 0.0;
+      T rows[kSmallSide], cols[kSmallSide], col_roots[kSmallSide];
+#pragma unroll
+      for (int r = 0; r < kSmallSide; ++r) {
+        if (r >= s.rows) break;
+        double sum = 0.0;
+#pragma unroll
+        for (int c = 0; c < kSmallSide; ++c) {
+          if (c >= s.cols) break;
+          const int64_t at = first + r * s.cols + c;
+          const double sq = squared(g[at]);
+          sum += sq;
+          columns[c] += sq;
+          p_squares += squared(p[at]);
+        }
+        T& x = row[b * s.rows + r];
+        rows[r] = adafactor_lerp(x, T(sum / double(s.cols)), s.weight, s.one_minus, s.small);
+        x = rows[r];
+        row_total += double(rows[r]);
+      }
+#pragma unroll
+      for (int c = 0; c < kSmallSide; ++c) {
+        if (c >= s.cols) break;
+        T& x = col[b * s.cols + c];
+        cols[c] = adafactor_lerp(x, T(columns[c] / double(s.rows)), s.weight, s.one_minus, s.small);
+        x = cols[c];
+        col_roots[c] = T(1) / vsqrt(cols[c]);
+        s.col_root[b * s.cols + c] = col_roots[c];
+      }
+      const T mean = vmax_nan(T(row_total / double(s.rows)), s.eps1);
+#pragma unroll
+      for (int r = 0; r < kSmallSide; ++r) {
+        if (r >= s.rows) break;
+        const T scale = rows[r] / mean, row_root = T(1) / vsqrt(scale);
+        s.scale[b * s.rows + r] = scale;
+        s.row_root[b * s.rows + r] = row_root;
+#pragma unroll
+        for (int c = 0; c < kSmallSide; ++c) {
+          if (c >= s.cols) break;
+          const T u = T(cuda::to_math(g[first + r * s.cols + c])) *
+                      factored_inverse_root(s, scale, cols[c], row_root, col_roots[c]);
+          u_squares += double(u) * double(u);
+        }
+      }
+    }
+    const double p_total = block_sum(p_squares);
+    const double u_total = block_sum(u_squares);
+    if (threadIdx.x == 0) {
+      s.p_part[k] = p_total;
+      s.u_part[k] = u_total;
+    }
   }
 }
 
@@ -216,28 +307,49 @@ template <class T> __global__ void __launch_bounds__(kThreads) coefficient_kerne
 
 // Pass 5: p <- p * decay + coefficient * u (Stochastic: bfloat16 p rounded stochastically,
 // an instance of its own so that the round-to-nearest one keeps its registers; P a float32
-// master of G params: the params written as the result rounded to nearest).
+// master of G params: the params written as the result rounded to nearest), element `at`,
+// at row r, column c of matrix b.
+template <class P, class T, class G, bool Stochastic>
+__device__ void apply_one(P* __restrict__ p, const G* __restrict__ g, const T* __restrict__ col,
+                          const T* __restrict__ variance, G* __restrict__ rounded,
+                          const Step<T>& s, T coefficient, int64_t at, int64_t b, int64_t r,
+                          int64_t c) {
+  T x = T(cuda::to_math(g[at]));
+  if (s.maximize) x = -x;
+  const T u = inverse_root(s, col, variance, b, r, c) * x;
+  const T result = T(cuda::to_math(p[at])) * s.decay + coefficient * u;
+  if constexpr (Stochastic)
+    p[at] = __ushort_as_bfloat16(bfloat16_stochastic(result, rounding_bits(s.key, at)));
+  else
+    p[at] = cuda::to_storage<P>(result);
+  if constexpr (!std::is_same_v<P, G>) rounded[at] = cuda::to_storage<G>(result);
+}
+
+// Pass 5 over the units: a unit's rows, its threads across the columns; or (per_thread)
+// the kThreads small matrices of a unit, contiguous, its threads across their elements.
 template <class P, class T, class G, bool Stochastic>
 __global__ void __launch_bounds__(kThreads)
 apply_kernel(P* __restrict__ p, const G* __restrict__ g, const T* __restrict__ col,
              const T* __restrict__ variance, G* __restrict__ rounded, const Step<T> s) {
   const T coefficient = T(*s.coefficient);
   for (int64_t k = blockIdx.x; k < s.units(); k += gridDim.x) {
+    if (s.per_thread) {
+      const uint32_t size = uint32_t(s.rows * s.cols), cols = uint32_t(s.cols);  // <= 64
+      const int64_t first = k * kThreads;
+      const int64_t last = first + kThreads < s.batch ? first + kThreads : s.batch;
+      const uint32_t count = uint32_t(last - first) * size;
+      for (uint32_t e = threadIdx.x; e < count; e += kThreads)
+        apply_one<P, T, G, Stochastic>(p, g, col, variance, rounded, s, coefficient,
+                                       first * size + e, first + e / size, e % size / cols,
+                                       e % cols);
+      continue;
+    }
     int64_t b, r0, nr, c0, nc;
     s.unit(k, b, r0, nr, c0, nc);
     for (int64_t r = r0; r < r0 + nr; ++r)
-      for (int64_t j = threadIdx.x; j < nc; j += kThreads) {
-        const int64_t at = (b * s.rows + r) * s.cols + c0 + j;
-        T x = T(cuda::to_math(g[at]));
-        if (s.maximize) x = -x;
-        const T u = inverse_root(s, col, variance, b, r, c0 + j) * x;
-        const T result = T(cuda::to_math(p[at])) * s.decay + coefficient * u;
-        if constexpr (Stochastic)
-          p[at] = __ushort_as_bfloat16(bfloat16_stochastic(result, rounding_bits(s.key, at)));
-        else
-          p[at] = cuda::to_storage<P>(result);
-        if constexpr (!std::is_same_v<P, G>) rounded[at] = cuda::to_storage<G>(result);
-      }
+      for (int64_t j = threadIdx.x; j < nc; j += kThreads)
+        apply_one<P, T, G, Stochastic>(p, g, col, variance, rounded, s, coefficient,
+                                       (b * s.rows + r) * s.cols + c0 + j, b, r, c0 + j);
   }
 }
 
@@ -245,20 +357,18 @@ apply_kernel(P* __restrict__ p, const G* __restrict__ g, const T* __restrict__ c
 struct Layout {
   size_t row_part, col_part, p_part, u_part, coefficient, scale, row_root, col_root, bytes;
   Layout(const AdafactorParam& a, size_t math_bytes) {
-    const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock;
-    const int64_t strips = (a.cols + kStrip - 1) / kStrip;
-    const bool factored = a.variance == nullptr;
-    const int64_t units = a.batch * blocks * strips;
+    const Units units(a);
+    const bool factored = a.variance == nullptr, partial = factored && !units.per_thread;
     size_t at = 0;
     auto take = [&](int64_t count, size_t size) {
       const size_t here = at;
       at += (size_t(count) * size + 7) / 8 * 8;
       return here;
     };
-    row_part = take(factored ? a.batch * a.rows * strips : 0, 8);
-    col_part = take(factored ? a.batch * blocks * a.cols : 0, 8);
-    p_part = take(units, 8);
-    u_part = take(units, 8);
+    row_part = take(partial ? a.batch * a.rows * units.strips : 0, 8);
+    col_part = take(partial ? a.batch * units.blocks * a.cols : 0, 8);
+    p_part = take(units.count, 8);
+    u_part = take(units.count, 8);
     coefficient = take(1, 8);
     scale = take(factored ? a.batch * a.rows : 0, math_bytes);
     row_root = take(factored ? a.batch * a.rows : 0, math_bytes);
@@ -281,8 +391,11 @@ void run(const AdafactorParam& a, const AdafactorHyper& h, int32_t index, void* 
   s.batch = a.batch;
   s.rows = a.rows;
   s.cols = a.cols;
-  s.blocks = (a.rows + kRowBlock - 1) / kRowBlock;
-  s.strips = (a.cols + kStrip - 1) / kStrip;
+  const Units units(a);
+  s.blocks = units.blocks;
+  s.strips = units.strips;
+  s.count = units.count;
+  s.per_thread = units.per_thread;
   s.weight = T(at.weight);
   s.one_minus = T(1) - s.weight;
   s.small = (s.weight < T(0) ? -s.weight : s.weight) < T(0.5);
@@ -305,15 +418,17 @@ void run(const AdafactorParam& a, const AdafactorHyper& h, int32_t index, void* 
   s.scale = reinterpret_cast<T*>(base + layout.scale);
   s.row_root = reinterpret_cast<T*>(base + layout.row_root);
   s.col_root = reinterpret_cast<T*>(base + layout.col_root);
-  const int64_t units = s.batch * s.blocks * s.strips;
-  const unsigned unit_grid = cuda::grid_for(units, 1);
+  const unsigned unit_grid = cuda::grid_for(units.count, 1);
   P* p = static_cast<P*>(std::is_same_v<P, G> ? a.param : a.master);
   const G* g = static_cast<const G*>(a.grad);
   G* rounded = static_cast<G*>(a.param);
   T* row = static_cast<T*>(a.row);
   T* col = static_cast<T*>(a.col);
   T* variance = static_cast<T*>(a.variance);
-  if (s.factored) {
+  if (s.per_thread) {
+    small_matrices_kernel<P, T, G><<<unit_grid, kThreads, 0, stream>>>(p, g, row, col, s);
+    cuda::check_launch("adafactor (small matrices)");
+  } else if (s.factored) {
     matrix_sums_kernel<P, T, G><<<unit_grid, kThreads, 0, stream>>>(p, g, s);
     cuda::check_launch("adafactor (sums)");
     rows_kernel<T><<<cuda::grid_for(s.batch * s.rows, kThreads), kThreads, 0, stream>>>(row, s);
