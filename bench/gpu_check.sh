@@ -6,8 +6,10 @@
 #                                          # marked cuda (8 workers), bench/sanitize_small.py
 #                                          # plain, under memcheck and under racecheck
 #   bash bench/gpu_check.sh bench OUTDIR   # call 2 (4.5 min): install, preflight, the full
-#                                          # GPU bench: table, JSON, plot; AdamW with 8-bit
-#                                          # state on GPT-2 small (bench/lowbit_rows)
+#                                          # GPU bench but Adafactor: table, JSON, plot; then
+#                                          # in more_gpu.txt AdamW with 8-bit state on GPT-2
+#                                          # small (bench/lowbit_rows) and Adafactor's quick
+#                                          # rows (bench --only adafactor --quick)
 #
 # Before: build the wheel here, on the machine without a GPU (about 2 minutes):
 #   bash bench/build_gpu_wheel.sh          # -> .gpu/ (git-ignored, so it travels only carried)
@@ -28,7 +30,7 @@
 #   check: summary.txt preflight.txt install.log tests_cuda.log failures.log
 #          sanitize_plain.log memcheck.log racecheck.log
 #   bench: summary.txt preflight.txt install.log bench_gpu.txt bench_gpu.stderr
-#          bench_gpu.json bench_gpu.png lowbit_gpu.txt
+#          bench_gpu.json bench_gpu.png more_gpu.txt
 # Every log is written as the stage runs: a call killed at its limit still shows what ran.
 # failures.log holds each failing test's traceback the moment it fails, and the stacks of a
 # test stopped at TEST_TIMEOUT_S (bench/pytest_live_failures.py). The exit status is 1
@@ -292,11 +294,15 @@ sanitizer() {
 # ---- bench: the full GPU benchmark ---------------------------------------------------------
 run_bench() {
   local t rc
-  t=$(limit 270 50)  # 50 s left for run_lowbit
+  t=$(limit 270 80)  # 80 s left for run_lowbit and run_adafactor
   if (( t < 60 )); then record bench "NOT RUN" bench_gpu.txt "out of time (${t}s left)"; return; fi
+  # Every case but Adafactor's (run_adafactor's), unless BENCH_ARGS names others.
+  local cases
+  cases=$("$PY" -c "from fastopt.bench.common import OPTIMIZERS; print(','.join([*OPTIMIZERS, 'quant', 'newton']))")
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
   timeout -k 10 "$t" "$PY" -m fastopt bench --device cuda --json "$OUT/bench_gpu.json" \
-    --plot "$OUT/bench_gpu.png" --progress ${BENCH_ARGS:-} > "$OUT/bench_gpu.txt" 2> "$OUT/bench_gpu.stderr"
+    --plot "$OUT/bench_gpu.png" --progress --only "$cases" ${BENCH_ARGS:-} \
+    > "$OUT/bench_gpu.txt" 2> "$OUT/bench_gpu.stderr"
   rc=$?
   if (( rc == 0 )) && grep -q "cuda: skipped" "$OUT/bench_gpu.txt"; then
     record bench FAIL bench_gpu.txt "$(grep -m1 'cuda: skipped' "$OUT/bench_gpu.txt")"
@@ -308,12 +314,25 @@ run_bench() {
 # ---- bench: AdamW with 8-bit and bfloat16 state on GPT-2 small's params -------------------
 run_lowbit() {
   local t rc
-  t=$(limit 50)
-  if (( t < 20 )); then record lowbit "NOT RUN" lowbit_gpu.txt "out of time (${t}s left)"; return; fi
+  t=$(limit 50 30)  # 30 s left for run_adafactor
+  if (( t < 20 )); then record lowbit "NOT RUN" more_gpu.txt "out of time (${t}s left)"; return; fi
+  echo "# AdamW, fp32 / bf16 / int8 state (fastopt.bench.lowbit_rows)" >> "$OUT/more_gpu.txt"
   timeout -k 5 "$t" "$PY" -m fastopt.bench.lowbit_rows --device cuda --model gpt2-small \
-    --rounds 5 --calls 5 > "$OUT/lowbit_gpu.txt" 2>&1
+    --rounds 5 --calls 5 >> "$OUT/more_gpu.txt" 2>&1
   rc=$?
-  record lowbit "$(status $rc)" lowbit_gpu.txt "AdamW fp32 / bf16 / int8 state vs torch fused (cap ${t}s)"
+  record lowbit "$(status $rc)" more_gpu.txt "AdamW fp32 / bf16 / int8 state vs torch fused (cap ${t}s)"
+}
+
+# ---- bench: Adafactor's quick rows (a square matrix, 2 GPT-2 blocks, ResNet-50's stage 1) ---
+run_adafactor() {
+  local t rc
+  t=$(limit 45)
+  if (( t < 20 )); then record adafactor "NOT RUN" more_gpu.txt "out of time (${t}s left)"; return; fi
+  echo "# Adafactor (python -m fastopt bench --device cuda --only adafactor --quick)" >> "$OUT/more_gpu.txt"
+  timeout -k 5 "$t" "$PY" -m fastopt bench --device cuda --only adafactor --quick \
+    >> "$OUT/more_gpu.txt" 2>&1
+  rc=$?
+  record adafactor "$(status $rc)" more_gpu.txt "fastopt vs torch.optim.Adafactor on CUDA (cap ${t}s)"
 }
 
 if (( USABLE )); then
@@ -325,6 +344,7 @@ if (( USABLE )); then
   else
     run_bench
     run_lowbit
+    run_adafactor
   fi
 fi
 
