@@ -10,7 +10,8 @@ params, grads and -- through the functional API -- state, a list longer than one
 (256 tensors), float16 / bfloat16 params, a step queued on a non-default stream, masked
 steps, bfloat16 state, stochastic rounding of bfloat16 params, and 8-bit state (a
 half-warp per 256-element block; one set of codes starting one byte into its allocation),
-and master params (bfloat16 params stepped through float32 masters in one pass).
+and master params (bfloat16 params stepped through float32 masters in one pass); Adafactor
+(its three kernel families: a thread per small matrix, a block per unit, vectors).
 
 Every float32 result (params and every state element) is compared with fastopt's CPU
 kernels run from the same start (bit-identical by design); 16-bit params are compared with
@@ -35,6 +36,7 @@ from fastopt.optim import CLASSES  # noqa: E402
 
 STEPS = 3
 TOL32 = 1e-6  # if not bit-identical: max |diff| / (1 + max |value|)
+ADAFACTOR_TOL = 1e-5  # the same for Adafactor (its float64 sums run in another order)
 
 # FASTOPT_SANITIZE_LIBS=torch,cupy (the default): the libraries to make arrays with.
 WANTED = os.environ.get("FASTOPT_SANITIZE_LIBS", "torch,cupy").split(",")
@@ -520,6 +522,53 @@ def master_params():
     return "bit-identical"
 
 
+def adafactor():
+    """Adafactor (fastopt.adafactor_) on one list mixing small matrices (a thread each: 1 x 1,
+    3 x 3, 8 x 8), matrices of a block per unit (9 rows; a wide one), vectors, a 0-d and a
+    zero-size param: float32 (defaults; weight decay and maximize), bfloat16 params rounded
+    stochastically and float16 params with float32 masters, against the CPU kernel run from
+    the same start. Its float64 sums run in another order, so within ADAFACTOR_TOL (and
+    one ulp of a 16-bit param)."""
+    shapes = [(300, 1, 1), (70, 3, 3), (3, 8, 8), (2, 9, 5), (3, 40, 1030), (33,), (), (0, 3),
+              (4097,)]
+    variants = [("float32", {}), ("float32", {"weight_decay": 0.1, "maximize": True}),
+                ("bfloat16", {"rounding": "stochastic", "seed": 5}), ("float16", {"master": True})]
+    worst = 0.0
+    for dtype, opts in variants:
+        opts = dict(opts)
+        master = opts.pop("master", False)
+        runs = []
+        for dev in ("cuda", "cpu"):
+            g = torch.Generator().manual_seed(13)
+            start = [torch.randn(s, generator=g) for s in shapes]
+            params = [a.to(getattr(torch, dtype)).to(dev) for a in start]
+            masters = [a.to(dev) for a in start] if master else None
+            states = {k: [] for k in ("row_vars", "col_vars", "variances")}
+            for p in start:
+                made = fastopt.adafactor.state_shapes(tuple(p.shape))
+                for k, st in states.items():
+                    st.append(torch.zeros(made[k]).to(dev) if k in made else None)
+            for t in range(1, STEPS + 1):
+                grads = [torch.randn(s, generator=g).to(getattr(torch, dtype)).to(dev) for s in shapes]
+                fastopt.adafactor_(params, grads, states["row_vars"], states["col_vars"],
+                                   states["variances"], step=t, master_params=masters, **opts)
+            kept = params + (masters or []) + [a for st in states.values() for a in st if a is not None]
+            runs.append([a.float().cpu().numpy() for a in kept])
+        synchronize()
+        for i, (got, want) in enumerate(zip(*runs)):
+            if got.shape != want.shape:
+                raise AssertionError(f"adafactor {dtype} [{i}]: shape {got.shape} != {want.shape}")
+            scale = 1.0 + float(np.max(np.abs(want), initial=0.0))
+            err = float(np.max(np.abs(got.astype(np.float64) - want), initial=0.0)) / scale
+            is_param = i < len(shapes)
+            tol = {"bfloat16": 2.0**-7, "float16": 2.0**-10}.get(dtype, 0.0) if is_param else 0.0
+            if not err <= max(tol, ADAFACTOR_TOL):
+                raise AssertionError(f"adafactor {dtype} {opts} [{i}]: differs from the CPU "
+                                     f"kernel, max error {err:.3g}")
+            worst = max(worst, err if not tol else 0.0)
+    return f"within {ADAFACTOR_TOL:g} of the CPU kernel (float32 arrays: worst {worst:.2g})"
+
+
 def device_scalars():
     """What the CUDA step reads from device memory, for every optimizer: a GradScaler's
     scale and found_inf (set: nothing written; clear: the bits of the CPU step with the
@@ -592,6 +641,7 @@ def main():
         check("8-bit state (torch)", state8)
         check("master params (torch)", master_params)
         check("GradScaler scalars and clipping norm in device memory (torch)", device_scalars)
+        check("Adafactor: small matrices, matrices, vectors; SR, masters (torch)", adafactor)
     for cls, hyper in OPTIMIZERS:
         check(f"{cls.__name__} float16 mixed list", lambda: run_class(cls, hyper, "float16"))
         if torch is not None:
