@@ -522,6 +522,42 @@ def test_cuda_matches_the_cpu_kernel(dtype, shapes, opts):
                 torch.testing.assert_close(sb[k].cpu(), sa[k], rtol=1e-5, atol=1e-12)
 
 
+# Lists longer than one launch's table (64 params): mixed kinds across three tables; 64
+# matrices then vectors alone (a table without the matrices' passes 2 and 3); zero-size
+# params among them (skipped, their places still key the rounding).
+LONG_LISTS = {
+    "mixed": [(5, 7), (3, 3, 3), (9,), (40, 1, 1), (2, 33, 65), (), (0, 4)] * 22,
+    "matrices-then-vectors": [(33, 17)] * 64 + [(7,)] * 10,
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", list(LONG_LISTS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_long_lists_match_the_cpu_kernel(layout, dtype):
+    shapes = LONG_LISTS[layout]
+    tdtype = getattr(torch, dtype)
+    host, states = _twins(shapes, tdtype, seed=5)
+    dev = [p.cuda() for p in host]
+    dev_states = [{k: None if v is None else v.cuda() for k, v in s.items()} for s in states]
+    opts = {"rounding": "stochastic", "seed": 3} if dtype == "bfloat16" else {"weight_decay": 0.1}
+    gen = torch.Generator().manual_seed(2)
+    for t in range(1, 4):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(tdtype) for p in host]
+        for params, st, gs in ((host, states, grads), (dev, dev_states, [g.cuda() for g in grads])):
+            fastopt.adafactor_(params, gs, *([s[k] for s in st] for k in
+                                             ("row_vars", "col_vars", "variances")), step=t, **opts)
+    torch.cuda.synchronize()
+    tol = {"float32": 1e-5, "bfloat16": 2.0**-7}[dtype]  # (stochastic rounding: one ulp apart)
+    for a, b in zip(host, dev):
+        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tol, atol=tol)
+    for sa, sb in zip(states, dev_states):
+        for k in sa:
+            if sa[k] is not None:
+                torch.testing.assert_close(sb[k].cpu(), sa[k], rtol=1e-5, atol=1e-12)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU")
 def test_cuda_runs_are_deterministic_and_torch_class_matches_torch():

@@ -806,12 +806,8 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
     return;  // (no array with memory: nothing to step)
   DeviceGuard guard(device);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  for (size_t i = 0; i < n; ++i) {
-    const fastopt::AdafactorParam& a = work[i];
-    if (a.batch * a.rows * a.cols == 0) continue;
-    Scratch scratch(cuda::adafactor_scratch_bytes(a), s);
-    cuda::adafactor_step(dtype, a, h, int32_t(i), scratch.at<void>(0), s);
-  }
+  Scratch scratch(cuda::adafactor_scratch_bytes(work), s);
+  cuda::adafactor_step(dtype, work, h, scratch.at<void>(0), s);
 }
 
 // dst <- src (same size in bytes), device to device on the stream.
