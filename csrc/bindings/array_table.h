@@ -197,6 +197,17 @@ class ArrayTable {
     std::vector<int64_t> shape_vector() const { return {shape(), shape() + nd}; }
   };
 
+  // Whether a's strides are C order's (extents of 1 may have any stride; a zero-size array
+  // is, whatever its strides, as NumPy and torch say).
+  static bool c_order(const HostArray& a) {
+    if (a.size == 0) return true;
+    const int64_t* dims = a.shape();
+    const int64_t* steps = a.strides();
+    for (int64_t d = a.nd - 1, expected = 1; d >= 0; expected *= dims[d], --d)
+      if (dims[d] != 1 && steps[d] != expected) return false;
+    return true;
+  }
+
   static std::string shape_str(const HostArray& a) { return shape_str(a.shape_vector()); }
   static std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "(";
@@ -295,9 +306,7 @@ class ArrayTable {
       steps[d] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), d));
       h.size *= dims[d];
     }
-    h.c_contiguous = true;  // C order (extents of 1 may have any stride)
-    for (int64_t d = nd - 1, expected = 1; d >= 0; expected *= dims[d], --d)
-      if (dims[d] != 1 && steps[d] != expected) h.c_contiguous = false;
+    h.c_contiguous = c_order(h);
     if (PyErr_Occurred()) throw py::error_already_set();
     h.data = reinterpret_cast<void*>(PyLong_AsVoidPtr(FASTOPT_HOST_CALL(t, "data_ptr").ptr()));
     h.aligned = reinterpret_cast<uintptr_t>(h.data) % cpu::element_size(h.dtype) == 0;
@@ -343,9 +352,7 @@ class ArrayTable {
       expected *= dims[d];
       h.size *= dims[d];
     }
-    h.c_contiguous = true;  // C order (extents of 1 may have any stride)
-    for (int d = t.ndim - 1, expected = 1; d >= 0; expected *= dims[d], --d)
-      if (dims[d] != 1 && steps[d] != expected) h.c_contiguous = false;
+    h.c_contiguous = c_order(h);
     h.aligned = reinterpret_cast<uintptr_t>(h.data) % cpu::element_size(h.dtype) == 0;
     return true;
   }
