@@ -477,11 +477,13 @@ template <class P, class T, class G> struct FactorPass {
       L::store(scale + i, x);
       L::store(row_root + i, V(T(1)) / vsqrt(x));
     };
-    if (rows == 1)
-      flat_loop<T>(b0, nb, [&](auto lane, int64_t b) { row_roots(lane, b, decltype(lane)::load(mean + b)); });
-    else
+    if (rows > 1)  // each row's mean first, in scale (the quotient replaces it below)
       for (int64_t b = b0; b < b0 + nb; ++b)
-        for (int64_t r = b * rows; r < (b + 1) * rows; ++r) row_roots(ScalarLane<T>{}, r, mean[b]);
+        std::fill(scale + b * rows, scale + (b + 1) * rows, mean[b]);
+    const T* means = rows > 1 ? scale : mean;  // per row
+    flat_loop<T>(b0 * rows, nb * rows, [&](auto lane, int64_t i) {
+      row_roots(lane, i, decltype(lane)::load(means + i));
+    });
     if (!w.flat()) return;
     T* inverse = f.inverse.data();
     for (int64_t b = b0; b < b0 + nb; ++b)
