@@ -124,6 +124,17 @@ def test_per_param_steps_and_zero_size(rng):
 
 
 @needs_torch
+def test_zero_size_torch_arrays_of_any_strides_are_no_ops():
+    # torch.from_numpy of a zero-size array has strides of 0: C order all the same (as torch
+    # and NumPy say), so nothing to refuse
+    p = torch.from_numpy(np.zeros((0, 4), np.float32))
+    row, col = torch.from_numpy(np.zeros((0, 1), np.float32)), torch.zeros(1, 4)
+    assert p.stride() == (0, 0) and row.stride() == (0, 0) and row.is_contiguous()
+    fastopt.adafactor_([p], [p.clone()], [row], [col], [None], step=1)
+    assert torch.equal(col, torch.zeros(1, 4))
+
+
+@needs_torch
 def test_reference_is_torch_in_float64(rng):
     # The oracle itself against torch.optim.Adafactor on float64 tensors.
     shapes = [(6, 5), (4,), (2, 3, 7), ()]
@@ -534,24 +545,32 @@ LONG_LISTS = {
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("layout", list(LONG_LISTS))
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16-masters"])
 def test_cuda_long_lists_match_the_cpu_kernel(layout, dtype):
     shapes = LONG_LISTS[layout]
-    tdtype = getattr(torch, dtype)
+    masters = dtype.endswith("-masters")
+    tdtype = getattr(torch, dtype.split("-")[0])
     host, states = _twins(shapes, tdtype, seed=5)
     dev = [p.cuda() for p in host]
     dev_states = [{k: None if v is None else v.cuda() for k, v in s.items()} for s in states]
+    host_masters = [p.float() for p in host] if masters else None
+    dev_masters = [p.cuda() for p in host_masters] if masters else None
     opts = {"rounding": "stochastic", "seed": 3} if dtype == "bfloat16" else {"weight_decay": 0.1}
     gen = torch.Generator().manual_seed(2)
     for t in range(1, 4):
         grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(tdtype) for p in host]
-        for params, st, gs in ((host, states, grads), (dev, dev_states, [g.cuda() for g in grads])):
+        for params, st, gs, ms in ((host, states, grads, host_masters),
+                                   (dev, dev_states, [g.cuda() for g in grads], dev_masters)):
             fastopt.adafactor_(params, gs, *([s[k] for s in st] for k in
-                                             ("row_vars", "col_vars", "variances")), step=t, **opts)
+                                             ("row_vars", "col_vars", "variances")), step=t,
+                               master_params=ms, **opts)
     torch.cuda.synchronize()
-    tol = {"float32": 1e-5, "bfloat16": 2.0**-7}[dtype]  # (stochastic rounding: one ulp apart)
+    # (stochastic rounding and rounding from masters: 16-bit results one ulp apart at most)
+    tol = {"float32": 1e-5, "float64": 1e-12, "bfloat16": 2.0**-7, "float16-masters": 2.0**-10}[dtype]
     for a, b in zip(host, dev):
         torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tol, atol=tol)
+    for a, b in zip(host_masters or [], dev_masters or []):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
     for sa, sb in zip(states, dev_states):
         for k in sa:
             if sa[k] is not None:
@@ -721,10 +740,13 @@ def _bf16_bits(tensors):
 
 @needs_torch
 @pytest.mark.parametrize("device", SR_DEVICES)
-def test_stochastic_rounding_is_the_float32_step_rounded(cpu_path, device):
+@pytest.mark.parametrize("shapes", [SR_SHAPES, SR_SHAPES[:3] * 30 + [(0, 4)] + SR_SHAPES[:2]],
+                         ids=["short", "longer-than-a-launch"])
+def test_stochastic_rounding_is_the_float32_step_rounded(cpu_path, device, shapes):
     # bfloat16 params: float32 math as for float32 params holding the same values, then
-    # each param's result rounded by the reference's rule with its (seed, step, place)
-    params, grads, states = _sr_problem(SR_SHAPES, 3)
+    # each param's result rounded by the reference's rule with its (seed, step, place); a
+    # list of 93 params takes two launches on the GPU, a zero-size param keeping its place
+    params, grads, states = _sr_problem(shapes, 3)
     twin = [p.float().to(device) for p in params]
     twin_states = [[None if s is None else s.clone().to(device) for s in st] for st in states]
     dev = [p.to(device) for p in params]

@@ -696,9 +696,9 @@ void prune_n_m(py::object arrays, py::object out, py::object n_obj, py::object m
 
 // Adafactor over one list of CUDA params of one dtype (cuda/adafactor_kernels.h), with the
 // CPU binding's arguments and checks (bindings/adafactor_args.h): every array checked
-// (dtype, shape, C order, one device, no overlaps) before any kernel is queued; then one
-// param after the other on the stream, each with its own scratch. No wait. check_only:
-// the checks alone.
+// (dtype, shape, C order, one device, no overlaps) before any kernel is queued; then the
+// passes over all the params on the stream (up to 64 params a launch), with one scratch.
+// No wait. check_only: the checks alone.
 void adafactor_step(py::object params, py::object grads, py::object row_vars, py::object col_vars,
                     py::object variances, py::object steps, py::object lr, py::object beta2_decay,
                     py::object eps1, py::object eps2, py::object d, py::object weight_decay,

@@ -13,9 +13,10 @@
 // Small matrices (at most kSmallSide x kSmallSide: a conv weight's (kh, kw), 1 x 1 or
 // 3 x 3 for most) take a thread each instead, kThreads matrices per unit: passes 1-3 in
 // one kernel, so a (512, 512, 3, 3) weight is 1024 units, not 262144 blocks of 9 elements.
-// A call's params go kLaunchParams at a time (a Table, the kernels' argument): each pass
-// is one launch over all their units (a block finds its param by a binary search over
-// the prefix sums), so a step costs about seven launches per kLaunchParams params.
+// A call's params go up to kLaunchParams at a time (a Table, the kernels' argument; fewer
+// where their scratch would pass kTableScratch): each pass is one launch over all their
+// units (a block finds its param by a binary search over the prefix sums), so a step
+// costs about seven launches per table, and the tables share one scratch buffer.
 // Sums are float64 in a fixed order (a thread's elements in order, a fixed shuffle tree in
 // each warp, the warps in order, the units in order), so a result is the same from run to
 // run; it is not the CPU's order, so the two agree to float64 rounding of the sums.
@@ -23,6 +24,8 @@
 #include <cuda_fp16.h>
 #include <algorithm>
 #include <type_traits>
+#include <utility>
+#include <vector>
 #include "common/rounding.h"
 #include "cuda/adafactor_kernels.h"
 #include "cuda/multi_tensor.cuh"
@@ -36,6 +39,7 @@ constexpr int64_t kStrip = 4096;
 constexpr int kColumnsPerThread = int(kStrip / kThreads);
 constexpr int64_t kSmallSide = 8;
 constexpr int kLaunchParams = 64;
+constexpr size_t kTableScratch = size_t(64) << 20;  // bytes a table takes past its first param
 
 // How a param's work is cut into units, one thread block each: `blocks` row blocks x
 // `strips` column strips per matrix, or (per_thread: small matrices) kThreads matrices.
@@ -543,25 +547,50 @@ void launch(const Table<T>& t, bool stochastic, cudaStream_t stream) {
   cuda::check_launch("adafactor (update)");
 }
 
-// Every param with elements, kLaunchParams per table; P, T, G as step_of's.
+// The call's params cut into tables: ranges [first, last) of them holding at most
+// kLaunchParams params with elements and, past the first of those, at most kTableScratch
+// bytes of scratch (float64 layouts: room for float32 math too). The tables run one after
+// the other on one stream, so they share one scratch buffer: the largest table's.
+struct Tables {
+  std::vector<std::pair<size_t, size_t>> ranges;
+  size_t scratch_bytes = 0;
+  explicit Tables(const std::vector<AdafactorParam>& params) {
+    size_t first = 0, bytes = 0;
+    int count = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const AdafactorParam& a = params[i];
+      if (a.batch * a.rows * a.cols == 0) continue;
+      const size_t more = Layout(a, sizeof(double)).bytes;
+      if (count == kLaunchParams || (count > 0 && bytes + more > kTableScratch)) {
+        ranges.emplace_back(first, i);
+        first = i;
+        bytes = count = 0;
+      }
+      bytes += more;
+      ++count;
+      scratch_bytes = std::max(scratch_bytes, bytes);
+    }
+    if (count > 0) ranges.emplace_back(first, params.size());
+  }
+};
+
+// Every param with elements, table by table (Tables); P, T, G as step_of's.
 template <class P, class T, class G>
 void run(const std::vector<AdafactorParam>& params, const AdafactorHyper& h, void* scratch,
          cudaStream_t stream) {
-  char* base = static_cast<char*>(scratch);
-  Table<T> t;
-  t.count = 0;
-  t.units[0] = t.partial_units[0] = t.rows[0] = t.cols[0] = t.matrices[0] = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const AdafactorParam& a = params[i];
-    if (a.batch * a.rows * a.cols == 0) continue;
-    add_step(t, step_of<P, T, G>(a, h, int32_t(i), base));
-    base += Layout(a, sizeof(T)).bytes;
-    if (t.count == kLaunchParams) {
-      launch<P, T, G>(t, h.stochastic, stream);
-      t.count = 0;
+  for (const auto& [first, last] : Tables(params).ranges) {
+    char* base = static_cast<char*>(scratch);
+    Table<T> t;
+    t.count = 0;
+    t.units[0] = t.partial_units[0] = t.rows[0] = t.cols[0] = t.matrices[0] = 0;
+    for (size_t i = first; i < last; ++i) {
+      const AdafactorParam& a = params[i];
+      if (a.batch * a.rows * a.cols == 0) continue;
+      add_step(t, step_of<P, T, G>(a, h, int32_t(i), base));
+      base += Layout(a, sizeof(T)).bytes;
     }
+    launch<P, T, G>(t, h.stochastic, stream);
   }
-  if (t.count > 0) launch<P, T, G>(t, h.stochastic, stream);
 }
 
 }  // namespace
@@ -571,11 +600,7 @@ namespace fastopt {
 namespace cuda {
 
 size_t adafactor_scratch_bytes(const std::vector<AdafactorParam>& params) {
-  using fastopt::FASTOPT_ISA::Layout;
-  size_t bytes = 0;  // (the float64 layouts: room for float32 math too)
-  for (const AdafactorParam& a : params)
-    if (a.batch * a.rows * a.cols > 0) bytes += Layout(a, sizeof(double)).bytes;
-  return bytes;
+  return fastopt::FASTOPT_ISA::Tables(params).scratch_bytes;
 }
 
 void adafactor_step(DType dtype, const std::vector<AdafactorParam>& params,

@@ -26,9 +26,9 @@ float64 reference's step): in a matrix above ~4e9, where torch's product of the 
 (g^4 in scale) overflows and its update of those elements becomes 0; above ~1.8e19
 anywhere, where torch's norms overflow and make the whole param NaN.
 
-CUDA arrays (PyTorch CUDA tensors, CuPy arrays) run the same passes as CUDA kernels, param
-by param on the caller's stream, with nothing waiting for the host (the norms stay in
-device memory). Their float64 sums are taken in another fixed order than the CPU's: the
+CUDA arrays (PyTorch CUDA tensors, CuPy arrays) run the same passes as CUDA kernels on the
+caller's stream, each pass one launch over up to 64 params (small matrices a thread each),
+with nothing waiting for the host (the norms stay in device memory). Their float64 sums are taken in another fixed order than the CPU's: the
 same from run to run, and equal to the CPU's results within float rounding, not bit for bit.
 """
 
