@@ -28,8 +28,9 @@ anywhere, where torch's norms overflow and make the whole param NaN.
 
 CUDA arrays (PyTorch CUDA tensors, CuPy arrays) run the same passes as CUDA kernels on the
 caller's stream, each pass one launch over up to 64 params (small matrices a thread each),
-with nothing waiting for the host (the norms stay in device memory). Their float64 sums are taken in another fixed order than the CPU's: the
-same from run to run, and equal to the CPU's results within float rounding, not bit for bit.
+with nothing waiting for the host (the norms stay in device memory). Their float64 sums
+are taken in another fixed order than the CPU's: the same from run to run, and equal to
+the CPU's results within float rounding, not bit for bit.
 """
 
 from __future__ import annotations
