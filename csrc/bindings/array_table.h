@@ -411,12 +411,9 @@ class ArrayTable {
       if (r == 0 && i == 0) {
         dtype_ = a.dtype;
       } else if (master) {
-        if (a.dtype != cpu::DType::f32)
-          throw py::type_error(w.str() + ": dtype " + cpu::dtype_name(a.dtype) +
-                               " is not float32 (master params are float32)");
-        if (dtype_ != cpu::DType::f16 && dtype_ != cpu::DType::bf16)
-          throw py::value_error(w.str() + ": master params are for float16 or bfloat16 params; " +
-                                where(ref.name, 0) + " is " + cpu::dtype_name(dtype_));
+        check_master_dtype(a.dtype == cpu::DType::f32, cpu::dtype_name(a.dtype),
+                           dtype_ == cpu::DType::f16 || dtype_ == cpu::DType::bf16,
+                           cpu::dtype_name(dtype_), w.str(), where(ref.name, 0));
       } else if (!mask) {
         if (role.kind == RoleKind::state && !state_dtype_ && cpu::state_dtype_ok(dtype_, a.dtype))
           state_dtype_ = a.dtype;

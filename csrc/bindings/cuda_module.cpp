@@ -766,12 +766,10 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
     if (masters) {
       const Where wm{"master_params", i, listed};
       const DeviceArray& m = take(PyList_GET_ITEM(master_params.ptr(), i), wm, true);
-      if (m.dtype != cuda::DType::f32)
-        throw py::type_error(wm.str() + ": dtype " + fastopt::bindings::dtype_name(m.dtype) +
-                             " is not float32 (master params are float32)");
-      if (p.dtype != cuda::DType::f16 && p.dtype != cuda::DType::bf16)
-        throw py::value_error(wm.str() + ": master params are for float16 or bfloat16 params; " +
-                              wp.str() + " is " + fastopt::bindings::dtype_name(p.dtype));
+      fastopt::bindings::check_master_dtype(
+          m.dtype == cuda::DType::f32, fastopt::bindings::dtype_name(m.dtype),
+          p.dtype == cuda::DType::f16 || p.dtype == cuda::DType::bf16,
+          fastopt::bindings::dtype_name(p.dtype), wm.str(), wp.str());
       if (m.shape != p.shape)
         throw py::value_error(wm.str() + ": shape " + args::shape_str(m.shape) + " does not match " +
                               wp.str() + "'s shape " + args::shape_str(p.shape));

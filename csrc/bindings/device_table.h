@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 #include "bindings/dlpack.h"
+#include "bindings/optim_binding.h"
 #include "bindings/overlap.h"
 #include "common/optim/descriptor.h"
 #include "common/state8.h"
@@ -464,12 +465,9 @@ class DevicePlan {
       if (a.dtype != DType::f32)
         throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) + " is not float32");
     } else if (role.kind == RoleKind::master) {
-      if (a.dtype != DType::f32)
-        throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) +
-                             " is not float32 (master params are float32)");
-      if (dtype_ != DType::f16 && dtype_ != DType::bf16)
-        throw py::value_error(w.str() + ": master params are for float16 or bfloat16 params; " +
-                              Where{"params", 0, listed}.str() + " is " + dtype_name(dtype_));
+      check_master_dtype(a.dtype == DType::f32, dtype_name(a.dtype),
+                         dtype_ == DType::f16 || dtype_ == DType::bf16, dtype_name(dtype_), w.str(),
+                         Where{"params", 0, listed}.str());
     } else if (a.dtype != expected_dtype(role.kind)) {
       throw py::type_error(w.str() + ": dtype " + dtype_name(a.dtype) + " differs from the " +
                            (role.kind == RoleKind::state ? "state type " : "params' ") +

@@ -143,6 +143,18 @@ inline void check_stochastic_dtype(bool stochastic, bool bfloat16, const std::st
                           "these are " + dtype);
 }
 
+// A master param's dtype (TypeError unless float32, `dtype` its name) and the params' it
+// goes with (ValueError unless float16 or bfloat16), named `where` and `params_where`.
+inline void check_master_dtype(bool float32, const std::string& dtype, bool sixteen_bit,
+                               const std::string& params_dtype, const std::string& where,
+                               const std::string& params_where) {
+  if (!float32)
+    throw py::type_error(where + ": dtype " + dtype + " is not float32 (master params are float32)");
+  if (!sixteen_bit)
+    throw py::value_error(where + ": master params are for float16 or bfloat16 params; " +
+                          params_where + " is " + params_dtype);
+}
+
 // ValueError: master params given with stochastic rounding.
 [[noreturn]] inline void masters_exclude_stochastic() {
   throw py::value_error("master_params: excludes stochastic rounding (stochastic_seed): "
