@@ -737,6 +737,13 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
     (is_written ? written : read).emplace_back(names.back().c_str(), &arrays.back());
     return arrays.back();
   };
+  // ValueError unless array a (named w) is shaped as param p (named wp).
+  const auto same_shape = [](const DeviceArray& a, const Where& w, const DeviceArray& p,
+                             const Where& wp) {
+    if (a.shape != p.shape)
+      throw py::value_error(w.str() + ": shape " + args::shape_str(a.shape) + " does not match " +
+                            wp.str() + "'s shape " + args::shape_str(p.shape));
+  };
   for (size_t i = 0; i < n; ++i) {
     const Where wp{"params", i, listed}, wg{"grads", i, listed};
     const DeviceArray& p = take(PyList_GET_ITEM(params.ptr(), i), wp, true);
@@ -755,9 +762,7 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
     if (g.dtype != p.dtype)
       throw py::type_error(wg.str() + ": dtype " + fastopt::bindings::dtype_name(g.dtype) +
                            " differs from " + wp.str() + "'s " + fastopt::bindings::dtype_name(p.dtype));
-    if (g.shape != p.shape)
-      throw py::value_error(wg.str() + ": shape " + args::shape_str(g.shape) + " does not match " +
-                            wp.str() + "'s shape " + args::shape_str(p.shape));
+    same_shape(g, wg, p, wp);
     fastopt::bindings::check_layout(g, wg, false);
     fastopt::AdafactorParam& a = work[i];
     a = af::view(p.shape, counts[i]);
@@ -770,11 +775,8 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
           m.dtype == cuda::DType::f32, fastopt::bindings::dtype_name(m.dtype),
           p.dtype == cuda::DType::f16 || p.dtype == cuda::DType::bf16,
           fastopt::bindings::dtype_name(p.dtype), wm.str(), wp.str());
-      if (m.shape != p.shape)
-        throw py::value_error(wm.str() + ": shape " + args::shape_str(m.shape) + " does not match " +
-                              wp.str() + "'s shape " + args::shape_str(p.shape));
-      if (m.size > 0 && !m.contiguous) throw py::value_error(wm.str() + ": must be C-contiguous");
-      fastopt::bindings::check_layout(m, wm, true);
+      same_shape(m, wm, p, wp);
+      fastopt::bindings::check_layout(m, wm, true);  // (C order too)
       a.master = reinterpret_cast<void*>(m.ptr);
     }
     void** state_ptr[af::num_states] = {&a.row, &a.col, &a.variance};
