@@ -499,6 +499,36 @@ def _twins(shapes, dtype, seed=0):
     return host, states
 
 
+def _assert_cuda_matches_cpu(shapes, tdtype, tol, steps, opts, *, seed=0, grad_seed=1,
+                             masters=False):
+    """`steps` steps of adafactor_ (keywords `opts`; `masters`: with float32 master copies)
+    on CPU tensors and on their CUDA copies with the same grads; then the params within
+    `tol`, the masters and state within float32 rounding (the same passes, float64 sums in
+    another order)."""
+    host, states = _twins(shapes, tdtype, seed=seed)
+    dev = [p.cuda() for p in host]
+    dev_states = [{k: None if v is None else v.cuda() for k, v in s.items()} for s in states]
+    host_masters = [p.float() for p in host] if masters else None
+    dev_masters = [p.cuda() for p in host_masters] if masters else None
+    gen = torch.Generator().manual_seed(grad_seed)
+    for t in range(1, steps + 1):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(tdtype) for p in host]
+        for params, st, gs, ms in ((host, states, grads, host_masters),
+                                   (dev, dev_states, [g.cuda() for g in grads], dev_masters)):
+            fastopt.adafactor_(params, gs, *([s[k] for s in st] for k in
+                                             ("row_vars", "col_vars", "variances")), step=t,
+                               master_params=ms, **opts)
+    torch.cuda.synchronize()
+    for a, b in zip(host, dev):
+        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tol, atol=tol)
+    for a, b in zip(host_masters or [], dev_masters or []):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+    for sa, sb in zip(states, dev_states):
+        for k in sa:
+            if sa[k] is not None:
+                torch.testing.assert_close(sb[k].cpu(), sa[k], rtol=1e-5, atol=1e-12)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
@@ -513,24 +543,8 @@ def test_cuda_matches_the_cpu_kernel(dtype, shapes, opts):
     # last list: matrices of at most 8 x 8 (a thread each, 256 per unit; 700 x 3 x 3: the
     # last unit part-full, 512 x 3 x 3: full), and the next larger (9 rows, 9 columns: a
     # block per matrix).
-    tdtype = getattr(torch, dtype)
-    host, states = _twins(shapes, tdtype)
-    dev = [p.cuda() for p in host]
-    dev_states = [{k: None if v is None else v.cuda() for k, v in s.items()} for s in states]
-    gen = torch.Generator().manual_seed(1)
-    for t in range(1, 5):
-        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(tdtype) for p in host]
-        for params, st, gs in ((host, states, grads), (dev, dev_states, [g.cuda() for g in grads])):
-            fastopt.adafactor_(params, gs, *([s[k] for s in st] for k in
-                                             ("row_vars", "col_vars", "variances")), step=t, **opts)
-    torch.cuda.synchronize()
     tol = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 2.0**-7}[dtype]
-    for a, b in zip(host, dev):
-        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tol, atol=tol)
-    for sa, sb in zip(states, dev_states):
-        for k in sa:
-            if sa[k] is not None:
-                torch.testing.assert_close(sb[k].cpu(), sa[k], rtol=1e-5, atol=1e-12)
+    _assert_cuda_matches_cpu(shapes, getattr(torch, dtype), tol, 4, opts)
 
 
 # Lists longer than one launch's table (64 params): mixed kinds across three tables; 64
@@ -547,34 +561,11 @@ LONG_LISTS = {
 @pytest.mark.parametrize("layout", list(LONG_LISTS))
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "float16-masters"])
 def test_cuda_long_lists_match_the_cpu_kernel(layout, dtype):
-    shapes = LONG_LISTS[layout]
-    masters = dtype.endswith("-masters")
-    tdtype = getattr(torch, dtype.split("-")[0])
-    host, states = _twins(shapes, tdtype, seed=5)
-    dev = [p.cuda() for p in host]
-    dev_states = [{k: None if v is None else v.cuda() for k, v in s.items()} for s in states]
-    host_masters = [p.float() for p in host] if masters else None
-    dev_masters = [p.cuda() for p in host_masters] if masters else None
     opts = {"rounding": "stochastic", "seed": 3} if dtype == "bfloat16" else {"weight_decay": 0.1}
-    gen = torch.Generator().manual_seed(2)
-    for t in range(1, 4):
-        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(tdtype) for p in host]
-        for params, st, gs, ms in ((host, states, grads, host_masters),
-                                   (dev, dev_states, [g.cuda() for g in grads], dev_masters)):
-            fastopt.adafactor_(params, gs, *([s[k] for s in st] for k in
-                                             ("row_vars", "col_vars", "variances")), step=t,
-                               master_params=ms, **opts)
-    torch.cuda.synchronize()
     # (stochastic rounding and rounding from masters: 16-bit results one ulp apart at most)
     tol = {"float32": 1e-5, "float64": 1e-12, "bfloat16": 2.0**-7, "float16-masters": 2.0**-10}[dtype]
-    for a, b in zip(host, dev):
-        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tol, atol=tol)
-    for a, b in zip(host_masters or [], dev_masters or []):
-        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
-    for sa, sb in zip(states, dev_states):
-        for k in sa:
-            if sa[k] is not None:
-                torch.testing.assert_close(sb[k].cpu(), sa[k], rtol=1e-5, atol=1e-12)
+    _assert_cuda_matches_cpu(LONG_LISTS[layout], getattr(torch, dtype.split("-")[0]), tol, 3,
+                             opts, seed=5, grad_seed=2, masters=dtype.endswith("-masters"))
 
 
 @pytest.mark.cuda
