@@ -13,7 +13,7 @@ from backends import assert_bits
 from cuda_libs import lib_fixture
 
 from fastopt import _ext
-from fastopt._specs import EMA, OPTIMIZERS, OptimizerSpec
+from fastopt._specs import EMA, OPTIMIZERS, OptimizerSpec, Real
 
 lib = lib_fixture(scope="module")
 
@@ -76,6 +76,43 @@ def test_cuda_bound_step_equals_the_step_and_the_cpu(lib: Any, name: str,
         assert_bits(lib.to_host(got_bound[0], sync=True), lib.to_host(got_plain[0], sync=True),
                     role.name)
         assert_bits(lib.to_host(got_bound[0], sync=True), want[0], role.name)
+
+
+def _out_of_range(h: Any) -> List[float]:
+    """Values a real hyper-parameter refuses: NaN, inf, and just past each finite end."""
+    values = [float("nan"), float("inf") if h.hi == float("inf") else -float("inf")]
+    if h.lo != -float("inf"):
+        values.append(h.lo if h.lo_open else np.nextafter(h.lo, -np.inf))
+    if h.hi != float("inf"):
+        values.append(h.hi if h.hi_open else np.nextafter(h.hi, np.inf))
+    return values
+
+
+REAL_HYPERS = [
+    (name, field)
+    for name, spec in [*sorted(OPTIMIZERS.items()), ("ema", EMA)]
+    for field, h in spec.hyper.items()
+    if isinstance(h, Real)
+]
+
+
+@pytest.mark.parametrize("name, field", REAL_HYPERS, ids=[f"{n}-{f}" for n, f in REAL_HYPERS])
+def test_step_bindings_refuse_hyper_parameters_out_of_range(name: str, field: str,
+                                                             rng: np.random.Generator) -> None:
+    # Called directly, a step binding (and bind_step) refuses what the Python API refuses
+    # (the ranges of fastopt/_specs.py), naming the hyper-parameter; nothing written.
+    spec = EMA if name == "ema" else OPTIMIZERS[name]
+    step = {"step": 3} if spec.takes_step else {}
+    arrays = fresh_arrays(spec, 9, rng)
+    before = copies(arrays)
+    for value in _out_of_range(spec.hyper[field]):
+        kw = {**kernel_keywords(spec), field: value}
+        with pytest.raises(ValueError, match=rf"^{field}: must be "):
+            getattr(_ext._cpu, spec.kernel)(*arrays, True, **kw, **step)
+        with pytest.raises(ValueError, match=rf"^{field}: must be "):
+            _ext._cpu.bind_step(spec.kernel, **kw)
+    for want, got in zip(before, arrays):
+        assert_bits(got[0], want[0], name)
 
 
 def test_bind_step_refuses_bad_arguments() -> None:

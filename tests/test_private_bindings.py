@@ -145,6 +145,9 @@ CASES: List[Case] = [
     Case("q inside x", "quantize_affine",
          lambda r: (lambda x: qa(x[:25], x.view(I8)[:25]))(rand(r, 100)), ValueError,
          "^q: overlaps x", True),
+    Case("scales inside q", "quantize_affine",
+         lambda r: (lambda q: qa(rand(r, 100), q, Host(q[:4].view(F32))))(poison(100, I8)),
+         ValueError, "^q: overlaps scales", True),
     # ---- dequantize_affine(q, out, scales, zero_points, axis)
     Case("out shorter than q", "dequantize_affine",
          lambda r: (rand(r, 100, I8), poison(99, F32), S1(), Z1(), None), ValueError,
@@ -178,6 +181,9 @@ CASES: List[Case] = [
     Case("out overlaps q", "dequantize_affine",
          lambda r: (lambda o: (o.view(I8)[100:200], o, S1(), Z1(), None))(poison(100, F32)),
          ValueError, "^out: overlaps q", True),
+    Case("zero_points inside out", "dequantize_affine",
+         lambda r: (lambda o: (rand(r, 100, I8), o, S1(), Host(o[:1]), None))(poison(100, F32)),
+         ValueError, "^out: overlaps zero_points", True),
     # ---- minmax(x, axis): no outputs, the errors only
     Case("minmax x int8", "minmax", lambda r: (rand(r, 100, I8), None), TypeError,
          "^x: dtype"),

@@ -322,24 +322,22 @@ def test_check_finite_must_be_a_bool(rng):
 
 # ---- sizes taken once, from the buffers the kernels use (issue 16, items 1 and 4) --------
 
-class _RetypingOut:
-    """An ``out=`` that passes for a PyTorch CPU tensor. When fastopt takes its NumPy view
-    (``detach().numpy()``), it retypes x to int8 -- four times the elements in the same
+def _retyping_out(x: np.ndarray, view: np.ndarray):
+    """An ``out=`` that is a PyTorch CPU tensor (of a subclass). When fastopt takes its NumPy
+    view (``detach().numpy()``), it retypes x to int8 -- four times the elements in the same
     buffer -- after x's shape was read for sizing the outputs: a kernel sized from x.size
     at call time would read past x and write past out."""
+    torch = pytest.importorskip("torch")
 
-    __module__ = "torch.retyping"  # what fastopt takes for a torch tensor
+    class RetypingOut(torch.Tensor):
+        def detach(self):
+            x.dtype = np.int8
+            return self
 
-    def __init__(self, x: np.ndarray, view: np.ndarray):
-        self.x, self.view = x, view
-        self.device = type("Device", (), {"type": "cpu"})()
+        def numpy(self, *args, **kwargs):
+            return view
 
-    def detach(self) -> "_RetypingOut":
-        self.x.dtype = np.int8
-        return self
-
-    def numpy(self) -> np.ndarray:
-        return self.view
+    return torch.empty(0).as_subclass(RetypingOut)
 
 
 @pytest.mark.parametrize("check_finite", [False, True])
@@ -349,7 +347,7 @@ def test_input_retyped_while_out_is_converted_raises(check_finite):
     x = np.ones(4096, np.float32)
     out = np.full(4096, 77, np.int8)
     with pytest.raises(TypeError, match="^x: dtype int8"):
-        fastopt.quantize_per_tensor(x, 0.1, 0, out=_RetypingOut(x, out),
+        fastopt.quantize_per_tensor(x, 0.1, 0, out=_retyping_out(x, out),
                                     check_finite=check_finite)
     assert (out == 77).all()
     assert (x.view(np.float32) == 1).all()

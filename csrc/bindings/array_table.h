@@ -79,6 +79,8 @@ class ArrayTable {
     int r = 0;
     for (const RoleSpec& role : roles) {
       if (!role.list.is_none()) collect_role(role, r, ref, n);
+      else if (role.kind == RoleKind::param || role.kind == RoleKind::grad)
+        throw py::type_error(std::string(role.name) + ": expected a list of arrays, got None");
       ++r;
     }
     collect_absmax(roles, absmax, n);
@@ -143,7 +145,24 @@ class ArrayTable {
     if (is_tensor < 0) throw py::error_already_set();
     if (!is_tensor)
       throw py::type_error(where_.str() + ": expected a torch tensor, got " + Py_TYPE(obj)->tp_name);
-    const py::handle t(obj);
+    try {
+      torch_layout_by_attributes(py::handle(obj), where_, out);
+    } catch (py::error_already_set& e) {  // torch's refusals (no storage, an uninitialized
+      // parameter, a sparse tensor's strides...), named
+      if (!e.matches(PyExc_RuntimeError) && !e.matches(PyExc_ValueError)) throw;
+      throw py::type_error(where_.str() + ": is not a dense tensor with memory (" + e.what() + ")");
+    }
+  }
+
+  // torch_layout for the tensors the exchange table does not describe, through Python.
+  static void torch_layout_by_attributes(py::handle t, const Where& where_, std::vector<int64_t>& out) {
+    const TorchTypes* tt = torch_types();
+    const py::object layout = FASTOPT_HOST_ATTR(t, "layout");
+    const bool nested = FASTOPT_HOST_ATTR(t, "is_nested").ptr() == Py_True;
+    if (nested || !layout.is(tt->strided))
+      throw py::type_error(where_.str() + ": " +
+                           (nested ? std::string("nested") : py::str(layout).cast<std::string>()) +
+                           " tensors are not supported (dense torch.strided tensors only)");
     const py::object data = FASTOPT_HOST_CALL(t, "data_ptr");
     out.push_back(int64_t(reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(data.ptr()))));
     // The device and dtype objects' identities: torch keeps one object per dtype, and a
@@ -160,6 +179,18 @@ class ArrayTable {
     for (Py_ssize_t d = 0; d < PyTuple_GET_SIZE(strides.ptr()); ++d)
       out.push_back(PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), d)));
     if (PyErr_Occurred()) throw py::error_already_set();
+  }
+
+  // ValueError for a torch inference tensor to be written outside torch.inference_mode(),
+  // which torch refuses too (anything else passes).
+  static void check_inference_write(PyObject* obj, const std::string& name) {
+    const TorchTypes* tt = torch_types();
+    if (!tt) return;
+    const int is_tensor = PyObject_IsInstance(obj, tt->tensor.ptr());
+    if (is_tensor < 0) throw py::error_already_set();
+    if (is_tensor && call_true(tt->is_inference, obj) && !tt->inference_mode_enabled().cast<bool>())
+      throw py::value_error(name + ": is an inference tensor, which cannot be updated in place "
+                            "outside torch.inference_mode()");
   }
 
   // The Python callable (name, obj) -> ndarray used for arrays that are not NumPy's.
@@ -291,12 +322,14 @@ class ArrayTable {
                            " tensors are not supported (dense torch.strided tensors only)");
     if (FASTOPT_HOST_CALL(t, "is_neg").ptr() == Py_True)
       throw py::value_error(where_.str() + ": is a negative view; call .resolve_neg() first");
-    if (written && FASTOPT_HOST_CALL(t, "is_inference").ptr() == Py_True &&
-        !tt.inference_mode_enabled().cast<bool>())
-      throw py::value_error(where_.str() + ": is an inference tensor, which cannot be updated in place "
-                            "outside torch.inference_mode()");
-    const py::object shape = FASTOPT_HOST_ATTR(t, "shape");  // a torch.Size: a tuple
+    if (written) check_inference_write(obj, where_.str());
+    const py::object shape = FASTOPT_HOST_ATTR(t, "shape");
     const py::object strides = FASTOPT_HOST_CALL(t, "stride");
+    // (a subclass may answer anything: a torch.Size and a tuple of as many strides)
+    if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr()) ||
+        PyTuple_GET_SIZE(shape.ptr()) != PyTuple_GET_SIZE(strides.ptr()))
+      throw py::type_error(where_.str() + ": its shape and stride() are not tuples of one "
+                           "entry per dimension");
     const Py_ssize_t nd = PyTuple_GET_SIZE(shape.ptr());
     h.resize(int(nd));
     int64_t* dims = h.shape();
@@ -378,6 +411,15 @@ class ArrayTable {
     return true;
   }
 
+  // A list argument as the table reads it: itself where every item is a NumPy array
+  // (reading those runs no Python code), else its copy (list_copy: a tensor subclass, an
+  // adapter or a TorchFunctionMode may change the caller's list).
+  static py::list readable(py::handle list) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list.ptr()); ++i)
+      if (!is_plain_ndarray(PyList_GET_ITEM(list.ptr(), i))) return list_copy(list);
+    return py::reinterpret_borrow<py::list>(list);
+  }
+
   static bool same_shape(const HostArray& a, const HostArray& b) {
     return a.nd == b.nd && std::equal(a.shape(), a.shape() + a.nd, b.shape());
   }
@@ -385,7 +427,7 @@ class ArrayTable {
   void collect_role(const RoleSpec& role, int r, const RoleSpec& ref, size_t n) {
     if (!py::isinstance<py::list>(role.list))
       throw py::type_error(std::string(role.name) + ": expected a list of arrays");
-    const py::list list = py::reinterpret_borrow<py::list>(role.list);
+    const py::list list = readable(role.list);
     if (list.size() != n)
       throw py::value_error(std::string(role.name) + ": expected " + std::to_string(n) +
                             " arrays (one per entry of " + ref.name + "), got " +
@@ -488,8 +530,9 @@ class ArrayTable {
       throw py::value_error(std::string(name) + ": expected " + std::to_string(n) +
                             " arrays (one per param), got " + std::to_string(py::len(list)));
     absmax_[r].resize(n);
+    const py::list items = readable(list);
     for (size_t i = 0; i < n; ++i) {
-      PyObject* item = PyList_GET_ITEM(list.ptr(), i);
+      PyObject* item = PyList_GET_ITEM(items.ptr(), i);
       const Where w{name, shown(i), listed_};
       const bool numpy = is_plain_ndarray(item);
       const bool tensor = !numpy && is_torch_tensor(item, w);

@@ -1,8 +1,8 @@
 // fastopt._cpu: thin pybind11 bindings of the CPU kernels. Each optimizer's step function
 // is generated from its descriptor (common/optim/registry.h, bindings/optim_binding.h):
-// it receives aligned lists of NumPy arrays (hyper-parameters already validated in
-// Python), checks and unpacks them (array_table.h), releases the GIL and runs one
-// multi-tensor call.
+// it receives aligned lists of NumPy arrays and the hyper-parameters (checked against the
+// ranges Python registers), checks and unpacks them (array_table.h), releases the GIL and
+// runs one multi-tensor call.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <algorithm>
@@ -76,11 +76,13 @@ void host_only(const py::object& stream) {
 }
 
 // `obj` as a NumPy array: itself, or its view through the array adapter (a PyTorch CPU
-// tensor; an ndarray subclass as a plain ndarray, masked arrays and np.matrix refused).
+// tensor; an ndarray subclass as a plain ndarray, masked arrays and np.matrix refused;
+// `written`: an inference tensor refused outside torch.inference_mode(), as torch does).
 // All of a call's arguments are converted before any is described, since the adapter runs
 // Python code.
-py::object to_ndarray(py::handle obj, const char* name) {
+py::object to_ndarray(py::handle obj, const char* name, bool written = false) {
   if (fastopt::bindings::is_plain_ndarray(obj.ptr())) return py::reinterpret_borrow<py::object>(obj);
+  if (written) ArrayTable::check_inference_write(obj.ptr(), name);
   const py::object& adapter = ArrayTable::array_adapter();
   py::object view = adapter ? adapter(name, obj) : py::object(py::none());
   if (!py::isinstance<py::array>(view))
@@ -185,20 +187,21 @@ int64_t quantize_affine(py::object x, py::object q, py::object scales, py::objec
   const bool check_finite = fastopt::bindings::scalar_arg<bool>(check_finite_arg, "check_finite");
   host_only(stream);
   x = to_ndarray(x, "x");
-  q = to_ndarray(q, "q");
+  q = to_ndarray(q, "q", true);
   const HostArg ax(x, "x", false), aq(q, "q", true);
   const cpu::InType in = in_type(ax.arg);
   const bool unsigned_q = quantized(aq.arg, ax.arg);
   const args::Channels c = args::channels_of(ax.arg, axis);
-  const float* s = args::channel_params(scales, "scales", c.channels);
-  const float* z = args::channel_params(zero_points, "zero_points", c.channels);
+  const Arg s = args::channel_params(scales, "scales", c.channels);
+  const Arg z = args::channel_params(zero_points, "zero_points", c.channels);
   expect_layouts({&ax, &aq});
-  args::expect_disjoint({&aq.arg, &ax.arg}, 1);
+  args::expect_disjoint({&aq.arg, &ax.arg, &s, &z}, 1);
   if (ax.arg.size == 0) return -1;
   const cpu::ChannelLayout L{ax.arg.size, c.channels, c.inner};
   int64_t bad = -1;
   run_released([&] {
-    cpu::quantize_affine(in, ax.ptr<const void>(), aq.ptr<void>(), unsigned_q, L, s, z, &bad);
+    cpu::quantize_affine(in, ax.ptr<const void>(), aq.ptr<void>(), unsigned_q, L,
+                         reinterpret_cast<const float*>(s.ptr), reinterpret_cast<const float*>(z.ptr), &bad);
   });
   return check_finite ? bad : -1;
 }
@@ -209,20 +212,21 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
                        py::object axis, py::object stream) {
   host_only(stream);
   q = to_ndarray(q, "q");
-  out = to_ndarray(out, "out");
+  out = to_ndarray(out, "out", true);
   const HostArg aq(q, "q", false), ao(out, "out", true);
   args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
   const cpu::OutType out_type = dequantized(ao.arg, aq.arg);
   const args::Channels c = args::channels_of(aq.arg, axis);
-  const float* s = args::channel_params(scales, "scales", c.channels);
-  const float* z = args::channel_params(zero_points, "zero_points", c.channels);
+  const Arg s = args::channel_params(scales, "scales", c.channels);
+  const Arg z = args::channel_params(zero_points, "zero_points", c.channels);
   expect_layouts({&aq, &ao});
-  args::expect_disjoint({&ao.arg, &aq.arg}, 1);
+  args::expect_disjoint({&ao.arg, &aq.arg, &s, &z}, 1);
   if (aq.arg.size == 0) return;
   const cpu::ChannelLayout L{aq.arg.size, c.channels, c.inner};
   const bool unsigned_q = aq.arg.dtype == "uint8";
   run_released([&] {
-    cpu::dequantize_affine(aq.ptr<const void>(), unsigned_q, out_type, ao.ptr<void>(), L, s, z);
+    cpu::dequantize_affine(aq.ptr<const void>(), unsigned_q, out_type, ao.ptr<void>(), L,
+                           reinterpret_cast<const float*>(s.ptr), reinterpret_cast<const float*>(z.ptr));
   });
 }
 
@@ -258,8 +262,8 @@ int64_t quantize_blockwise(py::object x, py::object q, py::object absmax, py::ob
   const bool check_finite = fastopt::bindings::scalar_arg<bool>(check_finite_arg, "check_finite");
   host_only(stream);
   x = to_ndarray(x, "x");
-  q = to_ndarray(q, "q");
-  absmax = to_ndarray(absmax, "absmax");
+  q = to_ndarray(q, "q", true);
+  absmax = to_ndarray(absmax, "absmax", true);
   const HostArg ax(x, "x", false), aq(q, "q", true), am(absmax, "absmax", true);
   const cpu::InType in = in_type(ax.arg);
   args::expect_dtype(aq.arg, {"int8"}, "int8");
@@ -285,7 +289,7 @@ void dequantize_blockwise(py::object q, py::object absmax, py::object out, py::o
   host_only(stream);
   q = to_ndarray(q, "q");
   absmax = to_ndarray(absmax, "absmax");
-  out = to_ndarray(out, "out");
+  out = to_ndarray(out, "out", true);
   const HostArg aq(q, "q", false), am(absmax, "absmax", false), ao(out, "out", true);
   args::expect_dtype(aq.arg, {"int8"}, "int8");
   args::expect_absmax(am.arg, aq.arg, block);
@@ -306,12 +310,13 @@ void dequantize_blockwise(py::object q, py::object absmax, py::object out, py::o
 void newton_solve(py::object hessians, py::object grads, py::object d, py::object solved,
                   py::object damping_arg, py::object params, py::object stream) {
   const double damping = fastopt::bindings::scalar_arg<double>(damping_arg, "damping");
+  fastopt::bindings::kNonNegative.check("damping", damping);
   host_only(stream);
   hessians = to_ndarray(hessians, "hessians");
   grads = to_ndarray(grads, "grads");
-  if (!params.is_none()) params = to_ndarray(params, "params");
-  d = to_ndarray(d, "d");
-  solved = to_ndarray(solved, "solved");
+  if (!params.is_none()) params = to_ndarray(params, "params", true);
+  d = to_ndarray(d, "d", true);
+  solved = to_ndarray(solved, "solved", true);
   const HostArg ah(hessians, "hessians", false), ag(grads, "grads", false);
   const HostArg ap = params.is_none() ? HostArg("params") : HostArg(params, "params", true);
   const HostArg ad(d, "d", true), as(solved, "solved", true);
@@ -333,8 +338,9 @@ void newton_solve(py::object hessians, py::object grads, py::object d, py::objec
 void newton_apply(py::object params, py::object d, py::object use, py::object lr_arg,
                   py::object stream) {
   const double lr = fastopt::bindings::scalar_arg<double>(lr_arg, "lr");
+  fastopt::bindings::kNonNegative.check("lr", lr);
   host_only(stream);
-  params = to_ndarray(params, "params");
+  params = to_ndarray(params, "params", true);
   d = to_ndarray(d, "d");
   if (!use.is_none()) use = to_ndarray(use, "use");
   const HostArg ap(params, "params", true), ad(d, "d", false);
@@ -363,13 +369,13 @@ struct HostList {
     if (!py::isinstance<py::list>(obj))
       throw py::type_error(std::string(role) + ": expected a list of arrays, got " +
                            Py_TYPE(obj.ptr())->tp_name);
-    const py::list list = py::reinterpret_borrow<py::list>(obj);
+    const py::list list = fastopt::bindings::list_copy(obj);
     const size_t n = list.size();
     names.reserve(n);  // never reallocated: items keep pointers to the names
     items.reserve(n);
     for (size_t i = 0; i < n; ++i) names.push_back(std::string(role) + "[" + std::to_string(i) + "]");
     for (size_t i = 0; i < n; ++i)
-      items.emplace_back(to_ndarray(list[i], names[i].c_str()), names[i].c_str(), written);
+      items.emplace_back(to_ndarray(list[i], names[i].c_str(), written), names[i].c_str(), written);
   }
   size_t size() const { return items.size(); }
 };
@@ -531,6 +537,8 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
   const bool listed = fastopt::bindings::scalar_arg<bool>(listed_arg, "listed");
   fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
   af::rounding(stochastic_seed, master_params, h);
+  for (py::object* list : {&params, &grads, &row_vars, &col_vars, &variances, &steps, &master_params})
+    *list = fastopt::bindings::list_copy(*list);
   const std::array<RoleSpec, 3> roles{
       {{"params", params, true, fastopt::RoleKind::param},
        {"grads", grads, false, fastopt::RoleKind::grad},
@@ -613,10 +621,12 @@ py::bytes tensor_layouts(py::handle tensors) {
     throw py::type_error(std::string("tensors: expected a list of torch tensors, got ") +
                          Py_TYPE(tensors.ptr())->tp_name);
   std::vector<int64_t> words;
-  const Py_ssize_t n = PyList_GET_SIZE(tensors.ptr());
-  words.reserve(size_t(n) * 6);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    ArrayTable::torch_layout(PyList_GET_ITEM(tensors.ptr(), i), {"tensors", size_t(i), true}, words);
+  words.reserve(size_t(PyList_GET_SIZE(tensors.ptr())) * 6);
+  // (the size read again and the item held at each step: reading a tensor subclass may run
+  // Python code that changes the list)
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tensors.ptr()); ++i) {
+    const py::object item = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(tensors.ptr(), i));
+    ArrayTable::torch_layout(item.ptr(), {"tensors", size_t(i), true}, words);
   }
   return py::bytes(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(int64_t));
 }
@@ -645,6 +655,9 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "fastopt CPU kernels (scalar and AVX2 paths, OpenMP threads)";
   using py::arg;
   fastopt::bindings::StepBindings<Steps>::add(m);
+  m.def("set_hyper_ranges", &fastopt::bindings::set_hyper_ranges, arg("optimizer"), arg("ranges"),
+        "The ranges the step bindings check each real hyper-parameter against "
+        "({name: (lo, hi, lo_open, hi_open)}, from fastopt/_specs.py at import)");
   m.def("optimizers", &fastopt::bindings::describe_optimizers,
         "Each optimizer's array roles, hyper-parameter names and whether it takes step");
   m.def(

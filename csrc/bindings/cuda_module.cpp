@@ -1,6 +1,6 @@
 // fastopt._cuda: thin pybind11 bindings of the CUDA kernels. Each step function receives
-// aligned lists of CUDA arrays (hyper-parameters already validated in Python), checks and
-// tables them (device_table.h, optionally through a cached Plan), and launches on the
+// aligned lists of CUDA arrays and the hyper-parameters (checked against the ranges Python
+// registers), checks and tables them (device_table.h, optionally through a cached Plan), and launches on the
 // given stream without synchronising. It imports on machines without a GPU or driver;
 // device_status() then says why CUDA is not usable.
 #include <cuda_runtime.h>
@@ -469,13 +469,13 @@ int64_t quantize_affine(py::object x, py::object q, py::object scales, py::objec
   args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
   args::expect_same_shape(aq.arg, ax.arg);
   const args::Channels c = args::channels_of(ax.arg, axis);
-  const float* sp = args::channel_params(scales, "scales", c.channels);
-  const float* zp = args::channel_params(zero_points, "zero_points", c.channels);
+  const args::Arg sp = args::channel_params(scales, "scales", c.channels);
+  const args::Arg zp = args::channel_params(zero_points, "zero_points", c.channels);
   DeviceGuard guard(kernel_device({&ax, &aq}, stream));
   args::expect_disjoint({&aq.arg, &ax.arg}, 1);
   if (ax.arg.size == 0) return -1;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const AffineScratch scratch(sp, zp, size_t(c.channels), s);
+  const AffineScratch scratch(reinterpret_cast<const float*>(sp.ptr), reinterpret_cast<const float*>(zp.ptr), size_t(c.channels), s);
   cuda::quantize_affine(ax.array.dtype, ax.ptr<const void>(), aq.ptr<void>(),
                         aq.array.dtype == cuda::DType::u8, ax.arg.size, c.channels, c.inner,
                         scratch.scales(), scratch.zero_points(),
@@ -491,13 +491,13 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   args::expect_dtype(aq.arg, {"int8", "uint8"}, "int8 or uint8");
   args::expect_dequantized(ao.arg, aq.arg);
   const args::Channels c = args::channels_of(aq.arg, axis);
-  const float* sp = args::channel_params(scales, "scales", c.channels);
-  const float* zp = args::channel_params(zero_points, "zero_points", c.channels);
+  const args::Arg sp = args::channel_params(scales, "scales", c.channels);
+  const args::Arg zp = args::channel_params(zero_points, "zero_points", c.channels);
   DeviceGuard guard(kernel_device({&aq, &ao}, stream));
   args::expect_disjoint({&ao.arg, &aq.arg}, 1);
   if (aq.arg.size == 0) return;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const AffineScratch scratch(sp, zp, size_t(c.channels), s);
+  const AffineScratch scratch(reinterpret_cast<const float*>(sp.ptr), reinterpret_cast<const float*>(zp.ptr), size_t(c.channels), s);
   cuda::dequantize_affine(aq.ptr<const void>(), aq.array.dtype == cuda::DType::u8,
                           ao.array.dtype, ao.ptr<void>(), aq.arg.size, c.channels, c.inner,
                           scratch.scales(), scratch.zero_points(), s);
@@ -543,6 +543,7 @@ py::tuple minmax(py::object x, py::object axis, intptr_t stream) {
 void newton_solve(py::object hessians, py::object grads, py::object d, py::object solved,
                   py::object damping_arg, py::object params, intptr_t stream) {
   const double damping = fastopt::bindings::scalar_arg<double>(damping_arg, "damping");
+  fastopt::bindings::kNonNegative.check("damping", damping);
   const KernelArg ah(hessians, "hessians", stream, false), ag(grads, "grads", stream, false);
   const KernelArg ap =
       params.is_none() ? KernelArg("params") : KernelArg(params, "params", stream, true);
@@ -564,6 +565,7 @@ void newton_solve(py::object hessians, py::object grads, py::object d, py::objec
 // Phase 2: p <- p - lr*d for the systems with use[b] (all when use is None).
 void newton_apply(py::object params, py::object d, py::object use, py::object lr_arg, intptr_t stream) {
   const double lr = fastopt::bindings::scalar_arg<double>(lr_arg, "lr");
+  fastopt::bindings::kNonNegative.check("lr", lr);
   const KernelArg ap(params, "params", stream, true), ad(d, "d", stream, false);
   const KernelArg au = use.is_none() ? KernelArg("use") : KernelArg(use, "use", stream, false);
   const args::Systems sys = args::newton_update(ap.arg, ad.arg);
@@ -709,11 +711,14 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
   const bool listed = fastopt::bindings::scalar_arg<bool>(listed_arg, "listed");
   fastopt::AdafactorHyper h = af::hyper(lr, beta2_decay, eps1, eps2, d, weight_decay, maximize);
   af::rounding(stochastic_seed, master_params, h);
+  for (py::object* list : {&params, &grads, &row_vars, &col_vars, &variances, &steps, &master_params})
+    *list = fastopt::bindings::list_copy(*list);
   if (!py::isinstance<py::list>(params)) throw py::type_error("params: expected a list of arrays");
   const size_t n = py::len(params);
-  if (!py::isinstance<py::list>(grads) || py::len(grads) != n)
-    throw py::value_error("grads: expected a list of " + std::to_string(n) +
-                          " arrays (one per entry of params)");
+  if (!py::isinstance<py::list>(grads)) throw py::type_error("grads: expected a list of arrays");
+  if (py::len(grads) != n)
+    throw py::value_error("grads: expected " + std::to_string(n) +
+                          " arrays (one per entry of params), got " + std::to_string(py::len(grads)));
   const py::handle lists[af::num_states] = {row_vars, col_vars, variances};
   for (int k = 0; k < af::num_states; ++k) af::check_list(lists[k], k, n);
   const bool masters = !master_params.is_none();
@@ -949,6 +954,9 @@ PYBIND11_MODULE(_cuda, m) {
                              "Kernel launches one step makes")
       .def_property_readonly("num_tensors", &DevicePlan::num_tensors);
   fastopt::bindings::StepBindings<Steps>::add(m);
+  m.def("set_hyper_ranges", &fastopt::bindings::set_hyper_ranges, arg("optimizer"), arg("ranges"),
+        "The ranges the step bindings check each real hyper-parameter against "
+        "({name: (lo, hi, lo_open, hi_open)}, from fastopt/_specs.py at import)");
   m.def("optimizers", &fastopt::bindings::describe_optimizers,
         "Each optimizer's array roles, hyper-parameter names and whether it takes step");
   // Quantization and Newton: the same arguments as in fastopt._cpu.

@@ -327,7 +327,14 @@ class DevicePlan {
   // the plan as it was. `stream` is passed to DLPack producers. Roles: a sequence of
   // DeviceRoleSpec (std::array), params first.
   template <class Roles>
-  void update(const Roles& roles, bool listed, intptr_t stream) {
+  void update(const Roles& given, bool listed, intptr_t stream) {
+    Roles roles = given;  // reading the lists' copies (list_copy)
+    std::vector<py::object> copies;
+    copies.reserve(roles.size());
+    for (DeviceRoleSpec& role : roles) {
+      copies.push_back(list_copy(role.list));
+      role.list = copies.back();
+    }
     if (!same_structure(roles)) {
       build(roles, listed, stream);
       return;

@@ -116,7 +116,7 @@ inline Channels channels_of(const Arg& x, py::handle axis) {
 
 // The per-channel scales or zero points: a host float32 array of `channels` elements,
 // C-contiguous and native byte order. The array is held by the caller's argument.
-inline const float* channel_params(py::handle obj, const char* name, int64_t channels) {
+inline Arg channel_params(py::handle obj, const char* name, int64_t channels) {
   using py::detail::npy_api;
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + ": expected a NumPy float32 array, got " +
@@ -132,7 +132,11 @@ inline const float* channel_params(py::handle obj, const char* name, int64_t cha
                           ",), one per channel");
   if (!(a->flags & npy_api::NPY_ARRAY_C_CONTIGUOUS_) || !(a->flags & npy_api::NPY_ARRAY_ALIGNED_))
     throw py::value_error(std::string(name) + ": must be C-contiguous and aligned");
-  return reinterpret_cast<const float*>(a->data);
+  Arg out{name, "float32", {channels}};
+  out.size = channels;
+  out.ptr = reinterpret_cast<uintptr_t>(a->data);
+  out.bytes = channels * int64_t(sizeof(float));
+  return out;
 }
 
 // Blocks of `block` consecutive elements over n elements: block > 0 (ValueError naming

@@ -17,7 +17,8 @@
 // several calls checks them all before the first runs), and what the module adds (the
 // CUDA module: stream, plan). Every argument is
 // checked here, so a direct call with a missing, unknown or mistyped argument raises a
-// TypeError/ValueError naming it (Python has validated the ranges already). The step
+// TypeError/ValueError naming it, a real hyper-parameter outside the range fastopt/_specs.py
+// gives it included (see Range). The step
 // functions, and bind_step (a step with its hyper-parameters read once), are registered
 // by StepBindings below and called through vectorcall.
 #pragma once
@@ -26,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -171,6 +173,16 @@ template <class T> T scalar_arg(py::handle v, const char* name) {
 }
 
 // Interned names, created once per call site (lookups by identity are then cheap).
+// A private copy of a list argument (a list, else returned as it is): the bindings read
+// the copy, because reading an item may run Python code (a tensor subclass's
+// __torch_function__, an adapter, a DLPack producer) that changes the caller's list.
+inline py::object list_copy(py::handle list) {
+  if (!PyList_Check(list.ptr())) return py::reinterpret_borrow<py::object>(list);
+  PyObject* copy = PyList_GetSlice(list.ptr(), 0, PyList_GET_SIZE(list.ptr()));
+  if (!copy) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(copy);
+}
+
 inline PyObject* interned_key(const char* name) { return PyUnicode_InternFromString(name); }
 
 // A keyword's name for messages: its UTF-8, lone surrogates written as \udc80.
@@ -208,6 +220,31 @@ struct CallArgs {
     return nullptr;
   }
 };
+
+// A real hyper-parameter's interval, as fastopt/_specs.py declares it (registered at import
+// through set_hyper_ranges): the step bindings refuse a value outside it, or not finite,
+// as the Python API does, also when they are called directly.
+struct Range {
+  bool set = false;
+  double lo = -std::numeric_limits<double>::infinity();
+  double hi = std::numeric_limits<double>::infinity();
+  bool lo_open = false, hi_open = false;
+
+  // ValueError naming `name` unless x is finite and in the interval (Python's messages).
+  void check(const char* name, double x) const {
+    if (!set) return;
+    const auto repr = [](double v) { return py::repr(py::float_(v)).cast<std::string>(); };
+    if (!std::isfinite(x))
+      throw py::value_error(std::string(name) + ": must be finite, got " + repr(x));
+    if (!(lo_open ? x > lo : x >= lo) || !(hi_open ? x < hi : x <= hi))
+      throw py::value_error(std::string(name) + ": must be in " + (lo_open ? "(" : "[") +
+                            repr(lo) + ", " + repr(hi) + (hi_open ? ")" : "]") + ", got " +
+                            repr(x));
+  }
+};
+
+// [0, inf): the Newton bindings' damping and lr, as fastopt/newton.py checks them.
+inline const Range kNonNegative{true, 0.0};
 
 // The arguments of one step call of optimizer Opt: its role lists (None for an optional
 // role the options do not use), `listed`, the hyper-parameters and the step count.
@@ -332,7 +369,8 @@ template <class Opt> struct StepCall {
     }
   }
 
-  // Reads every hyper field from its keyword into `hyper`; returns how many were read.
+  // Reads every hyper field from its keyword into `hyper`, each real one checked against
+  // its range; returns how many were read.
   static size_t read_hyper(const CallArgs& args, typename Opt::Hyper& hyper) {
     size_t found = 0;
     const std::vector<PyObject*>& keys = field_keys();
@@ -340,9 +378,17 @@ template <class Opt> struct StepCall {
       PyObject* v = args.keyword(keys[found]);
       if (!v) throw py::type_error(std::string(Opt::name) + "(): missing keyword '" + name + "'");
       read_keyword(name, v, field);
+      if constexpr (std::is_same_v<std::decay_t<decltype(field)>, double>)
+        ranges()[found].check(name, field);
       ++found;
     });
     return found;
+  }
+
+  // The ranges of the hyper fields, in field order (unset until registered).
+  static std::vector<Range>& ranges() {
+    static std::vector<Range> r(field_keys().size());
+    return r;
   }
 
  private:
@@ -477,6 +523,36 @@ template <class Steps> struct StepBindings {
     return py::reinterpret_steal<py::object>(fn);
   }
 };
+
+// set_hyper_ranges(optimizer, {field: (lo, hi, lo_open, hi_open)}): the ranges its step
+// binding checks (see Range); a field or optimizer the registry does not have is refused.
+inline void set_hyper_ranges(const std::string& optimizer, const py::dict& given) {
+  bool known = false;
+  for_each_optimizer([&](auto tag) {
+    using Opt = decltype(tag);
+    if (optimizer != Opt::name) return;
+    known = true;
+    std::vector<Range> ranges(StepCall<Opt>::ranges().size());
+    size_t matched = 0, i = 0;
+    typename Opt::Hyper h{};
+    Opt::for_each_field(h, [&](const char* name, auto& field) {
+      if (given.contains(name)) {
+        if constexpr (!std::is_same_v<std::decay_t<decltype(field)>, double>)
+          throw py::value_error(std::string("ranges: ") + name + " of " + optimizer + " is not real");
+        const py::tuple t = given[name].cast<py::tuple>();
+        if (t.size() != 4) throw py::value_error(std::string("ranges: ") + name + ": expected 4 values");
+        ranges[i] = {true, t[0].cast<double>(), t[1].cast<double>(), t[2].cast<bool>(),
+                     t[3].cast<bool>()};
+        ++matched;
+      }
+      ++i;
+    });
+    if (matched != given.size())
+      throw py::value_error("ranges: names a field " + optimizer + " does not have");
+    StepCall<Opt>::ranges() = std::move(ranges);
+  });
+  if (!known) throw py::value_error("optimizer: no optimizer named " + optimizer);
+}
 
 // {name: {"roles": [(name, kind, written, optional)], "hyper": [field names],
 // "takes_step": bool}} for every optimizer of the registry (fastopt/_specs.py is checked

@@ -88,9 +88,11 @@ _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 
 def _is_torch(a: Any) -> bool:
-    """Whether ``a`` is a torch tensor: an object of torch's with a device (not a torch.Size
-    or a dtype, which would pass for an array otherwise)."""
-    return type(a).__module__.startswith("torch") and hasattr(a, "device")
+    """Whether ``a`` is a torch tensor, a subclass's (a user's, from any module) included
+    (not a torch.Size or a dtype, which would pass for an array otherwise). fastopt never
+    imports torch: a caller holding a tensor has."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(a, torch.Tensor)
 
 
 def _is_cupy(a: Any) -> bool:

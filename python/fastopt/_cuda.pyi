@@ -39,6 +39,9 @@ def bind_step(name: str, **hyper: Any) -> Callable[..., None]: ...
 # {name: {"roles": [(name, kind, written, optional)], "hyper": [field names],
 #  "takes_step": bool}} for every optimizer.
 def optimizers() -> Dict[str, Dict[str, Any]]: ...
+def set_hyper_ranges(
+    optimizer: str, ranges: Dict[str, Tuple[float, float, bool, bool]]
+) -> None: ...
 
 # Quantization: each returns x's first non-finite flat index with check_finite (waiting for
 # the stream), else -1 at once.

@@ -70,7 +70,7 @@ import numpy as np
 
 from . import _arrays, _ext, clip
 from ._arrays import ArrayOrList, as_list
-from ._specs import EMA, OPTIMIZERS, OptimizerSpec, binding_mismatches
+from ._specs import EMA, OPTIMIZERS, OptimizerSpec, Real, binding_mismatches
 from ._validate import step_count, whole
 
 __all__ = [
@@ -1059,3 +1059,24 @@ def _check_against_table() -> None:
 
 
 _check_against_table()
+
+
+def _register_ranges() -> None:
+    """Hands each kernel the ranges of its real hyper-parameters (from the table), which the
+    compiled step bindings then check too: a binding called directly refuses what the
+    functions above refuse. Specs sharing a kernel (Adam, AdamW) must agree on them."""
+    ranges: Dict[str, Dict[str, Tuple[float, float, bool, bool]]] = {}
+    for spec in [*OPTIMIZERS.values(), EMA]:
+        kernel = ranges.setdefault(spec.kernel, {})
+        for name, h in spec.hyper.items():
+            if isinstance(h, Real):
+                interval = (h.lo, h.hi, h.lo_open, h.hi_open)
+                if kernel.setdefault(name, interval) != interval:
+                    raise RuntimeError(f"{spec.name}: {name}'s range differs from its kernel's")
+    for module in (_ext._cpu, _ext._cuda):
+        if module is not None:
+            for kernel_name, fields in ranges.items():
+                module.set_hyper_ranges(kernel_name, fields)
+
+
+_register_ranges()

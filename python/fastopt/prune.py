@@ -142,7 +142,11 @@ def prune_magnitude(
             for i, a in enumerate(alist)
         ]
     if out_list is not None:
-        masks = [_host(f"out[{i}]", o)[0] for i, o in enumerate(out_list)] if host else out_list
+        masks = (
+            [_host(f"out[{i}]", o, written=True)[0] for i, o in enumerate(out_list)]
+            if host
+            else out_list
+        )
     elif host:
         masks = [np.empty(shape, np.bool_) for shape in shapes]
     else:
