@@ -390,6 +390,68 @@ def test_torch_checkpoints_interchange(direction):
 
 
 @needs_torch
+@pytest.mark.parametrize("limit", [1e-2, 0.0, 1e9], ids=["clipped", "zeroed", "kept"])
+def test_torch_max_grad_norm_clips_as_torch_clip_then_step(limit):
+    # opt.max_grad_norm: torch's clip_grad_norm_ then torch's step, the same params; the
+    # norm before clipping in last_grad_norm; the setting survives a copy.
+    models = [_model(), _model()]
+    topt = torch.optim.Adafactor(_groups(models[0]))
+    fopt = ft.Adafactor(_groups(models[1]))
+    fopt.max_grad_norm = limit
+    for x, y in _batches(3):
+        for model in models:
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        want = torch.nn.utils.clip_grad_norm_(models[0].parameters(), limit)
+        topt.step()
+        fopt.step()
+        torch.testing.assert_close(fopt.last_grad_norm, want, rtol=1e-6, atol=0)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert copy.deepcopy(fopt).max_grad_norm == limit
+
+
+@needs_torch
+def test_torch_bad_max_grad_norm_changes_nothing():
+    model = _model()
+    opt = ft.Adafactor(_groups(model))
+    _train(opt, model, _batches(1))
+    opt.max_grad_norm = -1.0
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"^max_grad_norm: "):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+@needs_torch
+def test_torch_negative_view_grads_are_taken_by_value():
+    # torch steps a grad that is a negative view (x._neg_view()) by its value; so does fastopt.
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4)) for _ in range(3)]
+    grad = torch.linspace(0.5, 2, 12).reshape(3, 4)
+    opts = [torch.optim.Adafactor([params[0]]), ft.Adafactor([params[1]]), ft.Adafactor([params[2]])]
+    for p, opt, g in zip(params, opts, [grad._neg_view(), grad._neg_view(), -grad]):
+        p.grad = g
+        opt.step()
+    assert params[1].grad.is_neg()
+    assert torch.equal(params[1].detach(), params[2].detach())
+    torch.testing.assert_close(params[1].detach(), params[0].detach(), rtol=1e-6, atol=1e-7)
+
+
+@needs_torch
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
+def test_torch_a_param_twice_in_a_group_is_refused():
+    p, q = torch.nn.Parameter(torch.ones(3, 4)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['params'\]\[1\]: is param 0 "):
+        ft.Adafactor([p, p])
+    opt = ft.Adafactor([p])
+    with pytest.raises(ValueError, match=r"^param_groups\[1\]\['params'\]\[2\]: is param 0 "):
+        opt.add_param_group({"params": [q, torch.nn.Parameter(torch.ones(1)), q]})
+    assert len(opt.param_groups) == 1
+
+
+@needs_torch
 def test_torch_version_counter_is_bumped():
     # A step between forward and backward: torch.optim's in-place writes make backward
     # raise; fastopt's writes do too.

@@ -1657,6 +1657,34 @@ def test_masks_and_step_counts_replaced_in_place_are_followed(how):
     assert float(opt.state[p]["step"]) == (2.0 if how == "share_memory" else 1.0)
 
 
+@pytest.mark.parametrize("how", ["data", "numpy"])
+@pytest.mark.parametrize("name, key, value", [("Adam", "step", 0.0), ("NAdam", "step", 1.0),
+                                              ("NAdam", "mu_product", 0.5), ("ASGD", "eta", 0.5)])
+def test_counts_written_where_autograd_does_not_see_are_followed(name, key, value, how):
+    """A step count or carried value written through ``.data`` or a NumPy view (no version
+    bump) is read at the next step, as torch.optim reads it: the same trajectory."""
+    runs = []
+    for cls in (getattr(torch.optim, name), getattr(ft, name)):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, n)) for n in (5, 7)]
+        opt = cls(params, lr=0.1)
+        for t in range(4):
+            for p in params:
+                p.grad = torch.cos(p.detach() * (t + 1))
+            opt.step()
+            if t == 1:
+                for p in params:
+                    held = opt.state[p][key]
+                    if how == "data":
+                        held.data.fill_(value)
+                    else:
+                        held.numpy()[...] = value
+        runs.append((params, opt))
+    (want, topt), (got, fopt) = runs
+    for p, q in zip(got, want):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+        assert float(fopt.state[p][key]) == pytest.approx(float(topt.state[q][key]), rel=1e-6)
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_keep_masks_and_clipping(how):
     """copy.deepcopy and pickle carry fastopt's own step options (masks, max_grad_norm)."""

@@ -218,6 +218,7 @@ from ._torch_clip import clip_grad_norm_, step_grad_scale
 from ._validate import flag, real, renamed_entries, whole
 from .adafactor import adafactor_hyper, machine_epsilon, state_shapes
 from .adafactor import run_step as run_adafactor
+from .clip import max_norm_of
 from .optim import check_state_dtype
 
 __all__ = [
@@ -525,6 +526,8 @@ class _Bucket:
         "sizes",
         "steps",
         "steps_version",
+        "steps_view",
+        "steps_seen",
         "done",
         "plan",
         "params_inference",
@@ -548,6 +551,7 @@ class _Bucket:
         "carried_values",
         "carried_before",
         "carried_versions",
+        "carried_views",
     )
 
     def __init__(
@@ -571,7 +575,6 @@ class _Bucket:
         self.carried = {k: t for k, (t, _) in (carried or {}).items()}
         self.carried_values = {k: v for k, (_, v) in (carried or {}).items()}
         self.carried_before = dict(self.carried_values)
-        self.carried_versions = {k: _version(t) for k, t in self.carried.items()}
         # 8-bit state: {table name of each state array: its block maxima's state key}
         self.absmax_keys = absmax_keys
         self.index = index  # position of each param in the group's "params"
@@ -593,8 +596,11 @@ class _Bucket:
         # (a bucket with tracked keys has an entry for every param)
         self.getters: List[Callable[[Any], Any]] = [operator.itemgetter(k) for k in self.tracked]
         self.steps = steps  # packed step counts, or None
-        # their version after fastopt's own writes: another means they were edited
-        self.steps_version = None if steps is None else _version(steps)
+        # NumPy views of the packed counts and carried values, to see them edited where
+        # autograd does not (see counts_edited)
+        self.steps_view: Any = None if steps is None else steps.numpy()
+        self.carried_views = {k: t.numpy() for k, t in self.carried.items()}
+        self.note_counts()
         self.done = done  # steps taken so far if the kernel takes step (it gets done + 1)
         self.params_inference = any(p.is_inference() for p in params)
         self.distributed = any(map(_is_dtensor, params))
@@ -650,6 +656,29 @@ class _Bucket:
             None
             if self.absmax_keys is None
             else {n: list(map(view, by_key[k])) for n, k in self.absmax_keys.items()}
+        )
+
+    def note_counts(self) -> None:
+        """Notes the step counts' and carried values' versions and the counts' value as the
+        bucket has just written them (see counts_edited)."""
+        if self.steps is not None:
+            self.steps_version = _version(self.steps)
+            self.steps_seen = self.steps_view[0]
+        self.carried_versions = {k: _version(t) for k, t in self.carried.items()}
+
+    def counts_edited(self) -> bool:
+        """Whether a step count or a carried value (NAdam's mu_product, ASGD's eta) was
+        written since the bucket wrote it: in place (``fill_``: its version moved), or
+        where autograd does not see it (``t.data.zero_()``, a NumPy view: its value)."""
+        steps = self.steps
+        if steps is not None and (
+            _version(steps) != self.steps_version or not (self.steps_view == self.steps_seen).all()
+        ):
+            return True
+        return any(
+            _version(t) != self.carried_versions[k]
+            or not (self.carried_views[k] == self.carried_values[k]).all()
+            for k, t in self.carried.items()
         )
 
     def current(self, state: Any, look_up: bool) -> bool:
@@ -878,14 +907,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_group_params(index: int, params: List[torch.Tensor]) -> None:
-        seen: Dict[int, int] = {}
+        _check_no_repeats(index, params)
         for i, p in enumerate(params):
             name = f"param_groups[{index}]['params'][{i}]"
-            j = seen.setdefault(id(p), i)
-            if j != i:
-                raise ValueError(
-                    f"{name}: is param {j} of the group again; a param may appear once"
-                )
             if torch.nn.parameter.is_lazy(p):  # (LazyLinear's before its first forward)
                 continue  # checked at its first step, as every param is
             if p.device.type not in ("cpu", "cuda"):
@@ -1460,11 +1484,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 bucket.done -= 1
                 if bucket.steps is not None:
                     bucket.steps.sub_(1)
-                    bucket.steps_version = _version(bucket.steps)
                 for name, packed in bucket.carried.items():
                     bucket.carried_values[name] = bucket.carried_before[name]
                     packed.fill_(bucket.carried_before[name])
-                    bucket.carried_versions[name] = _version(packed)
+                bucket.note_counts()
 
     def _step_groups(
         self,
@@ -1591,14 +1614,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 look_up is not None
                 and not all(b.current(self.state, look_up) for b in cache.buckets)
             )
-            or any(  # a step count edited in place (state[p]["step"].fill_(...))
-                b.steps is not None and _version(b.steps) != b.steps_version for b in cache.buckets
-            )
-            or any(  # a carried value (NAdam's mu_product, ASGD's eta) edited in place
-                _version(t) != b.carried_versions[k]
-                for b in cache.buckets
-                for k, t in b.carried.items()
-            )
+            or any(b.counts_edited() for b in cache.buckets)
             or any(b.moved() for b in cache.buckets)
         ):
             rebuilt.append(self._build(index, group, grads, used))
@@ -1712,12 +1728,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
             else:
                 if bucket.steps is not None:
                     bucket.steps.add_(1)
-                    bucket.steps_version = _version(bucket.steps)
                 for name, value in advanced.items():
                     bucket.carried_before[name] = bucket.carried_values[name]
                     bucket.carried_values[name] = value
                     bucket.carried[name].fill_(value)
-                    bucket.carried_versions[name] = _version(bucket.carried[name])
+                bucket.note_counts()
                 torch.autograd.graph.increment_version(bucket.written)
 
     @staticmethod
@@ -1984,6 +1999,19 @@ def _check_group_options(where: str, group: Dict[str, Any]) -> None:
         seed = group.get("rounding_seed")
         whole(name("rounding_seed"), seed, 0, 2**64, " (stochastic_rounding's seed)")
     whole(name("min_8bit_size"), group.get("min_8bit_size", STATE8_MIN_ELEMENTS), 1, what=" >= 1")
+
+
+def _check_no_repeats(index: int, params: List[torch.Tensor]) -> None:
+    """ValueError naming a param that group ``index`` holds twice (torch.optim only warns;
+    a step would write it twice)."""
+    seen: Dict[int, int] = {}
+    for i, p in enumerate(params):
+        j = seen.setdefault(id(p), i)
+        if j != i:
+            raise ValueError(
+                f"param_groups[{index}]['params'][{i}]: is param {j} of the group again; a "
+                "param may appear once"
+            )
 
 
 def _steps_taken(name: str, value: Any) -> int:
@@ -2852,7 +2880,19 @@ class Adafactor(torch.optim.Optimizer):
     params keep a float32 copy, ``state[p]["master_param"]`` (made from the param at its
     first step, or when missing; dropped when the param is stepped without), stepped in the
     param's place in the same pass, the param written as it rounded to nearest: edit the
-    copy, not only the param, to change a param's value between steps."""
+    copy, not only the param, to change a param's value between steps.
+
+    ``opt.max_grad_norm = 1.0`` (an attribute, default None, as on the other classes):
+    each step first clips the grads of every group to that global 2-norm, as
+    ``clip_grad_norm_`` before the step would, and leaves the norm before clipping in
+    ``opt.last_grad_norm``. Unlike the other classes, whose kernels scale the grads as
+    they load them, Adafactor's grads are scaled in place (its kernels read each grad in
+    two passes), after every check of the step."""
+
+    # clipping inside the step (see the docstring); each step leaves the norm before
+    # clipping in last_grad_norm
+    max_grad_norm: Optional[float] = None
+    last_grad_norm: Optional[torch.Tensor] = None
 
     def __init__(
         self,
@@ -2887,6 +2927,12 @@ class Adafactor(torch.optim.Optimizer):
         _check_group_options("", defaults)
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """torch.optim's (a copy, a pickle) plus ``max_grad_norm``."""
+        out = cast(Dict[str, Any], super().__getstate__())
+        out["max_grad_norm"] = self.max_grad_norm
+        return out
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # a torch.optim checkpoint lacks fastopt's extras
@@ -2900,10 +2946,12 @@ class Adafactor(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch.optim's, with the group's rounding options checked as the constructor
-        checks them; a group they refuse is not added."""
+        checks them, and a param repeated in the group refused (as by the other classes);
+        a group they refuse is not added."""
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         try:
+            _check_no_repeats(index, self.param_groups[index]["params"])
             _check_group_options(f"param_groups[{index}]", self.param_groups[index])
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -2933,12 +2981,18 @@ class Adafactor(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        limit = (
+            None if self.max_grad_norm is None else max_norm_of(self.max_grad_norm, "max_grad_norm")
+        )
         calls: List[_AdafactorCall] = []
         staged: List[Tuple[torch.Tensor, Dict[str, Any]]] = []
         for index in range(len(self.param_groups)):
             calls.extend(self._calls(index, staged))
         for call in calls:  # the kernels' own checks, every call before any runs
             call.check()
+        if limit is not None:
+            with_grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self.last_grad_norm = clip_grad_norm_(with_grads, limit)
         for p, made in staged:  # every call checked: the new state goes in
             entry = self.state[p]
             entry.update(made)
@@ -3022,7 +3076,8 @@ class _AdafactorCall:
             target = p.contiguous()
             self.copies.append((p, target))
         state = [entry.get(k) for k in ("row_var", "col_var", "variance")]
-        for out, x in zip(self.lists, [target, g.contiguous(), *state]):
+        # (a negative view of a grad is taken by value, as torch takes it)
+        for out, x in zip(self.lists, [target, g.resolve_neg().contiguous(), *state]):
             out.append(x)
         self.written.extend(t for t in state if t is not None)
         if self.masters is not None:
