@@ -411,13 +411,19 @@ class ArrayTable {
     return true;
   }
 
-  // A list argument as the table reads it: itself where every item is a NumPy array
-  // (reading those runs no Python code), else its copy (list_copy: a tensor subclass, an
-  // adapter or a TorchFunctionMode may change the caller's list).
-  static py::list readable(py::handle list) {
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list.ptr()); ++i)
-      if (!is_plain_ndarray(PyList_GET_ITEM(list.ptr(), i))) return list_copy(list);
-    return py::reinterpret_borrow<py::list>(list);
+  // Item i of a list argument, `list`, which becomes the list's copy (list_copy) at the
+  // first item that is not a NumPy array: reading the others may run Python code (a tensor
+  // subclass's __torch_function__, an adapter, a TorchFunctionMode) that changes the
+  // caller's list; reading NumPy arrays runs none, and copies nothing.
+  // `numpy`: whether the item is a (plain) NumPy array.
+  static PyObject* item_of(py::list& list, bool& copied, size_t i, bool& numpy) {
+    PyObject* item = PyList_GET_ITEM(list.ptr(), i);
+    numpy = is_plain_ndarray(item);
+    if (!numpy && !copied) {
+      list = list_copy(list);
+      copied = true;
+    }
+    return item;
   }
 
   static bool same_shape(const HostArray& a, const HostArray& b) {
@@ -427,7 +433,8 @@ class ArrayTable {
   void collect_role(const RoleSpec& role, int r, const RoleSpec& ref, size_t n) {
     if (!py::isinstance<py::list>(role.list))
       throw py::type_error(std::string(role.name) + ": expected a list of arrays");
-    const py::list list = readable(role.list);
+    py::list list = py::reinterpret_borrow<py::list>(role.list);
+    bool copied = false;
     if (list.size() != n)
       throw py::value_error(std::string(role.name) + ": expected " + std::to_string(n) +
                             " arrays (one per entry of " + ref.name + "), got " +
@@ -439,9 +446,9 @@ class ArrayTable {
     for (size_t i = 0; i < n; ++i) {
       // The kernel runs with the GIL released: hold every array it touches, so that
       // another thread emptying the caller's list cannot free one under it.
-      PyObject* item = PyList_GET_ITEM(list.ptr(), i);
+      bool numpy;
+      PyObject* item = item_of(list, copied, i, numpy);
       const Where w{role.name, shown(i), listed_};
-      const bool numpy = is_plain_ndarray(item);
       HostArray& a = r == 0 ? params_.emplace_back() : scratch_;
       const bool state = role.kind == RoleKind::state;
       const bool exchanged = !numpy && describe_torch_exchange(a, item, role.written, mask);
@@ -530,11 +537,12 @@ class ArrayTable {
       throw py::value_error(std::string(name) + ": expected " + std::to_string(n) +
                             " arrays (one per param), got " + std::to_string(py::len(list)));
     absmax_[r].resize(n);
-    const py::list items = readable(list);
+    py::list items = py::reinterpret_borrow<py::list>(list);
+    bool copied = false;
     for (size_t i = 0; i < n; ++i) {
-      PyObject* item = PyList_GET_ITEM(items.ptr(), i);
+      bool numpy;
+      PyObject* item = item_of(items, copied, i, numpy);
       const Where w{name, shown(i), listed_};
-      const bool numpy = is_plain_ndarray(item);
       const bool tensor = !numpy && is_torch_tensor(item, w);
       keep_.push_back(numpy || tensor ? py::reinterpret_borrow<py::object>(item)
                                       : adapt(w.str(), item));
