@@ -245,6 +245,30 @@ def test_buckets_are_rebuilt_only_when_the_grad_set_changes(monkeypatch):
     assert steps == [3.0, 6.0, 6.0, 6.0]
 
 
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "ASGD"])
+@pytest.mark.parametrize("source", ["fresh", "torch-checkpoint"])
+def test_step_counts_and_carried_values_cost_no_rebuild(name, source, monkeypatch):
+    # Each step compares the packed counts and carried values (NAdam's mu_product, ASGD's
+    # eta and mu) with what the bucket wrote: those it wrote itself must compare equal, or
+    # every step would rebuild its buckets.
+    params = _params()[:3]
+    opt = getattr(ft, name)(params, lr=0.01)
+    if source == "torch-checkpoint":
+        topt = getattr(torch.optim, name)(params, lr=0.01)
+        for _ in range(3):
+            _set_grads(params, [torch.randn(p.shape) for p in params])
+            topt.step()
+        opt.load_state_dict(topt.state_dict())
+    builds = []
+    real_build = ft._FusedOptimizer._build
+    monkeypatch.setattr(ft._FusedOptimizer, "_build",
+                        lambda self, *a: builds.append(1) or real_build(self, *a))
+    for _ in range(8):
+        _set_grads(params, [torch.randn(p.shape) for p in params])
+        opt.step()
+    assert len(builds) == 1
+
+
 def test_replaced_state_entries_are_used_like_torch():
     """State tensors replaced between steps (as an offload loop does: state[k] = v.to(...))
     are the ones the next step updates, step counts included."""
