@@ -159,3 +159,27 @@ def test_a_users_tensor_subclass_on_the_cpu_is_a_host_array(rng):
     np.testing.assert_array_equal(mine.as_subclass(torch.Tensor).numpy(), plain)
     mask = fastopt.prune_magnitude([tagged(p)], 0.5)[0]
     np.testing.assert_array_equal(np.asarray(mask), fastopt.prune_magnitude([p], 0.5)[0])
+
+
+@pytest.mark.parametrize("kind", ["negative", "bfloat16"])
+def test_the_array_adapter_says_why_a_tensor_has_no_numpy_view(kind):
+    # It said "torch.float32 tensor is not supported on the CPU (float32 or float64)" for
+    # a negative view of a float32 tensor, and the same of bfloat16 ones.
+    x = torch.ones(8)._neg_view() if kind == "negative" else torch.ones(8, dtype=torch.bfloat16)
+    q = torch.zeros(8, dtype=torch.int8)
+    exc, match = ((ValueError, r"^x: is a negative view; call \.resolve_neg\(\) first$")
+                  if kind == "negative" else
+                  (TypeError, r"^x: a torch\.bfloat16 tensor has no NumPy view"))
+    with pytest.raises(exc, match=match):
+        _cpu.quantize_affine(x, q, np.ones(1, F32), np.zeros(1, F32), None, True)
+    assert not q.any()
+
+
+def test_odd_arguments_of_the_module_functions():
+    with pytest.raises(TypeError, match=r"^adapter: expected a callable, got int$"):
+        _cpu.set_array_adapter(5)
+    q = np.zeros(4, np.int8)  # the adapter set before is kept
+    _cpu.quantize_affine(torch.ones(4), q, np.ones(1, F32), np.zeros(1, F32), None, True)
+    assert (q == 1).all()
+    with pytest.raises(ValueError, match=r"^bind_step\(\): name: no optimizer '\\udc80'$"):
+        _cpu.bind_step("\udc80")

@@ -724,6 +724,12 @@ PYBIND11_MODULE(_cpu, m) {
   }, arg("n"));
   m.def("get_num_threads", &cpu::num_threads);
   m.def("build_info", &build_info);
-  m.def("set_array_adapter", [](py::object fn) { ArrayTable::array_adapter() = fn; },
+  m.def("set_array_adapter",
+        [](py::object fn) {
+          if (!PyCallable_Check(fn.ptr()))
+            throw py::type_error(std::string("adapter: expected a callable, got ") +
+                                 Py_TYPE(fn.ptr())->tp_name);
+          ArrayTable::array_adapter() = fn;
+        },
         arg("adapter"), "Callable (name, obj) -> numpy view, for arrays that are not ndarrays");
 }

@@ -480,7 +480,11 @@ template <class Steps> struct StepBindings {
       if (a.nargs != 1 || !PyUnicode_Check(a.args[0]))
         throw py::type_error("bind_step(): expected the optimizer's name (str) and keywords");
       const char* utf8 = PyUnicode_AsUTF8(a.args[0]);
-      if (!utf8) throw py::error_already_set();  // UnicodeEncodeError, a ValueError
+      if (!utf8) {  // a lone surrogate: no optimizer has such a name
+        PyErr_Clear();
+        throw py::value_error("bind_step(): name: no optimizer " +
+                              py::repr(a.args[0]).cast<std::string>());
+      }
       const std::string name = utf8;
       py::object out;
       for_each_optimizer([&](auto tag) {

@@ -69,11 +69,18 @@ def to_host_array(name: str, a: Any) -> Any:
             if a.device.type != "cuda":
                 raise _not_on_host_or_cuda(name, a)
             raise _not_a_host_array(name)
+        if a.is_neg() or a.is_conj():
+            raise ValueError(
+                f"{name}: is a {'negative' if a.is_neg() else 'conjugate'} view; call "
+                f".resolve_{'neg' if a.is_neg() else 'conj'}() first"
+            )
         try:
             return a.detach().numpy()  # shares memory; writes land in the tensor
         except (TypeError, RuntimeError) as exc:  # e.g. bfloat16 has no NumPy view
             raise TypeError(
-                f"{name}: {a.dtype} tensor is not supported on the CPU (float32 or float64): {exc}"
+                f"{name}: a {a.dtype} tensor has no NumPy view ({exc}); the fastopt functions "
+                "take bfloat16 tensors (they view the bits), the compiled ones NumPy arrays "
+                "(ml_dtypes.bfloat16)"
             ) from None
     if on_device(a):
         raise _not_a_host_array(name)
