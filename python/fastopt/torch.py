@@ -663,13 +663,14 @@ class _Bucket:
         bucket has just written them (see counts_edited)."""
         if self.steps is not None:
             self.steps_version = _version(self.steps)
-            self.steps_seen = self.steps_view[0]
+            self.steps_seen = self.steps[0].item()  # (through the tensor: see counts_edited)
         self.carried_versions = {k: _version(t) for k, t in self.carried.items()}
 
     def counts_edited(self) -> bool:
         """Whether a step count or a carried value (NAdam's mu_product, ASGD's eta) was
         written since the bucket wrote it: in place (``fill_``: its version moved), or
-        where autograd does not see it (``t.data.zero_()``, a NumPy view: its value)."""
+        where autograd does not see it (``t.data.zero_()``, a NumPy view: its value). Only
+        once moved() has said that their memory is where the views were made."""
         steps = self.steps
         if steps is not None and (
             _version(steps) != self.steps_version or not (self.steps_view == self.steps_seen).all()
@@ -1614,8 +1615,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 look_up is not None
                 and not all(b.current(self.state, look_up) for b in cache.buckets)
             )
-            or any(b.counts_edited() for b in cache.buckets)
             or any(b.moved() for b in cache.buckets)
+            # (after moved(): counts_edited reads NumPy views of the memory moved() checks)
+            or any(b.counts_edited() for b in cache.buckets)
         ):
             rebuilt.append(self._build(index, group, grads, used))
             cache = rebuilt[-1].cache
