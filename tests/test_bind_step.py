@@ -153,7 +153,7 @@ def test_odd_keyword_names_are_refused_by_name(rng: np.random.Generator) -> None
         adam(*arrays, True, step=1, **kw, **{"\udc80": 1})
     with pytest.raises(TypeError, match="keyword 'step' given twice"):
         adam(*arrays, True, **kw, **{"step": 2, _OddHash("step"): 1})
-    with pytest.raises(ValueError, match="surrogates not allowed"):  # UnicodeEncodeError
+    with pytest.raises(ValueError, match=r"^bind_step\(\): name: no optimizer '\\udc80'$"):
         _ext._cpu.bind_step("\udc80", **kw)
     for role, want, got in zip(spec.arrays, before, arrays):
         assert_bits(got[0], want[0], role.name)
