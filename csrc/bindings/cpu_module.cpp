@@ -136,7 +136,7 @@ struct HostArg {
     arg.ptr = reinterpret_cast<uintptr_t>(a->data);
     arg.bytes = arg.size * py::reinterpret_borrow<py::array>(array).itemsize();
   }
-  template <class T> T* ptr() const { return reinterpret_cast<T*>(arg.ptr); }
+  template <class T> T* ptr() const { return arg.data<T>(); }
 };
 
 // C-contiguous and aligned, writeable if written (zero-size arrays pass); checked after the
@@ -201,7 +201,7 @@ int64_t quantize_affine(py::object x, py::object q, py::object scales, py::objec
   int64_t bad = -1;
   run_released([&] {
     cpu::quantize_affine(in, ax.ptr<const void>(), aq.ptr<void>(), unsigned_q, L,
-                         reinterpret_cast<const float*>(s.ptr), reinterpret_cast<const float*>(z.ptr), &bad);
+                         s.data<const float>(), z.data<const float>(), &bad);
   });
   return check_finite ? bad : -1;
 }
@@ -226,7 +226,7 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   const bool unsigned_q = aq.arg.dtype == "uint8";
   run_released([&] {
     cpu::dequantize_affine(aq.ptr<const void>(), unsigned_q, out_type, ao.ptr<void>(), L,
-                           reinterpret_cast<const float*>(s.ptr), reinterpret_cast<const float*>(z.ptr));
+                           s.data<const float>(), z.data<const float>());
   });
 }
 

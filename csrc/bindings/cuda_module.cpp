@@ -1,7 +1,7 @@
 // fastopt._cuda: thin pybind11 bindings of the CUDA kernels. Each step function receives
 // aligned lists of CUDA arrays and the hyper-parameters (checked against the ranges Python
-// registers), checks and tables them (device_table.h, optionally through a cached Plan), and launches on the
-// given stream without synchronising. It imports on machines without a GPU or driver;
+// registers), checks and tables them (device_table.h, optionally through a cached Plan),
+// and launches on the given stream without synchronising. It imports on machines without a GPU or driver;
 // device_status() then says why CUDA is not usable.
 #include <cuda_runtime.h>
 #include <pybind11/numpy.h>
@@ -475,7 +475,7 @@ int64_t quantize_affine(py::object x, py::object q, py::object scales, py::objec
   args::expect_disjoint({&aq.arg, &ax.arg}, 1);
   if (ax.arg.size == 0) return -1;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const AffineScratch scratch(reinterpret_cast<const float*>(sp.ptr), reinterpret_cast<const float*>(zp.ptr), size_t(c.channels), s);
+  const AffineScratch scratch(sp.data<const float>(), zp.data<const float>(), size_t(c.channels), s);
   cuda::quantize_affine(ax.array.dtype, ax.ptr<const void>(), aq.ptr<void>(),
                         aq.array.dtype == cuda::DType::u8, ax.arg.size, c.channels, c.inner,
                         scratch.scales(), scratch.zero_points(),
@@ -497,7 +497,7 @@ void dequantize_affine(py::object q, py::object out, py::object scales, py::obje
   args::expect_disjoint({&ao.arg, &aq.arg}, 1);
   if (aq.arg.size == 0) return;
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const AffineScratch scratch(reinterpret_cast<const float*>(sp.ptr), reinterpret_cast<const float*>(zp.ptr), size_t(c.channels), s);
+  const AffineScratch scratch(sp.data<const float>(), zp.data<const float>(), size_t(c.channels), s);
   cuda::dequantize_affine(aq.ptr<const void>(), aq.array.dtype == cuda::DType::u8,
                           ao.array.dtype, ao.ptr<void>(), aq.arg.size, c.channels, c.inner,
                           scratch.scales(), scratch.zero_points(), s);

@@ -27,6 +27,7 @@ struct Arg {
   int64_t size = 1;
   uintptr_t ptr = 0;
   int64_t bytes = 0;  // size * element size
+  template <class T> T* data() const { return reinterpret_cast<T*>(ptr); }
 };
 
 // As Python prints a tuple: "(5,)", "(5, 4)", "()".

@@ -172,7 +172,6 @@ template <class T> T scalar_arg(py::handle v, const char* name) {
   return out;
 }
 
-// Interned names, created once per call site (lookups by identity are then cheap).
 // A private copy of a list argument (a list, else returned as it is): the bindings read
 // the copy, because reading an item may run Python code (a tensor subclass's
 // __torch_function__, an adapter, a DLPack producer) that changes the caller's list.
@@ -183,6 +182,7 @@ inline py::object list_copy(py::handle list) {
   return py::reinterpret_steal<py::object>(copy);
 }
 
+// Interned names, created once per call site (lookups by identity are then cheap).
 inline PyObject* interned_key(const char* name) { return PyUnicode_InternFromString(name); }
 
 // A keyword's name for messages: its UTF-8, lone surrogates written as \udc80.
@@ -479,13 +479,7 @@ template <class Steps> struct StepBindings {
     return run_vectorcall(args, nargs, kwnames, [](const CallArgs& a) {
       if (a.nargs != 1 || !PyUnicode_Check(a.args[0]))
         throw py::type_error("bind_step(): expected the optimizer's name (str) and keywords");
-      const char* utf8 = PyUnicode_AsUTF8(a.args[0]);
-      if (!utf8) {  // a lone surrogate: no optimizer has such a name
-        PyErr_Clear();
-        throw py::value_error("bind_step(): name: no optimizer " +
-                              py::repr(a.args[0]).cast<std::string>());
-      }
-      const std::string name = utf8;
+      const std::string name = keyword_text(a.args[0]);  // (\udc80 names no optimizer)
       py::object out;
       for_each_optimizer([&](auto tag) {
         using Opt = decltype(tag);

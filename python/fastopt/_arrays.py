@@ -102,6 +102,16 @@ def _is_torch(a: Any) -> bool:
     return torch is not None and isinstance(a, torch.Tensor)
 
 
+def refuse_inference_write(name: str, a: Any) -> None:
+    """ValueError for torch tensor ``a``, to be written in place, if it is an inference
+    tensor and torch.inference_mode() is off (torch refuses such writes too)."""
+    if a.is_inference() and not sys.modules["torch"].is_inference_mode_enabled():
+        raise ValueError(
+            f"{name}: is an inference tensor, which cannot be updated in place outside "
+            "torch.inference_mode()"
+        )
+
+
 def _is_cupy(a: Any) -> bool:
     return type(a).__module__.startswith("cupy")
 

@@ -64,11 +64,8 @@ def _host(name: str, a: Any, written: bool = False) -> Tuple[np.ndarray, Kind]:
     if _arrays._is_torch(a) and a.device.type == "cpu":
         import torch
 
-        if written and a.is_inference() and not torch.is_inference_mode_enabled():
-            raise ValueError(
-                f"{name}: is an inference tensor, which cannot be updated in place outside "
-                "torch.inference_mode()"
-            )
+        if written:
+            _arrays.refuse_inference_write(name, a)
         if getattr(a, "dtype", None) == torch.bfloat16:  # NumPy has none: view the bits
             import ml_dtypes
 

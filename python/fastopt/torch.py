@@ -3149,11 +3149,7 @@ def _check_adafactor_param(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
             f"{name}.grad: expected {p.dtype} {tuple(p.shape)} on {p.device} like its param, "
             f"got {g.dtype} {tuple(g.shape)} on {g.device}"
         )
-    if p.is_inference() and not torch.is_inference_mode_enabled():
-        raise ValueError(
-            f"{name}: is an inference tensor, which cannot be updated in place outside "
-            "torch.inference_mode()"
-        )
+    _arrays.refuse_inference_write(name, p)
     if p.is_neg() or p.is_conj():
         raise ValueError(f"{name}: is a {'negative' if p.is_neg() else 'conjugate'} view")
 
