@@ -216,6 +216,22 @@ def test_bad_arrays_are_refused_before_anything_is_written(edit, error, match, r
                 assert np.array_equal(a, b), name
 
 
+def test_a_wrong_state_dtype_is_named_where_it_is_first(rng):
+    """The first state array of a list in the wrong dtype is named as such, not the second
+    one as differing from it (the CPU binding builds one table per state list)."""
+    p = [normal_nonzero(rng, s).astype(np.float32) for s in ((3, 4), (2, 5))]
+    g = [normal_nonzero(rng, a.shape).astype(np.float32) for a in p]
+    rows = [np.ones((3, 1), np.float64), np.ones((2, 1), np.float32)]
+    cols = [np.ones((1, 4), np.float32), np.ones((1, 5), np.float32)]
+    before = [a.copy() for a in p]
+    with pytest.raises(TypeError, match=r"^row_vars\[0\]: dtype float64 is not the state type"):
+        fastopt.adafactor_(p, g, rows, cols, [None, None], step=1)
+    rows = [np.ones((3, 1), np.float32), np.ones((2, 1), np.float64)]  # the second wrong
+    with pytest.raises(TypeError, match=r"^row_vars\[1\]: dtype float64 differs"):
+        fastopt.adafactor_(p, g, rows, cols, [None, None], step=1)
+    assert all(np.array_equal(a, b) for a, b in zip(p, before))
+
+
 @pytest.mark.parametrize("kw,error,match", [
     ({"lr": -1.0}, ValueError, r"^lr: must be in"),
     ({"beta2_decay": 0.5}, ValueError, r"^beta2_decay: must be in"),

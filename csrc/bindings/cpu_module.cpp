@@ -563,16 +563,30 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
       chosen.append(item);
       index[k].push_back(i);
     }
-    const std::array<RoleSpec, 1> one{{{af::kStateNames[k], chosen, true, fastopt::RoleKind::param}}};
-    tables[k] = std::make_unique<ArrayTable>(one, listed, py::none(), index[k]);
+    const auto state_table = [&](const py::list& items, std::vector<size_t> shown) {
+      const std::array<RoleSpec, 1> one{{{af::kStateNames[k], items, true, fastopt::RoleKind::param}}};
+      const size_t first = shown.empty() ? 0 : shown.front();
+      auto t = std::make_unique<ArrayTable>(one, listed, py::none(), std::move(shown));
+      if (!items.empty() && t->dtype() != state)
+        throw py::type_error(Where{af::kStateNames[k], first, listed}.str() +
+                             ": dtype " + cpu::dtype_name(t->dtype()) + " is not the state type " +
+                             cpu::dtype_name(state) + " (float32 for float32 and 16-bit params, "
+                             "float64 for float64)");
+      return t;
+    };
+    try {
+      tables[k] = state_table(chosen, index[k]);
+    } catch (const py::type_error&) {  // the first entry's own dtype is named first when wrong
+      if (chosen.size() > 1) {
+        py::list first;
+        first.append(chosen[0]);
+        state_table(first, {index[k][0]});
+      }
+      throw;
+    }
     const ArrayTable& t = *tables[k];
     for (size_t j = 0; j < index[k].size(); ++j) {
       const size_t i = index[k][j];
-      if (j == 0 && t.dtype() != state)
-        throw py::type_error(Where{af::kStateNames[k], i, listed}.str() + ": dtype " +
-                             cpu::dtype_name(t.dtype()) + " is not the state type " +
-                             cpu::dtype_name(state) + " (float32 for float32 and 16-bit params, "
-                             "float64 for float64)");
       if (t.shape(j) != af::state_shape(main.shape(i), k)) af::wrong_shape(k, i, main.shape(i), listed);
       if (!t.c_contiguous(j))
         throw py::value_error(Where{af::kStateNames[k], i, listed}.str() + ": must be C-contiguous");
