@@ -439,6 +439,13 @@ HEADER_CASES = [
     ("pc axis mismatch", lambda h: _meta(h, "w", axis=1), "expected F32 of shape [130]"),
     ("pc zero_point dtype", lambda h: _set(h, "w::zero_point", "dtype", "F32"),
      "expected I32 of shape [8]"),
+    ("dtype a list", lambda h: _set(h, "w", "dtype", ["I8"]), "dtype ['I8'] is not supported"),
+    ("scheme a list", lambda h: _meta(h, "v", scheme=["blockwise"]), "unknown scheme"),
+    ("original dtype a list", lambda h: _meta(h, "v", dtype=["float32"]), "is not supported"),
+    ("qdtype an object", lambda h: _meta(h, "v", qdtype={"a": 1}), "qdtype"),
+    ("absmax NaN", lambda h: None, "block maxima are not all finite and >= 0"),
+    ("absmax inf", lambda h: None, "block maxima are not all finite and >= 0"),
+    ("absmax negative", lambda h: None, "block maxima are not all finite and >= 0"),
     ("pc scale NaN", lambda h: None, "scales are not all positive and finite"),
     ("pc scale 0", lambda h: None, "scales are not all positive and finite"),
     ("pc zero point 200", lambda h: None, "zero points are outside [-128, 127]"),
@@ -450,7 +457,17 @@ def _meta_text(h, name, text):
     return h
 
 
-_DATA_EDITS = {"pc scale NaN": lambda h, d: _scale_bytes(h, d, np.nan),
+def _absmax_bytes(h, data, value):
+    s, e = h["v::absmax"]["data_offsets"]
+    absmax = np.frombuffer(data[s:e], F32).copy()
+    absmax[2] = value
+    return h, data[:s] + absmax.tobytes() + data[e:]
+
+
+_DATA_EDITS = {"absmax NaN": lambda h, d: _absmax_bytes(h, d, np.nan),
+               "absmax inf": lambda h, d: _absmax_bytes(h, d, np.inf),
+               "absmax negative": lambda h, d: _absmax_bytes(h, d, -0.5),
+               "pc scale NaN": lambda h, d: _scale_bytes(h, d, np.nan),
                "pc scale 0": lambda h, d: _scale_bytes(h, d, 0.0),
                "pc zero point 200": lambda h, d: _zp_bytes(h, d, 200)}
 
@@ -461,9 +478,10 @@ def test_corrupt_header_raises(case, good_file, tmp_path):
     _, raw, per_channel = good_file
     bad = tmp_path / "bad.safetensors"
     if name in _DATA_EDITS:
-        (n,) = struct.unpack("<Q", per_channel[:8])
-        header = json.loads(per_channel[8:8 + n])
-        out, data = _DATA_EDITS[name](header, per_channel[8 + n:])
+        base = per_channel if name.startswith("pc ") else raw
+        (n,) = struct.unpack("<Q", base[:8])
+        header = json.loads(base[8:8 + n])
+        out, data = _DATA_EDITS[name](header, base[8 + n:])
         text = json.dumps(out).encode()
         bad.write_bytes(struct.pack("<Q", len(text)) + text + data)
     else:
@@ -472,6 +490,25 @@ def test_corrupt_header_raises(case, good_file, tmp_path):
     for dequantize in (False, True):  # checked whichever way it is loaded
         with pytest.raises(ValueError):
             load_quantized(bad, dequantize=dequantize)
+
+
+def test_path_must_name_a_file(good_file, tmp_path, rng):
+    """An int is refused as a path: open() would take it as a file descriptor of the
+    caller's (read from, then closed)."""
+    r, w = os.pipe()
+    try:
+        for path in (r, True, 3.5, None):
+            with pytest.raises(TypeError, match=r"^path: expected a str or an os.PathLike"):
+                load_quantized(path)
+            with pytest.raises(TypeError, match=r"^path: expected a str or an os.PathLike"):
+                save_quantized(path, {"w": fresh(rng, (40, 40), F32)})
+        os.write(w, b"still open")  # the descriptors were not closed
+        assert os.read(r, 10) == b"still open"
+    finally:
+        os.close(r)
+        os.close(w)
+    assert os.listdir(tmp_path) == [good_file[0].name]  # nothing else written
+    assert load_quantized(os.fsencode(good_file[0])).keys() == load_quantized(good_file[0]).keys()
 
 
 @pytest.mark.parametrize("case", [
@@ -538,14 +575,33 @@ def test_save_bad_tensors(tmp_path, rng):
         ({"w": x.astype(np.complex64)}, TypeError, r"^tensors\['w'\]: dtype complex64"),
         ({"w": x, "w::scale": x}, ValueError, r"^tensors: 'w::scale' is the name of 'w''s scale"),
     ]
+    masked = np.ma.masked_array(x[0], mask=x[0] > 0)
+    cases += [({"w": x, "b": masked}, TypeError, r"^tensors\['b'\]: masked arrays are not"),
+              ({"w": np.ma.masked_array(x)}, TypeError, r"^tensors\['w'\]: masked arrays"),
+              ({"w": x}, TypeError, r"^skip: expected tensor names \(str\), got list", [["w"]]),
+              ({"w": x}, TypeError, r"^skip: expected tensor names \(str\), got int", [1, "w"]),
+              ({"w": x}, TypeError, r"^skip: expected None, a collection.*got bytes", b"w")]
     bad = x.copy()
     bad[3, 7] = np.nan
     cases.append(({"w": bad}, ValueError,
                   r"^tensors\['w'\]: x: non-finite value at index \(3, 7\)"))
-    for tensors, exc, match in cases:
+    for tensors, exc, match, *skip in cases:
         with pytest.raises(exc, match=match):
-            save_quantized(path, tensors)
+            save_quantized(path, tensors, skip=skip[0] if skip else None)
         assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_big_endian_floats_save_as_native_ones(scheme, tmp_path, rng):
+    """A big-endian float array is quantized as its native-order copy (float64 cast to
+    float32 first, as a native one is), and stored as it is where skipped."""
+    x = fresh(rng, (40, 40), F32)
+    for dtype in (">f4", ">f8", ">f2"):
+        native = x.astype(dtype[1:])
+        save_quantized(tmp_path / "a", {"w": native, "b": native[0]}, scheme=scheme)
+        save_quantized(tmp_path / "b", {"w": native.astype(dtype), "b": native[0].astype(dtype)},
+                       scheme=scheme)
+        assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes(), dtype
 
 
 def test_load_bad_arguments(good_file):

@@ -24,7 +24,8 @@ fastopt did not write (no ``fastopt.format`` key) loads as such unquantized tens
 Loading checks everything before it returns anything: a corrupt or truncated file raises
 ``ValueError`` naming the path and the problem (header length, JSON, dtypes, shapes,
 offsets out of range, overlapping or leaving gaps, missing or inconsistent metadata,
-scales that are not positive finite float32), never a crash.
+scales that are not positive finite float32, block maxima that are not finite and >= 0),
+never a crash.
 """
 
 from __future__ import annotations
@@ -36,12 +37,26 @@ import os
 import secrets
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Collection,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 
 from . import _arrays
 from . import quant as _quant
+
+if TYPE_CHECKING:  # (typing.TypeGuard is Python 3.10's)
+    from typing_extensions import TypeGuard
 
 __all__ = ["save_quantized", "load_quantized", "QuantizedTensor"]
 
@@ -126,10 +141,13 @@ def _skip_rule(skip: Any, names: Collection[str]) -> Callable[[str, Tuple[int, .
         return _default_skip
     if callable(skip):
         return lambda name, shape: bool(skip(name, shape))
-    if isinstance(skip, str) or not isinstance(skip, Collection):
+    if isinstance(skip, (str, bytes)) or not isinstance(skip, Collection):
         raise TypeError(
             f"skip: expected None, a collection of names or a callable, got {type(skip).__name__}"
         )
+    for item in skip:
+        if not isinstance(item, str):
+            raise TypeError(f"skip: expected tensor names (str), got {type(item).__name__}")
     unknown = sorted(set(skip) - set(names))
     if unknown:
         raise ValueError(f"skip: no tensors named {unknown}")
@@ -141,7 +159,7 @@ def _host(a: Any) -> np.ndarray:
     """A C-contiguous little-endian NumPy copy or view of array ``a`` (torch CPU/CUDA, CuPy,
     NumPy), bfloat16 as ml_dtypes'."""
     if isinstance(a, np.ndarray):
-        h = a
+        h = _arrays._plain_ndarray("a", a)
     elif _arrays._is_torch(a):
         import torch
 
@@ -163,6 +181,8 @@ def _float_input(a: Any) -> Any:
     """``a`` as the quantizers take it: C-contiguous float32/float16/bfloat16 of its own
     library (float64 cast to float32; torch CPU tensors as they are)."""
     if isinstance(a, np.ndarray):
+        if a.dtype.byteorder == ">":  # (a big-endian array: the kernels read native floats)
+            a = a.astype(a.dtype.newbyteorder("="))
         return np.require(a, np.float32 if a.dtype == np.float64 else None, "C")
     if _arrays._is_torch(a):
         import torch
@@ -220,6 +240,12 @@ def _check_options(scheme: Any, dtype: Any, axis: Any, block_size: Any) -> str:
     return qdtype
 
 
+def _check_path(path: Any) -> None:
+    """TypeError unless ``path`` names a file (open() takes an int as a file descriptor)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path: expected a str or an os.PathLike, got {type(path).__name__}")
+
+
 def save_quantized(
     path: Union[str, os.PathLike],
     tensors: Mapping[str, Any],
@@ -244,6 +270,7 @@ def save_quantized(
     quantize raise ValueError naming it. The file is written to a temporary name in the
     same directory and renamed, so a failed call leaves no partial file.
     """
+    _check_path(path)
     qdtype = _check_options(scheme, dtype, axis, block_size)
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors: expected a dict of name -> array, got {type(tensors).__name__}")
@@ -262,6 +289,8 @@ def save_quantized(
                 f"tensors[{name!r}]: expected a NumPy array, a torch tensor or a CuPy array, "
                 f"got {type(a).__name__}"
             )
+        if isinstance(a, (np.ma.MaskedArray, np.matrix)):
+            _arrays._plain_ndarray(f"tensors[{name!r}]", a)  # (raises, naming the tensor)
         type_name = _arrays.dtype_name(a)
         shape = tuple(int(d) for d in a.shape)
         if type_name not in _NAME_TO_ST:
@@ -270,8 +299,8 @@ def save_quantized(
         if type_name in _FLOATS and not rule(name, shape):
             try:
                 fields, parts = _quantize(name, a, scheme, qdtype, int(axis), int(block_size))
-            except ValueError as exc:
-                raise ValueError(f"tensors[{name!r}]: {exc}") from None
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"tensors[{name!r}]: {exc}") from None
         else:
             fields, parts = {"scheme": "none"}, [("", _host(a))]
         for suffix, arr in parts:
@@ -340,6 +369,11 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _named(v: Any, names: Collection[str]) -> TypeGuard[str]:
+    """Whether JSON value ``v`` is one of ``names`` (a list or an object is none)."""
+    return isinstance(v, str) and v in names
+
+
 def _read(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, str], np.ndarray]:
     """(tensor entries with checked dtype/shape/offsets, metadata, the data bytes)."""
     with open(path, "rb") as f:
@@ -369,7 +403,7 @@ def _read(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, str]
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise _Corrupt(f"tensor {name!r}: expected dtype, shape and data_offsets")
         st, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if st not in _ST_TO_NAME:
+        if not _named(st, _ST_TO_NAME):
             raise _Corrupt(f"tensor {name!r}: dtype {st!r} is not supported")
         if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**62 for d in shape):
             raise _Corrupt(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
@@ -436,12 +470,12 @@ def _describe(name: str, text: str, header: Dict[str, Any]) -> Dict[str, Any]:
     if not isinstance(d, dict):
         raise _Corrupt(f"metadata of {name!r} is not a JSON object")
     scheme = d.get("scheme")
-    if scheme not in PIECES:
+    if not _named(scheme, PIECES):
         raise _Corrupt(f"metadata of {name!r}: unknown scheme {scheme!r}")
     shape = d.get("shape")
     if not isinstance(shape, list) or not all(_is_int(v) and v >= 0 for v in shape):
         raise _Corrupt(f"metadata of {name!r}: shape {shape!r} is not a list of sizes")
-    if d.get("dtype") not in _NAME_TO_ST:
+    if not _named(d.get("dtype"), _NAME_TO_ST):
         raise _Corrupt(f"metadata of {name!r}: dtype {d.get('dtype')!r} is not supported")
     info = header.get(name)
     if info is None:
@@ -458,7 +492,7 @@ def _describe(name: str, text: str, header: Dict[str, Any]) -> Dict[str, Any]:
     if d["dtype"] not in _FLOATS:
         raise _Corrupt(f"metadata of {name!r}: a quantized tensor of dtype {d['dtype']}")
     qdtype = d.get("qdtype")
-    if qdtype not in _quant.QRANGE or (scheme == "blockwise" and qdtype != "int8"):
+    if not _named(qdtype, _quant.QRANGE) or (scheme == "blockwise" and qdtype != "int8"):
         raise _Corrupt(f"metadata of {name!r}: qdtype {qdtype!r} is not supported")
     if info["dtype"] != _NAME_TO_ST[qdtype]:
         raise _Corrupt(f"tensor {name!r}: dtype {info['dtype']} is not the metadata's {qdtype}")
@@ -564,6 +598,7 @@ def load_quantized(
     A file that is not a valid safetensors file, or whose fastopt metadata does not match
     its tensors, raises ValueError naming ``path`` and the problem.
     """
+    _check_path(path)
     if not isinstance(dequantize, (bool, np.bool_)):
         raise TypeError(f"dequantize: expected a bool, got {type(dequantize).__name__}")
     out_name = _quant.out_dtype_name(out_dtype)
@@ -631,8 +666,10 @@ def _quantized(
     q = _place(_array(header, data, name), target)
     common = {"q": q, "scheme": d["scheme"], "dtype": d["dtype"], "shape": tuple(d["shape"])}
     if d["scheme"] == "blockwise":
-        absmax = _place(_array(header, data, name + "::absmax"), target)
-        return QuantizedTensor(**common, absmax=absmax, block_size=d["block_size"])
+        absmax = _array(header, data, name + "::absmax")
+        if not (np.all(np.isfinite(absmax)) and np.all(absmax >= 0)):
+            raise _Corrupt(f"tensor {name!r}: its block maxima are not all finite and >= 0")
+        return QuantizedTensor(**common, absmax=_place(absmax, target), block_size=d["block_size"])
     scale = np.array(_array(header, data, name + "::scale"))
     zero_point = np.array(_array(header, data, name + "::zero_point"))
     qmin, qmax = _quant.QRANGE[d["qdtype"]]
