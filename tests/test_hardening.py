@@ -804,6 +804,22 @@ STATE8_CONVERSIONS = {
         _set("exp_avg_absmax", lambda e: e["exp_avg_absmax"].reshape(4, 5)),
         _DECODE_MATCH,
     ),
+    **{
+        f"decode: absmax {what}": (
+            _DECODING,
+            _set("exp_avg_absmax", lambda e, v=value: e["exp_avg_absmax"].index_fill(0, torch.tensor([3]), v)),
+            _DECODE_MATCH + r".*\(finite, >= 0\)",
+        )
+        for what, value in (("NaN", float("nan")), ("inf", float("inf")), ("negative", -0.5))
+    },
+    **{
+        f"8-bit kept: absmax {what} in a new tensor": (
+            lambda rng: _stepped(rng, sizes=(5000,), state_dtype="int8"),
+            _set("exp_avg_absmax", lambda e, v=value: e["exp_avg_absmax"].index_fill(0, torch.tensor([3]), v)),
+            r"8-bit state 'exp_avg' must be a \(5000,\) uint8 tensor .*\(finite, >= 0\)",
+        )
+        for what, value in (("NaN", float("nan")), ("negative", -0.5))
+    },
     "decode: codes of another shape": (
         _DECODING,
         _set("exp_avg", lambda e: e["exp_avg"][:100]),
@@ -860,6 +876,20 @@ STATE8_CONVERSIONS = {
         r"without its block maxima 'exp_avg_absmax'",
     ),
 }
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), -0.5])
+def test_torch_load_of_impossible_block_maxima_is_refused(value, rng):
+    """Block maxima are max |x| of a block: a checkpoint's NaN, inf or negative ones would
+    decode to NaN, inf or flipped signs."""
+    opt, ps = _stepped(rng, sizes=(5000,), state_dtype="int8")
+    saved = opt.state_dict()
+    top = saved["state"][0]["exp_avg_absmax"]
+    saved["state"][0]["exp_avg_absmax"] = top.index_fill(0, torch.tensor([3]), value)
+    snap = torch_snapshot(opt)
+    with pytest.raises(ValueError, match=r"block maxima of 8-bit state must be .*\(finite, >= 0\)"):
+        opt.load_state_dict(saved)
+    assert_torch_unchanged(opt, snap)
 
 
 @pytest.mark.parametrize("case", sorted(STATE8_CONVERSIONS))

@@ -481,6 +481,13 @@ BAD_8BIT_LOADS = {
     "absmax float64, into float": (lambda sd: _edit(sd, "absmax", "exp_avgs", 0,
                                                     lambda a: a.astype(np.float64)),
                                    r"state_dict\['absmax'\]\['exp_avgs'\]\[0\].*float64"),
+    **{f"absmax {what}, into {kind}": (
+        lambda sd, value=value: _edit(sd, "absmax", "exp_avgs", 0,
+                                      lambda a: np.where(np.arange(a.size) == 7, value, a)),
+        r"^state_dict\['absmax'\]\['exp_avgs'\]\[0\]: block maxima must be finite and >= 0")
+       for what, value in (("NaN", np.float32(np.nan)), ("inf", np.float32(np.inf)),
+                           ("negative", np.float32(-0.5)))
+       for kind in ("int8", "float")},
     "codes float32, into float": (lambda sd: _edit(sd, "state", "exp_avgs", 0,
                                                    lambda a: a * np.float32(0.37)),
                                   r"state_dict\['state'\]\['exp_avgs'\]\[0\].*uint8"),

@@ -564,12 +564,14 @@ class Optimizer:
             if own_max is None:
                 return _arrays.staged(where, own, saved), None
             top = _arrays.staged(where_max, own_max, saved_max)
+            _check_block_maxima(where_max, _host_copy(where_max, top))
             return _arrays.staged(where, own, saved), top
         shape = tuple(own.shape)
         if own_max is None:  # 8-bit saved, float here
             codes = _saved_part(where, saved, ("uint8",), shape, "8-bit codes")
             blocks = (-(-codes.size // reference.STATE8_BLOCK),)
             top = _saved_part(where_max, saved_max, ("float32",), blocks, "block maxima")
+            _check_block_maxima(where_max, top)
             values = reference.dequantize_state8(codes, top, self._signed(name))
             return _arrays.staged(where, own, values), None
         # float saved (no block maxima), 8-bit here
@@ -621,6 +623,13 @@ def _host_copy(name: str, a: Any) -> np.ndarray:
     if hasattr(a, "shape") and hasattr(a, "dtype") and not isinstance(a, np.generic):
         return np.array(_arrays.to_numpy(a) if _arrays.on_device(a) else a.detach().numpy())
     raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+
+
+def _check_block_maxima(name: str, top: np.ndarray) -> None:
+    """ValueError unless 8-bit state's block maxima (max |x| of each block) are all finite
+    and >= 0: any other value decodes the block's state to NaN, inf or flipped signs."""
+    if not (np.isfinite(top).all() and (top >= 0).all()):
+        raise ValueError(f"{name}: block maxima must be finite and >= 0")
 
 
 def _size(a: Any) -> int:

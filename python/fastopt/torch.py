@@ -1227,7 +1227,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if not (_codes_like(s, p) and _absmax_of(top, blocks)):
                 raise ValueError(
                     f"state of {where}: 8-bit state '{key}' (decoded to {want}) must be a "
-                    f"{shape} uint8 tensor with '{absmax_key}' a ({blocks},) float32 tensor, "
+                    f"{shape} uint8 tensor with '{absmax_key}' a ({blocks},) float32 tensor "
+                    "(finite, >= 0), "
                     f"got {_described(s)} and {_described(top)}"
                 )
             values = reference.dequantize_state8(_host_numpy(s), _host_numpy(top), signed)
@@ -1271,7 +1272,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state of {where}: 8-bit state '{key}' must be a {shape} uint8 "
                 f"tensor laid out like its param with '{absmax_key}' a ({blocks},) float32 "
-                f"tensor, on {p.device}; got {_described(s)} and {_described(top)}"
+                f"tensor (finite, >= 0), on {p.device}; got {_described(s)} and {_described(top)}"
             )
         return False
 
@@ -2092,12 +2093,15 @@ def _codes_like(s: Any, p: torch.Tensor) -> bool:
 
 
 def _absmax_of(top: Any, blocks: int) -> bool:
-    """Whether ``top`` can be the block maxima of 8-bit state of ``blocks`` blocks."""
+    """Whether ``top`` can be the block maxima of 8-bit state of ``blocks`` blocks: max |x|
+    of each block, so finite and >= 0 (any other value decodes to NaN, inf or flipped
+    signs)."""
     return (
         _float_tensor(top)
         and top.dtype == torch.float32
         and tuple(top.shape) == (blocks,)
         and not top.is_neg()
+        and bool((torch.isfinite(top) & (top >= 0)).all())
     )
 
 
@@ -2117,6 +2121,7 @@ def _check_loaded_state8(where: str, entry: Dict[str, Any], key: str, p: torch.T
         if not (_codes_like(codes, p) and _absmax_of(top, blocks)):
             raise ValueError(
                 f"{where}: block maxima of 8-bit state must be a ({blocks},) float32 tensor "
+                "(finite, >= 0) "
                 f"beside '{codes_key}', a {tuple(p.shape)} uint8 tensor like its param; got "
                 f"{_described(top)} beside {_described(codes)}"
             )
