@@ -146,6 +146,40 @@ def test_class_stochastic_rounding(name, rng):
         cls([p.copy() for p in p0], seed=3, **kwargs)
 
 
+@pytest.mark.parametrize("name", [*sorted(fastopt.optim.CLASSES), "adafactor"])
+def test_class_checkpoint_carries_the_rounding_seed(name, rng):
+    """A restored optimizer rounds as the saved one would have, whatever seed it was made
+    with (drawn here): its state_dict carries the seed."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    cls = fastopt.Adafactor if name == "adafactor" else fastopt.optim.CLASSES[name]
+    kwargs = {"lr": 1e-3} if name in ("sgd", "sophia", "adafactor") else {}
+    p0 = [rng.standard_normal(s).astype(ml_dtypes.bfloat16) for s in [(33,), (40, 103)]]
+    grads = [[rng.standard_normal(p.shape).astype(ml_dtypes.bfloat16) for p in p0]
+             for _ in range(3)]
+    saved = cls([p.copy() for p in p0], stochastic_rounding=True, **kwargs)
+    saved.step(grads[0])
+    restored = cls([p.copy() for p in saved.params], stochastic_rounding=True, **kwargs)
+    restored.load_state_dict(saved.state_dict())
+    for g in grads[1:]:
+        saved.step(g)
+        restored.step(g)
+    for a, b in zip(saved.params, restored.params):
+        assert_bits(b, a, "restored")
+    checkpoint = saved.state_dict()
+    for bad, error, match in (
+        (-1, ValueError, r"^state_dict\['rounding_seed'\]: must be in \[0, 2\*\*64\)"),
+        (1.5, TypeError, r"^state_dict\['rounding_seed'\]: expected an integer"),
+    ):
+        with pytest.raises(error, match=match):
+            restored.load_state_dict({**checkpoint, "rounding_seed": bad})
+    nearest = cls([p.copy() for p in p0], **kwargs)
+    with pytest.raises(ValueError, match=r"^state_dict: has 'rounding_seed' but this optimizer"):
+        nearest.load_state_dict(checkpoint)
+    assert "rounding_seed" not in nearest.state_dict()
+    del checkpoint["rounding_seed"]  # (an older checkpoint: the seed it was made with)
+    restored.load_state_dict(checkpoint)
+
+
 def _train(torch_device, dtype, stochastic):
     import fastopt.torch as fot
 

@@ -43,7 +43,12 @@ import numpy as np
 from . import _arrays, functional
 from ._arrays import ArrayOrList, as_list
 from ._validate import flag, real, step_count
-from .optim import _check_params, sixteen_bit_options, staged_master_params
+from .optim import (
+    _check_params,
+    saved_rounding_seed,
+    sixteen_bit_options,
+    staged_master_params,
+)
 
 __all__ = ["adafactor_", "Adafactor", "adafactor_hyper", "machine_epsilon"]
 
@@ -355,6 +360,7 @@ class Adafactor:
                     if self.master_params is None
                     else {"master_params": [_arrays.clone(m) for m in self.master_params]}
                 ),
+                **({} if self._rounding_seed is None else {"rounding_seed": self._rounding_seed}),
             }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -391,6 +397,7 @@ class Adafactor:
         if not isinstance(saved, dict) or set(saved) != set(self.STATE_NAMES):
             raise ValueError(f"state_dict['state']: expected the keys {list(self.STATE_NAMES)}")
         staged_masters = staged_master_params(state_dict, self.master_params)
+        rounding_seed = saved_rounding_seed(state_dict, self._rounding_seed)
         staged: Dict[str, List[Any]] = {}
         for name in self.STATE_NAMES:
             arrays = saved[name]
@@ -413,6 +420,7 @@ class Adafactor:
                 _arrays.copy_into(mine, new)
             self._hyper = hyper
             self._step = int(step)
+            self._rounding_seed = rounding_seed
 
     def __repr__(self) -> str:
         lr, beta2_decay, eps1, eps2, d, weight_decay, maximize = self._hyper

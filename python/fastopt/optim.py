@@ -27,7 +27,8 @@ training without a float32 master copy, reproducible for a given seed.
 the masters rounded to nearest in the same pass): the float32 step, bit for bit, with the
 params holding its values rounded.
 ``state_dict()`` / ``load_state_dict()`` round-trip exactly (step count, lr,
-hyper-parameters, every state element), so a restored optimizer continues bit-identically;
+hyper-parameters, every state element, the stochastic-rounding seed), so a restored
+optimizer continues bit-identically;
 masks are not part of it (they belong to the model, like torch's pruning buffers).
 
 An optimizer may be shared between threads: ``step``, ``zero_state``, ``state_dict`` and
@@ -52,7 +53,7 @@ import numpy as np
 from . import _arrays, _ext, functional, reference
 from ._arrays import ArrayOrList, as_list
 from ._specs import OPTIMIZERS, OptimizerSpec
-from ._validate import flag, real, renamed_entries
+from ._validate import flag, real, renamed_entries, whole
 
 Schedule = Callable[[int, float], float]
 # The state types the classes allocate: "float32" is the params' own state type (float32,
@@ -455,6 +456,8 @@ class Optimizer:
                 "hyper": copy.deepcopy(self._hyper),
                 "state": self._state_copies(),
             }
+            if self._rounding_seed is not None:
+                out["rounding_seed"] = self._rounding_seed
             if self.master_params is not None:
                 out["master_params"] = [_arrays.clone(m) for m in self.master_params]
                 self._await_state_writes()
@@ -516,6 +519,7 @@ class Optimizer:
                 f"state_dict['absmax']: expected a dict, got {type(saved_absmax).__name__}"
             )
         staged_masters = staged_master_params(state_dict, self.master_params)
+        rounding_seed = saved_rounding_seed(state_dict, self._rounding_seed)
         staged: Dict[str, List[Tuple[Any, Any]]] = {}
         for name, arrays in self.state.items():
             saved = state[name]
@@ -548,6 +552,7 @@ class Optimizer:
                 _arrays.copy_into(own, saved)
             self._await_state_writes()
             self._step = step
+            self._rounding_seed = rounding_seed
             self._lr = lr
             self._hyper = hyper
             self._kw = kw
@@ -679,6 +684,22 @@ def sixteen_bit_options(
             + (", ".join(kinds) or "none")
         )
     return rounding_seed, [_arrays.float32_copy(p) for p in params]
+
+
+def saved_rounding_seed(state_dict: Dict[str, Any], own: Optional[int]) -> Optional[int]:
+    """The stochastic-rounding seed a class continues with after loading ``state_dict``
+    (its ``"rounding_seed"``, so the restored steps round as the saved ones would have;
+    ``own``, this class's seed, where a checkpoint has none), checked; None without
+    stochastic rounding, where a saved seed is refused."""
+    saved = state_dict.get("rounding_seed")
+    if saved is None:
+        return own
+    if own is None:
+        raise ValueError(
+            "state_dict: has 'rounding_seed' but this optimizer does not round "
+            "stochastically (stochastic_rounding=True)"
+        )
+    return whole("state_dict['rounding_seed']", saved, 0, 2**64)
 
 
 def staged_master_params(state_dict: Dict[str, Any], own: Optional[List[Any]]) -> List[Any]:
