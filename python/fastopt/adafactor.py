@@ -44,6 +44,7 @@ from . import _arrays, functional
 from ._arrays import ArrayOrList, as_list
 from ._validate import flag, real, step_count
 from .optim import (
+    Copies,
     _check_params,
     saved_rounding_seed,
     sixteen_bit_options,
@@ -225,7 +226,7 @@ def state_shapes(shape: Tuple[int, ...]) -> Dict[str, Tuple[int, ...]]:
     return {"variances": shape}
 
 
-class Adafactor:
+class Adafactor(Copies):
     """Adafactor over a list of arrays (NumPy arrays, PyTorch tensors, CuPy arrays; updated
     in place; state made by the params' library on their device), as
     ``torch.optim.Adafactor``: ``opt = fastopt.Adafactor(params, lr=1e-2)``,

@@ -71,7 +71,41 @@ def check_state_dtype(name: str, value: Any) -> str:
     raise (ValueError if isinstance(value, str) else TypeError)(f"{name}: {expected}")
 
 
-class Optimizer:
+class Copies:
+    """``copy.deepcopy`` and pickling of an optimizer class (which holds ``_lock``): the
+    whole object, its arrays copied with the rest of what is copied or pickled (params
+    shared with a model copied alongside stay shared), the lock and what the class makes
+    again in ``_made_again`` left out. ``copy.copy`` is refused: a shallow copy would
+    step the same state arrays with a step count of its own."""
+
+    _lock: Any
+    _UNCOPIED: Tuple[str, ...] = ("_lock",)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        with self._lock:
+            self._before_copy()
+            return {k: v for k, v in self.__dict__.items() if k not in self._UNCOPIED}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._made_again()
+
+    def __copy__(self) -> Any:
+        raise TypeError(
+            f"{type(self).__name__}: copy.copy would step the same state arrays with a step "
+            "count of its own; use copy.deepcopy for an independent optimizer, or "
+            "state_dict() / load_state_dict()"
+        )
+
+    def _before_copy(self) -> None:
+        """Makes the state final before it is copied (the GPU's queued steps)."""
+
+    def _made_again(self) -> None:
+        """Makes again what __getstate__ left out, besides the lock."""
+
+
+class Optimizer(Copies):
     """Shared machinery; a subclass names the spec it steps with (``_spec``, see
     ``fastopt._specs``) and passes its hyper-parameters other than lr."""
 
@@ -113,11 +147,11 @@ class Optimizer:
         # On the GPU the checked launch tables are kept between steps (see
         # fastopt._cuda.Plan): a step re-reads only arrays that changed (new grads).
         on_device = bool(self.params) and _arrays.on_device(self.params[0])
-        self._plan = _ext._cuda.Plan() if on_device and _ext._cuda is not None else None
+        self._host = not on_device  # steps call the CPU kernel directly (stream=None)
+        self._plan = self._new_plan()
         # the plans of the second and later kernel calls of a step (state_dtype="int8"
         # steps the params with 8-bit state and the small ones apart: one plan per call)
         self._more_plans: List[Any] = []
-        self._host = not on_device  # steps call the CPU kernel directly (stream=None)
         if schedule is not None and not callable(schedule):
             raise TypeError(
                 f"schedule: expected a callable (t, lr) -> lr, got {type(schedule).__name__}"
@@ -359,7 +393,7 @@ class Optimizer:
         if k == 0 or "plan" not in extra or _ext._cuda is None:
             return extra
         while len(self._more_plans) < k:
-            self._more_plans.append(_ext._cuda.Plan())
+            self._more_plans.append(self._new_plan())
         return {**extra, "plan": self._more_plans[k - 1]}
 
     def _step_calls(
@@ -442,6 +476,26 @@ class Optimizer:
         like = self._device_state()
         if like is not None:
             _arrays.wait_for_stream(like)
+
+    # -- copies (see Copies) -------------------------------------------------------------------
+    _UNCOPIED = ("_lock", "_kernel", "_plan", "_more_plans", "_ema_plan", "_last_stream")
+
+    def _before_copy(self) -> None:
+        self._await_steps()
+
+    def _made_again(self) -> None:
+        self._kernel = functional.STEPS[self._spec.name]
+        self._plan = self._new_plan()
+        self._more_plans = []
+        self._last_stream = None
+        if self._torch_params:  # views of the copied tensors' memory
+            self._torch_layouts = b""
+            self._follow_torch_params()
+
+    def _new_plan(self) -> Any:
+        """A launch table for one of the step's kernel calls (fastopt._cuda.Plan) on the
+        GPU; None on the host."""
+        return None if self._host or _ext._cuda is None else _ext._cuda.Plan()
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -999,7 +1053,11 @@ class Sophia(Optimizer):
             seed=seed,
             master_weights=master_weights,
         )
-        self._ema_plan = None if self._plan is None or _ext._cuda is None else _ext._cuda.Plan()
+        self._ema_plan = self._new_plan()  # (update_hessian's)
+
+    def _made_again(self) -> None:
+        super()._made_again()
+        self._ema_plan = self._new_plan()
 
     def update_hessian(
         self, estimate: ArrayOrList, beta2: float = 0.99, *, stream: Any = None
