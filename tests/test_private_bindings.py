@@ -351,10 +351,60 @@ def test_every_binding_has_cases():
 
 
 def _argument_names(fn) -> List[str]:
-    """The argument names of a pybind11 function, from its signature line."""
+    """The argument names of a compiled function, from its signature line
+    ("name(a, b, *, c=None)", bindings/checked_def.h)."""
     signature = fn.__doc__.splitlines()[0]
-    inside = signature[signature.index("(") + 1:signature.rindex(") ->")]
-    return [a.split(":")[0].strip() for a in inside.split(", ") if ":" in a]
+    inside = signature[signature.index("(") + 1:signature.rindex(")")]
+    return [a.split("=")[0].strip() for a in inside.split(", ") if a not in ("", "*")]
+
+
+def _functions(module) -> List[str]:
+    return sorted(n for n in dir(module) if not n.startswith("_")
+                  and callable(getattr(module, n)) and not isinstance(getattr(module, n), type))
+
+
+@pytest.mark.parametrize("module", ["_cpu", "_cuda"])
+def test_every_function_names_a_wrong_call(module):
+    """A call with an unknown keyword, too many arguments or none gets a TypeError saying so,
+    after the function's name (never pybind11's generic message with every argument's repr;
+    the step functions parse their own arguments)."""
+    kernels = getattr(_ext, module)
+    if kernels is None:
+        pytest.skip("built without the CUDA module")
+    for name in _functions(kernels):
+        fn = getattr(kernels, name)
+        for call in (lambda: fn(bogus=1), lambda: fn(*range(40))):
+            with pytest.raises(TypeError, match=rf"^{name}\(\): ") as info:
+                call()
+            assert "incompatible function arguments" not in str(info.value), name
+        names = _argument_names(fn)
+        if names and not any(n.startswith("*") for n in names):  # (checked_def.h's parser)
+            with pytest.raises(TypeError, match=rf"^{name}\(\): missing argument '"):
+                fn()
+
+
+def test_wrong_calls_are_named_precisely():
+    with pytest.raises(TypeError, match=r"^adafactor_step\(\): unexpected keyword 'bogus'$"):
+        _ext._cpu.adafactor_step([], [], [], [], [], [], 1.0, -0.8, 1e-30, 1e-3, 1.0, 0.0,
+                                 False, True, bogus=1)
+    with pytest.raises(TypeError, match=r"^minmax\(\): takes at most 3 positional arguments "
+                                        r"\(4 given\)$"):
+        _ext._cpu.minmax(np.ones(3, F32), None, None, None)
+    with pytest.raises(TypeError, match=r"^minmax\(\): argument 'x' given twice$"):
+        _ext._cpu.minmax(np.ones(3, F32), x=np.ones(3, F32))
+    with pytest.raises(TypeError, match=r"^quantize_affine\(\): missing argument 'zero_points'$"):
+        _ext._cpu.quantize_affine(np.ones(3, F32), np.ones(3, np.int8), np.ones(1, F32))
+    with pytest.raises(TypeError, match=r"^get_num_threads\(\): takes no positional arguments"):
+        _ext._cpu.get_num_threads(1)
+    with pytest.raises(TypeError, match=r"^minmax\(\): unexpected keyword '\\udc80'$"):
+        _ext._cpu.minmax(np.ones(3, F32), None, **{"\udc80": 1})
+    with pytest.raises(TypeError, match=r"^set_hyper_ranges\(\): optimizer: expected str, "
+                                        r"got int$"):
+        _ext._cpu.set_hyper_ranges(5, {})
+    # the defaults, by keyword or left out
+    lo, hi = _ext._cpu.minmax(x=np.arange(5, dtype=F32), axis=None)[1:]
+    assert (lo[0], hi[0]) == (0.0, 4.0)
+    assert _ext._cpu.minmax(np.arange(5, dtype=F32), None, stream=None)[0] == -1
 
 
 @pytest.mark.skipif(_ext._cuda is None, reason="built without the CUDA module")

@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include "bindings/adafactor_args.h"
 #include "bindings/array_table.h"
+#include "bindings/checked_def.h"
 #include "bindings/optim_binding.h"
 #include "bindings/kernel_args.h"
 #include "build_info.h"
@@ -667,15 +668,16 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "fastopt CPU kernels (scalar and AVX2 paths, OpenMP threads)";
+  using fastopt::bindings::def;
   using py::arg;
   fastopt::bindings::StepBindings<Steps>::add(m);
-  m.def("set_hyper_ranges", &fastopt::bindings::set_hyper_ranges, arg("optimizer"), arg("ranges"),
+  def(m, "set_hyper_ranges", &fastopt::bindings::set_hyper_ranges, arg("optimizer"), arg("ranges"),
         "The ranges the step bindings check each real hyper-parameter against "
         "({name: (lo, hi, lo_open, hi_open)}, from fastopt/_specs.py at import)");
-  m.def("optimizers", &fastopt::bindings::describe_optimizers,
+  def(m, "optimizers", &fastopt::bindings::describe_optimizers,
         "Each optimizer's array roles, hyper-parameter names and whether it takes step");
-  m.def(
-      "state8_map",
+  def(
+      m, "state8_map",
       [](py::object is_signed) {
         const fastopt::State8Map& map = fastopt::state8_map(fastopt::bindings::scalar_arg<bool>(is_signed, "signed"));
         return py::array_t<float>(256, map.value);
@@ -683,30 +685,30 @@ PYBIND11_MODULE(_cpu, m) {
       arg("signed"), "The 256 values of 8-bit state's dynamic map (common/state8.h)");
   // Quantization and Newton: the same arguments as in fastopt._cuda.
   const auto host_stream = arg("stream").none(true) = py::none();
-  m.def("quantize_affine", &quantize_affine, arg("x"), arg("q"), arg("scales"),
+  def(m, "quantize_affine", &quantize_affine, arg("x"), arg("q"), arg("scales"),
         arg("zero_points"), arg("axis").none(true), arg("check_finite"),
         host_stream);
-  m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("out"), arg("scales"),
+  def(m, "dequantize_affine", &dequantize_affine, arg("q"), arg("out"), arg("scales"),
         arg("zero_points"), arg("axis").none(true), host_stream);
-  m.def("minmax", &minmax, arg("x"), arg("axis").none(true), host_stream);
-  m.def("quantize_blockwise", &quantize_blockwise, arg("x"), arg("q"), arg("absmax"),
+  def(m, "minmax", &minmax, arg("x"), arg("axis").none(true), host_stream);
+  def(m, "quantize_blockwise", &quantize_blockwise, arg("x"), arg("q"), arg("absmax"),
         arg("block"), arg("stochastic"), arg("seed"), arg("check_finite"), host_stream);
-  m.def("dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("out"),
+  def(m, "dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("out"),
         arg("block"), host_stream);
-  m.def("newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("d"), arg("solved"),
+  def(m, "newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("d"), arg("solved"),
         arg("damping"), arg("params").none(true) = py::none(), host_stream);
-  m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use").none(true),
+  def(m, "newton_apply", &newton_apply, arg("params"), arg("d"), arg("use").none(true),
         arg("lr"), host_stream);
-  m.def("prune_magnitude", &prune_magnitude, arg("arrays"), arg("out"), arg("prune_counts"),
+  def(m, "prune_magnitude", &prune_magnitude, arg("arrays"), arg("out"), arg("prune_counts"),
         host_stream);
-  m.def("prune_n_m", &prune_n_m, arg("arrays"), arg("out"), arg("n"), arg("m"), host_stream);
-  m.def("add_inplace", &add_inplace, arg("dst"), arg("src"),
+  def(m, "prune_n_m", &prune_n_m, arg("arrays"), arg("out"), arg("n"), arg("m"), host_stream);
+  def(m, "add_inplace", &add_inplace, arg("dst"), arg("src"),
         "dst += src with all threads: the bandwidth ceiling of the benchmark");
-  m.def("grad_norm_total", &grad_norm_total, arg("grads"), arg("listed"), arg("norm_type"),
+  def(m, "grad_norm_total", &grad_norm_total, arg("grads"), arg("listed"), arg("norm_type"),
         arg("writeable"), "Sum of |g|^norm_type over a list of grads of one dtype (max |g| for inf)");
-  m.def("scale_grads", &scale_grads, arg("grads"), arg("listed"), arg("coefficient"),
+  def(m, "scale_grads", &scale_grads, arg("grads"), arg("listed"), arg("coefficient"),
         "g <- g * coefficient in place, over a list of grads of one dtype");
-  m.def("adafactor_step", &adafactor_step, arg("params"), arg("grads"), arg("row_vars"),
+  def(m, "adafactor_step", &adafactor_step, arg("params"), arg("grads"), arg("row_vars"),
         arg("col_vars"), arg("variances"), arg("steps"), arg("lr"), arg("beta2_decay"),
         arg("eps1"), arg("eps2"), arg("d"), arg("weight_decay"), arg("maximize"), arg("listed"),
         py::kw_only(), arg("check_only") = false, arg("stochastic_seed") = py::none(),
@@ -714,12 +716,12 @@ PYBIND11_MODULE(_cpu, m) {
         "Adafactor over a list of params of one dtype (see fastopt.adafactor_); check_only: "
         "every check, nothing run; stochastic_seed: bfloat16 params rounded stochastically; "
         "master_params: float32 copies of 16-bit params stepped in their place");
-  m.def("tensor_layouts", &tensor_layouts, arg("tensors"),
+  def(m, "tensor_layouts", &tensor_layouts, arg("tensors"),
         "Where each torch tensor keeps its elements (pointer, device, dtype, shape, strides), "
         "as bytes to compare");
-  m.def("check_params", &check_params, arg("params"), arg("listed"),
+  def(m, "check_params", &check_params, arg("params"), arg("listed"),
         "Checks an optimizer's params as its steps will (raises naming the bad one)");
-  m.def("set_cpu_path", [](py::object path) {
+  def(m, "set_cpu_path", [](py::object path) {
     if (!PyUnicode_Check(path.ptr()))
       throw py::type_error(std::string("path: expected a str, got ") + Py_TYPE(path.ptr())->tp_name);
     try {
@@ -728,17 +730,17 @@ PYBIND11_MODULE(_cpu, m) {
       throw py::value_error(std::string("path: ") + e.what());
     }
   }, arg("path"));
-  m.def("get_cpu_path", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
-  m.def("set_num_threads", [](py::object n) {
+  def(m, "get_cpu_path", [] { return std::string(cpu::isa_name(cpu::active_isa())); });
+  def(m, "set_num_threads", [](py::object n) {
     try {
       cpu::set_num_threads(fastopt::bindings::scalar_arg<int64_t>(n, "n"));
     } catch (const std::invalid_argument& e) {
       throw py::value_error(std::string("n: ") + e.what());
     }
   }, arg("n"));
-  m.def("get_num_threads", &cpu::num_threads);
-  m.def("build_info", &build_info);
-  m.def("set_array_adapter",
+  def(m, "get_num_threads", &cpu::num_threads);
+  def(m, "build_info", &build_info);
+  def(m, "set_array_adapter",
         [](py::object fn) {
           if (!PyCallable_Check(fn.ptr()))
             throw py::type_error(std::string("adapter: expected a callable, got ") +

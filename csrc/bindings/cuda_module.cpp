@@ -13,6 +13,7 @@
 #include <deque>
 #include <string>
 #include "bindings/adafactor_args.h"
+#include "bindings/checked_def.h"
 #include "bindings/device_table.h"
 #include "bindings/optim_binding.h"
 #include "bindings/kernel_args.h"
@@ -945,6 +946,7 @@ py::dict device_status() {
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fastopt CUDA kernels (multi-tensor launches on the caller's stream)";
+  using fastopt::bindings::def;
   using py::arg;
   py::class_<DevicePlan>(m, "Plan",
                          "The checked launch tables of one optimizer's arrays, kept between "
@@ -954,31 +956,31 @@ PYBIND11_MODULE(_cuda, m) {
                              "Kernel launches one step makes")
       .def_property_readonly("num_tensors", &DevicePlan::num_tensors);
   fastopt::bindings::StepBindings<Steps>::add(m);
-  m.def("set_hyper_ranges", &fastopt::bindings::set_hyper_ranges, arg("optimizer"), arg("ranges"),
+  def(m, "set_hyper_ranges", &fastopt::bindings::set_hyper_ranges, arg("optimizer"), arg("ranges"),
         "The ranges the step bindings check each real hyper-parameter against "
         "({name: (lo, hi, lo_open, hi_open)}, from fastopt/_specs.py at import)");
-  m.def("optimizers", &fastopt::bindings::describe_optimizers,
+  def(m, "optimizers", &fastopt::bindings::describe_optimizers,
         "Each optimizer's array roles, hyper-parameter names and whether it takes step");
   // Quantization and Newton: the same arguments as in fastopt._cpu.
-  m.def("quantize_blockwise", &quantize_blockwise, arg("x"), arg("q"), arg("absmax"),
+  def(m, "quantize_blockwise", &quantize_blockwise, arg("x"), arg("q"), arg("absmax"),
         arg("block"), arg("stochastic"), arg("seed"), arg("check_finite"), arg("stream"),
         "Returns the first non-finite index of x, or -1 (with check_finite: waits for the "
         "stream; without: -1 at once)");
-  m.def("dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("out"),
+  def(m, "dequantize_blockwise", &dequantize_blockwise, arg("q"), arg("absmax"), arg("out"),
         arg("block"), arg("stream"));
-  m.def("quantize_affine", &quantize_affine, arg("x"), arg("q"), arg("scales"),
+  def(m, "quantize_affine", &quantize_affine, arg("x"), arg("q"), arg("scales"),
         arg("zero_points"), arg("axis").none(true), arg("check_finite"), arg("stream"),
         "Returns the first non-finite index of x, or -1 (with check_finite: waits for the "
         "stream; without: -1 at once)");
-  m.def("dequantize_affine", &dequantize_affine, arg("q"), arg("out"), arg("scales"),
+  def(m, "dequantize_affine", &dequantize_affine, arg("q"), arg("out"), arg("scales"),
         arg("zero_points"), arg("axis").none(true), arg("stream"));
-  m.def("minmax", &minmax, arg("x"), arg("axis").none(true), arg("stream"),
+  def(m, "minmax", &minmax, arg("x"), arg("axis").none(true), arg("stream"),
         "(first non-finite index or -1, mins, maxs) per channel; waits for the stream");
-  m.def("newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("d"), arg("solved"),
+  def(m, "newton_solve", &newton_solve, arg("hessians"), arg("grads"), arg("d"), arg("solved"),
         arg("damping"), arg("params").none(true), arg("stream"));
-  m.def("newton_apply", &newton_apply, arg("params"), arg("d"), arg("use").none(true),
+  def(m, "newton_apply", &newton_apply, arg("params"), arg("d"), arg("use").none(true),
         arg("lr"), arg("stream"));
-  m.def("adafactor_step", &adafactor_step, arg("params"), arg("grads"), arg("row_vars"),
+  def(m, "adafactor_step", &adafactor_step, arg("params"), arg("grads"), arg("row_vars"),
         arg("col_vars"), arg("variances"), arg("steps"), arg("lr"), arg("beta2_decay"),
         arg("eps1"), arg("eps2"), arg("d"), arg("weight_decay"), arg("maximize"), arg("listed"),
         arg("stream"), py::kw_only(), arg("check_only") = false, arg("stochastic_seed") = py::none(),
@@ -986,20 +988,20 @@ PYBIND11_MODULE(_cuda, m) {
         "Adafactor over a list of params of one dtype (see fastopt.adafactor_); check_only: "
         "every check, nothing queued; stochastic_seed: bfloat16 params rounded stochastically; "
         "master_params: float32 copies of 16-bit params stepped in their place");
-  m.def("grad_norm", &grad_norm, arg("grads"), arg("listed"), arg("out"), arg("norm_type"),
+  def(m, "grad_norm", &grad_norm, arg("grads"), arg("listed"), arg("out"), arg("norm_type"),
         arg("stream"), "out[0] <- the norm of order norm_type of all grads (one dtype) together");
-  m.def("clip_grads", &clip_grads, arg("grads"), arg("listed"), arg("norm"), arg("max_norm"),
+  def(m, "clip_grads", &clip_grads, arg("grads"), arg("listed"), arg("norm"), arg("max_norm"),
         arg("stream"), "grads *= min(max_norm / (norm[0] + 1e-6), 1), norm read on the device");
-  m.def("prune_magnitude", &prune_magnitude, arg("arrays"), arg("out"), arg("prune_counts"),
+  def(m, "prune_magnitude", &prune_magnitude, arg("arrays"), arg("out"), arg("prune_counts"),
         arg("stream"), "Queues the masks' kernels on the stream (no wait)");
-  m.def("prune_n_m", &prune_n_m, arg("arrays"), arg("out"), arg("n"), arg("m"), arg("stream"),
+  def(m, "prune_n_m", &prune_n_m, arg("arrays"), arg("out"), arg("n"), arg("m"), arg("stream"),
         "Queues the N:M masks' kernel on the stream (no wait)");
-  m.def("check_arrays", &check_arrays, arg("written"), arg("read"), arg("stream"),
+  def(m, "check_arrays", &check_arrays, arg("written"), arg("read"), arg("stream"),
         "Layout, device and aliasing checks of (name, array) pairs before writing `written`");
-  m.def("copy", &copy, arg("dst"), arg("src"), arg("stream"));
-  m.def("describe", &describe, arg("obj"), arg("name"), arg("stream") = 0,
+  def(m, "copy", &copy, arg("dst"), arg("src"), arg("stream"));
+  def(m, "describe", &describe, arg("obj"), arg("name"), arg("stream") = 0,
         "(dtype, shape, device) of a CUDA array; raises naming `name` if it is not one");
-  m.def("set_torch_types", [](py::object tensor, py::tuple dtypes) {
+  def(m, "set_torch_types", [](py::object tensor, py::tuple dtypes) {
     if (dtypes.size() != cuda::kNumDTypes) throw py::value_error("dtypes: expected 7 dtypes");
     auto*& t = fastopt::bindings::torch_types();
     if (!t) t = new fastopt::bindings::TorchTypes();
@@ -1008,7 +1010,7 @@ PYBIND11_MODULE(_cuda, m) {
   }, arg("tensor"), arg("dtypes"),
      "Registers torch.Tensor and its dtypes float32, float64, float16, bfloat16, int8, "
      "uint8, bool (called by fastopt when torch is in use)");
-  m.def("synchronize", [](py::object like, intptr_t stream) {
+  def(m, "synchronize", [](py::object like, intptr_t stream) {
     // on like's device: a legacy or per-thread default stream handle means that device's
     const DeviceArray a = fastopt::bindings::describe(like, {"like", 0, false}, stream);
     DeviceGuard device(a.device);
@@ -1017,6 +1019,6 @@ PYBIND11_MODULE(_cuda, m) {
                        "cudaStreamSynchronize");
   }, arg("like"), arg("stream"),
      "Waits for the work queued on a stream of CUDA array `like`'s device (the GIL released)");
-  m.def("device_status", &device_status,
+  def(m, "device_status", &device_status,
         "Whether a CUDA device is usable, and if not, why (runtime linked statically).");
 }
