@@ -319,7 +319,13 @@ class Optimizer(Copies):
                 kw["master_params"] = self.master_params
             # the state lists as opt.state holds them now (an entry or a list replaced)
             lists = [self.params, grads]
-            lists += [None if n is None else self.state[n] for n in self._used_states]
+            for used in self._used_states:
+                if used is not None and used not in self.state:
+                    raise ValueError(
+                        f"state: has no {used!r} (the arrays this optimizer made; "
+                        "load_state_dict() restores them)"
+                    )
+                lists.append(None if used is None else self.state[used])
             calls = self._step_calls(lists, kw, t)
             if self._host and stream is None:
                 kernel, extra = self._kernel.cpu_kernel, functional.NO_KEYWORDS
@@ -477,6 +483,9 @@ class Optimizer(Copies):
         if like is not None:
             _arrays.wait_for_stream(like)
 
+    # hyper-parameters a class fixes (AdamW's decoupled_weight_decay), checked when loading
+    _FIXED_HYPER: Dict[str, Any] = {}
+
     # -- copies (see Copies) -------------------------------------------------------------------
     _UNCOPIED = ("_lock", "_kernel", "_plan", "_more_plans", "_ema_plan", "_last_stream")
 
@@ -545,9 +554,10 @@ class Optimizer(Copies):
                 raise ValueError(
                     f"state_dict: missing key {key!r} (a state_dict() has {list(_STATE_DICT_KEYS)})"
                 )
-        if state_dict["optimizer"] != type(self).__name__:
+        saved_by = state_dict["optimizer"]
+        if not isinstance(saved_by, str) or saved_by != type(self).__name__:
             raise ValueError(
-                f"state_dict: was saved by {state_dict['optimizer']!r}, not {type(self).__name__}"
+                f"state_dict['optimizer']: was saved by {saved_by!r:.60}, not {type(self).__name__}"
             )
         step = _saved_step(state_dict["step"])
         lr = real("state_dict['lr']", state_dict["lr"], lo=0.0)
@@ -561,7 +571,18 @@ class Optimizer(Copies):
                 f"state_dict['hyper']: expected keys {sorted(self._hyper)}, got "
                 f"{sorted(map(str, hyper))}"
             )
-        kw, used = self._validated(hyper, lr, self.state)
+        for key, value in self._FIXED_HYPER.items():
+            if hyper[key] is not value:
+                raise ValueError(
+                    f"state_dict['hyper'][{key!r}]: {type(self).__name__} has {key}={value!r}, "
+                    f"got {hyper[key]!r:.40}"
+                )
+        try:
+            kw, used = self._validated(hyper, lr, self.state)
+        except (TypeError, ValueError) as exc:  # named as the checkpoint's entry
+            name, _, why = str(exc).partition(": ")
+            where = f"['{name}']" if name in hyper else f": {name}"
+            raise type(exc)(f"state_dict['hyper']{where}: {why}") from None
         if set(state) != set(self.state):
             raise ValueError(
                 f"state_dict['state']: expected {sorted(self.state)}, got "
@@ -974,6 +995,8 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """``torch.optim.AdamW``: Adam with decoupled weight decay, default 1e-2 (its hyper-
     parameters keep ``decoupled_weight_decay``, so its state dicts are Adam's)."""
+
+    _FIXED_HYPER = {"decoupled_weight_decay": True}
 
     def __init__(
         self,
