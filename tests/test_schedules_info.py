@@ -183,6 +183,20 @@ def test_cli_without_command_fails(tmp_path):
     assert r.returncode != 0
 
 
+@pytest.mark.parametrize("command", ["bench", "demo"])
+def test_cli_refuses_unwritable_outputs_before_the_run(command, tmp_path, capsys):
+    """--json/--plot paths are checked first: a run of minutes is not lost at its end."""
+    from fastopt.__main__ import main
+
+    (tmp_path / "dir").mkdir()
+    for option, path, why in (("--json", tmp_path / "no" / "out.json", "there is no directory"),
+                              ("--plot", tmp_path / "dir", "is a directory")):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--quick", option, str(path)])
+        assert info.value.code == 2
+        assert f"error: {option} {path}: {why}" in capsys.readouterr().err
+
+
 def test_info_keys_and_types():
     info = fastopt.info()
     for key in ("version", "compiler", "openmp", "cpu_has_avx2_fma", "cpu_paths_built",

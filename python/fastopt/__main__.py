@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -29,6 +30,18 @@ def _print_info(as_json: bool) -> None:
     else:
         built = "built" if cuda["built"] else "not built"
         print(f"  {'cuda':<{width}}  {built}, not usable: {cuda['reason']}")
+
+
+def _unwritable(path: str) -> Optional[str]:
+    """Why no file can be written at ``path``, or None: checked before a run of minutes."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a directory"
+    if not os.path.isdir(folder):
+        return f"there is no directory {folder}"
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is not writable"
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -63,6 +76,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_demo.add_argument("--plot", metavar="FILE", help="PNG of every stage's panels")
     p_demo.add_argument("--json", metavar="FILE", help="write every result")
     args = parser.parse_args(argv)
+    for option in ("json", "plot") if args.command != "info" else ():
+        path = getattr(args, option)
+        why = path and _unwritable(path)
+        if why:
+            parser.error(f"--{option} {path}: {why}")
     if args.command == "info":
         _print_info(args.json)
         return 0
