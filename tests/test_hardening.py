@@ -440,7 +440,7 @@ def test_private_bindings_name_bad_scalars(case):
 # ---- item 7: no silent accepts ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("step", [2**70, 2**63 - 1, -1])
+@pytest.mark.parametrize("step", [2**70, 2**63, -1])
 def test_load_state_dict_refuses_steps_out_of_range(step, rng):
     opt, _ = adam_state_dict(rng)
     sd = opt.state_dict()
@@ -449,9 +449,26 @@ def test_load_state_dict_refuses_steps_out_of_range(step, rng):
     with pytest.raises(ValueError, match=r"state_dict\['step'\]"):
         opt.load_state_dict(sd)
     assert_unchanged(opt, snap)
-    sd["step"] = 2**63 - 2  # the last count a next step can follow
+    sd["step"] = 2**63 - 1  # the most a class counts: loaded, and no step after it
     opt.load_state_dict(sd)
-    assert opt.step_count == 2**63 - 2
+    assert opt.step_count == 2**63 - 1
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match=r"^step_count: "):
+        opt.step([fresh(rng, (9,)) for _ in range(2)])
+    assert_unchanged(opt, snap)
+
+
+def test_every_count_a_class_reaches_loads_again(rng):
+    """A class whose kernel takes no step count counts to the loader's limit, no further."""
+    opt = fastopt.RMSprop([fresh(rng, (5,))])
+    sd = opt.state_dict()
+    sd["step"] = 2**63 - 2
+    opt.load_state_dict(sd)
+    opt.step([np.ones(5, np.float32)])
+    with pytest.raises(ValueError, match=r"^step_count: "):
+        opt.step([np.ones(5, np.float32)])
+    opt.load_state_dict(opt.state_dict())
+    assert opt.step_count == 2**63 - 1
 
 
 @pytest.mark.parametrize(

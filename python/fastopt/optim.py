@@ -299,6 +299,8 @@ class Optimizer(Copies):
             if self._torch_params:
                 self._follow_torch_params()
             t = self._step + 1
+            if t > STEP_LIMIT:
+                raise ValueError(f"step_count: {self._step} steps taken, the most a class counts")
             kw = {**self._kw, "lr": self.current_lr()}
             # NAdam's mu_product, ASGD's eta and mu: a class's hyper-parameters hold for its
             # life (a loaded state_dict brings its own with its step count), so they follow
@@ -670,6 +672,7 @@ class Optimizer(Copies):
 
 
 _STATE_DICT_KEYS = ("optimizer", "step", "lr", "hyper", "state")
+STEP_LIMIT = 2**63 - 1  # the most steps a class counts (int64, as torch's)
 
 
 _FLOAT_STATE = ("float32", "float64", "float16", "bfloat16")
@@ -720,9 +723,9 @@ def _saved_step(step: Any) -> int:
     """A checkpoint's step count: an integer the next steps can count on from (int64)."""
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
         raise ValueError(f"state_dict['step']: expected an integer >= 0, got {step!r:.40}")
-    if not 0 <= int(step) < 2**63 - 1:
+    if not 0 <= int(step) <= STEP_LIMIT:
         raise ValueError(
-            f"state_dict['step']: expected an integer in [0, 2**63 - 1), got {int(step)}"
+            f"state_dict['step']: expected an integer in [0, 2**63 - 1], got {int(step)}"
         )
     return int(step)
 
