@@ -105,6 +105,20 @@ def test_host_norm_is_a_float_of_the_float64_total(rng):
     assert norm == pytest.approx(reference.grad_norm(grads), rel=1e-14)
 
 
+@pytest.mark.parametrize("inf", [math.inf, np.float64(np.inf), np.float32(np.inf),
+                                 np.float16(np.inf)], ids=["python", "f64", "f32", "f16"])
+def test_an_infinite_limit_of_any_float_type_never_clips(inf, rng):
+    grads = fresh_grads(rng, np.float32, [4097, 33])
+    kept = [g.copy() for g in grads]
+    assert fastopt.clip_grad_norm_(grads, inf) == fastopt.clip_grad_norm_(kept, math.inf)
+    assert all(np.array_equal(a, b) for a, b in zip(grads, kept))
+    params = [g.copy() for g in grads]
+    fastopt.AdamW(params, lr=1e-3).step(grads, max_grad_norm=inf)  # (the step's own limit)
+    p = [rng.standard_normal((3, 4)).astype(np.float32)]
+    fastopt.adafactor_(p, [np.ones((3, 4), np.float32)], [np.zeros((3, 1), np.float32)],
+                       [np.zeros((1, 4), np.float32)], [None], step=1, d=inf)
+
+
 # ---- bit identity across CPU paths, thread counts and alignments -------------------------
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)

@@ -13,6 +13,12 @@ import numpy as np
 __all__ = ["real", "flag", "step_count", "whole", "renamed_entries"]
 
 
+def is_inf(value: Any) -> bool:
+    """Whether ``value`` is +inf as a float (Python's or NumPy's, any width): where an
+    option takes inf beside finite reals (a clip that never clips)."""
+    return isinstance(value, (float, np.floating)) and value == math.inf
+
+
 def real(
     name: str,
     value: Any,

@@ -35,6 +35,7 @@ the CPU's results within float rounding, not bit for bit.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -42,7 +43,7 @@ import numpy as np
 
 from . import _arrays, functional
 from ._arrays import ArrayOrList, as_list
-from ._validate import flag, real, step_count
+from ._validate import flag, is_inf, real, step_count
 from .optim import (
     Copies,
     _check_params,
@@ -95,8 +96,8 @@ def adafactor_hyper(
 
 def _at_least_one(name: str, value: Any) -> float:
     """d: a real >= 1, inf allowed (no clipping of the update), as torch allows."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == float("inf"):
-        return float("inf")
+    if is_inf(value):
+        return math.inf
     return real(name, value, lo=1.0)
 
 

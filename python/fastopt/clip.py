@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _arrays, _ext
 from ._arrays import ArrayOrList
-from ._validate import flag, real
+from ._validate import flag, is_inf, real
 
 __all__ = ["clip_grad_norm_"]
 
@@ -48,8 +48,8 @@ def norm_type_of(value: Any) -> float:
 
 def max_norm_of(value: Any, name: str = "max_norm") -> float:
     """``max_norm`` checked: a real number >= 0 (inf: measure the norm, never clip)."""
-    if isinstance(value, float) and value == math.inf:
-        return value
+    if is_inf(value):
+        return math.inf
     return real(name, value, lo=0.0)
 
 
