@@ -284,6 +284,25 @@ def test_choose_qparams_formula(backend, in_dtype, case, rng):
             assert str(error.value) == str(cpu_error.value)
 
 
+@pytest.mark.parametrize("axis", [None, 0])
+def test_choose_qparams_of_a_range_past_float32_is_finite(axis, rng):
+    """max - min past float32's largest value (finite ends): the scale is its float64
+    quotient, rounded (torch's observer, in float32, gives inf), and x round-trips."""
+    x = fresh(rng, (2, 37), np.float32)
+    x[0, 3], x[0, 9] = -3e38, 3e38
+    for qdtype in QDTYPES:
+        _, qmin, qmax = QRANGE[qdtype]
+        scale, zp = fastopt.choose_qparams(x, symmetric=False, axis=axis, dtype=qdtype)
+        first = np.float32(np.asarray(scale).reshape(-1)[0])
+        assert first == np.float32((3e38 - np.float64(np.float32(-3e38))) / (qmax - qmin))
+        q = (fastopt.quantize_per_tensor(x, scale, zp, qdtype) if axis is None
+             else fastopt.quantize_per_channel(x, scale, zp, axis, qdtype))
+        back = (fastopt.dequantize(q, scale, zp) if axis is None
+                else fastopt.dequantize(q, scale, zp, axis))
+        assert np.all(np.isfinite(back))
+        assert np.abs(back[0].astype(np.float64) - x[0]).max() <= first
+
+
 @pytest.mark.parametrize("axis", [None, 0, 1])
 def test_choose_qparams_zero_input_gives_eps(cpu_path, axis, rng):
     x = np.zeros((4, 37), np.float32)

@@ -311,15 +311,24 @@ _EPS32 = np.finfo(np.float32).eps
 def _qparams_from_minmax(
     mins: np.ndarray, maxs: np.ndarray, symmetric: bool, qmin: int, qmax: int, qdt: np.dtype
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Float32 throughout; rint(lo / scale) is an integer within [-256, 0] (scale is at
-    least (hi - lo) / (qmax - qmin)), so the zero point's float32 arithmetic is exact."""
+    """Float32 throughout (but hi - lo past float32's range, taken in float64); rint(lo /
+    scale) is an integer within [-256, 0] (scale is at least (hi - lo) / (qmax - qmin)), so
+    the zero point's float32 arithmetic is exact."""
     f32 = np.float32
     lo = np.minimum(mins, f32(0))
     hi = np.maximum(maxs, f32(0))
     if symmetric:
         scale = np.maximum(np.maximum(-lo, hi) / f32(127), _EPS32)
         return scale, np.full(mins.shape, 0 if qdt == np.int8 else 128, dtype=np.int32)
-    scale = np.maximum((hi - lo) / f32(qmax - qmin), _EPS32)
+    with np.errstate(over="ignore"):
+        span = hi - lo
+    wide = np.isinf(span)  # (finite ends, past float32's range apart: the quotient fits)
+    if wide.any():
+        span = np.where(wide, f32(0), span)
+    scale = span / f32(qmax - qmin)
+    if wide.any():
+        scale[wide] = ((hi[wide].astype(np.float64) - lo[wide]) / (qmax - qmin)).astype(f32)
+    scale = np.maximum(scale, _EPS32)
     zp = np.clip(f32(qmin) - np.rint(lo / scale), qmin, qmax).astype(np.int32)
     return scale, zp
 
