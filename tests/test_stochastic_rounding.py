@@ -197,3 +197,100 @@ def test_bfloat16_training_with_stochastic_rounding_tracks_float32(device):
     assert isinstance(opt.param_groups[0]["rounding_seed"], int)
     assert abs(sr - fp32) <= 0.02 * fp32, (sr, fp32, nearest)
     assert nearest > sr  # round-to-nearest loses the small late updates
+
+
+# ---- fastopt.torch: the keys of a group's steps ----------------------------------------------
+
+def _torch_class(name):
+    import fastopt.torch as ft
+
+    cls = ft.CLASSES[name]
+    kwargs = {"lr": 1e-3} if name in ("sgd", "sophia", "lion") else {}
+    if name == "sgd":
+        kwargs["momentum"] = 0.9
+    return cls, kwargs
+
+
+def _torch_run(name, steps, between=None, seed=5):
+    """bfloat16 params stepped with stochastic rounding; ``between(opt)`` before each step
+    (returning the optimizer to go on with)."""
+    cls, kwargs = _torch_class(name)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(torch.bfloat16))
+              for s in [(33,), (4097,)]]
+    grads = [[torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in params]
+             for _ in range(steps)]
+    opt = cls(params, stochastic_rounding=True, seed=seed, **kwargs)
+    for step in grads:
+        if between is not None:
+            opt = between(opt)
+        for p, grad in zip(params, step):
+            p.grad = grad.clone()
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "lion", "rprop", "adamw", "adagrad"])
+def test_torch_rounding_goes_on_through_checkpoints_and_copies(name):
+    """A step's keys are the group's (its seed and its count of steps, "rounding_step"), so
+    a state_dict loaded back, a rebuild or a copy goes on with the same bits; they restarted
+    at step 1 for the classes without a step count in their state (SGD, RMSprop, Lion...)."""
+    import copy
+
+    plain, opt = _torch_run(name, 6)
+    assert opt.param_groups[0]["rounding_step"] == 6
+    reloaded, _ = _torch_run(name, 6, lambda o: (o.load_state_dict(o.state_dict()), o)[1])
+    for a, b in zip(plain, reloaded):
+        assert torch.equal(a, b)
+    params, opt = _torch_run(name, 3)
+    copies, twin = copy.deepcopy((params, opt))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+    for a, b in zip(params, copies):
+        assert torch.equal(a, b)
+
+
+def test_torch_rounding_differs_between_groups_and_never_sticks():
+    """Two groups with the same seed round the same values differently (the group's place
+    is in the key); a param whose neighbour has no grad every other step still gets new
+    bits at every step: an update of 0.3 ulp moves about 30% of the elements per step,
+    none stuck."""
+    import fastopt.torch as ft
+
+    a = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
+    other = torch.nn.Parameter(torch.ones(16, dtype=torch.bfloat16))
+    opt = ft.SGD([{"params": [a, other]}, {"params": [b]}], lr=0.3 * 2**-7,
+                 stochastic_rounding=True, seed=3)
+    moved = torch.zeros(8192, dtype=torch.int32)
+    for step in range(40):
+        before = a.detach().clone()
+        a.grad = torch.full_like(a, -1.0)  # +0.3 ulp of 1.0 (2**-7) per step
+        b.grad = torch.full_like(b, -1.0)
+        other.grad = torch.ones_like(other) if step % 2 else None
+        opt.step()
+        moved += (a != before).int()
+        if step == 0:
+            assert not torch.equal(a, b)
+    assert (moved == 0).float().mean() < 0.01  # each element moved at some step
+    assert 0.2 < moved.float().mean() / 40 < 0.4
+
+
+def test_torch_rounding_step_is_checked():
+    import fastopt.torch as ft
+
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = ft.SGD([p], lr=0.1, stochastic_rounding=True, seed=3)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    before = p.detach().clone()
+    for bad, error in ((-1, ValueError), (2.5, TypeError), (2**63 - 1, ValueError)):
+        opt.param_groups[0]["rounding_step"] = bad
+        with pytest.raises(error, match=r"^param_groups\[0\]\['rounding_step'\]"):
+            opt.step()
+        assert torch.equal(p, before)

@@ -134,8 +134,10 @@ Decisions, where torch.optim offers a choice:
 - ``stochastic_rounding=`` (every class, keyword-only, a group option; default False): the
   group's bfloat16 params are rounded stochastically at every step (unbiased; bfloat16
   training without float32 master weights), keyed by the group's ``"rounding_seed"`` (from
-  ``seed=``, drawn when None; checkpoints carry it), the step count and the param's place:
-  reproducible. The group's other params round to nearest as always.
+  ``seed=``, drawn when None), the group's count of such steps (``"rounding_step"``, set in
+  the group by its first step), the group's place and the param's: reproducible, and a
+  checkpoint or a copy carries both group keys, so it goes on with the next keys. The
+  group's other params round to nearest as always.
 - ``masks=`` (every class, keyword-only; or ``set_masks`` later): pruning masks, e.g. from
   ``fastopt.prune_magnitude``, as a dict {param: mask} or one mask per param. Where a mask is
   False the step sets the param to 0 and leaves its state untouched, inside the one fused
@@ -760,7 +762,9 @@ class _GroupCache:
 
 
 # One kernel call of a step: see _FusedOptimizer._prepare_group.
-_Call = Tuple[str, _Bucket, List[Any], Dict[str, Any], float, Optional[int]]
+# stochastic rounding's key of a step: (the group's seed, the group's step, the group's place)
+_Rounding = Optional[Tuple[int, int, int]]
+_Call = Tuple[str, _Bucket, List[Any], Dict[str, Any], float, _Rounding]
 
 
 class _Unsettled(NamedTuple):
@@ -1541,7 +1545,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
             for run in runs:
                 self._run(run, grad_scale, on_device)
         finally:  # the buckets counted, also when an exception follows their call
-            stepped = [run[1] for run, done in zip(runs, counts) if run[1].done != done]
+            ran = [run for run, done in zip(runs, counts) if run[1].done != done]
+            for run in ran:  # (a group's next rounding step, once one of its calls ran)
+                if run[5] is not None:
+                    self.param_groups[run[5][2]]["rounding_step"] = run[5][1]
+            stepped = [run[1] for run in ran]
             if scaler is not None and stepped:
                 self._unsettled = _Unsettled.behind(scaler["found_inf"], stepped)
 
@@ -1622,7 +1630,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         ):
             rebuilt.append(self._build(index, group, grads, used))
             cache = rebuilt[-1].cache
-        seed = int(group["rounding_seed"]) if group.get("stochastic_rounding") else None
+        rounding: _Rounding = None
+        if group.get("stochastic_rounding"):
+            # the group counts its stochastically rounded steps itself ("rounding_step", a
+            # group key as its seed): a rebuild, a copy or a checkpoint goes on with the
+            # next key, whatever its buckets and their params' step counts
+            taken = group.get("rounding_step", 0)
+            if type(taken) is not int or not 0 <= taken < 2**63 - 1:
+                taken = whole(f"{where}['rounding_step']", taken, 0, 2**63 - 1)
+            rounding = (int(group["rounding_seed"]), taken + 1, index)
         for bucket in cache.buckets:
             runs.append(
                 (
@@ -1631,7 +1647,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     grads if cache.whole else [grads[i] for i in bucket.index],
                     kw,
                     lr,
-                    seed,
+                    rounding,
                 )
             )
 
@@ -1646,7 +1662,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         of what it reads from device memory (a GradScaler's tensors, see _device_scaler,
         or a grad norm to clip by, see step_grad_scale); ``check_only``: its checks,
         nothing run."""
-        where, bucket, grads, kw, lr, rounding_seed = run
+        where, bucket, grads, kw, lr, rounding = run
         if bucket.inference and not torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "Inplace update to inference tensor outside InferenceMode is "
@@ -1673,12 +1689,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "absmax": bucket.absmax}
         if bucket.masters is not None:  # stepped in the params' place, the params written rounded
             extra = {**extra, "master_params": bucket.masters}
-        if rounding_seed is not None and bucket.params[0].dtype == torch.bfloat16:
-            # this step's and this bucket's seed: the kernel adds each param's place
-            key = functional.step_seed(rounding_seed, bucket.done + 1, bucket.index[0])
+        if rounding is not None and bucket.params[0].dtype == torch.bfloat16:
+            # this step's and this bucket's seed (its group's place and its first param's
+            # place in the group): the kernel adds each param's place in the call
+            seed, step, group_index = rounding
+            key = functional.step_seed(seed, step, group_index << 32 | bucket.index[0])
             extra = {**extra, "stochastic_seed": key}
         if self._spec.takes_step:
-            extra = {**extra, "step": bucket.done + 1}
+            # (where torch keeps no count, SGD, the kernel tells only the first step from
+            # the others: 2 for every later one, whatever a rebuild left in bucket.done, so
+            # the stochastic rounding key, which mixes in the step, is the group's alone)
+            step = bucket.done + 1 if self._tracks_step else min(bucket.done + 1, 2)
+            extra = {**extra, "step": step}
         # The carried hyper-parameters (NAdam's mu_product, ASGD's eta and mu): the values
         # this step takes, and what the state holds after it, as torch computes them.
         advanced: Dict[str, float] = {}
