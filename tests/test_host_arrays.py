@@ -492,3 +492,46 @@ def test_array_classes_follow_torch_params_moved_in_place(how, rng):
                     p.data = p.data.clone()
     for p, r in zip(params, ref):
         np.testing.assert_array_equal(p.numpy(), r)
+
+
+# ---- autograd's version counters --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_written_tensor_has_its_version_bumped(name, dtype, rng):
+    """A step writes torch tensors as torch's in-place ops do: their version counters move
+    (those it only reads do not), so a backward through a param saved before the step
+    raises as with torch.optim."""
+    h = hyper(name)
+    arrays = make_arrays(name, h, 33, dtype, rng)
+    written = {role: w for role, _, w in roles(name, h)}
+    before = {k: a._version for k, a in arrays.items() if a is not None}
+    call(name, arrays, h)
+    for role, version in before.items():
+        moved = arrays[role]._version > version
+        assert moved == bool(written[role]), role
+
+
+def test_a_backward_through_a_param_stepped_since_raises(rng):
+    w = torch.from_numpy(rng.standard_normal(9).astype(np.float32)).requires_grad_()
+    for step in (lambda: fastopt.sgd_(w.data, torch.ones(9), lr=0.1),  # .data: a new tensor
+                 lambda: None):
+        loss = (w * w).sum()
+        step()
+        loss.backward()  # nothing it saved was written
+    cases = {
+        "functional": lambda p, g: fastopt.adamw_(p, g, torch.zeros(9), torch.zeros(9), step=1),
+        "array class": lambda p, g: fastopt.AdamW([p]).step([g]),
+        "adafactor": lambda p, g: fastopt.adafactor_([p], [g], [None], [None],
+                                                     [torch.zeros(9)], step=1),
+        "clip in place": lambda p, g: fastopt.clip_grad_norm_([p], 1e-3),
+    }
+    for what, write in cases.items():
+        p = torch.from_numpy(rng.standard_normal(9).astype(np.float32)).requires_grad_()
+        x = torch.from_numpy(rng.standard_normal(9).astype(np.float32))
+        loss = (p * p * x).sum()
+        with torch.no_grad():
+            write(p, torch.ones(9))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        assert p._version > 0, what

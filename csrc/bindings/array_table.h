@@ -98,6 +98,19 @@ class ArrayTable {
     return t;
   }
   cpu::DType dtype() const { return dtype_; }
+  // Once the kernel has written the call's arrays: the version counters of the torch
+  // tensors among them bumped (torch.autograd.graph.increment_version), as torch's own
+  // in-place ops bump theirs, so that autograd refuses a backward through a tensor written
+  // since a forward saved it. Nothing for NumPy arrays (nor inference tensors).
+  void bump_versions() const {
+    if (torch_written_.empty()) return;
+    const TorchTypes* tt = torch_types();
+    if (!tt || tt->increment_version.is_none()) return;
+    py::list written(torch_written_.size());
+    for (size_t i = 0; i < torch_written_.size(); ++i)
+      written[i] = py::reinterpret_borrow<py::object>(torch_written_[i]);
+    tt->increment_version(written);
+  }
   // The state arrays' type: the params' state type, bfloat16, or u8 for 8-bit state (the
   // first state array decides; the others must match it).
   cpu::DType state_dtype() const { return state_dtype_ ? *state_dtype_ : cpu::state_dtype(dtype_); }
@@ -455,6 +468,7 @@ class ArrayTable {
       const bool tensor = !numpy && !exchanged && is_torch_tensor(item, w);
       keep_.push_back(numpy || exchanged || tensor ? py::reinterpret_borrow<py::object>(item)
                                                    : adapt(w.str(), item));
+      if ((exchanged || tensor) && role.written) torch_written_.push_back(item);
       if (tensor) describe_torch(a, item, w, role.written, mask, state);
       else if (!exchanged) describe_numpy(a, keep_.back().ptr(), w, mask, state);
       if (r == 0 && i == 0) {
@@ -546,6 +560,7 @@ class ArrayTable {
       const bool tensor = !numpy && is_torch_tensor(item, w);
       keep_.push_back(numpy || tensor ? py::reinterpret_borrow<py::object>(item)
                                       : adapt(w.str(), item));
+      if (tensor && written) torch_written_.push_back(item);
       HostArray& a = scratch_;
       if (tensor) describe_torch(a, item, w, written, false);
       else describe_numpy(a, keep_.back().ptr(), w, false);
@@ -592,6 +607,7 @@ class ArrayTable {
     py::object parameter;  // torch.nn.Parameter (None if absent)
     py::object is_neg, is_inference;  // torch.Tensor's methods, called unbound
     const dlpack::ExchangeApi* exchange;  // torch.Tensor.__dlpack_c_exchange_api__, or null
+    py::object increment_version;  // torch.autograd.graph.increment_version (None if absent)
   };
   static const TorchTypes* torch_types() {
     static TorchTypes* types = nullptr;  // never destroyed: no Python at exit
@@ -610,8 +626,16 @@ class ArrayTable {
                            m.attr("bool"), m.attr("uint8"), m.attr("is_inference_mode_enabled"),
                            nn.is_none() ? py::none() : py::getattr(nn, "Parameter", py::none()),
                            tensor.attr("is_neg"), tensor.attr("is_inference"),
-                           exchange_api(tensor)};
+                           exchange_api(tensor), increment_version(m)};
     return types;
+  }
+  // torch.autograd.graph.increment_version (it takes a list since torch 2.1), or None.
+  static py::object increment_version(const py::object& torch) {
+    const py::object autograd = py::getattr(torch, "autograd", py::none());
+    const py::object graph =
+        autograd.is_none() ? py::object(py::none()) : py::getattr(autograd, "graph", py::none());
+    return graph.is_none() ? py::object(py::none())
+                           : py::getattr(graph, "increment_version", py::none());
   }
   // torch's DLPack exchange table (a capsule; an int in the first torch versions that had
   // one), if its major version is the one this ABI describes.
@@ -670,6 +694,7 @@ class ArrayTable {
   }
 
   std::vector<py::object> keep_;  // every array of the call, views of foreign ones included
+  std::vector<PyObject*> torch_written_;  // the torch tensors the call writes (held in keep_)
   std::vector<HostArray> params_;    // the params' descriptions
   HostArray scratch_;                // the description of the current non-param array
   bool listed_;

@@ -54,6 +54,7 @@ void step(const fastopt::bindings::CallArgs& args, const typename Opt::Hyper* bo
   run_released([&] {
     cpu::step<Opt>(table, arrays.dtype(), arrays.state_dtype(), call.hyper, call.options);
   });
+  arrays.bump_versions();
 }
 
 struct Steps {
@@ -513,6 +514,7 @@ void scale_grads(py::object grads, py::object listed_arg, py::object coefficient
   const std::array<RoleSpec, 1> roles{{{"grads", grads, true, fastopt::RoleKind::param}}};
   const ArrayTable arrays(roles, listed);
   run_released([&] { cpu::scale_grads(arrays.table(), arrays.dtype(), coefficient); });
+  arrays.bump_versions();
 }
 
 // ---- Adafactor ---------------------------------------------------------------------------
@@ -619,6 +621,8 @@ void adafactor_step(py::object params, py::object grads, py::object row_vars, py
   if (fastopt::bindings::scalar_arg<bool>(check_only, "check_only")) return;
   const cpu::DType dtype = main.dtype();
   run_released([&] { cpu::adafactor_step(dtype, work.data(), int64_t(n), h); });
+  main.bump_versions();
+  for (const auto& t : tables) t->bump_versions();
 }
 
 // An optimizer class's params checked as its steps will check them (dtype, dense layout,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterable, List, Tuple
 
 import numpy as np
 
@@ -100,6 +100,16 @@ def _is_torch(a: Any) -> bool:
     imports torch: a caller holding a tensor has."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(a, torch.Tensor)
+
+
+def bump_versions(arrays: Iterable[Any]) -> None:
+    """``torch.autograd.graph.increment_version`` of the torch tensors among ``arrays``,
+    written in place by a kernel (torch's own in-place ops bump theirs)."""
+    tensors = [a for a in arrays if _is_torch(a)]
+    if tensors:
+        import torch
+
+        torch.autograd.graph.increment_version(tensors)
 
 
 def refuse_inference_write(name: str, a: Any) -> None:

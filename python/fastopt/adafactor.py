@@ -142,6 +142,10 @@ def run_step(
         stochastic_seed=seed,
         master_params=masters,
     )
+    if extra and not check_only:  # (the CPU binding bumps the torch tensors it wrote)
+        _arrays.bump_versions(
+            a for arrays in (params, row_vars, col_vars, variances) for a in arrays
+        )
 
 
 def adafactor_(

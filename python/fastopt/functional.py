@@ -249,6 +249,13 @@ class StepKernel:
             # on the step's stream (the params' library's), whichever library the grads are
             norm, extra = self.clip(lists, listed, extra, max_grad_norm, device.get("stream"))
         kernel(*lists, listed, **extra, **device)
+        if not host:  # (the CPU binding bumps the torch tensors it wrote)
+            _arrays.bump_versions(
+                a
+                for arrays, role in zip(lists, self.spec.arrays)
+                if role.written and arrays is not None
+                for a in arrays
+            )
         return norm
 
     @staticmethod

@@ -46,7 +46,7 @@ from __future__ import annotations
 import copy
 import inspect
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -373,7 +373,26 @@ class Optimizer(Copies):
             finally:
                 if not refused:
                     self._queued_on(stream)
+                    self._bump_versions(call_lists for call_lists, _, _ in runs)
         return norm
+
+    def _bump_versions(self, lists: Iterable[List[Any]]) -> None:
+        """After a step: the version counters of the torch tensors it wrote bumped, as
+        torch's in-place ops bump theirs (a backward through a param saved by a forward
+        before the step then raises, as with torch.optim). PyTorch CPU params are stepped
+        through NumPy views: their tensors here; torch tensors the CPU kernel was handed
+        itself (state replaced by one) it bumps; on the GPU every written one here."""
+        if self._torch_params:
+            _arrays.bump_versions(self._torch_params)
+        elif not self._host and _arrays._is_torch(self.params[0]):
+            written = [role.written for role in self._spec.arrays]
+            _arrays.bump_versions(
+                a
+                for call in lists
+                for arrays, w in zip(call, written)
+                if w and arrays is not None
+                for a in arrays
+            )
 
     def _follow_torch_params(self) -> None:
         """PyTorch CPU params whose memory moved in place since the last step: their NumPy
