@@ -535,3 +535,26 @@ def test_a_backward_through_a_param_stepped_since_raises(rng):
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
         assert p._version > 0, what
+
+
+def test_outputs_written_in_place_have_their_versions_bumped(rng):
+    """Newton's params and the out= arrays of quantization and pruning, torch tensors, are
+    written as by torch's in-place ops."""
+    x = torch.from_numpy(rng.standard_normal((4, 64)).astype(np.float32))
+    writes = {
+        "quantize out": (lambda o: fastopt.quantize_per_tensor(x, 0.1, 0, out=o[0]),
+                         [torch.empty((4, 64), dtype=torch.int8)]),
+        "dequantize out": (lambda o: fastopt.dequantize(torch.ones((4, 64), dtype=torch.int8),
+                                                         0.1, 0, out=o[0]),
+                           [torch.empty((4, 64))]),
+        "blockwise out": (lambda o: fastopt.quantize_blockwise(x, 64, out=(o[0], o[1])),
+                          [torch.empty((4, 64), dtype=torch.int8), torch.empty(4)]),
+        "prune out": (lambda o: fastopt.prune_magnitude([x], 0.5, out=[o[0]]),
+                      [torch.empty((4, 64), dtype=torch.bool)]),
+        "newton params": (lambda o: fastopt.newton_(
+            o[0], torch.ones((3, 2)), torch.eye(2).expand(3, 2, 2).contiguous()),
+            [torch.ones((3, 2))]),
+    }
+    for what, (write, tensors) in writes.items():
+        write(tensors)
+        assert all(t._version > 0 for t in tensors), what

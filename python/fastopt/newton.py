@@ -19,6 +19,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from . import _arrays
 from ._kernels import Call
 from ._validate import real
 
@@ -104,6 +105,8 @@ def newton_(
     if on_failure == "raise":
         _raise_unless_all_solved(call, solved, batch_shape)
         call.kernels.newton_apply(p, d, None, lr, call.stream)
+        _arrays.bump_versions([params])
         return None
     call.kernels.newton_apply(p, d, solved, lr, call.stream)
+    _arrays.bump_versions([params])
     return solved

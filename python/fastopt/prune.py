@@ -161,6 +161,7 @@ def prune_magnitude(
         counts = _prune_counts([math.prod(shape) for shape in shapes], s, scope)
         kernels.prune_magnitude(alist, masks, counts, stream_arg)
     if out is not None:
+        _arrays.bump_versions(out_list or [])
         return out
     if host:
         masks = [kind.wrap(m) for kind, m in zip(kinds, masks)]

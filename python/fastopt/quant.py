@@ -204,6 +204,7 @@ def _quantize_affine(
         return kind.wrap(q)
     if not direct:
         call.copy(out_array, q)
+    _arrays.bump_versions([out])
     return out
 
 
@@ -268,7 +269,10 @@ def dequantize(
         else call.empty(qa, shape, xdt)
     )
     call.kernels.dequantize_affine(qa, x, scales, zero_points, axis, call.stream)
-    return out if out is not None else kind.wrap(x)
+    if out is None:
+        return kind.wrap(x)
+    _arrays.bump_versions([out])
+    return out
 
 
 def choose_qparams(
@@ -399,6 +403,7 @@ def quantize_blockwise(
     if not direct:
         call.copy(q_out, q)
         call.copy(absmax_out, absmax)
+    _arrays.bump_versions(out)
     return out
 
 
@@ -424,4 +429,7 @@ def dequantize_blockwise(
         else call.empty(qa, shape, xdt)
     )
     call.kernels.dequantize_blockwise(qa, am, x, block, call.stream)
-    return out if out is not None else kind.wrap(x)
+    if out is None:
+        return kind.wrap(x)
+    _arrays.bump_versions([out])
+    return out
