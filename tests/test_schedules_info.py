@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import fastopt
@@ -272,7 +273,10 @@ def test_set_cpu_path_avx2_refused_without_avx2():
 
 
 def test_set_num_threads_round_trip():
-    for n in (1, 3, 2):
+    for n in (1, 3, 2, np.int64(2), np.uint8(1)):
         with using_threads(n):
             assert fastopt.get_num_threads() == n
             assert fastopt.info()["num_threads"] == n
+    for bad in (True, np.bool_(True), 2.0):
+        with pytest.raises(TypeError, match=r"^n: expected an int >= 1"):
+            fastopt.set_num_threads(bad)

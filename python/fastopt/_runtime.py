@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import platform
 import warnings
@@ -15,8 +16,9 @@ from ._ext import _cpu, cuda_status
 def set_num_threads(n: int) -> None:
     """Threads used by the CPU kernels (default: OMP_NUM_THREADS, else all cores).
     Results are bit-identical for any thread count."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n: expected an int >= 1, got {type(n).__name__}")
+    n = int(n)  # (a NumPy integer too)
     if not -(2**63) <= n < 2**63:  # past the binding's 64-bit integer, which checks the range
         raise ValueError(f"n: number of threads out of range, got {n}")
     _cpu.set_num_threads(n)
