@@ -1212,6 +1212,19 @@ def test_bad_hyper_parameters_name_the_group_and_change_nothing():
         ft.Adam([x]).step()
 
 
+def test_a_non_tensor_put_in_a_group_is_named():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.AdamW([p])
+    for bad in (3.0, None):
+        opt.param_groups[0]["params"].append(bad)
+        p.grad = torch.ones(3)
+        with pytest.raises(TypeError, match=r"^param_groups\[0\]\['params'\]\[1\]: expected a "
+                                            r"torch tensor, got"):
+            opt.step()
+        assert torch.equal(p.detach(), torch.ones(3))
+        opt.param_groups[0]["params"].pop()
+
+
 def test_add_param_group_midway():
     (tp, topt, _), (fp, fopt, _) = _pair("Adam", {}, 0.01)
     extra = [torch.randn(5, dtype=torch.float32, requires_grad=True) for _ in range(2)]

@@ -1608,7 +1608,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         kw, used = self._validate_group(where, group)
         lr = self._lr(where, group)
         params = group["params"]
-        grads = list(map(_GRAD, params))
+        try:
+            grads = list(map(_GRAD, params))
+        except AttributeError:  # something else put in the list since it was checked
+            for i, p in enumerate(params):
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(
+                        f"{where}['params'][{i}]: expected a torch tensor, got {type(p).__name__}"
+                    ) from None
+            raise
         has_grad = list(map(operator.is_not, grads, itertools.repeat(None)))
         cache = self._caches.get(index)
         if (
