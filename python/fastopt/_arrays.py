@@ -74,14 +74,21 @@ def to_host_array(name: str, a: Any) -> Any:
                 f"{name}: is a {'negative' if a.is_neg() else 'conjugate'} view; call "
                 f".resolve_{'neg' if a.is_neg() else 'conj'}() first"
             )
+        if a.dtype == sys.modules["torch"].bfloat16:  # NumPy has none: its bits viewed
+            try:
+                import ml_dtypes
+            except ImportError:
+                raise TypeError(
+                    f"{name}: a bfloat16 tensor is read here as an ml_dtypes.bfloat16 "
+                    "array: install ml_dtypes (or step it with fastopt.torch or the "
+                    "functional steps, which take bfloat16 tensors as they are)"
+                ) from None
+            bits = a.detach().view(sys.modules["torch"].int16)  # (shares memory)
+            return bits.numpy().view(ml_dtypes.bfloat16)
         try:
             return a.detach().numpy()  # shares memory; writes land in the tensor
-        except (TypeError, RuntimeError) as exc:  # e.g. bfloat16 has no NumPy view
-            raise TypeError(
-                f"{name}: a {a.dtype} tensor has no NumPy view ({exc}); the fastopt functions "
-                "take bfloat16 tensors (they view the bits), the compiled ones NumPy arrays "
-                "(ml_dtypes.bfloat16)"
-            ) from None
+        except (TypeError, RuntimeError) as exc:  # a dtype NumPy has not
+            raise TypeError(f"{name}: a {a.dtype} tensor has no NumPy view ({exc})") from None
     if on_device(a):
         raise _not_a_host_array(name)
     raise TypeError(
