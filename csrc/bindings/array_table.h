@@ -629,8 +629,14 @@ class ArrayTable {
                            exchange_api(tensor), increment_version(m)};
     return types;
   }
-  // torch.autograd.graph.increment_version (it takes a list since torch 2.1), or None.
+  // torch.autograd.graph.increment_version (it takes a list since torch 2.1) -- the C
+  // function it wraps, torch._C._increment_version, where torch has it (a third of the
+  // wrapper's cost) -- or None.
   static py::object increment_version(const py::object& torch) {
+    const py::object c = py::getattr(torch, "_C", py::none());
+    const py::object direct =
+        c.is_none() ? py::object(py::none()) : py::getattr(c, "_increment_version", py::none());
+    if (!direct.is_none()) return direct;
     const py::object autograd = py::getattr(torch, "autograd", py::none());
     const py::object graph =
         autograd.is_none() ? py::object(py::none()) : py::getattr(autograd, "graph", py::none());

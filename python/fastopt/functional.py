@@ -237,19 +237,21 @@ class StepKernel:
             )
         if rounding != "nearest" or seed is not None:
             extra.update(stochastic_rounding(rounding, seed))
+        gpu = False
         if host and checked.cpu_bound is not None:
             kernel, device = checked.cpu_bound, NO_KEYWORDS
         elif host:
             kernel, device = self.cpu_kernel, hyper_kw or checked.kw
         else:
             kernel, device = self.bound(lists, stream, plan)
+            gpu = bool(device)  # (the CUDA module's stream and plan; nothing on the host)
             device = {**(hyper_kw or checked.kw), **device}
         norm = None
         if max_grad_norm is not None:
             # on the step's stream (the params' library's), whichever library the grads are
             norm, extra = self.clip(lists, listed, extra, max_grad_norm, device.get("stream"))
         kernel(*lists, listed, **extra, **device)
-        if not host:  # (the CPU binding bumps the torch tensors it wrote)
+        if gpu:  # (the CPU binding bumps the torch tensors it wrote)
             _arrays.bump_versions(
                 a
                 for arrays, role in zip(lists, self.spec.arrays)

@@ -383,7 +383,7 @@ class Optimizer(Copies):
         through NumPy views: their tensors here; torch tensors the CPU kernel was handed
         itself (state replaced by one) it bumps; on the GPU every written one here."""
         if self._torch_params:
-            _arrays.bump_versions(self._torch_params)
+            _arrays.increment_versions(self._torch_params)
         elif not self._host and _arrays._is_torch(self.params[0]):
             written = [role.written for role in self._spec.arrays]
             _arrays.bump_versions(
