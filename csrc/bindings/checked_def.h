@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#include "bindings/optim_binding.h"
 
 namespace fastopt::bindings {
 
@@ -25,11 +26,10 @@ namespace py = pybind11;
 
 namespace checked {
 
-// One parameter: its name, its default (null: required) and whether it is keyword-only.
+// One parameter: its name and its default (null: required).
 struct Param {
   std::string name;
   py::object fallback;
-  bool keyword_only;
 };
 
 struct Signature {
@@ -64,7 +64,7 @@ struct Signature {
     std::vector<py::object> bound(params.size());
     for (size_t i = 0; i < args.size(); ++i) bound[i] = args[i];
     for (const auto& [key, value] : kwargs) {
-      const std::string name = keyword(key);
+      const std::string name = keyword_text(key.ptr());
       size_t i = 0;
       while (i < params.size() && params[i].name != name) ++i;
       if (i == params.size())
@@ -85,16 +85,8 @@ struct Signature {
   bool keyword_only_ = false;
 
   void push(const char* name, py::object fallback) {
-    params.push_back({name, std::move(fallback), keyword_only_});
+    params.push_back({name, std::move(fallback)});
     if (!keyword_only_) ++positional;
-  }
-  // A keyword's text (a lone surrogate, "\udc80", shown escaped rather than raising).
-  static std::string keyword(py::handle key) {
-    PyObject* bytes = PyUnicode_AsEncodedString(key.ptr(), "utf-8", "backslashreplace");
-    if (!bytes) throw py::error_already_set();
-    const std::string s = PyBytes_AS_STRING(bytes);
-    Py_DECREF(bytes);
-    return s;
   }
 };
 
