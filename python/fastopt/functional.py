@@ -252,13 +252,18 @@ class StepKernel:
             norm, extra = self.clip(lists, listed, extra, max_grad_norm, device.get("stream"))
         kernel(*lists, listed, **extra, **device)
         if gpu:  # (the CPU binding bumps the torch tensors it wrote)
-            _arrays.bump_versions(
-                a
-                for arrays, role in zip(lists, self.spec.arrays)
-                if role.written and arrays is not None
-                for a in arrays
-            )
+            self.bump_written(lists)
         return norm
+
+    def bump_written(self, lists: Sequence[Optional[List[Any]]]) -> None:
+        """After a GPU call over ``lists`` (binding order): the version counters of the
+        torch tensors of the roles it writes bumped, as torch's in-place ops bump theirs."""
+        _arrays.bump_versions(
+            a
+            for arrays, role in zip(lists, self.spec.arrays)
+            if role.written and arrays is not None
+            for a in arrays
+        )
 
     @staticmethod
     def clip(

@@ -385,14 +385,8 @@ class Optimizer(Copies):
         if self._torch_params:
             _arrays.increment_versions(self._torch_params)
         elif not self._host and _arrays._is_torch(self.params[0]):
-            written = [role.written for role in self._spec.arrays]
-            _arrays.bump_versions(
-                a
-                for call in lists
-                for arrays, w in zip(call, written)
-                if w and arrays is not None
-                for a in arrays
-            )
+            for call_lists in lists:
+                self._kernel.bump_written(call_lists)
 
     def _follow_torch_params(self) -> None:
         """PyTorch CPU params whose memory moved in place since the last step: their NumPy
