@@ -325,11 +325,8 @@ def _qparams_from_minmax(
         scale = np.maximum(np.maximum(-lo, hi) / f32(127), _EPS32)
         return scale, np.full(mins.shape, 0 if qdt == np.int8 else 128, dtype=np.int32)
     with np.errstate(over="ignore"):
-        span = hi - lo
-    wide = np.isinf(span)  # (finite ends, past float32's range apart: the quotient fits)
-    if wide.any():
-        span = np.where(wide, f32(0), span)
-    scale = span / f32(qmax - qmin)
+        scale = (hi - lo) / f32(qmax - qmin)
+    wide = np.isinf(scale)  # (finite ends, past float32's range apart: the quotient fits)
     if wide.any():
         scale[wide] = ((hi[wide].astype(np.float64) - lo[wide]) / (qmax - qmin)).astype(f32)
     scale = np.maximum(scale, _EPS32)
