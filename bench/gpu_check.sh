@@ -215,7 +215,6 @@ run_tests() {
   done
   # The bench's own tests start whole benchmarks (torch.compile peers): call 2 runs the bench.
   args+=(--ignore=tests/test_bench.py)
-  have_module xdist && args+=(-n "${TEST_WORKERS:-8}")
   t=$(limit "${TESTS_CUDA_S:-300}" 200)  # 200 s kept for the sanitizer stages
   if ! have_module pytest; then
     echo "pytest is not installed" > "$OUT/tests_cuda.log"
@@ -224,17 +223,34 @@ run_tests() {
   fi
   if (( t < 30 )); then record tests-cuda "NOT RUN" tests_cuda.log "out of time (${t}s left)"; return; fi
   : > "$OUT/failures.log"
-  {
-    echo "# $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p pytest_live_failures ${args[*]} -m cuda ${TESTS_ARGS:-tests/}   (cap ${t}s; left out, a module missing:${ignored:- none})"
+  # pytest over the tests marked $1 (a -m expression), with the workers where $2 is "-n"
+  cuda_pytest() {
+    local marks=$1 workers=() cap
+    [ "$2" = "-n" ] && have_module xdist && workers=(-n "${TEST_WORKERS:-8}")
+    cap=$(limit "$t" 200)
+    echo "# $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p pytest_live_failures ${args[*]} ${workers[*]} -m '$marks' ${TESTS_ARGS:-tests/}   (cap ${cap}s; left out, a module missing:${ignored:- none})"
     # shellcheck disable=SC2086  # TESTS_ARGS is a list of arguments
     # bench/pytest_live_failures.py: failures.log as tests fail, and the per-test limit
     # (a test past it has its stacks logged and its worker ended; xdist goes on).
     PYTHONPATH="$ROOT/bench:$PYTHONPATH" FASTOPT_FAILURES_LOG="$OUT/failures.log" \
       FASTOPT_TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-120}" \
-      timeout -k 10 "$t" "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider \
+      timeout -k 10 "$cap" "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider \
       -p pytest_live_failures --continue-on-collection-errors --durations=15 "${args[@]}" \
-      -m cuda ${TESTS_ARGS:-tests/}
-  } > "$OUT/tests_cuda.log" 2>&1
+      "${workers[@]}" -m "$marks" ${TESTS_ARGS:-tests/}
+  }
+  (
+    cuda_pytest "cuda and not device_wide" -n
+    rc=$?
+    # the tests that fill the GPU's memory, after the others and on one worker: beside
+    # other tests they would make those run out of memory
+    if (( rc != 124 && rc != 137 )); then
+      cuda_pytest "cuda and device_wide" ""
+      wide=$?
+      # one of the two collecting nothing (5) is no failure; either failing is
+      if (( wide != 5 )) && (( rc == 0 || rc == 5 )); then rc=$wide; fi
+    fi
+    exit "$rc"
+  ) > "$OUT/tests_cuda.log" 2>&1
   rc=$?
   summary=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/tests_cuda.log" | tail -1)
   if (( rc == 5 )); then

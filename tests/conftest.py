@@ -59,6 +59,8 @@ def pytest_configure(config):
     # Also declared in pyproject.toml; repeated so the suite runs from any directory.
     config.addinivalue_line("markers", "slow: long-running (large allocations)")
     config.addinivalue_line("markers", "cuda: needs a usable CUDA GPU (skipped otherwise)")
+    config.addinivalue_line(
+        "markers", "device_wide: fills the GPU's memory; bench/gpu_check.sh runs these alone")
 
 
 @contextlib.contextmanager

@@ -29,6 +29,19 @@ SPIN_CYCLES = 200_000_000  # ~0.1 s of GPU clock: far longer than queuing a call
 DELAY_BYTES, DELAY_COPIES = 256 << 20, 256
 
 
+def _fill_until_full(allocate, out_of_memory) -> None:
+    """Allocates blocks of 1 GiB, then halves, down to 512 KiB (the caches' smallest
+    segments are 2 MiB), until none fits; the blocks are freed on return, into the
+    library's cache."""
+    held, size = [], 1 << 30
+    while size >= 1 << 19:
+        try:
+            held.append(allocate(size))
+        except out_of_memory:
+            size //= 2
+    del held
+
+
 class TorchLib:
     """PyTorch CUDA tensors."""
 
@@ -131,6 +144,15 @@ class TorchLib:
 
     def free_memory(self) -> int:
         return self.torch.cuda.mem_get_info()[0]
+
+    def hold_device_in_cache(self) -> None:
+        """Allocates until the device is full, then frees it all: torch's cache holds
+        the device's memory, idle; ``release_cache`` gives it back."""
+        _fill_until_full(lambda n: self.torch.empty(n, dtype=self.torch.uint8, device="cuda"),
+                         self.torch.cuda.OutOfMemoryError)
+
+    def release_cache(self) -> None:
+        self.torch.cuda.empty_cache()
 
     def device_count(self) -> int:
         return self.torch.cuda.device_count()
@@ -256,6 +278,15 @@ class CupyLib:
 
     def free_memory(self) -> int:
         return self.cupy.cuda.runtime.memGetInfo()[0]
+
+    def hold_device_in_cache(self) -> None:
+        """Allocates until the device is full, then frees it all: CuPy's memory pool holds
+        the device's memory, idle; ``release_cache`` gives it back."""
+        _fill_until_full(lambda n: self.cupy.empty(n, dtype=np.uint8),
+                         self.cupy.cuda.memory.OutOfMemoryError)
+
+    def release_cache(self) -> None:
+        self.cupy.get_default_memory_pool().free_all_blocks()
 
     def device_count(self) -> int:
         return self.cupy.cuda.runtime.getDeviceCount()

@@ -13,6 +13,8 @@ end need no GPU.
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Dict
 
 import numpy as np
@@ -432,6 +434,64 @@ def test_float16_sgd_past_2_pow_31_elements(lib, rng):
                 "the small params", any_nan=True)
 
 
+@pytest.mark.device_wide
+def test_scratch_comes_from_memory_the_array_library_holds_idle(lib, rng):
+    # Clipping's partial sums (and the quantizers', Newton's, pruning's and Adafactor's
+    # scratch) come from the CUDA runtime's stream-ordered pool, which torch's and CuPy's
+    # caching allocators do not draw from. With the whole device held idle in the library's
+    # cache, the calls must still run: fastopt has the caches emptied and tries again.
+    # Beside other GPU tests it would make them run out of memory: it runs on one worker
+    # only (bench/gpu_check.sh runs the device_wide tests alone, after the others).
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        pytest.skip("fills the GPU's memory: run it alone (-m device_wide, no -n)")
+    host = [normal_nonzero(rng, s).astype(np.float32) for s in [(4097,), (33,)]]
+    grads = [lib.to_device(g) for g in host]
+    x = normal_nonzero(rng, (1000,)).astype(np.float32)
+    x_device = lib.to_device(x)
+    lib.synchronize()
+    lib.hold_device_in_cache()
+    try:
+        assert lib.free_memory() < 4 << 20, "the device is not full: the test would prove nothing"
+        norm = fastopt.clip_grad_norm_(grads, 0.5)
+        q, absmax = fastopt.quantize_blockwise(x_device, 256)
+        lib.synchronize()
+    finally:
+        lib.release_cache()
+    total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in host))
+    np.testing.assert_allclose(float(norm), total, rtol=1e-6)
+    for got, g in zip(grads, host):
+        np.testing.assert_allclose(lib.to_host(got, sync=True), g * (0.5 / (total + 1e-6)),
+                                   rtol=1e-5)
+    want_q, want_absmax = fastopt.quantize_blockwise(x, 256)
+    np.testing.assert_array_equal(lib.to_host(q, sync=True), want_q)
+    np.testing.assert_array_equal(lib.to_host(absmax, sync=True), want_absmax)
+
+
+def test_written_torch_tensors_have_their_versions_bumped(torch_lib, rng):
+    # As torch.optim: a backward through a param saved before the step raises instead of
+    # using the new values. The functional step, a class step and clipping each bump what
+    # they write (on the GPU in Python, after the launch).
+    torch = torch_lib.torch
+    p = torch.nn.Parameter(torch_lib.to_device(normal_nonzero(rng, (33,)).astype(np.float32)))
+    g = torch_lib.to_device(normal_nonzero(rng, (33,)).astype(np.float32))
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    before = [t._version for t in (p, m, v)]
+    with torch.no_grad():
+        fastopt.adamw_([p], [g], [m], [v], step=1, lr=0.01)
+    after = [t._version for t in (p, m, v)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+    opt = fastopt.AdamW([p], lr=0.01)
+    loss = (p * p).sum()  # saves p for the backward
+    version = p._version
+    opt.step([g])
+    assert p._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    version = g._version
+    fastopt.clip_grad_norm_([g], 1e-3)
+    assert g._version > version
+
+
 # ---- without a GPU ------------------------------------------------------------------------
 
 class DLPackOnly:
@@ -506,3 +566,33 @@ def test_on_device_tells_host_from_cuda_arrays():
     assert not _arrays.on_device(DLPackOnly(1))  # kDLCPU
     torch = pytest.importorskip("torch")
     assert not _arrays.on_device(torch.zeros(3))
+
+
+def test_release_device_caches_empties_what_is_loaded_and_starts_nothing(monkeypatch):
+    # The CUDA module's out-of-memory hook: CuPy's pool emptied where CuPy is loaded,
+    # torch's cache where torch has started CUDA; it neither imports a library nor
+    # starts CUDA in one (which would take a context's memory on a full device).
+    freed = []
+
+    class Pool:
+        def free_all_blocks(self):
+            freed.append("cupy")
+
+    class FakeCupy:
+        @staticmethod
+        def get_default_memory_pool():
+            return Pool()
+
+    monkeypatch.setitem(sys.modules, "cupy", FakeCupy)
+    _arrays.release_device_caches()
+    assert freed == ["cupy"]
+    monkeypatch.delitem(sys.modules, "cupy")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA is started in this process")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append("torch"))
+    _arrays.release_device_caches()
+    assert freed == ["cupy"] and not torch.cuda.is_initialized()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    _arrays.release_device_caches()
+    assert freed == ["cupy", "torch"]

@@ -26,6 +26,7 @@
 #include "cuda/optim_kernels.h"
 #include "cuda/prune_kernels.h"
 #include "cuda/quant_kernels.h"
+#include "cuda/scratch.h"
 #include "cuda_build_info.h"
 
 namespace py = pybind11;
@@ -347,22 +348,18 @@ int kernel_device(std::initializer_list<const KernelArg*> arrays, intptr_t strea
 
 // Device memory for one call (the first-bad index, per-channel parameters, a factor),
 // freed in stream order after the kernels that use it.
-class Scratch {
- public:
-  Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    if (bytes) DeviceGuard::check(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync");
-  }
-  ~Scratch() {
-    if (ptr_) cudaFreeAsync(ptr_, stream_);
-  }
-  template <class T> T* at(size_t byte_offset) const {
-    return reinterpret_cast<T*>(static_cast<char*>(ptr_) + byte_offset);
-  }
+using fastopt::cuda::Scratch;
 
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
+// The scratch allocator's out-of-memory hook (cuda/scratch.h): fastopt._arrays'
+// release_device_caches, which empties torch's and CuPy's caches of unused blocks. Its own
+// errors are dropped: the retried allocation's error is the one raised.
+void release_device_caches() {
+  py::gil_scoped_acquire gil;
+  try {
+    py::module_::import("fastopt._arrays").attr("release_device_caches")();
+  } catch (py::error_already_set&) {
+  }
+}
 
 // Sets the first-bad slot (the scratch's first 8 bytes) to "none": ~0.
 void clear_first_bad(const Scratch& scratch, cudaStream_t s) {
@@ -946,6 +943,7 @@ py::dict device_status() {
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fastopt CUDA kernels (multi-tensor launches on the caller's stream)";
+  fastopt::cuda::set_release_caches(&release_device_caches);
   using fastopt::bindings::def;
   using py::arg;
   py::class_<DevicePlan>(m, "Plan",

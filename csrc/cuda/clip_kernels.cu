@@ -12,6 +12,7 @@
 #include <type_traits>
 #include "cuda/clip_kernels.h"
 #include "cuda/multi_tensor.cuh"
+#include "cuda/scratch.h"
 
 FASTOPT_ISA_BEGIN
 namespace {
@@ -92,22 +93,13 @@ template <class P, class N> struct ClipOp {
   }
 };
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error(std::string("fastopt: ") + what + " failed: " + cudaGetErrorName(err) +
-                             ": " + cudaGetErrorString(err));
-  }
-}
-
 template <NormKind K, class P, class O>
 void run_norm(const cuda::LaunchTables& tables, double p, O* out, cudaStream_t stream) {
   int64_t blocks = 0;
   for (const LaunchTable& t : tables) blocks += t.block_start[t.num_tensors];
-  double* partial = nullptr;
-  if (blocks > 0)  // stream-ordered: freed after the kernels below, no synchronisation
-    check(cudaMallocAsync(reinterpret_cast<void**>(&partial), size_t(blocks) * sizeof(double), stream),
-          "cudaMallocAsync (grad_norm partials)");
+  // stream-ordered: freed after the kernels below, no synchronisation
+  const cuda::Scratch scratch(size_t(blocks) * sizeof(double), stream, "grad_norm partials");
+  double* const partial = scratch.at<double>(0);
   int64_t base = 0;
   for (const LaunchTable& t : tables) {
     const int64_t n = t.block_start[t.num_tensors];
@@ -118,7 +110,6 @@ void run_norm(const cuda::LaunchTables& tables, double p, O* out, cudaStream_t s
   }
   norm_finish_kernel<K, O><<<1, kBlockThreads, 0, stream>>>(partial, blocks, p, out);
   cuda::check_launch("grad_norm (finish)");
-  if (partial) check(cudaFreeAsync(partial, stream), "cudaFreeAsync (grad_norm partials)");
 }
 
 // Calls f(T{}) for the CUDA type of float dtype d.

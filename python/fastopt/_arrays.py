@@ -185,6 +185,20 @@ def _register_torch(cuda_module: Any) -> None:
     _torch_registered = True
 
 
+def release_device_caches() -> None:
+    """Empties torch's and CuPy's GPU caches of their unused blocks. The CUDA module calls
+    it when its scratch memory (the CUDA runtime's stream-ordered pool, which those caching
+    allocators do not draw from) ran out, then tries the allocation once more: a training
+    loop whose framework has cached most of the GPU gets its clipping, Adafactor, Newton,
+    pruning and quantization scratch from what the cache held idle."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
 def stream_handle(stream: Any, first: Any) -> int:
     """The CUDA stream a call runs on, as an integer handle: ``stream`` if given (an int, a
     CuPy stream, a PyTorch stream, or anything with ``cuda_stream`` / ``ptr``), else the
