@@ -36,28 +36,47 @@ using fastopt::bindings::DevicePlan;
 
 namespace {
 
-// Whether the calling thread has a current CUDA context (driver API, reached through the
-// runtime: the module does not link libcuda).
+// A driver API function, reached through the runtime (the module does not link libcuda);
+// null where the driver lacks it.
+template <class Fn> Fn driver_function(const char* name) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &found) !=
+          cudaSuccess ||
+      found != cudaDriverEntryPointSuccess) {
+    cudaGetLastError();
+    fn = nullptr;
+  }
+  return reinterpret_cast<Fn>(fn);
+}
+
+// Whether the calling thread has a current CUDA context.
 bool thread_has_context() {
   using GetCurrent = int (*)(void** context);  // CUresult cuCtxGetCurrent(CUcontext*)
-  static GetCurrent get_current = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &fn, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      fn = nullptr;
-    }
-    return reinterpret_cast<GetCurrent>(fn);
-  }();
+  static const GetCurrent get_current = driver_function<GetCurrent>("cuCtxGetCurrent");
   void* context = nullptr;
   return get_current && get_current(&context) == 0 && context != nullptr;
 }
 
-// Makes the arrays' device current for the launch and restores the caller's afterwards --
-// only if the caller had one: a thread without a context would otherwise get device 0's
-// primary context created (hundreds of MB) just by restoring "device 0".
+// Whether device `device`'s primary context (the runtime's, torch's and CuPy's) is active.
+bool primary_context_active(int device) {
+  // CUresult cuDeviceGet(CUdevice*, int ordinal); cuDevicePrimaryCtxGetState(CUdevice,
+  // unsigned* flags, int* active)
+  using DeviceGet = int (*)(int* handle, int ordinal);
+  using GetState = int (*)(int handle, unsigned* flags, int* active);
+  static const DeviceGet device_get = driver_function<DeviceGet>("cuDeviceGet");
+  static const GetState get_state = driver_function<GetState>("cuDevicePrimaryCtxGetState");
+  int handle = 0, active = 0;
+  unsigned flags = 0;
+  return device_get && get_state && device_get(&handle, device) == 0 &&
+         get_state(handle, &flags, &active) == 0 && active != 0;
+}
+
+// Makes the arrays' device current for the launch and restores the caller's afterwards, as
+// torch's device guard does: where the caller's thread has a context, or the caller's
+// device's primary context is active (a new thread's device is 0: in a process using
+// device 0, restored; where device 0 was never used, left, since making it current would
+// create its context, hundreds of MB, just by restoring it).
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
@@ -68,8 +87,8 @@ class DeviceGuard {
       previous_ = -1;
     }
     if (previous_ == device) return;
+    restore_ = previous_ >= 0 && (had_context || primary_context_active(previous_));
     check(cudaSetDevice(device), "cudaSetDevice");
-    restore_ = had_context && previous_ >= 0;
   }
   ~DeviceGuard() {
     if (restore_) cudaSetDevice(previous_);
