@@ -498,9 +498,10 @@ def test_path_must_name_a_file(good_file, tmp_path, rng):
     r, w = os.pipe()
     try:
         for path in (r, True, 3.5, None):
-            with pytest.raises(TypeError, match=r"^path: expected a str or an os.PathLike"):
+            expected = r"^path: expected a str, bytes or an os.PathLike"
+            with pytest.raises(TypeError, match=expected):
                 load_quantized(path)
-            with pytest.raises(TypeError, match=r"^path: expected a str or an os.PathLike"):
+            with pytest.raises(TypeError, match=expected):
                 save_quantized(path, {"w": fresh(rng, (40, 40), F32)})
         os.write(w, b"still open")  # the descriptors were not closed
         assert os.read(r, 10) == b"still open"
@@ -508,6 +509,41 @@ def test_path_must_name_a_file(good_file, tmp_path, rng):
         os.close(r)
         os.close(w)
     assert os.listdir(tmp_path) == [good_file[0].name]  # nothing else written
+
+
+def test_path_may_be_bytes(tmp_path, rng):
+    w = fresh(rng, (40, 40), F32)
+    path = os.fsencode(tmp_path / "w.safetensors")
+    save_quantized(path, {"w": w})
+    assert load_quantized(path)["w"].shape == (40, 40)
+
+
+def test_load_device_without_its_library_is_a_value_error(good_file, monkeypatch):
+    """A device fastopt cannot place tensors on is named before the file is read."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_cupy(name, *args, **kwargs):
+        if name == "cupy":
+            raise ImportError("no cupy here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_cupy)
+    with pytest.raises(ValueError, match=r"^device: 'cupy' needs CuPy"):
+        load_quantized(good_file[0], device="cupy")
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"^device: 'meta': tensors are loaded to the CPU"):
+        load_quantized(good_file[0], device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device: 'cuda': torch .* has no usable CUDA"):
+            load_quantized(good_file[0], device="cuda")
+    else:
+        with pytest.raises(ValueError, match=r"^device: 'cuda:99': torch sees"):
+            load_quantized(good_file[0], device="cuda:99")
     assert load_quantized(os.fsencode(good_file[0])).keys() == load_quantized(good_file[0]).keys()
 
 

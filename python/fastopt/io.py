@@ -240,14 +240,16 @@ def _check_options(scheme: Any, dtype: Any, axis: Any, block_size: Any) -> str:
     return qdtype
 
 
-def _check_path(path: Any) -> None:
-    """TypeError unless ``path`` names a file (open() takes an int as a file descriptor)."""
+def _check_path(path: Any) -> str:
+    """``path`` as a str, or a TypeError unless it names a file (a str, bytes or an
+    os.PathLike: open() would take an int as a file descriptor)."""
     if not isinstance(path, (str, bytes, os.PathLike)):
-        raise TypeError(f"path: expected a str or an os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"path: expected a str, bytes or an os.PathLike, got {type(path).__name__}")
+    return os.fsdecode(path)
 
 
 def save_quantized(
-    path: Union[str, os.PathLike],
+    path: Union[str, bytes, os.PathLike],
     tensors: Mapping[str, Any],
     *,
     scheme: str = "per_channel",
@@ -270,7 +272,7 @@ def save_quantized(
     quantize raise ValueError naming it. The file is written to a temporary name in the
     same directory and renamed, so a failed call leaves no partial file.
     """
-    _check_path(path)
+    path = _check_path(path)
     qdtype = _check_options(scheme, dtype, axis, block_size)
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors: expected a dict of name -> array, got {type(tensors).__name__}")
@@ -525,18 +527,33 @@ def _target(device: Any) -> Tuple[str, Any]:
     if device is None:
         return "numpy", None
     if device == "cupy":
-        import cupy
-
+        try:
+            import cupy
+        except ImportError:
+            raise ValueError("device: 'cupy' needs CuPy, which is not installed") from None
+        if not cupy.cuda.is_available():
+            raise ValueError("device: 'cupy': CuPy sees no usable CUDA device")
         return "cupy", cupy.cuda.Device()
     if type(device).__module__.startswith("cupy"):
         return "cupy", device
     if isinstance(device, str) or type(device).__module__.startswith("torch"):
-        import torch
-
         try:
-            return "torch", torch.device(device)
+            import torch
+        except ImportError:
+            raise ValueError(f"device: {device!r} needs torch, which is not installed") from None
+        try:
+            dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device: {device!r} is not a device: {exc}") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: {device!r}: tensors are loaded to the CPU or a CUDA GPU")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r}: torch {torch.__version__} has no usable CUDA")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device: {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)"
+            )
+        return "torch", dev
     raise TypeError(
         f"device: expected None, 'cupy', a cupy.cuda.Device, a torch device or its name, "
         f"got {type(device).__name__}"
@@ -577,7 +594,7 @@ def _cast(a: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
 
 
 def load_quantized(
-    path: Union[str, os.PathLike],
+    path: Union[str, bytes, os.PathLike],
     *,
     dequantize: bool = True,
     out_dtype: Any = "float32",
@@ -598,7 +615,7 @@ def load_quantized(
     A file that is not a valid safetensors file, or whose fastopt metadata does not match
     its tensors, raises ValueError naming ``path`` and the problem.
     """
-    _check_path(path)
+    path = _check_path(path)
     if not isinstance(dequantize, (bool, np.bool_)):
         raise TypeError(f"dequantize: expected a bool, got {type(dequantize).__name__}")
     out_name = _quant.out_dtype_name(out_dtype)
