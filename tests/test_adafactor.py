@@ -939,9 +939,11 @@ def test_torch_stochastic_rounding():
             p.grad = g
         extra.grad = torch.randn(5, 6)
         opt.step()
-        # each group's bfloat16 call keyed by the seed and its first param's place
-        _sr_step(twins[0], gs[:1], states[0], t, rounding="stochastic", seed=21 ^ (0 << 32 | 0))
-        _sr_step(twins[1], gs[1:], states[1], t, rounding="stochastic", seed=21 ^ (1 << 32 | 0))
+        # each group's bfloat16 call keyed by the seed, the group's rounded steps, its place
+        # and its first param's
+        key = [fastopt.functional.step_seed(21, t, g << 32 | 0) for g in (0, 1)]
+        _sr_step(twins[0], gs[:1], states[0], t, rounding="stochastic", seed=key[0])
+        _sr_step(twins[1], gs[1:], states[1], t, rounding="stochastic", seed=key[1])
         _sr_step(extra_twin, [extra.grad], extra_state, t)
     assert_bits(_bf16_bits(model)[0], _bf16_bits(twins[0])[0], "group 0")
     for i, (a, b) in enumerate(zip(_bf16_bits(model[1:]), _bf16_bits(twins[1]))):

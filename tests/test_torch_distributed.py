@@ -1,7 +1,8 @@
 """fastopt.torch under torch.distributed: DistributedDataParallel, ZeroRedundancyOptimizer and
 FSDP2 (fully_shard), each against torch.optim under the same wrapper (the same trajectory),
 Adafactor under DDP and ZeroRedundancyOptimizer, plus FSDP2's distributed optimizer
-checkpoints (get/set_optimizer_state_dict) both ways.
+checkpoints (get/set_optimizer_state_dict) both ways, and stochastic rounding of sharded
+bfloat16 params (each shard its own bits).
 
 Two processes with the gloo backend on the CPU (the CUDA variant: NCCL, one process per GPU,
 up to two). Starting processes is slow, so one group of workers runs every scenario and
@@ -176,9 +177,32 @@ def _fsdp2_checkpoints(rank: int, device: str) -> None:
                       f"FSDP2 {first.__name__} -> {second.__name__} params")
 
 
+def _fsdp2_rounding(rank: int, device: str) -> None:
+    """Stochastic rounding of a bfloat16 param sharded over the ranks: the shards draw bits
+    of their own (the local element indices repeat on every rank), reproducibly."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.split(":")[0], (world,))
+    n, ulp = 4096 * world, 2.0 ** -7  # every element 1 + ulp/2: up or down with odds 1/2
+    ups = []
+    for _ in range(2):
+        p = torch.nn.Parameter(distribute_tensor(
+            torch.ones(n, dtype=torch.bfloat16, device=device), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.full((n,), -ulp / 2, dtype=torch.bfloat16,
+                                              device=device), mesh, [Shard(0)])
+        ft.SGD([p], lr=1.0, stochastic_rounding=True, seed=1).step()
+        ups.append((p.full_tensor() > 1).cpu().reshape(world, -1))
+    assert torch.equal(ups[0], ups[1]), "the same seed, other bits"
+    assert 0.45 < ups[0].float().mean() < 0.55
+    for r in range(1, world):
+        agree = (ups[0][0] == ups[0][r]).float().mean()
+        assert 0.45 < agree < 0.55, f"shards 0 and {r} agree on {agree:.3f} of their roundings"
+
+
 SCENARIOS: Dict[str, Callable[[int, str], None]] = {
     "ddp": _ddp, "zero": _zero, "adafactor": _adafactor, "fsdp2": _fsdp2,
-    "fsdp2_checkpoints": _fsdp2_checkpoints}
+    "fsdp2_checkpoints": _fsdp2_checkpoints, "fsdp2_rounding": _fsdp2_rounding}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, device_type: str) -> None:

@@ -167,6 +167,14 @@ class ArrayTable {
     }
   }
 
+  // Whether obj is a torch tensor (false where torch is not imported).
+  static bool is_torch_tensor(PyObject* obj) {
+    const TorchTypes* tt = torch_types();
+    const int is_tensor = tt ? PyObject_IsInstance(obj, tt->tensor.ptr()) : 0;
+    if (is_tensor < 0) throw py::error_already_set();
+    return is_tensor;
+  }
+
   // torch_layout for the tensors the exchange table does not describe, through Python.
   static void torch_layout_by_attributes(py::handle t, const Where& where_, std::vector<int64_t>& out) {
     const TorchTypes* tt = torch_types();

@@ -650,6 +650,91 @@ py::bytes tensor_layouts(py::handle tensors) {
   return py::bytes(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(int64_t));
 }
 
+// The byte span [begin, end) of an array's elements, from its base address, shape, byte
+// strides (any sign) and item size; false for a zero-size array, which holds no memory.
+bool byte_span(uintptr_t base, const int64_t* shape, const int64_t* byte_strides, int64_t nd,
+               int64_t item, fastopt::bindings::Span& span) {
+  int64_t lo = 0, hi = item;
+  for (int64_t d = 0; d < nd; ++d) {
+    if (shape[d] == 0) return false;
+    const int64_t reach = (shape[d] - 1) * byte_strides[d];
+    (reach < 0 ? lo : hi) += reach;
+  }
+  span.begin = base + uintptr_t(lo);
+  span.end = base + uintptr_t(hi);
+  return true;
+}
+
+// Where `obj` keeps its elements: a NumPy array, a torch tensor (any device), or an array
+// with __cuda_array_interface__ (CuPy, Numba); false for a zero-size one.
+bool array_span(py::handle obj, size_t i, fastopt::bindings::Span& span) {
+  const fastopt::bindings::Where where{"arrays", i, true};
+  if (py::detail::npy_api::get().PyArray_Check_(obj.ptr())) {
+    const auto* a = py::detail::array_proxy(obj.ptr());
+    const int64_t item = py::reinterpret_borrow<py::array>(obj).itemsize();
+    std::vector<int64_t> shape(a->dimensions, a->dimensions + a->nd);
+    std::vector<int64_t> strides(a->strides, a->strides + a->nd);
+    return byte_span(reinterpret_cast<uintptr_t>(a->data), shape.data(), strides.data(), a->nd,
+                     item, span);
+  }
+  if (ArrayTable::is_torch_tensor(obj.ptr())) {  // words: pointer, device, dtype (code, bits, lanes), nd, shape, strides
+    std::vector<int64_t> words;
+    ArrayTable::torch_layout(obj.ptr(), where, words);
+    const int64_t bits = (words[2] >> 16) & 0xffff, lanes = words[2] & 0xffff;
+    const int64_t item = std::max<int64_t>(1, bits * lanes / 8), nd = words[3];
+    std::vector<int64_t> strides(words.begin() + 4 + nd, words.begin() + 4 + 2 * nd);
+    for (int64_t& stride : strides) stride *= item;
+    return byte_span(uintptr_t(words[0]), words.data() + 4, strides.data(), nd, item, span);
+  }
+  if (!py::hasattr(obj, "__cuda_array_interface__"))
+    throw py::type_error(where.str() + ": expected an array, got " + Py_TYPE(obj.ptr())->tp_name);
+  const py::dict cai = obj.attr("__cuda_array_interface__");
+  const auto shape = cai["shape"].cast<std::vector<int64_t>>();
+  const std::string typestr = cai["typestr"].cast<std::string>();
+  const int64_t item = std::stoll(typestr.substr(2));
+  std::vector<int64_t> strides(shape.size());
+  if (cai.contains("strides") && !cai["strides"].is_none()) {
+    strides = cai["strides"].cast<std::vector<int64_t>>();
+  } else {  // C order
+    int64_t step = item;
+    for (size_t d = shape.size(); d-- > 0;) {
+      strides[d] = step;
+      step *= shape[d];
+    }
+  }
+  const uintptr_t base = py::tuple(cai["data"])[0].cast<uintptr_t>();
+  return byte_span(base, shape.data(), strides.data(), int64_t(shape.size()), item, span);
+}
+
+// The aliasing check across the kernel calls of one step (each call checks its own
+// arrays): the first pair (i, j) of `arrays` sharing memory where arrays[i] or arrays[j]
+// is written (written[i]: a bool per array), else None. The caller names them.
+py::object first_overlap(py::handle arrays, py::handle written) {
+  if (!PyList_Check(arrays.ptr()) || !PyList_Check(written.ptr()))
+    throw py::type_error("arrays, written: expected two lists");
+  const Py_ssize_t n = PyList_GET_SIZE(arrays.ptr());
+  if (PyList_GET_SIZE(written.ptr()) != n)
+    throw py::value_error("written: expected one bool per array");
+  std::vector<fastopt::bindings::Span> spans;
+  spans.reserve(size_t(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    // (each item held: describing a tensor subclass may run Python code that edits the list)
+    const py::object item = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(arrays.ptr(), i));
+    const py::object flag =
+        py::reinterpret_borrow<py::object>(PyList_GET_ITEM(written.ptr(), i));
+    fastopt::bindings::Span span{0, 0, "arrays", size_t(i), flag.ptr() == Py_True};
+    if (array_span(item, size_t(i), span)) spans.push_back(span);
+    if (PyList_GET_SIZE(arrays.ptr()) != n || PyList_GET_SIZE(written.ptr()) != n)
+      throw py::value_error("arrays: changed while being read");
+  }
+  std::vector<fastopt::bindings::SpanKey> keys(spans.size());
+  for (size_t k = 0; k < spans.size(); ++k) keys[k] = {spans[k].begin, uint32_t(k)};
+  std::sort(keys.begin(), keys.end());
+  const auto [s, hit] = fastopt::bindings::find_overlap(spans, keys.data(), keys.size());
+  if (!s) return py::none();
+  return py::make_tuple(std::min(s->index, hit->index), std::max(s->index, hit->index));
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = FASTOPT_VERSION;
@@ -723,6 +808,9 @@ PYBIND11_MODULE(_cpu, m) {
   def(m, "tensor_layouts", &tensor_layouts, arg("tensors"),
         "Where each torch tensor keeps its elements (pointer, device, dtype, shape, strides), "
         "as bytes to compare");
+  def(m, "first_overlap", &first_overlap, arg("arrays"), arg("written"),
+        "The first pair (i, j) of the arrays sharing memory where either is written "
+        "(written: a bool per array), else None; NumPy, torch (any device), CUDA arrays");
   def(m, "check_params", &check_params, arg("params"), arg("listed"),
         "Checks an optimizer's params as its steps will (raises naming the bad one)");
   def(m, "set_cpu_path", [](py::object path) {

@@ -52,23 +52,29 @@ struct Span {
 // allocating a list of arrays in a loop) it merges those runs instead of sorting.
 using SpanKey = std::pair<uintptr_t, uint32_t>;  // (begin, index into spans)
 
-// The sweep over keys[0, n), sorted by address.
-template <class Where>
-void sweep_spans(const std::vector<Span>& spans, const SpanKey* keys, size_t n, const Where& where) {
+// The sweep over keys[0, n), sorted by address: the first span overlapping an earlier one
+// where either is written, and that earlier one; {nullptr, nullptr} where none does.
+inline std::pair<const Span*, const Span*> find_overlap(const std::vector<Span>& spans,
+                                                        const SpanKey* keys, size_t n) {
   const Span* reach_any = nullptr;      // earlier span reaching furthest
   const Span* reach_written = nullptr;  // earlier written span reaching furthest
   for (size_t k = 0; k < n; ++k) {
     const Span& s = spans[keys[k].second];
-    const Span* hit = nullptr;
-    if (reach_written && s.begin < reach_written->end) hit = reach_written;
-    else if (s.written && reach_any && s.begin < reach_any->end) hit = reach_any;
-    if (hit)
-      throw pybind11::value_error(where(s.role, s.index) + " overlaps " +
-                                  where(hit->role, hit->index) +
-                                  " in memory; arrays updated in place must not alias");
+    if (reach_written && s.begin < reach_written->end) return {&s, reach_written};
+    if (s.written && reach_any && s.begin < reach_any->end) return {&s, reach_any};
     if (!reach_any || s.end > reach_any->end) reach_any = &s;
     if (s.written && (!reach_written || s.end > reach_written->end)) reach_written = &s;
   }
+  return {nullptr, nullptr};
+}
+
+template <class Where>
+void sweep_spans(const std::vector<Span>& spans, const SpanKey* keys, size_t n, const Where& where) {
+  const auto [s, hit] = find_overlap(spans, keys, n);
+  if (s)
+    throw pybind11::value_error(where(s->role, s->index) + " overlaps " +
+                                where(hit->role, hit->index) +
+                                " in memory; arrays updated in place must not alias");
 }
 
 template <class Where>

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 import sys
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -183,6 +183,39 @@ def _register_torch(cuda_module: Any) -> None:
         ),
     )
     _torch_registered = True
+
+
+def check_apart(
+    roles: Sequence[Tuple[str, Optional[Sequence[Any]], bool]],
+    name: Callable[[str, int], str] = lambda role, i: f"{role}[{i}]",
+    why: str = "arrays updated in place must not alias",
+) -> None:
+    """The aliasing check across the kernel calls of one step, where a step is several
+    (8-bit state beside float32 state, buckets of other step counts or masks...): each call
+    checks its own arrays only, and the calls do not run in the params' order, so an
+    array one call writes must not share memory with any array of another either, as
+    within one call; else a ValueError naming both, before anything is written.
+    ``roles``: (role, its arrays -- None entries skipped -- or None, written); ``name(role,
+    i)`` names an entry; ``why`` ends the message."""
+    arrays: List[Any] = []
+    written: List[bool] = []
+    places: List[Tuple[str, int]] = []
+    for role, items, writes in roles:
+        for i, a in enumerate(items or ()):
+            if a is not None:
+                arrays.append(a)
+                written.append(writes)
+                places.append((role, i))
+    hit = _ext._cpu.first_overlap(arrays, written)
+    if hit is not None:
+        (role, i), (other, j) = places[hit[1]], places[hit[0]]
+        raise ValueError(f"{name(role, i)} overlaps {name(other, j)} in memory; {why}")
+
+
+SHARED_GRADS_CLIPPED = (
+    "max_grad_norm clips as clip_grad_norm_ does, which takes grads that do not share "
+    "memory (a shared grad would count twice in the norm and be scaled once)"
+)
 
 
 def release_device_caches() -> None:

@@ -25,6 +25,8 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
+    """The threads a CPU kernel call uses (``set_num_threads``; default: OMP_NUM_THREADS,
+    else all cores)."""
     return _cpu.get_num_threads()
 
 
@@ -38,6 +40,7 @@ def set_cpu_path(path: str) -> None:
 
 
 def get_cpu_path() -> str:
+    """The CPU kernels in use: "avx2" or "scalar" (``set_cpu_path``, ``FASTOPT_CPU``)."""
     return _cpu.get_cpu_path()
 
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _ext, clip
+from . import _arrays, _ext, clip
 from ._validate import flag
 
 
@@ -100,10 +100,22 @@ def step_grad_scale(
     by clip_grad_norm_, to grad_scale * max_grad_norm under a GradScaler (the same but for
     the 1e-6 guard, which then applies to the scaled norm)."""
     limit = clip.max_norm_of(max_grad_norm, "max_grad_norm")
-    params = [p for group in param_groups for p in group["params"] if p.grad is not None]
+    places = [
+        (index, i)
+        for index, group in enumerate(param_groups)
+        for i, p in enumerate(group["params"])
+        if p.grad is not None
+    ]
+    params = [param_groups[index]["params"][i] for index, i in places]
     grads = [p.grad for p in params]
     if not grads:
         return torch.tensor(0.0), grad_scale, {}
+    if len(grads) > 1:
+        _arrays.check_apart(
+            [("grads", [g.to_local() if hasattr(g, "to_local") else g for g in grads], True)],
+            lambda _, k: "param_groups[{}]['params'][{}].grad".format(*places[k]),
+            _arrays.SHARED_GRADS_CLIPPED,
+        )
     first = grads[0]
     if first.device.type != "cpu" or any(type(g) is not torch.Tensor for g in grads):
         if all(type(g) is torch.Tensor for g in grads) and all(

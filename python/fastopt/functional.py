@@ -1,12 +1,14 @@
 """In-place optimizer steps with torch.optim semantics.
 
 Every function takes one array or aligned lists of arrays per argument (``params[i]``,
-``grads[i]`` and each state list's ``[i]`` have one shape and all arrays share one dtype,
-float32 or float64), updates params and state in place with one pass over memory, and
-processes a whole list in one C++ call (on the CPU with the GIL released). ``step`` is the 1-based
-step count. Every optimizer takes ``l1``: after the step, the proximal soft-threshold
-p <- sign(p) * max(|p| - lr*l1, 0). Bad input raises TypeError/ValueError naming the
-argument before anything is written; zero-size arrays are a no-op.
+``grads[i]`` and each state list's ``[i]`` have one shape; params and grads share one dtype,
+float32, float64, float16 or bfloat16 -- ``ml_dtypes.bfloat16`` for NumPy -- with float32
+state for the 16-bit ones), updates params and state in place with one pass over memory, and
+processes a whole list in one C++ call (on the CPU with the GIL released). ``step`` is the
+1-based step count. Every optimizer but Rprop and ASGD takes ``l1``: after the step, the
+proximal soft-threshold p <- sign(p) * max(|p| - lr*l1, 0). Bad input raises
+TypeError/ValueError naming the argument before anything is written; zero-size arrays are a
+no-op.
 
 Every step takes ``masks=``: one bool or uint8 array per param, shaped and laid out like it
 (e.g. from ``fastopt.prune_magnitude``). Where a mask is False (0) the param is set to 0 and
@@ -19,15 +21,16 @@ Every step takes ``rounding="nearest" | "stochastic"`` and ``seed=``: with bfloa
 smaller than half an ulp are not lost: bfloat16 training without a float32 master copy),
 from a counter-based hash of (seed, step, the tensor's position in the list, the element's
 index): reproducible for a given seed, the same on every path, thread count and device.
-Optimizers without ``step`` (RMSprop, Sophia, Lion) key only by the seed: give each step
-its own (the classes do). ``seed=None`` draws a fresh one. Nearest is round half to even.
+Optimizers without ``step`` (RMSprop, Sophia, Lion, Adadelta, Rprop) key only by the seed:
+give each step its own (the classes do). ``seed=None`` draws a fresh one. Nearest is round
+half to even.
 
 CUDA arrays (PyTorch CUDA tensors, CuPy arrays, anything with ``__cuda_array_interface__``
 or CUDA DLPack) run the CUDA kernels, chosen by where ``params`` lives: a whole list in
 one kernel launch (one per 256 tensors), queued on ``stream`` -- an int handle or a
 CuPy/PyTorch stream -- or by default on the current stream of the library that made the
-params (PyTorch's or CuPy's); nothing synchronises. On the GPU, params and grads may also
-be float16 or bfloat16; their state is then float32 and the math runs in float32.
+params (PyTorch's or CuPy's); nothing synchronises. 16-bit params and grads, on either
+device, keep float32 state, and the math runs in float32.
 float32/float64 results are bit-identical to the CPU kernels. The kernel is ordered after
 the work already queued on its stream only: arrays produced on another stream must be
 ready there (as for any CUDA library call; a ``__cuda_array_interface__`` ``stream``
@@ -281,6 +284,12 @@ class StepKernel:
         passes, the grads never written, nothing waits for the host."""
         limit = clip.max_norm_of(max_grad_norm, "max_grad_norm")
         grads = lists[1]
+        if grads and len(grads) > 1:
+            _arrays.check_apart(
+                [("grads", grads, True)],
+                (lambda role, i: f"{role}[{i}]") if listed else (lambda role, i: role),
+                _arrays.SHARED_GRADS_CLIPPED,
+            )
         if grads and _arrays.on_device(grads[0]):
             out, reads = clip.device_clip(grads, listed, limit, stream)
             return out, {**kw, **reads}

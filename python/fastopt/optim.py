@@ -337,6 +337,17 @@ class Optimizer(Copies):
                 for _, keywords in calls:
                     keywords["step"] = t
             runs = [(a, k, self._call_extra(extra, n)) for n, (a, k) in enumerate(calls)]
+            if len(runs) > 1:  # (each call checks its own arrays, not the others')
+                _arrays.check_apart(
+                    [
+                        ("params", self.params, True),
+                        ("grads", grads, False),
+                        *((a.name, s, True) for a, s in zip(self._spec.states, lists[2:])),
+                        *((f"absmax['{n}']", top, True) for n, top in self.absmax.items()),
+                        ("masks", kw.get("masks"), False),
+                        ("master_params", kw.get("master_params"), True),
+                    ]
+                )
             # Every call after the first is checked before the first runs (which checks
             # itself before its first write): a refused step writes nothing.
             for n, (call_lists, call_kw, call_extra) in enumerate(runs):

@@ -1,4 +1,6 @@
-"""NumPy float64 reference of every fastopt kernel: the oracle of the tests.
+"""NumPy reference of every fastopt kernel, the oracle of the tests: in float64 for the
+optimizers and Newton, in float32 operation by operation for quantization and 8-bit state
+(whose kernels the tests hold to the bit).
 
 Written for reading: one function per operation, one line per formula step, each step a
 separate NumPy pass (which is also what a NumPy user would write, and what the benchmark

@@ -9,24 +9,24 @@ The formulas are fastopt's (``fastopt.adam_`` etc., which follow torch.optim), s
 trajectories are torch's within float rounding.
 
 How a step runs. Each param group's params that have a ``.grad`` are split into buckets by
-(device, dtype, and the step count for kernels that take one: Adam, Adagrad, SGD's first
-step); each bucket is one fused multi-tensor call of the compiled kernel (one C++ call on
-the CPU, a few launches on the GPU). The buckets (which params, the packed step counts, on
-the CPU NumPy views of params and state, on the GPU the launch tables of
-``fastopt._cuda.Plan``) are kept between steps and rebuilt only when the set of params with
-a grad changes (or a param of a group's list is replaced), the group's options change, or
-the state changes (``load_state_dict``; an entry, a state tensor or a step count replaced or
-edited in place, a key added or removed), or the memory of a param, a state tensor, a step
-count or a mask is replaced in place (``t.data = ...``, as the usual loop that moves
-optimizer state between devices does, ``t.set_(...)``, ``resize_()``). The buckets keep each
-param's state entry and every tensor they read from it and compare them at each step by
-identity (the state dict's keys and values, the entries' tensors; no ``state[p]`` lookups
-unless the state dict changed), and where those tensors keep their elements (pointer, dtype,
-shape, strides: one C call over the bucket, ~70 ns per tensor); a rebuild checks the state
-as a first step does, so an entry or a tensor replaced between steps is checked, then
-stepped, as in torch.optim. Params whose ``.grad`` is None are skipped and keep their state,
-as in torch.optim. A param may be in one group only (torch.optim's rule; a step refuses one
-put in two groups past ``add_param_group``).
+(device, dtype, and the step count for kernels that take one: Adam, AdamW, Adagrad, Adamax,
+RAdam, NAdam, ASGD, and SGD's first step); each bucket is one fused multi-tensor call of the
+compiled kernel (one C++ call on the CPU, a few launches on the GPU). The buckets (which
+params, the packed step counts, on the CPU NumPy views of params and state, on the GPU the
+launch tables of ``fastopt._cuda.Plan``) are kept between steps and rebuilt only when the
+set of params with a grad changes (or a param of a group's list is replaced), the group's
+options change, or the state changes (``load_state_dict``; an entry, a state tensor or a
+step count replaced or edited in place, a key added or removed), or the memory of a param, a
+state tensor, a step count or a mask is replaced in place (``t.data = ...``, as the usual
+loop that moves optimizer state between devices does, ``t.set_(...)``, ``resize_()``). The
+buckets keep each param's state entry and every tensor they read from it and compare them at
+each step by identity (the state dict's keys and values, the entries' tensors; no
+``state[p]`` lookups unless the state dict changed), and where those tensors keep their
+elements (pointer, dtype, shape, strides: one C call over the bucket, ~70 ns per tensor); a
+rebuild checks the state as a first step does, so an entry or a tensor replaced between
+steps is checked, then stepped, as in torch.optim. Params whose ``.grad`` is None are
+skipped and keep their state, as in torch.optim. A param may be in one group only
+(torch.optim's rule; a step refuses one put in two groups past ``add_param_group``).
 
 State: torch's layout and keys, as torch tensors, so ``state_dict()`` / ``load_state_dict()``
 are interchangeable with torch.optim's both ways (a torch.optim checkpoint continues on the
@@ -114,7 +114,7 @@ Decisions, where torch.optim offers a choice:
   bytes; loaded exactly, updated in float32, stored rounded to nearest even; not for
   float64 params). State of another float type (a checkpoint saved with the other
   choice, or a group whose ``state_dtype`` changed) is converted at the next step.
-  ``"int8"``: blockwise 8-bit state (1 + 4/256 bytes per element; on the CPU in this version)
+  ``"int8"``: blockwise 8-bit state (1 + 4/256 bytes per element; CPU and CUDA)
   for the params of ``group["min_8bit_size"]`` (default 4096) elements or more, float32 for
   the others, as bitsandbytes. An 8-bit entry keeps torch's key for its codes (uint8, laid
   out like the param) and adds ``key + "_absmax"`` (float32, one per 256 elements of the
@@ -137,7 +137,11 @@ Decisions, where torch.optim offers a choice:
   ``seed=``, drawn when None), the group's count of such steps (``"rounding_step"``, set in
   the group by its first step), the group's place and the param's: reproducible, and a
   checkpoint or a copy carries both group keys, so it goes on with the next keys. The
-  group's other params round to nearest as always.
+  group's other params round to nearest as always. A DTensor's shards (FSDP2) also mix in
+  the rank's place along the mesh dimensions that shard it, so shards draw their own bits
+  while replicas draw the same. ``ZeroRedundancyOptimizer`` gives each rank an optimizer
+  over its own params, placed as in a group of their own: pass ``seed=`` a seed per rank
+  (``seed + rank``), else the ranks' params at the same places draw the same bits.
 - ``masks=`` (every class, keyword-only; or ``set_masks`` later): pruning masks, e.g. from
   ``fastopt.prune_magnitude``, as a dict {param: mask} or one mask per param. Where a mask is
   False the step sets the param to 0 and leaves its state untouched, inside the one fused
@@ -335,6 +339,32 @@ def _is_dtensor(t: Any) -> bool:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return cast(Any, t).to_local() if _is_dtensor(t) else t
+
+
+def _memory(value: Any) -> Optional[torch.Tensor]:
+    """A state value as the aliasing checks take it: a dense tensor's local memory, None
+    for anything else (a number, a sparse or meta tensor: refused later, by name)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    local = _local(value)
+    return local if local.layout == torch.strided and local.device.type != "meta" else None
+
+
+def _shard_seed(key: int, p: torch.Tensor) -> int:
+    """Stochastic rounding's ``key`` for DTensor ``p``'s local shard: mixed with this rank's
+    coordinates along the mesh dimensions that shard ``p`` (a shard's local element indices
+    repeat on every rank), not along those that replicate it (replicas must round alike)."""
+    if not _is_dtensor(p):
+        return key
+    mesh = cast(Any, p).device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:  # this rank holds none of p
+        return key
+    place = 0
+    for dim, placement in enumerate(cast(Any, p).placements):
+        if not placement.is_replicate():
+            place = place * mesh.size(dim) + coordinate[dim]
+    return (key ^ (place * 0xBF58476D1CE4E5B9)) % 2**64
 
 
 _GRAD = operator.attrgetter("grad")
@@ -1299,6 +1329,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for i, (p, g) in enumerate(zip(params, grads)):  # refused before any state is made
             if g is not None:
                 self._state_type(f"{where}['params'][{i}]", p, group)
+        self._check_entries_apart(where, params, grads)
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is None:
                 continue
@@ -1370,6 +1401,32 @@ class _FusedOptimizer(torch.optim.Optimizer):
             _state_options(group),
         )
         return _Rebuilt(index, cache, list(staged.values()))
+
+    def _check_entries_apart(
+        self, where: str, params: List[torch.Tensor], grads: List[Optional[torch.Tensor]]
+    ) -> None:
+        """At a rebuild, before anything is staged: the group's params with a grad, their
+        grads, masks and every tensor of their state entries (step counts included) checked
+        apart as one kernel call checks its arrays. The build copies a state tensor of
+        other strides or dtype than its param's and packs the step counts into one tensor
+        per bucket, which would hide (and silently break) a state tensor shared with
+        another param or aliasing a param or a grad."""
+        stepped = [i for i, g in enumerate(grads) if g is not None]
+        entries = [self.state.get(params[i]) for i in stepped]
+        held = [e for e in entries if isinstance(e, dict)]
+        tensor_keys = {k for e in held for k, v in e.items() if isinstance(v, torch.Tensor)}
+        keys = sorted(tensor_keys, key=str)
+        masks = [self._masks.get(params[i]) for i in stepped]
+        roles: List[Tuple[str, Optional[List[Any]], bool]] = [
+            ("params", [_memory(params[i]) for i in stepped], True),
+            ("grads", [_memory(grads[i]) for i in stepped], False),
+            ("masks", list(map(_memory, masks)), False),
+        ]
+        for key in keys:
+            tensors = [e.get(key) if isinstance(e, dict) else None for e in entries]
+            roles.append((key, list(map(_memory, tensors)), True))
+
+        _arrays.check_apart(roles, _kernel_style(where, stepped))
 
     def _commit(self, rebuilt: _Rebuilt) -> None:
         """A rebuilt group's staged state written into ``self.state``, its buckets moved
@@ -1526,6 +1583,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 grad_scale = float(scale)
         if rebuilt:
             self._check_one_group_per_param()
+        for where, group_runs in itertools.groupby(runs, key=operator.itemgetter(0)):
+            calls = list(group_runs)
+            if len(calls) > 1:
+                _check_buckets_apart(where, calls)
         clip = self.max_grad_norm is not None
         # Every call but the first is checked before the first runs (the first checks
         # itself before it writes); all of them where state is committed or grads clipped
@@ -1699,9 +1760,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             extra = {**extra, "master_params": bucket.masters}
         if rounding is not None and bucket.params[0].dtype == torch.bfloat16:
             # this step's and this bucket's seed (its group's place and its first param's
-            # place in the group): the kernel adds each param's place in the call
+            # place in the group, and a DTensor's shard): the kernel adds each param's place
+            # in the call
             seed, step, group_index = rounding
             key = functional.step_seed(seed, step, group_index << 32 | bucket.index[0])
+            if bucket.distributed:
+                key = _shard_seed(key, bucket.params[0])
             extra = {**extra, "stochastic_seed": key}
         if self._spec.takes_step:
             # (where torch keeps no count, SGD, the kernel tells only the first step from
@@ -1727,7 +1791,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             try:
                 kernel(params, taken, *states, True, lr=lr, **kw, **extra)
             except (TypeError, ValueError) as exc:
-                relaid = self._relayout_grads(bucket, grads)
+                relaid = self._relayout_grads(run, grads)
                 if relaid is None:
                     raise self._named(where, bucket, exc) from exc
                 try:
@@ -1746,7 +1810,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             kernel(params, taken, *states, True, lr=lr, **kw, **extra)
         except (TypeError, ValueError) as exc:
             refused = True
-            relaid = self._relayout_grads(bucket, grads)
+            relaid = self._relayout_grads(run, grads)
             if relaid is None:
                 raise self._named(where, bucket, exc) from exc
             refused = False
@@ -1769,12 +1833,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 torch.autograd.graph.increment_version(bucket.written)
 
     @staticmethod
-    def _relayout_grads(bucket: _Bucket, grads: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+    def _relayout_grads(run: _Call, grads: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
         """After the kernel refused a call (it writes nothing then): the bucket's grads with
         those whose strides differ from their param's, or that are negative or conjugate
         views (a zero-copy ``-x``, ``x.conj()``, which torch steps by value), copied to the
         param's strides, as the kernel takes them (_real_grads in a complex bucket), for a
-        second try; None if there are none."""
+        second try; None if there are none. A grad sharing memory with what the call
+        writes is refused first, as the kernel refuses it (a copy would hide it)."""
+        bucket = run[1]
         relaid = list(grads)
         changed = False
         for k, (p, g) in enumerate(zip(map(_local, bucket.params), grads)):
@@ -1789,6 +1855,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 changed = True
         if not changed:
             return None
+        _check_buckets_apart(run[0], [run])
         return _real_grads(relaid) if bucket.complex else relaid
 
     @staticmethod
@@ -1981,6 +2048,57 @@ def _state_options(group: Dict[str, Any]) -> Tuple[Any, ...]:
         group.get("stochastic_rounding"),
         group.get("rounding_seed"),
     )
+
+
+# The kernels' name of the state array each state key holds (the inverse of STATE_KEYS).
+_KERNEL_ROLES = {key: role for role, key in STATE_KEYS.items()}
+
+
+def _kernel_style(where: str, index: List[int]) -> Callable[[str, int], str]:
+    """Names entry k of a role as the kernels' errors do once renamed (_named): the param
+    ``{where}['params'][index[k]]``, followed by its role for the others -- the kernel's
+    name of a state key ("exp_avg_sqs"), or the key where the kernels take none ("step")."""
+
+    def name(role: str, k: int) -> str:
+        place = f"{where}['params'][{index[k]}]"
+        if role == "params":
+            return place
+        if role.endswith(ABSMAX) and role[: -len(ABSMAX)] in _KERNEL_ROLES:
+            role = f"absmax['{_KERNEL_ROLES[role[: -len(ABSMAX)]]}']"
+        elif role == MASTER:
+            role = "master_params"
+        return f"{place} ({_KERNEL_ROLES.get(role, role)})"
+
+    return name
+
+
+def _check_buckets_apart(where: str, calls: List[_Call]) -> None:
+    """A group stepped in several kernel calls (buckets of other step counts, masks, 8-bit
+    or master copies): each call checks its own arrays only, and the buckets do not run in
+    the params' order, so the arrays of all of them are checked apart, as one call's."""
+    roles: List[Tuple[str, Optional[List[Any]], bool]] = []
+    places: Dict[str, Tuple[_Bucket, str]] = {}  # each role's label: its bucket and key
+    for n, (_, bucket, grads, *_) in enumerate(calls):
+        counts = ("step", *bucket.carried)
+        lists: List[Tuple[str, Optional[List[Any]], bool]] = [
+            ("params", [_local(p) for p in bucket.params], True),
+            ("grads", [_local(g) for g in grads], False),
+            ("masks", bucket.mask_tensors, False),
+            *(
+                (key, [_local(t) for t in held], True)
+                for key, held in zip(bucket.tracked, bucket.held)
+                if key not in counts
+            ),
+        ]
+        for role, items, writes in lists:
+            places[f"{n}:{role}"] = (bucket, role)
+            roles.append((f"{n}:{role}", items, writes))
+
+    def name(label: str, k: int) -> str:
+        bucket, role = places[label]
+        return _kernel_style(where, bucket.index)(role, k)
+
+    _arrays.check_apart(roles, name)
 
 
 def _packed(
@@ -3037,6 +3155,9 @@ class Adafactor(torch.optim.Optimizer):
                 del entry[MASTER]
         for call in calls:
             call.run()
+            if call.rounding is not None:
+                index, taken = call.rounding
+                self.param_groups[index]["rounding_step"] = taken
         return loss
 
     def _calls(
@@ -3058,6 +3179,12 @@ class Adafactor(torch.optim.Optimizer):
         )
         _check_group_options(where, group)
         seed = int(group["rounding_seed"]) if group.get("stochastic_rounding") else None
+        rounding_step = 0
+        if seed is not None:  # the group's count of rounded steps, as the other classes'
+            taken = group.get("rounding_step", 0)
+            if type(taken) is not int or not 0 <= taken < 2**63 - 1:
+                taken = whole(f"{where}['rounding_step']", taken, 0, 2**63 - 1)
+            rounding_step = taken + 1
         calls: Dict[Tuple[torch.device, torch.dtype], _AdafactorCall] = {}
         for i, p in enumerate(group["params"]):
             g = p.grad
@@ -3072,14 +3199,14 @@ class Adafactor(torch.optim.Optimizer):
             made = _adafactor_state(name, p, entry, masters)
             staged.append((p, made))
             if (p.device, p.dtype) not in calls:
-                # bfloat16: this group's and this call's seed (its first param's place); the
-                # kernel mixes in each param's step and place in the call
-                salt = index << 32 | i
-                calls[p.device, p.dtype] = _AdafactorCall(
-                    hyper,
-                    None if seed is None or p.dtype != torch.bfloat16 else seed ^ salt,
-                    masters,
-                )
+                # bfloat16: this step's, group's and call's seed (its first param's place);
+                # the kernel mixes in each param's step and place in the call
+                key = None
+                if seed is not None and p.dtype == torch.bfloat16:
+                    key = functional.step_seed(seed, rounding_step, index << 32 | i)
+                call = _AdafactorCall(hyper, key, masters)
+                call.rounding = None if seed is None else (index, rounding_step)
+                calls[p.device, p.dtype] = call
             calls[p.device, p.dtype].add(name, p, g, {**entry, **made})
         return list(calls.values())
 
@@ -3097,6 +3224,8 @@ class _AdafactorCall:
     ):
         self.hyper = hyper
         self.seed = seed  # stochastic rounding's (bfloat16 params), else None
+        # (its group's index and rounded step: the group's "rounding_step" once it ran)
+        self.rounding: Optional[Tuple[int, int]] = None
         self.masters: Optional[List[torch.Tensor]] = [] if masters else None
         self.lists: Tuple[List[Any], ...] = ([], [], [], [], [])  # params, grads, row, col, var
         self.counts: List[torch.Tensor] = []
@@ -3104,6 +3233,8 @@ class _AdafactorCall:
         self.copies: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (param, its C-order copy)
         self.written: List[torch.Tensor] = []
         self.steps: List[int] = []
+        # the params and grads as given, where lists hold C-order copies: checked apart
+        self.given: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
 
     def add(self, name: str, p: torch.Tensor, g: torch.Tensor, entry: Dict[str, Any]) -> None:
         if p.is_contiguous():
@@ -3112,6 +3243,8 @@ class _AdafactorCall:
         else:
             target = p.contiguous()
             self.copies.append((p, target))
+        self.given[0].append(p)
+        self.given[1].append(g)
         state = [entry.get(k) for k in ("row_var", "col_var", "variance")]
         # (a negative view of a grad is taken by value, as torch takes it)
         for out, x in zip(self.lists, [target, g.resolve_neg().contiguous(), *state]):
@@ -3148,8 +3281,21 @@ class _AdafactorCall:
         )
 
     def check(self) -> None:
-        """Every check of the kernel call (nothing written), named by the params."""
+        """Every check of the kernel call (nothing written), named by the params; first the
+        aliasing of the params and grads as given (the kernel sees the C-order copies of
+        those laid out otherwise, which would hide it)."""
         self.steps = [_steps_taken("step", t) + 1 for t in self.counts]
+        if self.copies or any(g is not x for g, x in zip(self.given[1], self.lists[1])):
+            names = ("row_vars", "col_vars", "variances")
+            _arrays.check_apart(
+                [
+                    ("params", self.given[0], True),
+                    ("grads", self.given[1], False),
+                    *((n, x, True) for n, x in zip(names, self.lists[2:])),
+                    ("master_params", self.masters, True),
+                ],
+                self._named,
+            )
         try:
             self._kernel(check_only=True)
         except (TypeError, ValueError) as exc:
