@@ -248,3 +248,15 @@ def test_first_overlap():
         first([1], [True])
     with pytest.raises(ValueError, match="written: expected one bool per array"):
         first([w], [])
+    with pytest.raises(TypeError, match=r"^written\[0\]: expected a bool, got int"):
+        first([w], [1])
+    with pytest.raises(TypeError, match=r"^arrays: expected a list, got tuple"):
+        first((w,), [True])
+    with pytest.raises(TypeError, match=r"^written: expected a list, got NoneType"):
+        first([w], None)
+    for bad in ({"shape": (4,)}, {"shape": (4,), "typestr": "<f", "data": (base, False)},
+                {"shape": (4,), "typestr": "<f4", "data": (base, False), "strides": (4, 4)}):
+        odd = CudaLike(base, (4,))
+        odd.__cuda_array_interface__ = bad
+        with pytest.raises(TypeError, match=r"^arrays\[1\]: its __cuda_array_interface__ is"):
+            first([w, odd], [True, True])

@@ -688,30 +688,38 @@ bool array_span(py::handle obj, size_t i, fastopt::bindings::Span& span) {
   }
   if (!py::hasattr(obj, "__cuda_array_interface__"))
     throw py::type_error(where.str() + ": expected an array, got " + Py_TYPE(obj.ptr())->tp_name);
-  const py::dict cai = obj.attr("__cuda_array_interface__");
-  const auto shape = cai["shape"].cast<std::vector<int64_t>>();
-  const std::string typestr = cai["typestr"].cast<std::string>();
-  const int64_t item = std::stoll(typestr.substr(2));
-  std::vector<int64_t> strides(shape.size());
-  if (cai.contains("strides") && !cai["strides"].is_none()) {
-    strides = cai["strides"].cast<std::vector<int64_t>>();
-  } else {  // C order
-    int64_t step = item;
-    for (size_t d = shape.size(); d-- > 0;) {
-      strides[d] = step;
-      step *= shape[d];
+  try {  // (a producer's dict: its shape, strides, typestr and data, as the protocol has them)
+    const py::dict cai = obj.attr("__cuda_array_interface__");
+    const auto shape = cai["shape"].cast<std::vector<int64_t>>();
+    const std::string typestr = cai["typestr"].cast<std::string>();
+    const int64_t item = typestr.size() > 2 ? std::stoll(typestr.substr(2)) : 0;
+    if (item <= 0) throw py::value_error("bad typestr");
+    std::vector<int64_t> strides(shape.size());
+    if (cai.contains("strides") && !cai["strides"].is_none()) {
+      strides = cai["strides"].cast<std::vector<int64_t>>();
+      if (strides.size() != shape.size()) throw py::value_error("strides");
+    } else {  // C order
+      int64_t step = item;
+      for (size_t d = shape.size(); d-- > 0;) {
+        strides[d] = step;
+        step *= shape[d];
+      }
     }
+    const uintptr_t base = py::tuple(cai["data"])[0].cast<uintptr_t>();
+    return byte_span(base, shape.data(), strides.data(), int64_t(shape.size()), item, span);
+  } catch (const std::exception&) {  // a missing key, a wrong type, a number out of range
+    throw py::type_error(where.str() + ": its __cuda_array_interface__ is not a valid one");
   }
-  const uintptr_t base = py::tuple(cai["data"])[0].cast<uintptr_t>();
-  return byte_span(base, shape.data(), strides.data(), int64_t(shape.size()), item, span);
 }
 
 // The aliasing check across the kernel calls of one step (each call checks its own
 // arrays): the first pair (i, j) of `arrays` sharing memory where arrays[i] or arrays[j]
 // is written (written[i]: a bool per array), else None. The caller names them.
 py::object first_overlap(py::handle arrays, py::handle written) {
-  if (!PyList_Check(arrays.ptr()) || !PyList_Check(written.ptr()))
-    throw py::type_error("arrays, written: expected two lists");
+  if (!PyList_Check(arrays.ptr()))
+    throw py::type_error(std::string("arrays: expected a list, got ") + Py_TYPE(arrays.ptr())->tp_name);
+  if (!PyList_Check(written.ptr()))
+    throw py::type_error(std::string("written: expected a list, got ") + Py_TYPE(written.ptr())->tp_name);
   const Py_ssize_t n = PyList_GET_SIZE(arrays.ptr());
   if (PyList_GET_SIZE(written.ptr()) != n)
     throw py::value_error("written: expected one bool per array");
@@ -722,6 +730,9 @@ py::object first_overlap(py::handle arrays, py::handle written) {
     const py::object item = py::reinterpret_borrow<py::object>(PyList_GET_ITEM(arrays.ptr(), i));
     const py::object flag =
         py::reinterpret_borrow<py::object>(PyList_GET_ITEM(written.ptr(), i));
+    if (!PyBool_Check(flag.ptr()))
+      throw py::type_error("written[" + std::to_string(i) + "]: expected a bool, got " +
+                           Py_TYPE(flag.ptr())->tp_name);
     fastopt::bindings::Span span{0, 0, "arrays", size_t(i), flag.ptr() == Py_True};
     if (array_span(item, size_t(i), span)) spans.push_back(span);
     if (PyList_GET_SIZE(arrays.ptr()) != n || PyList_GET_SIZE(written.ptr()) != n)
