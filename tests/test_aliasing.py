@@ -244,6 +244,19 @@ def test_first_overlap():
     assert first([CudaLike(base, (4,)), CudaLike(base + 12, (2,), "<f8")], [True, False]) == (0, 1)
     assert first([CudaLike(base, (2, 4), strides=(4, 8)), CudaLike(base + 28, (1,))],
                  [True, True]) == (0, 1)
+    # known=: spans described once (memory_spans), numbered after the arrays
+    kept = [w[:4], w[6:], t]
+    known = _ext._cpu.memory_spans(kept, [True, True, False])
+    assert first([], [], known) is None
+    assert first([w[4:6]], [False], known) is None
+    assert first([w[3:5]], [False], known) == (0, 1)
+    assert first([np.zeros(3), t[1]], [False, True], known) == (1, 4)
+    assert first([np.zeros(3), t[1]], [False, False], known) is None
+    assert first([], [], _ext._cpu.memory_spans([w, w[2:]], [True, False])) == (0, 1)
+    for bad, error in ((b"x" * 31, ValueError), ("spans", TypeError), (known[32:] + known[:32],
+                                                                       ValueError)):
+        with pytest.raises(error, match=r"^known: "):
+            first([w], [False], bad)
     with pytest.raises(TypeError, match=r"arrays\[0\]: expected an array, got int"):
         first([1], [True])
     with pytest.raises(ValueError, match="written: expected one bool per array"):

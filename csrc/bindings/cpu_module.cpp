@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -712,10 +713,9 @@ bool array_span(py::handle obj, size_t i, fastopt::bindings::Span& span) {
   }
 }
 
-// The aliasing check across the kernel calls of one step (each call checks its own
-// arrays): the first pair (i, j) of `arrays` sharing memory where arrays[i] or arrays[j]
-// is written (written[i]: a bool per array), else None. The caller names them.
-py::object first_overlap(py::handle arrays, py::handle written) {
+// The byte spans of a list of arrays (array_span), with each array's index and flag from
+// `written` (a list of bools, one per array): checked and read as first_overlap takes them.
+std::vector<fastopt::bindings::Span> list_spans(py::handle arrays, py::handle written) {
   if (!PyList_Check(arrays.ptr()))
     throw py::type_error(std::string("arrays: expected a list, got ") + Py_TYPE(arrays.ptr())->tp_name);
   if (!PyList_Check(written.ptr()))
@@ -738,9 +738,59 @@ py::object first_overlap(py::handle arrays, py::handle written) {
     if (PyList_GET_SIZE(arrays.ptr()) != n || PyList_GET_SIZE(written.ptr()) != n)
       throw py::value_error("arrays: changed while being read");
   }
+  return spans;
+}
+
+// Spans as memory_spans returns them: 32-byte records (begin, end, index, written),
+// in address order.
+struct SpanRecord {
+  uint64_t begin, end, index, written;
+};
+
+// The spans of `arrays` (with `written`, as first_overlap takes them) as bytes for
+// first_overlap's `known`: arrays whose memory a caller keeps between calls are described
+// once, not at every call.
+py::bytes memory_spans(py::handle arrays, py::handle written) {
+  std::vector<fastopt::bindings::Span> spans = list_spans(arrays, written);
+  std::sort(spans.begin(), spans.end(),
+            [](const auto& a, const auto& b) { return a.begin < b.begin; });
+  std::vector<SpanRecord> records(spans.size());
+  for (size_t k = 0; k < spans.size(); ++k)
+    records[k] = {spans[k].begin, spans[k].end, spans[k].index, spans[k].written ? 1u : 0u};
+  return py::bytes(reinterpret_cast<const char*>(records.data()),
+                   records.size() * sizeof(SpanRecord));
+}
+
+// The aliasing check across the kernel calls of one step (each call checks its own
+// arrays): the first pair (i, j), i < j, of arrays sharing memory where either is written,
+// else None. `arrays` and `written`: lists, a bool per array; `known`: memory_spans of more
+// arrays, numbered from len(arrays) on. The caller names them.
+py::object first_overlap(py::handle arrays, py::handle written, py::handle known) {
+  std::vector<fastopt::bindings::Span> spans = list_spans(arrays, written);
+  const size_t fresh = spans.size(), n = size_t(PyList_GET_SIZE(arrays.ptr()));
+  if (!known.is_none()) {
+    if (!PyBytes_Check(known.ptr()))
+      throw py::type_error(std::string("known: expected bytes from memory_spans, got ") +
+                           Py_TYPE(known.ptr())->tp_name);
+    const Py_ssize_t bytes = PyBytes_GET_SIZE(known.ptr());
+    if (bytes % Py_ssize_t(sizeof(SpanRecord)))
+      throw py::value_error("known: not a list of memory_spans records");
+    const size_t count = size_t(bytes) / sizeof(SpanRecord);
+    std::vector<SpanRecord> records(count);
+    std::memcpy(records.data(), PyBytes_AS_STRING(known.ptr()), size_t(bytes));
+    for (size_t k = 0; k < count; ++k) {
+      const SpanRecord& r = records[k];
+      if (r.end < r.begin || (k && r.begin < records[k - 1].begin))
+        throw py::value_error("known: not a list of memory_spans records");
+      spans.push_back({uintptr_t(r.begin), uintptr_t(r.end), "known", size_t(n + r.index),
+                       r.written != 0});
+    }
+  }
+  // the new spans sorted, merged with the known ones (already in address order)
   std::vector<fastopt::bindings::SpanKey> keys(spans.size());
   for (size_t k = 0; k < spans.size(); ++k) keys[k] = {spans[k].begin, uint32_t(k)};
-  std::sort(keys.begin(), keys.end());
+  std::sort(keys.begin(), keys.begin() + ptrdiff_t(fresh));
+  std::inplace_merge(keys.begin(), keys.begin() + ptrdiff_t(fresh), keys.end());
   const auto [s, hit] = fastopt::bindings::find_overlap(spans, keys.data(), keys.size());
   if (!s) return py::none();
   return py::make_tuple(std::min(s->index, hit->index), std::max(s->index, hit->index));
@@ -820,8 +870,12 @@ PYBIND11_MODULE(_cpu, m) {
         "Where each torch tensor keeps its elements (pointer, device, dtype, shape, strides), "
         "as bytes to compare");
   def(m, "first_overlap", &first_overlap, arg("arrays"), arg("written"),
+        arg("known").none(true) = py::none(),
         "The first pair (i, j) of the arrays sharing memory where either is written "
-        "(written: a bool per array), else None; NumPy, torch (any device), CUDA arrays");
+        "(written: a bool per array; known: memory_spans of more, numbered after them), "
+        "else None; NumPy, torch (any device), CUDA arrays");
+  def(m, "memory_spans", &memory_spans, arg("arrays"), arg("written"),
+        "The arrays' byte spans, as first_overlap's known= takes them");
   def(m, "check_params", &check_params, arg("params"), arg("listed"),
         "Checks an optimizer's params as its steps will (raises naming the bad one)");
   def(m, "set_cpu_path", [](py::object path) {

@@ -185,18 +185,12 @@ def _register_torch(cuda_module: Any) -> None:
     _torch_registered = True
 
 
-def check_apart(
-    roles: Sequence[Tuple[str, Optional[Sequence[Any]], bool]],
-    name: Callable[[str, int], str] = lambda role, i: f"{role}[{i}]",
-    why: str = "arrays updated in place must not alias",
-) -> None:
-    """The aliasing check across the kernel calls of one step, where a step is several
-    (8-bit state beside float32 state, buckets of other step counts or masks...): each call
-    checks its own arrays only, and the calls do not run in the params' order, so an
-    array one call writes must not share memory with any array of another either, as
-    within one call; else a ValueError naming both, before anything is written.
-    ``roles``: (role, its arrays -- None entries skipped -- or None, written); ``name(role,
-    i)`` names an entry; ``why`` ends the message."""
+Roles = Sequence[Tuple[str, Optional[Sequence[Any]], bool]]
+UNALIASED = "arrays updated in place must not alias"
+
+
+def _flat(roles: Roles) -> Tuple[List[Any], List[bool], List[Tuple[str, int]]]:
+    """``roles``' arrays in one list, with their written flags and (role, index) places."""
     arrays: List[Any] = []
     written: List[bool] = []
     places: List[Tuple[str, int]] = []
@@ -206,10 +200,54 @@ def check_apart(
                 arrays.append(a)
                 written.append(writes)
                 places.append((role, i))
-    hit = _ext._cpu.first_overlap(arrays, written)
-    if hit is not None:
-        (role, i), (other, j) = places[hit[1]], places[hit[0]]
-        raise ValueError(f"{name(role, i)} overlaps {name(other, j)} in memory; {why}")
+    return arrays, written, places
+
+
+def check_apart(
+    roles: Roles,
+    name: Callable[[str, int], str] = lambda role, i: f"{role}[{i}]",
+    why: str = UNALIASED,
+) -> None:
+    """The aliasing check across the kernel calls of one step, where a step is several
+    (8-bit state beside float32 state, buckets of other step counts or masks...): each call
+    checks its own arrays only, and the calls do not run in the params' order, so an
+    array one call writes must not share memory with any array of another either, as
+    within one call; else a ValueError naming both, before anything is written.
+    ``roles``: (role, its arrays -- None entries skipped -- or None, written); ``name(role,
+    i)`` names an entry; ``why`` ends the message."""
+    Apart(roles, name, why)
+
+
+class Apart:
+    """check_apart over arrays a caller keeps from step to step (params, state, masks),
+    their memory described once; ``check`` then takes each step's new arrays (grads)
+    against them, at the cost of describing those alone."""
+
+    def __init__(
+        self,
+        roles: Roles,
+        name: Callable[[str, int], str] = lambda role, i: f"{role}[{i}]",
+        why: str = UNALIASED,
+    ):
+        arrays, written, self.places = _flat(roles)
+        self.name, self.why = name, why
+        self._raise(_ext._cpu.first_overlap(arrays, written), self.places)
+        self.known = _ext._cpu.memory_spans(arrays, written)
+
+    def check(self, roles: Sequence[Tuple[str, Sequence[Any]]]) -> None:
+        """``roles``: (role, its arrays, no None among them) read by this step."""
+        arrays = [a for _, items in roles for a in items]
+        hit = _ext._cpu.first_overlap(arrays, [False] * len(arrays), self.known)
+        if hit is not None:
+            places = _flat([(role, items, False) for role, items in roles])[2]
+            self._raise(hit, places + self.places)
+
+    def _raise(self, hit: Optional[Tuple[int, int]], places: List[Tuple[str, int]]) -> None:
+        if hit is not None:
+            (role, i), (other, j) = places[hit[1]], places[hit[0]]
+            raise ValueError(
+                f"{self.name(role, i)} overlaps {self.name(other, j)} in memory; {self.why}"
+            )
 
 
 SHARED_GRADS_CLIPPED = (

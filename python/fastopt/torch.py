@@ -584,6 +584,7 @@ class _Bucket:
         "carried_before",
         "carried_versions",
         "carried_views",
+        "apart",
     )
 
     def __init__(
@@ -646,6 +647,9 @@ class _Bucket:
         self.complex = first.is_complex()  # stepped through real views (view_as_real)
         # the masks of a masked bucket (read only; their views are made in take())
         self.mask_tensors = None if masks is None else [_local(m) for m in masks]
+        # the first bucket of a group of several: the group's params, state and masks,
+        # checked apart (see _check_buckets_apart)
+        self.apart: Optional[_arrays.Apart] = None
         self.take()
 
     def take(self) -> None:
@@ -1855,7 +1859,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 changed = True
         if not changed:
             return None
-        _check_buckets_apart(run[0], [run])
+        _check_buckets_apart(run[0], [run], keep=False)
         return _real_grads(relaid) if bucket.complex else relaid
 
     @staticmethod
@@ -2072,33 +2076,46 @@ def _kernel_style(where: str, index: List[int]) -> Callable[[str, int], str]:
     return name
 
 
-def _check_buckets_apart(where: str, calls: List[_Call]) -> None:
+def _check_buckets_apart(where: str, calls: List[_Call], keep: bool = True) -> None:
     """A group stepped in several kernel calls (buckets of other step counts, masks, 8-bit
     or master copies): each call checks its own arrays only, and the buckets do not run in
-    the params' order, so the arrays of all of them are checked apart, as one call's."""
-    roles: List[Tuple[str, Optional[List[Any]], bool]] = []
-    places: Dict[str, Tuple[_Bucket, str]] = {}  # each role's label: its bucket and key
-    for n, (_, bucket, grads, *_) in enumerate(calls):
-        counts = ("step", *bucket.carried)
-        lists: List[Tuple[str, Optional[List[Any]], bool]] = [
-            ("params", [_local(p) for p in bucket.params], True),
-            ("grads", [_local(g) for g in grads], False),
-            ("masks", bucket.mask_tensors, False),
-            *(
-                (key, [_local(t) for t in held], True)
-                for key, held in zip(bucket.tracked, bucket.held)
-                if key not in counts
-            ),
+    the params' order, so the arrays of all of them are checked apart, as one call's. The
+    params, state and masks are checked once per set of buckets (a rebuild makes new ones:
+    their memory is what the buckets were built over, see _Bucket.moved), then each
+    step's grads against them (``keep``: else the buckets keep nothing)."""
+    first = calls[0][1]
+    apart = first.apart if keep else None
+    if apart is None:
+        roles: List[Tuple[str, Optional[List[Any]], bool]] = []
+        places: Dict[str, Tuple[_Bucket, str]] = {}  # each role's label: its bucket and key
+        for n, (_, bucket, *_) in enumerate(calls):
+            counts = ("step", *bucket.carried)
+            kept: List[Tuple[str, Optional[List[Any]], bool]] = [
+                ("params", [_local(p) for p in bucket.params], True),
+                ("masks", bucket.mask_tensors, False),
+                *(
+                    (key, [_local(t) for t in held], True)
+                    for key, held in zip(bucket.tracked, bucket.held)
+                    if key not in counts
+                ),
+            ]
+            for role, items, writes in kept + [("grads", None, False)]:
+                places[f"{n}:{role}"] = (bucket, role)
+                roles.append((f"{n}:{role}", items, writes))
+
+        def name(label: str, k: int) -> str:
+            bucket, role = places[label]
+            return _kernel_style(where, bucket.index)(role, k)
+
+        apart = _arrays.Apart(roles, name)
+        if keep:
+            first.apart = apart
+    apart.check(
+        [
+            (f"{n}:grads", [_local(g) for g in grads] if bucket.distributed else grads)
+            for n, (_, bucket, grads, *_) in enumerate(calls)
         ]
-        for role, items, writes in lists:
-            places[f"{n}:{role}"] = (bucket, role)
-            roles.append((f"{n}:{role}", items, writes))
-
-    def name(label: str, k: int) -> str:
-        bucket, role = places[label]
-        return _kernel_style(where, bucket.index)(role, k)
-
-    _arrays.check_apart(roles, name)
+    )
 
 
 def _packed(
