@@ -223,11 +223,12 @@ run_tests() {
   fi
   if (( t < 30 )); then record tests-cuda "NOT RUN" tests_cuda.log "out of time (${t}s left)"; return; fi
   : > "$OUT/failures.log"
-  # pytest over the tests marked $1 (a -m expression), with the workers where $2 is "-n"
+  # pytest over the tests marked $1 (a -m expression), with the workers where $2 is "-n",
+  # for at most $3 seconds, keeping $4 for what follows
   cuda_pytest() {
     local marks=$1 workers=() cap
     [ "$2" = "-n" ] && have_module xdist && workers=(-n "${TEST_WORKERS:-8}")
-    cap=$(limit "$t" 200)
+    cap=$(limit "$3" "$4")
     echo "# $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p pytest_live_failures ${args[*]} ${workers[*]} -m '$marks' ${TESTS_ARGS:-tests/}   (cap ${cap}s; left out, a module missing:${ignored:- none})"
     # shellcheck disable=SC2086  # TESTS_ARGS is a list of arguments
     # bench/pytest_live_failures.py: failures.log as tests fail, and the per-test limit
@@ -239,15 +240,19 @@ run_tests() {
       "${workers[@]}" -m "$marks" ${TESTS_ARGS:-tests/}
   }
   (
-    cuda_pytest "cuda and not device_wide" -n
+    cuda_pytest "cuda and not device_wide" -n "$t" 230  # (30 s kept for the run below)
     rc=$?
     # the tests that fill the GPU's memory, after the others and on one worker: beside
     # other tests they would make those run out of memory
     if (( rc != 124 && rc != 137 )); then
-      cuda_pytest "cuda and device_wide" ""
-      wide=$?
-      # one of the two collecting nothing (5) is no failure; either failing is
-      if (( wide != 5 )) && (( rc == 0 || rc == 5 )); then rc=$wide; fi
+      if (( $(limit 30 200) < 15 )); then
+        echo "# the device_wide tests: NOT RUN (out of time)"
+      else
+        cuda_pytest "cuda and device_wide" "" 30 200
+        wide=$?
+        # one of the two collecting nothing (5) is no failure; either failing is
+        if (( wide != 5 )) && (( rc == 0 || rc == 5 )); then rc=$wide; fi
+      fi
     fi
     exit "$rc"
   ) > "$OUT/tests_cuda.log" 2>&1

@@ -226,6 +226,44 @@ class CudaLike:
                                          "typestr": typestr, "strides": strides, "version": 3}
 
 
+class DLPackOnly:
+    """An array exposing only DLPack (a JAX-like producer)."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __dlpack__(self, *args, **kwargs):
+        return self.a.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
+class Sub(torch.nn.Parameter):
+    """A Parameter subclass: described through its attributes, not torch's exchange table."""
+
+
+def test_spans_of_subclass_tensors_and_dlpack_arrays():
+    first = _ext._cpu.first_overlap
+    w = np.zeros(10, np.float32)
+    assert first([DLPackOnly(w[:5]), w[5:]], [True, True]) is None
+    assert first([DLPackOnly(w[:5]), w[4:]], [True, False]) == (0, 1)
+    assert first([DLPackOnly(w[3:3]), w], [True, True]) is None
+    t = torch.zeros(4, 4)
+    a, b = Sub(t[:2]), Sub(t[2:])  # two halves: apart
+    assert first([a, b], [True, True]) is None
+    assert first([a, Sub(t[1:3])], [True, False]) == (0, 1)
+    # a group of subclass params steps (the spans once had garbage sizes: refused)
+    params = [Sub(torch.randn(4)) for _ in range(3)]
+    opt = ft.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.randn(4)
+    opt.step()
+    params[2].grad = params[1].detach()
+    with pytest.raises(ValueError, match=either(r"\[2\] \(grads\)", r"\[1\]")):
+        opt.step()
+
+
 def test_first_overlap():
     first = _ext._cpu.first_overlap
     w = np.zeros(10, np.float32)
@@ -273,3 +311,24 @@ def test_first_overlap():
         odd.__cuda_array_interface__ = bad
         with pytest.raises(TypeError, match=r"^arrays\[1\]: its __cuda_array_interface__ is"):
             first([w, odd], [True, True])
+
+
+def test_what_the_check_cannot_describe_is_named_as_the_caller_knows_it():
+    rng = np.random.default_rng(6)
+    opt = fastopt.AdamW([rng.standard_normal(n).astype(np.float32) for n in (8, N8)], lr=0.1,
+                        state_dtype="int8")
+    with pytest.raises(TypeError, match=r"^grads\[1\]: expected an array, got str"):
+        opt.step([rng.standard_normal(8).astype(np.float32), "abc"])
+    params = [rng.standard_normal(5).astype(np.float32) for _ in range(2)]
+    with pytest.raises(TypeError, match=r"^grads\[1\]: expected an array, got str"):
+        fastopt.sgd_(params, [params[0].copy(), "abc"], lr=0.1, max_grad_norm=1.0)
+    # fastopt.torch, a group of two buckets (masks on one), a sparse grad at a later step
+    A, B = torch.nn.Parameter(randn(5)), torch.nn.Parameter(randn(5))
+    topt = ft.AdamW([A, B], lr=0.1)
+    topt.set_masks({A: torch.ones(5, dtype=torch.bool)})
+    A.grad, B.grad = randn(5), randn(5)
+    topt.step()
+    B.grad = randn(5).to_sparse()
+    with pytest.raises(TypeError, match=r"^param_groups\[0\]\['params'\]\[1\] \(grads\): "
+                                        r"torch.sparse_coo"):
+        topt.step()

@@ -181,19 +181,30 @@ def _fsdp2_rounding(rank: int, device: str) -> None:
     """Stochastic rounding of a bfloat16 param sharded over the ranks: the shards draw bits
     of their own (the local element indices repeat on every rank), reproducibly."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     world = dist.get_world_size()
     mesh = init_device_mesh(device.split(":")[0], (world,))
     n, ulp = 4096 * world, 2.0 ** -7  # every element 1 + ulp/2: up or down with odds 1/2
-    ups = []
-    for _ in range(2):
+
+    def param(placement):
         p = torch.nn.Parameter(distribute_tensor(
-            torch.ones(n, dtype=torch.bfloat16, device=device), mesh, [Shard(0)]))
+            torch.ones(n, dtype=torch.bfloat16, device=device), mesh, [placement]))
         p.grad = distribute_tensor(torch.full((n,), -ulp / 2, dtype=torch.bfloat16,
-                                              device=device), mesh, [Shard(0)])
-        ft.SGD([p], lr=1.0, stochastic_rounding=True, seed=1).step()
+                                              device=device), mesh, [placement])
+        return p
+
+    ups = []
+    for order in (0, 1, 0):  # a replicated param beside it, first or last in the group
+        p, replicated = param(Shard(0)), param(Replicate())
+        ft.SGD([p, replicated][::1 if order else -1], lr=1.0, stochastic_rounding=True,
+               seed=1).step()
         ups.append((p.full_tensor() > 1).cpu().reshape(world, -1))
-    assert torch.equal(ups[0], ups[1]), "the same seed, other bits"
+        # replicas round alike: every rank holds the same values
+        mine = replicated.to_local().float().cpu()
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)
+        assert all(torch.equal(mine, other) for other in everyone), "replicas diverged"
+    assert torch.equal(ups[0], ups[2]), "the same seed, other bits"
     assert 0.45 < ups[0].float().mean() < 0.55
     for r in range(1, world):
         agree = (ups[0][0] == ups[0][r]).float().mean()

@@ -1893,3 +1893,57 @@ def test_lazy_modules_before_their_first_forward(name):
         results.append([t.detach().clone() for t in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("ASGD", dict(lr=0.1, t0=2**24)), ("Adam", dict(lr=0.1, betas=(0.9, 1 - 2**-40))),
+    ("Adagrad", dict(lr=0.1, lr_decay=1.0)), ("RAdam", dict(lr=0.1, betas=(0.9, 1 - 2**-30))),
+    ("NAdam", dict(lr=0.1)), ("Adamax", dict(lr=0.1))])
+def test_step_counts_past_float32_stay_as_torch_counts_them(name, options):
+    """torch.optim counts in a float32 tensor, which stays at 2**24 once there: the steps
+    after a checkpoint at 2**24 - 2 take the counts torch's tensor holds (2**24 - 1, 2**24,
+    2**24...), so the trajectory is torch's, and a checkpoint reloaded at every step goes
+    on with the same one (fastopt counted on past 2**24 while its tensor stayed)."""
+    import fastopt.torch as ft
+
+    def run(module, reload):
+        p = torch.nn.Parameter(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
+        opt = getattr(module, name)([p], **options)
+        p.grad = torch.full_like(p, 0.5)
+        opt.step()
+        saved = opt.state_dict()
+        saved["state"][0]["step"] = torch.tensor(float(2**24 - 2))
+        opt.load_state_dict(saved)
+        for k in range(4):
+            if reload:
+                opt.load_state_dict(opt.state_dict())
+            p.grad = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64) * (k + 1)
+            opt.step()
+        return p.detach(), {k: v for k, v in opt.state[p].items() if v.dim() == 0}
+
+    want, want_counts = run(torch.optim, False)
+    for reload in (False, True):
+        got, counts = run(ft, reload)
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+        assert float(counts["step"]) == float(want_counts["step"]) == 2**24
+        for key in counts:
+            torch.testing.assert_close(counts[key], want_counts[key], rtol=1e-7, atol=0)
+
+
+def test_step_counts_past_2_pow_53_load():
+    import fastopt.torch as ft
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = torch.tensor(float(2**60))
+    opt.load_state_dict(saved)
+    twin = torch.optim.Adam([torch.nn.Parameter(p.detach().clone())], lr=0.1)
+    twin.load_state_dict(saved)
+    for o in (opt, twin):
+        o.param_groups[0]["params"][0].grad = torch.ones(3)
+        o.step()
+    assert float(opt.state[p]["step"]) == 2.0**60
+    torch.testing.assert_close(p.detach(), twin.param_groups[0]["params"][0].detach())

@@ -131,12 +131,15 @@ class ArrayTable {
   // are read through torch's DLPack exchange table, with no Python call; others through
   // data_ptr(), device, dtype, shape and stride(). fastopt.torch compares these words
   // between steps to see memory replaced in place (t.data = ..., t.set_(...), resize_()).
-  static void torch_layout(PyObject* obj, const Where& where_, std::vector<int64_t>& out) {
+  // `item_bytes`, where given, gets the element size.
+  static void torch_layout(PyObject* obj, const Where& where_, std::vector<int64_t>& out,
+                           int64_t* item_bytes = nullptr) {
     const TorchTypes* tt = torch_types();
     const PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(obj));
     if (tt && tt->exchange && (type == tt->tensor.ptr() || type == tt->parameter.ptr())) {
       dlpack::Tensor t;
       if (tt->exchange->dltensor_from_py_object_no_sync(obj, &t) == 0) {
+        if (item_bytes) *item_bytes = std::max<int64_t>(1, int64_t(t.dtype.bits) * t.dtype.lanes / 8);
         out.push_back(int64_t(reinterpret_cast<uintptr_t>(t.data) + t.byte_offset));
         out.push_back(int64_t(t.device.device_type) << 32 | uint32_t(t.device.device_id));
         out.push_back(int64_t(t.dtype.code) << 32 | int64_t(t.dtype.bits) << 16 | t.dtype.lanes);
@@ -160,6 +163,7 @@ class ArrayTable {
       throw py::type_error(where_.str() + ": expected a torch tensor, got " + Py_TYPE(obj)->tp_name);
     try {
       torch_layout_by_attributes(py::handle(obj), where_, out);
+      if (item_bytes) *item_bytes = FASTOPT_HOST_CALL(py::handle(obj), "element_size").cast<int64_t>();
     } catch (py::error_already_set& e) {  // torch's refusals (no storage, an uninitialized
       // parameter, a sparse tensor's strides...), named
       if (!e.matches(PyExc_RuntimeError) && !e.matches(PyExc_ValueError)) throw;

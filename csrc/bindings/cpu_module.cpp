@@ -666,8 +666,8 @@ bool byte_span(uintptr_t base, const int64_t* shape, const int64_t* byte_strides
   return true;
 }
 
-// Where `obj` keeps its elements: a NumPy array, a torch tensor (any device), or an array
-// with __cuda_array_interface__ (CuPy, Numba); false for a zero-size one.
+// Where `obj` keeps its elements: a NumPy array, a torch tensor (any device), an array with
+// __cuda_array_interface__ (CuPy, Numba) or with __dlpack__; false for a zero-size one.
 bool array_span(py::handle obj, size_t i, fastopt::bindings::Span& span) {
   const fastopt::bindings::Where where{"arrays", i, true};
   if (py::detail::npy_api::get().PyArray_Check_(obj.ptr())) {
@@ -678,17 +678,34 @@ bool array_span(py::handle obj, size_t i, fastopt::bindings::Span& span) {
     return byte_span(reinterpret_cast<uintptr_t>(a->data), shape.data(), strides.data(), a->nd,
                      item, span);
   }
-  if (ArrayTable::is_torch_tensor(obj.ptr())) {  // words: pointer, device, dtype (code, bits, lanes), nd, shape, strides
+  if (ArrayTable::is_torch_tensor(obj.ptr())) {  // words: pointer, device, dtype, nd, shape, strides
     std::vector<int64_t> words;
-    ArrayTable::torch_layout(obj.ptr(), where, words);
-    const int64_t bits = (words[2] >> 16) & 0xffff, lanes = words[2] & 0xffff;
-    const int64_t item = std::max<int64_t>(1, bits * lanes / 8), nd = words[3];
+    int64_t item = 1;
+    ArrayTable::torch_layout(obj.ptr(), where, words, &item);
+    const int64_t nd = words[3];
     std::vector<int64_t> strides(words.begin() + 4 + nd, words.begin() + 4 + 2 * nd);
     for (int64_t& stride : strides) stride *= item;
     return byte_span(uintptr_t(words[0]), words.data() + 4, strides.data(), nd, item, span);
   }
-  if (!py::hasattr(obj, "__cuda_array_interface__"))
-    throw py::type_error(where.str() + ": expected an array, got " + Py_TYPE(obj.ptr())->tp_name);
+  if (!py::hasattr(obj, "__cuda_array_interface__")) {
+    if (!py::hasattr(obj, "__dlpack__"))
+      throw py::type_error(where.str() + ": expected an array, got " + Py_TYPE(obj.ptr())->tp_name);
+    // Through a DLPack capsule, read and left unconsumed: its destructor frees it.
+    const py::object capsule = obj.attr("__dlpack__")();
+    auto* managed = static_cast<fastopt::bindings::dlpack::ManagedTensor*>(
+        PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+    if (!managed) {
+      PyErr_Clear();
+      throw py::type_error(where.str() + ": its __dlpack__() gave no DLPack capsule");
+    }
+    const auto& t = managed->dl_tensor;
+    const int64_t item = std::max<int64_t>(1, int64_t(t.dtype.bits) * t.dtype.lanes / 8);
+    std::vector<int64_t> strides(size_t(std::max(t.ndim, 0)));
+    for (int64_t d = t.ndim - 1, step = 1; d >= 0; step *= t.shape[d], --d)
+      strides[size_t(d)] = (t.strides ? t.strides[d] : step) * item;  // no strides: C order
+    return byte_span(reinterpret_cast<uintptr_t>(t.data) + t.byte_offset, t.shape,
+                     strides.data(), t.ndim, item, span);
+  }
   try {  // (a producer's dict: its shape, strides, typestr and data, as the protocol has them)
     const py::dict cai = obj.attr("__cuda_array_interface__");
     const auto shape = cai["shape"].cast<std::vector<int64_t>>();

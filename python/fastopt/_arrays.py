@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import _ext
+from ._validate import renamed_entries
 
 ArrayOrList = Any  # an array, or a list/tuple of arrays
 
@@ -231,16 +232,31 @@ class Apart:
     ):
         arrays, written, self.places = _flat(roles)
         self.name, self.why = name, why
-        self._raise(_ext._cpu.first_overlap(arrays, written), self.places)
+        self._raise(self._overlap(arrays, written, None, self.places), self.places)
         self.known = _ext._cpu.memory_spans(arrays, written)
 
     def check(self, roles: Sequence[Tuple[str, Sequence[Any]]]) -> None:
         """``roles``: (role, its arrays, no None among them) read by this step."""
         arrays = [a for _, items in roles for a in items]
-        hit = _ext._cpu.first_overlap(arrays, [False] * len(arrays), self.known)
+        places = lambda: _flat([(role, items, False) for role, items in roles])[2]  # noqa: E731
+        hit = self._overlap(arrays, [False] * len(arrays), self.known, places)
         if hit is not None:
-            places = _flat([(role, items, False) for role, items in roles])[2]
-            self._raise(hit, places + self.places)
+            self._raise(hit, places() + self.places)
+
+    def _overlap(
+        self,
+        arrays: List[Any],
+        written: List[bool],
+        known: Optional[bytes],
+        places: Any,  # the arrays' places, or a function making them
+    ) -> Optional[Tuple[int, int]]:
+        """first_overlap, with an array it cannot describe ("arrays[3]: ...") named as the
+        caller knows it."""
+        try:
+            return _ext._cpu.first_overlap(arrays, written, known)
+        except (TypeError, ValueError) as exc:
+            where = places() if callable(places) else places
+            raise renamed_entries(exc, lambda _, k: self.name(*where[k])) from None
 
     def _raise(self, hit: Optional[Tuple[int, int]], places: List[Tuple[str, int]]) -> None:
         if hit is not None:

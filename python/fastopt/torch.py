@@ -350,6 +350,14 @@ def _memory(value: Any) -> Optional[torch.Tensor]:
     return local if local.layout == torch.strided and local.device.type != "meta" else None
 
 
+def _placement(p: torch.Tensor) -> Any:
+    """A DTensor's mesh and placements (None for a plain tensor): the params of a bucket
+    share them, so that its stochastic rounding key follows each param's shard."""
+    if not _is_dtensor(p):
+        return None
+    return cast(Any, p).device_mesh, tuple(cast(Any, p).placements)
+
+
 def _shard_seed(key: int, p: torch.Tensor) -> int:
     """Stochastic rounding's ``key`` for DTensor ``p``'s local shard: mixed with this rank's
     coordinates along the mesh dimensions that shard ``p`` (a shard's local element indices
@@ -561,6 +569,8 @@ class _Bucket:
         "steps_view",
         "steps_seen",
         "done",
+        "done_before",
+        "calls",
         "plan",
         "params_inference",
         "inference",
@@ -634,7 +644,12 @@ class _Bucket:
         self.steps_view: Any = None if steps is None else steps.numpy()
         self.carried_views = {k: t.numpy() for k, t in self.carried.items()}
         self.note_counts()
-        self.done = done  # steps taken so far if the kernel takes step (it gets done + 1)
+        # the step count the bucket's step tensors hold (the steps taken so far, as a float32
+        # tensor counts them: from 2**24 on it stays, as torch's does), its value before the
+        # last step, and the kernel calls made (counted, not refused)
+        self.done = done
+        self.done_before = done
+        self.calls = 0
         self.params_inference = any(p.is_inference() for p in params)
         self.distributed = any(map(_is_dtensor, params))
         first = _local(params[0])
@@ -1357,6 +1372,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     MASTER in state,
                     # carried values (NAdam's mu_product...): a bucket shares them, as its count
                     tuple((float(state[n]), state[n].dtype) for n in self._spec.carried),
+                    # a DTensor's mesh and placements: its shard's rounding bits (_shard_seed)
+                    _placement(p),
                 )
             ].append(i)
         self._make_pending(pending)
@@ -1364,7 +1381,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             STATE_KEYS[role.name] if use else None for role, use in zip(self._spec.states, used)
         ]
         buckets = []
-        for (_, _, done, masked, eight, masters, values), index_list in keys.items():
+        for (_, _, done, masked, eight, masters, values, _), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
             carried = {
                 name: (_packed(staged, index_list, name, [value] * len(index_list), dtype), value)
@@ -1548,9 +1565,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         unsettled.done.synchronize()
         if float(unsettled.found_inf) != 0.0:
             for bucket in unsettled.buckets:
-                bucket.done -= 1
+                bucket.done = bucket.done_before
                 if bucket.steps is not None:
-                    bucket.steps.sub_(1)
+                    bucket.steps.sub_(1)  # (as torch's fused step takes its count back)
+                    bucket.done = int(bucket.steps[0])
                 for name, packed in bucket.carried.items():
                     bucket.carried_values[name] = bucket.carried_before[name]
                     packed.fill_(bucket.carried_before[name])
@@ -1605,12 +1623,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             on_device = clipping or None
         for group_rebuilt in rebuilt:
             self._commit(group_rebuilt)
-        counts = [run[1].done for run in runs]
+        made = [run[1].calls for run in runs]
         try:
             for run in runs:
                 self._run(run, grad_scale, on_device)
         finally:  # the buckets counted, also when an exception follows their call
-            ran = [run for run, done in zip(runs, counts) if run[1].done != done]
+            ran = [run for run, before in zip(runs, made) if run[1].calls != before]
             for run in ran:  # (a group's next rounding step, once one of its calls ran)
                 if run[5] is not None:
                     self.param_groups[run[5][2]]["rounding_step"] = run[5][1]
@@ -1768,20 +1786,24 @@ class _FusedOptimizer(torch.optim.Optimizer):
             # in the call
             seed, step, group_index = rounding
             key = functional.step_seed(seed, step, group_index << 32 | bucket.index[0])
-            if bucket.distributed:
+            if bucket.distributed:  # (its params share mesh and placements: _placement)
                 key = _shard_seed(key, bucket.params[0])
             extra = {**extra, "stochastic_seed": key}
+        # this step's count, as torch's step tensor holds it once incremented
+        count = bucket.done + 1
+        if bucket.steps is not None:
+            count = _counted(bucket.steps.dtype, count)
         if self._spec.takes_step:
             # (where torch keeps no count, SGD, the kernel tells only the first step from
             # the others: 2 for every later one, whatever a rebuild left in bucket.done, so
             # the stochastic rounding key, which mixes in the step, is the group's alone)
-            step = bucket.done + 1 if self._tracks_step else min(bucket.done + 1, 2)
+            step = count if self._tracks_step else min(count, 2)
             extra = {**extra, "step": step}
         # The carried hyper-parameters (NAdam's mu_product, ASGD's eta and mu): the values
         # this step takes, and what the state holds after it, as torch computes them.
         advanced: Dict[str, float] = {}
         for name, value in bucket.carried_values.items():
-            rule, t = self._spec.carried[name], bucket.done + 1
+            rule, t = self._spec.carried[name], count
             after = rule.advance(value, t, {**kw, "lr": lr}, _stored(bucket.carried[name].dtype))
             advanced[name] = rule.held.validate(f"{where}: {name!r} after step {t}", after)
             used = after if rule.taken == "after" else value
@@ -1808,7 +1830,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         # call (an attribute store, where no signal is handled), the step tensors and the
         # version counters in `finally`; only a call the kernel's checks refused (nothing
         # written then) is not counted.
-        bucket.done += 1
+        bucket.done_before, bucket.done = bucket.done, count
+        bucket.calls += 1
         refused = False
         try:
             kernel(params, taken, *states, True, lr=lr, **kw, **extra)
@@ -1825,7 +1848,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 raise self._named(where, bucket, again) from again
         finally:
             if refused:
-                bucket.done -= 1
+                bucket.done = bucket.done_before
+                bucket.calls -= 1
             else:
                 if bucket.steps is not None:
                     bucket.steps.add_(1)
@@ -2186,8 +2210,8 @@ def _steps_taken(name: str, value: Any) -> int:
     """A step count (torch's 0-d tensor, or a number as in torch < 1.12's checkpoints) as
     the whole number it holds, else a TypeError/ValueError naming ``name``."""
     count = _state_number(name, value)
-    if not (math.isfinite(count) and 0 <= count <= 2**53 and count == int(count)):
-        raise ValueError(f"{name}: must be a whole number in [0, 2**53], got {count}")
+    if not (math.isfinite(count) and 0 <= count < 2**63 and count == int(count)):
+        raise ValueError(f"{name}: must be a whole number in [0, 2**63), got {count}")
     return int(count)
 
 
@@ -2214,6 +2238,18 @@ def _state_number(name: str, value: Any) -> float:
         except OverflowError:  # an int past the float range
             return math.inf
     raise TypeError(f"{name}: expected a 0-d tensor or a number, got {type(value).__name__}")
+
+
+def _counted(dtype: torch.dtype, count: int) -> int:
+    """Step ``count`` as a step tensor of ``dtype`` holds it once incremented to it, as torch
+    counts (``step_t += 1``): a float32 one stays at 2**24, a float64 one at 2**53."""
+    if count <= 256 or not dtype.is_floating_point:
+        return count
+    if dtype == torch.float64:
+        return int(float(count))
+    if dtype == torch.float32:
+        return int(reference.float32_round(count))
+    return int(torch.tensor(float(count), dtype=dtype).item())
 
 
 def _stored(dtype: torch.dtype) -> Callable[[float], float]:
@@ -3301,7 +3337,8 @@ class _AdafactorCall:
         """Every check of the kernel call (nothing written), named by the params; first the
         aliasing of the params and grads as given (the kernel sees the C-order copies of
         those laid out otherwise, which would hide it)."""
-        self.steps = [_steps_taken("step", t) + 1 for t in self.counts]
+        # (as torch's step tensors count: a float32 one stays at 2**24)
+        self.steps = [_counted(t.dtype, _steps_taken("step", t) + 1) for t in self.counts]
         if self.copies or any(g is not x for g, x in zip(self.given[1], self.lists[1])):
             names = ("row_vars", "col_vars", "variances")
             _arrays.check_apart(
