@@ -536,8 +536,6 @@ def test_load_device_without_its_library_is_a_value_error(good_file, monkeypatch
         load_quantized(good_file[0], device="cupy")
     monkeypatch.setattr(builtins, "__import__", real_import)
     torch = pytest.importorskip("torch")
-    with pytest.raises(ValueError, match=r"^device: 'meta': tensors are loaded to the CPU"):
-        load_quantized(good_file[0], device="meta")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"^device: 'cuda': torch .* has no usable CUDA"):
             load_quantized(good_file[0], device="cuda")

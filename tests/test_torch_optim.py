@@ -1941,9 +1941,35 @@ def test_step_counts_past_2_pow_53_load():
     saved["state"][0]["step"] = torch.tensor(float(2**60))
     opt.load_state_dict(saved)
     twin = torch.optim.Adam([torch.nn.Parameter(p.detach().clone())], lr=0.1)
-    twin.load_state_dict(saved)
+    twin.load_state_dict(copy.deepcopy(saved))  # (its own tensors: torch loads them as given)
     for o in (opt, twin):
         o.param_groups[0]["params"][0].grad = torch.ones(3)
         o.step()
     assert float(opt.state[p]["step"]) == 2.0**60
     torch.testing.assert_close(p.detach(), twin.param_groups[0]["params"][0].detach())
+
+
+def test_constructor_arguments_as_torch_reads_them():
+    """Adam's betas mixing a tensor and a float are refused with torch's message; Adafactor
+    reads maximize=1 as True as the other classes (and torch) do; a reloaded or copied
+    Adafactor's groups do not gain the "differentiable" key torch puts in its defaults."""
+    import fastopt.torch as ft
+
+    p = torch.nn.Parameter(torch.ones(3))
+    for cls in (ft.Adam, ft.AdamW):
+        for betas in ((torch.tensor(0.9), 0.999), (0.9, torch.tensor(0.999))):
+            with pytest.raises(ValueError, match="^betas must be either both floats or both "
+                                                 "Tensors$"):
+                cls([p], betas=betas)
+            with pytest.raises(ValueError):
+                getattr(torch.optim, cls.__name__)([p], betas=betas)
+    opt = ft.Adafactor([p], maximize=1)
+    p.grad = torch.ones(3)
+    opt.step()
+    twin = torch.optim.Adafactor([torch.nn.Parameter(torch.ones(3))], maximize=1)
+    twin.param_groups[0]["params"][0].grad = torch.ones(3)
+    twin.step()
+    torch.testing.assert_close(p.detach(), twin.param_groups[0]["params"][0].detach())
+    opt.load_state_dict(opt.state_dict())
+    assert "differentiable" not in opt.param_groups[0]
+    assert "differentiable" not in copy.deepcopy(opt).param_groups[0]

@@ -545,8 +545,6 @@ def _target(device: Any) -> Tuple[str, Any]:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device: {device!r} is not a device: {exc}") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"device: {device!r}: tensors are loaded to the CPU or a CUDA GPU")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: {device!r}: torch {torch.__version__} has no usable CUDA")
         if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():

@@ -996,9 +996,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if path:
                 value = _pair(place, value)[path[1]]
                 place = f"{place}[{path[1]}]"
-            elif value is None or (type(value) is int and value in (0, 1)):
-                if isinstance(self._spec.hyper[name], Flag):  # torch reads them by truth
-                    value = bool(value)
+            elif isinstance(self._spec.hyper[name], Flag):
+                value = _as_torch_reads(value)
             out.append(_host_float(value, place))
         return tuple(out)
 
@@ -2355,6 +2354,14 @@ def _rounding_seed(stochastic_rounding: Any, seed: Any) -> Optional[int]:
     return functional.stochastic_rounding("stochastic", seed)["stochastic_seed"]
 
 
+def _as_torch_reads(flag: Any) -> Any:
+    """A flag as torch reads it, by truth, where that is unambiguous: None, 0 and 1 as
+    bools (anything else is left to the flag's check)."""
+    if flag is None or (type(flag) is int and flag in (0, 1)):
+        return bool(flag)
+    return flag
+
+
 def _pair(name: str, pair: Any) -> Any:
     """``pair`` (betas, Rprop's etas and step_sizes) checked to be a pair: any sequence of
     two (a tuple, a list, a NumPy array, a config library's list), else a TypeError naming
@@ -2571,9 +2578,12 @@ class Adam(_FusedOptimizer):
         seed: Optional[int] = None,
         masks: Any = None,
     ):
+        pair = tuple(_pair("betas", betas))
+        if isinstance(pair[0], torch.Tensor) != isinstance(pair[1], torch.Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")  # (torch's)
         defaults = dict(
             lr=lr,
-            betas=tuple(_pair("betas", betas)),  # as torch.optim.Adam
+            betas=pair,  # as torch.optim.Adam
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
@@ -3117,7 +3127,9 @@ class Adafactor(torch.optim.Optimizer):
         seed: Optional[int] = None,
         master_weights: bool = False,
     ):
-        adafactor_hyper(_host_float(lr, "lr"), beta2_decay, eps, d, weight_decay, maximize)
+        adafactor_hyper(
+            _host_float(lr, "lr"), beta2_decay, eps, d, weight_decay, _as_torch_reads(maximize)
+        )
         if foreach is not None:
             flag("foreach", foreach)
         defaults = dict(
@@ -3145,7 +3157,8 @@ class Adafactor(torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:  # a torch.optim checkpoint lacks fastopt's extras
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key != "differentiable":  # (torch's __setstate__ adds it to defaults only)
+                    group.setdefault(key, value)
             for p in group["params"]:
                 entry = self.state.get(p, {})
                 step = entry.get("step") if isinstance(entry, dict) else None
@@ -3227,7 +3240,7 @@ class Adafactor(torch.optim.Optimizer):
             group["eps"],
             group["d"],
             group["weight_decay"],
-            group["maximize"],
+            _as_torch_reads(group["maximize"]),
             lambda k: f"{where}['{k}']",
         )
         _check_group_options(where, group)
