@@ -249,6 +249,14 @@ def test_spans_of_subclass_tensors_and_dlpack_arrays():
     assert first([DLPackOnly(w[:5]), w[5:]], [True, True]) is None
     assert first([DLPackOnly(w[:5]), w[4:]], [True, False]) == (0, 1)
     assert first([DLPackOnly(w[3:3]), w], [True, True]) is None
+
+    class Refusing:
+        def __dlpack__(self, *args, **kwargs):
+            raise BufferError("cannot export")
+
+    with pytest.raises(TypeError, match=r"^grads\[1\]: its __dlpack__\(\) refused: "
+                                        r"BufferError: cannot export"):
+        fastopt._arrays.check_apart([("grads", [w, Refusing()], False)])
     t = torch.zeros(4, 4)
     a, b = Sub(t[:2]), Sub(t[2:])  # two halves: apart
     assert first([a, b], [True, True]) is None

@@ -536,8 +536,13 @@ def test_load_device_without_its_library_is_a_value_error(good_file, monkeypatch
         load_quantized(good_file[0], device="cupy")
     monkeypatch.setattr(builtins, "__import__", real_import)
     torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"^device: 'meta': meta tensors hold no data"):
+        load_quantized(good_file[0], device="meta")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match=r"^device: 'mps': torch .* has no usable mps"):
+            load_quantized(good_file[0], device="mps")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"^device: 'cuda': torch .* has no usable CUDA"):
+        with pytest.raises(ValueError, match=r"^device: 'cuda': torch .* has no usable cuda"):
             load_quantized(good_file[0], device="cuda")
     else:
         with pytest.raises(ValueError, match=r"^device: 'cuda:99': torch sees"):

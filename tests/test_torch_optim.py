@@ -1973,3 +1973,44 @@ def test_constructor_arguments_as_torch_reads_them():
     opt.load_state_dict(opt.state_dict())
     assert "differentiable" not in opt.param_groups[0]
     assert "differentiable" not in copy.deepcopy(opt).param_groups[0]
+
+
+def test_step_tensors_of_other_dtypes_count_as_their_own():
+    """Params whose step tensors have other dtypes (float32 beside float64, loaded from a
+    checkpoint) are not packed into one tensor: each keeps its dtype and counts as torch's
+    does (the float32 one stays at 2**24, the float64 one goes on); an int count past 2**53
+    (read through a float) is refused."""
+    import fastopt.torch as ft
+
+    def run(module):
+        ps = [torch.nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+              for _ in range(2)]
+        opt = getattr(module, "Adam")(ps, lr=0.1, betas=(0.9, 1 - 2**-40),
+                                      **({"foreach": False} if module is torch.optim else {}))
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        saved = opt.state_dict()
+        saved["state"][0]["step"] = torch.tensor(float(2**24 - 1), dtype=torch.float32)
+        saved["state"][1]["step"] = torch.tensor(float(2**24 - 1), dtype=torch.float64)
+        opt.load_state_dict(saved)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.linspace(-1.0, 1.0, 4, dtype=torch.float64)
+            opt.step()
+        return ps, [opt.state[p]["step"] for p in ps]
+
+    want, want_steps = run(torch.optim)
+    got, steps = run(ft)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=0)
+    assert [(s.dtype, float(s)) for s in steps] == [(s.dtype, float(s)) for s in want_steps] \
+        == [(torch.float32, 2.0**24), (torch.float64, 2.0**24 + 2)]
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = torch.tensor(2**53 + 1)
+    with pytest.raises(ValueError, match=r"'step'\]: must be <= 2\*\*53 unless held in a float"):
+        opt.load_state_dict(saved)

@@ -691,7 +691,12 @@ bool array_span(py::handle obj, size_t i, fastopt::bindings::Span& span) {
     if (!py::hasattr(obj, "__dlpack__"))
       throw py::type_error(where.str() + ": expected an array, got " + Py_TYPE(obj.ptr())->tp_name);
     // Through a DLPack capsule, read and left unconsumed: its destructor frees it.
-    const py::object capsule = obj.attr("__dlpack__")();
+    py::object capsule;
+    try {
+      capsule = obj.attr("__dlpack__")();
+    } catch (py::error_already_set& e) {  // (BufferError: the protocol's "cannot export")
+      throw py::type_error(where.str() + ": its __dlpack__() refused: " + e.what());
+    }
     auto* managed = static_cast<fastopt::bindings::dlpack::ManagedTensor*>(
         PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
     if (!managed) {

@@ -545,8 +545,14 @@ def _target(device: Any) -> Tuple[str, Any]:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device: {device!r} is not a device: {exc}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r}: torch {torch.__version__} has no usable CUDA")
+        if dev.type == "meta":
+            raise ValueError(f"device: {device!r}: meta tensors hold no data")
+        backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if dev.type != "cpu" and callable(available) and not available():
+            raise ValueError(
+                f"device: {device!r}: torch {torch.__version__} has no usable {dev.type}"
+            )
         if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
             raise ValueError(
                 f"device: {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)"

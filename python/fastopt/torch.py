@@ -1373,6 +1373,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     tuple((float(state[n]), state[n].dtype) for n in self._spec.carried),
                     # a DTensor's mesh and placements: its shard's rounding bits (_shard_seed)
                     _placement(p),
+                    # the step tensor's dtype: the packed one keeps it, and counts as it does
+                    state["step"].dtype if isinstance(state.get("step"), torch.Tensor) else None,
                 )
             ].append(i)
         self._make_pending(pending)
@@ -1380,7 +1382,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             STATE_KEYS[role.name] if use else None for role, use in zip(self._spec.states, used)
         ]
         buckets = []
-        for (_, _, done, masked, eight, masters, values, _), index_list in keys.items():
+        for (_, _, done, masked, eight, masters, values, *_), index_list in keys.items():
             bucket_params = [params[i] for i in index_list]
             carried = {
                 name: (_packed(staged, index_list, name, [value] * len(index_list), dtype), value)
@@ -2211,6 +2213,11 @@ def _steps_taken(name: str, value: Any) -> int:
     count = _state_number(name, value)
     if not (math.isfinite(count) and 0 <= count < 2**63 and count == int(count)):
         raise ValueError(f"{name}: must be a whole number in [0, 2**63), got {count}")
+    if isinstance(value, torch.Tensor) and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, numbers.Integral) and int(value) > 2**53:
+        # (counts are read and packed as floats: exact for a float's, not for an int's)
+        raise ValueError(f"{name}: must be <= 2**53 unless held in a float tensor, got {value}")
     return int(count)
 
 
