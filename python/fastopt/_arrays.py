@@ -232,26 +232,28 @@ class Apart:
     ):
         arrays, written, self.places = _flat(roles)
         self.name, self.why = name, why
-        # described once: the spans kept, then swept alone (numbered as the places)
-        self.known = self._named(lambda: _ext._cpu.memory_spans(arrays, written), self.places)
-        self._raise(_ext._cpu.first_overlap([], [], self.known), self.places)
+        self._raise(self._overlap(arrays, written, None, self.places), self.places)
+        self.known = _ext._cpu.memory_spans(arrays, written)
 
     def check(self, roles: Sequence[Tuple[str, Sequence[Any]]]) -> None:
         """``roles``: (role, its arrays, no None among them) read by this step."""
         arrays = [a for _, items in roles for a in items]
         places = lambda: _flat([(role, items, False) for role, items in roles])[2]  # noqa: E731
-        hit = self._named(
-            lambda: _ext._cpu.first_overlap(arrays, [False] * len(arrays), self.known), places
-        )
+        hit = self._overlap(arrays, [False] * len(arrays), self.known, places)
         if hit is not None:
             self._raise(hit, places() + self.places)
 
-    def _named(self, describe: Callable[[], Any], places: Any) -> Any:
-        """``describe()`` (a binding describing arrays), with an array it cannot describe
-        ("arrays[3]: ...") named as the caller knows it; ``places``: the arrays' places, or
-        a function making them."""
+    def _overlap(
+        self,
+        arrays: List[Any],
+        written: List[bool],
+        known: Optional[bytes],
+        places: Any,  # the arrays' places, or a function making them
+    ) -> Optional[Tuple[int, int]]:
+        """first_overlap, with an array it cannot describe ("arrays[3]: ...") named as the
+        caller knows it."""
         try:
-            return describe()
+            return _ext._cpu.first_overlap(arrays, written, known)
         except (TypeError, ValueError) as exc:
             where = places() if callable(places) else places
             raise renamed_entries(exc, lambda _, k: self.name(*where[k])) from None

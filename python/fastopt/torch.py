@@ -1727,7 +1727,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             # the group counts its stochastically rounded steps itself ("rounding_step", a
             # group key as its seed): a rebuild, a copy or a checkpoint goes on with the
             # next key, whatever its buckets and their params' step counts
-            rounding = (int(group["rounding_seed"]), _rounding_step(where, group), index)
+            taken = group.get("rounding_step", 0)
+            if type(taken) is not int or not 0 <= taken < 2**63 - 1:
+                taken = whole(f"{where}['rounding_step']", taken, 0, 2**63 - 1)
+            rounding = (int(group["rounding_seed"]), taken + 1, index)
         for bucket in cache.buckets:
             runs.append(
                 (
@@ -2356,15 +2359,6 @@ def _rounding_seed(stochastic_rounding: Any, seed: Any) -> Optional[int]:
             raise ValueError("seed: only applies with stochastic_rounding=True")
         return None
     return functional.stochastic_rounding("stochastic", seed)["stochastic_seed"]
-
-
-def _rounding_step(where: str, group: Dict[str, Any]) -> int:
-    """The group's next stochastically rounded step: its "rounding_step" (the steps so far,
-    0 when missing), checked, plus one."""
-    taken = group.get("rounding_step", 0)
-    if type(taken) is not int or not 0 <= taken < 2**63 - 1:
-        taken = whole(f"{where}['rounding_step']", taken, 0, 2**63 - 1)
-    return taken + 1
 
 
 def _as_torch_reads(flag: Any) -> Any:
@@ -3258,8 +3252,12 @@ class Adafactor(torch.optim.Optimizer):
         )
         _check_group_options(where, group)
         seed = int(group["rounding_seed"]) if group.get("stochastic_rounding") else None
-        # the group's count of rounded steps, as the other classes'
-        rounding_step = 0 if seed is None else _rounding_step(where, group)
+        rounding_step = 0
+        if seed is not None:  # the group's count of rounded steps, as the other classes'
+            taken = group.get("rounding_step", 0)
+            if type(taken) is not int or not 0 <= taken < 2**63 - 1:
+                taken = whole(f"{where}['rounding_step']", taken, 0, 2**63 - 1)
+            rounding_step = taken + 1
         calls: Dict[Tuple[torch.device, torch.dtype], _AdafactorCall] = {}
         for i, p in enumerate(group["params"]):
             g = p.grad
